@@ -1,0 +1,17 @@
+//! kiln's domain core: the words of VISION.md as types, and the pure decisions
+//! made on them. Nothing here touches the filesystem, the network or the clock;
+//! callers pass in what the outside world said (file contents, `SOURCE_DATE_EPOCH`).
+//!
+//! Start with [`spec`] (what the user wants), then [`digest`] and [`reference`]
+//! (how images are named), then [`oci`] (the documents an image is made of) and
+//! [`tree`] (the per-file manifest of an unpacked image).
+
+pub mod digest;
+pub mod layer;
+pub mod oci;
+pub mod reference;
+pub mod spec;
+pub mod tree;
+
+pub use digest::Digest;
+pub use reference::ImageRef;

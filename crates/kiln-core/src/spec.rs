@@ -1,0 +1,341 @@
+//! The spec, `kiln.toml`: the desired state. This module parses and validates
+//! it; nothing here reads the file system (the caller passes the text in).
+//!
+//! Parsing is strict: unknown keys are refused, and every error names the
+//! file, line and column, with the nearest valid key for a misspelt one.
+//! Tables are keyed by kind (`[images.NAME]` now; `[services.NAME]` beside it
+//! when the agent arrives), so each kind validates on its own.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::reference::ImageName;
+
+/// Why a spec was refused. Always one line, always with a location.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct SpecError {
+    pub file: String,
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+/// The whole `kiln.toml`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Images to bake, by name.
+    #[serde(default)]
+    pub images: BTreeMap<ImageName, ImageSpec>,
+}
+
+/// `[images.NAME]`: how to bake one image.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageSpec {
+    /// The directory whose files make the image, relative to the spec file.
+    #[serde(default = "default_context")]
+    pub context: RelativePath,
+    /// Globs of paths to take from the context (default: everything).
+    #[serde(default)]
+    pub include: Vec<Glob>,
+    /// Globs of paths to leave out (added to `.kilnignore`).
+    #[serde(default)]
+    pub exclude: Vec<Glob>,
+    #[serde(default)]
+    pub entrypoint: Vec<String>,
+    #[serde(default)]
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<EnvName, String>,
+    pub workdir: Option<AbsolutePath>,
+    pub port: Option<Port>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Ordered path groups, each its own layer, before the final layer that
+    /// holds everything else. Put what changes least first.
+    #[serde(default)]
+    pub layers: Vec<LayerSpec>,
+}
+
+fn default_context() -> RelativePath {
+    RelativePath(".".to_owned())
+}
+
+/// `[[images.NAME.layers]]`: one group of paths baked as its own layer.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LayerSpec {
+    /// A label for output and the layer's annotation.
+    pub name: Option<String>,
+    /// Globs; a path goes to the first layer with a matching glob.
+    pub paths: Vec<Glob>,
+}
+
+impl Spec {
+    /// Parse and validate the text of a spec file. `file` names it in errors.
+    pub fn parse(text: &str, file: &str) -> Result<Self, SpecError> {
+        let spec: Spec = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_column(text, s.start))
+                .unwrap_or((1, 1));
+            SpecError {
+                file: file.to_owned(),
+                line,
+                column,
+                message: explain(e.message()),
+            }
+        })?;
+        Ok(spec)
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `text`.
+pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// Turn serde's "unknown field `x`, expected one of `a`, `b`" into a message
+/// that suggests the nearest valid key.
+fn explain(message: &str) -> String {
+    let message = message.trim();
+    for (kind, noun) in [("unknown field", "key"), ("unknown variant", "value")] {
+        let Some(rest) = message.strip_prefix(kind) else {
+            continue;
+        };
+        let mut quoted = rest.split('`').skip(1).step_by(2);
+        let Some(got) = quoted.next() else { break };
+        let valid: Vec<&str> = quoted.collect();
+        if valid.is_empty() {
+            return format!("unknown {noun} `{got}`: none are allowed here");
+        }
+        let nearest = valid
+            .iter()
+            .map(|v| (strsim::damerau_levenshtein(got, v), *v))
+            .min()
+            .filter(|(d, v)| *d <= 2.max(v.len() / 3))
+            .map(|(_, v)| v);
+        return match nearest {
+            Some(v) => format!(
+                "unknown {noun} `{got}`, did you mean `{v}`? (expected one of: {})",
+                valid.join(", ")
+            ),
+            None => format!(
+                "unknown {noun} `{got}` (expected one of: {})",
+                valid.join(", ")
+            ),
+        };
+    }
+    message.to_owned()
+}
+
+/// Validated newtypes: each refuses bad input while the spec is deserialized,
+/// so the error carries the value's line and column.
+macro_rules! validated_string {
+    ($(#[$doc:meta])* $name:ident, $check:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = String;
+            fn try_from(s: &str) -> Result<Self, String> {
+                let check: fn(&str) -> Result<(), String> = $check;
+                check(s)?;
+                Ok(Self(s.to_owned()))
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::try_from(s.as_str()).map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{:?}", self.0)
+            }
+        }
+    };
+}
+
+validated_string!(
+    /// A relative path that stays below its base (no absolute path, no `..`).
+    RelativePath,
+    |s| {
+        if s.is_empty() || s.starts_with('/') || s.split('/').any(|c| c == "..") {
+            Err(format!("path `{s}` must be relative and must not contain `..`"))
+        } else {
+            Ok(())
+        }
+    }
+);
+
+validated_string!(
+    /// An absolute path inside an image, e.g. `workdir = "/app"`.
+    AbsolutePath,
+    |s| {
+        if s.starts_with('/') && !s.split('/').any(|c| c == "..") && !s.contains('\0') {
+            Ok(())
+        } else {
+            Err(format!("path `{s}` must be absolute and must not contain `..`"))
+        }
+    }
+);
+
+validated_string!(
+    /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
+    EnvName,
+    |s| {
+        let mut bytes = s.bytes();
+        let ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+            && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("invalid environment variable name `{s}`"))
+        }
+    }
+);
+
+validated_string!(
+    /// A glob over context paths (`**` crosses directories), e.g. `static/**`.
+    Glob,
+    |s| {
+        if s.is_empty() {
+            return Err("empty glob".to_owned());
+        }
+        globset::Glob::new(s)
+            .map(|_| ())
+            .map_err(|e| format!("invalid glob `{s}`: {}", e.kind()))
+    }
+);
+
+impl Glob {
+    /// The compiled matcher; `literal_separator` so that `*` stays within one
+    /// directory and `**` crosses them, as in `.gitignore`.
+    pub fn compile(&self) -> globset::Glob {
+        globset::GlobBuilder::new(&self.0)
+            .literal_separator(true)
+            .build()
+            // Validated on construction with the same pattern.
+            .unwrap_or_else(|_| unreachable!("glob validated at parse time"))
+    }
+}
+
+/// A TCP port, 1–65535.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Port(pub u16);
+
+impl<'de> Deserialize<'de> for Port {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let n = i64::deserialize(d)?;
+        match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(Port(p)),
+            _ => Err(serde::de::Error::custom(format!(
+                "port {n} is out of range (1-65535)"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[images.hello]
+context = "."
+include = ["bin/**", "static/**"]
+exclude = ["**/*.tmp"]
+entrypoint = ["/bin/hello"]
+cmd = ["--verbose"]
+env = { GREETING = "hi" }
+workdir = "/"
+port = 8080
+labels = { team = "core" }
+
+[[images.hello.layers]]
+name = "static"
+paths = ["static/**"]
+"#;
+
+    #[test]
+    fn a_full_spec_parses() {
+        let spec = Spec::parse(GOOD, "kiln.toml").unwrap();
+        let img = &spec.images[&ImageName::try_from("hello").unwrap()];
+        assert_eq!(img.port, Some(Port(8080)));
+        assert_eq!(img.layers[0].name.as_deref(), Some("static"));
+        assert_eq!(img.include.len(), 2);
+        assert_eq!(img.env.len(), 1);
+    }
+
+    #[test]
+    fn a_misspelt_key_names_line_column_and_the_nearest_key() {
+        let text = "[images.hello]\ncontxt = \".\"\n";
+        let err = Spec::parse(text, "kiln.toml").unwrap_err();
+        assert_eq!((err.line, err.column), (2, 1), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("kiln.toml:2:1: unknown key `contxt`, did you mean `context`?"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_top_level_table_is_refused() {
+        let err = Spec::parse("[imagez.a]\n", "k.toml").unwrap_err();
+        assert!(err.message.contains("did you mean `images`"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_refused_at_their_location() {
+        for (text, needle, line) in [
+            ("[images.a]\nport = 70000\n", "out of range", 2),
+            ("[images.a]\nworkdir = \"app\"\n", "must be absolute", 2),
+            ("[images.a]\ncontext = \"../x\"\n", "must be relative", 2),
+            (
+                "[images.a]\nenv = { \"A-B\" = \"1\" }\n",
+                "environment variable",
+                2,
+            ),
+            ("[images.a]\ninclude = [\"a[\"]\n", "invalid glob", 2),
+            ("[images.Bad]\n", "invalid image name", 1),
+            ("[images.a]\nport = \"x\"\n", "invalid type", 2),
+            ("[images.a\n", "", 1),
+        ] {
+            let err = Spec::parse(text, "k.toml").unwrap_err();
+            assert!(err.message.contains(needle), "{text:?}: {err}");
+            assert_eq!(err.line, line, "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("ab\ncé\nx", 7), (3, 1));
+        assert_eq!(line_column("ab\ncéd", 6), (2, 3));
+    }
+}

@@ -1,0 +1,545 @@
+//! One function per command. Each resolves its inputs, calls the library,
+//! and prints: human text by default, JSON with `--json`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use kiln_core::oci::{self, LayerCompression};
+use kiln_core::reference::{ImageName, ImageRef, Tag};
+use kiln_core::spec::Spec;
+use kiln_store::bake::{BakeOptions, BakeReport, bake_image};
+use kiln_store::export::{export_docker_archive, export_oci};
+use kiln_store::unpack::{UnpackOptions, unpack_image};
+use kiln_store::verify::{verify_image, verify_store};
+use kiln_store::{ImageRecord, Store};
+use serde::Serialize;
+
+use crate::progress::BakeProgress;
+use crate::{Cli, Command};
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let home = || resolve_home(cli.home.clone());
+    match cli.command {
+        Command::Bake {
+            file,
+            images,
+            tags,
+            json,
+        } => bake(&open_store(&home()?)?, &file, &images, &tags, json),
+        Command::Images { json } => images(&open_store(&home()?)?, json),
+        Command::Inspect { reference, json } => inspect(&open_store(&home()?)?, &reference, json),
+        Command::Verify { reference, json } => {
+            verify(&open_store(&home()?)?, reference.as_deref(), json)
+        }
+        Command::Export {
+            reference,
+            oci,
+            docker_archive,
+            tag,
+        } => export(
+            &open_store(&home()?)?,
+            &reference,
+            oci.as_deref(),
+            docker_archive.as_deref(),
+            tag.as_deref(),
+        ),
+        Command::Unpack {
+            reference,
+            dir,
+            json,
+        } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
+        Command::Demo { keep } => crate::demo::run(cli.home, keep),
+    }
+}
+
+/// `--home`, else `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`.
+pub fn resolve_home(flag: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(h) = flag {
+        return Ok(h);
+    }
+    let var = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    if let Some(h) = var("KILN_HOME") {
+        return Ok(h);
+    }
+    if let Some(x) = var("XDG_DATA_HOME") {
+        return Ok(x.join("kiln"));
+    }
+    match var("HOME") {
+        Some(h) => Ok(h.join(".local/share/kiln")),
+        None => bail!("cannot find a home for the store: set KILN_HOME or pass --home"),
+    }
+}
+
+pub fn open_store(home: &Path) -> Result<Store> {
+    Store::open(home).with_context(|| format!("cannot open the store at {}", home.display()))
+}
+
+pub fn load_spec(file: &Path) -> Result<(Spec, PathBuf)> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read spec {}", file.display()))?;
+    let spec = Spec::parse(&text, &file.display().to_string())?;
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    Ok((spec, dir))
+}
+
+fn source_date_epoch() -> Result<Option<u64>> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) if !v.is_empty() => v
+            .parse()
+            .map(Some)
+            .with_context(|| format!("SOURCE_DATE_EPOCH={v} is not a number of seconds")),
+        _ => Ok(None),
+    }
+}
+
+fn print_json<T: Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub fn bake_reports(
+    store: &Store,
+    file: &Path,
+    only: &[String],
+    tags: &[String],
+    quiet: bool,
+) -> Result<Vec<(BakeReport, f64)>> {
+    let (spec, spec_dir) = load_spec(file)?;
+    let tags = tags
+        .iter()
+        .map(|t| Tag::try_from(t.as_str()))
+        .collect::<Result<Vec<_>, _>>()?;
+    let wanted: Vec<ImageName> = if only.is_empty() {
+        spec.images.keys().cloned().collect()
+    } else {
+        only.iter()
+            .map(|n| {
+                let name = ImageName::try_from(n.as_str())?;
+                if !spec.images.contains_key(&name) {
+                    bail!(
+                        "image `{n}` is not in {} (it has: {})",
+                        file.display(),
+                        names(&spec)
+                    );
+                }
+                Ok(name)
+            })
+            .collect::<Result<_>>()?
+    };
+    if wanted.is_empty() {
+        bail!("{} has no [images.NAME] table to bake", file.display());
+    }
+    let options = BakeOptions {
+        source_date_epoch: source_date_epoch()?,
+        tags,
+        kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let mut out = Vec::new();
+    for name in wanted {
+        let started = Instant::now();
+        let progress = BakeProgress::new(name.as_str());
+        let observer: &dyn kiln_store::bake::BakeObserver = if quiet {
+            &kiln_store::bake::Quiet
+        } else {
+            &progress
+        };
+        let report = bake_image(
+            store,
+            &spec_dir,
+            &name,
+            &spec.images[&name],
+            &options,
+            observer,
+        )
+        .with_context(|| format!("cannot bake image {name}"));
+        progress.finish();
+        out.push((report?, started.elapsed().as_secs_f64()));
+    }
+    Ok(out)
+}
+
+fn names(spec: &Spec) -> String {
+    spec.images
+        .keys()
+        .map(ImageName::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn bake(
+    store: &Store,
+    file: &Path,
+    only: &[String],
+    tags: &[String],
+    json: bool,
+) -> Result<ExitCode> {
+    let reports = bake_reports(store, file, only, tags, false)?;
+    if json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            #[serde(flatten)]
+            report: &'a BakeReport,
+            seconds: f64,
+        }
+        let list: Vec<Out> = reports
+            .iter()
+            .map(|(r, s)| Out {
+                report: r,
+                seconds: *s,
+            })
+            .collect();
+        print_json(&list)?;
+    } else {
+        for (r, secs) in &reports {
+            print_bake(r, *secs);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_bake(r: &BakeReport, secs: f64) {
+    println!("{}@{}", r.image, r.digest);
+    eprintln!("{}", bake_summary(r, secs));
+}
+
+/// One line on what a bake did: layers written and reused, files read.
+pub fn bake_summary(r: &BakeReport, secs: f64) -> String {
+    let reused = r.layers.iter().filter(|l| l.reused).count();
+    format!(
+        "  {} layers ({} written, {} reused), {} files ({} read), {} written, {:.2}s; tags: {}",
+        r.layers.len(),
+        r.layers.len() - reused,
+        reused,
+        r.files,
+        r.files_hashed,
+        human_bytes(r.bytes_written),
+        secs,
+        r.tags
+            .iter()
+            .map(|t| format!("{}:{t}", r.image))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn resolve(store: &Store, reference: &str) -> Result<ImageRecord> {
+    let r = ImageRef::parse(reference)?;
+    Ok(store.resolve(&r)?)
+}
+
+#[derive(Serialize)]
+struct ImageRow {
+    name: String,
+    digest: String,
+    tags: Vec<String>,
+    layers: usize,
+    size: u64,
+}
+
+fn images(store: &Store, json: bool) -> Result<ExitCode> {
+    let mut rows = Vec::new();
+    for img in store.images()?.into_iter().rev() {
+        let manifest = store.manifest(&img.digest)?;
+        rows.push(ImageRow {
+            name: img.name.to_string(),
+            digest: img.digest.to_string(),
+            tags: img.tags.iter().map(ToString::to_string).collect(),
+            layers: manifest.layers.len(),
+            size: manifest.layers.iter().map(|l| l.size).sum::<u64>() + manifest.config.size,
+        });
+    }
+    if json {
+        print_json(&rows)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<14} {:<28} {:>6} {:>10}",
+        "NAME", "DIGEST", "TAGS", "LAYERS", "SIZE"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<14} {:<28} {:>6} {:>10}",
+            r.name,
+            &r.digest["sha256:".len().."sha256:".len() + 12],
+            r.tags.join(","),
+            r.layers,
+            human_bytes(r.size)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Serialize)]
+struct LayerInfo {
+    digest: String,
+    media_type: String,
+    size: u64,
+    name: Option<String>,
+    files: usize,
+}
+
+fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
+    let img = resolve(store, reference)?;
+    let manifest = store.manifest(&img.digest)?;
+    let config = store.config(&manifest)?;
+    let mut layers = Vec::new();
+    for l in &manifest.layers {
+        layers.push(LayerInfo {
+            digest: l.digest.to_string(),
+            media_type: l.media_type.clone(),
+            size: l.size,
+            name: l.annotations.get(oci::ANNOTATION_LAYER_NAME).cloned(),
+            files: count_layer_files(store, l)?,
+        });
+    }
+    let files = match store.tree(&img.digest)? {
+        Some(tree) => tree.manifest.file_count(),
+        None => layers.iter().map(|l| l.files).sum(),
+    };
+    if json {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            name: String,
+            digest: String,
+            tags: Vec<String>,
+            files: usize,
+            layers: Vec<LayerInfo>,
+            manifest: &'a oci::Manifest,
+            config: &'a oci::ImageConfig,
+        }
+        print_json(&Out {
+            name: img.name.to_string(),
+            digest: img.digest.to_string(),
+            tags: img.tags.iter().map(ToString::to_string).collect(),
+            files,
+            layers,
+            manifest: &manifest,
+            config: &config,
+        })?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("image:        {}", img.pinned());
+    println!(
+        "tags:         {}",
+        img.tags
+            .iter()
+            .map(|t| format!("{}:{t}", img.name))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!("platform:     {}/{}", config.os, config.architecture);
+    if let Some(c) = &config.created {
+        println!("created:      {c}");
+    }
+    let c = &config.config;
+    if !c.entrypoint.is_empty() {
+        println!("entrypoint:   {:?}", c.entrypoint);
+    }
+    if !c.cmd.is_empty() {
+        println!("cmd:          {:?}", c.cmd);
+    }
+    if let Some(w) = &c.working_dir {
+        println!("workdir:      {w}");
+    }
+    for e in &c.env {
+        println!("env:          {e}");
+    }
+    for p in c.exposed_ports.keys() {
+        println!("port:         {p}");
+    }
+    for (k, v) in &c.labels {
+        println!("label:        {k}={v}");
+    }
+    println!("files:        {files}");
+    println!(
+        "size:         {}",
+        human_bytes(manifest.layers.iter().map(|l| l.size).sum())
+    );
+    println!("layers:");
+    for l in &layers {
+        println!(
+            "  {}  {:>10}  {:>6} files  {}",
+            &l.digest[..19],
+            human_bytes(l.size),
+            l.files,
+            l.name.as_deref().unwrap_or("")
+        );
+    }
+    println!("provenance:");
+    for (k, v) in &manifest.annotations {
+        println!("  {k}: {v}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Regular files in one layer (streamed; the blob is not trusted for more).
+fn count_layer_files(store: &Store, layer: &oci::Descriptor) -> Result<usize> {
+    let Some(compression) = LayerCompression::from_media_type(&layer.media_type) else {
+        return Ok(0);
+    };
+    let blob = std::io::BufReader::new(store.open_blob(&layer.digest)?);
+    let reader: Box<dyn std::io::Read> = match compression {
+        LayerCompression::Gzip => Box::new(flate2_reader(blob)),
+        LayerCompression::None => Box::new(blob),
+    };
+    let mut archive = tar::Archive::new(reader);
+    let mut n = 0;
+    for e in archive.entries()? {
+        let e = e.with_context(|| format!("layer {} is unreadable", layer.digest))?;
+        if e.header().entry_type().is_file() {
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn flate2_reader<R: std::io::Read>(r: R) -> impl std::io::Read {
+    flate2::read::MultiGzDecoder::new(r)
+}
+
+fn verify(store: &Store, reference: Option<&str>, json: bool) -> Result<ExitCode> {
+    let report = match reference {
+        Some(r) => verify_image(store, &resolve(store, r)?)?,
+        None => verify_store(store)?,
+    };
+    if json {
+        print_json(&report)?;
+    } else {
+        for p in &report.problems {
+            eprintln!("kiln: corrupt: {p}");
+        }
+        if report.problems.is_empty() {
+            println!(
+                "ok: {} blobs and {} trees verified",
+                report.blobs_checked, report.trees_checked
+            );
+        }
+    }
+    Ok(if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn export(
+    store: &Store,
+    reference: &str,
+    oci: Option<&Path>,
+    docker: Option<&Path>,
+    tag: Option<&str>,
+) -> Result<ExitCode> {
+    let img = resolve(store, reference)?;
+    let tag = match (tag, ImageRef::parse(reference)?) {
+        (Some(t), _) => Tag::try_from(t)?,
+        (None, ImageRef::Tagged(_, t)) => t,
+        (None, _) => Tag::automatic(&img.digest),
+    };
+    if let Some(dir) = oci {
+        export_oci(store, &img, dir, &tag)
+            .with_context(|| format!("cannot export {} to {}", img.pinned(), dir.display()))?;
+        println!("exported {} to oci:{}:{tag}", img.pinned(), dir.display());
+    }
+    if let Some(file) = docker {
+        let repo_tag = format!("{}:{tag}", img.name);
+        export_docker_archive(store, &img, file, &repo_tag)
+            .with_context(|| format!("cannot export {} to {}", img.pinned(), file.display()))?;
+        println!(
+            "exported {} to docker-archive:{} as {repo_tag}",
+            img.pinned(),
+            file.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unpack(store: &Store, reference: &str, dir: Option<&Path>, json: bool) -> Result<ExitCode> {
+    let img = resolve(store, reference)?;
+    let (path, files) = match dir {
+        None => {
+            let tree = store
+                .materialize(&img.digest)
+                .with_context(|| format!("cannot materialize {}", img.pinned()))?;
+            (tree.rootfs, tree.manifest.file_count())
+        }
+        Some(dir) => {
+            let files = unpack_to(store, &img, dir).with_context(|| {
+                format!("cannot unpack {} into {}", img.pinned(), dir.display())
+            })?;
+            (dir.to_path_buf(), files)
+        }
+    };
+    if json {
+        print_json(&serde_json::json!({
+            "image": img.pinned(),
+            "path": path,
+            "files": files,
+            "read_only": dir.is_none(),
+        }))?;
+    } else {
+        println!("{}", path.display());
+        eprintln!("unpacked {} ({files} files)", img.pinned());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unpack into a sibling temp directory, then rename: a refused (hostile)
+/// image leaves nothing at `dir`.
+fn unpack_to(store: &Store, img: &ImageRecord, dir: &Path) -> Result<usize> {
+    if std::fs::read_dir(dir).is_ok_and(|mut rd| rd.next().is_some()) {
+        bail!("{} is not empty", dir.display());
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let staging = tempfile::Builder::new()
+        .prefix(".kiln-unpack-")
+        .tempdir_in(parent)
+        .with_context(|| format!("cannot create a directory in {}", parent.display()))?;
+    let manifest = store.manifest(&img.digest)?;
+    let config = store.config(&manifest)?;
+    unpack_image(
+        store,
+        &manifest,
+        &config,
+        staging.path(),
+        UnpackOptions::default(),
+    )?;
+    let files = kiln_store::tree::scan_tree(staging.path())?.file_count();
+    let staged = staging.keep();
+    if let Err(e) = std::fs::rename(&staged, dir) {
+        let _ = std::fs::remove_dir_all(&staged);
+        return Err(e)
+            .with_context(|| format!("cannot move the unpacked tree to {}", dir.display()));
+    }
+    Ok(files)
+}

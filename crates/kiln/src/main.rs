@@ -1,0 +1,117 @@
+//! The `kiln` binary: argument parsing and wiring. The work is done by
+//! `kiln-store` (store, bake, unpack) on types from `kiln-core`; this crate
+//! turns its results into output and exit codes.
+//!
+//! Exit codes: 0 success; 1 the command failed (the message says why);
+//! 2 the command line was invalid.
+
+mod commands;
+mod demo;
+mod progress;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// kiln: immutable infrastructure in one binary.
+///
+/// Bake an application into a content-addressed OCI image (same inputs, same
+/// digest), keep it in a local store, and run it by replacing instances.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, propagate_version = true)]
+pub struct Cli {
+    /// The store and state directory [default: $KILN_HOME, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln]
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Bake images from the spec into the store and print their digests
+    Bake {
+        /// The spec file
+        #[arg(
+            short = 'f',
+            long = "file",
+            default_value = "kiln.toml",
+            value_name = "FILE"
+        )]
+        file: PathBuf,
+        /// Images to bake (default: every `[images.NAME]` of the spec)
+        #[arg(value_name = "IMAGE")]
+        images: Vec<String>,
+        /// An extra immutable tag for each baked image (repeatable)
+        #[arg(short, long = "tag", value_name = "TAG")]
+        tags: Vec<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the images in the store
+    Images {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image: manifest, config, layers, files and provenance
+    Inspect {
+        /// NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every blob (or one image's) and check materialized trees;
+    /// exits 1 naming each corrupt object
+    Verify {
+        #[arg(value_name = "REF")]
+        reference: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Export an image as an OCI layout or a docker archive
+    #[command(group = clap::ArgGroup::new("format").required(true))]
+    Export {
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Write (or add to) an OCI image layout directory
+        #[arg(long, value_name = "DIR", group = "format")]
+        oci: Option<PathBuf>,
+        /// Write a tarball that `docker load` accepts
+        #[arg(long = "docker-archive", value_name = "FILE", group = "format")]
+        docker_archive: Option<PathBuf>,
+        /// The tag to give it there [default: the tag in REF, else the automatic one]
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
+    },
+    /// Unpack an image's root filesystem into DIR (which must not exist or
+    /// be empty); without DIR, materialize its read-only tree in the store
+    Unpack {
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[arg(value_name = "DIR")]
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show kiln at work on the example app, in a temporary home
+    Demo {
+        /// Keep the temporary home afterwards and print its path
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match commands::run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("kiln: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

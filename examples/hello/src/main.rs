@@ -1,0 +1,236 @@
+//! kiln's example app: a small HTTP/1.1 server (std only, one thread per
+//! connection, keep-alive) that kiln bakes and deploys in its demo and tests.
+//!
+//! - `GET /` → `hello from VERSION (instance ID)`
+//! - `GET /healthz` → 200 `ok` (or 503 when told to fail)
+//! - `GET /static/NAME` → a file from `$HELLO_STATIC_DIR` (default `static`)
+//!
+//! Knobs (environment), to misbehave on purpose:
+//! - `PORT` — where to listen on 127.0.0.1 (default 8080)
+//! - `HELLO_VERSION` — the version it reports (default `v1`)
+//! - `KILN_INSTANCE` — the instance id it reports (default `pid-<pid>`)
+//! - `HELLO_FAIL_HEALTH=1` — `/healthz` answers 503
+//! - `HELLO_CRASH_AFTER=SECS` — exit with status 1 after that long
+//! - `HELLO_ERROR_RATE=0.2` — that fraction of `/` requests answer 500,
+//!   spread evenly (deterministic, so tests can count)
+//! - `HELLO_START_DELAY=SECS` — wait that long before listening
+//! - `HELLO_HANG=1` — accept connections but never answer
+
+use std::env;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Component, Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread;
+use std::time::Duration;
+
+struct Config {
+    version: String,
+    instance: String,
+    fail_health: bool,
+    error_rate: f64,
+    hang: bool,
+    static_dir: PathBuf,
+    requests: AtomicU64,
+}
+
+fn env_secs(name: &str) -> Result<Option<Duration>, String> {
+    match env::var(name) {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| Some(Duration::from_secs_f64(s)))
+            .ok_or_else(|| format!("{name}={v} is not a number of seconds")),
+        Err(_) => Ok(None),
+    }
+}
+
+fn run() -> Result<(), String> {
+    let port: u16 = match env::var("PORT") {
+        Ok(p) => p.parse().map_err(|_| format!("PORT={p} is not a port"))?,
+        Err(_) => 8080,
+    };
+    let error_rate = match env::var("HELLO_ERROR_RATE") {
+        Ok(v) => v
+            .parse::<f64>()
+            .ok()
+            .filter(|r| (0.0..=1.0).contains(r))
+            .ok_or_else(|| format!("HELLO_ERROR_RATE={v} is not between 0 and 1"))?,
+        Err(_) => 0.0,
+    };
+    let config = Arc::new(Config {
+        version: env::var("HELLO_VERSION").unwrap_or_else(|_| "v1".to_owned()),
+        instance: env::var("KILN_INSTANCE")
+            .unwrap_or_else(|_| format!("pid-{}", std::process::id())),
+        fail_health: env::var("HELLO_FAIL_HEALTH").is_ok_and(|v| v == "1"),
+        error_rate,
+        hang: env::var("HELLO_HANG").is_ok_and(|v| v == "1"),
+        static_dir: env::var_os("HELLO_STATIC_DIR")
+            .map_or_else(|| PathBuf::from("static"), PathBuf::from),
+        requests: AtomicU64::new(0),
+    });
+    if let Some(delay) = env_secs("HELLO_START_DELAY")? {
+        thread::sleep(delay);
+    }
+    if let Some(after) = env_secs("HELLO_CRASH_AFTER")? {
+        thread::spawn(move || {
+            thread::sleep(after);
+            eprintln!("hello: crashing on purpose (HELLO_CRASH_AFTER)");
+            std::process::exit(1);
+        });
+    }
+    let listener = TcpListener::bind(("127.0.0.1", port))
+        .map_err(|e| format!("listen on 127.0.0.1:{port}: {e}"))?;
+    eprintln!(
+        "hello {} (instance {}) listening on 127.0.0.1:{port}",
+        config.version, config.instance
+    );
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let config = Arc::clone(&config);
+        thread::spawn(move || {
+            let _ = serve(stream, &config);
+        });
+    }
+    Ok(())
+}
+
+fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
+    if config.hang {
+        // Keep the connection open and say nothing.
+        let mut sink = [0u8; 1024];
+        let mut s = stream;
+        while s.read(&mut sink)? > 0 {}
+        return Ok(());
+    }
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        let mut parts = line.split_whitespace();
+        let (Some(method), Some(target), Some(proto)) = (parts.next(), parts.next(), parts.next())
+        else {
+            respond(&mut out, 400, "text/plain", b"bad request\n", false)?;
+            return Ok(());
+        };
+        let (method, target) = (method.to_owned(), target.to_owned());
+        let mut keep_alive = proto == "HTTP/1.1";
+        let mut content_length = 0u64;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h)? == 0 {
+                return Ok(());
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+                if k == "content-length" {
+                    content_length = v.parse().unwrap_or(0);
+                } else if k == "connection" {
+                    keep_alive = !v.eq_ignore_ascii_case("close")
+                        && (keep_alive || v.eq_ignore_ascii_case("keep-alive"));
+                }
+            }
+        }
+        io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
+        let path = target.split('?').next().unwrap_or("/");
+        match (method.as_str(), path) {
+            (_, "/healthz") if config.fail_health => {
+                respond(&mut out, 503, "text/plain", b"unhealthy\n", keep_alive)?
+            }
+            (_, "/healthz") => respond(&mut out, 200, "text/plain", b"ok\n", keep_alive)?,
+            (_, "/") => {
+                let n = config.requests.fetch_add(1, Ordering::Relaxed);
+                // Fail exactly when the running count of failures should grow:
+                // `rate` of any window of requests, evenly spread.
+                let fail = ((n + 1) as f64 * config.error_rate).floor()
+                    > (n as f64 * config.error_rate).floor();
+                if fail {
+                    respond(
+                        &mut out,
+                        500,
+                        "text/plain",
+                        b"injected failure\n",
+                        keep_alive,
+                    )?;
+                } else {
+                    let body = format!(
+                        "hello from {} (instance {})\n",
+                        config.version, config.instance
+                    );
+                    respond(&mut out, 200, "text/plain", body.as_bytes(), keep_alive)?;
+                }
+            }
+            ("GET", p) if p.starts_with("/static/") => {
+                match static_file(&config.static_dir, &p["/static/".len()..]) {
+                    Some(body) => respond(&mut out, 200, content_type(p), &body, keep_alive)?,
+                    None => respond(&mut out, 404, "text/plain", b"not found\n", keep_alive)?,
+                }
+            }
+            _ => respond(&mut out, 404, "text/plain", b"not found\n", keep_alive)?,
+        }
+        if !keep_alive {
+            return Ok(());
+        }
+    }
+}
+
+fn static_file(dir: &Path, name: &str) -> Option<Vec<u8>> {
+    let rel = Path::new(name);
+    if rel.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return None;
+    }
+    std::fs::read(dir.join(rel)).ok()
+}
+
+fn content_type(path: &str) -> &'static str {
+    if path.ends_with(".html") {
+        "text/html; charset=utf-8"
+    } else {
+        "application/octet-stream"
+    }
+}
+
+fn respond(
+    out: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        500 => "Internal Server Error",
+        _ => "Service Unavailable",
+    };
+    let conn = if keep_alive { "keep-alive" } else { "close" };
+    let mut msg = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: {conn}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    msg.extend_from_slice(body);
+    out.write_all(&msg)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hello: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
