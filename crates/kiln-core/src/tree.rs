@@ -53,7 +53,7 @@ impl TreeManifest {
         let mut out = Vec::new();
         for (path, want) in &self.entries {
             match actual.entries.get(path) {
-                None => out.push(TreeDrift::Missing(path.clone())),
+                None => out.push(TreeDrift::Missing { path: path.clone() }),
                 Some(got) if got != want => out.push(TreeDrift::Changed {
                     path: path.clone(),
                     what: describe_change(want, got),
@@ -63,7 +63,7 @@ impl TreeManifest {
         }
         for path in actual.entries.keys() {
             if !self.entries.contains_key(path) {
-                out.push(TreeDrift::Added(path.clone()));
+                out.push(TreeDrift::Added { path: path.clone() });
             }
         }
         out.sort_by(|a, b| a.path().cmp(b.path()));
@@ -87,16 +87,15 @@ fn describe_change(want: &TreeEntry, got: &TreeEntry) -> &'static str {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "drift", rename_all = "lowercase")]
 pub enum TreeDrift {
-    Missing(String),
-    Added(String),
+    Missing { path: String },
+    Added { path: String },
     Changed { path: String, what: &'static str },
 }
 
 impl TreeDrift {
     pub fn path(&self) -> &str {
         match self {
-            Self::Missing(p) | Self::Added(p) => p,
-            Self::Changed { path, .. } => path,
+            Self::Missing { path } | Self::Added { path } | Self::Changed { path, .. } => path,
         }
     }
 }
@@ -104,8 +103,8 @@ impl TreeDrift {
 impl fmt::Display for TreeDrift {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Missing(p) => write!(f, "{p}: missing"),
-            Self::Added(p) => write!(f, "{p}: not in the image"),
+            Self::Missing { path } => write!(f, "{path}: missing"),
+            Self::Added { path } => write!(f, "{path}: not in the image"),
             Self::Changed { path, what } => write!(f, "{path}: {what} changed"),
         }
     }

@@ -288,7 +288,9 @@ pub fn bake_image(
                 (c, false)
             }
         };
-        new_layers.insert(key, cached.clone());
+        if !reused {
+            new_layers.insert(key, cached.clone());
+        }
         let mut d = Descriptor::new(
             oci::MEDIA_TYPE_LAYER_GZIP,
             cached.digest.clone(),
@@ -362,9 +364,17 @@ pub fn bake_image(
 
     store.publish_image(name, pending, &manifest_desc, &options.tags)?;
 
-    // Caches only speed up the next bake; failing to save them is not an error.
-    let _ = cache.save(&cache_path, started);
-    {
+    // Caches only speed up the next bake; failing to save them is not an
+    // error. Unchanged caches are not rewritten: a no-op re-bake writes nothing.
+    let file_count = walked
+        .iter()
+        .filter(|w| matches!(w.kind, WalkKind::File(_)))
+        .count();
+    if !misses.is_empty() || cache.entries.len() != file_count {
+        cache.retain_paths(walked.iter().map(|w| w.rel.as_str()));
+        let _ = cache.save(&cache_path, started);
+    }
+    if !new_layers.is_empty() {
         let _lock = store.lock()?;
         let mut merged = LayerCache::load(&layer_cache_path);
         merged.layers.extend(new_layers);
@@ -377,10 +387,7 @@ pub fn bake_image(
         image: name.clone(),
         digest: manifest_desc.digest,
         tags,
-        files: walked
-            .iter()
-            .filter(|w| matches!(w.kind, WalkKind::File(_)))
-            .count(),
+        files: file_count,
         files_hashed: misses.len(),
         bytes_hashed,
         bytes_written,
@@ -698,6 +705,12 @@ impl StatCache {
             .get(rel)
             .filter(|(k, _)| k == stat)
             .map(|(_, d)| d.clone())
+    }
+
+    /// Forget files that are no longer in the context.
+    fn retain_paths<'a>(&mut self, paths: impl Iterator<Item = &'a str>) {
+        let keep: BTreeSet<&str> = paths.collect();
+        self.entries.retain(|p, _| keep.contains(p.as_str()));
     }
 
     fn insert(&mut self, rel: &str, stat: &StatKey, digest: &Digest) {

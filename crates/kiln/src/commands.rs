@@ -28,7 +28,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             images,
             tags,
             json,
-        } => bake(&open_store(&home()?)?, &file, &images, &tags, json),
+        } => bake(&home()?, &file, &images, &tags, json),
         Command::Images { json } => images(&open_store(&home()?)?, json),
         Command::Inspect { reference, json } => inspect(&open_store(&home()?)?, &reference, json),
         Command::Verify { reference, json } => {
@@ -110,8 +110,10 @@ fn print_json<T: Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// Bake the images of a spec. The spec is read and validated before the
+/// store is opened, so a bad spec never creates or touches a store.
 pub fn bake_reports(
-    store: &Store,
+    home: &Path,
     file: &Path,
     only: &[String],
     tags: &[String],
@@ -147,6 +149,8 @@ pub fn bake_reports(
         tags,
         kiln_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
+    let store = open_store(home)?;
+    let store = &store;
     let mut out = Vec::new();
     for name in wanted {
         let started = Instant::now();
@@ -180,13 +184,13 @@ fn names(spec: &Spec) -> String {
 }
 
 fn bake(
-    store: &Store,
+    home: &Path,
     file: &Path,
     only: &[String],
     tags: &[String],
     json: bool,
 ) -> Result<ExitCode> {
-    let reports = bake_reports(store, file, only, tags, false)?;
+    let reports = bake_reports(home, file, only, tags, false)?;
     if json {
         #[derive(Serialize)]
         struct Out<'a> {

@@ -71,14 +71,14 @@ pub fn run(home: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
         1,
         "bake the example app (examples/hello) into a content-addressed OCI image",
     );
-    let (first, secs) = bake_reports(&store, &spec, &[], &[], false)?.remove(0);
+    let (first, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
     print_bake(&first, secs);
 
     step(
         2,
         "bake again with nothing changed: no file is read, every layer is reused",
     );
-    let (again, secs) = bake_reports(&store, &spec, &[], &[], false)?.remove(0);
+    let (again, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
     print_bake(&again, secs);
     println!(
         "   same digest: {}",
@@ -95,7 +95,7 @@ pub fn run(home: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
     );
     let index = spec.with_file_name("static/index.html");
     std::fs::write(&index, format!("{INDEX_HTML}<p>changed</p>\n"))?;
-    let (changed, secs) = bake_reports(&store, &spec, &[], &[], false)?.remove(0);
+    let (changed, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
     print_bake(&changed, secs);
 
     step(

@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Bake benchmark: kiln bake against `tar | gzip -6 | sha256sum` on the same
+# ~1 GiB, ~20,000-file tree, side by side in one run. Not a test: it prints
+# a table of medians and ratios. Run from the repository root:
+#
+#   bench/bake.sh            # RUNS=3 by default; BENCH_DIR to choose where
+#
+# (a) baseline  tar --sort=name | gzip -6 | sha256sum   (also pigz -6 if installed)
+# (b) kiln bake, one layer and split in four layers, into an empty store
+# (c) re-bake with nothing changed
+# (d) re-bake after changing one 1 KiB file
+# (e) store growth after (d)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+WORK=${BENCH_DIR:-/tmp/kiln-bench}
+TREE=$WORK/tree
+mkdir -p "$WORK"
+
+echo "building kiln (release)..." >&2
+cargo build --release -q -p kiln
+KILN=$PWD/target/release/kiln
+
+if [ ! -f "$TREE/.complete" ]; then
+    echo "generating the tree in $TREE ..." >&2
+    rm -rf "$TREE"
+    python3 - "$TREE" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rng = random.Random(42)
+words = [bytes(rng.choice(b"abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(2000)]
+def compressible(n):
+    out = bytearray()
+    while len(out) < n:
+        out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+    return bytes(out[:n])
+def write(rel, data, exe=False):
+    p = os.path.join(root, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    with open(p, "wb") as f:
+        f.write(data)
+    os.chmod(p, 0o755 if exe else 0o644)
+total = 0
+# dependencies: many small and medium files, mostly compressible
+for i in range(14000):
+    n = rng.randint(512, 16 << 10)
+    write(f"deps/pkg{i % 400:03d}/mod{i:05d}.py", compressible(n)); total += n
+for i in range(3000):
+    n = rng.randint(16 << 10, 256 << 10)
+    data = compressible(n) if i % 2 else rng.randbytes(n)
+    write(f"deps/lib{i % 100:03d}/blob{i:05d}.so", data, exe=True); total += n
+# assets: larger, mostly incompressible (images, fonts)
+for i in range(120):
+    n = rng.randint(2 << 20, 5 << 20)
+    write(f"assets/img/{i:04d}.png", rng.randbytes(n)); total += n
+# the app itself: small
+for i in range(2880):
+    n = rng.randint(256, 4 << 10)
+    write(f"src/m{i // 100:02d}/f{i:05d}.rs", compressible(n)); total += n
+write("src/main.rs", compressible(1024))
+print(f"{total / 2**30:.2f} GiB", file=sys.stderr)
+PY
+    touch "$TREE/.complete"
+fi
+FILES=$(find "$TREE" -type f ! -name .complete | wc -l)
+BYTES=$(du -sb --exclude=.complete "$TREE" | cut -f1)
+
+cat > "$WORK/one.toml" <<TOML
+[images.one]
+context = "tree"
+exclude = [".complete"]
+TOML
+cat > "$WORK/multi.toml" <<TOML
+[images.multi]
+context = "tree"
+exclude = [".complete"]
+[[images.multi.layers]]
+name = "deps-py"
+paths = ["deps/pkg*"]
+[[images.multi.layers]]
+name = "deps-lib"
+paths = ["deps"]
+[[images.multi.layers]]
+name = "assets"
+paths = ["assets"]
+TOML
+
+now() { date +%s.%N; }
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+time_cmd() { local t0; t0=$(now); "$@" >/dev/null 2>&1; echo "$(now) - $t0" | bc -l; }
+blob_bytes() { du -sb "$1/blobs" | cut -f1; }
+
+# Warm the page cache so every contender reads from memory.
+tar -C "$TREE" -cf - . >/dev/null
+
+declare -A R
+run() { # name, command...
+    local name=$1; shift
+    local xs=()
+    for _ in $(seq "$RUNS"); do xs+=("$("$@")"); done
+    R[$name]=$(printf '%s\n' "${xs[@]}" | median)
+}
+
+baseline() { time_cmd bash -c "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C '$TREE' --exclude=.complete -cf - . | gzip -6 | sha256sum"; }
+pigz_base() { time_cmd bash -c "tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C '$TREE' --exclude=.complete -cf - . | pigz -6 | sha256sum"; }
+fresh_bake() { # spec
+    rm -rf "$WORK/home"
+    time_cmd "$KILN" --home "$WORK/home" bake -f "$1"
+}
+
+echo "measuring ($RUNS runs each, medians)..." >&2
+run a baseline
+HAVE_PIGZ=0
+if command -v pigz >/dev/null; then HAVE_PIGZ=1; run a2 pigz_base; fi
+run b1 fresh_bake "$WORK/one.toml"
+run b4 fresh_bake "$WORK/multi.toml"
+# Let the tree's timestamps age past the stat cache's racy-file margin.
+sleep 1
+rebake_none() { time_cmd "$KILN" --home "$WORK/home" bake -f "$WORK/multi.toml"; }
+run c rebake_none
+
+# (d): change one 1 KiB file of the app layer, then re-bake; repeat with new content each run.
+dvals=(); evals=()
+for i in $(seq "$RUNS"); do
+    before=$(blob_bytes "$WORK/home")
+    python3 -c "import sys,os; open(sys.argv[1],'wb').write(os.urandom(512).hex().encode())" "$TREE/src/main.rs"
+    sleep 0.2
+    dvals+=("$(time_cmd "$KILN" --home "$WORK/home" bake -f "$WORK/multi.toml")")
+    after=$(blob_bytes "$WORK/home")
+    evals+=("$((after - before))")
+done
+R[d]=$(printf '%s\n' "${dvals[@]}" | median)
+R[e]=$(printf '%s\n' "${evals[@]}" | median)
+APP_LAYER=$("$KILN" --home "$WORK/home" inspect multi --json | python3 -c 'import json,sys; l=json.load(sys.stdin)["layers"]; print(l[-1]["size"])')
+TOTAL=$("$KILN" --home "$WORK/home" inspect multi --json | python3 -c 'import json,sys; l=json.load(sys.stdin)["layers"]; print(sum(x["size"] for x in l))')
+
+ratio() { echo "scale=3; $1 / ${R[a]}" | bc -l; }
+printf '\ntree: %s files, %.2f GiB; %s runs each, median seconds; machine: %s cores\n\n' "$FILES" "$(echo "$BYTES/1073741824" | bc -l)" "$RUNS" "$(nproc)"
+printf '%-58s %10s %12s\n' "case" "seconds" "vs baseline"
+printf '%-58s %10.3f %12s\n' "(a) tar --sort=name | gzip -6 | sha256sum" "${R[a]}" "1.000"
+[ "$HAVE_PIGZ" = 1 ] && printf '%-58s %10.3f %12.3f\n' "(a') tar --sort=name | pigz -6 | sha256sum (both cores)" "${R[a2]}" "$(ratio "${R[a2]}")"
+printf '%-58s %10.3f %12.3f\n' "(b) kiln bake, one layer, empty store" "${R[b1]}" "$(ratio "${R[b1]}")"
+printf '%-58s %10.3f %12.3f\n' "(b) kiln bake, four layers, empty store" "${R[b4]}" "$(ratio "${R[b4]}")"
+printf '%-58s %10.3f %12.3f\n' "(c) re-bake, nothing changed" "${R[c]}" "$(ratio "${R[c]}")"
+printf '%-58s %10.3f %12.3f\n' "(d) re-bake after changing one 1 KiB file" "${R[d]}" "$(ratio "${R[d]}")"
+printf '\n(c)/(b four layers) = %.2f%%   (target < 2%%)\n' "$(echo "100 * ${R[c]} / ${R[b4]}" | bc -l)"
+printf '(e) store growth after (d): %s bytes; the changed layer is %s bytes of an image of %s bytes\n' "${R[e]}" "$APP_LAYER" "$TOTAL"
