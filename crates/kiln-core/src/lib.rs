@@ -6,10 +6,15 @@
 //! (how images are named), then [`oci`] (the documents an image is made of) and
 //! [`tree`] (the per-file manifest of an unpacked image).
 
+pub mod api;
 pub mod digest;
+pub mod health;
 pub mod layer;
 pub mod oci;
+pub mod plan;
 pub mod reference;
+pub mod release;
+pub mod service;
 pub mod spec;
 pub mod tree;
 

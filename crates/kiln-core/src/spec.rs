@@ -30,6 +30,9 @@ pub struct Spec {
     /// Images to bake, by name.
     #[serde(default)]
     pub images: BTreeMap<ImageName, ImageSpec>,
+    /// Services to run, by name.
+    #[serde(default)]
+    pub services: BTreeMap<ServiceName, crate::service::ServiceSpec>,
 }
 
 /// `[images.NAME]`: how to bake one image.
@@ -90,7 +93,49 @@ impl Spec {
                 message: explain(e.message()),
             }
         })?;
+        spec.check(text, file)?;
         Ok(spec)
+    }
+
+    /// Rules that span tables: each is reported at the offending table.
+    fn check(&self, text: &str, file: &str) -> Result<(), SpecError> {
+        let at = |table: &str, message: String| {
+            let (line, column) = text
+                .find(&format!("[{table}"))
+                .map(|i| line_column(text, i))
+                .unwrap_or((1, 1));
+            SpecError {
+                file: file.to_owned(),
+                line,
+                column,
+                message,
+            }
+        };
+        let mut listens = BTreeMap::new();
+        for (name, svc) in &self.services {
+            let table = format!("services.{name}");
+            if let crate::service::ImageSource::Spec(image) = &svc.image
+                && !self.images.contains_key(image)
+            {
+                return Err(at(
+                    &table,
+                    format!(
+                        "service {name}: image `{image}` is not an [images] table of this spec (use NAME:TAG or NAME@sha256:... for an image already in the store)"
+                    ),
+                ));
+            }
+            if let Some(listen) = svc.listen
+                && let Some(other) = listens.insert(listen.0, name)
+            {
+                return Err(at(
+                    &table,
+                    format!("services {other} and {name} both listen on {}", listen.0),
+                ));
+            }
+            svc.check()
+                .map_err(|m| at(&table, format!("service {name}: {m}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -138,7 +183,7 @@ fn explain(message: &str) -> String {
 
 /// Validated newtypes: each refuses bad input while the spec is deserialized,
 /// so the error carries the value's line and column.
-macro_rules! validated_string {
+macro_rules! validated_string_pub {
     ($(#[$doc:meta])* $name:ident, $check:expr) => {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -166,6 +211,12 @@ macro_rules! validated_string {
             }
         }
 
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
@@ -180,7 +231,17 @@ macro_rules! validated_string {
     };
 }
 
-validated_string!(
+pub(crate) use validated_string_pub;
+
+validated_string_pub!(
+    /// A service name: the same grammar as an image name.
+    ServiceName,
+    |s| crate::reference::ImageName::try_from(s)
+        .map(|_| ())
+        .map_err(|_| format!("invalid service name `{s}`: use lowercase letters, digits and single `.`, `_` or `-` between them"))
+);
+
+validated_string_pub!(
     /// A relative path that stays below its base (no absolute path, no `..`).
     RelativePath,
     |s| {
@@ -192,7 +253,7 @@ validated_string!(
     }
 );
 
-validated_string!(
+validated_string_pub!(
     /// An absolute path inside an image, e.g. `workdir = "/app"`.
     AbsolutePath,
     |s| {
@@ -204,7 +265,7 @@ validated_string!(
     }
 );
 
-validated_string!(
+validated_string_pub!(
     /// An environment variable name: `[A-Za-z_][A-Za-z0-9_]*`.
     EnvName,
     |s| {
@@ -221,7 +282,7 @@ validated_string!(
     }
 );
 
-validated_string!(
+validated_string_pub!(
     /// A glob over context paths (`**` crosses directories), e.g. `static/**`.
     Glob,
     |s| {
@@ -247,7 +308,7 @@ impl Glob {
 }
 
 /// A TCP port, 1–65535.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Port(pub u16);
 
 impl<'de> Deserialize<'de> for Port {

@@ -52,6 +52,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
         Command::Demo { keep } => crate::demo::run(cli.home, keep),
+        Command::Serve => crate::deploy::serve(&home()?),
+        Command::Apply { file, detach, json } => {
+            crate::deploy::apply(&home()?, &file, detach, json)
+        }
+        Command::Plan { file, json } => crate::deploy::plan(&home()?, &file, json),
+        Command::Status { service, json } => {
+            crate::deploy::status(&home()?, service.as_deref(), json)
+        }
+        Command::History { service, json } => crate::deploy::history(&home()?, &service, json),
+        Command::Logs {
+            service,
+            release,
+            instance,
+            follow,
+        } => crate::deploy::logs(&home()?, &service, release, instance.as_deref(), follow),
     }
 }
 
@@ -103,7 +118,7 @@ fn source_date_epoch() -> Result<Option<u64>> {
     }
 }
 
-fn print_json<T: Serialize>(value: &T) -> Result<()> {
+pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, value)?;
     writeln!(out)?;

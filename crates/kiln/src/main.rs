@@ -5,8 +5,10 @@
 //! Exit codes: 0 success; 1 the command failed (the message says why);
 //! 2 the command line was invalid.
 
+mod client;
 mod commands;
 mod demo;
+mod deploy;
 mod progress;
 
 use std::path::PathBuf;
@@ -96,6 +98,63 @@ pub enum Command {
         dir: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Run the agent on this node (foreground): reconciler, instances, API on $KILN_HOME/kiln.sock
+    Serve,
+    /// Bake what changed, record a release per changed service, and roll it out
+    Apply {
+        #[arg(
+            short = 'f',
+            long = "file",
+            default_value = "kiln.toml",
+            value_name = "FILE"
+        )]
+        file: PathBuf,
+        /// Return once the releases are recorded, without waiting for the rollout
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `kiln apply` would do, without doing it
+    Plan {
+        #[arg(
+            short = 'f',
+            long = "file",
+            default_value = "kiln.toml",
+            value_name = "FILE"
+        )]
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Services, their releases and instances
+    Status {
+        #[arg(value_name = "SERVICE")]
+        service: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A service's releases: revision, image, created, cause, outcome
+    History {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Instance logs of a service (kept after instances are gone)
+    Logs {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// Only this release's instances
+        #[arg(long, value_name = "N")]
+        release: Option<u64>,
+        /// Only this instance
+        #[arg(long, value_name = "ID")]
+        instance: Option<String>,
+        /// Keep following new output
+        #[arg(short, long)]
+        follow: bool,
     },
     /// Show kiln at work on the example app, in a temporary home
     Demo {

@@ -1,0 +1,396 @@
+//! The agent: owns the state store, the store of images, and one
+//! controller per service; answers the API's commands.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use kiln_core::api::{
+    AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
+};
+use kiln_core::health::Backoff;
+use kiln_core::plan::{Action, CurrentService, plan};
+use kiln_core::release::{Outcome, Release};
+use kiln_core::service::{ProbeCheck, RuntimeKind};
+use kiln_core::spec::ServiceName;
+use kiln_store::Store;
+use serde_json::json;
+use sha2::{Digest as _, Sha256};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use crate::controller::{Controller, Msg};
+use crate::instance::StopKind;
+use crate::runtime::{command_exists, find_bwrap, start_ticks};
+use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
+
+/// Why a command was refused. Each kind is one HTTP status (see `api.rs`).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    ShuttingDown(String),
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// What controllers share with the agent.
+pub struct Shared {
+    pub home: PathBuf,
+    pub store: Store,
+    pub state: Arc<dyn StateStore>,
+    pub backoff: Backoff,
+    pub status: std::sync::Mutex<BTreeMap<ServiceName, ServiceStatus>>,
+    ids: AtomicU64,
+    seed: u64,
+}
+
+impl Shared {
+    /// `SERVICE-rN-xxxxxx`: unique, and names its release.
+    pub fn new_instance_id(&self, service: &ServiceName, revision: u64) -> String {
+        let n = self.ids.fetch_add(1, Ordering::Relaxed);
+        let mut h = Sha256::new();
+        h.update(self.seed.to_le_bytes());
+        h.update(n.to_le_bytes());
+        let hex = kiln_core::digest::hex(&h.finalize()[..3]);
+        format!("{service}-r{revision}-{hex}")
+    }
+}
+
+pub struct Agent {
+    shared: Arc<Shared>,
+    controllers: Mutex<BTreeMap<ServiceName, mpsc::UnboundedSender<Msg>>>,
+    apply_lock: Mutex<()>,
+    shutting_down: std::sync::atomic::AtomicBool,
+    bwrap: bool,
+}
+
+impl Agent {
+    /// Start the agent on `home`: end what a previous agent left running,
+    /// then start a controller for every known service.
+    pub async fn start(
+        home: PathBuf,
+        store: Store,
+        state: Arc<dyn StateStore>,
+        backoff: Backoff,
+        seed: u64,
+    ) -> Result<Arc<Self>, AgentError> {
+        let shared = Arc::new(Shared {
+            home,
+            store,
+            state,
+            backoff,
+            status: std::sync::Mutex::new(BTreeMap::new()),
+            ids: AtomicU64::new(0),
+            seed,
+        });
+        let agent = Arc::new(Self {
+            shared,
+            controllers: Mutex::new(BTreeMap::new()),
+            apply_lock: Mutex::new(()),
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
+            bwrap: find_bwrap().is_some(),
+        });
+        agent.reap_orphans()?;
+        for svc in agent.shared.state.services()? {
+            agent.wake(&svc.name).await;
+        }
+        Ok(agent)
+    }
+
+    /// Instances recorded by a previous agent that died without stopping
+    /// them. Sandboxed and process instances die with their agent; any
+    /// survivor (same pid *and* start time) is killed, and each is recorded
+    /// as lost. The controllers then start fresh instances.
+    fn reap_orphans(&self) -> Result<(), AgentError> {
+        for rec in self.shared.state.instances()? {
+            let alive = start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
+            if alive && let Some(p) = rustix::process::Pid::from_raw(rec.pid as i32) {
+                let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            }
+            let ev = NewEvent {
+                kind: "instance-lost",
+                service: Some(rec.service.clone()),
+                revision: Some(rec.revision),
+                instance: Some(rec.id.clone()),
+                detail: json!({"reason": "the agent that ran it stopped without stopping it", "killed": alive}),
+            };
+            self.shared.state.remove_instance(&rec.id, &ev)?;
+        }
+        Ok(())
+    }
+
+    async fn wake(&self, name: &ServiceName) {
+        let mut ctl = self.controllers.lock().await;
+        let tx = ctl.entry(name.clone()).or_insert_with(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(Controller::new(self.shared.clone(), name.clone(), rx).run());
+            tx
+        });
+        let _ = tx.send(Msg::Wake);
+    }
+
+    pub fn info(&self) -> AgentInfo {
+        AgentInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            home: self.shared.home.display().to_string(),
+            sandbox_available: self.bwrap,
+        }
+    }
+
+    /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
+    /// second waits for the first to be recorded, and a service whose
+    /// rollout is still in progress refuses a new release (naming it).
+    pub async fn apply(&self, mut req: ApplyRequest) -> Result<ApplyResponse, AgentError> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(AgentError::ShuttingDown(
+                "the agent is shutting down".into(),
+            ));
+        }
+        let _serial = self.apply_lock.lock().await;
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &mut req.services {
+            if !seen.insert(d.name.clone()) {
+                return Err(AgentError::BadRequest(format!(
+                    "service {} appears twice",
+                    d.name
+                )));
+            }
+            let explicit = req.explicit_runtime.contains(&d.name);
+            d.config.runtime = match (d.config.runtime, explicit) {
+                (RuntimeKind::Sandbox, true) if !self.bwrap => {
+                    return Err(AgentError::Invalid(format!(
+                        "service {}: runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap, or runtime = \"process\")",
+                        d.name
+                    )));
+                }
+                (RuntimeKind::Oci, _) => {
+                    return Err(AgentError::Invalid(format!(
+                        "service {}: runtime oci (runc) is not available yet",
+                        d.name
+                    )));
+                }
+                (kind, true) => kind,
+                (_, false) if self.bwrap => RuntimeKind::Sandbox,
+                (_, false) => RuntimeKind::Process,
+            };
+            if !self.shared.store.has_blob(&d.config.image) {
+                return Err(AgentError::NotFound(format!(
+                    "service {}: image {}@{} is not in the store",
+                    d.name, d.config.image_name, d.config.image
+                )));
+            }
+        }
+        let mut current = BTreeMap::new();
+        for d in &req.services {
+            if let Some(rec) = self.shared.state.service(&d.name)? {
+                let release = self.shared.state.release(&d.name, rec.target)?;
+                current.insert(
+                    d.name.clone(),
+                    CurrentService {
+                        settings: rec.settings,
+                        release: release.map(|r| (r.revision, r.config)),
+                    },
+                );
+            }
+        }
+        let the_plan = plan(&req.services, &current);
+        if req.dry_run {
+            return Ok(ApplyResponse { plan: the_plan });
+        }
+        // Refuse what cannot run before recording anything.
+        for (d, sp) in req.services.iter().zip(&the_plan.services) {
+            if matches!(sp.action, Action::Create | Action::Release) {
+                if let Some(rec) = self.shared.state.service(&d.name)?
+                    && let Some(r) = self.shared.state.release(&d.name, rec.target)?
+                    && r.outcome == Outcome::Pending
+                {
+                    return Err(AgentError::Conflict(format!(
+                        "service {} is still rolling out release {} (started {}); wait for it (kiln status {}) and apply again",
+                        d.name, r.revision, r.created, d.name
+                    )));
+                }
+                self.check_runnable(d).await?;
+            }
+        }
+        for (d, sp) in req.services.iter().zip(&the_plan.services) {
+            let revision = sp.revision.unwrap_or(1);
+            let rec = ServiceRecord {
+                name: d.name.clone(),
+                settings: d.settings.clone(),
+                target: revision,
+            };
+            match sp.action {
+                Action::Unchanged => continue,
+                Action::Settings => {
+                    let ev = NewEvent::service(
+                        "service-settings",
+                        &d.name,
+                        Some(revision),
+                        json!({"changes": sp.changes}),
+                    );
+                    self.shared.state.record_apply(&rec, None, &[ev])?;
+                }
+                Action::Create | Action::Release => {
+                    let release = Release {
+                        service: d.name.clone(),
+                        revision,
+                        hash: d.config.hash(),
+                        config: d.config.clone(),
+                        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+                        cause: "apply".into(),
+                        outcome: Outcome::Pending,
+                        reason: None,
+                    };
+                    let ev = NewEvent::service(
+                        "release-created",
+                        &d.name,
+                        Some(revision),
+                        json!({"image": d.config.image, "hash": release.hash, "changes": sp.changes}),
+                    );
+                    self.shared
+                        .state
+                        .record_apply(&rec, Some(&release), &[ev])?;
+                }
+            }
+            self.wake(&d.name).await;
+        }
+        Ok(ApplyResponse { plan: the_plan })
+    }
+
+    /// The image's tree exists and has the command and every exec probe's command.
+    async fn check_runnable(
+        &self,
+        d: &kiln_core::release::DesiredService,
+    ) -> Result<(), AgentError> {
+        let store = self.shared.store.clone();
+        let image = d.config.image.clone();
+        let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
+            .await
+            .map_err(|e| AgentError::Invalid(e.to_string()))?
+            .map_err(|e| {
+                AgentError::Invalid(format!("service {}: cannot unpack its image: {e}", d.name))
+            })?;
+        let cfg = &d.config;
+        let Some(program) = cfg.command.first() else {
+            return Err(AgentError::Invalid(format!(
+                "service {}: no command: the image has no entrypoint or cmd and the service sets no command",
+                d.name
+            )));
+        };
+        if !command_exists(&tree.rootfs, &cfg.env, &cfg.workdir, program) {
+            return Err(AgentError::Invalid(format!(
+                "service {}: command `{program}` does not exist in image {}@{}",
+                d.name,
+                cfg.image_name,
+                cfg.image.short()
+            )));
+        }
+        for (kind, probe) in [
+            ("startup", &cfg.health.startup),
+            ("readiness", &cfg.health.readiness),
+            ("liveness", &cfg.health.liveness),
+        ] {
+            if let Some(p) = probe
+                && let ProbeCheck::Exec { command } = &p.check
+                && let Some(program) = command.first()
+                && !command_exists(&tree.rootfs, &cfg.env, &cfg.workdir, program)
+            {
+                return Err(AgentError::Invalid(format!(
+                    "service {}: {kind} probe command `{program}` does not exist in image {}@{}",
+                    d.name,
+                    cfg.image_name,
+                    cfg.image.short()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> Result<StatusResponse, AgentError> {
+        let mut snapshot = self
+            .shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        // Snapshots are taken when something changes; uptime is as of now.
+        let now = SystemTime::now();
+        for s in snapshot.values_mut() {
+            for i in &mut s.instances {
+                if let Ok(t) = humantime::parse_rfc3339(&i.started) {
+                    i.uptime_secs = now.duration_since(t).map_or(0.0, |d| d.as_secs_f64());
+                }
+            }
+        }
+        let mut services = Vec::new();
+        for rec in self.shared.state.services()? {
+            let s = snapshot
+                .get(&rec.name)
+                .cloned()
+                .unwrap_or_else(|| ServiceStatus {
+                    name: rec.name.clone(),
+                    replicas: rec.settings.replicas,
+                    revision: Some(rec.target),
+                    outcome: None,
+                    ready: 0,
+                    converged: false,
+                    instances: Vec::new(),
+                    backoff: Vec::new(),
+                    message: None,
+                });
+            services.push(s);
+        }
+        Ok(StatusResponse {
+            agent: self.info(),
+            services,
+        })
+    }
+
+    pub fn history(&self, service: &ServiceName) -> Result<HistoryResponse, AgentError> {
+        if self.shared.state.service(service)?.is_none() {
+            return Err(AgentError::NotFound(format!("no service named {service}")));
+        }
+        Ok(HistoryResponse {
+            releases: self.shared.state.releases(service)?,
+        })
+    }
+
+    pub fn home(&self) -> &std::path::Path {
+        &self.shared.home
+    }
+
+    pub fn knows(&self, service: &ServiceName) -> Result<bool, AgentError> {
+        Ok(self.shared.state.service(service)?.is_some())
+    }
+
+    /// Stop every instance (gracefully, or killed when `kind` says so) and
+    /// wait for them, at most `limit`.
+    pub async fn shutdown(&self, kind: StopKind, limit: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let ctls: Vec<_> = self.controllers.lock().await.values().cloned().collect();
+        let mut waits = Vec::new();
+        for tx in ctls {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Msg::Shutdown { kind, done }).is_ok() {
+                waits.push(wait);
+            }
+        }
+        let _ = tokio::time::timeout(limit, async {
+            for w in waits {
+                let _ = w.await;
+            }
+        })
+        .await;
+    }
+}

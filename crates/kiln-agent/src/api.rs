@@ -1,0 +1,182 @@
+//! The API edge: HTTP/1.1 on the agent's Unix socket. Bodies and queries
+//! parse strictly into the closed command set of [`kiln_core::api`]; every
+//! [`AgentError`] kind maps to exactly one status.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use kiln_core::api::{ApplyRequest, ApplyResponse, ErrorBody, HistoryResponse, StatusResponse};
+use kiln_core::spec::ServiceName;
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::agent::{Agent, AgentError};
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
+            AgentError::Conflict(_) => StatusCode::CONFLICT,
+            AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                error: self.to_string(),
+            }),
+        )
+            .into_response()
+    }
+}
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/v1/apply", post(apply))
+        .route("/v1/status", get(status))
+        .route("/v1/services/{name}/history", get(history))
+        .route("/v1/logs", get(logs))
+        .fallback(|| async { AgentError::NotFound("no such API endpoint".into()) })
+        .with_state(agent)
+}
+
+fn bad_json(r: JsonRejection) -> AgentError {
+    AgentError::BadRequest(format!("invalid request body: {}", r.body_text()))
+}
+
+/// `POST /v1/apply`: allowed any time but during shutdown.
+async fn apply(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<ApplyRequest>, JsonRejection>,
+) -> Result<Json<ApplyResponse>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok(Json(agent.apply(req).await?))
+}
+
+/// `GET /v1/status`: always allowed.
+async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<StatusResponse>, AgentError> {
+    Ok(Json(agent.status()?))
+}
+
+/// `GET /v1/services/{name}/history`: always allowed.
+async fn history(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<HistoryResponse>, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.history(&name)?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    service: String,
+    release: Option<u64>,
+    instance: Option<String>,
+    #[serde(default)]
+    follow: bool,
+}
+
+/// `GET /v1/logs`: the matching instances' logs, oldest instance first,
+/// each line prefixed with its instance id; `follow` keeps streaming.
+async fn logs(
+    State(agent): State<Arc<Agent>>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> Result<Response, AgentError> {
+    let Query(q) =
+        q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
+    let service = ServiceName::try_from(q.service.as_str()).map_err(AgentError::BadRequest)?;
+    if !agent.knows(&service)? {
+        return Err(AgentError::NotFound(format!("no service named {service}")));
+    }
+    let dir = agent.home().join("logs").join(service.as_str());
+    let filter = move |id: &str| {
+        q.instance.as_deref().is_none_or(|want| want == id)
+            && q.release
+                .is_none_or(|r| id.starts_with(&format!("{service}-r{r}-")))
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
+    let follow = q.follow;
+    tokio::spawn(async move {
+        let mut offsets: BTreeMap<PathBuf, u64> = BTreeMap::new();
+        loop {
+            for (id, path) in log_files(&dir, &filter).await {
+                let offset = offsets.entry(path.clone()).or_insert(0);
+                let Ok(chunk) = read_from(&path, offset).await else {
+                    continue;
+                };
+                if chunk.is_empty() {
+                    continue;
+                }
+                let mut out = Vec::with_capacity(chunk.len() + 64);
+                for line in chunk.split_inclusive(|b| *b == b'\n') {
+                    out.extend_from_slice(id.as_bytes());
+                    out.extend_from_slice(b" | ");
+                    out.extend_from_slice(line);
+                }
+                if tx.send(Ok(out)).await.is_err() {
+                    return;
+                }
+            }
+            if !follow || tx.is_closed() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([("content-type", "text/plain; charset=utf-8")], body).into_response())
+}
+
+/// `(instance id, path)` of the log files in `dir` that pass `filter`,
+/// oldest first.
+async fn log_files(dir: &Path, filter: &impl Fn(&str) -> bool) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let Ok(mut rd) = tokio::fs::read_dir(dir).await else {
+        return Vec::new();
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".log") else {
+            continue;
+        };
+        if filter(id) {
+            let modified = e
+                .metadata()
+                .await
+                .ok()
+                .and_then(|m| m.created().or_else(|_| m.modified()).ok());
+            out.push((modified, id.to_owned(), e.path()));
+        }
+    }
+    out.sort();
+    out.into_iter().map(|(_, id, p)| (id, p)).collect()
+}
+
+/// Complete lines of `path` from `offset` on; advances `offset`.
+async fn read_from(path: &Path, offset: &mut u64) -> std::io::Result<Vec<u8>> {
+    let mut f = tokio::fs::File::open(path).await?;
+    let len = f.metadata().await?.len();
+    if len < *offset {
+        *offset = 0; // rotated
+    }
+    f.seek(std::io::SeekFrom::Start(*offset)).await?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf).await?;
+    let complete = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    buf.truncate(complete);
+    *offset += complete as u64;
+    Ok(buf)
+}

@@ -1,0 +1,809 @@
+//! The reconciler: one controller task per service, so passes over one
+//! service never overlap. Level-triggered: every pass reads the desired
+//! state (the service's target release and replicas, from the state store)
+//! and the observed state (its instances), acts, and sets a timer for the
+//! next time something is due. Messages only say "look again"; why a pass
+//! ran never changes what it does.
+//!
+//! Instances are never modified: one that exits or fails liveness is
+//! replaced by a new instance (new id) of the same release in the same
+//! replica slot, at once the first time and with exponential back-off while
+//! the slot keeps failing before it was stable.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use kiln_core::api::{InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
+use kiln_core::release::{Outcome, Release};
+use kiln_core::spec::ServiceName;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::Shared;
+use crate::instance::{InstanceTask, Report, StopKind};
+use crate::logs::LogFile;
+use crate::probe::ProbeKind;
+use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
+use crate::state::{InstanceRecord, NewEvent};
+
+/// What a controller is told.
+pub enum Msg {
+    /// Something changed (an apply): reconcile.
+    Wake,
+    /// Stop every instance, then answer.
+    Shutdown {
+        kind: StopKind,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A release made ready to run: its tree and runtime.
+struct Prepared {
+    release: Release,
+    rootfs: PathBuf,
+    runtime: Arc<dyn Runtime>,
+}
+
+struct Inst {
+    id: String,
+    revision: u64,
+    slot: u32,
+    port: u16,
+    pid: Option<u32>,
+    stopping: bool,
+    ready: bool,
+    live: bool,
+    started: Instant,
+    started_wall: SystemTime,
+    ready_since: Option<Instant>,
+    stop: Option<oneshot::Sender<StopKind>>,
+    /// Counted as a failure already (liveness), so its exit is not counted again.
+    failure_counted: bool,
+    read_only: bool,
+    runtime: kiln_core::service::RuntimeKind,
+}
+
+#[derive(Default)]
+struct Slot {
+    failures: u32,
+    retry_at: Option<Instant>,
+    replacements: u32,
+}
+
+pub struct Controller {
+    shared: Arc<Shared>,
+    name: ServiceName,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    instances: BTreeMap<String, Inst>,
+    slots: BTreeMap<(u64, u32), Slot>,
+    prepared: BTreeMap<u64, Arc<Prepared>>,
+    /// The rollout in progress: (target, when it began, its deadline).
+    rollout_started: Option<(u64, Instant, std::time::Duration)>,
+    shutdown: Option<(StopKind, Vec<oneshot::Sender<()>>)>,
+    message: Option<String>,
+}
+
+impl Controller {
+    pub fn new(shared: Arc<Shared>, name: ServiceName, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Self {
+            shared,
+            name,
+            rx,
+            reports_tx,
+            reports,
+            instances: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            prepared: BTreeMap::new(),
+            rollout_started: None,
+            shutdown: None,
+            message: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let due = self.next_due();
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(Msg::Wake) => {}
+                    Some(Msg::Shutdown { kind, done }) => {
+                        let escalate = match &mut self.shutdown {
+                            Some((k, waiters)) => {
+                                waiters.push(done);
+                                // A second request may escalate graceful to kill.
+                                let escalate = kind == StopKind::Kill && *k != StopKind::Kill;
+                                *k = if escalate { StopKind::Kill } else { *k };
+                                escalate
+                            }
+                            None => {
+                                self.shutdown = Some((kind, vec![done]));
+                                false
+                            }
+                        };
+                        if escalate {
+                            self.stop_all(StopKind::Kill, true);
+                        }
+                    }
+                    None => return,
+                },
+                Some(report) = self.reports.recv() => self.on_report(report),
+                _ = sleep_until(due) => {}
+            }
+            // Drain whatever else arrived, then one pass for all of it.
+            while let Ok(report) = self.reports.try_recv() {
+                self.on_report(report);
+            }
+            self.reconcile().await;
+            self.publish();
+            if let Some((_, waiters)) = &mut self.shutdown
+                && self.instances.is_empty()
+            {
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    fn event(
+        &self,
+        kind: &'static str,
+        revision: Option<u64>,
+        instance: Option<&str>,
+        detail: serde_json::Value,
+    ) -> NewEvent {
+        NewEvent {
+            kind,
+            service: Some(self.name.clone()),
+            revision,
+            instance: instance.map(str::to_owned),
+            detail,
+        }
+    }
+
+    fn log_state_error(&mut self, e: crate::state::StateError) {
+        tracing::error!(service = %self.name, "state: {e}");
+        self.message = Some(format!("state store error: {e}"));
+    }
+
+    fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Started { id, pid } => {
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
+                inst.pid = Some(pid);
+                let rec = InstanceRecord {
+                    id: id.clone(),
+                    service: self.name.clone(),
+                    revision: inst.revision,
+                    slot: inst.slot,
+                    pid,
+                    start_ticks: start_ticks(pid).unwrap_or(0),
+                    port: inst.port,
+                };
+                let ev = self.event(
+                    "instance-started",
+                    Some(rec.revision),
+                    Some(&id),
+                    json!({"pid": pid, "port": rec.port, "slot": rec.slot}),
+                );
+                if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
+                    self.log_state_error(e);
+                }
+            }
+            Report::StartFailed { id, error } => {
+                if let Some(inst) = self.instances.remove(&id) {
+                    self.message = Some(format!("instance {id} failed to start: {error}"));
+                    self.count_failure(inst.revision, inst.slot, None);
+                    let ev = self.event(
+                        "instance-start-failed",
+                        Some(inst.revision),
+                        Some(&id),
+                        json!({"error": error}),
+                    );
+                    if let Err(e) = self.shared.state.append_event(&ev) {
+                        self.log_state_error(e);
+                    }
+                }
+            }
+            Report::Health { id, probe, healthy } => {
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
+                let revision = inst.revision;
+                let kind = match (probe, healthy) {
+                    (ProbeKind::Readiness, true) => {
+                        inst.ready = true;
+                        inst.ready_since = Some(Instant::now());
+                        "instance-ready"
+                    }
+                    (ProbeKind::Readiness, false) => {
+                        inst.ready = false;
+                        inst.ready_since = None;
+                        "instance-unready"
+                    }
+                    (ProbeKind::Liveness, live) => {
+                        inst.live = live;
+                        if live {
+                            "instance-live"
+                        } else {
+                            "instance-liveness-failed"
+                        }
+                    }
+                    (ProbeKind::Startup, _) => "instance-started-up",
+                };
+                let ev = self.event(kind, Some(revision), Some(&id), json!({}));
+                if let Err(e) = self.shared.state.append_event(&ev) {
+                    self.log_state_error(e);
+                }
+                if probe == ProbeKind::Liveness && !healthy {
+                    // Replaced, never restarted in place: stop it and let the
+                    // next pass start a new instance in its slot.
+                    if let Some(inst) = self.instances.get_mut(&id) {
+                        let (rev, slot, since) = (inst.revision, inst.slot, inst.ready_since);
+                        inst.failure_counted = true;
+                        self.stop_instance(&id, StopKind::Graceful, "liveness failed");
+                        self.count_failure(rev, slot, since);
+                    }
+                }
+            }
+            Report::Exited {
+                id,
+                status,
+                requested,
+            } => {
+                let Some(inst) = self.instances.remove(&id) else {
+                    return;
+                };
+                if !requested && !inst.failure_counted {
+                    self.message = Some(format!("instance {id} exited: {status}"));
+                    self.count_failure(inst.revision, inst.slot, inst.ready_since);
+                }
+                let ev = self.event(
+                    "instance-exited",
+                    Some(inst.revision),
+                    Some(&id),
+                    json!({"status": status, "requested": requested}),
+                );
+                if let Err(e) = self.shared.state.remove_instance(&id, &ev) {
+                    self.log_state_error(e);
+                }
+            }
+        }
+    }
+
+    /// A slot's instance failed: count it and schedule the replacement.
+    fn count_failure(&mut self, revision: u64, slot: u32, ready_since: Option<Instant>) {
+        let backoff = self.shared.backoff;
+        let s = self.slots.entry((revision, slot)).or_default();
+        let stable = ready_since.is_some_and(|t| t.elapsed() >= backoff.stable_after);
+        s.failures = if stable { 1 } else { s.failures + 1 };
+        s.replacements += 1;
+        let delay = backoff.delay(s.failures);
+        s.retry_at = (!delay.is_zero()).then(|| Instant::now() + delay);
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        let mut due: Option<Instant> = None;
+        let mut at = |t: Instant| due = Some(due.map_or(t, |d| d.min(t)));
+        for s in self.slots.values() {
+            if let Some(t) = s.retry_at {
+                at(t);
+            }
+        }
+        if let Some((_, started, deadline)) = self.rollout_started {
+            at(started + deadline);
+        }
+        let stable_after = self.shared.backoff.stable_after;
+        for i in self.instances.values() {
+            // When a slot becomes stable, its failure count resets.
+            if let Some(t) = i.ready_since
+                && t.elapsed() < stable_after
+            {
+                at(t + stable_after);
+            }
+        }
+        if let Some(min_ready) = self.min_ready() {
+            for i in self.instances.values() {
+                if let Some(t) = i.ready_since
+                    && t.elapsed() < min_ready
+                {
+                    at(t + min_ready);
+                }
+            }
+        }
+        due.map(|d| d.max(Instant::now()))
+    }
+
+    fn min_ready(&self) -> Option<std::time::Duration> {
+        self.shared
+            .state
+            .service(&self.name)
+            .ok()
+            .flatten()
+            .map(|s| s.settings.rollout.min_ready.0)
+    }
+
+    async fn prepare(&mut self, revision: u64) -> Result<Arc<Prepared>, String> {
+        if let Some(p) = self.prepared.get(&revision) {
+            return Ok(p.clone());
+        }
+        let release = self
+            .shared
+            .state
+            .release(&self.name, revision)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("release {revision} of {} is not recorded", self.name))?;
+        let store = self.shared.store.clone();
+        let image = release.config.image.clone();
+        let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot materialize {}: {e}", release.config.image))?;
+        let rt: Arc<dyn Runtime> =
+            Arc::from(runtime(release.config.runtime).map_err(|e| e.to_string())?);
+        for name in release.config.volumes.keys() {
+            let dir = self.volume_dir(name);
+            std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", dir.display()))?;
+        }
+        let p = Arc::new(Prepared {
+            release,
+            rootfs: tree.rootfs,
+            runtime: rt,
+        });
+        self.prepared.insert(revision, p.clone());
+        Ok(p)
+    }
+
+    fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.shared
+            .home
+            .join("volumes")
+            .join(self.name.as_str())
+            .join(volume)
+    }
+
+    async fn start(&mut self, p: &Prepared, slot: u32) {
+        let cfg = &p.release.config;
+        let id = self.shared.new_instance_id(&self.name, p.release.revision);
+        let port = match free_port() {
+            Ok(port) => port,
+            Err(e) => {
+                self.message = Some(format!("no free port: {e}"));
+                return;
+            }
+        };
+        let mut env = cfg.env.clone();
+        env.entry("PATH".to_owned())
+            .or_insert_with(|| DEFAULT_PATH.to_owned());
+        env.insert("PORT".to_owned(), port.to_string());
+        env.insert("KILN_INSTANCE".to_owned(), id.clone());
+        env.insert("KILN_SERVICE".to_owned(), self.name.to_string());
+        env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
+        let launch = Launch {
+            rootfs: p.rootfs.clone(),
+            argv: cfg.command.clone(),
+            env,
+            workdir: cfg.workdir.clone(),
+            volumes: cfg
+                .volumes
+                .iter()
+                .map(|(name, v)| (name.clone(), self.volume_dir(name), v.path.to_string()))
+                .collect(),
+        };
+        let log_path = self
+            .shared
+            .home
+            .join("logs")
+            .join(self.name.as_str())
+            .join(format!("{id}.log"));
+        let log = match LogFile::create(log_path).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.message = Some(format!("cannot open the log of {id}: {e}"));
+                return;
+            }
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let task = InstanceTask {
+            id: id.clone(),
+            launch,
+            runtime: p.runtime.clone(),
+            health: cfg.health.clone(),
+            stop: cfg.stop.clone(),
+            port,
+            log,
+        };
+        tokio::spawn(task.run(self.reports_tx.clone(), stop_rx));
+        self.instances.insert(
+            id.clone(),
+            Inst {
+                id,
+                revision: p.release.revision,
+                slot,
+                port,
+                pid: None,
+                stopping: false,
+                ready: false,
+                live: true,
+                started: Instant::now(),
+                started_wall: SystemTime::now(),
+                ready_since: None,
+                stop: Some(stop_tx),
+                failure_counted: false,
+                read_only: p.runtime.read_only_enforced(),
+                runtime: p.runtime.kind(),
+            },
+        );
+    }
+
+    fn stop_instance(&mut self, id: &str, kind: StopKind, why: &str) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        if inst.stopping && kind == StopKind::Graceful {
+            return;
+        }
+        inst.stopping = true;
+        inst.ready = false;
+        let revision = inst.revision;
+        if let Some(tx) = inst.stop.take() {
+            let _ = tx.send(kind);
+        }
+        let ev = self.event(
+            "instance-stopping",
+            Some(revision),
+            Some(id),
+            json!({"reason": why}),
+        );
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
+        }
+    }
+
+    fn stop_all(&mut self, kind: StopKind, force: bool) {
+        let ids: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| force || !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in ids {
+            if force {
+                // Escalation: the stop channel is spent; kill directly.
+                if let Some(inst) = self.instances.get(&id)
+                    && let Some(pid) = inst.pid
+                    && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
+                {
+                    let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+                }
+            }
+            self.stop_instance(&id, kind, "agent shutting down");
+        }
+    }
+
+    async fn reconcile(&mut self) {
+        if let Some((kind, _)) = &self.shutdown {
+            let kind = *kind;
+            self.stop_all(kind, false);
+            return;
+        }
+        let rec = match self.shared.state.service(&self.name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => return self.log_state_error(e),
+        };
+        let target = rec.target;
+        let replicas = rec.settings.replicas;
+        let p = match self.prepare(target).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.message = Some(e);
+                return;
+            }
+        };
+        let outcome = match self.shared.state.release(&self.name, target) {
+            Ok(Some(r)) => r.outcome,
+            Ok(None) => return,
+            Err(e) => return self.log_state_error(e),
+        };
+        if outcome == Outcome::Pending && self.rollout_started.map(|(r, ..)| r) != Some(target) {
+            self.rollout_started = Some((
+                target,
+                Instant::now(),
+                rec.settings.rollout.progress_deadline.0,
+            ));
+        }
+        let now = Instant::now();
+
+        // Slots that stayed ready long enough forget their failures.
+        let stable_after = self.shared.backoff.stable_after;
+        for i in self.instances.values() {
+            if i.ready_since.is_some_and(|t| t.elapsed() >= stable_after)
+                && let Some(s) = self.slots.get_mut(&(i.revision, i.slot))
+            {
+                s.failures = 0;
+            }
+        }
+
+        // Extra instances of the target (scaled down).
+        let extras: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision == target && i.slot >= replicas && !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in extras {
+            self.stop_instance(&id, StopKind::Graceful, "scaled down");
+        }
+
+        // Fill the target's slots, unless its rollout has failed.
+        if outcome != Outcome::Failed {
+            for slot in 0..replicas {
+                let filled = self
+                    .instances
+                    .values()
+                    .any(|i| i.revision == target && i.slot == slot && !i.stopping);
+                if filled {
+                    continue;
+                }
+                let s = self.slots.entry((target, slot)).or_default();
+                if s.retry_at.is_some_and(|t| t > now) {
+                    continue;
+                }
+                s.retry_at = None;
+                self.start(&p, slot).await;
+            }
+        }
+
+        let min_ready = rec.settings.rollout.min_ready.0;
+        let ready = self
+            .instances
+            .values()
+            .filter(|i| {
+                i.revision == target
+                    && !i.stopping
+                    && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
+            })
+            .count() as u32;
+        if ready >= replicas && outcome != Outcome::Failed {
+            // The target is whole: everything else goes.
+            let old: Vec<String> = self
+                .instances
+                .values()
+                .filter(|i| i.revision != target && !i.stopping)
+                .map(|i| i.id.clone())
+                .collect();
+            for id in old {
+                self.stop_instance(&id, StopKind::Graceful, "replaced by the new release");
+            }
+            if outcome == Outcome::Pending {
+                self.complete_rollout(target);
+            }
+            self.message = None;
+        } else if outcome == Outcome::Pending {
+            self.check_progress(target, ready, replicas);
+        } else if outcome == Outcome::Failed {
+            // No instance of a failed release is left running.
+            let failed: Vec<String> = self
+                .instances
+                .values()
+                .filter(|i| i.revision == target && !i.stopping)
+                .map(|i| i.id.clone())
+                .collect();
+            for id in failed {
+                self.stop_instance(&id, StopKind::Graceful, "release failed");
+            }
+        }
+    }
+
+    fn complete_rollout(&mut self, target: u64) {
+        self.rollout_started = None;
+        let ev = self.event("release-active", Some(target), None, json!({}));
+        if let Err(e) =
+            self.shared
+                .state
+                .set_outcome(&self.name, target, Outcome::Active, None, &ev)
+        {
+            return self.log_state_error(e);
+        }
+        let releases = match self.shared.state.releases(&self.name) {
+            Ok(r) => r,
+            Err(e) => return self.log_state_error(e),
+        };
+        for r in releases {
+            if r.revision != target && r.outcome == Outcome::Active {
+                let ev = self.event(
+                    "release-superseded",
+                    Some(r.revision),
+                    None,
+                    json!({"by": target}),
+                );
+                if let Err(e) = self.shared.state.set_outcome(
+                    &self.name,
+                    r.revision,
+                    Outcome::Superseded,
+                    None,
+                    &ev,
+                ) {
+                    self.log_state_error(e);
+                }
+            }
+        }
+        // Prepared releases other than the target are no longer needed.
+        self.prepared.retain(|rev, _| *rev == target);
+        self.slots.retain(|(rev, _), _| *rev == target);
+    }
+
+    /// A rollout that is not whole by its deadline, or whose instances keep
+    /// crashing while a previous release can take over, has failed.
+    fn check_progress(&mut self, target: u64, ready: u32, replicas: u32) {
+        let Some((_, started, deadline)) = self.rollout_started else {
+            return;
+        };
+        let previous = self.previous_active(target);
+        let crash_loop = previous.is_some()
+            && self
+                .slots
+                .iter()
+                .any(|((rev, _), s)| *rev == target && s.failures >= CRASH_LOOP_FAILURES);
+        let reason = if crash_loop {
+            format!(
+                "instances of release {target} keep crashing ({}); last: {}",
+                CRASH_LOOP_FAILURES,
+                self.message.clone().unwrap_or_default()
+            )
+        } else if started.elapsed() >= deadline {
+            format!(
+                "{ready}/{replicas} instances ready after the progress deadline of {}",
+                humantime::format_duration(deadline)
+            )
+        } else {
+            return;
+        };
+        self.fail_rollout(target, previous, reason);
+    }
+
+    fn previous_active(&self, target: u64) -> Option<u64> {
+        self.shared
+            .state
+            .releases(&self.name)
+            .ok()?
+            .into_iter()
+            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
+            .map(|r| r.revision)
+            .max()
+    }
+
+    fn fail_rollout(&mut self, target: u64, previous: Option<u64>, reason: String) {
+        tracing::warn!(service = %self.name, "release {target} failed: {reason}");
+        self.rollout_started = None;
+        let auto_rollback = self
+            .shared
+            .state
+            .service(&self.name)
+            .ok()
+            .flatten()
+            .is_none_or(|s| s.settings.rollout.auto_rollback);
+        let ev = self.event(
+            "release-failed",
+            Some(target),
+            None,
+            json!({"reason": reason}),
+        );
+        if let Err(e) =
+            self.shared
+                .state
+                .set_outcome(&self.name, target, Outcome::Failed, Some(&reason), &ev)
+        {
+            return self.log_state_error(e);
+        }
+        self.message = Some(format!("release {target} failed: {reason}"));
+        if auto_rollback && let Some(prev) = previous {
+            let ev = self.event(
+                "rollback",
+                Some(prev),
+                None,
+                json!({"from": target, "automatic": true, "reason": reason}),
+            );
+            if let Err(e) = self.shared.state.set_target(&self.name, prev, &ev) {
+                self.log_state_error(e);
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let rec = self.shared.state.service(&self.name).ok().flatten();
+        let target = rec.as_ref().map(|r| r.target);
+        let replicas = rec.as_ref().map_or(0, |r| r.settings.replicas);
+        let outcome = target
+            .and_then(|t| self.shared.state.release(&self.name, t).ok().flatten())
+            .map(|r| r.outcome);
+        let now = Instant::now();
+        let instances: Vec<InstanceStatus> = self
+            .instances
+            .values()
+            .map(|i| InstanceStatus {
+                id: i.id.clone(),
+                revision: i.revision,
+                slot: i.slot,
+                pid: i.pid,
+                port: i.port,
+                state: if i.stopping {
+                    InstanceState::Stopping
+                } else if i.pid.is_some() {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Starting
+                },
+                ready: i.ready,
+                live: i.live,
+                replacements: self
+                    .slots
+                    .get(&(i.revision, i.slot))
+                    .map_or(0, |s| s.replacements),
+                started: humantime::format_rfc3339_millis(i.started_wall).to_string(),
+                uptime_secs: now.duration_since(i.started).as_secs_f64(),
+                runtime: i.runtime,
+                read_only_root: i.read_only,
+            })
+            .collect();
+        let ready = instances
+            .iter()
+            .filter(|i| Some(i.revision) == target && i.ready && i.state != InstanceState::Stopping)
+            .count() as u32;
+        let converged = ready == replicas
+            && instances
+                .iter()
+                .all(|i| Some(i.revision) == target && i.state != InstanceState::Stopping)
+            && instances.len() as u32 == replicas;
+        let backoff = self
+            .slots
+            .iter()
+            .filter_map(|((rev, slot), s)| {
+                s.retry_at.filter(|t| *t > now).map(|t| SlotBackoff {
+                    revision: *rev,
+                    slot: *slot,
+                    failures: s.failures,
+                    retry_in_ms: t.duration_since(now).as_millis() as u64,
+                })
+            })
+            .collect();
+        let status = ServiceStatus {
+            name: self.name.clone(),
+            replicas,
+            revision: target,
+            outcome,
+            ready,
+            converged,
+            instances,
+            backoff,
+            message: self.message.clone(),
+        };
+        let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(self.name.clone(), status);
+    }
+}
+
+/// Consecutive failures of a slot that make a rollout a crash loop.
+const CRASH_LOOP_FAILURES: u32 = 3;
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -1,0 +1,136 @@
+//! kiln's agent (`kiln serve`): the daemon on each node.
+//!
+//! Start at [`serve`]. Then: [`agent`] (commands: apply, status, history),
+//! [`controller`] (the per-service reconciler), [`instance`] (one instance's
+//! life), [`runtime`] (bubblewrap / process), [`probe`], [`logs`], and
+//! [`state`] (the `StateStore` trait and its SQLite implementation).
+
+pub mod agent;
+pub mod api;
+pub mod controller;
+pub mod instance;
+pub mod logs;
+pub mod probe;
+pub mod runtime;
+pub mod state;
+
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::health::Backoff;
+use kiln_store::Store;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::agent::Agent;
+use crate::instance::StopKind;
+use crate::state::SqliteState;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("another agent (pid {pid}) is already serving {home}")]
+    AlreadyRunning { pid: String, home: PathBuf },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] kiln_store::StoreError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Agent(#[from] agent::AgentError),
+}
+
+/// How the agent ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// A stop signal: every instance was stopped gracefully.
+    Graceful,
+    /// A second signal cut the graceful stop short.
+    Forced,
+}
+
+/// The socket the CLI talks to.
+pub fn socket_path(home: &Path) -> PathBuf {
+    home.join("kiln.sock")
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
+    move |source| ServeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Run the agent on `home` until SIGTERM or SIGINT. `ready` is called once
+/// the socket accepts requests.
+pub async fn serve(home: &Path, ready: impl FnOnce(&Path)) -> Result<Exit, ServeError> {
+    std::fs::create_dir_all(home).map_err(io(home))?;
+    // One agent per home: the lock is held for the agent's life.
+    let lock_path = home.join("agent.lock");
+    let mut lock = File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .map_err(io(&lock_path))?;
+    if lock.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = lock.read_to_string(&mut pid);
+        return Err(ServeError::AlreadyRunning {
+            pid: pid.trim().to_owned(),
+            home: home.to_path_buf(),
+        });
+    }
+    lock.set_len(0).map_err(io(&lock_path))?;
+    lock.rewind().map_err(io(&lock_path))?;
+    write!(lock, "{}", std::process::id()).map_err(io(&lock_path))?;
+
+    let store = Store::open(home)?;
+    let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+        ^ u64::from(std::process::id());
+    let agent = Agent::start(home.to_path_buf(), store, state, Backoff::default(), seed).await?;
+
+    let sock = socket_path(home);
+    // We hold the lock, so a socket file left behind is stale.
+    let _ = std::fs::remove_file(&sock);
+    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io(&sock))?;
+
+    let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
+    let server = tokio::spawn(axum::serve(listener, api::router(agent.clone())).into_future());
+    ready(&sock);
+    tracing::info!("agent serving {}", sock.display());
+
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("stopping: no new requests; stopping instances (signal again to force)");
+    server.abort();
+    let _ = std::fs::remove_file(&sock);
+    let graceful = agent.shutdown(StopKind::Graceful, Duration::from_secs(600));
+    let exit = tokio::select! {
+        _ = graceful => Exit::Graceful,
+        _ = term.recv() => Exit::Forced,
+        _ = int.recv() => Exit::Forced,
+    };
+    if exit == Exit::Forced {
+        tracing::warn!("forced: killing every instance");
+        agent.shutdown(StopKind::Kill, Duration::from_secs(5)).await;
+    }
+    let _ = std::fs::remove_file(&lock_path);
+    drop(lock);
+    tracing::info!("agent stopped ({exit:?})");
+    Ok(exit)
+}

@@ -1,0 +1,284 @@
+//! Probes: one check (`http`, `tcp`, `exec`) and the loops that run an
+//! instance's startup, readiness and liveness probes for its whole life,
+//! reporting only when health flips (after the thresholds).
+
+use std::time::Duration;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use kiln_core::health::ProbeState;
+use kiln_core::service::{Duration as SpecDuration, HealthSpec, Probe, ProbeCheck};
+use tokio::net::TcpStream;
+use tokio::process::Command;
+
+/// Builds the command that runs an exec probe inside the instance's sandbox.
+pub type ExecFn = Box<dyn Fn(&[String]) -> Command + Send + Sync>;
+
+/// Which probe flipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProbeKind {
+    Startup,
+    Readiness,
+    Liveness,
+}
+
+/// Run one check against the instance on `port`.
+pub async fn check(
+    probe: &ProbeCheck,
+    port: u16,
+    timeout: Duration,
+    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
+) -> bool {
+    let attempt = async {
+        match probe {
+            ProbeCheck::Tcp => TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
+            ProbeCheck::Http { path, status } => http_status(port, path).await == Some(*status),
+            ProbeCheck::Exec { command } => {
+                let mut c = exec(command);
+                c.stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null());
+                match c.status().await {
+                    Ok(s) => s.success(),
+                    Err(_) => false,
+                }
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(false)
+}
+
+async fn http_status(port: u16, path: &str) -> Option<u16> {
+    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .ok()?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", format!("127.0.0.1:{port}"))
+        .header("user-agent", "kiln-probe")
+        .body(Empty::<Bytes>::new())
+        .ok()?;
+    let resp = send.send_request(req).await.ok()?;
+    Some(resp.status().as_u16())
+}
+
+/// The readiness probe used when a service declares none: the port accepts.
+pub fn default_readiness() -> Probe {
+    Probe {
+        check: ProbeCheck::Tcp,
+        interval: SpecDuration::from_secs(1),
+        timeout: SpecDuration::from_secs(1),
+        success_threshold: 1,
+        failure_threshold: 3,
+        initial_delay: SpecDuration::from_secs(0),
+    }
+}
+
+/// First retry while an instance has not yet passed a probe: instances
+/// should get traffic as soon as they can serve, not a probe period later.
+const FAST_START: Duration = Duration::from_millis(2);
+
+/// Run `probe` until it first flips to `target`, polling fast (from 2 ms,
+/// doubling up to the interval). Returns false if it flipped the other way.
+async fn until_first(
+    probe: &Probe,
+    port: u16,
+    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
+    state: &mut ProbeState,
+) -> bool {
+    let mut wait = FAST_START;
+    loop {
+        let ok = check(&probe.check, port, probe.timeout.0, exec).await;
+        if let Some(h) = state.record(ok, probe.success_threshold, probe.failure_threshold) {
+            return h;
+        }
+        if state.healthy {
+            return true;
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(probe.interval.0);
+    }
+}
+
+/// Probe an instance for its whole life, calling `report` on every flip.
+/// Returns only if the startup probe fails (reported as liveness lost).
+pub async fn run(
+    health: HealthSpec,
+    port: u16,
+    exec: ExecFn,
+    report: impl Fn(ProbeKind, bool) + Send + Sync + 'static,
+) {
+    let report = std::sync::Arc::new(report);
+    if let Some(startup) = &health.startup {
+        tokio::time::sleep(startup.initial_delay.0).await;
+        // A startup probe starts "not started": it flips once to started,
+        // or counts failures to its threshold.
+        let mut state = ProbeState::new(false);
+        let mut failures = 0;
+        let mut wait = FAST_START;
+        loop {
+            let ok = check(&startup.check, port, startup.timeout.0, &*exec).await;
+            if state.record(ok, startup.success_threshold, startup.failure_threshold) == Some(true)
+            {
+                report(ProbeKind::Startup, true);
+                break;
+            }
+            failures = if ok { 0 } else { failures + 1 };
+            if failures >= startup.failure_threshold {
+                report(ProbeKind::Liveness, false);
+                return;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(startup.interval.0);
+        }
+    }
+    let exec = std::sync::Arc::new(exec);
+    let readiness = health.readiness.clone().unwrap_or_else(default_readiness);
+    let ready_loop = {
+        let exec = exec.clone();
+        let report = report.clone();
+        async move {
+            tokio::time::sleep(readiness.initial_delay.0).await;
+            let mut state = ProbeState::new(false);
+            if until_first(&readiness, port, &**exec, &mut state).await {
+                report(ProbeKind::Readiness, true);
+            }
+            loop {
+                tokio::time::sleep(readiness.interval.0).await;
+                let ok = check(&readiness.check, port, readiness.timeout.0, &**exec).await;
+                if let Some(h) =
+                    state.record(ok, readiness.success_threshold, readiness.failure_threshold)
+                {
+                    report(ProbeKind::Readiness, h);
+                }
+            }
+        }
+    };
+    let live_loop = async move {
+        let Some(liveness) = health.liveness else {
+            return std::future::pending::<()>().await;
+        };
+        tokio::time::sleep(liveness.initial_delay.0).await;
+        let mut state = ProbeState::new(true);
+        loop {
+            let ok = check(&liveness.check, port, liveness.timeout.0, &**exec).await;
+            if let Some(h) =
+                state.record(ok, liveness.success_threshold, liveness.failure_threshold)
+            {
+                report(ProbeKind::Liveness, h);
+            }
+            tokio::time::sleep(liveness.interval.0).await;
+        }
+    };
+    tokio::join!(ready_loop, live_loop);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_exec() -> ExecFn {
+        Box::new(|argv: &[String]| {
+            let mut c = Command::new(&argv[0]);
+            c.args(&argv[1..]);
+            c
+        })
+    }
+
+    #[tokio::test]
+    async fn tcp_and_exec_checks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let t = Duration::from_secs(1);
+        assert!(check(&ProbeCheck::Tcp, port, t, &*no_exec()).await);
+        drop(listener);
+        assert!(!check(&ProbeCheck::Tcp, port, t, &*no_exec()).await);
+        let ok = ProbeCheck::Exec {
+            command: vec!["true".into()],
+        };
+        let bad = ProbeCheck::Exec {
+            command: vec!["false".into()],
+        };
+        let missing = ProbeCheck::Exec {
+            command: vec!["/nonexistent/kiln".into()],
+        };
+        assert!(check(&ok, 0, t, &*no_exec()).await);
+        assert!(!check(&bad, 0, t, &*no_exec()).await);
+        assert!(!check(&missing, 0, t, &*no_exec()).await);
+        let slow = ProbeCheck::Exec {
+            command: vec!["sleep".into(), "5".into()],
+        };
+        assert!(
+            !check(&slow, 0, Duration::from_millis(100), &*no_exec()).await,
+            "a timeout is a failure"
+        );
+    }
+
+    #[tokio::test]
+    async fn http_check_compares_the_status() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = [0u8; 1024];
+                    let n = s.read(&mut buf).await.unwrap();
+                    let req = String::from_utf8_lossy(&buf[..n]);
+                    let code = if req.starts_with("GET /ok ") {
+                        200
+                    } else {
+                        503
+                    };
+                    let _ = s
+                        .write_all(
+                            format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+                        )
+                        .await;
+                });
+            }
+        });
+        let t = Duration::from_secs(1);
+        assert!(
+            check(
+                &ProbeCheck::Http {
+                    path: "/ok".into(),
+                    status: 200
+                },
+                port,
+                t,
+                &*no_exec()
+            )
+            .await
+        );
+        assert!(
+            !check(
+                &ProbeCheck::Http {
+                    path: "/bad".into(),
+                    status: 200
+                },
+                port,
+                t,
+                &*no_exec()
+            )
+            .await
+        );
+        assert!(
+            check(
+                &ProbeCheck::Http {
+                    path: "/bad".into(),
+                    status: 503
+                },
+                port,
+                t,
+                &*no_exec()
+            )
+            .await
+        );
+    }
+}

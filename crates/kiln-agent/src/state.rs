@@ -1,0 +1,575 @@
+//! Durable agent state behind [`StateStore`]: services, releases, live
+//! instances and the append-only event log. [`SqliteState`] is the one-node
+//! implementation (embedded, WAL); a cluster implementation (etcd) will sit
+//! behind the same trait, so nothing above it may assume SQL.
+//!
+//! Every change that must be atomic is one trait method (one transaction):
+//! recording an apply writes the release, the service's new target and the
+//! events together.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use kiln_core::release::{Outcome, Release, ServiceSettings};
+use kiln_core::spec::ServiceName;
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Open {
+        path: String,
+        source: rusqlite::Error,
+    },
+    #[error("state database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("state database holds an unreadable {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+/// A service as the agent keeps it: its settings and the release it is on
+/// (or moving to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: ServiceName,
+    pub settings: ServiceSettings,
+    /// The release the reconciler drives the service to.
+    pub target: u64,
+}
+
+/// A running instance, recorded so that an agent restarted after a crash
+/// can find (and end) what the previous one started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub service: ServiceName,
+    pub revision: u64,
+    pub slot: u32,
+    pub pid: u32,
+    /// The process start time (field 22 of /proc/PID/stat), so a reused
+    /// pid is never mistaken for the instance.
+    pub start_ticks: u64,
+    pub port: u16,
+}
+
+/// One event of the log (the ledger will hash-chain these).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time: String,
+    pub kind: String,
+    pub service: Option<String>,
+    pub revision: Option<u64>,
+    pub instance: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// An event to append (its sequence number and time are assigned on write).
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub service: Option<ServiceName>,
+    pub revision: Option<u64>,
+    pub instance: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn service(
+        kind: &'static str,
+        service: &ServiceName,
+        revision: Option<u64>,
+        detail: serde_json::Value,
+    ) -> Self {
+        Self {
+            kind,
+            service: Some(service.clone()),
+            revision,
+            instance: None,
+            detail,
+        }
+    }
+}
+
+/// The agent's durable state.
+pub trait StateStore: Send + Sync {
+    fn services(&self) -> Result<Vec<ServiceRecord>>;
+    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
+    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
+    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
+    /// Record an apply of one service: a new release (if any) and the
+    /// service's settings and target, with their events, atomically.
+    fn record_apply(
+        &self,
+        service: &ServiceRecord,
+        release: Option<&Release>,
+        events: &[NewEvent],
+    ) -> Result<()>;
+    /// Set a release's outcome (and the reason, for failures), with its event.
+    fn set_outcome(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        outcome: Outcome,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<()>;
+    /// Point a service at another release (an automatic rollback), with its event.
+    fn set_target(&self, service: &ServiceName, revision: u64, event: &NewEvent) -> Result<()>;
+    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
+    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
+    fn instances(&self) -> Result<Vec<InstanceRecord>>;
+    fn append_event(&self, event: &NewEvent) -> Result<u64>;
+    fn events(&self, after: u64) -> Result<Vec<Event>>;
+}
+
+/// SQLite in WAL mode under `$KILN_HOME/state.db`. Calls are short and
+/// serialized by a mutex; the agent's write rate (a few per instance
+/// lifecycle) is far below what that allows.
+pub struct SqliteState {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS services (
+    name     TEXT PRIMARY KEY,
+    settings TEXT NOT NULL,   -- JSON ServiceSettings
+    target   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    service  TEXT NOT NULL,
+    revision INTEGER NOT NULL,
+    config   TEXT NOT NULL,   -- JSON ReleaseConfig
+    hash     TEXT NOT NULL,
+    created  TEXT NOT NULL,
+    cause    TEXT NOT NULL,
+    outcome  TEXT NOT NULL,
+    reason   TEXT,
+    PRIMARY KEY (service, revision)
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id          TEXT PRIMARY KEY,
+    service     TEXT NOT NULL,
+    revision    INTEGER NOT NULL,
+    slot        INTEGER NOT NULL,
+    pid         INTEGER NOT NULL,
+    start_ticks INTEGER NOT NULL,
+    port        INTEGER NOT NULL
+);
+-- Append-only. `seq` orders every state change; the ledger will add a
+-- hash of (previous hash, this row) to each.
+CREATE TABLE IF NOT EXISTS events (
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    time     TEXT NOT NULL,
+    kind     TEXT NOT NULL,
+    service  TEXT,
+    revision INTEGER,
+    instance TEXT,
+    detail   TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+"#;
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+fn json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn insert_event(conn: &Connection, e: &NewEvent) -> Result<u64> {
+    conn.execute(
+        "INSERT INTO events (time, kind, service, revision, instance, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            now(),
+            e.kind,
+            e.service.as_ref().map(|s| s.as_str().to_owned()),
+            e.revision.map(|r| r as i64),
+            e.instance,
+            json(&e.detail)
+        ],
+    )?;
+    Ok(conn.last_insert_rowid() as u64)
+}
+
+impl SqliteState {
+    pub fn open(path: &Path) -> Result<Self> {
+        let open_err = |source| StateError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (every change is a transaction), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|source| StateError::Decode { what, source })
+}
+
+fn outcome_str(o: Outcome) -> String {
+    o.to_string()
+}
+
+type ReleaseRow = (
+    String,
+    i64,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+);
+
+fn release_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ReleaseRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+        row.get(6)?,
+        row.get(7)?,
+    ))
+}
+fn release_decode(r: ReleaseRow) -> Result<Release> {
+    let (service, revision, config, hash, created, cause, outcome, reason) = r;
+    Ok(Release {
+        service: decode("service name", &json(&service))?,
+        revision: revision as u64,
+        config: decode("release config", &config)?,
+        hash: decode("release hash", &json(&hash))?,
+        created,
+        cause,
+        outcome: decode("release outcome", &json(&outcome))?,
+        reason,
+    })
+}
+
+const RELEASE_COLUMNS: &str = "service, revision, config, hash, created, cause, outcome, reason";
+
+impl StateStore for SqliteState {
+    fn services(&self) -> Result<Vec<ServiceRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, settings, target FROM services ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, settings, target) = row?;
+            out.push(ServiceRecord {
+                name: decode("service name", &json(&name))?,
+                settings: decode("service settings", &settings)?,
+                target: target as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
+        Ok(self.services()?.into_iter().find(|s| &s.name == name))
+    }
+
+    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE service = ?1 ORDER BY revision"
+        ))?;
+        let rows = stmt.query_map([service.as_str()], release_from_row)?;
+        rows.map(|r| release_decode(r?)).collect()
+    }
+
+    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                &format!(
+                    "SELECT {RELEASE_COLUMNS} FROM releases WHERE service = ?1 AND revision = ?2"
+                ),
+                params![service.as_str(), revision as i64],
+                release_from_row,
+            )
+            .optional()?;
+        row.map(release_decode).transpose()
+    }
+
+    fn record_apply(
+        &self,
+        service: &ServiceRecord,
+        release: Option<&Release>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some(r) = release {
+            tx.execute(
+                &format!("INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                params![
+                    r.service.as_str(),
+                    r.revision as i64,
+                    json(&r.config),
+                    r.hash.to_string(),
+                    r.created,
+                    r.cause,
+                    outcome_str(r.outcome),
+                    r.reason
+                ],
+            )?;
+        }
+        tx.execute(
+            "INSERT INTO services (name, settings, target) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET settings = excluded.settings, target = excluded.target",
+            params![service.name.as_str(), json(&service.settings), service.target as i64],
+        )?;
+        for e in events {
+            insert_event(&tx, e)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_outcome(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        outcome: Outcome,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE releases SET outcome = ?3, reason = COALESCE(?4, reason) WHERE service = ?1 AND revision = ?2",
+            params![service.as_str(), revision as i64, outcome_str(outcome), reason],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn set_target(&self, service: &ServiceName, revision: u64, event: &NewEvent) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE services SET target = ?2 WHERE name = ?1",
+            params![service.as_str(), revision as i64],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn put_instance(&self, i: &InstanceRecord, event: &NewEvent) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR REPLACE INTO instances (id, service, revision, slot, pid, start_ticks, port) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![i.id, i.service.as_str(), i.revision as i64, i.slot, i.pid, i.start_ticks as i64, i.port],
+        )?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT id, service, revision, slot, pid, start_ticks, port FROM instances ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, u32>(3)?,
+                r.get::<_, u32>(4)?,
+                r.get::<_, i64>(5)?,
+                r.get::<_, u16>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, service, revision, slot, pid, start_ticks, port) = row?;
+            out.push(InstanceRecord {
+                id,
+                service: decode("service name", &json(&service))?,
+                revision: revision as u64,
+                slot,
+                pid,
+                start_ticks: start_ticks as u64,
+                port,
+            });
+        }
+        Ok(out)
+    }
+
+    fn append_event(&self, event: &NewEvent) -> Result<u64> {
+        insert_event(&self.conn(), event)
+    }
+
+    fn events(&self, after: u64) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT seq, time, kind, service, revision, instance, detail FROM events WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([after as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, Option<String>>(3)?,
+                r.get::<_, Option<i64>>(4)?,
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, String>(6)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, time, kind, service, revision, instance, detail) = row?;
+            out.push(Event {
+                seq: seq as u64,
+                time,
+                kind,
+                service,
+                revision: revision.map(|r| r as u64),
+                instance,
+                detail: decode("event detail", &detail)?,
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_core::Digest;
+    use kiln_core::release::ReleaseConfig;
+    use kiln_core::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
+
+    fn release(rev: u64) -> Release {
+        let config = ReleaseConfig {
+            image: Digest::of(b"i"),
+            image_name: "hello".into(),
+            command: vec!["/bin/hello".into()],
+            workdir: "/".into(),
+            env: [("A".to_owned(), rev.to_string())].into(),
+            volumes: Default::default(),
+            runtime: RuntimeKind::Process,
+            health: HealthSpec::default(),
+            stop: StopSpec::default(),
+        };
+        Release {
+            service: ServiceName::try_from("web").unwrap(),
+            revision: rev,
+            hash: config.hash(),
+            config,
+            created: now(),
+            cause: "apply".into(),
+            outcome: Outcome::Pending,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn apply_records_release_service_and_events_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let name = ServiceName::try_from("web").unwrap();
+        let svc = ServiceRecord {
+            name: name.clone(),
+            settings: ServiceSettings {
+                replicas: 2,
+                listen: None,
+                rollout: RolloutSpec::default(),
+            },
+            target: 1,
+        };
+        let ev = NewEvent::service("release-created", &name, Some(1), serde_json::json!({}));
+        state
+            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+            .unwrap();
+        // A duplicate revision fails, and the whole apply with it.
+        let mut svc2 = svc.clone();
+        svc2.target = 9;
+        assert!(
+            state
+                .record_apply(&svc2, Some(&release(1)), std::slice::from_ref(&ev))
+                .is_err()
+        );
+        assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
+        assert_eq!(state.events(0).unwrap().len(), 1);
+
+        state
+            .set_outcome(&name, 1, Outcome::Failed, Some("not ready"), &ev)
+            .unwrap();
+        let r = state.release(&name, 1).unwrap().unwrap();
+        assert_eq!(
+            (r.outcome, r.reason.as_deref()),
+            (Outcome::Failed, Some("not ready"))
+        );
+        assert_eq!(r.config, release(1).config);
+        // Reopening keeps everything.
+        drop(state);
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        assert_eq!(state.releases(&name).unwrap().len(), 1);
+        assert_eq!(state.events(0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn events_are_append_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        state
+            .append_event(&NewEvent {
+                kind: "x",
+                service: None,
+                revision: None,
+                instance: None,
+                detail: serde_json::json!(1),
+            })
+            .unwrap();
+        let conn = state.conn();
+        assert!(conn.execute("UPDATE events SET kind = 'y'", []).is_err());
+        assert!(conn.execute("DELETE FROM events", []).is_err());
+    }
+}

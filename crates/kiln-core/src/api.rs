@@ -1,0 +1,116 @@
+//! The agent's API: JSON bodies over HTTP on a Unix socket. Requests parse
+//! strictly (unknown fields are refused); each endpoint is one variant of
+//! the agent's closed command set.
+//!
+//! | method and path | body → answer |
+//! |---|---|
+//! | `POST /v1/apply` | [`ApplyRequest`] → [`ApplyResponse`] |
+//! | `GET /v1/status` | → [`StatusResponse`] |
+//! | `GET /v1/services/{name}/history` | → [`HistoryResponse`] |
+//! | `GET /v1/logs?service=S[&release=N][&instance=ID][&follow=true]` | → text lines |
+//!
+//! Errors answer `{"error": "..."}` with the status of their kind.
+
+use serde::{Deserialize, Serialize};
+
+use crate::plan::Plan;
+use crate::release::{DesiredService, Outcome, Release};
+use crate::service::RuntimeKind;
+use crate::spec::ServiceName;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    pub services: Vec<DesiredService>,
+    /// Only compute the plan (`kiln plan`).
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Whether each service named its runtime; if not, the agent picks
+    /// `sandbox` when bubblewrap is installed, else `process`.
+    #[serde(default)]
+    pub explicit_runtime: Vec<ServiceName>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    pub plan: Plan,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub agent: AgentInfo,
+    pub services: Vec<ServiceStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    pub pid: u32,
+    pub version: String,
+    pub home: String,
+    /// Whether bubblewrap is available (the `sandbox` runtime).
+    pub sandbox_available: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: ServiceName,
+    pub replicas: u32,
+    /// The release the service is on or moving to.
+    pub revision: Option<u64>,
+    pub outcome: Option<Outcome>,
+    /// Instances of `revision` that are ready.
+    pub ready: u32,
+    /// Whether the service runs exactly `replicas` ready instances of
+    /// `revision` and nothing else.
+    pub converged: bool,
+    pub instances: Vec<InstanceStatus>,
+    /// Replica slots waiting out a crash-loop back-off.
+    pub backoff: Vec<SlotBackoff>,
+    /// Why the service is not converging, when known.
+    pub message: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub revision: u64,
+    pub slot: u32,
+    pub pid: Option<u32>,
+    pub port: u16,
+    pub state: InstanceState,
+    pub ready: bool,
+    pub live: bool,
+    /// How many instances this slot has replaced so far.
+    pub replacements: u32,
+    pub started: String,
+    pub uptime_secs: f64,
+    pub runtime: RuntimeKind,
+    /// Whether the kernel enforces the read-only root (sandbox) or not (process).
+    pub read_only_root: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceState {
+    Starting,
+    Running,
+    Stopping,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotBackoff {
+    pub revision: u64,
+    pub slot: u32,
+    pub failures: u32,
+    pub retry_in_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryResponse {
+    pub releases: Vec<Release>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}

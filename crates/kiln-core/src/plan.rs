@@ -1,0 +1,290 @@
+//! The planner: desired services against what the agent has → a [`Plan`]
+//! that `kiln plan` prints and `kiln apply` executes. Pure: same inputs,
+//! same plan.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::release::{DesiredService, ReleaseConfig, ServiceSettings};
+use crate::spec::ServiceName;
+
+/// What the agent has for one service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentService {
+    pub settings: ServiceSettings,
+    /// The release the service is on (or moving to), if any.
+    pub release: Option<(u64, ReleaseConfig)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// A new service: release 1.
+    Create,
+    /// A new release (image or config changed).
+    Release,
+    /// Only settings (replicas, listen, rollout) changed: no new release.
+    Settings,
+    Unchanged,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePlan {
+    pub service: ServiceName,
+    pub action: Action,
+    /// The revision the service will be on.
+    pub revision: Option<u64>,
+    /// What differs, one item each (env values are not shown: they may be secrets).
+    pub changes: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub services: Vec<ServicePlan>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.services.iter().all(|s| s.action == Action::Unchanged)
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return writeln!(f, "no changes");
+        }
+        for s in &self.services {
+            let rev = s
+                .revision
+                .map(|r| format!(" release {r}"))
+                .unwrap_or_default();
+            match s.action {
+                Action::Unchanged => writeln!(f, "  {}: unchanged{rev}", s.service)?,
+                Action::Create => writeln!(f, "+ {}: create{rev}", s.service)?,
+                Action::Release => writeln!(f, "~ {}: new{rev}", s.service)?,
+                Action::Settings => writeln!(f, "~ {}: settings{rev}", s.service)?,
+            }
+            for c in &s.changes {
+                writeln!(f, "      {c}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Compare each desired service with the current one.
+pub fn plan(desired: &[DesiredService], current: &BTreeMap<ServiceName, CurrentService>) -> Plan {
+    let mut services = Vec::new();
+    for d in desired {
+        let Some(cur) = current.get(&d.name) else {
+            services.push(ServicePlan {
+                service: d.name.clone(),
+                action: Action::Create,
+                revision: Some(1),
+                changes: vec![
+                    format!("image {}@{}", d.config.image_name, d.config.image),
+                    format!("replicas {}", d.settings.replicas),
+                ],
+            });
+            continue;
+        };
+        let mut changes = Vec::new();
+        let (action, revision) = match &cur.release {
+            Some((rev, cfg)) if cfg == &d.config => (Action::Unchanged, Some(*rev)),
+            Some((rev, cfg)) => {
+                changes.extend(config_changes(cfg, &d.config));
+                (Action::Release, Some(rev + 1))
+            }
+            None => (Action::Release, Some(1)),
+        };
+        let settings = settings_changes(&cur.settings, &d.settings);
+        let action = if action == Action::Unchanged && !settings.is_empty() {
+            Action::Settings
+        } else {
+            action
+        };
+        changes.extend(settings);
+        services.push(ServicePlan {
+            service: d.name.clone(),
+            action,
+            revision,
+            changes,
+        });
+    }
+    Plan { services }
+}
+
+fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.image != new.image {
+        out.push(format!(
+            "image {}@{} -> {}@{}",
+            old.image_name,
+            old.image.short(),
+            new.image_name,
+            new.image.short()
+        ));
+    }
+    let mut added = Vec::new();
+    let mut removed = Vec::new();
+    let mut changed = Vec::new();
+    for (k, v) in &new.env {
+        match old.env.get(k) {
+            None => added.push(k.as_str()),
+            Some(o) if o != v => changed.push(k.as_str()),
+            Some(_) => {}
+        }
+    }
+    for k in old.env.keys() {
+        if !new.env.contains_key(k) {
+            removed.push(k.as_str());
+        }
+    }
+    for (what, keys) in [("added", added), ("removed", removed), ("changed", changed)] {
+        if !keys.is_empty() {
+            out.push(format!("env {what}: {}", keys.join(", ")));
+        }
+    }
+    if old.command != new.command {
+        out.push(format!("command {:?} -> {:?}", old.command, new.command));
+    }
+    if old.workdir != new.workdir {
+        out.push(format!("workdir {} -> {}", old.workdir, new.workdir));
+    }
+    if old.volumes != new.volumes {
+        out.push("volumes changed".to_owned());
+    }
+    if old.runtime != new.runtime {
+        out.push(format!("runtime {} -> {}", old.runtime, new.runtime));
+    }
+    for (name, a, b) in [
+        ("startup", &old.health.startup, &new.health.startup),
+        ("readiness", &old.health.readiness, &new.health.readiness),
+        ("liveness", &old.health.liveness, &new.health.liveness),
+    ] {
+        match (a, b) {
+            (None, Some(_)) => out.push(format!("{name} probe added")),
+            (Some(_), None) => out.push(format!("{name} probe removed")),
+            (Some(x), Some(y)) if x != y => out.push(format!("{name} probe changed")),
+            _ => {}
+        }
+    }
+    if old.stop != new.stop {
+        out.push("stop settings changed".to_owned());
+    }
+    out
+}
+
+fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String> {
+    let mut out = Vec::new();
+    if old.replicas != new.replicas {
+        out.push(format!("replicas {} -> {}", old.replicas, new.replicas));
+    }
+    if old.listen != new.listen {
+        let show = |l: &Option<crate::service::ListenAddr>| {
+            l.map_or("none".to_owned(), |l| l.0.to_string())
+        };
+        out.push(format!(
+            "listen {} -> {}",
+            show(&old.listen),
+            show(&new.listen)
+        ));
+    }
+    if old.rollout != new.rollout {
+        out.push("rollout settings changed".to_owned());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
+
+    fn desired(env: &[(&str, &str)], replicas: u32, image: &[u8]) -> DesiredService {
+        DesiredService {
+            name: ServiceName::try_from("web").unwrap(),
+            settings: ServiceSettings {
+                replicas,
+                listen: None,
+                rollout: RolloutSpec::default(),
+            },
+            config: ReleaseConfig {
+                image: Digest::of(image),
+                image_name: "hello".into(),
+                command: vec!["/bin/hello".into()],
+                workdir: "/".into(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                volumes: BTreeMap::new(),
+                runtime: RuntimeKind::Process,
+                health: HealthSpec::default(),
+                stop: StopSpec::default(),
+            },
+        }
+    }
+
+    fn current(d: &DesiredService, rev: u64) -> BTreeMap<ServiceName, CurrentService> {
+        [(
+            d.name.clone(),
+            CurrentService {
+                settings: d.settings.clone(),
+                release: Some((rev, d.config.clone())),
+            },
+        )]
+        .into()
+    }
+
+    #[test]
+    fn a_new_service_is_created_at_release_1() {
+        let p = plan(&[desired(&[], 1, b"a")], &BTreeMap::new());
+        assert_eq!(p.services[0].action, Action::Create);
+        assert_eq!(p.services[0].revision, Some(1));
+    }
+
+    #[test]
+    fn the_same_spec_plans_no_changes() {
+        let d = desired(&[("A", "1")], 2, b"a");
+        let p = plan(std::slice::from_ref(&d), &current(&d, 4));
+        assert!(p.is_empty());
+        assert_eq!(p.to_string(), "no changes\n");
+    }
+
+    #[test]
+    fn one_changed_env_var_is_a_new_release_naming_the_key_not_the_value() {
+        let old = desired(&[("A", "1"), ("B", "x")], 2, b"a");
+        let new = desired(&[("A", "2"), ("C", "y")], 2, b"a");
+        let p = plan(&[new], &current(&old, 4));
+        let s = &p.services[0];
+        assert_eq!((s.action, s.revision), (Action::Release, Some(5)));
+        assert_eq!(
+            s.changes,
+            ["env added: C", "env removed: B", "env changed: A"]
+        );
+        assert!(!p.to_string().contains('2') || !p.to_string().contains("A=2"));
+    }
+
+    #[test]
+    fn replicas_alone_change_settings_not_the_release() {
+        let old = desired(&[], 2, b"a");
+        let new = desired(&[], 5, b"a");
+        let s = &plan(&[new], &current(&old, 3)).services[0];
+        assert_eq!((s.action, s.revision), (Action::Settings, Some(3)));
+        assert_eq!(s.changes, ["replicas 2 -> 5"]);
+    }
+
+    #[test]
+    fn a_new_image_is_named_in_the_plan() {
+        let old = desired(&[], 1, b"a");
+        let new = desired(&[], 1, b"b");
+        let s = &plan(&[new], &current(&old, 1)).services[0];
+        assert_eq!(s.action, Action::Release);
+        assert!(s.changes[0].starts_with("image hello@"), "{:?}", s.changes);
+    }
+}

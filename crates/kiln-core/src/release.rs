@@ -1,0 +1,99 @@
+//! Releases: a service's revision N = image digest + fully resolved config,
+//! recorded once and never changed. Config is part of the release: a changed
+//! env var is a new release exactly like changed code.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::digest::Digest;
+use crate::service::{HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeSpec};
+use crate::spec::ServiceName;
+
+/// Everything an instance is made from. Two releases with equal configs are
+/// the same content (a rollback creates a new release with an old config).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseConfig {
+    pub image: Digest,
+    /// The image's name, for people (`hello`).
+    pub image_name: String,
+    /// argv: the service's `command`, else the image's entrypoint + cmd.
+    pub command: Vec<String>,
+    /// Working directory inside the image.
+    pub workdir: String,
+    /// The image's env, overridden by the service's.
+    pub env: BTreeMap<String, String>,
+    pub volumes: BTreeMap<String, VolumeSpec>,
+    pub runtime: RuntimeKind,
+    pub health: HealthSpec,
+    pub stop: StopSpec,
+}
+
+impl ReleaseConfig {
+    /// The content hash recorded with the release.
+    pub fn hash(&self) -> Digest {
+        Digest::of(&serde_json::to_vec(self).unwrap_or_default())
+    }
+}
+
+/// Service settings that change without a new release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSettings {
+    pub replicas: u32,
+    pub listen: Option<ListenAddr>,
+    pub rollout: RolloutSpec,
+}
+
+/// What `kiln apply` asks for one service: its settings and the release
+/// config resolved from the spec (images resolved to digests).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DesiredService {
+    pub name: ServiceName,
+    pub settings: ServiceSettings,
+    pub config: ReleaseConfig,
+}
+
+/// How a release ended up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Being rolled out.
+    Pending,
+    /// What the service runs now.
+    Active,
+    /// Replaced by a later release.
+    Superseded,
+    /// Its rollout failed (the reason is recorded).
+    Failed,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Pending => "pending",
+            Self::Active => "active",
+            Self::Superseded => "superseded",
+            Self::Failed => "failed",
+        })
+    }
+}
+
+/// A recorded release.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Release {
+    pub service: ServiceName,
+    pub revision: u64,
+    pub config: ReleaseConfig,
+    pub hash: Digest,
+    /// RFC 3339.
+    pub created: String,
+    /// Why it exists: `apply`, `rollback to 3`, …
+    pub cause: String,
+    pub outcome: Outcome,
+    /// Why it failed, when it did.
+    pub reason: Option<String>,
+}

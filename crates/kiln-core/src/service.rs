@@ -1,0 +1,544 @@
+//! `[services.NAME]`: what to run, and how to judge and stop it.
+//!
+//! Everything an instance is made from (image, command, env, volumes,
+//! runtime, probes, stop) becomes part of a [`crate::release`]; `replicas`,
+//! `listen` and `rollout` are service settings that change without a new
+//! release.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration as StdDuration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::reference::{ImageName, ImageRef};
+use crate::spec::{AbsolutePath, EnvName};
+
+/// `[services.NAME]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// An `[images]` name of the same spec (baked at apply), or a store
+    /// reference `NAME:TAG` / `NAME@sha256:…`.
+    pub image: ImageSource,
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// The router's address for this service (used once the router exists).
+    pub listen: Option<ListenAddr>,
+    #[serde(default)]
+    pub env: BTreeMap<EnvName, String>,
+    /// Replaces the image's entrypoint and cmd.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Volume name → mount path (or `{ path = "/data", shared = true }`).
+    #[serde(default)]
+    pub volumes: BTreeMap<VolumeName, VolumeSpec>,
+    /// `sandbox` (bubblewrap), `process`, or `oci` (runc). Default: `sandbox`
+    /// when bubblewrap is installed, else `process`.
+    pub runtime: Option<RuntimeKind>,
+    #[serde(default)]
+    pub health: HealthSpec,
+    #[serde(default)]
+    pub rollout: RolloutSpec,
+    #[serde(default)]
+    pub stop: StopSpec,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl ServiceSpec {
+    /// Rules between fields of one service.
+    pub fn check(&self) -> Result<(), String> {
+        if self.replicas > 1000 {
+            return Err(format!("replicas = {} is more than 1000", self.replicas));
+        }
+        let mut paths = BTreeMap::new();
+        for (name, v) in &self.volumes {
+            if v.path.as_str() == "/" {
+                return Err(format!("volume {name} cannot be mounted at /"));
+            }
+            if let Some(other) = paths.insert(v.path.as_str(), name) {
+                return Err(format!(
+                    "volumes {other} and {name} are both mounted at {}",
+                    v.path
+                ));
+            }
+        }
+        if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
+            return Err(
+                "rollout.max_surge and rollout.max_unavailable cannot both be 0".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Where a service's image comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// An `[images.NAME]` of the same spec.
+    Spec(ImageName),
+    /// An image already in the store.
+    Store(ImageRef),
+}
+
+impl<'de> Deserialize<'de> for ImageSource {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.contains(':') || s.contains('@') {
+            ImageRef::parse(&s)
+                .map(Self::Store)
+                .map_err(serde::de::Error::custom)
+        } else {
+            ImageName::try_from(s.as_str())
+                .map(Self::Spec)
+                .map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+impl fmt::Display for ImageSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Spec(n) => write!(f, "{n}"),
+            Self::Store(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// A `listen` address: `IP:PORT` (e.g. `127.0.0.1:8080`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ListenAddr(pub SocketAddr);
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => Ok(Self(a)),
+            Ok(_) => Err(serde::de::Error::custom(format!(
+                "listen address `{s}` needs a port other than 0"
+            ))),
+            Err(_) => Err(serde::de::Error::custom(format!(
+                "invalid listen address `{s}`: expected IP:PORT, e.g. 127.0.0.1:8080"
+            ))),
+        }
+    }
+}
+
+impl Serialize for ListenAddr {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+crate::spec::validated_string_pub!(
+    /// A volume name: the same grammar as an image name.
+    VolumeName,
+    |s| ImageName::try_from(s)
+        .map(|_| ())
+        .map_err(|_| format!("invalid volume name `{s}`"))
+);
+
+/// A volume's mount: `NAME = "/data"` or `NAME = { path = "/data", shared = true }`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawVolume")]
+pub struct VolumeSpec {
+    pub path: AbsolutePath,
+    /// Safe to mount in two releases at once (blue-green needs it).
+    pub shared: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a mount path like \"/data\" or a table { path = \"/data\", shared = true }"
+)]
+enum RawVolume {
+    Path(String),
+    Table(VolumeTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeTable {
+    path: String,
+    #[serde(default)]
+    shared: bool,
+}
+
+impl TryFrom<RawVolume> for VolumeSpec {
+    type Error = String;
+    fn try_from(raw: RawVolume) -> Result<Self, String> {
+        let (path, shared) = match raw {
+            RawVolume::Path(p) => (p, false),
+            RawVolume::Table(t) => (t.path, t.shared),
+        };
+        Ok(Self {
+            path: AbsolutePath::try_from(path.as_str())?,
+            shared,
+        })
+    }
+}
+
+/// How an instance is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// bubblewrap: the image's tree read-only (kernel-enforced), private /tmp,
+    /// pid and ipc namespaces.
+    Sandbox,
+    /// A plain child process run from the read-only tree.
+    Process,
+    /// runc (not yet available).
+    Oci,
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Sandbox => "sandbox",
+            Self::Process => "process",
+            Self::Oci => "oci",
+        })
+    }
+}
+
+/// A duration written like `500ms`, `2s` or `1m30s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Duration(pub StdDuration);
+
+impl Duration {
+    pub const fn from_millis(ms: u64) -> Self {
+        Self(StdDuration::from_millis(ms))
+    }
+    pub const fn from_secs(s: u64) -> Self {
+        Self(StdDuration::from_secs(s))
+    }
+}
+
+impl<'de> Deserialize<'de> for Duration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Self).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration `{s}` ({e}); write e.g. 500ms, 2s, 1m"
+            ))
+        })
+    }
+}
+
+impl Serialize for Duration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(self.0))
+    }
+}
+
+impl fmt::Display for Duration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// `[services.NAME.health]`: up to three probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSpec {
+    /// Until it succeeds, readiness and liveness are not checked.
+    pub startup: Option<Probe>,
+    /// Ready instances get traffic. Without it: ready when the port accepts.
+    pub readiness: Option<Probe>,
+    /// An instance failing it is replaced.
+    pub liveness: Option<Probe>,
+}
+
+/// One probe: exactly one of `http`, `tcp`, `exec`, plus timing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawProbe", into = "RawProbe")]
+pub struct Probe {
+    pub check: ProbeCheck,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+    pub initial_delay: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeCheck {
+    /// GET `path` on the instance's port; healthy when the status is `status`.
+    Http { path: String, status: u16 },
+    /// Healthy when the instance's port accepts a connection.
+    Tcp,
+    /// Healthy when the command, run inside the instance's sandbox, exits 0.
+    Exec { command: Vec<String> },
+}
+
+/// The written form of a probe (in `kiln.toml`, the API and the state store).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProbe {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exec: Option<Vec<String>>,
+    interval: Option<Duration>,
+    timeout: Option<Duration>,
+    success_threshold: Option<u32>,
+    failure_threshold: Option<u32>,
+    initial_delay: Option<Duration>,
+}
+
+impl From<Probe> for RawProbe {
+    fn from(p: Probe) -> Self {
+        let (http, status, tcp, exec) = match p.check {
+            ProbeCheck::Http { path, status } => (Some(path), Some(status), None, None),
+            ProbeCheck::Tcp => (None, None, Some(true), None),
+            ProbeCheck::Exec { command } => (None, None, None, Some(command)),
+        };
+        Self {
+            http,
+            status,
+            tcp,
+            exec,
+            interval: Some(p.interval),
+            timeout: Some(p.timeout),
+            success_threshold: Some(p.success_threshold),
+            failure_threshold: Some(p.failure_threshold),
+            initial_delay: Some(p.initial_delay),
+        }
+    }
+}
+
+impl TryFrom<RawProbe> for Probe {
+    type Error = String;
+    fn try_from(r: RawProbe) -> Result<Self, String> {
+        let check = match (r.http, r.tcp, r.exec) {
+            (Some(path), None | Some(false), None) => {
+                if !path.starts_with('/') {
+                    return Err(format!("probe http path `{path}` must start with /"));
+                }
+                ProbeCheck::Http {
+                    path,
+                    status: r.status.unwrap_or(200),
+                }
+            }
+            (None, Some(true), None) => ProbeCheck::Tcp,
+            (None, None | Some(false), Some(command)) => {
+                if command.is_empty() {
+                    return Err("probe exec needs a command".to_owned());
+                }
+                ProbeCheck::Exec { command }
+            }
+            _ => return Err(
+                "a probe needs exactly one of http = \"/path\", tcp = true, exec = [\"cmd\", ...]"
+                    .to_owned(),
+            ),
+        };
+        if r.status.is_some() && !matches!(check, ProbeCheck::Http { .. }) {
+            return Err("probe status applies only to http probes".to_owned());
+        }
+        let probe = Self {
+            check,
+            interval: r.interval.unwrap_or(Duration::from_secs(1)),
+            timeout: r.timeout.unwrap_or(Duration::from_secs(1)),
+            success_threshold: r.success_threshold.unwrap_or(1),
+            failure_threshold: r.failure_threshold.unwrap_or(3),
+            initial_delay: r.initial_delay.unwrap_or(Duration::from_secs(0)),
+        };
+        if probe.success_threshold == 0 || probe.failure_threshold == 0 {
+            return Err("probe thresholds must be at least 1".to_owned());
+        }
+        if probe.interval.0.is_zero() || probe.timeout.0.is_zero() {
+            return Err("probe interval and timeout must be more than 0".to_owned());
+        }
+        Ok(probe)
+    }
+}
+
+/// `[services.NAME.rollout]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutSpec {
+    pub strategy: Strategy,
+    /// Instances above `replicas` allowed during a rollout.
+    pub max_surge: u32,
+    /// Ready instances below `replicas` allowed during a rollout.
+    pub max_unavailable: u32,
+    /// How long an instance must stay ready before it counts.
+    pub min_ready: Duration,
+    /// A rollout not complete after this long has failed.
+    pub progress_deadline: Duration,
+    /// Return to the previous release when a rollout fails.
+    pub auto_rollback: bool,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        Self {
+            strategy: Strategy::Rolling,
+            max_surge: 1,
+            max_unavailable: 0,
+            min_ready: Duration::from_secs(0),
+            progress_deadline: Duration::from_secs(60),
+            auto_rollback: true,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    Rolling,
+    Recreate,
+    BlueGreen,
+    Canary,
+}
+
+/// `[services.NAME.stop]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StopSpec {
+    /// The signal that asks an instance to stop.
+    pub signal: StopSignal,
+    /// How long in-flight requests may take to finish once an instance is
+    /// out of the routing table.
+    pub drain_timeout: Duration,
+    /// How long after `signal` before SIGKILL.
+    pub kill_timeout: Duration,
+}
+
+impl Default for StopSpec {
+    fn default() -> Self {
+        Self {
+            signal: StopSignal::Term,
+            drain_timeout: Duration::from_secs(5),
+            kill_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum StopSignal {
+    #[serde(alias = "SIGTERM")]
+    Term,
+    #[serde(alias = "SIGINT")]
+    Int,
+    #[serde(alias = "SIGQUIT")]
+    Quit,
+    #[serde(alias = "SIGHUP")]
+    Hup,
+    #[serde(alias = "SIGUSR1")]
+    Usr1,
+    #[serde(alias = "SIGUSR2")]
+    Usr2,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::spec::Spec;
+
+    #[test]
+    fn a_full_service_parses() {
+        let text = r#"
+[images.hello]
+[services.web]
+image = "hello"
+replicas = 3
+listen = "127.0.0.1:8080"
+env = { A = "1" }
+command = ["/bin/hello", "--x"]
+volumes = { data = "/data", cache = { path = "/cache", shared = true } }
+runtime = "sandbox"
+[services.web.health.readiness]
+http = "/healthz"
+interval = "500ms"
+[services.web.health.liveness]
+exec = ["/bin/true"]
+failure_threshold = 2
+[services.web.rollout]
+strategy = "recreate"
+progress_deadline = "2m"
+[services.web.stop]
+signal = "SIGINT"
+kill_timeout = "3s"
+"#;
+        let spec = Spec::parse(text, "k.toml").unwrap();
+        let web = spec.services.values().next().unwrap();
+        assert_eq!(web.replicas, 3);
+        assert_eq!(web.volumes.len(), 2);
+        assert!(web.volumes.values().any(|v| v.shared));
+        let r = web.health.readiness.as_ref().unwrap();
+        assert_eq!(r.interval.0, std::time::Duration::from_millis(500));
+        assert_eq!(web.rollout.progress_deadline.0.as_secs(), 120);
+        assert_eq!(web.stop.kill_timeout.0.as_secs(), 3);
+    }
+
+    #[test]
+    fn service_errors_are_located_and_explained() {
+        for (text, needle, line) in [
+            (
+                "[services.web]\nimage = \"nope\"\n",
+                "not an [images] table",
+                1,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nreplicas = -1\n",
+                "invalid value",
+                4,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nlisten = \"8080\"\n",
+                "expected IP:PORT",
+                4,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nruntime = \"sandbx\"\n",
+                "did you mean `sandbox`",
+                4,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\n[services.web.health.readiness]\nhttp = \"/\"\ntcp = true\n",
+                "exactly one of",
+                4,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\n[services.web.health.readiness]\ntcp = true\ninterval = \"soon\"\n",
+                "invalid duration",
+                6,
+            ),
+            (
+                "[images.a]\n[services.a]\nimage = \"a\"\nlisten = \"127.0.0.1:1\"\n[services.b]\nimage = \"a\"\nlisten = \"127.0.0.1:1\"\n",
+                "both listen",
+                5,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nvolumes = { d = \"data\" }\n",
+                "must be absolute",
+                4,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\n[services.web.stop]\nsignal = \"KILL\"\n",
+                "unknown value",
+                5,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nreplica = 2\n",
+                "did you mean `replicas`",
+                4,
+            ),
+        ] {
+            let err = Spec::parse(text, "k.toml").unwrap_err();
+            assert!(err.message.contains(needle), "{text:?}: {err}");
+            assert_eq!(err.line, line, "{text:?}: {err}");
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The CLI's side of the agent API: HTTP/1.1 over the Unix socket.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use kiln_core::api::ErrorBody;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::UnixStream;
+
+pub struct Client {
+    sock: PathBuf,
+}
+
+impl Client {
+    pub fn new(home: &Path) -> Self {
+        Self {
+            sock: kiln_agent::socket_path(home),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        let stream = UnixStream::connect(&self.sock).await.map_err(|e| {
+            anyhow!(
+                "cannot reach the agent at {}: {e} (is `kiln serve` running with this home?)",
+                self.sock.display()
+            )
+        })?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .context("cannot talk to the agent")?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "kiln")
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        send.send_request(req)
+            .await
+            .context("the agent did not answer")
+    }
+
+    async fn json<T: DeserializeOwned>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<T> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("unexpected answer from the agent to {path}"))
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T> {
+        self.json(hyper::Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T> {
+        self.json(hyper::Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await
+    }
+
+    /// Stream a text answer to stdout.
+    pub async fn stream(&self, path: &str) -> Result<()> {
+        use std::io::Write;
+        let resp = self.send(hyper::Method::GET, path, None).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        let mut out = std::io::stdout().lock();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                out.write_all(&data)?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,396 @@
+//! Commands that talk to the agent: `serve`, `apply`, `plan`, `status`,
+//! `history`, `logs`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kiln_core::api::{ApplyRequest, ApplyResponse, HistoryResponse, InstanceState, StatusResponse};
+use kiln_core::plan::Action;
+use kiln_core::release::{DesiredService, Outcome, ReleaseConfig, ServiceSettings};
+use kiln_core::service::{ImageSource, RuntimeKind};
+use kiln_core::spec::Spec;
+use kiln_store::Store;
+
+use crate::client::Client;
+use crate::commands::{bake_summary, load_spec, open_store};
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+pub fn serve(home: &Path) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let exit = rt
+        .block_on(kiln_agent::serve(home, |sock| {
+            eprintln!("kiln agent ready on {}", sock.display())
+        }))
+        .context("the agent cannot run")?;
+    Ok(match exit {
+        kiln_agent::Exit::Graceful => ExitCode::SUCCESS,
+        kiln_agent::Exit::Forced => ExitCode::from(130),
+    })
+}
+
+/// Bake what the services need and resolve every service to a release config.
+fn desired(
+    home: &Path,
+    file: &Path,
+) -> Result<(Vec<DesiredService>, Vec<kiln_core::spec::ServiceName>)> {
+    let (spec, _) = load_spec(file)?;
+    if spec.services.is_empty() {
+        bail!("{} has no [services.NAME] table to apply", file.display());
+    }
+    let store = open_store(home)?;
+    let mut baked = BTreeMap::new();
+    for svc in spec.services.values() {
+        if let ImageSource::Spec(name) = &svc.image
+            && !baked.contains_key(name)
+        {
+            let reports =
+                crate::commands::bake_reports(home, file, &[name.to_string()], &[], true)?;
+            for (r, secs) in reports {
+                eprintln!(
+                    "baked {}@{}\n{}",
+                    r.image,
+                    r.digest.short(),
+                    bake_summary(&r, secs)
+                );
+                baked.insert(r.image.clone(), r.digest);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut explicit = Vec::new();
+    for (name, svc) in &spec.services {
+        let (image_name, digest) = match &svc.image {
+            ImageSource::Spec(n) => (n.to_string(), baked[n].clone()),
+            ImageSource::Store(r) => {
+                let rec = store
+                    .resolve(r)
+                    .with_context(|| format!("service {name}: image {r}"))?;
+                (rec.name.to_string(), rec.digest)
+            }
+        };
+        out.push(resolve_service(
+            &store, &spec, name, svc, image_name, digest,
+        )?);
+        if svc.runtime.is_some() {
+            explicit.push(name.clone());
+        }
+    }
+    Ok((out, explicit))
+}
+
+fn resolve_service(
+    store: &Store,
+    _spec: &Spec,
+    name: &kiln_core::spec::ServiceName,
+    svc: &kiln_core::service::ServiceSpec,
+    image_name: String,
+    digest: kiln_core::Digest,
+) -> Result<DesiredService> {
+    let manifest = store.manifest(&digest)?;
+    let image = store.config(&manifest)?.config;
+    let command = if svc.command.is_empty() {
+        image.entrypoint.iter().chain(&image.cmd).cloned().collect()
+    } else {
+        svc.command.clone()
+    };
+    let mut env: BTreeMap<String, String> = image
+        .env
+        .iter()
+        .filter_map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        })
+        .collect();
+    env.extend(svc.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    Ok(DesiredService {
+        name: name.clone(),
+        settings: ServiceSettings {
+            replicas: svc.replicas,
+            listen: svc.listen,
+            rollout: svc.rollout.clone(),
+        },
+        config: ReleaseConfig {
+            image: digest,
+            image_name,
+            command,
+            workdir: image.working_dir.unwrap_or_else(|| "/".to_owned()),
+            env,
+            volumes: svc
+                .volumes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            // The agent decides when the spec does not say (it knows whether
+            // bubblewrap is installed on its node).
+            runtime: svc.runtime.unwrap_or(RuntimeKind::Sandbox),
+            health: svc.health.clone(),
+            stop: svc.stop.clone(),
+        },
+    })
+}
+
+pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
+    let (services, explicit_runtime) = desired(home, file)?;
+    let client = Client::new(home);
+    let resp: ApplyResponse = runtime()?.block_on(client.post(
+        "/v1/apply",
+        &ApplyRequest {
+            services,
+            dry_run: true,
+            explicit_runtime,
+        },
+    ))?;
+    if json {
+        crate::commands::print_json(&resp.plan)?;
+    } else {
+        print!("{}", resp.plan);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn apply(home: &Path, file: &Path, detach: bool, json: bool) -> Result<ExitCode> {
+    let (services, explicit_runtime) = desired(home, file)?;
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let resp: ApplyResponse = rt.block_on(client.post(
+        "/v1/apply",
+        &ApplyRequest {
+            services,
+            dry_run: false,
+            explicit_runtime,
+        },
+    ))?;
+    if json {
+        crate::commands::print_json(&resp.plan)?;
+    } else {
+        print!("{}", resp.plan);
+    }
+    if resp.plan.is_empty() || detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let waiting: Vec<(String, u64, Action)> = resp
+        .plan
+        .services
+        .iter()
+        .filter(|s| s.action != Action::Unchanged)
+        .map(|s| (s.service.to_string(), s.revision.unwrap_or(1), s.action))
+        .collect();
+    rt.block_on(wait_for(&client, &waiting, !json))
+}
+
+/// Follow the services until each is whole on its planned release, or its
+/// release failed.
+async fn wait_for(
+    client: &Client,
+    waiting: &[(String, u64, Action)],
+    show: bool,
+) -> Result<ExitCode> {
+    let started = Instant::now();
+    let mut last = BTreeMap::new();
+    loop {
+        let status: StatusResponse = client.get("/v1/status").await?;
+        let mut done = 0;
+        for (name, revision, _) in waiting {
+            let Some(s) = status.services.iter().find(|s| s.name.as_str() == name) else {
+                continue;
+            };
+            let old = s
+                .instances
+                .iter()
+                .filter(|i| i.revision != *revision)
+                .count();
+            let starting = s
+                .instances
+                .iter()
+                .filter(|i| {
+                    i.revision == *revision && !i.ready && i.state != InstanceState::Stopping
+                })
+                .count();
+            let line = format!(
+                "{name}: release {revision}: {}/{} ready, {starting} starting, {old} old",
+                s.ready, s.replicas
+            );
+            if show && last.get(name) != Some(&line) {
+                eprintln!("  {line}");
+                last.insert(name.clone(), line);
+            }
+            let history: HistoryResponse =
+                client.get(&format!("/v1/services/{name}/history")).await?;
+            let release = history.releases.iter().find(|r| r.revision == *revision);
+            if let Some(r) = release
+                && r.outcome == Outcome::Failed
+            {
+                bail!(
+                    "{name}: release {revision} failed: {}{}",
+                    r.reason.as_deref().unwrap_or("unknown reason"),
+                    match s.revision {
+                        Some(cur) if cur != *revision =>
+                            format!("; the service is back on release {cur}"),
+                        _ => String::new(),
+                    }
+                );
+            }
+            if s.converged && s.revision == Some(*revision) {
+                done += 1;
+            }
+        }
+        if done == waiting.len() {
+            if show {
+                eprintln!("done in {:.1}s", started.elapsed().as_secs_f64());
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let mut status: StatusResponse = runtime()?.block_on(client.get("/v1/status"))?;
+    if let Some(name) = service {
+        status.services.retain(|s| s.name.as_str() == name);
+        if status.services.is_empty() {
+            bail!("no service named {name}");
+        }
+    }
+    if json {
+        crate::commands::print_json(&status)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !status.agent.sandbox_available {
+        println!(
+            "note: bubblewrap is not installed: instances run as plain processes, their root is not enforced read-only"
+        );
+    }
+    for s in &status.services {
+        println!(
+            "{}  release {}  {}  {}/{} ready{}",
+            s.name,
+            s.revision.map_or("-".to_owned(), |r| r.to_string()),
+            s.outcome.map_or("-".to_owned(), |o| o.to_string()),
+            s.ready,
+            s.replicas,
+            if s.converged { "" } else { "  (converging)" }
+        );
+        if let Some(m) = &s.message {
+            println!("  ! {m}");
+        }
+        for b in &s.backoff {
+            println!(
+                "  slot {} of release {}: {} failures, retry in {} ms",
+                b.slot, b.revision, b.failures, b.retry_in_ms
+            );
+        }
+        println!(
+            "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} ROOT",
+            "INSTANCE",
+            "REL",
+            "SLOT",
+            "PID",
+            "PORT",
+            "STATE",
+            "HEALTH",
+            "REPL",
+            "UPTIME",
+            "RUNTIME"
+        );
+        for i in &s.instances {
+            let state = match i.state {
+                InstanceState::Starting => "starting",
+                InstanceState::Running => "running",
+                InstanceState::Stopping => "stopping",
+            };
+            let health = match (i.ready, i.live) {
+                (_, false) => "dead",
+                (true, true) => "ready",
+                (false, true) => "unready",
+            };
+            println!(
+                "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>8.1}s {:<8} {}",
+                i.id,
+                i.revision,
+                i.slot,
+                i.pid.map_or("-".to_owned(), |p| p.to_string()),
+                i.port,
+                state,
+                health,
+                i.replacements,
+                i.uptime_secs,
+                i.runtime.to_string(),
+                if i.read_only_root {
+                    "read-only (enforced)"
+                } else {
+                    "not enforced"
+                }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let h: HistoryResponse =
+        runtime()?.block_on(client.get(&format!("/v1/services/{service}/history")))?;
+    if json {
+        crate::commands::print_json(&h)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:>4}  {:<22} {:<20} {:<10} {:<11} REASON",
+        "REL", "IMAGE", "CREATED", "CAUSE", "OUTCOME"
+    );
+    for r in &h.releases {
+        println!(
+            "{:>4}  {:<22} {:<20} {:<10} {:<11} {}",
+            r.revision,
+            format!("{}@{}", r.config.image_name, r.config.image.short()),
+            r.created,
+            r.cause,
+            r.outcome.to_string(),
+            r.reason.as_deref().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logs(
+    home: &Path,
+    service: &str,
+    release: Option<u64>,
+    instance: Option<&str>,
+    follow: bool,
+) -> Result<ExitCode> {
+    let mut path = format!("/v1/logs?service={service}");
+    if let Some(r) = release {
+        path.push_str(&format!("&release={r}"));
+    }
+    if let Some(i) = instance {
+        path.push_str(&format!("&instance={i}"));
+    }
+    if follow {
+        path.push_str("&follow=true");
+    }
+    let client = Client::new(home);
+    runtime()?.block_on(client.stream(&path))?;
+    Ok(ExitCode::SUCCESS)
+}
