@@ -348,7 +348,15 @@ impl Agent {
                     instances: Vec::new(),
                     backoff: Vec::new(),
                     message: None,
+                    stalled: false,
                 });
+            // The snapshot may predate the latest apply: judge convergence
+            // against what is desired now.
+            let mut s = s;
+            s.converged = s.converged
+                && s.replicas == rec.settings.replicas
+                && s.revision == Some(rec.target);
+            s.replicas = rec.settings.replicas;
             services.push(s);
         }
         Ok(StatusResponse {

@@ -85,6 +85,8 @@ pub struct Controller {
     rollout_started: Option<(u64, Instant, std::time::Duration)>,
     shutdown: Option<(StopKind, Vec<oneshot::Sender<()>>)>,
     message: Option<String>,
+    /// Past the deadline with nothing to return to (see `ServiceStatus::stalled`).
+    stalled: bool,
 }
 
 impl Controller {
@@ -102,6 +104,7 @@ impl Controller {
             rollout_started: None,
             shutdown: None,
             message: None,
+            stalled: false,
         }
     }
 
@@ -588,6 +591,7 @@ impl Controller {
                 self.complete_rollout(target);
             }
             self.message = None;
+            self.stalled = false;
         } else if outcome == Outcome::Pending {
             self.check_progress(target, ready, replicas);
         } else if outcome == Outcome::Failed {
@@ -786,6 +790,7 @@ impl Controller {
             instances,
             backoff,
             message: self.message.clone(),
+            stalled: self.stalled,
         };
         let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         all.insert(self.name.clone(), status);

@@ -68,6 +68,10 @@ pub struct ServiceStatus {
     pub backoff: Vec<SlotBackoff>,
     /// Why the service is not converging, when known.
     pub message: Option<String>,
+    /// The rollout passed its progress deadline with no previous release to
+    /// return to: it keeps trying, and `kiln apply` reports it as failed.
+    #[serde(default)]
+    pub stalled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

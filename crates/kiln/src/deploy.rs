@@ -249,6 +249,12 @@ async fn wait_for(
                     }
                 );
             }
+            if s.stalled && s.revision == Some(*revision) {
+                bail!(
+                    "{name}: release {revision} did not become ready: {}",
+                    s.message.as_deref().unwrap_or("past its progress deadline")
+                );
+            }
             if s.converged && s.revision == Some(*revision) {
                 done += 1;
             }

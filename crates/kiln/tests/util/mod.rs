@@ -161,3 +161,143 @@ pub fn have(tool: &str) -> bool {
         .output()
         .is_ok_and(|o| o.status.success())
 }
+
+/// A running `kiln serve` on an [`Env`]'s home, stopped (SIGTERM, then
+/// SIGKILL) when dropped.
+pub struct Agent {
+    pub child: Option<std::process::Child>,
+    pub home: PathBuf,
+}
+
+impl Agent {
+    pub fn start(env: &Env) -> Self {
+        Self::start_with(env, |_| {})
+    }
+
+    pub fn start_with(env: &Env, configure: impl FnOnce(&mut Command)) -> Self {
+        let mut cmd = env.cmd();
+        cmd.arg("serve")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(env.path("agent.log")).expect("agent log"));
+        configure(&mut cmd);
+        let child = cmd.spawn().expect("start kiln serve");
+        let agent = Self {
+            child: Some(child),
+            home: env.home.clone(),
+        };
+        wait_for("the agent's socket", Duration::from_secs(20), || {
+            std::os::unix::net::UnixStream::connect(env.home.join("kiln.sock")).is_ok()
+        });
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.code();
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+use std::time::Duration;
+
+/// Poll `cond` until it holds; panic naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The example app's binary, built beside `kiln` by `cargo test --workspace`.
+pub fn hello_bin() -> PathBuf {
+    let p = Path::new(env!("CARGO_BIN_EXE_kiln")).with_file_name("hello");
+    assert!(
+        p.is_file(),
+        "{} is missing: build the workspace",
+        p.display()
+    );
+    p
+}
+
+/// A context with the hello binary at /bin/hello and a start script at
+/// /bin/start.sh, plus `spec` as its kiln.toml.
+pub fn hello_app(root: &Path, spec: &str) -> PathBuf {
+    fs::create_dir_all(root.join("bin")).expect("mkdir");
+    fs::copy(hello_bin(), root.join("bin/hello")).expect("copy hello");
+    write(
+        &root.join("bin/start.sh"),
+        b"#!/usr/bin/sh\n\
+          # Paths are relative to the working directory (the image root) so the\n\
+          # script runs under both runtimes.\n\
+          if [ -n \"$TRY_ROOT_WRITE\" ]; then\n\
+            if echo x > ./bin/written-by-instance 2>/tmp/err; then echo ROOT-WRITABLE; else echo \"root write refused: $(cat /tmp/err)\"; fi\n\
+          fi\n\
+          if [ -d /data ]; then echo \"$KILN_INSTANCE\" >> /data/instances; fi\n\
+          exec ./bin/hello\n",
+    );
+    chmod(&root.join("bin/start.sh"), 0o755);
+    let path = root.join("kiln.toml");
+    write(&path, spec.as_bytes());
+    path
+}
+
+/// A service's status from `kiln status --json`.
+pub fn service_status(env: &Env, name: &str) -> serde_json::Value {
+    let v = env.json(&["status", "--json"]);
+    v["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .find(|s| s["name"] == name)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// GET `path` on 127.0.0.1:`port`; the body.
+pub fn http_get(port: u64, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port as u16)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out.split_once("\r\n\r\n")?.1.to_owned())
+}
+
+/// Whether a process is alive.
+pub fn alive(pid: u64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
+}

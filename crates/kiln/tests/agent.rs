@@ -1,0 +1,579 @@
+//! Black-box tests of the agent (`kiln serve`) and the commands that talk to
+//! it, with real processes and real bubblewrap.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::Value;
+use util::{Agent, Env, alive, hello_app, http_get, service_status, wait_for, write};
+
+const WEB: &str = r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 2
+volumes = { data = "/data" }
+env = { HELLO_VERSION = "v1" }
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#;
+
+fn apply(env: &Env, spec: &std::path::Path) -> String {
+    env.ok(&["apply", "-f", spec.to_str().unwrap()])
+}
+
+fn instances(s: &Value) -> Vec<Value> {
+    s["instances"].as_array().cloned().unwrap_or_default()
+}
+
+fn converged(env: &Env, name: &str, revision: u64) -> bool {
+    let s = service_status(env, name);
+    s["converged"] == true && s["revision"] == revision
+}
+
+#[test]
+fn instances_run_sandboxed_read_only_and_serve() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &WEB.replace(
+            "HELLO_VERSION = \"v1\"",
+            "HELLO_VERSION = \"v1\", TRY_ROOT_WRITE = \"1\"",
+        ),
+    );
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let s = service_status(&env, "web");
+    assert_eq!(s["ready"], 2);
+    assert_eq!(s["outcome"], "active");
+    for i in instances(&s) {
+        assert_eq!(i["runtime"], "sandbox");
+        assert_eq!(i["read_only_root"], true);
+        assert_eq!(i["state"], "running");
+        assert!(alive(i["pid"].as_u64().unwrap()));
+        let body = http_get(i["port"].as_u64().unwrap(), "/").unwrap();
+        assert_eq!(
+            body,
+            format!("hello from v1 (instance {})\n", i["id"].as_str().unwrap())
+        );
+    }
+    // The write to the image's root failed with EROFS, and nothing landed in the tree.
+    let logs = env.ok(&["logs", "web"]);
+    assert!(
+        logs.contains("root write refused") && logs.contains("Read-only file system"),
+        "{logs}"
+    );
+    assert!(!logs.contains("ROOT-WRITABLE"), "{logs}");
+    let trees = fs::read_dir(env.home.join("trees"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect::<Vec<_>>();
+    assert!(
+        trees
+            .iter()
+            .all(|t| !t.join("rootfs/bin/written-by-instance").exists())
+    );
+    assert!(
+        env.ok(&["verify"]).starts_with("ok:"),
+        "trees still match their manifests"
+    );
+}
+
+#[test]
+fn a_killed_instance_is_replaced_with_a_new_id_and_its_volume_survives() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &WEB.replace("replicas = 2", "replicas = 1"),
+    );
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let before = instances(&service_status(&env, "web"))[0].clone();
+    let pid = before["pid"].as_u64().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_for("a ready replacement", Duration::from_secs(20), || {
+        let s = service_status(&env, "web");
+        let i = instances(&s);
+        i.len() == 1 && i[0]["id"] != before["id"] && i[0]["ready"] == true
+    });
+    let after = instances(&service_status(&env, "web"))[0].clone();
+    assert_eq!(after["slot"], before["slot"]);
+    assert_eq!(
+        after["revision"], before["revision"],
+        "replaced by the same release"
+    );
+    assert_eq!(after["replacements"], 1);
+    assert_ne!(after["pid"], before["pid"]);
+    // The volume kept what the first instance wrote, and the replacement added to it.
+    let data = fs::read_to_string(env.home.join("volumes/web/data/instances")).unwrap();
+    let lines: Vec<&str> = data.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            before["id"].as_str().unwrap(),
+            after["id"].as_str().unwrap()
+        ]
+    );
+    // The history did not change: replacement is not a release.
+    assert_eq!(
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_crash_looping_release_backs_off() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &WEB.replace("replicas = 2", "replicas = 1").replace(
+            "env = { HELLO_VERSION = \"v1\" }",
+            "env = { HELLO_CRASH_AFTER = \"0.05\" }",
+        ),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap(), "--detach"]);
+    // The first crash is replaced at once; then the waits double.
+    wait_for(
+        "a back-off of at least 500 ms",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            s["backoff"]
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["failures"].as_u64() >= Some(3)))
+        },
+    );
+    let s = service_status(&env, "web");
+    let b = &s["backoff"][0];
+    assert!(b["retry_in_ms"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["message"].as_str().unwrap().contains("exited"), "{s}");
+    // Without a previous release to return to, the release keeps trying.
+    assert_ne!(s["outcome"], "failed");
+    let events = fs::read_dir(env.home.join("logs/web")).unwrap().count();
+    assert!(
+        events >= 3,
+        "each attempt was a new instance with its own log"
+    );
+}
+
+#[test]
+fn liveness_failure_replaces_the_instance() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &(WEB
+            .replace("replicas = 2", "replicas = 1")
+            .replace(
+                "env = { HELLO_VERSION = \"v1\" }",
+                "env = { HELLO_FAIL_HEALTH = \"1\" }",
+            )
+            .replace("http = \"/healthz\"", "tcp = true")
+            + "[services.web.health.liveness]\nhttp = \"/healthz\"\ninterval = \"100ms\"\nfailure_threshold = 2\n"),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap(), "--detach"]);
+    let first = {
+        let mut id = Value::Null;
+        wait_for("a first instance", Duration::from_secs(20), || {
+            id = instances(&service_status(&env, "web"))
+                .first()
+                .map_or(Value::Null, |i| i["id"].clone());
+            !id.is_null()
+        });
+        id
+    };
+    wait_for("the liveness replacement", Duration::from_secs(20), || {
+        instances(&service_status(&env, "web"))
+            .iter()
+            .any(|i| i["id"] != first && i["replacements"].as_u64() >= Some(1))
+    });
+    let logs = env.ok(&["logs", "web", "--instance", first.as_str().unwrap()]);
+    assert!(
+        logs.contains("exited") && logs.contains("as asked"),
+        "stopped by kiln: {logs}"
+    );
+}
+
+#[test]
+fn a_changed_env_var_is_a_new_release_and_an_unchanged_spec_is_none() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let again = apply(&env, &spec);
+    assert_eq!(again.trim(), "no changes");
+    let history = env.json(&["history", "web", "--json"]);
+    assert_eq!(history["releases"].as_array().unwrap().len(), 1);
+
+    write(
+        &spec,
+        WEB.replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v2\"")
+            .as_bytes(),
+    );
+    let plan = env.ok(&["plan", "-f", spec.to_str().unwrap()]);
+    assert!(
+        plan.contains("web: new release 2") && plan.contains("env changed: HELLO_VERSION"),
+        "{plan}"
+    );
+    assert!(
+        !plan.contains("v2"),
+        "plans name env keys, not values: {plan}"
+    );
+    assert_eq!(
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1,
+        "plan changes nothing"
+    );
+    apply(&env, &spec);
+    let h = env.json(&["history", "web", "--json"]);
+    let releases = h["releases"].as_array().unwrap();
+    assert_eq!(releases.len(), 2);
+    assert_eq!(releases[0]["outcome"], "superseded");
+    assert_eq!(releases[1]["outcome"], "active");
+    assert_eq!(releases[1]["config"]["env"]["HELLO_VERSION"], "v2");
+    assert_ne!(releases[0]["hash"], releases[1]["hash"]);
+    let s = service_status(&env, "web");
+    assert!(
+        instances(&s).iter().all(|i| i["revision"] == 2),
+        "old instances are gone: {s}"
+    );
+    for i in instances(&s) {
+        assert!(
+            http_get(i["port"].as_u64().unwrap(), "/")
+                .unwrap()
+                .starts_with("hello from v2")
+        );
+    }
+    // Scaling is a settings change, not a release.
+    write(
+        &spec,
+        WEB.replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v2\"")
+            .replace("replicas = 2", "replicas = 3")
+            .as_bytes(),
+    );
+    let out = apply(&env, &spec);
+    assert!(
+        out.contains("settings") && out.contains("replicas 2 -> 3"),
+        "{out}"
+    );
+    assert!(converged(&env, "web", 2));
+    assert_eq!(service_status(&env, "web")["ready"], 3);
+    assert_eq!(
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn sigterm_stops_every_instance_and_exits_0() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let mut agent = Agent::start(&env);
+    apply(&env, &spec);
+    let pids: Vec<u64> = instances(&service_status(&env, "web"))
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(agent.stop(), Some(0));
+    for pid in pids {
+        assert!(!alive(pid), "instance {pid} outlived the agent");
+    }
+    assert!(!env.home.join("kiln.sock").exists());
+    // A new agent on the same home starts the service again.
+    let _agent = Agent::start(&env);
+    wait_for("the service back", Duration::from_secs(20), || {
+        converged(&env, "web", 1)
+    });
+}
+
+#[test]
+fn a_second_agent_on_the_same_home_refuses_naming_the_first() {
+    let env = Env::new();
+    let agent = Agent::start(&env);
+    let err = env.fails(&["serve"]);
+    assert!(
+        err.contains(&format!(
+            "another agent (pid {}) is already serving",
+            agent.pid()
+        )),
+        "{err}"
+    );
+}
+
+#[test]
+fn without_an_agent_commands_say_how_to_start_one() {
+    let env = Env::new();
+    let err = env.fails(&["status"]);
+    assert!(
+        err.contains("cannot reach the agent") && err.contains("kiln serve"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_socket_is_private_and_bad_requests_are_refused() {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let _agent = Agent::start(&env);
+    let sock = env.home.join("kiln.sock");
+    assert_eq!(
+        fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let request = |body: &str| {
+        let mut s = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+        write!(
+            s,
+            "POST /v1/apply HTTP/1.1\r\nhost: kiln\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    let out = request(r#"{"services": [], "dry_run": true, "surprise": 1}"#);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(out.contains("unknown field `surprise`"), "{out}");
+    let out = request("{not json");
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    let out = request(r#"{"services": [], "dry_run": true}"#);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+}
+
+#[test]
+fn bad_specs_and_missing_things_are_refused_and_change_nothing() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let history = || {
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len()
+    };
+
+    write(&spec, (WEB.to_owned() + "bogus = 1\n").as_bytes());
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("unknown key `bogus`"), "{err}");
+
+    write(
+        &spec,
+        WEB.replace("image = \"app\"", "image = \"ghost:v1\"")
+            .as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("no image matches `ghost:v1`"), "{err}");
+
+    write(
+        &spec,
+        (WEB.replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v9\"")
+            + "[services.web.health.liveness]\nexec = [\"/bin/no-such-check\"]\n")
+            .as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("liveness probe command `/bin/no-such-check` does not exist"),
+        "{err}"
+    );
+
+    write(
+        &spec,
+        WEB.replace(
+            "entrypoint = [\"/bin/start.sh\"]",
+            "entrypoint = [\"/bin/nope\"]",
+        )
+        .as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("command `/bin/nope` does not exist"), "{err}");
+
+    assert_eq!(history(), 1, "nothing was recorded");
+    assert!(converged(&env, "web", 1), "the service is untouched");
+}
+
+#[test]
+fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback() {
+    let env = Env::new();
+    // A PATH with setpriv but no bwrap.
+    let bin = env.path("bin-without-bwrap");
+    fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink("/usr/bin/setpriv", bin.join("setpriv")).unwrap();
+    let _agent = Agent::start_with(&env, |c| {
+        c.env("PATH", &bin);
+    });
+    let spec = hello_app(
+        &env.path("app"),
+        &(WEB
+            .replace("replicas = 2", "replicas = 1")
+            .replace("volumes = { data = \"/data\" }\n", "")
+            + "runtime = \"sandbox\"\n"),
+    );
+    // `runtime` must be inside [services.web], before its sub-tables.
+    let text = fs::read_to_string(&spec)
+        .unwrap()
+        .replace("runtime = \"sandbox\"\n", "");
+    let text = text.replace(
+        "[services.web]\n",
+        "[services.web]\nruntime = \"sandbox\"\n",
+    );
+    write(&spec, text.as_bytes());
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("runtime sandbox needs bubblewrap"), "{err}");
+
+    write(
+        &spec,
+        text.replace("runtime = \"sandbox\"\n", "").as_bytes(),
+    );
+    apply(&env, &spec);
+    let s = service_status(&env, "web");
+    let i = &instances(&s)[0];
+    assert_eq!(i["runtime"], "process");
+    assert_eq!(i["read_only_root"], false);
+    let status = env.ok(&["status"]);
+    assert!(status.contains("not enforced"), "{status}");
+}
+
+#[test]
+fn a_second_apply_during_a_rollout_fails_naming_it() {
+    let env = Env::new();
+    let slow = WEB.replace(
+        "HELLO_VERSION = \"v1\"",
+        "HELLO_VERSION = \"v1\", HELLO_START_DELAY = \"3\"",
+    );
+    let spec = hello_app(&env.path("app"), &slow);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap(), "--detach"]);
+    write(&spec, slow.replace("\"v1\"", "\"v2\"").as_bytes());
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("service web is still rolling out release 1"),
+        "{err}"
+    );
+    assert_eq!(
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    wait_for("release 1", Duration::from_secs(30), || {
+        converged(&env, "web", 1)
+    });
+    apply(&env, &spec);
+    assert!(converged(&env, "web", 2));
+}
+
+#[test]
+fn exec_and_startup_probes_run_inside_the_sandbox() {
+    let env = Env::new();
+    // The exec probe can only pass if it sees the instance's volume at /data.
+    let spec = hello_app(
+        &env.path("app"),
+        &(WEB.replace(
+            "http = \"/healthz\"",
+            "exec = [\"/usr/bin/sh\", \"-c\", \"test -s /data/instances\"]",
+        ) + "[services.web.health.startup]\nhttp = \"/healthz\"\n"),
+    );
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let s = service_status(&env, "web");
+    assert_eq!(s["ready"], 2, "{s}");
+}
+
+#[test]
+fn logs_filter_by_release_and_instance() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    write(&spec, WEB.replace("\"v1\"", "\"v2\"").as_bytes());
+    apply(&env, &spec);
+    let r1 = env.ok(&["logs", "web", "--release", "1"]);
+    let r2 = env.ok(&["logs", "web", "--release", "2"]);
+    assert!(
+        r1.lines().all(|l| l.starts_with("web-r1-")) && r1.contains("hello v1"),
+        "{r1}"
+    );
+    assert!(
+        r2.lines().all(|l| l.starts_with("web-r2-")) && r2.contains("hello v2"),
+        "{r2}"
+    );
+    assert!(r1.contains("exited"), "old instances' logs are kept: {r1}");
+    let id = instances(&service_status(&env, "web"))[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let one = env.ok(&["logs", "web", "--instance", &id]);
+    assert!(
+        !one.is_empty() && one.lines().all(|l| l.starts_with(&id)),
+        "{one}"
+    );
+    let err = env.fails(&["logs", "nope"]);
+    assert!(err.contains("no service named nope"), "{err}");
+}
+
+#[test]
+fn an_agent_killed_with_sigkill_leaves_no_instance_and_recovers() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let mut agent = Agent::start(&env);
+    apply(&env, &spec);
+    let pids: Vec<u64> = instances(&service_status(&env, "web"))
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    let mut child = agent.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // bubblewrap's --die-with-parent takes the instances down with the agent.
+    wait_for(
+        "instances to die with the agent",
+        Duration::from_secs(10),
+        || pids.iter().all(|p| !alive(*p)),
+    );
+    let _agent = Agent::start(&env);
+    wait_for("the service back", Duration::from_secs(20), || {
+        converged(&env, "web", 1)
+    });
+    let s = service_status(&env, "web");
+    assert!(
+        instances(&s)
+            .iter()
+            .all(|i| !pids.contains(&i["pid"].as_u64().unwrap()))
+    );
+    assert_eq!(
+        env.json(&["history", "web", "--json"])["releases"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
