@@ -137,8 +137,7 @@ impl InstanceTask {
             status = child.wait() => (status, false),
             kind = &mut stop => {
                 let kind = kind.unwrap_or(StopKind::Graceful);
-                let app = self.runtime.app_pid(pid);
-                if kind == StopKind::Graceful {
+                if kind == StopKind::Graceful && let Some(app) = app_pid(&*self.runtime, pid).await {
                     if let Some(p) = Pid::from_raw(app as i32) {
                         let _ = kill_process(p, signal(self.stop.signal));
                     }
@@ -151,11 +150,16 @@ impl InstanceTask {
                         }
                     }
                 } else {
+                    // Asked to kill, or still being set up with no app to
+                    // signal yet: end the whole tree.
                     kill_group(pid);
                     (child.wait().await, true)
                 }
             }
         };
+        // Whatever is left of the instance's process group goes with it: a
+        // sandbox's reaper and app must never outlive the outer process.
+        kill_group(pid);
         probes.abort();
         // The pipes close when the process is gone; wait briefly for the tail.
         for p in pumps {
@@ -176,6 +180,18 @@ impl InstanceTask {
             requested,
         });
     }
+}
+
+/// The app's pid, waiting up to half a second for a just-started sandbox to
+/// finish setting up.
+async fn app_pid(runtime: &dyn Runtime, child: u32) -> Option<u32> {
+    for _ in 0..50 {
+        if let Some(p) = runtime.app_pid(child) {
+            return Some(p);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
 }
 
 /// SIGKILL the instance's whole process group (it was started in its own).

@@ -48,8 +48,9 @@ pub trait Runtime: Send + Sync {
     fn read_only_enforced(&self) -> bool;
     /// The command that starts `argv` as (or inside) the instance.
     fn command(&self, launch: &Launch, argv: &[String]) -> Command;
-    /// The pid that should get the stop signal, given the started child's.
-    fn app_pid(&self, child: u32) -> u32;
+    /// The pid that should get the stop signal, given the started child's;
+    /// `None` while the instance's process tree is still being set up.
+    fn app_pid(&self, child: u32) -> Option<u32>;
 }
 
 /// Where bubblewrap is, if it is installed.
@@ -174,11 +175,10 @@ impl Runtime for Sandbox {
     /// bubblewrap with `--unshare-pid` runs: outer bwrap → pid-1 reaper →
     /// the app. Signalling the outer process or the reaper would kill the app
     /// without a chance to stop cleanly; signal the app.
-    fn app_pid(&self, child: u32) -> u32 {
+    fn app_pid(&self, child: u32) -> Option<u32> {
         children(child)
             .first()
             .and_then(|reaper| children(*reaper).first().copied())
-            .unwrap_or(child)
     }
 }
 
@@ -218,8 +218,8 @@ impl Runtime for Process {
         c
     }
 
-    fn app_pid(&self, child: u32) -> u32 {
-        child
+    fn app_pid(&self, child: u32) -> Option<u32> {
+        Some(child)
     }
 }
 

@@ -9,7 +9,9 @@ use std::fs;
 use std::time::Duration;
 
 use serde_json::Value;
-use util::{Agent, Env, alive, hello_app, http_get, service_status, wait_for, write};
+use util::{
+    Agent, Env, alive, hello_app, http_get, processes_mentioning, service_status, wait_for, write,
+};
 
 const WEB: &str = r#"
 [images.app]
@@ -576,4 +578,32 @@ fn an_agent_killed_with_sigkill_leaves_no_instance_and_recovers() {
             .len(),
         1
     );
+}
+
+/// Regression: a sandbox stopped while still being set up had its outer
+/// bubblewrap signalled; the reaper and app inside survived, orphaned.
+#[test]
+fn stopping_the_agent_while_instances_start_leaves_no_process() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &WEB.replace("replicas = 2", "replicas = 4"),
+    );
+    let home = env.home.to_str().unwrap().to_owned();
+    for stop in ["SIGTERM", "SIGKILL"] {
+        let mut agent = Agent::start(&env);
+        env.ok(&["apply", "-f", spec.to_str().unwrap(), "--detach"]);
+        if stop == "SIGTERM" {
+            assert_eq!(agent.stop(), Some(0));
+        } else {
+            let mut child = agent.child.take().unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+        wait_for(
+            "every instance process to end",
+            Duration::from_secs(10),
+            || processes_mentioning(&home).is_empty(),
+        );
+    }
 }

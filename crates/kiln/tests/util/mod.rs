@@ -301,3 +301,20 @@ pub fn alive(pid: u64) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
+
+/// Pids of processes whose command line mentions `needle` (e.g. a home dir).
+pub fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if let Ok(cmd) = fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd).contains(needle)
+            && alive(u64::from(pid))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
