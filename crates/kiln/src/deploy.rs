@@ -265,7 +265,8 @@ async fn wait_for(
             }
             return Ok(ExitCode::SUCCESS);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Status is an in-memory snapshot on the agent: polling it is cheap.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -1,0 +1,173 @@
+"""Driver for bench/agent.sh (stdlib only, so it runs anywhere python3 does).
+
+(1) `kiln apply` of 10 replicas until all are ready, minus the app's own
+    start-up (10 bare `hello` processes started at once, until all answer);
+    per runtime (sandbox, process); medians over RUNS.
+(2) self-healing: `kill -9` one instance, time until a new instance in its
+    slot is ready, p50/p99 over KILLS kills (round-robin over the 10 slots, so
+    each kill is a slot's first failure and is replaced without back-off),
+    against the bare app's own start-up p50/p99.
+"""
+import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+KILN, HELLO = sys.argv[1], sys.argv[2]
+RUNS = int(os.environ.get("RUNS", "5"))
+KILLS = int(os.environ.get("KILLS", "50"))
+REPLICAS = 10
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.05):
+            return True
+    except OSError:
+        return False
+
+
+def bare_start(n):
+    """Seconds from spawning n bare apps to all of them accepting."""
+    ports = [free_port() for _ in range(n)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([HELLO], env={"PORT": str(p)}, stderr=subprocess.DEVNULL) for p in ports]
+    pending = set(ports)
+    while pending:
+        pending = {p for p in pending if not answers(p)}
+    dt = time.perf_counter() - t0
+    for p in procs:
+        p.kill()
+        p.wait()
+    return dt
+
+
+def api(home, path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(home, "kiln.sock"))
+    s.sendall(f"GET {path} HTTP/1.1\r\nhost: kiln\r\nconnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return json.loads(body)
+
+
+def make_app(root, runtime):
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy(HELLO, os.path.join(root, "bin", "hello"))
+    with open(os.path.join(root, "kiln.toml"), "w") as f:
+        f.write(f"""
+[images.hello]
+include = ["bin"]
+entrypoint = ["/bin/hello"]
+[services.web]
+image = "hello"
+replicas = {REPLICAS}
+runtime = "{runtime}"
+""")
+
+
+class Agent:
+    def __init__(self, home):
+        self.home = home
+        self.proc = subprocess.Popen([KILN, "--home", home, "serve"], stderr=subprocess.DEVNULL)
+        while not os.path.exists(os.path.join(home, "kiln.sock")):
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def kiln(home, *args, cwd=None):
+    subprocess.run([KILN, "--home", home, *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+work = tempfile.mkdtemp(prefix="kiln-bench-agent-")
+rows = []
+try:
+    bare = statistics.median(bare_start(REPLICAS) for _ in range(RUNS))
+    rows.append(("bare: 10 x hello started at once, all accepting", bare * 1000, None))
+    for runtime in ["sandbox", "process"]:
+        applies, materialize = [], []
+        for i in range(RUNS):
+            home, app = f"{work}/{runtime}{i}/home", f"{work}/{runtime}{i}/app"
+            make_app(app, runtime)
+            kiln(home, "bake", cwd=app)
+            t0 = time.perf_counter()
+            kiln(home, "unpack", "hello")
+            materialize.append(time.perf_counter() - t0)
+            agent = Agent(home)
+            try:
+                t0 = time.perf_counter()
+                kiln(home, "apply", cwd=app)
+                applies.append(time.perf_counter() - t0)
+            finally:
+                agent.stop()
+        med = statistics.median(applies)
+        rows.append((f"kiln apply, {REPLICAS} replicas, runtime {runtime}: command to all ready", med * 1000, None))
+        rows.append((f"  kiln's overhead per instance ({runtime})", (med - bare) * 1000 / REPLICAS, "target < 20 ms"))
+        rows.append((f"  (not in the above) first unpack of the image tree", statistics.median(materialize) * 1000, None))
+
+    # Self-healing.
+    one = [bare_start(1) for _ in range(KILLS)]
+    home, app = f"{work}/heal/home", f"{work}/heal/app"
+    make_app(app, "sandbox")
+    kiln(home, "bake", cwd=app)
+    agent = Agent(home)
+    heals = []
+    try:
+        kiln(home, "apply", cwd=app)
+        for k in range(KILLS):
+            slot = k % REPLICAS
+            st = api(home, "/v1/status")["services"][0]
+            victim = next(i for i in st["instances"] if i["slot"] == slot and i["ready"])
+            t0 = time.perf_counter()
+            os.kill(victim["pid"], signal.SIGKILL)
+            while True:
+                st = api(home, "/v1/status")["services"][0]
+                new = [i for i in st["instances"] if i["slot"] == slot and i["id"] != victim["id"] and i["ready"]]
+                if new:
+                    heals.append(time.perf_counter() - t0)
+                    break
+                time.sleep(0.0005)
+            # Round-robin: each slot is killed again only after it has been
+            # stable (10 s), so every kill is a first failure.
+            time.sleep(max(0.0, 10.5 / REPLICAS - (time.perf_counter() - t0)))
+    finally:
+        agent.stop()
+    rows.append(("bare hello start-up (spawn to accepting), p50", pct(one, 50) * 1000, None))
+    rows.append(("bare hello start-up, p99", pct(one, 99) * 1000, None))
+    rows.append((f"self-healing (kill -9 to replacement ready), p50 over {KILLS}", pct(heals, 50) * 1000, None))
+    rows.append((f"self-healing, p99 over {KILLS}", pct(heals, 99) * 1000, f"target < 50 ms + app start-up p99 = {50 + pct(one, 99) * 1000:.1f} ms"))
+finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+print(f"\nmachine: {os.cpu_count()} cores; medians of {RUNS} runs; {KILLS} kills\n")
+print(f"{'case':<72} {'ms':>9}")
+for name, ms, note in rows:
+    print(f"{name:<72} {ms:>9.2f}" + (f"   ({note})" if note else ""))
