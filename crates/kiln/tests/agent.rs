@@ -607,3 +607,41 @@ fn stopping_the_agent_while_instances_start_leaves_no_process() {
         );
     }
 }
+
+#[test]
+fn a_second_signal_forces_the_shutdown() {
+    let env = Env::new();
+    let spec = hello_app(
+        &env.path("app"),
+        &(WEB.replace(
+            "HELLO_VERSION = \"v1\"",
+            "HELLO_VERSION = \"v1\", IGNORE_TERM = \"1\"",
+        ) + "[services.web.stop]\nkill_timeout = \"5m\"\n"),
+    );
+    let mut agent = Agent::start(&env);
+    apply(&env, &spec);
+    let home = env.home.to_str().unwrap().to_owned();
+    let mut child = agent.child.take().unwrap();
+    let pid = child.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    // The instances ignore SIGTERM: the graceful stop would wait 5 minutes.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still stopping gracefully"
+    );
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "forced");
+    wait_for(
+        "every instance to be killed",
+        Duration::from_secs(10),
+        || processes_mentioning(&home).is_empty(),
+    );
+}

@@ -261,6 +261,8 @@ pub fn hello_app(root: &Path, spec: &str) -> PathBuf {
             if echo x > ./bin/written-by-instance 2>/tmp/err; then echo ROOT-WRITABLE; else echo \"root write refused: $(cat /tmp/err)\"; fi\n\
           fi\n\
           if [ -d /data ]; then echo \"$KILN_INSTANCE\" >> /data/instances; fi\n\
+          # An ignored signal stays ignored across exec.\n\
+          if [ -n \"$IGNORE_TERM\" ]; then trap '' TERM; fi\n\
           exec ./bin/hello\n",
     );
     chmod(&root.join("bin/start.sh"), 0o755);
