@@ -49,6 +49,7 @@ pub struct Shared {
     pub state: Arc<dyn StateStore>,
     pub backoff: Backoff,
     pub status: std::sync::Mutex<BTreeMap<ServiceName, ServiceStatus>>,
+    pub router: Arc<crate::router::Router>,
     ids: AtomicU64,
     seed: u64,
 }
@@ -89,6 +90,7 @@ impl Agent {
             state,
             backoff,
             status: std::sync::Mutex::new(BTreeMap::new()),
+            router: crate::router::Router::new(),
             ids: AtomicU64::new(0),
             seed,
         });
@@ -101,6 +103,11 @@ impl Agent {
         });
         agent.reap_orphans()?;
         for svc in agent.shared.state.services()? {
+            if let Some(listen) = svc.settings.listen
+                && let Err(e) = agent.shared.router.listen(&svc.name, listen.0).await
+            {
+                tracing::error!("{e}");
+            }
             agent.wake(&svc.name).await;
         }
         Ok(agent)
@@ -221,6 +228,25 @@ impl Agent {
                     )));
                 }
                 self.check_runnable(d).await?;
+            }
+        }
+        // Every listener is bound before anything is recorded: a busy
+        // address is refused with nothing changed.
+        for d in &req.services {
+            if let Some(listen) = d.settings.listen {
+                if let Some(other) = self.shared.router.listening_on(listen.0).await
+                    && other != d.name
+                {
+                    return Err(AgentError::Invalid(format!(
+                        "service {}: listen {} is already the address of service {other}",
+                        d.name, listen.0
+                    )));
+                }
+                self.shared
+                    .router
+                    .listen(&d.name, listen.0)
+                    .await
+                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
             }
         }
         for (d, sp) in req.services.iter().zip(&the_plan.services) {
@@ -386,6 +412,7 @@ impl Agent {
     /// wait for them, at most `limit`.
     pub async fn shutdown(&self, kind: StopKind, limit: Duration) {
         self.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.router.close().await;
         let ctls: Vec<_> = self.controllers.lock().await.values().cloned().collect();
         let mut waits = Vec::new();
         for tx in ctls {

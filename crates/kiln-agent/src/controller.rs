@@ -17,6 +17,7 @@ use std::time::{Instant, SystemTime};
 
 use kiln_core::api::{InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
 use kiln_core::release::{Outcome, Release};
+use kiln_core::service::Strategy;
 use kiln_core::spec::ServiceName;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -25,6 +26,7 @@ use crate::agent::Shared;
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::logs::LogFile;
 use crate::probe::ProbeKind;
+use crate::router::Backend;
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
 use crate::state::{InstanceRecord, NewEvent};
 
@@ -63,6 +65,8 @@ struct Inst {
     failure_counted: bool,
     read_only: bool,
     runtime: kiln_core::service::RuntimeKind,
+    /// Requests the router has in flight to it.
+    inflight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -85,8 +89,13 @@ pub struct Controller {
     rollout_started: Option<(u64, Instant, std::time::Duration)>,
     shutdown: Option<(StopKind, Vec<oneshot::Sender<()>>)>,
     message: Option<String>,
-    /// Past the deadline with nothing to return to (see `ServiceStatus::stalled`).
+    /// Past the deadline with nothing to return to, or paused by a failed
+    /// rollout with `auto_rollback = false` (see `ServiceStatus::stalled`).
     stalled: bool,
+    /// A failed rollout left paused: no new instance of the target starts.
+    paused: bool,
+    /// The instance ids last published to the router.
+    routed: Vec<String>,
 }
 
 impl Controller {
@@ -105,6 +114,8 @@ impl Controller {
             shutdown: None,
             message: None,
             stalled: false,
+            paused: false,
+            routed: Vec::new(),
         }
     }
 
@@ -142,6 +153,7 @@ impl Controller {
                 self.on_report(report);
             }
             self.reconcile().await;
+            self.publish_routes();
             self.publish();
             if let Some((_, waiters)) = &mut self.shutdown
                 && self.instances.is_empty()
@@ -415,7 +427,9 @@ impl Controller {
             }
         };
         let (stop_tx, stop_rx) = oneshot::channel();
+        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let task = InstanceTask {
+            inflight: inflight.clone(),
             id: id.clone(),
             launch,
             runtime: p.runtime.clone(),
@@ -443,6 +457,7 @@ impl Controller {
                 failure_counted: false,
                 read_only: p.runtime.read_only_enforced(),
                 runtime: p.runtime.kind(),
+                inflight,
             },
         );
     }
@@ -457,7 +472,11 @@ impl Controller {
         inst.stopping = true;
         inst.ready = false;
         let revision = inst.revision;
-        if let Some(tx) = inst.stop.take() {
+        let stop = inst.stop.take();
+        // Out of the routing table first; the instance task then drains
+        // in-flight requests before the stop signal.
+        self.publish_routes();
+        if let Some(tx) = stop {
             let _ = tx.send(kind);
         }
         let ev = self.event(
@@ -523,6 +542,8 @@ impl Controller {
                 Instant::now(),
                 rec.settings.rollout.progress_deadline.0,
             ));
+            self.stalled = false;
+            self.paused = false;
         }
         let now = Instant::now();
 
@@ -547,16 +568,48 @@ impl Controller {
             self.stop_instance(&id, StopKind::Graceful, "scaled down");
         }
 
-        // Fill the target's slots, unless its rollout has failed.
-        if outcome != Outcome::Failed {
-            for slot in 0..replicas {
-                let filled = self
-                    .instances
-                    .values()
-                    .any(|i| i.revision == target && i.slot == slot && !i.stopping);
-                if filled {
-                    continue;
-                }
+        let rollout = &rec.settings.rollout;
+        let min_ready = rollout.min_ready.0;
+        let counts_ready = |i: &Inst| {
+            !i.stopping && i.ready && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
+        };
+        let old: Vec<(String, bool)> = self
+            .instances
+            .values()
+            .filter(|i| i.revision != target && !i.stopping)
+            .map(|i| (i.id.clone(), counts_ready(i)))
+            .collect();
+        let any_old_left = self.instances.values().any(|i| i.revision != target);
+        let current_new = self
+            .instances
+            .values()
+            .filter(|i| i.revision == target && !i.stopping)
+            .count() as u32;
+
+        // Start instances of the target in its empty slots, as far as the
+        // strategy allows (and never for a failed or paused release).
+        if outcome != Outcome::Failed && !self.paused {
+            let free: Vec<u32> = (0..replicas)
+                .filter(|slot| {
+                    !self
+                        .instances
+                        .values()
+                        .any(|i| i.revision == target && i.slot == *slot && !i.stopping)
+                })
+                .collect();
+            let allowed =
+                if old.is_empty() && !(rollout.strategy == Strategy::Recreate && any_old_left) {
+                    // Steady state (or nothing old left): fill every slot.
+                    free.len() as u32
+                } else {
+                    match rollout.strategy {
+                        // Everything old goes first; nothing new until it is gone.
+                        Strategy::Recreate => 0,
+                        _ => (replicas + rollout.max_surge)
+                            .saturating_sub(current_new + old.len() as u32),
+                    }
+                };
+            for slot in free.into_iter().take(allowed as usize) {
                 let s = self.slots.entry((target, slot)).or_default();
                 if s.retry_at.is_some_and(|t| t > now) {
                     continue;
@@ -566,7 +619,42 @@ impl Controller {
             }
         }
 
-        let min_ready = rec.settings.rollout.min_ready.0;
+        // Take old instances away as far as availability allows.
+        if !old.is_empty() {
+            if rollout.strategy == Strategy::Recreate {
+                for (id, _) in &old {
+                    self.stop_instance(
+                        id,
+                        StopKind::Graceful,
+                        "recreate: replaced by the new release",
+                    );
+                }
+            } else {
+                let ready_new = self
+                    .instances
+                    .values()
+                    .filter(|i| i.revision == target && counts_ready(i))
+                    .count() as u32;
+                let ready_old = old.iter().filter(|(_, r)| *r).count() as u32;
+                let min_available = replicas.saturating_sub(rollout.max_unavailable);
+                let mut can_stop = (ready_new + ready_old).saturating_sub(min_available);
+                // Unready old instances serve nobody: they go first and free.
+                for (id, ready) in old
+                    .iter()
+                    .filter(|(_, r)| !*r)
+                    .chain(old.iter().filter(|(_, r)| *r))
+                {
+                    if *ready {
+                        if can_stop == 0 {
+                            break;
+                        }
+                        can_stop -= 1;
+                    }
+                    self.stop_instance(id, StopKind::Graceful, "replaced by the new release");
+                }
+            }
+        }
+
         let ready = self
             .instances
             .values()
@@ -592,7 +680,7 @@ impl Controller {
             }
             self.message = None;
             self.stalled = false;
-        } else if outcome == Outcome::Pending {
+        } else if outcome == Outcome::Pending && !self.paused {
             self.check_progress(target, ready, replicas);
         } else if outcome == Outcome::Failed {
             // No instance of a failed release is left running.
@@ -696,6 +784,25 @@ impl Controller {
             .ok()
             .flatten()
             .is_none_or(|s| s.settings.rollout.auto_rollback);
+        if !auto_rollback {
+            // Paused: old and new stay as they are, nothing new starts.
+            self.paused = true;
+            self.stalled = true;
+            self.message = Some(format!(
+                "rollout of release {target} paused: {reason} (auto_rollback = false; kiln rollback {} to return)",
+                self.name
+            ));
+            let ev = self.event(
+                "rollout-paused",
+                Some(target),
+                None,
+                json!({"reason": reason}),
+            );
+            if let Err(e) = self.shared.state.append_event(&ev) {
+                self.log_state_error(e);
+            }
+            return;
+        }
         let ev = self.event(
             "release-failed",
             Some(target),
@@ -721,6 +828,37 @@ impl Controller {
                 self.log_state_error(e);
             }
         }
+    }
+
+    /// Publish the ready instances (of any release: during a rolling update
+    /// both serve) to the router, when they changed.
+    fn publish_routes(&mut self) {
+        let backends: Vec<Arc<Backend>> = self
+            .instances
+            .values()
+            .filter(|i| i.ready && i.live && !i.stopping)
+            .map(|i| {
+                Arc::new(Backend {
+                    instance: i.id.clone(),
+                    revision: i.revision,
+                    port: i.port,
+                    inflight: i.inflight.clone(),
+                })
+            })
+            .collect();
+        let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
+        if ids == self.routed && !ids.is_empty() {
+            return;
+        }
+        let timeout = self
+            .shared
+            .state
+            .service(&self.name)
+            .ok()
+            .flatten()
+            .map_or(std::time::Duration::from_secs(30), |s| s.settings.timeout.0);
+        self.shared.router.set_routes(&self.name, backends, timeout);
+        self.routed = ids;
     }
 
     fn publish(&self) {

@@ -45,6 +45,8 @@ pub struct InstanceTask {
     pub stop: StopSpec,
     pub port: u16,
     pub log: LogFile,
+    /// Requests the router has in flight to this instance.
+    pub inflight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 fn signal(s: StopSignal) -> Signal {
@@ -137,6 +139,9 @@ impl InstanceTask {
             status = child.wait() => (status, false),
             kind = &mut stop => {
                 let kind = kind.unwrap_or(StopKind::Graceful);
+                if kind == StopKind::Graceful {
+                    drain(&self.inflight, self.stop.drain_timeout.0).await;
+                }
                 if kind == StopKind::Graceful && let Some(app) = app_pid(&*self.runtime, pid).await {
                     if let Some(p) = Pid::from_raw(app as i32) {
                         let _ = kill_process(p, signal(self.stop.signal));
@@ -179,6 +184,20 @@ impl InstanceTask {
             status,
             requested,
         });
+    }
+}
+
+/// Wait until the router has no request in flight to the instance (it is
+/// already out of the routing table), at most `limit`.
+async fn drain(inflight: &std::sync::atomic::AtomicUsize, limit: Duration) {
+    // A request may have loaded the previous routing snapshot just before
+    // the swap; give it a moment to be counted.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let deadline = tokio::time::Instant::now() + limit;
+    while inflight.load(std::sync::atomic::Ordering::SeqCst) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 

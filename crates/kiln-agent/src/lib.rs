@@ -11,6 +11,7 @@ pub mod controller;
 pub mod instance;
 pub mod logs;
 pub mod probe;
+pub mod router;
 pub mod runtime;
 pub mod state;
 

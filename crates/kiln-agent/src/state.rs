@@ -521,6 +521,7 @@ mod tests {
                 replicas: 2,
                 listen: None,
                 rollout: RolloutSpec::default(),
+                timeout: kiln_core::service::Duration::from_secs(30),
             },
             target: 1,
         };

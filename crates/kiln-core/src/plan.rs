@@ -196,6 +196,9 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     if old.rollout != new.rollout {
         out.push("rollout settings changed".to_owned());
     }
+    if old.timeout != new.timeout {
+        out.push(format!("timeout {} -> {}", old.timeout, new.timeout));
+    }
     out
 }
 
@@ -212,6 +215,7 @@ mod tests {
                 replicas,
                 listen: None,
                 rollout: RolloutSpec::default(),
+                timeout: crate::service::Duration::from_secs(30),
             },
             config: ReleaseConfig {
                 image: Digest::of(image),

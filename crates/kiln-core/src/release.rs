@@ -45,6 +45,8 @@ pub struct ServiceSettings {
     pub replicas: u32,
     pub listen: Option<ListenAddr>,
     pub rollout: RolloutSpec,
+    /// The router's request timeout.
+    pub timeout: crate::service::Duration,
 }
 
 /// What `kiln apply` asks for one service: its settings and the release

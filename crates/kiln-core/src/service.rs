@@ -43,6 +43,14 @@ pub struct ServiceSpec {
     pub rollout: RolloutSpec,
     #[serde(default)]
     pub stop: StopSpec,
+    /// How long the router waits for an instance's response headers before
+    /// answering 504.
+    #[serde(default = "default_timeout")]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn one() -> u32 {

@@ -127,6 +127,7 @@ fn resolve_service(
             replicas: svc.replicas,
             listen: svc.listen,
             rollout: svc.rollout.clone(),
+            timeout: svc.timeout,
         },
         config: ReleaseConfig {
             image: digest,

@@ -1,0 +1,460 @@
+//! The router: one HTTP/1.1 reverse-proxy listener per service `listen`,
+//! inside the agent, sending each request to a ready instance.
+//!
+//! The whole routing table is one immutable [`RouteTable`] behind an
+//! `ArcSwap`: a request loads it once and uses that snapshot to the end, and
+//! controllers publish a new table with a single atomic swap (read-copy-
+//! update), so no request ever sees half an update. Instances are reached
+//! through one shared keep-alive pool. Each backend counts its in-flight
+//! requests (until the response body is fully sent), which is what draining
+//! waits on.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use kiln_core::spec::ServiceName;
+use tokio::net::TcpListener;
+use tokio::sync::Mutex;
+use tokio::task::JoinHandle;
+
+type ProxyBody = BoxBody<Bytes, hyper::Error>;
+
+/// One ready instance that may receive traffic.
+#[derive(Debug)]
+pub struct Backend {
+    pub instance: String,
+    pub revision: u64,
+    pub port: u16,
+    /// Requests in flight to it, until their response bodies are sent.
+    pub inflight: Arc<AtomicUsize>,
+}
+
+/// A service's routes: the instances to balance over, and its timeout.
+#[derive(Debug, Default)]
+pub struct ServiceRoutes {
+    pub backends: Vec<Arc<Backend>>,
+    pub timeout: Duration,
+    next: AtomicUsize,
+}
+
+/// The whole routing table: swapped as one value.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub services: HashMap<ServiceName, Arc<ServiceRoutes>>,
+}
+
+pub struct Router {
+    table: ArcSwap<RouteTable>,
+    client: Client<HttpConnector, ProxyBody>,
+    listeners: Mutex<HashMap<ServiceName, (SocketAddr, JoinHandle<()>)>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} for service {service}: {source}")]
+pub struct ListenError {
+    pub service: ServiceName,
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl Router {
+    pub fn new() -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(RouteTable::default()),
+            client,
+            listeners: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The current snapshot.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.table.load_full()
+    }
+
+    /// Publish a service's backends: one atomic swap of the whole table.
+    pub fn set_routes(
+        &self,
+        service: &ServiceName,
+        backends: Vec<Arc<Backend>>,
+        timeout: Duration,
+    ) {
+        self.table.rcu(|old| {
+            let mut services = old.services.clone();
+            services.insert(
+                service.clone(),
+                Arc::new(ServiceRoutes {
+                    backends: backends.clone(),
+                    timeout,
+                    next: AtomicUsize::new(0),
+                }),
+            );
+            RouteTable { services }
+        });
+    }
+
+    /// Make sure `service` has a listener on `addr` (moving it if it had
+    /// another). Binding is the check that the address is free.
+    pub async fn listen(
+        self: &Arc<Self>,
+        service: &ServiceName,
+        addr: SocketAddr,
+    ) -> Result<(), ListenError> {
+        let mut listeners = self.listeners.lock().await;
+        if listeners.get(service).is_some_and(|(a, _)| *a == addr) {
+            return Ok(());
+        }
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| ListenError {
+                service: service.clone(),
+                addr,
+                source,
+            })?;
+        if let Some((_, old)) = listeners.remove(service) {
+            old.abort();
+        }
+        let router = self.clone();
+        let name = service.clone();
+        let task = tokio::spawn(async move { router.accept_loop(listener, name).await });
+        listeners.insert(service.clone(), (addr, task));
+        Ok(())
+    }
+
+    /// Whether `service` (or nobody) holds `addr` already.
+    pub async fn listening_on(&self, addr: SocketAddr) -> Option<ServiceName> {
+        self.listeners
+            .lock()
+            .await
+            .iter()
+            .find(|(_, (a, _))| *a == addr)
+            .map(|(s, _)| s.clone())
+    }
+
+    /// Stop every listener (agent shutdown).
+    pub async fn close(&self) {
+        for (_, (_, task)) in self.listeners.lock().await.drain() {
+            task.abort();
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: ServiceName) {
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.clone();
+            let service = service.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let router = router.clone();
+                    let service = service.clone();
+                    async move { Ok::<_, Infallible>(router.proxy(&service, peer, req).await) }
+                });
+                // hyper answers unparsable requests with 400 itself.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    }
+
+    async fn proxy(
+        &self,
+        service: &ServiceName,
+        peer: SocketAddr,
+        mut req: Request<Incoming>,
+    ) -> Response<ProxyBody> {
+        let table = self.table.load_full();
+        let Some(routes) = table.services.get(service).cloned() else {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no routes for service {service}\n"),
+            );
+        };
+        if routes.backends.is_empty() {
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no ready instance of service {service}\n"),
+            );
+        }
+        let upgrade = is_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let host = parts.headers.get(header::HOST).cloned();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let xff = match parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(prev) => format!("{prev}, {}", peer.ip()),
+            None => peer.ip().to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-for"), v);
+        }
+        parts.headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
+        if let Some(h) = host {
+            parts
+                .headers
+                .insert(HeaderName::from_static("x-forwarded-host"), h);
+        }
+        // A request without a body can be sent again to another instance
+        // if the first could not be connected to: nothing reached it.
+        let bodyless = body.is_end_stream();
+        let mut body = Some(body.boxed());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned();
+        let n = routes.backends.len();
+        let start = routes.next.fetch_add(1, Ordering::Relaxed);
+        let attempts = if bodyless { n.min(3) } else { 1 };
+        let mut last = local(StatusCode::BAD_GATEWAY, "no instance could be reached\n");
+        for attempt in 0..attempts {
+            let backend = routes.backends[(start + attempt) % n].clone();
+            let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty));
+            let Ok(uri) = format!("http://127.0.0.1:{}{path}", backend.port).parse() else {
+                return local(StatusCode::BAD_REQUEST, "invalid request target\n");
+            };
+            *up.uri_mut() = uri;
+            let guard = Inflight::new(backend.inflight.clone());
+            match tokio::time::timeout(routes.timeout, self.client.request(up)).await {
+                Err(_) => {
+                    return local(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        &format!(
+                            "instance {} did not answer within {}\n",
+                            backend.instance,
+                            humantime::format_duration(routes.timeout)
+                        ),
+                    );
+                }
+                Ok(Err(e)) if e.is_connect() => {
+                    last = local(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("instance {} could not be reached\n", backend.instance),
+                    );
+                    continue;
+                }
+                Ok(Err(_)) => {
+                    return local(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("instance {} failed the request\n", backend.instance),
+                    );
+                }
+                Ok(Ok(mut resp)) => {
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_up) = client_upgrade
+                    {
+                        let upstream_up = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            let _guard = guard;
+                            if let (Ok(a), Ok(b)) = (client_up.await, upstream_up.await) {
+                                let _ = tokio::io::copy_bidirectional(
+                                    &mut TokioIo::new(a),
+                                    &mut TokioIo::new(b),
+                                )
+                                .await;
+                            }
+                        });
+                        let (parts, _) = resp.into_parts();
+                        return Response::from_parts(parts, empty());
+                    }
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers, false);
+                    return Response::from_parts(
+                        parts,
+                        Guarded {
+                            body,
+                            _guard: guard,
+                        }
+                        .boxed(),
+                    );
+                }
+            }
+        }
+        last
+    }
+}
+
+fn empty() -> ProxyBody {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn local(status: StatusCode, msg: &str) -> Response<ProxyBody> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg.to_owned()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r.headers_mut().insert(
+        HeaderName::from_static("x-kiln-router"),
+        HeaderValue::from_static("1"),
+    );
+    r
+}
+
+fn is_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get(header::CONNECTION)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// Hop-by-hop headers belong to one connection, not to the request
+/// (RFC 9110 §7.6.1); an upgrade keeps `Connection` and `Upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+        .filter(|n| !(upgrade && (n == header::UPGRADE)))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ] {
+        h.remove(n);
+    }
+    if !upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+}
+
+/// Counts a request as in flight from dispatch until dropped.
+struct Inflight(Arc<AtomicUsize>);
+
+impl Inflight {
+    fn new(c: Arc<AtomicUsize>) -> Self {
+        c.fetch_add(1, Ordering::SeqCst);
+        Self(c)
+    }
+}
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that keeps its request counted until it is fully sent.
+struct Guarded {
+    body: Incoming,
+    _guard: Inflight,
+}
+
+impl Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-app", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-app"));
+    }
+
+    #[test]
+    fn a_swap_replaces_one_service_and_keeps_the_others() {
+        let r = Router::new();
+        let a = ServiceName::try_from("a").unwrap();
+        let b = ServiceName::try_from("b").unwrap();
+        let backend = |port| {
+            Arc::new(Backend {
+                instance: format!("i{port}"),
+                revision: 1,
+                port,
+                inflight: Arc::default(),
+            })
+        };
+        r.set_routes(&a, vec![backend(1)], Duration::from_secs(1));
+        r.set_routes(&b, vec![backend(2)], Duration::from_secs(1));
+        let before = r.table();
+        r.set_routes(&a, vec![backend(3), backend(4)], Duration::from_secs(1));
+        let after = r.table();
+        assert_eq!(
+            before.services[&a].backends.len(),
+            1,
+            "an old snapshot never changes"
+        );
+        assert_eq!(after.services[&a].backends.len(), 2);
+        assert_eq!(after.services[&b].backends[0].port, 2);
+    }
+}
