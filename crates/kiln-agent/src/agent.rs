@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use kiln_core::api::RollbackResponse;
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
@@ -341,6 +342,91 @@ impl Agent {
             }
         }
         Ok(())
+    }
+
+    /// `kiln rollback`: a new release whose content is an earlier one's,
+    /// rolled out like any other. A rollout in progress is abandoned (its
+    /// release marked failed).
+    pub async fn rollback(
+        &self,
+        name: &ServiceName,
+        to: Option<u64>,
+    ) -> Result<RollbackResponse, AgentError> {
+        let _serial = self.apply_lock.lock().await;
+        let mut rec = self
+            .shared
+            .state
+            .service(name)?
+            .ok_or_else(|| AgentError::NotFound(format!("no service named {name}")))?;
+        let releases = self.shared.state.releases(name)?;
+        let current = rec.target;
+        let latest = releases.iter().map(|r| r.revision).max().unwrap_or(0);
+        let source = match to {
+            Some(n) => releases.iter().find(|r| r.revision == n).ok_or_else(|| {
+                AgentError::NotFound(format!(
+                    "release {n} of {name} does not exist (it has releases 1 to {latest})"
+                ))
+            })?,
+            None => releases
+                .iter()
+                .rev()
+                .find(|r| {
+                    r.revision != current
+                        && matches!(r.outcome, Outcome::Active | Outcome::Superseded)
+                })
+                .ok_or_else(|| {
+                    AgentError::Invalid(format!(
+                        "{name} has no earlier successful release to return to"
+                    ))
+                })?,
+        };
+        if source.revision == current {
+            return Err(AgentError::Invalid(format!(
+                "{name} is on release {current} already"
+            )));
+        }
+        let mut events = Vec::new();
+        if let Some(cur) = releases.iter().find(|r| r.revision == current)
+            && cur.outcome == Outcome::Pending
+        {
+            let reason = format!("rolled back by hand to release {}", source.revision);
+            let ev = NewEvent::service(
+                "release-failed",
+                name,
+                Some(current),
+                json!({"reason": reason}),
+            );
+            self.shared
+                .state
+                .set_outcome(name, current, Outcome::Failed, Some(&reason), &ev)?;
+        }
+        let revision = latest + 1;
+        let release = Release {
+            service: name.clone(),
+            revision,
+            hash: source.config.hash(),
+            config: source.config.clone(),
+            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            cause: format!("rollback to {}", source.revision),
+            outcome: Outcome::Pending,
+            reason: None,
+        };
+        events.push(NewEvent::service(
+            "rollback",
+            name,
+            Some(revision),
+            json!({"from": current, "to": source.revision, "automatic": false}),
+        ));
+        rec.target = revision;
+        self.shared
+            .state
+            .record_apply(&rec, Some(&release), &events)?;
+        self.wake(name).await;
+        Ok(RollbackResponse {
+            revision,
+            from: current,
+            to: source.revision,
+        })
     }
 
     pub fn status(&self) -> Result<StatusResponse, AgentError> {

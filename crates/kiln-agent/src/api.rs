@@ -2,6 +2,7 @@
 //! parse strictly into the closed command set of [`kiln_core::api`]; every
 //! [`AgentError`] kind maps to exactly one status.
 
+use kiln_core::api::{RollbackRequest, RollbackResponse};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -47,6 +48,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/apply", post(apply))
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/history", get(history))
+        .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NotFound("no such API endpoint".into()) })
         .with_state(agent)
@@ -77,6 +79,17 @@ async fn history(
 ) -> Result<Json<HistoryResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
     Ok(Json(agent.history(&name)?))
+}
+
+/// `POST /v1/services/{name}/rollback`: allowed any time but during shutdown.
+async fn rollback(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<RollbackRequest>, JsonRejection>,
+) -> Result<Json<RollbackResponse>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.rollback(&name, req.to).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -7,6 +7,7 @@
 //! | `POST /v1/apply` | [`ApplyRequest`] → [`ApplyResponse`] |
 //! | `GET /v1/status` | → [`StatusResponse`] |
 //! | `GET /v1/services/{name}/history` | → [`HistoryResponse`] |
+//! | `POST /v1/services/{name}/rollback` | [`RollbackRequest`] → [`RollbackResponse`] |
 //! | `GET /v1/logs?service=S[&release=N][&instance=ID][&follow=true]` | → text lines |
 //!
 //! Errors answer `{"error": "..."}` with the status of their kind.
@@ -117,4 +118,22 @@ pub struct HistoryResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorBody {
     pub error: String,
+}
+
+/// `POST /v1/services/{name}/rollback`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The release whose content to return to; default: the latest earlier
+    /// release that was active.
+    #[serde(default)]
+    pub to: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackResponse {
+    /// The new release (its content is `to`'s).
+    pub revision: u64,
+    pub from: u64,
+    pub to: u64,
 }

@@ -53,6 +53,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
         Command::Demo { keep } => crate::demo::run(cli.home, keep),
         Command::Serve => crate::deploy::serve(&home()?),
+        Command::Rollback {
+            service,
+            to,
+            detach,
+            json,
+        } => crate::deploy::rollback(&home()?, &service, to, detach, json),
+        Command::Rollout {
+            command: crate::RolloutCommand::Status { service },
+        } => crate::deploy::rollout_status(&home()?, &service),
         Command::Apply { file, detach, json } => {
             crate::deploy::apply(&home()?, &file, detach, json)
         }

@@ -1,6 +1,7 @@
 //! Commands that talk to the agent: `serve`, `apply`, `plan`, `status`,
 //! `history`, `logs`.
 
+use kiln_core::api::{RollbackRequest, RollbackResponse};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
@@ -210,7 +211,7 @@ async fn wait_for(
     loop {
         let status: StatusResponse = client.get("/v1/status").await?;
         let mut done = 0;
-        for (name, revision, _) in waiting {
+        for (name, revision, action) in waiting {
             let Some(s) = status.services.iter().find(|s| s.name.as_str() == name) else {
                 continue;
             };
@@ -256,7 +257,11 @@ async fn wait_for(
                     s.message.as_deref().unwrap_or("past its progress deadline")
                 );
             }
-            if s.converged && s.revision == Some(*revision) {
+            // A release counts once it is active (its instances stayed ready
+            // for `min_ready`); a settings change once the service converged.
+            let active = *action == Action::Settings
+                || release.is_some_and(|r| r.outcome == Outcome::Active);
+            if s.converged && s.revision == Some(*revision) && active {
                 done += 1;
             }
         }
@@ -269,6 +274,63 @@ async fn wait_for(
         // Status is an in-memory snapshot on the agent: polling it is cheap.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+pub fn rollback(
+    home: &Path,
+    service: &str,
+    to: Option<u64>,
+    detach: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let started = Instant::now();
+    let resp: RollbackResponse = rt.block_on(client.post(
+        &format!("/v1/services/{service}/rollback"),
+        &RollbackRequest { to },
+    ))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!(
+            "{service}: release {} rolls back from release {} to the content of release {}",
+            resp.revision, resp.from, resp.to
+        );
+    }
+    if detach {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let code = rt.block_on(wait_for(
+        &client,
+        &[(service.to_owned(), resp.revision, Action::Release)],
+        !json,
+    ))?;
+    if !json {
+        eprintln!(
+            "rolled back in {:.0} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    }
+    Ok(code)
+}
+
+/// `kiln rollout status`: follow the service's current rollout to its end.
+pub fn rollout_status(home: &Path, service: &str) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let status: StatusResponse = rt.block_on(client.get("/v1/status"))?;
+    let s = status
+        .services
+        .iter()
+        .find(|s| s.name.as_str() == service)
+        .ok_or_else(|| anyhow::anyhow!("no service named {service}"))?;
+    let revision = s.revision.unwrap_or(1);
+    rt.block_on(wait_for(
+        &client,
+        &[(service.to_owned(), revision, Action::Release)],
+        true,
+    ))
 }
 
 pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {

@@ -142,6 +142,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Return a service to an earlier release's content (a new release, rolled out)
+    Rollback {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// The release to return to [default: the previous successful one]
+        #[arg(long, value_name = "REVISION")]
+        to: Option<u64>,
+        #[arg(long)]
+        detach: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rollouts: `kiln rollout status SERVICE` follows one in progress
+    Rollout {
+        #[command(subcommand)]
+        command: RolloutCommand,
+    },
     /// Instance logs of a service (kept after instances are gone)
     Logs {
         #[arg(value_name = "SERVICE")]
@@ -161,6 +178,15 @@ pub enum Command {
         /// Keep the temporary home afterwards and print its path
         #[arg(long)]
         keep: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RolloutCommand {
+    /// Follow the service's current rollout until it completes or fails
+    Status {
+        #[arg(value_name = "SERVICE")]
+        service: String,
     },
 }
 

@@ -4,6 +4,9 @@
 //! - `GET /` → `hello from VERSION (instance ID)`
 //! - `GET /healthz` → 200 `ok` (or 503 when told to fail)
 //! - `GET /static/NAME` → a file from `$HELLO_STATIC_DIR` (default `static`)
+//! - `POST /upload` → the number of body bytes received (streamed, not kept)
+//! - `GET /ws` → a WebSocket that echoes text messages
+//! - `GET /headers` → the request's headers, one per line
 //!
 //! Knobs (environment), to misbehave on purpose:
 //! - `PORT` — where to listen on 127.0.0.1 (default 8080)
@@ -123,6 +126,8 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
         let (method, target) = (method.to_owned(), target.to_owned());
         let mut keep_alive = proto == "HTTP/1.1";
         let mut content_length = 0u64;
+        let mut ws_key = None;
+        let mut headers = String::new();
         loop {
             let mut h = String::new();
             if reader.read_line(&mut h)? == 0 {
@@ -132,9 +137,13 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
             if h.is_empty() {
                 break;
             }
+            headers.push_str(h);
+            headers.push('\n');
             if let Some((k, v)) = h.split_once(':') {
                 let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
-                if k == "content-length" {
+                if k == "sec-websocket-key" {
+                    ws_key = Some(v.to_owned());
+                } else if k == "content-length" {
                     content_length = v.parse().unwrap_or(0);
                 } else if k == "connection" {
                     keep_alive = !v.eq_ignore_ascii_case("close")
@@ -142,8 +151,31 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
                 }
             }
         }
-        io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
         let path = target.split('?').next().unwrap_or("/");
+        if path == "/ws" {
+            return websocket(reader, out, ws_key.as_deref());
+        }
+        let received = io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
+        if path == "/headers" {
+            respond(&mut out, 200, "text/plain", headers.as_bytes(), keep_alive)?;
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
+        if path == "/upload" {
+            respond(
+                &mut out,
+                200,
+                "text/plain",
+                format!("{received}\n").as_bytes(),
+                keep_alive,
+            )?;
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
         match (method.as_str(), path) {
             (_, "/healthz") if config.fail_health => {
                 respond(&mut out, 503, "text/plain", b"unhealthy\n", keep_alive)?
@@ -183,6 +215,89 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
             return Ok(());
         }
     }
+}
+
+/// RFC 6455: answer the handshake, then echo each text frame (the client
+/// masks its frames; the server's are unmasked).
+fn websocket(
+    mut reader: BufReader<TcpStream>,
+    mut out: TcpStream,
+    key: Option<&str>,
+) -> io::Result<()> {
+    let Some(key) = key else {
+        return respond(
+            &mut out,
+            400,
+            "text/plain",
+            b"missing sec-websocket-key\n",
+            false,
+        );
+    };
+    let mut sha = sha1_smol::Sha1::new();
+    sha.update(key.as_bytes());
+    sha.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    let accept = base64(&sha.digest().bytes());
+    write!(
+        out,
+        "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\nsec-websocket-accept: {accept}\r\n\r\n"
+    )?;
+    loop {
+        let mut head = [0u8; 2];
+        if reader.read_exact(&mut head).is_err() {
+            return Ok(());
+        }
+        let opcode = head[0] & 0x0f;
+        let masked = head[1] & 0x80 != 0;
+        let mut len = u64::from(head[1] & 0x7f);
+        if len == 126 {
+            let mut b = [0u8; 2];
+            reader.read_exact(&mut b)?;
+            len = u64::from(u16::from_be_bytes(b));
+        } else if len == 127 {
+            let mut b = [0u8; 8];
+            reader.read_exact(&mut b)?;
+            len = u64::from_be_bytes(b);
+        }
+        let mut mask = [0u8; 4];
+        if masked {
+            reader.read_exact(&mut mask)?;
+        }
+        let mut payload = vec![0u8; usize::try_from(len).unwrap_or(0).min(1 << 20)];
+        reader.read_exact(&mut payload)?;
+        for (i, b) in payload.iter_mut().enumerate() {
+            *b ^= mask[i % 4];
+        }
+        if opcode == 8 {
+            return out.write_all(&[0x88, 0]);
+        }
+        let mut frame = vec![0x80 | opcode];
+        if payload.len() < 126 {
+            frame.push(payload.len() as u8);
+        } else {
+            frame.push(126);
+            frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        frame.extend_from_slice(&payload);
+        out.write_all(&frame)?;
+    }
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 fn static_file(dir: &Path, name: &str) -> Option<Vec<u8>> {

@@ -320,3 +320,131 @@ pub fn processes_mentioning(needle: &str) -> Vec<u32> {
     }
     out
 }
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 request on a keep-alive connection: (status, body).
+pub fn request(
+    conn: &mut std::io::BufReader<std::net::TcpStream>,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    use std::io::{BufRead, Read, Write};
+    write!(
+        conn.get_mut(),
+        "GET {path} HTTP/1.1\r\nhost: kiln-test\r\n\r\n"
+    )?;
+    let mut line = String::new();
+    conn.read_line(&mut line)?;
+    let status: u16 = line
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if conn.read_line(&mut h)? == 0 {
+            return Err(std::io::Error::other("connection closed in headers"));
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    conn.read_exact(&mut body)?;
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Steady load through the router from `threads` keep-alive clients, until
+/// stopped (or 120 s). Counts responses by body prefix and every failure.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadCount>>,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadCount {
+    pub ok: u64,
+    pub failed: u64,
+    pub errors: Vec<String>,
+    pub bodies: std::collections::BTreeMap<String, u64>,
+}
+
+impl Load {
+    pub fn start(port: u16, threads: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..threads)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut c = LoadCount::default();
+                    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+                    let mut conn = None;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && std::time::Instant::now() < deadline
+                    {
+                        if conn.is_none() {
+                            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                                Ok(s) => conn = Some(std::io::BufReader::new(s)),
+                                Err(e) => {
+                                    c.failed += 1;
+                                    c.errors.push(format!("connect: {e}"));
+                                    continue;
+                                }
+                            }
+                        }
+                        let Some(cn) = conn.as_mut() else { continue };
+                        match request(cn, "/") {
+                            Ok((200, body)) => {
+                                c.ok += 1;
+                                let key = body.split(" (").next().unwrap_or("").to_owned();
+                                *c.bodies.entry(key).or_default() += 1;
+                            }
+                            Ok((status, body)) => {
+                                c.failed += 1;
+                                c.errors.push(format!("{status}: {body}"));
+                            }
+                            Err(e) => {
+                                c.failed += 1;
+                                c.errors.push(format!("io: {e}"));
+                                conn = None;
+                            }
+                        }
+                    }
+                    c
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            threads: handles,
+        }
+    }
+
+    pub fn finish(self) -> LoadCount {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadCount::default();
+        for t in self.threads {
+            let c = t.join().unwrap();
+            total.ok += c.ok;
+            total.failed += c.failed;
+            total.errors.extend(c.errors);
+            for (k, v) in c.bodies {
+                *total.bodies.entry(k).or_default() += v;
+            }
+        }
+        total
+    }
+}

@@ -1,0 +1,427 @@
+//! Black-box tests of the router and rollouts: real instances behind the
+//! real router, under real load on loopback.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+use util::{
+    Agent, Env, Load, free_port, hello_app, processes_mentioning, request, service_status,
+    wait_for, write,
+};
+
+fn spec(port: u16, extra_env: &str, extra: &str) -> String {
+    format!(
+        r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 3
+listen = "127.0.0.1:{port}"
+timeout = "1s"
+env = {{ HELLO_VERSION = "v1"{extra_env} }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+[services.web.stop]
+drain_timeout = "2s"
+kill_timeout = "2s"
+{extra}"#
+    )
+}
+
+fn instances(s: &Value) -> Vec<Value> {
+    s["instances"].as_array().cloned().unwrap_or_default()
+}
+
+fn releases(env: &Env) -> Vec<Value> {
+    env.json(&["history", "web", "--json"])["releases"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn get(port: u16, path: &str) -> (u16, String) {
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    c.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    request(&mut c, path).unwrap()
+}
+
+#[test]
+fn a_rolling_update_and_a_rollback_under_load_lose_no_request() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &spec(port, "", ""));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(get(port, "/").0, 200);
+
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    write(
+        &path,
+        spec(port, "", "").replace("\"v1\"", "\"v2\"").as_bytes(),
+    );
+    let out = env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("web: new release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    env.ok(&["rollback", "web"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let count = load.finish();
+
+    assert_eq!(
+        count.failed,
+        0,
+        "failed requests: {:?}",
+        &count.errors[..count.errors.len().min(5)]
+    );
+    assert!(count.ok > 100, "{count:?}");
+    assert!(
+        count.bodies.contains_key("hello from v1") && count.bodies.contains_key("hello from v2"),
+        "{count:?}"
+    );
+    let s = service_status(&env, "web");
+    assert_eq!(s["revision"], 3);
+    assert!(instances(&s).iter().all(|i| i["revision"] == 3), "{s}");
+    assert!(
+        get(port, "/").1.starts_with("hello from v1"),
+        "release 3 has release 1's content"
+    );
+    let r = releases(&env);
+    assert_eq!(r[2]["cause"], "rollback to 1");
+    assert_eq!(r[2]["hash"], r[0]["hash"]);
+}
+
+#[test]
+fn a_release_that_never_becomes_ready_is_rolled_back_and_leaves_nothing() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(
+            port,
+            "",
+            "[services.web.rollout]\nprogress_deadline = \"2s\"\n",
+        ),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(
+            port,
+            ", HELLO_FAIL_HEALTH = \"1\"",
+            "[services.web.rollout]\nprogress_deadline = \"2s\"\n",
+        )
+        .as_bytes(),
+    );
+    let load = Load::start(port, 2);
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains("release 2 failed")
+            && err.contains("progress deadline")
+            && err.contains("back on release 1"),
+        "{err}"
+    );
+    wait_for("no instance of release 2", Duration::from_secs(10), || {
+        instances(&service_status(&env, "web"))
+            .iter()
+            .all(|i| i["revision"] == 1)
+    });
+    let count = load.finish();
+    assert_eq!(
+        count.failed,
+        0,
+        "{:?}",
+        &count.errors[..count.errors.len().min(5)]
+    );
+    assert_eq!(
+        count.bodies.keys().collect::<Vec<_>>(),
+        ["hello from v1"],
+        "no request reached release 2"
+    );
+    let s = service_status(&env, "web");
+    assert_eq!(
+        (s["revision"].as_u64(), s["ready"].as_u64()),
+        (Some(1), Some(3))
+    );
+    let r = releases(&env);
+    assert_eq!(r[1]["outcome"], "failed");
+    assert!(
+        r[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("0/3 instances ready"),
+        "{r:?}"
+    );
+    assert_eq!(r[0]["outcome"], "active");
+}
+
+#[test]
+fn a_crash_looping_release_is_rolled_back() {
+    let env = Env::new();
+    let port = free_port();
+    // Instances must stay ready 1 s to count; these crash after 0.3 s.
+    let rollout = "[services.web.rollout]\nmin_ready = \"1s\"\nprogress_deadline = \"60s\"\n";
+    let path = hello_app(&env.path("app"), &spec(port, "", rollout));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, ", HELLO_CRASH_AFTER = \"0.3\"", rollout).as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains("release 2 failed") && err.contains("keep crashing"),
+        "{err}"
+    );
+    wait_for("no instance of release 2", Duration::from_secs(10), || {
+        instances(&service_status(&env, "web"))
+            .iter()
+            .all(|i| i["revision"] == 1)
+    });
+    assert!(get(port, "/").1.starts_with("hello from v1"));
+    assert_eq!(releases(&env)[1]["outcome"], "failed");
+}
+
+#[test]
+fn auto_rollback_off_leaves_the_rollout_paused() {
+    let env = Env::new();
+    let port = free_port();
+    let rollout = "[services.web.rollout]\nprogress_deadline = \"1s\"\nauto_rollback = false\n";
+    let path = hello_app(&env.path("app"), &spec(port, "", rollout));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, ", HELLO_FAIL_HEALTH = \"1\"", rollout).as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains("paused"), "{err}");
+    let status = env.ok(&["status", "web"]);
+    assert!(
+        status.contains("paused") && status.contains("kiln rollback web"),
+        "{status}"
+    );
+    // Old instances still serve.
+    assert!(get(port, "/").1.starts_with("hello from v1"));
+    env.ok(&["rollback", "web"]);
+    let s = service_status(&env, "web");
+    assert!(s["converged"] == true && s["revision"] == 3, "{s}");
+}
+
+#[test]
+fn an_agent_killed_mid_rollout_converges_to_one_release() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, ", HELLO_START_DELAY = \"0.5\"", ""),
+    );
+    let mut agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, ", HELLO_START_DELAY = \"0.5\"", "")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut child = agent.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let home = env.home.to_str().unwrap().to_owned();
+    wait_for(
+        "the old agent's instances to die",
+        Duration::from_secs(10),
+        || processes_mentioning(&home).is_empty(),
+    );
+
+    let _agent = Agent::start(&env);
+    wait_for("convergence", Duration::from_secs(60), || {
+        service_status(&env, "web")["converged"] == true
+    });
+    let s = service_status(&env, "web");
+    let inst = instances(&s);
+    assert_eq!(inst.len(), 3, "{s}");
+    let rev = &inst[0]["revision"];
+    assert!(
+        inst.iter().all(|i| &i["revision"] == rev),
+        "one release: {s}"
+    );
+    // Each sandboxed instance is an outer bwrap and its reaper (the app's
+    // own command line does not name the home): nothing else survives.
+    wait_for(
+        "exactly the live instances' processes",
+        Duration::from_secs(10),
+        || processes_mentioning(&home).len() == 2 * inst.len(),
+    );
+    let body = get(port, "/").1;
+    assert!(
+        body.starts_with(if rev == 2 {
+            "hello from v2"
+        } else {
+            "hello from v1"
+        }),
+        "{body}"
+    );
+    let events = std::fs::read_dir(env.home.join("logs/web"))
+        .unwrap()
+        .count();
+    assert!(events >= 6, "the history of instances is kept");
+}
+
+#[test]
+fn websockets_and_a_streamed_100_mb_body_pass_through() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "", "").replace("replicas = 3", "replicas = 1"),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // WebSocket: handshake through the router, then a masked text frame echoed.
+    let mut ws = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    ws.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        ws,
+        "GET /ws HTTP/1.1\r\nhost: x\r\nconnection: Upgrade\r\nupgrade: websocket\r\nsec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        ws.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let msg = b"hello through kiln";
+    let mask = [1u8, 2, 3, 4];
+    let mut frame = vec![0x81, 0x80 | msg.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(msg.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    ws.write_all(&frame).unwrap();
+    let mut reply = [0u8; 2 + 18];
+    ws.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[..2], &[0x81, msg.len() as u8]);
+    assert_eq!(&reply[2..], msg);
+
+    // 100 MB streamed up through the router, counted by the instance.
+    let size: u64 = 100 << 20;
+    let mut up = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    up.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        up,
+        "POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let chunk = vec![b'k'; 1 << 20];
+    for _ in 0..100 {
+        up.write_all(&chunk).unwrap();
+    }
+    let mut resp = String::new();
+    up.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.ends_with(&format!("\r\n\r\n{size}\n")), "{resp}");
+
+    // X-Forwarded-* reach the instance.
+    let headers = get(port, "/headers").1.to_lowercase();
+    assert!(headers.contains("x-forwarded-for: 127.0.0.1"), "{headers}");
+    assert!(headers.contains("x-forwarded-proto: http"), "{headers}");
+    assert!(headers.contains("x-forwarded-host: kiln-test"), "{headers}");
+}
+
+#[test]
+fn malformed_requests_get_400_and_a_hanging_instance_504() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "", "").replace("replicas = 3", "replicas = 1"),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let mut bad = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    bad.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    bad.write_all(b"NOT A REQUEST\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = bad.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out:?}");
+    assert_eq!(get(port, "/").0, 200, "the router is unharmed");
+
+    // An instance that accepts but never answers: 504 after the timeout, not a hang.
+    write(
+        &path,
+        spec(port, ", HELLO_HANG = \"1\"", "")
+            .replace("replicas = 3", "replicas = 1")
+            .replace("http = \"/healthz\"", "tcp = true")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (status, body) = get(port, "/");
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("did not answer within 1s"), "{body}");
+}
+
+#[test]
+fn a_listen_address_in_use_is_refused_at_apply_with_nothing_started() {
+    let env = Env::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let path = hello_app(&env.path("app"), &spec(port, "", ""));
+    let _agent = Agent::start(&env);
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "cannot listen on 127.0.0.1:{port} for service web"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("in use"), "{err}");
+    let err = env.fails(&["history", "web"]);
+    assert!(
+        err.contains("no service named web"),
+        "nothing was recorded: {err}"
+    );
+    assert!(
+        env.json(&["status", "--json"])["services"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn rollback_to_a_revision_that_does_not_exist_is_a_clear_error() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "", "").replace("replicas = 3", "replicas = 1"),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let err = env.fails(&["rollback", "web", "--to", "9"]);
+    assert!(err.contains("release 9 of web does not exist"), "{err}");
+    let err = env.fails(&["rollback", "web"]);
+    assert!(err.contains("no earlier successful release"), "{err}");
+    assert_eq!(releases(&env).len(), 1);
+}
