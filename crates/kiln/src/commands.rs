@@ -51,7 +51,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             json,
         } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
-        Command::Demo { keep } => crate::demo::run(cli.home, keep),
+        Command::Demo { keep, no_wait } => crate::demo::run(cli.home, keep, no_wait),
         Command::Serve => crate::deploy::serve(&home()?),
         Command::Rollback {
             service,

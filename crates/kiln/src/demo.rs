@@ -1,17 +1,22 @@
-//! `kiln demo`: kiln at work on the example app, in a temporary home.
-//!
-//! Until the deploy engine exists, the demo shows the bake half of the loop:
-//! a reproducible bake, an incremental re-bake, the read-only tree, a check
-//! of the store and an export other tools read.
+//! `kiln demo`: the whole point of kiln in one command, on the example app,
+//! in a temporary home: bake, deploy 3 replicas behind the router, roll out
+//! a new release under load, roll back, and show what happened — with the
+//! count of failed requests (zero).
 
-use std::io::IsTerminal;
+use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
-use std::time::Instant;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use kiln_core::api::{ApplyRequest, ApplyResponse, RollbackRequest, RollbackResponse};
+use kiln_core::plan::Action;
 
-use crate::commands::{bake_reports, bake_summary, open_store};
+use crate::client::Client;
+use crate::deploy::{desired, runtime, wait_for};
 
 const SPEC: &str = include_str!("../../../examples/hello/kiln.toml");
 const INDEX_HTML: &str = include_str!("../../../examples/hello/static/index.html");
@@ -34,26 +39,159 @@ pub fn hello_binary() -> Result<PathBuf> {
     }
 }
 
-/// Write the example app's context (binary, static file, spec) into `dir`.
-pub fn stage_example(dir: &Path) -> Result<PathBuf> {
+/// Write the example app's context (binary, static file, spec with a
+/// service listening on `port`) into `dir`.
+fn stage_example(dir: &Path, port: u16, version: &str) -> Result<PathBuf> {
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin)?;
     std::fs::create_dir_all(dir.join("static"))?;
-    std::fs::copy(hello_binary()?, bin.join("hello")).context("cannot copy the hello binary")?;
+    if !bin.join("hello").exists() {
+        std::fs::copy(hello_binary()?, bin.join("hello"))
+            .context("cannot copy the hello binary")?;
+    }
     std::fs::write(dir.join("static/index.html"), INDEX_HTML)?;
     let spec = dir.join("kiln.toml");
-    std::fs::write(&spec, SPEC)?;
+    let service = format!(
+        r#"
+[services.hello]
+image = "hello"
+replicas = 3
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+[services.hello.health.readiness]
+http = "/healthz"
+interval = "250ms"
+[services.hello.stop]
+drain_timeout = "2s"
+kill_timeout = "2s"
+"#
+    );
+    std::fs::write(&spec, format!("{SPEC}{service}"))?;
     Ok(spec)
 }
 
-pub fn run(home: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
+struct AgentProcess(Child);
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let _ = self.0.wait();
+    }
+}
+
+/// Requests through the router from a few keep-alive clients.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(port: u16, clients: usize) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let threads = (0..clients)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                std::thread::spawn(move || {
+                    let mut conn: Option<BufReader<TcpStream>> = None;
+                    while !stop.load(Ordering::Relaxed) {
+                        if conn.is_none() {
+                            conn = TcpStream::connect(("127.0.0.1", port))
+                                .ok()
+                                .map(BufReader::new);
+                        }
+                        let good = conn
+                            .as_mut()
+                            .is_some_and(|c| get(c).is_ok_and(|s| s == 200));
+                        if good {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                            conn = None;
+                        }
+                        // A small load: a few hundred requests a second.
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// One GET / on a keep-alive connection; the status.
+fn get(c: &mut BufReader<TcpStream>) -> std::io::Result<u16> {
+    write!(c.get_mut(), "GET / HTTP/1.1\r\nhost: demo\r\n\r\n")?;
+    let mut line = String::new();
+    c.read_line(&mut line)?;
+    let status = line.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut len = 0usize;
+    loop {
+        let mut h = String::new();
+        if c.read_line(&mut h)? == 0 {
+            return Err(std::io::Error::other("closed"));
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body)?;
+    Ok(status)
+}
+
+fn body_of(port: u16) -> String {
+    let Ok(s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let mut s = s;
+    let _ = write!(
+        s,
+        "GET / HTTP/1.1\r\nhost: demo\r\nconnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.trim().to_owned())
+        .unwrap_or_default()
+}
+
+pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
     let home = home.unwrap_or_else(|| work.path().join("home"));
-    let store = open_store(&home)?;
-    let spec = stage_example(&work.path().join("hello"))?;
-    // The stat cache does not trust files changed within 100 ms of a bake
-    // (their timestamps could hide a further change); let the fresh copies age.
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    std::fs::create_dir_all(&home)?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let app = work.path().join("hello");
+    let spec = stage_example(&app, port, "v1")?;
     let bold = std::io::stdout().is_terminal();
     let step = |n: u32, text: &str| {
         if bold {
@@ -62,78 +200,140 @@ pub fn run(home: Option<PathBuf>, keep: bool) -> Result<ExitCode> {
             println!("\n{n}. {text}");
         }
     };
-    let print_bake = |r: &kiln_store::bake::BakeReport, secs: f64| {
-        println!("   {}@{}", r.image, r.digest);
-        println!(" {}", bake_summary(r, secs));
-    };
 
     step(
         1,
-        "bake the example app (examples/hello) into a content-addressed OCI image",
+        "start the agent (reconciler, router, API) in a temporary home",
     );
-    let (first, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
-    print_bake(&first, secs);
+    let exe = std::env::current_exe()?;
+    let log = std::fs::File::create(home.join("agent.log"))?;
+    let agent = AgentProcess(
+        Command::new(&exe)
+            .arg("--home")
+            .arg(&home)
+            .arg("serve")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start the agent")?,
+    );
+    let sock = kiln_agent::socket_path(&home);
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        if started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "the agent did not start; see {}",
+                home.join("agent.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    println!("   agent pid {} on {}", agent.0.id(), sock.display());
+
+    let client = Client::new(&home);
+    let rt = runtime()?;
+    let apply = |label: &str| -> Result<f64> {
+        let (services, explicit_runtime) = desired(&home, &spec, false)?;
+        let t = Instant::now();
+        let resp: ApplyResponse = rt.block_on(client.post(
+            "/v1/apply",
+            &ApplyRequest {
+                services,
+                dry_run: false,
+                explicit_runtime,
+            },
+        ))?;
+        for s in &resp.plan.services {
+            println!(
+                "   {label}: {} release {}: {}",
+                s.service,
+                s.revision.unwrap_or(1),
+                s.changes.join("; ")
+            );
+        }
+        let waiting: Vec<_> = resp
+            .plan
+            .services
+            .iter()
+            .filter(|s| s.action != Action::Unchanged)
+            .map(|s| (s.service.to_string(), s.revision.unwrap_or(1), s.action))
+            .collect();
+        rt.block_on(wait_for(&client, &waiting, false))?;
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    };
 
     step(
         2,
-        "bake again with nothing changed: no file is read, every layer is reused",
+        "bake examples/hello and deploy 3 sandboxed replicas behind the router",
     );
-    let (again, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
-    print_bake(&again, secs);
+    let ms = apply("deploy")?;
+    println!("   all 3 ready in {ms:.0} ms (bake included)");
     println!(
-        "   same digest: {}",
-        if again.digest == first.digest {
-            "yes"
-        } else {
-            "NO"
-        }
+        "   serving at http://127.0.0.1:{port}/  ->  {}",
+        body_of(port)
     );
 
     step(
         3,
-        "change one static file and bake: only its layer is written",
+        "roll out v2 (a changed env var is a new release) under load",
     );
-    let index = spec.with_file_name("static/index.html");
-    std::fs::write(&index, format!("{INDEX_HTML}<p>changed</p>\n"))?;
-    let (changed, secs) = bake_reports(&home, &spec, &[], &[], false)?.remove(0);
-    print_bake(&changed, secs);
-
-    step(
-        4,
-        "materialize the image's read-only tree and verify the store",
-    );
-    let started = Instant::now();
-    let tree = store.materialize(&changed.digest)?;
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(500));
+    stage_example(&app, port, "v2")?;
+    let rollout_ms = apply("rollout")?;
     println!(
-        "   {} files at {} in {:.0} ms, each recorded with its sha256",
-        tree.manifest.file_count(),
-        tree.rootfs.display(),
-        started.elapsed().as_secs_f64() * 1000.0
-    );
-    let report = kiln_store::verify::verify_store(&store)?;
-    println!(
-        "   {} blobs and {} trees verified, {} problems",
-        report.blobs_checked,
-        report.trees_checked,
-        report.problems.len()
+        "   rolling update done in {rollout_ms:.0} ms  ->  {}",
+        body_of(port)
     );
 
-    step(
-        5,
-        "the store is a plain OCI image layout: other tools read it",
-    );
+    step(4, "roll back: a new release with release 1's content");
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    let rb: RollbackResponse =
+        rt.block_on(client.post("/v1/services/hello/rollback", &RollbackRequest { to: None }))?;
+    rt.block_on(wait_for(
+        &client,
+        &[("hello".to_owned(), rb.revision, Action::Release)],
+        false,
+    ))?;
+    let rollback_ms = t.elapsed().as_secs_f64() * 1000.0;
     println!(
-        "   skopeo inspect oci:{}:hello:{}",
-        home.display(),
-        changed.digest.short()
+        "   release {} (content of release {}) live in {rollback_ms:.0} ms  ->  {}",
+        rb.revision,
+        rb.to,
+        body_of(port)
     );
-    println!("   kiln --home {} images", home.display());
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    println!(
+        "   {} requests through the router during the rollout and the rollback: {failed} failed",
+        ok + failed
+    );
 
+    step(5, "what kiln says: status and history");
+    crate::deploy::status(&home, Some("hello"), false)?;
+    println!();
+    crate::deploy::history(&home, "hello", false)?;
+
+    println!(
+        "\ntry it: curl http://127.0.0.1:{port}/   |   kiln --home {} status",
+        home.display()
+    );
+    if !no_wait && std::io::stdout().is_terminal() {
+        println!("serving until Ctrl-C ...");
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+        });
+    }
+    drop(agent);
     if keep {
         let kept = work.keep();
-        println!("\nkept {}", kept.display());
-    } else {
-        println!("\n(run with --keep to keep the demo's home and look around)");
+        println!("kept {}", kept.display());
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

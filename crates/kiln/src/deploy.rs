@@ -18,7 +18,7 @@ use kiln_store::Store;
 use crate::client::Client;
 use crate::commands::{bake_summary, load_spec, open_store};
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -49,9 +49,10 @@ pub fn serve(home: &Path) -> Result<ExitCode> {
 }
 
 /// Bake what the services need and resolve every service to a release config.
-fn desired(
+pub fn desired(
     home: &Path,
     file: &Path,
+    verbose: bool,
 ) -> Result<(Vec<DesiredService>, Vec<kiln_core::spec::ServiceName>)> {
     let (spec, _) = load_spec(file)?;
     if spec.services.is_empty() {
@@ -66,12 +67,14 @@ fn desired(
             let reports =
                 crate::commands::bake_reports(home, file, &[name.to_string()], &[], true)?;
             for (r, secs) in reports {
-                eprintln!(
-                    "baked {}@{}\n{}",
-                    r.image,
-                    r.digest.short(),
-                    bake_summary(&r, secs)
-                );
+                if verbose {
+                    eprintln!(
+                        "baked {}@{}\n{}",
+                        r.image,
+                        r.digest.short(),
+                        bake_summary(&r, secs)
+                    );
+                }
                 baked.insert(r.image.clone(), r.digest);
             }
         }
@@ -151,7 +154,7 @@ fn resolve_service(
 }
 
 pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
-    let (services, explicit_runtime) = desired(home, file)?;
+    let (services, explicit_runtime) = desired(home, file, true)?;
     let client = Client::new(home);
     let resp: ApplyResponse = runtime()?.block_on(client.post(
         "/v1/apply",
@@ -170,7 +173,7 @@ pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
 }
 
 pub fn apply(home: &Path, file: &Path, detach: bool, json: bool) -> Result<ExitCode> {
-    let (services, explicit_runtime) = desired(home, file)?;
+    let (services, explicit_runtime) = desired(home, file, true)?;
     let client = Client::new(home);
     let rt = runtime()?;
     let resp: ApplyResponse = rt.block_on(client.post(
@@ -201,7 +204,7 @@ pub fn apply(home: &Path, file: &Path, detach: bool, json: bool) -> Result<ExitC
 
 /// Follow the services until each is whole on its planned release, or its
 /// release failed.
-async fn wait_for(
+pub async fn wait_for(
     client: &Client,
     waiting: &[(String, u64, Action)],
     show: bool,
@@ -426,12 +429,12 @@ pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:>4}  {:<22} {:<20} {:<10} {:<11} REASON",
+        "{:>4}  {:<22} {:<20} {:<14} {:<11} REASON",
         "REL", "IMAGE", "CREATED", "CAUSE", "OUTCOME"
     );
     for r in &h.releases {
         println!(
-            "{:>4}  {:<22} {:<20} {:<10} {:<11} {}",
+            "{:>4}  {:<22} {:<20} {:<14} {:<11} {}",
             r.revision,
             format!("{}@{}", r.config.image_name, r.config.image.short()),
             r.created,

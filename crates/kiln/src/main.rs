@@ -173,11 +173,15 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Show kiln at work on the example app, in a temporary home
+    /// Show kiln at work on the example app, in a temporary home: deploy,
+    /// roll out under load, roll back; then serve until Ctrl-C
     Demo {
         /// Keep the temporary home afterwards and print its path
         #[arg(long)]
         keep: bool,
+        /// Exit at the end instead of serving until Ctrl-C
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 

@@ -6,7 +6,7 @@
 mod util;
 
 #[test]
-fn demo_bakes_rebakes_and_verifies() {
+fn demo_deploys_rolls_out_under_load_and_rolls_back_with_no_failed_request() {
     let kiln = std::path::Path::new(env!("CARGO_BIN_EXE_kiln"));
     let hello = kiln.with_file_name("hello");
     assert!(
@@ -15,18 +15,37 @@ fn demo_bakes_rebakes_and_verifies() {
         hello.display()
     );
     let env = util::Env::new();
-    let out = env.cmd().arg("demo").output().unwrap();
+    let out = env.cmd().args(["demo", "--no-wait"]).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
         "{}\n{stdout}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("same digest: yes"), "{stdout}");
     assert!(
-        stdout.contains("(0 written, 2 reused), 2 files (0 read)"),
+        stdout.contains("->  hello from v1 (instance hello-r1-"),
         "{stdout}"
     );
-    assert!(stdout.contains("(1 written, 1 reused)"), "{stdout}");
-    assert!(stdout.contains("0 problems"), "{stdout}");
+    assert!(
+        stdout.contains("rolling update done")
+            && stdout.contains("->  hello from v2 (instance hello-r2-"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("release 3 (content of release 1) live"),
+        "{stdout}"
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("requests through the router"))
+        .unwrap();
+    assert!(line.ends_with(": 0 failed"), "{line}");
+    let served: u64 = line.trim().split(' ').next().unwrap().parse().unwrap();
+    assert!(served > 50, "{line}");
+    assert!(stdout.contains("rollback to 1"), "{stdout}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).is_empty(),
+        "nothing on stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

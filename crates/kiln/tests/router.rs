@@ -425,3 +425,86 @@ fn rollback_to_a_revision_that_does_not_exist_is_a_clear_error() {
     assert!(err.contains("no earlier successful release"), "{err}");
     assert_eq!(releases(&env).len(), 1);
 }
+
+#[test]
+fn an_in_flight_request_is_drained_before_its_instance_stops() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "", "").replace("replicas = 3", "replicas = 1"),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    // A slow request to the only (old) instance, in flight during the rollout.
+    let slow = std::thread::spawn(move || get(port, "/sleep/800"));
+    std::thread::sleep(Duration::from_millis(200));
+    write(
+        &path,
+        spec(port, "", "")
+            .replace("replicas = 3", "replicas = 1")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(
+        slow.join().unwrap(),
+        (200, "slept\n".to_owned()),
+        "drained, not cut off"
+    );
+    let logs = env.ok(&["logs", "web", "--release", "1"]);
+    // SIGTERM after the drain: bubblewrap reports the app's death by it as 143.
+    assert!(
+        (logs.contains("exit status: 143") || logs.contains("signal: 15"))
+            && logs.contains("as asked"),
+        "stopped by its stop signal after draining: {logs}"
+    );
+}
+
+#[test]
+fn recreate_stops_every_old_instance_before_starting_new_ones() {
+    let env = Env::new();
+    let port = free_port();
+    let rollout = "[services.web.rollout]\nstrategy = \"recreate\"\n";
+    let path = hello_app(&env.path("app"), &spec(port, "", rollout));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, "", rollout)
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(get(port, "/").1.starts_with("hello from v2"));
+    // The event log: every release-1 exit comes before any release-2 start.
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT seq, kind, revision FROM events WHERE service = 'web' ORDER BY seq")
+        .unwrap();
+    let events: Vec<(i64, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let last_old_exit = events
+        .iter()
+        .filter(|e| e.1 == "instance-exited" && e.2 == 1)
+        .map(|e| e.0)
+        .max()
+        .unwrap();
+    let first_new_start = events
+        .iter()
+        .filter(|e| e.1 == "instance-started" && e.2 == 2)
+        .map(|e| e.0)
+        .min()
+        .unwrap();
+    assert!(last_old_exit < first_new_start, "{events:?}");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.1 == "instance-exited" && e.2 == 1)
+            .count(),
+        3
+    );
+}

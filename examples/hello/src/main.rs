@@ -7,6 +7,7 @@
 //! - `POST /upload` → the number of body bytes received (streamed, not kept)
 //! - `GET /ws` → a WebSocket that echoes text messages
 //! - `GET /headers` → the request's headers, one per line
+//! - `GET /sleep/MS` → `slept` after MS milliseconds (an in-flight request)
 //!
 //! Knobs (environment), to misbehave on purpose:
 //! - `PORT` — where to listen on 127.0.0.1 (default 8080)
@@ -156,6 +157,17 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
             return websocket(reader, out, ws_key.as_deref());
         }
         let received = io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
+        if let Some(ms) = path
+            .strip_prefix("/sleep/")
+            .and_then(|m| m.parse::<u64>().ok())
+        {
+            thread::sleep(Duration::from_millis(ms.min(60_000)));
+            respond(&mut out, 200, "text/plain", b"slept\n", keep_alive)?;
+            if !keep_alive {
+                return Ok(());
+            }
+            continue;
+        }
         if path == "/headers" {
             respond(&mut out, 200, "text/plain", headers.as_bytes(), keep_alive)?;
             if !keep_alive {
