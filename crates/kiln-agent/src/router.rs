@@ -416,6 +416,69 @@ impl Body for Guarded {
 mod tests {
     use super::*;
 
+    async fn get(port: u16) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        (
+            out[9..12].parse().unwrap(),
+            out.split_once("\r\n\r\n").unwrap().1.to_owned(),
+        )
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    #[tokio::test]
+    async fn no_ready_instance_is_503_and_an_unreachable_one_502() {
+        let r = Router::new();
+        let svc = ServiceName::try_from("web").unwrap();
+        let port = free_port();
+        r.listen(&svc, ([127, 0, 0, 1], port).into()).await.unwrap();
+        let (status, body) = get(port).await;
+        assert_eq!(status, 503, "{body}");
+        r.set_routes(&svc, Vec::new(), Duration::from_secs(1));
+        let (status, body) = get(port).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("no ready instance of service web"), "{body}");
+        // Two backends with nothing listening: retried, then 502.
+        let dead = |port| {
+            Arc::new(Backend {
+                instance: format!("i{port}"),
+                revision: 1,
+                port,
+                inflight: Arc::default(),
+            })
+        };
+        r.set_routes(
+            &svc,
+            vec![dead(free_port()), dead(free_port())],
+            Duration::from_secs(1),
+        );
+        let (status, body) = get(port).await;
+        assert_eq!(status, 502);
+        assert!(body.contains("could not be reached"), "{body}");
+        // A listening address cannot be taken twice.
+        let other = ServiceName::try_from("other").unwrap();
+        assert!(
+            r.listen(&other, ([127, 0, 0, 1], port).into())
+                .await
+                .is_err()
+        );
+        r.close().await;
+    }
+
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = HeaderMap::new();

@@ -508,3 +508,40 @@ fn recreate_stops_every_old_instance_before_starting_new_ones() {
         3
     );
 }
+
+#[test]
+fn rollout_status_follows_a_rollout_to_its_end() {
+    let env = Env::new();
+    let port = free_port();
+    let slow = |v: &str| {
+        spec(port, ", HELLO_START_DELAY = \"0.5\"", "")
+            .replace("replicas = 3", "replicas = 2")
+            .replace("\"v1\"", v)
+    };
+    let path = hello_app(&env.path("app"), &slow("\"v1\""));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(&path, slow("\"v2\"").as_bytes());
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    assert_ne!(
+        service_status(&env, "web")["outcome"],
+        "active",
+        "still rolling out"
+    );
+    let out = env.run(&["rollout", "status", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("web: release 2: 2/2 ready"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = service_status(&env, "web");
+    assert_eq!(
+        (s["revision"].as_u64(), s["outcome"].as_str()),
+        (Some(2), Some("active"))
+    );
+}
