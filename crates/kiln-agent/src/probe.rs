@@ -115,11 +115,14 @@ pub async fn run(
     let report = std::sync::Arc::new(report);
     if let Some(startup) = &health.startup {
         tokio::time::sleep(startup.initial_delay.0).await;
-        // A startup probe starts "not started": it flips once to started,
-        // or counts failures to its threshold.
+        // A startup probe starts "not started" and flips once to started.
+        // It polls fast so a quick app is seen at once, but failures are
+        // counted once per interval: the app gets failure_threshold x
+        // interval to start, however fast the polling.
         let mut state = ProbeState::new(false);
         let mut failures = 0;
         let mut wait = FAST_START;
+        let mut next_count = tokio::time::Instant::now() + startup.interval.0;
         loop {
             let ok = check(&startup.check, port, startup.timeout.0, &*exec).await;
             if state.record(ok, startup.success_threshold, startup.failure_threshold) == Some(true)
@@ -127,10 +130,15 @@ pub async fn run(
                 report(ProbeKind::Startup, true);
                 break;
             }
-            failures = if ok { 0 } else { failures + 1 };
-            if failures >= startup.failure_threshold {
-                report(ProbeKind::Liveness, false);
-                return;
+            if ok {
+                failures = 0;
+            } else if tokio::time::Instant::now() >= next_count {
+                failures += 1;
+                next_count += startup.interval.0;
+                if failures >= startup.failure_threshold {
+                    report(ProbeKind::Liveness, false);
+                    return;
+                }
             }
             tokio::time::sleep(wait).await;
             wait = (wait * 2).min(startup.interval.0);
@@ -187,6 +195,80 @@ mod tests {
             c.args(&argv[1..]);
             c
         })
+    }
+
+    /// Regression: fast polling counted every early failure, so an app
+    /// slower than ~15 ms to listen failed its startup probe.
+    #[tokio::test]
+    async fn a_slow_start_within_the_startup_budget_is_not_a_failure() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let startup = Probe {
+            check: ProbeCheck::Tcp,
+            interval: SpecDuration::from_millis(100),
+            timeout: SpecDuration::from_millis(100),
+            success_threshold: 1,
+            failure_threshold: 3,
+            initial_delay: SpecDuration::from_secs(0),
+        };
+        let health = HealthSpec {
+            startup: Some(startup),
+            readiness: None,
+            liveness: None,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(run(health, port, no_exec(), move |kind, healthy| {
+            let _ = tx.send((kind, healthy));
+        }));
+        // The app starts listening after 200 ms: inside 3 x 100 ms.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, (ProbeKind::Startup, true));
+    }
+
+    #[tokio::test]
+    async fn a_start_beyond_the_budget_fails_the_startup_probe() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let startup = Probe {
+            check: ProbeCheck::Tcp,
+            interval: SpecDuration::from_millis(50),
+            timeout: SpecDuration::from_millis(50),
+            success_threshold: 1,
+            failure_threshold: 2,
+            initial_delay: SpecDuration::from_secs(0),
+        };
+        let health = HealthSpec {
+            startup: Some(startup),
+            readiness: None,
+            liveness: None,
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let started = std::time::Instant::now();
+        tokio::spawn(run(health, port, no_exec(), move |kind, healthy| {
+            let _ = tx.send((kind, healthy));
+        }));
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(first, (ProbeKind::Liveness, false));
+        assert!(
+            started.elapsed() >= Duration::from_millis(100),
+            "not before 2 x 50 ms"
+        );
     }
 
     #[tokio::test]
