@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::controller::{Controller, Msg};
 use crate::instance::StopKind;
+use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
 use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
 
@@ -105,7 +106,20 @@ impl Agent {
         agent.reap_orphans()?;
         for svc in agent.shared.state.services()? {
             if let Some(listen) = svc.settings.listen
-                && let Err(e) = agent.shared.router.listen(&svc.name, listen.0).await
+                && let Err(e) = agent
+                    .shared
+                    .router
+                    .listen(&RouteKey::Service(svc.name.clone()), listen.0)
+                    .await
+            {
+                tracing::error!("{e}");
+            }
+            if let Some(preview) = svc.settings.rollout.preview_listen
+                && let Err(e) = agent
+                    .shared
+                    .router
+                    .listen(&RouteKey::Preview(svc.name.clone()), preview.0)
+                    .await
             {
                 tracing::error!("{e}");
             }
@@ -236,16 +250,23 @@ impl Agent {
         for d in &req.services {
             if let Some(listen) = d.settings.listen {
                 if let Some(other) = self.shared.router.listening_on(listen.0).await
-                    && other != d.name
+                    && other != RouteKey::Service(d.name.clone())
                 {
                     return Err(AgentError::Invalid(format!(
-                        "service {}: listen {} is already the address of service {other}",
+                        "service {}: listen {} is already the address of {other}",
                         d.name, listen.0
                     )));
                 }
                 self.shared
                     .router
-                    .listen(&d.name, listen.0)
+                    .listen(&RouteKey::Service(d.name.clone()), listen.0)
+                    .await
+                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+            }
+            if let Some(preview) = d.settings.rollout.preview_listen {
+                self.shared
+                    .router
+                    .listen(&RouteKey::Preview(d.name.clone()), preview.0)
                     .await
                     .map_err(|e| AgentError::Invalid(e.to_string()))?;
             }
@@ -427,6 +448,28 @@ impl Agent {
             from: current,
             to: source.revision,
         })
+    }
+
+    /// `kiln promote`: switch a blue-green rollout that waits for it.
+    pub async fn promote(&self, name: &ServiceName) -> Result<u64, AgentError> {
+        if !self.knows(name)? {
+            return Err(AgentError::NotFound(format!("no service named {name}")));
+        }
+        let tx = self.controllers.lock().await.get(name).cloned();
+        let Some(tx) = tx else {
+            return Err(AgentError::Conflict(format!(
+                "no rollout of {name} is waiting for promotion"
+            )));
+        };
+        let (done, answer) = oneshot::channel();
+        tx.send(Msg::Promote { done })
+            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?;
+        let revision = answer
+            .await
+            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?
+            .map_err(AgentError::Conflict)?;
+        let _ = tx.send(Msg::Wake);
+        Ok(revision)
     }
 
     pub fn status(&self) -> Result<StatusResponse, AgentError> {

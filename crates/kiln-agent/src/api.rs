@@ -2,7 +2,7 @@
 //! parse strictly into the closed command set of [`kiln_core::api`]; every
 //! [`AgentError`] kind maps to exactly one status.
 
-use kiln_core::api::{RollbackRequest, RollbackResponse};
+use kiln_core::api::{PromoteResponse, RollbackRequest, RollbackResponse};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,6 +49,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/rollback", post(rollback))
+        .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NotFound("no such API endpoint".into()) })
         .with_state(agent)
@@ -90,6 +91,18 @@ async fn rollback(
     let Json(req) = body.map_err(bad_json)?;
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
     Ok(Json(agent.rollback(&name, req.to).await?))
+}
+
+/// `POST /v1/services/{name}/promote`: allowed while a blue-green rollout
+/// waits for it (else 409).
+async fn promote(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<PromoteResponse>, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(PromoteResponse {
+        revision: agent.promote(&name).await?,
+    }))
 }
 
 #[derive(Debug, Deserialize)]

@@ -26,7 +26,7 @@ use crate::agent::Shared;
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::logs::LogFile;
 use crate::probe::ProbeKind;
-use crate::router::Backend;
+use crate::router::{Backend, RouteKey};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
 use crate::state::{InstanceRecord, NewEvent};
 
@@ -38,6 +38,10 @@ pub enum Msg {
     Shutdown {
         kind: StopKind,
         done: oneshot::Sender<()>,
+    },
+    /// `kiln promote`: switch a blue-green rollout waiting for it.
+    Promote {
+        done: oneshot::Sender<Result<u64, String>>,
     },
 }
 
@@ -67,6 +71,8 @@ struct Inst {
     runtime: kiln_core::service::RuntimeKind,
     /// Requests the router has in flight to it.
     inflight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Taken over by a release with the same content (warm rollback).
+    adopted: bool,
 }
 
 #[derive(Default)]
@@ -96,6 +102,15 @@ pub struct Controller {
     paused: bool,
     /// The instance ids last published to the router.
     routed: Vec<String>,
+    /// blue-green: the release that gets the service's traffic (the new
+    /// fleet only gets it when promoted).
+    routed_revision: Option<u64>,
+    /// blue-green: `kiln promote` asked for the switch.
+    promote_requested: bool,
+    /// blue-green: the old fleet stays warm until then.
+    warm_until: Option<Instant>,
+    /// The preview instance ids last published.
+    previewed: Vec<String>,
 }
 
 impl Controller {
@@ -116,6 +131,10 @@ impl Controller {
             stalled: false,
             paused: false,
             routed: Vec::new(),
+            routed_revision: None,
+            promote_requested: false,
+            warm_until: None,
+            previewed: Vec::new(),
         }
     }
 
@@ -125,6 +144,9 @@ impl Controller {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Wake) => {}
+                    Some(Msg::Promote { done }) => {
+                        let _ = done.send(self.request_promotion());
+                    }
                     Some(Msg::Shutdown { kind, done }) => {
                         let escalate = match &mut self.shutdown {
                             Some((k, waiters)) => {
@@ -154,6 +176,11 @@ impl Controller {
             }
             self.reconcile().await;
             self.publish_routes();
+            if let Ok(Some(rec)) = self.shared.state.service(&self.name)
+                && rec.settings.rollout.preview_listen.is_some()
+            {
+                self.publish_preview(rec.target, rec.settings.timeout.0);
+            }
             self.publish();
             if let Some((_, waiters)) = &mut self.shutdown
                 && self.instances.is_empty()
@@ -316,6 +343,11 @@ impl Controller {
         if let Some((_, started, deadline)) = self.rollout_started {
             at(started + deadline);
         }
+        if let Some(t) = self.warm_until
+            && t > Instant::now()
+        {
+            at(t);
+        }
         let stable_after = self.shared.backoff.stable_after;
         for i in self.instances.values() {
             // When a slot becomes stable, its failure count resets.
@@ -458,6 +490,7 @@ impl Controller {
                 read_only: p.runtime.read_only_enforced(),
                 runtime: p.runtime.kind(),
                 inflight,
+                adopted: false,
             },
         );
     }
@@ -557,6 +590,30 @@ impl Controller {
             }
         }
 
+        if outcome == Outcome::Pending {
+            self.adopt_warm(&p, target, replicas);
+        }
+        let blue_green = rec.settings.rollout.strategy == Strategy::BlueGreen;
+        if blue_green {
+            // Until promotion, traffic stays on the release it was on.
+            let routed_alive = self.routed_revision.is_some_and(|r| {
+                self.instances
+                    .values()
+                    .any(|i| i.revision == r && !i.stopping)
+            });
+            if !routed_alive {
+                self.routed_revision = self
+                    .instances
+                    .values()
+                    .filter(|i| i.revision != target && !i.stopping && i.ready)
+                    .map(|i| i.revision)
+                    .max()
+                    .or(Some(target));
+            }
+        } else {
+            self.routed_revision = None;
+        }
+
         // Extra instances of the target (scaled down).
         let extras: Vec<String> = self
             .instances
@@ -597,18 +654,20 @@ impl Controller {
                         .any(|i| i.revision == target && i.slot == *slot && !i.stopping)
                 })
                 .collect();
-            let allowed =
-                if old.is_empty() && !(rollout.strategy == Strategy::Recreate && any_old_left) {
-                    // Steady state (or nothing old left): fill every slot.
-                    free.len() as u32
-                } else {
-                    match rollout.strategy {
-                        // Everything old goes first; nothing new until it is gone.
-                        Strategy::Recreate => 0,
-                        _ => (replicas + rollout.max_surge)
-                            .saturating_sub(current_new + old.len() as u32),
-                    }
-                };
+            let allowed = if blue_green {
+                // The whole new fleet starts beside the old.
+                free.len() as u32
+            } else if old.is_empty() && !(rollout.strategy == Strategy::Recreate && any_old_left) {
+                // Steady state (or nothing old left): fill every slot.
+                free.len() as u32
+            } else {
+                match rollout.strategy {
+                    // Everything old goes first; nothing new until it is gone.
+                    Strategy::Recreate => 0,
+                    _ => (replicas + rollout.max_surge)
+                        .saturating_sub(current_new + old.len() as u32),
+                }
+            };
             for slot in free.into_iter().take(allowed as usize) {
                 let s = self.slots.entry((target, slot)).or_default();
                 if s.retry_at.is_some_and(|t| t > now) {
@@ -619,8 +678,9 @@ impl Controller {
             }
         }
 
-        // Take old instances away as far as availability allows.
-        if !old.is_empty() {
+        // Take old instances away as far as availability allows (blue-green
+        // keeps them until the switch, and warm after it).
+        if !old.is_empty() && !blue_green {
             if rollout.strategy == Strategy::Recreate {
                 for (id, _) in &old {
                     self.stop_instance(
@@ -664,16 +724,48 @@ impl Controller {
                     && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
             })
             .count() as u32;
+        if blue_green
+            && ready >= replicas
+            && outcome == Outcome::Pending
+            && self.routed_revision != Some(target)
+        {
+            if rollout.auto_promote || self.promote_requested || self.adopted_target(target) {
+                // The switch: one swap of the routing table to the new fleet.
+                self.routed_revision = Some(target);
+                self.promote_requested = false;
+                self.warm_until = Some(Instant::now() + rollout.scale_down_delay.0);
+                self.publish_routes();
+                let ev = self.event(
+                    "promoted",
+                    Some(target),
+                    None,
+                    json!({"warm_for": rollout.scale_down_delay.to_string()}),
+                );
+                if let Err(e) = self.shared.state.append_event(&ev) {
+                    self.log_state_error(e);
+                }
+            } else {
+                self.message = Some(format!(
+                    "release {target} is ready: waiting for `kiln promote {}`",
+                    self.name
+                ));
+                return;
+            }
+        }
+        let warm = blue_green && self.warm_until.is_some_and(|t| t > Instant::now());
         if ready >= replicas && outcome != Outcome::Failed {
-            // The target is whole: everything else goes.
-            let old: Vec<String> = self
-                .instances
-                .values()
-                .filter(|i| i.revision != target && !i.stopping)
-                .map(|i| i.id.clone())
-                .collect();
-            for id in old {
-                self.stop_instance(&id, StopKind::Graceful, "replaced by the new release");
+            // The target is whole: everything else goes (after the warm
+            // period, for blue-green).
+            if !warm {
+                let old: Vec<String> = self
+                    .instances
+                    .values()
+                    .filter(|i| i.revision != target && !i.stopping)
+                    .map(|i| i.id.clone())
+                    .collect();
+                for id in old {
+                    self.stop_instance(&id, StopKind::Graceful, "replaced by the new release");
+                }
             }
             if outcome == Outcome::Pending {
                 self.complete_rollout(target);
@@ -729,9 +821,14 @@ impl Controller {
                 }
             }
         }
-        // Prepared releases other than the target are no longer needed.
-        self.prepared.retain(|rev, _| *rev == target);
-        self.slots.retain(|(rev, _), _| *rev == target);
+        // Prepared releases without instances are no longer needed (a warm
+        // blue-green fleet keeps its own).
+        let live: std::collections::BTreeSet<u64> =
+            self.instances.values().map(|i| i.revision).collect();
+        self.prepared
+            .retain(|rev, _| *rev == target || live.contains(rev));
+        self.slots
+            .retain(|(rev, _), _| *rev == target || live.contains(rev));
     }
 
     /// A rollout that is not whole by its deadline, or whose instances keep
@@ -837,6 +934,7 @@ impl Controller {
             .instances
             .values()
             .filter(|i| i.ready && i.live && !i.stopping)
+            .filter(|i| self.routed_revision.is_none_or(|r| i.revision == r))
             .map(|i| {
                 Arc::new(Backend {
                     instance: i.id.clone(),
@@ -857,8 +955,123 @@ impl Controller {
             .ok()
             .flatten()
             .map_or(std::time::Duration::from_secs(30), |s| s.settings.timeout.0);
-        self.shared.router.set_routes(&self.name, backends, timeout);
+        self.shared
+            .router
+            .set_routes(&RouteKey::Service(self.name.clone()), backends, timeout);
         self.routed = ids;
+    }
+
+    /// blue-green's preview: the target's ready instances on `preview_listen`.
+    fn publish_preview(&mut self, target: u64, timeout: std::time::Duration) {
+        let backends: Vec<Arc<Backend>> = self
+            .instances
+            .values()
+            .filter(|i| i.ready && i.live && !i.stopping && i.revision == target)
+            .map(|i| {
+                Arc::new(Backend {
+                    instance: i.id.clone(),
+                    revision: i.revision,
+                    port: i.port,
+                    inflight: i.inflight.clone(),
+                })
+            })
+            .collect();
+        let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
+        if ids != self.previewed || ids.is_empty() {
+            self.shared
+                .router
+                .set_routes(&RouteKey::Preview(self.name.clone()), backends, timeout);
+            self.previewed = ids;
+        }
+    }
+
+    /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
+    fn request_promotion(&mut self) -> Result<u64, String> {
+        let rec = self
+            .shared
+            .state
+            .service(&self.name)
+            .map_err(|e| e.to_string())?;
+        let Some(rec) = rec else {
+            return Err(format!("no service named {}", self.name));
+        };
+        let pending = self
+            .shared
+            .state
+            .release(&self.name, rec.target)
+            .map_err(|e| e.to_string())?
+            .is_some_and(|r| r.outcome == Outcome::Pending);
+        if rec.settings.rollout.strategy != Strategy::BlueGreen || !pending {
+            return Err(format!(
+                "no rollout of {} is waiting for promotion",
+                self.name
+            ));
+        }
+        self.promote_requested = true;
+        Ok(rec.target)
+    }
+
+    /// Whether the target's instances were adopted (a warm rollback).
+    fn adopted_target(&self, target: u64) -> bool {
+        self.instances
+            .values()
+            .any(|i| i.revision == target && i.adopted)
+    }
+
+    /// A pending release with the same content as warm, ready instances of
+    /// another release takes them over instead of starting new ones: this is
+    /// what makes a rollback inside the warm window a route swap.
+    fn adopt_warm(&mut self, p: &Prepared, target: u64, replicas: u32) {
+        let have_target = self
+            .instances
+            .values()
+            .any(|i| i.revision == target && !i.stopping);
+        if have_target || replicas == 0 {
+            return;
+        }
+        let hash = &p.release.hash;
+        let candidates: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision != target && i.ready && !i.stopping)
+            .filter(|i| {
+                self.prepared
+                    .get(&i.revision)
+                    .is_some_and(|q| &q.release.hash == hash)
+            })
+            .take(replicas as usize)
+            .map(|i| i.id.clone())
+            .collect();
+        if candidates.len() < replicas as usize {
+            return;
+        }
+        for (slot, id) in candidates.iter().enumerate() {
+            let Some(inst) = self.instances.get_mut(id) else {
+                continue;
+            };
+            let from = inst.revision;
+            inst.revision = target;
+            inst.slot = slot as u32;
+            inst.adopted = true;
+            let rec = InstanceRecord {
+                id: id.clone(),
+                service: self.name.clone(),
+                revision: target,
+                slot: slot as u32,
+                pid: inst.pid.unwrap_or(0),
+                start_ticks: inst.pid.and_then(start_ticks).unwrap_or(0),
+                port: inst.port,
+            };
+            let ev = self.event(
+                "instance-adopted",
+                Some(target),
+                Some(id),
+                json!({"from": from, "reason": "same content, still warm"}),
+            );
+            if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
+                self.log_state_error(e);
+            }
+        }
     }
 
     fn publish(&self) {
@@ -901,11 +1114,19 @@ impl Controller {
             .iter()
             .filter(|i| Some(i.revision) == target && i.ready && i.state != InstanceState::Stopping)
             .count() as u32;
+        // A blue-green fleet kept warm after the switch is expected, not
+        // a rollout still in progress.
+        let warm = self.warm_until.is_some_and(|t| t > now) && self.routed_revision == target;
+        let target_instances = instances
+            .iter()
+            .filter(|i| Some(i.revision) == target && i.state != InstanceState::Stopping)
+            .count() as u32;
         let converged = ready == replicas
-            && instances
-                .iter()
-                .all(|i| Some(i.revision) == target && i.state != InstanceState::Stopping)
-            && instances.len() as u32 == replicas;
+            && target_instances == replicas
+            && (warm
+                || instances
+                    .iter()
+                    .all(|i| Some(i.revision) == target && i.state != InstanceState::Stopping));
         let backoff = self
             .slots
             .iter()

@@ -51,22 +51,39 @@ pub struct ServiceRoutes {
     next: AtomicUsize,
 }
 
+/// What a listener routes for: a service's traffic, or the preview of the
+/// release it is rolling out (blue-green's `preview_listen`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum RouteKey {
+    Service(ServiceName),
+    Preview(ServiceName),
+}
+
+impl std::fmt::Display for RouteKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service(s) => write!(f, "service {s}"),
+            Self::Preview(s) => write!(f, "the preview of service {s}"),
+        }
+    }
+}
+
 /// The whole routing table: swapped as one value.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub services: HashMap<ServiceName, Arc<ServiceRoutes>>,
+    pub services: HashMap<RouteKey, Arc<ServiceRoutes>>,
 }
 
 pub struct Router {
     table: ArcSwap<RouteTable>,
     client: Client<HttpConnector, ProxyBody>,
-    listeners: Mutex<HashMap<ServiceName, (SocketAddr, JoinHandle<()>)>>,
+    listeners: Mutex<HashMap<RouteKey, (SocketAddr, JoinHandle<()>)>>,
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for service {service}: {source}")]
+#[error("cannot listen on {addr} for {service}: {source}")]
 pub struct ListenError {
-    pub service: ServiceName,
+    pub service: RouteKey,
     pub addr: SocketAddr,
     pub source: std::io::Error,
 }
@@ -93,12 +110,7 @@ impl Router {
     }
 
     /// Publish a service's backends: one atomic swap of the whole table.
-    pub fn set_routes(
-        &self,
-        service: &ServiceName,
-        backends: Vec<Arc<Backend>>,
-        timeout: Duration,
-    ) {
+    pub fn set_routes(&self, service: &RouteKey, backends: Vec<Arc<Backend>>, timeout: Duration) {
         self.table.rcu(|old| {
             let mut services = old.services.clone();
             services.insert(
@@ -117,7 +129,7 @@ impl Router {
     /// another). Binding is the check that the address is free.
     pub async fn listen(
         self: &Arc<Self>,
-        service: &ServiceName,
+        service: &RouteKey,
         addr: SocketAddr,
     ) -> Result<(), ListenError> {
         let mut listeners = self.listeners.lock().await;
@@ -142,13 +154,20 @@ impl Router {
     }
 
     /// Whether `service` (or nobody) holds `addr` already.
-    pub async fn listening_on(&self, addr: SocketAddr) -> Option<ServiceName> {
+    pub async fn listening_on(&self, addr: SocketAddr) -> Option<RouteKey> {
         self.listeners
             .lock()
             .await
             .iter()
             .find(|(_, (a, _))| *a == addr)
             .map(|(s, _)| s.clone())
+    }
+
+    /// Stop the listener of `key`, if it has one.
+    pub async fn unlisten(&self, key: &RouteKey) {
+        if let Some((_, task)) = self.listeners.lock().await.remove(key) {
+            task.abort();
+        }
     }
 
     /// Stop every listener (agent shutdown).
@@ -158,7 +177,7 @@ impl Router {
         }
     }
 
-    async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: ServiceName) {
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: RouteKey) {
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
@@ -183,7 +202,7 @@ impl Router {
 
     async fn proxy(
         &self,
-        service: &ServiceName,
+        service: &RouteKey,
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
@@ -191,13 +210,13 @@ impl Router {
         let Some(routes) = table.services.get(service).cloned() else {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no routes for service {service}\n"),
+                &format!("no routes for {service}\n"),
             );
         };
         if routes.backends.is_empty() {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no ready instance of service {service}\n"),
+                &format!("no ready instance of {service}\n"),
             );
         }
         let upgrade = is_upgrade(req.headers());
@@ -443,7 +462,7 @@ mod tests {
     #[tokio::test]
     async fn no_ready_instance_is_503_and_an_unreachable_one_502() {
         let r = Router::new();
-        let svc = ServiceName::try_from("web").unwrap();
+        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let port = free_port();
         r.listen(&svc, ([127, 0, 0, 1], port).into()).await.unwrap();
         let (status, body) = get(port).await;
@@ -470,7 +489,7 @@ mod tests {
         assert_eq!(status, 502);
         assert!(body.contains("could not be reached"), "{body}");
         // A listening address cannot be taken twice.
-        let other = ServiceName::try_from("other").unwrap();
+        let other = RouteKey::Service(ServiceName::try_from("other").unwrap());
         assert!(
             r.listen(&other, ([127, 0, 0, 1], port).into())
                 .await
@@ -497,8 +516,8 @@ mod tests {
     #[test]
     fn a_swap_replaces_one_service_and_keeps_the_others() {
         let r = Router::new();
-        let a = ServiceName::try_from("a").unwrap();
-        let b = ServiceName::try_from("b").unwrap();
+        let a = RouteKey::Service(ServiceName::try_from("a").unwrap());
+        let b = RouteKey::Service(ServiceName::try_from("b").unwrap());
         let backend = |port| {
             Arc::new(Backend {
                 instance: format!("i{port}"),

@@ -8,6 +8,7 @@
 //! | `GET /v1/status` | → [`StatusResponse`] |
 //! | `GET /v1/services/{name}/history` | → [`HistoryResponse`] |
 //! | `POST /v1/services/{name}/rollback` | [`RollbackRequest`] → [`RollbackResponse`] |
+//! | `POST /v1/services/{name}/promote` | → [`PromoteResponse`] |
 //! | `GET /v1/logs?service=S[&release=N][&instance=ID][&follow=true]` | → text lines |
 //!
 //! Errors answer `{"error": "..."}` with the status of their kind.
@@ -136,4 +137,10 @@ pub struct RollbackResponse {
     pub revision: u64,
     pub from: u64,
     pub to: u64,
+}
+
+/// `POST /v1/services/{name}/promote`: the release now getting traffic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromoteResponse {
+    pub revision: u64,
 }

@@ -75,6 +75,25 @@ impl ServiceSpec {
                 ));
             }
         }
+        let r = &self.rollout;
+        if r.strategy != Strategy::BlueGreen && (r.preview_listen.is_some() || !r.auto_promote) {
+            return Err("rollout.preview_listen and rollout.auto_promote apply only to strategy = \"blue-green\"".to_owned());
+        }
+        if let Some(p) = r.preview_listen
+            && Some(p) == self.listen
+        {
+            return Err(format!(
+                "rollout.preview_listen {} is the same as listen",
+                p.0
+            ));
+        }
+        if r.strategy == Strategy::BlueGreen
+            && let Some((name, _)) = self.volumes.iter().find(|(_, v)| !v.shared)
+        {
+            return Err(format!(
+                "blue-green runs two releases at once, so volume {name} must be marked shared-safe: volumes.{name} = {{ path = \"...\", shared = true }}"
+            ));
+        }
         if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
             return Err(
                 "rollout.max_surge and rollout.max_unavailable cannot both be 0".to_owned(),
@@ -386,6 +405,14 @@ pub struct RolloutSpec {
     pub progress_deadline: Duration,
     /// Return to the previous release when a rollout fails.
     pub auto_rollback: bool,
+    /// blue-green: where the new fleet is reachable before promotion.
+    pub preview_listen: Option<ListenAddr>,
+    /// blue-green: switch traffic as soon as the new fleet is ready (else
+    /// wait for `kiln promote`).
+    pub auto_promote: bool,
+    /// blue-green: how long the old fleet stays warm after the switch, so
+    /// that `kiln rollback` is a route swap.
+    pub scale_down_delay: Duration,
 }
 
 impl Default for RolloutSpec {
@@ -397,6 +424,9 @@ impl Default for RolloutSpec {
             min_ready: Duration::from_secs(0),
             progress_deadline: Duration::from_secs(60),
             auto_rollback: true,
+            preview_listen: None,
+            auto_promote: true,
+            scale_down_delay: Duration::from_secs(300),
         }
     }
 }
@@ -548,5 +578,39 @@ kill_timeout = "3s"
             assert!(err.message.contains(needle), "{text:?}: {err}");
             assert_eq!(err.line, line, "{text:?}: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod blue_green_tests {
+    use crate::spec::Spec;
+
+    #[test]
+    fn blue_green_settings_are_checked() {
+        let base = "[images.a]\n[services.web]\nimage = \"a\"\nlisten = \"127.0.0.1:9000\"\n";
+        for (extra, needle) in [
+            (
+                "[services.web.rollout]\nstrategy = \"blue-green\"\npreview_listen = \"127.0.0.1:9000\"\n",
+                "both listen",
+            ),
+            (
+                "volumes = { d = \"/data\" }\n[services.web.rollout]\nstrategy = \"blue-green\"\n",
+                "must be marked shared-safe",
+            ),
+            (
+                "[services.web.rollout]\npreview_listen = \"127.0.0.1:9001\"\n",
+                "apply only to strategy",
+            ),
+        ] {
+            let err = Spec::parse(&format!("{base}{extra}"), "k.toml").unwrap_err();
+            assert!(err.message.contains(needle), "{extra}: {err}");
+        }
+        let ok = format!(
+            "{base}volumes = {{ d = {{ path = \"/data\", shared = true }} }}\n[services.web.rollout]\nstrategy = \"blue-green\"\npreview_listen = \"127.0.0.1:9001\"\nauto_promote = false\nscale_down_delay = \"10m\"\n"
+        );
+        let spec = Spec::parse(&ok, "k.toml").unwrap();
+        let r = &spec.services.values().next().unwrap().rollout;
+        assert!(!r.auto_promote);
+        assert_eq!(r.scale_down_delay.0.as_secs(), 600);
     }
 }

@@ -124,13 +124,13 @@ impl Spec {
                     ),
                 ));
             }
-            if let Some(listen) = svc.listen
-                && let Some(other) = listens.insert(listen.0, name)
-            {
-                return Err(at(
-                    &table,
-                    format!("services {other} and {name} both listen on {}", listen.0),
-                ));
+            for listen in svc.listen.iter().chain(&svc.rollout.preview_listen) {
+                if let Some(other) = listens.insert(listen.0, name) {
+                    return Err(at(
+                        &table,
+                        format!("services {other} and {name} both listen on {}", listen.0),
+                    ));
+                }
             }
             svc.check()
                 .map_err(|m| at(&table, format!("service {name}: {m}")))?;

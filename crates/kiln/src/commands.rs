@@ -59,6 +59,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             detach,
             json,
         } => crate::deploy::rollback(&home()?, &service, to, detach, json),
+        Command::Promote { service } => crate::deploy::promote(&home()?, &service),
         Command::Rollout {
             command: crate::RolloutCommand::Status { service },
         } => crate::deploy::rollout_status(&home()?, &service),

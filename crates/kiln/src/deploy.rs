@@ -318,6 +318,28 @@ pub fn rollback(
     Ok(code)
 }
 
+/// `kiln promote`: switch a blue-green rollout that waits for it.
+pub fn promote(home: &Path, service: &str) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let started = Instant::now();
+    let resp: kiln_core::api::PromoteResponse = rt.block_on(client.post(
+        &format!("/v1/services/{service}/promote"),
+        &serde_json::json!({}),
+    ))?;
+    let code = rt.block_on(wait_for(
+        &client,
+        &[(service.to_owned(), resp.revision, Action::Release)],
+        true,
+    ))?;
+    eprintln!(
+        "{service}: release {} promoted in {:.0} ms",
+        resp.revision,
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    Ok(code)
+}
+
 /// `kiln rollout status`: follow the service's current rollout to its end.
 pub fn rollout_status(home: &Path, service: &str) -> Result<ExitCode> {
     let client = Client::new(home);

@@ -154,6 +154,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Switch a blue-green rollout waiting for promotion (auto_promote = false)
+    Promote {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+    },
     /// Rollouts: `kiln rollout status SERVICE` follows one in progress
     Rollout {
         #[command(subcommand)]

@@ -1,0 +1,172 @@
+//! Blue-green through the real router: preview, promotion as one swap, the
+//! warm old fleet, and rollback inside the warm window as a route swap.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::io::BufReader;
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::Value;
+use util::{Agent, Env, Load, free_port, hello_app, request, service_status, wait_for, write};
+
+fn spec(port: u16, preview: u16, version: &str, rollout: &str) -> String {
+    format!(
+        r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 2
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+[services.web.rollout]
+strategy = "blue-green"
+preview_listen = "127.0.0.1:{preview}"
+{rollout}
+"#
+    )
+}
+
+fn body(port: u16) -> String {
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    request(&mut c, "/").unwrap().1
+}
+
+fn pids(s: &Value) -> BTreeSet<u64> {
+    s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] != "stopping")
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn blue_green_previews_promotes_in_one_swap_and_rolls_back_warm() {
+    let env = Env::new();
+    let (port, preview) = (free_port(), free_port());
+    let rollout = "auto_promote = false\nscale_down_delay = \"5m\"";
+    let path = hello_app(&env.path("app"), &spec(port, preview, "v1", rollout));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let v1_pids = pids(&service_status(&env, "web"));
+    let load = Load::start(port, 3);
+
+    // The new fleet starts beside the old, reachable only on the preview.
+    write(&path, spec(port, preview, "v2", rollout).as_bytes());
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    wait_for(
+        "the green fleet waiting for promotion",
+        Duration::from_secs(30),
+        || {
+            service_status(&env, "web")["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("waiting for `kiln promote web`"))
+        },
+    );
+    assert_eq!(
+        service_status(&env, "web")["instances"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
+    assert!(body(port).starts_with("hello from v1"));
+    assert!(body(preview).starts_with("hello from v2"));
+
+    env.ok(&["promote", "web"]);
+    for _ in 0..20 {
+        assert!(
+            body(port).starts_with("hello from v2"),
+            "after the swap, only the new release answers"
+        );
+    }
+    let s = service_status(&env, "web");
+    assert_eq!(s["revision"], 2);
+    assert!(
+        v1_pids.is_subset(&pids(&s)),
+        "the old fleet stays warm: {s}"
+    );
+
+    // Rollback inside the warm window: a route swap to the same processes.
+    env.ok(&["rollback", "web"]);
+    for _ in 0..20 {
+        assert!(body(port).starts_with("hello from v1"));
+    }
+    let s = service_status(&env, "web");
+    assert_eq!(s["revision"], 3);
+    let serving: BTreeSet<u64> = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["revision"] == 3)
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        serving, v1_pids,
+        "release 3 is served by release 1's warm instances, no new start"
+    );
+    let count = load.finish();
+    assert_eq!(
+        count.failed,
+        0,
+        "{:?}",
+        &count.errors[..count.errors.len().min(5)]
+    );
+    assert!(
+        count.bodies.contains_key("hello from v1") && count.bodies.contains_key("hello from v2")
+    );
+    let h = env.json(&["history", "web", "--json"]);
+    assert_eq!(h["releases"][2]["cause"], "rollback to 1");
+}
+
+#[test]
+fn the_old_fleet_goes_after_the_scale_down_delay() {
+    let env = Env::new();
+    let (port, preview) = (free_port(), free_port());
+    let rollout = "scale_down_delay = \"1s\"";
+    let path = hello_app(&env.path("app"), &spec(port, preview, "v1", rollout));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(&path, spec(port, preview, "v2", rollout).as_bytes());
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(body(port).starts_with("hello from v2"), "auto-promoted");
+    wait_for(
+        "the old fleet to be scaled down",
+        Duration::from_secs(20),
+        || {
+            let s = service_status(&env, "web");
+            s["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|i| i["revision"] == 2)
+        },
+    );
+}
+
+#[test]
+fn promote_without_a_waiting_rollout_is_refused() {
+    let env = Env::new();
+    let (port, preview) = (free_port(), free_port());
+    let path = hello_app(&env.path("app"), &spec(port, preview, "v1", ""));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let err = env.fails(&["promote", "web"]);
+    assert!(
+        err.contains("no rollout of web is waiting for promotion"),
+        "{err}"
+    );
+    let err = env.fails(&["promote", "nope"]);
+    assert!(err.contains("no service named nope"), "{err}");
+}
