@@ -472,6 +472,51 @@ impl Agent {
         Ok(revision)
     }
 
+    /// Router metrics plus service and rollout gauges, in Prometheus text.
+    pub fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
+        use std::fmt::Write as _;
+        self.shared.router.metrics.render(out);
+        let status = self.status()?;
+        out.push_str("# HELP kiln_service_revision The release each service is on or moving to.\n# TYPE kiln_service_revision gauge\n");
+        for s in &status.services {
+            let _ = writeln!(
+                out,
+                "kiln_service_revision{{service=\"{}\"}} {}",
+                s.name,
+                s.revision.unwrap_or(0)
+            );
+        }
+        out.push_str("# HELP kiln_service_ready_instances Ready instances of the service's release.\n# TYPE kiln_service_ready_instances gauge\n");
+        for s in &status.services {
+            let _ = writeln!(
+                out,
+                "kiln_service_ready_instances{{service=\"{}\"}} {}",
+                s.name, s.ready
+            );
+            let _ = writeln!(
+                out,
+                "kiln_service_replicas{{service=\"{}\"}} {}",
+                s.name, s.replicas
+            );
+        }
+        out.push_str("# HELP kiln_rollout_in_progress 1 while a service's release is being rolled out.\n# TYPE kiln_rollout_in_progress gauge\n");
+        for s in &status.services {
+            let pending = u8::from(s.outcome == Some(Outcome::Pending));
+            let _ = writeln!(
+                out,
+                "kiln_rollout_in_progress{{service=\"{}\"}} {pending}",
+                s.name
+            );
+            let _ = writeln!(
+                out,
+                "kiln_rollout_stalled{{service=\"{}\"}} {}",
+                s.name,
+                u8::from(s.stalled)
+            );
+        }
+        Ok(())
+    }
+
     pub fn status(&self) -> Result<StatusResponse, AgentError> {
         let mut snapshot = self
             .shared

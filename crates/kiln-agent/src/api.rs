@@ -55,6 +55,19 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
+/// `GET /metrics` on `kiln serve --metrics ADDR`: Prometheus text format.
+pub fn metrics_router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(agent)
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, AgentError> {
+    let mut out = String::new();
+    agent.render_metrics(&mut out)?;
+    Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
+}
+
 fn bad_json(r: JsonRejection) -> AgentError {
     AgentError::BadRequest(format!("invalid request body: {}", r.body_text()))
 }

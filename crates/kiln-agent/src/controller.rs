@@ -941,6 +941,7 @@ impl Controller {
                     revision: i.revision,
                     port: i.port,
                     inflight: i.inflight.clone(),
+                    metrics: self.shared.router.metrics.release(&self.name, i.revision),
                 })
             })
             .collect();
@@ -973,6 +974,7 @@ impl Controller {
                     revision: i.revision,
                     port: i.port,
                     inflight: i.inflight.clone(),
+                    metrics: self.shared.router.metrics.release(&self.name, i.revision),
                 })
             })
             .collect();

@@ -10,6 +10,7 @@ pub mod api;
 pub mod controller;
 pub mod instance;
 pub mod logs;
+pub mod metrics;
 pub mod probe;
 pub mod router;
 pub mod runtime;
@@ -70,7 +71,11 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
 
 /// Run the agent on `home` until SIGTERM or SIGINT. `ready` is called once
 /// the socket accepts requests.
-pub async fn serve(home: &Path, ready: impl FnOnce(&Path)) -> Result<Exit, ServeError> {
+pub async fn serve(
+    home: &Path,
+    metrics: Option<std::net::SocketAddr>,
+    ready: impl FnOnce(&Path),
+) -> Result<Exit, ServeError> {
     std::fs::create_dir_all(home).map_err(io(home))?;
     // One agent per home: the lock is held for the agent's life.
     let lock_path = home.join("agent.lock");
@@ -110,6 +115,21 @@ pub async fn serve(home: &Path, ready: impl FnOnce(&Path)) -> Result<Exit, Serve
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
     let server = tokio::spawn(axum::serve(listener, api::router(agent.clone())).into_future());
+    let metrics_server = match metrics {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Io {
+                    path: PathBuf::from(format!("metrics listener {addr}")),
+                    source,
+                })?;
+            tracing::info!("metrics on http://{addr}/metrics");
+            Some(tokio::spawn(
+                axum::serve(l, api::metrics_router(agent.clone())).into_future(),
+            ))
+        }
+        None => None,
+    };
     ready(&sock);
     tracing::info!("agent serving {}", sock.display());
 
@@ -119,6 +139,9 @@ pub async fn serve(home: &Path, ready: impl FnOnce(&Path)) -> Result<Exit, Serve
     }
     tracing::info!("stopping: no new requests; stopping instances (signal again to force)");
     server.abort();
+    if let Some(m) = metrics_server {
+        m.abort();
+    }
     let _ = std::fs::remove_file(&sock);
     let graceful = agent.shutdown(StopKind::Graceful, Duration::from_secs(600));
     let exit = tokio::select! {

@@ -41,6 +41,8 @@ pub struct Backend {
     pub port: u16,
     /// Requests in flight to it, until their response bodies are sent.
     pub inflight: Arc<AtomicUsize>,
+    /// Its release's measurements.
+    pub metrics: Arc<crate::metrics::ReleaseMetrics>,
 }
 
 /// A service's routes: the instances to balance over, and its timeout.
@@ -76,6 +78,7 @@ pub struct RouteTable {
 
 pub struct Router {
     table: ArcSwap<RouteTable>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     client: Client<HttpConnector, ProxyBody>,
     listeners: Mutex<HashMap<RouteKey, (SocketAddr, JoinHandle<()>)>>,
 }
@@ -99,6 +102,7 @@ impl Router {
             .build(connector);
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
+            metrics: Arc::default(),
             client,
             listeners: Mutex::new(HashMap::new()),
         })
@@ -185,7 +189,13 @@ impl Router {
             let _ = stream.set_nodelay(true);
             let router = self.clone();
             let service = service.clone();
+            let open = self.metrics.connections(&match &service {
+                RouteKey::Service(s) => s.to_string(),
+                RouteKey::Preview(s) => format!("{s}/preview"),
+            });
             tokio::spawn(async move {
+                open.fetch_add(1, Ordering::Relaxed);
+                let _open = Gauge(open);
                 let svc = hyper::service::service_fn(move |req| {
                     let router = router.clone();
                     let service = service.clone();
@@ -206,6 +216,7 @@ impl Router {
         peer: SocketAddr,
         mut req: Request<Incoming>,
     ) -> Response<ProxyBody> {
+        let arrived = std::time::Instant::now();
         let table = self.table.load_full();
         let Some(routes) = table.services.get(service).cloned() else {
             return local(
@@ -269,6 +280,8 @@ impl Router {
             let guard = Inflight::new(backend.inflight.clone());
             match tokio::time::timeout(routes.timeout, self.client.request(up)).await {
                 Err(_) => {
+                    backend.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    backend.metrics.observe(504, arrived.elapsed());
                     return local(
                         StatusCode::GATEWAY_TIMEOUT,
                         &format!(
@@ -279,6 +292,13 @@ impl Router {
                     );
                 }
                 Ok(Err(e)) if e.is_connect() => {
+                    backend
+                        .metrics
+                        .connect_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                    if attempt + 1 == attempts {
+                        backend.metrics.observe(502, arrived.elapsed());
+                    }
                     last = local(
                         StatusCode::BAD_GATEWAY,
                         &format!("instance {} could not be reached\n", backend.instance),
@@ -286,12 +306,16 @@ impl Router {
                     continue;
                 }
                 Ok(Err(_)) => {
+                    backend.metrics.observe(502, arrived.elapsed());
                     return local(
                         StatusCode::BAD_GATEWAY,
                         &format!("instance {} failed the request\n", backend.instance),
                     );
                 }
                 Ok(Ok(mut resp)) => {
+                    backend
+                        .metrics
+                        .observe(resp.status().as_u16(), arrived.elapsed());
                     if resp.status() == StatusCode::SWITCHING_PROTOCOLS
                         && let Some(client_up) = client_upgrade
                     {
@@ -389,6 +413,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Decrements a gauge when dropped (an open connection).
+struct Gauge(Arc<std::sync::atomic::AtomicI64>);
+
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts a request as in flight from dispatch until dropped.
 struct Inflight(Arc<AtomicUsize>);
 
@@ -478,6 +511,7 @@ mod tests {
                 revision: 1,
                 port,
                 inflight: Arc::default(),
+                metrics: Arc::default(),
             })
         };
         r.set_routes(
@@ -524,6 +558,7 @@ mod tests {
                 revision: 1,
                 port,
                 inflight: Arc::default(),
+                metrics: Arc::default(),
             })
         };
         r.set_routes(&a, vec![backend(1)], Duration::from_secs(1));

@@ -52,7 +52,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
         Command::Demo { keep, no_wait } => crate::demo::run(cli.home, keep, no_wait),
-        Command::Serve => crate::deploy::serve(&home()?),
+        Command::Serve { metrics } => crate::deploy::serve(&home()?, metrics),
         Command::Rollback {
             service,
             to,

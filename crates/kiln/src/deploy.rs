@@ -25,7 +25,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn serve(home: &Path) -> Result<ExitCode> {
+pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
@@ -38,7 +38,7 @@ pub fn serve(home: &Path) -> Result<ExitCode> {
         .build()
         .context("cannot start the async runtime")?;
     let exit = rt
-        .block_on(kiln_agent::serve(home, |sock| {
+        .block_on(kiln_agent::serve(home, metrics, |sock| {
             eprintln!("kiln agent ready on {}", sock.display())
         }))
         .context("the agent cannot run")?;

@@ -99,8 +99,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Run the agent on this node (foreground): reconciler, instances, API on $KILN_HOME/kiln.sock
-    Serve,
+    /// Run the agent on this node (foreground): reconciler, instances, router, API on $KILN_HOME/kiln.sock
+    Serve {
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9090), at /metrics
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+    },
     /// Bake what changed, record a release per changed service, and roll it out
     Apply {
         #[arg(

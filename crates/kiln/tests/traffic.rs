@@ -170,3 +170,69 @@ fn promote_without_a_waiting_rollout_is_refused() {
     let err = env.fails(&["promote", "nope"]);
     assert!(err.contains("no service named nope"), "{err}");
 }
+
+#[test]
+fn the_router_measures_each_release_on_the_metrics_endpoint() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let (port, preview, metrics) = (free_port(), free_port(), free_port());
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, preview, "v1", "").replace(
+            "HELLO_VERSION = \"v1\"",
+            "HELLO_VERSION = \"v1\", HELLO_ERROR_RATE = \"0.25\"",
+        ),
+    );
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
+    });
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(request(&mut c, "/").unwrap().0);
+    }
+    let five = statuses.iter().filter(|s| **s == 500).count();
+    assert_eq!(
+        five, 10,
+        "the app fails a quarter of requests: {statuses:?}"
+    );
+    let mut m = TcpStream::connect(("127.0.0.1", metrics)).unwrap();
+    write!(
+        m,
+        "GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    assert!(
+        text.contains(
+            "kiln_router_requests_total{service=\"web\",release=\"1\",class=\"2xx\"} 30\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "kiln_router_requests_total{service=\"web\",release=\"1\",class=\"5xx\"} 10\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "kiln_router_request_duration_seconds_count{service=\"web\",release=\"1\"} 40\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_router_active_connections{listener=\"web\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_service_revision{service=\"web\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("kiln_rollout_in_progress{service=\"web\"} 0\n"),
+        "{text}"
+    );
+}

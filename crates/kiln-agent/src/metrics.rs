@@ -1,0 +1,254 @@
+//! The router's own measurements, per service and release: requests by
+//! status class, upstream errors, a latency histogram, active connections.
+//! Kept as plain atomics so the hot path is a few relaxed adds, and so the
+//! canary analysis can read windows of them directly; rendered in the
+//! Prometheus text format for `kiln serve --metrics ADDR`.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kiln_core::spec::ServiceName;
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// One release's counters.
+#[derive(Debug, Default)]
+pub struct ReleaseMetrics {
+    /// Responses by class: 1xx..5xx at index 0..4.
+    pub responses: [AtomicU64; 5],
+    pub connect_errors: AtomicU64,
+    pub timeouts: AtomicU64,
+    /// Cumulative counts per bucket, then +Inf.
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl ReleaseMetrics {
+    pub fn observe(&self, status: u16, latency: Duration) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        let secs = latency.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// A copy of the counters now (for windows: subtract two snapshots).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            responses: std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed)),
+            connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            timeouts: self.timeouts.load(Ordering::Relaxed),
+            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+            sum_micros: self.sum_micros.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub responses: [u64; 5],
+    pub connect_errors: u64,
+    pub timeouts: u64,
+    pub buckets: [u64; BUCKETS.len() + 1],
+    pub sum_micros: u64,
+}
+
+impl Snapshot {
+    pub fn requests(&self) -> u64 {
+        self.responses.iter().sum()
+    }
+
+    /// 5xx answers (which include the router's own 502/504) over all.
+    pub fn error_rate(&self) -> f64 {
+        let n = self.requests();
+        if n == 0 {
+            0.0
+        } else {
+            self.responses[4] as f64 / n as f64
+        }
+    }
+
+    /// The upper bound of the bucket holding the q-quantile (e.g. 0.99).
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let n: u64 = self.buckets.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let rank = (q * n as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                // Past the last bucket: report an hour, "more than we measure".
+                return Some(Duration::from_secs_f64(
+                    BUCKETS.get(i).copied().unwrap_or(3600.0),
+                ));
+            }
+        }
+        None
+    }
+
+    /// `self - earlier`: what happened in between.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            responses: std::array::from_fn(|i| {
+                self.responses[i].saturating_sub(earlier.responses[i])
+            }),
+            connect_errors: self.connect_errors.saturating_sub(earlier.connect_errors),
+            timeouts: self.timeouts.saturating_sub(earlier.timeouts),
+            buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
+            sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
+        }
+    }
+}
+
+/// Every release's metrics, plus connections per listener.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    releases: Mutex<BTreeMap<(ServiceName, u64), Arc<ReleaseMetrics>>>,
+    connections: Mutex<BTreeMap<String, Arc<AtomicI64>>>,
+}
+
+impl Metrics {
+    pub fn release(&self, service: &ServiceName, revision: u64) -> Arc<ReleaseMetrics> {
+        let mut m = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry((service.clone(), revision)).or_default().clone()
+    }
+
+    pub fn connections(&self, listener: &str) -> Arc<AtomicI64> {
+        let mut m = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(listener.to_owned()).or_default().clone()
+    }
+
+    /// The Prometheus text exposition of everything.
+    pub fn render(&self, out: &mut String) {
+        let releases: Vec<_> = self
+            .releases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.snapshot()))
+            .collect();
+        out.push_str("# HELP kiln_router_requests_total Responses sent by the router, by release and status class.\n# TYPE kiln_router_requests_total counter\n");
+        for ((svc, rev), s) in &releases {
+            for (i, n) in s.responses.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "kiln_router_requests_total{{service=\"{svc}\",release=\"{rev}\",class=\"{}xx\"}} {n}",
+                    i + 1
+                );
+            }
+        }
+        out.push_str("# HELP kiln_router_upstream_errors_total Requests that failed to reach an instance (connect) or to get an answer in time (timeout).\n# TYPE kiln_router_upstream_errors_total counter\n");
+        for ((svc, rev), s) in &releases {
+            let _ = writeln!(
+                out,
+                "kiln_router_upstream_errors_total{{service=\"{svc}\",release=\"{rev}\",kind=\"connect\"}} {}",
+                s.connect_errors
+            );
+            let _ = writeln!(
+                out,
+                "kiln_router_upstream_errors_total{{service=\"{svc}\",release=\"{rev}\",kind=\"timeout\"}} {}",
+                s.timeouts
+            );
+        }
+        out.push_str("# HELP kiln_router_request_duration_seconds Time from a request's arrival to its response headers.\n# TYPE kiln_router_request_duration_seconds histogram\n");
+        for ((svc, rev), s) in &releases {
+            let mut cumulative = 0;
+            for (i, c) in s.buckets.iter().enumerate() {
+                cumulative += c;
+                let le = BUCKETS.get(i).map_or("+Inf".to_owned(), |b| b.to_string());
+                let _ = writeln!(
+                    out,
+                    "kiln_router_request_duration_seconds_bucket{{service=\"{svc}\",release=\"{rev}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "kiln_router_request_duration_seconds_sum{{service=\"{svc}\",release=\"{rev}\"}} {}",
+                s.sum_micros as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "kiln_router_request_duration_seconds_count{{service=\"{svc}\",release=\"{rev}\"}} {cumulative}"
+            );
+        }
+        out.push_str("# HELP kiln_router_active_connections Client connections open on each listener.\n# TYPE kiln_router_active_connections gauge\n");
+        for (listener, n) in self
+            .connections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "kiln_router_active_connections{{listener=\"{listener}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn windows_rates_and_quantiles() {
+        let m = ReleaseMetrics::default();
+        for _ in 0..98 {
+            m.observe(200, Duration::from_micros(800));
+        }
+        let before = m.snapshot();
+        m.observe(503, Duration::from_millis(40));
+        m.observe(200, Duration::from_millis(300));
+        let all = m.snapshot();
+        assert_eq!(all.requests(), 100);
+        assert!((all.error_rate() - 0.01).abs() < 1e-9);
+        assert_eq!(all.quantile(0.5), Some(Duration::from_secs_f64(0.001)));
+        assert_eq!(all.quantile(0.99), Some(Duration::from_secs_f64(0.05)));
+        let window = all.since(&before);
+        assert_eq!(window.requests(), 2);
+        assert!((window.error_rate() - 0.5).abs() < 1e-9);
+        assert_eq!(window.quantile(1.0), Some(Duration::from_secs_f64(0.5)));
+    }
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        let svc = ServiceName::try_from("web").unwrap();
+        m.release(&svc, 2).observe(200, Duration::from_millis(3));
+        m.connections("web").fetch_add(1, Ordering::Relaxed);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains(
+                "kiln_router_requests_total{service=\"web\",release=\"2\",class=\"2xx\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("kiln_router_request_duration_seconds_bucket{service=\"web\",release=\"2\",le=\"0.005\"} 1\n"), "{out}");
+        assert!(
+            out.contains(
+                "kiln_router_request_duration_seconds_count{service=\"web\",release=\"2\"} 1\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains("kiln_router_active_connections{listener=\"web\"} 1\n"),
+            "{out}"
+        );
+    }
+}
