@@ -1,0 +1,152 @@
+"""Driver for bench/traffic.sh (stdlib only)."""
+import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
+
+KILN, HELLO, BENCH = sys.argv[1:4]
+RUNS = int(os.environ.get("RUNS", "3"))
+DURATION = int(os.environ.get("DURATION", "10"))
+CONNS = int(os.environ.get("CONNS", "50"))
+ROLLBACKS = int(os.environ.get("ROLLBACKS", "20"))
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port):
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def to_ms(v):
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, u = float(m.group(1)), m.group(2)
+    return n / 1000 if u == "us" else n if u == "ms" else n * 1000
+
+
+def wrk(port, duration=DURATION, path="/"):
+    out = subprocess.run(["wrk", "-t2", f"-c{CONNS}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    sock = sum(map(int, m.groups())) if (m := re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    return rps, p50, p99, total, non2xx, sock
+
+
+def get_body(port):
+    with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[1].decode()
+
+
+work = tempfile.mkdtemp(prefix="kiln-bench-traffic-")
+home, app = f"{work}/home", f"{work}/app"
+port, preview = free_port(), free_port()
+os.makedirs(f"{app}/bin")
+shutil.copy(HELLO, f"{app}/bin/hello")
+
+
+def write_spec(version, replicas=1):
+    with open(f"{app}/kiln.toml", "w") as f:
+        f.write(f"""
+[images.hello]
+include = ["bin"]
+entrypoint = ["/bin/hello"]
+[services.web]
+image = "hello"
+replicas = {replicas}
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "250ms"
+[services.web.rollout]
+strategy = "blue-green"
+preview_listen = "127.0.0.1:{preview}"
+scale_down_delay = "10m"
+""")
+
+
+def kiln(*args):
+    return subprocess.run([KILN, "--home", home, *args], cwd=app, check=True, capture_output=True, text=True).stdout
+
+
+agent = subprocess.Popen([KILN, "--home", home, "serve"], stderr=subprocess.DEVNULL)
+procs = []
+try:
+    while not os.path.exists(f"{home}/kiln.sock"):
+        time.sleep(0.01)
+    write_spec("v1")
+    kiln("apply")
+    st = json.loads(kiln("status", "--json"))["services"][0]
+    backend = st["instances"][0]["port"]
+
+    # (1) the same backend behind each proxy.
+    ng_port, ha_port = free_port(), free_port()
+    for name, port_, tmpl in [("nginx", ng_port, "nginx.conf.in"), ("haproxy", ha_port, "haproxy.cfg.in")]:
+        conf = open(f"{BENCH}/{tmpl}").read().replace("@PORT@", str(port_)).replace("@BACKEND@", f"127.0.0.1:{backend}").replace("@DIR@", work)
+        path = f"{work}/{tmpl[:-3]}"
+        open(path, "w").write(conf)
+    procs.append(subprocess.Popen(["nginx", "-c", f"{work}/nginx.conf", "-g", "daemon off;"], stderr=subprocess.DEVNULL))
+    procs.append(subprocess.Popen(["haproxy", "-f", f"{work}/haproxy.cfg"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
+    for p in (ng_port, ha_port):
+        wait_port(p)
+    rows = {}
+    for name, p in [("direct to the backend", backend), ("nginx", ng_port), ("HAProxy", ha_port), ("kiln router", port)]:
+        runs = [wrk(p) for _ in range(RUNS)]
+        rows[name] = tuple(statistics.median(r[i] for r in runs) for i in range(3))
+
+    # (2) warm rollbacks under load.
+    write_spec("v1", replicas=3)
+    kiln("apply")
+    load = {}
+    t = threading.Thread(target=lambda: load.update(r=wrk(port, duration=max(20, ROLLBACKS * 2))))
+    t.start()
+    times = []
+    for k in range(ROLLBACKS):
+        write_spec(f"v{k + 2}", replicas=3)
+        kiln("apply")  # a fresh green fleet, promoted; the old one stays warm
+        old = f"hello from v{k + 1}" if k == 0 else None
+        before = get_body(port)
+        t0 = time.perf_counter()
+        rb = subprocess.Popen([KILN, "--home", home, "rollback", "web", "--detach"], cwd=app, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while get_body(port).split(" (")[0] == before.split(" (")[0]:
+            time.sleep(0.0002)
+        times.append((time.perf_counter() - t0) * 1000)
+        rb.wait()
+        kiln("rollout", "status", "web")
+    t.join()
+    total, non2xx, sock = load["r"][3:6]
+finally:
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+        p.wait()
+    agent.send_signal(signal.SIGTERM)
+    agent.wait()
+    shutil.rmtree(work, ignore_errors=True)
+
+times.sort()
+p = lambda q: times[min(len(times) - 1, int(round(q / 100 * (len(times) - 1))))]
+print(f"\nmachine: {os.cpu_count()} cores; wrk -t2 -c{CONNS} -d{DURATION}s; medians of {RUNS} runs; backend: one examples/hello instance run by kiln (sandbox)\n")
+print(f"{'(1) proxy':<28} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'vs best of nginx/HAProxy':>26}")
+best = max(rows["nginx"][0], rows["HAProxy"][0])
+for name, (rps, p50, p99) in rows.items():
+    print(f"{name:<28} {rps:>12.0f} {p50:>8.2f} {p99:>8.2f} {rps / best:>25.2f}x")
+print(f"\n(2) warm rollback (blue-green, 3 replicas), command to first response from the old release, over {ROLLBACKS}:")
+print(f"    p50 {p(50):.1f} ms, p99 {p(99):.1f} ms (includes starting the kiln CLI process)")
+print(f"    under wrk meanwhile: {total} requests, {non2xx} non-2xx, {sock} socket errors")
+print("(3) canary abort: not measured (canary is not implemented yet)")
