@@ -927,14 +927,11 @@ impl Controller {
         }
     }
 
-    /// Publish the ready instances (of any release: during a rolling update
-    /// both serve) to the router, when they changed.
-    fn publish_routes(&mut self) {
-        let backends: Vec<Arc<Backend>> = self
-            .instances
+    /// The router backends of the ready, live instances that `pick` selects.
+    fn backends(&self, pick: impl Fn(&Inst) -> bool) -> Vec<Arc<Backend>> {
+        self.instances
             .values()
-            .filter(|i| i.ready && i.live && !i.stopping)
-            .filter(|i| self.routed_revision.is_none_or(|r| i.revision == r))
+            .filter(|i| i.ready && i.live && !i.stopping && pick(i))
             .map(|i| {
                 Arc::new(Backend {
                     instance: i.id.clone(),
@@ -944,7 +941,14 @@ impl Controller {
                     metrics: self.shared.router.metrics.release(&self.name, i.revision),
                 })
             })
-            .collect();
+            .collect()
+    }
+
+    /// Publish the ready instances (of any release: during a rolling update
+    /// both serve) to the router, when they changed.
+    fn publish_routes(&mut self) {
+        let routed = self.routed_revision;
+        let backends = self.backends(|i| routed.is_none_or(|r| i.revision == r));
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
         if ids == self.routed && !ids.is_empty() {
             return;
@@ -964,20 +968,7 @@ impl Controller {
 
     /// blue-green's preview: the target's ready instances on `preview_listen`.
     fn publish_preview(&mut self, target: u64, timeout: std::time::Duration) {
-        let backends: Vec<Arc<Backend>> = self
-            .instances
-            .values()
-            .filter(|i| i.ready && i.live && !i.stopping && i.revision == target)
-            .map(|i| {
-                Arc::new(Backend {
-                    instance: i.id.clone(),
-                    revision: i.revision,
-                    port: i.port,
-                    inflight: i.inflight.clone(),
-                    metrics: self.shared.router.metrics.release(&self.name, i.revision),
-                })
-            })
-            .collect();
+        let backends = self.backends(|i| i.revision == target);
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
         if ids != self.previewed || ids.is_empty() {
             self.shared

@@ -153,42 +153,38 @@ fn resolve_service(
     })
 }
 
-pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
+/// Resolve the spec, send it to the agent (`dry_run`: only plan) and print
+/// the plan.
+fn send_spec(
+    home: &Path,
+    file: &Path,
+    dry_run: bool,
+    json: bool,
+) -> Result<(Client, tokio::runtime::Runtime, ApplyResponse)> {
     let (services, explicit_runtime) = desired(home, file, true)?;
     let client = Client::new(home);
-    let resp: ApplyResponse = runtime()?.block_on(client.post(
-        "/v1/apply",
-        &ApplyRequest {
-            services,
-            dry_run: true,
-            explicit_runtime,
-        },
-    ))?;
+    let rt = runtime()?;
+    let request = ApplyRequest {
+        services,
+        dry_run,
+        explicit_runtime,
+    };
+    let resp: ApplyResponse = rt.block_on(client.post("/v1/apply", &request))?;
     if json {
         crate::commands::print_json(&resp.plan)?;
     } else {
         print!("{}", resp.plan);
     }
+    Ok((client, rt, resp))
+}
+
+pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
+    send_spec(home, file, true, json)?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn apply(home: &Path, file: &Path, detach: bool, json: bool) -> Result<ExitCode> {
-    let (services, explicit_runtime) = desired(home, file, true)?;
-    let client = Client::new(home);
-    let rt = runtime()?;
-    let resp: ApplyResponse = rt.block_on(client.post(
-        "/v1/apply",
-        &ApplyRequest {
-            services,
-            dry_run: false,
-            explicit_runtime,
-        },
-    ))?;
-    if json {
-        crate::commands::print_json(&resp.plan)?;
-    } else {
-        print!("{}", resp.plan);
-    }
+    let (client, rt, resp) = send_spec(home, file, false, json)?;
     if resp.plan.is_empty() || detach {
         return Ok(ExitCode::SUCCESS);
     }
