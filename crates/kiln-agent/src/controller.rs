@@ -111,6 +111,10 @@ pub struct Controller {
     warm_until: Option<Instant>,
     /// The preview instance ids last published.
     previewed: Vec<String>,
+    /// The service as the last pass read it: its settings (min_ready,
+    /// timeout, preview) serve the timers and route publishing until the
+    /// next pass, without another read of the state store.
+    service: Option<crate::state::ServiceRecord>,
 }
 
 impl Controller {
@@ -135,6 +139,7 @@ impl Controller {
             promote_requested: false,
             warm_until: None,
             previewed: Vec::new(),
+            service: None,
         }
     }
 
@@ -176,10 +181,11 @@ impl Controller {
             }
             self.reconcile().await;
             self.publish_routes();
-            if let Ok(Some(rec)) = self.shared.state.service(&self.name)
+            if let Some(rec) = &self.service
                 && rec.settings.rollout.preview_listen.is_some()
             {
-                self.publish_preview(rec.target, rec.settings.timeout.0);
+                let (target, timeout) = (rec.target, rec.settings.timeout.0);
+                self.publish_preview(target, timeout);
             }
             self.publish();
             if let Some((_, waiters)) = &mut self.shutdown
@@ -370,11 +376,8 @@ impl Controller {
     }
 
     fn min_ready(&self) -> Option<std::time::Duration> {
-        self.shared
-            .state
-            .service(&self.name)
-            .ok()
-            .flatten()
+        self.service
+            .as_ref()
             .map(|s| s.settings.rollout.min_ready.0)
     }
 
@@ -555,6 +558,7 @@ impl Controller {
             Ok(None) => return,
             Err(e) => return self.log_state_error(e),
         };
+        self.service = Some(rec.clone());
         let target = rec.target;
         let replicas = rec.settings.replicas;
         let p = match self.prepare(target).await {
@@ -954,11 +958,8 @@ impl Controller {
             return;
         }
         let timeout = self
-            .shared
-            .state
-            .service(&self.name)
-            .ok()
-            .flatten()
+            .service
+            .as_ref()
             .map_or(std::time::Duration::from_secs(30), |s| s.settings.timeout.0);
         self.shared
             .router

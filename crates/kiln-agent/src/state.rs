@@ -299,7 +299,22 @@ impl StateStore for SqliteState {
     }
 
     fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
-        Ok(self.services()?.into_iter().find(|s| &s.name == name))
+        let conn = self.conn();
+        let row = conn
+            .query_row(
+                "SELECT settings, target FROM services WHERE name = ?1",
+                [name.as_str()],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?;
+        row.map(|(settings, target)| {
+            Ok(ServiceRecord {
+                name: name.clone(),
+                settings: decode("service settings", &settings)?,
+                target: target as u64,
+            })
+        })
+        .transpose()
     }
 
     fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
