@@ -100,8 +100,8 @@ pub struct Controller {
     stalled: bool,
     /// A failed rollout left paused: no new instance of the target starts.
     paused: bool,
-    /// The instance ids last published to the router.
-    routed: Vec<String>,
+    /// The instance ids and timeout last published to the router.
+    routed: (Vec<String>, std::time::Duration),
     /// blue-green: the release that gets the service's traffic (the new
     /// fleet only gets it when promoted).
     routed_revision: Option<u64>,
@@ -134,7 +134,7 @@ impl Controller {
             message: None,
             stalled: false,
             paused: false,
-            routed: Vec::new(),
+            routed: (Vec::new(), std::time::Duration::ZERO),
             routed_revision: None,
             promote_requested: false,
             warm_until: None,
@@ -954,17 +954,18 @@ impl Controller {
         let routed = self.routed_revision;
         let backends = self.backends(|i| routed.is_none_or(|r| i.revision == r));
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
-        if ids == self.routed && !ids.is_empty() {
-            return;
-        }
         let timeout = self
             .service
             .as_ref()
             .map_or(std::time::Duration::from_secs(30), |s| s.settings.timeout.0);
+        // A settings change (the timeout) republishes as much as new instances do.
+        if (&ids, timeout) == (&self.routed.0, self.routed.1) && !ids.is_empty() {
+            return;
+        }
         self.shared
             .router
             .set_routes(&RouteKey::Service(self.name.clone()), backends, timeout);
-        self.routed = ids;
+        self.routed = (ids, timeout);
     }
 
     /// blue-green's preview: the target's ready instances on `preview_listen`.

@@ -545,3 +545,27 @@ fn rollout_status_follows_a_rollout_to_its_end() {
         (Some(2), Some("active"))
     );
 }
+
+/// Regression: routes were republished only when instances changed, so a
+/// `timeout`-only change never reached the router.
+#[test]
+fn a_timeout_change_alone_reaches_the_router() {
+    let env = Env::new();
+    let port = free_port();
+    let hang = |timeout: &str| {
+        spec(port, ", HELLO_HANG = \"1\"", "")
+            .replace("replicas = 3", "replicas = 1")
+            .replace("http = \"/healthz\"", "tcp = true")
+            .replace("timeout = \"1s\"", &format!("timeout = \"{timeout}\""))
+    };
+    let path = hello_app(&env.path("app"), &hang("1s"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(get(port, "/").1.contains("did not answer within 1s"));
+    write(&path, hang("2s").as_bytes());
+    let out = env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("timeout 1s -> 2s"), "{out}");
+    let (status, body) = get(port, "/");
+    assert_eq!(status, 504);
+    assert!(body.contains("did not answer within 2s"), "{body}");
+}
