@@ -15,7 +15,7 @@ use kiln_core::reference::Tag;
 use serde::Serialize;
 
 use crate::fsutil::{sync_dir, write_atomic};
-use crate::store::{ImageRecord, IoContext, Store, StoreError, hash_reader};
+use crate::store::{HashingReader, ImageRecord, IoContext, Store, StoreError, hash_reader};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -220,7 +220,7 @@ pub fn export_docker_archive(
         // size must be known for the tar header, so spool to a temp file,
         // checking both digests on the way.
         let mut spool = tempfile::tempfile_in(store.root().join("tmp")).at(store.root())?;
-        let mut hasher_in = HashTee::new(store.open_blob(&layer.digest)?);
+        let mut hasher_in = HashingReader::new(store.open_blob(&layer.digest)?);
         {
             let mut reader: Box<dyn Read> = match compression {
                 LayerCompression::Gzip => {
@@ -242,7 +242,7 @@ pub fn export_docker_archive(
             }
         }
         io::copy(&mut hasher_in, &mut io::sink()).at(file)?;
-        let actual = hasher_in.finish();
+        let actual = hasher_in.digest();
         if actual != layer.digest {
             return Err(StoreError::CorruptBlob {
                 digest: layer.digest.clone(),
@@ -292,31 +292,4 @@ fn header(size: u64) -> tar::Header {
 fn append_bytes<W: Write>(tar: &mut tar::Builder<W>, name: &str, bytes: &[u8]) -> io::Result<()> {
     let mut h = header(bytes.len() as u64);
     tar.append_data(&mut h, name, bytes)
-}
-
-struct HashTee<R> {
-    inner: R,
-    hasher: sha2::Sha256,
-}
-
-impl<R> HashTee<R> {
-    fn new(inner: R) -> Self {
-        use sha2::Digest as _;
-        Self {
-            inner,
-            hasher: sha2::Sha256::new(),
-        }
-    }
-    fn finish(self) -> Digest {
-        Digest::from_hasher(self.hasher)
-    }
-}
-
-impl<R: Read> Read for HashTee<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use sha2::Digest as _;
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }

@@ -498,6 +498,35 @@ impl PendingBlob {
     }
 }
 
+/// A reader that hashes everything it yields: wrap a blob (or a decoder
+/// over it) and compare [`HashingReader::digest`] with what it must be.
+pub(crate) struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R> HashingReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+        }
+    }
+
+    /// The sha256 of what was read so far.
+    pub(crate) fn digest(self) -> Digest {
+        Digest::from_hasher(self.hasher)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// sha256 and length of everything `r` yields.
 pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
     let mut hasher = Sha256::new();

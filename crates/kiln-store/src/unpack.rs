@@ -17,9 +17,8 @@ use std::path::{Path, PathBuf};
 use kiln_core::Digest;
 use kiln_core::layer::{PathError, clean_entry_path, link_escapes};
 use kiln_core::oci::{ImageConfig, LayerCompression, Manifest};
-use sha2::{Digest as _, Sha256};
 
-use crate::store::{Store, StoreError};
+use crate::store::{HashingReader, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
@@ -141,13 +140,13 @@ pub fn apply_layer(
         layer: digest.clone(),
         source,
     };
-    let mut compressed = Hashing::new(blob);
+    let mut compressed = HashingReader::new(blob);
     {
         let decoder: Box<dyn Read + '_> = match compression {
             LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
             LayerCompression::None => Box::new(&mut compressed),
         };
-        let mut raw = Hashing::new(decoder);
+        let mut raw = HashingReader::new(decoder);
         {
             let mut archive = tar::Archive::new(&mut raw);
             let mut layer = LayerApplier {
@@ -164,7 +163,7 @@ pub fn apply_layer(
         }
         // The tar reader stops at the end marker; hash the rest too.
         io::copy(&mut raw, &mut io::sink()).map_err(read_err)?;
-        let actual = Digest::from_hasher(raw.hasher);
+        let actual = raw.digest();
         if &actual != diff_id {
             return Err(UnpackError::DiffId {
                 layer: digest.clone(),
@@ -174,7 +173,7 @@ pub fn apply_layer(
         }
     }
     io::copy(&mut compressed, &mut io::sink()).map_err(read_err)?;
-    let actual = Digest::from_hasher(compressed.hasher);
+    let actual = compressed.digest();
     if &actual != digest {
         return Err(UnpackError::LayerDigest {
             layer: digest.clone(),
@@ -182,28 +181,6 @@ pub fn apply_layer(
         });
     }
     Ok(())
-}
-
-struct Hashing<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R> Hashing<R> {
-    fn new(inner: R) -> Self {
-        Self {
-            inner,
-            hasher: Sha256::new(),
-        }
-    }
-}
-
-impl<R: Read> Read for Hashing<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 struct LayerApplier<'a> {
