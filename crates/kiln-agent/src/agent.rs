@@ -135,9 +135,8 @@ impl Agent {
     fn reap_orphans(&self) -> Result<(), AgentError> {
         for rec in self.shared.state.instances()? {
             let alive = start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
-            if alive && let Some(p) = rustix::process::Pid::from_raw(rec.pid as i32) {
-                let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
-                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+            if alive {
+                crate::instance::kill_group(rec.pid);
             }
             let ev = NewEvent {
                 kind: "instance-lost",

@@ -536,11 +536,8 @@ impl Controller {
         for id in ids {
             if force {
                 // Escalation: the stop channel is spent; kill directly.
-                if let Some(inst) = self.instances.get(&id)
-                    && let Some(pid) = inst.pid
-                    && let Some(p) = rustix::process::Pid::from_raw(pid as i32)
-                {
-                    let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
+                if let Some(pid) = self.instances.get(&id).and_then(|i| i.pid) {
+                    crate::instance::kill_group(pid);
                 }
             }
             self.stop_instance(&id, kind, "agent shutting down");

@@ -214,7 +214,7 @@ async fn app_pid(runtime: &dyn Runtime, child: u32) -> Option<u32> {
 }
 
 /// SIGKILL the instance's whole process group (it was started in its own).
-fn kill_group(pid: u32) {
+pub(crate) fn kill_group(pid: u32) {
     if let Some(p) = Pid::from_raw(pid as i32) {
         let _ = kill_process_group(p, Signal::KILL);
         let _ = kill_process(p, Signal::KILL);
