@@ -289,16 +289,13 @@ impl Agent {
                     self.shared.state.record_apply(&rec, None, &[ev])?;
                 }
                 Action::Create | Action::Release => {
-                    let release = Release {
-                        service: d.name.clone(),
+                    let release = Release::pending(
+                        d.name.clone(),
                         revision,
-                        hash: d.config.hash(),
-                        config: d.config.clone(),
-                        created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-                        cause: "apply".into(),
-                        outcome: Outcome::Pending,
-                        reason: None,
-                    };
+                        d.config.clone(),
+                        "apply".into(),
+                        now(),
+                    );
                     let ev = NewEvent::service(
                         "release-created",
                         &d.name,
@@ -421,16 +418,13 @@ impl Agent {
                 .set_outcome(name, current, Outcome::Failed, Some(&reason), &ev)?;
         }
         let revision = latest + 1;
-        let release = Release {
-            service: name.clone(),
+        let release = Release::pending(
+            name.clone(),
             revision,
-            hash: source.config.hash(),
-            config: source.config.clone(),
-            created: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
-            cause: format!("rollback to {}", source.revision),
-            outcome: Outcome::Pending,
-            reason: None,
-        };
+            source.config.clone(),
+            format!("rollback to {}", source.revision),
+            now(),
+        );
         events.push(NewEvent::service(
             "rollback",
             name,
@@ -601,4 +595,9 @@ impl Agent {
         })
         .await;
     }
+}
+
+/// The time a release is recorded, RFC 3339 to the second.
+fn now() -> String {
+    humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }

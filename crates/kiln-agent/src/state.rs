@@ -513,16 +513,13 @@ mod tests {
             health: HealthSpec::default(),
             stop: StopSpec::default(),
         };
-        Release {
-            service: ServiceName::try_from("web").unwrap(),
-            revision: rev,
-            hash: config.hash(),
+        Release::pending(
+            ServiceName::try_from("web").unwrap(),
+            rev,
             config,
-            created: now(),
-            cause: "apply".into(),
-            outcome: Outcome::Pending,
-            reason: None,
-        }
+            "apply".into(),
+            now(),
+        )
     }
 
     #[test]

@@ -99,3 +99,26 @@ pub struct Release {
     /// Why it failed, when it did.
     pub reason: Option<String>,
 }
+
+impl Release {
+    /// A new release about to be rolled out; its hash is its config's.
+    /// `created` (RFC 3339) comes from the caller: the core reads no clock.
+    pub fn pending(
+        service: ServiceName,
+        revision: u64,
+        config: ReleaseConfig,
+        cause: String,
+        created: String,
+    ) -> Self {
+        Self {
+            service,
+            revision,
+            hash: config.hash(),
+            config,
+            created,
+            cause,
+            outcome: Outcome::Pending,
+            reason: None,
+        }
+    }
+}
