@@ -901,31 +901,29 @@ impl Controller {
             }
             return;
         }
-        let ev = self.event(
+        // Failed, and back on the previous release, in one transaction.
+        let mut events = vec![self.event(
             "release-failed",
             Some(target),
             None,
             json!({"reason": reason}),
-        );
-        if let Err(e) =
-            self.shared
-                .state
-                .set_outcome(&self.name, target, Outcome::Failed, Some(&reason), &ev)
-        {
-            return self.log_state_error(e);
-        }
-        self.message = Some(format!("release {target} failed: {reason}"));
-        if auto_rollback && let Some(prev) = previous {
-            let ev = self.event(
+        )];
+        if let Some(prev) = previous {
+            events.push(self.event(
                 "rollback",
                 Some(prev),
                 None,
                 json!({"from": target, "automatic": true, "reason": reason}),
-            );
-            if let Err(e) = self.shared.state.set_target(&self.name, prev, &ev) {
-                self.log_state_error(e);
-            }
+            ));
         }
+        if let Err(e) = self
+            .shared
+            .state
+            .fail_release(&self.name, target, &reason, previous, &events)
+        {
+            return self.log_state_error(e);
+        }
+        self.message = Some(format!("release {target} failed: {reason}"));
     }
 
     /// The router backends of the ready, live instances that `pick` selects.

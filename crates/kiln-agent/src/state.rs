@@ -120,8 +120,18 @@ pub trait StateStore: Send + Sync {
         reason: Option<&str>,
         event: &NewEvent,
     ) -> Result<()>;
-    /// Point a service at another release (an automatic rollback), with its event.
-    fn set_target(&self, service: &ServiceName, revision: u64, event: &NewEvent) -> Result<()>;
+    /// A failed rollout, as one change: the release is marked failed with
+    /// its reason and, when `return_to` says so, the service points back at
+    /// that release (an automatic rollback). Nobody ever sees a failed
+    /// release that the service is still moving to.
+    fn fail_release(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        reason: &str,
+        return_to: Option<u64>,
+        events: &[NewEvent],
+    ) -> Result<()>;
     fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
     fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
     fn instances(&self) -> Result<Vec<InstanceRecord>>;
@@ -394,14 +404,34 @@ impl StateStore for SqliteState {
         Ok(())
     }
 
-    fn set_target(&self, service: &ServiceName, revision: u64, event: &NewEvent) -> Result<()> {
+    fn fail_release(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        reason: &str,
+        return_to: Option<u64>,
+        events: &[NewEvent],
+    ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
-            "UPDATE services SET target = ?2 WHERE name = ?1",
-            params![service.as_str(), revision as i64],
+            "UPDATE releases SET outcome = ?3, reason = ?4 WHERE service = ?1 AND revision = ?2",
+            params![
+                service.as_str(),
+                revision as i64,
+                outcome_str(Outcome::Failed),
+                reason
+            ],
         )?;
-        insert_event(&tx, event)?;
+        if let Some(previous) = return_to {
+            tx.execute(
+                "UPDATE services SET target = ?2 WHERE name = ?1",
+                params![service.as_str(), previous as i64],
+            )?;
+        }
+        for e in events {
+            insert_event(&tx, e)?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -566,6 +596,48 @@ mod tests {
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
         assert_eq!(state.releases(&name).unwrap().len(), 1);
         assert_eq!(state.events(0).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_rollout_and_its_rollback_are_one_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let name = ServiceName::try_from("web").unwrap();
+        let mut svc = ServiceRecord {
+            name: name.clone(),
+            settings: ServiceSettings {
+                replicas: 1,
+                listen: None,
+                rollout: RolloutSpec::default(),
+                timeout: kiln_core::service::Duration::from_secs(30),
+            },
+            target: 1,
+        };
+        let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
+        state
+            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+            .unwrap();
+        svc.target = 2;
+        state
+            .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
+            .unwrap();
+        state
+            .fail_release(&name, 2, "crash loop", Some(1), &[ev.clone(), ev.clone()])
+            .unwrap();
+        assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
+        let r2 = state.release(&name, 2).unwrap().unwrap();
+        assert_eq!(
+            (r2.outcome, r2.reason.as_deref()),
+            (Outcome::Failed, Some("crash loop"))
+        );
+        assert_eq!(state.events(0).unwrap().len(), 4);
+        // Without a release to return to, only the outcome changes.
+        svc.target = 3;
+        state
+            .record_apply(&svc, Some(&release(3)), std::slice::from_ref(&ev))
+            .unwrap();
+        state.fail_release(&name, 3, "deadline", None, &[]).unwrap();
+        assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
     }
 
     #[test]
