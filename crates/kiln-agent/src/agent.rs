@@ -559,11 +559,16 @@ impl Agent {
     }
 
     pub fn history(&self, service: &ServiceName) -> Result<HistoryResponse, AgentError> {
-        if self.shared.state.service(service)?.is_none() {
+        // Releases first, then the service: a release failed and its
+        // rollback target are one transaction, so this order never pairs a
+        // failed release with the target it replaced.
+        let releases = self.shared.state.releases(service)?;
+        let Some(rec) = self.shared.state.service(service)? else {
             return Err(AgentError::NotFound(format!("no service named {service}")));
-        }
+        };
         Ok(HistoryResponse {
-            releases: self.shared.state.releases(service)?,
+            releases,
+            target: rec.target,
         })
     }
 

@@ -114,6 +114,9 @@ pub struct SlotBackoff {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HistoryResponse {
     pub releases: Vec<Release>,
+    /// The release the service is on or heading to, read after `releases`:
+    /// a failed release seen here comes with the target its rollback set.
+    pub target: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

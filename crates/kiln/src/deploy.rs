@@ -226,9 +226,16 @@ pub async fn wait_for(
                     i.revision == *revision && !i.ready && i.state != InstanceState::Stopping
                 })
                 .count();
+            // Counted from the instances, not `s.ready`: a snapshot taken
+            // before the agent picked up this release counts the old fleet.
+            let ready = s
+                .instances
+                .iter()
+                .filter(|i| i.revision == *revision && i.ready)
+                .count();
             let line = format!(
-                "{name}: release {revision}: {}/{} ready, {starting} starting, {old} old",
-                s.ready, s.replicas
+                "{name}: release {revision}: {ready}/{} ready, {starting} starting, {old} old",
+                s.replicas
             );
             if show && last.get(name) != Some(&line) {
                 eprintln!("  {line}");
@@ -243,10 +250,10 @@ pub async fn wait_for(
                 bail!(
                     "{name}: release {revision} failed: {}{}",
                     r.reason.as_deref().unwrap_or("unknown reason"),
-                    match s.revision {
-                        Some(cur) if cur != *revision =>
-                            format!("; the service is back on release {cur}"),
-                        _ => String::new(),
+                    if history.target != *revision {
+                        format!("; the service is back on release {}", history.target)
+                    } else {
+                        String::new()
                     }
                 );
             }
