@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use kiln_core::api::RollbackResponse;
+use kiln_core::api::{AbortResponse, RollbackResponse};
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
@@ -444,7 +444,7 @@ impl Agent {
     }
 
     /// `kiln promote`: switch a blue-green rollout that waits for it.
-    pub async fn promote(&self, name: &ServiceName) -> Result<u64, AgentError> {
+    pub async fn promote(&self, name: &ServiceName) -> Result<(u64, Option<u32>), AgentError> {
         if !self.knows(name)? {
             return Err(AgentError::NotFound(format!("no service named {name}")));
         }
@@ -457,12 +457,35 @@ impl Agent {
         let (done, answer) = oneshot::channel();
         tx.send(Msg::Promote { done })
             .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?;
-        let revision = answer
+        let answer = answer
             .await
             .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?
             .map_err(AgentError::Conflict)?;
         let _ = tx.send(Msg::Wake);
-        Ok(revision)
+        Ok(answer)
+    }
+
+    /// `kiln abort`: fail the rollout in progress; the service returns to
+    /// the release before it (for a canary: in one route swap).
+    pub async fn abort(&self, name: &ServiceName) -> Result<AbortResponse, AgentError> {
+        if !self.knows(name)? {
+            return Err(AgentError::NotFound(format!("no service named {name}")));
+        }
+        let tx = self.controllers.lock().await.get(name).cloned();
+        let Some(tx) = tx else {
+            return Err(AgentError::Conflict(format!(
+                "no rollout of {name} is in progress: nothing to abort"
+            )));
+        };
+        let (done, answer) = oneshot::channel();
+        tx.send(Msg::Abort { done })
+            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?;
+        let (revision, back_to) = answer
+            .await
+            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?
+            .map_err(AgentError::Conflict)?;
+        let _ = tx.send(Msg::Wake);
+        Ok(AbortResponse { revision, back_to })
     }
 
     /// Router metrics plus service and rollout gauges, in Prometheus text.
@@ -542,6 +565,8 @@ impl Agent {
                     backoff: Vec::new(),
                     message: None,
                     stalled: false,
+                    canary: None,
+                    failed_release: None,
                 });
             // The snapshot may predate the latest apply: judge convergence
             // against what is desired now.
@@ -550,6 +575,17 @@ impl Agent {
                 && s.replicas == rec.settings.replicas
                 && s.revision == Some(rec.target);
             s.replicas = rec.settings.replicas;
+            s.failed_release = self
+                .shared
+                .state
+                .releases(&rec.name)?
+                .into_iter()
+                .max_by_key(|r| r.revision)
+                .filter(|r| r.revision > rec.target && r.outcome == Outcome::Failed)
+                .map(|r| kiln_core::api::FailedRelease {
+                    revision: r.revision,
+                    reason: r.reason.unwrap_or_default(),
+                });
             services.push(s);
         }
         Ok(StatusResponse {

@@ -2,7 +2,7 @@
 //! parse strictly into the closed command set of [`kiln_core::api`]; every
 //! [`AgentError`] kind maps to exactly one status.
 
-use kiln_core::api::{PromoteResponse, RollbackRequest, RollbackResponse};
+use kiln_core::api::{AbortResponse, PromoteResponse, RollbackRequest, RollbackResponse};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -50,6 +50,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
+        .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NotFound("no such API endpoint".into()) })
         .with_state(agent)
@@ -107,15 +108,27 @@ async fn rollback(
 }
 
 /// `POST /v1/services/{name}/promote`: allowed while a blue-green rollout
-/// waits for it (else 409).
+/// waits for it or a canary runs (else 409).
 async fn promote(
     State(agent): State<Arc<Agent>>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<PromoteResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    let (revision, canary_step) = agent.promote(&name).await?;
     Ok(Json(PromoteResponse {
-        revision: agent.promote(&name).await?,
+        revision,
+        canary_step,
     }))
+}
+
+/// `POST /v1/services/{name}/abort`: allowed while a rollout is in
+/// progress and a release before it exists (else 409).
+async fn abort(
+    State(agent): State<Arc<Agent>>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<AbortResponse>, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.abort(&name).await?))
 }
 
 #[derive(Debug, Deserialize)]

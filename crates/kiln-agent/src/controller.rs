@@ -15,18 +15,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use kiln_core::api::{InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
+use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
 use kiln_core::release::{Outcome, Release};
-use kiln_core::service::Strategy;
+use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::Shared;
+use crate::canary::{Judgement, fleet, judge};
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::logs::LogFile;
+use crate::metrics::Snapshot;
 use crate::probe::ProbeKind;
-use crate::router::{Backend, RouteKey};
+use crate::router::{Backend, RouteKey, ServiceRoutes};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
 use crate::state::{InstanceRecord, NewEvent};
 
@@ -39,10 +41,43 @@ pub enum Msg {
         kind: StopKind,
         done: oneshot::Sender<()>,
     },
-    /// `kiln promote`: switch a blue-green rollout waiting for it.
+    /// `kiln promote`: switch a blue-green rollout waiting for it, or pass
+    /// a canary's current step.
     Promote {
-        done: oneshot::Sender<Result<u64, String>>,
+        done: oneshot::Sender<Result<(u64, Option<u32>), String>>,
     },
+    /// `kiln abort`: fail the rollout in progress and return to the release
+    /// before it; answers (aborted release, release returned to).
+    Abort {
+        done: oneshot::Sender<Result<(u64, u64), String>>,
+    },
+}
+
+/// A canary rollout in progress.
+struct CanaryRun {
+    revision: u64,
+    stable: u64,
+    /// Index of the current step in `rollout.steps`.
+    step: usize,
+    /// The canary's share now: the previous step's while this step's
+    /// fleet starts, 0 before the first.
+    weight: u32,
+    /// When this step's weight took effect, with both releases' counters
+    /// then (the analysis window starts there).
+    began: Option<(Instant, Snapshot, Snapshot)>,
+    /// `kiln promote` asked to pass this step.
+    promote: bool,
+    /// What the step waits for, for `status`.
+    waiting: String,
+}
+
+/// What was last published to the router for the service's listener.
+#[derive(Default, PartialEq)]
+struct Routed {
+    stable: Vec<String>,
+    canary: Vec<String>,
+    weight: u32,
+    timeout: std::time::Duration,
 }
 
 /// A release made ready to run: its tree and runtime.
@@ -100,8 +135,10 @@ pub struct Controller {
     stalled: bool,
     /// A failed rollout left paused: no new instance of the target starts.
     paused: bool,
-    /// The instance ids and timeout last published to the router.
-    routed: (Vec<String>, std::time::Duration),
+    /// What was last published to the router.
+    routed: Routed,
+    /// canary: the rollout in progress.
+    canary: Option<CanaryRun>,
     /// blue-green: the release that gets the service's traffic (the new
     /// fleet only gets it when promoted).
     routed_revision: Option<u64>,
@@ -134,7 +171,8 @@ impl Controller {
             message: None,
             stalled: false,
             paused: false,
-            routed: (Vec::new(), std::time::Duration::ZERO),
+            routed: Routed::default(),
+            canary: None,
             routed_revision: None,
             promote_requested: false,
             warm_until: None,
@@ -151,6 +189,9 @@ impl Controller {
                     Some(Msg::Wake) => {}
                     Some(Msg::Promote { done }) => {
                         let _ = done.send(self.request_promotion());
+                    }
+                    Some(Msg::Abort { done }) => {
+                        let _ = done.send(self.request_abort());
                     }
                     Some(Msg::Shutdown { kind, done }) => {
                         let escalate = match &mut self.shutdown {
@@ -354,6 +395,10 @@ impl Controller {
         {
             at(t);
         }
+        if self.canary.is_some() {
+            // The analysis judges the step as its numbers come in.
+            at(Instant::now() + CANARY_TICK);
+        }
         let stable_after = self.shared.backoff.stable_after;
         for i in self.instances.values() {
             // When a slot becomes stable, its failure count resets.
@@ -499,30 +544,41 @@ impl Controller {
     }
 
     fn stop_instance(&mut self, id: &str, kind: StopKind, why: &str) {
-        let Some(inst) = self.instances.get_mut(id) else {
-            return;
-        };
-        if inst.stopping && kind == StopKind::Graceful {
+        self.stop_instances(&[id.to_owned()], kind, why);
+    }
+
+    /// Stop instances together: all of them leave the routing table in one
+    /// swap, then each drains in-flight requests before its stop signal.
+    fn stop_instances(&mut self, ids: &[String], kind: StopKind, why: &str) {
+        let mut stops = Vec::new();
+        for id in ids {
+            let Some(inst) = self.instances.get_mut(id) else {
+                continue;
+            };
+            if inst.stopping && kind == StopKind::Graceful {
+                continue;
+            }
+            inst.stopping = true;
+            inst.ready = false;
+            stops.push((id.clone(), inst.revision, inst.stop.take()));
+        }
+        if stops.is_empty() {
             return;
         }
-        inst.stopping = true;
-        inst.ready = false;
-        let revision = inst.revision;
-        let stop = inst.stop.take();
-        // Out of the routing table first; the instance task then drains
-        // in-flight requests before the stop signal.
         self.publish_routes();
-        if let Some(tx) = stop {
-            let _ = tx.send(kind);
-        }
-        let ev = self.event(
-            "instance-stopping",
-            Some(revision),
-            Some(id),
-            json!({"reason": why}),
-        );
-        if let Err(e) = self.shared.state.append_event(&ev) {
-            self.log_state_error(e);
+        for (id, revision, stop) in stops {
+            if let Some(tx) = stop {
+                let _ = tx.send(kind);
+            }
+            let ev = self.event(
+                "instance-stopping",
+                Some(revision),
+                Some(&id),
+                json!({"reason": why}),
+            );
+            if let Err(e) = self.shared.state.append_event(&ev) {
+                self.log_state_error(e);
+            }
         }
     }
 
@@ -593,6 +649,20 @@ impl Controller {
 
         if outcome == Outcome::Pending {
             self.adopt_warm(&p, target, replicas);
+        }
+        // A canary needs a stable release to compare with and return to; a
+        // first release, or one that took over warm instances, goes whole.
+        let stable = (rec.settings.rollout.strategy == Strategy::Canary
+            && outcome == Outcome::Pending
+            && !self.adopted_target(target))
+        .then(|| self.previous_active(target))
+        .flatten();
+        if let Some(stable) = stable {
+            self.routed_revision = None;
+            return self.reconcile_canary(&rec, &p, target, stable).await;
+        }
+        if self.canary.take().is_some() {
+            self.publish_routes();
         }
         let blue_green = rec.settings.rollout.strategy == Strategy::BlueGreen;
         if blue_green {
@@ -669,14 +739,8 @@ impl Controller {
                         .saturating_sub(current_new + old.len() as u32),
                 }
             };
-            for slot in free.into_iter().take(allowed as usize) {
-                let s = self.slots.entry((target, slot)).or_default();
-                if s.retry_at.is_some_and(|t| t > now) {
-                    continue;
-                }
-                s.retry_at = None;
-                self.start(&p, slot).await;
-            }
+            let slots: Vec<u32> = free.into_iter().take(allowed as usize).collect();
+            self.start_in_slots(&p, &slots, now).await;
         }
 
         // Take old instances away as far as availability allows (blue-green
@@ -764,9 +828,7 @@ impl Controller {
                     .filter(|i| i.revision != target && !i.stopping)
                     .map(|i| i.id.clone())
                     .collect();
-                for id in old {
-                    self.stop_instance(&id, StopKind::Graceful, "replaced by the new release");
-                }
+                self.stop_instances(&old, StopKind::Graceful, "replaced by the new release");
             }
             if outcome == Outcome::Pending {
                 self.complete_rollout(target);
@@ -783,10 +845,309 @@ impl Controller {
                 .filter(|i| i.revision == target && !i.stopping)
                 .map(|i| i.id.clone())
                 .collect();
-            for id in failed {
-                self.stop_instance(&id, StopKind::Graceful, "release failed");
+            self.stop_instances(&failed, StopKind::Graceful, "release failed");
+        }
+    }
+
+    /// Start instances of `p`'s release in `slots`, skipping those still
+    /// in their crash-loop back-off.
+    async fn start_in_slots(&mut self, p: &Prepared, slots: &[u32], now: Instant) {
+        let revision = p.release.revision;
+        for &slot in slots {
+            let s = self.slots.entry((revision, slot)).or_default();
+            if s.retry_at.is_some_and(|t| t > now) {
+                continue;
+            }
+            s.retry_at = None;
+            self.start(p, slot).await;
+        }
+    }
+
+    /// Keep exactly `count` instances of `p`'s release, in slots 0..count.
+    async fn keep_fleet(&mut self, p: &Prepared, count: u32, now: Instant) {
+        let revision = p.release.revision;
+        let extras: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision == revision && i.slot >= count && !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        self.stop_instances(&extras, StopKind::Graceful, "scaled down");
+        let free: Vec<u32> = (0..count)
+            .filter(|slot| {
+                !self
+                    .instances
+                    .values()
+                    .any(|i| i.revision == revision && i.slot == *slot && !i.stopping)
+            })
+            .collect();
+        self.start_in_slots(p, &free, now).await;
+    }
+
+    fn counters(&self, revision: u64) -> Snapshot {
+        self.shared
+            .router
+            .metrics
+            .release(&self.name, revision)
+            .snapshot()
+    }
+
+    /// One pass of a canary rollout: stable keeps its whole fleet; the
+    /// canary's fleet follows the current step's weight; once it is ready
+    /// the step's weight takes effect (one swap) and its analysis window
+    /// opens; the step ends when its pause is over (or `kiln promote`) and
+    /// the analysis has enough requests; a failed analysis aborts at once.
+    async fn reconcile_canary(
+        &mut self,
+        rec: &crate::state::ServiceRecord,
+        p: &Arc<Prepared>,
+        target: u64,
+        stable: u64,
+    ) {
+        let now = Instant::now();
+        let rollout = &rec.settings.rollout;
+        let replicas = rec.settings.replicas;
+        if self.canary.as_ref().is_none_or(|c| c.revision != target) {
+            self.canary = Some(CanaryRun {
+                revision: target,
+                stable,
+                step: 0,
+                weight: 0,
+                began: None,
+                promote: false,
+                waiting: String::new(),
+            });
+            self.rollout_started = Some((target, now, rollout.progress_deadline.0));
+            let ev = self.event(
+                "canary-started",
+                Some(target),
+                None,
+                json!({"stable": stable, "steps": rollout.steps}),
+            );
+            if let Err(e) = self.shared.state.append_event(&ev) {
+                self.log_state_error(e);
             }
         }
+        // Anything neither stable nor canary goes (what earlier rollouts left).
+        let strays: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision != target && i.revision != stable && !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        self.stop_instances(
+            &strays,
+            StopKind::Graceful,
+            "not part of the canary rollout",
+        );
+        // Stable is healed like any fleet while the canary runs beside it.
+        match self.prepare(stable).await {
+            Ok(sp) => self.keep_fleet(&sp, replicas, now).await,
+            Err(e) => self.message = Some(e),
+        }
+        let steps = rollout.steps.len();
+        let Some(step) = self
+            .canary
+            .as_ref()
+            .and_then(|run| rollout.steps.get(run.step))
+            .cloned()
+        else {
+            return;
+        };
+        let needed = fleet(replicas, step.weight);
+        self.keep_fleet(p, needed, now).await;
+        let min_ready = rollout.min_ready.0;
+        let ready = self
+            .instances
+            .values()
+            .filter(|i| {
+                i.revision == target
+                    && !i.stopping
+                    && i.ready
+                    && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
+            })
+            .count() as u32;
+        let counters = (self.counters(target), self.counters(stable));
+        let Some(run) = self.canary.as_mut() else {
+            return;
+        };
+        let index = run.step;
+        let label = format!("step {}/{steps} (weight {}%)", index + 1, step.weight);
+        if run.began.is_none() {
+            if ready < needed {
+                run.waiting = format!("canary fleet: {ready}/{needed} ready");
+                // The fleet of a step must come up in time, and not crash-loop.
+                let crash_loop = self
+                    .slots
+                    .iter()
+                    .any(|((rev, _), s)| *rev == target && s.failures >= CRASH_LOOP_FAILURES);
+                let late = self
+                    .rollout_started
+                    .is_some_and(|(_, t, deadline)| t.elapsed() >= deadline);
+                if crash_loop || late {
+                    let why = if crash_loop {
+                        format!(
+                            "canary instances keep crashing at {label}; last: {}",
+                            self.message.clone().unwrap_or_default()
+                        )
+                    } else {
+                        format!(
+                            "{ready}/{needed} canary instances ready at {label} after the progress deadline of {}",
+                            rollout.progress_deadline
+                        )
+                    };
+                    self.abort_canary(target, stable, why);
+                }
+                return;
+            }
+            // The step's weight takes effect, in one swap.
+            run.weight = step.weight;
+            run.began = Some((now, counters.0, counters.1));
+            self.rollout_started = None;
+            self.publish_routes();
+            let ev = self.event(
+                "canary-step",
+                Some(target),
+                None,
+                json!({"step": index + 1, "of": steps, "weight": step.weight, "pause": step.pause}),
+            );
+            if let Err(e) = self.shared.state.append_event(&ev) {
+                self.log_state_error(e);
+            }
+        }
+        let Some((began, base_canary, base_stable)) =
+            self.canary.as_ref().and_then(|run| run.began)
+        else {
+            return;
+        };
+        let canary_window = self.counters(target).since(&base_canary).window();
+        let stable_window = self.counters(stable).since(&base_stable).window();
+        let judgement = judge(rollout.analysis.as_ref(), &canary_window, &stable_window);
+        if let Judgement::Fail(why) = judgement {
+            return self.abort_canary(
+                target,
+                stable,
+                format!("canary analysis failed at {label}: {why}"),
+            );
+        }
+        let Some(run) = self.canary.as_mut() else {
+            return;
+        };
+        let left = match step.pause {
+            Pause::Manual => None,
+            Pause::For(d) => Some(d.0.saturating_sub(began.elapsed())),
+        };
+        run.waiting = if run.promote {
+            String::new()
+        } else if left.is_none() {
+            format!("manual pause: kiln promote {} to go on", self.name)
+        } else if left.is_some_and(|l| !l.is_zero()) {
+            // Worded to stay the same through the step: `apply` prints
+            // each change.
+            format!("pause of {}", step.pause)
+        } else if let Judgement::TooFew { need, .. } = judgement {
+            format!("waiting for {need} canary requests to judge")
+        } else if ready < needed {
+            format!("canary fleet: {ready}/{needed} ready")
+        } else {
+            String::new()
+        };
+        if !run.waiting.is_empty() {
+            return;
+        }
+        let promoted = run.promote;
+        let ev = self.event(
+            "canary-step-passed",
+            Some(target),
+            None,
+            json!({
+                "step": index + 1,
+                "weight": step.weight,
+                "promoted": promoted,
+                "canary": canary_window,
+                "stable": stable_window,
+            }),
+        );
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
+        }
+        if index + 1 < steps
+            && let Some(run) = self.canary.as_mut()
+        {
+            run.step += 1;
+            run.began = None;
+            run.promote = false;
+            self.rollout_started = Some((target, now, rollout.progress_deadline.0));
+            return;
+        }
+        // The last step had all traffic: the canary is the release now.
+        self.complete_rollout(target);
+        self.canary = None;
+        let old: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision != target && !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        self.stop_instances(&old, StopKind::Graceful, "replaced by the canary release");
+        self.message = None;
+    }
+
+    /// Abort a canary: all traffic back on stable in one swap, the canary
+    /// fleet stopped, and the release failed with `reason`.
+    fn abort_canary(&mut self, target: u64, stable: u64, reason: String) {
+        let decided = Instant::now();
+        self.canary = None;
+        let fleet: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.revision == target && !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        // Marks the whole canary fleet stopping and republishes once, with
+        // no canary side: the swap. Draining and signals follow.
+        self.stop_instances(&fleet, StopKind::Graceful, "canary aborted");
+        let swap = decided.elapsed();
+        if fleet.is_empty() {
+            self.publish_routes();
+        }
+        tracing::warn!(
+            service = %self.name,
+            "canary release {target} aborted: {reason}; all traffic on release {stable} (routes switched in {}us)",
+            swap.as_micros()
+        );
+        self.record_failure(
+            target,
+            Some(stable),
+            &reason,
+            true,
+            json!({"swap_us": swap.as_micros() as u64}),
+        );
+    }
+
+    fn canary_status(&self) -> Option<CanaryStatus> {
+        let run = self.canary.as_ref()?;
+        let steps = self
+            .service
+            .as_ref()
+            .map_or(0, |s| s.settings.rollout.steps.len());
+        let (canary_window, stable_window) = match &run.began {
+            Some((_, c, s)) => (
+                self.counters(run.revision).since(c).window(),
+                self.counters(run.stable).since(s).window(),
+            ),
+            None => Default::default(),
+        };
+        Some(CanaryStatus {
+            revision: run.revision,
+            stable: run.stable,
+            step: run.step as u32 + 1,
+            steps: steps as u32,
+            weight: run.weight,
+            waiting: run.waiting.clone(),
+            canary_window,
+            stable_window,
+        })
     }
 
     fn complete_rollout(&mut self, target: u64) {
@@ -901,7 +1262,20 @@ impl Controller {
             }
             return;
         }
-        // Failed, and back on the previous release, in one transaction.
+        self.record_failure(target, previous, &reason, true, json!({}));
+    }
+
+    /// Release `target` failed, and the service is back on `previous`, in
+    /// one transaction.
+    fn record_failure(
+        &mut self,
+        target: u64,
+        previous: Option<u64>,
+        reason: &str,
+        automatic: bool,
+        detail: serde_json::Value,
+    ) {
+        self.rollout_started = None;
         let mut events = vec![self.event(
             "release-failed",
             Some(target),
@@ -909,17 +1283,16 @@ impl Controller {
             json!({"reason": reason}),
         )];
         if let Some(prev) = previous {
-            events.push(self.event(
-                "rollback",
-                Some(prev),
-                None,
-                json!({"from": target, "automatic": true, "reason": reason}),
-            ));
+            let mut d = json!({"from": target, "automatic": automatic, "reason": reason});
+            if let (Some(d), serde_json::Value::Object(extra)) = (d.as_object_mut(), detail) {
+                d.extend(extra);
+            }
+            events.push(self.event("rollback", Some(prev), None, d));
         }
         if let Err(e) = self
             .shared
             .state
-            .fail_release(&self.name, target, &reason, previous, &events)
+            .fail_release(&self.name, target, reason, previous, &events)
         {
             return self.log_state_error(e);
         }
@@ -943,24 +1316,56 @@ impl Controller {
             .collect()
     }
 
-    /// Publish the ready instances (of any release: during a rolling update
-    /// both serve) to the router, when they changed.
+    /// Publish the ready instances to the router, when they changed: of any
+    /// release during a rolling update (both serve), of the routed fleet
+    /// for blue-green, split by weight between stable and canary.
     fn publish_routes(&mut self) {
-        let routed = self.routed_revision;
-        let backends = self.backends(|i| routed.is_none_or(|r| i.revision == r));
-        let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
-        let timeout = self
+        let (timeout, sticky) = self
             .service
             .as_ref()
-            .map_or(std::time::Duration::from_secs(30), |s| s.settings.timeout.0);
-        // A settings change (the timeout) republishes as much as new instances do.
-        if (&ids, timeout) == (&self.routed.0, self.routed.1) && !ids.is_empty() {
+            .map_or((std::time::Duration::from_secs(30), false), |s| {
+                (s.settings.timeout.0, s.settings.rollout.sticky)
+            });
+        let (stable, canary) = match &self.canary {
+            Some(run) => (
+                self.backends(|i| i.revision == run.stable),
+                (run.weight > 0).then(|| {
+                    (
+                        self.backends(|i| i.revision == run.revision),
+                        run.revision,
+                        run.weight,
+                    )
+                }),
+            ),
+            None => {
+                let routed = self.routed_revision;
+                (
+                    self.backends(|i| routed.is_none_or(|r| i.revision == r)),
+                    None,
+                )
+            }
+        };
+        let ids = |b: &[Arc<Backend>]| b.iter().map(|b| b.instance.clone()).collect::<Vec<_>>();
+        let routed = Routed {
+            stable: ids(&stable),
+            canary: canary.as_ref().map_or(Vec::new(), |(b, ..)| ids(b)),
+            weight: canary.as_ref().map_or(0, |c| c.2),
+            timeout,
+        };
+        // A settings change (the timeout) republishes as much as new
+        // instances do; an empty table is always (re)published.
+        if routed == self.routed && !(routed.stable.is_empty() && routed.canary.is_empty()) {
             return;
+        }
+        let mut routes = ServiceRoutes::new(stable, timeout);
+        if let Some((backends, revision, weight)) = canary {
+            let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
+            routes = routes.with_canary(backends, revision, weight, cookie);
         }
         self.shared
             .router
-            .set_routes(&RouteKey::Service(self.name.clone()), backends, timeout);
-        self.routed = (ids, timeout);
+            .set_routes(&RouteKey::Service(self.name.clone()), routes);
+        self.routed = routed;
     }
 
     /// blue-green's preview: the target's ready instances on `preview_listen`.
@@ -968,15 +1373,16 @@ impl Controller {
         let backends = self.backends(|i| i.revision == target);
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
         if ids != self.previewed || ids.is_empty() {
-            self.shared
-                .router
-                .set_routes(&RouteKey::Preview(self.name.clone()), backends, timeout);
+            self.shared.router.set_routes(
+                &RouteKey::Preview(self.name.clone()),
+                ServiceRoutes::new(backends, timeout),
+            );
             self.previewed = ids;
         }
     }
 
     /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
-    fn request_promotion(&mut self) -> Result<u64, String> {
+    fn request_promotion(&mut self) -> Result<(u64, Option<u32>), String> {
         let rec = self
             .shared
             .state
@@ -991,6 +1397,13 @@ impl Controller {
             .release(&self.name, rec.target)
             .map_err(|e| e.to_string())?
             .is_some_and(|r| r.outcome == Outcome::Pending);
+        if let Some(run) = &mut self.canary
+            && pending
+            && run.revision == rec.target
+        {
+            run.promote = true;
+            return Ok((rec.target, Some(run.step as u32 + 1)));
+        }
         if rec.settings.rollout.strategy != Strategy::BlueGreen || !pending {
             return Err(format!(
                 "no rollout of {} is waiting for promotion",
@@ -998,7 +1411,48 @@ impl Controller {
             ));
         }
         self.promote_requested = true;
-        Ok(rec.target)
+        Ok((rec.target, None))
+    }
+
+    /// `kiln abort`: only a rollout in progress with a release before it
+    /// can be aborted.
+    fn request_abort(&mut self) -> Result<(u64, u64), String> {
+        let rec = self
+            .shared
+            .state
+            .service(&self.name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no service named {}", self.name))?;
+        let target = rec.target;
+        let pending = self
+            .shared
+            .state
+            .release(&self.name, target)
+            .map_err(|e| e.to_string())?
+            .is_some_and(|r| r.outcome == Outcome::Pending);
+        if !pending {
+            return Err(format!(
+                "no rollout of {} is in progress (it is on release {target}): nothing to abort",
+                self.name
+            ));
+        }
+        let Some(previous) = self.previous_active(target) else {
+            return Err(format!(
+                "release {target} is the first release of {}: there is no earlier release to return to",
+                self.name
+            ));
+        };
+        let reason = "aborted by hand (kiln abort)".to_owned();
+        if self.canary.as_ref().is_some_and(|r| r.revision == target) {
+            self.abort_canary(target, previous, reason);
+        } else {
+            // As an automatic rollback: the previous release takes over
+            // as its fleet allows.
+            self.paused = false;
+            self.stalled = false;
+            self.record_failure(target, Some(previous), &reason, false, json!({}));
+        }
+        Ok((target, previous))
     }
 
     /// Whether the target's instances were adopted (a warm rollback).
@@ -1140,11 +1594,16 @@ impl Controller {
             backoff,
             message: self.message.clone(),
             stalled: self.stalled,
+            canary: self.canary_status(),
+            failed_release: None,
         };
         let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         all.insert(self.name.clone(), status);
     }
 }
+
+/// How often a canary step is judged while its numbers come in.
+const CANARY_TICK: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Consecutive failures of a slot that make a rollout a crash loop.
 const CRASH_LOOP_FAILURES: u32 = 3;

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod canary;
 pub mod controller;
 pub mod instance;
 pub mod logs;

@@ -23,6 +23,9 @@ pub struct ReleaseMetrics {
     /// Responses by class: 1xx..5xx at index 0..4.
     pub responses: [AtomicU64; 5],
     pub connect_errors: AtomicU64,
+    /// Connect errors after which the request went to another instance (the
+    /// others end as a 502, counted in `responses`).
+    pub retried: AtomicU64,
     pub timeouts: AtomicU64,
     /// Cumulative counts per bucket, then +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
@@ -48,6 +51,7 @@ impl ReleaseMetrics {
         Snapshot {
             responses: std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed)),
             connect_errors: self.connect_errors.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
             timeouts: self.timeouts.load(Ordering::Relaxed),
             buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
             sum_micros: self.sum_micros.load(Ordering::Relaxed),
@@ -60,6 +64,7 @@ impl ReleaseMetrics {
 pub struct Snapshot {
     pub responses: [u64; 5],
     pub connect_errors: u64,
+    pub retried: u64,
     pub timeouts: u64,
     pub buckets: [u64; BUCKETS.len() + 1],
     pub sum_micros: u64,
@@ -77,6 +82,24 @@ impl Snapshot {
             0.0
         } else {
             self.responses[4] as f64 / n as f64
+        }
+    }
+
+    /// What the canary analysis counts: every attempt (answers plus
+    /// connections that failed and were retried elsewhere) and its errors
+    /// (5xx, including the router's own 502/504, plus those connections).
+    pub fn window(&self) -> kiln_core::api::Window {
+        let requests = self.requests() + self.retried;
+        let errors = self.responses[4] + self.retried;
+        kiln_core::api::Window {
+            requests,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            p99_ms: self.quantile(0.99).map(|d| d.as_secs_f64() * 1000.0),
         }
     }
 
@@ -107,6 +130,7 @@ impl Snapshot {
                 self.responses[i].saturating_sub(earlier.responses[i])
             }),
             connect_errors: self.connect_errors.saturating_sub(earlier.connect_errors),
+            retried: self.retried.saturating_sub(earlier.retried),
             timeouts: self.timeouts.saturating_sub(earlier.timeouts),
             buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
             sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),

@@ -44,12 +44,110 @@ pub struct Backend {
     pub metrics: Arc<crate::metrics::ReleaseMetrics>,
 }
 
-/// A service's routes: the instances to balance over, and its timeout.
+/// A service's routes: the instances to balance over (the stable side,
+/// when a canary takes a share), and its timeout.
 #[derive(Debug, Default)]
 pub struct ServiceRoutes {
     pub backends: Vec<Arc<Backend>>,
+    pub canary: Option<Split>,
     pub timeout: Duration,
     next: AtomicUsize,
+}
+
+/// A canary's share of a service's requests.
+#[derive(Debug, Default)]
+pub struct Split {
+    pub backends: Vec<Arc<Backend>>,
+    /// The canary release (a sticky cookie names it, so an older canary's
+    /// cookie is not honoured).
+    pub revision: u64,
+    /// Percent of requests, 0 to 100.
+    pub weight: u32,
+    /// The cookie that keeps a client on one side, when sticky.
+    pub cookie: Option<String>,
+    next: AtomicUsize,
+}
+
+impl ServiceRoutes {
+    pub fn new(backends: Vec<Arc<Backend>>, timeout: Duration) -> Self {
+        Self {
+            backends,
+            canary: None,
+            timeout,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Send `weight` percent of requests to `backends` of release `revision`.
+    pub fn with_canary(
+        mut self,
+        backends: Vec<Arc<Backend>>,
+        revision: u64,
+        weight: u32,
+        cookie: Option<String>,
+    ) -> Self {
+        self.canary = Some(Split {
+            backends,
+            revision,
+            weight,
+            cookie,
+            next: AtomicUsize::new(0),
+        });
+        self
+    }
+
+    /// The side a request goes to, its round-robin counter, and the
+    /// `Set-Cookie` to send when a sticky client was (re)assigned.
+    ///
+    /// Each client draws a bucket from 0 to 99 and is on the canary side
+    /// while its bucket is below the weight: as the weight grows, clients
+    /// only ever move from stable to the canary, never back and forth.
+    fn choose(&self, headers: &HeaderMap) -> (&[Arc<Backend>], &AtomicUsize, Option<HeaderValue>) {
+        let stable = (self.backends.as_slice(), &self.next, None);
+        let Some(c) = &self.canary else {
+            return stable;
+        };
+        if c.backends.is_empty() || c.weight == 0 {
+            return stable;
+        }
+        if self.backends.is_empty() || c.weight >= 100 {
+            return (&c.backends, &c.next, None);
+        }
+        let (bucket, set) = match &c.cookie {
+            Some(name) => match sticky_bucket(headers, name, c.revision) {
+                Some(b) => (b, None),
+                None => {
+                    let b = fastrand::u32(0..100);
+                    let v = format!("{name}={}.{b}; Path=/; HttpOnly; SameSite=Lax", c.revision);
+                    (b, HeaderValue::from_str(&v).ok())
+                }
+            },
+            None => (fastrand::u32(0..100), None),
+        };
+        if bucket < c.weight {
+            (&c.backends, &c.next, set)
+        } else {
+            (&self.backends, &self.next, set)
+        }
+    }
+}
+
+/// The bucket a client's cookie `name=REVISION.BUCKET` holds for canary
+/// `revision`; none when absent, malformed or from another canary (the
+/// client is then assigned afresh: a bad cookie never fails a request).
+fn sticky_bucket(headers: &HeaderMap, name: &str, revision: u64) -> Option<u32> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(|(n, _)| *n == name)
+        .find_map(|(_, v)| {
+            let (rev, bucket) = v.trim().split_once('.')?;
+            let bucket: u32 = bucket.parse().ok()?;
+            (rev.parse::<u64>().ok()? == revision && bucket < 100).then_some(bucket)
+        })
 }
 
 /// What a listener routes for: a service's traffic, or the preview of the
@@ -103,18 +201,12 @@ impl Router {
         self.table.load_full()
     }
 
-    /// Publish a service's backends: one atomic swap of the whole table.
-    pub fn set_routes(&self, service: &RouteKey, backends: Vec<Arc<Backend>>, timeout: Duration) {
+    /// Publish a service's routes: one atomic swap of the whole table.
+    pub fn set_routes(&self, service: &RouteKey, routes: ServiceRoutes) {
+        let routes = Arc::new(routes);
         self.table.rcu(|old| {
             let mut services = old.services.clone();
-            services.insert(
-                service.clone(),
-                Arc::new(ServiceRoutes {
-                    backends: backends.clone(),
-                    timeout,
-                    next: AtomicUsize::new(0),
-                }),
-            );
+            services.insert(service.clone(), routes.clone());
             RouteTable { services }
         });
     }
@@ -230,7 +322,8 @@ impl Router {
                 &format!("no routes for {service}\n"),
             );
         };
-        if routes.backends.is_empty() {
+        let (backends, next, set_cookie) = routes.choose(req.headers());
+        if backends.is_empty() {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("no ready instance of {service}\n"),
@@ -272,12 +365,12 @@ impl Router {
             .path_and_query()
             .map_or("/", |p| p.as_str())
             .to_owned();
-        let n = routes.backends.len();
-        let start = routes.next.fetch_add(1, Ordering::Relaxed);
+        let n = backends.len();
+        let start = next.fetch_add(1, Ordering::Relaxed);
         let attempts = if bodyless { n.min(3) } else { 1 };
         let mut last = local(StatusCode::BAD_GATEWAY, "no instance could be reached\n");
         for attempt in 0..attempts {
-            let backend = routes.backends[(start + attempt) % n].clone();
+            let backend = backends[(start + attempt) % n].clone();
             let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty));
             let Ok(uri) = format!("http://127.0.0.1:{}{path}", backend.port).parse() else {
                 return local(StatusCode::BAD_REQUEST, "invalid request target\n");
@@ -304,6 +397,8 @@ impl Router {
                         .fetch_add(1, Ordering::Relaxed);
                     if attempt + 1 == attempts {
                         backend.metrics.observe(502, arrived.elapsed());
+                    } else {
+                        backend.metrics.retried.fetch_add(1, Ordering::Relaxed);
                     }
                     last = local(
                         StatusCode::BAD_GATEWAY,
@@ -341,6 +436,9 @@ impl Router {
                     }
                     let (mut parts, body) = resp.into_parts();
                     strip_hop_by_hop(&mut parts.headers, false);
+                    if let Some(cookie) = set_cookie {
+                        parts.headers.append(header::SET_COOKIE, cookie);
+                    }
                     return Response::from_parts(
                         parts,
                         Guarded {
@@ -599,7 +697,7 @@ mod tests {
         r.listen(&svc, ([127, 0, 0, 1], port).into()).await.unwrap();
         let (status, body) = get(port).await;
         assert_eq!(status, 503, "{body}");
-        r.set_routes(&svc, Vec::new(), Duration::from_secs(1));
+        r.set_routes(&svc, ServiceRoutes::new(Vec::new(), Duration::from_secs(1)));
         let (status, body) = get(port).await;
         assert_eq!(status, 503);
         assert!(body.contains("no ready instance of service web"), "{body}");
@@ -615,8 +713,10 @@ mod tests {
         };
         r.set_routes(
             &svc,
-            vec![dead(free_port()), dead(free_port())],
-            Duration::from_secs(1),
+            ServiceRoutes::new(
+                vec![dead(free_port()), dead(free_port())],
+                Duration::from_secs(1),
+            ),
         );
         let (status, body) = get(port).await;
         assert_eq!(status, 502);
@@ -660,10 +760,19 @@ mod tests {
                 metrics: Arc::default(),
             })
         };
-        r.set_routes(&a, vec![backend(1)], Duration::from_secs(1));
-        r.set_routes(&b, vec![backend(2)], Duration::from_secs(1));
+        r.set_routes(
+            &a,
+            ServiceRoutes::new(vec![backend(1)], Duration::from_secs(1)),
+        );
+        r.set_routes(
+            &b,
+            ServiceRoutes::new(vec![backend(2)], Duration::from_secs(1)),
+        );
         let before = r.table();
-        r.set_routes(&a, vec![backend(3), backend(4)], Duration::from_secs(1));
+        r.set_routes(
+            &a,
+            ServiceRoutes::new(vec![backend(3), backend(4)], Duration::from_secs(1)),
+        );
         let after = r.table();
         assert_eq!(
             before.services[&a].backends.len(),
@@ -672,5 +781,82 @@ mod tests {
         );
         assert_eq!(after.services[&a].backends.len(), 2);
         assert_eq!(after.services[&b].backends[0].port, 2);
+    }
+
+    fn backend(port: u16, revision: u64) -> Arc<Backend> {
+        Arc::new(Backend {
+            instance: format!("i{port}"),
+            revision,
+            port,
+            inflight: Arc::default(),
+            metrics: Arc::default(),
+        })
+    }
+
+    fn cookie(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::COOKIE, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn a_sticky_cookie_is_read_only_when_well_formed_and_current() {
+        let name = "kiln-canary-web";
+        assert_eq!(
+            sticky_bucket(&cookie("kiln-canary-web=7.42"), name, 7),
+            Some(42)
+        );
+        assert_eq!(
+            sticky_bucket(&cookie("a=b; kiln-canary-web=7.0; c=d"), name, 7),
+            Some(0)
+        );
+        for bad in [
+            "kiln-canary-web=6.42",
+            "kiln-canary-web=7.100",
+            "kiln-canary-web=7",
+            "kiln-canary-web=x.y",
+            "kiln-canary-web=",
+            "kiln-canary-other=7.1",
+            "garbage",
+        ] {
+            assert_eq!(sticky_bucket(&cookie(bad), name, 7), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_split_sends_the_weight_to_the_canary() {
+        let routes = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
+            vec![backend(2, 2)],
+            2,
+            20,
+            Some("kiln-canary-web".to_owned()),
+        );
+        let empty = HeaderMap::new();
+        let n = 10_000;
+        let mut canary = 0;
+        for _ in 0..n {
+            let (side, _, set) = routes.choose(&empty);
+            assert!(set.is_some(), "a client without a cookie gets one");
+            canary += usize::from(side[0].revision == 2);
+        }
+        // sd of the share is 0.004: ±0.03 fails only on a real bias.
+        let share = canary as f64 / f64::from(n);
+        assert!((share - 0.2).abs() < 0.03, "{share}");
+        // A bucket below the weight is the canary's, at or above stable's.
+        let (side, _, set) = routes.choose(&cookie("kiln-canary-web=2.19"));
+        assert_eq!((side[0].revision, set), (2, None));
+        let (side, _, _) = routes.choose(&cookie("kiln-canary-web=2.20"));
+        assert_eq!(side[0].revision, 1);
+        // A canary with nothing ready, or no canary: all to stable.
+        let none_ready = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1))
+            .with_canary(Vec::new(), 2, 50, None);
+        assert!((0..100).all(|_| none_ready.choose(&empty).0[0].revision == 1));
+        let full = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
+            vec![backend(2, 2)],
+            2,
+            100,
+            None,
+        );
+        assert!((0..100).all(|_| full.choose(&empty).0[0].revision == 2));
     }
 }

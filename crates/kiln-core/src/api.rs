@@ -9,6 +9,7 @@
 //! | `GET /v1/services/{name}/history` | → [`HistoryResponse`] |
 //! | `POST /v1/services/{name}/rollback` | [`RollbackRequest`] → [`RollbackResponse`] |
 //! | `POST /v1/services/{name}/promote` | → [`PromoteResponse`] |
+//! | `POST /v1/services/{name}/abort` | → [`AbortResponse`] |
 //! | `GET /v1/logs?service=S[&release=N][&instance=ID][&follow=true]` | → text lines |
 //!
 //! Errors answer `{"error": "..."}` with the status of their kind.
@@ -74,6 +75,48 @@ pub struct ServiceStatus {
     /// return to: it keeps trying, and `kiln apply` reports it as failed.
     #[serde(default)]
     pub stalled: bool,
+    /// The canary rollout in progress, if any.
+    #[serde(default)]
+    pub canary: Option<CanaryStatus>,
+    /// The newest release, when it failed and the service went back to an
+    /// earlier one: which, and why (kept until the next release).
+    #[serde(default)]
+    pub failed_release: Option<FailedRelease>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedRelease {
+    pub revision: u64,
+    pub reason: String,
+}
+
+/// A canary rollout: where it is, and the numbers its analysis reads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CanaryStatus {
+    /// The canary release and the stable one it is compared with.
+    pub revision: u64,
+    pub stable: u64,
+    /// The current step, 1-based, of `steps`.
+    pub step: u32,
+    pub steps: u32,
+    /// The share of requests the router sends to the canary now (percent).
+    pub weight: u32,
+    /// What the step waits for: its fleet, its pause, requests, or promotion.
+    pub waiting: String,
+    /// This step's window so far, for the canary and for stable.
+    pub canary_window: Window,
+    pub stable_window: Window,
+}
+
+/// Requests a release answered over a window, as the analysis counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Window {
+    pub requests: u64,
+    /// 5xx answers plus connections that failed.
+    pub errors: u64,
+    pub error_rate: f64,
+    /// The upper bound of the latency bucket holding the 99th percentile.
+    pub p99_ms: Option<f64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -146,4 +189,15 @@ pub struct RollbackResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PromoteResponse {
     pub revision: u64,
+    /// For a canary: the step (1-based) that was passed; the rollout goes on.
+    #[serde(default)]
+    pub canary_step: Option<u32>,
+}
+
+/// `POST /v1/services/{name}/abort`: the rollout of `revision` stopped, the
+/// service back on `back_to`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AbortResponse {
+    pub revision: u64,
+    pub back_to: u64,
 }

@@ -87,12 +87,49 @@ impl ServiceSpec {
                 p.0
             ));
         }
-        if r.strategy == Strategy::BlueGreen
+        if matches!(r.strategy, Strategy::BlueGreen | Strategy::Canary)
             && let Some((name, _)) = self.volumes.iter().find(|(_, v)| !v.shared)
         {
             return Err(format!(
-                "blue-green runs two releases at once, so volume {name} must be marked shared-safe: volumes.{name} = {{ path = \"...\", shared = true }}"
+                "{} runs two releases at once, so volume {name} must be marked shared-safe: volumes.{name} = {{ path = \"...\", shared = true }}",
+                if r.strategy == Strategy::Canary {
+                    "canary"
+                } else {
+                    "blue-green"
+                }
             ));
+        }
+        if r.strategy != Strategy::Canary
+            && (!r.steps.is_empty() || r.sticky || r.analysis.is_some())
+        {
+            return Err(
+                "rollout.steps, rollout.sticky and rollout.analysis apply only to strategy = \"canary\""
+                    .to_owned(),
+            );
+        }
+        if r.strategy == Strategy::Canary {
+            if r.steps.is_empty() {
+                return Err("strategy = \"canary\" needs rollout.steps, e.g. steps = [{ weight = 10, pause = \"1m\" }, { weight = 100 }]".to_owned());
+            }
+            if let Some((i, s)) = r
+                .steps
+                .iter()
+                .enumerate()
+                .find(|(_, s)| s.weight == 0 || s.weight > 100)
+            {
+                return Err(format!(
+                    "rollout.steps[{i}]: weight {} is not from 1 to 100",
+                    s.weight
+                ));
+            }
+            if let Some(last) = r.steps.last()
+                && last.weight != 100
+            {
+                return Err(format!(
+                    "rollout.steps must end at weight 100 (the last is {}): the canary takes all traffic before it becomes the release",
+                    last.weight
+                ));
+            }
         }
         if self.rollout.max_surge == 0 && self.rollout.max_unavailable == 0 {
             return Err(
@@ -413,6 +450,150 @@ pub struct RolloutSpec {
     /// blue-green: how long the old fleet stays warm after the switch, so
     /// that `kiln rollback` is a route swap.
     pub scale_down_delay: Duration,
+    /// canary: the traffic steps, the last at weight 100.
+    pub steps: Vec<CanaryStep>,
+    /// canary: keep each client on one side of the split with a cookie.
+    pub sticky: bool,
+    /// canary: the limits each step is judged against.
+    pub analysis: Option<AnalysisSpec>,
+}
+
+/// One canary step: `{ weight = 10, pause = "30s" }` (or `pause = "manual"`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryStep {
+    /// Percent of requests sent to the canary, 1 to 100.
+    pub weight: u32,
+    /// How long the step lasts once its canary fleet is ready, or `manual`
+    /// (until `kiln promote`). Default: no pause.
+    #[serde(default)]
+    pub pause: Pause,
+}
+
+/// How long a canary step waits before the next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pause {
+    For(Duration),
+    Manual,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self::For(Duration::from_secs(0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Pause {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "manual" {
+            return Ok(Self::Manual);
+        }
+        humantime::parse_duration(&s)
+            .map(|d| Self::For(Duration(d)))
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid pause `{s}` ({e}); write a duration like 30s or 5m, or \"manual\""
+                ))
+            })
+    }
+}
+
+impl Serialize for Pause {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Manual => s.serialize_str("manual"),
+            Self::For(d) => d.serialize(s),
+        }
+    }
+}
+
+impl fmt::Display for Pause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Manual => f.write_str("manual"),
+            Self::For(d) => d.fmt(f),
+        }
+    }
+}
+
+/// `[services.NAME.rollout.analysis]`: a canary step fails as soon as the
+/// canary, over the step so far, breaks one of these limits.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnalysisSpec {
+    /// Highest error rate (5xx answers plus failed connections), e.g.
+    /// `0.05` or `"5%"`.
+    pub max_error_rate: Option<Ratio>,
+    /// Highest 99th-percentile latency, e.g. `"250ms"`.
+    pub max_p99: Option<Duration>,
+    /// Highest error rate above the stable release's over the same window.
+    pub max_error_rate_increase: Option<Ratio>,
+    /// Requests the canary must have answered in a step before it is
+    /// judged and before the step may end.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u64,
+}
+
+fn default_min_requests() -> u64 {
+    20
+}
+
+/// A fraction from 0 to 1, written `0.05` or `"5%"`; kept in parts per
+/// million so settings stay comparable with `Eq`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ratio(pub u32);
+
+impl Ratio {
+    pub const ONE: u32 = 1_000_000;
+
+    pub fn as_f64(self) -> f64 {
+        f64::from(self.0) / f64::from(Self::ONE)
+    }
+
+    pub fn from_f64(f: f64) -> Option<Self> {
+        (0.0..=1.0)
+            .contains(&f)
+            .then(|| Self((f * f64::from(Self::ONE)).round() as u32))
+    }
+}
+
+impl<'de> Deserialize<'de> for Ratio {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(f64),
+            Text(String),
+            Other(serde::de::IgnoredAny),
+        }
+        let bad = |v: &dyn fmt::Display| {
+            serde::de::Error::custom(format!(
+                "invalid ratio `{v}`: write a fraction from 0 to 1 (0.05) or a percentage (\"5%\")"
+            ))
+        };
+        let f = match Raw::deserialize(d)? {
+            Raw::Number(f) => f,
+            Raw::Text(t) => match t.trim().strip_suffix('%').map(|p| p.trim().parse::<f64>()) {
+                Some(Ok(p)) => p / 100.0,
+                _ => return Err(bad(&t)),
+            },
+            Raw::Other(_) => return Err(bad(&"(not a number)")),
+        };
+        Self::from_f64(f).ok_or_else(|| bad(&f))
+    }
+}
+
+impl Serialize for Ratio {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(self.as_f64())
+    }
+}
+
+impl fmt::Display for Ratio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}%", self.as_f64() * 100.0)
+    }
 }
 
 impl Default for RolloutSpec {
@@ -427,6 +608,9 @@ impl Default for RolloutSpec {
             preview_listen: None,
             auto_promote: true,
             scale_down_delay: Duration::from_secs(300),
+            steps: Vec::new(),
+            sticky: false,
+            analysis: None,
         }
     }
 }
@@ -612,5 +796,84 @@ mod blue_green_tests {
         let r = &spec.services.values().next().unwrap().rollout;
         assert!(!r.auto_promote);
         assert_eq!(r.scale_down_delay.0.as_secs(), 600);
+    }
+}
+
+#[cfg(test)]
+mod canary_tests {
+    use super::{Pause, Ratio};
+    use crate::spec::Spec;
+
+    const BASE: &str = "[images.a]\n[services.web]\nimage = \"a\"\nlisten = \"127.0.0.1:9000\"\n";
+
+    #[test]
+    fn canary_settings_parse() {
+        let text = format!(
+            "{BASE}[services.web.rollout]\nstrategy = \"canary\"\nsticky = true\nsteps = [{{ weight = 10, pause = \"30s\" }}, {{ weight = 50, pause = \"manual\" }}, {{ weight = 100 }}]\n[services.web.rollout.analysis]\nmax_error_rate = \"5%\"\nmax_p99 = \"250ms\"\nmax_error_rate_increase = 0.02\n"
+        );
+        let spec = Spec::parse(&text, "k.toml").unwrap();
+        let r = &spec.services.values().next().unwrap().rollout;
+        assert_eq!(r.steps.len(), 3);
+        assert_eq!(r.steps[0].pause, Pause::For(super::Duration::from_secs(30)));
+        assert_eq!(r.steps[1].pause, Pause::Manual);
+        assert_eq!(r.steps[2].pause, Pause::default());
+        let a = r.analysis.as_ref().unwrap();
+        assert_eq!(a.max_error_rate, Some(Ratio(50_000)));
+        assert_eq!(a.max_error_rate_increase, Some(Ratio(20_000)));
+        assert_eq!(a.max_p99.unwrap().0.as_millis(), 250);
+        assert_eq!(a.min_requests, 20);
+        assert!(r.sticky);
+    }
+
+    #[test]
+    fn bad_canary_settings_are_refused_with_the_reason() {
+        for (extra, needle) in [
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 10 }, { weight = 50 }]\n",
+                "must end at weight 100",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 0 }, { weight = 100 }]\n",
+                "weight 0 is not from 1 to 100",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 150 }]\n",
+                "not from 1 to 100",
+            ),
+            ("strategy = \"canary\"\n", "needs rollout.steps"),
+            (
+                "steps = [{ weight = 100 }]\n",
+                "apply only to strategy = \"canary\"",
+            ),
+            (
+                "strategy = \"blue-green\"\n[services.web.rollout.analysis]\nmax_p99 = \"1s\"\n",
+                "apply only to strategy = \"canary\"",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 100, pause = \"forever\" }]\n",
+                "invalid pause `forever`",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 100, wait = \"1s\" }]\n",
+                "unknown",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 100 }]\n[services.web.rollout.analysis]\nmax_error_rate = 1.5\n",
+                "invalid ratio",
+            ),
+            (
+                "strategy = \"canary\"\nsteps = [{ weight = 100 }]\n[services.web.rollout.analysis]\nmax_error_rate = \"lots\"\n",
+                "invalid ratio `lots`",
+            ),
+        ] {
+            let text = format!("{BASE}[services.web.rollout]\n{extra}");
+            let err = Spec::parse(&text, "k.toml").unwrap_err();
+            assert!(err.message.contains(needle), "{extra}: {err}");
+        }
+        let shared = format!(
+            "{BASE}volumes = {{ d = \"/data\" }}\n[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{{ weight = 100 }}]\n"
+        );
+        let err = Spec::parse(&shared, "k.toml").unwrap_err();
+        assert!(err.message.contains("must be marked shared-safe"), "{err}");
     }
 }

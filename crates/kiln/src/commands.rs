@@ -59,7 +59,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             detach,
             json,
         } => crate::deploy::rollback(&home()?, &service, to, detach, json),
-        Command::Promote { service } => crate::deploy::promote(&home()?, &service),
+        Command::Promote { service, json } => crate::deploy::promote(&home()?, &service, json),
+        Command::Abort { service, json } => crate::deploy::abort(&home()?, &service, json),
         Command::Rollout {
             command: crate::RolloutCommand::Status { service },
         } => crate::deploy::rollout_status(&home()?, &service),

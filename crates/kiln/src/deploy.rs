@@ -233,10 +233,23 @@ pub async fn wait_for(
                 .iter()
                 .filter(|i| i.revision == *revision && i.ready)
                 .count();
-            let line = format!(
-                "{name}: release {revision}: {ready}/{} ready, {starting} starting, {old} old",
-                s.replicas
-            );
+            let line = match &s.canary {
+                Some(c) if c.revision == *revision => format!(
+                    "{name}: canary release {revision} at step {}/{}, {}% of traffic{}",
+                    c.step,
+                    c.steps,
+                    c.weight,
+                    if c.waiting.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", c.waiting)
+                    }
+                ),
+                _ => format!(
+                    "{name}: release {revision}: {ready}/{} ready, {starting} starting, {old} old",
+                    s.replicas
+                ),
+            };
             if show && last.get(name) != Some(&line) {
                 eprintln!("  {line}");
                 last.insert(name.clone(), line);
@@ -321,8 +334,36 @@ pub fn rollback(
     Ok(code)
 }
 
-/// `kiln promote`: switch a blue-green rollout that waits for it.
-pub fn promote(home: &Path, service: &str) -> Result<ExitCode> {
+/// One line on a canary in progress: where it is and what it measured.
+fn canary_line(c: &kiln_core::api::CanaryStatus) -> String {
+    let w = |w: &kiln_core::api::Window| {
+        format!(
+            "{} req, {:.1}% errors, p99 {}",
+            w.requests,
+            w.error_rate * 100.0,
+            w.p99_ms.map_or("-".to_owned(), |p| format!("{p}ms"))
+        )
+    };
+    format!(
+        "canary release {} at step {}/{}, {}% of traffic{}; canary {}; stable (release {}) {}",
+        c.revision,
+        c.step,
+        c.steps,
+        c.weight,
+        if c.waiting.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", c.waiting)
+        },
+        w(&c.canary_window),
+        c.stable,
+        w(&c.stable_window)
+    )
+}
+
+/// `kiln promote`: switch a blue-green rollout that waits for it, or pass
+/// a canary's current step.
+pub fn promote(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let rt = runtime()?;
     let started = Instant::now();
@@ -330,16 +371,59 @@ pub fn promote(home: &Path, service: &str) -> Result<ExitCode> {
         &format!("/v1/services/{service}/promote"),
         &serde_json::json!({}),
     ))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    }
+    if let Some(step) = resp.canary_step {
+        // The canary goes on through its steps: follow it with
+        // `kiln rollout status`.
+        if !json {
+            println!(
+                "{service}: canary release {} passes step {step}",
+                resp.revision
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let code = rt.block_on(wait_for(
         &client,
         &[(service.to_owned(), resp.revision, Action::Release)],
-        true,
+        !json,
     ))?;
     eprintln!(
         "{service}: release {} promoted in {:.0} ms",
         resp.revision,
         started.elapsed().as_secs_f64() * 1000.0
     );
+    Ok(code)
+}
+
+/// `kiln abort`: stop the rollout in progress; the service returns to the
+/// release before it. Waits until no instance of the aborted release runs.
+pub fn abort(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let started = Instant::now();
+    let resp: kiln_core::api::AbortResponse = rt.block_on(client.post(
+        &format!("/v1/services/{service}/abort"),
+        &serde_json::json!({}),
+    ))?;
+    let switched = started.elapsed();
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!(
+            "{service}: release {} aborted; the service is back on release {} ({:.1} ms)",
+            resp.revision,
+            resp.back_to,
+            switched.as_secs_f64() * 1000.0
+        );
+    }
+    let code = rt.block_on(wait_for(
+        &client,
+        &[(service.to_owned(), resp.back_to, Action::Release)],
+        !json,
+    ))?;
     Ok(code)
 }
 
@@ -391,6 +475,14 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         );
         if let Some(m) = &s.message {
             println!("  ! {m}");
+        }
+        if let Some(c) = &s.canary {
+            println!("  {}", canary_line(c));
+        }
+        if let Some(f) = &s.failed_release
+            && s.message.is_none()
+        {
+            println!("  ! release {} failed: {}", f.revision, f.reason);
         }
         for b in &s.backoff {
             println!(

@@ -158,10 +158,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Switch a blue-green rollout waiting for promotion (auto_promote = false)
+    /// Switch a blue-green rollout waiting for promotion (auto_promote = false),
+    /// or pass a canary's current step (its pause, manual or not)
     Promote {
         #[arg(value_name = "SERVICE")]
         service: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the rollout in progress: the service returns to the release
+    /// before it (a canary: all traffic to stable in one swap, canary stopped)
+    Abort {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        #[arg(long)]
+        json: bool,
     },
     /// Rollouts: `kiln rollout status SERVICE` follows one in progress
     Rollout {
