@@ -530,6 +530,24 @@ impl Agent {
                 u8::from(s.stalled)
             );
         }
+        out.push_str("# HELP kiln_canary_weight Percent of requests the router sends to a service's canary (0 when none).\n# TYPE kiln_canary_weight gauge\n");
+        for s in &status.services {
+            let _ = writeln!(
+                out,
+                "kiln_canary_weight{{service=\"{}\"}} {}",
+                s.name,
+                s.canary.as_ref().map_or(0, |c| c.weight)
+            );
+        }
+        out.push_str("# HELP kiln_canary_step The canary's current step, 1-based (0 when none).\n# TYPE kiln_canary_step gauge\n");
+        for s in &status.services {
+            let _ = writeln!(
+                out,
+                "kiln_canary_step{{service=\"{}\"}} {}",
+                s.name,
+                s.canary.as_ref().map_or(0, |c| c.step)
+            );
+        }
         Ok(())
     }
 

@@ -661,9 +661,10 @@ impl Controller {
             self.routed_revision = None;
             return self.reconcile_canary(&rec, &p, target, stable).await;
         }
-        if self.canary.take().is_some() {
-            self.publish_routes();
-        }
+        // A canary replaced by another release (a rollback taking over
+        // stable's warm instances): its fleet goes below, with the routes
+        // republished once at the end of the pass.
+        self.canary = None;
         let blue_green = rec.settings.rollout.strategy == Strategy::BlueGreen;
         if blue_green {
             // Until promotion, traffic stays on the release it was on.

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, Load, alive, free_port, hello_app, request, service_status, wait_for, write,
+    Agent, Env, Load, alive, free_port, hello_app, http_get, request, service_status, wait_for,
+    write,
 };
 
 /// Service `web` (3 replicas) as a canary with `rollout` (steps, analysis).
@@ -208,7 +209,10 @@ fn a_healthy_canary_is_promoted_through_every_step() {
         &env.path("app"),
         &spec(port, "HELLO_VERSION = \"v1\"", &rollout),
     );
-    let _agent = Agent::start(&env);
+    let metrics = free_port();
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
+    });
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
     let load = Load::start(port, 2);
     write(
@@ -239,6 +243,12 @@ fn a_healthy_canary_is_promoted_through_every_step() {
     assert_eq!(s["canary"]["stable"], 1);
     let (v1, v2) = versions(port, 400);
     assert!(v1 > 100 && v2 > 100, "both serve at 50%: {v1}/{v2}");
+    let m = http_get(u64::from(metrics), "/metrics").unwrap();
+    assert!(
+        m.contains("kiln_canary_weight{service=\"web\"} 50\n"),
+        "{m}"
+    );
+    assert!(m.contains("kiln_canary_step{service=\"web\"} 2\n"), "{m}");
     assert_eq!(
         env.json(&["status", "web", "--json"])["services"][0]["outcome"],
         "pending"
@@ -416,4 +426,50 @@ fn the_split_follows_the_weight_and_a_sticky_client_stays_on_its_side() {
         let set = set.unwrap_or_default();
         assert!(set.starts_with("kiln-canary-sticky=2."), "{bad}: {set:?}");
     }
+}
+
+#[test]
+fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
+    let env = Env::new();
+    let port = free_port();
+    let rollout = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let stable_pids = pids_of(&service_status(&env, "web"), 1);
+    write(
+        &path,
+        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    wait_for("the canary at 50%", Duration::from_secs(30), || {
+        service_status(&env, "web")["canary"]["weight"] == 50
+    });
+    let canary_pids = pids_of(&service_status(&env, "web"), 2);
+    let load = Load::start(port, 2);
+    env.ok(&["rollback", "web"]);
+    wait_for("the canary fleet to stop", Duration::from_secs(15), || {
+        canary_pids.iter().all(|p| !alive(*p))
+    });
+    let s = service_status(&env, "web");
+    assert_eq!(s["revision"], 3);
+    assert_eq!(
+        pids_of(&s, 3),
+        stable_pids,
+        "release 3 (release 1's content) took over stable's warm instances: {s}"
+    );
+    assert_eq!(versions(port, 200), (200, 0));
+    let count = load.finish();
+    assert_eq!(
+        count.failed,
+        0,
+        "{:?}",
+        &count.errors[..count.errors.len().min(5)]
+    );
+    let r = releases(&env);
+    assert_eq!(r[1]["outcome"], "failed");
+    assert_eq!(r[2]["outcome"], "active");
 }
