@@ -216,11 +216,20 @@ impl Agent {
         for d in &req.services {
             if let Some(rec) = self.shared.state.service(&d.name)? {
                 let release = self.shared.state.release(&d.name, rec.target)?;
+                let latest = self
+                    .shared
+                    .state
+                    .releases(&d.name)?
+                    .iter()
+                    .map(|r| r.revision)
+                    .max()
+                    .unwrap_or(0);
                 current.insert(
                     d.name.clone(),
                     CurrentService {
                         settings: rec.settings,
                         release: release.map(|r| (r.revision, r.config)),
+                        latest,
                     },
                 );
             }

@@ -549,7 +549,8 @@ impl Controller {
 
     /// Stop instances together: all of them leave the routing table in one
     /// swap, then each drains in-flight requests before its stop signal.
-    fn stop_instances(&mut self, ids: &[String], kind: StopKind, why: &str) {
+    /// Returns when that swap was done, if any instance was stopped.
+    fn stop_instances(&mut self, ids: &[String], kind: StopKind, why: &str) -> Option<Instant> {
         let mut stops = Vec::new();
         for id in ids {
             let Some(inst) = self.instances.get_mut(id) else {
@@ -563,9 +564,10 @@ impl Controller {
             stops.push((id.clone(), inst.revision, inst.stop.take()));
         }
         if stops.is_empty() {
-            return;
+            return None;
         }
         self.publish_routes();
+        let swapped = Instant::now();
         for (id, revision, stop) in stops {
             if let Some(tx) = stop {
                 let _ = tx.send(kind);
@@ -580,6 +582,7 @@ impl Controller {
                 self.log_state_error(e);
             }
         }
+        Some(swapped)
     }
 
     fn stop_all(&mut self, kind: StopKind, force: bool) {
@@ -1107,11 +1110,13 @@ impl Controller {
             .collect();
         // Marks the whole canary fleet stopping and republishes once, with
         // no canary side: the swap. Draining and signals follow.
-        self.stop_instances(&fleet, StopKind::Graceful, "canary aborted");
-        let swap = decided.elapsed();
-        if fleet.is_empty() {
-            self.publish_routes();
-        }
+        let swapped = self
+            .stop_instances(&fleet, StopKind::Graceful, "canary aborted")
+            .unwrap_or_else(|| {
+                self.publish_routes();
+                Instant::now()
+            });
+        let swap = swapped.duration_since(decided);
         tracing::warn!(
             service = %self.name,
             "canary release {target} aborted: {reason}; all traffic on release {stable} (routes switched in {}us)",
@@ -1604,7 +1609,7 @@ impl Controller {
 }
 
 /// How often a canary step is judged while its numbers come in.
-const CANARY_TICK: std::time::Duration = std::time::Duration::from_millis(200);
+const CANARY_TICK: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// Consecutive failures of a slot that make a rollout a crash loop.
 const CRASH_LOOP_FAILURES: u32 = 3;

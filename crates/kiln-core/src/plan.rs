@@ -16,6 +16,9 @@ pub struct CurrentService {
     pub settings: ServiceSettings,
     /// The release the service is on (or moving to), if any.
     pub release: Option<(u64, ReleaseConfig)>,
+    /// The highest revision recorded: after a failed release the service is
+    /// back on an earlier one, and the next release numbers past both.
+    pub latest: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,9 +99,9 @@ pub fn plan(desired: &[DesiredService], current: &BTreeMap<ServiceName, CurrentS
             Some((rev, cfg)) if cfg == &d.config => (Action::Unchanged, Some(*rev)),
             Some((rev, cfg)) => {
                 changes.extend(config_changes(cfg, &d.config));
-                (Action::Release, Some(rev + 1))
+                (Action::Release, Some(cur.latest.max(*rev) + 1))
             }
-            None => (Action::Release, Some(1)),
+            None => (Action::Release, Some(cur.latest + 1)),
         };
         let settings = settings_changes(&cur.settings, &d.settings);
         let action = if action == Action::Unchanged && !settings.is_empty() {
@@ -240,6 +243,7 @@ mod tests {
             CurrentService {
                 settings: d.settings.clone(),
                 release: Some((rev, d.config.clone())),
+                latest: rev,
             },
         )]
         .into()
@@ -272,6 +276,17 @@ mod tests {
             ["env added: C", "env removed: B", "env changed: A"]
         );
         assert!(!p.to_string().contains('2') || !p.to_string().contains("A=2"));
+    }
+
+    #[test]
+    fn a_release_after_a_failed_one_numbers_past_it() {
+        let old = desired(&[("A", "1")], 2, b"a");
+        let new = desired(&[("A", "2")], 2, b"a");
+        let mut cur = current(&old, 1);
+        // Release 2 failed and the service is back on 1.
+        cur.values_mut().for_each(|c| c.latest = 2);
+        let s = &plan(&[new], &cur).services[0];
+        assert_eq!((s.action, s.revision), (Action::Release, Some(3)));
     }
 
     #[test]

@@ -32,6 +32,7 @@ pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitC
                 .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -165,6 +165,23 @@ fn a_release_that_never_becomes_ready_is_rolled_back_and_leaves_nothing() {
         "{r:?}"
     );
     assert_eq!(r[0]["outcome"], "active");
+
+    // The next release numbers past the failed one.
+    write(
+        &path,
+        spec(
+            port,
+            ", A = \"1\"",
+            "[services.web.rollout]\nprogress_deadline = \"2s\"\n",
+        )
+        .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let r = releases(&env);
+    assert_eq!(
+        (r.len(), &r[2]["revision"], &r[2]["outcome"]),
+        (3, &3.into(), &"active".into())
+    );
 }
 
 #[test]
