@@ -1311,13 +1311,13 @@ impl Controller {
             .values()
             .filter(|i| i.ready && i.live && !i.stopping && pick(i))
             .map(|i| {
-                Arc::new(Backend {
-                    instance: i.id.clone(),
-                    revision: i.revision,
-                    port: i.port,
-                    inflight: i.inflight.clone(),
-                    metrics: self.shared.router.metrics.release(&self.name, i.revision),
-                })
+                Arc::new(Backend::new(
+                    i.id.clone(),
+                    i.revision,
+                    i.port,
+                    i.inflight.clone(),
+                    self.shared.router.metrics.release(&self.name, i.revision),
+                ))
             })
             .collect()
     }

@@ -19,18 +19,60 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use http_body_util::Full;
 use hyper::body::{Body, Bytes, Frame, Incoming};
+use hyper::client::conn::http1::SendRequest;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use kiln_core::spec::ServiceName;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+/// Every body the router sends, either way: an enum rather than a boxed
+/// trait object, so a request allocates no box for its bodies.
+enum ProxyBody {
+    /// A client's request body on its way to an instance.
+    Incoming(Incoming),
+    /// An instance's response on its way to the client.
+    Guarded(Guarded),
+    /// The router's own answers (and empty bodies).
+    Full(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Self::Guarded(b) => Pin::new(b).poll_frame(cx),
+            Self::Full(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Incoming(b) => b.is_end_stream(),
+            Self::Guarded(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            Self::Incoming(b) => b.size_hint(),
+            Self::Guarded(b) => b.size_hint(),
+            Self::Full(b) => b.size_hint(),
+        }
+    }
+}
 
 /// One ready instance that may receive traffic.
 #[derive(Debug)]
@@ -38,10 +80,33 @@ pub struct Backend {
     pub instance: String,
     pub revision: u64,
     pub port: u16,
+    /// `127.0.0.1:PORT`, made once: the `Host` of a request that has none.
+    pub host: HeaderValue,
     /// Requests in flight to it, until their response bodies are sent.
     pub inflight: Arc<AtomicUsize>,
     /// Its release's measurements.
     pub metrics: Arc<crate::metrics::ReleaseMetrics>,
+}
+
+impl Backend {
+    pub fn new(
+        instance: String,
+        revision: u64,
+        port: u16,
+        inflight: Arc<AtomicUsize>,
+        metrics: Arc<crate::metrics::ReleaseMetrics>,
+    ) -> Self {
+        let host = HeaderValue::from_str(&format!("127.0.0.1:{port}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1"));
+        Self {
+            instance,
+            revision,
+            port,
+            host,
+            inflight,
+            metrics,
+        }
+    }
 }
 
 /// A service's routes: the instances to balance over (the stable side,
@@ -277,26 +342,31 @@ impl Router {
         service: RouteKey,
         client: Upstream,
     ) {
+        let open = self.metrics.connections(&match &service {
+            RouteKey::Service(s) => s.to_string(),
+            RouteKey::Preview(s) => format!("{s}/preview"),
+        });
         loop {
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let router = self.clone();
-            let service = service.clone();
-            let client = client.clone();
-            let open = self.metrics.connections(&match &service {
-                RouteKey::Service(s) => s.to_string(),
-                RouteKey::Preview(s) => format!("{s}/preview"),
+            // Everything a request needs from its connection, behind one
+            // Arc: a request clones that, not each part.
+            let conn = Arc::new(Conn {
+                router: self.clone(),
+                service: service.clone(),
+                client: client.clone(),
+                peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                    .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             });
+            let open = open.clone();
             tokio::spawn(async move {
                 open.fetch_add(1, Ordering::Relaxed);
                 let _open = Gauge(open);
                 let svc = hyper::service::service_fn(move |req| {
-                    let router = router.clone();
-                    let service = service.clone();
-                    let client = client.clone();
-                    async move { Ok::<_, Infallible>(router.proxy(&client, &service, peer, req).await) }
+                    let conn = conn.clone();
+                    async move { Ok::<_, Infallible>(conn.router.proxy(&conn, req).await) }
                 });
                 // hyper answers unparsable requests with 400 itself.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -307,16 +377,11 @@ impl Router {
         }
     }
 
-    async fn proxy(
-        &self,
-        client: &Upstream,
-        service: &RouteKey,
-        peer: SocketAddr,
-        mut req: Request<Incoming>,
-    ) -> Response<ProxyBody> {
+    async fn proxy(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let (client, service) = (&conn.client, &conn.service);
         let arrived = std::time::Instant::now();
-        let table = self.table.load_full();
-        let Some(routes) = table.services.get(service).cloned() else {
+        let routes = self.table.load().services.get(service).cloned();
+        let Some(routes) = routes else {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 &format!("no routes for {service}\n"),
@@ -339,10 +404,14 @@ impl Router {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) => format!("{prev}, {}", peer.ip()),
-            None => peer.ip().to_string(),
+            Some(prev) => conn
+                .peer_ip
+                .to_str()
+                .ok()
+                .and_then(|ip| HeaderValue::from_str(&format!("{prev}, {ip}")).ok()),
+            None => Some(conn.peer_ip.clone()),
         };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
+        if let Some(v) = xff {
             parts
                 .headers
                 .insert(HeaderName::from_static("x-forwarded-for"), v);
@@ -359,25 +428,36 @@ impl Router {
         // A request without a body can be sent again to another instance
         // if the first could not be connected to: nothing reached it.
         let bodyless = body.is_end_stream();
-        let mut body = Some(body.boxed());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_owned();
+        let mut body = Some(ProxyBody::Incoming(body));
+        let path = parts.uri.path_and_query().cloned();
         let n = backends.len();
         let start = next.fetch_add(1, Ordering::Relaxed);
         let attempts = if bodyless { n.min(3) } else { 1 };
-        let mut last = local(StatusCode::BAD_GATEWAY, "no instance could be reached\n");
+        let mut last = None;
+        // The last attempt takes the request's parts; earlier ones a copy.
+        let mut parts = Some(parts);
         for attempt in 0..attempts {
             let backend = backends[(start + attempt) % n].clone();
-            let mut up = Request::from_parts(parts.clone(), body.take().unwrap_or_else(empty));
-            let Ok(uri) = format!("http://127.0.0.1:{}{path}", backend.port).parse() else {
+            let mut head = if attempt + 1 == attempts {
+                parts.take()
+            } else {
+                parts.clone()
+            }
+            .unwrap_or_else(|| Request::new(()).into_parts().0);
+            // Origin-form on the way to the instance, whatever form the
+            // client used; an HTTP/1.0 request without Host gets one.
+            let mut uri = hyper::http::uri::Parts::default();
+            uri.path_and_query = path.clone();
+            let Ok(uri) = hyper::Uri::from_parts(uri) else {
                 return local(StatusCode::BAD_REQUEST, "invalid request target\n");
             };
-            *up.uri_mut() = uri;
+            head.uri = uri;
+            if !head.headers.contains_key(header::HOST) {
+                head.headers.insert(header::HOST, backend.host.clone());
+            }
+            let up = Request::from_parts(head, body.take().unwrap_or_else(empty));
             let guard = Inflight::new(backend.inflight.clone());
-            match tokio::time::timeout(routes.timeout, client.request(up)).await {
+            match tokio::time::timeout(routes.timeout, client.send(backend.port, up)).await {
                 Err(_) => {
                     backend.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
                     backend.metrics.observe(504, arrived.elapsed());
@@ -390,7 +470,7 @@ impl Router {
                         ),
                     );
                 }
-                Ok(Err(e)) if e.is_connect() => {
+                Ok(Err(UpstreamError::Connect(e))) => {
                     backend
                         .metrics
                         .connect_errors
@@ -400,17 +480,17 @@ impl Router {
                     } else {
                         backend.metrics.retried.fetch_add(1, Ordering::Relaxed);
                     }
-                    last = local(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("instance {} could not be reached\n", backend.instance),
-                    );
+                    last = Some(format!(
+                        "instance {} could not be reached: {e}\n",
+                        backend.instance
+                    ));
                     continue;
                 }
-                Ok(Err(_)) => {
+                Ok(Err(UpstreamError::Request(e))) => {
                     backend.metrics.observe(502, arrived.elapsed());
                     return local(
                         StatusCode::BAD_GATEWAY,
-                        &format!("instance {} failed the request\n", backend.instance),
+                        &format!("instance {} failed the request: {e}\n", backend.instance),
                     );
                 }
                 Ok(Ok(mut resp)) => {
@@ -441,30 +521,112 @@ impl Router {
                     }
                     return Response::from_parts(
                         parts,
-                        Guarded {
+                        ProxyBody::Guarded(Guarded {
                             body,
                             _guard: guard,
-                        }
-                        .boxed(),
+                        }),
                     );
                 }
             }
         }
-        last
+        local(
+            StatusCode::BAD_GATEWAY,
+            last.as_deref().unwrap_or("no instance could be reached\n"),
+        )
     }
 }
 
-/// The pool of upstream connections of one router thread.
-type Upstream = Client<HttpConnector, ProxyBody>;
+/// What the requests of one client connection share.
+struct Conn {
+    router: Arc<Router>,
+    service: RouteKey,
+    client: Upstream,
+    /// The client's address, as `X-Forwarded-For` gets it.
+    peer_ip: HeaderValue,
+}
 
-fn upstream() -> Upstream {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector.set_connect_timeout(Some(Duration::from_secs(2)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
+/// One router thread's keep-alive connections to instances, by port. Only
+/// its thread uses it (the lock is never contended), so a request costs a
+/// scan of that port's senders for a ready one: no pool-wide key hashing,
+/// and no task spawned per request to return a connection after its body.
+#[derive(Default)]
+struct Pool {
+    idle: std::sync::Mutex<HashMap<u16, Vec<SendRequest<ProxyBody>>>>,
+}
+
+type Upstream = Arc<Pool>;
+
+/// Why an instance did not answer.
+enum UpstreamError {
+    /// No connection could be made: nothing was sent, another instance may
+    /// take the request.
+    Connect(std::io::Error),
+    Request(hyper::Error),
+}
+
+impl Pool {
+    /// A connection to `port` that can take a request now. One that is
+    /// still streaming a response body stays in the list until it is ready.
+    fn checkout(&self, port: u16) -> Option<SendRequest<ProxyBody>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&port)?;
+        list.retain(|s| !s.is_closed());
+        let i = list.iter().rposition(|s| s.is_ready())?;
+        Some(list.swap_remove(i))
+    }
+
+    fn checkin(&self, port: u16, sender: SendRequest<ProxyBody>) {
+        if !sender.is_closed() {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.entry(port).or_default().push(sender);
+        }
+    }
+
+    async fn connect(port: u16) -> std::io::Result<SendRequest<ProxyBody>> {
+        let stream = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(std::io::Error::other)?;
+        tokio::spawn(async move {
+            // Upgrades (WebSocket) take the connection over from here.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    async fn send(
+        &self,
+        port: u16,
+        mut req: Request<ProxyBody>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        if let Some(mut sender) = self.checkout(port) {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin(port, sender);
+                    return Ok(resp);
+                }
+                // The instance closed this idle connection before it took
+                // the request: the request comes back, unsent, for a new one.
+                Err(mut e) => match e.take_message() {
+                    Some(r) => req = r,
+                    None => return Err(UpstreamError::Request(e.into_error())),
+                },
+            }
+        }
+        let mut sender = Self::connect(port).await.map_err(UpstreamError::Connect)?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(UpstreamError::Request)?;
+        self.checkin(port, sender);
+        Ok(resp)
+    }
 }
 
 /// A listener served thread-per-core: each thread has its own SO_REUSEPORT
@@ -508,7 +670,7 @@ impl Workers {
                         };
                         let _ = bound_tx.send(Ok(()));
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, upstream()) => {}
+                            _ = router.accept_loop(socket, key, Upstream::default()) => {}
                             _ = stopped.wait_for(|s| *s) => {}
                         }
                     });
@@ -548,17 +710,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 fn empty() -> ProxyBody {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed()
+    ProxyBody::Full(Full::new(Bytes::new()))
 }
 
 fn local(status: StatusCode, msg: &str) -> Response<ProxyBody> {
-    let mut r = Response::new(
-        Full::new(Bytes::from(msg.to_owned()))
-            .map_err(|never| match never {})
-            .boxed(),
-    );
+    let mut r = Response::new(ProxyBody::Full(Full::new(Bytes::from(msg.to_owned()))));
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -582,6 +738,23 @@ fn is_upgrade(h: &HeaderMap) -> bool {
 /// Hop-by-hop headers belong to one connection, not to the request
 /// (RFC 9110 §7.6.1); an upgrade keeps `Connection` and `Upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the names instead of a
+    // lookup per hop-by-hop name.
+    const HOP: [&str; 7] = [
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    if !h
+        .keys()
+        .any(|k| k == header::CONNECTION || k == header::UPGRADE || HOP.contains(&k.as_str()))
+    {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -593,15 +766,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
     for n in named {
         h.remove(n);
     }
-    for n in [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ] {
+    for n in HOP {
         h.remove(n);
     }
     if !upgrade {
@@ -703,13 +868,13 @@ mod tests {
         assert!(body.contains("no ready instance of service web"), "{body}");
         // Two backends with nothing listening: retried, then 502.
         let dead = |port| {
-            Arc::new(Backend {
-                instance: format!("i{port}"),
-                revision: 1,
+            Arc::new(Backend::new(
+                format!("i{port}"),
+                1,
                 port,
-                inflight: Arc::default(),
-                metrics: Arc::default(),
-            })
+                Arc::default(),
+                Arc::default(),
+            ))
         };
         r.set_routes(
             &svc,
@@ -752,13 +917,13 @@ mod tests {
         let a = RouteKey::Service(ServiceName::try_from("a").unwrap());
         let b = RouteKey::Service(ServiceName::try_from("b").unwrap());
         let backend = |port| {
-            Arc::new(Backend {
-                instance: format!("i{port}"),
-                revision: 1,
+            Arc::new(Backend::new(
+                format!("i{port}"),
+                1,
                 port,
-                inflight: Arc::default(),
-                metrics: Arc::default(),
-            })
+                Arc::default(),
+                Arc::default(),
+            ))
         };
         r.set_routes(
             &a,
@@ -784,13 +949,13 @@ mod tests {
     }
 
     fn backend(port: u16, revision: u64) -> Arc<Backend> {
-        Arc::new(Backend {
-            instance: format!("i{port}"),
+        Arc::new(Backend::new(
+            format!("i{port}"),
             revision,
             port,
-            inflight: Arc::default(),
-            metrics: Arc::default(),
-        })
+            Arc::default(),
+            Arc::default(),
+        ))
     }
 
     fn cookie(v: &str) -> HeaderMap {
