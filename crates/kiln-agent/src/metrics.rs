@@ -17,45 +17,90 @@ pub const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// One release's counters.
+/// One release's counters, sharded: each router thread adds to its own
+/// cache line, so two threads never bounce a hot counter between cores;
+/// reading sums the shards.
 #[derive(Debug, Default)]
 pub struct ReleaseMetrics {
+    shards: [Shard; SHARDS],
+}
+
+const SHARDS: usize = 8;
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Shard {
     /// Responses by class: 1xx..5xx at index 0..4.
-    pub responses: [AtomicU64; 5],
-    pub connect_errors: AtomicU64,
+    responses: [AtomicU64; 5],
+    connect_errors: AtomicU64,
     /// Connect errors after which the request went to another instance (the
     /// others end as a 502, counted in `responses`).
-    pub retried: AtomicU64,
-    pub timeouts: AtomicU64,
-    /// Cumulative counts per bucket, then +Inf.
+    retried: AtomicU64,
+    timeouts: AtomicU64,
+    /// Counts per bucket, then +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
 }
 
+thread_local! {
+    static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The shard this thread adds to (router threads take one each).
+pub fn use_shard(i: usize) {
+    SHARD.with(|s| s.set(i % SHARDS));
+}
+
 impl ReleaseMetrics {
+    fn shard(&self) -> &Shard {
+        &self.shards[SHARD.with(std::cell::Cell::get)]
+    }
+
     pub fn observe(&self, status: u16, latency: Duration) {
+        let s = self.shard();
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.responses[class].fetch_add(1, Ordering::Relaxed);
+        s.responses[class].fetch_add(1, Ordering::Relaxed);
         let secs = latency.as_secs_f64();
         let i = BUCKETS
             .iter()
             .position(|b| secs <= *b)
             .unwrap_or(BUCKETS.len());
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
+        s.buckets[i].fetch_add(1, Ordering::Relaxed);
+        s.sum_micros
             .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
-    /// A copy of the counters now (for windows: subtract two snapshots).
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
-            responses: std::array::from_fn(|i| self.responses[i].load(Ordering::Relaxed)),
-            connect_errors: self.connect_errors.load(Ordering::Relaxed),
-            retried: self.retried.load(Ordering::Relaxed),
-            timeouts: self.timeouts.load(Ordering::Relaxed),
-            buckets: std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
-            sum_micros: self.sum_micros.load(Ordering::Relaxed),
+    /// An instance could not be connected to; `retried`: the request went
+    /// on to another.
+    pub fn connect_error(&self, retried: bool) {
+        let s = self.shard();
+        s.connect_errors.fetch_add(1, Ordering::Relaxed);
+        if retried {
+            s.retried.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub fn timeout(&self) {
+        self.shard().timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The sum of the shards now (for windows: subtract two snapshots).
+    pub fn snapshot(&self) -> Snapshot {
+        let mut out = Snapshot::default();
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for s in &self.shards {
+            for (o, a) in out.responses.iter_mut().zip(&s.responses) {
+                *o += load(a);
+            }
+            for (o, a) in out.buckets.iter_mut().zip(&s.buckets) {
+                *o += load(a);
+            }
+            out.connect_errors += load(&s.connect_errors);
+            out.retried += load(&s.retried);
+            out.timeouts += load(&s.timeouts);
+            out.sum_micros += load(&s.sum_micros);
+        }
+        out
     }
 }
 

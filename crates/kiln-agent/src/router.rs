@@ -116,7 +116,6 @@ pub struct ServiceRoutes {
     pub backends: Vec<Arc<Backend>>,
     pub canary: Option<Split>,
     pub timeout: Duration,
-    next: AtomicUsize,
 }
 
 /// A canary's share of a service's requests.
@@ -130,7 +129,6 @@ pub struct Split {
     pub weight: u32,
     /// The cookie that keeps a client on one side, when sticky.
     pub cookie: Option<String>,
-    next: AtomicUsize,
 }
 
 impl ServiceRoutes {
@@ -139,7 +137,6 @@ impl ServiceRoutes {
             backends,
             canary: None,
             timeout,
-            next: AtomicUsize::new(0),
         }
     }
 
@@ -156,19 +153,18 @@ impl ServiceRoutes {
             revision,
             weight,
             cookie,
-            next: AtomicUsize::new(0),
         });
         self
     }
 
-    /// The side a request goes to, its round-robin counter, and the
-    /// `Set-Cookie` to send when a sticky client was (re)assigned.
+    /// The side a request goes to, and the `Set-Cookie` to send when a
+    /// sticky client was (re)assigned.
     ///
     /// Each client draws a bucket from 0 to 99 and is on the canary side
     /// while its bucket is below the weight: as the weight grows, clients
     /// only ever move from stable to the canary, never back and forth.
-    fn choose(&self, headers: &HeaderMap) -> (&[Arc<Backend>], &AtomicUsize, Option<HeaderValue>) {
-        let stable = (self.backends.as_slice(), &self.next, None);
+    fn choose(&self, headers: &HeaderMap) -> (&[Arc<Backend>], Option<HeaderValue>) {
+        let stable = (self.backends.as_slice(), None);
         let Some(c) = &self.canary else {
             return stable;
         };
@@ -176,7 +172,7 @@ impl ServiceRoutes {
             return stable;
         }
         if self.backends.is_empty() || c.weight >= 100 {
-            return (&c.backends, &c.next, None);
+            return (&c.backends, None);
         }
         let (bucket, set) = match &c.cookie {
             Some(name) => match sticky_bucket(headers, name, c.revision) {
@@ -190,9 +186,9 @@ impl ServiceRoutes {
             None => (fastrand::u32(0..100), None),
         };
         if bucket < c.weight {
-            (&c.backends, &c.next, set)
+            (&c.backends, set)
         } else {
-            (&self.backends, &self.next, set)
+            (&self.backends, set)
         }
     }
 }
@@ -387,7 +383,7 @@ impl Router {
                 &format!("no routes for {service}\n"),
             );
         };
-        let (backends, next, set_cookie) = routes.choose(req.headers());
+        let (backends, set_cookie) = routes.choose(req.headers());
         if backends.is_empty() {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -431,7 +427,12 @@ impl Router {
         let mut body = Some(ProxyBody::Incoming(body));
         let path = parts.uri.path_and_query().cloned();
         let n = backends.len();
-        let start = next.fetch_add(1, Ordering::Relaxed);
+        // Round-robin per router thread: no counter shared between cores.
+        let start = ROUND_ROBIN.with(|n| {
+            let v = n.get();
+            n.set(v.wrapping_add(1));
+            v
+        });
         let attempts = if bodyless { n.min(3) } else { 1 };
         let mut last = None;
         // The last attempt takes the request's parts; earlier ones a copy.
@@ -459,7 +460,7 @@ impl Router {
             let guard = Inflight::new(backend.inflight.clone());
             match tokio::time::timeout(routes.timeout, client.send(backend.port, up)).await {
                 Err(_) => {
-                    backend.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
+                    backend.metrics.timeout();
                     backend.metrics.observe(504, arrived.elapsed());
                     return local(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -471,14 +472,10 @@ impl Router {
                     );
                 }
                 Ok(Err(UpstreamError::Connect(e))) => {
-                    backend
-                        .metrics
-                        .connect_errors
-                        .fetch_add(1, Ordering::Relaxed);
-                    if attempt + 1 == attempts {
+                    let retried = attempt + 1 < attempts;
+                    backend.metrics.connect_error(retried);
+                    if !retried {
                         backend.metrics.observe(502, arrived.elapsed());
-                    } else {
-                        backend.metrics.retried.fetch_add(1, Ordering::Relaxed);
                     }
                     last = Some(format!(
                         "instance {} could not be reached: {e}\n",
@@ -534,6 +531,10 @@ impl Router {
             last.as_deref().unwrap_or("no instance could be reached\n"),
         )
     }
+}
+
+thread_local! {
+    static ROUND_ROBIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// What the requests of one client connection share.
@@ -650,6 +651,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("kiln-router-{i}"))
                 .spawn(move || {
+                    crate::metrics::use_shard(i + 1);
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
@@ -1000,7 +1002,7 @@ mod tests {
         let n = 10_000;
         let mut canary = 0;
         for _ in 0..n {
-            let (side, _, set) = routes.choose(&empty);
+            let (side, set) = routes.choose(&empty);
             assert!(set.is_some(), "a client without a cookie gets one");
             canary += usize::from(side[0].revision == 2);
         }
@@ -1008,9 +1010,9 @@ mod tests {
         let share = canary as f64 / f64::from(n);
         assert!((share - 0.2).abs() < 0.03, "{share}");
         // A bucket below the weight is the canary's, at or above stable's.
-        let (side, _, set) = routes.choose(&cookie("kiln-canary-web=2.19"));
+        let (side, set) = routes.choose(&cookie("kiln-canary-web=2.19"));
         assert_eq!((side[0].revision, set), (2, None));
-        let (side, _, _) = routes.choose(&cookie("kiln-canary-web=2.20"));
+        let (side, _) = routes.choose(&cookie("kiln-canary-web=2.20"));
         assert_eq!(side[0].revision, 1);
         // A canary with nothing ready, or no canary: all to stable.
         let none_ready = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1))
