@@ -1026,4 +1026,60 @@ mod tests {
         );
         assert!((0..100).all(|_| full.choose(&empty).0[0].revision == 2));
     }
+
+    #[tokio::test]
+    async fn the_pool_reuses_a_connection_and_replaces_one_the_instance_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Each connection answers two requests, then the instance closes it.
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for _ in 0..2 {
+                        let mut got = Vec::new();
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let n = s.read(&mut buf).await.unwrap();
+                            assert!(n > 0);
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                    }
+                });
+            }
+        });
+        let pool = Pool::default();
+        let get = || {
+            let mut r = Request::new(empty());
+            *r.uri_mut() = "/".parse().unwrap();
+            r.headers_mut()
+                .insert(header::HOST, HeaderValue::from_static("x"));
+            r
+        };
+        for _ in 0..4 {
+            let Ok(resp) = pool.send(port, get()).await else {
+                panic!("a request failed");
+            };
+            assert_eq!(resp.status(), 200);
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            assert_eq!(&body[..], b"ok");
+            // Let the connection see the instance close it, when it does.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "two requests per connection: four requests, two connections"
+        );
+    }
 }
