@@ -305,6 +305,25 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     );
     assert_eq!(releases(&env).len(), 1);
 
+    // Steps that never give the canary all traffic are refused at apply,
+    // with the place in the file, and nothing changes.
+    write(
+        &path,
+        spec(
+            port,
+            "HELLO_VERSION = \"v2\"",
+            "steps = [{ weight = 50, pause = \"manual\" }]\n",
+        )
+        .as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains("kiln.toml:")
+            && err.contains("rollout.steps must end at weight 100 (the last is 50)"),
+        "{err}"
+    );
+    assert_eq!(releases(&env).len(), 1);
+
     write(
         &path,
         spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
