@@ -412,19 +412,19 @@ impl Agent {
             )));
         }
         let mut events = Vec::new();
-        if let Some(cur) = releases.iter().find(|r| r.revision == current)
-            && cur.outcome == Outcome::Pending
-        {
-            let reason = format!("rolled back by hand to release {}", source.revision);
-            let ev = NewEvent::service(
+        // A rollout in progress is abandoned: failed in the same
+        // transaction that records the rollback.
+        let abandoned = releases
+            .iter()
+            .find(|r| r.revision == current && r.outcome == Outcome::Pending)
+            .map(|_| format!("rolled back by hand to release {}", source.revision));
+        if let Some(reason) = &abandoned {
+            events.push(NewEvent::service(
                 "release-failed",
                 name,
                 Some(current),
                 json!({"reason": reason}),
-            );
-            self.shared
-                .state
-                .set_outcome(name, current, Outcome::Failed, Some(&reason), &ev)?;
+            ));
         }
         let revision = latest + 1;
         let release = Release::pending(
@@ -441,9 +441,12 @@ impl Agent {
             json!({"from": current, "to": source.revision, "automatic": false}),
         ));
         rec.target = revision;
-        self.shared
-            .state
-            .record_apply(&rec, Some(&release), &events)?;
+        self.shared.state.record_rollback(
+            &rec,
+            &release,
+            abandoned.as_deref().map(|reason| (current, reason)),
+            &events,
+        )?;
         self.wake(name).await;
         Ok(RollbackResponse {
             revision,

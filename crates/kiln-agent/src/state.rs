@@ -111,6 +111,16 @@ pub trait StateStore: Send + Sync {
         release: Option<&Release>,
         events: &[NewEvent],
     ) -> Result<()>;
+    /// A rollback, as one change: the rollout it abandons (if any) marked
+    /// failed with `reason`, the new release recorded and made the target.
+    /// A crash can never leave the service pointing at the abandoned release.
+    fn record_rollback(
+        &self,
+        service: &ServiceRecord,
+        release: &Release,
+        abandoned: Option<(u64, &str)>,
+        events: &[NewEvent],
+    ) -> Result<()>;
     /// Set a release's outcome (and the reason, for failures), with its event.
     fn set_outcome(
         &self,
@@ -358,29 +368,32 @@ impl StateStore for SqliteState {
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        if let Some(r) = release {
+        apply_in(&tx, service, release, events)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn record_rollback(
+        &self,
+        service: &ServiceRecord,
+        release: &Release,
+        abandoned: Option<(u64, &str)>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if let Some((revision, reason)) = abandoned {
             tx.execute(
-                &format!("INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"),
+                "UPDATE releases SET outcome = ?3, reason = ?4 WHERE service = ?1 AND revision = ?2",
                 params![
-                    r.service.as_str(),
-                    r.revision as i64,
-                    json(&r.config),
-                    r.hash.to_string(),
-                    r.created,
-                    r.cause,
-                    outcome_str(r.outcome),
-                    r.reason
+                    service.name.as_str(),
+                    revision as i64,
+                    outcome_str(Outcome::Failed),
+                    reason
                 ],
             )?;
         }
-        tx.execute(
-            "INSERT INTO services (name, settings, target) VALUES (?1, ?2, ?3)
-             ON CONFLICT(name) DO UPDATE SET settings = excluded.settings, target = excluded.target",
-            params![service.name.as_str(), json(&service.settings), service.target as i64],
-        )?;
-        for e in events {
-            insert_event(&tx, e)?;
-        }
+        apply_in(&tx, service, Some(release), events)?;
         tx.commit()?;
         Ok(())
     }
@@ -524,6 +537,41 @@ impl StateStore for SqliteState {
     }
 }
 
+/// The writes of an apply, inside the caller's transaction.
+fn apply_in(
+    tx: &rusqlite::Transaction<'_>,
+    service: &ServiceRecord,
+    release: Option<&Release>,
+    events: &[NewEvent],
+) -> Result<()> {
+    if let Some(r) = release {
+        tx.execute(
+            &format!(
+                "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            ),
+            params![
+                r.service.as_str(),
+                r.revision as i64,
+                json(&r.config),
+                r.hash.to_string(),
+                r.created,
+                r.cause,
+                outcome_str(r.outcome),
+                r.reason
+            ],
+        )?;
+    }
+    tx.execute(
+            "INSERT INTO services (name, settings, target) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET settings = excluded.settings, target = excluded.target",
+            params![service.name.as_str(), json(&service.settings), service.target as i64],
+        )?;
+    for e in events {
+        insert_event(tx, e)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -638,6 +686,49 @@ mod tests {
             .unwrap();
         state.fail_release(&name, 3, "deadline", None, &[]).unwrap();
         assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
+    }
+
+    #[test]
+    fn a_rollback_abandons_the_rollout_in_the_same_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let name = ServiceName::try_from("web").unwrap();
+        let mut svc = ServiceRecord {
+            name: name.clone(),
+            settings: ServiceSettings {
+                replicas: 1,
+                listen: None,
+                rollout: RolloutSpec::default(),
+                timeout: kiln_core::service::Duration::from_secs(30),
+            },
+            target: 2,
+        };
+        let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
+        state
+            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+            .unwrap();
+        state
+            .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
+            .unwrap();
+        // A rollback whose release cannot be recorded (its revision is
+        // taken) changes nothing: release 2 stays pending, the target too.
+        svc.target = 3;
+        let err = state.record_rollback(&svc, &release(2), Some((2, "rolled back")), &[]);
+        assert!(err.is_err());
+        assert_eq!(state.service(&name).unwrap().unwrap().target, 2);
+        assert_eq!(
+            state.release(&name, 2).unwrap().unwrap().outcome,
+            Outcome::Pending
+        );
+        state
+            .record_rollback(&svc, &release(3), Some((2, "rolled back")), &[])
+            .unwrap();
+        assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
+        let r2 = state.release(&name, 2).unwrap().unwrap();
+        assert_eq!(
+            (r2.outcome, r2.reason.as_deref()),
+            (Outcome::Failed, Some("rolled back"))
+        );
     }
 
     #[test]
