@@ -492,3 +492,49 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
     assert_eq!(r[1]["outcome"], "failed");
     assert_eq!(r[2]["outcome"], "active");
 }
+
+#[test]
+fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
+    let env = Env::new();
+    let port = free_port();
+    let rollout = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
+    );
+    let mut agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    wait_for("the canary at 50%", Duration::from_secs(30), || {
+        service_status(&env, "web")["canary"]["weight"] == 50
+    });
+    let mut child = agent.child.take().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let home = env.home.to_str().unwrap().to_owned();
+    wait_for(
+        "the old agent's instances to die",
+        Duration::from_secs(10),
+        || util::processes_mentioning(&home).is_empty(),
+    );
+
+    // The canary is still pending: it starts again from its first step,
+    // stable whole beside it, and nothing the old agent ran survives.
+    let _agent = Agent::start(&env);
+    wait_for("the canary at 50% again", Duration::from_secs(30), || {
+        let s = service_status(&env, "web");
+        s["canary"]["weight"] == 50 && pids_of(&s, 1).len() == 3 && pids_of(&s, 2).len() == 2
+    });
+    let s = service_status(&env, "web");
+    assert_eq!(s["instances"].as_array().unwrap().len(), 5, "{s}");
+    let (v1, v2) = versions(port, 400);
+    assert!(v1 > 100 && v2 > 100, "{v1}/{v2}");
+    assert_eq!(releases(&env)[1]["outcome"], "pending");
+    env.ok(&["promote", "web"]);
+    env.ok(&["rollout", "status", "web"]);
+    assert_eq!(releases(&env)[1]["outcome"], "active");
+}
