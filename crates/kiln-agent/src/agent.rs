@@ -457,47 +457,51 @@ impl Agent {
 
     /// `kiln promote`: switch a blue-green rollout that waits for it.
     pub async fn promote(&self, name: &ServiceName) -> Result<(u64, Option<u32>), AgentError> {
-        if !self.knows(name)? {
-            return Err(AgentError::NotFound(format!("no service named {name}")));
-        }
-        let tx = self.controllers.lock().await.get(name).cloned();
-        let Some(tx) = tx else {
-            return Err(AgentError::Conflict(format!(
-                "no rollout of {name} is waiting for promotion"
-            )));
-        };
-        let (done, answer) = oneshot::channel();
-        tx.send(Msg::Promote { done })
-            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?;
-        let answer = answer
-            .await
-            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?
-            .map_err(AgentError::Conflict)?;
-        let _ = tx.send(Msg::Wake);
-        Ok(answer)
+        self.ask(
+            name,
+            |done| Msg::Promote { done },
+            "is waiting for promotion",
+        )
+        .await
     }
 
     /// `kiln abort`: fail the rollout in progress; the service returns to
     /// the release before it (for a canary: in one route swap).
     pub async fn abort(&self, name: &ServiceName) -> Result<AbortResponse, AgentError> {
+        let (revision, back_to) = self
+            .ask(
+                name,
+                |done| Msg::Abort { done },
+                "is in progress: nothing to abort",
+            )
+            .await?;
+        Ok(AbortResponse { revision, back_to })
+    }
+
+    /// Put a request to `name`'s controller and wait for its answer; its
+    /// refusal (or no controller) is a conflict: "no rollout of NAME {none}".
+    async fn ask<T>(
+        &self,
+        name: &ServiceName,
+        msg: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Msg,
+        none: &str,
+    ) -> Result<T, AgentError> {
         if !self.knows(name)? {
             return Err(AgentError::NotFound(format!("no service named {name}")));
         }
         let tx = self.controllers.lock().await.get(name).cloned();
         let Some(tx) = tx else {
-            return Err(AgentError::Conflict(format!(
-                "no rollout of {name} is in progress: nothing to abort"
-            )));
+            return Err(AgentError::Conflict(format!("no rollout of {name} {none}")));
         };
+        let gone = || AgentError::ShuttingDown("the agent is shutting down".into());
         let (done, answer) = oneshot::channel();
-        tx.send(Msg::Abort { done })
-            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?;
-        let (revision, back_to) = answer
+        tx.send(msg(done)).map_err(|_| gone())?;
+        let answer = answer
             .await
-            .map_err(|_| AgentError::ShuttingDown("the agent is shutting down".into()))?
+            .map_err(|_| gone())?
             .map_err(AgentError::Conflict)?;
         let _ = tx.send(Msg::Wake);
-        Ok(AbortResponse { revision, back_to })
+        Ok(answer)
     }
 
     /// Router metrics plus service and rollout gauges, in Prometheus text.

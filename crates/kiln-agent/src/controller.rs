@@ -543,6 +543,15 @@ impl Controller {
         );
     }
 
+    /// The ids of the instances `pick` selects, of those not stopping.
+    fn running(&self, pick: impl Fn(&Inst) -> bool) -> Vec<String> {
+        self.instances
+            .values()
+            .filter(|i| !i.stopping && pick(i))
+            .map(|i| i.id.clone())
+            .collect()
+    }
+
     fn stop_instance(&mut self, id: &str, kind: StopKind, why: &str) {
         self.stop_instances(&[id.to_owned()], kind, why);
     }
@@ -690,12 +699,7 @@ impl Controller {
         }
 
         // Extra instances of the target (scaled down).
-        let extras: Vec<String> = self
-            .instances
-            .values()
-            .filter(|i| i.revision == target && i.slot >= replicas && !i.stopping)
-            .map(|i| i.id.clone())
-            .collect();
+        let extras: Vec<String> = self.running(|i| i.revision == target && i.slot >= replicas);
         for id in extras {
             self.stop_instance(&id, StopKind::Graceful, "scaled down");
         }
@@ -826,12 +830,7 @@ impl Controller {
             // The target is whole: everything else goes (after the warm
             // period, for blue-green).
             if !warm {
-                let old: Vec<String> = self
-                    .instances
-                    .values()
-                    .filter(|i| i.revision != target && !i.stopping)
-                    .map(|i| i.id.clone())
-                    .collect();
+                let old: Vec<String> = self.running(|i| i.revision != target);
                 self.stop_instances(&old, StopKind::Graceful, "replaced by the new release");
             }
             if outcome == Outcome::Pending {
@@ -843,12 +842,7 @@ impl Controller {
             self.check_progress(target, ready, replicas);
         } else if outcome == Outcome::Failed {
             // No instance of a failed release is left running.
-            let failed: Vec<String> = self
-                .instances
-                .values()
-                .filter(|i| i.revision == target && !i.stopping)
-                .map(|i| i.id.clone())
-                .collect();
+            let failed: Vec<String> = self.running(|i| i.revision == target);
             self.stop_instances(&failed, StopKind::Graceful, "release failed");
         }
     }
@@ -870,12 +864,7 @@ impl Controller {
     /// Keep exactly `count` instances of `p`'s release, in slots 0..count.
     async fn keep_fleet(&mut self, p: &Prepared, count: u32, now: Instant) {
         let revision = p.release.revision;
-        let extras: Vec<String> = self
-            .instances
-            .values()
-            .filter(|i| i.revision == revision && i.slot >= count && !i.stopping)
-            .map(|i| i.id.clone())
-            .collect();
+        let extras: Vec<String> = self.running(|i| i.revision == revision && i.slot >= count);
         self.stop_instances(&extras, StopKind::Graceful, "scaled down");
         let free: Vec<u32> = (0..count)
             .filter(|slot| {
@@ -933,12 +922,7 @@ impl Controller {
             }
         }
         // Anything neither stable nor canary goes (what earlier rollouts left).
-        let strays: Vec<String> = self
-            .instances
-            .values()
-            .filter(|i| i.revision != target && i.revision != stable && !i.stopping)
-            .map(|i| i.id.clone())
-            .collect();
+        let strays: Vec<String> = self.running(|i| i.revision != target && i.revision != stable);
         self.stop_instances(
             &strays,
             StopKind::Graceful,
@@ -1087,12 +1071,7 @@ impl Controller {
         // The last step had all traffic: the canary is the release now.
         self.complete_rollout(target);
         self.canary = None;
-        let old: Vec<String> = self
-            .instances
-            .values()
-            .filter(|i| i.revision != target && !i.stopping)
-            .map(|i| i.id.clone())
-            .collect();
+        let old: Vec<String> = self.running(|i| i.revision != target);
         self.stop_instances(&old, StopKind::Graceful, "replaced by the canary release");
         self.message = None;
     }
@@ -1102,12 +1081,7 @@ impl Controller {
     fn abort_canary(&mut self, target: u64, stable: u64, reason: String) {
         let decided = Instant::now();
         self.canary = None;
-        let fleet: Vec<String> = self
-            .instances
-            .values()
-            .filter(|i| i.revision == target && !i.stopping)
-            .map(|i| i.id.clone())
-            .collect();
+        let fleet: Vec<String> = self.running(|i| i.revision == target);
         // Marks the whole canary fleet stopping and republishes once, with
         // no canary side: the swap. Draining and signals follow.
         let swapped = self

@@ -600,21 +600,25 @@ mod tests {
         )
     }
 
+    fn service(name: &ServiceName, replicas: u32, target: u64) -> ServiceRecord {
+        ServiceRecord {
+            name: name.clone(),
+            settings: ServiceSettings {
+                replicas,
+                listen: None,
+                rollout: RolloutSpec::default(),
+                timeout: kiln_core::service::Duration::from_secs(30),
+            },
+            target,
+        }
+    }
+
     #[test]
     fn apply_records_release_service_and_events_together() {
         let dir = tempfile::tempdir().unwrap();
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
         let name = ServiceName::try_from("web").unwrap();
-        let svc = ServiceRecord {
-            name: name.clone(),
-            settings: ServiceSettings {
-                replicas: 2,
-                listen: None,
-                rollout: RolloutSpec::default(),
-                timeout: kiln_core::service::Duration::from_secs(30),
-            },
-            target: 1,
-        };
+        let svc = service(&name, 2, 1);
         let ev = NewEvent::service("release-created", &name, Some(1), serde_json::json!({}));
         state
             .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
@@ -651,16 +655,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
         let name = ServiceName::try_from("web").unwrap();
-        let mut svc = ServiceRecord {
-            name: name.clone(),
-            settings: ServiceSettings {
-                replicas: 1,
-                listen: None,
-                rollout: RolloutSpec::default(),
-                timeout: kiln_core::service::Duration::from_secs(30),
-            },
-            target: 1,
-        };
+        let mut svc = service(&name, 1, 1);
         let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
         state
             .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
@@ -693,16 +688,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
         let name = ServiceName::try_from("web").unwrap();
-        let mut svc = ServiceRecord {
-            name: name.clone(),
-            settings: ServiceSettings {
-                replicas: 1,
-                listen: None,
-                rollout: RolloutSpec::default(),
-                timeout: kiln_core::service::Duration::from_secs(30),
-            },
-            target: 2,
-        };
+        let mut svc = service(&name, 1, 2);
         let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
         state
             .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))

@@ -95,6 +95,24 @@ fn get_with_cookie(port: u16, cookie: Option<&str>) -> (u16, String, Option<Stri
     (head[9..12].parse().unwrap(), body.to_owned(), set_cookie)
 }
 
+/// One manual step at 50%, then all traffic.
+const MANUAL_50: &str = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+
+/// Write v2 of `web`, apply it without waiting, and wait for the canary to
+/// take `weight` percent.
+fn start_canary_v2(env: &Env, path: &std::path::Path, port: u16, rollout: &str, weight: u64) {
+    write(
+        path,
+        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    wait_for(
+        "the canary to take its weight",
+        Duration::from_secs(30),
+        || service_status(env, "web")["canary"]["weight"] == weight,
+    );
+}
+
 const ANALYSIS: &str =
     "[services.web.rollout.analysis]\nmax_error_rate = \"5%\"\nmin_requests = 100\n";
 
@@ -284,7 +302,7 @@ fn a_healthy_canary_is_promoted_through_every_step() {
 fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     let env = Env::new();
     let port = free_port();
-    let rollout = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let rollout = MANUAL_50;
     let path = hello_app(
         &env.path("app"),
         &spec(port, "HELLO_VERSION = \"v1\"", rollout),
@@ -324,14 +342,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     );
     assert_eq!(releases(&env).len(), 1);
 
-    write(
-        &path,
-        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    wait_for("the canary at 50%", Duration::from_secs(30), || {
-        service_status(&env, "web")["canary"]["weight"] == 50
-    });
+    start_canary_v2(&env, &path, port, rollout, 50);
     let canary_pids = pids_of(&service_status(&env, "web"), 2);
     assert_eq!(canary_pids.len(), 2);
     let load = Load::start(port, 2);
@@ -451,7 +462,7 @@ fn the_split_follows_the_weight_and_a_sticky_client_stays_on_its_side() {
 fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
     let env = Env::new();
     let port = free_port();
-    let rollout = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let rollout = MANUAL_50;
     let path = hello_app(
         &env.path("app"),
         &spec(port, "HELLO_VERSION = \"v1\"", rollout),
@@ -459,14 +470,7 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
     let stable_pids = pids_of(&service_status(&env, "web"), 1);
-    write(
-        &path,
-        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    wait_for("the canary at 50%", Duration::from_secs(30), || {
-        service_status(&env, "web")["canary"]["weight"] == 50
-    });
+    start_canary_v2(&env, &path, port, rollout, 50);
     let canary_pids = pids_of(&service_status(&env, "web"), 2);
     let load = Load::start(port, 2);
     env.ok(&["rollback", "web"]);
@@ -497,21 +501,14 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
 fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
     let env = Env::new();
     let port = free_port();
-    let rollout = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let rollout = MANUAL_50;
     let path = hello_app(
         &env.path("app"),
         &spec(port, "HELLO_VERSION = \"v1\"", rollout),
     );
     let mut agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    write(
-        &path,
-        spec(port, "HELLO_VERSION = \"v2\"", rollout).as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    wait_for("the canary at 50%", Duration::from_secs(30), || {
-        service_status(&env, "web")["canary"]["weight"] == 50
-    });
+    start_canary_v2(&env, &path, port, rollout, 50);
     let mut child = agent.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();
