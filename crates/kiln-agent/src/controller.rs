@@ -934,6 +934,11 @@ impl Controller {
             Err(e) => self.message = Some(e),
         }
         let steps = rollout.steps.len();
+        // The steps are settings: an apply may shorten them mid-canary,
+        // which puts the canary on the new last step.
+        if let Some(run) = self.canary.as_mut() {
+            run.step = run.step.min(steps.saturating_sub(1));
+        }
         let Some(step) = self
             .canary
             .as_ref()

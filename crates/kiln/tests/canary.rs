@@ -535,3 +535,41 @@ fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
     env.ok(&["rollout", "status", "web"]);
     assert_eq!(releases(&env)[1]["outcome"], "active");
 }
+
+#[test]
+fn steps_changed_mid_canary_take_effect_at_once() {
+    let env = Env::new();
+    let port = free_port();
+    // The canary passes step 1 at once and waits at step 2 (index 1).
+    let three =
+        "steps = [{ weight = 20 }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "HELLO_VERSION = \"v1\"", three),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    start_canary_v2(&env, &path, port, three, 50);
+    assert_eq!(service_status(&env, "web")["canary"]["step"], 2);
+    // Steps are a setting: the apply goes through while the canary runs;
+    // shorter than where the canary is, it lands on the new last step
+    // (all traffic) and finishes.
+    write(
+        &path,
+        spec(
+            port,
+            "HELLO_VERSION = \"v2\"",
+            "steps = [{ weight = 100 }]\n",
+        )
+        .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let s = service_status(&env, "web");
+    assert_eq!(
+        (s["revision"].as_u64(), s["converged"].as_bool()),
+        (Some(2), Some(true)),
+        "{s}"
+    );
+    assert_eq!(releases(&env)[1]["outcome"], "active");
+    assert_eq!(versions(port, 50), (0, 50));
+}
