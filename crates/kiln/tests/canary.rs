@@ -563,13 +563,11 @@ fn steps_changed_mid_canary_take_effect_at_once() {
         )
         .as_bytes(),
     );
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    let s = service_status(&env, "web");
-    assert_eq!(
-        (s["revision"].as_u64(), s["converged"].as_bool()),
-        (Some(2), Some(true)),
-        "{s}"
-    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    wait_for("the canary to finish", Duration::from_secs(30), || {
+        let s = service_status(&env, "web");
+        s["revision"] == 2 && s["converged"] == true && s["canary"].is_null()
+    });
     assert_eq!(releases(&env)[1]["outcome"], "active");
     assert_eq!(versions(port, 50), (0, 50));
 }
