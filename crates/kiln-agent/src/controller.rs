@@ -664,10 +664,18 @@ impl Controller {
         }
         // A canary needs a stable release to compare with and return to; a
         // first release, or one that took over warm instances, goes whole.
+        // The run knows its stable release: the releases are read once per
+        // canary, not on each of its 20 passes a second.
         let stable = (rec.settings.rollout.strategy == Strategy::Canary
             && outcome == Outcome::Pending
             && !self.adopted_target(target))
-        .then(|| self.previous_active(target))
+        .then(|| {
+            self.canary
+                .as_ref()
+                .filter(|run| run.revision == target)
+                .map(|run| run.stable)
+                .or_else(|| self.previous_active(target))
+        })
         .flatten();
         if let Some(stable) = stable {
             self.routed_revision = None;
@@ -699,10 +707,7 @@ impl Controller {
         }
 
         // Extra instances of the target (scaled down).
-        let extras: Vec<String> = self.running(|i| i.revision == target && i.slot >= replicas);
-        for id in extras {
-            self.stop_instance(&id, StopKind::Graceful, "scaled down");
-        }
+        self.stop_extras(target, replicas);
 
         let rollout = &rec.settings.rollout;
         let min_ready = rollout.min_ready.0;
@@ -725,14 +730,7 @@ impl Controller {
         // Start instances of the target in its empty slots, as far as the
         // strategy allows (and never for a failed or paused release).
         if outcome != Outcome::Failed && !self.paused {
-            let free: Vec<u32> = (0..replicas)
-                .filter(|slot| {
-                    !self
-                        .instances
-                        .values()
-                        .any(|i| i.revision == target && i.slot == *slot && !i.stopping)
-                })
-                .collect();
+            let free = self.free_slots(target, replicas);
             let allowed = if blue_green {
                 // The whole new fleet starts beside the old.
                 free.len() as u32
@@ -861,19 +859,30 @@ impl Controller {
         }
     }
 
-    /// Keep exactly `count` instances of `p`'s release, in slots 0..count.
-    async fn keep_fleet(&mut self, p: &Prepared, count: u32, now: Instant) {
-        let revision = p.release.revision;
-        let extras: Vec<String> = self.running(|i| i.revision == revision && i.slot >= count);
-        self.stop_instances(&extras, StopKind::Graceful, "scaled down");
-        let free: Vec<u32> = (0..count)
+    /// Slots 0..count with no running instance of `revision`.
+    fn free_slots(&self, revision: u64, count: u32) -> Vec<u32> {
+        (0..count)
             .filter(|slot| {
                 !self
                     .instances
                     .values()
                     .any(|i| i.revision == revision && i.slot == *slot && !i.stopping)
             })
-            .collect();
+            .collect()
+    }
+
+    /// Stop the instances of `revision` in slots at or above `count`, in
+    /// one route swap.
+    fn stop_extras(&mut self, revision: u64, count: u32) {
+        let extras = self.running(|i| i.revision == revision && i.slot >= count);
+        self.stop_instances(&extras, StopKind::Graceful, "scaled down");
+    }
+
+    /// Keep exactly `count` instances of `p`'s release, in slots 0..count.
+    async fn keep_fleet(&mut self, p: &Prepared, count: u32, now: Instant) {
+        let revision = p.release.revision;
+        self.stop_extras(revision, count);
+        let free = self.free_slots(revision, count);
         self.start_in_slots(p, &free, now).await;
     }
 
@@ -960,6 +969,8 @@ impl Controller {
                     && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
             })
             .count() as u32;
+        // Both releases' counters now: a new step's baseline, or the end of
+        // the current step's window.
         let counters = (self.counters(target), self.counters(stable));
         let Some(run) = self.canary.as_mut() else {
             return;
@@ -1013,8 +1024,8 @@ impl Controller {
         else {
             return;
         };
-        let canary_window = self.counters(target).since(&base_canary).window();
-        let stable_window = self.counters(stable).since(&base_stable).window();
+        let canary_window = counters.0.since(&base_canary).window();
+        let stable_window = counters.1.since(&base_stable).window();
         let judgement = judge(rollout.analysis.as_ref(), &canary_window, &stable_window);
         if let Judgement::Fail(why) = judgement {
             return self.abort_canary(

@@ -362,7 +362,7 @@ impl Router {
                 let _open = Gauge(open);
                 let svc = hyper::service::service_fn(move |req| {
                     let conn = conn.clone();
-                    async move { Ok::<_, Infallible>(conn.router.proxy(&conn, req).await) }
+                    async move { Ok::<_, Infallible>(conn.proxy(req).await) }
                 });
                 // hyper answers unparsable requests with 400 itself.
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -372,11 +372,28 @@ impl Router {
             });
         }
     }
+}
 
-    async fn proxy(&self, conn: &Conn, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let (client, service) = (&conn.client, &conn.service);
+thread_local! {
+    static ROUND_ROBIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// What the requests of one client connection share.
+struct Conn {
+    router: Arc<Router>,
+    service: RouteKey,
+    client: Upstream,
+    /// The client's address, as `X-Forwarded-For` gets it.
+    peer_ip: HeaderValue,
+}
+
+impl Conn {
+    /// Send one request to an instance of its service and answer with the
+    /// instance's response (or the router's own 502/503/504).
+    async fn proxy(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
+        let (client, service) = (&self.client, &self.service);
         let arrived = std::time::Instant::now();
-        let routes = self.table.load().services.get(service).cloned();
+        let routes = self.router.table.load().services.get(service).cloned();
         let Some(routes) = routes else {
             return local(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -400,12 +417,12 @@ impl Router {
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok())
         {
-            Some(prev) => conn
+            Some(prev) => self
                 .peer_ip
                 .to_str()
                 .ok()
                 .and_then(|ip| HeaderValue::from_str(&format!("{prev}, {ip}")).ok()),
-            None => Some(conn.peer_ip.clone()),
+            None => Some(self.peer_ip.clone()),
         };
         if let Some(v) = xff {
             parts
@@ -531,19 +548,6 @@ impl Router {
             last.as_deref().unwrap_or("no instance could be reached\n"),
         )
     }
-}
-
-thread_local! {
-    static ROUND_ROBIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// What the requests of one client connection share.
-struct Conn {
-    router: Arc<Router>,
-    service: RouteKey,
-    client: Upstream,
-    /// The client's address, as `X-Forwarded-For` gets it.
-    peer_ip: HeaderValue,
 }
 
 /// One router thread's keep-alive connections to instances, by port. Only
