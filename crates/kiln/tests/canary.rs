@@ -95,6 +95,20 @@ fn get_with_cookie(port: u16, cookie: Option<&str>) -> (u16, String, Option<Stri
     (head[9..12].parse().unwrap(), body.to_owned(), set_cookie)
 }
 
+/// A fresh agent running `web` at v1 with `rollout`: (env, port, spec
+/// path, agent).
+fn deployed_v1(rollout: &str) -> (Env, u16, std::path::PathBuf, Agent) {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(
+        &env.path("app"),
+        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
+    );
+    let agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    (env, port, path, agent)
+}
+
 /// One manual step at 50%, then all traffic.
 const MANUAL_50: &str = "steps = [{ weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
 
@@ -118,16 +132,9 @@ const ANALYSIS: &str =
 
 #[test]
 fn a_canary_answering_5xx_at_20_percent_is_aborted_and_traffic_returns_to_stable() {
-    let env = Env::new();
-    let port = free_port();
     let rollout =
         format!("steps = [{{ weight = 20, pause = \"60s\" }}, {{ weight = 100 }}]\n{ANALYSIS}");
-    let path = hello_app(
-        &env.path("app"),
-        &spec(port, "HELLO_VERSION = \"v1\"", &rollout),
-    );
-    let _agent = Agent::start(&env);
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (env, port, path, _agent) = deployed_v1(&rollout);
     let load = Load::start(port, 2);
     write(
         &path,
@@ -290,25 +297,13 @@ fn a_healthy_canary_is_promoted_through_every_step() {
     assert!(s["canary"].is_null(), "{s}");
     assert_eq!(s["converged"], true, "{s}");
     let count = load.finish();
-    assert_eq!(
-        count.failed,
-        0,
-        "{:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
 }
 
 #[test]
 fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
-    let env = Env::new();
-    let port = free_port();
     let rollout = MANUAL_50;
-    let path = hello_app(
-        &env.path("app"),
-        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
-    );
-    let _agent = Agent::start(&env);
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (env, port, path, _agent) = deployed_v1(rollout);
 
     // With no rollout in progress, promote and abort change nothing.
     let err = env.fails(&["abort", "web"]);
@@ -369,12 +364,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     assert!(s["canary"].is_null(), "{s}");
     assert_eq!(versions(port, 200), (200, 0));
     let count = load.finish();
-    assert_eq!(
-        count.failed,
-        0,
-        "{:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
     assert!(
         count.bodies.contains_key("hello from v2"),
         "the canary served before"
@@ -460,15 +450,8 @@ fn the_split_follows_the_weight_and_a_sticky_client_stays_on_its_side() {
 
 #[test]
 fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
-    let env = Env::new();
-    let port = free_port();
     let rollout = MANUAL_50;
-    let path = hello_app(
-        &env.path("app"),
-        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
-    );
-    let _agent = Agent::start(&env);
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (env, port, path, _agent) = deployed_v1(rollout);
     let stable_pids = pids_of(&service_status(&env, "web"), 1);
     start_canary_v2(&env, &path, port, rollout, 50);
     let canary_pids = pids_of(&service_status(&env, "web"), 2);
@@ -486,12 +469,7 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
     );
     assert_eq!(versions(port, 200), (200, 0));
     let count = load.finish();
-    assert_eq!(
-        count.failed,
-        0,
-        "{:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
     let r = releases(&env);
     assert_eq!(r[1]["outcome"], "failed");
     assert_eq!(r[2]["outcome"], "active");
@@ -499,15 +477,8 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
 
 #[test]
 fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
-    let env = Env::new();
-    let port = free_port();
     let rollout = MANUAL_50;
-    let path = hello_app(
-        &env.path("app"),
-        &spec(port, "HELLO_VERSION = \"v1\"", rollout),
-    );
-    let mut agent = Agent::start(&env);
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (env, port, path, mut agent) = deployed_v1(rollout);
     start_canary_v2(&env, &path, port, rollout, 50);
     let mut child = agent.child.take().unwrap();
     child.kill().unwrap();
@@ -538,17 +509,10 @@ fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
 
 #[test]
 fn steps_changed_mid_canary_take_effect_at_once() {
-    let env = Env::new();
-    let port = free_port();
     // The canary passes step 1 at once and waits at step 2 (index 1).
     let three =
         "steps = [{ weight = 20 }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
-    let path = hello_app(
-        &env.path("app"),
-        &spec(port, "HELLO_VERSION = \"v1\"", three),
-    );
-    let _agent = Agent::start(&env);
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let (env, port, path, _agent) = deployed_v1(three);
     start_canary_v2(&env, &path, port, three, 50);
     assert_eq!(service_status(&env, "web")["canary"]["step"], 2);
     // Steps are a setting: the apply goes through while the canary runs;

@@ -79,12 +79,7 @@ fn a_rolling_update_and_a_rollback_under_load_lose_no_request() {
     std::thread::sleep(Duration::from_millis(300));
     let count = load.finish();
 
-    assert_eq!(
-        count.failed,
-        0,
-        "failed requests: {:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
     assert!(count.ok > 100, "{count:?}");
     assert!(
         count.bodies.contains_key("hello from v1") && count.bodies.contains_key("hello from v2"),
@@ -139,12 +134,7 @@ fn a_release_that_never_becomes_ready_is_rolled_back_and_leaves_nothing() {
             .all(|i| i["revision"] == 1)
     });
     let count = load.finish();
-    assert_eq!(
-        count.failed,
-        0,
-        "{:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
     assert_eq!(
         count.bodies.keys().collect::<Vec<_>>(),
         ["hello from v1"],

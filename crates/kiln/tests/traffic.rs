@@ -117,12 +117,7 @@ fn blue_green_previews_promotes_in_one_swap_and_rolls_back_warm() {
         "release 3 is served by release 1's warm instances, no new start"
     );
     let count = load.finish();
-    assert_eq!(
-        count.failed,
-        0,
-        "{:?}",
-        &count.errors[..count.errors.len().min(5)]
-    );
+    count.assert_none_failed();
     assert!(
         count.bodies.contains_key("hello from v1") && count.bodies.contains_key("hello from v2")
     );

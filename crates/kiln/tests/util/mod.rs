@@ -382,6 +382,18 @@ pub struct LoadCount {
     pub bodies: std::collections::BTreeMap<String, u64>,
 }
 
+impl LoadCount {
+    /// No request failed; otherwise the first few failures are the message.
+    pub fn assert_none_failed(&self) {
+        assert_eq!(
+            self.failed,
+            0,
+            "failed requests: {:?}",
+            &self.errors[..self.errors.len().min(5)]
+        );
+    }
+}
+
 impl Load {
     pub fn start(port: u16, threads: usize) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
