@@ -105,7 +105,7 @@ struct Inst {
     read_only: bool,
     runtime: kiln_core::service::RuntimeKind,
     /// Requests the router has in flight to it.
-    inflight: Arc<std::sync::atomic::AtomicUsize>,
+    inflight: Arc<crate::metrics::InFlight>,
     /// Taken over by a release with the same content (warm rollback).
     adopted: bool,
 }
@@ -507,7 +507,7 @@ impl Controller {
             }
         };
         let (stop_tx, stop_rx) = oneshot::channel();
-        let inflight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let inflight = Arc::<crate::metrics::InFlight>::default();
         let task = InstanceTask {
             inflight: inflight.clone(),
             id: id.clone(),

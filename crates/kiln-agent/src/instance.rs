@@ -46,7 +46,7 @@ pub struct InstanceTask {
     pub port: u16,
     pub log: LogFile,
     /// Requests the router has in flight to this instance.
-    pub inflight: Arc<std::sync::atomic::AtomicUsize>,
+    pub inflight: Arc<crate::metrics::InFlight>,
 }
 
 fn signal(s: StopSignal) -> Signal {
@@ -189,14 +189,12 @@ impl InstanceTask {
 
 /// Wait until the router has no request in flight to the instance (it is
 /// already out of the routing table), at most `limit`.
-async fn drain(inflight: &std::sync::atomic::AtomicUsize, limit: Duration) {
+async fn drain(inflight: &crate::metrics::InFlight, limit: Duration) {
     // A request may have loaded the previous routing snapshot just before
     // the swap; give it a moment to be counted.
     tokio::time::sleep(Duration::from_millis(10)).await;
     let deadline = tokio::time::Instant::now() + limit;
-    while inflight.load(std::sync::atomic::Ordering::SeqCst) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    while inflight.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -16,6 +16,7 @@ pub mod probe;
 pub mod router;
 pub mod runtime;
 pub mod state;
+mod upstream;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};

@@ -42,6 +42,36 @@ struct Shard {
     sum_micros: AtomicU64,
 }
 
+/// Requests in flight to one instance (until their response bodies are
+/// sent), sharded like the counters: a request is counted in and out on its
+/// router thread's own cache line, so counting costs no line shared between
+/// cores; draining reads the sum.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    shards: [PaddedCount; SHARDS],
+}
+
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct PaddedCount(std::sync::atomic::AtomicUsize);
+
+impl InFlight {
+    /// Count one request in; the shard it went to, for [`Self::leave`].
+    pub fn enter(&self) -> usize {
+        let i = SHARD.with(std::cell::Cell::get);
+        self.shards[i].0.fetch_add(1, Ordering::SeqCst);
+        i
+    }
+
+    pub fn leave(&self, shard: usize) {
+        self.shards[shard].0.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    pub fn get(&self) -> usize {
+        self.shards.iter().map(|s| s.0.load(Ordering::SeqCst)).sum()
+    }
+}
+
 thread_local! {
     static SHARD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
