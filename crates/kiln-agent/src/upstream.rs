@@ -904,18 +904,23 @@ mod tests {
         assert_eq!(accepted.load(Ordering::SeqCst), 2);
     }
 
+    /// A chunked body's decoder, with no connection under it.
+    fn chunked_decoder() -> Streaming {
+        Streaming {
+            conn: None,
+            framing: Framing::Chunked(Chunk::Size),
+            keep_alive: true,
+            port: 0,
+            pool: Arc::default(),
+            trailers: 0,
+        }
+    }
+
     #[test]
     fn a_chunked_body_decodes_whatever_the_reads_cut() {
         let wire = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nx-trailer: t\r\n\r\n";
         for cut in 1..wire.len() {
-            let mut s = Streaming {
-                conn: None,
-                framing: Framing::Chunked(Chunk::Size),
-                keep_alive: true,
-                port: 0,
-                pool: Arc::default(),
-                trailers: 0,
-            };
+            let mut s = chunked_decoder();
             let mut buf = BytesMut::new();
             let mut out = Vec::new();
             let mut fed = 0;
@@ -935,14 +940,7 @@ mod tests {
             assert!(buf.is_empty() && fed == wire.len(), "cut {cut}");
         }
         for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"\r\n"] {
-            let mut s = Streaming {
-                conn: None,
-                framing: Framing::Chunked(Chunk::Size),
-                keep_alive: true,
-                port: 0,
-                pool: Arc::default(),
-                trailers: 0,
-            };
+            let mut s = chunked_decoder();
             let mut buf = BytesMut::from(bad);
             let res = loop {
                 match s.step(&mut buf) {
