@@ -786,15 +786,7 @@ impl Controller {
             }
         }
 
-        let ready = self
-            .instances
-            .values()
-            .filter(|i| {
-                i.revision == target
-                    && !i.stopping
-                    && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
-            })
-            .count() as u32;
+        let ready = self.settled(target, min_ready);
         if blue_green
             && ready >= replicas
             && outcome == Outcome::Pending
@@ -894,6 +886,20 @@ impl Controller {
             .snapshot()
     }
 
+    /// Instances of `revision`, not stopping, whose readiness probe has
+    /// passed for at least `min_ready` (`ready_since` is set while it
+    /// passes, cleared when it fails).
+    fn settled(&self, revision: u64, min_ready: std::time::Duration) -> u32 {
+        self.instances
+            .values()
+            .filter(|i| {
+                i.revision == revision
+                    && !i.stopping
+                    && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
+            })
+            .count() as u32
+    }
+
     /// One pass of a canary rollout: stable keeps its whole fleet; the
     /// canary's fleet follows the current step's weight; once it is ready
     /// the step's weight takes effect (one swap) and its analysis window
@@ -959,16 +965,7 @@ impl Controller {
         let needed = fleet(replicas, step.weight);
         self.keep_fleet(p, needed, now).await;
         let min_ready = rollout.min_ready.0;
-        let ready = self
-            .instances
-            .values()
-            .filter(|i| {
-                i.revision == target
-                    && !i.stopping
-                    && i.ready
-                    && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
-            })
-            .count() as u32;
+        let ready = self.settled(target, min_ready);
         // Both releases' counters now: a new step's baseline, or the end of
         // the current step's window.
         let counters = (self.counters(target), self.counters(stable));
