@@ -506,64 +506,58 @@ impl Agent {
 
     /// Router metrics plus service and rollout gauges, in Prometheus text.
     pub fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
-        use std::fmt::Write as _;
         self.shared.router.metrics.render(out);
         let status = self.status()?;
-        out.push_str("# HELP kiln_service_revision The release each service is on or moving to.\n# TYPE kiln_service_revision gauge\n");
-        for s in &status.services {
-            let _ = writeln!(
-                out,
-                "kiln_service_revision{{service=\"{}\"}} {}",
-                s.name,
-                s.revision.unwrap_or(0)
-            );
-        }
-        out.push_str("# HELP kiln_service_ready_instances Ready instances of the service's release.\n# TYPE kiln_service_ready_instances gauge\n");
-        for s in &status.services {
-            let _ = writeln!(
-                out,
-                "kiln_service_ready_instances{{service=\"{}\"}} {}",
-                s.name, s.ready
-            );
-            let _ = writeln!(
-                out,
-                "kiln_service_replicas{{service=\"{}\"}} {}",
-                s.name, s.replicas
-            );
-        }
-        out.push_str("# HELP kiln_rollout_in_progress 1 while a service's release is being rolled out.\n# TYPE kiln_rollout_in_progress gauge\n");
-        for s in &status.services {
-            let pending = u8::from(s.outcome == Some(Outcome::Pending));
-            let _ = writeln!(
-                out,
-                "kiln_rollout_in_progress{{service=\"{}\"}} {pending}",
-                s.name
-            );
-            let _ = writeln!(
-                out,
-                "kiln_rollout_stalled{{service=\"{}\"}} {}",
-                s.name,
-                u8::from(s.stalled)
-            );
-        }
-        out.push_str("# HELP kiln_canary_weight Percent of requests the router sends to a service's canary (0 when none).\n# TYPE kiln_canary_weight gauge\n");
-        for s in &status.services {
-            let _ = writeln!(
-                out,
-                "kiln_canary_weight{{service=\"{}\"}} {}",
-                s.name,
-                s.canary.as_ref().map_or(0, |c| c.weight)
-            );
-        }
-        out.push_str("# HELP kiln_canary_step The canary's current step, 1-based (0 when none).\n# TYPE kiln_canary_step gauge\n");
-        for s in &status.services {
-            let _ = writeln!(
-                out,
-                "kiln_canary_step{{service=\"{}\"}} {}",
-                s.name,
-                s.canary.as_ref().map_or(0, |c| c.step)
-            );
-        }
+        let services = &status.services;
+        gauge(
+            out,
+            "kiln_service_revision",
+            "The release each service is on or moving to.",
+            services,
+            |s| s.revision.unwrap_or(0),
+        );
+        gauge(
+            out,
+            "kiln_service_ready_instances",
+            "Ready instances of the service's release.",
+            services,
+            |s| s.ready.into(),
+        );
+        gauge(
+            out,
+            "kiln_service_replicas",
+            "Instances the service's spec asks for.",
+            services,
+            |s| s.replicas.into(),
+        );
+        gauge(
+            out,
+            "kiln_rollout_in_progress",
+            "1 while a service's release is being rolled out.",
+            services,
+            |s| u64::from(s.outcome == Some(Outcome::Pending)),
+        );
+        gauge(
+            out,
+            "kiln_rollout_stalled",
+            "1 while a rollout is past its progress deadline with no release to return to.",
+            services,
+            |s| u64::from(s.stalled),
+        );
+        gauge(
+            out,
+            "kiln_canary_weight",
+            "Percent of requests the router sends to a service's canary (0 when none).",
+            services,
+            |s| s.canary.as_ref().map_or(0, |c| c.weight.into()),
+        );
+        gauge(
+            out,
+            "kiln_canary_step",
+            "The canary's current step, 1-based (0 when none).",
+            services,
+            |s| s.canary.as_ref().map_or(0, |c| c.step.into()),
+        );
         Ok(())
     }
 
@@ -675,4 +669,19 @@ impl Agent {
 /// The time a release is recorded, RFC 3339 to the second.
 fn now() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
+}
+
+/// One gauge with a sample per service, in Prometheus text.
+fn gauge(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    services: &[ServiceStatus],
+    value: fn(&ServiceStatus) -> u64,
+) {
+    use std::fmt::Write as _;
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    for s in services {
+        let _ = writeln!(out, "{name}{{service=\"{}\"}} {}", s.name, value(s));
+    }
 }
