@@ -600,6 +600,13 @@ mod tests {
         )
     }
 
+    /// A new state database in a temporary directory.
+    fn fresh() -> (tempfile::TempDir, SqliteState) {
+        let dir = tempfile::tempdir().unwrap();
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        (dir, state)
+    }
+
     fn service(name: &ServiceName, replicas: u32, target: u64) -> ServiceRecord {
         ServiceRecord {
             name: name.clone(),
@@ -615,8 +622,7 @@ mod tests {
 
     #[test]
     fn apply_records_release_service_and_events_together() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (dir, state) = fresh();
         let name = ServiceName::try_from("web").unwrap();
         let svc = service(&name, 2, 1);
         let ev = NewEvent::service("release-created", &name, Some(1), serde_json::json!({}));
@@ -652,8 +658,7 @@ mod tests {
 
     #[test]
     fn a_failed_rollout_and_its_rollback_are_one_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh();
         let name = ServiceName::try_from("web").unwrap();
         let mut svc = service(&name, 1, 1);
         let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
@@ -685,8 +690,7 @@ mod tests {
 
     #[test]
     fn a_rollback_abandons_the_rollout_in_the_same_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh();
         let name = ServiceName::try_from("web").unwrap();
         let mut svc = service(&name, 1, 2);
         let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
@@ -719,8 +723,7 @@ mod tests {
 
     #[test]
     fn events_are_append_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let (_dir, state) = fresh();
         state
             .append_event(&NewEvent {
                 kind: "x",

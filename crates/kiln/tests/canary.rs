@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, Load, alive, free_port, hello_app, http_get, request, service_status, wait_for,
-    write,
+    Agent, Env, Load, alive, free_port, hello_app, http_get, releases, request, service_status,
+    wait_for, write,
 };
 
 /// Service `web` (3 replicas) as a canary with `rollout` (steps, analysis).
@@ -40,11 +40,13 @@ strategy = "canary"
     )
 }
 
-fn releases(env: &Env) -> Vec<Value> {
-    env.json(&["history", "web", "--json"])["releases"]
+/// Whether every instance in status `s` (stopping ones too) is of `revision`.
+fn all_on(s: &Value, revision: u64) -> bool {
+    s["instances"]
         .as_array()
         .unwrap()
-        .clone()
+        .iter()
+        .all(|i| i["revision"] == revision)
 }
 
 /// Pids of the running (not stopping) instances of `revision`.
@@ -180,14 +182,7 @@ fn a_canary_answering_5xx_at_20_percent_is_aborted_and_traffic_returns_to_stable
         canary_pids.iter().all(|p| !alive(*p))
     });
     let s = service_status(&env, "web");
-    assert!(
-        s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|i| i["revision"] == 1),
-        "{s}"
-    );
+    assert!(all_on(&s, 1), "{s}");
     assert_eq!(versions(port, 200), (200, 0), "all traffic on stable");
     assert_eq!(s["failed_release"]["revision"], 2, "{s}");
     assert!(
@@ -202,7 +197,7 @@ fn a_canary_answering_5xx_at_20_percent_is_aborted_and_traffic_returns_to_stable
         text.contains("release 2 failed: canary analysis failed"),
         "{text}"
     );
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "failed");
     let reason = r[1]["reason"].as_str().unwrap();
     assert!(
@@ -283,14 +278,10 @@ fn a_healthy_canary_is_promoted_through_every_step() {
     assert!(out.contains("canary release 2 passes step 2"), "{out}");
     env.ok(&["rollout", "status", "web"]);
     wait_for("stable's fleet to stop", Duration::from_secs(15), || {
-        service_status(&env, "web")["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|i| i["revision"] == 2)
+        all_on(&service_status(&env, "web"), 2)
     });
     assert_eq!(versions(port, 100), (0, 100));
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "active");
     assert_eq!(r[0]["outcome"], "superseded");
     let s = service_status(&env, "web");
@@ -316,7 +307,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
         err.contains("no rollout of web is waiting for promotion"),
         "{err}"
     );
-    assert_eq!(releases(&env).len(), 1);
+    assert_eq!(releases(&env, "web").len(), 1);
 
     // Steps that never give the canary all traffic are refused at apply,
     // with the place in the file, and nothing changes.
@@ -335,7 +326,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
             && err.contains("rollout.steps must end at weight 100 (the last is 50)"),
         "{err}"
     );
-    assert_eq!(releases(&env).len(), 1);
+    assert_eq!(releases(&env, "web").len(), 1);
 
     start_canary_v2(&env, &path, port, rollout, 50);
     let canary_pids = pids_of(&service_status(&env, "web"), 2);
@@ -353,14 +344,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     assert!(canary_pids.iter().all(|p| !alive(*p)), "{canary_pids:?}");
     let s = service_status(&env, "web");
     assert_eq!(pids_of(&s, 1).len(), 3, "{s}");
-    assert!(
-        s["instances"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|i| i["revision"] == 1),
-        "{s}"
-    );
+    assert!(all_on(&s, 1), "{s}");
     assert!(s["canary"].is_null(), "{s}");
     assert_eq!(versions(port, 200), (200, 0));
     let count = load.finish();
@@ -369,7 +353,7 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
         count.bodies.contains_key("hello from v2"),
         "the canary served before"
     );
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "failed");
     assert_eq!(r[1]["reason"], "aborted by hand (kiln abort)");
     let err = env.fails(&["abort", "web"]);
@@ -470,7 +454,7 @@ fn a_rollback_during_a_canary_takes_stable_back_and_stops_the_canary() {
     assert_eq!(versions(port, 200), (200, 0));
     let count = load.finish();
     count.assert_none_failed();
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "failed");
     assert_eq!(r[2]["outcome"], "active");
 }
@@ -501,10 +485,10 @@ fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
     assert_eq!(s["instances"].as_array().unwrap().len(), 5, "{s}");
     let (v1, v2) = versions(port, 400);
     assert!(v1 > 100 && v2 > 100, "{v1}/{v2}");
-    assert_eq!(releases(&env)[1]["outcome"], "pending");
+    assert_eq!(releases(&env, "web")[1]["outcome"], "pending");
     env.ok(&["promote", "web"]);
     env.ok(&["rollout", "status", "web"]);
-    assert_eq!(releases(&env)[1]["outcome"], "active");
+    assert_eq!(releases(&env, "web")[1]["outcome"], "active");
 }
 
 #[test]
@@ -532,6 +516,6 @@ fn steps_changed_mid_canary_take_effect_at_once() {
         let s = service_status(&env, "web");
         s["revision"] == 2 && s["converged"] == true && s["canary"].is_null()
     });
-    assert_eq!(releases(&env)[1]["outcome"], "active");
+    assert_eq!(releases(&env, "web")[1]["outcome"], "active");
     assert_eq!(versions(port, 50), (0, 50));
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, Load, free_port, hello_app, processes_mentioning, request, service_status,
-    wait_for, write,
+    Agent, Env, Load, free_port, hello_app, processes_mentioning, releases, request,
+    service_status, wait_for, write,
 };
 
 fn spec(port: u16, extra_env: &str, extra: &str) -> String {
@@ -40,13 +40,6 @@ kill_timeout = "2s"
 
 fn instances(s: &Value) -> Vec<Value> {
     s["instances"].as_array().cloned().unwrap_or_default()
-}
-
-fn releases(env: &Env) -> Vec<Value> {
-    env.json(&["history", "web", "--json"])["releases"]
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
 }
 
 fn get(port: u16, path: &str) -> (u16, String) {
@@ -92,7 +85,7 @@ fn a_rolling_update_and_a_rollback_under_load_lose_no_request() {
         get(port, "/").1.starts_with("hello from v1"),
         "release 3 has release 1's content"
     );
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[2]["cause"], "rollback to 1");
     assert_eq!(r[2]["hash"], r[0]["hash"]);
 }
@@ -145,7 +138,7 @@ fn a_release_that_never_becomes_ready_is_rolled_back_and_leaves_nothing() {
         (s["revision"].as_u64(), s["ready"].as_u64()),
         (Some(1), Some(3))
     );
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "failed");
     assert!(
         r[1]["reason"]
@@ -167,7 +160,7 @@ fn a_release_that_never_becomes_ready_is_rolled_back_and_leaves_nothing() {
         .as_bytes(),
     );
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    let r = releases(&env);
+    let r = releases(&env, "web");
     assert_eq!(
         (r.len(), &r[2]["revision"], &r[2]["outcome"]),
         (3, &3.into(), &"active".into())
@@ -198,7 +191,7 @@ fn a_crash_looping_release_is_rolled_back() {
             .all(|i| i["revision"] == 1)
     });
     assert!(get(port, "/").1.starts_with("hello from v1"));
-    assert_eq!(releases(&env)[1]["outcome"], "failed");
+    assert_eq!(releases(&env, "web")[1]["outcome"], "failed");
 }
 
 #[test]
@@ -430,7 +423,7 @@ fn rollback_to_a_revision_that_does_not_exist_is_a_clear_error() {
     assert!(err.contains("release 9 of web does not exist"), "{err}");
     let err = env.fails(&["rollback", "web"]);
     assert!(err.contains("no earlier successful release"), "{err}");
-    assert_eq!(releases(&env).len(), 1);
+    assert_eq!(releases(&env, "web").len(), 1);
 }
 
 #[test]

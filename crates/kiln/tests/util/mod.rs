@@ -272,6 +272,14 @@ pub fn hello_app(root: &Path, spec: &str) -> PathBuf {
 }
 
 /// A service's status from `kiln status --json`.
+/// `kiln history SERVICE --json`'s releases, oldest first.
+pub fn releases(env: &Env, service: &str) -> Vec<serde_json::Value> {
+    env.json(&["history", service, "--json"])["releases"]
+        .as_array()
+        .expect("releases")
+        .clone()
+}
+
 pub fn service_status(env: &Env, name: &str) -> serde_json::Value {
     let v = env.json(&["status", "--json"]);
     v["services"]
