@@ -505,7 +505,7 @@ impl Conn {
                         .observe(resp.status().as_u16(), arrived.elapsed());
                     let (mut parts, body) = resp.into_parts();
                     if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        let (Some(client_up), Some((upstream, early))) =
+                        let (Some(client_up), Some((mut upstream, early))) =
                             (client_upgrade, body.into_upgraded())
                         else {
                             return local(
@@ -515,7 +515,6 @@ impl Conn {
                         };
                         tokio::spawn(async move {
                             let _guard = guard;
-                            let mut upstream = upstream;
                             if let Ok(client) = client_up.await {
                                 let mut client = TokioIo::new(client);
                                 use tokio::io::AsyncWriteExt;

@@ -128,10 +128,15 @@ impl Pool {
         None
     }
 
-    fn checkin(&self, port: u16, mut conn: UpConn) {
-        conn.reused = true;
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.entry(port).or_default().push(conn);
+    /// A response has been read to its end: the connection goes back to the
+    /// pool if it may carry another request and nothing stray follows the
+    /// response; otherwise it is closed.
+    fn done(&self, port: u16, mut conn: UpConn, keep_alive: bool) {
+        if keep_alive && conn.buf.is_empty() {
+            conn.reused = true;
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.entry(port).or_default().push(conn);
+        }
     }
 
     async fn connect(port: u16) -> io::Result<UpConn> {
@@ -215,11 +220,12 @@ impl Pool {
             .into());
         }
         let (parts, framing, keep_alive) = loop {
-            let (parts, framing, keep_alive) = read_head(&mut conn, &head.method).await?;
-            if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+            let head = read_head(&mut conn, &head.method).await?;
+            let status = head.0.status;
+            if status.is_informational() && status != StatusCode::SWITCHING_PROTOCOLS {
                 continue; // 100 Continue, 103 Early Hints: the answer follows
             }
-            break (parts, framing, keep_alive);
+            break head;
         };
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             if !upgrade {
@@ -231,15 +237,11 @@ impl Pool {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
                 // The whole body is here (n fits: it is at most buf.len()).
                 let body = conn.buf.split_to(n as usize).freeze();
-                if keep_alive && conn.buf.is_empty() {
-                    self.checkin(port, conn);
-                }
+                self.done(port, conn, keep_alive);
                 UpBody::Full(Some(body))
             }
-            Framing::Length(0) | Framing::Empty => {
-                if keep_alive && conn.buf.is_empty() {
-                    self.checkin(port, conn);
-                }
+            Framing::Empty => {
+                self.done(port, conn, keep_alive);
                 UpBody::Full(None)
             }
             framing => UpBody::Stream(Box::new(Streaming {
@@ -333,10 +335,7 @@ enum Chunk {
 }
 
 /// Read and parse one response head from `conn`.
-async fn read_head(
-    conn: &mut UpConn,
-    method: &Method,
-) -> Result<(hyper::http::response::Parts, Framing, bool), ProtocolError> {
+async fn read_head(conn: &mut UpConn, method: &Method) -> Result<Head, ProtocolError> {
     // A reused connection that ends (or resets) before any byte of an
     // answer is one the instance closed while it was idle. The request went
     // out, though: only one that may be repeated (RFC 9110 §9.2.2) is.
@@ -362,17 +361,20 @@ async fn read_head(
     }
 }
 
+/// A parsed response head, how its body is framed, and whether the
+/// connection may carry another request after it.
+type Head = (hyper::http::response::Parts, Framing, bool);
+
 /// Where a header's name and value lie in a response head.
 type HeaderSpan = (std::ops::Range<usize>, std::ops::Range<usize>);
 
 /// Parse a complete head at the front of `buf` (consuming it), or `None`
 /// when more bytes are needed.
-#[allow(clippy::type_complexity)]
 fn parse_head(
     buf: &mut BytesMut,
     spans: &mut Vec<HeaderSpan>,
     method: &Method,
-) -> Result<Option<(hyper::http::response::Parts, Framing, bool)>, ProtocolError> {
+) -> Result<Option<Head>, ProtocolError> {
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -666,9 +668,7 @@ impl Body for UpBody {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 Ok(Step::End) => {
-                    if s.keep_alive && conn.buf.is_empty() {
-                        s.pool.checkin(s.port, conn);
-                    }
+                    s.pool.done(s.port, conn, s.keep_alive);
                     return Poll::Ready(None);
                 }
                 Ok(Step::More) => match poll_read_buf(&mut conn.io, cx, &mut conn.buf) {
