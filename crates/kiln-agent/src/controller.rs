@@ -256,6 +256,21 @@ impl Controller {
         }
     }
 
+    /// Append an event of the service to the ledger; a failure to append is logged
+    /// and shown in the service's status, not fatal.
+    fn record_event(
+        &mut self,
+        kind: &'static str,
+        revision: Option<u64>,
+        instance: Option<&str>,
+        detail: serde_json::Value,
+    ) {
+        let ev = self.event(kind, revision, instance, detail);
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
+        }
+    }
+
     fn log_state_error(&mut self, e: crate::state::StateError) {
         tracing::error!(service = %self.name, "state: {e}");
         self.message = Some(format!("state store error: {e}"));
@@ -291,15 +306,12 @@ impl Controller {
                 if let Some(inst) = self.instances.remove(&id) {
                     self.message = Some(format!("instance {id} failed to start: {error}"));
                     self.count_failure(inst.revision, inst.slot, None);
-                    let ev = self.event(
+                    self.record_event(
                         "instance-start-failed",
                         Some(inst.revision),
                         Some(&id),
                         json!({"error": error}),
                     );
-                    if let Err(e) = self.shared.state.append_event(&ev) {
-                        self.log_state_error(e);
-                    }
                 }
             }
             Report::Health { id, probe, healthy } => {
@@ -328,10 +340,7 @@ impl Controller {
                     }
                     (ProbeKind::Startup, _) => "instance-started-up",
                 };
-                let ev = self.event(kind, Some(revision), Some(&id), json!({}));
-                if let Err(e) = self.shared.state.append_event(&ev) {
-                    self.log_state_error(e);
-                }
+                self.record_event(kind, Some(revision), Some(&id), json!({}));
                 if probe == ProbeKind::Liveness && !healthy {
                     // Replaced, never restarted in place: stop it and let the
                     // next pass start a new instance in its slot.
@@ -581,15 +590,12 @@ impl Controller {
             if let Some(tx) = stop {
                 let _ = tx.send(kind);
             }
-            let ev = self.event(
+            self.record_event(
                 "instance-stopping",
                 Some(revision),
                 Some(&id),
                 json!({"reason": why}),
             );
-            if let Err(e) = self.shared.state.append_event(&ev) {
-                self.log_state_error(e);
-            }
         }
         Some(swapped)
     }
@@ -798,15 +804,12 @@ impl Controller {
                 self.promote_requested = false;
                 self.warm_until = Some(Instant::now() + rollout.scale_down_delay.0);
                 self.publish_routes();
-                let ev = self.event(
+                self.record_event(
                     "promoted",
                     Some(target),
                     None,
                     json!({"warm_for": rollout.scale_down_delay.to_string()}),
                 );
-                if let Err(e) = self.shared.state.append_event(&ev) {
-                    self.log_state_error(e);
-                }
             } else {
                 self.message = Some(format!(
                     "release {target} is ready: waiting for `kiln promote {}`",
@@ -926,15 +929,12 @@ impl Controller {
                 waiting: String::new(),
             });
             self.rollout_started = Some((target, now, rollout.progress_deadline.0));
-            let ev = self.event(
+            self.record_event(
                 "canary-started",
                 Some(target),
                 None,
                 json!({"stable": stable, "steps": rollout.steps}),
             );
-            if let Err(e) = self.shared.state.append_event(&ev) {
-                self.log_state_error(e);
-            }
         }
         // Anything neither stable nor canary goes (what earlier rollouts left).
         let strays: Vec<String> = self.running(|i| i.revision != target && i.revision != stable);
@@ -1006,15 +1006,12 @@ impl Controller {
             run.began = Some((now, counters.0, counters.1));
             self.rollout_started = None;
             self.publish_routes();
-            let ev = self.event(
+            self.record_event(
                 "canary-step",
                 Some(target),
                 None,
                 json!({"step": index + 1, "of": steps, "weight": step.weight, "pause": step.pause}),
             );
-            if let Err(e) = self.shared.state.append_event(&ev) {
-                self.log_state_error(e);
-            }
         }
         let Some((began, base_canary, base_stable)) =
             self.canary.as_ref().and_then(|run| run.began)
@@ -1057,7 +1054,7 @@ impl Controller {
             return;
         }
         let promoted = run.promote;
-        let ev = self.event(
+        self.record_event(
             "canary-step-passed",
             Some(target),
             None,
@@ -1069,9 +1066,6 @@ impl Controller {
                 "stable": stable_window,
             }),
         );
-        if let Err(e) = self.shared.state.append_event(&ev) {
-            self.log_state_error(e);
-        }
         if index + 1 < steps
             && let Some(run) = self.canary.as_mut()
         {
@@ -1244,15 +1238,12 @@ impl Controller {
                 "rollout of release {target} paused: {reason} (auto_rollback = false; kiln rollback {} to return)",
                 self.name
             ));
-            let ev = self.event(
+            self.record_event(
                 "rollout-paused",
                 Some(target),
                 None,
                 json!({"reason": reason}),
             );
-            if let Err(e) = self.shared.state.append_event(&ev) {
-                self.log_state_error(e);
-            }
             return;
         }
         self.record_failure(target, previous, &reason, true, json!({}));
