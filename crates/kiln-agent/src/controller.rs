@@ -1365,22 +1365,28 @@ impl Controller {
         }
     }
 
-    /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
-    fn request_promotion(&mut self) -> Result<(u64, Option<u32>), String> {
+    /// The service as stored now (not as the last pass read it: a request
+    /// answers for what `kiln` just recorded), and whether its target
+    /// release is still being rolled out.
+    fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), String> {
         let rec = self
             .shared
             .state
             .service(&self.name)
-            .map_err(|e| e.to_string())?;
-        let Some(rec) = rec else {
-            return Err(format!("no service named {}", self.name));
-        };
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("no service named {}", self.name))?;
         let pending = self
             .shared
             .state
             .release(&self.name, rec.target)
             .map_err(|e| e.to_string())?
             .is_some_and(|r| r.outcome == Outcome::Pending);
+        Ok((rec, pending))
+    }
+
+    /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
+    fn request_promotion(&mut self) -> Result<(u64, Option<u32>), String> {
+        let (rec, pending) = self.target_pending()?;
         if let Some(run) = &mut self.canary
             && pending
             && run.revision == rec.target
@@ -1401,19 +1407,8 @@ impl Controller {
     /// `kiln abort`: only a rollout in progress with a release before it
     /// can be aborted.
     fn request_abort(&mut self) -> Result<(u64, u64), String> {
-        let rec = self
-            .shared
-            .state
-            .service(&self.name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no service named {}", self.name))?;
+        let (rec, pending) = self.target_pending()?;
         let target = rec.target;
-        let pending = self
-            .shared
-            .state
-            .release(&self.name, target)
-            .map_err(|e| e.to_string())?
-            .is_some_and(|r| r.outcome == Outcome::Pending);
         if !pending {
             return Err(format!(
                 "no rollout of {} is in progress (it is on release {target}): nothing to abort",
