@@ -19,7 +19,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http_body_util::Full;
 use hyper::body::{Body, Bytes, Frame, Incoming};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -30,13 +29,11 @@ use tokio::sync::Mutex;
 
 use crate::upstream::{Pool, ProtocolError, UpBody, UpstreamError};
 
-/// Every body the router answers with: an enum rather than a boxed trait
-/// object, so a request allocates no box for its body.
-enum ProxyBody {
-    /// An instance's response on its way to the client.
-    Guarded(Guarded),
-    /// The router's own answers (and empty bodies).
-    Full(Full<Bytes>),
+/// Every body the router answers with: an instance's (which keeps its
+/// request counted in flight until it is fully sent), or the router's own.
+struct ProxyBody {
+    body: UpBody,
+    _guard: Option<Inflight>,
 }
 
 impl Body for ProxyBody {
@@ -44,29 +41,18 @@ impl Body for ProxyBody {
     type Error = ProtocolError;
 
     fn poll_frame(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, ProtocolError>>> {
-        match self.get_mut() {
-            Self::Guarded(b) => Pin::new(&mut b.body).poll_frame(cx),
-            Self::Full(b) => Pin::new(b)
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(|never| match never {}))),
-        }
+        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            Self::Guarded(b) => b.body.is_end_stream(),
-            Self::Full(b) => b.is_end_stream(),
-        }
+        self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        match self {
-            Self::Guarded(b) => b.body.size_hint(),
-            Self::Full(b) => b.size_hint(),
-        }
+        self.body.size_hint()
     }
 }
 
@@ -540,10 +526,10 @@ impl Conn {
                     }
                     return Response::from_parts(
                         parts,
-                        ProxyBody::Guarded(Guarded {
+                        ProxyBody {
                             body,
-                            _guard: guard,
-                        }),
+                            _guard: Some(guard),
+                        },
                     );
                 }
             }
@@ -639,11 +625,17 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 }
 
 fn empty() -> ProxyBody {
-    ProxyBody::Full(Full::new(Bytes::new()))
+    ProxyBody {
+        body: UpBody::Full(None),
+        _guard: None,
+    }
 }
 
 fn local(status: StatusCode, msg: &str) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody::Full(Full::new(Bytes::from(msg.to_owned()))));
+    let mut r = Response::new(ProxyBody {
+        body: UpBody::Full(Some(Bytes::from(msg.to_owned()))),
+        _guard: None,
+    });
     *r.status_mut() = status;
     r.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -727,12 +719,6 @@ impl Drop for Inflight {
     fn drop(&mut self) {
         self.0.leave(self.1);
     }
-}
-
-/// A response body that keeps its request counted until it is fully sent.
-struct Guarded {
-    body: UpBody,
-    _guard: Inflight,
 }
 
 #[cfg(test)]
