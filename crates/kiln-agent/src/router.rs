@@ -424,16 +424,6 @@ impl Conn {
         // if the first could not be connected to: nothing reached it.
         let bodyless = body.is_end_stream();
         let mut body = (!bodyless).then_some(body);
-        // Origin-form on the way to the instance, whatever form the client
-        // used.
-        if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            let mut uri = hyper::http::uri::Parts::default();
-            uri.path_and_query = parts.uri.path_and_query().cloned();
-            match hyper::Uri::from_parts(uri) {
-                Ok(uri) => parts.uri = uri,
-                Err(_) => return local(StatusCode::BAD_REQUEST, "invalid request target\n"),
-            }
-        }
         let has_host = parts.headers.contains_key(header::HOST);
         let n = backends.len();
         // Round-robin per router thread: no counter shared between cores.

@@ -258,7 +258,8 @@ impl Pool {
 }
 
 /// `METHOD TARGET HTTP/1.1`, the headers, and `Transfer-Encoding: chunked`
-/// when a body of unknown length follows.
+/// when a body of unknown length follows. The target is origin-form (path
+/// and query) whatever form the client used.
 fn encode_head(out: &mut Vec<u8>, head: &request::Parts, chunked: bool) {
     out.extend_from_slice(head.method.as_str().as_bytes());
     out.push(b' ');
@@ -971,6 +972,20 @@ mod tests {
         let resp = pool.send(port, &get, None::<Full<Bytes>>).await.unwrap();
         let cut = resp.into_body().collect().await.map(|_| ()).unwrap_err();
         assert!(matches!(cut, ProtocolError::Closed), "{cut}");
+    }
+
+    #[test]
+    fn the_target_goes_out_in_origin_form() {
+        for (target, line) in [
+            ("http://example.com/a?b=1", "GET /a?b=1 HTTP/1.1\r\n"),
+            ("http://example.com", "GET / HTTP/1.1\r\n"),
+            ("/c", "GET /c HTTP/1.1\r\n"),
+        ] {
+            let mut out = Vec::new();
+            encode_head(&mut out, &request("GET", target), false);
+            let out = String::from_utf8(out).unwrap();
+            assert!(out.starts_with(line), "{target}: {out}");
+        }
     }
 
     #[tokio::test]
