@@ -383,15 +383,7 @@ impl StateStore for SqliteState {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         if let Some((revision, reason)) = abandoned {
-            tx.execute(
-                "UPDATE releases SET outcome = ?3, reason = ?4 WHERE service = ?1 AND revision = ?2",
-                params![
-                    service.name.as_str(),
-                    revision as i64,
-                    outcome_str(Outcome::Failed),
-                    reason
-                ],
-            )?;
+            set_outcome_in(&tx, &service.name, revision, Outcome::Failed, Some(reason))?;
         }
         apply_in(&tx, service, Some(release), events)?;
         tx.commit()?;
@@ -408,10 +400,7 @@ impl StateStore for SqliteState {
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE releases SET outcome = ?3, reason = COALESCE(?4, reason) WHERE service = ?1 AND revision = ?2",
-            params![service.as_str(), revision as i64, outcome_str(outcome), reason],
-        )?;
+        set_outcome_in(&tx, service, revision, outcome, reason)?;
         insert_event(&tx, event)?;
         tx.commit()?;
         Ok(())
@@ -427,15 +416,7 @@ impl StateStore for SqliteState {
     ) -> Result<()> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
-        tx.execute(
-            "UPDATE releases SET outcome = ?3, reason = ?4 WHERE service = ?1 AND revision = ?2",
-            params![
-                service.as_str(),
-                revision as i64,
-                outcome_str(Outcome::Failed),
-                reason
-            ],
-        )?;
+        set_outcome_in(&tx, service, revision, Outcome::Failed, Some(reason))?;
         if let Some(previous) = return_to {
             tx.execute(
                 "UPDATE services SET target = ?2 WHERE name = ?1",
@@ -535,6 +516,22 @@ impl StateStore for SqliteState {
         }
         Ok(out)
     }
+}
+
+/// A release's outcome (and its reason, when given), inside the caller's
+/// transaction.
+fn set_outcome_in(
+    tx: &rusqlite::Transaction<'_>,
+    service: &ServiceName,
+    revision: u64,
+    outcome: Outcome,
+    reason: Option<&str>,
+) -> Result<()> {
+    tx.execute(
+        "UPDATE releases SET outcome = ?3, reason = COALESCE(?4, reason) WHERE service = ?1 AND revision = ?2",
+        params![service.as_str(), revision as i64, outcome_str(outcome), reason],
+    )?;
+    Ok(())
 }
 
 /// The writes of an apply, inside the caller's transaction.
