@@ -235,17 +235,7 @@ pub async fn wait_for(
                 .filter(|i| i.revision == *revision && i.ready)
                 .count();
             let line = match &s.canary {
-                Some(c) if c.revision == *revision => format!(
-                    "{name}: canary release {revision} at step {}/{}, {}% of traffic{}",
-                    c.step,
-                    c.steps,
-                    c.weight,
-                    if c.waiting.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({})", c.waiting)
-                    }
-                ),
+                Some(c) if c.revision == *revision => format!("{name}: {}", canary_step(c)),
                 _ => format!(
                     "{name}: release {revision}: {ready}/{} ready, {starting} starting, {old} old",
                     s.replicas
@@ -346,19 +336,24 @@ fn canary_line(c: &kiln_core::api::CanaryStatus) -> String {
         )
     };
     format!(
-        "canary release {} at step {}/{}, {}% of traffic{}; canary {}; stable (release {}) {}",
-        c.revision,
-        c.step,
-        c.steps,
-        c.weight,
-        if c.waiting.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", c.waiting)
-        },
+        "{}; canary {}; stable (release {}) {}",
+        canary_step(c),
         w(&c.canary_window),
         c.stable,
         w(&c.stable_window)
+    )
+}
+
+/// Where a canary is: its release, step, weight and what the step waits for.
+fn canary_step(c: &kiln_core::api::CanaryStatus) -> String {
+    let waiting = if c.waiting.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", c.waiting)
+    };
+    format!(
+        "canary release {} at step {}/{}, {}% of traffic{waiting}",
+        c.revision, c.step, c.steps, c.weight
     )
 }
 
