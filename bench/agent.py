@@ -10,18 +10,12 @@
 """
 import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
+from benchlib import free_port, pct
+
 KILN, HELLO = sys.argv[1], sys.argv[2]
 RUNS = int(os.environ.get("RUNS", "5"))
 KILLS = int(os.environ.get("KILLS", "50"))
 REPLICAS = 10
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def answers(port):
@@ -100,11 +94,6 @@ class Agent:
 
 def kiln(home, *args, cwd=None):
     subprocess.run([KILN, "--home", home, *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 work = tempfile.mkdtemp(prefix="kiln-bench-agent-")

@@ -1,17 +1,11 @@
 """Driver for bench/canary.sh (stdlib only)."""
 import datetime, json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
+from benchlib import free_port, pct
+
 KILN, HELLO = sys.argv[1:3]
 ABORTS = int(os.environ.get("ABORTS", "10"))
 CLIENTS = int(os.environ.get("CLIENTS", "4"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 work = tempfile.mkdtemp(prefix="kiln-bench-canary-")
@@ -124,13 +118,8 @@ for revision, (decided, swap) in sorted(aborts.items()):
     detects.append((decided - first) * 1e3)
 
 
-def pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
-
-
 print(f"\ncanary aborts under load: {ABORTS}, {len(answers)} requests from {CLIENTS} keep-alive clients")
-print(f"  swap, decision to stable-only routes:  p50 {statistics.median(swaps):.3f} ms  p99 {pct(swaps, 0.99):.3f} ms  max {max(swaps):.3f} ms")
+print(f"  swap, decision to stable-only routes:  p50 {statistics.median(swaps):.3f} ms  p99 {pct(swaps, 99):.3f} ms  max {max(swaps):.3f} ms")
 print(f"  canary answers to requests sent after the swap: {late}")
 print(f"  last canary answer after the decision: p50 {statistics.median(drains):.2f} ms  max {max(drains):.2f} ms (requests in flight)")
 print(f"  detection, first canary answer to decision: p50 {statistics.median(detects):.0f} ms  max {max(detects):.0f} ms")

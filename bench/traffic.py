@@ -1,19 +1,13 @@
 """Driver for bench/traffic.sh (stdlib only)."""
 import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
+from benchlib import free_port, pct
+
 KILN, HELLO, BENCH = sys.argv[1:4]
 RUNS = int(os.environ.get("RUNS", "3"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNS = int(os.environ.get("CONNS", "50"))
 ROLLBACKS = int(os.environ.get("ROLLBACKS", "20"))
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def wait_port(port):
@@ -143,13 +137,12 @@ finally:
     shutil.rmtree(work, ignore_errors=True)
 
 times.sort()
-p = lambda q: times[min(len(times) - 1, int(round(q / 100 * (len(times) - 1))))]
 print(f"\nmachine: {os.cpu_count()} cores; wrk -t2 -c{CONNS} -d{DURATION}s; medians of {RUNS} runs; backend: one examples/hello instance run by kiln (sandbox)\n")
 print(f"{'(1) proxy':<28} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'vs best of nginx/HAProxy':>26}")
 best = max(rows["nginx"][0], rows["HAProxy"][0])
 for name, (rps, p50, p99) in rows.items():
     print(f"{name:<28} {rps:>12.0f} {p50:>8.2f} {p99:>8.2f} {rps / best:>25.2f}x")
 print(f"\n(2) warm rollback (blue-green, 3 replicas), command to first response from the old release, over {ROLLBACKS}:")
-print(f"    p50 {p(50):.1f} ms, p99 {p(99):.1f} ms (includes starting the kiln CLI process)")
+print(f"    p50 {pct(times, 50):.1f} ms, p99 {pct(times, 99):.1f} ms (includes starting the kiln CLI process)")
 print(f"    under wrk meanwhile: {total} requests, {non2xx} non-2xx, {sock} socket errors")
 print("(3) canary abort: see bench/canary.sh")
