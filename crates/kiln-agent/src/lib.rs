@@ -9,6 +9,7 @@ pub mod agent;
 pub mod api;
 pub mod canary;
 pub mod controller;
+mod downstream;
 pub mod instance;
 pub mod logs;
 pub mod metrics;
@@ -16,7 +17,10 @@ pub mod probe;
 pub mod router;
 pub mod runtime;
 pub mod state;
+#[cfg(test)]
+mod testing;
 mod upstream;
+mod wire;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};

@@ -10,51 +10,19 @@
 //! waits on.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper::body::{Body, Bytes, Frame, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper::header::HeaderValue;
 use kiln_core::spec::ServiceName;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::upstream::{Pool, ProtocolError, UpBody, UpstreamError};
-
-/// Every body the router answers with: an instance's (which keeps its
-/// request counted in flight until it is fully sent), or the router's own.
-struct ProxyBody {
-    body: UpBody,
-    _guard: Option<Inflight>,
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = ProtocolError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ProtocolError>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
-    }
-}
+use crate::downstream::Client;
+use crate::upstream::Pool;
 
 /// One ready instance that may receive traffic.
 #[derive(Debug)]
@@ -145,7 +113,10 @@ impl ServiceRoutes {
     /// Each client draws a bucket from 0 to 99 and is on the canary side
     /// while its bucket is below the weight: as the weight grows, clients
     /// only ever move from stable to the canary, never back and forth.
-    fn choose(&self, headers: &HeaderMap) -> (&[Arc<Backend>], Option<HeaderValue>) {
+    pub(crate) fn choose<'h>(
+        &self,
+        cookies: impl Iterator<Item = &'h [u8]>,
+    ) -> (&[Arc<Backend>], Option<String>) {
         let stable = (self.backends.as_slice(), None);
         let Some(c) = &self.canary else {
             return stable;
@@ -157,12 +128,12 @@ impl ServiceRoutes {
             return (&c.backends, None);
         }
         let (bucket, set) = match &c.cookie {
-            Some(name) => match sticky_bucket(headers, name, c.revision) {
+            Some(name) => match sticky_bucket(cookies, name, c.revision) {
                 Some(b) => (b, None),
                 None => {
                     let b = fastrand::u32(0..100);
                     let v = format!("{name}={}.{b}; Path=/; HttpOnly; SameSite=Lax", c.revision);
-                    (b, HeaderValue::from_str(&v).ok())
+                    (b, Some(v))
                 }
             },
             None => (fastrand::u32(0..100), None),
@@ -178,11 +149,13 @@ impl ServiceRoutes {
 /// The bucket a client's cookie `name=REVISION.BUCKET` holds for canary
 /// `revision`; none when absent, malformed or from another canary (the
 /// client is then assigned afresh: a bad cookie never fails a request).
-fn sticky_bucket(headers: &HeaderMap, name: &str, revision: u64) -> Option<u32> {
-    headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+fn sticky_bucket<'h>(
+    cookies: impl Iterator<Item = &'h [u8]>,
+    name: &str,
+    revision: u64,
+) -> Option<u32> {
+    cookies
+        .filter_map(|v| std::str::from_utf8(v).ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .filter(|(n, _)| *n == name)
@@ -242,6 +215,11 @@ impl Router {
     /// The current snapshot.
     pub fn table(&self) -> Arc<RouteTable> {
         self.table.load_full()
+    }
+
+    /// A service's current routes.
+    pub(crate) fn routes(&self, key: &RouteKey) -> Option<Arc<ServiceRoutes>> {
+        self.table.load().services.get(key).cloned()
     }
 
     /// Publish a service's routes: one atomic swap of the whole table.
@@ -329,205 +307,20 @@ impl Router {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            // Everything a request needs from its connection, behind one
-            // Arc: a request clones that, not each part.
-            let conn = Arc::new(Conn {
-                router: self.clone(),
-                service: service.clone(),
-                client: client.clone(),
-                peer_ip: HeaderValue::from_str(&peer.ip().to_string())
-                    .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
-            });
+            let client = Client::new(
+                self.clone(),
+                service.clone(),
+                client.clone(),
+                stream,
+                peer.ip().to_string(),
+            );
             let open = open.clone();
             tokio::spawn(async move {
                 open.fetch_add(1, Ordering::Relaxed);
                 let _open = Gauge(open);
-                let svc = hyper::service::service_fn(move |req| {
-                    let conn = conn.clone();
-                    async move { Ok::<_, Infallible>(conn.proxy(req).await) }
-                });
-                // hyper answers unparsable requests with 400 itself.
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
-                    .await;
+                client.serve().await;
             });
         }
-    }
-}
-
-thread_local! {
-    static ROUND_ROBIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// What the requests of one client connection share.
-struct Conn {
-    router: Arc<Router>,
-    service: RouteKey,
-    client: Upstream,
-    /// The client's address, as `X-Forwarded-For` gets it.
-    peer_ip: HeaderValue,
-}
-
-impl Conn {
-    /// Send one request to an instance of its service and answer with the
-    /// instance's response (or the router's own 502/503/504).
-    async fn proxy(&self, mut req: Request<Incoming>) -> Response<ProxyBody> {
-        let (client, service) = (&self.client, &self.service);
-        let arrived = std::time::Instant::now();
-        let routes = self.router.table.load().services.get(service).cloned();
-        let Some(routes) = routes else {
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no routes for {service}\n"),
-            );
-        };
-        let (backends, set_cookie) = routes.choose(req.headers());
-        if backends.is_empty() {
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("no ready instance of {service}\n"),
-            );
-        }
-        let upgrade = is_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let (mut parts, body) = req.into_parts();
-        let host = parts.headers.get(header::HOST).cloned();
-        strip_hop_by_hop(&mut parts.headers, upgrade);
-        let xff = match parts
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(prev) => self
-                .peer_ip
-                .to_str()
-                .ok()
-                .and_then(|ip| HeaderValue::from_str(&format!("{prev}, {ip}")).ok()),
-            None => Some(self.peer_ip.clone()),
-        };
-        if let Some(v) = xff {
-            parts
-                .headers
-                .insert(HeaderName::from_static("x-forwarded-for"), v);
-        }
-        parts.headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
-        if let Some(h) = host {
-            parts
-                .headers
-                .insert(HeaderName::from_static("x-forwarded-host"), h);
-        }
-        // A request without a body can be sent again to another instance
-        // if the first could not be connected to: nothing reached it.
-        let bodyless = body.is_end_stream();
-        let mut body = (!bodyless).then_some(body);
-        let has_host = parts.headers.contains_key(header::HOST);
-        let n = backends.len();
-        // Round-robin per router thread: no counter shared between cores.
-        let start = ROUND_ROBIN.with(|n| {
-            let v = n.get();
-            n.set(v.wrapping_add(1));
-            v
-        });
-        let attempts = if bodyless { n.min(3) } else { 1 };
-        let mut last = None;
-        for attempt in 0..attempts {
-            let backend = &backends[(start + attempt) % n];
-            // An HTTP/1.0 request without Host gets the instance's.
-            if !has_host {
-                parts.headers.insert(header::HOST, backend.host.clone());
-            }
-            let guard = Inflight::new(backend.inflight.clone());
-            let sent = client.send(backend.port, &parts, body.take());
-            // The deadline counts from arrival (and costs no clock read).
-            match tokio::time::timeout_at((arrived + routes.timeout).into(), sent).await {
-                Err(_) => {
-                    backend.metrics.timeout();
-                    backend.metrics.observe(504, arrived.elapsed());
-                    return local(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        &format!(
-                            "instance {} did not answer within {}\n",
-                            backend.instance,
-                            humantime::format_duration(routes.timeout)
-                        ),
-                    );
-                }
-                Ok(Err(UpstreamError::Connect(e))) => {
-                    let retried = attempt + 1 < attempts;
-                    backend.metrics.connect_error(retried);
-                    if !retried {
-                        backend.metrics.observe(502, arrived.elapsed());
-                    }
-                    last = Some(format!(
-                        "instance {} could not be reached: {e}\n",
-                        backend.instance
-                    ));
-                    continue;
-                }
-                Ok(Err(UpstreamError::Request(e))) => {
-                    backend.metrics.observe(502, arrived.elapsed());
-                    return local(
-                        StatusCode::BAD_GATEWAY,
-                        &format!("instance {} failed the request: {e}\n", backend.instance),
-                    );
-                }
-                Ok(Ok(resp)) => {
-                    backend
-                        .metrics
-                        .observe(resp.status().as_u16(), arrived.elapsed());
-                    let (mut parts, body) = resp.into_parts();
-                    if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                        let (Some(client_up), Some((mut upstream, early))) =
-                            (client_upgrade, body.into_upgraded())
-                        else {
-                            return local(
-                                StatusCode::BAD_GATEWAY,
-                                "an upgrade the client did not ask for\n",
-                            );
-                        };
-                        tokio::spawn(async move {
-                            let _guard = guard;
-                            if let Ok(client) = client_up.await {
-                                let mut client = TokioIo::new(client);
-                                use tokio::io::AsyncWriteExt;
-                                // What the instance sent right after its 101.
-                                if client.write_all(&early).await.is_ok() {
-                                    let _ =
-                                        tokio::io::copy_bidirectional(&mut client, &mut upstream)
-                                            .await;
-                                }
-                            }
-                        });
-                        return Response::from_parts(parts, empty());
-                    }
-                    strip_hop_by_hop(&mut parts.headers, false);
-                    // Let the rest of this pass of the thread's tasks run
-                    // first: the responses ready in one pass then go out back
-                    // to back, and a client's event loop reads several per
-                    // wakeup instead of one (wrk's epoll_waits per request
-                    // fell from ~1.0 to ~0.7; HAProxy batches its sends too).
-                    tokio::task::yield_now().await;
-                    if let Some(cookie) = set_cookie {
-                        parts.headers.append(header::SET_COOKIE, cookie);
-                    }
-                    return Response::from_parts(
-                        parts,
-                        ProxyBody {
-                            body,
-                            _guard: Some(guard),
-                        },
-                    );
-                }
-            }
-        }
-        local(
-            StatusCode::BAD_GATEWAY,
-            last.as_deref().unwrap_or("no instance could be reached\n"),
-        )
     }
 }
 
@@ -614,78 +407,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-fn empty() -> ProxyBody {
-    ProxyBody {
-        body: UpBody::Full(None),
-        _guard: None,
-    }
-}
-
-fn local(status: StatusCode, msg: &str) -> Response<ProxyBody> {
-    let mut r = Response::new(ProxyBody {
-        body: UpBody::Full(Some(Bytes::from(msg.to_owned()))),
-        _guard: None,
-    });
-    *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    r.headers_mut().insert(
-        HeaderName::from_static("x-kiln-router"),
-        HeaderValue::from_static("1"),
-    );
-    r
-}
-
-fn is_upgrade(h: &HeaderMap) -> bool {
-    h.contains_key(header::UPGRADE)
-        && h.get(header::CONNECTION)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-}
-
-/// Hop-by-hop headers belong to one connection, not to the request
-/// (RFC 9110 §7.6.1); an upgrade keeps `Connection` and `Upgrade`.
-fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the names instead of a
-    // lookup per hop-by-hop name.
-    const HOP: [&str; 7] = [
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ];
-    if !h
-        .keys()
-        .any(|k| k == header::CONNECTION || k == header::UPGRADE || HOP.contains(&k.as_str()))
-    {
-        return;
-    }
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(',').map(|t| t.trim().to_ascii_lowercase()))
-        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
-        .filter(|n| !(upgrade && (n == header::UPGRADE)))
-        .collect();
-    for n in named {
-        h.remove(n);
-    }
-    for n in HOP {
-        h.remove(n);
-    }
-    if !upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-}
-
 /// Decrements a gauge when dropped (an open connection).
 struct Gauge(Arc<std::sync::atomic::AtomicI64>);
 
@@ -696,10 +417,10 @@ impl Drop for Gauge {
 }
 
 /// Counts a request as in flight from dispatch until dropped.
-struct Inflight(Arc<crate::metrics::InFlight>, usize);
+pub(crate) struct Inflight(Arc<crate::metrics::InFlight>, usize);
 
 impl Inflight {
-    fn new(c: Arc<crate::metrics::InFlight>) -> Self {
+    pub(crate) fn new(c: Arc<crate::metrics::InFlight>) -> Self {
         let shard = c.enter();
         Self(c, shard)
     }
@@ -782,21 +503,6 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-app", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h, false);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-app"));
-    }
-
-    #[test]
     fn a_swap_replaces_one_service_and_keeps_the_others() {
         let r = Router::new();
         let a = RouteKey::Service(ServiceName::try_from("a").unwrap());
@@ -843,21 +549,19 @@ mod tests {
         ))
     }
 
-    fn cookie(v: &str) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_str(v).unwrap());
-        h
+    fn cookie(v: &str) -> std::iter::Once<&[u8]> {
+        std::iter::once(v.as_bytes())
     }
 
     #[test]
     fn a_sticky_cookie_is_read_only_when_well_formed_and_current() {
         let name = "kiln-canary-web";
         assert_eq!(
-            sticky_bucket(&cookie("kiln-canary-web=7.42"), name, 7),
+            sticky_bucket(cookie("kiln-canary-web=7.42"), name, 7),
             Some(42)
         );
         assert_eq!(
-            sticky_bucket(&cookie("a=b; kiln-canary-web=7.0; c=d"), name, 7),
+            sticky_bucket(cookie("a=b; kiln-canary-web=7.0; c=d"), name, 7),
             Some(0)
         );
         for bad in [
@@ -869,7 +573,7 @@ mod tests {
             "kiln-canary-other=7.1",
             "garbage",
         ] {
-            assert_eq!(sticky_bucket(&cookie(bad), name, 7), None, "{bad}");
+            assert_eq!(sticky_bucket(cookie(bad), name, 7), None, "{bad}");
         }
     }
 
@@ -881,11 +585,11 @@ mod tests {
             20,
             Some("kiln-canary-web".to_owned()),
         );
-        let empty = HeaderMap::new();
+        let empty = || std::iter::empty::<&[u8]>();
         let n = 10_000;
         let mut canary = 0;
         for _ in 0..n {
-            let (side, set) = routes.choose(&empty);
+            let (side, set) = routes.choose(empty());
             assert!(set.is_some(), "a client without a cookie gets one");
             canary += usize::from(side[0].revision == 2);
         }
@@ -893,20 +597,20 @@ mod tests {
         let share = canary as f64 / f64::from(n);
         assert!((share - 0.2).abs() < 0.03, "{share}");
         // A bucket below the weight is the canary's, at or above stable's.
-        let (side, set) = routes.choose(&cookie("kiln-canary-web=2.19"));
+        let (side, set) = routes.choose(cookie("kiln-canary-web=2.19"));
         assert_eq!((side[0].revision, set), (2, None));
-        let (side, _) = routes.choose(&cookie("kiln-canary-web=2.20"));
+        let (side, _) = routes.choose(cookie("kiln-canary-web=2.20"));
         assert_eq!(side[0].revision, 1);
         // A canary with nothing ready, or no canary: all to stable.
         let none_ready = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1))
             .with_canary(Vec::new(), 2, 50, None);
-        assert!((0..100).all(|_| none_ready.choose(&empty).0[0].revision == 1));
+        assert!((0..100).all(|_| none_ready.choose(empty()).0[0].revision == 1));
         let full = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
             vec![backend(2, 2)],
             2,
             100,
             None,
         );
-        assert!((0..100).all(|_| full.choose(&empty).0[0].revision == 2));
+        assert!((0..100).all(|_| full.choose(empty()).0[0].revision == 2));
     }
 }
