@@ -292,35 +292,105 @@ impl Router {
         }
     }
 
+    /// Accept connections on this thread's socket and serve them, or hand
+    /// one to the thread serving the fewest (see [`Spread`]).
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
         service: RouteKey,
-        client: Upstream,
+        pool: Upstream,
+        spread: Arc<Spread>,
+        me: usize,
+        mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
     ) {
         let open = self.metrics.connections(&match &service {
             RouteKey::Service(s) => s.to_string(),
             RouteKey::Preview(s) => format!("{s}/preview"),
         });
         loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
+            let (stream, peer, was_handed) = tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, peer)) = accepted else { continue };
+                    match spread.fewer_than(me) {
+                        Some(other) => {
+                            if let Ok(std) = stream.into_std() {
+                                spread.hand(other, std, peer);
+                            }
+                            continue;
+                        }
+                        None => (stream, peer, false),
+                    }
+                }
+                Some((std, peer)) = handed.recv() => {
+                    let Ok(stream) = tokio::net::TcpStream::from_std(std) else {
+                        spread.serving[me].fetch_sub(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    (stream, peer, true)
+                }
             };
             let _ = stream.set_nodelay(true);
             let client = Client::new(
                 self.clone(),
                 service.clone(),
-                client.clone(),
+                pool.clone(),
                 stream,
                 peer.ip().to_string(),
             );
             let open = open.clone();
+            let served = spread.serving(me, was_handed);
             tokio::spawn(async move {
                 open.fetch_add(1, Ordering::Relaxed);
                 let _open = Gauge(open);
+                let _served = served;
                 client.serve().await;
             });
         }
+    }
+}
+
+/// Keeps a listener's connections even across its threads.
+///
+/// `SO_REUSEPORT` spreads connections by a hash of their addresses: 50
+/// connections often split 29/21, and the busier thread's clients then wait
+/// longer (the tail of the latency). A thread that accepts a connection
+/// while it serves more than another thread (by two or more) hands it over;
+/// this costs one channel send per connection, nothing per request.
+struct Spread {
+    serving: Vec<Arc<std::sync::atomic::AtomicUsize>>,
+    inbox: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
+}
+
+impl Spread {
+    /// The thread to hand a new connection to, when `me` serves two or more
+    /// than it.
+    fn fewer_than(&self, me: usize) -> Option<usize> {
+        let mine = self.serving[me].load(Ordering::Relaxed);
+        let (other, least) = self
+            .serving
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|&(_, n)| n)?;
+        (other != me && least + 2 <= mine).then_some(other)
+    }
+
+    fn hand(&self, to: usize, stream: std::net::TcpStream, peer: SocketAddr) {
+        // Counted as the receiver's at once, so a burst of connections
+        // spreads instead of all going to the same thread.
+        self.serving[to].fetch_add(1, Ordering::Relaxed);
+        if self.inbox[to].send((stream, peer)).is_err() {
+            self.serving[to].fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Count a connection `me` serves until the guard drops. A handed-over
+    /// one was counted when it was handed.
+    fn serving(&self, me: usize, handed: bool) -> Served {
+        if !handed {
+            self.serving[me].fetch_add(1, Ordering::Relaxed);
+        }
+        Served(self.serving[me].clone())
     }
 }
 
@@ -339,7 +409,15 @@ impl Workers {
     fn start(router: Arc<Router>, key: RouteKey, addr: SocketAddr) -> std::io::Result<Self> {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for i in 0..n {
+        let (inbox, mut handed): (Vec<_>, Vec<_>) = (0..n)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let spread = Arc::new(Spread {
+            serving: (0..n).map(|_| Arc::default()).collect(),
+            inbox,
+        });
+        for (i, handed) in handed.drain(..).enumerate() {
+            let spread = spread.clone();
             let (bound_tx, bound_rx) = std::sync::mpsc::channel();
             let router = router.clone();
             let key = key.clone();
@@ -368,7 +446,7 @@ impl Workers {
                         };
                         let _ = bound_tx.send(Ok(()));
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, Upstream::default()) => {}
+                            _ = router.accept_loop(socket, key, Upstream::default(), spread, i, handed) => {}
                             _ = stopped.wait_for(|s| *s) => {}
                         }
                     });
@@ -411,6 +489,15 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 struct Gauge(Arc<std::sync::atomic::AtomicI64>);
 
 impl Drop for Gauge {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection a router thread serves, counted until dropped.
+struct Served(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Served {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -500,6 +587,40 @@ mod tests {
                 .is_err()
         );
         r.close().await;
+    }
+
+    #[test]
+    fn a_thread_serving_two_more_than_another_hands_it_the_connection() {
+        let (inbox, mut rx): (Vec<_>, Vec<_>) = (0..3)
+            .map(|_| tokio::sync::mpsc::unbounded_channel())
+            .unzip();
+        let spread = Spread {
+            serving: (0..3).map(|_| Arc::default()).collect(),
+            inbox,
+        };
+        let set = |counts: [usize; 3]| {
+            for (n, c) in spread.serving.iter().zip(counts) {
+                n.store(c, Ordering::Relaxed);
+            }
+        };
+        set([3, 1, 2]);
+        assert_eq!(spread.fewer_than(0), Some(1));
+        assert_eq!(spread.fewer_than(2), None, "one more is even enough");
+        assert_eq!(spread.fewer_than(1), None);
+        // Handing counts the connection as the receiver's at once, so a
+        // burst does not all go to the same thread.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        spread.hand(1, stream, addr);
+        assert_eq!(spread.serving[1].load(Ordering::Relaxed), 2);
+        assert!(rx[1].try_recv().is_ok(), "the receiver gets it");
+        assert_eq!(spread.fewer_than(0), None, "now 3, 2, 2");
+        // A connection served here is counted until its guard drops.
+        let served = spread.serving(2, false);
+        assert_eq!(spread.serving[2].load(Ordering::Relaxed), 3);
+        drop(served);
+        assert_eq!(spread.serving[2].load(Ordering::Relaxed), 2);
     }
 
     #[test]
