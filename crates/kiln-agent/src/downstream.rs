@@ -27,7 +27,7 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::router::{Backend, Inflight, RouteKey, Router, ServiceRoutes};
+use crate::router::{Inflight, RouteKey, Router, ServiceRoutes, Side};
 use crate::upstream::{Outgoing, Pool, UpBody, UpHead, UpstreamError};
 use crate::wire::{self, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 
@@ -55,7 +55,7 @@ struct Reject(StatusCode, String);
 
 /// What the router needs to know of a request once its head is parsed and
 /// the instance's head is written.
-struct Prepared<'r> {
+struct Prepared {
     /// The length of the client's head.
     len: usize,
     head_method: bool,
@@ -70,7 +70,7 @@ struct Prepared<'r> {
     /// its instance's.
     head_len: usize,
     has_host: bool,
-    backends: &'r [Arc<Backend>],
+    side: Side,
     set_cookie: Option<String>,
 }
 
@@ -102,11 +102,13 @@ impl Client {
     /// Read one request, proxy it and answer it; whether the connection
     /// goes on.
     async fn exchange(&mut self) -> bool {
-        let routes = self.router.routes(&self.service);
-        let parsed = loop {
+        let (parsed, routes) = loop {
             if !self.buf.is_empty() {
+                // The snapshot current when the request has come whole (not
+                // when an idle connection began to wait for it).
+                let routes = self.router.routes(&self.service);
                 match prepare(&self.buf, &mut self.up, routes.as_deref(), &self.peer_ip) {
-                    Ok(Some(p)) => break p,
+                    Ok(Some(p)) => break (p, routes),
                     Ok(None) => {}
                     Err(Reject(status, msg)) => {
                         return self.local(status, &msg, false, false).await;
@@ -145,7 +147,7 @@ impl Client {
                 )
                 .await;
         };
-        let backends = parsed.backends;
+        let backends = routes.side(parsed.side);
         if backends.is_empty() {
             let msg = format!("no ready instance of {}\n", self.service);
             return self
@@ -266,7 +268,7 @@ impl Client {
     /// goes on.
     async fn respond(
         &mut self,
-        req: &Prepared<'_>,
+        req: &Prepared,
         head: UpHead,
         mut body: UpBody,
         keep: bool,
@@ -400,12 +402,12 @@ fn connection(out: &mut Vec<u8>, keep: bool, version10: bool) {
 /// Parse a request head at the front of `buf` and write the instance's
 /// head into `up` (all but `Host` when the client sent none, and the final
 /// empty line). `None` while the head is incomplete.
-fn prepare<'r>(
+fn prepare(
     buf: &[u8],
     up: &mut Vec<u8>,
-    routes: Option<&'r ServiceRoutes>,
+    routes: Option<&ServiceRoutes>,
     peer_ip: &str,
-) -> Result<Option<Prepared<'r>>, Reject> {
+) -> Result<Option<Prepared>, Reject> {
     let bad = |msg: String| Reject(StatusCode::BAD_REQUEST, msg);
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
@@ -469,14 +471,14 @@ fn prepare<'r>(
     let expect_continue = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
     });
-    let (backends, set_cookie) = match routes {
+    let (side, set_cookie) = match routes {
         Some(r) => r.choose(
             req.headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
                 .map(|h| h.value),
         ),
-        None => (&[][..], None),
+        None => (Side::Stable, None),
     };
 
     up.clear();
@@ -539,7 +541,7 @@ fn prepare<'r>(
         upgrade,
         head_len: up.len(),
         has_host: host.is_some(),
-        backends,
+        side,
         set_cookie,
     }))
 }
@@ -647,7 +649,7 @@ impl Body for ClientBody<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::RouteKey;
+    use crate::router::{Backend, RouteKey};
     use crate::testing::{Act, scripted};
     use kiln_core::spec::ServiceName;
     use std::time::Duration;
@@ -730,6 +732,33 @@ mod tests {
                 ),
             ]
         );
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_request_on_an_idle_connection_follows_the_routes_of_its_arrival() {
+        let (a, _, seen_a) = scripted(vec![Act::Answer(OK)]).await;
+        let (b, _, seen_b) = scripted(vec![Act::Answer(OK)]).await;
+        let (router, port) = router_to(a).await;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"GET /1 HTTP/1.1\r\nhost: h\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = vec![0u8; OK.len()];
+        s.read_exact(&mut first).await.unwrap();
+        // The connection now waits for its next request; the routes move.
+        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
+        let backend = Backend::new("i2".into(), 2, b, Arc::default(), Arc::default());
+        router.set_routes(
+            &svc,
+            ServiceRoutes::new(vec![Arc::new(backend)], Duration::from_secs(5)),
+        );
+        s.write_all(b"GET /2 HTTP/1.1\r\nhost: h\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_to_close(&mut s).await.starts_with("HTTP/1.1 200 "));
+        assert_eq!((seen(&seen_a).len(), seen(&seen_b).len()), (1, 1));
+        assert!(seen(&seen_b)[0].starts_with("GET /2 "));
         router.close().await;
     }
 

@@ -116,8 +116,8 @@ impl ServiceRoutes {
     pub(crate) fn choose<'h>(
         &self,
         cookies: impl Iterator<Item = &'h [u8]>,
-    ) -> (&[Arc<Backend>], Option<String>) {
-        let stable = (self.backends.as_slice(), None);
+    ) -> (Side, Option<String>) {
+        let stable = (Side::Stable, None);
         let Some(c) = &self.canary else {
             return stable;
         };
@@ -125,7 +125,7 @@ impl ServiceRoutes {
             return stable;
         }
         if self.backends.is_empty() || c.weight >= 100 {
-            return (&c.backends, None);
+            return (Side::Canary, None);
         }
         let (bucket, set) = match &c.cookie {
             Some(name) => match sticky_bucket(cookies, name, c.revision) {
@@ -139,11 +139,26 @@ impl ServiceRoutes {
             None => (fastrand::u32(0..100), None),
         };
         if bucket < c.weight {
-            (&c.backends, set)
+            (Side::Canary, set)
         } else {
-            (&self.backends, set)
+            (Side::Stable, set)
         }
     }
+
+    /// The instances of one side.
+    pub(crate) fn side(&self, side: Side) -> &[Arc<Backend>] {
+        match (side, &self.canary) {
+            (Side::Canary, Some(c)) => &c.backends,
+            _ => &self.backends,
+        }
+    }
+}
+
+/// Which release a request goes to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Stable,
+    Canary,
 }
 
 /// The bucket a client's cookie `name=REVISION.BUCKET` holds for canary
@@ -711,6 +726,7 @@ mod tests {
         let mut canary = 0;
         for _ in 0..n {
             let (side, set) = routes.choose(empty());
+            let side = routes.side(side);
             assert!(set.is_some(), "a client without a cookie gets one");
             canary += usize::from(side[0].revision == 2);
         }
@@ -719,19 +735,21 @@ mod tests {
         assert!((share - 0.2).abs() < 0.03, "{share}");
         // A bucket below the weight is the canary's, at or above stable's.
         let (side, set) = routes.choose(cookie("kiln-canary-web=2.19"));
+        let side = routes.side(side);
         assert_eq!((side[0].revision, set), (2, None));
         let (side, _) = routes.choose(cookie("kiln-canary-web=2.20"));
+        let side = routes.side(side);
         assert_eq!(side[0].revision, 1);
         // A canary with nothing ready, or no canary: all to stable.
         let none_ready = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1))
             .with_canary(Vec::new(), 2, 50, None);
-        assert!((0..100).all(|_| none_ready.choose(empty()).0[0].revision == 1));
+        assert!((0..100).all(|_| none_ready.side(none_ready.choose(empty()).0)[0].revision == 1));
         let full = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
             vec![backend(2, 2)],
             2,
             100,
             None,
         );
-        assert!((0..100).all(|_| full.choose(empty()).0[0].revision == 2));
+        assert!((0..100).all(|_| full.side(full.choose(empty()).0)[0].revision == 2));
     }
 }
