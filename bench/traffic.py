@@ -101,9 +101,10 @@ try:
         wait_port(p)
     targets = [("direct to the backend", backend), ("nginx", ng_port), ("HAProxy", ha_port), ("kiln router", port)]
     runs = {name: [] for name, _ in targets}
-    # Alternated, so a noisy stretch of the machine hits every proxy alike.
-    for _ in range(RUNS):
-        for name, p in targets:
+    # Alternated, so a noisy stretch of the machine hits every proxy alike,
+    # and the order turns each round so that none always goes first.
+    for k in range(RUNS):
+        for name, p in targets[k % len(targets):] + targets[:k % len(targets)]:
             runs[name].append(wrk(p))
     rows = {name: tuple(statistics.median(r[i] for r in rs) for i in range(3)) for name, rs in runs.items()}
 
@@ -142,6 +143,12 @@ print(f"{'(1) proxy':<28} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'vs be
 best = max(rows["nginx"][0], rows["HAProxy"][0])
 for name, (rps, p50, p99) in rows.items():
     print(f"{name:<28} {rps:>12.0f} {p50:>8.2f} {p99:>8.2f} {rps / best:>25.2f}x")
+# Run by run: the k-th runs of two proxies were close in time.
+for peer in ("HAProxy", "nginx"):
+    rps = [a[0] / b[0] for a, b in zip(runs["kiln router"], runs[peer])]
+    p99 = [a[2] / b[2] for a, b in zip(runs["kiln router"], runs[peer])]
+    print(f"kiln vs {peer}, run by run: requests/s x{statistics.median(rps):.2f} (ahead in {sum(r > 1 for r in rps)}/{RUNS}), "
+          f"p99 x{statistics.median(p99):.2f} (lower in {sum(r < 1 for r in p99)}/{RUNS})")
 print(f"\n(2) warm rollback (blue-green, 3 replicas), command to first response from the old release, over {ROLLBACKS}:")
 print(f"    p50 {pct(times, 50):.1f} ms, p99 {pct(times, 99):.1f} ms (includes starting the kiln CLI process)")
 print(f"    under wrk meanwhile: {total} requests, {non2xx} non-2xx, {sock} socket errors")

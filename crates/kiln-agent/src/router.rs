@@ -4,10 +4,12 @@
 //! The whole routing table is one immutable [`RouteTable`] behind an
 //! `ArcSwap`: a request loads it once and uses that snapshot to the end, and
 //! controllers publish a new table with a single atomic swap (read-copy-
-//! update), so no request ever sees half an update. Instances are reached
-//! through one shared keep-alive pool. Each backend counts its in-flight
-//! requests (until the response body is fully sent), which is what draining
-//! waits on.
+//! update), so no request ever sees half an update. Each listener is served
+//! by one thread per core ([`Workers`]); a connection's requests are read
+//! and answered by [`crate::downstream`], and reach instances through the
+//! thread's keep-alive pool ([`crate::upstream`]). Each backend counts its
+//! in-flight requests (until the response body is fully sent), which is
+//! what draining waits on.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
