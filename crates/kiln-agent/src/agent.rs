@@ -603,10 +603,17 @@ impl Agent {
                 && s.replicas == rec.settings.replicas
                 && s.revision == Some(rec.target);
             s.replicas = rec.settings.replicas;
-            s.failed_release = self
-                .shared
-                .state
-                .releases(&rec.name)?
+            let releases = self.shared.state.releases(&rec.name)?;
+            // Just after an apply the controller has not reported on the
+            // new target yet: its release, as recorded, is what is current.
+            if s.revision != Some(rec.target) {
+                s.revision = Some(rec.target);
+                s.outcome = releases
+                    .iter()
+                    .find(|r| r.revision == rec.target)
+                    .map(|r| r.outcome);
+            }
+            s.failed_release = releases
                 .into_iter()
                 .max_by_key(|r| r.revision)
                 .filter(|r| r.revision > rec.target && r.outcome == Outcome::Failed)
