@@ -462,8 +462,10 @@ impl Workers {
                             }
                         };
                         let _ = bound_tx.send(Ok(()));
+                        let pool = Upstream::default();
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, Upstream::default(), spread, i, handed) => {}
+                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, handed) => {}
+                            _ = housekeeping(&pool) => {}
                             _ = stopped.wait_for(|s| *s) => {}
                         }
                     });
@@ -487,6 +489,24 @@ impl Workers {
 
     fn stop(&self) {
         let _ = self.stop.send(true);
+    }
+}
+
+/// A router thread's chores, once a second: close the pooled connections
+/// that instances closed or that sat idle too long.
+///
+/// The tick also keeps a timer armed on the thread at all times, earlier
+/// than any request's deadline (unless a service's timeout is under a
+/// second). tokio wakes its driver (an eventfd write) when a timer is set
+/// earlier than the driver's next wake, or when no timer was armed as it
+/// parked: without the tick, every request arriving at a thread that had
+/// none in flight paid that write (`perf` counted ~0.26 per request).
+async fn housekeeping(pool: &Pool) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        pool.reap(std::time::Instant::now());
     }
 }
 

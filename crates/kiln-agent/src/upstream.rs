@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::{Body, Frame, SizeHint};
@@ -89,7 +89,31 @@ pub struct UpConn {
     /// It has served a request before: a close before any answer may mean
     /// the instance closed it while idle, and the request may go out again.
     reused: bool,
+    /// When it last went back to the pool.
+    idle_since: Instant,
 }
+
+impl UpConn {
+    /// Whether the instance has closed it (or written to it unasked) while
+    /// it was idle: it is then readable.
+    fn closed_while_idle(&self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.io.poll_read_ready(&mut cx) {
+            Poll::Pending => false,
+            // Readiness may be left over from the last read: a read tells
+            // whether anything is really there.
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                !matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+            Poll::Ready(Err(_)) => true,
+        }
+    }
+}
+
+/// A pooled connection idle longer than this is closed (nginx's upstream
+/// `keepalive_timeout` is 60 s too).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One router thread's idle connections to instances, by port. Only its
 /// thread uses it (the lock is never contended).
@@ -105,23 +129,31 @@ impl Pool {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         let list = idle.get_mut(&port)?;
         while let Some(c) = list.pop() {
-            let mut cx = Context::from_waker(std::task::Waker::noop());
-            match c.io.poll_read_ready(&mut cx) {
-                Poll::Pending => return Some(c),
-                // Readiness may be left over from the last read: a read
-                // tells whether anything is really there.
-                Poll::Ready(Ok(())) => {
-                    let mut probe = [0u8; 1];
-                    if let Err(e) = c.io.try_read(&mut probe)
-                        && e.kind() == io::ErrorKind::WouldBlock
-                    {
-                        return Some(c);
-                    }
-                }
-                Poll::Ready(Err(_)) => {}
+            if !c.closed_while_idle() {
+                return Some(c);
             }
         }
         None
+    }
+
+    /// Close the idle connections the instances closed, and those idle
+    /// longer than [`IDLE_TIMEOUT`] at `now`; forget instances with none
+    /// left (their ports are gone once they are).
+    pub fn reap(&self, now: Instant) {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.retain(|_, list| {
+            list.retain(|c| {
+                now.saturating_duration_since(c.idle_since) < IDLE_TIMEOUT && !c.closed_while_idle()
+            });
+            !list.is_empty()
+        });
+    }
+
+    /// How many idle connections it holds.
+    #[cfg(test)]
+    fn idle(&self) -> usize {
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.values().map(Vec::len).sum()
     }
 
     /// A response has been read to its end: the connection goes back to the
@@ -130,6 +162,7 @@ impl Pool {
     fn done(&self, port: u16, mut conn: UpConn, keep_alive: bool) {
         if keep_alive && conn.buf.is_empty() {
             conn.reused = true;
+            conn.idle_since = Instant::now();
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             idle.entry(port).or_default().push(conn);
         }
@@ -147,6 +180,7 @@ impl Pool {
             io,
             buf: BytesMut::new(),
             reused: false,
+            idle_since: Instant::now(),
         })
     }
 
@@ -564,6 +598,28 @@ mod tests {
             accepted.load(Ordering::SeqCst),
             2,
             "two requests per connection: four requests, two connections"
+        );
+    }
+
+    #[tokio::test]
+    async fn reaping_closes_what_the_instance_closed_and_what_idled_too_long() {
+        use Act::*;
+        let (port, _, _) = scripted(vec![Answer(OK), AnswerClose(OK)]).await;
+        let (other, _, _) = scripted(vec![Answer(OK)]).await;
+        let pool = Arc::new(Pool::default());
+        // The first instance answers twice on one connection, then closes it.
+        fetch(&pool, port, &request("GET", "/")).await.unwrap();
+        fetch(&pool, port, &request("GET", "/")).await.unwrap();
+        fetch(&pool, other, &request("GET", "/")).await.unwrap();
+        assert_eq!(pool.idle(), 2);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        pool.reap(Instant::now());
+        assert_eq!(pool.idle(), 1, "the closed one is gone, the open one kept");
+        pool.reap(Instant::now() + IDLE_TIMEOUT);
+        assert_eq!(pool.idle(), 0, "and an idle one times out");
+        assert!(
+            pool.idle.lock().unwrap().is_empty(),
+            "instances without connections are forgotten"
         );
     }
 
