@@ -606,12 +606,17 @@ impl Agent {
             let releases = self.shared.state.releases(&rec.name)?;
             // Just after an apply the controller has not reported on the
             // new target yet: its release, as recorded, is what is current.
+            // What the snapshot says of its rollout (a pause, a stall, a
+            // canary step) was about the release before.
             if s.revision != Some(rec.target) {
                 s.revision = Some(rec.target);
                 s.outcome = releases
                     .iter()
                     .find(|r| r.revision == rec.target)
                     .map(|r| r.outcome);
+                s.message = None;
+                s.stalled = false;
+                s.canary = None;
             }
             s.failed_release = releases
                 .into_iter()
