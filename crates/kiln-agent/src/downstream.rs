@@ -136,29 +136,23 @@ impl Client {
         let _ = self.buf.split_to(parsed.len);
         // A body left unread in the connection ends it after the answer.
         let keep = parsed.keep_alive && parsed.body == Framing::Empty;
-        let Some(routes) = routes.as_deref() else {
-            let msg = format!("no routes for {}\n", self.service);
-            return self
-                .local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &msg,
-                    keep,
-                    parsed.version10,
-                )
-                .await;
+        let (backends, timeout) = match routes.as_deref() {
+            Some(r) if !r.side(parsed.side).is_empty() => (r.side(parsed.side), r.timeout),
+            r => {
+                let msg = match r {
+                    None => format!("no routes for {}\n", self.service),
+                    Some(_) => format!("no ready instance of {}\n", self.service),
+                };
+                return self
+                    .local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &msg,
+                        keep,
+                        parsed.version10,
+                    )
+                    .await;
+            }
         };
-        let backends = routes.side(parsed.side);
-        if backends.is_empty() {
-            let msg = format!("no ready instance of {}\n", self.service);
-            return self
-                .local(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &msg,
-                    keep,
-                    parsed.version10,
-                )
-                .await;
-        }
         if parsed.expect_continue
             && parsed.body != Framing::Empty
             && self
@@ -207,15 +201,14 @@ impl Client {
             });
             let sent = self.pool.send(backend.port, &out, body);
             // The deadline counts from arrival (and costs no clock read).
-            let resp = match tokio::time::timeout_at((arrived + routes.timeout).into(), sent).await
-            {
+            let resp = match tokio::time::timeout_at((arrived + timeout).into(), sent).await {
                 Err(_) => {
                     backend.metrics.timeout();
                     backend.metrics.observe(504, arrived.elapsed());
                     let msg = format!(
                         "instance {} did not answer within {}\n",
                         backend.instance,
-                        humantime::format_duration(routes.timeout)
+                        humantime::format_duration(timeout)
                     );
                     let keep = parsed.keep_alive && decoder.is_done();
                     return self
