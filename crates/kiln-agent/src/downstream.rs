@@ -34,6 +34,12 @@ use crate::wire::{self, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 /// A body at most this large is copied behind its head into one write.
 const COALESCE: usize = 16 * 1024;
 
+/// A request head must come whole within this of the connection opening or
+/// of the previous response: an idle keep-alive connection is then closed,
+/// and a head still arriving gets 408 (nginx's `client_header_timeout` and
+/// HAProxy's `timeout http-request` are of this kind).
+pub(crate) const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// One client connection.
 pub(crate) struct Client {
     router: Arc<Router>,
@@ -48,6 +54,7 @@ pub(crate) struct Client {
     /// kept between requests so that neither allocates.
     up: Vec<u8>,
     out: Vec<u8>,
+    head_timeout: std::time::Duration,
 }
 
 /// A request turned away before any instance saw it.
@@ -91,6 +98,7 @@ impl Client {
             buf: BytesMut::with_capacity(4096),
             up: Vec::with_capacity(512),
             out: Vec::with_capacity(512),
+            head_timeout: HEAD_TIMEOUT,
         }
     }
 
@@ -102,6 +110,7 @@ impl Client {
     /// Read one request, proxy it and answer it; whether the connection
     /// goes on.
     async fn exchange(&mut self) -> bool {
+        let mut waiting = None;
         let (parsed, routes) = loop {
             if !self.buf.is_empty() {
                 // The snapshot current when the request has come whole (not
@@ -127,9 +136,22 @@ impl Client {
                     .await;
             }
             // The end of the stream (between requests, or in a head) ends
-            // the connection.
-            if !matches!(wire::read_buf(&mut self.io, &mut self.buf).await, Ok(1..)) {
-                return false;
+            // the connection. (A read that is ready never arms the timer.)
+            let deadline = *waiting.get_or_insert_with(|| Instant::now() + self.head_timeout);
+            let read = wire::read_buf(&mut self.io, &mut self.buf);
+            match tokio::time::timeout_at(deadline.into(), read).await {
+                Ok(Ok(1..)) => {}
+                Ok(_) => return false,
+                Err(_) if self.buf.is_empty() => return false,
+                Err(_) => {
+                    let msg = format!(
+                        "request head not received within {}\n",
+                        humantime::format_duration(self.head_timeout)
+                    );
+                    return self
+                        .local(StatusCode::REQUEST_TIMEOUT, &msg, false, false)
+                        .await;
+                }
             }
         };
         let arrived = Instant::now();
@@ -846,6 +868,39 @@ mod tests {
             ]
         );
         router.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_head_late_gets_408_and_an_idle_connection_is_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new();
+        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
+        let serve = |io| {
+            let mut c = Client::new(
+                router.clone(),
+                svc.clone(),
+                Arc::default(),
+                io,
+                "127.0.0.1".into(),
+            );
+            c.head_timeout = Duration::from_millis(200);
+            tokio::spawn(c.serve());
+        };
+        let mut partial = TcpStream::connect(addr).await.unwrap();
+        serve(listener.accept().await.unwrap().0);
+        partial
+            .write_all(b"GET / HTTP/1.1\r\nhost: h\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(&mut partial).await;
+        assert!(
+            out.starts_with("HTTP/1.1 408 ") && out.ends_with("within 200ms\n"),
+            "{out}"
+        );
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        serve(listener.accept().await.unwrap().0);
+        assert_eq!(read_to_close(&mut idle).await, "", "closed without a word");
     }
 
     #[tokio::test]
