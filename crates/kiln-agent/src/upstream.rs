@@ -223,28 +223,51 @@ impl Pool {
         B::Error: Into<BoxError>,
     {
         let reused = conn.reused;
-        let sent = async {
-            conn.io.write_all(req.head).await?;
-            if let Some(body) = body {
-                send_body(&mut conn.io, body, req.chunked).await?;
+        // A write that fails on a reused connection: the instance had
+        // closed it while it was idle.
+        let stale = |e: ProtocolError| match e {
+            ProtocolError::Io(_) if reused => ProtocolError::Stale,
+            e => e,
+        };
+        let head = match body {
+            None => {
+                conn.io
+                    .write_all(req.head)
+                    .await
+                    .map_err(|e| stale(e.into()))?;
+                read_final_head(&mut conn.io, &mut conn.buf, reused && req.idempotent, req).await?
             }
-            Ok::<_, ProtocolError>(())
-        }
-        .await;
-        if let Err(e) = sent {
-            // A reused connection the instance had closed fails the write.
-            return Err(match e {
-                ProtocolError::Io(_) if reused => ProtocolError::Stale,
-                e => e,
+            Some(body) => {
+                // The instance may answer before it has read the whole body
+                // (a 413, a redirect): its answer is read while the body goes
+                // out, and wins; the rest of the body is not sent, and the
+                // connection is not reused.
+                let (mut rd, mut wr) = conn.io.split();
+                let send = std::pin::pin!(async {
+                    wr.write_all(req.head).await?;
+                    send_body(&mut wr, body, req.chunked).await
+                });
+                let mut read = std::pin::pin!(read_final_head(&mut rd, &mut conn.buf, false, req));
+                tokio::select! {
+                    sent = send => match sent {
+                        Ok(()) => read.await?,
+                        // It may have answered and closed: the answer is
+                        // still there to read.
+                        Err(e) => match read.await {
+                            Ok(mut head) => {
+                                head.keep_alive = false;
+                                head
+                            }
+                            Err(_) => return Err(stale(e).into()),
+                        },
+                    },
+                    head = &mut read => {
+                        let mut head = head?;
+                        head.keep_alive = false;
+                        head
+                    }
+                }
             }
-            .into());
-        }
-        let head = loop {
-            let head = read_head(&mut conn, req).await?;
-            if (100..200).contains(&head.status) && head.status != 101 {
-                continue; // 100 Continue, 103 Early Hints: the answer follows
-            }
-            break head;
         };
         if head.status == 101 {
             if !req.upgrade {
@@ -279,8 +302,9 @@ impl Pool {
 }
 
 /// Stream a request body, chunk-encoded when its length is not known.
-async fn send_body<B>(io: &mut TcpStream, mut body: B, chunked: bool) -> Result<(), ProtocolError>
+async fn send_body<B, W>(io: &mut W, mut body: B, chunked: bool) -> Result<(), ProtocolError>
 where
+    W: tokio::io::AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
@@ -343,24 +367,33 @@ impl UpHead {
     }
 }
 
-/// Read and parse one response head from `conn`.
-async fn read_head(conn: &mut UpConn, req: &Outgoing<'_>) -> Result<UpHead, ProtocolError> {
-    // A reused connection that ends (or resets) before any byte of an
-    // answer is one the instance closed while it was idle. The request went
-    // out, though: only one that may be repeated (RFC 9110 §9.2.2) is.
-    let reused = conn.reused && req.idempotent;
-    let stale = |received: bool| reused && !received;
+/// Read and parse the final response head (past any 100 Continue or 103
+/// Early Hints) from `io` into `buf`.
+///
+/// When `repeatable`, the request went out on a reused connection and may
+/// be sent again: an end (or reset) before any byte of an answer means the
+/// instance had closed the connection while it was idle (`Stale`).
+async fn read_final_head<R: tokio::io::AsyncRead + Unpin>(
+    io: &mut R,
+    buf: &mut BytesMut,
+    repeatable: bool,
+    req: &Outgoing<'_>,
+) -> Result<UpHead, ProtocolError> {
+    let stale = |received: bool| repeatable && !received;
     let mut received = false;
     loop {
-        if !conn.buf.is_empty()
-            && let Some(head) = parse_head(&mut conn.buf, req.head_method)?
+        if !buf.is_empty()
+            && let Some(head) = parse_head(buf, req.head_method)?
         {
+            if (100..200).contains(&head.status) && head.status != 101 {
+                continue; // the answer follows
+            }
             return Ok(head);
         }
-        if conn.buf.len() > MAX_HEAD {
+        if buf.len() > MAX_HEAD {
             return Err(ProtocolError::HeadTooLarge);
         }
-        match wire::read_buf(&mut conn.io, &mut conn.buf).await {
+        match wire::read_buf(io, buf).await {
             Ok(0) if stale(received) => return Err(ProtocolError::Stale),
             Ok(0) => return Err(ProtocolError::Closed),
             Ok(_) => received = true,
@@ -704,6 +737,54 @@ mod tests {
             .unwrap();
         let cut = resp.body.collect().await.map(|_| ()).unwrap_err();
         assert!(matches!(cut, ProtocolError::Closed), "{cut}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_whole_body_is_sent_wins() {
+        use tokio::io::AsyncReadExt;
+        use tokio_stream::StreamExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+                .await
+                .unwrap();
+            // The connection stays open and the body is never read.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let pool = Arc::new(Pool::default());
+        let mut post = request("POST", "/up");
+        post.head = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        post.chunked = true;
+        // A body that never ends.
+        let first = tokio_stream::iter([Ok::<_, std::convert::Infallible>(Frame::data(
+            Bytes::from("part"),
+        ))]);
+        let body = StreamBody::new(first.chain(tokio_stream::pending()));
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(port, &post.out(), Some(body)),
+        )
+        .await
+        .expect("the early answer came through")
+        .unwrap();
+        assert_eq!(resp.head.status, 413);
+        assert_eq!(
+            &resp.body.collect().await.unwrap().to_bytes()[..],
+            b"too big!"
+        );
+        assert_eq!(
+            pool.idle(),
+            0,
+            "a connection whose request was cut is not reused"
+        );
     }
 
     #[tokio::test]

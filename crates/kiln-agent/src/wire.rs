@@ -12,7 +12,6 @@ use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::TcpStream;
 
 /// A head larger than this is refused (hyper's default is ~400 KiB of
 /// buffer; no client or instance has a reason to send more than a few KiB).
@@ -272,8 +271,8 @@ thread_local! {
 }
 
 /// Read what the socket has into `buf`; 0 at the end of the stream.
-pub fn poll_read_buf(
-    io: &mut TcpStream,
+pub fn poll_read_buf<R: AsyncRead + Unpin>(
+    io: &mut R,
     cx: &mut Context<'_>,
     buf: &mut BytesMut,
 ) -> Poll<io::Result<usize>> {
@@ -290,7 +289,7 @@ pub fn poll_read_buf(
 }
 
 /// [`poll_read_buf`] as a future.
-pub async fn read_buf(io: &mut TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub async fn read_buf<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     std::future::poll_fn(|cx| poll_read_buf(io, cx, buf)).await
 }
 
