@@ -871,6 +871,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_early_answer_to_an_upload_reaches_the_client() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = s.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            s.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let (router, port) = router_to(to).await;
+        let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let (mut rd, mut wr) = s.into_split();
+        // The client goes on sending its 64 MiB while the answer comes.
+        let upload = tokio::spawn(async move {
+            wr.write_all(b"POST /up HTTP/1.1\r\nhost: h\r\ncontent-length: 67108864\r\n\r\n")
+                .await?;
+            let chunk = vec![b'k'; 1 << 20];
+            for _ in 0..64 {
+                wr.write_all(&chunk).await?;
+            }
+            Ok::<_, io::Error>(())
+        });
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut got)).await;
+        let got = String::from_utf8_lossy(&got);
+        assert!(
+            got.starts_with("HTTP/1.1 413 ")
+                && got.contains("connection: close")
+                && got.ends_with("too big!"),
+            "{got:?}"
+        );
+        upload.abort();
+        router.close().await;
+    }
+
+    #[tokio::test]
     async fn a_head_late_gets_408_and_an_idle_connection_is_closed() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
