@@ -251,6 +251,9 @@ impl Pool {
                 tokio::select! {
                     sent = send => match sent {
                         Ok(()) => read.await?,
+                        // The client's body failed: the instance would wait
+                        // for the rest of it.
+                        Err(e @ ProtocolError::RequestBody(_)) => return Err(e.into()),
                         // It may have answered and closed: the answer is
                         // still there to read.
                         Err(e) => match read.await {
@@ -784,6 +787,35 @@ mod tests {
             pool.idle(),
             0,
             "a connection whose request was cut is not reused"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_fails_ends_the_exchange_at_once() {
+        use tokio_stream::StreamExt;
+        // An instance that reads and never answers.
+        let (port, _, _) = scripted(Vec::new()).await;
+        let pool = Arc::new(Pool::default());
+        let mut post = request("POST", "/up");
+        post.head = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        post.chunked = true;
+        let frames =
+            tokio_stream::iter([Ok(Frame::data(Bytes::from("part")))]).chain(tokio_stream::iter([
+                Err(io::Error::other("the client went away")),
+            ]));
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            pool.send(port, &post.out(), Some(StreamBody::new(frames))),
+        )
+        .await
+        .expect("no wait for an answer to a request cut short");
+        assert!(
+            matches!(
+                sent,
+                Err(UpstreamError::Request(ProtocolError::RequestBody(_)))
+            ),
+            "{:?}",
+            sent.err()
         );
     }
 
