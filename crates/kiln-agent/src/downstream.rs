@@ -665,12 +665,13 @@ impl Body for ClientBody<'_> {
 mod tests {
     use super::*;
     use crate::router::{Backend, RouteKey};
-    use crate::testing::{Act, scripted};
+    use crate::testing::{Act, answers_early, scripted};
     use kiln_core::spec::ServiceName;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+    const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
 
     /// A router listening on a free port, routing to the instance on `to`.
     async fn router_to(to: u16) -> (Arc<Router>, u16) {
@@ -872,21 +873,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_early_answer_to_an_upload_reaches_the_client() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let to = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        });
+        let to = answers_early(TOO_LARGE).await;
         let (router, port) = router_to(to).await;
         let s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let (mut rd, mut wr) = s.into_split();

@@ -85,3 +85,22 @@ async fn read_request(s: &mut TcpStream, got: &mut Vec<u8>) -> Option<Vec<u8>> {
         got.extend_from_slice(&buf[..n]);
     }
 }
+
+/// An instance that reads one request head, answers `response` at once and
+/// keeps the connection open without reading the body that follows.
+pub async fn answers_early(response: &'static [u8]) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = s.read(&mut buf).await.unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        s.write_all(response).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+    });
+    port
+}

@@ -569,7 +569,7 @@ impl Body for UpBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Act, scripted};
+    use crate::testing::{Act, answers_early, scripted};
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::sync::atomic::Ordering;
 
@@ -744,24 +744,10 @@ mod tests {
 
     #[tokio::test]
     async fn an_answer_before_the_whole_body_is_sent_wins() {
-        use tokio::io::AsyncReadExt;
         use tokio_stream::StreamExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut got = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = s.read(&mut buf).await.unwrap();
-                got.extend_from_slice(&buf[..n]);
-            }
-            s.write_all(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
-                .await
-                .unwrap();
-            // The connection stays open and the body is never read.
-            tokio::time::sleep(Duration::from_secs(30)).await;
-        });
+        let port =
+            answers_early(b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!")
+                .await;
         let pool = Arc::new(Pool::default());
         let mut post = request("POST", "/up");
         post.head = b"POST /up HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
