@@ -501,7 +501,7 @@ fn prepare(
     up.push(b' ');
     push_origin_form(up, target.as_bytes());
     up.extend_from_slice(b" HTTP/1.1\r\n");
-    let named = wire::connection_named(req.headers);
+    let named = wire::connection_named(req.headers.iter().map(|h| (h.name, h.value)));
     let mut host = None;
     let mut forwarded_for = None;
     for h in req.headers.iter() {
@@ -594,20 +594,12 @@ fn encode_response(out: &mut Vec<u8>, head: &UpHead, switching: bool) {
     let _ = write!(out, "HTTP/1.1 {} ", head.status);
     out.extend_from_slice(head.reason());
     out.extend_from_slice(b"\r\n");
-    let mut named: Vec<&[u8]> = Vec::new();
-    for (n, v) in head.headers() {
-        if n.eq_ignore_ascii_case("connection") {
-            named.extend(wire::tokens(v));
-        }
-    }
+    let named = wire::connection_named(head.headers());
     // A length beside a chunked encoding is not the body's (RFC 9112 §6.3).
     let drop_length = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
     for (n, v) in head.headers() {
-        let keep = if switching {
-            n.eq_ignore_ascii_case("connection") || n.eq_ignore_ascii_case("upgrade")
-        } else {
-            false
-        };
+        let keep = switching
+            && (n.eq_ignore_ascii_case("connection") || n.eq_ignore_ascii_case("upgrade"));
         if !keep
             && (wire::is_hop_by_hop(n)
                 || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))

@@ -109,11 +109,13 @@ pub fn connection_has(headers: &[httparse::Header<'_>], token: &[u8]) -> bool {
 
 /// The tokens of `Connection` that name other headers of this hop (RFC 9110
 /// §7.6.1); `close`, `keep-alive` and `upgrade` name none that stay.
-pub fn connection_named<'h>(headers: &[httparse::Header<'h>]) -> Vec<&'h [u8]> {
+pub fn connection_named<'h>(
+    headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
+) -> Vec<&'h [u8]> {
     let mut named = Vec::new();
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("connection") {
-            named.extend(tokens(h.value).filter(|t| {
+    for (name, value) in headers {
+        if name.eq_ignore_ascii_case("connection") {
+            named.extend(tokens(value).filter(|t| {
                 !(t.eq_ignore_ascii_case(b"close")
                     || t.eq_ignore_ascii_case(b"keep-alive")
                     || t.eq_ignore_ascii_case(b"upgrade"))
@@ -385,6 +387,9 @@ mod tests {
         let h = head(&[("Connection", "keep-alive, X-Secret,upgrade"), ("x", "y")]);
         assert!(connection_has(&h, b"Upgrade"));
         assert!(!connection_has(&h, b"close"));
-        assert_eq!(connection_named(&h), vec![&b"X-Secret"[..]]);
+        assert_eq!(
+            connection_named(h.iter().map(|h| (h.name, h.value))),
+            vec![&b"X-Secret"[..]]
+        );
     }
 }
