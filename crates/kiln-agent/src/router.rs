@@ -374,7 +374,7 @@ impl Router {
 /// while it serves more than another thread (by two or more) hands it over;
 /// this costs one channel send per connection, nothing per request.
 struct Spread {
-    serving: Vec<Arc<std::sync::atomic::AtomicUsize>>,
+    serving: Vec<Arc<std::sync::atomic::AtomicI64>>,
     inbox: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, SocketAddr)>>,
 }
 
@@ -403,11 +403,11 @@ impl Spread {
 
     /// Count a connection `me` serves until the guard drops. A handed-over
     /// one was counted when it was handed.
-    fn serving(&self, me: usize, handed: bool) -> Served {
+    fn serving(&self, me: usize, handed: bool) -> Gauge {
         if !handed {
             self.serving[me].fetch_add(1, Ordering::Relaxed);
         }
-        Served(self.serving[me].clone())
+        Gauge(self.serving[me].clone())
     }
 }
 
@@ -522,19 +522,11 @@ fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(1024)
 }
 
-/// Decrements a gauge when dropped (an open connection).
+/// Decrements a gauge when dropped (an open connection, or one a router
+/// thread serves).
 struct Gauge(Arc<std::sync::atomic::AtomicI64>);
 
 impl Drop for Gauge {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// A connection a router thread serves, counted until dropped.
-struct Served(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Served {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -635,7 +627,7 @@ mod tests {
             serving: (0..3).map(|_| Arc::default()).collect(),
             inbox,
         };
-        let set = |counts: [usize; 3]| {
+        let set = |counts: [i64; 3]| {
             for (n, c) in spread.serving.iter().zip(counts) {
                 n.store(c, Ordering::Relaxed);
             }
