@@ -78,6 +78,7 @@ struct Routed {
     canary: Vec<String>,
     weight: u32,
     timeout: std::time::Duration,
+    limits: kiln_core::service::RouterSpec,
 }
 
 /// A release made ready to run: its tree and runtime.
@@ -225,8 +226,9 @@ impl Controller {
             if let Some(rec) = &self.service
                 && rec.settings.rollout.preview_listen.is_some()
             {
-                let (target, timeout) = (rec.target, rec.settings.timeout.0);
-                self.publish_preview(target, timeout);
+                let (target, timeout, limits) =
+                    (rec.target, rec.settings.timeout.0, rec.settings.router);
+                self.publish_preview(target, timeout, limits);
             }
             self.publish();
             if let Some((_, waiters)) = &mut self.shutdown
@@ -454,7 +456,7 @@ impl Controller {
         let rt: Arc<dyn Runtime> =
             Arc::from(runtime(release.config.runtime).map_err(|e| e.to_string())?);
         for name in release.config.volumes.keys() {
-            let dir = self.volume_dir(name);
+            let dir = self.volume_dir(name.as_str());
             std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", dir.display()))?;
         }
         let p = Arc::new(Prepared {
@@ -484,7 +486,11 @@ impl Controller {
                 return;
             }
         };
-        let mut env = cfg.env.clone();
+        let mut env: std::collections::BTreeMap<String, String> = cfg
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
         env.entry("PATH".to_owned())
             .or_insert_with(|| DEFAULT_PATH.to_owned());
         env.insert("PORT".to_owned(), port.to_string());
@@ -499,7 +505,10 @@ impl Controller {
             volumes: cfg
                 .volumes
                 .iter()
-                .map(|(name, v)| (name.clone(), self.volume_dir(name), v.path.to_string()))
+                .map(|(name, v)| {
+                    let dir = self.volume_dir(name.as_str());
+                    (name.to_string(), dir, v.path.to_string())
+                })
                 .collect(),
         };
         let log_path = self
@@ -1304,12 +1313,20 @@ impl Controller {
     /// release during a rolling update (both serve), of the routed fleet
     /// for blue-green, split by weight between stable and canary.
     fn publish_routes(&mut self) {
-        let (timeout, sticky) = self
-            .service
-            .as_ref()
-            .map_or((std::time::Duration::from_secs(30), false), |s| {
-                (s.settings.timeout.0, s.settings.rollout.sticky)
-            });
+        let (timeout, sticky, limits) = self.service.as_ref().map_or(
+            (
+                std::time::Duration::from_secs(30),
+                false,
+                Default::default(),
+            ),
+            |s| {
+                (
+                    s.settings.timeout.0,
+                    s.settings.rollout.sticky,
+                    s.settings.router,
+                )
+            },
+        );
         let (stable, canary) = match &self.canary {
             Some(run) => (
                 self.backends(|i| i.revision == run.stable),
@@ -1335,13 +1352,14 @@ impl Controller {
             canary: canary.as_ref().map_or(Vec::new(), |(b, ..)| ids(b)),
             weight: canary.as_ref().map_or(0, |c| c.2),
             timeout,
+            limits,
         };
         // A settings change (the timeout) republishes as much as new
         // instances do; an empty table is always (re)published.
         if routed == self.routed && !(routed.stable.is_empty() && routed.canary.is_empty()) {
             return;
         }
-        let mut routes = ServiceRoutes::new(stable, timeout);
+        let mut routes = ServiceRoutes::new(stable, timeout).with_limits(limits);
         if let Some((backends, revision, weight)) = canary {
             let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
             routes = routes.with_canary(backends, revision, weight, cookie);
@@ -1353,13 +1371,18 @@ impl Controller {
     }
 
     /// blue-green's preview: the target's ready instances on `preview_listen`.
-    fn publish_preview(&mut self, target: u64, timeout: std::time::Duration) {
+    fn publish_preview(
+        &mut self,
+        target: u64,
+        timeout: std::time::Duration,
+        limits: kiln_core::service::RouterSpec,
+    ) {
         let backends = self.backends(|i| i.revision == target);
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
         if ids != self.previewed || ids.is_empty() {
             self.shared.router.set_routes(
                 &RouteKey::Preview(self.name.clone()),
-                ServiceRoutes::new(backends, timeout),
+                ServiceRoutes::new(backends, timeout).with_limits(limits),
             );
             self.previewed = ids;
         }

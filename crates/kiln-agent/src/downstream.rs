@@ -28,8 +28,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::router::{Inflight, RouteKey, Router, ServiceRoutes, Side};
-use crate::upstream::{Outgoing, Pool, UpBody, UpHead, UpstreamError};
-use crate::wire::{self, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
+use crate::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
+use crate::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
+use kiln_core::service::RouterSpec;
 
 /// A body at most this large is copied behind its head into one write.
 const COALESCE: usize = 16 * 1024;
@@ -55,6 +56,9 @@ pub(crate) struct Client {
     up: Vec<u8>,
     out: Vec<u8>,
     head_timeout: std::time::Duration,
+    /// The current request's service's send timeout (its router's own
+    /// answers use it too).
+    send_timeout: std::time::Duration,
 }
 
 /// A request turned away before any instance saw it.
@@ -99,6 +103,7 @@ impl Client {
             up: Vec::with_capacity(512),
             out: Vec::with_capacity(512),
             head_timeout: HEAD_TIMEOUT,
+            send_timeout: RouterSpec::default().send_timeout.0,
         }
     }
 
@@ -158,8 +163,10 @@ impl Client {
         let _ = self.buf.split_to(parsed.len);
         // A body left unread in the connection ends it after the answer.
         let keep = parsed.keep_alive && parsed.body == Framing::Empty;
-        let (backends, timeout) = match routes.as_deref() {
-            Some(r) if !r.side(parsed.side).is_empty() => (r.side(parsed.side), r.timeout),
+        let (backends, timeout, limits) = match routes.as_deref() {
+            Some(r) if !r.side(parsed.side).is_empty() => {
+                (r.side(parsed.side), r.timeout, r.limits)
+            }
             r => {
                 let msg = match r {
                     None => format!("no routes for {}\n", self.service),
@@ -175,13 +182,10 @@ impl Client {
                     .await;
             }
         };
+        self.send_timeout = limits.send_timeout.0;
         if parsed.expect_continue
             && parsed.body != Framing::Empty
-            && self
-                .io
-                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-                .await
-                .is_err()
+            && !self.send(b"HTTP/1.1 100 Continue\r\n\r\n").await
         {
             return false;
         }
@@ -198,6 +202,9 @@ impl Client {
         });
         let attempts = if bodyless { n.min(3) } else { 1 };
         let mut last = None;
+        // The time the request spent waiting for its client's body: it does
+        // not count against the instance's timeout.
+        let waited = ClientWait::new(arrived);
         for attempt in 0..attempts {
             let backend = &backends[(start + attempt) % n];
             // An HTTP/1.0 request without Host gets the instance's.
@@ -216,15 +223,34 @@ impl Client {
                 upgrade: parsed.upgrade,
                 chunked: matches!(parsed.body, Framing::Chunked(_)),
             };
-            let body = (!bodyless).then_some(ClientBody {
+            let body = (!bodyless).then(|| ClientBody {
                 io: &mut self.io,
                 buf: &mut self.buf,
                 decoder: &mut decoder,
+                stall: limits.body_timeout.0,
+                timer: None,
+                waited: &waited,
             });
-            let sent = self.pool.send(backend.port, &out, body);
-            // The deadline counts from arrival (and costs no clock read).
-            let resp = match tokio::time::timeout_at((arrived + timeout).into(), sent).await {
-                Err(_) => {
+            // The deadline counts from arrival (and costs no clock read),
+            // plus what the client made the request wait.
+            let resp = {
+                let mut sent = std::pin::pin!(self.pool.send(backend.port, &out, body));
+                let mut deadline = arrived + timeout;
+                loop {
+                    match tokio::time::timeout_at(deadline.into(), &mut sent).await {
+                        Ok(r) => break Ok(r),
+                        Err(_) => {
+                            let later = arrived + timeout + waited.total(Instant::now());
+                            if later <= deadline {
+                                break Err(());
+                            }
+                            deadline = later;
+                        }
+                    }
+                }
+            };
+            let resp = match resp {
+                Err(()) => {
                     backend.metrics.timeout();
                     backend.metrics.observe(504, arrived.elapsed());
                     let msg = format!(
@@ -249,6 +275,21 @@ impl Client {
                     ));
                     continue;
                 }
+                Ok(Err(UpstreamError::Request(ProtocolError::RequestBody(e)))) => {
+                    // The client broke its own request: its error, not the
+                    // instance's, and never in the release's numbers.
+                    backend.metrics.client_error();
+                    let (status, msg) = match e.downcast_ref::<ClientError>() {
+                        Some(e @ ClientError::Stalled(_)) => {
+                            (StatusCode::REQUEST_TIMEOUT, e.to_string())
+                        }
+                        Some(e) => (StatusCode::BAD_REQUEST, e.to_string()),
+                        None => (StatusCode::BAD_REQUEST, format!("request body: {e}")),
+                    };
+                    return self
+                        .local(status, &format!("{msg}\n"), false, parsed.version10)
+                        .await;
+                }
                 Ok(Err(UpstreamError::Request(e))) => {
                     backend.metrics.observe(502, arrived.elapsed());
                     let msg = format!("instance {} failed the request: {e}\n", backend.instance);
@@ -270,7 +311,22 @@ impl Client {
             // batches its sends too).
             tokio::task::yield_now().await;
             let keep = parsed.keep_alive && decoder.is_done();
-            let keep = self.respond(&parsed, resp.head, resp.body, keep).await;
+            let keep = match self
+                .respond(&parsed, resp.head, resp.body, keep, limits)
+                .await
+            {
+                Ok(keep) => keep,
+                Err(Cut::Client) => {
+                    backend.metrics.client_error();
+                    false
+                }
+                Err(Cut::Instance(stalled)) => {
+                    if stalled {
+                        backend.metrics.timeout();
+                    }
+                    false
+                }
+            };
             drop(guard);
             return keep;
         }
@@ -279,15 +335,22 @@ impl Client {
             .await
     }
 
+    /// Write `bytes` to the client (see [`send_to`]).
+    async fn send(&mut self, bytes: &[u8]) -> bool {
+        send_to(&mut self.io, bytes, self.send_timeout).await
+    }
+
     /// Write an instance's response to the client; whether the connection
-    /// goes on.
+    /// goes on, or who cut the response short.
     async fn respond(
         &mut self,
         req: &Prepared,
         head: UpHead,
         mut body: UpBody,
         keep: bool,
-    ) -> bool {
+        limits: RouterSpec,
+    ) -> Result<bool, Cut> {
+        let within = limits.send_timeout.0;
         // A body of unknown length is chunked to an HTTP/1.1 client; an
         // HTTP/1.0 one reads it to the end of the connection.
         let unknown = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
@@ -295,9 +358,21 @@ impl Client {
         let keep = keep && !(unknown && req.version10);
         self.out.clear();
         encode_response(&mut self.out, &head, false);
-        if chunked {
-            self.out
-                .extend_from_slice(b"transfer-encoding: chunked\r\n");
+        match head.framing {
+            Framing::Length(n) => {
+                let _ = write!(self.out, "content-length: {n}\r\n");
+            }
+            _ if chunked => self
+                .out
+                .extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            // What a response to HEAD (or a 304) says of the body it has
+            // not; 1xx and 204 have no length at all (RFC 9110 §8.6).
+            Framing::Empty if head.status >= 200 && head.status != 204 => {
+                if let Some(n) = head.length {
+                    let _ = write!(self.out, "content-length: {n}\r\n");
+                }
+            }
+            _ => {}
         }
         connection(&mut self.out, keep, req.version10);
         if let Some(cookie) = &req.set_cookie {
@@ -306,59 +381,56 @@ impl Client {
             self.out.extend_from_slice(b"\r\n");
         }
         self.out.extend_from_slice(b"\r\n");
+        let io = &mut self.io;
+        let client = |ok: bool| if ok { Ok(()) } else { Err(Cut::Client) };
         if let UpBody::Full(full) = &body {
             // Only a body of known length comes whole with its head.
             let full = full.as_deref().unwrap_or_default();
             if full.len() <= COALESCE {
                 self.out.extend_from_slice(full);
-                return self.io.write_all(&self.out).await.is_ok() && keep;
+                client(send_to(io, &self.out, within).await)?;
+            } else {
+                client(send_to(io, &self.out, within).await)?;
+                client(send_to(io, full, within).await)?;
             }
-            return self.io.write_all(&self.out).await.is_ok()
-                && self.io.write_all(full).await.is_ok()
-                && keep;
+            return Ok(keep);
         }
-        if self.io.write_all(&self.out).await.is_err() {
-            return false;
-        }
+        client(send_to(io, &self.out, within).await)?;
         loop {
-            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
-            let data = match frame {
-                None => break,
+            // An instance that sends nothing for the read timeout is cut
+            // off (nginx's `proxy_read_timeout`).
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+            let data = match tokio::time::timeout(limits.read_timeout.0, frame).await {
+                Err(_) => return Err(Cut::Instance(true)),
+                Ok(None) => break,
                 // A body cut short cannot be told to the client but by
                 // closing before its end.
-                Some(Err(_)) => return false,
-                Some(Ok(frame)) => match frame.into_data() {
+                Ok(Some(Err(_))) => return Err(Cut::Instance(false)),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
                     Ok(d) if !d.is_empty() => d,
                     _ => continue,
                 },
             };
-            let sent = if chunked {
+            if chunked {
                 self.out.clear();
                 wire::chunk_size_line(&mut self.out, data.len());
                 if data.len() <= COALESCE {
                     self.out.extend_from_slice(&data);
                     self.out.extend_from_slice(b"\r\n");
-                    self.io.write_all(&self.out).await
+                    client(send_to(io, &self.out, within).await)?;
                 } else {
-                    match self.io.write_all(&self.out).await {
-                        Ok(()) => match self.io.write_all(&data).await {
-                            Ok(()) => self.io.write_all(b"\r\n").await,
-                            e => e,
-                        },
-                        e => e,
-                    }
+                    client(send_to(io, &self.out, within).await)?;
+                    client(send_to(io, &data, within).await)?;
+                    client(send_to(io, b"\r\n", within).await)?;
                 }
             } else {
-                self.io.write_all(&data).await
-            };
-            if sent.is_err() {
-                return false;
+                client(send_to(io, &data, within).await)?;
             }
         }
-        if chunked && self.io.write_all(b"0\r\n\r\n").await.is_err() {
-            return false;
+        if chunked {
+            client(send_to(io, b"0\r\n\r\n", within).await)?;
         }
-        keep
+        Ok(keep)
     }
 
     /// A 101: the client and the instance speak the new protocol to each
@@ -371,8 +443,8 @@ impl Client {
         encode_response(&mut self.out, head, true);
         self.out.extend_from_slice(b"\r\n");
         // What each side sent right after the handshake goes first.
-        let ok = self.io.write_all(&self.out).await.is_ok()
-            && self.io.write_all(&early).await.is_ok()
+        let ok = send_to(&mut self.io, &self.out, self.send_timeout).await
+            && send_to(&mut self.io, &early, self.send_timeout).await
             && upstream.write_all(&self.buf).await.is_ok();
         if ok {
             self.buf.clear();
@@ -395,8 +467,28 @@ impl Client {
         connection(&mut self.out, keep, version10);
         self.out.extend_from_slice(b"\r\n");
         self.out.extend_from_slice(msg.as_bytes());
-        self.io.write_all(&self.out).await.is_ok() && keep
+        send_to(&mut self.io, &self.out, self.send_timeout).await && keep
     }
+}
+
+/// Write `bytes` to the client; false when that failed or the client read
+/// nothing for `within` (nginx's `send_timeout`). The timer is armed only
+/// when the socket's buffer is full: a write that goes at once costs one
+/// clock read, no timer.
+async fn send_to(io: &mut TcpStream, bytes: &[u8], within: std::time::Duration) -> bool {
+    matches!(
+        tokio::time::timeout(within, io.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Who cut a response short.
+enum Cut {
+    /// The client went away or stopped reading.
+    Client,
+    /// The instance's body failed; `true` when it stalled past the read
+    /// timeout.
+    Instance(bool),
 }
 
 thread_local! {
@@ -417,13 +509,20 @@ fn connection(out: &mut Vec<u8>, keep: bool, version10: bool) {
 /// Parse a request head at the front of `buf` and write the instance's
 /// head into `up` (all but `Host` when the client sent none, and the final
 /// empty line). `None` while the head is incomplete.
+///
+/// Everything here is the client's, and hostile: the instance's head is
+/// written from what was parsed, never copied where it frames the message.
+/// The body's framing (`Content-Length` or `Transfer-Encoding: chunked`) is
+/// the router's own, from the framing it will decode; the client's framing
+/// fields, the headers the router sets about the client, and anything the
+/// client's `Connection` names are left out.
 fn prepare(
     buf: &[u8],
     up: &mut Vec<u8>,
     routes: Option<&ServiceRoutes>,
     peer_ip: &str,
 ) -> Result<Option<Prepared>, Reject> {
-    let bad = |msg: String| Reject(StatusCode::BAD_REQUEST, msg);
+    let bad = |msg: &str| Reject(StatusCode::BAD_REQUEST, format!("{msg}\n"));
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut []);
     let len = match httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -431,6 +530,8 @@ fn prepare(
         buf,
         &mut headers,
     ) {
+        // The limit holds however the head arrived (in one read or many).
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => return Err(head_too_large()),
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
@@ -439,10 +540,10 @@ fn prepare(
                 format!("more than {MAX_HEADERS} request headers\n"),
             ));
         }
-        Err(e) => return Err(bad(format!("malformed request: {e}\n"))),
+        Err(e) => return Err(bad(&format!("malformed request: {e}"))),
     };
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
-        return Err(bad("malformed request\n".to_owned()));
+        return Err(bad("malformed request"));
     };
     if method == "CONNECT" {
         return Err(Reject(
@@ -451,39 +552,58 @@ fn prepare(
         ));
     }
     let version10 = minor == 0;
-    let declared = wire::declared(req.headers).map_err(|e| bad(format!("{e}\n")))?;
+    let target = Target::parse(method, target.as_bytes()).map_err(bad)?;
+    let declared = wire::declared(req.headers).map_err(|e| bad(&e.to_string()))?;
     // RFC 9112 §6.1, §6.3: a request's body is chunked or has a length;
-    // both at once is how requests are smuggled, and is refused.
-    let body = match declared {
-        wire::Declared {
-            transfer_chunked: Some(_),
-            length: Some(_),
-        } => return Err(bad("both transfer-encoding and content-length\n".to_owned())),
-        wire::Declared {
-            transfer_chunked: Some(true),
-            ..
-        } if !version10 => Framing::CHUNKED,
-        wire::Declared {
-            transfer_chunked: Some(_),
-            ..
-        } => return Err(bad("unsupported transfer-encoding\n".to_owned())),
-        wire::Declared {
-            length: Some(n), ..
-        } if n > 0 => Framing::Length(n),
-        _ => Framing::Empty,
+    // both at once is how requests are smuggled, and is refused, as is any
+    // transfer coding in HTTP/1.0 (which has none).
+    let body = match (declared.transfer, declared.length) {
+        (Some(_), Some(_)) => return Err(bad("both transfer-encoding and content-length")),
+        (Some(_), None) if version10 => {
+            return Err(bad("transfer-encoding in an HTTP/1.0 request"));
+        }
+        (Some(Coding::Chunked), None) => Framing::CHUNKED,
+        (Some(Coding::Unsupported), None) => {
+            return Err(Reject(
+                StatusCode::NOT_IMPLEMENTED,
+                "unsupported transfer-encoding: only chunked is implemented\n".to_owned(),
+            ));
+        }
+        (Some(Coding::NotChunked), None) => {
+            return Err(bad("transfer-encoding whose last coding is not chunked"));
+        }
+        (None, Some(n)) if n > 0 => Framing::Length(n),
+        (None, _) => Framing::Empty,
     };
+    // RFC 9112 §3.2: exactly one Host, a valid authority; an absolute-form
+    // target's authority replaces it (§3.2.2).
+    let mut host = None;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("host") {
+            if host.is_some() {
+                return Err(bad("more than one host header"));
+            }
+            check_authority(h.value).map_err(|e| bad(&format!("invalid host header: {e}")))?;
+            host = Some(h.value);
+        }
+    }
+    if host.is_none() && !version10 {
+        return Err(bad("an HTTP/1.1 request needs a host header"));
+    }
+    if let Some(authority) = target.authority {
+        host = Some(authority);
+    }
     let keep_alive = if version10 {
         wire::connection_has(req.headers, b"keep-alive")
     } else {
         !wire::connection_has(req.headers, b"close")
     };
-    let has = |name: &str| {
-        req.headers
-            .iter()
-            .any(|h| h.name.eq_ignore_ascii_case(name))
-    };
-    let upgrade = has("upgrade") && wire::connection_has(req.headers, b"upgrade");
-    let expect_continue = req.headers.iter().any(|h| {
+    let upgrade = req
+        .headers
+        .iter()
+        .any(|h| h.name.eq_ignore_ascii_case("upgrade"))
+        && wire::connection_has(req.headers, b"upgrade");
+    let expects_continue = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
     });
     let (side, set_cookie) = match routes {
@@ -499,20 +619,27 @@ fn prepare(
     up.clear();
     up.extend_from_slice(method.as_bytes());
     up.push(b' ');
-    push_origin_form(up, target.as_bytes());
+    up.extend_from_slice(target.origin);
     up.extend_from_slice(b" HTTP/1.1\r\n");
     let named = wire::connection_named(req.headers.iter().map(|h| (h.name, h.value)));
-    let mut host = None;
     let mut forwarded_for = None;
+    let mut host_written = false;
     for h in req.headers.iter() {
         let n = h.name;
+        if n.eq_ignore_ascii_case("host") {
+            // In its place, as the client wrote its name; the authority of
+            // an absolute-form target wins.
+            push_header(up, n.as_bytes(), host.unwrap_or(h.value));
+            host_written = true;
+            continue;
+        }
         if (wire::is_hop_by_hop(n) && !(upgrade && n.eq_ignore_ascii_case("upgrade")))
             || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))
-            // 100-continue is answered here; the instance gets the body.
-            || n.eq_ignore_ascii_case("expect") && expect_continue
-            // The router's own replace the client's.
-            || n.eq_ignore_ascii_case("x-forwarded-proto")
-            || n.eq_ignore_ascii_case("x-forwarded-host")
+            // The router writes the framing of what it forwards.
+            || n.eq_ignore_ascii_case("content-length")
+            // 100-continue is answered here (or, from HTTP/1.0, ignored).
+            || n.eq_ignore_ascii_case("expect") && expects_continue
+            || is_set_by_router(n)
         {
             continue;
         }
@@ -521,10 +648,10 @@ fn prepare(
             forwarded_for.get_or_insert_with(Vec::new).push(h.value);
             continue;
         }
-        if n.eq_ignore_ascii_case("host") {
-            host = Some(h.value);
-        }
         push_header(up, n.as_bytes(), h.value);
+    }
+    if let Some(h) = host.filter(|_| !host_written) {
+        push_header(up, b"host", h);
     }
     up.extend_from_slice(b"x-forwarded-for: ");
     for prev in forwarded_for.iter().flatten() {
@@ -536,8 +663,15 @@ fn prepare(
     if let Some(h) = host {
         push_header(up, b"x-forwarded-host", h);
     }
-    if matches!(body, Framing::Chunked(_)) {
-        up.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    match body {
+        Framing::Chunked(_) => up.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Length(n) => {
+            let _ = write!(up, "content-length: {n}\r\n");
+        }
+        // A POST with an empty body still says so (some apps want 411
+        // otherwise).
+        _ if declared.length == Some(0) => up.extend_from_slice(b"content-length: 0\r\n"),
+        _ => {}
     }
     if upgrade {
         up.extend_from_slice(b"connection: upgrade\r\n");
@@ -552,13 +686,155 @@ fn prepare(
         keep_alive,
         version10,
         body,
-        expect_continue,
+        // RFC 9110 §10.1.1: an HTTP/1.0 client's expectation is ignored.
+        expect_continue: expects_continue && !version10,
         upgrade,
         head_len: up.len(),
         has_host: host.is_some(),
         side,
         set_cookie,
     }))
+}
+
+fn head_too_large() -> Reject {
+    Reject(
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        format!("request head larger than {MAX_HEAD} bytes\n"),
+    )
+}
+
+/// Headers that say something about the client which only the router may
+/// say: the client's are dropped, whatever their spelling (a backend that
+/// maps names CGI-style reads `X_Forwarded_For` as `X-Forwarded-For`).
+/// `X-Forwarded-For` itself is kept as the earlier hops and appended to.
+fn is_set_by_router(name: &str) -> bool {
+    const SET: [&str; 5] = [
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "forwarded",
+        "x-real-ip",
+        "x-forwarded-port",
+    ];
+    if SET.iter().any(|s| s.eq_ignore_ascii_case(name)) {
+        return true;
+    }
+    // An underscore spelling of any header the router sets or frames with.
+    name.contains('_') && {
+        let dashed = name.replace('_', "-");
+        SET.iter()
+            .chain(&[
+                "x-forwarded-for",
+                "content-length",
+                "transfer-encoding",
+                "host",
+                "connection",
+            ])
+            .any(|s| s.eq_ignore_ascii_case(&dashed))
+    }
+}
+
+/// A request target (RFC 9112 §3.2), as the instance gets it.
+struct Target<'a> {
+    /// Origin-form: the path and query, or `*`.
+    origin: &'a [u8],
+    /// The authority of an absolute-form target.
+    authority: Option<&'a [u8]>,
+}
+
+impl<'a> Target<'a> {
+    fn parse(method: &str, target: &'a [u8]) -> Result<Self, &'static str> {
+        if target.starts_with(b"/") {
+            return Ok(Self {
+                origin: target,
+                authority: None,
+            });
+        }
+        if target == b"*" {
+            return if method == "OPTIONS" {
+                Ok(Self {
+                    origin: target,
+                    authority: None,
+                })
+            } else {
+                Err("the target * is only for OPTIONS")
+            };
+        }
+        let rest = [&b"http://"[..], b"https://"]
+            .iter()
+            .find(|scheme| {
+                target.len() > scheme.len() && target[..scheme.len()].eq_ignore_ascii_case(scheme)
+            })
+            .map(|scheme| &target[scheme.len()..])
+            .ok_or("invalid request target")?;
+        let end = rest
+            .iter()
+            .position(|&b| b == b'/' || b == b'?')
+            .unwrap_or(rest.len());
+        let authority = &rest[..end];
+        check_authority(authority).map_err(|_| "invalid authority in the request target")?;
+        let path = &rest[end..];
+        Ok(Self {
+            // `http://h?q` has an empty path: the instance gets `/?q`
+            // (RFC 9112 §3.2.1), written here as `/` plus the query when
+            // the path is empty.
+            origin: if path.starts_with(b"/") {
+                path
+            } else if path.is_empty() {
+                b"/"
+            } else {
+                return Err("an absolute-form target with a query needs a path");
+            },
+            authority: Some(authority),
+        })
+    }
+}
+
+/// A `Host` value or a target's authority: `host[:port]` of a reg-name, an
+/// IPv4 or a bracketed IP literal; no userinfo, no whitespace, no path.
+fn check_authority(a: &[u8]) -> Result<(), &'static str> {
+    if a.is_empty() {
+        return Err("empty");
+    }
+    if a.contains(&b'@') {
+        return Err("userinfo is not allowed");
+    }
+    let (host, port) = if a.starts_with(b"[") {
+        let close = a.iter().position(|&b| b == b']').ok_or("unclosed [")?;
+        let literal = &a[1..close];
+        if literal.is_empty()
+            || !literal
+                .iter()
+                .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return Err("invalid IP literal");
+        }
+        match &a[close + 1..] {
+            [] => (&a[..=close], None),
+            [b':', port @ ..] => (&a[..=close], Some(port)),
+            _ => return Err("invalid characters after the IP literal"),
+        }
+    } else {
+        match a.iter().rposition(|&b| b == b':') {
+            Some(i) => (&a[..i], Some(&a[i + 1..])),
+            None => (a, None),
+        }
+    };
+    if !host.starts_with(b"[")
+        && !host
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(&b))
+    {
+        return Err("invalid characters");
+    }
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if let Some(port) = port
+        && (port.len() > 5 || !port.iter().all(u8::is_ascii_digit))
+    {
+        return Err("invalid port");
+    }
+    Ok(())
 }
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -568,42 +844,22 @@ fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The target in origin-form (path and query), whatever form the client
-/// used: an absolute-form target's scheme and authority are dropped.
-fn push_origin_form(up: &mut Vec<u8>, target: &[u8]) {
-    let path = match target.windows(3).position(|w| w == b"://") {
-        Some(i) if target[..i].iter().all(u8::is_ascii_alphabetic) => {
-            let rest = &target[i + 3..];
-            &rest[rest
-                .iter()
-                .position(|&b| b == b'/' || b == b'?')
-                .unwrap_or(rest.len())..]
-        }
-        _ => target,
-    };
-    if !(path.starts_with(b"/") || path == b"*") {
-        up.push(b'/');
-    }
-    up.extend_from_slice(path);
-}
-
 /// The status line and the end-to-end headers of an instance's response
 /// (a 101 keeps `Connection` and `Upgrade`: they are its answer). The
-/// caller adds framing, `Connection` and the empty line.
+/// instance's framing fields are never copied: the caller writes the
+/// framing from what was parsed, then `Connection` and the empty line.
 fn encode_response(out: &mut Vec<u8>, head: &UpHead, switching: bool) {
     let _ = write!(out, "HTTP/1.1 {} ", head.status);
     out.extend_from_slice(head.reason());
     out.extend_from_slice(b"\r\n");
     let named = wire::connection_named(head.headers());
-    // A length beside a chunked encoding is not the body's (RFC 9112 §6.3).
-    let drop_length = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
     for (n, v) in head.headers() {
         let keep = switching
             && (n.eq_ignore_ascii_case("connection") || n.eq_ignore_ascii_case("upgrade"));
         if !keep
             && (wire::is_hop_by_hop(n)
-                || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes()))
-                || drop_length && n.eq_ignore_ascii_case("content-length"))
+                || n.eq_ignore_ascii_case("content-length")
+                || named.iter().any(|t| t.eq_ignore_ascii_case(n.as_bytes())))
         {
             continue;
         }
@@ -611,39 +867,122 @@ fn encode_response(out: &mut Vec<u8>, head: &UpHead, switching: bool) {
     }
 }
 
+/// How a client broke its request's body.
+#[derive(Debug, thiserror::Error)]
+enum ClientError {
+    #[error("invalid request body: {0}")]
+    Framing(#[from] wire::FramingError),
+    #[error("the client closed before the end of its request body")]
+    Closed,
+    #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
+    Stalled(std::time::Duration),
+    #[error("reading the request body: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The time a request spent waiting for its client's body, shared between
+/// the body (which measures it) and the exchange (which extends the
+/// instance's deadline by it). Nanoseconds from the request's arrival.
+struct ClientWait {
+    arrived: Instant,
+    /// Waits that ended.
+    total: std::sync::atomic::AtomicU64,
+    /// When the current wait began, plus one; 0 when not waiting.
+    since: std::sync::atomic::AtomicU64,
+}
+
+impl ClientWait {
+    fn new(arrived: Instant) -> Self {
+        Self {
+            arrived,
+            total: 0.into(),
+            since: 0.into(),
+        }
+    }
+
+    fn nanos(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.arrived).as_nanos() as u64
+    }
+
+    fn begin(&self, now: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.since.load(Relaxed) == 0 {
+            self.since.store(self.nanos(now) + 1, Relaxed);
+        }
+    }
+
+    fn end(&self, now: Instant) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let since = self.since.swap(0, Relaxed);
+        if since > 0 {
+            self.total
+                .fetch_add(self.nanos(now).saturating_sub(since - 1), Relaxed);
+        }
+    }
+
+    /// All the waiting up to `now`, the current wait included.
+    fn total(&self, now: Instant) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        let since = self.since.load(Relaxed);
+        let current = if since > 0 {
+            self.nanos(now).saturating_sub(since - 1)
+        } else {
+            0
+        };
+        std::time::Duration::from_nanos(self.total.load(Relaxed) + current)
+    }
+}
+
 /// A request body, read from the client as the instance's side sends it.
+/// A client that sends nothing of it for `stall` is cut off (nginx's
+/// `client_body_timeout`).
 struct ClientBody<'a> {
     io: &'a mut TcpStream,
     buf: &'a mut BytesMut,
     decoder: &'a mut Decoder,
+    stall: std::time::Duration,
+    /// Armed while the body waits for the client.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    waited: &'a ClientWait,
 }
 
 impl Body for ClientBody<'_> {
     type Data = Bytes;
-    type Error = io::Error;
+    type Error = ClientError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientError>>> {
         let this = self.get_mut();
         loop {
             match this.decoder.step(this.buf) {
-                Err(e) => {
-                    return Poll::Ready(Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))));
-                }
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
                 Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
                 Ok(Step::End) => return Poll::Ready(None),
-                Ok(Step::More) => match ready!(wire::poll_read_buf(this.io, cx, this.buf)) {
-                    Ok(0) => {
-                        return Poll::Ready(Some(Err(io::Error::new(
-                            io::ErrorKind::UnexpectedEof,
-                            "the client closed before the end of its request body",
-                        ))));
+                Ok(Step::More) => {}
+            }
+            match wire::poll_read_buf(this.io, cx, this.buf) {
+                Poll::Ready(read) => {
+                    if this.timer.is_some() {
+                        this.waited.end(Instant::now());
+                        this.timer = None;
                     }
-                    Ok(_) => {}
-                    Err(e) => return Poll::Ready(Some(Err(e))),
-                },
+                    match read {
+                        Ok(0) => return Poll::Ready(Some(Err(ClientError::Closed))),
+                        Ok(_) => {}
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                    }
+                }
+                Poll::Pending => {
+                    let timer = this.timer.get_or_insert_with(|| {
+                        let now = Instant::now();
+                        this.waited.begin(now);
+                        Box::pin(tokio::time::sleep_until((now + this.stall).into()))
+                    });
+                    ready!(timer.as_mut().poll(cx));
+                    return Poll::Ready(Some(Err(ClientError::Stalled(this.stall))));
+                }
             }
         }
     }
@@ -667,23 +1006,43 @@ mod tests {
 
     /// A router listening on a free port, routing to the instance on `to`.
     async fn router_to(to: u16) -> (Arc<Router>, u16) {
-        let router = Router::new();
+        let (router, port, _) = router_with(to, RouterSpec::default(), Router::new()).await;
+        (router, port)
+    }
+
+    /// `router` listening on a free port with `limits`, routing to the
+    /// instance on `to`; its backend, whose counts tests read.
+    pub(super) async fn router_with(
+        to: u16,
+        limits: RouterSpec,
+        router: Arc<Router>,
+    ) -> (Arc<Router>, u16, Arc<Backend>) {
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        let backend = Arc::new(Backend::new(
+            "i1".into(),
+            1,
+            to,
+            Arc::default(),
+            Arc::default(),
+        ));
+        router.set_routes(
+            &svc,
+            ServiceRoutes::new(vec![backend.clone()], Duration::from_secs(5)).with_limits(limits),
+        );
         router
             .listen(&svc, ([127, 0, 0, 1], port).into())
             .await
             .unwrap();
-        let backend = Backend::new("i1".into(), 1, to, Arc::default(), Arc::default());
-        router.set_routes(
-            &svc,
-            ServiceRoutes::new(vec![Arc::new(backend)], Duration::from_secs(5)),
-        );
-        (router, port)
+        (router, port, backend)
+    }
+
+    fn ms(n: u64) -> kiln_core::service::Duration {
+        kiln_core::service::Duration::from_millis(n)
     }
 
     /// Send `bytes` on a new connection and read until the router closes it.
@@ -731,8 +1090,8 @@ mod tests {
         assert_eq!(
             seen(&requests),
             [
-                "GET /a?b=1 HTTP/1.1\r\nHost: h\r\nX-App: kept\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
-                 x-forwarded-proto: http\r\nx-forwarded-host: h\r\n\r\n"
+                "GET /a?b=1 HTTP/1.1\r\nHost: example.com\r\nX-App: kept\r\nx-forwarded-for: 10.0.0.1, 127.0.0.1\r\n\
+                 x-forwarded-proto: http\r\nx-forwarded-host: example.com\r\n\r\n"
                     .to_owned(),
                 format!(
                     "GET /two HTTP/1.1\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
@@ -950,6 +1309,24 @@ mod tests {
             ("GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n", "400"),
             ("CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n", "405"),
             (&format!("GET / HTTP/1.1\r\n{many}\r\n"), "431"),
+            // A coding the router would drop on the way: 501, not silence.
+            (
+                "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "501",
+            ),
+            (
+                "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "400",
+            ),
+            // RFC 9112 §3.2: one valid Host on HTTP/1.1.
+            ("GET / HTTP/1.1\r\n\r\n", "400"),
+            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+            ("GET / HTTP/1.1\r\nHost: user:pw@h\r\n\r\n", "400"),
+            ("GET / HTTP/1.1\r\nHost: h/x\r\n\r\n", "400"),
+            ("GET http://u@h/ HTTP/1.1\r\nHost: h\r\n\r\n", "400"),
+            ("GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+            ("GET * HTTP/1.1\r\nHost: h\r\n\r\n", "400"),
+            ("GET x HTTP/1.1\r\nHost: h\r\n\r\n", "400"),
         ] {
             let out = converse(port, req.as_bytes()).await;
             assert!(
@@ -964,5 +1341,721 @@ mod tests {
             "none reached the instance"
         );
         router.close().await;
+    }
+
+    /// A request whose framing the client names in `Connection`: the body
+    /// must still reach the instance framed, never as a second request.
+    #[tokio::test]
+    async fn connection_content_length_cannot_unframe_a_body_into_a_smuggled_request() {
+        let (to, _, requests) = scripted(vec![Act::Answer(OK), Act::Answer(OK)]).await;
+        let (router, port) = router_to(to).await;
+        let smuggled = "GET /admin HTTP/1.1\r\nHost: internal\r\n\r\n";
+        let req = format!(
+            "POST / HTTP/1.1\r\nHost: h\r\nConnection: content-length, close\r\n\
+             Content-Length: {}\r\n\r\n{smuggled}",
+            smuggled.len()
+        );
+        let out = converse(port, req.as_bytes()).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        // The scripted instance reads a second request if the body comes
+        // unframed; give it the time to.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let seen = seen(&requests);
+        assert_eq!(seen.len(), 1, "one request reached the instance: {seen:?}");
+        assert!(
+            seen[0].ends_with(&format!(
+                "content-length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            )),
+            "{:?}",
+            seen[0]
+        );
+        // Nor does `Connection` remove Host or Transfer-Encoding.
+        let out = converse(
+            port,
+            b"POST /c HTTP/1.1\r\nHost: h\r\nConnection: host, transfer-encoding, close\r\n\
+              Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        let seen = self::seen(&requests);
+        assert_eq!(
+            seen[1],
+            "POST /c HTTP/1.1\r\nHost: h\r\nx-forwarded-for: 127.0.0.1\r\nx-forwarded-proto: http\r\n\
+             x-forwarded-host: h\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        );
+        router.close().await;
+    }
+
+    /// The same from the instance's side: its `Connection: content-length`
+    /// must not leave an unframed response on a kept-alive connection.
+    #[tokio::test]
+    async fn an_instance_naming_its_framing_in_connection_still_gets_a_framed_response() {
+        let (to, _, _) = scripted(vec![
+            Act::Answer(
+                b"HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: 5\r\n\r\nhello",
+            ),
+            Act::Answer(
+                b"HTTP/1.1 200 OK\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n",
+            ),
+            Act::Answer(OK),
+        ])
+        .await;
+        let (router, port) = router_to(to).await;
+        let out = converse(
+            port,
+            b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nGET /2 HTTP/1.1\r\nHost: h\r\n\r\n\
+              GET /3 HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello\
+             HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n\
+             HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+        );
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn framing_is_written_once_by_the_router_and_codings_it_cannot_forward_are_refused() {
+        let (to, _, requests) = scripted(vec![
+            Act::Answer(OK),
+            Act::Answer(OK),
+            Act::AnswerClose(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx"),
+        ])
+        .await;
+        let (router, port, backend) = router_with(to, RouterSpec::default(), Router::new()).await;
+        // `5, 5` is one length: forwarded as one value, never verbatim.
+        let out = converse(
+            port,
+            b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\nContent-Length: 5\r\n\
+              Connection: close\r\n\r\nhello",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        // An empty body declared is still declared.
+        let out = converse(
+            port,
+            b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        let seen = seen(&requests);
+        assert!(
+            seen[0].ends_with("\r\ncontent-length: 5\r\n\r\nhello")
+                && seen[0].matches("ontent-").count() == 1,
+            "{:?}",
+            seen[0]
+        );
+        assert!(
+            seen[1].ends_with("\r\ncontent-length: 0\r\n\r\n"),
+            "{:?}",
+            seen[1]
+        );
+        // A response in a coding the router would strip: 502, not a body
+        // the client cannot decode.
+        let out = converse(
+            port,
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 502 ") && out.contains("transfer-encoding"),
+            "{out}"
+        );
+        assert_eq!(
+            backend.metrics.snapshot().responses[4],
+            1,
+            "the instance's fault"
+        );
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_http10_client_never_gets_100_continue() {
+        let (to, _, requests) = scripted(vec![Act::Answer(OK)]).await;
+        let (router, port) = router_to(to).await;
+        let out = converse(
+            port,
+            b"POST /up HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc",
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && !out.contains("100 Continue"),
+            "{out}"
+        );
+        let seen = seen(&requests);
+        assert!(
+            seen[0].contains("\r\ncontent-length: 3\r\n") && seen[0].ends_with("\r\n\r\nabc"),
+            "{:?}",
+            seen[0]
+        );
+        assert!(!seen[0].to_lowercase().contains("expect"), "{:?}", seen[0]);
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn the_head_limit_holds_however_the_head_arrives() {
+        let big: &'static str = Box::leak(
+            format!(
+                "HTTP/1.1 200 OK\r\nx-big: {}\r\ncontent-length: 2\r\n\r\nok",
+                "b".repeat(72 * 1024)
+            )
+            .into_boxed_str(),
+        );
+        let (to, accepted, _) = scripted(vec![Act::AnswerClose(big.as_bytes())]).await;
+        let (router, port) = router_to(to).await;
+        // A 72 KiB request head in one write.
+        let req = format!(
+            "GET / HTTP/1.1\r\nHost: h\r\nx-big: {}\r\n\r\n",
+            "a".repeat(72 * 1024)
+        );
+        let out = converse(port, req.as_bytes()).await;
+        assert!(
+            out.starts_with("HTTP/1.1 431 "),
+            "{}",
+            &out[..out.len().min(200)]
+        );
+        assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // And a 72 KiB response head, written at once by the instance.
+        let out = converse(
+            port,
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 502 ") && out.contains("larger than"),
+            "{}",
+            &out[..out.len().min(200)]
+        );
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn headers_that_speak_for_the_router_come_from_the_router() {
+        let (to, _, requests) = scripted(vec![Act::Answer(OK)]).await;
+        let (router, port) = router_to(to).await;
+        converse(
+            port,
+            b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=1.2.3.4;proto=https\r\n\
+              X-Real-IP: 1.2.3.4\r\nX_Forwarded_For: 1.2.3.4\r\nX-Forwarded_Host: evil\r\n\
+              X_Real_IP: 1.2.3.4\r\nX-Forwarded-Port: 443\r\nx-app_id: kept\r\nConnection: close\r\n\r\n",
+        )
+        .await;
+        assert_eq!(
+            seen(&requests)[0],
+            "GET / HTTP/1.1\r\nHost: h\r\nx-app_id: kept\r\nx-forwarded-for: 127.0.0.1\r\n\
+             x-forwarded-proto: http\r\nx-forwarded-host: h\r\n\r\n"
+        );
+        router.close().await;
+    }
+
+    /// Errors a client causes are its own: answered 400/408, counted apart,
+    /// and never in the numbers a canary is judged by.
+    #[tokio::test]
+    async fn a_client_breaking_its_body_is_answered_4xx_and_never_counted_against_the_release() {
+        let (to, _, _) = scripted(Vec::new()).await;
+        let limits = RouterSpec {
+            body_timeout: ms(300),
+            ..RouterSpec::default()
+        };
+        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        // A broken chunked body.
+        let out = converse(
+            port,
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        // A body that stalls.
+        let out = converse(
+            port,
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc",
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 408 ") && out.contains("sent nothing for 300ms"),
+            "{out}"
+        );
+        // A client that hangs up mid-body.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+            .await
+            .unwrap();
+        drop(s);
+        let m = &backend.metrics;
+        wait_until(|| m.snapshot().client_errors == 3).await;
+        let snap = m.snapshot();
+        assert_eq!(snap.requests(), 0, "{snap:?}");
+        assert_eq!(snap.timeouts, 0, "{snap:?}");
+        assert_eq!(snap.window().errors, 0);
+        assert_eq!(backend.inflight.get(), 0);
+        router.close().await;
+    }
+
+    /// A slow upload is not the instance's timeout: the instance's clock
+    /// runs only while the router is not waiting for the client.
+    #[tokio::test]
+    async fn a_slow_upload_does_not_count_against_the_instances_timeout() {
+        let (to, _, requests) = scripted(vec![Act::Answer(OK)]).await;
+        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
+        let (router, port, backend) = router_with(to, RouterSpec::default(), Router::new()).await;
+        router.set_routes(
+            &svc,
+            ServiceRoutes::new(vec![backend.clone()], Duration::from_millis(300)),
+        );
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        for b in [b"a", b"b", b"c", b"d"] {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            s.write_all(b).await.unwrap();
+        }
+        let out = read_to_close(&mut s).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(seen(&requests)[0].ends_with("abcd"));
+        assert_eq!(backend.metrics.snapshot().timeouts, 0);
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_instance_that_stops_mid_body_is_cut_off_after_the_read_timeout() {
+        let (to, _, _) = scripted(vec![Act::AnswerHold(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
+        )])
+        .await;
+        let limits = RouterSpec {
+            read_timeout: ms(300),
+            ..RouterSpec::default()
+        };
+        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        let out = converse(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
+        assert!(out.ends_with("only part"), "cut, and closed: {out}");
+        assert_eq!(
+            backend.inflight.get(),
+            0,
+            "the request is no longer in flight"
+        );
+        assert_eq!(backend.metrics.snapshot().timeouts, 1);
+        router.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_closed_after_the_send_timeout() {
+        let huge: &'static [u8] = {
+            let mut v = b"HTTP/1.1 200 OK\r\ncontent-length: 33554432\r\n\r\n".to_vec();
+            v.resize(v.len() + (32 << 20), b'x');
+            v.leak()
+        };
+        let (to, _, _) = scripted(vec![Act::AnswerHold(huge)]).await;
+        let limits = RouterSpec {
+            send_timeout: ms(300),
+            ..RouterSpec::default()
+        };
+        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            .await
+            .unwrap();
+        // Never read: the router gives up, and frees the in-flight count.
+        let m = &backend;
+        wait_until(|| m.metrics.snapshot().client_errors == 1 && m.inflight.get() == 0).await;
+        router.close().await;
+    }
+
+    /// At its cap a listener stops accepting: new clients wait in the
+    /// kernel's queue (not refused) and are served once a connection ends.
+    #[tokio::test]
+    async fn at_the_connection_cap_new_clients_wait_instead_of_being_refused() {
+        let (to, _, _) = scripted(vec![Act::Answer(OK); 4]).await;
+        let (router, port, _) =
+            router_with(to, RouterSpec::default(), Router::with_budget(2)).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+                .await
+                .unwrap();
+            let mut got = vec![0u8; OK.len()];
+            s.read_exact(&mut got).await.unwrap();
+            held.push(s);
+        }
+        let mut third = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        third
+            .write_all(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let waited =
+            tokio::time::timeout(Duration::from_millis(500), third.read_to_end(&mut got)).await;
+        assert!(waited.is_err(), "not served while at the cap: {got:?}");
+        drop(held.pop());
+        let out = read_to_close(&mut third).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 "),
+            "served once room was made: {out}"
+        );
+        router.close().await;
+    }
+
+    /// Poll `cond` for up to 10 s.
+    async fn wait_until(mut cond: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("condition not met within 10 s");
+    }
+}
+
+/// Property tests of the request side: random header order, duplicates,
+/// case, whitespace, framings and body splits.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use std::time::Duration;
+    use tokio::io::AsyncReadExt;
+
+    /// A generated request: what it means, and its bytes.
+    #[derive(Debug, Clone)]
+    struct Gen {
+        bytes: Vec<u8>,
+        /// Where the head ends in `bytes`.
+        head_len: usize,
+        body: Vec<u8>,
+        /// It is well-formed: one Host, consistent framing, no noise.
+        clean: bool,
+        /// Tokens of its Connection headers.
+        named: Vec<String>,
+    }
+
+    fn casing(name: &str, mask: u32) -> String {
+        name.chars()
+            .enumerate()
+            .map(|(i, c)| {
+                if mask >> (i % 32) & 1 == 1 {
+                    c.to_ascii_uppercase()
+                } else {
+                    c
+                }
+            })
+            .collect()
+    }
+
+    fn chunked(body: &[u8], cuts: &[usize]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        for &c in cuts {
+            let end = (at + c).min(body.len());
+            if end > at {
+                out.extend_from_slice(format!("{:x}\r\n", end - at).as_bytes());
+                out.extend_from_slice(&body[at..end]);
+                out.extend_from_slice(b"\r\n");
+                at = end;
+            }
+        }
+        if at < body.len() {
+            out.extend_from_slice(format!("{:x}\r\n", body.len() - at).as_bytes());
+            out.extend_from_slice(&body[at..]);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    /// Noise: headers that try to confuse framing, Host or the router's
+    /// own headers.
+    fn noise() -> impl Strategy<Value = (String, String)> {
+        prop_oneof![
+            Just(("Content-Length".to_owned(), "5".to_owned())),
+            Just(("Content-Length".to_owned(), "5, 5".to_owned())),
+            Just(("Content-Length".to_owned(), "+5".to_owned())),
+            Just(("Transfer-Encoding".to_owned(), "chunked".to_owned())),
+            Just(("Transfer-Encoding".to_owned(), "gzip, chunked".to_owned())),
+            Just((
+                "Transfer-Encoding".to_owned(),
+                "chunked, identity".to_owned()
+            )),
+            Just(("Host".to_owned(), "other".to_owned())),
+            Just(("Host".to_owned(), "u@h".to_owned())),
+            Just(("X-Forwarded-Proto".to_owned(), "https".to_owned())),
+            Just(("X_Forwarded_For".to_owned(), "6.6.6.6".to_owned())),
+            Just(("Expect".to_owned(), "100-continue".to_owned())),
+        ]
+    }
+
+    fn request() -> impl Strategy<Value = Gen> {
+        (
+            prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH"]),
+            "[a-z0-9/]{0,12}",
+            prop::collection::vec(any::<u8>(), 0..200),
+            0u8..3,
+            prop::collection::vec(1usize..40, 0..6),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["x-a", "accept", "cookie", "user-agent", "x-b"]),
+                    "[ -~]{0,16}",
+                ),
+                0..5,
+            ),
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "close",
+                    "keep-alive",
+                    "content-length",
+                    "transfer-encoding",
+                    "host",
+                    "x-a",
+                    "cookie",
+                ]),
+                0..3,
+            ),
+            prop::option::weighted(0.3, noise()),
+            any::<u32>(),
+            0usize..8,
+            prop::sample::select(vec!["", " ", "  "]),
+        )
+            .prop_map(
+                |(method, path, body, framing, cuts, mut fields, named, noise, mask, at, ws)| {
+                    let head = format!("{method} /{path} HTTP/1.1\r\n");
+                    // Host, the framing, Connection and the noise go in
+                    // among the other fields, at random places.
+                    let (body, framed) = match framing {
+                        0 => (Vec::new(), Vec::new()),
+                        1 => {
+                            fields.push(("content-length", format!("{ws}{}{ws}", body.len())));
+                            (body.clone(), body)
+                        }
+                        _ => {
+                            fields.push(("transfer-encoding", format!("{ws}chunked")));
+                            let wire = chunked(&body, &cuts);
+                            (body, wire)
+                        }
+                    };
+                    let host = ("host", "example.com:8080".to_owned());
+                    fields.insert(at.min(fields.len()), host);
+                    if !named.is_empty() {
+                        fields.push(("connection", named.join(", ")));
+                    }
+                    let clean = noise.is_none();
+                    let noise_name = noise.as_ref().map(|(n, _)| n.to_ascii_lowercase());
+                    if let (Some(n), Some((_, v))) = (&noise_name, &noise) {
+                        fields.insert(at % (fields.len() + 1), (n, v.clone()));
+                    }
+                    build(head, &fields, &framed, body, clean, &named, mask)
+                },
+            )
+    }
+
+    fn build(
+        mut head: String,
+        fields: &[(&str, String)],
+        framed: &[u8],
+        body: Vec<u8>,
+        clean: bool,
+        named: &[&str],
+        mask: u32,
+    ) -> Gen {
+        for (i, (n, v)) in fields.iter().enumerate() {
+            head.push_str(&casing(n, mask.rotate_left(i as u32)));
+            head.push(':');
+            head.push(' ');
+            head.push_str(v);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        let head_len = head.len();
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(framed);
+        Gen {
+            bytes,
+            head_len,
+            body,
+            clean,
+            named: named.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    /// Decode a body of `framing` from `wire`, fed in pieces of `step`.
+    fn decode(framing: Framing, wire: &[u8], step: usize) -> Option<(Vec<u8>, usize)> {
+        let mut d = Decoder::new(framing);
+        let mut buf = BytesMut::new();
+        let (mut fed, mut out) = (0, Vec::new());
+        loop {
+            match d.step(&mut buf).ok()? {
+                Step::Data(b) => out.extend_from_slice(&b),
+                Step::End => return Some((out, fed - buf.len())),
+                Step::More => {
+                    if fed == wire.len() {
+                        return None;
+                    }
+                    let next = (fed + step).min(wire.len());
+                    buf.extend_from_slice(&wire[fed..next]);
+                    fed = next;
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever the client sent, an accepted request reaches the
+        /// instance framed by the router alone, with its exact body, one
+        /// Host, and none of the headers its Connection named.
+        #[test]
+        fn an_accepted_request_is_framed_once_and_keeps_its_exact_body(
+            g in request(),
+            step in 1usize..64,
+        ) {
+            let mut up = Vec::new();
+            let prepared = prepare(&g.bytes, &mut up, None, "192.0.2.1");
+            let p = match prepared {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    prop_assert!(false, "a whole head is never incomplete");
+                    unreachable!()
+                }
+                Err(Reject(status, _)) => {
+                    prop_assert!(!g.clean, "a clean request was refused: {status}");
+                    prop_assert!(status.is_client_error() || status == StatusCode::NOT_IMPLEMENTED);
+                    return Ok(());
+                }
+            };
+            prop_assert_eq!(p.len, g.head_len);
+            up.extend_from_slice(b"\r\n");
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            prop_assert!(matches!(req.parse(&up), Ok(httparse::Status::Complete(n)) if n == up.len()));
+            let count = |name: &str| req.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            prop_assert_eq!(count("host"), 1);
+            prop_assert!(count("content-length") + count("transfer-encoding") <= 1);
+            for t in &g.named {
+                if !["close", "keep-alive", "content-length", "transfer-encoding", "host"].contains(&t.as_str()) {
+                    prop_assert_eq!(count(t), 0, "{} was named in Connection", t);
+                }
+            }
+            for own in ["x-forwarded-proto", "x-forwarded-host", "x-forwarded-for"] {
+                prop_assert_eq!(count(own), 1);
+            }
+            let value = |name: &str| req.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.to_vec());
+            match p.body {
+                Framing::Length(n) => prop_assert_eq!(value("content-length"), Some(n.to_string().into_bytes())),
+                Framing::Chunked(_) => prop_assert_eq!(value("transfer-encoding"), Some(b"chunked".to_vec())),
+                _ => prop_assert!(count("transfer-encoding") == 0 && value("content-length").is_none_or(|v| v == b"0")),
+            }
+            // The body, decoded however the reads cut it, is the client's,
+            // and no byte of it is left to be read as another request.
+            if g.clean {
+                let decoded = decode(p.body, &g.bytes[p.len..], step);
+                prop_assert!(decoded.is_some(), "the body decodes");
+                let (body, used) = decoded.unwrap_or_default();
+                prop_assert_eq!(&body, &g.body);
+                prop_assert_eq!(p.len + used, g.bytes.len());
+            }
+        }
+
+        /// Any bytes at all: never a panic, and never a head the
+        /// instance could read as anything but one request.
+        #[test]
+        fn arbitrary_bytes_never_yield_an_ambiguous_head(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let mut up = Vec::new();
+            if let Ok(Some(p)) = prepare(&bytes, &mut up, None, "192.0.2.1") {
+                prop_assert!(p.len <= bytes.len());
+                up.extend_from_slice(b"\r\n");
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
+                let mut req = httparse::Request::new(&mut headers);
+                prop_assert!(matches!(req.parse(&up), Ok(httparse::Status::Complete(n)) if n == up.len()));
+            }
+        }
+    }
+
+    /// One client's request, all of whose bytes carry its marker `m`.
+    fn shape(kind: u8, m: &str, len: usize) -> String {
+        let body = m.repeat(len.max(1));
+        let smuggled = format!("GET /{m}/smuggled HTTP/1.1\r\nX-Client: {m}\r\n");
+        match kind % 7 {
+            0 => format!("GET /{m}/get HTTP/1.1\r\nHost: {m}\r\nX-Client: {m}\r\n\r\n"),
+            1 => format!(
+                "POST /{m}/cl HTTP/1.1\r\nHost: {m}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            ),
+            2 => format!(
+                "POST /{m}/te HTTP/1.1\r\nHost: {m}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            ),
+            3 => format!(
+                "POST /{m}/conn HTTP/1.1\r\nHost: {m}\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            ),
+            4 => format!(
+                "POST /{m}/clte HTTP/1.1\r\nHost: {m}\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+            5 => format!(
+                "POST /{m}/short HTTP/1.1\r\nHost: {m}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len() + 7
+            ),
+            _ => format!(
+                "POST /{m}/badchunk HTTP/1.1\r\nHost: {m}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{body}XX{smuggled}",
+                body.len()
+            ),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+
+        /// Two clients at once, each sending a random mix of requests
+        /// (smuggling attempts, cut bodies, broken chunks among them)
+        /// through the real router: no request an instance receives ever
+        /// holds a byte of both.
+        #[test]
+        fn no_byte_of_one_client_reaches_another_clients_request(
+            a in prop::collection::vec((any::<u8>(), 1usize..40), 1..5),
+            b in prop::collection::vec((any::<u8>(), 1usize..40), 1..5),
+        ) {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a runtime");
+            let mixed = rt.block_on(async move {
+                let (to, _, requests) = crate::testing::scripted(
+                    vec![crate::testing::Act::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"); 64],
+                )
+                .await;
+                let limits = RouterSpec {
+                    body_timeout: kiln_core::service::Duration::from_millis(300),
+                    ..RouterSpec::default()
+                };
+                let (router, port, _) = super::tests::router_with(to, limits, Router::new()).await;
+                let client = |reqs: Vec<(u8, usize)>, m: &'static str| async move {
+                    let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+                    for (kind, len) in reqs {
+                        if s.write_all(shape(kind, m, len).as_bytes()).await.is_err() {
+                            break;
+                        }
+                    }
+                    let mut sink = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_millis(600), s.read_to_end(&mut sink)).await;
+                };
+                tokio::join!(client(a, "qa"), client(b, "zb"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                router.close().await;
+                let seen = requests.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                seen.into_iter()
+                    .map(|r| String::from_utf8_lossy(&r).into_owned())
+                    .filter(|r| r.contains("qa") && r.contains("zb"))
+                    .collect::<Vec<_>>()
+            });
+            prop_assert!(mixed.is_empty(), "{:?}", mixed);
+        }
     }
 }

@@ -24,7 +24,7 @@ mod wire;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -75,6 +75,30 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     }
 }
 
+/// Bind the API socket at `sock` with mode 0600 from the start: it is made
+/// in a fresh directory only the owner can enter, made 0600 there, and
+/// only then moved into place (a socket bound where it belongs and
+/// chmod-ed after is open to anyone in between).
+fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let dir = sock.with_file_name(format!(".kiln.sock.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(io(&dir))?;
+    let made = dir.join("kiln.sock");
+    let bound = (|| {
+        let listener = tokio::net::UnixListener::bind(&made)?;
+        std::fs::set_permissions(&made, std::fs::Permissions::from_mode(0o600))?;
+        // We hold the agent's lock, so a socket file left behind is stale:
+        // the rename replaces it.
+        std::fs::rename(&made, sock)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    bound.map_err(io(sock))
+}
+
 /// Run the agent on `home` until SIGTERM or SIGINT. `ready` is called once
 /// the socket accepts requests.
 pub async fn serve(
@@ -83,6 +107,13 @@ pub async fn serve(
     ready: impl FnOnce(&Path),
 ) -> Result<Exit, ServeError> {
     std::fs::create_dir_all(home).map_err(io(home))?;
+    // Traffic must not take the descriptors the API, probes and instances
+    // need: the limit is raised before the router sizes its budget.
+    let nofile = router::raise_nofile_limit();
+    tracing::info!(
+        "descriptor limit {nofile}: the router holds at most {} client connections",
+        router::connection_budget(nofile)
+    );
     // One agent per home: the lock is held for the agent's life.
     let lock_path = home.join("agent.lock");
     let mut lock = File::options()
@@ -113,10 +144,7 @@ pub async fn serve(
     let agent = Agent::start(home.to_path_buf(), store, state, Backoff::default(), seed).await?;
 
     let sock = socket_path(home);
-    // We hold the lock, so a socket file left behind is stale.
-    let _ = std::fs::remove_file(&sock);
-    let listener = tokio::net::UnixListener::bind(&sock).map_err(io(&sock))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600)).map_err(io(&sock))?;
+    let listener = bind_private(&sock)?;
 
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;

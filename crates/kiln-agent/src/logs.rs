@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::PermissionsExt;
 use tokio::fs::{File, OpenOptions};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Mutex;
@@ -16,16 +17,32 @@ pub struct LogFile {
     file: Mutex<(File, u64)>,
 }
 
+/// Open `path` for appending, creating it 0600; one made before logs were
+/// private is made so.
+async fn open_private(path: &Path) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .await?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .await?;
+    Ok(file)
+}
+
 impl LogFile {
+    /// Open (or create) the log at `path`, owner-only: an instance's
+    /// output may hold anything its app prints.
     pub async fn create(path: PathBuf) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
+            tokio::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .await?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await?;
+        let file = open_private(&path).await?;
         let size = file.metadata().await?.len();
         Ok(Self {
             path,
@@ -43,11 +60,7 @@ impl LogFile {
             let mut old = self.path.clone().into_os_string();
             old.push(".1");
             tokio::fs::rename(&self.path, &old).await?;
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .await?;
+            let file = open_private(&self.path).await?;
             *guard = (file, 0);
         }
         guard.0.write_all(bytes).await?;

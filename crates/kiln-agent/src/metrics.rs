@@ -37,6 +37,11 @@ struct Shard {
     /// others end as a 502, counted in `responses`).
     retried: AtomicU64,
     timeouts: AtomicU64,
+    /// Requests the client broke (a bad or stalled body, a hang-up, a
+    /// response it stopped reading): answered 400/408 or cut, counted
+    /// apart from `responses` so that no client can move a release's
+    /// error rate (the canary analysis) either way.
+    client_errors: AtomicU64,
     /// Counts per bucket, then +Inf.
     buckets: [AtomicU64; BUCKETS.len() + 1],
     sum_micros: AtomicU64,
@@ -114,6 +119,11 @@ impl ReleaseMetrics {
         self.shard().timeouts.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request the client broke (see [`Shard::client_errors`]).
+    pub fn client_error(&self) {
+        self.shard().client_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The sum of the shards now (for windows: subtract two snapshots).
     pub fn snapshot(&self) -> Snapshot {
         let mut out = Snapshot::default();
@@ -128,6 +138,7 @@ impl ReleaseMetrics {
             out.connect_errors += load(&s.connect_errors);
             out.retried += load(&s.retried);
             out.timeouts += load(&s.timeouts);
+            out.client_errors += load(&s.client_errors);
             out.sum_micros += load(&s.sum_micros);
         }
         out
@@ -141,6 +152,8 @@ pub struct Snapshot {
     pub connect_errors: u64,
     pub retried: u64,
     pub timeouts: u64,
+    /// Not part of [`Self::requests`] nor of the canary's window.
+    pub client_errors: u64,
     pub buckets: [u64; BUCKETS.len() + 1],
     pub sum_micros: u64,
 }
@@ -207,6 +220,7 @@ impl Snapshot {
             connect_errors: self.connect_errors.saturating_sub(earlier.connect_errors),
             retried: self.retried.saturating_sub(earlier.retried),
             timeouts: self.timeouts.saturating_sub(earlier.timeouts),
+            client_errors: self.client_errors.saturating_sub(earlier.client_errors),
             buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
             sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
         }
@@ -261,6 +275,14 @@ impl Metrics {
                 out,
                 "kiln_router_upstream_errors_total{{service=\"{svc}\",release=\"{rev}\",kind=\"timeout\"}} {}",
                 s.timeouts
+            );
+        }
+        out.push_str("# HELP kiln_router_client_errors_total Requests the client broke (a bad, stalled or abandoned body, a response not read): answered 400/408 or cut, and never counted against the release.\n# TYPE kiln_router_client_errors_total counter\n");
+        for ((svc, rev), s) in &releases {
+            let _ = writeln!(
+                out,
+                "kiln_router_client_errors_total{{service=\"{svc}\",release=\"{rev}\"}} {}",
+                s.client_errors
             );
         }
         out.push_str("# HELP kiln_router_request_duration_seconds Time from a request's arrival to its response headers.\n# TYPE kiln_router_request_duration_seconds histogram\n");
@@ -318,8 +340,18 @@ mod tests {
         assert!((all.error_rate() - 0.01).abs() < 1e-9);
         assert_eq!(all.quantile(0.5), Some(Duration::from_secs_f64(0.001)));
         assert_eq!(all.quantile(0.99), Some(Duration::from_secs_f64(0.05)));
+        let judged = all.window();
+        m.client_error();
+        let all = m.snapshot();
+        assert_eq!(all.client_errors, 1);
+        assert_eq!(
+            all.window(),
+            judged,
+            "a client's error is not in the analysis' window"
+        );
+        assert_eq!(all.requests(), 100, "nor among the requests");
         let window = all.since(&before);
-        assert_eq!(window.requests(), 2);
+        assert_eq!((window.requests(), window.client_errors), (2, 1));
         assert!((window.error_rate() - 0.5).abs() < 1e-9);
         assert_eq!(window.quantile(1.0), Some(Duration::from_secs_f64(0.5)));
     }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use hyper::header::HeaderValue;
+use kiln_core::service::RouterSpec;
 use kiln_core::spec::ServiceName;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
@@ -68,6 +69,8 @@ pub struct ServiceRoutes {
     pub backends: Vec<Arc<Backend>>,
     pub canary: Option<Split>,
     pub timeout: Duration,
+    /// What the listener allows its peers (timeouts, connections).
+    pub limits: RouterSpec,
 }
 
 /// A canary's share of a service's requests.
@@ -89,7 +92,14 @@ impl ServiceRoutes {
             backends,
             canary: None,
             timeout,
+            limits: RouterSpec::default(),
         }
+    }
+
+    /// With the service's `[router]` settings.
+    pub fn with_limits(mut self, limits: RouterSpec) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Send `weight` percent of requests to `backends` of release `revision`.
@@ -210,6 +220,38 @@ pub struct Router {
     table: ArcSwap<RouteTable>,
     pub metrics: Arc<crate::metrics::Metrics>,
     listeners: Mutex<HashMap<RouteKey, (SocketAddr, Workers)>>,
+    /// Client connections open on all listeners together, and how many
+    /// they may be: traffic never takes the descriptors the API, probes
+    /// and instances need.
+    open: Arc<std::sync::atomic::AtomicI64>,
+    budget: i64,
+}
+
+/// Descriptors left to the rest of the agent (the API, probes, instances'
+/// pipes and logs, the state database), whatever the traffic: at least
+/// this many, or a tenth of the limit.
+pub const RESERVED_FDS: u64 = 256;
+
+/// How long a listener stops accepting when it is at its cap, or when the
+/// process or system is out of descriptors (nginx waits 500 ms on
+/// `EMFILE`); meanwhile new clients wait in the kernel's accept queue.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+const OUT_OF_FDS_PAUSE: Duration = Duration::from_millis(500);
+
+/// The client connections all listeners may hold with `limit` descriptors:
+/// each may use two (itself, and one to an instance), after the reserve.
+pub fn connection_budget(limit: u64) -> i64 {
+    let reserve = RESERVED_FDS.max(limit / 10);
+    i64::try_from(limit.saturating_sub(reserve) / 2)
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// The process's descriptor limit (soft) now.
+fn nofile_limit() -> u64 {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,12 +263,36 @@ pub struct ListenError {
 }
 
 impl Router {
+    /// A router whose connection budget comes from the process's
+    /// descriptor limit (raise it first: see [`raise_nofile_limit`]).
     pub fn new() -> Arc<Self> {
+        Self::with_budget(connection_budget(nofile_limit()))
+    }
+
+    /// A router that holds at most `budget` client connections at once.
+    pub fn with_budget(budget: i64) -> Arc<Self> {
         Arc::new(Self {
             table: ArcSwap::from_pointee(RouteTable::default()),
             metrics: Arc::default(),
             listeners: Mutex::new(HashMap::new()),
+            open: Arc::default(),
+            budget,
         })
+    }
+
+    /// How many client connections all listeners together may hold.
+    pub fn budget(&self) -> i64 {
+        self.budget
+    }
+
+    /// Whether a listener holding `open` connections (of `service`) must
+    /// wait before it accepts another: at its own cap, or at the budget.
+    fn at_capacity(&self, service: &RouteKey, open: i64) -> bool {
+        let cap = self
+            .routes(service)
+            .and_then(|r| r.limits.max_connections)
+            .map_or(i64::MAX, i64::from);
+        open >= cap || self.open.load(Ordering::Relaxed) >= self.budget
     }
 
     /// The current snapshot.
@@ -325,9 +391,30 @@ impl Router {
             RouteKey::Preview(s) => format!("{s}/preview"),
         });
         loop {
+            let full = self.at_capacity(&service, open.load(Ordering::Relaxed));
             let (stream, peer, was_handed) = tokio::select! {
-                accepted = listener.accept() => {
-                    let Ok((stream, peer)) = accepted else { continue };
+                accepted = listener.accept(), if !full => {
+                    let (stream, peer) = match accepted {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // Out of descriptors: retrying at once would
+                            // spin both cores; the client waits in the
+                            // accept queue instead.
+                            if is_out_of_resources(&e) {
+                                tracing::warn!("{service}: cannot accept: {e}; pausing");
+                                tokio::time::sleep(OUT_OF_FDS_PAUSE).await;
+                            }
+                            continue;
+                        }
+                    };
+                    // The check above may be older than this accept (a
+                    // thread waits in accept with room it no longer has):
+                    // the connection waits, unread, until there is room, as
+                    // it would have in the accept queue. The budget is
+                    // thus passed by at most one connection per thread.
+                    while self.at_capacity(&service, open.load(Ordering::Relaxed)) {
+                        tokio::time::sleep(ACCEPT_PAUSE).await;
+                    }
                     match spread.fewer_than(me) {
                         Some(other) => {
                             if let Ok(std) = stream.into_std() {
@@ -345,6 +432,9 @@ impl Router {
                     };
                     (stream, peer, true)
                 }
+                // At the cap: look again in a moment (a connection that
+                // closes makes room).
+                () = tokio::time::sleep(ACCEPT_PAUSE), if full => continue,
             };
             let _ = stream.set_nodelay(true);
             let client = Client::new(
@@ -354,16 +444,44 @@ impl Router {
                 stream,
                 peer.ip().to_string(),
             );
-            let open = open.clone();
+            // Counted before the task runs, so a burst sees its own count.
+            open.fetch_add(1, Ordering::Relaxed);
+            self.open.fetch_add(1, Ordering::Relaxed);
+            let counted = (Gauge(open.clone()), Gauge(self.open.clone()));
             let served = spread.serving(me, was_handed);
             tokio::spawn(async move {
-                open.fetch_add(1, Ordering::Relaxed);
-                let _open = Gauge(open);
+                let _counted = counted;
                 let _served = served;
                 client.serve().await;
             });
         }
     }
+}
+
+/// Whether an accept failed for want of descriptors or memory (the
+/// process's or the system's), rather than for one connection's sake.
+fn is_out_of_resources(e: &std::io::Error) -> bool {
+    use rustix::io::Errno;
+    e.raw_os_error().is_some_and(|n| {
+        [Errno::MFILE, Errno::NFILE, Errno::NOBUFS, Errno::NOMEM]
+            .iter()
+            .any(|x| x.raw_os_error() == n)
+    })
+}
+
+/// Raise the process's descriptor limit to its hard limit (the agent does
+/// this at start, as nginx's `worker_rlimit_nofile` would); the new soft
+/// limit.
+pub fn raise_nofile_limit() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!("cannot raise the descriptor limit: {e}");
+        }
+    }
+    nofile_limit()
 }
 
 /// Keeps a listener's connections even across its threads.

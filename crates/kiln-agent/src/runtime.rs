@@ -238,9 +238,9 @@ fn resolve_in_tree(rootfs: &Path, program: &str) -> PathBuf {
 /// Whether `program` can be found for an instance of this image: in the
 /// image's tree, or on the host paths the runtime exposes. Bare names are
 /// looked up on `PATH` (from the instance's env, else the default).
-pub fn command_exists(
+pub fn command_exists<K: AsRef<str>>(
     rootfs: &Path,
-    env: &BTreeMap<String, String>,
+    env: &BTreeMap<K, String>,
     workdir: &str,
     program: &str,
 ) -> bool {
@@ -259,7 +259,10 @@ pub fn command_exists(
     if program.contains('/') {
         return exists(&format!("{}/{program}", workdir.trim_end_matches('/')));
     }
-    let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+    let path = env
+        .iter()
+        .find(|(k, _)| k.as_ref() == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
     path.split(':')
         .filter(|d| d.starts_with('/'))
         .any(|d| exists(&format!("{}/{program}", d.trim_end_matches('/'))))
@@ -299,7 +302,7 @@ mod tests {
         let root = dir.path();
         std::fs::create_dir_all(root.join("app/bin")).unwrap();
         std::fs::write(root.join("app/bin/server"), b"").unwrap();
-        let env = BTreeMap::new();
+        let env: BTreeMap<String, String> = BTreeMap::new();
         assert!(command_exists(root, &env, "/", "/app/bin/server"));
         assert!(command_exists(root, &env, "/app", "bin/server"));
         assert!(!command_exists(root, &env, "/", "/app/bin/missing"));

@@ -22,6 +22,11 @@ pub enum StateError {
         path: String,
         source: rusqlite::Error,
     },
+    #[error("state database {path}: cannot make it owner-only: {source}")]
+    Private {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("state database: {0}")]
     Sql(#[from] rusqlite::Error),
     #[error("state database holds an unreadable {what}: {source}")]
@@ -228,6 +233,33 @@ impl SqliteState {
             path: path.display().to_string(),
             source,
         };
+        // Owner-only: releases hold every env value. SQLite gives the WAL
+        // and shared-memory files the database's mode when it makes them;
+        // ones made before the database was private are made so too.
+        {
+            use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+            let private = std::fs::Permissions::from_mode(0o600);
+            let io_err = |source: std::io::Error| StateError::Private {
+                path: path.display().to_string(),
+                source,
+            };
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io_err)?;
+            f.set_permissions(private.clone()).map_err(io_err)?;
+            for suffix in ["-wal", "-shm"] {
+                let mut side = path.as_os_str().to_owned();
+                side.push(suffix);
+                match std::fs::set_permissions(&side, private.clone()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(e)),
+                    _ => {}
+                }
+            }
+        }
         let conn = Connection::open(path).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
@@ -582,7 +614,11 @@ mod tests {
             image_name: "hello".into(),
             command: vec!["/bin/hello".into()],
             workdir: "/".into(),
-            env: [("A".to_owned(), rev.to_string())].into(),
+            env: [(
+                kiln_core::spec::EnvName::try_from("A").unwrap(),
+                rev.to_string(),
+            )]
+            .into(),
             volumes: Default::default(),
             runtime: RuntimeKind::Process,
             health: HealthSpec::default(),
@@ -612,6 +648,7 @@ mod tests {
                 listen: None,
                 rollout: RolloutSpec::default(),
                 timeout: kiln_core::service::Duration::from_secs(30),
+                router: Default::default(),
             },
             target,
         }

@@ -14,6 +14,9 @@ pub enum Act {
     AnswerClose(&'static [u8]),
     /// Close the connection without answering.
     Drop,
+    /// Answer, then hold the connection open, silent (an instance that
+    /// stops mid-body).
+    AnswerHold(&'static [u8]),
 }
 
 /// An instance that answers the requests it reads, across all its
@@ -48,6 +51,11 @@ pub async fn scripted(script: Vec<Act>) -> (u16, Arc<AtomicUsize>, Arc<Mutex<Vec
                             return;
                         }
                         Act::Drop => return,
+                        Act::AnswerHold(a) => {
+                            s.write_all(a).await.unwrap();
+                            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                            return;
+                        }
                     }
                 }
             });

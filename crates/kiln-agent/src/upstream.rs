@@ -27,7 +27,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::wire::{self, Declared, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS, Step};
+use crate::wire::{self, Coding, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS, Step};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -58,6 +58,10 @@ pub enum ProtocolError {
     Parse(httparse::Error),
     #[error("response head larger than {MAX_HEAD} bytes")]
     HeadTooLarge,
+    /// A transfer coding other than `chunked`: the router cannot forward
+    /// the body faithfully (it would reach the client still encoded).
+    #[error("unsupported transfer-encoding in the response")]
+    Coding,
     #[error(transparent)]
     Framing(#[from] FramingError),
     #[error("the request body failed: {0}")]
@@ -352,6 +356,9 @@ pub struct UpHead {
     headers: Vec<(Range<usize>, Range<usize>)>,
     /// How its body is framed (`Empty` for a response to HEAD).
     pub framing: Framing,
+    /// The one `Content-Length` value it declared, if any: what a response
+    /// to HEAD, or a 304, says of the body it has not.
+    pub length: Option<u64>,
     keep_alive: bool,
 }
 
@@ -417,6 +424,10 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<UpHead>, P
         &mut headers,
     );
     let len = match parsed {
+        // The limit holds however the head arrived.
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => {
+            return Err(ProtocolError::HeadTooLarge);
+        }
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(ProtocolError::Parse(e)),
@@ -427,7 +438,7 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<UpHead>, P
         .ok_or(ProtocolError::Parse(httparse::Error::Status))?;
     let declared = wire::declared(resp.headers)?;
     // Whether the connection may carry another request after this response.
-    let keep_alive = if resp.version == Some(0) {
+    let mut keep_alive = if resp.version == Some(0) {
         wire::connection_has(resp.headers, b"keep-alive")
     } else {
         !wire::connection_has(resp.headers, b"close")
@@ -436,19 +447,20 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<UpHead>, P
     let framing = if head_method || (100..200).contains(&status) || status == 204 || status == 304 {
         Framing::Empty
     } else {
-        match declared {
-            Declared {
-                transfer_chunked: Some(true),
-                ..
-            } => Framing::CHUNKED,
-            Declared {
-                transfer_chunked: Some(false),
-                ..
-            } => Framing::Eof,
-            Declared {
-                length: Some(n), ..
-            } => Framing::Length(n),
-            Declared { length: None, .. } => Framing::Eof,
+        match declared.transfer {
+            Some(Coding::Chunked) => {
+                // A length beside it is not the body's, and may be an
+                // attempt at splitting: the connection is not reused.
+                if declared.length.is_some() {
+                    keep_alive = false;
+                }
+                Framing::CHUNKED
+            }
+            Some(Coding::Unsupported | Coding::NotChunked) => return Err(ProtocolError::Coding),
+            None => match declared.length {
+                Some(n) => Framing::Length(n),
+                None => Framing::Eof,
+            },
         }
     };
     // Offsets into the head, so it can be split off the buffer and shared.
@@ -469,6 +481,7 @@ fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<UpHead>, P
         reason,
         headers,
         framing,
+        length: declared.length,
         // Close-delimited bodies end with the connection.
         keep_alive: keep_alive && framing != Framing::Eof,
     }))

@@ -56,23 +56,66 @@ impl Framing {
     pub const CHUNKED: Self = Self::Chunked(Chunk::Size);
 }
 
-/// What a head says about its body: `Transfer-Encoding` (whether its last
-/// coding is `chunked`) and `Content-Length`.
+/// What `Transfer-Encoding` says, all its fields taken together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Coding {
+    /// `chunked` alone: the one coding the router decodes and re-encodes.
+    Chunked,
+    /// `chunked` last, after other codings (`gzip, chunked`): the body
+    /// is framed, but the router would forward codings it does not apply
+    /// (RFC 9112 §6.1: 501 for a request).
+    Unsupported,
+    /// The last coding is not `chunked`, or `chunked` is applied twice, or
+    /// the field is empty: a request's length cannot be known (400), and a
+    /// response's body would reach the client still encoded.
+    NotChunked,
+}
+
+/// What a head says about its body: `Transfer-Encoding` and
+/// `Content-Length`.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Declared {
-    pub transfer_chunked: Option<bool>,
+    pub transfer: Option<Coding>,
     pub length: Option<u64>,
 }
 
 /// Read `Transfer-Encoding` and `Content-Length` from a parsed head. Several
-/// `Content-Length` values must agree (RFC 9110 §8.6).
+/// `Content-Length` values must agree (RFC 9110 §8.6); the router always
+/// writes the one value itself, never the client's or the instance's field.
 pub fn declared(headers: &[httparse::Header<'_>]) -> Result<Declared, FramingError> {
     let mut d = Declared::default();
+    // Codings across every Transfer-Encoding field, in order.
+    let (mut codings, mut chunked, mut last_chunked) = (0usize, 0usize, false);
     for h in headers {
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            // The last coding of the last field is the one that frames.
-            if let Some(last) = tokens(h.value).last() {
-                d.transfer_chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+            // Codings are tokens between commas and spaces; anything else
+            // (a tab, quotes, parameters) is refused outright, as nginx
+            // does, rather than read one way here and another behind.
+            if !h
+                .value
+                .iter()
+                .all(|&b| b == b',' || b == b' ' || is_tchar(b))
+            {
+                codings += 1;
+                last_chunked = false;
+                continue;
+            }
+            let mut any = false;
+            for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                // An empty element is allowed by the list syntax; a field
+                // with none at all is not.
+                if t.is_empty() {
+                    continue;
+                }
+                any = true;
+                codings += 1;
+                last_chunked = t.eq_ignore_ascii_case(b"chunked");
+                chunked += usize::from(last_chunked);
+            }
+            if !any {
+                // `Transfer-Encoding:` with no coding frames nothing.
+                codings += 1;
+                last_chunked = false;
             }
         } else if h.name.eq_ignore_ascii_case("content-length") {
             for part in h.value.split(|&b| b == b',') {
@@ -88,7 +131,28 @@ pub fn declared(headers: &[httparse::Header<'_>]) -> Result<Declared, FramingErr
             }
         }
     }
+    if codings > 0 {
+        d.transfer = Some(match (last_chunked, chunked, codings) {
+            (true, 1, 1) => Coding::Chunked,
+            (true, 1, _) => Coding::Unsupported,
+            _ => Coding::NotChunked,
+        });
+    }
     Ok(d)
+}
+
+/// A token character (RFC 9110 §5.6.2).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Headers that frame a message or name its target: whatever a
+/// `Connection` field lists, these are never removed on its word (the
+/// router writes the framing itself, and `Host` is the request's).
+fn is_protected(name: &[u8]) -> bool {
+    [&b"content-length"[..], b"transfer-encoding", b"host"]
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(name))
 }
 
 /// The comma-separated tokens of a header value, trimmed, empty ones skipped.
@@ -108,7 +172,9 @@ pub fn connection_has(headers: &[httparse::Header<'_>], token: &[u8]) -> bool {
 }
 
 /// The tokens of `Connection` that name other headers of this hop (RFC 9110
-/// §7.6.1); `close`, `keep-alive` and `upgrade` name none that stay.
+/// §7.6.1); `close`, `keep-alive` and `upgrade` name none that stay, and
+/// the framing headers and `Host` are never removed on a peer's word
+/// (`Connection: content-length` once let a client smuggle a request).
 pub fn connection_named<'h>(
     headers: impl IntoIterator<Item = (&'h str, &'h [u8])>,
 ) -> Vec<&'h [u8]> {
@@ -118,7 +184,8 @@ pub fn connection_named<'h>(
             named.extend(tokens(value).filter(|t| {
                 !(t.eq_ignore_ascii_case(b"close")
                     || t.eq_ignore_ascii_case(b"keep-alive")
-                    || t.eq_ignore_ascii_case(b"upgrade"))
+                    || t.eq_ignore_ascii_case(b"upgrade")
+                    || is_protected(t))
             }));
         }
     }
@@ -372,19 +439,49 @@ mod tests {
                 "{bad:?}"
             );
         }
+        let te = |v: &[(&'static str, &'static str)]| d(v).unwrap().transfer;
         assert_eq!(
-            d(&[("transfer-encoding", "gzip, Chunked")])
-                .unwrap()
-                .transfer_chunked,
-            Some(true)
+            te(&[("transfer-encoding", "Chunked")]),
+            Some(Coding::Chunked)
         );
         assert_eq!(
-            d(&[("transfer-encoding", "chunked, gzip")])
-                .unwrap()
-                .transfer_chunked,
-            Some(false)
+            te(&[("transfer-encoding", " , chunked,")]),
+            Some(Coding::Chunked)
         );
-        let h = head(&[("Connection", "keep-alive, X-Secret,upgrade"), ("x", "y")]);
+        assert_eq!(
+            te(&[("transfer-encoding", "gzip, Chunked")]),
+            Some(Coding::Unsupported)
+        );
+        assert_eq!(
+            te(&[
+                ("transfer-encoding", "gzip"),
+                ("transfer-encoding", "chunked")
+            ]),
+            Some(Coding::Unsupported)
+        );
+        for bad in [
+            &[("transfer-encoding", "chunked, gzip")][..],
+            &[("transfer-encoding", "chunked, chunked")],
+            &[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked"),
+            ],
+            &[("transfer-encoding", "")],
+            &[("transfer-encoding", "xchunked")],
+            &[("transfer-encoding", "\"chunked\"")],
+            &[("transfer-encoding", "gzip,\tchunked")],
+            &[("transfer-encoding", "chunked;x=1")],
+        ] {
+            assert_eq!(te(bad), Some(Coding::NotChunked), "{bad:?}");
+        }
+        assert_eq!(te(&[("content-length", "3")]), None);
+        let h = head(&[
+            (
+                "Connection",
+                "keep-alive, X-Secret,upgrade, Content-Length, transfer-encoding, HOST",
+            ),
+            ("x", "y"),
+        ]);
         assert!(connection_has(&h, b"Upgrade"));
         assert!(!connection_has(&h, b"close"));
         assert_eq!(

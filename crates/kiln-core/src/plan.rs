@@ -202,6 +202,9 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     if old.timeout != new.timeout {
         out.push(format!("timeout {} -> {}", old.timeout, new.timeout));
     }
+    if old.router != new.router {
+        out.push("router settings changed".to_owned());
+    }
     out
 }
 
@@ -219,6 +222,7 @@ mod tests {
                 listen: None,
                 rollout: RolloutSpec::default(),
                 timeout: crate::service::Duration::from_secs(30),
+                router: Default::default(),
             },
             config: ReleaseConfig {
                 image: Digest::of(image),
@@ -227,7 +231,7 @@ mod tests {
                 workdir: "/".into(),
                 env: env
                     .iter()
-                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .map(|(k, v)| (crate::spec::EnvName::try_from(*k).unwrap(), (*v).to_owned()))
                     .collect(),
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,

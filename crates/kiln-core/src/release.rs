@@ -8,8 +8,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
-use crate::service::{HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeSpec};
-use crate::spec::ServiceName;
+use crate::service::{
+    HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeName, VolumeSpec,
+};
+use crate::spec::{EnvName, ServiceName};
 
 /// Everything an instance is made from. Two releases with equal configs are
 /// the same content (a rollback creates a new release with an old config).
@@ -23,9 +25,12 @@ pub struct ReleaseConfig {
     pub command: Vec<String>,
     /// Working directory inside the image.
     pub workdir: String,
-    /// The image's env, overridden by the service's.
-    pub env: BTreeMap<String, String>,
-    pub volumes: BTreeMap<String, VolumeSpec>,
+    /// The image's env, overridden by the service's. Names are validated
+    /// here too: this arrives through the API, not only from a spec.
+    pub env: BTreeMap<EnvName, String>,
+    /// Volume name → mount. A name is a path component under
+    /// `$KILN_HOME/volumes/SERVICE/`: validated, so none escapes it.
+    pub volumes: BTreeMap<VolumeName, VolumeSpec>,
     pub runtime: RuntimeKind,
     pub health: HealthSpec,
     pub stop: StopSpec,
@@ -47,6 +52,10 @@ pub struct ServiceSettings {
     pub rollout: RolloutSpec,
     /// The router's request timeout.
     pub timeout: crate::service::Duration,
+    /// The router's limits (settings recorded before they existed read as
+    /// the defaults).
+    #[serde(default)]
+    pub router: crate::service::RouterSpec,
 }
 
 /// What `kiln apply` asks for one service: its settings and the release

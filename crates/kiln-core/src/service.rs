@@ -47,6 +47,47 @@ pub struct ServiceSpec {
     /// answering 504.
     #[serde(default = "default_timeout")]
     pub timeout: Duration,
+    /// The router's limits for this service's listener.
+    #[serde(default)]
+    pub router: RouterSpec,
+}
+
+/// `[services.NAME.router]`: what the router allows a peer before it gives
+/// up on it (nginx's `client_body_timeout`, `proxy_read_timeout`,
+/// `send_timeout` and `worker_connections`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterSpec {
+    /// A request body that sends nothing for this long is answered 408.
+    #[serde(default = "sixty_seconds")]
+    pub body_timeout: Duration,
+    /// An instance that sends nothing of a response body for this long:
+    /// the response is cut and both connections closed.
+    #[serde(default = "sixty_seconds")]
+    pub read_timeout: Duration,
+    /// A client that reads nothing of its response for this long: closed.
+    #[serde(default = "sixty_seconds")]
+    pub send_timeout: Duration,
+    /// At most this many client connections at once on the listener;
+    /// more wait in the kernel's accept queue. Default: the share of the
+    /// agent's descriptor limit that traffic may take.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+}
+
+fn sixty_seconds() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for RouterSpec {
+    fn default() -> Self {
+        Self {
+            body_timeout: sixty_seconds(),
+            read_timeout: sixty_seconds(),
+            send_timeout: sixty_seconds(),
+            max_connections: None,
+        }
+    }
 }
 
 fn default_timeout() -> Duration {
@@ -60,6 +101,21 @@ fn one() -> u32 {
 impl ServiceSpec {
     /// Rules between fields of one service.
     pub fn check(&self) -> Result<(), String> {
+        let r = &self.router;
+        for (key, d) in [
+            ("body_timeout", r.body_timeout),
+            ("read_timeout", r.read_timeout),
+            ("send_timeout", r.send_timeout),
+            ("timeout", self.timeout),
+        ] {
+            if d.0.is_zero() {
+                let table = if key == "timeout" { "" } else { "router." };
+                return Err(format!("{table}{key} must be more than 0"));
+            }
+        }
+        if r.max_connections == Some(0) {
+            return Err("router.max_connections must be at least 1".to_owned());
+        }
         if self.replicas > 1000 {
             return Err(format!("replicas = {} is more than 1000", self.replicas));
         }

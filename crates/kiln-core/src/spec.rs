@@ -195,6 +195,12 @@ macro_rules! validated_string_pub {
             }
         }
 
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl TryFrom<&str> for $name {
             type Error = String;
             fn try_from(s: &str) -> Result<Self, String> {

@@ -117,15 +117,13 @@ fn resolve_service(
     } else {
         svc.command.clone()
     };
-    let mut env: BTreeMap<String, String> = image
-        .env
-        .iter()
-        .filter_map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        })
-        .collect();
-    env.extend(svc.env.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    let mut env = BTreeMap::new();
+    for (k, v) in image.env.iter().filter_map(|kv| kv.split_once('=')) {
+        let k = kiln_core::spec::EnvName::try_from(k)
+            .map_err(|e| anyhow::anyhow!("image {image_name} of service {name}: {e}"))?;
+        env.insert(k, v.to_owned());
+    }
+    env.extend(svc.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     Ok(DesiredService {
         name: name.clone(),
         settings: ServiceSettings {
@@ -133,6 +131,7 @@ fn resolve_service(
             listen: svc.listen,
             rollout: svc.rollout.clone(),
             timeout: svc.timeout,
+            router: svc.router,
         },
         config: ReleaseConfig {
             image: digest,
@@ -140,11 +139,7 @@ fn resolve_service(
             command,
             workdir: image.working_dir.unwrap_or_else(|| "/".to_owned()),
             env,
-            volumes: svc
-                .volumes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
+            volumes: svc.volumes.clone(),
             // The agent decides when the spec does not say (it knows whether
             // bubblewrap is installed on its node).
             runtime: svc.runtime.unwrap_or(RuntimeKind::Sandbox),
