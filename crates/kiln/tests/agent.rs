@@ -6,6 +6,8 @@
 mod util;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -340,7 +342,6 @@ fn without_an_agent_commands_say_how_to_start_one() {
 #[test]
 fn the_socket_is_private_and_bad_requests_are_refused() {
     use std::io::{Read, Write};
-    use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
     let _agent = Agent::start(&env);
     let sock = env.home.join("kiln.sock");
@@ -367,6 +368,42 @@ fn the_socket_is_private_and_bad_requests_are_refused() {
     assert!(out.starts_with("HTTP/1.1 400"), "{out}");
     let out = request(r#"{"services": [], "dry_run": true}"#);
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    // Regression (issue 10): volume and env names are validated at the API
+    // too; a volume named `../../../x` made a directory outside the home,
+    // bind-mounted read-write.
+    for (body, says) in [
+        (
+            r#"{"services": [{"config": {"volumes": {"../../../x": {"path": "/x", "shared": false}}}}]}"#,
+            "invalid volume name `../../../x`",
+        ),
+        (
+            r#"{"services": [{"config": {"volumes": {"/abs": {"path": "/x", "shared": false}}}}]}"#,
+            "invalid volume name `/abs`",
+        ),
+        (
+            r#"{"services": [{"config": {"env": {"A=B": "x"}}}]}"#,
+            "A=B",
+        ),
+    ] {
+        let out = request(body);
+        assert!(out.starts_with("HTTP/1.1 400") && out.contains(says), "{body}: {out}");
+    }
+    assert!(!env.dir.path().join("x").exists() && !Path::new("/abs").exists());
+    // The state (every release's env values) is the owner's alone; the
+    // socket is made in place with its mode, nothing left of how.
+    for file in ["state.db", "state.db-wal"] {
+        assert_eq!(
+            fs::metadata(env.home.join(file)).unwrap().permissions().mode() & 0o777,
+            0o600,
+            "{file}"
+        );
+    }
+    let leftovers: Vec<_> = fs::read_dir(&env.home)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(".kiln.sock"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
 #[test]
@@ -540,6 +577,29 @@ fn logs_filter_by_release_and_instance() {
     );
     let err = env.fails(&["logs", "nope"]);
     assert!(err.contains("no service named nope"), "{err}");
+    // Regression (issue 10): instance output was 0644 in a 0755 home.
+    let logs = env.home.join("logs");
+    assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o777, 0o700);
+    let mut files = 0;
+    for dir in fs::read_dir(&logs).unwrap() {
+        let dir = dir.unwrap().path();
+        let entries: Vec<_> = if dir.is_dir() {
+            assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect()
+        } else {
+            vec![dir]
+        };
+        for f in entries {
+            assert_eq!(
+                fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+                0o600,
+                "{}",
+                f.display()
+            );
+            files += 1;
+        }
+    }
+    assert!(files > 0);
 }
 
 #[test]

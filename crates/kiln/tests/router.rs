@@ -569,3 +569,87 @@ fn a_timeout_change_alone_reaches_the_router() {
     assert_eq!(status, 504);
     assert!(body.contains("did not answer within 2s"), "{body}");
 }
+
+/// Regression (issue 10, critical): `Connection: content-length` made the
+/// router drop the body's framing, so the body reached the instance as a
+/// second request, and an incomplete one waited on the pooled connection
+/// for the next client's request to be glued onto it: a victim got the
+/// answer to the attacker's request.
+#[test]
+fn a_client_cannot_smuggle_a_request_onto_another_clients_connection() {
+    let env = Env::new();
+    let port = free_port();
+    let spec = spec(port, "", "").replace("replicas = 3", "replicas = 1");
+    let path = hello_app(&env.path("app"), &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let raw = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    // An incomplete request hidden in the body, on several connections
+    // (so that every router thread's pool would hold one).
+    let prefix = "GET /healthz HTTP/1.1\r\nX-Ignore: ";
+    for _ in 0..4 {
+        let out = raw(format!(
+            "POST / HTTP/1.1\r\nHost: attacker\r\nConnection: content-length, close\r\n\
+             Content-Length: {}\r\n\r\n{prefix}",
+            prefix.len()
+        )
+        .as_bytes());
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+    }
+    for _ in 0..8 {
+        let (status, body) = get(port, "/");
+        assert_eq!(status, 200);
+        assert!(body.starts_with("hello from v1"), "a victim got another answer: {body}");
+    }
+    // Nor does `Connection: host` hand the app the router's own Host.
+    let out = raw(b"GET /headers HTTP/1.1\r\nHost: public.example\r\nConnection: host, close\r\n\r\n");
+    assert!(
+        out.to_lowercase().contains("host: public.example") && !out.contains("127.0.0.1:"),
+        "{out}"
+    );
+}
+
+/// Regression (issue 10, high): with no cap on connections, a flood of
+/// idle ones took every descriptor: the accept loop spun, the API and the
+/// probes stopped answering, and instances were marked unready.
+#[test]
+fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
+    let env = Env::new();
+    let port = free_port();
+    let spec = spec(port, "", "").replace("replicas = 3", "replicas = 1");
+    let path = hello_app(&env.path("app"), &spec);
+    // A small limit, so that a flood reaches it quickly: the router may
+    // take (400 - 256) / 2 = 72 client connections.
+    let agent = Agent::start_with_nofile(&env, 400);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
+    assert!(
+        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 400 ")),
+        "{limits}"
+    );
+    let flood: Vec<TcpStream> = (0..500)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Several probe intervals pass under the flood.
+    std::thread::sleep(Duration::from_secs(2));
+    let s = service_status(&env, "web");
+    assert_eq!(s["ready"], 1, "{s}");
+    let replaced: Vec<Value> = instances(&s);
+    assert_eq!(replaced.len(), 1, "no instance was replaced: {s}");
+    // Room is made as the flood goes: a new client is served.
+    drop(flood);
+    let (status, body) = get(port, "/");
+    assert_eq!((status, body.starts_with("hello from v1")), (200, true), "{body}");
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap_or_default();
+    assert!(
+        log.contains("router holds at most 72 client connections"),
+        "{log}"
+    );
+}

@@ -174,8 +174,24 @@ impl Agent {
         Self::start_with(env, |_| {})
     }
 
+    /// `kiln serve` with a descriptor limit of `nofile` (soft and hard),
+    /// set by `prlimit` before it starts.
+    pub fn start_with_nofile(env: &Env, nofile: u32) -> Self {
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--nofile={nofile}:{nofile}"))
+            .arg("--")
+            .arg(env!("CARGO_BIN_EXE_kiln"))
+            .env("KILN_HOME", &env.home)
+            .env_remove("SOURCE_DATE_EPOCH")
+            .current_dir(env.dir.path());
+        Self::spawn(env, cmd, |_| {})
+    }
+
     pub fn start_with(env: &Env, configure: impl FnOnce(&mut Command)) -> Self {
-        let mut cmd = env.cmd();
+        Self::spawn(env, env.cmd(), configure)
+    }
+
+    fn spawn(env: &Env, mut cmd: Command, configure: impl FnOnce(&mut Command)) -> Self {
         cmd.arg("serve")
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(env.path("agent.log")).expect("agent log"));
