@@ -341,7 +341,7 @@ impl Agent {
                 d.name
             )));
         };
-        if !command_exists(&tree.rootfs, &cfg.env, &cfg.workdir, program) {
+        if !command_exists(&tree.rootfs, &cfg.env, cfg.workdir.as_str(), program) {
             return Err(AgentError::Invalid(format!(
                 "service {}: command `{program}` does not exist in image {}@{}",
                 d.name,
@@ -357,7 +357,7 @@ impl Agent {
             if let Some(p) = probe
                 && let ProbeCheck::Exec { command } = &p.check
                 && let Some(program) = command.first()
-                && !command_exists(&tree.rootfs, &cfg.env, &cfg.workdir, program)
+                && !command_exists(&tree.rootfs, &cfg.env, cfg.workdir.as_str(), program)
             {
                 return Err(AgentError::Invalid(format!(
                     "service {}: {kind} probe command `{program}` does not exist in image {}@{}",

@@ -501,7 +501,7 @@ impl Controller {
             rootfs: p.rootfs.clone(),
             argv: cfg.command.clone(),
             env,
-            workdir: cfg.workdir.clone(),
+            workdir: cfg.workdir.to_string(),
             volumes: cfg
                 .volumes
                 .iter()

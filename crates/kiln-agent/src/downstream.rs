@@ -774,9 +774,8 @@ impl<'a> Target<'a> {
         check_authority(authority).map_err(|_| "invalid authority in the request target")?;
         let path = &rest[end..];
         Ok(Self {
-            // `http://h?q` has an empty path: the instance gets `/?q`
-            // (RFC 9112 §3.2.1), written here as `/` plus the query when
-            // the path is empty.
+            // An empty path is `/`; `http://h?q` (an empty path with a
+            // query) is refused rather than rewritten: no client sends it.
             origin: if path.starts_with(b"/") {
                 path
             } else if path.is_empty() {

@@ -613,7 +613,7 @@ mod tests {
             image: Digest::of(b"i"),
             image_name: "hello".into(),
             command: vec!["/bin/hello".into()],
-            workdir: "/".into(),
+            workdir: kiln_core::spec::AbsolutePath::try_from("/").unwrap(),
             env: [(
                 kiln_core::spec::EnvName::try_from("A").unwrap(),
                 rev.to_string(),

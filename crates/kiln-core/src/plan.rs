@@ -228,7 +228,7 @@ mod tests {
                 image: Digest::of(image),
                 image_name: "hello".into(),
                 command: vec!["/bin/hello".into()],
-                workdir: "/".into(),
+                workdir: crate::spec::AbsolutePath::try_from("/").unwrap(),
                 env: env
                     .iter()
                     .map(|(k, v)| (crate::spec::EnvName::try_from(*k).unwrap(), (*v).to_owned()))

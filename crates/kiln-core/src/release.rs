@@ -11,7 +11,7 @@ use crate::digest::Digest;
 use crate::service::{
     HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeName, VolumeSpec,
 };
-use crate::spec::{EnvName, ServiceName};
+use crate::spec::{AbsolutePath, EnvName, ServiceName};
 
 /// Everything an instance is made from. Two releases with equal configs are
 /// the same content (a rollback creates a new release with an old config).
@@ -23,8 +23,9 @@ pub struct ReleaseConfig {
     pub image_name: String,
     /// argv: the service's `command`, else the image's entrypoint + cmd.
     pub command: Vec<String>,
-    /// Working directory inside the image.
-    pub workdir: String,
+    /// Working directory inside the image (validated: the process runtime
+    /// joins it onto the image's tree).
+    pub workdir: AbsolutePath,
     /// The image's env, overridden by the service's. Names are validated
     /// here too: this arrives through the API, not only from a spec.
     pub env: BTreeMap<EnvName, String>,

@@ -124,6 +124,11 @@ fn resolve_service(
         env.insert(k, v.to_owned());
     }
     env.extend(svc.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let workdir =
+        kiln_core::spec::AbsolutePath::try_from(image.working_dir.as_deref().unwrap_or("/"))
+            .map_err(|e| {
+                anyhow::anyhow!("image {image_name} of service {name}: working directory: {e}")
+            })?;
     Ok(DesiredService {
         name: name.clone(),
         settings: ServiceSettings {
@@ -137,7 +142,7 @@ fn resolve_service(
             image: digest,
             image_name,
             command,
-            workdir: image.working_dir.unwrap_or_else(|| "/".to_owned()),
+            workdir,
             env,
             volumes: svc.volumes.clone(),
             // The agent decides when the spec does not say (it knows whether

@@ -384,16 +384,27 @@ fn the_socket_is_private_and_bad_requests_are_refused() {
             r#"{"services": [{"config": {"env": {"A=B": "x"}}}]}"#,
             "A=B",
         ),
+        (
+            r#"{"services": [{"config": {"workdir": "/../../etc"}}]}"#,
+            "must not contain `..`",
+        ),
     ] {
         let out = request(body);
-        assert!(out.starts_with("HTTP/1.1 400") && out.contains(says), "{body}: {out}");
+        assert!(
+            out.starts_with("HTTP/1.1 400") && out.contains(says),
+            "{body}: {out}"
+        );
     }
     assert!(!env.dir.path().join("x").exists() && !Path::new("/abs").exists());
     // The state (every release's env values) is the owner's alone; the
     // socket is made in place with its mode, nothing left of how.
     for file in ["state.db", "state.db-wal"] {
         assert_eq!(
-            fs::metadata(env.home.join(file)).unwrap().permissions().mode() & 0o777,
+            fs::metadata(env.home.join(file))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
             0o600,
             "{file}"
         );
@@ -579,13 +590,22 @@ fn logs_filter_by_release_and_instance() {
     assert!(err.contains("no service named nope"), "{err}");
     // Regression (issue 10): instance output was 0644 in a 0755 home.
     let logs = env.home.join("logs");
-    assert_eq!(fs::metadata(&logs).unwrap().permissions().mode() & 0o777, 0o700);
+    assert_eq!(
+        fs::metadata(&logs).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
     let mut files = 0;
     for dir in fs::read_dir(&logs).unwrap() {
         let dir = dir.unwrap().path();
         let entries: Vec<_> = if dir.is_dir() {
-            assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
-            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).collect()
+            assert_eq!(
+                fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+                0o700
+            );
+            fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .collect()
         } else {
             vec![dir]
         };

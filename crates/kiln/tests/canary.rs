@@ -519,3 +519,59 @@ fn steps_changed_mid_canary_take_effect_at_once() {
     assert_eq!(releases(&env, "web")[1]["outcome"], "active");
     assert_eq!(versions(port, 50), (0, 50));
 }
+
+/// Regression (issue 10): a client that broke its own request bodies (a
+/// bad chunk, a hang-up mid-body) was answered 502 and counted as the
+/// canary's error, and its sticky cookie let it choose the canary side:
+/// one client could abort any canary.
+#[test]
+fn a_client_breaking_its_bodies_on_the_canary_side_cannot_abort_it() {
+    let rollout = format!(
+        "steps = [{{ weight = 50, pause = \"manual\" }}, {{ weight = 100 }}]\nsticky = true\n{ANALYSIS}"
+    );
+    let (env, port, path, _agent) = deployed_v1(&rollout);
+    start_canary_v2(&env, &path, port, &rollout, 50);
+    // Bucket 0 is below the weight: the canary's side.
+    let cookie = "kiln-canary-web=2.0";
+    for i in 0..40 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if i % 2 == 0 {
+            s.write_all(
+                format!("POST / HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n")
+                    .as_bytes(),
+            )
+            .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            assert!(out.starts_with("HTTP/1.1 400 "), "{out}");
+        } else {
+            s.write_all(
+                format!("POST / HTTP/1.1\r\nhost: x\r\ncookie: {cookie}\r\ncontent-length: 100\r\n\r\nabc")
+                    .as_bytes(),
+            )
+            .unwrap();
+            // Hang up mid-body.
+            drop(s);
+        }
+    }
+    // Enough honest traffic for the analysis to judge the step.
+    let (_, v2) = versions(port, 400);
+    assert!(v2 >= 100, "{v2}");
+    wait_for("the step to be judged", Duration::from_secs(30), || {
+        let c = &service_status(&env, "web")["canary"];
+        c["canary_window"]["requests"].as_u64() >= Some(100)
+            && c["waiting"]
+                .as_str()
+                .is_some_and(|w| w.contains("kiln promote web"))
+    });
+    let s = service_status(&env, "web");
+    assert_eq!(s["canary"]["canary_window"]["errors"], 0, "{s}");
+    assert!(s["failed_release"].is_null(), "{s}");
+    env.ok(&["promote", "web"]);
+    // The last step (weight 100) is judged on its own requests too.
+    wait_for("the canary to be the release", Duration::from_secs(30), || {
+        let _ = versions(port, 20);
+        all_on(&service_status(&env, "web"), 2)
+    });
+}

@@ -606,10 +606,14 @@ fn a_client_cannot_smuggle_a_request_onto_another_clients_connection() {
     for _ in 0..8 {
         let (status, body) = get(port, "/");
         assert_eq!(status, 200);
-        assert!(body.starts_with("hello from v1"), "a victim got another answer: {body}");
+        assert!(
+            body.starts_with("hello from v1"),
+            "a victim got another answer: {body}"
+        );
     }
     // Nor does `Connection: host` hand the app the router's own Host.
-    let out = raw(b"GET /headers HTTP/1.1\r\nHost: public.example\r\nConnection: host, close\r\n\r\n");
+    let out =
+        raw(b"GET /headers HTTP/1.1\r\nHost: public.example\r\nConnection: host, close\r\n\r\n");
     assert!(
         out.to_lowercase().contains("host: public.example") && !out.contains("127.0.0.1:"),
         "{out}"
@@ -631,7 +635,9 @@ fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.pid())).unwrap();
     assert!(
-        limits.lines().any(|l| l.starts_with("Max open files") && l.contains(" 400 ")),
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 400 ")),
         "{limits}"
     );
     let flood: Vec<TcpStream> = (0..500)
@@ -646,7 +652,11 @@ fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
     // Room is made as the flood goes: a new client is served.
     drop(flood);
     let (status, body) = get(port, "/");
-    assert_eq!((status, body.starts_with("hello from v1")), (200, true), "{body}");
+    assert_eq!(
+        (status, body.starts_with("hello from v1")),
+        (200, true),
+        "{body}"
+    );
     let log = std::fs::read_to_string(env.path("agent.log")).unwrap_or_default();
     assert!(
         log.contains("router holds at most 72 client connections"),
