@@ -1,5 +1,8 @@
 """Helpers the bench drivers share (stdlib only)."""
+import re
 import socket
+import subprocess
+import time
 
 
 def free_port():
@@ -15,3 +18,35 @@ def pct(xs, q):
     """The q-th percentile (0 to 100) of xs, nearest rank."""
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def wait_port(port):
+    """Wait (up to 5 s) until something listens on 127.0.0.1:port."""
+    for _ in range(500):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return
+        except OSError:
+            time.sleep(0.01)
+    raise SystemExit(f"nothing listens on {port}")
+
+
+def to_ms(v):
+    """wrk's `123.45us` / `1.2ms` / `2s` in milliseconds."""
+    m = re.match(r"([\d.]+)(us|ms|s)", v)
+    n, u = float(m.group(1)), m.group(2)
+    return n / 1000 if u == "us" else n if u == "ms" else n * 1000
+
+
+def wrk(port, conns, duration, path="/"):
+    """One wrk run on 127.0.0.1:port: (requests/s, p50 ms, p99 ms, requests,
+    non-2xx, socket errors)."""
+    out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
+                         capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
+    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
+    total = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
+    sock = sum(map(int, m.groups())) if (m := re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
+    return rps, p50, p99, total, non2xx, sock

@@ -1,7 +1,8 @@
 """Driver for bench/traffic.sh (stdlib only)."""
 import json, os, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, threading, time
 
-from benchlib import free_port, pct
+import benchlib
+from benchlib import free_port, pct, wait_port
 
 KILN, HELLO, BENCH = sys.argv[1:4]
 RUNS = int(os.environ.get("RUNS", "3"))
@@ -10,32 +11,8 @@ CONNS = int(os.environ.get("CONNS", "50"))
 ROLLBACKS = int(os.environ.get("ROLLBACKS", "20"))
 
 
-def wait_port(port):
-    for _ in range(500):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
-            return
-        except OSError:
-            time.sleep(0.01)
-    raise SystemExit(f"nothing listens on {port}")
-
-
-def to_ms(v):
-    m = re.match(r"([\d.]+)(us|ms|s)", v)
-    n, u = float(m.group(1)), m.group(2)
-    return n / 1000 if u == "us" else n if u == "ms" else n * 1000
-
-
 def wrk(port, duration=DURATION, path="/"):
-    out = subprocess.run(["wrk", "-t2", f"-c{CONNS}", f"-d{duration}s", "--latency", f"http://127.0.0.1:{port}{path}"],
-                         capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    p50 = to_ms(re.search(r"\s50%\s+(\S+)", out).group(1))
-    p99 = to_ms(re.search(r"\s99%\s+(\S+)", out).group(1))
-    total = int(re.search(r"(\d+) requests in", out).group(1))
-    non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
-    sock = sum(map(int, m.groups())) if (m := re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
-    return rps, p50, p99, total, non2xx, sock
+    return benchlib.wrk(port, CONNS, duration, path)
 
 
 def get_body(port):
