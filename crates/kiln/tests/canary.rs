@@ -570,8 +570,12 @@ fn a_client_breaking_its_bodies_on_the_canary_side_cannot_abort_it() {
     assert!(s["failed_release"].is_null(), "{s}");
     env.ok(&["promote", "web"]);
     // The last step (weight 100) is judged on its own requests too.
-    wait_for("the canary to be the release", Duration::from_secs(30), || {
-        let _ = versions(port, 20);
-        all_on(&service_status(&env, "web"), 2)
-    });
+    wait_for(
+        "the canary to be the release",
+        Duration::from_secs(30),
+        || {
+            let _ = versions(port, 20);
+            all_on(&service_status(&env, "web"), 2)
+        },
+    );
 }
