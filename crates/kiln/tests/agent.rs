@@ -210,11 +210,18 @@ fn liveness_failure_replaces_the_instance() {
             .iter()
             .any(|i| i["id"] != first && i["replacements"].as_u64() >= Some(1))
     });
-    let logs = env.ok(&["logs", "web", "--instance", first.as_str().unwrap()]);
-    assert!(
-        logs.contains("exited") && logs.contains("as asked"),
-        "stopped by kiln: {logs}"
+    // The replacement may be in status before the first instance has
+    // finished stopping (drained, then signalled): its last line comes then.
+    let mut logs = String::new();
+    wait_for(
+        "the first instance's exit in its log",
+        Duration::from_secs(20),
+        || {
+            logs = env.ok(&["logs", "web", "--instance", first.as_str().unwrap()]);
+            logs.contains("exited")
+        },
     );
+    assert!(logs.contains("as asked"), "stopped by kiln: {logs}");
 }
 
 #[test]
