@@ -303,6 +303,16 @@ mod tests {
     }
 
     #[test]
+    fn router_limits_alone_change_settings_not_the_release() {
+        let old = desired(&[], 2, b"a");
+        let mut new = desired(&[], 2, b"a");
+        new.settings.router.max_connections = Some(10);
+        let s = &plan(&[new], &current(&old, 3)).services[0];
+        assert_eq!((s.action, s.revision), (Action::Settings, Some(3)));
+        assert_eq!(s.changes, ["router settings changed"]);
+    }
+
+    #[test]
     fn a_new_image_is_named_in_the_plan() {
         let old = desired(&[], 1, b"a");
         let new = desired(&[], 1, b"b");

@@ -863,6 +863,44 @@ mod canary_tests {
     const BASE: &str = "[images.a]\n[services.web]\nimage = \"a\"\nlisten = \"127.0.0.1:9000\"\n";
 
     #[test]
+    fn router_limits_parse_with_defaults_and_refuse_zero() {
+        let spec = Spec::parse(BASE, "k.toml").unwrap();
+        let r = spec.services.values().next().unwrap().router;
+        assert_eq!(r, super::RouterSpec::default());
+        assert_eq!(r.body_timeout.0.as_secs(), 60);
+        assert_eq!(r.max_connections, None);
+        let text = format!(
+            "{BASE}[services.web.router]\nbody_timeout = \"5s\"\nread_timeout = \"2m\"\nsend_timeout = \"500ms\"\nmax_connections = 100\n"
+        );
+        let r = Spec::parse(&text, "k.toml")
+            .unwrap()
+            .services
+            .values()
+            .next()
+            .unwrap()
+            .router;
+        assert_eq!(r.body_timeout.0.as_secs(), 5);
+        assert_eq!(r.read_timeout.0.as_secs(), 120);
+        assert_eq!(r.send_timeout.0.as_millis(), 500);
+        assert_eq!(r.max_connections, Some(100));
+        for (extra, says) in [
+            (
+                "body_timeout = \"0s\"",
+                "router.body_timeout must be more than 0",
+            ),
+            (
+                "max_connections = 0",
+                "router.max_connections must be at least 1",
+            ),
+            ("max_conections = 5", "max_conections"),
+        ] {
+            let text = format!("{BASE}[services.web.router]\n{extra}\n");
+            let err = Spec::parse(&text, "k.toml").unwrap_err().to_string();
+            assert!(err.contains(says), "{extra}: {err}");
+        }
+    }
+
+    #[test]
     fn canary_settings_parse() {
         let text = format!(
             "{BASE}[services.web.rollout]\nstrategy = \"canary\"\nsticky = true\nsteps = [{{ weight = 10, pause = \"30s\" }}, {{ weight = 50, pause = \"manual\" }}, {{ weight = 100 }}]\n[services.web.rollout.analysis]\nmax_error_rate = \"5%\"\nmax_p99 = \"250ms\"\nmax_error_rate_increase = 0.02\n"
