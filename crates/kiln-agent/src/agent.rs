@@ -169,15 +169,23 @@ impl Agent {
         }
     }
 
-    /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
-    /// second waits for the first to be recorded, and a service whose
-    /// rollout is still in progress refuses a new release (naming it).
-    pub async fn apply(&self, mut req: ApplyRequest) -> Result<ApplyResponse, AgentError> {
+    /// A new release (apply, rollback) is refused once shutdown began: it
+    /// would be recorded and never rolled out. (The API stops accepting
+    /// first; this answers a request already in flight.)
+    fn refuse_during_shutdown(&self) -> Result<(), AgentError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(AgentError::ShuttingDown(
                 "the agent is shutting down".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
+    /// second waits for the first to be recorded, and a service whose
+    /// rollout is still in progress refuses a new release (naming it).
+    pub async fn apply(&self, mut req: ApplyRequest) -> Result<ApplyResponse, AgentError> {
+        self.refuse_during_shutdown()?;
         let _serial = self.apply_lock.lock().await;
         let mut seen = std::collections::BTreeSet::new();
         for d in &mut req.services {
@@ -378,6 +386,7 @@ impl Agent {
         name: &ServiceName,
         to: Option<u64>,
     ) -> Result<RollbackResponse, AgentError> {
+        self.refuse_during_shutdown()?;
         let _serial = self.apply_lock.lock().await;
         let mut rec = self
             .shared

@@ -3,8 +3,8 @@
 //!
 //! Parsing is strict: unknown keys are refused, and every error names the
 //! file, line and column, with the nearest valid key for a misspelt one.
-//! Tables are keyed by kind (`[images.NAME]` now; `[services.NAME]` beside it
-//! when the agent arrives), so each kind validates on its own.
+//! Tables are keyed by kind (`[images.NAME]`, `[services.NAME]`), so each
+//! kind validates on its own.
 
 use std::collections::BTreeMap;
 use std::fmt;
