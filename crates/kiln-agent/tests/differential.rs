@@ -19,6 +19,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -228,8 +229,12 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        // Each peer runs in a process group of its own: ending the group
+        // ends nginx's workers too (killing its master alone orphans them).
         if let Some(c) = &mut self.child {
-            let _ = c.kill();
+            if let Some(group) = rustix::process::Pid::from_raw(c.id() as i32) {
+                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            }
             let _ = c.wait();
         }
     }
@@ -292,6 +297,7 @@ fn nginx() -> Proxy {
         .arg(&path)
         .arg("-p")
         .arg(dir.path())
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -325,6 +331,7 @@ fn haproxy() -> Proxy {
         .arg("-f")
         .arg(&path)
         .arg("-db")
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
