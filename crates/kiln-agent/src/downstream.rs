@@ -351,36 +351,14 @@ impl Client {
         limits: RouterSpec,
     ) -> Result<bool, Cut> {
         let within = limits.send_timeout.0;
-        // A body of unknown length is chunked to an HTTP/1.1 client; an
-        // HTTP/1.0 one reads it to the end of the connection.
-        let unknown = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
-        let chunked = unknown && !req.version10;
-        let keep = keep && !(unknown && req.version10);
         self.out.clear();
-        encode_response(&mut self.out, &head, false);
-        match head.framing {
-            Framing::Length(n) => {
-                let _ = write!(self.out, "content-length: {n}\r\n");
-            }
-            _ if chunked => self
-                .out
-                .extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            // What a response to HEAD (or a 304) says of the body it has
-            // not; 1xx and 204 have no length at all (RFC 9110 §8.6).
-            Framing::Empty if head.status >= 200 && head.status != 204 => {
-                if let Some(n) = head.length {
-                    let _ = write!(self.out, "content-length: {n}\r\n");
-                }
-            }
-            _ => {}
-        }
-        connection(&mut self.out, keep, req.version10);
-        if let Some(cookie) = &req.set_cookie {
-            self.out.extend_from_slice(b"set-cookie: ");
-            self.out.extend_from_slice(cookie.as_bytes());
-            self.out.extend_from_slice(b"\r\n");
-        }
-        self.out.extend_from_slice(b"\r\n");
+        let (chunked, keep) = response_head(
+            &mut self.out,
+            &head,
+            req.version10,
+            keep,
+            req.set_cookie.as_deref(),
+        );
         let io = &mut self.io;
         let client = |ok: bool| if ok { Ok(()) } else { Err(Cut::Client) };
         if let UpBody::Full(full) = &body {
@@ -469,6 +447,48 @@ impl Client {
         self.out.extend_from_slice(msg.as_bytes());
         send_to(&mut self.io, &self.out, self.send_timeout).await && keep
     }
+}
+
+/// The client's response head from the instance's: status line, end-to-end
+/// headers, then the router's own framing (from what was parsed, never the
+/// instance's fields), `Connection`, the sticky cookie and the empty line.
+/// Whether the body goes out chunked, and whether the connection goes on.
+///
+/// A body of unknown length is chunked to an HTTP/1.1 client; an HTTP/1.0
+/// one reads it to the end of the connection.
+fn response_head(
+    out: &mut Vec<u8>,
+    head: &UpHead,
+    version10: bool,
+    keep: bool,
+    set_cookie: Option<&str>,
+) -> (bool, bool) {
+    let unknown = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
+    let chunked = unknown && !version10;
+    let keep = keep && !(unknown && version10);
+    encode_response(out, head, false);
+    match head.framing {
+        Framing::Length(n) => {
+            let _ = write!(out, "content-length: {n}\r\n");
+        }
+        _ if chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        // What a response to HEAD (or a 304) says of the body it has not;
+        // 1xx and 204 have no length at all (RFC 9110 §8.6).
+        Framing::Empty if head.status >= 200 && head.status != 204 => {
+            if let Some(n) = head.length {
+                let _ = write!(out, "content-length: {n}\r\n");
+            }
+        }
+        _ => {}
+    }
+    connection(out, keep, version10);
+    if let Some(cookie) = set_cookie {
+        out.extend_from_slice(b"set-cookie: ");
+        out.extend_from_slice(cookie.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (chunked, keep)
 }
 
 /// Write `bytes` to the client; false when that failed or the client read
@@ -2055,6 +2075,168 @@ mod props {
                     .collect::<Vec<_>>()
             });
             prop_assert!(mixed.is_empty(), "{:?}", mixed);
+        }
+    }
+
+    /// An instance's response: its bytes, what its body is, and whether it
+    /// is well-formed.
+    #[derive(Debug, Clone)]
+    struct GenResponse {
+        bytes: Vec<u8>,
+        head_method: bool,
+        body: Vec<u8>,
+        clean: bool,
+        named: Vec<String>,
+    }
+
+    fn response() -> impl Strategy<Value = GenResponse> {
+        (
+            prop::sample::select(vec![200u16, 201, 204, 304, 404, 500]),
+            any::<bool>(),
+            prop::collection::vec(any::<u8>(), 0..200),
+            0u8..3,
+            prop::collection::vec(1usize..40, 0..6),
+            prop::collection::vec(
+                (
+                    prop::sample::select(vec!["x-a", "set-cookie", "cache-control", "etag"]),
+                    "[ -~]{0,16}",
+                ),
+                0..5,
+            ),
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    "close",
+                    "keep-alive",
+                    "content-length",
+                    "transfer-encoding",
+                    "x-a",
+                    "etag",
+                ]),
+                0..3,
+            ),
+            prop::option::weighted(
+                0.3,
+                prop::sample::select(vec![
+                    ("content-length", "7"),
+                    ("content-length", "1, 2"),
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked, chunked"),
+                ]),
+            ),
+            any::<u32>(),
+        )
+            .prop_map(
+                |(status, head_method, body, framing, cuts, mut fields, named, noise, mask)| {
+                    let bodiless = head_method || status == 204 || status == 304;
+                    let body = if status == 204 || status == 304 {
+                        Vec::new()
+                    } else {
+                        body
+                    };
+                    let wire = match framing {
+                        _ if status == 204 || status == 304 => Vec::new(),
+                        0 => {
+                            fields.push(("content-length", body.len().to_string()));
+                            body.clone()
+                        }
+                        1 => {
+                            fields.push(("transfer-encoding", "chunked".to_owned()));
+                            chunked(&body, &cuts)
+                        }
+                        // Close-delimited.
+                        _ => body.clone(),
+                    };
+                    let wire = if bodiless { Vec::new() } else { wire };
+                    if !named.is_empty() {
+                        fields.push(("connection", named.join(", ")));
+                    }
+                    if let Some((n, v)) = noise {
+                        fields.insert(mask as usize % (fields.len() + 1), (n, v.to_owned()));
+                    }
+                    let mut bytes = format!("HTTP/1.1 {status} R\r\n").into_bytes();
+                    for (i, (n, v)) in fields.iter().enumerate() {
+                        bytes.extend_from_slice(casing(n, mask.rotate_left(i as u32)).as_bytes());
+                        bytes.extend_from_slice(b": ");
+                        bytes.extend_from_slice(v.as_bytes());
+                        bytes.extend_from_slice(b"\r\n");
+                    }
+                    bytes.extend_from_slice(b"\r\n");
+                    bytes.extend_from_slice(&wire);
+                    GenResponse {
+                        bytes,
+                        head_method,
+                        body: if bodiless { Vec::new() } else { body },
+                        clean: noise.is_none(),
+                        named: named.iter().map(|s| (*s).to_owned()).collect(),
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Whatever an instance sends, a response the router accepts goes
+        /// to the client with the router's framing alone (consistent with
+        /// the body that follows), none of the headers its Connection
+        /// named, and its exact body, however the reads cut it.
+        #[test]
+        fn an_accepted_response_is_framed_once_and_keeps_its_exact_body(
+            g in response(),
+            version10 in any::<bool>(),
+            step in 1usize..64,
+        ) {
+            let mut buf = BytesMut::from(&g.bytes[..]);
+            let head = match crate::upstream::parse_head(&mut buf, g.head_method) {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    prop_assert!(false, "a whole head is never incomplete");
+                    unreachable!()
+                }
+                Err(e) => {
+                    prop_assert!(!g.clean, "a clean response was refused: {e}");
+                    return Ok(());
+                }
+            };
+            let mut out = Vec::new();
+            let (chunked, keep) = response_head(&mut out, &head, version10, true, None);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
+            let mut resp = httparse::Response::new(&mut headers);
+            prop_assert!(matches!(resp.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));
+            let count = |name: &str| resp.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            let value = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value.to_vec());
+            prop_assert!(count("content-length") + count("transfer-encoding") <= 1);
+            prop_assert!(count("connection") <= 1);
+            for t in &g.named {
+                if !["close", "keep-alive", "content-length", "transfer-encoding"].contains(&t.as_str()) {
+                    prop_assert_eq!(count(t), 0, "{} was named in Connection", t);
+                }
+            }
+            match head.framing {
+                Framing::Length(n) => prop_assert_eq!(value("content-length"), Some(n.to_string().into_bytes())),
+                Framing::Chunked(_) | Framing::Eof if !version10 => {
+                    prop_assert!(chunked);
+                    prop_assert_eq!(value("transfer-encoding"), Some(b"chunked".to_vec()));
+                }
+                Framing::Chunked(_) | Framing::Eof => {
+                    prop_assert!(!chunked && !keep, "an HTTP/1.0 client reads to the close");
+                    prop_assert_eq!(count("content-length") + count("transfer-encoding"), 0);
+                }
+                Framing::Empty => prop_assert_eq!(count("transfer-encoding"), 0),
+            }
+            if g.clean {
+                let rest = buf.to_vec();
+                let body = if head.framing == Framing::Eof {
+                    rest
+                } else {
+                    let decoded = decode(head.framing, &rest, step);
+                    prop_assert!(decoded.is_some(), "the body decodes");
+                    let (body, used) = decoded.unwrap_or_default();
+                    prop_assert_eq!(used, rest.len(), "nothing stray follows the body");
+                    body
+                };
+                prop_assert_eq!(body, g.body);
+            }
         }
     }
 }

@@ -415,7 +415,10 @@ async fn read_final_head<R: tokio::io::AsyncRead + Unpin>(
 
 /// Parse a complete head at the front of `buf` (consuming it), or `None`
 /// when more bytes are needed.
-fn parse_head(buf: &mut BytesMut, head_method: bool) -> Result<Option<UpHead>, ProtocolError> {
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    head_method: bool,
+) -> Result<Option<UpHead>, ProtocolError> {
     let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
     let mut resp = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
