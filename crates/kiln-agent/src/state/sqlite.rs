@@ -1,157 +1,20 @@
-//! Durable agent state behind [`StateStore`]: services, releases, live
-//! instances and the append-only event log. [`SqliteState`] is the one-node
-//! implementation (embedded, WAL); a cluster implementation (etcd) will sit
-//! behind the same trait, so nothing above it may assume SQL.
-//!
-//! Every change that must be atomic is one trait method (one transaction):
-//! recording an apply writes the release, the service's new target and the
-//! events together.
+//! The one-node [`StateStore`]: SQLite (bundled), WAL, under
+//! `$KILN_HOME/state.db`.
 
 use std::path::Path;
 use std::sync::Mutex;
 
-use kiln_core::release::{Outcome, Release, ServiceSettings};
+use kiln_core::release::{Outcome, Release};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-#[derive(Debug, thiserror::Error)]
-pub enum StateError {
-    #[error("state database {path}: {source}")]
-    Open {
-        path: String,
-        source: rusqlite::Error,
-    },
-    #[error("state database {path}: cannot make it owner-only: {source}")]
-    Private {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("state database: {0}")]
-    Sql(#[from] rusqlite::Error),
-    #[error("state database holds an unreadable {what}: {source}")]
-    Decode {
-        what: &'static str,
-        source: serde_json::Error,
-    },
-}
+use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
 
-pub type Result<T, E = StateError> = std::result::Result<T, E>;
-
-/// A service as the agent keeps it: its settings and the release it is on
-/// (or moving to).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceRecord {
-    pub name: ServiceName,
-    pub settings: ServiceSettings,
-    /// The release the reconciler drives the service to.
-    pub target: u64,
-}
-
-/// A running instance, recorded so that an agent restarted after a crash
-/// can find (and end) what the previous one started.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstanceRecord {
-    pub id: String,
-    pub service: ServiceName,
-    pub revision: u64,
-    pub slot: u32,
-    pub pid: u32,
-    /// The process start time (field 22 of /proc/PID/stat), so a reused
-    /// pid is never mistaken for the instance.
-    pub start_ticks: u64,
-    pub port: u16,
-}
-
-/// One event of the log (the ledger will hash-chain these).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    pub seq: u64,
-    pub time: String,
-    pub kind: String,
-    pub service: Option<String>,
-    pub revision: Option<u64>,
-    pub instance: Option<String>,
-    pub detail: serde_json::Value,
-}
-
-/// An event to append (its sequence number and time are assigned on write).
-#[derive(Clone, Debug)]
-pub struct NewEvent {
-    pub kind: &'static str,
-    pub service: Option<ServiceName>,
-    pub revision: Option<u64>,
-    pub instance: Option<String>,
-    pub detail: serde_json::Value,
-}
-
-impl NewEvent {
-    pub fn service(
-        kind: &'static str,
-        service: &ServiceName,
-        revision: Option<u64>,
-        detail: serde_json::Value,
-    ) -> Self {
-        Self {
-            kind,
-            service: Some(service.clone()),
-            revision,
-            instance: None,
-            detail,
-        }
+impl From<rusqlite::Error> for StateError {
+    fn from(e: rusqlite::Error) -> Self {
+        Self::Backend(Box::new(e))
     }
-}
-
-/// The agent's durable state.
-pub trait StateStore: Send + Sync {
-    fn services(&self) -> Result<Vec<ServiceRecord>>;
-    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
-    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
-    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
-    /// Record an apply of one service: a new release (if any) and the
-    /// service's settings and target, with their events, atomically.
-    fn record_apply(
-        &self,
-        service: &ServiceRecord,
-        release: Option<&Release>,
-        events: &[NewEvent],
-    ) -> Result<()>;
-    /// A rollback, as one change: the rollout it abandons (if any) marked
-    /// failed with `reason`, the new release recorded and made the target.
-    /// A crash can never leave the service pointing at the abandoned release.
-    fn record_rollback(
-        &self,
-        service: &ServiceRecord,
-        release: &Release,
-        abandoned: Option<(u64, &str)>,
-        events: &[NewEvent],
-    ) -> Result<()>;
-    /// Set a release's outcome (and the reason, for failures), with its event.
-    fn set_outcome(
-        &self,
-        service: &ServiceName,
-        revision: u64,
-        outcome: Outcome,
-        reason: Option<&str>,
-        event: &NewEvent,
-    ) -> Result<()>;
-    /// A failed rollout, as one change: the release is marked failed with
-    /// its reason and, when `return_to` says so, the service points back at
-    /// that release (an automatic rollback). Nobody ever sees a failed
-    /// release that the service is still moving to.
-    fn fail_release(
-        &self,
-        service: &ServiceName,
-        revision: u64,
-        reason: &str,
-        return_to: Option<u64>,
-        events: &[NewEvent],
-    ) -> Result<()>;
-    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
-    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
-    fn instances(&self) -> Result<Vec<InstanceRecord>>;
-    fn append_event(&self, event: &NewEvent) -> Result<u64>;
-    fn events(&self, after: u64) -> Result<Vec<Event>>;
 }
 
 /// SQLite in WAL mode under `$KILN_HOME/state.db`. Calls are short and
@@ -204,10 +67,6 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 "#;
 
-fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -229,9 +88,9 @@ fn insert_event(conn: &Connection, e: &NewEvent) -> Result<u64> {
 
 impl SqliteState {
     pub fn open(path: &Path) -> Result<Self> {
-        let open_err = |source| StateError::Open {
+        let open_err = |source: rusqlite::Error| StateError::Open {
             path: path.display().to_string(),
-            source,
+            source: Box::new(source),
         };
         // Owner-only: releases hold every env value. SQLite gives the WAL
         // and shared-memory files the database's mode when it makes them;
@@ -522,7 +381,9 @@ impl StateStore for SqliteState {
     fn events(&self, after: u64) -> Result<Vec<Event>> {
         let conn = self.conn();
         let mut stmt = conn.prepare("SELECT seq, time, kind, service, revision, instance, detail FROM events WHERE seq > ?1 ORDER BY seq")?;
-        let rows = stmt.query_map([after as i64], |r| {
+        // Saturating: `after as i64` wrapped a large `after` to -1 (everything).
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows = stmt.query_map([after], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
@@ -588,7 +449,15 @@ fn apply_in(
                 outcome_str(r.outcome),
                 r.reason
             ],
-        )?;
+        )
+        .map_err(|e| match e.sqlite_error_code() {
+            // The (service, revision) key is the only one this can break.
+            Some(rusqlite::ErrorCode::ConstraintViolation) => StateError::ReleaseExists {
+                service: r.service.clone(),
+                revision: r.revision,
+            },
+            _ => e.into(),
+        })?;
     }
     tx.execute(
             "INSERT INTO services (name, settings, target) VALUES (?1, ?2, ?3)
@@ -604,34 +473,7 @@ fn apply_in(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_core::Digest;
-    use kiln_core::release::ReleaseConfig;
-    use kiln_core::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
-
-    fn release(rev: u64) -> Release {
-        let config = ReleaseConfig {
-            image: Digest::of(b"i"),
-            image_name: "hello".into(),
-            command: vec!["/bin/hello".into()],
-            workdir: kiln_core::spec::AbsolutePath::try_from("/").unwrap(),
-            env: [(
-                kiln_core::spec::EnvName::try_from("A").unwrap(),
-                rev.to_string(),
-            )]
-            .into(),
-            volumes: Default::default(),
-            runtime: RuntimeKind::Process,
-            health: HealthSpec::default(),
-            stop: StopSpec::default(),
-        };
-        Release::pending(
-            ServiceName::try_from("web").unwrap(),
-            rev,
-            config,
-            "apply".into(),
-            now(),
-        )
-    }
+    use crate::state::contract::{event, release, service, web};
 
     /// A new state database in a temporary directory.
     fn fresh() -> (tempfile::TempDir, SqliteState) {
@@ -640,133 +482,29 @@ mod tests {
         (dir, state)
     }
 
-    fn service(name: &ServiceName, replicas: u32, target: u64) -> ServiceRecord {
-        ServiceRecord {
-            name: name.clone(),
-            settings: ServiceSettings {
-                replicas,
-                listen: None,
-                rollout: RolloutSpec::default(),
-                timeout: kiln_core::service::Duration::from_secs(30),
-                router: Default::default(),
-            },
-            target,
-        }
+    mod contract {
+        crate::state::contract::contract_tests!(super::fresh);
     }
 
     #[test]
-    fn apply_records_release_service_and_events_together() {
+    fn everything_survives_reopening() {
         let (dir, state) = fresh();
-        let name = ServiceName::try_from("web").unwrap();
-        let svc = service(&name, 2, 1);
-        let ev = NewEvent::service("release-created", &name, Some(1), serde_json::json!({}));
+        let name = web();
+        let r1 = release(1);
         state
-            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+            .record_apply(&service(&name, 2, 1), Some(&r1), &[event("x")])
             .unwrap();
-        // A duplicate revision fails, and the whole apply with it.
-        let mut svc2 = svc.clone();
-        svc2.target = 9;
-        assert!(
-            state
-                .record_apply(&svc2, Some(&release(1)), std::slice::from_ref(&ev))
-                .is_err()
-        );
-        assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
-        assert_eq!(state.events(0).unwrap().len(), 1);
-
-        state
-            .set_outcome(&name, 1, Outcome::Failed, Some("not ready"), &ev)
-            .unwrap();
-        let r = state.release(&name, 1).unwrap().unwrap();
-        assert_eq!(
-            (r.outcome, r.reason.as_deref()),
-            (Outcome::Failed, Some("not ready"))
-        );
-        assert_eq!(r.config, release(1).config);
-        // Reopening keeps everything.
         drop(state);
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
-        assert_eq!(state.releases(&name).unwrap().len(), 1);
-        assert_eq!(state.events(0).unwrap().len(), 2);
-    }
-
-    #[test]
-    fn a_failed_rollout_and_its_rollback_are_one_change() {
-        let (_dir, state) = fresh();
-        let name = ServiceName::try_from("web").unwrap();
-        let mut svc = service(&name, 1, 1);
-        let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
-        state
-            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
-            .unwrap();
-        svc.target = 2;
-        state
-            .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
-            .unwrap();
-        state
-            .fail_release(&name, 2, "crash loop", Some(1), &[ev.clone(), ev.clone()])
-            .unwrap();
+        assert_eq!(state.releases(&name).unwrap(), [r1]);
         assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
-        let r2 = state.release(&name, 2).unwrap().unwrap();
-        assert_eq!(
-            (r2.outcome, r2.reason.as_deref()),
-            (Outcome::Failed, Some("crash loop"))
-        );
-        assert_eq!(state.events(0).unwrap().len(), 4);
-        // Without a release to return to, only the outcome changes.
-        svc.target = 3;
-        state
-            .record_apply(&svc, Some(&release(3)), std::slice::from_ref(&ev))
-            .unwrap();
-        state.fail_release(&name, 3, "deadline", None, &[]).unwrap();
-        assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
-    }
-
-    #[test]
-    fn a_rollback_abandons_the_rollout_in_the_same_change() {
-        let (_dir, state) = fresh();
-        let name = ServiceName::try_from("web").unwrap();
-        let mut svc = service(&name, 1, 2);
-        let ev = NewEvent::service("x", &name, None, serde_json::json!({}));
-        state
-            .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
-            .unwrap();
-        state
-            .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
-            .unwrap();
-        // A rollback whose release cannot be recorded (its revision is
-        // taken) changes nothing: release 2 stays pending, the target too.
-        svc.target = 3;
-        let err = state.record_rollback(&svc, &release(2), Some((2, "rolled back")), &[]);
-        assert!(err.is_err());
-        assert_eq!(state.service(&name).unwrap().unwrap().target, 2);
-        assert_eq!(
-            state.release(&name, 2).unwrap().unwrap().outcome,
-            Outcome::Pending
-        );
-        state
-            .record_rollback(&svc, &release(3), Some((2, "rolled back")), &[])
-            .unwrap();
-        assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
-        let r2 = state.release(&name, 2).unwrap().unwrap();
-        assert_eq!(
-            (r2.outcome, r2.reason.as_deref()),
-            (Outcome::Failed, Some("rolled back"))
-        );
+        assert_eq!(state.events(0).unwrap().len(), 1);
     }
 
     #[test]
     fn events_are_append_only() {
         let (_dir, state) = fresh();
-        state
-            .append_event(&NewEvent {
-                kind: "x",
-                service: None,
-                revision: None,
-                instance: None,
-                detail: serde_json::json!(1),
-            })
-            .unwrap();
+        state.append_event(&event("x")).unwrap();
         let conn = state.conn();
         assert!(conn.execute("UPDATE events SET kind = 'y'", []).is_err());
         assert!(conn.execute("DELETE FROM events", []).is_err());

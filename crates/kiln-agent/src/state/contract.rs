@@ -1,0 +1,338 @@
+//! The contract of [`StateStore`]: every implementation runs these same
+//! tests (`contract_tests!` below, instantiated for SQLite and memory; etcd
+//! will be the next). A behaviour the agent relies on belongs here, not in
+//! one backend's tests.
+
+use kiln_core::Digest;
+use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
+use kiln_core::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
+use kiln_core::spec::ServiceName;
+
+use super::{InstanceRecord, NewEvent, ServiceRecord, StateError, StateStore};
+
+pub(super) fn release(rev: u64) -> Release {
+    let config = ReleaseConfig {
+        image: Digest::of(b"i"),
+        image_name: "hello".into(),
+        command: vec!["/bin/hello".into()],
+        workdir: kiln_core::spec::AbsolutePath::try_from("/").unwrap(),
+        env: [(
+            kiln_core::spec::EnvName::try_from("A").unwrap(),
+            rev.to_string(),
+        )]
+        .into(),
+        volumes: Default::default(),
+        runtime: RuntimeKind::Process,
+        health: HealthSpec::default(),
+        stop: StopSpec::default(),
+    };
+    Release::pending(web(), rev, config, "apply".into(), super::now())
+}
+
+pub(super) fn web() -> ServiceName {
+    ServiceName::try_from("web").unwrap()
+}
+
+pub(super) fn service(name: &ServiceName, replicas: u32, target: u64) -> ServiceRecord {
+    ServiceRecord {
+        name: name.clone(),
+        settings: ServiceSettings {
+            replicas,
+            listen: None,
+            rollout: RolloutSpec::default(),
+            timeout: kiln_core::service::Duration::from_secs(30),
+            router: Default::default(),
+        },
+        target,
+    }
+}
+
+pub(super) fn event(kind: &'static str) -> NewEvent {
+    NewEvent::service(kind, &web(), None, serde_json::json!({}))
+}
+
+fn instance(id: &str, revision: u64) -> InstanceRecord {
+    InstanceRecord {
+        id: id.to_owned(),
+        service: web(),
+        revision,
+        slot: 0,
+        pid: 42,
+        start_ticks: 7,
+        port: 8080,
+    }
+}
+
+pub(super) fn apply_records_release_service_and_events_together(state: &dyn StateStore) {
+    let name = web();
+    let svc = service(&name, 2, 1);
+    let ev = event("release-created");
+    state
+        .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+        .unwrap();
+    // A duplicate revision fails, typed, and the whole apply with it.
+    let mut svc2 = svc.clone();
+    svc2.target = 9;
+    let err = state
+        .record_apply(&svc2, Some(&release(1)), std::slice::from_ref(&ev))
+        .unwrap_err();
+    assert!(
+        matches!(err, StateError::ReleaseExists { revision: 1, .. }),
+        "{err}"
+    );
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
+    assert_eq!(state.events(0).unwrap().len(), 1);
+
+    state
+        .set_outcome(&name, 1, Outcome::Failed, Some("not ready"), &ev)
+        .unwrap();
+    let r = state.release(&name, 1).unwrap().unwrap();
+    assert_eq!(
+        (r.outcome, r.reason.as_deref()),
+        (Outcome::Failed, Some("not ready"))
+    );
+    assert_eq!(r.config, release(1).config);
+    assert_eq!(r.hash, release(1).hash);
+    // An outcome without a reason keeps the reason it had.
+    state
+        .set_outcome(&name, 1, Outcome::Superseded, None, &ev)
+        .unwrap();
+    let r = state.release(&name, 1).unwrap().unwrap();
+    assert_eq!(
+        (r.outcome, r.reason.as_deref()),
+        (Outcome::Superseded, Some("not ready"))
+    );
+    // Setting the outcome of a release that does not exist changes nothing
+    // (and still records its event).
+    state
+        .set_outcome(&name, 99, Outcome::Active, None, &ev)
+        .unwrap();
+    assert!(state.release(&name, 99).unwrap().is_none());
+    assert_eq!(state.events(0).unwrap().len(), 4);
+}
+
+pub(super) fn a_failed_rollout_and_its_rollback_are_one_change(state: &dyn StateStore) {
+    let name = web();
+    let mut svc = service(&name, 1, 1);
+    let ev = event("x");
+    state
+        .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+        .unwrap();
+    svc.target = 2;
+    state
+        .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
+        .unwrap();
+    state
+        .fail_release(&name, 2, "crash loop", Some(1), &[ev.clone(), ev.clone()])
+        .unwrap();
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
+    let r2 = state.release(&name, 2).unwrap().unwrap();
+    assert_eq!(
+        (r2.outcome, r2.reason.as_deref()),
+        (Outcome::Failed, Some("crash loop"))
+    );
+    assert_eq!(state.events(0).unwrap().len(), 4);
+    // Without a release to return to, only the outcome changes.
+    svc.target = 3;
+    state
+        .record_apply(&svc, Some(&release(3)), std::slice::from_ref(&ev))
+        .unwrap();
+    state.fail_release(&name, 3, "deadline", None, &[]).unwrap();
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
+}
+
+pub(super) fn a_rollback_abandons_the_rollout_in_the_same_change(state: &dyn StateStore) {
+    let name = web();
+    let mut svc = service(&name, 1, 2);
+    let ev = event("x");
+    state
+        .record_apply(&svc, Some(&release(1)), std::slice::from_ref(&ev))
+        .unwrap();
+    state
+        .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
+        .unwrap();
+    // A rollback whose release cannot be recorded (its revision is taken)
+    // changes nothing: release 2 stays pending, the target too, no event.
+    svc.target = 3;
+    let err = state.record_rollback(
+        &svc,
+        &release(2),
+        Some((2, "rolled back")),
+        std::slice::from_ref(&ev),
+    );
+    assert!(
+        matches!(err, Err(StateError::ReleaseExists { revision: 2, .. })),
+        "{err:?}"
+    );
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 2);
+    assert_eq!(
+        state.release(&name, 2).unwrap().unwrap().outcome,
+        Outcome::Pending
+    );
+    assert_eq!(state.events(0).unwrap().len(), 2);
+    state
+        .record_rollback(&svc, &release(3), Some((2, "rolled back")), &[])
+        .unwrap();
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 3);
+    let r2 = state.release(&name, 2).unwrap().unwrap();
+    assert_eq!(
+        (r2.outcome, r2.reason.as_deref()),
+        (Outcome::Failed, Some("rolled back"))
+    );
+}
+
+pub(super) fn lists_come_in_order(state: &dyn StateStore) {
+    let ev = event("x");
+    for name in ["zeta", "alpha", "mid"] {
+        let name = ServiceName::try_from(name).unwrap();
+        state
+            .record_apply(&service(&name, 1, 0), None, std::slice::from_ref(&ev))
+            .unwrap();
+    }
+    let names: Vec<String> = state
+        .services()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "mid", "zeta"]);
+    // Settings are replaced whole by the next apply.
+    let alpha = ServiceName::try_from("alpha").unwrap();
+    state
+        .record_apply(&service(&alpha, 5, 0), None, &[])
+        .unwrap();
+    assert_eq!(state.service(&alpha).unwrap().unwrap().settings.replicas, 5);
+    assert_eq!(state.services().unwrap().len(), 3);
+    // Releases by revision, whatever the order they were recorded in, and
+    // only the service's own.
+    let name = web();
+    for rev in [3, 1, 2] {
+        state
+            .record_apply(&service(&name, 1, rev), Some(&release(rev)), &[])
+            .unwrap();
+    }
+    let revs: Vec<u64> = state
+        .releases(&name)
+        .unwrap()
+        .iter()
+        .map(|r| r.revision)
+        .collect();
+    assert_eq!(revs, [1, 2, 3]);
+    assert!(state.releases(&alpha).unwrap().is_empty());
+    assert!(
+        state
+            .service(&ServiceName::try_from("none").unwrap())
+            .unwrap()
+            .is_none()
+    );
+}
+
+pub(super) fn instances_are_put_replaced_and_removed_with_their_events(state: &dyn StateStore) {
+    state
+        .put_instance(&instance("web-r1-b", 1), &event("started"))
+        .unwrap();
+    state
+        .put_instance(&instance("web-r1-a", 1), &event("started"))
+        .unwrap();
+    // Put again: replaced, not doubled.
+    let mut moved = instance("web-r1-b", 1);
+    moved.pid = 43;
+    state.put_instance(&moved, &event("started")).unwrap();
+    let all = state.instances().unwrap();
+    assert_eq!(
+        all.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(),
+        ["web-r1-a", "web-r1-b"]
+    );
+    assert_eq!(all[1], moved);
+    state
+        .remove_instance("web-r1-a", &event("stopped"))
+        .unwrap();
+    // Removing what is gone is no error.
+    state
+        .remove_instance("web-r1-a", &event("stopped"))
+        .unwrap();
+    assert_eq!(state.instances().unwrap(), [moved]);
+    assert_eq!(state.events(0).unwrap().len(), 5);
+}
+
+pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore) {
+    assert!(state.events(0).unwrap().is_empty());
+    let mut seqs = Vec::new();
+    for (i, kind) in ["a", "b", "c"].into_iter().enumerate() {
+        let seq = state
+            .append_event(&NewEvent {
+                kind,
+                service: (i == 1).then(web),
+                revision: (i == 2).then_some(7),
+                instance: (i == 0).then(|| "web-r7-x".to_owned()),
+                detail: serde_json::json!({ "i": i }),
+            })
+            .unwrap();
+        seqs.push(seq);
+    }
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    let all = state.events(0).unwrap();
+    assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
+    assert_eq!(
+        all.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
+    assert_eq!(all[0].instance.as_deref(), Some("web-r7-x"));
+    assert_eq!(all[1].service.as_deref(), Some("web"));
+    assert_eq!(all[2].revision, Some(7));
+    assert_eq!(all[2].detail, serde_json::json!({ "i": 2 }));
+    assert!(
+        all.iter()
+            .all(|e| humantime::parse_rfc3339(&e.time).is_ok())
+    );
+    // After a sequence number: only what came later.
+    let later = state.events(seqs[0]).unwrap();
+    assert_eq!(later.iter().map(|e| e.seq).collect::<Vec<_>>(), &seqs[1..]);
+    assert!(state.events(seqs[2]).unwrap().is_empty());
+    assert!(state.events(u64::MAX).unwrap().is_empty());
+}
+
+/// The contract's tests for one implementation: `fresh` makes an empty
+/// store (and whatever must live as long as it, e.g. its directory).
+macro_rules! contract_tests {
+    ($fresh:expr) => {
+        #[test]
+        fn apply_records_release_service_and_events_together() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::apply_records_release_service_and_events_together(&state);
+        }
+        #[test]
+        fn a_failed_rollout_and_its_rollback_are_one_change() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::a_failed_rollout_and_its_rollback_are_one_change(&state);
+        }
+        #[test]
+        fn a_rollback_abandons_the_rollout_in_the_same_change() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::a_rollback_abandons_the_rollout_in_the_same_change(&state);
+        }
+        #[test]
+        fn lists_come_in_order() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::lists_come_in_order(&state);
+        }
+        #[test]
+        fn instances_are_put_replaced_and_removed_with_their_events() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::instances_are_put_replaced_and_removed_with_their_events(
+                &state,
+            );
+        }
+        #[test]
+        fn events_come_in_order_from_a_sequence_number() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::events_come_in_order_from_a_sequence_number(&state);
+        }
+    };
+}
+
+pub(super) use contract_tests;
+
+mod memory {
+    super::contract_tests!(|| ((), crate::state::MemoryState::new()));
+}

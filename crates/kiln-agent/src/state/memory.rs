@@ -1,0 +1,223 @@
+//! [`StateStore`] in memory: the same contract as SQLite (`contract.rs`
+//! runs the same tests on both), for tests and benchmarks of what sits
+//! above the trait. Nothing survives the process; the agent never uses it.
+//!
+//! Faithful where it matters: every method is all or nothing (a change
+//! that fails leaves no trace, as a rolled-back transaction), lists come in
+//! the same order, updating what does not exist changes nothing and is no
+//! error (as an SQL `UPDATE` that matches no row), and events only grow.
+
+use std::collections::BTreeMap;
+use std::sync::{Mutex, MutexGuard};
+
+use kiln_core::release::{Outcome, Release};
+use kiln_core::spec::ServiceName;
+
+use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
+
+#[derive(Default)]
+pub struct MemoryState {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    services: BTreeMap<ServiceName, ServiceRecord>,
+    releases: BTreeMap<(ServiceName, u64), Release>,
+    /// By id (the order `instances()` lists them in).
+    instances: BTreeMap<String, InstanceRecord>,
+    events: Vec<Event>,
+}
+
+impl MemoryState {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        // Every method checks before it changes anything, so a panic can
+        // leave no half-made change behind: a poisoned lock is usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Inner {
+    /// Refuse a release whose revision is taken, before anything changes.
+    fn check_new(&self, release: Option<&Release>) -> Result<()> {
+        match release {
+            Some(r) if self.releases.contains_key(&(r.service.clone(), r.revision)) => {
+                Err(StateError::ReleaseExists {
+                    service: r.service.clone(),
+                    revision: r.revision,
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn append(&mut self, e: &NewEvent) -> u64 {
+        // Sequence numbers start at 1 and only grow (SQLite's
+        // AUTOINCREMENT): nothing is ever removed.
+        let seq = self.events.len() as u64 + 1;
+        self.events.push(Event {
+            seq,
+            time: now(),
+            kind: e.kind.to_owned(),
+            service: e.service.as_ref().map(|s| s.to_string()),
+            revision: e.revision,
+            instance: e.instance.clone(),
+            detail: e.detail.clone(),
+        });
+        seq
+    }
+
+    fn set_outcome(
+        &mut self,
+        service: &ServiceName,
+        revision: u64,
+        outcome: Outcome,
+        reason: Option<&str>,
+    ) {
+        if let Some(r) = self.releases.get_mut(&(service.clone(), revision)) {
+            r.outcome = outcome;
+            if let Some(reason) = reason {
+                r.reason = Some(reason.to_owned());
+            }
+        }
+    }
+
+    /// An apply's writes; `check_new` has passed.
+    fn apply(&mut self, service: &ServiceRecord, release: Option<&Release>, events: &[NewEvent]) {
+        if let Some(r) = release {
+            self.releases
+                .insert((r.service.clone(), r.revision), r.clone());
+        }
+        self.services.insert(service.name.clone(), service.clone());
+        for e in events {
+            self.append(e);
+        }
+    }
+}
+
+impl StateStore for MemoryState {
+    fn services(&self) -> Result<Vec<ServiceRecord>> {
+        Ok(self.inner().services.values().cloned().collect())
+    }
+
+    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
+        Ok(self.inner().services.get(name).cloned())
+    }
+
+    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+        let inner = self.inner();
+        Ok(inner
+            .releases
+            .range((service.clone(), 0)..=(service.clone(), u64::MAX))
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
+    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
+        Ok(self
+            .inner()
+            .releases
+            .get(&(service.clone(), revision))
+            .cloned())
+    }
+
+    fn record_apply(
+        &self,
+        service: &ServiceRecord,
+        release: Option<&Release>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        inner.check_new(release)?;
+        inner.apply(service, release, events);
+        Ok(())
+    }
+
+    fn record_rollback(
+        &self,
+        service: &ServiceRecord,
+        release: &Release,
+        abandoned: Option<(u64, &str)>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        inner.check_new(Some(release))?;
+        if let Some((revision, reason)) = abandoned {
+            inner.set_outcome(&service.name, revision, Outcome::Failed, Some(reason));
+        }
+        inner.apply(service, Some(release), events);
+        Ok(())
+    }
+
+    fn set_outcome(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        outcome: Outcome,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        inner.set_outcome(service, revision, outcome, reason);
+        inner.append(event);
+        Ok(())
+    }
+
+    fn fail_release(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        reason: &str,
+        return_to: Option<u64>,
+        events: &[NewEvent],
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        inner.set_outcome(service, revision, Outcome::Failed, Some(reason));
+        if let Some(previous) = return_to
+            && let Some(s) = inner.services.get_mut(service)
+        {
+            s.target = previous;
+        }
+        for e in events {
+            inner.append(e);
+        }
+        Ok(())
+    }
+
+    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()> {
+        let mut inner = self.inner();
+        inner
+            .instances
+            .insert(instance.id.clone(), instance.clone());
+        inner.append(event);
+        Ok(())
+    }
+
+    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()> {
+        let mut inner = self.inner();
+        inner.instances.remove(id);
+        inner.append(event);
+        Ok(())
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>> {
+        Ok(self.inner().instances.values().cloned().collect())
+    }
+
+    fn append_event(&self, event: &NewEvent) -> Result<u64> {
+        Ok(self.inner().append(event))
+    }
+
+    fn events(&self, after: u64) -> Result<Vec<Event>> {
+        let inner = self.inner();
+        // seq n is at index n - 1.
+        let from = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(inner.events.len());
+        Ok(inner.events[from..].to_vec())
+    }
+}

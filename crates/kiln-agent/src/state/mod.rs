@@ -1,0 +1,172 @@
+//! Durable agent state behind [`StateStore`]: services, releases, live
+//! instances and the append-only event log. [`SqliteState`] is the one-node
+//! implementation (embedded, WAL); [`MemoryState`] keeps the same contract
+//! in memory, for tests and benchmarks of what sits above the trait; a
+//! cluster implementation (etcd) will sit behind it too, so nothing above
+//! may assume SQL, and errors name no backend's types.
+//!
+//! Every change that must be atomic is one trait method (one transaction):
+//! recording an apply writes the release, the service's new target and the
+//! events together. `contract.rs` holds the tests every implementation
+//! must pass.
+
+#[cfg(test)]
+mod contract;
+mod memory;
+mod sqlite;
+
+pub use memory::MemoryState;
+pub use sqlite::SqliteState;
+
+use kiln_core::release::{Outcome, Release, ServiceSettings};
+use kiln_core::spec::ServiceName;
+use serde::{Deserialize, Serialize};
+
+/// A backend's own error, kept as the source (no backend's type shows in
+/// the trait).
+pub type BackendError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database {path}: {source}")]
+    Open { path: String, source: BackendError },
+    #[error("state database {path}: cannot make it owner-only: {source}")]
+    Private {
+        path: String,
+        source: std::io::Error,
+    },
+    /// A release with this revision is recorded already: the change that
+    /// carried it was not made.
+    #[error("release {revision} of {service} is already recorded")]
+    ReleaseExists { service: ServiceName, revision: u64 },
+    #[error("state database: {0}")]
+    Backend(BackendError),
+    #[error("state database holds an unreadable {what}: {source}")]
+    Decode {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+}
+
+pub type Result<T, E = StateError> = std::result::Result<T, E>;
+
+/// A service as the agent keeps it: its settings and the release it is on
+/// (or moving to).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRecord {
+    pub name: ServiceName,
+    pub settings: ServiceSettings,
+    /// The release the reconciler drives the service to.
+    pub target: u64,
+}
+
+/// A running instance, recorded so that an agent restarted after a crash
+/// can find (and end) what the previous one started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceRecord {
+    pub id: String,
+    pub service: ServiceName,
+    pub revision: u64,
+    pub slot: u32,
+    pub pid: u32,
+    /// The process start time (field 22 of /proc/PID/stat), so a reused
+    /// pid is never mistaken for the instance.
+    pub start_ticks: u64,
+    pub port: u16,
+}
+
+/// One event of the log (the ledger will hash-chain these).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time: String,
+    pub kind: String,
+    pub service: Option<String>,
+    pub revision: Option<u64>,
+    pub instance: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+/// An event to append (its sequence number and time are assigned on write).
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    pub kind: &'static str,
+    pub service: Option<ServiceName>,
+    pub revision: Option<u64>,
+    pub instance: Option<String>,
+    pub detail: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn service(
+        kind: &'static str,
+        service: &ServiceName,
+        revision: Option<u64>,
+        detail: serde_json::Value,
+    ) -> Self {
+        Self {
+            kind,
+            service: Some(service.clone()),
+            revision,
+            instance: None,
+            detail,
+        }
+    }
+}
+
+/// The agent's durable state.
+pub trait StateStore: Send + Sync {
+    fn services(&self) -> Result<Vec<ServiceRecord>>;
+    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
+    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
+    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
+    /// Record an apply of one service: a new release (if any) and the
+    /// service's settings and target, with their events, atomically.
+    fn record_apply(
+        &self,
+        service: &ServiceRecord,
+        release: Option<&Release>,
+        events: &[NewEvent],
+    ) -> Result<()>;
+    /// A rollback, as one change: the rollout it abandons (if any) marked
+    /// failed with `reason`, the new release recorded and made the target.
+    /// A crash can never leave the service pointing at the abandoned release.
+    fn record_rollback(
+        &self,
+        service: &ServiceRecord,
+        release: &Release,
+        abandoned: Option<(u64, &str)>,
+        events: &[NewEvent],
+    ) -> Result<()>;
+    /// Set a release's outcome (and the reason, for failures), with its event.
+    fn set_outcome(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        outcome: Outcome,
+        reason: Option<&str>,
+        event: &NewEvent,
+    ) -> Result<()>;
+    /// A failed rollout, as one change: the release is marked failed with
+    /// its reason and, when `return_to` says so, the service points back at
+    /// that release (an automatic rollback). Nobody ever sees a failed
+    /// release that the service is still moving to.
+    fn fail_release(
+        &self,
+        service: &ServiceName,
+        revision: u64,
+        reason: &str,
+        return_to: Option<u64>,
+        events: &[NewEvent],
+    ) -> Result<()>;
+    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
+    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
+    fn instances(&self) -> Result<Vec<InstanceRecord>>;
+    fn append_event(&self, event: &NewEvent) -> Result<u64>;
+    fn events(&self, after: u64) -> Result<Vec<Event>>;
+}
+
+/// The time an event is written (RFC 3339, milliseconds).
+fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
