@@ -11,13 +11,13 @@ use kiln_core::api::{AbortResponse, RollbackResponse};
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
+use kiln_core::event::Change;
 use kiln_core::health::Backoff;
 use kiln_core::plan::{Action, CurrentService, plan};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::service::{ProbeCheck, RuntimeKind};
 use kiln_core::spec::ServiceName;
 use kiln_store::Store;
-use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
@@ -139,11 +139,13 @@ impl Agent {
                 crate::instance::kill_group(rec.pid);
             }
             let ev = NewEvent {
-                kind: "instance-lost",
+                change: Change::InstanceLost {
+                    reason: "the agent that ran it stopped without stopping it".to_owned(),
+                    killed: alive,
+                },
                 service: Some(rec.service.clone()),
                 revision: Some(rec.revision),
                 instance: Some(rec.id.clone()),
-                detail: json!({"reason": "the agent that ran it stopped without stopping it", "killed": alive}),
             };
             self.shared.state.remove_instance(&rec.id, &ev)?;
         }
@@ -298,10 +300,11 @@ impl Agent {
                 Action::Unchanged => continue,
                 Action::Settings => {
                     let ev = NewEvent::service(
-                        "service-settings",
+                        Change::ServiceSettings {
+                            changes: sp.changes.clone(),
+                        },
                         &d.name,
                         Some(revision),
-                        json!({"changes": sp.changes}),
                     );
                     self.shared.state.record_apply(&rec, None, &[ev])?;
                 }
@@ -314,10 +317,13 @@ impl Agent {
                         now(),
                     );
                     let ev = NewEvent::service(
-                        "release-created",
+                        Change::ReleaseCreated {
+                            image: d.config.image.clone(),
+                            hash: release.hash.clone(),
+                            changes: sp.changes.clone(),
+                        },
                         &d.name,
                         Some(revision),
-                        json!({"image": d.config.image, "hash": release.hash, "changes": sp.changes}),
                     );
                     self.shared
                         .state
@@ -429,10 +435,11 @@ impl Agent {
             .map(|_| format!("rolled back by hand to release {}", source.revision));
         if let Some(reason) = &abandoned {
             events.push(NewEvent::service(
-                "release-failed",
+                Change::ReleaseFailed {
+                    reason: reason.clone(),
+                },
                 name,
                 Some(current),
-                json!({"reason": reason}),
             ));
         }
         let revision = latest + 1;
@@ -444,10 +451,15 @@ impl Agent {
             now(),
         );
         events.push(NewEvent::service(
-            "rollback",
+            Change::Rollback {
+                from: current,
+                to: Some(source.revision),
+                automatic: false,
+                reason: None,
+                swap_us: None,
+            },
             name,
             Some(revision),
-            json!({"from": current, "to": source.revision, "automatic": false}),
         ));
         rec.target = revision;
         self.shared.state.record_rollback(

@@ -16,10 +16,10 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
+use kiln_core::event::Change;
 use kiln_core::release::{Outcome, Release};
 use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::Shared;
@@ -242,32 +242,19 @@ impl Controller {
         }
     }
 
-    fn event(
-        &self,
-        kind: &'static str,
-        revision: Option<u64>,
-        instance: Option<&str>,
-        detail: serde_json::Value,
-    ) -> NewEvent {
+    fn event(&self, change: Change, revision: Option<u64>, instance: Option<&str>) -> NewEvent {
         NewEvent {
-            kind,
+            change,
             service: Some(self.name.clone()),
             revision,
             instance: instance.map(str::to_owned),
-            detail,
         }
     }
 
     /// Append an event of the service to the ledger; a failure to append is logged
     /// and shown in the service's status, not fatal.
-    fn record_event(
-        &mut self,
-        kind: &'static str,
-        revision: Option<u64>,
-        instance: Option<&str>,
-        detail: serde_json::Value,
-    ) {
-        let ev = self.event(kind, revision, instance, detail);
+    fn record_event(&mut self, change: Change, revision: Option<u64>, instance: Option<&str>) {
+        let ev = self.event(change, revision, instance);
         if let Err(e) = self.shared.state.append_event(&ev) {
             self.log_state_error(e);
         }
@@ -295,10 +282,13 @@ impl Controller {
                     port: inst.port,
                 };
                 let ev = self.event(
-                    "instance-started",
+                    Change::InstanceStarted {
+                        pid,
+                        port: rec.port,
+                        slot: rec.slot,
+                    },
                     Some(rec.revision),
                     Some(&id),
-                    json!({"pid": pid, "port": rec.port, "slot": rec.slot}),
                 );
                 if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
                     self.log_state_error(e);
@@ -309,10 +299,11 @@ impl Controller {
                     self.message = Some(format!("instance {id} failed to start: {error}"));
                     self.count_failure(inst.revision, inst.slot, None);
                     self.record_event(
-                        "instance-start-failed",
+                        Change::InstanceStartFailed {
+                            error: error.clone(),
+                        },
                         Some(inst.revision),
                         Some(&id),
-                        json!({"error": error}),
                     );
                 }
             }
@@ -325,24 +316,24 @@ impl Controller {
                     (ProbeKind::Readiness, true) => {
                         inst.ready = true;
                         inst.ready_since = Some(Instant::now());
-                        "instance-ready"
+                        Change::InstanceReady {}
                     }
                     (ProbeKind::Readiness, false) => {
                         inst.ready = false;
                         inst.ready_since = None;
-                        "instance-unready"
+                        Change::InstanceUnready {}
                     }
                     (ProbeKind::Liveness, live) => {
                         inst.live = live;
                         if live {
-                            "instance-live"
+                            Change::InstanceLive {}
                         } else {
-                            "instance-liveness-failed"
+                            Change::InstanceLivenessFailed {}
                         }
                     }
-                    (ProbeKind::Startup, _) => "instance-started-up",
+                    (ProbeKind::Startup, _) => Change::InstanceStartedUp {},
                 };
-                self.record_event(kind, Some(revision), Some(&id), json!({}));
+                self.record_event(kind, Some(revision), Some(&id));
                 if probe == ProbeKind::Liveness && !healthy {
                     // Replaced, never restarted in place: stop it and let the
                     // next pass start a new instance in its slot.
@@ -367,10 +358,12 @@ impl Controller {
                     self.count_failure(inst.revision, inst.slot, inst.ready_since);
                 }
                 let ev = self.event(
-                    "instance-exited",
+                    Change::InstanceExited {
+                        status: status.clone(),
+                        requested,
+                    },
                     Some(inst.revision),
                     Some(&id),
-                    json!({"status": status, "requested": requested}),
                 );
                 if let Err(e) = self.shared.state.remove_instance(&id, &ev) {
                     self.log_state_error(e);
@@ -600,10 +593,11 @@ impl Controller {
                 let _ = tx.send(kind);
             }
             self.record_event(
-                "instance-stopping",
+                Change::InstanceStopping {
+                    reason: why.to_string(),
+                },
                 Some(revision),
                 Some(&id),
-                json!({"reason": why}),
             );
         }
         Some(swapped)
@@ -814,10 +808,11 @@ impl Controller {
                 self.warm_until = Some(Instant::now() + rollout.scale_down_delay.0);
                 self.publish_routes();
                 self.record_event(
-                    "promoted",
+                    Change::Promoted {
+                        warm_for: rollout.scale_down_delay.to_string(),
+                    },
                     Some(target),
                     None,
-                    json!({"warm_for": rollout.scale_down_delay.to_string()}),
                 );
             } else {
                 self.message = Some(format!(
@@ -939,10 +934,12 @@ impl Controller {
             });
             self.rollout_started = Some((target, now, rollout.progress_deadline.0));
             self.record_event(
-                "canary-started",
+                Change::CanaryStarted {
+                    stable,
+                    steps: rollout.steps.clone(),
+                },
                 Some(target),
                 None,
-                json!({"stable": stable, "steps": rollout.steps}),
             );
         }
         // Anything neither stable nor canary goes (what earlier rollouts left).
@@ -1016,10 +1013,14 @@ impl Controller {
             self.rollout_started = None;
             self.publish_routes();
             self.record_event(
-                "canary-step",
+                Change::CanaryStep {
+                    step: index + 1,
+                    of: steps,
+                    weight: step.weight,
+                    pause: step.pause,
+                },
                 Some(target),
                 None,
-                json!({"step": index + 1, "of": steps, "weight": step.weight, "pause": step.pause}),
             );
         }
         let Some((began, base_canary, base_stable)) =
@@ -1064,16 +1065,15 @@ impl Controller {
         }
         let promoted = run.promote;
         self.record_event(
-            "canary-step-passed",
+            Change::CanaryStepPassed {
+                step: index + 1,
+                weight: step.weight,
+                promoted,
+                canary: canary_window,
+                stable: stable_window,
+            },
             Some(target),
             None,
-            json!({
-                "step": index + 1,
-                "weight": step.weight,
-                "promoted": promoted,
-                "canary": canary_window,
-                "stable": stable_window,
-            }),
         );
         if index + 1 < steps
             && let Some(run) = self.canary.as_mut()
@@ -1117,7 +1117,7 @@ impl Controller {
             Some(stable),
             &reason,
             true,
-            json!({"swap_us": swap.as_micros() as u64}),
+            Some(swap.as_micros() as u64),
         );
     }
 
@@ -1148,7 +1148,7 @@ impl Controller {
 
     fn complete_rollout(&mut self, target: u64) {
         self.rollout_started = None;
-        let ev = self.event("release-active", Some(target), None, json!({}));
+        let ev = self.event(Change::ReleaseActive {}, Some(target), None);
         if let Err(e) =
             self.shared
                 .state
@@ -1163,10 +1163,9 @@ impl Controller {
         for r in releases {
             if r.revision != target && r.outcome == Outcome::Active {
                 let ev = self.event(
-                    "release-superseded",
+                    Change::ReleaseSuperseded { by: target },
                     Some(r.revision),
                     None,
-                    json!({"by": target}),
                 );
                 if let Err(e) = self.shared.state.set_outcome(
                     &self.name,
@@ -1248,14 +1247,15 @@ impl Controller {
                 self.name
             ));
             self.record_event(
-                "rollout-paused",
+                Change::RolloutPaused {
+                    reason: reason.clone(),
+                },
                 Some(target),
                 None,
-                json!({"reason": reason}),
             );
             return;
         }
-        self.record_failure(target, previous, &reason, true, json!({}));
+        self.record_failure(target, previous, &reason, true, None);
     }
 
     /// Release `target` failed, and the service is back on `previous`, in
@@ -1266,21 +1266,25 @@ impl Controller {
         previous: Option<u64>,
         reason: &str,
         automatic: bool,
-        detail: serde_json::Value,
+        swap_us: Option<u64>,
     ) {
         self.rollout_started = None;
         let mut events = vec![self.event(
-            "release-failed",
+            Change::ReleaseFailed {
+                reason: reason.to_owned(),
+            },
             Some(target),
             None,
-            json!({"reason": reason}),
         )];
         if let Some(prev) = previous {
-            let mut d = json!({"from": target, "automatic": automatic, "reason": reason});
-            if let (Some(d), serde_json::Value::Object(extra)) = (d.as_object_mut(), detail) {
-                d.extend(extra);
-            }
-            events.push(self.event("rollback", Some(prev), None, d));
+            let rollback = Change::Rollback {
+                from: target,
+                to: None,
+                automatic,
+                reason: Some(reason.to_owned()),
+                swap_us,
+            };
+            events.push(self.event(rollback, Some(prev), None));
         }
         if let Err(e) = self
             .shared
@@ -1452,7 +1456,7 @@ impl Controller {
             // as its fleet allows.
             self.paused = false;
             self.stalled = false;
-            self.record_failure(target, Some(previous), &reason, false, json!({}));
+            self.record_failure(target, Some(previous), &reason, false, None);
         }
         Ok((target, previous))
     }
@@ -1509,10 +1513,12 @@ impl Controller {
                 port: inst.port,
             };
             let ev = self.event(
-                "instance-adopted",
+                Change::InstanceAdopted {
+                    from,
+                    reason: "same content, still warm".to_owned(),
+                },
                 Some(target),
                 Some(id),
-                json!({"from": from, "reason": "same content, still warm"}),
             );
             if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
                 self.log_state_error(e);

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod digest;
+pub mod event;
 pub mod health;
 pub mod layer;
 pub mod oci;

@@ -4,6 +4,7 @@
 //! one backend's tests.
 
 use kiln_core::Digest;
+use kiln_core::event::Change;
 use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
 use kiln_core::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
 use kiln_core::spec::ServiceName;
@@ -47,8 +48,15 @@ pub(super) fn service(name: &ServiceName, replicas: u32, target: u64) -> Service
     }
 }
 
-pub(super) fn event(kind: &'static str) -> NewEvent {
-    NewEvent::service(kind, &web(), None, serde_json::json!({}))
+/// An event of `web`; `reason` tells events apart.
+pub(super) fn event(reason: &str) -> NewEvent {
+    NewEvent::service(
+        Change::RolloutPaused {
+            reason: reason.to_owned(),
+        },
+        &web(),
+        None,
+    )
 }
 
 fn instance(id: &str, revision: u64) -> InstanceRecord {
@@ -258,14 +266,22 @@ pub(super) fn instances_are_put_replaced_and_removed_with_their_events(state: &d
 pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore) {
     assert!(state.events(0).unwrap().is_empty());
     let mut seqs = Vec::new();
-    for (i, kind) in ["a", "b", "c"].into_iter().enumerate() {
+    let changes = [
+        Change::InstanceReady {},
+        Change::ReleaseSuperseded { by: 2 },
+        Change::InstanceStarted {
+            pid: 7,
+            port: 8080,
+            slot: 1,
+        },
+    ];
+    for (i, change) in changes.iter().enumerate() {
         let seq = state
             .append_event(&NewEvent {
-                kind,
+                change: change.clone(),
                 service: (i == 1).then(web),
                 revision: (i == 2).then_some(7),
                 instance: (i == 0).then(|| "web-r7-x".to_owned()),
-                detail: serde_json::json!({ "i": i }),
             })
             .unwrap();
         seqs.push(seq);
@@ -274,13 +290,13 @@ pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore
     let all = state.events(0).unwrap();
     assert_eq!(all.iter().map(|e| e.seq).collect::<Vec<_>>(), seqs);
     assert_eq!(
-        all.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c"]
+        all.iter().map(|e| e.change.clone()).collect::<Vec<_>>(),
+        changes,
+        "each change comes back as it was, typed"
     );
     assert_eq!(all[0].instance.as_deref(), Some("web-r7-x"));
     assert_eq!(all[1].service.as_deref(), Some("web"));
     assert_eq!(all[2].revision, Some(7));
-    assert_eq!(all[2].detail, serde_json::json!({ "i": 2 }));
     assert!(
         all.iter()
             .all(|e| humantime::parse_rfc3339(&e.time).is_ok())

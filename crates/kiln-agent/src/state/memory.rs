@@ -62,11 +62,10 @@ impl Inner {
         self.events.push(Event {
             seq,
             time: now(),
-            kind: e.kind.to_owned(),
             service: e.service.as_ref().map(|s| s.to_string()),
             revision: e.revision,
             instance: e.instance.clone(),
-            detail: e.detail.clone(),
+            change: e.change.clone(),
         });
         seq
     }

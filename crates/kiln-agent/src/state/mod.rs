@@ -18,6 +18,7 @@ mod sqlite;
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
 
+use kiln_core::event::Change;
 use kiln_core::release::{Outcome, Release, ServiceSettings};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
@@ -75,41 +76,35 @@ pub struct InstanceRecord {
     pub port: u16,
 }
 
-/// One event of the log (the ledger will hash-chain these).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One event of the log (the ledger will hash-chain these): a change and
+/// its subject.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub seq: u64,
     pub time: String,
-    pub kind: String,
     pub service: Option<String>,
     pub revision: Option<u64>,
     pub instance: Option<String>,
-    pub detail: serde_json::Value,
+    pub change: Change,
 }
 
 /// An event to append (its sequence number and time are assigned on write).
 #[derive(Clone, Debug)]
 pub struct NewEvent {
-    pub kind: &'static str,
+    pub change: Change,
     pub service: Option<ServiceName>,
     pub revision: Option<u64>,
     pub instance: Option<String>,
-    pub detail: serde_json::Value,
 }
 
 impl NewEvent {
-    pub fn service(
-        kind: &'static str,
-        service: &ServiceName,
-        revision: Option<u64>,
-        detail: serde_json::Value,
-    ) -> Self {
+    /// A change to `service` (and to its release `revision`, when given).
+    pub fn service(change: Change, service: &ServiceName, revision: Option<u64>) -> Self {
         Self {
-            kind,
+            change,
             service: Some(service.clone()),
             revision,
             instance: None,
-            detail,
         }
     }
 }

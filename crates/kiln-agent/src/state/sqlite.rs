@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use kiln_core::event::Change;
 use kiln_core::release::{Outcome, Release};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -76,11 +77,11 @@ fn insert_event(conn: &Connection, e: &NewEvent) -> Result<u64> {
         "INSERT INTO events (time, kind, service, revision, instance, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![
             now(),
-            e.kind,
+            e.change.kind(),
             e.service.as_ref().map(|s| s.as_str().to_owned()),
             e.revision.map(|r| r as i64),
             e.instance,
-            json(&e.detail)
+            json(&e.change.detail())
         ],
     )?;
     Ok(conn.last_insert_rowid() as u64)
@@ -397,14 +398,17 @@ impl StateStore for SqliteState {
         let mut out = Vec::new();
         for row in rows {
             let (seq, time, kind, service, revision, instance, detail) = row?;
+            let detail = decode("event detail", &detail)?;
             out.push(Event {
                 seq: seq as u64,
                 time,
-                kind,
                 service,
                 revision: revision.map(|r| r as u64),
                 instance,
-                detail: decode("event detail", &detail)?,
+                change: Change::from_parts(&kind, detail).map_err(|source| StateError::Decode {
+                    what: "event",
+                    source,
+                })?,
             });
         }
         Ok(out)

@@ -1,0 +1,332 @@
+//! Events: every change the agent records, as one closed enum. The ledger
+//! will hash-chain these, so their encoding is fixed here.
+//!
+//! **Encoding, version 1.** A change is a JSON object: `"kind"` (the
+//! variant's name in kebab-case) first, then the variant's fields in the
+//! order they are declared below, compact, as `serde_json` writes a typed
+//! value ([`Change::canonical`]). Its subject (service, release, instance)
+//! is recorded beside it, not inside. A field is only ever added at the end
+//! of a variant, as an `Option` omitted when `None`, so that what was
+//! written before still reads; anything else is a new variant. The state
+//! store keeps `kind` in a column of its own and the other fields as the
+//! event's detail.
+
+use serde::{Deserialize, Serialize};
+
+use crate::api::Window;
+use crate::digest::Digest;
+use crate::service::{CanaryStep, Pause};
+
+/// One change the agent made.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Change {
+    /// `kiln apply` recorded a new release (the subject's revision).
+    ReleaseCreated {
+        image: Digest,
+        hash: Digest,
+        /// What differs from the release before (env keys, never values).
+        changes: Vec<String>,
+    },
+    /// `kiln apply` changed settings (replicas, listen, rollout, router)
+    /// without a new release.
+    ServiceSettings {
+        changes: Vec<String>,
+    },
+    /// The release is what the service runs now.
+    ReleaseActive {},
+    /// A later release took over.
+    ReleaseSuperseded {
+        by: u64,
+    },
+    /// The release's rollout failed, or was abandoned.
+    ReleaseFailed {
+        reason: String,
+    },
+    /// The rollout failed and `auto_rollback = false` left it where it was.
+    RolloutPaused {
+        reason: String,
+    },
+    /// The service returns to an earlier release's content: by hand (`kiln
+    /// rollback`, with `to`), or after a failed rollout (with its reason;
+    /// a canary's abort also says how long the route swap took).
+    Rollback {
+        from: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        automatic: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        swap_us: Option<u64>,
+    },
+    /// Blue-green: traffic moved to the release; the old fleet stays warm
+    /// for `warm_for`.
+    Promoted {
+        warm_for: String,
+    },
+    CanaryStarted {
+        stable: u64,
+        steps: Vec<CanaryStep>,
+    },
+    /// A canary step took its weight (`step` of `of`, 1-based).
+    CanaryStep {
+        step: usize,
+        of: usize,
+        weight: u32,
+        pause: Pause,
+    },
+    /// A canary step passed its analysis (or was promoted by hand).
+    CanaryStepPassed {
+        step: usize,
+        weight: u32,
+        promoted: bool,
+        canary: Window,
+        stable: Window,
+    },
+    InstanceStarted {
+        pid: u32,
+        port: u16,
+        slot: u32,
+    },
+    InstanceStartFailed {
+        error: String,
+    },
+    /// Its startup probe passed.
+    InstanceStartedUp {},
+    InstanceReady {},
+    InstanceUnready {},
+    InstanceLive {},
+    InstanceLivenessFailed {},
+    InstanceStopping {
+        reason: String,
+    },
+    /// `requested`: the agent stopped it (else it exited on its own).
+    InstanceExited {
+        status: String,
+        requested: bool,
+    },
+    /// A warm instance of release `from` with the same content now serves
+    /// the subject's release (a rollback as a route swap).
+    InstanceAdopted {
+        from: u64,
+        reason: String,
+    },
+    /// Found by an agent after a crash of the one that ran it.
+    InstanceLost {
+        reason: String,
+        killed: bool,
+    },
+}
+
+impl Change {
+    /// The `kind` of its encoding.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ReleaseCreated { .. } => "release-created",
+            Self::ServiceSettings { .. } => "service-settings",
+            Self::ReleaseActive {} => "release-active",
+            Self::ReleaseSuperseded { .. } => "release-superseded",
+            Self::ReleaseFailed { .. } => "release-failed",
+            Self::RolloutPaused { .. } => "rollout-paused",
+            Self::Rollback { .. } => "rollback",
+            Self::Promoted { .. } => "promoted",
+            Self::CanaryStarted { .. } => "canary-started",
+            Self::CanaryStep { .. } => "canary-step",
+            Self::CanaryStepPassed { .. } => "canary-step-passed",
+            Self::InstanceStarted { .. } => "instance-started",
+            Self::InstanceStartFailed { .. } => "instance-start-failed",
+            Self::InstanceStartedUp {} => "instance-started-up",
+            Self::InstanceReady {} => "instance-ready",
+            Self::InstanceUnready {} => "instance-unready",
+            Self::InstanceLive {} => "instance-live",
+            Self::InstanceLivenessFailed {} => "instance-liveness-failed",
+            Self::InstanceStopping { .. } => "instance-stopping",
+            Self::InstanceExited { .. } => "instance-exited",
+            Self::InstanceAdopted { .. } => "instance-adopted",
+            Self::InstanceLost { .. } => "instance-lost",
+        }
+    }
+
+    /// The canonical encoding (version 1, see the module's doc).
+    pub fn canonical(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The fields without `kind`: the detail a store keeps beside the kind.
+    pub fn detail(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(fields) = v.as_object_mut() {
+            fields.remove("kind");
+        }
+        v
+    }
+
+    /// A change from a stored kind and detail.
+    pub fn from_parts(kind: &str, detail: serde_json::Value) -> Result<Self, serde_json::Error> {
+        let mut fields = match detail {
+            serde_json::Value::Object(m) => m,
+            // Events recorded before details were typed had `{}` at least.
+            _ => serde_json::Map::new(),
+        };
+        fields.insert("kind".to_owned(), serde_json::Value::from(kind));
+        serde_json::from_value(serde_json::Value::Object(fields))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::Duration;
+
+    fn every() -> Vec<Change> {
+        let w = Window {
+            requests: 100,
+            errors: 1,
+            error_rate: 0.01,
+            p99_ms: Some(2.5),
+        };
+        vec![
+            Change::ReleaseCreated {
+                image: Digest::of(b"i"),
+                hash: Digest::of(b"h"),
+                changes: vec!["env A".into()],
+            },
+            Change::ServiceSettings {
+                changes: vec!["replicas 1 -> 2".into()],
+            },
+            Change::ReleaseActive {},
+            Change::ReleaseSuperseded { by: 3 },
+            Change::ReleaseFailed {
+                reason: "crash loop".into(),
+            },
+            Change::RolloutPaused {
+                reason: "deadline".into(),
+            },
+            Change::Rollback {
+                from: 3,
+                to: Some(1),
+                automatic: false,
+                reason: None,
+                swap_us: None,
+            },
+            Change::Rollback {
+                from: 3,
+                to: None,
+                automatic: true,
+                reason: Some("canary failed".into()),
+                swap_us: Some(11),
+            },
+            Change::Promoted {
+                warm_for: "5m".into(),
+            },
+            Change::CanaryStarted {
+                stable: 1,
+                steps: vec![CanaryStep {
+                    weight: 10,
+                    pause: Pause::Manual,
+                }],
+            },
+            Change::CanaryStep {
+                step: 1,
+                of: 2,
+                weight: 10,
+                pause: Pause::For(Duration::from_secs(30)),
+            },
+            Change::CanaryStepPassed {
+                step: 1,
+                weight: 10,
+                promoted: false,
+                canary: w,
+                stable: w,
+            },
+            Change::InstanceStarted {
+                pid: 7,
+                port: 8080,
+                slot: 0,
+            },
+            Change::InstanceStartFailed { error: "x".into() },
+            Change::InstanceStartedUp {},
+            Change::InstanceReady {},
+            Change::InstanceUnready {},
+            Change::InstanceLive {},
+            Change::InstanceLivenessFailed {},
+            Change::InstanceStopping {
+                reason: "scale down".into(),
+            },
+            Change::InstanceExited {
+                status: "exit status: 0".into(),
+                requested: true,
+            },
+            Change::InstanceAdopted {
+                from: 1,
+                reason: "same content, still warm".into(),
+            },
+            Change::InstanceLost {
+                reason: "agent gone".into(),
+                killed: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn every_change_round_trips_through_its_stored_parts_and_names_its_kind() {
+        for c in every() {
+            let encoded: serde_json::Value = serde_json::from_slice(&c.canonical()).unwrap();
+            assert_eq!(encoded["kind"], c.kind(), "{c:?}");
+            assert!(c.detail().get("kind").is_none());
+            assert_eq!(Change::from_parts(c.kind(), c.detail()).unwrap(), c);
+        }
+    }
+
+    /// The encoding is what the ledger will chain: a change here is a new
+    /// version, on purpose.
+    #[test]
+    fn the_canonical_encoding_is_pinned() {
+        let c = Change::InstanceStarted {
+            pid: 7,
+            port: 8080,
+            slot: 0,
+        };
+        assert_eq!(
+            String::from_utf8(c.canonical()).unwrap(),
+            r#"{"kind":"instance-started","pid":7,"port":8080,"slot":0}"#
+        );
+        let r = Change::Rollback {
+            from: 3,
+            to: Some(1),
+            automatic: false,
+            reason: None,
+            swap_us: None,
+        };
+        assert_eq!(
+            String::from_utf8(r.canonical()).unwrap(),
+            r#"{"kind":"rollback","from":3,"to":1,"automatic":false}"#
+        );
+        assert_eq!(
+            String::from_utf8(Change::ReleaseActive {}.canonical()).unwrap(),
+            r#"{"kind":"release-active"}"#
+        );
+    }
+
+    /// Details as the agent wrote them before they were typed still read.
+    #[test]
+    fn details_recorded_before_typing_still_read() {
+        let old = serde_json::json!({"from": 2, "automatic": true, "reason": "deadline"});
+        assert_eq!(
+            Change::from_parts("rollback", old).unwrap(),
+            Change::Rollback {
+                from: 2,
+                to: None,
+                automatic: true,
+                reason: Some("deadline".into()),
+                swap_us: None
+            }
+        );
+        assert_eq!(
+            Change::from_parts("release-active", serde_json::json!({})).unwrap(),
+            Change::ReleaseActive {}
+        );
+        assert!(Change::from_parts("no-such-kind", serde_json::json!({})).is_err());
+    }
+}
