@@ -11,7 +11,7 @@ use kiln_core::api::{AbortResponse, RollbackResponse};
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
-use kiln_core::event::Change;
+use kiln_core::event::{Actor, Change};
 use kiln_core::health::Backoff;
 use kiln_core::plan::{Action, CurrentService, plan};
 use kiln_core::release::{Outcome, Release};
@@ -143,6 +143,7 @@ impl Agent {
                     reason: "the agent that ran it stopped without stopping it".to_owned(),
                     killed: alive,
                 },
+                actor: Actor::Agent,
                 service: Some(rec.service.clone()),
                 revision: Some(rec.revision),
                 instance: Some(rec.id.clone()),
@@ -186,7 +187,11 @@ impl Agent {
     /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
     /// second waits for the first to be recorded, and a service whose
     /// rollout is still in progress refuses a new release (naming it).
-    pub async fn apply(&self, mut req: ApplyRequest) -> Result<ApplyResponse, AgentError> {
+    pub async fn apply(
+        &self,
+        mut req: ApplyRequest,
+        actor: Actor,
+    ) -> Result<ApplyResponse, AgentError> {
         self.refuse_during_shutdown()?;
         let _serial = self.apply_lock.lock().await;
         let mut seen = std::collections::BTreeSet::new();
@@ -305,7 +310,8 @@ impl Agent {
                         },
                         &d.name,
                         Some(revision),
-                    );
+                    )
+                    .by(actor);
                     self.shared.state.record_apply(&rec, None, &[ev])?;
                 }
                 Action::Create | Action::Release => {
@@ -324,7 +330,8 @@ impl Agent {
                         },
                         &d.name,
                         Some(revision),
-                    );
+                    )
+                    .by(actor);
                     self.shared
                         .state
                         .record_apply(&rec, Some(&release), &[ev])?;
@@ -391,6 +398,7 @@ impl Agent {
         &self,
         name: &ServiceName,
         to: Option<u64>,
+        actor: Actor,
     ) -> Result<RollbackResponse, AgentError> {
         self.refuse_during_shutdown()?;
         let _serial = self.apply_lock.lock().await;
@@ -434,13 +442,16 @@ impl Agent {
             .find(|r| r.revision == current && r.outcome == Outcome::Pending)
             .map(|_| format!("rolled back by hand to release {}", source.revision));
         if let Some(reason) = &abandoned {
-            events.push(NewEvent::service(
-                Change::ReleaseFailed {
-                    reason: reason.clone(),
-                },
-                name,
-                Some(current),
-            ));
+            events.push(
+                NewEvent::service(
+                    Change::ReleaseFailed {
+                        reason: reason.clone(),
+                    },
+                    name,
+                    Some(current),
+                )
+                .by(actor),
+            );
         }
         let revision = latest + 1;
         let release = Release::pending(
@@ -450,17 +461,20 @@ impl Agent {
             format!("rollback to {}", source.revision),
             now(),
         );
-        events.push(NewEvent::service(
-            Change::Rollback {
-                from: current,
-                to: Some(source.revision),
-                automatic: false,
-                reason: None,
-                swap_us: None,
-            },
-            name,
-            Some(revision),
-        ));
+        events.push(
+            NewEvent::service(
+                Change::Rollback {
+                    from: current,
+                    to: Some(source.revision),
+                    automatic: false,
+                    reason: None,
+                    swap_us: None,
+                },
+                name,
+                Some(revision),
+            )
+            .by(actor),
+        );
         rec.target = revision;
         self.shared.state.record_rollback(
             &rec,
@@ -477,10 +491,14 @@ impl Agent {
     }
 
     /// `kiln promote`: switch a blue-green rollout that waits for it.
-    pub async fn promote(&self, name: &ServiceName) -> Result<(u64, Option<u32>), AgentError> {
+    pub async fn promote(
+        &self,
+        name: &ServiceName,
+        actor: Actor,
+    ) -> Result<(u64, Option<u32>), AgentError> {
         self.ask(
             name,
-            |done| Msg::Promote { done },
+            |done| Msg::Promote { actor, done },
             "is waiting for promotion",
         )
         .await
@@ -488,11 +506,15 @@ impl Agent {
 
     /// `kiln abort`: fail the rollout in progress; the service returns to
     /// the release before it (for a canary: in one route swap).
-    pub async fn abort(&self, name: &ServiceName) -> Result<AbortResponse, AgentError> {
+    pub async fn abort(
+        &self,
+        name: &ServiceName,
+        actor: Actor,
+    ) -> Result<AbortResponse, AgentError> {
         let (revision, back_to) = self
             .ask(
                 name,
-                |done| Msg::Abort { done },
+                |done| Msg::Abort { actor, done },
                 "is in progress: nothing to abort",
             )
             .await?;

@@ -11,12 +11,15 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
+use axum::extract::connect_info::{ConnectInfo, Connected};
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path as UrlPath, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use kiln_core::api::{ApplyRequest, ApplyResponse, ErrorBody, HistoryResponse, StatusResponse};
+use kiln_core::event::Actor;
 use kiln_core::spec::ServiceName;
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -73,13 +76,39 @@ fn bad_json(r: JsonRejection) -> AgentError {
     AgentError::BadRequest(format!("invalid request body: {}", r.body_text()))
 }
 
+/// Who is at the other end of an API connection: the uid the Unix
+/// socket's peer credentials give. Every change a command makes is
+/// recorded with it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    uid: Option<u32>,
+}
+
+impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::UnixListener>) -> Self {
+        Self {
+            uid: stream.io().peer_cred().ok().map(|c| c.uid()),
+        }
+    }
+}
+
+impl Peer {
+    /// The actor of the changes this connection asks for.
+    fn actor(self) -> Result<Actor, AgentError> {
+        self.uid
+            .map(|uid| Actor::Local { uid })
+            .ok_or_else(|| AgentError::BadRequest("the API socket gave no peer credentials".into()))
+    }
+}
+
 /// `POST /v1/apply`: allowed any time but during shutdown.
 async fn apply(
     State(agent): State<Arc<Agent>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> Result<Json<ApplyResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
-    Ok(Json(agent.apply(req).await?))
+    Ok(Json(agent.apply(req, peer.actor()?).await?))
 }
 
 /// `GET /v1/status`: always allowed.
@@ -99,22 +128,24 @@ async fn history(
 /// `POST /v1/services/{name}/rollback`: allowed any time but during shutdown.
 async fn rollback(
     State(agent): State<Arc<Agent>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Result<Json<RollbackResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.rollback(&name, req.to).await?))
+    Ok(Json(agent.rollback(&name, req.to, peer.actor()?).await?))
 }
 
 /// `POST /v1/services/{name}/promote`: allowed while a blue-green rollout
 /// waits for it or a canary runs (else 409).
 async fn promote(
     State(agent): State<Arc<Agent>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<PromoteResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    let (revision, canary_step) = agent.promote(&name).await?;
+    let (revision, canary_step) = agent.promote(&name, peer.actor()?).await?;
     Ok(Json(PromoteResponse {
         revision,
         canary_step,
@@ -125,10 +156,11 @@ async fn promote(
 /// progress and a release before it exists (else 409).
 async fn abort(
     State(agent): State<Arc<Agent>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<AbortResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.abort(&name).await?))
+    Ok(Json(agent.abort(&name, peer.actor()?).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
-use kiln_core::event::Change;
+use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
@@ -44,11 +44,13 @@ pub enum Msg {
     /// `kiln promote`: switch a blue-green rollout waiting for it, or pass
     /// a canary's current step.
     Promote {
+        actor: Actor,
         done: oneshot::Sender<Result<(u64, Option<u32>), String>>,
     },
     /// `kiln abort`: fail the rollout in progress and return to the release
     /// before it; answers (aborted release, release returned to).
     Abort {
+        actor: Actor,
         done: oneshot::Sender<Result<(u64, u64), String>>,
     },
 }
@@ -188,11 +190,11 @@ impl Controller {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Wake) => {}
-                    Some(Msg::Promote { done }) => {
-                        let _ = done.send(self.request_promotion());
+                    Some(Msg::Promote { actor, done }) => {
+                        let _ = done.send(self.request_promotion(actor));
                     }
-                    Some(Msg::Abort { done }) => {
-                        let _ = done.send(self.request_abort());
+                    Some(Msg::Abort { actor, done }) => {
+                        let _ = done.send(self.request_abort(actor));
                     }
                     Some(Msg::Shutdown { kind, done }) => {
                         let escalate = match &mut self.shutdown {
@@ -245,6 +247,7 @@ impl Controller {
     fn event(&self, change: Change, revision: Option<u64>, instance: Option<&str>) -> NewEvent {
         NewEvent {
             change,
+            actor: Actor::Agent,
             service: Some(self.name.clone()),
             revision,
             instance: instance.map(str::to_owned),
@@ -1003,7 +1006,7 @@ impl Controller {
                             rollout.progress_deadline
                         )
                     };
-                    self.abort_canary(target, stable, why);
+                    self.abort_canary(target, stable, why, Actor::Agent);
                 }
                 return;
             }
@@ -1036,6 +1039,7 @@ impl Controller {
                 target,
                 stable,
                 format!("canary analysis failed at {label}: {why}"),
+                Actor::Agent,
             );
         }
         let Some(run) = self.canary.as_mut() else {
@@ -1094,7 +1098,7 @@ impl Controller {
 
     /// Abort a canary: all traffic back on stable in one swap, the canary
     /// fleet stopped, and the release failed with `reason`.
-    fn abort_canary(&mut self, target: u64, stable: u64, reason: String) {
+    fn abort_canary(&mut self, target: u64, stable: u64, reason: String, actor: Actor) {
         let decided = Instant::now();
         self.canary = None;
         let fleet: Vec<String> = self.running(|i| i.revision == target);
@@ -1118,6 +1122,7 @@ impl Controller {
             &reason,
             true,
             Some(swap.as_micros() as u64),
+            actor,
         );
     }
 
@@ -1255,7 +1260,7 @@ impl Controller {
             );
             return;
         }
-        self.record_failure(target, previous, &reason, true, None);
+        self.record_failure(target, previous, &reason, true, None, Actor::Agent);
     }
 
     /// Release `target` failed, and the service is back on `previous`, in
@@ -1267,15 +1272,19 @@ impl Controller {
         reason: &str,
         automatic: bool,
         swap_us: Option<u64>,
+        actor: Actor,
     ) {
         self.rollout_started = None;
-        let mut events = vec![self.event(
-            Change::ReleaseFailed {
-                reason: reason.to_owned(),
-            },
-            Some(target),
-            None,
-        )];
+        let mut events = vec![
+            self.event(
+                Change::ReleaseFailed {
+                    reason: reason.to_owned(),
+                },
+                Some(target),
+                None,
+            )
+            .by(actor),
+        ];
         if let Some(prev) = previous {
             let rollback = Change::Rollback {
                 from: target,
@@ -1284,7 +1293,7 @@ impl Controller {
                 reason: Some(reason.to_owned()),
                 swap_us,
             };
-            events.push(self.event(rollback, Some(prev), None));
+            events.push(self.event(rollback, Some(prev), None).by(actor));
         }
         if let Err(e) = self
             .shared
@@ -1412,28 +1421,35 @@ impl Controller {
     }
 
     /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
-    fn request_promotion(&mut self) -> Result<(u64, Option<u32>), String> {
+    fn request_promotion(&mut self, actor: Actor) -> Result<(u64, Option<u32>), String> {
         let (rec, pending) = self.target_pending()?;
-        if let Some(run) = &mut self.canary
+        let step = if let Some(run) = &mut self.canary
             && pending
             && run.revision == rec.target
         {
             run.promote = true;
-            return Ok((rec.target, Some(run.step as u32 + 1)));
-        }
-        if rec.settings.rollout.strategy != Strategy::BlueGreen || !pending {
+            Some(run.step as u32 + 1)
+        } else if rec.settings.rollout.strategy == Strategy::BlueGreen && pending {
+            self.promote_requested = true;
+            None
+        } else {
             return Err(format!(
                 "no rollout of {} is waiting for promotion",
                 self.name
             ));
+        };
+        let ev = self
+            .event(Change::PromoteRequested { step }, Some(rec.target), None)
+            .by(actor);
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
         }
-        self.promote_requested = true;
-        Ok((rec.target, None))
+        Ok((rec.target, step))
     }
 
     /// `kiln abort`: only a rollout in progress with a release before it
     /// can be aborted.
-    fn request_abort(&mut self) -> Result<(u64, u64), String> {
+    fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), String> {
         let (rec, pending) = self.target_pending()?;
         let target = rec.target;
         if !pending {
@@ -1450,13 +1466,13 @@ impl Controller {
         };
         let reason = "aborted by hand (kiln abort)".to_owned();
         if self.canary.as_ref().is_some_and(|r| r.revision == target) {
-            self.abort_canary(target, previous, reason);
+            self.abort_canary(target, previous, reason, actor);
         } else {
             // As an automatic rollback: the previous release takes over
             // as its fleet allows.
             self.paused = false;
             self.stalled = false;
-            self.record_failure(target, Some(previous), &reason, false, None);
+            self.record_failure(target, Some(previous), &reason, false, None, actor);
         }
         Ok((target, previous))
     }

@@ -148,7 +148,9 @@ pub async fn serve(
 
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
-    let server = tokio::spawn(axum::serve(listener, api::router(agent.clone())).into_future());
+    // Each connection's peer credentials name who made the changes it asks for.
+    let app = api::router(agent.clone()).into_make_service_with_connect_info::<api::Peer>();
+    let server = tokio::spawn(axum::serve(listener, app).into_future());
     let metrics_server = match metrics {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)

@@ -17,6 +17,55 @@ use crate::api::Window;
 use crate::digest::Digest;
 use crate::service::{CanaryStep, Pause};
 
+/// Who made a change: the user whose command it was, or the agent on its
+/// own (reconciling, healing, a rollout's analysis). Written as `uid:1000`
+/// or `agent`; remote callers (tokens) will add a third form.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Actor {
+    /// A local user, by the uid the API socket's peer credentials give.
+    Local {
+        uid: u32,
+    },
+    Agent,
+}
+
+impl std::fmt::Display for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local { uid } => write!(f, "uid:{uid}"),
+            Self::Agent => f.write_str("agent"),
+        }
+    }
+}
+
+impl std::str::FromStr for Actor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("uid:") {
+            Some(uid) => uid
+                .parse()
+                .map(|uid| Self::Local { uid })
+                .map_err(|_| format!("invalid actor `{s}`")),
+            None if s == "agent" => Ok(Self::Agent),
+            None => Err(format!("invalid actor `{s}`")),
+        }
+    }
+}
+
+impl Serialize for Actor {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Actor {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 /// One change the agent made.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
@@ -117,6 +166,12 @@ pub enum Change {
         reason: String,
         killed: bool,
     },
+    /// `kiln promote`: a blue-green rollout may switch, or a canary's
+    /// current step (`step`, 1-based) may pass.
+    PromoteRequested {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        step: Option<u32>,
+    },
 }
 
 impl Change {
@@ -145,6 +200,7 @@ impl Change {
             Self::InstanceExited { .. } => "instance-exited",
             Self::InstanceAdopted { .. } => "instance-adopted",
             Self::InstanceLost { .. } => "instance-lost",
+            Self::PromoteRequested { .. } => "promote-requested",
         }
     }
 
@@ -266,6 +322,8 @@ mod tests {
                 reason: "agent gone".into(),
                 killed: true,
             },
+            Change::PromoteRequested { step: Some(2) },
+            Change::PromoteRequested { step: None },
         ]
     }
 
@@ -307,6 +365,21 @@ mod tests {
             String::from_utf8(Change::ReleaseActive {}.canonical()).unwrap(),
             r#"{"kind":"release-active"}"#
         );
+    }
+
+    #[test]
+    fn an_actor_is_written_and_read_back() {
+        for a in [
+            Actor::Local { uid: 1000 },
+            Actor::Local { uid: 0 },
+            Actor::Agent,
+        ] {
+            assert_eq!(a.to_string().parse::<Actor>().unwrap(), a);
+        }
+        assert_eq!(Actor::Local { uid: 1000 }.to_string(), "uid:1000");
+        for bad in ["uid:", "uid:-1", "root", ""] {
+            assert!(bad.parse::<Actor>().is_err(), "{bad}");
+        }
     }
 
     /// Details as the agent wrote them before they were typed still read.

@@ -732,3 +732,55 @@ fn a_second_signal_forces_the_shutdown() {
         || processes_mentioning(&home).is_empty(),
     );
 }
+
+/// Every change names who made it: the uid of the user whose command it
+/// was (the API socket's peer credentials), or the agent on its own.
+#[test]
+fn events_name_the_user_whose_command_made_them() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    write(&spec, WEB.replace("\"v1\"", "\"v2\"").as_bytes());
+    apply(&env, &spec);
+    env.ok(&["rollback", "web"]);
+    let uid = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    let me = format!("uid:{}", uid.trim());
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT kind, actor FROM events WHERE service = 'web' ORDER BY seq")
+        .unwrap();
+    let events: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let by = |kind: &str| -> Vec<&str> {
+        events
+            .iter()
+            .filter(|(k, _)| k == kind)
+            .map(|(_, a)| a.as_str())
+            .collect()
+    };
+    assert_eq!(
+        by("release-created"),
+        [me.as_str(), me.as_str()],
+        "{events:?}"
+    );
+    assert_eq!(by("rollback"), [me.as_str()], "{events:?}");
+    assert!(
+        !by("instance-started").is_empty() && by("instance-started").iter().all(|a| *a == "agent"),
+        "{events:?}"
+    );
+    assert!(
+        by("release-active").iter().all(|a| *a == "agent"),
+        "{events:?}"
+    );
+}

@@ -275,6 +275,11 @@ fn a_healthy_canary_is_promoted_through_every_step() {
     );
 
     let out = env.ok(&["promote", "web"]);
+    let promoted_by = actors_of(&env, &["promote-requested"]);
+    assert!(
+        promoted_by.len() == 1 && promoted_by[0].starts_with("uid:"),
+        "{promoted_by:?}"
+    );
     assert!(out.contains("canary release 2 passes step 2"), "{out}");
     env.ok(&["rollout", "status", "web"]);
     wait_for("stable's fleet to stop", Duration::from_secs(15), || {
@@ -358,6 +363,24 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     assert_eq!(r[1]["reason"], "aborted by hand (kiln abort)");
     let err = env.fails(&["abort", "web"]);
     assert!(err.contains("nothing to abort"), "{err}");
+    // The abort's failure and rollback name the user who aborted.
+    let actors = actors_of(&env, &["release-failed", "rollback"]);
+    assert_eq!(actors.len(), 2, "{actors:?}");
+    assert!(actors.iter().all(|a| a.starts_with("uid:")), "{actors:?}");
+}
+
+/// The actors recorded for events of `web` of the given kinds, in order.
+fn actors_of(env: &Env, kinds: &[&str]) -> Vec<String> {
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT kind, actor FROM events WHERE service = 'web' ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|(k, _)| kinds.contains(&k.as_str()))
+        .map(|(_, a)| a)
+        .collect()
 }
 
 #[test]

@@ -4,7 +4,7 @@
 //! one backend's tests.
 
 use kiln_core::Digest;
-use kiln_core::event::Change;
+use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
 use kiln_core::service::{HealthSpec, RolloutSpec, RuntimeKind, StopSpec};
 use kiln_core::spec::ServiceName;
@@ -279,6 +279,11 @@ pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore
         let seq = state
             .append_event(&NewEvent {
                 change: change.clone(),
+                actor: if i == 1 {
+                    Actor::Local { uid: 1000 }
+                } else {
+                    Actor::Agent
+                },
                 service: (i == 1).then(web),
                 revision: (i == 2).then_some(7),
                 instance: (i == 0).then(|| "web-r7-x".to_owned()),
@@ -293,6 +298,14 @@ pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore
         all.iter().map(|e| e.change.clone()).collect::<Vec<_>>(),
         changes,
         "each change comes back as it was, typed"
+    );
+    assert_eq!(
+        all.iter().map(|e| e.actor).collect::<Vec<_>>(),
+        [
+            Some(Actor::Agent),
+            Some(Actor::Local { uid: 1000 }),
+            Some(Actor::Agent)
+        ]
     );
     assert_eq!(all[0].instance.as_deref(), Some("web-r7-x"));
     assert_eq!(all[1].service.as_deref(), Some("web"));

@@ -62,6 +62,7 @@ impl Inner {
         self.events.push(Event {
             seq,
             time: now(),
+            actor: Some(e.actor),
             service: e.service.as_ref().map(|s| s.to_string()),
             revision: e.revision,
             instance: e.instance.clone(),

@@ -18,7 +18,7 @@ mod sqlite;
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
 
-use kiln_core::event::Change;
+use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
@@ -82,6 +82,8 @@ pub struct InstanceRecord {
 pub struct Event {
     pub seq: u64,
     pub time: String,
+    /// Who made the change (none for events recorded before actors were).
+    pub actor: Option<Actor>,
     pub service: Option<String>,
     pub revision: Option<u64>,
     pub instance: Option<String>,
@@ -92,20 +94,29 @@ pub struct Event {
 #[derive(Clone, Debug)]
 pub struct NewEvent {
     pub change: Change,
+    pub actor: Actor,
     pub service: Option<ServiceName>,
     pub revision: Option<u64>,
     pub instance: Option<String>,
 }
 
 impl NewEvent {
-    /// A change to `service` (and to its release `revision`, when given).
+    /// A change to `service` (and to its release `revision`, when given),
+    /// made by the agent.
     pub fn service(change: Change, service: &ServiceName, revision: Option<u64>) -> Self {
         Self {
             change,
+            actor: Actor::Agent,
             service: Some(service.clone()),
             revision,
             instance: None,
         }
+    }
+
+    /// The same change, made by `actor`.
+    pub fn by(mut self, actor: Actor) -> Self {
+        self.actor = actor;
+        self
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use kiln_core::event::Change;
+use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, params};
@@ -60,7 +60,8 @@ CREATE TABLE IF NOT EXISTS events (
     service  TEXT,
     revision INTEGER,
     instance TEXT,
-    detail   TEXT NOT NULL
+    detail   TEXT NOT NULL,
+    actor    TEXT              -- uid:N or agent; NULL before actors were kept
 );
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
@@ -74,14 +75,15 @@ fn json<T: Serialize>(v: &T) -> String {
 
 fn insert_event(conn: &Connection, e: &NewEvent) -> Result<u64> {
     conn.execute(
-        "INSERT INTO events (time, kind, service, revision, instance, detail) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO events (time, kind, service, revision, instance, detail, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
             now(),
             e.change.kind(),
             e.service.as_ref().map(|s| s.as_str().to_owned()),
             e.revision.map(|r| r as i64),
             e.instance,
-            json(&e.change.detail())
+            json(&e.change.detail()),
+            e.actor.to_string()
         ],
     )?;
     Ok(conn.last_insert_rowid() as u64)
@@ -128,6 +130,16 @@ impl SqliteState {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        // A database made before events named their actor gains the column
+        // (its earlier rows read as actor unknown).
+        let has_actor = conn
+            .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'actor'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(open_err)?;
+        if !has_actor {
+            conn.execute_batch("ALTER TABLE events ADD COLUMN actor TEXT")
+                .map_err(open_err)?;
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -381,7 +393,7 @@ impl StateStore for SqliteState {
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT seq, time, kind, service, revision, instance, detail FROM events WHERE seq > ?1 ORDER BY seq")?;
+        let mut stmt = conn.prepare("SELECT seq, time, kind, service, revision, instance, detail, actor FROM events WHERE seq > ?1 ORDER BY seq")?;
         // Saturating: `after as i64` wrapped a large `after` to -1 (everything).
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let rows = stmt.query_map([after], |r| {
@@ -393,15 +405,21 @@ impl StateStore for SqliteState {
                 r.get::<_, Option<i64>>(4)?,
                 r.get::<_, Option<String>>(5)?,
                 r.get::<_, String>(6)?,
+                r.get::<_, Option<String>>(7)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, time, kind, service, revision, instance, detail) = row?;
+            let (seq, time, kind, service, revision, instance, detail, actor) = row?;
+            let actor = actor
+                .map(|a| a.parse::<Actor>())
+                .transpose()
+                .map_err(|e| StateError::Backend(e.into()))?;
             let detail = decode("event detail", &detail)?;
             out.push(Event {
                 seq: seq as u64,
                 time,
+                actor,
                 service,
                 revision: revision.map(|r| r as u64),
                 instance,
