@@ -5,18 +5,18 @@
 //! life), [`runtime`] (bubblewrap / process), [`probe`], [`logs`], and
 //! [`state`] (the `StateStore` trait and its SQLite implementation).
 
-pub mod agent;
-pub mod api;
-pub mod canary;
-pub mod controller;
+pub(crate) mod agent;
+pub(crate) mod api;
+pub(crate) mod canary;
+pub(crate) mod controller;
 mod downstream;
-pub mod instance;
-pub mod logs;
-pub mod metrics;
-pub mod probe;
+pub(crate) mod instance;
+pub(crate) mod logs;
+pub(crate) mod metrics;
+pub(crate) mod probe;
 pub mod router;
-pub mod runtime;
-pub mod state;
+pub(crate) mod runtime;
+pub(crate) mod state;
 #[cfg(test)]
 mod testing;
 mod upstream;

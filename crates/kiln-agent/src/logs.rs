@@ -50,10 +50,6 @@ impl LogFile {
         })
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
         let mut guard = self.file.lock().await;
         if guard.1 + bytes.len() as u64 > ROTATE_BYTES && guard.1 > 0 {

@@ -280,11 +280,6 @@ impl Router {
         })
     }
 
-    /// How many client connections all listeners together may hold.
-    pub fn budget(&self) -> i64 {
-        self.budget
-    }
-
     /// Whether a listener holding `open` connections (of `service`) must
     /// wait before it accepts another: at its own cap, or at the budget.
     fn at_capacity(&self, service: &RouteKey, open: i64) -> bool {

@@ -24,11 +24,6 @@ pub enum RuntimeError {
     NoBubblewrap,
     #[error("runtime oci (runc) is not available yet; use sandbox or process")]
     OciUnavailable,
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// Everything needed to start one instance.
