@@ -21,7 +21,7 @@ use kiln_store::Store;
 use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
-use crate::controller::{Controller, Msg};
+use crate::controller::{Controller, ControllerError, Msg};
 use crate::instance::StopKind;
 use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
@@ -526,7 +526,7 @@ impl Agent {
     async fn ask<T>(
         &self,
         name: &ServiceName,
-        msg: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Msg,
+        msg: impl FnOnce(oneshot::Sender<Result<T, ControllerError>>) -> Msg,
         none: &str,
     ) -> Result<T, AgentError> {
         if !self.knows(name)? {
@@ -539,10 +539,10 @@ impl Agent {
         let gone = || AgentError::ShuttingDown("the agent is shutting down".into());
         let (done, answer) = oneshot::channel();
         tx.send(msg(done)).map_err(|_| gone())?;
-        let answer = answer
-            .await
-            .map_err(|_| gone())?
-            .map_err(AgentError::Conflict)?;
+        let answer = answer.await.map_err(|_| gone())?.map_err(|e| match e {
+            ControllerError::State(e) => AgentError::State(e),
+            refused => AgentError::Conflict(refused.to_string()),
+        })?;
         let _ = tx.send(Msg::Wake);
         Ok(answer)
     }

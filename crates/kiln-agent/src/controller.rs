@@ -30,7 +30,7 @@ use crate::metrics::Snapshot;
 use crate::probe::ProbeKind;
 use crate::router::{Backend, RouteKey, ServiceRoutes};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
-use crate::state::{InstanceRecord, NewEvent};
+use crate::state::{InstanceRecord, NewEvent, StateError};
 
 /// What a controller is told.
 pub enum Msg {
@@ -45,14 +45,50 @@ pub enum Msg {
     /// a canary's current step.
     Promote {
         actor: Actor,
-        done: oneshot::Sender<Result<(u64, Option<u32>), String>>,
+        done: oneshot::Sender<Result<(u64, Option<u32>), ControllerError>>,
     },
     /// `kiln abort`: fail the rollout in progress and return to the release
     /// before it; answers (aborted release, release returned to).
     Abort {
         actor: Actor,
-        done: oneshot::Sender<Result<(u64, u64), String>>,
+        done: oneshot::Sender<Result<(u64, u64), ControllerError>>,
     },
+}
+
+/// Why the controller could not do what it was asked or needed. The
+/// refusals of `promote` and `abort` reach the CLI as their messages.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ControllerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no service named {0}")]
+    NoService(ServiceName),
+    #[error("release {revision} of {service} is not recorded")]
+    NoRelease { service: ServiceName, revision: u64 },
+    #[error("cannot materialize {image}: {source}")]
+    Materialize {
+        image: kiln_core::Digest,
+        source: Box<kiln_store::tree::TreeError>,
+    },
+    #[error("unpacking {image} stopped: {0}", image = .1)]
+    Unpacker(tokio::task::JoinError, kiln_core::Digest),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("volume {path}: {source}", path = .path.display())]
+    Volume {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no rollout of {0} is waiting for promotion")]
+    NotWaitingForPromotion(ServiceName),
+    #[error(
+        "no rollout of {service} is in progress (it is on release {revision}): nothing to abort"
+    )]
+    NothingToAbort { service: ServiceName, revision: u64 },
+    #[error(
+        "release {revision} is the first release of {service}: there is no earlier release to return to"
+    )]
+    FirstRelease { service: ServiceName, revision: u64 },
 }
 
 /// A canary rollout in progress.
@@ -433,27 +469,32 @@ impl Controller {
             .map(|s| s.settings.rollout.min_ready.0)
     }
 
-    async fn prepare(&mut self, revision: u64) -> Result<Arc<Prepared>, String> {
+    async fn prepare(&mut self, revision: u64) -> Result<Arc<Prepared>, ControllerError> {
         if let Some(p) = self.prepared.get(&revision) {
             return Ok(p.clone());
         }
         let release = self
             .shared
             .state
-            .release(&self.name, revision)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("release {revision} of {} is not recorded", self.name))?;
+            .release(&self.name, revision)?
+            .ok_or_else(|| ControllerError::NoRelease {
+                service: self.name.clone(),
+                revision,
+            })?;
         let store = self.shared.store.clone();
         let image = release.config.image.clone();
         let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot materialize {}: {e}", release.config.image))?;
-        let rt: Arc<dyn Runtime> =
-            Arc::from(runtime(release.config.runtime).map_err(|e| e.to_string())?);
+            .map_err(|e| ControllerError::Unpacker(e, release.config.image.clone()))?
+            .map_err(|source| ControllerError::Materialize {
+                image: release.config.image.clone(),
+                source: Box::new(source),
+            })?;
+        let rt: Arc<dyn Runtime> = Arc::from(runtime(release.config.runtime)?);
         for name in release.config.volumes.keys() {
-            let dir = self.volume_dir(name.as_str());
-            std::fs::create_dir_all(&dir).map_err(|e| format!("volume {}: {e}", dir.display()))?;
+            let path = self.volume_dir(name.as_str());
+            std::fs::create_dir_all(&path)
+                .map_err(|source| ControllerError::Volume { path, source })?;
         }
         let p = Arc::new(Prepared {
             release,
@@ -641,7 +682,7 @@ impl Controller {
         let p = match self.prepare(target).await {
             Ok(p) => p,
             Err(e) => {
-                self.message = Some(e);
+                self.message = Some(e.to_string());
                 return;
             }
         };
@@ -955,7 +996,7 @@ impl Controller {
         // Stable is healed like any fleet while the canary runs beside it.
         match self.prepare(stable).await {
             Ok(sp) => self.keep_fleet(&sp, replicas, now).await,
-            Err(e) => self.message = Some(e),
+            Err(e) => self.message = Some(e.to_string()),
         }
         let steps = rollout.steps.len();
         // The steps are settings: an apply may shorten them mid-canary,
@@ -1404,24 +1445,22 @@ impl Controller {
     /// The service as stored now (not as the last pass read it: a request
     /// answers for what `kiln` just recorded), and whether its target
     /// release is still being rolled out.
-    fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), String> {
+    fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), ControllerError> {
         let rec = self
             .shared
             .state
-            .service(&self.name)
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("no service named {}", self.name))?;
+            .service(&self.name)?
+            .ok_or_else(|| ControllerError::NoService(self.name.clone()))?;
         let pending = self
             .shared
             .state
-            .release(&self.name, rec.target)
-            .map_err(|e| e.to_string())?
+            .release(&self.name, rec.target)?
             .is_some_and(|r| r.outcome == Outcome::Pending);
         Ok((rec, pending))
     }
 
     /// `kiln promote`: only a blue-green rollout waiting for it can be promoted.
-    fn request_promotion(&mut self, actor: Actor) -> Result<(u64, Option<u32>), String> {
+    fn request_promotion(&mut self, actor: Actor) -> Result<(u64, Option<u32>), ControllerError> {
         let (rec, pending) = self.target_pending()?;
         let step = if let Some(run) = &mut self.canary
             && pending
@@ -1433,10 +1472,7 @@ impl Controller {
             self.promote_requested = true;
             None
         } else {
-            return Err(format!(
-                "no rollout of {} is waiting for promotion",
-                self.name
-            ));
+            return Err(ControllerError::NotWaitingForPromotion(self.name.clone()));
         };
         let ev = self
             .event(Change::PromoteRequested { step }, Some(rec.target), None)
@@ -1449,20 +1485,20 @@ impl Controller {
 
     /// `kiln abort`: only a rollout in progress with a release before it
     /// can be aborted.
-    fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), String> {
+    fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), ControllerError> {
         let (rec, pending) = self.target_pending()?;
         let target = rec.target;
         if !pending {
-            return Err(format!(
-                "no rollout of {} is in progress (it is on release {target}): nothing to abort",
-                self.name
-            ));
+            return Err(ControllerError::NothingToAbort {
+                service: self.name.clone(),
+                revision: target,
+            });
         }
         let Some(previous) = self.previous_active(target) else {
-            return Err(format!(
-                "release {target} is the first release of {}: there is no earlier release to return to",
-                self.name
-            ));
+            return Err(ControllerError::FirstRelease {
+                service: self.name.clone(),
+                revision: target,
+            });
         };
         let reason = "aborted by hand (kiln abort)".to_owned();
         if self.canary.as_ref().is_some_and(|r| r.revision == target) {
