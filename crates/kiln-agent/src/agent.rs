@@ -27,19 +27,93 @@ use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
 use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
 
-/// Why a command was refused. Each kind is one HTTP status (see `api.rs`).
+/// Why a command was refused, with what it was about. Each variant is one
+/// HTTP status (`api.rs` maps them, with no catch-all arm).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    /// The request itself is malformed: its body, its query, a name in it
+    /// (the parser's own message).
     #[error("{0}")]
     BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    ShuttingDown(String),
+    #[error("no such API endpoint")]
+    NoEndpoint,
+    #[error("service {0} appears twice")]
+    DuplicateService(ServiceName),
+    #[error(
+        "service {0}: runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap, or runtime = \"process\")"
+    )]
+    NoBubblewrap(ServiceName),
+    #[error("service {0}: runtime oci (runc) is not available yet")]
+    OciUnavailable(ServiceName),
+    #[error("service {service}: image {image_name}@{image} is not in the store")]
+    ImageMissing {
+        service: ServiceName,
+        image_name: String,
+        image: kiln_core::Digest,
+    },
+    #[error("service {service}: cannot unpack its image: {source}")]
+    Unpack {
+        service: ServiceName,
+        source: Box<kiln_store::tree::TreeError>,
+    },
+    #[error("service {service}: unpacking its image stopped: {source}")]
+    Unpacker {
+        service: ServiceName,
+        source: tokio::task::JoinError,
+    },
+    #[error(
+        "service {0}: no command: the image has no entrypoint or cmd and the service sets no command"
+    )]
+    NoCommand(ServiceName),
+    /// `what` is empty for the service's command, `startup probe ` (…) for
+    /// an exec probe's.
+    #[error("service {service}: {what}command `{program}` does not exist in image {image}")]
+    NoSuchCommand {
+        service: ServiceName,
+        what: String,
+        program: String,
+        image: String,
+    },
+    #[error(
+        "service {service} is still rolling out release {revision} (started {started}); wait for it (kiln status {service}) and apply again"
+    )]
+    RolloutInProgress {
+        service: ServiceName,
+        revision: u64,
+        started: String,
+    },
+    #[error("service {service}: listen {addr} is already the address of {other}")]
+    AddressTaken {
+        service: ServiceName,
+        addr: std::net::SocketAddr,
+        other: RouteKey,
+    },
+    #[error(transparent)]
+    Listen(#[from] crate::router::ListenError),
+    #[error("no service named {0}")]
+    NoService(ServiceName),
+    #[error("release {revision} of {service} does not exist (it has releases 1 to {latest})")]
+    NoRelease {
+        service: ServiceName,
+        revision: u64,
+        latest: u64,
+    },
+    #[error("{0} has no earlier successful release to return to")]
+    NothingToRollBackTo(ServiceName),
+    #[error("{service} is on release {revision} already")]
+    AlreadyOn { service: ServiceName, revision: u64 },
+    /// `promote` / `abort` with no rollout to act on; `none` says what is
+    /// missing (`is waiting for promotion`, …).
+    #[error("no rollout of {service} {none}")]
+    NoRollout {
+        service: ServiceName,
+        none: &'static str,
+    },
+    /// The service's controller refused (`promote`, `abort`).
+    #[error(transparent)]
+    Refused(ControllerError),
+    #[error("the agent is shutting down")]
+    ShuttingDown,
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -177,9 +251,7 @@ impl Agent {
     /// first; this answers a request already in flight.)
     fn refuse_during_shutdown(&self) -> Result<(), AgentError> {
         if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(AgentError::ShuttingDown(
-                "the agent is shutting down".into(),
-            ));
+            return Err(AgentError::ShuttingDown);
         }
         Ok(())
     }
@@ -197,34 +269,26 @@ impl Agent {
         let mut seen = std::collections::BTreeSet::new();
         for d in &mut req.services {
             if !seen.insert(d.name.clone()) {
-                return Err(AgentError::BadRequest(format!(
-                    "service {} appears twice",
-                    d.name
-                )));
+                return Err(AgentError::DuplicateService(d.name.clone()));
             }
             let explicit = req.explicit_runtime.contains(&d.name);
             d.config.runtime = match (d.config.runtime, explicit) {
                 (RuntimeKind::Sandbox, true) if !self.bwrap => {
-                    return Err(AgentError::Invalid(format!(
-                        "service {}: runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap, or runtime = \"process\")",
-                        d.name
-                    )));
+                    return Err(AgentError::NoBubblewrap(d.name.clone()));
                 }
                 (RuntimeKind::Oci, _) => {
-                    return Err(AgentError::Invalid(format!(
-                        "service {}: runtime oci (runc) is not available yet",
-                        d.name
-                    )));
+                    return Err(AgentError::OciUnavailable(d.name.clone()));
                 }
                 (kind, true) => kind,
                 (_, false) if self.bwrap => RuntimeKind::Sandbox,
                 (_, false) => RuntimeKind::Process,
             };
             if !self.shared.store.has_blob(&d.config.image) {
-                return Err(AgentError::NotFound(format!(
-                    "service {}: image {}@{} is not in the store",
-                    d.name, d.config.image_name, d.config.image
-                )));
+                return Err(AgentError::ImageMissing {
+                    service: d.name.clone(),
+                    image_name: d.config.image_name.clone(),
+                    image: d.config.image.clone(),
+                });
             }
         }
         let mut current = BTreeMap::new();
@@ -260,10 +324,11 @@ impl Agent {
                     && let Some(r) = self.shared.state.release(&d.name, rec.target)?
                     && r.outcome == Outcome::Pending
                 {
-                    return Err(AgentError::Conflict(format!(
-                        "service {} is still rolling out release {} (started {}); wait for it (kiln status {}) and apply again",
-                        d.name, r.revision, r.created, d.name
-                    )));
+                    return Err(AgentError::RolloutInProgress {
+                        service: d.name.clone(),
+                        revision: r.revision,
+                        started: r.created,
+                    });
                 }
                 self.check_runnable(d).await?;
             }
@@ -275,23 +340,22 @@ impl Agent {
                 if let Some(other) = self.shared.router.listening_on(listen.0).await
                     && other != RouteKey::Service(d.name.clone())
                 {
-                    return Err(AgentError::Invalid(format!(
-                        "service {}: listen {} is already the address of {other}",
-                        d.name, listen.0
-                    )));
+                    return Err(AgentError::AddressTaken {
+                        service: d.name.clone(),
+                        addr: listen.0,
+                        other,
+                    });
                 }
                 self.shared
                     .router
                     .listen(&RouteKey::Service(d.name.clone()), listen.0)
-                    .await
-                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                    .await?;
             }
             if let Some(preview) = d.settings.rollout.preview_listen {
                 self.shared
                     .router
                     .listen(&RouteKey::Preview(d.name.clone()), preview.0)
-                    .await
-                    .map_err(|e| AgentError::Invalid(e.to_string()))?;
+                    .await?;
             }
         }
         for (d, sp) in req.services.iter().zip(&the_plan.services) {
@@ -351,24 +415,25 @@ impl Agent {
         let image = d.config.image.clone();
         let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
             .await
-            .map_err(|e| AgentError::Invalid(e.to_string()))?
-            .map_err(|e| {
-                AgentError::Invalid(format!("service {}: cannot unpack its image: {e}", d.name))
+            .map_err(|source| AgentError::Unpacker {
+                service: d.name.clone(),
+                source,
+            })?
+            .map_err(|source| AgentError::Unpack {
+                service: d.name.clone(),
+                source: Box::new(source),
             })?;
         let cfg = &d.config;
         let Some(program) = cfg.command.first() else {
-            return Err(AgentError::Invalid(format!(
-                "service {}: no command: the image has no entrypoint or cmd and the service sets no command",
-                d.name
-            )));
+            return Err(AgentError::NoCommand(d.name.clone()));
         };
         if !command_exists(&tree.rootfs, &cfg.env, cfg.workdir.as_str(), program) {
-            return Err(AgentError::Invalid(format!(
-                "service {}: command `{program}` does not exist in image {}@{}",
-                d.name,
-                cfg.image_name,
-                cfg.image.short()
-            )));
+            return Err(AgentError::NoSuchCommand {
+                service: d.name.clone(),
+                what: String::new(),
+                program: program.clone(),
+                image: format!("{}@{}", cfg.image_name, cfg.image.short()),
+            });
         }
         for (kind, probe) in [
             ("startup", &cfg.health.startup),
@@ -380,12 +445,12 @@ impl Agent {
                 && let Some(program) = command.first()
                 && !command_exists(&tree.rootfs, &cfg.env, cfg.workdir.as_str(), program)
             {
-                return Err(AgentError::Invalid(format!(
-                    "service {}: {kind} probe command `{program}` does not exist in image {}@{}",
-                    d.name,
-                    cfg.image_name,
-                    cfg.image.short()
-                )));
+                return Err(AgentError::NoSuchCommand {
+                    service: d.name.clone(),
+                    what: format!("{kind} probe "),
+                    program: program.clone(),
+                    image: format!("{}@{}", cfg.image_name, cfg.image.short()),
+                });
             }
         }
         Ok(())
@@ -406,33 +471,33 @@ impl Agent {
             .shared
             .state
             .service(name)?
-            .ok_or_else(|| AgentError::NotFound(format!("no service named {name}")))?;
+            .ok_or_else(|| AgentError::NoService(name.clone()))?;
         let releases = self.shared.state.releases(name)?;
         let current = rec.target;
         let latest = releases.iter().map(|r| r.revision).max().unwrap_or(0);
-        let source = match to {
-            Some(n) => releases.iter().find(|r| r.revision == n).ok_or_else(|| {
-                AgentError::NotFound(format!(
-                    "release {n} of {name} does not exist (it has releases 1 to {latest})"
-                ))
-            })?,
-            None => releases
-                .iter()
-                .rev()
-                .find(|r| {
-                    r.revision != current
-                        && matches!(r.outcome, Outcome::Active | Outcome::Superseded)
-                })
-                .ok_or_else(|| {
-                    AgentError::Invalid(format!(
-                        "{name} has no earlier successful release to return to"
-                    ))
+        let source =
+            match to {
+                Some(n) => releases.iter().find(|r| r.revision == n).ok_or_else(|| {
+                    AgentError::NoRelease {
+                        service: name.clone(),
+                        revision: n,
+                        latest,
+                    }
                 })?,
-        };
+                None => releases
+                    .iter()
+                    .rev()
+                    .find(|r| {
+                        r.revision != current
+                            && matches!(r.outcome, Outcome::Active | Outcome::Superseded)
+                    })
+                    .ok_or_else(|| AgentError::NothingToRollBackTo(name.clone()))?,
+            };
         if source.revision == current {
-            return Err(AgentError::Invalid(format!(
-                "{name} is on release {current} already"
-            )));
+            return Err(AgentError::AlreadyOn {
+                service: name.clone(),
+                revision: current,
+            });
         }
         let mut events = Vec::new();
         // A rollout in progress is abandoned: failed in the same
@@ -527,21 +592,24 @@ impl Agent {
         &self,
         name: &ServiceName,
         msg: impl FnOnce(oneshot::Sender<Result<T, ControllerError>>) -> Msg,
-        none: &str,
+        none: &'static str,
     ) -> Result<T, AgentError> {
         if !self.knows(name)? {
-            return Err(AgentError::NotFound(format!("no service named {name}")));
+            return Err(AgentError::NoService(name.clone()));
         }
         let tx = self.controllers.lock().await.get(name).cloned();
         let Some(tx) = tx else {
-            return Err(AgentError::Conflict(format!("no rollout of {name} {none}")));
+            return Err(AgentError::NoRollout {
+                service: name.clone(),
+                none,
+            });
         };
-        let gone = || AgentError::ShuttingDown("the agent is shutting down".into());
+        let gone = || AgentError::ShuttingDown;
         let (done, answer) = oneshot::channel();
         tx.send(msg(done)).map_err(|_| gone())?;
         let answer = answer.await.map_err(|_| gone())?.map_err(|e| match e {
             ControllerError::State(e) => AgentError::State(e),
-            refused => AgentError::Conflict(refused.to_string()),
+            refused => AgentError::Refused(refused),
         })?;
         let _ = tx.send(Msg::Wake);
         Ok(answer)
@@ -683,7 +751,7 @@ impl Agent {
         // failed release with the target it replaced.
         let releases = self.shared.state.releases(service)?;
         let Some(rec) = self.shared.state.service(service)? else {
-            return Err(AgentError::NotFound(format!("no service named {service}")));
+            return Err(AgentError::NoService(service.clone()));
         };
         Ok(HistoryResponse {
             releases,

@@ -25,16 +25,43 @@ use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::agent::{Agent, AgentError};
+use crate::controller::ControllerError;
 
 impl IntoResponse for AgentError {
     fn into_response(self) -> Response {
         let status = match &self {
-            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AgentError::NotFound(_) => StatusCode::NOT_FOUND,
-            AgentError::Conflict(_) => StatusCode::CONFLICT,
-            AgentError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            AgentError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
-            AgentError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::BadRequest(_) | AgentError::DuplicateService(_) => StatusCode::BAD_REQUEST,
+            AgentError::NoEndpoint
+            | AgentError::NoService(_)
+            | AgentError::NoRelease { .. }
+            | AgentError::ImageMissing { .. } => StatusCode::NOT_FOUND,
+            AgentError::RolloutInProgress { .. } | AgentError::NoRollout { .. } => {
+                StatusCode::CONFLICT
+            }
+            AgentError::Refused(e) => match e {
+                ControllerError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::NoService(_) | ControllerError::NoRelease { .. } => {
+                    StatusCode::NOT_FOUND
+                }
+                ControllerError::Materialize { .. }
+                | ControllerError::Unpacker(..)
+                | ControllerError::Runtime(_)
+                | ControllerError::Volume { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::NotWaitingForPromotion(_)
+                | ControllerError::NothingToAbort { .. }
+                | ControllerError::FirstRelease { .. } => StatusCode::CONFLICT,
+            },
+            AgentError::NoBubblewrap(_)
+            | AgentError::OciUnavailable(_)
+            | AgentError::Unpack { .. }
+            | AgentError::NoCommand(_)
+            | AgentError::NoSuchCommand { .. }
+            | AgentError::AddressTaken { .. }
+            | AgentError::Listen(_)
+            | AgentError::NothingToRollBackTo(_)
+            | AgentError::AlreadyOn { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Unpacker { .. } | AgentError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (
             status,
@@ -55,7 +82,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/logs", get(logs))
-        .fallback(|| async { AgentError::NotFound("no such API endpoint".into()) })
+        .fallback(|| async { AgentError::NoEndpoint })
         .with_state(agent)
 }
 
@@ -183,7 +210,7 @@ async fn logs(
         q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
     let service = ServiceName::try_from(q.service.as_str()).map_err(AgentError::BadRequest)?;
     if !agent.knows(&service)? {
-        return Err(AgentError::NotFound(format!("no service named {service}")));
+        return Err(AgentError::NoService(service));
     }
     let dir = agent.home().join("logs").join(service.as_str());
     let filter = move |id: &str| {

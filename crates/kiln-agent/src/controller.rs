@@ -58,7 +58,7 @@ pub enum Msg {
 /// Why the controller could not do what it was asked or needed. The
 /// refusals of `promote` and `abort` reach the CLI as their messages.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum ControllerError {
+pub enum ControllerError {
     #[error(transparent)]
     State(#[from] StateError),
     #[error("no service named {0}")]
