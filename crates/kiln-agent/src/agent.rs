@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use kiln_core::api::{AbortResponse, RollbackResponse};
@@ -18,13 +18,13 @@ use kiln_core::release::{Outcome, Release};
 use kiln_core::service::{ProbeCheck, RuntimeKind};
 use kiln_core::spec::ServiceName;
 use kiln_store::Store;
-use sha2::{Digest as _, Sha256};
 use tokio::sync::{Mutex, mpsc, oneshot};
 
 use crate::controller::{Controller, ControllerError, Msg};
 use crate::instance::StopKind;
 use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
+use crate::shared::Shared;
 use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
 
 /// Why a command was refused, with what it was about. Each variant is one
@@ -118,30 +118,6 @@ pub enum AgentError {
     State(#[from] StateError),
 }
 
-/// What controllers share with the agent.
-pub struct Shared {
-    pub home: PathBuf,
-    pub store: Store,
-    pub state: Arc<dyn StateStore>,
-    pub backoff: Backoff,
-    pub status: std::sync::Mutex<BTreeMap<ServiceName, ServiceStatus>>,
-    pub router: Arc<crate::router::Router>,
-    ids: AtomicU64,
-    seed: u64,
-}
-
-impl Shared {
-    /// `SERVICE-rN-xxxxxx`: unique, and names its release.
-    pub fn new_instance_id(&self, service: &ServiceName, revision: u64) -> String {
-        let n = self.ids.fetch_add(1, Ordering::Relaxed);
-        let mut h = Sha256::new();
-        h.update(self.seed.to_le_bytes());
-        h.update(n.to_le_bytes());
-        let hex = kiln_core::digest::hex(&h.finalize()[..3]);
-        format!("{service}-r{revision}-{hex}")
-    }
-}
-
 pub struct Agent {
     shared: Arc<Shared>,
     controllers: Mutex<BTreeMap<ServiceName, mpsc::UnboundedSender<Msg>>>,
@@ -160,16 +136,14 @@ impl Agent {
         backoff: Backoff,
         seed: u64,
     ) -> Result<Arc<Self>, AgentError> {
-        let shared = Arc::new(Shared {
+        let shared = Arc::new(Shared::new(
             home,
             store,
             state,
             backoff,
-            status: std::sync::Mutex::new(BTreeMap::new()),
-            router: crate::router::Router::new(),
-            ids: AtomicU64::new(0),
+            crate::router::Router::new(),
             seed,
-        });
+        ));
         let agent = Arc::new(Self {
             shared,
             controllers: Mutex::new(BTreeMap::new()),

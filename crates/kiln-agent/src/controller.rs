@@ -22,7 +22,6 @@ use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::agent::Shared;
 use crate::canary::{Judgement, fleet, judge};
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::logs::LogFile;
@@ -30,6 +29,7 @@ use crate::metrics::Snapshot;
 use crate::probe::ProbeKind;
 use crate::router::{Backend, RouteKey, ServiceRoutes};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
+use crate::shared::Shared;
 use crate::state::{InstanceRecord, NewEvent, StateError};
 
 /// What a controller is told.

@@ -27,7 +27,7 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::router::{Inflight, RouteKey, Router, ServiceRoutes, Side};
+use crate::routes::{Inflight, RouteKey, RouteSource, ServiceRoutes, Side};
 use crate::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
 use crate::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 use kiln_core::service::RouterSpec;
@@ -43,7 +43,8 @@ pub(crate) const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 
 /// One client connection.
 pub(crate) struct Client {
-    router: Arc<Router>,
+    /// The router's table, read once per request.
+    routes: RouteSource,
     service: RouteKey,
     pool: Arc<Pool>,
     /// The client's address, as `X-Forwarded-For` gets it.
@@ -87,14 +88,14 @@ struct Prepared {
 
 impl Client {
     pub(crate) fn new(
-        router: Arc<Router>,
+        routes: RouteSource,
         service: RouteKey,
         pool: Arc<Pool>,
         io: TcpStream,
         peer_ip: String,
     ) -> Self {
         Self {
-            router,
+            routes,
             service,
             pool,
             peer_ip,
@@ -120,7 +121,7 @@ impl Client {
             if !self.buf.is_empty() {
                 // The snapshot current when the request has come whole (not
                 // when an idle connection began to wait for it).
-                let routes = self.router.routes(&self.service);
+                let routes = self.routes.routes(&self.service);
                 match prepare(&self.buf, &mut self.up, routes.as_deref(), &self.peer_ip) {
                     Ok(Some(p)) => break (p, routes),
                     Ok(None) => {}
@@ -1014,7 +1015,7 @@ impl Body for ClientBody<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::{Backend, RouteKey};
+    use crate::router::{Backend, RouteKey, Router};
     use crate::testing::{Act, answers_early, scripted};
     use kiln_core::spec::ServiceName;
     use std::time::Duration;
@@ -1278,7 +1279,7 @@ mod tests {
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let serve = |io| {
             let mut c = Client::new(
-                router.clone(),
+                router.source(),
                 svc.clone(),
                 Arc::default(),
                 io,
@@ -1738,6 +1739,7 @@ mod tests {
 #[cfg(test)]
 mod props {
     use super::*;
+    use crate::router::Router;
     use proptest::prelude::*;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;

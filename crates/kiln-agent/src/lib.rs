@@ -15,7 +15,9 @@ pub(crate) mod logs;
 pub(crate) mod metrics;
 pub(crate) mod probe;
 pub mod router;
+mod routes;
 pub(crate) mod runtime;
+mod shared;
 pub(crate) mod state;
 #[cfg(test)]
 mod testing;

@@ -17,207 +17,16 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use hyper::header::HeaderValue;
-use kiln_core::service::RouterSpec;
-use kiln_core::spec::ServiceName;
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
 use crate::downstream::Client;
+use crate::routes::RouteSource;
+pub use crate::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split};
 use crate::upstream::Pool;
 
-/// One ready instance that may receive traffic.
-#[derive(Debug)]
-pub struct Backend {
-    pub instance: String,
-    pub revision: u64,
-    pub port: u16,
-    /// `127.0.0.1:PORT`, made once: the `Host` of a request that has none.
-    pub host: HeaderValue,
-    /// Requests in flight to it, until their response bodies are sent.
-    pub inflight: Arc<crate::metrics::InFlight>,
-    /// Its release's measurements.
-    pub metrics: Arc<crate::metrics::ReleaseMetrics>,
-}
-
-impl Backend {
-    pub fn new(
-        instance: String,
-        revision: u64,
-        port: u16,
-        inflight: Arc<crate::metrics::InFlight>,
-        metrics: Arc<crate::metrics::ReleaseMetrics>,
-    ) -> Self {
-        let host = HeaderValue::from_str(&format!("127.0.0.1:{port}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1"));
-        Self {
-            instance,
-            revision,
-            port,
-            host,
-            inflight,
-            metrics,
-        }
-    }
-}
-
-/// A service's routes: the instances to balance over (the stable side,
-/// when a canary takes a share), and its timeout.
-#[derive(Debug, Default)]
-pub struct ServiceRoutes {
-    pub backends: Vec<Arc<Backend>>,
-    pub canary: Option<Split>,
-    pub timeout: Duration,
-    /// What the listener allows its peers (timeouts, connections).
-    pub limits: RouterSpec,
-}
-
-/// A canary's share of a service's requests.
-#[derive(Debug, Default)]
-pub struct Split {
-    pub backends: Vec<Arc<Backend>>,
-    /// The canary release (a sticky cookie names it, so an older canary's
-    /// cookie is not honoured).
-    pub revision: u64,
-    /// Percent of requests, 0 to 100.
-    pub weight: u32,
-    /// The cookie that keeps a client on one side, when sticky.
-    pub cookie: Option<String>,
-}
-
-impl ServiceRoutes {
-    pub fn new(backends: Vec<Arc<Backend>>, timeout: Duration) -> Self {
-        Self {
-            backends,
-            canary: None,
-            timeout,
-            limits: RouterSpec::default(),
-        }
-    }
-
-    /// With the service's `[router]` settings.
-    pub fn with_limits(mut self, limits: RouterSpec) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// Send `weight` percent of requests to `backends` of release `revision`.
-    pub fn with_canary(
-        mut self,
-        backends: Vec<Arc<Backend>>,
-        revision: u64,
-        weight: u32,
-        cookie: Option<String>,
-    ) -> Self {
-        self.canary = Some(Split {
-            backends,
-            revision,
-            weight,
-            cookie,
-        });
-        self
-    }
-
-    /// The side a request goes to, and the `Set-Cookie` to send when a
-    /// sticky client was (re)assigned.
-    ///
-    /// Each client draws a bucket from 0 to 99 and is on the canary side
-    /// while its bucket is below the weight: as the weight grows, clients
-    /// only ever move from stable to the canary, never back and forth.
-    pub(crate) fn choose<'h>(
-        &self,
-        cookies: impl Iterator<Item = &'h [u8]>,
-    ) -> (Side, Option<String>) {
-        let stable = (Side::Stable, None);
-        let Some(c) = &self.canary else {
-            return stable;
-        };
-        if c.backends.is_empty() || c.weight == 0 {
-            return stable;
-        }
-        if self.backends.is_empty() || c.weight >= 100 {
-            return (Side::Canary, None);
-        }
-        let (bucket, set) = match &c.cookie {
-            Some(name) => match sticky_bucket(cookies, name, c.revision) {
-                Some(b) => (b, None),
-                None => {
-                    let b = fastrand::u32(0..100);
-                    let v = format!("{name}={}.{b}; Path=/; HttpOnly; SameSite=Lax", c.revision);
-                    (b, Some(v))
-                }
-            },
-            None => (fastrand::u32(0..100), None),
-        };
-        if bucket < c.weight {
-            (Side::Canary, set)
-        } else {
-            (Side::Stable, set)
-        }
-    }
-
-    /// The instances of one side.
-    pub(crate) fn side(&self, side: Side) -> &[Arc<Backend>] {
-        match (side, &self.canary) {
-            (Side::Canary, Some(c)) => &c.backends,
-            _ => &self.backends,
-        }
-    }
-}
-
-/// Which release a request goes to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    Stable,
-    Canary,
-}
-
-/// The bucket a client's cookie `name=REVISION.BUCKET` holds for canary
-/// `revision`; none when absent, malformed or from another canary (the
-/// client is then assigned afresh: a bad cookie never fails a request).
-fn sticky_bucket<'h>(
-    cookies: impl Iterator<Item = &'h [u8]>,
-    name: &str,
-    revision: u64,
-) -> Option<u32> {
-    cookies
-        .filter_map(|v| std::str::from_utf8(v).ok())
-        .flat_map(|v| v.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        .filter(|(n, _)| *n == name)
-        .find_map(|(_, v)| {
-            let (rev, bucket) = v.trim().split_once('.')?;
-            let bucket: u32 = bucket.parse().ok()?;
-            (rev.parse::<u64>().ok()? == revision && bucket < 100).then_some(bucket)
-        })
-}
-
-/// What a listener routes for: a service's traffic, or the preview of the
-/// release it is rolling out (blue-green's `preview_listen`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub enum RouteKey {
-    Service(ServiceName),
-    Preview(ServiceName),
-}
-
-impl std::fmt::Display for RouteKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Service(s) => write!(f, "service {s}"),
-            Self::Preview(s) => write!(f, "the preview of service {s}"),
-        }
-    }
-}
-
-/// The whole routing table: swapped as one value.
-#[derive(Debug, Default)]
-pub struct RouteTable {
-    pub services: HashMap<RouteKey, Arc<ServiceRoutes>>,
-}
-
 pub struct Router {
-    table: ArcSwap<RouteTable>,
+    table: RouteSource,
     pub metrics: Arc<crate::metrics::Metrics>,
     listeners: Mutex<HashMap<RouteKey, (SocketAddr, Workers)>>,
     /// Client connections open on all listeners together, and how many
@@ -272,7 +81,7 @@ impl Router {
     /// A router that holds at most `budget` client connections at once.
     pub fn with_budget(budget: i64) -> Arc<Self> {
         Arc::new(Self {
-            table: ArcSwap::from_pointee(RouteTable::default()),
+            table: RouteSource::default(),
             metrics: Arc::default(),
             listeners: Mutex::new(HashMap::new()),
             open: Arc::default(),
@@ -290,20 +99,26 @@ impl Router {
         open >= cap || self.open.load(Ordering::Relaxed) >= self.budget
     }
 
+    /// Where connections read the routes (a test serves one by hand).
+    #[cfg(test)]
+    pub(crate) fn source(&self) -> RouteSource {
+        self.table.clone()
+    }
+
     /// The current snapshot.
     pub fn table(&self) -> Arc<RouteTable> {
-        self.table.load_full()
+        self.table.0.load_full()
     }
 
     /// A service's current routes.
     pub(crate) fn routes(&self, key: &RouteKey) -> Option<Arc<ServiceRoutes>> {
-        self.table.load().services.get(key).cloned()
+        self.table.routes(key)
     }
 
     /// Publish a service's routes: one atomic swap of the whole table.
     pub fn set_routes(&self, service: &RouteKey, routes: ServiceRoutes) {
         let routes = Arc::new(routes);
-        self.table.rcu(|old| {
+        self.table.0.rcu(|old| {
             let mut services = old.services.clone();
             services.insert(service.clone(), routes.clone());
             RouteTable { services }
@@ -433,7 +248,7 @@ impl Router {
             };
             let _ = stream.set_nodelay(true);
             let client = Client::new(
-                self.clone(),
+                self.table.clone(),
                 service.clone(),
                 pool.clone(),
                 stream,
@@ -645,25 +460,10 @@ impl Drop for Gauge {
     }
 }
 
-/// Counts a request as in flight from dispatch until dropped.
-pub(crate) struct Inflight(Arc<crate::metrics::InFlight>, usize);
-
-impl Inflight {
-    pub(crate) fn new(c: Arc<crate::metrics::InFlight>) -> Self {
-        let shard = c.enter();
-        Self(c, shard)
-    }
-}
-
-impl Drop for Inflight {
-    fn drop(&mut self) {
-        self.0.leave(self.1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use kiln_core::spec::ServiceName;
 
     async fn get(port: u16) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -800,83 +600,5 @@ mod tests {
         );
         assert_eq!(after.services[&a].backends.len(), 2);
         assert_eq!(after.services[&b].backends[0].port, 2);
-    }
-
-    fn backend(port: u16, revision: u64) -> Arc<Backend> {
-        Arc::new(Backend::new(
-            format!("i{port}"),
-            revision,
-            port,
-            Arc::default(),
-            Arc::default(),
-        ))
-    }
-
-    fn cookie(v: &str) -> std::iter::Once<&[u8]> {
-        std::iter::once(v.as_bytes())
-    }
-
-    #[test]
-    fn a_sticky_cookie_is_read_only_when_well_formed_and_current() {
-        let name = "kiln-canary-web";
-        assert_eq!(
-            sticky_bucket(cookie("kiln-canary-web=7.42"), name, 7),
-            Some(42)
-        );
-        assert_eq!(
-            sticky_bucket(cookie("a=b; kiln-canary-web=7.0; c=d"), name, 7),
-            Some(0)
-        );
-        for bad in [
-            "kiln-canary-web=6.42",
-            "kiln-canary-web=7.100",
-            "kiln-canary-web=7",
-            "kiln-canary-web=x.y",
-            "kiln-canary-web=",
-            "kiln-canary-other=7.1",
-            "garbage",
-        ] {
-            assert_eq!(sticky_bucket(cookie(bad), name, 7), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn the_split_sends_the_weight_to_the_canary() {
-        let routes = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
-            vec![backend(2, 2)],
-            2,
-            20,
-            Some("kiln-canary-web".to_owned()),
-        );
-        let empty = || std::iter::empty::<&[u8]>();
-        let n = 10_000;
-        let mut canary = 0;
-        for _ in 0..n {
-            let (side, set) = routes.choose(empty());
-            let side = routes.side(side);
-            assert!(set.is_some(), "a client without a cookie gets one");
-            canary += usize::from(side[0].revision == 2);
-        }
-        // sd of the share is 0.004: ±0.03 fails only on a real bias.
-        let share = canary as f64 / f64::from(n);
-        assert!((share - 0.2).abs() < 0.03, "{share}");
-        // A bucket below the weight is the canary's, at or above stable's.
-        let (side, set) = routes.choose(cookie("kiln-canary-web=2.19"));
-        let side = routes.side(side);
-        assert_eq!((side[0].revision, set), (2, None));
-        let (side, _) = routes.choose(cookie("kiln-canary-web=2.20"));
-        let side = routes.side(side);
-        assert_eq!(side[0].revision, 1);
-        // A canary with nothing ready, or no canary: all to stable.
-        let none_ready = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1))
-            .with_canary(Vec::new(), 2, 50, None);
-        assert!((0..100).all(|_| none_ready.side(none_ready.choose(empty()).0)[0].revision == 1));
-        let full = ServiceRoutes::new(vec![backend(1, 1)], Duration::from_secs(1)).with_canary(
-            vec![backend(2, 2)],
-            2,
-            100,
-            None,
-        );
-        assert!((0..100).all(|_| full.side(full.choose(empty()).0)[0].revision == 2));
     }
 }

@@ -11,6 +11,7 @@ pub mod digest;
 pub mod event;
 pub mod health;
 pub mod layer;
+pub mod names;
 pub mod oci;
 pub mod plan;
 pub mod reference;

@@ -8,10 +8,10 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
+use crate::names::{AbsolutePath, EnvName, ServiceName};
 use crate::service::{
     HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeName, VolumeSpec,
 };
-use crate::spec::{AbsolutePath, EnvName, ServiceName};
 
 /// Everything an instance is made from. Two releases with equal configs are
 /// the same content (a rollback creates a new release with an old config).

@@ -12,8 +12,8 @@ use std::time::Duration as StdDuration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::names::{AbsolutePath, EnvName};
 use crate::reference::{ImageName, ImageRef};
-use crate::spec::{AbsolutePath, EnvName};
 
 /// `[services.NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -254,7 +254,7 @@ impl Serialize for ListenAddr {
     }
 }
 
-crate::spec::validated_string_pub!(
+crate::names::validated_string_pub!(
     /// A volume name: the same grammar as an image name.
     VolumeName,
     |s| ImageName::try_from(s)

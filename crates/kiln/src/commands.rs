@@ -1,5 +1,7 @@
-//! One function per command. Each resolves its inputs, calls the library,
-//! and prints: human text by default, JSON with `--json`.
+//! The store's commands (bake, images, inspect, verify, export, unpack), one
+//! function each, and the helpers the agent's commands (`deploy`) share:
+//! each resolves its inputs, calls the library, and prints human text by
+//! default, JSON with `--json`. `main.rs` dispatches.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,68 +20,6 @@ use kiln_store::{ImageRecord, Store};
 use serde::Serialize;
 
 use crate::progress::BakeProgress;
-use crate::{Cli, Command};
-
-pub fn run(cli: Cli) -> Result<ExitCode> {
-    let home = || resolve_home(cli.home.clone());
-    match cli.command {
-        Command::Bake {
-            file,
-            images,
-            tags,
-            json,
-        } => bake(&home()?, &file, &images, &tags, json),
-        Command::Images { json } => images(&open_store(&home()?)?, json),
-        Command::Inspect { reference, json } => inspect(&open_store(&home()?)?, &reference, json),
-        Command::Verify { reference, json } => {
-            verify(&open_store(&home()?)?, reference.as_deref(), json)
-        }
-        Command::Export {
-            reference,
-            oci,
-            docker_archive,
-            tag,
-        } => export(
-            &open_store(&home()?)?,
-            &reference,
-            oci.as_deref(),
-            docker_archive.as_deref(),
-            tag.as_deref(),
-        ),
-        Command::Unpack {
-            reference,
-            dir,
-            json,
-        } => unpack(&open_store(&home()?)?, &reference, dir.as_deref(), json),
-        Command::Demo { keep, no_wait } => crate::demo::run(cli.home, keep, no_wait),
-        Command::Serve { metrics } => crate::deploy::serve(&home()?, metrics),
-        Command::Rollback {
-            service,
-            to,
-            detach,
-            json,
-        } => crate::deploy::rollback(&home()?, &service, to, detach, json),
-        Command::Promote { service, json } => crate::deploy::promote(&home()?, &service, json),
-        Command::Abort { service, json } => crate::deploy::abort(&home()?, &service, json),
-        Command::Rollout {
-            command: crate::RolloutCommand::Status { service },
-        } => crate::deploy::rollout_status(&home()?, &service),
-        Command::Apply { file, detach, json } => {
-            crate::deploy::apply(&home()?, &file, detach, json)
-        }
-        Command::Plan { file, json } => crate::deploy::plan(&home()?, &file, json),
-        Command::Status { service, json } => {
-            crate::deploy::status(&home()?, service.as_deref(), json)
-        }
-        Command::History { service, json } => crate::deploy::history(&home()?, &service, json),
-        Command::Logs {
-            service,
-            release,
-            instance,
-            follow,
-        } => crate::deploy::logs(&home()?, &service, release, instance.as_deref(), follow),
-    }
-}
 
 /// `--home`, else `$KILN_HOME`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`.
 pub fn resolve_home(flag: Option<PathBuf>) -> Result<PathBuf> {
@@ -209,7 +149,7 @@ fn names(spec: &Spec) -> String {
         .join(", ")
 }
 
-fn bake(
+pub fn bake(
     home: &Path,
     file: &Path,
     only: &[String],
@@ -294,7 +234,7 @@ struct ImageRow {
     size: u64,
 }
 
-fn images(store: &Store, json: bool) -> Result<ExitCode> {
+pub fn images(store: &Store, json: bool) -> Result<ExitCode> {
     let mut rows = Vec::new();
     for img in store.images()?.into_iter().rev() {
         let manifest = store.manifest(&img.digest)?;
@@ -336,7 +276,7 @@ struct LayerInfo {
     files: usize,
 }
 
-fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
+pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
     let img = resolve(store, reference)?;
     let manifest = store.manifest(&img.digest)?;
     let config = store.config(&manifest)?;
@@ -455,7 +395,7 @@ fn flate2_reader<R: std::io::Read>(r: R) -> impl std::io::Read {
     flate2::read::MultiGzDecoder::new(r)
 }
 
-fn verify(store: &Store, reference: Option<&str>, json: bool) -> Result<ExitCode> {
+pub fn verify(store: &Store, reference: Option<&str>, json: bool) -> Result<ExitCode> {
     let report = match reference {
         Some(r) => verify_image(store, &resolve(store, r)?)?,
         None => verify_store(store)?,
@@ -480,7 +420,7 @@ fn verify(store: &Store, reference: Option<&str>, json: bool) -> Result<ExitCode
     })
 }
 
-fn export(
+pub fn export(
     store: &Store,
     reference: &str,
     oci: Option<&Path>,
@@ -511,7 +451,7 @@ fn export(
     Ok(ExitCode::SUCCESS)
 }
 
-fn unpack(store: &Store, reference: &str, dir: Option<&Path>, json: bool) -> Result<ExitCode> {
+pub fn unpack(store: &Store, reference: &str, dir: Option<&Path>, json: bool) -> Result<ExitCode> {
     let img = resolve(store, reference)?;
     let (path, files) = match dir {
         None => {

@@ -214,9 +214,74 @@ pub enum RolloutCommand {
     },
 }
 
+/// Dispatch a command to its module.
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let home = || commands::resolve_home(cli.home.clone());
+    match cli.command {
+        Command::Bake {
+            file,
+            images,
+            tags,
+            json,
+        } => commands::bake(&home()?, &file, &images, &tags, json),
+        Command::Images { json } => commands::images(&commands::open_store(&home()?)?, json),
+        Command::Inspect { reference, json } => {
+            commands::inspect(&commands::open_store(&home()?)?, &reference, json)
+        }
+        Command::Verify { reference, json } => {
+            commands::verify(&commands::open_store(&home()?)?, reference.as_deref(), json)
+        }
+        Command::Export {
+            reference,
+            oci,
+            docker_archive,
+            tag,
+        } => commands::export(
+            &commands::open_store(&home()?)?,
+            &reference,
+            oci.as_deref(),
+            docker_archive.as_deref(),
+            tag.as_deref(),
+        ),
+        Command::Unpack {
+            reference,
+            dir,
+            json,
+        } => commands::unpack(
+            &commands::open_store(&home()?)?,
+            &reference,
+            dir.as_deref(),
+            json,
+        ),
+        Command::Demo { keep, no_wait } => demo::run(cli.home, keep, no_wait),
+        Command::Serve { metrics } => deploy::serve(&home()?, metrics),
+        Command::Rollback {
+            service,
+            to,
+            detach,
+            json,
+        } => deploy::rollback(&home()?, &service, to, detach, json),
+        Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
+        Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
+        Command::Rollout {
+            command: RolloutCommand::Status { service },
+        } => deploy::rollout_status(&home()?, &service),
+        Command::Apply { file, detach, json } => deploy::apply(&home()?, &file, detach, json),
+        Command::Plan { file, json } => deploy::plan(&home()?, &file, json),
+        Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),
+        Command::History { service, json } => deploy::history(&home()?, &service, json),
+        Command::Logs {
+            service,
+            release,
+            instance,
+            follow,
+        } => deploy::logs(&home()?, &service, release, instance.as_deref(), follow),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match commands::run(cli) {
+    match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("kiln: error: {e:#}");
