@@ -18,6 +18,7 @@ use std::time::{Instant, SystemTime};
 use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
+use kiln_core::rollout::{Fleet, OldInstance, fleet_step};
 use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
@@ -767,76 +768,43 @@ impl Controller {
         let counts_ready = |i: &Inst| {
             !i.stopping && i.ready && i.ready_since.is_some_and(|t| t.elapsed() >= min_ready)
         };
-        let old: Vec<(String, bool)> = self
+        let old: Vec<OldInstance<String>> = self
             .instances
             .values()
             .filter(|i| i.revision != target && !i.stopping)
-            .map(|i| (i.id.clone(), counts_ready(i)))
+            .map(|i| OldInstance {
+                id: i.id.clone(),
+                ready: counts_ready(i),
+            })
             .collect();
-        let any_old_left = self.instances.values().any(|i| i.revision != target);
-        let current_new = self
+        let new: Vec<&Inst> = self
             .instances
             .values()
             .filter(|i| i.revision == target && !i.stopping)
-            .count() as u32;
-
-        // Start instances of the target in its empty slots, as far as the
-        // strategy allows (and never for a failed or paused release).
-        if outcome != Outcome::Failed && !self.paused {
-            let free = self.free_slots(target, replicas);
-            let allowed = if blue_green {
-                // The whole new fleet starts beside the old.
-                free.len() as u32
-            } else if old.is_empty() && !(rollout.strategy == Strategy::Recreate && any_old_left) {
-                // Steady state (or nothing old left): fill every slot.
-                free.len() as u32
-            } else {
-                match rollout.strategy {
-                    // Everything old goes first; nothing new until it is gone.
-                    Strategy::Recreate => 0,
-                    _ => (replicas + rollout.max_surge)
-                        .saturating_sub(current_new + old.len() as u32),
-                }
-            };
-            let slots: Vec<u32> = free.into_iter().take(allowed as usize).collect();
-            self.start_in_slots(&p, &slots, now).await;
-        }
-
-        // Take old instances away as far as availability allows (blue-green
-        // keeps them until the switch, and warm after it).
-        if !old.is_empty() && !blue_green {
-            if rollout.strategy == Strategy::Recreate {
-                for (id, _) in &old {
-                    self.stop_instance(
-                        id,
-                        StopKind::Graceful,
-                        "recreate: replaced by the new release",
-                    );
-                }
-            } else {
-                let ready_new = self
-                    .instances
-                    .values()
-                    .filter(|i| i.revision == target && counts_ready(i))
-                    .count() as u32;
-                let ready_old = old.iter().filter(|(_, r)| *r).count() as u32;
-                let min_available = replicas.saturating_sub(rollout.max_unavailable);
-                let mut can_stop = (ready_new + ready_old).saturating_sub(min_available);
-                // Unready old instances serve nobody: they go first and free.
-                for (id, ready) in old
-                    .iter()
-                    .filter(|(_, r)| !*r)
-                    .chain(old.iter().filter(|(_, r)| *r))
-                {
-                    if *ready {
-                        if can_stop == 0 {
-                            break;
-                        }
-                        can_stop -= 1;
-                    }
-                    self.stop_instance(id, StopKind::Graceful, "replaced by the new release");
-                }
-            }
+            .collect();
+        let free = self.free_slots(target, replicas);
+        // The decision is kiln-core's (pure, tested); this only carries it out.
+        let step = fleet_step(&Fleet {
+            strategy: rollout.strategy,
+            replicas,
+            max_surge: rollout.max_surge,
+            max_unavailable: rollout.max_unavailable,
+            free_slots: free.len() as u32,
+            new_running: new.len() as u32,
+            new_ready: new.iter().filter(|i| counts_ready(i)).count() as u32,
+            old: &old,
+            any_old_left: self.instances.values().any(|i| i.revision != target),
+            may_start: outcome != Outcome::Failed && !self.paused,
+        });
+        let slots: Vec<u32> = free.into_iter().take(step.start as usize).collect();
+        self.start_in_slots(&p, &slots, now).await;
+        let why = if rollout.strategy == Strategy::Recreate {
+            "recreate: replaced by the new release"
+        } else {
+            "replaced by the new release"
+        };
+        for id in &step.stop {
+            self.stop_instance(id, StopKind::Graceful, why);
         }
 
         let ready = self.settled(target, min_ready);

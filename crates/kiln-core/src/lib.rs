@@ -16,6 +16,7 @@ pub mod oci;
 pub mod plan;
 pub mod reference;
 pub mod release;
+pub mod rollout;
 pub mod service;
 pub mod spec;
 pub mod tree;
