@@ -23,7 +23,6 @@ use kiln_core::service::{Pause, Strategy};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::canary::{Judgement, fleet, judge};
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::logs::LogFile;
 use crate::metrics::Snapshot;
@@ -32,6 +31,7 @@ use crate::router::{Backend, RouteKey, ServiceRoutes};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
 use crate::shared::Shared;
 use crate::state::{InstanceRecord, NewEvent, StateError};
+use kiln_core::rollout::canary::{Judgement, fleet, judge};
 
 /// What a controller is told.
 pub enum Msg {

@@ -7,7 +7,6 @@
 
 pub(crate) mod agent;
 pub(crate) mod api;
-pub(crate) mod canary;
 pub(crate) mod controller;
 mod downstream;
 pub(crate) mod instance;

@@ -1,12 +1,12 @@
 //! Canary decisions that need no I/O: how big the canary fleet is at a
 //! weight, and whether a step's measurements pass its analysis.
 //!
-//! The controller owns the step machine (see `controller.rs`); the numbers
+//! The agent's controller owns the step machine; the numbers
 //! come from the router's own per-release counters, windowed from the
 //! moment the step's weight took effect.
 
-use kiln_core::api::Window;
-use kiln_core::service::AnalysisSpec;
+use crate::api::Window;
+use crate::service::AnalysisSpec;
 
 /// Instances of the canary at `weight` percent of `replicas`: in proportion,
 /// rounded up, at least one; all of them at 100.
@@ -93,7 +93,7 @@ pub fn judge(analysis: Option<&AnalysisSpec>, canary: &Window, stable: &Window) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use kiln_core::service::{Duration, Ratio};
+    use crate::service::{Duration, Ratio};
 
     fn window(requests: u64, errors: u64, p99_ms: f64) -> Window {
         Window {

@@ -1,6 +1,3 @@
-//! Rollout decisions as pure values: the agent's controller observes its
-//! fleet, asks here what to do, and does it.
-//!
 //! [`fleet_step`] is one pass of a service's fleet towards its target
 //! release: how many new instances may start (into the target's empty
 //! slots) and which old ones may stop, by strategy. It reads no clock and
