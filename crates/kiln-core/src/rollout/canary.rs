@@ -162,4 +162,24 @@ mod tests {
         );
         assert_eq!(judge(None, &window(1, 1, 9e9), &calm), Judgement::Pass);
     }
+
+    proptest::proptest! {
+        /// The canary's fleet is in proportion to its weight (rounded up),
+        /// never empty while there are replicas, never more than them, all
+        /// of them at 100, and grows with the weight, never shrinks.
+        #[test]
+        fn the_canary_fleet_follows_its_weight(replicas in 0u32..=1000, weight in 1u32..=100) {
+            let n = fleet(replicas, weight);
+            proptest::prop_assert!(n <= replicas);
+            proptest::prop_assert_eq!(n == 0, replicas == 0);
+            if weight == 100 {
+                proptest::prop_assert_eq!(n, replicas);
+            } else if replicas > 0 {
+                proptest::prop_assert_eq!(n, (replicas * weight).div_ceil(100).max(1));
+            }
+            if weight < 100 {
+                proptest::prop_assert!(fleet(replicas, weight + 1) >= n);
+            }
+        }
+    }
 }

@@ -221,6 +221,7 @@ mod tests {
     /// README holds at every pass, and the update ends wholly on the new
     /// release.
     fn simulate(
+        strategy: Strategy,
         replicas: u32,
         max_surge: u32,
         max_unavailable: u32,
@@ -246,7 +247,7 @@ mod tests {
             let new_ready = fleet.iter().filter(|i| i.1 && i.2).count() as u32;
             let ready_before = fleet.iter().filter(|i| i.2).count() as u32;
             let step = fleet_step(&Fleet {
-                strategy: Strategy::Rolling,
+                strategy,
                 replicas,
                 max_surge,
                 max_unavailable,
@@ -264,20 +265,30 @@ mod tests {
             }
             let total = fleet.len() as u32;
             let ready = fleet.iter().filter(|i| i.2).count() as u32;
-            prop_assert!(
-                total <= (replicas + max_surge).max(replicas),
-                "{total} instances > {replicas} + {max_surge}"
-            );
-            prop_assert!(
-                ready >= min_available.min(ready_before),
-                "{ready} ready < {min_available} (was {ready_before})"
-            );
+            if strategy == Strategy::Recreate {
+                // Never old and new at once, never more than the replicas.
+                prop_assert!(
+                    fleet.iter().all(|i| i.1) || fleet.iter().all(|i| !i.1),
+                    "old and new at once: {fleet:?}"
+                );
+                prop_assert!(total <= replicas);
+            } else {
+                prop_assert!(
+                    total <= (replicas + max_surge).max(replicas),
+                    "{total} instances > {replicas} + {max_surge}"
+                );
+                prop_assert!(
+                    ready >= min_available.min(ready_before),
+                    "{ready} ready < {min_available} (was {ready_before})"
+                );
+            }
             if fleet.iter().all(|i| i.1 && i.2) && fleet.len() as u32 == replicas {
                 return Ok(());
             }
         }
         prop_assert!(
-            readiness.iter().all(|r| !r) || max_surge + max_unavailable == 0,
+            readiness.iter().all(|r| !r)
+                || (strategy != Strategy::Recreate && max_surge + max_unavailable == 0),
             "the update never finished: {fleet:?}"
         );
         Ok(())
@@ -291,7 +302,15 @@ mod tests {
             max_unavailable in 0u32..4,
             readiness in prop::collection::vec(any::<bool>(), 1..16),
         ) {
-            simulate(replicas, max_surge, max_unavailable, &readiness)?;
+            simulate(Strategy::Rolling, replicas, max_surge, max_unavailable, &readiness)?;
+        }
+
+        #[test]
+        fn a_recreate_never_runs_old_and_new_at_once_and_ends_wholly_new(
+            replicas in 1u32..12,
+            readiness in prop::collection::vec(any::<bool>(), 1..16),
+        ) {
+            simulate(Strategy::Recreate, replicas, 1, 0, &readiness)?;
         }
     }
 }
