@@ -229,12 +229,24 @@ struct Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        // Each peer runs in a process group of its own: ending the group
-        // ends nginx's workers too (killing its master alone orphans them).
+        // SIGTERM first: nginx's master stops and reaps its workers, and
+        // HAProxy exits. Each peer runs in a process group of its own, so
+        // if that takes over 5 s the whole group is killed (killing the
+        // master alone would orphan the workers).
+        use rustix::process::{Pid, Signal, kill_process, kill_process_group};
         if let Some(c) = &mut self.child {
-            if let Some(group) = rustix::process::Pid::from_raw(c.id() as i32) {
-                let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+            let Some(pid) = Pid::from_raw(c.id() as i32) else {
+                return;
+            };
+            let _ = kill_process(pid, Signal::TERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
+            let _ = kill_process_group(pid, Signal::KILL);
             let _ = c.wait();
         }
     }
