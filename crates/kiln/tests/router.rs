@@ -663,3 +663,88 @@ fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
         "{log}"
     );
 }
+
+/// Regressions (issue 10, medium and low) through the real binary: the
+/// router's refusals, the headers it owns, and a `[services.NAME.router]`
+/// timeout set in kiln.toml reaching the router through `kiln apply`.
+#[test]
+fn hostile_requests_are_refused_and_the_spec_sets_the_routers_timeouts() {
+    let env = Env::new();
+    let port = free_port();
+    let spec = spec(
+        port,
+        "",
+        "[services.web.router]\nbody_timeout = \"300ms\"\nmax_connections = 50\n",
+    )
+    .replace("replicas = 3", "replicas = 1");
+    let path = hello_app(&env.path("app"), &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let raw = |bytes: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(bytes).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(72 * 1024)
+    );
+    for (req, status) in [
+        ("GET / HTTP/1.1\r\n\r\n", "400"),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "400"),
+        ("GET / HTTP/1.1\r\nHost: user@h\r\n\r\n", "400"),
+        (
+            "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            "501",
+        ),
+        (big.as_str(), "431"),
+    ] {
+        let out = raw(req.as_bytes());
+        assert!(
+            out.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{}: {}",
+            &req[..req.len().min(60)],
+            &out[..out.len().min(200)]
+        );
+    }
+    // An HTTP/1.0 client's expectation is ignored: no 100 Continue.
+    let out = raw(b"POST /upload HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\nabc");
+    assert!(
+        out.starts_with("HTTP/1.1 200 ") && !out.contains("100 Continue"),
+        "{out}"
+    );
+    assert!(out.ends_with("3\n"), "the body arrived whole: {out}");
+    // The headers that speak for the router are the router's.
+    let out = raw(
+        b"GET /headers HTTP/1.1\r\nHost: h\r\nForwarded: for=6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\n\
+          X_Forwarded_For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nConnection: close\r\n\r\n",
+    );
+    let lower = out.to_lowercase();
+    assert!(
+        !lower.contains("6.6.6.6")
+            && lower.contains("x-forwarded-proto: http\n")
+            && lower.contains("x-forwarded-for: 127.0.0.1"),
+        "{out}"
+    );
+    // The spec's body_timeout (300ms) reached the router: a stalled body
+    // is the client's 408, not the instance's 504 after `timeout` (1s).
+    let out = raw(b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc");
+    assert!(
+        out.starts_with("HTTP/1.1 408 ") && out.contains("sent nothing for 300ms"),
+        "{out}"
+    );
+    // A changed router setting is a settings change, not a new release.
+    write(
+        &path,
+        spec.replace("body_timeout = \"300ms\"", "body_timeout = \"400ms\"")
+            .as_bytes(),
+    );
+    let out = env.ok(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        out.contains("router settings changed") && !out.contains("new release"),
+        "{out}"
+    );
+}
