@@ -42,6 +42,17 @@ fn instances(s: &Value) -> Vec<Value> {
     s["instances"].as_array().cloned().unwrap_or_default()
 }
 
+/// Send `bytes` as they are on a new connection; all that comes back
+/// until the router closes it (or 10 s pass).
+fn send_raw(port: u16, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn get(port: u16, path: &str) -> (u16, String) {
     let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
     c.get_ref()
@@ -583,14 +594,7 @@ fn a_client_cannot_smuggle_a_request_onto_another_clients_connection() {
     let path = hello_app(&env.path("app"), &spec);
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    let raw = |bytes: &[u8]| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(bytes).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let raw = |bytes: &[u8]| send_raw(port, bytes);
     // An incomplete request hidden in the body, on several connections
     // (so that every router thread's pool would hold one).
     let prefix = "GET /healthz HTTP/1.1\r\nX-Ignore: ";
@@ -680,14 +684,7 @@ fn hostile_requests_are_refused_and_the_spec_sets_the_routers_timeouts() {
     let path = hello_app(&env.path("app"), &spec);
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    let raw = |bytes: &[u8]| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(bytes).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    };
+    let raw = |bytes: &[u8]| send_raw(port, bytes);
     let big = format!(
         "GET / HTTP/1.1\r\nHost: h\r\nX-Big: {}\r\n\r\n",
         "a".repeat(72 * 1024)
