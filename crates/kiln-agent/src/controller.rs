@@ -777,11 +777,11 @@ impl Controller {
                 ready: counts_ready(i),
             })
             .collect();
-        let new: Vec<&Inst> = self
+        let (new_running, new_ready) = self
             .instances
             .values()
             .filter(|i| i.revision == target && !i.stopping)
-            .collect();
+            .fold((0, 0), |(n, r), i| (n + 1, r + u32::from(counts_ready(i))));
         let free = self.free_slots(target, replicas);
         // The decision is kiln-core's (pure, tested); this only carries it out.
         let step = fleet_step(&Fleet {
@@ -790,8 +790,8 @@ impl Controller {
             max_surge: rollout.max_surge,
             max_unavailable: rollout.max_unavailable,
             free_slots: free.len() as u32,
-            new_running: new.len() as u32,
-            new_ready: new.iter().filter(|i| counts_ready(i)).count() as u32,
+            new_running,
+            new_ready,
             old: &old,
             any_old_left: self.instances.values().any(|i| i.revision != target),
             may_start: outcome != Outcome::Failed && !self.paused,

@@ -131,15 +131,8 @@ impl Client {
                 }
             }
             if self.buf.len() > MAX_HEAD {
-                let msg = format!("request head larger than {MAX_HEAD} bytes\n");
-                return self
-                    .local(
-                        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        &msg,
-                        false,
-                        false,
-                    )
-                    .await;
+                let Reject(status, msg) = head_too_large();
+                return self.local(status, &msg, false, false).await;
             }
             // The end of the stream (between requests, or in a head) ends
             // the connection. (A read that is ready never arms the timer.)
@@ -931,24 +924,26 @@ impl ClientWait {
         }
     }
 
+    /// How long the wait that began at `since` (as stored) has lasted at
+    /// `now`; 0 when none was under way.
+    fn ongoing(&self, since: u64, now: Instant) -> u64 {
+        if since == 0 {
+            0
+        } else {
+            self.nanos(now).saturating_sub(since - 1)
+        }
+    }
+
     fn end(&self, now: Instant) {
         use std::sync::atomic::Ordering::Relaxed;
         let since = self.since.swap(0, Relaxed);
-        if since > 0 {
-            self.total
-                .fetch_add(self.nanos(now).saturating_sub(since - 1), Relaxed);
-        }
+        self.total.fetch_add(self.ongoing(since, now), Relaxed);
     }
 
     /// All the waiting up to `now`, the current wait included.
     fn total(&self, now: Instant) -> std::time::Duration {
         use std::sync::atomic::Ordering::Relaxed;
-        let since = self.since.load(Relaxed);
-        let current = if since > 0 {
-            self.nanos(now).saturating_sub(since - 1)
-        } else {
-            0
-        };
+        let current = self.ongoing(self.since.load(Relaxed), now);
         std::time::Duration::from_nanos(self.total.load(Relaxed) + current)
     }
 }
@@ -1875,8 +1870,19 @@ mod props {
             )
     }
 
+    /// Each field as `Name: value` in a random casing, then the empty line.
+    fn write_fields(out: &mut Vec<u8>, fields: &[(&str, String)], mask: u32) {
+        for (i, (n, v)) in fields.iter().enumerate() {
+            out.extend_from_slice(casing(n, mask.rotate_left(i as u32)).as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(v.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
     fn build(
-        mut head: String,
+        head: String,
         fields: &[(&str, String)],
         framed: &[u8],
         body: Vec<u8>,
@@ -1884,16 +1890,9 @@ mod props {
         named: &[&str],
         mask: u32,
     ) -> Gen {
-        for (i, (n, v)) in fields.iter().enumerate() {
-            head.push_str(&casing(n, mask.rotate_left(i as u32)));
-            head.push(':');
-            head.push(' ');
-            head.push_str(v);
-            head.push_str("\r\n");
-        }
-        head.push_str("\r\n");
-        let head_len = head.len();
         let mut bytes = head.into_bytes();
+        write_fields(&mut bytes, fields, mask);
+        let head_len = bytes.len();
         bytes.extend_from_slice(framed);
         Gen {
             bytes,
@@ -2156,13 +2155,7 @@ mod props {
                         fields.insert(mask as usize % (fields.len() + 1), (n, v.to_owned()));
                     }
                     let mut bytes = format!("HTTP/1.1 {status} R\r\n").into_bytes();
-                    for (i, (n, v)) in fields.iter().enumerate() {
-                        bytes.extend_from_slice(casing(n, mask.rotate_left(i as u32)).as_bytes());
-                        bytes.extend_from_slice(b": ");
-                        bytes.extend_from_slice(v.as_bytes());
-                        bytes.extend_from_slice(b"\r\n");
-                    }
-                    bytes.extend_from_slice(b"\r\n");
+                    write_fields(&mut bytes, &fields, mask);
                     bytes.extend_from_slice(&wire);
                     GenResponse {
                         bytes,

@@ -100,19 +100,15 @@ pub fn declared(headers: &[httparse::Header<'_>]) -> Result<Declared, FramingErr
                 last_chunked = false;
                 continue;
             }
-            let mut any = false;
-            for t in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
-                // An empty element is allowed by the list syntax; a field
-                // with none at all is not.
-                if t.is_empty() {
-                    continue;
-                }
-                any = true;
+            // Empty list elements are allowed by the list syntax; a field
+            // with no coding at all is not.
+            let before = codings;
+            for t in tokens(h.value) {
                 codings += 1;
                 last_chunked = t.eq_ignore_ascii_case(b"chunked");
                 chunked += usize::from(last_chunked);
             }
-            if !any {
+            if codings == before {
                 // `Transfer-Encoding:` with no coding frames nothing.
                 codings += 1;
                 last_chunked = false;

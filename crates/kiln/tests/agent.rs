@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, alive, hello_app, http_get, processes_mentioning, service_status, wait_for, write,
+    Agent, Env, actors_of, alive, hello_app, http_get, processes_mentioning, service_status,
+    wait_for, write,
 };
 
 const WEB: &str = r#"
@@ -753,34 +754,17 @@ fn events_name_the_user_whose_command_made_them() {
     )
     .unwrap();
     let me = format!("uid:{}", uid.trim());
-    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
-    let mut stmt = db
-        .prepare("SELECT kind, actor FROM events WHERE service = 'web' ORDER BY seq")
-        .unwrap();
-    let events: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .collect();
-    let by = |kind: &str| -> Vec<&str> {
-        events
-            .iter()
-            .filter(|(k, _)| k == kind)
-            .map(|(_, a)| a.as_str())
-            .collect()
-    };
-    assert_eq!(
-        by("release-created"),
-        [me.as_str(), me.as_str()],
-        "{events:?}"
-    );
-    assert_eq!(by("rollback"), [me.as_str()], "{events:?}");
+    let by = |kind: &str| actors_of(&env, &[kind]);
+    assert_eq!(by("release-created"), [me.as_str(), me.as_str()]);
+    assert_eq!(by("rollback"), [me.as_str()]);
     assert!(
-        !by("instance-started").is_empty() && by("instance-started").iter().all(|a| *a == "agent"),
-        "{events:?}"
+        !by("instance-started").is_empty() && by("instance-started").iter().all(|a| a == "agent"),
+        "{:?}",
+        by("instance-started")
     );
     assert!(
-        by("release-active").iter().all(|a| *a == "agent"),
-        "{events:?}"
+        by("release-active").iter().all(|a| a == "agent"),
+        "{:?}",
+        by("release-active")
     );
 }

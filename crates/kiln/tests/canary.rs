@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, Load, alive, free_port, hello_app, http_get, releases, request, service_status,
-    wait_for, write,
+    Agent, Env, Load, actors_of, alive, free_port, hello_app, http_get, releases, request,
+    service_status, wait_for, write,
 };
 
 /// Service `web` (3 replicas) as a canary with `rollout` (steps, analysis).
@@ -367,20 +367,6 @@ fn abort_by_hand_leaves_no_canary_instance_and_no_route_to_it() {
     let actors = actors_of(&env, &["release-failed", "rollback"]);
     assert_eq!(actors.len(), 2, "{actors:?}");
     assert!(actors.iter().all(|a| a.starts_with("uid:")), "{actors:?}");
-}
-
-/// The actors recorded for events of `web` of the given kinds, in order.
-fn actors_of(env: &Env, kinds: &[&str]) -> Vec<String> {
-    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
-    let mut stmt = db
-        .prepare("SELECT kind, actor FROM events WHERE service = 'web' ORDER BY seq")
-        .unwrap();
-    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
-        .unwrap()
-        .map(Result::unwrap)
-        .filter(|(k, _)| kinds.contains(&k.as_str()))
-        .map(|(_, a)| a)
-        .collect()
 }
 
 #[test]

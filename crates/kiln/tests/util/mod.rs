@@ -487,3 +487,17 @@ impl Load {
         total
     }
 }
+
+/// The actors recorded for events of `web` of the given kinds, in order.
+pub fn actors_of(env: &Env, kinds: &[&str]) -> Vec<String> {
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let mut stmt = db
+        .prepare("SELECT kind, actor FROM events WHERE service = 'web' ORDER BY seq")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .filter(|(k, _)| kinds.contains(&k.as_str()))
+        .map(|(_, a)| a)
+        .collect()
+}
