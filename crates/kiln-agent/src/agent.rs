@@ -65,12 +65,14 @@ pub enum AgentError {
         "service {0}: no command: the image has no entrypoint or cmd and the service sets no command"
     )]
     NoCommand(ServiceName),
-    /// `what` is empty for the service's command, `startup probe ` (…) for
-    /// an exec probe's.
-    #[error("service {service}: {what}command `{program}` does not exist in image {image}")]
+    /// The service's command, or an exec probe's (`probe`: its kind).
+    #[error(
+        "service {service}: {}command `{program}` does not exist in image {image}",
+        probe.map_or(String::new(), |p| format!("{p} probe "))
+    )]
     NoSuchCommand {
         service: ServiceName,
-        what: String,
+        probe: Option<&'static str>,
         program: String,
         image: String,
     },
@@ -404,7 +406,7 @@ impl Agent {
         if !command_exists(&tree.rootfs, &cfg.env, cfg.workdir.as_str(), program) {
             return Err(AgentError::NoSuchCommand {
                 service: d.name.clone(),
-                what: String::new(),
+                probe: None,
                 program: program.clone(),
                 image: format!("{}@{}", cfg.image_name, cfg.image.short()),
             });
@@ -421,7 +423,7 @@ impl Agent {
             {
                 return Err(AgentError::NoSuchCommand {
                     service: d.name.clone(),
-                    what: format!("{kind} probe "),
+                    probe: Some(kind),
                     program: program.clone(),
                     image: format!("{}@{}", cfg.image_name, cfg.image.short()),
                 });
