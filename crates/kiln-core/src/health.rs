@@ -1,6 +1,6 @@
 //! Pure rules of instance health: probe hysteresis and crash-loop back-off.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Consecutive probe results → health, flipping only after a threshold
 /// (pingora's health check does the same).
@@ -76,6 +76,37 @@ impl Backoff {
         }
         let factor = 1u32 << (failures - 2).min(16);
         self.initial.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// What a controller remembers of one replica slot of a release: how
+/// often its instance failed in a row, when the next may start, and how
+/// many replacements it had (shown in `status`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotHistory {
+    /// Consecutive failures before the slot was stable.
+    pub failures: u32,
+    /// No new instance starts in the slot before then.
+    pub retry_at: Option<Instant>,
+    pub replacements: u32,
+}
+
+impl SlotHistory {
+    /// The slot's instance failed (exited on its own or failed liveness)
+    /// at `now`, after being ready since `ready_since`: one ready for
+    /// `stable_after` starts the count again.
+    pub fn failed(&mut self, now: Instant, ready_since: Option<Instant>, backoff: &Backoff) {
+        let stable = ready_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= backoff.stable_after);
+        self.failures = if stable { 1 } else { self.failures + 1 };
+        self.replacements += 1;
+        let delay = backoff.delay(self.failures);
+        self.retry_at = (!delay.is_zero()).then(|| now + delay);
+    }
+
+    /// Whether a new instance must still wait at `now`.
+    pub fn backing_off(&self, now: Instant) -> bool {
+        self.retry_at.is_some_and(|t| t > now)
     }
 }
 

@@ -6,8 +6,16 @@
 //!   strategy (`fleet_step`).
 //! - [`canary`]: the canary's fleet at a weight, and the analysis'
 //!   judgement of a step (`judge`).
+//! - [`pass`]: one whole pass of a service's controller (`decide`): the
+//!   rollout's state as a closed enum, and the steps the controller
+//!   carries out. It uses the two above.
 
 pub mod canary;
 pub mod fleet;
+pub mod pass;
 
 pub use fleet::{Fleet, FleetStep, OldInstance, fleet_step};
+pub use pass::{
+    AbortRefused, CanaryPhase, CanaryRun, Decision, Message, NotWaiting, Rollout, Routing, Seen,
+    Step, StopReason, View, abort, decide, due,
+};

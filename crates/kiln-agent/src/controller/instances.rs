@@ -1,0 +1,391 @@
+//! The controller's instances: starting one (its release prepared, its
+//! environment, its log, its task), stopping some in one route swap, and
+//! what their tasks report (started, health, exited), kept as bookkeeping
+//! for the next pass to decide on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use kiln_core::event::Change;
+use kiln_core::release::Release;
+use kiln_core::rollout::StopReason;
+use tokio::sync::oneshot;
+
+use super::{Controller, ControllerError, now};
+use crate::instance::{InstanceTask, Report, StopKind};
+use crate::logs::LogFile;
+use crate::probe::ProbeKind;
+use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
+use crate::state::InstanceRecord;
+
+/// A release made ready to run: its tree and runtime.
+pub(super) struct Prepared {
+    pub release: Release,
+    pub rootfs: PathBuf,
+    pub runtime: Arc<dyn Runtime>,
+}
+
+pub(super) struct Inst {
+    pub id: String,
+    pub revision: u64,
+    pub slot: u32,
+    pub port: u16,
+    pub pid: Option<u32>,
+    pub stopping: bool,
+    pub ready: bool,
+    pub live: bool,
+    pub started: Instant,
+    pub started_wall: SystemTime,
+    pub ready_since: Option<Instant>,
+    pub stop: Option<oneshot::Sender<StopKind>>,
+    /// Counted as a failure already (liveness), so its exit is not counted again.
+    pub failure_counted: bool,
+    pub read_only: bool,
+    pub runtime: kiln_core::service::RuntimeKind,
+    /// Requests the router has in flight to it.
+    pub inflight: Arc<crate::metrics::InFlight>,
+    /// Taken over by a release with the same content (warm rollback).
+    pub adopted: bool,
+}
+
+impl Controller {
+    pub(super) fn on_report(&mut self, report: Report) {
+        match report {
+            Report::Started { id, pid } => {
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
+                inst.pid = Some(pid);
+                let rec = InstanceRecord {
+                    id: id.clone(),
+                    service: self.name.clone(),
+                    revision: inst.revision,
+                    slot: inst.slot,
+                    pid,
+                    start_ticks: start_ticks(pid).unwrap_or(0),
+                    port: inst.port,
+                };
+                let ev = self.event(
+                    Change::InstanceStarted {
+                        pid,
+                        port: rec.port,
+                        slot: rec.slot,
+                    },
+                    Some(rec.revision),
+                    Some(&id),
+                );
+                if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
+                    self.log_state_error(e);
+                }
+            }
+            Report::StartFailed { id, error } => {
+                if let Some(inst) = self.instances.remove(&id) {
+                    self.message = Some(format!("instance {id} failed to start: {error}"));
+                    self.count_failure(inst.revision, inst.slot, None);
+                    self.record_event(
+                        Change::InstanceStartFailed {
+                            error: error.clone(),
+                        },
+                        Some(inst.revision),
+                        Some(&id),
+                    );
+                }
+            }
+            Report::Health { id, probe, healthy } => {
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
+                let revision = inst.revision;
+                let kind = match (probe, healthy) {
+                    (ProbeKind::Readiness, true) => {
+                        inst.ready = true;
+                        inst.ready_since = Some(Instant::now());
+                        Change::InstanceReady {}
+                    }
+                    (ProbeKind::Readiness, false) => {
+                        inst.ready = false;
+                        inst.ready_since = None;
+                        Change::InstanceUnready {}
+                    }
+                    (ProbeKind::Liveness, live) => {
+                        inst.live = live;
+                        if live {
+                            Change::InstanceLive {}
+                        } else {
+                            Change::InstanceLivenessFailed {}
+                        }
+                    }
+                    (ProbeKind::Startup, _) => Change::InstanceStartedUp {},
+                };
+                self.record_event(kind, Some(revision), Some(&id));
+                if probe == ProbeKind::Liveness && !healthy {
+                    // Replaced, never restarted in place: stop it and let the
+                    // next pass start a new instance in its slot.
+                    if let Some(inst) = self.instances.get_mut(&id) {
+                        let (rev, slot, since) = (inst.revision, inst.slot, inst.ready_since);
+                        inst.failure_counted = true;
+                        self.stop_instances(
+                            &[id.clone()],
+                            StopKind::Graceful,
+                            &StopReason::LivenessFailed.to_string(),
+                        );
+                        self.count_failure(rev, slot, since);
+                    }
+                }
+            }
+            Report::Exited {
+                id,
+                status,
+                requested,
+            } => {
+                let Some(inst) = self.instances.remove(&id) else {
+                    return;
+                };
+                if !requested && !inst.failure_counted {
+                    self.message = Some(format!("instance {id} exited: {status}"));
+                    self.count_failure(inst.revision, inst.slot, inst.ready_since);
+                }
+                let ev = self.event(
+                    Change::InstanceExited {
+                        status: status.clone(),
+                        requested,
+                    },
+                    Some(inst.revision),
+                    Some(&id),
+                );
+                if let Err(e) = self.shared.state.remove_instance(&id, &ev) {
+                    self.log_state_error(e);
+                }
+            }
+        }
+    }
+
+    /// A slot's instance failed: count it and schedule the replacement.
+    pub(super) fn count_failure(&mut self, revision: u64, slot: u32, ready_since: Option<Instant>) {
+        let backoff = self.shared.backoff;
+        self.slots
+            .entry((revision, slot))
+            .or_default()
+            .failed(now(), ready_since, &backoff);
+    }
+
+    pub(super) async fn prepare(&mut self, revision: u64) -> Result<Arc<Prepared>, ControllerError> {
+        if let Some(p) = self.prepared.get(&revision) {
+            return Ok(p.clone());
+        }
+        let release = self
+            .shared
+            .state
+            .release(&self.name, revision)?
+            .ok_or_else(|| ControllerError::NoRelease {
+                service: self.name.clone(),
+                revision,
+            })?;
+        let store = self.shared.store.clone();
+        let image = release.config.image.clone();
+        let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
+            .await
+            .map_err(|e| ControllerError::Unpacker(e, release.config.image.clone()))?
+            .map_err(|source| ControllerError::Materialize {
+                image: release.config.image.clone(),
+                source: Box::new(source),
+            })?;
+        let rt: Arc<dyn Runtime> = Arc::from(runtime(release.config.runtime)?);
+        for name in release.config.volumes.keys() {
+            let path = self.volume_dir(name.as_str());
+            std::fs::create_dir_all(&path)
+                .map_err(|source| ControllerError::Volume { path, source })?;
+        }
+        let p = Arc::new(Prepared {
+            release,
+            rootfs: tree.rootfs,
+            runtime: rt,
+        });
+        self.prepared.insert(revision, p.clone());
+        Ok(p)
+    }
+
+    pub(super) fn volume_dir(&self, volume: &str) -> PathBuf {
+        self.shared
+            .home
+            .join("volumes")
+            .join(self.name.as_str())
+            .join(volume)
+    }
+
+    pub(super) async fn start(&mut self, p: &Prepared, slot: u32) {
+        let cfg = &p.release.config;
+        let id = self.shared.new_instance_id(&self.name, p.release.revision);
+        let port = match free_port() {
+            Ok(port) => port,
+            Err(e) => {
+                self.message = Some(format!("no free port: {e}"));
+                return;
+            }
+        };
+        let mut env: std::collections::BTreeMap<String, String> = cfg
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect();
+        env.entry("PATH".to_owned())
+            .or_insert_with(|| DEFAULT_PATH.to_owned());
+        env.insert("PORT".to_owned(), port.to_string());
+        env.insert("KILN_INSTANCE".to_owned(), id.clone());
+        env.insert("KILN_SERVICE".to_owned(), self.name.to_string());
+        env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
+        let launch = Launch {
+            rootfs: p.rootfs.clone(),
+            argv: cfg.command.clone(),
+            env,
+            workdir: cfg.workdir.to_string(),
+            volumes: cfg
+                .volumes
+                .iter()
+                .map(|(name, v)| {
+                    let dir = self.volume_dir(name.as_str());
+                    (name.to_string(), dir, v.path.to_string())
+                })
+                .collect(),
+        };
+        let log_path = self
+            .shared
+            .home
+            .join("logs")
+            .join(self.name.as_str())
+            .join(format!("{id}.log"));
+        let log = match LogFile::create(log_path).await {
+            Ok(l) => l,
+            Err(e) => {
+                self.message = Some(format!("cannot open the log of {id}: {e}"));
+                return;
+            }
+        };
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let inflight = Arc::<crate::metrics::InFlight>::default();
+        let task = InstanceTask {
+            inflight: inflight.clone(),
+            id: id.clone(),
+            launch,
+            runtime: p.runtime.clone(),
+            health: cfg.health.clone(),
+            stop: cfg.stop.clone(),
+            port,
+            log,
+        };
+        tokio::spawn(task.run(self.reports_tx.clone(), stop_rx));
+        self.instances.insert(
+            id.clone(),
+            Inst {
+                id,
+                revision: p.release.revision,
+                slot,
+                port,
+                pid: None,
+                stopping: false,
+                ready: false,
+                live: true,
+                started: Instant::now(),
+                started_wall: SystemTime::now(),
+                ready_since: None,
+                stop: Some(stop_tx),
+                failure_counted: false,
+                read_only: p.runtime.read_only_enforced(),
+                runtime: p.runtime.kind(),
+                inflight,
+                adopted: false,
+            },
+        );
+    }
+
+    /// A warm instance of release `from` now serves `target` in `slot`.
+    pub(super) fn adopt(&mut self, id: &str, from: u64, target: u64, slot: u32) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        inst.revision = target;
+        inst.slot = slot;
+        inst.adopted = true;
+        let rec = InstanceRecord {
+            id: id.to_owned(),
+            service: self.name.clone(),
+            revision: target,
+            slot,
+            pid: inst.pid.unwrap_or(0),
+            start_ticks: inst.pid.and_then(start_ticks).unwrap_or(0),
+            port: inst.port,
+        };
+        let ev = self.event(
+            Change::InstanceAdopted {
+                from,
+                reason: "same content, still warm".to_owned(),
+            },
+            Some(target),
+            Some(id),
+        );
+        if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
+            self.log_state_error(e);
+        }
+    }
+
+    /// Stop instances together: all of them leave the routing table in one
+    /// swap, then each drains in-flight requests before its stop signal.
+    /// Returns when that swap was done, if any instance was stopped.
+    pub(super) fn stop_instances(&mut self, ids: &[String], kind: StopKind, why: &str) -> Option<Instant> {
+        let mut stops = Vec::new();
+        for id in ids {
+            let Some(inst) = self.instances.get_mut(id) else {
+                continue;
+            };
+            if inst.stopping && kind == StopKind::Graceful {
+                continue;
+            }
+            inst.stopping = true;
+            inst.ready = false;
+            stops.push((id.clone(), inst.revision, inst.stop.take()));
+        }
+        if stops.is_empty() {
+            return None;
+        }
+        self.publish_routes();
+        let swapped = Instant::now();
+        for (id, revision, stop) in stops {
+            if let Some(tx) = stop {
+                let _ = tx.send(kind);
+            }
+            self.record_event(
+                Change::InstanceStopping {
+                    reason: why.to_string(),
+                },
+                Some(revision),
+                Some(&id),
+            );
+        }
+        Some(swapped)
+    }
+
+    pub(super) fn stop_all(&mut self, kind: StopKind, force: bool) {
+        let ids: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| force || !i.stopping)
+            .map(|i| i.id.clone())
+            .collect();
+        for id in ids {
+            if force {
+                // Escalation: the stop channel is spent; kill directly.
+                if let Some(pid) = self.instances.get(&id).and_then(|i| i.pid) {
+                    crate::instance::kill_group(pid);
+                }
+            }
+            self.stop_instances(&[id], kind, &StopReason::Shutdown.to_string());
+        }
+    }
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}

@@ -1,0 +1,575 @@
+//! The reconciler: one controller task per service, so passes over one
+//! service never overlap. Level-triggered: every pass reads the desired
+//! state (the service's target release and replicas, from the state store)
+//! and the observed state (its instances) into one [`View`], asks
+//! [`kiln_core::rollout::decide`] what to do, and carries the steps out;
+//! then it sets a timer for the next time something is due. Messages only
+//! say "look again"; why a pass ran never changes what it does.
+//!
+//! Instances are never modified: one that exits or fails liveness is
+//! replaced by a new instance (new id) of the same release in the same
+//! replica slot, at once the first time and with exponential back-off while
+//! the slot keeps failing before it was stable.
+//!
+//! - [`instances`]: the instances' bookkeeping (start, stop, their reports).
+//! - [`publish`]: what the pass shows others (the router's table, status).
+
+mod instances;
+mod publish;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kiln_core::counters::Snapshot;
+use kiln_core::event::{Actor, Change};
+use kiln_core::health::SlotHistory;
+use kiln_core::release::Outcome;
+use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Seen, Step, View};
+use kiln_core::spec::ServiceName;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::instance::{Report, StopKind};
+use crate::shared::Shared;
+use crate::state::{NewEvent, ServiceRecord, StateError};
+
+use instances::{Inst, Prepared};
+use publish::Routed;
+
+/// What a controller is told.
+pub enum Msg {
+    /// Something changed (an apply): reconcile.
+    Wake,
+    /// Stop every instance, then answer.
+    Shutdown {
+        kind: StopKind,
+        done: oneshot::Sender<()>,
+    },
+    /// `kiln promote`: switch a blue-green rollout waiting for it, or pass
+    /// a canary's current step.
+    Promote {
+        actor: Actor,
+        done: oneshot::Sender<Result<(u64, Option<u32>), ControllerError>>,
+    },
+    /// `kiln abort`: fail the rollout in progress and return to the release
+    /// before it; answers (aborted release, release returned to).
+    Abort {
+        actor: Actor,
+        done: oneshot::Sender<Result<(u64, u64), ControllerError>>,
+    },
+}
+
+/// Why the controller could not do what it was asked or needed. The
+/// refusals of `promote` and `abort` reach the CLI as their messages.
+#[derive(Debug, thiserror::Error)]
+pub enum ControllerError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("no service named {0}")]
+    NoService(ServiceName),
+    #[error("release {revision} of {service} is not recorded")]
+    NoRelease { service: ServiceName, revision: u64 },
+    #[error("cannot materialize {image}: {source}")]
+    Materialize {
+        image: kiln_core::Digest,
+        source: Box<kiln_store::tree::TreeError>,
+    },
+    #[error("unpacking {image} stopped: {0}", image = .1)]
+    Unpacker(tokio::task::JoinError, kiln_core::Digest),
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("volume {path}: {source}", path = .path.display())]
+    Volume {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no rollout of {0} is waiting for promotion")]
+    NotWaitingForPromotion(ServiceName),
+    #[error(
+        "no rollout of {service} is in progress (it is on release {revision}): nothing to abort"
+    )]
+    NothingToAbort { service: ServiceName, revision: u64 },
+    #[error(
+        "release {revision} is the first release of {service}: there is no earlier release to return to"
+    )]
+    FirstRelease { service: ServiceName, revision: u64 },
+}
+
+pub struct Controller {
+    shared: Arc<Shared>,
+    name: ServiceName,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    reports_tx: mpsc::UnboundedSender<Report>,
+    reports: mpsc::UnboundedReceiver<Report>,
+    instances: BTreeMap<String, Inst>,
+    slots: BTreeMap<(u64, u32), SlotHistory>,
+    prepared: BTreeMap<u64, Arc<Prepared>>,
+    /// The rollout in progress, as the last pass left it.
+    rollout: Rollout,
+    /// Which ready instances get the traffic, as the last pass decided.
+    routing: Routing,
+    shutdown: Option<(StopKind, Vec<oneshot::Sender<()>>)>,
+    message: Option<String>,
+    /// What was last published to the router.
+    routed: Routed,
+    /// The preview instance ids last published.
+    previewed: Vec<String>,
+    /// The service as the last pass read it: its settings (min_ready,
+    /// timeout, preview) serve the timers and route publishing until the
+    /// next pass, without another read of the state store.
+    service: Option<ServiceRecord>,
+    /// When the next pass is due, as the last pass computed it.
+    due: Option<Instant>,
+}
+
+/// What a pass read, owned: a [`View`] borrows it.
+struct Observed {
+    rec: ServiceRecord,
+    outcome: Outcome,
+    previous: Option<u64>,
+    seen: Vec<Seen<String>>,
+    same_content: BTreeSet<u64>,
+    counters: BTreeMap<u64, Snapshot>,
+}
+
+/// Now, on tokio's clock: a test that pauses tokio's time controls every
+/// timer of the controller.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Controller {
+    pub fn new(shared: Arc<Shared>, name: ServiceName, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        Self {
+            shared,
+            name,
+            rx,
+            reports_tx,
+            reports,
+            instances: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            prepared: BTreeMap::new(),
+            rollout: Rollout::Idle,
+            routing: Routing::Any,
+            shutdown: None,
+            message: None,
+            routed: Routed::default(),
+            previewed: Vec::new(),
+            service: None,
+            due: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                msg = self.rx.recv() => match msg {
+                    Some(Msg::Wake) => {}
+                    Some(Msg::Promote { actor, done }) => {
+                        let _ = done.send(self.request_promotion(actor));
+                    }
+                    Some(Msg::Abort { actor, done }) => {
+                        let answer = self.request_abort(actor).await;
+                        let _ = done.send(answer);
+                    }
+                    Some(Msg::Shutdown { kind, done }) => {
+                        let escalate = match &mut self.shutdown {
+                            Some((k, waiters)) => {
+                                waiters.push(done);
+                                // A second request may escalate graceful to kill.
+                                let escalate = kind == StopKind::Kill && *k != StopKind::Kill;
+                                *k = if escalate { StopKind::Kill } else { *k };
+                                escalate
+                            }
+                            None => {
+                                self.shutdown = Some((kind, vec![done]));
+                                false
+                            }
+                        };
+                        if escalate {
+                            self.stop_all(StopKind::Kill, true);
+                        }
+                    }
+                    None => return,
+                },
+                Some(report) = self.reports.recv() => self.on_report(report),
+                _ = sleep_until(self.due) => {}
+            }
+            // Drain whatever else arrived, then one pass for all of it.
+            while let Ok(report) = self.reports.try_recv() {
+                self.on_report(report);
+            }
+            self.reconcile().await;
+            self.publish_routes();
+            if let Some(rec) = &self.service
+                && rec.settings.rollout.preview_listen.is_some()
+            {
+                let (target, timeout, limits) =
+                    (rec.target, rec.settings.timeout.0, rec.settings.router);
+                self.publish_preview(target, timeout, limits);
+            }
+            self.publish();
+            if let Some((_, waiters)) = &mut self.shutdown
+                && self.instances.is_empty()
+            {
+                for w in waiters.drain(..) {
+                    let _ = w.send(());
+                }
+                return;
+            }
+        }
+    }
+
+    fn event(&self, change: Change, revision: Option<u64>, instance: Option<&str>) -> NewEvent {
+        NewEvent {
+            change,
+            actor: Actor::Agent,
+            service: Some(self.name.clone()),
+            revision,
+            instance: instance.map(str::to_owned),
+        }
+    }
+
+    /// Append an event of the service to the ledger; a failure to append is logged
+    /// and shown in the service's status, not fatal.
+    fn record_event(&mut self, change: Change, revision: Option<u64>, instance: Option<&str>) {
+        let ev = self.event(change, revision, instance);
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
+        }
+    }
+
+    fn log_state_error(&mut self, e: crate::state::StateError) {
+        tracing::error!(service = %self.name, "state: {e}");
+        self.message = Some(format!("state store error: {e}"));
+    }
+
+    /// One pass: observe, decide (kiln-core), carry the steps out.
+    async fn reconcile(&mut self) {
+        if let Some((kind, _)) = &self.shutdown {
+            // The agent's order, not a rollout decision.
+            let kind = *kind;
+            self.stop_all(kind, false);
+            self.due = None;
+            return;
+        }
+        let Some(o) = self.observe().await else {
+            return;
+        };
+        let decision = rollout::decide(&self.rollout, &self.view(&o));
+        self.execute(&o, decision).await;
+        // The timer: from what the instances look like after the steps.
+        let after = Observed {
+            seen: self.seen(),
+            ..o
+        };
+        self.due = rollout::due(&self.rollout, &self.view(&after));
+    }
+
+    /// Read the service, its releases and its instances for a pass. `None`
+    /// when there is nothing to reconcile (the reason is in the message).
+    async fn observe(&mut self) -> Option<Observed> {
+        let rec = match self.shared.state.service(&self.name) {
+            Ok(Some(r)) => r,
+            Ok(None) => return None,
+            Err(e) => {
+                self.log_state_error(e);
+                return None;
+            }
+        };
+        self.service = Some(rec.clone());
+        let target = rec.target;
+        let p = match self.prepare(target).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.message = Some(e.to_string());
+                return None;
+            }
+        };
+        let releases = match self.shared.state.releases(&self.name) {
+            Ok(r) => r,
+            Err(e) => {
+                self.log_state_error(e);
+                return None;
+            }
+        };
+        let outcome = releases.iter().find(|r| r.revision == target)?.outcome;
+        let previous = releases
+            .iter()
+            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
+            .map(|r| r.revision)
+            .max();
+        let same_content = self
+            .prepared
+            .iter()
+            .filter(|(_, q)| q.release.hash == p.release.hash)
+            .map(|(rev, _)| *rev)
+            .collect();
+        let mut counters = BTreeMap::new();
+        let canary = match &self.rollout {
+            Rollout::Canary(run) => Some(run.stable),
+            _ => None,
+        };
+        for rev in [Some(target), previous, canary].into_iter().flatten() {
+            counters.insert(rev, self.counters(rev));
+        }
+        Some(Observed {
+            rec,
+            outcome,
+            previous,
+            seen: self.seen(),
+            same_content,
+            counters,
+        })
+    }
+
+    fn seen(&self) -> Vec<Seen<String>> {
+        self.instances
+            .values()
+            .map(|i| Seen {
+                id: i.id.clone(),
+                revision: i.revision,
+                slot: i.slot,
+                stopping: i.stopping,
+                ready_since: i.ready_since,
+                adopted: i.adopted,
+            })
+            .collect()
+    }
+
+    fn view<'a>(&'a self, o: &'a Observed) -> View<'a, String> {
+        View {
+            service: &self.name,
+            now: now(),
+            target: o.rec.target,
+            outcome: o.outcome,
+            previous: o.previous,
+            settings: &o.rec.settings,
+            backoff: self.shared.backoff,
+            instances: &o.seen,
+            slots: &self.slots,
+            same_content: &o.same_content,
+            counters: &o.counters,
+            last_error: self.message.as_deref(),
+        }
+    }
+
+    /// Carry a decision out, step by step, in order.
+    async fn execute(&mut self, o: &Observed, d: Decision<String>) {
+        let target = o.rec.target;
+        let decided = now();
+        // When this decision's first route swap happened (a canary's abort
+        // reports how long it took).
+        let mut swapped: Option<Instant> = None;
+        self.rollout = d.next;
+        self.routing = d.routing;
+        for step in d.steps {
+            match step {
+                Step::Adopt { id, from, slot } => self.adopt(&id, from, target, slot),
+                Step::SlotStable { revision, slot } => {
+                    if let Some(s) = self.slots.get_mut(&(revision, slot)) {
+                        s.failures = 0;
+                    }
+                }
+                Step::Start { revision, slot } => match self.prepare(revision).await {
+                    Ok(p) => {
+                        self.slots.entry((revision, slot)).or_default().retry_at = None;
+                        self.start(&p, slot).await;
+                    }
+                    Err(e) => self.message = Some(e.to_string()),
+                },
+                Step::Stop { ids, reason } => {
+                    let at = self.stop_instances(&ids, StopKind::Graceful, &reason.to_string());
+                    swapped = swapped.or(at);
+                }
+                Step::Route => {
+                    self.publish_routes();
+                    swapped = swapped.or(Some(now()));
+                }
+                Step::Record(change) => self.record_event(change, Some(target), None),
+                Step::Activate => self.complete_rollout(target),
+                Step::Fail {
+                    reason,
+                    to,
+                    automatic,
+                    by,
+                    timed,
+                } => {
+                    let swap = timed.then(|| swapped.unwrap_or(decided).duration_since(decided));
+                    tracing::warn!(
+                        service = %self.name,
+                        "release {target} failed: {reason}{}",
+                        swap.map_or(String::new(), |s| format!(
+                            " (routes switched in {}us)",
+                            s.as_micros()
+                        ))
+                    );
+                    let swap_us = swap.map(|s| s.as_micros() as u64);
+                    self.record_failure(target, to, &reason, automatic, swap_us, by);
+                }
+            }
+        }
+        match d.message {
+            Message::Keep => {}
+            Message::Clear => self.message = None,
+            Message::Set(m) => self.message = Some(m),
+        }
+    }
+
+    fn counters(&self, revision: u64) -> Snapshot {
+        self.shared
+            .router
+            .metrics
+            .release(&self.name, revision)
+            .snapshot()
+    }
+
+    fn complete_rollout(&mut self, target: u64) {
+        let ev = self.event(Change::ReleaseActive {}, Some(target), None);
+        if let Err(e) =
+            self.shared
+                .state
+                .set_outcome(&self.name, target, Outcome::Active, None, &ev)
+        {
+            return self.log_state_error(e);
+        }
+        let releases = match self.shared.state.releases(&self.name) {
+            Ok(r) => r,
+            Err(e) => return self.log_state_error(e),
+        };
+        for r in releases {
+            if r.revision != target && r.outcome == Outcome::Active {
+                let ev = self.event(
+                    Change::ReleaseSuperseded { by: target },
+                    Some(r.revision),
+                    None,
+                );
+                if let Err(e) = self.shared.state.set_outcome(
+                    &self.name,
+                    r.revision,
+                    Outcome::Superseded,
+                    None,
+                    &ev,
+                ) {
+                    self.log_state_error(e);
+                }
+            }
+        }
+        // Prepared releases without instances are no longer needed (a warm
+        // blue-green fleet keeps its own).
+        let live: std::collections::BTreeSet<u64> =
+            self.instances.values().map(|i| i.revision).collect();
+        self.prepared
+            .retain(|rev, _| *rev == target || live.contains(rev));
+        self.slots
+            .retain(|(rev, _), _| *rev == target || live.contains(rev));
+    }
+
+    /// Release `target` failed, and the service is back on `previous`, in
+    /// one transaction.
+    fn record_failure(
+        &mut self,
+        target: u64,
+        previous: Option<u64>,
+        reason: &str,
+        automatic: bool,
+        swap_us: Option<u64>,
+        actor: Actor,
+    ) {
+        let mut events = vec![
+            self.event(
+                Change::ReleaseFailed {
+                    reason: reason.to_owned(),
+                },
+                Some(target),
+                None,
+            )
+            .by(actor),
+        ];
+        if let Some(prev) = previous {
+            let rollback = Change::Rollback {
+                from: target,
+                to: None,
+                automatic,
+                reason: Some(reason.to_owned()),
+                swap_us,
+            };
+            events.push(self.event(rollback, Some(prev), None).by(actor));
+        }
+        if let Err(e) = self
+            .shared
+            .state
+            .fail_release(&self.name, target, reason, previous, &events)
+        {
+            return self.log_state_error(e);
+        }
+        self.message = Some(format!("release {target} failed: {reason}"));
+    }
+
+    /// The service as stored now (not as the last pass read it: a request
+    /// answers for what `kiln` just recorded), and whether its target
+    /// release is still being rolled out.
+    fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), ControllerError> {
+        let rec = self
+            .shared
+            .state
+            .service(&self.name)?
+            .ok_or_else(|| ControllerError::NoService(self.name.clone()))?;
+        let pending = self
+            .shared
+            .state
+            .release(&self.name, rec.target)?
+            .is_some_and(|r| r.outcome == Outcome::Pending);
+        Ok((rec, pending))
+    }
+
+    /// `kiln promote`: only a blue-green rollout waiting for its switch,
+    /// or a canary, can be promoted.
+    fn request_promotion(&mut self, actor: Actor) -> Result<(u64, Option<u32>), ControllerError> {
+        let (rec, pending) = self.target_pending()?;
+        let step = self
+            .rollout
+            .promote(rec.target, pending)
+            .map_err(|_| ControllerError::NotWaitingForPromotion(self.name.clone()))?;
+        let ev = self
+            .event(Change::PromoteRequested { step }, Some(rec.target), None)
+            .by(actor);
+        if let Err(e) = self.shared.state.append_event(&ev) {
+            self.log_state_error(e);
+        }
+        Ok((rec.target, step))
+    }
+
+    /// `kiln abort`: only a rollout in progress with a release before it
+    /// can be aborted. Decided on what is stored now (a request answers
+    /// for what `kiln` just recorded).
+    async fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), ControllerError> {
+        let (rec, _) = self.target_pending()?;
+        let target = rec.target;
+        let Some(o) = self.observe().await else {
+            return Err(ControllerError::NoService(self.name.clone()));
+        };
+        let d = rollout::abort(&self.rollout, &self.view(&o), actor).map_err(|e| match e {
+            rollout::AbortRefused::NothingToAbort => ControllerError::NothingToAbort {
+                service: self.name.clone(),
+                revision: target,
+            },
+            rollout::AbortRefused::FirstRelease => ControllerError::FirstRelease {
+                service: self.name.clone(),
+                revision: target,
+            },
+        })?;
+        let previous = o.previous.unwrap_or(target);
+        self.execute(&o, d).await;
+        Ok((target, previous))
+    }
+}
+
+async fn sleep_until(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,222 @@
+//! What a pass shows others: the router's table for the service (and its
+//! blue-green preview), and the service's status.
+
+use std::sync::Arc;
+
+use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
+use kiln_core::rollout::{CanaryPhase, Rollout, Routing};
+
+use super::instances::Inst;
+use super::{Controller, now};
+use crate::router::{Backend, RouteKey, ServiceRoutes};
+
+/// What was last published to the router for the service's listener.
+#[derive(Default, PartialEq)]
+pub(super) struct Routed {
+    stable: Vec<String>,
+    canary: Vec<String>,
+    weight: u32,
+    timeout: std::time::Duration,
+    limits: kiln_core::service::RouterSpec,
+}
+
+impl Controller {
+    /// The router backends of the ready, live instances that `pick` selects.
+    pub(super) fn backends(&self, pick: impl Fn(&Inst) -> bool) -> Vec<Arc<Backend>> {
+        self.instances
+            .values()
+            .filter(|i| i.ready && i.live && !i.stopping && pick(i))
+            .map(|i| {
+                Arc::new(Backend::new(
+                    i.id.clone(),
+                    i.revision,
+                    i.port,
+                    i.inflight.clone(),
+                    self.shared.router.metrics.release(&self.name, i.revision),
+                ))
+            })
+            .collect()
+    }
+
+    /// Publish the ready instances to the router, when they changed: of any
+    /// release during a rolling update (both serve), of the routed fleet
+    /// for blue-green, split by weight between stable and canary.
+    pub(super) fn publish_routes(&mut self) {
+        let (timeout, sticky, limits) = self.service.as_ref().map_or(
+            (
+                std::time::Duration::from_secs(30),
+                false,
+                Default::default(),
+            ),
+            |s| {
+                (
+                    s.settings.timeout.0,
+                    s.settings.rollout.sticky,
+                    s.settings.router,
+                )
+            },
+        );
+        let (stable, canary) = match self.routing {
+            Routing::Any => (self.backends(|_| true), None),
+            Routing::Release(r) => (self.backends(|i| i.revision == r), None),
+            Routing::Split {
+                stable,
+                canary,
+                weight,
+            } => (
+                self.backends(|i| i.revision == stable),
+                Some((self.backends(|i| i.revision == canary), canary, weight)),
+            ),
+        };
+        let ids = |b: &[Arc<Backend>]| b.iter().map(|b| b.instance.clone()).collect::<Vec<_>>();
+        let routed = Routed {
+            stable: ids(&stable),
+            canary: canary.as_ref().map_or(Vec::new(), |(b, ..)| ids(b)),
+            weight: canary.as_ref().map_or(0, |c| c.2),
+            timeout,
+            limits,
+        };
+        // A settings change (the timeout) republishes as much as new
+        // instances do; an empty table is always (re)published.
+        if routed == self.routed && !(routed.stable.is_empty() && routed.canary.is_empty()) {
+            return;
+        }
+        let mut routes = ServiceRoutes::new(stable, timeout).with_limits(limits);
+        if let Some((backends, revision, weight)) = canary {
+            let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
+            routes = routes.with_canary(backends, revision, weight, cookie);
+        }
+        self.shared
+            .router
+            .set_routes(&RouteKey::Service(self.name.clone()), routes);
+        self.routed = routed;
+    }
+
+    /// blue-green's preview: the target's ready instances on `preview_listen`.
+    pub(super) fn publish_preview(
+        &mut self,
+        target: u64,
+        timeout: std::time::Duration,
+        limits: kiln_core::service::RouterSpec,
+    ) {
+        let backends = self.backends(|i| i.revision == target);
+        let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
+        if ids != self.previewed || ids.is_empty() {
+            self.shared.router.set_routes(
+                &RouteKey::Preview(self.name.clone()),
+                ServiceRoutes::new(backends, timeout).with_limits(limits),
+            );
+            self.previewed = ids;
+        }
+    }
+
+    pub(super) fn canary_status(&self) -> Option<CanaryStatus> {
+        let Rollout::Canary(run) = &self.rollout else {
+            return None;
+        };
+        let steps = self
+            .service
+            .as_ref()
+            .map_or(0, |s| s.settings.rollout.steps.len());
+        let (canary_window, stable_window) = match &run.phase {
+            CanaryPhase::Judging { canary, stable, .. } => (
+                self.counters(run.target).since(canary).window(),
+                self.counters(run.stable).since(stable).window(),
+            ),
+            CanaryPhase::Starting { .. } => Default::default(),
+        };
+        Some(CanaryStatus {
+            revision: run.target,
+            stable: run.stable,
+            step: run.step as u32 + 1,
+            steps: steps as u32,
+            weight: run.weight,
+            waiting: run.waiting.clone(),
+            canary_window,
+            stable_window,
+        })
+    }
+
+    pub(super) fn publish(&self) {
+        let rec = self.shared.state.service(&self.name).ok().flatten();
+        let target = rec.as_ref().map(|r| r.target);
+        let replicas = rec.as_ref().map_or(0, |r| r.settings.replicas);
+        let outcome = target
+            .and_then(|t| self.shared.state.release(&self.name, t).ok().flatten())
+            .map(|r| r.outcome);
+        let now = now();
+        let instances: Vec<InstanceStatus> = self
+            .instances
+            .values()
+            .map(|i| InstanceStatus {
+                id: i.id.clone(),
+                revision: i.revision,
+                slot: i.slot,
+                pid: i.pid,
+                port: i.port,
+                state: if i.stopping {
+                    InstanceState::Stopping
+                } else if i.pid.is_some() {
+                    InstanceState::Running
+                } else {
+                    InstanceState::Starting
+                },
+                ready: i.ready,
+                live: i.live,
+                replacements: self
+                    .slots
+                    .get(&(i.revision, i.slot))
+                    .map_or(0, |s| s.replacements),
+                started: humantime::format_rfc3339_millis(i.started_wall).to_string(),
+                uptime_secs: now.duration_since(i.started).as_secs_f64(),
+                runtime: i.runtime,
+                read_only_root: i.read_only,
+            })
+            .collect();
+        let ready = instances
+            .iter()
+            .filter(|i| Some(i.revision) == target && i.ready && i.state != InstanceState::Stopping)
+            .count() as u32;
+        // A blue-green fleet kept warm after the switch is expected, not
+        // a rollout still in progress.
+        let warm = matches!(self.rollout, Rollout::Warm { target: t, until } if until > now && Some(t) == target);
+        let target_instances = instances
+            .iter()
+            .filter(|i| Some(i.revision) == target && i.state != InstanceState::Stopping)
+            .count() as u32;
+        let converged = ready == replicas
+            && target_instances == replicas
+            && (warm
+                || instances
+                    .iter()
+                    .all(|i| Some(i.revision) == target && i.state != InstanceState::Stopping));
+        let backoff = self
+            .slots
+            .iter()
+            .filter_map(|((rev, slot), s)| {
+                s.retry_at.filter(|t| *t > now).map(|t| SlotBackoff {
+                    revision: *rev,
+                    slot: *slot,
+                    failures: s.failures,
+                    retry_in_ms: t.duration_since(now).as_millis() as u64,
+                })
+            })
+            .collect();
+        let status = ServiceStatus {
+            name: self.name.clone(),
+            replicas,
+            revision: target,
+            outcome,
+            ready,
+            converged,
+            instances,
+            backoff,
+            message: self.message.clone(),
+            stalled: self.rollout.stalled(),
+            canary: self.canary_status(),
+            failed_release: None,
+        };
+        let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
+        all.insert(self.name.clone(), status);
+    }
+}

@@ -1,0 +1,94 @@
+//! A release's request counters at one moment, as the router counts them:
+//! answers by status class, connection errors, a latency histogram. A plain
+//! value: the canary's analysis windows are differences of two of them, and
+//! the rollout decisions take them as input.
+
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in seconds.
+pub const BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Counters at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub responses: [u64; 5],
+    pub connect_errors: u64,
+    pub retried: u64,
+    pub timeouts: u64,
+    /// Not part of [`Self::requests`] nor of the canary's window.
+    pub client_errors: u64,
+    pub buckets: [u64; BUCKETS.len() + 1],
+    pub sum_micros: u64,
+}
+
+impl Snapshot {
+    pub fn requests(&self) -> u64 {
+        self.responses.iter().sum()
+    }
+
+    /// 5xx answers (which include the router's own 502/504) over all.
+    pub fn error_rate(&self) -> f64 {
+        let n = self.requests();
+        if n == 0 {
+            0.0
+        } else {
+            self.responses[4] as f64 / n as f64
+        }
+    }
+
+    /// What the canary analysis counts: every attempt (answers plus
+    /// connections that failed and were retried elsewhere) and its errors
+    /// (5xx, including the router's own 502/504, plus those connections).
+    pub fn window(&self) -> crate::api::Window {
+        let requests = self.requests() + self.retried;
+        let errors = self.responses[4] + self.retried;
+        crate::api::Window {
+            requests,
+            errors,
+            error_rate: if requests == 0 {
+                0.0
+            } else {
+                errors as f64 / requests as f64
+            },
+            p99_ms: self.quantile(0.99).map(|d| d.as_secs_f64() * 1000.0),
+        }
+    }
+
+    /// The upper bound of the bucket holding the q-quantile (e.g. 0.99).
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let n: u64 = self.buckets.iter().sum();
+        if n == 0 {
+            return None;
+        }
+        let rank = (q * n as f64).ceil() as u64;
+        let mut seen = 0;
+        for (i, c) in self.buckets.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                // Past the last bucket: report an hour, "more than we measure".
+                return Some(Duration::from_secs_f64(
+                    BUCKETS.get(i).copied().unwrap_or(3600.0),
+                ));
+            }
+        }
+        None
+    }
+
+    /// `self - earlier`: what happened in between.
+    pub fn since(&self, earlier: &Snapshot) -> Snapshot {
+        Snapshot {
+            responses: std::array::from_fn(|i| {
+                self.responses[i].saturating_sub(earlier.responses[i])
+            }),
+            connect_errors: self.connect_errors.saturating_sub(earlier.connect_errors),
+            retried: self.retried.saturating_sub(earlier.retried),
+            timeouts: self.timeouts.saturating_sub(earlier.timeouts),
+            client_errors: self.client_errors.saturating_sub(earlier.client_errors),
+            buckets: std::array::from_fn(|i| self.buckets[i].saturating_sub(earlier.buckets[i])),
+            sum_micros: self.sum_micros.saturating_sub(earlier.sum_micros),
+        }
+    }
+}
+

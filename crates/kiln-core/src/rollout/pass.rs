@@ -1,0 +1,986 @@
+//! One pass of a service's controller, decided: [`decide`] takes the
+//! rollout's state (a closed enum, [`Rollout`]) and what the controller
+//! observed ([`View`]: the instances, their slots' failures, the release's
+//! outcome, the request counters, the time) and returns the state after
+//! the pass with the [`Step`]s that take the fleet there. The controller
+//! carries the steps out in order and decides nothing itself; `kiln
+//! promote` and `kiln abort` are decided here too ([`Rollout::promote`],
+//! [`abort`]).
+//!
+//! The strategies:
+//! - `rolling` and `recreate`: [`fleet_step`] replaces the fleet within
+//!   `max_surge` / `max_unavailable`; the rollout fails at its deadline, or
+//!   when its instances crash-loop while a previous release can take over.
+//! - `blue-green`: the whole new fleet starts beside the old one, which
+//!   keeps the traffic until the switch (at once with `auto_promote`, else
+//!   on `kiln promote`); the old fleet then stays warm for
+//!   `scale_down_delay`, so that a rollback adopts it.
+//! - `canary`: stable keeps its whole fleet; the canary's fleet follows
+//!   the current step's weight; once it is ready the weight takes effect
+//!   and the step's analysis window opens; the step passes when its pause
+//!   is over (or on `kiln promote`) and the analysis has enough requests; a
+//!   failed analysis aborts at once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use crate::counters::Snapshot;
+use crate::event::{Actor, Change};
+use crate::health::{Backoff, SlotHistory};
+use crate::release::{Outcome, ServiceSettings};
+use crate::rollout::canary::{Judgement, fleet, judge};
+use crate::rollout::fleet::{Fleet, OldInstance, fleet_step};
+use crate::service::{Pause, Strategy};
+use crate::spec::ServiceName;
+
+/// How often a canary step is judged while its numbers come in.
+pub const CANARY_TICK: Duration = Duration::from_millis(50);
+
+/// Consecutive failures of a slot that make a rollout a crash loop.
+pub const CRASH_LOOP_FAILURES: u32 = 3;
+
+/// The rollout of a service, between two passes. Each variant carries what
+/// its phase needs and nothing else: a paused rollout has no deadline, a
+/// canary's analysis window exists only once its weight took effect.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Rollout {
+    /// No rollout in progress: the fleet is kept whole on its target (or,
+    /// for a failed first release, emptied).
+    #[default]
+    Idle,
+    /// `rolling` or `recreate` (or a canary with nothing to compare to:
+    /// a first release, or a warm rollback) towards `target`.
+    Rolling { target: u64, deadline: Instant },
+    /// `blue-green` before its switch: `routed` keeps the traffic while the
+    /// target's fleet comes up; `promote` once `kiln promote` asked.
+    BlueGreen {
+        target: u64,
+        deadline: Instant,
+        routed: u64,
+        promote: bool,
+    },
+    /// `blue-green` after its switch: the target has the traffic and is
+    /// active; the fleet before it stays warm until `until`.
+    Warm { target: u64, until: Instant },
+    /// Boxed: it carries both releases' counters.
+    Canary(Box<CanaryRun>),
+    /// Failed with `auto_rollback = false`: old and new stay as they are,
+    /// nothing new starts, until another release or `kiln abort`.
+    /// `routed`: a blue-green rollout's traffic stays there.
+    Paused { target: u64, routed: Option<u64> },
+}
+
+/// A canary rollout in progress.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CanaryRun {
+    pub target: u64,
+    /// The release it is compared with and returns to.
+    pub stable: u64,
+    /// Index of the current step in `rollout.steps`.
+    pub step: usize,
+    /// The canary's share now: the previous step's while this step's
+    /// fleet starts, 0 before the first.
+    pub weight: u32,
+    pub phase: CanaryPhase,
+    /// `kiln promote` asked to pass this step.
+    pub promote: bool,
+    /// What the step waits for, for `status` (empty: nothing).
+    pub waiting: String,
+}
+
+/// Where a canary step is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CanaryPhase {
+    /// The step's fleet comes up; it must be ready by `deadline`.
+    Starting { deadline: Instant },
+    /// The step's weight took effect at `began`, when both releases'
+    /// counters were these: its analysis window starts there.
+    Judging {
+        began: Instant,
+        canary: Snapshot,
+        stable: Snapshot,
+    },
+}
+
+impl Rollout {
+    /// The release being rolled out, if any.
+    pub fn target(&self) -> Option<u64> {
+        match self {
+            Self::Idle | Self::Warm { .. } => None,
+            Self::Rolling { target, .. }
+            | Self::BlueGreen { target, .. }
+            | Self::Paused { target, .. } => Some(*target),
+            Self::Canary(run) => Some(run.target),
+        }
+    }
+
+    /// Paused by a failure with `auto_rollback = false`
+    /// (`ServiceStatus::stalled`).
+    pub fn stalled(&self) -> bool {
+        matches!(self, Self::Paused { .. })
+    }
+
+    /// A blue-green fleet kept warm after its switch at `now`.
+    pub fn warm(&self, now: Instant) -> bool {
+        matches!(self, Self::Warm { until, .. } if *until > now)
+    }
+
+    /// `kiln promote`: a blue-green rollout waiting for its switch, or a
+    /// canary's current step. Returns the canary step (1-based) it passes.
+    pub fn promote(&mut self, target: u64, pending: bool) -> Result<Option<u32>, NotWaiting> {
+        match self {
+            Self::Canary(run) if pending && run.target == target => {
+                run.promote = true;
+                Ok(Some(run.step as u32 + 1))
+            }
+            Self::BlueGreen {
+                target: t, promote, ..
+            } if pending && *t == target => {
+                *promote = true;
+                Ok(None)
+            }
+            _ => Err(NotWaiting),
+        }
+    }
+}
+
+/// `kiln promote` with no rollout waiting for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("no rollout is waiting for promotion")]
+pub struct NotWaiting;
+
+/// Why `kiln abort` was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AbortRefused {
+    #[error("no rollout is in progress")]
+    NothingToAbort,
+    #[error("the target is the service's first release")]
+    FirstRelease,
+}
+
+/// An instance as the controller sees it, until it has exited.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen<Id> {
+    pub id: Id,
+    pub revision: u64,
+    pub slot: u32,
+    /// Asked to stop (draining or ending): it no longer counts.
+    pub stopping: bool,
+    /// Passing its readiness probe since then.
+    pub ready_since: Option<Instant>,
+    /// Taken over from a release with the same content (warm rollback).
+    pub adopted: bool,
+}
+
+/// What one pass observed of one service.
+#[derive(Clone, Debug)]
+pub struct View<'a, Id> {
+    pub service: &'a ServiceName,
+    pub now: Instant,
+    /// The release the service is driven to, and its outcome.
+    pub target: u64,
+    pub outcome: Outcome,
+    /// The newest other active release: what a failed rollout returns to.
+    pub previous: Option<u64>,
+    pub settings: &'a ServiceSettings,
+    pub backoff: Backoff,
+    pub instances: &'a [Seen<Id>],
+    /// Per (release, slot).
+    pub slots: &'a BTreeMap<(u64, u32), SlotHistory>,
+    /// Releases whose content is the target's (their warm instances may
+    /// be adopted).
+    pub same_content: &'a BTreeSet<u64>,
+    /// The router's counters of the releases a canary compares (absent:
+    /// zero).
+    pub counters: &'a BTreeMap<u64, Snapshot>,
+    /// The last failure the controller saw (named when a crash loop fails
+    /// the rollout).
+    pub last_error: Option<&'a str>,
+}
+
+/// Why an instance is stopped (recorded in its `instance-stopping` event).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The agent is shutting down (the controller's own order, not a
+    /// rollout decision).
+    Shutdown,
+    ScaledDown,
+    Replaced,
+    Recreate,
+    ReleaseFailed,
+    NotInCanary,
+    CanaryAborted,
+    ReplacedByCanary,
+    LivenessFailed,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Shutdown => "agent shutting down",
+            Self::ScaledDown => "scaled down",
+            Self::Replaced => "replaced by the new release",
+            Self::Recreate => "recreate: replaced by the new release",
+            Self::ReleaseFailed => "release failed",
+            Self::NotInCanary => "not part of the canary rollout",
+            Self::CanaryAborted => "canary aborted",
+            Self::ReplacedByCanary => "replaced by the canary release",
+            Self::LivenessFailed => "liveness failed",
+        })
+    }
+}
+
+/// One thing to do, in order.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step<Id> {
+    /// A warm instance of release `from` with the target's content becomes
+    /// the target's, in `slot`.
+    Adopt { id: Id, from: u64, slot: u32 },
+    /// The slot's instance stayed ready for `stable_after`: forget its
+    /// failures.
+    SlotStable { revision: u64, slot: u32 },
+    /// Start an instance of `revision` in `slot`.
+    Start { revision: u64, slot: u32 },
+    /// Stop these instances: they leave the routing table in one swap,
+    /// then each drains and gets its stop signal.
+    Stop { ids: Vec<Id>, reason: StopReason },
+    /// Publish the routing table now (a switch that stops nothing).
+    Route,
+    /// Record an event of the target release.
+    Record(Change),
+    /// The target is whole: it is active, the releases before it
+    /// superseded.
+    Activate,
+    /// The target failed: record it, and the service returns to `to` (if
+    /// any), in one transaction. `timed`: the record says how long the
+    /// route swap before it took (a canary's abort).
+    Fail {
+        reason: String,
+        to: Option<u64>,
+        automatic: bool,
+        by: Actor,
+        timed: bool,
+    },
+}
+
+/// Which ready instances get the service's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routing {
+    /// Every ready instance, of any release (a rolling update: both serve).
+    Any,
+    /// Only the release's.
+    Release(u64),
+    /// `weight` percent to the canary's, the rest to stable's.
+    Split { stable: u64, canary: u64, weight: u32 },
+}
+
+/// The service's status message after the pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    Keep,
+    Clear,
+    Set(String),
+}
+
+/// What a pass decided.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Decision<Id> {
+    pub next: Rollout,
+    pub steps: Vec<Step<Id>>,
+    pub routing: Routing,
+    pub message: Message,
+}
+
+/// One pass: from `state` and what was observed, the state after it and
+/// the steps to get there.
+pub fn decide<Id: Clone>(state: &Rollout, v: &View<'_, Id>) -> Decision<Id> {
+    let mut p = Pass::new(state, v);
+    p.forget_stable_slots();
+    if v.outcome == Outcome::Pending {
+        p.adopt_warm();
+    }
+    p.shape();
+    if let Rollout::Canary(_) = p.next {
+        p.canary();
+    } else {
+        p.fleet();
+    }
+    p.finish()
+}
+
+/// `kiln abort`: fail the rollout in progress and return to the release
+/// before it, as `by` asked.
+pub fn abort<Id: Clone>(
+    state: &Rollout,
+    v: &View<'_, Id>,
+    by: Actor,
+) -> Result<Decision<Id>, AbortRefused> {
+    if v.outcome != Outcome::Pending {
+        return Err(AbortRefused::NothingToAbort);
+    }
+    let previous = v.previous.ok_or(AbortRefused::FirstRelease)?;
+    let mut p = Pass::new(state, v);
+    let reason = "aborted by hand (kiln abort)".to_owned();
+    match &p.next {
+        Rollout::Canary(run) if run.target == v.target => p.abort_canary(reason, by),
+        _ => {
+            // As an automatic rollback: the previous release takes over
+            // as its fleet allows.
+            p.fail(reason, Some(previous), false, by, false);
+        }
+    }
+    Ok(p.finish())
+}
+
+/// When the next pass is due without news: a slot's back-off ends, a
+/// deadline or the warm window passes, an instance has been ready for
+/// `min_ready` or `stable_after`, or a canary is judged again.
+pub fn due<Id>(state: &Rollout, v: &View<'_, Id>) -> Option<Instant> {
+    let now = v.now;
+    let mut due: Option<Instant> = None;
+    let mut at = |t: Instant| due = Some(due.map_or(t, |d| d.min(t)));
+    for s in v.slots.values() {
+        if let Some(t) = s.retry_at {
+            at(t);
+        }
+    }
+    match state {
+        Rollout::Rolling { deadline, .. } | Rollout::BlueGreen { deadline, .. } => at(*deadline),
+        Rollout::Canary(run) => {
+            if let CanaryPhase::Starting { deadline } = run.phase {
+                at(deadline);
+            }
+            // The analysis judges the step as its numbers come in.
+            at(now + CANARY_TICK);
+        }
+        Rollout::Warm { until, .. } if *until > now => at(*until),
+        _ => {}
+    }
+    let min_ready = v.settings.rollout.min_ready.0;
+    for i in v.instances {
+        if let Some(t) = i.ready_since {
+            for wait in [v.backoff.stable_after, min_ready] {
+                if now.saturating_duration_since(t) < wait {
+                    at(t + wait);
+                }
+            }
+        }
+    }
+    due.map(|d| d.max(now))
+}
+
+/// One instance during a pass: what was seen, and what the pass did to it
+/// so far (adopted into the target, asked to stop).
+#[derive(Clone, Copy)]
+struct Inst {
+    revision: u64,
+    slot: u32,
+    stopping: bool,
+    ready_since: Option<Instant>,
+    adopted: bool,
+}
+
+struct Pass<'v, 'a, Id> {
+    v: &'v View<'a, Id>,
+    insts: Vec<Inst>,
+    next: Rollout,
+    steps: Vec<Step<Id>>,
+    message: Message,
+    /// The release a `Fail` step returned the service to.
+    returned_to: Option<u64>,
+}
+
+impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
+    fn new(state: &Rollout, v: &'v View<'a, Id>) -> Self {
+        Self {
+            v,
+            insts: v
+                .instances
+                .iter()
+                .map(|i| Inst {
+                    revision: i.revision,
+                    slot: i.slot,
+                    stopping: i.stopping,
+                    ready_since: i.ready_since,
+                    adopted: i.adopted,
+                })
+                .collect(),
+            next: state.clone(),
+            steps: Vec::new(),
+            message: Message::Keep,
+            returned_to: None,
+        }
+    }
+
+    fn finish(self) -> Decision<Id> {
+        let v = self.v;
+        // After a failure the service is on the release it returned to.
+        let on = self.returned_to.unwrap_or(v.target);
+        let routing = match &self.next {
+            Rollout::Canary(run) if run.weight > 0 => Routing::Split {
+                stable: run.stable,
+                canary: run.target,
+                weight: run.weight,
+            },
+            Rollout::Canary(run) => Routing::Release(run.stable),
+            Rollout::BlueGreen { routed, .. }
+            | Rollout::Paused {
+                routed: Some(routed),
+                ..
+            } => Routing::Release(*routed),
+            Rollout::Warm { target, .. } => Routing::Release(*target),
+            _ if v.settings.rollout.strategy == Strategy::BlueGreen => Routing::Release(on),
+            _ => Routing::Any,
+        };
+        Decision {
+            next: self.next,
+            steps: self.steps,
+            routing,
+            message: self.message,
+        }
+    }
+
+    fn rollout(&self) -> &'a crate::service::RolloutSpec {
+        &self.v.settings.rollout
+    }
+
+    fn deadline(&self) -> Instant {
+        self.v.now + self.rollout().progress_deadline.0
+    }
+
+    /// Indexes of the instances `pick` selects, of those not stopping.
+    fn running(&self, pick: impl Fn(&Inst) -> bool) -> Vec<usize> {
+        (0..self.insts.len())
+            .filter(|&i| !self.insts[i].stopping && pick(&self.insts[i]))
+            .collect()
+    }
+
+    fn stop(&mut self, which: &[usize], reason: StopReason) -> bool {
+        if which.is_empty() {
+            return false;
+        }
+        for &i in which {
+            self.insts[i].stopping = true;
+        }
+        let ids = which.iter().map(|&i| self.v.instances[i].id.clone()).collect();
+        self.steps.push(Step::Stop { ids, reason });
+        true
+    }
+
+    /// Ready for at least `min_ready`.
+    fn settled(&self, i: &Inst) -> bool {
+        !i.stopping
+            && i.ready_since.is_some_and(|t| {
+                self.v.now.saturating_duration_since(t) >= self.rollout().min_ready.0
+            })
+    }
+
+    fn settled_of(&self, revision: u64) -> u32 {
+        self.insts
+            .iter()
+            .filter(|i| i.revision == revision && self.settled(i))
+            .count() as u32
+    }
+
+    /// Slots `0..count` with no running instance of `revision`.
+    fn free_slots(&self, revision: u64, count: u32) -> Vec<u32> {
+        let mut taken = vec![false; count as usize];
+        for i in &self.insts {
+            if i.revision == revision && !i.stopping && i.slot < count {
+                taken[i.slot as usize] = true;
+            }
+        }
+        (0..count).filter(|s| !taken[*s as usize]).collect()
+    }
+
+    /// Start instances of `revision` in `slots`, but not in those still in
+    /// their crash-loop back-off.
+    fn start(&mut self, revision: u64, slots: impl IntoIterator<Item = u32>) {
+        for slot in slots {
+            if self
+                .v
+                .slots
+                .get(&(revision, slot))
+                .is_some_and(|s| s.backing_off(self.v.now))
+            {
+                continue;
+            }
+            self.steps.push(Step::Start { revision, slot });
+        }
+    }
+
+    /// Exactly `count` instances of `revision`, in slots `0..count`.
+    fn keep_fleet(&mut self, revision: u64, count: u32) {
+        let extras = self.running(|i| i.revision == revision && i.slot >= count);
+        self.stop(&extras, StopReason::ScaledDown);
+        let free = self.free_slots(revision, count);
+        self.start(revision, free);
+    }
+
+    fn crash_looping(&self, revision: u64) -> bool {
+        self.v
+            .slots
+            .iter()
+            .any(|((rev, _), s)| *rev == revision && s.failures >= CRASH_LOOP_FAILURES)
+    }
+
+    fn last_error(&self) -> &str {
+        self.v.last_error.unwrap_or_default()
+    }
+
+    fn forget_stable_slots(&mut self) {
+        let stable_after = self.v.backoff.stable_after;
+        for i in &self.insts {
+            let key = (i.revision, i.slot);
+            if i.ready_since
+                .is_some_and(|t| self.v.now.saturating_duration_since(t) >= stable_after)
+                && self.v.slots.get(&key).is_some_and(|s| s.failures > 0)
+            {
+                self.steps.push(Step::SlotStable {
+                    revision: key.0,
+                    slot: key.1,
+                });
+            }
+        }
+    }
+
+    /// A pending release with the same content as warm, ready instances of
+    /// another release takes them over instead of starting new ones: this
+    /// is what makes a rollback inside the warm window a route swap.
+    fn adopt_warm(&mut self) {
+        let (target, replicas) = (self.v.target, self.v.settings.replicas);
+        if replicas == 0 || self.insts.iter().any(|i| i.revision == target && !i.stopping) {
+            return;
+        }
+        let candidates: Vec<usize> = self
+            .running(|i| {
+                i.revision != target
+                    && i.ready_since.is_some()
+                    && self.v.same_content.contains(&i.revision)
+            })
+            .into_iter()
+            .take(replicas as usize)
+            .collect();
+        if candidates.len() < replicas as usize {
+            return;
+        }
+        for (slot, i) in candidates.into_iter().enumerate() {
+            let inst = &mut self.insts[i];
+            let from = inst.revision;
+            (inst.revision, inst.slot, inst.adopted) = (target, slot as u32, true);
+            self.steps.push(Step::Adopt {
+                id: self.v.instances[i].id.clone(),
+                from,
+                slot: slot as u32,
+            });
+        }
+    }
+
+    /// The blue-green release that keeps the traffic before the switch:
+    /// the one routed so far while it has instances, else the newest other
+    /// release with a ready one, else the target.
+    fn routed(&self, before: Option<u64>) -> u64 {
+        let target = self.v.target;
+        before
+            .filter(|r| self.insts.iter().any(|i| i.revision == *r && !i.stopping))
+            .or_else(|| {
+                self.insts
+                    .iter()
+                    .filter(|i| i.revision != target && !i.stopping && i.ready_since.is_some())
+                    .map(|i| i.revision)
+                    .max()
+            })
+            .unwrap_or(target)
+    }
+
+    /// The state's shape follows the target and the strategy: a new
+    /// pending target begins a rollout of its strategy's kind.
+    fn shape(&mut self) {
+        let v = self.v;
+        let t = v.target;
+        let strategy = v.settings.rollout.strategy;
+        if v.outcome != Outcome::Pending {
+            if !matches!(self.next, Rollout::Warm { target, .. } if target == t) {
+                self.next = Rollout::Idle;
+            }
+            return;
+        }
+        let adopted = self.insts.iter().any(|i| i.revision == t && i.adopted);
+        // A canary needs a stable release to compare with and return to; a
+        // first release, or one that took over warm instances, goes whole.
+        let stable = match &self.next {
+            Rollout::Canary(run) if run.target == t => Some(run.stable),
+            _ => v.previous,
+        }
+        .filter(|_| strategy == Strategy::Canary && !adopted);
+        self.next = match std::mem::take(&mut self.next) {
+            paused @ Rollout::Paused { target, .. } if target == t => paused,
+            Rollout::Canary(run) if run.target == t && stable.is_some() => Rollout::Canary(run),
+            Rollout::BlueGreen {
+                target,
+                deadline,
+                routed,
+                promote,
+            } if target == t && strategy == Strategy::BlueGreen => Rollout::BlueGreen {
+                target,
+                deadline,
+                routed: self.routed(Some(routed)),
+                promote,
+            },
+            Rollout::Rolling { target, deadline }
+                if target == t
+                    && stable.is_none()
+                    && !matches!(strategy, Strategy::BlueGreen) =>
+            {
+                Rollout::Rolling { target, deadline }
+            }
+            before => match stable {
+                Some(stable) => {
+                    self.steps.push(Step::Record(Change::CanaryStarted {
+                        stable,
+                        steps: v.settings.rollout.steps.clone(),
+                    }));
+                    Rollout::Canary(Box::new(CanaryRun {
+                        target: t,
+                        stable,
+                        step: 0,
+                        weight: 0,
+                        phase: CanaryPhase::Starting {
+                            deadline: self.deadline(),
+                        },
+                        promote: false,
+                        waiting: String::new(),
+                    }))
+                }
+                None if strategy == Strategy::BlueGreen => {
+                    let before = match before {
+                        Rollout::Warm { target, .. } => Some(target),
+                        _ => None,
+                    };
+                    Rollout::BlueGreen {
+                        target: t,
+                        deadline: self.deadline(),
+                        routed: self.routed(before),
+                        promote: false,
+                    }
+                }
+                None => Rollout::Rolling {
+                    target: t,
+                    deadline: self.deadline(),
+                },
+            },
+        };
+    }
+
+    /// Every strategy but a canary with a stable release.
+    fn fleet(&mut self) {
+        let v = self.v;
+        let (t, replicas) = (v.target, v.settings.replicas);
+        let rollout = self.rollout();
+        let pending = v.outcome == Outcome::Pending;
+        let blue_green = rollout.strategy == Strategy::BlueGreen;
+
+        // Extra instances of the target (scaled down).
+        let extras = self.running(|i| i.revision == t && i.slot >= replicas);
+        self.stop(&extras, StopReason::ScaledDown);
+
+        let old: Vec<OldInstance<usize>> = self
+            .running(|i| i.revision != t)
+            .into_iter()
+            .map(|i| OldInstance {
+                id: i,
+                ready: self.settled(&self.insts[i]),
+            })
+            .collect();
+        let (new_running, new_ready) = self
+            .insts
+            .iter()
+            .filter(|i| i.revision == t && !i.stopping)
+            .fold((0, 0), |(n, r), i| (n + 1, r + u32::from(self.settled(i))));
+        let free = self.free_slots(t, replicas);
+        let paused = self.next.stalled();
+        let step = fleet_step(&Fleet {
+            strategy: rollout.strategy,
+            replicas,
+            max_surge: rollout.max_surge,
+            max_unavailable: rollout.max_unavailable,
+            free_slots: free.len() as u32,
+            new_running,
+            new_ready,
+            old: &old,
+            any_old_left: self.insts.iter().any(|i| i.revision != t),
+            may_start: v.outcome != Outcome::Failed && !paused,
+        });
+        self.start(t, free.into_iter().take(step.start as usize));
+        let why = if rollout.strategy == Strategy::Recreate {
+            StopReason::Recreate
+        } else {
+            StopReason::Replaced
+        };
+        self.stop(&step.stop, why);
+
+        let ready = self.settled_of(t);
+        let adopted = self.insts.iter().any(|i| i.revision == t && i.adopted);
+        if blue_green && ready >= replicas && pending {
+            let (routed, promote) = match &self.next {
+                Rollout::BlueGreen {
+                    routed, promote, ..
+                } => (*routed, *promote),
+                Rollout::Paused { routed, .. } => (routed.unwrap_or(t), false),
+                _ => (t, false),
+            };
+            if routed != t {
+                if !(rollout.auto_promote || promote || adopted) {
+                    self.message = Message::Set(format!(
+                        "release {t} is ready: waiting for `kiln promote {}`",
+                        v.service
+                    ));
+                    return;
+                }
+                // The switch: one swap of the routing table to the new fleet.
+                self.next = Rollout::Warm {
+                    target: t,
+                    until: v.now + rollout.scale_down_delay.0,
+                };
+                self.steps.push(Step::Route);
+                self.steps.push(Step::Record(Change::Promoted {
+                    warm_for: rollout.scale_down_delay.to_string(),
+                }));
+            }
+        }
+        if ready >= replicas && v.outcome != Outcome::Failed {
+            // The target is whole: everything else goes (after the warm
+            // period, for blue-green).
+            if !(blue_green && self.next.warm(v.now)) {
+                let old = self.running(|i| i.revision != t);
+                self.stop(&old, StopReason::Replaced);
+                if let Rollout::Warm { .. } = self.next {
+                    self.next = Rollout::Idle;
+                }
+            }
+            if pending {
+                self.steps.push(Step::Activate);
+                if !matches!(self.next, Rollout::Warm { .. }) {
+                    self.next = Rollout::Idle;
+                }
+            }
+            self.message = Message::Clear;
+        } else if pending && !paused {
+            self.check_progress(ready, replicas);
+        } else if v.outcome == Outcome::Failed {
+            // No instance of a failed release is left running.
+            let failed = self.running(|i| i.revision == t);
+            self.stop(&failed, StopReason::ReleaseFailed);
+        }
+    }
+
+    /// A rollout that is not whole by its deadline, or whose instances keep
+    /// crashing while a previous release can take over, has failed.
+    fn check_progress(&mut self, ready: u32, replicas: u32) {
+        let t = self.v.target;
+        let (Rollout::Rolling { deadline, .. } | Rollout::BlueGreen { deadline, .. }) = self.next
+        else {
+            return;
+        };
+        let previous = self.v.previous;
+        let reason = if previous.is_some() && self.crash_looping(t) {
+            format!(
+                "instances of release {t} keep crashing ({CRASH_LOOP_FAILURES}); last: {}",
+                self.last_error()
+            )
+        } else if self.v.now >= deadline {
+            format!(
+                "{ready}/{replicas} instances ready after the progress deadline of {}",
+                self.rollout().progress_deadline
+            )
+        } else {
+            return;
+        };
+        if !self.rollout().auto_rollback {
+            // Paused: old and new stay as they are, nothing new starts.
+            let routed = match self.next {
+                Rollout::BlueGreen { routed, .. } => Some(routed),
+                _ => None,
+            };
+            self.next = Rollout::Paused { target: t, routed };
+            self.message = Message::Set(format!(
+                "rollout of release {t} paused: {reason} (auto_rollback = false; kiln rollback {} to return)",
+                self.v.service
+            ));
+            self.steps
+                .push(Step::Record(Change::RolloutPaused { reason }));
+            return;
+        }
+        self.fail(reason, previous, true, Actor::Agent, false);
+    }
+
+    fn fail(&mut self, reason: String, to: Option<u64>, automatic: bool, by: Actor, timed: bool) {
+        self.next = Rollout::Idle;
+        self.returned_to = to;
+        self.steps.push(Step::Fail {
+            reason,
+            to,
+            automatic,
+            by,
+            timed,
+        });
+    }
+
+    /// Abort a canary: all traffic back on stable in one swap, the canary
+    /// fleet stopped, and the release failed with `reason`.
+    fn abort_canary(&mut self, reason: String, by: Actor) {
+        let Rollout::Canary(run) = &self.next else {
+            return;
+        };
+        let (t, stable) = (run.target, run.stable);
+        // The state has no canary side now: stopping its whole fleet is
+        // the swap; draining and signals follow.
+        self.next = Rollout::Idle;
+        let fleet = self.running(|i| i.revision == t);
+        if !self.stop(&fleet, StopReason::CanaryAborted) {
+            self.steps.push(Step::Route);
+        }
+        self.fail(reason, Some(stable), true, by, true);
+    }
+
+    /// One pass of a canary rollout (see the module's comment).
+    fn canary(&mut self) {
+        let v = self.v;
+        let rollout = self.rollout();
+        let (t, replicas) = (v.target, v.settings.replicas);
+        let Rollout::Canary(run) = &self.next else {
+            return;
+        };
+        let stable = run.stable;
+        // Anything neither stable nor canary goes (what earlier rollouts left).
+        let strays = self.running(|i| i.revision != t && i.revision != stable);
+        self.stop(&strays, StopReason::NotInCanary);
+        // Stable is healed like any fleet while the canary runs beside it.
+        self.keep_fleet(stable, replicas);
+        let steps = rollout.steps.len();
+        // The steps are settings: an apply may shorten them mid-canary,
+        // which puts the canary on the new last step.
+        let index = match &mut self.next {
+            Rollout::Canary(run) => {
+                run.step = run.step.min(steps.saturating_sub(1));
+                run.step
+            }
+            _ => return,
+        };
+        let Some(step) = rollout.steps.get(index) else {
+            return;
+        };
+        let needed = fleet(replicas, step.weight);
+        self.keep_fleet(t, needed);
+        let ready = self.settled_of(t);
+        let count = |rev: u64| v.counters.get(&rev).copied().unwrap_or_default();
+        let (now_canary, now_stable) = (count(t), count(stable));
+        let label = format!("step {}/{steps} (weight {}%)", index + 1, step.weight);
+        let crash_loop = self.crash_looping(t);
+        let Rollout::Canary(run) = &mut self.next else {
+            return;
+        };
+        if let CanaryPhase::Starting { deadline } = run.phase {
+            if ready < needed {
+                run.waiting = format!("canary fleet: {ready}/{needed} ready");
+                // The fleet of a step must come up in time, and not crash-loop.
+                if crash_loop || v.now >= deadline {
+                    let why = if crash_loop {
+                        format!(
+                            "canary instances keep crashing at {label}; last: {}",
+                            self.last_error()
+                        )
+                    } else {
+                        format!(
+                            "{ready}/{needed} canary instances ready at {label} after the progress deadline of {}",
+                            rollout.progress_deadline
+                        )
+                    };
+                    self.abort_canary(why, Actor::Agent);
+                }
+                return;
+            }
+            // The step's weight takes effect, in one swap.
+            run.weight = step.weight;
+            run.phase = CanaryPhase::Judging {
+                began: v.now,
+                canary: now_canary,
+                stable: now_stable,
+            };
+            self.steps.push(Step::Route);
+            self.steps.push(Step::Record(Change::CanaryStep {
+                step: index + 1,
+                of: steps,
+                weight: step.weight,
+                pause: step.pause,
+            }));
+        }
+        let Rollout::Canary(run) = &mut self.next else {
+            return;
+        };
+        let CanaryPhase::Judging {
+            began,
+            canary: base_canary,
+            stable: base_stable,
+        } = run.phase
+        else {
+            return;
+        };
+        let canary_window = now_canary.since(&base_canary).window();
+        let stable_window = now_stable.since(&base_stable).window();
+        let judgement = judge(rollout.analysis.as_ref(), &canary_window, &stable_window);
+        if let Judgement::Fail(why) = judgement {
+            return self.abort_canary(
+                format!("canary analysis failed at {label}: {why}"),
+                Actor::Agent,
+            );
+        }
+        let left = match step.pause {
+            Pause::Manual => None,
+            Pause::For(d) => Some(d.0.saturating_sub(v.now.saturating_duration_since(began))),
+        };
+        run.waiting = if run.promote {
+            String::new()
+        } else if left.is_none() {
+            format!("manual pause: kiln promote {} to go on", v.service)
+        } else if left.is_some_and(|l| !l.is_zero()) {
+            // Worded to stay the same through the step: `apply` prints
+            // each change.
+            format!("pause of {}", step.pause)
+        } else if let Judgement::TooFew { need, .. } = judgement {
+            format!("waiting for {need} canary requests to judge")
+        } else if ready < needed {
+            format!("canary fleet: {ready}/{needed} ready")
+        } else {
+            String::new()
+        };
+        if !run.waiting.is_empty() {
+            return;
+        }
+        let promoted = run.promote;
+        if index + 1 < steps {
+            run.step += 1;
+            run.phase = CanaryPhase::Starting {
+                deadline: v.now + rollout.progress_deadline.0,
+            };
+            run.promote = false;
+        }
+        self.steps.push(Step::Record(Change::CanaryStepPassed {
+            step: index + 1,
+            weight: step.weight,
+            promoted,
+            canary: canary_window,
+            stable: stable_window,
+        }));
+        if index + 1 < steps {
+            return;
+        }
+        // The last step had all traffic: the canary is the release now.
+        self.steps.push(Step::Activate);
+        self.next = Rollout::Idle;
+        let old = self.running(|i| i.revision != t);
+        self.stop(&old, StopReason::ReplacedByCanary);
+        self.message = Message::Clear;
+    }
+}
