@@ -96,8 +96,8 @@ impl SlotHistory {
     /// at `now`, after being ready since `ready_since`: one ready for
     /// `stable_after` starts the count again.
     pub fn failed(&mut self, now: Instant, ready_since: Option<Instant>, backoff: &Backoff) {
-        let stable = ready_since
-            .is_some_and(|t| now.saturating_duration_since(t) >= backoff.stable_after);
+        let stable =
+            ready_since.is_some_and(|t| now.saturating_duration_since(t) >= backoff.stable_after);
         self.failures = if stable { 1 } else { self.failures + 1 };
         self.replacements += 1;
         let delay = backoff.delay(self.failures);

@@ -126,7 +126,7 @@ impl Controller {
                         let (rev, slot, since) = (inst.revision, inst.slot, inst.ready_since);
                         inst.failure_counted = true;
                         self.stop_instances(
-                            &[id.clone()],
+                            std::slice::from_ref(&id),
                             StopKind::Graceful,
                             &StopReason::LivenessFailed.to_string(),
                         );
@@ -170,7 +170,10 @@ impl Controller {
             .failed(now(), ready_since, &backoff);
     }
 
-    pub(super) async fn prepare(&mut self, revision: u64) -> Result<Arc<Prepared>, ControllerError> {
+    pub(super) async fn prepare(
+        &mut self,
+        revision: u64,
+    ) -> Result<Arc<Prepared>, ControllerError> {
         if let Some(p) = self.prepared.get(&revision) {
             return Ok(p.clone());
         }
@@ -332,7 +335,12 @@ impl Controller {
     /// Stop instances together: all of them leave the routing table in one
     /// swap, then each drains in-flight requests before its stop signal.
     /// Returns when that swap was done, if any instance was stopped.
-    pub(super) fn stop_instances(&mut self, ids: &[String], kind: StopKind, why: &str) -> Option<Instant> {
+    pub(super) fn stop_instances(
+        &mut self,
+        ids: &[String],
+        kind: StopKind,
+        why: &str,
+    ) -> Option<Instant> {
         let mut stops = Vec::new();
         for id in ids {
             let Some(inst) = self.instances.get_mut(id) else {

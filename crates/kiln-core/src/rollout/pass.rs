@@ -51,7 +51,10 @@ pub enum Rollout {
     Idle,
     /// `rolling` or `recreate` (or a canary with nothing to compare to:
     /// a first release, or a warm rollback) towards `target`.
-    Rolling { target: u64, deadline: Instant },
+    Rolling {
+        target: u64,
+        deadline: Instant,
+    },
     /// `blue-green` before its switch: `routed` keeps the traffic while the
     /// target's fleet comes up; `promote` once `kiln promote` asked.
     BlueGreen {
@@ -62,13 +65,18 @@ pub enum Rollout {
     },
     /// `blue-green` after its switch: the target has the traffic and is
     /// active; the fleet before it stays warm until `until`.
-    Warm { target: u64, until: Instant },
-    /// Boxed: it carries both releases' counters.
-    Canary(Box<CanaryRun>),
+    Warm {
+        target: u64,
+        until: Instant,
+    },
+    Canary(CanaryRun),
     /// Failed with `auto_rollback = false`: old and new stay as they are,
     /// nothing new starts, until another release or `kiln abort`.
     /// `routed`: a blue-green rollout's traffic stays there.
-    Paused { target: u64, routed: Option<u64> },
+    Paused {
+        target: u64,
+        routed: Option<u64>,
+    },
 }
 
 /// A canary rollout in progress.
@@ -95,11 +103,12 @@ pub enum CanaryPhase {
     /// The step's fleet comes up; it must be ready by `deadline`.
     Starting { deadline: Instant },
     /// The step's weight took effect at `began`, when both releases'
-    /// counters were these: its analysis window starts there.
+    /// counters were these: its analysis window starts there. (Boxed:
+    /// the counters are most of a state's size.)
     Judging {
         began: Instant,
-        canary: Snapshot,
-        stable: Snapshot,
+        canary: Box<Snapshot>,
+        stable: Box<Snapshot>,
     },
 }
 
@@ -272,7 +281,11 @@ pub enum Routing {
     /// Only the release's.
     Release(u64),
     /// `weight` percent to the canary's, the rest to stable's.
-    Split { stable: u64, canary: u64, weight: u32 },
+    Split {
+        stable: u64,
+        canary: u64,
+        weight: u32,
+    },
 }
 
 /// The service's status message after the pass.
@@ -463,7 +476,10 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         for &i in which {
             self.insts[i].stopping = true;
         }
-        let ids = which.iter().map(|&i| self.v.instances[i].id.clone()).collect();
+        let ids = which
+            .iter()
+            .map(|&i| self.v.instances[i].id.clone())
+            .collect();
         self.steps.push(Step::Stop { ids, reason });
         true
     }
@@ -550,7 +566,12 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
     /// is what makes a rollback inside the warm window a route swap.
     fn adopt_warm(&mut self) {
         let (target, replicas) = (self.v.target, self.v.settings.replicas);
-        if replicas == 0 || self.insts.iter().any(|i| i.revision == target && !i.stopping) {
+        if replicas == 0
+            || self
+                .insts
+                .iter()
+                .any(|i| i.revision == target && !i.stopping)
+        {
             return;
         }
         let candidates: Vec<usize> = self
@@ -629,9 +650,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                 promote,
             },
             Rollout::Rolling { target, deadline }
-                if target == t
-                    && stable.is_none()
-                    && !matches!(strategy, Strategy::BlueGreen) =>
+                if target == t && stable.is_none() && !matches!(strategy, Strategy::BlueGreen) =>
             {
                 Rollout::Rolling { target, deadline }
             }
@@ -641,7 +660,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                         stable,
                         steps: v.settings.rollout.steps.clone(),
                     }));
-                    Rollout::Canary(Box::new(CanaryRun {
+                    Rollout::Canary(CanaryRun {
                         target: t,
                         stable,
                         step: 0,
@@ -651,7 +670,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                         },
                         promote: false,
                         waiting: String::new(),
-                    }))
+                    })
                 }
                 None if strategy == Strategy::BlueGreen => {
                     let before = match before {
@@ -905,8 +924,8 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             run.weight = step.weight;
             run.phase = CanaryPhase::Judging {
                 began: v.now,
-                canary: now_canary,
-                stable: now_stable,
+                canary: Box::new(now_canary),
+                stable: Box::new(now_stable),
             };
             self.steps.push(Step::Route);
             self.steps.push(Step::Record(Change::CanaryStep {
@@ -921,14 +940,14 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         };
         let CanaryPhase::Judging {
             began,
-            canary: base_canary,
-            stable: base_stable,
+            canary: ref base_canary,
+            stable: ref base_stable,
         } = run.phase
         else {
             return;
         };
-        let canary_window = now_canary.since(&base_canary).window();
-        let stable_window = now_stable.since(&base_stable).window();
+        let canary_window = now_canary.since(base_canary).window();
+        let stable_window = now_stable.since(base_stable).window();
         let judgement = judge(rollout.analysis.as_ref(), &canary_window, &stable_window);
         if let Judgement::Fail(why) = judgement {
             return self.abort_canary(
