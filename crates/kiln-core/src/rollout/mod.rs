@@ -13,6 +13,8 @@
 pub mod canary;
 pub mod fleet;
 pub mod pass;
+#[cfg(test)]
+mod tests;
 
 pub use fleet::{Fleet, FleetStep, OldInstance, fleet_step};
 pub use pass::{

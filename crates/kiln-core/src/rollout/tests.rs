@@ -1,0 +1,795 @@
+//! The strategies through [`decide`], with no process: a small simulated
+//! service carries the steps out as the agent's controller would (a start
+//! adds an instance, a stop marks it stopping and it is gone at the next
+//! tick, `Activate` and `Fail` change the releases' outcomes as the state
+//! store does), and time moves only when a test says so. Table tests pin
+//! each strategy's steps; property tests check the invariants the README
+//! promises over random fleets, settings and failures.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::pass::*;
+use crate::counters::Snapshot;
+use crate::event::{Actor, Change};
+use crate::health::{Backoff, SlotHistory};
+use crate::release::{Outcome, ServiceSettings};
+use crate::rollout::canary::fleet;
+use crate::service::{self, AnalysisSpec, CanaryStep, Pause, Ratio, RolloutSpec, Strategy};
+use crate::spec::ServiceName;
+
+const TICK: Duration = Duration::from_millis(100);
+
+/// How the instances of a release behave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Behaviour {
+    /// Ready one tick after it starts.
+    Good,
+    /// Never ready.
+    NeverReady,
+    /// Exits one tick after it starts.
+    Crashes,
+}
+
+struct Sim {
+    name: ServiceName,
+    now: Instant,
+    settings: ServiceSettings,
+    target: u64,
+    outcomes: BTreeMap<u64, Outcome>,
+    /// Releases with the same content, by revision: (revision, content).
+    content: BTreeMap<u64, u32>,
+    behaviour: BTreeMap<u64, Behaviour>,
+    insts: Vec<Seen<u32>>,
+    /// When each instance started.
+    born: BTreeMap<u32, Instant>,
+    slots: BTreeMap<(u64, u32), SlotHistory>,
+    state: Rollout,
+    routing: Routing,
+    counters: BTreeMap<u64, Snapshot>,
+    next_id: u32,
+    /// Every step carried out, in order.
+    log: Vec<Step<u32>>,
+    starts: u32,
+}
+
+fn settings(strategy: Strategy, replicas: u32) -> ServiceSettings {
+    ServiceSettings {
+        replicas,
+        listen: None,
+        rollout: RolloutSpec {
+            strategy,
+            progress_deadline: service::Duration::from_secs(10),
+            steps: vec![
+                CanaryStep {
+                    weight: 25,
+                    pause: Pause::For(service::Duration::from_secs(1)),
+                },
+                CanaryStep {
+                    weight: 100,
+                    pause: Pause::default(),
+                },
+            ],
+            ..RolloutSpec::default()
+        },
+        timeout: service::Duration::from_secs(30),
+        router: service::RouterSpec::default(),
+    }
+}
+
+impl Sim {
+    /// A service whose release 1 runs `replicas` ready instances.
+    fn steady(settings: ServiceSettings) -> Self {
+        let mut sim = Sim {
+            name: ServiceName::try_from("web").unwrap(),
+            now: Instant::now(),
+            settings,
+            target: 1,
+            outcomes: BTreeMap::from([(1, Outcome::Active)]),
+            content: BTreeMap::from([(1, 1)]),
+            behaviour: BTreeMap::from([(1, Behaviour::Good)]),
+            insts: Vec::new(),
+            born: BTreeMap::new(),
+            slots: BTreeMap::new(),
+            state: Rollout::Idle,
+            routing: Routing::Any,
+            counters: BTreeMap::new(),
+            next_id: 0,
+            log: Vec::new(),
+            starts: 0,
+        };
+        let ready = sim.now - Duration::from_secs(3600);
+        for slot in 0..sim.settings.replicas {
+            sim.add(1, slot, Some(ready));
+        }
+        sim
+    }
+
+    fn add(&mut self, revision: u64, slot: u32, ready_since: Option<Instant>) {
+        self.insts.push(Seen {
+            id: self.next_id,
+            revision,
+            slot,
+            stopping: false,
+            ready_since,
+            adopted: false,
+        });
+        self.born.insert(self.next_id, self.now);
+        self.next_id += 1;
+    }
+
+    /// `kiln apply` of a new release `revision` with `content`.
+    fn apply(&mut self, revision: u64, content: u32, behaviour: Behaviour) {
+        self.target = revision;
+        self.outcomes.insert(revision, Outcome::Pending);
+        self.content.insert(revision, content);
+        self.behaviour.insert(revision, behaviour);
+    }
+
+    fn previous(&self) -> Option<u64> {
+        self.outcomes
+            .iter()
+            .filter(|(r, o)| **r != self.target && **o == Outcome::Active)
+            .map(|(r, _)| *r)
+            .max()
+    }
+
+    fn view(&self) -> (BTreeSet<u64>, Option<u64>) {
+        let content = self.content[&self.target];
+        let same = self
+            .content
+            .iter()
+            .filter(|(_, c)| **c == content)
+            .map(|(r, _)| *r)
+            .collect();
+        (same, self.previous())
+    }
+
+    fn with_view<T>(&self, f: impl FnOnce(&View<'_, u32>) -> T) -> T {
+        let (same_content, previous) = self.view();
+        f(&View {
+            service: &self.name,
+            now: self.now,
+            target: self.target,
+            outcome: self.outcomes[&self.target],
+            previous,
+            settings: &self.settings,
+            backoff: Backoff::default(),
+            instances: &self.insts,
+            slots: &self.slots,
+            same_content: &same_content,
+            counters: &self.counters,
+            last_error: None,
+        })
+    }
+
+    /// One pass: decide and carry the steps out.
+    fn pass(&mut self) -> Vec<Step<u32>> {
+        let d = self.with_view(|v| decide(&self.state, v));
+        self.carry_out(d)
+    }
+
+    fn carry_out(&mut self, d: Decision<u32>) -> Vec<Step<u32>> {
+        self.state = d.next;
+        self.routing = d.routing;
+        for step in &d.steps {
+            match step {
+                Step::Adopt { id, slot, .. } => {
+                    let i = self.insts.iter_mut().find(|i| i.id == *id).unwrap();
+                    (i.revision, i.slot, i.adopted) = (self.target, *slot, true);
+                }
+                Step::SlotStable { revision, slot } => {
+                    self.slots.entry((*revision, *slot)).or_default().failures = 0;
+                }
+                Step::Start { revision, slot } => {
+                    self.starts += 1;
+                    self.add(*revision, *slot, None);
+                }
+                Step::Stop { ids, .. } => {
+                    for i in self.insts.iter_mut().filter(|i| ids.contains(&i.id)) {
+                        i.stopping = true;
+                    }
+                }
+                Step::Route | Step::Record(_) => {}
+                Step::Activate => {
+                    for o in self.outcomes.values_mut() {
+                        if *o == Outcome::Active {
+                            *o = Outcome::Superseded;
+                        }
+                    }
+                    self.outcomes.insert(self.target, Outcome::Active);
+                }
+                Step::Fail { to, .. } => {
+                    self.outcomes.insert(self.target, Outcome::Failed);
+                    if let Some(to) = to {
+                        self.target = *to;
+                    }
+                }
+            }
+        }
+        self.log.extend(d.steps.iter().cloned());
+        d.steps
+    }
+
+    /// Time moves one tick: stopped instances are gone, started ones
+    /// become ready or crash as their release does.
+    fn tick(&mut self) {
+        self.now += TICK;
+        let now = self.now;
+        self.insts.retain(|i| !i.stopping);
+        let mut crashed = Vec::new();
+        for i in &mut self.insts {
+            match self.behaviour[&i.revision] {
+                Behaviour::Good if i.ready_since.is_none() => i.ready_since = Some(now),
+                Behaviour::Crashes => crashed.push((i.id, i.revision, i.slot)),
+                _ => {}
+            }
+        }
+        for (id, revision, slot) in crashed {
+            self.insts.retain(|i| i.id != id);
+            self.slots
+                .entry((revision, slot))
+                .or_default()
+                .failed(now, None, &Backoff::default());
+        }
+    }
+
+    /// Passes and ticks until nothing is left to do (or `limit` ticks).
+    fn settle(&mut self, limit: u32) {
+        for _ in 0..limit {
+            let steps = self.pass();
+            if steps.is_empty()
+                && self.state == Rollout::Idle
+                && self.insts.iter().all(|i| !i.stopping)
+            {
+                return;
+            }
+            self.tick();
+        }
+    }
+
+    fn running(&self, revision: u64) -> usize {
+        self.insts
+            .iter()
+            .filter(|i| i.revision == revision && !i.stopping)
+            .count()
+    }
+
+    fn ready(&self) -> u32 {
+        self.insts
+            .iter()
+            .filter(|i| !i.stopping && i.ready_since.is_some())
+            .count() as u32
+    }
+
+    fn routed(&self, revision: u64) -> bool {
+        let serves = |r: u64| {
+            self.insts
+                .iter()
+                .any(|i| i.revision == r && !i.stopping && i.ready_since.is_some())
+        };
+        match self.routing {
+            Routing::Any => serves(revision),
+            Routing::Release(r) => r == revision && serves(r),
+            Routing::Split { stable, canary, .. } => {
+                (stable == revision || canary == revision) && serves(revision)
+            }
+        }
+    }
+
+    fn recorded(&self, kind: &str) -> Vec<&Change> {
+        self.log
+            .iter()
+            .filter_map(|s| match s {
+                Step::Record(c) if c.kind() == kind => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn starts(steps: &[Step<u32>]) -> Vec<(u64, u32)> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Start { revision, slot } => Some((*revision, *slot)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn stops(steps: &[Step<u32>]) -> Vec<(Vec<u32>, StopReason)> {
+    steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Stop { ids, reason } => Some((ids.clone(), *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn failed(steps: &[Step<u32>]) -> Option<(String, Option<u64>, bool)> {
+    steps.iter().find_map(|s| match s {
+        Step::Fail {
+            reason, to, timed, ..
+        } => Some((reason.clone(), *to, *timed)),
+        _ => None,
+    })
+}
+
+// ---- rolling ----
+
+#[test]
+fn rolling_surges_one_at_a_time_and_stops_old_only_for_new_ready_ones() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    sim.apply(2, 2, Behaviour::Good);
+    let steps = sim.pass();
+    assert_eq!(starts(&steps), [(2, 0)], "one surge instance");
+    assert!(
+        stops(&steps).is_empty(),
+        "no old one stops before a new one is ready"
+    );
+    assert!(matches!(sim.state, Rollout::Rolling { target: 2, .. }));
+    sim.tick();
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![0], StopReason::Replaced)]);
+    assert_eq!(
+        starts(&steps),
+        [],
+        "the stopping one still counts this pass"
+    );
+    sim.settle(50);
+    assert_eq!(sim.running(2), 3);
+    assert_eq!(sim.running(1), 0);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    assert_eq!(sim.outcomes[&1], Outcome::Superseded);
+    assert_eq!(sim.state, Rollout::Idle);
+}
+
+#[test]
+fn rolling_fails_at_its_deadline_and_returns_to_the_previous_release() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.now += Duration::from_secs(9);
+    assert_eq!(failed(&sim.pass()), None, "before the deadline");
+    sim.now += Duration::from_secs(1);
+    let steps = sim.pass();
+    let (reason, to, timed) = failed(&steps).expect("failed at the deadline");
+    assert_eq!(
+        reason,
+        "0/2 instances ready after the progress deadline of 10s"
+    );
+    assert_eq!((to, timed), (Some(1), false));
+    assert_eq!(sim.state, Rollout::Idle);
+    sim.settle(20);
+    assert_eq!(sim.running(2), 0, "nothing of the failed release is left");
+    assert_eq!(sim.running(1), 2);
+}
+
+#[test]
+fn a_crash_loop_fails_the_rollout_before_its_deadline() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 2, Behaviour::Crashes);
+    let mut fail = None;
+    for _ in 0..200 {
+        let steps = sim.pass();
+        if let Some(f) = failed(&steps) {
+            fail = Some(f);
+            break;
+        }
+        sim.tick();
+        // Back-off lets the slot wait; time moves past it.
+        sim.now += Duration::from_millis(500);
+    }
+    let (reason, to, _) = fail.expect("the crash loop failed the rollout");
+    assert!(
+        reason.starts_with("instances of release 2 keep crashing (3)"),
+        "{reason}"
+    );
+    assert_eq!(to, Some(1));
+}
+
+#[test]
+fn a_first_release_that_fails_is_emptied() {
+    let mut s = settings(Strategy::Rolling, 2);
+    s.rollout.progress_deadline = service::Duration::from_secs(1);
+    let mut sim = Sim::steady(s);
+    sim.insts.clear();
+    sim.outcomes.clear();
+    sim.apply(1, 1, Behaviour::NeverReady);
+    let steps = sim.pass();
+    assert_eq!(
+        starts(&steps),
+        [(1, 0), (1, 1)],
+        "nothing old: every slot fills"
+    );
+    sim.now += Duration::from_secs(1);
+    let (_, to, _) = failed(&sim.pass()).expect("failed");
+    assert_eq!(to, None, "nothing to return to");
+    let steps = sim.pass();
+    // Ids 0 and 1 were release 1's, cleared above.
+    assert_eq!(stops(&steps), [(vec![2, 3], StopReason::ReleaseFailed)]);
+    assert!(starts(&steps).is_empty());
+}
+
+#[test]
+fn auto_rollback_off_pauses_and_stays_paused() {
+    let mut s = settings(Strategy::Rolling, 2);
+    s.rollout.auto_rollback = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.now += Duration::from_secs(10);
+    let steps = sim.pass();
+    assert_eq!(failed(&steps), None);
+    assert!(sim.state.stalled());
+    assert_eq!(sim.recorded("rollout-paused").len(), 1);
+    // Later passes: still paused, nothing new starts, no second record.
+    for _ in 0..5 {
+        sim.tick();
+        sim.now += Duration::from_secs(20);
+        assert!(starts(&sim.pass()).is_empty());
+        assert!(sim.state.stalled());
+    }
+    assert_eq!(sim.recorded("rollout-paused").len(), 1);
+    assert_eq!(sim.running(1), 2, "the old fleet still serves");
+    // kiln abort returns to release 1.
+    let d = sim
+        .with_view(|v| abort(&sim.state, v, Actor::Local { uid: 1000 }))
+        .expect("abort");
+    assert_eq!(failed(&d.steps).map(|f| f.1), Some(Some(1)));
+}
+
+// ---- recreate ----
+
+#[test]
+fn recreate_stops_everything_then_starts_the_new_fleet() {
+    let mut sim = Sim::steady(settings(Strategy::Recreate, 2));
+    sim.apply(2, 2, Behaviour::Good);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![0, 1], StopReason::Recreate)]);
+    assert!(starts(&steps).is_empty());
+    sim.tick();
+    assert_eq!(starts(&sim.pass()), [(2, 0), (2, 1)]);
+    sim.settle(20);
+    assert_eq!(sim.running(2), 2);
+}
+
+// ---- blue-green ----
+
+#[test]
+fn blue_green_waits_for_promote_then_switches_and_keeps_the_old_fleet_warm() {
+    let mut s = settings(Strategy::BlueGreen, 2);
+    s.rollout.auto_promote = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    let steps = sim.pass();
+    assert_eq!(
+        starts(&steps),
+        [(2, 0), (2, 1)],
+        "the whole new fleet beside"
+    );
+    assert_eq!(sim.routing, Routing::Release(1));
+    sim.tick();
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert_eq!(
+        d.message,
+        Message::Set("release 2 is ready: waiting for `kiln promote web`".into())
+    );
+    sim.carry_out(d);
+    assert_eq!(sim.routing, Routing::Release(1), "no switch before promote");
+    assert_eq!(sim.state.promote(2, true), Ok(None));
+    let steps = sim.pass();
+    assert!(steps.contains(&Step::Route));
+    assert!(steps.contains(&Step::Activate));
+    assert_eq!(sim.routing, Routing::Release(2));
+    assert!(stops(&steps).is_empty(), "the old fleet stays warm");
+    assert!(matches!(sim.state, Rollout::Warm { target: 2, .. }));
+    sim.now += Duration::from_secs(300);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![0, 1], StopReason::Replaced)]);
+    assert_eq!(sim.state, Rollout::Idle);
+}
+
+#[test]
+fn a_warm_rollback_adopts_the_warm_fleet_and_starts_nothing() {
+    let mut sim = Sim::steady(settings(Strategy::BlueGreen, 3));
+    sim.apply(2, 2, Behaviour::Good);
+    for _ in 0..3 {
+        sim.pass();
+        sim.tick();
+    }
+    assert!(matches!(sim.state, Rollout::Warm { target: 2, .. }));
+    // kiln rollback: release 3 has release 1's content.
+    sim.apply(3, 1, Behaviour::Good);
+    let starts_before = sim.starts;
+    let steps = sim.pass();
+    let adopted: Vec<u32> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Adopt { id, from: 1, .. } => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(adopted, [0, 1, 2]);
+    assert_eq!(sim.starts, starts_before, "nothing started");
+    assert_eq!(
+        sim.routing,
+        Routing::Release(3),
+        "switched in the same pass"
+    );
+    assert_eq!(sim.outcomes[&3], Outcome::Active);
+}
+
+// ---- canary ----
+
+fn canary_sim(replicas: u32) -> Sim {
+    let mut sim = Sim::steady(settings(Strategy::Canary, replicas));
+    sim.apply(2, 2, Behaviour::Good);
+    sim
+}
+
+#[test]
+fn a_canary_walks_its_steps_and_ends_on_the_canary() {
+    let mut sim = canary_sim(4);
+    let steps = sim.pass();
+    assert_eq!(sim.recorded("canary-started").len(), 1);
+    assert_eq!(starts(&steps), [(2, 0)], "25% of 4");
+    assert_eq!(
+        sim.routing,
+        Routing::Release(1),
+        "no weight before it is ready"
+    );
+    sim.tick();
+    let steps = sim.pass();
+    assert!(steps.contains(&Step::Route));
+    assert_eq!(
+        sim.routing,
+        Routing::Split {
+            stable: 1,
+            canary: 2,
+            weight: 25
+        }
+    );
+    // The pause of 1s holds the step.
+    sim.now += Duration::from_millis(500);
+    assert!(sim.pass().is_empty());
+    sim.now += Duration::from_millis(500);
+    sim.pass();
+    assert_eq!(sim.recorded("canary-step-passed").len(), 1);
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    assert_eq!((sim.running(1), sim.running(2)), (0, 4));
+    assert_eq!(sim.routing, Routing::Any);
+}
+
+#[test]
+fn a_failed_analysis_aborts_the_canary_in_one_swap() {
+    let mut s = settings(Strategy::Canary, 4);
+    s.rollout.analysis = Some(AnalysisSpec {
+        max_error_rate: Ratio::from_f64(0.05),
+        max_p99: None,
+        max_error_rate_increase: None,
+        min_requests: 10,
+    });
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    // 20 canary answers, half of them 5xx.
+    let mut c = Snapshot::default();
+    c.responses[1] = 10;
+    c.responses[4] = 10;
+    sim.counters.insert(2, c);
+    let steps = sim.pass();
+    let (reason, to, timed) = failed(&steps).expect("aborted");
+    assert!(
+        reason.starts_with("canary analysis failed at step 1/2 (weight 25%)"),
+        "{reason}"
+    );
+    assert_eq!((to, timed), (Some(1), true));
+    assert_eq!(stops(&steps), [(vec![4], StopReason::CanaryAborted)]);
+    assert_eq!(sim.routing, Routing::Any);
+    assert!(!sim.routed(2));
+}
+
+#[test]
+fn a_canary_with_no_stable_release_goes_whole() {
+    let mut sim = Sim::steady(settings(Strategy::Canary, 3));
+    sim.insts.clear();
+    sim.outcomes.clear();
+    sim.apply(1, 1, Behaviour::Good);
+    let steps = sim.pass();
+    assert_eq!(starts(&steps), [(1, 0), (1, 1), (1, 2)]);
+    assert!(matches!(sim.state, Rollout::Rolling { .. }));
+}
+
+#[test]
+fn promote_and_abort_are_refused_when_nothing_waits() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 1));
+    assert_eq!(sim.state.promote(1, false), Err(NotWaiting));
+    let refused = sim.with_view(|v| abort(&sim.state, v, Actor::Agent));
+    assert_eq!(refused, Err(AbortRefused::NothingToAbort));
+    sim.insts.clear();
+    sim.outcomes.clear();
+    sim.apply(1, 1, Behaviour::Good);
+    sim.pass();
+    let refused = sim.with_view(|v| abort(&sim.state, v, Actor::Agent));
+    assert_eq!(refused, Err(AbortRefused::FirstRelease));
+    assert_eq!(sim.state.promote(1, true), Err(NotWaiting), "rolling");
+}
+
+#[test]
+fn the_next_pass_is_due_at_the_earliest_timer() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 1));
+    assert_eq!(sim.with_view(|v| due(&sim.state, v)), None, "nothing due");
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    let deadline = sim.now + Duration::from_secs(10);
+    assert_eq!(sim.with_view(|v| due(&sim.state, v)), Some(deadline));
+    sim.slots.entry((2, 0)).or_default().retry_at = Some(sim.now + TICK);
+    assert_eq!(sim.with_view(|v| due(&sim.state, v)), Some(sim.now + TICK));
+}
+
+// ---- properties ----
+
+fn strategy() -> impl proptest::strategy::Strategy<Value = Strategy> {
+    prop_oneof![
+        Just(Strategy::Rolling),
+        Just(Strategy::Recreate),
+        Just(Strategy::BlueGreen),
+        Just(Strategy::Canary),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A rolling update never has fewer than `replicas − max_unavailable`
+    /// ready instances nor more than `replicas + max_surge` running, and
+    /// ends wholly on its release.
+    #[test]
+    fn rolling_keeps_its_bounds_and_ends_on_one_release(
+        replicas in 1u32..8,
+        max_surge in 0u32..4,
+        max_unavailable in 0u32..4,
+        slow in proptest::collection::vec(0u32..4, 8),
+    ) {
+        prop_assume!(max_surge + max_unavailable > 0);
+        let mut s = settings(Strategy::Rolling, replicas);
+        s.rollout.max_surge = max_surge;
+        s.rollout.max_unavailable = max_unavailable;
+        let mut sim = Sim::steady(s);
+        sim.apply(2, 2, Behaviour::Good);
+        let floor = replicas.saturating_sub(max_unavailable);
+        let mut waited = BTreeMap::new();
+        for _ in 0..200 {
+            sim.pass();
+            let running = sim.insts.iter().filter(|i| !i.stopping).count() as u32;
+            prop_assert!(running <= replicas + max_surge, "{running} running");
+            prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
+            // Stopped ones go; new ones get ready after a random delay.
+            sim.now += TICK;
+            sim.insts.retain(|i| !i.stopping);
+            let now = sim.now;
+            for i in &mut sim.insts {
+                let w = waited.entry(i.id).or_insert(0u32);
+                *w += 1;
+                if i.ready_since.is_none() && *w > slow[(i.id % 8) as usize] {
+                    i.ready_since = Some(now);
+                }
+            }
+            if sim.state == Rollout::Idle && sim.running(1) == 0 {
+                break;
+            }
+        }
+        prop_assert_eq!(sim.outcomes[&2], Outcome::Active);
+        prop_assert_eq!(sim.running(2) as u32, replicas);
+        prop_assert_eq!(sim.running(1), 0);
+    }
+
+    /// Every strategy ends wholly on the new release, with all its traffic.
+    #[test]
+    fn every_rollout_ends_wholly_on_one_release(
+        strategy in strategy(),
+        replicas in 1u32..10,
+    ) {
+        let mut s = settings(strategy, replicas);
+        s.rollout.scale_down_delay = service::Duration::from_secs(0);
+        let mut sim = Sim::steady(s);
+        sim.apply(2, 2, Behaviour::Good);
+        for _ in 0..100 {
+            sim.pass();
+            sim.tick();
+            sim.now += Duration::from_millis(500);
+        }
+        prop_assert_eq!(sim.outcomes[&2], Outcome::Active);
+        prop_assert_eq!(sim.running(2) as u32, replicas);
+        prop_assert_eq!(sim.insts.len() as u32, replicas, "nothing else is left");
+        prop_assert_eq!(&sim.state, &Rollout::Idle);
+        prop_assert!(sim.routed(2));
+    }
+
+    /// A failed rollout leaves no instance and no route of the failed
+    /// release, whatever the strategy and however it failed.
+    #[test]
+    fn a_failed_rollout_leaves_nothing_of_the_failed_release(
+        strategy in strategy(),
+        replicas in 1u32..8,
+        behaviour in prop_oneof![Just(Behaviour::NeverReady), Just(Behaviour::Crashes)],
+    ) {
+        let mut sim = Sim::steady(settings(strategy, replicas));
+        sim.apply(2, 2, behaviour);
+        for _ in 0..300 {
+            sim.pass();
+            sim.tick();
+            sim.now += Duration::from_millis(200);
+        }
+        prop_assert_eq!(sim.outcomes[&2], Outcome::Failed);
+        prop_assert_eq!(sim.target, 1);
+        prop_assert_eq!(sim.running(2), 0);
+        prop_assert!(!sim.routed(2));
+        prop_assert_eq!(sim.running(1) as u32, replicas);
+        prop_assert!(sim.routed(1));
+    }
+
+    /// The canary's fleet follows its step's weight, and stable keeps its
+    /// whole fleet while the canary runs.
+    #[test]
+    fn the_canary_fleet_follows_its_weight(
+        replicas in 1u32..20,
+        first in 1u32..100,
+    ) {
+        let mut s = settings(Strategy::Canary, replicas);
+        s.rollout.steps[0].weight = first;
+        let mut sim = Sim::steady(s);
+        sim.apply(2, 2, Behaviour::Good);
+        for _ in 0..40 {
+            sim.pass();
+            if let Rollout::Canary(run) = &sim.state {
+                let step = sim.settings.rollout.steps[run.step].weight;
+                let canary = sim.running(2) as u32;
+                // Never more than the step's fleet; exactly its weight's
+                // fleet while that weight is judged.
+                prop_assert!(canary <= fleet(replicas, step));
+                if let CanaryPhase::Judging { .. } = run.phase {
+                    prop_assert_eq!(canary, fleet(replicas, run.weight));
+                    prop_assert_eq!(
+                        sim.routing,
+                        Routing::Split { stable: 1, canary: 2, weight: run.weight }
+                    );
+                }
+                prop_assert_eq!(sim.running(1) as u32, replicas);
+            }
+            sim.tick();
+            sim.now += Duration::from_millis(300);
+        }
+        prop_assert_eq!(sim.outcomes[&2], Outcome::Active);
+    }
+
+    /// A rollback inside the warm window (the same content as the warm
+    /// fleet) adopts it and starts nothing, whatever the strategy.
+    #[test]
+    fn a_warm_rollback_starts_nothing(replicas in 1u32..10) {
+        let mut sim = Sim::steady(settings(Strategy::BlueGreen, replicas));
+        sim.apply(2, 2, Behaviour::Good);
+        for _ in 0..5 {
+            sim.pass();
+            sim.tick();
+        }
+        let before = sim.starts;
+        sim.apply(3, 1, Behaviour::Good);
+        for _ in 0..5 {
+            sim.pass();
+            sim.tick();
+        }
+        prop_assert_eq!(sim.starts, before);
+        prop_assert_eq!(sim.outcomes[&3], Outcome::Active);
+        prop_assert_eq!(sim.routing, Routing::Release(3));
+        prop_assert_eq!(sim.running(3) as u32, replicas);
+    }
+}
