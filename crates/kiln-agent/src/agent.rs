@@ -138,14 +138,19 @@ impl Agent {
         backoff: Backoff,
         seed: u64,
     ) -> Result<Arc<Self>, AgentError> {
-        let shared = Arc::new(Shared::new(
+        let shared = Shared::new(
             home,
             store,
             state,
             backoff,
             crate::router::Router::new(),
             seed,
-        ));
+        );
+        Self::start_on(Arc::new(shared)).await
+    }
+
+    /// Start the agent on what its controllers will share.
+    pub(crate) async fn start_on(shared: Arc<Shared>) -> Result<Arc<Self>, AgentError> {
         let agent = Arc::new(Self {
             shared,
             controllers: Mutex::new(BTreeMap::new()),
@@ -186,7 +191,7 @@ impl Agent {
         for rec in self.shared.state.instances()? {
             let alive = start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
             if alive {
-                crate::instance::kill_group(rec.pid);
+                crate::runtime::kill_group(rec.pid);
             }
             let ev = NewEvent {
                 change: Change::InstanceLost {
@@ -648,72 +653,27 @@ impl Agent {
         Ok(())
     }
 
+    /// Every service's status from one view: what its controller last
+    /// saw, joined with its settings and releases as stored now.
     pub fn status(&self) -> Result<StatusResponse, AgentError> {
-        let mut snapshot = self
+        let seen = self
             .shared
             .status
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        // Snapshots are taken when something changes; uptime is as of now.
         let now = SystemTime::now();
-        for s in snapshot.values_mut() {
-            for i in &mut s.instances {
-                if let Ok(t) = humantime::parse_rfc3339(&i.started) {
-                    i.uptime_secs = now.duration_since(t).map_or(0.0, |d| d.as_secs_f64());
-                }
-            }
-        }
         let mut services = Vec::new();
         for rec in self.shared.state.services()? {
-            let s = snapshot
-                .get(&rec.name)
-                .cloned()
-                .unwrap_or_else(|| ServiceStatus {
-                    name: rec.name.clone(),
-                    replicas: rec.settings.replicas,
-                    revision: Some(rec.target),
-                    outcome: None,
-                    ready: 0,
-                    converged: false,
-                    instances: Vec::new(),
-                    backoff: Vec::new(),
-                    message: None,
-                    stalled: false,
-                    canary: None,
-                    failed_release: None,
-                });
-            // The snapshot may predate the latest apply: judge convergence
-            // against what is desired now.
-            let mut s = s;
-            s.converged = s.converged
-                && s.replicas == rec.settings.replicas
-                && s.revision == Some(rec.target);
-            s.replicas = rec.settings.replicas;
             let releases = self.shared.state.releases(&rec.name)?;
-            // Just after an apply the controller has not reported on the
-            // new target yet: its release, as recorded, is what is current.
-            // What the snapshot says of its rollout (a pause, a stall, a
-            // canary step) was about the release before.
-            if s.revision != Some(rec.target) {
-                s.revision = Some(rec.target);
-                s.outcome = releases
-                    .iter()
-                    .find(|r| r.revision == rec.target)
-                    .map(|r| r.outcome);
-                s.message = None;
-                s.stalled = false;
-                s.canary = None;
-            }
-            s.failed_release = releases
-                .into_iter()
-                .max_by_key(|r| r.revision)
-                .filter(|r| r.revision > rec.target && r.outcome == Outcome::Failed)
-                .map(|r| kiln_core::api::FailedRelease {
-                    revision: r.revision,
-                    reason: r.reason.unwrap_or_default(),
-                });
-            services.push(s);
+            services.push(ServiceStatus::of(
+                &rec.name,
+                rec.settings.replicas,
+                rec.target,
+                &releases,
+                seen.get(&rec.name),
+                now,
+            ));
         }
         Ok(StatusResponse {
             agent: self.info(),

@@ -7,12 +7,12 @@
 
 pub(crate) mod agent;
 pub(crate) mod api;
+#[cfg(feature = "bench")]
+pub mod bench;
 pub(crate) mod controller;
 mod downstream;
 pub(crate) mod instance;
-pub(crate) mod logs;
 pub(crate) mod metrics;
-pub(crate) mod probe;
 pub mod router;
 mod routes;
 pub(crate) mod runtime;

@@ -8,12 +8,15 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use kiln_core::api::ServiceStatus;
+use kiln_core::api::Reconciled;
 use kiln_core::health::Backoff;
 use kiln_core::spec::ServiceName;
 use kiln_store::Store;
 use sha2::{Digest as _, Sha256};
 
+use kiln_core::service::RuntimeKind;
+
+use crate::runtime::{Runtime, RuntimeError};
 use crate::state::StateStore;
 
 /// What controllers share with the agent.
@@ -22,8 +25,10 @@ pub struct Shared {
     pub store: Store,
     pub state: Arc<dyn StateStore>,
     pub backoff: Backoff,
-    pub status: std::sync::Mutex<BTreeMap<ServiceName, ServiceStatus>>,
+    /// What each controller saw at its last pass.
+    pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
     pub router: Arc<crate::router::Router>,
+    pub runtimes: Runtimes,
     ids: AtomicU64,
     seed: u64,
 }
@@ -44,9 +49,18 @@ impl Shared {
             backoff,
             status: std::sync::Mutex::default(),
             router,
+            runtimes: Runtimes::Node,
             ids: AtomicU64::new(0),
             seed,
         }
+    }
+
+    /// Every release runs on `runtime`, whatever kind it names (the
+    /// fake, in tests and the scale benchmark).
+    #[cfg(test)]
+    pub fn with_runtime(mut self, runtime: Arc<dyn Runtime>) -> Self {
+        self.runtimes = Runtimes::Only(runtime);
+        self
     }
 
     /// `SERVICE-rN-xxxxxx`: unique, and names its release.
@@ -57,5 +71,24 @@ impl Shared {
         h.update(n.to_le_bytes());
         let hex = kiln_core::digest::hex(&h.finalize()[..3]);
         format!("{service}-r{revision}-{hex}")
+    }
+}
+
+/// Where controllers get the runtime a release names.
+pub enum Runtimes {
+    /// This node's, by kind (bubblewrap found on `PATH`, or plain processes).
+    Node,
+    /// One for every kind.
+    #[cfg(test)]
+    Only(Arc<dyn Runtime>),
+}
+
+impl Runtimes {
+    pub fn get(&self, kind: RuntimeKind) -> Result<Arc<dyn Runtime>, RuntimeError> {
+        match self {
+            Self::Node => crate::runtime::runtime(kind).map(Arc::from),
+            #[cfg(test)]
+            Self::Only(rt) => Ok(rt.clone()),
+        }
     }
 }

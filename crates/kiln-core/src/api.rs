@@ -84,6 +84,85 @@ pub struct ServiceStatus {
     pub failed_release: Option<FailedRelease>,
 }
 
+/// What a service's controller saw at its last pass: what only it knows.
+/// [`ServiceStatus::of`] joins it with what the state store says now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reconciled {
+    /// The target release that pass reconciled towards.
+    pub target: u64,
+    pub instances: Vec<InstanceStatus>,
+    pub backoff: Vec<SlotBackoff>,
+    pub message: Option<String>,
+    pub stalled: bool,
+    pub canary: Option<CanaryStatus>,
+    /// A blue-green fleet kept warm after its switch (expected beside the
+    /// target, not a rollout in progress).
+    pub warm: bool,
+}
+
+impl ServiceStatus {
+    /// The status of service `name` from one view: its settings and target
+    /// and its releases as stored now, and what its controller last saw
+    /// (`None` before its first pass). `now` dates the instances' uptime.
+    pub fn of(
+        name: &ServiceName,
+        replicas: u32,
+        target: u64,
+        releases: &[crate::release::Release],
+        seen: Option<&Reconciled>,
+        now: std::time::SystemTime,
+    ) -> Self {
+        let empty = Reconciled::default();
+        let seen = seen.unwrap_or(&empty);
+        // Just after an apply the controller has not reported on the new
+        // target yet: what it said of its rollout (a pause, a stall, a
+        // canary step) was about the release before.
+        let current = seen.target == target;
+        let mut instances = seen.instances.clone();
+        for i in &mut instances {
+            if let Ok(t) = humantime::parse_rfc3339(&i.started) {
+                i.uptime_secs = now.duration_since(t).map_or(0.0, |d| d.as_secs_f64());
+            }
+        }
+        let on_target =
+            |i: &&InstanceStatus| i.revision == target && i.state != InstanceState::Stopping;
+        let ready = instances
+            .iter()
+            .filter(on_target)
+            .filter(|i| i.ready)
+            .count() as u32;
+        let running = instances.iter().filter(on_target).count() as u32;
+        let converged = current
+            && ready == replicas
+            && running == replicas
+            && (seen.warm || running as usize == instances.len());
+        Self {
+            name: name.clone(),
+            replicas,
+            revision: Some(target),
+            outcome: releases
+                .iter()
+                .find(|r| r.revision == target)
+                .map(|r| r.outcome),
+            ready,
+            converged,
+            instances,
+            backoff: seen.backoff.clone(),
+            message: seen.message.clone().filter(|_| current),
+            stalled: current && seen.stalled,
+            canary: seen.canary.clone().filter(|_| current),
+            failed_release: releases
+                .iter()
+                .max_by_key(|r| r.revision)
+                .filter(|r| r.revision > target && r.outcome == Outcome::Failed)
+                .map(|r| FailedRelease {
+                    revision: r.revision,
+                    reason: r.reason.clone().unwrap_or_default(),
+                }),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FailedRelease {
     pub revision: u64,
@@ -200,4 +279,101 @@ pub struct PromoteResponse {
 pub struct AbortResponse {
     pub revision: u64,
     pub back_to: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(revision: u64, ready: bool, state: InstanceState) -> InstanceStatus {
+        InstanceStatus {
+            id: format!("web-r{revision}"),
+            revision,
+            slot: 0,
+            pid: Some(1),
+            port: 1,
+            state,
+            ready,
+            live: true,
+            replacements: 0,
+            started: "2026-12-01T00:00:00Z".to_owned(),
+            uptime_secs: 0.0,
+            runtime: RuntimeKind::Process,
+            read_only_root: false,
+        }
+    }
+
+    fn release(revision: u64, outcome: Outcome) -> Release {
+        let config: crate::release::ReleaseConfig = serde_json::from_value(serde_json::json!({
+            "image": crate::Digest::of(b"x"), "image_name": "x", "command": ["/x"],
+            "workdir": "/", "env": {}, "volumes": {}, "runtime": "process",
+            "health": {}, "stop": {}
+        }))
+        .unwrap();
+        Release {
+            service: ServiceName::try_from("web").unwrap(),
+            revision,
+            hash: config.hash(),
+            config,
+            created: String::new(),
+            cause: "apply".to_owned(),
+            outcome,
+            reason: (outcome == Outcome::Failed).then(|| "deadline".to_owned()),
+        }
+    }
+
+    fn status(target: u64, releases: &[Release], seen: &Reconciled) -> ServiceStatus {
+        let now = humantime::parse_rfc3339("2026-12-01T00:00:10Z").unwrap();
+        let name = ServiceName::try_from("web").unwrap();
+        ServiceStatus::of(&name, 1, target, releases, Some(seen), now)
+    }
+
+    #[test]
+    fn status_is_converged_only_on_the_target_with_nothing_else() {
+        let releases = [release(1, Outcome::Superseded), release(2, Outcome::Active)];
+        let mut seen = Reconciled {
+            target: 2,
+            instances: vec![inst(2, true, InstanceState::Running)],
+            ..Reconciled::default()
+        };
+        let s = status(2, &releases, &seen);
+        assert!(s.converged);
+        assert_eq!((s.ready, s.outcome), (1, Some(Outcome::Active)));
+        assert_eq!(s.instances[0].uptime_secs, 10.0, "uptime as of now");
+        // An old instance still stopping: not converged, unless kept warm.
+        seen.instances.push(inst(1, true, InstanceState::Stopping));
+        assert!(!status(2, &releases, &seen).converged);
+        seen.warm = true;
+        assert!(status(2, &releases, &seen).converged);
+    }
+
+    #[test]
+    fn status_after_an_apply_the_controller_has_not_seen_says_nothing_stale() {
+        let releases = [release(1, Outcome::Active), release(2, Outcome::Pending)];
+        let seen = Reconciled {
+            target: 1,
+            instances: vec![inst(1, true, InstanceState::Running)],
+            message: Some("about release 1".to_owned()),
+            stalled: true,
+            ..Reconciled::default()
+        };
+        let s = status(2, &releases, &seen);
+        assert!(!s.converged);
+        assert_eq!(s.revision, Some(2));
+        assert_eq!(s.outcome, Some(Outcome::Pending));
+        assert_eq!((s.message, s.stalled), (None, false));
+    }
+
+    #[test]
+    fn status_names_a_newer_failed_release() {
+        let releases = [release(1, Outcome::Active), release(2, Outcome::Failed)];
+        let s = status(1, &releases, &Reconciled::default());
+        assert_eq!(
+            s.failed_release,
+            Some(FailedRelease {
+                revision: 2,
+                reason: "deadline".to_owned()
+            })
+        );
+    }
 }

@@ -17,7 +17,10 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             let p = e.unwrap().path();
             if p.is_dir() {
                 dirs.push(p);
-            } else if p.extension().is_some_and(|x| x == "rs") {
+            } else if p.extension().is_some_and(|x| x == "rs")
+                // A module's tests in their own file (`#[cfg(test)] mod tests;`).
+                && p.file_name().is_some_and(|n| n != "tests.rs")
+            {
                 files.push(p);
             }
         }

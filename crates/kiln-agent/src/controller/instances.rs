@@ -10,13 +10,13 @@ use std::time::{Instant, SystemTime};
 use kiln_core::event::Change;
 use kiln_core::release::Release;
 use kiln_core::rollout::StopReason;
-use tokio::sync::oneshot;
+use tokio::sync::mpsc;
 
 use super::{Controller, ControllerError, now};
+use crate::instance::logs::LogFile;
+use crate::instance::probe::ProbeKind;
 use crate::instance::{InstanceTask, Report, StopKind};
-use crate::logs::LogFile;
-use crate::probe::ProbeKind;
-use crate::runtime::{DEFAULT_PATH, Launch, Runtime, runtime, start_ticks};
+use crate::runtime::{DEFAULT_PATH, Launch, Runtime, start_ticks};
 use crate::state::InstanceRecord;
 
 /// A release made ready to run: its tree and runtime.
@@ -38,7 +38,8 @@ pub(super) struct Inst {
     pub started: Instant,
     pub started_wall: SystemTime,
     pub ready_since: Option<Instant>,
-    pub stop: Option<oneshot::Sender<StopKind>>,
+    /// Tells its task to stop (graceful, or a kill that escalates one).
+    pub stop: mpsc::UnboundedSender<StopKind>,
     /// Counted as a failure already (liveness), so its exit is not counted again.
     pub failure_counted: bool,
     pub read_only: bool,
@@ -194,7 +195,7 @@ impl Controller {
                 image: release.config.image.clone(),
                 source: Box::new(source),
             })?;
-        let rt: Arc<dyn Runtime> = Arc::from(runtime(release.config.runtime)?);
+        let rt = self.shared.runtimes.get(release.config.runtime)?;
         for name in release.config.volumes.keys() {
             let path = self.volume_dir(name.as_str());
             std::fs::create_dir_all(&path)
@@ -265,7 +266,7 @@ impl Controller {
                 return;
             }
         };
-        let (stop_tx, stop_rx) = oneshot::channel();
+        let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let inflight = Arc::<crate::metrics::InFlight>::default();
         let task = InstanceTask {
             inflight: inflight.clone(),
@@ -292,7 +293,7 @@ impl Controller {
                 started: Instant::now(),
                 started_wall: SystemTime::now(),
                 ready_since: None,
-                stop: Some(stop_tx),
+                stop: stop_tx,
                 failure_counted: false,
                 read_only: p.runtime.read_only_enforced(),
                 runtime: p.runtime.kind(),
@@ -351,17 +352,15 @@ impl Controller {
             }
             inst.stopping = true;
             inst.ready = false;
-            stops.push((id.clone(), inst.revision, inst.stop.take()));
+            stops.push((id.clone(), inst.revision, inst.stop.clone()));
         }
         if stops.is_empty() {
             return None;
         }
         self.publish_routes();
-        let swapped = Instant::now();
+        let swapped = now();
         for (id, revision, stop) in stops {
-            if let Some(tx) = stop {
-                let _ = tx.send(kind);
-            }
+            let _ = stop.send(kind);
             self.record_event(
                 Change::InstanceStopping {
                     reason: why.to_string(),
@@ -374,21 +373,14 @@ impl Controller {
     }
 
     pub(super) fn stop_all(&mut self, kind: StopKind, force: bool) {
+        // `force`: an escalation reaches the instances already stopping.
         let ids: Vec<String> = self
             .instances
             .values()
             .filter(|i| force || !i.stopping)
             .map(|i| i.id.clone())
             .collect();
-        for id in ids {
-            if force {
-                // Escalation: the stop channel is spent; kill directly.
-                if let Some(pid) = self.instances.get(&id).and_then(|i| i.pid) {
-                    crate::instance::kill_group(pid);
-                }
-            }
-            self.stop_instances(&[id], kind, &StopReason::Shutdown.to_string());
-        }
+        self.stop_instances(&ids, kind, &StopReason::Shutdown.to_string());
     }
 }
 

@@ -16,6 +16,8 @@
 
 mod instances;
 mod publish;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, ServiceStatus, SlotBackoff};
+use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, Reconciled, SlotBackoff};
 use kiln_core::rollout::{CanaryPhase, Rollout, Routing};
 
 use super::instances::Inst;
@@ -137,13 +137,12 @@ impl Controller {
         })
     }
 
+    /// What this pass saw, for `status` (which joins it with what the
+    /// state store says now; see [`kiln_core::api::ServiceStatus::of`]).
     pub(super) fn publish(&self) {
-        let rec = self.shared.state.service(&self.name).ok().flatten();
-        let target = rec.as_ref().map(|r| r.target);
-        let replicas = rec.as_ref().map_or(0, |r| r.settings.replicas);
-        let outcome = target
-            .and_then(|t| self.shared.state.release(&self.name, t).ok().flatten())
-            .map(|r| r.outcome);
+        let Some(target) = self.service.as_ref().map(|r| r.target) else {
+            return;
+        };
         let now = now();
         let instances: Vec<InstanceStatus> = self
             .instances
@@ -173,23 +172,6 @@ impl Controller {
                 read_only_root: i.read_only,
             })
             .collect();
-        let ready = instances
-            .iter()
-            .filter(|i| Some(i.revision) == target && i.ready && i.state != InstanceState::Stopping)
-            .count() as u32;
-        // A blue-green fleet kept warm after the switch is expected, not
-        // a rollout still in progress.
-        let warm = matches!(self.rollout, Rollout::Warm { target: t, until } if until > now && Some(t) == target);
-        let target_instances = instances
-            .iter()
-            .filter(|i| Some(i.revision) == target && i.state != InstanceState::Stopping)
-            .count() as u32;
-        let converged = ready == replicas
-            && target_instances == replicas
-            && (warm
-                || instances
-                    .iter()
-                    .all(|i| Some(i.revision) == target && i.state != InstanceState::Stopping));
         let backoff = self
             .slots
             .iter()
@@ -202,21 +184,16 @@ impl Controller {
                 })
             })
             .collect();
-        let status = ServiceStatus {
-            name: self.name.clone(),
-            replicas,
-            revision: target,
-            outcome,
-            ready,
-            converged,
+        let seen = Reconciled {
+            target,
             instances,
             backoff,
             message: self.message.clone(),
             stalled: self.rollout.stalled(),
             canary: self.canary_status(),
-            failed_release: None,
+            warm: matches!(self.rollout, Rollout::Warm { target: t, until } if until > now && t == target),
         };
         let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
-        all.insert(self.name.clone(), status);
+        all.insert(self.name.clone(), seen);
     }
 }

@@ -14,11 +14,11 @@
 mod contract;
 // A fake for tests (and, exported behind a feature, the scale benchmark
 // issue 11 asks for): the agent itself never uses it.
-#[cfg(test)]
+#[cfg(any(test, feature = "bench"))]
 mod memory;
 mod sqlite;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "bench"))]
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
 
@@ -175,7 +175,7 @@ pub trait StateStore: Send + Sync {
     fn append_event(&self, event: &NewEvent) -> Result<u64>;
     /// The events after sequence number `after`, in order.
     #[cfg_attr(
-        not(test),
+        not(any(test, feature = "bench")),
         expect(
             dead_code,
             reason = "the read side of the log: the ledger and `kiln audit` (issue 16) will read it; the state contract tests it now"

@@ -232,11 +232,15 @@ mod tests {
             (0..replicas as usize).map(|i| (i, false, true)).collect();
         let mut next_id = fleet.len();
         let min_available = replicas.saturating_sub(max_unavailable);
-        let mut coin = readiness.iter().copied().cycle();
-        for _pass in 0..(replicas as usize * 8 + 16) {
+        // Each pass an unready new instance becomes ready when its coin for
+        // that pass says so; every instance meets each coin within
+        // `readiness.len()` passes, so one `true` lets all get ready.
+        let coin = |pass: usize, id: usize| readiness[(pass + id) % readiness.len()];
+        let passes = (replicas as usize + 2) * (readiness.len() + 2) * 2;
+        for pass in 0..passes {
             // New instances become ready, at random.
             for inst in fleet.iter_mut().filter(|i| i.1 && !i.2) {
-                inst.2 = coin.next().unwrap_or(true);
+                inst.2 = coin(pass, inst.0);
             }
             let old: Vec<OldInstance<usize>> = fleet
                 .iter()

@@ -2,17 +2,24 @@
 //! output to its log, probe it, and end it — gracefully when asked (stop
 //! signal, then SIGKILL after `kill_timeout`). It reports to its service's
 //! controller; it never decides anything itself.
+//!
+//! - [`probe`]: the startup, readiness and liveness checks.
+//! - [`logs`]: its output, to a file per instance.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::service::{HealthSpec, StopSignal, StopSpec};
-use rustix::process::{Pid, Signal, kill_process, kill_process_group};
-use tokio::sync::{mpsc, oneshot};
+use rustix::process::Signal;
+use tokio::sync::mpsc;
 
-use crate::logs::LogFile;
-use crate::probe::{self, ProbeKind};
-use crate::runtime::{Launch, Runtime};
+use crate::runtime::{Launch, Running, Runtime};
+
+pub(crate) mod logs;
+pub(crate) mod probe;
+
+use logs::LogFile;
+use probe::ProbeKind;
 
 /// What an instance task tells its controller.
 #[derive(Debug)]
@@ -70,17 +77,14 @@ pub enum StopKind {
 }
 
 impl InstanceTask {
-    /// Run until the instance is gone. `stop` asks it to end.
+    /// Run until the instance is gone. `stop` asks it to end (a `Kill`
+    /// after a `Graceful` escalates).
     pub async fn run(
         self,
         to: mpsc::UnboundedSender<Report>,
-        mut stop: oneshot::Receiver<StopKind>,
+        mut stop: mpsc::UnboundedReceiver<StopKind>,
     ) {
         let id = self.id.clone();
-        let mut cmd = self.runtime.command(&self.launch, &self.launch.argv);
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
         self.log
             .note(&format!(
                 "starting {} ({} runtime, port {})",
@@ -89,10 +93,15 @@ impl InstanceTask {
                 self.port
             ))
             .await;
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
+        let spawned = self
+            .runtime
+            .prepare(&id, &self.launch)
+            .and_then(|()| self.runtime.spawn(&id, &self.launch));
+        let mut running = match spawned {
+            Ok(r) => r,
             Err(e) => {
                 self.log.note(&format!("failed to start: {e}")).await;
+                self.runtime.clean_up(&id);
                 let _ = to.send(Report::StartFailed {
                     id,
                     error: e.to_string(),
@@ -100,27 +109,25 @@ impl InstanceTask {
                 return;
             }
         };
-        let pid = child.id().unwrap_or(0);
         let _ = to.send(Report::Started {
             id: id.clone(),
-            pid,
+            pid: running.pid(),
         });
         let log = Arc::new(self.log);
-        let mut pumps = Vec::new();
-        if let Some(out) = child.stdout.take() {
-            let log = log.clone();
-            pumps.push(tokio::spawn(async move { log.pump(out).await }));
-        }
-        if let Some(err) = child.stderr.take() {
-            let log = log.clone();
-            pumps.push(tokio::spawn(async move { log.pump(err).await }));
-        }
+        let pumps: Vec<_> = running
+            .output()
+            .into_iter()
+            .map(|out| {
+                let log = log.clone();
+                tokio::spawn(async move { log.pump(out).await })
+            })
+            .collect();
         let probes = {
             let to = to.clone();
             let id = id.clone();
             let runtime = self.runtime.clone();
             let launch = self.launch.clone();
-            let exec = Box::new(move |argv: &[String]| runtime.command(&launch, argv));
+            let exec = Box::new(move |argv: &[String]| runtime.exec(&launch, argv));
             tokio::spawn(probe::run(
                 self.health.clone(),
                 self.port,
@@ -136,44 +143,30 @@ impl InstanceTask {
         };
 
         let (status, requested) = tokio::select! {
-            status = child.wait() => (status, false),
-            kind = &mut stop => {
+            status = running.wait() => (status, false),
+            kind = stop.recv() => {
                 let kind = kind.unwrap_or(StopKind::Graceful);
-                if kind == StopKind::Graceful {
-                    drain(&self.inflight, self.stop.drain_timeout.0).await;
-                }
-                if kind == StopKind::Graceful && let Some(app) = app_pid(&*self.runtime, pid).await {
-                    if let Some(p) = Pid::from_raw(app as i32) {
-                        let _ = kill_process(p, signal(self.stop.signal));
-                    }
-                    match tokio::time::timeout(self.stop.kill_timeout.0, child.wait()).await {
-                        Ok(status) => (status, true),
-                        Err(_) => {
-                            log.note("did not stop in time: SIGKILL").await;
-                            kill_group(pid);
-                            (child.wait().await, true)
-                        }
-                    }
-                } else {
-                    // Asked to kill, or still being set up with no app to
-                    // signal yet: end the whole tree.
-                    kill_group(pid);
-                    (child.wait().await, true)
-                }
+                let status = end(
+                    &mut *running,
+                    kind,
+                    &mut stop,
+                    &self.stop,
+                    &self.inflight,
+                    &log,
+                )
+                .await;
+                (status, true)
             }
         };
-        // Whatever is left of the instance's process group goes with it: a
-        // sandbox's reaper and app must never outlive the outer process.
-        kill_group(pid);
+        // Whatever is left of the instance goes with it.
+        running.kill();
         probes.abort();
         // The pipes close when the process is gone; wait briefly for the tail.
         for p in pumps {
             let _ = tokio::time::timeout(Duration::from_millis(200), p).await;
         }
-        let status = match status {
-            Ok(s) => s.to_string(),
-            Err(e) => e.to_string(),
-        };
+        drop(running);
+        self.runtime.clean_up(&id);
         log.note(&format!(
             "exited ({status}){}",
             if requested { ", as asked" } else { "" }
@@ -187,6 +180,52 @@ impl InstanceTask {
     }
 }
 
+/// End a running instance as `kind` asks: gracefully, it drains in-flight
+/// requests, gets its stop signal, and is killed after `kill_timeout`; a
+/// `Kill` (at once, or arriving meanwhile) ends it now.
+async fn end(
+    running: &mut dyn Running,
+    kind: StopKind,
+    stop: &mut mpsc::UnboundedReceiver<StopKind>,
+    spec: &StopSpec,
+    inflight: &crate::metrics::InFlight,
+    log: &LogFile,
+) -> String {
+    if kind == StopKind::Graceful {
+        let graceful = async {
+            drain(inflight, spec.drain_timeout.0).await;
+            // No app to signal yet (a sandbox still being set up): kill.
+            if !running.signal(signal(spec.signal)).await {
+                return false;
+            }
+            match tokio::time::timeout(spec.kill_timeout.0, running.wait()).await {
+                Ok(_) => true,
+                Err(_) => {
+                    log.note("did not stop in time: SIGKILL").await;
+                    false
+                }
+            }
+        };
+        tokio::select! {
+            _ = graceful => {}
+            () = killed(stop) => {}
+        }
+    }
+    running.kill();
+    running.wait().await
+}
+
+/// Until a `Kill` arrives (a repeated `Graceful` changes nothing).
+async fn killed(stop: &mut mpsc::UnboundedReceiver<StopKind>) {
+    loop {
+        match stop.recv().await {
+            Some(StopKind::Kill) => return,
+            Some(StopKind::Graceful) => {}
+            None => std::future::pending().await,
+        }
+    }
+}
+
 /// Wait until the router has no request in flight to the instance (it is
 /// already out of the routing table), at most `limit`.
 async fn drain(inflight: &crate::metrics::InFlight, limit: Duration) {
@@ -196,25 +235,5 @@ async fn drain(inflight: &crate::metrics::InFlight, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
     while inflight.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
-
-/// The app's pid, waiting up to half a second for a just-started sandbox to
-/// finish setting up.
-async fn app_pid(runtime: &dyn Runtime, child: u32) -> Option<u32> {
-    for _ in 0..50 {
-        if let Some(p) = runtime.app_pid(child) {
-            return Some(p);
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    None
-}
-
-/// SIGKILL the instance's whole process group (it was started in its own).
-pub(crate) fn kill_group(pid: u32) {
-    if let Some(p) = Pid::from_raw(pid as i32) {
-        let _ = kill_process_group(p, Signal::KILL);
-        let _ = kill_process(p, Signal::KILL);
     }
 }

@@ -1,0 +1,375 @@
+//! The controller's decisions and bookkeeping at scale (`bench/reconcile.sh`).
+//!
+//! 100 services × 100 replicas on the fake runtime (silent: no socket, no
+//! process) and the in-memory state store. A pass per service does what
+//! the agent's controller does on each pass, minus the instance tasks:
+//! read the service and its releases from the state store, build the
+//! view, `kiln_core::rollout::decide`, and carry the steps out (spawn on
+//! the runtime and record the instance, stop and record, mark releases
+//! active). Time is virtual (passed in, as the controller's decisions
+//! take it), so only the work is measured.
+//!
+//! Prints one JSON object: the pass time at 100, 1,000 and 10,000
+//! instances (median of 21), and the rate of a rolling update of all
+//! 10,000 to a new release.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kiln_agent::bench::{
+    Fake, InstanceRecord, Launch, MemoryState, NewEvent, Running, Runtime, ServiceRecord,
+    StateStore,
+};
+use kiln_core::Digest;
+use kiln_core::event::Change;
+use kiln_core::health::{Backoff, SlotHistory};
+use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
+use kiln_core::rollout::{Rollout, Seen, Step, View, decide};
+use kiln_core::service::{self, RolloutSpec, RuntimeKind};
+use kiln_core::spec::{AbsolutePath, ServiceName};
+
+struct Svc {
+    name: ServiceName,
+    rollout: Rollout,
+    seen: Vec<Seen<String>>,
+    running: BTreeMap<String, Box<dyn Running>>,
+    slots: BTreeMap<(u64, u32), SlotHistory>,
+    ids: u64,
+}
+
+struct Node {
+    state: MemoryState,
+    fake: Arc<Fake>,
+    services: Vec<Svc>,
+    launch: Launch,
+    now: Instant,
+    started: u64,
+}
+
+fn config(version: &str) -> ReleaseConfig {
+    ReleaseConfig {
+        image: Digest::of(b"bench"),
+        image_name: "bench".to_owned(),
+        command: vec!["/bin/server".to_owned()],
+        workdir: AbsolutePath::try_from("/").expect("a valid path"),
+        env: [(
+            kiln_core::spec::EnvName::try_from("VERSION").expect("a valid name"),
+            version.to_owned(),
+        )]
+        .into(),
+        volumes: BTreeMap::new(),
+        runtime: RuntimeKind::Process,
+        health: Default::default(),
+        stop: Default::default(),
+    }
+}
+
+fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
+    ServiceSettings {
+        replicas,
+        listen: None,
+        rollout: RolloutSpec {
+            max_surge,
+            ..RolloutSpec::default()
+        },
+        timeout: service::Duration::from_secs(30),
+        router: service::RouterSpec::default(),
+    }
+}
+
+impl Node {
+    fn new(services: u32, replicas: u32, max_surge: u32) -> Self {
+        let mut node = Node {
+            state: MemoryState::new(),
+            fake: Fake::silent(),
+            services: Vec::new(),
+            launch: Launch {
+                rootfs: "/nonexistent".into(),
+                argv: vec!["/bin/server".to_owned()],
+                env: BTreeMap::new(),
+                workdir: "/".to_owned(),
+                volumes: Vec::new(),
+            },
+            now: Instant::now(),
+            started: 0,
+        };
+        for n in 0..services {
+            let name = ServiceName::try_from(format!("svc{n}").as_str()).expect("a valid name");
+            node.services.push(Svc {
+                name: name.clone(),
+                rollout: Rollout::Idle,
+                seen: Vec::new(),
+                running: BTreeMap::new(),
+                slots: BTreeMap::new(),
+                ids: 0,
+            });
+            node.release(&name, 1, settings(replicas, max_surge));
+        }
+        // Release 1 everywhere, whole and ready.
+        node.converge();
+        node
+    }
+
+    /// `kiln apply`: release `revision` becomes the target.
+    fn release(&self, name: &ServiceName, revision: u64, settings: ServiceSettings) {
+        let cfg = config(&revision.to_string());
+        let rel = Release {
+            service: name.clone(),
+            revision,
+            hash: cfg.hash(),
+            config: cfg,
+            created: "2026-12-01T00:00:00Z".to_owned(),
+            cause: "apply".to_owned(),
+            outcome: Outcome::Pending,
+            reason: None,
+        };
+        let rec = ServiceRecord {
+            name: name.clone(),
+            settings,
+            target: revision,
+        };
+        let ev = NewEvent::service(
+            Change::ReleaseCreated {
+                image: rel.config.image.clone(),
+                hash: rel.hash.clone(),
+                changes: Vec::new(),
+            },
+            name,
+            Some(revision),
+        );
+        self.state
+            .record_apply(&rec, Some(&rel), &[ev])
+            .expect("recorded");
+    }
+
+    /// One pass over every service; whether all of them were idle and
+    /// had nothing to do.
+    fn pass(&mut self) -> bool {
+        let mut quiet = true;
+        for i in 0..self.services.len() {
+            quiet &= self.pass_one(i);
+        }
+        quiet
+    }
+
+    fn pass_one(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let svc = &mut self.services[i];
+        let rec = self
+            .state
+            .service(&svc.name)
+            .expect("read")
+            .expect("recorded");
+        let releases = self.state.releases(&svc.name).expect("read");
+        let target = rec.target;
+        let Some(outcome) = releases
+            .iter()
+            .find(|r| r.revision == target)
+            .map(|r| r.outcome)
+        else {
+            return true;
+        };
+        let previous = releases
+            .iter()
+            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
+            .map(|r| r.revision)
+            .max();
+        // What the instance tasks would have reported since the last pass:
+        // stopped ones exited, started ones are ready.
+        let mut k = 0;
+        while k < svc.seen.len() {
+            if svc.seen[k].stopping {
+                let gone = svc.seen.swap_remove(k);
+                if let Some(mut r) = svc.running.remove(&gone.id) {
+                    r.kill();
+                }
+                let ev = NewEvent::service(
+                    Change::InstanceExited {
+                        status: "exit status: 0".to_owned(),
+                        requested: true,
+                    },
+                    &svc.name,
+                    Some(gone.revision),
+                );
+                self.state.remove_instance(&gone.id, &ev).expect("recorded");
+            } else {
+                if svc.seen[k].ready_since.is_none() {
+                    svc.seen[k].ready_since = Some(now);
+                }
+                k += 1;
+            }
+        }
+        let same_content = BTreeSet::from([target]);
+        let counters = BTreeMap::new();
+        let view = View {
+            service: &svc.name,
+            now,
+            target,
+            outcome,
+            previous,
+            settings: &rec.settings,
+            backoff: Backoff::default(),
+            instances: &svc.seen,
+            slots: &svc.slots,
+            same_content: &same_content,
+            counters: &counters,
+            last_error: None,
+        };
+        let d = decide(&svc.rollout, &view);
+        let quiet = d.steps.is_empty() && d.next == Rollout::Idle;
+        svc.rollout = d.next;
+        for step in d.steps {
+            match step {
+                Step::Start { revision, slot } => {
+                    svc.ids += 1;
+                    let id = format!("{}-r{revision}-{}", svc.name, svc.ids);
+                    let running = self.fake.spawn(&id, &self.launch).expect("spawned");
+                    let ev = NewEvent::service(
+                        Change::InstanceStarted {
+                            pid: running.pid(),
+                            port: 0,
+                            slot,
+                        },
+                        &svc.name,
+                        Some(revision),
+                    );
+                    let rec = InstanceRecord {
+                        id: id.clone(),
+                        service: svc.name.clone(),
+                        revision,
+                        slot,
+                        pid: running.pid(),
+                        start_ticks: 0,
+                        port: 0,
+                    };
+                    self.state.put_instance(&rec, &ev).expect("recorded");
+                    svc.running.insert(id.clone(), running);
+                    svc.seen.push(Seen {
+                        id,
+                        revision,
+                        slot,
+                        stopping: false,
+                        ready_since: None,
+                        adopted: false,
+                    });
+                    self.started += 1;
+                }
+                Step::Stop { ids, reason } => {
+                    let ids: BTreeSet<String> = ids.into_iter().collect();
+                    for s in svc.seen.iter_mut().filter(|s| ids.contains(&s.id)) {
+                        s.stopping = true;
+                        let ev = NewEvent::service(
+                            Change::InstanceStopping {
+                                reason: reason.to_string(),
+                            },
+                            &svc.name,
+                            Some(s.revision),
+                        );
+                        self.state.append_event(&ev).expect("recorded");
+                    }
+                }
+                Step::Activate => {
+                    let ev = NewEvent::service(Change::ReleaseActive {}, &svc.name, Some(target));
+                    self.state
+                        .set_outcome(&svc.name, target, Outcome::Active, None, &ev)
+                        .expect("recorded");
+                    for r in &releases {
+                        if r.revision != target && r.outcome == Outcome::Active {
+                            let ev = NewEvent::service(
+                                Change::ReleaseSuperseded { by: target },
+                                &svc.name,
+                                Some(r.revision),
+                            );
+                            self.state
+                                .set_outcome(&svc.name, r.revision, Outcome::Superseded, None, &ev)
+                                .expect("recorded");
+                        }
+                    }
+                }
+                Step::Record(change) => {
+                    let ev = NewEvent::service(change, &svc.name, Some(target));
+                    self.state.append_event(&ev).expect("recorded");
+                }
+                Step::Fail { .. } => panic!("no rollout fails here"),
+                Step::SlotStable { .. } | Step::Route | Step::Adopt { .. } => {}
+            }
+        }
+        quiet
+    }
+
+    /// Passes until nothing is left to do; how many.
+    fn converge(&mut self) -> u32 {
+        let mut passes = 0;
+        loop {
+            passes += 1;
+            self.now += Duration::from_millis(100);
+            if self.pass() {
+                return passes;
+            }
+            assert!(passes < 100_000, "never converged");
+        }
+    }
+
+    fn instances(&self) -> usize {
+        self.services.iter().map(|s| s.seen.len()).sum()
+    }
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let surge: u32 = std::env::var("SURGE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let mut sizes = Vec::new();
+    for (services, replicas) in [(1, 100), (10, 100), (100, 100)] {
+        let mut node = Node::new(services, replicas, surge);
+        assert_eq!(node.instances(), (services * replicas) as usize);
+        let times: Vec<Duration> = (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                assert!(node.pass(), "a steady fleet has nothing to do");
+                t.elapsed()
+            })
+            .collect();
+        let m = median(times);
+        sizes.push(serde_json::json!({
+            "instances": services * replicas,
+            "pass_ms": m.as_secs_f64() * 1e3,
+            "us_per_instance": m.as_secs_f64() * 1e6 / f64::from(services * replicas),
+        }));
+    }
+    // A rolling update of all 10,000 to release 2.
+    let mut node = Node::new(100, 100, surge);
+    let before = node.started;
+    for i in 0..node.services.len() {
+        let name = node.services[i].name.clone();
+        node.release(&name, 2, settings(100, surge));
+    }
+    let t = Instant::now();
+    let passes = node.converge();
+    let took = t.elapsed();
+    let replaced = node.started - before;
+    assert_eq!(replaced, 10_000);
+    assert!(
+        node.services
+            .iter()
+            .all(|s| s.seen.iter().all(|i| i.revision == 2))
+    );
+    let out = serde_json::json!({
+        "max_surge": surge,
+        "pass": sizes,
+        "rolling_update": {
+            "replacements": replaced,
+            "passes": passes,
+            "seconds": took.as_secs_f64(),
+            "replacements_per_second": replaced as f64 / took.as_secs_f64(),
+        },
+    });
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+}

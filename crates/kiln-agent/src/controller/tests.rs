@@ -1,0 +1,277 @@
+//! The controller through the agent, with the fake runtime and the
+//! in-memory state store: no process, no sandbox, no database file. A
+//! tiny image is baked into a temporary store (the controller prepares its
+//! tree as for any release); every instance is the fake's, which listens
+//! on its port (so readiness passes) unless told not to.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use kiln_core::api::{ApplyRequest, ServiceStatus};
+use kiln_core::event::Actor;
+use kiln_core::health::Backoff;
+use kiln_core::release::{DesiredService, Outcome, ReleaseConfig, ServiceSettings};
+use kiln_core::service::{self, RolloutSpec, RuntimeKind, StopSpec, Strategy};
+use kiln_core::spec::{AbsolutePath, EnvName, ImageSpec, ServiceName};
+use kiln_store::Store;
+use kiln_store::bake::{BakeOptions, Quiet, bake_image};
+
+use crate::agent::Agent;
+use crate::instance::StopKind;
+use crate::runtime::fake::Fake;
+use crate::shared::Shared;
+use crate::state::MemoryState;
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    agent: Arc<Agent>,
+    fake: Arc<Fake>,
+    image: kiln_core::Digest,
+}
+
+async fn harness() -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("home");
+    let store = Store::open(home.join("store")).unwrap();
+    let app = dir.path().join("app");
+    std::fs::create_dir_all(app.join("bin")).unwrap();
+    std::fs::write(app.join("bin/server"), b"#!/bin/sh\n").unwrap();
+    let spec: ImageSpec = serde_json::from_value(serde_json::json!({ "context": "app" })).unwrap();
+    let name = kiln_core::reference::ImageName::try_from("app").unwrap();
+    let baked = bake_image(
+        &store,
+        dir.path(),
+        &name,
+        &spec,
+        &BakeOptions::default(),
+        &Quiet,
+    )
+    .unwrap();
+    let backoff = Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+        stable_after: Duration::from_secs(5),
+    };
+    let fake = Fake::new();
+    let shared = Shared::new(
+        home,
+        store,
+        Arc::new(MemoryState::new()),
+        backoff,
+        crate::router::Router::with_budget(1000),
+        7,
+    )
+    .with_runtime(fake.clone());
+    let agent = Agent::start_on(Arc::new(shared)).await.unwrap();
+    Harness {
+        _dir: dir,
+        agent,
+        fake,
+        image: baked.digest,
+    }
+}
+
+fn web() -> ServiceName {
+    ServiceName::try_from("web").unwrap()
+}
+
+impl Harness {
+    fn desired(&self, replicas: u32, env: &[(&str, &str)], rollout: RolloutSpec) -> DesiredService {
+        DesiredService {
+            name: web(),
+            settings: ServiceSettings {
+                replicas,
+                listen: None,
+                rollout,
+                timeout: service::Duration::from_secs(30),
+                router: service::RouterSpec::default(),
+            },
+            config: ReleaseConfig {
+                image: self.image.clone(),
+                image_name: "app".to_owned(),
+                command: vec!["/bin/server".to_owned()],
+                workdir: AbsolutePath::try_from("/").unwrap(),
+                env: env
+                    .iter()
+                    .map(|(k, v)| (EnvName::try_from(*k).unwrap(), (*v).to_owned()))
+                    .collect::<BTreeMap<_, _>>(),
+                volumes: BTreeMap::new(),
+                runtime: RuntimeKind::Process,
+                health: Default::default(),
+                stop: StopSpec {
+                    drain_timeout: service::Duration::from_millis(0),
+                    kill_timeout: service::Duration::from_secs(30),
+                    ..StopSpec::default()
+                },
+            },
+        }
+    }
+
+    async fn apply(&self, d: DesiredService) {
+        let req = ApplyRequest {
+            services: vec![d],
+            dry_run: false,
+            explicit_runtime: vec![web()],
+        };
+        self.agent.apply(req, Actor::Agent).await.unwrap();
+    }
+
+    fn status(&self) -> ServiceStatus {
+        let all = self.agent.status().unwrap();
+        all.services.into_iter().find(|s| s.name == web()).unwrap()
+    }
+
+    /// The service's status once `done` holds (within 10 s).
+    async fn until(&self, what: &str, done: impl Fn(&ServiceStatus) -> bool) -> ServiceStatus {
+        for _ in 0..1000 {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{what}: never happened; status: {:#?}", self.status());
+    }
+
+    fn outcomes(&self) -> Vec<(u64, Outcome)> {
+        let h = self.agent.history(&web()).unwrap();
+        h.releases.iter().map(|r| (r.revision, r.outcome)).collect()
+    }
+}
+
+fn converged_on(revision: u64) -> impl Fn(&ServiceStatus) -> bool {
+    move |s| s.converged && s.revision == Some(revision)
+}
+
+fn rollout(strategy: Strategy) -> RolloutSpec {
+    RolloutSpec {
+        strategy,
+        progress_deadline: service::Duration::from_secs(2),
+        ..RolloutSpec::default()
+    }
+}
+
+#[tokio::test]
+async fn a_rolling_update_replaces_every_instance() {
+    let h = harness().await;
+    h.apply(h.desired(3, &[("V", "1")], rollout(Strategy::Rolling)))
+        .await;
+    h.until("release 1 converged", converged_on(1)).await;
+    h.apply(h.desired(3, &[("V", "2")], rollout(Strategy::Rolling)))
+        .await;
+    let s = h.until("release 2 converged", converged_on(2)).await;
+    assert!(s.instances.iter().all(|i| i.revision == 2 && i.ready));
+    assert_eq!(h.fake.spawned.load(Ordering::Relaxed), 6);
+    assert_eq!(
+        h.outcomes(),
+        [(1, Outcome::Superseded), (2, Outcome::Active)]
+    );
+    // Every instance of release 1 was cleaned up after it stopped.
+    h.until("cleaned up", |_| {
+        h.fake.cleaned_up.load(Ordering::Relaxed) == 3
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_release_that_never_gets_ready_fails_and_the_service_returns() {
+    let h = harness().await;
+    h.apply(h.desired(2, &[], rollout(Strategy::Rolling))).await;
+    h.until("release 1 converged", converged_on(1)).await;
+    h.apply(h.desired(2, &[("FAKE_NO_LISTEN", "1")], rollout(Strategy::Rolling)))
+        .await;
+    let s = h
+        .until("back on release 1", |s| {
+            s.revision == Some(1) && s.converged && s.instances.iter().all(|i| i.revision == 1)
+        })
+        .await;
+    assert_eq!(s.failed_release.as_ref().map(|f| f.revision), Some(2));
+    assert!(
+        s.failed_release
+            .unwrap()
+            .reason
+            .contains("progress deadline"),
+        "the deadline failed it"
+    );
+    assert_eq!(h.outcomes(), [(1, Outcome::Active), (2, Outcome::Failed)]);
+}
+
+#[tokio::test]
+async fn an_instance_that_exits_is_replaced_in_its_slot() {
+    let h = harness().await;
+    h.apply(h.desired(
+        1,
+        &[("FAKE_EXIT_AFTER_MS", "300")],
+        rollout(Strategy::Rolling),
+    ))
+    .await;
+    let s = h
+        .until("replaced twice", |s| {
+            s.instances.iter().any(|i| i.replacements >= 2)
+        })
+        .await;
+    assert!(s.instances.iter().all(|i| i.slot == 0));
+    assert!(h.fake.spawned.load(Ordering::Relaxed) >= 3);
+}
+
+#[tokio::test]
+async fn blue_green_waits_for_promote_and_abort_returns() {
+    let h = harness().await;
+    let mut bg = rollout(Strategy::BlueGreen);
+    bg.auto_promote = false;
+    bg.progress_deadline = service::Duration::from_secs(30);
+    h.apply(h.desired(2, &[], bg.clone())).await;
+    h.until("release 1 converged", converged_on(1)).await;
+    h.apply(h.desired(2, &[("V", "2")], bg.clone())).await;
+    let s = h
+        .until("waiting for promotion", |s| {
+            s.message
+                .as_deref()
+                .is_some_and(|m| m.contains("kiln promote"))
+        })
+        .await;
+    assert_eq!(s.instances.len(), 4, "both fleets run");
+    let (aborted, back) = {
+        let r = h
+            .agent
+            .abort(&web(), Actor::Local { uid: 1000 })
+            .await
+            .unwrap();
+        (r.revision, r.back_to)
+    };
+    assert_eq!((aborted, back), (2, 1));
+    h.until("only release 1 left", |s| {
+        s.revision == Some(1) && s.instances.iter().all(|i| i.revision == 1) && s.converged
+    })
+    .await;
+    // Nothing waits for promotion now.
+    assert!(h.agent.promote(&web(), Actor::Agent).await.is_err());
+}
+
+#[tokio::test]
+async fn a_second_shutdown_signal_kills_instances_that_ignore_the_first() {
+    let h = harness().await;
+    h.apply(h.desired(2, &[("FAKE_IGNORE_TERM", "1")], rollout(Strategy::Rolling)))
+        .await;
+    h.until("converged", converged_on(1)).await;
+    let agent = h.agent.clone();
+    let graceful = tokio::spawn(async move {
+        agent
+            .shutdown(StopKind::Graceful, Duration::from_secs(60))
+            .await
+    });
+    // The instances ignore their stop signal (kill_timeout is 30 s): the
+    // graceful shutdown waits.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!graceful.is_finished());
+    h.agent
+        .shutdown(StopKind::Kill, Duration::from_secs(60))
+        .await;
+    tokio::time::timeout(Duration::from_secs(5), graceful)
+        .await
+        .expect("the escalation ended the graceful shutdown")
+        .unwrap();
+    assert_eq!(h.fake.cleaned_up.load(Ordering::Relaxed), 2);
+}

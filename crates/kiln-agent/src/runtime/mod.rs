@@ -1,0 +1,309 @@
+//! How an instance is run: behind [`Runtime`] (a lifecycle: prepare,
+//! spawn, signal / kill / wait through [`Running`], clean up), `sandbox`
+//! (bubblewrap, [`sandbox`]) and `process` ([`process`]); `oci` (runc)
+//! comes later and fits the same trait. [`fake`] (tests and the scale
+//! benchmark) runs no process at all.
+
+#[cfg(any(test, feature = "bench"))]
+pub mod fake;
+mod process;
+mod sandbox;
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+use std::time::Duration;
+
+use kiln_core::service::RuntimeKind;
+use rustix::process::{Pid, Signal, kill_process, kill_process_group};
+use tokio::io::AsyncRead;
+use tokio::process::{Child, Command};
+
+pub use process::Process;
+use sandbox::HOST_DIRS;
+pub use sandbox::Sandbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap)"
+    )]
+    NoBubblewrap,
+    #[error("runtime oci (runc) is not available yet; use sandbox or process")]
+    OciUnavailable,
+    #[error("cannot start the instance: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// Everything needed to start one instance.
+#[derive(Clone, Debug)]
+pub struct Launch {
+    pub rootfs: PathBuf,
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: String,
+    /// (host directory, mount path inside the instance)
+    pub volumes: Vec<(String, PathBuf, String)>,
+}
+
+/// A future the runtime's instances hand out (the trait stays usable as
+/// `dyn`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An instance's output stream.
+pub type Output = Pin<Box<dyn AsyncRead + Send>>;
+
+/// How instances of one kind are run, as a lifecycle: [`prepare`]
+/// (Self::prepare) what an instance needs, [`spawn`](Self::spawn) it,
+/// then signal, kill and wait through the [`Running`] handle, and
+/// [`clean_up`](Self::clean_up) once it is gone. The sandbox and plain
+/// processes need no preparation (their tree is the store's); runc will
+/// write a bundle in `prepare` and delete its container in `clean_up`.
+pub trait Runtime: Send + Sync {
+    fn kind(&self) -> RuntimeKind;
+    /// Whether the kernel keeps the instance's root read-only.
+    fn read_only_enforced(&self) -> bool;
+    /// Make what instance `id` needs before it starts.
+    fn prepare(&self, _id: &str, _launch: &Launch) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    /// Start instance `id`, its output on pipes.
+    fn spawn(&self, id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError>;
+    /// The command that runs `argv` for the instance (an exec probe).
+    fn exec(&self, launch: &Launch, argv: &[String]) -> Command;
+    /// Remove what [`prepare`](Self::prepare) made, once the instance is
+    /// gone.
+    fn clean_up(&self, _id: &str) {}
+}
+
+/// A started instance.
+pub trait Running: Send {
+    /// Its process on this node (recorded so that a later agent can find
+    /// it); 0 when it has none (the fake).
+    fn pid(&self) -> u32;
+    /// Its stdout and stderr, once.
+    fn output(&mut self) -> Vec<Output>;
+    /// Send `signal` to the app itself (not a sandbox's reaper), waiting
+    /// briefly for a just-started sandbox to have one. `false`: there is
+    /// no app to signal (yet).
+    fn signal(&mut self, signal: Signal) -> BoxFuture<'_, bool>;
+    /// End everything of the instance now.
+    fn kill(&mut self);
+    /// Until it has exited: how it ended.
+    fn wait(&mut self) -> BoxFuture<'_, String>;
+}
+
+/// A host process started by a command (the sandbox's bwrap, or the plain
+/// process), in its own process group.
+pub(crate) struct HostProcess {
+    child: Child,
+    pid: u32,
+    /// The pid that gets the stop signal, given the child's; `None` while
+    /// the instance's process tree is still being set up.
+    app: fn(u32) -> Option<u32>,
+}
+
+impl HostProcess {
+    pub(crate) fn spawn(
+        mut cmd: Command,
+        app: fn(u32) -> Option<u32>,
+    ) -> Result<Self, RuntimeError> {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd.spawn().map_err(RuntimeError::Spawn)?;
+        let pid = child.id().unwrap_or(0);
+        Ok(Self { child, pid, app })
+    }
+}
+
+impl Running for HostProcess {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn output(&mut self) -> Vec<Output> {
+        let mut out: Vec<Output> = Vec::new();
+        if let Some(o) = self.child.stdout.take() {
+            out.push(Box::pin(o));
+        }
+        if let Some(e) = self.child.stderr.take() {
+            out.push(Box::pin(e));
+        }
+        out
+    }
+
+    fn signal(&mut self, signal: Signal) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            for _ in 0..50 {
+                if let Some(app) = (self.app)(self.pid) {
+                    if let Some(p) = Pid::from_raw(app as i32) {
+                        let _ = kill_process(p, signal);
+                    }
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            false
+        })
+    }
+
+    fn kill(&mut self) {
+        kill_group(self.pid);
+    }
+
+    fn wait(&mut self) -> BoxFuture<'_, String> {
+        Box::pin(async move {
+            match self.child.wait().await {
+                Ok(s) => s.to_string(),
+                Err(e) => e.to_string(),
+            }
+        })
+    }
+}
+
+impl Drop for HostProcess {
+    /// Whatever is left of the instance's process group goes with it: a
+    /// sandbox's reaper and app must never outlive the outer process.
+    fn drop(&mut self) {
+        kill_group(self.pid);
+    }
+}
+
+/// SIGKILL a host instance's whole process group (it was started in its
+/// own).
+pub(crate) fn kill_group(pid: u32) {
+    if pid == 0 {
+        return;
+    }
+    if let Some(p) = Pid::from_raw(pid as i32) {
+        let _ = kill_process_group(p, Signal::KILL);
+        let _ = kill_process(p, Signal::KILL);
+    }
+}
+
+/// Where bubblewrap is, if it is installed.
+pub fn find_bwrap() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/bin:/bin"));
+    std::env::split_paths(&path)
+        .map(|d| d.join("bwrap"))
+        .find(|p| p.is_file())
+}
+
+/// The runtime for `kind` on this node.
+pub fn runtime(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
+    match kind {
+        RuntimeKind::Sandbox => Ok(Box::new(Sandbox::new(
+            find_bwrap().ok_or(RuntimeError::NoBubblewrap)?,
+        ))),
+        RuntimeKind::Process => Ok(Box::new(Process)),
+        RuntimeKind::Oci => Err(RuntimeError::OciUnavailable),
+    }
+}
+
+/// An absolute program path as the image sees it: inside the tree when the
+/// tree has it, else the host's (e.g. `/usr/bin/sh`).
+pub(crate) fn resolve_in_tree(rootfs: &Path, program: &str) -> PathBuf {
+    if let Some(rel) = program.strip_prefix('/') {
+        let inside = rootfs.join(rel);
+        if inside.exists() {
+            return inside;
+        }
+    }
+    PathBuf::from(program)
+}
+
+/// Whether `program` can be found for an instance of this image: in the
+/// image's tree, or on the host paths the runtime exposes. Bare names are
+/// looked up on `PATH` (from the instance's env, else the default).
+pub fn command_exists<K: AsRef<str>>(
+    rootfs: &Path,
+    env: &BTreeMap<K, String>,
+    workdir: &str,
+    program: &str,
+) -> bool {
+    let exists = |abs: &str| {
+        let rel = abs.trim_start_matches('/');
+        if rootfs.join(rel).exists() {
+            return true;
+        }
+        let top = rel.split('/').next().unwrap_or("");
+        let image_has_top = rootfs.join(top).exists();
+        !image_has_top && (HOST_DIRS.contains(&top) || top == "etc") && Path::new(abs).exists()
+    };
+    if program.starts_with('/') {
+        return exists(program);
+    }
+    if program.contains('/') {
+        return exists(&format!("{}/{program}", workdir.trim_end_matches('/')));
+    }
+    let path = env
+        .iter()
+        .find(|(k, _)| k.as_ref() == "PATH")
+        .map_or(DEFAULT_PATH, |(_, v)| v.as_str());
+    path.split(':')
+        .filter(|d| d.starts_with('/'))
+        .any(|d| exists(&format!("{}/{program}", d.trim_end_matches('/'))))
+}
+
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The direct children of a process, from /proc.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in rd.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out.sort_unstable();
+    out
+}
+
+/// Field 22 of /proc/PID/stat: when the process started, in clock ticks.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may contain spaces; fields resume after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_found_in_the_tree_or_on_exposed_host_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("app/bin")).unwrap();
+        std::fs::write(root.join("app/bin/server"), b"").unwrap();
+        let env: BTreeMap<String, String> = BTreeMap::new();
+        assert!(command_exists(root, &env, "/", "/app/bin/server"));
+        assert!(command_exists(root, &env, "/app", "bin/server"));
+        assert!(!command_exists(root, &env, "/", "/app/bin/missing"));
+        assert!(
+            command_exists(root, &env, "/", "/usr/bin/env"),
+            "host /usr is exposed"
+        );
+        assert!(
+            command_exists(root, &env, "/", "env"),
+            "found on the default PATH"
+        );
+        assert!(!command_exists(root, &env, "/", "no-such-program-kiln"));
+        // An image with its own /usr hides the host's.
+        std::fs::create_dir_all(root.join("usr")).unwrap();
+        assert!(!command_exists(root, &env, "/", "/usr/bin/env"));
+    }
+
+    #[test]
+    fn start_ticks_reads_this_process() {
+        assert!(start_ticks(std::process::id()).is_some());
+        assert!(start_ticks(u32::MAX).is_none());
+    }
+}

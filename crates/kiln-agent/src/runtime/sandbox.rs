@@ -1,0 +1,139 @@
+//! `sandbox`: bubblewrap. The instance's root is the image's tree bound
+//! read-only (writes fail with EROFS, enforced by the kernel), with host
+//! `/usr` and loader paths the image does not have, a private `/tmp`,
+//! declared volumes read-write, new pid and ipc namespaces, a new session
+//! (so the app cannot inject keystrokes into the agent's terminal with
+//! TIOCSTI), and `--die-with-parent` so no instance outlives its agent.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use kiln_core::service::RuntimeKind;
+use tokio::process::Command;
+
+use super::{HostProcess, Launch, Running, Runtime, RuntimeError, children};
+
+pub(super) const HOST_DIRS: [&str; 6] = ["usr", "lib", "lib64", "lib32", "bin", "sbin"];
+const HOST_ETC: [&str; 9] = [
+    "resolv.conf",
+    "hosts",
+    "nsswitch.conf",
+    "passwd",
+    "group",
+    "ld.so.cache",
+    "localtime",
+    "ssl",
+    "ca-certificates",
+];
+/// Provided by the sandbox itself, never taken from the image.
+const SANDBOX_DIRS: [&str; 3] = ["proc", "dev", "tmp"];
+
+pub struct Sandbox {
+    bwrap: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new(bwrap: PathBuf) -> Self {
+        Self { bwrap }
+    }
+
+    fn command(&self, launch: &Launch, argv: &[String]) -> Command {
+        let mut c = Command::new(&self.bwrap);
+        c.args(self.args(launch)).args(argv);
+        c.env_clear().process_group(0).kill_on_drop(true);
+        c
+    }
+
+    fn args(&self, l: &Launch) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&dyn AsRef<std::ffi::OsStr>]| {
+            for i in items {
+                a.push(i.as_ref().to_owned());
+            }
+        };
+        push(&[
+            &"--die-with-parent",
+            &"--unshare-pid",
+            &"--unshare-ipc",
+            &"--new-session",
+        ]);
+        let mut image_top = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(&l.rootfs) {
+            let mut entries: Vec<_> = rd.flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries {
+                let name = e.file_name();
+                let name_s = name.to_string_lossy().into_owned();
+                if SANDBOX_DIRS.contains(&name_s.as_str()) {
+                    continue;
+                }
+                let dest = format!("/{name_s}");
+                match std::fs::read_link(e.path()) {
+                    Ok(target) => push(&[&"--symlink", &target, &dest]),
+                    Err(_) => push(&[&"--ro-bind", &e.path(), &dest]),
+                }
+                image_top.push(name_s);
+            }
+        }
+        for dir in HOST_DIRS {
+            if image_top.iter().any(|t| t == dir) {
+                continue;
+            }
+            let host = Path::new("/").join(dir);
+            match std::fs::read_link(&host) {
+                Ok(target) => push(&[&"--symlink", &target, &format!("/{dir}")]),
+                Err(_) if host.is_dir() => push(&[&"--ro-bind", &host, &host]),
+                Err(_) => {}
+            }
+        }
+        if !image_top.iter().any(|t| t == "etc") {
+            for f in HOST_ETC {
+                let host = Path::new("/etc").join(f);
+                if host.exists() {
+                    push(&[&"--ro-bind", &host, &host]);
+                }
+            }
+        }
+        push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
+        for (_, host, mount) in &l.volumes {
+            push(&[&"--bind", host, mount]);
+        }
+        // The root itself is a tmpfs holding the mount points: read-only too.
+        push(&[&"--remount-ro", &"/", &"--chdir", &l.workdir, &"--clearenv"]);
+        for (k, v) in &l.env {
+            push(&[&"--setenv", k, v]);
+        }
+        push(&[&"--"]);
+        a
+    }
+}
+
+impl Runtime for Sandbox {
+    fn kind(&self) -> RuntimeKind {
+        RuntimeKind::Sandbox
+    }
+
+    fn read_only_enforced(&self) -> bool {
+        true
+    }
+
+    fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
+        Ok(Box::new(HostProcess::spawn(
+            self.command(launch, &launch.argv),
+            app_pid,
+        )?))
+    }
+
+    fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
+        self.command(launch, argv)
+    }
+}
+
+/// bubblewrap with `--unshare-pid` runs: outer bwrap → pid-1 reaper → the
+/// app. Signalling the outer process or the reaper would kill the app
+/// without a chance to stop cleanly; signal the app.
+fn app_pid(child: u32) -> Option<u32> {
+    children(child)
+        .first()
+        .and_then(|reaper| children(*reaper).first().copied())
+}
