@@ -160,22 +160,7 @@ impl Agent {
         });
         agent.reap_orphans()?;
         for svc in agent.shared.state.services()? {
-            if let Some(listen) = svc.settings.listen
-                && let Err(e) = agent
-                    .shared
-                    .router
-                    .listen(&RouteKey::Service(svc.name.clone()), listen.0)
-                    .await
-            {
-                tracing::error!("{e}");
-            }
-            if let Some(preview) = svc.settings.rollout.preview_listen
-                && let Err(e) = agent
-                    .shared
-                    .router
-                    .listen(&RouteKey::Preview(svc.name.clone()), preview.0)
-                    .await
-            {
+            if let Err(e) = agent.open_listeners(&svc.name, &svc.settings).await {
                 tracing::error!("{e}");
             }
             agent.wake(&svc.name).await;
@@ -233,6 +218,38 @@ impl Agent {
     fn refuse_during_shutdown(&self) -> Result<(), AgentError> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(AgentError::ShuttingDown);
+        }
+        Ok(())
+    }
+
+    /// The one place a service's listeners open (at start, and on apply):
+    /// its address, and its blue-green preview's. An address another
+    /// service holds is refused.
+    async fn open_listeners(
+        &self,
+        name: &ServiceName,
+        settings: &kiln_core::release::ServiceSettings,
+    ) -> Result<(), AgentError> {
+        if let Some(listen) = settings.listen {
+            if let Some(other) = self.shared.router.listening_on(listen.0).await
+                && other != RouteKey::Service(name.clone())
+            {
+                return Err(AgentError::AddressTaken {
+                    service: name.clone(),
+                    addr: listen.0,
+                    other,
+                });
+            }
+            self.shared
+                .router
+                .listen(&RouteKey::Service(name.clone()), listen.0)
+                .await?;
+        }
+        if let Some(preview) = settings.rollout.preview_listen {
+            self.shared
+                .router
+                .listen(&RouteKey::Preview(name.clone()), preview.0)
+                .await?;
         }
         Ok(())
     }
@@ -317,27 +334,7 @@ impl Agent {
         // Every listener is bound before anything is recorded: a busy
         // address is refused with nothing changed.
         for d in &req.services {
-            if let Some(listen) = d.settings.listen {
-                if let Some(other) = self.shared.router.listening_on(listen.0).await
-                    && other != RouteKey::Service(d.name.clone())
-                {
-                    return Err(AgentError::AddressTaken {
-                        service: d.name.clone(),
-                        addr: listen.0,
-                        other,
-                    });
-                }
-                self.shared
-                    .router
-                    .listen(&RouteKey::Service(d.name.clone()), listen.0)
-                    .await?;
-            }
-            if let Some(preview) = d.settings.rollout.preview_listen {
-                self.shared
-                    .router
-                    .listen(&RouteKey::Preview(d.name.clone()), preview.0)
-                    .await?;
-            }
+            self.open_listeners(&d.name, &d.settings).await?;
         }
         for (d, sp) in req.services.iter().zip(&the_plan.services) {
             let revision = sp.revision.unwrap_or(1);

@@ -10,18 +10,11 @@ pub(crate) mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub(crate) mod controller;
-mod downstream;
 pub(crate) mod instance;
-pub(crate) mod metrics;
 pub mod router;
-mod routes;
 pub(crate) mod runtime;
 mod shared;
 pub(crate) mod state;
-#[cfg(test)]
-mod testing;
-mod upstream;
-mod wire;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};

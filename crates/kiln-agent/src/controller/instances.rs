@@ -45,7 +45,7 @@ pub(super) struct Inst {
     pub read_only: bool,
     pub runtime: kiln_core::service::RuntimeKind,
     /// Requests the router has in flight to it.
-    pub inflight: Arc<crate::metrics::InFlight>,
+    pub inflight: Arc<crate::router::metrics::InFlight>,
     /// Taken over by a release with the same content (warm rollback).
     pub adopted: bool,
 }
@@ -267,7 +267,7 @@ impl Controller {
             }
         };
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
-        let inflight = Arc::<crate::metrics::InFlight>::default();
+        let inflight = Arc::<crate::router::metrics::InFlight>::default();
         let task = InstanceTask {
             inflight: inflight.clone(),
             id: id.clone(),

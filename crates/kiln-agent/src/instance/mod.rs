@@ -53,7 +53,7 @@ pub struct InstanceTask {
     pub port: u16,
     pub log: LogFile,
     /// Requests the router has in flight to this instance.
-    pub inflight: Arc<crate::metrics::InFlight>,
+    pub inflight: Arc<crate::router::metrics::InFlight>,
 }
 
 fn signal(s: StopSignal) -> Signal {
@@ -188,7 +188,7 @@ async fn end(
     kind: StopKind,
     stop: &mut mpsc::UnboundedReceiver<StopKind>,
     spec: &StopSpec,
-    inflight: &crate::metrics::InFlight,
+    inflight: &crate::router::metrics::InFlight,
     log: &LogFile,
 ) -> String {
     if kind == StopKind::Graceful {
@@ -228,7 +228,7 @@ async fn killed(stop: &mut mpsc::UnboundedReceiver<StopKind>) {
 
 /// Wait until the router has no request in flight to the instance (it is
 /// already out of the routing table), at most `limit`.
-async fn drain(inflight: &crate::metrics::InFlight, limit: Duration) {
+async fn drain(inflight: &crate::router::metrics::InFlight, limit: Duration) {
     // A request may have loaded the previous routing snapshot just before
     // the swap; give it a moment to be counted.
     tokio::time::sleep(Duration::from_millis(10)).await;

@@ -4,7 +4,7 @@
 //! [`crate::router::Router`]; a connection reads it through a
 //! [`RouteSource`]. A module of its own so that the router (which owns the
 //! listeners) and the server side of each connection
-//! ([`crate::downstream`]) both use it without importing each other.
+//! ([`crate::router::downstream`]) both use it without importing each other.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,9 +24,9 @@ pub struct Backend {
     /// `127.0.0.1:PORT`, made once: the `Host` of a request that has none.
     pub host: HeaderValue,
     /// Requests in flight to it, until their response bodies are sent.
-    pub inflight: Arc<crate::metrics::InFlight>,
+    pub inflight: Arc<crate::router::metrics::InFlight>,
     /// Its release's measurements.
-    pub metrics: Arc<crate::metrics::ReleaseMetrics>,
+    pub metrics: Arc<crate::router::metrics::ReleaseMetrics>,
 }
 
 impl Backend {
@@ -34,8 +34,8 @@ impl Backend {
         instance: String,
         revision: u64,
         port: u16,
-        inflight: Arc<crate::metrics::InFlight>,
-        metrics: Arc<crate::metrics::ReleaseMetrics>,
+        inflight: Arc<crate::router::metrics::InFlight>,
+        metrics: Arc<crate::router::metrics::ReleaseMetrics>,
     ) -> Self {
         let host = HeaderValue::from_str(&format!("127.0.0.1:{port}"))
             .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1"));
@@ -217,10 +217,10 @@ impl RouteSource {
 }
 
 /// Counts a request as in flight from dispatch until dropped.
-pub(crate) struct Inflight(Arc<crate::metrics::InFlight>, usize);
+pub(crate) struct Inflight(Arc<crate::router::metrics::InFlight>, usize);
 
 impl Inflight {
-    pub(crate) fn new(c: Arc<crate::metrics::InFlight>) -> Self {
+    pub(crate) fn new(c: Arc<crate::router::metrics::InFlight>) -> Self {
         let shard = c.enter();
         Self(c, shard)
     }

@@ -1,5 +1,5 @@
 //! The router's HTTP/1.1 server side: one task per client connection reads
-//! each request, sends it to an instance through [`crate::upstream`] and
+//! each request, sends it to an instance through [`crate::router::upstream`] and
 //! writes the response back.
 //!
 //! A request head is parsed in place (httparse) and written straight into
@@ -27,9 +27,9 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::routes::{Inflight, RouteKey, RouteSource, ServiceRoutes, Side};
-use crate::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
-use crate::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
+use crate::router::routes::{Inflight, RouteKey, RouteSource, ServiceRoutes, Side};
+use crate::router::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
+use crate::router::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 use kiln_core::service::RouterSpec;
 
 /// A body at most this large is copied behind its head into one write.
@@ -1010,8 +1010,8 @@ impl Body for ClientBody<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::testing::{Act, answers_early, scripted};
     use crate::router::{Backend, RouteKey, Router};
-    use crate::testing::{Act, answers_early, scripted};
     use kiln_core::spec::ServiceName;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
@@ -2047,8 +2047,8 @@ mod props {
                 .build()
                 .expect("a runtime");
             let mixed = rt.block_on(async move {
-                let (to, _, requests) = crate::testing::scripted(
-                    vec![crate::testing::Act::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"); 64],
+                let (to, _, requests) = crate::router::testing::scripted(
+                    vec![crate::router::testing::Act::Answer(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"); 64],
                 )
                 .await;
                 let limits = RouterSpec {
@@ -2182,7 +2182,7 @@ mod props {
             step in 1usize..64,
         ) {
             let mut buf = BytesMut::from(&g.bytes[..]);
-            let head = match crate::upstream::parse_head(&mut buf, g.head_method) {
+            let head = match crate::router::upstream::parse_head(&mut buf, g.head_method) {
                 Ok(Some(h)) => h,
                 Ok(None) => {
                     prop_assert!(false, "a whole head is never incomplete");

@@ -6,10 +6,16 @@
 //! controllers publish a new table with a single atomic swap (read-copy-
 //! update), so no request ever sees half an update. Each listener is served
 //! by one thread per core ([`Workers`]); a connection's requests are read
-//! and answered by [`crate::downstream`], and reach instances through the
-//! thread's keep-alive pool ([`crate::upstream`]). Each backend counts its
+//! and answered by [`downstream`], and reach instances through the
+//! thread's keep-alive pool ([`upstream`]). Each backend counts its
 //! in-flight requests (until the response body is fully sent), which is
 //! what draining waits on.
+//!
+//! - [`routes`]: the table (backends, splits) and where it is published.
+//! - [`downstream`]: the client side of a connection (the server).
+//! - [`upstream`]: the instance side (the pooled client).
+//! - [`wire`]: HTTP/1.1 framing both sides share (RFC 9112).
+//! - [`metrics`]: the router's own counters per release.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,17 +23,25 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+pub(crate) mod downstream;
+pub(crate) mod metrics;
+pub(crate) mod routes;
+#[cfg(test)]
+mod testing;
+pub(crate) mod upstream;
+pub(crate) mod wire;
+
 use tokio::net::TcpListener;
 use tokio::sync::Mutex;
 
-use crate::downstream::Client;
-use crate::routes::RouteSource;
-pub use crate::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split};
-use crate::upstream::Pool;
+use self::downstream::Client;
+use self::routes::RouteSource;
+pub use self::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split};
+use self::upstream::Pool;
 
 pub struct Router {
     table: RouteSource,
-    pub metrics: Arc<crate::metrics::Metrics>,
+    pub metrics: Arc<self::metrics::Metrics>,
     listeners: Mutex<HashMap<RouteKey, (SocketAddr, Workers)>>,
     /// Client connections open on all listeners together, and how many
     /// they may be: traffic never takes the descriptors the API, probes
@@ -370,7 +384,7 @@ impl Workers {
             std::thread::Builder::new()
                 .name(format!("kiln-router-{i}"))
                 .spawn(move || {
-                    crate::metrics::use_shard(i + 1);
+                    self::metrics::use_shard(i + 1);
                     let rt = match tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()

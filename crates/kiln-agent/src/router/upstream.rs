@@ -27,7 +27,9 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::wire::{self, Coding, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS, Step};
+use crate::router::wire::{
+    self, Coding, Decoder, Framing, FramingError, MAX_HEAD, MAX_HEADERS, Step,
+};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -585,7 +587,7 @@ impl Body for UpBody {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Act, answers_early, scripted};
+    use crate::router::testing::{Act, answers_early, scripted};
     use http_body_util::{BodyExt, Full, StreamBody};
     use std::sync::atomic::Ordering;
 

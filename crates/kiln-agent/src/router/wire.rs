@@ -3,7 +3,7 @@
 //! tokens, hop-by-hop names, and reading a socket into a buffer.
 //!
 //! Parsing heads is httparse's (the parser hyper uses); the router's server
-//! side ([`crate::downstream`]) and its client side ([`crate::upstream`])
+//! side ([`crate::router::downstream`]) and its client side ([`crate::router::upstream`])
 //! share everything after that here.
 
 use std::io;
