@@ -71,8 +71,9 @@ pub struct ServiceStatus {
     pub backoff: Vec<SlotBackoff>,
     /// Why the service is not converging, when known.
     pub message: Option<String>,
-    /// The rollout passed its progress deadline with no previous release to
-    /// return to: it keeps trying, and `kiln apply` reports it as failed.
+    /// The rollout failed with `auto_rollback = false` and is paused: old
+    /// and new instances stay, nothing new starts; `kiln apply` reports it
+    /// as failed.
     #[serde(default)]
     pub stalled: bool,
     /// The canary rollout in progress, if any.

@@ -171,7 +171,8 @@ fn a_crash_looping_release_backs_off() {
     let b = &s["backoff"][0];
     assert!(b["retry_in_ms"].as_u64().unwrap() > 0, "{s}");
     assert!(s["message"].as_str().unwrap().contains("exited"), "{s}");
-    // Without a previous release to return to, the release keeps trying.
+    // Without a previous release to return to, a crash loop is retried (until
+    // the deadline, 60 s here), not failed.
     assert_ne!(s["outcome"], "failed");
     let events = fs::read_dir(env.home.join("logs/web")).unwrap().count();
     assert!(
