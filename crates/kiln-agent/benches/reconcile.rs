@@ -251,6 +251,7 @@ impl Node {
                         slot,
                         stopping: false,
                         ready_since: None,
+                        live: true,
                         adopted: false,
                     });
                     self.started += 1;

@@ -121,16 +121,11 @@ impl Controller {
                 };
                 self.record_event(kind, Some(revision), Some(&id));
                 if probe == ProbeKind::Liveness && !healthy {
-                    // Replaced, never restarted in place: stop it and let the
-                    // next pass start a new instance in its slot.
+                    // Counted now; the pass replaces it (never restarted in
+                    // place): `decide` stops an instance that is not live.
                     if let Some(inst) = self.instances.get_mut(&id) {
                         let (rev, slot, since) = (inst.revision, inst.slot, inst.ready_since);
                         inst.failure_counted = true;
-                        self.stop_instances(
-                            std::slice::from_ref(&id),
-                            StopKind::Graceful,
-                            &StopReason::LivenessFailed.to_string(),
-                        );
                         self.count_failure(rev, slot, since);
                     }
                 }

@@ -336,6 +336,7 @@ impl Controller {
                 slot: i.slot,
                 stopping: i.stopping,
                 ready_since: i.ready_since,
+                live: i.live,
                 adopted: i.adopted,
             })
             .collect()

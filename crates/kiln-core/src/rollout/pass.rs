@@ -178,6 +178,8 @@ pub struct Seen<Id> {
     pub stopping: bool,
     /// Passing its readiness probe since then.
     pub ready_since: Option<Instant>,
+    /// Passing its liveness probe (or it has none).
+    pub live: bool,
     /// Taken over from a release with the same content (warm rollback).
     pub adopted: bool,
 }
@@ -309,6 +311,10 @@ pub struct Decision<Id> {
 /// the steps to get there.
 pub fn decide<Id: Clone>(state: &Rollout, v: &View<'_, Id>) -> Decision<Id> {
     let mut p = Pass::new(state, v);
+    // An instance that failed liveness is replaced, never restarted in
+    // place: it stops, and its slot fills again below.
+    let dead = p.running(|i| !i.live);
+    p.stop(&dead, StopReason::LivenessFailed);
     p.forget_stable_slots();
     if v.outcome == Outcome::Pending {
         p.adopt_warm();
@@ -391,6 +397,7 @@ struct Inst {
     slot: u32,
     stopping: bool,
     ready_since: Option<Instant>,
+    live: bool,
     adopted: bool,
 }
 
@@ -416,6 +423,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                     slot: i.slot,
                     stopping: i.stopping,
                     ready_since: i.ready_since,
+                    live: i.live,
                     adopted: i.adopted,
                 })
                 .collect(),

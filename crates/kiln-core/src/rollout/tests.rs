@@ -114,6 +114,7 @@ impl Sim {
             slot,
             stopping: false,
             ready_since,
+            live: true,
             adopted: false,
         });
         self.born.insert(self.next_id, self.now);
@@ -441,6 +442,22 @@ fn auto_rollback_off_pauses_and_stays_paused() {
         .with_view(|v| abort(&sim.state, v, Actor::Local { uid: 1000 }))
         .expect("abort");
     assert_eq!(failed(&d.steps).map(|f| f.1), Some(Some(1)));
+}
+
+#[test]
+fn an_instance_that_failed_liveness_is_replaced_in_its_slot() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    sim.insts[1].live = false;
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![1], StopReason::LivenessFailed)]);
+    assert_eq!(starts(&steps), [(1, 1)], "the same release, the same slot");
+    // In its back-off, the slot waits.
+    sim.tick();
+    sim.insts.iter_mut().for_each(|i| i.live = i.id != 3);
+    sim.slots.entry((1, 1)).or_default().retry_at = Some(sim.now + TICK);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![3], StopReason::LivenessFailed)]);
+    assert!(starts(&steps).is_empty(), "backing off");
 }
 
 // ---- recreate ----
