@@ -11,6 +11,7 @@ pub(crate) mod api;
 pub mod bench;
 pub(crate) mod controller;
 pub(crate) mod instance;
+pub mod keeper;
 pub mod router;
 pub(crate) mod runtime;
 mod shared;
