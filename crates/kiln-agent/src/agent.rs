@@ -137,15 +137,17 @@ impl Agent {
         state: Arc<dyn StateStore>,
         backoff: Backoff,
         seed: u64,
+        keeper: Arc<crate::keeper::Keeper>,
     ) -> Result<Arc<Self>, AgentError> {
         let shared = Shared::new(
             home,
             store,
             state,
             backoff,
-            crate::router::Router::new(),
+            crate::router::Router::new(keeper.clone()),
             seed,
-        );
+        )
+        .with_keeper(keeper);
         Self::start_on(Arc::new(shared)).await
     }
 
@@ -158,23 +160,61 @@ impl Agent {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             bwrap: find_bwrap().is_some(),
         });
-        agent.reap_orphans()?;
-        for svc in agent.shared.state.services()? {
+        let mut adopted = agent.adopt_or_end()?;
+        let services = agent.shared.state.services()?;
+        let mut waiting = Vec::new();
+        for svc in &services {
+            let mine = adopted.remove(&svc.name).unwrap_or_default();
+            waiting.extend(mine.iter().map(|r| r.id.clone()));
+            agent.start_controller(&svc.name, mine).await;
+        }
+        // Traffic comes back once the adopted instances answer their
+        // probes again (clients wait in the accept queues meanwhile, which
+        // this agent's listeners then serve): never a 503 for want of an
+        // instance that is in fact running.
+        let deadline = std::time::Instant::now() + ADOPTED_READY_WAIT;
+        while !waiting.is_empty() && std::time::Instant::now() < deadline {
+            let ready: std::collections::BTreeSet<String> = agent
+                .shared
+                .status
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .flat_map(|s| s.instances.iter().filter(|i| i.ready).map(|i| i.id.clone()))
+                .collect();
+            waiting.retain(|id| !ready.contains(id));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for svc in &services {
             if let Err(e) = agent.open_listeners(&svc.name, &svc.settings).await {
                 tracing::error!("{e}");
             }
-            agent.wake(&svc.name).await;
         }
         Ok(agent)
     }
 
-    /// Instances recorded by a previous agent that died without stopping
-    /// them. Sandboxed and process instances die with their agent; any
-    /// survivor (same pid *and* start time) is killed, and each is recorded
-    /// as lost. The controllers then start fresh instances.
-    fn reap_orphans(&self) -> Result<(), AgentError> {
+    /// The instances an earlier agent process recorded. Those still
+    /// running (same pid *and* start time) of a known service are adopted,
+    /// by service: their controllers take them over with their pipes. The
+    /// rest are recorded as lost (and a survivor of a forgotten service
+    /// is killed).
+    fn adopt_or_end(
+        &self,
+    ) -> Result<BTreeMap<ServiceName, Vec<crate::state::InstanceRecord>>, AgentError> {
+        let services: std::collections::BTreeSet<ServiceName> = self
+            .shared
+            .state
+            .services()?
+            .into_iter()
+            .map(|s| s.name)
+            .collect();
+        let mut adopted: BTreeMap<ServiceName, Vec<_>> = BTreeMap::new();
         for rec in self.shared.state.instances()? {
-            let alive = start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
+            let alive = rec.pid != 0 && start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
+            if alive && services.contains(&rec.service) {
+                adopted.entry(rec.service.clone()).or_default().push(rec);
+                continue;
+            }
             if alive {
                 crate::runtime::kill_group(rec.pid);
             }
@@ -190,17 +230,27 @@ impl Agent {
             };
             self.shared.state.remove_instance(&rec.id, &ev)?;
         }
-        Ok(())
+        Ok(adopted)
     }
 
-    async fn wake(&self, name: &ServiceName) {
+    /// Start the controller of `name`, taking over `adopted`.
+    async fn start_controller(
+        &self,
+        name: &ServiceName,
+        adopted: Vec<crate::state::InstanceRecord>,
+    ) {
         let mut ctl = self.controllers.lock().await;
         let tx = ctl.entry(name.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(Controller::new(self.shared.clone(), name.clone(), rx).run());
+            let c = Controller::new(self.shared.clone(), name.clone(), rx).adopting(adopted);
+            tokio::spawn(c.run());
             tx
         });
         let _ = tx.send(Msg::Wake);
+    }
+
+    async fn wake(&self, name: &ServiceName) {
+        self.start_controller(name, Vec::new()).await;
     }
 
     pub fn info(&self) -> AgentInfo {
@@ -721,6 +771,38 @@ impl Agent {
         .await;
     }
 }
+
+impl Agent {
+    /// Hand over to a successor, first half: stop accepting (clients wait
+    /// in the accept queues, which the successor serves next), and let go
+    /// of every instance without stopping it (each keeps its pid, its
+    /// record and its output pipes, which the supervisor holds).
+    pub async fn detach(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.router.stop_accepting().await;
+        let ctls: Vec<_> = self.controllers.lock().await.values().cloned().collect();
+        let mut waits = Vec::new();
+        for tx in ctls {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Msg::Detach { done }).is_ok() {
+                waits.push(wait);
+            }
+        }
+        for w in waits {
+            let _ = w.await;
+        }
+    }
+
+    /// Second half: the connections this process has finish their
+    /// current exchanges (at most 30 s).
+    pub async fn hand_over_traffic(&self) {
+        self.shared.router.drain(Duration::from_secs(30)).await;
+    }
+}
+
+/// How long a new agent process waits for the instances it adopted to
+/// answer their probes before it serves traffic anyway.
+const ADOPTED_READY_WAIT: Duration = Duration::from_secs(10);
 
 /// The time a release is recorded, RFC 3339 to the second.
 fn now() -> String {

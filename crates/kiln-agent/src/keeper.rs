@@ -42,8 +42,10 @@ pub enum Note {
     Keep { name: String },
     /// Agent → supervisor: `name` is closed for good.
     Forget { name: String },
-    /// Agent → supervisor: the agent serves (a successor may now let its
-    /// predecessor go).
+    /// Agent → supervisor: the agent process runs (a successor: its
+    /// predecessor may hand over now).
+    Started {},
+    /// Agent → supervisor: the agent serves.
     Serving {},
     /// Supervisor → agent, at its start: what is held under `name`.
     Held { name: String },
@@ -64,7 +66,12 @@ pub fn send(sock: &UnixDatagram, note: &Note, fds: &[BorrowedFd<'_>]) -> std::io
             fds.len()
         )));
     }
-    sendmsg(sock, &[IoSlice::new(&body)], &mut control, SendFlags::empty())?;
+    sendmsg(
+        sock,
+        &[IoSlice::new(&body)],
+        &mut control,
+        SendFlags::empty(),
+    )?;
     Ok(())
 }
 
@@ -131,10 +138,12 @@ impl Keeper {
                 }
             }
         }
-        Ok(Self {
+        let keeper = Self {
             link: Some(link),
             inherited: Mutex::new(inherited),
-        })
+        };
+        keeper.note(&Note::Started {}, &[]);
+        Ok(keeper)
     }
 
     /// Whether a supervisor holds what this agent opens.
@@ -210,10 +219,22 @@ mod tests {
         let (a, b) = UnixDatagram::pair().unwrap();
         let (mut near, far) = UnixStream::pair().unwrap();
         let far: OwnedFd = far.into();
-        send(&a, &Note::Keep { name: "log:x".into() }, &[far.as_fd()]).unwrap();
+        send(
+            &a,
+            &Note::Keep {
+                name: "log:x".into(),
+            },
+            &[far.as_fd()],
+        )
+        .unwrap();
         drop(far);
         let (note, mut fds) = recv(&b).unwrap();
-        assert_eq!(note, Note::Keep { name: "log:x".into() });
+        assert_eq!(
+            note,
+            Note::Keep {
+                name: "log:x".into()
+            }
+        );
         assert_eq!(fds.len(), 1);
         // The received descriptor is the same socket: bytes written to it
         // arrive at the other end.

@@ -16,6 +16,7 @@ pub mod router;
 pub(crate) mod runtime;
 mod shared;
 pub(crate) mod state;
+pub mod supervisor;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -56,6 +57,8 @@ pub enum Exit {
     Graceful,
     /// A second signal cut the graceful stop short.
     Forced,
+    /// A successor took over; every instance still runs.
+    HandedOver,
 }
 
 /// The socket the CLI talks to.
@@ -63,7 +66,7 @@ pub fn socket_path(home: &Path) -> PathBuf {
     home.join("kiln.sock")
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ServeError + '_ {
     move |source| ServeError::Io {
         path: path.to_path_buf(),
         source,
@@ -94,14 +97,30 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     bound.map_err(io(sock))
 }
 
-/// Run the agent on `home` until SIGTERM or SIGINT. `ready` is called once
-/// the socket accepts requests.
+/// How an agent process was started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AgentMode {
+    /// It replaces a running agent (a restart or an upgrade): it waits for
+    /// that one to let go of the home instead of refusing to start.
+    pub successor: bool,
+}
+
+/// Run the agent on `home` until SIGTERM or SIGINT (stop everything), or
+/// SIGUSR2 (hand over to a successor: stop accepting, leave every instance
+/// running). `ready` is called once the socket accepts requests.
 pub async fn serve(
     home: &Path,
     metrics: Option<std::net::SocketAddr>,
+    mode: AgentMode,
     ready: impl FnOnce(&Path),
 ) -> Result<Exit, ServeError> {
     std::fs::create_dir_all(home).map_err(io(home))?;
+    let keeper = Arc::new(keeper::Keeper::from_env().map_err(io(home))?);
+    if keeper.supervised() {
+        // The supervisor's end is ours too: if it dies, stop as if asked.
+        let _ =
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+    }
     // Traffic must not take the descriptors the API, probes and instances
     // need: the limit is raised before the router sizes its budget.
     let nofile = router::raise_nofile_limit();
@@ -109,7 +128,8 @@ pub async fn serve(
         "descriptor limit {nofile}: the router holds at most {} client connections",
         router::connection_budget(nofile)
     );
-    // One agent per home: the lock is held for the agent's life.
+    // One agent per home: the lock is held for the agent's life. A
+    // successor waits for its predecessor to let go.
     let lock_path = home.join("agent.lock");
     let mut lock = File::options()
         .create(true)
@@ -118,13 +138,17 @@ pub async fn serve(
         .write(true)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
-    if lock.try_lock().is_err() {
-        let mut pid = String::new();
-        let _ = lock.read_to_string(&mut pid);
-        return Err(ServeError::AlreadyRunning {
-            pid: pid.trim().to_owned(),
-            home: home.to_path_buf(),
-        });
+    let waited = std::time::Instant::now();
+    while lock.try_lock().is_err() {
+        if !mode.successor || waited.elapsed() > SUCCESSOR_WAIT {
+            let mut pid = String::new();
+            let _ = lock.read_to_string(&mut pid);
+            return Err(ServeError::AlreadyRunning {
+                pid: pid.trim().to_owned(),
+                home: home.to_path_buf(),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     lock.set_len(0).map_err(io(&lock_path))?;
     lock.rewind().map_err(io(&lock_path))?;
@@ -136,13 +160,39 @@ pub async fn serve(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)
         ^ u64::from(std::process::id());
-    let agent = Agent::start(home.to_path_buf(), store, state, Backoff::default(), seed).await?;
+    let agent = Agent::start(
+        home.to_path_buf(),
+        store,
+        state,
+        Backoff::default(),
+        seed,
+        keeper.clone(),
+    )
+    .await?;
 
     let sock = socket_path(home);
-    let listener = bind_private(&sock)?;
+    let listener = match keeper.take("api") {
+        // The socket the previous agent served (requests meanwhile waited
+        // in its queue).
+        Some(mut fds) if fds.len() == 1 && sock.exists() => {
+            let std = std::os::unix::net::UnixListener::from(fds.remove(0));
+            std.set_nonblocking(true).map_err(io(&sock))?;
+            tokio::net::UnixListener::from_std(std).map_err(io(&sock))?
+        }
+        _ => {
+            let l = bind_private(&sock)?;
+            keeper.keep("api", &[std::os::fd::AsFd::as_fd(&l)]);
+            l
+        }
+    };
+    // What no one took belonged to instances gone while no agent ran.
+    for name in keeper.left() {
+        keeper.forget(&name);
+    }
 
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
+    let mut usr2 = signal(SignalKind::user_defined2()).map_err(io(home))?;
     // Each connection's peer credentials name who made the changes it asks for.
     let app = api::router(agent.clone()).into_make_service_with_connect_info::<api::Peer>();
     let server = tokio::spawn(axum::serve(listener, app).into_future());
@@ -162,18 +212,33 @@ pub async fn serve(
         None => None,
     };
     ready(&sock);
+    keeper.serving();
     tracing::info!("agent serving {}", sock.display());
 
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    tracing::info!("stopping: no new requests; stopping instances (signal again to force)");
+    let hand_over = tokio::select! {
+        _ = term.recv() => false,
+        _ = int.recv() => false,
+        _ = usr2.recv() => true,
+    };
     server.abort();
     if let Some(m) = metrics_server {
         m.abort();
     }
+    if hand_over {
+        tracing::info!(
+            "handing over to a successor: no new connections; every instance keeps running"
+        );
+        agent.detach().await;
+        // The successor may take the home now; this process only finishes
+        // the requests it has.
+        drop(lock);
+        agent.hand_over_traffic().await;
+        tracing::info!("handed over");
+        return Ok(Exit::HandedOver);
+    }
+    tracing::info!("stopping: no new requests; stopping instances (signal again to force)");
     let _ = std::fs::remove_file(&sock);
+    keeper.forget("api");
     let graceful = agent.shutdown(StopKind::Graceful, Duration::from_secs(600));
     let exit = tokio::select! {
         _ = graceful => Exit::Graceful,
@@ -189,3 +254,6 @@ pub async fn serve(
     tracing::info!("agent stopped ({exit:?})");
     Ok(exit)
 }
+
+/// How long a successor waits for its predecessor to let go of the home.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(120);

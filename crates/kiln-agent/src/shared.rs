@@ -29,6 +29,9 @@ pub struct Shared {
     pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
     pub router: Arc<crate::router::Router>,
     pub runtimes: Runtimes,
+    /// Holds instances' output pipes (and the listeners) across agent
+    /// processes.
+    pub keeper: Arc<crate::keeper::Keeper>,
     ids: AtomicU64,
     seed: u64,
 }
@@ -50,9 +53,16 @@ impl Shared {
             status: std::sync::Mutex::default(),
             router,
             runtimes: Runtimes::Node,
+            keeper: Arc::new(crate::keeper::Keeper::none()),
             ids: AtomicU64::new(0),
             seed,
         }
+    }
+
+    /// What this agent inherited, and where it keeps what it opens.
+    pub fn with_keeper(mut self, keeper: Arc<crate::keeper::Keeper>) -> Self {
+        self.keeper = keeper;
+        self
     }
 
     /// Every release runs on `runtime`, whatever kind it names (the

@@ -362,7 +362,7 @@ fn haproxy() -> Proxy {
 fn kiln(rt: &tokio::runtime::Runtime) -> Proxy {
     let backend = Recorder::start();
     let port = free_port();
-    let router = Router::new();
+    let router = Router::new(std::sync::Arc::new(kiln_agent::keeper::Keeper::none()));
     let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
     rt.block_on(router.listen(&svc, ([127, 0, 0, 1], port).into()))
         .unwrap();

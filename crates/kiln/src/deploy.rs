@@ -25,7 +25,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitCode> {
+fn init_logging() {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KILN_LOG")
@@ -34,19 +34,80 @@ pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitC
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// `kiln serve`: the supervisor, which runs the agent as its child.
+pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitCode> {
+    init_logging();
+    let exe = std::env::current_exe().context("cannot find the kiln binary")?;
+    // An upgrade replaces the file: start agents from its path, not from
+    // /proc/self/exe (which stays the old, deleted one).
+    let exe = std::path::PathBuf::from(exe.to_string_lossy().trim_end_matches(" (deleted)"));
+    let mut args = Vec::new();
+    if let Some(m) = metrics {
+        args.push("--metrics".into());
+        args.push(m.to_string().into());
+    }
+    let code =
+        kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;
+    Ok(ExitCode::from(code))
+}
+
+/// `kiln serve --agent`: the agent process itself.
+pub fn agent(
+    home: &Path,
+    metrics: Option<std::net::SocketAddr>,
+    successor: bool,
+) -> Result<ExitCode> {
+    init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
+    let mode = kiln_agent::AgentMode { successor };
     let exit = rt
-        .block_on(kiln_agent::serve(home, metrics, |sock| {
+        .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
             eprintln!("kiln agent ready on {}", sock.display())
         }))
         .context("the agent cannot run")?;
     Ok(match exit {
-        kiln_agent::Exit::Graceful => ExitCode::SUCCESS,
+        kiln_agent::Exit::Graceful | kiln_agent::Exit::HandedOver => ExitCode::SUCCESS,
         kiln_agent::Exit::Forced => ExitCode::from(130),
     })
+}
+
+/// `kiln serve --upgrade`: the running supervisor starts a new agent from
+/// the binary now on disk, which takes over; returns once it serves.
+pub fn upgrade(home: &Path) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let before: StatusResponse = rt
+        .block_on(client.get("/v1/status"))
+        .context("no agent serves this home")?;
+    let supervisor = kiln_agent::supervisor::request_upgrade(home)
+        .context("cannot reach the supervisor (is this agent run by `kiln serve`?)")?;
+    eprintln!(
+        "asked kiln serve (pid {supervisor}) to hand over from agent {}",
+        before.agent.pid
+    );
+    let started = std::time::Instant::now();
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        if let Ok(now) = rt.block_on(client.get::<StatusResponse>("/v1/status"))
+            && now.agent.pid != before.agent.pid
+        {
+            eprintln!(
+                "agent {} (kiln {}) serves, in {:.1}s",
+                now.agent.pid,
+                now.agent.version,
+                started.elapsed().as_secs_f64()
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("no new agent took over within 120 s (see kiln serve's log)");
+        }
+    }
 }
 
 /// Bake what the services need and resolve every service to a release config.

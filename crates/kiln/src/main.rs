@@ -100,10 +100,25 @@ pub enum Command {
         json: bool,
     },
     /// Run the agent on this node (foreground): reconciler, instances, router, API on $KILN_HOME/kiln.sock
+    ///
+    /// A small supervisor holds the sockets and starts the agent process; if
+    /// the agent dies another takes over its instances and sockets at once.
+    /// SIGTERM stops everything; SIGHUP (or `kiln serve --upgrade`) hands over
+    /// to a new agent started from the binary now on disk.
     Serve {
         /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9090), at /metrics
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Upgrade (or restart) the running kiln serve of $KILN_HOME: a new agent from
+        /// the binary now on disk takes over; no instance stops, no request fails
+        #[arg(long, conflicts_with = "metrics")]
+        upgrade: bool,
+        /// (internal) run as the agent process under a supervisor
+        #[arg(long, hide = true)]
+        agent: bool,
+        /// (internal) the agent replaces a running one
+        #[arg(long, hide = true, requires = "agent")]
+        successor: bool,
     },
     /// Bake what changed, record a release per changed service, and roll it out
     Apply {
@@ -254,7 +269,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         ),
         Command::Demo { keep, no_wait } => demo::run(cli.home, keep, no_wait),
-        Command::Serve { metrics } => deploy::serve(&home()?, metrics),
+        Command::Serve {
+            metrics,
+            upgrade,
+            agent,
+            successor,
+        } => match (upgrade, agent) {
+            (true, _) => deploy::upgrade(&home()?),
+            (false, true) => deploy::agent(&home()?, metrics, successor),
+            (false, false) => deploy::serve(&home()?, metrics),
+        },
         Command::Rollback {
             service,
             to,

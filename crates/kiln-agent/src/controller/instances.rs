@@ -130,6 +130,10 @@ impl Controller {
                     }
                 }
             }
+            // Left running for a successor; its record stays for it.
+            Report::Detached { id } => {
+                self.instances.remove(&id);
+            }
             Report::Exited {
                 id,
                 status,
@@ -214,7 +218,6 @@ impl Controller {
     }
 
     pub(super) async fn start(&mut self, p: &Prepared, slot: u32) {
-        let cfg = &p.release.config;
         let id = self.shared.new_instance_id(&self.name, p.release.revision);
         let port = match free_port() {
             Ok(port) => port,
@@ -223,6 +226,50 @@ impl Controller {
                 return;
             }
         };
+        self.launch_task(p, id, slot, port, None).await;
+    }
+
+    /// Take over an instance an earlier agent process started and
+    /// recorded: it keeps its id, slot, port, pid and output pipes; its
+    /// probes start again (it serves once they pass).
+    pub(super) async fn adopt_running(&mut self, rec: InstanceRecord) {
+        let p = match self.prepare(rec.revision).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.message = Some(format!("cannot adopt {}: {e}", rec.id));
+                crate::runtime::kill_group(rec.pid);
+                return;
+            }
+        };
+        let output = self
+            .shared
+            .keeper
+            .take(&format!("log:{}", rec.id))
+            .unwrap_or_default();
+        self.record_event(
+            Change::InstanceAdopted {
+                from: rec.revision,
+                reason: "taken over by a new agent process".to_owned(),
+            },
+            Some(rec.revision),
+            Some(&rec.id),
+        );
+        let (id, slot, port, pid) = (rec.id, rec.slot, rec.port, rec.pid);
+        self.launch_task(&p, id, slot, port, Some((pid, output)))
+            .await;
+    }
+
+    /// The instance's task and bookkeeping: started fresh, or adopted
+    /// (`adopt`: its pid and output pipes).
+    async fn launch_task(
+        &mut self,
+        p: &Prepared,
+        id: String,
+        slot: u32,
+        port: u16,
+        adopt: Option<(u32, Vec<std::os::fd::OwnedFd>)>,
+    ) {
+        let cfg = &p.release.config;
         let mut env: std::collections::BTreeMap<String, String> = cfg
             .env
             .iter()
@@ -261,6 +308,7 @@ impl Controller {
                 return;
             }
         };
+        let pid = adopt.as_ref().map(|(pid, _)| *pid);
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let inflight = Arc::<crate::router::metrics::InFlight>::default();
         let task = InstanceTask {
@@ -272,6 +320,8 @@ impl Controller {
             stop: cfg.stop.clone(),
             port,
             log,
+            keeper: self.shared.keeper.clone(),
+            adopt,
         };
         tokio::spawn(task.run(self.reports_tx.clone(), stop_rx));
         self.instances.insert(
@@ -281,11 +331,11 @@ impl Controller {
                 revision: p.release.revision,
                 slot,
                 port,
-                pid: None,
+                pid,
                 stopping: false,
                 ready: false,
                 live: true,
-                started: Instant::now(),
+                started: now(),
                 started_wall: SystemTime::now(),
                 ready_since: None,
                 stop: stop_tx,

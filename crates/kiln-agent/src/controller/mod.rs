@@ -43,6 +43,9 @@ use publish::Routed;
 pub enum Msg {
     /// Something changed (an apply): reconcile.
     Wake,
+    /// Leave every instance running and end (the agent hands over to a
+    /// successor), then answer.
+    Detach { done: oneshot::Sender<()> },
     /// Stop every instance, then answer.
     Shutdown {
         kind: StopKind,
@@ -123,6 +126,11 @@ pub struct Controller {
     service: Option<ServiceRecord>,
     /// When the next pass is due, as the last pass computed it.
     due: Option<Instant>,
+    /// Instances an earlier agent process left running, to take over
+    /// before the first pass.
+    adopting: Vec<crate::state::InstanceRecord>,
+    /// Handing over: waiting for every instance task to let go.
+    detaching: Option<oneshot::Sender<()>>,
 }
 
 /// What a pass read, owned: a [`View`] borrows it.
@@ -161,10 +169,22 @@ impl Controller {
             previewed: Vec::new(),
             service: None,
             due: None,
+            adopting: Vec::new(),
+            detaching: None,
         }
     }
 
+    /// Take over `records` (running instances an earlier agent process
+    /// started) before the first pass.
+    pub fn adopting(mut self, records: Vec<crate::state::InstanceRecord>) -> Self {
+        self.adopting = records;
+        self
+    }
+
     pub async fn run(mut self) {
+        for rec in std::mem::take(&mut self.adopting) {
+            self.adopt_running(rec).await;
+        }
         loop {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
@@ -175,6 +195,12 @@ impl Controller {
                     Some(Msg::Abort { actor, done }) => {
                         let answer = self.request_abort(actor).await;
                         let _ = done.send(answer);
+                    }
+                    Some(Msg::Detach { done }) => {
+                        for inst in self.instances.values() {
+                            let _ = inst.stop.send(StopKind::Detach);
+                        }
+                        self.detaching = Some(done);
                     }
                     Some(Msg::Shutdown { kind, done }) => {
                         let escalate = match &mut self.shutdown {
@@ -202,6 +228,16 @@ impl Controller {
             // Drain whatever else arrived, then one pass for all of it.
             while let Ok(report) = self.reports.try_recv() {
                 self.on_report(report);
+            }
+            if self.detaching.is_some() {
+                // Nothing is decided while handing over.
+                if self.instances.is_empty()
+                    && let Some(done) = self.detaching.take()
+                {
+                    let _ = done.send(());
+                    return;
+                }
+                continue;
             }
             self.reconcile().await;
             self.publish_routes();

@@ -42,6 +42,10 @@ pub enum Report {
         status: String,
         requested: bool,
     },
+    /// Left running for a successor to adopt.
+    Detached {
+        id: String,
+    },
 }
 
 pub struct InstanceTask {
@@ -54,6 +58,11 @@ pub struct InstanceTask {
     pub log: LogFile,
     /// Requests the router has in flight to this instance.
     pub inflight: Arc<crate::router::metrics::InFlight>,
+    /// Holds its output pipes across agent processes.
+    pub keeper: Arc<crate::keeper::Keeper>,
+    /// `Some`: an earlier agent process started it (pid, output pipes);
+    /// this task takes it over instead of starting it.
+    pub adopt: Option<(u32, Vec<std::os::fd::OwnedFd>)>,
 }
 
 fn signal(s: StopSignal) -> Signal {
@@ -74,6 +83,9 @@ pub enum StopKind {
     Graceful,
     /// SIGKILL now (a second shutdown signal).
     Kill,
+    /// Leave it running, and stop watching it (the agent hands over to a
+    /// successor, which adopts it).
+    Detach,
 }
 
 impl InstanceTask {
@@ -85,19 +97,29 @@ impl InstanceTask {
         mut stop: mpsc::UnboundedReceiver<StopKind>,
     ) {
         let id = self.id.clone();
-        self.log
-            .note(&format!(
-                "starting {} ({} runtime, port {})",
-                id,
-                self.runtime.kind(),
-                self.port
-            ))
-            .await;
-        let spawned = self
-            .runtime
-            .prepare(&id, &self.launch)
-            .and_then(|()| self.runtime.spawn(&id, &self.launch));
-        let mut running = match spawned {
+        let adopted = self.adopt.is_some();
+        let taken = match self.adopt {
+            Some((pid, output)) => {
+                self.log
+                    .note(&format!("adopted by a new agent process (pid {pid})"))
+                    .await;
+                self.runtime.adopt(&id, pid, output)
+            }
+            None => {
+                self.log
+                    .note(&format!(
+                        "starting {} ({} runtime, port {})",
+                        id,
+                        self.runtime.kind(),
+                        self.port
+                    ))
+                    .await;
+                self.runtime
+                    .prepare(&id, &self.launch)
+                    .and_then(|()| self.runtime.spawn(&id, &self.launch))
+            }
+        };
+        let mut running = match taken {
             Ok(r) => r,
             Err(e) => {
                 self.log.note(&format!("failed to start: {e}")).await;
@@ -109,14 +131,21 @@ impl InstanceTask {
                 return;
             }
         };
-        let _ = to.send(Report::Started {
-            id: id.clone(),
-            pid: running.pid(),
-        });
+        if !adopted {
+            let _ = to.send(Report::Started {
+                id: id.clone(),
+                pid: running.pid(),
+            });
+        }
+        let output = running.output();
+        // The supervisor holds the pipes too: while no agent reads them,
+        // the instance's lines wait there (never a SIGPIPE).
+        self.keeper
+            .keep(&format!("log:{id}"), &crate::keeper::borrowed(&output));
         let log = Arc::new(self.log);
-        let pumps: Vec<_> = running
-            .output()
+        let pumps: Vec<_> = output
             .into_iter()
+            .filter_map(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
             .map(|out| {
                 let log = log.clone();
                 tokio::spawn(async move { log.pump(out).await })
@@ -146,6 +175,18 @@ impl InstanceTask {
             status = running.wait() => (status, false),
             kind = stop.recv() => {
                 let kind = kind.unwrap_or(StopKind::Graceful);
+                if kind == StopKind::Detach {
+                    // Its output stays in its pipes (the supervisor holds
+                    // them) for the successor to read.
+                    probes.abort();
+                    for p in &pumps {
+                        p.abort();
+                    }
+                    log.note("the agent hands over; left running").await;
+                    running.detach();
+                    let _ = to.send(Report::Detached { id });
+                    return;
+                }
                 let status = end(
                     &mut *running,
                     kind,
@@ -167,6 +208,7 @@ impl InstanceTask {
         }
         drop(running);
         self.runtime.clean_up(&id);
+        self.keeper.forget(&format!("log:{id}"));
         log.note(&format!(
             "exited ({status}){}",
             if requested { ", as asked" } else { "" }
@@ -220,7 +262,7 @@ async fn killed(stop: &mut mpsc::UnboundedReceiver<StopKind>) {
     loop {
         match stop.recv().await {
             Some(StopKind::Kill) => return,
-            Some(StopKind::Graceful) => {}
+            Some(StopKind::Graceful | StopKind::Detach) => {}
             None => std::future::pending().await,
         }
     }

@@ -137,8 +137,16 @@ impl Client {
             // The end of the stream (between requests, or in a head) ends
             // the connection. (A read that is ready never arms the timer.)
             let deadline = *waiting.get_or_insert_with(|| Instant::now() + self.head_timeout);
+            let idle = self.buf.is_empty();
             let read = wire::read_buf(&mut self.io, &mut self.buf);
-            match tokio::time::timeout_at(deadline.into(), read).await {
+            // A process handing over closes an idle connection once it has
+            // stayed idle a moment (a busy one ends after its exchange).
+            let drained = self.routes.drained();
+            let got = tokio::select! {
+                got = tokio::time::timeout_at(deadline.into(), read) => got,
+                () = drained, if idle => return false,
+            };
+            match got {
                 Ok(Ok(1..)) => {}
                 Ok(_) => return false,
                 Err(_) if self.buf.is_empty() => return false,
@@ -155,6 +163,9 @@ impl Client {
         };
         let arrived = Instant::now();
         let _ = self.buf.split_to(parsed.len);
+        // Handing over: this exchange is the connection's last.
+        let mut parsed = parsed;
+        parsed.keep_alive &= !self.routes.draining();
         // A body left unread in the connection ends it after the answer.
         let keep = parsed.keep_alive && parsed.body == Framing::Empty;
         let (backends, timeout, limits) = match routes.as_deref() {
@@ -1021,7 +1032,12 @@ mod tests {
 
     /// A router listening on a free port, routing to the instance on `to`.
     async fn router_to(to: u16) -> (Arc<Router>, u16) {
-        let (router, port, _) = router_with(to, RouterSpec::default(), Router::new()).await;
+        let (router, port, _) = router_with(
+            to,
+            RouterSpec::default(),
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         (router, port)
     }
 
@@ -1270,7 +1286,7 @@ mod tests {
     async fn a_head_late_gets_408_and_an_idle_connection_is_closed() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let router = Router::new();
+        let router = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let serve = |io| {
             let mut c = Client::new(
@@ -1440,7 +1456,12 @@ mod tests {
             Act::AnswerClose(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxxxx"),
         ])
         .await;
-        let (router, port, backend) = router_with(to, RouterSpec::default(), Router::new()).await;
+        let (router, port, backend) = router_with(
+            to,
+            RouterSpec::default(),
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         // `5, 5` is one length: forwarded as one value, never verbatim.
         let out = converse(
             port,
@@ -1575,7 +1596,12 @@ mod tests {
             body_timeout: ms(300),
             ..RouterSpec::default()
         };
-        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        let (router, port, backend) = router_with(
+            to,
+            limits,
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         // A broken chunked body.
         let out = converse(
             port,
@@ -1615,7 +1641,12 @@ mod tests {
     async fn a_slow_upload_does_not_count_against_the_instances_timeout() {
         let (to, _, requests) = scripted(vec![Act::Answer(OK)]).await;
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let (router, port, backend) = router_with(to, RouterSpec::default(), Router::new()).await;
+        let (router, port, backend) = router_with(
+            to,
+            RouterSpec::default(),
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         router.set_routes(
             &svc,
             ServiceRoutes::new(vec![backend.clone()], Duration::from_millis(300)),
@@ -1647,7 +1678,12 @@ mod tests {
             read_timeout: ms(300),
             ..RouterSpec::default()
         };
-        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        let (router, port, backend) = router_with(
+            to,
+            limits,
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         let out = converse(port, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").await;
         assert!(out.ends_with("only part"), "cut, and closed: {out}");
         assert_eq!(
@@ -1671,7 +1707,12 @@ mod tests {
             send_timeout: ms(300),
             ..RouterSpec::default()
         };
-        let (router, port, backend) = router_with(to, limits, Router::new()).await;
+        let (router, port, backend) = router_with(
+            to,
+            limits,
+            Router::new(std::sync::Arc::new(crate::keeper::Keeper::none())),
+        )
+        .await;
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
             .await
@@ -2055,7 +2096,7 @@ mod props {
                     body_timeout: kiln_core::service::Duration::from_millis(300),
                     ..RouterSpec::default()
                 };
-                let (router, port, _) = super::tests::router_with(to, limits, Router::new()).await;
+                let (router, port, _) = super::tests::router_with(to, limits, Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()))).await;
                 let client = |reqs: Vec<(u8, usize)>, m: &'static str| async move {
                     let mut s = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
                     for (kind, len) in reqs {

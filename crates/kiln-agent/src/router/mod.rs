@@ -48,6 +48,8 @@ pub struct Router {
     /// and instances need.
     open: Arc<std::sync::atomic::AtomicI64>,
     budget: i64,
+    /// Holds the listening sockets across agent processes.
+    keeper: Arc<crate::keeper::Keeper>,
 }
 
 /// Descriptors left to the rest of the agent (the API, probes, instances'
@@ -88,13 +90,18 @@ pub struct ListenError {
 impl Router {
     /// A router whose connection budget comes from the process's
     /// descriptor limit (raise it first: see [`raise_nofile_limit`]).
-    pub fn new() -> Arc<Self> {
-        Self::with_budget(connection_budget(nofile_limit()))
+    pub fn new(keeper: Arc<crate::keeper::Keeper>) -> Arc<Self> {
+        Self::with(connection_budget(nofile_limit()), keeper)
     }
 
     /// A router that holds at most `budget` client connections at once.
     pub fn with_budget(budget: i64) -> Arc<Self> {
+        Self::with(budget, Arc::new(crate::keeper::Keeper::none()))
+    }
+
+    fn with(budget: i64, keeper: Arc<crate::keeper::Keeper>) -> Arc<Self> {
         Arc::new(Self {
+            keeper,
             table: RouteSource::default(),
             metrics: Arc::default(),
             listeners: Mutex::new(HashMap::new()),
@@ -162,12 +169,25 @@ impl Router {
                 source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
             });
         }
-        let workers =
-            Workers::start(self.clone(), service.clone(), addr).map_err(|source| ListenError {
+        let name = format!("listen:{}", key_name(service));
+        let sockets = self
+            .inherited(&name, addr)
+            .map_or_else(|| bind_group(addr), Ok)
+            .map_err(|source| ListenError {
                 service: service.clone(),
                 addr,
                 source,
             })?;
+        // The supervisor holds them too: if this process dies, clients wait
+        // in the accept queues for the next one instead of being refused.
+        self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
+        let workers = Workers::start(self.clone(), service.clone(), sockets).map_err(|source| {
+            ListenError {
+                service: service.clone(),
+                addr,
+                source,
+            }
+        })?;
         if let Some((_, old)) = listeners.remove(service) {
             old.stop();
         }
@@ -185,17 +205,53 @@ impl Router {
             .map(|(s, _)| s.clone())
     }
 
-    /// Stop the listener of `key`, if it has one.
+    /// The sockets a previous agent left for `name`, if they are still
+    /// bound to `addr` (else they are closed).
+    fn inherited(&self, name: &str, addr: SocketAddr) -> Option<Vec<std::net::TcpListener>> {
+        let sockets: Vec<std::net::TcpListener> = self
+            .keeper
+            .take(name)?
+            .into_iter()
+            .map(std::net::TcpListener::from)
+            .collect();
+        let same = !sockets.is_empty()
+            && sockets
+                .iter()
+                .all(|s| s.local_addr().is_ok_and(|a| a == addr));
+        same.then_some(sockets)
+    }
+
+    /// Stop the listener of `key`, if it has one, for good.
     pub async fn unlisten(&self, key: &RouteKey) {
         if let Some((_, workers)) = self.listeners.lock().await.remove(key) {
             workers.stop();
+            self.keeper.forget(&format!("listen:{}", key_name(key)));
         }
     }
 
     /// Stop every listener (agent shutdown).
     pub async fn close(&self) {
-        for (_, (_, workers)) in self.listeners.lock().await.drain() {
+        for (key, (_, workers)) in self.listeners.lock().await.drain() {
             workers.stop();
+            self.keeper.forget(&format!("listen:{}", key_name(&key)));
+        }
+    }
+
+    /// Hand the listeners over to a successor: stop accepting (the
+    /// sockets stay open in the supervisor and the successor) and end each
+    /// connection after its current exchange ([`Self::drain`] waits).
+    pub async fn stop_accepting(&self) {
+        self.table.1.send_replace(true);
+        for (_, (_, workers)) in self.listeners.lock().await.drain() {
+            workers.stop_accepting();
+        }
+    }
+
+    /// Until no client connection is left (at most `limit`).
+    pub async fn drain(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.open.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -282,6 +338,24 @@ impl Router {
     }
 }
 
+/// A listener's name among the kept descriptors.
+fn key_name(key: &RouteKey) -> String {
+    match key {
+        RouteKey::Service(s) => format!("service:{s}"),
+        RouteKey::Preview(s) => format!("preview:{s}"),
+    }
+}
+
+/// One listening socket per router thread on `addr`, sharing it through
+/// `SO_REUSEPORT` (the first bind tells whether the address is free).
+fn bind_group(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
+    (0..router_threads()).map(|_| bind(addr)).collect()
+}
+
+fn router_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Whether an accept failed for want of descriptors or memory (the
 /// process's or the system's), rather than for one connection's sake.
 fn is_out_of_resources(e: &std::io::Error) -> bool {
@@ -361,13 +435,18 @@ type Upstream = Arc<Pool>;
 /// (On a shared multi-thread runtime, ~40% of the router's CPU went to
 /// waking tasks across threads.)
 struct Workers {
-    stop: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<Stop>,
 }
 
 impl Workers {
-    fn start(router: Arc<Router>, key: RouteKey, addr: SocketAddr) -> std::io::Result<Self> {
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    /// Serve `sockets` (one per router thread).
+    fn start(
+        router: Arc<Router>,
+        key: RouteKey,
+        sockets: Vec<std::net::TcpListener>,
+    ) -> std::io::Result<Self> {
+        let (stop, stopped) = tokio::sync::watch::channel(Stop::No);
+        let n = sockets.len();
         let (inbox, mut handed): (Vec<_>, Vec<_>) = (0..n)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
             .unzip();
@@ -375,9 +454,9 @@ impl Workers {
             serving: (0..n).map(|_| Arc::default()).collect(),
             inbox,
         });
-        for (i, handed) in handed.drain(..).enumerate() {
+        for (i, (handed, socket)) in handed.drain(..).zip(sockets).enumerate() {
+            socket.set_nonblocking(true)?;
             let spread = spread.clone();
-            let (bound_tx, bound_rx) = std::sync::mpsc::channel();
             let router = router.clone();
             let key = key.clone();
             let mut stopped = stopped.clone();
@@ -385,54 +464,66 @@ impl Workers {
                 .name(format!("kiln-router-{i}"))
                 .spawn(move || {
                     self::metrics::use_shard(i + 1);
-                    let rt = match tokio::runtime::Builder::new_current_thread()
+                    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = bound_tx.send(Err(e));
-                            return;
-                        }
+                    else {
+                        tracing::error!("{key}: router thread {i} has no runtime");
+                        return;
                     };
                     rt.block_on(async move {
-                        let socket = match bind(addr) {
+                        let socket = match TcpListener::from_std(socket) {
                             Ok(l) => l,
                             Err(e) => {
-                                let _ = bound_tx.send(Err(e));
+                                tracing::error!("{key}: router thread {i}: {e}");
                                 return;
                             }
                         };
-                        let _ = bound_tx.send(Ok(()));
                         let pool = Upstream::default();
+                        let serving = spread.serving[i].clone();
                         tokio::select! {
                             _ = router.accept_loop(socket, key, pool.clone(), spread, i, handed) => {}
                             _ = housekeeping(&pool) => {}
-                            _ = stopped.wait_for(|s| *s) => {}
+                            _ = stopped.wait_for(|s| *s != Stop::No) => {}
+                        }
+                        // Handing over: the socket is closed here (the
+                        // successor has it), this thread's connections
+                        // finish their exchanges.
+                        if *stopped.borrow() == Stop::Accepting {
+                            let deadline = tokio::time::Instant::now() + HAND_OVER_LIMIT;
+                            while serving.load(Ordering::Relaxed) > 0
+                                && tokio::time::Instant::now() < deadline
+                            {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     });
                 })?;
-            // The first bind tells whether the address is free; the others
-            // share it through SO_REUSEPORT.
-            match bound_rx.recv() {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    let _ = stop.send(true);
-                    return Err(e);
-                }
-                Err(_) => {
-                    let _ = stop.send(true);
-                    return Err(std::io::Error::other("router thread ended"));
-                }
-            }
         }
         Ok(Self { stop })
     }
 
     fn stop(&self) {
-        let _ = self.stop.send(true);
+        let _ = self.stop.send(Stop::All);
+    }
+
+    fn stop_accepting(&self) {
+        let _ = self.stop.send(Stop::Accepting);
     }
 }
+
+/// How a listener's threads stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    No,
+    /// Everything now (the agent stops).
+    All,
+    /// Accepting only: connections finish (a successor takes over).
+    Accepting,
+}
+
+/// How long connections may take to finish when their process hands over.
+const HAND_OVER_LIMIT: Duration = Duration::from_secs(30);
 
 /// A router thread's chores, once a second: close the pooled connections
 /// that instances closed or that sat idle too long.
@@ -452,16 +543,19 @@ async fn housekeeping(pool: &Pool) {
     }
 }
 
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use rustix::net::{AddressFamily, SocketFlags, SocketType, sockopt};
+    let family = if addr.is_ipv4() {
+        AddressFamily::INET
     } else {
-        tokio::net::TcpSocket::new_v6()?
+        AddressFamily::INET6
     };
-    socket.set_reuseport(true)?;
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(1024)
+    let fd = rustix::net::socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None)?;
+    sockopt::set_socket_reuseport(&fd, true)?;
+    sockopt::set_socket_reuseaddr(&fd, true)?;
+    rustix::net::bind(&fd, &addr)?;
+    rustix::net::listen(&fd, 1024)?;
+    Ok(std::net::TcpListener::from(fd))
 }
 
 /// Decrements a gauge when dropped (an open connection, or one a router
@@ -505,7 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn no_ready_instance_is_503_and_an_unreachable_one_502() {
-        let r = Router::new();
+        let r = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let port = free_port();
         r.listen(&svc, ([127, 0, 0, 1], port).into()).await.unwrap();
@@ -581,7 +675,7 @@ mod tests {
 
     #[test]
     fn a_swap_replaces_one_service_and_keeps_the_others() {
-        let r = Router::new();
+        let r = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
         let a = RouteKey::Service(ServiceName::try_from("a").unwrap());
         let b = RouteKey::Service(ServiceName::try_from("b").unwrap());
         let backend = |port| {

@@ -206,13 +206,46 @@ pub struct RouteTable {
 
 /// Where a connection reads the current routing table: the router's own
 /// `ArcSwap`, shared (one atomic load per request).
-#[derive(Clone, Default)]
-pub(crate) struct RouteSource(pub(crate) Arc<ArcSwap<RouteTable>>);
+#[derive(Clone)]
+pub(crate) struct RouteSource(
+    pub(crate) Arc<ArcSwap<RouteTable>>,
+    /// Set when this process hands its listeners over to a successor:
+    /// connections end after their current exchange.
+    pub(crate) Arc<tokio::sync::watch::Sender<bool>>,
+);
+
+impl Default for RouteSource {
+    fn default() -> Self {
+        Self(
+            Arc::default(),
+            Arc::new(tokio::sync::watch::Sender::new(false)),
+        )
+    }
+}
+
+/// How long a connection may stay idle once its process is draining (a
+/// client in a steady loop sends its next request well within it, and
+/// gets it answered with `connection: close`).
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
 
 impl RouteSource {
     /// A service's current routes.
     pub(crate) fn routes(&self, key: &RouteKey) -> Option<Arc<ServiceRoutes>> {
         self.0.load().services.get(key).cloned()
+    }
+
+    /// Whether this process is handing its listeners over.
+    pub(crate) fn draining(&self) -> bool {
+        *self.1.borrow()
+    }
+
+    /// Resolves [`DRAIN_IDLE`] after draining began (never, until then).
+    pub(crate) async fn drained(&self) {
+        let mut rx = self.1.subscribe();
+        if rx.wait_for(|d| *d).await.is_err() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(DRAIN_IDLE).await;
     }
 }
 

@@ -101,6 +101,18 @@ impl Runtime for Fake {
         }))
     }
 
+    fn adopt(
+        &self,
+        id: &str,
+        _pid: u32,
+        _output: Vec<super::Output>,
+    ) -> Result<Box<dyn Running>, RuntimeError> {
+        // Its instances live in this process: no later one finds them.
+        Err(RuntimeError::Spawn(std::io::Error::other(format!(
+            "the fake runtime cannot adopt {id}"
+        ))))
+    }
+
     fn exec(&self, _launch: &Launch, _argv: &[String]) -> Command {
         // An exec probe "runs" `true`.
         Command::new("true")
@@ -177,6 +189,11 @@ impl Running for FakeInstance {
 
     fn kill(&mut self) {
         self.end("signal: 9 (SIGKILL)");
+    }
+
+    fn detach(mut self: Box<Self>) {
+        // Dropping the handle leaves the task running.
+        drop(self.task.take());
     }
 
     fn wait(&mut self) -> BoxFuture<'_, String> {

@@ -12,6 +12,7 @@ mod sandbox;
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::future::Future;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
@@ -19,7 +20,6 @@ use std::time::Duration;
 
 use kiln_core::service::RuntimeKind;
 use rustix::process::{Pid, Signal, kill_process, kill_process_group};
-use tokio::io::AsyncRead;
 use tokio::process::{Child, Command};
 
 pub use process::Process;
@@ -53,8 +53,8 @@ pub struct Launch {
 /// `dyn`).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// An instance's output stream.
-pub type Output = Pin<Box<dyn AsyncRead + Send>>;
+/// An instance's output: the read end of its stdout or stderr pipe.
+pub type Output = OwnedFd;
 
 /// How instances of one kind are run, as a lifecycle: [`prepare`]
 /// (Self::prepare) what an instance needs, [`spawn`](Self::spawn) it,
@@ -72,6 +72,14 @@ pub trait Runtime: Send + Sync {
     }
     /// Start instance `id`, its output on pipes.
     fn spawn(&self, id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError>;
+    /// Take over instance `id`, started by an earlier agent process as
+    /// `pid` (checked by its start time), with its output pipes.
+    fn adopt(
+        &self,
+        id: &str,
+        pid: u32,
+        output: Vec<Output>,
+    ) -> Result<Box<dyn Running>, RuntimeError>;
     /// The command that runs `argv` for the instance (an exec probe).
     fn exec(&self, launch: &Launch, argv: &[String]) -> Command;
     /// Remove what [`prepare`](Self::prepare) made, once the instance is
@@ -94,13 +102,20 @@ pub trait Running: Send {
     fn kill(&mut self);
     /// Until it has exited: how it ended.
     fn wait(&mut self) -> BoxFuture<'_, String>;
+    /// Let it run on, unwatched (an agent handing over to a successor).
+    fn detach(self: Box<Self>);
 }
 
 /// A host process started by a command (the sandbox's bwrap, or the plain
 /// process), in its own process group.
 pub(crate) struct HostProcess {
-    child: Child,
+    /// `None` once adopted: another agent process started it, so only its
+    /// pidfd tells when it ends.
+    child: Option<Child>,
+    pidfd: Option<OwnedFd>,
+    output: Vec<OwnedFd>,
     pid: u32,
+    detached: bool,
     /// The pid that gets the stop signal, given the child's; `None` while
     /// the instance's process tree is still being set up.
     app: fn(u32) -> Option<u32>,
@@ -114,9 +129,49 @@ impl HostProcess {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd.spawn().map_err(RuntimeError::Spawn)?;
+        let mut child = cmd.spawn().map_err(RuntimeError::Spawn)?;
         let pid = child.id().unwrap_or(0);
-        Ok(Self { child, pid, app })
+        let mut output = Vec::new();
+        if let Some(o) = child.stdout.take() {
+            output.push(o.into_owned_fd().map_err(RuntimeError::Spawn)?);
+        }
+        if let Some(e) = child.stderr.take() {
+            output.push(e.into_owned_fd().map_err(RuntimeError::Spawn)?);
+        }
+        for o in &output {
+            // Room for a second of chatter while no agent reads (the
+            // system's cap applies; the default is 64 KiB).
+            let _ = rustix::pipe::fcntl_setpipe_size(o, 1 << 20);
+        }
+        Ok(Self {
+            child: Some(child),
+            pidfd: None,
+            output,
+            pid,
+            detached: false,
+            app,
+        })
+    }
+
+    /// An instance an earlier agent process started as `pid`.
+    pub(crate) fn adopt(
+        pid: u32,
+        output: Vec<OwnedFd>,
+        app: fn(u32) -> Option<u32>,
+    ) -> Result<Self, RuntimeError> {
+        let raw = Pid::from_raw(pid as i32).ok_or_else(|| {
+            RuntimeError::Spawn(std::io::Error::other(format!("no process {pid}")))
+        })?;
+        let fd = rustix::process::pidfd_open(raw, rustix::process::PidfdFlags::NONBLOCK)
+            .map_err(|e| RuntimeError::Spawn(e.into()))?;
+        Ok(Self {
+            child: None,
+            pidfd: Some(fd),
+            output,
+            pid,
+            detached: false,
+            app,
+        })
     }
 }
 
@@ -126,14 +181,7 @@ impl Running for HostProcess {
     }
 
     fn output(&mut self) -> Vec<Output> {
-        let mut out: Vec<Output> = Vec::new();
-        if let Some(o) = self.child.stdout.take() {
-            out.push(Box::pin(o));
-        }
-        if let Some(e) = self.child.stderr.take() {
-            out.push(Box::pin(e));
-        }
-        out
+        std::mem::take(&mut self.output)
     }
 
     fn signal(&mut self, signal: Signal) -> BoxFuture<'_, bool> {
@@ -157,19 +205,49 @@ impl Running for HostProcess {
 
     fn wait(&mut self) -> BoxFuture<'_, String> {
         Box::pin(async move {
-            match self.child.wait().await {
-                Ok(s) => s.to_string(),
-                Err(e) => e.to_string(),
+            if let Some(child) = &mut self.child {
+                return match child.wait().await {
+                    Ok(s) => s.to_string(),
+                    Err(e) => e.to_string(),
+                };
+            }
+            // An adopted instance is not our child: its pidfd (which names
+            // that very process, whatever reuses its pid) turns readable
+            // when it ends; its status goes to whoever reaps it, the
+            // supervisor. Looked at every 20 ms.
+            let Some(fd) = &self.pidfd else {
+                return std::future::pending().await;
+            };
+            loop {
+                let mut poll = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+                let zero = rustix::event::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                match rustix::event::poll(&mut poll, Some(&zero)) {
+                    Ok(0) => tokio::time::sleep(Duration::from_millis(20)).await,
+                    Ok(_) => {
+                        return "exited (adopted: its status went to the supervisor)".to_owned();
+                    }
+                    Err(e) => return e.to_string(),
+                }
             }
         })
+    }
+
+    fn detach(mut self: Box<Self>) {
+        self.detached = true;
     }
 }
 
 impl Drop for HostProcess {
     /// Whatever is left of the instance's process group goes with it: a
-    /// sandbox's reaper and app must never outlive the outer process.
+    /// sandbox's reaper and app must never outlive the outer process
+    /// (unless it was left running for a successor).
     fn drop(&mut self) {
-        kill_group(self.pid);
+        if !self.detached {
+            kill_group(self.pid);
+        }
     }
 }
 

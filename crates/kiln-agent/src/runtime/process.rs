@@ -1,6 +1,7 @@
-//! `process`: the command from the image's tree as a plain child, killed
-//! with the agent via `setpriv --pdeathsig`. Nothing stops it from writing
-//! where it may, which `status` says.
+//! `process`: the command from the image's tree as a plain child in its
+//! own process group. It outlives the agent process (a successor adopts
+//! it); stopping kiln stops it. Nothing stops it from writing where it
+//! may, which `status` says.
 
 use kiln_core::service::RuntimeKind;
 use tokio::process::Command;
@@ -11,14 +12,12 @@ pub struct Process;
 
 impl Process {
     fn command(&self, l: &Launch, argv: &[String]) -> Command {
-        // setpriv (util-linux) sets the parent-death signal before exec, so
-        // the instance dies with the agent — without unsafe pre_exec code.
-        let mut c = Command::new("setpriv");
-        c.args(["--pdeathsig", "KILL", "--"]);
         let mut argv = argv.iter();
-        if let Some(first) = argv.next() {
-            c.arg(resolve_in_tree(&l.rootfs, first));
-        }
+        let program = argv.next().map_or_else(
+            || std::path::PathBuf::from("/bin/false"),
+            |first| resolve_in_tree(&l.rootfs, first),
+        );
+        let mut c = Command::new(program);
         c.args(argv);
         c.env_clear().envs(&l.env);
         for (name, host, _) in &l.volumes {
@@ -31,7 +30,7 @@ impl Process {
             );
         }
         c.current_dir(l.rootfs.join(l.workdir.trim_start_matches('/')));
-        c.process_group(0).kill_on_drop(true);
+        c.process_group(0);
         c
     }
 }
@@ -51,6 +50,15 @@ impl Runtime for Process {
             self.command(launch, &launch.argv),
             Some,
         )?))
+    }
+
+    fn adopt(
+        &self,
+        _id: &str,
+        pid: u32,
+        output: Vec<super::Output>,
+    ) -> Result<Box<dyn Running>, RuntimeError> {
+        Ok(Box::new(HostProcess::adopt(pid, output, Some)?))
     }
 
     fn exec(&self, launch: &Launch, argv: &[String]) -> Command {

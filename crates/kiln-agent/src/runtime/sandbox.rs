@@ -3,7 +3,8 @@
 //! `/usr` and loader paths the image does not have, a private `/tmp`,
 //! declared volumes read-write, new pid and ipc namespaces, a new session
 //! (so the app cannot inject keystrokes into the agent's terminal with
-//! TIOCSTI), and `--die-with-parent` so no instance outlives its agent.
+//! TIOCSTI). It outlives the agent process (a successor adopts it);
+//! stopping kiln stops it.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -40,7 +41,7 @@ impl Sandbox {
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         let mut c = Command::new(&self.bwrap);
         c.args(self.args(launch)).args(argv);
-        c.env_clear().process_group(0).kill_on_drop(true);
+        c.env_clear().process_group(0);
         c
     }
 
@@ -51,12 +52,7 @@ impl Sandbox {
                 a.push(i.as_ref().to_owned());
             }
         };
-        push(&[
-            &"--die-with-parent",
-            &"--unshare-pid",
-            &"--unshare-ipc",
-            &"--new-session",
-        ]);
+        push(&[&"--unshare-pid", &"--unshare-ipc", &"--new-session"]);
         let mut image_top = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&l.rootfs) {
             let mut entries: Vec<_> = rd.flatten().collect();
@@ -122,6 +118,15 @@ impl Runtime for Sandbox {
             self.command(launch, &launch.argv),
             app_pid,
         )?))
+    }
+
+    fn adopt(
+        &self,
+        _id: &str,
+        pid: u32,
+        output: Vec<super::Output>,
+    ) -> Result<Box<dyn Running>, RuntimeError> {
+        Ok(Box::new(HostProcess::adopt(pid, output, app_pid)?))
     }
 
     fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
