@@ -138,9 +138,16 @@ pub async fn serve(
         .write(true)
         .open(&lock_path)
         .map_err(io(&lock_path))?;
+    // Started by a supervisor, an agent may find the previous one still
+    // stopping (its supervisor was killed): it waits a little.
+    let wait = match (mode.successor, keeper.supervised()) {
+        (true, _) => SUCCESSOR_WAIT,
+        (false, true) => Duration::from_secs(10),
+        (false, false) => Duration::ZERO,
+    };
     let waited = std::time::Instant::now();
     while lock.try_lock().is_err() {
-        if !mode.successor || waited.elapsed() > SUCCESSOR_WAIT {
+        if waited.elapsed() >= wait {
             let mut pid = String::new();
             let _ = lock.read_to_string(&mut pid);
             return Err(ServeError::AlreadyRunning {

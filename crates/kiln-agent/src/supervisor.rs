@@ -46,11 +46,14 @@ enum Heard {
 struct AgentProc {
     pid: u32,
     started: Instant,
+    /// It has served (an agent that dies before is broken, not crashed).
+    served: bool,
 }
 
-/// The file naming the supervisor's pid, for `kiln serve --upgrade`.
+/// The supervisor's lock (one per home), naming its pid for `kiln serve
+/// --upgrade`.
 pub fn pid_path(home: &Path) -> PathBuf {
-    home.join("serve.pid")
+    home.join("serve.lock")
 }
 
 /// Run the supervisor until its agent stops for good; the exit code.
@@ -76,7 +79,24 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
         }
     })?;
     let pid_file = pid_path(home);
-    std::fs::write(&pid_file, std::process::id().to_string()).map_err(io(&pid_file))?;
+    let mut lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&pid_file)
+        .map_err(io(&pid_file))?;
+    if lock.try_lock().is_err() {
+        let mut pid = String::new();
+        let _ = std::io::Read::read_to_string(&mut lock, &mut pid);
+        return Err(ServeError::AlreadyRunning {
+            pid: pid.trim().to_owned(),
+            home: home.to_path_buf(),
+        });
+    }
+    lock.set_len(0).map_err(io(&pid_file))?;
+    std::io::Write::write_all(&mut lock, std::process::id().to_string().as_bytes())
+        .map_err(io(&pid_file))?;
     let held: Held = Arc::default();
     let (heard_tx, mut heard) = mpsc::unbounded_channel();
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
@@ -85,10 +105,13 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
     let mut chld = signal(SignalKind::child()).map_err(io(home))?;
 
     let mut current = start_agent(&exe, &args, false, &held, &heard_tx).map_err(io(&exe))?;
+    let mut first_start = true;
     // A successor being started, and a predecessor handing over.
     let mut next: Option<AgentProc> = None;
     let mut leaving: Option<u32> = None;
     let mut stopping = false;
+    // Agents that died in a row before serving.
+    let mut failed_starts = 0u32;
     let code = loop {
         tokio::select! {
             _ = term.recv() => {
@@ -117,6 +140,8 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
                 }
                 Heard::Serving(pid) if pid == current.pid => {
                     tracing::info!("agent {pid} serves");
+                    current.served = true;
+                    failed_starts = 0;
                 }
                 _ => {}
             },
@@ -139,12 +164,22 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
                 if stopping {
                     break code;
                 }
+                // One that never served cannot (another agent holds the
+                // home, the state cannot be read, …): its error is on
+                // stderr; the first one's ends `kiln serve`.
+                if !current.served {
+                    failed_starts += 1;
+                    if first_start || failed_starts >= MAX_FAILED_STARTS {
+                        break code;
+                    }
+                }
                 // The agent died: start another at once (its instances and
                 // sockets are held). One that keeps dying young waits.
                 tracing::error!("agent {} exited (code {code}); starting another", current.pid);
                 if current.started.elapsed() < Duration::from_secs(1) {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+                first_start = false;
                 match start_agent(&exe, &args, false, &held, &heard_tx) {
                     Ok(a) => current = a,
                     Err(e) => {
@@ -156,8 +191,12 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
         }
     };
     let _ = std::fs::remove_file(&pid_file);
+    drop(lock);
     Ok(code)
 }
+
+/// Agents in a row that may die before serving before `kiln serve` gives up.
+const MAX_FAILED_STARTS: u32 = 5;
 
 /// The exit code an agent's status stands for (128 + signal when killed).
 fn exit_code(status: rustix::process::WaitStatus) -> u8 {
@@ -214,6 +253,7 @@ fn start_agent(
     Ok(AgentProc {
         pid,
         started: Instant::now(),
+        served: false,
     })
 }
 

@@ -251,11 +251,18 @@ impl Drop for HostProcess {
     }
 }
 
-/// SIGKILL a host instance's whole process group (it was started in its
-/// own).
+/// SIGKILL a host instance: its direct children first (a sandbox's pid-1
+/// reaper, which runs in a session of its own: killing it ends every
+/// process of its pid namespace), then its whole process group (it was
+/// started in its own).
 pub(crate) fn kill_group(pid: u32) {
     if pid == 0 {
         return;
+    }
+    for child in children(pid) {
+        if let Some(c) = Pid::from_raw(child as i32) {
+            let _ = kill_process(c, Signal::KILL);
+        }
     }
     if let Some(p) = Pid::from_raw(pid as i32) {
         let _ = kill_process_group(p, Signal::KILL);
