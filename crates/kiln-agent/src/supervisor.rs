@@ -104,7 +104,7 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
     let mut hup = signal(SignalKind::hangup()).map_err(io(home))?;
     let mut chld = signal(SignalKind::child()).map_err(io(home))?;
 
-    let mut current = start_agent(&exe, &args, false, &held, &heard_tx).map_err(io(&exe))?;
+    let mut current = start_agent(home, &exe, &args, false, &held, &heard_tx).map_err(io(&exe))?;
     let mut first_start = true;
     // A successor being started, and a predecessor handing over.
     let mut next: Option<AgentProc> = None;
@@ -124,7 +124,7 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
             }
             _ = hup.recv(), if next.is_none() && !stopping => {
                 tracing::info!("starting a new agent from {} to take over", exe.display());
-                match start_agent(&exe, &args, true, &held, &heard_tx) {
+                match start_agent(home, &exe, &args, true, &held, &heard_tx) {
                     Ok(a) => next = Some(a),
                     Err(e) => tracing::error!("cannot start a new agent: {e}"),
                 }
@@ -180,7 +180,7 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 first_start = false;
-                match start_agent(&exe, &args, false, &held, &heard_tx) {
+                match start_agent(home, &exe, &args, false, &held, &heard_tx) {
                     Ok(a) => current = a,
                     Err(e) => {
                         tracing::error!("cannot start an agent: {e}");
@@ -216,6 +216,7 @@ fn signal_agent(pid: u32, sig: Signal) {
 
 /// Start an agent process with every held descriptor.
 fn start_agent(
+    home: &Path,
     exe: &Path,
     args: &[OsString],
     successor: bool,
@@ -224,7 +225,7 @@ fn start_agent(
 ) -> std::io::Result<AgentProc> {
     let (mine, theirs) = UnixDatagram::pair()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("serve").arg("--agent");
+    cmd.arg("--home").arg(home).arg("serve").arg("--agent");
     if successor {
         cmd.arg("--successor");
     }

@@ -67,11 +67,22 @@ impl LogFile {
         Ok(())
     }
 
-    /// Copy a child's output into the log until it closes.
-    pub async fn pump(&self, mut from: impl AsyncRead + Unpin) {
+    /// Copy a child's output into the log until it closes, or until
+    /// `stop` says so: then between two reads, so that what was read is
+    /// written and what was not stays in the pipe (for a successor).
+    pub async fn pump(
+        &self,
+        mut from: impl AsyncRead + Unpin,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut buf = vec![0u8; 16 << 10];
         loop {
-            match from.read(&mut buf).await {
+            // Reading is cancel-safe: nothing is lost when `stop` wins.
+            let read = tokio::select! {
+                r = from.read(&mut buf) => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     if self.write(&buf[..n]).await.is_err() {
@@ -100,8 +111,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = LogFile::create(dir.path().join("a.log")).await.unwrap();
         let chunk = vec![b'x'; (ROTATE_BYTES / 2) as usize + 1];
-        log.pump(&chunk[..]).await;
-        log.pump(&chunk[..]).await;
+        let (_keep, running) = tokio::sync::watch::channel(false);
+        log.pump(&chunk[..], running.clone()).await;
+        log.pump(&chunk[..], running).await;
         let old = std::fs::metadata(dir.path().join("a.log.1")).unwrap().len();
         let new = std::fs::metadata(dir.path().join("a.log")).unwrap().len();
         assert!(old <= ROTATE_BYTES && new <= ROTATE_BYTES);
@@ -109,6 +121,30 @@ mod tests {
             old + new,
             2 * chunk.len() as u64,
             "nothing lost in rotation"
+        );
+    }
+
+    /// A pump told to stop leaves what it has not read in the pipe, and
+    /// writes all it read.
+    #[tokio::test]
+    async fn a_stopped_pump_leaves_the_rest_in_the_pipe() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(LogFile::create(dir.path().join("b.log")).await.unwrap());
+        let (mut tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let pump = tokio::spawn({
+            let log = log.clone();
+            async move { log.pump(rx, stopped).await }
+        });
+        tx.write_all(b"one\n").await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        stop.send(true).unwrap();
+        pump.await.unwrap();
+        tx.write_all(b"two\n").await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("b.log")).unwrap(),
+            "one\n"
         );
     }
 }

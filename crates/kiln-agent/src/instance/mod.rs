@@ -143,12 +143,13 @@ impl InstanceTask {
         self.keeper
             .keep(&format!("log:{id}"), &crate::keeper::borrowed(&output));
         let log = Arc::new(self.log);
+        let (stop_pumps, pumps_stop) = tokio::sync::watch::channel(false);
         let pumps: Vec<_> = output
             .into_iter()
             .filter_map(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
             .map(|out| {
-                let log = log.clone();
-                tokio::spawn(async move { log.pump(out).await })
+                let (log, stop) = (log.clone(), pumps_stop.clone());
+                tokio::spawn(async move { log.pump(out, stop).await })
             })
             .collect();
         let probes = {
@@ -179,8 +180,9 @@ impl InstanceTask {
                     // Its output stays in its pipes (the supervisor holds
                     // them) for the successor to read.
                     probes.abort();
-                    for p in &pumps {
-                        p.abort();
+                    let _ = stop_pumps.send(true);
+                    for p in pumps {
+                        let _ = p.await;
                     }
                     log.note("the agent hands over; left running").await;
                     running.detach();

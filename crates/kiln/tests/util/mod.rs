@@ -191,6 +191,11 @@ impl Agent {
         Self::spawn(env, env.cmd(), configure)
     }
 
+    /// `kiln serve` run by `cmd` (another binary than the one under test).
+    pub fn start_command(env: &Env, cmd: Command) -> Self {
+        Self::spawn(env, cmd, |_| {})
+    }
+
     fn spawn(env: &Env, mut cmd: Command, configure: impl FnOnce(&mut Command)) -> Self {
         cmd.arg("serve")
             .stdout(std::process::Stdio::null())
@@ -359,6 +364,15 @@ pub fn request(
     conn: &mut std::io::BufReader<std::net::TcpStream>,
     path: &str,
 ) -> std::io::Result<(u16, String)> {
+    request_on(conn, path).map(|(status, body, _)| (status, body))
+}
+
+/// One HTTP/1.1 request on a keep-alive connection: (status, body, whether
+/// the server ends the connection after it, `connection: close`).
+pub fn request_on(
+    conn: &mut std::io::BufReader<std::net::TcpStream>,
+    path: &str,
+) -> std::io::Result<(u16, String, bool)> {
     use std::io::{BufRead, Read, Write};
     // One write: split across several, Nagle's algorithm and delayed ACKs
     // would hold each request back ~40 ms.
@@ -370,7 +384,7 @@ pub fn request(
         .get(9..12)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut len = 0usize;
+    let (mut len, mut close) = (0usize, false);
     loop {
         let mut h = String::new();
         if conn.read_line(&mut h)? == 0 {
@@ -380,15 +394,17 @@ pub fn request(
         if h.is_empty() {
             break;
         }
-        if let Some((k, v)) = h.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().unwrap_or(0);
+        if let Some((k, v)) = h.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            } else if k.eq_ignore_ascii_case("connection") {
+                close = v.split(',').any(|t| t.trim().eq_ignore_ascii_case("close"));
+            }
         }
     }
     let mut body = vec![0u8; len];
     conn.read_exact(&mut body)?;
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, String::from_utf8_lossy(&body).into_owned(), close))
 }
 
 /// Steady load through the router from `threads` keep-alive clients, until
@@ -445,15 +461,23 @@ impl Load {
                         // Bounded: at most ~500 requests/s per thread, so the
                         // load does not starve what it measures.
                         std::thread::sleep(Duration::from_millis(2));
-                        match request(cn, "/") {
-                            Ok((200, body)) => {
+                        // A client honours `connection: close` (RFC 9112
+                        // §9.6): the next request goes on a new connection.
+                        match request_on(cn, "/") {
+                            Ok((200, body, close)) => {
                                 c.ok += 1;
                                 let key = body.split(" (").next().unwrap_or("").to_owned();
                                 *c.bodies.entry(key).or_default() += 1;
+                                if close {
+                                    conn = None;
+                                }
                             }
-                            Ok((status, body)) => {
+                            Ok((status, body, close)) => {
                                 c.failed += 1;
                                 c.errors.push(format!("{status}: {body}"));
+                                if close {
+                                    conn = None;
+                                }
                             }
                             Err(e) => {
                                 c.failed += 1;

@@ -1,0 +1,278 @@
+//! kiln itself restarts, upgrades and crashes under steady load through
+//! the router, with every instance kept: `kiln serve` is a supervisor that
+//! holds the sockets and the instances' output pipes; its agent process
+//! may come and go.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use util::*;
+
+fn spec(port: u16, extra_env: &str) -> String {
+    format!(
+        r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 3
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "v1"{extra_env} }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+[services.web.stop]
+drain_timeout = "2s"
+kill_timeout = "2s"
+"#
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn agent_pid(env: &Env) -> u64 {
+    env.json(&["status", "--json"])["agent"]["pid"]
+        .as_u64()
+        .unwrap()
+}
+
+fn instance_pids(env: &Env) -> BTreeSet<u64> {
+    service_status(env, "web")["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect()
+}
+
+/// A service of three ready instances behind the router on `port`.
+fn serving(env: &Env, port: u16) -> std::path::PathBuf {
+    let path = hello_app(&env.path("app"), &spec(port, ""));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    path
+}
+
+fn kill9(pid: u64) {
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+#[test]
+fn a_graceful_restart_keeps_every_instance_and_loses_no_request() {
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    serving(&env, port);
+    let (pids, before) = (instance_pids(&env), agent_pid(&env));
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = env.ok(&["serve", "--upgrade"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let count = load.finish();
+    count.assert_none_failed();
+    assert!(count.ok > 100, "{count:?}");
+    assert_ne!(agent_pid(&env), before, "{out}");
+    assert_eq!(instance_pids(&env), pids, "no instance was replaced");
+    assert_eq!(service_status(&env, "web")["converged"], true);
+}
+
+/// The kiln binary with another build id stamped in: another build of the
+/// same source, as `kiln status` tells.
+fn another_build(to: &Path) {
+    let mut bytes = std::fs::read(env!("CARGO_BIN_EXE_kiln")).unwrap();
+    let (from, into) = (
+        b"kiln-build-id:0000000000000000",
+        b"kiln-build-id:upgradetest00001",
+    );
+    let at = bytes
+        .windows(from.len())
+        .position(|w| w == from)
+        .expect("the build id in the binary");
+    bytes[at..at + from.len()].copy_from_slice(into);
+    let tmp = to.with_extension("new");
+    std::fs::write(&tmp, bytes).unwrap();
+    chmod(&tmp, 0o755);
+    // As an upgrade does: the new file replaces the old one's name.
+    std::fs::rename(&tmp, to).unwrap();
+}
+
+#[test]
+fn an_upgrade_to_another_build_takes_over_with_no_request_lost() {
+    let env = Env::new();
+    let port = free_port();
+    let exe = env.path("bin/kiln");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.env("KILN_HOME", &env.home);
+    let _agent = Agent::start_command(&env, cmd);
+    serving(&env, port);
+    let pids = instance_pids(&env);
+    let version = |env: &Env| env.json(&["status", "--json"])["agent"]["version"].clone();
+    assert_eq!(version(&env), env!("CARGO_PKG_VERSION"));
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    another_build(&exe);
+    env.ok(&["serve", "--upgrade"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let count = load.finish();
+    count.assert_none_failed();
+    assert!(count.ok > 100, "{count:?}");
+    assert_eq!(
+        version(&env),
+        format!("{}+upgradetest00001", env!("CARGO_PKG_VERSION")),
+        "the new build serves"
+    );
+    assert_eq!(instance_pids(&env), pids, "no instance was replaced");
+}
+
+#[test]
+fn a_killed_agent_is_replaced_at_once_and_adopts_every_instance() {
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    serving(&env, port);
+    let (pids, before) = (instance_pids(&env), agent_pid(&env));
+    let threads = 4;
+    let load = Load::start(port, threads);
+    std::thread::sleep(Duration::from_millis(300));
+    kill9(before);
+    wait_for("another agent", Duration::from_secs(20), || {
+        env.run(&["status", "--json"]).status.success() && agent_pid(&env) != before
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let count = load.finish();
+    // Only what was in flight in the killed process may fail (one request
+    // per client at most), and no connection is refused: the sockets stay
+    // open in the supervisor.
+    assert!(
+        count.failed <= threads as u64,
+        "{} failed: {:?}",
+        count.failed,
+        count.errors
+    );
+    assert!(
+        !count.errors.iter().any(|e| e.starts_with("connect")),
+        "{:?}",
+        count.errors
+    );
+    assert_eq!(instance_pids(&env), pids, "no instance was replaced");
+    assert_eq!(service_status(&env, "web")["converged"], true);
+}
+
+#[test]
+fn a_rollout_interrupted_by_the_agents_death_finishes_under_the_next() {
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    let path = serving(&env, port);
+    write(
+        &path,
+        spec(port, ", HELLO_START_DELAY = \"0.5\"")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = agent_pid(&env);
+    kill9(before);
+    wait_for("release 2 whole", Duration::from_secs(60), || {
+        let s = service_status(&env, "web");
+        s["converged"] == true && s["revision"] == 2
+    });
+    assert_ne!(agent_pid(&env), before);
+    let r = releases(&env, "web");
+    assert_eq!(
+        (&r[0]["outcome"], &r[1]["outcome"]),
+        (&"superseded".into(), &"active".into())
+    );
+    assert!(
+        http_get(port.into(), "/")
+            .unwrap()
+            .starts_with("hello from v2")
+    );
+}
+
+#[test]
+fn output_written_while_no_agent_runs_is_all_in_the_log() {
+    let env = Env::new();
+    let port = free_port();
+    let mut agent = Agent::start(&env);
+    let app = env.path("app");
+    let path = hello_app(
+        &app,
+        &spec(port, "").replace("replicas = 3", "replicas = 1"),
+    );
+    // The instance counts aloud, every 20 ms, whoever listens.
+    write(
+        &app.join("bin/start.sh"),
+        b"#!/usr/bin/sh\n\
+          (i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo \"tick $i\"; sleep 0.02; done) &\n\
+          exec ./bin/hello\n",
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let log = || {
+        let dir = env.home.join("logs/web");
+        let f = std::fs::read_dir(&dir)
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        std::fs::read_to_string(f).unwrap()
+    };
+    wait_for("ticks in the log", Duration::from_secs(10), || {
+        log().contains("tick 5\n")
+    });
+    // No agent reads the pipe for a while: the instance goes on writing.
+    let before = agent_pid(&env);
+    kill9(before);
+    wait_for("another agent", Duration::from_secs(20), || {
+        env.run(&["status", "--json"]).status.success() && agent_pid(&env) != before
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    env.ok(&["serve", "--upgrade"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(agent.stop(), Some(0));
+    let ticks: Vec<u64> = log()
+        .lines()
+        .filter_map(|l| l.strip_prefix("tick "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect();
+    assert!(ticks.len() > 40, "{} ticks", ticks.len());
+    let expected: Vec<u64> = (1..=ticks.len() as u64).collect();
+    assert_eq!(ticks, expected, "every line, in order, none twice");
+}
+
+#[test]
+fn stopping_kiln_still_stops_everything() {
+    let env = Env::new();
+    let port = free_port();
+    let mut agent = Agent::start(&env);
+    serving(&env, port);
+    let pids = instance_pids(&env);
+    let agent_process = agent_pid(&env);
+    assert_eq!(agent.stop(), Some(0));
+    for p in pids.iter().chain([&agent_process]) {
+        assert!(!alive(*p), "process {p} survived");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
