@@ -97,7 +97,9 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
     lock.set_len(0).map_err(io(&pid_file))?;
     std::io::Write::write_all(&mut lock, std::process::id().to_string().as_bytes())
         .map_err(io(&pid_file))?;
-    let held: Held = Arc::default();
+    // Sockets systemd made for us (socket activation) are held from the
+    // start, under the names their units give them.
+    let held: Held = Arc::new(Mutex::new(systemd_sockets()));
     let (heard_tx, mut heard) = mpsc::unbounded_channel();
     let mut term = signal(SignalKind::terminate()).map_err(io(home))?;
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
@@ -198,6 +200,64 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
 /// Agents in a row that may die before serving before `kiln serve` gives up.
 const MAX_FAILED_STARTS: u32 = 5;
 
+/// The sockets systemd passes by socket activation (`LISTEN_PID` is us,
+/// `LISTEN_FDS` of them from descriptor 3, named by `LISTEN_FDNAMES`, that
+/// is by each socket unit's `FileDescriptorName=`: `api` for
+/// `$KILN_HOME/kiln.sock`, `service=NAME` for a service's `listen`,
+/// `preview=NAME` for its `preview_listen`), close-on-exec. None when not
+/// socket-activated.
+fn systemd_sockets() -> HashMap<String, Vec<OwnedFd>> {
+    let ours = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id());
+    let count: i32 = std::env::var("LISTEN_FDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    if !ours || !(1..=1024).contains(&count) {
+        return HashMap::new();
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .unwrap_or_default()
+        .split(':')
+        .map(str::to_owned)
+        .collect();
+    let mut held: HashMap<String, Vec<OwnedFd>> = HashMap::new();
+    for i in 0..count {
+        let fd = take_inherited(3 + i);
+        let _ = rustix::io::fcntl_setfd(&fd, rustix::io::FdFlags::CLOEXEC);
+        // A name twice (two sockets, `ReusePort=yes`) is one group, served
+        // by as many router threads; an unknown name is held, never used.
+        let name = match names.get(i as usize).map(|n| n.split_once('=')) {
+            Some(Some((kind @ ("service" | "preview"), service))) => {
+                format!("listen:{kind}:{service}")
+            }
+            _ => names
+                .get(i as usize)
+                .cloned()
+                .unwrap_or_else(|| format!("systemd-{i}")),
+        };
+        held.entry(name).or_default().push(fd);
+    }
+    tracing::info!(
+        "socket activation: {}",
+        held.keys().cloned().collect::<Vec<_>>().join(", ")
+    );
+    held
+}
+
+/// Take ownership of descriptor `fd`, inherited from systemd.
+#[allow(unsafe_code)]
+fn take_inherited(fd: i32) -> OwnedFd {
+    use std::os::fd::FromRawFd;
+    // SAFETY: systemd's socket activation protocol hands this process
+    // (LISTEN_PID, checked by the caller) descriptors 3 to 3+LISTEN_FDS-1,
+    // open and owned by no one else in it; each is taken exactly once,
+    // before any other code could open or close descriptors in that range.
+    unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
 /// The exit code an agent's status stands for (128 + signal when killed).
 fn exit_code(status: rustix::process::WaitStatus) -> u8 {
     if let Some(code) = status.exit_status() {
@@ -225,7 +285,9 @@ fn start_agent(
 ) -> std::io::Result<AgentProc> {
     let (mine, theirs) = UnixDatagram::pair()?;
     let mut cmd = std::process::Command::new(exe);
-    cmd.arg("--home").arg(home).arg("serve").arg("--agent");
+    // The home travels in the environment (the agent's command line stays
+    // as short as the one the user typed).
+    cmd.env("KILN_HOME", home).arg("serve").arg("--agent");
     if successor {
         cmd.arg("--successor");
     }

@@ -276,3 +276,48 @@ fn stopping_kiln_still_stops_everything() {
     }
     assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
 }
+
+/// As systemd's socket activation starts it: the API socket and a
+/// service's listener made beforehand, passed as descriptors 3 and 4 with
+/// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES.
+#[test]
+fn socket_activation_serves_the_sockets_it_was_given() {
+    let env = Env::new();
+    let port = free_port();
+    std::fs::create_dir_all(&env.home).unwrap();
+    let api = std::os::unix::net::UnixListener::bind(env.home.join("kiln.sock")).unwrap();
+    let web = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let child = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "exec 3<&0 4>&1 </dev/null >/dev/null; \
+             LISTEN_PID=$$ LISTEN_FDS=2 LISTEN_FDNAMES=api:service=web exec \"$0\" serve",
+            env!("CARGO_BIN_EXE_kiln"),
+        ])
+        .env("KILN_HOME", &env.home)
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(api)))
+        .stdout(std::process::Stdio::from(std::os::fd::OwnedFd::from(web)))
+        .stderr(std::fs::File::create(env.path("agent.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _agent = Agent {
+        child: Some(child),
+        home: env.home.clone(),
+    };
+    wait_for(
+        "the agent on the given socket",
+        Duration::from_secs(20),
+        || env.run(&["status", "--json"]).status.success(),
+    );
+    serving(&env, port);
+    assert!(
+        http_get(port.into(), "/")
+            .unwrap()
+            .starts_with("hello from v1")
+    );
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
+    assert!(
+        log.contains("socket activation: ") && log.contains("listen:service:web"),
+        "{log}"
+    );
+}
