@@ -242,7 +242,7 @@ impl Router {
     /// connection after its current exchange ([`Self::drain`] waits).
     pub async fn stop_accepting(&self) {
         self.table.1.send_replace(true);
-        for (_, (_, workers)) in self.listeners.lock().await.drain() {
+        for (_, (_, workers)) in self.listeners.lock().await.iter() {
             workers.stop_accepting();
         }
     }
@@ -265,15 +265,34 @@ impl Router {
         spread: Arc<Spread>,
         me: usize,
         mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
+        mut stopped: tokio::sync::watch::Receiver<Stop>,
     ) {
+        // Handing over: no new connection, the ones this thread has (and
+        // any handed to it meanwhile) finish, then the loop ends.
+        let mut draining: Option<tokio::time::Instant> = None;
         let open = self.metrics.connections(&match &service {
             RouteKey::Service(s) => s.to_string(),
             RouteKey::Preview(s) => format!("{s}/preview"),
         });
         loop {
+            if let Some(deadline) = draining
+                && (spread.serving[me].load(Ordering::Relaxed) <= 0
+                    || tokio::time::Instant::now() >= deadline)
+            {
+                return;
+            }
+            let accepting = draining.is_none();
             let full = self.at_capacity(&service, open.load(Ordering::Relaxed));
             let (stream, peer, was_handed) = tokio::select! {
-                accepted = listener.accept(), if !full => {
+                stop = until(&mut stopped, |s| s != Stop::No), if accepting => {
+                    if stop == Stop::All {
+                        return;
+                    }
+                    draining = Some(tokio::time::Instant::now() + HAND_OVER_LIMIT);
+                    continue;
+                }
+                () = tokio::time::sleep(Duration::from_millis(10)), if !accepting => continue,
+                accepted = listener.accept(), if !full && accepting => {
                     let (stream, peer) = match accepted {
                         Ok(a) => a,
                         Err(e) => {
@@ -295,7 +314,7 @@ impl Router {
                     while self.at_capacity(&service, open.load(Ordering::Relaxed)) {
                         tokio::time::sleep(ACCEPT_PAUSE).await;
                     }
-                    match spread.fewer_than(me) {
+                    match spread.fewer_than(me).filter(|_| draining.is_none()) {
                         Some(other) => {
                             if let Ok(std) = stream.into_std() {
                                 spread.hand(other, std, peer);
@@ -480,22 +499,11 @@ impl Workers {
                             }
                         };
                         let pool = Upstream::default();
-                        let serving = spread.serving[i].clone();
+                        let stop = stopped.clone();
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, handed) => {}
+                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, handed, stop) => {}
                             _ = housekeeping(&pool) => {}
-                            _ = stopped.wait_for(|s| *s != Stop::No) => {}
-                        }
-                        // Handing over: the socket is closed here (the
-                        // successor has it), this thread's connections
-                        // finish their exchanges.
-                        if *stopped.borrow() == Stop::Accepting {
-                            let deadline = tokio::time::Instant::now() + HAND_OVER_LIMIT;
-                            while serving.load(Ordering::Relaxed) > 0
-                                && tokio::time::Instant::now() < deadline
-                            {
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                            }
+                            _ = until(&mut stopped, |s| s == Stop::All) => {}
                         }
                     });
                 })?;
@@ -520,6 +528,18 @@ enum Stop {
     All,
     /// Accepting only: connections finish (a successor takes over).
     Accepting,
+}
+
+/// The first stop that `want` says is the one; a listener whose sender is
+/// gone (its `Workers` dropped) waits for nothing more.
+async fn until(
+    stopped: &mut tokio::sync::watch::Receiver<Stop>,
+    want: impl Fn(Stop) -> bool,
+) -> Stop {
+    match stopped.wait_for(|s| want(*s)).await {
+        Ok(s) => *s,
+        Err(_) => std::future::pending().await,
+    }
 }
 
 /// How long connections may take to finish when their process hands over.
