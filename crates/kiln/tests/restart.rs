@@ -274,8 +274,9 @@ fn output_written_while_no_agent_runs_is_all_in_the_log() {
         .iter()
         .position(|t| *t > at_death)
         .map_or(ticks.len(), |i| i);
-    // (From the first line the log has: the instance may have begun
-    // counting a moment before its pipe was read.)
+    // From the first line the log has: once in about twenty runs on a busy
+    // machine the log began at `tick 2`, before any agent was killed (not
+    // explained yet; it is not what this test is about).
     let expected: Vec<u64> = (ticks[0]..=at_death).collect();
     let head: Vec<String> = log().lines().take(8).map(str::to_owned).collect();
     assert!(ticks[0] <= 2, "the log begins {head:#?}");
