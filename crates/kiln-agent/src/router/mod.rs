@@ -264,8 +264,7 @@ impl Router {
         pool: Upstream,
         spread: Arc<Spread>,
         me: usize,
-        mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>,
-        mut stopped: tokio::sync::watch::Receiver<Stop>,
+        (mut handed, mut stopped): (Handed, tokio::sync::watch::Receiver<Stop>),
     ) {
         // Handing over: no new connection, the ones this thread has (and
         // any handed to it meanwhile) finish, then the loop ends.
@@ -448,6 +447,9 @@ impl Spread {
 
 type Upstream = Arc<Pool>;
 
+/// Connections other router threads hand to this one.
+type Handed = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketAddr)>;
+
 /// A listener served thread-per-core: each thread has its own SO_REUSEPORT
 /// socket (the kernel spreads connections), its own current-thread runtime
 /// and its own upstream pool, so a request never hops between threads.
@@ -501,7 +503,7 @@ impl Workers {
                         let pool = Upstream::default();
                         let stop = stopped.clone();
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, handed, stop) => {}
+                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, (handed, stop)) => {}
                             _ = housekeeping(&pool) => {}
                             _ = until(&mut stopped, |s| s == Stop::All) => {}
                         }
