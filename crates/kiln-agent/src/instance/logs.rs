@@ -132,6 +132,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = std::sync::Arc::new(LogFile::create(dir.path().join("b.log")).await.unwrap());
         let (mut tx, rx) = tokio::net::unix::pipe::pipe().unwrap();
+        // The supervisor's copy of the read end.
+        let held = std::os::fd::AsFd::as_fd(&rx).try_clone_to_owned().unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let pump = tokio::spawn({
             let log = log.clone();
@@ -146,5 +148,12 @@ mod tests {
             std::fs::read_to_string(dir.path().join("b.log")).unwrap(),
             "one\n"
         );
+        // What it did not read is still in the pipe, for the next reader.
+        let mut rest = [0u8; 4];
+        let mut next = tokio::net::unix::pipe::Receiver::from_owned_fd(held).unwrap();
+        tokio::io::AsyncReadExt::read_exact(&mut next, &mut rest)
+            .await
+            .unwrap();
+        assert_eq!(&rest, b"two\n");
     }
 }
