@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, actors_of, alive, hello_app, http_get, processes_mentioning, service_status,
+    Agent, Env, actors_of, alive, have, hello_app, http_get, processes_mentioning, service_status,
     wait_for, write,
 };
 
@@ -124,6 +124,15 @@ fn a_killed_instance_is_replaced_with_a_new_id_and_its_volume_survives() {
     );
     assert_eq!(after["replacements"], 1);
     assert_ne!(after["pid"], before["pid"]);
+    // Nothing of the killed instance is left: a sandbox's reaper (and the
+    // app under it) in a session of its own ends with it.
+    let home = env.home.to_str().unwrap().to_owned();
+    let per_instance = if have("bwrap") { 2 } else { 1 };
+    wait_for(
+        "only the replacement's processes",
+        Duration::from_secs(10),
+        || processes_mentioning(&home).len() == per_instance,
+    );
     // The volume kept what the first instance wrote, and the replacement added to it.
     let data = fs::read_to_string(env.home.join("volumes/web/data/instances")).unwrap();
     let lines: Vec<&str> = data.lines().collect();

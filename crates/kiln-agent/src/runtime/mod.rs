@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kiln_core::service::RuntimeKind;
@@ -119,6 +120,41 @@ pub(crate) struct HostProcess {
     /// The pid that gets the stop signal, given the child's; `None` while
     /// the instance's process tree is still being set up.
     app: fn(u32) -> Option<u32>,
+    /// Its children once it has them (a sandbox's pid-1 reaper, which runs
+    /// in a session of its own), with their start times: when the outer
+    /// process dies first (killed from outside), they are ended too, for
+    /// nothing else would (no `--die-with-parent`: instances outlive the
+    /// agent process).
+    tree: Arc<Mutex<Vec<(u32, u64)>>>,
+}
+
+/// Remember `pid`'s children (with their start times) once it has them,
+/// looking for up to a second.
+fn watch_tree(pid: u32) -> Arc<Mutex<Vec<(u32, u64)>>> {
+    let tree: Arc<Mutex<Vec<(u32, u64)>>> = Arc::default();
+    let found = |pid| -> Vec<(u32, u64)> {
+        children(pid)
+            .into_iter()
+            .filter_map(|c| start_ticks(c).map(|t| (c, t)))
+            .collect()
+    };
+    let now = found(pid);
+    if now.is_empty() {
+        let t = tree.clone();
+        tokio::spawn(async move {
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let kids = found(pid);
+                if !kids.is_empty() {
+                    *t.lock().unwrap_or_else(|p| p.into_inner()) = kids;
+                    return;
+                }
+            }
+        });
+    } else {
+        *tree.lock().unwrap_or_else(|p| p.into_inner()) = now;
+    }
+    tree
 }
 
 impl HostProcess {
@@ -150,6 +186,7 @@ impl HostProcess {
             pid,
             detached: false,
             app,
+            tree: watch_tree(pid),
         })
     }
 
@@ -171,6 +208,7 @@ impl HostProcess {
             pid,
             detached: false,
             app,
+            tree: watch_tree(pid),
         })
     }
 }
@@ -201,6 +239,16 @@ impl Running for HostProcess {
 
     fn kill(&mut self) {
         kill_group(self.pid);
+        // Children that outlived it (it was killed first), if they are
+        // still the same processes.
+        let tree = self.tree.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (child, ticks) in tree {
+            if start_ticks(child) == Some(ticks)
+                && let Some(c) = Pid::from_raw(child as i32)
+            {
+                let _ = kill_process(c, Signal::KILL);
+            }
+        }
     }
 
     fn wait(&mut self) -> BoxFuture<'_, String> {
@@ -246,7 +294,7 @@ impl Drop for HostProcess {
     /// (unless it was left running for a successor).
     fn drop(&mut self) {
         if !self.detached {
-            kill_group(self.pid);
+            Running::kill(self);
         }
     }
 }
