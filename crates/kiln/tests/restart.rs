@@ -91,7 +91,17 @@ fn a_graceful_restart_keeps_every_instance_and_loses_no_request() {
     assert!(count.ok > 100, "{count:?}");
     assert_ne!(agent_pid(&env), before, "{out}");
     assert_eq!(instance_pids(&env), pids, "no instance was replaced");
-    assert_eq!(service_status(&env, "web")["converged"], true);
+    let s = service_status(&env, "web");
+    assert_eq!(s["converged"], true);
+    // Their uptime counts from their start, not from the adoption.
+    assert!(
+        s["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["uptime_secs"].as_f64().unwrap() > 0.7),
+        "{s}"
+    );
 }
 
 /// The kiln binary with another build id stamped in: another build of the

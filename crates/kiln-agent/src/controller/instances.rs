@@ -335,8 +335,15 @@ impl Controller {
                 stopping: false,
                 ready: false,
                 live: true,
-                started: now(),
-                started_wall: SystemTime::now(),
+                // An adopted instance's uptime counts from its own start.
+                started: pid
+                    .and_then(crate::runtime::started_at)
+                    .and_then(|t| SystemTime::now().duration_since(t).ok())
+                    .and_then(|age| now().checked_sub(age))
+                    .unwrap_or_else(now),
+                started_wall: pid
+                    .and_then(crate::runtime::started_at)
+                    .unwrap_or_else(SystemTime::now),
                 ready_since: None,
                 stop: stop_tx,
                 failure_counted: false,

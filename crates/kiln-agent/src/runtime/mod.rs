@@ -398,6 +398,22 @@ pub fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// When process `pid` started, by the wall clock: the boot time
+/// (`btime` in /proc/stat) plus its start in clock ticks.
+pub fn started_at(pid: u32) -> Option<std::time::SystemTime> {
+    let ticks = start_ticks(pid)?;
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let btime: u64 = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("btime "))?
+        .trim()
+        .parse()
+        .ok()?;
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    let since_boot = Duration::from_millis(ticks.saturating_mul(1000) / hz);
+    Some(std::time::UNIX_EPOCH + Duration::from_secs(btime) + since_boot)
+}
+
 /// Field 22 of /proc/PID/stat: when the process started, in clock ticks.
 pub fn start_ticks(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
