@@ -368,3 +368,28 @@ fn socket_activation_serves_the_sockets_it_was_given() {
         "{log}"
     );
 }
+
+#[test]
+fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    let path = serving(&env, port);
+    write(
+        &path,
+        spec(port, ", HELLO_START_DELAY = \"0.5\"")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(port, 2);
+    env.ok(&["serve", "--upgrade"]);
+    wait_for("release 2 whole", Duration::from_secs(60), || {
+        let s = service_status(&env, "web");
+        s["converged"] == true && s["revision"] == 2
+    });
+    let count = load.finish();
+    count.assert_none_failed();
+    assert!(count.bodies.contains_key("hello from v2"), "{count:?}");
+}
