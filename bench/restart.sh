@@ -7,7 +7,9 @@
 #      `kill -9` of the agent process: requests failed (non-2xx and socket
 #      errors) and the longest gap a client saw (wrk's max latency), over
 #      REPS repetitions, each during one DURATION-second wrk run
-#  (2) after kill -9: the time from the agent's death to its successor
+#  (2) the same runs with nothing happening, for each proxy: the machine's own
+#      latency tail, which every "gap" includes
+#  (3) after kill -9: the time from the agent's death to its successor
 #      serving the API again (p50/p99 over the REPS kills)
 #
 #   bench/restart.sh        # REPS=20 DURATION=2 CONNS=50

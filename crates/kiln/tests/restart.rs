@@ -393,3 +393,37 @@ fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
     count.assert_none_failed();
     assert!(count.bodies.contains_key("hello from v2"), "{count:?}");
 }
+
+#[test]
+fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
+    let env = Env::new();
+    let port = free_port();
+    let exe = env.path("bin/kiln");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.env("KILN_HOME", &env.home);
+    let agent = Agent::start_command(&env, cmd);
+    serving(&env, port);
+    let (pids, before) = (instance_pids(&env), agent_pid(&env));
+    let load = Load::start(port, 2);
+    // A broken build in place of the binary.
+    let tmp = exe.with_extension("new");
+    write(&tmp, b"#!/bin/sh\necho broken build >&2\nexit 3\n");
+    chmod(&tmp, 0o755);
+    std::fs::rename(&tmp, &exe).unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &agent.pid().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let count = load.finish();
+    count.assert_none_failed();
+    assert_eq!(agent_pid(&env), before, "the running agent stays");
+    assert_eq!(instance_pids(&env), pids);
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
+    assert!(log.contains("exited before taking over"), "{log}");
+}
