@@ -427,3 +427,37 @@ fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
     let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
     assert!(log.contains("exited before taking over"), "{log}");
 }
+
+#[test]
+fn an_instance_that_died_with_the_agent_is_replaced_and_the_others_adopted() {
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    serving(&env, port);
+    let pids = instance_pids(&env);
+    let before = agent_pid(&env);
+    let gone = *pids.iter().next().unwrap();
+    // The agent and one instance die together: the next agent finds two of
+    // its three instances still running (adopted) and one it cannot
+    // account for (recorded lost or exited, and replaced).
+    kill9(gone);
+    kill9(before);
+    wait_for(
+        "three ready instances again",
+        Duration::from_secs(30),
+        || {
+            env.run(&["status", "--json"]).status.success()
+                && agent_pid(&env) != before
+                && service_status(&env, "web")["converged"] == true
+        },
+    );
+    let now = instance_pids(&env);
+    assert_eq!(now.len(), 3);
+    assert!(!now.contains(&gone));
+    assert_eq!(
+        now.intersection(&pids).count(),
+        2,
+        "the other two were adopted"
+    );
+    assert!(!alive(gone));
+}
