@@ -35,14 +35,6 @@ kill_timeout = "2s"
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn agent_pid(env: &Env) -> u64 {
     env.json(&["status", "--json"])["agent"]["pid"]
         .as_u64()
@@ -63,6 +55,37 @@ fn serving(env: &Env, port: u16) -> std::path::PathBuf {
     let path = hello_app(&env.path("app"), &spec(port, ""));
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
     path
+}
+
+/// Release 2, slow to start, applied without waiting: a rollout that is
+/// still in progress when this returns.
+fn rollout_in_progress(env: &Env, port: u16, path: &Path) {
+    write(
+        path,
+        spec(port, ", HELLO_START_DELAY = \"0.5\"")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+fn release_2_whole(env: &Env) {
+    wait_for("release 2 whole", Duration::from_secs(60), || {
+        let s = service_status(env, "web");
+        s["converged"] == true && s["revision"] == 2
+    });
+}
+
+/// `kiln serve` run from a copy of the binary (which an upgrade replaces).
+fn serve_from_copy(env: &Env) -> (std::path::PathBuf, Agent) {
+    let exe = env.path("bin/kiln");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
+    let mut cmd = std::process::Command::new(&exe);
+    cmd.env("KILN_HOME", &env.home);
+    let agent = Agent::start_command(env, cmd);
+    (exe, agent)
 }
 
 fn kill9(pid: u64) {
@@ -128,12 +151,7 @@ fn another_build(to: &Path) {
 fn an_upgrade_to_another_build_takes_over_with_no_request_lost() {
     let env = Env::new();
     let port = free_port();
-    let exe = env.path("bin/kiln");
-    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
-    let mut cmd = std::process::Command::new(&exe);
-    cmd.env("KILN_HOME", &env.home);
-    let _agent = Agent::start_command(&env, cmd);
+    let (exe, _agent) = serve_from_copy(&env);
     serving(&env, port);
     let pids = instance_pids(&env);
     let version = |env: &Env| env.json(&["status", "--json"])["agent"]["version"].clone();
@@ -194,20 +212,10 @@ fn a_rollout_interrupted_by_the_agents_death_finishes_under_the_next() {
     let port = free_port();
     let _agent = Agent::start(&env);
     let path = serving(&env, port);
-    write(
-        &path,
-        spec(port, ", HELLO_START_DELAY = \"0.5\"")
-            .replace("\"v1\"", "\"v2\"")
-            .as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    std::thread::sleep(Duration::from_millis(300));
+    rollout_in_progress(&env, port, &path);
     let before = agent_pid(&env);
     kill9(before);
-    wait_for("release 2 whole", Duration::from_secs(60), || {
-        let s = service_status(&env, "web");
-        s["converged"] == true && s["revision"] == 2
-    });
+    release_2_whole(&env);
     assert_ne!(agent_pid(&env), before);
     let r = releases(&env, "web");
     assert_eq!(
@@ -375,20 +383,10 @@ fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
     let port = free_port();
     let _agent = Agent::start(&env);
     let path = serving(&env, port);
-    write(
-        &path,
-        spec(port, ", HELLO_START_DELAY = \"0.5\"")
-            .replace("\"v1\"", "\"v2\"")
-            .as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    std::thread::sleep(Duration::from_millis(300));
+    rollout_in_progress(&env, port, &path);
     let load = Load::start(port, 2);
     env.ok(&["serve", "--upgrade"]);
-    wait_for("release 2 whole", Duration::from_secs(60), || {
-        let s = service_status(&env, "web");
-        s["converged"] == true && s["revision"] == 2
-    });
+    release_2_whole(&env);
     let count = load.finish();
     count.assert_none_failed();
     assert!(count.bodies.contains_key("hello from v2"), "{count:?}");
@@ -398,12 +396,7 @@ fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
 fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
     let env = Env::new();
     let port = free_port();
-    let exe = env.path("bin/kiln");
-    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
-    std::fs::copy(env!("CARGO_BIN_EXE_kiln"), &exe).unwrap();
-    let mut cmd = std::process::Command::new(&exe);
-    cmd.env("KILN_HOME", &env.home);
-    let agent = Agent::start_command(&env, cmd);
+    let (exe, agent) = serve_from_copy(&env);
     serving(&env, port);
     let (pids, before) = (instance_pids(&env), agent_pid(&env));
     let load = Load::start(port, 2);

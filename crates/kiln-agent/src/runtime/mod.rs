@@ -107,6 +107,48 @@ pub trait Running: Send {
     fn detach(self: Box<Self>);
 }
 
+/// A runtime whose instances are host processes started by a command
+/// (the sandbox's bwrap, or the plain process): the lifecycle is the same,
+/// only the command and which process is the app differ.
+pub(crate) trait HostRuntime: Send + Sync {
+    const KIND: RuntimeKind;
+    /// Whether the kernel keeps the instance's root read-only.
+    const READ_ONLY: bool;
+    /// The command that runs `argv` as (or inside) the instance.
+    fn command(&self, launch: &Launch, argv: &[String]) -> Command;
+    /// The pid that gets the stop signal, given the started child's; `None`
+    /// while the instance's process tree is still being set up.
+    fn app(child: u32) -> Option<u32>;
+}
+
+impl<T: HostRuntime> Runtime for T {
+    fn kind(&self) -> RuntimeKind {
+        T::KIND
+    }
+
+    fn read_only_enforced(&self) -> bool {
+        T::READ_ONLY
+    }
+
+    fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
+        let cmd = HostRuntime::command(self, launch, &launch.argv);
+        Ok(Box::new(HostProcess::spawn(cmd, T::app)?))
+    }
+
+    fn adopt(
+        &self,
+        _id: &str,
+        pid: u32,
+        output: Vec<Output>,
+    ) -> Result<Box<dyn Running>, RuntimeError> {
+        Ok(Box::new(HostProcess::adopt(pid, output, T::app)?))
+    }
+
+    fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
+        HostRuntime::command(self, launch, argv)
+    }
+}
+
 /// A host process started by a command (the sandbox's bwrap, or the plain
 /// process), in its own process group.
 pub(crate) struct HostProcess {

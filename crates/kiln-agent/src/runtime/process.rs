@@ -6,7 +6,7 @@
 use kiln_core::service::RuntimeKind;
 use tokio::process::Command;
 
-use super::{HostProcess, Launch, Running, Runtime, RuntimeError, resolve_in_tree};
+use super::{HostRuntime, Launch, resolve_in_tree};
 
 pub struct Process;
 
@@ -35,33 +35,16 @@ impl Process {
     }
 }
 
-impl Runtime for Process {
-    fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Process
+impl HostRuntime for Process {
+    const KIND: RuntimeKind = RuntimeKind::Process;
+    const READ_ONLY: bool = false;
+
+    fn command(&self, launch: &Launch, argv: &[String]) -> Command {
+        Process::command(self, launch, argv)
     }
 
-    fn read_only_enforced(&self) -> bool {
-        false
-    }
-
-    fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
+    fn app(child: u32) -> Option<u32> {
         // The app is the child itself.
-        Ok(Box::new(HostProcess::spawn(
-            self.command(launch, &launch.argv),
-            Some,
-        )?))
-    }
-
-    fn adopt(
-        &self,
-        _id: &str,
-        pid: u32,
-        output: Vec<super::Output>,
-    ) -> Result<Box<dyn Running>, RuntimeError> {
-        Ok(Box::new(HostProcess::adopt(pid, output, Some)?))
-    }
-
-    fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
-        self.command(launch, argv)
+        Some(child)
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use kiln_core::service::RuntimeKind;
 use tokio::process::Command;
 
-use super::{HostProcess, Launch, Running, Runtime, RuntimeError, children};
+use super::{HostRuntime, Launch, children};
 
 pub(super) const HOST_DIRS: [&str; 6] = ["usr", "lib", "lib64", "lib32", "bin", "sbin"];
 const HOST_ETC: [&str; 9] = [
@@ -104,33 +104,16 @@ impl Sandbox {
     }
 }
 
-impl Runtime for Sandbox {
-    fn kind(&self) -> RuntimeKind {
-        RuntimeKind::Sandbox
+impl HostRuntime for Sandbox {
+    const KIND: RuntimeKind = RuntimeKind::Sandbox;
+    const READ_ONLY: bool = true;
+
+    fn command(&self, launch: &Launch, argv: &[String]) -> Command {
+        Sandbox::command(self, launch, argv)
     }
 
-    fn read_only_enforced(&self) -> bool {
-        true
-    }
-
-    fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
-        Ok(Box::new(HostProcess::spawn(
-            self.command(launch, &launch.argv),
-            app_pid,
-        )?))
-    }
-
-    fn adopt(
-        &self,
-        _id: &str,
-        pid: u32,
-        output: Vec<super::Output>,
-    ) -> Result<Box<dyn Running>, RuntimeError> {
-        Ok(Box::new(HostProcess::adopt(pid, output, app_pid)?))
-    }
-
-    fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
-        self.command(launch, argv)
+    fn app(child: u32) -> Option<u32> {
+        app_pid(child)
     }
 }
 
