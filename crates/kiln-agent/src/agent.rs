@@ -230,6 +230,11 @@ impl Agent {
             };
             self.shared.state.remove_instance(&rec.id, &ev)?;
         }
+        if self.shared.keeper.supervised() {
+            let accounted: std::collections::BTreeSet<u32> =
+                adopted.values().flatten().map(|r| r.pid).collect();
+            sweep_orphans(&accounted);
+        }
         Ok(adopted)
     }
 
@@ -797,6 +802,49 @@ impl Agent {
     /// current exchanges (at most 30 s).
     pub async fn hand_over_traffic(&self) {
         self.shared.router.drain(Duration::from_secs(30)).await;
+    }
+}
+
+/// End the supervisor's children that no agent accounts for: the inner
+/// processes of an instance whose outer process died together with the
+/// agent (a sandbox's reaper runs in a session of its own, and is
+/// reparented to the supervisor, the subreaper). Agents (`kiln serve
+/// --agent`) and the instances being adopted are left alone.
+fn sweep_orphans(accounted: &std::collections::BTreeSet<u32>) {
+    let supervisor = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get() as u32);
+    let me = std::process::id();
+    if supervisor <= 1 {
+        return;
+    }
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me || accounted.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // Field 4, after the parenthesized command name.
+        let parent = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if parent != Some(supervisor) {
+            continue;
+        }
+        // An agent (`kiln serve --agent`, whatever the binary is called).
+        let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.get(1..3) == Some(&[b"serve".as_slice(), b"--agent".as_slice()][..]) {
+            continue;
+        }
+        tracing::warn!("ending process {pid}: left by a dead agent, no instance of it is recorded");
+        crate::runtime::kill_group(pid);
     }
 }
 
