@@ -57,6 +57,8 @@ pub(crate) struct Client {
     up: Vec<u8>,
     out: Vec<u8>,
     head_timeout: std::time::Duration,
+    /// The listener's count of the answers the router gives itself.
+    answers: Arc<crate::router::metrics::Answers>,
     /// The current request's service's send timeout (its router's own
     /// answers use it too).
     send_timeout: std::time::Duration,
@@ -93,8 +95,10 @@ impl Client {
         pool: Arc<Pool>,
         io: TcpStream,
         peer_ip: String,
+        answers: Arc<crate::router::metrics::Answers>,
     ) -> Self {
         Self {
+            answers,
             routes,
             service,
             pool,
@@ -439,6 +443,8 @@ impl Client {
 
     /// The router's own answer; whether the connection goes on.
     async fn local(&mut self, status: StatusCode, msg: &str, keep: bool, version10: bool) -> bool {
+        // Every answer the router gives is counted, its own too.
+        self.answers.count(status.as_u16());
         self.out.clear();
         let _ = write!(
             self.out,
@@ -1295,6 +1301,7 @@ mod tests {
                 Arc::default(),
                 io,
                 "127.0.0.1".into(),
+                Arc::default(),
             );
             c.head_timeout = Duration::from_millis(200);
             tokio::spawn(c.serve());

@@ -146,12 +146,46 @@ impl ReleaseMetrics {
 pub struct Metrics {
     releases: Mutex<BTreeMap<(ServiceName, u64), Arc<ReleaseMetrics>>>,
     connections: Mutex<BTreeMap<String, Arc<AtomicI64>>>,
+    answers: Mutex<BTreeMap<String, Arc<Answers>>>,
+}
+
+/// The answers a listener gave itself (no instance's response), by
+/// status: refusals of bad requests, 503 with no ready instance, and the
+/// 502/504 it wrote for an instance (which its release counts too).
+#[derive(Debug, Default)]
+pub struct Answers(Mutex<BTreeMap<u16, u64>>);
+
+impl Answers {
+    pub fn count(&self, status: u16) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(status)
+            .or_default() += 1;
+    }
+
+    /// How many `status` answers so far.
+    pub fn get(&self, status: u16) -> u64 {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&status)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 impl Metrics {
     pub fn release(&self, service: &ServiceName, revision: u64) -> Arc<ReleaseMetrics> {
         let mut m = self.releases.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((service.clone(), revision)).or_default().clone()
+    }
+
+    /// The answers a listener gives itself.
+    pub fn answers(&self, listener: &str) -> Arc<Answers> {
+        let mut m = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(listener.to_owned()).or_default().clone()
     }
 
     pub fn connections(&self, listener: &str) -> Arc<AtomicI64> {
@@ -220,6 +254,20 @@ impl Metrics {
                 "kiln_router_request_duration_seconds_count{{service=\"{svc}\",release=\"{rev}\"}} {cumulative}"
             );
         }
+        out.push_str("# HELP kiln_router_local_responses_total Answers the router gave itself (no instance's response), by listener and status.\n# TYPE kiln_router_local_responses_total counter\n");
+        for (listener, a) in self
+            .answers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            for (status, n) in a.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+                let _ = writeln!(
+                    out,
+                    "kiln_router_local_responses_total{{listener=\"{listener}\",status=\"{status}\"}} {n}"
+                );
+            }
+        }
         out.push_str("# HELP kiln_router_active_connections Client connections open on each listener.\n# TYPE kiln_router_active_connections gauge\n");
         for (listener, n) in self
             .connections
@@ -276,6 +324,7 @@ mod tests {
         let svc = ServiceName::try_from("web").unwrap();
         m.release(&svc, 2).observe(200, Duration::from_millis(3));
         m.connections("web").fetch_add(1, Ordering::Relaxed);
+        m.answers("web").count(503);
         let mut out = String::new();
         m.render(&mut out);
         assert!(
@@ -293,6 +342,10 @@ mod tests {
         );
         assert!(
             out.contains("kiln_router_active_connections{listener=\"web\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("kiln_router_local_responses_total{listener=\"web\",status=\"503\"} 1\n"),
             "{out}"
         );
     }

@@ -269,10 +269,12 @@ impl Router {
         // Handing over: no new connection, the ones this thread has (and
         // any handed to it meanwhile) finish, then the loop ends.
         let mut draining: Option<tokio::time::Instant> = None;
-        let open = self.metrics.connections(&match &service {
+        let label = match &service {
             RouteKey::Service(s) => s.to_string(),
             RouteKey::Preview(s) => format!("{s}/preview"),
-        });
+        };
+        let open = self.metrics.connections(&label);
+        let answers = self.metrics.answers(&label);
         loop {
             if let Some(deadline) = draining
                 && (spread.serving[me].load(Ordering::Relaxed) <= 0
@@ -341,6 +343,7 @@ impl Router {
                 pool.clone(),
                 stream,
                 peer.ip().to_string(),
+                answers.clone(),
             );
             // Counted before the task runs, so a burst sees its own count.
             open.fetch_add(1, Ordering::Relaxed);
@@ -651,6 +654,15 @@ mod tests {
         let (status, body) = get(port).await;
         assert_eq!(status, 502);
         assert!(body.contains("could not be reached"), "{body}");
+        // Every answer the router gave itself is counted.
+        let answers = r.metrics.answers("web");
+        assert_eq!((answers.get(503), answers.get(502)), (2, 1));
+        let mut text = String::new();
+        r.metrics.render(&mut text);
+        assert!(
+            text.contains("kiln_router_local_responses_total{listener=\"web\",status=\"503\"} 2\n"),
+            "{text}"
+        );
         // A listening address cannot be taken twice.
         let other = RouteKey::Service(ServiceName::try_from("other").unwrap());
         assert!(
