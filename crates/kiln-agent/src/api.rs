@@ -33,6 +33,7 @@ impl IntoResponse for AgentError {
             AgentError::BadRequest(_) | AgentError::DuplicateService(_) => StatusCode::BAD_REQUEST,
             AgentError::NoEndpoint
             | AgentError::NoService(_)
+            | AgentError::NoInstance { .. }
             | AgentError::NoRelease { .. }
             | AgentError::ImageMissing { .. } => StatusCode::NOT_FOUND,
             AgentError::RolloutInProgress { .. } | AgentError::NoRollout { .. } => {
@@ -213,6 +214,28 @@ async fn logs(
         return Err(AgentError::NoService(service));
     }
     let dir = agent.home().join("logs").join(service.as_str());
+    // A release or instance that never was is an error naming it, not an
+    // empty log.
+    if let Some(r) = q.release {
+        let releases = agent.history(&service)?.releases;
+        let latest = releases.iter().map(|r| r.revision).max().unwrap_or(0);
+        if !releases.iter().any(|x| x.revision == r) {
+            return Err(AgentError::NoRelease {
+                service,
+                revision: r,
+                latest,
+            });
+        }
+    }
+    if let Some(want) = q.instance.as_deref() {
+        let want = want.to_owned();
+        if log_files(&dir, &|id: &str| id == want).await.is_empty() {
+            return Err(AgentError::NoInstance {
+                service,
+                instance: want,
+            });
+        }
+    }
     let filter = move |id: &str| {
         q.instance.as_deref().is_none_or(|want| want == id)
             && q.release

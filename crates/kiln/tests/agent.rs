@@ -605,6 +605,12 @@ fn logs_filter_by_release_and_instance() {
     );
     let err = env.fails(&["logs", "nope"]);
     assert!(err.contains("no service named nope"), "{err}");
+    // An instance or release that never was is an error naming it (issue
+    // 13: it printed nothing and exited 0).
+    let err = env.fails(&["logs", "web", "--instance", "web-r1-nope"]);
+    assert!(err.contains("no instance web-r1-nope"), "{err}");
+    let err = env.fails(&["logs", "web", "--release", "9"]);
+    assert!(err.contains("release 9 of web does not exist"), "{err}");
     // Regression (issue 10): instance output was 0644 in a 0755 home.
     let logs = env.home.join("logs");
     assert_eq!(
