@@ -94,7 +94,9 @@ pub enum AgentError {
     Listen(#[from] crate::router::ListenError),
     #[error("no service named {0}")]
     NoService(ServiceName),
-    #[error("service {service} has no instance {instance} (kiln status {service} lists them; logs are kept after an instance is gone)")]
+    #[error(
+        "service {service} has no instance {instance} (kiln status {service} lists them; logs are kept after an instance is gone)"
+    )]
     NoInstance {
         service: ServiceName,
         instance: String,

@@ -611,6 +611,19 @@ fn logs_filter_by_release_and_instance() {
     assert!(err.contains("no instance web-r1-nope"), "{err}");
     let err = env.fails(&["logs", "web", "--release", "9"]);
     assert!(err.contains("release 9 of web does not exist"), "{err}");
+    // A closed stdout ends a command quietly (issue 13: `status` panicked
+    // with exit 101, `--json` and `logs` printed an error).
+    for args in [&["status"][..], &["status", "--json"], &["logs", "web"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = env.cmd().args(args).stdout(writer).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(
+            out.stderr.is_empty(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // Regression (issue 10): instance output was 0644 in a 0755 home.
     let logs = env.home.join("logs");
     assert_eq!(
