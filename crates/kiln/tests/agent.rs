@@ -796,3 +796,29 @@ fn events_name_the_user_whose_command_made_them() {
         by("release-active")
     );
 }
+
+/// Issue 13: a release whose liveness probe fails failed with "…keep
+/// crashing (3); last: " and nothing after it. The reason names the probe
+/// and what it saw.
+#[test]
+fn a_crash_looping_release_names_the_failing_probe_and_its_result() {
+    let env = Env::new();
+    let good = WEB.replace("replicas = 2", "replicas = 1");
+    let spec = hello_app(&env.path("app"), &good);
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    let bad = good
+        .replace(
+            "env = { HELLO_VERSION = \"v1\" }",
+            "env = { HELLO_VERSION = \"v2\", HELLO_FAIL_HEALTH = \"1\" }",
+        )
+        .replace("http = \"/healthz\"", "tcp = true")
+        + "[services.web.health.liveness]\nhttp = \"/healthz\"\ninterval = \"50ms\"\nfailure_threshold = 1\n";
+    write(&spec, bad.as_bytes());
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("keep crashing")
+            && err.contains("failed its liveness probe: http: GET /healthz"),
+        "{err}"
+    );
+}

@@ -93,7 +93,12 @@ impl Controller {
                     );
                 }
             }
-            Report::Health { id, probe, healthy } => {
+            Report::Health {
+                id,
+                probe,
+                healthy,
+                why,
+            } => {
                 let Some(inst) = self.instances.get_mut(&id) else {
                     return;
                 };
@@ -121,6 +126,11 @@ impl Controller {
                 };
                 self.record_event(kind, Some(revision), Some(&id));
                 if probe == ProbeKind::Liveness && !healthy {
+                    // Named in the failure of a rollout that crash-loops.
+                    self.message = Some(format!(
+                        "instance {id} failed its {}",
+                        why.as_deref().unwrap_or("liveness probe")
+                    ));
                     // Counted now; the pass replaces it (never restarted in
                     // place): `decide` stops an instance that is not live.
                     if let Some(inst) = self.instances.get_mut(&id) {

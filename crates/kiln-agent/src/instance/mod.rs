@@ -36,6 +36,8 @@ pub enum Report {
         id: String,
         probe: ProbeKind,
         healthy: bool,
+        /// What the failing check saw, when it failed.
+        why: Option<String>,
     },
     Exited {
         id: String,
@@ -162,11 +164,12 @@ impl InstanceTask {
                 self.health.clone(),
                 self.port,
                 exec,
-                move |probe, healthy| {
+                move |probe, healthy, why| {
                     let _ = to.send(Report::Health {
                         id: id.clone(),
                         probe,
                         healthy,
+                        why,
                     });
                 },
             ))

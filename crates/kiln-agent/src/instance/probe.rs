@@ -30,40 +30,77 @@ pub async fn check(
     timeout: Duration,
     exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
 ) -> bool {
+    examine(probe, port, timeout, exec).await.is_ok()
+}
+
+/// Run one check; a failure says what it saw: the HTTP status, the
+/// connection error, or an exec command's exit and the tail of its output.
+pub async fn examine(
+    probe: &ProbeCheck,
+    port: u16,
+    timeout: Duration,
+    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
+) -> Result<(), String> {
     let attempt = async {
         match probe {
-            ProbeCheck::Tcp => TcpStream::connect(("127.0.0.1", port)).await.is_ok(),
-            ProbeCheck::Http { path, status } => http_status(port, path).await == Some(*status),
+            ProbeCheck::Tcp => TcpStream::connect(("127.0.0.1", port))
+                .await
+                .map(drop)
+                .map_err(|e| format!("tcp: connecting to port {port}: {e}")),
+            ProbeCheck::Http { path, status } => match http_status(port, path).await {
+                Ok(got) if got == *status => Ok(()),
+                Ok(got) => Err(format!("http: GET {path} answered {got} (not {status})")),
+                Err(e) => Err(format!("http: GET {path}: {e}")),
+            },
             ProbeCheck::Exec { command } => {
                 let mut c = exec(command);
                 c.stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::null())
-                    .stderr(std::process::Stdio::null());
-                match c.status().await {
-                    Ok(s) => s.success(),
-                    Err(_) => false,
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped());
+                match c.output().await {
+                    Ok(out) if out.status.success() => Ok(()),
+                    Ok(out) => {
+                        let mut text = out.stdout;
+                        text.extend_from_slice(&out.stderr);
+                        let text = String::from_utf8_lossy(&text);
+                        let tail: String = text.trim().chars().rev().take(200).collect();
+                        let tail: String = tail.chars().rev().collect();
+                        Err(format!(
+                            "exec: `{}` {}: {tail}",
+                            command.join(" "),
+                            out.status
+                        ))
+                    }
+                    Err(e) => Err(format!("exec: `{}`: {e}", command.join(" "))),
                 }
             }
         }
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or(false)
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            ))
+        })
 }
 
-async fn http_status(port: u16, path: &str) -> Option<u16> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+async fn http_status(port: u16, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .ok()?;
+        .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
         .header("host", format!("127.0.0.1:{port}"))
         .header("user-agent", "kiln-probe")
         .body(Empty::<Bytes>::new())
-        .ok()?;
-    let resp = send.send_request(req).await.ok()?;
-    Some(resp.status().as_u16())
+        .map_err(|e| e.to_string())?;
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    Ok(resp.status().as_u16())
 }
 
 /// The readiness probe used when a service declares none: the port accepts.
@@ -110,7 +147,7 @@ pub async fn run(
     health: HealthSpec,
     port: u16,
     exec: ExecFn,
-    report: impl Fn(ProbeKind, bool) + Send + Sync + 'static,
+    report: impl Fn(ProbeKind, bool, Option<String>) + Send + Sync + 'static,
 ) {
     let report = std::sync::Arc::new(report);
     if let Some(startup) = &health.startup {
@@ -123,11 +160,14 @@ pub async fn run(
         let mut failures = 0;
         let mut wait = FAST_START;
         let mut next_count = tokio::time::Instant::now() + startup.interval.0;
+        let mut last = None;
         loop {
-            let ok = check(&startup.check, port, startup.timeout.0, &*exec).await;
+            let result = examine(&startup.check, port, startup.timeout.0, &*exec).await;
+            let ok = result.is_ok();
+            last = result.err().or(last);
             if state.record(ok, startup.success_threshold, startup.failure_threshold) == Some(true)
             {
-                report(ProbeKind::Startup, true);
+                report(ProbeKind::Startup, true, None);
                 break;
             }
             if ok {
@@ -136,7 +176,8 @@ pub async fn run(
                 failures += 1;
                 next_count += startup.interval.0;
                 if failures >= startup.failure_threshold {
-                    report(ProbeKind::Liveness, false);
+                    let why = last.map(|l| format!("startup probe: {l}"));
+                    report(ProbeKind::Liveness, false, why);
                     return;
                 }
             }
@@ -153,15 +194,17 @@ pub async fn run(
             tokio::time::sleep(readiness.initial_delay.0).await;
             let mut state = ProbeState::new(false);
             if until_first(&readiness, port, &**exec, &mut state).await {
-                report(ProbeKind::Readiness, true);
+                report(ProbeKind::Readiness, true, None);
             }
             loop {
                 tokio::time::sleep(readiness.interval.0).await;
-                let ok = check(&readiness.check, port, readiness.timeout.0, &**exec).await;
+                let result = examine(&readiness.check, port, readiness.timeout.0, &**exec).await;
+                let ok = result.is_ok();
                 if let Some(h) =
                     state.record(ok, readiness.success_threshold, readiness.failure_threshold)
                 {
-                    report(ProbeKind::Readiness, h);
+                    let why = result.err().map(|e| format!("readiness probe: {e}"));
+                    report(ProbeKind::Readiness, h, why);
                 }
             }
         }
@@ -173,11 +216,13 @@ pub async fn run(
         tokio::time::sleep(liveness.initial_delay.0).await;
         let mut state = ProbeState::new(true);
         loop {
-            let ok = check(&liveness.check, port, liveness.timeout.0, &**exec).await;
+            let result = examine(&liveness.check, port, liveness.timeout.0, &**exec).await;
+            let ok = result.is_ok();
             if let Some(h) =
                 state.record(ok, liveness.success_threshold, liveness.failure_threshold)
             {
-                report(ProbeKind::Liveness, h);
+                let why = result.err().map(|e| format!("liveness probe: {e}"));
+                report(ProbeKind::Liveness, h, why);
             }
             tokio::time::sleep(liveness.interval.0).await;
         }
@@ -220,7 +265,7 @@ mod tests {
             liveness: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(run(health, port, no_exec(), move |kind, healthy| {
+        tokio::spawn(run(health, port, no_exec(), move |kind, healthy, _why| {
             let _ = tx.send((kind, healthy));
         }));
         // The app starts listening after 200 ms: inside 3 x 100 ms.
@@ -257,14 +302,20 @@ mod tests {
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let started = std::time::Instant::now();
-        tokio::spawn(run(health, port, no_exec(), move |kind, healthy| {
-            let _ = tx.send((kind, healthy));
+        tokio::spawn(run(health, port, no_exec(), move |kind, healthy, why| {
+            let _ = tx.send((kind, healthy, why));
         }));
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(first, (ProbeKind::Liveness, false));
+        assert_eq!((first.0, first.1), (ProbeKind::Liveness, false));
+        // The failure says what the check saw (issue 13: it said nothing).
+        let why = first.2.unwrap_or_default();
+        assert!(
+            why.starts_with("startup probe: tcp: connecting to port") && why.contains("refused"),
+            "{why}"
+        );
         assert!(
             started.elapsed() >= Duration::from_millis(100),
             "not before 2 x 50 ms"
