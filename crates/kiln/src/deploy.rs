@@ -223,9 +223,11 @@ fn send_spec(
     dry_run: bool,
     json: bool,
 ) -> Result<(Client, tokio::runtime::Runtime, ApplyResponse)> {
-    let (services, explicit_runtime) = desired(home, file, true)?;
     let client = Client::new(home);
     let rt = runtime()?;
+    // The agent first: without one, nothing is baked into the store.
+    rt.block_on(client.get::<StatusResponse>("/v1/status"))?;
+    let (services, explicit_runtime) = desired(home, file, true)?;
     let request = ApplyRequest {
         services,
         dry_run,

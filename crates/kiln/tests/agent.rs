@@ -822,3 +822,20 @@ fn a_crash_looping_release_names_the_failing_probe_and_its_result() {
         "{err}"
     );
 }
+
+/// Issue 13: `plan` (and `apply`) without a running agent baked into the
+/// store first, then found out. The agent is checked first: nothing is
+/// baked, the error names what to do.
+#[test]
+fn plan_without_an_agent_changes_nothing() {
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    for cmd in ["plan", "apply"] {
+        let err = env.fails(&[cmd, "-f", spec.to_str().unwrap()]);
+        assert!(err.contains("kiln serve"), "{cmd}: {err}");
+    }
+    assert!(
+        !env.home.join("blobs").exists() && !env.home.join("index.json").exists(),
+        "nothing was baked"
+    );
+}
