@@ -393,7 +393,8 @@ pub enum ProbeCheck {
     Http { path: String, status: u16 },
     /// Healthy when the instance's port accepts a connection.
     Tcp,
-    /// Healthy when the command, run inside the instance's sandbox, exits 0.
+    /// Healthy when the command exits 0. It runs in a sandbox of its own made
+    /// like the instance's (same image, env, volumes), not inside it.
     Exec { command: Vec<String> },
 }
 

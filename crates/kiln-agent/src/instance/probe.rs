@@ -12,7 +12,8 @@ use kiln_core::service::{Duration as SpecDuration, HealthSpec, Probe, ProbeCheck
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-/// Builds the command that runs an exec probe inside the instance's sandbox.
+/// Builds the command that runs an exec probe: in a sandbox of its own made
+/// like the instance's (the runtime's `exec`), not inside the instance.
 pub type ExecFn = Box<dyn Fn(&[String]) -> Command + Send + Sync>;
 
 /// Which probe flipped.
