@@ -32,6 +32,11 @@ pub struct Fleet<'a, Id> {
     /// Whether any instance of an earlier release is left, stopping ones
     /// included (`recreate` starts nothing new until all are gone).
     pub any_old_left: bool,
+    /// Instances of earlier releases still stopping (draining their
+    /// requests, then exiting): they run, so a rolling update counts them
+    /// against its surge. (The target's own replaced instances do not
+    /// count: self-healing never waits for a drain.)
+    pub draining: u32,
     /// New instances may start (not while the release failed, or while its
     /// rollout is paused).
     pub may_start: bool,
@@ -49,7 +54,8 @@ pub struct FleetStep<Id> {
 
 /// One pass of the fleet towards its target:
 ///
-/// - `rolling`: at most `replicas + max_surge` instances in all, and old
+/// - `rolling`: at most `replicas + max_surge` instances in all (old ones
+///   still draining included: they are processes that run), and old
 ///   ready instances stop only while `replicas − max_unavailable` ready
 ///   ones stay (an old unready one can always stop).
 /// - `recreate`: every old instance stops; nothing new starts until none
@@ -63,16 +69,21 @@ pub struct FleetStep<Id> {
 pub fn fleet_step<Id: Clone>(f: &Fleet<'_, Id>) -> FleetStep<Id> {
     let blue_green = f.strategy == Strategy::BlueGreen;
     let recreate = f.strategy == Strategy::Recreate;
+    let surge = |old: u32| {
+        (f.replicas + f.max_surge)
+            .saturating_sub(f.new_running + old + f.draining)
+            .min(f.free_slots)
+    };
     let start = if !f.may_start {
         0
-    } else if blue_green || (f.old.is_empty() && !(recreate && f.any_old_left)) {
+    } else if blue_green || (recreate && !f.any_old_left) {
         f.free_slots
     } else if recreate {
         0
+    } else if f.old.is_empty() && f.draining == 0 {
+        f.free_slots
     } else {
-        (f.replicas + f.max_surge)
-            .saturating_sub(f.new_running + f.old.len() as u32)
-            .min(f.free_slots)
+        surge(f.old.len() as u32)
     };
     let stop = if f.old.is_empty() || blue_green {
         Vec::new()
@@ -125,8 +136,27 @@ mod tests {
             new_ready: 0,
             old,
             any_old_left: !old.is_empty(),
+            draining: 0,
             may_start: true,
         }
+    }
+
+    /// Issue 13: with `replicas = 3, max_surge = 1` and slow requests in
+    /// flight, six instances ran ("2/3 ready, 1 starting, 3 old"): the old
+    /// ones still draining were not counted.
+    #[test]
+    fn old_instances_still_draining_count_against_the_surge() {
+        let o = old(&[true, true]);
+        let mut f = fleet(Strategy::Rolling, &o);
+        (f.new_running, f.new_ready, f.free_slots, f.draining) = (1, 1, 2, 1);
+        assert_eq!(fleet_step(&f).start, 0, "1 new + 2 old + 1 draining = 4");
+        f.draining = 0;
+        assert_eq!(fleet_step(&f).start, 1);
+        // No old instance serving, but two still draining: the surge holds.
+        let none = old(&[]);
+        let mut f = fleet(Strategy::Rolling, &none);
+        (f.new_running, f.free_slots, f.draining) = (2, 1, 2);
+        assert_eq!(fleet_step(&f).start, 0);
     }
 
     #[test]
@@ -260,6 +290,7 @@ mod tests {
                 new_ready,
                 old: &old,
                 any_old_left: !old.is_empty(),
+                draining: 0,
                 may_start: true,
             });
             fleet.retain(|i| !step.stop.contains(&i.0));

@@ -737,6 +737,11 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             new_ready,
             old: &old,
             any_old_left: self.insts.iter().any(|i| i.revision != t),
+            draining: self
+                .insts
+                .iter()
+                .filter(|i| i.stopping && i.revision != t)
+                .count() as u32,
             may_start: v.outcome != Outcome::Failed && !paused,
         });
         self.start(t, free.into_iter().take(step.start as usize));

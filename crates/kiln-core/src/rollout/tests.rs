@@ -675,6 +675,7 @@ proptest! {
         max_surge in 0u32..4,
         max_unavailable in 0u32..4,
         slow in proptest::collection::vec(0u32..4, 8),
+        drain in proptest::collection::vec(0u32..4, 8),
     ) {
         prop_assume!(max_surge + max_unavailable > 0);
         let mut s = settings(Strategy::Rolling, replicas);
@@ -686,12 +687,23 @@ proptest! {
         let mut waited = BTreeMap::new();
         for _ in 0..200 {
             sim.pass();
-            let running = sim.insts.iter().filter(|i| !i.stopping).count() as u32;
+            // Draining ones count: they are processes that still run.
+            let running = sim.insts.len() as u32;
             prop_assert!(running <= replicas + max_surge, "{running} running");
             prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
-            // Stopped ones go; new ones get ready after a random delay.
+            // Stopped ones drain for a random while, then go; new ones get
+            // ready after a random delay.
             sim.now += TICK;
-            sim.insts.retain(|i| !i.stopping);
+            let mut draining = std::mem::take(&mut sim.insts);
+            draining.retain(|i| {
+                if !i.stopping {
+                    return true;
+                }
+                let w = waited.entry(i.id + 1_000_000).or_insert(0u32);
+                *w += 1;
+                *w <= drain[(i.id % 8) as usize]
+            });
+            sim.insts = draining;
             let now = sim.now;
             for i in &mut sim.insts {
                 let w = waited.entry(i.id).or_insert(0u32);
