@@ -185,6 +185,7 @@ fn body_of(port: u16) -> String {
 
 pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
+    let given = home.is_some();
     let home = home.unwrap_or_else(|| work.path().join("home"));
     std::fs::create_dir_all(&home)?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -201,9 +202,14 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
         }
     };
 
+    let where_ = if given {
+        format!("in {} (kept)", home.display())
+    } else {
+        "in a temporary home".to_owned()
+    };
     step(
         1,
-        "start the agent (reconciler, router, API) in a temporary home",
+        &format!("start the agent (reconciler, router, API) {where_}"),
     );
     let exe = std::env::current_exe()?;
     let log = std::fs::File::create(home.join("agent.log"))?;
@@ -316,11 +322,13 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
     println!();
     crate::deploy::history(&home, "hello", false)?;
 
-    println!(
-        "\ntry it: curl http://127.0.0.1:{port}/   |   kiln --home {} status",
-        home.display()
-    );
-    if !no_wait && std::io::stdout().is_terminal() {
+    // It serves until Ctrl-C, whatever stdout is (as the README says);
+    // `--no-wait` ends here, and the agent with it: no "try it" then.
+    if !no_wait {
+        println!(
+            "\ntry it: curl http://127.0.0.1:{port}/   |   kiln --home {} status",
+            home.display()
+        );
         println!("serving until Ctrl-C ...");
         rt.block_on(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -208,8 +208,9 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
-    /// Show kiln at work on the example app, in a temporary home: deploy,
-    /// roll out under load, roll back; then serve until Ctrl-C
+    /// Show kiln at work on the example app, in a temporary home (or --home,
+    /// which is kept): deploy, roll out under load, roll back; then serve
+    /// until Ctrl-C
     Demo {
         /// Keep the temporary home afterwards and print its path
         #[arg(long)]

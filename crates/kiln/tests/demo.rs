@@ -26,6 +26,10 @@ fn demo_deploys_rolls_out_under_load_and_rolls_back_with_no_failed_request() {
         stdout.contains("->  hello from v1 (instance hello-r1-"),
         "{stdout}"
     );
+    // Issue 13: with --no-wait the agent is gone at the end: no "try it"
+    // pointing at it.
+    assert!(!stdout.contains("try it:"), "{stdout}");
+    assert!(stdout.contains("in a temporary home"), "{stdout}");
     assert!(
         stdout.contains("rolling update done")
             && stdout.contains("->  hello from v2 (instance hello-r2-"),
