@@ -116,12 +116,29 @@ impl Spec {
             if let crate::service::ImageSource::Spec(image) = &svc.image
                 && !self.images.contains_key(image)
             {
-                return Err(at(
-                    &table,
-                    format!(
-                        "service {name}: image `{image}` is not an [images] table of this spec (use NAME:TAG or NAME@sha256:... for an image already in the store)"
-                    ),
-                ));
+                // At the `image =` line of the service's table when it has one.
+                let mut err = at(&table, String::new());
+                if let Some(start) = text.find(&format!("[{table}]")) {
+                    let body = &text[start..];
+                    let end = body[1..].find("\n[").map_or(body.len(), |e| e + 1);
+                    if let Some(i) = body[..end].find("\nimage") {
+                        (err.line, err.column) = line_column(text, start + i + 1);
+                    }
+                }
+                let closest = self
+                    .images
+                    .keys()
+                    .map(|k| (strsim::damerau_levenshtein(image.as_str(), k.as_str()), k))
+                    .filter(|(d, k)| *d <= 2.max(k.as_str().len() / 3))
+                    .min();
+                let hint = match closest {
+                    Some((_, k)) => format!(", did you mean `{k}`?"),
+                    None => String::new(),
+                };
+                err.message = format!(
+                    "service {name}: image `{image}` is not an [images] table of this spec{hint} (use NAME:TAG or NAME@sha256:... for an image already in the store)"
+                );
+                return Err(err);
             }
             for listen in svc.listen.iter().chain(&svc.rollout.preview_listen) {
                 if let Some(other) = listens.insert(listen.0, name) {
@@ -211,6 +228,25 @@ paths = ["static/**"]
         assert_eq!(img.layers[0].name.as_deref(), Some("static"));
         assert_eq!(img.include.len(), 2);
         assert_eq!(img.env.len(), 1);
+    }
+
+    /// Issue 13: a misspelt image name pointed at the table header and
+    /// offered nothing.
+    #[test]
+    fn a_misspelt_image_name_points_at_its_line_and_the_nearest_image() {
+        let text = "[images.hello]\n\n[services.web]\nreplicas = 1\nimage = \"helo\"\n";
+        let err = Spec::parse(text, "kiln.toml").unwrap_err();
+        assert_eq!((err.line, err.column), (5, 1), "{err}");
+        assert!(
+            err.message.contains(
+                "image `helo` is not an [images] table of this spec, did you mean `hello`?"
+            ),
+            "{err}"
+        );
+        // Nothing close: no guess.
+        let text = "[images.hello]\n\n[services.web]\nimage = \"zzzzzz\"\n";
+        let err = Spec::parse(text, "kiln.toml").unwrap_err();
+        assert!(!err.message.contains("did you mean"), "{err}");
     }
 
     #[test]
