@@ -55,6 +55,7 @@ pub enum Command {
     },
     /// List the images in the store
     Images {
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
@@ -63,20 +64,24 @@ pub enum Command {
         /// NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
         #[arg(value_name = "REF")]
         reference: String,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Re-hash every blob (or one image's) and check materialized trees;
     /// exits 1 naming each corrupt object
     Verify {
+        /// Only this image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
         #[arg(value_name = "REF")]
         reference: Option<String>,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Export an image as an OCI layout or a docker archive
     #[command(group = clap::ArgGroup::new("format").required(true))]
     Export {
+        /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
         #[arg(value_name = "REF")]
         reference: String,
         /// Write (or add to) an OCI image layout directory
@@ -92,10 +97,13 @@ pub enum Command {
     /// Unpack an image's root filesystem into DIR (which must not exist or
     /// be empty); without DIR, materialize its read-only tree in the store
     Unpack {
+        /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
         #[arg(value_name = "REF")]
         reference: String,
+        /// Where to unpack (must not exist or be empty)
         #[arg(value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
@@ -122,6 +130,7 @@ pub enum Command {
     },
     /// Bake what changed, record a release per changed service, and roll it out
     Apply {
+        /// The spec file
         #[arg(
             short = 'f',
             long = "file",
@@ -132,11 +141,13 @@ pub enum Command {
         /// Return once the releases are recorded, without waiting for the rollout
         #[arg(long)]
         detach: bool,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Show what `kiln apply` would do, without doing it
     Plan {
+        /// The spec file
         #[arg(
             short = 'f',
             long = "file",
@@ -144,48 +155,60 @@ pub enum Command {
             value_name = "FILE"
         )]
         file: PathBuf,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Services, their releases and instances
     Status {
+        /// Only this service
         #[arg(value_name = "SERVICE")]
         service: Option<String>,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// A service's releases: revision, image, created, cause, outcome
     History {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Return a service to an earlier release's content (a new release, rolled out)
     Rollback {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
         /// The release to return to [default: the previous successful one]
         #[arg(long, value_name = "REVISION")]
         to: Option<u64>,
+        /// Return once the rollback is recorded, without waiting for it
         #[arg(long)]
         detach: bool,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Switch a blue-green rollout waiting for promotion (auto_promote = false),
     /// or pass a canary's current step (its pause, manual or not)
     Promote {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
     /// Stop the rollout in progress: the service returns to the release
     /// before it (a canary: all traffic to stable in one swap, canary stopped)
     Abort {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
+        /// Print the result as JSON
         #[arg(long)]
         json: bool,
     },
@@ -196,6 +219,7 @@ pub enum Command {
     },
     /// Instance logs of a service (kept after instances are gone)
     Logs {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
         /// Only this release's instances
@@ -225,6 +249,7 @@ pub enum Command {
 pub enum RolloutCommand {
     /// Follow the service's current rollout until it completes or fails
     Status {
+        /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
     },
@@ -343,4 +368,30 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
                 .and_then(serde_json::Error::io_error_kind)
                 == broken
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    /// Issue 13: positional arguments and `--json` had no help text. Every
+    /// argument a user can see says what it is.
+    #[test]
+    fn every_visible_argument_has_help() {
+        let mut missing = Vec::new();
+        for sub in super::Cli::command().get_subcommands() {
+            for cmd in std::iter::once(sub).chain(sub.get_subcommands()) {
+                for arg in cmd.get_arguments() {
+                    let id = arg.get_id().as_str();
+                    if !arg.is_hide_set()
+                        && !["help", "version"].contains(&id)
+                        && arg.get_help().is_none()
+                    {
+                        missing.push(format!("{} {id}", cmd.get_name()));
+                    }
+                }
+            }
+        }
+        assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
 }
