@@ -232,6 +232,15 @@ pub enum Command {
         #[arg(short, long)]
         follow: bool,
     },
+    /// Print a shell completion script (e.g. `kiln completions bash >
+    /// /etc/bash_completion.d/kiln`)
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print kiln's manual page, roff (e.g. `kiln man > /usr/local/share/man/man1/kiln.1`)
+    Man,
     /// Show kiln at work on the example app, in a temporary home (or --home,
     /// which is kept): deploy, roll out under load, roll back; then serve
     /// until Ctrl-C
@@ -295,6 +304,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         ),
         Command::Demo { keep, no_wait } => demo::run(cli.home, keep, no_wait),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "kiln", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(|e| anyhow::Error::new(e).context("cannot write the manual page"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve {
             metrics,
             upgrade,
@@ -341,7 +362,9 @@ fn main() -> ExitCode {
             .map(String::as_str)
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or_default();
-        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+        // (`println!`'s "failed printing to stdout", clap_complete's
+        // "failed to write completion file": both the closed stdout.)
+        if msg.contains("Broken pipe") || msg.contains("BrokenPipe") {
             std::process::exit(0);
         }
         default(info);
