@@ -83,6 +83,14 @@ pub struct ServiceStatus {
     /// earlier one: which, and why (kept until the next release).
     #[serde(default)]
     pub failed_release: Option<FailedRelease>,
+    /// The release that gets the traffic when only one does (blue-green:
+    /// the old fleet's until the switch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routed: Option<u64>,
+    /// The instances of other releases are a blue-green fleet kept warm
+    /// after the switch (so that a rollback is a route swap).
+    #[serde(default)]
+    pub warm: bool,
 }
 
 /// What a service's controller saw at its last pass: what only it knows.
@@ -99,6 +107,9 @@ pub struct Reconciled {
     /// A blue-green fleet kept warm after its switch (expected beside the
     /// target, not a rollout in progress).
     pub warm: bool,
+    /// The one release that gets the traffic, when only one does
+    /// (blue-green: the old fleet's until the switch).
+    pub routed: Option<u64>,
 }
 
 impl ServiceStatus {
@@ -148,10 +159,19 @@ impl ServiceStatus {
             ready,
             converged,
             instances,
-            backoff: seen.backoff.clone(),
+            // Only the target's slots: a failed or scaled-away release's
+            // back-off is no longer anyone's business.
+            backoff: seen
+                .backoff
+                .iter()
+                .filter(|b| current && b.revision == target && b.slot < replicas)
+                .cloned()
+                .collect(),
             message: seen.message.clone().filter(|_| current),
             stalled: current && seen.stalled,
             canary: seen.canary.clone().filter(|_| current),
+            routed: seen.routed.filter(|_| current),
+            warm: current && seen.warm,
             failed_release: releases
                 .iter()
                 .max_by_key(|r| r.revision)
@@ -363,6 +383,48 @@ mod tests {
         assert_eq!(s.revision, Some(2));
         assert_eq!(s.outcome, Some(Outcome::Pending));
         assert_eq!((s.message, s.stalled), (None, false));
+    }
+
+    /// Issue 13: "retry in 483 ms" stayed in status after the rollback
+    /// finished, or after scaling to 0.
+    #[test]
+    fn status_shows_only_the_back_off_of_the_targets_slots() {
+        let releases = [release(1, Outcome::Active), release(2, Outcome::Failed)];
+        let b = |revision, slot| SlotBackoff {
+            revision,
+            slot,
+            failures: 3,
+            retry_in_ms: 483,
+        };
+        let seen = Reconciled {
+            target: 1,
+            backoff: vec![b(2, 0), b(1, 0), b(1, 5)],
+            ..Reconciled::default()
+        };
+        let s = status(1, &releases, &seen);
+        assert_eq!(
+            s.backoff,
+            vec![b(1, 0)],
+            "not release 2's, not slot 5 of 1 replica"
+        );
+    }
+
+    /// Issue 13: a blue-green service's status did not say which fleet
+    /// gets the traffic and which is kept warm.
+    #[test]
+    fn status_says_which_release_is_routed_and_whether_the_rest_is_warm() {
+        let releases = [release(1, Outcome::Superseded), release(2, Outcome::Active)];
+        let seen = Reconciled {
+            target: 2,
+            routed: Some(2),
+            warm: true,
+            ..Reconciled::default()
+        };
+        let s = status(2, &releases, &seen);
+        assert_eq!((s.routed, s.warm), (Some(2), true));
+        // About a target the controller has not seen yet: nothing.
+        let s = status(3, &releases, &seen);
+        assert_eq!((s.routed, s.warm), (None, false));
     }
 
     #[test]

@@ -538,6 +538,30 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         if let Some(c) = &s.canary {
             println!("  {}", canary_line(c));
         }
+        // Blue-green: which fleet has the traffic, which one waits or is warm.
+        if let Some(r) = s.routed
+            && s.instances.iter().any(|i| i.revision != r)
+        {
+            let others: std::collections::BTreeSet<u64> = s
+                .instances
+                .iter()
+                .map(|i| i.revision)
+                .filter(|rev| *rev != r)
+                .collect();
+            let others = others
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(", ");
+            println!(
+                "  traffic on release {r}; release {others} {}",
+                if s.warm {
+                    "kept warm (a rollback is a route swap)"
+                } else {
+                    "beside it, without traffic"
+                }
+            );
+        }
         if let Some(f) = &s.failed_release
             && s.message.is_none()
         {

@@ -83,6 +83,12 @@ fn blue_green_previews_promotes_in_one_swap_and_rolls_back_warm() {
     );
     assert!(body(port).starts_with("hello from v1"));
     assert!(body(preview).starts_with("hello from v2"));
+    // Issue 13: status says which fleet has the traffic.
+    let text = env.ok(&["status", "web"]);
+    assert!(
+        text.contains("traffic on release 1; release 2 beside it, without traffic"),
+        "{text}"
+    );
 
     env.ok(&["promote", "web"]);
     for _ in 0..20 {
@@ -96,6 +102,11 @@ fn blue_green_previews_promotes_in_one_swap_and_rolls_back_warm() {
     assert!(
         v1_pids.is_subset(&pids(&s)),
         "the old fleet stays warm: {s}"
+    );
+    let text = env.ok(&["status", "web"]);
+    assert!(
+        text.contains("traffic on release 2; release 1 kept warm"),
+        "{text}"
     );
 
     // Rollback inside the warm window: a route swap to the same processes.

@@ -192,6 +192,10 @@ impl Controller {
             stalled: self.rollout.stalled(),
             canary: self.canary_status(),
             warm: matches!(self.rollout, Rollout::Warm { target: t, until } if until > now && t == target),
+            routed: match self.routing {
+                Routing::Release(r) => Some(r),
+                Routing::Any | Routing::Split { .. } => None,
+            },
         };
         let mut all = self.shared.status.lock().unwrap_or_else(|p| p.into_inner());
         all.insert(self.name.clone(), seen);
