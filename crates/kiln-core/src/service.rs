@@ -765,9 +765,10 @@ kill_timeout = "3s"
     fn service_errors_are_located_and_explained() {
         for (text, needle, line) in [
             (
+                // At its `image` line, not the table header (issue 13).
                 "[services.web]\nimage = \"nope\"\n",
                 "not an [images] table",
-                1,
+                2,
             ),
             (
                 "[images.a]\n[services.web]\nimage = \"a\"\nreplicas = -1\n",
