@@ -426,6 +426,7 @@ pub fn export(
     oci: Option<&Path>,
     docker: Option<&Path>,
     tag: Option<&str>,
+    json: bool,
 ) -> Result<ExitCode> {
     let img = resolve(store, reference)?;
     let tag = match (tag, ImageRef::parse(reference)?) {
@@ -433,20 +434,38 @@ pub fn export(
         (None, ImageRef::Tagged(_, t)) => t,
         (None, _) => Tag::automatic(&img.digest),
     };
+    let mut done = Vec::new();
     if let Some(dir) = oci {
         export_oci(store, &img, dir, &tag)
             .with_context(|| format!("cannot export {} to {}", img.pinned(), dir.display()))?;
-        println!("exported {} to oci:{}:{tag}", img.pinned(), dir.display());
+        done.push(serde_json::json!({
+            "format": "oci", "path": dir, "tag": tag.to_string(),
+        }));
+        if !json {
+            println!("exported {} to oci:{}:{tag}", img.pinned(), dir.display());
+        }
     }
     if let Some(file) = docker {
         let repo_tag = format!("{}:{tag}", img.name);
         export_docker_archive(store, &img, file, &repo_tag)
             .with_context(|| format!("cannot export {} to {}", img.pinned(), file.display()))?;
-        println!(
-            "exported {} to docker-archive:{} as {repo_tag}",
-            img.pinned(),
-            file.display()
-        );
+        done.push(serde_json::json!({
+            "format": "docker-archive", "path": file, "tag": repo_tag,
+        }));
+        if !json {
+            println!(
+                "exported {} to docker-archive:{} as {repo_tag}",
+                img.pinned(),
+                file.display()
+            );
+        }
+    }
+    if json {
+        print_json(&serde_json::json!({
+            "image": img.name.to_string(),
+            "digest": img.digest,
+            "exported": done,
+        }))?;
     }
     Ok(ExitCode::SUCCESS)
 }

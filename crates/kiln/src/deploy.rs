@@ -487,21 +487,29 @@ pub fn abort(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
 }
 
 /// `kiln rollout status`: follow the service's current rollout to its end.
-pub fn rollout_status(home: &Path, service: &str) -> Result<ExitCode> {
+pub fn rollout_status(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let rt = runtime()?;
-    let status: StatusResponse = rt.block_on(client.get("/v1/status"))?;
-    let s = status
-        .services
-        .iter()
-        .find(|s| s.name.as_str() == service)
-        .ok_or_else(|| anyhow::anyhow!("no service named {service}"))?;
+    let find = |status: StatusResponse| {
+        status
+            .services
+            .into_iter()
+            .find(|s| s.name.as_str() == service)
+            .ok_or_else(|| anyhow::anyhow!("no service named {service}"))
+    };
+    let s = find(rt.block_on(client.get("/v1/status"))?)?;
     let revision = s.revision.unwrap_or(1);
-    rt.block_on(wait_for(
+    let code = rt.block_on(wait_for(
         &client,
         &[(service.to_owned(), revision, Action::Release)],
-        true,
-    ))
+        !json,
+    ));
+    if json {
+        // The outcome as scripts read it: the service's status at the end
+        // (its `outcome` and `failed_release` say how it went).
+        crate::commands::print_json(&find(rt.block_on(client.get("/v1/status"))?)?)?;
+    }
+    code
 }
 
 pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {

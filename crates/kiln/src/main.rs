@@ -93,6 +93,9 @@ pub enum Command {
         /// The tag to give it there [default: the tag in REF, else the automatic one]
         #[arg(long, value_name = "TAG")]
         tag: Option<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Unpack an image's root filesystem into DIR (which must not exist or
     /// be empty); without DIR, materialize its read-only tree in the store
@@ -261,6 +264,9 @@ pub enum RolloutCommand {
         /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
+        /// No progress; at the end, the service's status as JSON
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -286,12 +292,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             oci,
             docker_archive,
             tag,
+            json,
         } => commands::export(
             &commands::open_store(&home()?)?,
             &reference,
             oci.as_deref(),
             docker_archive.as_deref(),
             tag.as_deref(),
+            json,
         ),
         Command::Unpack {
             reference,
@@ -335,8 +343,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {
-            command: RolloutCommand::Status { service },
-        } => deploy::rollout_status(&home()?, &service),
+            command: RolloutCommand::Status { service, json },
+        } => deploy::rollout_status(&home()?, &service, json),
         Command::Apply { file, detach, json } => deploy::apply(&home()?, &file, detach, json),
         Command::Plan { file, json } => deploy::plan(&home()?, &file, json),
         Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),

@@ -557,7 +557,20 @@ fn export_interoperates_with_skopeo_and_umoci() {
 
     // kiln's own docker archive is accepted too.
     let ours = env.path("ours.tar");
-    env.ok(&["export", &d, "--docker-archive", ours.to_str().unwrap()]);
+    // Issue 13: `export` had no --json.
+    let out = env.json(&[
+        "export",
+        &d,
+        "--docker-archive",
+        ours.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_eq!(out["exported"][0]["format"], "docker-archive", "{out}");
+    assert_eq!(out["exported"][0]["path"], ours.to_str().unwrap(), "{out}");
+    assert!(
+        out["digest"].as_str().unwrap().starts_with("sha256:"),
+        "{out}"
+    );
     let out = Command::new("skopeo")
         .args(["inspect", &format!("docker-archive:{}", ours.display())])
         .output()

@@ -496,7 +496,13 @@ fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
     assert!(v1 > 100 && v2 > 100, "{v1}/{v2}");
     assert_eq!(releases(&env, "web")[1]["outcome"], "pending");
     env.ok(&["promote", "web"]);
-    env.ok(&["rollout", "status", "web"]);
+    // Issue 13: `rollout status` had no --json: the service's status at the end.
+    let end = env.json(&["rollout", "status", "web", "--json"]);
+    assert_eq!(
+        (&end["revision"], &end["outcome"]),
+        (&2.into(), &"active".into()),
+        "{end}"
+    );
     assert_eq!(releases(&env, "web")[1]["outcome"], "active");
 }
 
