@@ -79,6 +79,34 @@ impl Client {
 
     /// Stream a text answer to stdout.
     pub async fn stream(&self, path: &str) -> Result<()> {
+        self.stream_with(path, |out, data| out.write_all(data))
+            .await
+    }
+
+    /// Stream a text response, each chunk through `write` (which gets whole
+    /// lines only: a chunk's unfinished last line waits for the next).
+    pub async fn stream_lines(
+        &self,
+        path: &str,
+        mut line: impl FnMut(&mut dyn std::io::Write, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let mut rest: Vec<u8> = Vec::new();
+        self.stream_with(path, |out, data| {
+            rest.extend_from_slice(data);
+            while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+                let l: Vec<u8> = rest.drain(..=end).collect();
+                line(out, &l[..l.len() - 1])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stream_with(
+        &self,
+        path: &str,
+        mut write: impl FnMut(&mut dyn std::io::Write, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
         use std::io::Write;
         let resp = self.send(hyper::Method::GET, path, None).await?;
         let status = resp.status();
@@ -93,7 +121,7 @@ impl Client {
         let mut out = std::io::stdout().lock();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
-                out.write_all(&data)?;
+                write(&mut out, &data)?;
                 out.flush()?;
             }
         }

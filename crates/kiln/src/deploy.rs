@@ -660,6 +660,7 @@ pub fn logs(
     release: Option<u64>,
     instance: Option<&str>,
     follow: bool,
+    json: bool,
 ) -> Result<ExitCode> {
     let mut path = format!("/v1/logs?service={service}");
     if let Some(r) = release {
@@ -672,6 +673,16 @@ pub fn logs(
         path.push_str("&follow=true");
     }
     let client = Client::new(home);
-    runtime()?.block_on(client.stream(&path))?;
+    if json {
+        // JSON Lines: {"instance": ID, "line": TEXT} per line of output.
+        runtime()?.block_on(client.stream_lines(&path, |out, line| {
+            let text = String::from_utf8_lossy(line);
+            let (id, line) = text.split_once(" | ").unwrap_or(("", &text));
+            let v = serde_json::json!({ "instance": id, "line": line });
+            writeln!(out, "{v}")
+        }))?;
+    } else {
+        runtime()?.block_on(client.stream(&path))?;
+    }
     Ok(ExitCode::SUCCESS)
 }

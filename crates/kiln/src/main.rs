@@ -234,6 +234,9 @@ pub enum Command {
         /// Keep following new output
         #[arg(short, long)]
         follow: bool,
+        /// JSON Lines: {"instance": ID, "line": TEXT} per line
+        #[arg(long)]
+        json: bool,
     },
     /// Print a shell completion script (e.g. `kiln completions bash >
     /// /etc/bash_completion.d/kiln`)
@@ -354,7 +357,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             release,
             instance,
             follow,
-        } => deploy::logs(&home()?, &service, release, instance.as_deref(), follow),
+            json,
+        } => deploy::logs(
+            &home()?,
+            &service,
+            release,
+            instance.as_deref(),
+            follow,
+            json,
+        ),
     }
 }
 

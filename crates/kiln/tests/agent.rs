@@ -611,6 +611,14 @@ fn logs_filter_by_release_and_instance() {
     assert!(err.contains("no instance web-r1-nope"), "{err}");
     let err = env.fails(&["logs", "web", "--release", "9"]);
     assert!(err.contains("release 9 of web does not exist"), "{err}");
+    // Issue 13: `logs` had no --json: JSON Lines, one per line of output.
+    let lines = env.ok(&["logs", "web", "--instance", &id, "--json"]);
+    assert!(!lines.is_empty());
+    for l in lines.lines() {
+        let v: Value = serde_json::from_str(l).unwrap();
+        assert_eq!(v["instance"], id.as_str(), "{l}");
+        assert!(v["line"].is_string(), "{l}");
+    }
     // A closed stdout ends a command quietly (issue 13: `status` panicked
     // with exit 101, `--json` and `logs` printed an error).
     for args in [&["status"][..], &["status", "--json"], &["logs", "web"]] {
