@@ -239,7 +239,12 @@ pub async fn serve(
         // The successor may take the home now; this process only finishes
         // the requests it has.
         drop(lock);
-        agent.hand_over_traffic().await;
+        // Its requests finish, unless kiln is being stopped meanwhile.
+        tokio::select! {
+            () = agent.hand_over_traffic() => {}
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
         tracing::info!("handed over");
         return Ok(Exit::HandedOver);
     }

@@ -118,11 +118,15 @@ async fn run(home: &Path, exe: PathBuf, args: Vec<OsString>) -> Result<u8, Serve
         tokio::select! {
             _ = term.recv() => {
                 stopping = true;
-                signal_agent(current.pid, Signal::TERM);
+                for pid in std::iter::once(current.pid).chain(leaving) {
+                    signal_agent(pid, Signal::TERM);
+                }
             }
             _ = int.recv() => {
                 stopping = true;
-                signal_agent(current.pid, Signal::INT);
+                for pid in std::iter::once(current.pid).chain(leaving) {
+                    signal_agent(pid, Signal::INT);
+                }
             }
             _ = hup.recv(), if next.is_none() && !stopping => {
                 tracing::info!("starting a new agent from {} to take over", exe.display());

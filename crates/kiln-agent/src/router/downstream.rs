@@ -144,11 +144,17 @@ impl Client {
             let idle = self.buf.is_empty();
             let read = wire::read_buf(&mut self.io, &mut self.buf);
             // A process handing over closes an idle connection once it has
-            // stayed idle a moment (a busy one ends after its exchange).
+            // stayed idle a while (a busy one ends after its exchange), but
+            // never one whose next request has arrived meanwhile: the timer
+            // and the request can be ready at once, and the request wins.
             let drained = self.routes.drained();
             let got = tokio::select! {
+                biased;
                 got = tokio::time::timeout_at(deadline.into(), read) => got,
-                () = drained, if idle => return false,
+                () = drained, if idle => match self.io.try_read_buf(&mut self.buf) {
+                    Ok(n) if n > 0 => Ok(Ok(n)),
+                    _ => return false,
+                },
             };
             match got {
                 Ok(Ok(1..)) => {}

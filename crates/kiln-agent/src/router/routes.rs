@@ -225,8 +225,9 @@ impl Default for RouteSource {
 
 /// How long a connection may stay idle once its process is draining (a
 /// client in a steady loop sends its next request well within it, and
-/// gets it answered with `connection: close`).
-pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(1);
+/// gets it answered with `connection: close`; a slow machine must not turn
+/// a short pause into a closed connection).
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(5);
 
 impl RouteSource {
     /// A service's current routes.
