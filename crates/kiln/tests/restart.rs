@@ -13,6 +13,15 @@ use std::time::Duration;
 
 use util::*;
 
+/// These tests start agents, instances and load at once, and time
+/// hand-overs: one at a time, so that they do not starve each other's
+/// processes on a small machine (CI's two cores).
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn spec(port: u16, extra_env: &str) -> String {
     format!(
         r#"
@@ -110,6 +119,7 @@ fn kill9(pid: u64) {
 
 #[test]
 fn a_graceful_restart_keeps_every_instance_and_loses_no_request() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
@@ -159,6 +169,7 @@ fn another_build(to: &Path) {
 
 #[test]
 fn an_upgrade_to_another_build_takes_over_with_no_request_lost() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let (exe, _agent) = serve_from_copy(&env);
@@ -179,11 +190,17 @@ fn an_upgrade_to_another_build_takes_over_with_no_request_lost() {
         format!("{}+upgradetest00001", env!("CARGO_PKG_VERSION")),
         "the new build serves"
     );
-    assert_eq!(instance_pids(&env), pids, "no instance was replaced");
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap_or_default();
+    assert_eq!(
+        instance_pids(&env),
+        pids,
+        "no instance was replaced; kiln serve's log:\n{log}"
+    );
 }
 
 #[test]
 fn a_killed_agent_is_replaced_at_once_and_adopts_every_instance() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
@@ -218,6 +235,7 @@ fn a_killed_agent_is_replaced_at_once_and_adopts_every_instance() {
 
 #[test]
 fn a_rollout_interrupted_by_the_agents_death_finishes_under_the_next() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
@@ -241,6 +259,7 @@ fn a_rollout_interrupted_by_the_agents_death_finishes_under_the_next() {
 
 #[test]
 fn output_written_while_no_agent_runs_is_all_in_the_log() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let mut agent = Agent::start(&env);
@@ -329,6 +348,7 @@ fn output_written_while_no_agent_runs_is_all_in_the_log() {
 
 #[test]
 fn stopping_kiln_still_stops_everything() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let mut agent = Agent::start(&env);
@@ -347,6 +367,7 @@ fn stopping_kiln_still_stops_everything() {
 /// LISTEN_PID, LISTEN_FDS and LISTEN_FDNAMES.
 #[test]
 fn socket_activation_serves_the_sockets_it_was_given() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     std::fs::create_dir_all(&env.home).unwrap();
@@ -389,6 +410,7 @@ fn socket_activation_serves_the_sockets_it_was_given() {
 
 #[test]
 fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
@@ -404,6 +426,7 @@ fn a_rollout_goes_on_under_the_agent_an_upgrade_hands_over_to() {
 
 #[test]
 fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let (exe, agent) = serve_from_copy(&env);
@@ -433,6 +456,7 @@ fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
 
 #[test]
 fn an_instance_that_died_with_the_agent_is_replaced_and_the_others_adopted() {
+    let _serial = one_at_a_time();
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
