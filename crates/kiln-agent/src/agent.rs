@@ -172,7 +172,7 @@ impl Agent {
         let mut waiting = Vec::new();
         for svc in &services {
             let mine = adopted.remove(&svc.name).unwrap_or_default();
-            waiting.extend(mine.iter().map(|r| r.id.clone()));
+            waiting.extend(mine.iter().map(|(r, _)| r.id.clone()));
             agent.start_controller(&svc.name, mine).await;
         }
         // Traffic comes back once the adopted instances answer their
@@ -207,7 +207,7 @@ impl Agent {
     /// is killed).
     fn adopt_or_end(
         &self,
-    ) -> Result<BTreeMap<ServiceName, Vec<crate::state::InstanceRecord>>, AgentError> {
+    ) -> Result<BTreeMap<ServiceName, Vec<crate::controller::Adoptee>>, AgentError> {
         let services: std::collections::BTreeSet<ServiceName> = self
             .shared
             .state
@@ -219,7 +219,17 @@ impl Agent {
         for rec in self.shared.state.instances()? {
             let alive = rec.pid != 0 && start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
             if alive && services.contains(&rec.service) {
-                adopted.entry(rec.service.clone()).or_default().push(rec);
+                // Its output pipes are taken now, before what nobody took
+                // is let go (the controller adopts it a moment later).
+                let output = self
+                    .shared
+                    .keeper
+                    .take(&format!("log:{}", rec.id))
+                    .unwrap_or_default();
+                adopted
+                    .entry(rec.service.clone())
+                    .or_default()
+                    .push((rec, output));
                 continue;
             }
             if alive {
@@ -239,18 +249,14 @@ impl Agent {
         }
         if self.shared.keeper.supervised() {
             let accounted: std::collections::BTreeSet<u32> =
-                adopted.values().flatten().map(|r| r.pid).collect();
+                adopted.values().flatten().map(|(r, _)| r.pid).collect();
             sweep_orphans(&accounted);
         }
         Ok(adopted)
     }
 
     /// Start the controller of `name`, taking over `adopted`.
-    async fn start_controller(
-        &self,
-        name: &ServiceName,
-        adopted: Vec<crate::state::InstanceRecord>,
-    ) {
+    async fn start_controller(&self, name: &ServiceName, adopted: Vec<crate::controller::Adoptee>) {
         let mut ctl = self.controllers.lock().await;
         let tx = ctl.entry(name.clone()).or_insert_with(|| {
             let (tx, rx) = mpsc::unbounded_channel();

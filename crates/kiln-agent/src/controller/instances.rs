@@ -242,7 +242,11 @@ impl Controller {
     /// Take over an instance an earlier agent process started and
     /// recorded: it keeps its id, slot, port, pid and output pipes; its
     /// probes start again (it serves once they pass).
-    pub(super) async fn adopt_running(&mut self, rec: InstanceRecord) {
+    pub(super) async fn adopt_running(
+        &mut self,
+        rec: InstanceRecord,
+        output: Vec<std::os::fd::OwnedFd>,
+    ) {
         let p = match self.prepare(rec.revision).await {
             Ok(p) => p,
             Err(e) => {
@@ -251,11 +255,6 @@ impl Controller {
                 return;
             }
         };
-        let output = self
-            .shared
-            .keeper
-            .take(&format!("log:{}", rec.id))
-            .unwrap_or_default();
         self.record_event(
             Change::InstanceAdopted {
                 from: rec.revision,

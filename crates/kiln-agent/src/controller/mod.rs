@@ -128,10 +128,14 @@ pub struct Controller {
     due: Option<Instant>,
     /// Instances an earlier agent process left running, to take over
     /// before the first pass.
-    adopting: Vec<crate::state::InstanceRecord>,
+    adopting: Vec<Adoptee>,
     /// Handing over: waiting for every instance task to let go.
     detaching: Option<oneshot::Sender<()>>,
 }
+
+/// An instance an earlier agent process left running: its record and its
+/// output pipes (held by the supervisor meanwhile).
+pub type Adoptee = (crate::state::InstanceRecord, Vec<std::os::fd::OwnedFd>);
 
 /// What a pass read, owned: a [`View`] borrows it.
 struct Observed {
@@ -176,14 +180,14 @@ impl Controller {
 
     /// Take over `records` (running instances an earlier agent process
     /// started) before the first pass.
-    pub fn adopting(mut self, records: Vec<crate::state::InstanceRecord>) -> Self {
+    pub fn adopting(mut self, records: Vec<Adoptee>) -> Self {
         self.adopting = records;
         self
     }
 
     pub async fn run(mut self) {
-        for rec in std::mem::take(&mut self.adopting) {
-            self.adopt_running(rec).await;
+        for (rec, output) in std::mem::take(&mut self.adopting) {
+            self.adopt_running(rec, output).await;
         }
         loop {
             tokio::select! {
