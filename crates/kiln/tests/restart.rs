@@ -108,13 +108,14 @@ fn signal(pid: u64, sig: &str) {
 }
 
 fn kill9(pid: u64) {
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    signal(pid, "-9");
+}
+
+/// Until another agent than `before` serves the home.
+fn another_agent(env: &Env, before: u64) {
+    wait_for("another agent", Duration::from_secs(20), || {
+        env.run(&["status", "--json"]).status.success() && agent_pid(env) != before
+    });
 }
 
 #[test]
@@ -210,9 +211,7 @@ fn a_killed_agent_is_replaced_at_once_and_adopts_every_instance() {
     let load = Load::start(port, threads);
     std::thread::sleep(Duration::from_millis(300));
     kill9(before);
-    wait_for("another agent", Duration::from_secs(20), || {
-        env.run(&["status", "--json"]).status.success() && agent_pid(&env) != before
-    });
+    another_agent(&env, before);
     std::thread::sleep(Duration::from_millis(500));
     let count = load.finish();
     // Only what was in flight in the killed process may fail (one request
@@ -301,9 +300,7 @@ fn output_written_while_no_agent_runs_is_all_in_the_log() {
     // What the killed process wrote: the one chunk it may have read and not
     // written (in flight when it died) is all a kill may lose.
     let at_death = ticks_in(&log()).last().copied().unwrap();
-    wait_for("another agent", Duration::from_secs(20), || {
-        env.run(&["status", "--json"]).status.success() && agent_pid(&env) != before
-    });
+    another_agent(&env, before);
     std::thread::sleep(Duration::from_millis(500));
     env.ok(&["serve", "--upgrade"]);
     std::thread::sleep(Duration::from_millis(500));

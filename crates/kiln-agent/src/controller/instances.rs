@@ -35,7 +35,6 @@ pub(super) struct Inst {
     pub stopping: bool,
     pub ready: bool,
     pub live: bool,
-    pub started: Instant,
     pub started_wall: SystemTime,
     pub ready_since: Option<Instant>,
     /// Tells its task to stop (graceful, or a kill that escalates one).
@@ -345,11 +344,6 @@ impl Controller {
                 ready: false,
                 live: true,
                 // An adopted instance's uptime counts from its own start.
-                started: pid
-                    .and_then(crate::runtime::started_at)
-                    .and_then(|t| SystemTime::now().duration_since(t).ok())
-                    .and_then(|age| now().checked_sub(age))
-                    .unwrap_or_else(now),
                 started_wall: pid
                     .and_then(crate::runtime::started_at)
                     .unwrap_or_else(SystemTime::now),

@@ -167,7 +167,10 @@ impl Controller {
                     .get(&(i.revision, i.slot))
                     .map_or(0, |s| s.replacements),
                 started: humantime::format_rfc3339_millis(i.started_wall).to_string(),
-                uptime_secs: now.duration_since(i.started).as_secs_f64(),
+                // (`status` recounts it from `started` when asked.)
+                uptime_secs: std::time::SystemTime::now()
+                    .duration_since(i.started_wall)
+                    .map_or(0.0, |d| d.as_secs_f64()),
                 runtime: i.runtime,
                 read_only_root: i.read_only,
             })

@@ -247,11 +247,7 @@ mod tests {
     /// slower than ~15 ms to listen failed its startup probe.
     #[tokio::test]
     async fn a_slow_start_within_the_startup_budget_is_not_a_failure() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::router::testing::free_port();
         let startup = Probe {
             check: ProbeCheck::Tcp,
             interval: SpecDuration::from_millis(100),
@@ -283,11 +279,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_start_beyond_the_budget_fails_the_startup_probe() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::router::testing::free_port();
         let startup = Probe {
             check: ProbeCheck::Tcp,
             interval: SpecDuration::from_millis(50),

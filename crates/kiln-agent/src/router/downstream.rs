@@ -1061,11 +1061,7 @@ mod tests {
         router: Arc<Router>,
     ) -> (Arc<Router>, u16, Arc<Backend>) {
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = crate::router::testing::free_port();
         let backend = Arc::new(Backend::new(
             "i1".into(),
             1,

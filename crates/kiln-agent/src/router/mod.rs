@@ -27,7 +27,7 @@ pub(crate) mod downstream;
 pub(crate) mod metrics;
 pub(crate) mod routes;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 pub(crate) mod upstream;
 pub(crate) mod wire;
 
@@ -596,6 +596,7 @@ impl Drop for Gauge {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::testing::free_port;
     use kiln_core::spec::ServiceName;
 
     async fn get(port: u16) -> (u16, String) {
@@ -612,14 +613,6 @@ mod tests {
             out[9..12].parse().unwrap(),
             out.split_once("\r\n\r\n").unwrap().1.to_owned(),
         )
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     #[tokio::test]

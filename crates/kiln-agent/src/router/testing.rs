@@ -1,10 +1,19 @@
-//! Test helpers shared by the router's unit tests.
+//! Test helpers shared by the agent's unit tests (the router's most).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A TCP port on 127.0.0.1 that nothing listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// What the scripted instance does with the next request it reads.
 #[derive(Clone, Copy)]

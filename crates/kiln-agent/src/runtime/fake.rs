@@ -232,17 +232,9 @@ mod tests {
         }
     }
 
-    fn port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    }
-
     #[tokio::test]
     async fn it_answers_on_its_port_and_exits_on_its_stop_signal() {
-        let p = port();
+        let p = crate::router::testing::free_port();
         let mut r = Fake::new()
             .spawn("a", &launch(&[("PORT", &p.to_string())]))
             .unwrap();
