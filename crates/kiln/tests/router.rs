@@ -511,13 +511,16 @@ fn recreate_stops_every_old_instance_before_starting_new_ones() {
         .min()
         .unwrap();
     assert!(last_old_exit < first_new_start, "{events:?}");
+    // Every release-1 instance that ever started has exited (a starved CI
+    // machine may have replaced one of them during the first apply, so the
+    // count is of starts, not a fixed 3), and at least the three replicas.
+    let count = |kind: &str| events.iter().filter(|e| e.1 == kind && e.2 == 1).count();
     assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.1 == "instance-exited" && e.2 == 1)
-            .count(),
-        3
+        count("instance-started"),
+        count("instance-exited"),
+        "{events:?}"
     );
+    assert!(count("instance-exited") >= 3, "{events:?}");
 }
 
 #[test]
