@@ -58,6 +58,7 @@ fn config(version: &str) -> ReleaseConfig {
             version.to_owned(),
         )]
         .into(),
+        secrets: BTreeMap::new(),
         volumes: BTreeMap::new(),
         runtime: RuntimeKind::Process,
         health: Default::default(),

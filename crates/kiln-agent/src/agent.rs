@@ -26,6 +26,7 @@ use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
 use crate::shared::Shared;
 use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
+use kiln_core::secret::Sealed;
 
 /// Why a command was refused, with what it was about. Each variant is one
 /// HTTP status (`api.rs` maps them, with no catch-all arm).
@@ -121,6 +122,8 @@ pub enum AgentError {
     /// The service's controller refused (`promote`, `abort`).
     #[error(transparent)]
     Refused(ControllerError),
+    #[error("cannot make the node's secret key: reading /dev/urandom: {0}")]
+    Random(std::io::Error),
     #[error("the agent is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -133,6 +136,18 @@ pub struct Agent {
     apply_lock: Mutex<()>,
     shutting_down: std::sync::atomic::AtomicBool,
     bwrap: bool,
+    /// Seals secrets (`kiln_core::secret`): kept in the state store.
+    secret_key: [u8; 32],
+}
+
+/// 32 bytes from the kernel's random source.
+fn random_key() -> Result<[u8; 32], AgentError> {
+    use std::io::Read;
+    let mut key = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut key))
+        .map_err(AgentError::Random)?;
+    Ok(key)
 }
 
 impl Agent {
@@ -160,7 +175,9 @@ impl Agent {
 
     /// Start the agent on what its controllers will share.
     pub(crate) async fn start_on(shared: Arc<Shared>) -> Result<Arc<Self>, AgentError> {
+        let secret_key = shared.state.secret_key(random_key()?)?;
         let agent = Arc::new(Self {
+            secret_key,
             shared,
             controllers: Mutex::new(BTreeMap::new()),
             apply_lock: Mutex::new(()),
@@ -325,6 +342,22 @@ impl Agent {
     /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
     /// second waits for the first to be recorded, and a service whose
     /// rollout is still in progress refuses a new release (naming it).
+    /// Seal a desired service's secret values into its release config:
+    /// the release records only the digests (whatever the client sent as
+    /// digests is replaced by what its values seal to).
+    fn seal_secrets(&self, d: &mut kiln_core::release::DesiredService) {
+        d.config.secrets.clear();
+        for (name, value) in &d.secret_values {
+            if d.config.env.contains_key(name) {
+                // The image's env may name it (a default): the secret wins.
+                d.config.env.remove(name);
+            }
+            d.config
+                .secrets
+                .insert(name.clone(), Sealed::seal(&self.secret_key, name, value));
+        }
+    }
+
     pub async fn apply(
         &self,
         mut req: ApplyRequest,
@@ -349,6 +382,7 @@ impl Agent {
                 (_, false) if self.bwrap => RuntimeKind::Sandbox,
                 (_, false) => RuntimeKind::Process,
             };
+            self.seal_secrets(d);
             if !self.shared.store.has_blob(&d.config.image) {
                 return Err(AgentError::ImageMissing {
                     service: d.name.clone(),
@@ -382,6 +416,15 @@ impl Agent {
         let the_plan = plan(&req.services, &current);
         if req.dry_run {
             return Ok(ApplyResponse { plan: the_plan });
+        }
+        // The values before the releases that name them: a release never
+        // names a secret the store lacks.
+        for d in &mut req.services {
+            let values: Vec<_> = std::mem::take(&mut d.secret_values)
+                .into_iter()
+                .map(|(name, value)| (Sealed::seal(&self.secret_key, &name, &value), value))
+                .collect();
+            self.shared.state.put_secrets(&values)?;
         }
         // Refuse what cannot run before recording anything.
         for (d, sp) in req.services.iter().zip(&the_plan.services) {

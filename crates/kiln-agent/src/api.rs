@@ -62,7 +62,9 @@ impl IntoResponse for AgentError {
             | AgentError::NothingToRollBackTo(_)
             | AgentError::AlreadyOn { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            AgentError::Unpacker { .. } | AgentError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         (
             status,

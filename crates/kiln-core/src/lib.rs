@@ -18,6 +18,7 @@ pub mod plan;
 pub mod reference;
 pub mod release;
 pub mod rollout;
+pub mod secret;
 pub mod service;
 pub mod spec;
 pub mod tree;

@@ -120,6 +120,28 @@ pub fn plan(desired: &[DesiredService], current: &BTreeMap<ServiceName, CurrentS
     Plan { services }
 }
 
+/// The keys added, removed and changed between two maps, by kind, the
+/// empty kinds left out.
+fn keyed_changes<'a, K: Ord + AsRef<str>, V: PartialEq>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> Vec<(&'static str, Vec<&'a str>)> {
+    let added = new.keys().filter(|k| !old.contains_key(*k));
+    let removed = old.keys().filter(|k| !new.contains_key(*k));
+    let changed = new
+        .iter()
+        .filter(|(k, v)| old.get(*k).is_some_and(|o| o != *v))
+        .map(|(k, _)| k);
+    [
+        ("added", added.map(AsRef::as_ref).collect::<Vec<_>>()),
+        ("removed", removed.map(AsRef::as_ref).collect()),
+        ("changed", changed.map(AsRef::as_ref).collect()),
+    ]
+    .into_iter()
+    .filter(|(_, keys)| !keys.is_empty())
+    .collect()
+}
+
 fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
     let mut out = Vec::new();
     if old.image != new.image {
@@ -131,25 +153,11 @@ fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
             new.image.short()
         ));
     }
-    let mut added = Vec::new();
-    let mut removed = Vec::new();
-    let mut changed = Vec::new();
-    for (k, v) in &new.env {
-        match old.env.get(k) {
-            None => added.push(k.as_str()),
-            Some(o) if o != v => changed.push(k.as_str()),
-            Some(_) => {}
-        }
+    for (what, keys) in keyed_changes(&old.env, &new.env) {
+        out.push(format!("env {what}: {}", keys.join(", ")));
     }
-    for k in old.env.keys() {
-        if !new.env.contains_key(k) {
-            removed.push(k.as_str());
-        }
-    }
-    for (what, keys) in [("added", added), ("removed", removed), ("changed", changed)] {
-        if !keys.is_empty() {
-            out.push(format!("env {what}: {}", keys.join(", ")));
-        }
+    for (what, keys) in keyed_changes(&old.secrets, &new.secrets) {
+        out.push(format!("secrets {what}: {}", keys.join(", ")));
     }
     if old.command != new.command {
         out.push(format!("command {:?} -> {:?}", old.command, new.command));
@@ -233,11 +241,13 @@ mod tests {
                     .iter()
                     .map(|(k, v)| (crate::spec::EnvName::try_from(*k).unwrap(), (*v).to_owned()))
                     .collect(),
+                secrets: BTreeMap::new(),
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
                 health: HealthSpec::default(),
                 stop: StopSpec::default(),
             },
+            secret_values: BTreeMap::new(),
         }
     }
 
@@ -280,6 +290,26 @@ mod tests {
             ["env added: C", "env removed: B", "env changed: A"]
         );
         assert!(!p.to_string().contains('2') || !p.to_string().contains("A=2"));
+    }
+
+    #[test]
+    fn a_changed_secret_is_a_new_release_naming_only_the_key() {
+        use crate::secret::{Sealed, SecretValue};
+        let name = crate::spec::EnvName::try_from("DB_PASSWORD").unwrap();
+        let seal = |v: &str| Sealed::seal(b"key", &name, &SecretValue::new(v));
+        let mut old = desired(&[], 2, b"a");
+        old.config.secrets.insert(name.clone(), seal("hunter2"));
+        let mut new = old.clone();
+        assert!(plan(std::slice::from_ref(&new), &current(&old, 4)).is_empty());
+        new.config.secrets.insert(name.clone(), seal("hunter3"));
+        let p = plan(&[new], &current(&old, 4));
+        let s = &p.services[0];
+        assert_eq!((s.action, s.revision), (Action::Release, Some(5)));
+        assert_eq!(s.changes, ["secrets changed: DB_PASSWORD"]);
+        assert!(!p.to_string().contains("hunter"));
+        let none = desired(&[], 2, b"a");
+        let p = plan(std::slice::from_ref(&none), &current(&old, 4));
+        assert_eq!(p.services[0].changes, ["secrets removed: DB_PASSWORD"]);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::digest::Digest;
 use crate::names::{AbsolutePath, EnvName, ServiceName};
+use crate::secret::{Sealed, SecretValue};
 use crate::service::{
     HealthSpec, ListenAddr, RolloutSpec, RuntimeKind, StopSpec, VolumeName, VolumeSpec,
 };
@@ -29,6 +30,10 @@ pub struct ReleaseConfig {
     /// The image's env, overridden by the service's. Names are validated
     /// here too: this arrives through the API, not only from a spec.
     pub env: BTreeMap<EnvName, String>,
+    /// Secret env vars, sealed: the agent's keyed digest of each value (the
+    /// value itself is in the agent's state store, never in a release).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secrets: BTreeMap<EnvName, Sealed>,
     /// Volume name → mount. A name is a path component under
     /// `$KILN_HOME/volumes/SERVICE/`: validated, so none escapes it.
     pub volumes: BTreeMap<VolumeName, VolumeSpec>,
@@ -67,6 +72,11 @@ pub struct DesiredService {
     pub name: ServiceName,
     pub settings: ServiceSettings,
     pub config: ReleaseConfig,
+    /// The secrets' values, read by the client; the agent seals them into
+    /// `config.secrets` and keeps them (never printed: see
+    /// [`SecretValue`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub secret_values: BTreeMap<EnvName, SecretValue>,
 }
 
 /// How a release ended up.

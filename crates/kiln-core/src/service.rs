@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::names::{AbsolutePath, EnvName};
 use crate::reference::{ImageName, ImageRef};
+use crate::secret::SecretSource;
 
 /// `[services.NAME]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -28,6 +29,13 @@ pub struct ServiceSpec {
     pub listen: Option<ListenAddr>,
     #[serde(default)]
     pub env: BTreeMap<EnvName, String>,
+    /// Env vars whose values are secret: never in a command line, a log,
+    /// `plan` or `history` (see [`crate::secret`]).
+    #[serde(default)]
+    pub secrets: BTreeMap<EnvName, SecretSource>,
+    /// A file of `NAME=VALUE` lines (relative to the spec), every one a
+    /// secret.
+    pub env_file: Option<String>,
     /// Replaces the image's entrypoint and cmd.
     #[serde(default)]
     pub command: Vec<String>,

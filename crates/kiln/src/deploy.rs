@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use kiln_core::api::{ApplyRequest, ApplyResponse, HistoryResponse, InstanceState, StatusResponse};
 use kiln_core::plan::Action;
 use kiln_core::release::{DesiredService, Outcome, ReleaseConfig, ServiceSettings};
+use kiln_core::secret::{SecretSource, SecretValue};
 use kiln_core::service::{ImageSource, RuntimeKind};
 use kiln_core::spec::Spec;
 use kiln_store::Store;
@@ -120,6 +121,12 @@ pub fn desired(
     if spec.services.is_empty() {
         bail!("{} has no [services.NAME] table to apply", file.display());
     }
+    // Secrets first: a missing file fails before anything is baked.
+    let dir = file.parent().unwrap_or(Path::new("."));
+    let mut secrets = BTreeMap::new();
+    for (name, svc) in &spec.services {
+        secrets.insert(name.clone(), read_secrets(dir, name, svc)?);
+    }
     let store = open_store(home)?;
     let mut baked = BTreeMap::new();
     for svc in spec.services.values() {
@@ -153,14 +160,61 @@ pub fn desired(
                 (rec.name.to_string(), rec.digest)
             }
         };
-        out.push(resolve_service(
-            &store, &spec, name, svc, image_name, digest,
-        )?);
+        let mut d = resolve_service(&store, &spec, name, svc, image_name, digest)?;
+        d.secret_values = secrets.remove(name).unwrap_or_default();
+        out.push(d);
         if svc.runtime.is_some() {
             explicit.push(name.clone());
         }
     }
     Ok((out, explicit))
+}
+
+/// A service's secrets, read from where the spec says: its `env_file`,
+/// then its `[secrets]` table (which wins). Errors name the secret and its
+/// source, never a value.
+fn read_secrets(
+    dir: &Path,
+    name: &kiln_core::spec::ServiceName,
+    svc: &kiln_core::service::ServiceSpec,
+) -> Result<BTreeMap<kiln_core::spec::EnvName, SecretValue>> {
+    let mut out = BTreeMap::new();
+    if let Some(f) = &svc.env_file {
+        let path = dir.join(f);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("service {name}: env_file: cannot read {}", path.display()))?;
+        let entries = kiln_core::secret::parse_env_file(&text)
+            .map_err(|e| anyhow::anyhow!("service {name}: env_file {}: {e}", path.display()))?;
+        out.extend(entries);
+    }
+    for (key, source) in &svc.secrets {
+        let value = match source {
+            SecretSource::Value(v) => v.clone(),
+            SecretSource::File { file } => {
+                let path = dir.join(file);
+                let text = std::fs::read_to_string(&path).with_context(|| {
+                    format!(
+                        "service {name}: secret {key}: cannot read {}",
+                        path.display()
+                    )
+                })?;
+                kiln_core::secret::from_file_contents(&text)
+            }
+            SecretSource::Env { env } => match std::env::var(env) {
+                Ok(v) => SecretValue::new(v),
+                Err(_) => {
+                    bail!("service {name}: secret {key}: the environment variable {env} is not set")
+                }
+            },
+        };
+        out.insert(key.clone(), value);
+    }
+    for key in out.keys() {
+        if svc.env.contains_key(key) {
+            bail!("service {name}: {key} is both in env and a secret; keep one");
+        }
+    }
+    Ok(out)
 }
 
 fn resolve_service(
@@ -199,12 +253,15 @@ fn resolve_service(
             timeout: svc.timeout,
             router: svc.router,
         },
+        secret_values: BTreeMap::new(),
         config: ReleaseConfig {
             image: digest,
             image_name,
             command,
             workdir,
             env,
+            // Sealed by the agent from `secret_values`.
+            secrets: BTreeMap::new(),
             volumes: svc.volumes.clone(),
             // The agent decides when the spec does not say (it knows whether
             // bubblewrap is installed on its node).

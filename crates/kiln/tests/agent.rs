@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, actors_of, alive, have, hello_app, http_get, processes_mentioning, service_status,
-    wait_for, write,
+    Agent, Env, actors_of, alive, have, hello_app, http_get, processes_mentioning, releases,
+    service_status, wait_for, write,
 };
 
 const WEB: &str = r#"
@@ -573,6 +573,235 @@ fn exec_and_startup_probes_run_inside_the_sandbox() {
     apply(&env, &spec);
     let s = service_status(&env, "web");
     assert_eq!(s["ready"], 2, "{s}");
+}
+
+/// Issue 13: exec probes ran in a fresh sandbox, so a worker probing its
+/// own `/tmp/heartbeat` was never ready; and a worker with no port and no
+/// probe was never ready at all. Now the probe runs inside the instance
+/// (its mount and pid namespaces), and a worker without a probe is ready
+/// once it has stayed up for `min_ready`.
+#[test]
+fn exec_probes_run_inside_the_instance_and_workers_need_no_port() {
+    let env = Env::new();
+    let app = env.path("app");
+    fs::create_dir_all(app.join("bin")).unwrap();
+    write(
+        &app.join("bin/worker.sh"),
+        b"#!/usr/bin/sh
+          echo $$ > /tmp/worker.pid
+          touch /tmp/heartbeat
+          echo worker up
+          exec sleep 1000
+",
+    );
+    util::chmod(&app.join("bin/worker.sh"), 0o755);
+    let spec = app.join("kiln.toml");
+    // The probe passes only where the instance's /tmp is, and where its
+    // pid (as the instance sees it) is its `sleep`.
+    let probe = "test -f /tmp/heartbeat && grep -q sleep /proc/$(cat /tmp/worker.pid)/cmdline";
+    write(
+        &spec,
+        format!(
+            r#"
+[images.worker]
+include = ["bin"]
+entrypoint = ["/bin/worker.sh"]
+
+[services.worker]
+image = "worker"
+replicas = 2
+[services.worker.health.readiness]
+exec = ["/usr/bin/sh", "-c", "{probe}"]
+interval = "200ms"
+
+[services.idle]
+image = "worker"
+replicas = 1
+[services.idle.rollout]
+min_ready = "1s"
+"#
+        )
+        .as_bytes(),
+    );
+    let _agent = Agent::start(&env);
+    apply(&env, &spec);
+    for name in ["worker", "idle"] {
+        let s = service_status(&env, name);
+        assert_eq!(s["outcome"], "active", "{s}");
+        assert!(instances(&s).iter().all(|i| i["ready"] == true), "{s}");
+    }
+    assert_eq!(service_status(&env, "worker")["ready"], 2);
+    // Nothing was replaced: every instance is the first of its slot.
+    for name in ["worker", "idle"] {
+        let s = service_status(&env, name);
+        assert!(instances(&s).iter().all(|i| i["replacements"] == 0), "{s}");
+    }
+}
+
+/// Issue 13: every env value was a `bwrap --setenv` argument (any local
+/// user read it in `ps`) and `history --json` printed it. Secrets come from
+/// the spec, a file, the `kiln` command's environment or an env file; the
+/// instance sees them; no command line, log, plan, history, status or event
+/// does; a changed value is a new release and a rollback brings the old
+/// value back.
+#[test]
+fn secrets_reach_the_instance_and_nothing_else() {
+    let env = Env::new();
+    let app = env.path("app");
+    fs::create_dir_all(app.join("bin")).unwrap();
+    // The worker says which value it got, never the value.
+    write(
+        &app.join("bin/worker.sh"),
+        b"#!/usr/bin/sh
+          case \"$DB_PASSWORD\" in s3cr3t-one) echo db=one;; s3cr3t-two) echo db=two;; *) echo db=wrong;; esac
+          [ \"$API_TOKEN\" = tok-from-ci-9f2 ] && echo token=ok
+          [ \"$FROM_FILE\" = 'env file value' ] && echo env_file=ok
+          [ \"$INLINE\" = inline-secret-77 ] && echo inline=ok
+          [ \"$PLAIN\" = plain ] && echo plain=ok
+          exec sleep 1000
+",
+    );
+    util::chmod(&app.join("bin/worker.sh"), 0o755);
+    write(&app.join("db.secret"), b"s3cr3t-one\n");
+    write(
+        &app.join("prod.env"),
+        b"# from the vault\nFROM_FILE='env file value'\n",
+    );
+    let spec = app.join("kiln.toml");
+    write(
+        &spec,
+        br#"
+[images.worker]
+include = ["bin"]
+entrypoint = ["/bin/worker.sh"]
+
+[services.worker]
+image = "worker"
+replicas = 1
+env = { PLAIN = "plain" }
+env_file = "prod.env"
+[services.worker.rollout]
+min_ready = "300ms"
+[services.worker.secrets]
+DB_PASSWORD = { file = "db.secret" }
+API_TOKEN = { env = "KILN_TEST_TOKEN" }
+INLINE = "inline-secret-77"
+"#,
+    );
+    let values = [
+        "s3cr3t-one",
+        "s3cr3t-two",
+        "tok-from-ci-9f2",
+        "env file value",
+        "inline-secret-77",
+    ];
+    let kiln = |args: &[&str]| {
+        let out = env
+            .cmd()
+            .env("KILN_TEST_TOKEN", "tok-from-ci-9f2")
+            .args(args)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "kiln {args:?}: {text}");
+        text
+    };
+    let shown = |text: &str| values.iter().find(|v| text.contains(*v)).copied();
+    let _agent = Agent::start(&env);
+    let spec_arg = spec.to_str().unwrap();
+    let mut outputs = vec![
+        kiln(&["plan", "-f", spec_arg]),
+        kiln(&["apply", "-f", spec_arg]),
+    ];
+    let logs = env.ok(&["logs", "worker"]);
+    for want in ["db=one", "token=ok", "env_file=ok", "inline=ok", "plain=ok"] {
+        assert!(logs.contains(want), "{want}: {logs}");
+    }
+    // No process's command line holds a value (it was `--setenv`).
+    for v in values {
+        assert_eq!(
+            processes_mentioning(v),
+            Vec::<u32>::new(),
+            "{v} in a command line"
+        );
+    }
+    // A changed value is a new release; plan names the key only.
+    write(&app.join("db.secret"), b"s3cr3t-two\n");
+    let plan = kiln(&["plan", "-f", spec_arg]);
+    assert!(plan.contains("secrets changed: DB_PASSWORD"), "{plan}");
+    outputs.push(plan);
+    outputs.push(kiln(&["apply", "-f", spec_arg]));
+    assert!(
+        env.ok(&["logs", "worker", "--release", "2"])
+            .contains("db=two")
+    );
+    // A rollback brings the old value back.
+    env.ok(&["rollback", "worker"]);
+    wait_for("release 3 active", Duration::from_secs(30), || {
+        let s = service_status(&env, "worker");
+        s["revision"] == 3 && s["outcome"] == "active"
+    });
+    let r3 = env.ok(&["logs", "worker", "--release", "3"]);
+    assert!(r3.contains("db=one"), "{r3}");
+    for args in [
+        &["history", "worker", "--json"][..],
+        &["history", "worker"],
+        &["status", "--json"],
+        &["status"],
+        &["logs", "worker"],
+    ] {
+        outputs.push(kiln(args));
+    }
+    for text in &outputs {
+        assert_eq!(shown(text), None, "a secret value was shown:\n{text}");
+    }
+    let history = env.json(&["history", "worker", "--json"]);
+    let sealed = &history["releases"][0]["config"]["secrets"]["DB_PASSWORD"];
+    assert!(
+        sealed.as_str().unwrap().starts_with("hmac-sha256:"),
+        "{history}"
+    );
+    // The events hold none either.
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let details: Vec<String> = db
+        .prepare("SELECT detail FROM events")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(shown(&details.join("\n")), None);
+    // Who can read the values: the agent's user (the state database is
+    // owner-only) and root.
+    let mode = fs::metadata(env.home.join("state.db"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A missing variable or file fails the apply, naming it.
+    let err = env.fails(&["apply", "-f", spec_arg]);
+    assert!(
+        err.contains("secret API_TOKEN: the environment variable KILN_TEST_TOKEN is not set"),
+        "{err}"
+    );
+    fs::remove_file(app.join("db.secret")).unwrap();
+    let out = env
+        .cmd()
+        .env("KILN_TEST_TOKEN", "tok-from-ci-9f2")
+        .args(["apply", "-f", spec_arg])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("secret DB_PASSWORD") && err.contains("db.secret"),
+        "{err}"
+    );
+    assert_eq!(releases(&env, "worker").len(), 3, "nothing recorded");
 }
 
 #[test]

@@ -283,6 +283,24 @@ impl Controller {
             .iter()
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
+        for (name, sealed) in &cfg.secrets {
+            match self.shared.state.secret(sealed) {
+                Ok(Some(value)) => {
+                    env.insert(name.to_string(), value.expose().to_owned());
+                }
+                Ok(None) => {
+                    self.message = Some(format!(
+                        "cannot start {id}: secret {name} of release {} is not in the state store",
+                        p.release.revision
+                    ));
+                    return;
+                }
+                Err(e) => {
+                    self.log_state_error(e);
+                    return;
+                }
+            }
+        }
         env.entry("PATH".to_owned())
             .or_insert_with(|| DEFAULT_PATH.to_owned());
         env.insert("PORT".to_owned(), port.to_string());
@@ -327,6 +345,7 @@ impl Controller {
             health: cfg.health.clone(),
             stop: cfg.stop.clone(),
             port,
+            serves: self.serves(),
             log,
             keeper: self.shared.keeper.clone(),
             adopt,
@@ -356,6 +375,19 @@ impl Controller {
                 adopted: false,
             },
         );
+    }
+
+    /// Whether the router sends the service traffic (it has a `listen`);
+    /// read from the store when no pass has run yet (adopting).
+    fn serves(&self) -> bool {
+        match &self.service {
+            Some(rec) => rec.settings.listen.is_some(),
+            None => match self.shared.state.service(&self.name) {
+                Ok(Some(rec)) => rec.settings.listen.is_some(),
+                // Unknown: the stricter default (its port must accept).
+                Ok(None) | Err(_) => true,
+            },
+        }
     }
 
     /// A warm instance of release `from` now serves `target` in `slot`.

@@ -97,6 +97,7 @@ impl Harness {
                     .iter()
                     .map(|(k, v)| (EnvName::try_from(*k).unwrap(), (*v).to_owned()))
                     .collect::<BTreeMap<_, _>>(),
+                secrets: BTreeMap::new(),
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
                 health: Default::default(),
@@ -106,6 +107,7 @@ impl Harness {
                     ..StopSpec::default()
                 },
             },
+            secret_values: BTreeMap::new(),
         }
     }
 
@@ -180,8 +182,11 @@ async fn a_release_that_never_gets_ready_fails_and_the_service_returns() {
     let h = harness().await;
     h.apply(h.desired(2, &[], rollout(Strategy::Rolling))).await;
     h.until("release 1 converged", converged_on(1)).await;
-    h.apply(h.desired(2, &[("FAKE_NO_LISTEN", "1")], rollout(Strategy::Rolling)))
-        .await;
+    // It declares how to tell it is ready (a worker without a probe would
+    // be ready while it runs): its port accepts, which it never does.
+    let mut never = h.desired(2, &[("FAKE_NO_LISTEN", "1")], rollout(Strategy::Rolling));
+    never.config.health.readiness = Some(tcp_probe());
+    h.apply(never).await;
     let s = h
         .until("back on release 1", |s| {
             s.revision == Some(1) && s.converged && s.instances.iter().all(|i| i.revision == 1)
@@ -195,6 +200,47 @@ async fn a_release_that_never_gets_ready_fails_and_the_service_returns() {
             .contains("progress deadline"),
         "the deadline failed it"
     );
+    assert_eq!(h.outcomes(), [(1, Outcome::Active), (2, Outcome::Failed)]);
+}
+
+fn tcp_probe() -> service::Probe {
+    service::Probe {
+        check: service::ProbeCheck::Tcp,
+        interval: service::Duration::from_millis(50),
+        timeout: service::Duration::from_millis(50),
+        success_threshold: 1,
+        failure_threshold: 3,
+        initial_delay: service::Duration::from_secs(0),
+    }
+}
+
+/// A worker (no `listen`, no port it listens on, no probe) is ready once
+/// it has stayed up for `min_ready`: nothing else can tell.
+#[tokio::test]
+async fn a_worker_without_port_or_probe_is_ready_after_min_ready() {
+    let h = harness().await;
+    let mut r = rollout(Strategy::Rolling);
+    r.min_ready = service::Duration::from_millis(300);
+    h.apply(h.desired(2, &[("FAKE_NO_LISTEN", "1")], r.clone()))
+        .await;
+    let s = h
+        .until("release 1 active", |s| {
+            converged_on(1)(s) && s.outcome == Some(Outcome::Active)
+        })
+        .await;
+    assert!(s.instances.iter().all(|i| i.ready), "{s:#?}");
+    // A worker that crashes inside min_ready is not ready: its release
+    // fails at the deadline and never goes active.
+    h.apply(h.desired(
+        2,
+        &[("FAKE_NO_LISTEN", "1"), ("FAKE_EXIT_AFTER_MS", "100")],
+        r,
+    ))
+    .await;
+    h.until("release 2 failed", |s| {
+        s.failed_release.as_ref().is_some_and(|f| f.revision == 2)
+    })
+    .await;
     assert_eq!(h.outcomes(), [(1, Outcome::Active), (2, Outcome::Failed)]);
 }
 

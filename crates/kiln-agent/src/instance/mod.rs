@@ -57,6 +57,9 @@ pub struct InstanceTask {
     pub health: HealthSpec,
     pub stop: StopSpec,
     pub port: u16,
+    /// Whether the router serves it (the service has a `listen`): without
+    /// a readiness probe, a worker is ready while it runs.
+    pub serves: bool,
     pub log: LogFile,
     /// Requests the router has in flight to this instance.
     pub inflight: Arc<crate::router::metrics::InFlight>,
@@ -159,10 +162,14 @@ impl InstanceTask {
             let id = id.clone();
             let runtime = self.runtime.clone();
             let launch = self.launch.clone();
-            let exec = Box::new(move |argv: &[String]| runtime.exec(&launch, argv));
+            let pid = running.pid();
+            let exec = Box::new(move |argv: &[String]| {
+                runtime.exec(&launch, pid, argv).map_err(|e| e.to_string())
+            });
             tokio::spawn(probe::run(
                 self.health.clone(),
                 self.port,
+                self.serves,
                 exec,
                 move |probe, healthy, why| {
                     let _ = to.send(Report::Health {

@@ -12,9 +12,12 @@ use kiln_core::service::{Duration as SpecDuration, HealthSpec, Probe, ProbeCheck
 use tokio::net::TcpStream;
 use tokio::process::Command;
 
-/// Builds the command that runs an exec probe: in a sandbox of its own made
-/// like the instance's (the runtime's `exec`), not inside the instance.
-pub type ExecFn = Box<dyn Fn(&[String]) -> Command + Send + Sync>;
+/// Builds the command that runs an exec probe inside the instance (the
+/// runtime's `exec`), or says why it cannot.
+pub type ExecFn = Box<dyn Fn(&[String]) -> Result<Command, String> + Send + Sync>;
+
+/// What builds an exec probe's command, borrowed.
+type Exec<'a> = &'a (dyn Fn(&[String]) -> Result<Command, String> + Send + Sync);
 
 /// Which probe flipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,12 +28,7 @@ pub enum ProbeKind {
 }
 
 /// Run one check against the instance on `port`.
-pub async fn check(
-    probe: &ProbeCheck,
-    port: u16,
-    timeout: Duration,
-    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
-) -> bool {
+pub async fn check(probe: &ProbeCheck, port: u16, timeout: Duration, exec: Exec<'_>) -> bool {
     examine(probe, port, timeout, exec).await.is_ok()
 }
 
@@ -40,7 +38,7 @@ pub async fn examine(
     probe: &ProbeCheck,
     port: u16,
     timeout: Duration,
-    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
+    exec: Exec<'_>,
 ) -> Result<(), String> {
     let attempt = async {
         match probe {
@@ -54,11 +52,21 @@ pub async fn examine(
                 Err(e) => Err(format!("http: GET {path}: {e}")),
             },
             ProbeCheck::Exec { command } => {
-                let mut c = exec(command);
+                let mut c =
+                    exec(command).map_err(|e| format!("exec: `{}`: {e}", command.join(" ")))?;
                 c.stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::piped())
                     .stderr(std::process::Stdio::piped());
-                match c.output().await {
+                let child = c
+                    .spawn()
+                    .map_err(|e| format!("exec: `{}`: {e}", command.join(" ")))?;
+                // A probe that outlives its timeout is ended with all it
+                // started (it runs in a process group of its own).
+                let mut group = KillGroup(child.id());
+                let output = child.wait_with_output().await;
+                // Reaped: its pid (and group id) may be reused from now on.
+                group.0 = None;
+                match output {
                     Ok(out) if out.status.success() => Ok(()),
                     Ok(out) => {
                         let mut text = out.stdout;
@@ -85,6 +93,21 @@ pub async fn examine(
                 humantime::format_duration(timeout)
             ))
         })
+}
+
+/// SIGKILLs an exec probe's process group when dropped before the probe
+/// was reaped (it timed out: its future was dropped).
+struct KillGroup(Option<u32>);
+
+impl Drop for KillGroup {
+    fn drop(&mut self) {
+        if let Some(pid) = self
+            .0
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 async fn http_status(port: u16, path: &str) -> Result<u16, String> {
@@ -122,12 +145,7 @@ const FAST_START: Duration = Duration::from_millis(2);
 
 /// Run `probe` until it first flips to `target`, polling fast (from 2 ms,
 /// doubling up to the interval). Returns false if it flipped the other way.
-async fn until_first(
-    probe: &Probe,
-    port: u16,
-    exec: &(dyn Fn(&[String]) -> Command + Send + Sync),
-    state: &mut ProbeState,
-) -> bool {
+async fn until_first(probe: &Probe, port: u16, exec: Exec<'_>, state: &mut ProbeState) -> bool {
     let mut wait = FAST_START;
     loop {
         let ok = check(&probe.check, port, probe.timeout.0, exec).await;
@@ -142,11 +160,26 @@ async fn until_first(
     }
 }
 
+/// How readiness is told when the service declares no readiness probe:
+/// a service the router serves (`listen`) is ready when its port accepts;
+/// a worker (no `listen`) is ready while it runs, so that staying up for
+/// `min_ready` makes it ready, as Kubernetes does without a probe and Nomad
+/// does with `min_healthy_time`.
+pub fn readiness(health: &HealthSpec, serves: bool) -> Option<Probe> {
+    match &health.readiness {
+        Some(p) => Some(p.clone()),
+        None if serves => Some(default_readiness()),
+        None => None,
+    }
+}
+
 /// Probe an instance for its whole life, calling `report` on every flip.
 /// Returns only if the startup probe fails (reported as liveness lost).
+/// `serves`: whether the router sends it traffic (see [`readiness`]).
 pub async fn run(
     health: HealthSpec,
     port: u16,
+    serves: bool,
     exec: ExecFn,
     report: impl Fn(ProbeKind, bool, Option<String>) + Send + Sync + 'static,
 ) {
@@ -187,11 +220,16 @@ pub async fn run(
         }
     }
     let exec = std::sync::Arc::new(exec);
-    let readiness = health.readiness.clone().unwrap_or_else(default_readiness);
+    let readiness = readiness(&health, serves);
     let ready_loop = {
         let exec = exec.clone();
         let report = report.clone();
         async move {
+            let Some(readiness) = readiness else {
+                // A worker: ready from now on, for as long as it runs.
+                report(ProbeKind::Readiness, true, None);
+                return;
+            };
             tokio::time::sleep(readiness.initial_delay.0).await;
             let mut state = ProbeState::new(false);
             if until_first(&readiness, port, &**exec, &mut state).await {
@@ -238,8 +276,8 @@ mod tests {
     fn no_exec() -> ExecFn {
         Box::new(|argv: &[String]| {
             let mut c = Command::new(&argv[0]);
-            c.args(&argv[1..]);
-            c
+            c.args(&argv[1..]).process_group(0);
+            Ok(c)
         })
     }
 
@@ -262,9 +300,15 @@ mod tests {
             liveness: None,
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(run(health, port, no_exec(), move |kind, healthy, _why| {
-            let _ = tx.send((kind, healthy));
-        }));
+        tokio::spawn(run(
+            health,
+            port,
+            true,
+            no_exec(),
+            move |kind, healthy, _why| {
+                let _ = tx.send((kind, healthy));
+            },
+        ));
         // The app starts listening after 200 ms: inside 3 x 100 ms.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let _listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
@@ -295,9 +339,15 @@ mod tests {
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let started = std::time::Instant::now();
-        tokio::spawn(run(health, port, no_exec(), move |kind, healthy, why| {
-            let _ = tx.send((kind, healthy, why));
-        }));
+        tokio::spawn(run(
+            health,
+            port,
+            true,
+            no_exec(),
+            move |kind, healthy, why| {
+                let _ = tx.send((kind, healthy, why));
+            },
+        ));
         let first = tokio::time::timeout(Duration::from_secs(5), rx.recv())
             .await
             .unwrap()

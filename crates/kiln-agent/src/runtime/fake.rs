@@ -113,9 +113,9 @@ impl Runtime for Fake {
         ))))
     }
 
-    fn exec(&self, _launch: &Launch, _argv: &[String]) -> Command {
+    fn exec(&self, _launch: &Launch, _pid: u32, _argv: &[String]) -> Result<Command, RuntimeError> {
         // An exec probe "runs" `true`.
-        Command::new("true")
+        Ok(Command::new("true"))
     }
 
     fn clean_up(&self, _id: &str) {

@@ -37,6 +37,8 @@ pub enum RuntimeError {
     OciUnavailable,
     #[error("cannot start the instance: {0}")]
     Spawn(std::io::Error),
+    #[error("instance process {0} has no app running (yet)")]
+    NoApp(u32),
 }
 
 /// Everything needed to start one instance.
@@ -81,8 +83,10 @@ pub trait Runtime: Send + Sync {
         pid: u32,
         output: Vec<Output>,
     ) -> Result<Box<dyn Running>, RuntimeError>;
-    /// The command that runs `argv` for the instance (an exec probe).
-    fn exec(&self, launch: &Launch, argv: &[String]) -> Command;
+    /// The command that runs `argv` inside running instance `pid` (an
+    /// exec probe): it sees what the instance sees (its `/tmp`, its
+    /// processes, its volumes), as `kubectl exec` does.
+    fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError>;
     /// Remove what [`prepare`](Self::prepare) made, once the instance is
     /// gone.
     fn clean_up(&self, _id: &str) {}
@@ -114,8 +118,11 @@ pub(crate) trait HostRuntime: Send + Sync {
     const KIND: RuntimeKind;
     /// Whether the kernel keeps the instance's root read-only.
     const READ_ONLY: bool;
-    /// The command that runs `argv` as (or inside) the instance.
+    /// The command that runs `argv` as the instance.
     fn command(&self, launch: &Launch, argv: &[String]) -> Command;
+    /// The command that runs `argv` inside the running instance whose
+    /// outer process is `pid` (an exec probe).
+    fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError>;
     /// The pid that gets the stop signal, given the started child's; `None`
     /// while the instance's process tree is still being set up.
     fn app(child: u32) -> Option<u32>;
@@ -144,8 +151,8 @@ impl<T: HostRuntime> Runtime for T {
         Ok(Box::new(HostProcess::adopt(pid, output, T::app)?))
     }
 
-    fn exec(&self, launch: &Launch, argv: &[String]) -> Command {
-        HostRuntime::command(self, launch, argv)
+    fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
+        HostRuntime::enter(self, launch, pid, argv)
     }
 }
 

@@ -43,6 +43,17 @@ impl HostRuntime for Process {
         Process::command(self, launch, argv)
     }
 
+    fn enter(
+        &self,
+        launch: &Launch,
+        _pid: u32,
+        argv: &[String],
+    ) -> Result<Command, super::RuntimeError> {
+        // A plain process has no namespace of its own: the probe runs as
+        // the instance would, with its env, in its workdir.
+        Ok(Process::command(self, launch, argv))
+    }
+
     fn app(child: u32) -> Option<u32> {
         // The app is the child itself.
         Some(child)

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use kiln_core::service::RuntimeKind;
 use tokio::process::Command;
 
-use super::{HostRuntime, Launch, children};
+use super::{HostRuntime, Launch, RuntimeError, children};
 
 pub(super) const HOST_DIRS: [&str; 6] = ["usr", "lib", "lib64", "lib32", "bin", "sbin"];
 const HOST_ETC: [&str; 9] = [
@@ -41,8 +41,33 @@ impl Sandbox {
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         let mut c = Command::new(&self.bwrap);
         c.args(self.args(launch)).args(argv);
-        c.env_clear().process_group(0);
+        // The instance's environment is bwrap's own, which it passes on:
+        // never `--setenv` arguments, which any local user reads in `ps`
+        // (`/proc/PID/environ` is readable only by the same user and root).
+        c.env_clear().envs(&launch.env).process_group(0);
         c
+    }
+
+    /// `argv` inside running instance `pid` (the outer bwrap): nsenter
+    /// joins the namespaces of its app (mount, pid, ipc; its user
+    /// namespace when it has its own, as bwrap makes for a non-root
+    /// agent), takes its root and the instance's workdir, and runs `argv`
+    /// with the instance's environment.
+    fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
+        let target = app_pid(pid)
+            .or_else(|| children(pid).first().copied())
+            .ok_or(RuntimeError::NoApp(pid))?;
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--target={target}"))
+            .args(["--mount", "--pid", "--ipc", "--root"])
+            .arg(format!("--wdns={}", launch.workdir));
+        let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
+        if ns(&target.to_string()) != ns("self") {
+            c.args(["--user", "--preserve-credentials"]);
+        }
+        c.arg("--").args(argv);
+        c.env_clear().envs(&launch.env).process_group(0);
+        Ok(c)
     }
 
     fn args(&self, l: &Launch) -> Vec<OsString> {
@@ -95,11 +120,7 @@ impl Sandbox {
             push(&[&"--bind", host, mount]);
         }
         // The root itself is a tmpfs holding the mount points: read-only too.
-        push(&[&"--remount-ro", &"/", &"--chdir", &l.workdir, &"--clearenv"]);
-        for (k, v) in &l.env {
-            push(&[&"--setenv", k, v]);
-        }
-        push(&[&"--"]);
+        push(&[&"--remount-ro", &"/", &"--chdir", &l.workdir, &"--"]);
         a
     }
 }
@@ -110,6 +131,10 @@ impl HostRuntime for Sandbox {
 
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         Sandbox::command(self, launch, argv)
+    }
+
+    fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
+        Sandbox::enter(self, launch, pid, argv)
     }
 
     fn app(child: u32) -> Option<u32> {

@@ -22,6 +22,7 @@ pub(super) fn release(rev: u64) -> Release {
             rev.to_string(),
         )]
         .into(),
+        secrets: Default::default(),
         volumes: Default::default(),
         runtime: RuntimeKind::Process,
         health: HealthSpec::default(),
@@ -321,6 +322,27 @@ pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore
     assert!(state.events(u64::MAX).unwrap().is_empty());
 }
 
+pub(super) fn secrets_are_kept_by_digest_and_the_key_once(state: &dyn StateStore) {
+    use kiln_core::secret::{Sealed, SecretValue};
+    let key = state.secret_key([1; 32]).unwrap();
+    assert_eq!(key, [1; 32]);
+    assert_eq!(
+        state.secret_key([2; 32]).unwrap(),
+        key,
+        "the first key stays"
+    );
+    let name = kiln_core::spec::EnvName::try_from("DB").unwrap();
+    let (a, b) = (SecretValue::new("one"), SecretValue::new("two"));
+    let (sa, sb) = (Sealed::seal(&key, &name, &a), Sealed::seal(&key, &name, &b));
+    assert_eq!(state.secret(&sa).unwrap(), None);
+    state.put_secrets(&[(sa.clone(), a.clone())]).unwrap();
+    state
+        .put_secrets(&[(sa.clone(), a.clone()), (sb.clone(), b.clone())])
+        .unwrap();
+    assert_eq!(state.secret(&sa).unwrap(), Some(a));
+    assert_eq!(state.secret(&sb).unwrap(), Some(b));
+}
+
 /// The contract's tests for one implementation: `fresh` makes an empty
 /// store (and whatever must live as long as it, e.g. its directory).
 macro_rules! contract_tests {
@@ -351,6 +373,11 @@ macro_rules! contract_tests {
             $crate::state::contract::instances_are_put_replaced_and_removed_with_their_events(
                 &state,
             );
+        }
+        #[test]
+        fn secrets_are_kept_by_digest_and_the_key_once() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::secrets_are_kept_by_digest_and_the_key_once(&state);
         }
         #[test]
         fn events_come_in_order_from_a_sequence_number() {

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
 use kiln_core::release::{Outcome, Release};
+use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
 use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
@@ -27,6 +28,8 @@ struct Inner {
     /// By id (the order `instances()` lists them in).
     instances: BTreeMap<String, InstanceRecord>,
     events: Vec<Event>,
+    secret_key: Option<[u8; 32]>,
+    secrets: BTreeMap<Sealed, SecretValue>,
 }
 
 impl MemoryState {
@@ -210,6 +213,25 @@ impl StateStore for MemoryState {
 
     fn append_event(&self, event: &NewEvent) -> Result<u64> {
         Ok(self.inner().append(event))
+    }
+
+    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
+        Ok(*self.inner().secret_key.get_or_insert(fresh))
+    }
+
+    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
+        let mut inner = self.inner();
+        for (sealed, value) in secrets {
+            inner
+                .secrets
+                .entry(sealed.clone())
+                .or_insert_with(|| value.clone());
+        }
+        Ok(())
+    }
+
+    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
+        Ok(self.inner().secrets.get(sealed).cloned())
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {

@@ -24,6 +24,7 @@ pub use sqlite::SqliteState;
 
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
+use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
 
@@ -46,6 +47,8 @@ pub enum StateError {
     ReleaseExists { service: ServiceName, revision: u64 },
     #[error("state database: {0}")]
     Backend(BackendError),
+    #[error("state database holds a malformed secret key ({0} bytes, not 32)")]
+    SecretKey(usize),
     #[error("state database holds an unreadable {what}: {source}")]
     Decode {
         what: &'static str,
@@ -173,6 +176,16 @@ pub trait StateStore: Send + Sync {
     fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
     fn instances(&self) -> Result<Vec<InstanceRecord>>;
     fn append_event(&self, event: &NewEvent) -> Result<u64>;
+    /// The node's key for sealing secrets: the one kept, or `fresh` (kept
+    /// from now on) when there is none yet. The caller brings the
+    /// randomness.
+    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]>;
+    /// Keep secret values under their sealed digests. A digest names one
+    /// value for ever (same key, name and value), so keeping one twice
+    /// changes nothing.
+    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()>;
+    /// A secret's value, by its sealed digest.
+    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>>;
     /// The events after sequence number `after`, in order.
     #[cfg_attr(
         not(any(test, feature = "bench")),

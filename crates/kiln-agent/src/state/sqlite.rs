@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
+use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -63,6 +64,16 @@ CREATE TABLE IF NOT EXISTS events (
     detail   TEXT NOT NULL,
     actor    TEXT              -- uid:N or agent; NULL before actors were kept
 );
+-- Secret values by their sealed digest (the releases hold only digests),
+-- and the key they are sealed with: the reason this file is owner-only.
+CREATE TABLE IF NOT EXISTS secrets (
+    sealed TEXT PRIMARY KEY,
+    value  TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node (
+    name  TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
@@ -95,7 +106,7 @@ impl SqliteState {
             path: path.display().to_string(),
             source: Box::new(source),
         };
-        // Owner-only: releases hold every env value. SQLite gives the WAL
+        // Owner-only: it holds every env and secret value. SQLite gives the WAL
         // and shared-memory files the database's mode when it makes them;
         // ones made before the database was private are made so too.
         {
@@ -389,6 +400,47 @@ impl StateStore for SqliteState {
 
     fn append_event(&self, event: &NewEvent) -> Result<u64> {
         insert_event(&self.conn(), event)
+    }
+
+    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT OR IGNORE INTO node (name, value) VALUES ('secret-key', ?1)",
+            [&fresh[..]],
+        )?;
+        let key: Vec<u8> = tx.query_row(
+            "SELECT value FROM node WHERE name = 'secret-key'",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        <[u8; 32]>::try_from(key.as_slice()).map_err(|_| StateError::SecretKey(key.len()))
+    }
+
+    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        for (sealed, value) in secrets {
+            tx.execute(
+                "INSERT OR IGNORE INTO secrets (sealed, value) VALUES (?1, ?2)",
+                params![sealed.as_str(), value.expose()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
+        let conn = self.conn();
+        let v: Option<String> = conn
+            .query_row(
+                "SELECT value FROM secrets WHERE sealed = ?1",
+                [sealed.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.map(SecretValue::new))
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {
