@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use kiln_core::api::{AbortResponse, RollbackResponse};
+use kiln_core::api::{AbortResponse, RemoveResponse, RollbackResponse};
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
@@ -392,28 +392,38 @@ impl Agent {
             }
         }
         let mut current = BTreeMap::new();
+        for rec in self.shared.state.services()? {
+            let release = self.shared.state.release(&rec.name, rec.target)?;
+            let latest = self.latest_revision(&rec.name)?;
+            current.insert(
+                rec.name.clone(),
+                CurrentService {
+                    settings: rec.settings,
+                    release: release.map(|r| (r.revision, r.config)),
+                    latest,
+                    removed: false,
+                },
+            );
+        }
+        // A desired service removed earlier: created anew, numbered past
+        // the releases it keeps.
         for d in &req.services {
-            if let Some(rec) = self.shared.state.service(&d.name)? {
-                let release = self.shared.state.release(&d.name, rec.target)?;
-                let latest = self
-                    .shared
-                    .state
-                    .releases(&d.name)?
-                    .iter()
-                    .map(|r| r.revision)
-                    .max()
-                    .unwrap_or(0);
-                current.insert(
-                    d.name.clone(),
-                    CurrentService {
-                        settings: rec.settings,
-                        release: release.map(|r| (r.revision, r.config)),
-                        latest,
-                    },
-                );
+            if !current.contains_key(&d.name) {
+                let latest = self.latest_revision(&d.name)?;
+                if latest > 0 {
+                    current.insert(
+                        d.name.clone(),
+                        CurrentService {
+                            settings: d.settings.clone(),
+                            release: None,
+                            latest,
+                            removed: true,
+                        },
+                    );
+                }
             }
         }
-        let the_plan = plan(&req.services, &current);
+        let the_plan = plan(&req.services, &current, req.prune);
         if req.dry_run {
             return Ok(ApplyResponse { plan: the_plan });
         }
@@ -442,6 +452,13 @@ impl Agent {
                 self.check_runnable(d).await?;
             }
         }
+        // What `--prune` removes goes first: its address may be one a
+        // service of this spec takes over.
+        for sp in &the_plan.services {
+            if sp.action == Action::Remove {
+                self.remove_locked(&sp.service, actor).await?;
+            }
+        }
         // Every listener is bound before anything is recorded: a busy
         // address is refused with nothing changed.
         for d in &req.services {
@@ -455,7 +472,7 @@ impl Agent {
                 target: revision,
             };
             match sp.action {
-                Action::Unchanged => continue,
+                Action::Unchanged | Action::Remove | Action::LeftRunning => continue,
                 Action::Settings => {
                     let ev = NewEvent::service(
                         Change::ServiceSettings {
@@ -493,6 +510,76 @@ impl Agent {
             self.wake(&d.name).await;
         }
         Ok(ApplyResponse { plan: the_plan })
+    }
+
+    /// The highest revision a service ever had (0: none).
+    fn latest_revision(&self, name: &ServiceName) -> Result<u64, AgentError> {
+        Ok(self
+            .shared
+            .state
+            .releases(name)?
+            .iter()
+            .map(|r| r.revision)
+            .max()
+            .unwrap_or(0))
+    }
+
+    /// `kiln remove SERVICE`: stop every instance of the service
+    /// gracefully (out of the routes, drained, stop signal), close its
+    /// listeners, and forget it; its releases and events stay.
+    pub async fn remove(
+        &self,
+        name: &ServiceName,
+        actor: Actor,
+    ) -> Result<RemoveResponse, AgentError> {
+        self.refuse_during_shutdown()?;
+        let _serial = self.apply_lock.lock().await;
+        self.remove_locked(name, actor).await
+    }
+
+    /// [`remove`](Self::remove), the apply lock held.
+    async fn remove_locked(
+        &self,
+        name: &ServiceName,
+        actor: Actor,
+    ) -> Result<RemoveResponse, AgentError> {
+        let Some(rec) = self.shared.state.service(name)? else {
+            return Err(AgentError::NoService(name.clone()));
+        };
+        let ev = NewEvent::service(
+            Change::ServiceRemoved {
+                release: rec.target,
+            },
+            name,
+            Some(rec.target),
+        )
+        .by(actor);
+        self.shared.state.remove_service(name, &ev)?;
+        let ctl = self.controllers.lock().await.remove(name);
+        let mut stopped = 0;
+        if let Some(tx) = ctl {
+            let (done, wait) = oneshot::channel();
+            if tx.send(Msg::Remove { done }).is_ok() {
+                stopped = wait.await.unwrap_or(0);
+            }
+        }
+        for key in [
+            RouteKey::Service(name.clone()),
+            RouteKey::Preview(name.clone()),
+        ] {
+            self.shared.router.unlisten(&key).await;
+            self.shared.router.remove_routes(&key);
+        }
+        self.shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
+        Ok(RemoveResponse {
+            service: name.clone(),
+            revision: rec.target,
+            stopped,
+        })
     }
 
     /// The image's tree exists and has the command and every exec probe's command.
@@ -794,21 +881,39 @@ impl Agent {
         // rollback target are one transaction, so this order never pairs a
         // failed release with the target it replaced.
         let releases = self.shared.state.releases(service)?;
-        let Some(rec) = self.shared.state.service(service)? else {
-            return Err(AgentError::NoService(service.clone()));
-        };
-        Ok(HistoryResponse {
-            releases,
-            target: rec.target,
-        })
+        match self.shared.state.service(service)? {
+            Some(rec) => Ok(HistoryResponse {
+                releases,
+                target: rec.target,
+                removed: false,
+            }),
+            // Removed: its history stays; it was on its newest active
+            // release (else its newest).
+            None => {
+                let on = releases
+                    .iter()
+                    .rev()
+                    .find(|r| r.outcome == Outcome::Active)
+                    .or(releases.last())
+                    .map(|r| r.revision)
+                    .ok_or_else(|| AgentError::NoService(service.clone()))?;
+                Ok(HistoryResponse {
+                    releases,
+                    target: on,
+                    removed: true,
+                })
+            }
+        }
     }
 
     pub fn home(&self) -> &std::path::Path {
         &self.shared.home
     }
 
+    /// Whether the service exists or existed (a removed one keeps its
+    /// history and logs).
     pub fn knows(&self, service: &ServiceName) -> Result<bool, AgentError> {
-        Ok(self.shared.state.service(service)?.is_some())
+        Ok(self.shared.state.service(service)?.is_some() || self.latest_revision(service)? > 0)
     }
 
     /// Stop every instance (gracefully, or killed when `kind` says so) and
@@ -893,10 +998,15 @@ fn sweep_orphans(accounted: &std::collections::BTreeSet<u32>) {
         if parent != Some(supervisor) {
             continue;
         }
-        // An agent (`kiln serve --agent`, whatever the binary is called).
+        // An agent (`kiln serve --agent`, whatever the binary is called),
+        // or one the supervisor is starting (forked, not yet exec'd: its
+        // command line is still the supervisor's `kiln serve`). Never one
+        // whose command line reads empty: a process exiting (an agent that
+        // just handed over reads so) — ending it would end its children,
+        // the very instances being adopted.
         let cmdline = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.get(1..3) == Some(&[b"serve".as_slice(), b"--agent".as_slice()][..]) {
+        if cmdline.is_empty() || args.get(1) == Some(&b"serve".as_slice()) {
             continue;
         }
         tracing::warn!("ending process {pid}: left by a dead agent, no instance of it is recorded");

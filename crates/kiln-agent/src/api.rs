@@ -2,7 +2,9 @@
 //! parse strictly into the closed command set of [`kiln_core::api`]; every
 //! [`AgentError`] kind maps to exactly one status.
 
-use kiln_core::api::{AbortResponse, PromoteResponse, RollbackRequest, RollbackResponse};
+use kiln_core::api::{
+    AbortResponse, PromoteResponse, RemoveResponse, RollbackRequest, RollbackResponse,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -84,6 +86,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/services/{name}/abort", post(abort))
+        .route("/v1/services/{name}/remove", post(remove))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NoEndpoint })
         .with_state(agent)
@@ -191,6 +194,17 @@ async fn abort(
 ) -> Result<Json<AbortResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
     Ok(Json(agent.abort(&name, peer.actor()?).await?))
+}
+
+/// `POST /v1/services/{name}/remove`: allowed any time but during
+/// shutdown; answers once every instance has stopped.
+async fn remove(
+    State(agent): State<Arc<Agent>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<RemoveResponse>, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.remove(&name, peer.actor()?).await?))
 }
 
 #[derive(Debug, Deserialize)]

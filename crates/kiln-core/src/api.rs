@@ -32,6 +32,10 @@ pub struct ApplyRequest {
     /// `sandbox` when bubblewrap is installed, else `process`.
     #[serde(default)]
     pub explicit_runtime: Vec<ServiceName>,
+    /// Remove the services the agent runs that are not in `services`
+    /// (`kiln apply --prune`); else they are left running and listed.
+    #[serde(default)]
+    pub prune: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -91,6 +95,11 @@ pub struct ServiceStatus {
     /// after the switch (so that a rollback is a route swap).
     #[serde(default)]
     pub warm: bool,
+    /// The release went live and is watched until then (RFC 3339):
+    /// crash-looping before it returns the service to the release before
+    /// (`rollout.watch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watched_until: Option<String>,
 }
 
 /// What a service's controller saw at its last pass: what only it knows.
@@ -110,6 +119,8 @@ pub struct Reconciled {
     /// The one release that gets the traffic, when only one does
     /// (blue-green: the old fleet's until the switch).
     pub routed: Option<u64>,
+    /// The target is watched after it went live, until then (RFC 3339).
+    pub watched_until: Option<String>,
 }
 
 impl ServiceStatus {
@@ -172,6 +183,7 @@ impl ServiceStatus {
             canary: seen.canary.clone().filter(|_| current),
             routed: seen.routed.filter(|_| current),
             warm: current && seen.warm,
+            watched_until: seen.watched_until.clone().filter(|_| current),
             failed_release: releases
                 .iter()
                 .max_by_key(|r| r.revision)
@@ -259,7 +271,21 @@ pub struct HistoryResponse {
     pub releases: Vec<Release>,
     /// The release the service is on or heading to, read after `releases`:
     /// a failed release seen here comes with the target its rollback set.
+    /// (Of a removed service: the release it was on when removed.)
     pub target: u64,
+    /// The service was removed (`kiln remove`); its history stays.
+    #[serde(default)]
+    pub removed: bool,
+}
+
+/// `POST /v1/services/{name}/remove`: what was removed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveResponse {
+    pub service: ServiceName,
+    /// The release it was on.
+    pub revision: u64,
+    /// Instances stopped.
+    pub stopped: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

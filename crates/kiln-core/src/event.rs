@@ -172,6 +172,12 @@ pub enum Change {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         step: Option<u32>,
     },
+    /// `kiln remove` or `kiln apply --prune`: the service was removed (its
+    /// instances stopped, its routes and listener gone); `release` is the
+    /// one it was on. Its releases and events stay.
+    ServiceRemoved {
+        release: u64,
+    },
 }
 
 impl Change {
@@ -201,6 +207,7 @@ impl Change {
             Self::InstanceAdopted { .. } => "instance-adopted",
             Self::InstanceLost { .. } => "instance-lost",
             Self::PromoteRequested { .. } => "promote-requested",
+            Self::ServiceRemoved { .. } => "service-removed",
         }
     }
 
@@ -324,6 +331,7 @@ mod tests {
             },
             Change::PromoteRequested { step: Some(2) },
             Change::PromoteRequested { step: None },
+            Change::ServiceRemoved { release: 4 },
         ]
     }
 

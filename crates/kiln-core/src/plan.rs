@@ -19,6 +19,10 @@ pub struct CurrentService {
     /// The highest revision recorded: after a failed release the service is
     /// back on an earlier one, and the next release numbers past both.
     pub latest: u64,
+    /// Removed (`kiln remove`), its releases kept: applied again, it is
+    /// created anew, numbered past them.
+    #[serde(default)]
+    pub removed: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,6 +35,11 @@ pub enum Action {
     /// Only settings (replicas, listen, rollout) changed: no new release.
     Settings,
     Unchanged,
+    /// Not in the spec, and `--prune` given: removed (its instances
+    /// stopped, its history kept).
+    Remove,
+    /// Not in the spec: left running (no `--prune`).
+    LeftRunning,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,17 +58,31 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Nothing would change (a service left running changes nothing).
     pub fn is_empty(&self) -> bool {
-        self.services.iter().all(|s| s.action == Action::Unchanged)
+        self.services
+            .iter()
+            .all(|s| matches!(s.action, Action::Unchanged | Action::LeftRunning))
+    }
+
+    /// The services not in the spec that stay running.
+    pub fn left_running(&self) -> impl Iterator<Item = &ServiceName> {
+        self.services
+            .iter()
+            .filter(|s| s.action == Action::LeftRunning)
+            .map(|s| &s.service)
     }
 }
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_empty() {
-            return writeln!(f, "no changes");
+            writeln!(f, "no changes")?;
         }
         for s in &self.services {
+            if self.is_empty() && s.action != Action::LeftRunning {
+                continue;
+            }
             let rev = s
                 .revision
                 .map(|r| format!(" release {r}"))
@@ -69,6 +92,16 @@ impl fmt::Display for Plan {
                 Action::Create => writeln!(f, "+ {}: create{rev}", s.service)?,
                 Action::Release => writeln!(f, "~ {}: new{rev}", s.service)?,
                 Action::Settings => writeln!(f, "~ {}: settings{rev}", s.service)?,
+                Action::Remove => writeln!(
+                    f,
+                    "- {}: remove (not in the spec: its instances stop, its history is kept)",
+                    s.service
+                )?,
+                Action::LeftRunning => writeln!(
+                    f,
+                    "  {}: not in the spec: left running (kiln apply --prune, or kiln remove {}, removes it)",
+                    s.service, s.service
+                )?,
             }
             for c in &s.changes {
                 writeln!(f, "      {c}")?;
@@ -78,15 +111,21 @@ impl fmt::Display for Plan {
     }
 }
 
-/// Compare each desired service with the current one.
-pub fn plan(desired: &[DesiredService], current: &BTreeMap<ServiceName, CurrentService>) -> Plan {
+/// Compare each desired service with the current one; a current service
+/// that is not desired is removed when `prune`, else left running.
+pub fn plan(
+    desired: &[DesiredService],
+    current: &BTreeMap<ServiceName, CurrentService>,
+    prune: bool,
+) -> Plan {
     let mut services = Vec::new();
     for d in desired {
-        let Some(cur) = current.get(&d.name) else {
+        let cur = current.get(&d.name);
+        let Some(cur) = cur.filter(|c| !c.removed) else {
             services.push(ServicePlan {
                 service: d.name.clone(),
                 action: Action::Create,
-                revision: Some(1),
+                revision: Some(cur.map_or(0, |c| c.latest) + 1),
                 changes: vec![
                     format!("image {}@{}", d.config.image_name, d.config.image),
                     format!("replicas {}", d.settings.replicas),
@@ -115,6 +154,21 @@ pub fn plan(desired: &[DesiredService], current: &BTreeMap<ServiceName, CurrentS
             action,
             revision,
             changes,
+        });
+    }
+    for (name, cur) in current {
+        if cur.removed || desired.iter().any(|d| d.name == *name) {
+            continue;
+        }
+        services.push(ServicePlan {
+            service: name.clone(),
+            action: if prune {
+                Action::Remove
+            } else {
+                Action::LeftRunning
+            },
+            revision: cur.release.as_ref().map(|(r, _)| *r),
+            changes: Vec::new(),
         });
     }
     Plan { services }
@@ -258,6 +312,7 @@ mod tests {
                 settings: d.settings.clone(),
                 release: Some((rev, d.config.clone())),
                 latest: rev,
+                removed: false,
             },
         )]
         .into()
@@ -265,7 +320,7 @@ mod tests {
 
     #[test]
     fn a_new_service_is_created_at_release_1() {
-        let p = plan(&[desired(&[], 1, b"a")], &BTreeMap::new());
+        let p = plan(&[desired(&[], 1, b"a")], &BTreeMap::new(), false);
         assert_eq!(p.services[0].action, Action::Create);
         assert_eq!(p.services[0].revision, Some(1));
     }
@@ -273,7 +328,7 @@ mod tests {
     #[test]
     fn the_same_spec_plans_no_changes() {
         let d = desired(&[("A", "1")], 2, b"a");
-        let p = plan(std::slice::from_ref(&d), &current(&d, 4));
+        let p = plan(std::slice::from_ref(&d), &current(&d, 4), false);
         assert!(p.is_empty());
         assert_eq!(p.to_string(), "no changes\n");
     }
@@ -282,7 +337,7 @@ mod tests {
     fn one_changed_env_var_is_a_new_release_naming_the_key_not_the_value() {
         let old = desired(&[("A", "1"), ("B", "x")], 2, b"a");
         let new = desired(&[("A", "2"), ("C", "y")], 2, b"a");
-        let p = plan(&[new], &current(&old, 4));
+        let p = plan(&[new], &current(&old, 4), false);
         let s = &p.services[0];
         assert_eq!((s.action, s.revision), (Action::Release, Some(5)));
         assert_eq!(
@@ -300,16 +355,50 @@ mod tests {
         let mut old = desired(&[], 2, b"a");
         old.config.secrets.insert(name.clone(), seal("hunter2"));
         let mut new = old.clone();
-        assert!(plan(std::slice::from_ref(&new), &current(&old, 4)).is_empty());
+        assert!(plan(std::slice::from_ref(&new), &current(&old, 4), false).is_empty());
         new.config.secrets.insert(name.clone(), seal("hunter3"));
-        let p = plan(&[new], &current(&old, 4));
+        let p = plan(&[new], &current(&old, 4), false);
         let s = &p.services[0];
         assert_eq!((s.action, s.revision), (Action::Release, Some(5)));
         assert_eq!(s.changes, ["secrets changed: DB_PASSWORD"]);
         assert!(!p.to_string().contains("hunter"));
         let none = desired(&[], 2, b"a");
-        let p = plan(std::slice::from_ref(&none), &current(&old, 4));
+        let p = plan(std::slice::from_ref(&none), &current(&old, 4), false);
         assert_eq!(p.services[0].changes, ["secrets removed: DB_PASSWORD"]);
+    }
+
+    #[test]
+    fn a_service_not_in_the_spec_is_listed_and_removed_only_with_prune() {
+        let web = desired(&[], 2, b"a");
+        let mut api = desired(&[], 1, b"b");
+        api.name = ServiceName::try_from("api").unwrap();
+        let mut cur = current(&web, 3);
+        cur.extend(current(&api, 7));
+        let p = plan(std::slice::from_ref(&web), &cur, false);
+        assert!(p.is_empty(), "leaving a service running changes nothing");
+        assert_eq!(p.left_running().collect::<Vec<_>>(), [&api.name]);
+        let text = p.to_string();
+        assert!(
+            text.starts_with("no changes\n")
+                && text.contains("api: not in the spec: left running (kiln apply --prune"),
+            "{text}"
+        );
+        let p = plan(std::slice::from_ref(&web), &cur, true);
+        assert!(!p.is_empty());
+        let api_plan = p.services.iter().find(|s| s.service == api.name).unwrap();
+        assert_eq!(
+            (api_plan.action, api_plan.revision),
+            (Action::Remove, Some(7))
+        );
+        assert!(p.to_string().contains("- api: remove"), "{p}");
+        // Applied again after its removal: created anew, past its releases.
+        cur.get_mut(&api.name).unwrap().removed = true;
+        let p = plan(std::slice::from_ref(&api), &cur, false);
+        assert_eq!(
+            (p.services[0].action, p.services[0].revision),
+            (Action::Create, Some(8))
+        );
+        assert_eq!(p.services.len(), 1, "a removed service is not listed");
     }
 
     #[test]
@@ -319,7 +408,7 @@ mod tests {
         let mut cur = current(&old, 1);
         // Release 2 failed and the service is back on 1.
         cur.values_mut().for_each(|c| c.latest = 2);
-        let s = &plan(&[new], &cur).services[0];
+        let s = &plan(&[new], &cur, false).services[0];
         assert_eq!((s.action, s.revision), (Action::Release, Some(3)));
     }
 
@@ -327,7 +416,7 @@ mod tests {
     fn replicas_alone_change_settings_not_the_release() {
         let old = desired(&[], 2, b"a");
         let new = desired(&[], 5, b"a");
-        let s = &plan(&[new], &current(&old, 3)).services[0];
+        let s = &plan(&[new], &current(&old, 3), false).services[0];
         assert_eq!((s.action, s.revision), (Action::Settings, Some(3)));
         assert_eq!(s.changes, ["replicas 2 -> 5"]);
     }
@@ -337,7 +426,7 @@ mod tests {
         let old = desired(&[], 2, b"a");
         let mut new = desired(&[], 2, b"a");
         new.settings.router.max_connections = Some(10);
-        let s = &plan(&[new], &current(&old, 3)).services[0];
+        let s = &plan(&[new], &current(&old, 3), false).services[0];
         assert_eq!((s.action, s.revision), (Action::Settings, Some(3)));
         assert_eq!(s.changes, ["router settings changed"]);
     }
@@ -346,7 +435,7 @@ mod tests {
     fn a_new_image_is_named_in_the_plan() {
         let old = desired(&[], 1, b"a");
         let new = desired(&[], 1, b"b");
-        let s = &plan(&[new], &current(&old, 1)).services[0];
+        let s = &plan(&[new], &current(&old, 1), false).services[0];
         assert_eq!(s.action, Action::Release);
         assert!(s.changes[0].starts_with("image hello@"), "{:?}", s.changes);
     }

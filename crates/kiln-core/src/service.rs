@@ -521,6 +521,10 @@ pub struct RolloutSpec {
     pub sticky: bool,
     /// canary: the limits each step is judged against.
     pub analysis: Option<AnalysisSpec>,
+    /// How long a release is watched after it went live: if its instances
+    /// crash-loop (or keep failing liveness) inside it, the service returns
+    /// to the release before, as from a failed rollout. `0s`: not watched.
+    pub watch: Duration,
 }
 
 /// One canary step: `{ weight = 10, pause = "30s" }` (or `pause = "manual"`).
@@ -676,6 +680,7 @@ impl Default for RolloutSpec {
             steps: Vec::new(),
             sticky: false,
             analysis: None,
+            watch: Duration::from_secs(300),
         }
     }
 }

@@ -248,6 +248,7 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
                 services,
                 dry_run: false,
                 explicit_runtime,
+                prune: false,
             },
         ))?;
         for s in &resp.plan.services {

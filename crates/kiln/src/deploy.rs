@@ -278,6 +278,7 @@ fn send_spec(
     home: &Path,
     file: &Path,
     dry_run: bool,
+    prune: bool,
     json: bool,
 ) -> Result<(Client, tokio::runtime::Runtime, ApplyResponse)> {
     let client = Client::new(home);
@@ -289,6 +290,7 @@ fn send_spec(
         services,
         dry_run,
         explicit_runtime,
+        prune,
     };
     let resp: ApplyResponse = rt.block_on(client.post("/v1/apply", &request))?;
     if json {
@@ -299,21 +301,27 @@ fn send_spec(
     Ok((client, rt, resp))
 }
 
-pub fn plan(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
-    send_spec(home, file, true, json)?;
+pub fn plan(home: &Path, file: &Path, prune: bool, json: bool) -> Result<ExitCode> {
+    send_spec(home, file, true, prune, json)?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn apply(home: &Path, file: &Path, detach: bool, json: bool) -> Result<ExitCode> {
-    let (client, rt, resp) = send_spec(home, file, false, json)?;
+pub fn apply(home: &Path, file: &Path, detach: bool, prune: bool, json: bool) -> Result<ExitCode> {
+    let (client, rt, resp) = send_spec(home, file, false, prune, json)?;
     if resp.plan.is_empty() || detach {
         return Ok(ExitCode::SUCCESS);
     }
+    // Removed services are gone when apply answers; the rest are followed.
     let waiting: Vec<(String, u64, Action)> = resp
         .plan
         .services
         .iter()
-        .filter(|s| s.action != Action::Unchanged)
+        .filter(|s| {
+            matches!(
+                s.action,
+                Action::Create | Action::Release | Action::Settings
+            )
+        })
         .map(|s| (s.service.to_string(), s.revision.unwrap_or(1), s.action))
         .collect();
     rt.block_on(wait_for(&client, &waiting, !json))
@@ -543,6 +551,27 @@ pub fn abort(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     Ok(code)
 }
 
+/// `kiln remove SERVICE`: answers once every instance has stopped.
+pub fn remove(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let resp: kiln_core::api::RemoveResponse = rt.block_on(client.post(
+        &format!("/v1/services/{service}/remove"),
+        &serde_json::json!({}),
+    ))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!(
+            "{service}: removed (it was on release {}; {} instance{} stopped); its history is kept: kiln history {service}",
+            resp.revision,
+            resp.stopped,
+            if resp.stopped == 1 { "" } else { "s" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `kiln rollout status`: follow the service's current rollout to its end.
 pub fn rollout_status(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
@@ -627,6 +656,11 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 }
             );
         }
+        if let Some(until) = &s.watched_until {
+            println!(
+                "  live, watched until {until}: a crash loop before then returns to the release before (rollout.watch)"
+            );
+        }
         if let Some(f) = &s.failed_release
             && s.message.is_none()
         {
@@ -706,6 +740,12 @@ pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
             r.cause,
             r.outcome.to_string(),
             r.reason.as_deref().unwrap_or("")
+        );
+    }
+    if h.removed {
+        println!(
+            "{service} was removed while on release {}; applying it again makes a new release",
+            h.target
         );
     }
     Ok(ExitCode::SUCCESS)

@@ -144,6 +144,10 @@ pub enum Command {
         /// Return once the releases are recorded, without waiting for the rollout
         #[arg(long)]
         detach: bool,
+        /// Remove the services the agent runs that the spec no longer has
+        /// (their instances stop gracefully; their history is kept)
+        #[arg(long)]
+        prune: bool,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -158,6 +162,19 @@ pub enum Command {
             value_name = "FILE"
         )]
         file: PathBuf,
+        /// Plan as `kiln apply --prune` would: services not in the spec are removed
+        #[arg(long)]
+        prune: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a service: its instances stop gracefully (out of the routes,
+    /// drained, stop signal), its listener closes; its history is kept
+    Remove {
+        /// The service, as named in kiln.toml
+        #[arg(value_name = "SERVICE")]
+        service: String,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -348,8 +365,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Rollout {
             command: RolloutCommand::Status { service, json },
         } => deploy::rollout_status(&home()?, &service, json),
-        Command::Apply { file, detach, json } => deploy::apply(&home()?, &file, detach, json),
-        Command::Plan { file, json } => deploy::plan(&home()?, &file, json),
+        Command::Apply {
+            file,
+            detach,
+            prune,
+            json,
+        } => deploy::apply(&home()?, &file, detach, prune, json),
+        Command::Plan { file, prune, json } => deploy::plan(&home()?, &file, prune, json),
+        Command::Remove { service, json } => deploy::remove(&home()?, &service, json),
         Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),
         Command::History { service, json } => deploy::history(&home()?, &service, json),
         Command::Logs {

@@ -205,6 +205,149 @@ fn a_crash_looping_release_is_rolled_back() {
     assert_eq!(releases(&env, "web")[1]["outcome"], "failed");
 }
 
+/// Issue 13: with the default `min_ready` a release that crashes 1.5 s
+/// after each start went live and then served 503s until someone ran
+/// `kiln rollback`. Inside `rollout.watch` (default 5m) it is rolled back
+/// automatically, like a failed rollout, with the reason recorded.
+#[test]
+fn a_release_that_breaks_after_it_went_live_is_rolled_back_inside_its_watch() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &spec(port, "", ""));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        spec(port, ", HELLO_CRASH_AFTER = \"1.5\"", "")
+            .replace("\"v1\"", "\"v2\"")
+            .as_bytes(),
+    );
+    // The rollout itself succeeds: its instances are ready before they crash.
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let watched = service_status(&env, "web");
+    assert_eq!(watched["outcome"], "active");
+    assert!(watched["watched_until"].is_string(), "{watched}");
+    wait_for("back on release 1", Duration::from_secs(60), || {
+        let s = service_status(&env, "web");
+        s["revision"] == 1 && s["outcome"] == "active" && s["converged"] == true
+    });
+    let r = releases(&env, "web");
+    assert_eq!(r[1]["outcome"], "failed");
+    let reason = r[1]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("keep crashing")
+            && reason.contains("after it went live, inside rollout.watch (5m)"),
+        "{reason}"
+    );
+    assert!(get(port, "/").1.starts_with("hello from v1"));
+    let status = env.ok(&["status", "web"]);
+    assert!(status.contains("release 2 failed"), "{status}");
+}
+
+/// Issue 13: a service could not be removed. `plan` lists the services a
+/// spec no longer has, `apply` leaves them running and says so, `apply
+/// --prune` and `kiln remove` stop them gracefully (an in-flight request
+/// finishes, the listener closes), record it, and keep their history.
+#[test]
+fn a_service_left_out_of_the_spec_is_listed_and_removed_only_when_asked() {
+    let env = Env::new();
+    let (web_port, api_port) = (free_port(), free_port());
+    let api = spec(api_port, "", "")
+        .replace(
+            "[images.app]\ninclude = [\"bin\"]\nentrypoint = [\"/bin/start.sh\"]\n",
+            "",
+        )
+        .replace("services.web", "services.api")
+        .replace("replicas = 3", "replicas = 1");
+    let both = spec(web_port, "", "") + &api;
+    let path = hello_app(&env.path("app"), &both);
+    let file = path.to_str().unwrap();
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", file]);
+    assert_eq!(get(api_port, "/").0, 200);
+    // Without api: listed, left running.
+    write(&path, spec(web_port, "", "").as_bytes());
+    let plan = env.ok(&["plan", "-f", file]);
+    assert!(
+        plan.contains("api: not in the spec: left running"),
+        "{plan}"
+    );
+    let out = env.ok(&["apply", "-f", file]);
+    assert!(out.contains("api: not in the spec: left running"), "{out}");
+    assert_eq!(get(api_port, "/").0, 200, "still serves");
+    let plan = env.json(&["plan", "-f", file, "--prune", "--json"]);
+    let api_plan = plan["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "api")
+        .cloned()
+        .unwrap();
+    assert_eq!(api_plan["action"], "remove", "{plan}");
+    assert_eq!(
+        service_status(&env, "api")["ready"],
+        1,
+        "plan changed nothing"
+    );
+    // Removed with a request in flight: it finishes, then the port closes.
+    let slow = std::thread::spawn(move || get(api_port, "/sleep/800"));
+    std::thread::sleep(Duration::from_millis(200));
+    let out = env.ok(&["apply", "-f", file, "--prune"]);
+    assert!(out.contains("- api: remove"), "{out}");
+    assert_eq!(slow.join().unwrap(), (200, "slept\n".to_owned()), "drained");
+    assert!(
+        TcpStream::connect(("127.0.0.1", api_port)).is_err(),
+        "the listener is closed"
+    );
+    assert_eq!(service_status(&env, "api"), Value::Null);
+    assert_eq!(get(web_port, "/").0, 200, "web is untouched");
+    let logs = env.ok(&["logs", "api"]);
+    assert!(
+        logs.contains("exited (exit status: 143), as asked"),
+        "{logs}"
+    );
+    // The history stays, and says so.
+    let h = env.json(&["history", "api", "--json"]);
+    assert_eq!(h["removed"], true);
+    assert_eq!(h["releases"].as_array().unwrap().len(), 1);
+    assert!(
+        env.ok(&["history", "api"])
+            .contains("api was removed while on release 1")
+    );
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    let actor: String = db
+        .query_row(
+            "SELECT actor FROM events WHERE kind = 'service-removed' AND service = 'api'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(actor.starts_with("uid:"), "{actor}");
+    let stopping: String = db
+        .query_row(
+            "SELECT detail FROM events WHERE kind = 'instance-stopping' AND service = 'api'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stopping.contains("service removed"), "{stopping}");
+    // Applied again: a new release, numbered past the kept one.
+    write(&path, both.as_bytes());
+    let plan = env.ok(&["plan", "-f", file]);
+    assert!(plan.contains("+ api: create release 2"), "{plan}");
+    env.ok(&["apply", "-f", file]);
+    assert_eq!(get(api_port, "/").0, 200);
+    // `kiln remove`, and a second one is an error naming it.
+    let out = env.ok(&["remove", "api"]);
+    assert!(
+        out.contains("api: removed (it was on release 2; 1 instance stopped)"),
+        "{out}"
+    );
+    let err = env.fails(&["remove", "api"]);
+    assert!(err.contains("no service named api"), "{err}");
+    assert!(TcpStream::connect(("127.0.0.1", api_port)).is_err());
+}
+
 #[test]
 fn auto_rollback_off_leaves_the_rollout_paused() {
     let env = Env::new();

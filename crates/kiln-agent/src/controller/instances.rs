@@ -467,7 +467,12 @@ impl Controller {
             .filter(|i| force || !i.stopping)
             .map(|i| i.id.clone())
             .collect();
-        self.stop_instances(&ids, kind, &StopReason::Shutdown.to_string());
+        let reason = if self.removing {
+            StopReason::Removed
+        } else {
+            StopReason::Shutdown
+        };
+        self.stop_instances(&ids, kind, &reason.to_string());
     }
 }
 

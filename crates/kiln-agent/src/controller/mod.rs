@@ -51,6 +51,9 @@ pub enum Msg {
         kind: StopKind,
         done: oneshot::Sender<()>,
     },
+    /// The service was removed: stop every instance gracefully (drained,
+    /// out of the routes), answer how many, and end.
+    Remove { done: oneshot::Sender<usize> },
     /// `kiln promote`: switch a blue-green rollout waiting for it, or pass
     /// a canary's current step.
     Promote {
@@ -131,6 +134,8 @@ pub struct Controller {
     adopting: Vec<Adoptee>,
     /// Handing over: waiting for every instance task to let go.
     detaching: Option<oneshot::Sender<()>>,
+    /// The service was removed: its instances stop for that reason.
+    removing: bool,
 }
 
 /// An instance an earlier agent process left running: its record and its
@@ -174,6 +179,7 @@ impl Controller {
             service: None,
             due: None,
             adopting: Vec::new(),
+            removing: false,
             detaching: None,
         }
     }
@@ -223,6 +229,20 @@ impl Controller {
                         if escalate {
                             self.stop_all(StopKind::Kill, true);
                         }
+                    }
+                    Some(Msg::Remove { done }) => {
+                        let count = self.instances.len();
+                        let (tx, rx) = oneshot::channel();
+                        self.removing = true;
+                        match &mut self.shutdown {
+                            Some((_, waiters)) => waiters.push(tx),
+                            None => self.shutdown = Some((StopKind::Graceful, vec![tx])),
+                        }
+                        tokio::spawn(async move {
+                            if rx.await.is_ok() {
+                                let _ = done.send(count);
+                            }
+                        });
                     }
                     None => return,
                 },

@@ -194,7 +194,15 @@ impl Controller {
             message: self.message.clone(),
             stalled: self.rollout.stalled(),
             canary: self.canary_status(),
-            warm: matches!(self.rollout, Rollout::Warm { target: t, until } if until > now && t == target),
+            warm: matches!(self.rollout, Rollout::Warm { target: t, until, .. } if until > now && t == target),
+            watched_until: self
+                .rollout
+                .watched(now)
+                .filter(|(t, _)| *t == target)
+                .map(|(_, w)| {
+                    let at = std::time::SystemTime::now() + w.until.saturating_duration_since(now);
+                    humantime::format_rfc3339_seconds(at).to_string()
+                }),
             routed: match self.routing {
                 Routing::Release(r) => Some(r),
                 Routing::Any | Routing::Split { .. } => None,

@@ -116,6 +116,7 @@ impl Harness {
             services: vec![d],
             dry_run: false,
             explicit_runtime: vec![web()],
+            prune: false,
         };
         self.agent.apply(req, Actor::Agent).await.unwrap();
     }

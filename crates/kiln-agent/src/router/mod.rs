@@ -146,6 +146,15 @@ impl Router {
         });
     }
 
+    /// Forget a service's routes (it was removed): one atomic swap.
+    pub fn remove_routes(&self, service: &RouteKey) {
+        self.table.0.rcu(|old| {
+            let mut services = old.services.clone();
+            services.remove(service);
+            RouteTable { services }
+        });
+    }
+
     /// Make sure `service` has a listener on `addr` (moving it if it had
     /// another). Binding is the check that the address is free.
     pub async fn listen(

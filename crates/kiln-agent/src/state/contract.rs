@@ -131,16 +131,25 @@ pub(super) fn a_failed_rollout_and_its_rollback_are_one_change(state: &dyn State
     state
         .record_apply(&svc, Some(&release(2)), std::slice::from_ref(&ev))
         .unwrap();
+    // Release 2 went live (1 superseded), then crash-looped in its watch.
+    state
+        .set_outcome(&name, 2, Outcome::Active, None, &ev)
+        .unwrap();
+    state
+        .set_outcome(&name, 1, Outcome::Superseded, None, &ev)
+        .unwrap();
     state
         .fail_release(&name, 2, "crash loop", Some(1), &[ev.clone(), ev.clone()])
         .unwrap();
     assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
+    let r1 = state.release(&name, 1).unwrap().unwrap();
+    assert_eq!(r1.outcome, Outcome::Active, "what runs again is active");
     let r2 = state.release(&name, 2).unwrap().unwrap();
     assert_eq!(
         (r2.outcome, r2.reason.as_deref()),
         (Outcome::Failed, Some("crash loop"))
     );
-    assert_eq!(state.events(0).unwrap().len(), 4);
+    assert_eq!(state.events(0).unwrap().len(), 6);
     // Without a release to return to, only the outcome changes.
     svc.target = 3;
     state
@@ -343,6 +352,33 @@ pub(super) fn secrets_are_kept_by_digest_and_the_key_once(state: &dyn StateStore
     assert_eq!(state.secret(&sb).unwrap(), Some(b));
 }
 
+pub(super) fn a_removed_service_keeps_its_releases_and_events(state: &dyn StateStore) {
+    let name = web();
+    let ev = event("x");
+    state
+        .record_apply(
+            &service(&name, 1, 1),
+            Some(&release(1)),
+            std::slice::from_ref(&ev),
+        )
+        .unwrap();
+    state.remove_service(&name, &event("removed")).unwrap();
+    assert_eq!(state.service(&name).unwrap(), None);
+    assert!(state.services().unwrap().is_empty());
+    assert_eq!(state.releases(&name).unwrap().len(), 1, "its history stays");
+    assert_eq!(state.events(0).unwrap().len(), 2);
+    // Applied again: a new record beside the old releases.
+    state
+        .record_apply(
+            &service(&name, 1, 2),
+            Some(&release(2)),
+            std::slice::from_ref(&ev),
+        )
+        .unwrap();
+    assert_eq!(state.service(&name).unwrap().unwrap().target, 2);
+    assert_eq!(state.releases(&name).unwrap().len(), 2);
+}
+
 /// The contract's tests for one implementation: `fresh` makes an empty
 /// store (and whatever must live as long as it, e.g. its directory).
 macro_rules! contract_tests {
@@ -373,6 +409,11 @@ macro_rules! contract_tests {
             $crate::state::contract::instances_are_put_replaced_and_removed_with_their_events(
                 &state,
             );
+        }
+        #[test]
+        fn a_removed_service_keeps_its_releases_and_events() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::a_removed_service_keeps_its_releases_and_events(&state);
         }
         #[test]
         fn secrets_are_kept_by_digest_and_the_key_once() {

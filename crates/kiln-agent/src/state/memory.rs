@@ -180,14 +180,22 @@ impl StateStore for MemoryState {
     ) -> Result<()> {
         let mut inner = self.inner();
         inner.set_outcome(service, revision, Outcome::Failed, Some(reason));
-        if let Some(previous) = return_to
-            && let Some(s) = inner.services.get_mut(service)
-        {
-            s.target = previous;
+        if let Some(previous) = return_to {
+            if let Some(s) = inner.services.get_mut(service) {
+                s.target = previous;
+            }
+            inner.set_outcome(service, previous, Outcome::Active, None);
         }
         for e in events {
             inner.append(e);
         }
+        Ok(())
+    }
+
+    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
+        let mut inner = self.inner();
+        inner.services.remove(name);
+        inner.append(event);
         Ok(())
     }
 

@@ -162,8 +162,10 @@ pub trait StateStore: Send + Sync {
     ) -> Result<()>;
     /// A failed rollout, as one change: the release is marked failed with
     /// its reason and, when `return_to` says so, the service points back at
-    /// that release (an automatic rollback). Nobody ever sees a failed
-    /// release that the service is still moving to.
+    /// that release (an automatic rollback), which is active again (it was
+    /// superseded when the failure came in the failed release's watch).
+    /// Nobody ever sees a failed release that the service is still moving
+    /// to.
     fn fail_release(
         &self,
         service: &ServiceName,
@@ -172,6 +174,10 @@ pub trait StateStore: Send + Sync {
         return_to: Option<u64>,
         events: &[NewEvent],
     ) -> Result<()>;
+    /// Remove a service, with its event, as one change: its record goes
+    /// (it is no longer reconciled); its releases and events stay.
+    /// Removing what does not exist changes nothing but the event.
+    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()>;
     fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
     fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
     fn instances(&self) -> Result<Vec<InstanceRecord>>;

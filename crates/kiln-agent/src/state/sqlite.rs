@@ -337,10 +337,22 @@ impl StateStore for SqliteState {
                 "UPDATE services SET target = ?2 WHERE name = ?1",
                 params![service.as_str(), previous as i64],
             )?;
+            // Superseded when the failed release went live (a failure in
+            // its watch): it is what runs again.
+            set_outcome_in(&tx, service, previous, Outcome::Active, None)?;
         }
         for e in events {
             insert_event(&tx, e)?;
         }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
+        insert_event(&tx, event)?;
         tx.commit()?;
         Ok(())
     }

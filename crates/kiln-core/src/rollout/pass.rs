@@ -64,10 +64,19 @@ pub enum Rollout {
         promote: bool,
     },
     /// `blue-green` after its switch: the target has the traffic and is
-    /// active; the fleet before it stays warm until `until`.
+    /// active; the fleet before it stays warm until `until`. `watch`: the
+    /// target is watched meanwhile too.
     Warm {
         target: u64,
         until: Instant,
+        watch: Option<Watch>,
+    },
+    /// The target went live and is watched (`rollout.watch`): if it
+    /// crash-loops before the watch ends, the service returns to the
+    /// release before.
+    Watching {
+        target: u64,
+        watch: Watch,
     },
     Canary(CanaryRun),
     /// Failed with `auto_rollback = false`: old and new stay as they are,
@@ -77,6 +86,14 @@ pub enum Rollout {
         target: u64,
         routed: Option<u64>,
     },
+}
+
+/// The watch on a release that went live: until `until`, a crash loop
+/// returns the service to `back_to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Watch {
+    pub back_to: u64,
+    pub until: Instant,
 }
 
 /// A canary rollout in progress.
@@ -116,7 +133,7 @@ impl Rollout {
     /// The release being rolled out, if any.
     pub fn target(&self) -> Option<u64> {
         match self {
-            Self::Idle | Self::Warm { .. } => None,
+            Self::Idle | Self::Warm { .. } | Self::Watching { .. } => None,
             Self::Rolling { target, .. }
             | Self::BlueGreen { target, .. }
             | Self::Paused { target, .. } => Some(*target),
@@ -133,6 +150,23 @@ impl Rollout {
     /// A blue-green fleet kept warm after its switch at `now`.
     pub fn warm(&self, now: Instant) -> bool {
         matches!(self, Self::Warm { until, .. } if *until > now)
+    }
+
+    /// The release watched after it went live, and its watch, at `now`.
+    pub fn watched(&self, now: Instant) -> Option<(u64, Watch)> {
+        match self {
+            Self::Warm {
+                target,
+                watch: Some(w),
+                ..
+            }
+            | Self::Watching { target, watch: w }
+                if w.until > now =>
+            {
+                Some((*target, *w))
+            }
+            _ => None,
+        }
     }
 
     /// `kiln promote`: a blue-green rollout waiting for its switch, or a
@@ -224,6 +258,8 @@ pub enum StopReason {
     CanaryAborted,
     ReplacedByCanary,
     LivenessFailed,
+    /// The service was removed (`kiln remove`, `apply --prune`).
+    Removed,
 }
 
 impl fmt::Display for StopReason {
@@ -238,6 +274,7 @@ impl fmt::Display for StopReason {
             Self::CanaryAborted => "canary aborted",
             Self::ReplacedByCanary => "replaced by the canary release",
             Self::LivenessFailed => "liveness failed",
+            Self::Removed => "service removed",
         })
     }
 }
@@ -320,6 +357,9 @@ pub fn decide<Id: Clone>(state: &Rollout, v: &View<'_, Id>) -> Decision<Id> {
         p.adopt_warm();
     }
     p.shape();
+    if p.watch_failed() {
+        return p.finish();
+    }
     if let Rollout::Canary(_) = p.next {
         p.canary();
     } else {
@@ -375,6 +415,10 @@ pub fn due<Id>(state: &Rollout, v: &View<'_, Id>) -> Option<Instant> {
         }
         Rollout::Warm { until, .. } if *until > now => at(*until),
         _ => {}
+    }
+    if let Some((_, w)) = state.watched(now) {
+        // Its end changes what status shows.
+        at(w.until);
     }
     let min_ready = v.settings.rollout.min_ready.0;
     for i in v.instances {
@@ -630,7 +674,12 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         let t = v.target;
         let strategy = v.settings.rollout.strategy;
         if v.outcome != Outcome::Pending {
-            if !matches!(self.next, Rollout::Warm { target, .. } if target == t) {
+            let keep = match &self.next {
+                Rollout::Warm { target, .. } => *target == t,
+                Rollout::Watching { target, watch } => *target == t && watch.until > v.now,
+                _ => false,
+            };
+            if !keep {
                 self.next = Rollout::Idle;
             }
             return;
@@ -774,6 +823,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                 self.next = Rollout::Warm {
                     target: t,
                     until: v.now + rollout.scale_down_delay.0,
+                    watch: self.watch(v.previous),
                 };
                 self.steps.push(Step::Route);
                 self.steps.push(Step::Record(Change::Promoted {
@@ -787,14 +837,20 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             if !(blue_green && self.next.warm(v.now)) {
                 let old = self.running(|i| i.revision != t);
                 self.stop(&old, StopReason::Replaced);
-                if let Rollout::Warm { .. } = self.next {
-                    self.next = Rollout::Idle;
+                if let Rollout::Warm { watch, .. } = self.next {
+                    // The warm fleet is gone; the watch goes on.
+                    self.next = match watch {
+                        Some(watch) if watch.until > v.now => {
+                            Rollout::Watching { target: t, watch }
+                        }
+                        _ => Rollout::Idle,
+                    };
                 }
             }
             if pending {
                 self.steps.push(Step::Activate);
                 if !matches!(self.next, Rollout::Warm { .. }) {
-                    self.next = Rollout::Idle;
+                    self.next = self.watching(v.previous);
                 }
             }
             self.message = Message::Clear;
@@ -845,6 +901,60 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             return;
         }
         self.fail(reason, previous, true, Actor::Agent, false);
+    }
+
+    /// The watch on the target as it goes live now, returning to
+    /// `back_to`: none without a release to return to or with
+    /// `rollout.watch = "0s"`.
+    fn watch(&self, back_to: Option<u64>) -> Option<Watch> {
+        let watch = self.rollout().watch.0;
+        back_to.filter(|_| !watch.is_zero()).map(|back_to| Watch {
+            back_to,
+            until: self.v.now + watch,
+        })
+    }
+
+    /// The state once the target went live: watched, or idle.
+    fn watching(&self, back_to: Option<u64>) -> Rollout {
+        match self.watch(back_to) {
+            Some(watch) => Rollout::Watching {
+                target: self.v.target,
+                watch,
+            },
+            None => Rollout::Idle,
+        }
+    }
+
+    /// A release that crash-loops inside its watch fails, and the service
+    /// returns to the release before it (or, with `auto_rollback = false`,
+    /// says so and stays). True when it failed.
+    fn watch_failed(&mut self) -> bool {
+        let v = self.v;
+        let t = v.target;
+        let Some((target, watch)) = self.next.watched(v.now) else {
+            return false;
+        };
+        if target != t || v.outcome != Outcome::Active || !self.crash_looping(t) {
+            return false;
+        }
+        let watched = self.rollout().watch;
+        let live_for = watched
+            .0
+            .saturating_sub(watch.until.saturating_duration_since(v.now));
+        let reason = format!(
+            "instances of release {t} keep crashing ({CRASH_LOOP_FAILURES}) {} after it went live, inside rollout.watch ({watched}); last: {}",
+            crate::service::Duration(Duration::from_secs(live_for.as_secs())),
+            self.last_error()
+        );
+        if !self.rollout().auto_rollback {
+            self.message = Message::Set(format!(
+                "{reason} (auto_rollback = false: kiln rollback {} to return)",
+                v.service
+            ));
+            return false;
+        }
+        self.fail(reason, Some(watch.back_to), true, Actor::Agent, false);
+        true
     }
 
     fn fail(&mut self, reason: String, to: Option<u64>, automatic: bool, by: Actor, timed: bool) {
@@ -1010,7 +1120,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         }
         // The last step had all traffic: the canary is the release now.
         self.steps.push(Step::Activate);
-        self.next = Rollout::Idle;
+        self.next = self.watching(Some(stable));
         let old = self.running(|i| i.revision != t);
         self.stop(&old, StopReason::ReplacedByCanary);
         self.message = Message::Clear;

@@ -31,6 +31,9 @@ enum Behaviour {
     NeverReady,
     /// Exits one tick after it starts.
     Crashes,
+    /// Ready one tick after it starts, exits this many ticks after it
+    /// started.
+    CrashesAfter(u32),
 }
 
 struct Sim {
@@ -205,7 +208,10 @@ impl Sim {
                 Step::Fail { to, .. } => {
                     self.outcomes.insert(self.target, Outcome::Failed);
                     if let Some(to) = to {
+                        // Active again (it was superseded when the failure
+                        // came in the failed release's watch).
                         self.target = *to;
+                        self.outcomes.insert(*to, Outcome::Active);
                     }
                 }
             }
@@ -224,16 +230,24 @@ impl Sim {
         for i in &mut self.insts {
             match self.behaviour[&i.revision] {
                 Behaviour::Good if i.ready_since.is_none() => i.ready_since = Some(now),
-                Behaviour::Crashes => crashed.push((i.id, i.revision, i.slot)),
+                Behaviour::Crashes => crashed.push((i.id, i.revision, i.slot, None)),
+                Behaviour::CrashesAfter(ticks) => {
+                    if now.duration_since(self.born[&i.id]) >= TICK * ticks {
+                        crashed.push((i.id, i.revision, i.slot, i.ready_since));
+                    } else if i.ready_since.is_none() {
+                        i.ready_since = Some(now);
+                    }
+                }
                 _ => {}
             }
         }
-        for (id, revision, slot) in crashed {
+        for (id, revision, slot, ready_since) in crashed {
             self.insts.retain(|i| i.id != id);
-            self.slots
-                .entry((revision, slot))
-                .or_default()
-                .failed(now, None, &Backoff::default());
+            self.slots.entry((revision, slot)).or_default().failed(
+                now,
+                ready_since,
+                &Backoff::default(),
+            );
         }
     }
 
@@ -242,7 +256,7 @@ impl Sim {
         for _ in 0..limit {
             let steps = self.pass();
             if steps.is_empty()
-                && self.state == Rollout::Idle
+                && matches!(self.state, Rollout::Idle | Rollout::Watching { .. })
                 && self.insts.iter().all(|i| !i.stopping)
             {
                 return;
@@ -346,7 +360,7 @@ fn rolling_surges_one_at_a_time_and_stops_old_only_for_new_ready_ones() {
     assert_eq!(sim.running(1), 0);
     assert_eq!(sim.outcomes[&2], Outcome::Active);
     assert_eq!(sim.outcomes[&1], Outcome::Superseded);
-    assert_eq!(sim.state, Rollout::Idle);
+    assert!(matches!(sim.state, Rollout::Watching { target: 2, .. }));
 }
 
 #[test]
@@ -739,7 +753,9 @@ proptest! {
         prop_assert_eq!(sim.outcomes[&2], Outcome::Active);
         prop_assert_eq!(sim.running(2) as u32, replicas);
         prop_assert_eq!(sim.insts.len() as u32, replicas, "nothing else is left");
-        prop_assert_eq!(&sim.state, &Rollout::Idle);
+        // No rollout left (the release may still be watched).
+        prop_assert_eq!(sim.state.target(), None);
+        prop_assert!(!sim.state.warm(sim.now));
         prop_assert!(sim.routed(2));
     }
 
@@ -821,4 +837,161 @@ proptest! {
         prop_assert_eq!(sim.routing, Routing::Release(3));
         prop_assert_eq!(sim.running(3) as u32, replicas);
     }
+}
+
+// ---- the watch after a release went live ----
+
+/// Passes and ticks (time moving past any back-off) until a pass fails the
+/// release; the failing pass's decision.
+fn until_failed(sim: &mut Sim, limit: u32) -> Option<Decision<u32>> {
+    for _ in 0..limit {
+        let d = sim.with_view(|v| decide(&sim.state, v));
+        let failing = failed(&d.steps).is_some();
+        let kept = d.clone();
+        sim.carry_out(d);
+        if failing {
+            return Some(kept);
+        }
+        sim.tick();
+        sim.now += Duration::from_millis(300);
+    }
+    None
+}
+
+fn watched(strategy: Strategy, watch: u64) -> ServiceSettings {
+    let mut s = settings(strategy, 2);
+    s.rollout.watch = service::Duration::from_secs(watch);
+    s
+}
+
+#[test]
+fn a_release_that_crash_loops_after_it_went_live_is_rolled_back_inside_its_watch() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    // Ready at once, exits 0.5 s after each start: the rollout completes.
+    sim.apply(2, 2, Behaviour::CrashesAfter(5));
+    for _ in 0..5 {
+        if sim.outcomes[&2] == Outcome::Active {
+            break;
+        }
+        sim.pass();
+        sim.tick();
+    }
+    assert_eq!(sim.outcomes[&2], Outcome::Active, "it went live");
+    assert!(matches!(
+        sim.state,
+        Rollout::Watching {
+            target: 2,
+            watch: Watch { back_to: 1, .. }
+        }
+    ));
+    let d = until_failed(&mut sim, 100).expect("the watch caught the crash loop");
+    let (reason, to, _) = failed(&d.steps).unwrap();
+    assert_eq!(to, Some(1));
+    assert!(
+        reason.starts_with("instances of release 2 keep crashing (3)")
+            && reason.contains("after it went live, inside rollout.watch (1m)"),
+        "{reason}"
+    );
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&1], Outcome::Active);
+    assert_eq!(sim.outcomes[&2], Outcome::Failed);
+    assert_eq!((sim.running(1), sim.running(2)), (2, 0));
+}
+
+#[test]
+fn after_the_watch_a_crashing_release_is_only_healed() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 5));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    sim.now += Duration::from_secs(6);
+    sim.pass();
+    assert_eq!(sim.state, Rollout::Idle, "the watch is over");
+    sim.behaviour.insert(2, Behaviour::Crashes);
+    assert!(until_failed(&mut sim, 60).is_none(), "never rolled back");
+    assert!(sim.starts > 4, "the slots were refilled");
+}
+
+#[test]
+fn a_watch_of_zero_watches_nothing_and_a_first_release_has_no_watch() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 0));
+    sim.apply(2, 2, Behaviour::CrashesAfter(5));
+    assert!(until_failed(&mut sim, 60).is_none());
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    // A first release has nothing to return to.
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.insts.clear();
+    sim.outcomes.clear();
+    sim.apply(1, 1, Behaviour::Good);
+    sim.settle(20);
+    assert_eq!(sim.outcomes[&1], Outcome::Active);
+    assert_eq!(sim.state, Rollout::Idle);
+}
+
+#[test]
+fn auto_rollback_off_reports_a_crash_loop_in_the_watch_and_stays() {
+    let mut s = watched(Strategy::Rolling, 60);
+    s.rollout.auto_rollback = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::CrashesAfter(5));
+    let mut said = None;
+    for _ in 0..100 {
+        let d = sim.with_view(|v| decide(&sim.state, v));
+        assert!(failed(&d.steps).is_none());
+        if let Message::Set(m) = &d.message {
+            said = Some(m.clone());
+        }
+        sim.carry_out(d);
+        sim.tick();
+        sim.now += Duration::from_millis(300);
+    }
+    let said = said.expect("status says so");
+    assert!(said.contains("auto_rollback = false"), "{said}");
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+}
+
+#[test]
+fn blue_green_crash_loop_inside_the_watch_swaps_back_to_the_warm_fleet() {
+    let mut sim = Sim::steady(watched(Strategy::BlueGreen, 60));
+    sim.apply(2, 2, Behaviour::CrashesAfter(5));
+    for _ in 0..5 {
+        if sim.outcomes[&2] == Outcome::Active {
+            break;
+        }
+        sim.pass();
+        sim.tick();
+    }
+    assert!(matches!(
+        sim.state,
+        Rollout::Warm {
+            target: 2,
+            watch: Some(Watch { back_to: 1, .. }),
+            ..
+        }
+    ));
+    let d = until_failed(&mut sim, 100).expect("caught");
+    // The failing pass routes to the warm fleet at once: nothing to start.
+    assert_eq!(d.routing, Routing::Release(1));
+    assert!(sim.routed(1));
+    assert_eq!(sim.running(1), 2, "release 1's warm fleet serves");
+}
+
+#[test]
+fn a_canary_that_went_live_is_watched_against_its_stable_release() {
+    let mut s = watched(Strategy::Canary, 60);
+    s.rollout.steps = vec![CanaryStep {
+        weight: 100,
+        pause: Pause::default(),
+    }];
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    assert!(matches!(
+        sim.state,
+        Rollout::Watching {
+            target: 2,
+            watch: Watch { back_to: 1, .. }
+        }
+    ));
 }
