@@ -398,7 +398,11 @@ mod tests {
             (p.services[0].action, p.services[0].revision),
             (Action::Create, Some(8))
         );
-        assert_eq!(p.services.len(), 1, "a removed service is not listed");
+        let p = plan(std::slice::from_ref(&web), &cur, true);
+        assert!(
+            p.services.iter().all(|s| s.service != api.name),
+            "a removed service is not listed: {p}"
+        );
     }
 
     #[test]
