@@ -16,6 +16,7 @@ pub mod names;
 pub mod oci;
 pub mod plan;
 pub mod reference;
+pub mod registry;
 pub mod release;
 pub mod rollout;
 pub mod secret;

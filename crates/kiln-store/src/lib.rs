@@ -12,6 +12,7 @@ pub mod bake;
 pub mod export;
 pub mod fsutil;
 pub mod gzip;
+pub mod registry;
 pub mod store;
 pub mod tree;
 pub mod unpack;

@@ -233,7 +233,7 @@ impl Router {
     /// Stop the listener of `key`, if it has one, for good.
     pub async fn unlisten(&self, key: &RouteKey) {
         if let Some((_, workers)) = self.listeners.lock().await.remove(key) {
-            workers.stop();
+            workers.close();
             self.keeper.forget(&format!("listen:{}", key_name(key)));
         }
     }
@@ -469,6 +469,10 @@ type Handed = tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, SocketA
 /// waking tasks across threads.)
 struct Workers {
     stop: tokio::sync::watch::Sender<Stop>,
+    /// The listening sockets themselves (duplicates of the threads'
+    /// descriptors): shutting one down stops it listening for every
+    /// holder, the supervisor's copy included.
+    sockets: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Workers {
@@ -480,6 +484,10 @@ impl Workers {
     ) -> std::io::Result<Self> {
         let (stop, stopped) = tokio::sync::watch::channel(Stop::No);
         let n = sockets.len();
+        let dups = sockets
+            .iter()
+            .map(|s| s.try_clone().map(std::os::fd::OwnedFd::from))
+            .collect::<std::io::Result<Vec<_>>>()?;
         let (inbox, mut handed): (Vec<_>, Vec<_>) = (0..n)
             .map(|_| tokio::sync::mpsc::unbounded_channel())
             .unzip();
@@ -522,7 +530,20 @@ impl Workers {
                     });
                 })?;
         }
-        Ok(Self { stop })
+        Ok(Self {
+            stop,
+            sockets: dups,
+        })
+    }
+
+    /// Stop listening for good, now (a removed service): the kernel
+    /// refuses new connections from this moment, whoever else holds the
+    /// sockets; then the threads end.
+    fn close(&self) {
+        for s in &self.sockets {
+            let _ = rustix::net::shutdown(s, rustix::net::Shutdown::Both);
+        }
+        self.stop();
     }
 
     fn stop(&self) {

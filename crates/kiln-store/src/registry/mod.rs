@@ -1,0 +1,255 @@
+//! Images to and from OCI registries: the distribution API through
+//! `oci-client` (its auth flows: anonymous, basic, and the bearer-token
+//! flow with `WWW-Authenticate` challenges and scopes), with kiln's own
+//! checks on top: every blob and manifest pulled is verified (digest and
+//! size) as it streams and kept only once the whole image is, nothing is
+//! held whole in memory, and the store's exact manifest bytes are pushed
+//! (the digest a registry serves is the one the store has).
+//!
+//! - [`credentials`]: `kiln login`, Docker's config, insecure hosts.
+//! - [`push`], [`pull`].
+
+pub mod credentials;
+mod pull;
+mod push;
+
+use std::time::Duration;
+
+use kiln_core::Digest;
+use kiln_core::registry::{RegistryRef, Target};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::{
+    Client, Reference, client::ClientConfig, client::ClientProtocol, secrets::RegistryAuth,
+};
+
+pub use credentials::{Auth, Credentials, Login};
+pub use pull::{PullReport, pull};
+pub use push::{PushReport, push};
+
+use crate::store::StoreError;
+
+/// A manifest larger than this is refused (the distribution spec lets
+/// registries refuse over 4 MiB; nothing kiln makes comes close).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// How long a registry may take to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a registry may send nothing on a connection.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Blobs moved at once.
+const PARALLEL: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("login required for {host} (kiln login {host})")]
+    LoginRequired { host: String },
+    #[error("{host}: access to {repository} denied with the credentials from {from}")]
+    Denied {
+        host: String,
+        repository: String,
+        from: &'static str,
+    },
+    #[error("{reference}: not found in the registry")]
+    NotFound { reference: String },
+    #[error("cannot reach {host}: {detail}")]
+    Unreachable { host: String, detail: String },
+    #[error("{host}: {detail}")]
+    Registry { host: String, detail: String },
+    #[error(
+        "blob {digest} from {host} does not match its digest (its bytes hash to {actual}); nothing was kept"
+    )]
+    BadBlob {
+        host: String,
+        digest: Digest,
+        actual: Digest,
+    },
+    #[error(
+        "blob {digest} from {host} has {got} bytes, not the {want} its descriptor says; nothing was kept"
+    )]
+    BadSize {
+        host: String,
+        digest: Digest,
+        got: u64,
+        want: u64,
+    },
+    #[error("the manifest of {reference} is over the 4 MiB limit")]
+    ManifestTooBig { reference: String },
+    #[error("the manifest of {reference} hashes to {actual}, not {expected}; nothing was kept")]
+    ManifestDigest {
+        reference: String,
+        expected: String,
+        actual: Digest,
+    },
+    #[error("the manifest of {reference} is not valid: {detail}")]
+    BadManifest { reference: String, detail: String },
+    #[error("{reference}: the index has no image for {platform}")]
+    NoPlatform { reference: String, platform: String },
+    #[error("{0}")]
+    Destination(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Credentials(#[from] credentials::CredentialsError),
+}
+
+/// A connection to one registry, for one repository.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+    /// Where the credentials came from (named when they are refused).
+    from: &'static str,
+    host: String,
+}
+
+impl Registry {
+    /// A client for `host`: TLS with the system's roots, or plain HTTP if
+    /// the user named the host insecure (`insecure`, or `kiln login
+    /// --insecure`); never a silent fallback from one to the other.
+    pub fn new(host: &str, credentials: &Credentials, insecure: bool) -> Self {
+        // One crypto provider for rustls, installed once (a second install
+        // is refused and changes nothing).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let protocol = if insecure || credentials.insecure(host) {
+            ClientProtocol::HttpsExcept(vec![host.to_owned()])
+        } else {
+            ClientProtocol::Https
+        };
+        let config = ClientConfig {
+            protocol,
+            // Streams with its Content-Length: one PUT per blob, memory
+            // bounded by the chunk, not the blob.
+            use_monolithic_push: true,
+            connect_timeout: Some(CONNECT_TIMEOUT),
+            read_timeout: Some(READ_TIMEOUT),
+            platform_resolver: None,
+            ..ClientConfig::default()
+        };
+        let (auth, from) = match credentials.auth(host) {
+            Auth::Anonymous => (RegistryAuth::Anonymous, "none (anonymous)"),
+            Auth::Basic {
+                username,
+                password,
+                from,
+            } => (RegistryAuth::Basic(username, password), from),
+        };
+        Self {
+            client: Client::new(config),
+            auth,
+            from,
+            host: host.to_owned(),
+        }
+    }
+
+    /// An error of the registry, named for users.
+    fn error(&self, reference: &RegistryRef, e: OciDistributionError) -> RegistryError {
+        let host = self.host.clone();
+        let denied = || RegistryError::Denied {
+            host: host.clone(),
+            repository: reference.repository.clone(),
+            from: self.from,
+        };
+        let login = || match self.auth {
+            RegistryAuth::Anonymous => RegistryError::LoginRequired { host: host.clone() },
+            _ => denied(),
+        };
+        match e {
+            OciDistributionError::AuthenticationFailure(_)
+            | OciDistributionError::UnauthorizedError { .. } => login(),
+            OciDistributionError::ImageManifestNotFoundError(_) => RegistryError::NotFound {
+                reference: reference.to_string(),
+            },
+            OciDistributionError::RegistryError { envelope, .. } => {
+                let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+                if codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Unauthorized))
+                {
+                    login()
+                } else if codes.iter().any(|c| matches!(c, OciErrorCode::Denied)) {
+                    denied()
+                } else if codes.iter().any(|c| {
+                    matches!(
+                        c,
+                        OciErrorCode::ManifestUnknown
+                            | OciErrorCode::NameUnknown
+                            | OciErrorCode::NotFound
+                            | OciErrorCode::BlobUnknown
+                    )
+                }) {
+                    RegistryError::NotFound {
+                        reference: reference.to_string(),
+                    }
+                } else {
+                    RegistryError::Registry {
+                        host,
+                        detail: envelope
+                            .errors
+                            .iter()
+                            .map(|e| format!("{:?}: {}", e.code, e.message))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    }
+                }
+            }
+            OciDistributionError::ServerError { code, message, .. } => match code {
+                401 => login(),
+                403 => denied(),
+                404 => RegistryError::NotFound {
+                    reference: reference.to_string(),
+                },
+                _ => RegistryError::Registry {
+                    host,
+                    detail: format!("HTTP {code}: {}", message.trim()),
+                },
+            },
+            OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
+                RegistryError::Unreachable {
+                    host,
+                    detail: if r.is_timeout() {
+                        format!(
+                            "no answer within {} s",
+                            READ_TIMEOUT.as_secs().max(CONNECT_TIMEOUT.as_secs())
+                        )
+                    } else {
+                        describe(&r)
+                    },
+                }
+            }
+            OciDistributionError::RequestError(r) => RegistryError::Registry {
+                host,
+                detail: describe(&r),
+            },
+            other => RegistryError::Registry {
+                host,
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
+/// A reqwest error with its causes (its own message is often only "error
+/// sending request").
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// oci-client's reference for a registry reference.
+fn reference(r: &RegistryRef) -> Reference {
+    match &r.target {
+        Some(Target::Tag(t)) => {
+            Reference::with_tag(r.host.clone(), r.repository.clone(), t.to_string())
+        }
+        Some(Target::Digest(d)) => {
+            Reference::with_digest(r.host.clone(), r.repository.clone(), d.to_string())
+        }
+        None => Reference::with_tag(r.host.clone(), r.repository.clone(), "latest".to_owned()),
+    }
+}

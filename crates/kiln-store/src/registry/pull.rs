@@ -1,0 +1,298 @@
+//! `kiln pull SRC`: a registry's image into the store. The tag is resolved
+//! to a digest once; an index is narrowed to this host's platform; each
+//! blob the store lacks streams into `tmp/`, its digest and size checked as
+//! it comes; the image becomes visible only once every part of it is.
+
+use std::io::Write;
+
+use futures_util::{StreamExt, TryStreamExt};
+use kiln_core::Digest;
+use kiln_core::oci::{Descriptor, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, Manifest};
+use kiln_core::reference::Tag;
+use kiln_core::registry::{RegistryRef, Target};
+use oci_client::RegistryOperation;
+use serde::Serialize;
+
+use super::{MAX_MANIFEST, PARALLEL, Registry, RegistryError, reference};
+use crate::store::{PendingBlob, Store, StoreError};
+
+pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What a pull did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PullReport {
+    pub source: String,
+    /// What the reference resolved to (an index's digest, for a
+    /// multi-platform image).
+    pub resolved: Digest,
+    /// The image manifest kept: `resolved`, or the index's entry for this
+    /// platform.
+    pub digest: Digest,
+    /// `NAME:TAG` in the store (the tag only when it was free).
+    pub name: String,
+    pub tags: Vec<String>,
+    pub downloaded: usize,
+    pub downloaded_bytes: u64,
+    /// Blobs the store had already.
+    pub skipped: usize,
+}
+
+/// This host's platform as OCI names it.
+pub fn host_platform() -> (&'static str, &'static str) {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        other => other,
+    };
+    ("linux", arch)
+}
+
+pub async fn pull(
+    store: &Store,
+    registry: &Registry,
+    src: &RegistryRef,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<PullReport, RegistryError> {
+    let err = |e| registry.error(src, e);
+    let image = reference(src);
+    registry
+        .client
+        .auth(&image, &registry.auth, RegistryOperation::Pull)
+        .await
+        .map_err(err)?;
+    let (bytes, resolved) = manifest(registry, src, src.target.clone()).await?;
+    let media = media_type(&bytes, src)?;
+    let (bytes, digest) = if media == MEDIA_TYPE_INDEX || media == MEDIA_TYPE_DOCKER_LIST {
+        let index: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadManifest {
+                reference: src.to_string(),
+                detail: e.to_string(),
+            })?;
+        let (os, arch) = host_platform();
+        let entry = index
+            .get("manifests")
+            .and_then(|m| m.as_array())
+            .into_iter()
+            .flatten()
+            .find(|m| {
+                m.pointer("/platform/os").and_then(|v| v.as_str()) == Some(os)
+                    && m.pointer("/platform/architecture").and_then(|v| v.as_str()) == Some(arch)
+            })
+            .and_then(|m| m.get("digest")?.as_str()?.parse::<Digest>().ok())
+            .ok_or_else(|| RegistryError::NoPlatform {
+                reference: src.to_string(),
+                platform: format!("{os}/{arch}"),
+            })?;
+        let (b, d) = manifest(registry, src, Some(Target::Digest(entry))).await?;
+        (b, d)
+    } else {
+        (bytes, resolved.clone())
+    };
+    let media = media_type(&bytes, src)?;
+    if media != MEDIA_TYPE_MANIFEST && media != MEDIA_TYPE_DOCKER_MANIFEST {
+        return Err(RegistryError::BadManifest {
+            reference: src.to_string(),
+            detail: format!("unsupported media type {media}"),
+        });
+    }
+    let parsed: Manifest =
+        serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadManifest {
+            reference: src.to_string(),
+            detail: e.to_string(),
+        })?;
+    let mut wanted: Vec<Descriptor> = vec![parsed.config.clone()];
+    wanted.extend(parsed.layers.iter().cloned());
+    let missing: Vec<&Descriptor> = wanted
+        .iter()
+        .filter(|d| !store.has_blob(&d.digest))
+        .collect();
+    let skipped = wanted.len() - missing.len();
+    let pending: Vec<PendingBlob> = futures_util::stream::iter(missing)
+        .map(|d| pull_blob(store, registry, src, d, progress))
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    let downloaded_bytes = pending.iter().map(|p| p.size).sum();
+    let downloaded = pending.len();
+    // The manifest last: the image is visible once all of it is kept, in
+    // one index update under the store lock.
+    let mut blobs = pending;
+    let staged = store.stage_blob(&bytes)?;
+    blobs.push(staged);
+    let name = src.image_name();
+    let descriptor = Descriptor::new(&media, digest.clone(), bytes.len() as u64);
+    // The registry's tag, unless the store's tag of that name names
+    // another image (store tags never move): then only the automatic one.
+    let mut tags = Vec::new();
+    if let Some(Target::Tag(t)) = &src.target
+        && tag_free(store, &name, t, &digest)?
+    {
+        tags.push(t.clone());
+    }
+    store.publish_image(&name, blobs, &descriptor, &tags)?;
+    let mut all = vec![Tag::automatic(&digest).to_string()];
+    all.extend(tags.iter().map(ToString::to_string));
+    Ok(PullReport {
+        source: src.to_string(),
+        resolved,
+        digest,
+        name: name.to_string(),
+        tags: all,
+        downloaded,
+        downloaded_bytes,
+        skipped,
+    })
+}
+
+fn tag_free(
+    store: &Store,
+    name: &kiln_core::reference::ImageName,
+    tag: &Tag,
+    digest: &Digest,
+) -> Result<bool, StoreError> {
+    Ok(!store
+        .images()?
+        .iter()
+        .any(|r| &r.name == name && r.tags.contains(tag) && &r.digest != digest))
+}
+
+/// A manifest by `target`: its bytes (at most 4 MiB) and its digest, the
+/// bytes checked against the digest asked for (or the one the registry
+/// says, for a tag).
+async fn manifest(
+    registry: &Registry,
+    src: &RegistryRef,
+    target: Option<Target>,
+) -> Result<(Vec<u8>, Digest), RegistryError> {
+    let at = match &target {
+        Some(t) => src.at(t.clone()),
+        None => src.clone(),
+    };
+    let accepted = [
+        MEDIA_TYPE_MANIFEST,
+        MEDIA_TYPE_INDEX,
+        MEDIA_TYPE_DOCKER_MANIFEST,
+        MEDIA_TYPE_DOCKER_LIST,
+    ];
+    let (bytes, said) = registry
+        .client
+        .pull_manifest_raw(&reference(&at), &registry.auth, &accepted)
+        .await
+        .map_err(|e| registry.error(&at, e))?;
+    if bytes.len() > MAX_MANIFEST {
+        return Err(RegistryError::ManifestTooBig {
+            reference: at.to_string(),
+        });
+    }
+    let actual = Digest::of(&bytes);
+    let expected = match &target {
+        Some(Target::Digest(d)) => d.to_string(),
+        _ => said,
+    };
+    if actual.to_string() != expected {
+        return Err(RegistryError::ManifestDigest {
+            reference: at.to_string(),
+            expected,
+            actual,
+        });
+    }
+    Ok((bytes.to_vec(), actual))
+}
+
+/// The `mediaType` a manifest says it is.
+fn media_type(bytes: &[u8], src: &RegistryRef) -> Result<String, RegistryError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| RegistryError::BadManifest {
+            reference: src.to_string(),
+            detail: e.to_string(),
+        })?;
+    Ok(v.get("mediaType")
+        .and_then(|m| m.as_str())
+        // An OCI manifest may leave its media type out.
+        .map_or_else(
+            || {
+                if v.get("manifests").is_some() {
+                    MEDIA_TYPE_INDEX.to_owned()
+                } else {
+                    MEDIA_TYPE_MANIFEST.to_owned()
+                }
+            },
+            str::to_owned,
+        ))
+}
+
+/// One blob into `tmp/`, checked against its descriptor as it streams.
+async fn pull_blob(
+    store: &Store,
+    registry: &Registry,
+    src: &RegistryRef,
+    d: &Descriptor,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<PendingBlob, RegistryError> {
+    let image = reference(src);
+    let digest = d.digest.to_string();
+    let mut stream = registry
+        .client
+        .pull_blob_stream(&image, digest.as_str())
+        .await
+        .map_err(|e| registry.error(src, e))?;
+    let mut w = store.blob_writer()?;
+    let tmp = store.root().join("tmp");
+    let mut got: u64 = 0;
+    let bad_size = |got| RegistryError::BadSize {
+        host: registry.host.clone(),
+        digest: d.digest.clone(),
+        got,
+        want: d.size,
+    };
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                // oci-client's own check of the digest ends the stream
+                // with an error: name what the bytes were.
+                let pending = w.finish()?;
+                if e.to_string().contains("digest") {
+                    return Err(RegistryError::BadBlob {
+                        host: registry.host.clone(),
+                        digest: d.digest.clone(),
+                        actual: pending.digest,
+                    });
+                }
+                return Err(RegistryError::Registry {
+                    host: registry.host.clone(),
+                    detail: format!("blob {}: {e}", d.digest),
+                });
+            }
+        };
+        got += chunk.len() as u64;
+        if got > d.size {
+            return Err(bad_size(got));
+        }
+        w.write_all(&chunk).map_err(|source| StoreError::Io {
+            path: tmp.clone(),
+            source,
+        })?;
+    }
+    let pending = w.finish()?;
+    if pending.size != d.size {
+        return Err(bad_size(pending.size));
+    }
+    if pending.digest != d.digest {
+        return Err(RegistryError::BadBlob {
+            host: registry.host.clone(),
+            digest: d.digest.clone(),
+            actual: pending.digest,
+        });
+    }
+    progress(&format!(
+        "{} downloaded ({} bytes)",
+        d.digest.short(),
+        d.size
+    ));
+    Ok(pending)
+}
