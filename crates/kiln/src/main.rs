@@ -10,6 +10,7 @@ mod commands;
 mod demo;
 mod deploy;
 mod progress;
+mod registry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -96,6 +97,54 @@ pub enum Command {
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Push an image to an OCI registry (only the blobs it lacks)
+    Push {
+        /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// HOST[:PORT]/REPO[:TAG] [default tag: the one in REF, else latest]
+        #[arg(value_name = "DEST")]
+        dest: String,
+        /// Plain HTTP to this registry (never chosen on its own)
+        #[arg(long)]
+        insecure: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pull an image from an OCI registry into the store (verified as it streams)
+    Pull {
+        /// HOST[:PORT]/REPO:TAG or HOST[:PORT]/REPO@sha256:HEX
+        #[arg(value_name = "SRC")]
+        src: String,
+        /// Plain HTTP to this registry (never chosen on its own)
+        #[arg(long)]
+        insecure: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Keep credentials for a registry ($KILN_HOME/registries.json, 0600)
+    Login {
+        /// HOST[:PORT] of the registry
+        #[arg(value_name = "HOST")]
+        host: String,
+        /// The user name
+        #[arg(short, long, value_name = "USER")]
+        username: Option<String>,
+        /// Read the password from stdin (it is never taken on the command line)
+        #[arg(long)]
+        password_stdin: bool,
+        /// The registry speaks plain HTTP (remembered for push, pull and apply)
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Forget a registry's credentials
+    Logout {
+        /// HOST[:PORT] of the registry
+        #[arg(value_name = "HOST")]
+        host: String,
     },
     /// Unpack an image's root filesystem into DIR (which must not exist or
     /// be empty); without DIR, materialize its read-only tree in the store
@@ -307,6 +356,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Verify { reference, json } => {
             commands::verify(&commands::open_store(&home()?)?, reference.as_deref(), json)
         }
+        Command::Push {
+            reference,
+            dest,
+            insecure,
+            json,
+        } => registry::push(&home()?, &reference, &dest, insecure, json),
+        Command::Pull {
+            src,
+            insecure,
+            json,
+        } => registry::pull(&home()?, &src, insecure, json),
+        Command::Login {
+            host,
+            username,
+            password_stdin,
+            insecure,
+        } => registry::login(
+            &home()?,
+            &host,
+            username.as_deref(),
+            password_stdin,
+            insecure,
+        ),
+        Command::Logout { host } => registry::logout(&home()?, &host),
         Command::Export {
             reference,
             oci,

@@ -204,21 +204,46 @@ impl Registry {
                 },
             },
             OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
-                RegistryError::Unreachable {
-                    host,
-                    detail: if r.is_timeout() {
-                        format!(
-                            "no answer within {} s",
-                            READ_TIMEOUT.as_secs().max(CONNECT_TIMEOUT.as_secs())
-                        )
-                    } else {
-                        describe(&r)
-                    },
+                let mut detail = if r.is_timeout() {
+                    format!(
+                        "no answer within {} s",
+                        READ_TIMEOUT.as_secs().max(CONNECT_TIMEOUT.as_secs())
+                    )
+                } else {
+                    describe(&r)
+                };
+                if detail.contains("InvalidContentType") || detail.contains("corrupt message") {
+                    detail.push_str(&format!(
+                        " (it does not speak TLS; if {host} is a plain-HTTP registry, name it insecure: --insecure, or kiln login {host} --insecure)"
+                    ));
                 }
+                RegistryError::Unreachable { host, detail }
             }
-            OciDistributionError::RequestError(r) => RegistryError::Registry {
-                host,
-                detail: describe(&r),
+            OciDistributionError::RequestError(r) => match r.status().map(|s| s.as_u16()) {
+                Some(401) => login(),
+                Some(403) => denied(),
+                Some(404) => RegistryError::NotFound {
+                    reference: reference.to_string(),
+                },
+                _ => RegistryError::Registry {
+                    host,
+                    detail: describe(&r),
+                },
+            },
+            // oci-client checks a manifest against the digest asked for
+            // before kiln does: the same refusal.
+            OciDistributionError::DigestError(
+                oci_client::errors::DigestError::VerificationError { expected, actual },
+            ) => match actual.parse::<Digest>() {
+                Ok(actual) => RegistryError::ManifestDigest {
+                    reference: reference.to_string(),
+                    expected,
+                    actual,
+                },
+                Err(_) => RegistryError::Registry {
+                    host,
+                    detail: format!("digest {actual} is not {expected}"),
+                },
             },
             other => RegistryError::Registry {
                 host,

@@ -1,0 +1,181 @@
+//! `kiln push`, `kiln pull`, `kiln login`, `kiln logout`: images to and
+//! from OCI registries (see `kiln_store::registry`).
+
+use std::io::{BufRead, IsTerminal};
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use kiln_core::reference::{ImageRef, Tag};
+use kiln_core::registry::{RegistryRef, Target};
+use kiln_store::Store;
+use kiln_store::registry::{Credentials, Login, Registry};
+
+use crate::commands::{open_store, print_json, resolve};
+use crate::deploy::runtime;
+
+/// Progress lines on stderr while a terminal watches (or always with
+/// `--verbose`-like callers); silent for scripts reading `--json`.
+fn progress(json: bool) -> impl Fn(&str) + Sync {
+    let show = !json && std::io::stderr().is_terminal();
+    move |line: &str| {
+        if show {
+            eprintln!("  {line}");
+        }
+    }
+}
+
+pub fn push(
+    home: &Path,
+    reference: &str,
+    dest: &str,
+    insecure: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    // The destination first: a typo costs nothing.
+    let mut dest = RegistryRef::parse(dest)?;
+    let store = open_store(home)?;
+    let img = resolve(&store, reference)?;
+    if dest.target.is_none() {
+        // The tag in REF, else `latest` (as `docker push` does).
+        let tag = match ImageRef::parse(reference)? {
+            ImageRef::Tagged(_, t) => t,
+            _ => Tag::try_from("latest")?,
+        };
+        dest.target = Some(Target::Tag(tag));
+    }
+    if let Some(Target::Digest(_)) = dest.target {
+        bail!("{dest}: push to a tag (HOST/REPO:TAG); the digest is the image's own");
+    }
+    let credentials = Credentials::open(home)?;
+    let registry = Registry::new(&dest.host, &credentials, insecure);
+    let descriptor = kiln_core::oci::Descriptor::new(
+        kiln_core::oci::MEDIA_TYPE_MANIFEST,
+        img.digest.clone(),
+        img.manifest_size,
+    );
+    let show = progress(json);
+    let report = runtime()?
+        .block_on(kiln_store::registry::push(
+            &store,
+            &registry,
+            &descriptor,
+            &dest,
+            &show,
+        ))
+        .with_context(|| format!("cannot push {} to {dest}", img.pinned()))?;
+    if json {
+        print_json(&report)?;
+    } else {
+        println!(
+            "pushed {} to {} ({} blob{} uploaded, {} bytes; {} already there)\n{}",
+            img.pinned(),
+            report.destination,
+            report.uploaded,
+            if report.uploaded == 1 { "" } else { "s" },
+            report.uploaded_bytes,
+            report.skipped,
+            report.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pull(home: &Path, src: &str, insecure: bool, json: bool) -> Result<ExitCode> {
+    let src = RegistryRef::parse(src)?;
+    let store = open_store(home)?;
+    let report = pull_into(home, &store, &src, insecure, json)?;
+    if json {
+        print_json(&report)?;
+    } else {
+        if report.resolved != report.digest {
+            println!(
+                "{} is an index ({}); this platform's image:",
+                report.source, report.resolved
+            );
+        }
+        println!(
+            "pulled {} as {}:{} ({} blob{} downloaded, {} bytes; {} already in the store)\n{}",
+            report.source,
+            report.name,
+            report.tags.last().map_or("", String::as_str),
+            report.downloaded,
+            if report.downloaded == 1 { "" } else { "s" },
+            report.downloaded_bytes,
+            report.skipped,
+            report.digest
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Pull `src` into `store` (also what `apply` does for an image it lacks).
+pub fn pull_into(
+    home: &Path,
+    store: &Store,
+    src: &RegistryRef,
+    insecure: bool,
+    json: bool,
+) -> Result<kiln_store::registry::PullReport> {
+    let credentials = Credentials::open(home)?;
+    let registry = Registry::new(&src.host, &credentials, insecure);
+    let show = progress(json);
+    runtime()?
+        .block_on(kiln_store::registry::pull(store, &registry, src, &show))
+        .with_context(|| format!("cannot pull {src}"))
+}
+
+pub fn login(
+    home: &Path,
+    host: &str,
+    username: Option<&str>,
+    password_stdin: bool,
+    insecure: bool,
+) -> Result<ExitCode> {
+    // The host as a registry reference's first component.
+    RegistryRef::parse(&format!("{host}/x"))
+        .with_context(|| format!("invalid registry host {host}"))?;
+    let password = match (username, password_stdin) {
+        (Some(_), true) => {
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the password from stdin")?;
+            Some(line.trim_end_matches(['\n', '\r']).to_owned())
+        }
+        (Some(_), false) => {
+            bail!("give the password on stdin (--password-stdin): never on the command line")
+        }
+        (None, true) => bail!("--password-stdin needs --username"),
+        (None, false) => None,
+    };
+    let mut credentials = Credentials::open(home)?;
+    credentials.save(
+        host,
+        Login {
+            username: username.map(str::to_owned),
+            password,
+            insecure,
+        },
+    )?;
+    println!(
+        "{host}: {}{} (kept in {}, owner-only)",
+        match username {
+            Some(u) => format!("logged in as {u}"),
+            None => "anonymous".to_owned(),
+        },
+        if insecure { ", plain HTTP" } else { "" },
+        home.join("registries.json").display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn logout(home: &Path, host: &str) -> Result<ExitCode> {
+    let mut credentials = Credentials::open(home)?;
+    if !credentials.forget(host)? {
+        bail!("not logged in to {host}");
+    }
+    println!("{host}: logged out");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,424 @@
+//! Black-box tests of `kiln push`, `kiln pull` and `kiln login` against a
+//! real registry (Debian's `docker-registry`, distribution 2.8) that each
+//! test starts on a free loopback port with its own config and storage,
+//! and against small lying registries written here.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use util::{Env, free_port, have, write};
+
+/// A `docker-registry` on 127.0.0.1, stopped (by its pid) when dropped.
+struct Registry {
+    child: Child,
+    host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Anonymous, or with htpasswd basic auth for `user`:`password`.
+    fn start(user: Option<(&str, &str)>) -> Self {
+        assert!(
+            have("docker-registry"),
+            "docker-registry is not installed (scripts/test installs it)"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((u, p)) = user {
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", u, p])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "htpasswd (apache2-utils) is needed");
+            std::fs::write(dir.path().join("htpasswd"), &out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: kiln-test\n    path: {}\n",
+                dir.path().join("htpasswd").display()
+            ));
+        }
+        std::fs::write(dir.path().join("config.yml"), config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let host = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the registry did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self {
+            child,
+            host,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An image baked from a tiny app: its digest.
+fn bake(env: &Env, content: &str) -> String {
+    let app = env.path("app");
+    write(&app.join("bin/app"), content.as_bytes());
+    write(
+        &app.join("kiln.toml"),
+        b"[images.app]\ninclude = [\"bin\"]\nentrypoint = [\"/bin/app\"]\n",
+    );
+    let v = env.bake(&app.join("kiln.toml"), &["--tag", "v1"]);
+    v["digest"].as_str().unwrap().to_owned()
+}
+
+fn kiln(env: &Env, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    env.json(&all)
+}
+
+#[test]
+fn push_then_pull_round_trips_the_digest_and_a_second_push_uploads_nothing() {
+    let reg = Registry::start(None);
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho one\n");
+    let dest = format!("{}/team/app:v1", reg.host);
+    let r = kiln(&a, &["push", "app:v1", &dest, "--insecure"]);
+    assert_eq!(r["digest"], digest.as_str());
+    assert_eq!(
+        (r["uploaded"].as_u64(), r["skipped"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let again = kiln(&a, &["push", "app:v1", &dest, "--insecure"]);
+    assert_eq!(
+        (again["uploaded"].as_u64(), again["skipped"].as_u64()),
+        (Some(0), Some(2))
+    );
+    // Another machine: the same digest, by tag and by digest.
+    let b = Env::new();
+    let p = kiln(&b, &["pull", &dest, "--insecure"]);
+    assert_eq!(p["digest"], digest.as_str());
+    assert_eq!(p["resolved"], digest.as_str());
+    assert_eq!(p["name"], "app");
+    let by_digest = format!("{}/team/app@{digest}", reg.host);
+    let p = kiln(&b, &["pull", &by_digest, "--insecure"]);
+    assert_eq!(
+        (p["downloaded"].as_u64(), p["skipped"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert!(
+        b.ok(&["verify", "app:v1"]).starts_with("ok"),
+        "the pulled image is whole"
+    );
+    // Plain HTTP only when asked: without --insecure it is TLS, and says why it failed.
+    let out = b.run(&["pull", &dest]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.contains("does not speak TLS") && err.contains("--insecure"),
+        "{err}"
+    );
+}
+
+#[test]
+fn skopeo_reads_what_kiln_pushed_and_kiln_pulls_what_skopeo_pushed() {
+    assert!(have("skopeo"), "skopeo is not installed");
+    let reg = Registry::start(None);
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho two\n");
+    kiln(
+        &a,
+        &[
+            "push",
+            "app:v1",
+            &format!("{}/app:v1", reg.host),
+            "--insecure",
+        ],
+    );
+    let layout = a.path("from-registry");
+    let out = Command::new("skopeo")
+        .args(["copy", "--src-tls-verify=false", "--preserve-digests"])
+        .arg(format!("docker://{}/app:v1", reg.host))
+        .arg(format!("oci:{}:v1", layout.display()))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let index: Value =
+        serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
+    assert_eq!(index["manifests"][0]["digest"], digest.as_str());
+    // skopeo pushes an OCI layout (kiln's export) to another repository;
+    // kiln pulls it with the same digest.
+    let exported = a.path("exported");
+    a.ok(&["export", "app:v1", "--oci", exported.to_str().unwrap()]);
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-tls-verify=false", "--preserve-digests"])
+        .arg(format!("oci:{}:v1", exported.display()))
+        .arg(format!("docker://{}/other/app:v2", reg.host))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let b = Env::new();
+    let p = kiln(
+        &b,
+        &["pull", &format!("{}/other/app:v2", reg.host), "--insecure"],
+    );
+    assert_eq!(p["digest"], digest.as_str());
+}
+
+#[test]
+fn basic_auth_from_kiln_login_or_dockers_config_and_a_clear_refusal_without() {
+    let reg = Registry::start(Some(("ci", "s3cret")));
+    let a = Env::new();
+    bake(&a, "#!/bin/sh\necho three\n");
+    let dest = format!("{}/app:v1", reg.host);
+    let err = a.fails(&["push", "app:v1", &dest, "--insecure"]);
+    assert!(
+        err.contains(&format!("login required for {}", reg.host)),
+        "{err}"
+    );
+    // A password is never taken on the command line.
+    let err = a.fails(&["login", &reg.host, "-u", "ci"]);
+    assert!(err.contains("--password-stdin"), "{err}");
+    let login = |password: &str| {
+        let mut c = a
+            .cmd()
+            .args([
+                "login",
+                &reg.host,
+                "-u",
+                "ci",
+                "--password-stdin",
+                "--insecure",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        c.stdin
+            .take()
+            .unwrap()
+            .write_all(format!("{password}\n").as_bytes())
+            .unwrap();
+        assert!(c.wait().unwrap().success());
+    };
+    login("wrong");
+    let err = a.fails(&["push", "app:v1", &dest]);
+    assert!(
+        err.contains("denied") && err.contains("kiln login"),
+        "{err}"
+    );
+    login("s3cret");
+    // Remembered as insecure: no flag needed now.
+    kiln(&a, &["push", "app:v1", &dest]);
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(a.home.join("registries.json"))
+            .unwrap()
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    // Docker's config.json is read too.
+    let b = Env::new();
+    let docker = b.path("docker");
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode("ci:s3cret");
+    write(
+        &docker.join("config.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host).as_bytes(),
+    );
+    let out = b
+        .cmd()
+        .env("DOCKER_CONFIG", &docker)
+        .args(["pull", &dest, "--insecure", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A registry that answers `/v2/` and serves fixed manifests and blobs by
+/// digest, as told: a liar when its bytes do not match.
+struct Liar {
+    port: u16,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl Liar {
+    /// `manifests`: (reference, media type, bytes); `blobs`: (digest, bytes).
+    fn start(manifests: Vec<(String, String, Vec<u8>)>, blobs: Vec<(String, Vec<u8>)>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let thread = std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let head = line.starts_with("HEAD");
+                let found = manifests
+                    .iter()
+                    .find(|(r, _, _)| path.ends_with(&format!("/manifests/{r}")))
+                    .map(|(_, t, b)| (t.clone(), b.clone()))
+                    .or_else(|| {
+                        blobs
+                            .iter()
+                            .find(|(d, _)| path.ends_with(&format!("/blobs/{d}")))
+                            .map(|(_, b)| ("application/octet-stream".to_owned(), b.clone()))
+                    });
+                let (status, ctype, body) = match found {
+                    _ if path == "/v2/" => {
+                        ("200 OK", "application/json".to_owned(), b"{}".to_vec())
+                    }
+                    Some((t, b)) => ("200 OK", t, b),
+                    None => (
+                        "404 Not Found",
+                        "application/json".to_owned(),
+                        br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}"#.to_vec(),
+                    ),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                if !head {
+                    let _ = conn.write_all(&body);
+                }
+            }
+        });
+        Self {
+            port,
+            _thread: thread,
+        }
+    }
+}
+
+/// The store's manifest, config and layer of `digest`: (bytes, config
+/// digest, config bytes, layer digest, layer bytes).
+fn parts(env: &Env, digest: &str) -> (Vec<u8>, String, Vec<u8>, String, Vec<u8>) {
+    let blob = |d: &str| -> Vec<u8> {
+        let mut v = Vec::new();
+        std::fs::File::open(blob_path(&env.home, d))
+            .unwrap()
+            .read_to_end(&mut v)
+            .unwrap();
+        v
+    };
+    let manifest = blob(digest);
+    let m: Value = serde_json::from_slice(&manifest).unwrap();
+    let config = m["config"]["digest"].as_str().unwrap().to_owned();
+    let layer = m["layers"][0]["digest"].as_str().unwrap().to_owned();
+    let (cb, lb) = (blob(&config), blob(&layer));
+    (manifest, config, cb, layer, lb)
+}
+
+fn blob_path(home: &Path, digest: &str) -> PathBuf {
+    home.join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"))
+}
+
+#[test]
+fn a_registry_that_lies_is_caught_and_nothing_is_kept() {
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho four\n");
+    let (manifest, config, config_bytes, layer, mut layer_bytes) = parts(&a, &digest);
+    let mt = "application/vnd.oci.image.manifest.v1+json".to_owned();
+    // One byte of the layer changed.
+    let mid = layer_bytes.len() / 2;
+    layer_bytes[mid] ^= 0x20;
+    let liar = Liar::start(
+        vec![("v1".into(), mt.clone(), manifest.clone())],
+        vec![
+            (config.clone(), config_bytes.clone()),
+            (layer.clone(), layer_bytes),
+        ],
+    );
+    let b = Env::new();
+    b.ok(&["images"]);
+    let before = b.store_state();
+    let err = b.fails(&[
+        "pull",
+        &format!("127.0.0.1:{}/app:v1", liar.port),
+        "--insecure",
+    ]);
+    assert!(
+        err.contains(&format!("blob {layer}")) && err.contains("nothing was kept"),
+        "{err}"
+    );
+    assert_eq!(b.store_state(), before, "nothing partial in the store");
+    // A manifest that is not the one its digest names.
+    let mut other = manifest.clone();
+    other.extend_from_slice(b" ");
+    let liar = Liar::start(
+        vec![(digest.clone(), mt.clone(), other)],
+        vec![(config.clone(), config_bytes.clone())],
+    );
+    let err = b.fails(&[
+        "pull",
+        &format!("127.0.0.1:{}/app@{digest}", liar.port),
+        "--insecure",
+    ]);
+    assert!(err.contains("hashes to") && err.contains(&digest), "{err}");
+    // A manifest over 4 MiB.
+    let mut huge = manifest.clone();
+    huge.extend(std::iter::repeat_n(b' ', 5 << 20));
+    let liar = Liar::start(vec![("v1".into(), mt, huge)], vec![]);
+    let err = b.fails(&[
+        "pull",
+        &format!("127.0.0.1:{}/app:v1", liar.port),
+        "--insecure",
+    ]);
+    assert!(err.contains("over the 4 MiB limit"), "{err}");
+    assert_eq!(b.store_state(), before);
+    // A tag that is not there, and a host that is not there: bounded, clear.
+    let reg = Registry::start(None);
+    let err = b.fails(&["pull", &format!("{}/app:nope", reg.host), "--insecure"]);
+    assert!(err.contains("not found in the registry"), "{err}");
+    let started = Instant::now();
+    let err = b.fails(&[
+        "pull",
+        &format!("127.0.0.1:{}/app:v1", free_port()),
+        "--insecure",
+    ]);
+    assert!(err.contains("cannot reach"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    let err = b.fails(&["push", "app:v1", "not a destination"]);
+    assert!(err.contains("invalid registry reference"), "{err}");
+}
