@@ -206,6 +206,13 @@ fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
             new.image_name,
             new.image.short()
         ));
+    } else if old.image_name != new.image_name {
+        out.push(format!(
+            "image named {} -> {} (the same image, {})",
+            old.image_name,
+            new.image_name,
+            new.image.short()
+        ));
     }
     for (what, keys) in keyed_changes(&old.env, &new.env) {
         out.push(format!("env {what}: {}", keys.join(", ")));

@@ -211,12 +211,20 @@ pub enum ImageSource {
     Spec(ImageName),
     /// An image already in the store.
     Store(ImageRef),
+    /// An image in a registry (`HOST[:PORT]/REPO:TAG` or `…@sha256:…`),
+    /// pulled by `apply` when the store lacks it; the release records its
+    /// digest, so a tag that moves later never changes a release.
+    Registry(crate::registry::RegistryRef),
 }
 
 impl<'de> Deserialize<'de> for ImageSource {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        if s.contains(':') || s.contains('@') {
+        if crate::registry::RegistryRef::looks_like(&s) {
+            crate::registry::RegistryRef::parse(&s)
+                .map(Self::Registry)
+                .map_err(serde::de::Error::custom)
+        } else if s.contains(':') || s.contains('@') {
             ImageRef::parse(&s)
                 .map(Self::Store)
                 .map_err(serde::de::Error::custom)
@@ -233,6 +241,7 @@ impl fmt::Display for ImageSource {
         match self {
             Self::Spec(n) => write!(f, "{n}"),
             Self::Store(r) => write!(f, "{r}"),
+            Self::Registry(r) => write!(f, "{r}"),
         }
     }
 }

@@ -153,6 +153,27 @@ pub fn desired(
     for (name, svc) in &spec.services {
         let (image_name, digest) = match &svc.image {
             ImageSource::Spec(n) => (n.to_string(), baked[n].clone()),
+            ImageSource::Registry(r) => {
+                let digest = match &r.target {
+                    // A digest the store has: nothing to ask the registry.
+                    Some(kiln_core::registry::Target::Digest(d)) if store.has_blob(d) => d.clone(),
+                    // A tag is resolved at every apply: where it points now.
+                    _ => {
+                        let report = crate::registry::pull_into(home, &store, r, false, !verbose)
+                            .with_context(|| format!("service {name}: image {r}"))?;
+                        if verbose && report.downloaded > 0 {
+                            eprintln!(
+                                "pulled {r}@{} ({} blobs, {} bytes)",
+                                report.digest.short(),
+                                report.downloaded,
+                                report.downloaded_bytes
+                            );
+                        }
+                        report.digest
+                    }
+                };
+                (r.to_string(), digest)
+            }
             ImageSource::Store(r) => {
                 let rec = store
                     .resolve(r)

@@ -422,3 +422,80 @@ fn a_registry_that_lies_is_caught_and_nothing_is_kept() {
     let err = b.fails(&["push", "app:v1", "not a destination"]);
     assert!(err.contains("invalid registry reference"), "{err}");
 }
+
+/// Issue 14: a service's image may be a registry reference; `apply` pulls
+/// what the store lacks and the release records the digest, so a tag that
+/// moves later never changes a release, and `plan` says the tag moved.
+#[test]
+fn apply_from_a_registry_records_the_digest_and_a_moved_tag_changes_no_release() {
+    let reg = Registry::start(None);
+    let a = Env::new();
+    let app = util::hello_app(
+        &a.path("app"),
+        "[images.app]\ninclude = [\"bin\"]\nentrypoint = [\"/bin/start.sh\"]\n",
+    );
+    let d1 = a.bake(&app, &["--tag", "v1"])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let tag = format!("{}/team/app:v1", reg.host);
+    kiln(&a, &["push", "app:v1", &tag, "--insecure"]);
+    // The deploying machine names the registry insecure once.
+    let b = Env::new();
+    b.ok(&["login", &reg.host, "--insecure"]);
+    let spec = b.path("kiln.toml");
+    write(
+        &spec,
+        format!(
+            "[services.web]\nimage = \"{tag}\"\nreplicas = 1\n[services.web.health.readiness]\nhttp = \"/healthz\"\n"
+        )
+        .as_bytes(),
+    );
+    let _agent = util::Agent::start(&b);
+    b.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let r = util::releases(&b, "web");
+    assert_eq!(
+        r[0]["config"]["image"],
+        d1.as_str(),
+        "the release records the digest"
+    );
+    assert_eq!(r[0]["outcome"], "active");
+    // The tag moves to another image.
+    write(&a.path("app/bin/extra"), b"v2\n");
+    let d2 = a.bake(&app, &["--tag", "v2"])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(d1, d2);
+    kiln(&a, &["push", "app:v2", &tag, "--insecure"]);
+    // Nothing running changed; plan names the move.
+    let r = util::releases(&b, "web");
+    assert_eq!(
+        (r.len(), r[0]["config"]["image"].as_str()),
+        (1, Some(d1.as_str()))
+    );
+    let plan = b.ok(&["plan", "-f", spec.to_str().unwrap()]);
+    let short = |d: &str| d.trim_start_matches("sha256:")[..12].to_owned();
+    assert!(
+        plan.contains(&format!(
+            "image {tag}@{} -> {tag}@{}",
+            short(&d1),
+            short(&d2)
+        )),
+        "{plan}"
+    );
+    // Pinned by digest: no registry round trip needed, and no change.
+    write(
+        &spec,
+        format!(
+            "[services.web]\nimage = \"{}/team/app@{d1}\"\nreplicas = 1\n[services.web.health.readiness]\nhttp = \"/healthz\"\n",
+            reg.host
+        )
+        .as_bytes(),
+    );
+    let plan = b.ok(&["plan", "-f", spec.to_str().unwrap()]);
+    assert!(
+        plan.contains(&format!("(the same image, {})", short(&d1))),
+        "{plan}"
+    );
+}
