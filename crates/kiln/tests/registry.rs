@@ -265,17 +265,30 @@ fn basic_auth_from_kiln_login_or_dockers_config_and_a_clear_refusal_without() {
 }
 
 /// A registry that answers `/v2/` and serves fixed manifests and blobs by
-/// digest, as told: a liar when its bytes do not match.
+/// digest, as told: a liar when its bytes do not match. With `redirect`, a
+/// blob is a `307` to that port instead (blob storage elsewhere). It keeps
+/// every request's `authorization` header (empty when none).
 struct Liar {
     port: u16,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
     _thread: std::thread::JoinHandle<()>,
 }
 
 impl Liar {
     /// `manifests`: (reference, media type, bytes); `blobs`: (digest, bytes).
     fn start(manifests: Vec<(String, String, Vec<u8>)>, blobs: Vec<(String, Vec<u8>)>) -> Self {
+        Self::serve(manifests, blobs, None)
+    }
+
+    fn serve(
+        manifests: Vec<(String, String, Vec<u8>)>,
+        blobs: Vec<(String, Vec<u8>)>,
+        redirect: Option<u16>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
         let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
@@ -284,14 +297,45 @@ impl Liar {
                 if reader.read_line(&mut line).is_err() {
                     continue;
                 }
+                let mut auth = String::new();
                 loop {
                     let mut h = String::new();
                     if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
                         break;
                     }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("authorization")
+                    {
+                        auth = v.trim().to_owned();
+                    }
                 }
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push((path.clone(), auth));
                 let head = line.starts_with("HEAD");
+                // A registry with a storage elsewhere wants basic auth.
+                if redirect.is_some()
+                    && log
+                        .lock()
+                        .unwrap()
+                        .last()
+                        .is_some_and(|(_, a)| a.is_empty())
+                {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"liar\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
+                let blob = blobs
+                    .iter()
+                    .find(|(d, _)| path.ends_with(&format!("/blobs/{d}")));
+                if let (Some((d, _)), Some(to)) = (blob, redirect) {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:{to}/storage/{d}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
                 let found = manifests
                     .iter()
                     .find(|(r, _, _)| path.ends_with(&format!("/manifests/{r}")))
@@ -299,7 +343,7 @@ impl Liar {
                     .or_else(|| {
                         blobs
                             .iter()
-                            .find(|(d, _)| path.ends_with(&format!("/blobs/{d}")))
+                            .find(|(d, _)| path.ends_with(&format!("/{d}")))
                             .map(|(_, b)| ("application/octet-stream".to_owned(), b.clone()))
                     });
                 let (status, ctype, body) = match found {
@@ -325,6 +369,7 @@ impl Liar {
         });
         Self {
             port,
+            seen,
             _thread: thread,
         }
     }
@@ -497,5 +542,52 @@ fn apply_from_a_registry_records_the_digest_and_a_moved_tag_changes_no_release()
     assert!(
         plan.contains(&format!("(the same image, {})", short(&d1))),
         "{plan}"
+    );
+}
+
+/// Blob storage redirects are normal; credentials must not follow them to
+/// another host.
+#[test]
+fn credentials_are_not_sent_to_another_host_on_a_redirect() {
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho five\n");
+    let (manifest, config, config_bytes, layer, layer_bytes) = parts(&a, &digest);
+    let blobs = vec![(config, config_bytes), (layer, layer_bytes)];
+    // Storage: serves the blobs (any path ending in the digest).
+    let storage = Liar::start(vec![], blobs.clone());
+    let registry = Liar::serve(
+        vec![(
+            "v1".into(),
+            "application/vnd.oci.image.manifest.v1+json".into(),
+            manifest,
+        )],
+        blobs,
+        Some(storage.port),
+    );
+    let b = Env::new();
+    let host = format!("127.0.0.1:{}", registry.port);
+    let mut c = b
+        .cmd()
+        .args(["login", &host, "-u", "ci", "--password-stdin", "--insecure"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    assert!(c.wait().unwrap().success());
+    let p = kiln(&b, &["pull", &format!("{host}/app:v1")]);
+    assert_eq!(p["digest"], digest.as_str());
+    let to_registry = registry.seen.lock().unwrap().clone();
+    assert!(
+        to_registry
+            .iter()
+            .any(|(_, auth)| auth.starts_with("Basic ")),
+        "the registry got the credentials: {to_registry:?}"
+    );
+    let to_storage = storage.seen.lock().unwrap().clone();
+    assert!(!to_storage.is_empty(), "the blobs came from storage");
+    assert!(
+        to_storage.iter().all(|(_, auth)| auth.is_empty()),
+        "storage got no credentials: {to_storage:?}"
     );
 }
