@@ -46,7 +46,9 @@ pub enum AgentError {
     NoBubblewrap(ServiceName),
     #[error("service {0}: runtime oci (runc) is not available yet")]
     OciUnavailable(ServiceName),
-    #[error("service {service}: image {image_name}@{image} is not in the store")]
+    #[error(
+        "service {service}: image {image_name}@{image} is not in the store (collected by kiln gc, or never pulled: kiln pull, or apply its spec)"
+    )]
     ImageMissing {
         service: ServiceName,
         image_name: String,
@@ -693,6 +695,16 @@ impl Agent {
                 )
                 .by(actor),
             );
+        }
+        // Its image may have been collected (`kiln gc` keeps only the last
+        // releases): refused with nothing recorded, not a rollout that
+        // never starts.
+        if !self.shared.store.has_blob(&source.config.image) {
+            return Err(AgentError::ImageMissing {
+                service: name.clone(),
+                image_name: source.config.image_name.clone(),
+                image: source.config.image.clone(),
+            });
         }
         let revision = latest + 1;
         let release = Release::pending(

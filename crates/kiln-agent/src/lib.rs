@@ -10,6 +10,7 @@ pub(crate) mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub(crate) mod controller;
+pub mod gc;
 pub(crate) mod instance;
 pub mod keeper;
 pub mod router;
@@ -103,6 +104,8 @@ pub struct AgentMode {
     /// It replaces a running agent (a restart or an upgrade): it waits for
     /// that one to let go of the home instead of refusing to start.
     pub successor: bool,
+    /// Collect the store when its blobs pass a size (`--gc-above`).
+    pub gc: Option<gc::AutoGc>,
 }
 
 /// Run the agent on `home` until SIGTERM or SIGINT (stop everything), or
@@ -163,6 +166,9 @@ pub async fn serve(
 
     let store = Store::open(home)?;
     let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
+    if let Some(auto) = mode.gc {
+        tokio::spawn(gc::run(store.clone(), state.clone(), auto));
+    }
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64)

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod reference;
 pub mod registry;
 pub mod release;
+pub mod retention;
 pub mod rollout;
 pub mod secret;
 pub mod service;

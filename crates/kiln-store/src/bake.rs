@@ -233,6 +233,8 @@ pub fn bake_image(
         );
     }
 
+    // What this bake takes from the store stays until it has published.
+    let mut lease = store.lease().map_err(BakeError::Store)?;
     let layer_cache_path = store.cache_dir().join("layers.json");
     let layer_cache = LayerCache::load(&layer_cache_path);
     let mut new_layers = BTreeMap::new();
@@ -259,7 +261,9 @@ pub fn bake_image(
                 }
             });
         let (cached, reused) = match layer_cache.get(&key) {
-            Some(c) if store.has_blob(&c.digest) => (c.clone(), true),
+            // Held as it is taken: a collection running meanwhile keeps
+            // it (or removed it already, and the layer is written anew).
+            Some(c) if lease.hold(&c.digest).unwrap_or(false) => (c.clone(), true),
             _ => {
                 let raw: u64 = entries
                     .iter()

@@ -11,6 +11,7 @@
 pub mod bake;
 pub mod export;
 pub mod fsutil;
+pub mod gc;
 pub mod gzip;
 pub mod registry;
 pub mod store;

@@ -268,7 +268,7 @@ impl Store {
         })
     }
 
-    fn write_index(&self, index: &Index) -> Result<()> {
+    pub(crate) fn write_index(&self, index: &Index) -> Result<()> {
         let path = self.index_path();
         let mut bytes = serde_json::to_vec_pretty(index).unwrap_or_default();
         bytes.push(b'\n');
@@ -313,6 +313,12 @@ impl Store {
         if !self.has_blob(&manifest.digest) {
             return Err(StoreError::MissingBlob(manifest.digest.clone()));
         }
+        // Published now: young for a collection's grace period, even when
+        // the same bytes were there before (a re-bake).
+        let path = self.blob_path(&manifest.digest);
+        File::open(&path)
+            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
+            .at(&path)?;
         let before = index.clone();
         // Re-baking an image makes it the newest of its name: move its
         // entries to the end, where `NAME` resolves.

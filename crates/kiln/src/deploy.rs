@@ -38,7 +38,11 @@ fn init_logging() {
 }
 
 /// `kiln serve`: the supervisor, which runs the agent as its child.
-pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitCode> {
+pub fn serve(
+    home: &Path,
+    metrics: Option<std::net::SocketAddr>,
+    gc: Option<kiln_agent::gc::AutoGc>,
+) -> Result<ExitCode> {
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
     // An upgrade replaces the file: start agents from its path, not from
@@ -48,6 +52,12 @@ pub fn serve(home: &Path, metrics: Option<std::net::SocketAddr>) -> Result<ExitC
     if let Some(m) = metrics {
         args.push("--metrics".into());
         args.push(m.to_string().into());
+    }
+    if let Some(g) = gc {
+        args.push("--gc-above".into());
+        args.push(g.above.to_string().into());
+        args.push("--keep-releases".into());
+        args.push(g.keep_releases.to_string().into());
     }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;
@@ -59,13 +69,14 @@ pub fn agent(
     home: &Path,
     metrics: Option<std::net::SocketAddr>,
     successor: bool,
+    gc: Option<kiln_agent::gc::AutoGc>,
 ) -> Result<ExitCode> {
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mode = kiln_agent::AgentMode { successor };
+    let mode = kiln_agent::AgentMode { successor, gc };
     let exit = rt
         .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
             eprintln!("kiln agent ready on {}", sock.display())
@@ -591,6 +602,45 @@ pub fn remove(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln gc`: collect the store, keeping every image a kept release names.
+pub fn gc(
+    home: &Path,
+    keep_releases: usize,
+    grace: Duration,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let r = kiln_agent::gc::collect_home(home, keep_releases, grace, dry_run)
+        .context("cannot collect the store")?;
+    if json {
+        crate::commands::print_json(&r)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let verb = if dry_run { "would remove" } else { "removed" };
+    for image in &r.images {
+        println!("{verb} {image}");
+    }
+    println!(
+        "{verb} {} image{}, {} blob{}, {} tree{}, {} tmp leftover{}: {} freed; {} image{} kept",
+        r.images.len(),
+        plural(r.images.len()),
+        r.blobs,
+        plural(r.blobs),
+        r.trees,
+        plural(r.trees),
+        r.tmp,
+        plural(r.tmp),
+        crate::commands::human_bytes(r.freed_bytes),
+        r.kept_images,
+        plural(r.kept_images)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 /// `kiln rollout status`: follow the service's current rollout to its end.

@@ -98,6 +98,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Remove what no kept image needs from the store: blobs, trees, tmp/ leftovers
+    Gc {
+        /// Say what would go, remove nothing
+        #[arg(long)]
+        dry_run: bool,
+        /// Releases of each service whose images are kept (with whatever
+        /// runs or is being rolled out)
+        #[arg(long, value_name = "N", default_value_t = kiln_core::retention::KEEP_RELEASES)]
+        keep_releases: usize,
+        /// Anything younger stays (a bake or pull in progress)
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        grace: std::time::Duration,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Push an image to an OCI registry (only the blobs it lacks)
     Push {
         /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
@@ -173,6 +189,14 @@ pub enum Command {
         /// the binary now on disk takes over; no instance stops, no request fails
         #[arg(long, conflicts_with = "metrics")]
         upgrade: bool,
+        /// Collect the store (as `kiln gc` does) whenever its blobs pass
+        /// this size (e.g. 20G, 500M, or bytes)
+        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        gc_above: Option<u64>,
+        /// Releases of each service whose images a collection keeps (with
+        /// whatever runs), so that `kiln rollback --to N` works for them
+        #[arg(long, value_name = "N", default_value_t = kiln_core::retention::KEEP_RELEASES)]
+        keep_releases: usize,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         agent: bool,
@@ -420,13 +444,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve {
             metrics,
             upgrade,
+            gc_above,
+            keep_releases,
             agent,
             successor,
-        } => match (upgrade, agent) {
-            (true, _) => deploy::upgrade(&home()?),
-            (false, true) => deploy::agent(&home()?, metrics, successor),
-            (false, false) => deploy::serve(&home()?, metrics),
-        },
+        } => {
+            let gc = gc_above.map(|above| kiln_agent::gc::AutoGc {
+                above,
+                keep_releases,
+            });
+            match (upgrade, agent) {
+                (true, _) => deploy::upgrade(&home()?),
+                (false, true) => deploy::agent(&home()?, metrics, successor, gc),
+                (false, false) => deploy::serve(&home()?, metrics, gc),
+            }
+        }
+        Command::Gc {
+            dry_run,
+            keep_releases,
+            grace,
+            json,
+        } => deploy::gc(&home()?, keep_releases, grace, dry_run, json),
         Command::Rollback {
             service,
             to,
@@ -508,6 +546,36 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
     })
 }
 
+/// `20G`, `500M`, `64K` (powers of 1024) or plain bytes.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 20G, 500M or bytes)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
@@ -531,5 +599,16 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_refuse_nonsense() {
+        assert_eq!(super::parse_size("20G"), Ok(20 << 30));
+        assert_eq!(super::parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(super::parse_size("64k"), Ok(64 << 10));
+        assert_eq!(super::parse_size("1234"), Ok(1234));
+        assert!(super::parse_size("12Q").is_err());
+        assert!(super::parse_size("G").is_err());
+        assert!(super::parse_size("99999999999T").is_err());
     }
 }

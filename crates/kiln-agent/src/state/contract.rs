@@ -377,6 +377,13 @@ pub(super) fn a_removed_service_keeps_its_releases_and_events(state: &dyn StateS
         .unwrap();
     assert_eq!(state.service(&name).unwrap().unwrap().target, 2);
     assert_eq!(state.releases(&name).unwrap().len(), 2);
+    let all: Vec<u64> = state
+        .all_releases()
+        .unwrap()
+        .iter()
+        .map(|r| r.revision)
+        .collect();
+    assert_eq!(all, [1, 2], "every release, removed service or not");
 }
 
 /// The contract's tests for one implementation: `fresh` makes an empty

@@ -120,6 +120,11 @@ impl StateStore for MemoryState {
             .collect())
     }
 
+    fn all_releases(&self) -> Result<Vec<Release>> {
+        // Keyed by (service, revision): already in that order.
+        Ok(self.inner().releases.values().cloned().collect())
+    }
+
     fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
         Ok(self
             .inner()

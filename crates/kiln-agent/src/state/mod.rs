@@ -133,6 +133,9 @@ pub trait StateStore: Send + Sync {
     fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
     fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
     fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
+    /// Every release of every service, removed ones included, by service
+    /// then revision (what a collection of the store must keep).
+    fn all_releases(&self) -> Result<Vec<Release>>;
     /// Record an apply of one service: a new release (if any) and the
     /// service's settings and target, with their events, atomically.
     fn record_apply(
@@ -192,14 +195,8 @@ pub trait StateStore: Send + Sync {
     fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()>;
     /// A secret's value, by its sealed digest.
     fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>>;
-    /// The events after sequence number `after`, in order.
-    #[cfg_attr(
-        not(any(test, feature = "bench")),
-        expect(
-            dead_code,
-            reason = "the read side of the log: the ledger and `kiln audit` (issue 16) will read it; the state contract tests it now"
-        )
-    )]
+    /// The events after sequence number `after`, in order (the read side
+    /// of the log: the ledger and `kiln audit` will read it).
     fn events(&self, after: u64) -> Result<Vec<Event>>;
 }
 

@@ -261,6 +261,15 @@ impl StateStore for SqliteState {
         rows.map(|r| release_decode(r?)).collect()
     }
 
+    fn all_releases(&self) -> Result<Vec<Release>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases ORDER BY service, revision"
+        ))?;
+        let rows = stmt.query_map([], release_from_row)?;
+        rows.map(|r| release_decode(r?)).collect()
+    }
+
     fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
         let conn = self.conn();
         let row = conn

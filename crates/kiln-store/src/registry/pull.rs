@@ -106,10 +106,14 @@ pub async fn pull(
         })?;
     let mut wanted: Vec<Descriptor> = vec![parsed.config.clone()];
     wanted.extend(parsed.layers.iter().cloned());
-    let missing: Vec<&Descriptor> = wanted
-        .iter()
-        .filter(|d| !store.has_blob(&d.digest))
-        .collect();
+    // What the store has is held as it is taken (see `gc`).
+    let mut lease = store.lease()?;
+    let mut missing: Vec<&Descriptor> = Vec::new();
+    for d in &wanted {
+        if !lease.hold(&d.digest)? {
+            missing.push(d);
+        }
+    }
     let skipped = wanted.len() - missing.len();
     let pending: Vec<PendingBlob> = futures_util::stream::iter(missing)
         .map(|d| pull_blob(store, registry, src, d, progress))

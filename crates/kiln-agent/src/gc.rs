@@ -1,0 +1,138 @@
+//! Store collection for the agent: the roots are the images its kept
+//! releases name (`kiln_core::retention`), the sweep is the store's
+//! (`kiln_store::gc`). `kiln gc` runs it by hand; `kiln serve --gc-above
+//! SIZE` runs it whenever the store's blobs pass SIZE.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, SystemTime};
+
+use kiln_core::Digest;
+use kiln_store::Store;
+use kiln_store::gc::{GcOptions, GcReport};
+
+use crate::state::{StateError, StateStore};
+
+/// How long anything new is safe from a collection (a bake or pull in
+/// progress, an apply about to record a release).
+pub const GRACE: Duration = Duration::from_secs(3600);
+
+/// How often the agent looks at the store's size.
+const EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GcError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Store(#[from] kiln_store::store::StoreError),
+}
+
+/// `kiln serve --gc-above SIZE [--keep-releases N]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AutoGc {
+    pub above: u64,
+    pub keep_releases: usize,
+}
+
+/// The images the agent's kept releases name.
+pub(crate) fn roots(
+    state: &dyn StateStore,
+    keep_releases: usize,
+) -> Result<BTreeSet<Digest>, StateError> {
+    let releases = state.all_releases()?;
+    let targets: BTreeMap<_, _> = state
+        .services()?
+        .into_iter()
+        .map(|s| (s.name, s.target))
+        .collect();
+    Ok(kiln_core::retention::kept_images(
+        &releases,
+        &targets,
+        keep_releases,
+    ))
+}
+
+/// Collect `store`, keeping what `state`'s releases need.
+pub(crate) fn collect(
+    store: &Store,
+    state: &dyn StateStore,
+    keep_releases: usize,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
+    let roots = roots(state, keep_releases)?;
+    Ok(store.gc(&GcOptions {
+        roots,
+        grace,
+        dry_run,
+        now: SystemTime::now(),
+    })?)
+}
+
+/// `kiln gc`: collect the store of `home`, keeping what the releases in
+/// its state database need (none recorded yet: only tagged and young
+/// images stay). The agent may be running: SQLite's WAL lets both read.
+pub fn collect_home(
+    home: &std::path::Path,
+    keep_releases: usize,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
+    let store = Store::open(home)?;
+    let db = home.join("state.db");
+    let roots = if db.exists() {
+        roots(&crate::state::SqliteState::open(&db)?, keep_releases)?
+    } else {
+        BTreeSet::new()
+    };
+    Ok(store.gc(&GcOptions {
+        roots,
+        grace,
+        dry_run,
+        now: SystemTime::now(),
+    })?)
+}
+
+/// Bytes of the store's blobs.
+pub fn blob_bytes(store: &Store) -> u64 {
+    std::fs::read_dir(store.root().join("blobs/sha256"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// Every minute: collect when the blobs pass `auto.above`.
+pub async fn run(store: Store, state: std::sync::Arc<dyn StateStore>, auto: AutoGc) {
+    loop {
+        tokio::time::sleep(EVERY).await;
+        let (store, state) = (store.clone(), state.clone());
+        let done = tokio::task::spawn_blocking(move || {
+            let size = blob_bytes(&store);
+            if size <= auto.above {
+                return None;
+            }
+            Some((
+                size,
+                collect(&store, &*state, auto.keep_releases, GRACE, false),
+            ))
+        })
+        .await;
+        match done {
+            Ok(Some((size, Ok(r)))) => tracing::info!(
+                "store at {size} bytes, over {}: collected {} images, {} blobs, {} trees, {} tmp leftovers, {} bytes freed",
+                auto.above,
+                r.images.len(),
+                r.blobs,
+                r.trees,
+                r.tmp,
+                r.freed_bytes
+            ),
+            Ok(Some((_, Err(e)))) => tracing::error!("store collection: {e}"),
+            Ok(None) => {}
+            Err(e) => tracing::error!("store collection stopped: {e}"),
+        }
+    }
+}
