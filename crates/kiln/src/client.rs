@@ -128,3 +128,12 @@ impl Client {
         Ok(())
     }
 }
+
+/// The runtime a command's async work runs on (one thread: the CLI waits
+/// on the network, it computes little).
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}

@@ -16,7 +16,8 @@ use kiln_core::api::{ApplyRequest, ApplyResponse, RollbackRequest, RollbackRespo
 use kiln_core::plan::Action;
 
 use crate::client::Client;
-use crate::deploy::{desired, runtime, wait_for};
+use crate::client::runtime;
+use crate::deploy::{desired, wait_for};
 
 const SPEC: &str = include_str!("../../../examples/hello/kiln.toml");
 const INDEX_HTML: &str = include_str!("../../../examples/hello/static/index.html");

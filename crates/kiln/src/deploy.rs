@@ -16,15 +16,8 @@ use kiln_core::service::{ImageSource, RuntimeKind};
 use kiln_core::spec::Spec;
 use kiln_store::Store;
 
-use crate::client::Client;
+use crate::client::{Client, runtime};
 use crate::commands::{bake_summary, load_spec, open_store};
-
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
 
 fn init_logging() {
     tracing_subscriber::fmt()

@@ -11,8 +11,8 @@ use kiln_core::registry::{RegistryRef, Target};
 use kiln_store::Store;
 use kiln_store::registry::{Credentials, Login, Registry};
 
+use crate::client::runtime;
 use crate::commands::{open_store, print_json, resolve};
-use crate::deploy::runtime;
 
 /// Progress lines on stderr while a terminal watches (or always with
 /// `--verbose`-like callers); silent for scripts reading `--json`.

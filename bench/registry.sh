@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Registry benchmark: kiln push / pull against `skopeo copy` the same way,
+# side by side in one run, on the ~1 GiB, ~20,000-file bench tree baked
+# into one image (the same tree as bench/bake.sh), with a local
+# docker-registry on a free loopback port. Not a test: it prints medians,
+# ratios and peak memory. Run from the repository root:
+#
+#   bench/registry.sh          # RUNS=3 by default; BENCH_DIR to choose where
+#
+# (a) push to an empty repository: kiln push vs skopeo copy oci:STORE → docker://
+# (b) push again, every blob present (a no-op push)
+# (c) pull into an empty store: kiln pull vs skopeo copy docker:// → oci:DIR
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${RUNS:-3}
+WORK=${BENCH_DIR:-/tmp/kiln-bench}
+TREE=$WORK/tree
+mkdir -p "$WORK"
+for tool in docker-registry skopeo; do
+    command -v "$tool" >/dev/null || { echo "$tool is needed (apt-get install $tool)" >&2; exit 1; }
+done
+
+echo "building kiln (release)..." >&2
+cargo build --release -q -p kiln
+KILN=$PWD/target/release/kiln
+
+if [ ! -f "$TREE/.complete" ]; then
+    echo "generating the tree in $TREE ..." >&2
+    rm -rf "$TREE"
+    python3 bench/gentree.py "$TREE"
+    touch "$TREE/.complete"
+fi
+cat > "$WORK/one.toml" <<TOML
+[images.one]
+context = "tree"
+exclude = [".complete"]
+TOML
+HOME_SRC=$WORK/registry-src
+if [ ! -f "$HOME_SRC/.baked" ]; then
+    echo "baking the image..." >&2
+    rm -rf "$HOME_SRC"
+    "$KILN" --home "$HOME_SRC" bake -f "$WORK/one.toml" --tag v1 >/dev/null 2>&1
+    touch "$HOME_SRC/.baked"
+fi
+SIZE=$(du -sb "$HOME_SRC/blobs" | cut -f1)
+
+# The registry: its own config and storage, on a free port; stopped at exit.
+REG_DIR=$(mktemp -d "$WORK/registry.XXXX")
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$REG_DIR/config.yml" <<YML
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: $REG_DIR/data
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:$PORT
+YML
+docker-registry serve "$REG_DIR/config.yml" >/dev/null 2>&1 &
+REG_PID=$!
+trap 'kill $REG_PID 2>/dev/null; wait $REG_PID 2>/dev/null; rm -rf "$REG_DIR"' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null && break; sleep 0.1; done
+HOST=127.0.0.1:$PORT
+
+median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+# Wall seconds and peak RSS (KiB) of a command: "SECONDS KIB".
+measure() {
+    local out
+    out=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
+    echo "$out"
+}
+declare -A T M
+run() { # name, command...
+    local name=$1; shift
+    local ts=() ms=()
+    for _ in $(seq "$RUNS"); do
+        read -r t m < <(measure "$@")
+        ts+=("$t"); ms+=("$m")
+    done
+    T[$name]=$(printf '%s\n' "${ts[@]}" | median)
+    M[$name]=$(printf '%s\n' "${ms[@]}" | sort -n | tail -1)
+}
+# A fresh repository per run: the registry's storage is shared, so each
+# push goes to a new name (blobs may be mounted across names by neither).
+n=0
+kiln_push() { n=$((n + 1)); "$KILN" --home "$HOME_SRC" push one:v1 "$HOST/kiln$n:v1" --insecure; }
+skopeo_push() { n=$((n + 1)); skopeo copy -q --dest-tls-verify=false "oci:$HOME_SRC:one:v1" "docker://$HOST/skopeo$n:v1"; }
+kiln_noop() { "$KILN" --home "$HOME_SRC" push one:v1 "$HOST/kiln1:v1" --insecure; }
+skopeo_noop() { skopeo copy -q --dest-tls-verify=false "oci:$HOME_SRC:one:v1" "docker://$HOST/skopeo2:v1"; }
+kiln_pull() { rm -rf "$WORK/pull-kiln"; "$KILN" --home "$WORK/pull-kiln" pull "$HOST/kiln1:v1" --insecure; }
+skopeo_pull() { rm -rf "$WORK/pull-skopeo"; skopeo copy -q --src-tls-verify=false "docker://$HOST/kiln1:v1" "oci:$WORK/pull-skopeo:v1"; }
+
+echo "measuring ($RUNS runs each, medians; image: $((SIZE / 1048576)) MiB of blobs)..." >&2
+run kp kiln_push
+run sp skopeo_push
+run kn kiln_noop
+run sn skopeo_noop
+run kl kiln_pull
+run sl skopeo_pull
+rm -rf "$WORK/pull-kiln" "$WORK/pull-skopeo"
+
+row() { # label, kiln key, skopeo key
+    printf '%-40s %9.2f %9.2f %8.2f %10s %10s\n' "$1" "${T[$2]}" "${T[$3]}" \
+        "$(echo "${T[$2]} / ${T[$3]}" | bc -l)" "$((M[$2] / 1024)) MiB" "$((M[$3] / 1024)) MiB"
+}
+printf '\nimage: %d MiB of blobs; %s runs each, median seconds; peak RSS is the largest of the runs; %s cores\n\n' \
+    "$((SIZE / 1048576))" "$RUNS" "$(nproc)"
+printf '%-40s %9s %9s %8s %10s %10s\n' "case" "kiln" "skopeo" "ratio" "kiln RSS" "skopeo RSS"
+row "(a) push to an empty repository" kp sp
+row "(b) push again (every blob present)" kn sn
+row "(c) pull into an empty store" kl sl
