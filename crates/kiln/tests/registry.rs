@@ -23,9 +23,26 @@ struct Registry {
     _dir: tempfile::TempDir,
 }
 
+/// How a test registry authenticates.
+enum RegAuth<'a> {
+    None,
+    /// htpasswd basic auth for (user, password).
+    Basic(&'a str, &'a str),
+    /// The distribution token flow: tokens from `TokenServer`, whose
+    /// certificate the registry trusts.
+    Token(&'a TokenServer),
+}
+
 impl Registry {
     /// Anonymous, or with htpasswd basic auth for `user`:`password`.
     fn start(user: Option<(&str, &str)>) -> Self {
+        match user {
+            Some((u, p)) => Self::start_with(RegAuth::Basic(u, p)),
+            None => Self::start_with(RegAuth::None),
+        }
+    }
+
+    fn start_with(auth: RegAuth<'_>) -> Self {
         assert!(
             have("docker-registry"),
             "docker-registry is not installed (scripts/test installs it)"
@@ -36,7 +53,15 @@ impl Registry {
             "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
             dir.path().join("data").display()
         );
-        if let Some((u, p)) = user {
+        if let RegAuth::Token(t) = &auth {
+            std::fs::write(dir.path().join("token.crt"), &t.cert_pem).unwrap();
+            config.push_str(&format!(
+                "auth:\n  token:\n    realm: http://127.0.0.1:{}/token\n    service: kiln-test-registry\n    issuer: kiln-test-issuer\n    rootcertbundle: {}\n",
+                t.port,
+                dir.path().join("token.crt").display()
+            ));
+        }
+        if let RegAuth::Basic(u, p) = auth {
             let out = Command::new("htpasswd")
                 .args(["-Bbn", u, p])
                 .output()
@@ -590,4 +615,170 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect() {
         to_storage.iter().all(|(_, auth)| auth.is_empty()),
         "storage got no credentials: {to_storage:?}"
     );
+}
+
+/// A token server of the distribution token flow: `GET /token?service=…
+/// &scope=repository:NAME:ACTIONS` with basic auth `ci`:`s3cret` answers a
+/// JWT (ES256, its certificate in `x5c`) granting the scopes asked; wrong
+/// or missing credentials: 401. It counts the tokens it gave.
+struct TokenServer {
+    port: u16,
+    cert_pem: String,
+    issued: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl TokenServer {
+    fn start() -> Self {
+        use base64::Engine;
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let params = rcgen::CertificateParams::new(vec!["kiln-test-issuer".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let cert_pem = cert.pem();
+        let cert_der = base64::engine::general_purpose::STANDARD.encode(cert.der());
+        let rng = ring::rand::SystemRandom::new();
+        let signer = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.serialize_der(),
+            &rng,
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let issued = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = issued.clone();
+        let thread = std::thread::spawn(move || {
+            let basic = format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode("ci:s3cret")
+            );
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut auth = String::new();
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = h.split_once(':')
+                        && k.eq_ignore_ascii_case("authorization")
+                    {
+                        auth = v.trim().to_owned();
+                    }
+                }
+                let target = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let query = target.split_once('?').map_or("", |(_, q)| q).to_owned();
+                if auth != basic {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
+                // Every scope asked is granted (the user may do anything).
+                let access: Vec<Value> = query
+                    .split('&')
+                    .filter_map(|kv| kv.strip_prefix("scope="))
+                    .map(|s| {
+                        s.replace("%3A", ":")
+                            .replace("%2C", ",")
+                            .replace("%2F", "/")
+                    })
+                    .filter_map(|s| {
+                        let mut parts = s.splitn(3, ':');
+                        let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
+                        Some(serde_json::json!({
+                            "type": kind, "name": name,
+                            "actions": actions.split(',').collect::<Vec<_>>(),
+                        }))
+                    })
+                    .collect();
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs();
+                let header = serde_json::json!({ "alg": "ES256", "typ": "JWT", "x5c": [cert_der] });
+                let claims = serde_json::json!({
+                    "iss": "kiln-test-issuer", "sub": "ci", "aud": "kiln-test-registry",
+                    "exp": now + 300, "nbf": now - 10, "iat": now,
+                    "jti": format!("t{}", count.load(std::sync::atomic::Ordering::SeqCst)),
+                    "access": access,
+                });
+                let input = format!(
+                    "{}.{}",
+                    b64.encode(header.to_string()),
+                    b64.encode(claims.to_string())
+                );
+                let sig = signer.sign(&rng, input.as_bytes()).unwrap();
+                let token = format!("{input}.{}", b64.encode(sig.as_ref()));
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let body =
+                    serde_json::json!({ "token": token, "access_token": token, "expires_in": 300 })
+                        .to_string();
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self {
+            port,
+            cert_pem,
+            issued,
+            _thread: thread,
+        }
+    }
+}
+
+/// The distribution token flow against the real registry: a challenge,
+/// a token for the scope asked (from credentials), then the request with
+/// the token; without credentials: "login required".
+#[test]
+fn bearer_tokens_from_a_token_server_for_a_real_registry() {
+    let tokens = TokenServer::start();
+    let reg = Registry::start_with(RegAuth::Token(&tokens));
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho six\n");
+    let dest = format!("{}/team/app:v1", reg.host);
+    let err = a.fails(&["push", "app:v1", &dest, "--insecure"]);
+    assert!(
+        err.contains(&format!("login required for {}", reg.host)),
+        "{err}"
+    );
+    let mut c = a
+        .cmd()
+        .args([
+            "login",
+            &reg.host,
+            "-u",
+            "ci",
+            "--password-stdin",
+            "--insecure",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
+    assert!(c.wait().unwrap().success());
+    let r = kiln(&a, &["push", "app:v1", &dest]);
+    assert_eq!(r["digest"], digest.as_str());
+    assert!(tokens.issued.load(std::sync::atomic::Ordering::SeqCst) > 0);
+    // Another machine with the same login pulls it back.
+    let b = Env::new();
+    std::fs::create_dir_all(&b.home).unwrap();
+    std::fs::copy(
+        a.home.join("registries.json"),
+        b.home.join("registries.json"),
+    )
+    .unwrap();
+    let p = kiln(&b, &["pull", &dest]);
+    assert_eq!(p["digest"], digest.as_str());
 }
