@@ -19,6 +19,10 @@ pub const MEDIA_TYPE_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+
 pub const MEDIA_TYPE_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 /// Docker's name for a gzip layer; accepted on read so foreign images unpack.
 pub const MEDIA_TYPE_DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+/// Docker's name for an uncompressed layer; accepted on read.
+pub const MEDIA_TYPE_DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar";
+/// A zstd layer (image-spec 1.1); accepted on read.
+pub const MEDIA_TYPE_LAYER_ZSTD: &str = "application/vnd.oci.image.layer.v1.tar+zstd";
 
 pub const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
@@ -37,14 +41,17 @@ pub const ANNOTATION_LAYER_NAME: &str = "dev.kiln.layer.name";
 pub enum LayerCompression {
     None,
     Gzip,
+    Zstd,
 }
 
 impl LayerCompression {
-    /// `None` for media types kiln cannot unpack (zstd, foreign formats).
+    /// `None` for media types kiln cannot unpack (foreign formats, Docker's
+    /// foreign layers).
     pub fn from_media_type(media_type: &str) -> Option<Self> {
         match media_type {
-            MEDIA_TYPE_LAYER_TAR => Some(Self::None),
+            MEDIA_TYPE_LAYER_TAR | MEDIA_TYPE_DOCKER_LAYER_TAR => Some(Self::None),
             MEDIA_TYPE_LAYER_GZIP | MEDIA_TYPE_DOCKER_LAYER_GZIP => Some(Self::Gzip),
+            MEDIA_TYPE_LAYER_ZSTD => Some(Self::Zstd),
             _ => None,
         }
     }

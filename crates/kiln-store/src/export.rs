@@ -222,12 +222,7 @@ pub fn export_docker_archive(
         let mut spool = tempfile::tempfile_in(store.root().join("tmp")).at(store.root())?;
         let mut hasher_in = HashingReader::new(store.open_blob(&layer.digest)?);
         {
-            let mut reader: Box<dyn Read> = match compression {
-                LayerCompression::Gzip => {
-                    Box::new(flate2::read::MultiGzDecoder::new(&mut hasher_in))
-                }
-                LayerCompression::None => Box::new(&mut hasher_in),
-            };
+            let mut reader = crate::unpack::decompress(compression, &mut hasher_in).at(file)?;
             let mut tee = Tee {
                 inner: &mut reader,
                 out: &mut spool,

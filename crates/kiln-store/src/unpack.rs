@@ -142,10 +142,7 @@ pub fn apply_layer(
     };
     let mut compressed = HashingReader::new(blob);
     {
-        let decoder: Box<dyn Read + '_> = match compression {
-            LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut compressed)),
-            LayerCompression::None => Box::new(&mut compressed),
-        };
+        let decoder = decompress(compression, &mut compressed).map_err(read_err)?;
         let mut raw = HashingReader::new(decoder);
         {
             let mut archive = tar::Archive::new(&mut raw);
@@ -435,6 +432,19 @@ pub fn unpack_tar(tar: &[u8], root: &Path, options: UnpackOptions) -> Result<()>
         let _ = fs::set_permissions(path, fs::Permissions::from_mode(*mode));
     }
     Ok(())
+}
+
+/// A layer's bytes decompressed as its media type says (gzip members,
+/// zstd frames, or plain tar).
+pub fn decompress<'a, R: Read + 'a>(
+    compression: LayerCompression,
+    r: R,
+) -> io::Result<Box<dyn Read + 'a>> {
+    Ok(match compression {
+        LayerCompression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(r)),
+        LayerCompression::Zstd => Box::new(zstd::stream::read::Decoder::new(r)?),
+        LayerCompression::None => Box::new(r),
+    })
 }
 
 #[cfg(test)]

@@ -376,10 +376,7 @@ fn count_layer_files(store: &Store, layer: &oci::Descriptor) -> Result<usize> {
         return Ok(0);
     };
     let blob = std::io::BufReader::new(store.open_blob(&layer.digest)?);
-    let reader: Box<dyn std::io::Read> = match compression {
-        LayerCompression::Gzip => Box::new(flate2_reader(blob)),
-        LayerCompression::None => Box::new(blob),
-    };
+    let reader = kiln_store::unpack::decompress(compression, blob)?;
     let mut archive = tar::Archive::new(reader);
     let mut n = 0;
     for e in archive.entries()? {
@@ -389,10 +386,6 @@ fn count_layer_files(store: &Store, layer: &oci::Descriptor) -> Result<usize> {
         }
     }
     Ok(n)
-}
-
-fn flate2_reader<R: std::io::Read>(r: R) -> impl std::io::Read {
-    flate2::read::MultiGzDecoder::new(r)
 }
 
 pub fn verify(store: &Store, reference: Option<&str>, json: bool) -> Result<ExitCode> {

@@ -214,6 +214,67 @@ fn skopeo_reads_what_kiln_pushed_and_kiln_pulls_what_skopeo_pushed() {
         &["pull", &format!("{}/other/app:v2", reg.host), "--insecure"],
     );
     assert_eq!(p["digest"], digest.as_str());
+    // Images other tools made: Docker schema 2, and zstd layers. Pulled,
+    // and they unpack to the same files (the digests are theirs).
+    let skopeo = |args: &[&str]| {
+        let out = Command::new("skopeo").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let oci = format!("oci:{}:v1", exported.display());
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--format",
+        "v2s2",
+        &oci,
+        &format!("docker://{}/docker/app:v1", reg.host),
+    ]);
+    let dir = a.path("decompressed");
+    // Another registry for zstd: skopeo would reuse this one's gzip blobs.
+    let reg2 = Registry::start(None);
+    skopeo(&[
+        "copy",
+        "--dest-decompress",
+        &oci,
+        &format!("dir:{}", dir.display()),
+    ]);
+    skopeo(&[
+        "copy",
+        "--dest-tls-verify=false",
+        "--dest-compress-format",
+        "zstd",
+        "--format",
+        "oci",
+        &format!("dir:{}", dir.display()),
+        &format!("docker://{}/zstd/app:v1", reg2.host),
+    ]);
+    for (repo, host, media) in [
+        (
+            "docker",
+            &reg.host,
+            "application/vnd.docker.distribution.manifest.v2+json",
+        ),
+        ("zstd", &reg2.host, "tar+zstd"),
+    ] {
+        let p = kiln(
+            &b,
+            &["pull", &format!("{host}/{repo}/app:v1"), "--insecure"],
+        );
+        let got = p["digest"].as_str().unwrap().to_owned();
+        let raw = std::fs::read_to_string(blob_path(&b.home, &got)).unwrap();
+        assert!(raw.contains(media), "{repo}: {raw}");
+        let out = b.path(&format!("unpacked-{repo}"));
+        b.ok(&["unpack", &format!("app@{got}"), out.to_str().unwrap()]);
+        assert_eq!(
+            std::fs::read_to_string(out.join("bin/app")).unwrap(),
+            "#!/bin/sh\necho two\n",
+            "{repo}"
+        );
+    }
 }
 
 #[test]
