@@ -68,12 +68,13 @@ pub fn push(
         print_json(&report)?;
     } else {
         println!(
-            "pushed {} to {} ({} blob{} uploaded, {} bytes; {} already there)\n{}",
+            "pushed {} to {} ({} blob{} uploaded, {} bytes; {} mounted from another repository; {} already there)\n{}",
             img.pinned(),
             report.destination,
             report.uploaded,
             if report.uploaded == 1 { "" } else { "s" },
             report.uploaded_bytes,
+            report.mounted,
             report.skipped,
             report.digest
         );

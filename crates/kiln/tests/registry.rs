@@ -132,6 +132,21 @@ fn push_then_pull_round_trips_the_digest_and_a_second_push_uploads_nothing() {
         (r["uploaded"].as_u64(), r["skipped"].as_u64()),
         (Some(2), Some(0))
     );
+    // Another repository of the same registry: mounted, not uploaded.
+    let other = kiln(
+        &a,
+        &[
+            "push",
+            "app:v1",
+            &format!("{}/elsewhere/app:v1", reg.host),
+            "--insecure",
+        ],
+    );
+    assert_eq!(
+        (other["uploaded"].as_u64(), other["mounted"].as_u64()),
+        (Some(0), Some(2)),
+        "{other}"
+    );
     let again = kiln(&a, &["push", "app:v1", &dest, "--insecure"]);
     assert_eq!(
         (again["uploaded"].as_u64(), again["skipped"].as_u64()),

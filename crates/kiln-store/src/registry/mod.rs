@@ -266,6 +266,51 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+/// Where blobs were last seen on each registry: host → digest → the
+/// repository that has it (`cache/registry-blobs.json`). A push to another
+/// repository of the same registry mounts such a blob instead of uploading
+/// it. A cache: a lost or wrong entry costs an upload, nothing more.
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct KnownBlobs(std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>);
+
+impl KnownBlobs {
+    fn path(store: &crate::store::Store) -> std::path::PathBuf {
+        store.root().join("cache/registry-blobs.json")
+    }
+
+    fn load(store: &crate::store::Store) -> Self {
+        std::fs::read(Self::path(store))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn repository(&self, host: &str, digest: &Digest) -> Option<&str> {
+        self.0
+            .get(host)?
+            .get(&digest.to_string())
+            .map(String::as_str)
+    }
+
+    /// Remember that `repository` of `host` has `digests` (best effort).
+    fn remember<'a>(
+        store: &crate::store::Store,
+        host: &str,
+        repository: &str,
+        digests: impl IntoIterator<Item = &'a Digest>,
+    ) {
+        let Ok(_lock) = store.lock() else { return };
+        let mut known = Self::load(store);
+        let entry = known.0.entry(host.to_owned()).or_default();
+        for d in digests {
+            entry.insert(d.to_string(), repository.to_owned());
+        }
+        if let Ok(bytes) = serde_json::to_vec(&known) {
+            let _ = crate::fsutil::write_atomic(&Self::path(store), &bytes);
+        }
+    }
+}
+
 /// oci-client's reference for a registry reference.
 fn reference(r: &RegistryRef) -> Reference {
     match &r.target {

@@ -138,6 +138,12 @@ pub async fn pull(
         tags.push(t.clone());
     }
     store.publish_image(&name, blobs, &descriptor, &tags)?;
+    super::KnownBlobs::remember(
+        store,
+        &src.host,
+        &src.repository,
+        wanted.iter().map(|d| &d.digest),
+    );
     let mut all = vec![Tag::automatic(&digest).to_string()];
     all.extend(tags.iter().map(ToString::to_string));
     Ok(PullReport {

@@ -23,8 +23,17 @@ pub struct PushReport {
     /// Blobs uploaded, and their bytes.
     pub uploaded: usize,
     pub uploaded_bytes: u64,
+    /// Blobs mounted from another repository of the registry (no upload).
+    pub mounted: usize,
     /// Blobs the registry had already.
     pub skipped: usize,
+}
+
+/// What became of one blob.
+enum Sent {
+    There,
+    Mounted,
+    Uploaded(u64),
 }
 
 /// Push image `manifest` (its descriptor, from the store) to `dest`.
@@ -58,12 +67,23 @@ pub async fn push(
             return Err(crate::store::StoreError::MissingBlob(b.digest.clone()).into());
         }
     }
-    let results: Vec<Option<u64>> = futures_util::stream::iter(blobs.iter())
-        .map(|b| push_blob(store, registry, dest, b, progress))
+    let known = super::KnownBlobs::load(store);
+    let results: Vec<Sent> = futures_util::stream::iter(blobs.iter())
+        .map(|b| push_blob(store, registry, dest, b, &known, progress))
         .buffer_unordered(PARALLEL)
         .try_collect()
         .await?;
-    let uploaded: Vec<u64> = results.iter().flatten().copied().collect();
+    let uploaded: Vec<u64> = results
+        .iter()
+        .filter_map(|s| match s {
+            Sent::Uploaded(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    let mounted = results
+        .iter()
+        .filter(|s| matches!(s, Sent::Mounted))
+        .count();
     // By digest first, then the tag: a tag never names a manifest the
     // registry does not have whole.
     let media_type = parsed
@@ -87,23 +107,32 @@ pub async fn push(
         .push_manifest_raw(&tagged, bytes, content_type)
         .await
         .map_err(err)?;
+    super::KnownBlobs::remember(
+        store,
+        &dest.host,
+        &dest.repository,
+        blobs.iter().map(|b| &b.digest),
+    );
     Ok(PushReport {
         destination: dest.to_string(),
         digest: manifest.digest.clone(),
         uploaded: uploaded.len(),
         uploaded_bytes: uploaded.iter().sum(),
-        skipped: results.len() - uploaded.len(),
+        mounted,
+        skipped: results.len() - uploaded.len() - mounted,
     })
 }
 
-/// One blob: `None` if the registry had it, else its size once uploaded.
+/// One blob: there already, mounted from another repository of the same
+/// registry that has it, or uploaded (its size).
 async fn push_blob(
     store: &Store,
     registry: &Registry,
     dest: &RegistryRef,
     blob: &Descriptor,
+    known: &super::KnownBlobs,
     progress: &(dyn Fn(&str) + Sync),
-) -> Result<Option<u64>, RegistryError> {
+) -> Result<Sent, RegistryError> {
     let image = reference(dest);
     let digest = blob.digest.to_string();
     let err = |e| registry.error(dest, e);
@@ -114,7 +143,28 @@ async fn push_blob(
         .map_err(err)?
     {
         progress(&format!("{} already there", blob.digest.short()));
-        return Ok(None);
+        return Ok(Sent::There);
+    }
+    if let Some(from) = known
+        .repository(&dest.host, &blob.digest)
+        .filter(|r| *r != dest.repository)
+    {
+        let source = reference(&RegistryRef {
+            host: dest.host.clone(),
+            repository: from.to_owned(),
+            target: None,
+        });
+        // A registry that does not mount answers with an upload session
+        // (an error here): the blob is uploaded instead.
+        if registry
+            .client
+            .mount_blob(&image, &source, &digest)
+            .await
+            .is_ok()
+        {
+            progress(&format!("{} mounted from {from}", blob.digest.short()));
+            return Ok(Sent::Mounted);
+        }
     }
     let path = store.blob_path(&blob.digest);
     let file =
@@ -141,5 +191,5 @@ async fn push_blob(
         .await
         .map_err(err)?;
     progress(&format!("{} uploaded ({size} bytes)", blob.digest.short()));
-    Ok(Some(size))
+    Ok(Sent::Uploaded(size))
 }
