@@ -12,7 +12,9 @@ use crate::spec::{Glob, LayerSpec};
 
 /// Bumped whenever the bytes kiln writes for the same inputs change, so a
 /// layer cache from an older kiln is never reused for a newer one.
-pub const LAYER_FORMAT: u32 = 1;
+/// 2: gzip members are cut at entry boundaries ([`cut_after`]), not every
+/// 1 MiB of the stream.
+pub const LAYER_FORMAT: u32 = 2;
 
 /// gzip level of every kiln layer: fixed, because the level is part of the bytes.
 pub const GZIP_LEVEL: u32 = 6;
@@ -21,6 +23,39 @@ pub const GZIP_LEVEL: u32 = 6;
 /// size on all cores and concatenated (a multi-member gzip stream, which every
 /// OCI runtime reads). Fixed, because it is part of the bytes.
 pub const GZIP_CHUNK: usize = 1 << 20;
+
+/// Where a layer's gzip members are cut, so that a member's raw bytes
+/// depend on the entries in it and nothing before them: an unchanged run
+/// of files gives the same member in the next bake, which reuses it as
+/// compressed (a one-file change re-compresses about one member, not the
+/// layer).
+///
+/// - A file of at least [`GZIP_CHUNK`] bytes starts a member of its own
+///   and is cut every [`GZIP_CHUNK`] bytes from its header on
+///   ([`alone`]); the member after it starts with the next entry.
+/// - After any other entry, the member is cut when the entry's identity
+///   (path and content) hashes to one of 64 values — a content-defined
+///   boundary that does not move when earlier files change — or when the
+///   member has reached [`GZIP_CHUNK`] bytes.
+pub fn alone(entry: &LayerEntry) -> bool {
+    matches!(entry.kind, EntryKind::File { size, .. } if size >= GZIP_CHUNK as u64)
+}
+
+/// See [`alone`]: whether a member ends after `entry`, when it holds
+/// `member_len` raw bytes so far.
+pub fn cut_after(entry: &LayerEntry, member_len: usize) -> bool {
+    if member_len >= GZIP_CHUNK {
+        return true;
+    }
+    let id = match &entry.kind {
+        EntryKind::File { sha256, .. } => format!("{}\0{sha256}", entry.path),
+        EntryKind::Dir => format!("{}/", entry.path),
+        EntryKind::Symlink { target } => format!("{}\0{target}", entry.path),
+    };
+    // One entry in 64, by the first byte of its identity's hash.
+    let hex = Digest::of(id.as_bytes());
+    u8::from_str_radix(&hex.hex()[..2], 16).is_ok_and(|b| b < 4)
+}
 
 /// What a layer entry is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -177,6 +212,32 @@ fn climbs_out<'a>(start: impl Iterator<Item = &'a str>, target: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_are_cut_by_content_about_one_entry_in_64_or_at_the_size_cap() {
+        let file = |i: u32| LayerEntry {
+            path: format!("lib/f{i}"),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: 100,
+                sha256: Digest::of(&i.to_le_bytes()),
+            },
+        };
+        let cuts = (0..64_000).filter(|i| cut_after(&file(*i), 0)).count();
+        assert!((700..1300).contains(&cuts), "{cuts} cuts in 64000 entries");
+        // The same entry always decides the same; a full member is cut.
+        assert_eq!(cut_after(&file(5), 10), cut_after(&file(5), 10));
+        assert!(cut_after(&file(5), GZIP_CHUNK));
+        let big = LayerEntry {
+            path: "big".into(),
+            mode: 0o644,
+            kind: EntryKind::File {
+                size: GZIP_CHUNK as u64,
+                sha256: Digest::of(b"b"),
+            },
+        };
+        assert!(alone(&big) && !alone(&file(1)));
+    }
 
     fn glob(s: &str) -> Glob {
         Glob::try_from(s).unwrap()

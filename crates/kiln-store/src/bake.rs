@@ -104,6 +104,9 @@ pub struct BakeReport {
     pub bytes_hashed: u64,
     /// Compressed bytes of the layers written by this bake (not reused).
     pub bytes_written: u64,
+    /// gzip members of the written layers copied from the previous bake of
+    /// the image (unchanged runs of files), not compressed again.
+    pub members_reused: usize,
     /// Total compressed size of the image's layers.
     pub size: u64,
 }
@@ -235,6 +238,11 @@ pub fn bake_image(
 
     // What this bake takes from the store stays until it has published.
     let mut lease = store.lease().map_err(BakeError::Store)?;
+    // The members of the previous bake of this image: a layer that changed
+    // copies those of its unchanged runs of files instead of compressing.
+    let reuse = std::sync::Arc::new(previous_members(store, name, &mut lease));
+    let mut layer_members: Vec<(Digest, Vec<crate::gzip::Member>)> = Vec::new();
+    let mut members_reused = 0;
     let layer_cache_path = store.cache_dir().join("layers.json");
     let layer_cache = LayerCache::load(&layer_cache_path);
     let mut new_layers = BTreeMap::new();
@@ -273,20 +281,23 @@ pub fn bake_image(
                     })
                     .sum();
                 observer.phase(&format!("layer {layer_name}"), raw);
-                let (blob, diff_id) = write_layer(store, &context, &entries, mtime, observer)
-                    .map_err(|e| match e {
-                        LayerWriteError::Io(source) => BakeError::WriteLayer {
-                            image: name.to_string(),
-                            layer: index + 1,
-                            source,
-                        },
-                        LayerWriteError::Bake(b) => b,
-                    })?;
+                let (blob, diff_id, members, reused) =
+                    write_layer(store, &context, &entries, mtime, observer, reuse.clone())
+                        .map_err(|e| match e {
+                            LayerWriteError::Io(source) => BakeError::WriteLayer {
+                                image: name.to_string(),
+                                layer: index + 1,
+                                source,
+                            },
+                            LayerWriteError::Bake(b) => b,
+                        })?;
                 let c = CachedLayer {
                     digest: blob.digest.clone(),
                     diff_id,
                     size: blob.size,
                 };
+                members_reused += reused;
+                layer_members.push((blob.digest.clone(), members));
                 bytes_written += blob.size;
                 pending.push(blob);
                 (c, false)
@@ -378,6 +389,9 @@ pub fn bake_image(
         cache.retain_paths(walked.iter().map(|w| w.rel.as_str()));
         let _ = cache.save(&cache_path, started);
     }
+    for (digest, members) in &layer_members {
+        save_members(store, digest, members);
+    }
     if !new_layers.is_empty() {
         let _lock = store.lock()?;
         let mut merged = LayerCache::load(&layer_cache_path);
@@ -395,6 +409,7 @@ pub fn bake_image(
         files_hashed: misses.len(),
         bytes_hashed,
         bytes_written,
+        members_reused,
         size: reports.iter().map(|l| l.size).sum(),
         layers: reports,
     })
@@ -566,20 +581,32 @@ impl From<io::Error> for LayerWriteError {
 }
 
 /// Write one layer: normalized tar → parallel gzip → a pending blob.
+/// A written layer: its blob, `diff_id`, members, and how many of them
+/// were copied from an earlier layer.
+type Written = (PendingBlob, Digest, Vec<crate::gzip::Member>, usize);
+
 fn write_layer(
     store: &Store,
     context: &Path,
     entries: &[LayerEntry],
     mtime: u64,
     observer: &dyn BakeObserver,
-) -> std::result::Result<(PendingBlob, Digest), LayerWriteError> {
+    reuse: std::sync::Arc<crate::gzip::Reuse>,
+) -> std::result::Result<Written, LayerWriteError> {
     let blob = store
         .blob_writer()
         .map_err(|e| LayerWriteError::Bake(e.into()))?;
-    let gz = ParallelGzip::new(blob, Box::new(|_| {}));
+    let gz = ParallelGzip::reusing(blob, Box::new(|_| {}), reuse);
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
     for e in entries {
+        // Members are cut at entry boundaries (`kiln_core::layer::alone`,
+        // `cut_after`): unchanged runs of files give unchanged members.
+        let alone = kiln_core::layer::alone(e);
+        if alone {
+            tar.get_mut().cut()?;
+            tar.get_mut().split(true);
+        }
         let mut h = tar::Header::new_gnu();
         h.set_mode(e.mode);
         h.set_uid(0);
@@ -622,14 +649,65 @@ fn write_layer(
                 }
             }
         }
+        let gz = tar.get_mut();
+        if alone {
+            gz.split(false);
+            gz.cut()?;
+        } else if kiln_core::layer::cut_after(e, gz.member_len()) {
+            gz.cut()?;
+        }
     }
     let gz = tar.into_inner()?;
-    let (blob, diff_id, _) = gz.finish()?;
-    let pending = blob.finish().map_err(|e| match e {
+    let done = gz.finish()?;
+    let pending = done.out.finish().map_err(|e| match e {
         StoreError::Io { source, .. } => LayerWriteError::Io(source),
         other => LayerWriteError::Bake(other.into()),
     })?;
-    Ok((pending, diff_id))
+    Ok((pending, done.diff_id, done.members, done.reused))
+}
+
+/// Where a layer blob's members are listed (`cache/members/HEX.json`).
+fn members_path(store: &Store, layer: &Digest) -> std::path::PathBuf {
+    store
+        .cache_dir()
+        .join("members")
+        .join(format!("{}.json", layer.hex()))
+}
+
+fn save_members(store: &Store, layer: &Digest, members: &[crate::gzip::Member]) {
+    let path = members_path(store, layer);
+    if let Some(dir) = path.parent() {
+        let _ = fs::create_dir_all(dir);
+    }
+    let _ = write_atomic(&path, &to_json(&members));
+}
+
+/// The members of the layers of the newest image named `name`, each layer
+/// blob held by `lease` while this bake may copy from it.
+fn previous_members(
+    store: &Store,
+    name: &ImageName,
+    lease: &mut crate::gc::Lease,
+) -> crate::gzip::Reuse {
+    let mut reuse = crate::gzip::Reuse::default();
+    let Ok(image) = store.resolve(&kiln_core::reference::ImageRef::Bare(name.to_string())) else {
+        return reuse;
+    };
+    let Ok(manifest) = store.manifest(&image.digest) else {
+        return reuse;
+    };
+    for layer in &manifest.layers {
+        let Ok(bytes) = fs::read(members_path(store, &layer.digest)) else {
+            continue;
+        };
+        let Ok(members) = serde_json::from_slice::<Vec<crate::gzip::Member>>(&bytes) else {
+            continue;
+        };
+        if lease.hold(&layer.digest).unwrap_or(false) {
+            reuse.add(store.blob_path(&layer.digest), &members);
+        }
+    }
+    reuse
 }
 
 struct HashingReader<'a, R> {

@@ -278,6 +278,18 @@ impl Store {
         }
         if !options.dry_run {
             self.prune_layer_cache()?;
+            // Member lists of layers that are gone.
+            let members = self.cache_dir().join("members");
+            for e in fs::read_dir(&members).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let gone = name
+                    .strip_suffix(".json")
+                    .and_then(|h| Digest::from_hex(h).ok())
+                    .is_none_or(|d| !self.has_blob(&d));
+                if gone {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
         }
         Ok(report)
     }

@@ -1,17 +1,77 @@
-//! Parallel gzip: the uncompressed stream is cut into fixed-size chunks, each
-//! compressed as its own gzip member on the rayon pool, and the members are
-//! written in order. Concatenated members are one valid gzip stream (RFC 1952
-//! §2.2) that Go's, zlib's and Rust's readers all decode. The chunk size and
-//! level are fixed, so the bytes are the same on every machine.
+//! Parallel gzip: the uncompressed stream is cut into chunks where the
+//! writer says ([`ParallelGzip::cut`], at entry boundaries: see
+//! `kiln_core::layer::cut_after`), each compressed as its own gzip member
+//! on the rayon pool, and the members are written in order. Concatenated
+//! members are one valid gzip stream (RFC 1952 §2.2) that Go's, zlib's and
+//! Rust's readers all decode. The cuts and the level are fixed, so the
+//! bytes are the same on every machine.
+//!
+//! A chunk whose raw bytes an earlier layer already compressed is not
+//! compressed again: its member is copied from that layer's blob
+//! ([`Reuse`]), checked against the chunk's CRC-32 and length, which every
+//! gzip member ends with. The result is byte for byte what compressing
+//! would give, so an incremental bake's digest is a full bake's.
 
-use std::collections::VecDeque;
-use std::io::{self, Write};
-use std::sync::mpsc;
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, mpsc};
 
 use flate2::{Compression, GzBuilder};
 use kiln_core::Digest;
 use kiln_core::layer::{GZIP_CHUNK, GZIP_LEVEL};
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
+
+/// A chunk never grows past this, whatever the writer says (memory bound).
+const MAX_CHUNK: usize = 4 * GZIP_CHUNK;
+
+/// One member of a layer blob: the sha256 of its raw bytes, and where its
+/// compressed bytes are in the blob.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub raw: Digest,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Members earlier layers hold, by the sha256 of their raw bytes.
+#[derive(Clone, Debug, Default)]
+pub struct Reuse {
+    members: BTreeMap<Digest, (PathBuf, u64, u64)>,
+}
+
+impl Reuse {
+    /// Add the members of the blob at `path`.
+    pub fn add(&mut self, path: PathBuf, members: &[Member]) {
+        for m in members {
+            self.members
+                .entry(m.raw.clone())
+                .or_insert_with(|| (path.clone(), m.offset, m.len));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+}
+
+/// What a finished stream was made of.
+#[derive(Debug)]
+pub struct Finished<W> {
+    pub out: W,
+    /// sha256 of the uncompressed stream (the OCI `diff_id`).
+    pub diff_id: Digest,
+    pub raw_size: u64,
+    pub members: Vec<Member>,
+    /// Members copied from an earlier layer instead of compressed.
+    pub reused: usize,
+}
+
+/// A finished job: the member's bytes, its raw digest and length, and
+/// whether it was copied.
+type Job = io::Result<(Vec<u8>, Digest, u64, bool)>;
 
 /// A writer that gzips on every core. Must not be used from inside a rayon
 /// worker: it blocks waiting for the pool.
@@ -20,14 +80,25 @@ pub struct ParallelGzip<W: Write> {
     chunk: Vec<u8>,
     diff_hasher: Sha256,
     raw_size: u64,
-    inflight: VecDeque<mpsc::Receiver<io::Result<Vec<u8>>>>,
+    inflight: VecDeque<mpsc::Receiver<Job>>,
     max_inflight: usize,
     on_chunk: Box<dyn FnMut(u64) + Send>,
+    /// Cut every `GZIP_CHUNK` bytes (inside a big entry).
+    split: bool,
+    reuse: Arc<Reuse>,
+    written: u64,
+    members: Vec<Member>,
+    reused: usize,
 }
 
 impl<W: Write> ParallelGzip<W> {
     /// `on_chunk` is told how many uncompressed bytes each finished chunk had.
     pub fn new(out: W, on_chunk: Box<dyn FnMut(u64) + Send>) -> Self {
+        Self::reusing(out, on_chunk, Arc::default())
+    }
+
+    /// As [`new`](Self::new), copying the members `reuse` has.
+    pub fn reusing(out: W, on_chunk: Box<dyn FnMut(u64) + Send>, reuse: Arc<Reuse>) -> Self {
         Self {
             out,
             chunk: Vec::with_capacity(GZIP_CHUNK),
@@ -37,7 +108,30 @@ impl<W: Write> ParallelGzip<W> {
             // Enough to keep every core busy while the producer fills the next chunk.
             max_inflight: 2 * rayon::current_num_threads() + 1,
             on_chunk,
+            split: false,
+            reuse,
+            written: 0,
+            members: Vec::new(),
+            reused: 0,
         }
+    }
+
+    /// End the current member here (nothing if it is empty).
+    pub fn cut(&mut self) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.dispatch()
+    }
+
+    /// Inside a big entry: cut every `GZIP_CHUNK` bytes.
+    pub fn split(&mut self, on: bool) {
+        self.split = on;
+    }
+
+    /// Raw bytes in the current member so far.
+    pub fn member_len(&self) -> usize {
+        self.chunk.len()
     }
 
     fn dispatch(&mut self) -> io::Result<()> {
@@ -45,13 +139,19 @@ impl<W: Write> ParallelGzip<W> {
         self.diff_hasher.update(&chunk);
         self.raw_size += chunk.len() as u64;
         let (tx, rx) = mpsc::channel();
+        let reuse = self.reuse.clone();
         rayon::spawn(move || {
+            let raw = Digest::of(&chunk);
             let len = chunk.len() as u64;
+            let copied = reuse
+                .members
+                .get(&raw)
+                .and_then(|(path, offset, mlen)| copy_member(path, *offset, *mlen, &chunk).ok());
             // The receiver only goes away if the writer was dropped; nothing to tell then.
-            let _ = tx.send(compress(&chunk).map(|mut v| {
-                v.extend_from_slice(&len.to_le_bytes());
-                v
-            }));
+            let _ = tx.send(match copied {
+                Some(member) => Ok((member, raw, len, true)),
+                None => compress(&chunk).map(|m| (m, raw, len, false)),
+            });
         });
         self.inflight.push_back(rx);
         while self.inflight.len() > self.max_inflight {
@@ -64,23 +164,23 @@ impl<W: Write> ParallelGzip<W> {
         let Some(rx) = self.inflight.pop_front() else {
             return Ok(());
         };
-        let mut member = rx
+        let (member, raw, len, copied) = rx
             .recv()
             .map_err(|_| io::Error::other("compression worker vanished"))??;
-        // The last 8 bytes carry the chunk's raw length for progress.
-        let len_at = member.len() - 8;
-        let mut len = [0u8; 8];
-        len.copy_from_slice(&member[len_at..]);
-        member.truncate(len_at);
         self.out.write_all(&member)?;
-        (self.on_chunk)(u64::from_le_bytes(len));
+        self.members.push(Member {
+            raw,
+            offset: self.written,
+            len: member.len() as u64,
+        });
+        self.written += member.len() as u64;
+        self.reused += usize::from(copied);
+        (self.on_chunk)(len);
         Ok(())
     }
 
-    /// Compress what is left and wait for every member. Returns the inner
-    /// writer, the sha256 of the uncompressed stream (the OCI `diff_id`) and
-    /// its length.
-    pub fn finish(mut self) -> io::Result<(W, Digest, u64)> {
+    /// Compress what is left and wait for every member.
+    pub fn finish(mut self) -> io::Result<Finished<W>> {
         if !self.chunk.is_empty() || self.raw_size == 0 {
             self.dispatch()?;
         }
@@ -88,20 +188,23 @@ impl<W: Write> ParallelGzip<W> {
             self.drain_one()?;
         }
         self.out.flush()?;
-        Ok((
-            self.out,
-            Digest::from_hasher(self.diff_hasher),
-            self.raw_size,
-        ))
+        Ok(Finished {
+            out: self.out,
+            diff_id: Digest::from_hasher(self.diff_hasher),
+            raw_size: self.raw_size,
+            members: self.members,
+            reused: self.reused,
+        })
     }
 }
 
 impl<W: Write> Write for ParallelGzip<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let room = GZIP_CHUNK - self.chunk.len();
+        let limit = if self.split { GZIP_CHUNK } else { MAX_CHUNK };
+        let room = limit.saturating_sub(self.chunk.len());
         let n = room.min(buf.len());
         self.chunk.extend_from_slice(&buf[..n]);
-        if self.chunk.len() == GZIP_CHUNK {
+        if self.chunk.len() >= limit {
             self.dispatch()?;
         }
         Ok(n)
@@ -122,32 +225,99 @@ fn compress(data: &[u8]) -> io::Result<Vec<u8>> {
     enc.finish()
 }
 
+/// The member at `offset` of the blob at `path`, if it is the one of
+/// `raw`: its header is kiln's, and its trailer's CRC-32 and length are
+/// `raw`'s (what compressing `raw` would end with).
+fn copy_member(path: &PathBuf, offset: u64, len: u64, raw: &[u8]) -> io::Result<Vec<u8>> {
+    if len < 18 {
+        return Err(io::Error::other("member too short"));
+    }
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut member = vec![0u8; len as usize];
+    f.read_exact(&mut member)?;
+    let header = compress(&[])?;
+    let tail = &member[member.len() - 8..];
+    let mut crc = flate2::Crc::new();
+    crc.update(raw);
+    let fits = member[..10] == header[..10]
+        && tail[..4] == crc.sum().to_le_bytes()
+        && tail[4..] == (raw.len() as u32).to_le_bytes();
+    if fits {
+        Ok(member)
+    } else {
+        Err(io::Error::other("member does not match"))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Read;
+
+    fn data() -> Vec<u8> {
+        (0..(3 * GZIP_CHUNK + 123))
+            .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
+            .collect()
+    }
+
+    /// Write `data` cutting at `cuts` (offsets), reusing `reuse`.
+    fn run(data: &[u8], cuts: &[usize], reuse: Arc<Reuse>) -> Finished<Vec<u8>> {
+        let mut gz = ParallelGzip::reusing(Vec::new(), Box::new(|_| {}), reuse);
+        let mut at = 0;
+        for &c in cuts.iter().chain(std::iter::once(&data.len())) {
+            gz.write_all(&data[at..c]).unwrap();
+            gz.cut().unwrap();
+            at = c;
+        }
+        gz.finish().unwrap()
+    }
 
     #[test]
     fn multi_member_output_decodes_to_the_input_and_is_deterministic() {
-        let data: Vec<u8> = (0..(3 * GZIP_CHUNK + 123))
-            .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
-            .collect();
-        let run = || {
-            let mut gz = ParallelGzip::new(Vec::new(), Box::new(|_| {}));
-            for part in data.chunks(10_000) {
-                gz.write_all(part).unwrap();
-            }
-            gz.finish().unwrap()
-        };
-        let (a, diff_id, len) = run();
-        let (b, _, _) = run();
-        assert_eq!(a, b);
-        assert_eq!(len, data.len() as u64);
-        assert_eq!(diff_id, Digest::of(&data));
+        let data = data();
+        let a = run(&data, &[1000, 500_000, 2_000_000], Arc::default());
+        let b = run(&data, &[1000, 500_000, 2_000_000], Arc::default());
+        assert_eq!(a.out, b.out);
+        assert_eq!(a.raw_size, data.len() as u64);
+        assert_eq!(a.diff_id, Digest::of(&data));
+        // Past MAX_CHUNK without a cut, it is cut anyway.
+        assert_eq!(a.members.len(), 4);
         let mut back = Vec::new();
-        flate2::read::MultiGzDecoder::new(&a[..])
+        flate2::read::MultiGzDecoder::new(&a.out[..])
             .read_to_end(&mut back)
             .unwrap();
         assert_eq!(back, data);
+    }
+
+    #[test]
+    fn members_of_unchanged_chunks_are_copied_and_the_bytes_are_a_full_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut data = data();
+        let cuts = [700_000, 1_400_000, 2_100_000];
+        let first = run(&data, &cuts, Arc::default());
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, &first.out).unwrap();
+        // One byte of the second chunk changes.
+        data[800_000] ^= 1;
+        let mut reuse = Reuse::default();
+        reuse.add(blob.clone(), &first.members);
+        let again = run(&data, &cuts, Arc::new(reuse));
+        let full = run(&data, &cuts, Arc::default());
+        assert_eq!(
+            again.out, full.out,
+            "an incremental run's bytes are a full run's"
+        );
+        assert_eq!((again.reused, full.reused), (3, 0));
+        // A member that does not match its raw bytes (a corrupt blob) is
+        // compressed again, not copied.
+        let mut bad = first.out.clone();
+        let end = (first.members[0].offset + first.members[0].len) as usize;
+        bad[end - 8] ^= 0xff;
+        std::fs::write(&blob, &bad).unwrap();
+        let mut reuse = Reuse::default();
+        reuse.add(blob, &first.members);
+        let guarded = run(&data, &cuts, Arc::new(reuse));
+        assert_eq!(guarded.out, full.out);
+        assert_eq!(guarded.reused, 2);
     }
 }

@@ -177,6 +177,61 @@ fn rebaking_is_incremental() {
     assert_eq!(changed["bytes_written"], layers[0]["size"]);
 }
 
+/// Issue 14: a one-file change inside a big single layer re-compresses
+/// about one gzip member, not the layer: the members of unchanged runs of
+/// files are copied from the previous bake — and the digest is exactly
+/// the one a full bake of the same tree gives.
+#[test]
+fn a_one_file_change_inside_a_layer_reuses_the_other_members() {
+    let env = Env::new();
+    let root = env.path("big");
+    // ~6 MiB of distinct, compressible files, and one file over 1 MiB.
+    for i in 0..400 {
+        let text: String = (0..1500)
+            .map(|j| format!("{} ", (i * 7919 + j * 31) % 10007))
+            .collect();
+        write(
+            &root.join(format!("lib/m{:03}/f{i:04}.txt", i % 20)),
+            text.as_bytes(),
+        );
+    }
+    let big: Vec<u8> = (0..(3u32 << 20))
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    write(&root.join("assets/big.bin"), &big);
+    write(&root.join("kiln.toml"), b"[images.big]\n");
+    settle();
+    let first = env.bake(&root.join("kiln.toml"), &[]);
+    assert_eq!(first["members_reused"], 0);
+    write(&root.join("lib/m007/f0207.txt"), b"changed\n");
+    settle();
+    let changed = env.bake(&root.join("kiln.toml"), &[]);
+    assert_ne!(digest(&changed), digest(&first));
+    let reused = changed["members_reused"].as_u64().unwrap();
+    assert!(reused >= 5, "most members are copied: {changed}");
+    assert!(
+        changed["bytes_written"].as_u64().unwrap() == changed["size"].as_u64().unwrap(),
+        "the layer is whole: {changed}"
+    );
+    // A full bake of the same tree, in an empty store: the same digest.
+    let fresh = Env::new();
+    let full = fresh.bake(&root.join("kiln.toml"), &[]);
+    assert_eq!(full["members_reused"], 0);
+    assert_eq!(digest(&full), digest(&changed));
+    // And it unpacks to the tree.
+    let out = env.path("out");
+    env.ok(&[
+        "unpack",
+        &format!("big@{}", digest(&changed)),
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        fs::read(out.join("lib/m007/f0207.txt")).unwrap(),
+        b"changed\n"
+    );
+    assert_eq!(fs::read(out.join("assets/big.bin")).unwrap(), big);
+}
+
 #[test]
 fn layers_group_paths_and_kilnignore_and_globs_filter() {
     let env = Env::new();
