@@ -60,7 +60,15 @@ pub(crate) fn collect(
     grace: Duration,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
-    let roots = roots(state, keep_releases)?;
+    sweep(store, roots(state, keep_releases)?, grace, dry_run)
+}
+
+fn sweep(
+    store: &Store,
+    roots: BTreeSet<Digest>,
+    grace: Duration,
+    dry_run: bool,
+) -> Result<GcReport, GcError> {
     Ok(store.gc(&GcOptions {
         roots,
         grace,
@@ -85,12 +93,7 @@ pub fn collect_home(
     } else {
         BTreeSet::new()
     };
-    Ok(store.gc(&GcOptions {
-        roots,
-        grace,
-        dry_run,
-        now: SystemTime::now(),
-    })?)
+    sweep(&store, roots, grace, dry_run)
 }
 
 /// Bytes of the store's blobs.

@@ -393,23 +393,9 @@ impl Liar {
         let thread = std::thread::spawn(move || {
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
+                let Some((line, auth)) = read_head(&conn) else {
                     continue;
-                }
-                let mut auth = String::new();
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':')
-                        && k.eq_ignore_ascii_case("authorization")
-                    {
-                        auth = v.trim().to_owned();
-                    }
-                }
+                };
                 let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
                 log.lock().unwrap().push((path.clone(), auth));
                 let head = line.starts_with("HEAD");
@@ -731,23 +717,9 @@ impl TokenServer {
             );
             for conn in listener.incoming() {
                 let Ok(mut conn) = conn else { return };
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                let mut line = String::new();
-                if reader.read_line(&mut line).is_err() {
+                let Some((line, auth)) = read_head(&conn) else {
                     continue;
-                }
-                let mut auth = String::new();
-                loop {
-                    let mut h = String::new();
-                    if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
-                        break;
-                    }
-                    if let Some((k, v)) = h.split_once(':')
-                        && k.eq_ignore_ascii_case("authorization")
-                    {
-                        auth = v.trim().to_owned();
-                    }
-                }
+                };
                 let target = line.split_whitespace().nth(1).unwrap_or("").to_owned();
                 let query = target.split_once('?').map_or("", |(_, q)| q).to_owned();
                 if auth != basic {
@@ -857,4 +829,25 @@ fn bearer_tokens_from_a_token_server_for_a_real_registry() {
     .unwrap();
     let p = kiln(&b, &["pull", &dest]);
     assert_eq!(p["digest"], digest.as_str());
+}
+
+/// A request's first line and its `authorization` header (empty when
+/// none), its head read to the blank line.
+fn read_head(conn: &std::net::TcpStream) -> Option<(String, String)> {
+    let mut reader = BufReader::new(conn.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut auth = String::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':')
+            && k.eq_ignore_ascii_case("authorization")
+        {
+            auth = v.trim().to_owned();
+        }
+    }
+    Some((line, auth))
 }

@@ -251,6 +251,17 @@ impl Sim {
         }
     }
 
+    /// Passes and ticks until `revision` went live (at most 5 ticks).
+    fn until_active(&mut self, revision: u64) {
+        for _ in 0..5 {
+            if self.outcomes[&revision] == Outcome::Active {
+                return;
+            }
+            self.pass();
+            self.tick();
+        }
+    }
+
     /// Passes and ticks until nothing is left to do (or `limit` ticks).
     fn settle(&mut self, limit: u32) {
         for _ in 0..limit {
@@ -869,13 +880,7 @@ fn a_release_that_crash_loops_after_it_went_live_is_rolled_back_inside_its_watch
     let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
     // Ready at once, exits 0.5 s after each start: the rollout completes.
     sim.apply(2, 2, Behaviour::CrashesAfter(5));
-    for _ in 0..5 {
-        if sim.outcomes[&2] == Outcome::Active {
-            break;
-        }
-        sim.pass();
-        sim.tick();
-    }
+    sim.until_active(2);
     assert_eq!(sim.outcomes[&2], Outcome::Active, "it went live");
     assert!(matches!(
         sim.state,
@@ -954,13 +959,7 @@ fn auto_rollback_off_reports_a_crash_loop_in_the_watch_and_stays() {
 fn blue_green_crash_loop_inside_the_watch_swaps_back_to_the_warm_fleet() {
     let mut sim = Sim::steady(watched(Strategy::BlueGreen, 60));
     sim.apply(2, 2, Behaviour::CrashesAfter(5));
-    for _ in 0..5 {
-        if sim.outcomes[&2] == Outcome::Active {
-            break;
-        }
-        sim.pass();
-        sim.tick();
-    }
+    sim.until_active(2);
     assert!(matches!(
         sim.state,
         Rollout::Warm {
