@@ -27,11 +27,12 @@ pub enum GcError {
     Store(#[from] kiln_store::store::StoreError),
 }
 
-/// `kiln serve --gc-above SIZE [--keep-releases N]`.
+/// `kiln serve --gc-above SIZE [--keep-releases N] [--gc-grace D]`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AutoGc {
     pub above: u64,
     pub keep_releases: usize,
+    pub grace: Duration,
 }
 
 /// The images the agent's kept releases name.
@@ -45,11 +46,18 @@ pub(crate) fn roots(
         .into_iter()
         .map(|s| (s.name, s.target))
         .collect();
-    Ok(kiln_core::retention::kept_images(
-        &releases,
-        &targets,
-        keep_releases,
-    ))
+    let mut kept = kiln_core::retention::kept_images(&releases, &targets, keep_releases);
+    // Whatever an instance runs from (a blue-green fleet kept warm, one
+    // still draining), however many releases ago.
+    for i in state.instances()? {
+        if let Some(r) = releases
+            .iter()
+            .find(|r| r.service == i.service && r.revision == i.revision)
+        {
+            kept.insert(r.config.image.clone());
+        }
+    }
+    Ok(kept)
 }
 
 /// Collect `store`, keeping what `state`'s releases need.
@@ -107,10 +115,13 @@ pub fn blob_bytes(store: &Store) -> u64 {
         .sum()
 }
 
-/// Every minute: collect when the blobs pass `auto.above`.
+/// Soon after start, then every minute: collect when the blobs pass
+/// `auto.above`.
 pub async fn run(store: Store, state: std::sync::Arc<dyn StateStore>, auto: AutoGc) {
+    let mut wait = Duration::from_secs(1);
     loop {
-        tokio::time::sleep(EVERY).await;
+        tokio::time::sleep(wait).await;
+        wait = EVERY;
         let (store, state) = (store.clone(), state.clone());
         let done = tokio::task::spawn_blocking(move || {
             let size = blob_bytes(&store);
@@ -119,7 +130,7 @@ pub async fn run(store: Store, state: std::sync::Arc<dyn StateStore>, auto: Auto
             }
             Some((
                 size,
-                collect(&store, &*state, auto.keep_releases, GRACE, false),
+                collect(&store, &*state, auto.keep_releases, auto.grace, false),
             ))
         })
         .await;

@@ -51,6 +51,8 @@ pub fn serve(
         args.push(g.above.to_string().into());
         args.push("--keep-releases".into());
         args.push(g.keep_releases.to_string().into());
+        args.push("--gc-grace".into());
+        args.push(humantime::format_duration(g.grace).to_string().into());
     }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;

@@ -197,6 +197,9 @@ pub enum Command {
         /// whatever runs), so that `kiln rollback --to N` works for them
         #[arg(long, value_name = "N", default_value_t = kiln_core::retention::KEEP_RELEASES)]
         keep_releases: usize,
+        /// With --gc-above: anything younger stays (a bake or pull in progress)
+        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        gc_grace: std::time::Duration,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         agent: bool,
@@ -446,12 +449,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             upgrade,
             gc_above,
             keep_releases,
+            gc_grace,
             agent,
             successor,
         } => {
             let gc = gc_above.map(|above| kiln_agent::gc::AutoGc {
                 above,
                 keep_releases,
+                grace: gc_grace,
             });
             match (upgrade, agent) {
                 (true, _) => deploy::upgrade(&home()?),

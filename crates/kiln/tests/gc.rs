@@ -161,3 +161,34 @@ fn noise(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// `kiln serve --gc-above SIZE`: the agent collects on its own once the
+/// store's blobs pass SIZE (soon after it starts, then every minute).
+#[test]
+fn the_agent_collects_when_the_store_passes_its_size() {
+    let env = Env::new();
+    let app = env.path("app");
+    write(&app.join("kiln.toml"), b"[images.junk]\n");
+    for i in 0..2 {
+        write(&app.join("file"), format!("junk {i}\n").as_bytes());
+        env.bake(&app.join("kiln.toml"), &[]);
+    }
+    write(&app.join("file"), b"kept\n");
+    env.bake(&app.join("kiln.toml"), &["--tag", "keep"]);
+    assert_eq!(
+        env.ok(&["images"]).lines().count(),
+        4,
+        "3 images and a header"
+    );
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--gc-above", "1", "--gc-grace", "0s"]);
+    });
+    wait_for(
+        "the untagged images collected",
+        Duration::from_secs(20),
+        || env.ok(&["images"]).lines().count() == 2,
+    );
+    assert!(env.ok(&["images"]).contains("keep"));
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
+    assert!(log.contains("collected 2 images"), "{log}");
+}

@@ -632,6 +632,94 @@ fn apply_from_a_registry_records_the_digest_and_a_moved_tag_changes_no_release()
     );
 }
 
+/// An index (a multi-platform image) is narrowed to this host's platform;
+/// a truncated blob is refused naming its size, with nothing kept.
+#[test]
+fn an_index_is_narrowed_to_this_platform_and_a_truncated_blob_is_refused() {
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho seven\n");
+    let (manifest, config, config_bytes, layer, layer_bytes) = parts(&a, &digest);
+    let mt = "application/vnd.oci.image.manifest.v1+json";
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let elsewhere = if arch == "amd64" { "s390x" } else { "amd64" };
+    let other = "sha256:".to_owned() + &"0".repeat(64);
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            { "mediaType": mt, "digest": other, "size": 10,
+              "platform": { "os": "linux", "architecture": elsewhere } },
+            { "mediaType": mt, "digest": digest, "size": manifest.len(),
+              "platform": { "os": "linux", "architecture": arch } },
+        ],
+    })
+    .to_string()
+    .into_bytes();
+    let index_digest = format!("sha256:{}", sha256_hex(&index));
+    let liar = Liar::start(
+        vec![
+            (
+                "v1".into(),
+                "application/vnd.oci.image.index.v1+json".into(),
+                index,
+            ),
+            (digest.clone(), mt.into(), manifest.clone()),
+        ],
+        vec![
+            (config.clone(), config_bytes.clone()),
+            (layer.clone(), layer_bytes.clone()),
+        ],
+    );
+    let b = Env::new();
+    let p = kiln(
+        &b,
+        &[
+            "pull",
+            &format!("127.0.0.1:{}/app:v1", liar.port),
+            "--insecure",
+        ],
+    );
+    assert_eq!(p["resolved"], index_digest.as_str());
+    assert_eq!(p["digest"], digest.as_str(), "this platform's image");
+    // The same image with its layer cut short.
+    let c = Env::new();
+    c.ok(&["images"]);
+    let before = c.store_state();
+    let short = layer_bytes[..layer_bytes.len() - 10].to_vec();
+    let liar = Liar::start(
+        vec![("v1".into(), mt.into(), manifest)],
+        vec![(config, config_bytes), (layer.clone(), short)],
+    );
+    let err = c.fails(&[
+        "pull",
+        &format!("127.0.0.1:{}/app:v1", liar.port),
+        "--insecure",
+    ]);
+    assert!(
+        err.contains(&format!("blob {layer}"))
+            && err.contains(&format!("has {} bytes", layer_bytes.len() - 10)),
+        "{err}"
+    );
+    assert_eq!(c.store_state(), before, "nothing kept");
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().unwrap().write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+}
+
 /// Blob storage redirects are normal; credentials must not follow them to
 /// another host.
 #[test]

@@ -266,6 +266,9 @@ async fn pull_blob(
                 // oci-client's own check of the digest ends the stream
                 // with an error: name what the bytes were.
                 let pending = w.finish()?;
+                if pending.size != d.size {
+                    return Err(bad_size(pending.size));
+                }
                 if e.to_string().contains("digest") {
                     return Err(RegistryError::BadBlob {
                         host: registry.host.clone(),
