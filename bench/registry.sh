@@ -61,45 +61,44 @@ http:
 YML
 docker-registry serve "$REG_DIR/config.yml" >/dev/null 2>&1 &
 REG_PID=$!
-trap 'kill $REG_PID 2>/dev/null; wait $REG_PID 2>/dev/null; rm -rf "$REG_DIR"' EXIT
+trap 'kill $REG_PID 2>/dev/null; wait $REG_PID 2>/dev/null || true; rm -rf "$REG_DIR"' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null && break; sleep 0.1; done
 HOST=127.0.0.1:$PORT
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# Wall seconds and peak RSS (KiB) of a command: "SECONDS KIB".
-measure() {
-    local out
-    out=$( { /usr/bin/time -f '%e %M' "$@" >/dev/null 2>/dev/null; } 2>&1 | tail -1)
-    echo "$out"
-}
 declare -A T M
-run() { # name, command...
-    local name=$1; shift
-    local ts=() ms=()
+n=0
+# run NAME COMMAND: RUNS times; each run's `@N@` becomes a fresh number (a
+# new repository per push: the registry's storage is shared). Keeps the
+# median wall seconds and the largest peak RSS (KiB), from GNU time.
+run() {
+    local name=$1 cmd=$2 ts=() ms=() t m
     for _ in $(seq "$RUNS"); do
-        read -r t m < <(measure "$@")
+        n=$((n + 1))
+        /usr/bin/time -f '%e %M' -o "$WORK/time.out" bash -c "${cmd//@N@/$n}" >/dev/null 2>&1
+        read -r t m < "$WORK/time.out"
         ts+=("$t"); ms+=("$m")
     done
     T[$name]=$(printf '%s\n' "${ts[@]}" | median)
     M[$name]=$(printf '%s\n' "${ms[@]}" | sort -n | tail -1)
 }
-# A fresh repository per run: the registry's storage is shared, so each
-# push goes to a new name (blobs may be mounted across names by neither).
-n=0
-kiln_push() { n=$((n + 1)); "$KILN" --home "$HOME_SRC" push one:v1 "$HOST/kiln$n:v1" --insecure; }
-skopeo_push() { n=$((n + 1)); skopeo copy -q --dest-tls-verify=false "oci:$HOME_SRC:one:v1" "docker://$HOST/skopeo$n:v1"; }
-kiln_noop() { "$KILN" --home "$HOME_SRC" push one:v1 "$HOST/kiln1:v1" --insecure; }
-skopeo_noop() { skopeo copy -q --dest-tls-verify=false "oci:$HOME_SRC:one:v1" "docker://$HOST/skopeo2:v1"; }
-kiln_pull() { rm -rf "$WORK/pull-kiln"; "$KILN" --home "$WORK/pull-kiln" pull "$HOST/kiln1:v1" --insecure; }
-skopeo_pull() { rm -rf "$WORK/pull-skopeo"; skopeo copy -q --src-tls-verify=false "docker://$HOST/kiln1:v1" "oci:$WORK/pull-skopeo:v1"; }
+# Both tools remember where blobs are and would mount them from the last
+# run's repository instead of uploading: their caches are cleared first.
+KP="rm -f '$HOME_SRC/cache/registry-blobs.json' && '$KILN' --home '$HOME_SRC' push one:v1 '$HOST/kiln@N@:v1' --insecure"
+SP="rm -f /var/lib/containers/cache/blob-info-cache-v1.boltdb ~/.local/share/containers/cache/blob-info-cache-v1.boltdb && skopeo copy -q --dest-tls-verify=false 'oci:$HOME_SRC:one:v1' 'docker://$HOST/skopeo@N@:v1'"
+# The no-op pushes go to repositories that have every blob (kiln1, skopeo4).
+KN="'$KILN' --home '$HOME_SRC' push one:v1 '$HOST/kiln1:v1' --insecure"
+SN="skopeo copy -q --dest-tls-verify=false 'oci:$HOME_SRC:one:v1' 'docker://$HOST/skopeo4:v1'"
+KL="rm -rf '$WORK/pull-kiln' && '$KILN' --home '$WORK/pull-kiln' pull '$HOST/kiln1:v1' --insecure"
+SL="rm -rf '$WORK/pull-skopeo' && skopeo copy -q --src-tls-verify=false 'docker://$HOST/kiln1:v1' 'oci:$WORK/pull-skopeo:v1'"
 
 echo "measuring ($RUNS runs each, medians; image: $((SIZE / 1048576)) MiB of blobs)..." >&2
-run kp kiln_push
-run sp skopeo_push
-run kn kiln_noop
-run sn skopeo_noop
-run kl kiln_pull
-run sl skopeo_pull
+run kp "$KP"
+run sp "$SP"
+run kn "$KN"
+run sn "$SN"
+run kl "$KL"
+run sl "$SL"
 rm -rf "$WORK/pull-kiln" "$WORK/pull-skopeo"
 
 row() { # label, kiln key, skopeo key

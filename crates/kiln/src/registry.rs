@@ -11,8 +11,16 @@ use kiln_core::registry::{RegistryRef, Target};
 use kiln_store::Store;
 use kiln_store::registry::{Credentials, Login, Registry};
 
-use crate::client::runtime;
 use crate::commands::{open_store, print_json, resolve};
+
+/// The runtime of a push or pull: several threads, so that reading the
+/// store, hashing and the network overlap on every core.
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
 
 /// Progress lines on stderr while a terminal watches (or always with
 /// `--verbose`-like callers); silent for scripts reading `--json`.
