@@ -410,8 +410,9 @@ pub enum ProbeCheck {
     Http { path: String, status: u16 },
     /// Healthy when the instance's port accepts a connection.
     Tcp,
-    /// Healthy when the command exits 0. It runs in a sandbox of its own made
-    /// like the instance's (same image, env, volumes), not inside it.
+    /// Healthy when the command exits 0. It runs inside the instance (its
+    /// mount, pid and ipc namespaces, root, workdir and env), as
+    /// `kubectl exec` does.
     Exec { command: Vec<String> },
 }
 
