@@ -87,6 +87,27 @@ pub fn normalize_mode(kind: &EntryKind, source_mode: u32) -> u32 {
     }
 }
 
+/// The identity of the entries before a point of a layer, chained: the
+/// seed (from the mtime every header carries), then one link per entry.
+/// Equal chains mean byte-equal raw tar up to that point, so a re-bake may
+/// resume a layer after it (see `kiln_store::gzip`).
+pub fn chain_seed(mtime: u64) -> Digest {
+    Digest::of(format!("kiln-entries/{LAYER_FORMAT}/{mtime}").as_bytes())
+}
+
+/// The chain after `entry` (see [`chain_seed`]).
+pub fn chain(prev: &Digest, entry: &LayerEntry) -> Digest {
+    let mut text = format!("{prev}\n");
+    let _ = match &entry.kind {
+        EntryKind::Dir => writeln!(text, "d {:o} {}", entry.mode, entry.path),
+        EntryKind::File { size, sha256 } => {
+            writeln!(text, "f {:o} {size} {sha256} {}", entry.mode, entry.path)
+        }
+        EntryKind::Symlink { target } => writeln!(text, "l {} -> {target}", entry.path),
+    };
+    Digest::of(text.as_bytes())
+}
+
 /// The identity of a layer's content and encoding: equal keys mean equal
 /// blobs, so a layer whose key is cached is reused without re-compressing.
 pub fn layer_key(entries: &[LayerEntry], mtime: u64) -> Digest {

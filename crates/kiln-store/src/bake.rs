@@ -593,18 +593,53 @@ fn write_layer(
     observer: &dyn BakeObserver,
     reuse: std::sync::Arc<crate::gzip::Reuse>,
 ) -> std::result::Result<Written, LayerWriteError> {
-    let blob = store
-        .blob_writer()
-        .map_err(|e| LayerWriteError::Bake(e.into()))?;
-    let gz = ParallelGzip::reusing(blob, Box::new(|_| {}), reuse);
+    // The chain of the entries after each point: where an earlier layer's
+    // chain is the same, its bytes up to there are this layer's.
+    let mut chains = Vec::with_capacity(entries.len() + 1);
+    chains.push(kiln_core::layer::chain_seed(mtime));
+    for e in entries {
+        let next = kiln_core::layer::chain(&chains[chains.len() - 1], e);
+        chains.push(next);
+    }
+    let bake_err = |e: StoreError| LayerWriteError::Bake(e.into());
+    let cuts_before = |i: usize| entries.get(i).is_some_and(kiln_core::layer::alone);
+    let (gz, start) = match reuse.prefix(&chains, cuts_before) {
+        // The longest prefix an earlier layer shares: its blob's bytes are
+        // copied (in the kernel) and both hashes resume; nothing of those
+        // entries is read or compressed.
+        Some((path, members, resume)) => {
+            let len = members.last().map_or(0, |m| m.offset + m.len);
+            let state = crate::gzip::unhex(&resume.out_state)
+                .and_then(|b| crate::gzip::sha256_from_state(&b))
+                .ok_or_else(|| io::Error::other("a member cache entry has a bad hash state"))?;
+            let blob = store
+                .blob_writer_from(&path, len, state)
+                .map_err(bake_err)?;
+            let skipped: u64 = entries[..resume.entries]
+                .iter()
+                .map(|e| match e.kind {
+                    EntryKind::File { size, .. } => size + 512,
+                    _ => 512,
+                })
+                .sum();
+            observer.advance(skipped);
+            let gz =
+                ParallelGzip::resumed(blob, Box::new(|_| {}), reuse.clone(), members, &resume)?;
+            (gz, resume.entries)
+        }
+        None => {
+            let blob = store.blob_writer().map_err(bake_err)?;
+            (ParallelGzip::reusing(blob, Box::new(|_| {}), reuse), 0)
+        }
+    };
     let mut tar = tar::Builder::new(gz);
     tar.mode(tar::HeaderMode::Deterministic);
-    for e in entries {
+    for (i, e) in entries.iter().enumerate().skip(start) {
         // Members are cut at entry boundaries (`kiln_core::layer::alone`,
         // `cut_after`): unchanged runs of files give unchanged members.
         let alone = kiln_core::layer::alone(e);
         if alone {
-            tar.get_mut().cut()?;
+            tar.get_mut().cut_at(i, chains[i].clone(), false)?;
             tar.get_mut().split(true);
         }
         let mut h = tar::Header::new_gnu();
@@ -651,10 +686,11 @@ fn write_layer(
         }
         let gz = tar.get_mut();
         if alone {
+            // After a big entry the cut is its own: it holds whatever follows.
             gz.split(false);
-            gz.cut()?;
+            gz.cut_at(i + 1, chains[i + 1].clone(), true)?;
         } else if kiln_core::layer::cut_after(e, gz.member_len()) {
-            gz.cut()?;
+            gz.cut_at(i + 1, chains[i + 1].clone(), true)?;
         }
     }
     let gz = tar.into_inner()?;

@@ -22,6 +22,7 @@ use flate2::{Compression, GzBuilder};
 use kiln_core::Digest;
 use kiln_core::layer::{GZIP_CHUNK, GZIP_LEVEL};
 use serde::{Deserialize, Serialize};
+use sha2::digest::common::hazmat::SerializableState;
 use sha2::{Digest as _, Sha256};
 
 /// A chunk never grows past this, whatever the writer says (memory bound).
@@ -34,12 +35,73 @@ pub struct Member {
     pub raw: Digest,
     pub offset: u64,
     pub len: u64,
+    /// For a member that ends where an entry ends: what a later bake needs
+    /// to resume the layer after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Resume>,
 }
 
-/// Members earlier layers hold, by the sha256 of their raw bytes.
+/// The state of a layer's streams where a member ends at an entry
+/// boundary. A re-bake whose entries up to there are the same (the same
+/// chain, `kiln_core::layer::chain`) copies the blob's bytes up to there,
+/// restores both SHA-256 states, and goes on from the next entry: nothing
+/// before is read, hashed or compressed again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Entries before the boundary, and their chain.
+    pub entries: usize,
+    pub chain: Digest,
+    /// Raw bytes before the boundary; the raw stream's SHA-256 state there.
+    pub raw_size: u64,
+    pub raw_state: String,
+    /// The compressed stream's SHA-256 state after this member.
+    pub out_state: String,
+    /// The cut came from the entry before it (`cut_after`), not from the
+    /// entry after it being a big one (`alone`): only then does it hold
+    /// whatever the next entry is.
+    #[serde(default)]
+    pub by_content: bool,
+}
+
+/// What a writer of compressed bytes can say of its SHA-256 so far.
+pub trait Checkpoint {
+    /// The serialized SHA-256 state of everything written so far, if it
+    /// keeps one.
+    fn checkpoint(&self) -> Option<Vec<u8>> {
+        None
+    }
+}
+
+impl Checkpoint for Vec<u8> {}
+
+/// A SHA-256 state, serialized.
+pub fn sha256_state(h: &Sha256) -> Vec<u8> {
+    h.serialize().to_vec()
+}
+
+/// A SHA-256 state back from [`sha256_state`].
+pub fn sha256_from_state(bytes: &[u8]) -> Option<Sha256> {
+    let state = sha2::digest::common::hazmat::SerializedState::<Sha256>::try_from(bytes).ok()?;
+    Sha256::deserialize(&state).ok()
+}
+
+/// Lowercase hex back to bytes.
+pub fn unhex(s: &str) -> Option<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// Members earlier layers hold, by the sha256 of their raw bytes; and
+/// each earlier layer's members in order (to resume after a prefix).
 #[derive(Clone, Debug, Default)]
 pub struct Reuse {
     members: BTreeMap<Digest, (PathBuf, u64, u64)>,
+    pub layers: Vec<(PathBuf, Vec<Member>)>,
 }
 
 impl Reuse {
@@ -50,6 +112,36 @@ impl Reuse {
                 .entry(m.raw.clone())
                 .or_insert_with(|| (path.clone(), m.offset, m.len));
         }
+        self.layers.push((path, members.to_vec()));
+    }
+
+    /// The longest prefix an earlier layer shares with a layer whose chain
+    /// after `i` entries is `chains[i]`: that layer's blob, its members up
+    /// to the boundary, and the boundary's state. `cuts_before(i)`: whether
+    /// this layer cuts before its entry `i` whatever came before (it is a
+    /// big one), which a boundary not cut by content needs.
+    pub fn prefix(
+        &self,
+        chains: &[Digest],
+        cuts_before: impl Fn(usize) -> bool,
+    ) -> Option<(PathBuf, Vec<Member>, Resume)> {
+        let mut best: Option<(PathBuf, Vec<Member>, Resume)> = None;
+        for (path, members) in &self.layers {
+            for (k, m) in members.iter().enumerate() {
+                let Some(r) = &m.resume else { continue };
+                let same = r.entries > 0
+                    && chains.get(r.entries) == Some(&r.chain)
+                    && (r.by_content || cuts_before(r.entries));
+                if same
+                    && best
+                        .as_ref()
+                        .is_none_or(|(_, _, b)| r.raw_size > b.raw_size)
+                {
+                    best = Some((path.clone(), members[..=k].to_vec(), r.clone()));
+                }
+            }
+        }
+        best
     }
 
     pub fn is_empty(&self) -> bool {
@@ -69,13 +161,18 @@ pub struct Finished<W> {
     pub reused: usize,
 }
 
-/// A finished job: the member's bytes, its raw digest and length, and
-/// whether it was copied.
-type Job = io::Result<(Vec<u8>, Digest, u64, bool)>;
+/// An entry boundary a chunk ends at: entries before it, their chain,
+/// whether the cut was by content, the raw size and the raw stream's
+/// SHA-256 state there.
+type Boundary = (usize, Digest, bool, u64, Vec<u8>);
+
+/// A finished job: the member's bytes, its raw digest and length, whether
+/// it was copied, and the boundary it ends at.
+type Job = io::Result<(Vec<u8>, Digest, u64, bool, Option<Boundary>)>;
 
 /// A writer that gzips on every core. Must not be used from inside a rayon
 /// worker: it blocks waiting for the pool.
-pub struct ParallelGzip<W: Write> {
+pub struct ParallelGzip<W: Write + Checkpoint> {
     out: W,
     chunk: Vec<u8>,
     diff_hasher: Sha256,
@@ -89,9 +186,11 @@ pub struct ParallelGzip<W: Write> {
     written: u64,
     members: Vec<Member>,
     reused: usize,
+    /// The entry boundary the next dispatched chunk ends at.
+    boundary: Option<(usize, Digest, bool)>,
 }
 
-impl<W: Write> ParallelGzip<W> {
+impl<W: Write + Checkpoint> ParallelGzip<W> {
     /// `on_chunk` is told how many uncompressed bytes each finished chunk had.
     pub fn new(out: W, on_chunk: Box<dyn FnMut(u64) + Send>) -> Self {
         Self::reusing(out, on_chunk, Arc::default())
@@ -113,7 +212,41 @@ impl<W: Write> ParallelGzip<W> {
             written: 0,
             members: Vec::new(),
             reused: 0,
+            boundary: None,
         }
+    }
+
+    /// Go on after a prefix an earlier layer shares ([`Reuse::prefix`]):
+    /// `out` already holds that prefix's compressed bytes (and its hash
+    /// state); the raw stream resumes from `resume`'s state.
+    pub fn resumed(
+        out: W,
+        on_chunk: Box<dyn FnMut(u64) + Send>,
+        reuse: Arc<Reuse>,
+        members: Vec<Member>,
+        resume: &Resume,
+    ) -> io::Result<Self> {
+        let state = unhex(&resume.raw_state)
+            .and_then(|b| sha256_from_state(&b))
+            .ok_or_else(|| io::Error::other("a member cache entry has a bad hash state"))?;
+        let mut gz = Self::reusing(out, on_chunk, reuse);
+        gz.diff_hasher = state;
+        gz.raw_size = resume.raw_size;
+        gz.written = members.last().map_or(0, |m| m.offset + m.len);
+        gz.reused = members.len();
+        gz.members = members;
+        Ok(gz)
+    }
+
+    /// End the current member here, where `entries` entries (whose chain is
+    /// `chain`) end: a later bake may resume after it. `by_content`: the
+    /// entry before decided the cut (else the big entry after it did).
+    pub fn cut_at(&mut self, entries: usize, chain: Digest, by_content: bool) -> io::Result<()> {
+        if self.chunk.is_empty() {
+            return Ok(());
+        }
+        self.boundary = Some((entries, chain, by_content));
+        self.dispatch()
     }
 
     /// End the current member here (nothing if it is empty).
@@ -138,6 +271,10 @@ impl<W: Write> ParallelGzip<W> {
         let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(GZIP_CHUNK));
         self.diff_hasher.update(&chunk);
         self.raw_size += chunk.len() as u64;
+        let boundary = self
+            .boundary
+            .take()
+            .map(|(n, c, b)| (n, c, b, self.raw_size, sha256_state(&self.diff_hasher)));
         let (tx, rx) = mpsc::channel();
         let reuse = self.reuse.clone();
         rayon::spawn(move || {
@@ -149,8 +286,8 @@ impl<W: Write> ParallelGzip<W> {
                 .and_then(|(path, offset, mlen)| copy_member(path, *offset, *mlen, &chunk).ok());
             // The receiver only goes away if the writer was dropped; nothing to tell then.
             let _ = tx.send(match copied {
-                Some(member) => Ok((member, raw, len, true)),
-                None => compress(&chunk).map(|m| (m, raw, len, false)),
+                Some(member) => Ok((member, raw, len, true, boundary)),
+                None => compress(&chunk).map(|m| (m, raw, len, false, boundary)),
             });
         });
         self.inflight.push_back(rx);
@@ -164,14 +301,28 @@ impl<W: Write> ParallelGzip<W> {
         let Some(rx) = self.inflight.pop_front() else {
             return Ok(());
         };
-        let (member, raw, len, copied) = rx
+        let (member, raw, len, copied, boundary) = rx
             .recv()
             .map_err(|_| io::Error::other("compression worker vanished"))??;
         self.out.write_all(&member)?;
+        let resume = match (boundary, self.out.checkpoint()) {
+            (Some((entries, chain, by_content, raw_size, raw_state)), Some(out_state)) => {
+                Some(Resume {
+                    entries,
+                    chain,
+                    raw_size,
+                    raw_state: kiln_core::digest::hex(&raw_state),
+                    out_state: kiln_core::digest::hex(&out_state),
+                    by_content,
+                })
+            }
+            _ => None,
+        };
         self.members.push(Member {
             raw,
             offset: self.written,
             len: member.len() as u64,
+            resume,
         });
         self.written += member.len() as u64;
         self.reused += usize::from(copied);
@@ -198,7 +349,7 @@ impl<W: Write> ParallelGzip<W> {
     }
 }
 
-impl<W: Write> Write for ParallelGzip<W> {
+impl<W: Write + Checkpoint> Write for ParallelGzip<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let limit = if self.split { GZIP_CHUNK } else { MAX_CHUNK };
         let room = limit.saturating_sub(self.chunk.len());

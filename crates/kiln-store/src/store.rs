@@ -190,6 +190,30 @@ impl Store {
         })
     }
 
+    /// Start writing a blob whose first `len` bytes are those of the blob
+    /// file at `prefix` (copied in the kernel), with `state` the SHA-256
+    /// state of those bytes (see `gzip::Resume`).
+    pub fn blob_writer_from(&self, prefix: &Path, len: u64, state: Sha256) -> Result<BlobWriter> {
+        let dir = self.tmp_dir();
+        let mut file = tempfile::Builder::new()
+            .prefix("blob-")
+            .tempfile_in(&dir)
+            .at(&dir)?;
+        let source = File::open(prefix).at(prefix)?;
+        let copied = io::copy(&mut source.take(len), file.as_file_mut()).at(prefix)?;
+        if copied != len {
+            return Err(StoreError::Io {
+                path: prefix.to_path_buf(),
+                source: io::Error::other(format!("{copied} bytes, not {len}")),
+            });
+        }
+        Ok(BlobWriter {
+            file: io::BufWriter::with_capacity(1 << 20, file),
+            hasher: state,
+            size: len,
+        })
+    }
+
     /// Write a whole blob from memory (configs, manifests).
     pub fn stage_blob(&self, bytes: &[u8]) -> Result<PendingBlob> {
         let mut w = self.blob_writer()?;
@@ -462,6 +486,12 @@ impl Write for BlobWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         self.file.flush()
+    }
+}
+
+impl crate::gzip::Checkpoint for BlobWriter {
+    fn checkpoint(&self) -> Option<Vec<u8>> {
+        Some(crate::gzip::sha256_state(&self.hasher))
     }
 }
 
