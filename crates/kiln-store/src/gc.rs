@@ -186,6 +186,13 @@ impl Store {
                 keep.insert(d.digest.clone());
             }
         }
+        // The referrers of what stays stay (an image's signatures).
+        let kept_images: Vec<Digest> = keep.iter().cloned().collect();
+        for image in &kept_images {
+            for (r, _) in self.referrers(image)? {
+                keep.insert(r.digest);
+            }
+        }
         // What they need, and what bakes and pulls in progress hold.
         let (leased, leases_live) = self.leased(options.dry_run)?;
         let mut live: BTreeSet<Digest> = leased;

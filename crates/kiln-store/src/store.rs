@@ -369,6 +369,59 @@ impl Store {
         Ok(())
     }
 
+    /// The referrers of `subject` in the store (signatures, attestations):
+    /// the manifests of the index whose `subject` is it (OCI 1.1), with
+    /// their `artifactType` when they say one.
+    pub fn referrers(&self, subject: &Digest) -> Result<Vec<(Descriptor, Option<String>)>> {
+        let mut out = Vec::new();
+        for d in self.index()?.manifests {
+            if parse_ref_name(&d).is_some() {
+                continue;
+            }
+            let Ok(bytes) = self.read_blob(&d.digest) else {
+                continue;
+            };
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+                continue;
+            };
+            let of = v
+                .pointer("/subject/digest")
+                .and_then(|s| s.as_str())
+                .and_then(|s| s.parse::<Digest>().ok());
+            if of.as_ref() == Some(subject) {
+                let kind = v
+                    .get("artifactType")
+                    .or_else(|| v.pointer("/config/mediaType"))
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned);
+                out.push((d, kind));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record a referrer: commit its blobs and add its manifest to the
+    /// index (no tag: it is found by its `subject`), under the store lock.
+    pub fn add_referrer(&self, blobs: Vec<PendingBlob>, manifest: &Descriptor) -> Result<()> {
+        let _lock = self.lock()?;
+        for blob in blobs {
+            blob.commit(self)?;
+        }
+        if !self.has_blob(&manifest.digest) {
+            return Err(StoreError::MissingBlob(manifest.digest.clone()));
+        }
+        let mut index = self.index()?;
+        if !index.manifests.iter().any(|d| d.digest == manifest.digest) {
+            index.manifests.push(Descriptor::new(
+                &manifest.media_type,
+                manifest.digest.clone(),
+                manifest.size,
+            ));
+            self.write_index(&index)?;
+        }
+        Ok(())
+    }
+
     /// Every image, oldest bake first.
     pub fn images(&self) -> Result<Vec<ImageRecord>> {
         let index = self.index()?;

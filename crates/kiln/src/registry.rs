@@ -76,7 +76,7 @@ pub fn push(
         print_json(&report)?;
     } else {
         println!(
-            "pushed {} to {} ({} blob{} uploaded, {} bytes; {} mounted from another repository; {} already there)\n{}",
+            "pushed {} to {} ({} blob{} uploaded, {} bytes; {} mounted from another repository; {} already there; {} referrer{})\n{}",
             img.pinned(),
             report.destination,
             report.uploaded,
@@ -84,6 +84,8 @@ pub fn push(
             report.uploaded_bytes,
             report.mounted,
             report.skipped,
+            report.referrers,
+            if report.referrers == 1 { "" } else { "s" },
             report.digest
         );
     }
@@ -104,7 +106,7 @@ pub fn pull(home: &Path, src: &str, insecure: bool, json: bool) -> Result<ExitCo
             );
         }
         println!(
-            "pulled {} as {}:{} ({} blob{} downloaded, {} bytes; {} already in the store)\n{}",
+            "pulled {} as {}:{} ({} blob{} downloaded, {} bytes; {} already in the store; {} referrer{})\n{}",
             report.source,
             report.name,
             report.tags.last().map_or("", String::as_str),
@@ -112,6 +114,8 @@ pub fn pull(home: &Path, src: &str, insecure: bool, json: bool) -> Result<ExitCo
             if report.downloaded == 1 { "" } else { "s" },
             report.downloaded_bytes,
             report.skipped,
+            report.referrers,
+            if report.referrers == 1 { "" } else { "s" },
             report.digest
         );
     }

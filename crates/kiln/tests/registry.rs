@@ -720,6 +720,87 @@ fn sha256_hex(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&out.stdout)[..64].to_owned()
 }
 
+/// Write `bytes` as a blob of the store at `home`; its digest.
+fn put_blob(home: &Path, bytes: &[u8]) -> String {
+    let digest = format!("sha256:{}", sha256_hex(bytes));
+    std::fs::write(blob_path(home, &digest), bytes).unwrap();
+    digest
+}
+
+/// An image's referrers (a signature, as `kiln sign` will make) travel
+/// with it: pushed with their blobs and the referrers tag, pulled back,
+/// and kept by a collection as long as their image is.
+#[test]
+fn referrers_travel_with_their_image() {
+    let reg = Registry::start(None);
+    let a = Env::new();
+    let digest = bake(&a, "#!/bin/sh\necho eight\n");
+    let manifest_size = std::fs::metadata(blob_path(&a.home, &digest))
+        .unwrap()
+        .len();
+    // A signature artifact whose subject is the image, put in the store as
+    // any OCI 1.1 tool would: its blobs, and an index entry without a tag.
+    let empty = put_blob(&a.home, b"{}");
+    let sig_bytes = b"-----BEGIN SSH SIGNATURE-----\nkiln test\n";
+    let sig = put_blob(&a.home, sig_bytes);
+    let artifact = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/vnd.dev.kiln.signature.test",
+        "config": { "mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2 },
+        "layers": [{ "mediaType": "application/octet-stream", "digest": sig, "size": sig_bytes.len() }],
+        "subject": { "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": manifest_size },
+    });
+    let artifact_bytes = serde_json::to_vec(&artifact).unwrap();
+    let artifact_digest = put_blob(&a.home, &artifact_bytes);
+    let index_path = a.home.join("index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": artifact_digest,
+            "size": artifact_bytes.len(),
+        }));
+    std::fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let dest = format!("{}/team/app:v1", reg.host);
+    let r = kiln(&a, &["push", "app:v1", &dest, "--insecure"]);
+    assert_eq!(r["referrers"], 1, "{r}");
+    // distribution 2.8 has no referrers API: the fallback tag lists it.
+    let out = Command::new("skopeo")
+        .args(["inspect", "--raw", "--tls-verify=false"])
+        .arg(format!(
+            "docker://{}/team/app:sha256-{}",
+            reg.host,
+            digest.trim_start_matches("sha256:")
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&artifact_digest));
+    // Another machine pulls the image and its referrer.
+    let b = Env::new();
+    let p = kiln(&b, &["pull", &dest, "--insecure"]);
+    assert_eq!(p["referrers"], 1, "{p}");
+    let index = std::fs::read_to_string(b.home.join("index.json")).unwrap();
+    assert!(index.contains(&artifact_digest), "{index}");
+    for d in [&artifact_digest, &sig, &empty] {
+        assert!(blob_path(&b.home, d).is_file(), "{d}");
+    }
+    // A collection keeps it with its (tagged) image.
+    b.ok(&["gc", "--grace", "0s"]);
+    assert!(
+        blob_path(&b.home, &sig).is_file(),
+        "the signature stays with its image"
+    );
+    assert!(b.ok(&["verify"]).starts_with("ok"));
+}
+
 /// Blob storage redirects are normal; credentials must not follow them to
 /// another host.
 #[test]

@@ -37,6 +37,8 @@ pub struct PullReport {
     pub downloaded_bytes: u64,
     /// Blobs the store had already.
     pub skipped: usize,
+    /// Referrers pulled with it (signatures, attestations).
+    pub referrers: usize,
 }
 
 /// This host's platform as OCI names it.
@@ -144,6 +146,7 @@ pub async fn pull(
         &src.repository,
         wanted.iter().map(|d| &d.digest),
     );
+    let referrers = pull_referrers(store, registry, src, &digest, progress).await?;
     let mut all = vec![Tag::automatic(&digest).to_string()];
     all.extend(tags.iter().map(ToString::to_string));
     Ok(PullReport {
@@ -155,7 +158,54 @@ pub async fn pull(
         downloaded,
         downloaded_bytes,
         skipped,
+        referrers,
     })
+}
+
+/// The image's referrers (the referrers API, else the `sha256-HEX` tag):
+/// each manifest checked against its digest, its blobs checked as they
+/// stream, then kept with the image.
+async fn pull_referrers(
+    store: &Store,
+    registry: &Registry,
+    src: &RegistryRef,
+    subject: &Digest,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<usize, RegistryError> {
+    let at = src.at(Target::Digest(subject.clone()));
+    let index = registry
+        .client
+        .pull_referrers(&reference(&at), None)
+        .await
+        .map_err(|e| registry.error(&at, e))?;
+    let mut n = 0;
+    for entry in index.manifests {
+        let Ok(digest) = entry.digest.parse::<Digest>() else {
+            continue;
+        };
+        let (bytes, _) = manifest(registry, src, Some(Target::Digest(digest.clone()))).await?;
+        let parsed: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadManifest {
+                reference: format!("{src}@{digest}"),
+                detail: e.to_string(),
+            })?;
+        let mut lease = store.lease()?;
+        let mut pending = Vec::new();
+        for d in std::iter::once(&parsed.config).chain(&parsed.layers) {
+            if !lease.hold(&d.digest)? {
+                pending.push(pull_blob(store, registry, src, d, progress).await?);
+            }
+        }
+        pending.push(store.stage_blob(&bytes)?);
+        let media = media_type(&bytes, src)?;
+        store.add_referrer(
+            pending,
+            &Descriptor::new(&media, digest.clone(), bytes.len() as u64),
+        )?;
+        progress(&format!("referrer {}", digest.short()));
+        n += 1;
+    }
+    Ok(n)
 }
 
 fn tag_free(

@@ -27,6 +27,8 @@ pub struct PushReport {
     pub mounted: usize,
     /// Blobs the registry had already.
     pub skipped: usize,
+    /// Referrers pushed with it (signatures, attestations).
+    pub referrers: usize,
 }
 
 /// What became of one blob.
@@ -113,6 +115,8 @@ pub async fn push(
         &dest.repository,
         blobs.iter().map(|b| &b.digest),
     );
+    let referrers =
+        push_referrers(store, registry, dest, &manifest.digest, &known, progress).await?;
     Ok(PushReport {
         destination: dest.to_string(),
         digest: manifest.digest.clone(),
@@ -120,7 +124,105 @@ pub async fn push(
         uploaded_bytes: uploaded.iter().sum(),
         mounted,
         skipped: results.len() - uploaded.len() - mounted,
+        referrers,
     })
+}
+
+/// The image's referrers: each one's blobs and manifest (by digest; a
+/// registry with the referrers API indexes it by its `subject`), then the
+/// referrers tag (`sha256-HEX`, the distribution spec's fallback, which
+/// registries without the API, like distribution 2.8, need) listing them
+/// with what was there.
+async fn push_referrers(
+    store: &Store,
+    registry: &Registry,
+    dest: &RegistryRef,
+    subject: &kiln_core::Digest,
+    known: &super::KnownBlobs,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<usize, RegistryError> {
+    let referrers = store.referrers(subject)?;
+    if referrers.is_empty() {
+        return Ok(0);
+    }
+    let err = |e| registry.error(dest, e);
+    let mut listed = Vec::new();
+    for (r, kind) in &referrers {
+        let m = store.manifest(&r.digest)?;
+        let mut blobs = vec![m.config.clone()];
+        blobs.extend(m.layers.iter().cloned());
+        for b in &blobs {
+            push_blob(store, registry, dest, b, known, progress).await?;
+        }
+        let bytes = store.read_blob(&r.digest)?;
+        let content_type = r
+            .media_type
+            .parse()
+            .map_err(|_| RegistryError::Destination(format!("bad media type {}", r.media_type)))?;
+        registry
+            .client
+            .push_manifest_raw(
+                &reference(&dest.at(Target::Digest(r.digest.clone()))),
+                bytes,
+                content_type,
+            )
+            .await
+            .map_err(err)?;
+        progress(&format!(
+            "referrer {} ({})",
+            r.digest.short(),
+            kind.as_deref().unwrap_or("?")
+        ));
+        listed.push(serde_json::json!({
+            "mediaType": r.media_type,
+            "digest": r.digest,
+            "size": r.size,
+            "artifactType": kind,
+        }));
+    }
+    // The fallback tag: what it lists already, and these.
+    let at_subject = reference(&dest.at(Target::Digest(subject.clone())));
+    let existing = registry
+        .client
+        .pull_referrers(&at_subject, None)
+        .await
+        .map_err(err)?;
+    for e in existing.manifests {
+        if !listed.iter().any(|l| l["digest"] == e.digest.as_str()) {
+            listed.push(serde_json::json!({
+                "mediaType": e.media_type,
+                "digest": e.digest,
+                "size": e.size,
+                "artifactType": e.artifact_type,
+            }));
+        }
+    }
+    // No `"artifactType": null`: absent is what the spec knows.
+    for l in &mut listed {
+        if let Some(o) = l.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+    }
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": kiln_core::oci::MEDIA_TYPE_INDEX,
+        "manifests": listed,
+    });
+    let tag = kiln_core::reference::Tag::try_from(format!("sha256-{}", subject.hex()).as_str())
+        .map_err(|e| RegistryError::Destination(e.to_string()))?;
+    let content_type = kiln_core::oci::MEDIA_TYPE_INDEX
+        .parse()
+        .map_err(|_| RegistryError::Destination("bad media type".into()))?;
+    registry
+        .client
+        .push_manifest_raw(
+            &reference(&dest.at(Target::Tag(tag))),
+            serde_json::to_vec(&index).unwrap_or_default(),
+            content_type,
+        )
+        .await
+        .map_err(err)?;
+    Ok(referrers.len())
 }
 
 /// One blob: there already, mounted from another repository of the same
