@@ -108,7 +108,7 @@ done
 R[f]=$(printf '%s\n' "${fvals[@]}" | median)
 # (g): the worst place for the one-layer image: a file at the start of the
 # layer (nothing before it to resume; the members after it are copied).
-FIRST=$(cd "$TREE" && find . -type f ! -name .complete | LC_ALL=C sort | head -1)
+FIRST=$(cd "$TREE" && find . -type f ! -name .complete | LC_ALL=C sort | awk 'NR == 1')
 gvals=()
 for i in $(seq "$RUNS"); do
     python3 -c "import sys,os; open(sys.argv[1],'wb').write(os.urandom(512).hex().encode())" "$TREE/$FIRST"
