@@ -306,35 +306,13 @@ fn basic_auth_from_kiln_login_or_dockers_config_and_a_clear_refusal_without() {
     // A password is never taken on the command line.
     let err = a.fails(&["login", &reg.host, "-u", "ci"]);
     assert!(err.contains("--password-stdin"), "{err}");
-    let login = |password: &str| {
-        let mut c = a
-            .cmd()
-            .args([
-                "login",
-                &reg.host,
-                "-u",
-                "ci",
-                "--password-stdin",
-                "--insecure",
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        c.stdin
-            .take()
-            .unwrap()
-            .write_all(format!("{password}\n").as_bytes())
-            .unwrap();
-        assert!(c.wait().unwrap().success());
-    };
-    login("wrong");
+    login(&a, &reg.host, "wrong");
     let err = a.fails(&["push", "app:v1", &dest]);
     assert!(
         err.contains("denied") && err.contains("kiln login"),
         "{err}"
     );
-    login("s3cret");
+    login(&a, &reg.host, "s3cret");
     // Remembered as insecure: no flag needed now.
     kiln(&a, &["push", "app:v1", &dest]);
     let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -822,15 +800,7 @@ fn credentials_are_not_sent_to_another_host_on_a_redirect() {
     );
     let b = Env::new();
     let host = format!("127.0.0.1:{}", registry.port);
-    let mut c = b
-        .cmd()
-        .args(["login", &host, "-u", "ci", "--password-stdin", "--insecure"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
-    assert!(c.wait().unwrap().success());
+    login(&b, &host, "s3cret");
     let p = kiln(&b, &["pull", &format!("{host}/app:v1")]);
     assert_eq!(p["digest"], digest.as_str());
     let to_registry = registry.seen.lock().unwrap().clone();
@@ -969,22 +939,7 @@ fn bearer_tokens_from_a_token_server_for_a_real_registry() {
         err.contains(&format!("login required for {}", reg.host)),
         "{err}"
     );
-    let mut c = a
-        .cmd()
-        .args([
-            "login",
-            &reg.host,
-            "-u",
-            "ci",
-            "--password-stdin",
-            "--insecure",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    c.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
-    assert!(c.wait().unwrap().success());
+    login(&a, &reg.host, "s3cret");
     let r = kiln(&a, &["push", "app:v1", &dest]);
     assert_eq!(r["digest"], digest.as_str());
     assert!(tokens.issued.load(std::sync::atomic::Ordering::SeqCst) > 0);
@@ -1019,4 +974,21 @@ fn read_head(conn: &std::net::TcpStream) -> Option<(String, String)> {
         }
     }
     Some((line, auth))
+}
+
+/// `kiln login HOST -u ci --password-stdin --insecure` with `password`.
+fn login(env: &Env, host: &str, password: &str) {
+    let mut c = env
+        .cmd()
+        .args(["login", host, "-u", "ci", "--password-stdin", "--insecure"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{password}\n").as_bytes())
+        .unwrap();
+    assert!(c.wait().unwrap().success());
 }
