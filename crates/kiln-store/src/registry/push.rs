@@ -95,20 +95,30 @@ pub async fn push(
     let content_type = media_type
         .parse()
         .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))?;
-    let by_digest = reference(&dest.at(Target::Digest(manifest.digest.clone())));
-    registry
-        .client
-        .push_manifest_raw(&by_digest, bytes.clone(), content_type)
-        .await
-        .map_err(err)?;
-    let content_type = media_type
-        .parse()
-        .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))?;
-    registry
-        .client
-        .push_manifest_raw(&tagged, bytes, content_type)
-        .await
-        .map_err(err)?;
+    // Nothing to send when the tag names this manifest already (a repeated
+    // push); a registry that cannot say costs the two PUTs.
+    let there = uploaded.is_empty()
+        && registry
+            .client
+            .fetch_manifest_digest(&tagged, &registry.auth)
+            .await
+            .is_ok_and(|d| d == manifest.digest.to_string());
+    if !there {
+        let by_digest = reference(&dest.at(Target::Digest(manifest.digest.clone())));
+        registry
+            .client
+            .push_manifest_raw(&by_digest, bytes.clone(), content_type)
+            .await
+            .map_err(err)?;
+        let content_type = media_type
+            .parse()
+            .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))?;
+        registry
+            .client
+            .push_manifest_raw(&tagged, bytes, content_type)
+            .await
+            .map_err(err)?;
+    }
     super::KnownBlobs::remember(
         store,
         &dest.host,
