@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use util::{Env, app, chmod, copy_tree, have, write};
+use util::{Env, app, chmod, copy_tree, have, succeed, write};
 
 fn digest(report: &serde_json::Value) -> String {
     report["digest"].as_str().expect("digest").to_owned()
@@ -576,30 +576,18 @@ fn export_interoperates_with_skopeo_and_umoci() {
     let layout = env.path("oci");
     env.ok(&["export", "app:v1", "--oci", layout.to_str().unwrap()]);
 
-    let out = Command::new("skopeo")
-        .args(["inspect", &format!("oci:{}:v1", layout.display())])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out =
+        succeed(Command::new("skopeo").args(["inspect", &format!("oci:{}:v1", layout.display())]));
+    let info: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(info["Digest"], d.as_str());
 
     // umoci unpacks exactly the baked tree: contents, types and modes.
     let bundle = env.path("bundle");
-    let out = Command::new("umoci")
-        .args(["unpack", "--rootless", "--image"])
-        .arg(format!("{}:v1", layout.display()))
-        .arg(&bundle)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("umoci")
+            .args(["unpack", "--rootless", "--image"])
+            .arg(format!("{}:v1", layout.display()))
+            .arg(&bundle),
     );
     let got = kiln_tree(&bundle.join("rootfs"));
     let mut want = kiln_tree(&root);
@@ -607,19 +595,11 @@ fn export_interoperates_with_skopeo_and_umoci() {
     assert_eq!(got, want);
 
     let archive = env.path("app.tar");
-    let out = Command::new("skopeo")
-        .args([
-            "copy",
-            &format!("oci:{}:v1", layout.display()),
-            &format!("docker-archive:{}", archive.display()),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeed(Command::new("skopeo").args([
+        "copy",
+        &format!("oci:{}:v1", layout.display()),
+        &format!("docker-archive:{}", archive.display()),
+    ]));
 
     // kiln's own docker archive is accepted too.
     let ours = env.path("ours.tar");
@@ -637,16 +617,10 @@ fn export_interoperates_with_skopeo_and_umoci() {
         out["digest"].as_str().unwrap().starts_with("sha256:"),
         "{out}"
     );
-    let out = Command::new("skopeo")
-        .args(["inspect", &format!("docker-archive:{}", ours.display())])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new("skopeo").args(["inspect", &format!("docker-archive:{}", ours.display())]),
     );
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(info["Layers"].as_array().unwrap().len(), 2);
 
     // Exporting onto something that is not a layout, or over a file, is refused.

@@ -103,17 +103,12 @@ fn gc_racing_bakes_loses_nothing() {
         std::thread::spawn(move || {
             let mut freed = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
-                    .env("KILN_HOME", &home)
-                    .args(["gc", "--grace", "1s", "--keep-releases", "0", "--json"])
-                    .output()
-                    .unwrap();
-                assert!(
-                    out.status.success(),
-                    "{}",
-                    String::from_utf8_lossy(&out.stderr)
+                let out = util::succeed(
+                    std::process::Command::new(env!("CARGO_BIN_EXE_kiln"))
+                        .env("KILN_HOME", &home)
+                        .args(["gc", "--grace", "1s", "--keep-releases", "0", "--json"]),
                 );
-                let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let r: serde_json::Value = serde_json::from_slice(&out).unwrap();
                 freed += r["blobs"].as_u64().unwrap();
             }
             freed

@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use util::{Env, free_port, have, write};
+use util::{Env, free_port, have, succeed, write};
 
 /// A `docker-registry` on 127.0.0.1, stopped (by its pid) when dropped.
 struct Registry {
@@ -194,16 +194,11 @@ fn skopeo_reads_what_kiln_pushed_and_kiln_pulls_what_skopeo_pushed() {
         ],
     );
     let layout = a.path("from-registry");
-    let out = Command::new("skopeo")
-        .args(["copy", "--src-tls-verify=false", "--preserve-digests"])
-        .arg(format!("docker://{}/app:v1", reg.host))
-        .arg(format!("oci:{}:v1", layout.display()))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false", "--preserve-digests"])
+            .arg(format!("docker://{}/app:v1", reg.host))
+            .arg(format!("oci:{}:v1", layout.display())),
     );
     let index: Value =
         serde_json::from_slice(&std::fs::read(layout.join("index.json")).unwrap()).unwrap();
@@ -212,16 +207,11 @@ fn skopeo_reads_what_kiln_pushed_and_kiln_pulls_what_skopeo_pushed() {
     // kiln pulls it with the same digest.
     let exported = a.path("exported");
     a.ok(&["export", "app:v1", "--oci", exported.to_str().unwrap()]);
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-tls-verify=false", "--preserve-digests"])
-        .arg(format!("oci:{}:v1", exported.display()))
-        .arg(format!("docker://{}/other/app:v2", reg.host))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false", "--preserve-digests"])
+            .arg(format!("oci:{}:v1", exported.display()))
+            .arg(format!("docker://{}/other/app:v2", reg.host)),
     );
     let b = Env::new();
     let p = kiln(
@@ -232,12 +222,7 @@ fn skopeo_reads_what_kiln_pushed_and_kiln_pulls_what_skopeo_pushed() {
     // Images other tools made: Docker schema 2, and zstd layers. Pulled,
     // and they unpack to the same files (the digests are theirs).
     let skopeo = |args: &[&str]| {
-        let out = Command::new("skopeo").args(args).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeed(Command::new("skopeo").args(args));
     };
     let oci = format!("oci:{}:v1", exported.display());
     skopeo(&[
@@ -746,21 +731,16 @@ fn referrers_travel_with_their_image() {
     let r = kiln(&a, &["push", "app:v1", &dest, "--insecure"]);
     assert_eq!(r["referrers"], 1, "{r}");
     // distribution 2.8 has no referrers API: the fallback tag lists it.
-    let out = Command::new("skopeo")
-        .args(["inspect", "--raw", "--tls-verify=false"])
-        .arg(format!(
-            "docker://{}/team/app:sha256-{}",
-            reg.host,
-            digest.trim_start_matches("sha256:")
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = succeed(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--tls-verify=false"])
+            .arg(format!(
+                "docker://{}/team/app:sha256-{}",
+                reg.host,
+                digest.trim_start_matches("sha256:")
+            )),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains(&artifact_digest));
+    assert!(String::from_utf8_lossy(&out).contains(&artifact_digest));
     // Another machine pulls the image and its referrer.
     let b = Env::new();
     let p = kiln(&b, &["pull", &dest, "--insecure"]);

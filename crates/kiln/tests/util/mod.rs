@@ -155,6 +155,18 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// Run `cmd` (a tool beside kiln: skopeo, umoci, kiln itself by path) and
+/// require success, naming its stderr otherwise; its stdout.
+pub fn succeed(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().expect("run the command");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
