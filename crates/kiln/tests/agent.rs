@@ -580,13 +580,18 @@ fn exec_and_startup_probes_run_inside_the_sandbox() {
 /// probe was never ready at all. Now the probe runs inside the instance
 /// (its mount and pid namespaces), and a worker without a probe is ready
 /// once it has stayed up for `min_ready`.
+/// An app whose entrypoint is `bin/worker.sh`, this shell script.
+fn worker_script(app: &Path, script: &[u8]) {
+    write(&app.join("bin/worker.sh"), script);
+    util::chmod(&app.join("bin/worker.sh"), 0o755);
+}
+
 #[test]
 fn exec_probes_run_inside_the_instance_and_workers_need_no_port() {
     let env = Env::new();
     let app = env.path("app");
-    fs::create_dir_all(app.join("bin")).unwrap();
-    write(
-        &app.join("bin/worker.sh"),
+    worker_script(
+        &app,
         b"#!/usr/bin/sh
           echo $$ > /tmp/worker.pid
           touch /tmp/heartbeat
@@ -594,7 +599,6 @@ fn exec_probes_run_inside_the_instance_and_workers_need_no_port() {
           exec sleep 1000
 ",
     );
-    util::chmod(&app.join("bin/worker.sh"), 0o755);
     let spec = app.join("kiln.toml");
     // The probe passes only where the instance's /tmp is, and where its
     // pid (as the instance sees it) is its `sleep`.
@@ -648,10 +652,9 @@ min_ready = "1s"
 fn secrets_reach_the_instance_and_nothing_else() {
     let env = Env::new();
     let app = env.path("app");
-    fs::create_dir_all(app.join("bin")).unwrap();
     // The worker says which value it got, never the value.
-    write(
-        &app.join("bin/worker.sh"),
+    worker_script(
+        &app,
         b"#!/usr/bin/sh
           case \"$DB_PASSWORD\" in s3cr3t-one) echo db=one;; s3cr3t-two) echo db=two;; *) echo db=wrong;; esac
           [ \"$API_TOKEN\" = tok-from-ci-9f2 ] && echo token=ok
@@ -661,7 +664,6 @@ fn secrets_reach_the_instance_and_nothing_else() {
           exec sleep 1000
 ",
     );
-    util::chmod(&app.join("bin/worker.sh"), 0o755);
     write(&app.join("db.secret"), b"s3cr3t-one\n");
     write(
         &app.join("prod.env"),
