@@ -12,10 +12,6 @@ use kiln_store::gc::{GcOptions, GcReport};
 
 use crate::state::{StateError, StateStore};
 
-/// How long anything new is safe from a collection (a bake or pull in
-/// progress, an apply about to record a release).
-pub const GRACE: Duration = Duration::from_secs(3600);
-
 /// How often the agent looks at the store's size.
 const EVERY: Duration = Duration::from_secs(60);
 

@@ -5,11 +5,10 @@
 //! Kept: every image in `roots` (the agent's kept releases: what a
 //! rollback may return to), every image with a tag the user gave, and
 //! every blob younger than `grace` (a bake or pull in progress writes new
-//! blobs, and touches the old ones it reuses, [`Store::keep_alive`]). The
-//! sweep holds the store lock and looks at each candidate's age again
-//! right before removing it: a blob a bake took (touched under the same
-//! lock) is never removed, and a bake that finds its blob gone writes it
-//! anew.
+//! blobs), and every blob a live [`Lease`] lists (the old blobs a bake or
+//! pull reuses, taken under the store lock the sweep also holds): a blob a
+//! bake took is never removed, and a bake that finds its blob gone writes
+//! it anew.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -80,8 +79,6 @@ impl Lease {
         }
         std::io::Write::write_all(&mut self.file, format!("{digest}\n").as_bytes())
             .at(&self.path)?;
-        // Young too, for collections by older kiln versions.
-        let _ = self.store.touch(digest);
         Ok(true)
     }
 }
@@ -134,33 +131,13 @@ impl Store {
         Ok((held, any))
     }
 
-    /// Set a blob's time to now (it counts as young).
-    fn touch(&self, digest: &Digest) -> Result<()> {
+    /// Set a blob's time to now: it counts as young for a collection's
+    /// grace period (an image just published).
+    pub(crate) fn touch(&self, digest: &Digest) -> Result<()> {
         let path = self.blob_path(digest);
         fs::File::open(&path)
             .and_then(|f| f.set_modified(SystemTime::now()))
             .at(&path)
-    }
-
-    /// Mark a blob as in use now (an apply resolving an image): true if it
-    /// is there (and now young), false if a collection removed it. Under
-    /// the store lock, so a sweep sees it or it sees the sweep.
-    pub fn keep_alive(&self, digest: &Digest) -> Result<bool> {
-        let _lock = self.lock()?;
-        let path = self.blob_path(digest);
-        match fs::File::options().append(true).open(&path) {
-            Ok(f) => {
-                f.set_modified(SystemTime::now()).at(&path)?;
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            // Read-only blob files: the time is set through the path.
-            Err(_) => {
-                let f = fs::File::open(&path).at(&path)?;
-                f.set_modified(SystemTime::now()).at(&path)?;
-                Ok(true)
-            }
-        }
     }
 
     /// Collect: see the module's comment.

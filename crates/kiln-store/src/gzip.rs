@@ -387,7 +387,16 @@ fn copy_member(path: &PathBuf, offset: u64, len: u64, raw: &[u8]) -> io::Result<
     f.seek(SeekFrom::Start(offset))?;
     let mut member = vec![0u8; len as usize];
     f.read_exact(&mut member)?;
-    let header = compress(&[])?;
+    // kiln's member header, the same for every member (level, no name,
+    // mtime 0): made once.
+    static HEADER: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    let header = match HEADER.get() {
+        Some(h) => h,
+        None => {
+            let h = compress(&[])?;
+            HEADER.get_or_init(|| h)
+        }
+    };
     let tail = &member[member.len() - 8..];
     let mut crc = flate2::Crc::new();
     crc.update(raw);

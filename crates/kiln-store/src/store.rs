@@ -331,18 +331,10 @@ impl Store {
                 });
             }
         }
-        for blob in blobs {
-            blob.commit(self)?;
-        }
-        if !self.has_blob(&manifest.digest) {
-            return Err(StoreError::MissingBlob(manifest.digest.clone()));
-        }
+        self.commit_blobs(blobs, &manifest.digest)?;
         // Published now: young for a collection's grace period, even when
         // the same bytes were there before (a re-bake).
-        let path = self.blob_path(&manifest.digest);
-        File::open(&path)
-            .and_then(|f| f.set_modified(std::time::SystemTime::now()))
-            .at(&path)?;
+        self.touch(&manifest.digest)?;
         let before = index.clone();
         // Re-baking an image makes it the newest of its name: move its
         // entries to the end, where `NAME` resolves.
@@ -404,12 +396,7 @@ impl Store {
     /// index (no tag: it is found by its `subject`), under the store lock.
     pub fn add_referrer(&self, blobs: Vec<PendingBlob>, manifest: &Descriptor) -> Result<()> {
         let _lock = self.lock()?;
-        for blob in blobs {
-            blob.commit(self)?;
-        }
-        if !self.has_blob(&manifest.digest) {
-            return Err(StoreError::MissingBlob(manifest.digest.clone()));
-        }
+        self.commit_blobs(blobs, &manifest.digest)?;
         let mut index = self.index()?;
         if !index.manifests.iter().any(|d| d.digest == manifest.digest) {
             index.manifests.push(Descriptor::new(
@@ -418,6 +405,18 @@ impl Store {
                 manifest.size,
             ));
             self.write_index(&index)?;
+        }
+        Ok(())
+    }
+
+    /// Commit `blobs`, then require the manifest among what the store has
+    /// (the store lock held).
+    fn commit_blobs(&self, blobs: Vec<PendingBlob>, manifest: &Digest) -> Result<()> {
+        for blob in blobs {
+            blob.commit(self)?;
+        }
+        if !self.has_blob(manifest) {
+            return Err(StoreError::MissingBlob(manifest.clone()));
         }
         Ok(())
     }

@@ -205,6 +205,11 @@ pub fn bake_summary(r: &BakeReport, secs: f64) -> String {
     )
 }
 
+/// "s" unless `n` is one: `{n} blob{}`.
+pub fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
 pub fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;

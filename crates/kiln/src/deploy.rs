@@ -17,7 +17,7 @@ use kiln_core::spec::Spec;
 use kiln_store::Store;
 
 use crate::client::{Client, runtime};
-use crate::commands::{bake_summary, load_spec, open_store};
+use crate::commands::{bake_summary, load_spec, open_store, plural};
 
 fn init_logging() {
     tracing_subscriber::fmt()
@@ -593,7 +593,7 @@ pub fn remove(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
             "{service}: removed (it was on release {}; {} instance{} stopped); its history is kept: kiln history {service}",
             resp.revision,
             resp.stopped,
-            if resp.stopped == 1 { "" } else { "s" }
+            plural(resp.stopped)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -632,10 +632,6 @@ pub fn gc(
         plural(r.kept_images)
     );
     Ok(ExitCode::SUCCESS)
-}
-
-fn plural(n: usize) -> &'static str {
-    if n == 1 { "" } else { "s" }
 }
 
 /// `kiln rollout status`: follow the service's current rollout to its end.

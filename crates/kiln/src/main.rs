@@ -108,7 +108,7 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = kiln_core::retention::KEEP_RELEASES)]
         keep_releases: usize,
         /// Anything younger stays (a bake or pull in progress)
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = GC_GRACE, value_parser = parse_duration)]
         grace: std::time::Duration,
         /// Print the result as JSON
         #[arg(long)]
@@ -198,7 +198,7 @@ pub enum Command {
         #[arg(long, value_name = "N", default_value_t = kiln_core::retention::KEEP_RELEASES)]
         keep_releases: usize,
         /// With --gc-above: anything younger stays (a bake or pull in progress)
-        #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", default_value = GC_GRACE, value_parser = parse_duration)]
         gc_grace: std::time::Duration,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
@@ -550,6 +550,10 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
                 == broken
     })
 }
+
+/// How long anything new is safe from a collection (`kiln gc --grace`,
+/// `kiln serve --gc-grace`): an image just baked or pulled.
+const GC_GRACE: &str = "1h";
 
 /// `20G`, `500M`, `64K` (powers of 1024) or plain bytes.
 fn parse_size(s: &str) -> Result<u64, String> {

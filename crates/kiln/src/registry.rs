@@ -11,7 +11,7 @@ use kiln_core::registry::{RegistryRef, Target};
 use kiln_store::Store;
 use kiln_store::registry::{Credentials, Login, Registry};
 
-use crate::commands::{open_store, print_json, resolve};
+use crate::commands::{open_store, plural, print_json, resolve};
 
 /// The runtime of a push or pull: several threads, so that reading the
 /// store, hashing and the network overlap on every core.
@@ -80,12 +80,12 @@ pub fn push(
             img.pinned(),
             report.destination,
             report.uploaded,
-            if report.uploaded == 1 { "" } else { "s" },
+            plural(report.uploaded),
             report.uploaded_bytes,
             report.mounted,
             report.skipped,
             report.referrers,
-            if report.referrers == 1 { "" } else { "s" },
+            plural(report.referrers),
             report.digest
         );
     }
@@ -111,11 +111,11 @@ pub fn pull(home: &Path, src: &str, insecure: bool, json: bool) -> Result<ExitCo
             report.name,
             report.tags.last().map_or("", String::as_str),
             report.downloaded,
-            if report.downloaded == 1 { "" } else { "s" },
+            plural(report.downloaded),
             report.downloaded_bytes,
             report.skipped,
             report.referrers,
-            if report.referrers == 1 { "" } else { "s" },
+            plural(report.referrers),
             report.digest
         );
     }

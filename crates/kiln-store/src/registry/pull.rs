@@ -101,27 +101,14 @@ pub async fn pull(
             detail: format!("unsupported media type {media}"),
         });
     }
-    let parsed: Manifest =
-        serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadManifest {
-            reference: src.to_string(),
-            detail: e.to_string(),
-        })?;
-    let mut wanted: Vec<Descriptor> = vec![parsed.config.clone()];
-    wanted.extend(parsed.layers.iter().cloned());
-    // What the store has is held as it is taken (see `gc`).
+    let parsed = parse_manifest(&bytes, src.to_string())?;
+    let wanted: Vec<Descriptor> = std::iter::once(&parsed.config)
+        .chain(&parsed.layers)
+        .cloned()
+        .collect();
     let mut lease = store.lease()?;
-    let mut missing: Vec<&Descriptor> = Vec::new();
-    for d in &wanted {
-        if !lease.hold(&d.digest)? {
-            missing.push(d);
-        }
-    }
-    let skipped = wanted.len() - missing.len();
-    let pending: Vec<PendingBlob> = futures_util::stream::iter(missing)
-        .map(|d| pull_blob(store, registry, src, d, progress))
-        .buffer_unordered(PARALLEL)
-        .try_collect()
-        .await?;
+    let (pending, skipped) =
+        fetch_blobs(store, registry, src, &wanted, &mut lease, progress).await?;
     let downloaded_bytes = pending.iter().map(|p| p.size).sum();
     let downloaded = pending.len();
     // The manifest last: the image is visible once all of it is kept, in
@@ -184,18 +171,14 @@ async fn pull_referrers(
             continue;
         };
         let (bytes, _) = manifest(registry, src, Some(Target::Digest(digest.clone()))).await?;
-        let parsed: Manifest =
-            serde_json::from_slice(&bytes).map_err(|e| RegistryError::BadManifest {
-                reference: format!("{src}@{digest}"),
-                detail: e.to_string(),
-            })?;
+        let parsed = parse_manifest(&bytes, format!("{src}@{digest}"))?;
+        let wanted: Vec<Descriptor> = std::iter::once(&parsed.config)
+            .chain(&parsed.layers)
+            .cloned()
+            .collect();
         let mut lease = store.lease()?;
-        let mut pending = Vec::new();
-        for d in std::iter::once(&parsed.config).chain(&parsed.layers) {
-            if !lease.hold(&d.digest)? {
-                pending.push(pull_blob(store, registry, src, d, progress).await?);
-            }
-        }
+        let (mut pending, _) =
+            fetch_blobs(store, registry, src, &wanted, &mut lease, progress).await?;
         pending.push(store.stage_blob(&bytes)?);
         let media = media_type(&bytes, src)?;
         store.add_referrer(
@@ -206,6 +189,39 @@ async fn pull_referrers(
         n += 1;
     }
     Ok(n)
+}
+
+fn parse_manifest(bytes: &[u8], reference: String) -> Result<Manifest, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::BadManifest {
+        reference,
+        detail: e.to_string(),
+    })
+}
+
+/// The blobs of `wanted` into `tmp/`, several at once: those the store has
+/// are held by `lease` (see `gc`), the others stream in, checked. The
+/// pending blobs, and how many the store had.
+async fn fetch_blobs(
+    store: &Store,
+    registry: &Registry,
+    src: &RegistryRef,
+    wanted: &[Descriptor],
+    lease: &mut crate::gc::Lease,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(Vec<PendingBlob>, usize), RegistryError> {
+    let mut missing: Vec<&Descriptor> = Vec::new();
+    for d in wanted {
+        if !lease.hold(&d.digest)? {
+            missing.push(d);
+        }
+    }
+    let skipped = wanted.len() - missing.len();
+    let pending = futures_util::stream::iter(missing)
+        .map(|d| pull_blob(store, registry, src, d, progress))
+        .buffer_unordered(PARALLEL)
+        .try_collect()
+        .await?;
+    Ok((pending, skipped))
 }
 
 fn tag_free(

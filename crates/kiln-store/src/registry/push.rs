@@ -92,9 +92,7 @@ pub async fn push(
         .media_type
         .clone()
         .unwrap_or_else(|| MEDIA_TYPE_MANIFEST.to_owned());
-    let content_type = media_type
-        .parse()
-        .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))?;
+    let content_type = content_type(&media_type)?;
     // Nothing to send when the tag names this manifest already (a repeated
     // push); a registry that cannot say costs the two PUTs.
     let there = uploaded.is_empty()
@@ -107,12 +105,9 @@ pub async fn push(
         let by_digest = reference(&dest.at(Target::Digest(manifest.digest.clone())));
         registry
             .client
-            .push_manifest_raw(&by_digest, bytes.clone(), content_type)
+            .push_manifest_raw(&by_digest, bytes.clone(), content_type.clone())
             .await
             .map_err(err)?;
-        let content_type = media_type
-            .parse()
-            .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))?;
         registry
             .client
             .push_manifest_raw(&tagged, bytes, content_type)
@@ -165,10 +160,7 @@ async fn push_referrers(
             push_blob(store, registry, dest, b, known, progress).await?;
         }
         let bytes = store.read_blob(&r.digest)?;
-        let content_type = r
-            .media_type
-            .parse()
-            .map_err(|_| RegistryError::Destination(format!("bad media type {}", r.media_type)))?;
+        let content_type = content_type(&r.media_type)?;
         registry
             .client
             .push_manifest_raw(
@@ -220,9 +212,7 @@ async fn push_referrers(
     });
     let tag = kiln_core::reference::Tag::try_from(format!("sha256-{}", subject.hex()).as_str())
         .map_err(|e| RegistryError::Destination(e.to_string()))?;
-    let content_type = kiln_core::oci::MEDIA_TYPE_INDEX
-        .parse()
-        .map_err(|_| RegistryError::Destination("bad media type".into()))?;
+    let content_type = content_type(kiln_core::oci::MEDIA_TYPE_INDEX)?;
     registry
         .client
         .push_manifest_raw(
@@ -304,4 +294,11 @@ async fn push_blob(
         .map_err(err)?;
     progress(&format!("{} uploaded ({size} bytes)", blob.digest.short()));
     Ok(Sent::Uploaded(size))
+}
+
+/// A media type as a `Content-Type` header value.
+fn content_type(media_type: &str) -> Result<http::HeaderValue, RegistryError> {
+    media_type
+        .parse()
+        .map_err(|_| RegistryError::Destination(format!("bad media type {media_type}")))
 }
