@@ -260,6 +260,37 @@ mod tests {
         ));
     }
 
+    proptest::proptest! {
+        /// Whatever lines an env file holds (good, duplicated, bad names,
+        /// no `=`, unterminated quotes), parsing never panics, and an
+        /// error never repeats a value (values are digits, names letters,
+        /// so a value in a message can only have come from a value).
+        #[test]
+        fn env_files_never_panic_and_errors_hold_no_value(
+            lines in proptest::collection::vec(
+                (0u8..5, "[A-Z]{1,3}", "[0-9]{4,8}"),
+                0..8,
+            )
+        ) {
+            let text: String = lines
+                .iter()
+                .map(|(kind, name, value)| match kind {
+                    0 => format!("{name}={value}\n"),
+                    1 => format!("{name}=\"{value}\n"),
+                    2 => format!("9{name}={value}\n"),
+                    3 => format!("{name}{value}\n"),
+                    _ => format!("export {name}='{value}'\n"),
+                })
+                .collect();
+            if let Err(e) = parse_env_file(&text) {
+                let msg = e.to_string();
+                for (_, _, value) in &lines {
+                    proptest::prop_assert!(!msg.contains(value.as_str()), "{msg} holds {value}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_file_loses_one_trailing_newline() {
         assert_eq!(from_file_contents("pw\n").expose(), "pw");
