@@ -184,6 +184,10 @@ fn the_agent_collects_when_the_store_passes_its_size() {
         || env.ok(&["images"]).lines().count() == 2,
     );
     assert!(env.ok(&["images"]).contains("keep"));
-    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
-    assert!(log.contains("collected 2 images"), "{log}");
+    // The images are gone before the agent logs the collection: wait for
+    // the line rather than read the log once.
+    wait_for("the collection logged", Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path("agent.log"))
+            .is_ok_and(|log| log.contains("collected 2 images"))
+    });
 }
