@@ -447,8 +447,10 @@ fn an_upgrade_to_a_binary_that_cannot_run_leaves_the_running_agent_serving() {
     count.assert_none_failed();
     assert_eq!(agent_pid(&env), before, "the running agent stays");
     assert_eq!(instance_pids(&env), pids);
-    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
-    assert!(log.contains("exited before taking over"), "{log}");
+    wait_for("the failed upgrade logged", Duration::from_secs(20), || {
+        std::fs::read_to_string(env.path("agent.log"))
+            .is_ok_and(|log| log.contains("exited before taking over"))
+    });
 }
 
 #[test]
