@@ -7,10 +7,13 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use kiln_core::api::{AbortResponse, RemoveResponse, RollbackResponse};
+use kiln_core::api::{
+    AbortResponse, RemoveResponse, RollbackResponse, TokenCreateRequest, TokenCreateResponse,
+};
 use kiln_core::api::{
     AgentInfo, ApplyRequest, ApplyResponse, HistoryResponse, ServiceStatus, StatusResponse,
 };
+use kiln_core::auth::{self, Role, TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::health::Backoff;
 use kiln_core::plan::{Action, CurrentService, plan};
@@ -128,6 +131,12 @@ pub enum AgentError {
     Random(std::io::Error),
     #[error("the agent is shutting down")]
     ShuttingDown,
+    #[error("a token named {0} exists (kiln token revoke {0} first)")]
+    TokenExists(TokenName),
+    #[error("no token named {0}")]
+    NoToken(TokenName),
+    #[error("request body over the 2 MiB limit")]
+    TooLarge,
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -920,6 +929,74 @@ impl Agent {
 
     pub fn home(&self) -> &std::path::Path {
         &self.shared.home
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// The node's key: it seals secrets and derives the dashboard's
+    /// anti-forgery values.
+    pub(crate) fn key(&self) -> &[u8; 32] {
+        &self.secret_key
+    }
+
+    /// Make an API token: its secret from the kernel's random source, only
+    /// its hash kept. The token is returned this once.
+    pub fn create_token(
+        &self,
+        req: &TokenCreateRequest,
+        now: u64,
+        actor: Actor,
+    ) -> Result<TokenCreateResponse, AgentError> {
+        let token = auth::make_token(req.name, &random_key()?);
+        let record = TokenRecord {
+            name: req.name,
+            role: req.role,
+            hash: auth::token_hash(&token),
+            created: now,
+            expires: req.expires_in.map(|s| now.saturating_add(s)),
+        };
+        let event = NewEvent::node(
+            Change::TokenCreated {
+                name: req.name,
+                role: req.role,
+                expires: record.expires,
+            },
+            actor,
+        );
+        if !self.shared.state.put_token(&record, &event)? {
+            return Err(AgentError::TokenExists(req.name));
+        }
+        Ok(TokenCreateResponse { token, record })
+    }
+
+    /// The events after sequence number `after` (the dashboard's feed).
+    pub fn events(&self, after: u64) -> Result<Vec<crate::state::Event>, AgentError> {
+        Ok(self.shared.state.events(after)?)
+    }
+
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>, AgentError> {
+        Ok(self.shared.state.tokens()?)
+    }
+
+    pub fn revoke_token(&self, name: TokenName, actor: Actor) -> Result<(), AgentError> {
+        let event = NewEvent::node(Change::TokenRevoked { name }, actor);
+        if self.shared.state.revoke_token(&name, &event)? {
+            Ok(())
+        } else {
+            Err(AgentError::NoToken(name))
+        }
+    }
+
+    /// The role a presented token carries, checked against its record.
+    pub fn authenticate(&self, token: &str, now: u64) -> Result<(TokenName, Role), auth::Refusal> {
+        let name = auth::token_name(token).ok_or(auth::Refusal::Invalid)?;
+        let record = self.shared.state.token(&name).map_err(|e| {
+            tracing::error!("reading token {name}: {e}");
+            auth::Refusal::Invalid
+        })?;
+        auth::check_token(token, record.as_ref(), now).map(|role| (name, role))
     }
 
     /// Whether the service exists or existed (a removed one keeps its

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::connect_info::{ConnectInfo, Connected};
@@ -20,7 +19,12 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::IncomingStream;
+use axum::{Extension, Json};
 use kiln_core::api::{ApplyRequest, ApplyResponse, ErrorBody, HistoryResponse, StatusResponse};
+use kiln_core::api::{
+    TokenCreateRequest, TokenCreateResponse, TokenListResponse, TokenRevokeResponse, WhoAmIResponse,
+};
+use kiln_core::auth::{Role, TokenName};
 use kiln_core::event::Actor;
 use kiln_core::spec::ServiceName;
 use serde::Deserialize;
@@ -64,6 +68,9 @@ impl IntoResponse for AgentError {
             | AgentError::NothingToRollBackTo(_)
             | AgentError::AlreadyOn { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::TokenExists(_) => StatusCode::CONFLICT,
+            AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AgentError::NoToken(_) => StatusCode::NOT_FOUND,
             AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -78,8 +85,17 @@ impl IntoResponse for AgentError {
     }
 }
 
+/// The API on the Unix socket.
+pub fn local_router(agent: Arc<Agent>) -> Router {
+    router(agent).layer(axum::middleware::from_fn(local_caller))
+}
+
+/// Every endpoint, for whichever edge puts a [`Caller`] on the request.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
+        .route("/v1/whoami", get(whoami))
+        .route("/v1/tokens", get(tokens).post(create_token))
+        .route("/v1/tokens/{name}/revoke", post(revoke_token))
         .route("/v1/apply", post(apply))
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/history", get(history))
@@ -105,7 +121,53 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, AgentError
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
 }
 
+/// `GET /v1/whoami`.
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmIResponse> {
+    Json(WhoAmIResponse {
+        actor: caller.actor,
+        role: caller.role,
+    })
+}
+
+/// `GET /v1/tokens`: every token's record (never a token).
+async fn tokens(State(agent): State<Arc<Agent>>) -> Result<Json<TokenListResponse>, AgentError> {
+    Ok(Json(TokenListResponse {
+        tokens: agent.tokens()?,
+    }))
+}
+
+/// `POST /v1/tokens`: the token is in this answer and nowhere else.
+async fn create_token(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<TokenCreateRequest>, JsonRejection>,
+) -> Result<Json<TokenCreateResponse>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok(Json(agent.create_token(&req, unix_now(), caller.actor)?))
+}
+
+/// `POST /v1/tokens/{name}/revoke`.
+async fn revoke_token(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<TokenRevokeResponse>, AgentError> {
+    let name = TokenName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    agent.revoke_token(name, caller.actor)?;
+    Ok(Json(TokenRevokeResponse { name }))
+}
+
+/// Seconds since the epoch: the clock, read at the edge.
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 fn bad_json(r: JsonRejection) -> AgentError {
+    if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return AgentError::TooLarge;
+    }
     AgentError::BadRequest(format!("invalid request body: {}", r.body_text()))
 }
 
@@ -125,23 +187,41 @@ impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     }
 }
 
-impl Peer {
-    /// The actor of the changes this connection asks for.
-    fn actor(self) -> Result<Actor, AgentError> {
-        self.uid
-            .map(|uid| Actor::Local { uid })
-            .ok_or_else(|| AgentError::BadRequest("the API socket gave no peer credentials".into()))
-    }
+/// Who asks, as the edge that took the request established it: a local
+/// user on the socket (who may do anything the socket's owner may), or a
+/// token's name and role on the TLS port ([`crate::remote`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub actor: Actor,
+    pub role: Role,
+}
+
+/// On the Unix socket, the caller is the peer's uid, with every role: the
+/// socket is its owner's alone (0600).
+async fn local_caller(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(uid) = peer.uid else {
+        return AgentError::BadRequest("the API socket gave no peer credentials".into())
+            .into_response();
+    };
+    req.extensions_mut().insert(Caller {
+        actor: Actor::Local { uid },
+        role: Role::Admin,
+    });
+    next.run(req).await
 }
 
 /// `POST /v1/apply`: allowed any time but during shutdown.
 async fn apply(
     State(agent): State<Arc<Agent>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(caller): Extension<Caller>,
     body: Result<Json<ApplyRequest>, JsonRejection>,
 ) -> Result<Json<ApplyResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
-    Ok(Json(agent.apply(req, peer.actor()?).await?))
+    Ok(Json(agent.apply(req, caller.actor).await?))
 }
 
 /// `GET /v1/status`: always allowed.
@@ -161,24 +241,24 @@ async fn history(
 /// `POST /v1/services/{name}/rollback`: allowed any time but during shutdown.
 async fn rollback(
     State(agent): State<Arc<Agent>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
     body: Result<Json<RollbackRequest>, JsonRejection>,
 ) -> Result<Json<RollbackResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.rollback(&name, req.to, peer.actor()?).await?))
+    Ok(Json(agent.rollback(&name, req.to, caller.actor).await?))
 }
 
 /// `POST /v1/services/{name}/promote`: allowed while a blue-green rollout
 /// waits for it or a canary runs (else 409).
 async fn promote(
     State(agent): State<Arc<Agent>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<PromoteResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    let (revision, canary_step) = agent.promote(&name, peer.actor()?).await?;
+    let (revision, canary_step) = agent.promote(&name, caller.actor).await?;
     Ok(Json(PromoteResponse {
         revision,
         canary_step,
@@ -189,22 +269,22 @@ async fn promote(
 /// progress and a release before it exists (else 409).
 async fn abort(
     State(agent): State<Arc<Agent>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<AbortResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.abort(&name, peer.actor()?).await?))
+    Ok(Json(agent.abort(&name, caller.actor).await?))
 }
 
 /// `POST /v1/services/{name}/remove`: allowed any time but during
 /// shutdown; answers once every instance has stopped.
 async fn remove(
     State(agent): State<Arc<Agent>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
+    Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<RemoveResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.remove(&name, peer.actor()?).await?))
+    Ok(Json(agent.remove(&name, caller.actor).await?))
 }
 
 #[derive(Debug, Deserialize)]

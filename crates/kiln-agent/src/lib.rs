@@ -13,11 +13,14 @@ pub(crate) mod controller;
 pub mod gc;
 pub(crate) mod instance;
 pub mod keeper;
+pub(crate) mod oci;
+pub mod remote;
 pub mod router;
 pub(crate) mod runtime;
 mod shared;
 pub(crate) mod state;
 pub mod supervisor;
+pub(crate) mod ui;
 
 use std::fs::File;
 use std::io::{Read, Seek, Write};
@@ -49,6 +52,8 @@ pub enum ServeError {
     State(#[from] state::StateError),
     #[error(transparent)]
     Agent(#[from] agent::AgentError),
+    #[error(transparent)]
+    Remote(#[from] remote::RemoteError),
 }
 
 /// How the agent ended.
@@ -99,13 +104,22 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 }
 
 /// How an agent process was started.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct AgentMode {
     /// It replaces a running agent (a restart or an upgrade): it waits for
     /// that one to let go of the home instead of refusing to start.
     pub successor: bool,
     /// Collect the store when its blobs pass a size (`--gc-above`).
     pub gc: Option<gc::AutoGc>,
+    /// Serve the API over TLS on this address too (`--api`).
+    pub api: Option<ApiOptions>,
+}
+
+/// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
+#[derive(Clone, Debug)]
+pub struct ApiOptions {
+    pub addr: std::net::SocketAddr,
+    pub cert: Option<remote::GivenCert>,
 }
 
 /// Run the agent on `home` until SIGTERM or SIGINT (stop everything), or
@@ -164,6 +178,11 @@ pub async fn serve(
     lock.rewind().map_err(io(&lock_path))?;
     write!(lock, "{}", std::process::id()).map_err(io(&lock_path))?;
 
+    // A certificate that does not load stops the start, before anything runs.
+    let api_tls = match &mode.api {
+        Some(api) => Some(remote::tls(home, api.cert.as_ref(), api.addr)?),
+        None => None,
+    };
     let store = Store::open(home)?;
     let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
     if let Some(auto) = mode.gc {
@@ -207,8 +226,39 @@ pub async fn serve(
     let mut int = signal(SignalKind::interrupt()).map_err(io(home))?;
     let mut usr2 = signal(SignalKind::user_defined2()).map_err(io(home))?;
     // Each connection's peer credentials name who made the changes it asks for.
-    let app = api::router(agent.clone()).into_make_service_with_connect_info::<api::Peer>();
+    let app = api::local_router(agent.clone()).into_make_service_with_connect_info::<api::Peer>();
     let server = tokio::spawn(axum::serve(listener, app).into_future());
+    let api_server = match (&mode.api, api_tls) {
+        (Some(api), Some(tls)) => {
+            let listener = match keeper.take("api-tcp") {
+                // The port the previous agent served: no connection refused
+                // across a restart or an upgrade.
+                Some(mut fds) if fds.len() == 1 => {
+                    let std = std::net::TcpListener::from(fds.remove(0));
+                    std.set_nonblocking(true).map_err(io(home))?;
+                    tokio::net::TcpListener::from_std(std).map_err(io(home))?
+                }
+                _ => {
+                    let l = tokio::net::TcpListener::bind(api.addr)
+                        .await
+                        .map_err(|source| remote::RemoteError::Bind {
+                            addr: api.addr,
+                            source,
+                        })?;
+                    keeper.keep("api-tcp", &[std::os::fd::AsFd::as_fd(&l)]);
+                    l
+                }
+            };
+            let local = listener.local_addr().map_err(io(home))?;
+            tracing::info!("API on https://{local} (certificate {})", tls.fingerprint);
+            Some(tokio::spawn(remote::serve(
+                listener,
+                tls.config,
+                remote::router(agent.clone()),
+            )))
+        }
+        _ => None,
+    };
     let metrics_server = match metrics {
         Some(addr) => {
             let l = tokio::net::TcpListener::bind(addr)
@@ -237,6 +287,9 @@ pub async fn serve(
     if let Some(m) = metrics_server {
         m.abort();
     }
+    if let Some(a) = api_server {
+        a.abort();
+    }
     if hand_over {
         tracing::info!(
             "handing over to a successor: no new connections; every instance keeps running"
@@ -257,6 +310,7 @@ pub async fn serve(
     tracing::info!("stopping: no new requests; stopping instances (signal again to force)");
     let _ = std::fs::remove_file(&sock);
     keeper.forget("api");
+    keeper.forget("api-tcp");
     let graceful = agent.shutdown(StopKind::Graceful, Duration::from_secs(600));
     let exit = tokio::select! {
         _ = graceful => Exit::Graceful,

@@ -291,7 +291,7 @@ fn start_agent(
     let mut cmd = std::process::Command::new(exe);
     // The home travels in the environment (the agent's command line stays
     // as short as the one the user typed).
-    cmd.env("KILN_HOME", home).arg("serve").arg("--agent");
+    cmd.env("KILN_HOME", home).arg("serve").arg("--run-agent");
     if successor {
         cmd.arg("--successor");
     }

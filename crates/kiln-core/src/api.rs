@@ -278,6 +278,43 @@ pub struct HistoryResponse {
     pub removed: bool,
 }
 
+/// `POST /v1/tokens`: make a token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenCreateRequest {
+    pub name: crate::auth::TokenName,
+    pub role: crate::auth::Role,
+    /// Seconds from now; `None`: never expires.
+    #[serde(default)]
+    pub expires_in: Option<u64>,
+}
+
+/// The token, shown this once, and what the agent keeps of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreateResponse {
+    pub token: String,
+    pub record: crate::auth::TokenRecord,
+}
+
+/// `GET /v1/tokens`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenListResponse {
+    pub tokens: Vec<crate::auth::TokenRecord>,
+}
+
+/// `POST /v1/tokens/{name}/revoke`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRevokeResponse {
+    pub name: crate::auth::TokenName,
+}
+
+/// `GET /v1/whoami`: who the agent takes the caller for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhoAmIResponse {
+    pub actor: crate::event::Actor,
+    pub role: crate::auth::Role,
+}
+
 /// `POST /v1/services/{name}/remove`: what was removed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RemoveResponse {

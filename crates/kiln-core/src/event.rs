@@ -19,12 +19,16 @@ use crate::service::{CanaryStep, Pause};
 
 /// Who made a change: the user whose command it was, or the agent on its
 /// own (reconciling, healing, a rollout's analysis). Written as `uid:1000`
-/// or `agent`; remote callers (tokens) will add a third form.
+/// or `agent`, or `token:NAME` for a remote caller.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Actor {
     /// A local user, by the uid the API socket's peer credentials give.
     Local {
         uid: u32,
+    },
+    /// A remote caller, by the name of the API token it presented.
+    Token {
+        name: crate::auth::TokenName,
     },
     Agent,
 }
@@ -33,6 +37,7 @@ impl std::fmt::Display for Actor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Local { uid } => write!(f, "uid:{uid}"),
+            Self::Token { name } => write!(f, "token:{name}"),
             Self::Agent => f.write_str("agent"),
         }
     }
@@ -41,6 +46,11 @@ impl std::fmt::Display for Actor {
 impl std::str::FromStr for Actor {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(name) = s.strip_prefix("token:") {
+            return crate::auth::TokenName::try_from(name)
+                .map(|name| Self::Token { name })
+                .map_err(|_| format!("invalid actor `{s}`"));
+        }
         match s.strip_prefix("uid:") {
             Some(uid) => uid
                 .parse()
@@ -178,6 +188,18 @@ pub enum Change {
     ServiceRemoved {
         release: u64,
     },
+    /// `kiln token create`: an API token was made (its hash kept, never
+    /// the token).
+    TokenCreated {
+        name: crate::auth::TokenName,
+        role: crate::auth::Role,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires: Option<u64>,
+    },
+    /// `kiln token revoke`: an API token no longer authenticates.
+    TokenRevoked {
+        name: crate::auth::TokenName,
+    },
 }
 
 impl Change {
@@ -208,6 +230,8 @@ impl Change {
             Self::InstanceLost { .. } => "instance-lost",
             Self::PromoteRequested { .. } => "promote-requested",
             Self::ServiceRemoved { .. } => "service-removed",
+            Self::TokenCreated { .. } => "token-created",
+            Self::TokenRevoked { .. } => "token-revoked",
         }
     }
 
@@ -332,6 +356,14 @@ mod tests {
             Change::PromoteRequested { step: Some(2) },
             Change::PromoteRequested { step: None },
             Change::ServiceRemoved { release: 4 },
+            Change::TokenCreated {
+                name: crate::auth::TokenName::try_from("ci").unwrap(),
+                role: crate::auth::Role::Deployer,
+                expires: Some(1_800_000_000),
+            },
+            Change::TokenRevoked {
+                name: crate::auth::TokenName::try_from("ci").unwrap(),
+            },
         ]
     }
 
@@ -380,12 +412,15 @@ mod tests {
         for a in [
             Actor::Local { uid: 1000 },
             Actor::Local { uid: 0 },
+            Actor::Token {
+                name: crate::auth::TokenName::try_from("ci-deploy").unwrap(),
+            },
             Actor::Agent,
         ] {
             assert_eq!(a.to_string().parse::<Actor>().unwrap(), a);
         }
         assert_eq!(Actor::Local { uid: 1000 }.to_string(), "uid:1000");
-        for bad in ["uid:", "uid:-1", "root", ""] {
+        for bad in ["uid:", "uid:-1", "root", "", "token:", "token:A B"] {
             assert!(bad.parse::<Actor>().is_err(), "{bad}");
         }
     }

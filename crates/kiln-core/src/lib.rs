@@ -7,6 +7,7 @@
 //! [`tree`] (the per-file manifest of an unpacked image).
 
 pub mod api;
+pub mod auth;
 pub mod counters;
 pub mod digest;
 pub mod event;

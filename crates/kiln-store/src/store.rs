@@ -548,6 +548,11 @@ impl crate::gzip::Checkpoint for BlobWriter {
 }
 
 impl BlobWriter {
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.size
+    }
+
     /// Flush and fsync; the blob is complete but not yet in the store.
     pub fn finish(self) -> Result<PendingBlob> {
         let tmp = self

@@ -1,6 +1,9 @@
-//! The CLI's side of the agent API: HTTP/1.1 over the Unix socket.
+//! The CLI's side of the agent API: HTTP/1.1 over the Unix socket, or
+//! over TLS to a remote agent (`--agent URL` / `KILN_AGENT`) with a token
+//! and the certificate pinned by `kiln login https://HOST:PORT`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::{BodyExt, Full};
@@ -12,13 +15,31 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixStream;
 
 pub struct Client {
-    sock: PathBuf,
+    target: Target,
+}
+
+enum Target {
+    Local(PathBuf),
+    Remote(Arc<crate::remote::Remote>),
 }
 
 impl Client {
+    /// The agent of `home`, or the remote agent the command line named.
     pub fn new(home: &Path) -> Self {
+        match crate::remote::chosen() {
+            Some(r) => Self {
+                target: Target::Remote(r),
+            },
+            None => Self {
+                target: Target::Local(kiln_agent::socket_path(home)),
+            },
+        }
+    }
+
+    /// A client of one remote agent.
+    pub fn remote(remote: Arc<crate::remote::Remote>) -> Self {
         Self {
-            sock: kiln_agent::socket_path(home),
+            target: Target::Remote(remote),
         }
     }
 
@@ -28,25 +49,29 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
-        let stream = UnixStream::connect(&self.sock).await.map_err(|e| {
-            anyhow!(
-                "cannot reach the agent at {}: {e} (is `kiln serve` running with this home?)",
-                self.sock.display()
-            )
-        })?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .context("cannot talk to the agent")?;
-        tokio::spawn(conn);
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)
-            .header("host", "kiln")
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        send.send_request(req)
-            .await
-            .context("the agent did not answer")
+            .header("content-type", "application/json");
+        let body = Full::new(Bytes::from(body.unwrap_or_default()));
+        match &self.target {
+            Target::Local(sock) => {
+                let stream = UnixStream::connect(sock).await.map_err(|e| {
+                    anyhow!(
+                        "cannot reach the agent at {}: {e} (is `kiln serve` running with this home?)",
+                        sock.display()
+                    )
+                })?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .context("cannot talk to the agent")?;
+                tokio::spawn(conn);
+                send.send_request(req.header("host", "kiln").body(body)?)
+                    .await
+                    .context("the agent did not answer")
+            }
+            Target::Remote(r) => r.send(req, body).await,
+        }
     }
 
     async fn json<T: DeserializeOwned>(

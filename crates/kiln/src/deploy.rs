@@ -35,6 +35,7 @@ pub fn serve(
     home: &Path,
     metrics: Option<std::net::SocketAddr>,
     gc: Option<kiln_agent::gc::AutoGc>,
+    api: Option<kiln_agent::ApiOptions>,
 ) -> Result<ExitCode> {
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
@@ -54,6 +55,16 @@ pub fn serve(
         args.push("--gc-grace".into());
         args.push(humantime::format_duration(g.grace).to_string().into());
     }
+    if let Some(a) = api {
+        args.push("--api".into());
+        args.push(a.addr.to_string().into());
+        if let Some(c) = a.cert {
+            args.push("--tls-cert".into());
+            args.push(c.cert.into());
+            args.push("--tls-key".into());
+            args.push(c.key.into());
+        }
+    }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;
     Ok(ExitCode::from(code))
@@ -65,13 +76,14 @@ pub fn agent(
     metrics: Option<std::net::SocketAddr>,
     successor: bool,
     gc: Option<kiln_agent::gc::AutoGc>,
+    api: Option<kiln_agent::ApiOptions>,
 ) -> Result<ExitCode> {
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mode = kiln_agent::AgentMode { successor, gc };
+    let mode = kiln_agent::AgentMode { successor, gc, api };
     let exit = rt
         .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
             eprintln!("kiln agent ready on {}", sock.display())
@@ -313,6 +325,30 @@ fn send_spec(
     // The agent first: without one, nothing is baked into the store.
     rt.block_on(client.get::<StatusResponse>("/v1/status"))?;
     let (services, explicit_runtime) = desired(home, file, true)?;
+    // A remote agent gets the images it lacks first (only those blobs).
+    if let Some(remote) = crate::remote::chosen() {
+        let mut images: Vec<(String, kiln_core::Digest)> = services
+            .iter()
+            .map(|s| (s.config.image_name.clone(), s.config.image.clone()))
+            .collect();
+        images.sort();
+        images.dedup();
+        let store = open_store(home)?;
+        let up = rt.block_on(crate::remote::upload(&remote, &store, &images, &|m| {
+            if !json {
+                eprintln!("  {m}");
+            }
+        }))?;
+        if !json {
+            eprintln!(
+                "uploaded {} blob{} ({}) to the agent; {} it had",
+                up.uploaded,
+                plural(up.uploaded),
+                crate::commands::human_bytes(up.uploaded_bytes),
+                up.present
+            );
+        }
+    }
     let request = ApplyRequest {
         services,
         dry_run,

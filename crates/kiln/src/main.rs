@@ -11,6 +11,7 @@ mod demo;
 mod deploy;
 mod progress;
 mod registry;
+mod remote;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,8 +29,46 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
 
+    /// Send the command to a remote agent (https://HOST:PORT, after `kiln
+    /// login` there); KILN_TOKEN gives its token, KILN_AGENT_FINGERPRINT its
+    /// certificate's fingerprint when it was never logged in to
+    #[arg(long, global = true, value_name = "URL", env = "KILN_AGENT")]
+    agent: Option<String>,
+
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Make a token and print it (once: only its hash is kept)
+    Create {
+        /// 1 to 32 of a-z, 0-9, - and _ (events name changes by it)
+        name: String,
+        /// viewer (reads), deployer (also apply, rollback, promote, abort,
+        /// remove, image uploads) or admin (also tokens and gc)
+        #[arg(long, value_parser = |s: &str| s.parse::<kiln_core::auth::Role>())]
+        role: kiln_core::auth::Role,
+        /// Expire after this long (e.g. 30d, 12h) [default: never]
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<std::time::Duration>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every token's name, role, creation and expiry (never a token)
+    List {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// A token no longer authenticates, from its next request on
+    Revoke {
+        name: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -141,11 +180,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Keep credentials for a registry ($KILN_HOME/registries.json, 0600)
+    /// Keep credentials for a registry ($KILN_HOME/registries.json, 0600), or
+    /// for a remote agent (https://HOST:PORT: its token, and its certificate's
+    /// fingerprint pinned on first use, in $KILN_HOME/agents.json, 0600)
     Login {
-        /// HOST[:PORT] of the registry
+        /// HOST[:PORT] of the registry, or https://HOST:PORT of an agent
         #[arg(value_name = "HOST")]
         host: String,
+        /// An agent's token, read from stdin (else from KILN_TOKEN)
+        #[arg(long)]
+        token_stdin: bool,
+        /// Print the result as JSON (agents)
+        #[arg(long)]
+        json: bool,
         /// The user name
         #[arg(short, long, value_name = "USER")]
         username: Option<String>,
@@ -156,9 +203,9 @@ pub enum Command {
         #[arg(long)]
         insecure: bool,
     },
-    /// Forget a registry's credentials
+    /// Forget a registry's credentials, or an agent's token and pin
     Logout {
-        /// HOST[:PORT] of the registry
+        /// HOST[:PORT] of the registry, or https://HOST:PORT of an agent
         #[arg(value_name = "HOST")]
         host: String,
     },
@@ -175,6 +222,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// API tokens for remote use: create, list, revoke (admin)
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Run the agent on this node (foreground): reconciler, instances, router, API on $KILN_HOME/kiln.sock
     ///
     /// A small supervisor holds the sockets and starts the agent process; if
@@ -200,11 +250,22 @@ pub enum Command {
         /// With --gc-above: anything younger stays (a bake or pull in progress)
         #[arg(long, value_name = "DURATION", default_value = GC_GRACE, value_parser = parse_duration)]
         gc_grace: std::time::Duration,
+        /// Serve the API over TLS on this address too (e.g. 0.0.0.0:7443):
+        /// remote commands, images and the dashboard, behind API tokens
+        #[arg(long, value_name = "ADDR")]
+        api: Option<std::net::SocketAddr>,
+        /// With --api: the certificate (PEM chain) to serve, instead of the
+        /// self-signed one made on first start in $KILN_HOME/api/
+        #[arg(long, value_name = "FILE", requires = "tls_key", requires = "api")]
+        tls_cert: Option<PathBuf>,
+        /// With --tls-cert: its private key (PEM)
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
-        agent: bool,
+        run_agent: bool,
         /// (internal) the agent replaces a running one
-        #[arg(long, hide = true, requires = "agent")]
+        #[arg(long, hide = true, requires = "run_agent")]
         successor: bool,
     },
     /// Bake what changed, record a release per changed service, and roll it out
@@ -369,6 +430,16 @@ pub enum RolloutCommand {
 /// Dispatch a command to its module.
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = || commands::resolve_home(cli.home.clone());
+    // Commands that talk to an agent talk to the remote one named; `serve`,
+    // `login` and `logout` are always about this machine.
+    if let Some(url) = &cli.agent
+        && !matches!(
+            cli.command,
+            Command::Serve { .. } | Command::Login { .. } | Command::Logout { .. }
+        )
+    {
+        remote::choose(&home()?, url)?;
+    }
     match cli.command {
         Command::Bake {
             file,
@@ -396,9 +467,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => registry::pull(&home()?, &src, insecure, json),
         Command::Login {
             host,
+            token_stdin,
+            json,
+            ..
+        } if host.starts_with("https://") => remote::login(&home()?, &host, token_stdin, json),
+        Command::Logout { host } if host.starts_with("https://") => remote::logout(&home()?, &host),
+        Command::Token(t) => match t {
+            TokenCommand::Create {
+                name,
+                role,
+                expires,
+                json,
+            } => remote::token_create(&home()?, &name, role, expires, json),
+            TokenCommand::List { json } => remote::token_list(&home()?, json),
+            TokenCommand::Revoke { name, json } => remote::token_revoke(&home()?, &name, json),
+        },
+        Command::Login {
+            host,
             username,
             password_stdin,
             insecure,
+            ..
         } => registry::login(
             &home()?,
             &host,
@@ -450,18 +539,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gc_above,
             keep_releases,
             gc_grace,
-            agent,
+            api,
+            tls_cert,
+            tls_key,
+            run_agent,
             successor,
         } => {
+            let api = api.map(|addr| kiln_agent::ApiOptions {
+                addr,
+                cert: tls_cert
+                    .zip(tls_key)
+                    .map(|(cert, key)| kiln_agent::remote::GivenCert { cert, key }),
+            });
             let gc = gc_above.map(|above| kiln_agent::gc::AutoGc {
                 above,
                 keep_releases,
                 grace: gc_grace,
             });
-            match (upgrade, agent) {
+            match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
-                (false, true) => deploy::agent(&home()?, metrics, successor, gc),
-                (false, false) => deploy::serve(&home()?, metrics, gc),
+                (false, true) => deploy::agent(&home()?, metrics, successor, gc, api),
+                (false, false) => deploy::serve(&home()?, metrics, gc, api),
             }
         }
         Command::Gc {
@@ -527,7 +625,7 @@ fn main() -> ExitCode {
         }
         default(info);
     }));
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(compatible_args(std::env::args_os().collect()));
     match run(cli) {
         Ok(code) => code,
         // Written output that nobody reads any more: done, quietly.
@@ -537,6 +635,24 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A supervisor of an earlier kiln starts its agent as `kiln serve
+/// --agent`; that flag is now `--run-agent` (`--agent URL` names a remote
+/// agent). Read the old form so that `kiln serve --upgrade` onto this
+/// version works.
+fn compatible_args(mut args: Vec<std::ffi::OsString>) -> Vec<std::ffi::OsString> {
+    if args.get(1).is_some_and(|a| a == "serve") {
+        for i in 2..args.len() {
+            let next_is_url = args
+                .get(i + 1)
+                .is_some_and(|n| n.to_string_lossy().starts_with("https://"));
+            if args[i] == "--agent" && !next_is_url {
+                args[i] = "--run-agent".into();
+            }
+        }
+    }
+    args
 }
 
 /// Whether `e` is a write to a closed pipe.

@@ -352,6 +352,49 @@ pub(super) fn secrets_are_kept_by_digest_and_the_key_once(state: &dyn StateStore
     assert_eq!(state.secret(&sb).unwrap(), Some(b));
 }
 
+pub(super) fn tokens_are_kept_once_by_name_and_revoked_with_their_events(state: &dyn StateStore) {
+    use kiln_core::auth::{Role, TokenName, TokenRecord};
+    let name = TokenName::try_from("ci").unwrap();
+    let record = TokenRecord {
+        name,
+        role: Role::Deployer,
+        hash: "ab".repeat(32),
+        created: 5,
+        expires: Some(9),
+    };
+    let made = NewEvent::node(
+        Change::TokenCreated {
+            name,
+            role: Role::Deployer,
+            expires: Some(9),
+        },
+        Actor::Local { uid: 0 },
+    );
+    assert_eq!(state.token(&name).unwrap(), None);
+    assert!(state.put_token(&record, &made).unwrap());
+    let other = TokenRecord {
+        role: Role::Admin,
+        ..record.clone()
+    };
+    assert!(
+        !state.put_token(&other, &made).unwrap(),
+        "the name is taken"
+    );
+    assert_eq!(state.token(&name).unwrap(), Some(record.clone()));
+    assert_eq!(state.tokens().unwrap(), vec![record]);
+    let revoked = NewEvent::node(Change::TokenRevoked { name }, Actor::Local { uid: 0 });
+    assert!(state.revoke_token(&name, &revoked).unwrap());
+    assert!(!state.revoke_token(&name, &revoked).unwrap());
+    assert_eq!(state.token(&name).unwrap(), None);
+    let kinds: Vec<_> = state
+        .events(0)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.change.kind())
+        .collect();
+    assert_eq!(kinds, ["token-created", "token-revoked"]);
+}
+
 pub(super) fn a_removed_service_keeps_its_releases_and_events(state: &dyn StateStore) {
     let name = web();
     let ev = event("x");
@@ -421,6 +464,13 @@ macro_rules! contract_tests {
         fn a_removed_service_keeps_its_releases_and_events() {
             let (_keep, state) = $fresh();
             $crate::state::contract::a_removed_service_keeps_its_releases_and_events(&state);
+        }
+        #[test]
+        fn tokens_are_kept_once_by_name_and_revoked_with_their_events() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::tokens_are_kept_once_by_name_and_revoked_with_their_events(
+                &state,
+            );
         }
         #[test]
         fn secrets_are_kept_by_digest_and_the_key_once() {

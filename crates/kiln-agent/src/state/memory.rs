@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
+use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
@@ -30,6 +31,7 @@ struct Inner {
     events: Vec<Event>,
     secret_key: Option<[u8; 32]>,
     secrets: BTreeMap<Sealed, SecretValue>,
+    tokens: BTreeMap<TokenName, TokenRecord>,
 }
 
 impl MemoryState {
@@ -245,6 +247,33 @@ impl StateStore for MemoryState {
 
     fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
         Ok(self.inner().secrets.get(sealed).cloned())
+    }
+
+    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
+        let mut inner = self.inner();
+        if inner.tokens.contains_key(&record.name) {
+            return Ok(false);
+        }
+        inner.tokens.insert(record.name, record.clone());
+        inner.append(event);
+        Ok(true)
+    }
+
+    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
+        Ok(self.inner().tokens.get(name).cloned())
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        Ok(self.inner().tokens.values().cloned().collect())
+    }
+
+    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
+        let mut inner = self.inner();
+        if inner.tokens.remove(name).is_none() {
+            return Ok(false);
+        }
+        inner.append(event);
+        Ok(true)
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {

@@ -22,6 +22,7 @@ mod sqlite;
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
 
+use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
 use kiln_core::secret::{Sealed, SecretValue};
@@ -120,6 +121,17 @@ impl NewEvent {
         }
     }
 
+    /// A change with no service as its subject (tokens), made by `actor`.
+    pub fn node(change: Change, actor: Actor) -> Self {
+        Self {
+            change,
+            actor,
+            service: None,
+            revision: None,
+            instance: None,
+        }
+    }
+
     /// The same change, made by `actor`.
     pub fn by(mut self, actor: Actor) -> Self {
         self.actor = actor;
@@ -195,6 +207,15 @@ pub trait StateStore: Send + Sync {
     fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()>;
     /// A secret's value, by its sealed digest.
     fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>>;
+    /// Keep a new API token's record with the event saying so, in one
+    /// transaction; `false` (and nothing written) when the name is taken.
+    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool>;
+    /// The record of the token `name`, if it exists (revoked ones do not).
+    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>>;
+    /// Every token's record, by name.
+    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    /// Forget a token with the event saying so; `false` when there was none.
+    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool>;
     /// The events after sequence number `after`, in order (the read side
     /// of the log: the ledger and `kiln audit` will read it).
     fn events(&self, after: u64) -> Result<Vec<Event>>;

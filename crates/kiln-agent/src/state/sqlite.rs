@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::sync::Mutex;
 
+use kiln_core::auth::{TokenName, TokenRecord};
+
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::secret::{Sealed, SecretValue};
@@ -70,6 +72,11 @@ CREATE TABLE IF NOT EXISTS secrets (
     sealed TEXT PRIMARY KEY,
     value  TEXT NOT NULL
 );
+-- API tokens: their SHA-256, never the token.
+CREATE TABLE IF NOT EXISTS tokens (
+    name    TEXT PRIMARY KEY,
+    record  TEXT NOT NULL     -- JSON TokenRecord
+);
 CREATE TABLE IF NOT EXISTS node (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
@@ -79,6 +86,13 @@ BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 "#;
+
+fn token_record(source: serde_json::Error) -> StateError {
+    StateError::Decode {
+        what: "token record",
+        source,
+    }
+}
 
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
@@ -462,6 +476,56 @@ impl StateStore for SqliteState {
             )
             .optional()?;
         Ok(v.map(SecretValue::new))
+    }
+
+    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let added = tx.execute(
+            "INSERT OR IGNORE INTO tokens (name, record) VALUES (?1, ?2)",
+            params![record.name.as_str(), json(record)],
+        )?;
+        if added == 0 {
+            return Ok(false);
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(true)
+    }
+
+    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
+        let conn = self.conn();
+        let v: Option<String> = conn
+            .query_row(
+                "SELECT record FROM tokens WHERE name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        v.map(|v| serde_json::from_str(&v).map_err(token_record))
+            .transpose()
+    }
+
+    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, record FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?).map_err(token_record)?);
+        }
+        Ok(out)
+    }
+
+    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        if tx.execute("DELETE FROM tokens WHERE name = ?1", [name.as_str()])? == 0 {
+            return Ok(false);
+        }
+        insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(true)
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {

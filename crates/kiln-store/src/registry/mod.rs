@@ -23,7 +23,7 @@ use oci_client::{
 };
 
 pub use credentials::{Auth, Credentials, Login};
-pub use pull::{PullReport, pull};
+pub use pull::{MEDIA_TYPE_DOCKER_MANIFEST, PullReport, pull};
 pub use push::{PushReport, push};
 
 use crate::store::StoreError;

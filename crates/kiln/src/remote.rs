@@ -1,0 +1,605 @@
+//! Remote agents: `kiln login https://HOST:PORT` pins the agent's
+//! certificate on first use (as SSH's known hosts do) and keeps it with the
+//! token in `$KILN_HOME/agents.json` (0600); `--agent URL` / `KILN_AGENT`
+//! sends any command there, with `KILN_TOKEN` if set. A certificate that
+//! is not the pinned one is refused, with both fingerprints named.
+
+use std::collections::BTreeMap;
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use kiln_core::api::{
+    TokenCreateRequest, TokenCreateResponse, TokenListResponse, TokenRevokeResponse, WhoAmIResponse,
+};
+use kiln_core::auth::{self, Role, TokenName};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, runtime};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An agent's address as kiln keys it: `https://HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentUrl {
+    host: String,
+    port: u16,
+}
+
+impl AgentUrl {
+    pub fn parse(s: &str) -> Result<Self> {
+        let rest = s
+            .strip_prefix("https://")
+            .ok_or_else(|| anyhow!("invalid agent URL `{s}`: it starts with https://"))?;
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
+                h,
+                p.parse::<u16>()
+                    .map_err(|_| anyhow!("invalid agent URL `{s}`: bad port `{p}`"))?,
+            ),
+            _ => (rest, 443),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty()
+            || host.contains(['/', '@', '?', '#'])
+            || ServerName::try_from(host.to_owned()).is_err()
+        {
+            bail!("invalid agent URL `{s}`: no host");
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for AgentUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "https://{}", self.authority())
+    }
+}
+
+/// `$KILN_HOME/agents.json`.
+#[derive(Default, Serialize, Deserialize)]
+struct Agents {
+    agents: BTreeMap<String, Known>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct Known {
+    fingerprint: String,
+    token: String,
+}
+
+fn agents_path(home: &Path) -> PathBuf {
+    home.join("agents.json")
+}
+
+impl Agents {
+    fn open(home: &Path) -> Result<Self> {
+        let path = agents_path(home);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{} is not valid", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    fn save(&self, home: &Path) -> Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = agents_path(home);
+        std::fs::create_dir_all(home).with_context(|| home.display().to_string())?;
+        let tmp = path.with_extension("json.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| tmp.display().to_string())?;
+        f.write_all(&serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+    }
+}
+
+/// Accepts the pinned certificate only (any, when there is no pin yet:
+/// `kiln login`), after checking that the server holds its key.
+#[derive(Debug)]
+struct Pin {
+    want: Option<String>,
+    seen: Mutex<Option<String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for Pin {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let fp = auth::fingerprint(end_entity);
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
+        match &self.want {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(w) if auth::constant_time_eq(w.as_bytes(), fp.as_bytes()) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Some(_) => Err(rustls::Error::General("not the pinned certificate".into())),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A remote agent: where, which certificate, which token.
+pub struct Remote {
+    url: AgentUrl,
+    token: String,
+    pin: Arc<Pin>,
+    tls: tokio_rustls::TlsConnector,
+}
+
+impl Remote {
+    fn new(url: AgentUrl, fingerprint: Option<String>, token: String) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let pin = Arc::new(Pin {
+            want: fingerprint,
+            seen: Mutex::new(None),
+            provider: provider.clone(),
+        });
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map(|b| {
+                b.dangerous()
+                    .with_custom_certificate_verifier(pin.clone())
+                    .with_no_client_auth()
+            })
+            // ring's default versions are always valid: unreachable.
+            .unwrap_or_else(|_| unreachable!("ring supports the default TLS versions"));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Self {
+            url,
+            token,
+            pin,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+        }
+    }
+
+    /// The fingerprint the agent presented on the last connection.
+    fn seen(&self) -> Option<String> {
+        self.pin
+            .seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub async fn send<B>(
+        &self,
+        req: hyper::http::request::Builder,
+        body: B,
+    ) -> Result<hyper::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let addr = self.url.authority();
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+            .await
+            .map_err(|_| anyhow!("cannot reach the agent at {}: no answer in 10 s", self.url))?
+            .map_err(|e| anyhow!("cannot reach the agent at {}: {e}", self.url))?;
+        let name = ServerName::try_from(self.url.host.clone())
+            .map_err(|e| anyhow!("invalid agent host {}: {e}", self.url.host))?;
+        let tls = match tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                if let (Some(want), Some(seen)) = (&self.pin.want, self.seen())
+                    && *want != seen
+                {
+                    bail!(
+                        "the agent at {} presents certificate {seen}, not the pinned {want}: refused \
+                         (if it was changed on purpose: kiln logout {0}, then kiln login {0})",
+                        self.url
+                    );
+                }
+                bail!("TLS with the agent at {}: {e}", self.url);
+            }
+            Err(_) => bail!("TLS with the agent at {}: no handshake in 10 s", self.url),
+        };
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .context("cannot talk to the agent")?;
+        tokio::spawn(conn);
+        let req = req
+            .header("host", addr)
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(body)?;
+        send.send_request(req)
+            .await
+            .context("the agent did not answer")
+    }
+}
+
+/// What an upload to an agent did.
+#[derive(Debug, Default, Serialize)]
+pub struct Upload {
+    pub images: usize,
+    pub uploaded: usize,
+    pub uploaded_bytes: u64,
+    /// Blobs the agent had already.
+    pub present: usize,
+}
+
+/// Upload images of the local store to a remote agent through its OCI
+/// endpoint: only the blobs it lacks (asked first), four at a time, each
+/// streamed from the store; then each manifest, by digest. The agent keeps
+/// a blob only once it hashes to its digest.
+pub async fn upload(
+    remote: &Remote,
+    store: &kiln_store::Store,
+    images: &[(String, kiln_core::Digest)],
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Upload> {
+    use futures_util::{StreamExt as _, TryStreamExt as _};
+    let mut report = Upload::default();
+    for (name, digest) in images {
+        // The agent's store names images by one path component.
+        let repo = kiln_core::reference::ImageName::try_from(name.rsplit('/').next().unwrap_or(""))
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_else(|_| "upload".to_owned());
+        let manifest = store.manifest(digest)?;
+        let blobs: Vec<kiln_core::oci::Descriptor> = std::iter::once(manifest.config.clone())
+            .chain(manifest.layers.iter().cloned())
+            .collect();
+        let sent: Vec<Option<u64>> = futures_util::stream::iter(blobs.iter())
+            .map(|b| upload_blob(remote, store, &repo, b, progress))
+            .buffer_unordered(4)
+            .try_collect()
+            .await?;
+        for s in sent {
+            match s {
+                Some(n) => {
+                    report.uploaded += 1;
+                    report.uploaded_bytes += n;
+                }
+                None => report.present += 1,
+            }
+        }
+        let bytes = store.read_blob(digest)?;
+        let media = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.get("mediaType")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| kiln_core::oci::MEDIA_TYPE_MANIFEST.to_owned());
+        let req = hyper::Request::builder()
+            .method(hyper::Method::PUT)
+            .uri(format!("/v2/{repo}/manifests/{digest}"))
+            .header("content-type", media);
+        let resp = remote.send(req, Full::new(Bytes::from(bytes))).await?;
+        expect(resp, "uploading the manifest", &[201]).await?;
+        report.images += 1;
+    }
+    Ok(report)
+}
+
+/// `Some(bytes)` uploaded, `None` already there.
+async fn upload_blob(
+    remote: &Remote,
+    store: &kiln_store::Store,
+    repo: &str,
+    blob: &kiln_core::oci::Descriptor,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<Option<u64>> {
+    use futures_util::TryStreamExt as _;
+    let head = hyper::Request::builder()
+        .method(hyper::Method::HEAD)
+        .uri(format!("/v2/{repo}/blobs/{}", blob.digest));
+    let resp = remote.send(head, Full::new(Bytes::new())).await?;
+    if resp.status() == 200 {
+        return Ok(None);
+    }
+    expect(resp, "asking for a blob", &[404]).await?;
+    let file = tokio::fs::File::from_std(store.open_blob(&blob.digest)?);
+    let len = file.metadata().await?.len();
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 << 10)
+        .map_ok(hyper::body::Frame::data);
+    let body = http_body_util::StreamBody::new(stream);
+    let req = hyper::Request::builder()
+        .method(hyper::Method::POST)
+        .uri(format!("/v2/{repo}/blobs/uploads/?digest={}", blob.digest))
+        .header("content-type", "application/octet-stream")
+        .header("content-length", len);
+    let resp = remote.send(req, body).await?;
+    expect(resp, "uploading a blob", &[201]).await?;
+    progress(&format!(
+        "uploaded {} ({})",
+        blob.digest.short(),
+        crate::commands::human_bytes(len)
+    ));
+    Ok(Some(len))
+}
+
+/// The answer, or its error message when its status is not one expected.
+async fn expect(
+    resp: hyper::Response<hyper::body::Incoming>,
+    doing: &str,
+    ok: &[u16],
+) -> Result<()> {
+    use http_body_util::BodyExt as _;
+    let status = resp.status().as_u16();
+    if ok.contains(&status) {
+        return Ok(());
+    }
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let msg = v
+        .pointer("/errors/0/message")
+        .or_else(|| v.get("error"))
+        .and_then(|m| m.as_str())
+        .map(str::to_owned)
+        .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
+    bail!("{doing}: the agent answered {status}: {msg}")
+}
+
+static CHOSEN: OnceLock<Arc<Remote>> = OnceLock::new();
+
+/// The remote agent `--agent` / `KILN_AGENT` named, once [`choose`] ran.
+pub fn chosen() -> Option<Arc<Remote>> {
+    CHOSEN.get().cloned()
+}
+
+/// Send the commands that talk to an agent to `url`: its pin and token
+/// from `kiln login`, the token from `KILN_TOKEN` when set, the pin from
+/// `KILN_AGENT_FINGERPRINT` when there is none (CI).
+pub fn choose(home: &Path, url: &str) -> Result<()> {
+    let url = AgentUrl::parse(url)?;
+    let known = Agents::open(home)?.agents.get(&url.to_string()).cloned();
+    let env_token = std::env::var("KILN_TOKEN").ok().filter(|t| !t.is_empty());
+    let env_pin = std::env::var("KILN_AGENT_FINGERPRINT")
+        .ok()
+        .filter(|t| !t.is_empty());
+    let fingerprint = known
+        .as_ref()
+        .map(|k| k.fingerprint.clone())
+        .or(env_pin)
+        .ok_or_else(|| {
+            anyhow!("{url} is not a known agent: kiln login {url} (or set KILN_AGENT_FINGERPRINT)")
+        })?;
+    let token = env_token
+        .or(known.map(|k| k.token))
+        .ok_or_else(|| anyhow!("no token for {url}: kiln login {url}, or KILN_TOKEN"))?;
+    let _ = CHOSEN.set(Arc::new(Remote::new(url, Some(fingerprint), token)));
+    Ok(())
+}
+
+fn read_token(token_stdin: bool) -> Result<String> {
+    if token_stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("cannot read the token from stdin")?;
+        return Ok(line.trim().to_owned());
+    }
+    std::env::var("KILN_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| anyhow!("give the token on stdin (--token-stdin) or in KILN_TOKEN: never on the command line"))
+}
+
+/// `kiln login https://HOST:PORT`: pin the certificate the agent presents
+/// now (or check it against the pin kept), check the token, keep both.
+pub fn login(home: &Path, url: &str, token_stdin: bool, json: bool) -> Result<ExitCode> {
+    let url = AgentUrl::parse(url)?;
+    let token = read_token(token_stdin)?;
+    let mut agents = Agents::open(home)?;
+    let pinned = agents
+        .agents
+        .get(&url.to_string())
+        .map(|k| k.fingerprint.clone());
+    let remote = Arc::new(Remote::new(url.clone(), pinned.clone(), token.clone()));
+    let rt = runtime()?;
+    let who: WhoAmIResponse = rt.block_on(Client::remote(remote.clone()).get("/v1/whoami"))?;
+    let fingerprint = remote
+        .seen()
+        .ok_or_else(|| anyhow!("the agent at {url} presented no certificate"))?;
+    agents.agents.insert(
+        url.to_string(),
+        Known {
+            fingerprint: fingerprint.clone(),
+            token,
+        },
+    );
+    agents.save(home)?;
+    if json {
+        crate::commands::print_json(&serde_json::json!({
+            "agent": url.to_string(),
+            "actor": who.actor,
+            "role": who.role,
+            "fingerprint": fingerprint,
+        }))?;
+    } else {
+        println!(
+            "{url}: logged in as {} ({}); certificate {fingerprint} {} (kept in {}, owner-only)",
+            who.actor,
+            who.role,
+            if pinned.is_some() {
+                "as pinned"
+            } else {
+                "pinned on first use: check it against the agent's log"
+            },
+            agents_path(home).display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln logout https://HOST:PORT`: forget its token and pin.
+pub fn logout(home: &Path, url: &str) -> Result<ExitCode> {
+    let url = AgentUrl::parse(url)?;
+    let mut agents = Agents::open(home)?;
+    if agents.agents.remove(&url.to_string()).is_none() {
+        bail!("{url}: not logged in");
+    }
+    agents.save(home)?;
+    println!("{url}: token and certificate pin forgotten");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn token_create(
+    home: &Path,
+    name: &str,
+    role: Role,
+    expires: Option<Duration>,
+    json: bool,
+) -> Result<ExitCode> {
+    let name = TokenName::try_from(name).map_err(|e| anyhow!(e))?;
+    let req = TokenCreateRequest {
+        name,
+        role,
+        expires_in: expires.map(|d| d.as_secs().max(1)),
+    };
+    let rt = runtime()?;
+    let resp: TokenCreateResponse = rt.block_on(Client::new(home).post("/v1/tokens", &req))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!("{}", resp.token);
+        eprintln!(
+            "token {name} ({role}{}): shown this once; only its hash is kept",
+            resp.record
+                .expires
+                .map(|e| format!(", expires {}", rfc3339(e)))
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rfc3339(unix: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(unix)).to_string()
+}
+
+pub fn token_list(home: &Path, json: bool) -> Result<ExitCode> {
+    let rt = runtime()?;
+    let resp: TokenListResponse = rt.block_on(Client::new(home).get("/v1/tokens"))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("{:<32} {:<8} {:<20} EXPIRES", "NAME", "ROLE", "CREATED");
+    for t in &resp.tokens {
+        println!(
+            "{:<32} {:<8} {:<20} {}",
+            t.name.as_str(),
+            t.role.as_str(),
+            rfc3339(t.created),
+            t.expires.map(rfc3339).unwrap_or_else(|| "never".into())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn token_revoke(home: &Path, name: &str, json: bool) -> Result<ExitCode> {
+    let name = TokenName::try_from(name).map_err(|e| anyhow!(e))?;
+    let rt = runtime()?;
+    let resp: TokenRevokeResponse = rt.block_on(
+        Client::new(home).post(&format!("/v1/tokens/{name}/revoke"), &serde_json::json!({})),
+    )?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!("token {} revoked", resp.name);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AgentUrl;
+
+    #[test]
+    fn agent_urls_parse_strictly() {
+        let u = AgentUrl::parse("https://127.0.0.1:8443").unwrap();
+        assert_eq!(u.to_string(), "https://127.0.0.1:8443");
+        assert_eq!(
+            AgentUrl::parse("https://kiln.example/")
+                .unwrap()
+                .to_string(),
+            "https://kiln.example:443"
+        );
+        assert_eq!(
+            AgentUrl::parse("https://[::1]:9").unwrap().to_string(),
+            "https://[::1]:9"
+        );
+        for bad in [
+            "http://x:1",
+            "x:1",
+            "https://",
+            "https://x:port",
+            "https://u@x:1",
+            "https://x:1/path",
+        ] {
+            assert!(AgentUrl::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,511 @@
+//! Remote use, black-box over real TLS on loopback: `kiln serve --api`,
+//! tokens and roles, `kiln login` with a pinned certificate, `--agent`,
+//! images through the agent's OCI endpoint.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::process::Command;
+use std::time::Duration;
+
+use util::*;
+
+/// An agent serving its API over TLS on a free loopback port.
+struct Remote {
+    env: Env,
+    _agent: Agent,
+    port: u16,
+}
+
+impl Remote {
+    fn start() -> Self {
+        let env = Env::new();
+        let port = free_port();
+        let agent = Agent::start_with(&env, |c| {
+            c.args(["--api", &format!("127.0.0.1:{port}")]);
+        });
+        wait_for("the API port", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self {
+            env,
+            _agent: agent,
+            port,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// A token made on the agent's machine (over its socket).
+    fn token(&self, name: &str, role: &str) -> String {
+        self.env
+            .ok(&["token", "create", name, "--role", role])
+            .trim()
+            .to_owned()
+    }
+
+    /// One HTTPS request with curl (certificate not checked: pinning is
+    /// kiln's, tested through kiln); the status and body.
+    fn call(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[&str],
+        body: Option<&str>,
+    ) -> (u16, String) {
+        let mut c = Command::new("curl");
+        c.args([
+            "-sk",
+            "--path-as-is",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            "-X",
+            method,
+        ])
+        .arg(format!("{}{path}", self.url()));
+        for h in headers {
+            c.args(["-H", h]);
+        }
+        if let Some(b) = body {
+            c.args(["-H", "content-type: application/json", "--data-binary", b]);
+        }
+        let out = c.output().expect("run curl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').expect("a status line");
+        (code.trim().parse().expect("a status"), body.to_owned())
+    }
+
+    /// What a refused request must leave as it was: every event, every token.
+    fn fingerprint_of_state(&self) -> (i64, Vec<String>) {
+        let db = rusqlite::Connection::open(self.env.home.join("state.db")).unwrap();
+        let events: i64 = db
+            .query_row("SELECT COUNT(*) FROM events", [], |r| r.get(0))
+            .unwrap();
+        let mut stmt = db
+            .prepare("SELECT record FROM tokens ORDER BY name")
+            .unwrap();
+        let tokens = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        (events, tokens)
+    }
+}
+
+fn bearer(token: &str) -> String {
+    format!("authorization: Bearer {token}")
+}
+
+/// Each role against each endpoint: allowed from the role the endpoint
+/// needs up, refused (401 without a valid token, 403 below the role) with
+/// nothing changed.
+#[test]
+fn each_role_against_each_endpoint() {
+    let r = Remote::start();
+    let viewer = r.token("v", "viewer");
+    let deployer = r.token("d", "deployer");
+    let admin = r.token("a", "admin");
+    let revoked = r.token("gone", "admin");
+    r.env.ok(&["token", "revoke", "gone"]);
+    let expiring = r.env.ok(&[
+        "token",
+        "create",
+        "brief",
+        "--role",
+        "admin",
+        "--expires",
+        "1s",
+    ]);
+    let expiring = expiring.trim().to_owned();
+    std::thread::sleep(Duration::from_millis(2100));
+
+    let apply = r#"{"services":[],"dry_run":true,"explicit_runtime":[],"prune":false}"#;
+    // (method, path, body, the least role allowed: 0 viewer, 1 deployer, 2 admin)
+    let table: &[(&str, &str, Option<&str>, u8)] = &[
+        ("GET", "/v1/status", None, 0),
+        ("GET", "/v1/whoami", None, 0),
+        ("GET", "/v1/services/web/history", None, 0),
+        ("GET", "/v1/logs?service=web", None, 0),
+        ("GET", "/", None, 0),
+        ("GET", "/v2/", None, 0),
+        ("GET", "/v2/junk/tags/list", None, 0),
+        ("POST", "/v1/apply", Some(apply), 1),
+        ("POST", "/v1/services/web/rollback", Some(r#"{"to":1}"#), 1),
+        ("POST", "/v1/services/web/promote", None, 1),
+        ("POST", "/v1/services/web/abort", None, 1),
+        ("POST", "/v1/services/web/remove", None, 1),
+        ("POST", "/v2/junk/blobs/uploads/", None, 1),
+        ("GET", "/v1/tokens", None, 2),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(r#"{"name":"made","role":"viewer"}"#),
+            2,
+        ),
+        ("POST", "/v1/tokens/nosuch/revoke", None, 2),
+    ];
+    let callers: &[(&str, Option<&str>, Option<u8>)] = &[
+        ("no token", None, None),
+        ("a malformed token", Some("kiln.x.nope"), None),
+        ("a revoked token", Some(&revoked), None),
+        ("an expired token", Some(&expiring), None),
+        ("viewer", Some(&viewer), Some(0)),
+        ("deployer", Some(&deployer), Some(1)),
+        ("admin", Some(&admin), Some(2)),
+    ];
+    for (method, path, body, needs) in table {
+        for (who, token, level) in callers {
+            let before = r.fingerprint_of_state();
+            let headers: Vec<String> = token.map(bearer).into_iter().collect();
+            let headers: Vec<&str> = headers.iter().map(String::as_str).collect();
+            let (status, text) = r.call(method, path, &headers, *body);
+            match level {
+                None => {
+                    // The dashboard sends a browser to sign in; the API says 401.
+                    let want = if *path == "/" { 303 } else { 401 };
+                    assert_eq!(status, want, "{who}: {method} {path}: {text}");
+                }
+                Some(l) if l < needs => {
+                    assert_eq!(status, 403, "{who}: {method} {path}: {text}");
+                    assert!(text.contains("needs"), "{text}");
+                }
+                Some(_) => assert!(
+                    ![401, 403].contains(&status),
+                    "{who} may {method} {path}: {status} {text}"
+                ),
+            }
+            if level.is_none_or(|l| l < *needs) {
+                assert_eq!(
+                    r.fingerprint_of_state(),
+                    before,
+                    "a refused {method} {path} ({who}) changed nothing"
+                );
+            }
+        }
+    }
+    // The admin's token creation was the one change, and names its actor.
+    let tokens = r.env.ok(&["token", "list"]);
+    assert!(tokens.contains("made"), "{tokens}");
+    let db = rusqlite::Connection::open(r.env.home.join("state.db")).unwrap();
+    let actor: String = db
+        .query_row(
+            "SELECT actor FROM events WHERE kind = 'token-created' AND detail LIKE '%made%'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(actor, "token:a");
+    // No token ever reaches the agent's log, not even a refused one.
+    let log = std::fs::read_to_string(r.env.path("agent.log")).unwrap();
+    for t in [&viewer, &deployer, &admin, &revoked, &expiring] {
+        let secret = t.rsplit('.').next().unwrap();
+        assert!(!log.contains(secret), "a token is in the log:\n{log}");
+    }
+}
+
+/// Bad input on the TLS port: a clear status and message, nothing changed.
+#[test]
+fn bad_requests_get_a_clear_status_and_change_nothing() {
+    let r = Remote::start();
+    let admin = r.token("a", "admin");
+    let auth = bearer(&admin);
+    let before = r.fingerprint_of_state();
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        (
+            "POST",
+            "/v1/apply",
+            Some("{not json"),
+            400,
+            "invalid request body",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(r#"{"name":"x","role":"viewer","admin":true}"#),
+            400,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(r#"{"name":"Bad Name","role":"viewer"}"#),
+            400,
+            "invalid token name",
+        ),
+        (
+            "POST",
+            "/v1/tokens",
+            Some(r#"{"name":"x","role":"root"}"#),
+            400,
+            "unknown variant",
+        ),
+        ("GET", "/etc/passwd", None, 404, "no such endpoint"),
+        ("GET", "/v1/../../etc/passwd", None, 404, "no such endpoint"),
+        (
+            "DELETE",
+            "/v2/junk/manifests/v1",
+            None,
+            404,
+            "no such endpoint",
+        ),
+        (
+            "PUT",
+            "/v2/junk/manifests/v1",
+            Some("{}"),
+            400,
+            "MANIFEST_INVALID",
+        ),
+        ("GET", "/v2/NOT_A_NAME/tags/list", None, 400, "NAME_INVALID"),
+        (
+            "GET",
+            "/v2/junk/blobs/sha256:zz",
+            None,
+            400,
+            "DIGEST_INVALID",
+        ),
+    ];
+    for (method, path, body, want, says) in cases {
+        let (status, text) = r.call(method, path, &[&auth], *body);
+        assert_eq!(status, *want, "{method} {path}: {text}");
+        assert!(text.contains(says), "{method} {path}: {text}");
+    }
+    // A body over the limit.
+    let big = format!(r#"{{"services":[],"pad":"{}"}}"#, "x".repeat(3 << 20));
+    let path = r.env.path("big.json");
+    write(&path, big.as_bytes());
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .args(["-H", &auth, "-H", "content-type: application/json"])
+        .arg("--data-binary")
+        .arg(format!("@{}", path.display()))
+        .arg(format!("{}/v1/apply", r.url()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "413");
+    assert_eq!(r.fingerprint_of_state(), before);
+}
+
+/// Repeated failures from one address are slowed down; a valid token
+/// still works afterwards.
+#[test]
+fn repeated_failures_from_one_address_are_slowed_down() {
+    let r = Remote::start();
+    let viewer = r.token("v", "viewer");
+    let bad = bearer("kiln.v.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA");
+    let mut took = Vec::new();
+    for _ in 0..6 {
+        let t = std::time::Instant::now();
+        assert_eq!(r.call("GET", "/v1/status", &[&bad], None).0, 401);
+        took.push(t.elapsed());
+    }
+    // The first three are free; from the fourth on each waits (250 ms,
+    // 500 ms, 1 s): a floor, never a ceiling, so this cannot flake on a
+    // slow machine.
+    assert!(took[5] >= Duration::from_millis(900), "{took:?}");
+    assert_eq!(
+        r.call("GET", "/v1/status", &[&bearer(&viewer)], None).0,
+        200
+    );
+}
+
+/// `kiln login` pins the certificate; a changed one is refused by every
+/// command, naming both fingerprints.
+#[test]
+fn a_pinned_fingerprint_that_changes_is_refused() {
+    let env = Env::new();
+    let port = free_port();
+    let url = format!("https://127.0.0.1:{port}");
+    let start = |env: &Env| {
+        let a = Agent::start_with(env, |c| {
+            c.args(["--api", &format!("127.0.0.1:{port}")]);
+        });
+        wait_for("the API port", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        a
+    };
+    let mut agent = start(&env);
+    let token = env
+        .ok(&["token", "create", "laptop", "--role", "viewer"])
+        .trim()
+        .to_owned();
+    let laptop = Env::new();
+    let mut login = laptop.cmd();
+    login
+        .args(["login", &url, "--json"])
+        .env("KILN_TOKEN", &token);
+    let out: serde_json::Value = serde_json::from_slice(&succeed(&mut login)).unwrap();
+    assert_eq!(out["role"], "viewer");
+    assert_eq!(out["actor"], "token:laptop");
+    let pinned = out["fingerprint"].as_str().unwrap().to_owned();
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
+    assert!(log.contains(&pinned), "the agent logs what clients pin");
+    let meta = std::fs::metadata(laptop.home.join("agents.json")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+        0o600
+    );
+    laptop.ok(&["--agent", &url, "status"]);
+
+    // A new certificate (as a man in the middle would present).
+    agent.stop();
+    std::fs::remove_dir_all(env.home.join("api")).unwrap();
+    let _agent = start(&env);
+    let err = laptop.fails(&["--agent", &url, "status"]);
+    assert!(
+        err.contains("not the pinned") && err.contains(&pinned),
+        "{err}"
+    );
+    let mut again = laptop.cmd();
+    again.args(["login", &url]).env("KILN_TOKEN", &token);
+    let out = again.output().unwrap();
+    assert!(!out.status.success(), "login keeps the pin");
+    // Forgetting the pin on purpose, then logging in again, works.
+    laptop.ok(&["logout", &url]);
+    succeed(&mut again);
+    laptop.ok(&["--agent", &url, "status"]);
+}
+
+fn remote_spec(port: u16, version: &str) -> String {
+    format!(
+        r#"
+[images.app]
+context = "app"
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 1
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#
+    )
+}
+
+/// `kiln apply --agent URL` from a second home: bakes there, uploads only
+/// the blobs the agent lacks, then applies; the release records the token.
+#[test]
+fn a_remote_apply_uploads_only_missing_blobs_and_deploys() {
+    let r = Remote::start();
+    let deployer = r.token("ci", "deployer");
+    let laptop = Env::new();
+    let mut login = laptop.cmd();
+    login.args(["login", &r.url()]).env("KILN_TOKEN", &deployer);
+    succeed(&mut login);
+    let port = free_port();
+    // The spec outside the image's context: changing it changes no blob.
+    hello_app(&laptop.path("app"), "");
+    let spec = laptop.path("kiln.toml");
+    write(&spec, remote_spec(port, "v1").as_bytes());
+    let spec = spec.to_str().unwrap();
+    let out = laptop.run(&["--agent", &r.url(), "apply", "-f", spec]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("uploaded 2 blobs"), "config and layer: {err}");
+    assert!(
+        http_get(port.into(), "/")
+            .unwrap()
+            .contains("hello from v1")
+    );
+    // The image is in the agent's store under its digest.
+    let digest = laptop.json(&["images", "--json"])[0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(r.env.ok(&["images"]).contains(&digest[7..19]));
+    // Same image, other settings: nothing to upload.
+    write(Path::new(spec), remote_spec(port, "v2").as_bytes());
+    let out = laptop.run(&["--agent", &r.url(), "apply", "-f", spec]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("uploaded 0 blobs") && err.contains("2 it had"),
+        "{err}"
+    );
+    assert!(
+        http_get(port.into(), "/")
+            .unwrap()
+            .contains("hello from v2")
+    );
+    let actors = actors_of(&r.env, &["release-created"]);
+    assert_eq!(actors, ["token:ci", "token:ci"]);
+    // A viewer cannot deploy: refused before anything is uploaded.
+    let viewer = r.token("look", "viewer");
+    let mut as_viewer = laptop.cmd();
+    as_viewer
+        .args(["--agent", &r.url(), "apply", "-f", spec])
+        .env("KILN_TOKEN", &viewer);
+    let out = as_viewer.output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs deployer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(releases(&r.env, "web").len(), 2);
+}
+
+/// skopeo reads an image from the agent and writes one to it, both with
+/// the same digest as the store's; a blob whose bytes do not match its
+/// digest is refused with nothing kept.
+#[test]
+fn skopeo_reads_from_and_writes_to_the_agent() {
+    if !have("skopeo") {
+        eprintln!("skopeo is not installed: skipped");
+        return;
+    }
+    let r = Remote::start();
+    let deployer = r.token("d", "deployer");
+    let creds = format!("x:{deployer}");
+    let app = r.env.path("app");
+    write(&app.join("kiln.toml"), b"[images.junk]\n");
+    write(&app.join("file"), b"junk\n");
+    let digest = r.env.bake(&app.join("kiln.toml"), &["--tag", "v1"])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let oci = r.env.path("oci");
+    succeed(
+        Command::new("skopeo")
+            .args(["copy", "--src-tls-verify=false", "--src-creds", &creds])
+            .arg(format!("docker://127.0.0.1:{}/junk:v1", r.port))
+            .arg(format!("oci:{}:junk", oci.display())),
+    );
+    succeed(
+        Command::new("skopeo")
+            .args(["copy", "--dest-tls-verify=false", "--dest-creds", &creds])
+            .arg(format!("oci:{}:junk", oci.display()))
+            .arg(format!("docker://127.0.0.1:{}/copy:v2", r.port)),
+    );
+    let images = r.env.json(&["images", "--json"]);
+    let copy = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "copy")
+        .expect("the image skopeo wrote");
+    assert_eq!(copy["digest"], digest.as_str());
+
+    // A lying upload: bytes that are not the digest's.
+    let before = r.env.store_state();
+    let (status, text) = r.call(
+        "POST",
+        "/v2/junk/blobs/uploads/?digest=sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        &[&bearer(&deployer)],
+        Some("these bytes hash to something else"),
+    );
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("nothing was kept"), "{text}");
+    assert_eq!(r.env.store_state(), before, "nothing kept");
+}
+
+use std::path::Path;
