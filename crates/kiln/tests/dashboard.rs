@@ -1,0 +1,248 @@
+//! The dashboard in a real headless Chromium (Debian's `chromium`, driven
+//! through `chromedriver` over WebDriver with fantoccini), against a real
+//! agent serving its API over TLS on loopback.
+//!
+//! With `KILN_SCREENSHOTS=DIR`, the main pages are saved there as PNG (the
+//! README's pictures come from `docs/`).
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+use util::*;
+
+/// A chromedriver this test started, stopped by its PID when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start chromedriver");
+        wait_for("chromedriver", Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Self { child, port }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &Driver) -> Client {
+    let mut caps = serde_json::Map::new();
+    caps.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu",
+                     "--disable-dev-shm-usage", "--window-size=1200,900"]
+        }),
+    );
+    // The agent's certificate is self-signed: kiln pins it, a browser would
+    // ask; the test accepts it.
+    caps.insert("acceptInsecureCerts".into(), json!(true));
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a browser session")
+}
+
+fn spec(port: u16, version: &str) -> String {
+    format!(
+        r#"
+[images.app]
+context = "app"
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 2
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#
+    )
+}
+
+async fn screenshot(c: &Client, name: &str) {
+    if let Ok(dir) = std::env::var("KILN_SCREENSHOTS") {
+        let png = c.screenshot().await.unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(std::path::Path::new(&dir).join(name), png).unwrap();
+    }
+}
+
+async fn sign_in(c: &Client, base: &str, token: &str) {
+    c.goto(&format!("{base}/")).await.unwrap();
+    // No cookie yet: the page sends the browser to sign in.
+    assert_eq!(c.current_url().await.unwrap().path(), "/login");
+    c.find(Locator::Id("token"))
+        .await
+        .unwrap()
+        .send_keys(token)
+        .await
+        .unwrap();
+    c.find(Locator::Css("form button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.wait()
+        .at_most(Duration::from_secs(20))
+        .for_element(Locator::Css("#service-web"))
+        .await
+        .unwrap();
+}
+
+/// What `fetch` answers for a POST from the page, without the page's
+/// anti-forgery value.
+async fn forged_fetch(c: &Client) -> u64 {
+    c.execute(
+        "return fetch('/v1/services/web/rollback', {method: 'POST', \
+         headers: {'content-type': 'application/json'}, body: '{\"to\":1}'}).then(r => r.status)",
+        vec![],
+    )
+    .await
+    .unwrap()
+    .as_u64()
+    .unwrap()
+}
+
+#[test]
+fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
+    if !have("chromedriver") || !have("chromium") {
+        eprintln!("chromium or chromedriver is not installed: skipped");
+        return;
+    }
+    let env = Env::new();
+    let api = free_port();
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--api", &format!("127.0.0.1:{api}")]);
+    });
+    wait_for("the API port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", api)).is_ok()
+    });
+    let port = free_port();
+    hello_app(&env.path("app"), "");
+    let spec_path = env.path("kiln.toml");
+    for v in ["v1", "v2"] {
+        write(&spec_path, spec(port, v).as_bytes());
+        env.ok(&["apply", "-f", spec_path.to_str().unwrap()]);
+    }
+    let viewer = env.ok(&["token", "create", "ops-viewer", "--role", "viewer"]);
+    let deployer = env.ok(&["token", "create", "ops-deployer", "--role", "deployer"]);
+    let base = format!("https://127.0.0.1:{api}");
+    let driver = Driver::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let c = browser(&driver).await;
+
+        // A viewer sees the service, its releases and instances, no button.
+        sign_in(&c, &base, viewer.trim()).await;
+        let section = c.find(Locator::Css("#service-web")).await.unwrap();
+        let text = section.text().await.unwrap();
+        assert!(text.contains("release 2") && text.contains("release 1"), "{text}");
+        let releases = c
+            .find_all(Locator::Css("#service-web .timeline li"))
+            .await
+            .unwrap();
+        assert_eq!(releases.len(), 2);
+        let instances = c
+            .find_all(Locator::Css("#service-web table.instances tbody tr"))
+            .await
+            .unwrap();
+        assert_eq!(instances.len(), 2);
+        assert!(
+            c.find_all(Locator::Css("button[data-action]"))
+                .await
+                .unwrap()
+                .is_empty(),
+            "a viewer sees no button"
+        );
+        screenshot(&c, "dashboard-viewer.png").await;
+        assert_eq!(forged_fetch(&c).await, 403, "a viewer cannot roll back");
+        c.find(Locator::Css("header form button"))
+            .await
+            .unwrap()
+            .click()
+            .await
+            .unwrap();
+
+        // A deployer gets the buttons.
+        sign_in(&c, &base, deployer.trim()).await;
+        let button = c
+            .find(Locator::Css("button[data-action=rollback][data-to='1']"))
+            .await
+            .unwrap();
+        // A POST from the page without the anti-forgery value: refused,
+        // nothing changed.
+        assert_eq!(forged_fetch(&c).await, 403);
+        assert_eq!(releases_count(&env), 2);
+        // A marker that a reload would lose.
+        c.execute("window.kilnMarker = 42; return null", vec![])
+            .await
+            .unwrap();
+        button.click().await.unwrap();
+        // The rollback is release 3 with release 1's content; the page
+        // shows it as current without a reload.
+        c.wait()
+            .at_most(Duration::from_secs(30))
+            .for_element(Locator::Css(".timeline li.current[data-revision='3']"))
+            .await
+            .unwrap();
+        let marker = c.execute("return window.kilnMarker", vec![]).await.unwrap();
+        assert_eq!(marker, json!(42), "the page updated without a reload");
+        let current = c
+            .find(Locator::Css(".timeline li.current"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(current.contains("rollback"), "{current}");
+        screenshot(&c, "dashboard-deployer.png").await;
+
+        // A page of another site posting to the agent: the cookie stays
+        // home (SameSite=Strict), so the agent sees no token.
+        let forged = format!(
+            "data:text/html,<form id=f method=post action='{base}/v1/services/web/rollback'>\
+             <input name=to value=1></form><script>document.getElementById('f').submit()</script>"
+        );
+        c.goto(&forged).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let page = c.source().await.unwrap();
+        assert!(page.contains("login required"), "{page}");
+        c.close().await.unwrap();
+    });
+    assert_eq!(releases_count(&env), 3, "only the button's rollback was made");
+    let actors = actors_of(&env, &["rollback"]);
+    assert_eq!(actors, ["token:ops-deployer"]);
+}
+
+fn releases_count(env: &Env) -> usize {
+    releases(env, "web").len()
+}
