@@ -137,6 +137,8 @@ pub enum AgentError {
     NoToken(TokenName),
     #[error("request body over the 2 MiB limit")]
     TooLarge,
+    #[error("store collection: {0}")]
+    Collect(String),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -969,6 +971,22 @@ impl Agent {
             return Err(AgentError::TokenExists(req.name));
         }
         Ok(TokenCreateResponse { token, record })
+    }
+
+    /// Collect the store (`POST /v1/gc`), off the async threads.
+    pub async fn collect(
+        &self,
+        keep_releases: usize,
+        grace: Duration,
+        dry_run: bool,
+    ) -> Result<kiln_store::gc::GcReport, AgentError> {
+        let (store, state) = (self.shared.store.clone(), self.shared.state.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::gc::collect(&store, &*state, keep_releases, grace, dry_run)
+        })
+        .await
+        .map_err(|e| AgentError::Collect(e.to_string()))?
+        .map_err(|e| AgentError::Collect(e.to_string()))
     }
 
     /// The events after sequence number `after` (the dashboard's feed).

@@ -22,7 +22,8 @@ use axum::serve::IncomingStream;
 use axum::{Extension, Json};
 use kiln_core::api::{ApplyRequest, ApplyResponse, ErrorBody, HistoryResponse, StatusResponse};
 use kiln_core::api::{
-    TokenCreateRequest, TokenCreateResponse, TokenListResponse, TokenRevokeResponse, WhoAmIResponse,
+    GcRequest, TokenCreateRequest, TokenCreateResponse, TokenListResponse, TokenRevokeResponse,
+    WhoAmIResponse,
 };
 use kiln_core::auth::{Role, TokenName};
 use kiln_core::event::Actor;
@@ -70,6 +71,7 @@ impl IntoResponse for AgentError {
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
             AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            AgentError::Collect(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::NoToken(_) => StatusCode::NOT_FOUND,
             AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -94,6 +96,7 @@ pub fn local_router(agent: Arc<Agent>) -> Router {
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
+        .route("/v1/gc", post(collect))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{name}/revoke", post(revoke_token))
         .route("/v1/apply", post(apply))
@@ -119,6 +122,23 @@ async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, AgentError
     let mut out = String::new();
     agent.render_metrics(&mut out)?;
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// `POST /v1/gc`: what was (or would be) freed.
+async fn collect(
+    State(agent): State<Arc<Agent>>,
+    body: Result<Json<GcRequest>, JsonRejection>,
+) -> Result<Json<kiln_store::gc::GcReport>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok(Json(
+        agent
+            .collect(
+                req.keep_releases,
+                Duration::from_secs(req.grace_secs),
+                req.dry_run,
+            )
+            .await?,
+    ))
 }
 
 /// `GET /v1/whoami`.

@@ -308,6 +308,16 @@ pub struct TokenRevokeResponse {
     pub name: crate::auth::TokenName,
 }
 
+/// `POST /v1/gc`: collect the agent's store (as `kiln gc` does locally).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GcRequest {
+    pub keep_releases: usize,
+    pub grace_secs: u64,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
 /// `GET /v1/whoami`: who the agent takes the caller for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmIResponse {

@@ -23,7 +23,7 @@ use crate::fsutil::remove_tree;
 use crate::store::{IoContext, Result, Store};
 
 /// What a collection removed (or, dry, would remove).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct GcReport {
     pub dry_run: bool,
     /// Images (manifests) removed, as `NAME@sha256:…`.

@@ -643,8 +643,19 @@ pub fn gc(
     dry_run: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let r = kiln_agent::gc::collect_home(home, keep_releases, grace, dry_run)
-        .context("cannot collect the store")?;
+    // A remote agent collects its own store; here, the home's.
+    let r: kiln_store::gc::GcReport = match crate::remote::chosen() {
+        Some(remote) => runtime()?.block_on(Client::remote(remote).post(
+            "/v1/gc",
+            &kiln_core::api::GcRequest {
+                keep_releases,
+                grace_secs: grace.as_secs(),
+                dry_run,
+            },
+        ))?,
+        None => kiln_agent::gc::collect_home(home, keep_releases, grace, dry_run)
+            .context("cannot collect the store")?,
+    };
     if json {
         crate::commands::print_json(&r)?;
         return Ok(ExitCode::SUCCESS);

@@ -430,12 +430,25 @@ pub enum RolloutCommand {
 /// Dispatch a command to its module.
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = || commands::resolve_home(cli.home.clone());
-    // Commands that talk to an agent talk to the remote one named; `serve`,
-    // `login` and `logout` are always about this machine.
+    // Commands that talk to an agent talk to the remote one named; the
+    // others (serve, login, the store's own commands) are about this machine.
     if let Some(url) = &cli.agent
         && !matches!(
             cli.command,
-            Command::Serve { .. } | Command::Login { .. } | Command::Logout { .. }
+            Command::Serve { .. }
+                | Command::Login { .. }
+                | Command::Logout { .. }
+                | Command::Bake { .. }
+                | Command::Images { .. }
+                | Command::Inspect { .. }
+                | Command::Verify { .. }
+                | Command::Push { .. }
+                | Command::Pull { .. }
+                | Command::Export { .. }
+                | Command::Unpack { .. }
+                | Command::Demo { .. }
+                | Command::Completions { .. }
+                | Command::Man
         )
     {
         remote::choose(&home()?, url)?;

@@ -165,7 +165,10 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
         sign_in(&c, &base, viewer.trim()).await;
         let section = c.find(Locator::Css("#service-web")).await.unwrap();
         let text = section.text().await.unwrap();
-        assert!(text.contains("release 2") && text.contains("release 1"), "{text}");
+        assert!(
+            text.contains("release 2") && text.contains("release 1"),
+            "{text}"
+        );
         let releases = c
             .find_all(Locator::Css("#service-web .timeline li"))
             .await
@@ -238,7 +241,11 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
         assert!(page.contains("login required"), "{page}");
         c.close().await.unwrap();
     });
-    assert_eq!(releases_count(&env), 3, "only the button's rollback was made");
+    assert_eq!(
+        releases_count(&env),
+        3,
+        "only the button's rollback was made"
+    );
     let actors = actors_of(&env, &["rollback"]);
     assert_eq!(actors, ["token:ops-deployer"]);
 }

@@ -149,6 +149,12 @@ fn each_role_against_each_endpoint() {
             2,
         ),
         ("POST", "/v1/tokens/nosuch/revoke", None, 2),
+        (
+            "POST",
+            "/v1/gc",
+            Some(r#"{"keep_releases":10,"grace_secs":3600,"dry_run":true}"#),
+            2,
+        ),
     ];
     let callers: &[(&str, Option<&str>, Option<u8>)] = &[
         ("no token", None, None),
@@ -452,6 +458,14 @@ fn a_remote_apply_uploads_only_missing_blobs_and_deploys() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(releases(&r.env, "web").len(), 2);
+    // An admin collects the agent's store from afar; the running image stays.
+    let admin = r.token("root", "admin");
+    let mut gc = laptop.cmd();
+    gc.args(["--agent", &r.url(), "gc", "--json"])
+        .env("KILN_TOKEN", &admin);
+    let report: serde_json::Value = serde_json::from_slice(&succeed(&mut gc)).unwrap();
+    assert_eq!(report["kept_images"], 1, "{report}");
+    assert!(r.env.ok(&["images"]).contains(&digest[7..19]));
 }
 
 /// skopeo reads an image from the agent and writes one to it, both with
