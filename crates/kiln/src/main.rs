@@ -158,9 +158,10 @@ pub enum Command {
         /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
         #[arg(value_name = "REF")]
         reference: String,
-        /// HOST[:PORT]/REPO[:TAG] [default tag: the one in REF, else latest]
+        /// HOST[:PORT]/REPO[:TAG] [default tag: the one in REF, else latest];
+        /// without it, to the agent --agent names (through its API)
         #[arg(value_name = "DEST")]
-        dest: String,
+        dest: Option<String>,
         /// Plain HTTP to this registry (never chosen on its own)
         #[arg(long)]
         insecure: bool,
@@ -442,7 +443,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Images { .. }
                 | Command::Inspect { .. }
                 | Command::Verify { .. }
-                | Command::Push { .. }
+                | Command::Push { dest: Some(_), .. }
                 | Command::Pull { .. }
                 | Command::Export { .. }
                 | Command::Unpack { .. }
@@ -469,10 +470,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Push {
             reference,
-            dest,
+            dest: Some(dest),
             insecure,
             json,
         } => registry::push(&home()?, &reference, &dest, insecure, json),
+        Command::Push {
+            reference, json, ..
+        } => remote::push(&home()?, &reference, json),
         Command::Pull {
             src,
             insecure,

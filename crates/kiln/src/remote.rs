@@ -400,6 +400,45 @@ async fn expect(
     bail!("{doing}: the agent answered {status}: {msg}")
 }
 
+/// `kiln --agent URL push REF`: the image to the agent's store, through
+/// its API (only the blobs it lacks).
+pub fn push(home: &Path, reference: &str, json: bool) -> Result<ExitCode> {
+    let remote = chosen().ok_or_else(|| anyhow!("kiln push REF needs a DEST, or --agent URL"))?;
+    let store = crate::commands::open_store(home)?;
+    let image = crate::commands::resolve(&store, reference)?;
+    let started = std::time::Instant::now();
+    let up = runtime()?.block_on(upload(
+        &remote,
+        &store,
+        &[(image.name.to_string(), image.digest.clone())],
+        &|m| {
+            if !json {
+                eprintln!("  {m}");
+            }
+        },
+    ))?;
+    if json {
+        crate::commands::print_json(&serde_json::json!({
+            "digest": image.digest,
+            "uploaded": up.uploaded,
+            "uploaded_bytes": up.uploaded_bytes,
+            "present": up.present,
+        }))?;
+    } else {
+        println!("{}", image.digest);
+        eprintln!(
+            "uploaded {} blob{} ({}) to {}; {} it had; {:.1}s",
+            up.uploaded,
+            crate::commands::plural(up.uploaded),
+            crate::commands::human_bytes(up.uploaded_bytes),
+            remote.url,
+            up.present,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 static CHOSEN: OnceLock<Arc<Remote>> = OnceLock::new();
 
 /// The remote agent `--agent` / `KILN_AGENT` named, once [`choose`] ran.

@@ -465,6 +465,16 @@ fn a_remote_apply_uploads_only_missing_blobs_and_deploys() {
         .env("KILN_TOKEN", &admin);
     let report: serde_json::Value = serde_json::from_slice(&succeed(&mut gc)).unwrap();
     assert_eq!(report["kept_images"], 1, "{report}");
+    // `kiln push` with no destination goes to the agent: all there already.
+    let mut push = laptop.cmd();
+    push.args(["--agent", &r.url(), "push", "app", "--json"])
+        .env("KILN_TOKEN", &deployer);
+    let pushed: serde_json::Value = serde_json::from_slice(&succeed(&mut push)).unwrap();
+    assert_eq!(
+        (pushed["uploaded"].as_u64(), pushed["present"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(pushed["digest"], digest.as_str());
     assert!(r.env.ok(&["images"]).contains(&digest[7..19]));
 }
 
