@@ -144,7 +144,7 @@ async fn collect(
 /// `GET /v1/whoami`.
 async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmIResponse> {
     Json(WhoAmIResponse {
-        actor: caller.actor,
+        actor: caller.actor.to_string(),
         role: caller.role,
     })
 }

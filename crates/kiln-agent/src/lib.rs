@@ -10,6 +10,7 @@ pub(crate) mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub(crate) mod controller;
+pub(crate) mod gate;
 pub mod gc;
 pub(crate) mod instance;
 pub mod keeper;

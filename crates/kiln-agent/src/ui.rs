@@ -4,7 +4,7 @@
 //! `/ui/events` streams the same view again whenever it changes
 //! (server-sent events), so the page follows without a reload.
 //!
-//! It is behind the API's tokens ([`crate::remote::gate`]): a browser signs
+//! It is behind the API's tokens ([`crate::gate::gate`]): a browser signs
 //! in at `/login` with a token, kept in an HttpOnly, Secure, SameSite=Strict
 //! cookie. Buttons (rollback, promote, abort) are rendered only for roles
 //! that may use them, and call the JSON API with the anti-forgery value of
@@ -28,7 +28,7 @@ use kiln_core::release::Outcome;
 use serde::Deserialize;
 
 use crate::api::Caller;
-use crate::remote::{COOKIE, Gate, Presented};
+use crate::gate::{COOKIE, Gate, Presented};
 
 /// How often the live view looks for a change.
 const POLL: Duration = Duration::from_millis(500);

@@ -321,7 +321,8 @@ pub struct GcRequest {
 /// `GET /v1/whoami`: who the agent takes the caller for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmIResponse {
-    pub actor: crate::event::Actor,
+    /// As events record it (`token:NAME`, `uid:N`).
+    pub actor: String,
     pub role: crate::auth::Role,
 }
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success; 1 the command failed (the message says why);
 //! 2 the command line was invalid.
 
+mod access;
 mod client;
 mod commands;
 mod demo;
@@ -64,6 +65,7 @@ pub enum TokenCommand {
     },
     /// A token no longer authenticates, from its next request on
     Revoke {
+        /// The token's name (as `kiln token list` shows it)
         name: String,
         /// Print the result as JSON
         #[arg(long)]
@@ -476,7 +478,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => registry::push(&home()?, &reference, &dest, insecure, json),
         Command::Push {
             reference, json, ..
-        } => remote::push(&home()?, &reference, json),
+        } => access::push(&home()?, &reference, json),
         Command::Pull {
             src,
             insecure,
@@ -487,17 +489,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             token_stdin,
             json,
             ..
-        } if host.starts_with("https://") => remote::login(&home()?, &host, token_stdin, json),
-        Command::Logout { host } if host.starts_with("https://") => remote::logout(&home()?, &host),
+        } if host.starts_with("https://") => access::login(&home()?, &host, token_stdin, json),
+        Command::Logout { host } if host.starts_with("https://") => access::logout(&home()?, &host),
         Command::Token(t) => match t {
             TokenCommand::Create {
                 name,
                 role,
                 expires,
                 json,
-            } => remote::token_create(&home()?, &name, role, expires, json),
-            TokenCommand::List { json } => remote::token_list(&home()?, json),
-            TokenCommand::Revoke { name, json } => remote::token_revoke(&home()?, &name, json),
+            } => access::token_create(&home()?, &name, role, expires, json),
+            TokenCommand::List { json } => access::token_list(&home()?, json),
+            TokenCommand::Revoke { name, json } => access::token_revoke(&home()?, &name, json),
         },
         Command::Login {
             host,
