@@ -139,6 +139,8 @@ pub enum AgentError {
     TooLarge,
     #[error("store collection: {0}")]
     Collect(String),
+    #[error("an agent task failed: {0}")]
+    Task(String),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -987,6 +989,18 @@ impl Agent {
         .await
         .map_err(|e| AgentError::Collect(e.to_string()))?
         .map_err(|e| AgentError::Collect(e.to_string()))
+    }
+
+    /// The ledger after entry `after`, its checkpoints and the node's key.
+    pub fn audit(&self, after: u64) -> Result<kiln_core::api::AuditResponse, AgentError> {
+        let key = std::fs::read_to_string(self.shared.home.join("node.pub"))
+            .map(|k| k.trim().to_owned())
+            .unwrap_or_default();
+        Ok(kiln_core::api::AuditResponse {
+            key,
+            entries: self.shared.state.ledger(after)?,
+            checkpoints: self.shared.state.checkpoints()?,
+        })
     }
 
     /// The events after sequence number `after` (the dashboard's feed).

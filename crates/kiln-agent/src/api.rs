@@ -71,7 +71,7 @@ impl IntoResponse for AgentError {
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
             AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AgentError::Collect(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Collect(_) | AgentError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::NoToken(_) => StatusCode::NOT_FOUND,
             AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -97,6 +97,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/v1/whoami", get(whoami))
         .route("/v1/gc", post(collect))
+        .route("/v1/metrics", get(metrics))
+        .route("/v1/audit", get(audit))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{name}/revoke", post(revoke_token))
         .route("/v1/apply", post(apply))
@@ -139,6 +141,27 @@ async fn collect(
             )
             .await?,
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    #[serde(default)]
+    after: u64,
+}
+
+/// `GET /v1/audit?after=N`: the ledger (blocking reads off the async
+/// threads: it can be long).
+async fn audit(
+    State(agent): State<Arc<Agent>>,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> Result<Json<kiln_core::api::AuditResponse>, AgentError> {
+    let Query(q) =
+        q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
+    let r = tokio::task::spawn_blocking(move || agent.audit(q.after))
+        .await
+        .map_err(|e| AgentError::Task(e.to_string()))??;
+    Ok(Json(r))
 }
 
 /// `GET /v1/whoami`.

@@ -14,6 +14,7 @@ pub(crate) mod gate;
 pub mod gc;
 pub(crate) mod instance;
 pub mod keeper;
+pub mod ledger;
 pub(crate) mod oci;
 pub mod remote;
 pub mod router;
@@ -55,6 +56,8 @@ pub enum ServeError {
     Agent(#[from] agent::AgentError),
     #[error(transparent)]
     Remote(#[from] remote::RemoteError),
+    #[error(transparent)]
+    Key(#[from] ledger::KeyError),
 }
 
 /// How the agent ended.
@@ -186,6 +189,16 @@ pub async fn serve(
     };
     let store = Store::open(home)?;
     let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
+    // The ledger's checkpoints are signed by the node's key.
+    let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
+    let ledger_state: Arc<dyn state::StateStore> = state.clone();
+    let checkpoints = tokio::spawn(ledger::run(node_key.clone(), ledger_state.clone()));
+    let final_checkpoint = move || {
+        checkpoints.abort();
+        if let Err(e) = node_key.checkpoint(&*ledger_state) {
+            tracing::error!("ledger checkpoint at stop: {e}");
+        }
+    };
     if let Some(auto) = mode.gc {
         tokio::spawn(gc::run(store.clone(), state.clone(), auto));
     }
@@ -305,6 +318,7 @@ pub async fn serve(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
+        final_checkpoint();
         tracing::info!("handed over");
         return Ok(Exit::HandedOver);
     }
@@ -322,6 +336,7 @@ pub async fn serve(
         tracing::warn!("forced: killing every instance");
         agent.shutdown(StopKind::Kill, Duration::from_secs(5)).await;
     }
+    final_checkpoint();
     let _ = std::fs::remove_file(&lock_path);
     drop(lock);
     tracing::info!("agent stopped ({exit:?})");

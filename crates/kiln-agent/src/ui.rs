@@ -426,7 +426,80 @@ release {rev} is the preview, waiting for promotion</p></div>"
 
 #[cfg(test)]
 mod tests {
-    use super::esc;
+    use super::{esc, service};
+    use kiln_core::api::{HistoryResponse, ServiceStatus};
+    use kiln_core::auth::Role;
+    use serde_json::json;
+
+    fn status(extra: serde_json::Value) -> ServiceStatus {
+        let mut v = json!({
+            "name": "web", "replicas": 2, "revision": 3, "outcome": "pending",
+            "ready": 1, "converged": false, "instances": [], "backoff": [],
+            "message": null, "stalled": false
+        });
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn history() -> HistoryResponse {
+        serde_json::from_value(json!({"releases": [], "target": 3, "removed": false})).unwrap()
+    }
+
+    fn window(requests: u64, errors: u64, p99: f64) -> serde_json::Value {
+        json!({"requests": requests, "errors": errors,
+               "error_rate": errors as f64 / requests as f64, "p99_ms": p99})
+    }
+
+    #[test]
+    fn a_canary_shows_its_weight_and_both_windows_and_buttons_only_to_deployers() {
+        let s = status(json!({"canary": {
+            "revision": 3, "stable": 2, "step": 2, "steps": 4, "weight": 25,
+            "waiting": "its pause", "canary_window": window(200, 10, 42.0),
+            "stable_window": window(600, 0, 12.0)
+        }}));
+        let mut out = String::new();
+        service(&mut out, &s, &history(), Role::Deployer);
+        for want in [
+            "Canary: release 3 against 2",
+            "step 2/4",
+            "25%",
+            "5.00%",
+            "42 ms",
+            "0.00%",
+            "12 ms",
+            "data-action=\"promote\"",
+            "data-action=\"abort\"",
+        ] {
+            assert!(out.contains(want), "{want} in {out}");
+        }
+        let mut viewer = String::new();
+        service(&mut viewer, &s, &history(), Role::Viewer);
+        assert!(
+            viewer.contains("25%") && !viewer.contains("<button"),
+            "{viewer}"
+        );
+    }
+
+    #[test]
+    fn a_blue_green_preview_is_shown_while_the_old_fleet_is_routed() {
+        let s = status(json!({"routed": 2}));
+        let mut out = String::new();
+        service(&mut out, &s, &history(), Role::Viewer);
+        assert!(
+            out.contains("release 2 gets the traffic") && out.contains("release 3 is the preview"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn values_from_the_state_are_escaped() {
+        let s = status(json!({"message": "<img src=x onerror=alert(1)>"}));
+        let mut out = String::new();
+        service(&mut out, &s, &history(), Role::Admin);
+        assert!(!out.contains("<img") && out.contains("&lt;img"), "{out}");
+    }
 
     #[test]
     fn escaping_leaves_no_markup() {

@@ -318,6 +318,15 @@ pub struct GcRequest {
     pub dry_run: bool,
 }
 
+/// `GET /v1/audit?after=N`: the ledger after entry N, every checkpoint,
+/// and the node's public key (`ed25519 HEX`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditResponse {
+    pub key: String,
+    pub entries: Vec<crate::ledger::Entry>,
+    pub checkpoints: Vec<crate::ledger::Checkpoint>,
+}
+
 /// `GET /v1/whoami`: who the agent takes the caller for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmIResponse {

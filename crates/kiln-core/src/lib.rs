@@ -13,6 +13,7 @@ pub mod digest;
 pub mod event;
 pub mod health;
 pub mod layer;
+pub mod ledger;
 pub mod names;
 pub mod oci;
 pub mod plan;

@@ -6,6 +6,7 @@
 //! 2 the command line was invalid.
 
 mod access;
+mod audit;
 mod client;
 mod commands;
 mod demo;
@@ -38,6 +39,57 @@ pub struct Cli {
 
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct AuditArgs {
+    #[command(subcommand)]
+    command: Option<AuditCommand>,
+    /// Only this service's entries
+    #[arg(value_name = "SERVICE")]
+    service: Option<String>,
+    /// Only entries since this long ago (1h, 2d) or this time (RFC 3339)
+    #[arg(long, value_name = "WHEN")]
+    since: Option<String>,
+    /// Only entries of this kind (release-created, rollback, token-created, …)
+    #[arg(long, value_name = "KIND")]
+    kind: Option<String>,
+    /// One JSON object per entry
+    #[arg(long)]
+    json: bool,
+    /// Keep printing entries as they are added
+    #[arg(short = 'f', long)]
+    follow: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCommand {
+    /// Write the ledger and its signed checkpoints to FILE (JSON Lines)
+    Export {
+        /// Where to write (replaced whole, never half-written)
+        file: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the ledger (the agent's, or an export) with only its entries,
+    /// checkpoints and the node's public key: exits 1 naming the first bad
+    /// entry (edited, deleted, inserted, reordered, or cut off)
+    Verify {
+        /// An export (kiln audit export); default: the agent's ledger
+        file: Option<PathBuf>,
+        /// The node's public key (its $KILN_HOME/node.pub) [default: this
+        /// home's, or the agent's for its own ledger]
+        #[arg(long, value_name = "PUB")]
+        key: Option<PathBuf>,
+        /// Also prove that this older export is a prefix of the ledger
+        #[arg(long, value_name = "OLD")]
+        since_checkpoint: Option<PathBuf>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -228,6 +280,9 @@ pub enum Command {
     /// API tokens for remote use: create, list, revoke (admin)
     #[command(subcommand)]
     Token(TokenCommand),
+    /// The ledger: who changed what and when (every event, hash-chained and
+    /// signed); export it, verify it
+    Audit(AuditArgs),
     /// Run the agent on this node (foreground): reconciler, instances, router, API on $KILN_HOME/kiln.sock
     ///
     /// A small supervisor holds the sockets and starts the agent process; if
@@ -491,6 +546,29 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } if host.starts_with("https://") => access::login(&home()?, &host, token_stdin, json),
         Command::Logout { host } if host.starts_with("https://") => access::logout(&home()?, &host),
+        Command::Audit(a) => match a.command {
+            Some(AuditCommand::Export { file, json }) => audit::export(&home()?, &file, json),
+            Some(AuditCommand::Verify {
+                file,
+                key,
+                since_checkpoint,
+                json,
+            }) => audit::verify(
+                &home()?,
+                file.as_deref(),
+                key.as_deref(),
+                since_checkpoint.as_deref(),
+                json,
+            ),
+            None => {
+                let filter = audit::Filter {
+                    service: a.service,
+                    kind: a.kind,
+                    since: a.since.as_deref().map(audit::parse_since).transpose()?,
+                };
+                audit::show(&home()?, &filter, a.json, a.follow)
+            }
+        },
         Command::Token(t) => match t {
             TokenCommand::Create {
                 name,

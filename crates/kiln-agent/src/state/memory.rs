@@ -32,6 +32,8 @@ struct Inner {
     secret_key: Option<[u8; 32]>,
     secrets: BTreeMap<Sealed, SecretValue>,
     tokens: BTreeMap<TokenName, TokenRecord>,
+    ledger: Vec<kiln_core::ledger::Entry>,
+    checkpoints: BTreeMap<u64, kiln_core::ledger::Checkpoint>,
 }
 
 impl MemoryState {
@@ -64,9 +66,18 @@ impl Inner {
         // Sequence numbers start at 1 and only grow (SQLite's
         // AUTOINCREMENT): nothing is ever removed.
         let seq = self.events.len() as u64 + 1;
+        let time = now();
+        let detail = serde_json::to_string(&e.change.detail()).unwrap_or_default();
+        let prev = self
+            .ledger
+            .last()
+            .map_or(kiln_core::ledger::GENESIS, |l| l.hash.as_str())
+            .to_owned();
+        self.ledger
+            .push(super::ledger_entry(seq, time.clone(), e, detail).chained(&prev));
         self.events.push(Event {
             seq,
-            time: now(),
+            time,
             actor: Some(e.actor),
             service: e.service.as_ref().map(|s| s.to_string()),
             revision: e.revision,
@@ -274,6 +285,30 @@ impl StateStore for MemoryState {
         }
         inner.append(event);
         Ok(true)
+    }
+
+    fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>> {
+        let inner = self.inner();
+        let from = usize::try_from(after)
+            .unwrap_or(usize::MAX)
+            .min(inner.ledger.len());
+        Ok(inner.ledger[from..].to_vec())
+    }
+
+    fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>> {
+        Ok(self.inner().checkpoints.values().cloned().collect())
+    }
+
+    fn put_checkpoint(&self, cp: &kiln_core::ledger::Checkpoint) -> Result<()> {
+        self.inner()
+            .checkpoints
+            .entry(cp.seq)
+            .or_insert_with(|| cp.clone());
+        Ok(())
+    }
+
+    fn head(&self) -> Result<Option<(u64, String)>> {
+        Ok(self.inner().ledger.last().map(|e| (e.seq, e.hash.clone())))
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {

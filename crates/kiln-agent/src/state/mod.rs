@@ -216,12 +216,36 @@ pub trait StateStore: Send + Sync {
     fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Forget a token with the event saying so; `false` when there was none.
     fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool>;
+    /// The ledger's entries after sequence number `after` (each event
+    /// with its place in the hash chain).
+    fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>>;
+    /// Every signed checkpoint, in order.
+    fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>>;
+    fn put_checkpoint(&self, checkpoint: &kiln_core::ledger::Checkpoint) -> Result<()>;
+    /// The last entry's sequence number and hash.
+    fn head(&self) -> Result<Option<(u64, String)>>;
     /// The events after sequence number `after`, in order (the read side
     /// of the log: the ledger and `kiln audit` will read it).
     fn events(&self, after: u64) -> Result<Vec<Event>>;
 }
 
 /// The time an event is written (RFC 3339, milliseconds).
+/// An event as a ledger entry (not yet chained).
+fn ledger_entry(seq: u64, time: String, e: &NewEvent, detail: String) -> kiln_core::ledger::Entry {
+    kiln_core::ledger::Entry {
+        seq,
+        time,
+        actor: Some(e.actor.to_string()),
+        service: e.service.as_ref().map(|s| s.as_str().to_owned()),
+        revision: e.revision,
+        instance: e.instance.clone(),
+        kind: e.change.kind().to_owned(),
+        detail,
+        prev: String::new(),
+        hash: String::new(),
+    }
+}
+
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }

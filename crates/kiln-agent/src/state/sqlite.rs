@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use kiln_core::auth::{TokenName, TokenRecord};
+use kiln_core::ledger;
 
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
@@ -81,6 +82,23 @@ CREATE TABLE IF NOT EXISTS node (
     name  TEXT PRIMARY KEY,
     value BLOB NOT NULL
 );
+-- The ledger: each event's place in the hash chain (kiln_core::ledger),
+-- and the node's signed checkpoints of its head.
+CREATE TABLE IF NOT EXISTS ledger (
+    seq  INTEGER PRIMARY KEY,
+    prev TEXT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    seq       INTEGER PRIMARY KEY,
+    head      TEXT NOT NULL,
+    time      TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS ledger_append_only_update BEFORE UPDATE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
+CREATE TRIGGER IF NOT EXISTS ledger_append_only_delete BEFORE DELETE ON ledger
+BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
@@ -99,19 +117,97 @@ fn json<T: Serialize>(v: &T) -> String {
 }
 
 fn insert_event(conn: &Connection, e: &NewEvent) -> Result<u64> {
+    let (time, detail) = (now(), json(&e.change.detail()));
     conn.execute(
         "INSERT INTO events (time, kind, service, revision, instance, detail, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
-            now(),
+            time,
             e.change.kind(),
             e.service.as_ref().map(|s| s.as_str().to_owned()),
             e.revision.map(|r| r as i64),
             e.instance,
-            json(&e.change.detail()),
+            detail,
             e.actor.to_string()
         ],
     )?;
-    Ok(conn.last_insert_rowid() as u64)
+    let seq = conn.last_insert_rowid() as u64;
+    // Chained in the same transaction as the event: both or neither.
+    let prev = last_hash(conn)?;
+    let entry = super::ledger_entry(seq, time, e, detail).chained(&prev);
+    insert_ledger(conn, &entry)?;
+    Ok(seq)
+}
+
+fn last_hash(conn: &Connection) -> Result<String> {
+    Ok(conn
+        .query_row(
+            "SELECT hash FROM ledger ORDER BY seq DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or_else(|| ledger::GENESIS.to_owned()))
+}
+
+fn insert_ledger(conn: &Connection, e: &ledger::Entry) -> Result<()> {
+    conn.execute(
+        "INSERT INTO ledger (seq, prev, hash) VALUES (?1, ?2, ?3)",
+        params![e.seq as i64, e.prev, e.hash],
+    )?;
+    Ok(())
+}
+
+type LedgerRow = (
+    i64,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+);
+
+/// Entries after `after`, each event with its chain columns (empty when
+/// a ledger row is missing: verification names it).
+fn read_ledger(conn: &Connection, after: u64) -> Result<Vec<ledger::Entry>> {
+    let mut stmt = conn.prepare(
+        "SELECT e.seq, e.time, e.actor, e.service, e.revision, e.instance, e.kind, e.detail, l.prev, l.hash \
+         FROM events e LEFT JOIN ledger l ON l.seq = e.seq WHERE e.seq > ?1 ORDER BY e.seq",
+    )?;
+    let rows = stmt.query_map([after.min(i64::MAX as u64) as i64], |r| {
+        Ok::<LedgerRow, _>((
+            r.get(0)?,
+            r.get(1)?,
+            r.get(2)?,
+            r.get(3)?,
+            r.get(4)?,
+            r.get(5)?,
+            r.get(6)?,
+            r.get(7)?,
+            r.get(8)?,
+            r.get(9)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, time, actor, service, revision, instance, kind, detail, prev, hash) = row?;
+        out.push(ledger::Entry {
+            seq: seq as u64,
+            time,
+            actor,
+            service,
+            revision: revision.map(|r| r as u64),
+            instance,
+            kind,
+            detail,
+            prev: prev.unwrap_or_default(),
+            hash: hash.unwrap_or_default(),
+        });
+    }
+    Ok(out)
 }
 
 impl SqliteState {
@@ -165,9 +261,37 @@ impl SqliteState {
             conn.execute_batch("ALTER TABLE events ADD COLUMN actor TEXT")
                 .map_err(open_err)?;
         }
-        Ok(Self {
+        let state = Self {
             conn: Mutex::new(conn),
-        })
+        };
+        state.chain_unchained()?;
+        Ok(state)
+    }
+
+    /// Events recorded before the ledger existed join the chain, in order,
+    /// once (their hashes say when they were chained, not that they were
+    /// never changed before).
+    fn chain_unchained(&self) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let missing: i64 = tx.query_row(
+            "SELECT COUNT(*) FROM events e LEFT JOIN ledger l ON l.seq = e.seq WHERE l.seq IS NULL",
+            [],
+            |r| r.get(0),
+        )?;
+        if missing == 0 {
+            return Ok(());
+        }
+        let chained: i64 =
+            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
+        let mut prev = last_hash(&tx)?;
+        for e in read_ledger(&tx, chained as u64)? {
+            let e = e.chained(&prev);
+            insert_ledger(&tx, &e)?;
+            prev = e.hash;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -526,6 +650,44 @@ impl StateStore for SqliteState {
         insert_event(&tx, event)?;
         tx.commit()?;
         Ok(true)
+    }
+
+    fn ledger(&self, after: u64) -> Result<Vec<ledger::Entry>> {
+        read_ledger(&self.conn(), after)
+    }
+
+    fn checkpoints(&self) -> Result<Vec<ledger::Checkpoint>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT seq, head, time, signature FROM checkpoints ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ledger::Checkpoint {
+                seq: r.get::<_, i64>(0)? as u64,
+                head: r.get(1)?,
+                time: r.get(2)?,
+                signature: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn put_checkpoint(&self, cp: &ledger::Checkpoint) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO checkpoints (seq, head, time, signature) VALUES (?1, ?2, ?3, ?4)",
+            params![cp.seq as i64, cp.head, cp.time, cp.signature],
+        )?;
+        Ok(())
+    }
+
+    fn head(&self) -> Result<Option<(u64, String)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?)
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {

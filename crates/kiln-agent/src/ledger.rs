@@ -1,0 +1,148 @@
+//! The node's key and the ledger's signed checkpoints. Every event is
+//! chained by the state store as it is written ([`kiln_core::ledger`]);
+//! here the agent signs the head every [`EVERY_ENTRIES`] entries or
+//! [`EVERY`], and when it stops, so that cutting entries off the end of
+//! the ledger is detected as well as editing one.
+//!
+//! The key is ed25519, made on first start: `$KILN_HOME/node.key` (PKCS#8,
+//! 0600) and `$KILN_HOME/node.pub` (`ed25519 HEX`, what `kiln audit verify
+//! --key` reads).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kiln_core::digest::hex;
+use kiln_core::ledger::{Checkpoint, checkpoint_message};
+use ring::signature::{Ed25519KeyPair, KeyPair as _};
+
+use crate::state::{StateError, StateStore};
+
+/// Sign at least this often while entries are added.
+pub const EVERY: Duration = Duration::from_secs(10);
+/// And after this many entries, whichever comes first.
+pub const EVERY_ENTRIES: u64 = 100;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not an ed25519 key (PKCS#8)", path.display())]
+    Invalid { path: PathBuf },
+    #[error("cannot make the node key: {0}")]
+    Generate(String),
+}
+
+pub struct NodeKey {
+    pair: Ed25519KeyPair,
+}
+
+impl NodeKey {
+    /// The key of `home`, made (and kept) if there is none.
+    pub fn load_or_create(home: &Path) -> Result<Self, KeyError> {
+        let path = home.join("node.key");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| KeyError::Io { path, source }
+        };
+        let pkcs8 = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let made = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+                    .map_err(|e| KeyError::Generate(e.to_string()))?;
+                write_private(&path, made.as_ref()).map_err(io(&path))?;
+                made.as_ref().to_vec()
+            }
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let pair = Ed25519KeyPair::from_pkcs8(&pkcs8)
+            .map_err(|_| KeyError::Invalid { path: path.clone() })?;
+        let key = Self { pair };
+        let public = home.join("node.pub");
+        let text = format!("{}\n", key.public());
+        if std::fs::read_to_string(&public).ok().as_deref() != Some(text.as_str()) {
+            std::fs::write(&public, text).map_err(io(&public))?;
+        }
+        Ok(key)
+    }
+
+    /// `ed25519 HEX`, as `node.pub` holds it.
+    pub fn public(&self) -> String {
+        format!("ed25519 {}", hex(self.pair.public_key().as_ref()))
+    }
+
+    /// Sign the ledger's head unless the last checkpoint already covers it.
+    pub fn checkpoint(&self, state: &dyn StateStore) -> Result<Option<Checkpoint>, StateError> {
+        let Some((seq, head)) = state.head()? else {
+            return Ok(None);
+        };
+        if state.checkpoints()?.last().is_some_and(|c| c.seq >= seq) {
+            return Ok(None);
+        }
+        let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+        let signature = hex(self
+            .pair
+            .sign(&checkpoint_message(seq, &head, &time))
+            .as_ref());
+        let cp = Checkpoint {
+            seq,
+            head,
+            time,
+            signature,
+        };
+        state.put_checkpoint(&cp)?;
+        Ok(Some(cp))
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Sign the head every [`EVERY`] while it moves, or as soon as it is
+/// [`EVERY_ENTRIES`] past the last checkpoint.
+pub async fn run(key: Arc<NodeKey>, state: Arc<dyn StateStore>) {
+    let mut since = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (key, state) = (key.clone(), state.clone());
+        let due = since.elapsed() >= EVERY;
+        let signed = tokio::task::spawn_blocking(move || {
+            let behind = match (state.head()?, state.checkpoints()?.last()) {
+                (Some((seq, _)), Some(c)) => seq.saturating_sub(c.seq),
+                (Some((seq, _)), None) => seq,
+                (None, _) => 0,
+            };
+            if behind >= EVERY_ENTRIES || (due && behind > 0) {
+                key.checkpoint(&*state)
+            } else {
+                Ok(None)
+            }
+        })
+        .await;
+        match signed {
+            Ok(Ok(Some(_))) => since = tokio::time::Instant::now(),
+            Ok(Ok(None)) => {
+                if due {
+                    since = tokio::time::Instant::now();
+                }
+            }
+            Ok(Err(e)) => tracing::error!("ledger checkpoint: {e}"),
+            Err(e) => tracing::error!("ledger checkpoint: {e}"),
+        }
+    }
+}

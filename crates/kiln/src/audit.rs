@@ -1,0 +1,279 @@
+//! `kiln audit`: the ledger read (who changed what, when), exported, and
+//! verified with nothing but the entries, the checkpoints and the node's
+//! public key (`kiln_core::ledger::verify`).
+
+use std::io::Write as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use kiln_core::api::AuditResponse;
+use kiln_core::ledger::{self, Checkpoint, Entry};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, runtime};
+
+/// What `kiln audit` shows.
+pub struct Filter {
+    pub service: Option<String>,
+    pub kind: Option<String>,
+    /// Entries at or after this time (RFC 3339, compared as text: every
+    /// entry's time is UTC with milliseconds).
+    pub since: Option<String>,
+}
+
+impl Filter {
+    fn keeps(&self, e: &Entry) -> bool {
+        self.service
+            .as_ref()
+            .is_none_or(|s| e.service.as_ref() == Some(s))
+            && self.kind.as_ref().is_none_or(|k| &e.kind == k)
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|t| e.time.as_str() >= t.as_str())
+    }
+}
+
+/// `--since`: a duration back from now (`1h`, `2d`) or a time (RFC 3339).
+pub fn parse_since(s: &str) -> Result<String> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        let t = std::time::SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| anyhow!("--since {s}: before the epoch"))?;
+        return Ok(humantime::format_rfc3339_millis(t).to_string());
+    }
+    let t = humantime::parse_rfc3339_weak(s).map_err(|_| {
+        anyhow!("--since {s}: neither a duration (1h, 2d) nor a time (2026-12-01T10:00:00Z)")
+    })?;
+    Ok(humantime::format_rfc3339_millis(t).to_string())
+}
+
+fn print_entry(e: &Entry, json: bool) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer(&mut out, e)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    let subject = match (&e.service, e.revision, &e.instance) {
+        (Some(s), _, Some(i)) => format!("{s} {i}"),
+        (Some(s), Some(r), None) => format!("{s} release {r}"),
+        (Some(s), None, None) => s.clone(),
+        _ => "-".into(),
+    };
+    let detail = if e.detail == "{}" { "" } else { &e.detail };
+    writeln!(
+        out,
+        "{:>6}  {}  {:<18} {:<24} {:<22} {}",
+        e.seq,
+        e.time,
+        e.actor.as_deref().unwrap_or("?"),
+        e.kind,
+        subject,
+        detail
+    )?;
+    Ok(())
+}
+
+/// `kiln audit [SERVICE] [--kind K] [--since T] [--json] [-f]`.
+pub fn show(home: &Path, filter: &Filter, json: bool, follow: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let mut after = 0;
+    if !json {
+        println!(
+            "{:>6}  {:<24}  {:<18} {:<24} {:<22} DETAIL",
+            "SEQ", "TIME", "ACTOR", "KIND", "SUBJECT"
+        );
+    }
+    loop {
+        let r: AuditResponse = rt.block_on(client.get(&format!("/v1/audit?after={after}")))?;
+        for e in &r.entries {
+            after = after.max(e.seq);
+            if filter.keeps(e) {
+                print_entry(e, json)?;
+            }
+        }
+        if !follow {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// One line of an export.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    kiln_ledger: u32,
+    key: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+enum Line {
+    Entry(Entry),
+    Checkpoint(Checkpoint),
+}
+
+/// `kiln audit export FILE`: the ledger as JSON Lines (a header with the
+/// node's public key, the entries, then the checkpoints), written whole
+/// or not at all.
+pub fn export(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
+    let rt = runtime()?;
+    let r: AuditResponse = rt.block_on(Client::new(home).get("/v1/audit?after=0"))?;
+    let dir = file
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .with_context(|| format!("cannot write in {}", dir.display()))?;
+    {
+        let mut w = std::io::BufWriter::new(tmp.as_file_mut());
+        serde_json::to_writer(
+            &mut w,
+            &Header {
+                kiln_ledger: 1,
+                key: r.key.clone(),
+            },
+        )?;
+        writeln!(w)?;
+        for e in &r.entries {
+            serde_json::to_writer(&mut w, &Line::Entry(e.clone()))?;
+            writeln!(w)?;
+        }
+        for c in &r.checkpoints {
+            serde_json::to_writer(&mut w, &Line::Checkpoint(c.clone()))?;
+            writeln!(w)?;
+        }
+        w.flush()?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(file)
+        .map_err(|e| anyhow!("{}: {}", file.display(), e.error))?;
+    if json {
+        crate::commands::print_json(&serde_json::json!({
+            "file": file, "entries": r.entries.len(), "checkpoints": r.checkpoints.len(), "key": r.key
+        }))?;
+    } else {
+        println!(
+            "{}: {} entries, {} checkpoints (key {})",
+            file.display(),
+            r.entries.len(),
+            r.checkpoints.len(),
+            r.key
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// An export read back: every line must be one of the three kinds.
+fn read_export(file: &Path) -> Result<(String, Vec<Entry>, Vec<Checkpoint>)> {
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let mut lines = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty());
+    let (_, first) = lines
+        .next()
+        .ok_or_else(|| anyhow!("{}: empty, not a ledger export", file.display()))?;
+    let header: Header = serde_json::from_str(first)
+        .map_err(|_| anyhow!("{}:1: not a kiln ledger export (no header)", file.display()))?;
+    if header.kiln_ledger != 1 {
+        bail!(
+            "{}: ledger export version {} (this kiln reads 1)",
+            file.display(),
+            header.kiln_ledger
+        );
+    }
+    let (mut entries, mut checkpoints) = (Vec::new(), Vec::new());
+    for (i, l) in lines {
+        match serde_json::from_str::<Line>(l) {
+            Ok(Line::Entry(e)) => entries.push(e),
+            Ok(Line::Checkpoint(c)) => checkpoints.push(c),
+            Err(e) => bail!("{}:{}: not a ledger line: {e}", file.display(), i + 1),
+        }
+    }
+    Ok((header.key, entries, checkpoints))
+}
+
+fn read_key(path: &Path) -> Result<[u8; 32]> {
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    ledger::parse_public_key(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// `kiln audit verify [FILE] [--key PUB] [--since-checkpoint OLD]`.
+pub fn verify(
+    home: &Path,
+    file: Option<&Path>,
+    key: Option<&Path>,
+    since_checkpoint: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode> {
+    // The key: the one named, else this home's; for the agent's own
+    // ledger, the one the agent gives over the (pinned) connection.
+    let named = key.map(read_key).transpose()?;
+    let home_key = || -> Option<[u8; 32]> {
+        std::fs::read_to_string(home.join("node.pub"))
+            .ok()
+            .and_then(|t| ledger::parse_public_key(&t).ok())
+    };
+    let (source, key, entries, checkpoints) = match file {
+        Some(f) => {
+            let (_, entries, checkpoints) = read_export(f)?;
+            let key = named.or_else(home_key).ok_or_else(|| {
+                anyhow!("give the node's public key: --key NODE.PUB (an export's own header proves nothing)")
+            })?;
+            (f.display().to_string(), key, entries, checkpoints)
+        }
+        None => {
+            let rt = runtime()?;
+            let r: AuditResponse = rt.block_on(Client::new(home).get("/v1/audit?after=0"))?;
+            let key = match named {
+                Some(k) => k,
+                None => {
+                    ledger::parse_public_key(&r.key).map_err(|e| anyhow!("the agent's key: {e}"))?
+                }
+            };
+            (
+                "the agent's ledger".to_owned(),
+                key,
+                r.entries,
+                r.checkpoints,
+            )
+        }
+    };
+    let v =
+        ledger::verify(&entries, &checkpoints, &key).map_err(|bad| anyhow!("{source}: {bad}"))?;
+    if let Some(old) = since_checkpoint {
+        let (_, old_entries, old_checkpoints) = read_export(old)?;
+        ledger::verify(&old_entries, &old_checkpoints, &key)
+            .map_err(|bad| anyhow!("{}: {bad}", old.display()))?;
+        ledger::is_prefix(&old_entries, &entries)
+            .map_err(|bad| anyhow!("{} is not a prefix of {source}: {bad}", old.display()))?;
+    }
+    if json {
+        crate::commands::print_json(&v)?;
+    } else {
+        println!(
+            "{source}: verified: {} entries chained, {} checkpoints, signed through entry {}{}",
+            v.entries,
+            v.checkpoints,
+            v.signed_through,
+            if since_checkpoint.is_some() {
+                "; the older export is a prefix of it"
+            } else {
+                ""
+            }
+        );
+        if v.signed_through < v.entries {
+            eprintln!(
+                "note: entries after {} are chained but not signed yet (the agent signs every 10 s and when it stops)",
+                v.signed_through
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
