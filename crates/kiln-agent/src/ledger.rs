@@ -1,7 +1,7 @@
 //! The node's key and the ledger's signed checkpoints. Every event is
 //! chained by the state store as it is written ([`kiln_core::ledger`]);
-//! here the agent signs the head every [`EVERY_ENTRIES`] entries or
-//! [`EVERY`], and when it stops, so that cutting entries off the end of
+//! here the agent signs the head every [`EVERY_ENTRIES`] entries or every
+//! `--checkpoint-every` ([`EVERY`] by default), and when it stops, so that cutting entries off the end of
 //! the ledger is detected as well as editing one.
 //!
 //! The key is ed25519, made on first start: `$KILN_HOME/node.key` (PKCS#8,
@@ -113,14 +113,15 @@ fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// Sign the head every [`EVERY`] while it moves, or as soon as it is
+/// Sign the head every `every` while it moves, or as soon as it is
 /// [`EVERY_ENTRIES`] past the last checkpoint.
-pub async fn run(key: Arc<NodeKey>, state: Arc<dyn StateStore>) {
+pub async fn run(key: Arc<NodeKey>, state: Arc<dyn StateStore>, every: Duration) {
     let mut since = tokio::time::Instant::now();
+    let tick = every.clamp(Duration::from_millis(100), Duration::from_secs(1));
     loop {
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(tick).await;
         let (key, state) = (key.clone(), state.clone());
-        let due = since.elapsed() >= EVERY;
+        let due = since.elapsed() >= every;
         let signed = tokio::task::spawn_blocking(move || {
             let behind = match (state.head()?, state.checkpoints()?.last()) {
                 (Some((seq, _)), Some(c)) => seq.saturating_sub(c.seq),

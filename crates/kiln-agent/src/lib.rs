@@ -117,6 +117,9 @@ pub struct AgentMode {
     pub gc: Option<gc::AutoGc>,
     /// Serve the API over TLS on this address too (`--api`).
     pub api: Option<ApiOptions>,
+    /// Sign the ledger's head at least this often while it moves
+    /// (`--checkpoint-every`; `None`: [`ledger::EVERY`]).
+    pub checkpoint_every: Option<Duration>,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -192,7 +195,11 @@ pub async fn serve(
     // The ledger's checkpoints are signed by the node's key.
     let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
     let ledger_state: Arc<dyn state::StateStore> = state.clone();
-    let checkpoints = tokio::spawn(ledger::run(node_key.clone(), ledger_state.clone()));
+    let checkpoints = tokio::spawn(ledger::run(
+        node_key.clone(),
+        ledger_state.clone(),
+        mode.checkpoint_every.unwrap_or(ledger::EVERY),
+    ));
     let final_checkpoint = move || {
         checkpoints.abort();
         if let Err(e) = node_key.checkpoint(&*ledger_state) {

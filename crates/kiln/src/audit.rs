@@ -200,7 +200,8 @@ fn read_export(file: &Path) -> Result<(String, Vec<Entry>, Vec<Checkpoint>)> {
 }
 
 fn read_key(path: &Path) -> Result<[u8; 32]> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let text = String::from_utf8(bytes).unwrap_or_default();
     ledger::parse_public_key(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 

@@ -36,6 +36,7 @@ pub fn serve(
     metrics: Option<std::net::SocketAddr>,
     gc: Option<kiln_agent::gc::AutoGc>,
     api: Option<kiln_agent::ApiOptions>,
+    checkpoint_every: Duration,
 ) -> Result<ExitCode> {
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
@@ -55,6 +56,12 @@ pub fn serve(
         args.push("--gc-grace".into());
         args.push(humantime::format_duration(g.grace).to_string().into());
     }
+    args.push("--checkpoint-every".into());
+    args.push(
+        humantime::format_duration(checkpoint_every)
+            .to_string()
+            .into(),
+    );
     if let Some(a) = api {
         args.push("--api".into());
         args.push(a.addr.to_string().into());
@@ -77,13 +84,19 @@ pub fn agent(
     successor: bool,
     gc: Option<kiln_agent::gc::AutoGc>,
     api: Option<kiln_agent::ApiOptions>,
+    checkpoint_every: Duration,
 ) -> Result<ExitCode> {
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mode = kiln_agent::AgentMode { successor, gc, api };
+    let mode = kiln_agent::AgentMode {
+        successor,
+        gc,
+        api,
+        checkpoint_every: Some(checkpoint_every),
+    };
     let exit = rt
         .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
             eprintln!("kiln agent ready on {}", sock.display())

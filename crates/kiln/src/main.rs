@@ -319,6 +319,10 @@ pub enum Command {
         /// With --tls-cert: its private key (PEM)
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Sign the ledger's head at least this often while events are added
+        /// (also every 100 entries, and when the agent stops)
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+        checkpoint_every: std::time::Duration,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -639,6 +643,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             api,
             tls_cert,
             tls_key,
+            checkpoint_every,
             run_agent,
             successor,
         } => {
@@ -655,8 +660,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
-                (false, true) => deploy::agent(&home()?, metrics, successor, gc, api),
-                (false, false) => deploy::serve(&home()?, metrics, gc, api),
+                (false, true) => {
+                    deploy::agent(&home()?, metrics, successor, gc, api, checkpoint_every)
+                }
+                (false, false) => deploy::serve(&home()?, metrics, gc, api, checkpoint_every),
             }
         }
         Command::Gc {
