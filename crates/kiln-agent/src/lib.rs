@@ -107,6 +107,21 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     bound.map_err(io(sock))
 }
 
+pub use state::StateError;
+
+/// Record a change made outside the agent (a bake, a pull) in the ledger
+/// of `home`, by `actor`: the state database is shared (SQLite's locking
+/// orders the writers; each event is chained under the write lock).
+pub fn record(
+    home: &Path,
+    change: kiln_core::event::Change,
+    actor: kiln_core::event::Actor,
+) -> Result<(), StateError> {
+    let state = SqliteState::open(&home.join("state.db"))?;
+    state::StateStore::append_event(&state, &state::NewEvent::node(change, actor))?;
+    Ok(())
+}
+
 /// How an agent process was started.
 #[derive(Clone, Debug, Default)]
 pub struct AgentMode {

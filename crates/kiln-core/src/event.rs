@@ -200,6 +200,22 @@ pub enum Change {
     TokenRevoked {
         name: crate::auth::TokenName,
     },
+    /// A bake (`kiln bake`, or the bake of an apply) wrote an image:
+    /// its name, digest and tags, and its provenance annotations (commit,
+    /// dirty flag, source).
+    ImageBaked {
+        image: String,
+        digest: Digest,
+        tags: Vec<String>,
+        #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+        provenance: std::collections::BTreeMap<String, String>,
+    },
+    /// `kiln pull` (or an apply) brought an image from a registry.
+    ImagePulled {
+        image: String,
+        digest: Digest,
+        from: String,
+    },
 }
 
 impl Change {
@@ -232,6 +248,8 @@ impl Change {
             Self::ServiceRemoved { .. } => "service-removed",
             Self::TokenCreated { .. } => "token-created",
             Self::TokenRevoked { .. } => "token-revoked",
+            Self::ImageBaked { .. } => "image-baked",
+            Self::ImagePulled { .. } => "image-pulled",
         }
     }
 
@@ -363,6 +381,21 @@ mod tests {
             },
             Change::TokenRevoked {
                 name: crate::auth::TokenName::try_from("ci").unwrap(),
+            },
+            Change::ImageBaked {
+                image: "app".into(),
+                digest: Digest::of(b"m"),
+                tags: vec!["v1".into()],
+                provenance: [(
+                    "org.opencontainers.image.revision".to_owned(),
+                    "abc".to_owned(),
+                )]
+                .into(),
+            },
+            Change::ImagePulled {
+                image: "app".into(),
+                digest: Digest::of(b"m"),
+                from: "registry.example/app:v1".into(),
             },
         ]
     }

@@ -136,7 +136,25 @@ pub fn bake_reports(
         )
         .with_context(|| format!("cannot bake image {name}"));
         progress.finish();
-        out.push((report?, started.elapsed().as_secs_f64()));
+        let report = report?;
+        // A bake that wrote something is a change: the ledger says who
+        // baked what, from which source.
+        if report.bytes_written > 0 {
+            let provenance = store
+                .manifest(&report.digest)
+                .map(|m| m.annotations)
+                .unwrap_or_default();
+            record(
+                home,
+                kiln_core::event::Change::ImageBaked {
+                    image: report.image.to_string(),
+                    digest: report.digest.clone(),
+                    tags: report.tags.iter().map(ToString::to_string).collect(),
+                    provenance,
+                },
+            );
+        }
+        out.push((report, started.elapsed().as_secs_f64()));
     }
     Ok(out)
 }
@@ -147,6 +165,21 @@ fn names(spec: &Spec) -> String {
         .map(ImageName::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The user running this command, as the ledger names them.
+pub fn local_actor() -> kiln_core::event::Actor {
+    kiln_core::event::Actor::Local {
+        uid: rustix::process::getuid().as_raw(),
+    }
+}
+
+/// Record a change this command made in the home's ledger; a failure is
+/// said, not fatal (what was made is made).
+pub fn record(home: &Path, change: kiln_core::event::Change) {
+    if let Err(e) = kiln_agent::record(home, change, local_actor()) {
+        eprintln!("warning: not recorded in the ledger: {e}");
+    }
 }
 
 pub fn bake(

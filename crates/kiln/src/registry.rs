@@ -133,9 +133,20 @@ pub fn pull_into(
     let credentials = Credentials::open(home)?;
     let registry = Registry::new(&src.host, &credentials, insecure);
     let show = progress(json);
-    runtime()?
+    let report = runtime()?
         .block_on(kiln_store::registry::pull(store, &registry, src, &show))
-        .with_context(|| format!("cannot pull {src}"))
+        .with_context(|| format!("cannot pull {src}"))?;
+    if report.downloaded > 0 {
+        crate::commands::record(
+            home,
+            kiln_core::event::Change::ImagePulled {
+                image: report.name.clone(),
+                digest: report.digest.clone(),
+                from: report.source.clone(),
+            },
+        );
+    }
+    Ok(report)
 }
 
 pub fn login(

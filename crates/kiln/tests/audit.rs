@@ -84,6 +84,16 @@ fn audit_shows_who_did_what_and_filters() {
         assert_eq!(e["actor"], format!("uid:{uid}"));
         assert_eq!(e["service"], "web");
     }
+    // The bake the first apply made is recorded too: who baked which digest.
+    let baked: Vec<&serde_json::Value> =
+        all.iter().filter(|e| e["kind"] == "image-baked").collect();
+    assert_eq!(baked.len(), 1, "{all:?}");
+    assert_eq!(baked[0]["actor"], format!("uid:{uid}"));
+    let detail: serde_json::Value =
+        serde_json::from_str(baked[0]["detail"].as_str().unwrap()).unwrap();
+    let digest = env.json(&["images", "--json"])[0]["digest"].clone();
+    assert_eq!(detail["digest"], digest);
+    assert_eq!(detail["image"], "app");
     let only = env.ok(&["audit", "web", "--kind", "release-created"]);
     assert_eq!(only.lines().count(), 3, "a header and two entries: {only}");
     assert!(env.ok(&["audit", "--since", "1h"]).lines().count() > 3);

@@ -11,7 +11,7 @@ use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
@@ -24,7 +24,10 @@ impl From<rusqlite::Error> for StateError {
 
 /// SQLite in WAL mode under `$KILN_HOME/state.db`. Calls are short and
 /// serialized by a mutex; the agent's write rate (a few per instance
-/// lifecycle) is far below what that allows.
+/// lifecycle) is far below what that allows. Every write is an IMMEDIATE
+/// transaction: another process (the CLI recording a bake) may write too,
+/// and an event is chained after the ledger's head as it stands under the
+/// write lock.
 pub struct SqliteState {
     conn: Mutex<Connection>,
 }
@@ -273,7 +276,7 @@ impl SqliteState {
     /// never changed before).
     fn chain_unchained(&self) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let missing: i64 = tx.query_row(
             "SELECT COUNT(*) FROM events e LEFT JOIN ledger l ON l.seq = e.seq WHERE l.seq IS NULL",
             [],
@@ -429,7 +432,7 @@ impl StateStore for SqliteState {
         events: &[NewEvent],
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         apply_in(&tx, service, release, events)?;
         tx.commit()?;
         Ok(())
@@ -443,7 +446,7 @@ impl StateStore for SqliteState {
         events: &[NewEvent],
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if let Some((revision, reason)) = abandoned {
             set_outcome_in(&tx, &service.name, revision, Outcome::Failed, Some(reason))?;
         }
@@ -461,7 +464,7 @@ impl StateStore for SqliteState {
         event: &NewEvent,
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         set_outcome_in(&tx, service, revision, outcome, reason)?;
         insert_event(&tx, event)?;
         tx.commit()?;
@@ -477,7 +480,7 @@ impl StateStore for SqliteState {
         events: &[NewEvent],
     ) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         set_outcome_in(&tx, service, revision, Outcome::Failed, Some(reason))?;
         if let Some(previous) = return_to {
             tx.execute(
@@ -497,7 +500,7 @@ impl StateStore for SqliteState {
 
     fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
         insert_event(&tx, event)?;
         tx.commit()?;
@@ -506,7 +509,7 @@ impl StateStore for SqliteState {
 
     fn put_instance(&self, i: &InstanceRecord, event: &NewEvent) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT OR REPLACE INTO instances (id, service, revision, slot, pid, start_ticks, port) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             params![i.id, i.service.as_str(), i.revision as i64, i.slot, i.pid, i.start_ticks as i64, i.port],
@@ -518,7 +521,7 @@ impl StateStore for SqliteState {
 
     fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
         insert_event(&tx, event)?;
         tx.commit()?;
@@ -558,12 +561,16 @@ impl StateStore for SqliteState {
     }
 
     fn append_event(&self, event: &NewEvent) -> Result<u64> {
-        insert_event(&self.conn(), event)
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let seq = insert_event(&tx, event)?;
+        tx.commit()?;
+        Ok(seq)
     }
 
     fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
             "INSERT OR IGNORE INTO node (name, value) VALUES ('secret-key', ?1)",
             [&fresh[..]],
@@ -579,7 +586,7 @@ impl StateStore for SqliteState {
 
     fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (sealed, value) in secrets {
             tx.execute(
                 "INSERT OR IGNORE INTO secrets (sealed, value) VALUES (?1, ?2)",
@@ -604,7 +611,7 @@ impl StateStore for SqliteState {
 
     fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let added = tx.execute(
             "INSERT OR IGNORE INTO tokens (name, record) VALUES (?1, ?2)",
             params![record.name.as_str(), json(record)],
@@ -643,7 +650,7 @@ impl StateStore for SqliteState {
 
     fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
         let mut conn = self.conn();
-        let tx = conn.transaction()?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         if tx.execute("DELETE FROM tokens WHERE name = ?1", [name.as_str()])? == 0 {
             return Ok(false);
         }
