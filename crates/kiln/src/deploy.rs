@@ -377,9 +377,20 @@ fn send_spec(
     Ok((client, rt, resp))
 }
 
-pub fn plan(home: &Path, file: &Path, prune: bool, json: bool) -> Result<ExitCode> {
-    send_spec(home, file, true, prune, json)?;
-    Ok(ExitCode::SUCCESS)
+pub fn plan(
+    home: &Path,
+    file: &Path,
+    prune: bool,
+    exit_code: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let (_, _, resp) = send_spec(home, file, true, prune, json)?;
+    let differs = !resp.plan.is_empty() || resp.plan.left_running().next().is_some();
+    Ok(if exit_code && differs {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 pub fn apply(home: &Path, file: &Path, detach: bool, prune: bool, json: bool) -> Result<ExitCode> {

@@ -364,6 +364,11 @@ pub enum Command {
         /// Plan as `kiln apply --prune` would: services not in the spec are removed
         #[arg(long)]
         prune: bool,
+        /// Exit 2 when what runs differs from the spec (a change to apply, or
+        /// a service running that the spec does not have), 0 when it does
+        /// not: for cron and CI
+        #[arg(long)]
+        exit_code: bool,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -689,7 +694,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             prune,
             json,
         } => deploy::apply(&home()?, &file, detach, prune, json),
-        Command::Plan { file, prune, json } => deploy::plan(&home()?, &file, prune, json),
+        Command::Plan {
+            file,
+            prune,
+            exit_code,
+            json,
+        } => deploy::plan(&home()?, &file, prune, exit_code, json),
         Command::Remove { service, json } => deploy::remove(&home()?, &service, json),
         Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),
         Command::History { service, json } => deploy::history(&home()?, &service, json),

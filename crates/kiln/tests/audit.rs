@@ -234,3 +234,23 @@ fn audit_verify_catches_an_edit_in_the_live_database_and_older_exports_are_prefi
     ]);
     assert!(err.contains("entry 2"), "{err}");
 }
+
+/// `kiln plan --exit-code`: 0 while what runs is the spec, 2 once the spec
+/// on disk differs (for cron and CI); nothing applied either way.
+#[test]
+fn plan_exit_code_says_when_the_spec_differs_from_what_runs() {
+    let (env, _agent) = ledger_with_releases();
+    let path = env.path("kiln.toml");
+    let plan = |env: &Env| {
+        env.run(&["plan", "-f", path.to_str().unwrap(), "--exit-code"])
+            .status
+            .code()
+    };
+    assert_eq!(plan(&env), Some(0));
+    let text = std::fs::read_to_string(&path).unwrap();
+    write(&path, text.replace("\"v2\"", "\"v3\"").as_bytes());
+    assert_eq!(plan(&env), Some(2));
+    assert_eq!(releases(&env, "web").len(), 2, "a plan applies nothing");
+    // Without --exit-code a plan with changes still exits 0.
+    assert!(env.run(&["plan", "-f", path.to_str().unwrap()]).status.success());
+}
