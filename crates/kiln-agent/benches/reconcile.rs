@@ -135,6 +135,7 @@ impl Node {
                 image: rel.config.image.clone(),
                 hash: rel.hash.clone(),
                 changes: Vec::new(),
+                signed_by: None,
             },
             name,
             Some(revision),

@@ -512,6 +512,7 @@ impl Agent {
                             image: d.config.image.clone(),
                             hash: release.hash.clone(),
                             changes: sp.changes.clone(),
+                            signed_by: (!d.signed_by.is_empty()).then(|| d.signed_by.clone()),
                         },
                         &d.name,
                         Some(revision),

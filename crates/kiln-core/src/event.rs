@@ -86,6 +86,9 @@ pub enum Change {
         hash: Digest,
         /// What differs from the release before (env keys, never values).
         changes: Vec<String>,
+        /// Who signed the image, as checked by the apply (`SHA256:…`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        signed_by: Option<Vec<String>>,
     },
     /// `kiln apply` changed settings (replicas, listen, rollout, router)
     /// without a new release.
@@ -296,6 +299,13 @@ mod tests {
                 image: Digest::of(b"i"),
                 hash: Digest::of(b"h"),
                 changes: vec!["env A".into()],
+                signed_by: None,
+            },
+            Change::ReleaseCreated {
+                image: Digest::of(b"i"),
+                hash: Digest::of(b"h"),
+                changes: vec![],
+                signed_by: Some(vec!["SHA256:abc".into()]),
             },
             Change::ServiceSettings {
                 changes: vec!["replicas 1 -> 2".into()],

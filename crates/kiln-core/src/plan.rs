@@ -309,6 +309,7 @@ mod tests {
                 stop: StopSpec::default(),
             },
             secret_values: BTreeMap::new(),
+            signed_by: Vec::new(),
         }
     }
 

@@ -77,6 +77,10 @@ pub struct DesiredService {
     /// [`SecretValue`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub secret_values: BTreeMap<EnvName, SecretValue>,
+    /// The allowed signers (`SHA256:…`) whose valid signatures the client
+    /// checked on the image (the ledger records them with the release).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub signed_by: Vec<String>,
 }
 
 /// How a release ended up.

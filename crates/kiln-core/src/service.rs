@@ -23,6 +23,10 @@ pub struct ServiceSpec {
     /// An `[images]` name of the same spec (baked at apply), or a store
     /// reference `NAME:TAG` / `NAME@sha256:…`.
     pub image: ImageSource,
+    /// Whether the image must be signed by a `[trust]` allowed signer
+    /// (default: `[trust] require_signed`).
+    #[serde(default)]
+    pub require_signed: Option<bool>,
     #[serde(default = "one")]
     pub replicas: u32,
     /// The router's address for this service (used once the router exists).

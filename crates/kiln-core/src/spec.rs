@@ -32,6 +32,64 @@ pub struct Spec {
     /// Services to run, by name.
     #[serde(default)]
     pub services: BTreeMap<ServiceName, crate::service::ServiceSpec>,
+    /// Which image signatures an apply requires.
+    #[serde(default)]
+    pub trust: TrustSpec,
+}
+
+/// `[trust]`: the signers whose signatures count, and whether services
+/// need one (each may say otherwise with its own `require_signed`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSpec {
+    /// SSH public keys (`ssh-ed25519 AAAA… [comment]`) or `allowed_signers`
+    /// lines (`principal ssh-ed25519 AAAA…`).
+    #[serde(default)]
+    pub allowed_signers: Vec<String>,
+    #[serde(default)]
+    pub require_signed: bool,
+}
+
+impl TrustSpec {
+    /// Whether `service`'s image must carry a valid signature by an
+    /// allowed signer.
+    pub fn required(&self, service: &crate::service::ServiceSpec) -> bool {
+        service.require_signed.unwrap_or(self.require_signed)
+    }
+}
+
+/// The allowed signers among an image's valid signatures (`(signer,
+/// valid)`, by fingerprint), or why there is none: what an apply that
+/// requires a signature decides.
+pub fn trusted_signers(
+    allowed: &[String],
+    found: &[(String, bool)],
+) -> Result<Vec<String>, String> {
+    let ok: Vec<String> = found
+        .iter()
+        .filter(|(signer, valid)| *valid && allowed.contains(signer))
+        .map(|(signer, _)| signer.clone())
+        .collect();
+    if !ok.is_empty() {
+        return Ok(ok);
+    }
+    if found.is_empty() {
+        return Err("no signature".into());
+    }
+    let seen: Vec<String> = found
+        .iter()
+        .map(|(s, valid)| {
+            if !valid {
+                format!("{s} (invalid)")
+            } else {
+                format!("{s} (not an allowed signer)")
+            }
+        })
+        .collect();
+    Err(format!(
+        "no valid signature by an allowed signer; found: {}",
+        seen.join(", ")
+    ))
 }
 
 /// `[images.NAME]`: how to bake one image.

@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod gc;
 pub mod gzip;
 pub mod registry;
+pub mod sign;
 pub mod store;
 pub mod tree;
 pub mod unpack;

@@ -187,9 +187,23 @@ pub fn bake(
     file: &Path,
     only: &[String],
     tags: &[String],
+    sign: Option<&str>,
     json: bool,
 ) -> Result<ExitCode> {
+    // A key that cannot sign fails before anything is baked.
+    if let Some(k) = sign {
+        kiln_store::sign::load(&kiln_store::sign::key_path(home, k))?;
+    }
     let reports = bake_reports(home, file, only, tags, false)?;
+    if let Some(k) = sign {
+        let store = open_store(home)?;
+        for (r, _) in &reports {
+            let (_, signer) = crate::trust::sign_one(home, &store, &r.digest, k)?;
+            if !json {
+                eprintln!("  signed {}@{} by {signer}", r.image, r.digest.short());
+            }
+        }
+    }
     if json {
         #[derive(Serialize)]
         struct Out<'a> {

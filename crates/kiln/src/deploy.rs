@@ -158,6 +158,9 @@ pub fn desired(
     for (name, svc) in &spec.services {
         secrets.insert(name.clone(), read_secrets(dir, name, svc)?);
     }
+    // The trust policy parses before anything is baked.
+    let allowed = kiln_store::sign::allowed(&spec.trust.allowed_signers)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     let store = open_store(home)?;
     let mut baked = BTreeMap::new();
     for svc in spec.services.values() {
@@ -212,14 +215,50 @@ pub fn desired(
                 (rec.name.to_string(), rec.digest)
             }
         };
+        let signed_by = trusted(
+            &store,
+            &spec.trust,
+            &allowed,
+            name,
+            svc,
+            &image_name,
+            &digest,
+        )?;
         let mut d = resolve_service(&store, &spec, name, svc, image_name, digest)?;
         d.secret_values = secrets.remove(name).unwrap_or_default();
+        d.signed_by = signed_by;
         out.push(d);
         if svc.runtime.is_some() {
             explicit.push(name.clone());
         }
     }
     Ok((out, explicit))
+}
+
+/// The allowed signers of a service's image; an error (and nothing
+/// applied) when the service requires a signature and none is valid by an
+/// allowed signer.
+fn trusted(
+    store: &Store,
+    trust: &kiln_core::spec::TrustSpec,
+    allowed: &[String],
+    name: &kiln_core::spec::ServiceName,
+    svc: &kiln_core::service::ServiceSpec,
+    image_name: &str,
+    digest: &kiln_core::Digest,
+) -> Result<Vec<String>> {
+    let found: Vec<(String, bool)> = kiln_store::sign::signatures(store, digest)?
+        .into_iter()
+        .map(|f| (f.signer, f.valid))
+        .collect();
+    match kiln_core::spec::trusted_signers(allowed, &found) {
+        Ok(signers) => Ok(signers),
+        Err(_) if !trust.required(svc) => Ok(Vec::new()),
+        Err(why) => bail!(
+            "service {name}: image {image_name}@{} must be signed by an allowed signer ([trust]): {why}",
+            digest.short()
+        ),
+    }
 }
 
 /// A service's secrets, read from where the spec says: its `env_file`,
@@ -306,6 +345,7 @@ fn resolve_service(
             router: svc.router,
         },
         secret_values: BTreeMap::new(),
+        signed_by: Vec::new(),
         config: ReleaseConfig {
             image: digest,
             image_name,

@@ -14,6 +14,7 @@ mod deploy;
 mod progress;
 mod registry;
 mod remote;
+mod trust;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -93,6 +94,25 @@ pub enum AuditCommand {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Make an ed25519 signing key: $KILN_HOME/keys/NAME (0600) and NAME.pub
+    Generate {
+        /// The key's name [default: default]
+        #[arg(default_value = "default")]
+        name: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The signing keys in $KILN_HOME/keys and their fingerprints
+    List {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum TokenCommand {
     /// Make a token and print it (once: only its hash is kept)
     Create {
@@ -143,6 +163,9 @@ pub enum Command {
         /// An extra immutable tag for each baked image (repeatable)
         #[arg(short, long = "tag", value_name = "TAG")]
         tags: Vec<String>,
+        /// Sign each baked image with this key (as `kiln sign --key`)
+        #[arg(long, value_name = "KEY")]
+        sign: Option<String>,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -280,6 +303,34 @@ pub enum Command {
     /// API tokens for remote use: create, list, revoke (admin)
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Signing keys for images (SSH ed25519): generate, list
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Sign an image (an SSH signature over its digest, namespace kiln, kept
+    /// with it as an OCI referrer; ssh-keygen -Y verify checks it)
+    Sign {
+        /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// A key of $KILN_HOME/keys, or the path of an OpenSSH ed25519 key
+        #[arg(long, default_value = "default", value_name = "NAME")]
+        key: String,
+        /// Also write the signature (PEM) to FILE
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// The signatures on an image, each checked against its digest
+    Signatures {
+        /// The image: NAME, NAME:TAG, NAME@sha256:HEX or a digest prefix
+        #[arg(value_name = "REF")]
+        reference: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// The ledger: who changed what and when (every event, hash-chained and
     /// signed); export it, verify it
     Audit(AuditArgs),
@@ -516,6 +567,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 | Command::Demo { .. }
                 | Command::Completions { .. }
                 | Command::Man
+                | Command::Key(_)
+                | Command::Sign { .. }
+                | Command::Signatures { .. }
         )
     {
         remote::choose(&home()?, url)?;
@@ -525,8 +579,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             file,
             images,
             tags,
+            sign,
             json,
-        } => commands::bake(&home()?, &file, &images, &tags, json),
+        } => commands::bake(&home()?, &file, &images, &tags, sign.as_deref(), json),
         Command::Images { json } => commands::images(&commands::open_store(&home()?)?, json),
         Command::Inspect { reference, json } => {
             commands::inspect(&commands::open_store(&home()?)?, &reference, json)
@@ -555,6 +610,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } if host.starts_with("https://") => access::login(&home()?, &host, token_stdin, json),
         Command::Logout { host } if host.starts_with("https://") => access::logout(&home()?, &host),
+        Command::Key(k) => match k {
+            KeyCommand::Generate { name, json } => trust::key_generate(&home()?, &name, json),
+            KeyCommand::List { json } => trust::key_list(&home()?, json),
+        },
+        Command::Sign {
+            reference,
+            key,
+            output,
+            json,
+        } => trust::sign_ref(&home()?, &reference, &key, output.as_deref(), json),
+        Command::Signatures { reference, json } => trust::signatures(&home()?, &reference, json),
         Command::Audit(a) => match a.command {
             Some(AuditCommand::Export { file, json }) => audit::export(&home()?, &file, json),
             Some(AuditCommand::Verify {

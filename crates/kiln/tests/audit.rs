@@ -252,5 +252,9 @@ fn plan_exit_code_says_when_the_spec_differs_from_what_runs() {
     assert_eq!(plan(&env), Some(2));
     assert_eq!(releases(&env, "web").len(), 2, "a plan applies nothing");
     // Without --exit-code a plan with changes still exits 0.
-    assert!(env.run(&["plan", "-f", path.to_str().unwrap()]).status.success());
+    assert!(
+        env.run(&["plan", "-f", path.to_str().unwrap()])
+            .status
+            .success()
+    );
 }

@@ -108,6 +108,7 @@ impl Harness {
                 },
             },
             secret_values: BTreeMap::new(),
+            signed_by: Vec::new(),
         }
     }
 
