@@ -29,10 +29,6 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 pub const ANNOTATION_REVISION: &str = "org.opencontainers.image.revision";
 pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
-/// Whether the git work tree had uncommitted changes when the image was baked.
-pub const ANNOTATION_DIRTY: &str = "dev.kiln.source.dirty";
-/// The kiln version that baked the image.
-pub const ANNOTATION_KILN_VERSION: &str = "dev.kiln.version";
 /// kiln's own name for a layer (from `[[images.NAME.layers]]`).
 pub const ANNOTATION_LAYER_NAME: &str = "dev.kiln.layer.name";
 

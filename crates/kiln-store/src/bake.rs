@@ -1,6 +1,7 @@
 //! Baking: one `[images.NAME]` of a spec → a reproducible OCI image in the store.
 //!
-//! 1. Walk the context (sorted, `.kilnignore`, `include`/`exclude`), refusing
+//! 1. Walk the context (sorted, `.kilnignore`, `include`/`exclude`, never a
+//!    `.git` directory), refusing
 //!    what cannot be baked faithfully: special files, escaping symlinks.
 //! 2. Find each file's sha256, from the stat cache when its (size, mtime,
 //!    ctime, inode, device) are unchanged, else by reading it (on all cores).
@@ -17,7 +18,6 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kiln_core::Digest;
@@ -350,13 +350,11 @@ pub fn bake_image(
         },
     };
     let config_blob = store.stage_blob(&to_json(&config))?;
-    let mut annotations = provenance(&context);
+    // Content and config only: where the bake came from is beside the
+    // image (its provenance statement), so it never changes the digest.
+    let mut annotations = BTreeMap::new();
     annotations.insert(oci::ANNOTATION_CREATED.to_owned(), created);
     annotations.insert(oci::ANNOTATION_TITLE.to_owned(), name.to_string());
-    annotations.insert(
-        oci::ANNOTATION_KILN_VERSION.to_owned(),
-        options.kiln_version.clone(),
-    );
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(oci::MEDIA_TYPE_MANIFEST.to_owned()),
@@ -378,6 +376,13 @@ pub fn bake_image(
     pending.push(manifest_blob);
 
     store.publish_image(name, pending, &manifest_desc, &options.tags)?;
+    let statement = crate::provenance::statement(
+        name.as_str(),
+        &manifest_desc.digest,
+        &crate::provenance::source(&context),
+        &options.kiln_version,
+    );
+    crate::provenance::attach(store, &manifest_desc, &statement)?;
 
     // Caches only speed up the next bake; failing to save them is not an
     // error. Unchanged caches are not rewritten: a no-op re-bake writes nothing.
@@ -459,6 +464,11 @@ struct Walked {
 }
 
 /// The context's entries, filtered, in sorted order.
+/// `.git`, at any depth (a submodule's too).
+fn name_is_git(rel: &str) -> bool {
+    rel.rsplit('/').next() == Some(".git")
+}
+
 fn walk(context: &Path, spec: &ImageSpec) -> Result<Vec<Walked>> {
     let ignore_file = context.join(".kilnignore");
     let mut builder = ignore::gitignore::GitignoreBuilder::new(context);
@@ -507,7 +517,12 @@ fn walk(context: &Path, spec: &ImageSpec) -> Result<Vec<Walked>> {
                 source,
             })?;
             let ft = meta.file_type();
-            if ignore.matched(&rel, ft.is_dir()).is_ignore() || exclude.is_match(&rel) {
+            // A git directory is never part of an image: two clones of one
+            // commit must bake the same digest.
+            if (name_is_git(&rel) && ft.is_dir())
+                || ignore.matched(&rel, ft.is_dir()).is_ignore()
+                || exclude.is_match(&rel)
+            {
                 continue;
             }
             let included = spec.include.is_empty() || matches_path_or_ancestor(&include, &rel);
@@ -761,38 +776,6 @@ impl<R: Read> Read for HashingReader<'_, R> {
         self.observer.advance(n as u64);
         Ok(n)
     }
-}
-
-/// `org.opencontainers.image.revision` / `.source` and kiln's dirty flag,
-/// from git when the context is inside a work tree. Absent otherwise.
-fn provenance(context: &Path) -> BTreeMap<String, String> {
-    let git = |args: &[&str]| -> Option<String> {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(context)
-            .args(args)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .output()
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    };
-    let mut out = BTreeMap::new();
-    if let Some(commit) = git(&["rev-parse", "--verify", "HEAD"]) {
-        out.insert(oci::ANNOTATION_REVISION.to_owned(), commit);
-        if let Some(status) = git(&["status", "--porcelain", "--", "."]) {
-            out.insert(
-                oci::ANNOTATION_DIRTY.to_owned(),
-                (!status.is_empty()).to_string(),
-            );
-        }
-        if let Some(url) = git(&["remote", "get-url", "origin"]).filter(|u| !u.is_empty()) {
-            out.insert(oci::ANNOTATION_SOURCE.to_owned(), url);
-        }
-    }
-    out
 }
 
 fn stat_cache_path(store: &Store, context: &Path) -> PathBuf {

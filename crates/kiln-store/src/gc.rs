@@ -193,12 +193,16 @@ impl Store {
             .filter(|d| !keep.contains(d))
             .collect();
         for d in &index.manifests {
+            // Images are listed; an untagged entry is a referrer (a
+            // signature, a provenance statement) and goes with its image.
+            let Some((name, _)) = d
+                .annotations
+                .get(kiln_core::oci::ANNOTATION_REF_NAME)
+                .and_then(|r| r.split_once(':'))
+            else {
+                continue;
+            };
             if gone.contains(&d.digest) {
-                let name = d
-                    .annotations
-                    .get(kiln_core::oci::ANNOTATION_REF_NAME)
-                    .and_then(|r| r.split_once(':'))
-                    .map_or("?", |(n, _)| n);
                 let pinned = format!("{name}@{}", d.digest);
                 if !report.images.contains(&pinned) {
                     report.images.push(pinned);

@@ -13,6 +13,7 @@ pub mod export;
 pub mod fsutil;
 pub mod gc;
 pub mod gzip;
+pub mod provenance;
 pub mod registry;
 pub mod sign;
 pub mod store;

@@ -140,10 +140,17 @@ pub fn bake_reports(
         // A bake that wrote something is a change: the ledger says who
         // baked what, from which source.
         if report.bytes_written > 0 {
-            let provenance = store
-                .manifest(&report.digest)
-                .map(|m| m.annotations)
-                .unwrap_or_default();
+            // The source this bake came from: its statement is the newest.
+            let provenance =
+                kiln_store::provenance::source(&spec_dir.join(spec.images[&name].context.as_str()));
+            let provenance: std::collections::BTreeMap<String, String> = [
+                ("commit", provenance.commit),
+                ("dirty", provenance.dirty.map(|d| d.to_string())),
+                ("source", provenance.origin),
+            ]
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k.to_owned(), v)))
+            .collect();
             record(
                 home,
                 kiln_core::event::Change::ImageBaked {
@@ -165,6 +172,23 @@ fn names(spec: &Spec) -> String {
         .map(ImageName::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Sign one image of the store: the signature kept as its referrer.
+pub fn sign_one(
+    home: &Path,
+    store: &kiln_store::Store,
+    digest: &kiln_core::Digest,
+    key_name: &str,
+) -> Result<(String, String)> {
+    let key = kiln_store::sign::load(&kiln_store::sign::key_path(home, key_name))?;
+    let manifest = kiln_core::oci::Descriptor::new(
+        kiln_core::oci::MEDIA_TYPE_MANIFEST,
+        digest.clone(),
+        store.read_blob(digest)?.len() as u64,
+    );
+    let (pem, _) = kiln_store::sign::sign_image(store, &manifest, &key)?;
+    Ok((pem, kiln_store::sign::fingerprint(key.public_key())))
 }
 
 /// The user running this command, as the ledger names them.
@@ -198,7 +222,7 @@ pub fn bake(
     if let Some(k) = sign {
         let store = open_store(home)?;
         for (r, _) in &reports {
-            let (_, signer) = crate::trust::sign_one(home, &store, &r.digest, k)?;
+            let (_, signer) = sign_one(home, &store, &r.digest, k)?;
             if !json {
                 eprintln!("  signed {}@{} by {signer}", r.image, r.digest.short());
             }
@@ -356,6 +380,10 @@ pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
             layers: Vec<LayerInfo>,
             manifest: &'a oci::Manifest,
             config: &'a oci::ImageConfig,
+            /// Where it was baked from (its provenance statements).
+            provenance: Vec<kiln_store::provenance::Provenance>,
+            /// Its signatures, each checked.
+            signatures: Vec<kiln_store::sign::Found>,
         }
         print_json(&Out {
             name: img.name.to_string(),
@@ -365,6 +393,8 @@ pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
             layers,
             manifest: &manifest,
             config: &config,
+            provenance: kiln_store::provenance::statements(store, &img.digest)?,
+            signatures: kiln_store::sign::signatures(store, &img.digest)?,
         })?;
         return Ok(ExitCode::SUCCESS);
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Result, anyhow};
 use kiln_store::sign;
 
-use crate::commands::{open_store, print_json, resolve};
+use crate::commands::{open_store, print_json, resolve, sign_one};
 
 /// `kiln key generate [NAME]`.
 pub fn key_generate(home: &Path, name: &str, json: bool) -> Result<ExitCode> {
@@ -64,23 +64,6 @@ pub fn key_list(home: &Path, json: bool) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Sign one image of the store: the signature kept as its referrer.
-pub fn sign_one(
-    home: &Path,
-    store: &kiln_store::Store,
-    digest: &kiln_core::Digest,
-    key_name: &str,
-) -> Result<(String, String)> {
-    let key = sign::load(&sign::key_path(home, key_name))?;
-    let manifest = kiln_core::oci::Descriptor::new(
-        kiln_core::oci::MEDIA_TYPE_MANIFEST,
-        digest.clone(),
-        store.read_blob(digest)?.len() as u64,
-    );
-    let (pem, _) = sign::sign_image(store, &manifest, &key)?;
-    Ok((pem, sign::fingerprint(key.public_key())))
 }
 
 /// `kiln sign REF [--key NAME] [--output FILE]`.

@@ -39,17 +39,21 @@ fn bake_prints_the_digest_and_fills_an_oci_layout() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| {
-            m["annotations"]["org.opencontainers.image.ref.name"]
-                .as_str()
-                .unwrap()
-        })
+        .filter_map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str())
         .collect();
     assert_eq!(
         refs,
         [format!("app:{}", &hex[..12])],
         "automatic tag NAME:<12 hex>"
     );
+    // Beside it, untagged: its provenance statement, whose subject it is.
+    let referrers: Vec<&serde_json::Value> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m.get("annotations").is_none())
+        .collect();
+    assert_eq!(referrers.len(), 1, "{index}");
     assert!(env.home.join("blobs/sha256").join(hex).is_file());
 }
 
@@ -346,24 +350,47 @@ fn provenance_comes_from_git_and_the_kiln_version() {
     let d = digest(&env.bake(&spec, &[]));
     let info = env.json(&["inspect", &d, "--json"]);
     let ann = &info["manifest"]["annotations"];
-    assert_eq!(ann["org.opencontainers.image.revision"], head.as_str());
-    assert_eq!(ann["dev.kiln.source.dirty"], "false");
-    assert_eq!(
-        ann["org.opencontainers.image.source"],
-        "https://example.invalid/app.git"
+    // The manifest holds content and config only.
+    assert!(
+        ann.get("org.opencontainers.image.revision").is_none(),
+        "{ann}"
     );
     assert_eq!(
         ann["org.opencontainers.image.created"],
         "1970-01-01T00:00:00Z"
     );
-    assert_eq!(ann["dev.kiln.version"], env!("CARGO_PKG_VERSION"));
-
-    write(&root.join("static/index.html"), b"dirty\n");
-    let d = digest(&env.bake(&spec, &[]));
-    let info = env.json(&["inspect", &d, "--json"]);
+    let prov = &info["provenance"][0];
+    assert_eq!(prov["commit"], head.as_str());
+    assert_eq!(prov["dirty"], false);
+    assert_eq!(prov["source"], "https://example.invalid/app.git");
     assert_eq!(
-        info["manifest"]["annotations"]["dev.kiln.source.dirty"],
-        "true"
+        prov["builder"],
+        format!("https://kiln.dev/kiln@{}", env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(prov["subject_matches"], true);
+
+    // Another remote, and an untracked file the image leaves out (the
+    // context's .kilnignore has *.tmp), so git says dirty: the same digest,
+    // one more statement beside it.
+    git(&[
+        "remote",
+        "set-url",
+        "origin",
+        "https://mirror.example.invalid/app.git",
+    ]);
+    write(&root.join("scratch.tmp"), b"not in the image\n");
+    let again = digest(&env.bake(&spec, &[]));
+    assert_eq!(again, d, "the digest depends on content and config only");
+    let info = env.json(&["inspect", &again, "--json"]);
+    let provs = info["provenance"].as_array().unwrap();
+    assert_eq!(provs.len(), 2, "{provs:?}");
+    assert!(
+        provs
+            .iter()
+            .any(|p| p["source"] == "https://mirror.example.invalid/app.git"
+                && p["dirty"] == true
+                && p["commit"] == head.as_str()),
+        "{provs:?}"
     );
 }
 
