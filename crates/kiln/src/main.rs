@@ -15,6 +15,7 @@ mod progress;
 mod registry;
 mod remote;
 mod trust;
+mod why;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -331,6 +332,17 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Why this runs: from an instance, the PID of any process inside one, or
+    /// a service, to its release, image, bake, source commit, signatures and
+    /// ledger entries, each checked
+    Why {
+        /// An instance id, a PID, or a service
+        #[arg(value_name = "TARGET")]
+        target: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// The ledger: who changed what and when (every event, hash-chained and
     /// signed); export it, verify it
     Audit(AuditArgs),
@@ -610,6 +622,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ..
         } if host.starts_with("https://") => access::login(&home()?, &host, token_stdin, json),
         Command::Logout { host } if host.starts_with("https://") => access::logout(&home()?, &host),
+        Command::Why { target, json } => why::why(&home()?, &target, json),
         Command::Key(k) => match k {
             KeyCommand::Generate { name, json } => trust::key_generate(&home()?, &name, json),
             KeyCommand::List { json } => trust::key_list(&home()?, json),
