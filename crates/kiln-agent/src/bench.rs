@@ -4,4 +4,6 @@
 
 pub use crate::runtime::fake::Fake;
 pub use crate::runtime::{Launch, Running, Runtime};
-pub use crate::state::{InstanceRecord, MemoryState, NewEvent, ServiceRecord, StateStore};
+pub use crate::state::{
+    InstanceRecord, MemoryState, NewEvent, ServiceRecord, SqliteState, StateStore,
+};
