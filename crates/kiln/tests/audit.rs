@@ -258,3 +258,38 @@ fn plan_exit_code_says_when_the_spec_differs_from_what_runs() {
             .success()
     );
 }
+
+/// `kiln audit -f` keeps printing entries as they are added.
+#[test]
+fn audit_follow_prints_new_entries_as_they_come() {
+    let (env, _agent) = ledger_with_releases();
+    let mut follow = env
+        .cmd()
+        .args(["audit", "--json", "-f", "--kind", "rollback"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // Nothing of that kind yet; then a rollback is made and shows up.
+    assert!(rx.recv_timeout(Duration::from_millis(700)).is_err());
+    env.ok(&["rollback", "web"]);
+    let line = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(entry["kind"], "rollback");
+    assert_eq!(entry["service"], "web");
+    let _ = follow.kill();
+    let _ = follow.wait();
+}
