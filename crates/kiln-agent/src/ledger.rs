@@ -53,7 +53,7 @@ impl NodeKey {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let made = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                     .map_err(|e| KeyError::Generate(e.to_string()))?;
-                write_private(&path, made.as_ref()).map_err(io(&path))?;
+                kiln_store::fsutil::write_private(&path, made.as_ref()).map_err(io(&path))?;
                 made.as_ref().to_vec()
             }
             Err(e) => return Err(io(&path)(e)),
@@ -96,21 +96,6 @@ impl NodeKey {
         state.put_checkpoint(&cp)?;
         Ok(Some(cp))
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Sign the head every `every` while it moves, or as soon as it is

@@ -139,28 +139,14 @@ fn make_cert(dir: &Path, cert: &Path, key: &Path, addr: SocketAddr) -> Result<()
     let made = rcgen::generate_simple_self_signed(names)?;
     std::fs::create_dir_all(dir).map_err(io(dir))?;
     // The key first, owner-only, each file complete before it is visible.
-    write_private(key, made.signing_key.serialize_pem().as_bytes()).map_err(io(key))?;
-    write_private(cert, made.cert.pem().as_bytes()).map_err(io(cert))?;
+    kiln_store::fsutil::write_private(key, made.signing_key.serialize_pem().as_bytes())
+        .map_err(io(key))?;
+    kiln_store::fsutil::write_private(cert, made.cert.pem().as_bytes()).map_err(io(cert))?;
     tracing::info!(
         "made a self-signed certificate for the API in {}",
         dir.display()
     );
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 /// Serve `app` over TLS on `listener` until the task is aborted.

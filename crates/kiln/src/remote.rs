@@ -98,21 +98,10 @@ impl Agents {
     }
 
     pub(crate) fn save(&self, home: &Path) -> Result<()> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
         let path = agents_path(home);
         std::fs::create_dir_all(home).with_context(|| home.display().to_string())?;
-        let tmp = path.with_extension("json.tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| tmp.display().to_string())?;
-        f.write_all(&serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| path.display().to_string())
+        kiln_store::fsutil::write_private(&path, &serde_json::to_vec_pretty(self)?)
+            .with_context(|| path.display().to_string())
     }
 }
 
