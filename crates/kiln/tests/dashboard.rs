@@ -194,6 +194,13 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
             .click()
             .await
             .unwrap();
+        // Signed out once the browser is on the sign-in page (the cookie
+        // cleared): a navigation before that would race it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while c.current_url().await.unwrap().path() != "/login" {
+            assert!(std::time::Instant::now() < deadline, "signed out");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
 
         // A deployer gets the buttons.
         sign_in(&c, &base, deployer.trim()).await;
