@@ -132,6 +132,8 @@ fn each_role_against_each_endpoint() {
         ("GET", "/v1/whoami", None, 0),
         ("GET", "/v1/services/web/history", None, 0),
         ("GET", "/v1/logs?service=web", None, 0),
+        ("GET", "/v1/metrics", None, 0),
+        ("GET", "/v1/audit", None, 0),
         ("GET", "/", None, 0),
         ("GET", "/v2/", None, 0),
         ("GET", "/v2/junk/tags/list", None, 0),
