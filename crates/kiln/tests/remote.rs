@@ -535,3 +535,57 @@ fn skopeo_reads_from_and_writes_to_the_agent() {
 }
 
 use std::path::Path;
+
+/// `--tls-cert` / `--tls-key`: the agent serves the user's certificate
+/// (clients pin that one); a file that is not a certificate stops the
+/// start with one line naming it.
+#[test]
+fn the_users_certificate_is_served_and_a_bad_one_refused() {
+    let env = Env::new();
+    let made = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let (cert, key) = (env.path("mine.pem"), env.path("mine.key"));
+    write(&cert, made.cert.pem().as_bytes());
+    write(&key, made.signing_key.serialize_pem().as_bytes());
+    let want = {
+        use ring::digest::{SHA256, digest};
+        let d = digest(&SHA256, made.cert.der());
+        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        format!("sha256:{hex}")
+    };
+    let port = free_port();
+    let agent = Agent::start_with(&env, |c| {
+        c.args(["--api", &format!("127.0.0.1:{port}")])
+            .arg("--tls-cert")
+            .arg(&cert)
+            .arg("--tls-key")
+            .arg(&key);
+    });
+    wait_for("the API port", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let token = env.ok(&["token", "create", "me", "--role", "viewer"]);
+    let laptop = Env::new();
+    let mut login = laptop.cmd();
+    login
+        .args(["login", &format!("https://127.0.0.1:{port}"), "--json"])
+        .env("KILN_TOKEN", token.trim());
+    let out: serde_json::Value = serde_json::from_slice(&succeed(&mut login)).unwrap();
+    assert_eq!(out["fingerprint"], want.as_str());
+    assert!(!env.home.join("api/cert.pem").exists(), "none made");
+    drop(agent);
+
+    // Not a certificate: the agent does not start, and says which file.
+    let other = Env::new();
+    let out = other
+        .cmd()
+        .args(["serve", "--api", &format!("127.0.0.1:{}", free_port())])
+        .arg("--tls-cert")
+        .arg(&key)
+        .arg("--tls-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mine.key"), "{err}");
+}
