@@ -79,7 +79,7 @@ impl NodeKey {
         let Some((seq, head)) = state.head()? else {
             return Ok(None);
         };
-        if state.checkpoints()?.last().is_some_and(|c| c.seq >= seq) {
+        if state.last_checkpoint()?.is_some_and(|c| c >= seq) {
             return Ok(None);
         }
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
@@ -108,8 +108,8 @@ pub async fn run(key: Arc<NodeKey>, state: Arc<dyn StateStore>, every: Duration)
         let (key, state) = (key.clone(), state.clone());
         let due = since.elapsed() >= every;
         let signed = tokio::task::spawn_blocking(move || {
-            let behind = match (state.head()?, state.checkpoints()?.last()) {
-                (Some((seq, _)), Some(c)) => seq.saturating_sub(c.seq),
+            let behind = match (state.head()?, state.last_checkpoint()?) {
+                (Some((seq, _)), Some(c)) => seq.saturating_sub(c),
                 (Some((seq, _)), None) => seq,
                 (None, _) => 0,
             };

@@ -425,8 +425,10 @@ pub(super) fn every_event_is_chained_in_the_ledger(state: &dyn StateStore) {
         time: "t".into(),
         signature: "00".into(),
     };
+    assert_eq!(state.last_checkpoint().unwrap(), None);
     state.put_checkpoint(&cp).unwrap();
     state.put_checkpoint(&cp).unwrap();
+    assert_eq!(state.last_checkpoint().unwrap(), Some(cp.seq));
     assert_eq!(state.checkpoints().unwrap(), vec![cp]);
 }
 

@@ -307,6 +307,10 @@ impl StateStore for MemoryState {
         Ok(())
     }
 
+    fn last_checkpoint(&self) -> Result<Option<u64>> {
+        Ok(self.inner().checkpoints.keys().next_back().copied())
+    }
+
     fn head(&self) -> Result<Option<(u64, String)>> {
         Ok(self.inner().ledger.last().map(|e| (e.seq, e.hash.clone())))
     }

@@ -222,6 +222,9 @@ pub trait StateStore: Send + Sync {
     /// Every signed checkpoint, in order.
     fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>>;
     fn put_checkpoint(&self, checkpoint: &kiln_core::ledger::Checkpoint) -> Result<()>;
+    /// The entry the last checkpoint signed (read every second by the
+    /// agent: one row, not every checkpoint).
+    fn last_checkpoint(&self) -> Result<Option<u64>>;
     /// The last entry's sequence number and hash.
     fn head(&self) -> Result<Option<(u64, String)>>;
     /// The events after sequence number `after`, in order (the read side

@@ -108,13 +108,6 @@ CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
 BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
 "#;
 
-fn token_record(source: serde_json::Error) -> StateError {
-    StateError::Decode {
-        what: "token record",
-        source,
-    }
-}
-
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }
@@ -275,18 +268,22 @@ impl SqliteState {
     /// once (their hashes say when they were chained, not that they were
     /// never changed before).
     fn chain_unchained(&self) -> Result<()> {
+        // Events and their ledger rows are written together, so only a
+        // database older than the ledger has events past its last row: two
+        // lookups by primary key, no write lock, at every open.
+        let max = |conn: &Connection, table: &str| -> Result<i64> {
+            Ok(conn.query_row(
+                &format!("SELECT COALESCE(MAX(seq), 0) FROM {table}"),
+                [],
+                |r| r.get(0),
+            )?)
+        };
         let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let missing: i64 = tx.query_row(
-            "SELECT COUNT(*) FROM events e LEFT JOIN ledger l ON l.seq = e.seq WHERE l.seq IS NULL",
-            [],
-            |r| r.get(0),
-        )?;
-        if missing == 0 {
+        if max(&conn, "events")? == max(&conn, "ledger")? {
             return Ok(());
         }
-        let chained: i64 =
-            tx.query_row("SELECT COALESCE(MAX(seq), 0) FROM ledger", [], |r| r.get(0))?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let chained = max(&tx, "ledger")?;
         let mut prev = last_hash(&tx)?;
         for e in read_ledger(&tx, chained as u64)? {
             let e = e.chained(&prev);
@@ -633,8 +630,7 @@ impl StateStore for SqliteState {
                 |r| r.get(0),
             )
             .optional()?;
-        v.map(|v| serde_json::from_str(&v).map_err(token_record))
-            .transpose()
+        v.map(|v| decode("token record", &v)).transpose()
     }
 
     fn tokens(&self) -> Result<Vec<TokenRecord>> {
@@ -643,7 +639,7 @@ impl StateStore for SqliteState {
         let rows = stmt.query_map([], |r| r.get::<_, String>(1))?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(serde_json::from_str(&row?).map_err(token_record)?);
+            out.push(decode("token record", &row?)?);
         }
         Ok(out)
     }
@@ -684,6 +680,15 @@ impl StateStore for SqliteState {
             params![cp.seq as i64, cp.head, cp.time, cp.signature],
         )?;
         Ok(())
+    }
+
+    fn last_checkpoint(&self) -> Result<Option<u64>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT MAX(seq) FROM checkpoints", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            .map(|s| s as u64))
     }
 
     fn head(&self) -> Result<Option<(u64, String)>> {
@@ -827,6 +832,30 @@ mod tests {
         assert_eq!(state.releases(&name).unwrap(), [r1]);
         assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
         assert_eq!(state.events(0).unwrap().len(), 1);
+    }
+
+    /// A database from before the ledger (events, no ledger rows) has its
+    /// events chained, in order, when it is opened; the ledger is
+    /// append-only like the events.
+    #[test]
+    fn events_recorded_before_the_ledger_are_chained_on_open() {
+        let (dir, state) = fresh();
+        for r in ["a", "b", "c"] {
+            state.append_event(&event(r)).unwrap();
+        }
+        let before = state.ledger(0).unwrap();
+        {
+            let conn = state.conn();
+            assert!(conn.execute("DELETE FROM ledger", []).is_err());
+            conn.execute_batch("DROP TRIGGER ledger_append_only_delete; DELETE FROM ledger;")
+                .unwrap();
+        }
+        assert_eq!(state.head().unwrap(), None);
+        drop(state);
+        let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
+        let after = state.ledger(0).unwrap();
+        assert_eq!(after, before, "the same chain as when written");
+        kiln_core::ledger::verify(&after, &[], &[0; 32]).unwrap();
     }
 
     #[test]
