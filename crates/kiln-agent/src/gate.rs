@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kiln_core::api::ErrorBody;
-use kiln_core::auth::{self, Refusal, Role, Route};
+use kiln_core::auth::{self, Refusal, Role, Route, TokenName};
 use kiln_core::event::Actor;
 
 use crate::agent::Agent;
@@ -67,18 +67,20 @@ impl Gate {
         self.failures().remove(&ip);
     }
 
-    /// Check a token as the login form presents it, slowed like any other.
-    pub(crate) async fn login(&self, ip: IpAddr, token: &str) -> Result<Role, Refusal> {
-        match self.agent.authenticate(token, unix_now()) {
-            Ok((_, role)) => {
-                self.succeeded(ip);
-                Ok(role)
-            }
-            Err(e) => {
-                tokio::time::sleep(self.failed(ip, Instant::now())).await;
-                Err(e)
-            }
+    /// Check a token from `ip` (a request's, or the sign-in form's): a
+    /// valid one forgets the address's failures; a refusal is answered
+    /// only after the address's delay.
+    pub(crate) async fn check(
+        &self,
+        ip: IpAddr,
+        token: &str,
+    ) -> Result<(TokenName, Role), Refusal> {
+        let checked = self.agent.authenticate(token, unix_now());
+        match checked {
+            Ok(_) => self.succeeded(ip),
+            Err(_) => tokio::time::sleep(self.failed(ip, Instant::now())).await,
         }
+        checked
     }
 
     pub(crate) fn agent(&self) -> &Arc<Agent> {
@@ -180,14 +182,9 @@ pub async fn gate(
         );
     };
     let ip = addr.ip();
-    let (name, role) = match gate.agent.authenticate(&token, unix_now()) {
-        Ok(ok) => {
-            gate.succeeded(ip);
-            ok
-        }
+    let (name, role) = match gate.check(ip, &token).await {
+        Ok(ok) => ok,
         Err(refusal) => {
-            // An address that keeps failing waits longer for each answer.
-            tokio::time::sleep(gate.failed(ip, Instant::now())).await;
             tracing::warn!("{ip}: refused an API token ({method} {shown})");
             return unauthorized(match refusal {
                 Refusal::Invalid => "invalid or revoked API token",

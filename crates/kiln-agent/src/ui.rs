@@ -137,7 +137,7 @@ async fn login(
         return html(StatusCode::BAD_REQUEST, login_form(Some("no token given")));
     };
     let token = form.token.trim();
-    match gate.login(addr.ip(), token).await {
+    match gate.check(addr.ip(), token).await {
         Ok(_) => (
             StatusCode::SEE_OTHER,
             [
