@@ -12,14 +12,13 @@ use std::path::Path;
 use std::process::Command;
 
 use kiln_core::Digest;
-use kiln_core::oci::{self, Descriptor};
+use kiln_core::oci::Descriptor;
 use serde::Serialize;
 
 use crate::store::{Store, StoreError};
 
 /// The `artifactType` of a provenance referrer, and its layer's media type.
 pub const ARTIFACT_TYPE: &str = "application/vnd.in-toto+json";
-const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 const BUILD_TYPE: &str = "https://kiln.dev/bake/v1";
 
 /// Where a bake's context came from, as git says.
@@ -99,23 +98,9 @@ pub fn attach(
     manifest: &Descriptor,
     statement: &serde_json::Value,
 ) -> Result<(), StoreError> {
-    let config = store.stage_blob(b"{}")?;
-    let layer = store.stage_blob(&serde_json::to_vec(statement).unwrap_or_default())?;
-    let body = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": oci::MEDIA_TYPE_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": { "mediaType": EMPTY_CONFIG, "digest": config.digest.to_string(), "size": config.size },
-        "layers": [{ "mediaType": ARTIFACT_TYPE, "digest": layer.digest.to_string(), "size": layer.size }],
-        "subject": {
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest.to_string(),
-            "size": manifest.size
-        }
-    });
-    let staged = store.stage_blob(&serde_json::to_vec(&body).unwrap_or_default())?;
-    let descriptor = Descriptor::new(oci::MEDIA_TYPE_MANIFEST, staged.digest.clone(), staged.size);
-    store.add_referrer(vec![config, layer, staged], &descriptor)
+    let bytes = serde_json::to_vec(statement).unwrap_or_default();
+    store.add_artifact(manifest, ARTIFACT_TYPE, &bytes, &BTreeMap::new())?;
+    Ok(())
 }
 
 /// What a kept statement says, read back.
@@ -132,27 +117,8 @@ pub struct Provenance {
 /// Every provenance statement kept for `digest`.
 pub fn statements(store: &Store, digest: &Digest) -> Result<Vec<Provenance>, StoreError> {
     let mut out = Vec::new();
-    for (d, kind) in store.referrers(digest)? {
-        if kind.as_deref() != Some(ARTIFACT_TYPE) {
-            continue;
-        }
-        let Some(layer) = store
-            .read_blob(&d.digest)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-            .and_then(|m| {
-                m.pointer("/layers/0/digest")?
-                    .as_str()?
-                    .parse::<Digest>()
-                    .ok()
-            })
-        else {
-            continue;
-        };
-        let Some(s) = store
-            .read_blob(&layer)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    for (_, payload) in store.artifacts(digest, ARTIFACT_TYPE)? {
+        let Some(s) = payload.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         else {
             continue;
         };

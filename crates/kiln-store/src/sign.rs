@@ -20,7 +20,6 @@ use crate::store::{Store, StoreError};
 pub const NAMESPACE: &str = "kiln";
 /// The `artifactType` of a signature referrer, and its layer's media type.
 pub const ARTIFACT_TYPE: &str = "application/vnd.kiln.signature.sshsig.v1";
-const EMPTY_CONFIG: &str = "application/vnd.oci.empty.v1+json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignError {
@@ -130,35 +129,8 @@ pub fn sign_image(
     let pem = sig
         .to_pem(LineEnding::LF)
         .map_err(|e| SignError::Sign(e.to_string()))?;
-    let config = store.stage_blob(b"{}")?;
-    let layer = store.stage_blob(pem.as_bytes())?;
-    // serde_json's map is ordered by key: the same signature always makes
-    // the same manifest bytes.
-    let body = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": kiln_core::oci::MEDIA_TYPE_MANIFEST,
-        "artifactType": ARTIFACT_TYPE,
-        "config": { "mediaType": EMPTY_CONFIG, "digest": config.digest.to_string(), "size": config.size },
-        "layers": [{
-            "mediaType": ARTIFACT_TYPE,
-            "digest": layer.digest.to_string(),
-            "size": layer.size,
-            "annotations": { "dev.kiln.signer": fingerprint(key.public_key()) }
-        }],
-        "subject": {
-            "mediaType": manifest.media_type,
-            "digest": manifest.digest.to_string(),
-            "size": manifest.size
-        }
-    });
-    let bytes = serde_json::to_vec(&body).unwrap_or_default();
-    let staged = store.stage_blob(&bytes)?;
-    let descriptor = Descriptor::new(
-        kiln_core::oci::MEDIA_TYPE_MANIFEST,
-        staged.digest.clone(),
-        staged.size,
-    );
-    store.add_referrer(vec![config, layer, staged], &descriptor)?;
+    let signer = [("dev.kiln.signer".to_owned(), fingerprint(key.public_key()))].into();
+    let descriptor = store.add_artifact(manifest, ARTIFACT_TYPE, pem.as_bytes(), &signer)?;
     Ok((pem, descriptor))
 }
 
@@ -179,32 +151,13 @@ pub struct Found {
 /// whether its signer is trusted is the caller's policy).
 pub fn signatures(store: &Store, digest: &Digest) -> Result<Vec<Found>, SignError> {
     let mut out = Vec::new();
-    for (d, kind) in store.referrers(digest)? {
-        if kind.as_deref() != Some(ARTIFACT_TYPE) {
-            continue;
-        }
-        let manifest: serde_json::Value = match store
-            .read_blob(&d.digest)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-        {
-            Some(m) => m,
-            None => continue,
-        };
-        let layer = manifest
-            .pointer("/layers/0/digest")
-            .and_then(|v| v.as_str())
-            .and_then(|v| v.parse::<Digest>().ok());
-        let pem = layer.and_then(|l| store.read_blob(&l).ok());
-        let Some(sig) = pem.and_then(|p| SshSig::from_pem(p).ok()) else {
+    for (d, payload) in store.artifacts(digest, ARTIFACT_TYPE)? {
+        let Some(sig) = payload.and_then(|p| SshSig::from_pem(p).ok()) else {
             out.push(Found {
                 signer: "?".into(),
                 key: String::new(),
                 valid: false,
-                problem: Some(format!(
-                    "signature {} is not an SSH signature",
-                    d.digest.short()
-                )),
+                problem: Some(format!("signature {} is not an SSH signature", d.short())),
             });
             continue;
         };

@@ -22,6 +22,9 @@ use sha2::{Digest as _, Sha256};
 
 use crate::fsutil::{sync_dir, write_atomic};
 
+/// The config of an artifact that has none (OCI 1.1).
+const MEDIA_TYPE_EMPTY: &str = "application/vnd.oci.empty.v1+json";
+
 /// Errors of the store. Each names the object it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -407,6 +410,83 @@ impl Store {
             self.write_index(&index)?;
         }
         Ok(())
+    }
+
+    /// Keep `payload` as a one-layer OCI 1.1 artifact of `artifact_type`
+    /// whose `subject` is `subject` (a referrer: a signature, a provenance
+    /// statement); its layer carries `annotations` when there are any. The
+    /// same artifact kept twice is one (the same bytes, one digest).
+    pub fn add_artifact(
+        &self,
+        subject: &Descriptor,
+        artifact_type: &str,
+        payload: &[u8],
+        annotations: &BTreeMap<String, String>,
+    ) -> Result<Descriptor> {
+        let config = self.stage_blob(b"{}")?;
+        let layer = self.stage_blob(payload)?;
+        let mut layer_desc = serde_json::json!({
+            "mediaType": artifact_type,
+            "digest": layer.digest.to_string(),
+            "size": layer.size,
+        });
+        if !annotations.is_empty() {
+            layer_desc["annotations"] = serde_json::json!(annotations);
+        }
+        // serde_json's map is ordered by key: the same artifact always
+        // makes the same manifest bytes.
+        let body = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": kiln_core::oci::MEDIA_TYPE_MANIFEST,
+            "artifactType": artifact_type,
+            "config": {
+                "mediaType": MEDIA_TYPE_EMPTY,
+                "digest": config.digest.to_string(),
+                "size": config.size
+            },
+            "layers": [layer_desc],
+            "subject": {
+                "mediaType": subject.media_type,
+                "digest": subject.digest.to_string(),
+                "size": subject.size
+            }
+        });
+        let staged = self.stage_blob(&serde_json::to_vec(&body).unwrap_or_default())?;
+        let descriptor = Descriptor::new(
+            kiln_core::oci::MEDIA_TYPE_MANIFEST,
+            staged.digest.clone(),
+            staged.size,
+        );
+        self.add_referrer(vec![config, layer, staged], &descriptor)?;
+        Ok(descriptor)
+    }
+
+    /// The payloads of `subject`'s referrers of `artifact_type`, each with
+    /// its manifest's digest (`None`: its layer cannot be read).
+    pub fn artifacts(
+        &self,
+        subject: &Digest,
+        artifact_type: &str,
+    ) -> Result<Vec<(Digest, Option<Vec<u8>>)>> {
+        let mut out = Vec::new();
+        for (d, kind) in self.referrers(subject)? {
+            if kind.as_deref() != Some(artifact_type) {
+                continue;
+            }
+            let payload = self
+                .read_blob(&d.digest)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|m| {
+                    m.pointer("/layers/0/digest")?
+                        .as_str()?
+                        .parse::<Digest>()
+                        .ok()
+                })
+                .and_then(|l| self.read_blob(&l).ok());
+            out.push((d.digest, payload));
+        }
+        Ok(out)
     }
 
     /// Commit `blobs`, then require the manifest among what the store has
