@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use util::{Env, free_port, have, succeed, write};
+use util::{Env, free_port, have, sha256_hex, succeed, write};
 
 /// A `docker-registry` on 127.0.0.1, stopped (by its pid) when dropped.
 struct Registry {
@@ -668,19 +668,6 @@ fn an_index_is_narrowed_to_this_platform_and_a_truncated_blob_is_refused() {
         "{err}"
     );
     assert_eq!(c.store_state(), before, "nothing kept");
-}
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            c.stdin.take().unwrap().write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
 }
 
 /// Write `bytes` as a blob of the store at `home`; its digest.

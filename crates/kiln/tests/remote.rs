@@ -546,12 +546,7 @@ fn the_users_certificate_is_served_and_a_bad_one_refused() {
     let (cert, key) = (env.path("mine.pem"), env.path("mine.key"));
     write(&cert, made.cert.pem().as_bytes());
     write(&key, made.signing_key.serialize_pem().as_bytes());
-    let want = {
-        use ring::digest::{SHA256, digest};
-        let d = digest(&SHA256, made.cert.der());
-        let hex: String = d.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        format!("sha256:{hex}")
-    };
+    let want = format!("sha256:{}", sha256_hex(made.cert.der()));
     let port = free_port();
     let agent = Agent::start_with(&env, |c| {
         c.args(["--api", &format!("127.0.0.1:{port}")])

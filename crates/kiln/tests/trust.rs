@@ -115,20 +115,6 @@ fn ssh_keygen_accepts_a_kiln_signature_and_refuses_it_for_another_digest() {
     assert!(listed.contains("INVALID"), "{listed}");
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
-    let out = Command::new("sha256sum")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .and_then(|mut c| {
-            use std::io::Write as _;
-            c.stdin.take().unwrap().write_all(bytes)?;
-            c.wait_with_output()
-        })
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
-}
-
 fn spec(port: u16, allowed: &str) -> String {
     format!(
         r#"

@@ -537,3 +537,19 @@ pub fn actors_of(env: &Env, kinds: &[&str]) -> Vec<String> {
         .map(|(_, a)| a)
         .collect()
 }
+
+/// Lowercase hex SHA-256 of `bytes`, by `sha256sum` (the tests' own check,
+/// independent of kiln's hashing).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use std::io::Write as _;
+    let out = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            c.stdin.take().expect("stdin").write_all(bytes)?;
+            c.wait_with_output()
+        })
+        .expect("run sha256sum");
+    String::from_utf8_lossy(&out.stdout)[..64].to_owned()
+}
