@@ -327,6 +327,74 @@ pub struct AuditResponse {
     pub checkpoints: Vec<crate::ledger::Checkpoint>,
 }
 
+/// `GET /v1/drift[?service=NAME]`: what the drift detector watches, its
+/// last full verification, and its latest findings (newest first).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DriftResponse {
+    pub watching: DriftWatching,
+    pub verification: Option<DriftVerification>,
+    pub findings: Vec<DriftFinding>,
+}
+
+/// The trees watched for changes as they happen.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftWatching {
+    pub trees: u64,
+    pub directories: u64,
+    pub files: u64,
+    /// Directories that could not be watched (the verification covers
+    /// them), e.g. past `fs.inotify.max_user_watches`.
+    pub unwatched: u64,
+}
+
+/// The last periodic full verification of every tree.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DriftVerification {
+    /// When it finished (RFC 3339).
+    pub finished: String,
+    pub trees: u64,
+    pub files: u64,
+    pub bytes: u64,
+    pub seconds: f64,
+    /// Trees found drifted.
+    pub drifted: u64,
+    /// How often it runs and how fast it may read (bytes a second, 0:
+    /// unpaced).
+    pub every: String,
+    pub rate: u64,
+}
+
+/// One finding, as the ledger recorded it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DriftFinding {
+    /// Its ledger entry.
+    pub seq: u64,
+    pub time: String,
+    /// `tree` or `config`.
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::digest::Digest>,
+    /// The services it affected.
+    pub services: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found_by: Option<String>,
+    /// A fresh tree was made (tree), or the instance is replaced (config).
+    pub repaired: bool,
+    /// Files that differed (tree), of which `files` names the first.
+    pub count: usize,
+    pub files: Vec<crate::drift::DriftedFile>,
+    /// What differs (config).
+    pub differs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// `GET /v1/whoami`: who the agent takes the caller for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WhoAmIResponse {

@@ -218,9 +218,10 @@ pub fn route(method: &str, path: &str) -> Route {
         ["login"] if read || method == "POST" => Route::Open,
         ["logout"] if method == "POST" => Route::Open,
         [""] | ["ui", ..] if read => Route::Needs(Role::Viewer),
-        ["v1", "status" | "logs" | "events" | "metrics" | "audit"] if read => {
-            Route::Needs(Role::Viewer)
-        }
+        [
+            "v1",
+            "status" | "logs" | "events" | "metrics" | "audit" | "drift",
+        ] if read => Route::Needs(Role::Viewer),
         ["v1", "whoami"] if read => Route::Needs(Role::Viewer),
         ["v1", "services", _, "history"] if read => Route::Needs(Role::Viewer),
         ["v1", "apply"] if method == "POST" => Route::Needs(Role::Deployer),
@@ -349,6 +350,8 @@ mod tests {
             ("GET", "/v1/logs", Needs(Role::Viewer)),
             ("GET", "/v1/events", Needs(Role::Viewer)),
             ("GET", "/v1/audit", Needs(Role::Viewer)),
+            ("GET", "/v1/drift", Needs(Role::Viewer)),
+            ("POST", "/v1/drift", Unknown),
             ("POST", "/v1/audit", Unknown),
             ("GET", "/", Needs(Role::Viewer)),
             ("GET", "/ui/events", Needs(Role::Viewer)),

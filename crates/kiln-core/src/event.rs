@@ -219,6 +219,31 @@ pub enum Change {
         digest: Digest,
         from: String,
     },
+    /// The drift detector found an image's tree differing from its
+    /// manifest: `count` files, the first of them named with how each
+    /// differs; `found_by` is `watch` (a change as it happened) or
+    /// `verification` (the periodic full check). `repaired`: the tree was
+    /// moved to `quarantine` and a fresh one made from the verified blobs,
+    /// and the instances of `services` that ran it are replaced.
+    TreeDrift {
+        image: Digest,
+        files: Vec<crate::drift::DriftedFile>,
+        count: usize,
+        found_by: String,
+        repaired: bool,
+        services: Vec<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        quarantine: Option<String>,
+        /// Why no fresh tree could be made.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    /// An instance's root process no longer has the command line or
+    /// environment its release launched (names only, never values): it is
+    /// replaced.
+    ConfigDrift {
+        differs: Vec<String>,
+    },
 }
 
 impl Change {
@@ -253,6 +278,8 @@ impl Change {
             Self::TokenRevoked { .. } => "token-revoked",
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
+            Self::TreeDrift { .. } => "tree-drift",
+            Self::ConfigDrift { .. } => "config-drift",
         }
     }
 
@@ -406,6 +433,32 @@ mod tests {
                 image: "app".into(),
                 digest: Digest::of(b"m"),
                 from: "registry.example/app:v1".into(),
+            },
+            Change::TreeDrift {
+                image: Digest::of(b"m"),
+                files: vec![crate::drift::DriftedFile {
+                    path: "app/main.py".into(),
+                    how: "content changed".into(),
+                }],
+                count: 1,
+                found_by: "watch".into(),
+                repaired: true,
+                services: vec!["web".into()],
+                quarantine: Some("quarantine/abc-1".into()),
+                error: None,
+            },
+            Change::TreeDrift {
+                image: Digest::of(b"m"),
+                files: vec![],
+                count: 0,
+                found_by: "verification".into(),
+                repaired: false,
+                services: vec![],
+                quarantine: None,
+                error: Some("blob corrupt".into()),
+            },
+            Change::ConfigDrift {
+                differs: vec!["environment: A changed".into()],
             },
         ]
     }

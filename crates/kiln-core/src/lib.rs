@@ -10,6 +10,7 @@ pub mod api;
 pub mod auth;
 pub mod counters;
 pub mod digest;
+pub mod drift;
 pub mod event;
 pub mod health;
 pub mod layer;

@@ -702,6 +702,15 @@ impl<R: Read> Read for HashingReader<R> {
 
 /// sha256 and length of everything `r` yields.
 pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
+    hash_reader_paced(r, &mut |_| {})
+}
+
+/// [`hash_reader`], calling `pace` with the size of each read (a paced
+/// verification sleeps there).
+pub fn hash_reader_paced(
+    r: &mut impl Read,
+    pace: &mut dyn FnMut(u64),
+) -> io::Result<(Digest, u64)> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut total = 0u64;
@@ -712,6 +721,7 @@ pub fn hash_reader(r: &mut impl Read) -> io::Result<(Digest, u64)> {
         }
         hasher.update(&buf[..n]);
         total += n as u64;
+        pace(n as u64);
     }
     Ok((Digest::from_hasher(hasher), total))
 }

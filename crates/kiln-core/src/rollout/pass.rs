@@ -216,6 +216,10 @@ pub struct Seen<Id> {
     pub live: bool,
     /// Taken over from a release with the same content (warm rollback).
     pub adopted: bool,
+    /// What it runs drifted from its release (its image's tree was found
+    /// changed after it started, or its live command line or environment
+    /// differs): it is replaced.
+    pub stale: bool,
 }
 
 /// What one pass observed of one service.
@@ -260,6 +264,9 @@ pub enum StopReason {
     LivenessFailed,
     /// The service was removed (`kiln remove`, `apply --prune`).
     Removed,
+    /// What it runs drifted from its release (its tree or its command
+    /// line and environment): a fresh instance took its place.
+    Drifted,
 }
 
 impl fmt::Display for StopReason {
@@ -275,6 +282,7 @@ impl fmt::Display for StopReason {
             Self::ReplacedByCanary => "replaced by the canary release",
             Self::LivenessFailed => "liveness failed",
             Self::Removed => "service removed",
+            Self::Drifted => "drifted from its release: replaced",
         })
     }
 }
@@ -352,6 +360,7 @@ pub fn decide<Id: Clone>(state: &Rollout, v: &View<'_, Id>) -> Decision<Id> {
     // place: it stops, and its slot fills again below.
     let dead = p.running(|i| !i.live);
     p.stop(&dead, StopReason::LivenessFailed);
+    p.replace_stale();
     p.forget_stable_slots();
     if v.outcome == Outcome::Pending {
         p.adopt_warm();
@@ -443,6 +452,7 @@ struct Inst {
     ready_since: Option<Instant>,
     live: bool,
     adopted: bool,
+    stale: bool,
 }
 
 struct Pass<'v, 'a, Id> {
@@ -469,6 +479,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                     ready_since: i.ready_since,
                     live: i.live,
                     adopted: i.adopted,
+                    stale: i.stale,
                 })
                 .collect(),
             next: state.clone(),
@@ -551,11 +562,13 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             .count() as u32
     }
 
-    /// Slots `0..count` with no running instance of `revision`.
+    /// Slots `0..count` with no running instance of `revision` (a drifted
+    /// one still stopping holds its slot: it runs until it exits, and its
+    /// replacement must not take the fleet past its surge).
     fn free_slots(&self, revision: u64, count: u32) -> Vec<u32> {
         let mut taken = vec![false; count as usize];
         for i in &self.insts {
-            if i.revision == revision && !i.stopping && i.slot < count {
+            if i.revision == revision && (!i.stopping || i.stale) && i.slot < count {
                 taken[i.slot as usize] = true;
             }
         }
@@ -597,6 +610,62 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         self.v.last_error.unwrap_or_default()
     }
 
+    /// Instances that drifted from their release are replaced as a rolling
+    /// update of that release, while no rollout moves the fleet (a rollout
+    /// replaces them anyway): a fresh instance starts in a stale one's slot
+    /// within `max_surge` (stopping instances count: they still run), and
+    /// the stale one stops once its replacement has been ready for
+    /// `min_ready`. Without surge room, a stale instance stops first while
+    /// `max_unavailable` allows, and its slot fills once it has exited. A
+    /// stale instance that serves nobody (unready, or not of the target: a
+    /// warm fleet) stops at once.
+    fn replace_stale(&mut self) {
+        let v = self.v;
+        let t = v.target;
+        let quiet = matches!(
+            self.next,
+            Rollout::Idle | Rollout::Watching { .. } | Rollout::Warm { .. }
+        );
+        if !quiet || v.outcome != Outcome::Active {
+            return;
+        }
+        let rollout = self.rollout();
+        let replicas = v.settings.replicas;
+        let idle = self.running(|i| i.stale && (i.revision != t || i.ready_since.is_none()));
+        self.stop(&idle, StopReason::Drifted);
+        // Empty slots fill later in this pass: they take room too.
+        let alive = self.insts.iter().filter(|i| i.revision == t).count()
+            + self.free_slots(t, replicas).len();
+        let mut room = (replicas + rollout.max_surge).saturating_sub(alive as u32);
+        let min_available = replicas.saturating_sub(rollout.max_unavailable);
+        let mut available = self.settled_of(t);
+        let mut stops = Vec::new();
+        for i in self.running(|i| i.stale && i.revision == t) {
+            let slot = self.insts[i].slot;
+            let replacement = self
+                .insts
+                .iter()
+                .find(|j| j.revision == t && j.slot == slot && !j.stopping && !j.stale);
+            match replacement {
+                Some(r) if self.settled(r) => stops.push(i),
+                Some(_) => {}
+                None if room > 0 && slot < replicas => {
+                    room -= 1;
+                    self.start(t, [slot]);
+                }
+                None if rollout.max_surge > 0 => {}
+                None => {
+                    let counts = self.settled(&self.insts[i]);
+                    if !counts || available > min_available {
+                        available -= u32::from(counts);
+                        stops.push(i);
+                    }
+                }
+            }
+        }
+        self.stop(&stops, StopReason::Drifted);
+    }
+
     fn forget_stable_slots(&mut self) {
         let stable_after = self.v.backoff.stable_after;
         for i in &self.insts {
@@ -630,6 +699,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             .running(|i| {
                 i.revision != target
                     && i.ready_since.is_some()
+                    && !i.stale
                     && self.v.same_content.contains(&i.revision)
             })
             .into_iter()

@@ -119,6 +119,7 @@ impl Sim {
             ready_since,
             live: true,
             adopted: false,
+            stale: false,
         });
         self.born.insert(self.next_id, self.now);
         self.next_id += 1;
@@ -993,4 +994,161 @@ fn a_canary_that_went_live_is_watched_against_its_stable_release() {
             watch: Watch { back_to: 1, .. }
         }
     ));
+}
+
+/// The instances that drifted, marked stale by the controller.
+fn mark_stale(sim: &mut Sim, ids: &[u32]) {
+    for i in sim.insts.iter_mut().filter(|i| ids.contains(&i.id)) {
+        i.stale = true;
+    }
+}
+
+fn drifted_stops(sim: &Sim) -> usize {
+    stops(&sim.log)
+        .iter()
+        .filter(|(_, r)| *r == StopReason::Drifted)
+        .map(|(ids, _)| ids.len())
+        .sum()
+}
+
+#[test]
+fn drifted_instances_are_replaced_one_at_a_time_and_never_below_replicas() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    let old: Vec<u32> = sim.insts.iter().map(|i| i.id).collect();
+    mark_stale(&mut sim, &old);
+    // The first pass starts one replacement, in the first stale slot, and
+    // stops nothing: its replacement is not ready yet.
+    let steps = sim.pass();
+    assert_eq!(starts(&steps), [(1, 0)]);
+    assert!(stops(&steps).is_empty());
+    for _ in 0..30 {
+        sim.tick();
+        sim.pass();
+        // max_surge 1, max_unavailable 0: at most 4 running, 3 ready.
+        assert!(sim.insts.len() <= 4, "{} running", sim.insts.len());
+        assert!(sim.ready() >= 3, "{} ready", sim.ready());
+    }
+    assert_eq!(sim.running(1), 3);
+    assert!(sim.insts.iter().all(|i| !i.stale && !old.contains(&i.id)));
+    assert_eq!(drifted_stops(&sim), 3);
+    // Still release 1: no release was made or failed.
+    assert_eq!(sim.outcomes[&1], Outcome::Active);
+    assert!(sim.recorded("release-failed").is_empty());
+}
+
+#[test]
+fn without_surge_a_drifted_instance_stops_first_within_max_unavailable() {
+    let mut s = settings(Strategy::Rolling, 2);
+    s.rollout.max_surge = 0;
+    s.rollout.max_unavailable = 1;
+    let mut sim = Sim::steady(s);
+    let old: Vec<u32> = sim.insts.iter().map(|i| i.id).collect();
+    mark_stale(&mut sim, &old);
+    let steps = sim.pass();
+    // One stops (2 − 1 may be unavailable); its slot starts again once it
+    // has exited (no surge: never 3 processes).
+    assert_eq!(stops(&steps), [(vec![old[0]], StopReason::Drifted)]);
+    assert!(starts(&steps).is_empty());
+    sim.tick();
+    assert_eq!(starts(&sim.pass()), [(1, 0)]);
+    for _ in 0..20 {
+        sim.tick();
+        sim.pass();
+    }
+    assert_eq!(sim.running(1), 2);
+    assert!(sim.insts.iter().all(|i| !old.contains(&i.id)));
+}
+
+#[test]
+fn a_drifted_instance_waits_for_a_rollout_and_a_stale_warm_one_is_not_adopted() {
+    // During a rollout the rollout replaces the old fleet: nothing more.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    let old: Vec<u32> = sim
+        .insts
+        .iter()
+        .filter(|i| i.revision == 1)
+        .map(|i| i.id)
+        .collect();
+    mark_stale(&mut sim, &old);
+    sim.tick();
+    sim.pass();
+    assert_eq!(drifted_stops(&sim), 0);
+
+    // A blue-green fleet kept warm: a stale one stops at once, and a
+    // rollback to its content starts fresh instances instead of adopting.
+    let mut s = settings(Strategy::BlueGreen, 2);
+    s.rollout.scale_down_delay = service::Duration::from_secs(60);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(10);
+    assert!(matches!(sim.state, Rollout::Warm { .. }), "{:?}", sim.state);
+    let warm: Vec<u32> = sim
+        .insts
+        .iter()
+        .filter(|i| i.revision == 1)
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(warm.len(), 2);
+    mark_stale(&mut sim, &warm[..1]);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![warm[0]], StopReason::Drifted)]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Replacing drifted instances keeps a rolling update's bounds — never
+    /// fewer than `replicas − max_unavailable` ready, never more than
+    /// `replicas + max_surge` running (draining ones count) — and ends
+    /// with none of them left, whatever the strategy, the fleet and which
+    /// instances drifted.
+    #[test]
+    fn drift_replacement_keeps_the_bounds_and_leaves_nothing_stale(
+        strategy in strategy(),
+        replicas in 1u32..7,
+        max_surge in 0u32..3,
+        max_unavailable in 0u32..3,
+        which in proptest::collection::vec(any::<bool>(), 7),
+        slow in proptest::collection::vec(0u32..4, 8),
+    ) {
+        prop_assume!(max_surge + max_unavailable > 0);
+        let mut s = settings(strategy, replicas);
+        s.rollout.max_surge = max_surge;
+        s.rollout.max_unavailable = max_unavailable;
+        let mut sim = Sim::steady(s);
+        let stale: Vec<u32> = sim
+            .insts
+            .iter()
+            .filter(|i| which[i.slot as usize])
+            .map(|i| i.id)
+            .collect();
+        mark_stale(&mut sim, &stale);
+        let floor = replicas.saturating_sub(max_unavailable);
+        let mut waited = BTreeMap::new();
+        for _ in 0..200 {
+            sim.pass();
+            let running = sim.insts.len() as u32;
+            prop_assert!(running <= replicas + max_surge, "{running} running");
+            prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
+            sim.now += TICK;
+            sim.insts.retain(|i| !i.stopping);
+            let now = sim.now;
+            for i in &mut sim.insts {
+                let w = waited.entry(i.id).or_insert(0u32);
+                *w += 1;
+                if i.ready_since.is_none() && *w > slow[(i.id % 8) as usize] {
+                    i.ready_since = Some(now);
+                }
+            }
+            if sim.insts.iter().all(|i| !i.stale) && sim.ready() == replicas {
+                break;
+            }
+        }
+        prop_assert!(sim.insts.iter().all(|i| !i.stale));
+        prop_assert_eq!(sim.running(1) as u32, replicas);
+        prop_assert_eq!(drifted_stops(&sim), stale.len());
+        prop_assert_eq!(sim.outcomes[&1], Outcome::Active);
+    }
 }
