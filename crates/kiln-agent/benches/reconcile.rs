@@ -255,6 +255,7 @@ impl Node {
                         ready_since: None,
                         live: true,
                         adopted: false,
+                        stale: false,
                     });
                     self.started += 1;
                 }

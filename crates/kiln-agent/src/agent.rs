@@ -817,9 +817,29 @@ impl Agent {
         Ok(answer)
     }
 
+    /// The drift detector, on this agent's store, state and board (the
+    /// agent process starts it; tests of the controller do not).
+    pub fn drift_detector(
+        &self,
+        options: crate::drift::detector::Options,
+    ) -> crate::drift::detector::Detector {
+        crate::drift::detector::Detector::new(
+            self.shared.store.clone(),
+            self.shared.state.clone(),
+            self.shared.drift.clone(),
+            options,
+        )
+    }
+
+    /// `kiln drift [SERVICE]`.
+    pub fn drift(&self, service: Option<&ServiceName>) -> kiln_core::api::DriftResponse {
+        self.shared.drift.report(service.map(ServiceName::as_str))
+    }
+
     /// Router metrics plus service and rollout gauges, in Prometheus text.
     pub fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
         self.shared.router.metrics.render(out);
+        self.shared.drift.render(out);
         let status = self.status()?;
         let services = &status.services;
         gauge(

@@ -99,6 +99,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/gc", post(collect))
         .route("/v1/metrics", get(metrics))
         .route("/v1/audit", get(audit))
+        .route("/v1/drift", get(drift))
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{name}/revoke", post(revoke_token))
         .route("/v1/apply", post(apply))
@@ -162,6 +163,33 @@ async fn audit(
         .await
         .map_err(|e| AgentError::Task(e.to_string()))??;
     Ok(Json(r))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriftQuery {
+    service: Option<String>,
+}
+
+/// `GET /v1/drift[?service=NAME]`: what the drift detector watches and
+/// found.
+async fn drift(
+    State(agent): State<Arc<Agent>>,
+    q: Result<Query<DriftQuery>, QueryRejection>,
+) -> Result<Json<kiln_core::api::DriftResponse>, AgentError> {
+    let Query(q) =
+        q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
+    let service = match q.service {
+        Some(s) => {
+            let name = ServiceName::try_from(s.as_str()).map_err(AgentError::BadRequest)?;
+            if !agent.knows(&name)? {
+                return Err(AgentError::NoService(name));
+            }
+            Some(name)
+        }
+        None => None,
+    };
+    Ok(Json(agent.drift(service.as_ref())))
 }
 
 /// `GET /v1/whoami`.

@@ -10,6 +10,7 @@ pub(crate) mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub(crate) mod controller;
+pub mod drift;
 pub(crate) mod gate;
 pub mod gc;
 pub(crate) mod instance;
@@ -135,6 +136,9 @@ pub struct AgentMode {
     /// Sign the ledger's head at least this often while it moves
     /// (`--checkpoint-every`; `None`: [`ledger::EVERY`]).
     pub checkpoint_every: Option<Duration>,
+    /// The drift detector's full verification (`--verify-every`,
+    /// `--verify-rate`).
+    pub drift: drift::detector::Options,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -237,6 +241,7 @@ pub async fn serve(
         keeper.clone(),
     )
     .await?;
+    tokio::spawn(agent.drift_detector(mode.drift).run());
 
     let sock = socket_path(home);
     let listener = match keeper.take("api") {

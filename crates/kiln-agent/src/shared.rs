@@ -32,6 +32,8 @@ pub struct Shared {
     /// Holds instances' output pipes (and the listeners) across agent
     /// processes.
     pub keeper: Arc<crate::keeper::Keeper>,
+    /// What the drift detector found (which instances are stale).
+    pub drift: Arc<crate::drift::Board>,
     ids: AtomicU64,
     seed: u64,
 }
@@ -54,6 +56,7 @@ impl Shared {
             router,
             runtimes: Runtimes::Node,
             keeper: Arc::new(crate::keeper::Keeper::none()),
+            drift: Arc::default(),
             ids: AtomicU64::new(0),
             seed,
         }

@@ -227,7 +227,29 @@ impl Store {
             report.trees += 1;
             report.freed_bytes += du(&dir);
             if !options.dry_run {
-                remove_tree(&dir).at(&dir)?;
+                self.remove_tree(&tree).map_err(|e| match e {
+                    crate::tree::TreeError::Store(s) => s,
+                    other => crate::store::StoreError::Io {
+                        path: dir.clone(),
+                        source: std::io::Error::other(other.to_string()),
+                    },
+                })?;
+            }
+        }
+        // Trees the drift detector set aside, once past the grace period
+        // (kept that long to be looked at).
+        let quarantine = self.root().join("quarantine");
+        if let Ok(entries) = fs::read_dir(&quarantine) {
+            for e in entries.flatten() {
+                let path = e.path();
+                if young(&path) {
+                    continue;
+                }
+                report.trees += 1;
+                report.freed_bytes += du(&path);
+                if !options.dry_run {
+                    remove_tree(&path).at(&path)?;
+                }
             }
         }
         // Blobs no kept image needs, unless young.

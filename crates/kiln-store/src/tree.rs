@@ -292,10 +292,31 @@ impl Store {
         Ok(tree.manifest.diff(&actual))
     }
 
-    /// Delete a materialized tree (its directories are read-only).
+    /// Delete a materialized tree (its directories are read-only). It
+    /// leaves `trees/` in one rename first, so that the drift detector,
+    /// which sees the deletions, finds no tree there to call drifted.
     pub fn remove_tree(&self, image: &Digest) -> Result<()> {
         let dir = self.tree_dir(image);
-        remove_tree(&dir).at(&dir).map_err(Into::into)
+        let tmp = self.root().join("tmp");
+        let gone = tempfile::Builder::new()
+            .prefix("gone-")
+            .tempdir_in(&tmp)
+            .at(&tmp)?
+            .keep();
+        let moved = gone.join("tree");
+        match fs::rename(&dir, &moved) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = fs::remove_dir(&gone);
+                return Err(StoreError::Io {
+                    path: dir,
+                    source: e,
+                }
+                .into());
+            }
+        }
+        remove_tree(&gone).at(&gone).map_err(Into::into)
     }
 }
 
@@ -401,7 +422,6 @@ mod tests {
     use super::*;
     use crate::bake::{BakeOptions, Quiet, bake_image};
     use kiln_core::reference::ImageName;
-    use std::os::unix::fs::PermissionsExt as _;
 
     /// A store with a materialized image of `app/a`, `app/b`, `app/sub/c`.
     fn tree() -> (tempfile::TempDir, Store, Digest, PathBuf) {

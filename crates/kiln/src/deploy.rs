@@ -37,6 +37,7 @@ pub fn serve(
     gc: Option<kiln_agent::gc::AutoGc>,
     api: Option<kiln_agent::ApiOptions>,
     checkpoint_every: Duration,
+    drift: kiln_agent::drift::detector::Options,
 ) -> Result<ExitCode> {
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
@@ -62,6 +63,14 @@ pub fn serve(
             .to_string()
             .into(),
     );
+    args.push("--verify-every".into());
+    args.push(
+        humantime::format_duration(drift.verify_every)
+            .to_string()
+            .into(),
+    );
+    args.push("--verify-rate".into());
+    args.push(drift.verify_rate.to_string().into());
     if let Some(a) = api {
         args.push("--api".into());
         args.push(a.addr.to_string().into());
@@ -85,6 +94,7 @@ pub fn agent(
     gc: Option<kiln_agent::gc::AutoGc>,
     api: Option<kiln_agent::ApiOptions>,
     checkpoint_every: Duration,
+    drift: kiln_agent::drift::detector::Options,
 ) -> Result<ExitCode> {
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -96,6 +106,7 @@ pub fn agent(
         gc,
         api,
         checkpoint_every: Some(checkpoint_every),
+        drift,
     };
     let exit = rt
         .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
@@ -920,6 +931,113 @@ pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
             "{service} was removed while on release {}; applying it again makes a new release",
             h.target
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln drift [SERVICE]`.
+pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {
+    let path = match service {
+        Some(s) => {
+            let name = kiln_core::spec::ServiceName::try_from(s)
+                .map_err(|e| anyhow::anyhow!("service {s:?}: {e}"))?;
+            format!("/v1/drift?service={name}")
+        }
+        None => "/v1/drift".to_owned(),
+    };
+    let client = Client::new(home);
+    let d: kiln_core::api::DriftResponse = runtime()?.block_on(client.get(&path))?;
+    if json {
+        crate::commands::print_json(&d)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let w = &d.watching;
+    println!(
+        "watching {} tree{} ({} directories, {} files){}",
+        w.trees,
+        plural(w.trees as usize),
+        w.directories,
+        w.files,
+        if w.unwatched > 0 {
+            format!(
+                "; {} directories unwatched (left to the verification)",
+                w.unwatched
+            )
+        } else {
+            String::new()
+        }
+    );
+    match &d.verification {
+        Some(v) => println!(
+            "last full verification {}: {} tree{}, {} files, {} in {:.1}s, {} (every {}, at most {}/s)",
+            v.finished,
+            v.trees,
+            plural(v.trees as usize),
+            v.files,
+            crate::commands::human_bytes(v.bytes),
+            v.seconds,
+            match v.drifted {
+                0 => "no drift".to_owned(),
+                n => format!("{n} drifted"),
+            },
+            v.every,
+            if v.rate == 0 {
+                "any speed".to_owned()
+            } else {
+                crate::commands::human_bytes(v.rate)
+            }
+        ),
+        None => println!("first full verification running"),
+    }
+    if d.findings.is_empty() {
+        println!("no drift found");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in &d.findings {
+        let what = if f.kind == "tree" {
+            let files: Vec<String> = f
+                .files
+                .iter()
+                .map(|x| format!("{} {}", x.path, x.how))
+                .collect();
+            let more = f.count.saturating_sub(f.files.len());
+            format!(
+                "tree of {} ({} file{}, found by {}): {}{}; {}",
+                f.image
+                    .as_ref()
+                    .map_or_else(String::new, |i| i.short().to_owned()),
+                f.count,
+                plural(f.count),
+                f.found_by.as_deref().unwrap_or("?"),
+                files.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                },
+                match (&f.quarantine, &f.error) {
+                    (_, Some(e)) => format!("NOT repaired: {e}"),
+                    (Some(q), None) => format!(
+                        "fresh tree made, old one kept in {q}; instances of {} replaced",
+                        if f.services.is_empty() {
+                            "no service".to_owned()
+                        } else {
+                            f.services.join(", ")
+                        }
+                    ),
+                    (None, None) => "fresh tree made".to_owned(),
+                }
+            )
+        } else {
+            format!(
+                "instance {} of {} (release {}): {} differ from its launch; replaced",
+                f.instance.as_deref().unwrap_or("?"),
+                f.services.join(", "),
+                f.release.map_or_else(|| "?".to_owned(), |r| r.to_string()),
+                f.differs.join(", ")
+            )
+        };
+        println!("{}  {what}", f.time);
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -386,6 +386,15 @@ pub enum Command {
         /// (also every 100 entries, and when the agent stops)
         #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
         checkpoint_every: std::time::Duration,
+        /// Verify every image tree in full this often (and once at start),
+        /// besides watching them: what a watch can miss (a change made while
+        /// no agent ran) is found then
+        #[arg(long, value_name = "DURATION", default_value = "15m", value_parser = parse_duration)]
+        verify_every: std::time::Duration,
+        /// How fast the full verification may read, per second (e.g. 64M;
+        /// 0: as fast as the disk goes), so it never starves the instances
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+        verify_rate: u64,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -449,6 +458,17 @@ pub enum Command {
     /// Services, their releases and instances
     Status {
         /// Only this service
+        #[arg(value_name = "SERVICE")]
+        service: Option<String>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drift: what the agent watches, its last full verification of the
+    /// image trees, and what it found (files changed in a tree, instances
+    /// whose command line or environment changed) and replaced
+    Drift {
+        /// Only findings that affected this service
         #[arg(value_name = "SERVICE")]
         service: Option<String>,
         /// Print the result as JSON
@@ -728,9 +748,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             tls_cert,
             tls_key,
             checkpoint_every,
+            verify_every,
+            verify_rate,
             run_agent,
             successor,
         } => {
+            let drift = kiln_agent::drift::detector::Options {
+                verify_every,
+                verify_rate,
+            };
             let api = api.map(|addr| kiln_agent::ApiOptions {
                 addr,
                 cert: tls_cert
@@ -744,10 +770,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
-                (false, true) => {
-                    deploy::agent(&home()?, metrics, successor, gc, api, checkpoint_every)
+                (false, true) => deploy::agent(
+                    &home()?,
+                    metrics,
+                    successor,
+                    gc,
+                    api,
+                    checkpoint_every,
+                    drift,
+                ),
+                (false, false) => {
+                    deploy::serve(&home()?, metrics, gc, api, checkpoint_every, drift)
                 }
-                (false, false) => deploy::serve(&home()?, metrics, gc, api, checkpoint_every),
             }
         }
         Command::Gc {
@@ -782,6 +816,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Remove { service, json } => deploy::remove(&home()?, &service, json),
         Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),
         Command::History { service, json } => deploy::history(&home()?, &service, json),
+        Command::Drift { service, json } => deploy::drift(&home()?, service.as_deref(), json),
         Command::Logs {
             service,
             release,

@@ -47,6 +47,10 @@ pub(super) struct Inst {
     pub inflight: Arc<crate::router::metrics::InFlight>,
     /// Taken over by a release with the same content (warm rollback).
     pub adopted: bool,
+    /// The image whose tree it runs.
+    pub image: kiln_core::Digest,
+    /// What its root process was started as (for the drift detector).
+    pub launched: Option<Arc<kiln_core::drift::Launched>>,
 }
 
 impl Controller {
@@ -57,6 +61,11 @@ impl Controller {
                     return;
                 };
                 inst.pid = Some(pid);
+                let (revision, launched) = (inst.revision, inst.launched.clone());
+                self.expect(&id, revision, pid, launched);
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
                 let rec = InstanceRecord {
                     id: id.clone(),
                     service: self.name.clone(),
@@ -80,6 +89,7 @@ impl Controller {
                 }
             }
             Report::StartFailed { id, error } => {
+                self.shared.drift.forget(&id);
                 if let Some(inst) = self.instances.remove(&id) {
                     self.message = Some(format!("instance {id} failed to start: {error}"));
                     self.count_failure(inst.revision, inst.slot, None);
@@ -141,6 +151,7 @@ impl Controller {
             }
             // Left running for a successor; its record stays for it.
             Report::Detached { id } => {
+                self.shared.drift.forget(&id);
                 self.instances.remove(&id);
             }
             Report::Exited {
@@ -148,6 +159,7 @@ impl Controller {
                 status,
                 requested,
             } => {
+                self.shared.drift.forget(&id);
                 let Some(inst) = self.instances.remove(&id) else {
                     return;
                 };
@@ -335,6 +347,10 @@ impl Controller {
             }
         };
         let pid = adopt.as_ref().map(|(pid, _)| *pid);
+        let launched = p.runtime.launched(&launch).map(Arc::new);
+        if let Some(pid) = pid {
+            self.expect(&id, p.release.revision, pid, launched.clone());
+        }
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let inflight = Arc::<crate::router::metrics::InFlight>::default();
         let task = InstanceTask {
@@ -373,6 +389,32 @@ impl Controller {
                 runtime: p.runtime.kind(),
                 inflight,
                 adopted: false,
+                image: cfg.image.clone(),
+                launched,
+            },
+        );
+    }
+
+    /// Have the drift detector compare instance `id`'s process `pid` with
+    /// how it was launched.
+    fn expect(
+        &self,
+        id: &str,
+        revision: u64,
+        pid: u32,
+        launched: Option<Arc<kiln_core::drift::Launched>>,
+    ) {
+        let (Some(launched), Some(start_ticks)) = (launched, start_ticks(pid)) else {
+            return;
+        };
+        self.shared.drift.expect(
+            id,
+            crate::drift::Expected {
+                service: self.name.clone(),
+                revision,
+                pid,
+                start_ticks,
+                launched,
             },
         );
     }

@@ -136,6 +136,8 @@ pub struct Controller {
     detaching: Option<oneshot::Sender<()>>,
     /// The service was removed: its instances stop for that reason.
     removing: bool,
+    /// Changes when the drift detector found something: look again.
+    drift: tokio::sync::watch::Receiver<u64>,
 }
 
 /// An instance an earlier agent process left running: its record and its
@@ -161,7 +163,9 @@ pub(crate) fn now() -> Instant {
 impl Controller {
     pub fn new(shared: Arc<Shared>, name: ServiceName, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
         let (reports_tx, reports) = mpsc::unbounded_channel();
+        let drift = shared.drift.subscribe();
         Self {
+            drift,
             shared,
             name,
             rx,
@@ -247,6 +251,7 @@ impl Controller {
                     None => return,
                 },
                 Some(report) = self.reports.recv() => self.on_report(report),
+                Ok(()) = self.drift.changed() => {}
                 _ = sleep_until(self.due) => {}
             }
             // Drain whatever else arrived, then one pass for all of it.
@@ -398,6 +403,7 @@ impl Controller {
                 ready_since: i.ready_since,
                 live: i.live,
                 adopted: i.adopted,
+                stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
             })
             .collect()
     }
@@ -444,6 +450,9 @@ impl Controller {
                     Err(e) => self.message = Some(e.to_string()),
                 },
                 Step::Stop { ids, reason } => {
+                    if reason == rollout::StopReason::Drifted {
+                        self.shared.drift.replaced(ids.len());
+                    }
                     let at = self.stop_instances(&ids, StopKind::Graceful, &reason.to_string());
                     swapped = swapped.or(at);
                 }

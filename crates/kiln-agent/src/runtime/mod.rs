@@ -87,6 +87,12 @@ pub trait Runtime: Send + Sync {
     /// exec probe): it sees what the instance sees (its `/tmp`, its
     /// processes, its volumes), as `kubectl exec` does.
     fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError>;
+    /// What the instance's root process is started as (command line and
+    /// whole environment), which the drift detector compares with
+    /// `/proc`; `None` when it has no process of its own (the fake).
+    fn launched(&self, _launch: &Launch) -> Option<kiln_core::drift::Launched> {
+        None
+    }
     /// Remove what [`prepare`](Self::prepare) made, once the instance is
     /// gone.
     fn clean_up(&self, _id: &str) {}
@@ -153,6 +159,24 @@ impl<T: HostRuntime> Runtime for T {
 
     fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
         HostRuntime::enter(self, launch, pid, argv)
+    }
+
+    fn launched(&self, launch: &Launch) -> Option<kiln_core::drift::Launched> {
+        use std::os::unix::ffi::OsStrExt;
+        let cmd = HostRuntime::command(self, launch, &launch.argv);
+        let std = cmd.as_std();
+        // The command's environment is exactly what it sets: every
+        // runtime clears the agent's own first.
+        Some(kiln_core::drift::Launched {
+            argv: std::iter::once(std.get_program())
+                .chain(std.get_args())
+                .map(|a| a.as_bytes().to_vec())
+                .collect(),
+            env: std
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.as_bytes().to_vec(), v?.as_bytes().to_vec())))
+                .collect(),
+        })
     }
 }
 
