@@ -102,6 +102,30 @@ fn split_nul(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
     bytes.split(|&b| b == 0).filter(move |_| !bytes.is_empty())
 }
 
+/// The first wait between two repairs of one tree, and the longest.
+pub const REPAIR_BACKOFF: Duration = Duration::from_secs(2);
+pub const REPAIR_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Whether a tree found drifted at `now` is repaired now, given its last
+/// repair (when, and the wait set then). `Ok(wait)`: repair now, and the
+/// next repair waits `wait` — doubled (to [`REPAIR_BACKOFF_MAX`]) when it
+/// drifted again within twice the last wait, else [`REPAIR_BACKOFF`].
+/// `Err(at)`: not before `at`. An instance that writes into its own tree
+/// (the `process` runtime cannot stop it) is so replaced ever more rarely
+/// instead of in a loop.
+pub fn repair_backoff(
+    last: Option<(Instant, Duration)>,
+    now: Instant,
+) -> Result<Duration, Instant> {
+    match last {
+        Some((at, wait)) if now < at + wait => Err(at + wait),
+        Some((at, wait)) if now.saturating_duration_since(at) < wait * 2 => {
+            Ok((wait * 2).min(REPAIR_BACKOFF_MAX))
+        }
+        _ => Ok(REPAIR_BACKOFF),
+    }
+}
+
 /// Paces a verification to at most `rate` bytes a second, so that it never
 /// starves the instances of the disk: after each read, [`Pace::wait`] says
 /// how long to sleep before the next.
@@ -204,6 +228,29 @@ mod tests {
             })
             .collect();
         assert_eq!(named_files(&many).len(), MAX_FILES);
+    }
+
+    #[test]
+    fn a_tree_that_keeps_drifting_is_repaired_ever_more_rarely() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        // The first repair is at once.
+        assert_eq!(repair_backoff(None, t0), Ok(REPAIR_BACKOFF));
+        // Drifted again inside the wait: not before its end.
+        let last = Some((t0, s(2)));
+        assert_eq!(repair_backoff(last, t0 + s(1)), Err(t0 + s(2)));
+        // Right after it: repaired, and the next wait doubles...
+        assert_eq!(repair_backoff(last, t0 + s(3)), Ok(s(4)));
+        // ...up to the cap.
+        assert_eq!(
+            repair_backoff(Some((t0, s(200))), t0 + s(250)),
+            Ok(REPAIR_BACKOFF_MAX)
+        );
+        // Quiet for twice the wait: back to the first wait.
+        assert_eq!(
+            repair_backoff(Some((t0, s(64))), t0 + s(200)),
+            Ok(REPAIR_BACKOFF)
+        );
     }
 
     #[test]

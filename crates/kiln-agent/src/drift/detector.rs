@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kiln_core::Digest;
 use kiln_core::api::{DriftFinding, DriftVerification, DriftWatching};
-use kiln_core::drift::{Pace, config_drift, named_files};
+use kiln_core::drift::{Pace, config_drift, named_files, repair_backoff};
 use kiln_core::event::{Actor, Change};
 use kiln_core::tree::TreeDrift;
 use kiln_store::Store;
@@ -67,6 +67,10 @@ pub struct Detector {
     /// Drift found in a tree that could not be made again: not recorded
     /// again while it stays the same.
     unrepaired: HashMap<Digest, Vec<TreeDrift>>,
+    /// Each tree's last repair and the wait before the next.
+    repairs: HashMap<Digest, (Instant, Duration)>,
+    /// Drift found during that wait: the paths to check again at its end.
+    deferred: BTreeMap<Digest, (Instant, BTreeSet<String>)>,
 }
 
 impl Detector {
@@ -82,12 +86,14 @@ impl Detector {
             board,
             options,
             unrepaired: HashMap::new(),
+            repairs: HashMap::new(),
+            deferred: BTreeMap::new(),
         }
     }
 
     /// Until the agent ends.
     pub async fn run(mut self) {
-        self.restore();
+        self.restore().await;
         let mut watcher = match Watcher::new(self.store.root()) {
             Ok(w) => Some(w),
             Err(e) => {
@@ -111,6 +117,13 @@ impl Detector {
             let settle = async {
                 match settle_at {
                     Some(t) => tokio::time::sleep_until(t).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let deferred_at = self.deferred.values().map(|(at, _)| *at).min();
+            let deferred = async {
+                match deferred_at {
+                    Some(t) => tokio::time::sleep_until(t.into()).await,
                     None => std::future::pending().await,
                 }
             };
@@ -162,6 +175,21 @@ impl Detector {
                         }
                     }
                 }
+                () = deferred => {
+                    let now = Instant::now();
+                    let due: Vec<Digest> = self
+                        .deferred
+                        .iter()
+                        .filter(|(_, (at, _))| *at <= now)
+                        .map(|(image, _)| image.clone())
+                        .collect();
+                    for image in due {
+                        if let Some((_, paths)) = self.deferred.remove(&image) {
+                            pending.entry(image).or_default().extend(paths);
+                        }
+                    }
+                    settle_at.get_or_insert_with(tokio::time::Instant::now);
+                }
                 _ = config.tick() => self.check_config(),
                 () = tokio::time::sleep_until(verify_at), if !verifying => {
                     verifying = true;
@@ -182,9 +210,15 @@ impl Detector {
     /// What earlier agent processes found, from the ledger: the findings
     /// `kiln drift` shows, and when each image's tree was replaced (an
     /// instance adopted from before then is still stale).
-    fn restore(&self) {
-        let events = match self.state.events(0) {
-            Ok(e) => e,
+    async fn restore(&self) {
+        // The whole ledger is read once, off the async threads.
+        let state = self.state.clone();
+        let events = match tokio::task::spawn_blocking(move || state.events(0)).await {
+            Ok(Ok(e)) => e,
+            Ok(Err(e)) => {
+                tracing::warn!("drift: reading earlier findings: {e}");
+                return;
+            }
             Err(e) => {
                 tracing::warn!("drift: reading earlier findings: {e}");
                 return;
@@ -272,6 +306,14 @@ impl Detector {
         if self.unrepaired.get(image) == Some(&drift) {
             return;
         }
+        // A tree that keeps drifting is repaired ever more rarely.
+        let wait = match repair_backoff(self.repairs.get(image).copied(), Instant::now()) {
+            Ok(wait) => wait,
+            Err(at) => {
+                self.defer(image, at, &drift);
+                return;
+            }
+        };
         for d in &drift {
             tracing::warn!("drift: tree of {image}: {d}");
         }
@@ -294,6 +336,7 @@ impl Detector {
         let (repaired, quarantine, error) = match replaced {
             Ok(q) => {
                 self.unrepaired.remove(image);
+                self.repairs.insert(image.clone(), (Instant::now(), wait));
                 let q = q.map(|p| {
                     p.strip_prefix(self.store.root())
                         .unwrap_or(&p)
@@ -328,6 +371,21 @@ impl Detector {
         if let Some(w) = watcher {
             self.watch_again(w, image);
         }
+    }
+
+    /// Drift found while the tree's repair waits: checked again at `at`.
+    fn defer(&mut self, image: &Digest, at: Instant, drift: &[TreeDrift]) {
+        let (_, paths) = self
+            .deferred
+            .entry(image.clone())
+            .or_insert((at, BTreeSet::new()));
+        if paths.is_empty() {
+            tracing::warn!(
+                "drift: tree of {image} drifted again soon after its repair: the next repair waits {}s",
+                at.saturating_duration_since(Instant::now()).as_secs()
+            );
+        }
+        paths.extend(drift.iter().map(|d| d.path().to_owned()));
     }
 
     /// Watch the (fresh) tree of `image` again.
