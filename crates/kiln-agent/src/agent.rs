@@ -831,6 +831,12 @@ impl Agent {
         )
     }
 
+    /// What the drift detector found, as controllers read it.
+    #[cfg(test)]
+    pub(crate) fn drift_board(&self) -> &Arc<crate::drift::Board> {
+        &self.shared.drift
+    }
+
     /// `kiln drift [SERVICE]`.
     pub fn drift(&self, service: Option<&ServiceName>) -> kiln_core::api::DriftResponse {
         self.shared.drift.report(service.map(ServiceName::as_str))

@@ -323,3 +323,43 @@ async fn a_second_shutdown_signal_kills_instances_that_ignore_the_first() {
         .unwrap();
     assert_eq!(h.fake.cleaned_up.load(Ordering::Relaxed), 2);
 }
+
+#[tokio::test]
+async fn instances_that_drifted_are_replaced_and_nothing_else_changes() {
+    let h = harness().await;
+    h.apply(h.desired(2, &[], rollout(Strategy::Rolling))).await;
+    let before = h.until("release 1 converged", converged_on(1)).await;
+    let old: std::collections::BTreeSet<String> =
+        before.instances.iter().map(|i| i.id.clone()).collect();
+    // The image's tree was replaced: both instances run the drifted one.
+    h.agent
+        .drift_board()
+        .quarantined(h.image.clone(), std::time::SystemTime::now());
+    let s = h
+        .until("both replaced", |s| {
+            s.instances.len() == 2 && s.instances.iter().all(|i| i.ready && !old.contains(&i.id))
+        })
+        .await;
+    assert_eq!(h.fake.spawned.load(Ordering::Relaxed), 4);
+    assert_eq!(h.outcomes(), [(1, Outcome::Active)]);
+    // One instance's process drifted: it alone is replaced.
+    let (gone, kept) = (s.instances[0].id.clone(), s.instances[1].id.clone());
+    h.agent
+        .drift_board()
+        .config_drifted(&gone, vec!["environment: V changed".into()]);
+    let s = h
+        .until("the drifted one replaced", |s| {
+            s.instances.len() == 2 && s.instances.iter().all(|i| i.ready && i.id != gone)
+        })
+        .await;
+    assert!(s.instances.iter().any(|i| i.id == kept));
+    assert_eq!(h.fake.spawned.load(Ordering::Relaxed), 5);
+    assert_eq!(
+        h.agent
+            .drift_board()
+            .counts
+            .replaced
+            .load(Ordering::Relaxed),
+        3
+    );
+}

@@ -239,3 +239,75 @@ fn read_events(fd: &OwnedFd, tx: &mpsc::UnboundedSender<std::io::Result<Raw>>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::Duration;
+
+    /// A store root with one tree (`trees/HEX/rootfs`: `a`, `d/b`) and its
+    /// manifest, as the store scans it.
+    fn tree(dir: &Path) -> (Digest, PathBuf, TreeManifest) {
+        let image = Digest::of(b"image");
+        let rootfs = dir.join("trees").join(image.hex()).join("rootfs");
+        std::fs::create_dir_all(rootfs.join("d")).unwrap();
+        std::fs::write(rootfs.join("a"), "a").unwrap();
+        std::fs::write(rootfs.join("d/b"), "b").unwrap();
+        let manifest = kiln_store::tree::scan_tree(&rootfs).unwrap();
+        (image, rootfs, manifest)
+    }
+
+    /// Read until `want` is seen (or 5 s pass).
+    async fn until(w: &mut Watcher, want: &Seen) -> Vec<Seen> {
+        let mut all = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !all.contains(want) {
+            match tokio::time::timeout_at(deadline, w.read()).await {
+                Ok(seen) => all.extend(seen.unwrap()),
+                Err(_) => panic!("{want:?} not seen; saw {all:?}"),
+            }
+        }
+        all
+    }
+
+    #[tokio::test]
+    async fn changes_anywhere_in_a_tree_are_seen_as_its_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, rootfs, manifest) = tree(dir.path());
+        let mut w = Watcher::new(dir.path()).unwrap();
+        assert!(w.watch_tree(&image, &rootfs, &manifest).is_empty());
+        assert_eq!(w.counts(), (1, 2, 2, 0));
+        std::fs::write(rootfs.join("d/b"), "edited").unwrap();
+        until(&mut w, &Seen::Path(image.clone(), "d/b".into())).await;
+        std::fs::set_permissions(rootfs.join("a"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        until(&mut w, &Seen::Path(image.clone(), "a".into())).await;
+        std::fs::write(rootfs.join("new"), "").unwrap();
+        until(&mut w, &Seen::Path(image.clone(), "new".into())).await;
+        std::fs::rename(rootfs.join("d/b"), rootfs.join("moved")).unwrap();
+        until(&mut w, &Seen::Path(image.clone(), "d/b".into())).await;
+        // A tree appearing in the store is news too.
+        std::fs::create_dir(dir.path().join("trees/another")).unwrap();
+        until(&mut w, &Seen::Trees).await;
+        // Unwatched, a tree's changes are not seen.
+        w.unwatch_tree(&image);
+        assert_eq!(w.counts(), (0, 0, 0, 0));
+        std::fs::write(rootfs.join("a"), "again").unwrap();
+        std::fs::create_dir(dir.path().join("trees/more")).unwrap();
+        let seen = until(&mut w, &Seen::Trees).await;
+        assert!(
+            !seen.iter().any(|s| matches!(s, Seen::Path(..))),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_directory_already_gone_is_reported_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (image, rootfs, manifest) = tree(dir.path());
+        std::fs::remove_dir_all(rootfs.join("d")).unwrap();
+        let mut w = Watcher::new(dir.path()).unwrap();
+        assert_eq!(w.watch_tree(&image, &rootfs, &manifest), ["d"]);
+        assert_eq!(w.counts(), (1, 1, 2, 1));
+    }
+}
