@@ -190,62 +190,67 @@ impl Board {
             get(&c.tree),
             get(&c.config)
         );
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        counter(
-            out,
-            "kiln_drift_files_total",
-            "Files found differing from their image.",
-            get(&c.files),
-        );
-        counter(
-            out,
-            "kiln_drift_unrepaired_total",
-            "Drifted trees that could not be made again (a blob failed its check).",
-            get(&c.unrepaired),
-        );
-        counter(
-            out,
-            "kiln_drift_instances_replaced_total",
-            "Instances stopped because they drifted (a fresh one took each's place).",
-            get(&c.replaced),
-        );
-        counter(
-            out,
-            "kiln_drift_verifications_total",
-            "Full verifications of every tree.",
-            get(&c.verifications),
-        );
-        counter(
-            out,
-            "kiln_drift_verified_bytes_total",
-            "Bytes read and hashed by full verifications.",
-            get(&c.verified_bytes),
-        );
         let w = lock(&self.watching).clone();
-        for (name, help, v) in [
-            ("kiln_drift_watched_trees", "Image trees watched.", w.trees),
+        for (kind, name, help, v) in [
             (
+                "counter",
+                "kiln_drift_files_total",
+                "Files found differing from their image.",
+                get(&c.files),
+            ),
+            (
+                "counter",
+                "kiln_drift_unrepaired_total",
+                "Drifted trees that could not be made again (a blob failed its check).",
+                get(&c.unrepaired),
+            ),
+            (
+                "counter",
+                "kiln_drift_instances_replaced_total",
+                "Instances stopped because they drifted (a fresh one took each's place).",
+                get(&c.replaced),
+            ),
+            (
+                "counter",
+                "kiln_drift_verifications_total",
+                "Full verifications of every tree.",
+                get(&c.verifications),
+            ),
+            (
+                "counter",
+                "kiln_drift_verified_bytes_total",
+                "Bytes read and hashed by full verifications.",
+                get(&c.verified_bytes),
+            ),
+            (
+                "gauge",
+                "kiln_drift_watched_trees",
+                "Image trees watched.",
+                w.trees,
+            ),
+            (
+                "gauge",
                 "kiln_drift_watched_directories",
                 "Directories under an inotify watch.",
                 w.directories,
             ),
             (
+                "gauge",
                 "kiln_drift_watched_files",
                 "Files in the watched trees.",
                 w.files,
             ),
             (
+                "gauge",
                 "kiln_drift_unwatched_directories",
                 "Directories that could not be watched (the verification covers them).",
                 w.unwatched,
             ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         }
     }
 }

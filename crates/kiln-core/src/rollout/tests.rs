@@ -277,6 +277,29 @@ impl Sim {
         }
     }
 
+    /// A tick of the property tests: stopped instances drain for
+    /// `drain[id % 8]` ticks, then go; new ones get ready after
+    /// `slow[id % 8]` ticks. `waited` counts each one's ticks.
+    fn random_tick(&mut self, waited: &mut BTreeMap<u32, u32>, slow: &[u32], drain: &[u32]) {
+        self.now += TICK;
+        self.insts.retain(|i| {
+            if !i.stopping {
+                return true;
+            }
+            let w = waited.entry(i.id + 1_000_000).or_insert(0u32);
+            *w += 1;
+            *w <= drain[(i.id % 8) as usize]
+        });
+        let now = self.now;
+        for i in &mut self.insts {
+            let w = waited.entry(i.id).or_insert(0u32);
+            *w += 1;
+            if i.ready_since.is_none() && *w > slow[(i.id % 8) as usize] {
+                i.ready_since = Some(now);
+            }
+        }
+    }
+
     fn running(&self, revision: u64) -> usize {
         self.insts
             .iter()
@@ -717,27 +740,7 @@ proptest! {
             let running = sim.insts.len() as u32;
             prop_assert!(running <= replicas + max_surge, "{running} running");
             prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
-            // Stopped ones drain for a random while, then go; new ones get
-            // ready after a random delay.
-            sim.now += TICK;
-            let mut draining = std::mem::take(&mut sim.insts);
-            draining.retain(|i| {
-                if !i.stopping {
-                    return true;
-                }
-                let w = waited.entry(i.id + 1_000_000).or_insert(0u32);
-                *w += 1;
-                *w <= drain[(i.id % 8) as usize]
-            });
-            sim.insts = draining;
-            let now = sim.now;
-            for i in &mut sim.insts {
-                let w = waited.entry(i.id).or_insert(0u32);
-                *w += 1;
-                if i.ready_since.is_none() && *w > slow[(i.id % 8) as usize] {
-                    i.ready_since = Some(now);
-                }
-            }
+            sim.random_tick(&mut waited, &slow, &drain);
             if sim.state == Rollout::Idle && sim.running(1) == 0 {
                 break;
             }
@@ -1132,16 +1135,7 @@ proptest! {
             let running = sim.insts.len() as u32;
             prop_assert!(running <= replicas + max_surge, "{running} running");
             prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
-            sim.now += TICK;
-            sim.insts.retain(|i| !i.stopping);
-            let now = sim.now;
-            for i in &mut sim.insts {
-                let w = waited.entry(i.id).or_insert(0u32);
-                *w += 1;
-                if i.ready_since.is_none() && *w > slow[(i.id % 8) as usize] {
-                    i.ready_since = Some(now);
-                }
-            }
+            sim.random_tick(&mut waited, &slow, &[0; 8]);
             if sim.insts.iter().all(|i| !i.stale) && sim.ready() == replicas {
                 break;
             }
