@@ -58,6 +58,22 @@ pub struct Launched {
     pub env: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
+impl Launched {
+    /// How a process looks now, from its `/proc/PID/cmdline` and
+    /// `/proc/PID/environ`.
+    pub fn from_proc(cmdline: &[u8], environ: &[u8]) -> Self {
+        Self {
+            argv: split_nul(cmdline).map(<[u8]>::to_vec).collect(),
+            env: split_nul(environ)
+                .map(|var| match var.iter().position(|&b| b == b'=') {
+                    Some(i) => (var[..i].to_vec(), var[i + 1..].to_vec()),
+                    None => (var.to_vec(), Vec::new()),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// How the live process differs from how it was launched, given the
 /// contents of `/proc/PID/cmdline` and `/proc/PID/environ` (NUL-separated).
 /// Names only, never a value: an environment holds secrets. Empty when it
@@ -284,6 +300,7 @@ mod tests {
                 env.iter().flat_map(|(k, v)| format!("{k}={v}\0").into_bytes()).collect()
             };
             prop_assert!(config_drift(&l, &cmdline, &environ(&env)).is_empty());
+            prop_assert_eq!(&Launched::from_proc(&cmdline, &environ(&env)), &l);
             if !env.is_empty() {
                 let name = env.keys().nth(pick.index(env.len())).unwrap().clone();
                 let mut changed = env.clone();

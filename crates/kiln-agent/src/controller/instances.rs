@@ -112,6 +112,23 @@ impl Controller {
                     return;
                 };
                 let revision = inst.revision;
+                if probe == ProbeKind::Readiness
+                    && healthy
+                    && inst.launched.is_none()
+                    && inst.runtime == kiln_core::service::RuntimeKind::Process
+                    && let Some(pid) = inst.pid
+                    && let Some(seen) = crate::drift::as_it_runs(pid)
+                {
+                    // A plain process may have `exec`ed on its way up (an
+                    // entrypoint script): how it looks once ready is what
+                    // must not change.
+                    let seen = Arc::new(seen);
+                    inst.launched = Some(seen.clone());
+                    self.expect(&id, revision, pid, Some(seen));
+                }
+                let Some(inst) = self.instances.get_mut(&id) else {
+                    return;
+                };
                 let kind = match (probe, healthy) {
                     (ProbeKind::Readiness, true) => {
                         inst.ready = true;

@@ -26,6 +26,14 @@ use kiln_core::api::{DriftFinding, DriftResponse, DriftVerification, DriftWatchi
 use kiln_core::drift::Launched;
 use kiln_core::spec::ServiceName;
 
+/// How process `pid` looks now (command line and environment), if it can
+/// be read.
+pub fn as_it_runs(pid: u32) -> Option<Launched> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    Some(Launched::from_proc(&cmdline, &environ))
+}
+
 /// How many findings `kiln drift` shows (the ledger keeps them all).
 const FINDINGS_KEPT: usize = 100;
 

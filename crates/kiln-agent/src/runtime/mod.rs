@@ -89,7 +89,9 @@ pub trait Runtime: Send + Sync {
     fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError>;
     /// What the instance's root process is started as (command line and
     /// whole environment), which the drift detector compares with
-    /// `/proc`; `None` when it has no process of its own (the fake).
+    /// `/proc`; `None` when that is not known from the command (a plain
+    /// process: see `HostRuntime::LAUNCHER`) or it has no process of its
+    /// own (the fake).
     fn launched(&self, _launch: &Launch) -> Option<kiln_core::drift::Launched> {
         None
     }
@@ -124,6 +126,11 @@ pub(crate) trait HostRuntime: Send + Sync {
     const KIND: RuntimeKind;
     /// Whether the kernel keeps the instance's root read-only.
     const READ_ONLY: bool;
+    /// Whether the started process is a launcher that stays as started
+    /// (bubblewrap): its command line and environment are known from the
+    /// command. A plain process may `exec` (an entrypoint script does), so
+    /// how it looks is taken once it is ready instead.
+    const LAUNCHER: bool;
     /// The command that runs `argv` as the instance.
     fn command(&self, launch: &Launch, argv: &[String]) -> Command;
     /// The command that runs `argv` inside the running instance whose
@@ -163,6 +170,9 @@ impl<T: HostRuntime> Runtime for T {
 
     fn launched(&self, launch: &Launch) -> Option<kiln_core::drift::Launched> {
         use std::os::unix::ffi::OsStrExt;
+        if !T::LAUNCHER {
+            return None;
+        }
         let cmd = HostRuntime::command(self, launch, &launch.argv);
         let std = cmd.as_std();
         // The command's environment is exactly what it sets: every

@@ -38,6 +38,7 @@ impl Process {
 impl HostRuntime for Process {
     const KIND: RuntimeKind = RuntimeKind::Process;
     const READ_ONLY: bool = false;
+    const LAUNCHER: bool = false;
 
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         Process::command(self, launch, argv)

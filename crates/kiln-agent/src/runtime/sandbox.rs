@@ -128,6 +128,7 @@ impl Sandbox {
 impl HostRuntime for Sandbox {
     const KIND: RuntimeKind = RuntimeKind::Sandbox;
     const READ_ONLY: bool = true;
+    const LAUNCHER: bool = true;
 
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         Sandbox::command(self, launch, argv)
