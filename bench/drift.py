@@ -172,7 +172,10 @@ try:
         started.append((ts(stime) - t_write) * 1000)
         wait(lambda: ready("web", 2) and not (ids("web") & before), "both instances replaced")
         page = f"{trees}/{web_image}/rootfs/static/page.html"
-        time.sleep(0.5)
+        # A tree that drifts again within twice its last repair's wait (2 s
+        # at first) waits longer for its next repair (the detector's
+        # back-off): each edit here is a first drift.
+        time.sleep(4.5)
 finally:
     stop(sup)
 
