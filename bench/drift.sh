@@ -10,7 +10,8 @@
 #      `sha256sum` over the same files (one process, then two), on the
 #      ~1 GiB / 20,000-file bench tree (bench/gentree.py), warm caches
 #  (3) the agent's CPU while watching FILES files (default 100,000) with
-#      nothing changing, over IDLE seconds
+#      nothing changing and no instance, over IDLE seconds, against the
+#      same agent with no tree to watch
 #
 #   bench/drift.sh            # EDITS=20 FILES=100000 IDLE=30
 set -euo pipefail
