@@ -211,9 +211,10 @@ impl Detector {
     /// `kiln drift` shows, and when each image's tree was replaced (an
     /// instance adopted from before then is still stale).
     async fn restore(&self) {
-        // The whole ledger is read once, off the async threads.
+        // Off the async threads: the ledger may be long.
         let state = self.state.clone();
-        let events = match tokio::task::spawn_blocking(move || state.events(0)).await {
+        let kinds = ["tree-drift", "config-drift"];
+        let events = match tokio::task::spawn_blocking(move || state.events_of(&kinds)).await {
             Ok(Ok(e)) => e,
             Ok(Err(e)) => {
                 tracing::warn!("drift: reading earlier findings: {e}");

@@ -328,6 +328,22 @@ pub(super) fn events_come_in_order_from_a_sequence_number(state: &dyn StateStore
     let later = state.events(seqs[0]).unwrap();
     assert_eq!(later.iter().map(|e| e.seq).collect::<Vec<_>>(), &seqs[1..]);
     assert!(state.events(seqs[2]).unwrap().is_empty());
+    // By kind: only those, in order.
+    let kinds = [changes[2].kind(), changes[0].kind()];
+    let of: Vec<u64> = state
+        .events_of(&kinds)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let want: Vec<u64> = all
+        .iter()
+        .filter(|e| kinds.contains(&e.change.kind()))
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(of, want);
+    assert!(!want.is_empty());
+    assert!(state.events_of(&["no-such-kind"]).unwrap().is_empty());
     assert!(state.events(u64::MAX).unwrap().is_empty());
 }
 

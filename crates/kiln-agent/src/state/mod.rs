@@ -230,6 +230,13 @@ pub trait StateStore: Send + Sync {
     /// The events after sequence number `after`, in order (the read side
     /// of the log: the ledger and `kiln audit` will read it).
     fn events(&self, after: u64) -> Result<Vec<Event>>;
+    /// The events of these kinds, in order (the drift detector's earlier
+    /// findings, read at start without decoding the whole ledger).
+    fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
+        let mut all = self.events(0)?;
+        all.retain(|e| kinds.contains(&e.change.kind()));
+        Ok(all)
+    }
 }
 
 /// The time an event is written (RFC 3339, milliseconds).

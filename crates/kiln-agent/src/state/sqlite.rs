@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS events (
     detail   TEXT NOT NULL,
     actor    TEXT              -- uid:N or agent; NULL before actors were kept
 );
+CREATE INDEX IF NOT EXISTS events_by_kind ON events (kind, seq);
 -- Secret values by their sealed digest (the releases hold only digests),
 -- and the key they are sealed with: the reason this file is owner-only.
 CREATE TABLE IF NOT EXISTS secrets (
@@ -703,11 +704,27 @@ impl StateStore for SqliteState {
     }
 
     fn events(&self, after: u64) -> Result<Vec<Event>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT seq, time, kind, service, revision, instance, detail, actor FROM events WHERE seq > ?1 ORDER BY seq")?;
         // Saturating: `after as i64` wrapped a large `after` to -1 (everything).
         let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let rows = stmt.query_map([after], |r| {
+        self.query_events("seq > ?1", &[&after])
+    }
+
+    fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for kind in kinds {
+            out.extend(self.query_events("kind = ?1", &[kind])?);
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+}
+
+impl SqliteState {
+    /// The events `filter` (an SQL condition on `events`) selects, in order.
+    fn query_events(&self, filter: &str, params: &[&dyn rusqlite::ToSql]) -> Result<Vec<Event>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT seq, time, kind, service, revision, instance, detail, actor FROM events WHERE {filter} ORDER BY seq"))?;
+        let rows = stmt.query_map(params, |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, String>(1)?,
