@@ -74,37 +74,24 @@ impl Launched {
     }
 }
 
-/// How the live process differs from how it was launched, given the
-/// contents of `/proc/PID/cmdline` and `/proc/PID/environ` (NUL-separated).
-/// Names only, never a value: an environment holds secrets. Empty when it
-/// is as launched.
-pub fn config_drift(launched: &Launched, cmdline: &[u8], environ: &[u8]) -> Vec<String> {
+/// How the `live` process (as [`Launched::from_proc`] reads it) differs
+/// from how it was `launched`. Names only, never a value: an environment
+/// holds secrets. Empty when it is as launched.
+pub fn config_drift(launched: &Launched, live: &Launched) -> Vec<String> {
     let mut out = Vec::new();
-    let argv: Vec<&[u8]> = split_nul(cmdline).collect();
-    let want: Vec<&[u8]> = launched.argv.iter().map(Vec::as_slice).collect();
-    if argv != want {
+    if live.argv != launched.argv {
         out.push("command line".to_owned());
-    }
-    let mut live: BTreeMap<&[u8], &[u8]> = BTreeMap::new();
-    for var in split_nul(environ) {
-        let (name, value) = match var.iter().position(|&b| b == b'=') {
-            Some(i) => (&var[..i], &var[i + 1..]),
-            None => (var, &b""[..]),
-        };
-        live.insert(name, value);
     }
     let name = |n: &[u8]| String::from_utf8_lossy(n).into_owned();
     for (n, v) in &launched.env {
-        match live.get(n.as_slice()) {
+        match live.env.get(n) {
             None => out.push(format!("environment: {} removed", name(n))),
-            Some(got) if *got != v.as_slice() => {
-                out.push(format!("environment: {} changed", name(n)));
-            }
+            Some(got) if got != v => out.push(format!("environment: {} changed", name(n))),
             Some(_) => {}
         }
     }
-    for n in live.keys() {
-        if !launched.env.contains_key(*n) {
+    for n in live.env.keys() {
+        if !launched.env.contains_key(n) {
             out.push(format!("environment: {} added", name(n)));
         }
     }
@@ -195,9 +182,15 @@ mod tests {
     #[test]
     fn a_process_as_launched_has_no_drift() {
         let l = launched(&["/bin/app", "-p", "80"], &[("A", "1"), ("B", "x=y")]);
-        assert!(config_drift(&l, b"/bin/app\0-p\080\0", b"B=x=y\0A=1\0").is_empty());
+        assert!(
+            config_drift(
+                &l,
+                &Launched::from_proc(b"/bin/app\0-p\080\0", b"B=x=y\0A=1\0")
+            )
+            .is_empty()
+        );
         let empty = launched(&[], &[]);
-        assert!(config_drift(&empty, b"", b"").is_empty());
+        assert!(config_drift(&empty, &Launched::from_proc(b"", b"")).is_empty());
     }
 
     #[test]
@@ -205,8 +198,7 @@ mod tests {
         let l = launched(&["/bin/app"], &[("TOKEN", "s3cret"), ("GONE", "1")]);
         let found = config_drift(
             &l,
-            b"/bin/sh\0-c\0evil\0",
-            b"TOKEN=stolen\0LD_PRELOAD=/x.so\0",
+            &Launched::from_proc(b"/bin/sh\0-c\0evil\0", b"TOKEN=stolen\0LD_PRELOAD=/x.so\0"),
         );
         assert_eq!(
             found,
@@ -299,14 +291,14 @@ mod tests {
             let environ = |env: &BTreeMap<String, String>| -> Vec<u8> {
                 env.iter().flat_map(|(k, v)| format!("{k}={v}\0").into_bytes()).collect()
             };
-            prop_assert!(config_drift(&l, &cmdline, &environ(&env)).is_empty());
+            prop_assert!(config_drift(&l, &Launched::from_proc(&cmdline, &environ(&env))).is_empty());
             prop_assert_eq!(&Launched::from_proc(&cmdline, &environ(&env)), &l);
             if !env.is_empty() {
                 let name = env.keys().nth(pick.index(env.len())).unwrap().clone();
                 let mut changed = env.clone();
                 changed.get_mut(&name).unwrap().push('!');
                 prop_assert_eq!(
-                    config_drift(&l, &cmdline, &environ(&changed)),
+                    config_drift(&l, &Launched::from_proc(&cmdline, &environ(&changed))),
                     vec![format!("environment: {name} changed")]
                 );
             }

@@ -213,13 +213,7 @@ impl Store {
             index.manifests.retain(|d| !gone.contains(&d.digest));
             self.write_index(&index)?;
         }
-        for tree in self.trees().map_err(|e| match e {
-            crate::tree::TreeError::Store(s) => s,
-            other => crate::store::StoreError::Io {
-                path: self.root().join("trees"),
-                source: std::io::Error::other(other.to_string()),
-            },
-        })? {
+        for tree in self.trees()? {
             if keep.contains(&tree) {
                 continue;
             }
@@ -227,13 +221,7 @@ impl Store {
             report.trees += 1;
             report.freed_bytes += du(&dir);
             if !options.dry_run {
-                self.remove_tree(&tree).map_err(|e| match e {
-                    crate::tree::TreeError::Store(s) => s,
-                    other => crate::store::StoreError::Io {
-                        path: dir.clone(),
-                        source: std::io::Error::other(other.to_string()),
-                    },
-                })?;
+                self.remove_tree(&tree)?;
             }
         }
         // Trees the drift detector set aside, once past the grace period

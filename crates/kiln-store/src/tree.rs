@@ -74,7 +74,7 @@ impl Store {
     }
 
     /// Digests of every materialized tree.
-    pub fn trees(&self) -> Result<Vec<Digest>> {
+    pub fn trees(&self) -> Result<Vec<Digest>, StoreError> {
         let dir = self.root().join("trees");
         let mut out: Vec<Digest> = fs::read_dir(&dir)
             .at(&dir)?
@@ -295,7 +295,7 @@ impl Store {
     /// Delete a materialized tree (its directories are read-only). It
     /// leaves `trees/` in one rename first, so that the drift detector,
     /// which sees the deletions, finds no tree there to call drifted.
-    pub fn remove_tree(&self, image: &Digest) -> Result<()> {
+    pub fn remove_tree(&self, image: &Digest) -> Result<(), StoreError> {
         let dir = self.tree_dir(image);
         let tmp = self.root().join("tmp");
         let gone = tempfile::Builder::new()
@@ -312,11 +312,10 @@ impl Store {
                 return Err(StoreError::Io {
                     path: dir,
                     source: e,
-                }
-                .into());
+                });
             }
         }
-        remove_tree(&gone).at(&gone).map_err(Into::into)
+        remove_tree(&gone).at(&gone)
     }
 }
 

@@ -61,20 +61,18 @@ impl Controller {
                     return;
                 };
                 inst.pid = Some(pid);
-                let (revision, launched) = (inst.revision, inst.launched.clone());
-                self.expect(&id, revision, pid, launched);
-                let Some(inst) = self.instances.get_mut(&id) else {
-                    return;
-                };
+                let ticks = start_ticks(pid);
+                let launched = inst.launched.clone();
                 let rec = InstanceRecord {
                     id: id.clone(),
                     service: self.name.clone(),
                     revision: inst.revision,
                     slot: inst.slot,
                     pid,
-                    start_ticks: start_ticks(pid).unwrap_or(0),
+                    start_ticks: ticks.unwrap_or(0),
                     port: inst.port,
                 };
+                self.expect(&id, rec.revision, pid, ticks, launched);
                 let ev = self.event(
                     Change::InstanceStarted {
                         pid,
@@ -124,7 +122,7 @@ impl Controller {
                     // must not change.
                     let seen = Arc::new(seen);
                     inst.launched = Some(seen.clone());
-                    self.expect(&id, revision, pid, Some(seen));
+                    self.expect(&id, revision, pid, start_ticks(pid), Some(seen));
                 }
                 let Some(inst) = self.instances.get_mut(&id) else {
                     return;
@@ -366,7 +364,13 @@ impl Controller {
         let pid = adopt.as_ref().map(|(pid, _)| *pid);
         let launched = p.runtime.launched(&launch).map(Arc::new);
         if let Some(pid) = pid {
-            self.expect(&id, p.release.revision, pid, launched.clone());
+            self.expect(
+                &id,
+                p.release.revision,
+                pid,
+                start_ticks(pid),
+                launched.clone(),
+            );
         }
         let (stop_tx, stop_rx) = mpsc::unbounded_channel();
         let inflight = Arc::<crate::router::metrics::InFlight>::default();
@@ -412,16 +416,17 @@ impl Controller {
         );
     }
 
-    /// Have the drift detector compare instance `id`'s process `pid` with
-    /// how it was launched.
+    /// Have the drift detector compare instance `id`'s process `pid`
+    /// (started at `ticks`) with how it was launched.
     fn expect(
         &self,
         id: &str,
         revision: u64,
         pid: u32,
+        ticks: Option<u64>,
         launched: Option<Arc<kiln_core::drift::Launched>>,
     ) {
-        let (Some(launched), Some(start_ticks)) = (launched, start_ticks(pid)) else {
+        let (Some(launched), Some(start_ticks)) = (launched, ticks) else {
             return;
         };
         self.shared.drift.expect(

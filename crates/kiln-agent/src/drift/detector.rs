@@ -414,12 +414,20 @@ impl Detector {
 
     /// The services with an instance of `image` now.
     fn services_of(&self, image: &Digest) -> Vec<String> {
+        // Each release read once, however many instances it has.
+        let releases: BTreeSet<_> = self
+            .state
+            .instances()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|rec| (rec.service, rec.revision))
+            .collect();
         let mut out = BTreeSet::new();
-        for rec in self.state.instances().unwrap_or_default() {
-            if let Ok(Some(r)) = self.state.release(&rec.service, rec.revision)
+        for (service, revision) in releases {
+            if let Ok(Some(r)) = self.state.release(&service, revision)
                 && r.config.image == *image
             {
-                out.insert(rec.service.to_string());
+                out.insert(service.to_string());
             }
         }
         out.into_iter().collect()
@@ -433,13 +441,10 @@ impl Detector {
             if crate::runtime::start_ticks(e.pid) != Some(e.start_ticks) {
                 continue;
             }
-            let (Ok(cmdline), Ok(environ)) = (
-                std::fs::read(format!("/proc/{}/cmdline", e.pid)),
-                std::fs::read(format!("/proc/{}/environ", e.pid)),
-            ) else {
+            let Some(live) = super::as_it_runs(e.pid) else {
                 continue;
             };
-            let differs = config_drift(&e.launched, &cmdline, &environ);
+            let differs = config_drift(&e.launched, &live);
             if differs.is_empty() || !self.board.config_drifted(&id, differs.clone()) {
                 continue;
             }
