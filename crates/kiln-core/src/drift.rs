@@ -17,6 +17,24 @@ use crate::tree::TreeDrift;
 /// many there were): a ledger entry stays small whatever was changed.
 pub const MAX_FILES: usize = 50;
 
+/// What found a tree's drift: the watch (a change as it happened) or the
+/// periodic full verification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FoundBy {
+    Watch,
+    Verification,
+}
+
+impl std::fmt::Display for FoundBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Watch => "watch",
+            Self::Verification => "verification",
+        })
+    }
+}
+
 /// One file of a tree that is not what the image says, and how.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

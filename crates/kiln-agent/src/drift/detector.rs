@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use kiln_core::Digest;
 use kiln_core::api::{DriftFinding, DriftVerification, DriftWatching};
-use kiln_core::drift::{Pace, config_drift, named_files, repair_backoff};
+use kiln_core::drift::{FoundBy, Pace, config_drift, named_files, repair_backoff};
 use kiln_core::event::{Actor, Change};
 use kiln_core::tree::TreeDrift;
 use kiln_store::Store;
@@ -167,7 +167,7 @@ impl Detector {
                         let found = tokio::task::spawn_blocking(move || store.check_paths(&img, &paths)).await;
                         match found {
                             Ok(Ok(drift)) if !drift.is_empty() => {
-                                self.drifted(&image, drift, "watch", watcher.as_mut()).await;
+                                self.drifted(&image, drift, FoundBy::Watch, watcher.as_mut()).await;
                             }
                             Ok(Ok(_)) => {}
                             Ok(Err(e)) => tracing::warn!("drift: checking {image}: {e}"),
@@ -280,7 +280,7 @@ impl Detector {
                 tokio::task::spawn_blocking(move || store.check_paths(&img, &paths)).await
                 && !drift.is_empty()
             {
-                self.drifted(image, drift, "watch", Some(w)).await;
+                self.drifted(image, drift, FoundBy::Watch, Some(w)).await;
             }
         }
     }
@@ -301,7 +301,7 @@ impl Detector {
         &mut self,
         image: &Digest,
         drift: Vec<TreeDrift>,
-        found_by: &str,
+        found_by: FoundBy,
         mut watcher: Option<&mut Watcher>,
     ) {
         if self.unrepaired.get(image) == Some(&drift) {
@@ -359,7 +359,7 @@ impl Detector {
             image: image.clone(),
             files: named_files(&drift),
             count: drift.len(),
-            found_by: found_by.to_owned(),
+            found_by,
             repaired,
             services,
             quarantine,
@@ -481,7 +481,7 @@ impl Detector {
             rate: self.options.verify_rate,
         });
         for (image, drift) in result.drifted {
-            self.drifted(&image, drift, "verification", watcher.as_deref_mut())
+            self.drifted(&image, drift, FoundBy::Verification, watcher.as_deref_mut())
                 .await;
         }
     }
@@ -555,7 +555,7 @@ fn finding(ev: &Event) -> Option<DriftFinding> {
             f.image = Some(image.clone());
             f.files = files.clone();
             f.count = *count;
-            f.found_by = Some(found_by.clone());
+            f.found_by = Some(found_by.to_string());
             f.repaired = *repaired;
             f.services = services.clone();
             f.quarantine = quarantine.clone();
