@@ -313,7 +313,18 @@ struct ImageRow {
 pub fn images(store: &Store, json: bool) -> Result<ExitCode> {
     let mut rows = Vec::new();
     for img in store.images()?.into_iter().rev() {
-        let manifest = store.manifest(&img.digest)?;
+        let manifest = match store.manifest(&img.digest) {
+            Ok(m) => m,
+            // Collected since the index was read (a `kiln gc`, or the
+            // agent's, runs beside this without the store's lock): it is
+            // no longer an image. Still listed, its blob is missing.
+            Err(kiln_store::StoreError::MissingBlob(_))
+                if !store.images()?.iter().any(|i| i.digest == img.digest) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         rows.push(ImageRow {
             name: img.name.to_string(),
             digest: img.digest.to_string(),

@@ -191,3 +191,25 @@ fn the_agent_collects_when_the_store_passes_its_size() {
             .is_ok_and(|log| log.contains("collected 2 images"))
     });
 }
+
+/// `kiln images` skips an image collected while it lists (its index entry
+/// gone with its blob), but a listed image whose manifest is missing is
+/// a corrupt store, and says so.
+#[test]
+fn images_names_a_missing_manifest_of_a_listed_image() {
+    let env = Env::new();
+    let app = env.path("app");
+    write(&app.join("kiln.toml"), b"[images.one]\n");
+    write(&app.join("file"), b"one\n");
+    let digest = env.bake(&app.join("kiln.toml"), &[])["digest"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let blob = env
+        .home
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    std::fs::remove_file(&blob).unwrap();
+    let err = env.fails(&["images"]);
+    assert!(err.contains(&digest) && err.contains("missing"), "{err}");
+}
