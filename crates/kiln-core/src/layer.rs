@@ -57,6 +57,78 @@ pub fn cut_after(entry: &LayerEntry, member_len: usize) -> bool {
     u8::from_str_radix(&hex.hex()[..2], 16).is_ok_and(|b| b < 4)
 }
 
+/// A declared layer bigger than its part size is stored as several OCI
+/// layers, its *parts*: a change to one file then writes one part, not the
+/// whole layer, and a push or pull moves that part only. The parts are
+/// disjoint runs of the layer's sorted entries (each carries the
+/// directories above its entries, so it unpacks on its own); where they
+/// are cut depends on the entries alone, so the same tree gives the same
+/// parts and the same digest on every machine.
+///
+/// A part ends after an entry once it holds at least `min` raw tar bytes,
+/// with a chance proportional to the entry's size read from the hash of
+/// its path (a content-defined boundary: it does not move when a file
+/// before it or the entry's own content changes), so a part holds about
+/// `2 × min` on average; at `4 × min` it ends whatever the entry. A layer
+/// has at most [`MAX_PARTS`] parts (the last takes the rest). `min = 0`
+/// keeps each declared layer whole.
+pub fn parts(entries: &[LayerEntry], min: u64) -> Vec<Vec<LayerEntry>> {
+    if min == 0 || entries.is_empty() {
+        return vec![entries.to_vec()];
+    }
+    let mut out = Vec::new();
+    let mut part: std::collections::BTreeMap<&str, LayerEntry> = Default::default();
+    let mut bytes = 0u64;
+    for (i, e) in entries.iter().enumerate() {
+        // The directories above an entry whose own entries are in an
+        // earlier part.
+        for (at, _) in e.path.match_indices('/') {
+            let dir = &e.path[..at];
+            part.entry(dir).or_insert_with(|| LayerEntry {
+                path: dir.to_owned(),
+                mode: 0o755,
+                kind: EntryKind::Dir,
+            });
+        }
+        part.insert(&e.path, e.clone());
+        bytes += raw_size(e);
+        let last = i + 1 == entries.len();
+        if !last && out.len() + 1 < MAX_PARTS && ends_part(e, bytes, min) {
+            out.push(std::mem::take(&mut part).into_values().collect());
+            bytes = 0;
+        }
+    }
+    out.push(part.into_values().collect());
+    out
+}
+
+/// Parts per declared layer at most (OCI runtimes cap an image's layers:
+/// Docker's overlay2 at 128).
+pub const MAX_PARTS: usize = 32;
+
+/// See [`parts`]: whether a part holding `bytes` ends after `entry`.
+fn ends_part(entry: &LayerEntry, bytes: u64, min: u64) -> bool {
+    if bytes < min {
+        return false;
+    }
+    if bytes >= min.saturating_mul(4) {
+        return true;
+    }
+    // A uniform draw in [0, 1) from the path, against size / min.
+    let h = Digest::of(format!("kiln-part\0{}", entry.path).as_bytes());
+    let draw = u64::from_str_radix(&h.hex()[..16], 16).unwrap_or(u64::MAX);
+    u128::from(draw) * u128::from(min) < u128::from(raw_size(entry)) << 64
+}
+
+/// The bytes an entry takes in an uncompressed tar: a header, and a file's
+/// content padded to 512.
+pub fn raw_size(entry: &LayerEntry) -> u64 {
+    match entry.kind {
+        EntryKind::File { size, .. } => 512 + size.div_ceil(512) * 512,
+        _ => 512,
+    }
+}
+
 /// What a layer entry is.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -338,5 +410,133 @@ mod tests {
         assert!(!link_escapes("l", "/usr/lib", false));
         assert!(link_escapes("l", "/usr/lib", true));
         assert!(link_escapes("l", "/../x", false));
+    }
+
+    /// Entries as a bake lists them: sorted, each file's directories first.
+    fn layer_of(files: &[(String, u64, u8)]) -> Vec<LayerEntry> {
+        let mut map = std::collections::BTreeMap::new();
+        for (path, size, content) in files {
+            for (at, _) in path.match_indices('/') {
+                map.entry(path[..at].to_owned()).or_insert(LayerEntry {
+                    path: path[..at].to_owned(),
+                    mode: 0o755,
+                    kind: EntryKind::Dir,
+                });
+            }
+            map.insert(
+                path.clone(),
+                LayerEntry {
+                    path: path.clone(),
+                    mode: 0o644,
+                    kind: EntryKind::File {
+                        size: *size,
+                        sha256: Digest::of(&[*content]),
+                    },
+                },
+            );
+        }
+        map.into_values().collect()
+    }
+
+    fn files() -> impl proptest::strategy::Strategy<Value = Vec<(String, u64, u8)>> {
+        use proptest::prelude::*;
+        // Names that sort around `/` (`a-x` sorts between `a` and `a/…`).
+        let name = prop::sample::select(vec!["a", "a-x", "b", "c.d", "e"]);
+        let path = prop::collection::vec(name, 1..5).prop_map(|p| p.join("/"));
+        prop::collection::vec((path, 0u64..20_000, any::<u8>()), 1..150).prop_map(|v| {
+            // A path is a file or a directory, not both.
+            let dirs: std::collections::BTreeSet<String> = v
+                .iter()
+                .flat_map(|(p, _, _)| {
+                    p.match_indices('/')
+                        .map(|(i, _)| p[..i].to_owned())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let mut seen = std::collections::BTreeSet::new();
+            v.into_iter()
+                .filter(|(p, _, _)| !dirs.contains(p) && seen.insert(p.clone()))
+                .collect()
+        })
+    }
+
+    fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+        path.match_indices('/').map(|(i, _)| &path[..i])
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parts_are_sorted_runs_of_the_layer_that_each_carry_their_directories(
+            files in files(), min in 1_000u64..40_000,
+        ) {
+            let layer = layer_of(&files);
+            let parts = parts(&layer, min);
+            proptest::prop_assert!(!parts.is_empty() && parts.len() <= MAX_PARTS);
+            // Every entry is in exactly one part, in order; the parts add only
+            // directories that are entries of the layer before the part.
+            let mut next = 0;
+            for (n, part) in parts.iter().enumerate() {
+                let mut own = 0u64;
+                for (i, e) in part.iter().enumerate() {
+                    if i > 0 {
+                        proptest::prop_assert!(part[i - 1].path < e.path, "unsorted");
+                    }
+                    for dir in ancestors(&e.path) {
+                        proptest::prop_assert!(part.iter().any(|d| d.path == dir && d.kind == EntryKind::Dir));
+                    }
+                    if next < layer.len() && layer[next] == *e {
+                        next += 1;
+                        own += raw_size(e);
+                    } else {
+                        proptest::prop_assert!(e.kind == EntryKind::Dir && e.mode == 0o755);
+                        proptest::prop_assert!(layer[..next].contains(e), "{} added but not before", e.path);
+                    }
+                }
+                if n + 1 < parts.len() {
+                    proptest::prop_assert!(own >= min, "part {n} of {own} bytes");
+                    let last = part.last().map(raw_size).unwrap_or(0);
+                    proptest::prop_assert!(own < 4 * min + last, "part {n} of {own} bytes");
+                }
+            }
+            proptest::prop_assert_eq!(next, layer.len());
+            proptest::prop_assert_eq!(super::parts(&layer, 0), vec![layer.clone()]);
+        }
+
+        #[test]
+        fn a_file_changed_in_place_changes_only_its_own_part(
+            files in files(), min in 1_000u64..40_000, pick in 0usize..1000,
+        ) {
+            let before = parts(&layer_of(&files), min);
+            let mut changed = files.clone();
+            let i = pick % changed.len();
+            changed[i].2 = changed[i].2.wrapping_add(1);
+            let after = parts(&layer_of(&changed), min);
+            proptest::prop_assert_eq!(before.len(), after.len());
+            let differ: Vec<usize> = (0..before.len()).filter(|&n| before[n] != after[n]).collect();
+            proptest::prop_assert_eq!(differ.len(), 1);
+            proptest::prop_assert!(after[differ[0]].iter().any(|e| e.path == changed[i].0));
+        }
+    }
+
+    #[test]
+    fn parts_hold_about_twice_their_minimum() {
+        // 4,000 files of 0–100 KiB, as the bench tree has, in parts of 4 MiB or more.
+        let files: Vec<(String, u64, u8)> = (0..4_000u64)
+            .map(|i| (format!("d{}/f{i:05}", i % 37), (i * 7919) % 100_000, 0))
+            .collect();
+        let layer = layer_of(&files);
+        let min = 4 << 20;
+        let parts = parts(&layer, min);
+        let whole = &parts[..parts.len() - 1];
+        let bytes: u64 = whole.iter().flatten().map(raw_size).sum();
+        let mean = bytes / whole.len() as u64;
+        assert!(whole.len() >= 10, "{} parts", parts.len());
+        assert!(
+            (3 * min / 2..5 * min / 2).contains(&mean),
+            "{} parts, mean {mean}",
+            parts.len()
+        );
+        // Big layers stop at MAX_PARTS; the last takes the rest.
+        assert_eq!(super::parts(&layer, 4096).len(), MAX_PARTS);
     }
 }

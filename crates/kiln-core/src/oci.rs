@@ -31,6 +31,9 @@ pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 /// kiln's own name for a layer (from `[[images.NAME.layers]]`).
 pub const ANNOTATION_LAYER_NAME: &str = "dev.kiln.layer.name";
+/// Which part of its declared layer a layer is, `N/COUNT`, when the layer
+/// was stored in parts (`kiln_core::layer::parts`).
+pub const ANNOTATION_LAYER_PART: &str = "dev.kiln.layer.part";
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -119,10 +119,65 @@ pub struct ImageSpec {
     /// holds everything else. Put what changes least first.
     #[serde(default)]
     pub layers: Vec<LayerSpec>,
+    /// A layer bigger than this is stored as several OCI layers of at
+    /// least this size each, cut at files chosen by their paths
+    /// ([`crate::layer::parts`]), so a one-file change writes one part;
+    /// `0` keeps every layer whole.
+    #[serde(default = "default_part_size")]
+    pub part_size: Size,
 }
 
 fn default_context() -> RelativePath {
     RelativePath::current()
+}
+
+fn default_part_size() -> Size {
+    Size(64 << 20)
+}
+
+/// A size in bytes, written `64M`, `1G`, `512K` or a plain number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Size(n)),
+            Raw::Text(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// `64M`, `1G`, `512KiB`, `100` → bytes (units are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 20G, 500M or bytes)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
 }
 
 /// `[[images.NAME.layers]]`: one group of paths baked as its own layer.
@@ -286,6 +341,32 @@ paths = ["static/**"]
         assert_eq!(img.layers[0].name.as_deref(), Some("static"));
         assert_eq!(img.include.len(), 2);
         assert_eq!(img.env.len(), 1);
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_refuse_nonsense() {
+        assert_eq!(parse_size("20G"), Ok(20 << 30));
+        assert_eq!(parse_size("500MiB"), Ok(500 << 20));
+        assert_eq!(parse_size("64k"), Ok(64 << 10));
+        assert_eq!(parse_size("1234"), Ok(1234));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn an_image_part_size_defaults_to_64m_and_takes_a_size_or_zero() {
+        let part = |line: &str| {
+            let text = format!("[images.hello]\n{line}\n");
+            Spec::parse(&text, "kiln.toml")
+                .map(|s| s.images[&ImageName::try_from("hello").unwrap()].part_size)
+        };
+        assert_eq!(part(""), Ok(Size(64 << 20)));
+        assert_eq!(part("part_size = \"1M\""), Ok(Size(1 << 20)));
+        assert_eq!(part("part_size = 0"), Ok(Size(0)));
+        let err = part("part_size = \"lots\"").unwrap_err();
+        assert_eq!(err.line, 2, "{err}");
+        assert!(err.message.contains("unknown size unit in `lots`"), "{err}");
     }
 
     /// Issue 13: a misspelt image name pointed at the table header and

@@ -58,7 +58,7 @@ pub enum BakeError {
     #[error("writing layer {layer} of image {image}: {source}")]
     WriteLayer {
         image: String,
-        layer: usize,
+        layer: String,
         source: io::Error,
     },
     #[error(transparent)]
@@ -113,7 +113,12 @@ pub struct BakeReport {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerReport {
+    /// The declared layer's name.
     pub name: String,
+    /// Which of the declared layer's parts this is (1-based), of how many
+    /// (`kiln_core::layer::parts`).
+    pub part: usize,
+    pub parts: usize,
     pub digest: Digest,
     pub size: u64,
     pub entries: usize,
@@ -256,7 +261,6 @@ pub fn bake_image(
             continue;
         }
         let entries: Vec<LayerEntry> = entries.values().cloned().collect();
-        let key = layer_key(&entries, mtime);
         let layer_name = spec
             .layers
             .get(index)
@@ -268,60 +272,74 @@ pub fn bake_image(
                     format!("layer-{}", index + 1)
                 }
             });
-        let (cached, reused) = match layer_cache.get(&key) {
-            // Held as it is taken: a collection running meanwhile keeps
-            // it (or removed it already, and the layer is written anew).
-            Some(c) if lease.hold(&c.digest).unwrap_or(false) => (c.clone(), true),
-            _ => {
-                let raw: u64 = entries
-                    .iter()
-                    .map(|e| match e.kind {
-                        EntryKind::File { size, .. } => size + 512,
-                        _ => 512,
-                    })
-                    .sum();
-                observer.phase(&format!("layer {layer_name}"), raw);
-                let (blob, diff_id, members, reused) =
-                    write_layer(store, &context, &entries, mtime, observer, reuse.clone())
-                        .map_err(|e| match e {
-                            LayerWriteError::Io(source) => BakeError::WriteLayer {
-                                image: name.to_string(),
-                                layer: index + 1,
-                                source,
-                            },
-                            LayerWriteError::Bake(b) => b,
-                        })?;
-                let c = CachedLayer {
-                    digest: blob.digest.clone(),
-                    diff_id,
-                    size: blob.size,
-                };
-                members_reused += reused;
-                layer_members.push((blob.digest.clone(), members));
-                bytes_written += blob.size;
-                pending.push(blob);
-                (c, false)
+        // A big layer is stored as parts (OCI layers of their own): a
+        // change writes only the part it falls in.
+        let parts = kiln_core::layer::parts(&entries, spec.part_size.0);
+        let count = parts.len();
+        for (part, entries) in parts.into_iter().enumerate() {
+            let label = if count > 1 {
+                format!("{layer_name} {}/{count}", part + 1)
+            } else {
+                layer_name.clone()
+            };
+            let key = layer_key(&entries, mtime);
+            let (cached, reused) = match layer_cache.get(&key) {
+                // Held as it is taken: a collection running meanwhile keeps
+                // it (or removed it already, and the layer is written anew).
+                Some(c) if lease.hold(&c.digest).unwrap_or(false) => (c.clone(), true),
+                _ => {
+                    let raw: u64 = entries.iter().map(kiln_core::layer::raw_size).sum();
+                    observer.phase(&format!("layer {label}"), raw);
+                    let (blob, diff_id, members, reused) =
+                        write_layer(store, &context, &entries, mtime, observer, reuse.clone())
+                            .map_err(|e| match e {
+                                LayerWriteError::Io(source) => BakeError::WriteLayer {
+                                    image: name.to_string(),
+                                    layer: label.clone(),
+                                    source,
+                                },
+                                LayerWriteError::Bake(b) => b,
+                            })?;
+                    let c = CachedLayer {
+                        digest: blob.digest.clone(),
+                        diff_id,
+                        size: blob.size,
+                    };
+                    members_reused += reused;
+                    layer_members.push((blob.digest.clone(), members));
+                    bytes_written += blob.size;
+                    pending.push(blob);
+                    (c, false)
+                }
+            };
+            if !reused {
+                new_layers.insert(key, cached.clone());
             }
-        };
-        if !reused {
-            new_layers.insert(key, cached.clone());
+            let mut d = Descriptor::new(
+                oci::MEDIA_TYPE_LAYER_GZIP,
+                cached.digest.clone(),
+                cached.size,
+            );
+            d.annotations
+                .insert(oci::ANNOTATION_LAYER_NAME.to_owned(), layer_name.clone());
+            if count > 1 {
+                d.annotations.insert(
+                    oci::ANNOTATION_LAYER_PART.to_owned(),
+                    format!("{}/{count}", part + 1),
+                );
+            }
+            descriptors.push(d);
+            diff_ids.push(cached.diff_id.clone());
+            reports.push(LayerReport {
+                name: layer_name.clone(),
+                part: part + 1,
+                parts: count,
+                digest: cached.digest,
+                size: cached.size,
+                entries: entries.len(),
+                reused,
+            });
         }
-        let mut d = Descriptor::new(
-            oci::MEDIA_TYPE_LAYER_GZIP,
-            cached.digest.clone(),
-            cached.size,
-        );
-        d.annotations
-            .insert(oci::ANNOTATION_LAYER_NAME.to_owned(), layer_name.clone());
-        descriptors.push(d);
-        diff_ids.push(cached.diff_id.clone());
-        reports.push(LayerReport {
-            name: layer_name,
-            digest: cached.digest,
-            size: cached.size,
-            entries: entries.len(),
-            reused,
-        });
     }
 
     // Config and manifest: canonical JSON, so equal inputs give equal bytes.

@@ -360,6 +360,9 @@ struct LayerInfo {
     media_type: String,
     size: u64,
     name: Option<String>,
+    /// `N/COUNT` when the declared layer was stored in parts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    part: Option<String>,
     files: usize,
 }
 
@@ -374,6 +377,7 @@ pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
             media_type: l.media_type.clone(),
             size: l.size,
             name: l.annotations.get(oci::ANNOTATION_LAYER_NAME).cloned(),
+            part: l.annotations.get(oci::ANNOTATION_LAYER_PART).cloned(),
             files: count_layer_files(store, l)?,
         });
     }
@@ -449,11 +453,15 @@ pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
     println!("layers:");
     for l in &layers {
         println!(
-            "  {}  {:>10}  {:>6} files  {}",
+            "  {}  {:>10}  {:>6} files  {}{}",
             &l.digest[..19],
             human_bytes(l.size),
             l.files,
-            l.name.as_deref().unwrap_or("")
+            l.name.as_deref().unwrap_or(""),
+            l.part
+                .as_deref()
+                .map(|p| format!(" ({p})"))
+                .unwrap_or_default()
         );
     }
     println!("provenance:");

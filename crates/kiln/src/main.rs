@@ -362,7 +362,7 @@ pub enum Command {
         upgrade: bool,
         /// Collect the store (as `kiln gc` does) whenever its blobs pass
         /// this size (e.g. 20G, 500M, or bytes)
-        #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+        #[arg(long, value_name = "SIZE", value_parser = kiln_core::spec::parse_size)]
         gc_above: Option<u64>,
         /// Releases of each service whose images a collection keeps (with
         /// whatever runs), so that `kiln rollback --to N` works for them
@@ -393,7 +393,7 @@ pub enum Command {
         verify_every: std::time::Duration,
         /// How fast the full verification may read, per second (e.g. 64M;
         /// 0: as fast as the disk goes), so it never starves the instances
-        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+        #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = kiln_core::spec::parse_size)]
         verify_rate: u64,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
@@ -900,31 +900,6 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
 const GC_GRACE: &str = "1h";
 
 /// `20G`, `500M`, `64K` (powers of 1024) or plain bytes.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
-            };
-            (&t[..i], mult)
-        }
-        None => (t, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 20G, 500M or bytes)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
-
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }
@@ -952,16 +927,5 @@ mod tests {
             }
         }
         assert!(missing.is_empty(), "arguments without help: {missing:?}");
-    }
-
-    #[test]
-    fn sizes_parse_with_binary_units_and_refuse_nonsense() {
-        assert_eq!(super::parse_size("20G"), Ok(20 << 30));
-        assert_eq!(super::parse_size("500MiB"), Ok(500 << 20));
-        assert_eq!(super::parse_size("64k"), Ok(64 << 10));
-        assert_eq!(super::parse_size("1234"), Ok(1234));
-        assert!(super::parse_size("12Q").is_err());
-        assert!(super::parse_size("G").is_err());
-        assert!(super::parse_size("99999999999T").is_err());
     }
 }

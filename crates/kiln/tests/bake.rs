@@ -185,11 +185,8 @@ fn rebaking_is_incremental() {
 /// about one gzip member, not the layer: the members of unchanged runs of
 /// files are copied from the previous bake — and the digest is exactly
 /// the one a full bake of the same tree gives.
-#[test]
-fn a_one_file_change_inside_a_layer_reuses_the_other_members() {
-    let env = Env::new();
-    let root = env.path("big");
-    // ~6 MiB of distinct, compressible files, and one file over 1 MiB.
+/// ~6 MiB of distinct, compressible files, and one file of 3 MiB.
+fn mixed_tree(root: &Path) {
     for i in 0..400 {
         let text: String = (0..1500)
             .map(|j| format!("{} ", (i * 7919 + j * 31) % 10007))
@@ -203,6 +200,13 @@ fn a_one_file_change_inside_a_layer_reuses_the_other_members() {
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
     write(&root.join("assets/big.bin"), &big);
+}
+
+#[test]
+fn a_one_file_change_inside_a_layer_reuses_the_other_members() {
+    let env = Env::new();
+    let root = env.path("big");
+    mixed_tree(&root);
     write(&root.join("kiln.toml"), b"[images.big]\n");
     settle();
     let first = env.bake(&root.join("kiln.toml"), &[]);
@@ -245,6 +249,89 @@ fn a_one_file_change_inside_a_layer_reuses_the_other_members() {
             fs::read(root.join("lib/m007/f0207.txt")).unwrap()
         );
     }
+}
+
+/// Issue 14: a layer bigger than `part_size` is stored as parts, each an
+/// OCI layer: a one-file change writes the one part it falls in (the
+/// others are the same blobs), the digest is still a full bake's, and the
+/// image unpacks to the tree. `part_size = 0` keeps the layer whole.
+#[test]
+fn a_big_layer_is_stored_in_parts_and_a_change_writes_only_its_part() {
+    let env = Env::new();
+    let root = env.path("big");
+    mixed_tree(&root);
+    write(
+        &root.join("kiln.toml"),
+        b"[images.big]\npart_size = \"256K\"\n",
+    );
+    settle();
+    let first = env.bake(&root.join("kiln.toml"), &[]);
+    let layers = first["layers"].as_array().unwrap();
+    assert!(layers.len() >= 5, "parts of ~512 KiB: {first}");
+    for (i, l) in layers.iter().enumerate() {
+        assert_eq!(l["name"], "app");
+        assert_eq!(l["part"], i + 1);
+        assert_eq!(l["parts"], layers.len());
+        assert_eq!(l["reused"], false);
+    }
+    let inspected = env.json(&["inspect", &format!("big@{}", digest(&first)), "--json"]);
+    let parts: Vec<&str> = inspected["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["part"].as_str().unwrap())
+        .collect();
+    assert_eq!(parts[0], format!("1/{}", layers.len()));
+
+    write(&root.join("lib/m007/f0207.txt"), b"changed\n");
+    settle();
+    let changed = env.bake(&root.join("kiln.toml"), &[]);
+    let after = changed["layers"].as_array().unwrap();
+    assert_eq!(
+        after.len(),
+        layers.len(),
+        "the cuts did not move: {changed}"
+    );
+    let written: Vec<&serde_json::Value> = after.iter().filter(|l| l["reused"] == false).collect();
+    assert_eq!(written.len(), 1, "one part written: {changed}");
+    for (a, b) in layers.iter().zip(after) {
+        if b["reused"] == true {
+            assert_eq!(a["digest"], b["digest"]);
+        }
+    }
+    assert!(
+        changed["bytes_written"].as_u64().unwrap() < changed["size"].as_u64().unwrap() / 2,
+        "{changed}"
+    );
+    let fresh = Env::new();
+    assert_eq!(
+        digest(&fresh.bake(&root.join("kiln.toml"), &[])),
+        digest(&changed),
+        "a full bake's digest"
+    );
+    let out = env.path("out");
+    env.ok(&[
+        "unpack",
+        &format!("big@{}", digest(&changed)),
+        out.to_str().unwrap(),
+    ]);
+    let source = kiln_tree(&root);
+    let unpacked = kiln_tree(&out);
+    let differ: Vec<&String> = source
+        .iter()
+        .chain(&unpacked)
+        .filter(|e| !(source.contains(e) && unpacked.contains(e)))
+        .map(|(p, _)| p)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "unpacked differs from the tree at {differ:?}"
+    );
+
+    write(&root.join("kiln.toml"), b"[images.big]\npart_size = 0\n");
+    let whole = env.bake(&root.join("kiln.toml"), &[]);
+    assert_eq!(whole["layers"].as_array().unwrap().len(), 1, "{whole}");
+    assert!(whole["layers"][0]["part"] == 1 && whole["layers"][0]["parts"] == 1);
 }
 
 #[test]
