@@ -5,7 +5,8 @@
 # docker-registry on a free loopback port. Not a test: it prints medians,
 # ratios and peak memory. Run from the repository root:
 #
-#   bench/registry.sh          # RUNS=3 by default; BENCH_DIR to choose where
+#   bench/registry.sh          # RUNS=3 by default; BENCH_DIR to choose where;
+#                              # PART_SIZE=0: the layer as one blob, not parts
 #
 # (a) push to an empty repository: kiln push vs skopeo copy oci:STORE → docker://
 # (b) push again, every blob present (a no-op push)
@@ -30,16 +31,19 @@ if [ ! -f "$TREE/.complete" ]; then
     python3 bench/gentree.py "$TREE"
     touch "$TREE/.complete"
 fi
-cat > "$WORK/one.toml" <<TOML
+# PART_SIZE=0 stores the image's one layer whole (one 745 MiB blob).
+PART_SIZE=${PART_SIZE:-64M}
+cat > "$WORK/registry-$PART_SIZE.toml" <<TOML
 [images.one]
 context = "tree"
 exclude = [".complete"]
+part_size = "$PART_SIZE"
 TOML
-HOME_SRC=$WORK/registry-src
+HOME_SRC=$WORK/registry-src-$PART_SIZE
 if [ ! -f "$HOME_SRC/.baked" ]; then
     echo "baking the image..." >&2
     rm -rf "$HOME_SRC"
-    "$KILN" --home "$HOME_SRC" bake -f "$WORK/one.toml" --tag v1 >/dev/null 2>&1
+    "$KILN" --home "$HOME_SRC" bake -f "$WORK/registry-$PART_SIZE.toml" --tag v1 >/dev/null 2>&1
     touch "$HOME_SRC/.baked"
 fi
 SIZE=$(du -sb "$HOME_SRC/blobs" | cut -f1)

@@ -102,8 +102,9 @@ pub fn parts(entries: &[LayerEntry], min: u64) -> Vec<Vec<LayerEntry>> {
     out
 }
 
-/// Parts per declared layer at most (OCI runtimes cap an image's layers:
-/// Docker's overlay2 at 128).
+/// Parts per declared layer at most: runtimes cap an image's layers
+/// (Docker's overlay2 at about 125), and a few declared layers of parts
+/// must stay under that.
 pub const MAX_PARTS: usize = 32;
 
 /// See [`parts`]: whether a part holding `bytes` ends after `entry`.
