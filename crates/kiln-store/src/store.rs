@@ -635,17 +635,43 @@ impl BlobWriter {
 
     /// Flush and fsync; the blob is complete but not yet in the store.
     pub fn finish(self) -> Result<PendingBlob> {
+        self.finish_unsynced()?.sync()
+    }
+
+    /// Flush, and name the bytes; the fsync is [`UnsyncedBlob::sync`]'s, so
+    /// a caller streaming several blobs can run it off its task.
+    pub fn finish_unsynced(self) -> Result<UnsyncedBlob> {
         let tmp = self
             .file
             .into_inner()
             .map_err(|e| e.into_error())
             .at(Path::new("<blob>"))?;
-        tmp.as_file().sync_all().at(tmp.path())?;
-        Ok(PendingBlob {
+        Ok(UnsyncedBlob(PendingBlob {
             tmp,
             digest: Digest::from_hasher(self.hasher),
             size: self.size,
-        })
+        }))
+    }
+}
+
+/// A complete blob in `tmp/` that is not yet on disk: only
+/// [`UnsyncedBlob::sync`] makes it a [`PendingBlob`] that can be committed.
+#[derive(Debug)]
+pub struct UnsyncedBlob(PendingBlob);
+
+impl UnsyncedBlob {
+    pub fn digest(&self) -> &Digest {
+        &self.0.digest
+    }
+
+    pub fn size(&self) -> u64 {
+        self.0.size
+    }
+
+    /// fsync (blocking).
+    pub fn sync(self) -> Result<PendingBlob> {
+        self.0.tmp.as_file().sync_all().at(self.0.tmp.path())?;
+        Ok(self.0)
     }
 }
 

@@ -331,15 +331,15 @@ async fn pull_blob(
             Err(e) => {
                 // oci-client's own check of the digest ends the stream
                 // with an error: name what the bytes were.
-                let pending = w.finish()?;
-                if pending.size != d.size {
-                    return Err(bad_size(pending.size));
+                let got = w.finish_unsynced()?;
+                if got.size() != d.size {
+                    return Err(bad_size(got.size()));
                 }
                 if e.to_string().contains("digest") {
                     return Err(RegistryError::BadBlob {
                         host: registry.host.clone(),
                         digest: d.digest.clone(),
-                        actual: pending.digest,
+                        actual: got.digest().clone(),
                     });
                 }
                 return Err(RegistryError::Registry {
@@ -357,17 +357,25 @@ async fn pull_blob(
             source,
         })?;
     }
-    let pending = w.finish()?;
-    if pending.size != d.size {
-        return Err(bad_size(pending.size));
+    let blob = w.finish_unsynced()?;
+    if blob.size() != d.size {
+        return Err(bad_size(blob.size()));
     }
-    if pending.digest != d.digest {
+    if blob.digest() != &d.digest {
         return Err(RegistryError::BadBlob {
             host: registry.host.clone(),
             digest: d.digest.clone(),
-            actual: pending.digest,
+            actual: blob.digest().clone(),
         });
     }
+    // The fsync runs on a blocking thread: the other blobs, streaming in
+    // on this task, do not wait for it.
+    let pending = tokio::task::spawn_blocking(move || blob.sync())
+        .await
+        .map_err(|e| RegistryError::Registry {
+            host: registry.host.clone(),
+            detail: format!("blob {}: {e}", d.digest),
+        })??;
     progress(&format!(
         "{} downloaded ({} bytes)",
         d.digest.short(),
