@@ -82,13 +82,8 @@ pub fn parts(entries: &[LayerEntry], min: u64) -> Vec<Vec<LayerEntry>> {
     for (i, e) in entries.iter().enumerate() {
         // The directories above an entry whose own entries are in an
         // earlier part.
-        for (at, _) in e.path.match_indices('/') {
-            let dir = &e.path[..at];
-            part.entry(dir).or_insert_with(|| LayerEntry {
-                path: dir.to_owned(),
-                mode: 0o755,
-                kind: EntryKind::Dir,
-            });
+        for dir in ancestors(&e.path) {
+            part.entry(dir).or_insert_with(|| LayerEntry::dir(dir));
         }
         part.insert(&e.path, e.clone());
         bytes += raw_size(e);
@@ -121,6 +116,11 @@ fn ends_part(entry: &LayerEntry, bytes: u64, min: u64) -> bool {
     u128::from(draw) * u128::from(min) < u128::from(raw_size(entry)) << 64
 }
 
+/// The directories above a `/`-separated path, outermost first.
+pub fn ancestors(path: &str) -> impl Iterator<Item = &str> {
+    path.match_indices('/').map(move |(i, _)| &path[..i])
+}
+
 /// The bytes an entry takes in an uncompressed tar: a header, and a file's
 /// content padded to 512.
 pub fn raw_size(entry: &LayerEntry) -> u64 {
@@ -147,6 +147,18 @@ pub struct LayerEntry {
     pub mode: u32,
     #[serde(flatten)]
     pub kind: EntryKind,
+}
+
+impl LayerEntry {
+    /// The entry a layer carries for a directory above its entries, with
+    /// the mode every baked directory gets.
+    pub fn dir(path: &str) -> Self {
+        Self {
+            path: path.to_owned(),
+            mode: normalize_mode(&EntryKind::Dir, 0),
+            kind: EntryKind::Dir,
+        }
+    }
 }
 
 /// The mode a baked entry gets, whatever the source tree's umask was: only
@@ -417,12 +429,9 @@ mod tests {
     fn layer_of(files: &[(String, u64, u8)]) -> Vec<LayerEntry> {
         let mut map = std::collections::BTreeMap::new();
         for (path, size, content) in files {
-            for (at, _) in path.match_indices('/') {
-                map.entry(path[..at].to_owned()).or_insert(LayerEntry {
-                    path: path[..at].to_owned(),
-                    mode: 0o755,
-                    kind: EntryKind::Dir,
-                });
+            for dir in ancestors(path) {
+                map.entry(dir.to_owned())
+                    .or_insert_with(|| LayerEntry::dir(dir));
             }
             map.insert(
                 path.clone(),
@@ -448,21 +457,13 @@ mod tests {
             // A path is a file or a directory, not both.
             let dirs: std::collections::BTreeSet<String> = v
                 .iter()
-                .flat_map(|(p, _, _)| {
-                    p.match_indices('/')
-                        .map(|(i, _)| p[..i].to_owned())
-                        .collect::<Vec<_>>()
-                })
+                .flat_map(|(p, _, _)| ancestors(p).map(str::to_owned).collect::<Vec<_>>())
                 .collect();
             let mut seen = std::collections::BTreeSet::new();
             v.into_iter()
                 .filter(|(p, _, _)| !dirs.contains(p) && seen.insert(p.clone()))
                 .collect()
         })
-    }
-
-    fn ancestors(path: &str) -> impl Iterator<Item = &str> {
-        path.match_indices('/').map(|(i, _)| &path[..i])
     }
 
     proptest::proptest! {

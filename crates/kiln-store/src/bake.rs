@@ -222,13 +222,10 @@ pub fn bake_image(
         let layer = &mut layers[assigner.assign(&w.rel)];
         // Each layer carries the directories above its entries, so it
         // unpacks on its own with normalized modes.
-        for (i, _) in w.rel.match_indices('/') {
-            let dir = &w.rel[..i];
-            layer.entry(dir.to_owned()).or_insert_with(|| LayerEntry {
-                path: dir.to_owned(),
-                mode: 0o755,
-                kind: EntryKind::Dir,
-            });
+        for dir in kiln_core::layer::ancestors(&w.rel) {
+            layer
+                .entry(dir.to_owned())
+                .or_insert_with(|| LayerEntry::dir(dir));
         }
         let mode = normalize_mode(&kind, w.mode);
         layer.insert(

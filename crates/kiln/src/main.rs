@@ -899,7 +899,7 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
 /// `kiln serve --gc-grace`): an image just baked or pulled.
 const GC_GRACE: &str = "1h";
 
-/// `20G`, `500M`, `64K` (powers of 1024) or plain bytes.
+/// `30s`, `5m`, `1h30m` (humantime).
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }
