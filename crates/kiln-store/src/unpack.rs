@@ -6,7 +6,13 @@
 //! bits, ownership, xattrs. Parent directories are resolved inside the root
 //! (symlinks followed lexically and clamped at the root, as `securejoin`
 //! does), so no write ever lands outside it. Every layer is checked against
-//! its digest and its `diff_id` as it streams. OCI whiteouts are applied.
+//! its digest and its `diff_id` as it streams. OCI whiteouts are applied;
+//! a whiteout whose target is empty, `.` or `..` is refused. Directory modes
+//! are applied last through descriptors opened one component at a time with
+//! `O_NOFOLLOW`, and a pending mode is forgotten when its path is replaced,
+//! so a later symlink at a directory's path cannot redirect its `chmod` out
+//! of the root. A layer may unpack to at most [`layer_limit`] bytes of tar
+//! (a decompression bomb is refused, not written).
 
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, OpenOptions};
@@ -56,6 +62,13 @@ pub enum UnpackError {
         expected: Digest,
         actual: Digest,
     },
+    #[error("layer {layer}: refused whiteout `{path}`: it names no entry of a lower layer")]
+    Whiteout { layer: Digest, path: String },
+    #[error(
+        "layer {layer} unpacks to more than {limit} bytes ({ratio}× its compressed size, at least {floor} MiB): refused as a decompression bomb",
+        ratio = LAYER_RATIO, floor = LAYER_FLOOR >> 20
+    )]
+    TooLarge { layer: Digest, limit: u64 },
     #[error("image manifest lists {layers} layers but its config lists {diff_ids} diff_ids")]
     LayerCount { layers: usize, diff_ids: usize },
     #[error("layer {layer}: {source}")]
@@ -67,6 +80,116 @@ pub enum UnpackError {
 }
 
 pub type Result<T, E = UnpackError> = std::result::Result<T, E>;
+
+/// How many times its compressed size a layer may expand to. gzip cannot
+/// exceed about 1,032×; real layers are 2–10×, and a layer of zero-filled
+/// files a few hundred.
+pub const LAYER_RATIO: u64 = 256;
+/// The least any layer may expand to, whatever its compressed size.
+pub const LAYER_FLOOR: u64 = 256 << 20;
+
+/// The most bytes of tar a layer of `compressed` bytes may unpack to.
+pub fn layer_limit(compressed: u64) -> u64 {
+    compressed.saturating_mul(LAYER_RATIO).max(LAYER_FLOOR)
+}
+
+/// Directory modes waiting to be applied once every layer is unpacked, by
+/// host path (as resolved inside the root when the directory was made).
+#[derive(Debug, Default)]
+pub struct DirModes(BTreeMap<PathBuf, u32>);
+
+impl DirModes {
+    fn set(&mut self, path: PathBuf, mode: u32) {
+        self.0.insert(path, mode);
+    }
+
+    /// Forget `path` and everything below it: it was removed or replaced,
+    /// and its mode must not land on whatever takes its place.
+    fn forget(&mut self, path: &Path) {
+        // Path order is by component, so `path`'s descendants follow it.
+        let gone: Vec<PathBuf> = self
+            .0
+            .range(path.to_path_buf()..)
+            .take_while(|(p, _)| p.starts_with(path))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in gone {
+            self.0.remove(&p);
+        }
+    }
+
+    /// Apply every mode, deepest first (a read-only directory cannot
+    /// receive its children), never following a symlink: a directory whose
+    /// path now crosses one is skipped.
+    pub fn apply(&self, root: &Path, read_only: bool) -> Result<()> {
+        for (path, mode) in self.0.iter().rev() {
+            let mode = if read_only { mode & !0o222 } else { *mode };
+            chmod_dir_no_follow(root, path, mode).map_err(|source| UnpackError::Write {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// `chmod` the directory at `path` (under `root`) through a descriptor
+/// reached one component at a time with `O_NOFOLLOW`; a path that crosses a
+/// symlink or no longer names a directory is left alone.
+fn chmod_dir_no_follow(root: &Path, path: &Path, mode: u32) -> io::Result<()> {
+    use rustix::fs::{Mode, OFlags, fchmod, open, openat};
+    use rustix::io::Errno;
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| io::Error::other("a directory outside the root"))?;
+    let walk = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = open(root, walk, Mode::empty())?;
+    let mut parts = rel.components().peekable();
+    while let Some(c) = parts.next() {
+        let last = parts.peek().is_none();
+        let flags = if last {
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        } else {
+            walk
+        };
+        dir = match openat(&dir, c.as_os_str(), flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::LOOP | Errno::NOTDIR | Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+    }
+    fchmod(&dir, Mode::from_raw_mode(mode)).map_err(io::Error::from)
+}
+
+/// A reader that fails once more than `limit` bytes went through it.
+struct Capped<R> {
+    inner: R,
+    left: u64,
+}
+
+/// The error a [`Capped`] reader fails with, found again by downcasting.
+#[derive(Debug, thiserror::Error)]
+#[error("layer expands past its limit")]
+struct Expanded;
+
+impl<R: Read> Read for Capped<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.left = self
+            .left
+            .checked_sub(n as u64)
+            .ok_or_else(|| io::Error::other(Expanded))?;
+        Ok(n)
+    }
+}
+
+fn expanded(e: &UnpackError) -> bool {
+    let io = match e {
+        UnpackError::Read { source, .. } | UnpackError::Write { source, .. } => source,
+        _ => return false,
+    };
+    io.get_ref().is_some_and(|inner| inner.is::<Expanded>())
+}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct UnpackOptions {
@@ -88,7 +211,7 @@ pub fn unpack_image(
             diff_ids: config.rootfs.diff_ids.len(),
         });
     }
-    let mut dir_modes = BTreeMap::new();
+    let mut dir_modes = DirModes::default();
     for (layer, diff_id) in manifest.layers.iter().zip(&config.rootfs.diff_ids) {
         let compression =
             LayerCompression::from_media_type(&layer.media_type).ok_or_else(|| {
@@ -98,6 +221,13 @@ pub fn unpack_image(
                 }
             })?;
         let blob = store.open_blob(&layer.digest)?;
+        let size = blob
+            .metadata()
+            .map_err(|source| UnpackError::Read {
+                layer: layer.digest.clone(),
+                source,
+            })?
+            .len();
         apply_layer(
             blob,
             compression,
@@ -105,28 +235,16 @@ pub fn unpack_image(
             diff_id,
             dest,
             options,
+            layer_limit(size),
             &mut dir_modes,
         )?;
     }
-    // Directory modes last, deepest first: a read-only directory cannot
-    // receive its children.
-    for (path, mode) in dir_modes.iter().rev() {
-        let mode = if options.read_only {
-            mode & !0o222
-        } else {
-            *mode
-        };
-        fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
-            UnpackError::Write {
-                path: path.clone(),
-                source,
-            }
-        })?;
-    }
-    Ok(())
+    dir_modes.apply(dest, options.read_only)
 }
 
-/// Apply one layer (a tar stream, maybe gzip-compressed) onto `root`.
+/// Apply one layer (a tar stream, maybe gzip-compressed) onto `root`,
+/// reading at most `limit` bytes of tar.
+#[allow(clippy::too_many_arguments)]
 pub fn apply_layer(
     blob: impl Read,
     compression: LayerCompression,
@@ -134,7 +252,41 @@ pub fn apply_layer(
     diff_id: &Digest,
     root: &Path,
     options: UnpackOptions,
-    dir_modes: &mut BTreeMap<PathBuf, u32>,
+    limit: u64,
+    dir_modes: &mut DirModes,
+) -> Result<()> {
+    apply_layer_capped(
+        blob,
+        compression,
+        digest,
+        diff_id,
+        root,
+        options,
+        limit,
+        dir_modes,
+    )
+    .map_err(|e| {
+        if expanded(&e) {
+            UnpackError::TooLarge {
+                layer: digest.clone(),
+                limit,
+            }
+        } else {
+            e
+        }
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply_layer_capped(
+    blob: impl Read,
+    compression: LayerCompression,
+    digest: &Digest,
+    diff_id: &Digest,
+    root: &Path,
+    options: UnpackOptions,
+    limit: u64,
+    dir_modes: &mut DirModes,
 ) -> Result<()> {
     let read_err = |source| UnpackError::Read {
         layer: digest.clone(),
@@ -143,7 +295,10 @@ pub fn apply_layer(
     let mut compressed = HashingReader::new(blob);
     {
         let decoder = decompress(compression, &mut compressed).map_err(read_err)?;
-        let mut raw = HashingReader::new(decoder);
+        let mut raw = HashingReader::new(Capped {
+            inner: decoder,
+            left: limit,
+        });
         {
             let mut archive = tar::Archive::new(&mut raw);
             let mut layer = LayerApplier {
@@ -186,7 +341,7 @@ struct LayerApplier<'a> {
     options: UnpackOptions,
     /// Paths this layer wrote: whiteouts apply only to lower layers.
     created: HashSet<String>,
-    dir_modes: &'a mut BTreeMap<PathBuf, u32>,
+    dir_modes: &'a mut DirModes,
 }
 
 impl LayerApplier<'_> {
@@ -215,20 +370,28 @@ impl LayerApplier<'_> {
 
         // Whiteouts.
         if let Some(hidden) = name.strip_prefix(".wh.") {
+            // `.wh.`, `.wh..` and `.wh...` would remove the directory
+            // itself or the one above it: above the root, that is the
+            // caller's.
+            if matches!(hidden, "" | "." | "..") {
+                return Err(UnpackError::Whiteout {
+                    layer: self.digest.clone(),
+                    path: rel,
+                });
+            }
             let parent = self.resolve_dir(parent_rel, true)?;
             if hidden == ".wh..opq" {
                 let children = fs::read_dir(&parent).map_err(|e| self.write_err(&parent, e))?;
                 for child in children.flatten() {
                     let child_rel = join_rel(parent_rel, &child.file_name().to_string_lossy());
                     if !self.created.contains(&child_rel) {
-                        remove_any(&child.path()).map_err(|e| self.write_err(&child.path(), e))?;
+                        self.remove(&child.path())?;
                     }
                 }
             } else {
                 let target_rel = join_rel(parent_rel, hidden);
                 if !self.created.contains(&target_rel) {
-                    remove_any(&parent.join(hidden))
-                        .map_err(|e| self.write_err(&parent.join(hidden), e))?;
+                    self.remove(&parent.join(hidden))?;
                 }
             }
             return Ok(());
@@ -246,18 +409,18 @@ impl LayerApplier<'_> {
                 match existing {
                     Some(m) if m.is_dir() => {}
                     Some(_) => {
-                        remove_any(&dest).map_err(|e| self.write_err(&dest, e))?;
+                        self.remove(&dest)?;
                         self.mkdir(&dest)?;
                     }
                     None => self.mkdir(&dest)?,
                 }
                 // setuid/setgid are dropped; the sticky bit is kept for
                 // directories like /tmp.
-                self.dir_modes.insert(dest, mode & 0o1777);
+                self.dir_modes.set(dest, mode & 0o1777);
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 if existing.is_some() {
-                    remove_any(&dest).map_err(|e| self.write_err(&dest, e))?;
+                    self.remove(&dest)?;
                 }
                 let mut f = OpenOptions::new()
                     .write(true)
@@ -284,7 +447,7 @@ impl LayerApplier<'_> {
                     });
                 }
                 if existing.is_some() {
-                    remove_any(&dest).map_err(|e| self.write_err(&dest, e))?;
+                    self.remove(&dest)?;
                 }
                 std::os::unix::fs::symlink(&target, &dest).map_err(|e| self.write_err(&dest, e))?;
             }
@@ -312,7 +475,7 @@ impl LayerApplier<'_> {
                     _ => return Err(bad(target_rel)),
                 }
                 if existing.is_some() {
-                    remove_any(&dest).map_err(|e| self.write_err(&dest, e))?;
+                    self.remove(&dest)?;
                 }
                 fs::hard_link(&source, &dest).map_err(|e| self.write_err(&dest, e))?;
             }
@@ -322,6 +485,13 @@ impl LayerApplier<'_> {
         }
         self.created.insert(rel);
         Ok(())
+    }
+
+    /// Remove whatever is at `path` (never following a symlink there) and
+    /// forget the modes pending for it and below it.
+    fn remove(&mut self, path: &Path) -> Result<()> {
+        self.dir_modes.forget(path);
+        remove_any(path).map_err(|e| self.write_err(path, e))
     }
 
     fn mkdir(&self, path: &Path) -> Result<()> {
@@ -418,7 +588,7 @@ fn remove_any(path: &Path) -> io::Result<()> {
 /// digest is not known in advance, with the same checks.
 pub fn unpack_tar(tar: &[u8], root: &Path, options: UnpackOptions) -> Result<()> {
     let digest = Digest::of(tar);
-    let mut dir_modes = BTreeMap::new();
+    let mut dir_modes = DirModes::default();
     apply_layer(
         tar,
         LayerCompression::None,
@@ -426,12 +596,10 @@ pub fn unpack_tar(tar: &[u8], root: &Path, options: UnpackOptions) -> Result<()>
         &digest,
         root,
         options,
+        layer_limit(tar.len() as u64),
         &mut dir_modes,
     )?;
-    for (path, mode) in dir_modes.iter().rev() {
-        let _ = fs::set_permissions(path, fs::Permissions::from_mode(*mode));
-    }
-    Ok(())
+    dir_modes.apply(root, options.read_only)
 }
 
 /// A layer's bytes decompressed as its media type says (gzip members,
@@ -656,7 +824,7 @@ mod tests {
         entry(&mut t, "d", tar::EntryType::Directory, 0o755, "", b"");
         file(&mut t, "d/f", b"x");
         let dir = tempfile::tempdir().unwrap();
-        let mut modes = BTreeMap::new();
+        let mut modes = DirModes::default();
         let tar = finish(t);
         let digest = Digest::of(&tar);
         apply_layer(
@@ -666,6 +834,7 @@ mod tests {
             &digest,
             dir.path(),
             UnpackOptions { read_only: true },
+            1 << 20,
             &mut modes,
         )
         .unwrap();
@@ -712,8 +881,157 @@ mod tests {
             &Digest::of(b"other"),
             dir.path(),
             UnpackOptions::default(),
-            &mut BTreeMap::new(),
+            1 << 20,
+            &mut DirModes::default(),
         );
         assert!(matches!(r, Err(UnpackError::DiffId { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn a_directory_mode_never_follows_a_symlink_put_at_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let mut t = Vec::new();
+        entry(&mut t, "x", tar::EntryType::Directory, 0o777, "", b"");
+        // An absolute target is legal inside an image (its own root).
+        let target = victim.to_str().unwrap();
+        entry(&mut t, "x", tar::EntryType::Symlink, 0o777, target, b"");
+        unpack_tar(&finish(t), &root, UnpackOptions::default()).unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o600);
+        assert!(fs::symlink_metadata(root.join("x")).unwrap().is_symlink());
+    }
+
+    #[test]
+    fn a_pending_mode_below_a_replaced_directory_is_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(outside.join("b")).unwrap();
+        fs::set_permissions(outside.join("b"), fs::Permissions::from_mode(0o700)).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        // One image, two layers: `a/b` 0777, then `a` whited out and made a
+        // symlink to a host directory that has a `b`.
+        let mut lower = Vec::new();
+        entry(&mut lower, "a", tar::EntryType::Directory, 0o755, "", b"");
+        entry(&mut lower, "a/b", tar::EntryType::Directory, 0o777, "", b"");
+        let mut upper = Vec::new();
+        file(&mut upper, ".wh.a", b"");
+        let target = outside.to_str().unwrap();
+        entry(&mut upper, "a", tar::EntryType::Symlink, 0o777, target, b"");
+        let mut modes = DirModes::default();
+        for tar in [finish(lower), finish(upper)] {
+            let d = Digest::of(&tar);
+            let opts = UnpackOptions::default();
+            apply_layer(
+                &tar[..],
+                LayerCompression::None,
+                &d,
+                &d,
+                &root,
+                opts,
+                1 << 20,
+                &mut modes,
+            )
+            .unwrap();
+        }
+        assert!(modes.0.is_empty(), "{modes:?}");
+        modes.apply(&root, false).unwrap();
+        let m = fs::metadata(outside.join("b")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o700);
+    }
+
+    #[test]
+    fn a_mode_whose_path_now_crosses_a_symlink_is_skipped() {
+        // Even a mode the applier did not forget (a path changed behind its
+        // back) is never applied through a symlink.
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(outside.join("b")).unwrap();
+        fs::set_permissions(outside.join("b"), fs::Permissions::from_mode(0o700)).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("a")).unwrap();
+        let mut modes = DirModes::default();
+        modes.set(root.join("a/b"), 0o777);
+        modes.set(root.join("a"), 0o777);
+        modes.apply(&root, false).unwrap();
+        let m = fs::metadata(outside.join("b")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o700);
+        assert_eq!(fs::metadata(&outside).unwrap().mode() & 0o7777, 0o755);
+        // A real directory still gets its mode.
+        fs::create_dir(root.join("d")).unwrap();
+        let mut modes = DirModes::default();
+        modes.set(root.join("d"), 0o711);
+        modes.apply(&root, false).unwrap();
+        assert_eq!(fs::metadata(root.join("d")).unwrap().mode() & 0o7777, 0o711);
+    }
+
+    #[test]
+    fn whiteouts_of_the_directory_itself_or_above_are_refused() {
+        for name in [".wh...", ".wh..", ".wh.", "sub/.wh...", "sub/.wh."] {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join("precious"), b"keep").unwrap();
+            let root = dir.path().join("root");
+            fs::create_dir(&root).unwrap();
+            fs::write(root.join("lower"), b"1").unwrap();
+            let mut t = Vec::new();
+            file(&mut t, name, b"");
+            let r = unpack_tar(&finish(t), &root, UnpackOptions::default());
+            assert!(
+                matches!(r, Err(UnpackError::Whiteout { .. })),
+                "{name}: {r:?}"
+            );
+            assert!(dir.path().join("precious").exists(), "{name}");
+            assert!(root.join("lower").exists(), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_layer_expanding_past_its_limit_is_refused() {
+        let mut t = Vec::new();
+        file(&mut t, "zeros", &vec![0u8; 64 << 10]);
+        let tar = finish(t);
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::of(&tar);
+        let opts = UnpackOptions::default();
+        let mut modes = DirModes::default();
+        let r = apply_layer(
+            &tar[..],
+            LayerCompression::None,
+            &d,
+            &d,
+            dir.path(),
+            opts,
+            16 << 10,
+            &mut modes,
+        );
+        assert!(
+            matches!(r, Err(UnpackError::TooLarge { limit, .. }) if limit == 16 << 10),
+            "{r:?}"
+        );
+        let written = fs::metadata(dir.path().join("zeros"))
+            .map(|m| m.len())
+            .unwrap_or(0);
+        assert!(written <= 16 << 10, "{written}");
+        // Under the limit, the same layer unpacks.
+        let dir = tempfile::tempdir().unwrap();
+        apply_layer(
+            &tar[..],
+            LayerCompression::None,
+            &d,
+            &d,
+            dir.path(),
+            opts,
+            tar.len() as u64,
+            &mut modes,
+        )
+        .unwrap();
+        assert_eq!(layer_limit(1), LAYER_FLOOR);
+        assert_eq!(layer_limit(10 << 20), 2560 << 20);
+        assert_eq!(layer_limit(u64::MAX), u64::MAX);
     }
 }

@@ -553,3 +553,100 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
         .expect("run sha256sum");
     String::from_utf8_lossy(&out.stdout)[..64].to_owned()
 }
+
+/// One raw tar entry: the name and link are written as-is (the `tar`
+/// builder refuses `..` and absolute paths, which hostile layers need).
+pub fn tar_entry(
+    out: &mut Vec<u8>,
+    name: &str,
+    kind: tar::EntryType,
+    mode: u32,
+    link: &str,
+    data: &[u8],
+) {
+    let mut h = tar::Header::new_gnu();
+    {
+        let raw = h.as_old_mut();
+        raw.name[..name.len()].copy_from_slice(name.as_bytes());
+        raw.linkname[..link.len()].copy_from_slice(link.as_bytes());
+    }
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(data.len() as u64);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+/// A layer as it would come from a registry: its gzip bytes and the
+/// diff_id it claims.
+pub struct RawLayer {
+    pub gzip: Vec<u8>,
+    pub diff_id: String,
+}
+
+impl RawLayer {
+    /// A well-formed layer of `tar` (end marker added).
+    pub fn of_tar(mut tar: Vec<u8>) -> Self {
+        tar.extend_from_slice(&[0u8; 1024]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        std::io::Write::write_all(&mut gz, &tar).expect("gzip");
+        Self {
+            gzip: gz.finish().expect("gzip"),
+            diff_id: format!("sha256:{}", sha256_hex(&tar)),
+        }
+    }
+}
+
+/// Put an image made of `layers` straight into `env`'s store as
+/// `reference` (`NAME:TAG`), bypassing every check a pull makes: what a
+/// hostile registry could have served, now in the store.
+pub fn put_image(env: &Env, reference: &str, layers: &[RawLayer], config: &str) -> String {
+    let blobs = env.home.join("blobs/sha256");
+    fs::create_dir_all(&blobs).expect("mkdir");
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).expect("write blob");
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| format!("\"{}\"", l.diff_id))
+        .collect();
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{config},"rootfs":{{"type":"layers","diff_ids":[{}]}}}}"#,
+        diff_ids.join(",")
+    );
+    let (config_d, config_n) = put(config.as_bytes());
+    let descs: Vec<String> = layers
+        .iter()
+        .map(|l| {
+            let (d, n) = put(&l.gzip);
+            format!(
+                r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{d}","size":{n}}}"#
+            )
+        })
+        .collect();
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_d}","size":{config_n}}},"layers":[{}]}}"#,
+        descs.join(",")
+    );
+    let (manifest_d, manifest_n) = put(manifest.as_bytes());
+    let index_path = env.home.join("index.json");
+    let mut index: serde_json::Value = fs::read(&index_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    index["manifests"]
+        .as_array_mut()
+        .expect("manifests")
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest_d,
+            "size": manifest_n,
+            "annotations": {"org.opencontainers.image.ref.name": reference},
+        }));
+    fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("index");
+    manifest_d
+}
