@@ -61,6 +61,7 @@ fn config(version: &str) -> ReleaseConfig {
         secrets: BTreeMap::new(),
         volumes: BTreeMap::new(),
         runtime: RuntimeKind::Process,
+        user: None,
         health: Default::default(),
         stop: Default::default(),
     }

@@ -50,6 +50,13 @@ pub enum AgentError {
     #[error("service {0}: runtime oci (runc) is not available yet")]
     OciUnavailable(ServiceName),
     #[error(
+        "service {0}: runtime process runs the app unconfined, which this agent does not allow (start it with `kiln serve --allow-runtime process`{hint})",
+        hint = if *.1 { "" } else { ", or install bubblewrap" }
+    )]
+    ProcessNotAllowed(ServiceName, bool),
+    #[error("service {0}: {1}")]
+    BadUser(ServiceName, kiln_core::user::UserError),
+    #[error(
         "service {service}: image {image_name}@{image} is not in the store (collected by kiln gc, or never pulled: kiln pull, or apply its spec)"
     )]
     ImageMissing {
@@ -175,8 +182,9 @@ impl Agent {
         backoff: Backoff,
         seed: u64,
         keeper: Arc<crate::keeper::Keeper>,
+        allow_process: bool,
     ) -> Result<Arc<Self>, AgentError> {
-        let shared = Shared::new(
+        let mut shared = Shared::new(
             home,
             store,
             state,
@@ -185,6 +193,7 @@ impl Agent {
             seed,
         )
         .with_keeper(keeper);
+        shared.allow_process = allow_process;
         Self::start_on(Arc::new(shared)).await
     }
 
@@ -393,10 +402,19 @@ impl Agent {
                 (RuntimeKind::Oci, _) => {
                     return Err(AgentError::OciUnavailable(d.name.clone()));
                 }
+                (RuntimeKind::Process, true) if !self.shared.allow_process => {
+                    return Err(AgentError::ProcessNotAllowed(d.name.clone(), true));
+                }
                 (kind, true) => kind,
                 (_, false) if self.bwrap => RuntimeKind::Sandbox,
-                (_, false) => RuntimeKind::Process,
+                (_, false) if self.shared.allow_process => RuntimeKind::Process,
+                (_, false) => {
+                    return Err(AgentError::ProcessNotAllowed(d.name.clone(), false));
+                }
             };
+            if let Some(user) = &d.config.user {
+                kiln_core::user::check(user).map_err(|e| AgentError::BadUser(d.name.clone(), e))?;
+            }
             self.seal_secrets(d);
             if !self.shared.store.has_blob(&d.config.image) {
                 return Err(AgentError::ImageMissing {

@@ -55,12 +55,17 @@ impl IntoResponse for AgentError {
                 | ControllerError::Unpacker(..)
                 | ControllerError::Runtime(_)
                 | ControllerError::Volume { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                ControllerError::User { .. } | ControllerError::Unreachable { .. } => {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                }
                 ControllerError::NotWaitingForPromotion(_)
                 | ControllerError::NothingToAbort { .. }
                 | ControllerError::FirstRelease { .. } => StatusCode::CONFLICT,
             },
             AgentError::NoBubblewrap(_)
             | AgentError::OciUnavailable(_)
+            | AgentError::ProcessNotAllowed(..)
+            | AgentError::BadUser(..)
             | AgentError::Unpack { .. }
             | AgentError::NoCommand(_)
             | AgentError::NoSuchCommand { .. }

@@ -108,6 +108,7 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     bound.map_err(io(sock))
 }
 
+pub use runtime::find_bwrap;
 pub use state::StateError;
 
 /// Record a change made outside the agent (a bake, a pull) in the ledger
@@ -139,6 +140,8 @@ pub struct AgentMode {
     /// The drift detector's full verification (`--verify-every`,
     /// `--verify-rate`).
     pub drift: drift::detector::Options,
+    /// Services may run as plain processes (`--allow-runtime process`).
+    pub allow_process: bool,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -239,6 +242,7 @@ pub async fn serve(
         Backoff::default(),
         seed,
         keeper.clone(),
+        mode.allow_process,
     )
     .await?;
     tokio::spawn(agent.drift_detector(mode.drift).run());

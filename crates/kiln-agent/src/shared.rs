@@ -34,6 +34,9 @@ pub struct Shared {
     pub keeper: Arc<crate::keeper::Keeper>,
     /// What the drift detector found (which instances are stale).
     pub drift: Arc<crate::drift::Board>,
+    /// Whether services may run as plain, unconfined processes
+    /// (`kiln serve --allow-runtime process`).
+    pub allow_process: bool,
     ids: AtomicU64,
     seed: u64,
 }
@@ -57,6 +60,7 @@ impl Shared {
             runtimes: Runtimes::Node,
             keeper: Arc::new(crate::keeper::Keeper::none()),
             drift: Arc::default(),
+            allow_process: false,
             ids: AtomicU64::new(0),
             seed,
         }
@@ -72,6 +76,8 @@ impl Shared {
     /// fake, in tests and the scale benchmark).
     #[cfg(test)]
     pub fn with_runtime(mut self, runtime: Arc<dyn Runtime>) -> Self {
+        // The fake runs nothing: any kind is allowed.
+        self.allow_process = true;
         self.runtimes = Runtimes::Only(runtime);
         self
     }

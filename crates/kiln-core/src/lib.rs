@@ -27,6 +27,7 @@ pub mod secret;
 pub mod service;
 pub mod spec;
 pub mod tree;
+pub mod user;
 
 pub use digest::Digest;
 pub use reference::ImageRef;

@@ -305,6 +305,7 @@ mod tests {
                 secrets: BTreeMap::new(),
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
+                user: None,
                 health: HealthSpec::default(),
                 stop: StopSpec::default(),
             },

@@ -38,6 +38,11 @@ pub struct ReleaseConfig {
     /// `$KILN_HOME/volumes/SERVICE/`: validated, so none escapes it.
     pub volumes: BTreeMap<VolumeName, VolumeSpec>,
     pub runtime: RuntimeKind,
+    /// Who the instances run as: the service's `user`, else the image's
+    /// `USER`; `None`: `nobody`. Omitted when unset, so releases made
+    /// before it existed keep their hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     pub health: HealthSpec,
     pub stop: StopSpec,
 }

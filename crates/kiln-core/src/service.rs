@@ -49,6 +49,11 @@ pub struct ServiceSpec {
     /// `sandbox` (bubblewrap), `process`, or `oci` (runc). Default: `sandbox`
     /// when bubblewrap is installed, else `process`.
     pub runtime: Option<RuntimeKind>,
+    /// Who the instances run as (`NAME|UID[:GROUP|GID]`, `root`); default:
+    /// the image's `USER`, else `nobody` (65534). Checked by
+    /// [`crate::user::check`].
+    #[serde(default)]
+    pub user: Option<String>,
     #[serde(default)]
     pub health: HealthSpec,
     #[serde(default)]

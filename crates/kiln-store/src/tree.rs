@@ -126,8 +126,12 @@ impl Store {
             .prefix("tree-")
             .tempdir_in(&tmp_root)
             .at(&tmp_root)?;
+        // Searchable by everyone (not listable): instances run as other
+        // users than the agent and must reach `rootfs`.
+        fs::set_permissions(staging.path(), fs::Permissions::from_mode(0o711)).at(staging.path())?;
         let rootfs = staging.path().join("rootfs");
         fs::create_dir(&rootfs).at(&rootfs)?;
+        fs::set_permissions(&rootfs, fs::Permissions::from_mode(0o755)).at(&rootfs)?;
         let result = (|| -> Result<TreeManifest> {
             unpack_image(
                 self,

@@ -186,6 +186,12 @@ fn body_of(port: u16) -> String {
 
 pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode> {
     let work = tempfile::Builder::new().prefix("kiln-demo-").tempdir()?;
+    // Searchable by everyone: an agent running as root runs the instances
+    // as `nobody`, who must reach the image trees in the home below.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )?;
     let given = home.is_some();
     let home = home.unwrap_or_else(|| work.path().join("home"));
     std::fs::create_dir_all(&home)?;
@@ -219,6 +225,16 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
             .arg("--home")
             .arg(&home)
             .arg("serve")
+            // Without bubblewrap the demo's instances can only be plain
+            // processes, which an agent runs only when told (the note at
+            // apply says what is not enforced then).
+            .args(
+                kiln_agent::find_bwrap()
+                    .is_none()
+                    .then_some(["--allow-runtime", "process"])
+                    .into_iter()
+                    .flatten(),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

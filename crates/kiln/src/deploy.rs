@@ -34,11 +34,17 @@ fn init_logging() {
 pub fn serve(
     home: &Path,
     metrics: Option<std::net::SocketAddr>,
-    gc: Option<kiln_agent::gc::AutoGc>,
-    api: Option<kiln_agent::ApiOptions>,
-    checkpoint_every: Duration,
-    drift: kiln_agent::drift::detector::Options,
+    mode: kiln_agent::AgentMode,
 ) -> Result<ExitCode> {
+    let kiln_agent::AgentMode {
+        gc,
+        api,
+        checkpoint_every,
+        drift,
+        allow_process,
+        ..
+    } = mode;
+    let checkpoint_every = checkpoint_every.unwrap_or(kiln_agent::ledger::EVERY);
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
     // An upgrade replaces the file: start agents from its path, not from
@@ -71,6 +77,10 @@ pub fn serve(
     );
     args.push("--verify-rate".into());
     args.push(drift.verify_rate.to_string().into());
+    if allow_process {
+        args.push("--allow-runtime".into());
+        args.push("process".into());
+    }
     if let Some(a) = api {
         args.push("--api".into());
         args.push(a.addr.to_string().into());
@@ -90,24 +100,13 @@ pub fn serve(
 pub fn agent(
     home: &Path,
     metrics: Option<std::net::SocketAddr>,
-    successor: bool,
-    gc: Option<kiln_agent::gc::AutoGc>,
-    api: Option<kiln_agent::ApiOptions>,
-    checkpoint_every: Duration,
-    drift: kiln_agent::drift::detector::Options,
+    mode: kiln_agent::AgentMode,
 ) -> Result<ExitCode> {
     init_logging();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let mode = kiln_agent::AgentMode {
-        successor,
-        gc,
-        api,
-        checkpoint_every: Some(checkpoint_every),
-        drift,
-    };
     let exit = rt
         .block_on(kiln_agent::serve(home, metrics, mode, |sock: &Path| {
             eprintln!("kiln agent ready on {}", sock.display())
@@ -369,6 +368,20 @@ fn resolve_service(
             // The agent decides when the spec does not say (it knows whether
             // bubblewrap is installed on its node).
             runtime: svc.runtime.unwrap_or(RuntimeKind::Sandbox),
+            // The agent resolves it against the image's /etc/passwd.
+            user: match svc
+                .user
+                .clone()
+                .or(image.user.clone())
+                .filter(|u| !u.is_empty())
+            {
+                Some(u) => {
+                    kiln_core::user::check(&u)
+                        .map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+                    Some(u)
+                }
+                None => None,
+            },
             health: svc.health.clone(),
             stop: svc.stop.clone(),
         },

@@ -395,6 +395,11 @@ pub enum Command {
         /// 0: as fast as the disk goes), so it never starves the instances
         #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = kiln_core::spec::parse_size)]
         verify_rate: u64,
+        /// Let services use a runtime that is off by default: `process`
+        /// runs the app as a plain, unconfined process (no read-only root,
+        /// no namespaces, no seccomp)
+        #[arg(long, value_name = "RUNTIME", value_parser = ["process"])]
+        allow_runtime: Vec<String>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -750,9 +755,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             checkpoint_every,
             verify_every,
             verify_rate,
+            allow_runtime,
             run_agent,
             successor,
         } => {
+            let allow_process = allow_runtime.iter().any(|r| r == "process");
             let drift = kiln_agent::drift::detector::Options {
                 verify_every,
                 verify_rate,
@@ -768,20 +775,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 keep_releases,
                 grace: gc_grace,
             });
+            let mode = kiln_agent::AgentMode {
+                successor,
+                gc,
+                api,
+                checkpoint_every: Some(checkpoint_every),
+                drift,
+                allow_process,
+            };
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
-                (false, true) => deploy::agent(
-                    &home()?,
-                    metrics,
-                    successor,
-                    gc,
-                    api,
-                    checkpoint_every,
-                    drift,
-                ),
-                (false, false) => {
-                    deploy::serve(&home()?, metrics, gc, api, checkpoint_every, drift)
-                }
+                (false, true) => deploy::agent(&home()?, metrics, mode),
+                (false, false) => deploy::serve(&home()?, metrics, mode),
             }
         }
         Command::Gc {

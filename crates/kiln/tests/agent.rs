@@ -39,6 +39,12 @@ fn instances(s: &Value) -> Vec<Value> {
     s["instances"].as_array().cloned().unwrap_or_default()
 }
 
+/// Every service the agent knows, from `kiln status --json`.
+fn service_status_all(env: &Env) -> Vec<Value> {
+    let v: Value = serde_json::from_str(&env.ok(&["status", "--json"])).unwrap();
+    v["services"].as_array().cloned().unwrap_or_default()
+}
+
 fn converged(env: &Env, name: &str, revision: u64) -> bool {
     let s = service_status(env, name);
     s["converged"] == true && s["revision"] == revision
@@ -488,14 +494,21 @@ fn bad_specs_and_missing_things_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback() {
+fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback_only_if_allowed() {
     let env = Env::new();
     // A PATH without bwrap.
     let bin = env.path("bin-without-bwrap");
     fs::create_dir_all(&bin).unwrap();
-    let _agent = Agent::start_with(&env, |c| {
-        c.env("PATH", &bin);
-    });
+    let start = |allow: bool| {
+        let bin = bin.clone();
+        Agent::start_with(&env, move |c| {
+            c.env("PATH", &bin);
+            if allow {
+                c.args(["--allow-runtime", "process"]);
+            }
+        })
+    };
+    let mut agent = start(false);
     let spec = hello_app(
         &env.path("app"),
         &(WEB
@@ -515,6 +528,28 @@ fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback
     let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
     assert!(err.contains("runtime sandbox needs bubblewrap"), "{err}");
 
+    // No sandbox and no permission for plain processes: refused by the
+    // agent, whether the spec asks for `process` or says nothing.
+    write(
+        &spec,
+        text.replace("runtime = \"sandbox\"\n", "").as_bytes(),
+    );
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(
+        err.contains("runtime process runs the app unconfined")
+            && err.contains("--allow-runtime process")
+            && err.contains("install bubblewrap"),
+        "{err}"
+    );
+    let process = text.replace("runtime = \"sandbox\"", "runtime = \"process\"");
+    write(&spec, process.as_bytes());
+    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("--allow-runtime process"), "{err}");
+    assert!(service_status_all(&env).is_empty(), "nothing was applied");
+    agent.stop();
+
+    // Allowed: the fallback.
+    let _agent = start(true);
     write(
         &spec,
         text.replace("runtime = \"sandbox\"\n", "").as_bytes(),
@@ -524,6 +559,27 @@ fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback
     let i = &instances(&s)[0];
     assert_eq!(i["runtime"], "process");
     assert_eq!(i["read_only_root"], false);
+    // Never as the agent's user: as root, the agent runs it as nobody.
+    let pid = i["pid"].as_u64().unwrap();
+    let uid = fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Uid:")
+                .map(|u| u.split_whitespace().next().unwrap().to_owned())
+        })
+        .unwrap();
+    let me = String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    if me.trim() == "0" {
+        assert_eq!(uid, "65534");
+    }
     let status = env.ok(&["status"]);
     assert!(status.contains("not enforced"), "{status}");
 }

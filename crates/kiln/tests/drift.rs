@@ -258,7 +258,7 @@ fn an_instance_whose_environment_changes_in_memory_is_replaced() {
 fn config_drift_on(runtime: &str) {
     let env = Env::new();
     let _agent = Agent::start_with(&env, |c| {
-        c.args(["--verify-every", "1h"]);
+        c.args(["--verify-every", "1h", "--allow-runtime", "process"]);
     });
     let port = free_port();
     let spec = spec_on(&env, port, 1, runtime);

@@ -24,6 +24,9 @@ pub(super) struct Prepared {
     pub release: Release,
     pub rootfs: PathBuf,
     pub runtime: Arc<dyn Runtime>,
+    /// Who its instances run as (`None`: the agent is not root and cannot
+    /// choose).
+    pub user: Option<kiln_core::user::Identity>,
 }
 
 pub(super) struct Inst {
@@ -236,10 +239,29 @@ impl Controller {
             std::fs::create_dir_all(&path)
                 .map_err(|source| ControllerError::Volume { path, source })?;
         }
+        let user = if rustix::process::geteuid().is_root() {
+            let id = identity(release.config.user.as_deref(), &tree.rootfs).map_err(|source| {
+                ControllerError::User {
+                    service: self.name.clone(),
+                    source,
+                }
+            })?;
+            if let Some(dir) = unsearchable_above(&tree.rootfs, id) {
+                return Err(ControllerError::Unreachable {
+                    service: self.name.clone(),
+                    user: id,
+                    dir,
+                });
+            }
+            Some(id)
+        } else {
+            None
+        };
         let p = Arc::new(Prepared {
             release,
             rootfs: tree.rootfs,
             runtime: rt,
+            user,
         });
         self.prepared.insert(revision, p.clone());
         Ok(p)
@@ -347,6 +369,7 @@ impl Controller {
                     (name.to_string(), dir, v.path.to_string())
                 })
                 .collect(),
+            user: p.user,
         };
         let log_path = self
             .shared
@@ -544,4 +567,40 @@ fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+/// Resolve a release's `user` against the image's `/etc/passwd` and
+/// `/etc/group`, then the host's.
+fn identity(
+    user: Option<&str>,
+    rootfs: &std::path::Path,
+) -> Result<kiln_core::user::Identity, kiln_core::user::UserError> {
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+    let passwd = [read(rootfs.join("etc/passwd")), read("/etc/passwd".into())];
+    let group = [read(rootfs.join("etc/group")), read("/etc/group".into())];
+    kiln_core::user::resolve(
+        user,
+        &[passwd[0].as_str(), passwd[1].as_str()],
+        &[group[0].as_str(), group[1].as_str()],
+    )
+}
+
+/// The first directory above `path` that `id` cannot search (its runtime,
+/// started as `id`, could not reach the tree), if any.
+fn unsearchable_above(path: &std::path::Path, id: kiln_core::user::Identity) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if id.is_root() {
+        return None;
+    }
+    path.ancestors().skip(1).find_map(|dir| {
+        let m = std::fs::metadata(dir).ok()?;
+        let bit = if m.uid() == id.uid {
+            0o100
+        } else if m.gid() == id.gid {
+            0o010
+        } else {
+            0o001
+        };
+        (m.mode() & bit == 0).then(|| dir.to_path_buf())
+    })
 }

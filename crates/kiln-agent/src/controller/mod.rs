@@ -78,6 +78,20 @@ pub enum ControllerError {
     NoService(ServiceName),
     #[error("release {revision} of {service} is not recorded")]
     NoRelease { service: ServiceName, revision: u64 },
+    #[error("service {service}: {source}")]
+    User {
+        service: ServiceName,
+        source: kiln_core::user::UserError,
+    },
+    #[error(
+        "service {service}: its instances run as {user} and cannot reach their image tree: {dir} is not searchable by them (chmod o+x {dir}, or keep KILN_HOME where every user may pass, as /var/lib/kiln)",
+        dir = .dir.display()
+    )]
+    Unreachable {
+        service: ServiceName,
+        user: kiln_core::user::Identity,
+        dir: PathBuf,
+    },
     #[error("cannot materialize {image}: {source}")]
     Materialize {
         image: kiln_core::Digest,

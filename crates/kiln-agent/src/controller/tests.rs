@@ -100,6 +100,7 @@ impl Harness {
                 secrets: BTreeMap::new(),
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
+                user: None,
                 health: Default::default(),
                 stop: StopSpec {
                     drain_timeout: service::Duration::from_millis(0),

@@ -229,6 +229,7 @@ mod tests {
                 .collect(),
             workdir: "/".to_owned(),
             volumes: Vec::new(),
+            user: None,
         }
     }
 

@@ -8,6 +8,7 @@
 pub mod fake;
 mod process;
 mod sandbox;
+pub mod seccomp;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -50,6 +51,9 @@ pub struct Launch {
     pub workdir: String,
     /// (host directory, mount path inside the instance)
     pub volumes: Vec<(String, PathBuf, String)>,
+    /// Who it runs as, when the agent can choose (it runs as root);
+    /// `None`: as the agent's own user, inside the runtime's confinement.
+    pub user: Option<kiln_core::user::Identity>,
 }
 
 /// A future the runtime's instances hand out (the trait stays usable as
@@ -133,6 +137,11 @@ pub(crate) trait HostRuntime: Send + Sync {
     const LAUNCHER: bool;
     /// The command that runs `argv` as the instance.
     fn command(&self, launch: &Launch, argv: &[String]) -> Command;
+    /// What a start needs besides its command (descriptors to pass,
+    /// volumes to hand over), done once per start.
+    fn before_spawn(&self, _launch: &Launch, _cmd: &mut Command) -> Result<(), RuntimeError> {
+        Ok(())
+    }
     /// The command that runs `argv` inside the running instance whose
     /// outer process is `pid` (an exec probe).
     fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError>;
@@ -151,7 +160,8 @@ impl<T: HostRuntime> Runtime for T {
     }
 
     fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
-        let cmd = HostRuntime::command(self, launch, &launch.argv);
+        let mut cmd = HostRuntime::command(self, launch, &launch.argv);
+        self.before_spawn(launch, &mut cmd)?;
         Ok(Box::new(HostProcess::spawn(cmd, T::app)?))
     }
 
@@ -398,6 +408,32 @@ pub(crate) fn kill_group(pid: u32) {
     if let Some(p) = Pid::from_raw(pid as i32) {
         let _ = kill_process_group(p, Signal::KILL);
         let _ = kill_process(p, Signal::KILL);
+    }
+}
+
+/// Hand `fd` to the child as descriptor `target` (not close-on-exec
+/// there); the parent's copy is closed once the child has started.
+pub(crate) fn pass_fd(cmd: &mut Command, fd: OwnedFd, target: i32) {
+    use std::os::fd::AsRawFd;
+    let raw = fd.as_raw_fd();
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes system calls that are async-signal-safe (dup2, fcntl); it
+    // allocates nothing and touches no lock. `fd` is moved into the
+    // closure, so `raw` stays open until the command is dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &fd;
+            if raw == target {
+                let flags = libc::fcntl(raw, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(raw, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 

@@ -30,6 +30,11 @@ impl Process {
             );
         }
         c.current_dir(l.rootfs.join(l.workdir.trim_start_matches('/')));
+        // Never as the agent's user when the agent can choose: as root it
+        // would own the home (and write `state.db`).
+        if let Some(id) = l.user.filter(|id| !id.is_root()) {
+            c.uid(id.uid).gid(id.gid);
+        }
         c.process_group(0);
         c
     }

@@ -1,12 +1,18 @@
 //! `sandbox`: bubblewrap. The instance's root is the image's tree bound
-//! read-only (writes fail with EROFS, enforced by the kernel), with host
-//! `/usr` and loader paths the image does not have, a private `/tmp`,
-//! declared volumes read-write, new pid and ipc namespaces, a new session
-//! (so the app cannot inject keystrokes into the agent's terminal with
-//! TIOCSTI). It outlives the agent process (a successor adopts it);
-//! stopping kiln stops it.
+//! read-only (writes fail with EROFS, enforced by the kernel; bubblewrap's
+//! binds are `nosuid,nodev`), with host `/usr` and loader paths the image
+//! does not have, a private `/tmp`, declared volumes read-write, new user,
+//! pid and ipc namespaces, a new session (so the app cannot inject
+//! keystrokes into the agent's terminal with TIOCSTI). The app has no
+//! capabilities, `no_new_privs`, cannot make user namespaces of its own,
+//! and runs under [`seccomp`](super::seccomp)'s filter. An agent running as
+//! root starts bubblewrap as the instance's user (default `nobody`), so the
+//! app is that user on the host too; `user = "root"` keeps uid 0 inside a
+//! user namespace, still without capabilities. It outlives the agent
+//! process (a successor adopts it); stopping kiln stops it.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use kiln_core::service::RuntimeKind;
@@ -41,6 +47,13 @@ impl Sandbox {
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         let mut c = Command::new(&self.bwrap);
         c.args(self.args(launch)).args(argv);
+        // An agent running as root starts bubblewrap as the instance's
+        // user: unprivileged, it makes a user namespace mapping only that
+        // user, and the app has no capability anywhere. (std drops the
+        // supplementary groups when root sets a uid.)
+        if let Some(id) = launch.user.filter(|id| !id.is_root()) {
+            c.uid(id.uid).gid(id.gid);
+        }
         // The instance's environment is bwrap's own, which it passes on:
         // never `--setenv` arguments, which any local user reads in `ps`
         // (`/proc/PID/environ` is readable only by the same user and root).
@@ -64,6 +77,12 @@ impl Sandbox {
         let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
         if ns(&target.to_string()) != ns("self") {
             c.args(["--user", "--preserve-credentials"]);
+            // The probe runs as the instance's user: setuid from root drops
+            // every capability the joined namespace gave.
+            if let Some(id) = launch.user.filter(|id| !id.is_root()) {
+                c.arg(format!("--setgid={}", id.gid))
+                    .arg(format!("--setuid={}", id.uid));
+            }
         }
         c.arg("--").args(argv);
         c.env_clear().envs(&launch.env).process_group(0);
@@ -77,7 +96,15 @@ impl Sandbox {
                 a.push(i.as_ref().to_owned());
             }
         };
+        // A user namespace always (an unprivileged bubblewrap makes one
+        // anyway), and none inside it: the app cannot gain capabilities in
+        // a namespace of its own.
+        push(&[&"--unshare-user", &"--disable-userns"]);
+        if l.user.is_some_and(|id| id.is_root()) {
+            push(&[&"--uid", &"0", &"--gid", &"0", &"--cap-drop", &"ALL"]);
+        }
         push(&[&"--unshare-pid", &"--unshare-ipc", &"--new-session"]);
+        push(&[&"--seccomp", &SECCOMP_FD.to_string()]);
         let mut image_top = Vec::new();
         if let Ok(rd) = std::fs::read_dir(&l.rootfs) {
             let mut entries: Vec<_> = rd.flatten().collect();
@@ -125,6 +152,9 @@ impl Sandbox {
     }
 }
 
+/// The descriptor bubblewrap reads the seccomp filter from.
+const SECCOMP_FD: i32 = 3;
+
 impl HostRuntime for Sandbox {
     const KIND: RuntimeKind = RuntimeKind::Sandbox;
     const READ_ONLY: bool = true;
@@ -132,6 +162,27 @@ impl HostRuntime for Sandbox {
 
     fn command(&self, launch: &Launch, argv: &[String]) -> Command {
         Sandbox::command(self, launch, argv)
+    }
+
+    fn before_spawn(&self, launch: &Launch, cmd: &mut Command) -> Result<(), RuntimeError> {
+        // Volumes belong to the instance's user, which must write them.
+        if let Some(id) = launch.user {
+            for (_, host, _) in &launch.volumes {
+                std::os::unix::fs::chown(host, Some(id.uid), Some(id.gid))
+                    .map_err(RuntimeError::Spawn)?;
+            }
+        }
+        // The filter goes through a pipe of its own for each start (bwrap
+        // reads it to the end).
+        let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+            .map_err(|e| RuntimeError::Spawn(e.into()))?;
+        let program =
+            super::seccomp::program().map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
+        std::fs::File::from(write)
+            .write_all(&program)
+            .map_err(RuntimeError::Spawn)?;
+        super::pass_fd(cmd, read, SECCOMP_FD);
+        Ok(())
     }
 
     fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {

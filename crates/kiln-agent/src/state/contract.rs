@@ -25,6 +25,7 @@ pub(super) fn release(rev: u64) -> Release {
         secrets: Default::default(),
         volumes: Default::default(),
         runtime: RuntimeKind::Process,
+        user: None,
         health: HealthSpec::default(),
         stop: StopSpec::default(),
     };

@@ -15,6 +15,10 @@ pub struct Env {
 impl Env {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Searchable by everyone, as a real home's parents are: an agent
+        // running as root runs instances as `nobody`, who must reach the
+        // trees below.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o711)).expect("chmod");
         let home = dir.path().join("home");
         Self { dir, home }
     }
@@ -167,6 +171,15 @@ pub fn succeed(cmd: &mut Command) -> Vec<u8> {
     out.stdout
 }
 
+/// Fail (never skip) when a tool the test needs is missing: CI installs
+/// every one, so a skip would hide a broken install.
+pub fn require(tool: &str) {
+    assert!(
+        have(tool),
+        "{tool} is not installed (scripts/test installs what the tests need)"
+    );
+}
+
 pub fn have(tool: &str) -> bool {
     Command::new("sh")
         .args(["-c", &format!("command -v {tool}")])
@@ -293,12 +306,38 @@ pub fn hello_app(root: &Path, spec: &str) -> PathBuf {
           if [ -n \"$TRY_ROOT_WRITE\" ]; then\n\
             if echo x > ./bin/written-by-instance 2>/tmp/err; then echo ROOT-WRITABLE; else echo \"root write refused: $(cat /tmp/err)\"; fi\n\
           fi\n\
+          if [ -n \"$SANDBOX_REPORT\" ]; then . ./bin/report.sh; fi\n\
           if [ -d /data ]; then echo \"$KILN_INSTANCE\" >> /data/instances; fi\n\
           # An ignored signal stays ignored across exec.\n\
           if [ -n \"$IGNORE_TERM\" ]; then trap '' TERM; fi\n\
           exec ./bin/hello\n",
     );
     chmod(&root.join("bin/start.sh"), 0o755);
+    // What the instance may do, tried from inside (tests/sandbox.rs): each
+    // line `report NAME=VALUE`.
+    write(
+        &root.join("bin/report.sh"),
+        br#"r() { echo "report $1"; }
+try() { name=$1; shift; if "$@" >/dev/null 2>&1; then r "$name=ok"; else r "$name=refused"; fi; }
+r "uid=$(id -u)"
+r "gid=$(id -g)"
+r "groups=$(id -G)"
+while read -r k v; do case "$k" in CapEff:|CapPrm:|CapInh:|CapAmb:|NoNewPrivs:|Seccomp:) r "${k%:}=$v";; esac; done < /proc/self/status
+try remount mount -o remount,rw,bind /bin/start.sh
+try write sh -c 'echo x >> ./bin/start.sh'
+try userns unshare -U true
+try netns unshare -n true
+try ptrace perl -e "exit(syscall($PTRACE_NR, 16, 1, 0, 0) == -1 ? 1 : 0)"
+try state cat "$AGENT_STATE"
+try other-volume ls "$OTHER_VOLUME"
+try chmod-tree chmod 777 ./bin/start.sh
+try devnode mknod ./tmp-node c 1 3
+while read -r id parent majmin root mnt opts rest; do
+  if [ "$mnt" = /bin ]; then r "bin-mount=$opts"; fi
+done < /proc/self/mountinfo
+r "done=yes"
+"#,
+    );
     let path = root.join("kiln.toml");
     write(&path, spec.as_bytes());
     path

@@ -1,0 +1,270 @@
+//! The sandbox against its own instance, black-box: an app that tries,
+//! from inside, what a compromised one would (remount its root writable,
+//! write its tree, make namespaces, trace a process, read the agent's state
+//! or another service's volume), under an agent running as this test does
+//! (root in CI, as `dist/kiln.service` runs it). Every attempt fails and
+//! the app still serves. The same for an exec probe, which runs as the
+//! instance's user.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use util::*;
+
+fn ptrace_nr() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "117",
+        _ => "101",
+    }
+}
+
+fn spec(env: &Env, port: u16, user: &str) -> std::path::PathBuf {
+    let state = env.home.join("state.db");
+    let other = env.home.join("volumes/other/data");
+    hello_app(
+        &env.path("app"),
+        &format!(
+            r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+listen = "127.0.0.1:{port}"
+{user}
+volumes = {{ data = "/data" }}
+env = {{ SANDBOX_REPORT = "1", PTRACE_NR = "{nr}", AGENT_STATE = "{state}", OTHER_VOLUME = "{other}" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+
+[services.other]
+image = "app"
+volumes = {{ data = "/data" }}
+"#,
+            nr = ptrace_nr(),
+            state = state.display(),
+            other = other.display(),
+        ),
+    )
+}
+
+/// The `report NAME=VALUE` lines the instance printed.
+fn report(env: &Env) -> BTreeMap<String, String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = env.ok(&["logs", "web"]);
+        let out: BTreeMap<String, String> = logs
+            .lines()
+            .filter_map(|l| l.split_once("report ").map(|(_, r)| r))
+            .filter_map(|r| r.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
+            .collect();
+        if out.contains_key("done") {
+            return out;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no report from the instance; logs:\n{logs}\nstatus:\n{}",
+            env.ok(&["status"])
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn assert_confined(r: &BTreeMap<String, String>, uid: &str) {
+    assert_eq!(r["uid"], uid, "{r:?}");
+    for cap in ["CapEff", "CapPrm", "CapInh", "CapAmb"] {
+        assert_eq!(r[cap], "0000000000000000", "{cap}: {r:?}");
+    }
+    assert_eq!(r["NoNewPrivs"], "1", "{r:?}");
+    assert_eq!(r["Seccomp"], "2", "filter mode: {r:?}");
+    for attempt in [
+        "remount",
+        "write",
+        "userns",
+        "netns",
+        "ptrace",
+        "state",
+        "other-volume",
+        "chmod-tree",
+        "devnode",
+    ] {
+        assert_eq!(r[attempt], "refused", "{attempt}: {r:?}");
+    }
+    let opts = &r["bin-mount"];
+    for o in ["ro", "nosuid", "nodev"] {
+        assert!(opts.split(',').any(|x| x == o), "{o} in {opts}");
+    }
+}
+
+#[test]
+fn a_sandboxed_instance_cannot_remount_write_trace_or_reach_the_agent() {
+    require("bwrap");
+    require("perl");
+    let env = Env::new();
+    let port = free_port();
+    let spec = spec(&env, port, "");
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let r = report(&env);
+    let root = rustix_is_root();
+    // As root, the agent runs instances as nobody; otherwise they are the
+    // agent's own user, in a user namespace of their own.
+    let expected_uid = if root {
+        "65534".to_owned()
+    } else {
+        String::from_utf8(
+            std::process::Command::new("id")
+                .arg("-u")
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap()
+        .trim()
+        .to_owned()
+    };
+    assert_confined(&r, &expected_uid);
+    // It still serves, and its volume is its own to write.
+    assert!(http_get(port.into(), "/").is_some_and(|b| b.contains("hello")));
+    let data = std::fs::read_to_string(env.home.join("volumes/web/data/instances")).unwrap();
+    assert!(data.contains("web-r1-"), "{data}");
+    // The tree is unchanged.
+    let out = env.run(&["verify", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn root_asked_for_is_root_without_capabilities() {
+    require("bwrap");
+    require("perl");
+    if !rustix_is_root() {
+        return; // only an agent running as root can be asked for root
+    }
+    let env = Env::new();
+    let port = free_port();
+    let spec = spec(&env, port, "user = \"root\"");
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let r = report(&env);
+    assert_confined(&r, "0");
+    assert!(http_get(port.into(), "/").is_some());
+}
+
+#[test]
+fn a_named_user_of_the_image_or_host_is_used_and_an_unknown_one_refused() {
+    require("bwrap");
+    if !rustix_is_root() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    // `daemon` (uid 1) is in every Debian /etc/passwd.
+    let daemon = spec(&env, port, "user = \"daemon\"");
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", daemon.to_str().unwrap()]);
+    let r = report(&env);
+    assert_eq!(r["uid"], "1", "{r:?}");
+    assert_eq!(r["gid"], "1", "{r:?}");
+
+    let bad = spec(&env, port, "user = \"no-such-user\"");
+    env.ok(&["apply", "--detach", "-f", bad.to_str().unwrap()]);
+    wait_for("the refusal in status", Duration::from_secs(20), || {
+        env.ok(&["status"])
+            .contains("user `no-such-user` is in neither")
+    });
+}
+
+#[test]
+fn an_exec_probe_runs_as_the_instances_user_without_capabilities() {
+    require("bwrap");
+    require("nsenter");
+    if !rustix_is_root() {
+        return;
+    }
+    let env = Env::new();
+    let port = free_port();
+    let spec = hello_app(
+        &env.path("app"),
+        &format!(
+            r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+listen = "127.0.0.1:{port}"
+[services.web.health.readiness]
+exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
+interval = "200ms"
+"#
+        ),
+    );
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let pid = service_status(&env, "web")["instances"][0]["pid"]
+        .as_u64()
+        .unwrap();
+    // The probe's files are in the instance's private /tmp: read them
+    // through an instance-side exec of the same kind.
+    let app = std::fs::read_dir(format!("/proc/{pid}/task/{pid}"))
+        .map(|_| pid)
+        .unwrap();
+    let read = |f: &str| {
+        let out = std::process::Command::new("nsenter")
+            .args([
+                &format!("--target={}", app_of(app)),
+                "--mount",
+                "--",
+                "cat",
+                f,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert_eq!(read("/tmp/probe-uid"), "65534");
+    assert_eq!(read("/tmp/probe-caps"), "CapEff:\t0000000000000000");
+    assert_eq!(
+        read("/tmp/probe-remount"),
+        "",
+        "the probe remounted the tree"
+    );
+}
+
+/// The app under a sandbox's outer bwrap and its reaper.
+fn app_of(outer: u64) -> u64 {
+    let kids = |p: u64| -> Vec<u64> {
+        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    };
+    let reaper = kids(outer)[0];
+    kids(reaper)[0]
+}
+
+fn rustix_is_root() -> bool {
+    String::from_utf8(
+        std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+        == "0"
+}
