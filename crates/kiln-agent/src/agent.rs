@@ -57,6 +57,28 @@ pub enum AgentError {
     #[error("service {0}: {1}")]
     BadUser(ServiceName, kiln_core::user::UserError),
     #[error(
+        "service {service}: image {image_name}@{image} is refused by this agent's trust policy ({policy}): {why}",
+        image = .image.short(), policy = .policy.display()
+    )]
+    Untrusted {
+        service: ServiceName,
+        image_name: String,
+        image: kiln_core::Digest,
+        policy: std::path::PathBuf,
+        why: String,
+    },
+    #[error(
+        "service {service}: image name `{image_name}` does not name {image} in this agent's store",
+        image = .image.short()
+    )]
+    ImageNameMismatch {
+        service: ServiceName,
+        image_name: String,
+        image: kiln_core::Digest,
+    },
+    #[error("the signatures of {0} cannot be read: {1}")]
+    Signatures(kiln_core::Digest, String),
+    #[error(
         "service {service}: image {image_name}@{image} is not in the store (collected by kiln gc, or never pulled: kiln pull, or apply its spec)"
     )]
     ImageMissing {
@@ -162,6 +184,62 @@ pub struct Agent {
     secret_key: [u8; 32],
 }
 
+/// What this agent allows, from its command line: plain processes
+/// (`--allow-runtime process`) and which images (`--trust FILE`).
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    pub allow_process: bool,
+    pub trust: Option<crate::trust::TrustPolicy>,
+    /// Where the agent's ledger verifications report (made before the
+    /// agent, which verifies its ledger before anything else).
+    pub ledger: Arc<crate::ledger::Health>,
+}
+
+/// Record the trust policy in the ledger when it differs from the last one
+/// recorded (a first policy, a changed file, or none any more).
+fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
+    let now = match &shared.trust {
+        Some(p) => Change::TrustPolicy {
+            file: p.file.display().to_string(),
+            require_signed: p.require_signed,
+            allowed_signers: p.allowed.clone(),
+        },
+        None => Change::TrustPolicy {
+            file: "none".to_owned(),
+            require_signed: false,
+            allowed_signers: Vec::new(),
+        },
+    };
+    let last = shared
+        .state
+        .events_of(&["trust-policy"])?
+        .pop()
+        .map(|e| e.change);
+    // An agent that never had a policy records nothing until it has one.
+    let unchanged = match &last {
+        Some(last) => last == &now,
+        None => shared.trust.is_none(),
+    };
+    if !unchanged {
+        if let Some(p) = &shared.trust {
+            tracing::info!(
+                "trust policy {}: {} allowed signer(s), signatures {}",
+                p.file.display(),
+                p.allowed.len(),
+                if p.require_signed {
+                    "required"
+                } else {
+                    "recorded"
+                }
+            );
+        }
+        shared
+            .state
+            .append_event(&NewEvent::node(now, Actor::Agent))?;
+    }
+    Ok(())
+}
+
 /// 32 bytes from the kernel's random source.
 fn random_key() -> Result<[u8; 32], AgentError> {
     use std::io::Read;
@@ -182,7 +260,7 @@ impl Agent {
         backoff: Backoff,
         seed: u64,
         keeper: Arc<crate::keeper::Keeper>,
-        allow_process: bool,
+        policy: Policy,
     ) -> Result<Arc<Self>, AgentError> {
         let mut shared = Shared::new(
             home,
@@ -193,7 +271,10 @@ impl Agent {
             seed,
         )
         .with_keeper(keeper);
-        shared.allow_process = allow_process;
+        shared.allow_process = policy.allow_process;
+        shared.trust = policy.trust;
+        shared.ledger = policy.ledger;
+        record_trust_policy(&shared)?;
         Self::start_on(Arc::new(shared)).await
     }
 
@@ -423,6 +504,21 @@ impl Agent {
                     image: d.config.image.clone(),
                 });
             }
+            if !crate::trust::names_digest(
+                &self.shared.store,
+                &d.config.image_name,
+                &d.config.image,
+            ) {
+                return Err(AgentError::ImageNameMismatch {
+                    service: d.name.clone(),
+                    image_name: d.config.image_name.clone(),
+                    image: d.config.image.clone(),
+                });
+            }
+            // The signers recorded are the ones this agent verified, never
+            // the ones the client claims.
+            d.signed_by =
+                self.trusted(&d.name, &d.config.image_name, &d.config.image, &d.signed_by)?;
         }
         let mut current = BTreeMap::new();
         for rec in self.shared.state.services()? {
@@ -738,6 +834,10 @@ impl Agent {
                 image: source.config.image.clone(),
             });
         }
+        // The policy in force now decides, not the one the release was
+        // made under: an unsigned old release cannot come back once
+        // signatures are required.
+        self.trusted(name, &source.config.image_name, &source.config.image, &[])?;
         let revision = latest + 1;
         let release = Release::pending(
             name.clone(),
@@ -773,6 +873,30 @@ impl Agent {
             from: current,
             to: source.revision,
         })
+    }
+
+    /// The signers of `image` this agent verified, or its refusal under
+    /// the trust policy.
+    fn trusted(
+        &self,
+        service: &ServiceName,
+        image_name: &str,
+        image: &kiln_core::Digest,
+        claimed: &[String],
+    ) -> Result<Vec<String>, AgentError> {
+        let policy = self.shared.trust.as_ref();
+        match crate::trust::decide(&self.shared.store, policy, image, claimed)
+            .map_err(|e| AgentError::Signatures(image.clone(), e.to_string()))?
+        {
+            crate::trust::Verdict::Allowed(signers) => Ok(signers),
+            crate::trust::Verdict::Refused(why) => Err(AgentError::Untrusted {
+                service: service.clone(),
+                image_name: image_name.to_owned(),
+                image: image.clone(),
+                policy: policy.map(|p| p.file.clone()).unwrap_or_default(),
+                why,
+            }),
+        }
     }
 
     /// `kiln promote`: switch a blue-green rollout that waits for it.
@@ -864,6 +988,7 @@ impl Agent {
     pub fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
         self.shared.router.metrics.render(out);
         self.shared.drift.render(out);
+        self.shared.ledger.render(out);
         let status = self.status()?;
         let services = &status.services;
         gauge(

@@ -66,6 +66,8 @@ impl IntoResponse for AgentError {
             | AgentError::OciUnavailable(_)
             | AgentError::ProcessNotAllowed(..)
             | AgentError::BadUser(..)
+            | AgentError::Untrusted { .. }
+            | AgentError::ImageNameMismatch { .. }
             | AgentError::Unpack { .. }
             | AgentError::NoCommand(_)
             | AgentError::NoSuchCommand { .. }
@@ -76,7 +78,9 @@ impl IntoResponse for AgentError {
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
             AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AgentError::Collect(_) | AgentError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Collect(_) | AgentError::Task(_) | AgentError::Signatures(..) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             AgentError::NoToken(_) => StatusCode::NOT_FOUND,
             AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

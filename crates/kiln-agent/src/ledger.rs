@@ -13,10 +13,76 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::digest::hex;
+use kiln_core::event::{Actor, Change};
 use kiln_core::ledger::{Checkpoint, checkpoint_message};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 
-use crate::state::{StateError, StateStore};
+use crate::state::{NewEvent, StateError, StateStore};
+
+/// What the agent's own verifications of its ledger found (`/metrics`).
+#[derive(Debug, Default)]
+pub struct Health {
+    /// 1 once a verification found a break (until the agent restarts on a
+    /// whole ledger).
+    pub broken: std::sync::atomic::AtomicBool,
+    pub verifications: std::sync::atomic::AtomicU64,
+}
+
+impl Health {
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        use std::sync::atomic::Ordering;
+        let _ = writeln!(
+            out,
+            "# HELP kiln_ledger_broken 1 when the agent found its ledger broken (kiln audit says where).\n# TYPE kiln_ledger_broken gauge\nkiln_ledger_broken {}",
+            u8::from(self.broken.load(Ordering::Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP kiln_ledger_verifications_total Full verifications of the ledger by the agent.\n# TYPE kiln_ledger_verifications_total counter\nkiln_ledger_verifications_total {}",
+            self.verifications.load(Ordering::Relaxed)
+        );
+    }
+}
+
+/// Verify the whole ledger against this node's key (the chain and every
+/// checkpoint; an unsigned end is not a break here: an agent that was
+/// killed left one, which it signs now). A break is logged, counted and
+/// recorded as a `ledger-broken` entry — once per distinct break — and the
+/// agent goes on serving: traffic must not depend on the audit trail.
+pub fn verify_own(
+    key: &NodeKey,
+    state: &dyn StateStore,
+    health: &Health,
+) -> Result<(), StateError> {
+    use std::sync::atomic::Ordering;
+    let entries = state.ledger(0)?;
+    let checkpoints = state.checkpoints()?;
+    health.verifications.fetch_add(1, Ordering::Relaxed);
+    let Err(bad) =
+        kiln_core::ledger::verify(&entries, &checkpoints, key.pair.public_key().as_ref())
+    else {
+        return Ok(());
+    };
+    health.broken.store(true, Ordering::Relaxed);
+    tracing::error!("the ledger is broken: {bad}; kiln goes on serving (kiln audit shows where)");
+    let change = Change::LedgerBroken {
+        seq: bad.seq,
+        reason: bad.reason.clone(),
+    };
+    let detail = change.detail();
+    let known = entries.iter().any(|e| {
+        e.kind == kiln_core::ledger::BROKEN
+            && serde_json::from_str::<serde_json::Value>(&e.detail)
+                .ok()
+                .as_ref()
+                == Some(&detail)
+    });
+    if !known {
+        state.append_event(&NewEvent::node(change, Actor::Agent))?;
+    }
+    Ok(())
+}
 
 /// Sign at least this often while entries are added.
 pub const EVERY: Duration = Duration::from_secs(10);

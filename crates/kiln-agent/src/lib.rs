@@ -23,6 +23,7 @@ pub(crate) mod runtime;
 mod shared;
 pub(crate) mod state;
 pub mod supervisor;
+pub mod trust;
 pub(crate) mod ui;
 
 use std::fs::File;
@@ -59,6 +60,8 @@ pub enum ServeError {
     Remote(#[from] remote::RemoteError),
     #[error(transparent)]
     Key(#[from] ledger::KeyError),
+    #[error(transparent)]
+    Trust(#[from] trust::TrustError),
 }
 
 /// How the agent ended.
@@ -142,6 +145,8 @@ pub struct AgentMode {
     pub drift: drift::detector::Options,
     /// Services may run as plain processes (`--allow-runtime process`).
     pub allow_process: bool,
+    /// The trust policy file (`--trust FILE`).
+    pub trust: Option<std::path::PathBuf>,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -212,10 +217,21 @@ pub async fn serve(
         Some(api) => Some(remote::tls(home, api.cert.as_ref(), api.addr)?),
         None => None,
     };
+    // A trust policy that does not load stops the start too.
+    let trust = mode
+        .trust
+        .as_deref()
+        .map(trust::TrustPolicy::load)
+        .transpose()?;
     let store = Store::open(home)?;
     let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
     // The ledger's checkpoints are signed by the node's key.
     let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
+    // The ledger is verified whole before anything is appended or signed
+    // (a break is recorded, and the agent serves all the same).
+    let ledger_health = Arc::new(ledger::Health::default());
+    ledger::verify_own(&node_key, &*state, &ledger_health)?;
+    let verifier = (node_key.clone(), state.clone());
     let ledger_state: Arc<dyn state::StateStore> = state.clone();
     let checkpoints = tokio::spawn(ledger::run(
         node_key.clone(),
@@ -242,9 +258,31 @@ pub async fn serve(
         Backoff::default(),
         seed,
         keeper.clone(),
-        mode.allow_process,
+        agent::Policy {
+            allow_process: mode.allow_process,
+            trust,
+            ledger: ledger_health.clone(),
+        },
     )
     .await?;
+    // And again whole at every full verification of the trees.
+    {
+        let (key, state) = verifier;
+        let health = ledger_health.clone();
+        let every = mode.drift.verify_every;
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let (key, state, health) = (key.clone(), state.clone(), health.clone());
+                let done =
+                    tokio::task::spawn_blocking(move || ledger::verify_own(&key, &*state, &health))
+                        .await;
+                if let Ok(Err(e)) = done {
+                    tracing::error!("ledger verification: {e}");
+                }
+            }
+        });
+    }
     tokio::spawn(agent.drift_detector(mode.drift).run());
 
     let sock = socket_path(home);

@@ -37,6 +37,11 @@ pub struct Shared {
     /// Whether services may run as plain, unconfined processes
     /// (`kiln serve --allow-runtime process`).
     pub allow_process: bool,
+    /// Which images may run (`kiln serve --trust FILE`); `None`: any, with
+    /// the signers it has recorded.
+    pub trust: Option<crate::trust::TrustPolicy>,
+    /// What the agent's verifications of its own ledger found.
+    pub ledger: Arc<crate::ledger::Health>,
     ids: AtomicU64,
     seed: u64,
 }
@@ -61,6 +66,8 @@ impl Shared {
             keeper: Arc::new(crate::keeper::Keeper::none()),
             drift: Arc::default(),
             allow_process: false,
+            trust: None,
+            ledger: Arc::default(),
             ids: AtomicU64::new(0),
             seed,
         }

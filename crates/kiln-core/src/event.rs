@@ -244,6 +244,22 @@ pub enum Change {
     ConfigDrift {
         differs: Vec<String>,
     },
+    /// The agent started with a trust policy (`kiln serve --trust FILE`)
+    /// other than the last one recorded: what it now enforces (`none`:
+    /// it enforces none). Signers are fingerprints.
+    TrustPolicy {
+        file: String,
+        require_signed: bool,
+        allowed_signers: Vec<String>,
+    },
+    /// The agent found its own ledger broken (at start, or at its periodic
+    /// verification): the first bad entry when one can be named, and why.
+    /// It keeps serving; every later `kiln audit verify` fails on this.
+    LedgerBroken {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        reason: String,
+    },
 }
 
 impl Change {
@@ -280,6 +296,8 @@ impl Change {
             Self::ImagePulled { .. } => "image-pulled",
             Self::TreeDrift { .. } => "tree-drift",
             Self::ConfigDrift { .. } => "config-drift",
+            Self::TrustPolicy { .. } => "trust-policy",
+            Self::LedgerBroken { .. } => crate::ledger::BROKEN,
         }
     }
 

@@ -226,6 +226,84 @@ pub fn verify(entries: &[Entry], checkpoints: &[Checkpoint], key: &[u8]) -> Resu
     })
 }
 
+/// How far a ledger's end may run past its last checkpoint. A running
+/// agent signs the head every 100 entries and every checkpoint interval
+/// (10 s by default), so a longer unsigned end means checkpoints were
+/// stripped, or the agent died before it could sign (then say so with
+/// `--allow-unsigned-tail`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TailLimit {
+    /// Entries after the last checkpoint.
+    pub entries: u64,
+    /// Age of the first of them, at the time the ledger was read.
+    pub age: std::time::Duration,
+}
+
+impl Default for TailLimit {
+    fn default() -> Self {
+        Self {
+            entries: 100,
+            age: std::time::Duration::from_secs(60),
+        }
+    }
+}
+
+/// The kind of the entry an agent records when it finds its own ledger
+/// broken: the break stays in the chain, and every later verification
+/// fails on it.
+pub const BROKEN: &str = "ledger-broken";
+
+/// Check what [`verify`] cannot: that no more than `limit` of the ledger's
+/// end lacks a checkpoint (`read_at`: when the ledger was read — an
+/// export's time, or now), and that the agent never recorded a break.
+pub fn check_tail(
+    entries: &[Entry],
+    v: &Verified,
+    limit: TailLimit,
+    read_at: std::time::SystemTime,
+) -> Result<(), Bad> {
+    if let Some(e) = entries.iter().find(|e| e.kind == BROKEN) {
+        return Err(bad(
+            Some(e.seq),
+            format!("the agent found its ledger broken: {}", e.detail),
+        ));
+    }
+    let unsigned = v.entries.saturating_sub(v.signed_through);
+    let Some(first) = entries.get(v.signed_through as usize) else {
+        return Ok(());
+    };
+    let hint = "checkpoints were stripped, or the agent stopped before signing (--allow-unsigned-tail accepts it)";
+    if unsigned > limit.entries {
+        return Err(bad(
+            Some(first.seq),
+            format!(
+                "{unsigned} entries after entry {} are covered by no checkpoint (at most {} may be): {hint}",
+                v.signed_through, limit.entries
+            ),
+        ));
+    }
+    let made = humantime::parse_rfc3339_weak(&first.time).map_err(|_| {
+        bad(
+            Some(first.seq),
+            format!("its time `{}` is not a time", first.time),
+        )
+    })?;
+    if read_at
+        .duration_since(made)
+        .is_ok_and(|age| age > limit.age)
+    {
+        return Err(bad(
+            Some(first.seq),
+            format!(
+                "made at {} and covered by no checkpoint more than {} later: {hint}",
+                first.time,
+                humantime::format_duration(limit.age)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Whether `older` (an earlier export's entries) is a prefix of `current`:
 /// the same entries, unchanged, in the same places.
 pub fn is_prefix(older: &[Entry], current: &[Entry]) -> Result<(), Bad> {
@@ -408,6 +486,82 @@ mod tests {
         };
         assert_eq!(is_prefix(&l[..3], &other).unwrap_err().seq, Some(2));
         assert_eq!(is_prefix(&l, &l[..2]).unwrap_err().seq, Some(3));
+    }
+
+    fn at(secs: u64) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    }
+
+    /// A chain whose entries were made one second apart from 2026-01-01.
+    fn timed(n: u64) -> Vec<Entry> {
+        let base = 1_767_225_600; // 2026-01-01T00:00:00Z
+        let mut prev = GENESIS.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let mut e = entry(seq, "release-created");
+                e.time = humantime::format_rfc3339_millis(at(base + seq)).to_string();
+                let e = e.chained(&prev);
+                prev = e.hash.clone();
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_unsigned_end_is_a_break_past_its_limits() {
+        let k = key();
+        let base = 1_767_225_600;
+        let limit = TailLimit {
+            entries: 5,
+            age: std::time::Duration::from_secs(10),
+        };
+        let entries = timed(20);
+        let cp = sign(&k, &entries[14]);
+        let pk = k.public_key().as_ref().to_vec();
+        let v = verify(&entries, std::slice::from_ref(&cp), &pk).unwrap();
+        assert_eq!(v.signed_through, 15);
+        // 5 unsigned entries, the first made 1 s before: fine.
+        check_tail(&entries, &v, limit, at(base + 17)).unwrap();
+        // Exactly the age: fine; a second past it: broken, naming entry 16.
+        check_tail(&entries, &v, limit, at(base + 26)).unwrap();
+        let e = check_tail(&entries, &v, limit, at(base + 27)).unwrap_err();
+        assert_eq!(e.seq, Some(16), "{e}");
+        assert!(e.reason.contains("no checkpoint"), "{e}");
+        // One entry more than allowed: broken whatever the time.
+        let entries = timed(21);
+        let v = verify(&entries, std::slice::from_ref(&cp), &pk).unwrap();
+        let e = check_tail(&entries, &v, limit, at(base + 17)).unwrap_err();
+        assert_eq!(e.seq, Some(16));
+        assert!(e.reason.starts_with("6 entries after entry 15"), "{e}");
+        // Stripped of every checkpoint: the whole ledger is the tail.
+        let v = verify(&entries, &[], &pk).unwrap();
+        assert_eq!(
+            check_tail(&entries, &v, limit, at(base)).unwrap_err().seq,
+            Some(1)
+        );
+        // Everything signed: nothing to check, however old.
+        let all = sign(&k, &entries[20]);
+        let v = verify(&entries, &[all], &pk).unwrap();
+        check_tail(&entries, &v, limit, at(base + 1_000_000)).unwrap();
+        // An empty ledger is whole.
+        let v = verify(&[], &[], &pk).unwrap();
+        check_tail(&[], &v, limit, at(base)).unwrap();
+    }
+
+    #[test]
+    fn a_recorded_break_fails_every_later_verification() {
+        let k = key();
+        let mut entries = timed(3);
+        let mut broken = entry(4, BROKEN);
+        broken.detail = r#"{"seq":2}"#.into();
+        broken.time = entries[2].time.clone();
+        entries.push(broken.chained(&entries[2].hash));
+        let all = sign(&k, &entries[3]);
+        let pk = k.public_key().as_ref().to_vec();
+        let v = verify(&entries, &[all], &pk).unwrap();
+        let e = check_tail(&entries, &v, TailLimit::default(), at(0)).unwrap_err();
+        assert_eq!(e.seq, Some(4));
+        assert!(e.reason.contains("found its ledger broken"), "{e}");
     }
 
     #[test]

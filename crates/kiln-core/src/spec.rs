@@ -50,7 +50,43 @@ pub struct TrustSpec {
     pub require_signed: bool,
 }
 
+/// The file `kiln serve --trust FILE` reads: one `[trust]` table, as in
+/// a spec, which the agent enforces on every apply and rollback.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrustFile {
+    trust: TrustSpec,
+}
+
 impl TrustSpec {
+    /// Parse an agent's trust file (`[trust]` with `allowed_signers` and
+    /// `require_signed`). `file` names it in errors.
+    pub fn parse_file(text: &str, file: &str) -> Result<Self, SpecError> {
+        let parsed: TrustFile = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_column(text, s.start))
+                .unwrap_or((1, 1));
+            SpecError {
+                file: file.to_owned(),
+                line,
+                column,
+                message: explain(e.message()),
+            }
+        })?;
+        if parsed.trust.require_signed && parsed.trust.allowed_signers.is_empty() {
+            return Err(SpecError {
+                file: file.to_owned(),
+                line: 1,
+                column: 1,
+                message:
+                    "[trust] requires signatures but allows no signer (allowed_signers is empty)"
+                        .into(),
+            });
+        }
+        Ok(parsed.trust)
+    }
+
     /// Whether `service`'s image must carry a valid signature by an
     /// allowed signer.
     pub fn required(&self, service: &crate::service::ServiceSpec) -> bool {

@@ -42,8 +42,19 @@ pub fn serve(
         checkpoint_every,
         drift,
         allow_process,
+        trust,
         ..
     } = mode;
+    // A policy that does not load stops the start here, in one line,
+    // rather than in every agent the supervisor would start. Its path is
+    // made absolute: agents started later (an upgrade) read the same file.
+    let trust = match trust {
+        Some(path) => {
+            kiln_agent::trust::TrustPolicy::load(&path)?;
+            Some(std::path::absolute(&path).with_context(|| format!("{}", path.display()))?)
+        }
+        None => None,
+    };
     let checkpoint_every = checkpoint_every.unwrap_or(kiln_agent::ledger::EVERY);
     init_logging();
     let exe = std::env::current_exe().context("cannot find the kiln binary")?;
@@ -80,6 +91,10 @@ pub fn serve(
     if allow_process {
         args.push("--allow-runtime".into());
         args.push("process".into());
+    }
+    if let Some(t) = trust {
+        args.push("--trust".into());
+        args.push(t.into());
     }
     if let Some(a) = api {
         args.push("--api".into());

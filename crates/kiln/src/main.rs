@@ -88,6 +88,11 @@ pub enum AuditCommand {
         /// Also prove that this older export is a prefix of the ledger
         #[arg(long, value_name = "OLD")]
         since_checkpoint: Option<PathBuf>,
+        /// Accept entries at the end that no checkpoint covers, however
+        /// many or old (an agent that died before signing); by default more
+        /// than 100, or older than a minute when the ledger was read, fail
+        #[arg(long)]
+        allow_unsigned_tail: bool,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -400,6 +405,12 @@ pub enum Command {
         /// no namespaces, no seccomp)
         #[arg(long, value_name = "RUNTIME", value_parser = ["process"])]
         allow_runtime: Vec<String>,
+        /// The trust policy this agent enforces on every apply and
+        /// rollback: a TOML file with a `[trust]` table (`allowed_signers`,
+        /// `require_signed`), as in a spec; signatures are verified by the
+        /// agent from its own store
+        #[arg(long, value_name = "FILE")]
+        trust: Option<PathBuf>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -665,12 +676,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 file,
                 key,
                 since_checkpoint,
+                allow_unsigned_tail,
                 json,
             }) => audit::verify(
                 &home()?,
                 file.as_deref(),
                 key.as_deref(),
                 since_checkpoint.as_deref(),
+                allow_unsigned_tail,
                 json,
             ),
             None => {
@@ -756,6 +769,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verify_every,
             verify_rate,
             allow_runtime,
+            trust,
             run_agent,
             successor,
         } => {
@@ -782,6 +796,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 checkpoint_every: Some(checkpoint_every),
                 drift,
                 allow_process,
+                trust,
             };
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),

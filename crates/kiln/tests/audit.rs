@@ -182,7 +182,7 @@ fn audit_verify_names_the_first_bad_entry_of_a_tampered_export() {
         "--key",
         other.to_str().unwrap(),
     ]);
-    assert!(err.contains("not signed by this key"), "{err}");
+    assert!(err.contains("its header names the key"), "{err}");
     let err = env.fails(&[
         "audit",
         "verify",
@@ -233,6 +233,125 @@ fn audit_verify_catches_an_edit_in_the_live_database_and_older_exports_are_prefi
         old.to_str().unwrap(),
     ]);
     assert!(err.contains("entry 2"), "{err}");
+}
+
+/// The rewrite the issue reproduced: an entry edited, every hash after it
+/// recomputed, every checkpoint deleted — with the node's key in the
+/// header, or another key put there. Both fail; `--allow-unsigned-tail`
+/// makes the exception explicit (and still catches the swapped key).
+#[test]
+fn a_rewritten_export_stripped_of_its_checkpoints_fails() {
+    let (env, _agent) = ledger_with_releases();
+    let file = env.path("ledger.jsonl");
+    env.ok(&["audit", "export", file.to_str().unwrap()]);
+    let key = env.home.join("node.pub");
+    let (header, lines, _checkpoints) = split(&file);
+    let mut entries: Vec<kiln_core::ledger::Entry> = lines
+        .iter()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            serde_json::from_value(v["entry"].clone()).unwrap()
+        })
+        .collect();
+    entries[2].actor = Some("uid:4242".into());
+    let mut prev = kiln_core::ledger::GENESIS.to_owned();
+    let rechained: Vec<String> = entries
+        .into_iter()
+        .map(|e| {
+            let e = e.chained(&prev);
+            prev = e.hash.clone();
+            serde_json::json!({ "entry": e }).to_string()
+        })
+        .collect();
+    let verify = |header: &str, extra: &[&str]| {
+        let f = env.path("rewritten.jsonl");
+        std::fs::write(&f, join(header, &rechained, &[])).unwrap();
+        let mut args = vec![
+            "audit",
+            "verify",
+            f.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        env.run(&args)
+    };
+    let out = verify(&header, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("entry 1:") && err.contains("covered by no checkpoint"),
+        "{err}"
+    );
+    // The exception, made explicit: the chain itself is consistent.
+    let out = verify(&header, &["--allow-unsigned-tail"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Another key in the header: refused whatever the flags.
+    let swapped = header.replace(
+        std::fs::read_to_string(&key).unwrap().trim(),
+        &format!("ed25519 {}", "cd".repeat(32)),
+    );
+    assert_ne!(swapped, header);
+    let out = verify(&swapped, &["--allow-unsigned-tail"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("its header names the key"), "{err}");
+}
+
+/// The database edited while no agent ran: the agent finds the break at
+/// start, says so (log, metric, a `ledger-broken` entry, `kiln audit`
+/// first), and goes on serving.
+#[test]
+fn an_agent_started_on_an_edited_ledger_records_the_break_and_serves() {
+    let env = Env::new();
+    let metrics = free_port();
+    let start = |env: &Env| {
+        Agent::start_with(env, move |c| {
+            c.args(["--checkpoint-every", "200ms"]);
+            c.args(["--metrics", &format!("127.0.0.1:{metrics}")]);
+        })
+    };
+    let mut agent = start(&env);
+    hello_app(&env.path("app"), "");
+    let port = free_port();
+    let path = env.path("kiln.toml");
+    write(&path, spec(port, "v1").as_bytes());
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    wait_for("the head signed", Duration::from_secs(20), || {
+        let v = env.json(&["audit", "verify", "--json"]);
+        v["signed_through"] == v["entries"]
+    });
+    agent.stop();
+    let db = rusqlite::Connection::open(env.home.join("state.db")).unwrap();
+    db.execute_batch(
+        "DROP TRIGGER events_append_only_update; \
+         UPDATE events SET actor = 'uid:4242' WHERE seq = 2;",
+    )
+    .unwrap();
+    drop(db);
+
+    let _agent = start(&env);
+    // Still serving.
+    wait_for("the service back", Duration::from_secs(20), || {
+        http_get(port.into(), "/").is_some_and(|b| b.contains("hello"))
+    });
+    let broken = env.ok(&["audit", "--kind", "ledger-broken", "--json"]);
+    assert_eq!(broken.lines().count(), 1, "{broken}");
+    assert!(
+        broken.contains("entry 2") || broken.contains("\\\"seq\\\":2"),
+        "{broken}"
+    );
+    let shown = env.ok(&["audit"]);
+    let first = shown.lines().next().unwrap();
+    assert!(first.starts_with("LEDGER BROKEN: entry 2"), "{shown}");
+    let m = http_get(metrics.into(), "/metrics").unwrap();
+    assert!(m.contains("kiln_ledger_broken 1"), "{m}");
+    let err = env.fails(&["audit", "verify"]);
+    assert!(err.contains("entry 2: edited"), "{err}");
 }
 
 /// `kiln plan --exit-code`: 0 while what runs is the spec, 2 once the spec
