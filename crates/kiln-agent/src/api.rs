@@ -267,6 +267,12 @@ impl Connected<IncomingStream<'_, tokio::net::UnixListener>> for Peer {
     }
 }
 
+/// The token that authenticated a request on the TLS port (the dashboard
+/// derives its anti-forgery value from it; a stream checks it again).
+/// Never logged.
+#[derive(Clone)]
+pub(crate) struct Presented(pub String);
+
 /// Who asks, as the edge that took the request established it: a local
 /// user on the socket (who may do anything the socket's owner may), or a
 /// token's name and role on the TLS port ([`crate::remote`]).
@@ -381,8 +387,12 @@ struct LogsQuery {
 /// each line prefixed with its instance id; `follow` keeps streaming.
 async fn logs(
     State(agent): State<Arc<Agent>>,
+    presented: Option<axum::Extension<Presented>>,
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> Result<Response, AgentError> {
+    // Over TLS, the token that opened the stream is checked again before
+    // each chunk: a revoked token's `-f` ends.
+    let token = presented.map(|axum::Extension(p)| p.0);
     let Query(q) =
         q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
     let service = ServiceName::try_from(q.service.as_str()).map_err(AgentError::BadRequest)?;
@@ -429,6 +439,11 @@ async fn logs(
                 };
                 if chunk.is_empty() {
                     continue;
+                }
+                if let Some(t) = &token
+                    && agent.authenticate(t, unix_now()).is_err()
+                {
+                    return;
                 }
                 let mut out = Vec::with_capacity(chunk.len() + 64);
                 for line in chunk.split_inclusive(|b| *b == b'\n') {

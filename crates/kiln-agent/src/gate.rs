@@ -17,7 +17,7 @@ use kiln_core::auth::{self, Refusal, Role, Route, TokenName};
 use kiln_core::event::Actor;
 
 use crate::agent::Agent;
-use crate::api::{Caller, unix_now};
+use crate::api::{Caller, Presented, unix_now};
 
 /// The cookie the dashboard keeps its token in (HttpOnly, Secure,
 /// SameSite=Strict).
@@ -90,8 +90,11 @@ impl Gate {
 
 /// The token a request presents, and whether it came as the dashboard's
 /// cookie: `Authorization: Bearer T`, `Authorization: Basic` with T as the
-/// password (what registry clients send), or the cookie.
-pub(crate) fn presented(headers: &HeaderMap) -> Option<(String, bool)> {
+/// password (what registry clients send: on `/v2/` only, for a browser
+/// that saved them at the registry's prompt would send them, unasked and
+/// without any anti-forgery value, with every request to the origin), or
+/// the cookie.
+pub(crate) fn presented(headers: &HeaderMap, registry: bool) -> Option<(String, bool)> {
     if let Some(v) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -101,6 +104,9 @@ pub(crate) fn presented(headers: &HeaderMap) -> Option<(String, bool)> {
         }
         if let Some(b) = v.strip_prefix("Basic ") {
             use base64::Engine as _;
+            if !registry {
+                return None;
+            }
             let raw = base64::engine::general_purpose::STANDARD
                 .decode(b.trim())
                 .ok()?;
@@ -111,6 +117,46 @@ pub(crate) fn presented(headers: &HeaderMap) -> Option<(String, bool)> {
         return None;
     }
     cookie(headers, COOKIE).map(|t| (t, true))
+}
+
+/// Why a request that changes something came from another site, if it
+/// did: `Sec-Fetch-Site` other than `same-origin` or `none`, or an
+/// `Origin` other than this server's own (`https://` + its `Host`).
+pub(crate) fn cross_site(headers: &HeaderMap) -> Option<String> {
+    let text = |name: &str| headers.get(name).map(|v| v.to_str().unwrap_or("?"));
+    if let Some(site) = text("sec-fetch-site")
+        && !matches!(site, "same-origin" | "none")
+    {
+        return Some(format!(
+            "refused a change from another site (Sec-Fetch-Site: {site})"
+        ));
+    }
+    if let Some(origin) = text("origin") {
+        let own = text("host").map(|h| format!("https://{h}"));
+        if own.as_deref() != Some(origin) {
+            let shown: String = origin.chars().take(80).collect();
+            return Some(format!("refused a change from another origin ({shown})"));
+        }
+    }
+    None
+}
+
+/// Headers every answer of the TLS port carries: nothing is sniffed into
+/// another type, and nothing but the dashboard's own pages (which set
+/// their own policy) may run anything.
+pub async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if !h.contains_key(header::CONTENT_SECURITY_POLICY) {
+        h.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("default-src 'none'; frame-ancestors 'none'; sandbox"),
+        );
+    }
+    response
 }
 
 /// A cookie's value from the `Cookie` headers.
@@ -176,11 +222,19 @@ pub async fn gate(
         }
         r
     };
-    let Some((token, by_cookie)) = presented(req.headers()) else {
+    let Some((token, by_cookie)) = presented(req.headers(), registry) else {
         return unauthorized(
-            "login required: no API token (kiln login https://HOST:PORT, or KILN_TOKEN)",
+            "login required: no API token (kiln login https://HOST:PORT, or KILN_TOKEN; Basic credentials only on /v2/)",
         );
     };
+    // A change a browser sends from another site is refused whatever it
+    // carries (a cookie, or credentials it saved): browsers say where a
+    // request comes from; kiln's own clients send neither header.
+    if !matches!(method.as_str(), "GET" | "HEAD")
+        && let Some(why) = cross_site(req.headers())
+    {
+        return refuse(StatusCode::FORBIDDEN, why);
+    }
     let ip = addr.ip();
     let (name, role) = match gate.check(ip, &token).await {
         Ok(ok) => ok,
@@ -220,7 +274,66 @@ pub async fn gate(
     next.run(req).await
 }
 
-/// The token that authenticated a request (the dashboard derives its
-/// anti-forgery value from it). Never logged.
-#[derive(Clone)]
-pub(crate) struct Presented(pub String);
+#[cfg(test)]
+mod origin_tests {
+    use super::*;
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.insert(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn changes_from_another_site_are_named() {
+        assert_eq!(cross_site(&headers(&[])), None, "kiln's own clients");
+        let same = [
+            ("host", "127.0.0.1:7443"),
+            ("origin", "https://127.0.0.1:7443"),
+            ("sec-fetch-site", "same-origin"),
+        ];
+        assert_eq!(cross_site(&headers(&same)), None);
+        assert_eq!(cross_site(&headers(&[("sec-fetch-site", "none")])), None);
+        for site in ["cross-site", "same-site"] {
+            let h = headers(&[("sec-fetch-site", site)]);
+            assert!(cross_site(&h).is_some_and(|w| w.contains(site)), "{site}");
+        }
+        let evil = headers(&[
+            ("host", "127.0.0.1:7443"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert!(cross_site(&evil).is_some_and(|w| w.contains("evil.example")));
+        let plain = headers(&[
+            ("host", "127.0.0.1:7443"),
+            ("origin", "http://127.0.0.1:7443"),
+        ]);
+        assert!(
+            cross_site(&plain).is_some(),
+            "another scheme is another origin"
+        );
+        let null = headers(&[("host", "h"), ("origin", "null")]);
+        assert!(cross_site(&null).is_some());
+    }
+
+    #[test]
+    fn basic_credentials_count_on_the_registry_only() {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD.encode("user:tok");
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {b}")).unwrap_or_else(|_| unreachable!()),
+        );
+        assert_eq!(presented(&h, true), Some(("tok".to_owned(), false)));
+        assert_eq!(presented(&h, false), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tok"),
+        );
+        assert_eq!(presented(&h, false), Some(("tok".to_owned(), false)));
+        assert_eq!(presented(&h, true), Some(("tok".to_owned(), false)));
+    }
+}

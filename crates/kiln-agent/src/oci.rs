@@ -31,12 +31,33 @@ use serde::Deserialize;
 
 use crate::agent::Agent;
 
-/// Upload sessions open at once; more are refused (429) until one ends.
+/// Upload sessions open at once; more are refused (429) until one ends
+/// or expires.
 const MAX_UPLOADS: usize = 64;
+/// An upload session nobody touched for this long is dropped (its bytes
+/// in `tmp/` with it): abandoned sessions cannot hold every slot.
+const UPLOAD_IDLE: std::time::Duration = std::time::Duration::from_secs(10 * 60);
+
+/// An upload in progress: its bytes so far, who opened it (only they may
+/// go on with it), and when it was last written.
+struct Upload {
+    writer: BlobWriter,
+    owner: String,
+    touched: std::time::Instant,
+}
 
 struct Oci {
     store: Store,
-    uploads: Mutex<HashMap<String, BlobWriter>>,
+    uploads: Mutex<HashMap<String, Upload>>,
+}
+
+/// Who is calling, as the gate authenticated them (`token:NAME`; the
+/// socket's `uid:N`).
+fn owner_of(caller: &Option<axum::Extension<crate::api::Caller>>) -> String {
+    caller
+        .as_ref()
+        .map(|axum::Extension(c)| c.actor.to_string())
+        .unwrap_or_default()
 }
 
 pub fn router(agent: Arc<Agent>) -> Router {
@@ -200,6 +221,7 @@ fn created(name: &str, digest: &Digest) -> Response {
 /// repository's blobs, so a blob it has is mounted), or a session.
 async fn start_upload(
     State(oci): State<Arc<Oci>>,
+    caller: Option<axum::Extension<crate::api::Caller>>,
     Path(name): Path<String>,
     Query(q): Query<UploadQuery>,
     body: Body,
@@ -218,6 +240,8 @@ async fn start_upload(
         return commit(&oci.store, writer, &want, &name);
     }
     let mut uploads = lock(&oci.uploads);
+    let now = std::time::Instant::now();
+    uploads.retain(|_, u| now.duration_since(u.touched) < UPLOAD_IDLE);
     if uploads.len() >= MAX_UPLOADS {
         return Err(oci_error(
             StatusCode::TOO_MANY_REQUESTS,
@@ -226,29 +250,53 @@ async fn start_upload(
         ));
     }
     let id = upload_id();
-    uploads.insert(id.clone(), writer);
+    uploads.insert(
+        id.clone(),
+        Upload {
+            writer,
+            owner: owner_of(&caller),
+            touched: now,
+        },
+    );
     Ok(upload_location(&name, &id, 0))
 }
 
-fn take_upload(oci: &Oci, id: &str) -> Result<BlobWriter, OciError> {
-    lock(&oci.uploads).remove(id).ok_or_else(|| {
+/// The session `id`, if `owner` opened it and it has not expired: another
+/// token cannot write into (or finish) someone else's upload.
+fn take_upload(oci: &Oci, id: &str, owner: &str) -> Result<BlobWriter, OciError> {
+    let unknown = || {
         oci_error(
             StatusCode::NOT_FOUND,
             "BLOB_UPLOAD_UNKNOWN",
             "no such upload",
         )
-    })
+    };
+    let mut uploads = lock(&oci.uploads);
+    match uploads.get(id) {
+        Some(u) if u.owner == owner && u.touched.elapsed() < UPLOAD_IDLE => {}
+        _ => return Err(unknown()),
+    }
+    uploads.remove(id).map(|u| u.writer).ok_or_else(unknown)
 }
 
 /// `PATCH /v2/NAME/blobs/uploads/ID`: a chunk, appended.
 async fn append_upload(
     State(oci): State<Arc<Oci>>,
+    caller: Option<axum::Extension<crate::api::Caller>>,
     Path((name, id)): Path<(String, String)>,
     body: Body,
 ) -> Answer {
-    let writer = write_body(take_upload(&oci, &id)?, body).await?;
+    let owner = owner_of(&caller);
+    let writer = write_body(take_upload(&oci, &id, &owner)?, body).await?;
     let size = writer.written();
-    lock(&oci.uploads).insert(id.clone(), writer);
+    lock(&oci.uploads).insert(
+        id.clone(),
+        Upload {
+            writer,
+            owner,
+            touched: std::time::Instant::now(),
+        },
+    );
     Ok(upload_location(&name, &id, size))
 }
 
@@ -256,11 +304,12 @@ async fn append_upload(
 /// the blob is kept if it hashes to D; the session ends either way.
 async fn finish_upload(
     State(oci): State<Arc<Oci>>,
+    caller: Option<axum::Extension<crate::api::Caller>>,
     Path((name, id)): Path<(String, String)>,
     Query(q): Query<UploadQuery>,
     body: Body,
 ) -> Answer {
-    let writer = take_upload(&oci, &id)?;
+    let writer = take_upload(&oci, &id, &owner_of(&caller))?;
     let want = digest_of(
         q.digest
             .as_deref()
@@ -373,19 +422,30 @@ async fn manifest(
             format!("no manifest {digest}"),
         )
     };
-    // Only what parses as a manifest is served as one.
-    let bytes = oci.store.read_blob(&digest).map_err(|_| unknown())?;
-    if bytes.len() > MAX_MANIFEST {
-        return Err(unknown());
-    }
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| unknown())?;
-    let media = value
-        .get("mediaType")
-        .and_then(|m| m.as_str())
-        .unwrap_or(MEDIA_TYPE_MANIFEST)
-        .to_owned();
+    // Only a manifest is served as one, and only with a manifest's media
+    // type: any other blob (a JSON blob claiming `text/html`, a layer) is
+    // unknown here. Its size is checked before anything is read, and the
+    // read is off the async threads.
+    let store = oci.store.clone();
+    let d = digest.clone();
+    let read = tokio::task::spawn_blocking(move || -> Option<(Vec<u8>, &'static str)> {
+        use std::io::Read as _;
+        let file = store.open_blob(&d).ok()?;
+        if file.metadata().ok()?.len() > MAX_MANIFEST as u64 {
+            return None;
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_MANIFEST as u64 + 1)
+            .read_to_end(&mut bytes)
+            .ok()?;
+        let media = manifest_media_type(&bytes)?;
+        Some((bytes, media))
+    })
+    .await
+    .map_err(internal)?;
+    let (bytes, media) = read.ok_or_else(unknown)?;
     let headers = [
-        (header::CONTENT_TYPE, media),
+        (header::CONTENT_TYPE, media.to_owned()),
         (header::CONTENT_LENGTH, bytes.len().to_string()),
         (DIGEST_HEADER, digest.to_string()),
     ];
@@ -393,6 +453,29 @@ async fn manifest(
         return Ok((headers, Body::empty()).into_response());
     }
     Ok((headers, bytes).into_response())
+}
+
+/// The media type a manifest endpoint may serve `bytes` with: one of the
+/// four manifest types (OCI image manifest or index, Docker schema 2
+/// manifest or list), when the JSON says so (or, saying nothing, has an
+/// image manifest's shape) and has `schemaVersion` 2; else `None`.
+fn manifest_media_type(bytes: &[u8]) -> Option<&'static str> {
+    const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+    let value: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+    if value.get("schemaVersion")?.as_u64()? != 2 {
+        return None;
+    }
+    let image = value.get("config").is_some() && value.get("layers").is_some_and(|l| l.is_array());
+    let index = value.get("manifests").is_some_and(|m| m.is_array());
+    match value.get("mediaType").map(|m| m.as_str()) {
+        None if image => Some(MEDIA_TYPE_MANIFEST),
+        None if index => Some(MEDIA_TYPE_INDEX),
+        Some(Some(MEDIA_TYPE_MANIFEST)) if image => Some(MEDIA_TYPE_MANIFEST),
+        Some(Some(MEDIA_TYPE_DOCKER_MANIFEST)) if image => Some(MEDIA_TYPE_DOCKER_MANIFEST),
+        Some(Some(MEDIA_TYPE_INDEX)) if index => Some(MEDIA_TYPE_INDEX),
+        Some(Some(DOCKER_LIST)) if index => Some(DOCKER_LIST),
+        _ => None,
+    }
 }
 
 #[derive(Deserialize)]
@@ -502,5 +585,36 @@ async fn put_manifest(
             format!("{name}:{tag} names {existing} here, and tags on a kiln store never move"),
         )),
         Err(e) => Err(internal(e)),
+    }
+}
+
+#[cfg(test)]
+mod manifest_tests {
+    use super::*;
+
+    #[test]
+    fn only_manifests_are_served_and_only_as_manifests() {
+        let image = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
+        assert_eq!(manifest_media_type(image), Some(MEDIA_TYPE_MANIFEST));
+        let bare = br#"{"schemaVersion":2,"config":{},"layers":[]}"#;
+        assert_eq!(manifest_media_type(bare), Some(MEDIA_TYPE_MANIFEST));
+        let index = br#"{"schemaVersion":2,"manifests":[]}"#;
+        assert_eq!(manifest_media_type(index), Some(MEDIA_TYPE_INDEX));
+        let docker = br#"{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json","config":{},"layers":[]}"#;
+        assert_eq!(
+            manifest_media_type(docker),
+            Some(MEDIA_TYPE_DOCKER_MANIFEST)
+        );
+        for hostile in [
+            &br#"{"schemaVersion":2,"mediaType":"text/html","config":{},"layers":[]}"#[..],
+            br#"{"mediaType":"text/html","x":"<script>alert(1)</script>"}"#,
+            br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","config":{},"layers":[]}"#,
+            br#"{"schemaVersion":1,"config":{},"layers":[]}"#,
+            br#"{"architecture":"amd64","rootfs":{}}"#,
+            b"<html>",
+            b"",
+        ] {
+            assert_eq!(manifest_media_type(hostile), None, "{}", String::from_utf8_lossy(hostile));
+        }
     }
 }

@@ -199,4 +199,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
             gate,
             crate::gate::gate,
         ))
+        .layer(axum::middleware::map_response(
+            crate::gate::security_headers,
+        ))
 }

@@ -28,7 +28,8 @@ use kiln_core::release::Outcome;
 use serde::Deserialize;
 
 use crate::api::Caller;
-use crate::gate::{COOKIE, Gate, Presented};
+use crate::api::Presented;
+use crate::gate::{COOKIE, Gate};
 
 /// How often the live view looks for a change.
 const POLL: Duration = Duration::from_millis(500);
@@ -207,25 +208,41 @@ struct Feed {
 }
 
 /// `GET /ui/events`: the view again each time it changes.
-async fn live(State(gate): State<Arc<Gate>>, Extension(caller): Extension<Caller>) -> Response {
+async fn live(
+    State(gate): State<Arc<Gate>>,
+    Extension(caller): Extension<Caller>,
+    Extension(Presented(token)): Extension<Presented>,
+) -> Response {
     let stream = futures_util::stream::unfold(
         (gate, Feed::default(), String::new()),
-        move |(gate, mut feed, mut last)| async move {
-            loop {
-                let now = match view(&gate, caller.role, &mut feed) {
-                    Ok(v) => v,
-                    Err(e) => format!("<p class=\"error\">{}</p>", esc(&e)),
-                };
-                if now != last {
-                    let mut msg = String::from("event: view\n");
-                    for line in now.lines() {
-                        let _ = writeln!(msg, "data: {line}");
+        move |(gate, mut feed, mut last)| {
+            let token = token.clone();
+            async move {
+                loop {
+                    // A token revoked (or expired) while the page is open gets
+                    // nothing more: the stream ends.
+                    if gate
+                        .agent()
+                        .authenticate(&token, crate::api::unix_now())
+                        .is_err()
+                    {
+                        return None;
                     }
-                    msg.push('\n');
-                    last = now;
-                    return Some((Ok::<_, Infallible>(msg), (gate, feed, last)));
+                    let now = match view(&gate, caller.role, &mut feed) {
+                        Ok(v) => v,
+                        Err(e) => format!("<p class=\"error\">{}</p>", esc(&e)),
+                    };
+                    if now != last {
+                        let mut msg = String::from("event: view\n");
+                        for line in now.lines() {
+                            let _ = writeln!(msg, "data: {line}");
+                        }
+                        msg.push('\n');
+                        last = now;
+                        return Some((Ok::<_, Infallible>(msg), (gate, feed, last)));
+                    }
+                    tokio::time::sleep(POLL).await;
                 }
-                tokio::time::sleep(POLL).await;
             }
         },
     );

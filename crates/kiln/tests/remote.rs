@@ -584,3 +584,157 @@ fn the_users_certificate_is_served_and_a_bad_one_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mine.key"), "{err}");
 }
+
+/// One HTTPS request with curl, returning the status line's code and the
+/// response headers (lowercased names) and body.
+fn call_with_headers(
+    r: &Remote,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+) -> (u16, String, String) {
+    let mut c = Command::new("curl");
+    c.args(["-sk", "--path-as-is", "-D", "-", "-o", "-", "-X", method])
+        .arg(format!("{}{path}", r.url()));
+    for h in headers {
+        c.args(["-H", h]);
+    }
+    let out = c.output().expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_lowercase(), body.to_owned())
+}
+
+/// Point 5 of the hostile-client review: stored blobs are never served as
+/// a page, Basic credentials count on `/v2/` only, a change from another
+/// site is refused, an upload session is its opener's, and a revoked
+/// token's open log stream ends.
+#[test]
+fn hostile_browsers_and_tokens_on_the_tls_port() {
+    let r = Remote::start();
+    let deployer = r.token("d", "deployer");
+    let other = r.token("o", "deployer");
+    let viewer = r.token("v", "viewer");
+
+    // A JSON blob that claims to be HTML, uploaded as a blob.
+    let page = br#"{"schemaVersion":2,"mediaType":"text/html","config":{},"layers":[],"x":"<script>alert(1)</script>"}"#;
+    let digest = format!("sha256:{}", sha256_hex(page));
+    let body = r.env.path("page.json");
+    write(&body, page);
+    let out = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST"])
+        .args(["-H", &bearer(&deployer), "--data-binary"])
+        .arg(format!("@{}", body.display()))
+        .arg(format!("{}/v2/x/blobs/uploads/?digest={digest}", r.url()))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "201");
+    let (code, head, _) = call_with_headers(
+        &r,
+        "GET",
+        &format!("/v2/x/manifests/{digest}"),
+        &[&bearer(&viewer)],
+    );
+    assert_eq!(code, 404, "{head}");
+    assert!(!head.contains("text/html"), "{head}");
+    // Every answer says not to sniff and runs nothing.
+    assert!(head.contains("x-content-type-options: nosniff"), "{head}");
+    assert!(
+        head.contains("content-security-policy: default-src 'none'"),
+        "{head}"
+    );
+
+    // Basic credentials (what a browser saves at the registry's prompt)
+    // count on /v2/ only.
+    let basic = {
+        use base64::Engine as _;
+        format!(
+            "authorization: Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("x:{deployer}"))
+        )
+    };
+    assert_eq!(r.call("GET", "/v2/", &[&basic], None).0, 200);
+    let (code, text) = r.call("GET", "/v1/status", &[&basic], None);
+    assert_eq!(code, 401, "{text}");
+    let plan = r#"{"services":[],"dry_run":true}"#;
+    assert_eq!(r.call("POST", "/v1/apply", &[&basic], Some(plan)).0, 401);
+
+    // A change from another site, whatever it carries.
+    let auth = bearer(&deployer);
+    let (code, text) = r.call(
+        "POST",
+        "/v1/apply",
+        &[&auth, "origin: https://evil.example"],
+        Some(plan),
+    );
+    assert_eq!(code, 403, "{text}");
+    assert!(text.contains("another origin"), "{text}");
+    let (code, text) = r.call(
+        "POST",
+        "/v1/apply",
+        &[&auth, "sec-fetch-site: cross-site"],
+        Some(plan),
+    );
+    assert_eq!(code, 403, "{text}");
+    let own = format!("origin: {}", r.url());
+    assert_eq!(
+        r.call("POST", "/v1/apply", &[&auth, &own], Some(plan)).0,
+        200
+    );
+    assert_eq!(r.call("POST", "/v1/apply", &[&auth], Some(plan)).0, 200);
+
+    // An upload session is its opener's.
+    let (code, head, _) =
+        call_with_headers(&r, "POST", "/v2/x/blobs/uploads/", &[&bearer(&deployer)]);
+    assert_eq!(code, 202, "{head}");
+    let location = head
+        .lines()
+        .find_map(|l| l.strip_prefix("location: "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let (code, _) = r.call("PATCH", &location, &[&bearer(&other)], Some("abc"));
+    assert_eq!(code, 404, "another token cannot write into it");
+    let (code, _) = r.call("PATCH", &location, &[&bearer(&deployer)], Some("abc"));
+    assert_eq!(code, 202, "its opener can");
+}
+
+/// A token revoked while its `logs -f` stream is open gets nothing more:
+/// the stream ends.
+#[test]
+fn a_revoked_tokens_log_stream_ends() {
+    let r = Remote::start();
+    let spec = hello_app(
+        &r.env.path("app"),
+        "[images.app]\ninclude = [\"bin\"]\nentrypoint = [\"/bin/start.sh\"]\n[services.web]\nimage = \"app\"\n",
+    );
+    r.env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let viewer = r.token("watcher", "viewer");
+    let mut follow = Command::new("curl")
+        .args(["-sNk", "-H", &bearer(&viewer)])
+        .arg(format!("{}/v1/logs?service=web&follow=true", r.url()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(follow.try_wait().unwrap().is_none(), "the stream is open");
+    r.env.ok(&["token", "revoke", "watcher"]);
+    // The next chunk finds the token revoked: make one (a new release
+    // starts a new instance, which logs).
+    let text = std::fs::read_to_string(&spec).unwrap();
+    write(&spec, format!("{text}env = {{ V = \"2\" }}\n").as_bytes());
+    r.env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let ended = (0..100).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        follow.try_wait().unwrap().is_some()
+    });
+    if !ended {
+        let _ = follow.kill();
+    }
+    assert!(ended, "the revoked token's stream still runs");
+}

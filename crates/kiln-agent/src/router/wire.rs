@@ -268,7 +268,13 @@ impl Decoder {
                     let size = std::str::from_utf8(size)
                         .ok()
                         .map(|s| s.trim_matches([' ', '\t']))
-                        .filter(|s| !s.is_empty() && s.len() <= 16)
+                        // Hex digits only: `from_str_radix` also takes a
+                        // leading `+`, which nginx (and RFC 9112) refuse.
+                        .filter(|s| {
+                            !s.is_empty()
+                                && s.len() <= 16
+                                && s.bytes().all(|b| b.is_ascii_hexdigit())
+                        })
                         .and_then(|s| u64::from_str_radix(s, 16).ok())
                         .ok_or(FramingError::Chunked)?;
                     *c = if size == 0 {
@@ -393,7 +399,14 @@ mod tests {
             assert!(buf.is_empty() && fed == wire.len(), "cut {cut}");
             assert!(s.is_done(), "cut {cut}");
         }
-        for bad in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"\r\n"] {
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"+5\r\nhello\r\n",
+            b"-5\r\nhello\r\n",
+            b"0x5\r\nhello\r\n",
+        ] {
             let mut s = Decoder::new(Framing::CHUNKED);
             let mut buf = BytesMut::from(bad);
             let res = loop {

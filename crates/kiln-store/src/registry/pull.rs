@@ -171,6 +171,17 @@ async fn pull_referrers(
             continue;
         };
         let (bytes, _) = manifest(registry, src, Some(Target::Digest(digest.clone()))).await?;
+        // A referrers index is the registry's word: a hostile one lists
+        // another image's signature or provenance under this one. Only a
+        // manifest whose own `subject` is this image is kept.
+        if !refers_to(&bytes, subject) {
+            progress(&format!(
+                "referrer {} skipped: its subject is not {}",
+                digest.short(),
+                subject.short()
+            ));
+            continue;
+        }
         let parsed = parse_manifest(&bytes, format!("{src}@{digest}"))?;
         let wanted: Vec<Descriptor> = std::iter::once(&parsed.config)
             .chain(&parsed.layers)
@@ -189,6 +200,19 @@ async fn pull_referrers(
         n += 1;
     }
     Ok(n)
+}
+
+/// Whether manifest `bytes` names `subject` as its `subject`.
+fn refers_to(bytes: &[u8], subject: &Digest) -> bool {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| {
+            v.get("subject")?
+                .get("digest")?
+                .as_str()
+                .map(|d| d == subject.to_string())
+        })
+        .unwrap_or(false)
 }
 
 fn parse_manifest(bytes: &[u8], reference: String) -> Result<Manifest, RegistryError> {
@@ -382,4 +406,31 @@ async fn pull_blob(
         d.size
     ));
     Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_referrer_counts_only_for_its_own_subject() {
+        let a = Digest::of(b"image a");
+        let b = Digest::of(b"image b");
+        let of = |d: &Digest| {
+            format!(
+                r#"{{"schemaVersion":2,"config":{{}},"layers":[],"subject":{{"digest":"{d}"}}}}"#
+            )
+        };
+        assert!(refers_to(of(&a).as_bytes(), &a));
+        assert!(
+            !refers_to(of(&b).as_bytes(), &a),
+            "image b's referrer under a"
+        );
+        assert!(
+            !refers_to(br#"{"schemaVersion":2,"config":{},"layers":[]}"#, &a),
+            "no subject"
+        );
+        assert!(!refers_to(br#"{"subject":{"digest":7}}"#, &a));
+        assert!(!refers_to(b"not json", &a));
+    }
 }
