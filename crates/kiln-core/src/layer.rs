@@ -244,6 +244,25 @@ pub fn glob_set(globs: &[Glob]) -> GlobSet {
     b.build().unwrap_or_else(|_| GlobSet::empty())
 }
 
+/// The first of `globs` that matches none of `paths`: an `include` that
+/// takes nothing is a mistake (a misspelt path), not an empty image.
+pub fn unmatched<'a, 'p>(
+    globs: &'a [Glob],
+    paths: impl Iterator<Item = &'p str>,
+) -> Option<&'a Glob> {
+    let set = glob_set(globs);
+    let mut hit = vec![false; globs.len()];
+    for p in paths {
+        for i in set.matches(p) {
+            hit[i] = true;
+        }
+        if hit.iter().all(|h| *h) {
+            return None;
+        }
+    }
+    globs.iter().zip(hit).find(|(_, h)| !h).map(|(g, _)| g)
+}
+
 /// Whether `path` or one of its ancestor directories matches: `static` then
 /// selects everything below `static/`.
 pub fn matches_path_or_ancestor(set: &GlobSet, path: &str) -> bool {
@@ -347,6 +366,22 @@ mod tests {
 
     fn glob(s: &str) -> Glob {
         Glob::try_from(s).unwrap()
+    }
+
+    #[test]
+    fn an_include_that_takes_nothing_is_named() {
+        let globs = [glob("bin"), glob("static/**/*.css"), glob("nope")];
+        let paths = ["bin", "bin/app", "static", "static/css/site.css"];
+        assert_eq!(
+            unmatched(&globs, paths.iter().copied()).map(Glob::as_str),
+            Some("nope")
+        );
+        assert_eq!(unmatched(&globs[..2], paths.iter().copied()), None);
+        assert_eq!(
+            unmatched(&globs[..2], ["bin"].into_iter()).map(Glob::as_str),
+            Some("static/**/*.css")
+        );
+        assert_eq!(unmatched(&[], std::iter::empty()), None, "no include: all");
     }
 
     #[test]

@@ -818,6 +818,16 @@ kill_timeout = "3s"
                 4,
             ),
             (
+                "[images.a]\n[services.web]\nimage = \"a\"\nreplicas = 2\nruntime = \"oci\"\n",
+                "runtime oci (runc) is not available yet",
+                5,
+            ),
+            (
+                "[images.a]\n[services.web]\nimage = \"a\"\nuser = \"a b\"\n",
+                "user `a b` is not valid",
+                4,
+            ),
+            (
                 "[images.a]\n[services.web]\nimage = \"a\"\n[services.web.health.readiness]\nhttp = \"/\"\ntcp = true\n",
                 "exactly one of",
                 4,

@@ -297,6 +297,30 @@ impl Spec {
                     ));
                 }
             }
+            // At the key's own line in the service's table.
+            let at_key = |key: &str, message: String| {
+                let mut err = at(&table, message);
+                if let Some(start) = text.find(&format!("[{table}]")) {
+                    let body = &text[start..];
+                    let end = body[1..].find("\n[").map_or(body.len(), |e| e + 1);
+                    if let Some(i) = body[..end].find(&format!("\n{key}")) {
+                        (err.line, err.column) = line_column(text, start + i + 1);
+                    }
+                }
+                err
+            };
+            if svc.runtime == Some(crate::service::RuntimeKind::Oci) {
+                return Err(at_key(
+                    "runtime",
+                    format!(
+                        "service {name}: runtime oci (runc) is not available yet; use sandbox or process"
+                    ),
+                ));
+            }
+            if let Some(user) = &svc.user {
+                crate::user::check(user)
+                    .map_err(|e| at_key("user", format!("service {name}: {e}")))?;
+            }
             svc.check()
                 .map_err(|m| at(&table, format!("service {name}: {m}")))?;
         }

@@ -49,6 +49,8 @@ pub enum BakeError {
     SymlinkEscapes { path: PathBuf, target: String },
     #[error("{path} is a {kind}: only files, directories and symlinks can be baked")]
     SpecialFile { path: PathBuf, kind: &'static str },
+    #[error("include `{pattern}` matches nothing in the context {context}")]
+    IncludeMatchesNothing { pattern: String, context: PathBuf },
     #[error("{path}: file name is not valid UTF-8")]
     NonUtf8Path { path: PathBuf },
     #[error("{path} changed while it was being baked; bake again")]
@@ -584,6 +586,13 @@ fn walk(context: &Path, spec: &ImageSpec) -> Result<Vec<Walked>> {
         }
         // Depth-first, in name order: push in reverse so the first pops first.
         stack.extend(subdirs.into_iter().rev());
+    }
+    if let Some(g) = kiln_core::layer::unmatched(&spec.include, out.iter().map(|w| w.rel.as_str()))
+    {
+        return Err(BakeError::IncludeMatchesNothing {
+            pattern: g.as_str().to_owned(),
+            context: context.to_path_buf(),
+        });
     }
     Ok(out)
 }

@@ -59,6 +59,40 @@ pub fn load_spec(file: &Path) -> Result<(Spec, PathBuf)> {
     Ok((spec, dir))
 }
 
+/// `kiln check`: what can be known of a spec without an agent or a bake.
+pub fn check(file: &Path, json: bool) -> Result<ExitCode> {
+    let (spec, dir) = load_spec(file)?;
+    for (name, image) in &spec.images {
+        let context = dir.join(image.context.as_str());
+        if !context.is_dir() {
+            bail!(
+                "{}: image {name}: context {} is not a directory",
+                file.display(),
+                context.display()
+            );
+        }
+    }
+    kiln_store::sign::allowed(&spec.trust.allowed_signers)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if json {
+        print_json(&serde_json::json!({
+            "file": file,
+            "images": spec.images.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+            "services": spec.services.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        }))?;
+    } else {
+        println!(
+            "{}: ok ({} image{}, {} service{})",
+            file.display(),
+            spec.images.len(),
+            plural(spec.images.len()),
+            spec.services.len(),
+            plural(spec.services.len())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn source_date_epoch() -> Result<Option<u64>> {
     match std::env::var("SOURCE_DATE_EPOCH") {
         Ok(v) if !v.is_empty() => v
@@ -260,8 +294,9 @@ fn print_bake(r: &BakeReport, secs: f64) {
 pub fn bake_summary(r: &BakeReport, secs: f64) -> String {
     let reused = r.layers.iter().filter(|l| l.reused).count();
     format!(
-        "  {} layers ({} written, {} reused), {} files ({} read), {} written, {:.2}s; tags: {}",
+        "  {} layer{} ({} written, {} reused), {} files ({} read), {} written, {:.2}s; tags: {}",
         r.layers.len(),
+        plural(r.layers.len()),
         r.layers.len() - reused,
         reused,
         r.files,

@@ -810,6 +810,18 @@ pub fn rollout_status(home: &Path, service: &str, json: bool) -> Result<ExitCode
     code
 }
 
+/// An instance's uptime as people read it: `42s`, `10m58s`, `3h07m`,
+/// `2d04h`.
+fn uptime(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..60 => format!("{:.1}s", secs.max(0.0)),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
 pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let mut status: StatusResponse = runtime()?.block_on(client.get("/v1/status"))?;
@@ -826,6 +838,12 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
     if !status.agent.sandbox_available {
         println!(
             "note: bubblewrap is not installed: instances run as plain processes, their root is not enforced read-only"
+        );
+    }
+    if status.services.is_empty() {
+        println!(
+            "no services on this agent ({}): kiln apply -f kiln.toml deploys some",
+            status.agent.home
         );
     }
     for s in &status.services {
@@ -909,7 +927,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 (false, true) => "unready",
             };
             println!(
-                "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>8.1}s {:<8} {}",
+                "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} {}",
                 i.id,
                 i.revision,
                 i.slot,
@@ -918,7 +936,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 state,
                 health,
                 i.replacements,
-                i.uptime_secs,
+                uptime(i.uptime_secs),
                 i.runtime.to_string(),
                 if i.read_only_root {
                     "read-only (enforced)"
@@ -1101,4 +1119,18 @@ pub fn logs(
         runtime()?.block_on(client.stream(&path))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod uptime_tests {
+    #[test]
+    fn uptimes_read_as_people_say_them() {
+        assert_eq!(super::uptime(0.25), "0.2s");
+        assert_eq!(super::uptime(59.9), "59.9s");
+        assert_eq!(super::uptime(658.3), "10m58s");
+        assert_eq!(super::uptime(3600.0), "1h00m");
+        assert_eq!(super::uptime(11_220.0), "3h07m");
+        assert_eq!(super::uptime(187_200.0), "2d04h");
+        assert_eq!(super::uptime(-1.0), "0.0s");
+    }
 }

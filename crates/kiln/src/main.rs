@@ -439,6 +439,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a spec offline (no agent, nothing baked): its syntax and keys
+    /// (file:line:column, the nearest valid key for a misspelt one), every
+    /// image's context, the `[trust]` keys; exits 1 naming the first
+    /// problem. For CI, before anything runs
+    Check {
+        /// The spec file
+        #[arg(
+            short = 'f',
+            long = "file",
+            default_value = "kiln.toml",
+            value_name = "FILE"
+        )]
+        file: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what `kiln apply` would do, without doing it
     Plan {
         /// The spec file
@@ -602,6 +619,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         && !matches!(
             cli.command,
             Command::Serve { .. }
+                | Command::Check { .. }
                 | Command::Login { .. }
                 | Command::Logout { .. }
                 | Command::Bake { .. }
@@ -622,6 +640,32 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     {
         remote::choose(&home()?, url)?;
     }
+    // The store's own commands read this machine's store: an explicit
+    // `--agent` there would be silently ignored, so it is refused (a
+    // `KILN_AGENT` in the environment, meant for the agent commands, is
+    // not).
+    if cli.agent.is_some()
+        && explicit_agent_flag()
+        && matches!(
+            cli.command,
+            Command::Bake { .. }
+                | Command::Images { .. }
+                | Command::Inspect { .. }
+                | Command::Verify { .. }
+                | Command::Push { dest: Some(_), .. }
+                | Command::Pull { .. }
+                | Command::Export { .. }
+                | Command::Unpack { .. }
+                | Command::Key(_)
+                | Command::Sign { .. }
+                | Command::Signatures { .. }
+        )
+    {
+        anyhow::bail!(
+            "--agent does not apply to this command: it works on this machine's store ({}); run it on the agent's machine, or push the image there",
+            home()?.display()
+        );
+    }
     match cli.command {
         Command::Bake {
             file,
@@ -631,6 +675,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             json,
         } => commands::bake(&home()?, &file, &images, &tags, sign.as_deref(), json),
         Command::Images { json } => commands::images(&commands::open_store(&home()?)?, json),
+        Command::Check { file, json } => commands::check(&file, json),
         Command::Inspect { reference, json } => {
             commands::inspect(&commands::open_store(&home()?)?, &reference, json)
         }
@@ -883,6 +928,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `--agent` was given on the command line (not only through
+/// `KILN_AGENT`).
+fn explicit_agent_flag() -> bool {
+    std::env::args_os().any(|a| a == "--agent" || a.to_string_lossy().starts_with("--agent="))
 }
 
 /// A supervisor of an earlier kiln starts its agent as `kiln serve

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, actors_of, alive, have, hello_app, http_get, processes_mentioning, releases,
+    Agent, Env, actors_of, alive, hello_app, http_get, processes_mentioning, releases, require,
     service_status, wait_for, write,
 };
 
@@ -133,7 +133,9 @@ fn a_killed_instance_is_replaced_with_a_new_id_and_its_volume_survives() {
     // Nothing of the killed instance is left: a sandbox's reaper (and the
     // app under it) in a session of its own ends with it.
     let home = env.home.to_str().unwrap().to_owned();
-    let per_instance = if have("bwrap") { 2 } else { 1 };
+    require("bwrap");
+    // An outer bwrap and its reaper per sandboxed instance.
+    let per_instance = 2;
     wait_for(
         "only the replacement's processes",
         Duration::from_secs(10),

@@ -39,27 +39,76 @@ fn graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
             continue;
         }
         let text = std::fs::read_to_string(&f).unwrap();
-        // Test modules may reach anywhere; production code may not.
-        let code = text
-            .split("#[cfg(test)]\nmod ")
-            .next()
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| !l.trim_start().starts_with("//"))
-            .collect::<Vec<_>>()
-            .join("\n");
         let deps = g.entry(module.clone()).or_default();
-        for (i, _) in code.match_indices("crate::") {
-            let name: String = code[i + 7..]
-                .chars()
-                .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
-                .collect();
-            if !name.is_empty() && name != module {
+        for name in imports(&production(&text)) {
+            if name != module {
                 deps.insert(name);
             }
         }
     }
     g
+}
+
+/// A file's production code: comments dropped, and everything from an
+/// inline test module (`#[cfg(test)]` then `mod NAME {`) on. A test module
+/// declared in its own file (`#[cfg(test)] mod tests;`) cuts nothing.
+fn production(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let l = lines[i].trim();
+        if l == "#[cfg(test)]" {
+            let next = lines.get(i + 1).map(|n| n.trim()).unwrap_or_default();
+            if next.starts_with("mod ") && next.ends_with('{') {
+                break;
+            }
+        }
+        if !l.starts_with("//") {
+            out.push(lines[i]);
+        }
+        i += 1;
+    }
+    out.join("\n")
+}
+
+/// The modules `code` names after `crate::`, including each of a group's
+/// (`use crate::{a::X, b, c::{d, e}}` imports a, b and c).
+fn imports(code: &str) -> BTreeSet<String> {
+    let ident = |s: &str| -> String {
+        s.trim_start()
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_' || c.is_ascii_digit())
+            .collect()
+    };
+    let mut out = BTreeSet::new();
+    for (i, _) in code.match_indices("crate::") {
+        let rest = &code[i + 7..];
+        if let Some(group) = rest.strip_prefix('{') {
+            // The group's top-level items, split at depth-0 commas.
+            let mut depth = 0usize;
+            let mut start = 0;
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        out.insert(ident(&group[start..j]));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        out.insert(ident(&group[start..j]));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            out.insert(ident(rest));
+        }
+    }
+    out.remove("");
+    out
 }
 
 /// A loop in `g`, if there is one.
@@ -106,6 +155,19 @@ fn no_module_imports_one_that_imports_it_back() {
         assert!(g.len() > 3, "{krate}: read its modules: {g:?}");
         assert_eq!(find_cycle(&g), None, "{krate}: an import cycle");
     }
+}
+
+#[test]
+fn imports_are_read_from_groups_and_past_a_test_module_declared_elsewhere() {
+    let code = production(
+        "use crate::{agent::Agent, gate, router::{wire, Router}};\n\
+         #[cfg(test)]\nmod tests;\n\
+         // crate::commented\n\
+         fn f() { crate::state::open(); }\n\
+         #[cfg(test)]\nmod inline {\n    use crate::testonly;\n}\n",
+    );
+    let found: Vec<String> = imports(&code).into_iter().collect();
+    assert_eq!(found, ["agent", "gate", "router", "state"]);
 }
 
 #[test]

@@ -485,10 +485,7 @@ fn a_remote_apply_uploads_only_missing_blobs_and_deploys() {
 /// digest is refused with nothing kept.
 #[test]
 fn skopeo_reads_from_and_writes_to_the_agent() {
-    if !have("skopeo") {
-        eprintln!("skopeo is not installed: skipped");
-        return;
-    }
+    require("skopeo");
     let r = Remote::start();
     let deployer = r.token("d", "deployer");
     let creds = format!("x:{deployer}");

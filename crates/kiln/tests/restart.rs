@@ -492,7 +492,9 @@ fn an_instance_that_died_with_the_agent_is_replaced_and_the_others_adopted() {
     // Nothing of the lost one survives: not its sandbox's reaper, which the
     // dead agent could not end (the next one ends what no record names).
     let home = env.home.to_str().unwrap().to_owned();
-    let per_instance = if have("bwrap") { 2 } else { 1 };
+    require("bwrap");
+    // An outer bwrap and its reaper per sandboxed instance.
+    let per_instance = 2;
     wait_for(
         "only the live instances' processes",
         Duration::from_secs(10),

@@ -149,7 +149,7 @@ fn root_asked_for_is_root_without_capabilities() {
     require("bwrap");
     require("perl");
     if !rustix_is_root() {
-        return; // only an agent running as root can be asked for root
+        panic!("run as root: only an agent running as root can be asked for root");
     }
     let env = Env::new();
     let port = free_port();
@@ -164,9 +164,10 @@ fn root_asked_for_is_root_without_capabilities() {
 #[test]
 fn a_named_user_of_the_image_or_host_is_used_and_an_unknown_one_refused() {
     require("bwrap");
-    if !rustix_is_root() {
-        return;
-    }
+    assert!(
+        rustix_is_root(),
+        "run as root: only an agent running as root chooses its instances' users"
+    );
     let env = Env::new();
     let port = free_port();
     // `daemon` (uid 1) is in every Debian /etc/passwd.
@@ -189,9 +190,10 @@ fn a_named_user_of_the_image_or_host_is_used_and_an_unknown_one_refused() {
 fn an_exec_probe_runs_as_the_instances_user_without_capabilities() {
     require("bwrap");
     require("nsenter");
-    if !rustix_is_root() {
-        return;
-    }
+    assert!(
+        rustix_is_root(),
+        "run as root: only an agent running as root chooses its instances' users"
+    );
     let env = Env::new();
     let port = free_port();
     let spec = hello_app(

@@ -84,9 +84,8 @@ fn why_from_a_pid_inside_an_instance_reaches_the_git_commit() {
     env.ok(&["apply", "-f", spec.to_str().unwrap()]);
     let inst = &service_status(&env, "web")["instances"][0];
     let pid = inst["pid"].as_u64().unwrap();
-    if have("bwrap") {
-        assert_eq!(inst["runtime"], "sandbox", "{inst}");
-    }
+    require("bwrap");
+    assert_eq!(inst["runtime"], "sandbox", "{inst}");
     // A process inside the instance (in the sandbox: below bubblewrap).
     let inside = descendants(pid);
     let target = inside.last().copied().unwrap_or(pid);
