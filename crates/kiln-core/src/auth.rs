@@ -217,6 +217,8 @@ pub fn route(method: &str, path: &str) -> Route {
     match segs.as_slice() {
         ["login"] if read || method == "POST" => Route::Open,
         ["logout"] if method == "POST" => Route::Open,
+        // The sign-in page's own stylesheet (public, fixed content).
+        ["ui", "style.css"] if read => Route::Open,
         [""] | ["ui", ..] if read => Route::Needs(Role::Viewer),
         [
             "v1",
@@ -370,6 +372,8 @@ mod tests {
             ("PUT", "/v2/web/manifests/v1", Needs(Role::Deployer)),
             ("DELETE", "/v2/web/manifests/v1", Unknown),
             ("GET", "/login", Open),
+            ("GET", "/ui/style.css", Open),
+            ("GET", "/ui/events", Needs(Role::Viewer)),
             ("POST", "/login", Open),
             ("GET", "/v1/apply", Unknown),
             ("POST", "/v1/status", Unknown),

@@ -182,7 +182,19 @@ impl Store {
         }
         let mut report = GcReport {
             dry_run: options.dry_run,
-            kept_images: keep.len(),
+            // Images only: their referrers (signatures, provenance: index
+            // entries without a name) are kept with them, not counted.
+            kept_images: keep
+                .iter()
+                .filter(|d| {
+                    options.roots.contains(d)
+                        || index.manifests.iter().any(|m| {
+                            &m.digest == *d
+                                && m.annotations
+                                    .contains_key(kiln_core::oci::ANNOTATION_REF_NAME)
+                        })
+                })
+                .count(),
             ..GcReport::default()
         };
         // Images that go: their index entries, then their trees.
@@ -400,6 +412,7 @@ mod tests {
             (dry.images.clone(), 1, 1)
         );
         assert_eq!(done.blobs, dry.blobs);
+        assert_eq!(done.kept_images, 2, "{done:?}");
         assert!(
             done.blobs >= 2,
             "its manifest and config (and its layer): {done:?}"
@@ -429,6 +442,13 @@ mod tests {
             })
             .unwrap();
         assert!(r.images.is_empty() && store.has_blob(&fresh), "{r:?}");
+        // Images counted, not their provenance statements (young index
+        // entries without a name, kept with them).
+        assert!(
+            !store.referrers(&fresh).unwrap().is_empty(),
+            "a bake keeps a provenance referrer"
+        );
+        assert_eq!(r.kept_images, 3, "tagged, root and fresh: {r:?}");
     }
 
     /// A blob a lease holds survives any collection; once the lease is

@@ -175,6 +175,9 @@ pub struct Remote {
     token: String,
     pin: Arc<Pin>,
     tls: tokio_rustls::TlsConnector,
+    /// The pin came from `KILN_AGENT_FINGERPRINT`, not from `kiln login`:
+    /// a refusal says to change that, not to log out.
+    pub(crate) pin_from_env: bool,
 }
 
 impl Remote {
@@ -200,6 +203,7 @@ impl Remote {
             token,
             pin,
             tls: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            pin_from_env: false,
         }
     }
 
@@ -234,6 +238,13 @@ impl Remote {
                 if let (Some(want), Some(seen)) = (&self.pin.want, self.seen())
                     && *want != seen
                 {
+                    if self.pin_from_env {
+                        bail!(
+                            "the agent at {} presents certificate {seen}, not {want} from KILN_AGENT_FINGERPRINT: refused \
+                             (if it was changed on purpose, set KILN_AGENT_FINGERPRINT={seen})",
+                            self.url
+                        );
+                    }
                     bail!(
                         "the agent at {} presents certificate {seen}, not the pinned {want}: refused \
                          (if it was changed on purpose: kiln logout {0}, then kiln login {0})",
@@ -399,6 +410,7 @@ pub fn choose(home: &Path, url: &str) -> Result<()> {
     let env_pin = std::env::var("KILN_AGENT_FINGERPRINT")
         .ok()
         .filter(|t| !t.is_empty());
+    let pin_from_env = known.is_none();
     let fingerprint = known
         .as_ref()
         .map(|k| k.fingerprint.clone())
@@ -409,7 +421,9 @@ pub fn choose(home: &Path, url: &str) -> Result<()> {
     let token = env_token
         .or(known.map(|k| k.token))
         .ok_or_else(|| anyhow!("no token for {url}: kiln login {url}, or KILN_TOKEN"))?;
-    let _ = CHOSEN.set(Arc::new(Remote::new(url, Some(fingerprint), token)));
+    let mut remote = Remote::new(url, Some(fingerprint), token);
+    remote.pin_from_env = pin_from_env;
+    let _ = CHOSEN.set(Arc::new(remote));
     Ok(())
 }
 

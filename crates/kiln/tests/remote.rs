@@ -370,6 +370,23 @@ fn a_pinned_fingerprint_that_changes_is_refused() {
         err.contains("not the pinned") && err.contains(&pinned),
         "{err}"
     );
+    // A pin given by KILN_AGENT_FINGERPRINT (CI, never logged in): the
+    // refusal says to change that, not to log out.
+    let ci = Env::new();
+    let out = ci
+        .cmd()
+        .args(["--agent", &url, "status"])
+        .env("KILN_TOKEN", &token)
+        .env("KILN_AGENT_FINGERPRINT", &pinned)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("from KILN_AGENT_FINGERPRINT")
+            && err.contains("set KILN_AGENT_FINGERPRINT=")
+            && !err.contains("logout"),
+        "{err}"
+    );
     let mut again = laptop.cmd();
     again.args(["login", &url]).env("KILN_TOKEN", &token);
     let out = again.output().unwrap();
@@ -645,6 +662,14 @@ fn hostile_browsers_and_tokens_on_the_tls_port() {
         head.contains("content-security-policy: default-src 'none'"),
         "{head}"
     );
+
+    // The sign-in page's stylesheet needs no token (the page asks for one).
+    let (code, head, body) = call_with_headers(&r, "GET", "/ui/style.css", &[]);
+    assert_eq!(code, 200, "{head}");
+    assert!(head.contains("content-type: text/css"), "{head}");
+    assert!(!body.is_empty());
+    let (code, _, _) = call_with_headers(&r, "GET", "/ui/events", &[]);
+    assert_eq!(code, 303, "the rest of /ui/ still needs a token");
 
     // Basic credentials (what a browser saves at the registry's prompt)
     // count on /v2/ only.
