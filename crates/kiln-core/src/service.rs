@@ -621,6 +621,11 @@ pub struct AnalysisSpec {
     /// judged and before the step may end.
     #[serde(default = "default_min_requests")]
     pub min_requests: u64,
+    /// Whether the last step (weight 100, stable gets nothing) must also
+    /// see `min_requests` before the canary becomes the release. Off by
+    /// default: a quiet service would wait for traffic forever.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub last_step_needs_traffic: bool,
 }
 
 fn default_min_requests() -> u64 {

@@ -71,6 +71,11 @@ pub struct Detector {
     repairs: HashMap<Digest, (Instant, Duration)>,
     /// Drift found during that wait: the paths to check again at its end.
     deferred: BTreeMap<Digest, (Instant, BTreeSet<String>)>,
+    /// Each release's last replacement for config drift and the wait
+    /// before the next: an app that changes its own command line or
+    /// environment (one that re-execs itself) is replaced ever more
+    /// rarely, as a drifting tree is repaired, not every few seconds.
+    config_repairs: HashMap<(kiln_core::spec::ServiceName, u64), (Instant, Duration)>,
 }
 
 impl Detector {
@@ -88,6 +93,7 @@ impl Detector {
             unrepaired: HashMap::new(),
             repairs: HashMap::new(),
             deferred: BTreeMap::new(),
+            config_repairs: HashMap::new(),
         }
     }
 
@@ -434,7 +440,7 @@ impl Detector {
     }
 
     /// Compare each instance's process with how it was launched.
-    fn check_config(&self) {
+    fn check_config(&mut self) {
         for (id, e) in self.board.expected() {
             // A pid that is not this instance's process any more is not
             // drift: the instance is gone, which its task reports.
@@ -445,9 +451,21 @@ impl Detector {
                 continue;
             };
             let differs = config_drift(&e.launched, &live);
-            if differs.is_empty() || !self.board.config_drifted(&id, differs.clone()) {
+            if differs.is_empty() {
                 continue;
             }
+            // Within the release's back-off the instance runs on; it is
+            // found again (and replaced) once the wait is over.
+            let key = (e.service.clone(), e.revision);
+            let wait = match repair_backoff(self.config_repairs.get(&key).copied(), Instant::now())
+            {
+                Ok(wait) => wait,
+                Err(_) => continue,
+            };
+            if !self.board.config_drifted(&id, differs.clone()) {
+                continue;
+            }
+            self.config_repairs.insert(key, (Instant::now(), wait));
             tracing::warn!(
                 "drift: instance {id}: {} differ from its launch",
                 differs.join(", ")

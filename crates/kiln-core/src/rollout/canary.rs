@@ -110,6 +110,7 @@ mod tests {
             max_p99: Some(Duration::from_millis(250)),
             max_error_rate_increase: Some(Ratio(10_000)),
             min_requests: 50,
+            last_step_needs_traffic: false,
         }
     }
 

@@ -1141,7 +1141,21 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         };
         let canary_window = now_canary.since(base_canary).window();
         let stable_window = now_stable.since(base_stable).window();
-        let judgement = judge(rollout.analysis.as_ref(), &canary_window, &stable_window);
+        let last = index + 1 == steps;
+        let judgement = match judge(rollout.analysis.as_ref(), &canary_window, &stable_window) {
+            // The last step needs no traffic to end, unless the spec says
+            // so: a quiet service would wait for it forever.
+            Judgement::TooFew { .. }
+                if last
+                    && !rollout
+                        .analysis
+                        .as_ref()
+                        .is_some_and(|a| a.last_step_needs_traffic) =>
+            {
+                Judgement::Pass
+            }
+            j => j,
+        };
         if let Judgement::Fail(why) = judgement {
             return self.abort_canary(
                 format!("canary analysis failed at {label}: {why}"),
@@ -1152,6 +1166,28 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             Pause::Manual => None,
             Pause::For(d) => Some(d.0.saturating_sub(v.now.saturating_duration_since(began))),
         };
+        // Every step has a deadline: too little traffic to judge it, past
+        // its pause plus the progress deadline, ends the canary (an
+        // analysis that cannot conclude is not a pass).
+        if let Judgement::TooFew { have, need } = judgement
+            && !run.promote
+            && let Some(left) = left
+            && left.is_zero()
+        {
+            let pause = match step.pause {
+                Pause::For(d) => d.0,
+                Pause::Manual => std::time::Duration::ZERO,
+            };
+            if v.now.saturating_duration_since(began) >= pause + rollout.progress_deadline.0 {
+                return self.abort_canary(
+                    format!(
+                        "only {have} of the {need} canary requests needed to judge {label} came within its pause and the progress deadline of {}",
+                        rollout.progress_deadline
+                    ),
+                    Actor::Agent,
+                );
+            }
+        }
         run.waiting = if run.promote {
             String::new()
         } else if left.is_none() {

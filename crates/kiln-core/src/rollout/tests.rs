@@ -640,6 +640,7 @@ fn a_failed_analysis_aborts_the_canary_in_one_swap() {
         max_p99: None,
         max_error_rate_increase: None,
         min_requests: 10,
+        last_step_needs_traffic: false,
     });
     let mut sim = Sim::steady(s);
     sim.apply(2, 2, Behaviour::Good);
@@ -661,6 +662,84 @@ fn a_failed_analysis_aborts_the_canary_in_one_swap() {
     assert_eq!(stops(&steps), [(vec![4], StopReason::CanaryAborted)]);
     assert_eq!(sim.routing, Routing::Any);
     assert!(!sim.routed(2));
+}
+
+/// A canary with analysis (`min_requests` 10) on a quiet service.
+fn quiet_canary(last_step_needs_traffic: bool) -> Sim {
+    let mut s = settings(Strategy::Canary, 4);
+    s.rollout.analysis = Some(AnalysisSpec {
+        max_error_rate: Ratio::from_f64(0.05),
+        max_p99: None,
+        max_error_rate_increase: None,
+        min_requests: 10,
+        last_step_needs_traffic,
+    });
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim
+}
+
+/// `n` good answers of the canary, counted from what it had.
+fn answered(sim: &mut Sim, n: u64) {
+    let c = sim.counters.entry(2).or_default();
+    c.responses[1] += n;
+}
+
+#[test]
+fn the_last_step_needs_no_traffic_unless_the_spec_asks() {
+    let mut sim = quiet_canary(false);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    // Step 1 is judged on its 10 requests, then the pause ends it.
+    answered(&mut sim, 10);
+    sim.now += Duration::from_secs(1);
+    sim.pass();
+    assert_eq!(sim.recorded("canary-step-passed").len(), 1);
+    // Step 2 (weight 100) gets nothing more, and ends all the same.
+    sim.settle(20);
+    assert_eq!(sim.recorded("canary-step-passed").len(), 2);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+
+    // Asked for: the last step waits for its requests...
+    let mut sim = quiet_canary(true);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    answered(&mut sim, 10);
+    sim.now += Duration::from_secs(1);
+    sim.pass();
+    sim.settle(3);
+    assert_eq!(sim.outcomes[&2], Outcome::Pending, "waits at the last step");
+    assert!(sim.recorded("release-failed").is_empty());
+    // ...and passes once they come.
+    answered(&mut sim, 10);
+    sim.settle(20);
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+}
+
+#[test]
+fn a_step_without_enough_traffic_ends_the_canary_at_its_deadline() {
+    let mut sim = quiet_canary(false);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    let began = sim.now;
+    answered(&mut sim, 3);
+    // Within the pause (1 s) plus the progress deadline (10 s): waiting.
+    sim.now = began + Duration::from_millis(10_900);
+    assert!(failed(&sim.pass()).is_none());
+    assert_eq!(sim.outcomes[&2], Outcome::Pending);
+    sim.now = began + Duration::from_secs(11);
+    let steps = sim.pass();
+    let (reason, to, _) = failed(&steps).expect("aborted at the deadline");
+    assert!(
+        reason
+            .starts_with("only 3 of the 10 canary requests needed to judge step 1/2 (weight 25%)"),
+        "{reason}"
+    );
+    assert_eq!(to, Some(1));
+    assert_eq!(sim.routing, Routing::Any);
 }
 
 #[test]
