@@ -283,7 +283,7 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
             .filter(|s| s.action != Action::Unchanged)
             .map(|s| (s.service.to_string(), s.revision.unwrap_or(1), s.action))
             .collect();
-        rt.block_on(wait_for(&client, &waiting, false))?;
+        rt.block_on(wait_for(&client, &waiting, false, false))?;
         Ok(t.elapsed().as_secs_f64() * 1000.0)
     };
 
@@ -319,6 +319,7 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
     rt.block_on(wait_for(
         &client,
         &[("hello".to_owned(), rb.revision, Action::Release)],
+        false,
         false,
     ))?;
     let rollback_ms = t.elapsed().as_secs_f64() * 1000.0;

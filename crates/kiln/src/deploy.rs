@@ -472,7 +472,14 @@ pub fn plan(
     })
 }
 
-pub fn apply(home: &Path, file: &Path, detach: bool, prune: bool, json: bool) -> Result<ExitCode> {
+pub fn apply(
+    home: &Path,
+    file: &Path,
+    detach: bool,
+    wait: bool,
+    prune: bool,
+    json: bool,
+) -> Result<ExitCode> {
     let (client, rt, resp) = send_spec(home, file, false, prune, json)?;
     if resp.plan.is_empty() || detach {
         return Ok(ExitCode::SUCCESS);
@@ -490,18 +497,43 @@ pub fn apply(home: &Path, file: &Path, detach: bool, prune: bool, json: bool) ->
         })
         .map(|s| (s.service.to_string(), s.revision.unwrap_or(1), s.action))
         .collect();
-    rt.block_on(wait_for(&client, &waiting, !json))
+    rt.block_on(wait_for(&client, &waiting, !json, wait))
+}
+
+/// A rollout that waits for a person (`kiln promote`), in words, if it
+/// does: a canary's manual pause, or a blue-green switch.
+fn paused_for_promote(s: &kiln_core::api::ServiceStatus, revision: u64) -> Option<String> {
+    if let Some(c) = &s.canary
+        && c.revision == revision
+        && c.waiting.starts_with("manual pause")
+    {
+        return Some(format!("step {}/{} ({}%)", c.step, c.steps, c.weight));
+    }
+    s.message
+        .as_deref()
+        .filter(|m| {
+            m.contains(&format!(
+                "release {revision} is ready: waiting for `kiln promote"
+            ))
+        })
+        .map(|_| "the blue-green switch".to_owned())
 }
 
 /// Follow the services until each is whole on its planned release, or its
-/// release failed.
+/// release failed. A rollout that waits for `kiln promote` ends the wait
+/// there (exit 0, saying which command goes on), so a CI job does not hang
+/// on it, unless `through` (`--wait`): then the wait goes on through every
+/// pause and through the release's watch (`rollout.watch`), until it is
+/// settled.
 pub async fn wait_for(
     client: &Client,
     waiting: &[(String, u64, Action)],
     show: bool,
+    through: bool,
 ) -> Result<ExitCode> {
     let started = Instant::now();
     let mut last = BTreeMap::new();
+    let mut paused: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let status: StatusResponse = client.get("/v1/status").await?;
         let mut done = 0;
@@ -509,6 +541,11 @@ pub async fn wait_for(
             let Some(s) = status.services.iter().find(|s| s.name.as_str() == name) else {
                 continue;
             };
+            if !through && let Some(at) = paused_for_promote(s, *revision) {
+                paused.insert(name.clone(), at);
+                done += 1;
+                continue;
+            }
             let old = s
                 .instances
                 .iter()
@@ -565,11 +602,20 @@ pub async fn wait_for(
             // for `min_ready`); a settings change once the service converged.
             let active = *action == Action::Settings
                 || release.is_some_and(|r| r.outcome == Outcome::Active);
-            if s.converged && s.revision == Some(*revision) && active {
+            // `--wait`: a watched release is settled once its watch ends.
+            let watched = through && s.watched_until.is_some();
+            if s.converged && s.revision == Some(*revision) && active && !watched {
                 done += 1;
             }
         }
         if done == waiting.len() {
+            for (name, at) in &paused {
+                // Said whatever the output: a script reads the exit code,
+                // a person this line.
+                eprintln!(
+                    "{name}: the rollout waits at {at} for `kiln promote {name}` (`kiln rollout status {name} --wait` follows it to the end)"
+                );
+            }
             if show {
                 eprintln!("done in {:.1}s", started.elapsed().as_secs_f64());
             }
@@ -609,6 +655,7 @@ pub fn rollback(
         &client,
         &[(service.to_owned(), resp.revision, Action::Release)],
         !json,
+        false,
     ))?;
     if !json {
         eprintln!(
@@ -679,6 +726,7 @@ pub fn promote(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
         &client,
         &[(service.to_owned(), resp.revision, Action::Release)],
         !json,
+        false,
     ))?;
     eprintln!(
         "{service}: release {} promoted in {:.0} ms",
@@ -713,6 +761,7 @@ pub fn abort(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
         &client,
         &[(service.to_owned(), resp.back_to, Action::Release)],
         !json,
+        false,
     ))?;
     Ok(code)
 }
@@ -785,7 +834,7 @@ pub fn gc(
 }
 
 /// `kiln rollout status`: follow the service's current rollout to its end.
-pub fn rollout_status(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
+pub fn rollout_status(home: &Path, service: &str, wait: bool, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let rt = runtime()?;
     let find = |status: StatusResponse| {
@@ -801,6 +850,7 @@ pub fn rollout_status(home: &Path, service: &str, json: bool) -> Result<ExitCode
         &client,
         &[(service.to_owned(), revision, Action::Release)],
         !json,
+        wait,
     ));
     if json {
         // The outcome as scripts read it: the service's status at the end

@@ -429,8 +429,14 @@ pub enum Command {
         )]
         file: PathBuf,
         /// Return once the releases are recorded, without waiting for the rollout
-        #[arg(long)]
+        #[arg(long, conflicts_with = "wait")]
         detach: bool,
+        /// Wait through the rollout's manual pauses (`kiln promote` from
+        /// elsewhere) and its watch (`rollout.watch`), until the release is
+        /// settled; without it apply returns (exit 0) at a pause that waits
+        /// for `kiln promote`, saying so
+        #[arg(long)]
+        wait: bool,
         /// Remove the services the agent runs that the spec no longer has
         /// (their instances stop gracefully; their history is kept)
         #[arg(long)]
@@ -604,6 +610,11 @@ pub enum RolloutCommand {
         /// The service, as named in kiln.toml
         #[arg(value_name = "SERVICE")]
         service: String,
+        /// Wait through manual pauses and the release's watch, until it is
+        /// settled (without it: return at a pause that waits for `kiln
+        /// promote`)
+        #[arg(long)]
+        wait: bool,
         /// No progress; at the end, the service's status as JSON
         #[arg(long)]
         json: bool,
@@ -864,14 +875,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {
-            command: RolloutCommand::Status { service, json },
-        } => deploy::rollout_status(&home()?, &service, json),
+            command:
+                RolloutCommand::Status {
+                    service,
+                    wait,
+                    json,
+                },
+        } => deploy::rollout_status(&home()?, &service, wait, json),
         Command::Apply {
             file,
             detach,
+            wait,
             prune,
             json,
-        } => deploy::apply(&home()?, &file, detach, prune, json),
+        } => deploy::apply(&home()?, &file, detach, wait, prune, json),
         Command::Plan {
             file,
             prune,

@@ -594,3 +594,59 @@ fn a_client_breaking_its_bodies_on_the_canary_side_cannot_abort_it() {
         },
     );
 }
+
+/// A manual pause does not hang a CI job: `apply` (and `rollout status`)
+/// return at it, exit 0, naming the command that goes on; `--wait` goes
+/// through it (here, once someone promotes).
+#[test]
+fn apply_returns_at_a_manual_pause_and_wait_goes_through_it() {
+    // Watched for 2 s once live: --wait waits that out too.
+    let rollout = format!("{MANUAL_50}watch = \"2s\"\n");
+    let (env, port, path, _agent) = deployed_v1(&rollout);
+    write(
+        &path,
+        spec(port, "HELLO_VERSION = \"v2\"", &rollout).as_bytes(),
+    );
+    let out = env.run(&["apply", "-f", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("web: the rollout waits at step 1/2 (50%) for `kiln promote web`"),
+        "{err}"
+    );
+    assert_eq!(service_status(&env, "web")["canary"]["weight"], 50);
+    let out = env.run(&["rollout", "status", "web"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("kiln promote web"));
+
+    // --wait blocks through the pause until the release is settled.
+    let mut waiting = env
+        .cmd()
+        .args(["rollout", "status", "web", "--wait"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        waiting.try_wait().unwrap().is_none(),
+        "--wait returned at the pause"
+    );
+    env.ok(&["promote", "web"]);
+    let status = (0..600)
+        .find_map(|_| {
+            std::thread::sleep(Duration::from_millis(100));
+            waiting.try_wait().unwrap()
+        })
+        .unwrap_or_else(|| {
+            let _ = waiting.kill();
+            panic!("--wait never returned after the promote")
+        });
+    assert!(status.success());
+    let s = service_status(&env, "web");
+    assert!(all_on(&s, 2), "{s}");
+    assert!(
+        s["watched_until"].is_null(),
+        "returned before the watch ended: {s}"
+    );
+}
