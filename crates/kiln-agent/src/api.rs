@@ -381,6 +381,10 @@ struct LogsQuery {
     instance: Option<String>,
     #[serde(default)]
     follow: bool,
+    /// Only lines made at or after this time (RFC 3339).
+    since: Option<String>,
+    /// Only the last lines of each instance's log, this many.
+    tail: Option<usize>,
 }
 
 /// `GET /v1/logs`: the matching instances' logs, oldest instance first,
@@ -427,16 +431,34 @@ async fn logs(
             && q.release
                 .is_none_or(|r| id.starts_with(&format!("{service}-r{r}-")))
     };
+    // Normalized to the stamps' own form, so that a comparison of text is
+    // one of times.
+    let since = match &q.since {
+        Some(t) => Some(
+            humantime::parse_rfc3339_weak(t)
+                .map(|t| humantime::format_rfc3339_millis(t).to_string())
+                .map_err(|_| {
+                    AgentError::BadRequest(format!("since: `{t}` is not a time (RFC 3339)"))
+                })?,
+        ),
+        None => None,
+    };
+    let tail = q.tail;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(16);
     let follow = q.follow;
     tokio::spawn(async move {
         let mut offsets: BTreeMap<PathBuf, u64> = BTreeMap::new();
         loop {
             for (id, path) in log_files(&dir, &filter).await {
+                let first = !offsets.contains_key(&path);
                 let offset = offsets.entry(path.clone()).or_insert(0);
-                let Ok(chunk) = read_from(&path, offset).await else {
+                let Ok(mut chunk) = read_from(&path, offset).await else {
                     continue;
                 };
+                // What was kept before the request: only what it asks for.
+                if first {
+                    chunk = kiln_core::logs::select(&chunk, since.as_deref(), tail);
+                }
                 if chunk.is_empty() {
                     continue;
                 }

@@ -56,7 +56,8 @@ pub(crate) fn roots(
     Ok(kept)
 }
 
-/// Collect `store`, keeping what `state`'s releases need.
+/// Collect `store`, keeping what `state`'s releases need, and the logs of
+/// instances gone for longer than `grace`.
 pub(crate) fn collect(
     store: &Store,
     state: &dyn StateStore,
@@ -64,7 +65,64 @@ pub(crate) fn collect(
     grace: Duration,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
-    sweep(store, roots(state, keep_releases)?, grace, dry_run)
+    let mut report = sweep(store, roots(state, keep_releases)?, grace, dry_run)?;
+    collect_logs(
+        store.root(),
+        state,
+        grace,
+        SystemTime::now(),
+        dry_run,
+        &mut report,
+    )?;
+    Ok(report)
+}
+
+/// Remove (unless `dry_run`) the logs under `home/logs/` of instances that
+/// do not run any more and whose log was last written more than `grace`
+/// before `now` (a crash-looping slot leaves one log per start).
+fn collect_logs(
+    home: &std::path::Path,
+    state: &dyn StateStore,
+    grace: Duration,
+    now: SystemTime,
+    dry_run: bool,
+    report: &mut GcReport,
+) -> Result<(), GcError> {
+    let running: BTreeSet<String> = state.instances()?.into_iter().map(|i| i.id).collect();
+    let Ok(services) = std::fs::read_dir(home.join("logs")) else {
+        return Ok(());
+    };
+    for service in services.flatten() {
+        let Ok(files) = std::fs::read_dir(service.path()) else {
+            continue;
+        };
+        for f in files.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".log")
+                .or_else(|| name.strip_suffix(".log.1"))
+            else {
+                continue;
+            };
+            let Ok(meta) = f.metadata() else {
+                continue;
+            };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|t| now.duration_since(t).ok())
+                .is_some_and(|age| age >= grace);
+            if running.contains(id) || !old {
+                continue;
+            }
+            report.logs += 1;
+            report.freed_bytes += meta.len();
+            if !dry_run {
+                let _ = std::fs::remove_file(f.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 fn sweep(
@@ -92,12 +150,11 @@ pub fn collect_home(
 ) -> Result<GcReport, GcError> {
     let store = Store::open(home)?;
     let db = home.join("state.db");
-    let roots = if db.exists() {
-        roots(&crate::state::SqliteState::open(&db)?, keep_releases)?
-    } else {
-        BTreeSet::new()
-    };
-    sweep(&store, roots, grace, dry_run)
+    if !db.exists() {
+        return sweep(&store, BTreeSet::new(), grace, dry_run);
+    }
+    let state = crate::state::SqliteState::open(&db)?;
+    collect(&store, &state, keep_releases, grace, dry_run)
 }
 
 /// Bytes of the store's blobs.

@@ -30,6 +30,104 @@ use crate::gate::{Gate, refuse};
 
 /// At most this many connections at once; more are closed on accept.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections one address may hold at once: one client cannot take every
+/// slot of [`MAX_CONNECTIONS`].
+const MAX_PER_ADDRESS: usize = 64;
+
+/// A request body may send nothing for this long before the request is
+/// failed (and its connection with it): a client that opens an upload and
+/// then trickles nothing holds no slot for ever.
+const BODY_IDLE: Duration = Duration::from_secs(30);
+
+/// A request body that fails once nothing of it arrived for `idle`.
+struct IdleBody<B> {
+    inner: B,
+    idle: Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> IdleBody<B> {
+    fn new(inner: B, idle: Duration) -> Self {
+        Self {
+            inner,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for IdleBody<B>
+where
+    B: hyper::body::Body + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = B::Data;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::future::Future as _;
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.sleep.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(format!(
+                    "the request body sent nothing for {} s",
+                    this.idle.as_secs()
+                )
+                .into()))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Connections held, by address; a [`Held`] gives its place back.
+#[derive(Default)]
+struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    /// A place for one more connection from `ip`, unless it holds
+    /// [`MAX_PER_ADDRESS`] already.
+    fn take(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<Held> {
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = m.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(Held(self.clone(), ip))
+    }
+}
+
+struct Held(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let mut m = (self.0).0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.1);
+            }
+        }
+    }
+}
 /// A client has this long for its TLS handshake and for each request's
 /// headers.
 const HANDSHAKE_LIMIT: Duration = Duration::from_secs(10);
@@ -153,6 +251,7 @@ fn make_cert(dir: &Path, cert: &Path, key: &Path, addr: SocketAddr) -> Result<()
 pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerConfig>, app: Router) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         let (tcp, addr) = match listener.accept().await {
             Ok(c) => c,
@@ -163,12 +262,15 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
                 continue;
             }
         };
+        let Some(held) = per_address.take(addr.ip()) else {
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             continue;
         };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, held);
             let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_LIMIT, acceptor.accept(tcp)).await
             else {
                 return;
@@ -176,7 +278,8 @@ pub async fn serve(listener: tokio::net::TcpListener, tls: Arc<rustls::ServerCon
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(ConnectInfo(addr));
-                    app.clone().oneshot(req.map(axum::body::Body::new))
+                    app.clone()
+                        .oneshot(req.map(|b| axum::body::Body::new(IdleBody::new(b, BODY_IDLE))))
                 },
             );
             let _ = hyper::server::conn::http1::Builder::new()
@@ -202,4 +305,52 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .layer(axum::middleware::map_response(
             crate::gate::security_headers,
         ))
+}
+
+#[cfg(test)]
+mod per_address_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_sends_nothing_fails_after_its_idle_time() {
+        use futures_util::StreamExt as _;
+        use http_body_util::BodyExt as _;
+        let chunks = futures_util::stream::iter(vec![Ok::<_, std::io::Error>(
+            hyper::body::Frame::data(bytes::Bytes::from_static(b"ab")),
+        )])
+        .chain(futures_util::stream::pending());
+        let body = http_body_util::StreamBody::new(chunks);
+        let mut b = IdleBody::new(body, Duration::from_secs(30));
+        let first = b
+            .frame()
+            .await
+            .and_then(|f| f.ok())
+            .and_then(|f| f.into_data().ok());
+        assert_eq!(first.as_deref(), Some(&b"ab"[..]));
+        let started = tokio::time::Instant::now();
+        let err = b.frame().await.and_then(|f| f.err()).map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("the request body sent nothing for 30 s")
+        );
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(30),
+            "measured from the last frame"
+        );
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_and_gives_it_back() {
+        let p = Arc::new(PerAddress::default());
+        let a: std::net::IpAddr = "127.0.0.1".parse().unwrap_or_else(|_| unreachable!());
+        let b: std::net::IpAddr = "127.0.0.2".parse().unwrap_or_else(|_| unreachable!());
+        let held: Vec<Held> = (0..MAX_PER_ADDRESS).filter_map(|_| p.take(a)).collect();
+        assert_eq!(held.len(), MAX_PER_ADDRESS);
+        assert!(p.take(a).is_none(), "one more from the same address");
+        assert!(p.take(b).is_some(), "another address still gets in");
+        drop(held);
+        assert!(p.take(a).is_some(), "places are given back");
+        assert!(p.0.lock().unwrap_or_else(|e| e.into_inner()).len() <= 1);
+    }
 }

@@ -15,6 +15,7 @@ pub mod event;
 pub mod health;
 pub mod layer;
 pub mod ledger;
+pub mod logs;
 pub mod names;
 pub mod oci;
 pub mod plan;

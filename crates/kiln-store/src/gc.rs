@@ -35,6 +35,10 @@ pub struct GcReport {
     pub freed_bytes: u64,
     /// Images kept, and why: roots (releases), tagged, young.
     pub kept_images: usize,
+    /// Log files of instances gone for longer than the grace period
+    /// (the agent's collection; the store has none).
+    #[serde(default)]
+    pub logs: usize,
 }
 
 /// How to collect.

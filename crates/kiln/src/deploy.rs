@@ -817,7 +817,7 @@ pub fn gc(
         println!("{verb} {image}");
     }
     println!(
-        "{verb} {} image{}, {} blob{}, {} tree{}, {} tmp leftover{}: {} freed; {} image{} kept",
+        "{verb} {} image{}, {} blob{}, {} tree{}, {} tmp leftover{}, {} log file{}: {} freed; {} image{} kept",
         r.images.len(),
         plural(r.images.len()),
         r.blobs,
@@ -826,6 +826,8 @@ pub fn gc(
         plural(r.trees),
         r.tmp,
         plural(r.tmp),
+        r.logs,
+        plural(r.logs),
         crate::commands::human_bytes(r.freed_bytes),
         r.kept_images,
         plural(r.kept_images)
@@ -1138,12 +1140,15 @@ pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn logs(
     home: &Path,
     service: &str,
     release: Option<u64>,
     instance: Option<&str>,
     follow: bool,
+    since: Option<&str>,
+    tail: Option<usize>,
     json: bool,
 ) -> Result<ExitCode> {
     let mut path = format!("/v1/logs?service={service}");
@@ -1156,13 +1161,29 @@ pub fn logs(
     if follow {
         path.push_str("&follow=true");
     }
+    if let Some(s) = since {
+        let t = crate::audit::parse_since(s)?;
+        path.push_str(&format!("&since={t}"));
+    }
+    // Following starts from the last lines, not from all that was kept.
+    let tail = tail.or((follow && since.is_none()).then_some(100));
+    if let Some(n) = tail {
+        path.push_str(&format!("&tail={n}"));
+    }
     let client = Client::new(home);
     if json {
-        // JSON Lines: {"instance": ID, "line": TEXT} per line of output.
+        // JSON Lines: {"instance": ID, "time": STAMP, "line": TEXT} per
+        // line of output (`time` null for lines kept before logs were
+        // stamped).
         runtime()?.block_on(client.stream_lines(&path, |out, line| {
             let text = String::from_utf8_lossy(line);
-            let (id, line) = text.split_once(" | ").unwrap_or(("", &text));
-            let v = serde_json::json!({ "instance": id, "line": line });
+            let (id, rest) = text.split_once(" | ").unwrap_or(("", &text));
+            let time = kiln_core::logs::stamp_of(rest.as_bytes()).map(str::to_owned);
+            let line = match &time {
+                Some(t) => &rest[t.len() + 1..],
+                None => rest,
+            };
+            let v = serde_json::json!({ "instance": id, "time": time, "line": line });
             writeln!(out, "{v}")
         }))?;
     } else {

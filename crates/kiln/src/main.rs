@@ -574,10 +574,18 @@ pub enum Command {
         /// Only this instance
         #[arg(long, value_name = "ID")]
         instance: Option<String>,
-        /// Keep following new output
+        /// Keep following new output (first the last 100 lines of each
+        /// instance, unless --tail or --since says otherwise)
         #[arg(short, long)]
         follow: bool,
-        /// JSON Lines: {"instance": ID, "line": TEXT} per line
+        /// Only lines from this long ago (`10m`, `2h`) or this time on
+        /// (RFC 3339)
+        #[arg(long, value_name = "DURATION|TIME")]
+        since: Option<String>,
+        /// Only the last N lines of each instance
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// JSON Lines: {"instance": ID, "time": RFC 3339, "line": TEXT} per line
         #[arg(long)]
         json: bool,
     },
@@ -904,6 +912,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             release,
             instance,
             follow,
+            since,
+            tail,
             json,
         } => deploy::logs(
             &home()?,
@@ -911,6 +921,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             release,
             instance.as_deref(),
             follow,
+            since.as_deref(),
+            tail,
             json,
         ),
     }

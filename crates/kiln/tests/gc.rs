@@ -64,6 +64,38 @@ fn gc_keeps_every_rollback_target_and_frees_the_rest() {
         assert_eq!(collected, i < 3, "release {}: {gone:?}", i + 1);
     }
     assert!(r["freed_bytes"].as_u64().unwrap() > 0);
+    // The logs of the instances the releases replaced are gone with them
+    // (gone longer than the grace); the running instance's log stays.
+    let logs = || -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(env.home.join("logs/web"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let running: Vec<String> = service_status(&env, "web")["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| format!("{}.log", i["id"].as_str().unwrap()))
+        .collect();
+    assert!(r["logs"].as_u64().unwrap() >= 4, "{r}");
+    assert_eq!(logs(), running, "only the running instance's log is kept");
+    // Log lines carry the time they were read, and --tail / --since pick.
+    let all = env.ok(&["logs", "web"]);
+    let line = all.lines().find(|l| l.contains("hello")).unwrap();
+    let stamp = line.split(" | ").nth(1).unwrap().split(' ').next().unwrap();
+    assert!(stamp.len() == 24 && stamp.ends_with('Z'), "{line}");
+    assert_eq!(env.ok(&["logs", "web", "--tail", "1"]).lines().count(), 1);
+    assert_eq!(
+        env.ok(&["logs", "web", "--since", "2099-01-01T00:00:00Z"]),
+        ""
+    );
+    assert_eq!(env.ok(&["logs", "web", "--since", "1h"]), all);
+    let err = env.fails(&["logs", "web", "--since", "yesterday-ish"]);
+    assert!(err.contains("--since"), "{err}");
     // Every kept release is a rollback target that works.
     env.ok(&["rollback", "web", "--to", "4"]);
     wait_for(

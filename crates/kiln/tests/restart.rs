@@ -286,11 +286,15 @@ fn output_written_while_no_agent_runs_is_all_in_the_log() {
         std::fs::read_to_string(f).unwrap()
     };
     wait_for("ticks in the log", Duration::from_secs(10), || {
-        log().contains("tick 5\n")
+        log().contains(" tick 5\n")
     });
+    // Each line as kept: the time it was read, a space, the app's line.
     let ticks_in = |text: &str| -> Vec<u64> {
         text.lines()
-            .filter_map(|l| l.strip_prefix("tick "))
+            .filter_map(|l| {
+                l.split_once(' ')
+                    .and_then(|(_, rest)| rest.strip_prefix("tick "))
+            })
             .map(|n| n.trim().parse().unwrap())
             .collect()
     };

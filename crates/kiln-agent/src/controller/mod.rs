@@ -505,11 +505,9 @@ impl Controller {
     }
 
     fn counters(&self, revision: u64) -> Snapshot {
-        self.shared
-            .router
-            .metrics
-            .release(&self.name, revision)
-            .snapshot()
+        // Read without keeping: a release nothing routes to loses its
+        // series (`Metrics::prune`).
+        self.shared.router.metrics.peek(&self.name, revision)
     }
 
     fn complete_rollout(&mut self, target: u64) {

@@ -1,6 +1,10 @@
 //! Instance logs: stdout and stderr of each instance, appended to
 //! `$KILN_HOME/logs/SERVICE/INSTANCE.log`, rotated by size (the previous
-//! file becomes `.log.1`), kept after the instance is gone.
+//! file becomes `.log.1`), kept after the instance is gone until `kiln gc`
+//! (or the agent's automatic collection) removes those of instances gone
+//! for longer than the grace period. Every line starts with the time kiln
+//! read it (RFC 3339, UTC, milliseconds, then a space): `kiln logs
+//! --since` filters on it.
 
 use std::path::{Path, PathBuf};
 
@@ -14,7 +18,29 @@ pub const ROTATE_BYTES: u64 = 8 << 20;
 
 pub struct LogFile {
     path: PathBuf,
-    file: Mutex<(File, u64)>,
+    /// The file, its size, and whether the next byte starts a line.
+    file: Mutex<(File, u64, bool)>,
+}
+
+/// `bytes` with `stamp` (and a space) put at the start of every line:
+/// the first one when `at_start`, then after each newline that is not the
+/// last byte. Returns the stamped bytes and whether the next byte starts
+/// a line.
+pub fn stamp_lines(bytes: &[u8], stamp: &str, at_start: bool) -> (Vec<u8>, bool) {
+    let mut out = Vec::with_capacity(bytes.len() + 32);
+    let mut start = at_start;
+    for &b in bytes {
+        if start {
+            out.extend_from_slice(stamp.as_bytes());
+            out.push(b' ');
+            start = false;
+        }
+        out.push(b);
+        if b == b'\n' {
+            start = true;
+        }
+    }
+    (out, start)
 }
 
 /// Open `path` for appending, creating it 0600; one made before logs were
@@ -46,20 +72,25 @@ impl LogFile {
         let size = file.metadata().await?.len();
         Ok(Self {
             path,
-            file: Mutex::new((file, size)),
+            file: Mutex::new((file, size, true)),
         })
     }
 
+    /// Append `bytes` (an instance's output, as it came), each line
+    /// stamped with the time it was read.
     async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
+        let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let mut guard = self.file.lock().await;
+        let (bytes, next_starts) = stamp_lines(bytes, &stamp, guard.2);
         if guard.1 + bytes.len() as u64 > ROTATE_BYTES && guard.1 > 0 {
             let mut old = self.path.clone().into_os_string();
             old.push(".1");
             tokio::fs::rename(&self.path, &old).await?;
             let file = open_private(&self.path).await?;
-            *guard = (file, 0);
+            *guard = (file, 0, guard.2);
         }
-        guard.0.write_all(bytes).await?;
+        guard.2 = next_starts;
+        guard.0.write_all(&bytes).await?;
         // tokio's File completes writes in the background; flush so what
         // `kiln logs` reads is what the instance wrote.
         guard.0.flush().await?;
@@ -93,11 +124,13 @@ impl LogFile {
         }
     }
 
-    /// A line from kiln itself (start, exit) in the instance's log.
+    /// A line from kiln itself (start, exit) in the instance's log, on a
+    /// line of its own.
     pub async fn note(&self, line: &str) {
-        let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+        let starts = self.file.lock().await.2;
+        let lead = if starts { "" } else { "\n" };
         let _ = self
-            .write(format!("[kiln {stamp}] {line}\n").as_bytes())
+            .write(format!("{lead}[kiln] {line}\n").as_bytes())
             .await;
     }
 }
@@ -117,10 +150,33 @@ mod tests {
         let old = std::fs::metadata(dir.path().join("a.log.1")).unwrap().len();
         let new = std::fs::metadata(dir.path().join("a.log")).unwrap().len();
         assert!(old <= ROTATE_BYTES && new <= ROTATE_BYTES);
+        // One line each (no newline in the chunks): one stamp of 25 bytes.
         assert_eq!(
             old + new,
-            2 * chunk.len() as u64,
+            2 * chunk.len() as u64 + 25,
             "nothing lost in rotation"
+        );
+    }
+
+    #[test]
+    fn every_line_is_stamped_once_whatever_the_reads_cut() {
+        let s = "2026-12-07T01:00:00.000Z";
+        assert_eq!(
+            stamp_lines(b"a\nb\n", s, true),
+            (format!("{s} a\n{s} b\n").into_bytes(), true)
+        );
+        // A line cut between two reads gets one stamp.
+        let (one, starts) = stamp_lines(b"hel", s, true);
+        assert!(!starts);
+        let (two, starts) = stamp_lines(b"lo\nwor", s, starts);
+        assert!(!starts);
+        let mut all = one;
+        all.extend(two);
+        assert_eq!(all, format!("{s} hello\n{s} wor").into_bytes());
+        assert_eq!(stamp_lines(b"", s, true), (Vec::new(), true));
+        assert_eq!(
+            stamp_lines(b"\n\n", s, true),
+            (format!("{s} \n{s} \n").into_bytes(), true)
         );
     }
 
@@ -144,10 +200,10 @@ mod tests {
         stop.send(true).unwrap();
         pump.await.unwrap();
         tx.write_all(b"two\n").await.unwrap();
-        assert_eq!(
-            std::fs::read_to_string(dir.path().join("b.log")).unwrap(),
-            "one\n"
-        );
+        let kept = std::fs::read_to_string(dir.path().join("b.log")).unwrap();
+        // One line, stamped: `TIME one`.
+        assert_eq!(kept.lines().count(), 1, "{kept}");
+        assert!(kept.ends_with(" one\n") && kept.len() == 25 + 4, "{kept}");
         // What it did not read is still in the pipe, for the next reader.
         let mut rest = [0u8; 4];
         let mut next = tokio::net::unix::pipe::Receiver::from_owned_fd(held).unwrap();

@@ -141,10 +141,18 @@ impl ReleaseMetrics {
     }
 }
 
+/// How long a release's series stay once nothing routes to it: at least
+/// one scrape window, so that a scraper sees their last values.
+pub const SERIES_GRACE: Duration = Duration::from_secs(60);
+
 /// Every release's metrics, plus connections per listener.
 #[derive(Debug, Default)]
 pub struct Metrics {
     releases: Mutex<BTreeMap<(ServiceName, u64), Arc<ReleaseMetrics>>>,
+    /// Releases no backend holds any more, since when: their series go
+    /// after [`SERIES_GRACE`] (the metrics would otherwise grow with every
+    /// release, forever).
+    unused: Mutex<BTreeMap<(ServiceName, u64), std::time::Instant>>,
     connections: Mutex<BTreeMap<String, Arc<AtomicI64>>>,
     answers: Mutex<BTreeMap<String, Arc<Answers>>>,
 }
@@ -177,9 +185,46 @@ impl Answers {
 }
 
 impl Metrics {
+    /// A release's counters, made the first time (a backend of it holds
+    /// them while it is routed).
     pub fn release(&self, service: &ServiceName, revision: u64) -> Arc<ReleaseMetrics> {
         let mut m = self.releases.lock().unwrap_or_else(|p| p.into_inner());
         m.entry((service.clone(), revision)).or_default().clone()
+    }
+
+    /// A release's counters as they are, without keeping any: zero for a
+    /// release nothing counted (or whose series were dropped).
+    pub fn peek(&self, service: &ServiceName, revision: u64) -> kiln_core::counters::Snapshot {
+        self.releases
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(service.clone(), revision))
+            .map(|r| r.snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Drop the series of releases nothing has routed to for
+    /// [`SERIES_GRACE`] by `now` (only this map holds their counters);
+    /// how many went.
+    pub fn prune(&self, now: std::time::Instant) -> usize {
+        let mut releases = self.releases.lock().unwrap_or_else(|p| p.into_inner());
+        let mut unused = self.unused.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = Vec::new();
+        for (k, v) in releases.iter() {
+            if Arc::strong_count(v) > 1 {
+                unused.remove(k);
+                continue;
+            }
+            let since = *unused.entry(k.clone()).or_insert(now);
+            if now.saturating_duration_since(since) >= SERIES_GRACE {
+                gone.push(k.clone());
+            }
+        }
+        for k in &gone {
+            releases.remove(k);
+            unused.remove(k);
+        }
+        gone.len()
     }
 
     /// The answers a listener gives itself.
@@ -195,6 +240,9 @@ impl Metrics {
 
     /// The Prometheus text exposition of everything.
     pub fn render(&self, out: &mut String) {
+        // A scrape is when series of releases long unrouted go: each was
+        // shown unused for a scrape window first.
+        self.prune(std::time::Instant::now());
         let releases: Vec<_> = self
             .releases
             .lock()
@@ -316,6 +364,39 @@ mod tests {
         assert_eq!((window.requests(), window.client_errors), (2, 1));
         assert!((window.error_rate() - 0.5).abs() < 1e-9);
         assert_eq!(window.quantile(1.0), Some(Duration::from_secs_f64(0.5)));
+    }
+
+    #[test]
+    fn a_release_nothing_routes_to_loses_its_series_after_the_grace() {
+        let m = Metrics::default();
+        let svc = ServiceName::try_from("web").unwrap();
+        let routed = m.release(&svc, 1);
+        routed.observe(200, Duration::from_millis(1));
+        m.release(&svc, 2).observe(500, Duration::from_millis(1));
+        assert_eq!(m.peek(&svc, 2).responses[4], 1);
+        let t0 = std::time::Instant::now();
+        assert_eq!(m.prune(t0), 0, "seen unused now: kept for the grace");
+        assert_eq!(m.prune(t0 + SERIES_GRACE - Duration::from_millis(1)), 0);
+        assert_eq!(m.prune(t0 + SERIES_GRACE), 1);
+        assert_eq!(
+            m.peek(&svc, 2),
+            kiln_core::counters::Snapshot::default(),
+            "gone"
+        );
+        assert_eq!(m.peek(&svc, 1).responses[1], 1, "a routed release stays");
+        // Unrouted, then routed again within the grace: its clock restarts.
+        drop(routed);
+        assert_eq!(m.prune(t0), 0);
+        let again = m.release(&svc, 1);
+        assert_eq!(m.prune(t0 + SERIES_GRACE * 2), 0);
+        drop(again);
+        assert_eq!(m.prune(t0 + SERIES_GRACE * 3), 0, "unused since now");
+        assert_eq!(m.prune(t0 + SERIES_GRACE * 4), 1);
+        // peek never keeps a series alive or makes one.
+        assert_eq!(m.peek(&svc, 9), kiln_core::counters::Snapshot::default());
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(!out.contains("release=\"9\""), "{out}");
     }
 
     #[test]
