@@ -76,13 +76,55 @@ fn read_token(token_stdin: bool) -> Result<String> {
 pub fn login(home: &Path, url: &str, token_stdin: bool, json: bool) -> Result<ExitCode> {
     let url = AgentUrl::parse(url)?;
     let token = read_token(token_stdin)?;
-    let mut agents = Agents::open(home)?;
-    let pinned = agents
+    let agents = Agents::open(home)?;
+    // The pin kept, else the one given (KILN_AGENT_FINGERPRINT): checked in
+    // the handshake, before the token goes anywhere.
+    let kept = agents
         .agents
         .get(&url.to_string())
         .map(|k| k.fingerprint.clone());
-    let remote = Arc::new(Remote::new(url.clone(), pinned.clone(), token.clone()));
+    let given = std::env::var("KILN_AGENT_FINGERPRINT")
+        .ok()
+        .filter(|f| !f.is_empty());
+    let pinned = kept.clone().or(given);
     let rt = runtime()?;
+    if pinned.is_none() {
+        // First use: see the certificate first, with nothing sent; a person
+        // at a terminal confirms it, a script accepts it as SSH's
+        // `accept-new` does (pin it with KILN_AGENT_FINGERPRINT instead).
+        let probe = Remote::new(url.clone(), None, String::new());
+        let seen = rt.block_on(probe.certificate())?;
+        eprintln!("{url} presents certificate {seen} (the agent's log names its own)");
+        let interactive = !token_stdin && std::io::IsTerminal::is_terminal(&std::io::stdin());
+        if interactive {
+            eprint!("trust it and send the token? [y/N] ");
+            let mut answer = String::new();
+            std::io::stdin().read_line(&mut answer)?;
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                bail!("{url}: not logged in (certificate not trusted; nothing was sent)");
+            }
+        }
+        let remote = Arc::new(Remote::new(url.clone(), Some(seen), token.clone()));
+        return finish_login(home, &url, agents, remote, token, None, json, &rt);
+    }
+    let remote = Arc::new(Remote::new(url.clone(), pinned.clone(), token.clone()));
+    rt.block_on(remote.certificate())?;
+    finish_login(home, &url, agents, remote, token, pinned, json, &rt)
+}
+
+/// Check the token over a connection to the certificate pinned, and keep
+/// both.
+#[allow(clippy::too_many_arguments)]
+fn finish_login(
+    home: &Path,
+    url: &crate::remote::AgentUrl,
+    mut agents: Agents,
+    remote: Arc<Remote>,
+    token: String,
+    pinned: Option<String>,
+    json: bool,
+    rt: &tokio::runtime::Runtime,
+) -> Result<ExitCode> {
     let who: WhoAmIResponse = rt.block_on(Client::remote(remote.clone()).get("/v1/whoami"))?;
     let fingerprint = remote
         .seen()

@@ -216,6 +216,33 @@ impl Remote {
             .clone()
     }
 
+    /// Connect and shake hands only (nothing sent over TLS, no token): the
+    /// certificate the agent presents, checked against the pin if any.
+    pub async fn certificate(&self) -> Result<String> {
+        let addr = self.url.authority();
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(&addr))
+            .await
+            .map_err(|_| anyhow!("cannot reach the agent at {}: no answer in 10 s", self.url))?
+            .map_err(|e| anyhow!("cannot reach the agent at {}: {e}", self.url))?;
+        let name = ServerName::try_from(self.url.host.clone())
+            .map_err(|e| anyhow!("invalid agent host {}: {e}", self.url.host))?;
+        let shake = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp)).await;
+        let seen = self.seen();
+        match shake {
+            Ok(Ok(_)) => {
+                seen.ok_or_else(|| anyhow!("the agent at {} presented no certificate", self.url))
+            }
+            Ok(Err(e)) => match (&self.pin.want, seen) {
+                (Some(want), Some(seen)) if *want != seen => bail!(
+                    "the agent at {} presents certificate {seen}, not the expected {want}: refused, no token sent",
+                    self.url
+                ),
+                _ => bail!("TLS with the agent at {}: {e}", self.url),
+            },
+            Err(_) => bail!("TLS with the agent at {}: no handshake in 10 s", self.url),
+        }
+    }
+
     pub async fn send<B>(
         &self,
         req: hyper::http::request::Builder,

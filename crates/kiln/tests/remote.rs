@@ -344,11 +344,41 @@ fn a_pinned_fingerprint_that_changes_is_refused() {
         .trim()
         .to_owned();
     let laptop = Env::new();
+    // A pin given that the agent does not match: refused in the handshake,
+    // before the token is sent (nothing kept).
+    let out = laptop
+        .cmd()
+        .args(["login", &url])
+        .env("KILN_TOKEN", &token)
+        .env(
+            "KILN_AGENT_FINGERPRINT",
+            format!("sha256:{}", "00".repeat(32)),
+        )
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no token sent"),
+        "{err}"
+    );
+    assert!(!laptop.home.join("agents.json").exists());
     let mut login = laptop.cmd();
     login
         .args(["login", &url, "--json"])
         .env("KILN_TOKEN", &token);
-    let out: serde_json::Value = serde_json::from_slice(&succeed(&mut login)).unwrap();
+    let first = login.output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // First use: the certificate is shown before anything is sent.
+    assert!(
+        String::from_utf8_lossy(&first.stderr).contains("presents certificate sha256:"),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&first.stdout).unwrap();
     assert_eq!(out["role"], "viewer");
     assert_eq!(out["actor"], "token:laptop");
     let pinned = out["fingerprint"].as_str().unwrap().to_owned();
