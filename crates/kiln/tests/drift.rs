@@ -303,3 +303,46 @@ fn config_drift_on(runtime: &str) {
         "{text}"
     );
 }
+
+/// A drift made within a tree's repair back-off (just after a repair) is
+/// recorded when it is seen, not only at the deferred check: undone before
+/// that, it still leaves its ledger entry.
+#[test]
+fn a_drift_undone_within_the_repair_back_off_is_still_recorded() {
+    let env = Env::new();
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--verify-every", "1h"]);
+    });
+    let port = free_port();
+    let spec = spec(&env, port, 1);
+    env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let page = rootfs(&env).join("static/page.html");
+    let mode = std::fs::metadata(&page).unwrap().permissions();
+    edit(&page, b"first edit\n");
+    wait_for("the first repair", Duration::from_secs(20), || {
+        audit(&env, "tree-drift")
+            .iter()
+            .any(|e| e["detail"]["repaired"] == true)
+    });
+    // The fresh tree drifts again at once, within its back-off...
+    let page = rootfs(&env).join("static/page.html");
+    edit(&page, b"second edit\n");
+    wait_for("the deferred finding", Duration::from_secs(20), || {
+        audit(&env, "tree-drift").iter().any(|e| {
+            e["detail"]["repaired"] == false
+                && e["detail"]["error"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("within its repair back-off"))
+        })
+    });
+    // ...and is undone before the deferred check: the entry stays.
+    std::fs::write(&page, b"original page\n").unwrap();
+    std::fs::set_permissions(&page, mode).unwrap();
+    let found = audit(&env, "tree-drift");
+    let deferred = found
+        .iter()
+        .find(|e| e["detail"]["repaired"] == false)
+        .unwrap();
+    let files = deferred["detail"]["files"].to_string();
+    assert!(files.contains("static/page.html"), "{deferred}");
+}

@@ -317,7 +317,7 @@ impl Detector {
         let wait = match repair_backoff(self.repairs.get(image).copied(), Instant::now()) {
             Ok(wait) => wait,
             Err(at) => {
-                self.defer(image, at, &drift);
+                self.defer(image, at, &drift, found_by);
                 return;
             }
         };
@@ -381,18 +381,34 @@ impl Detector {
     }
 
     /// Drift found while the tree's repair waits: checked again at `at`.
-    fn defer(&mut self, image: &Digest, at: Instant, drift: &[TreeDrift]) {
+    fn defer(&mut self, image: &Digest, at: Instant, drift: &[TreeDrift], found_by: FoundBy) {
         let (_, paths) = self
             .deferred
             .entry(image.clone())
             .or_insert((at, BTreeSet::new()));
-        if paths.is_empty() {
-            tracing::warn!(
-                "drift: tree of {image} drifted again soon after its repair: the next repair waits {}s",
-                at.saturating_duration_since(Instant::now()).as_secs()
-            );
-        }
+        let first = paths.is_empty();
         paths.extend(drift.iter().map(|d| d.path().to_owned()));
+        if first {
+            let wait = at.saturating_duration_since(Instant::now()).as_secs();
+            tracing::warn!(
+                "drift: tree of {image} drifted again soon after its repair: the next repair waits {wait}s"
+            );
+            // Recorded now, not only at the deferred check: a change undone
+            // before it would otherwise leave no trace in the ledger.
+            let change = Change::TreeDrift {
+                image: image.clone(),
+                files: named_files(drift),
+                count: drift.len(),
+                found_by,
+                repaired: false,
+                services: self.services_of(image),
+                quarantine: None,
+                error: Some(format!(
+                    "drifted again within its repair back-off: repaired in {wait}s if it still differs then"
+                )),
+            };
+            self.record(NewEvent::node(change, Actor::Agent));
+        }
     }
 
     /// Watch the (fresh) tree of `image` again.
