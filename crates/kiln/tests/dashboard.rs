@@ -136,6 +136,22 @@ async fn forged_fetch(c: &Client) -> u64 {
     .unwrap()
 }
 
+/// A rollback sent as the page's own buttons send it (its anti-forgery
+/// value from the page): the status and the body.
+async fn own_fetch(c: &Client) -> (u64, String) {
+    let v = c
+        .execute(
+            "const t = document.querySelector('meta[name=kiln-csrf]').content; \
+             return fetch('/v1/services/web/rollback', {method: 'POST', \
+             headers: {'content-type': 'application/json', 'x-kiln-csrf': t}, body: '{\"to\":1}'}) \
+             .then(async r => [r.status, await r.text()])",
+            vec![],
+        )
+        .await
+        .unwrap();
+    (v[0].as_u64().unwrap(), v[1].as_str().unwrap().to_owned())
+}
+
 #[test]
 fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
     require("chromedriver");
@@ -192,7 +208,14 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
             "a viewer sees no button"
         );
         screenshot(&c, "dashboard-viewer.png").await;
-        assert_eq!(forged_fetch(&c).await, 403, "a viewer cannot roll back");
+        assert_eq!(forged_fetch(&c).await, 403, "without the page's value");
+        // With it, the role decides: a viewer cannot roll back.
+        let (status, body) = own_fetch(&c).await;
+        assert_eq!(status, 403, "{body}");
+        assert!(
+            body.contains("is a viewer") && body.contains("needs deployer"),
+            "{body}"
+        );
         c.find(Locator::Css("header form button"))
             .await
             .unwrap()

@@ -790,6 +790,8 @@ fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
             .any(|l| l.starts_with("Max open files") && l.contains(" 400 ")),
         "{limits}"
     );
+    let before = instances(&service_status(&env, "web"));
+    assert_eq!(before.len(), 1);
     let flood: Vec<TcpStream> = (0..500)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
         .collect();
@@ -797,8 +799,21 @@ fn a_connection_flood_leaves_the_api_probes_and_instances_alone() {
     std::thread::sleep(Duration::from_secs(2));
     let s = service_status(&env, "web");
     assert_eq!(s["ready"], 1, "{s}");
-    let replaced: Vec<Value> = instances(&s);
-    assert_eq!(replaced.len(), 1, "no instance was replaced: {s}");
+    // The same instance, never replaced nor unready meanwhile.
+    let after = instances(&s);
+    assert_eq!(after.len(), 1, "{s}");
+    assert_eq!(
+        after[0]["id"], before[0]["id"],
+        "no instance was replaced: {s}"
+    );
+    assert_eq!(after[0]["replacements"], 0, "{s}");
+    assert_eq!(
+        env.ok(&["audit", "web", "--kind", "instance-unready"])
+            .lines()
+            .count(),
+        1,
+        "no instance went unready under the flood (only the header line)"
+    );
     // Room is made as the flood goes: a new client is served.
     drop(flood);
     let (status, body) = get(port, "/");
