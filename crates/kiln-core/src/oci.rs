@@ -31,6 +31,9 @@ pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 /// kiln's own name for a layer (from `[[images.NAME.layers]]`).
 pub const ANNOTATION_LAYER_NAME: &str = "dev.kiln.layer.name";
+/// On a referrer's entry in the store's own `index.json` (never in a
+/// manifest, so never carried by a push): a bake of this store made it.
+pub const ANNOTATION_MADE_HERE: &str = "dev.kiln.made-here";
 /// Which part of its declared layer a layer is, `N/COUNT`, when the layer
 /// was stored in parts (`kiln_core::layer::parts`).
 pub const ANNOTATION_LAYER_PART: &str = "dev.kiln.layer.part";

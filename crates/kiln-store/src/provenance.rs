@@ -99,7 +99,9 @@ pub fn attach(
     statement: &serde_json::Value,
 ) -> Result<(), StoreError> {
     let bytes = serde_json::to_vec(statement).unwrap_or_default();
-    store.add_artifact(manifest, ARTIFACT_TYPE, &bytes, &BTreeMap::new())?;
+    // Marked as this store's own: a statement that arrived any other way
+    // (pushed by a deployer, pulled from a registry) is shown unverified.
+    store.add_artifact_made(manifest, ARTIFACT_TYPE, &bytes, &BTreeMap::new(), true)?;
     Ok(())
 }
 
@@ -112,12 +114,25 @@ pub struct Provenance {
     pub builder: Option<String>,
     /// The statement's subject is this image (it is about what it says).
     pub subject_matches: bool,
+    /// A bake of this store made it (and it is about this image): what
+    /// counts as provenance. Anything else (pushed by a deployer, pulled
+    /// from a registry) is what someone claims.
+    pub verified: bool,
 }
 
 /// Every provenance statement kept for `digest`.
 pub fn statements(store: &Store, digest: &Digest) -> Result<Vec<Provenance>, StoreError> {
+    let made: std::collections::BTreeSet<Digest> = store
+        .referrers(digest)?
+        .into_iter()
+        .filter(|(d, _)| {
+            d.annotations
+                .contains_key(kiln_core::oci::ANNOTATION_MADE_HERE)
+        })
+        .map(|(d, _)| d.digest)
+        .collect();
     let mut out = Vec::new();
-    for (_, payload) in store.artifacts(digest, ARTIFACT_TYPE)? {
+    for (manifest, payload) in store.artifacts(digest, ARTIFACT_TYPE)? {
         let Some(s) = payload.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         else {
             continue;
@@ -135,7 +150,11 @@ pub fn statements(store: &Store, digest: &Digest) -> Result<Vec<Provenance>, Sto
                 .pointer("/subject/0/digest/sha256")
                 .and_then(|v| v.as_str())
                 == Some(digest.hex()),
+            verified: false,
         });
+        if let Some(p) = out.last_mut() {
+            p.verified = p.subject_matches && made.contains(&manifest);
+        }
     }
     Ok(out)
 }

@@ -398,15 +398,47 @@ impl Store {
     /// Record a referrer: commit its blobs and add its manifest to the
     /// index (no tag: it is found by its `subject`), under the store lock.
     pub fn add_referrer(&self, blobs: Vec<PendingBlob>, manifest: &Descriptor) -> Result<()> {
+        self.add_referrer_made(blobs, manifest, false)
+    }
+
+    /// [`Self::add_referrer`]; `made_here`: this store's own bake made it
+    /// (its index entry says so, which no push or pull can).
+    fn add_referrer_made(
+        &self,
+        blobs: Vec<PendingBlob>,
+        manifest: &Descriptor,
+        made_here: bool,
+    ) -> Result<()> {
         let _lock = self.lock()?;
         self.commit_blobs(blobs, &manifest.digest)?;
         let mut index = self.index()?;
-        if !index.manifests.iter().any(|d| d.digest == manifest.digest) {
-            index.manifests.push(Descriptor::new(
-                &manifest.media_type,
-                manifest.digest.clone(),
-                manifest.size,
-            ));
+        let at = index
+            .manifests
+            .iter()
+            .position(|d| d.digest == manifest.digest);
+        let (at, added) = match at {
+            Some(i) => (i, false),
+            None => {
+                index.manifests.push(Descriptor::new(
+                    &manifest.media_type,
+                    manifest.digest.clone(),
+                    manifest.size,
+                ));
+                (index.manifests.len() - 1, true)
+            }
+        };
+        let entry = &mut index.manifests[at];
+        let mark = made_here
+            && !entry
+                .annotations
+                .contains_key(kiln_core::oci::ANNOTATION_MADE_HERE);
+        if mark {
+            entry.annotations.insert(
+                kiln_core::oci::ANNOTATION_MADE_HERE.to_owned(),
+                "bake".to_owned(),
+            );
+        }
+        if mark || added {
             self.write_index(&index)?;
         }
         Ok(())
@@ -422,6 +454,19 @@ impl Store {
         artifact_type: &str,
         payload: &[u8],
         annotations: &BTreeMap<String, String>,
+    ) -> Result<Descriptor> {
+        self.add_artifact_made(subject, artifact_type, payload, annotations, false)
+    }
+
+    /// [`Self::add_artifact`], marked as made by this store (a bake's own
+    /// provenance statement) when `made_here`.
+    pub fn add_artifact_made(
+        &self,
+        subject: &Descriptor,
+        artifact_type: &str,
+        payload: &[u8],
+        annotations: &BTreeMap<String, String>,
+        made_here: bool,
     ) -> Result<Descriptor> {
         let config = self.stage_blob(b"{}")?;
         let layer = self.stage_blob(payload)?;
@@ -457,7 +502,7 @@ impl Store {
             staged.digest.clone(),
             staged.size,
         );
-        self.add_referrer(vec![config, layer, staged], &descriptor)?;
+        self.add_referrer_made(vec![config, layer, staged], &descriptor, made_here)?;
         Ok(descriptor)
     }
 

@@ -221,7 +221,12 @@ fn print_why(w: &Why, release: &kiln_core::release::Release) {
     }
     for p in &w.provenance {
         println!(
-            "source     git {}{}{}; built by {}",
+            "source     {}git {}{}{}; built by {}",
+            if p.verified {
+                ""
+            } else {
+                "UNVERIFIED (not made by a bake of this store; someone claims): "
+            },
             p.commit.as_deref().unwrap_or("?"),
             match p.dirty {
                 Some(true) => " (dirty)",

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use util::{Env, app, chmod, copy_tree, have, require, succeed, write};
+use util::{Env, app, chmod, copy_tree, have, require, sha256_hex, succeed, write};
 
 fn digest(report: &serde_json::Value) -> String {
     report["digest"].as_str().expect("digest").to_owned()
@@ -466,6 +466,7 @@ fn provenance_comes_from_git_and_the_kiln_version() {
         format!("https://kiln.dev/kiln@{}", env!("CARGO_PKG_VERSION"))
     );
     assert_eq!(prov["subject_matches"], true);
+    assert_eq!(prov["verified"], true, "made by this store's bake");
 
     // Another remote, and an untracked file the image leaves out (the
     // context's .kilnignore has *.tmp), so git says dirty: the same digest,
@@ -490,6 +491,51 @@ fn provenance_comes_from_git_and_the_kiln_version() {
                 && p["commit"] == head.as_str()),
         "{provs:?}"
     );
+
+    // A statement someone else attached (as a deployer could through the
+    // agent's registry endpoint, or a registry through a pull) is shown,
+    // but unverified.
+    let statement = serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"digest": {"sha256": d.trim_start_matches("sha256:")}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {"buildDefinition": {"resolvedDependencies": [
+            {"uri": "git+https://evil.example/app.git", "digest": {"gitCommit": "0000forged"}}
+        ]}, "runDetails": {"builder": {"id": "https://kiln.dev/kiln@9.9.9"}}}
+    })
+    .to_string();
+    let blobs = env.home.join("blobs/sha256");
+    let put = |bytes: &[u8]| {
+        let hex = sha256_hex(bytes);
+        fs::write(blobs.join(&hex), bytes).unwrap();
+        (format!("sha256:{hex}"), bytes.len())
+    };
+    let (cd, cn) = put(b"{}");
+    let (ld, ln) = put(statement.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","artifactType":"application/vnd.in-toto+json","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{cd}","size":{cn}}},"layers":[{{"mediaType":"application/vnd.in-toto+json","digest":"{ld}","size":{ln}}}],"subject":{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{d}","size":1}}}}"#
+    );
+    let (md, mn) = put(manifest.as_bytes());
+    let index_path = env.home.join("index.json");
+    let mut index: serde_json::Value =
+        serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mn
+        }));
+    fs::write(&index_path, index.to_string()).unwrap();
+    let info = env.json(&["inspect", &d, "--json"]);
+    let provs = info["provenance"].as_array().unwrap();
+    assert_eq!(provs.len(), 3, "{provs:?}");
+    let forged = provs.iter().find(|p| p["commit"] == "0000forged").unwrap();
+    assert_eq!(forged["verified"], false, "{forged}");
+    assert_eq!(
+        forged["subject_matches"], true,
+        "it names the image, and still counts for nothing"
+    );
+    assert!(provs.iter().filter(|p| p["verified"] == true).count() == 2);
 }
 
 #[test]

@@ -95,6 +95,10 @@ fn why_from_a_pid_inside_an_instance_reaches_the_git_commit() {
     assert_eq!(why["provenance"][0]["commit"], head.as_str(), "{why}");
     assert_eq!(why["provenance"][0]["dirty"], false);
     assert_eq!(
+        why["provenance"][0]["verified"], true,
+        "made by this store's bake"
+    );
+    assert_eq!(
         why["provenance"][0]["source"],
         "https://example.invalid/hello.git"
     );
