@@ -218,8 +218,15 @@ pub fn desired(
                     Some(kiln_core::registry::Target::Digest(d)) if store.has_blob(d) => d.clone(),
                     // A tag is resolved at every apply: where it points now.
                     _ => {
-                        let report = crate::registry::pull_into(home, &store, r, false, !verbose)
-                            .with_context(|| format!("service {name}: image {r}"))?;
+                        let report = crate::registry::pull_into(
+                            home,
+                            &store,
+                            r,
+                            false,
+                            !verbose,
+                            kiln_store::registry::PULL_DEADLINE,
+                        )
+                        .with_context(|| format!("service {name}: image {r}"))?;
                         if verbose && report.downloaded > 0 {
                             eprintln!(
                                 "pulled {r}@{} ({} blobs, {} bytes)",

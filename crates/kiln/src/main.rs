@@ -260,6 +260,10 @@ pub enum Command {
         /// Plain HTTP to this registry (never chosen on its own)
         #[arg(long)]
         insecure: bool,
+        /// Give up (keeping nothing) when the whole pull takes longer than
+        /// this
+        #[arg(long, value_name = "DURATION", default_value = "30m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -713,8 +717,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pull {
             src,
             insecure,
+            timeout,
             json,
-        } => registry::pull(&home()?, &src, insecure, json),
+        } => registry::pull(&home()?, &src, insecure, timeout, json),
         Command::Login {
             host,
             token_stdin,

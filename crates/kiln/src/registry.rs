@@ -92,10 +92,16 @@ pub fn push(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn pull(home: &Path, src: &str, insecure: bool, json: bool) -> Result<ExitCode> {
+pub fn pull(
+    home: &Path,
+    src: &str,
+    insecure: bool,
+    timeout: std::time::Duration,
+    json: bool,
+) -> Result<ExitCode> {
     let src = RegistryRef::parse(src)?;
     let store = open_store(home)?;
-    let report = pull_into(home, &store, &src, insecure, json)?;
+    let report = pull_into(home, &store, &src, insecure, json, timeout)?;
     if json {
         print_json(&report)?;
     } else {
@@ -129,12 +135,15 @@ pub fn pull_into(
     src: &RegistryRef,
     insecure: bool,
     json: bool,
+    deadline: std::time::Duration,
 ) -> Result<kiln_store::registry::PullReport> {
     let credentials = Credentials::open(home)?;
     let registry = Registry::new(&src.host, &credentials, insecure);
     let show = progress(json);
     let report = runtime()?
-        .block_on(kiln_store::registry::pull(store, &registry, src, &show))
+        .block_on(kiln_store::registry::pull_within(
+            store, &registry, src, &show, deadline,
+        ))
         .with_context(|| format!("cannot pull {src}"))?;
     if report.downloaded > 0 {
         crate::commands::record(

@@ -960,3 +960,68 @@ fn login(env: &Env, host: &str, password: &str) {
         .unwrap();
     assert!(c.wait().unwrap().success());
 }
+
+/// A registry that answers `/v2/` and then trickles a manifest one byte
+/// every 100 ms, never ending it (until the client goes, or 60 s).
+fn trickling_registry() -> u16 {
+    use std::io::{BufRead, BufReader, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(16) {
+            let Ok(mut s) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                    // The rest of the head.
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                            break;
+                        }
+                    }
+                    if path == "/v2/" {
+                        let _ = s.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+                        );
+                        continue;
+                    }
+                    let _ = s.write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\n\r\n",
+                    );
+                    for _ in 0..600 {
+                        if s.write_all(b"1\r\n \r\n").is_err() {
+                            return;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[test]
+fn a_pull_from_a_registry_that_never_finishes_ends_at_its_deadline() {
+    let env = Env::new();
+    env.ok(&["images"]);
+    let port = trickling_registry();
+    let before = env.store_state();
+    let err = env.fails(&[
+        "pull",
+        &format!("127.0.0.1:{port}/team/slow:v1"),
+        "--insecure",
+        "--timeout",
+        "2s",
+    ]);
+    assert!(err.contains("took longer than 2s"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert_eq!(env.store_state(), before, "nothing kept");
+}

@@ -23,7 +23,7 @@ use oci_client::{
 };
 
 pub use credentials::{Auth, Credentials, Login};
-pub use pull::{MEDIA_TYPE_DOCKER_MANIFEST, PullReport, pull};
+pub use pull::{MEDIA_TYPE_DOCKER_MANIFEST, PULL_DEADLINE, PullReport, pull, pull_within};
 pub use push::{PushReport, push};
 
 use crate::store::StoreError;
@@ -75,6 +75,11 @@ pub enum RegistryError {
     },
     #[error("the manifest of {reference} is over the 4 MiB limit")]
     ManifestTooBig { reference: String },
+    #[error(
+        "pulling {reference} took longer than {after}; nothing was kept (a slow or endless registry answer; --timeout gives more time)",
+        after = humantime::format_duration(*.after)
+    )]
+    Deadline { reference: String, after: Duration },
     #[error("the manifest of {reference} hashes to {actual}, not {expected}; nothing was kept")]
     ManifestDigest {
         reference: String,

@@ -53,6 +53,29 @@ pub fn host_platform() -> (&'static str, &'static str) {
     ("linux", arch)
 }
 
+/// How long a whole pull may take by default: every answer of the
+/// registry, however slowly it trickles, ends by then.
+pub const PULL_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Pull `src` into `store` within `deadline` (the image, its blobs and its
+/// referrers; nothing is kept of a pull that does not finish).
+pub async fn pull_within(
+    store: &Store,
+    registry: &Registry,
+    src: &RegistryRef,
+    progress: &(dyn Fn(&str) + Sync),
+    deadline: std::time::Duration,
+) -> Result<PullReport, RegistryError> {
+    tokio::time::timeout(deadline, pull(store, registry, src, progress))
+        .await
+        .unwrap_or_else(|_| {
+            Err(RegistryError::Deadline {
+                reference: src.to_string(),
+                after: deadline,
+            })
+        })
+}
+
 pub async fn pull(
     store: &Store,
     registry: &Registry,
