@@ -12,6 +12,8 @@ DURATION = int(os.environ.get("DURATION", "5"))
 CONNS = int(os.environ.get("CONNS", "50"))
 
 work = tempfile.mkdtemp(prefix="kiln-bench-ab-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 agents = []
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -50,7 +52,11 @@ interval = "250ms"
 
 try:
     ports = {"A": deploy("a", KILN_A), "B": deploy("b", KILN_B)}
-    pids = {"A": agents[0].pid, "B": agents[1].pid}
+    # The agent process (where the router runs) is the supervisor's child:
+    # its pid is in the home's agent.lock, not the `kiln serve` started here.
+    def agent_pid(name):
+        return int(open(f"{work}/{name}/home/agent.lock").read().strip())
+    pids = {"A": agent_pid("a"), "B": agent_pid("b")}
     runs = {"A": [], "B": []}
     # The router's CPU per request (the agent process, router threads and
     # all): steadier than the p99 when wrk, router and app share two cores.

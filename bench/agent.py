@@ -68,6 +68,9 @@ def api(home, path):
 def make_app(root, runtime):
     os.makedirs(os.path.join(root, "bin"))
     shutil.copy(HELLO, os.path.join(root, "bin", "hello"))
+    # With a `listen`, an instance is ready once its port accepts (as the
+    # bare apps are timed): without one it would count as ready as soon as
+    # it runs, and the overhead would subtract a start-up kiln never waited for.
     with open(os.path.join(root, "kiln.toml"), "w") as f:
         f.write(f"""
 [images.hello]
@@ -77,13 +80,16 @@ entrypoint = ["/bin/hello"]
 image = "hello"
 replicas = {REPLICAS}
 runtime = "{runtime}"
+listen = "127.0.0.1:{free_port()}"
 """)
 
 
 class Agent:
     def __init__(self, home):
         self.home = home
-        self.proc = subprocess.Popen([KILN, "--home", home, "serve"], stderr=subprocess.DEVNULL)
+        # `process` is off by default (it runs the app unconfined).
+        self.proc = subprocess.Popen([KILN, "--home", home, "serve", "--allow-runtime", "process"],
+                                     stderr=subprocess.DEVNULL)
         while not os.path.exists(os.path.join(home, "kiln.sock")):
             time.sleep(0.01)
 
@@ -97,6 +103,8 @@ def kiln(home, *args, cwd=None):
 
 
 work = tempfile.mkdtemp(prefix="kiln-bench-agent-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 rows = []
 try:
     bare = statistics.median(bare_start(REPLICAS) for _ in range(RUNS))

@@ -9,6 +9,8 @@ CLIENTS = int(os.environ.get("CLIENTS", "4"))
 
 
 work = tempfile.mkdtemp(prefix="kiln-bench-canary-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 home, app = f"{work}/home", f"{work}/app"
 port = free_port()
 os.makedirs(f"{app}/bin")

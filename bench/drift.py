@@ -9,6 +9,8 @@ FILES = int(os.environ.get("FILES", "100000"))
 IDLE = int(os.environ.get("IDLE", "30"))
 
 work = tempfile.mkdtemp(prefix="kiln-bench-drift-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 home, app = f"{work}/home", f"{work}/app"
 port = free_port()
 os.makedirs(f"{app}/web/bin")

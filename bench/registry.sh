@@ -90,15 +90,18 @@ run() {
 # run's repository instead of uploading: their caches are cleared first.
 KP="rm -f '$HOME_SRC/cache/registry-blobs.json' && '$KILN' --home '$HOME_SRC' push one:v1 '$HOST/kiln@N@:v1' --insecure"
 SP="rm -f /var/lib/containers/cache/blob-info-cache-v1.boltdb ~/.local/share/containers/cache/blob-info-cache-v1.boltdb && skopeo copy -q --dest-tls-verify=false 'oci:$HOME_SRC:one:v1' 'docker://$HOST/skopeo@N@:v1'"
-# The no-op pushes go to repositories that have every blob (kiln1, skopeo4).
-KN="'$KILN' --home '$HOME_SRC' push one:v1 '$HOST/kiln1:v1' --insecure"
-SN="skopeo copy -q --dest-tls-verify=false 'oci:$HOME_SRC:one:v1' 'docker://$HOST/skopeo4:v1'"
-KL="rm -rf '$WORK/pull-kiln' && '$KILN' --home '$WORK/pull-kiln' pull '$HOST/kiln1:v1' --insecure"
-SL="rm -rf '$WORK/pull-skopeo' && skopeo copy -q --src-tls-verify=false 'docker://$HOST/kiln1:v1' 'oci:$WORK/pull-skopeo:v1'"
+# The no-op pushes go to repositories each tool filled first, untimed
+# (kiln-full, skopeo-full), whatever RUNS is.
+KN="'$KILN' --home '$HOME_SRC' push one:v1 '$HOST/kiln-full:v1' --insecure"
+SN="skopeo copy -q --dest-tls-verify=false 'oci:$HOME_SRC:one:v1' 'docker://$HOST/skopeo-full:v1'"
+KL="rm -rf '$WORK/pull-kiln' && '$KILN' --home '$WORK/pull-kiln' pull '$HOST/kiln-full:v1' --insecure"
+SL="rm -rf '$WORK/pull-skopeo' && skopeo copy -q --src-tls-verify=false 'docker://$HOST/kiln-full:v1' 'oci:$WORK/pull-skopeo:v1'"
 
 echo "measuring ($RUNS runs each, medians; image: $((SIZE / 1048576)) MiB of blobs)..." >&2
 run kp "$KP"
 run sp "$SP"
+bash -c "$KN" >/dev/null 2>&1
+bash -c "$SN" >/dev/null 2>&1
 run kn "$KN"
 run sn "$SN"
 run kl "$KL"

@@ -9,6 +9,8 @@ DURATION = int(os.environ.get("DURATION", "2"))
 CONNS = int(os.environ.get("CONNS", "50"))
 
 work = tempfile.mkdtemp(prefix="kiln-bench-restart-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 home, app = f"{work}/home", f"{work}/app"
 port = free_port()
 os.makedirs(f"{app}/bin")

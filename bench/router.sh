@@ -17,6 +17,8 @@ echo "building kiln and hello (release)..." >&2
 cargo build --release -q -p kiln -p hello
 KILN=$PWD/target/release/kiln
 WORK=$(mktemp -d /tmp/kiln-bench-router-XXXX)
+# Searchable by everyone: an agent running as root runs instances as nobody.
+chmod 711 "$WORK"
 HOME_DIR=$WORK/home
 AGENT_PID=
 cleanup() { [ -n "$AGENT_PID" ] && kill -TERM "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null; rm -rf "$WORK"; }

@@ -25,6 +25,8 @@ def get_body(port):
 
 
 work = tempfile.mkdtemp(prefix="kiln-bench-traffic-")
+# Searchable by everyone: an agent running as root runs instances as nobody.
+os.chmod(work, 0o711)
 home, app = f"{work}/home", f"{work}/app"
 port, preview = free_port(), free_port()
 os.makedirs(f"{app}/bin")
@@ -89,7 +91,7 @@ try:
     write_spec("v1", replicas=3)
     kiln("apply")
     load = {}
-    t = threading.Thread(target=lambda: load.update(r=wrk(port, duration=max(20, ROLLBACKS * 2))))
+    t = threading.Thread(target=lambda: load.update(r=wrk(port, duration=max(30, ROLLBACKS * 4))))
     t.start()
     times = []
     for k in range(ROLLBACKS):
@@ -104,6 +106,10 @@ try:
         times.append((time.perf_counter() - t0) * 1000)
         rb.wait()
         kiln("rollout", "status", "web")
+    # The load must cover every rollback, or its count of failed requests
+    # says nothing about the last ones.
+    if not t.is_alive():
+        sys.exit("the load ended before the last rollback: its counts would not cover them (fewer ROLLBACKS)")
     t.join()
     total, non2xx, sock = load["r"][3:6]
 finally:

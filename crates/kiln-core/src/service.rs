@@ -400,6 +400,26 @@ pub struct HealthSpec {
     pub liveness: Option<Probe>,
 }
 
+/// How long a worker (no `listen`: nothing routes to it, so nothing
+/// checks it answers) without a readiness probe must run before it counts
+/// as ready, when `rollout.min_ready` asks for less: one that exits at once
+/// must not count (Nomad's `min_healthy_time` is 10 s).
+pub const WORKER_MIN_READY: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The `min_ready` a service's instances are held to: its own, or for a
+/// worker without a readiness probe at least [`WORKER_MIN_READY`].
+pub fn effective_min_ready(
+    min_ready: std::time::Duration,
+    listens: bool,
+    health: &HealthSpec,
+) -> std::time::Duration {
+    if listens || health.readiness.is_some() {
+        min_ready
+    } else {
+        min_ready.max(WORKER_MIN_READY)
+    }
+}
+
 /// One probe: exactly one of `http`, `tcp`, `exec`, plus timing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "RawProbe", into = "RawProbe")]
@@ -761,6 +781,35 @@ pub enum StopSignal {
 #[cfg(test)]
 mod tests {
     use crate::spec::Spec;
+
+    #[test]
+    fn a_worker_without_a_probe_must_run_a_while_before_it_counts() {
+        let none = HealthSpec::default();
+        let s = |n| std::time::Duration::from_secs(n);
+        assert_eq!(effective_min_ready(s(0), false, &none), WORKER_MIN_READY);
+        assert_eq!(
+            effective_min_ready(s(10), false, &none),
+            s(10),
+            "its own when longer"
+        );
+        assert_eq!(
+            effective_min_ready(s(0), true, &none),
+            s(0),
+            "a service the router checks"
+        );
+        let probed = HealthSpec {
+            readiness: Some(
+                serde_json::from_value(serde_json::json!({"exec": ["/bin/true"]}))
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ),
+            ..HealthSpec::default()
+        };
+        assert_eq!(
+            effective_min_ready(s(0), false, &probed),
+            s(0),
+            "its probe decides"
+        );
+    }
 
     #[test]
     fn a_full_service_parses() {

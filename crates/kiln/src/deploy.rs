@@ -448,6 +448,18 @@ fn send_spec(
             );
         }
     }
+    // Workers whose readiness is only "still running": said, once.
+    let workers: Vec<(String, std::time::Duration)> = services
+        .iter()
+        .filter_map(|d| {
+            let held = kiln_core::service::effective_min_ready(
+                d.settings.rollout.min_ready.0,
+                d.settings.listen.is_some(),
+                &d.config.health,
+            );
+            (held != d.settings.rollout.min_ready.0).then(|| (d.name.to_string(), held))
+        })
+        .collect();
     let request = ApplyRequest {
         services,
         dry_run,
@@ -459,6 +471,19 @@ fn send_spec(
         crate::commands::print_json(&resp.plan)?;
     } else {
         print!("{}", resp.plan);
+        for (name, held) in &workers {
+            let changed = resp
+                .plan
+                .services
+                .iter()
+                .any(|p| p.service.as_str() == name && p.action != Action::Unchanged);
+            if changed {
+                eprintln!(
+                    "note: {name} has no listen and no readiness probe: its instances count as ready once they have run {} (rollout.min_ready; a readiness probe says better)",
+                    humantime::format_duration(*held)
+                );
+            }
+        }
     }
     Ok((client, rt, resp))
 }

@@ -1136,3 +1136,33 @@ fn plan_without_an_agent_changes_nothing() {
         "nothing was baked"
     );
 }
+
+/// A worker (no listen, no readiness probe) counts as ready only once it
+/// has run a while: one that exits at once fails its release instead of
+/// `apply` saying "done" (and the plan says how it is judged).
+#[test]
+fn a_worker_that_exits_at_once_is_not_ready() {
+    let env = Env::new();
+    let _agent = Agent::start(&env);
+    let spec = |cmd: &str| {
+        format!(
+            "[images.app]\ninclude = [\"bin\"]\nentrypoint = [\"/bin/start.sh\"]\n\
+             [services.worker]\nimage = \"app\"\ncommand = [\"/usr/bin/sh\", \"-c\", \"{cmd}\"]\n\
+             [services.worker.rollout]\nprogress_deadline = \"30s\"\n"
+        )
+    };
+    let path = hello_app(&env.path("app"), &spec("sleep 600"));
+    let out = env.run(&["apply", "-f", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("note: worker has no listen and no readiness probe") && err.contains("3s"),
+        "{err}"
+    );
+    write(&path, spec("exit 0").as_bytes());
+    let out = env.run(&["apply", "-f", path.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "apply said done: {err}");
+    assert!(err.contains("worker: release 2 failed"), "{err}");
+    assert_eq!(service_status(&env, "worker")["revision"], 1);
+}

@@ -51,9 +51,14 @@ fn bake_prints_the_digest_and_fills_an_oci_layout() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|m| m.get("annotations").is_none())
+        .filter(|m| m["annotations"]["org.opencontainers.image.ref.name"].is_null())
         .collect();
     assert_eq!(referrers.len(), 1, "{index}");
+    // Marked as this store's own bake's (what makes it count as provenance).
+    assert_eq!(
+        referrers[0]["annotations"]["dev.kiln.made-here"], "bake",
+        "{index}"
+    );
     assert!(env.home.join("blobs/sha256").join(hex).is_file());
 }
 

@@ -396,6 +396,14 @@ impl Controller {
         for rev in [Some(target), previous, canary].into_iter().flatten() {
             counters.insert(rev, self.counters(rev));
         }
+        // A worker without a readiness probe counts only once it has run a
+        // while (one that exits at once never does).
+        let mut rec = rec;
+        rec.settings.rollout.min_ready.0 = kiln_core::service::effective_min_ready(
+            rec.settings.rollout.min_ready.0,
+            rec.settings.listen.is_some(),
+            &p.release.config.health,
+        );
         Some(Observed {
             rec,
             outcome,
