@@ -780,6 +780,7 @@ pub enum StopSignal {
 
 #[cfg(test)]
 mod tests {
+    use super::{HealthSpec, WORKER_MIN_READY, effective_min_ready};
     use crate::spec::Spec;
 
     #[test]
