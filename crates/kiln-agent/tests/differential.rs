@@ -6,7 +6,10 @@
 //! For every request shape, kiln either refuses it (the backend receives
 //! nothing) or the backend receives from kiln the same requests (count,
 //! methods, targets, bodies) that it receives from the stricter of the two
-//! peers. For every shape, request or response, a victim's request sent
+//! peers. kiln refuses a shape both peers forward only for a reason listed
+//! in `STRICTER`. To every hostile response kiln answers as one of the
+//! peers does (but for the reasons in `RESPONSE_DIFFERS`). For every
+//! shape, request or response, a victim's request sent
 //! right after it on another connection gets its own answer: nothing an
 //! attacker sent is ever glued to another client's request, and no
 //! response reaches the wrong client.
@@ -575,6 +578,38 @@ const LENIENT: &[(&str, &str)] = &[
     ),
 ];
 
+/// Shapes kiln refuses although both peers forward them, and why: any
+/// other shape both forward, kiln must forward too (a router that refuses
+/// what the field accepts breaks clients), and each of these it must keep
+/// refusing (the list is not a stale excuse).
+const STRICTER: &[(&str, &str)] = &[
+    (
+        "Host with userinfo",
+        "RFC 9110 §7.2: Host is uri-host [ \":\" port ], no userinfo; `user@host` in a \
+         Host is how authority confusion starts",
+    ),
+    (
+        "double space in the request line",
+        "RFC 9112 §3: exactly one SP between the three parts; lenient splitting of the \
+         request line is a known desync vector (RFC 9112 §3 allows refusing it with 400)",
+    ),
+    (
+        "HTTP/1.2",
+        "no HTTP/1.2 exists: RFC 9110 §6.2 says to treat a higher minor version as 1.1, \
+         but a client that sends it is not one a router in front of apps has to serve",
+    ),
+];
+
+/// Response shapes where kiln answers neither as nginx nor as HAProxy
+/// does, and why; for every other shape kiln's answer (its statuses) is
+/// one of the peers'.
+const RESPONSE_DIFFERS: &[(&str, &str)] = &[(
+    "100 then 200",
+    "an interim 100 the client never asked for (no Expect) is dropped and the final \
+     answer passed on (RFC 9110 §15.2: a proxy MAY drop interim responses the client \
+     did not ask for); nginx closes without an answer, HAProxy passes both",
+)];
+
 /// Response shapes the backend sends to `GET /r/N`.
 const RESPONSES: &[(&str, &[u8])] = &[
     (
@@ -669,8 +704,32 @@ fn hostile_shapes_through_kiln_nginx_and_haproxy() {
                 "{name}: the victim's request through kiln did not get its own answer"
             ));
         }
-        if i >= shapes.len() || k.seen.is_empty() {
+        if i >= shapes.len() {
+            // A hostile response: kiln answers as one of the peers does.
+            let response = name.trim_start_matches("response: ");
+            let allowed = RESPONSE_DIFFERS.iter().any(|(r, _)| *r == response);
+            if k.statuses != n.statuses && k.statuses != h.statuses && !allowed {
+                failures.push(format!(
+                    "{name}: kiln answered {:?}; nginx {:?}; haproxy {:?}",
+                    k.statuses, n.statuses, h.statuses
+                ));
+            }
             continue;
+        }
+        let stricter = STRICTER.iter().any(|(s, _)| s == name);
+        if k.seen.is_empty() {
+            // Refused: fine when a peer refuses too, or for a reason named.
+            if !n.seen.is_empty() && !h.seen.is_empty() && !stricter {
+                failures.push(format!(
+                    "{name}: kiln refused what both nginx and HAProxy forward"
+                ));
+            }
+            continue;
+        }
+        if stricter {
+            failures.push(format!(
+                "{name}: listed as refused on purpose (STRICTER), but kiln forwarded it"
+            ));
         }
         // Forwarded: the same requests as the stricter peer (fewer
         // requests), targets compared in origin-form.
