@@ -92,6 +92,7 @@ impl Node {
                 env: BTreeMap::new(),
                 workdir: "/".to_owned(),
                 volumes: Vec::new(),
+                user: None,
             },
             now: Instant::now(),
             started: 0,

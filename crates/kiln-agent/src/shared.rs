@@ -42,6 +42,10 @@ pub struct Shared {
     pub trust: Option<crate::trust::TrustPolicy>,
     /// What the agent's verifications of its own ledger found.
     pub ledger: Arc<crate::ledger::Health>,
+    /// How long a worker without a readiness probe runs before it counts
+    /// ([`kiln_core::service::WORKER_MIN_READY`]; none for the fake
+    /// runtime, whose instances never exit on their own).
+    pub worker_min_ready: std::time::Duration,
     ids: AtomicU64,
     seed: u64,
 }
@@ -68,6 +72,7 @@ impl Shared {
             allow_process: false,
             trust: None,
             ledger: Arc::default(),
+            worker_min_ready: kiln_core::service::WORKER_MIN_READY,
             ids: AtomicU64::new(0),
             seed,
         }
@@ -83,8 +88,10 @@ impl Shared {
     /// fake, in tests and the scale benchmark).
     #[cfg(test)]
     pub fn with_runtime(mut self, runtime: Arc<dyn Runtime>) -> Self {
-        // The fake runs nothing: any kind is allowed.
+        // The fake runs nothing: any kind is allowed, and its "workers"
+        // never exit on their own.
         self.allow_process = true;
+        self.worker_min_ready = std::time::Duration::ZERO;
         self.runtimes = Runtimes::Only(runtime);
         self
     }

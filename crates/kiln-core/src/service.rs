@@ -407,16 +407,18 @@ pub struct HealthSpec {
 pub const WORKER_MIN_READY: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The `min_ready` a service's instances are held to: its own, or for a
-/// worker without a readiness probe at least [`WORKER_MIN_READY`].
+/// worker without a readiness probe at least `worker_floor` (the agent's
+/// is [`WORKER_MIN_READY`]).
 pub fn effective_min_ready(
     min_ready: std::time::Duration,
     listens: bool,
     health: &HealthSpec,
+    worker_floor: std::time::Duration,
 ) -> std::time::Duration {
     if listens || health.readiness.is_some() {
         min_ready
     } else {
-        min_ready.max(WORKER_MIN_READY)
+        min_ready.max(worker_floor)
     }
 }
 
@@ -787,16 +789,22 @@ mod tests {
     fn a_worker_without_a_probe_must_run_a_while_before_it_counts() {
         let none = HealthSpec::default();
         let s = |n| std::time::Duration::from_secs(n);
-        assert_eq!(effective_min_ready(s(0), false, &none), WORKER_MIN_READY);
+        let w = WORKER_MIN_READY;
+        assert_eq!(effective_min_ready(s(0), false, &none, w), w);
         assert_eq!(
-            effective_min_ready(s(10), false, &none),
+            effective_min_ready(s(10), false, &none, w),
             s(10),
             "its own when longer"
         );
         assert_eq!(
-            effective_min_ready(s(0), true, &none),
+            effective_min_ready(s(0), true, &none, w),
             s(0),
-            "a service the router checks"
+            "the router checks it"
+        );
+        assert_eq!(
+            effective_min_ready(s(1), false, &none, s(0)),
+            s(1),
+            "no floor"
         );
         let probed = HealthSpec {
             readiness: Some(
@@ -806,7 +814,7 @@ mod tests {
             ..HealthSpec::default()
         };
         assert_eq!(
-            effective_min_ready(s(0), false, &probed),
+            effective_min_ready(s(0), false, &probed, w),
             s(0),
             "its probe decides"
         );

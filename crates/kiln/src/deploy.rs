@@ -456,6 +456,7 @@ fn send_spec(
                 d.settings.rollout.min_ready.0,
                 d.settings.listen.is_some(),
                 &d.config.health,
+                kiln_core::service::WORKER_MIN_READY,
             );
             (held != d.settings.rollout.min_ready.0).then(|| (d.name.to_string(), held))
         })

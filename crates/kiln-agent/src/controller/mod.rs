@@ -403,6 +403,7 @@ impl Controller {
             rec.settings.rollout.min_ready.0,
             rec.settings.listen.is_some(),
             &p.release.config.health,
+            self.shared.worker_min_ready,
         );
         Some(Observed {
             rec,
