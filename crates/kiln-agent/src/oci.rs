@@ -263,7 +263,12 @@ async fn start_upload(
 
 /// The session `id`, if `owner` opened it and it has not expired: another
 /// token cannot write into (or finish) someone else's upload.
-fn take_upload(oci: &Oci, id: &str, owner: &str) -> Result<BlobWriter, OciError> {
+fn take_upload(
+    oci: &Oci,
+    id: &str,
+    owner: &str,
+    now: std::time::Instant,
+) -> Result<BlobWriter, OciError> {
     let unknown = || {
         oci_error(
             StatusCode::NOT_FOUND,
@@ -273,7 +278,7 @@ fn take_upload(oci: &Oci, id: &str, owner: &str) -> Result<BlobWriter, OciError>
     };
     let mut uploads = lock(&oci.uploads);
     match uploads.get(id) {
-        Some(u) if u.owner == owner && u.touched.elapsed() < UPLOAD_IDLE => {}
+        Some(u) if u.owner == owner && now.saturating_duration_since(u.touched) < UPLOAD_IDLE => {}
         _ => return Err(unknown()),
     }
     uploads.remove(id).map(|u| u.writer).ok_or_else(unknown)
@@ -287,7 +292,11 @@ async fn append_upload(
     body: Body,
 ) -> Answer {
     let owner = owner_of(&caller);
-    let writer = write_body(take_upload(&oci, &id, &owner)?, body).await?;
+    let writer = write_body(
+        take_upload(&oci, &id, &owner, std::time::Instant::now())?,
+        body,
+    )
+    .await?;
     let size = writer.written();
     lock(&oci.uploads).insert(
         id.clone(),
@@ -309,7 +318,7 @@ async fn finish_upload(
     Query(q): Query<UploadQuery>,
     body: Body,
 ) -> Answer {
-    let writer = take_upload(&oci, &id, &owner_of(&caller))?;
+    let writer = take_upload(&oci, &id, &owner_of(&caller), std::time::Instant::now())?;
     let want = digest_of(
         q.digest
             .as_deref()
@@ -591,6 +600,44 @@ async fn put_manifest(
 #[cfg(test)]
 mod manifest_tests {
     use super::*;
+
+    #[test]
+    fn an_upload_session_is_its_openers_and_expires_when_idle() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let store = Store::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        let oci = Oci {
+            store: store.clone(),
+            uploads: Mutex::new(HashMap::new()),
+        };
+        let open = |id: &str, owner: &str| {
+            let writer = store.blob_writer().unwrap_or_else(|e| panic!("{e}"));
+            lock(&oci.uploads).insert(
+                id.to_owned(),
+                Upload {
+                    writer,
+                    owner: owner.to_owned(),
+                    touched: std::time::Instant::now(),
+                },
+            );
+        };
+        let now = std::time::Instant::now();
+        open("a", "token:ci");
+        assert!(
+            take_upload(&oci, "a", "token:other", now).is_err(),
+            "another token"
+        );
+        assert!(
+            take_upload(&oci, "a", "token:ci", now).is_ok(),
+            "its opener"
+        );
+        open("b", "token:ci");
+        let later = now + UPLOAD_IDLE + std::time::Duration::from_secs(1);
+        assert!(
+            take_upload(&oci, "b", "token:ci", later).is_err(),
+            "expired"
+        );
+        assert!(take_upload(&oci, "nope", "token:ci", now).is_err());
+    }
 
     #[test]
     fn only_manifests_are_served_and_only_as_manifests() {
