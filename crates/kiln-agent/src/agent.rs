@@ -738,7 +738,7 @@ impl Agent {
                 service: d.name.clone(),
                 probe: None,
                 program: program.clone(),
-                image: format!("{}@{}", cfg.image_name, cfg.image.short()),
+                image: cfg.image_label(),
             });
         }
         for (kind, probe) in [
@@ -755,7 +755,7 @@ impl Agent {
                     service: d.name.clone(),
                     probe: Some(kind),
                     program: program.clone(),
-                    image: format!("{}@{}", cfg.image_name, cfg.image.short()),
+                    image: cfg.image_label(),
                 });
             }
         }

@@ -127,7 +127,10 @@ pub fn plan(
                 action: Action::Create,
                 revision: Some(cur.map_or(0, |c| c.latest) + 1),
                 changes: vec![
-                    format!("image {}@{}", d.config.image_name, d.config.image),
+                    format!(
+                        "image {}",
+                        crate::release::image_label(&d.config.image_name, &d.config.image, false)
+                    ),
                     format!("replicas {}", d.settings.replicas),
                 ],
             });
@@ -200,11 +203,9 @@ fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
     let mut out = Vec::new();
     if old.image != new.image {
         out.push(format!(
-            "image {}@{} -> {}@{}",
-            old.image_name,
-            old.image.short(),
-            new.image_name,
-            new.image.short()
+            "image {} -> {}",
+            old.image_label(),
+            new.image_label()
         ));
     } else if old.image_name != new.image_name {
         out.push(format!(

@@ -47,7 +47,25 @@ pub struct ReleaseConfig {
     pub stop: StopSpec,
 }
 
+/// How an image is named for people: `NAME@SHORT` (`hello@1a2b3c4d5e6f`),
+/// or the name alone when it already pins the digest (a digest-pinned
+/// registry reference, `host/repo@sha256:…`): never the digest twice.
+pub fn image_label(image_name: &str, image: &Digest, short: bool) -> String {
+    if image_name.contains("@sha256:") {
+        image_name.to_owned()
+    } else if short {
+        format!("{image_name}@{}", image.short())
+    } else {
+        format!("{image_name}@{image}")
+    }
+}
+
 impl ReleaseConfig {
+    /// [`image_label`] of this release's image, short.
+    pub fn image_label(&self) -> String {
+        image_label(&self.image_name, &self.image, true)
+    }
+
     /// The content hash recorded with the release.
     pub fn hash(&self) -> Digest {
         Digest::of(&serde_json::to_vec(self).unwrap_or_default())
@@ -149,5 +167,21 @@ impl Release {
             outcome: Outcome::Pending,
             reason: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::*;
+
+    #[test]
+    fn a_pinned_name_is_not_followed_by_its_digest_again() {
+        let d = Digest::of(b"x");
+        let short = d.short().to_owned();
+        assert_eq!(image_label("hello", &d, true), format!("hello@{short}"));
+        assert_eq!(image_label("hello", &d, false), format!("hello@{d}"));
+        let pinned = format!("127.0.0.1:5000/team/hello@{d}");
+        assert_eq!(image_label(&pinned, &d, true), pinned);
+        assert_eq!(image_label(&pinned, &d, false), pinned);
     }
 }

@@ -1050,7 +1050,7 @@ pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
         println!(
             "{:>4}  {:<22} {:<20} {:<14} {:<11} {}",
             r.revision,
-            format!("{}@{}", r.config.image_name, r.config.image.short()),
+            r.config.image_label(),
             r.created,
             r.cause,
             r.outcome.to_string(),

@@ -199,9 +199,12 @@ fn print_why(w: &Why, release: &kiln_core::release::Release) {
         w.service, release.revision, release.cause, release.created, release.outcome
     );
     println!(
-        "image      {}@{}: {}",
-        w.image_name,
-        w.image,
+        "image      {}: {}",
+        if w.image_name.contains("@sha256:") {
+            w.image_name.clone()
+        } else {
+            format!("{}@{}", w.image_name, w.image)
+        },
         if w.image_problems.is_empty() {
             "blobs and tree verified".to_owned()
         } else {

@@ -593,6 +593,14 @@ fn apply_from_a_registry_records_the_digest_and_a_moved_tag_changes_no_release()
         plan.contains(&format!("(the same image, {})", short(&d1))),
         "{plan}"
     );
+    // Applied, its history names it once, not followed by its digest again.
+    b.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let history = b.ok(&["history", "web"]);
+    assert!(history.contains(&format!("/team/app@{d1}")), "{history}");
+    assert!(
+        !history.contains(&format!("{d1}@")),
+        "the digest twice: {history}"
+    );
 }
 
 /// An index (a multi-platform image) is narrowed to this host's platform;
