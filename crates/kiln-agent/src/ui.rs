@@ -372,6 +372,27 @@ fn service(out: &mut String, s: &ServiceStatus, h: &HistoryResponse, role: Role)
             "<div class=\"rollout\"><h3>Blue-green</h3><p>release {routed} gets the traffic; \
 release {rev} is the preview, waiting for promotion</p></div>"
         );
+    } else if s.warm
+        && let Some(rev) = s.revision
+    {
+        // After the switch: which fleet has the traffic, which is warm.
+        let others: std::collections::BTreeSet<u64> = s
+            .instances
+            .iter()
+            .map(|i| i.revision)
+            .filter(|r| *r != rev)
+            .collect();
+        let others = if others.is_empty() {
+            "the fleet before it".to_owned()
+        } else {
+            let list: Vec<String> = others.iter().map(u64::to_string).collect();
+            format!("release {}", list.join(", "))
+        };
+        let _ = write!(
+            out,
+            "<div class=\"rollout\"><h3>Blue-green</h3><p>release {rev} gets the traffic; \
+{others} is kept warm (a rollback is a route swap)</p></div>"
+        );
     }
     if rollout && deployer {
         out.push_str("<p class=\"actions\">");
@@ -508,6 +529,22 @@ mod tests {
             out.contains("release 2 gets the traffic") && out.contains("release 3 is the preview"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn after_a_blue_green_switch_the_page_says_which_fleet_has_the_traffic() {
+        let s = status(json!({"warm": true}));
+        let mut out = String::new();
+        service(&mut out, &s, &history(), Role::Viewer);
+        assert!(
+            out.contains("release 3 gets the traffic")
+                && out.contains("is kept warm (a rollback is a route swap)"),
+            "{out}"
+        );
+        let s = status(json!({}));
+        let mut out = String::new();
+        service(&mut out, &s, &history(), Role::Viewer);
+        assert!(!out.contains("kept warm"), "{out}");
     }
 
     #[test]
