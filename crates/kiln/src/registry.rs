@@ -184,14 +184,21 @@ pub fn login(
         (None, false) => None,
     };
     let mut credentials = Credentials::open(home)?;
-    credentials.save(
-        host,
-        Login {
-            username: username.map(str::to_owned),
-            password,
-            insecure,
-        },
-    )?;
+    let login = Login {
+        username: username.map(str::to_owned),
+        password,
+        insecure,
+    };
+    // Checked at once, as `docker login` does: a wrong password is said
+    // now, not at the first push, and nothing is kept.
+    if username.is_some() {
+        let trial = credentials.with(host, login.clone());
+        let registry = Registry::new(host, &trial, insecure);
+        runtime()?
+            .block_on(registry.check_login())
+            .with_context(|| format!("{host}: not logged in (nothing kept)"))?;
+    }
+    credentials.save(host, login)?;
     println!(
         "{host}: {}{} (kept in {}, owner-only)",
         match username {

@@ -291,10 +291,18 @@ fn basic_auth_from_kiln_login_or_dockers_config_and_a_clear_refusal_without() {
     // A password is never taken on the command line.
     let err = a.fails(&["login", &reg.host, "-u", "ci"]);
     assert!(err.contains("--password-stdin"), "{err}");
-    login(&a, &reg.host, "wrong");
-    let err = a.fails(&["push", "app:v1", &dest]);
+    // A wrong password is refused at once, as `docker login` does, and
+    // nothing is kept.
+    let (ok, err) = try_login(&a, &reg.host, "wrong");
+    assert!(!ok, "a wrong password was accepted");
     assert!(
-        err.contains("denied") && err.contains("kiln login"),
+        err.contains("not logged in (nothing kept)") && err.contains("denied"),
+        "{err}"
+    );
+    assert!(!a.home.join("registries.json").exists());
+    let err = a.fails(&["push", "app:v1", &dest, "--insecure"]);
+    assert!(
+        err.contains(&format!("login required for {}", reg.host)),
         "{err}"
     );
     login(&a, &reg.host, "s3cret");
@@ -952,13 +960,21 @@ fn read_head(conn: &std::net::TcpStream) -> Option<(String, String)> {
     Some((line, auth))
 }
 
-/// `kiln login HOST -u ci --password-stdin --insecure` with `password`.
+/// `kiln login HOST -u ci --password-stdin --insecure` with `password`,
+/// which must be accepted.
 fn login(env: &Env, host: &str, password: &str) {
+    let (ok, err) = try_login(env, host, password);
+    assert!(ok, "{err}");
+}
+
+/// The same; whether it succeeded, and what it said on stderr.
+fn try_login(env: &Env, host: &str, password: &str) -> (bool, String) {
     let mut c = env
         .cmd()
         .args(["login", host, "-u", "ci", "--password-stdin", "--insecure"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     c.stdin
@@ -966,7 +982,11 @@ fn login(env: &Env, host: &str, password: &str) {
         .unwrap()
         .write_all(format!("{password}\n").as_bytes())
         .unwrap();
-    assert!(c.wait().unwrap().success());
+    let out = c.wait_with_output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A registry that answers `/v2/` and then trickles a manifest one byte

@@ -92,6 +92,17 @@ impl Credentials {
     }
 
     /// Remember `login` for `host`, written atomically, owner-only.
+    /// These credentials with `login` for `host`, in memory only (to try
+    /// them before they are kept).
+    pub fn with(&self, host: &str, login: Login) -> Self {
+        let mut c = Self {
+            path: self.path.clone(),
+            logins: self.logins.clone(),
+        };
+        c.logins.insert(host.to_owned(), login);
+        c
+    }
+
     pub fn save(&mut self, host: &str, login: Login) -> Result<(), CredentialsError> {
         self.logins.insert(host.to_owned(), login);
         let bytes = serde_json::to_vec_pretty(&self.logins).unwrap_or_default();

@@ -146,6 +146,30 @@ impl Registry {
         }
     }
 
+    /// Whether the registry accepts these credentials, as `docker login`
+    /// checks at once: a listing of a repository that likely does not exist
+    /// needs them (not found means they were accepted).
+    pub async fn check_login(&self) -> Result<(), RegistryError> {
+        let probe =
+            RegistryRef::parse(&format!("{}/kiln-login-check/probe", self.host)).map_err(|e| {
+                RegistryError::Registry {
+                    host: self.host.clone(),
+                    detail: e.to_string(),
+                }
+            })?;
+        match self
+            .client
+            .list_tags(&reference(&probe), &self.auth, Some(1), None)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.error(&probe, e) {
+                RegistryError::NotFound { .. } => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
     /// An error of the registry, named for users.
     fn error(&self, reference: &RegistryRef, e: OciDistributionError) -> RegistryError {
         let host = self.host.clone();
