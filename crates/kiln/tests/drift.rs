@@ -249,13 +249,32 @@ fn poke_environ(pid: u64, from: &[u8], to: &[u8]) {
 #[test]
 fn an_instance_whose_environment_changes_in_memory_is_replaced() {
     // Sandboxed: the process checked is bubblewrap, as kiln started it.
-    config_drift_on("");
+    config_drift_on("", false);
     // A plain process: its entrypoint script `exec`s the app, which is not
     // drift; how it looks once ready is what must not change.
-    config_drift_on("runtime = \"process\"");
+    config_drift_on("runtime = \"process\"", false);
 }
 
-fn config_drift_on(runtime: &str) {
+/// Inside the sandbox, the app itself is watched too (not only bubblewrap,
+/// as kiln started it): its environment changed in memory is drift.
+#[test]
+fn the_app_inside_a_sandbox_is_watched_too() {
+    config_drift_on("", true);
+}
+
+/// The app below a sandbox's outer bubblewrap and its reaper.
+fn app_below(outer: u64) -> u64 {
+    let kids = |p: u64| -> Vec<u64> {
+        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    };
+    kids(kids(outer)[0])[0]
+}
+
+fn config_drift_on(runtime: &str, poke_app: bool) {
     let env = Env::new();
     let _agent = Agent::start_with(&env, |c| {
         c.args(["--verify-every", "1h", "--allow-runtime", "process"]);
@@ -274,6 +293,7 @@ fn config_drift_on(runtime: &str) {
     // Nothing differs while it runs as launched.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(audit(&env, "config-drift").is_empty());
+    let pid = if poke_app { app_below(pid) } else { pid };
     poke_environ(
         pid,
         b"GREETING=hello-from-the-release",

@@ -54,6 +54,9 @@ pub(super) struct Inst {
     pub image: kiln_core::Digest,
     /// What its root process was started as (for the drift detector).
     pub launched: Option<Arc<kiln_core::drift::Launched>>,
+    /// The app below a launcher (the sandbox's) is watched too, from how it
+    /// looked when first ready.
+    pub app_watched: bool,
 }
 
 impl Controller {
@@ -126,6 +129,23 @@ impl Controller {
                     let seen = Arc::new(seen);
                     inst.launched = Some(seen.clone());
                     self.expect(&id, revision, pid, start_ticks(pid), Some(seen));
+                }
+                // Inside a sandbox, the app itself (not only bubblewrap as
+                // kiln started it): how it looks once ready must not change.
+                if probe == ProbeKind::Readiness
+                    && healthy
+                    && let Some(inst) = self.instances.get(&id)
+                    && !inst.app_watched
+                    && let Some(pid) = inst.pid
+                    && let Some(p) = self.prepared.get(&revision)
+                    && let Some(app) = p.runtime.app_pid(pid)
+                    && let Some(seen) = crate::drift::as_it_runs(app)
+                {
+                    let key = crate::drift::app_key(&id);
+                    self.expect(&key, revision, app, start_ticks(app), Some(Arc::new(seen)));
+                    if let Some(inst) = self.instances.get_mut(&id) {
+                        inst.app_watched = true;
+                    }
                 }
                 let Some(inst) = self.instances.get_mut(&id) else {
                     return;
@@ -435,6 +455,7 @@ impl Controller {
                 adopted: false,
                 image: cfg.image.clone(),
                 launched,
+                app_watched: false,
             },
         );
     }

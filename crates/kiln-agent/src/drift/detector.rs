@@ -478,6 +478,9 @@ impl Detector {
                 Ok(wait) => wait,
                 Err(_) => continue,
             };
+            // The app's own process (below the sandbox) counts for its
+            // instance.
+            let id = super::instance_of(&id).to_owned();
             if !self.board.config_drifted(&id, differs.clone()) {
                 continue;
             }

@@ -34,6 +34,17 @@ pub fn as_it_runs(pid: u32) -> Option<Launched> {
     Some(Launched::from_proc(&cmdline, &environ))
 }
 
+/// The key under which the app below a launcher (the sandbox's) is
+/// expected, beside its instance's own.
+pub fn app_key(instance: &str) -> String {
+    format!("{instance}#app")
+}
+
+/// The instance an expected key belongs to (its own, or its app's).
+pub fn instance_of(key: &str) -> &str {
+    key.split_once('#').map_or(key, |(id, _)| id)
+}
+
 /// How many findings `kiln drift` shows (the ledger keeps them all).
 const FINDINGS_KEPT: usize = 100;
 
@@ -144,7 +155,11 @@ impl Board {
 
     /// Instance `id` is gone.
     pub fn forget(&self, id: &str) {
-        lock(&self.expected).remove(id);
+        let app = app_key(id);
+        let mut expected = lock(&self.expected);
+        expected.remove(id);
+        expected.remove(&app);
+        drop(expected);
         lock(&self.config).remove(id);
     }
 

@@ -102,6 +102,12 @@ pub trait Runtime: Send + Sync {
     /// Remove what [`prepare`](Self::prepare) made, once the instance is
     /// gone.
     fn clean_up(&self, _id: &str) {}
+    /// The app's own process when the started one is a launcher (the
+    /// sandbox's bubblewrap: the app is below it); `None` when it is the
+    /// app itself or has none yet.
+    fn app_pid(&self, _pid: u32) -> Option<u32> {
+        None
+    }
 }
 
 /// A started instance.
@@ -176,6 +182,10 @@ impl<T: HostRuntime> Runtime for T {
 
     fn exec(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
         HostRuntime::enter(self, launch, pid, argv)
+    }
+
+    fn app_pid(&self, pid: u32) -> Option<u32> {
+        if T::LAUNCHER { T::app(pid) } else { None }
     }
 
     fn launched(&self, launch: &Launch) -> Option<kiln_core::drift::Launched> {
