@@ -30,7 +30,7 @@ pub enum SignError {
     },
     #[error("{}: not an OpenSSH private key ({detail})", path.display())]
     NotAKey { path: PathBuf, detail: String },
-    #[error("{}: the key is encrypted: kiln signs with unencrypted keys (ssh-keygen -p to remove the passphrase of a copy)", path.display())]
+    #[error("{}: the key is encrypted: add it to your SSH agent (ssh-add) and sign with its public key (--key {}.pub)", path.display(), path.display())]
     Encrypted { path: PathBuf },
     #[error("{}: a {algorithm} key: kiln signs with ed25519 keys", path.display())]
     Algorithm { path: PathBuf, algorithm: String },
@@ -106,6 +106,15 @@ pub fn load(path: &Path) -> Result<PrivateKey, SignError> {
     Ok(key)
 }
 
+/// The fingerprint of the OpenSSH public key in `path`, if it holds one
+/// (signing with it is then the SSH agent's).
+pub fn public_key_fingerprint(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    PublicKey::from_openssh(text.trim())
+        .ok()
+        .map(|k| fingerprint(&k))
+}
+
 /// A key's fingerprint as `ssh-keygen -l` prints it (`SHA256:…`).
 pub fn fingerprint(key: &PublicKey) -> String {
     key.fingerprint(HashAlg::Sha256).to_string()
@@ -129,9 +138,33 @@ pub fn sign_image(
     let pem = sig
         .to_pem(LineEnding::LF)
         .map_err(|e| SignError::Sign(e.to_string()))?;
-    let signer = [("dev.kiln.signer".to_owned(), fingerprint(key.public_key()))].into();
-    let descriptor = store.add_artifact(manifest, ARTIFACT_TYPE, pem.as_bytes(), &signer)?;
+    let descriptor = keep_signature(store, manifest, &pem)?;
     Ok((pem, descriptor))
+}
+
+/// Keep a signature made elsewhere (by `ssh-keygen -Y sign` with a key
+/// the SSH agent holds, as git's SSH signing does) as a referrer of
+/// `manifest`, once it checks out: an SSH signature in namespace `kiln`
+/// of that digest. Returns the referrer's descriptor.
+pub fn keep_signature(
+    store: &Store,
+    manifest: &Descriptor,
+    pem: &str,
+) -> Result<Descriptor, SignError> {
+    let sig = SshSig::from_pem(pem.trim())
+        .map_err(|e| SignError::Sign(format!("not an SSH signature: {e}")))?;
+    let public = PublicKey::from(sig.public_key().clone());
+    if sig.namespace() != NAMESPACE {
+        return Err(SignError::Sign(format!(
+            "the signature's namespace is `{}`, not `{NAMESPACE}`",
+            sig.namespace()
+        )));
+    }
+    public
+        .verify(NAMESPACE, manifest.digest.to_string().as_bytes(), &sig)
+        .map_err(|_| SignError::Sign(format!("the signature does not sign {}", manifest.digest)))?;
+    let signer = [("dev.kiln.signer".to_owned(), fingerprint(&public))].into();
+    Ok(store.add_artifact(manifest, ARTIFACT_TYPE, pem.as_bytes(), &signer)?)
 }
 
 /// One signature found on an image.

@@ -215,14 +215,54 @@ pub fn sign_one(
     digest: &kiln_core::Digest,
     key_name: &str,
 ) -> Result<(String, String)> {
-    let key = kiln_store::sign::load(&kiln_store::sign::key_path(home, key_name))?;
+    let path = kiln_store::sign::key_path(home, key_name);
     let manifest = kiln_core::oci::Descriptor::new(
         kiln_core::oci::MEDIA_TYPE_MANIFEST,
         digest.clone(),
         store.read_blob(digest)?.len() as u64,
     );
+    // A public key: the SSH agent holds its private half (an encrypted key,
+    // a hardware one), and `ssh-keygen -Y sign` asks it, as git does.
+    if let Some(signer) = kiln_store::sign::public_key_fingerprint(&path) {
+        let pem = sign_with_agent(&path, digest)?;
+        kiln_store::sign::keep_signature(store, &manifest, &pem)?;
+        return Ok((pem, signer));
+    }
+    let key = kiln_store::sign::load(&path)?;
     let (pem, _) = kiln_store::sign::sign_image(store, &manifest, &key)?;
     Ok((pem, kiln_store::sign::fingerprint(key.public_key())))
+}
+
+/// `ssh-keygen -Y sign -n kiln -f PUBLIC` over the digest: the agent
+/// (`SSH_AUTH_SOCK`) signs with the private key of `public`.
+fn sign_with_agent(public: &Path, digest: &kiln_core::Digest) -> Result<String> {
+    use std::io::Write as _;
+    if std::env::var_os("SSH_AUTH_SOCK").is_none() {
+        bail!(
+            "{} is a public key: signing with it needs an SSH agent holding its private key (SSH_AUTH_SOCK is not set)",
+            public.display()
+        );
+    }
+    let mut child = std::process::Command::new("ssh-keygen")
+        .args(["-Y", "sign", "-n", "kiln", "-q", "-f"])
+        .arg(public)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("cannot run ssh-keygen (openssh-client) to sign with the agent")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(digest.to_string().as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "ssh-keygen -Y sign with the agent's key for {}: {}",
+            public.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// The user running this command, as the ledger names them.

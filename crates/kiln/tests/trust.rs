@@ -98,6 +98,83 @@ fn ssh_keygen_accepts_a_kiln_signature_and_refuses_it_for_another_digest() {
         2
     );
 
+    // A key only the SSH agent holds (its private file gone, as with an
+    // encrypted or hardware key): signed with its public key, through
+    // `ssh-keygen -Y sign`, as git does.
+    let held = env.path("agentkey");
+    succeed(
+        Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "agent", "-f"])
+            .arg(&held),
+    );
+    let sock = env.path("agent.sock");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _agent = Kill(
+        Command::new("ssh-agent")
+            .args(["-D", "-a"])
+            .arg(&sock)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(
+        "the SSH agent's socket",
+        std::time::Duration::from_secs(10),
+        || sock.exists(),
+    );
+    succeed(
+        Command::new("ssh-add")
+            .arg("-q")
+            .arg(&held)
+            .env("SSH_AUTH_SOCK", &sock),
+    );
+    std::fs::remove_file(&held).unwrap();
+    let public = env.path("agentkey.pub");
+    let err = env.fails(&["sign", "app:v1", "--key", public.to_str().unwrap()]);
+    assert!(err.contains("needs an SSH agent"), "{err}");
+    let out = env
+        .cmd()
+        .args([
+            "sign",
+            "app:v1",
+            "--key",
+            public.to_str().unwrap(),
+            "--json",
+        ])
+        .env("SSH_AUTH_SOCK", &sock)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = env.json(&["signatures", "app:v1", "--json"]);
+    let from_agent = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| {
+            s["key"].as_str().is_some_and(|k| {
+                k.contains(
+                    std::fs::read_to_string(&public)
+                        .unwrap()
+                        .split_whitespace()
+                        .nth(1)
+                        .unwrap(),
+                )
+            })
+        })
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(from_agent["valid"], true, "{from_agent}");
+
     // Bad input: a file that is not a key; a corrupt signature blob.
     let err = env.fails(&["sign", "app:v1", "--key", allowed.to_str().unwrap()]);
     assert!(err.contains("not an OpenSSH private key"), "{err}");
