@@ -13,6 +13,9 @@ from benchlib import free_port, wait_port
 KILN, HELLO = sys.argv[1], sys.argv[2]
 ROLLOUTS = int(os.environ.get("ROLLOUTS", "500"))
 STEP = int(os.environ.get("STEP", "50"))
+# Seconds between rollouts: the series of a release nothing routes to go a
+# minute (a scrape window) after, so a run must outlast that to show them go.
+PAUSE = float(os.environ.get("PAUSE", "0.2"))
 
 work = tempfile.mkdtemp(prefix="kiln-bench-soak-")
 # Searchable by everyone: an agent running as root runs instances as nobody.
@@ -80,13 +83,14 @@ try:
     pid = int(open(f"{home}/agent.lock").read().strip())
     t = threading.Thread(target=load)
     t.start()
-    print(f"{'rollouts':>9} {'agent RSS MiB':>14} {'/metrics lines':>15} {'requests':>10} {'failed':>7}")
+    print(f"{'rollouts':>9} {'agent RSS MiB':>14} {'open fds':>9} {'/metrics lines':>15} {'requests':>10} {'failed':>7}")
     started = time.time()
     for k in range(1, ROLLOUTS + 1):
         write_spec(k)
         subprocess.run([KILN, "--home", home, "apply"], cwd=app, check=True, capture_output=True)
+        time.sleep(PAUSE)
         if k % STEP == 0 or k == 1:
-            print(f"{k:>9} {rss_kib(pid) / 1024:>14.1f} {metrics_lines():>15} "
+            print(f"{k:>9} {rss_kib(pid) / 1024:>14.1f} {len(os.listdir(f'/proc/{pid}/fd')):>9} {metrics_lines():>15} "
                   f"{counts['ok'] + counts['failed']:>10} {counts['failed']:>7}", flush=True)
     stop.set()
     t.join()

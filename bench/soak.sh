@@ -3,7 +3,7 @@
 # one service (each a new release), under a light load. Not a test: it
 # prints the agent's RSS and the size of /metrics every STEP rollouts.
 #
-#   ROLLOUTS=1000 STEP=100 bench/soak.sh      # defaults 500 and 50
+#   ROLLOUTS=1000 STEP=100 PAUSE=0.2 bench/soak.sh   # defaults 500, 50, 0.2 s
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "building kiln and hello (release)..." >&2
