@@ -427,6 +427,11 @@ mod tests {
         let mut inserted = l.clone();
         inserted.insert(2, l[1].clone());
         assert_eq!(check(&inserted).seq, Some(2));
+        assert!(
+            check(&inserted).reason.contains("found again"),
+            "{}",
+            check(&inserted)
+        );
 
         let mut reordered = l.clone();
         reordered.swap(3, 4);
@@ -505,6 +510,16 @@ mod tests {
                 e
             })
             .collect()
+    }
+
+    #[test]
+    fn the_checkpoint_message_is_a_fixed_format() {
+        // Signed by one node, checked offline by any kiln: its bytes are a
+        // wire format and never change.
+        assert_eq!(
+            checkpoint_message(7, "ab", "2026-12-01T00:00:00Z"),
+            b"kiln ledger checkpoint v1\n7\nab\n2026-12-01T00:00:00Z\n".to_vec()
+        );
     }
 
     #[test]

@@ -175,6 +175,19 @@ mod label_tests {
     use super::*;
 
     #[test]
+    fn outcomes_read_as_the_api_writes_them() {
+        for (o, text) in [
+            (Outcome::Pending, "pending"),
+            (Outcome::Active, "active"),
+            (Outcome::Superseded, "superseded"),
+            (Outcome::Failed, "failed"),
+        ] {
+            assert_eq!(o.to_string(), text);
+            assert_eq!(serde_json::to_value(o).unwrap_or_default(), text);
+        }
+    }
+
+    #[test]
     fn a_pinned_name_is_not_followed_by_its_digest_again() {
         let d = Digest::of(b"x");
         let short = d.short().to_owned();
