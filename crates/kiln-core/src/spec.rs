@@ -373,6 +373,91 @@ fn explain(message: &str) -> String {
 pub use crate::names::{AbsolutePath, EnvName, Glob, Port, RelativePath, ServiceName};
 
 #[cfg(test)]
+mod trust_tests {
+    use super::*;
+
+    fn found(v: &[(&str, bool)]) -> Vec<(String, bool)> {
+        v.iter().map(|(s, ok)| ((*s).to_owned(), *ok)).collect()
+    }
+
+    #[test]
+    fn only_valid_signatures_by_allowed_signers_count() {
+        let allowed = vec!["A".to_owned(), "B".to_owned()];
+        assert_eq!(
+            trusted_signers(&allowed, &found(&[("A", true), ("C", true), ("B", false)])),
+            Ok(vec!["A".to_owned()])
+        );
+        assert_eq!(
+            trusted_signers(&allowed, &found(&[("B", true), ("A", true)])),
+            Ok(vec!["B".to_owned(), "A".to_owned()])
+        );
+        assert_eq!(
+            trusted_signers(&allowed, &[]),
+            Err("no signature".to_owned())
+        );
+        assert_eq!(
+            trusted_signers(&allowed, &found(&[("A", false), ("C", true)])),
+            Err("no valid signature by an allowed signer; found: A (invalid), C (not an allowed signer)".to_owned())
+        );
+        assert_eq!(
+            trusted_signers(&[], &found(&[("A", true)])),
+            Err(
+                "no valid signature by an allowed signer; found: A (not an allowed signer)"
+                    .to_owned()
+            )
+        );
+    }
+
+    #[test]
+    fn a_service_may_ask_more_or_less_than_the_spec() {
+        let spec = |r: bool| TrustSpec {
+            allowed_signers: vec![],
+            require_signed: r,
+        };
+        let svc = |r: Option<bool>| -> crate::service::ServiceSpec {
+            let mut v = serde_json::json!({"image": "a"});
+            if let Some(r) = r {
+                v["require_signed"] = r.into();
+            }
+            serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+        };
+        assert!(spec(true).required(&svc(None)));
+        assert!(!spec(false).required(&svc(None)));
+        assert!(!spec(true).required(&svc(Some(false))));
+        assert!(spec(false).required(&svc(Some(true))));
+    }
+
+    #[test]
+    fn an_agents_trust_file_is_a_trust_table_and_nothing_else() {
+        let ok = TrustSpec::parse_file(
+            "[trust]\nallowed_signers = [\"ssh-ed25519 AAAA\"]\nrequire_signed = true\n",
+            "t.toml",
+        );
+        assert_eq!(
+            ok,
+            Ok(TrustSpec {
+                allowed_signers: vec!["ssh-ed25519 AAAA".into()],
+                require_signed: true
+            })
+        );
+        let lax = TrustSpec::parse_file("[trust]\nrequire_signed = false\n", "t.toml");
+        assert_eq!(lax.map(|t| t.require_signed), Ok(false));
+        let e = TrustSpec::parse_file("[trust]\nrequire_signed = true\n", "t.toml").unwrap_err();
+        assert!(e.message.contains("allows no signer"), "{e}");
+        let e = TrustSpec::parse_file("[trust]\nrequire_sigend = true\n", "t.toml").unwrap_err();
+        assert_eq!((e.file.as_str(), e.line), ("t.toml", 2));
+        assert!(
+            TrustSpec::parse_file("[images.a]\n", "t.toml").is_err(),
+            "no other table"
+        );
+        assert!(
+            TrustSpec::parse_file("", "t.toml").is_err(),
+            "a [trust] table is needed"
+        );
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
