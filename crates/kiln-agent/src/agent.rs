@@ -1058,7 +1058,7 @@ impl Agent {
             let releases = self.shared.state.releases(&rec.name)?;
             services.push(ServiceStatus::of(
                 &rec.name,
-                rec.settings.replicas,
+                &rec.settings,
                 rec.target,
                 &releases,
                 seen.get(&rec.name),

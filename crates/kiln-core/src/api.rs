@@ -121,6 +121,10 @@ pub struct Reconciled {
     pub routed: Option<u64>,
     /// The target is watched after it went live, until then (RFC 3339).
     pub watched_until: Option<String>,
+    /// The settings that pass acted on (its routes' timeout and limits, its
+    /// replicas): until a pass has seen the service's current settings, a
+    /// settings change has not reached the router yet. `None`: not known.
+    pub settings: Option<crate::release::ServiceSettings>,
 }
 
 impl ServiceStatus {
@@ -129,12 +133,13 @@ impl ServiceStatus {
     /// (`None` before its first pass). `now` dates the instances' uptime.
     pub fn of(
         name: &ServiceName,
-        replicas: u32,
+        settings: &crate::release::ServiceSettings,
         target: u64,
         releases: &[crate::release::Release],
         seen: Option<&Reconciled>,
         now: std::time::SystemTime,
     ) -> Self {
+        let replicas = settings.replicas;
         let empty = Reconciled::default();
         let seen = seen.unwrap_or(&empty);
         // Just after an apply the controller has not reported on the new
@@ -155,7 +160,10 @@ impl ServiceStatus {
             .filter(|i| i.ready)
             .count() as u32;
         let running = instances.iter().filter(on_target).count() as u32;
+        // A settings change (a timeout) is converged once a pass acted on it.
+        let settings_seen = seen.settings.as_ref().is_none_or(|s| s == settings);
         let converged = current
+            && settings_seen
             && ready == replicas
             && running == replicas
             && (seen.warm || running as usize == instances.len());
@@ -497,7 +505,14 @@ mod tests {
     fn status(target: u64, releases: &[Release], seen: &Reconciled) -> ServiceStatus {
         let now = humantime::parse_rfc3339("2026-12-01T00:00:10Z").unwrap();
         let name = ServiceName::try_from("web").unwrap();
-        ServiceStatus::of(&name, 1, target, releases, Some(seen), now)
+        let settings = crate::release::ServiceSettings {
+            replicas: 1,
+            listen: None,
+            rollout: crate::service::RolloutSpec::default(),
+            timeout: crate::service::Duration::from_secs(30),
+            router: crate::service::RouterSpec::default(),
+        };
+        ServiceStatus::of(&name, &settings, target, releases, Some(seen), now)
     }
 
     #[test]

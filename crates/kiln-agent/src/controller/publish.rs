@@ -188,6 +188,7 @@ impl Controller {
             })
             .collect();
         let seen = Reconciled {
+            settings: self.service.as_ref().map(|s| s.settings.clone()),
             target,
             instances,
             backoff,
