@@ -184,8 +184,23 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
 
         // A viewer sees the service, its releases and instances, no button.
         sign_in(&c, &base, viewer.trim()).await;
-        let section = c.find(Locator::Css("#service-web")).await.unwrap();
-        let text = section.text().await.unwrap();
+        // Read in one script: the live view may replace the elements
+        // between a find and a read (a stale element).
+        c.wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css("#service-web"))
+            .await
+            .unwrap();
+        let text = c
+            .execute(
+                "return document.querySelector('#service-web').innerText",
+                vec![],
+            )
+            .await
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(
             text.contains("release 2") && text.contains("release 1"),
             "{text}"
@@ -232,8 +247,9 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
 
         // A deployer gets the buttons.
         sign_in(&c, &base, deployer.trim()).await;
-        let button = c
-            .find(Locator::Css("button[data-action=rollback][data-to='1']"))
+        c.wait()
+            .at_most(Duration::from_secs(20))
+            .for_element(Locator::Css("button[data-action=rollback][data-to='1']"))
             .await
             .unwrap();
         // A POST from the page without the anti-forgery value: refused,
@@ -244,7 +260,14 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
         c.execute("window.kilnMarker = 42; return null", vec![])
             .await
             .unwrap();
-        button.click().await.unwrap();
+        // Clicked by a script that finds it then (the live view may have
+        // replaced the element found before).
+        c.execute(
+            "document.querySelector(\"button[data-action=rollback][data-to='1']\").click(); return null",
+            vec![],
+        )
+        .await
+        .unwrap();
         // The rollback is release 3 with release 1's content; the page
         // shows it as current without a reload.
         c.wait()
@@ -255,12 +278,15 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
         let marker = c.execute("return window.kilnMarker", vec![]).await.unwrap();
         assert_eq!(marker, json!(42), "the page updated without a reload");
         let current = c
-            .find(Locator::Css(".timeline li.current"))
+            .execute(
+                "return document.querySelector('.timeline li.current').innerText",
+                vec![],
+            )
             .await
             .unwrap()
-            .text()
-            .await
-            .unwrap();
+            .as_str()
+            .unwrap()
+            .to_owned();
         assert!(current.contains("rollback"), "{current}");
         screenshot(&c, "dashboard-deployer.png").await;
 
