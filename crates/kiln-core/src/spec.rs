@@ -62,18 +62,7 @@ impl TrustSpec {
     /// Parse an agent's trust file (`[trust]` with `allowed_signers` and
     /// `require_signed`). `file` names it in errors.
     pub fn parse_file(text: &str, file: &str) -> Result<Self, SpecError> {
-        let parsed: TrustFile = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_column(text, s.start))
-                .unwrap_or((1, 1));
-            SpecError {
-                file: file.to_owned(),
-                line,
-                column,
-                message: explain(e.message()),
-            }
-        })?;
+        let parsed: TrustFile = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
         if parsed.trust.require_signed && parsed.trust.allowed_signers.is_empty() {
             return Err(SpecError {
                 file: file.to_owned(),
@@ -226,21 +215,25 @@ pub struct LayerSpec {
     pub paths: Vec<Glob>,
 }
 
+/// A TOML parse error of `file` (whose text is `text`) at its line and
+/// column, explained.
+fn toml_error(text: &str, file: &str, e: &toml::de::Error) -> SpecError {
+    let (line, column) = e
+        .span()
+        .map(|s| line_column(text, s.start))
+        .unwrap_or((1, 1));
+    SpecError {
+        file: file.to_owned(),
+        line,
+        column,
+        message: explain(e.message()),
+    }
+}
+
 impl Spec {
     /// Parse and validate the text of a spec file. `file` names it in errors.
     pub fn parse(text: &str, file: &str) -> Result<Self, SpecError> {
-        let spec: Spec = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_column(text, s.start))
-                .unwrap_or((1, 1));
-            SpecError {
-                file: file.to_owned(),
-                line,
-                column,
-                message: explain(e.message()),
-            }
-        })?;
+        let spec: Spec = toml::from_str(text).map_err(|e| toml_error(text, file, &e))?;
         spec.check(text, file)?;
         Ok(spec)
     }
@@ -262,42 +255,8 @@ impl Spec {
         let mut listens = BTreeMap::new();
         for (name, svc) in &self.services {
             let table = format!("services.{name}");
-            if let crate::service::ImageSource::Spec(image) = &svc.image
-                && !self.images.contains_key(image)
-            {
-                // At the `image =` line of the service's table when it has one.
-                let mut err = at(&table, String::new());
-                if let Some(start) = text.find(&format!("[{table}]")) {
-                    let body = &text[start..];
-                    let end = body[1..].find("\n[").map_or(body.len(), |e| e + 1);
-                    if let Some(i) = body[..end].find("\nimage") {
-                        (err.line, err.column) = line_column(text, start + i + 1);
-                    }
-                }
-                let closest = self
-                    .images
-                    .keys()
-                    .map(|k| (strsim::damerau_levenshtein(image.as_str(), k.as_str()), k))
-                    .filter(|(d, k)| *d <= 2.max(k.as_str().len() / 3))
-                    .min();
-                let hint = match closest {
-                    Some((_, k)) => format!(", did you mean `{k}`?"),
-                    None => String::new(),
-                };
-                err.message = format!(
-                    "service {name}: image `{image}` is not an [images] table of this spec{hint} (use NAME:TAG or NAME@sha256:... for an image already in the store)"
-                );
-                return Err(err);
-            }
-            for listen in svc.listen.iter().chain(&svc.rollout.preview_listen) {
-                if let Some(other) = listens.insert(listen.0, name) {
-                    return Err(at(
-                        &table,
-                        format!("services {other} and {name} both listen on {}", listen.0),
-                    ));
-                }
-            }
-            // At the key's own line in the service's table.
+            // At the key's own line in the service's table when it has one,
+            // else at the table.
             let at_key = |key: &str, message: String| {
                 let mut err = at(&table, message);
                 if let Some(start) = text.find(&format!("[{table}]")) {
@@ -309,6 +268,34 @@ impl Spec {
                 }
                 err
             };
+            if let crate::service::ImageSource::Spec(image) = &svc.image
+                && !self.images.contains_key(image)
+            {
+                let closest = self
+                    .images
+                    .keys()
+                    .map(|k| (strsim::damerau_levenshtein(image.as_str(), k.as_str()), k))
+                    .filter(|(d, k)| *d <= 2.max(k.as_str().len() / 3))
+                    .min();
+                let hint = match closest {
+                    Some((_, k)) => format!(", did you mean `{k}`?"),
+                    None => String::new(),
+                };
+                return Err(at_key(
+                    "image",
+                    format!(
+                        "service {name}: image `{image}` is not an [images] table of this spec{hint} (use NAME:TAG or NAME@sha256:... for an image already in the store)"
+                    ),
+                ));
+            }
+            for listen in svc.listen.iter().chain(&svc.rollout.preview_listen) {
+                if let Some(other) = listens.insert(listen.0, name) {
+                    return Err(at(
+                        &table,
+                        format!("services {other} and {name} both listen on {}", listen.0),
+                    ));
+                }
+            }
             if svc.runtime == Some(crate::service::RuntimeKind::Oci) {
                 return Err(at_key(
                     "runtime",

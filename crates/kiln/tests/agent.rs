@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 use util::{
-    Agent, Env, actors_of, alive, hello_app, http_get, processes_mentioning, releases, require,
-    service_status, wait_for, write,
+    Agent, Env, actors_of, alive, hello_app, http_get, my_uid, processes_mentioning, releases,
+    require, service_status, wait_for, write,
 };
 
 const WEB: &str = r#"
@@ -571,15 +571,7 @@ fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback
                 .map(|u| u.split_whitespace().next().unwrap().to_owned())
         })
         .unwrap();
-    let me = String::from_utf8(
-        std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    if me.trim() == "0" {
+    if my_uid() == 0 {
         assert_eq!(uid, "65534");
     }
     let status = env.ok(&["status"]);

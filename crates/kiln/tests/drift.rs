@@ -262,18 +262,6 @@ fn the_app_inside_a_sandbox_is_watched_too() {
     config_drift_on("", true);
 }
 
-/// The app below a sandbox's outer bubblewrap and its reaper.
-fn app_below(outer: u64) -> u64 {
-    let kids = |p: u64| -> Vec<u64> {
-        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-            .collect()
-    };
-    kids(kids(outer)[0])[0]
-}
-
 fn config_drift_on(runtime: &str, poke_app: bool) {
     let env = Env::new();
     let _agent = Agent::start_with(&env, |c| {
@@ -293,7 +281,7 @@ fn config_drift_on(runtime: &str, poke_app: bool) {
     // Nothing differs while it runs as launched.
     std::thread::sleep(Duration::from_millis(2500));
     assert!(audit(&env, "config-drift").is_empty());
-    let pid = if poke_app { app_below(pid) } else { pid };
+    let pid = if poke_app { sandbox_app(pid) } else { pid };
     poke_environ(
         pid,
         b"GREETING=hello-from-the-release",

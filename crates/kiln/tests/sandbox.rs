@@ -113,22 +113,11 @@ fn a_sandboxed_instance_cannot_remount_write_trace_or_reach_the_agent() {
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", spec.to_str().unwrap()]);
     let r = report(&env);
-    let root = rustix_is_root();
     // As root, the agent runs instances as nobody; otherwise they are the
     // agent's own user, in a user namespace of their own.
-    let expected_uid = if root {
-        "65534".to_owned()
-    } else {
-        String::from_utf8(
-            std::process::Command::new("id")
-                .arg("-u")
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap()
-        .trim()
-        .to_owned()
+    let expected_uid = match my_uid() {
+        0 => "65534".to_owned(),
+        uid => uid.to_string(),
     };
     assert_confined(&r, &expected_uid);
     // It still serves, and its volume is its own to write.
@@ -148,7 +137,7 @@ fn a_sandboxed_instance_cannot_remount_write_trace_or_reach_the_agent() {
 fn root_asked_for_is_root_without_capabilities() {
     require("bwrap");
     require("perl");
-    if !rustix_is_root() {
+    if my_uid() != 0 {
         panic!("run as root: only an agent running as root can be asked for root");
     }
     let env = Env::new();
@@ -165,7 +154,7 @@ fn root_asked_for_is_root_without_capabilities() {
 fn a_named_user_of_the_image_or_host_is_used_and_an_unknown_one_refused() {
     require("bwrap");
     assert!(
-        rustix_is_root(),
+        my_uid() == 0,
         "run as root: only an agent running as root chooses its instances' users"
     );
     let env = Env::new();
@@ -191,7 +180,7 @@ fn an_exec_probe_runs_as_the_instances_user_without_capabilities() {
     require("bwrap");
     require("nsenter");
     assert!(
-        rustix_is_root(),
+        my_uid() == 0,
         "run as root: only an agent running as root chooses its instances' users"
     );
     let env = Env::new();
@@ -220,18 +209,10 @@ interval = "200ms"
         .unwrap();
     // The probe's files are in the instance's private /tmp: read them
     // through an instance-side exec of the same kind.
-    let app = std::fs::read_dir(format!("/proc/{pid}/task/{pid}"))
-        .map(|_| pid)
-        .unwrap();
+    let app = sandbox_app(pid);
     let read = |f: &str| {
         let out = std::process::Command::new("nsenter")
-            .args([
-                &format!("--target={}", app_of(app)),
-                "--mount",
-                "--",
-                "cat",
-                f,
-            ])
+            .args([&format!("--target={app}"), "--mount", "--", "cat", f])
             .output()
             .unwrap();
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -243,30 +224,4 @@ interval = "200ms"
         "",
         "the probe remounted the tree"
     );
-}
-
-/// The app under a sandbox's outer bwrap and its reaper.
-fn app_of(outer: u64) -> u64 {
-    let kids = |p: u64| -> Vec<u64> {
-        std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
-            .unwrap_or_default()
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-            .collect()
-    };
-    let reaper = kids(outer)[0];
-    kids(reaper)[0]
-}
-
-fn rustix_is_root() -> bool {
-    String::from_utf8(
-        std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap()
-    .trim()
-        == "0"
 }

@@ -689,3 +689,21 @@ pub fn put_image(env: &Env, reference: &str, layers: &[RawLayer], config: &str) 
     fs::write(&index_path, serde_json::to_vec(&index).expect("json")).expect("index");
     manifest_d
 }
+
+/// The uid this test runs as.
+pub fn my_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The app of a sandboxed instance: below its outer bubblewrap (`outer`,
+/// the pid kiln records) and bubblewrap's pid-1 reaper.
+pub fn sandbox_app(outer: u64) -> u64 {
+    let kids = |p: u64| -> Vec<u64> {
+        fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect()
+    };
+    kids(kids(outer)[0])[0]
+}
