@@ -390,7 +390,7 @@ release {rev} is the preview, waiting for promotion</p></div>"
         };
         let _ = write!(
             out,
-            "<div class=\"rollout\"><h3>Blue-green</h3><p>release {rev} gets the traffic; \
+            "<div class=\"rollout\"><h3>Kept warm</h3><p>release {rev} gets the traffic; \
 {others} is kept warm (a rollback is a route swap)</p></div>"
         );
     }

@@ -567,6 +567,7 @@ pub async fn wait_for(
     let started = Instant::now();
     let mut last = BTreeMap::new();
     let mut paused: BTreeMap<String, String> = BTreeMap::new();
+    let mut watched_until: BTreeMap<String, String> = BTreeMap::new();
     loop {
         let status: StatusResponse = client.get("/v1/status").await?;
         let mut done = 0;
@@ -639,6 +640,9 @@ pub async fn wait_for(
             let watched = through && s.watched_until.is_some();
             if s.converged && s.revision == Some(*revision) && active && !watched {
                 done += 1;
+                if let Some(until) = &s.watched_until {
+                    watched_until.insert(name.clone(), until.clone());
+                }
             }
         }
         if done == waiting.len() {
@@ -647,6 +651,11 @@ pub async fn wait_for(
                 // a person this line.
                 eprintln!(
                     "{name}: the rollout waits at {at} for `kiln promote {name}` (`kiln rollout status {name} --wait` follows it to the end)"
+                );
+            }
+            for (name, until) in watched_until.iter().filter(|_| show) {
+                eprintln!(
+                    "{name}: live and watched until {until} (rollout.watch): a crash loop before then returns to the release before, kept warm meanwhile (`--wait` waits through the watch)"
                 );
             }
             if show {

@@ -286,10 +286,13 @@ fn a_changed_env_var_is_a_new_release_and_an_unchanged_spec_is_none() {
     assert_ne!(releases[0]["hash"], releases[1]["hash"]);
     let s = service_status(&env, "web");
     assert!(
-        instances(&s).iter().all(|i| i["revision"] == 2),
-        "old instances are gone: {s}"
+        instances(&s)
+            .iter()
+            .all(|i| i["revision"] == 2 || (i["revision"] == 1 && s["warm"] == true)),
+        "old instances are gone, or kept warm through the watch: {s}"
     );
-    for i in instances(&s) {
+    assert_eq!(s["routed"], 2, "only release 2 has the traffic: {s}");
+    for i in instances(&s).iter().filter(|i| i["revision"] == 2) {
         assert!(
             http_get(i["port"].as_u64().unwrap(), "/")
                 .unwrap()
@@ -791,14 +794,28 @@ INLINE = "inline-secret-77"
         env.ok(&["logs", "worker", "--release", "2"])
             .contains("db=two")
     );
-    // A rollback brings the old value back.
+    // A rollback brings the old value back: the instance serving release 3
+    // is either one of release 1's, kept warm through the watch and
+    // adopted (it read db=one), or a new one that read it.
+    let warm: Vec<String> = instances(&service_status(&env, "worker"))
+        .iter()
+        .filter(|i| i["revision"] == 1)
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect();
     env.ok(&["rollback", "worker"]);
     wait_for("release 3 active", Duration::from_secs(30), || {
         let s = service_status(&env, "worker");
-        s["revision"] == 3 && s["outcome"] == "active"
+        s["revision"] == 3 && s["outcome"] == "active" && s["converged"] == true
     });
     let r3 = env.ok(&["logs", "worker", "--release", "3"]);
-    assert!(r3.contains("db=one"), "{r3}");
+    let s = service_status(&env, "worker");
+    for i in instances(&s).iter().filter(|i| i["revision"] == 3) {
+        let id = i["id"].as_str().unwrap();
+        assert!(
+            warm.iter().any(|w| w == id) || r3.contains("db=one"),
+            "{id} is neither adopted from {warm:?} nor read db=one: {r3}"
+        );
+    }
     for args in [
         &["history", "worker", "--json"][..],
         &["history", "worker"],

@@ -41,6 +41,16 @@ strategy = "canary"
 }
 
 /// Whether every instance in status `s` (stopping ones too) is of `revision`.
+/// The canary went live on `revision`: it has all the traffic, and the
+/// release before is kept warm beside it through the watch.
+fn live_on(s: &Value, revision: u64) -> bool {
+    s["revision"] == revision
+        && s["outcome"] == "active"
+        && s["converged"] == true
+        && s["routed"] == revision
+        && s["warm"] == true
+}
+
 fn all_on(s: &Value, revision: u64) -> bool {
     s["instances"]
         .as_array()
@@ -282,9 +292,11 @@ fn a_healthy_canary_is_promoted_through_every_step() {
     );
     assert!(out.contains("canary release 2 passes step 2"), "{out}");
     env.ok(&["rollout", "status", "web"]);
-    wait_for("stable's fleet to stop", Duration::from_secs(15), || {
-        all_on(&service_status(&env, "web"), 2)
-    });
+    wait_for(
+        "the canary to be the release",
+        Duration::from_secs(15),
+        || live_on(&service_status(&env, "web"), 2),
+    );
     assert_eq!(versions(port, 100), (0, 100));
     let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "active");
@@ -590,7 +602,7 @@ fn a_client_breaking_its_bodies_on_the_canary_side_cannot_abort_it() {
         Duration::from_secs(30),
         || {
             let _ = versions(port, 20);
-            all_on(&service_status(&env, "web"), 2)
+            live_on(&service_status(&env, "web"), 2)
         },
     );
 }

@@ -87,6 +87,9 @@ env = {{ HELLO_VERSION = "{version}" }}
 [services.web.health.readiness]
 http = "/healthz"
 interval = "200ms"
+# Unwatched: no fleet kept warm, so the instances shown are the release's.
+[services.web.rollout]
+watch = "0s"
 "#
     )
 }

@@ -22,6 +22,9 @@ http = "/healthz"
 interval = "100ms"
 [services.web.stop]
 drain_timeout = "0s"
+# Unwatched: no fleet is kept warm, one instance runs.
+[services.web.rollout]
+watch = "0s"
 "#;
 
 #[test]

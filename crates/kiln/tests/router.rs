@@ -15,7 +15,21 @@ use util::{
     service_status, wait_for, write,
 };
 
+/// The service on `port`. Unwatched (`rollout.watch = "0s"`) unless
+/// `extra` says otherwise: these tests look at what a rollout leaves, and a
+/// watched release keeps the one before it warm (see the watch test).
 fn spec(port: u16, extra_env: &str, extra: &str) -> String {
+    let extra = if extra.contains("watch =") {
+        extra.to_owned()
+    } else if extra.contains("[services.web.rollout]\n") {
+        extra.replacen(
+            "[services.web.rollout]\n",
+            "[services.web.rollout]\nwatch = \"0s\"\n",
+            1,
+        )
+    } else {
+        format!("[services.web.rollout]\nwatch = \"0s\"\n{extra}")
+    };
     format!(
         r#"
 [images.app]
@@ -213,24 +227,47 @@ fn a_crash_looping_release_is_rolled_back() {
 fn a_release_that_breaks_after_it_went_live_is_rolled_back_inside_its_watch() {
     let env = Env::new();
     let port = free_port();
-    let path = hello_app(&env.path("app"), &spec(port, "", ""));
+    let watched = "[services.web.rollout]\nwatch = \"5m\"\n";
+    let path = hello_app(&env.path("app"), &spec(port, "", watched));
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
     write(
         &path,
-        spec(port, ", HELLO_CRASH_AFTER = \"1.5\"", "")
+        spec(port, ", HELLO_CRASH_AFTER = \"1.5\"", watched)
             .replace("\"v1\"", "\"v2\"")
             .as_bytes(),
     );
     // The rollout itself succeeds: its instances are ready before they crash.
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let out = env.run(&["apply", "-f", path.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("web: live and watched until ") && said.contains("kept warm meanwhile"),
+        "{said}"
+    );
     let watched = service_status(&env, "web");
     assert_eq!(watched["outcome"], "active");
     assert!(watched["watched_until"].is_string(), "{watched}");
+    // Release 1's fleet is kept warm through the watch, without traffic.
+    let ready_of = |s: &Value, revision: u64| -> std::collections::BTreeSet<String> {
+        instances(s)
+            .iter()
+            .filter(|i| i["revision"] == revision && i["ready"] == true && i["state"] != "stopping")
+            .map(|i| i["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let mut warm = Default::default();
+    wait_for("release 1 kept warm", Duration::from_secs(30), || {
+        let s = service_status(&env, "web");
+        warm = ready_of(&s, 1);
+        s["revision"] == 2 && s["warm"] == true && warm.len() == 3
+    });
     wait_for("back on release 1", Duration::from_secs(60), || {
         let s = service_status(&env, "web");
         s["revision"] == 1 && s["outcome"] == "active" && s["converged"] == true
     });
+    // The return was a route swap to those warm instances: none started cold.
+    assert_eq!(ready_of(&service_status(&env, "web"), 1), warm);
     let r = releases(&env, "web");
     assert_eq!(r[1]["outcome"], "failed");
     let reason = r[1]["reason"].as_str().unwrap();

@@ -195,7 +195,13 @@ impl Controller {
             message: self.message.clone(),
             stalled: self.rollout.stalled(),
             canary: self.canary_status(),
-            warm: matches!(self.rollout, Rollout::Warm { target: t, until, .. } if until > now && t == target),
+            // A blue-green fleet in its warm window, or the release a watch
+            // returns to (any other strategy): expected beside the target.
+            warm: matches!(self.rollout, Rollout::Warm { target: t, until, .. } if until > now && t == target)
+                || (matches!(self.rollout, Rollout::Watching { target: t, watch } if watch.until > now && t == target)
+                    && self.service.as_ref().is_some_and(|s| {
+                        s.settings.rollout.strategy != kiln_core::service::Strategy::BlueGreen
+                    })),
             watched_until: self
                 .rollout
                 .watched(now)

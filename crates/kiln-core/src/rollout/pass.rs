@@ -505,8 +505,21 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                 routed: Some(routed),
                 ..
             } => Routing::Release(*routed),
-            Rollout::Warm { target, .. } => Routing::Release(*target),
+            // A watched release serves alone: the one before it is warm.
+            Rollout::Warm { target, .. } | Rollout::Watching { target, .. } => {
+                Routing::Release(*target)
+            }
             _ if v.settings.rollout.strategy == Strategy::BlueGreen => Routing::Release(on),
+            // A return to a release with a ready fleet (warm through the
+            // watch) is one swap.
+            _ if self.returned_to.is_some_and(|r| {
+                self.insts
+                    .iter()
+                    .any(|i| i.revision == r && !i.stopping && i.ready_since.is_some())
+            }) =>
+            {
+                Routing::Release(on)
+            }
             _ => Routing::Any,
         };
         Decision {
@@ -754,6 +767,15 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             }
             return;
         }
+        // A new rollout during a watch: the fleet kept warm for a return
+        // serves nobody now (a rollback to it adopted what it needed).
+        if let Some((watched, w)) = self.next.watched(v.now)
+            && watched != t
+            && w.back_to != t
+        {
+            let warm = self.running(|i| i.revision == w.back_to);
+            self.stop(&warm, StopReason::Replaced);
+        }
         let adopted = self.insts.iter().any(|i| i.revision == t && i.adopted);
         // A canary needs a stable release to compare with and return to; a
         // first release, or one that took over warm instances, goes whole.
@@ -831,8 +853,12 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         let extras = self.running(|i| i.revision == t && i.slot >= replicas);
         self.stop(&extras, StopReason::ScaledDown);
 
+        // The release a live watch returns to is kept warm beside the
+        // target (see `keep_warm`): it is no old fleet to replace.
+        let warm = self.kept_warm(t);
+        let replaced = |i: &Inst| i.revision != t && Some(i.revision) != warm;
         let old: Vec<OldInstance<usize>> = self
-            .running(|i| i.revision != t)
+            .running(replaced)
             .into_iter()
             .map(|i| OldInstance {
                 id: i,
@@ -855,11 +881,11 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             new_running,
             new_ready,
             old: &old,
-            any_old_left: self.insts.iter().any(|i| i.revision != t),
+            any_old_left: self.insts.iter().any(replaced),
             draining: self
                 .insts
                 .iter()
-                .filter(|i| i.stopping && i.revision != t)
+                .filter(|i| i.stopping && replaced(i))
                 .count() as u32,
             may_start: v.outcome != Outcome::Failed && !paused,
         });
@@ -903,25 +929,23 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         }
         if ready >= replicas && v.outcome != Outcome::Failed {
             // The target is whole: everything else goes (after the warm
-            // period, for blue-green).
-            if !(blue_green && self.next.warm(v.now)) {
-                let old = self.running(|i| i.revision != t);
-                self.stop(&old, StopReason::Replaced);
-                if let Rollout::Warm { watch, .. } = self.next {
-                    // The warm fleet is gone; the watch goes on.
-                    self.next = match watch {
-                        Some(watch) if watch.until > v.now => {
-                            Rollout::Watching { target: t, watch }
-                        }
-                        _ => Rollout::Idle,
-                    };
-                }
+            // period, for blue-green), but the release its watch returns to.
+            let warm_window = blue_green && self.next.warm(v.now);
+            if !warm_window && let Rollout::Warm { watch, .. } = self.next {
+                // The warm window is over; the watch goes on.
+                self.next = match watch {
+                    Some(watch) if watch.until > v.now => Rollout::Watching { target: t, watch },
+                    _ => Rollout::Idle,
+                };
+            }
+            if pending && !matches!(self.next, Rollout::Warm { .. }) {
+                self.next = self.watching(v.previous);
+            }
+            if !warm_window {
+                self.keep_warm(t, replicas, StopReason::Replaced);
             }
             if pending {
                 self.steps.push(Step::Activate);
-                if !matches!(self.next, Rollout::Warm { .. }) {
-                    self.next = self.watching(v.previous);
-                }
             }
             self.message = Message::Clear;
         } else if pending && !paused {
@@ -930,6 +954,33 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             // No instance of a failed release is left running.
             let failed = self.running(|i| i.revision == t);
             self.stop(&failed, StopReason::ReleaseFailed);
+        }
+    }
+
+    /// The release kept warm beside target `t` while it is watched: the one
+    /// its watch returns to. Not for blue-green, whose own warm window
+    /// (`scale_down_delay`) says how long its old fleet stays.
+    fn kept_warm(&self, t: u64) -> Option<u64> {
+        if self.rollout().strategy == Strategy::BlueGreen {
+            return None;
+        }
+        self.next
+            .watched(self.v.now)
+            .filter(|(target, _)| *target == t)
+            .map(|(_, w)| w.back_to)
+    }
+
+    /// With the target whole: every other instance stops, but while the
+    /// target is watched the release its watch returns to keeps (or gets
+    /// back) a whole fleet beside it, ready and unrouted, so that a return
+    /// inside the watch is a route swap, not a cold start. The budget: up
+    /// to twice `replicas` for `rollout.watch` after each release.
+    fn keep_warm(&mut self, t: u64, replicas: u32, why: StopReason) {
+        let warm = self.kept_warm(t);
+        let old = self.running(|i| i.revision != t && Some(i.revision) != warm);
+        self.stop(&old, why);
+        if let Some(back_to) = warm {
+            self.keep_fleet(back_to, replicas);
         }
     }
 
@@ -1227,8 +1278,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         // The last step had all traffic: the canary is the release now.
         self.steps.push(Step::Activate);
         self.next = self.watching(Some(stable));
-        let old = self.running(|i| i.revision != t);
-        self.stop(&old, StopReason::ReplacedByCanary);
+        self.keep_warm(t, replicas, StopReason::ReplacedByCanary);
         self.message = Message::Clear;
     }
 }

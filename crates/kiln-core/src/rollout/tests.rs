@@ -392,10 +392,22 @@ fn rolling_surges_one_at_a_time_and_stops_old_only_for_new_ready_ones() {
     );
     sim.settle(50);
     assert_eq!(sim.running(2), 3);
-    assert_eq!(sim.running(1), 0);
     assert_eq!(sim.outcomes[&2], Outcome::Active);
     assert_eq!(sim.outcomes[&1], Outcome::Superseded);
     assert!(matches!(sim.state, Rollout::Watching { target: 2, .. }));
+    // Watched: release 1's fleet is whole again beside it, warm and
+    // unrouted, until the watch ends.
+    assert_eq!(sim.running(1), 3);
+    assert_eq!(sim.routing, Routing::Release(2));
+    assert!(!sim.routed(1));
+    sim.now += Duration::from_secs(300);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps).len(), 1, "{steps:?}");
+    assert_eq!(stops(&steps)[0].1, StopReason::Replaced);
+    sim.tick();
+    assert_eq!(sim.state, Rollout::Idle);
+    assert_eq!(sim.running(1), 0);
+    assert_eq!(sim.routing, Routing::Any);
 }
 
 #[test]
@@ -628,6 +640,12 @@ fn a_canary_walks_its_steps_and_ends_on_the_canary() {
     assert_eq!(sim.recorded("canary-step-passed").len(), 1);
     sim.settle(50);
     assert_eq!(sim.outcomes[&2], Outcome::Active);
+    // Stable stays warm, unrouted, through the watch; then it goes.
+    assert_eq!((sim.running(1), sim.running(2)), (4, 4));
+    assert_eq!(sim.routing, Routing::Release(2));
+    sim.now += Duration::from_secs(300);
+    sim.pass();
+    sim.tick();
     assert_eq!((sim.running(1), sim.running(2)), (0, 4));
     assert_eq!(sim.routing, Routing::Any);
 }
@@ -660,7 +678,7 @@ fn a_failed_analysis_aborts_the_canary_in_one_swap() {
     );
     assert_eq!((to, timed), (Some(1), true));
     assert_eq!(stops(&steps), [(vec![4], StopReason::CanaryAborted)]);
-    assert_eq!(sim.routing, Routing::Any);
+    assert_eq!(sim.routing, Routing::Release(1));
     assert!(!sim.routed(2));
 }
 
@@ -739,7 +757,7 @@ fn a_step_without_enough_traffic_ends_the_canary_at_its_deadline() {
         "{reason}"
     );
     assert_eq!(to, Some(1));
-    assert_eq!(sim.routing, Routing::Any);
+    assert_eq!(sim.routing, Routing::Release(1));
 }
 
 #[test]
@@ -809,18 +827,27 @@ proptest! {
         let mut s = settings(Strategy::Rolling, replicas);
         s.rollout.max_surge = max_surge;
         s.rollout.max_unavailable = max_unavailable;
+        s.rollout.watch = service::Duration::from_secs(2);
         let mut sim = Sim::steady(s);
         sim.apply(2, 2, Behaviour::Good);
         let floor = replicas.saturating_sub(max_unavailable);
         let mut waited = BTreeMap::new();
         for _ in 0..200 {
             sim.pass();
-            // Draining ones count: they are processes that still run.
-            let running = sim.insts.len() as u32;
-            prop_assert!(running <= replicas + max_surge, "{running} running");
+            if sim.state.target().is_some() {
+                // Draining ones count: they are processes that still run.
+                let running = sim.insts.len() as u32;
+                prop_assert!(running <= replicas + max_surge, "{running} running");
+            } else {
+                // Gone live: the release before is warm beside it (up to
+                // its own fleet, draining ones aside), and serves nobody.
+                let warm = sim.running(1) as u32;
+                prop_assert!(warm <= replicas, "{warm} warm");
+                prop_assert!(!sim.routed(1) || sim.state == Rollout::Idle);
+            }
             prop_assert!(sim.ready() >= floor, "{} ready < {floor}", sim.ready());
             sim.random_tick(&mut waited, &slow, &drain);
-            if sim.state == Rollout::Idle && sim.running(1) == 0 {
+            if sim.state == Rollout::Idle && sim.insts.iter().all(|i| i.revision == 2) {
                 break;
             }
         }
@@ -846,10 +873,21 @@ proptest! {
         }
         prop_assert_eq!(sim.outcomes[&2], Outcome::Active);
         prop_assert_eq!(sim.running(2) as u32, replicas);
-        prop_assert_eq!(sim.insts.len() as u32, replicas, "nothing else is left");
-        // No rollout left (the release may still be watched).
+        // No rollout left; the release is still watched, the one before
+        // it warm and unrouted (blue-green: gone after its own warm
+        // window, here 0s).
         prop_assert_eq!(sim.state.target(), None);
         prop_assert!(!sim.state.warm(sim.now));
+        prop_assert!(sim.routed(2));
+        prop_assert!(!sim.routed(1));
+        let warm = if strategy == Strategy::BlueGreen { 0 } else { replicas };
+        prop_assert_eq!(sim.running(1) as u32, warm);
+        // Once the watch is over, nothing else is left.
+        sim.now += Duration::from_secs(300);
+        sim.pass();
+        sim.tick();
+        prop_assert_eq!(&sim.state, &Rollout::Idle);
+        prop_assert_eq!(sim.insts.len() as u32, replicas, "nothing else is left");
         prop_assert!(sim.routed(2));
     }
 
@@ -1056,6 +1094,53 @@ fn blue_green_crash_loop_inside_the_watch_swaps_back_to_the_warm_fleet() {
     assert_eq!(d.routing, Routing::Release(1));
     assert!(sim.routed(1));
     assert_eq!(sim.running(1), 2, "release 1's warm fleet serves");
+}
+
+#[test]
+fn rolling_crash_loop_inside_the_watch_swaps_back_to_the_warm_fleet() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.apply(2, 2, Behaviour::CrashesAfter(5));
+    sim.until_active(2);
+    assert!(matches!(sim.state, Rollout::Watching { target: 2, .. }));
+    // Release 1's fleet comes back warm beside the watched release.
+    sim.pass();
+    sim.tick();
+    let d = until_failed(&mut sim, 100).expect("caught");
+    assert_eq!(d.routing, Routing::Release(1), "one swap to the warm fleet");
+    assert!(
+        starts(&d.steps).is_empty(),
+        "nothing starts cold: {:?}",
+        d.steps
+    );
+    assert!(sim.routed(1));
+    assert_eq!(sim.running(1), 2, "release 1's warm fleet serves");
+    sim.settle(50);
+    assert_eq!((sim.running(1), sim.running(2)), (2, 0));
+    assert_eq!(sim.outcomes[&1], Outcome::Active);
+}
+
+#[test]
+fn a_new_release_during_the_watch_stops_the_warm_fleet() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(50);
+    sim.pass();
+    sim.tick();
+    assert_eq!(sim.running(1), 2, "warm");
+    sim.apply(3, 3, Behaviour::Good);
+    let steps = sim.pass();
+    let warm: Vec<u32> = sim
+        .insts
+        .iter()
+        .filter(|i| i.revision == 1)
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(stops(&steps)[0], (warm, StopReason::Replaced));
+    assert!(!sim.routed(1));
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&3], Outcome::Active);
+    assert_eq!(sim.running(1), 0);
+    assert_eq!(sim.running(2), 2, "release 2 is now the warm one");
 }
 
 #[test]
