@@ -56,7 +56,7 @@ pub fn push(
         bail!("{dest}: push to a tag (HOST/REPO:TAG); the digest is the image's own");
     }
     let credentials = Credentials::open(home)?;
-    let registry = Registry::new(&dest.host, &credentials, insecure);
+    let registry = Registry::new(&dest.host, &credentials, insecure)?;
     let descriptor = kiln_core::oci::Descriptor::new(
         kiln_core::oci::MEDIA_TYPE_MANIFEST,
         img.digest.clone(),
@@ -138,7 +138,7 @@ pub fn pull_into(
     deadline: std::time::Duration,
 ) -> Result<kiln_store::registry::PullReport> {
     let credentials = Credentials::open(home)?;
-    let registry = Registry::new(&src.host, &credentials, insecure);
+    let registry = Registry::new(&src.host, &credentials, insecure)?;
     let show = progress(json);
     let report = runtime()?
         .block_on(kiln_store::registry::pull_within(
@@ -193,7 +193,7 @@ pub fn login(
     // now, not at the first push, and nothing is kept.
     if username.is_some() {
         let trial = credentials.with(host, login.clone());
-        let registry = Registry::new(host, &trial, insecure);
+        let registry = Registry::new(host, &trial, insecure)?;
         runtime()?
             .block_on(registry.check_login())
             .with_context(|| format!("{host}: not logged in (nothing kept)"))?;

@@ -1053,3 +1053,97 @@ fn a_pull_from_a_registry_that_never_finishes_ends_at_its_deadline() {
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert_eq!(env.store_state(), before, "nothing kept");
 }
+
+/// What a flooding registry sends without end.
+#[derive(Clone, Copy)]
+enum Flood {
+    /// A manifest (200).
+    Manifest,
+    /// The token its bearer challenge points to.
+    Token,
+    /// An error body (404) for the manifest.
+    ErrorBody,
+}
+
+/// A registry that answers one part of a pull with an endless body, as
+/// fast as the client reads it (each connection ends when the client
+/// goes, or after 8 GiB).
+fn flooding_registry(flood: Flood) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().take(64) {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let Some((line, auth)) = read_head(&conn) else {
+                    return;
+                };
+                let path = line.split_whitespace().nth(1).unwrap_or("").to_owned();
+                let endless = |conn: &mut std::net::TcpStream, status: &str| {
+                    let _ = write!(
+                        conn,
+                        "HTTP/1.1 {status}\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+                    );
+                    let chunk = vec![b' '; 64 << 10];
+                    for _ in 0..(8u64 << 30) / (64 << 10) {
+                        if write!(conn, "{:x}\r\n", chunk.len()).is_err()
+                            || conn.write_all(&chunk).is_err()
+                            || conn.write_all(b"\r\n").is_err()
+                        {
+                            return;
+                        }
+                    }
+                };
+                match flood {
+                    Flood::Token if path.starts_with("/token") => endless(&mut conn, "200 OK"),
+                    Flood::Token if auth.is_empty() => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"flood\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        );
+                    }
+                    Flood::Manifest if path.contains("/manifests/") => endless(&mut conn, "200 OK"),
+                    Flood::ErrorBody if path.contains("/manifests/") => {
+                        endless(&mut conn, "404 Not Found")
+                    }
+                    _ => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{{}}"
+                        );
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// Issue 22: an endless manifest (1 GiB in 4 s) or token answer (4.1 GiB)
+/// was read whole into memory until the pull's deadline. Each answer read
+/// whole has a cap, reached long before any deadline: the pull ends at
+/// once naming it, and nothing is kept.
+#[test]
+fn endless_registry_answers_end_at_their_cap_not_in_memory() {
+    let env = Env::new();
+    env.ok(&["images"]);
+    let before = env.store_state();
+    for (flood, says) in [
+        (Flood::Manifest, "is over the 4 MiB limit"),
+        (Flood::Token, "its token answer is over the 64 KiB limit"),
+        (Flood::ErrorBody, "not found in the registry"),
+    ] {
+        let port = flooding_registry(flood);
+        let err = env.fails(&[
+            "pull",
+            &format!("127.0.0.1:{port}/team/flood:v1"),
+            "--insecure",
+            "--timeout",
+            "10m",
+        ]);
+        assert!(err.contains(says), "{says}: {err}");
+        assert!(!err.contains("took longer"), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert_eq!(env.store_state(), before, "nothing kept");
+    }
+}

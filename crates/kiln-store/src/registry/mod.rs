@@ -1,17 +1,19 @@
-//! Images to and from OCI registries: the distribution API through
-//! `oci-client` (its auth flows: anonymous, basic, and the bearer-token
-//! flow with `WWW-Authenticate` challenges and scopes), with kiln's own
-//! checks on top: every blob and manifest pulled is verified (digest and
-//! size) as it streams and kept only once the whole image is, nothing is
-//! held whole in memory, and the store's exact manifest bytes are pushed
-//! (the digest a registry serves is the one the store has).
+//! Images to and from OCI registries. Pulls go through kiln's own reader
+//! of the distribution API ([`read`]: anonymous, basic and bearer-token
+//! auth; every answer read whole has a cap, blobs stream), pushes through
+//! `oci-client` (its auth flows likewise), with kiln's own checks on top:
+//! every blob and manifest pulled is verified (digest and size) as it
+//! streams and kept only once the whole image is, nothing is held whole in
+//! memory, and the store's exact manifest bytes are pushed (the digest a
+//! registry serves is the one the store has).
 //!
 //! - [`credentials`]: `kiln login`, Docker's config, insecure hosts.
-//! - [`push`], [`pull`].
+//! - [`push`], [`pull`], [`read`].
 
 pub mod credentials;
 mod pull;
 mod push;
+pub mod read;
 
 use std::time::Duration;
 
@@ -75,6 +77,12 @@ pub enum RegistryError {
     },
     #[error("the manifest of {reference} is over the 4 MiB limit")]
     ManifestTooBig { reference: String },
+    #[error("{host}: its {what} is over the {limit} limit; nothing was kept")]
+    TooBig {
+        host: String,
+        what: String,
+        limit: String,
+    },
     #[error(
         "pulling {reference} took longer than {after}; nothing was kept (a slow or endless registry answer; --timeout gives more time)",
         after = humantime::format_duration(*.after)
@@ -100,7 +108,10 @@ pub enum RegistryError {
 
 /// A connection to one registry, for one repository.
 pub struct Registry {
+    /// Pushes.
     client: Client,
+    /// Pulls and the login check.
+    reader: read::Reader,
     auth: RegistryAuth,
     /// Where the credentials came from (named when they are refused).
     from: &'static str,
@@ -111,11 +122,16 @@ impl Registry {
     /// A client for `host`: TLS with the system's roots, or plain HTTP if
     /// the user named the host insecure (`insecure`, or `kiln login
     /// --insecure`); never a silent fallback from one to the other.
-    pub fn new(host: &str, credentials: &Credentials, insecure: bool) -> Self {
+    pub fn new(
+        host: &str,
+        credentials: &Credentials,
+        insecure: bool,
+    ) -> Result<Self, RegistryError> {
         // One crypto provider for rustls, installed once (a second install
         // is refused and changes nothing).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let protocol = if insecure || credentials.insecure(host) {
+        let plain = insecure || credentials.insecure(host);
+        let protocol = if plain {
             ClientProtocol::HttpsExcept(vec![host.to_owned()])
         } else {
             ClientProtocol::Https
@@ -138,12 +154,18 @@ impl Registry {
                 from,
             } => (RegistryAuth::Basic(username, password), from),
         };
-        Self {
+        let basic = match &auth {
+            RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
+            _ => None,
+        };
+        let scheme = if plain { "http" } else { "https" };
+        Ok(Self {
             client: Client::new(config),
+            reader: read::Reader::new(host, scheme, basic, from)?,
             auth,
             from,
             host: host.to_owned(),
-        }
+        })
     }
 
     /// Whether the registry accepts these credentials, as `docker login`
@@ -157,16 +179,9 @@ impl Registry {
                     detail: e.to_string(),
                 }
             })?;
-        match self
-            .client
-            .list_tags(&reference(&probe), &self.auth, Some(1), None)
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) => match self.error(&probe, e) {
-                RegistryError::NotFound { .. } => Ok(()),
-                other => Err(other),
-            },
+        match self.reader.get(&probe, "tags/list?n=1", &[]).await {
+            Ok(_) | Err(RegistryError::NotFound { .. }) => Ok(()),
+            Err(other) => Err(other),
         }
     }
 
@@ -232,32 +247,13 @@ impl Registry {
                     detail: format!("HTTP {code}: {}", message.trim()),
                 },
             },
-            OciDistributionError::RequestError(r) if r.is_connect() || r.is_timeout() => {
-                let mut detail = if r.is_timeout() {
-                    format!(
-                        "no answer within {} s",
-                        READ_TIMEOUT.as_secs().max(CONNECT_TIMEOUT.as_secs())
-                    )
-                } else {
-                    describe(&r)
-                };
-                if detail.contains("InvalidContentType") || detail.contains("corrupt message") {
-                    detail.push_str(&format!(
-                        " (it does not speak TLS; if {host} is a plain-HTTP registry, name it insecure: --insecure, or kiln login {host} --insecure)"
-                    ));
-                }
-                RegistryError::Unreachable { host, detail }
-            }
             OciDistributionError::RequestError(r) => match r.status().map(|s| s.as_u16()) {
                 Some(401) => login(),
                 Some(403) => denied(),
                 Some(404) => RegistryError::NotFound {
                     reference: reference.to_string(),
                 },
-                _ => RegistryError::Registry {
-                    host,
-                    detail: describe(&r),
-                },
+                _ => request_error(&host, &r),
             },
             // oci-client checks a manifest against the digest asked for
             // before kiln does: the same refusal.
@@ -280,6 +276,31 @@ impl Registry {
             },
         }
     }
+}
+
+/// A request that got no answer (or a broken one) from `host`, named.
+fn request_error(host: &str, r: &reqwest::Error) -> RegistryError {
+    let host = host.to_owned();
+    if !(r.is_connect() || r.is_timeout()) {
+        return RegistryError::Registry {
+            host,
+            detail: describe(r),
+        };
+    }
+    let mut detail = if r.is_timeout() {
+        format!(
+            "no answer within {} s",
+            READ_TIMEOUT.as_secs().max(CONNECT_TIMEOUT.as_secs())
+        )
+    } else {
+        describe(r)
+    };
+    if detail.contains("InvalidContentType") || detail.contains("corrupt message") {
+        detail.push_str(&format!(
+            " (it does not speak TLS; if {host} is a plain-HTTP registry, name it insecure: --insecure, or kiln login {host} --insecure)"
+        ));
+    }
+    RegistryError::Unreachable { host, detail }
 }
 
 /// A reqwest error with its causes (its own message is often only "error

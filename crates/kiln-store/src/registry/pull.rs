@@ -10,10 +10,9 @@ use kiln_core::Digest;
 use kiln_core::oci::{Descriptor, MEDIA_TYPE_INDEX, MEDIA_TYPE_MANIFEST, Manifest};
 use kiln_core::reference::Tag;
 use kiln_core::registry::{RegistryRef, Target};
-use oci_client::RegistryOperation;
 use serde::Serialize;
 
-use super::{MAX_MANIFEST, PARALLEL, Registry, RegistryError, reference};
+use super::{MAX_MANIFEST, PARALLEL, Registry, RegistryError, read};
 use crate::store::{PendingBlob, Store, StoreError};
 
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -82,13 +81,6 @@ pub async fn pull(
     src: &RegistryRef,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<PullReport, RegistryError> {
-    let err = |e| registry.error(src, e);
-    let image = reference(src);
-    registry
-        .client
-        .auth(&image, &registry.auth, RegistryOperation::Pull)
-        .await
-        .map_err(err)?;
     let (bytes, resolved) = manifest(registry, src, src.target.clone()).await?;
     let media = media_type(&bytes, src)?;
     let (bytes, digest) = if media == MEDIA_TYPE_INDEX || media == MEDIA_TYPE_DOCKER_LIST {
@@ -182,17 +174,9 @@ async fn pull_referrers(
     subject: &Digest,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<usize, RegistryError> {
-    let at = src.at(Target::Digest(subject.clone()));
-    let index = registry
-        .client
-        .pull_referrers(&reference(&at), None)
-        .await
-        .map_err(|e| registry.error(&at, e))?;
+    let listed = referrers_index(registry, src, subject).await?;
     let mut n = 0;
-    for entry in index.manifests {
-        let Ok(digest) = entry.digest.parse::<Digest>() else {
-            continue;
-        };
+    for digest in listed {
         let (bytes, _) = manifest(registry, src, Some(Target::Digest(digest.clone()))).await?;
         // A referrers index is the registry's word: a hostile one lists
         // another image's signature or provenance under this one. Only a
@@ -223,6 +207,66 @@ async fn pull_referrers(
         n += 1;
     }
     Ok(n)
+}
+
+/// The digests a registry lists as `subject`'s referrers: its referrers
+/// API, else (a registry without it answers 404) the `sha256-HEX` tag of
+/// the tag schema, else none. Read with the manifest's cap.
+async fn referrers_index(
+    registry: &Registry,
+    src: &RegistryRef,
+    subject: &Digest,
+) -> Result<Vec<Digest>, RegistryError> {
+    let at = src.at(Target::Digest(subject.clone()));
+    let accept = [MEDIA_TYPE_INDEX];
+    let bytes = match registry
+        .reader
+        .get(&at, &format!("referrers/{subject}"), &accept)
+        .await
+    {
+        Ok(resp) => {
+            registry
+                .reader
+                .body(resp, MAX_MANIFEST, "referrers list")
+                .await?
+        }
+        Err(RegistryError::NotFound { .. }) => {
+            let tag = subject.to_string().replace(':', "-");
+            match registry
+                .reader
+                .get(&at, &format!("manifests/{tag}"), &accept)
+                .await
+            {
+                Ok(resp) => {
+                    registry
+                        .reader
+                        .body(resp, MAX_MANIFEST, "referrers list")
+                        .await?
+                }
+                Err(RegistryError::NotFound { .. }) => return Ok(Vec::new()),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(listed_digests(&bytes))
+}
+
+/// The digests of an index's `manifests` (an unreadable index lists none,
+/// as the distribution spec says of a referrers tag that is not one).
+fn listed_digests(bytes: &[u8]) -> Vec<Digest> {
+    serde_json::from_slice::<serde_json::Value>(bytes)
+        .ok()
+        .and_then(|v| {
+            Some(
+                v.get("manifests")?
+                    .as_array()?
+                    .iter()
+                    .filter_map(|m| m.get("digest")?.as_str()?.parse().ok())
+                    .collect(),
+            )
+        })
+        .unwrap_or_default()
 }
 
 /// Whether manifest `bytes` names `subject` as its `subject`.
@@ -301,20 +345,34 @@ async fn manifest(
         MEDIA_TYPE_DOCKER_MANIFEST,
         MEDIA_TYPE_DOCKER_LIST,
     ];
-    let (bytes, said) = registry
-        .client
-        .pull_manifest_raw(&reference(&at), &registry.auth, &accepted)
-        .await
-        .map_err(|e| registry.error(&at, e))?;
-    if bytes.len() > MAX_MANIFEST {
-        return Err(RegistryError::ManifestTooBig {
-            reference: at.to_string(),
-        });
-    }
+    let name = match &at.target {
+        Some(Target::Tag(t)) => t.to_string(),
+        Some(Target::Digest(d)) => d.to_string(),
+        None => "latest".to_owned(),
+    };
+    let resp = registry
+        .reader
+        .get(&at, &format!("manifests/{name}"), &accepted)
+        .await?;
+    let said = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let bytes = match read::read_capped(resp, MAX_MANIFEST).await {
+        Ok(b) => b,
+        Err(read::Capped::Over) => {
+            return Err(RegistryError::ManifestTooBig {
+                reference: at.to_string(),
+            });
+        }
+        Err(read::Capped::Request(e)) => return Err(super::request_error(&registry.host, &e)),
+    };
     let actual = Digest::of(&bytes);
+    // A tag: the digest the registry says it has, if it says one.
     let expected = match &target {
         Some(Target::Digest(d)) => d.to_string(),
-        _ => said,
+        _ => said.unwrap_or_else(|| actual.to_string()),
     };
     if actual.to_string() != expected {
         return Err(RegistryError::ManifestDigest {
@@ -356,13 +414,19 @@ async fn pull_blob(
     d: &Descriptor,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<PendingBlob, RegistryError> {
-    let image = reference(src);
-    let digest = d.digest.to_string();
-    let mut stream = registry
-        .client
-        .pull_blob_stream(&image, digest.as_str())
-        .await
-        .map_err(|e| registry.error(src, e))?;
+    let resp = registry
+        .reader
+        .get(src, &format!("blobs/{}", d.digest), &[])
+        .await?;
+    if resp.content_length().is_some_and(|n| n > d.size) {
+        return Err(RegistryError::BadSize {
+            host: registry.host.clone(),
+            digest: d.digest.clone(),
+            got: resp.content_length().unwrap_or_default(),
+            want: d.size,
+        });
+    }
+    let mut stream = std::pin::pin!(registry.reader.stream(resp));
     let mut w = store.blob_writer()?;
     let tmp = store.root().join("tmp");
     let mut got: u64 = 0;
@@ -373,28 +437,7 @@ async fn pull_blob(
         want: d.size,
     };
     while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
-                // oci-client's own check of the digest ends the stream
-                // with an error: name what the bytes were.
-                let got = w.finish_unsynced()?;
-                if got.size() != d.size {
-                    return Err(bad_size(got.size()));
-                }
-                if e.to_string().contains("digest") {
-                    return Err(RegistryError::BadBlob {
-                        host: registry.host.clone(),
-                        digest: d.digest.clone(),
-                        actual: got.digest().clone(),
-                    });
-                }
-                return Err(RegistryError::Registry {
-                    host: registry.host.clone(),
-                    detail: format!("blob {}: {e}", d.digest),
-                });
-            }
-        };
+        let chunk = chunk?;
         got += chunk.len() as u64;
         if got > d.size {
             return Err(bad_size(got));
