@@ -22,6 +22,13 @@ fn ptrace_nr() -> &'static str {
     }
 }
 
+fn keyctl_nr() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "219",
+        _ => "250",
+    }
+}
+
 fn spec(env: &Env, port: u16, user: &str) -> std::path::PathBuf {
     let state = env.home.join("state.db");
     let other = env.home.join("volumes/other/data");
@@ -197,9 +204,10 @@ entrypoint = ["/bin/start.sh"]
 image = "app"
 listen = "127.0.0.1:{port}"
 [services.web.health.readiness]
-exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
+exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /tmp/probe-seccomp; perl -e 'syscall({keyctl}, 0, -3, 0) == -1 and print $!' > /tmp/probe-keyctl; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
 interval = "200ms"
-"#
+"#,
+            keyctl = keyctl_nr()
         ),
     );
     let _agent = Agent::start(&env);
@@ -224,4 +232,8 @@ interval = "200ms"
         "",
         "the probe remounted the tree"
     );
+    // The instance's seccomp filter: keyctl, which any user may call, is
+    // refused.
+    assert_eq!(read("/tmp/probe-seccomp"), "NoNewPrivs:\t1\nSeccomp:\t2");
+    assert_eq!(read("/tmp/probe-keyctl"), "Operation not permitted");
 }

@@ -65,7 +65,8 @@ impl Sandbox {
     /// joins the namespaces of its app (mount, pid, ipc; its user
     /// namespace when it has its own, as bwrap makes for a non-root
     /// agent), takes its root and the instance's workdir, and runs `argv`
-    /// with the instance's environment.
+    /// with the instance's environment, under the instance's seccomp
+    /// filter.
     fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
         let target = app_pid(pid)
             .or_else(|| children(pid).first().copied())
@@ -86,6 +87,17 @@ impl Sandbox {
         }
         c.arg("--").args(argv);
         c.env_clear().envs(&launch.env).process_group(0);
+        // The instance's seccomp filter (but setns, which nsenter needs),
+        // with no_new_privs, from before nsenter runs: the probe inherits it.
+        let filter = super::seccomp::probe_filter()
+            .map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
+        #[allow(unsafe_code)]
+        // SAFETY: the closure runs in the forked child before exec and
+        // makes only the two system calls of `install`, allocating nothing;
+        // `filter` is moved into it and lives as long as the command.
+        unsafe {
+            c.pre_exec(move || super::seccomp::install(&filter));
+        }
         Ok(c)
     }
 

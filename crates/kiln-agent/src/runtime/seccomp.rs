@@ -5,7 +5,8 @@
 //! everything else is allowed, as Docker's default profile does in spirit.
 //! Compiled to classic BPF by `seccompiler` (Firecracker's), handed to
 //! bubblewrap (`--seccomp FD`), which installs it after its own setup and
-//! before the app runs, with `no_new_privs`.
+//! before the app runs, with `no_new_privs`. An exec probe gets the same
+//! filter but `setns` ([`probe_filter`]), installed before `nsenter` runs.
 
 use std::collections::BTreeMap;
 
@@ -64,23 +65,7 @@ pub struct SeccompError {
 /// The filter as bubblewrap reads it: `struct sock_filter` after
 /// `struct sock_filter`, in the machine's byte order.
 pub fn program() -> Result<Vec<u8>, SeccompError> {
-    let arch = std::env::consts::ARCH;
-    let err = |reason: String| SeccompError { arch, reason };
-    let target = TargetArch::try_from(arch).map_err(|e| err(format!("{e:?}")))?;
-    let rules = DENIED
-        .iter()
-        .map(|(_, nr)| (*nr, Vec::new()))
-        .collect::<BTreeMap<_, _>>();
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        target,
-    )
-    .map_err(|e| err(e.to_string()))?;
-    let bpf: BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| err(e.to_string()))?;
+    let bpf = compile(DENIED.iter().map(|(_, nr)| *nr))?;
     let mut out = Vec::with_capacity(bpf.len() * 8);
     for i in bpf {
         out.extend_from_slice(&i.code.to_ne_bytes());
@@ -91,9 +76,84 @@ pub fn program() -> Result<Vec<u8>, SeccompError> {
     Ok(out)
 }
 
+/// The filter an exec probe runs under: the instance's, but `setns`,
+/// which `nsenter` calls after the filter is installed to join the
+/// instance (the probe itself cannot use it: joining a namespace takes
+/// `CAP_SYS_ADMIN` over it, which a probe as the instance's user has not,
+/// and a probe as root has only in the instance's own user namespace).
+pub fn probe_filter() -> Result<BpfProgram, SeccompError> {
+    compile(
+        DENIED
+            .iter()
+            .filter(|(name, _)| *name != "setns")
+            .map(|(_, nr)| *nr),
+    )
+}
+
+/// Install `filter` on the calling process, with `no_new_privs`, as the
+/// last step before it execs.
+///
+/// # Safety
+/// Meant for a forked child before exec (`pre_exec`): it makes two system
+/// calls and allocates nothing.
+#[allow(unsafe_code)]
+pub unsafe fn install(filter: &BpfProgram) -> std::io::Result<()> {
+    // SAFETY: prctl and seccomp take plain values and a pointer to a
+    // `sock_fprog` that lives through the call; seccompiler's
+    // `sock_filter` has the kernel's layout (`#[repr(C)]`, as `libc`'s).
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let prog = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr() as *mut libc::sock_filter,
+        };
+        if libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &prog as *const libc::sock_fprog,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The calls `denied` fail with `EPERM`, the rest are allowed.
+fn compile(denied: impl Iterator<Item = i64>) -> Result<BpfProgram, SeccompError> {
+    let arch = std::env::consts::ARCH;
+    let err = |reason: String| SeccompError { arch, reason };
+    let target = TargetArch::try_from(arch).map_err(|e| err(format!("{e:?}")))?;
+    let rules = denied
+        .map(|nr| (nr, Vec::new()))
+        .collect::<BTreeMap<_, _>>();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        target,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    filter
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| err(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_probe_filter_allows_setns_only() {
+        let probe = probe_filter().unwrap();
+        let ks: Vec<u32> = probe.iter().map(|i| i.k).collect();
+        for (name, nr) in DENIED {
+            assert_eq!(ks.contains(&(*nr as u32)), *name != "setns", "{name}");
+        }
+    }
 
     #[test]
     fn the_program_is_whole_instructions_and_names_every_call_once() {
