@@ -770,10 +770,16 @@ fn a_revoked_tokens_log_stream_ends() {
     let mut follow = Command::new("curl")
         .args(["-sNk", "-H", &bearer(&viewer)])
         .arg(format!("{}/v1/logs?service=web&follow=true", r.url()))
-        .stdout(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // The stream is open once it has delivered the instance's first line
+    // (a refused request would end with no line); the rest is drained.
+    let mut out = std::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut out, &mut first).unwrap();
+    assert!(!first.is_empty(), "the stream delivered nothing");
+    let drain = std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
     assert!(follow.try_wait().unwrap().is_none(), "the stream is open");
     r.env.ok(&["token", "revoke", "watcher"]);
     // The next chunk finds the token revoked: make one (a new release
@@ -788,5 +794,6 @@ fn a_revoked_tokens_log_stream_ends() {
     if !ended {
         let _ = follow.kill();
     }
+    let _ = drain.join();
     assert!(ended, "the revoked token's stream still runs");
 }

@@ -76,7 +76,7 @@ fn rollout_in_progress(env: &Env, port: u16, path: &Path) {
             .as_bytes(),
     );
     env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    std::thread::sleep(Duration::from_millis(300));
+    util::until_rolling_out(env, "web", 2);
 }
 
 fn release_2_whole(env: &Env) {
@@ -322,12 +322,12 @@ fn output_written_while_no_agent_runs_is_all_in_the_log() {
         .iter()
         .position(|t| *t > at_death)
         .map_or(ticks.len(), |i| i);
-    // From the first line the log has: once in about twenty runs on a busy
-    // machine the log began at `tick 2`, before any agent was killed (not
-    // explained yet; it is not what this test is about).
-    let expected: Vec<u64> = (ticks[0]..=at_death).collect();
+    // From `tick 1`. (Once in about twenty runs the log began at `tick 2`:
+    // the app's `eprintln!` writes its line in pieces, and `tick 1` from
+    // stdout was glued into the middle of it. Each stream's lines are now
+    // assembled whole before they are written.)
+    let expected: Vec<u64> = (1..=at_death).collect();
     let head: Vec<String> = log().lines().take(8).map(str::to_owned).collect();
-    assert!(ticks[0] <= 2, "the log begins {head:#?}");
     assert_eq!(
         &ticks[..resumed],
         &expected[..],

@@ -428,7 +428,7 @@ fn an_agent_killed_mid_rollout_converges_to_one_release() {
             .as_bytes(),
     );
     env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
-    std::thread::sleep(Duration::from_millis(300));
+    util::until_rolling_out(&env, "web", 2);
     let mut child = agent.child.take().unwrap();
     child.kill().unwrap();
     child.wait().unwrap();

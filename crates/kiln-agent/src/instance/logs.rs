@@ -16,6 +16,13 @@ use tokio::sync::Mutex;
 /// Size at which a log file is rotated.
 pub const ROTATE_BYTES: u64 = 8 << 20;
 
+/// A partial line (no newline yet) is written as it is after this long
+/// with nothing more from its stream.
+pub const PARTIAL_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// A line longer than this is written in pieces of this size.
+pub const MAX_LINE: usize = 64 << 10;
+
 pub struct LogFile {
     path: PathBuf,
     /// The file, its size, and whether the next byte starts a line.
@@ -76,12 +83,16 @@ impl LogFile {
         })
     }
 
-    /// Append `bytes` (an instance's output, as it came), each line
-    /// stamped with the time it was read.
+    /// Append `bytes` (lines of an instance's output, or a partial one),
+    /// each line stamped with the time it was read, on a line of its own
+    /// even if the file ends in the middle of one (a partial line written
+    /// as it was).
     async fn write(&self, bytes: &[u8]) -> std::io::Result<()> {
         let stamp = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
         let mut guard = self.file.lock().await;
-        let (bytes, next_starts) = stamp_lines(bytes, &stamp, guard.2);
+        let lead: &[u8] = if guard.2 { b"" } else { b"\n" };
+        let (stamped, next_starts) = stamp_lines(bytes, &stamp, true);
+        let bytes = [lead, &stamped].concat();
         if guard.1 + bytes.len() as u64 > ROTATE_BYTES && guard.1 > 0 {
             let mut old = self.path.clone().into_os_string();
             old.push(".1");
@@ -101,37 +112,63 @@ impl LogFile {
     /// Copy a child's output into the log until it closes, or until
     /// `stop` says so: then between two reads, so that what was read is
     /// written and what was not stays in the pipe (for a successor).
+    ///
+    /// Whole lines: stdout and stderr go to one file, and an app writes a
+    /// line in pieces (Rust's `eprintln!` makes a write per argument), so
+    /// each stream's partial line waits here until its newline comes —
+    /// else a line of the other stream would be glued into its middle. A
+    /// partial line is written as it is after [`PARTIAL_AFTER`] with no
+    /// more (a prompt), past [`MAX_LINE`], and when the pump ends.
     pub async fn pump(
         &self,
         mut from: impl AsyncRead + Unpin,
         mut stop: tokio::sync::watch::Receiver<bool>,
     ) {
         let mut buf = vec![0u8; 16 << 10];
+        let mut partial: Vec<u8> = Vec::new();
         loop {
-            // Reading is cancel-safe: nothing is lost when `stop` wins.
+            // Reading is cancel-safe: nothing is lost when `stop` or the
+            // partial line's timer wins.
             let read = tokio::select! {
-                r = from.read(&mut buf) => r,
-                _ = stop.wait_for(|s| *s) => return,
+                r = from.read(&mut buf) => Some(r),
+                // (The watch's guard is not kept past the select.)
+                stopped = stop.wait_for(|s| *s) => {
+                    drop(stopped);
+                    break;
+                }
+                () = tokio::time::sleep(PARTIAL_AFTER), if !partial.is_empty() => None,
             };
-            match read {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    if self.write(&buf[..n]).await.is_err() {
+            let n = match read {
+                None => {
+                    if self.write(&std::mem::take(&mut partial)).await.is_err() {
                         return;
                     }
+                    continue;
                 }
+                Some(Ok(0) | Err(_)) => break,
+                Some(Ok(n)) => n,
+            };
+            partial.extend_from_slice(&buf[..n]);
+            let whole = match partial.iter().rposition(|b| *b == b'\n') {
+                Some(end) => end + 1,
+                None if partial.len() >= MAX_LINE => partial.len(),
+                None => continue,
+            };
+            let rest = partial.split_off(whole);
+            if self.write(&partial).await.is_err() {
+                return;
             }
+            partial = rest;
+        }
+        if !partial.is_empty() {
+            let _ = self.write(&partial).await;
         }
     }
 
     /// A line from kiln itself (start, exit) in the instance's log, on a
     /// line of its own.
     pub async fn note(&self, line: &str) {
-        let starts = self.file.lock().await.2;
-        let lead = if starts { "" } else { "\n" };
-        let _ = self
-            .write(format!("{lead}[kiln] {line}\n").as_bytes())
-            .await;
+        let _ = self.write(format!("[kiln] {line}\n").as_bytes()).await;
     }
 }
 
@@ -143,18 +180,69 @@ mod tests {
     async fn logs_rotate_by_size() {
         let dir = tempfile::tempdir().unwrap();
         let log = LogFile::create(dir.path().join("a.log")).await.unwrap();
-        let chunk = vec![b'x'; (ROTATE_BYTES / 2) as usize + 1];
+        // Lines of 1 KiB, a little over half the rotation size.
+        let lines = (ROTATE_BYTES / 2 / 1024) as usize + 1;
+        let mut chunk = Vec::new();
+        for _ in 0..lines {
+            chunk.extend_from_slice(&[b'x'; 1023]);
+            chunk.push(b'\n');
+        }
         let (_keep, running) = tokio::sync::watch::channel(false);
         log.pump(&chunk[..], running.clone()).await;
         log.pump(&chunk[..], running).await;
         let old = std::fs::metadata(dir.path().join("a.log.1")).unwrap().len();
         let new = std::fs::metadata(dir.path().join("a.log")).unwrap().len();
         assert!(old <= ROTATE_BYTES && new <= ROTATE_BYTES);
-        // One line each (no newline in the chunks): one stamp of 25 bytes.
+        // Every line once, with its stamp of 25 bytes.
         assert_eq!(
             old + new,
-            2 * chunk.len() as u64 + 25,
+            2 * (chunk.len() + 25 * lines) as u64,
             "nothing lost in rotation"
+        );
+    }
+
+    /// Issue 22: one stream's line written in pieces (as `eprintln!`
+    /// does) had the other stream's line glued into its middle — the
+    /// restart test's lost `tick 1`.
+    #[tokio::test]
+    async fn a_line_written_in_pieces_stays_whole_beside_another_stream() {
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(LogFile::create(dir.path().join("c.log")).await.unwrap());
+        let (_keep, running) = tokio::sync::watch::channel(false);
+        let (mut err_tx, err_rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let (mut out_tx, out_rx) = tokio::net::unix::pipe::pipe().unwrap();
+        let pumps = [err_rx, out_rx].map(|rx| {
+            let (log, stop) = (log.clone(), running.clone());
+            tokio::spawn(async move { log.pump(rx, stop).await })
+        });
+        let settle = || tokio::time::sleep(std::time::Duration::from_millis(30));
+        err_tx.write_all(b"hello v1 (instance ").await.unwrap();
+        settle().await;
+        out_tx.write_all(b"tick 1\n").await.unwrap();
+        settle().await;
+        err_tx.write_all(b"web-1) listening\n").await.unwrap();
+        settle().await;
+        // A partial line with nothing after it is written in time, whole
+        // lines after it on lines of their own.
+        err_tx.write_all(b"password: ").await.unwrap();
+        tokio::time::sleep(PARTIAL_AFTER * 2).await;
+        out_tx.write_all(b"tick 2\n").await.unwrap();
+        drop((err_tx, out_tx));
+        for p in pumps {
+            p.await.unwrap();
+        }
+        let kept = std::fs::read_to_string(dir.path().join("c.log")).unwrap();
+        let lines: Vec<&str> = kept.lines().map(|l| &l[25..]).collect();
+        assert_eq!(
+            lines,
+            [
+                "tick 1",
+                "hello v1 (instance web-1) listening",
+                "password: ",
+                "tick 2"
+            ],
+            "{kept}"
         );
     }
 

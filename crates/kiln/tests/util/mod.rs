@@ -352,6 +352,25 @@ pub fn releases(env: &Env, service: &str) -> Vec<serde_json::Value> {
         .clone()
 }
 
+/// Wait until `revision` of service `name` is rolling out: an instance of
+/// it runs and the service is not whole on it yet (what a test that acts
+/// "mid-rollout" needs to have seen, rather than a sleep).
+#[allow(dead_code)]
+pub fn until_rolling_out(env: &Env, name: &str, revision: u64) {
+    wait_for(
+        &format!("release {revision} of {name} rolling out"),
+        Duration::from_secs(30),
+        || {
+            let s = service_status(env, name);
+            s["revision"] == revision
+                && s["converged"] != true
+                && s["instances"]
+                    .as_array()
+                    .is_some_and(|i| i.iter().any(|i| i["revision"] == revision))
+        },
+    );
+}
+
 pub fn service_status(env: &Env, name: &str) -> serde_json::Value {
     let v = env.json(&["status", "--json"]);
     v["services"]
