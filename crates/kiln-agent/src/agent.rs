@@ -647,7 +647,7 @@ impl Agent {
         Ok(self
             .shared
             .state
-            .releases(name)?
+            .current_releases(name)?
             .iter()
             .map(|r| r.revision)
             .max()
@@ -1055,7 +1055,7 @@ impl Agent {
         let now = SystemTime::now();
         let mut services = Vec::new();
         for rec in self.shared.state.services()? {
-            let releases = self.shared.state.releases(&rec.name)?;
+            let releases = self.shared.state.current_releases(&rec.name)?;
             services.push(ServiceStatus::of(
                 &rec.name,
                 &rec.settings,

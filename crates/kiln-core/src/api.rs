@@ -129,7 +129,8 @@ pub struct Reconciled {
 
 impl ServiceStatus {
     /// The status of service `name` from one view: its settings and target
-    /// and its releases as stored now, and what its controller last saw
+    /// and its current releases as stored now (at least the target and the
+    /// newest: `StateStore::current_releases`), and what its controller last saw
     /// (`None` before its first pass). `now` dates the instances' uptime.
     pub fn of(
         name: &ServiceName,

@@ -610,10 +610,21 @@ pub async fn wait_for(
                 eprintln!("  {line}");
                 last.insert(name.clone(), line);
             }
-            let history: HistoryResponse =
-                client.get(&format!("/v1/services/{name}/history")).await?;
-            let release = history.releases.iter().find(|r| r.revision == *revision);
-            if let Some(r) = release
+            // Status says whether the release failed (the target's outcome,
+            // or the newest release failed past the target); only then is
+            // the history read, for its reason: polling the whole history
+            // would cost the agent more with every release.
+            let failed = (s.revision == Some(*revision) && s.outcome == Some(Outcome::Failed))
+                || s.failed_release
+                    .as_ref()
+                    .is_some_and(|f| f.revision == *revision);
+            let history: Option<HistoryResponse> = if failed {
+                Some(client.get(&format!("/v1/services/{name}/history")).await?)
+            } else {
+                None
+            };
+            if let Some(history) = &history
+                && let Some(r) = history.releases.iter().find(|r| r.revision == *revision)
                 && r.outcome == Outcome::Failed
             {
                 bail!(
@@ -635,7 +646,7 @@ pub async fn wait_for(
             // A release counts once it is active (its instances stayed ready
             // for `min_ready`); a settings change once the service converged.
             let active = *action == Action::Settings
-                || release.is_some_and(|r| r.outcome == Outcome::Active);
+                || (s.revision == Some(*revision) && s.outcome == Some(Outcome::Active));
             // `--wait`: a watched release is settled once its watch ends.
             let watched = through && s.watched_until.is_some();
             if s.converged && s.revision == Some(*revision) && active && !watched {

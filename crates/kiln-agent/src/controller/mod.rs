@@ -369,7 +369,7 @@ impl Controller {
                 return None;
             }
         };
-        let releases = match self.shared.state.releases(&self.name) {
+        let releases = match self.shared.state.current_releases(&self.name) {
             Ok(r) => r,
             Err(e) => {
                 self.log_state_error(e);
@@ -528,7 +528,7 @@ impl Controller {
         {
             return self.log_state_error(e);
         }
-        let releases = match self.shared.state.releases(&self.name) {
+        let releases = match self.shared.state.current_releases(&self.name) {
             Ok(r) => r,
             Err(e) => return self.log_state_error(e),
         };

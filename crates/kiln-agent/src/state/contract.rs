@@ -483,6 +483,58 @@ pub(super) fn a_removed_service_keeps_its_releases_and_events(state: &dyn StateS
     assert_eq!(all, [1, 2], "every release, removed service or not");
 }
 
+/// The current releases are the pending and active ones, the target and
+/// the newest: not the superseded or failed history.
+pub(super) fn current_releases_leave_the_history_out(state: &dyn StateStore) {
+    let name = web();
+    for rev in 1..=6 {
+        state
+            .record_apply(&service(&name, 1, rev), Some(&release(rev)), &[])
+            .unwrap();
+    }
+    let ev = event("outcomes");
+    for (rev, outcome) in [
+        (1, Outcome::Superseded),
+        (2, Outcome::Active),
+        (3, Outcome::Failed),
+        (4, Outcome::Superseded),
+        (5, Outcome::Failed),
+    ] {
+        state.set_outcome(&name, rev, outcome, None, &ev).unwrap();
+    }
+    let current = |state: &dyn StateStore| -> Vec<u64> {
+        state
+            .current_releases(&name)
+            .unwrap()
+            .iter()
+            .map(|r| r.revision)
+            .collect()
+    };
+    // 2 active, 6 pending (the target and the newest).
+    assert_eq!(current(state), [2, 6]);
+    // Back on 4 after 6 failed: the target (superseded) and the newest
+    // (failed) stay current.
+    state
+        .set_outcome(&name, 6, Outcome::Failed, None, &ev)
+        .unwrap();
+    state
+        .record_apply(&service(&name, 1, 4), None, &[])
+        .unwrap();
+    assert_eq!(current(state), [2, 4, 6]);
+    let full = state.current_releases(&name).unwrap();
+    assert_eq!(
+        full[1],
+        state.release(&name, 4).unwrap().unwrap(),
+        "whole records"
+    );
+    assert!(
+        state
+            .current_releases(&ServiceName::try_from("none").unwrap())
+            .unwrap()
+            .is_empty()
+    );
+}
+
 /// The contract's tests for one implementation: `fresh` makes an empty
 /// store (and whatever must live as long as it, e.g. its directory).
 macro_rules! contract_tests {
@@ -535,6 +587,11 @@ macro_rules! contract_tests {
         fn secrets_are_kept_by_digest_and_the_key_once() {
             let (_keep, state) = $fresh();
             $crate::state::contract::secrets_are_kept_by_digest_and_the_key_once(&state);
+        }
+        #[test]
+        fn current_releases_leave_the_history_out() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::current_releases_leave_the_history_out(&state);
         }
         #[test]
         fn events_come_in_order_from_a_sequence_number() {

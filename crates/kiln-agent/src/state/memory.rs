@@ -133,6 +133,24 @@ impl StateStore for MemoryState {
             .collect())
     }
 
+    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+        let inner = self.inner();
+        let target = inner.services.get(service).map(|s| s.target);
+        let all = inner
+            .releases
+            .range((service.clone(), 0)..=(service.clone(), u64::MAX));
+        let newest = all.clone().next_back().map(|(_, r)| r.revision);
+        Ok(all
+            .map(|(_, r)| r)
+            .filter(|r| {
+                matches!(r.outcome, Outcome::Pending | Outcome::Active)
+                    || Some(r.revision) == target
+                    || Some(r.revision) == newest
+            })
+            .cloned()
+            .collect())
+    }
+
     fn all_releases(&self) -> Result<Vec<Release>> {
         // Keyed by (service, revision): already in that order.
         Ok(self.inner().releases.values().cloned().collect())

@@ -143,7 +143,15 @@ impl NewEvent {
 pub trait StateStore: Send + Sync {
     fn services(&self) -> Result<Vec<ServiceRecord>>;
     fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
+    /// Every release of the service, by revision: its history (`kiln
+    /// history`, a rollback's choice). Grows with every release: not for
+    /// the paths that run all the time.
     fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
+    /// The releases that are not history yet, by revision: pending and
+    /// active ones, the service's target (whatever its outcome) and its
+    /// newest. A handful however long the history, read by every
+    /// controller pass and every status.
+    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
     fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
     /// Every release of every service, removed ones included, by service
     /// then revision (what a collection of the store must keep).

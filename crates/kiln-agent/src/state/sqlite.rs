@@ -400,6 +400,19 @@ impl StateStore for SqliteState {
         rows.map(|r| release_decode(r?)).collect()
     }
 
+    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!(
+            "SELECT {RELEASE_COLUMNS} FROM releases WHERE service = ?1 AND (
+                 outcome IN ('pending', 'active')
+                 OR revision = (SELECT target FROM services WHERE name = ?1)
+                 OR revision = (SELECT MAX(revision) FROM releases WHERE service = ?1)
+             ) ORDER BY revision"
+        ))?;
+        let rows = stmt.query_map([service.as_str()], release_from_row)?;
+        rows.map(|r| release_decode(r?)).collect()
+    }
+
     fn all_releases(&self) -> Result<Vec<Release>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
