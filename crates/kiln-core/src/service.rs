@@ -820,6 +820,63 @@ mod tests {
         );
     }
 
+    /// A service of `body` (after `[services.web]`), parsed and checked.
+    fn service(body: &str) -> Result<super::ServiceSpec, String> {
+        let text = format!("[images.hello]\n[services.web]\nimage = \"hello\"\n{body}");
+        Spec::parse(&text, "kiln.toml")
+            .map_err(|e| e.to_string())
+            .map(|s| s.services.into_values().next().unwrap_or_else(|| panic!("no service")))
+    }
+
+    #[test]
+    fn bounds_of_a_service_are_exact() {
+        assert_eq!(service("").map(|s| s.replicas), Ok(1), "one by default");
+        assert_eq!(service("replicas = 1000").map(|s| s.replicas), Ok(1000));
+        let err = service("replicas = 1001").unwrap_err();
+        assert!(err.contains("replicas = 1001 is more than 1000"), "{err}");
+        // Either of surge and unavailable may be 0, not both.
+        for (surge, unavailable) in [(0, 1), (1, 0)] {
+            assert!(
+                service(&format!(
+                    "[services.web.rollout]\nmax_surge = {surge}\nmax_unavailable = {unavailable}\n"
+                ))
+                .is_ok(),
+                "{surge}/{unavailable}"
+            );
+        }
+        let err =
+            service("[services.web.rollout]\nmax_surge = 0\nmax_unavailable = 0\n").unwrap_err();
+        assert!(err.contains("cannot both be 0"), "{err}");
+        let err = service("listen = \"127.0.0.1:0\"").unwrap_err();
+        assert!(err.contains("needs a port other than 0"), "{err}");
+    }
+
+    #[test]
+    fn an_image_source_is_read_by_its_shape_and_shown_as_written() {
+        for (written, kind) in [
+            ("hello", "spec"),
+            ("hello:v1", "store"),
+            ("hello@sha256:0000000000000000000000000000000000000000000000000000000000000000", "store"),
+            ("registry.example.com/team/hello:v1", "registry"),
+        ] {
+            let image: super::ImageSource =
+                serde_json::from_value(serde_json::json!(written)).unwrap_or_else(|e| panic!("{written}: {e}"));
+            let got = match &image {
+                super::ImageSource::Spec(_) => "spec",
+                super::ImageSource::Store(_) => "store",
+                super::ImageSource::Registry(_) => "registry",
+            };
+            assert_eq!((got, image.to_string().as_str()), (kind, written));
+        }
+        for (kind, shown) in [
+            (super::RuntimeKind::Sandbox, "sandbox"),
+            (super::RuntimeKind::Process, "process"),
+            (super::RuntimeKind::Oci, "oci"),
+        ] {
+            assert_eq!(kind.to_string(), shown);
+        }
+    }
+
     #[test]
     fn a_full_service_parses() {
         let text = r#"

@@ -261,7 +261,8 @@ impl Spec {
                 let mut err = at(&table, message);
                 if let Some(start) = text.find(&format!("[{table}]")) {
                     let body = &text[start..];
-                    let end = body[1..].find("\n[").map_or(body.len(), |e| e + 1);
+                    // To the next table's header (`body` starts with its own).
+                    let end = body.find("\n[").unwrap_or(body.len());
                     if let Some(i) = body[..end].find(&format!("\n{key}")) {
                         (err.line, err.column) = line_column(text, start + i + 1);
                     }
@@ -481,6 +482,8 @@ paths = ["static/**"]
         assert_eq!(parse_size("500MiB"), Ok(500 << 20));
         assert_eq!(parse_size("64k"), Ok(64 << 10));
         assert_eq!(parse_size("1234"), Ok(1234));
+        assert_eq!(parse_size("100B"), Ok(100));
+        assert_eq!(parse_size("2T"), Ok(2 << 40));
         assert!(parse_size("12Q").is_err());
         assert!(parse_size("G").is_err());
         assert!(parse_size("99999999999T").is_err());
