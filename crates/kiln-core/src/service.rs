@@ -825,7 +825,12 @@ mod tests {
         let text = format!("[images.hello]\n[services.web]\nimage = \"hello\"\n{body}");
         Spec::parse(&text, "kiln.toml")
             .map_err(|e| e.to_string())
-            .map(|s| s.services.into_values().next().unwrap_or_else(|| panic!("no service")))
+            .map(|s| {
+                s.services
+                    .into_values()
+                    .next()
+                    .unwrap_or_else(|| panic!("no service"))
+            })
     }
 
     #[test]
@@ -856,11 +861,14 @@ mod tests {
         for (written, kind) in [
             ("hello", "spec"),
             ("hello:v1", "store"),
-            ("hello@sha256:0000000000000000000000000000000000000000000000000000000000000000", "store"),
+            (
+                "hello@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                "store",
+            ),
             ("registry.example.com/team/hello:v1", "registry"),
         ] {
-            let image: super::ImageSource =
-                serde_json::from_value(serde_json::json!(written)).unwrap_or_else(|e| panic!("{written}: {e}"));
+            let image: super::ImageSource = serde_json::from_value(serde_json::json!(written))
+                .unwrap_or_else(|e| panic!("{written}: {e}"));
             let got = match &image {
                 super::ImageSource::Spec(_) => "spec",
                 super::ImageSource::Store(_) => "store",

@@ -495,8 +495,9 @@ fn an_agent_killed_mid_canary_starts_the_canary_again_beside_a_whole_stable() {
         || util::processes_mentioning(&home).is_empty(),
     );
 
-    // The canary is still pending: it starts again from its first step,
-    // stable whole beside it, and nothing the old agent ran survives.
+    // The canary is still pending: it goes on at its step (the first),
+    // its fleet started again beside a whole stable; nothing the old agent
+    // ran survives.
     let _agent = Agent::start(&env);
     wait_for("the canary at 50% again", Duration::from_secs(30), || {
         let s = service_status(&env, "web");

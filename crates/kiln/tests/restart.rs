@@ -505,3 +505,201 @@ fn an_instance_that_died_with_the_agent_is_replaced_and_the_others_adopted() {
         || processes_mentioning(&home).len() == 3 * per_instance,
     );
 }
+
+/// Issue 23: a rollout's state lived only in the controller's memory: a
+/// canary waiting at its second step went back to its first after an
+/// upgrade or a crash of the agent, and the watch of a release that went
+/// live was dropped. Across `kill -9` of the agent process and across
+/// `kiln serve --upgrade`, under load: the canary keeps its step, weight
+/// and manual pause, every instance is kept, no request fails, and after
+/// `promote` the release it went live as keeps its watch's end.
+#[test]
+fn a_rollout_survives_a_crash_and_an_upgrade_of_the_agent() {
+    let _serial = one_at_a_time();
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    // Both first steps wait for `kiln promote`: a canary that started
+    // again would wait at step 1 (20%), not at step 2.
+    let canary = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\nwatch = \"10m\"\n";
+    let path = hello_app(&env.path("app"), &format!("{}{canary}", spec(port, "")));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        format!("{}{canary}", spec(port, "").replace("\"v1\"", "\"v2\"")).as_bytes(),
+    );
+    // Returns at the manual pause of step 1; promoted, the canary waits at
+    // step 2's.
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    env.ok(&["promote", "web"]);
+    let at_step_2 = |env: &Env| {
+        let s = service_status(env, "web");
+        s["revision"] == 2
+            && s["outcome"] == "pending"
+            && s["canary"]["step"] == 2
+            && s["canary"]["weight"] == 50
+            && s["canary"]["waiting"]
+                .as_str()
+                .is_some_and(|w| w.contains("kiln promote web"))
+    };
+    wait_for("the canary at step 2", Duration::from_secs(30), || {
+        at_step_2(&env)
+    });
+    let pids = instance_pids(&env);
+    let threads = 4;
+    let load = Load::start(port, threads);
+
+    let before = agent_pid(&env);
+    kill9(before);
+    another_agent(&env, before);
+    wait_for(
+        "the canary still at step 2 after kill -9",
+        Duration::from_secs(20),
+        || at_step_2(&env),
+    );
+    let before = agent_pid(&env);
+    env.ok(&["serve", "--upgrade"]);
+    another_agent(&env, before);
+    wait_for(
+        "the canary still at step 2 after an upgrade",
+        Duration::from_secs(20),
+        || at_step_2(&env),
+    );
+    assert_eq!(instance_pids(&env), pids, "no instance was replaced");
+    assert_eq!(releases(&env, "web")[1]["outcome"], "pending");
+
+    // Promoted: the last step, then live and watched.
+    env.ok(&["promote", "web"]);
+    wait_for(
+        "release 2 live and watched",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            s["revision"] == 2 && s["outcome"] == "active" && s["watched_until"].is_string()
+        },
+    );
+    let until = service_status(&env, "web")["watched_until"].clone();
+    let before = agent_pid(&env);
+    kill9(before);
+    another_agent(&env, before);
+    wait_for(
+        "the watch kept after kill -9",
+        Duration::from_secs(20),
+        || service_status(&env, "web")["watched_until"] == until,
+    );
+    let count = load.finish();
+    // Only what was in flight in each killed process may fail (one request
+    // per client at most, twice), and no connection is refused; the
+    // upgrade loses nothing.
+    assert!(
+        count.failed <= 2 * threads as u64,
+        "{} failed: {:?}",
+        count.failed,
+        count.errors
+    );
+    assert!(
+        !count.errors.iter().any(|e| e.starts_with("connect")),
+        "{:?}",
+        count.errors
+    );
+    assert!(count.ok > 100, "{count:?}");
+}
+
+/// Issue 23, the blue-green rows: a `kiln promote` given while the new
+/// fleet still starts is kept across `kill -9` (the switch happens when it
+/// is ready, with no second promote), and the old fleet then stays warm
+/// for its `scale_down_delay` across an upgrade.
+#[test]
+fn a_pending_promote_and_a_warm_window_survive_the_agent() {
+    let _serial = one_at_a_time();
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    let bg = "[services.web.rollout]\nstrategy = \"blue-green\"\nauto_promote = false\nscale_down_delay = \"10m\"\nprogress_deadline = \"60s\"\n";
+    let path = hello_app(&env.path("app"), &format!("{}{bg}", spec(port, "")));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let v1 = instance_pids(&env);
+    write(
+        &path,
+        format!(
+            "{}{bg}",
+            spec(port, ", HELLO_START_DELAY = \"2\"").replace("\"v1\"", "\"v2\"")
+        )
+        .as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    until_rolling_out(&env, "web", 2);
+    // Promoted before the new fleet is ready; the agent dies at once.
+    env.ok(&["promote", "web"]);
+    let before = agent_pid(&env);
+    kill9(before);
+    another_agent(&env, before);
+    wait_for(
+        "the switch, with no second promote",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            s["outcome"] == "active" && s["routed"] == 2 && s["warm"] == true
+        },
+    );
+    let before = agent_pid(&env);
+    env.ok(&["serve", "--upgrade"]);
+    another_agent(&env, before);
+    // The new agent has had passes: the warm fleet is release 1's, kept.
+    wait_for("a pass of the new agent", Duration::from_secs(20), || {
+        service_status(&env, "web")["converged"] == true
+    });
+    let s = service_status(&env, "web");
+    assert_eq!(s["warm"], true, "{s}");
+    let warm: BTreeSet<u64> = s["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["revision"] == 1)
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(warm, v1, "release 1's fleet is kept warm: {s}");
+}
+
+/// Issue 23, the paused row: a rollout paused by a failure with
+/// `auto_rollback = false` stays paused across `kill -9` (no new deadline,
+/// no second failure recorded), until `kiln rollback`.
+#[test]
+fn a_paused_rollout_stays_paused_across_the_agents_death() {
+    let _serial = one_at_a_time();
+    let env = Env::new();
+    let port = free_port();
+    let _agent = Agent::start(&env);
+    let paused = "[services.web.rollout]\nprogress_deadline = \"1s\"\nauto_rollback = false\n";
+    let path = hello_app(&env.path("app"), &format!("{}{paused}", spec(port, "")));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        format!("{}{paused}", spec(port, ", HELLO_FAIL_HEALTH = \"1\"")).as_bytes(),
+    );
+    env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    let pauses = |env: &Env| {
+        env.ok(&["audit", "--kind", "rollout-paused", "--json"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count()
+    };
+    assert_eq!(pauses(&env), 1);
+    assert_eq!(service_status(&env, "web")["stalled"], true);
+    let before = agent_pid(&env);
+    kill9(before);
+    another_agent(&env, before);
+    wait_for("the new agent's passes", Duration::from_secs(20), || {
+        service_status(&env, "web")["stalled"] == true
+    });
+    // Past the progress deadline again: a rollout that started over would
+    // have failed (and paused) a second time.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pauses(&env), 1, "paused once");
+    let s = service_status(&env, "web");
+    assert_eq!(
+        (&s["stalled"], &s["outcome"]),
+        (&true.into(), &"pending".into()),
+        "{s}"
+    );
+}

@@ -129,6 +129,9 @@ pub struct Controller {
     prepared: BTreeMap<u64, Arc<Prepared>>,
     /// The rollout in progress, as the last pass left it.
     rollout: Rollout,
+    /// The rollout as last saved in the state store (saved again when a
+    /// pass or a request changes it).
+    saved: Rollout,
     /// Which ready instances get the traffic, as the last pass decided.
     routing: Routing,
     shutdown: Option<(StopKind, Vec<oneshot::Sender<()>>)>,
@@ -174,6 +177,16 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Now, as an instant and as wall-clock time, for a rollout's saved times.
+fn clock() -> rollout::Clock {
+    rollout::Clock {
+        now: now(),
+        wall_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+    }
+}
+
 impl Controller {
     pub fn new(shared: Arc<Shared>, name: ServiceName, rx: mpsc::UnboundedReceiver<Msg>) -> Self {
         let (reports_tx, reports) = mpsc::unbounded_channel();
@@ -189,6 +202,7 @@ impl Controller {
             slots: BTreeMap::new(),
             prepared: BTreeMap::new(),
             rollout: Rollout::Idle,
+            saved: Rollout::Idle,
             routing: Routing::Any,
             shutdown: None,
             message: None,
@@ -213,6 +227,7 @@ impl Controller {
         for (rec, output) in std::mem::take(&mut self.adopting) {
             self.adopt_running(rec, output).await;
         }
+        self.resume_rollout();
         loop {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
@@ -322,6 +337,33 @@ impl Controller {
         }
     }
 
+    /// The rollout an earlier agent process saved, resumed: its deadlines
+    /// and windows keep their wall-clock ends; a canary step's analysis
+    /// window starts again (the router's counters are this process's).
+    fn resume_rollout(&mut self) {
+        match self.shared.state.rollout(&self.name) {
+            Ok(Some(saved)) => {
+                self.rollout = Rollout::restore(&saved, &clock(), |rev| self.counters(rev));
+                self.saved = self.rollout.clone();
+            }
+            Ok(None) => {}
+            Err(e) => self.log_state_error(e),
+        }
+    }
+
+    /// Keep the rollout in the state store when it changed since it was
+    /// last kept.
+    fn save_rollout(&mut self) {
+        if self.rollout == self.saved {
+            return;
+        }
+        let saved = self.rollout.save(&clock());
+        match self.shared.state.set_rollout(&self.name, &saved) {
+            Ok(()) => self.saved = self.rollout.clone(),
+            Err(e) => self.log_state_error(e),
+        }
+    }
+
     fn log_state_error(&mut self, e: crate::state::StateError) {
         tracing::error!(service = %self.name, "state: {e}");
         self.message = Some(format!("state store error: {e}"));
@@ -341,6 +383,7 @@ impl Controller {
         };
         let decision = rollout::decide(&self.rollout, &self.view(&o));
         self.execute(&o, decision).await;
+        self.save_rollout();
         // The timer: from what the instances look like after the steps.
         let after = Observed {
             seen: self.seen(),
@@ -632,6 +675,8 @@ impl Controller {
         if let Err(e) = self.shared.state.append_event(&ev) {
             self.log_state_error(e);
         }
+        // A pending promote survives a restart.
+        self.save_rollout();
         Ok((rec.target, step))
     }
 
@@ -656,6 +701,7 @@ impl Controller {
         })?;
         let previous = o.previous.unwrap_or(target);
         self.execute(&o, d).await;
+        self.save_rollout();
         Ok((target, previous))
     }
 }

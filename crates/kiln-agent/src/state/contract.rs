@@ -535,6 +535,39 @@ pub(super) fn current_releases_leave_the_history_out(state: &dyn StateStore) {
     );
 }
 
+/// A saved rollout is kept with its service, survives an apply of the
+/// service's settings, and goes with the service.
+pub(super) fn a_rollout_is_kept_with_its_service(state: &dyn StateStore) {
+    use kiln_core::rollout::{SavedRollout, SavedWatch};
+    let name = web();
+    assert_eq!(state.rollout(&name).unwrap(), None);
+    // Nothing for a service that does not exist.
+    let watching = SavedRollout::Watching {
+        target: 2,
+        watch: SavedWatch {
+            back_to: 1,
+            until_ms: 1_796_600_000_000,
+        },
+    };
+    state.set_rollout(&name, &watching).unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), None);
+    state
+        .record_apply(&service(&name, 1, 1), Some(&release(1)), &[])
+        .unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), None, "never saved");
+    state.set_rollout(&name, &watching).unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), Some(watching.clone()));
+    // An apply of its settings keeps it.
+    state
+        .record_apply(&service(&name, 3, 1), None, &[])
+        .unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), Some(watching));
+    state.set_rollout(&name, &SavedRollout::Idle).unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), Some(SavedRollout::Idle));
+    state.remove_service(&name, &event("removed")).unwrap();
+    assert_eq!(state.rollout(&name).unwrap(), None, "gone with the service");
+}
+
 /// The contract's tests for one implementation: `fresh` makes an empty
 /// store (and whatever must live as long as it, e.g. its directory).
 macro_rules! contract_tests {
@@ -592,6 +625,11 @@ macro_rules! contract_tests {
         fn current_releases_leave_the_history_out() {
             let (_keep, state) = $fresh();
             $crate::state::contract::current_releases_leave_the_history_out(&state);
+        }
+        #[test]
+        fn a_rollout_is_kept_with_its_service() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::a_rollout_is_kept_with_its_service(&state);
         }
         #[test]
         fn events_come_in_order_from_a_sequence_number() {

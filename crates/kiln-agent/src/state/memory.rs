@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::release::{Outcome, Release};
+use kiln_core::rollout::SavedRollout;
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
@@ -25,6 +26,8 @@ pub struct MemoryState {
 #[derive(Default)]
 struct Inner {
     services: BTreeMap<ServiceName, ServiceRecord>,
+    /// Each service's saved rollout (gone with the service).
+    rollouts: BTreeMap<ServiceName, SavedRollout>,
     releases: BTreeMap<(ServiceName, u64), Release>,
     /// By id (the order `instances()` lists them in).
     instances: BTreeMap<String, InstanceRecord>,
@@ -231,7 +234,20 @@ impl StateStore for MemoryState {
     fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
         let mut inner = self.inner();
         inner.services.remove(name);
+        inner.rollouts.remove(name);
         inner.append(event);
+        Ok(())
+    }
+
+    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
+        Ok(self.inner().rollouts.get(service).cloned())
+    }
+
+    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()> {
+        let mut inner = self.inner();
+        if inner.services.contains_key(service) {
+            inner.rollouts.insert(service.clone(), rollout.clone());
+        }
         Ok(())
     }
 

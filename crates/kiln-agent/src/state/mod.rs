@@ -25,6 +25,7 @@ pub use sqlite::SqliteState;
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
+use kiln_core::rollout::SavedRollout;
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
@@ -201,6 +202,12 @@ pub trait StateStore: Send + Sync {
     /// (it is no longer reconciled); its releases and events stay.
     /// Removing what does not exist changes nothing but the event.
     fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()>;
+    /// The service's rollout as its controller last saved it (`None`: never
+    /// saved, or the service is unknown).
+    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>>;
+    /// Keep the service's rollout (a new agent process resumes from it);
+    /// nothing for a service that does not exist.
+    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()>;
     fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
     fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
     fn instances(&self) -> Result<Vec<InstanceRecord>>;

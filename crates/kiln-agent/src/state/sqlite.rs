@@ -9,6 +9,7 @@ use kiln_core::ledger;
 
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
+use kiln_core::rollout::SavedRollout;
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -258,6 +259,16 @@ impl SqliteState {
             conn.execute_batch("ALTER TABLE events ADD COLUMN actor TEXT")
                 .map_err(open_err)?;
         }
+        // A database made before rollouts were kept gains their column
+        // (its services read as having no saved rollout: idle).
+        let has_rollout = conn
+            .prepare("SELECT 1 FROM pragma_table_info('services') WHERE name = 'rollout'")
+            .and_then(|mut q| q.exists([]))
+            .map_err(open_err)?;
+        if !has_rollout {
+            conn.execute_batch("ALTER TABLE services ADD COLUMN rollout TEXT")
+                .map_err(open_err)?;
+        }
         let state = Self {
             conn: Mutex::new(conn),
         };
@@ -398,6 +409,32 @@ impl StateStore for SqliteState {
         ))?;
         let rows = stmt.query_map([service.as_str()], release_from_row)?;
         rows.map(|r| release_decode(r?)).collect()
+    }
+
+    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
+        let conn = self.conn();
+        let row: Option<Option<String>> = conn
+            .query_row(
+                "SELECT rollout FROM services WHERE name = ?1",
+                [service.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        row.flatten()
+            .map(|json| decode("saved rollout", &json))
+            .transpose()
+    }
+
+    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()> {
+        let json = serde_json::to_string(rollout).map_err(|source| StateError::Decode {
+            what: "saved rollout",
+            source,
+        })?;
+        self.conn().execute(
+            "UPDATE services SET rollout = ?2 WHERE name = ?1",
+            params![service.as_str(), json],
+        )?;
+        Ok(())
     }
 
     fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {

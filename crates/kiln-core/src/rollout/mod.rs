@@ -9,15 +9,19 @@
 //! - [`pass`]: one whole pass of a service's controller (`decide`): the
 //!   rollout's state as a closed enum, and the steps the controller
 //!   carries out. It uses the two above.
+//! - [`saved`]: the rollout's state as the state store keeps it, with
+//!   wall-clock times, so that a new agent process resumes it.
 
 pub mod canary;
 pub mod fleet;
 pub mod pass;
+pub mod saved;
 #[cfg(test)]
 mod tests;
 
 pub use fleet::{Fleet, FleetStep, OldInstance, fleet_step};
 pub use pass::{
     AbortRefused, CanaryPhase, CanaryRun, Decision, Message, NotWaiting, Rollout, Routing, Seen,
-    Step, StopReason, View, abort, decide, due,
+    Step, StopReason, View, Watch, abort, decide, due,
 };
+pub use saved::{Clock, SavedRollout, SavedWatch};
