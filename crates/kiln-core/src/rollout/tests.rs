@@ -1310,3 +1310,293 @@ proptest! {
         prop_assert_eq!(sim.outcomes[&1], Outcome::Active);
     }
 }
+
+// ---- the small decisions, exactly ----
+
+#[test]
+fn a_watch_ends_at_its_instant_exactly() {
+    let now = Instant::now();
+    let w = Watch {
+        back_to: 1,
+        until: now + Duration::from_secs(1),
+    };
+    let state = Rollout::Watching {
+        target: 2,
+        watch: w,
+    };
+    assert_eq!(state.watched(now), Some((2, w)));
+    assert_eq!(
+        state.watched(w.until - Duration::from_millis(1)),
+        Some((2, w))
+    );
+    assert_eq!(state.watched(w.until), None, "over at its end");
+    assert_eq!(state.watched(w.until + Duration::from_secs(1)), None);
+}
+
+#[test]
+fn promote_passes_only_the_waiting_rollout_of_the_pending_target() {
+    let now = Instant::now();
+    let canary = |step| {
+        Rollout::Canary(CanaryRun {
+            target: 2,
+            stable: 1,
+            step,
+            weight: 25,
+            phase: CanaryPhase::Starting { deadline: now },
+            promote: false,
+            waiting: String::new(),
+        })
+    };
+    let mut c = canary(1);
+    assert_eq!(c.promote(2, true), Ok(Some(2)), "step 2 (1-based)");
+    assert!(matches!(&c, Rollout::Canary(run) if run.promote));
+    for (target, pending) in [(3, true), (2, false)] {
+        let mut c = canary(0);
+        assert_eq!(
+            c.promote(target, pending),
+            Err(NotWaiting),
+            "{target} {pending}"
+        );
+        assert_eq!(c, canary(0), "unchanged");
+    }
+    let bg = |promote| Rollout::BlueGreen {
+        target: 2,
+        deadline: now,
+        routed: 1,
+        promote,
+    };
+    let mut b = bg(false);
+    assert_eq!(b.promote(2, true), Ok(None));
+    assert_eq!(b, bg(true));
+    for (target, pending) in [(3, true), (2, false)] {
+        let mut b = bg(false);
+        assert_eq!(
+            b.promote(target, pending),
+            Err(NotWaiting),
+            "{target} {pending}"
+        );
+        assert_eq!(b, bg(false));
+    }
+}
+
+#[test]
+fn every_stop_reason_says_why() {
+    for (reason, says) in [
+        (StopReason::Shutdown, "agent shutting down"),
+        (StopReason::ScaledDown, "scaled down"),
+        (StopReason::Replaced, "replaced by the new release"),
+        (
+            StopReason::Recreate,
+            "recreate: replaced by the new release",
+        ),
+        (StopReason::ReleaseFailed, "release failed"),
+        (StopReason::NotInCanary, "not part of the canary rollout"),
+        (StopReason::CanaryAborted, "canary aborted"),
+        (
+            StopReason::ReplacedByCanary,
+            "replaced by the canary release",
+        ),
+        (StopReason::LivenessFailed, "liveness failed"),
+        (StopReason::Removed, "service removed"),
+        (StopReason::Drifted, "drifted from its release: replaced"),
+    ] {
+        assert_eq!(reason.to_string(), says);
+    }
+}
+
+#[test]
+fn abort_of_a_canary_swaps_at_once_and_of_a_rolling_update_returns_as_its_fleet_allows() {
+    let mut sim = canary_sim(4);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    let d = sim
+        .with_view(|v| abort(&sim.state, v, Actor::Agent))
+        .unwrap();
+    let (_, to, timed) = failed(&d.steps).unwrap();
+    assert_eq!(
+        (to, timed),
+        (Some(1), true),
+        "a canary's abort is a timed swap"
+    );
+    assert!(
+        stops(&d.steps)
+            .iter()
+            .any(|(_, r)| *r == StopReason::CanaryAborted)
+    );
+    // A canary state whose target is not the pending release (another
+    // apply came): a plain return.
+    let mut stale = sim.state.clone();
+    if let Rollout::Canary(run) = &mut stale {
+        run.target = 9;
+    }
+    let d = sim.with_view(|v| abort(&stale, v, Actor::Agent)).unwrap();
+    let (_, to, timed) = failed(&d.steps).unwrap();
+    assert_eq!((to, timed), (Some(1), false));
+    assert!(stops(&d.steps).is_empty(), "{:?}", d.steps);
+
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    let d = sim
+        .with_view(|v| abort(&sim.state, v, Actor::Agent))
+        .unwrap();
+    let (reason, to, timed) = failed(&d.steps).unwrap();
+    assert_eq!(
+        (reason.as_str(), to, timed),
+        ("aborted by hand (kiln abort)", Some(1), false)
+    );
+}
+
+#[test]
+fn the_next_pass_is_due_exactly_when_something_changes() {
+    let now = Instant::now() + Duration::from_secs(3600);
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 1));
+    sim.now = now;
+    // Every instance ready long ago: nothing due.
+    assert_eq!(sim.with_view(|v| due(&Rollout::Idle, v)), None);
+    // Ready 1 s ago: due when it has been ready for min_ready (3 s here),
+    // before stable_after (10 s).
+    sim.settings.rollout.min_ready = service::Duration::from_secs(3);
+    sim.insts[0].ready_since = Some(now - Duration::from_secs(1));
+    assert_eq!(
+        sim.with_view(|v| due(&Rollout::Idle, v)),
+        Some(now + Duration::from_secs(2))
+    );
+    // Ready exactly stable_after ago (past min_ready): nothing left to wait.
+    sim.insts[0].ready_since = Some(now - Duration::from_secs(10));
+    assert_eq!(sim.with_view(|v| due(&Rollout::Idle, v)), None);
+    sim.insts[0].ready_since = Some(now - Duration::from_secs(3600));
+    // A warm window: due at its end while it lasts, not after.
+    let warm = |until| Rollout::Warm {
+        target: 1,
+        until,
+        watch: None,
+    };
+    let end = now + Duration::from_secs(5);
+    assert_eq!(sim.with_view(|v| due(&warm(end), v)), Some(end));
+    assert_eq!(sim.with_view(|v| due(&warm(now), v)), None);
+    assert_eq!(
+        sim.with_view(|v| due(&warm(now - Duration::from_secs(1)), v)),
+        None
+    );
+    // A canary is judged every tick; a starting step also at its deadline.
+    let judging = Rollout::Canary(CanaryRun {
+        target: 2,
+        stable: 1,
+        step: 0,
+        weight: 25,
+        phase: CanaryPhase::Judging {
+            began: now,
+            canary: Box::default(),
+            stable: Box::default(),
+        },
+        promote: false,
+        waiting: String::new(),
+    });
+    assert_eq!(sim.with_view(|v| due(&judging, v)), Some(now + CANARY_TICK));
+    let starting = Rollout::Canary(CanaryRun {
+        phase: CanaryPhase::Starting {
+            deadline: now + Duration::from_millis(20),
+        },
+        ..match judging {
+            Rollout::Canary(run) => run,
+            _ => unreachable!(),
+        }
+    });
+    assert_eq!(
+        sim.with_view(|v| due(&starting, v)),
+        Some(now + Duration::from_millis(20))
+    );
+}
+
+#[test]
+fn scaling_down_stops_the_extra_slots_and_starts_nothing() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    sim.settings.replicas = 2;
+    let steps = sim.pass();
+    assert_eq!(stops(&steps), [(vec![2], StopReason::ScaledDown)]);
+    assert!(starts(&steps).is_empty());
+}
+
+#[test]
+fn a_crash_loop_failure_names_the_last_error() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 1));
+    sim.apply(2, 2, Behaviour::Crashes);
+    let mut reason = None;
+    for _ in 0..100 {
+        let d = sim.with_view(|v| {
+            decide(
+                &sim.state,
+                &View {
+                    last_error: Some("exit status: 3"),
+                    ..v.clone()
+                },
+            )
+        });
+        if let Some((r, ..)) = failed(&d.steps) {
+            reason = Some(r);
+            break;
+        }
+        sim.carry_out(d);
+        sim.tick();
+        sim.now += Duration::from_millis(300);
+    }
+    let reason = reason.expect("failed");
+    assert!(reason.ends_with("last: exit status: 3"), "{reason}");
+}
+
+#[test]
+fn a_drifted_instance_that_serves_nobody_stops_at_once() {
+    // Unready and of the target: nothing to wait for.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.insts[0].ready_since = None;
+    let id = sim.insts[0].id;
+    mark_stale(&mut sim, &[id]);
+    let steps = sim.pass();
+    assert_eq!(stops(&steps)[0], (vec![id], StopReason::Drifted));
+}
+
+#[test]
+fn after_a_failure_the_routes_go_to_the_release_returned_to_only_if_it_serves() {
+    // Returned to a release with no ready instance: every ready one serves
+    // meanwhile (not a table with no backend).
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    for i in sim.insts.iter_mut().filter(|i| i.revision == 1) {
+        i.ready_since = None;
+    }
+    sim.now += Duration::from_secs(10);
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert!(failed(&d.steps).is_some());
+    assert_eq!(d.routing, Routing::Any);
+    // The same with the failed release's instances ready (not yet for
+    // min_ready): they are no fleet of the release returned to.
+    let mut s = settings(Strategy::Rolling, 2);
+    s.rollout.min_ready = service::Duration::from_secs(60);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.pass();
+    sim.tick();
+    for i in sim.insts.iter_mut().filter(|i| i.revision == 1) {
+        i.ready_since = None;
+    }
+    assert!(
+        sim.insts
+            .iter()
+            .any(|i| i.revision == 2 && i.ready_since.is_some())
+    );
+    sim.now += Duration::from_secs(10);
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert!(failed(&d.steps).is_some());
+    assert_eq!(d.routing, Routing::Any);
+    // Blue-green routes to the release returned to whatever its state.
+    let mut sim = Sim::steady(settings(Strategy::BlueGreen, 2));
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.now += Duration::from_secs(10);
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert!(failed(&d.steps).is_some());
+    assert_eq!(d.routing, Routing::Release(1));
+}
