@@ -3,7 +3,7 @@
 //! 100 services × 100 replicas on the fake runtime (silent: no socket, no
 //! process) and the in-memory state store. A pass per service does what
 //! the agent's controller does on each pass, minus the instance tasks:
-//! read the service and its releases from the state store, build the
+//! read the service and its current releases from the state store, build the
 //! view, `kiln_core::rollout::decide`, and carry the steps out (spawn on
 //! the runtime and record the instance, stop and record, mark releases
 //! active). Time is virtual (passed in, as the controller's decisions
@@ -169,7 +169,7 @@ impl Node {
             .service(&svc.name)
             .expect("read")
             .expect("recorded");
-        let releases = self.state.releases(&svc.name).expect("read");
+        let releases = self.state.current_releases(&svc.name).expect("read");
         let target = rec.target;
         let Some(outcome) = releases
             .iter()

@@ -958,8 +958,9 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
     }
 
     /// The release kept warm beside target `t` while it is watched: the one
-    /// its watch returns to. Not for blue-green, whose own warm window
-    /// (`scale_down_delay`) says how long its old fleet stays.
+    /// its watch returns to, unless it has the target's content. Not for
+    /// blue-green, whose own warm window (`scale_down_delay`) says how long
+    /// its old fleet stays.
     fn kept_warm(&self, t: u64) -> Option<u64> {
         if self.rollout().strategy == Strategy::BlueGreen {
             return None;
@@ -968,6 +969,8 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             .watched(self.v.now)
             .filter(|(target, _)| *target == t)
             .map(|(_, w)| w.back_to)
+            // The same content would crash the same way: no second fleet.
+            .filter(|back_to| !self.v.same_content.contains(back_to))
     }
 
     /// With the target whole: every other instance stops, but while the

@@ -1600,3 +1600,136 @@ fn after_a_failure_the_routes_go_to_the_release_returned_to_only_if_it_serves() 
     assert!(failed(&d.steps).is_some());
     assert_eq!(d.routing, Routing::Release(1));
 }
+
+#[test]
+fn a_slot_is_forgiven_once_its_instance_stayed_ready_for_stable_after() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 1));
+    let now = sim.now;
+    let stable = |sim: &Sim| {
+        let d = sim.with_view(|v| decide(&sim.state, v));
+        d.steps.iter().any(|s| {
+            matches!(
+                s,
+                Step::SlotStable {
+                    revision: 1,
+                    slot: 0
+                }
+            )
+        })
+    };
+    sim.slots.insert(
+        (1, 0),
+        SlotHistory {
+            failures: 1,
+            ..SlotHistory::default()
+        },
+    );
+    sim.insts[0].ready_since = Some(now - Duration::from_secs(10));
+    assert!(stable(&sim), "ready for stable_after exactly");
+    sim.insts[0].ready_since = Some(now - Duration::from_millis(9_999));
+    assert!(!stable(&sim), "not yet");
+    sim.insts[0].ready_since = Some(now - Duration::from_secs(60));
+    sim.slots.get_mut(&(1, 0)).unwrap().failures = 0;
+    assert!(!stable(&sim), "nothing to forgive");
+}
+
+#[test]
+fn warm_instances_are_adopted_only_whole_and_only_by_an_empty_target() {
+    // Release 2 has release 1's content: its two ready instances are taken
+    // over, nothing starts.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 1, Behaviour::Good);
+    let steps = sim.pass();
+    let adopted = steps
+        .iter()
+        .filter(|s| matches!(s, Step::Adopt { .. }))
+        .count();
+    assert_eq!((adopted, starts(&steps).len()), (2, 0));
+    // A target that already runs an instance adopts nothing.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.apply(2, 1, Behaviour::Good);
+    sim.add(2, 0, None);
+    let steps = sim.pass();
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
+        "{steps:?}"
+    );
+    // Too few ready ones for the fleet: none is adopted.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    sim.insts[1].ready_since = None;
+    sim.apply(2, 1, Behaviour::Good);
+    let steps = sim.pass();
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn blue_green_keeps_the_traffic_where_it_was_routed() {
+    let mut s = settings(Strategy::BlueGreen, 2);
+    s.rollout.scale_down_delay = service::Duration::from_secs(60);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(20);
+    assert!(matches!(sim.state, Rollout::Warm { target: 2, .. }));
+    // The next rollout starts routed where the traffic is: release 2.
+    sim.apply(3, 3, Behaviour::NeverReady);
+    sim.pass();
+    assert!(
+        matches!(
+            sim.state,
+            Rollout::BlueGreen {
+                target: 3,
+                routed: 2,
+                ..
+            }
+        ),
+        "{:?}",
+        sim.state
+    );
+    assert_eq!(sim.routing, Routing::Release(2));
+    assert_eq!(
+        sim.running(1),
+        0,
+        "release 1's warm fleet serves nobody now"
+    );
+    let routed_to = |sim: &mut Sim, routed: u64| {
+        if let Rollout::BlueGreen { routed: r, .. } = &mut sim.state {
+            *r = routed;
+        }
+    };
+    // The release routed so far has no instance left: the newest other
+    // release with a ready instance keeps the traffic.
+    routed_to(&mut sim, 9);
+    sim.pass();
+    assert!(
+        matches!(sim.state, Rollout::BlueGreen { routed: 2, .. }),
+        "{:?}",
+        sim.state
+    );
+    // None ready anywhere: the target itself.
+    for i in sim.insts.iter_mut() {
+        i.ready_since = None;
+    }
+    routed_to(&mut sim, 9);
+    sim.pass();
+    assert!(
+        matches!(sim.state, Rollout::BlueGreen { routed: 3, .. }),
+        "{:?}",
+        sim.state
+    );
+}
+
+#[test]
+fn a_drifted_extra_instance_gets_no_replacement_past_the_replicas() {
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    sim.settings.replicas = 2;
+    let id = sim.insts[2].id;
+    mark_stale(&mut sim, &[id]);
+    let steps = sim.pass();
+    assert!(
+        starts(&steps).iter().all(|(_, slot)| *slot < 2),
+        "{steps:?}"
+    );
+}
