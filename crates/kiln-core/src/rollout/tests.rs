@@ -1733,3 +1733,185 @@ fn a_drifted_extra_instance_gets_no_replacement_past_the_replicas() {
         "{steps:?}"
     );
 }
+
+/// A state left for another target (or another strategy, changed by an
+/// apply of the settings) is no state of this rollout: a fresh one of the
+/// strategy's kind begins.
+#[test]
+fn a_rollout_state_of_another_target_or_strategy_starts_afresh() {
+    let canary_run = |target, stable| {
+        Rollout::Canary(CanaryRun {
+            target,
+            stable,
+            step: 1,
+            weight: 25,
+            phase: CanaryPhase::Starting {
+                deadline: Instant::now(),
+            },
+            promote: true,
+            waiting: String::new(),
+        })
+    };
+    let sim0 = Sim::steady(settings(Strategy::Rolling, 2));
+    let long_ago = sim0.now - Duration::from_secs(3600);
+    for (strategy, stale) in [
+        (
+            Strategy::Rolling,
+            Rollout::Rolling {
+                target: 9,
+                deadline: long_ago,
+            },
+        ),
+        (
+            Strategy::BlueGreen,
+            Rollout::BlueGreen {
+                target: 9,
+                deadline: long_ago,
+                routed: 1,
+                promote: true,
+            },
+        ),
+        (Strategy::Canary, canary_run(9, 7)),
+        (
+            Strategy::Rolling,
+            Rollout::Paused {
+                target: 9,
+                routed: None,
+            },
+        ),
+        // The same target, another strategy now.
+        (
+            Strategy::Rolling,
+            Rollout::BlueGreen {
+                target: 2,
+                deadline: long_ago,
+                routed: 1,
+                promote: true,
+            },
+        ),
+        (
+            Strategy::BlueGreen,
+            Rollout::Rolling {
+                target: 2,
+                deadline: long_ago,
+            },
+        ),
+        (
+            Strategy::Canary,
+            Rollout::Rolling {
+                target: 2,
+                deadline: long_ago,
+            },
+        ),
+    ] {
+        let mut sim = Sim::steady(settings(strategy, 2));
+        sim.apply(2, 2, Behaviour::NeverReady);
+        sim.state = stale.clone();
+        sim.pass();
+        let fresh = sim.now + Duration::from_secs(10);
+        let ok = match (&sim.state, strategy) {
+            (
+                Rollout::Rolling {
+                    target: 2,
+                    deadline,
+                },
+                Strategy::Rolling,
+            ) => *deadline == fresh,
+            (
+                Rollout::BlueGreen {
+                    target: 2,
+                    deadline,
+                    promote: false,
+                    ..
+                },
+                Strategy::BlueGreen,
+            ) => *deadline == fresh,
+            (Rollout::Canary(run), Strategy::Canary) => {
+                (run.target, run.stable, run.step, run.promote) == (2, 1, 0, false)
+            }
+            _ => false,
+        };
+        assert!(ok, "{stale:?} under {strategy:?} became {:?}", sim.state);
+    }
+}
+
+#[test]
+fn a_canary_that_took_over_warm_instances_goes_whole() {
+    // Release 2 has release 1's content: adopted, nothing to compare.
+    let mut sim = canary_sim(2);
+    sim.content.insert(2, 1);
+    sim.pass();
+    assert!(
+        matches!(
+            sim.state,
+            Rollout::Rolling { .. } | Rollout::Watching { .. } | Rollout::Idle
+        ),
+        "{:?}",
+        sim.state
+    );
+    assert!(sim.recorded("canary-started").is_empty());
+}
+
+#[test]
+fn a_watch_kept_after_going_live_ends_at_its_end_exactly() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(50);
+    let Rollout::Watching { watch, .. } = sim.state else {
+        panic!("{:?}", sim.state);
+    };
+    sim.now = watch.until;
+    sim.pass();
+    assert_eq!(sim.state, Rollout::Idle, "over at its end");
+}
+
+#[test]
+fn blue_green_after_its_warm_window_goes_on_watching() {
+    let mut s = watched(Strategy::BlueGreen, 60);
+    s.rollout.scale_down_delay = service::Duration::from_secs(1);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(10);
+    assert!(matches!(sim.state, Rollout::Warm { .. }), "{:?}", sim.state);
+    sim.now += Duration::from_secs(2);
+    sim.pass();
+    assert!(
+        matches!(sim.state, Rollout::Watching { target: 2, .. }),
+        "{:?}",
+        sim.state
+    );
+    assert_eq!(sim.running(1), 0, "the warm fleet went with its window");
+}
+
+#[test]
+fn a_paused_blue_green_keeps_its_traffic_and_still_waits_for_promote() {
+    let mut s = settings(Strategy::BlueGreen, 2);
+    s.rollout.auto_rollback = false;
+    s.rollout.auto_promote = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.tick();
+    sim.now += Duration::from_secs(10);
+    sim.pass();
+    assert_eq!(
+        sim.state,
+        Rollout::Paused {
+            target: 2,
+            routed: Some(1)
+        }
+    );
+    assert_eq!(sim.routing, Routing::Release(1));
+    // Its fleet gets ready after all: still routed to 1, waiting.
+    for i in sim.insts.iter_mut().filter(|i| i.revision == 2) {
+        i.ready_since = Some(sim.now);
+    }
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert_eq!(d.routing, Routing::Release(1));
+    assert!(!d.steps.contains(&Step::Activate), "{:?}", d.steps);
+    assert!(
+        matches!(&d.message, Message::Set(m) if m.contains("waiting for `kiln promote web`")),
+        "{:?}",
+        d.message
+    );
+}
