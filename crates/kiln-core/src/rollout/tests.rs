@@ -1723,7 +1723,10 @@ fn blue_green_keeps_the_traffic_where_it_was_routed() {
 
 #[test]
 fn a_drifted_extra_instance_gets_no_replacement_past_the_replicas() {
-    let mut sim = Sim::steady(settings(Strategy::Rolling, 3));
+    let mut s = settings(Strategy::Rolling, 3);
+    // Surge room enough to start one.
+    s.rollout.max_surge = 3;
+    let mut sim = Sim::steady(s);
     sim.settings.replicas = 2;
     let id = sim.insts[2].id;
     mark_stale(&mut sim, &[id]);
@@ -1913,5 +1916,103 @@ fn a_paused_blue_green_keeps_its_traffic_and_still_waits_for_promote() {
         matches!(&d.message, Message::Set(m) if m.contains("waiting for `kiln promote web`")),
         "{:?}",
         d.message
+    );
+}
+
+#[test]
+fn a_rollout_replaces_drifted_instances_itself() {
+    // A stale instance of the release before: the new rollout replaces it
+    // as any other; no drift repair beside it.
+    let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
+    let id = sim.insts[0].id;
+    mark_stale(&mut sim, &[id]);
+    sim.apply(2, 2, Behaviour::Good);
+    let steps = sim.pass();
+    assert!(
+        !stops(&steps).iter().any(|(_, r)| *r == StopReason::Drifted),
+        "{steps:?}"
+    );
+}
+
+#[test]
+fn a_blue_green_service_routes_only_its_release_when_idle() {
+    let mut sim = Sim::steady(settings(Strategy::BlueGreen, 1));
+    // A leftover of another release, ready.
+    sim.add(5, 0, Some(sim.now));
+    let d = sim.with_view(|v| decide(&Rollout::Idle, v));
+    assert_eq!(d.routing, Routing::Release(1));
+}
+
+#[test]
+fn a_paused_rollout_starts_nothing_new() {
+    let mut s = settings(Strategy::Rolling, 2);
+    s.rollout.auto_rollback = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.now += Duration::from_secs(10);
+    sim.pass();
+    assert!(sim.state.stalled());
+    // Its instance exits: the slot stays empty while paused.
+    sim.insts.retain(|i| i.revision != 2);
+    let steps = sim.pass();
+    assert!(starts(&steps).is_empty(), "{steps:?}");
+}
+
+#[test]
+fn a_blue_green_rollback_that_adopts_the_warm_fleet_switches_without_promote() {
+    let mut s = settings(Strategy::BlueGreen, 2);
+    s.rollout.auto_promote = false;
+    s.rollout.scale_down_delay = service::Duration::from_secs(60);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    sim.state.promote(2, true).unwrap();
+    sim.pass();
+    assert!(
+        matches!(sim.state, Rollout::Warm { target: 2, .. }),
+        "{:?}",
+        sim.state
+    );
+    // Release 3 has release 1's content: it takes the warm fleet over and
+    // gets the traffic at once.
+    sim.apply(3, 1, Behaviour::Good);
+    let steps = sim.pass();
+    assert!(
+        steps.iter().any(|s| matches!(s, Step::Adopt { .. })),
+        "{steps:?}"
+    );
+    assert!(
+        matches!(sim.state, Rollout::Warm { target: 3, .. }),
+        "{:?}",
+        sim.state
+    );
+    assert_eq!(sim.routing, Routing::Release(3));
+}
+
+#[test]
+fn blue_green_routes_where_its_warm_release_was_even_unready() {
+    // Unwatched, so release 1's warm fleet stays through the next apply.
+    let mut s = watched(Strategy::BlueGreen, 0);
+    s.rollout.scale_down_delay = service::Duration::from_secs(60);
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::Good);
+    sim.settle(10);
+    assert!(
+        matches!(sim.state, Rollout::Warm { target: 2, .. }),
+        "{:?}",
+        sim.state
+    );
+    for i in sim.insts.iter_mut().filter(|i| i.revision == 2) {
+        i.ready_since = None;
+    }
+    sim.apply(3, 3, Behaviour::NeverReady);
+    sim.pass();
+    assert!(
+        matches!(sim.state, Rollout::BlueGreen { routed: 2, .. }),
+        "the traffic stays with release 2: {:?}",
+        sim.state
     );
 }
