@@ -2016,3 +2016,68 @@ fn blue_green_routes_where_its_warm_release_was_even_unready() {
         sim.state
     );
 }
+
+#[test]
+fn a_canary_abort_swaps_by_stopping_its_fleet_or_by_a_route_when_it_has_none() {
+    let mut sim = canary_sim(4);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    let d = sim
+        .with_view(|v| abort(&sim.state, v, Actor::Agent))
+        .unwrap();
+    assert!(
+        !d.steps.contains(&Step::Route),
+        "the stop is the swap: {:?}",
+        d.steps
+    );
+    // No canary instance left (they crashed): a route swap, nothing stopped.
+    sim.insts.retain(|i| i.revision != 2);
+    let d = sim
+        .with_view(|v| abort(&sim.state, v, Actor::Agent))
+        .unwrap();
+    assert!(d.steps.contains(&Step::Route), "{:?}", d.steps);
+    assert!(stops(&d.steps).is_empty());
+}
+
+#[test]
+fn a_canarys_records_number_its_steps_from_one() {
+    let mut sim = canary_sim(4);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    sim.now += Duration::from_secs(1);
+    sim.pass();
+    // Step 1 passed: step 2's fleet has the progress deadline from now.
+    let Rollout::Canary(run) = &sim.state else {
+        panic!("{:?}", sim.state);
+    };
+    assert_eq!(run.step, 1);
+    assert_eq!(
+        run.phase,
+        CanaryPhase::Starting {
+            deadline: sim.now + Duration::from_secs(10)
+        }
+    );
+    sim.settle(50);
+    let steps: Vec<(usize, usize, u32)> = sim
+        .recorded("canary-step")
+        .iter()
+        .filter_map(|c| match c {
+            Change::CanaryStep {
+                step, of, weight, ..
+            } => Some((*step, *of, *weight)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, [(1, 2, 25), (2, 2, 100)]);
+    let passed: Vec<(usize, u32)> = sim
+        .recorded("canary-step-passed")
+        .iter()
+        .filter_map(|c| match c {
+            Change::CanaryStepPassed { step, weight, .. } => Some((*step, *weight)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(passed, [(1, 25), (2, 100)]);
+}
