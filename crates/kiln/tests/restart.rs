@@ -111,6 +111,23 @@ fn kill9(pid: u64) {
     signal(pid, "-9");
 }
 
+/// Only what was in flight in each of `kills` killed agent processes
+/// failed (one request per client at most), and no connection was
+/// refused: the sockets stay open in the supervisor.
+fn only_in_flight_failed(count: &LoadCount, threads: usize, kills: u64) {
+    assert!(
+        count.failed <= kills * threads as u64,
+        "{} failed: {:?}",
+        count.failed,
+        count.errors
+    );
+    assert!(
+        !count.errors.iter().any(|e| e.starts_with("connect")),
+        "{:?}",
+        count.errors
+    );
+}
+
 /// Until another agent than `before` serves the home.
 fn another_agent(env: &Env, before: u64) {
     wait_for("another agent", Duration::from_secs(20), || {
@@ -214,20 +231,7 @@ fn a_killed_agent_is_replaced_at_once_and_adopts_every_instance() {
     another_agent(&env, before);
     std::thread::sleep(Duration::from_millis(500));
     let count = load.finish();
-    // Only what was in flight in the killed process may fail (one request
-    // per client at most), and no connection is refused: the sockets stay
-    // open in the supervisor.
-    assert!(
-        count.failed <= threads as u64,
-        "{} failed: {:?}",
-        count.failed,
-        count.errors
-    );
-    assert!(
-        !count.errors.iter().any(|e| e.starts_with("connect")),
-        "{:?}",
-        count.errors
-    );
+    only_in_flight_failed(&count, threads, 1);
     assert_eq!(instance_pids(&env), pids, "no instance was replaced");
     assert_eq!(service_status(&env, "web")["converged"], true);
 }
@@ -588,20 +592,8 @@ fn a_rollout_survives_a_crash_and_an_upgrade_of_the_agent() {
         || service_status(&env, "web")["watched_until"] == until,
     );
     let count = load.finish();
-    // Only what was in flight in each killed process may fail (one request
-    // per client at most, twice), and no connection is refused; the
-    // upgrade loses nothing.
-    assert!(
-        count.failed <= 2 * threads as u64,
-        "{} failed: {:?}",
-        count.failed,
-        count.errors
-    );
-    assert!(
-        !count.errors.iter().any(|e| e.starts_with("connect")),
-        "{:?}",
-        count.errors
-    );
+    // Two kills; the upgrade loses nothing.
+    only_in_flight_failed(&count, threads, 2);
     assert!(count.ok > 100, "{count:?}");
 }
 

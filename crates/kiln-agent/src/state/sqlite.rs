@@ -249,25 +249,20 @@ impl SqliteState {
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
-        // A database made before events named their actor gains the column
-        // (its earlier rows read as actor unknown).
-        let has_actor = conn
-            .prepare("SELECT 1 FROM pragma_table_info('events') WHERE name = 'actor'")
-            .and_then(|mut q| q.exists([]))
-            .map_err(open_err)?;
-        if !has_actor {
-            conn.execute_batch("ALTER TABLE events ADD COLUMN actor TEXT")
+        // A database made before events named their actor, or before
+        // rollouts were kept, gains the column (earlier rows read as actor
+        // unknown; services as having no saved rollout: idle).
+        for (table, column) in [("events", "actor"), ("services", "rollout")] {
+            let has = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))
+                .and_then(|mut q| q.exists([]))
                 .map_err(open_err)?;
-        }
-        // A database made before rollouts were kept gains their column
-        // (its services read as having no saved rollout: idle).
-        let has_rollout = conn
-            .prepare("SELECT 1 FROM pragma_table_info('services') WHERE name = 'rollout'")
-            .and_then(|mut q| q.exists([]))
-            .map_err(open_err)?;
-        if !has_rollout {
-            conn.execute_batch("ALTER TABLE services ADD COLUMN rollout TEXT")
-                .map_err(open_err)?;
+            if !has {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                    .map_err(open_err)?;
+            }
         }
         let state = Self {
             conn: Mutex::new(conn),

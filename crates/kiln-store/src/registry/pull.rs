@@ -218,38 +218,22 @@ async fn referrers_index(
     subject: &Digest,
 ) -> Result<Vec<Digest>, RegistryError> {
     let at = src.at(Target::Digest(subject.clone()));
-    let accept = [MEDIA_TYPE_INDEX];
-    let bytes = match registry
-        .reader
-        .get(&at, &format!("referrers/{subject}"), &accept)
-        .await
-    {
-        Ok(resp) => {
-            registry
-                .reader
-                .body(resp, MAX_MANIFEST, "referrers list")
-                .await?
-        }
-        Err(RegistryError::NotFound { .. }) => {
-            let tag = subject.to_string().replace(':', "-");
-            match registry
-                .reader
-                .get(&at, &format!("manifests/{tag}"), &accept)
-                .await
-            {
-                Ok(resp) => {
-                    registry
-                        .reader
-                        .body(resp, MAX_MANIFEST, "referrers list")
-                        .await?
-                }
-                Err(RegistryError::NotFound { .. }) => return Ok(Vec::new()),
-                Err(e) => return Err(e),
+    let tag = subject.to_string().replace(':', "-");
+    for path in [format!("referrers/{subject}"), format!("manifests/{tag}")] {
+        match registry.reader.get(&at, &path, &[MEDIA_TYPE_INDEX]).await {
+            Ok(resp) => {
+                let bytes = registry
+                    .reader
+                    .body(resp, MAX_MANIFEST, "referrers list")
+                    .await?;
+                return Ok(listed_digests(&bytes));
             }
+            // No referrers API: the tag schema; no tag either: none.
+            Err(RegistryError::NotFound { .. }) => continue,
+            Err(e) => return Err(e),
         }
-        Err(e) => return Err(e),
-    };
-    Ok(listed_digests(&bytes))
+    }
+    Ok(Vec::new())
 }
 
 /// The digests of an index's `manifests` (an unreadable index lists none,
