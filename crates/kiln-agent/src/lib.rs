@@ -1,9 +1,23 @@
 //! kiln's agent (`kiln serve`): the daemon on each node.
 //!
-//! Start at [`serve`]. Then: [`agent`] (commands: apply, status, history),
-//! [`controller`] (the per-service reconciler), [`instance`] (one instance's
-//! life), [`runtime`] (bubblewrap / process), [`probe`], [`logs`], and
-//! [`state`] (the `StateStore` trait and its SQLite implementation).
+//! Start at [`serve`]. Then:
+//! - [`supervisor`]: the process that holds the sockets and the instances'
+//!   output pipes while agent processes come and go; [`keeper`] its side.
+//! - [`agent`] (apply, status, history, rollback, remove, tokens) and
+//!   [`api`] (the same over the Unix socket and TLS, with roles; [`gate`]
+//!   its per-address limits), [`ui`] (the dashboard), [`remote`] (TLS,
+//!   tokens), [`oci`] (the store as an OCI registry).
+//! - [`controller`]: the per-service reconciler, carrying out
+//!   `kiln_core::rollout` decisions; its rollout saved in the state store.
+//! - [`instance`]: one instance's life — its output into its log
+//!   (`instance::logs`), its probes (`instance::probe`); [`runtime`]:
+//!   bubblewrap with its seccomp filter, or a plain process.
+//! - [`router`]: the listeners, routes and metrics.
+//! - [`state`]: the `StateStore` trait, its SQLite and in-memory stores
+//!   and their contract tests; [`ledger`]: the chain's checkpoints and
+//!   verification; [`trust`]: the agent's signature policy.
+//! - [`drift`]: watching and verifying image trees; [`gc`]: collecting the
+//!   store and the logs.
 
 pub(crate) mod agent;
 pub(crate) mod api;

@@ -220,10 +220,9 @@ pub fn route(method: &str, path: &str) -> Route {
         // The sign-in page's own stylesheet (public, fixed content).
         ["ui", "style.css"] if read => Route::Open,
         [""] | ["ui", ..] if read => Route::Needs(Role::Viewer),
-        [
-            "v1",
-            "status" | "logs" | "events" | "metrics" | "audit" | "drift",
-        ] if read => Route::Needs(Role::Viewer),
+        ["v1", "status" | "logs" | "metrics" | "audit" | "drift"] if read => {
+            Route::Needs(Role::Viewer)
+        }
         ["v1", "whoami"] if read => Route::Needs(Role::Viewer),
         ["v1", "services", _, "history"] if read => Route::Needs(Role::Viewer),
         ["v1", "apply"] if method == "POST" => Route::Needs(Role::Deployer),
@@ -350,7 +349,8 @@ mod tests {
             ("GET", "/v1/status", Needs(Role::Viewer)),
             ("GET", "/v1/services/web/history", Needs(Role::Viewer)),
             ("GET", "/v1/logs", Needs(Role::Viewer)),
-            ("GET", "/v1/events", Needs(Role::Viewer)),
+            // No such endpoint (the ledger is `/v1/audit`).
+            ("GET", "/v1/events", Unknown),
             ("GET", "/v1/audit", Needs(Role::Viewer)),
             ("GET", "/v1/drift", Needs(Role::Viewer)),
             ("POST", "/v1/drift", Unknown),

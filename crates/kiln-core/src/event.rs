@@ -1,5 +1,5 @@
 //! Events: every change the agent records, as one closed enum. The ledger
-//! will hash-chain these, so their encoding is fixed here.
+//! hash-chains these, so their encoding is fixed here.
 //!
 //! **Encoding, version 1.** A change is a JSON object: `"kind"` (the
 //! variant's name in kebab-case) first, then the variant's fields in the
@@ -491,7 +491,7 @@ mod tests {
         }
     }
 
-    /// The encoding is what the ledger will chain: a change here is a new
+    /// The encoding is what the ledger chains: a change here is a new
     /// version, on purpose.
     #[test]
     fn the_canonical_encoding_is_pinned() {

@@ -7,6 +7,11 @@
 //! - [`tree`]: read-only trees materialized once per digest, with their
 //!   per-file manifest, and checks of a tree against it.
 //! - [`verify`], [`export`]: whole-store checks and interop with other tools.
+//! - [`registry`]: push and pull (pulls read with caps), credentials.
+//! - [`sign`], [`provenance`]: signatures and in-toto provenance as OCI
+//!   referrers.
+//! - [`gc`]: collecting what no image, release or lease keeps;
+//!   [`fsutil`], [`gzip`]: atomic writes, deterministic gzip.
 
 pub mod bake;
 pub mod export;

@@ -1,5 +1,6 @@
-//! Commands that talk to the agent: `serve`, `apply`, `plan`, `status`,
-//! `history`, `logs`.
+//! Commands that talk to the agent: `serve` (and `--upgrade`), `plan`,
+//! `apply` and the wait that follows it, `rollback`, `promote`, `abort`,
+//! `remove`, `gc`, `rollout status`, `status`, `history`, `drift`, `logs`.
 
 use kiln_core::api::{RollbackRequest, RollbackResponse};
 use std::collections::BTreeMap;

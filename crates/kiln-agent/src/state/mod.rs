@@ -85,7 +85,7 @@ pub struct InstanceRecord {
     pub port: u16,
 }
 
-/// One event of the log (the ledger will hash-chain these): a change and
+/// One event of the log (the ledger hash-chains these): a change and
 /// its subject.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {

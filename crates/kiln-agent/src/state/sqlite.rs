@@ -59,8 +59,8 @@ CREATE TABLE IF NOT EXISTS instances (
     start_ticks INTEGER NOT NULL,
     port        INTEGER NOT NULL
 );
--- Append-only. `seq` orders every state change; the ledger will add a
--- hash of (previous hash, this row) to each.
+-- Append-only. `seq` orders every state change; the ledger table holds a
+-- hash of (previous hash, this row) for each.
 CREATE TABLE IF NOT EXISTS events (
     seq      INTEGER PRIMARY KEY AUTOINCREMENT,
     time     TEXT NOT NULL,
