@@ -633,33 +633,67 @@ pub enum RolloutCommand {
     },
 }
 
+/// What a command works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reach {
+    /// An agent: the remote one `--agent` names, else this home's.
+    Agent,
+    /// This machine's store (`--agent` is refused).
+    Store,
+    /// This machine, no store and no agent to choose (`serve`, `login` …).
+    Local,
+}
+
+impl Command {
+    /// Exhaustive: a new command must say what it works on.
+    fn reach(&self) -> Reach {
+        match self {
+            Command::Bake { .. }
+            | Command::Images { .. }
+            | Command::Inspect { .. }
+            | Command::Verify { .. }
+            | Command::Push { dest: Some(_), .. }
+            | Command::Pull { .. }
+            | Command::Export { .. }
+            | Command::Unpack { .. }
+            | Command::Key(_)
+            | Command::Sign { .. }
+            | Command::Signatures { .. } => Reach::Store,
+            Command::Serve { .. }
+            | Command::Check { .. }
+            | Command::Login { .. }
+            | Command::Logout { .. }
+            | Command::Demo { .. }
+            | Command::Completions { .. }
+            | Command::Man => Reach::Local,
+            Command::Push { dest: None, .. }
+            | Command::Gc { .. }
+            | Command::Token(_)
+            | Command::Why { .. }
+            | Command::Audit(_)
+            | Command::Apply { .. }
+            | Command::Plan { .. }
+            | Command::Remove { .. }
+            | Command::Status { .. }
+            | Command::Drift { .. }
+            | Command::History { .. }
+            | Command::Rollback { .. }
+            | Command::Promote { .. }
+            | Command::Abort { .. }
+            | Command::Rollout { .. }
+            | Command::Logs { .. } => Reach::Agent,
+        }
+    }
+}
+
 /// Dispatch a command to its module.
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = || commands::resolve_home(cli.home.clone());
     // Commands that talk to an agent talk to the remote one named; the
     // others (serve, login, the store's own commands) are about this machine.
+    let reach = cli.command.reach();
     if let Some(url) = &cli.agent
-        && !matches!(
-            cli.command,
-            Command::Serve { .. }
-                | Command::Check { .. }
-                | Command::Login { .. }
-                | Command::Logout { .. }
-                | Command::Bake { .. }
-                | Command::Images { .. }
-                | Command::Inspect { .. }
-                | Command::Verify { .. }
-                | Command::Push { dest: Some(_), .. }
-                | Command::Pull { .. }
-                | Command::Export { .. }
-                | Command::Unpack { .. }
-                | Command::Demo { .. }
-                | Command::Completions { .. }
-                | Command::Man
-                | Command::Key(_)
-                | Command::Sign { .. }
-                | Command::Signatures { .. }
-        )
+        && reach == Reach::Agent
     {
         remote::choose(&home()?, url)?;
     }
@@ -667,23 +701,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // `--agent` there would be silently ignored, so it is refused (a
     // `KILN_AGENT` in the environment, meant for the agent commands, is
     // not).
-    if cli.agent.is_some()
-        && explicit_agent_flag()
-        && matches!(
-            cli.command,
-            Command::Bake { .. }
-                | Command::Images { .. }
-                | Command::Inspect { .. }
-                | Command::Verify { .. }
-                | Command::Push { dest: Some(_), .. }
-                | Command::Pull { .. }
-                | Command::Export { .. }
-                | Command::Unpack { .. }
-                | Command::Key(_)
-                | Command::Sign { .. }
-                | Command::Signatures { .. }
-        )
-    {
+    if cli.agent.is_some() && explicit_agent_flag() && reach == Reach::Store {
         anyhow::bail!(
             "--agent does not apply to this command: it works on this machine's store ({}); run it on the agent's machine, or push the image there",
             home()?.display()

@@ -153,7 +153,8 @@ impl Controller {
                 let kind = match (probe, healthy) {
                     (ProbeKind::Readiness, true) => {
                         inst.ready = true;
-                        inst.ready_since = Some(Instant::now());
+                        // On tokio's clock, as every other instant of the controller.
+                        inst.ready_since = Some(super::now());
                         Change::InstanceReady {}
                     }
                     (ProbeKind::Readiness, false) => {
