@@ -167,9 +167,10 @@ pub enum AgentError {
     #[error("request body over the 2 MiB limit")]
     TooLarge,
     #[error("store collection: {0}")]
-    Collect(String),
+    Collect(#[from] crate::gc::GcError),
+    /// A blocking task that panicked or was cancelled.
     #[error("an agent task failed: {0}")]
-    Task(String),
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     State(#[from] StateError),
 }
@@ -1156,9 +1157,8 @@ impl Agent {
         tokio::task::spawn_blocking(move || {
             crate::gc::collect(&store, &*state, keep_releases, grace, dry_run)
         })
-        .await
-        .map_err(|e| AgentError::Collect(e.to_string()))?
-        .map_err(|e| AgentError::Collect(e.to_string()))
+        .await?
+        .map_err(AgentError::Collect)
     }
 
     /// The ledger after entry `after`, its checkpoints and the node's key.

@@ -168,9 +168,7 @@ async fn audit(
 ) -> Result<Json<kiln_core::api::AuditResponse>, AgentError> {
     let Query(q) =
         q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
-    let r = tokio::task::spawn_blocking(move || agent.audit(q.after))
-        .await
-        .map_err(|e| AgentError::Task(e.to_string()))??;
+    let r = tokio::task::spawn_blocking(move || agent.audit(q.after)).await??;
     Ok(Json(r))
 }
 

@@ -229,16 +229,8 @@ pub struct CanaryStatus {
     pub stable_window: Window,
 }
 
-/// Requests a release answered over a window, as the analysis counts them.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Window {
-    pub requests: u64,
-    /// 5xx answers plus connections that failed.
-    pub errors: u64,
-    pub error_rate: f64,
-    /// The upper bound of the latency bucket holding the 99th percentile.
-    pub p99_ms: Option<f64>,
-}
+/// A canary's window, as status shows it (defined with the counters).
+pub use crate::counters::Window;
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {

@@ -10,6 +10,17 @@ pub const BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Requests a release answered over a window, as the analysis counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Window {
+    pub requests: u64,
+    /// 5xx answers plus connections that failed.
+    pub errors: u64,
+    pub error_rate: f64,
+    /// The upper bound of the latency bucket holding the 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
 /// Counters at one moment.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -41,10 +52,10 @@ impl Snapshot {
     /// What the canary analysis counts: every attempt (answers plus
     /// connections that failed and were retried elsewhere) and its errors
     /// (5xx, including the router's own 502/504, plus those connections).
-    pub fn window(&self) -> crate::api::Window {
+    pub fn window(&self) -> Window {
         let requests = self.requests() + self.retried;
         let errors = self.responses[4] + self.retried;
-        crate::api::Window {
+        Window {
             requests,
             errors,
             error_rate: if requests == 0 {

@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::Window;
+use crate::counters::Window;
 use crate::digest::Digest;
 use crate::service::{CanaryStep, Pause};
 

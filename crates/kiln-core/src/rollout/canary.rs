@@ -5,7 +5,7 @@
 //! come from the router's own per-release counters, windowed from the
 //! moment the step's weight took effect.
 
-use crate::api::Window;
+use crate::counters::Window;
 use crate::service::AnalysisSpec;
 
 /// Instances of the canary at `weight` percent of `replicas`: in proportion,
