@@ -695,3 +695,45 @@ fn a_paused_rollout_stays_paused_across_the_agents_death() {
         "{s}"
     );
 }
+
+/// Issue 23, the stop-and-start column: `kiln serve` stopped (its
+/// instances stopped with it) and started again, the canary is at its
+/// step, its fleets started again.
+#[test]
+fn a_canary_goes_on_at_its_step_after_kiln_is_stopped_and_started() {
+    let _serial = one_at_a_time();
+    let env = Env::new();
+    let port = free_port();
+    let mut agent = Agent::start(&env);
+    let canary = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+    let path = hello_app(&env.path("app"), &format!("{}{canary}", spec(port, "")));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    write(
+        &path,
+        format!("{}{canary}", spec(port, "").replace("\"v1\"", "\"v2\"")).as_bytes(),
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    env.ok(&["promote", "web"]);
+    let at_step_2 = |env: &Env| {
+        let s = service_status(env, "web");
+        s["canary"]["step"] == 2 && s["canary"]["weight"] == 50 && s["outcome"] == "pending"
+    };
+    wait_for("the canary at step 2", Duration::from_secs(30), || {
+        at_step_2(&env)
+    });
+    let before = instance_pids(&env);
+    assert_eq!(agent.stop(), Some(0));
+    let _agent = Agent::start(&env);
+    wait_for(
+        "the canary at step 2 again, its fleets whole",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            at_step_2(&env) && s["ready"].as_u64().is_some() && instance_pids(&env).len() == 5
+        },
+    );
+    assert!(
+        instance_pids(&env).is_disjoint(&before),
+        "kiln stopped its instances; these are new"
+    );
+}
