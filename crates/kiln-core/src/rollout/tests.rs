@@ -2081,3 +2081,20 @@ fn a_canarys_records_number_its_steps_from_one() {
         .collect();
     assert_eq!(passed, [(1, 25), (2, 100)]);
 }
+
+#[test]
+fn a_canary_in_progress_keeps_its_stable_release_whatever_else_is_active() {
+    let mut sim = canary_sim(4);
+    sim.pass();
+    assert!(matches!(sim.state, Rollout::Canary(_)));
+    // Release 1 no longer counts as active (another change marked it):
+    // the canary keeps comparing with it and returning to it.
+    sim.outcomes.insert(1, Outcome::Superseded);
+    assert_eq!(sim.previous(), None);
+    sim.pass();
+    assert!(
+        matches!(&sim.state, Rollout::Canary(run) if run.stable == 1 && run.target == 2),
+        "{:?}",
+        sim.state
+    );
+}
