@@ -1261,7 +1261,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             return;
         }
         let promoted = run.promote;
-        if index + 1 < steps {
+        if !last {
             run.step += 1;
             run.phase = CanaryPhase::Starting {
                 deadline: v.now + rollout.progress_deadline.0,
@@ -1275,7 +1275,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
             canary: canary_window,
             stable: stable_window,
         }));
-        if index + 1 < steps {
+        if !last {
             return;
         }
         // The last step had all traffic: the canary is the release now.

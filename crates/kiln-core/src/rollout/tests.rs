@@ -2098,3 +2098,26 @@ fn a_canary_in_progress_keeps_its_stable_release_whatever_else_is_active() {
         sim.state
     );
 }
+
+#[test]
+fn a_canary_step_passes_only_with_its_whole_fleet() {
+    let mut sim = canary_sim(4);
+    sim.pass();
+    sim.tick();
+    sim.pass();
+    // The step's weight took effect; its canary instance exits.
+    sim.insts.retain(|i| i.revision != 2);
+    sim.now += Duration::from_secs(2);
+    sim.pass();
+    assert!(
+        sim.recorded("canary-step-passed").is_empty(),
+        "passed without its fleet"
+    );
+    let Rollout::Canary(run) = &sim.state else {
+        panic!("{:?}", sim.state);
+    };
+    assert_eq!(
+        (run.step, run.waiting.as_str()),
+        (0, "canary fleet: 0/1 ready")
+    );
+}
