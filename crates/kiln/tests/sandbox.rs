@@ -204,10 +204,11 @@ entrypoint = ["/bin/start.sh"]
 image = "app"
 listen = "127.0.0.1:{port}"
 [services.web.health.readiness]
-exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /tmp/probe-seccomp; perl -e 'syscall({keyctl}, 0, -3, 0) == -1 and print $!' > /tmp/probe-keyctl; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
+exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /tmp/probe-seccomp; perl -e 'syscall({keyctl}, 0, -3, 0) == -1 and print $!' > /tmp/probe-keyctl; perl -e 'syscall({ptrace}, 16, 1, 0, 0) == -1 and print $!' > /tmp/probe-ptrace; (echo x >> /bin/start.sh) 2> /dev/null && echo ok > /tmp/probe-write; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
 interval = "200ms"
 "#,
-            keyctl = keyctl_nr()
+            keyctl = keyctl_nr(),
+            ptrace = ptrace_nr()
         ),
     );
     let _agent = Agent::start(&env);
@@ -236,4 +237,10 @@ interval = "200ms"
     // refused.
     assert_eq!(read("/tmp/probe-seccomp"), "NoNewPrivs:\t1\nSeccomp:\t2");
     assert_eq!(read("/tmp/probe-keyctl"), "Operation not permitted");
+    assert_eq!(read("/tmp/probe-ptrace"), "Operation not permitted");
+    assert_eq!(
+        read("/tmp/probe-write"),
+        "",
+        "the probe wrote into the tree"
+    );
 }
