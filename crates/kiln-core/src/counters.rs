@@ -102,3 +102,20 @@ impl Snapshot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn past_the_last_bucket_is_an_hour_more_than_measured() {
+        let mut s = Snapshot::default();
+        // One bucket per bound, and one past the last.
+        assert_eq!(s.buckets.len(), BUCKETS.len() + 1);
+        s.buckets[BUCKETS.len()] = 1;
+        assert_eq!(s.quantile(0.99), Some(Duration::from_secs(3600)));
+        s.buckets[0] = 99;
+        assert_eq!(s.quantile(0.5), Some(Duration::from_secs_f64(BUCKETS[0])));
+        assert_eq!(Snapshot::default().quantile(0.99), None);
+    }
+}
