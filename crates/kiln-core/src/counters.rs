@@ -118,4 +118,54 @@ mod tests {
         assert_eq!(s.quantile(0.5), Some(Duration::from_secs_f64(BUCKETS[0])));
         assert_eq!(Snapshot::default().quantile(0.99), None);
     }
+
+    fn snapshot() -> Snapshot {
+        let mut s = Snapshot::default();
+        // 60 answers: 30 2xx, 10 4xx, 20 5xx; 20 retried connections.
+        s.responses = [0, 30, 0, 10, 20];
+        s.retried = 20;
+        s.client_errors = 7;
+        // Latencies: 50 in the first bucket, 40 in the third, 10 in the fifth.
+        s.buckets[0] = 50;
+        s.buckets[2] = 40;
+        s.buckets[4] = 10;
+        s.sum_micros = 1_000;
+        s
+    }
+
+    #[test]
+    fn rates_windows_and_quantiles_are_exact() {
+        let s = snapshot();
+        assert_eq!(s.requests(), 60);
+        assert_eq!(s.error_rate(), 20.0 / 60.0);
+        assert_eq!(Snapshot::default().error_rate(), 0.0);
+        let w = s.window();
+        // Attempts: answers plus retried connections; errors: 5xx plus those.
+        assert_eq!((w.requests, w.errors), (80, 40));
+        assert_eq!(w.error_rate, 0.5);
+        assert_eq!(w.p99_ms, Some(BUCKETS[4] * 1000.0));
+        assert_eq!(Snapshot::default().window(), Window::default());
+        // The q-quantile is the upper bound of the bucket holding rank
+        // ceil(q × n).
+        assert_eq!(s.quantile(0.5), Some(Duration::from_secs_f64(BUCKETS[0])));
+        assert_eq!(s.quantile(0.51), Some(Duration::from_secs_f64(BUCKETS[2])));
+        assert_eq!(s.quantile(0.9), Some(Duration::from_secs_f64(BUCKETS[2])));
+        assert_eq!(s.quantile(0.91), Some(Duration::from_secs_f64(BUCKETS[4])));
+    }
+
+    #[test]
+    fn since_is_what_happened_in_between() {
+        let later = snapshot();
+        let mut earlier = Snapshot::default();
+        earlier.responses[1] = 10;
+        earlier.retried = 5;
+        earlier.buckets[0] = 20;
+        earlier.sum_micros = 400;
+        let d = later.since(&earlier);
+        assert_eq!(d.responses, [0, 20, 0, 10, 20]);
+        assert_eq!((d.retried, d.client_errors, d.sum_micros), (15, 7, 600));
+        assert_eq!(d.buckets[0], 30);
+        // Counters that went back (a new process) read as nothing since.
+        assert_eq!(earlier.since(&later).requests(), 0);
+    }
 }
