@@ -120,11 +120,13 @@ mod tests {
     }
 
     fn snapshot() -> Snapshot {
-        let mut s = Snapshot::default();
         // 60 answers: 30 2xx, 10 4xx, 20 5xx; 20 retried connections.
-        s.responses = [0, 30, 0, 10, 20];
-        s.retried = 20;
-        s.client_errors = 7;
+        let mut s = Snapshot {
+            responses: [0, 30, 0, 10, 20],
+            retried: 20,
+            client_errors: 7,
+            ..Snapshot::default()
+        };
         // Latencies: 50 in the first bucket, 40 in the third, 10 in the fifth.
         s.buckets[0] = 50;
         s.buckets[2] = 40;
@@ -156,11 +158,13 @@ mod tests {
     #[test]
     fn since_is_what_happened_in_between() {
         let later = snapshot();
-        let mut earlier = Snapshot::default();
+        let mut earlier = Snapshot {
+            retried: 5,
+            sum_micros: 400,
+            ..Snapshot::default()
+        };
         earlier.responses[1] = 10;
-        earlier.retried = 5;
         earlier.buckets[0] = 20;
-        earlier.sum_micros = 400;
         let d = later.since(&earlier);
         assert_eq!(d.responses, [0, 20, 0, 10, 20]);
         assert_eq!((d.retried, d.client_errors, d.sum_micros), (15, 7, 600));
