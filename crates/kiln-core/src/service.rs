@@ -885,6 +885,56 @@ mod tests {
         }
     }
 
+    /// A readiness probe of `body`, parsed and checked.
+    fn probe(body: &str) -> Result<super::Probe, String> {
+        service(&format!("[services.web.health.readiness]\n{body}\n"))
+            .map(|s| s.health.readiness.unwrap_or_else(|| panic!("no probe")))
+    }
+
+    #[test]
+    fn a_probe_is_exactly_one_check_with_sane_numbers() {
+        assert_eq!(
+            probe("tcp = true").map(|p| p.check),
+            Ok(super::ProbeCheck::Tcp)
+        );
+        let http = probe("http = \"/healthz\"\ntcp = false").unwrap();
+        assert_eq!(
+            http.check,
+            super::ProbeCheck::Http {
+                path: "/healthz".to_owned(),
+                status: 200
+            }
+        );
+        for (body, says) in [
+            ("tcp = false", "exactly one of"),
+            ("http = \"/a\"\ntcp = true", "exactly one of"),
+            ("tcp = true\nstatus = 204", "status applies only to http"),
+            (
+                "exec = [\"/bin/true\"]\nstatus = 204",
+                "status applies only to http",
+            ),
+            (
+                "tcp = true\nsuccess_threshold = 0",
+                "thresholds must be at least 1",
+            ),
+            (
+                "tcp = true\nfailure_threshold = 0",
+                "thresholds must be at least 1",
+            ),
+            ("tcp = true\ninterval = \"0s\"", "must be more than 0"),
+            ("tcp = true\ntimeout = \"0s\"", "must be more than 0"),
+        ] {
+            let err = probe(body).unwrap_err();
+            assert!(err.contains(says), "{body}: {err}");
+        }
+        assert!(probe("http = \"/a\"\nstatus = 204").is_ok());
+        assert_eq!(super::Pause::Manual.to_string(), "manual");
+        assert_eq!(
+            super::Pause::For(super::Duration::from_secs(90)).to_string(),
+            "1m 30s"
+        );
+    }
+
     #[test]
     fn a_full_service_parses() {
         let text = r#"
