@@ -517,6 +517,13 @@ paths = ["static/**"]
             ),
             "{err}"
         );
+        // A long name allows a third of its length in edits.
+        let text = "[images.backendservice]\n\n[services.web]\nimage = \"bkendsrvce\"\n";
+        let err = Spec::parse(text, "kiln.toml").unwrap_err();
+        assert!(
+            err.message.contains("did you mean `backendservice`?"),
+            "{err}"
+        );
         // Nothing close: no guess.
         let text = "[images.hello]\n\n[services.web]\nimage = \"zzzzzz\"\n";
         let err = Spec::parse(text, "kiln.toml").unwrap_err();
