@@ -272,14 +272,8 @@ impl Spec {
             if let crate::service::ImageSource::Spec(image) = &svc.image
                 && !self.images.contains_key(image)
             {
-                let closest = self
-                    .images
-                    .keys()
-                    .map(|k| (strsim::damerau_levenshtein(image.as_str(), k.as_str()), k))
-                    .filter(|(d, k)| *d <= 2.max(k.as_str().len() / 3))
-                    .min();
-                let hint = match closest {
-                    Some((_, k)) => format!(", did you mean `{k}`?"),
+                let hint = match nearest(image.as_str(), self.images.keys().map(|k| k.as_str())) {
+                    Some(k) => format!(", did you mean `{k}`?"),
                     None => String::new(),
                 };
                 return Err(at_key(
@@ -324,6 +318,16 @@ pub fn line_column(text: &str, offset: usize) -> (usize, usize) {
     (line, before[line_start..].chars().count() + 1)
 }
 
+/// The candidate nearest to `got` in edits (Damerau–Levenshtein), if it
+/// is near enough to be a slip: at most 2 edits, or a third of its length.
+fn nearest<'a>(got: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(got, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
 /// Turn serde's "unknown field `x`, expected one of `a`, `b`" into a message
 /// that suggests the nearest valid key.
 fn explain(message: &str) -> String {
@@ -338,13 +342,7 @@ fn explain(message: &str) -> String {
         if valid.is_empty() {
             return format!("unknown {noun} `{got}`: none are allowed here");
         }
-        let nearest = valid
-            .iter()
-            .map(|v| (strsim::damerau_levenshtein(got, v), *v))
-            .min()
-            .filter(|(d, v)| *d <= 2.max(v.len() / 3))
-            .map(|(_, v)| v);
-        return match nearest {
+        return match nearest(got, valid.iter().copied()) {
             Some(v) => format!(
                 "unknown {noun} `{got}`, did you mean `{v}`? (expected one of: {})",
                 valid.join(", ")
