@@ -4,7 +4,7 @@
 
 mod util;
 
-use util::Env;
+use util::{Env, succeed};
 
 #[test]
 fn completions_cover_every_command_for_each_shell() {
@@ -49,16 +49,10 @@ fn store_commands_refuse_an_explicit_agent_and_ignore_one_from_the_environment()
         );
     }
     // KILN_AGENT in the environment is for the agent commands.
-    let out = env
-        .cmd()
-        .arg("images")
-        .env("KILN_AGENT", "https://127.0.0.1:9")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        env.cmd()
+            .arg("images")
+            .env("KILN_AGENT", "https://127.0.0.1:9"),
     );
 }
 

@@ -323,16 +323,10 @@ fn basic_auth_from_kiln_login_or_dockers_config_and_a_clear_refusal_without() {
         &docker.join("config.json"),
         format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host).as_bytes(),
     );
-    let out = b
-        .cmd()
-        .env("DOCKER_CONFIG", &docker)
-        .args(["pull", &dest, "--insecure", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        b.cmd()
+            .env("DOCKER_CONFIG", &docker)
+            .args(["pull", &dest, "--insecure", "--json"]),
     );
 }
 

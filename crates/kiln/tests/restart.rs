@@ -8,7 +8,7 @@
 mod util;
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use util::*;
@@ -132,6 +132,58 @@ fn only_in_flight_failed(count: &LoadCount, threads: usize, kills: u64) {
 fn another_agent(env: &Env, before: u64) {
     wait_for("another agent", Duration::from_secs(20), || {
         env.run(&["status", "--json"]).status.success() && agent_pid(env) != before
+    });
+}
+
+/// `kill -9` of the agent process, until the supervisor's next one serves.
+fn crash_agent(env: &Env) {
+    let before = agent_pid(env);
+    kill9(before);
+    another_agent(env, before);
+}
+
+/// `kiln serve --upgrade`, until the new agent serves.
+fn upgrade_agent(env: &Env) {
+    let before = agent_pid(env);
+    env.ok(&["serve", "--upgrade"]);
+    another_agent(env, before);
+}
+
+/// Release 1 of the service with `rollout` appended to its spec, applied;
+/// release 2 (`v2`, with `extra_env`) written, not applied. The spec's path.
+fn v1_applied_v2_written(env: &Env, port: u16, rollout: &str, extra_env: &str) -> PathBuf {
+    let path = hello_app(&env.path("app"), &format!("{}{rollout}", spec(port, "")));
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let v2 = spec(port, extra_env).replace("\"v1\"", "\"v2\"");
+    write(&path, format!("{v2}{rollout}").as_bytes());
+    path
+}
+
+/// A canary whose first two steps wait for `kiln promote`: one that
+/// started again would wait at step 1 (20%), not at step 2.
+const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+
+/// Release 2's canary waits at step 2's manual pause (50%).
+fn canary_at_step_2(env: &Env) -> bool {
+    let s = service_status(env, "web");
+    s["revision"] == 2
+        && s["outcome"] == "pending"
+        && s["canary"]["step"] == 2
+        && s["canary"]["weight"] == 50
+        && s["canary"]["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("kiln promote web"))
+}
+
+/// Release 1 deployed with `rollout` (a [`TWO_MANUAL_STEPS`] canary), then
+/// release 2 applied (it returns at step 1's pause) and promoted, until it
+/// waits at step 2.
+fn canary_waiting_at_step_2(env: &Env, port: u16, rollout: &str) {
+    let path = v1_applied_v2_written(env, port, rollout, "");
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    env.ok(&["promote", "web"]);
+    wait_for("the canary at step 2", Duration::from_secs(30), || {
+        canary_at_step_2(env)
     });
 }
 
@@ -523,51 +575,23 @@ fn a_rollout_survives_a_crash_and_an_upgrade_of_the_agent() {
     let env = Env::new();
     let port = free_port();
     let _agent = Agent::start(&env);
-    // Both first steps wait for `kiln promote`: a canary that started
-    // again would wait at step 1 (20%), not at step 2.
-    let canary = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\nwatch = \"10m\"\n";
-    let path = hello_app(&env.path("app"), &format!("{}{canary}", spec(port, "")));
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    write(
-        &path,
-        format!("{}{canary}", spec(port, "").replace("\"v1\"", "\"v2\"")).as_bytes(),
-    );
-    // Returns at the manual pause of step 1; promoted, the canary waits at
-    // step 2's.
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    env.ok(&["promote", "web"]);
-    let at_step_2 = |env: &Env| {
-        let s = service_status(env, "web");
-        s["revision"] == 2
-            && s["outcome"] == "pending"
-            && s["canary"]["step"] == 2
-            && s["canary"]["weight"] == 50
-            && s["canary"]["waiting"]
-                .as_str()
-                .is_some_and(|w| w.contains("kiln promote web"))
-    };
-    wait_for("the canary at step 2", Duration::from_secs(30), || {
-        at_step_2(&env)
-    });
+    let canary = format!("{TWO_MANUAL_STEPS}watch = \"10m\"\n");
+    canary_waiting_at_step_2(&env, port, &canary);
     let pids = instance_pids(&env);
     let threads = 4;
     let load = Load::start(port, threads);
 
-    let before = agent_pid(&env);
-    kill9(before);
-    another_agent(&env, before);
+    crash_agent(&env);
     wait_for(
         "the canary still at step 2 after kill -9",
         Duration::from_secs(20),
-        || at_step_2(&env),
+        || canary_at_step_2(&env),
     );
-    let before = agent_pid(&env);
-    env.ok(&["serve", "--upgrade"]);
-    another_agent(&env, before);
+    upgrade_agent(&env);
     wait_for(
         "the canary still at step 2 after an upgrade",
         Duration::from_secs(20),
-        || at_step_2(&env),
+        || canary_at_step_2(&env),
     );
     assert_eq!(instance_pids(&env), pids, "no instance was replaced");
     assert_eq!(releases(&env, "web")[1]["outcome"], "pending");
@@ -583,9 +607,7 @@ fn a_rollout_survives_a_crash_and_an_upgrade_of_the_agent() {
         },
     );
     let until = service_status(&env, "web")["watched_until"].clone();
-    let before = agent_pid(&env);
-    kill9(before);
-    another_agent(&env, before);
+    crash_agent(&env);
     wait_for(
         "the watch kept after kill -9",
         Duration::from_secs(20),
@@ -608,24 +630,13 @@ fn a_pending_promote_and_a_warm_window_survive_the_agent() {
     let port = free_port();
     let _agent = Agent::start(&env);
     let bg = "[services.web.rollout]\nstrategy = \"blue-green\"\nauto_promote = false\nscale_down_delay = \"10m\"\nprogress_deadline = \"60s\"\n";
-    let path = hello_app(&env.path("app"), &format!("{}{bg}", spec(port, "")));
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let path = v1_applied_v2_written(&env, port, bg, ", HELLO_START_DELAY = \"2\"");
     let v1 = instance_pids(&env);
-    write(
-        &path,
-        format!(
-            "{}{bg}",
-            spec(port, ", HELLO_START_DELAY = \"2\"").replace("\"v1\"", "\"v2\"")
-        )
-        .as_bytes(),
-    );
     env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
     until_rolling_out(&env, "web", 2);
     // Promoted before the new fleet is ready; the agent dies at once.
     env.ok(&["promote", "web"]);
-    let before = agent_pid(&env);
-    kill9(before);
-    another_agent(&env, before);
+    crash_agent(&env);
     wait_for(
         "the switch, with no second promote",
         Duration::from_secs(30),
@@ -634,9 +645,7 @@ fn a_pending_promote_and_a_warm_window_survive_the_agent() {
             s["outcome"] == "active" && s["routed"] == 2 && s["warm"] == true
         },
     );
-    let before = agent_pid(&env);
-    env.ok(&["serve", "--upgrade"]);
-    another_agent(&env, before);
+    upgrade_agent(&env);
     // The new agent has had passes: the warm fleet is release 1's, kept.
     wait_for("a pass of the new agent", Duration::from_secs(20), || {
         service_status(&env, "web")["converged"] == true
@@ -663,12 +672,7 @@ fn a_paused_rollout_stays_paused_across_the_agents_death() {
     let port = free_port();
     let _agent = Agent::start(&env);
     let paused = "[services.web.rollout]\nprogress_deadline = \"1s\"\nauto_rollback = false\n";
-    let path = hello_app(&env.path("app"), &format!("{}{paused}", spec(port, "")));
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    write(
-        &path,
-        format!("{}{paused}", spec(port, ", HELLO_FAIL_HEALTH = \"1\"")).as_bytes(),
-    );
+    let path = v1_applied_v2_written(&env, port, paused, ", HELLO_FAIL_HEALTH = \"1\"");
     env.fails(&["apply", "-f", path.to_str().unwrap()]);
     let pauses = |env: &Env| {
         env.ok(&["audit", "--kind", "rollout-paused", "--json"])
@@ -678,9 +682,7 @@ fn a_paused_rollout_stays_paused_across_the_agents_death() {
     };
     assert_eq!(pauses(&env), 1);
     assert_eq!(service_status(&env, "web")["stalled"], true);
-    let before = agent_pid(&env);
-    kill9(before);
-    another_agent(&env, before);
+    crash_agent(&env);
     wait_for("the new agent's passes", Duration::from_secs(20), || {
         service_status(&env, "web")["stalled"] == true
     });
@@ -705,22 +707,7 @@ fn a_canary_goes_on_at_its_step_after_kiln_is_stopped_and_started() {
     let env = Env::new();
     let port = free_port();
     let mut agent = Agent::start(&env);
-    let canary = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
-    let path = hello_app(&env.path("app"), &format!("{}{canary}", spec(port, "")));
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    write(
-        &path,
-        format!("{}{canary}", spec(port, "").replace("\"v1\"", "\"v2\"")).as_bytes(),
-    );
-    env.ok(&["apply", "-f", path.to_str().unwrap()]);
-    env.ok(&["promote", "web"]);
-    let at_step_2 = |env: &Env| {
-        let s = service_status(env, "web");
-        s["canary"]["step"] == 2 && s["canary"]["weight"] == 50 && s["outcome"] == "pending"
-    };
-    wait_for("the canary at step 2", Duration::from_secs(30), || {
-        at_step_2(&env)
-    });
+    canary_waiting_at_step_2(&env, port, TWO_MANUAL_STEPS);
     let before = instance_pids(&env);
     assert_eq!(agent.stop(), Some(0));
     let _agent = Agent::start(&env);
@@ -729,7 +716,9 @@ fn a_canary_goes_on_at_its_step_after_kiln_is_stopped_and_started() {
         Duration::from_secs(30),
         || {
             let s = service_status(&env, "web");
-            at_step_2(&env) && s["ready"].as_u64().is_some() && instance_pids(&env).len() == 5
+            canary_at_step_2(&env)
+                && s["ready"].as_u64().is_some()
+                && instance_pids(&env).len() == 5
         },
     );
     assert!(

@@ -139,22 +139,16 @@ fn ssh_keygen_accepts_a_kiln_signature_and_refuses_it_for_another_digest() {
     let public = env.path("agentkey.pub");
     let err = env.fails(&["sign", "app:v1", "--key", public.to_str().unwrap()]);
     assert!(err.contains("needs an SSH agent"), "{err}");
-    let out = env
-        .cmd()
-        .args([
-            "sign",
-            "app:v1",
-            "--key",
-            public.to_str().unwrap(),
-            "--json",
-        ])
-        .env("SSH_AUTH_SOCK", &sock)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    succeed(
+        env.cmd()
+            .args([
+                "sign",
+                "app:v1",
+                "--key",
+                public.to_str().unwrap(),
+                "--json",
+            ])
+            .env("SSH_AUTH_SOCK", &sock),
     );
     let listed = env.json(&["signatures", "app:v1", "--json"]);
     let from_agent = listed
