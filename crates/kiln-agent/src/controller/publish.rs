@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, Reconciled, SlotBackoff};
 use kiln_core::rollout::{CanaryPhase, Rollout, Routing};
+use kiln_core::service::Strategy;
 
 use super::instances::Inst;
 use super::{Controller, now};
@@ -195,13 +196,14 @@ impl Controller {
             message: self.message.clone(),
             stalled: self.rollout.stalled(),
             canary: self.canary_status(),
-            // A blue-green fleet in its warm window, or the release a watch
-            // returns to (any other strategy): expected beside the target.
-            warm: matches!(self.rollout, Rollout::Warm { target: t, until, .. } if until > now && t == target)
-                || (matches!(self.rollout, Rollout::Watching { target: t, watch } if watch.until > now && t == target)
-                    && self.service.as_ref().is_some_and(|s| {
-                        s.settings.rollout.strategy != kiln_core::service::Strategy::BlueGreen
-                    })),
+            // (No service read yet: no watch keeps anything warm.)
+            warm: self.rollout.warm_beside(
+                target,
+                now,
+                self.service
+                    .as_ref()
+                    .map_or(Strategy::BlueGreen, |s| s.settings.rollout.strategy),
+            ),
             watched_until: self
                 .rollout
                 .watched(now)

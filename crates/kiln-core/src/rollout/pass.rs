@@ -152,6 +152,25 @@ impl Rollout {
         matches!(self, Self::Warm { until, .. } if *until > now)
     }
 
+    /// The release a watch keeps warm beside `target` at `now` (the one it
+    /// returns to): any strategy but blue-green, whose own warm window
+    /// (`scale_down_delay`) says how long its old fleet stays.
+    pub fn watch_keeps_warm(&self, target: u64, now: Instant, strategy: Strategy) -> Option<u64> {
+        if strategy == Strategy::BlueGreen {
+            return None;
+        }
+        self.watched(now)
+            .filter(|(t, _)| *t == target)
+            .map(|(_, w)| w.back_to)
+    }
+
+    /// Another release's fleet is expected beside `target` at `now`: a
+    /// blue-green fleet in its warm window, or the one a watch keeps warm.
+    pub fn warm_beside(&self, target: u64, now: Instant, strategy: Strategy) -> bool {
+        matches!(self, Self::Warm { target: t, .. } if *t == target) && self.warm(now)
+            || self.watch_keeps_warm(target, now, strategy).is_some()
+    }
+
     /// The release watched after it went live, and its watch, at `now`.
     pub fn watched(&self, now: Instant) -> Option<(u64, Watch)> {
         match self {
@@ -957,18 +976,11 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         }
     }
 
-    /// The release kept warm beside target `t` while it is watched: the one
-    /// its watch returns to, unless it has the target's content. Not for
-    /// blue-green, whose own warm window (`scale_down_delay`) says how long
-    /// its old fleet stays.
+    /// The release kept warm beside target `t` while it is watched
+    /// ([`Rollout::watch_keeps_warm`]), unless it has the target's content.
     fn kept_warm(&self, t: u64) -> Option<u64> {
-        if self.rollout().strategy == Strategy::BlueGreen {
-            return None;
-        }
         self.next
-            .watched(self.v.now)
-            .filter(|(target, _)| *target == t)
-            .map(|(_, w)| w.back_to)
+            .watch_keeps_warm(t, self.v.now, self.rollout().strategy)
             // The same content would crash the same way: no second fleet.
             .filter(|back_to| !self.v.same_content.contains(back_to))
     }

@@ -329,6 +329,21 @@ impl Sim {
         }
     }
 
+    /// The instances `pick` selects (by release) stop being ready.
+    fn unready(&mut self, pick: impl Fn(u64) -> bool) {
+        for i in self.insts.iter_mut().filter(|i| pick(i.revision)) {
+            i.ready_since = None;
+        }
+    }
+
+    /// The release a blue-green rollout keeps the traffic on, if it is one.
+    fn bg_routed(&self) -> Option<u64> {
+        match self.state {
+            Rollout::BlueGreen { routed, .. } => Some(routed),
+            _ => None,
+        }
+    }
+
     fn recorded(&self, kind: &str) -> Vec<&Change> {
         self.log
             .iter()
@@ -1564,9 +1579,7 @@ fn after_a_failure_the_routes_go_to_the_release_returned_to_only_if_it_serves() 
     let mut sim = Sim::steady(settings(Strategy::Rolling, 2));
     sim.apply(2, 2, Behaviour::NeverReady);
     sim.pass();
-    for i in sim.insts.iter_mut().filter(|i| i.revision == 1) {
-        i.ready_since = None;
-    }
+    sim.unready(|r| r == 1);
     sim.now += Duration::from_secs(10);
     let d = sim.with_view(|v| decide(&sim.state, v));
     assert!(failed(&d.steps).is_some());
@@ -1579,9 +1592,7 @@ fn after_a_failure_the_routes_go_to_the_release_returned_to_only_if_it_serves() 
     sim.apply(2, 2, Behaviour::Good);
     sim.pass();
     sim.tick();
-    for i in sim.insts.iter_mut().filter(|i| i.revision == 1) {
-        i.ready_since = None;
-    }
+    sim.unready(|r| r == 1);
     assert!(
         sim.insts
             .iter()
@@ -1703,22 +1714,12 @@ fn blue_green_keeps_the_traffic_where_it_was_routed() {
     // release with a ready instance keeps the traffic.
     routed_to(&mut sim, 9);
     sim.pass();
-    assert!(
-        matches!(sim.state, Rollout::BlueGreen { routed: 2, .. }),
-        "{:?}",
-        sim.state
-    );
+    assert_eq!(sim.bg_routed(), Some(2), "{:?}", sim.state);
     // None ready anywhere: the target itself.
-    for i in sim.insts.iter_mut() {
-        i.ready_since = None;
-    }
+    sim.unready(|_| true);
     routed_to(&mut sim, 9);
     sim.pass();
-    assert!(
-        matches!(sim.state, Rollout::BlueGreen { routed: 3, .. }),
-        "{:?}",
-        sim.state
-    );
+    assert_eq!(sim.bg_routed(), Some(3), "{:?}", sim.state);
 }
 
 #[test]
@@ -2005,13 +2006,12 @@ fn blue_green_routes_where_its_warm_release_was_even_unready() {
         "{:?}",
         sim.state
     );
-    for i in sim.insts.iter_mut().filter(|i| i.revision == 2) {
-        i.ready_since = None;
-    }
+    sim.unready(|r| r == 2);
     sim.apply(3, 3, Behaviour::NeverReady);
     sim.pass();
-    assert!(
-        matches!(sim.state, Rollout::BlueGreen { routed: 2, .. }),
+    assert_eq!(
+        sim.bg_routed(),
+        Some(2),
         "the traffic stays with release 2: {:?}",
         sim.state
     );
@@ -2120,4 +2120,49 @@ fn a_canary_step_passes_only_with_its_whole_fleet() {
         (run.step, run.waiting.as_str()),
         (0, "canary fleet: 0/1 ready")
     );
+}
+
+#[test]
+fn a_fleet_is_expected_beside_the_target_in_a_warm_window_or_a_watch() {
+    let now = Instant::now();
+    let later = now + Duration::from_secs(5);
+    let warm = Rollout::Warm {
+        target: 2,
+        until: later,
+        watch: None,
+    };
+    let watching = Rollout::Watching {
+        target: 2,
+        watch: Watch {
+            back_to: 1,
+            until: later,
+        },
+    };
+    assert!(warm.warm_beside(2, now, Strategy::BlueGreen));
+    assert!(
+        !warm.warm_beside(2, later, Strategy::BlueGreen),
+        "window over"
+    );
+    assert!(
+        !warm.warm_beside(3, now, Strategy::BlueGreen),
+        "another target"
+    );
+    assert_eq!(
+        watching.watch_keeps_warm(2, now, Strategy::Rolling),
+        Some(1)
+    );
+    assert!(watching.warm_beside(2, now, Strategy::Canary));
+    assert!(
+        !watching.warm_beside(2, now, Strategy::BlueGreen),
+        "blue-green's own window"
+    );
+    assert!(
+        !watching.warm_beside(2, later, Strategy::Rolling),
+        "watch over"
+    );
+    assert!(
+        !watching.warm_beside(3, now, Strategy::Rolling),
+        "another target"
+    );
+    assert!(!Rollout::Idle.warm_beside(2, now, Strategy::Rolling));
 }
