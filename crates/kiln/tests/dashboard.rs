@@ -102,6 +102,20 @@ async fn screenshot(c: &Client, name: &str) {
     }
 }
 
+/// The text of the element `selector` finds, read in one script (the live
+/// view may replace the element between a find and a read).
+async fn inner_text(c: &Client, selector: &str) -> String {
+    c.execute(
+        &format!("return document.querySelector({selector:?}).innerText"),
+        vec![],
+    )
+    .await
+    .unwrap()
+    .as_str()
+    .unwrap()
+    .to_owned()
+}
+
 async fn sign_in(c: &Client, base: &str, token: &str) {
     c.goto(&format!("{base}/")).await.unwrap();
     // No cookie yet: the page sends the browser to sign in.
@@ -194,16 +208,7 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
             .for_element(Locator::Css("#service-web"))
             .await
             .unwrap();
-        let text = c
-            .execute(
-                "return document.querySelector('#service-web').innerText",
-                vec![],
-            )
-            .await
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let text = inner_text(&c, "#service-web").await;
         assert!(
             text.contains("release 2") && text.contains("release 1"),
             "{text}"
@@ -280,16 +285,7 @@ fn the_dashboard_shows_releases_and_rolls_back_live_for_a_deployer_only() {
             .unwrap();
         let marker = c.execute("return window.kilnMarker", vec![]).await.unwrap();
         assert_eq!(marker, json!(42), "the page updated without a reload");
-        let current = c
-            .execute(
-                "return document.querySelector('.timeline li.current').innerText",
-                vec![],
-            )
-            .await
-            .unwrap()
-            .as_str()
-            .unwrap()
-            .to_owned();
+        let current = inner_text(&c, ".timeline li.current").await;
         assert!(current.contains("rollback"), "{current}");
         screenshot(&c, "dashboard-deployer.png").await;
 
