@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use kiln_agent::bench::{NewEvent, SqliteState, StateStore};
+use kiln_agent::bench::{ClusterState, NewEvent, SqliteState, ready};
 use kiln_core::event::{Actor, Change};
 use kiln_core::spec::ServiceName;
 
@@ -23,7 +23,7 @@ fn main() {
         NewEvent::service(
             Change::InstanceExited {
                 status: format!("exit status: {}", i % 3),
-                requested: i % 2 == 0,
+                requested: i.is_multiple_of(2),
             },
             &web,
             Some(i / 1000 + 1),
@@ -35,7 +35,7 @@ fn main() {
     let state = SqliteState::open(&dir.path().join("state.db")).expect("open");
     let started = Instant::now();
     for i in 0..entries {
-        state.append_event(&event(i)).expect("append");
+        ready(state.append_event(&event(i))).expect("append");
     }
     let chained = started.elapsed();
 
@@ -72,7 +72,7 @@ fn main() {
     let unchained = started.elapsed();
 
     let started = Instant::now();
-    let ledger = state.ledger(0).expect("read");
+    let ledger = ready(state.ledger(0)).expect("read");
     let read = started.elapsed();
     let started = Instant::now();
     let v = kiln_core::ledger::verify(&ledger, &[], &[0; 32]).expect("a good ledger");

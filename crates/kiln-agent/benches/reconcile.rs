@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kiln_agent::bench::{
-    Fake, InstanceRecord, Launch, MemoryState, NewEvent, Running, Runtime, ServiceRecord,
-    StateStore,
+    ClusterState, Fake, Guard, InstanceRecord, Launch, MemoryState, NewEvent, NodeState, Running,
+    Runtime, ServiceRecord, ready,
 };
 use kiln_core::Digest;
 use kiln_core::event::Change;
@@ -135,6 +135,7 @@ impl Node {
             name: name.clone(),
             settings,
             target: revision,
+            version: 0,
         };
         let ev = NewEvent::service(
             Change::ReleaseCreated {
@@ -146,9 +147,11 @@ impl Node {
             name,
             Some(revision),
         );
-        self.state
-            .record_apply(&rec, Some(&rel), &[ev])
-            .expect("recorded");
+        ready(
+            self.state
+                .record_apply(&rec, Some(&rel), &[ev], Guard::NONE),
+        )
+        .expect("recorded");
     }
 
     /// One pass over every service; whether all of them were idle and
@@ -164,12 +167,10 @@ impl Node {
     fn pass_one(&mut self, i: usize) -> bool {
         let now = self.now;
         let svc = &mut self.services[i];
-        let rec = self
-            .state
-            .service(&svc.name)
+        let rec = ready(self.state.service(&svc.name))
             .expect("read")
             .expect("recorded");
-        let releases = self.state.current_releases(&svc.name).expect("read");
+        let releases = ready(self.state.current_releases(&svc.name)).expect("read");
         let target = rec.target;
         let Some(outcome) = releases
             .iter()
@@ -200,7 +201,8 @@ impl Node {
                     &svc.name,
                     Some(gone.revision),
                 );
-                self.state.remove_instance(&gone.id, &ev).expect("recorded");
+                self.state.remove_instance(&gone.id).expect("recorded");
+                ready(self.state.append_event(&ev)).expect("recorded");
             } else {
                 if svc.seen[k].ready_since.is_none() {
                     svc.seen[k].ready_since = Some(now);
@@ -255,7 +257,8 @@ impl Node {
                         start_ticks: 0,
                         port: 0,
                     };
-                    self.state.put_instance(&rec, &ev).expect("recorded");
+                    self.state.put_instance(&rec).expect("recorded");
+                    ready(self.state.append_event(&ev)).expect("recorded");
                     svc.running.insert(id.clone(), running);
                     svc.seen.push(Seen {
                         id,
@@ -280,14 +283,20 @@ impl Node {
                             &svc.name,
                             Some(s.revision),
                         );
-                        self.state.append_event(&ev).expect("recorded");
+                        ready(self.state.append_event(&ev)).expect("recorded");
                     }
                 }
                 Step::Activate => {
                     let ev = NewEvent::service(Change::ReleaseActive {}, &svc.name, Some(target));
-                    self.state
-                        .set_outcome(&svc.name, target, Outcome::Active, None, &ev)
-                        .expect("recorded");
+                    ready(self.state.set_outcome(
+                        &svc.name,
+                        target,
+                        Outcome::Active,
+                        None,
+                        &ev,
+                        Guard::NONE,
+                    ))
+                    .expect("recorded");
                     for r in &releases {
                         if r.revision != target && r.outcome == Outcome::Active {
                             let ev = NewEvent::service(
@@ -295,15 +304,21 @@ impl Node {
                                 &svc.name,
                                 Some(r.revision),
                             );
-                            self.state
-                                .set_outcome(&svc.name, r.revision, Outcome::Superseded, None, &ev)
-                                .expect("recorded");
+                            ready(self.state.set_outcome(
+                                &svc.name,
+                                r.revision,
+                                Outcome::Superseded,
+                                None,
+                                &ev,
+                                Guard::NONE,
+                            ))
+                            .expect("recorded");
                         }
                     }
                 }
                 Step::Record(change) => {
                     let ev = NewEvent::service(change, &svc.name, Some(target));
-                    self.state.append_event(&ev).expect("recorded");
+                    ready(self.state.append_event(&ev)).expect("recorded");
                 }
                 Step::Fail { .. } => panic!("no rollout fails here"),
                 Step::SlotStable { .. } | Step::Route | Step::Adopt { .. } => {}

@@ -28,7 +28,7 @@ use crate::instance::StopKind;
 use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
 use crate::shared::Shared;
-use crate::state::{NewEvent, ServiceRecord, StateError, StateStore};
+use crate::state::{ClusterState, Guard, NewEvent, NodeState, ServiceRecord, StateError};
 use kiln_core::secret::Sealed;
 
 /// Why a command was refused, with what it was about. Each variant is one
@@ -178,7 +178,6 @@ pub enum AgentError {
 pub struct Agent {
     shared: Arc<Shared>,
     controllers: Mutex<BTreeMap<ServiceName, mpsc::UnboundedSender<Msg>>>,
-    apply_lock: Mutex<()>,
     shutting_down: std::sync::atomic::AtomicBool,
     bwrap: bool,
     /// Seals secrets (`kiln_core::secret`): kept in the state store.
@@ -198,7 +197,7 @@ pub struct Policy {
 
 /// Record the trust policy in the ledger when it differs from the last one
 /// recorded (a first policy, a changed file, or none any more).
-fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
+async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     let now = match &shared.trust {
         Some(p) => Change::TrustPolicy {
             file: p.file.display().to_string(),
@@ -213,7 +212,8 @@ fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     };
     let last = shared
         .state
-        .events_of(&["trust-policy"])?
+        .events_of(&["trust-policy"])
+        .await?
         .pop()
         .map(|e| e.change);
     // An agent that never had a policy records nothing until it has one.
@@ -236,7 +236,8 @@ fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
         }
         shared
             .state
-            .append_event(&NewEvent::node(now, Actor::Agent))?;
+            .append_event(&NewEvent::node(now, Actor::Agent))
+            .await?;
     }
     Ok(())
 }
@@ -254,10 +255,10 @@ fn random_key() -> Result<[u8; 32], AgentError> {
 impl Agent {
     /// Start the agent on `home`: end what a previous agent left running,
     /// then start a controller for every known service.
-    pub async fn start(
+    pub async fn start<S: ClusterState + NodeState + 'static>(
         home: PathBuf,
         store: Store,
-        state: Arc<dyn StateStore>,
+        state: Arc<S>,
         backoff: Backoff,
         seed: u64,
         keeper: Arc<crate::keeper::Keeper>,
@@ -275,23 +276,30 @@ impl Agent {
         shared.allow_process = policy.allow_process;
         shared.trust = policy.trust;
         shared.ledger = policy.ledger;
-        record_trust_policy(&shared)?;
+        record_trust_policy(&shared).await?;
         Self::start_on(Arc::new(shared)).await
     }
 
     /// Start the agent on what its controllers will share.
     pub(crate) async fn start_on(shared: Arc<Shared>) -> Result<Arc<Self>, AgentError> {
-        let secret_key = shared.state.secret_key(random_key()?)?;
+        // This agent leads from now on: a predecessor's late writes of
+        // fleet decisions are refused.
+        let fence = shared.state.lead().await?;
+        let _ = shared.fence.set(fence);
+        let secret_key = shared.state.secret_key(random_key()?).await?;
         let agent = Arc::new(Self {
             secret_key,
             shared,
             controllers: Mutex::new(BTreeMap::new()),
-            apply_lock: Mutex::new(()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             bwrap: find_bwrap().is_some(),
         });
-        let mut adopted = agent.adopt_or_end()?;
-        let services = agent.shared.state.services()?;
+        // Followed from here: what is recorded from now on wakes the
+        // controllers that the loop below starts.
+        let head = agent.shared.state.head().await?.map_or(0, |(seq, _)| seq);
+        tokio::spawn(Self::follow(Arc::downgrade(&agent), head));
+        let mut adopted = agent.adopt_or_end().await?;
+        let services = agent.shared.state.services().await?;
         let mut waiting = Vec::new();
         for svc in &services {
             let mine = adopted.remove(&svc.name).unwrap_or_default();
@@ -328,18 +336,19 @@ impl Agent {
     /// by service: their controllers take them over with their pipes. The
     /// rest are recorded as lost (and a survivor of a forgotten service
     /// is killed).
-    fn adopt_or_end(
+    async fn adopt_or_end(
         &self,
     ) -> Result<BTreeMap<ServiceName, Vec<crate::controller::Adoptee>>, AgentError> {
         let services: std::collections::BTreeSet<ServiceName> = self
             .shared
             .state
-            .services()?
+            .services()
+            .await?
             .into_iter()
             .map(|s| s.name)
             .collect();
         let mut adopted: BTreeMap<ServiceName, Vec<_>> = BTreeMap::new();
-        for rec in self.shared.state.instances()? {
+        for rec in self.shared.node.instances()? {
             let alive = rec.pid != 0 && start_ticks(rec.pid).is_some_and(|t| t == rec.start_ticks);
             if alive && services.contains(&rec.service) {
                 // Its output pipes are taken now, before what nobody took
@@ -368,7 +377,8 @@ impl Agent {
                 revision: Some(rec.revision),
                 instance: Some(rec.id.clone()),
             };
-            self.shared.state.remove_instance(&rec.id, &ev)?;
+            self.shared.node.remove_instance(&rec.id)?;
+            self.shared.state.append_event(&ev).await?;
         }
         if self.shared.keeper.supervised() {
             let accounted: std::collections::BTreeSet<u32> =
@@ -390,8 +400,47 @@ impl Agent {
         let _ = tx.send(Msg::Wake);
     }
 
-    async fn wake(&self, name: &ServiceName) {
-        self.start_controller(name, Vec::new()).await;
+    /// Controllers hear of what moves their service (an apply, a
+    /// rollback) through the state store's watch, from the events after
+    /// `after`: a change made through another agent of a cluster wakes
+    /// them as one made here. Ends with the agent.
+    async fn follow(agent: std::sync::Weak<Self>, mut after: u64) {
+        loop {
+            let Some(state) = agent.upgrade().map(|a| a.shared.state.clone()) else {
+                return;
+            };
+            let events = match state.watch(after).await {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!("state watch: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            let mut moved = std::collections::BTreeSet::new();
+            for e in &events {
+                after = after.max(e.seq);
+                if e.change.moves_target()
+                    && let Some(service) = &e.service
+                    && let Ok(name) = ServiceName::try_from(service.as_str())
+                {
+                    moved.insert(name);
+                }
+            }
+            let Some(agent) = agent.upgrade() else {
+                return;
+            };
+            for name in moved {
+                // A service removed since is not brought back, and nothing
+                // starts once shutdown began.
+                if agent.shutting_down.load(Ordering::SeqCst) {
+                    return;
+                }
+                if let Ok(Some(_)) = agent.shared.state.service(&name).await {
+                    agent.start_controller(&name, Vec::new()).await;
+                }
+            }
+        }
     }
 
     pub fn info(&self) -> AgentInfo {
@@ -470,7 +519,6 @@ impl Agent {
         actor: Actor,
     ) -> Result<ApplyResponse, AgentError> {
         self.refuse_during_shutdown()?;
-        let _serial = self.apply_lock.lock().await;
         let mut seen = std::collections::BTreeSet::new();
         for d in &mut req.services {
             if !seen.insert(d.name.clone()) {
@@ -522,9 +570,14 @@ impl Agent {
                 self.trusted(&d.name, &d.config.image_name, &d.config.image, &d.signed_by)?;
         }
         let mut current = BTreeMap::new();
-        for rec in self.shared.state.services()? {
-            let release = self.shared.state.release(&rec.name, rec.target)?;
-            let latest = self.latest_revision(&rec.name)?;
+        // Each service is recorded only if it is still as read here
+        // (applies are not serialized: the first to write wins, a later one
+        // is refused naming the service).
+        let mut versions = BTreeMap::new();
+        for rec in self.shared.state.services().await? {
+            versions.insert(rec.name.clone(), rec.version);
+            let release = self.shared.state.release(&rec.name, rec.target).await?;
+            let latest = self.latest_revision(&rec.name).await?;
             current.insert(
                 rec.name.clone(),
                 CurrentService {
@@ -539,7 +592,7 @@ impl Agent {
         // the releases it keeps.
         for d in &req.services {
             if !current.contains_key(&d.name) {
-                let latest = self.latest_revision(&d.name)?;
+                let latest = self.latest_revision(&d.name).await?;
                 if latest > 0 {
                     current.insert(
                         d.name.clone(),
@@ -564,13 +617,13 @@ impl Agent {
                 .into_iter()
                 .map(|(name, value)| (Sealed::seal(&self.secret_key, &name, &value), value))
                 .collect();
-            self.shared.state.put_secrets(&values)?;
+            self.shared.state.put_secrets(&values).await?;
         }
         // Refuse what cannot run before recording anything.
         for (d, sp) in req.services.iter().zip(&the_plan.services) {
             if matches!(sp.action, Action::Create | Action::Release) {
-                if let Some(rec) = self.shared.state.service(&d.name)?
-                    && let Some(r) = self.shared.state.release(&d.name, rec.target)?
+                if let Some(rec) = self.shared.state.service(&d.name).await?
+                    && let Some(r) = self.shared.state.release(&d.name, rec.target).await?
                     && r.outcome == Outcome::Pending
                 {
                     return Err(AgentError::RolloutInProgress {
@@ -600,7 +653,9 @@ impl Agent {
                 name: d.name.clone(),
                 settings: d.settings.clone(),
                 target: revision,
+                version: 0,
             };
+            let guard = Guard::version(versions.get(&d.name).copied().unwrap_or(0));
             match sp.action {
                 Action::Unchanged | Action::Remove | Action::LeftRunning => continue,
                 Action::Settings => {
@@ -612,7 +667,10 @@ impl Agent {
                         Some(revision),
                     )
                     .by(actor);
-                    self.shared.state.record_apply(&rec, None, &[ev])?;
+                    self.shared
+                        .state
+                        .record_apply(&rec, None, &[ev], guard)
+                        .await?;
                 }
                 Action::Create | Action::Release => {
                     let release = Release::pending(
@@ -635,20 +693,21 @@ impl Agent {
                     .by(actor);
                     self.shared
                         .state
-                        .record_apply(&rec, Some(&release), &[ev])?;
+                        .record_apply(&rec, Some(&release), &[ev], guard)
+                        .await?;
                 }
             }
-            self.wake(&d.name).await;
         }
         Ok(ApplyResponse { plan: the_plan })
     }
 
     /// The highest revision a service ever had (0: none).
-    fn latest_revision(&self, name: &ServiceName) -> Result<u64, AgentError> {
+    async fn latest_revision(&self, name: &ServiceName) -> Result<u64, AgentError> {
         Ok(self
             .shared
             .state
-            .current_releases(name)?
+            .current_releases(name)
+            .await?
             .iter()
             .map(|r| r.revision)
             .max()
@@ -664,7 +723,6 @@ impl Agent {
         actor: Actor,
     ) -> Result<RemoveResponse, AgentError> {
         self.refuse_during_shutdown()?;
-        let _serial = self.apply_lock.lock().await;
         self.remove_locked(name, actor).await
     }
 
@@ -674,7 +732,7 @@ impl Agent {
         name: &ServiceName,
         actor: Actor,
     ) -> Result<RemoveResponse, AgentError> {
-        let Some(rec) = self.shared.state.service(name)? else {
+        let Some(rec) = self.shared.state.service(name).await? else {
             return Err(AgentError::NoService(name.clone()));
         };
         let ev = NewEvent::service(
@@ -685,7 +743,10 @@ impl Agent {
             Some(rec.target),
         )
         .by(actor);
-        self.shared.state.remove_service(name, &ev)?;
+        self.shared
+            .state
+            .remove_service(name, &ev, Guard::version(rec.version))
+            .await?;
         let ctl = self.controllers.lock().await.remove(name);
         let mut stopped = 0;
         if let Some(tx) = ctl {
@@ -773,14 +834,15 @@ impl Agent {
         actor: Actor,
     ) -> Result<RollbackResponse, AgentError> {
         self.refuse_during_shutdown()?;
-        let _serial = self.apply_lock.lock().await;
         let mut rec = self
             .shared
             .state
-            .service(name)?
+            .service(name)
+            .await?
             .ok_or_else(|| AgentError::NoService(name.clone()))?;
-        let releases = self.shared.state.releases(name)?;
+        let releases = self.shared.state.releases(name).await?;
         let current = rec.target;
+        let guard = Guard::version(rec.version);
         let latest = releases.iter().map(|r| r.revision).max().unwrap_or(0);
         let source =
             match to {
@@ -862,13 +924,16 @@ impl Agent {
             .by(actor),
         );
         rec.target = revision;
-        self.shared.state.record_rollback(
-            &rec,
-            &release,
-            abandoned.as_deref().map(|reason| (current, reason)),
-            &events,
-        )?;
-        self.wake(name).await;
+        self.shared
+            .state
+            .record_rollback(
+                &rec,
+                &release,
+                abandoned.as_deref().map(|reason| (current, reason)),
+                &events,
+                guard,
+            )
+            .await?;
         Ok(RollbackResponse {
             revision,
             from: current,
@@ -939,7 +1004,7 @@ impl Agent {
         msg: impl FnOnce(oneshot::Sender<Result<T, ControllerError>>) -> Msg,
         none: &'static str,
     ) -> Result<T, AgentError> {
-        if !self.knows(name)? {
+        if !self.knows(name).await? {
             return Err(AgentError::NoService(name.clone()));
         }
         let tx = self.controllers.lock().await.get(name).cloned();
@@ -969,6 +1034,7 @@ impl Agent {
         crate::drift::detector::Detector::new(
             self.shared.store.clone(),
             self.shared.state.clone(),
+            self.shared.node.clone(),
             self.shared.drift.clone(),
             options,
         )
@@ -986,11 +1052,11 @@ impl Agent {
     }
 
     /// Router metrics plus service and rollout gauges, in Prometheus text.
-    pub fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
+    pub async fn render_metrics(&self, out: &mut String) -> Result<(), AgentError> {
         self.shared.router.metrics.render(out);
         self.shared.drift.render(out);
         self.shared.ledger.render(out);
-        let status = self.status()?;
+        let status = self.status().await?;
         let services = &status.services;
         gauge(
             out,
@@ -1046,7 +1112,7 @@ impl Agent {
 
     /// Every service's status from one view: what its controller last
     /// saw, joined with its settings and releases as stored now.
-    pub fn status(&self) -> Result<StatusResponse, AgentError> {
+    pub async fn status(&self) -> Result<StatusResponse, AgentError> {
         let seen = self
             .shared
             .status
@@ -1055,8 +1121,8 @@ impl Agent {
             .clone();
         let now = SystemTime::now();
         let mut services = Vec::new();
-        for rec in self.shared.state.services()? {
-            let releases = self.shared.state.current_releases(&rec.name)?;
+        for rec in self.shared.state.services().await? {
+            let releases = self.shared.state.current_releases(&rec.name).await?;
             services.push(ServiceStatus::of(
                 &rec.name,
                 &rec.settings,
@@ -1072,12 +1138,12 @@ impl Agent {
         })
     }
 
-    pub fn history(&self, service: &ServiceName) -> Result<HistoryResponse, AgentError> {
+    pub async fn history(&self, service: &ServiceName) -> Result<HistoryResponse, AgentError> {
         // Releases first, then the service: a release failed and its
         // rollback target are one transaction, so this order never pairs a
         // failed release with the target it replaced.
-        let releases = self.shared.state.releases(service)?;
-        match self.shared.state.service(service)? {
+        let releases = self.shared.state.releases(service).await?;
+        match self.shared.state.service(service).await? {
             Some(rec) => Ok(HistoryResponse {
                 releases,
                 target: rec.target,
@@ -1118,7 +1184,7 @@ impl Agent {
 
     /// Make an API token: its secret from the kernel's random source, only
     /// its hash kept. The token is returned this once.
-    pub fn create_token(
+    pub async fn create_token(
         &self,
         req: &TokenCreateRequest,
         now: u64,
@@ -1140,10 +1206,36 @@ impl Agent {
             },
             actor,
         );
-        if !self.shared.state.put_token(&record, &event)? {
+        if !self.shared.state.put_token(&record, &event).await? {
             return Err(AgentError::TokenExists(req.name));
         }
         Ok(TokenCreateResponse { token, record })
+    }
+
+    /// A bake or pull the CLI made into this agent's store, in the ledger
+    /// by `actor` (`POST /v1/records`). Nothing else comes from clients,
+    /// and only for an image the store holds: a record names what is here.
+    pub async fn record(&self, change: Change, actor: Actor) -> Result<u64, AgentError> {
+        let digest = match &change {
+            Change::ImageBaked { digest, .. } | Change::ImagePulled { digest, .. } => digest,
+            other => {
+                return Err(AgentError::BadRequest(format!(
+                    "a client records only image-baked and image-pulled, not {}",
+                    other.kind()
+                )));
+            }
+        };
+        if !self.shared.store.has_blob(digest) {
+            return Err(AgentError::BadRequest(format!(
+                "image {} is not in this agent's store: only what was baked or pulled into it is recorded",
+                digest.short()
+            )));
+        }
+        Ok(self
+            .shared
+            .state
+            .append_event(&NewEvent::node(change, actor))
+            .await?)
     }
 
     /// Collect the store (`POST /v1/gc`), off the async threads.
@@ -1153,38 +1245,39 @@ impl Agent {
         grace: Duration,
         dry_run: bool,
     ) -> Result<kiln_store::gc::GcReport, AgentError> {
-        let (store, state) = (self.shared.store.clone(), self.shared.state.clone());
-        tokio::task::spawn_blocking(move || {
-            crate::gc::collect(&store, &*state, keep_releases, grace, dry_run)
-        })
-        .await?
-        .map_err(AgentError::Collect)
+        let keep = crate::gc::keep(&*self.shared.state, &*self.shared.node, keep_releases)
+            .await
+            .map_err(|e| AgentError::Collect(e.into()))?;
+        let store = self.shared.store.clone();
+        tokio::task::spawn_blocking(move || crate::gc::collect(&store, keep, grace, dry_run))
+            .await?
+            .map_err(AgentError::Collect)
     }
 
     /// The ledger after entry `after`, its checkpoints and the node's key.
-    pub fn audit(&self, after: u64) -> Result<kiln_core::api::AuditResponse, AgentError> {
+    pub async fn audit(&self, after: u64) -> Result<kiln_core::api::AuditResponse, AgentError> {
         let key = std::fs::read_to_string(self.shared.home.join("node.pub"))
             .map(|k| k.trim().to_owned())
             .unwrap_or_default();
         Ok(kiln_core::api::AuditResponse {
             key,
-            entries: self.shared.state.ledger(after)?,
-            checkpoints: self.shared.state.checkpoints()?,
+            entries: self.shared.state.ledger(after).await?,
+            checkpoints: self.shared.state.checkpoints().await?,
         })
     }
 
     /// The events after sequence number `after` (the dashboard's feed).
-    pub fn events(&self, after: u64) -> Result<Vec<crate::state::Event>, AgentError> {
-        Ok(self.shared.state.events(after)?)
+    pub async fn events(&self, after: u64) -> Result<Vec<crate::state::Event>, AgentError> {
+        Ok(self.shared.state.events(after).await?)
     }
 
-    pub fn tokens(&self) -> Result<Vec<TokenRecord>, AgentError> {
-        Ok(self.shared.state.tokens()?)
+    pub async fn tokens(&self) -> Result<Vec<TokenRecord>, AgentError> {
+        Ok(self.shared.state.tokens().await?)
     }
 
-    pub fn revoke_token(&self, name: TokenName, actor: Actor) -> Result<(), AgentError> {
+    pub async fn revoke_token(&self, name: TokenName, actor: Actor) -> Result<(), AgentError> {
         let event = NewEvent::node(Change::TokenRevoked { name }, actor);
-        if self.shared.state.revoke_token(&name, &event)? {
+        if self.shared.state.revoke_token(&name, &event).await? {
             Ok(())
         } else {
             Err(AgentError::NoToken(name))
@@ -1192,9 +1285,13 @@ impl Agent {
     }
 
     /// The role a presented token carries, checked against its record.
-    pub fn authenticate(&self, token: &str, now: u64) -> Result<(TokenName, Role), auth::Refusal> {
+    pub async fn authenticate(
+        &self,
+        token: &str,
+        now: u64,
+    ) -> Result<(TokenName, Role), auth::Refusal> {
         let name = auth::token_name(token).ok_or(auth::Refusal::Invalid)?;
-        let record = self.shared.state.token(&name).map_err(|e| {
+        let record = self.shared.state.token(&name).await.map_err(|e| {
             tracing::error!("reading token {name}: {e}");
             auth::Refusal::Invalid
         })?;
@@ -1203,8 +1300,9 @@ impl Agent {
 
     /// Whether the service exists or existed (a removed one keeps its
     /// history and logs).
-    pub fn knows(&self, service: &ServiceName) -> Result<bool, AgentError> {
-        Ok(self.shared.state.service(service)?.is_some() || self.latest_revision(service)? > 0)
+    pub async fn knows(&self, service: &ServiceName) -> Result<bool, AgentError> {
+        Ok(self.shared.state.service(service).await?.is_some()
+            || self.latest_revision(service).await? > 0)
     }
 
     /// Stop every instance (gracefully, or killed when `kind` says so) and

@@ -112,6 +112,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/tokens", get(tokens).post(create_token))
         .route("/v1/tokens/{name}/revoke", post(revoke_token))
         .route("/v1/apply", post(apply))
+        .route("/v1/records", post(record))
         .route("/v1/status", get(status))
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/rollback", post(rollback))
@@ -132,7 +133,7 @@ pub fn metrics_router(agent: Arc<Agent>) -> Router {
 
 async fn metrics(State(agent): State<Arc<Agent>>) -> Result<Response, AgentError> {
     let mut out = String::new();
-    agent.render_metrics(&mut out)?;
+    agent.render_metrics(&mut out).await?;
     Ok(([("content-type", "text/plain; version=0.0.4")], out).into_response())
 }
 
@@ -160,15 +161,14 @@ struct AuditQuery {
     after: u64,
 }
 
-/// `GET /v1/audit?after=N`: the ledger (blocking reads off the async
-/// threads: it can be long).
+/// `GET /v1/audit?after=N`: the ledger, through the state store.
 async fn audit(
     State(agent): State<Arc<Agent>>,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> Result<Json<kiln_core::api::AuditResponse>, AgentError> {
     let Query(q) =
         q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
-    let r = tokio::task::spawn_blocking(move || agent.audit(q.after)).await??;
+    let r = agent.audit(q.after).await?;
     Ok(Json(r))
 }
 
@@ -189,7 +189,7 @@ async fn drift(
     let service = match q.service {
         Some(s) => {
             let name = ServiceName::try_from(s.as_str()).map_err(AgentError::BadRequest)?;
-            if !agent.knows(&name)? {
+            if !agent.knows(&name).await? {
                 return Err(AgentError::NoService(name));
             }
             Some(name)
@@ -210,7 +210,7 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Json<WhoAmIResponse> {
 /// `GET /v1/tokens`: every token's record (never a token).
 async fn tokens(State(agent): State<Arc<Agent>>) -> Result<Json<TokenListResponse>, AgentError> {
     Ok(Json(TokenListResponse {
-        tokens: agent.tokens()?,
+        tokens: agent.tokens().await?,
     }))
 }
 
@@ -221,7 +221,9 @@ async fn create_token(
     body: Result<Json<TokenCreateRequest>, JsonRejection>,
 ) -> Result<Json<TokenCreateResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
-    Ok(Json(agent.create_token(&req, unix_now(), caller.actor)?))
+    Ok(Json(
+        agent.create_token(&req, unix_now(), caller.actor).await?,
+    ))
 }
 
 /// `POST /v1/tokens/{name}/revoke`.
@@ -231,7 +233,7 @@ async fn revoke_token(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<TokenRevokeResponse>, AgentError> {
     let name = TokenName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    agent.revoke_token(name, caller.actor)?;
+    agent.revoke_token(name, caller.actor).await?;
     Ok(Json(TokenRevokeResponse { name }))
 }
 
@@ -308,9 +310,20 @@ async fn apply(
     Ok(Json(agent.apply(req, caller.actor).await?))
 }
 
+/// `POST /v1/records`: a bake or pull the CLI made, for the ledger.
+async fn record(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    body: Result<Json<kiln_core::api::RecordRequest>, JsonRejection>,
+) -> Result<Json<kiln_core::api::RecordResponse>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    let seq = agent.record(req.change, caller.actor).await?;
+    Ok(Json(kiln_core::api::RecordResponse { seq }))
+}
+
 /// `GET /v1/status`: always allowed.
 async fn status(State(agent): State<Arc<Agent>>) -> Result<Json<StatusResponse>, AgentError> {
-    Ok(Json(agent.status()?))
+    Ok(Json(agent.status().await?))
 }
 
 /// `GET /v1/services/{name}/history`: always allowed.
@@ -319,7 +332,7 @@ async fn history(
     UrlPath(name): UrlPath<String>,
 ) -> Result<Json<HistoryResponse>, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    Ok(Json(agent.history(&name)?))
+    Ok(Json(agent.history(&name).await?))
 }
 
 /// `POST /v1/services/{name}/rollback`: allowed any time but during shutdown.
@@ -398,14 +411,14 @@ async fn logs(
     let Query(q) =
         q.map_err(|r| AgentError::BadRequest(format!("invalid query: {}", r.body_text())))?;
     let service = ServiceName::try_from(q.service.as_str()).map_err(AgentError::BadRequest)?;
-    if !agent.knows(&service)? {
+    if !agent.knows(&service).await? {
         return Err(AgentError::NoService(service));
     }
     let dir = agent.home().join("logs").join(service.as_str());
     // A release or instance that never was is an error naming it, not an
     // empty log.
     if let Some(r) = q.release {
-        let releases = agent.history(&service)?.releases;
+        let releases = agent.history(&service).await?.releases;
         let latest = releases.iter().map(|r| r.revision).max().unwrap_or(0);
         if !releases.iter().any(|x| x.revision == r) {
             return Err(AgentError::NoRelease {
@@ -461,7 +474,7 @@ async fn logs(
                     continue;
                 }
                 if let Some(t) = &token
-                    && agent.authenticate(t, unix_now()).is_err()
+                    && agent.authenticate(t, unix_now()).await.is_err()
                 {
                     return;
                 }

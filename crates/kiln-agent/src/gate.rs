@@ -75,7 +75,7 @@ impl Gate {
         ip: IpAddr,
         token: &str,
     ) -> Result<(TokenName, Role), Refusal> {
-        let checked = self.agent.authenticate(token, unix_now());
+        let checked = self.agent.authenticate(token, unix_now()).await;
         match checked {
             Ok(_) => self.succeeded(ip),
             Err(_) => tokio::time::sleep(self.failed(ip, Instant::now())).await,

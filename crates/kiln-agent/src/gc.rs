@@ -10,7 +10,7 @@ use kiln_core::Digest;
 use kiln_store::Store;
 use kiln_store::gc::{GcOptions, GcReport};
 
-use crate::state::{StateError, StateStore};
+use crate::state::{ClusterState, NodeState, StateError};
 
 /// How often the agent looks at the store's size.
 const EVERY: Duration = Duration::from_secs(60);
@@ -31,21 +31,34 @@ pub struct AutoGc {
     pub grace: Duration,
 }
 
-/// The images the agent's kept releases name.
-pub(crate) fn roots(
-    state: &dyn StateStore,
+/// What a collection keeps, read from the state stores before it starts
+/// (the sweep itself runs off the async threads).
+pub(crate) struct Keep {
+    /// The images the kept releases name, and what instances run from.
+    roots: BTreeSet<Digest>,
+    /// The instances that run on this node (their logs stay).
+    running: BTreeSet<String>,
+}
+
+/// What the agent's state keeps: the images its kept releases name, and
+/// whatever this node's instances run from.
+pub(crate) async fn keep(
+    state: &dyn ClusterState,
+    node: &dyn NodeState,
     keep_releases: usize,
-) -> Result<BTreeSet<Digest>, StateError> {
-    let releases = state.all_releases()?;
+) -> Result<Keep, StateError> {
+    let releases = state.all_releases().await?;
     let targets: BTreeMap<_, _> = state
-        .services()?
+        .services()
+        .await?
         .into_iter()
         .map(|s| (s.name, s.target))
         .collect();
     let mut kept = kiln_core::retention::kept_images(&releases, &targets, keep_releases);
     // Whatever an instance runs from (a blue-green fleet kept warm, one
     // still draining), however many releases ago.
-    for i in state.instances()? {
+    let instances = node.instances()?;
+    for i in &instances {
         if let Some(r) = releases
             .iter()
             .find(|r| r.service == i.service && r.revision == i.revision)
@@ -53,27 +66,29 @@ pub(crate) fn roots(
             kept.insert(r.config.image.clone());
         }
     }
-    Ok(kept)
+    Ok(Keep {
+        roots: kept,
+        running: instances.into_iter().map(|i| i.id).collect(),
+    })
 }
 
-/// Collect `store`, keeping what `state`'s releases need, and the logs of
-/// instances gone for longer than `grace`.
+/// Collect `store`, keeping what `keep` says, and the logs of instances
+/// gone for longer than `grace`. Blocking.
 pub(crate) fn collect(
     store: &Store,
-    state: &dyn StateStore,
-    keep_releases: usize,
+    keep: Keep,
     grace: Duration,
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
-    let mut report = sweep(store, roots(state, keep_releases)?, grace, dry_run)?;
+    let mut report = sweep(store, keep.roots, grace, dry_run)?;
     collect_logs(
         store.root(),
-        state,
+        &keep.running,
         grace,
         SystemTime::now(),
         dry_run,
         &mut report,
-    )?;
+    );
     Ok(report)
 }
 
@@ -82,15 +97,14 @@ pub(crate) fn collect(
 /// before `now` (a crash-looping slot leaves one log per start).
 fn collect_logs(
     home: &std::path::Path,
-    state: &dyn StateStore,
+    running: &BTreeSet<String>,
     grace: Duration,
     now: SystemTime,
     dry_run: bool,
     report: &mut GcReport,
-) -> Result<(), GcError> {
-    let running: BTreeSet<String> = state.instances()?.into_iter().map(|i| i.id).collect();
+) {
     let Ok(services) = std::fs::read_dir(home.join("logs")) else {
-        return Ok(());
+        return;
     };
     for service in services.flatten() {
         let Ok(files) = std::fs::read_dir(service.path()) else {
@@ -122,7 +136,6 @@ fn collect_logs(
             }
         }
     }
-    Ok(())
 }
 
 fn sweep(
@@ -142,7 +155,7 @@ fn sweep(
 /// `kiln gc`: collect the store of `home`, keeping what the releases in
 /// its state database need (none recorded yet: only tagged and young
 /// images stay). The agent may be running: SQLite's WAL lets both read.
-pub fn collect_home(
+pub async fn collect_home(
     home: &std::path::Path,
     keep_releases: usize,
     grace: Duration,
@@ -154,7 +167,8 @@ pub fn collect_home(
         return sweep(&store, BTreeSet::new(), grace, dry_run);
     }
     let state = crate::state::SqliteState::open(&db)?;
-    collect(&store, &state, keep_releases, grace, dry_run)
+    let keep = keep(&state, &state, keep_releases).await?;
+    collect(&store, keep, grace, dry_run)
 }
 
 /// Bytes of the store's blobs.
@@ -170,21 +184,35 @@ pub fn blob_bytes(store: &Store) -> u64 {
 
 /// Soon after start, then every minute: collect when the blobs pass
 /// `auto.above`.
-pub async fn run(store: Store, state: std::sync::Arc<dyn StateStore>, auto: AutoGc) {
+pub async fn run(
+    store: Store,
+    state: std::sync::Arc<dyn ClusterState>,
+    node: std::sync::Arc<dyn NodeState>,
+    auto: AutoGc,
+) {
     let mut wait = Duration::from_secs(1);
     loop {
         tokio::time::sleep(wait).await;
         wait = EVERY;
-        let (store, state) = (store.clone(), state.clone());
-        let done = tokio::task::spawn_blocking(move || {
-            let size = blob_bytes(&store);
-            if size <= auto.above {
-                return None;
+        let measured = store.clone();
+        let size = match tokio::task::spawn_blocking(move || blob_bytes(&measured)).await {
+            Ok(size) if size > auto.above => size,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::error!("store collection stopped: {e}");
+                continue;
             }
-            Some((
-                size,
-                collect(&store, &*state, auto.keep_releases, auto.grace, false),
-            ))
+        };
+        let keep = match keep(&*state, &*node, auto.keep_releases).await {
+            Ok(keep) => keep,
+            Err(e) => {
+                tracing::error!("store collection: {e}");
+                continue;
+            }
+        };
+        let store = store.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            Some((size, collect(&store, keep, auto.grace, false)))
         })
         .await;
         match done {

@@ -17,7 +17,7 @@ use kiln_core::event::{Actor, Change};
 use kiln_core::ledger::{Checkpoint, checkpoint_message};
 use ring::signature::{Ed25519KeyPair, KeyPair as _};
 
-use crate::state::{NewEvent, StateError, StateStore};
+use crate::state::{ClusterState, NewEvent, StateError};
 
 /// What the agent's own verifications of its ledger found (`/metrics`).
 #[derive(Debug, Default)]
@@ -50,18 +50,24 @@ impl Health {
 /// killed left one, which it signs now). A break is logged, counted and
 /// recorded as a `ledger-broken` entry — once per distinct break — and the
 /// agent goes on serving: traffic must not depend on the audit trail.
-pub fn verify_own(
+pub async fn verify_own(
     key: &NodeKey,
-    state: &dyn StateStore,
+    state: &dyn ClusterState,
     health: &Health,
 ) -> Result<(), StateError> {
     use std::sync::atomic::Ordering;
-    let entries = state.ledger(0)?;
-    let checkpoints = state.checkpoints()?;
+    let entries = state.ledger(0).await?;
+    let checkpoints = state.checkpoints().await?;
     health.verifications.fetch_add(1, Ordering::Relaxed);
-    let Err(bad) =
-        kiln_core::ledger::verify(&entries, &checkpoints, key.pair.public_key().as_ref())
-    else {
+    // Hashing every entry is work for a blocking thread.
+    let public = key.pair.public_key().as_ref().to_vec();
+    let (verdict, entries) = tokio::task::spawn_blocking(move || {
+        let verdict = kiln_core::ledger::verify(&entries, &checkpoints, &public);
+        (verdict, entries)
+    })
+    .await
+    .map_err(|e| StateError::Backend(Box::new(e)))?;
+    let Err(bad) = verdict else {
         return Ok(());
     };
     health.broken.store(true, Ordering::Relaxed);
@@ -79,7 +85,9 @@ pub fn verify_own(
                 == Some(&detail)
     });
     if !known {
-        state.append_event(&NewEvent::node(change, Actor::Agent))?;
+        state
+            .append_event(&NewEvent::node(change, Actor::Agent))
+            .await?;
     }
     Ok(())
 }
@@ -141,11 +149,14 @@ impl NodeKey {
     }
 
     /// Sign the ledger's head unless the last checkpoint already covers it.
-    pub fn checkpoint(&self, state: &dyn StateStore) -> Result<Option<Checkpoint>, StateError> {
-        let Some((seq, head)) = state.head()? else {
+    pub async fn checkpoint(
+        &self,
+        state: &dyn ClusterState,
+    ) -> Result<Option<Checkpoint>, StateError> {
+        let Some((seq, head)) = state.head().await? else {
             return Ok(None);
         };
-        if state.last_checkpoint()?.is_some_and(|c| c >= seq) {
+        if state.last_checkpoint().await?.is_some_and(|c| c >= seq) {
             return Ok(None);
         }
         let time = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
@@ -159,41 +170,40 @@ impl NodeKey {
             time,
             signature,
         };
-        state.put_checkpoint(&cp)?;
+        state.put_checkpoint(&cp).await?;
         Ok(Some(cp))
     }
 }
 
 /// Sign the head every `every` while it moves, or as soon as it is
 /// [`EVERY_ENTRIES`] past the last checkpoint.
-pub async fn run(key: Arc<NodeKey>, state: Arc<dyn StateStore>, every: Duration) {
+pub async fn run(key: Arc<NodeKey>, state: Arc<dyn ClusterState>, every: Duration) {
     let mut since = tokio::time::Instant::now();
     let tick = every.clamp(Duration::from_millis(100), Duration::from_secs(1));
     loop {
         tokio::time::sleep(tick).await;
-        let (key, state) = (key.clone(), state.clone());
         let due = since.elapsed() >= every;
-        let signed = tokio::task::spawn_blocking(move || {
-            let behind = match (state.head()?, state.last_checkpoint()?) {
+        // One signature: cheap enough for an async thread.
+        let signed = async {
+            let behind = match (state.head().await?, state.last_checkpoint().await?) {
                 (Some((seq, _)), Some(c)) => seq.saturating_sub(c),
                 (Some((seq, _)), None) => seq,
                 (None, _) => 0,
             };
             if behind >= EVERY_ENTRIES || (due && behind > 0) {
-                key.checkpoint(&*state)
+                key.checkpoint(&*state).await
             } else {
                 Ok(None)
             }
-        })
+        }
         .await;
         match signed {
-            Ok(Ok(Some(_))) => since = tokio::time::Instant::now(),
-            Ok(Ok(None)) => {
+            Ok(Some(_)) => since = tokio::time::Instant::now(),
+            Ok(None) => {
                 if due {
                     since = tokio::time::Instant::now();
                 }
             }
-            Ok(Err(e)) => tracing::error!("ledger checkpoint: {e}"),
             Err(e) => tracing::error!("ledger checkpoint: {e}"),
         }
     }

@@ -129,15 +129,16 @@ pub use runtime::find_bwrap;
 pub use state::StateError;
 
 /// Record a change made outside the agent (a bake, a pull) in the ledger
-/// of `home`, by `actor`: the state database is shared (SQLite's locking
-/// orders the writers; each event is chained under the write lock).
-pub fn record(
+/// of `home`, by `actor`, when no agent runs there (one that runs takes
+/// it through `POST /v1/records`): through the state store's API, as the
+/// agent writes it (each event chained under the store's write lock).
+pub async fn record(
     home: &Path,
     change: kiln_core::event::Change,
     actor: kiln_core::event::Actor,
 ) -> Result<(), StateError> {
     let state = SqliteState::open(&home.join("state.db"))?;
-    state::StateStore::append_event(&state, &state::NewEvent::node(change, actor))?;
+    state::ClusterState::append_event(&state, &state::NewEvent::node(change, actor)).await?;
     Ok(())
 }
 
@@ -244,22 +245,22 @@ pub async fn serve(
     // The ledger is verified whole before anything is appended or signed
     // (a break is recorded, and the agent serves all the same).
     let ledger_health = Arc::new(ledger::Health::default());
-    ledger::verify_own(&node_key, &*state, &ledger_health)?;
+    ledger::verify_own(&node_key, &*state, &ledger_health).await?;
     let verifier = (node_key.clone(), state.clone());
-    let ledger_state: Arc<dyn state::StateStore> = state.clone();
+    let ledger_state: Arc<dyn state::ClusterState> = state.clone();
     let checkpoints = tokio::spawn(ledger::run(
         node_key.clone(),
         ledger_state.clone(),
         mode.checkpoint_every.unwrap_or(ledger::EVERY),
     ));
-    let final_checkpoint = move || {
+    let final_checkpoint = async move || {
         checkpoints.abort();
-        if let Err(e) = node_key.checkpoint(&*ledger_state) {
+        if let Err(e) = node_key.checkpoint(&*ledger_state).await {
             tracing::error!("ledger checkpoint at stop: {e}");
         }
     };
     if let Some(auto) = mode.gc {
-        tokio::spawn(gc::run(store.clone(), state.clone(), auto));
+        tokio::spawn(gc::run(store.clone(), state.clone(), state.clone(), auto));
     }
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -287,11 +288,7 @@ pub async fn serve(
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let (key, state, health) = (key.clone(), state.clone(), health.clone());
-                let done =
-                    tokio::task::spawn_blocking(move || ledger::verify_own(&key, &*state, &health))
-                        .await;
-                if let Ok(Err(e)) = done {
+                if let Err(e) = ledger::verify_own(&key, &*state, &health).await {
                     tracing::error!("ledger verification: {e}");
                 }
             }
@@ -401,7 +398,7 @@ pub async fn serve(
             _ = term.recv() => {}
             _ = int.recv() => {}
         }
-        final_checkpoint();
+        final_checkpoint().await;
         tracing::info!("handed over");
         return Ok(Exit::HandedOver);
     }
@@ -419,7 +416,7 @@ pub async fn serve(
         tracing::warn!("forced: killing every instance");
         agent.shutdown(StopKind::Kill, Duration::from_secs(5)).await;
     }
-    final_checkpoint();
+    final_checkpoint().await;
     let _ = std::fs::remove_file(&lock_path);
     drop(lock);
     tracing::info!("agent stopped ({exit:?})");

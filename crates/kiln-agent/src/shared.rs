@@ -17,13 +17,19 @@ use sha2::{Digest as _, Sha256};
 use kiln_core::service::RuntimeKind;
 
 use crate::runtime::{Runtime, RuntimeError};
-use crate::state::StateStore;
+use crate::state::{ClusterState, Fence, Guard, NodeState};
 
 /// What controllers share with the agent.
 pub struct Shared {
     pub home: PathBuf,
     pub store: Store,
-    pub state: Arc<dyn StateStore>,
+    /// What the cluster shares (services, releases, rollouts, the ledger).
+    pub state: Arc<dyn ClusterState>,
+    /// What only this node knows (its instances' pids).
+    pub node: Arc<dyn NodeState>,
+    /// This agent's leadership, taken when it starts: every write of a
+    /// fleet decision carries it, so a deposed agent's late writes fail.
+    pub fence: std::sync::OnceLock<Fence>,
     pub backoff: Backoff,
     /// What each controller saw at its last pass.
     pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
@@ -51,10 +57,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(
+    pub fn new<S: ClusterState + NodeState + 'static>(
         home: PathBuf,
         store: Store,
-        state: Arc<dyn StateStore>,
+        state: Arc<S>,
         backoff: Backoff,
         router: Arc<crate::router::Router>,
         seed: u64,
@@ -62,7 +68,9 @@ impl Shared {
         Self {
             home,
             store,
+            node: state.clone(),
             state,
+            fence: std::sync::OnceLock::new(),
             backoff,
             status: std::sync::Mutex::default(),
             router,
@@ -75,6 +83,14 @@ impl Shared {
             worker_min_ready: kiln_core::service::WORKER_MIN_READY,
             ids: AtomicU64::new(0),
             seed,
+        }
+    }
+
+    /// The guard of a fleet decision's write: this agent's leadership.
+    pub fn fenced(&self) -> Guard {
+        Guard {
+            version: None,
+            fence: self.fence.get().copied(),
         }
     }
 

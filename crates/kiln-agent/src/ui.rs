@@ -177,7 +177,7 @@ async fn page(
     Extension(caller): Extension<Caller>,
     Extension(Presented(token)): Extension<Presented>,
 ) -> Response {
-    let view = match view(&gate, caller.role, &mut Feed::default()) {
+    let view = match view(&gate, caller.role, &mut Feed::default()).await {
         Ok(v) => v,
         Err(e) => return html(StatusCode::INTERNAL_SERVER_ERROR, esc(&e)),
     };
@@ -224,11 +224,12 @@ async fn live(
                     if gate
                         .agent()
                         .authenticate(&token, crate::api::unix_now())
+                        .await
                         .is_err()
                     {
                         return None;
                     }
-                    let now = match view(&gate, caller.role, &mut feed) {
+                    let now = match view(&gate, caller.role, &mut feed).await {
                         Ok(v) => v,
                         Err(e) => format!("<p class=\"error\">{}</p>", esc(&e)),
                     };
@@ -257,18 +258,18 @@ async fn live(
 }
 
 /// Every service, then the latest events.
-fn view(gate: &Gate, role: Role, feed: &mut Feed) -> Result<String, String> {
+async fn view(gate: &Gate, role: Role, feed: &mut Feed) -> Result<String, String> {
     let agent = gate.agent();
-    let status = agent.status().map_err(|e| e.to_string())?;
+    let status = agent.status().await.map_err(|e| e.to_string())?;
     let mut out = String::new();
     if status.services.is_empty() {
         out.push_str("<p>No service yet: <code>kiln apply</code> one.</p>");
     }
     for s in &status.services {
-        let history = agent.history(&s.name).map_err(|e| e.to_string())?;
+        let history = agent.history(&s.name).await.map_err(|e| e.to_string())?;
         service(&mut out, s, &history, role);
     }
-    for e in agent.events(feed.after).map_err(|e| e.to_string())? {
+    for e in agent.events(feed.after).await.map_err(|e| e.to_string())? {
         feed.after = e.seq;
         let subject = match (&e.service, e.revision) {
             (Some(s), Some(r)) => format!("{s} release {r}"),

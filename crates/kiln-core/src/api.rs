@@ -11,6 +11,7 @@
 //! | `POST /v1/services/{name}/promote` | → [`PromoteResponse`] |
 //! | `POST /v1/services/{name}/abort` | → [`AbortResponse`] |
 //! | `GET /v1/logs?service=S[&release=N][&instance=ID][&follow=true]` | → text lines |
+//! | `POST /v1/records` | [`RecordRequest`] → [`RecordResponse`] |
 //!
 //! Errors answer `{"error": "..."}` with the status of their kind.
 
@@ -307,6 +308,22 @@ pub struct TokenListResponse {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRevokeResponse {
     pub name: crate::auth::TokenName,
+}
+
+/// `POST /v1/records`: a bake or a pull the CLI made into the agent's
+/// store, for its ledger (the CLI never writes the state itself). Only
+/// `image-baked` and `image-pulled`, of an image the store holds; the
+/// actor is the caller.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecordRequest {
+    pub change: crate::event::Change,
+}
+
+/// The ledger entry the record became.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordResponse {
+    pub seq: u64,
 }
 
 /// `POST /v1/gc`: collect the agent's store (as `kiln gc` does locally).

@@ -225,7 +225,7 @@ pub fn route(method: &str, path: &str) -> Route {
         }
         ["v1", "whoami"] if read => Route::Needs(Role::Viewer),
         ["v1", "services", _, "history"] if read => Route::Needs(Role::Viewer),
-        ["v1", "apply"] if method == "POST" => Route::Needs(Role::Deployer),
+        ["v1", "apply" | "records"] if method == "POST" => Route::Needs(Role::Deployer),
         [
             "v1",
             "services",
@@ -358,6 +358,8 @@ mod tests {
             ("GET", "/", Needs(Role::Viewer)),
             ("GET", "/ui/events", Needs(Role::Viewer)),
             ("POST", "/v1/apply", Needs(Role::Deployer)),
+            ("POST", "/v1/records", Needs(Role::Deployer)),
+            ("GET", "/v1/records", Unknown),
             ("POST", "/v1/services/web/rollback", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/promote", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/abort", Needs(Role::Deployer)),

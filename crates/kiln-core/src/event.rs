@@ -263,6 +263,16 @@ pub enum Change {
 }
 
 impl Change {
+    /// Whether the change moves what its service should run (its
+    /// settings, or the release it is driven to): what wakes the service's
+    /// controller when it comes through the state store's watch.
+    pub fn moves_target(&self) -> bool {
+        matches!(
+            self,
+            Self::ReleaseCreated { .. } | Self::ServiceSettings { .. } | Self::Rollback { .. }
+        )
+    }
+
     /// The `kind` of its encoding.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -36,6 +36,22 @@ impl Client {
         }
     }
 
+    /// The agent of `home` on its socket (never a remote one).
+    pub fn local(home: &Path) -> Self {
+        Self {
+            target: Target::Local(kiln_agent::socket_path(home)),
+        }
+    }
+
+    /// Whether an agent answers on this client's socket (a remote one is
+    /// taken to).
+    pub async fn reachable(&self) -> bool {
+        match &self.target {
+            Target::Local(sock) => UnixStream::connect(sock).await.is_ok(),
+            Target::Remote(_) => true,
+        }
+    }
+
     /// A client of one remote agent.
     pub fn remote(remote: Arc<crate::remote::Remote>) -> Self {
         Self {

@@ -272,10 +272,24 @@ pub fn local_actor() -> kiln_core::event::Actor {
     }
 }
 
-/// Record a change this command made in the home's ledger; a failure is
-/// said, not fatal (what was made is made).
+/// Record a change this command made in the home's ledger: through the
+/// home's agent when one runs (it owns the state), else through the state
+/// store's API. A failure is said, not fatal (what was made is made).
 pub fn record(home: &Path, change: kiln_core::event::Change) {
-    if let Err(e) = kiln_agent::record(home, change, local_actor()) {
+    let recorded = crate::client::runtime().and_then(|rt| {
+        rt.block_on(async {
+            let agent = crate::client::Client::local(home);
+            if agent.reachable().await {
+                let _: kiln_core::api::RecordResponse = agent
+                    .post("/v1/records", &kiln_core::api::RecordRequest { change })
+                    .await?;
+                return Ok(());
+            }
+            kiln_agent::record(home, change, local_actor()).await?;
+            Ok(())
+        })
+    });
+    if let Err(e) = recorded {
         eprintln!("warning: not recorded in the ledger: {e}");
     }
 }

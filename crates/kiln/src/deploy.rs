@@ -859,7 +859,13 @@ pub fn gc(
                 dry_run,
             },
         ))?,
-        None => kiln_agent::gc::collect_home(home, keep_releases, grace, dry_run)
+        None => runtime()?
+            .block_on(kiln_agent::gc::collect_home(
+                home,
+                keep_releases,
+                grace,
+                dry_run,
+            ))
             .context("cannot collect the store")?,
     };
     if json {

@@ -17,7 +17,7 @@ use crate::instance::logs::LogFile;
 use crate::instance::probe::ProbeKind;
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, start_ticks};
-use crate::state::InstanceRecord;
+use crate::state::{InstanceRecord, NewEvent};
 
 /// A release made ready to run: its tree and runtime.
 pub(super) struct Prepared {
@@ -60,7 +60,7 @@ pub(super) struct Inst {
 }
 
 impl Controller {
-    pub(super) fn on_report(&mut self, report: Report) {
+    pub(super) async fn on_report(&mut self, report: Report) {
         match report {
             Report::Started { id, pid } => {
                 let Some(inst) = self.instances.get_mut(&id) else {
@@ -88,9 +88,7 @@ impl Controller {
                     Some(rec.revision),
                     Some(&id),
                 );
-                if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
-                    self.log_state_error(e);
-                }
+                self.keep_instance(&rec, &ev).await;
             }
             Report::StartFailed { id, error } => {
                 self.shared.drift.forget(&id);
@@ -103,7 +101,8 @@ impl Controller {
                         },
                         Some(inst.revision),
                         Some(&id),
-                    );
+                    )
+                    .await;
                 }
             }
             Report::Health {
@@ -172,7 +171,7 @@ impl Controller {
                     }
                     (ProbeKind::Startup, _) => Change::InstanceStartedUp {},
                 };
-                self.record_event(kind, Some(revision), Some(&id));
+                self.record_event(kind, Some(revision), Some(&id)).await;
                 if probe == ProbeKind::Liveness && !healthy {
                     // Named in the failure of a rollout that crash-loops.
                     self.message = Some(format!(
@@ -214,10 +213,29 @@ impl Controller {
                     Some(inst.revision),
                     Some(&id),
                 );
-                if let Err(e) = self.shared.state.remove_instance(&id, &ev) {
-                    self.log_state_error(e);
-                }
+                self.forget_instance(&id, &ev).await;
             }
+        }
+    }
+
+    /// Record an instance on this node (first: a crash after it leaves
+    /// a record the next agent finds), then its event in the ledger.
+    pub(super) async fn keep_instance(&mut self, rec: &InstanceRecord, ev: &NewEvent) {
+        if let Err(e) = self.shared.node.put_instance(rec) {
+            return self.log_state_error(e);
+        }
+        if let Err(e) = self.shared.state.append_event(ev).await {
+            self.log_state_error(e);
+        }
+    }
+
+    /// Forget an instance of this node, then record its event.
+    pub(super) async fn forget_instance(&mut self, id: &str, ev: &NewEvent) {
+        if let Err(e) = self.shared.node.remove_instance(id) {
+            return self.log_state_error(e);
+        }
+        if let Err(e) = self.shared.state.append_event(ev).await {
+            self.log_state_error(e);
         }
     }
 
@@ -240,7 +258,8 @@ impl Controller {
         let release = self
             .shared
             .state
-            .release(&self.name, revision)?
+            .release(&self.name, revision)
+            .await?
             .ok_or_else(|| ControllerError::NoRelease {
                 service: self.name.clone(),
                 revision,
@@ -331,7 +350,8 @@ impl Controller {
             },
             Some(rec.revision),
             Some(&rec.id),
-        );
+        )
+        .await;
         let (id, slot, port, pid) = (rec.id, rec.slot, rec.port, rec.pid);
         self.launch_task(&p, id, slot, port, Some((pid, output)))
             .await;
@@ -354,7 +374,7 @@ impl Controller {
             .map(|(k, v)| (k.to_string(), v.clone()))
             .collect();
         for (name, sealed) in &cfg.secrets {
-            match self.shared.state.secret(sealed) {
+            match self.shared.state.secret(sealed).await {
                 Ok(Some(value)) => {
                     env.insert(name.to_string(), value.expose().to_owned());
                 }
@@ -426,7 +446,7 @@ impl Controller {
             health: cfg.health.clone(),
             stop: cfg.stop.clone(),
             port,
-            serves: self.serves(),
+            serves: self.serves().await,
             log,
             keeper: self.shared.keeper.clone(),
             adopt,
@@ -488,10 +508,10 @@ impl Controller {
 
     /// Whether the router sends the service traffic (it has a `listen`);
     /// read from the store when no pass has run yet (adopting).
-    fn serves(&self) -> bool {
+    async fn serves(&self) -> bool {
         match &self.service {
             Some(rec) => rec.settings.listen.is_some(),
-            None => match self.shared.state.service(&self.name) {
+            None => match self.shared.state.service(&self.name).await {
                 Ok(Some(rec)) => rec.settings.listen.is_some(),
                 // Unknown: the stricter default (its port must accept).
                 Ok(None) | Err(_) => true,
@@ -500,7 +520,7 @@ impl Controller {
     }
 
     /// A warm instance of release `from` now serves `target` in `slot`.
-    pub(super) fn adopt(&mut self, id: &str, from: u64, target: u64, slot: u32) {
+    pub(super) async fn adopt(&mut self, id: &str, from: u64, target: u64, slot: u32) {
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
@@ -524,15 +544,13 @@ impl Controller {
             Some(target),
             Some(id),
         );
-        if let Err(e) = self.shared.state.put_instance(&rec, &ev) {
-            self.log_state_error(e);
-        }
+        self.keep_instance(&rec, &ev).await;
     }
 
     /// Stop instances together: all of them leave the routing table in one
     /// swap, then each drains in-flight requests before its stop signal.
     /// Returns when that swap was done, if any instance was stopped.
-    pub(super) fn stop_instances(
+    pub(super) async fn stop_instances(
         &mut self,
         ids: &[String],
         kind: StopKind,
@@ -563,12 +581,13 @@ impl Controller {
                 },
                 Some(revision),
                 Some(&id),
-            );
+            )
+            .await;
         }
         Some(swapped)
     }
 
-    pub(super) fn stop_all(&mut self, kind: StopKind, force: bool) {
+    pub(super) async fn stop_all(&mut self, kind: StopKind, force: bool) {
         // `force`: an escalation reaches the instances already stopping.
         let ids: Vec<String> = self
             .instances
@@ -581,7 +600,7 @@ impl Controller {
         } else {
             StopReason::Shutdown
         };
-        self.stop_instances(&ids, kind, &reason.to_string());
+        self.stop_instances(&ids, kind, &reason.to_string()).await;
     }
 }
 

@@ -227,13 +227,13 @@ impl Controller {
         for (rec, output) in std::mem::take(&mut self.adopting) {
             self.adopt_running(rec, output).await;
         }
-        self.resume_rollout();
+        self.resume_rollout().await;
         loop {
             tokio::select! {
                 msg = self.rx.recv() => match msg {
                     Some(Msg::Wake) => {}
                     Some(Msg::Promote { actor, done }) => {
-                        let _ = done.send(self.request_promotion(actor));
+                        let _ = done.send(self.request_promotion(actor).await);
                     }
                     Some(Msg::Abort { actor, done }) => {
                         let answer = self.request_abort(actor).await;
@@ -260,7 +260,7 @@ impl Controller {
                             }
                         };
                         if escalate {
-                            self.stop_all(StopKind::Kill, true);
+                            self.stop_all(StopKind::Kill, true).await;
                         }
                     }
                     Some(Msg::Remove { done }) => {
@@ -279,13 +279,13 @@ impl Controller {
                     }
                     None => return,
                 },
-                Some(report) = self.reports.recv() => self.on_report(report),
+                Some(report) = self.reports.recv() => self.on_report(report).await,
                 Ok(()) = self.drift.changed() => {}
                 _ = sleep_until(self.due) => {}
             }
             // Drain whatever else arrived, then one pass for all of it.
             while let Ok(report) = self.reports.try_recv() {
-                self.on_report(report);
+                self.on_report(report).await;
             }
             if self.detaching.is_some() {
                 // Nothing is decided while handing over.
@@ -330,9 +330,14 @@ impl Controller {
 
     /// Append an event of the service to the ledger; a failure to append is logged
     /// and shown in the service's status, not fatal.
-    fn record_event(&mut self, change: Change, revision: Option<u64>, instance: Option<&str>) {
+    async fn record_event(
+        &mut self,
+        change: Change,
+        revision: Option<u64>,
+        instance: Option<&str>,
+    ) {
         let ev = self.event(change, revision, instance);
-        if let Err(e) = self.shared.state.append_event(&ev) {
+        if let Err(e) = self.shared.state.append_event(&ev).await {
             self.log_state_error(e);
         }
     }
@@ -340,8 +345,8 @@ impl Controller {
     /// The rollout an earlier agent process saved, resumed: its deadlines
     /// and windows keep their wall-clock ends; a canary step's analysis
     /// window starts again (the router's counters are this process's).
-    fn resume_rollout(&mut self) {
-        match self.shared.state.rollout(&self.name) {
+    async fn resume_rollout(&mut self) {
+        match self.shared.state.rollout(&self.name).await {
             Ok(Some(saved)) => {
                 self.rollout = Rollout::restore(&saved, &clock(), |rev| self.counters(rev));
                 self.saved = self.rollout.clone();
@@ -353,12 +358,17 @@ impl Controller {
 
     /// Keep the rollout in the state store when it changed since it was
     /// last kept.
-    fn save_rollout(&mut self) {
+    async fn save_rollout(&mut self) {
         if self.rollout == self.saved {
             return;
         }
         let saved = self.rollout.save(&clock());
-        match self.shared.state.set_rollout(&self.name, &saved) {
+        match self
+            .shared
+            .state
+            .set_rollout(&self.name, &saved, self.shared.fenced())
+            .await
+        {
             Ok(()) => self.saved = self.rollout.clone(),
             Err(e) => self.log_state_error(e),
         }
@@ -374,7 +384,7 @@ impl Controller {
         if let Some((kind, _)) = &self.shutdown {
             // The agent's order, not a rollout decision.
             let kind = *kind;
-            self.stop_all(kind, false);
+            self.stop_all(kind, false).await;
             self.due = None;
             return;
         }
@@ -383,7 +393,7 @@ impl Controller {
         };
         let decision = rollout::decide(&self.rollout, &self.view(&o));
         self.execute(&o, decision).await;
-        self.save_rollout();
+        self.save_rollout().await;
         // The timer: from what the instances look like after the steps.
         let after = Observed {
             seen: self.seen(),
@@ -395,7 +405,7 @@ impl Controller {
     /// Read the service, its releases and its instances for a pass. `None`
     /// when there is nothing to reconcile (the reason is in the message).
     async fn observe(&mut self) -> Option<Observed> {
-        let rec = match self.shared.state.service(&self.name) {
+        let rec = match self.shared.state.service(&self.name).await {
             Ok(Some(r)) => r,
             Ok(None) => return None,
             Err(e) => {
@@ -412,7 +422,7 @@ impl Controller {
                 return None;
             }
         };
-        let releases = match self.shared.state.current_releases(&self.name) {
+        let releases = match self.shared.state.current_releases(&self.name).await {
             Ok(r) => r,
             Err(e) => {
                 self.log_state_error(e);
@@ -502,7 +512,7 @@ impl Controller {
         self.routing = d.routing;
         for step in d.steps {
             match step {
-                Step::Adopt { id, from, slot } => self.adopt(&id, from, target, slot),
+                Step::Adopt { id, from, slot } => self.adopt(&id, from, target, slot).await,
                 Step::SlotStable { revision, slot } => {
                     if let Some(s) = self.slots.get_mut(&(revision, slot)) {
                         s.failures = 0;
@@ -519,15 +529,17 @@ impl Controller {
                     if reason == rollout::StopReason::Drifted {
                         self.shared.drift.replaced(ids.len());
                     }
-                    let at = self.stop_instances(&ids, StopKind::Graceful, &reason.to_string());
+                    let at = self
+                        .stop_instances(&ids, StopKind::Graceful, &reason.to_string())
+                        .await;
                     swapped = swapped.or(at);
                 }
                 Step::Route => {
                     self.publish_routes();
                     swapped = swapped.or(Some(now()));
                 }
-                Step::Record(change) => self.record_event(change, Some(target), None),
-                Step::Activate => self.complete_rollout(target),
+                Step::Record(change) => self.record_event(change, Some(target), None).await,
+                Step::Activate => self.complete_rollout(target).await,
                 Step::Fail {
                     reason,
                     to,
@@ -545,7 +557,8 @@ impl Controller {
                         ))
                     );
                     let swap_us = swap.map(|s| s.as_micros() as u64);
-                    self.record_failure(target, to, &reason, automatic, swap_us, by);
+                    self.record_failure(target, to, &reason, automatic, swap_us, by)
+                        .await;
                 }
             }
         }
@@ -562,16 +575,24 @@ impl Controller {
         self.shared.router.metrics.peek(&self.name, revision)
     }
 
-    fn complete_rollout(&mut self, target: u64) {
+    async fn complete_rollout(&mut self, target: u64) {
         let ev = self.event(Change::ReleaseActive {}, Some(target), None);
-        if let Err(e) =
-            self.shared
-                .state
-                .set_outcome(&self.name, target, Outcome::Active, None, &ev)
+        if let Err(e) = self
+            .shared
+            .state
+            .set_outcome(
+                &self.name,
+                target,
+                Outcome::Active,
+                None,
+                &ev,
+                self.shared.fenced(),
+            )
+            .await
         {
             return self.log_state_error(e);
         }
-        let releases = match self.shared.state.current_releases(&self.name) {
+        let releases = match self.shared.state.current_releases(&self.name).await {
             Ok(r) => r,
             Err(e) => return self.log_state_error(e),
         };
@@ -582,13 +603,19 @@ impl Controller {
                     Some(r.revision),
                     None,
                 );
-                if let Err(e) = self.shared.state.set_outcome(
-                    &self.name,
-                    r.revision,
-                    Outcome::Superseded,
-                    None,
-                    &ev,
-                ) {
+                if let Err(e) = self
+                    .shared
+                    .state
+                    .set_outcome(
+                        &self.name,
+                        r.revision,
+                        Outcome::Superseded,
+                        None,
+                        &ev,
+                        self.shared.fenced(),
+                    )
+                    .await
+                {
                     self.log_state_error(e);
                 }
             }
@@ -605,7 +632,7 @@ impl Controller {
 
     /// Release `target` failed, and the service is back on `previous`, in
     /// one transaction.
-    fn record_failure(
+    async fn record_failure(
         &mut self,
         target: u64,
         previous: Option<u64>,
@@ -637,7 +664,15 @@ impl Controller {
         if let Err(e) = self
             .shared
             .state
-            .fail_release(&self.name, target, reason, previous, &events)
+            .fail_release(
+                &self.name,
+                target,
+                reason,
+                previous,
+                &events,
+                self.shared.fenced(),
+            )
+            .await
         {
             return self.log_state_error(e);
         }
@@ -647,24 +682,29 @@ impl Controller {
     /// The service as stored now (not as the last pass read it: a request
     /// answers for what `kiln` just recorded), and whether its target
     /// release is still being rolled out.
-    fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), ControllerError> {
+    async fn target_pending(&self) -> Result<(crate::state::ServiceRecord, bool), ControllerError> {
         let rec = self
             .shared
             .state
-            .service(&self.name)?
+            .service(&self.name)
+            .await?
             .ok_or_else(|| ControllerError::NoService(self.name.clone()))?;
         let pending = self
             .shared
             .state
-            .release(&self.name, rec.target)?
+            .release(&self.name, rec.target)
+            .await?
             .is_some_and(|r| r.outcome == Outcome::Pending);
         Ok((rec, pending))
     }
 
     /// `kiln promote`: only a blue-green rollout waiting for its switch,
     /// or a canary, can be promoted.
-    fn request_promotion(&mut self, actor: Actor) -> Result<(u64, Option<u32>), ControllerError> {
-        let (rec, pending) = self.target_pending()?;
+    async fn request_promotion(
+        &mut self,
+        actor: Actor,
+    ) -> Result<(u64, Option<u32>), ControllerError> {
+        let (rec, pending) = self.target_pending().await?;
         let step = self
             .rollout
             .promote(rec.target, pending)
@@ -672,11 +712,11 @@ impl Controller {
         let ev = self
             .event(Change::PromoteRequested { step }, Some(rec.target), None)
             .by(actor);
-        if let Err(e) = self.shared.state.append_event(&ev) {
+        if let Err(e) = self.shared.state.append_event(&ev).await {
             self.log_state_error(e);
         }
         // A pending promote survives a restart.
-        self.save_rollout();
+        self.save_rollout().await;
         Ok((rec.target, step))
     }
 
@@ -684,7 +724,7 @@ impl Controller {
     /// can be aborted. Decided on what is stored now (a request answers
     /// for what `kiln` just recorded).
     async fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), ControllerError> {
-        let (rec, _) = self.target_pending()?;
+        let (rec, _) = self.target_pending().await?;
         let target = rec.target;
         let Some(o) = self.observe().await else {
             return Err(ControllerError::NoService(self.name.clone()));
@@ -701,7 +741,7 @@ impl Controller {
         })?;
         let previous = o.previous.unwrap_or(target);
         self.execute(&o, d).await;
-        self.save_rollout();
+        self.save_rollout().await;
         Ok((target, previous))
     }
 }

@@ -123,25 +123,25 @@ impl Harness {
         self.agent.apply(req, Actor::Agent).await.unwrap();
     }
 
-    fn status(&self) -> ServiceStatus {
-        let all = self.agent.status().unwrap();
+    async fn status(&self) -> ServiceStatus {
+        let all = self.agent.status().await.unwrap();
         all.services.into_iter().find(|s| s.name == web()).unwrap()
     }
 
     /// The service's status once `done` holds (within 10 s).
     async fn until(&self, what: &str, done: impl Fn(&ServiceStatus) -> bool) -> ServiceStatus {
         for _ in 0..1000 {
-            let s = self.status();
+            let s = self.status().await;
             if done(&s) {
                 return s;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("{what}: never happened; status: {:#?}", self.status());
+        panic!("{what}: never happened; status: {:#?}", self.status().await);
     }
 
-    fn outcomes(&self) -> Vec<(u64, Outcome)> {
-        let h = self.agent.history(&web()).unwrap();
+    async fn outcomes(&self) -> Vec<(u64, Outcome)> {
+        let h = self.agent.history(&web()).await.unwrap();
         h.releases.iter().map(|r| (r.revision, r.outcome)).collect()
     }
 }
@@ -175,7 +175,7 @@ async fn a_rolling_update_replaces_every_instance() {
     assert!(s.instances.iter().all(|i| i.revision == 2 && i.ready));
     assert_eq!(h.fake.spawned.load(Ordering::Relaxed), 6);
     assert_eq!(
-        h.outcomes(),
+        h.outcomes().await,
         [(1, Outcome::Superseded), (2, Outcome::Active)]
     );
     // Every instance of release 1 was cleaned up after it stopped.
@@ -208,7 +208,10 @@ async fn a_release_that_never_gets_ready_fails_and_the_service_returns() {
             .contains("progress deadline"),
         "the deadline failed it"
     );
-    assert_eq!(h.outcomes(), [(1, Outcome::Active), (2, Outcome::Failed)]);
+    assert_eq!(
+        h.outcomes().await,
+        [(1, Outcome::Active), (2, Outcome::Failed)]
+    );
 }
 
 fn tcp_probe() -> service::Probe {
@@ -249,7 +252,10 @@ async fn a_worker_without_port_or_probe_is_ready_after_min_ready() {
         s.failed_release.as_ref().is_some_and(|f| f.revision == 2)
     })
     .await;
-    assert_eq!(h.outcomes(), [(1, Outcome::Active), (2, Outcome::Failed)]);
+    assert_eq!(
+        h.outcomes().await,
+        [(1, Outcome::Active), (2, Outcome::Failed)]
+    );
 }
 
 #[tokio::test]
@@ -349,7 +355,7 @@ async fn instances_that_drifted_are_replaced_and_nothing_else_changes() {
         })
         .await;
     assert_eq!(h.fake.spawned.load(Ordering::Relaxed), 4);
-    assert_eq!(h.outcomes(), [(1, Outcome::Active)]);
+    assert_eq!(h.outcomes().await, [(1, Outcome::Active)]);
     // One instance's process drifted: it alone is replaced.
     let (gone, kept) = (s.instances[0].id.clone(), s.instances[1].id.clone());
     h.agent

@@ -33,7 +33,7 @@ use kiln_store::Store;
 
 use super::Board;
 use super::watch::{Seen, Watcher};
-use crate::state::{Event, NewEvent, StateStore};
+use crate::state::{ClusterState, Event, NewEvent, NodeState};
 
 /// How often each instance's command line and environment are read.
 pub const CONFIG_EVERY: Duration = Duration::from_secs(2);
@@ -61,7 +61,9 @@ impl Default for Options {
 
 pub struct Detector {
     store: Store,
-    state: Arc<dyn StateStore>,
+    state: Arc<dyn ClusterState>,
+    /// This node's instances (which services an image's drift touches).
+    node: Arc<dyn NodeState>,
     board: Arc<Board>,
     options: Options,
     /// Drift found in a tree that could not be made again: not recorded
@@ -81,13 +83,15 @@ pub struct Detector {
 impl Detector {
     pub fn new(
         store: Store,
-        state: Arc<dyn StateStore>,
+        state: Arc<dyn ClusterState>,
+        node: Arc<dyn NodeState>,
         board: Arc<Board>,
         options: Options,
     ) -> Self {
         Self {
             store,
             state,
+            node,
             board,
             options,
             unrepaired: HashMap::new(),
@@ -196,7 +200,7 @@ impl Detector {
                     }
                     settle_at.get_or_insert_with(tokio::time::Instant::now);
                 }
-                _ = config.tick() => self.check_config(),
+                _ = config.tick() => self.check_config().await,
                 () = tokio::time::sleep_until(verify_at), if !verifying => {
                     verifying = true;
                     verify_at = tokio::time::Instant::now() + self.options.verify_every;
@@ -217,15 +221,10 @@ impl Detector {
     /// `kiln drift` shows, and when each image's tree was replaced (an
     /// instance adopted from before then is still stale).
     async fn restore(&self) {
-        // Off the async threads: the ledger may be long.
-        let state = self.state.clone();
+        // An index by kind: the ledger may be long, these are few.
         let kinds = ["tree-drift", "config-drift"];
-        let events = match tokio::task::spawn_blocking(move || state.events_of(&kinds)).await {
-            Ok(Ok(e)) => e,
-            Ok(Err(e)) => {
-                tracing::warn!("drift: reading earlier findings: {e}");
-                return;
-            }
+        let events = match self.state.events_of(&kinds).await {
+            Ok(e) => e,
             Err(e) => {
                 tracing::warn!("drift: reading earlier findings: {e}");
                 return;
@@ -317,7 +316,7 @@ impl Detector {
         let wait = match repair_backoff(self.repairs.get(image).copied(), Instant::now()) {
             Ok(wait) => wait,
             Err(at) => {
-                self.defer(image, at, &drift, found_by);
+                self.defer(image, at, &drift, found_by).await;
                 return;
             }
         };
@@ -334,7 +333,7 @@ impl Detector {
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));
-        let services = self.services_of(image);
+        let services = self.services_of(image).await;
         let counts = &self.board.counts;
         counts.tree.fetch_add(1, Ordering::Relaxed);
         counts
@@ -371,7 +370,7 @@ impl Detector {
             quarantine,
             error,
         };
-        self.record(NewEvent::node(change, Actor::Agent));
+        self.record(NewEvent::node(change, Actor::Agent)).await;
         if repaired {
             self.board.quarantined(image.clone(), now);
         }
@@ -381,7 +380,7 @@ impl Detector {
     }
 
     /// Drift found while the tree's repair waits: checked again at `at`.
-    fn defer(&mut self, image: &Digest, at: Instant, drift: &[TreeDrift], found_by: FoundBy) {
+    async fn defer(&mut self, image: &Digest, at: Instant, drift: &[TreeDrift], found_by: FoundBy) {
         let (_, paths) = self
             .deferred
             .entry(image.clone())
@@ -401,13 +400,13 @@ impl Detector {
                 count: drift.len(),
                 found_by,
                 repaired: false,
-                services: self.services_of(image),
+                services: self.services_of(image).await,
                 quarantine: None,
                 error: Some(format!(
                     "drifted again within its repair back-off: repaired in {wait}s if it still differs then"
                 )),
             };
-            self.record(NewEvent::node(change, Actor::Agent));
+            self.record(NewEvent::node(change, Actor::Agent)).await;
         }
     }
 
@@ -421,10 +420,10 @@ impl Detector {
     }
 
     /// Append to the ledger and show it in `kiln drift`.
-    fn record(&self, ev: NewEvent) {
-        match self.state.append_event(&ev) {
+    async fn record(&self, ev: NewEvent) {
+        match self.state.append_event(&ev).await {
             Ok(seq) => {
-                if let Ok(recorded) = self.state.events(seq.saturating_sub(1))
+                if let Ok(recorded) = self.state.events(seq.saturating_sub(1)).await
                     && let Some(f) = recorded.iter().find(|e| e.seq == seq).and_then(finding)
                 {
                     self.board.found(f);
@@ -435,10 +434,10 @@ impl Detector {
     }
 
     /// The services with an instance of `image` now.
-    fn services_of(&self, image: &Digest) -> Vec<String> {
+    async fn services_of(&self, image: &Digest) -> Vec<String> {
         // Each release read once, however many instances it has.
         let releases: BTreeSet<_> = self
-            .state
+            .node
             .instances()
             .unwrap_or_default()
             .into_iter()
@@ -446,7 +445,7 @@ impl Detector {
             .collect();
         let mut out = BTreeSet::new();
         for (service, revision) in releases {
-            if let Ok(Some(r)) = self.state.release(&service, revision)
+            if let Ok(Some(r)) = self.state.release(&service, revision).await
                 && r.config.image == *image
             {
                 out.insert(service.to_string());
@@ -456,7 +455,7 @@ impl Detector {
     }
 
     /// Compare each instance's process with how it was launched.
-    fn check_config(&mut self) {
+    async fn check_config(&mut self) {
         for (id, e) in self.board.expected() {
             // A pid that is not this instance's process any more is not
             // drift: the instance is gone, which its task reports.
@@ -496,7 +495,8 @@ impl Detector {
                 service: Some(e.service.clone()),
                 revision: Some(e.revision),
                 instance: Some(id.clone()),
-            });
+            })
+            .await;
         }
     }
 

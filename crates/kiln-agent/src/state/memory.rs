@@ -1,4 +1,4 @@
-//! [`StateStore`] in memory: the same contract as SQLite (`contract.rs`
+//! [`ClusterState`] and [`NodeState`] in memory: the same contract as SQLite (`contract.rs`
 //! runs the same tests on both), for tests and benchmarks of what sits
 //! above the trait. Nothing survives the process; the agent never uses it.
 //!
@@ -16,11 +16,24 @@ use kiln_core::rollout::SavedRollout;
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
-use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
+use super::{
+    ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result, ServiceRecord,
+    StateError, now,
+};
 
-#[derive(Default)]
 pub struct MemoryState {
     inner: Mutex<Inner>,
+    /// The last event's sequence number, for watchers.
+    head: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for MemoryState {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            head: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -37,6 +50,8 @@ struct Inner {
     tokens: BTreeMap<TokenName, TokenRecord>,
     ledger: Vec<kiln_core::ledger::Entry>,
     checkpoints: BTreeMap<u64, kiln_core::ledger::Checkpoint>,
+    /// The newest fence handed out.
+    fence: u64,
 }
 
 impl MemoryState {
@@ -49,9 +64,36 @@ impl MemoryState {
         // leave no half-made change behind: a poisoned lock is usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// A change, made under the lock; watchers hear of the events it
+    /// appended once the lock is let go.
+    fn write<T>(&self, change: impl FnOnce(&mut Inner) -> Result<T>) -> Result<T> {
+        let (done, head) = {
+            let mut inner = self.inner();
+            let done = change(&mut inner);
+            (done, inner.events.len() as u64)
+        };
+        self.head
+            .send_if_modified(|h| std::mem::replace(h, head) != head);
+        done
+    }
 }
 
 impl Inner {
+    /// The guard's verdict on a change of `service`, before anything changes.
+    fn check(&self, service: &ServiceName, guard: Guard) -> Result<()> {
+        let version = self.services.get(service).map_or(0, |s| s.version);
+        guard.check(service, version, Fence(self.fence))
+    }
+
+    /// The service's record was changed by the events just appended.
+    fn bump(&mut self, service: &ServiceName) {
+        let seq = self.events.len() as u64;
+        if let Some(s) = self.services.get_mut(service) {
+            s.version = seq;
+        }
+    }
+
     /// Refuse a release whose revision is taken, before anything changes.
     fn check_new(&self, release: Option<&Release>) -> Result<()> {
         match release {
@@ -115,19 +157,21 @@ impl Inner {
         for e in events {
             self.append(e);
         }
+        self.bump(&service.name);
     }
 }
 
-impl StateStore for MemoryState {
-    fn services(&self) -> Result<Vec<ServiceRecord>> {
+#[async_trait::async_trait]
+impl ClusterState for MemoryState {
+    async fn services(&self) -> Result<Vec<ServiceRecord>> {
         Ok(self.inner().services.values().cloned().collect())
     }
 
-    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
+    async fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
         Ok(self.inner().services.get(name).cloned())
     }
 
-    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+    async fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
         let inner = self.inner();
         Ok(inner
             .releases
@@ -136,7 +180,7 @@ impl StateStore for MemoryState {
             .collect())
     }
 
-    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+    async fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
         let inner = self.inner();
         let target = inner.services.get(service).map(|s| s.target);
         let all = inner
@@ -154,12 +198,12 @@ impl StateStore for MemoryState {
             .collect())
     }
 
-    fn all_releases(&self) -> Result<Vec<Release>> {
+    async fn all_releases(&self) -> Result<Vec<Release>> {
         // Keyed by (service, revision): already in that order.
         Ok(self.inner().releases.values().cloned().collect())
     }
 
-    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
+    async fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
         Ok(self
             .inner()
             .releases
@@ -167,119 +211,148 @@ impl StateStore for MemoryState {
             .cloned())
     }
 
-    fn record_apply(
+    async fn record_apply(
         &self,
         service: &ServiceRecord,
         release: Option<&Release>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut inner = self.inner();
-        inner.check_new(release)?;
-        inner.apply(service, release, events);
-        Ok(())
+        self.write(|inner| {
+            inner.check(&service.name, guard)?;
+            inner.check_new(release)?;
+            inner.apply(service, release, events);
+            Ok(())
+        })
     }
 
-    fn record_rollback(
+    async fn record_rollback(
         &self,
         service: &ServiceRecord,
         release: &Release,
         abandoned: Option<(u64, &str)>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut inner = self.inner();
-        inner.check_new(Some(release))?;
-        if let Some((revision, reason)) = abandoned {
-            inner.set_outcome(&service.name, revision, Outcome::Failed, Some(reason));
-        }
-        inner.apply(service, Some(release), events);
-        Ok(())
+        self.write(|inner| {
+            inner.check(&service.name, guard)?;
+            inner.check_new(Some(release))?;
+            if let Some((revision, reason)) = abandoned {
+                inner.set_outcome(&service.name, revision, Outcome::Failed, Some(reason));
+            }
+            inner.apply(service, Some(release), events);
+            Ok(())
+        })
     }
 
-    fn set_outcome(
+    async fn set_outcome(
         &self,
         service: &ServiceName,
         revision: u64,
         outcome: Outcome,
         reason: Option<&str>,
         event: &NewEvent,
+        guard: Guard,
     ) -> Result<()> {
-        let mut inner = self.inner();
-        inner.set_outcome(service, revision, outcome, reason);
-        inner.append(event);
-        Ok(())
+        self.write(|inner| {
+            inner.check(service, guard)?;
+            inner.set_outcome(service, revision, outcome, reason);
+            inner.append(event);
+            Ok(())
+        })
     }
 
-    fn fail_release(
+    async fn fail_release(
         &self,
         service: &ServiceName,
         revision: u64,
         reason: &str,
         return_to: Option<u64>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut inner = self.inner();
-        inner.set_outcome(service, revision, Outcome::Failed, Some(reason));
-        if let Some(previous) = return_to {
-            if let Some(s) = inner.services.get_mut(service) {
-                s.target = previous;
+        self.write(|inner| {
+            inner.check(service, guard)?;
+            inner.set_outcome(service, revision, Outcome::Failed, Some(reason));
+            if let Some(previous) = return_to {
+                if let Some(s) = inner.services.get_mut(service) {
+                    s.target = previous;
+                }
+                inner.set_outcome(service, previous, Outcome::Active, None);
             }
-            inner.set_outcome(service, previous, Outcome::Active, None);
-        }
-        for e in events {
-            inner.append(e);
-        }
-        Ok(())
+            for e in events {
+                inner.append(e);
+            }
+            if return_to.is_some() {
+                inner.bump(service);
+            }
+            Ok(())
+        })
     }
 
-    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
-        let mut inner = self.inner();
-        inner.services.remove(name);
-        inner.rollouts.remove(name);
-        inner.append(event);
-        Ok(())
+    async fn remove_service(
+        &self,
+        name: &ServiceName,
+        event: &NewEvent,
+        guard: Guard,
+    ) -> Result<()> {
+        self.write(|inner| {
+            inner.check(name, guard)?;
+            inner.services.remove(name);
+            inner.rollouts.remove(name);
+            inner.append(event);
+            Ok(())
+        })
     }
 
-    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
+    async fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
         Ok(self.inner().rollouts.get(service).cloned())
     }
 
-    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()> {
+    async fn set_rollout(
+        &self,
+        service: &ServiceName,
+        rollout: &SavedRollout,
+        guard: Guard,
+    ) -> Result<()> {
+        self.write(|inner| {
+            inner.check(service, guard)?;
+            if inner.services.contains_key(service) {
+                inner.rollouts.insert(service.clone(), rollout.clone());
+            }
+            Ok(())
+        })
+    }
+
+    async fn lead(&self) -> Result<Fence> {
         let mut inner = self.inner();
-        if inner.services.contains_key(service) {
-            inner.rollouts.insert(service.clone(), rollout.clone());
+        inner.fence += 1;
+        Ok(Fence(inner.fence))
+    }
+
+    async fn append_event(&self, event: &NewEvent) -> Result<u64> {
+        self.write(|inner| Ok(inner.append(event)))
+    }
+
+    async fn watch(&self, after: u64) -> Result<Vec<Event>> {
+        let mut head = self.head.subscribe();
+        loop {
+            // Marked seen before the read: a write after it wakes the wait.
+            head.borrow_and_update();
+            let events = self.events(after).await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            // The sender lives as long as `self`.
+            let _ = head.changed().await;
         }
-        Ok(())
     }
 
-    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()> {
-        let mut inner = self.inner();
-        inner
-            .instances
-            .insert(instance.id.clone(), instance.clone());
-        inner.append(event);
-        Ok(())
-    }
-
-    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()> {
-        let mut inner = self.inner();
-        inner.instances.remove(id);
-        inner.append(event);
-        Ok(())
-    }
-
-    fn instances(&self) -> Result<Vec<InstanceRecord>> {
-        Ok(self.inner().instances.values().cloned().collect())
-    }
-
-    fn append_event(&self, event: &NewEvent) -> Result<u64> {
-        Ok(self.inner().append(event))
-    }
-
-    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
+    async fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
         Ok(*self.inner().secret_key.get_or_insert(fresh))
     }
 
-    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
+    async fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
         let mut inner = self.inner();
         for (sealed, value) in secrets {
             inner
@@ -290,38 +363,40 @@ impl StateStore for MemoryState {
         Ok(())
     }
 
-    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
+    async fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
         Ok(self.inner().secrets.get(sealed).cloned())
     }
 
-    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
-        let mut inner = self.inner();
-        if inner.tokens.contains_key(&record.name) {
-            return Ok(false);
-        }
-        inner.tokens.insert(record.name, record.clone());
-        inner.append(event);
-        Ok(true)
+    async fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
+        self.write(|inner| {
+            if inner.tokens.contains_key(&record.name) {
+                return Ok(false);
+            }
+            inner.tokens.insert(record.name, record.clone());
+            inner.append(event);
+            Ok(true)
+        })
     }
 
-    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
+    async fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
         Ok(self.inner().tokens.get(name).cloned())
     }
 
-    fn tokens(&self) -> Result<Vec<TokenRecord>> {
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
         Ok(self.inner().tokens.values().cloned().collect())
     }
 
-    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
-        let mut inner = self.inner();
-        if inner.tokens.remove(name).is_none() {
-            return Ok(false);
-        }
-        inner.append(event);
-        Ok(true)
+    async fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
+        self.write(|inner| {
+            if inner.tokens.remove(name).is_none() {
+                return Ok(false);
+            }
+            inner.append(event);
+            Ok(true)
+        })
     }
 
-    fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>> {
+    async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>> {
         let inner = self.inner();
         let from = usize::try_from(after)
             .unwrap_or(usize::MAX)
@@ -329,11 +404,11 @@ impl StateStore for MemoryState {
         Ok(inner.ledger[from..].to_vec())
     }
 
-    fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>> {
+    async fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>> {
         Ok(self.inner().checkpoints.values().cloned().collect())
     }
 
-    fn put_checkpoint(&self, cp: &kiln_core::ledger::Checkpoint) -> Result<()> {
+    async fn put_checkpoint(&self, cp: &kiln_core::ledger::Checkpoint) -> Result<()> {
         self.inner()
             .checkpoints
             .entry(cp.seq)
@@ -341,20 +416,38 @@ impl StateStore for MemoryState {
         Ok(())
     }
 
-    fn last_checkpoint(&self) -> Result<Option<u64>> {
+    async fn last_checkpoint(&self) -> Result<Option<u64>> {
         Ok(self.inner().checkpoints.keys().next_back().copied())
     }
 
-    fn head(&self) -> Result<Option<(u64, String)>> {
+    async fn head(&self) -> Result<Option<(u64, String)>> {
         Ok(self.inner().ledger.last().map(|e| (e.seq, e.hash.clone())))
     }
 
-    fn events(&self, after: u64) -> Result<Vec<Event>> {
+    async fn events(&self, after: u64) -> Result<Vec<Event>> {
         let inner = self.inner();
         // seq n is at index n - 1.
         let from = usize::try_from(after)
             .unwrap_or(usize::MAX)
             .min(inner.events.len());
         Ok(inner.events[from..].to_vec())
+    }
+}
+
+impl NodeState for MemoryState {
+    fn put_instance(&self, instance: &InstanceRecord) -> Result<()> {
+        self.inner()
+            .instances
+            .insert(instance.id.clone(), instance.clone());
+        Ok(())
+    }
+
+    fn remove_instance(&self, id: &str) -> Result<()> {
+        self.inner().instances.remove(id);
+        Ok(())
+    }
+
+    fn instances(&self) -> Result<Vec<InstanceRecord>> {
+        Ok(self.inner().instances.values().cloned().collect())
     }
 }

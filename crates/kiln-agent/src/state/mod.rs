@@ -49,6 +49,18 @@ pub enum StateError {
     ReleaseExists { service: ServiceName, revision: u64 },
     #[error("state database: {0}")]
     Backend(BackendError),
+    /// A conditional change whose service moved on since it was read.
+    #[error(
+        "service {service} changed while this change was prepared (version {expected}, now {found}): another apply, rollback or removal came first; read it again"
+    )]
+    Conflict {
+        service: ServiceName,
+        expected: u64,
+        found: u64,
+    },
+    /// A write by a leader that is not the newest any more.
+    #[error("a newer leader holds the state (fence {newest}, this writer's {fence}): the write is refused", fence = .fence.0, newest = .newest.0)]
+    Fenced { fence: Fence, newest: Fence },
     #[error("state database holds a malformed secret key ({0} bytes, not 32)")]
     SecretKey(usize),
     #[error("state database holds an unreadable {what}: {source}")]
@@ -68,6 +80,12 @@ pub struct ServiceRecord {
     pub settings: ServiceSettings,
     /// The release the reconciler drives the service to.
     pub target: u64,
+    /// Which change of the service this is: the sequence number of the
+    /// event of its last apply, rollback or automatic return (set by the
+    /// store; what a [`Guard`] compares). 0 in a record not read from a
+    /// store.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A running instance, recorded so that an agent restarted after a crash
@@ -140,49 +158,118 @@ impl NewEvent {
     }
 }
 
-/// The agent's durable state.
-pub trait StateStore: Send + Sync {
-    fn services(&self) -> Result<Vec<ServiceRecord>>;
-    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
+/// A leader's fencing token: [`ClusterState::lead`] hands out a larger
+/// one each time, and a write that carries one is refused once a larger
+/// one exists (a deposed leader's late writes fail instead of undoing its
+/// successor's).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Fence(pub u64);
+
+/// What a compound change is conditional on: it is made only if every
+/// condition holds when it is written, or not at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Guard {
+    /// The version of the service's record the writer read
+    /// ([`ServiceRecord::version`]; 0: the service did not exist).
+    pub version: Option<u64>,
+    /// The writer's leadership.
+    pub fence: Option<Fence>,
+}
+
+impl Guard {
+    /// Unconditional.
+    pub const NONE: Self = Self {
+        version: None,
+        fence: None,
+    };
+
+    /// Only if the service's record is still at `version`.
+    pub fn version(version: u64) -> Self {
+        Self {
+            version: Some(version),
+            fence: None,
+        }
+    }
+
+    /// Only while `fence` is the newest leadership.
+    pub fn fence(fence: Fence) -> Self {
+        Self {
+            version: None,
+            fence: Some(fence),
+        }
+    }
+
+    /// Whether a write under this guard may be made, given the record's
+    /// version now (0: absent) and the newest fence handed out. Every
+    /// backend decides with this one function, inside its transaction.
+    pub fn check(&self, service: &ServiceName, version: u64, newest: Fence) -> Result<()> {
+        if let Some(fence) = self.fence
+            && fence < newest
+        {
+            return Err(StateError::Fenced { fence, newest });
+        }
+        match self.version {
+            Some(expected) if expected != version => Err(StateError::Conflict {
+                service: service.clone(),
+                expected,
+                found: version,
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The state every node of a cluster shares: services, releases, their
+/// rollouts, the ledger, tokens, secrets and the trust policy's record.
+/// Async (a cluster backend answers over the network); every compound
+/// change is one transaction, conditional on a [`Guard`]; [`watch`]
+/// (Self::watch) tells what changed after a sequence number.
+#[async_trait::async_trait]
+pub trait ClusterState: Send + Sync {
+    async fn services(&self) -> Result<Vec<ServiceRecord>>;
+    async fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>>;
     /// Every release of the service, by revision: its history (`kiln
     /// history`, a rollback's choice). Grows with every release: not for
     /// the paths that run all the time.
-    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
+    async fn releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
     /// The releases that are not history yet, by revision: pending and
     /// active ones, the service's target (whatever its outcome) and its
     /// newest. A handful however long the history, read by every
     /// controller pass and every status.
-    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
-    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
+    async fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>>;
+    async fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>>;
     /// Every release of every service, removed ones included, by service
     /// then revision (what a collection of the store must keep).
-    fn all_releases(&self) -> Result<Vec<Release>>;
+    async fn all_releases(&self) -> Result<Vec<Release>>;
     /// Record an apply of one service: a new release (if any) and the
     /// service's settings and target, with their events, atomically.
-    fn record_apply(
+    async fn record_apply(
         &self,
         service: &ServiceRecord,
         release: Option<&Release>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()>;
     /// A rollback, as one change: the rollout it abandons (if any) marked
     /// failed with `reason`, the new release recorded and made the target.
     /// A crash can never leave the service pointing at the abandoned release.
-    fn record_rollback(
+    async fn record_rollback(
         &self,
         service: &ServiceRecord,
         release: &Release,
         abandoned: Option<(u64, &str)>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()>;
     /// Set a release's outcome (and the reason, for failures), with its event.
-    fn set_outcome(
+    async fn set_outcome(
         &self,
         service: &ServiceName,
         revision: u64,
         outcome: Outcome,
         reason: Option<&str>,
         event: &NewEvent,
+        guard: Guard,
     ) -> Result<()>;
     /// A failed rollout, as one change: the release is marked failed with
     /// its reason and, when `return_to` says so, the service points back at
@@ -190,68 +277,97 @@ pub trait StateStore: Send + Sync {
     /// superseded when the failure came in the failed release's watch).
     /// Nobody ever sees a failed release that the service is still moving
     /// to.
-    fn fail_release(
+    async fn fail_release(
         &self,
         service: &ServiceName,
         revision: u64,
         reason: &str,
         return_to: Option<u64>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()>;
     /// Remove a service, with its event, as one change: its record goes
     /// (it is no longer reconciled); its releases and events stay.
     /// Removing what does not exist changes nothing but the event.
-    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()>;
+    async fn remove_service(
+        &self,
+        name: &ServiceName,
+        event: &NewEvent,
+        guard: Guard,
+    ) -> Result<()>;
     /// The service's rollout as its controller last saved it (`None`: never
     /// saved, or the service is unknown).
-    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>>;
+    async fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>>;
     /// Keep the service's rollout (a new agent process resumes from it);
-    /// nothing for a service that does not exist.
-    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()>;
-    fn put_instance(&self, instance: &InstanceRecord, event: &NewEvent) -> Result<()>;
-    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()>;
-    fn instances(&self) -> Result<Vec<InstanceRecord>>;
-    fn append_event(&self, event: &NewEvent) -> Result<u64>;
-    /// The node's key for sealing secrets: the one kept, or `fresh` (kept
-    /// from now on) when there is none yet. The caller brings the
+    /// nothing for a service that does not exist. Not a change of the
+    /// service's version (an apply does not conflict with it).
+    async fn set_rollout(
+        &self,
+        service: &ServiceName,
+        rollout: &SavedRollout,
+        guard: Guard,
+    ) -> Result<()>;
+    /// Take the leadership: a fence larger than any handed out before.
+    async fn lead(&self) -> Result<Fence>;
+    async fn append_event(&self, event: &NewEvent) -> Result<u64>;
+    /// The events after sequence number `after`, as soon as there is at
+    /// least one: at once when some were written meanwhile (a watcher that
+    /// fell behind resumes where it was), else when the next is written.
+    async fn watch(&self, after: u64) -> Result<Vec<Event>>;
+    /// The cluster's key for sealing secrets: the one kept, or `fresh`
+    /// (kept from now on) when there is none yet. The caller brings the
     /// randomness.
-    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]>;
+    async fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]>;
     /// Keep secret values under their sealed digests. A digest names one
     /// value for ever (same key, name and value), so keeping one twice
     /// changes nothing.
-    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()>;
+    async fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()>;
     /// A secret's value, by its sealed digest.
-    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>>;
+    async fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>>;
     /// Keep a new API token's record with the event saying so, in one
     /// transaction; `false` (and nothing written) when the name is taken.
-    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool>;
+    async fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool>;
     /// The record of the token `name`, if it exists (revoked ones do not).
-    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>>;
+    async fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>>;
     /// Every token's record, by name.
-    fn tokens(&self) -> Result<Vec<TokenRecord>>;
+    async fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Forget a token with the event saying so; `false` when there was none.
-    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool>;
+    async fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool>;
     /// The ledger's entries after sequence number `after` (each event
     /// with its place in the hash chain).
-    fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>>;
+    async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>>;
     /// Every signed checkpoint, in order.
-    fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>>;
-    fn put_checkpoint(&self, checkpoint: &kiln_core::ledger::Checkpoint) -> Result<()>;
+    async fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>>;
+    async fn put_checkpoint(&self, checkpoint: &kiln_core::ledger::Checkpoint) -> Result<()>;
     /// The entry the last checkpoint signed (read every second by the
     /// agent: one row, not every checkpoint).
-    fn last_checkpoint(&self) -> Result<Option<u64>>;
+    async fn last_checkpoint(&self) -> Result<Option<u64>>;
     /// The last entry's sequence number and hash.
-    fn head(&self) -> Result<Option<(u64, String)>>;
+    async fn head(&self) -> Result<Option<(u64, String)>>;
     /// The events after sequence number `after`, in order (the read side
-    /// of the log: the ledger and `kiln audit` will read it).
-    fn events(&self, after: u64) -> Result<Vec<Event>>;
+    /// of the log: the ledger and `kiln audit` read it).
+    async fn events(&self, after: u64) -> Result<Vec<Event>>;
     /// The events of these kinds, in order (the drift detector's earlier
     /// findings, read at start without decoding the whole ledger).
-    fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
-        let mut all = self.events(0)?;
+    async fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
+        let mut all = self.events(0).await?;
         all.retain(|e| kinds.contains(&e.change.kind()));
         Ok(all)
     }
+}
+
+/// What only this node knows: the instances it runs, with their pids and
+/// start times (so an agent restarted after a crash finds, and ends or
+/// adopts, what the previous one started). The node's signing key is a
+/// file beside it ([`crate::ledger::NodeKey`]). Synchronous: it is local
+/// to the node by definition. Their events go to the cluster's ledger, in
+/// a second write (a record without its event is found and reported by
+/// the next agent; an event without its record cannot happen: the record
+/// is written first).
+pub trait NodeState: Send + Sync {
+    fn put_instance(&self, instance: &InstanceRecord) -> Result<()>;
+    fn remove_instance(&self, id: &str) -> Result<()>;
+    fn instances(&self) -> Result<Vec<InstanceRecord>>;
 }
 
 /// The time an event is written (RFC 3339, milliseconds).

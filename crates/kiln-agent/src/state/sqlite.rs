@@ -1,4 +1,4 @@
-//! The one-node [`StateStore`]: SQLite (bundled), WAL, under
+//! The one-node [`ClusterState`] and [`NodeState`]: SQLite (bundled), WAL, under
 //! `$KILN_HOME/state.db`.
 
 use std::path::Path;
@@ -15,7 +15,10 @@ use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-use super::{Event, InstanceRecord, NewEvent, Result, ServiceRecord, StateError, StateStore, now};
+use super::{
+    ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result, ServiceRecord,
+    StateError, now,
+};
 
 impl From<rusqlite::Error> for StateError {
     fn from(e: rusqlite::Error) -> Self {
@@ -31,7 +34,14 @@ impl From<rusqlite::Error> for StateError {
 /// write lock.
 pub struct SqliteState {
     conn: Mutex<Connection>,
+    /// The last event's sequence number this process wrote or saw, for
+    /// watchers (another process's writes are found by polling).
+    head: tokio::sync::watch::Sender<u64>,
 }
+
+/// How often a watcher looks for events another process wrote (this
+/// process's own writes wake it at once).
+const WATCH_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS services (
@@ -252,7 +262,12 @@ impl SqliteState {
         // A database made before events named their actor, or before
         // rollouts were kept, gains the column (earlier rows read as actor
         // unknown; services as having no saved rollout: idle).
-        for (table, column) in [("events", "actor"), ("services", "rollout")] {
+        // Services made before versions were kept read as version 0.
+        for (table, column, kind) in [
+            ("events", "actor", "TEXT"),
+            ("services", "rollout", "TEXT"),
+            ("services", "version", "INTEGER NOT NULL DEFAULT 0"),
+        ] {
             let has = conn
                 .prepare(&format!(
                     "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
@@ -260,12 +275,13 @@ impl SqliteState {
                 .and_then(|mut q| q.exists([]))
                 .map_err(open_err)?;
             if !has {
-                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} TEXT"))
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
                     .map_err(open_err)?;
             }
         }
         let state = Self {
             conn: Mutex::new(conn),
+            head: tokio::sync::watch::Sender::new(0),
         };
         state.chain_unchained()?;
         Ok(state)
@@ -306,6 +322,69 @@ impl SqliteState {
         // (every change is a transaction), so a poisoned lock is still usable.
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    /// One write transaction (IMMEDIATE: the write lock is taken at once,
+    /// so what it reads stays true until it commits); watchers hear of the
+    /// events it appended once it committed.
+    fn write<T>(&self, change: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<T>) -> Result<T> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let done = change(&tx)?;
+        let head = head_in(&tx)?;
+        tx.commit()?;
+        drop(conn);
+        self.head
+            .send_if_modified(|h| std::mem::replace(h, head) != head);
+        Ok(done)
+    }
+}
+
+/// The last event's sequence number (0: none).
+fn head_in(conn: &Connection) -> Result<u64> {
+    Ok(
+        conn.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| {
+            r.get::<_, i64>(0)
+        })? as u64,
+    )
+}
+
+/// The guard's verdict on a change of `service`, inside the transaction
+/// that makes it.
+fn check_in(conn: &Connection, service: &ServiceName, guard: Guard) -> Result<()> {
+    if guard == Guard::NONE {
+        return Ok(());
+    }
+    let version: i64 = conn
+        .query_row(
+            "SELECT version FROM services WHERE name = ?1",
+            [service.as_str()],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    guard.check(service, version as u64, Fence(fence_in(conn)?))
+}
+
+/// The newest fence handed out (0: none).
+fn fence_in(conn: &Connection) -> Result<u64> {
+    let value: Option<Vec<u8>> = conn
+        .query_row("SELECT value FROM node WHERE name = 'fence'", [], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(value
+        .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+        .map_or(0, u64::from_be_bytes))
+}
+
+/// The service's record was changed by the events just written: its
+/// version is the last one's sequence number.
+fn bump_in(conn: &Connection, service: &ServiceName) -> Result<()> {
+    conn.execute(
+        "UPDATE services SET version = (SELECT COALESCE(MAX(seq), 0) FROM events) WHERE name = ?1",
+        [service.as_str()],
+    )?;
+    Ok(())
 }
 
 fn decode<T: serde::de::DeserializeOwned>(what: &'static str, s: &str) -> Result<T> {
@@ -355,49 +434,60 @@ fn release_decode(r: ReleaseRow) -> Result<Release> {
 
 const RELEASE_COLUMNS: &str = "service, revision, config, hash, created, cause, outcome, reason";
 
-impl StateStore for SqliteState {
-    fn services(&self) -> Result<Vec<ServiceRecord>> {
+#[async_trait::async_trait]
+impl ClusterState for SqliteState {
+    async fn services(&self) -> Result<Vec<ServiceRecord>> {
         let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, settings, target FROM services ORDER BY name")?;
+        let mut stmt =
+            conn.prepare("SELECT name, settings, target, version FROM services ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, settings, target) = row?;
+            let (name, settings, target, version) = row?;
             out.push(ServiceRecord {
                 name: decode("service name", &json(&name))?,
                 settings: decode("service settings", &settings)?,
                 target: target as u64,
+                version: version as u64,
             });
         }
         Ok(out)
     }
 
-    fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
+    async fn service(&self, name: &ServiceName) -> Result<Option<ServiceRecord>> {
         let conn = self.conn();
         let row = conn
             .query_row(
-                "SELECT settings, target FROM services WHERE name = ?1",
+                "SELECT settings, target, version FROM services WHERE name = ?1",
                 [name.as_str()],
-                |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                },
             )
             .optional()?;
-        row.map(|(settings, target)| {
+        row.map(|(settings, target, version)| {
             Ok(ServiceRecord {
                 name: name.clone(),
                 settings: decode("service settings", &settings)?,
                 target: target as u64,
+                version: version as u64,
             })
         })
         .transpose()
     }
 
-    fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+    async fn releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {RELEASE_COLUMNS} FROM releases WHERE service = ?1 ORDER BY revision"
@@ -406,7 +496,7 @@ impl StateStore for SqliteState {
         rows.map(|r| release_decode(r?)).collect()
     }
 
-    fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
+    async fn rollout(&self, service: &ServiceName) -> Result<Option<SavedRollout>> {
         let conn = self.conn();
         let row: Option<Option<String>> = conn
             .query_row(
@@ -420,19 +510,27 @@ impl StateStore for SqliteState {
             .transpose()
     }
 
-    fn set_rollout(&self, service: &ServiceName, rollout: &SavedRollout) -> Result<()> {
+    async fn set_rollout(
+        &self,
+        service: &ServiceName,
+        rollout: &SavedRollout,
+        guard: Guard,
+    ) -> Result<()> {
         let json = serde_json::to_string(rollout).map_err(|source| StateError::Decode {
             what: "saved rollout",
             source,
         })?;
-        self.conn().execute(
-            "UPDATE services SET rollout = ?2 WHERE name = ?1",
-            params![service.as_str(), json],
-        )?;
-        Ok(())
+        self.write(|tx| {
+            check_in(tx, service, guard)?;
+            tx.execute(
+                "UPDATE services SET rollout = ?2 WHERE name = ?1",
+                params![service.as_str(), json],
+            )?;
+            Ok(())
+        })
     }
 
-    fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
+    async fn current_releases(&self, service: &ServiceName) -> Result<Vec<Release>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {RELEASE_COLUMNS} FROM releases WHERE service = ?1 AND (
@@ -445,7 +543,7 @@ impl StateStore for SqliteState {
         rows.map(|r| release_decode(r?)).collect()
     }
 
-    fn all_releases(&self) -> Result<Vec<Release>> {
+    async fn all_releases(&self) -> Result<Vec<Release>> {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!(
             "SELECT {RELEASE_COLUMNS} FROM releases ORDER BY service, revision"
@@ -454,7 +552,7 @@ impl StateStore for SqliteState {
         rows.map(|r| release_decode(r?)).collect()
     }
 
-    fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
+    async fn release(&self, service: &ServiceName, revision: u64) -> Result<Option<Release>> {
         let conn = self.conn();
         let row = conn
             .query_row(
@@ -468,106 +566,289 @@ impl StateStore for SqliteState {
         row.map(release_decode).transpose()
     }
 
-    fn record_apply(
+    async fn record_apply(
         &self,
         service: &ServiceRecord,
         release: Option<&Release>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        apply_in(&tx, service, release, events)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            check_in(tx, &service.name, guard)?;
+            apply_in(tx, service, release, events)
+        })
     }
 
-    fn record_rollback(
+    async fn record_rollback(
         &self,
         service: &ServiceRecord,
         release: &Release,
         abandoned: Option<(u64, &str)>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some((revision, reason)) = abandoned {
-            set_outcome_in(&tx, &service.name, revision, Outcome::Failed, Some(reason))?;
-        }
-        apply_in(&tx, service, Some(release), events)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            check_in(tx, &service.name, guard)?;
+            if let Some((revision, reason)) = abandoned {
+                set_outcome_in(tx, &service.name, revision, Outcome::Failed, Some(reason))?;
+            }
+            apply_in(tx, service, Some(release), events)
+        })
     }
 
-    fn set_outcome(
+    async fn set_outcome(
         &self,
         service: &ServiceName,
         revision: u64,
         outcome: Outcome,
         reason: Option<&str>,
         event: &NewEvent,
+        guard: Guard,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        set_outcome_in(&tx, service, revision, outcome, reason)?;
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        Ok(())
+        self.write(|tx| {
+            check_in(tx, service, guard)?;
+            set_outcome_in(tx, service, revision, outcome, reason)?;
+            insert_event(tx, event)?;
+            Ok(())
+        })
     }
 
-    fn fail_release(
+    async fn fail_release(
         &self,
         service: &ServiceName,
         revision: u64,
         reason: &str,
         return_to: Option<u64>,
         events: &[NewEvent],
+        guard: Guard,
     ) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        set_outcome_in(&tx, service, revision, Outcome::Failed, Some(reason))?;
-        if let Some(previous) = return_to {
+        self.write(|tx| {
+            check_in(tx, service, guard)?;
+            set_outcome_in(tx, service, revision, Outcome::Failed, Some(reason))?;
+            if let Some(previous) = return_to {
+                tx.execute(
+                    "UPDATE services SET target = ?2 WHERE name = ?1",
+                    params![service.as_str(), previous as i64],
+                )?;
+                // Superseded when the failed release went live (a failure in
+                // its watch): it is what runs again.
+                set_outcome_in(tx, service, previous, Outcome::Active, None)?;
+            }
+            for e in events {
+                insert_event(tx, e)?;
+            }
+            if return_to.is_some() {
+                bump_in(tx, service)?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn remove_service(
+        &self,
+        name: &ServiceName,
+        event: &NewEvent,
+        guard: Guard,
+    ) -> Result<()> {
+        self.write(|tx| {
+            check_in(tx, name, guard)?;
+            tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
+            insert_event(tx, event)?;
+            Ok(())
+        })
+    }
+
+    async fn lead(&self) -> Result<Fence> {
+        self.write(|tx| {
+            let next = fence_in(tx)? + 1;
             tx.execute(
-                "UPDATE services SET target = ?2 WHERE name = ?1",
-                params![service.as_str(), previous as i64],
+                "INSERT OR REPLACE INTO node (name, value) VALUES ('fence', ?1)",
+                [&next.to_be_bytes()[..]],
             )?;
-            // Superseded when the failed release went live (a failure in
-            // its watch): it is what runs again.
-            set_outcome_in(&tx, service, previous, Outcome::Active, None)?;
-        }
-        for e in events {
-            insert_event(&tx, e)?;
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(Fence(next))
+        })
     }
 
-    fn remove_service(&self, name: &ServiceName, event: &NewEvent) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        Ok(())
+    async fn watch(&self, after: u64) -> Result<Vec<Event>> {
+        let mut head = self.head.subscribe();
+        loop {
+            // Marked seen before the read: a write after it wakes the wait.
+            head.borrow_and_update();
+            let events = self.query_events("seq > ?1", &[&(after as i64)])?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            let _ = tokio::time::timeout(WATCH_POLL, head.changed()).await;
+        }
     }
 
-    fn put_instance(&self, i: &InstanceRecord, event: &NewEvent) -> Result<()> {
+    async fn append_event(&self, event: &NewEvent) -> Result<u64> {
+        self.write(|tx| insert_event(tx, event))
+    }
+
+    async fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute(
-            "INSERT OR REPLACE INTO instances (id, service, revision, slot, pid, start_ticks, port) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![i.id, i.service.as_str(), i.revision as i64, i.slot, i.pid, i.start_ticks as i64, i.port],
+            "INSERT OR IGNORE INTO node (name, value) VALUES ('secret-key', ?1)",
+            [&fresh[..]],
         )?;
-        insert_event(&tx, event)?;
+        let key: Vec<u8> = tx.query_row(
+            "SELECT value FROM node WHERE name = 'secret-key'",
+            [],
+            |r| r.get(0),
+        )?;
+        tx.commit()?;
+        <[u8; 32]>::try_from(key.as_slice()).map_err(|_| StateError::SecretKey(key.len()))
+    }
+
+    async fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for (sealed, value) in secrets {
+            tx.execute(
+                "INSERT OR IGNORE INTO secrets (sealed, value) VALUES (?1, ?2)",
+                params![sealed.as_str(), value.expose()],
+            )?;
+        }
         tx.commit()?;
         Ok(())
     }
 
-    fn remove_instance(&self, id: &str, event: &NewEvent) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute("DELETE FROM instances WHERE id = ?1", [id])?;
-        insert_event(&tx, event)?;
-        tx.commit()?;
+    async fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
+        let conn = self.conn();
+        let v: Option<String> = conn
+            .query_row(
+                "SELECT value FROM secrets WHERE sealed = ?1",
+                [sealed.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(v.map(SecretValue::new))
+    }
+
+    async fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
+        self.write(|tx| {
+            let added = tx.execute(
+                "INSERT OR IGNORE INTO tokens (name, record) VALUES (?1, ?2)",
+                params![record.name.as_str(), json(record)],
+            )?;
+            if added == 0 {
+                return Ok(false);
+            }
+            insert_event(tx, event)?;
+            Ok(true)
+        })
+    }
+
+    async fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
+        let conn = self.conn();
+        let v: Option<String> = conn
+            .query_row(
+                "SELECT record FROM tokens WHERE name = ?1",
+                [name.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        v.map(|v| decode("token record", &v)).transpose()
+    }
+
+    async fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT name, record FROM tokens ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(1))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(decode("token record", &row?)?);
+        }
+        Ok(out)
+    }
+
+    async fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
+        self.write(|tx| {
+            if tx.execute("DELETE FROM tokens WHERE name = ?1", [name.as_str()])? == 0 {
+                return Ok(false);
+            }
+            insert_event(tx, event)?;
+            Ok(true)
+        })
+    }
+
+    async fn ledger(&self, after: u64) -> Result<Vec<ledger::Entry>> {
+        read_ledger(&self.conn(), after)
+    }
+
+    async fn checkpoints(&self) -> Result<Vec<ledger::Checkpoint>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT seq, head, time, signature FROM checkpoints ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ledger::Checkpoint {
+                seq: r.get::<_, i64>(0)? as u64,
+                head: r.get(1)?,
+                time: r.get(2)?,
+                signature: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    async fn put_checkpoint(&self, cp: &ledger::Checkpoint) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO checkpoints (seq, head, time, signature) VALUES (?1, ?2, ?3, ?4)",
+            params![cp.seq as i64, cp.head, cp.time, cp.signature],
+        )?;
+        Ok(())
+    }
+
+    async fn last_checkpoint(&self) -> Result<Option<u64>> {
+        Ok(self
+            .conn()
+            .query_row("SELECT MAX(seq) FROM checkpoints", [], |r| {
+                r.get::<_, Option<i64>>(0)
+            })?
+            .map(|s| s as u64))
+    }
+
+    async fn head(&self) -> Result<Option<(u64, String)>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()?)
+    }
+
+    async fn events(&self, after: u64) -> Result<Vec<Event>> {
+        // Saturating: `after as i64` wrapped a large `after` to -1 (everything).
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.query_events("seq > ?1", &[&after])
+    }
+
+    async fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
+        let mut out = Vec::new();
+        for kind in kinds {
+            out.extend(self.query_events("kind = ?1", &[kind])?);
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
+}
+
+impl NodeState for SqliteState {
+    fn put_instance(&self, i: &InstanceRecord) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR REPLACE INTO instances (id, service, revision, slot, pid, start_ticks, port) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![i.id, i.service.as_str(), i.revision as i64, i.slot, i.pid, i.start_ticks as i64, i.port],
+        )?;
+        Ok(())
+    }
+
+    fn remove_instance(&self, id: &str) -> Result<()> {
+        self.conn()
+            .execute("DELETE FROM instances WHERE id = ?1", [id])?;
         Ok(())
     }
 
@@ -600,166 +881,6 @@ impl StateStore for SqliteState {
                 port,
             });
         }
-        Ok(out)
-    }
-
-    fn append_event(&self, event: &NewEvent) -> Result<u64> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let seq = insert_event(&tx, event)?;
-        tx.commit()?;
-        Ok(seq)
-    }
-
-    fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT OR IGNORE INTO node (name, value) VALUES ('secret-key', ?1)",
-            [&fresh[..]],
-        )?;
-        let key: Vec<u8> = tx.query_row(
-            "SELECT value FROM node WHERE name = 'secret-key'",
-            [],
-            |r| r.get(0),
-        )?;
-        tx.commit()?;
-        <[u8; 32]>::try_from(key.as_slice()).map_err(|_| StateError::SecretKey(key.len()))
-    }
-
-    fn put_secrets(&self, secrets: &[(Sealed, SecretValue)]) -> Result<()> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        for (sealed, value) in secrets {
-            tx.execute(
-                "INSERT OR IGNORE INTO secrets (sealed, value) VALUES (?1, ?2)",
-                params![sealed.as_str(), value.expose()],
-            )?;
-        }
-        tx.commit()?;
-        Ok(())
-    }
-
-    fn secret(&self, sealed: &Sealed) -> Result<Option<SecretValue>> {
-        let conn = self.conn();
-        let v: Option<String> = conn
-            .query_row(
-                "SELECT value FROM secrets WHERE sealed = ?1",
-                [sealed.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        Ok(v.map(SecretValue::new))
-    }
-
-    fn put_token(&self, record: &TokenRecord, event: &NewEvent) -> Result<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let added = tx.execute(
-            "INSERT OR IGNORE INTO tokens (name, record) VALUES (?1, ?2)",
-            params![record.name.as_str(), json(record)],
-        )?;
-        if added == 0 {
-            return Ok(false);
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        Ok(true)
-    }
-
-    fn token(&self, name: &TokenName) -> Result<Option<TokenRecord>> {
-        let conn = self.conn();
-        let v: Option<String> = conn
-            .query_row(
-                "SELECT record FROM tokens WHERE name = ?1",
-                [name.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        v.map(|v| decode("token record", &v)).transpose()
-    }
-
-    fn tokens(&self) -> Result<Vec<TokenRecord>> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare("SELECT name, record FROM tokens ORDER BY name")?;
-        let rows = stmt.query_map([], |r| r.get::<_, String>(1))?;
-        let mut out = Vec::new();
-        for row in rows {
-            out.push(decode("token record", &row?)?);
-        }
-        Ok(out)
-    }
-
-    fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if tx.execute("DELETE FROM tokens WHERE name = ?1", [name.as_str()])? == 0 {
-            return Ok(false);
-        }
-        insert_event(&tx, event)?;
-        tx.commit()?;
-        Ok(true)
-    }
-
-    fn ledger(&self, after: u64) -> Result<Vec<ledger::Entry>> {
-        read_ledger(&self.conn(), after)
-    }
-
-    fn checkpoints(&self) -> Result<Vec<ledger::Checkpoint>> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT seq, head, time, signature FROM checkpoints ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| {
-            Ok(ledger::Checkpoint {
-                seq: r.get::<_, i64>(0)? as u64,
-                head: r.get(1)?,
-                time: r.get(2)?,
-                signature: r.get(3)?,
-            })
-        })?;
-        Ok(rows.collect::<rusqlite::Result<_>>()?)
-    }
-
-    fn put_checkpoint(&self, cp: &ledger::Checkpoint) -> Result<()> {
-        self.conn().execute(
-            "INSERT OR IGNORE INTO checkpoints (seq, head, time, signature) VALUES (?1, ?2, ?3, ?4)",
-            params![cp.seq as i64, cp.head, cp.time, cp.signature],
-        )?;
-        Ok(())
-    }
-
-    fn last_checkpoint(&self) -> Result<Option<u64>> {
-        Ok(self
-            .conn()
-            .query_row("SELECT MAX(seq) FROM checkpoints", [], |r| {
-                r.get::<_, Option<i64>>(0)
-            })?
-            .map(|s| s as u64))
-    }
-
-    fn head(&self) -> Result<Option<(u64, String)>> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
-            )
-            .optional()?)
-    }
-
-    fn events(&self, after: u64) -> Result<Vec<Event>> {
-        // Saturating: `after as i64` wrapped a large `after` to -1 (everything).
-        let after = i64::try_from(after).unwrap_or(i64::MAX);
-        self.query_events("seq > ?1", &[&after])
-    }
-
-    fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
-        let mut out = Vec::new();
-        for kind in kinds {
-            out.extend(self.query_events("kind = ?1", &[kind])?);
-        }
-        out.sort_by_key(|e| e.seq);
         Ok(out)
     }
 }
@@ -862,7 +983,7 @@ fn apply_in(
     for e in events {
         insert_event(tx, e)?;
     }
-    Ok(())
+    bump_in(tx, &service.name)
 }
 
 #[cfg(test)]
@@ -881,49 +1002,50 @@ mod tests {
         crate::state::contract::contract_tests!(super::fresh);
     }
 
-    #[test]
-    fn everything_survives_reopening() {
+    #[tokio::test]
+    async fn everything_survives_reopening() {
         let (dir, state) = fresh();
         let name = web();
         let r1 = release(1);
         state
-            .record_apply(&service(&name, 2, 1), Some(&r1), &[event("x")])
+            .record_apply(&service(&name, 2, 1), Some(&r1), &[event("x")], Guard::NONE)
+            .await
             .unwrap();
         drop(state);
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
-        assert_eq!(state.releases(&name).unwrap(), [r1]);
-        assert_eq!(state.service(&name).unwrap().unwrap().target, 1);
-        assert_eq!(state.events(0).unwrap().len(), 1);
+        assert_eq!(state.releases(&name).await.unwrap(), [r1]);
+        assert_eq!(state.service(&name).await.unwrap().unwrap().target, 1);
+        assert_eq!(state.events(0).await.unwrap().len(), 1);
     }
 
     /// A database from before the ledger (events, no ledger rows) has its
     /// events chained, in order, when it is opened; the ledger is
     /// append-only like the events.
-    #[test]
-    fn events_recorded_before_the_ledger_are_chained_on_open() {
+    #[tokio::test]
+    async fn events_recorded_before_the_ledger_are_chained_on_open() {
         let (dir, state) = fresh();
         for r in ["a", "b", "c"] {
-            state.append_event(&event(r)).unwrap();
+            state.append_event(&event(r)).await.unwrap();
         }
-        let before = state.ledger(0).unwrap();
+        let before = state.ledger(0).await.unwrap();
         {
             let conn = state.conn();
             assert!(conn.execute("DELETE FROM ledger", []).is_err());
             conn.execute_batch("DROP TRIGGER ledger_append_only_delete; DELETE FROM ledger;")
                 .unwrap();
         }
-        assert_eq!(state.head().unwrap(), None);
+        assert_eq!(state.head().await.unwrap(), None);
         drop(state);
         let state = SqliteState::open(&dir.path().join("state.db")).unwrap();
-        let after = state.ledger(0).unwrap();
+        let after = state.ledger(0).await.unwrap();
         assert_eq!(after, before, "the same chain as when written");
         kiln_core::ledger::verify(&after, &[], &[0; 32]).unwrap();
     }
 
-    #[test]
-    fn events_are_append_only() {
+    #[tokio::test]
+    async fn events_are_append_only() {
         let (_dir, state) = fresh();
-        state.append_event(&event("x")).unwrap();
+        state.append_event(&event("x")).await.unwrap();
         let conn = state.conn();
         assert!(conn.execute("UPDATE events SET kind = 'y'", []).is_err());
         assert!(conn.execute("DELETE FROM events", []).is_err());
