@@ -13,8 +13,9 @@
 //!   (`instance::logs`), its probes (`instance::probe`); [`runtime`]:
 //!   bubblewrap with its seccomp filter, or a plain process.
 //! - [`router`]: the listeners, routes and metrics.
-//! - [`state`]: the `StateStore` trait, its SQLite and in-memory stores
-//!   and their contract tests; [`ledger`]: the chain's checkpoints and
+//! - [`state`]: `ClusterState` (what a cluster shares: async, conditional,
+//!   watched) and `NodeState` (this node's instances), their SQLite and
+//!   in-memory stores and their contract tests; [`ledger`]: the chain's checkpoints and
 //!   verification; [`trust`]: the agent's signature policy.
 //! - [`drift`]: watching and verifying image trees; [`gc`]: collecting the
 //!   store and the logs.

@@ -112,13 +112,17 @@ impl Shared {
         self
     }
 
-    /// `SERVICE-rN-xxxxxx`: unique, and names its release.
+    /// `SERVICE-rN-` and 64 bits (16 hex digits) of this agent's seed and
+    /// counter: unique across a cluster's nodes and agent processes (at
+    /// the 24 bits it had, two nodes starting a thousand instances each
+    /// would share an id in about one cluster in eight), and names its
+    /// release.
     pub fn new_instance_id(&self, service: &ServiceName, revision: u64) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         let mut h = Sha256::new();
         h.update(self.seed.to_le_bytes());
         h.update(n.to_le_bytes());
-        let hex = kiln_core::digest::hex(&h.finalize()[..3]);
+        let hex = kiln_core::digest::hex(&h.finalize()[..8]);
         format!("{service}-r{revision}-{hex}")
     }
 }
@@ -138,6 +142,38 @@ impl Runtimes {
             Self::Node => crate::runtime::runtime(kind).map(Arc::from),
             #[cfg(test)]
             Self::Only(rt) => Ok(rt.clone()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(seed: u64) -> Shared {
+        Shared::new(
+            std::path::PathBuf::from("/nonexistent"),
+            Store::open(tempfile::tempdir().unwrap().path()).unwrap(),
+            Arc::new(crate::state::MemoryState::new()),
+            Backoff::default(),
+            crate::router::Router::with_budget(10),
+            seed,
+        )
+    }
+
+    #[test]
+    fn instance_ids_carry_64_bits_and_differ_across_agents() {
+        let web = ServiceName::try_from("web").unwrap();
+        let (a, b) = (shared(1), shared(2));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..5000 {
+            for s in [&a, &b] {
+                let id = s.new_instance_id(&web, 3);
+                let hex = id.strip_prefix("web-r3-").unwrap();
+                assert_eq!(hex.len(), 16, "{id}");
+                assert!(hex.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+                assert!(seen.insert(id.clone()), "{id} twice");
+            }
         }
     }
 }

@@ -369,7 +369,13 @@ fn kiln(rt: &tokio::runtime::Runtime) -> Proxy {
     let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
     rt.block_on(router.listen(&svc, ([127, 0, 0, 1], port).into()))
         .unwrap();
-    let b = Backend::new("i1".into(), 1, backend.port, Arc::default(), Arc::default());
+    let b = Backend::new(
+        "i1".into(),
+        1,
+        ([127, 0, 0, 1], backend.port).into(),
+        Arc::default(),
+        Arc::default(),
+    );
     router.set_routes(
         &svc,
         ServiceRoutes::new(vec![Arc::new(b)], Duration::from_secs(5)),

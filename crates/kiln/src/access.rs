@@ -47,7 +47,7 @@ pub fn push(home: &Path, reference: &str, json: bool) -> Result<ExitCode> {
             "uploaded {} blob{} ({}) to {}; {} it had; {:.1}s",
             up.uploaded,
             crate::commands::plural(up.uploaded),
-            crate::commands::human_bytes(up.uploaded_bytes),
+            crate::progress::human_bytes(up.uploaded_bytes),
             remote.url,
             up.present,
             started.elapsed().as_secs_f64()

@@ -355,7 +355,7 @@ pub fn bake_summary(r: &BakeReport, secs: f64) -> String {
         reused,
         r.files,
         r.files_hashed,
-        human_bytes(r.bytes_written),
+        crate::progress::human_bytes(r.bytes_written),
         secs,
         r.tags
             .iter()
@@ -368,21 +368,6 @@ pub fn bake_summary(r: &BakeReport, secs: f64) -> String {
 /// "s" unless `n` is one: `{n} blob{}`.
 pub fn plural(n: usize) -> &'static str {
     if n == 1 { "" } else { "s" }
-}
-
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u < UNITS.len() - 1 {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }
 
 pub fn resolve(store: &Store, reference: &str) -> Result<ImageRecord> {
@@ -437,7 +422,7 @@ pub fn images(store: &Store, json: bool) -> Result<ExitCode> {
             &r.digest["sha256:".len().."sha256:".len() + 12],
             r.tags.join(","),
             r.layers,
-            human_bytes(r.size)
+            crate::progress::human_bytes(r.size)
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -537,14 +522,14 @@ pub fn inspect(store: &Store, reference: &str, json: bool) -> Result<ExitCode> {
     println!("files:        {files}");
     println!(
         "size:         {}",
-        human_bytes(manifest.layers.iter().map(|l| l.size).sum())
+        crate::progress::human_bytes(manifest.layers.iter().map(|l| l.size).sum())
     );
     println!("layers:");
     for l in &layers {
         println!(
             "  {}  {:>10}  {:>6} files  {}{}",
             &l.digest[..19],
-            human_bytes(l.size),
+            crate::progress::human_bytes(l.size),
             l.files,
             l.name.as_deref().unwrap_or(""),
             l.part

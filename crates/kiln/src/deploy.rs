@@ -444,7 +444,7 @@ fn send_spec(
                 "uploaded {} blob{} ({}) to the agent; {} it had",
                 up.uploaded,
                 plural(up.uploaded),
-                crate::commands::human_bytes(up.uploaded_bytes),
+                crate::progress::human_bytes(up.uploaded_bytes),
                 up.present
             );
         }
@@ -888,7 +888,7 @@ pub fn gc(
         plural(r.tmp),
         r.logs,
         plural(r.logs),
-        crate::commands::human_bytes(r.freed_bytes),
+        crate::progress::human_bytes(r.freed_bytes),
         r.kept_images,
         plural(r.kept_images)
     );
@@ -1132,7 +1132,7 @@ pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode>
             v.trees,
             plural(v.trees as usize),
             v.files,
-            crate::commands::human_bytes(v.bytes),
+            crate::progress::human_bytes(v.bytes),
             v.seconds,
             match v.drifted {
                 0 => "no drift".to_owned(),
@@ -1142,7 +1142,7 @@ pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode>
             if v.rate == 0 {
                 "any speed".to_owned()
             } else {
-                crate::commands::human_bytes(v.rate)
+                crate::progress::human_bytes(v.rate)
             }
         ),
         None => println!("first full verification running"),

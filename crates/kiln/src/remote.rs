@@ -393,7 +393,7 @@ async fn upload_blob(
     progress(&format!(
         "uploaded {} ({})",
         blob.digest.short(),
-        crate::commands::human_bytes(len)
+        crate::progress::human_bytes(len)
     ));
     Ok(Some(len))
 }

@@ -29,6 +29,13 @@ pub(super) struct Prepared {
     pub user: Option<kiln_core::user::Identity>,
 }
 
+/// Where an instance on this node listens: the node's loopback, on its
+/// port. The router and the probes reach it by this address (a cluster's
+/// instances on other nodes will have theirs).
+pub(super) fn instance_addr(port: u16) -> std::net::SocketAddr {
+    (std::net::Ipv4Addr::LOCALHOST, port).into()
+}
+
 pub(super) struct Inst {
     pub id: String,
     pub revision: u64,
@@ -445,7 +452,7 @@ impl Controller {
             runtime: p.runtime.clone(),
             health: cfg.health.clone(),
             stop: cfg.stop.clone(),
-            port,
+            addr: instance_addr(port),
             serves: self.serves().await,
             log,
             keeper: self.shared.keeper.clone(),

@@ -31,7 +31,7 @@ impl Controller {
                 Arc::new(Backend::new(
                     i.id.clone(),
                     i.revision,
-                    i.port,
+                    super::instances::instance_addr(i.port),
                     i.inflight.clone(),
                     self.shared.router.metrics.release(&self.name, i.revision),
                 ))

@@ -56,7 +56,8 @@ pub struct InstanceTask {
     pub runtime: Arc<dyn Runtime>,
     pub health: HealthSpec,
     pub stop: StopSpec,
-    pub port: u16,
+    /// Where it listens: probes go there.
+    pub addr: std::net::SocketAddr,
     /// Whether the router serves it (the service has a `listen`): without
     /// a readiness probe, a worker is ready while it runs.
     pub serves: bool,
@@ -116,7 +117,7 @@ impl InstanceTask {
                         "starting {} ({} runtime, port {})",
                         id,
                         self.runtime.kind(),
-                        self.port
+                        self.addr.port()
                     ))
                     .await;
                 self.runtime
@@ -168,7 +169,7 @@ impl InstanceTask {
             });
             tokio::spawn(probe::run(
                 self.health.clone(),
-                self.port,
+                self.addr,
                 self.serves,
                 exec,
                 move |probe, healthy, why| {

@@ -2,6 +2,7 @@
 //! instance's startup, readiness and liveness probes for its whole life,
 //! reporting only when health flips (after the thresholds).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use http_body_util::Empty;
@@ -27,26 +28,31 @@ pub enum ProbeKind {
     Liveness,
 }
 
-/// Run one check against the instance on `port`.
-pub async fn check(probe: &ProbeCheck, port: u16, timeout: Duration, exec: Exec<'_>) -> bool {
-    examine(probe, port, timeout, exec).await.is_ok()
+/// Run one check against the instance at `addr`.
+pub async fn check(
+    probe: &ProbeCheck,
+    addr: SocketAddr,
+    timeout: Duration,
+    exec: Exec<'_>,
+) -> bool {
+    examine(probe, addr, timeout, exec).await.is_ok()
 }
 
 /// Run one check; a failure says what it saw: the HTTP status, the
 /// connection error, or an exec command's exit and the tail of its output.
 pub async fn examine(
     probe: &ProbeCheck,
-    port: u16,
+    addr: SocketAddr,
     timeout: Duration,
     exec: Exec<'_>,
 ) -> Result<(), String> {
     let attempt = async {
         match probe {
-            ProbeCheck::Tcp => TcpStream::connect(("127.0.0.1", port))
+            ProbeCheck::Tcp => TcpStream::connect(addr)
                 .await
                 .map(drop)
-                .map_err(|e| format!("tcp: connecting to port {port}: {e}")),
-            ProbeCheck::Http { path, status } => match http_status(port, path).await {
+                .map_err(|e| format!("tcp: connecting to {addr}: {e}")),
+            ProbeCheck::Http { path, status } => match http_status(addr, path).await {
                 Ok(got) if got == *status => Ok(()),
                 Ok(got) => Err(format!("http: GET {path} answered {got} (not {status})")),
                 Err(e) => Err(format!("http: GET {path}: {e}")),
@@ -110,16 +116,14 @@ impl Drop for KillGroup {
     }
 }
 
-async fn http_status(port: u16, path: &str) -> Result<u16, String> {
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
+async fn http_status(addr: SocketAddr, path: &str) -> Result<u16, String> {
+    let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
     tokio::spawn(conn);
     let req = hyper::Request::get(path)
-        .header("host", format!("127.0.0.1:{port}"))
+        .header("host", addr.to_string())
         .header("user-agent", "kiln-probe")
         .body(Empty::<Bytes>::new())
         .map_err(|e| e.to_string())?;
@@ -145,10 +149,15 @@ const FAST_START: Duration = Duration::from_millis(2);
 
 /// Run `probe` until it first flips to `target`, polling fast (from 2 ms,
 /// doubling up to the interval). Returns false if it flipped the other way.
-async fn until_first(probe: &Probe, port: u16, exec: Exec<'_>, state: &mut ProbeState) -> bool {
+async fn until_first(
+    probe: &Probe,
+    addr: SocketAddr,
+    exec: Exec<'_>,
+    state: &mut ProbeState,
+) -> bool {
     let mut wait = FAST_START;
     loop {
-        let ok = check(&probe.check, port, probe.timeout.0, exec).await;
+        let ok = check(&probe.check, addr, probe.timeout.0, exec).await;
         if let Some(h) = state.record(ok, probe.success_threshold, probe.failure_threshold) {
             return h;
         }
@@ -178,7 +187,7 @@ pub fn readiness(health: &HealthSpec, serves: bool) -> Option<Probe> {
 /// `serves`: whether the router sends it traffic (see [`readiness`]).
 pub async fn run(
     health: HealthSpec,
-    port: u16,
+    addr: SocketAddr,
     serves: bool,
     exec: ExecFn,
     report: impl Fn(ProbeKind, bool, Option<String>) + Send + Sync + 'static,
@@ -196,7 +205,7 @@ pub async fn run(
         let mut next_count = tokio::time::Instant::now() + startup.interval.0;
         let mut last = None;
         loop {
-            let result = examine(&startup.check, port, startup.timeout.0, &*exec).await;
+            let result = examine(&startup.check, addr, startup.timeout.0, &*exec).await;
             let ok = result.is_ok();
             last = result.err().or(last);
             if state.record(ok, startup.success_threshold, startup.failure_threshold) == Some(true)
@@ -232,12 +241,12 @@ pub async fn run(
             };
             tokio::time::sleep(readiness.initial_delay.0).await;
             let mut state = ProbeState::new(false);
-            if until_first(&readiness, port, &**exec, &mut state).await {
+            if until_first(&readiness, addr, &**exec, &mut state).await {
                 report(ProbeKind::Readiness, true, None);
             }
             loop {
                 tokio::time::sleep(readiness.interval.0).await;
-                let result = examine(&readiness.check, port, readiness.timeout.0, &**exec).await;
+                let result = examine(&readiness.check, addr, readiness.timeout.0, &**exec).await;
                 let ok = result.is_ok();
                 if let Some(h) =
                     state.record(ok, readiness.success_threshold, readiness.failure_threshold)
@@ -255,7 +264,7 @@ pub async fn run(
         tokio::time::sleep(liveness.initial_delay.0).await;
         let mut state = ProbeState::new(true);
         loop {
-            let result = examine(&liveness.check, port, liveness.timeout.0, &**exec).await;
+            let result = examine(&liveness.check, addr, liveness.timeout.0, &**exec).await;
             let ok = result.is_ok();
             if let Some(h) =
                 state.record(ok, liveness.success_threshold, liveness.failure_threshold)
@@ -272,6 +281,10 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn loopback(port: u16) -> SocketAddr {
+        (std::net::Ipv4Addr::LOCALHOST, port).into()
+    }
 
     fn no_exec() -> ExecFn {
         Box::new(|argv: &[String]| {
@@ -302,7 +315,7 @@ mod tests {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(run(
             health,
-            port,
+            loopback(port),
             true,
             no_exec(),
             move |kind, healthy, _why| {
@@ -341,7 +354,7 @@ mod tests {
         let started = std::time::Instant::now();
         tokio::spawn(run(
             health,
-            port,
+            loopback(port),
             true,
             no_exec(),
             move |kind, healthy, why| {
@@ -356,7 +369,8 @@ mod tests {
         // The failure says what the check saw (issue 13: it said nothing).
         let why = first.2.unwrap_or_default();
         assert!(
-            why.starts_with("startup probe: tcp: connecting to port") && why.contains("refused"),
+            why.starts_with("startup probe: tcp: connecting to 127.0.0.1:")
+                && why.contains("refused"),
             "{why}"
         );
         assert!(
@@ -370,9 +384,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let t = Duration::from_secs(1);
-        assert!(check(&ProbeCheck::Tcp, port, t, &*no_exec()).await);
+        assert!(check(&ProbeCheck::Tcp, loopback(port), t, &*no_exec()).await);
         drop(listener);
-        assert!(!check(&ProbeCheck::Tcp, port, t, &*no_exec()).await);
+        assert!(!check(&ProbeCheck::Tcp, loopback(port), t, &*no_exec()).await);
         let ok = ProbeCheck::Exec {
             command: vec!["true".into()],
         };
@@ -382,14 +396,14 @@ mod tests {
         let missing = ProbeCheck::Exec {
             command: vec!["/nonexistent/kiln".into()],
         };
-        assert!(check(&ok, 0, t, &*no_exec()).await);
-        assert!(!check(&bad, 0, t, &*no_exec()).await);
-        assert!(!check(&missing, 0, t, &*no_exec()).await);
+        assert!(check(&ok, loopback(0), t, &*no_exec()).await);
+        assert!(!check(&bad, loopback(0), t, &*no_exec()).await);
+        assert!(!check(&missing, loopback(0), t, &*no_exec()).await);
         let slow = ProbeCheck::Exec {
             command: vec!["sleep".into(), "5".into()],
         };
         assert!(
-            !check(&slow, 0, Duration::from_millis(100), &*no_exec()).await,
+            !check(&slow, loopback(0), Duration::from_millis(100), &*no_exec()).await,
             "a timeout is a failure"
         );
     }
@@ -426,7 +440,7 @@ mod tests {
                     path: "/ok".into(),
                     status: 200
                 },
-                port,
+                loopback(port),
                 t,
                 &*no_exec()
             )
@@ -438,7 +452,7 @@ mod tests {
                     path: "/bad".into(),
                     status: 200
                 },
-                port,
+                loopback(port),
                 t,
                 &*no_exec()
             )
@@ -450,7 +464,7 @@ mod tests {
                     path: "/bad".into(),
                     status: 503
                 },
-                port,
+                loopback(port),
                 t,
                 &*no_exec()
             )

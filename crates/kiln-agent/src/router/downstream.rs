@@ -249,7 +249,7 @@ impl Client {
             // The deadline counts from arrival (and costs no clock read),
             // plus what the client made the request wait.
             let resp = {
-                let mut sent = std::pin::pin!(self.pool.send(backend.port, &out, body));
+                let mut sent = std::pin::pin!(self.pool.send(backend.addr, &out, body));
                 let mut deadline = arrived + timeout;
                 loop {
                     match tokio::time::timeout_at(deadline.into(), &mut sent).await {
@@ -1065,7 +1065,7 @@ mod tests {
         let backend = Arc::new(Backend::new(
             "i1".into(),
             1,
-            to,
+            (std::net::Ipv4Addr::LOCALHOST, to).into(),
             Arc::default(),
             Arc::default(),
         ));
@@ -1154,7 +1154,13 @@ mod tests {
         s.read_exact(&mut first).await.unwrap();
         // The connection now waits for its next request; the routes move.
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let backend = Backend::new("i2".into(), 2, b, Arc::default(), Arc::default());
+        let backend = Backend::new(
+            "i2".into(),
+            2,
+            (std::net::Ipv4Addr::LOCALHOST, b).into(),
+            Arc::default(),
+            Arc::default(),
+        );
         router.set_routes(
             &svc,
             ServiceRoutes::new(vec![Arc::new(backend)], Duration::from_secs(5)),

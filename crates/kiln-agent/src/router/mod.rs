@@ -662,7 +662,7 @@ mod tests {
             Arc::new(Backend::new(
                 format!("i{port}"),
                 1,
-                port,
+                (std::net::Ipv4Addr::LOCALHOST, port).into(),
                 Arc::default(),
                 Arc::default(),
             ))
@@ -739,7 +739,7 @@ mod tests {
             Arc::new(Backend::new(
                 format!("i{port}"),
                 1,
-                port,
+                (std::net::Ipv4Addr::LOCALHOST, port).into(),
                 Arc::default(),
                 Arc::default(),
             ))
@@ -764,6 +764,6 @@ mod tests {
             "an old snapshot never changes"
         );
         assert_eq!(after.services[&a].backends.len(), 2);
-        assert_eq!(after.services[&b].backends[0].port, 2);
+        assert_eq!(after.services[&b].backends[0].addr.port(), 2);
     }
 }

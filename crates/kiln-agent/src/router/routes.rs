@@ -20,8 +20,9 @@ use kiln_core::spec::ServiceName;
 pub struct Backend {
     pub instance: String,
     pub revision: u64,
-    pub port: u16,
-    /// `127.0.0.1:PORT`, made once: the `Host` of a request that has none.
+    /// Where it listens (the upstream pool is keyed by it).
+    pub addr: std::net::SocketAddr,
+    /// Its address, made once: the `Host` of a request that has none.
     pub host: HeaderValue,
     /// Requests in flight to it, until their response bodies are sent.
     pub inflight: Arc<crate::router::metrics::InFlight>,
@@ -33,16 +34,16 @@ impl Backend {
     pub fn new(
         instance: String,
         revision: u64,
-        port: u16,
+        addr: std::net::SocketAddr,
         inflight: Arc<crate::router::metrics::InFlight>,
         metrics: Arc<crate::router::metrics::ReleaseMetrics>,
     ) -> Self {
-        let host = HeaderValue::from_str(&format!("127.0.0.1:{port}"))
-            .unwrap_or_else(|_| HeaderValue::from_static("127.0.0.1"));
+        let host = HeaderValue::from_str(&addr.to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
             instance,
             revision,
-            port,
+            addr,
             host,
             inflight,
             metrics,
@@ -274,7 +275,7 @@ mod tests {
         Arc::new(Backend::new(
             format!("i{port}"),
             revision,
-            port,
+            (std::net::Ipv4Addr::LOCALHOST, port).into(),
             Arc::default(),
             Arc::default(),
         ))

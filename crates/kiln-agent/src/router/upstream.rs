@@ -16,6 +16,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -121,19 +122,19 @@ impl UpConn {
 /// `keepalive_timeout` is 60 s too).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// One router thread's idle connections to instances, by port. Only its
+/// One router thread's idle connections to instances, by address. Only its
 /// thread uses it (the lock is never contended).
 #[derive(Default)]
 pub struct Pool {
-    idle: Mutex<HashMap<u16, Vec<UpConn>>>,
+    idle: Mutex<HashMap<SocketAddr, Vec<UpConn>>>,
 }
 
 impl Pool {
-    /// An idle connection to `port` that is still open. One the instance
+    /// An idle connection to `addr` that is still open. One the instance
     /// closed (or wrote to, unasked) while idle is readable: it is dropped.
-    fn checkout(&self, port: u16) -> Option<UpConn> {
+    fn checkout(&self, addr: SocketAddr) -> Option<UpConn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&port)?;
+        let list = idle.get_mut(&addr)?;
         while let Some(c) = list.pop() {
             if !c.closed_while_idle() {
                 return Some(c);
@@ -144,7 +145,7 @@ impl Pool {
 
     /// Close the idle connections the instances closed, and those idle
     /// longer than [`IDLE_TIMEOUT`] at `now`; forget instances with none
-    /// left (their ports are gone once they are).
+    /// left (their addresses are gone once they are).
     pub fn reap(&self, now: Instant) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|_, list| {
@@ -165,22 +166,19 @@ impl Pool {
     /// A response has been read to its end: the connection goes back to the
     /// pool if it may carry another request and nothing stray follows the
     /// response; otherwise it is closed.
-    fn done(&self, port: u16, mut conn: UpConn, keep_alive: bool) {
+    fn done(&self, addr: SocketAddr, mut conn: UpConn, keep_alive: bool) {
         if keep_alive && conn.buf.is_empty() {
             conn.reused = true;
             conn.idle_since = Instant::now();
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.entry(port).or_default().push(conn);
+            idle.entry(addr).or_default().push(conn);
         }
     }
 
-    async fn connect(port: u16) -> io::Result<UpConn> {
-        let io = tokio::time::timeout(
-            Duration::from_secs(2),
-            TcpStream::connect(("127.0.0.1", port)),
-        )
-        .await
-        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    async fn connect(addr: SocketAddr) -> io::Result<UpConn> {
+        let io = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
         io.set_nodelay(true)?;
         Ok(UpConn {
             io,
@@ -190,13 +188,13 @@ impl Pool {
         })
     }
 
-    /// Send a request to the instance on `port` and read its response head.
+    /// Send a request to the instance at `addr` and read its response head.
     ///
     /// A request without a body that meets a pooled connection the instance
     /// had closed goes out again on a new connection.
     pub async fn send<B>(
         self: &Arc<Self>,
-        port: u16,
+        addr: SocketAddr,
         req: &Outgoing<'_>,
         body: Option<B>,
     ) -> Result<UpResponse, UpstreamError>
@@ -204,22 +202,22 @@ impl Pool {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        if let Some(conn) = self.checkout(port) {
+        if let Some(conn) = self.checkout(addr) {
             if body.is_some() {
-                return self.exchange(port, conn, req, body).await;
+                return self.exchange(addr, conn, req, body).await;
             }
-            match self.exchange(port, conn, req, None::<B>).await {
+            match self.exchange(addr, conn, req, None::<B>).await {
                 Err(UpstreamError::Request(ProtocolError::Stale)) => {}
                 other => return other,
             }
         }
-        let conn = Self::connect(port).await.map_err(UpstreamError::Connect)?;
-        self.exchange(port, conn, req, body).await
+        let conn = Self::connect(addr).await.map_err(UpstreamError::Connect)?;
+        self.exchange(addr, conn, req, body).await
     }
 
     async fn exchange<B>(
         self: &Arc<Self>,
-        port: u16,
+        addr: SocketAddr,
         mut conn: UpConn,
         req: &Outgoing<'_>,
         body: Option<B>,
@@ -291,18 +289,18 @@ impl Pool {
             Framing::Length(n) if conn.buf.len() as u64 >= n => {
                 // The whole body is here (n fits: it is at most buf.len()).
                 let body = conn.buf.split_to(n as usize).freeze();
-                self.done(port, conn, head.keep_alive);
+                self.done(addr, conn, head.keep_alive);
                 UpBody::Full(Some(body))
             }
             Framing::Empty => {
-                self.done(port, conn, head.keep_alive);
+                self.done(addr, conn, head.keep_alive);
                 UpBody::Full(None)
             }
             framing => UpBody::Stream(Box::new(Streaming {
                 conn: Some(conn),
                 decoder: Decoder::new(framing),
                 keep_alive: head.keep_alive,
-                port,
+                addr,
                 pool: self.clone(),
             })),
         };
@@ -517,7 +515,7 @@ pub struct Streaming {
     conn: Option<UpConn>,
     decoder: Decoder,
     keep_alive: bool,
-    port: u16,
+    addr: SocketAddr,
     pool: Arc<Pool>,
 }
 
@@ -545,7 +543,7 @@ impl Body for UpBody {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
                 Ok(Step::End) => {
-                    s.pool.done(s.port, conn, s.keep_alive);
+                    s.pool.done(s.addr, conn, s.keep_alive);
                     return Poll::Ready(None);
                 }
                 Ok(Step::More) => match wire::poll_read_buf(&mut conn.io, cx, &mut conn.buf) {
@@ -618,10 +616,16 @@ mod tests {
         }
     }
 
+    fn loopback(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
     async fn fetch(pool: &Arc<Pool>, port: u16, req: &Req) -> Result<(u16, Bytes), UpstreamError> {
         // A framing read wrong waits for bytes that never come: fail instead.
         tokio::time::timeout(Duration::from_secs(10), async {
-            let resp = pool.send(port, &req.out(), None::<Full<Bytes>>).await?;
+            let resp = pool
+                .send(loopback(port), &req.out(), None::<Full<Bytes>>)
+                .await?;
             let body = resp.body.collect().await?.to_bytes();
             Ok((resp.head.status, body))
         })
@@ -753,7 +757,7 @@ mod tests {
         assert!(err(fetch(&pool, port, &get).await).contains("invalid response head"));
         assert!(err(fetch(&pool, port, &get).await).contains("101"));
         let resp = pool
-            .send(port, &get.out(), None::<Full<Bytes>>)
+            .send(loopback(port), &get.out(), None::<Full<Bytes>>)
             .await
             .unwrap();
         let cut = resp.body.collect().await.map(|_| ()).unwrap_err();
@@ -777,7 +781,7 @@ mod tests {
         let body = StreamBody::new(first.chain(tokio_stream::pending()));
         let resp = tokio::time::timeout(
             Duration::from_secs(10),
-            pool.send(port, &post.out(), Some(body)),
+            pool.send(loopback(port), &post.out(), Some(body)),
         )
         .await
         .expect("the early answer came through")
@@ -809,7 +813,7 @@ mod tests {
             ]));
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
-            pool.send(port, &post.out(), Some(StreamBody::new(frames))),
+            pool.send(loopback(port), &post.out(), Some(StreamBody::new(frames))),
         )
         .await
         .expect("no wait for an answer to a request cut short");
@@ -835,12 +839,19 @@ mod tests {
         post.head =
             b"POST /up?x=1 HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
         post.chunked = true;
-        let resp = pool.send(port, &post.out(), Some(body)).await.unwrap();
+        let resp = pool
+            .send(loopback(port), &post.out(), Some(body))
+            .await
+            .unwrap();
         assert_eq!(resp.head.status, 200);
         let mut put = request("PUT", "/up");
         put.head = b"PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\n".to_vec();
         let resp = pool
-            .send(port, &put.out(), Some(Full::new(Bytes::from("fixed"))))
+            .send(
+                loopback(port),
+                &put.out(),
+                Some(Full::new(Bytes::from("fixed"))),
+            )
             .await
             .unwrap();
         assert_eq!(resp.head.status, 200);
@@ -853,5 +864,52 @@ mod tests {
             String::from_utf8_lossy(&seen[1]),
             "PUT /up HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nfixed"
         );
+    }
+
+    /// Two instances on one port at two addresses (instances of two nodes
+    /// will be): each request reaches its own, and a pooled connection to
+    /// one is never used for the other.
+    #[tokio::test]
+    async fn the_pool_is_keyed_by_address_not_port() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let first = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = first.local_addr().unwrap().port();
+        let second = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        for (listener, name) in [(first, b"a"), (second, b"b")] {
+            tokio::spawn(async move {
+                while let Ok((mut s, _)) = listener.accept().await {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 1024];
+                        // One answer per request head, on a kept-alive connection.
+                        while let Ok(n) = s.read(&mut buf).await {
+                            if n == 0 {
+                                return;
+                            }
+                            let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\n".to_vec();
+                            out.extend_from_slice(name);
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            });
+        }
+        let pool = Arc::new(Pool::default());
+        let (a, b) = (
+            SocketAddr::from(([127, 0, 0, 1], port)),
+            SocketAddr::from(([127, 0, 0, 2], port)),
+        );
+        for (addr, want) in [(a, "a"), (b, "b"), (a, "a"), (b, "b")] {
+            let resp = pool
+                .send(addr, &request("GET", "/").out(), None::<Full<Bytes>>)
+                .await
+                .unwrap();
+            let body = resp.body.collect().await.unwrap().to_bytes();
+            assert_eq!(body, want, "{addr}");
+        }
+        assert_eq!(pool.idle(), 2, "one kept-alive connection per address");
     }
 }

@@ -1,14 +1,19 @@
-//! Durable agent state behind [`StateStore`]: services, releases, live
-//! instances and the append-only event log. [`SqliteState`] is the one-node
-//! implementation (embedded, WAL); [`MemoryState`] keeps the same contract
-//! in memory, for tests and benchmarks of what sits above the trait; a
-//! cluster implementation (etcd) will sit behind it too, so nothing above
-//! may assume SQL, and errors name no backend's types.
+//! Durable agent state, in two parts. [`ClusterState`]: what every node of
+//! a cluster shares — services, releases, saved rollouts, the append-only
+//! event log and its ledger, tokens, secrets. [`NodeState`]: what only
+//! this node knows — the instances it runs, with their pids.
+//! [`SqliteState`] implements both on one node (embedded, WAL, one file);
+//! [`MemoryState`] keeps the same contract in memory, for tests and
+//! benchmarks of what sits above the traits; a cluster implementation
+//! (etcd) of `ClusterState` will sit behind it too, so nothing above may
+//! assume SQL, and errors name no backend's types.
 //!
 //! Every change that must be atomic is one trait method (one transaction):
 //! recording an apply writes the release, the service's new target and the
-//! events together. `contract.rs` holds the tests every implementation
-//! must pass.
+//! events together, and only if its [`Guard`] holds (the service's version
+//! the writer read, the writer's leadership). [`ClusterState::watch`] tells
+//! watchers what was written after a sequence number. `contract.rs` holds
+//! the tests every implementation must pass.
 
 #[cfg(test)]
 mod contract;
