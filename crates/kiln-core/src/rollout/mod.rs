@@ -11,7 +11,10 @@
 //!   carries out. It uses the two above.
 //! - [`saved`]: the rollout's state as the state store keeps it, with
 //!   wall-clock times, so that a new agent process resumes it.
+//! - [`assign`]: the leader's decisions as assignments to nodes, the view
+//!   from what nodes observe, and a node worker's work.
 
+pub mod assign;
 pub mod canary;
 pub mod fleet;
 pub mod pass;

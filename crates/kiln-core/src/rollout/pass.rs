@@ -267,8 +267,10 @@ pub struct View<'a, Id> {
     pub last_error: Option<&'a str>,
 }
 
-/// Why an instance is stopped (recorded in its `instance-stopping` event).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Why an instance is stopped (recorded in its `instance-stopping` event;
+/// kept in an assignment the leader marks to stop).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// The agent is shutting down (the controller's own order, not a
     /// rollout decision).
@@ -702,8 +704,12 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         let stable_after = self.v.backoff.stable_after;
         for i in &self.insts {
             let key = (i.revision, i.slot);
-            if i.ready_since
-                .is_some_and(|t| self.v.now.saturating_duration_since(t) >= stable_after)
+            // One that failed its liveness probe is no proof of a stable
+            // slot, however long it was ready: its failure was just
+            // counted.
+            if i.live
+                && i.ready_since
+                    .is_some_and(|t| self.v.now.saturating_duration_since(t) >= stable_after)
                 && self.v.slots.get(&key).is_some_and(|s| s.failures > 0)
             {
                 self.steps.push(Step::SlotStable {

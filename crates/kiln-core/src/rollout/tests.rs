@@ -1,8 +1,11 @@
 //! The strategies through [`decide`], with no process: a small simulated
-//! service carries the steps out as the agent's controller would (a start
-//! adds an instance, a stop marks it stopping and it is gone at the next
-//! tick, `Activate` and `Fail` change the releases' outcomes as the state
-//! store does), and time moves only when a test says so. Table tests pin
+//! service carries the steps out as the agent does, on the split: the
+//! leader builds its view from the node's published observations, turns
+//! the decision into assignments (`assign`), and the node's worker carries
+//! them out (`assign::work`: a start adds an instance, a stop marks it
+//! stopping and it is gone at the next tick, reported as gone); `Activate`
+//! and `Fail` change the releases' outcomes as the state store does. Time
+//! moves only when a test says so. Table tests pin
 //! each strategy's steps; property tests check the invariants the README
 //! promises over random fleets, settings and failures.
 
@@ -11,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
+use super::assign::{self, Assignment, Observation};
 use super::pass::*;
+use super::saved::Clock;
 use crate::counters::Snapshot;
 use crate::event::{Actor, Change};
 use crate::health::{Backoff, SlotHistory};
@@ -56,7 +61,20 @@ struct Sim {
     /// Every step carried out, in order.
     log: Vec<Step<u32>>,
     starts: u32,
+    /// The leader's assignments (all on one node, `n1`).
+    assignments: Vec<Assignment<u32>>,
+    /// Instances the leader counted as failed while still there.
+    counted: BTreeSet<u32>,
+    /// The node's reports of instances gone since the leader's last pass.
+    gone: Vec<Observation<u32>>,
+    /// Instances the node ran that are gone (never started again).
+    ended: BTreeSet<u32>,
+    /// Wall-clock time at `born` of the first instance.
+    epoch: Instant,
 }
+
+/// The one node of the simulation.
+const NODE: &str = "n1";
 
 fn settings(strategy: Strategy, replicas: u32) -> ServiceSettings {
     ServiceSettings {
@@ -102,6 +120,11 @@ impl Sim {
             next_id: 0,
             log: Vec::new(),
             starts: 0,
+            assignments: Vec::new(),
+            counted: BTreeSet::new(),
+            gone: Vec::new(),
+            ended: BTreeSet::new(),
+            epoch: Instant::now() - Duration::from_secs(7200),
         };
         let ready = sim.now - Duration::from_secs(3600);
         for slot in 0..sim.settings.replicas {
@@ -110,9 +133,24 @@ impl Sim {
         sim
     }
 
+    /// An instance assigned and running (the steady fleet).
     fn add(&mut self, revision: u64, slot: u32, ready_since: Option<Instant>) {
-        self.insts.push(Seen {
+        self.assignments.push(Assignment {
             id: self.next_id,
+            node: NODE.to_owned(),
+            revision,
+            slot,
+            adopted: false,
+            stop: None,
+        });
+        self.run(self.next_id, revision, slot, ready_since);
+        self.next_id += 1;
+    }
+
+    /// The node starts instance `id`.
+    fn run(&mut self, id: u32, revision: u64, slot: u32, ready_since: Option<Instant>) {
+        self.insts.push(Seen {
+            id,
             revision,
             slot,
             stopping: false,
@@ -121,8 +159,64 @@ impl Sim {
             adopted: false,
             stale: false,
         });
-        self.born.insert(self.next_id, self.now);
-        self.next_id += 1;
+        self.born.insert(id, self.now);
+    }
+
+    /// The leader's and the node's clock (wall-clock milliseconds from an
+    /// epoch before anything started).
+    fn clock(&self) -> Clock {
+        Clock {
+            now: self.now,
+            wall_ms: self.now.duration_since(self.epoch).as_millis() as u64,
+        }
+    }
+
+    /// What the node publishes: every instance it runs, and those gone
+    /// since the leader last looked.
+    fn observations(&self) -> Vec<Observation<u32>> {
+        let clock = self.clock();
+        self.insts
+            .iter()
+            .map(|i| Observation {
+                id: i.id,
+                revision: i.revision,
+                slot: i.slot,
+                stopping: i.stopping,
+                ready_since_ms: i.ready_since.map(|t| clock.to_wall(t)),
+                live: i.live,
+                adopted: i.adopted,
+                stale: i.stale,
+                gone: None,
+            })
+            .chain(self.gone.iter().cloned())
+            .collect()
+    }
+
+    /// The leader takes in the node's observations: failures count
+    /// against their slots, gone instances lose their assignments.
+    fn take_in(&mut self) {
+        let clock = self.clock();
+        let observations = self.observations();
+        for f in assign::settle(&mut self.assignments, &observations, &mut self.counted) {
+            self.slots.entry((f.revision, f.slot)).or_default().failed(
+                self.now,
+                f.ready_since_ms.map(|ms| clock.to_instant(ms)),
+                &Backoff::default(),
+            );
+        }
+        self.gone.clear();
+    }
+
+    /// No instance runs without an assignment, and every instance the
+    /// leader sees is one the node runs or is about to.
+    fn assert_assigned(&self) {
+        for i in &self.insts {
+            assert!(
+                self.assignments.iter().any(|a| a.id == i.id),
+                "instance {} runs without an assignment",
+                i.id
+            );
+        }
     }
 
     /// `kiln apply` of a new release `revision` with `content`.
@@ -154,6 +248,7 @@ impl Sim {
 
     fn with_view<T>(&self, f: impl FnOnce(&View<'_, u32>) -> T) -> T {
         let (same_content, previous) = self.view();
+        let seen = assign::seen(&self.assignments, &self.observations(), &self.clock());
         f(&View {
             service: &self.name,
             now: self.now,
@@ -162,7 +257,7 @@ impl Sim {
             previous,
             settings: &self.settings,
             backoff: Backoff::default(),
-            instances: &self.insts,
+            instances: &seen,
             slots: &self.slots,
             same_content: &same_content,
             counters: &self.counters,
@@ -172,32 +267,33 @@ impl Sim {
 
     /// One pass: decide and carry the steps out.
     fn pass(&mut self) -> Vec<Step<u32>> {
+        self.take_in();
         let d = self.with_view(|v| decide(&self.state, v));
         self.carry_out(d)
     }
 
+    /// The leader's side of a decision (assignments, outcomes), then the
+    /// node worker's.
     fn carry_out(&mut self, d: Decision<u32>) -> Vec<Step<u32>> {
         self.state = d.next;
         self.routing = d.routing;
+        let target = self.target;
+        let mut next_id = self.next_id;
+        assign::assign(&mut self.assignments, &d.steps, target, NODE, |_| {
+            next_id += 1;
+            next_id - 1
+        });
+        self.next_id = next_id;
         for step in &d.steps {
             match step {
-                Step::Adopt { id, slot, .. } => {
-                    let i = self.insts.iter_mut().find(|i| i.id == *id).unwrap();
-                    (i.revision, i.slot, i.adopted) = (self.target, *slot, true);
-                }
                 Step::SlotStable { revision, slot } => {
                     self.slots.entry((*revision, *slot)).or_default().failures = 0;
                 }
-                Step::Start { revision, slot } => {
-                    self.starts += 1;
-                    self.add(*revision, *slot, None);
-                }
-                Step::Stop { ids, .. } => {
-                    for i in self.insts.iter_mut().filter(|i| ids.contains(&i.id)) {
-                        i.stopping = true;
-                    }
-                }
-                Step::Route | Step::Record(_) => {}
+                Step::Adopt { .. }
+                | Step::Start { .. }
+                | Step::Stop { .. }
+                | Step::Route
+                | Step::Record(_) => {}
                 Step::Activate => {
                     for o in self.outcomes.values_mut() {
                         if *o == Outcome::Active {
@@ -217,8 +313,67 @@ impl Sim {
                 }
             }
         }
+        self.work();
         self.log.extend(d.steps.iter().cloned());
         d.steps
+    }
+
+    /// The node's worker: what it runs made to match its assignments.
+    fn work(&mut self) {
+        let running: Vec<assign::Running<u32>> = self
+            .insts
+            .iter()
+            .map(|i| assign::Running {
+                id: i.id,
+                revision: i.revision,
+                slot: i.slot,
+                stopping: i.stopping,
+            })
+            .collect();
+        let w = assign::work(NODE, &self.assignments, &running, &self.ended);
+        for a in &w.relabel {
+            let i = self.insts.iter_mut().find(|i| i.id == a.id).unwrap();
+            (i.revision, i.slot, i.adopted) = (a.revision, a.slot, a.adopted);
+        }
+        for a in &w.start {
+            self.starts += 1;
+            self.run(a.id, a.revision, a.slot, None);
+        }
+        let stops: BTreeSet<u32> = w.stop.iter().map(|(id, _)| *id).chain(w.orphans).collect();
+        for i in self.insts.iter_mut().filter(|i| stops.contains(&i.id)) {
+            i.stopping = true;
+        }
+        self.assert_assigned();
+    }
+
+    /// Instances `pick` selects were never there (a test's set-up): no
+    /// instance, no assignment, no report.
+    fn forget(&mut self, pick: impl Fn(&Seen<u32>) -> bool) {
+        let gone: BTreeSet<u32> = self
+            .insts
+            .iter()
+            .filter(|i| pick(i))
+            .map(|i| i.id)
+            .collect();
+        self.insts.retain(|i| !gone.contains(&i.id));
+        self.assignments.retain(|a| !gone.contains(&a.id));
+    }
+
+    /// The node reports instance `i` gone (`failed`: it ended unasked).
+    fn report_gone(&mut self, i: &Seen<u32>, failed: bool) {
+        let clock = self.clock();
+        self.ended.insert(i.id);
+        self.gone.push(Observation {
+            id: i.id,
+            revision: i.revision,
+            slot: i.slot,
+            stopping: i.stopping,
+            ready_since_ms: i.ready_since.map(|t| clock.to_wall(t)),
+            live: i.live,
+            adopted: i.adopted,
+            stale: i.stale,
+            gone: Some(failed),
+        });
     }
 
     /// Time moves one tick: stopped instances are gone, started ones
@@ -226,7 +381,7 @@ impl Sim {
     fn tick(&mut self) {
         self.now += TICK;
         let now = self.now;
-        self.insts.retain(|i| !i.stopping);
+        self.drop_stopped(|_| true);
         let mut crashed = Vec::new();
         for i in &mut self.insts {
             match self.behaviour[&i.revision] {
@@ -242,13 +397,27 @@ impl Sim {
                 _ => {}
             }
         }
-        for (id, revision, slot, ready_since) in crashed {
-            self.insts.retain(|i| i.id != id);
-            self.slots.entry((revision, slot)).or_default().failed(
-                now,
-                ready_since,
-                &Backoff::default(),
-            );
+        for (id, _, _, ready_since) in crashed {
+            if let Some(k) = self.insts.iter().position(|i| i.id == id) {
+                let mut i = self.insts.remove(k);
+                i.ready_since = ready_since;
+                self.report_gone(&i, true);
+            }
+        }
+        // The leader hears of it before its next pass.
+        self.take_in();
+    }
+
+    /// Stopping instances that `done` says are done are gone (reported).
+    fn drop_stopped(&mut self, mut done: impl FnMut(&Seen<u32>) -> bool) {
+        let mut k = 0;
+        while k < self.insts.len() {
+            if self.insts[k].stopping && done(&self.insts[k]) {
+                let i = self.insts.remove(k);
+                self.report_gone(&i, false);
+            } else {
+                k += 1;
+            }
         }
     }
 
@@ -282,13 +451,10 @@ impl Sim {
     /// `slow[id % 8]` ticks. `waited` counts each one's ticks.
     fn random_tick(&mut self, waited: &mut BTreeMap<u32, u32>, slow: &[u32], drain: &[u32]) {
         self.now += TICK;
-        self.insts.retain(|i| {
-            if !i.stopping {
-                return true;
-            }
+        self.drop_stopped(|i| {
             let w = waited.entry(i.id + 1_000_000).or_insert(0u32);
             *w += 1;
-            *w <= drain[(i.id % 8) as usize]
+            *w > drain[(i.id % 8) as usize]
         });
         let now = self.now;
         for i in &mut self.insts {
@@ -298,6 +464,7 @@ impl Sim {
                 i.ready_since = Some(now);
             }
         }
+        self.take_in();
     }
 
     fn running(&self, revision: u64) -> usize {
@@ -474,7 +641,7 @@ fn a_first_release_that_fails_is_emptied() {
     let mut s = settings(Strategy::Rolling, 2);
     s.rollout.progress_deadline = service::Duration::from_secs(1);
     let mut sim = Sim::steady(s);
-    sim.insts.clear();
+    sim.forget(|_| true);
     sim.outcomes.clear();
     sim.apply(1, 1, Behaviour::NeverReady);
     let steps = sim.pass();
@@ -530,10 +697,9 @@ fn an_instance_that_failed_liveness_is_replaced_in_its_slot() {
     // In its back-off, the slot waits.
     sim.tick();
     sim.insts.iter_mut().for_each(|i| i.live = i.id != 3);
-    sim.slots.entry((1, 1)).or_default().retry_at = Some(sim.now + TICK);
     let steps = sim.pass();
     assert_eq!(stops(&steps), [(vec![3], StopReason::LivenessFailed)]);
-    assert!(starts(&steps).is_empty(), "backing off");
+    assert!(starts(&steps).is_empty(), "backing off: {steps:?}");
 }
 
 // ---- recreate ----
@@ -778,7 +944,7 @@ fn a_step_without_enough_traffic_ends_the_canary_at_its_deadline() {
 #[test]
 fn a_canary_with_no_stable_release_goes_whole() {
     let mut sim = Sim::steady(settings(Strategy::Canary, 3));
-    sim.insts.clear();
+    sim.forget(|_| true);
     sim.outcomes.clear();
     sim.apply(1, 1, Behaviour::Good);
     let steps = sim.pass();
@@ -792,7 +958,7 @@ fn promote_and_abort_are_refused_when_nothing_waits() {
     assert_eq!(sim.state.promote(1, false), Err(NotWaiting));
     let refused = sim.with_view(|v| abort(&sim.state, v, Actor::Agent));
     assert_eq!(refused, Err(AbortRefused::NothingToAbort));
-    sim.insts.clear();
+    sim.forget(|_| true);
     sim.outcomes.clear();
     sim.apply(1, 1, Behaviour::Good);
     sim.pass();
@@ -1061,7 +1227,7 @@ fn a_watch_of_zero_watches_nothing_and_a_first_release_has_no_watch() {
     assert_eq!(sim.outcomes[&2], Outcome::Active);
     // A first release has nothing to return to.
     let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
-    sim.insts.clear();
+    sim.forget(|_| true);
     sim.outcomes.clear();
     sim.apply(1, 1, Behaviour::Good);
     sim.settle(20);
@@ -1955,7 +2121,7 @@ fn a_paused_rollout_starts_nothing_new() {
     sim.pass();
     assert!(sim.state.stalled());
     // Its instance exits: the slot stays empty while paused.
-    sim.insts.retain(|i| i.revision != 2);
+    sim.forget(|i| i.revision == 2);
     let steps = sim.pass();
     assert!(starts(&steps).is_empty(), "{steps:?}");
 }
@@ -2032,7 +2198,7 @@ fn a_canary_abort_swaps_by_stopping_its_fleet_or_by_a_route_when_it_has_none() {
         d.steps
     );
     // No canary instance left (they crashed): a route swap, nothing stopped.
-    sim.insts.retain(|i| i.revision != 2);
+    sim.forget(|i| i.revision == 2);
     let d = sim
         .with_view(|v| abort(&sim.state, v, Actor::Agent))
         .unwrap();
@@ -2106,7 +2272,7 @@ fn a_canary_step_passes_only_with_its_whole_fleet() {
     sim.tick();
     sim.pass();
     // The step's weight took effect; its canary instance exits.
-    sim.insts.retain(|i| i.revision != 2);
+    sim.forget(|i| i.revision == 2);
     sim.now += Duration::from_secs(2);
     sim.pass();
     assert!(

@@ -1,0 +1,456 @@
+//! Fleet decisions apart from node work. The **leader** (on one node, the
+//! agent itself; in a cluster, the node holding the lease) decides for
+//! the whole fleet: it builds the [`View`](super::View) from what the
+//! nodes published ([`Observation`]s, through the state store), asks
+//! [`decide`](super::decide), and turns the decision's steps into
+//! [`Assignment`]s — start this release in this slot on this node, stop
+//! that instance. Each node's **worker** compares its assignments with what
+//! it runs ([`work`]) and carries that out, then publishes what it sees.
+//! Both sides are pure here; the agent carries them out.
+//!
+//! The protocol, so that nothing is started twice or forgotten:
+//! - An assignment exists from the leader's decision until its instance is
+//!   gone: the worker reports the end (an observation with `gone`), and
+//!   only then does the leader drop it ([`settle`]).
+//! - An assignment not observed yet (its node has not started it) counts
+//!   in the view as an instance not ready: the leader never starts a slot
+//!   twice while a node is slow to act.
+//! - A worker stops what it runs without an assignment: no instance runs
+//!   that the leader does not know of.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use super::pass::{Seen, Step, StopReason};
+use super::saved::Clock;
+
+/// The leader's word to a node: run this instance (or stop it).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment<Id = String> {
+    /// Chosen by the leader, unique in the cluster.
+    pub id: Id,
+    pub node: String,
+    pub revision: u64,
+    pub slot: u32,
+    /// Taken over by a release with the same content (a warm rollback).
+    #[serde(default)]
+    pub adopted: bool,
+    /// The leader decided it stops, and why.
+    #[serde(default)]
+    pub stop: Option<StopReason>,
+}
+
+/// What a node says of an instance it runs (or ran).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observation<Id = String> {
+    pub id: Id,
+    pub revision: u64,
+    pub slot: u32,
+    /// Draining or ending.
+    pub stopping: bool,
+    /// Passing its readiness probe since then (wall-clock milliseconds).
+    pub ready_since_ms: Option<u64>,
+    /// Passing its liveness probe (or it has none).
+    pub live: bool,
+    pub adopted: bool,
+    /// What it runs drifted from its release.
+    pub stale: bool,
+    /// It ended (or could not start): `Some(failed)`, failed when it
+    /// exited unasked or never started.
+    pub gone: Option<bool>,
+}
+
+/// What a node runs, as its worker compares it with its assignments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running<Id = String> {
+    pub id: Id,
+    pub revision: u64,
+    pub slot: u32,
+    pub stopping: bool,
+}
+
+/// A failure the leader counts against a slot (its back-off, and a crash
+/// loop's detection).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    pub revision: u64,
+    pub slot: u32,
+    /// When the instance had been ready since (a long-ready one that dies
+    /// does not count as a crash loop).
+    pub ready_since_ms: Option<u64>,
+}
+
+/// The leader takes in what the nodes published: an instance gone drops
+/// its assignment; one that ended unasked, or failed its liveness probe,
+/// is a failure of its slot, counted once (`counted` remembers, across
+/// passes, the instances counted while still there).
+pub fn settle<Id: Clone + Ord>(
+    assignments: &mut Vec<Assignment<Id>>,
+    observations: &[Observation<Id>],
+    counted: &mut BTreeSet<Id>,
+) -> Vec<Failure> {
+    let mut failures = Vec::new();
+    let mut gone: BTreeSet<&Id> = BTreeSet::new();
+    for o in observations {
+        let failure = Failure {
+            revision: o.revision,
+            slot: o.slot,
+            ready_since_ms: o.ready_since_ms,
+        };
+        match o.gone {
+            Some(failed) => {
+                gone.insert(&o.id);
+                // Counted while it was there (its liveness), or now.
+                if !counted.remove(&o.id) && failed {
+                    failures.push(failure);
+                }
+            }
+            None if !o.live && counted.insert(o.id.clone()) => failures.push(failure),
+            None => {}
+        }
+    }
+    assignments.retain(|a| !gone.contains(&a.id));
+    failures
+}
+
+/// The leader's view of the fleet: every assignment, as its node observed
+/// it (not ready until it did); a stop decided counts at once.
+pub fn seen<Id: Clone + Ord>(
+    assignments: &[Assignment<Id>],
+    observations: &[Observation<Id>],
+    clock: &Clock,
+) -> Vec<Seen<Id>> {
+    let observed: BTreeMap<&Id, &Observation<Id>> = observations
+        .iter()
+        .filter(|o| o.gone.is_none())
+        .map(|o| (&o.id, o))
+        .collect();
+    assignments
+        .iter()
+        .map(|a| {
+            let o = observed.get(&a.id);
+            Seen {
+                id: a.id.clone(),
+                revision: a.revision,
+                slot: a.slot,
+                stopping: a.stop.is_some() || o.is_some_and(|o| o.stopping),
+                ready_since: o
+                    .and_then(|o| o.ready_since_ms)
+                    .map(|ms| clock.to_instant(ms)),
+                live: o.is_none_or(|o| o.live),
+                adopted: a.adopted || o.is_some_and(|o| o.adopted),
+                stale: o.is_some_and(|o| o.stale),
+            }
+        })
+        .collect()
+}
+
+/// The assignments after a decision's steps, the new instances on `node`
+/// (`new_id` names them). `target`: the release an adopted instance moves
+/// to.
+pub fn assign<Id: Clone + PartialEq>(
+    assignments: &mut Vec<Assignment<Id>>,
+    steps: &[Step<Id>],
+    target: u64,
+    node: &str,
+    mut new_id: impl FnMut(u64) -> Id,
+) {
+    for step in steps {
+        match step {
+            Step::Start { revision, slot } => assignments.push(Assignment {
+                id: new_id(*revision),
+                node: node.to_owned(),
+                revision: *revision,
+                slot: *slot,
+                adopted: false,
+                stop: None,
+            }),
+            Step::Stop { ids, reason } => {
+                for a in assignments.iter_mut().filter(|a| ids.contains(&a.id)) {
+                    a.stop.get_or_insert(*reason);
+                }
+            }
+            Step::Adopt { id, slot, .. } => {
+                if let Some(a) = assignments.iter_mut().find(|a| a.id == *id) {
+                    (a.revision, a.slot, a.adopted) = (target, *slot, true);
+                }
+            }
+            Step::SlotStable { .. }
+            | Step::Route
+            | Step::Record(_)
+            | Step::Activate
+            | Step::Fail { .. } => {}
+        }
+    }
+}
+
+/// What a node's worker does to make what it runs match its assignments.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Work<Id = String> {
+    /// Assigned and not running: start them (with the leader's ids).
+    pub start: Vec<Assignment<Id>>,
+    /// Running under another release or slot than assigned: relabel them
+    /// (a warm instance taken over).
+    pub relabel: Vec<Assignment<Id>>,
+    /// Assigned to stop and not stopping yet.
+    pub stop: Vec<(Id, StopReason)>,
+    /// Running with no assignment: stopped, the leader knows nothing of
+    /// them.
+    pub orphans: Vec<Id>,
+}
+
+/// Compare `node`'s assignments with what it runs. `ended`: instances of
+/// this node already gone (reported, not to start again).
+pub fn work<Id: Clone + Ord>(
+    node: &str,
+    assignments: &[Assignment<Id>],
+    running: &[Running<Id>],
+    ended: &BTreeSet<Id>,
+) -> Work<Id> {
+    let mine: BTreeMap<&Id, &Assignment<Id>> = assignments
+        .iter()
+        .filter(|a| a.node == node)
+        .map(|a| (&a.id, a))
+        .collect();
+    let runs: BTreeMap<&Id, &Running<Id>> = running.iter().map(|r| (&r.id, r)).collect();
+    let mut w = Work {
+        start: Vec::new(),
+        relabel: Vec::new(),
+        stop: Vec::new(),
+        orphans: Vec::new(),
+    };
+    for (id, a) in &mine {
+        match runs.get(id) {
+            None if a.stop.is_none() && !ended.contains(*id) => w.start.push((*a).clone()),
+            None => {}
+            Some(r) => {
+                if let Some(reason) = a.stop {
+                    if !r.stopping {
+                        w.stop.push((a.id.clone(), reason));
+                    }
+                } else if (r.revision, r.slot) != (a.revision, a.slot) {
+                    w.relabel.push((*a).clone());
+                }
+            }
+        }
+    }
+    w.orphans = running
+        .iter()
+        .filter(|r| !r.stopping && !mine.contains_key(&r.id))
+        .map(|r| r.id.clone())
+        .collect();
+    w
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn a(id: &str, revision: u64, slot: u32) -> Assignment {
+        Assignment {
+            id: id.to_owned(),
+            node: "n1".to_owned(),
+            revision,
+            slot,
+            adopted: false,
+            stop: None,
+        }
+    }
+
+    fn obs(id: &str, revision: u64, slot: u32) -> Observation {
+        Observation {
+            id: id.to_owned(),
+            revision,
+            slot,
+            stopping: false,
+            ready_since_ms: Some(1_000),
+            live: true,
+            adopted: false,
+            stale: false,
+            gone: None,
+        }
+    }
+
+    fn run(id: &str, revision: u64, slot: u32) -> Running {
+        Running {
+            id: id.to_owned(),
+            revision,
+            slot,
+            stopping: false,
+        }
+    }
+
+    #[test]
+    fn a_decision_becomes_assignments() {
+        let mut list = vec![a("x", 1, 0), a("y", 1, 1)];
+        let mut n = 0;
+        assign(
+            &mut list,
+            &[
+                Step::Start {
+                    revision: 2,
+                    slot: 0,
+                },
+                Step::Stop {
+                    ids: vec!["x".to_owned()],
+                    reason: StopReason::Replaced,
+                },
+                Step::Adopt {
+                    id: "y".to_owned(),
+                    from: 1,
+                    slot: 1,
+                },
+                Step::Route,
+            ],
+            3,
+            "n2",
+            |rev| {
+                n += 1;
+                format!("new-{rev}-{n}")
+            },
+        );
+        let mut started = a("new-2-1", 2, 0);
+        started.node = "n2".to_owned();
+        let mut stopped = a("x", 1, 0);
+        stopped.stop = Some(StopReason::Replaced);
+        let mut adopted = a("y", 3, 1);
+        adopted.adopted = true;
+        assert_eq!(list, [stopped, adopted, started]);
+        // A second stop keeps the first reason.
+        assign(
+            &mut list,
+            &[Step::Stop {
+                ids: vec!["x".to_owned()],
+                reason: StopReason::Shutdown,
+            }],
+            3,
+            "n1",
+            |_| unreachable!("nothing starts"),
+        );
+        assert_eq!(list[0].stop, Some(StopReason::Replaced));
+    }
+
+    #[test]
+    fn the_view_counts_what_is_assigned_and_not_observed_yet() {
+        let clock = Clock {
+            now: Instant::now(),
+            wall_ms: 5_000,
+        };
+        let mut stopping = a("s", 1, 2);
+        stopping.stop = Some(StopReason::ScaledDown);
+        let assignments = [a("x", 1, 0), a("new", 2, 1), stopping];
+        let mut unlive = obs("x", 1, 0);
+        unlive.live = false;
+        unlive.stale = true;
+        let mut gone = obs("old", 1, 0);
+        gone.gone = Some(true);
+        let seen = seen(&assignments, &[unlive, gone, obs("s", 1, 2)], &clock);
+        assert_eq!(seen.len(), 3, "only assignments, never a gone instance");
+        assert_eq!(
+            seen[0].ready_since,
+            Some(clock.now - Duration::from_secs(4))
+        );
+        assert!(!seen[0].live && seen[0].stale && !seen[0].stopping);
+        // Not observed yet: there, not ready, live.
+        assert_eq!(seen[1].ready_since, None);
+        assert!(seen[1].live && !seen[1].stopping && !seen[1].stale);
+        assert_eq!((seen[1].revision, seen[1].slot), (2, 1));
+        // A stop decided counts at once.
+        assert!(seen[2].stopping);
+        // The node's own stopping and adoption count too.
+        let mut draining = obs("x", 1, 0);
+        draining.stopping = true;
+        draining.adopted = true;
+        let s = super::seen(&[a("x", 1, 0)], &[draining], &clock);
+        assert!(s[0].stopping && s[0].adopted);
+    }
+
+    #[test]
+    fn failures_are_counted_once_and_gone_instances_dropped() {
+        let mut list = vec![a("x", 1, 0), a("y", 1, 1), a("z", 1, 2)];
+        let mut counted = BTreeSet::new();
+        let mut unlive = obs("x", 1, 0);
+        unlive.live = false;
+        let mut crashed = obs("y", 1, 1);
+        crashed.gone = Some(true);
+        crashed.ready_since_ms = None;
+        let failures = settle(
+            &mut list,
+            &[unlive.clone(), crashed, obs("z", 1, 2)],
+            &mut counted,
+        );
+        assert_eq!(
+            failures,
+            [
+                Failure {
+                    revision: 1,
+                    slot: 0,
+                    ready_since_ms: Some(1_000)
+                },
+                Failure {
+                    revision: 1,
+                    slot: 1,
+                    ready_since_ms: None
+                }
+            ]
+        );
+        assert_eq!(
+            list.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(),
+            ["x", "z"]
+        );
+        // Still not live: not counted again; then it goes, failed: not
+        // counted a third time.
+        assert!(settle(&mut list, &[unlive.clone()], &mut counted).is_empty());
+        unlive.gone = Some(true);
+        assert!(settle(&mut list, &[unlive], &mut counted).is_empty());
+        assert!(counted.is_empty(), "forgotten once gone");
+        // A stop asked for is no failure.
+        let mut stopped = obs("z", 1, 2);
+        stopped.gone = Some(false);
+        assert!(settle(&mut list, &[stopped], &mut counted).is_empty());
+        assert!(list.is_empty());
+    }
+
+    #[test]
+    fn a_worker_starts_stops_relabels_and_ends_orphans() {
+        let mut stop = a("s", 1, 1);
+        stop.stop = Some(StopReason::Replaced);
+        let mut stopped = a("t", 1, 3);
+        stopped.stop = Some(StopReason::Replaced);
+        let mut elsewhere = a("e", 1, 4);
+        elsewhere.node = "n2".to_owned();
+        let assignments = [
+            a("new", 2, 0),
+            stop,
+            stopped,
+            a("moved", 2, 2),
+            elsewhere,
+            a("ended", 2, 5),
+            a("same", 1, 6),
+        ];
+        let mut draining = run("t", 1, 3);
+        draining.stopping = true;
+        let mut old_draining = run("old", 1, 7);
+        old_draining.stopping = true;
+        let running = [
+            run("s", 1, 1),
+            draining,
+            run("moved", 1, 2),
+            run("stray", 1, 8),
+            old_draining,
+            run("same", 1, 6),
+        ];
+        let ended = BTreeSet::from(["ended".to_owned()]);
+        let w = work("n1", &assignments, &running, &ended);
+        assert_eq!(w.start, [a("new", 2, 0)]);
+        assert_eq!(w.stop, [("s".to_owned(), StopReason::Replaced)]);
+        assert_eq!(w.relabel, [a("moved", 2, 2)]);
+        assert_eq!(w.orphans, ["stray"]);
+        // Another node's view of the same list.
+        let w2 = work("n2", &assignments, &[], &BTreeSet::new());
+        assert_eq!(w2.start.len(), 1);
+        assert_eq!(w2.start[0].id, "e");
+    }
+}
