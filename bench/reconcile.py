@@ -1,4 +1,8 @@
-"""Summarizes bench/reconcile.sh's runs (JSON objects on stdin)."""
+"""Summarizes bench/reconcile.sh's runs (JSON objects on stdin): for each
+path (`direct`, as the controller was before the leader/node split;
+`split`, through the state store and the assignments, as it is now), the
+pass times and the rolling update's rate, with the split's ratio to the
+direct path measured in the same run, and the README's figures beside."""
 import json
 import sys
 
@@ -14,27 +18,35 @@ for i, c in enumerate(text):
         if depth == 0:
             runs.append(json.loads(text[start : i + 1]))
 
-print("one reconcile pass over a steady fleet (median of 21):")
-print("  %10s %10s %12s" % ("instances", "pass ms", "us/instance"))
-for p in runs[0]["pass"]:
-    print("  %10d %10.3f %12.4f" % (p["instances"], p["pass_ms"], p["us_per_instance"]))
 # The README's figures (reference machine), printed beside today's so that
 # a regression shows.
 README = {"pass_us_per_instance": 0.026, "rolling": {1: 74_000, 25: 121_000}}
-print("  README: %.3f us/instance" % README["pass_us_per_instance"])
+
+print("one reconcile pass over a steady fleet (median of 21):")
+print("  %10s %12s %12s %12s %12s" % ("instances", "direct ms", "split ms", "split us/i", "split/direct"))
+paths = runs[0]["paths"]
+for d, s in zip(paths["direct"]["pass"], paths["split"]["pass"]):
+    print(
+        "  %10d %12.3f %12.3f %12.4f %11.2fx"
+        % (d["instances"], d["pass_ms"], s["pass_ms"], s["us_per_instance"], s["pass_ms"] / d["pass_ms"])
+    )
+print("  README: %.3f us/instance (direct)" % README["pass_us_per_instance"])
 print("rolling update of 10,000 instances to a new release:")
 for r in runs:
-    u = r["rolling_update"]
-    rate = u["replacements_per_second"]
     ref = README["rolling"].get(r["max_surge"])
+    rates = {}
+    for path in ("direct", "split"):
+        u = r["paths"][path]["rolling_update"]
+        rates[path] = u["replacements_per_second"]
+        print(
+            "  max_surge %3d, %-6s: %d replacements in %.3f s (%d passes): %s/s"
+            % (r["max_surge"], path, u["replacements"], u["seconds"], u["passes"], format(int(rates[path]), ","))
+        )
     print(
-        "  max_surge %3d: %d replacements in %.3f s (%d passes): %s/s%s"
+        "  max_surge %3d: split/direct %.2fx%s"
         % (
             r["max_surge"],
-            u["replacements"],
-            u["seconds"],
-            u["passes"],
-            format(int(rate), ","),
-            "  (README: %s/s, now %.2fx)" % (format(ref, ","), rate / ref) if ref else "",
+            rates["split"] / rates["direct"],
+            "  (README: %s/s)" % format(ref, ",") if ref else "",
         )
     )

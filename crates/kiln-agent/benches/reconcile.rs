@@ -9,9 +9,17 @@
 //! active). Time is virtual (passed in, as the controller's decisions
 //! take it), so only the work is measured.
 //!
-//! Prints one JSON object: the pass time at 100, 1,000 and 10,000
-//! instances (median of 21), and the rate of a rolling update of all
-//! 10,000 to a new release.
+//! Two ways, in one run (`"paths"`): `direct`, the controller as it was
+//! before the leader/node split (the view from the instances it tracks,
+//! the steps carried out at once), and `split`, as the agent's controller
+//! does it now: the node worker publishes observations to the state
+//! store, the leader builds its view from them and from the assignments
+//! it reads, writes the assignments its decision makes, and the worker
+//! reads them back and carries them out (`kiln_core::rollout::assign`).
+//!
+//! Prints one JSON object: for each path, the pass time at 100, 1,000 and
+//! 10,000 instances (median of 21), and the rate of a rolling update of
+//! all 10,000 to a new release.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -25,7 +33,8 @@ use kiln_core::Digest;
 use kiln_core::event::Change;
 use kiln_core::health::{Backoff, SlotHistory};
 use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
-use kiln_core::rollout::{Rollout, Seen, Step, View, decide};
+use kiln_core::rollout::assign::{self, Assignment, Observation};
+use kiln_core::rollout::{Clock, Rollout, Seen, Step, View, decide};
 use kiln_core::service::{self, RolloutSpec, RuntimeKind};
 use kiln_core::spec::{AbsolutePath, ServiceName};
 
@@ -36,7 +45,22 @@ struct Svc {
     running: BTreeMap<String, Box<dyn Running>>,
     slots: BTreeMap<(u64, u32), SlotHistory>,
     ids: u64,
+    /// The split's: the leader's counted failures, the worker's reports
+    /// of instances gone and their ids.
+    counted: BTreeSet<String>,
+    gone: Vec<Observation>,
+    ended: BTreeSet<String>,
+    /// As the agent's controller keeps them: a digest of what the worker
+    /// last published, the observations the leader last read, its
+    /// assignments and a digest of them as stored.
+    published: Option<u64>,
+    observed: Option<Vec<Observation>>,
+    assigned: Vec<Assignment>,
+    stored: Option<Option<u64>>,
 }
+
+/// The node of the split path.
+const NODE: &str = "bench";
 
 struct Node {
     state: MemoryState,
@@ -45,6 +69,10 @@ struct Node {
     launch: Launch,
     now: Instant,
     started: u64,
+    /// Through the store and the assignments (the agent's way now).
+    split: bool,
+    /// Wall-clock time 0 of the observations.
+    epoch: Instant,
 }
 
 fn config(version: &str) -> ReleaseConfig {
@@ -85,7 +113,7 @@ fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
 }
 
 impl Node {
-    fn new(services: u32, replicas: u32, max_surge: u32) -> Self {
+    fn new(services: u32, replicas: u32, max_surge: u32, split: bool) -> Self {
         let mut node = Node {
             state: MemoryState::new(),
             fake: Fake::silent(),
@@ -100,6 +128,8 @@ impl Node {
             },
             now: Instant::now(),
             started: 0,
+            split,
+            epoch: Instant::now(),
         };
         for n in 0..services {
             let name = ServiceName::try_from(format!("svc{n}").as_str()).expect("a valid name");
@@ -110,6 +140,13 @@ impl Node {
                 running: BTreeMap::new(),
                 slots: BTreeMap::new(),
                 ids: 0,
+                counted: BTreeSet::new(),
+                gone: Vec::new(),
+                ended: BTreeSet::new(),
+                published: None,
+                observed: None,
+                assigned: Vec::new(),
+                stored: None,
             });
             node.release(&name, 1, settings(replicas, max_surge));
         }
@@ -159,7 +196,239 @@ impl Node {
     fn pass(&mut self) -> bool {
         let mut quiet = true;
         for i in 0..self.services.len() {
-            quiet &= self.pass_one(i);
+            quiet &= if self.split {
+                self.pass_split(i)
+            } else {
+                self.pass_one(i)
+            };
+        }
+        quiet
+    }
+
+    /// One pass of the agent's controller now: the worker publishes, the
+    /// leader decides from the store and writes assignments, the worker
+    /// reads them back and carries them out.
+    fn pass_split(&mut self, i: usize) -> bool {
+        let now = self.now;
+        let clock = Clock {
+            now,
+            wall_ms: now.duration_since(self.epoch).as_millis() as u64 + 1_000_000,
+        };
+        let svc = &mut self.services[i];
+        // The worker: what the instance tasks reported since the last
+        // pass (stopped ones exited, started ones are ready), published.
+        let mut k = 0;
+        while k < svc.seen.len() {
+            if svc.seen[k].stopping {
+                let gone = svc.seen.swap_remove(k);
+                if let Some(mut r) = svc.running.remove(&gone.id) {
+                    r.kill();
+                }
+                let ev = NewEvent::service(
+                    Change::InstanceExited {
+                        status: "exit status: 0".to_owned(),
+                        requested: true,
+                    },
+                    &svc.name,
+                    Some(gone.revision),
+                );
+                self.state.remove_instance(&gone.id).expect("recorded");
+                ready(self.state.append_event(&ev)).expect("recorded");
+                svc.ended.insert(gone.id.clone());
+                svc.gone.push(observation(&gone, &clock, Some(false)));
+            } else {
+                if svc.seen[k].ready_since.is_none() {
+                    svc.seen[k].ready_since = Some(now);
+                }
+                k += 1;
+            }
+        }
+        let mine = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            for s in &svc.seen {
+                let ready_ms = s.ready_since.map(|t| clock.to_wall(t));
+                (
+                    s.id.as_str(),
+                    s.revision,
+                    s.slot,
+                    s.stopping,
+                    ready_ms,
+                    s.live,
+                )
+                    .hash(&mut h);
+            }
+            svc.gone.hash(&mut h);
+            h.finish()
+        };
+        if svc.published != Some(mine) {
+            let published: Vec<Observation> = svc
+                .seen
+                .iter()
+                .map(|s| observation(s, &clock, None))
+                .chain(svc.gone.iter().cloned())
+                .collect();
+            ready(self.state.publish(&svc.name, NODE, &published)).expect("published");
+            svc.published = Some(mine);
+            svc.observed = None;
+        }
+        // The leader.
+        let rec = ready(self.state.service(&svc.name))
+            .expect("read")
+            .expect("recorded");
+        let releases = ready(self.state.current_releases(&svc.name)).expect("read");
+        let target = rec.target;
+        let Some(outcome) = releases
+            .iter()
+            .find(|r| r.revision == target)
+            .map(|r| r.outcome)
+        else {
+            return true;
+        };
+        let previous = releases
+            .iter()
+            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
+            .map(|r| r.revision)
+            .max();
+        let (mut assigned, stored) = match svc.stored {
+            Some(known) => (std::mem::take(&mut svc.assigned), known),
+            None => {
+                let a = ready(self.state.assignments(&svc.name)).expect("read");
+                let d = a.as_ref().map(digest);
+                (a.unwrap_or_default(), d)
+            }
+        };
+        let observations = match svc.observed.take() {
+            Some(o) => o,
+            None => ready(self.state.observations(&svc.name)).expect("read"),
+        };
+        for f in assign::settle(&mut assigned, &observations, &mut svc.counted) {
+            svc.slots.entry((f.revision, f.slot)).or_default().failed(
+                now,
+                f.ready_since_ms.map(|ms| clock.to_instant(ms)),
+                &Backoff::default(),
+            );
+        }
+        let seen = assign::seen(&assigned, &observations, &clock);
+        svc.observed = Some(observations);
+        let same_content = BTreeSet::from([target]);
+        let counters = BTreeMap::new();
+        let view = View {
+            service: &svc.name,
+            now,
+            target,
+            outcome,
+            previous,
+            settings: &rec.settings,
+            backoff: Backoff::default(),
+            instances: &seen,
+            slots: &svc.slots,
+            same_content: &same_content,
+            counters: &counters,
+            last_error: None,
+        };
+        let d = decide(&svc.rollout, &view);
+        let quiet = d.steps.is_empty() && d.next.target().is_none();
+        svc.rollout = d.next;
+        let name = svc.name.clone();
+        let ids = &mut svc.ids;
+        assign::assign(&mut assigned, &d.steps, target, NODE, |rev| {
+            *ids += 1;
+            format!("{name}-r{rev}-{ids}")
+        });
+        let now_digest = digest(&assigned);
+        if stored != Some(now_digest) {
+            ready(self.state.assign(&svc.name, &assigned, None, Guard::NONE)).expect("assigned");
+        }
+        svc.stored = Some(Some(now_digest));
+        svc.assigned = assigned;
+        for step in &d.steps {
+            match step {
+                Step::Activate => {
+                    activate(&self.state, &svc.name, target, &releases);
+                }
+                Step::Record(change) => {
+                    let ev = NewEvent::service(change.clone(), &svc.name, Some(target));
+                    ready(self.state.append_event(&ev)).expect("recorded");
+                }
+                Step::Fail { .. } => panic!("no rollout fails here"),
+                _ => {}
+            }
+        }
+        // The worker: its assignments, as just stored.
+        let assignments = &svc.assigned;
+        let running: Vec<assign::Running> = svc
+            .seen
+            .iter()
+            .map(|s| assign::Running {
+                id: s.id.clone(),
+                revision: s.revision,
+                slot: s.slot,
+                stopping: s.stopping,
+            })
+            .collect();
+        let w = assign::work(NODE, assignments, &running, &svc.ended);
+        let kept: Option<BTreeSet<String>> = (!svc.gone.is_empty() || !svc.ended.is_empty())
+            .then(|| assignments.iter().map(|a| a.id.clone()).collect());
+        for a in w.start {
+            let running = self.fake.spawn(&a.id, &self.launch).expect("spawned");
+            let ev = NewEvent::service(
+                Change::InstanceStarted {
+                    pid: running.pid(),
+                    port: 0,
+                    slot: a.slot,
+                },
+                &svc.name,
+                Some(a.revision),
+            );
+            let rec = InstanceRecord {
+                id: a.id.clone(),
+                service: svc.name.clone(),
+                revision: a.revision,
+                slot: a.slot,
+                pid: running.pid(),
+                start_ticks: 0,
+                port: 0,
+            };
+            self.state.put_instance(&rec).expect("recorded");
+            ready(self.state.append_event(&ev)).expect("recorded");
+            svc.running.insert(a.id.clone(), running);
+            svc.seen.push(Seen {
+                id: a.id,
+                revision: a.revision,
+                slot: a.slot,
+                stopping: false,
+                ready_since: None,
+                live: true,
+                adopted: false,
+                stale: false,
+            });
+            self.started += 1;
+        }
+        let stops: BTreeMap<String, String> = w
+            .stop
+            .into_iter()
+            .map(|(id, reason)| (id, reason.to_string()))
+            .chain(
+                w.orphans
+                    .into_iter()
+                    .map(|id| (id, "no assignment".to_owned())),
+            )
+            .collect();
+        for s in svc.seen.iter_mut().filter(|s| stops.contains_key(&s.id)) {
+            s.stopping = true;
+            let ev = NewEvent::service(
+                Change::InstanceStopping {
+                    reason: stops[&s.id].clone(),
+                },
+                &svc.name,
+                Some(s.revision),
+            );
+            ready(self.state.append_event(&ev)).expect("recorded");
+        }
+        if let Some(kept) = kept {
+            svc.gone.retain(|o| kept.contains(&o.id));
+            svc.ended.retain(|id| kept.contains(id));
         }
         quiet
     }
@@ -286,36 +555,7 @@ impl Node {
                         ready(self.state.append_event(&ev)).expect("recorded");
                     }
                 }
-                Step::Activate => {
-                    let ev = NewEvent::service(Change::ReleaseActive {}, &svc.name, Some(target));
-                    ready(self.state.set_outcome(
-                        &svc.name,
-                        target,
-                        Outcome::Active,
-                        None,
-                        &ev,
-                        Guard::NONE,
-                    ))
-                    .expect("recorded");
-                    for r in &releases {
-                        if r.revision != target && r.outcome == Outcome::Active {
-                            let ev = NewEvent::service(
-                                Change::ReleaseSuperseded { by: target },
-                                &svc.name,
-                                Some(r.revision),
-                            );
-                            ready(self.state.set_outcome(
-                                &svc.name,
-                                r.revision,
-                                Outcome::Superseded,
-                                None,
-                                &ev,
-                                Guard::NONE,
-                            ))
-                            .expect("recorded");
-                        }
-                    }
-                }
+                Step::Activate => activate(&self.state, &svc.name, target, &releases),
                 Step::Record(change) => {
                     let ev = NewEvent::service(change, &svc.name, Some(target));
                     ready(self.state.append_event(&ev)).expect("recorded");
@@ -345,6 +585,54 @@ impl Node {
     }
 }
 
+/// A digest of a value, to tell whether it changed without keeping it.
+fn digest(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
+}
+
+/// An instance as the worker publishes it.
+fn observation(s: &Seen<String>, clock: &Clock, gone: Option<bool>) -> Observation {
+    Observation {
+        id: s.id.clone(),
+        revision: s.revision,
+        slot: s.slot,
+        stopping: s.stopping,
+        ready_since_ms: s.ready_since.map(|t| clock.to_wall(t)),
+        live: s.live,
+        adopted: s.adopted,
+        stale: s.stale,
+        gone,
+    }
+}
+
+/// `Step::Activate`: the target active, the releases before it superseded.
+fn activate(state: &MemoryState, name: &ServiceName, target: u64, releases: &[Release]) {
+    let ev = NewEvent::service(Change::ReleaseActive {}, name, Some(target));
+    ready(state.set_outcome(name, target, Outcome::Active, None, &ev, Guard::NONE))
+        .expect("recorded");
+    for r in releases {
+        if r.revision != target && r.outcome == Outcome::Active {
+            let ev = NewEvent::service(
+                Change::ReleaseSuperseded { by: target },
+                name,
+                Some(r.revision),
+            );
+            ready(state.set_outcome(
+                name,
+                r.revision,
+                Outcome::Superseded,
+                None,
+                &ev,
+                Guard::NONE,
+            ))
+            .expect("recorded");
+        }
+    }
+}
+
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
@@ -355,9 +643,19 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
+    let mut paths = serde_json::Map::new();
+    for (path, split) in [("direct", false), ("split", true)] {
+        paths.insert(path.to_owned(), measure(surge, split));
+    }
+    let out = serde_json::json!({ "max_surge": surge, "paths": paths });
+    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+}
+
+/// The pass times and the rolling update's rate, one way.
+fn measure(surge: u32, split: bool) -> serde_json::Value {
     let mut sizes = Vec::new();
     for (services, replicas) in [(1, 100), (10, 100), (100, 100)] {
-        let mut node = Node::new(services, replicas, surge);
+        let mut node = Node::new(services, replicas, surge, split);
         assert_eq!(node.instances(), (services * replicas) as usize);
         let times: Vec<Duration> = (0..21)
             .map(|_| {
@@ -374,7 +672,7 @@ fn main() {
         }));
     }
     // A rolling update of all 10,000 to release 2.
-    let mut node = Node::new(100, 100, surge);
+    let mut node = Node::new(100, 100, surge, split);
     let before = node.started;
     for i in 0..node.services.len() {
         let name = node.services[i].name.clone();
@@ -390,8 +688,7 @@ fn main() {
             .iter()
             .all(|s| s.seen.iter().all(|i| i.revision == 2))
     );
-    let out = serde_json::json!({
-        "max_surge": surge,
+    serde_json::json!({
         "pass": sizes,
         "rolling_update": {
             "replacements": replaced,
@@ -399,6 +696,5 @@ fn main() {
             "seconds": took.as_secs_f64(),
             "replacements_per_second": replaced as f64 / took.as_secs_f64(),
         },
-    });
-    println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    })
 }

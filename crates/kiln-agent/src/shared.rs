@@ -27,6 +27,9 @@ pub struct Shared {
     pub state: Arc<dyn ClusterState>,
     /// What only this node knows (its instances' pids).
     pub node: Arc<dyn NodeState>,
+    /// This node's name in assignments and observations: its host name
+    /// (`kiln serve --node NAME` will set it in a cluster).
+    pub node_name: String,
     /// This agent's leadership, taken when it starts: every write of a
     /// fleet decision carries it, so a deposed agent's late writes fail.
     pub fence: std::sync::OnceLock<Fence>,
@@ -71,6 +74,7 @@ impl Shared {
             node: state.clone(),
             state,
             fence: std::sync::OnceLock::new(),
+            node_name: node_name(),
             backoff,
             status: std::sync::Mutex::default(),
             router,
@@ -124,6 +128,15 @@ impl Shared {
         h.update(n.to_le_bytes());
         let hex = kiln_core::digest::hex(&h.finalize()[..8]);
         format!("{service}-r{revision}-{hex}")
+    }
+}
+
+/// The host's name, or `local` when it has none.
+fn node_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    match name.trim() {
+        "" => "local".to_owned(),
+        name => name.to_owned(),
     }
 }
 

@@ -19,12 +19,23 @@ impl Drop for App {
     }
 }
 
+/// A port no other test of this binary was given: the kernel may hand a
+/// port just let go of to the next caller, and two apps on one port make
+/// one test talk to the other's app (and see it killed under it).
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut given = GIVEN.lock().unwrap();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 fn start(env: &[(&str, &str)]) -> App {

@@ -18,6 +18,7 @@ use crate::instance::probe::ProbeKind;
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, start_ticks};
 use crate::state::{InstanceRecord, NewEvent};
+use kiln_core::rollout::assign::{self, Assignment, Observation, Running};
 
 /// A release made ready to run: its tree and runtime.
 pub(super) struct Prepared {
@@ -47,10 +48,10 @@ pub(super) struct Inst {
     pub live: bool,
     pub started_wall: SystemTime,
     pub ready_since: Option<Instant>,
+    /// The same, as wall-clock milliseconds (what its observation says).
+    pub ready_ms: Option<u64>,
     /// Tells its task to stop (graceful, or a kill that escalates one).
     pub stop: mpsc::UnboundedSender<StopKind>,
-    /// Counted as a failure already (liveness), so its exit is not counted again.
-    pub failure_counted: bool,
     pub read_only: bool,
     pub runtime: kiln_core::service::RuntimeKind,
     /// Requests the router has in flight to it.
@@ -101,7 +102,7 @@ impl Controller {
                 self.shared.drift.forget(&id);
                 if let Some(inst) = self.instances.remove(&id) {
                     self.message = Some(format!("instance {id} failed to start: {error}"));
-                    self.count_failure(inst.revision, inst.slot, None);
+                    self.report_gone(&inst, true);
                     self.record_event(
                         Change::InstanceStartFailed {
                             error: error.clone(),
@@ -161,11 +162,13 @@ impl Controller {
                         inst.ready = true;
                         // On tokio's clock, as every other instant of the controller.
                         inst.ready_since = Some(super::now());
+                        inst.ready_ms = Some(super::clock().wall_ms);
                         Change::InstanceReady {}
                     }
                     (ProbeKind::Readiness, false) => {
                         inst.ready = false;
                         inst.ready_since = None;
+                        inst.ready_ms = None;
                         Change::InstanceUnready {}
                     }
                     (ProbeKind::Liveness, live) => {
@@ -185,13 +188,9 @@ impl Controller {
                         "instance {id} failed its {}",
                         why.as_deref().unwrap_or("liveness probe")
                     ));
-                    // Counted now; the pass replaces it (never restarted in
-                    // place): `decide` stops an instance that is not live.
-                    if let Some(inst) = self.instances.get_mut(&id) {
-                        let (rev, slot, since) = (inst.revision, inst.slot, inst.ready_since);
-                        inst.failure_counted = true;
-                        self.count_failure(rev, slot, since);
-                    }
+                    // The leader counts it from the next observation; the
+                    // pass replaces it (never restarted in place): `decide`
+                    // stops an instance that is not live.
                 }
             }
             // Left running for a successor; its record stays for it.
@@ -208,10 +207,12 @@ impl Controller {
                 let Some(inst) = self.instances.remove(&id) else {
                     return;
                 };
-                if !requested && !inst.failure_counted {
+                if !requested {
                     self.message = Some(format!("instance {id} exited: {status}"));
-                    self.count_failure(inst.revision, inst.slot, inst.ready_since);
                 }
+                // An end asked for is no failure (the leader counts the
+                // others, once).
+                self.report_gone(&inst, !requested);
                 let ev = self.event(
                     Change::InstanceExited {
                         status: status.clone(),
@@ -244,6 +245,24 @@ impl Controller {
         if let Err(e) = self.shared.state.append_event(ev).await {
             self.log_state_error(e);
         }
+    }
+
+    /// Report an instance of this node gone to the leader (`failed`: it
+    /// ended unasked, or never started), until the leader dropped its
+    /// assignment; it is never started again.
+    pub(super) fn report_gone(&mut self, inst: &Inst, failed: bool) {
+        self.ended.insert(inst.id.clone());
+        self.gone.push(Observation {
+            id: inst.id.clone(),
+            revision: inst.revision,
+            slot: inst.slot,
+            stopping: inst.stopping,
+            ready_since_ms: inst.ready_ms,
+            live: inst.live,
+            adopted: inst.adopted,
+            stale: false,
+            gone: Some(failed),
+        });
     }
 
     /// A slot's instance failed: count it and schedule the replacement.
@@ -322,8 +341,8 @@ impl Controller {
             .join(volume)
     }
 
-    pub(super) async fn start(&mut self, p: &Prepared, slot: u32) {
-        let id = self.shared.new_instance_id(&self.name, p.release.revision);
+    /// Start the instance the leader assigned as `id`.
+    pub(super) async fn start(&mut self, p: &Prepared, id: String, slot: u32) {
         let port = match free_port() {
             Ok(port) => port,
             Err(e) => {
@@ -475,8 +494,8 @@ impl Controller {
                     .and_then(crate::runtime::started_at)
                     .unwrap_or_else(SystemTime::now),
                 ready_since: None,
+                ready_ms: None,
                 stop: stop_tx,
-                failure_counted: false,
                 read_only: p.runtime.read_only_enforced(),
                 runtime: p.runtime.kind(),
                 inflight,
@@ -524,6 +543,99 @@ impl Controller {
                 Ok(None) | Err(_) => true,
             },
         }
+    }
+
+    /// The node worker: make what this node runs match its assignments as
+    /// stored — start what is assigned (with the leader's ids), relabel
+    /// a warm instance taken over, stop what is to stop and what runs with
+    /// no assignment. Returns when a stop swapped the routes, if one did.
+    pub(super) async fn work(&mut self) -> Option<Instant> {
+        // What the leader just wrote is what the store holds (on one node
+        // the worker takes it from the leader's hands); after a failed
+        // write, what the store holds is read.
+        let read;
+        let assignments: &[Assignment] = match self.stored {
+            Some(Some(_)) => &self.assigned,
+            Some(None) => return None,
+            None => match self.shared.state.assignments(&self.name).await {
+                Ok(Some(a)) => {
+                    read = a;
+                    &read
+                }
+                // Nothing was ever assigned: nothing to do.
+                Ok(None) => return None,
+                Err(e) => {
+                    self.log_state_error(e);
+                    return None;
+                }
+            },
+        };
+        let running: Vec<Running> = self
+            .instances
+            .values()
+            .map(|i| Running {
+                id: i.id.clone(),
+                revision: i.revision,
+                slot: i.slot,
+                stopping: i.stopping,
+            })
+            .collect();
+        let node = self.shared.node_name.clone();
+        let w = assign::work(&node, assignments, &running, &self.ended);
+        // Reports stay until the leader dropped their assignments (only
+        // those made before this pass can have been dropped).
+        let kept: Option<std::collections::BTreeSet<String>> = (!self.gone.is_empty()
+            || !self.ended.is_empty())
+        .then(|| assignments.iter().map(|a| a.id.clone()).collect());
+        for a in w.relabel {
+            let from = self.instances.get(&a.id).map_or(a.revision, |i| i.revision);
+            self.adopt(&a.id, from, a.revision, a.slot).await;
+        }
+        for a in w.start {
+            match self.prepare(a.revision).await {
+                Ok(p) => self.start(&p, a.id, a.slot).await,
+                Err(e) => {
+                    // It cannot start here: reported failed (its slot backs
+                    // off), and never tried again under this id.
+                    self.message = Some(e.to_string());
+                    self.ended.insert(a.id.clone());
+                    self.gone.push(Observation {
+                        id: a.id,
+                        revision: a.revision,
+                        slot: a.slot,
+                        stopping: false,
+                        ready_since_ms: None,
+                        live: true,
+                        adopted: a.adopted,
+                        stale: false,
+                        gone: Some(true),
+                    });
+                }
+            }
+        }
+        let mut by_reason: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for (id, reason) in w.stop {
+            if reason == StopReason::Drifted {
+                self.shared.drift.replaced(1);
+            }
+            by_reason.entry(reason.to_string()).or_default().push(id);
+        }
+        if !w.orphans.is_empty() {
+            by_reason.insert(
+                "no assignment: the leader does not know it".to_owned(),
+                w.orphans,
+            );
+        }
+        let mut swapped = None;
+        for (reason, ids) in by_reason {
+            let at = self.stop_instances(&ids, StopKind::Graceful, &reason).await;
+            swapped = swapped.or(at);
+        }
+        if let Some(kept) = kept {
+            self.gone.retain(|o| kept.contains(&o.id));
+            self.ended.retain(|id| kept.contains(id));
+        }
+        swapped
     }
 
     /// A warm instance of release `from` now serves `target` in `slot`.

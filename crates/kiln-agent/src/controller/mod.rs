@@ -6,6 +6,16 @@
 //! then it sets a timer for the next time something is due. Messages only
 //! say "look again"; why a pass ran never changes what it does.
 //!
+//! Each pass is the leader's, then the node worker's, through the state
+//! store (`kiln_core::rollout::assign`): the worker publishes what it
+//! runs (observations); the leader reads the service, its releases, every
+//! node's observations and its assignments, builds the view from them,
+//! decides, and writes the assignments the decision makes (with the
+//! rollout, in one transaction, under its fence); the worker then reads
+//! its node's assignments and starts, relabels and stops instances to
+//! match. On one node both run here, in one task; in a cluster the leader
+//! will be one agent and every node's worker its own.
+//!
 //! Instances are never modified: one that exits or fails liveness is
 //! replaced by a new instance (new id) of the same release in the same
 //! replica slot, at once the first time and with exponential back-off while
@@ -28,6 +38,7 @@ use kiln_core::counters::Snapshot;
 use kiln_core::event::{Actor, Change};
 use kiln_core::health::SlotHistory;
 use kiln_core::release::Outcome;
+use kiln_core::rollout::assign::{self, Assignment, Observation};
 use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Seen, Step, View};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
@@ -155,6 +166,27 @@ pub struct Controller {
     removing: bool,
     /// Changes when the drift detector found something: look again.
     drift: tokio::sync::watch::Receiver<u64>,
+    /// The leader's: the assignments as the last pass left them, and the
+    /// instances it counted as failed while they were still there.
+    assigned: Vec<Assignment>,
+    counted: BTreeSet<String>,
+    /// A digest of the store's assignments as this leader knows them
+    /// (which `assigned` holds): `None` when not read yet, or a write
+    /// failed (read them again); `Some(None)` when none were ever
+    /// written. It is their only writer while its fence holds, so it
+    /// reads them once.
+    stored: Option<Option<u64>>,
+    /// The observations as the leader last read them (`None`: a node
+    /// published since: read them again).
+    observed: Option<Vec<Observation>>,
+    /// The worker's: instances of this node gone (reported until the
+    /// leader dropped their assignments, never started again), and what
+    /// it last published.
+    gone: Vec<Observation>,
+    ended: BTreeSet<String>,
+    /// A digest of what it last published (what it sees is hashed each
+    /// pass, and published only when it changed).
+    published: Option<u64>,
 }
 
 /// An instance an earlier agent process left running: its record and its
@@ -169,6 +201,17 @@ struct Observed {
     seen: Vec<Seen<String>>,
     same_content: BTreeSet<u64>,
     counters: BTreeMap<u64, Snapshot>,
+    /// A digest of the assignments as the store has them (`None`: never
+    /// written).
+    stored: Option<u64>,
+}
+
+/// A digest of a value, to tell whether it changed without keeping it.
+fn digest(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 /// Now, on tokio's clock: a test that pauses tokio's time controls every
@@ -177,8 +220,9 @@ pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
-/// Now, as an instant and as wall-clock time, for a rollout's saved times.
-fn clock() -> rollout::Clock {
+/// Now, as an instant and as wall-clock time, for a rollout's saved times
+/// and the times in observations.
+pub(crate) fn clock() -> rollout::Clock {
     rollout::Clock {
         now: now(),
         wall_ms: std::time::SystemTime::now()
@@ -213,6 +257,13 @@ impl Controller {
             adopting: Vec::new(),
             removing: false,
             detaching: None,
+            assigned: Vec::new(),
+            counted: BTreeSet::new(),
+            stored: None,
+            observed: None,
+            gone: Vec::new(),
+            ended: BTreeSet::new(),
+            published: None,
         }
     }
 
@@ -227,6 +278,7 @@ impl Controller {
         for (rec, output) in std::mem::take(&mut self.adopting) {
             self.adopt_running(rec, output).await;
         }
+        self.report_lost().await;
         self.resume_rollout().await;
         loop {
             tokio::select! {
@@ -356,6 +408,98 @@ impl Controller {
         }
     }
 
+    /// The worker, as it starts: an instance of this node assigned by an
+    /// earlier agent process and not adopted (it ended while no agent
+    /// ran) is reported gone, so that the leader replaces it.
+    async fn report_lost(&mut self) {
+        let assigned = match self.shared.state.assignments(&self.name).await {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e) => return self.log_state_error(e),
+        };
+        for a in assigned {
+            if a.node == self.shared.node_name && !self.instances.contains_key(&a.id) {
+                self.ended.insert(a.id.clone());
+                self.gone.push(Observation {
+                    id: a.id,
+                    revision: a.revision,
+                    slot: a.slot,
+                    stopping: a.stop.is_some(),
+                    ready_since_ms: None,
+                    live: true,
+                    adopted: a.adopted,
+                    stale: false,
+                    gone: Some(false),
+                });
+            }
+        }
+    }
+
+    /// What this node's worker sees of the service's instances: those it
+    /// runs, and those gone since (until the leader took it in).
+    fn observations(&self) -> Vec<Observation> {
+        self.instances
+            .values()
+            .map(|i| Observation {
+                id: i.id.clone(),
+                revision: i.revision,
+                slot: i.slot,
+                stopping: i.stopping,
+                ready_since_ms: i.ready_ms,
+                live: i.live,
+                adopted: i.adopted,
+                stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
+                gone: None,
+            })
+            .chain(self.gone.iter().cloned())
+            .collect()
+    }
+
+    /// A digest of what the worker sees (as [`observations`] would
+    /// say), made without copying it: most passes change nothing.
+    fn observations_digest(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for i in self.instances.values() {
+            let stale = self.shared.drift.stale(&i.image, i.started_wall, &i.id);
+            (
+                i.id.as_str(),
+                i.revision,
+                i.slot,
+                i.stopping,
+                i.ready_ms,
+                i.live,
+                i.adopted,
+                stale,
+            )
+                .hash(&mut h);
+        }
+        self.gone.hash(&mut h);
+        h.finish()
+    }
+
+    /// The worker publishes what it sees, when it changed.
+    async fn publish_observations(&mut self) {
+        let digest = self.observations_digest();
+        if self.published == Some(digest) {
+            return;
+        }
+        let now = self.observations();
+        match self
+            .shared
+            .state
+            .publish(&self.name, &self.shared.node_name, &now)
+            .await
+        {
+            Ok(()) => {
+                self.published = Some(digest);
+                // The leader reads them again (in a cluster, a node's
+                // publication comes through the store's watch).
+                self.observed = None;
+            }
+            Err(e) => self.log_state_error(e),
+        }
+    }
+
     /// Keep the rollout in the state store when it changed since it was
     /// last kept.
     async fn save_rollout(&mut self) {
@@ -388,18 +532,30 @@ impl Controller {
             self.due = None;
             return;
         }
+        // The worker says what it runs; the leader decides from it.
+        self.publish_observations().await;
         let Some(o) = self.observe().await else {
             return;
         };
         let decision = rollout::decide(&self.rollout, &self.view(&o));
         self.execute(&o, decision).await;
         self.save_rollout().await;
-        // The timer: from what the instances look like after the steps.
+        // The timer: from what the fleet looks like after the steps.
         let after = Observed {
-            seen: self.seen(),
+            seen: assign::seen(
+                &self.assigned,
+                self.observed.as_deref().unwrap_or_default(),
+                &clock(),
+            ),
             ..o
         };
         self.due = rollout::due(&self.rollout, &self.view(&after));
+        // What the worker found gone while it worked (an instance that
+        // could not start) is the leader's to take in soon.
+        if !self.gone.is_empty() {
+            let soon = now() + std::time::Duration::from_millis(50);
+            self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
+        }
     }
 
     /// Read the service, its releases and its instances for a pass. `None`
@@ -449,6 +605,54 @@ impl Controller {
         for rev in [Some(target), previous, canary].into_iter().flatten() {
             counters.insert(rev, self.counters(rev));
         }
+        // The fleet, as the store has it: the assignments, and what every
+        // node observed of them.
+        let clock = clock();
+        let (stored_list, stored) = match self.stored {
+            Some(known) => (Some(std::mem::take(&mut self.assigned)), known),
+            None => match self.shared.state.assignments(&self.name).await {
+                Ok(a) => {
+                    let d = a.as_ref().map(digest);
+                    (a, d)
+                }
+                Err(e) => {
+                    self.log_state_error(e);
+                    return None;
+                }
+            },
+        };
+        let observations = match self.observed.take() {
+            Some(o) => o,
+            None => match self.shared.state.observations(&self.name).await {
+                Ok(o) => o,
+                Err(e) => {
+                    self.log_state_error(e);
+                    return None;
+                }
+            },
+        };
+        // A service recorded before assignments: what this node runs is
+        // what was assigned.
+        let mut assigned = stored_list.unwrap_or_else(|| {
+            self.instances
+                .values()
+                .map(|i| Assignment {
+                    id: i.id.clone(),
+                    node: self.shared.node_name.clone(),
+                    revision: i.revision,
+                    slot: i.slot,
+                    adopted: i.adopted,
+                    stop: None,
+                })
+                .collect()
+        });
+        for f in assign::settle(&mut assigned, &observations, &mut self.counted) {
+            let since = f.ready_since_ms.map(|ms| clock.to_instant(ms));
+            self.count_failure(f.revision, f.slot, since);
+        }
+        let seen = assign::seen(&assigned, &observations, &clock);
+        self.observed = Some(observations);
+        self.assigned = assigned;
         // A worker without a readiness probe counts only once it has run a
         // while (one that exits at once never does).
         let mut rec = rec;
@@ -462,26 +666,11 @@ impl Controller {
             rec,
             outcome,
             previous,
-            seen: self.seen(),
+            seen,
             same_content,
             counters,
+            stored,
         })
-    }
-
-    fn seen(&self) -> Vec<Seen<String>> {
-        self.instances
-            .values()
-            .map(|i| Seen {
-                id: i.id.clone(),
-                revision: i.revision,
-                slot: i.slot,
-                stopping: i.stopping,
-                ready_since: i.ready_since,
-                live: i.live,
-                adopted: i.adopted,
-                stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
-            })
-            .collect()
     }
 
     fn view<'a>(&'a self, o: &'a Observed) -> View<'a, String> {
@@ -501,7 +690,11 @@ impl Controller {
         }
     }
 
-    /// Carry a decision out, step by step, in order.
+    /// Carry a decision out: the leader's part (its assignments, with the
+    /// rollout, in one change; records and outcomes, in order), then the
+    /// node worker's (from the assignments as stored), then a route switch
+    /// (onto instances the worker may just have relabelled) and a
+    /// failure's record, which says how long the swap took.
     async fn execute(&mut self, o: &Observed, d: Decision<String>) {
         let target = o.rec.target;
         let decided = now();
@@ -510,57 +703,85 @@ impl Controller {
         let mut swapped: Option<Instant> = None;
         self.rollout = d.next;
         self.routing = d.routing;
+        let mut assigned = std::mem::take(&mut self.assigned);
+        let shared = self.shared.clone();
+        assign::assign(&mut assigned, &d.steps, target, &shared.node_name, |rev| {
+            shared.new_instance_id(&self.name, rev)
+        });
+        let saved = (self.rollout != self.saved).then(|| self.rollout.save(&clock()));
+        let digest_now = digest(&assigned);
+        self.stored = None;
+        if o.stored != Some(digest_now) || saved.is_some() {
+            match self
+                .shared
+                .state
+                .assign(&self.name, &assigned, saved.as_ref(), self.shared.fenced())
+                .await
+            {
+                Ok(()) => {
+                    if saved.is_some() {
+                        self.saved = self.rollout.clone();
+                    }
+                    self.stored = Some(Some(digest_now));
+                }
+                // Read again next time: the store has what it has.
+                Err(e) => self.log_state_error(e),
+            }
+        } else {
+            self.stored = Some(o.stored);
+        }
+        self.assigned = assigned;
+        let mut failures = Vec::new();
+        let mut route = false;
         for step in d.steps {
             match step {
-                Step::Adopt { id, from, slot } => self.adopt(&id, from, target, slot).await,
                 Step::SlotStable { revision, slot } => {
                     if let Some(s) = self.slots.get_mut(&(revision, slot)) {
                         s.failures = 0;
                     }
                 }
-                Step::Start { revision, slot } => match self.prepare(revision).await {
-                    Ok(p) => {
-                        self.slots.entry((revision, slot)).or_default().retry_at = None;
-                        self.start(&p, slot).await;
-                    }
-                    Err(e) => self.message = Some(e.to_string()),
-                },
-                Step::Stop { ids, reason } => {
-                    if reason == rollout::StopReason::Drifted {
-                        self.shared.drift.replaced(ids.len());
-                    }
-                    let at = self
-                        .stop_instances(&ids, StopKind::Graceful, &reason.to_string())
-                        .await;
-                    swapped = swapped.or(at);
+                Step::Start { revision, slot } => {
+                    self.slots.entry((revision, slot)).or_default().retry_at = None;
                 }
-                Step::Route => {
-                    self.publish_routes();
-                    swapped = swapped.or(Some(now()));
-                }
+                // The worker's, from the assignments.
+                Step::Adopt { .. } | Step::Stop { .. } => {}
+                // After the worker: a warm instance it relabels serves the
+                // release the routes switch to.
+                Step::Route => route = true,
                 Step::Record(change) => self.record_event(change, Some(target), None).await,
                 Step::Activate => self.complete_rollout(target).await,
-                Step::Fail {
-                    reason,
-                    to,
-                    automatic,
-                    by,
-                    timed,
-                } => {
-                    let swap = timed.then(|| swapped.unwrap_or(decided).duration_since(decided));
-                    tracing::warn!(
-                        service = %self.name,
-                        "release {target} failed: {reason}{}",
-                        swap.map_or(String::new(), |s| format!(
-                            " (routes switched in {}us)",
-                            s.as_micros()
-                        ))
-                    );
-                    let swap_us = swap.map(|s| s.as_micros() as u64);
-                    self.record_failure(target, to, &reason, automatic, swap_us, by)
-                        .await;
-                }
+                fail @ Step::Fail { .. } => failures.push(fail),
             }
+        }
+        let worked = self.work().await;
+        swapped = swapped.or(worked);
+        if route {
+            self.publish_routes();
+            swapped = swapped.or(Some(now()));
+        }
+        for fail in failures {
+            let Step::Fail {
+                reason,
+                to,
+                automatic,
+                by,
+                timed,
+            } = fail
+            else {
+                continue;
+            };
+            let swap = timed.then(|| swapped.unwrap_or(decided).duration_since(decided));
+            tracing::warn!(
+                service = %self.name,
+                "release {target} failed: {reason}{}",
+                swap.map_or(String::new(), |s| format!(
+                    " (routes switched in {}us)",
+                    s.as_micros()
+                ))
+            );
+            let swap_us = swap.map(|s| s.as_micros() as u64);
+            self.record_failure(target, to, &reason, automatic, swap_us, by)
+                .await;
         }
         match d.message {
             Message::Keep => {}
@@ -726,6 +947,7 @@ impl Controller {
     async fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), ControllerError> {
         let (rec, _) = self.target_pending().await?;
         let target = rec.target;
+        self.publish_observations().await;
         let Some(o) = self.observe().await else {
             return Err(ControllerError::NoService(self.name.clone()));
         };

@@ -948,6 +948,109 @@ pub(super) async fn a_watch_resumes_after_a_gap<S: ClusterState + NodeState>(sta
     assert!(waiting.is_err(), "no event after 6: the watch still waits");
 }
 
+/// The leader's assignments (with its rollout, in one change) and what
+/// each node observed are kept with their service, and go with it.
+pub(super) async fn assignments_and_observations_are_kept_with_their_service<
+    S: ClusterState + NodeState,
+>(
+    state: &S,
+) {
+    use kiln_core::rollout::SavedRollout;
+    use kiln_core::rollout::assign::{Assignment, Observation};
+    let name = web();
+    let assigned = |id: &str, node: &str| Assignment {
+        id: id.to_owned(),
+        node: node.to_owned(),
+        revision: 1,
+        slot: 0,
+        adopted: false,
+        stop: None,
+    };
+    let seen = |id: &str| Observation {
+        id: id.to_owned(),
+        revision: 1,
+        slot: 0,
+        stopping: false,
+        ready_since_ms: Some(7),
+        live: true,
+        adopted: false,
+        stale: false,
+        gone: None,
+    };
+    // Nothing for a service that does not exist.
+    state
+        .assign(&name, &[assigned("a", "n1")], None, Guard::NONE)
+        .await
+        .unwrap();
+    state.publish(&name, "n1", &[seen("a")]).await.unwrap();
+    assert_eq!(state.assignments(&name).await.unwrap(), None);
+    assert!(state.observations(&name).await.unwrap().is_empty());
+    state
+        .record_apply(&service(&name, 2, 1), Some(&release(1)), &[], Guard::NONE)
+        .await
+        .unwrap();
+    assert_eq!(
+        state.assignments(&name).await.unwrap(),
+        None,
+        "never written"
+    );
+    let fence = state.lead().await.unwrap();
+    let list = [assigned("a", "n1"), assigned("b", "n2")];
+    state
+        .assign(&name, &list, Some(&SavedRollout::Idle), Guard::fence(fence))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.assignments(&name).await.unwrap().as_deref(),
+        Some(&list[..])
+    );
+    assert_eq!(
+        state.rollout(&name).await.unwrap(),
+        Some(SavedRollout::Idle)
+    );
+    // Without a rollout, the saved one stays; a deposed leader writes nothing.
+    state
+        .assign(&name, &list[..1], None, Guard::fence(fence))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.rollout(&name).await.unwrap(),
+        Some(SavedRollout::Idle)
+    );
+    state.lead().await.unwrap();
+    let err = state
+        .assign(&name, &[], None, Guard::fence(fence))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StateError::Fenced { .. }), "{err}");
+    assert_eq!(
+        state.assignments(&name).await.unwrap().as_deref(),
+        Some(&list[..1])
+    );
+    // Each node's observations replace its own.
+    state.publish(&name, "n2", &[seen("b")]).await.unwrap();
+    state
+        .publish(&name, "n1", &[seen("a"), seen("c")])
+        .await
+        .unwrap();
+    state.publish(&name, "n1", &[seen("a")]).await.unwrap();
+    let ids = |o: Vec<Observation>| o.into_iter().map(|o| o.id).collect::<Vec<_>>();
+    assert_eq!(ids(state.observations(&name).await.unwrap()), ["a", "b"]);
+    assert!(
+        state
+            .observations(&ServiceName::try_from("other").unwrap())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    state
+        .remove_service(&name, &event("removed"), Guard::NONE)
+        .await
+        .unwrap();
+    assert_eq!(state.assignments(&name).await.unwrap(), None);
+    assert!(state.observations(&name).await.unwrap().is_empty());
+}
+
 /// The contract's tests for one implementation: `fresh` makes an empty
 /// store (and whatever must live as long as it, e.g. its directory).
 macro_rules! contract_tests {
@@ -1026,6 +1129,14 @@ macro_rules! contract_tests {
         async fn a_watch_resumes_after_a_gap() {
             let (_keep, state) = $fresh();
             $crate::state::contract::a_watch_resumes_after_a_gap(&state).await;
+        }
+        #[tokio::test]
+        async fn assignments_and_observations_are_kept_with_their_service() {
+            let (_keep, state) = $fresh();
+            $crate::state::contract::assignments_and_observations_are_kept_with_their_service(
+                &state,
+            )
+            .await;
         }
         #[tokio::test]
         async fn events_come_in_order_from_a_sequence_number() {

@@ -13,6 +13,7 @@ use std::sync::{Mutex, MutexGuard};
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::rollout::SavedRollout;
+use kiln_core::rollout::assign::{Assignment, Observation};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
@@ -41,6 +42,10 @@ struct Inner {
     services: BTreeMap<ServiceName, ServiceRecord>,
     /// Each service's saved rollout (gone with the service).
     rollouts: BTreeMap<ServiceName, SavedRollout>,
+    /// Each service's assignments, and what each node observed (gone with
+    /// the service).
+    assignments: BTreeMap<ServiceName, Vec<Assignment>>,
+    observations: BTreeMap<(ServiceName, String), Vec<Observation>>,
     releases: BTreeMap<(ServiceName, u64), Release>,
     /// By id (the order `instances()` lists them in).
     instances: BTreeMap<String, InstanceRecord>,
@@ -300,6 +305,8 @@ impl ClusterState for MemoryState {
             inner.check(name, guard)?;
             inner.services.remove(name);
             inner.rollouts.remove(name);
+            inner.assignments.remove(name);
+            inner.observations.retain(|(s, _), _| s != name);
             inner.append(event);
             Ok(())
         })
@@ -322,6 +329,56 @@ impl ClusterState for MemoryState {
             }
             Ok(())
         })
+    }
+
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>> {
+        Ok(self.inner().assignments.get(service).cloned())
+    }
+
+    async fn assign(
+        &self,
+        service: &ServiceName,
+        assignments: &[Assignment],
+        rollout: Option<&SavedRollout>,
+        guard: Guard,
+    ) -> Result<()> {
+        self.write(|inner| {
+            inner.check(service, guard)?;
+            if inner.services.contains_key(service) {
+                inner
+                    .assignments
+                    .insert(service.clone(), assignments.to_vec());
+                if let Some(r) = rollout {
+                    inner.rollouts.insert(service.clone(), r.clone());
+                }
+            }
+            Ok(())
+        })
+    }
+
+    async fn observations(&self, service: &ServiceName) -> Result<Vec<Observation>> {
+        let inner = self.inner();
+        Ok(inner
+            .observations
+            .range((service.clone(), String::new())..)
+            .take_while(|((s, _), _)| s == service)
+            .flat_map(|(_, list)| list.iter().cloned())
+            .collect())
+    }
+
+    async fn publish(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        observations: &[Observation],
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        if inner.services.contains_key(service) {
+            inner
+                .observations
+                .insert((service.clone(), node.to_owned()), observations.to_vec());
+        }
+        Ok(())
     }
 
     async fn lead(&self) -> Result<Fence> {

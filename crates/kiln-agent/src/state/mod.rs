@@ -31,6 +31,7 @@ use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
 use kiln_core::rollout::SavedRollout;
+use kiln_core::rollout::assign::{Assignment, Observation};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
@@ -311,6 +312,29 @@ pub trait ClusterState: Send + Sync {
         service: &ServiceName,
         rollout: &SavedRollout,
         guard: Guard,
+    ) -> Result<()>;
+    /// The service's assignments as the leader last wrote them (`None`:
+    /// never written, a service recorded before assignments were).
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>>;
+    /// The leader's decisions for the service, as one change: its
+    /// assignments and (when given) its rollout. Nothing for a service
+    /// that does not exist.
+    async fn assign(
+        &self,
+        service: &ServiceName,
+        assignments: &[Assignment],
+        rollout: Option<&SavedRollout>,
+        guard: Guard,
+    ) -> Result<()>;
+    /// What every node last published of the service's instances.
+    async fn observations(&self, service: &ServiceName) -> Result<Vec<Observation>>;
+    /// What `node` sees of the service's instances, replacing what it
+    /// published before. Nothing for a service that does not exist.
+    async fn publish(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        observations: &[Observation],
     ) -> Result<()>;
     /// Take the leadership: a fence larger than any handed out before.
     async fn lead(&self) -> Result<Fence>;

@@ -10,6 +10,7 @@ use kiln_core::ledger;
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
 use kiln_core::rollout::SavedRollout;
+use kiln_core::rollout::assign::{Assignment, Observation};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -59,6 +60,18 @@ CREATE TABLE IF NOT EXISTS releases (
     outcome  TEXT NOT NULL,
     reason   TEXT,
     PRIMARY KEY (service, revision)
+);
+-- The leader's assignments of each service (one JSON list), and what each
+-- node last observed of its instances.
+CREATE TABLE IF NOT EXISTS assignments (
+    service TEXT PRIMARY KEY,
+    list    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS observations (
+    service TEXT NOT NULL,
+    node    TEXT NOT NULL,
+    list    TEXT NOT NULL,
+    PRIMARY KEY (service, node)
 );
 CREATE TABLE IF NOT EXISTS instances (
     id          TEXT PRIMARY KEY,
@@ -653,9 +666,89 @@ impl ClusterState for SqliteState {
         self.write(|tx| {
             check_in(tx, name, guard)?;
             tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
+            tx.execute(
+                "DELETE FROM assignments WHERE service = ?1",
+                [name.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM observations WHERE service = ?1",
+                [name.as_str()],
+            )?;
             insert_event(tx, event)?;
             Ok(())
         })
+    }
+
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>> {
+        let list: Option<String> = self
+            .conn()
+            .query_row(
+                "SELECT list FROM assignments WHERE service = ?1",
+                [service.as_str()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        list.map(|l| decode("assignments", &l)).transpose()
+    }
+
+    async fn assign(
+        &self,
+        service: &ServiceName,
+        assignments: &[Assignment],
+        rollout: Option<&SavedRollout>,
+        guard: Guard,
+    ) -> Result<()> {
+        let rollout = rollout
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|source| StateError::Decode {
+                what: "saved rollout",
+                source,
+            })?;
+        self.write(|tx| {
+            check_in(tx, service, guard)?;
+            // Only for a service that exists (a removed one keeps none).
+            tx.execute(
+                "INSERT INTO assignments (service, list)
+                 SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)
+                 ON CONFLICT(service) DO UPDATE SET list = excluded.list",
+                params![service.as_str(), json(&assignments)],
+            )?;
+            if let Some(r) = &rollout {
+                tx.execute(
+                    "UPDATE services SET rollout = ?2 WHERE name = ?1",
+                    params![service.as_str(), r],
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn observations(&self, service: &ServiceName) -> Result<Vec<Observation>> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare("SELECT list FROM observations WHERE service = ?1 ORDER BY node")?;
+        let rows = stmt.query_map([service.as_str()], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.extend(decode::<Vec<Observation>>("observations", &row?)?);
+        }
+        Ok(out)
+    }
+
+    async fn publish(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        observations: &[Observation],
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO observations (service, node, list)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)
+             ON CONFLICT(service, node) DO UPDATE SET list = excluded.list",
+            params![service.as_str(), node, json(&observations)],
+        )?;
+        Ok(())
     }
 
     async fn lead(&self) -> Result<Fence> {

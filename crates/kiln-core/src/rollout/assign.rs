@@ -26,7 +26,7 @@ use super::pass::{Seen, Step, StopReason};
 use super::saved::Clock;
 
 /// The leader's word to a node: run this instance (or stop it).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Assignment<Id = String> {
     /// Chosen by the leader, unique in the cluster.
     pub id: Id,
@@ -42,7 +42,7 @@ pub struct Assignment<Id = String> {
 }
 
 /// What a node says of an instance it runs (or ran).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Observation<Id = String> {
     pub id: Id,
     pub revision: u64,

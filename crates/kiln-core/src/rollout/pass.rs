@@ -269,7 +269,7 @@ pub struct View<'a, Id> {
 
 /// Why an instance is stopped (recorded in its `instance-stopping` event;
 /// kept in an assignment the leader marks to stop).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum StopReason {
     /// The agent is shutting down (the controller's own order, not a
