@@ -244,8 +244,8 @@ impl Node {
             }
         }
         let mine = {
-            use std::hash::{Hash, Hasher};
-            let mut h = std::collections::hash_map::DefaultHasher::new();
+            use std::hash::{BuildHasher, Hash, Hasher};
+            let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
             for s in &svc.seen {
                 let ready_ms = s.ready_since.map(|t| clock.to_wall(t));
                 (
@@ -357,19 +357,21 @@ impl Node {
         }
         // The worker: its assignments, as just stored.
         let assignments = &svc.assigned;
-        let running: Vec<assign::Running> = svc
+        let running: Vec<assign::Running<'_>> = svc
             .seen
             .iter()
             .map(|s| assign::Running {
-                id: s.id.clone(),
+                id: &s.id,
                 revision: s.revision,
                 slot: s.slot,
                 stopping: s.stopping,
             })
             .collect();
         let w = assign::work(NODE, assignments, &running, &svc.ended);
-        let kept: Option<BTreeSet<String>> = (!svc.gone.is_empty() || !svc.ended.is_empty())
-            .then(|| assignments.iter().map(|a| a.id.clone()).collect());
+        drop(running);
+        let kept = |id: &String| assignments.iter().any(|a| a.id == *id);
+        svc.gone.retain(|o| kept(&o.id));
+        svc.ended.retain(|id| kept(id));
         for a in w.start {
             let running = self.fake.spawn(&a.id, &self.launch).expect("spawned");
             let ev = NewEvent::service(
@@ -425,10 +427,6 @@ impl Node {
                 Some(s.revision),
             );
             ready(self.state.append_event(&ev)).expect("recorded");
-        }
-        if let Some(kept) = kept {
-            svc.gone.retain(|o| kept.contains(&o.id));
-            svc.ended.retain(|id| kept.contains(id));
         }
         quiet
     }
@@ -587,10 +585,8 @@ impl Node {
 
 /// A digest of a value, to tell whether it changed without keeping it.
 fn digest(v: &impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(v)
 }
 
 /// An instance as the worker publishes it.

@@ -570,11 +570,11 @@ impl Controller {
                 }
             },
         };
-        let running: Vec<Running> = self
+        let running: Vec<Running<'_>> = self
             .instances
             .values()
             .map(|i| Running {
-                id: i.id.clone(),
+                id: &i.id,
                 revision: i.revision,
                 slot: i.slot,
                 stopping: i.stopping,
@@ -582,11 +582,12 @@ impl Controller {
             .collect();
         let node = self.shared.node_name.clone();
         let w = assign::work(&node, assignments, &running, &self.ended);
-        // Reports stay until the leader dropped their assignments (only
-        // those made before this pass can have been dropped).
-        let kept: Option<std::collections::BTreeSet<String>> = (!self.gone.is_empty()
-            || !self.ended.is_empty())
-        .then(|| assignments.iter().map(|a| a.id.clone()).collect());
+        drop(running);
+        // Reports stay until the leader dropped their assignments (there
+        // are few: those of a pass or two).
+        let kept = |id: &String| assignments.iter().any(|a| a.id == *id);
+        self.gone.retain(|o| kept(&o.id));
+        self.ended.retain(|id| kept(id));
         for a in w.relabel {
             let from = self.instances.get(&a.id).map_or(a.revision, |i| i.revision);
             self.adopt(&a.id, from, a.revision, a.slot).await;
@@ -630,10 +631,6 @@ impl Controller {
         for (reason, ids) in by_reason {
             let at = self.stop_instances(&ids, StopKind::Graceful, &reason).await;
             swapped = swapped.or(at);
-        }
-        if let Some(kept) = kept {
-            self.gone.retain(|o| kept.contains(&o.id));
-            self.ended.retain(|id| kept.contains(id));
         }
         swapped
     }

@@ -208,10 +208,8 @@ struct Observed {
 
 /// A digest of a value, to tell whether it changed without keeping it.
 fn digest(v: &impl std::hash::Hash) -> u64 {
-    use std::hash::Hasher;
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    v.hash(&mut h);
-    h.finish()
+    use std::hash::BuildHasher;
+    foldhash::fast::FixedState::with_seed(0).hash_one(v)
 }
 
 /// Now, on tokio's clock: a test that pauses tokio's time controls every
@@ -457,8 +455,8 @@ impl Controller {
     /// A digest of what the worker sees (as [`observations`] would
     /// say), made without copying it: most passes change nothing.
     fn observations_digest(&self) -> u64 {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
+        use std::hash::{BuildHasher, Hash, Hasher};
+        let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
         for i in self.instances.values() {
             let stale = self.shared.drift.stale(&i.image, i.started_wall, &i.id);
             (

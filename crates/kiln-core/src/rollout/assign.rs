@@ -18,7 +18,8 @@
 //! - A worker stops what it runs without an assignment: no instance runs
 //!   that the leader does not know of.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 
 use serde::{Deserialize, Serialize};
 
@@ -61,10 +62,11 @@ pub struct Observation<Id = String> {
     pub gone: Option<bool>,
 }
 
-/// What a node runs, as its worker compares it with its assignments.
+/// What a node runs, as its worker compares it with its assignments
+/// (its id borrowed from the worker's own records).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running<Id = String> {
-    pub id: Id,
+pub struct Running<'a, Id = String> {
+    pub id: &'a Id,
     pub revision: u64,
     pub slot: u32,
     pub stopping: bool,
@@ -116,16 +118,16 @@ pub fn settle<Id: Clone + Ord>(
 
 /// The leader's view of the fleet: every assignment, as its node observed
 /// it (not ready until it did); a stop decided counts at once.
-pub fn seen<Id: Clone + Ord>(
+pub fn seen<Id: Clone + Eq + Hash>(
     assignments: &[Assignment<Id>],
     observations: &[Observation<Id>],
     clock: &Clock,
 ) -> Vec<Seen<Id>> {
-    let observed: BTreeMap<&Id, &Observation<Id>> = observations
+    let observed: HashMap<&Id, &Observation<Id>, _> = observations
         .iter()
         .filter(|o| o.gone.is_none())
         .map(|o| (&o.id, o))
-        .collect();
+        .collect_fast(observations.len());
     assignments
         .iter()
         .map(|a| {
@@ -202,27 +204,32 @@ pub struct Work<Id = String> {
 
 /// Compare `node`'s assignments with what it runs. `ended`: instances of
 /// this node already gone (reported, not to start again).
-pub fn work<Id: Clone + Ord>(
+pub fn work<Id: Clone + Ord + Hash>(
     node: &str,
     assignments: &[Assignment<Id>],
-    running: &[Running<Id>],
+    running: &[Running<'_, Id>],
     ended: &BTreeSet<Id>,
 ) -> Work<Id> {
-    let mine: BTreeMap<&Id, &Assignment<Id>> = assignments
+    let mine: HashMap<&Id, &Assignment<Id>, _> = assignments
         .iter()
         .filter(|a| a.node == node)
         .map(|a| (&a.id, a))
-        .collect();
-    let runs: BTreeMap<&Id, &Running<Id>> = running.iter().map(|r| (&r.id, r)).collect();
+        .collect_fast(assignments.len());
+    let runs: HashMap<&Id, &Running<'_, Id>, _> = running
+        .iter()
+        .map(|r| (r.id, r))
+        .collect_fast(running.len());
     let mut w = Work {
         start: Vec::new(),
         relabel: Vec::new(),
         stop: Vec::new(),
         orphans: Vec::new(),
     };
-    for (id, a) in &mine {
+    // In the assignments' order (a map's order is not a stable one).
+    for a in assignments.iter().filter(|a| a.node == node) {
+        let id = &a.id;
         match runs.get(id) {
-            None if a.stop.is_none() && !ended.contains(*id) => w.start.push((*a).clone()),
+            None if a.stop.is_none() && !ended.contains(id) => w.start.push(a.clone()),
             None => {}
             Some(r) => {
                 if let Some(reason) = a.stop {
@@ -230,17 +237,32 @@ pub fn work<Id: Clone + Ord>(
                         w.stop.push((a.id.clone(), reason));
                     }
                 } else if (r.revision, r.slot) != (a.revision, a.slot) {
-                    w.relabel.push((*a).clone());
+                    w.relabel.push(a.clone());
                 }
             }
         }
     }
     w.orphans = running
         .iter()
-        .filter(|r| !r.stopping && !mine.contains_key(&r.id))
+        .filter(|r| !r.stopping && !mine.contains_key(r.id))
         .map(|r| r.id.clone())
         .collect();
     w
+}
+
+/// Collecting into a map with a fast hash (the ids are not chosen by an
+/// adversary: the leader picks them), sized at once.
+trait CollectFast<K, V> {
+    fn collect_fast(self, capacity: usize) -> HashMap<K, V, foldhash::fast::FixedState>;
+}
+
+impl<K: Eq + Hash, V, I: Iterator<Item = (K, V)>> CollectFast<K, V> for I {
+    fn collect_fast(self, capacity: usize) -> HashMap<K, V, foldhash::fast::FixedState> {
+        let mut map =
+            HashMap::with_capacity_and_hasher(capacity, foldhash::fast::FixedState::with_seed(0));
+        map.extend(self);
+        map
+    }
 }
 
 #[cfg(test)]
@@ -273,13 +295,18 @@ mod tests {
         }
     }
 
-    fn run(id: &str, revision: u64, slot: u32) -> Running {
+    fn run(id: &'static String, revision: u64, slot: u32) -> Running<'static> {
         Running {
-            id: id.to_owned(),
+            id,
             revision,
             slot,
             stopping: false,
         }
+    }
+
+    /// An id that lives as long as the test (`Running` borrows it).
+    fn id(s: &str) -> &'static String {
+        Box::leak(Box::new(s.to_owned()))
     }
 
     #[test]
@@ -430,17 +457,17 @@ mod tests {
             a("ended", 2, 5),
             a("same", 1, 6),
         ];
-        let mut draining = run("t", 1, 3);
+        let mut draining = run(id("t"), 1, 3);
         draining.stopping = true;
-        let mut old_draining = run("old", 1, 7);
+        let mut old_draining = run(id("old"), 1, 7);
         old_draining.stopping = true;
         let running = [
-            run("s", 1, 1),
+            run(id("s"), 1, 1),
             draining,
-            run("moved", 1, 2),
-            run("stray", 1, 8),
+            run(id("moved"), 1, 2),
+            run(id("stray"), 1, 8),
             old_draining,
-            run("same", 1, 6),
+            run(id("same"), 1, 6),
         ];
         let ended = BTreeSet::from(["ended".to_owned()]);
         let w = work("n1", &assignments, &running, &ended);

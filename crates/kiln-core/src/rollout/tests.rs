@@ -320,17 +320,18 @@ impl Sim {
 
     /// The node's worker: what it runs made to match its assignments.
     fn work(&mut self) {
-        let running: Vec<assign::Running<u32>> = self
+        let running: Vec<assign::Running<'_, u32>> = self
             .insts
             .iter()
             .map(|i| assign::Running {
-                id: i.id,
+                id: &i.id,
                 revision: i.revision,
                 slot: i.slot,
                 stopping: i.stopping,
             })
             .collect();
         let w = assign::work(NODE, &self.assignments, &running, &self.ended);
+        drop(running);
         for a in &w.relabel {
             let i = self.insts.iter_mut().find(|i| i.id == a.id).unwrap();
             (i.revision, i.slot, i.adopted) = (a.revision, a.slot, a.adopted);
