@@ -706,7 +706,16 @@ impl Controller {
         assign::assign(&mut assigned, &d.steps, target, &shared.node_name, |rev| {
             shared.new_instance_id(&self.name, rev)
         });
-        let saved = (self.rollout != self.saved).then(|| self.rollout.save(&clock()));
+        // The rollout goes with the assignments, unless the decision also
+        // changes an outcome (a release active, or failed): then it is
+        // kept after that record, so that a crash between the two never
+        // leaves a rollout that says it is over beside a release still
+        // pending.
+        let outcome = d
+            .steps
+            .iter()
+            .any(|s| matches!(s, Step::Activate | Step::Fail { .. }));
+        let saved = (self.rollout != self.saved && !outcome).then(|| self.rollout.save(&clock()));
         let digest_now = digest(&assigned);
         self.stored = None;
         if o.stored != Some(digest_now) || saved.is_some() {

@@ -377,3 +377,58 @@ async fn instances_that_drifted_are_replaced_and_nothing_else_changes() {
         3
     );
 }
+
+/// `POST /v1/records`: a client records only bakes and pulls, only of an
+/// image this agent's store holds, and as itself.
+#[tokio::test]
+async fn a_client_records_only_bakes_and_pulls_of_what_the_store_holds() {
+    use kiln_core::event::Change;
+    let h = harness().await;
+    let me = Actor::Local { uid: 4242 };
+    let err = h
+        .agent
+        .record(Change::ReleaseActive {}, me)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("only image-baked and image-pulled, not release-active"),
+        "{err}"
+    );
+    let elsewhere = kiln_core::Digest::of(b"not in this store");
+    let err = h
+        .agent
+        .record(
+            Change::ImagePulled {
+                image: "app".into(),
+                digest: elsewhere,
+                from: "example.com/app".into(),
+            },
+            me,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("is not in this agent's store"),
+        "{err}"
+    );
+    let before = h.agent.events(0).await.unwrap().len();
+    let seq = h
+        .agent
+        .record(
+            Change::ImageBaked {
+                image: "app".into(),
+                digest: h.image.clone(),
+                tags: Vec::new(),
+                provenance: Default::default(),
+            },
+            me,
+        )
+        .await
+        .unwrap();
+    let events = h.agent.events(0).await.unwrap();
+    assert_eq!(events.len(), before + 1, "only the accepted record");
+    let last = events.last().unwrap();
+    assert_eq!((last.seq, last.actor), (seq, Some(me)));
+    assert_eq!(last.change.kind(), "image-baked");
+}
