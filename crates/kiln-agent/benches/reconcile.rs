@@ -217,31 +217,9 @@ impl Node {
         let svc = &mut self.services[i];
         // The worker: what the instance tasks reported since the last
         // pass (stopped ones exited, started ones are ready), published.
-        let mut k = 0;
-        while k < svc.seen.len() {
-            if svc.seen[k].stopping {
-                let gone = svc.seen.swap_remove(k);
-                if let Some(mut r) = svc.running.remove(&gone.id) {
-                    r.kill();
-                }
-                let ev = NewEvent::service(
-                    Change::InstanceExited {
-                        status: "exit status: 0".to_owned(),
-                        requested: true,
-                    },
-                    &svc.name,
-                    Some(gone.revision),
-                );
-                self.state.remove_instance(&gone.id).expect("recorded");
-                ready(self.state.append_event(&ev)).expect("recorded");
-                svc.ended.insert(gone.id.clone());
-                svc.gone.push(observation(&gone, &clock, Some(false)));
-            } else {
-                if svc.seen[k].ready_since.is_none() {
-                    svc.seen[k].ready_since = Some(now);
-                }
-                k += 1;
-            }
+        for gone in reports(&self.state, svc, now) {
+            svc.ended.insert(gone.id.clone());
+            svc.gone.push(observation(&gone, &clock, Some(false)));
         }
         let mine = {
             use std::hash::{BuildHasher, Hash, Hasher};
@@ -373,38 +351,15 @@ impl Node {
         svc.gone.retain(|o| kept(&o.id));
         svc.ended.retain(|id| kept(id));
         for a in w.start {
-            let running = self.fake.spawn(&a.id, &self.launch).expect("spawned");
-            let ev = NewEvent::service(
-                Change::InstanceStarted {
-                    pid: running.pid(),
-                    port: 0,
-                    slot: a.slot,
-                },
-                &svc.name,
-                Some(a.revision),
+            start(
+                &self.state,
+                &self.fake,
+                &self.launch,
+                svc,
+                a.id,
+                a.revision,
+                a.slot,
             );
-            let rec = InstanceRecord {
-                id: a.id.clone(),
-                service: svc.name.clone(),
-                revision: a.revision,
-                slot: a.slot,
-                pid: running.pid(),
-                start_ticks: 0,
-                port: 0,
-            };
-            self.state.put_instance(&rec).expect("recorded");
-            ready(self.state.append_event(&ev)).expect("recorded");
-            svc.running.insert(a.id.clone(), running);
-            svc.seen.push(Seen {
-                id: a.id,
-                revision: a.revision,
-                slot: a.slot,
-                stopping: false,
-                ready_since: None,
-                live: true,
-                adopted: false,
-                stale: false,
-            });
             self.started += 1;
         }
         let stops: BTreeMap<String, String> = w
@@ -453,30 +408,7 @@ impl Node {
             .max();
         // What the instance tasks would have reported since the last pass:
         // stopped ones exited, started ones are ready.
-        let mut k = 0;
-        while k < svc.seen.len() {
-            if svc.seen[k].stopping {
-                let gone = svc.seen.swap_remove(k);
-                if let Some(mut r) = svc.running.remove(&gone.id) {
-                    r.kill();
-                }
-                let ev = NewEvent::service(
-                    Change::InstanceExited {
-                        status: "exit status: 0".to_owned(),
-                        requested: true,
-                    },
-                    &svc.name,
-                    Some(gone.revision),
-                );
-                self.state.remove_instance(&gone.id).expect("recorded");
-                ready(self.state.append_event(&ev)).expect("recorded");
-            } else {
-                if svc.seen[k].ready_since.is_none() {
-                    svc.seen[k].ready_since = Some(now);
-                }
-                k += 1;
-            }
-        }
+        reports(&self.state, svc, now);
         let same_content = BTreeSet::from([target]);
         let counters = BTreeMap::new();
         let view = View {
@@ -505,38 +437,15 @@ impl Node {
                 Step::Start { revision, slot } => {
                     svc.ids += 1;
                     let id = format!("{}-r{revision}-{}", svc.name, svc.ids);
-                    let running = self.fake.spawn(&id, &self.launch).expect("spawned");
-                    let ev = NewEvent::service(
-                        Change::InstanceStarted {
-                            pid: running.pid(),
-                            port: 0,
-                            slot,
-                        },
-                        &svc.name,
-                        Some(revision),
-                    );
-                    let rec = InstanceRecord {
-                        id: id.clone(),
-                        service: svc.name.clone(),
-                        revision,
-                        slot,
-                        pid: running.pid(),
-                        start_ticks: 0,
-                        port: 0,
-                    };
-                    self.state.put_instance(&rec).expect("recorded");
-                    ready(self.state.append_event(&ev)).expect("recorded");
-                    svc.running.insert(id.clone(), running);
-                    svc.seen.push(Seen {
+                    start(
+                        &self.state,
+                        &self.fake,
+                        &self.launch,
+                        svc,
                         id,
                         revision,
                         slot,
-                        stopping: false,
-                        ready_since: None,
-                        live: true,
-                        adopted: false,
-                        stale: false,
-                    });
+                    );
                     self.started += 1;
                 }
                 Step::Stop { ids, reason } => {
@@ -581,6 +490,82 @@ impl Node {
     fn instances(&self) -> usize {
         self.services.iter().map(|s| s.seen.len()).sum()
     }
+}
+
+/// Start instance `id` on the fake runtime, with its records.
+fn start(
+    state: &MemoryState,
+    fake: &Fake,
+    launch: &Launch,
+    svc: &mut Svc,
+    id: String,
+    revision: u64,
+    slot: u32,
+) {
+    let running = fake.spawn(&id, launch).expect("spawned");
+    let ev = NewEvent::service(
+        Change::InstanceStarted {
+            pid: running.pid(),
+            port: 0,
+            slot,
+        },
+        &svc.name,
+        Some(revision),
+    );
+    let rec = InstanceRecord {
+        id: id.clone(),
+        service: svc.name.clone(),
+        revision,
+        slot,
+        pid: running.pid(),
+        start_ticks: 0,
+        port: 0,
+    };
+    state.put_instance(&rec).expect("recorded");
+    ready(state.append_event(&ev)).expect("recorded");
+    svc.running.insert(id.clone(), running);
+    svc.seen.push(Seen {
+        id,
+        revision,
+        slot,
+        stopping: false,
+        ready_since: None,
+        live: true,
+        adopted: false,
+        stale: false,
+    });
+}
+
+/// What the instance tasks would have reported since the last pass:
+/// stopped ones exited (recorded, and returned), started ones are ready.
+fn reports(state: &MemoryState, svc: &mut Svc, now: Instant) -> Vec<Seen<String>> {
+    let mut exited = Vec::new();
+    let mut k = 0;
+    while k < svc.seen.len() {
+        if svc.seen[k].stopping {
+            let gone = svc.seen.swap_remove(k);
+            if let Some(mut r) = svc.running.remove(&gone.id) {
+                r.kill();
+            }
+            let ev = NewEvent::service(
+                Change::InstanceExited {
+                    status: "exit status: 0".to_owned(),
+                    requested: true,
+                },
+                &svc.name,
+                Some(gone.revision),
+            );
+            state.remove_instance(&gone.id).expect("recorded");
+            ready(state.append_event(&ev)).expect("recorded");
+            exited.push(gone);
+        } else {
+            if svc.seen[k].ready_since.is_none() {
+                svc.seen[k].ready_since = Some(now);
+            }
+            k += 1;
+        }
+    }
+    exited
 }
 
 /// A digest of a value, to tell whether it changed without keeping it.

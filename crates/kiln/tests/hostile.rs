@@ -174,11 +174,15 @@ fn the_agents_materialization_and_drift_repair_never_chmod_outside_the_tree() {
     v.untouched("the agent's materialization");
     // The watch sees edits from the moment it watches the tree (one made
     // before that is the periodic verification's to find, minutes later).
-    wait_for("the agent watching the tree", Duration::from_secs(30), || {
-        env.json(&["drift", "--json"])["watching"]["trees"]
-            .as_u64()
-            .is_some_and(|n| n >= 1)
-    });
+    wait_for(
+        "the agent watching the tree",
+        Duration::from_secs(30),
+        || {
+            env.json(&["drift", "--json"])["watching"]["trees"]
+                .as_u64()
+                .is_some_and(|n| n >= 1)
+        },
+    );
 
     // Drift: edit the tree; the agent makes it again from the blobs.
     chmod(&rootfs.join("f"), 0o755);

@@ -177,17 +177,7 @@ impl Sim {
         let clock = self.clock();
         self.insts
             .iter()
-            .map(|i| Observation {
-                id: i.id,
-                revision: i.revision,
-                slot: i.slot,
-                stopping: i.stopping,
-                ready_since_ms: i.ready_since.map(|t| clock.to_wall(t)),
-                live: i.live,
-                adopted: i.adopted,
-                stale: i.stale,
-                gone: None,
-            })
+            .map(|i| observed(i, &clock, None))
             .chain(self.gone.iter().cloned())
             .collect()
     }
@@ -364,17 +354,7 @@ impl Sim {
     fn report_gone(&mut self, i: &Seen<u32>, failed: bool) {
         let clock = self.clock();
         self.ended.insert(i.id);
-        self.gone.push(Observation {
-            id: i.id,
-            revision: i.revision,
-            slot: i.slot,
-            stopping: i.stopping,
-            ready_since_ms: i.ready_since.map(|t| clock.to_wall(t)),
-            live: i.live,
-            adopted: i.adopted,
-            stale: i.stale,
-            gone: Some(failed),
-        });
+        self.gone.push(observed(i, &clock, Some(failed)));
     }
 
     /// Time moves one tick: stopped instances are gone, started ones
@@ -520,6 +500,21 @@ impl Sim {
                 _ => None,
             })
             .collect()
+    }
+}
+
+/// Instance `i` as its node publishes it.
+fn observed(i: &Seen<u32>, clock: &Clock, gone: Option<bool>) -> Observation<u32> {
+    Observation {
+        id: i.id,
+        revision: i.revision,
+        slot: i.slot,
+        stopping: i.stopping,
+        ready_since_ms: i.ready_since.map(|t| clock.to_wall(t)),
+        live: i.live,
+        adopted: i.adopted,
+        stale: i.stale,
+        gone,
     }
 }
 
