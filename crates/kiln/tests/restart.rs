@@ -613,16 +613,26 @@ fn a_rollout_survives_a_crash_and_an_upgrade_of_the_agent() {
         Duration::from_secs(20),
         || service_status(&env, "web")["watched_until"] == until,
     );
+    upgrade_agent(&env);
+    wait_for(
+        "the watch kept after an upgrade",
+        Duration::from_secs(20),
+        || {
+            let s = service_status(&env, "web");
+            s["watched_until"] == until && s["converged"] == true
+        },
+    );
     let count = load.finish();
     // Two kills; the upgrade loses nothing.
     only_in_flight_failed(&count, threads, 2);
     assert!(count.ok > 100, "{count:?}");
 }
 
-/// Issue 23, the blue-green rows: a `kiln promote` given while the new
-/// fleet still starts is kept across `kill -9` (the switch happens when it
-/// is ready, with no second promote), and the old fleet then stays warm
-/// for its `scale_down_delay` across an upgrade.
+/// Issue 23, the blue-green rows, under load: a `kiln promote` given
+/// while the new fleet still starts is kept across `kill -9` and across an
+/// upgrade (the switch happens when it is ready, with no second promote),
+/// and the old fleet then stays warm for its `scale_down_delay` across an
+/// upgrade and across `kill -9`.
 #[test]
 fn a_pending_promote_and_a_warm_window_survive_the_agent() {
     let _serial = one_at_a_time();
@@ -632,6 +642,8 @@ fn a_pending_promote_and_a_warm_window_survive_the_agent() {
     let bg = "[services.web.rollout]\nstrategy = \"blue-green\"\nauto_promote = false\nscale_down_delay = \"10m\"\nprogress_deadline = \"60s\"\n";
     let path = v1_applied_v2_written(&env, port, bg, ", HELLO_START_DELAY = \"2\"");
     let v1 = instance_pids(&env);
+    let threads = 4;
+    let load = Load::start(port, threads);
     env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
     until_rolling_out(&env, "web", 2);
     // Promoted before the new fleet is ready; the agent dies at once.
@@ -660,11 +672,47 @@ fn a_pending_promote_and_a_warm_window_survive_the_agent() {
         .map(|i| i["pid"].as_u64().unwrap())
         .collect();
     assert_eq!(warm, v1, "release 1's fleet is kept warm: {s}");
+    crash_agent(&env);
+    wait_for("a pass of the next agent", Duration::from_secs(20), || {
+        let s = service_status(&env, "web");
+        s["converged"] == true && s["warm"] == true
+    });
+    let kept: BTreeSet<u64> = service_status(&env, "web")["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["revision"] == 1)
+        .map(|i| i["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(kept, v1, "still warm after kill -9");
+
+    // Release 3, promoted before it is ready; then an upgrade.
+    let v3 = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"v2\"", "\"v3\"");
+    write(&path, v3.as_bytes());
+    env.ok(&["apply", "-f", path.to_str().unwrap(), "--detach"]);
+    until_rolling_out(&env, "web", 3);
+    env.ok(&["promote", "web"]);
+    upgrade_agent(&env);
+    wait_for(
+        "the switch to 3 after the upgrade, with no second promote",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            s["revision"] == 3 && s["outcome"] == "active" && s["routed"] == 3
+        },
+    );
+    let count = load.finish();
+    // Two kills; the upgrade loses nothing.
+    only_in_flight_failed(&count, threads, 2);
+    assert!(count.ok > 100, "{count:?}");
 }
 
 /// Issue 23, the paused row: a rollout paused by a failure with
-/// `auto_rollback = false` stays paused across `kill -9` (no new deadline,
-/// no second failure recorded), until `kiln rollback`.
+/// `auto_rollback = false` stays paused across `kill -9` and across an
+/// upgrade (no new deadline, no second failure recorded), with release 1
+/// serving meanwhile under load.
 #[test]
 fn a_paused_rollout_stays_paused_across_the_agents_death() {
     let _serial = one_at_a_time();
@@ -682,6 +730,8 @@ fn a_paused_rollout_stays_paused_across_the_agents_death() {
     };
     assert_eq!(pauses(&env), 1);
     assert_eq!(service_status(&env, "web")["stalled"], true);
+    let threads = 4;
+    let load = Load::start(port, threads);
     crash_agent(&env);
     wait_for("the new agent's passes", Duration::from_secs(20), || {
         service_status(&env, "web")["stalled"] == true
@@ -696,6 +746,17 @@ fn a_paused_rollout_stays_paused_across_the_agents_death() {
         (&true.into(), &"pending".into()),
         "{s}"
     );
+    upgrade_agent(&env);
+    wait_for(
+        "the upgraded agent's passes",
+        Duration::from_secs(20),
+        || service_status(&env, "web")["stalled"] == true,
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(pauses(&env), 1, "still paused once after the upgrade");
+    let count = load.finish();
+    only_in_flight_failed(&count, threads, 1);
+    assert!(count.ok > 100, "{count:?}");
 }
 
 /// Issue 23, the stop-and-start column: `kiln serve` stopped (its

@@ -688,11 +688,10 @@ impl Controller {
         }
     }
 
-    /// Carry a decision out: the leader's part (its assignments, with the
-    /// rollout, in one change; records and outcomes, in order), then the
-    /// node worker's (from the assignments as stored), then a route switch
-    /// (onto instances the worker may just have relabelled) and a
-    /// failure's record, which says how long the swap took.
+    /// Carry a decision out: the leader's assignments (with the rollout,
+    /// in one change), then the node worker's part (from the assignments
+    /// as stored), then the decision's routes, records and outcomes in
+    /// order (a failure's record says how long the swap took).
     async fn execute(&mut self, o: &Observed, d: Decision<String>) {
         let target = o.rec.target;
         let decided = now();
@@ -738,8 +737,8 @@ impl Controller {
             self.stored = Some(o.stored);
         }
         self.assigned = assigned;
-        let mut failures = Vec::new();
-        let mut route = false;
+        // The leader's own bookkeeping; the node's steps are the worker's.
+        let mut after = Vec::new();
         for step in d.steps {
             match step {
                 Step::SlotStable { revision, slot } => {
@@ -750,45 +749,49 @@ impl Controller {
                 Step::Start { revision, slot } => {
                     self.slots.entry((revision, slot)).or_default().retry_at = None;
                 }
-                // The worker's, from the assignments.
                 Step::Adopt { .. } | Step::Stop { .. } => {}
-                // After the worker: a warm instance it relabels serves the
-                // release the routes switch to.
-                Step::Route => route = true,
-                Step::Record(change) => self.record_event(change, Some(target), None).await,
-                Step::Activate => self.complete_rollout(target).await,
-                fail @ Step::Fail { .. } => failures.push(fail),
+                other => after.push(other),
             }
         }
         let worked = self.work().await;
         swapped = swapped.or(worked);
-        if route {
-            self.publish_routes();
-            swapped = swapped.or(Some(now()));
-        }
-        for fail in failures {
-            let Step::Fail {
-                reason,
-                to,
-                automatic,
-                by,
-                timed,
-            } = fail
-            else {
-                continue;
-            };
-            let swap = timed.then(|| swapped.unwrap_or(decided).duration_since(decided));
-            tracing::warn!(
-                service = %self.name,
-                "release {target} failed: {reason}{}",
-                swap.map_or(String::new(), |s| format!(
-                    " (routes switched in {}us)",
-                    s.as_micros()
-                ))
-            );
-            let swap_us = swap.map(|s| s.as_micros() as u64);
-            self.record_failure(target, to, &reason, automatic, swap_us, by)
-                .await;
+        // Then the rest, in the decision's order, onto what the worker
+        // made: a switch routes to warm instances it just relabelled, and
+        // a release is active (what `kiln promote` and `apply` wait for)
+        // only once the routes serve it.
+        for step in after {
+            match step {
+                Step::Route => {
+                    self.publish_routes();
+                    swapped = swapped.or(Some(now()));
+                }
+                Step::Record(change) => self.record_event(change, Some(target), None).await,
+                Step::Activate => self.complete_rollout(target).await,
+                Step::Fail {
+                    reason,
+                    to,
+                    automatic,
+                    by,
+                    timed,
+                } => {
+                    let swap = timed.then(|| swapped.unwrap_or(decided).duration_since(decided));
+                    tracing::warn!(
+                        service = %self.name,
+                        "release {target} failed: {reason}{}",
+                        swap.map_or(String::new(), |s| format!(
+                            " (routes switched in {}us)",
+                            s.as_micros()
+                        ))
+                    );
+                    let swap_us = swap.map(|s| s.as_micros() as u64);
+                    self.record_failure(target, to, &reason, automatic, swap_us, by)
+                        .await;
+                }
+                Step::SlotStable { .. }
+                | Step::Start { .. }
+                | Step::Adopt { .. }
+                | Step::Stop { .. } => {}
+            }
         }
         match d.message {
             Message::Keep => {}
