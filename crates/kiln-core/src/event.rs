@@ -342,6 +342,21 @@ mod tests {
     use super::*;
     use crate::service::Duration;
 
+    #[test]
+    fn only_a_new_release_new_settings_or_a_rollback_move_a_services_target() {
+        // `every()` holds each kind at least once (some twice, in both
+        // shapes).
+        let moving: std::collections::BTreeSet<&str> = every()
+            .iter()
+            .filter(|c| c.moves_target())
+            .map(Change::kind)
+            .collect();
+        assert_eq!(
+            moving,
+            ["release-created", "rollback", "service-settings"].into()
+        );
+    }
+
     fn every() -> Vec<Change> {
         let w = Window {
             requests: 100,
