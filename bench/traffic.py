@@ -24,6 +24,20 @@ def get_body(port):
     return data.split(b"\r\n\r\n", 1)[1].decode()
 
 
+def api_rollback(sock, service):
+    """`POST /v1/services/SERVICE/rollback` on the agent's socket, as the
+    CLI sends it, without starting a process: the agent's own share."""
+    body = b'{"to":null}'
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(sock)
+        s.sendall(
+            f"POST /v1/services/{service}/rollback HTTP/1.1\r\nhost: kiln\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body
+        )
+        while s.recv(4096):
+            pass
+
+
 work = tempfile.mkdtemp(prefix="kiln-bench-traffic-")
 # Searchable by everyone: an agent running as root runs instances as nobody.
 os.chmod(work, 0o711)
@@ -91,20 +105,26 @@ try:
     write_spec("v1", replicas=3)
     kiln("apply")
     load = {}
-    t = threading.Thread(target=lambda: load.update(r=wrk(port, duration=max(30, ROLLBACKS * 4))))
+    t = threading.Thread(target=lambda: load.update(r=wrk(port, duration=max(30, ROLLBACKS * 8))))
     t.start()
-    times = []
-    for k in range(ROLLBACKS):
+    # Alternated: by the CLI (a process started, as a person runs it) and by
+    # the API on the socket (the agent's own share).
+    times, api_times = [], []
+    for k in range(2 * ROLLBACKS):
         write_spec(f"v{k + 2}", replicas=3)
         kiln("apply")  # a fresh green fleet, promoted; the old one stays warm
-        old = f"hello from v{k + 1}" if k == 0 else None
         before = get_body(port)
         t0 = time.perf_counter()
-        rb = subprocess.Popen([KILN, "--home", home, "rollback", "web", "--detach"], cwd=app, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if k % 2 == 0:
+            rb = subprocess.Popen([KILN, "--home", home, "rollback", "web", "--detach"], cwd=app, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        else:
+            rb = None
+            threading.Thread(target=api_rollback, args=(f"{home}/kiln.sock", "web")).start()
         while get_body(port).split(" (")[0] == before.split(" (")[0]:
             time.sleep(0.0002)
-        times.append((time.perf_counter() - t0) * 1000)
-        rb.wait()
+        (times if rb else api_times).append((time.perf_counter() - t0) * 1000)
+        if rb:
+            rb.wait()
         kiln("rollout", "status", "web")
     # The load must cover every rollback, or its count of failed requests
     # says nothing about the last ones.
@@ -121,6 +141,7 @@ finally:
     shutil.rmtree(work, ignore_errors=True)
 
 times.sort()
+api_times.sort()
 print(f"\nmachine: {os.cpu_count()} cores; wrk -t2 -c{CONNS} -d{DURATION}s; medians of {RUNS} runs; backend: one examples/hello instance run by kiln (sandbox)\n")
 print(f"{'(1) proxy':<28} {'requests/s':>12} {'p50 ms':>8} {'p99 ms':>8} {'vs best of nginx/HAProxy':>26}")
 best = max(rows["nginx"][0], rows["HAProxy"][0])
@@ -133,6 +154,7 @@ for peer in ("HAProxy", "nginx"):
     print(f"kiln vs {peer}, run by run: requests/s x{statistics.median(rps):.2f} (ahead in {sum(r > 1 for r in rps)}/{RUNS}), "
           f"p99 x{statistics.median(p99):.2f} (lower in {sum(r < 1 for r in p99)}/{RUNS})")
 print(f"\n(2) warm rollback (blue-green, 3 replicas), command to first response from the old release, over {ROLLBACKS}:")
-print(f"    p50 {pct(times, 50):.1f} ms, p99 {pct(times, 99):.1f} ms (includes starting the kiln CLI process)")
+print(f"    by the CLI: p50 {pct(times, 50):.1f} ms, p99 {pct(times, 99):.1f} ms (includes starting the kiln CLI process)")
+print(f"    by the API on the socket: p50 {pct(api_times, 50):.1f} ms, p99 {pct(api_times, 99):.1f} ms (the agent's share)")
 print(f"    under wrk meanwhile: {total} requests, {non2xx} non-2xx, {sock} socket errors")
 print("(3) canary abort: see bench/canary.sh")
