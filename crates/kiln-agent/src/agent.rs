@@ -494,9 +494,6 @@ impl Agent {
         Ok(())
     }
 
-    /// `kiln plan` (dry run) and `kiln apply`. Applies are serialized: a
-    /// second waits for the first to be recorded, and a service whose
-    /// rollout is still in progress refuses a new release (naming it).
     /// Seal a desired service's secret values into its release config:
     /// the release records only the digests (whatever the client sent as
     /// digests is replaced by what its values seal to).
@@ -513,6 +510,11 @@ impl Agent {
         }
     }
 
+    /// `kiln plan` (dry run) and `kiln apply`. Applies are not queued:
+    /// each service is recorded only if its record is still at the
+    /// version this apply read (else refused, naming it, with nothing of
+    /// it written), and a service whose rollout is still in progress
+    /// refuses a new release (naming it).
     pub async fn apply(
         &self,
         mut req: ApplyRequest,

@@ -131,7 +131,7 @@ pub struct Reconciled {
 impl ServiceStatus {
     /// The status of service `name` from one view: its settings and target
     /// and its current releases as stored now (at least the target and the
-    /// newest: `StateStore::current_releases`), and what its controller last saw
+    /// newest: `ClusterState::current_releases`), and what its controller last saw
     /// (`None` before its first pass). `now` dates the instances' uptime.
     pub fn of(
         name: &ServiceName,

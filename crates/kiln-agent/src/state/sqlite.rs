@@ -27,12 +27,14 @@ impl From<rusqlite::Error> for StateError {
     }
 }
 
-/// SQLite in WAL mode under `$KILN_HOME/state.db`. Calls are short and
-/// serialized by a mutex; the agent's write rate (a few per instance
-/// lifecycle) is far below what that allows. Every write is an IMMEDIATE
-/// transaction: another process (the CLI recording a bake) may write too,
-/// and an event is chained after the ledger's head as it stands under the
-/// write lock.
+/// SQLite in WAL mode under `$KILN_HOME/state.db`, both stores of one
+/// node in one file. Calls are short (microseconds: they run inline on the
+/// async task that awaits them) and serialized by a mutex; the agent's
+/// write rate (a few per instance lifecycle) is far below what that
+/// allows. Every write is an IMMEDIATE transaction: another process (the
+/// CLI recording a bake while no agent runs, `kiln gc`) may use the file
+/// too, and an event is chained after the ledger's head as it stands
+/// under the write lock.
 pub struct SqliteState {
     conn: Mutex<Connection>,
     /// The last event's sequence number this process wrote or saw, for
