@@ -251,23 +251,10 @@ impl Node {
             svc.observed = None;
         }
         // The leader.
-        let rec = ready(self.state.service(&svc.name))
-            .expect("read")
-            .expect("recorded");
-        let releases = ready(self.state.current_releases(&svc.name)).expect("read");
-        let target = rec.target;
-        let Some(outcome) = releases
-            .iter()
-            .find(|r| r.revision == target)
-            .map(|r| r.outcome)
-        else {
+        let Some((rec, releases, outcome, previous)) = current(&self.state, &svc.name) else {
             return true;
         };
-        let previous = releases
-            .iter()
-            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
-            .map(|r| r.revision)
-            .max();
+        let target = rec.target;
         let (mut assigned, stored) = match svc.stored {
             Some(known) => (std::mem::take(&mut svc.assigned), known),
             None => {
@@ -389,23 +376,10 @@ impl Node {
     fn pass_one(&mut self, i: usize) -> bool {
         let now = self.now;
         let svc = &mut self.services[i];
-        let rec = ready(self.state.service(&svc.name))
-            .expect("read")
-            .expect("recorded");
-        let releases = ready(self.state.current_releases(&svc.name)).expect("read");
-        let target = rec.target;
-        let Some(outcome) = releases
-            .iter()
-            .find(|r| r.revision == target)
-            .map(|r| r.outcome)
-        else {
+        let Some((rec, releases, outcome, previous)) = current(&self.state, &svc.name) else {
             return true;
         };
-        let previous = releases
-            .iter()
-            .filter(|r| r.revision != target && r.outcome == Outcome::Active)
-            .map(|r| r.revision)
-            .max();
+        let target = rec.target;
         // What the instance tasks would have reported since the last pass:
         // stopped ones exited, started ones are ready.
         reports(&self.state, svc, now);
@@ -490,6 +464,27 @@ impl Node {
     fn instances(&self) -> usize {
         self.services.iter().map(|s| s.seen.len()).sum()
     }
+}
+
+/// The service as a pass reads it: its record, current releases, its
+/// target's outcome and the release before it (`None`: no target yet).
+fn current(
+    state: &MemoryState,
+    name: &ServiceName,
+) -> Option<(ServiceRecord, Vec<Release>, Outcome, Option<u64>)> {
+    let rec = ready(state.service(name)).expect("read").expect("recorded");
+    let releases = ready(state.current_releases(name)).expect("read");
+    let target = rec.target;
+    let outcome = releases
+        .iter()
+        .find(|r| r.revision == target)
+        .map(|r| r.outcome)?;
+    let previous = releases
+        .iter()
+        .filter(|r| r.revision != target && r.outcome == Outcome::Active)
+        .map(|r| r.revision)
+        .max();
+    Some((rec, releases, outcome, previous))
 }
 
 /// Start instance `id` on the fake runtime, with its records.

@@ -51,10 +51,16 @@ fn agent_pid(env: &Env) -> u64 {
 }
 
 fn instance_pids(env: &Env) -> BTreeSet<u64> {
-    service_status(env, "web")["instances"]
+    pids_of(&service_status(env, "web"), None)
+}
+
+/// The pids of a status' instances (of `revision`, when given).
+fn pids_of(status: &serde_json::Value, revision: Option<u64>) -> BTreeSet<u64> {
+    status["instances"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|i| revision.is_none_or(|r| i["revision"] == r))
         .map(|i| i["pid"].as_u64().unwrap())
         .collect()
 }
@@ -664,27 +670,18 @@ fn a_pending_promote_and_a_warm_window_survive_the_agent() {
     });
     let s = service_status(&env, "web");
     assert_eq!(s["warm"], true, "{s}");
-    let warm: BTreeSet<u64> = s["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["revision"] == 1)
-        .map(|i| i["pid"].as_u64().unwrap())
-        .collect();
-    assert_eq!(warm, v1, "release 1's fleet is kept warm: {s}");
+    assert_eq!(
+        pids_of(&s, Some(1)),
+        v1,
+        "release 1's fleet is kept warm: {s}"
+    );
     crash_agent(&env);
     wait_for("a pass of the next agent", Duration::from_secs(20), || {
         let s = service_status(&env, "web");
         s["converged"] == true && s["warm"] == true
     });
-    let kept: BTreeSet<u64> = service_status(&env, "web")["instances"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|i| i["revision"] == 1)
-        .map(|i| i["pid"].as_u64().unwrap())
-        .collect();
-    assert_eq!(kept, v1, "still warm after kill -9");
+    let s = service_status(&env, "web");
+    assert_eq!(pids_of(&s, Some(1)), v1, "still warm after kill -9: {s}");
 
     // Release 3, promoted before it is ready; then an upgrade.
     let v3 = std::fs::read_to_string(&path)

@@ -18,7 +18,7 @@ use crate::instance::probe::ProbeKind;
 use crate::instance::{InstanceTask, Report, StopKind};
 use crate::runtime::{DEFAULT_PATH, Launch, Runtime, start_ticks};
 use crate::state::{InstanceRecord, NewEvent};
-use kiln_core::rollout::assign::{self, Assignment, Observation, Running};
+use kiln_core::rollout::assign::{self, Assignment, Running};
 
 /// A release made ready to run: its tree and runtime.
 pub(super) struct Prepared {
@@ -251,18 +251,9 @@ impl Controller {
     /// ended unasked, or never started), until the leader dropped its
     /// assignment; it is never started again.
     pub(super) fn report_gone(&mut self, inst: &Inst, failed: bool) {
-        self.ended.insert(inst.id.clone());
-        self.gone.push(Observation {
-            id: inst.id.clone(),
-            revision: inst.revision,
-            slot: inst.slot,
-            stopping: inst.stopping,
-            ready_since_ms: inst.ready_ms,
-            live: inst.live,
-            adopted: inst.adopted,
-            stale: false,
-            gone: Some(failed),
-        });
+        let mut gone = self.observed(inst).map_id(str::to_owned);
+        gone.gone = Some(failed);
+        self.report(gone);
     }
 
     /// A slot's instance failed: count it and schedule the replacement.
@@ -599,18 +590,7 @@ impl Controller {
                     // It cannot start here: reported failed (its slot backs
                     // off), and never tried again under this id.
                     self.message = Some(e.to_string());
-                    self.ended.insert(a.id.clone());
-                    self.gone.push(Observation {
-                        id: a.id,
-                        revision: a.revision,
-                        slot: a.slot,
-                        stopping: false,
-                        ready_since_ms: None,
-                        live: true,
-                        adopted: a.adopted,
-                        stale: false,
-                        gone: Some(true),
-                    });
+                    self.report(a.gone(true));
                 }
             }
         }

@@ -416,19 +416,31 @@ impl Controller {
         };
         for a in assigned {
             if a.node == self.shared.node_name && !self.instances.contains_key(&a.id) {
-                self.ended.insert(a.id.clone());
-                self.gone.push(Observation {
-                    id: a.id,
-                    revision: a.revision,
-                    slot: a.slot,
-                    stopping: a.stop.is_some(),
-                    ready_since_ms: None,
-                    live: true,
-                    adopted: a.adopted,
-                    stale: false,
-                    gone: Some(false),
-                });
+                self.report(a.gone(false));
             }
+        }
+    }
+
+    /// The worker reports an instance of this node gone, until the leader
+    /// dropped its assignment; it is never started again.
+    fn report(&mut self, gone: Observation) {
+        self.ended.insert(gone.id.clone());
+        self.gone.push(gone);
+    }
+
+    /// How the worker sees instance `i` (its id borrowed: a digest of
+    /// what it sees needs no copy, and hashes as the published one).
+    fn observed<'a>(&self, i: &'a instances::Inst) -> Observation<&'a str> {
+        Observation {
+            id: i.id.as_str(),
+            revision: i.revision,
+            slot: i.slot,
+            stopping: i.stopping,
+            ready_since_ms: i.ready_ms,
+            live: i.live,
+            adopted: i.adopted,
+            stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
+            gone: None,
         }
     }
 
@@ -437,39 +449,19 @@ impl Controller {
     fn observations(&self) -> Vec<Observation> {
         self.instances
             .values()
-            .map(|i| Observation {
-                id: i.id.clone(),
-                revision: i.revision,
-                slot: i.slot,
-                stopping: i.stopping,
-                ready_since_ms: i.ready_ms,
-                live: i.live,
-                adopted: i.adopted,
-                stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
-                gone: None,
-            })
+            .map(|i| self.observed(i).map_id(str::to_owned))
             .chain(self.gone.iter().cloned())
             .collect()
     }
 
-    /// A digest of what the worker sees (as [`observations`] would
-    /// say), made without copying it: most passes change nothing.
+    /// A digest of what the worker sees (each instance as
+    /// [`observed`](Self::observed) says, then the reports), made without
+    /// copying it: most passes change nothing.
     fn observations_digest(&self) -> u64 {
         use std::hash::{BuildHasher, Hash, Hasher};
         let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
         for i in self.instances.values() {
-            let stale = self.shared.drift.stale(&i.image, i.started_wall, &i.id);
-            (
-                i.id.as_str(),
-                i.revision,
-                i.slot,
-                i.stopping,
-                i.ready_ms,
-                i.live,
-                i.adopted,
-                stale,
-            )
-                .hash(&mut h);
+            self.observed(i).hash(&mut h);
         }
         self.gone.hash(&mut h);
         h.finish()

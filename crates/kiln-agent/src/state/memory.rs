@@ -22,19 +22,11 @@ use super::{
     StateError, now,
 };
 
+#[derive(Default)]
 pub struct MemoryState {
     inner: Mutex<Inner>,
     /// The last event's sequence number, for watchers.
-    head: tokio::sync::watch::Sender<u64>,
-}
-
-impl Default for MemoryState {
-    fn default() -> Self {
-        Self {
-            inner: Mutex::default(),
-            head: tokio::sync::watch::Sender::new(0),
-        }
-    }
+    head: super::Head,
 }
 
 #[derive(Default)]
@@ -78,8 +70,7 @@ impl MemoryState {
             let done = change(&mut inner);
             (done, inner.events.len() as u64)
         };
-        self.head
-            .send_if_modified(|h| std::mem::replace(h, head) != head);
+        self.head.moved(head);
         done
     }
 }
@@ -392,17 +383,7 @@ impl ClusterState for MemoryState {
     }
 
     async fn watch(&self, after: u64) -> Result<Vec<Event>> {
-        let mut head = self.head.subscribe();
-        loop {
-            // Marked seen before the read: a write after it wakes the wait.
-            head.borrow_and_update();
-            let events = self.events(after).await?;
-            if !events.is_empty() {
-                return Ok(events);
-            }
-            // The sender lives as long as `self`.
-            let _ = head.changed().await;
-        }
+        self.head.watch(self, after, None).await
     }
 
     async fn secret_key(&self, fresh: [u8; 32]) -> Result<[u8; 32]> {

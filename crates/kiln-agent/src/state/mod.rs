@@ -399,6 +399,55 @@ pub trait NodeState: Send + Sync {
     fn instances(&self) -> Result<Vec<InstanceRecord>>;
 }
 
+/// The last event's sequence number as a backend's own writes move it:
+/// what its watchers wait on. One piece for every backend, so that they
+/// wake and re-read alike.
+pub(crate) struct Head(tokio::sync::watch::Sender<u64>);
+
+impl Default for Head {
+    fn default() -> Self {
+        Self(tokio::sync::watch::Sender::new(0))
+    }
+}
+
+impl Head {
+    /// A write committed with the log at `seq`: its watchers wake (only
+    /// if it moved).
+    fn moved(&self, seq: u64) {
+        self.0
+            .send_if_modified(|h| std::mem::replace(h, seq) != seq);
+    }
+
+    /// [`ClusterState::watch`] on `state`: the events after `after`, read
+    /// again whenever this head moves, and every `poll` too when another
+    /// process may write the same store.
+    async fn watch<S: ClusterState + ?Sized>(
+        &self,
+        state: &S,
+        after: u64,
+        poll: Option<std::time::Duration>,
+    ) -> Result<Vec<Event>> {
+        let mut head = self.0.subscribe();
+        loop {
+            // Marked seen before the read: a write after it wakes the wait.
+            head.borrow_and_update();
+            let events = state.events(after).await?;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            // The sender lives as long as the store.
+            match poll {
+                Some(poll) => {
+                    let _ = tokio::time::timeout(poll, head.changed()).await;
+                }
+                None => {
+                    let _ = head.changed().await;
+                }
+            }
+        }
+    }
+}
+
 /// The time an event is written (RFC 3339, milliseconds).
 /// An event as a ledger entry (not yet chained).
 fn ledger_entry(seq: u64, time: String, e: &NewEvent, detail: String) -> kiln_core::ledger::Entry {

@@ -39,7 +39,7 @@ pub struct SqliteState {
     conn: Mutex<Connection>,
     /// The last event's sequence number this process wrote or saw, for
     /// watchers (another process's writes are found by polling).
-    head: tokio::sync::watch::Sender<u64>,
+    head: super::Head,
 }
 
 /// How often a watcher looks for events another process wrote (this
@@ -296,7 +296,7 @@ impl SqliteState {
         }
         let state = Self {
             conn: Mutex::new(conn),
-            head: tokio::sync::watch::Sender::new(0),
+            head: super::Head::default(),
         };
         state.chain_unchained()?;
         Ok(state)
@@ -348,8 +348,7 @@ impl SqliteState {
         let head = head_in(&tx)?;
         tx.commit()?;
         drop(conn);
-        self.head
-            .send_if_modified(|h| std::mem::replace(h, head) != head);
+        self.head.moved(head);
         Ok(done)
     }
 }
@@ -765,16 +764,7 @@ impl ClusterState for SqliteState {
     }
 
     async fn watch(&self, after: u64) -> Result<Vec<Event>> {
-        let mut head = self.head.subscribe();
-        loop {
-            // Marked seen before the read: a write after it wakes the wait.
-            head.borrow_and_update();
-            let events = self.query_events("seq > ?1", &[&(after as i64)])?;
-            if !events.is_empty() {
-                return Ok(events);
-            }
-            let _ = tokio::time::timeout(WATCH_POLL, head.changed()).await;
-        }
+        self.head.watch(self, after, Some(WATCH_POLL)).await
     }
 
     async fn append_event(&self, event: &NewEvent) -> Result<u64> {

@@ -42,6 +42,24 @@ pub struct Assignment<Id = String> {
     pub stop: Option<StopReason>,
 }
 
+impl<Id: Clone> Assignment<Id> {
+    /// Its instance gone as its node reports it when it never saw it run
+    /// (it could not start, or it ended while no agent ran): never ready.
+    pub fn gone(&self, failed: bool) -> Observation<Id> {
+        Observation {
+            id: self.id.clone(),
+            revision: self.revision,
+            slot: self.slot,
+            stopping: self.stop.is_some(),
+            ready_since_ms: None,
+            live: true,
+            adopted: self.adopted,
+            stale: false,
+            gone: Some(failed),
+        }
+    }
+}
+
 /// What a node says of an instance it runs (or ran).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Observation<Id = String> {
@@ -60,6 +78,24 @@ pub struct Observation<Id = String> {
     /// It ended (or could not start): `Some(failed)`, failed when it
     /// exited unasked or never started.
     pub gone: Option<bool>,
+}
+
+impl<Id> Observation<Id> {
+    /// The same observation with its id in another form (a node hashes
+    /// what it sees with ids borrowed, and publishes them owned).
+    pub fn map_id<J>(self, f: impl FnOnce(Id) -> J) -> Observation<J> {
+        Observation {
+            id: f(self.id),
+            revision: self.revision,
+            slot: self.slot,
+            stopping: self.stopping,
+            ready_since_ms: self.ready_since_ms,
+            live: self.live,
+            adopted: self.adopted,
+            stale: self.stale,
+            gone: self.gone,
+        }
+    }
 }
 
 /// What a node runs, as its worker compares it with its assignments
@@ -307,6 +343,34 @@ mod tests {
     /// An id that lives as long as the test (`Running` borrows it).
     fn id(s: &str) -> &'static String {
         Box::leak(Box::new(s.to_owned()))
+    }
+
+    #[test]
+    fn an_instance_never_seen_running_is_reported_gone_as_never_ready() {
+        let mut stopped = a("x", 2, 1);
+        stopped.adopted = true;
+        stopped.stop = Some(StopReason::Replaced);
+        let gone = stopped.gone(true);
+        assert_eq!(
+            gone,
+            Observation {
+                id: "x".to_owned(),
+                revision: 2,
+                slot: 1,
+                stopping: true,
+                ready_since_ms: None,
+                live: true,
+                adopted: true,
+                stale: false,
+                gone: Some(true),
+            }
+        );
+        assert_eq!(a("y", 1, 0).gone(false).gone, Some(false));
+        assert!(!a("y", 1, 0).gone(false).stopping);
+        // Another form of its id, nothing else changed.
+        let borrowed = gone.clone().map_id(|id| id.len());
+        assert_eq!(borrowed.id, 1);
+        assert_eq!(borrowed.map_id(|_| "x".to_owned()), gone);
     }
 
     #[test]
