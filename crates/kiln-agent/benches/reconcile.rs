@@ -33,7 +33,7 @@ use kiln_core::Digest;
 use kiln_core::event::Change;
 use kiln_core::health::{Backoff, SlotHistory};
 use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
-use kiln_core::rollout::assign::{self, Assignment, Observation};
+use kiln_core::rollout::assign::{self, Fleet, Observation};
 use kiln_core::rollout::{Clock, Rollout, Seen, Step, View, decide};
 use kiln_core::service::{self, RolloutSpec, RuntimeKind};
 use kiln_core::spec::{AbsolutePath, ServiceName};
@@ -45,18 +45,19 @@ struct Svc {
     running: BTreeMap<String, Box<dyn Running>>,
     slots: BTreeMap<(u64, u32), SlotHistory>,
     ids: u64,
-    /// The split's: the leader's counted failures, the worker's reports
-    /// of instances gone and their ids.
-    counted: BTreeSet<String>,
+    /// The split's: the worker's reports of instances gone and their ids.
     gone: Vec<Observation>,
     ended: BTreeSet<String>,
     /// As the agent's controller keeps them: a digest of what the worker
-    /// last published, the observations the leader last read, its
-    /// assignments and a digest of them as stored.
+    /// last published, whether the leader took in what the store has, its
+    /// fleet, a digest of the assignments as stored, and what the worker
+    /// last carried out.
     published: Option<u64>,
-    observed: Option<Vec<Observation>>,
-    assigned: Vec<Assignment>,
+    observed: bool,
+    fleet: Fleet,
     stored: Option<Option<u64>>,
+    worked: Option<(u64, u64)>,
+    hashed: (u64, u64),
 }
 
 /// The node of the split path.
@@ -140,13 +141,14 @@ impl Node {
                 running: BTreeMap::new(),
                 slots: BTreeMap::new(),
                 ids: 0,
-                counted: BTreeSet::new(),
                 gone: Vec::new(),
                 ended: BTreeSet::new(),
                 published: None,
-                observed: None,
-                assigned: Vec::new(),
+                observed: false,
+                fleet: Fleet::default(),
                 stored: None,
+                worked: None,
+                hashed: (u64::MAX, 0),
             });
             node.release(&name, 1, settings(replicas, max_surge));
         }
@@ -221,24 +223,7 @@ impl Node {
             svc.ended.insert(gone.id.clone());
             svc.gone.push(observation(&gone, &clock, Some(false)));
         }
-        let mine = {
-            use std::hash::{BuildHasher, Hash, Hasher};
-            let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
-            for s in &svc.seen {
-                let ready_ms = s.ready_since.map(|t| clock.to_wall(t));
-                (
-                    s.id.as_str(),
-                    s.revision,
-                    s.slot,
-                    s.stopping,
-                    ready_ms,
-                    s.live,
-                )
-                    .hash(&mut h);
-            }
-            svc.gone.hash(&mut h);
-            h.finish()
-        };
+        let mine = observations_digest(svc, &clock);
         if svc.published != Some(mine) {
             let published: Vec<Observation> = svc
                 .seen
@@ -248,34 +233,33 @@ impl Node {
                 .collect();
             ready(self.state.publish(&svc.name, NODE, &published)).expect("published");
             svc.published = Some(mine);
-            svc.observed = None;
+            svc.observed = false;
         }
         // The leader.
         let Some((rec, releases, outcome, previous)) = current(&self.state, &svc.name) else {
             return true;
         };
         let target = rec.target;
-        let (mut assigned, stored) = match svc.stored {
-            Some(known) => (std::mem::take(&mut svc.assigned), known),
+        let stored = match svc.stored {
+            Some(known) => known,
             None => {
                 let a = ready(self.state.assignments(&svc.name)).expect("read");
                 let d = a.as_ref().map(digest);
-                (a.unwrap_or_default(), d)
+                svc.fleet.reset(a.unwrap_or_default(), &clock);
+                d
             }
         };
-        let observations = match svc.observed.take() {
-            Some(o) => o,
-            None => ready(self.state.observations(&svc.name)).expect("read"),
-        };
-        for f in assign::settle(&mut assigned, &observations, &mut svc.counted) {
-            svc.slots.entry((f.revision, f.slot)).or_default().failed(
-                now,
-                f.ready_since_ms.map(|ms| clock.to_instant(ms)),
-                &Backoff::default(),
-            );
+        if !svc.observed {
+            let observations = ready(self.state.observations(&svc.name)).expect("read");
+            for f in svc.fleet.observe(observations, &clock) {
+                svc.slots.entry((f.revision, f.slot)).or_default().failed(
+                    now,
+                    f.ready_since_ms.map(|ms| clock.to_instant(ms)),
+                    &Backoff::default(),
+                );
+            }
+            svc.observed = true;
         }
-        let seen = assign::seen(&assigned, &observations, &clock);
-        svc.observed = Some(observations);
         let same_content = BTreeSet::from([target]);
         let counters = BTreeMap::new();
         let view = View {
@@ -286,7 +270,7 @@ impl Node {
             previous,
             settings: &rec.settings,
             backoff: Backoff::default(),
-            instances: &seen,
+            instances: svc.fleet.seen(),
             slots: &svc.slots,
             same_content: &same_content,
             counters: &counters,
@@ -297,16 +281,22 @@ impl Node {
         svc.rollout = d.next;
         let name = svc.name.clone();
         let ids = &mut svc.ids;
-        assign::assign(&mut assigned, &d.steps, target, NODE, |rev| {
+        svc.fleet.assign(&d.steps, target, NODE, |rev| {
             *ids += 1;
             format!("{name}-r{rev}-{ids}")
         });
-        let now_digest = digest(&assigned);
+        if svc.hashed.0 != svc.fleet.generation() {
+            svc.hashed = (svc.fleet.generation(), digest(&svc.fleet.assigned()));
+        }
+        let now_digest = svc.hashed.1;
         if stored != Some(now_digest) {
-            ready(self.state.assign(&svc.name, &assigned, None, Guard::NONE)).expect("assigned");
+            ready(
+                self.state
+                    .assign(&svc.name, svc.fleet.assigned(), None, Guard::NONE),
+            )
+            .expect("assigned");
         }
         svc.stored = Some(Some(now_digest));
-        svc.assigned = assigned;
         for step in &d.steps {
             match step {
                 Step::Activate => {
@@ -320,8 +310,14 @@ impl Node {
                 _ => {}
             }
         }
-        // The worker: its assignments, as just stored.
-        let assignments = &svc.assigned;
+        // The worker: its assignments, as just stored (unless it carried
+        // out the same already, on the same instances).
+        let key = (svc.fleet.generation(), mine);
+        if svc.worked == Some(key) {
+            return quiet;
+        }
+        svc.worked = Some(key);
+        let assignments = svc.fleet.assigned();
         let running: Vec<assign::Running<'_>> = svc
             .seen
             .iter()
@@ -561,6 +557,27 @@ fn reports(state: &MemoryState, svc: &mut Svc, now: Instant) -> Vec<Seen<String>
         }
     }
     exited
+}
+
+/// A digest of what the worker sees (as the controller's
+/// `observations_digest`: each instance as published, then the reports).
+fn observations_digest(svc: &Svc, clock: &Clock) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut h = foldhash::fast::FixedState::with_seed(0).build_hasher();
+    for s in &svc.seen {
+        let ready_ms = s.ready_since.map(|t| clock.to_wall(t));
+        (
+            s.id.as_str(),
+            s.revision,
+            s.slot,
+            s.stopping,
+            ready_ms,
+            s.live,
+        )
+            .hash(&mut h);
+    }
+    svc.gone.hash(&mut h);
+    h.finish()
 }
 
 /// A digest of a value, to tell whether it changed without keeping it.

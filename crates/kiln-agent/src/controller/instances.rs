@@ -546,7 +546,17 @@ impl Controller {
         // write, what the store holds is read.
         let read;
         let assignments: &[Assignment] = match self.stored {
-            Some(Some(_)) => &self.assigned,
+            Some(Some(_)) => {
+                // The same assignments and the same instances as when it
+                // last carried them out: nothing new to do (a steady
+                // fleet's pass).
+                let now = (self.fleet.generation(), self.sees);
+                if self.worked == Some(now) {
+                    return None;
+                }
+                self.worked = Some(now);
+                self.fleet.assigned()
+            }
             Some(None) => return None,
             None => match self.shared.state.assignments(&self.name).await {
                 Ok(Some(a)) => {

@@ -38,8 +38,8 @@ use kiln_core::counters::Snapshot;
 use kiln_core::event::{Actor, Change};
 use kiln_core::health::SlotHistory;
 use kiln_core::release::Outcome;
-use kiln_core::rollout::assign::{self, Assignment, Observation};
-use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Seen, Step, View};
+use kiln_core::rollout::assign::{Assignment, Fleet, Observation};
+use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Step, View};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
 
@@ -166,19 +166,19 @@ pub struct Controller {
     removing: bool,
     /// Changes when the drift detector found something: look again.
     drift: tokio::sync::watch::Receiver<u64>,
-    /// The leader's: the assignments as the last pass left them, and the
-    /// instances it counted as failed while they were still there.
-    assigned: Vec<Assignment>,
-    counted: BTreeSet<String>,
+    /// The leader's: the assignments as the last pass left them, the
+    /// observations it took in, the instances it counted as failed while
+    /// they were still there, and its view of them.
+    fleet: Fleet,
     /// A digest of the store's assignments as this leader knows them
-    /// (which `assigned` holds): `None` when not read yet, or a write
+    /// (which `fleet` holds): `None` when not read yet, or a write
     /// failed (read them again); `Some(None)` when none were ever
     /// written. It is their only writer while its fence holds, so it
     /// reads them once.
     stored: Option<Option<u64>>,
-    /// The observations as the leader last read them (`None`: a node
-    /// published since: read them again).
-    observed: Option<Vec<Observation>>,
+    /// Whether the leader took in the observations as the store has
+    /// them (`false`: a node published since: read them again).
+    observed: bool,
     /// The worker's: instances of this node gone (reported until the
     /// leader dropped their assignments, never started again), and what
     /// it last published.
@@ -187,6 +187,14 @@ pub struct Controller {
     /// A digest of what it last published (what it sees is hashed each
     /// pass, and published only when it changed).
     published: Option<u64>,
+    /// A digest of what it saw at this pass's start (what it publishes;
+    /// nothing changes it before the pass's work).
+    sees: u64,
+    /// The assignments' generation and what it saw when it last carried
+    /// them out: the same again has nothing new to do.
+    worked: Option<(u64, u64)>,
+    /// The assignments' generation and a digest of them, as last hashed.
+    hashed: (u64, u64),
 }
 
 /// An instance an earlier agent process left running: its record and its
@@ -198,7 +206,6 @@ struct Observed {
     rec: ServiceRecord,
     outcome: Outcome,
     previous: Option<u64>,
-    seen: Vec<Seen<String>>,
     same_content: BTreeSet<u64>,
     counters: BTreeMap<u64, Snapshot>,
     /// A digest of the assignments as the store has them (`None`: never
@@ -255,13 +262,15 @@ impl Controller {
             adopting: Vec::new(),
             removing: false,
             detaching: None,
-            assigned: Vec::new(),
-            counted: BTreeSet::new(),
+            fleet: Fleet::default(),
             stored: None,
-            observed: None,
+            observed: false,
             gone: Vec::new(),
             ended: BTreeSet::new(),
             published: None,
+            sees: 0,
+            worked: None,
+            hashed: (u64::MAX, 0),
         }
     }
 
@@ -467,9 +476,19 @@ impl Controller {
         h.finish()
     }
 
+    /// A digest of the assignments, hashed again only when they changed.
+    fn assigned_digest(&mut self) -> u64 {
+        let generation = self.fleet.generation();
+        if self.hashed.0 != generation {
+            self.hashed = (generation, digest(&self.fleet.assigned()));
+        }
+        self.hashed.1
+    }
+
     /// The worker publishes what it sees, when it changed.
     async fn publish_observations(&mut self) {
         let digest = self.observations_digest();
+        self.sees = digest;
         if self.published == Some(digest) {
             return;
         }
@@ -484,7 +503,7 @@ impl Controller {
                 self.published = Some(digest);
                 // The leader reads them again (in a cluster, a node's
                 // publication comes through the store's watch).
-                self.observed = None;
+                self.observed = false;
             }
             Err(e) => self.log_state_error(e),
         }
@@ -530,16 +549,9 @@ impl Controller {
         let decision = rollout::decide(&self.rollout, &self.view(&o));
         self.execute(&o, decision).await;
         self.save_rollout().await;
-        // The timer: from what the fleet looks like after the steps.
-        let after = Observed {
-            seen: assign::seen(
-                &self.assigned,
-                self.observed.as_deref().unwrap_or_default(),
-                &clock(),
-            ),
-            ..o
-        };
-        self.due = rollout::due(&self.rollout, &self.view(&after));
+        // The timer: from what the fleet looks like after the steps (the
+        // leader's view follows them).
+        self.due = rollout::due(&self.rollout, &self.view(&o));
         // What the worker found gone while it worked (an instance that
         // could not start) is the leader's to take in soon.
         if !self.gone.is_empty() {
@@ -598,12 +610,28 @@ impl Controller {
         // The fleet, as the store has it: the assignments, and what every
         // node observed of them.
         let clock = clock();
-        let (stored_list, stored) = match self.stored {
-            Some(known) => (Some(std::mem::take(&mut self.assigned)), known),
+        let stored = match self.stored {
+            Some(known) => known,
             None => match self.shared.state.assignments(&self.name).await {
                 Ok(a) => {
                     let d = a.as_ref().map(digest);
-                    (a, d)
+                    // A service recorded before assignments: what this
+                    // node runs is what was assigned.
+                    let list = a.unwrap_or_else(|| {
+                        self.instances
+                            .values()
+                            .map(|i| Assignment {
+                                id: i.id.clone(),
+                                node: self.shared.node_name.clone(),
+                                revision: i.revision,
+                                slot: i.slot,
+                                adopted: i.adopted,
+                                stop: None,
+                            })
+                            .collect()
+                    });
+                    self.fleet.reset(list, &clock);
+                    d
                 }
                 Err(e) => {
                     self.log_state_error(e);
@@ -611,38 +639,21 @@ impl Controller {
                 }
             },
         };
-        let observations = match self.observed.take() {
-            Some(o) => o,
-            None => match self.shared.state.observations(&self.name).await {
-                Ok(o) => o,
+        if !self.observed {
+            match self.shared.state.observations(&self.name).await {
+                Ok(o) => {
+                    for f in self.fleet.observe(o, &clock) {
+                        let since = f.ready_since_ms.map(|ms| clock.to_instant(ms));
+                        self.count_failure(f.revision, f.slot, since);
+                    }
+                    self.observed = true;
+                }
                 Err(e) => {
                     self.log_state_error(e);
                     return None;
                 }
-            },
-        };
-        // A service recorded before assignments: what this node runs is
-        // what was assigned.
-        let mut assigned = stored_list.unwrap_or_else(|| {
-            self.instances
-                .values()
-                .map(|i| Assignment {
-                    id: i.id.clone(),
-                    node: self.shared.node_name.clone(),
-                    revision: i.revision,
-                    slot: i.slot,
-                    adopted: i.adopted,
-                    stop: None,
-                })
-                .collect()
-        });
-        for f in assign::settle(&mut assigned, &observations, &mut self.counted) {
-            let since = f.ready_since_ms.map(|ms| clock.to_instant(ms));
-            self.count_failure(f.revision, f.slot, since);
+            }
         }
-        let seen = assign::seen(&assigned, &observations, &clock);
-        self.observed = Some(observations);
-        self.assigned = assigned;
         // A worker without a readiness probe counts only once it has run a
         // while (one that exits at once never does).
         let mut rec = rec;
@@ -656,7 +667,6 @@ impl Controller {
             rec,
             outcome,
             previous,
-            seen,
             same_content,
             counters,
             stored,
@@ -672,7 +682,7 @@ impl Controller {
             previous: o.previous,
             settings: &o.rec.settings,
             backoff: self.shared.backoff,
-            instances: &o.seen,
+            instances: self.fleet.seen(),
             slots: &self.slots,
             same_content: &o.same_content,
             counters: &o.counters,
@@ -692,11 +702,12 @@ impl Controller {
         let mut swapped: Option<Instant> = None;
         self.rollout = d.next;
         self.routing = d.routing;
-        let mut assigned = std::mem::take(&mut self.assigned);
         let shared = self.shared.clone();
-        assign::assign(&mut assigned, &d.steps, target, &shared.node_name, |rev| {
-            shared.new_instance_id(&self.name, rev)
-        });
+        let name = &self.name;
+        self.fleet
+            .assign(&d.steps, target, &shared.node_name, |rev| {
+                shared.new_instance_id(name, rev)
+            });
         // The rollout goes with the assignments, unless the decision also
         // changes an outcome (a release active, or failed): then it is
         // kept after that record, so that a crash between the two never
@@ -707,13 +718,18 @@ impl Controller {
             .iter()
             .any(|s| matches!(s, Step::Activate | Step::Fail { .. }));
         let saved = (self.rollout != self.saved && !outcome).then(|| self.rollout.save(&clock()));
-        let digest_now = digest(&assigned);
+        let digest_now = self.assigned_digest();
         self.stored = None;
         if o.stored != Some(digest_now) || saved.is_some() {
             match self
                 .shared
                 .state
-                .assign(&self.name, &assigned, saved.as_ref(), self.shared.fenced())
+                .assign(
+                    &self.name,
+                    self.fleet.assigned(),
+                    saved.as_ref(),
+                    self.shared.fenced(),
+                )
                 .await
             {
                 Ok(()) => {
@@ -728,7 +744,6 @@ impl Controller {
         } else {
             self.stored = Some(o.stored);
         }
-        self.assigned = assigned;
         // The leader's own bookkeeping; the node's steps are the worker's.
         let mut after = Vec::new();
         for step in d.steps {

@@ -139,8 +139,10 @@ pub fn settle<Id: Clone + Ord>(
         match o.gone {
             Some(failed) => {
                 gone.insert(&o.id);
-                // Counted while it was there (its liveness), or now.
-                if !counted.remove(&o.id) && failed {
+                // Counted while it was there (its liveness), or now; one
+                // no longer assigned was taken in already (the same
+                // observations read twice count once).
+                if !counted.remove(&o.id) && failed && assignments.iter().any(|a| a.id == o.id) {
                     failures.push(failure);
                 }
             }
@@ -284,6 +286,138 @@ pub fn work<Id: Clone + Ord + Hash>(
         .map(|r| r.id.clone())
         .collect();
     w
+}
+
+/// The leader's bookkeeping of one service between passes: the
+/// assignments as it last wrote them, what the nodes last published, the
+/// instances it counted as failed while they were still there, and the
+/// view made of them. The view is built when observations come in
+/// ([`observe`](Self::observe)) and follows each decision's steps
+/// ([`assign`](Self::assign)) without being built again: a pass over a
+/// steady fleet copies nothing.
+#[derive(Clone, Debug)]
+pub struct Fleet<Id = String> {
+    assigned: Vec<Assignment<Id>>,
+    observations: Vec<Observation<Id>>,
+    counted: BTreeSet<Id>,
+    seen: Vec<Seen<Id>>,
+    /// Bumped on every change of the assignments (a worker that already
+    /// carried out this generation has nothing new to do).
+    generation: u64,
+}
+
+impl<Id> Default for Fleet<Id> {
+    fn default() -> Self {
+        Self {
+            assigned: Vec::new(),
+            observations: Vec::new(),
+            counted: BTreeSet::new(),
+            seen: Vec::new(),
+            generation: 0,
+        }
+    }
+}
+
+impl<Id: Clone + Ord + Hash> Fleet<Id> {
+    /// The assignments as read from the state store (a leader that starts;
+    /// one whose write failed reads them again). What it counted stays
+    /// counted.
+    pub fn reset(&mut self, mut assigned: Vec<Assignment<Id>>, clock: &Clock) {
+        // Those the leader already took in as gone stay dropped (a write
+        // of that failed: the store still has them).
+        let gone: BTreeSet<&Id> = self
+            .observations
+            .iter()
+            .filter(|o| o.gone.is_some())
+            .map(|o| &o.id)
+            .collect();
+        assigned.retain(|a| !gone.contains(&a.id));
+        self.assigned = assigned;
+        self.generation += 1;
+        self.seen = seen(&self.assigned, &self.observations, clock);
+    }
+
+    /// Take in what the nodes published ([`settle`]): the failures to
+    /// count against their slots.
+    pub fn observe(&mut self, observations: Vec<Observation<Id>>, clock: &Clock) -> Vec<Failure> {
+        let before = self.assigned.len();
+        let failures = settle(&mut self.assigned, &observations, &mut self.counted);
+        if self.assigned.len() != before {
+            self.generation += 1;
+        }
+        self.observations = observations;
+        self.seen = seen(&self.assigned, &self.observations, clock);
+        failures
+    }
+
+    /// A decision's steps carried into the assignments ([`assign`]) and
+    /// into the view, as [`seen`] would make it of them.
+    pub fn assign(
+        &mut self,
+        steps: &[Step<Id>],
+        target: u64,
+        node: &str,
+        new_id: impl FnMut(u64) -> Id,
+    ) {
+        let before = self.assigned.len();
+        assign(&mut self.assigned, steps, target, node, new_id);
+        let mut changed = self.assigned.len() != before;
+        for a in &self.assigned[before..] {
+            self.seen.push(Seen {
+                id: a.id.clone(),
+                revision: a.revision,
+                slot: a.slot,
+                stopping: a.stop.is_some(),
+                ready_since: None,
+                live: true,
+                adopted: a.adopted,
+                stale: false,
+            });
+        }
+        for step in steps {
+            match step {
+                Step::Stop { ids, .. } => {
+                    for s in self.seen.iter_mut().filter(|s| ids.contains(&s.id)) {
+                        changed |= !s.stopping;
+                        s.stopping = true;
+                    }
+                }
+                Step::Adopt { id, slot, .. } => {
+                    if let Some(s) = self.seen.iter_mut().find(|s| s.id == *id) {
+                        (s.revision, s.slot, s.adopted) = (target, *slot, true);
+                        changed = true;
+                    }
+                }
+                Step::Start { .. }
+                | Step::SlotStable { .. }
+                | Step::Route
+                | Step::Record(_)
+                | Step::Activate
+                | Step::Fail { .. } => {}
+            }
+        }
+        if changed {
+            self.generation += 1;
+        }
+    }
+
+    pub fn assigned(&self) -> &[Assignment<Id>] {
+        &self.assigned
+    }
+
+    pub fn observations(&self) -> &[Observation<Id>] {
+        &self.observations
+    }
+
+    /// The leader's view of the fleet (as [`seen`] makes it).
+    pub fn seen(&self) -> &[Seen<Id>] {
+        &self.seen
+    }
+
+    /// Changes whenever the assignments do.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
 }
 
 /// Collecting into a map with a fast hash (the ids are not chosen by an
@@ -543,5 +677,77 @@ mod tests {
         let w2 = work("n2", &assignments, &[], &BTreeSet::new());
         assert_eq!(w2.start.len(), 1);
         assert_eq!(w2.start[0].id, "e");
+    }
+
+    #[test]
+    fn a_fleet_keeps_its_view_through_steps_and_counts_a_reread_once() {
+        let clock = Clock {
+            now: Instant::now(),
+            wall_ms: 10_000,
+        };
+        let mut fleet = Fleet::default();
+        fleet.reset(vec![a("x", 1, 0), a("y", 1, 1)], &clock);
+        let g0 = fleet.generation();
+        let mut crashed = obs("y", 1, 1);
+        crashed.gone = Some(true);
+        let observations = vec![obs("x", 1, 0), crashed];
+        assert_eq!(fleet.observe(observations.clone(), &clock).len(), 1);
+        assert!(fleet.generation() > g0, "an assignment dropped");
+        // The same observations again (a re-read): nothing counted twice,
+        // nothing changed.
+        let g1 = fleet.generation();
+        assert!(fleet.observe(observations, &clock).is_empty());
+        assert_eq!(fleet.generation(), g1);
+        // Steps that change nothing keep the generation.
+        fleet.assign(&[Step::Route, Step::Activate], 2, "n1", |_| unreachable!());
+        assert_eq!(fleet.generation(), g1);
+        // A start, a stop and an adoption: the view follows, as built anew.
+        let mut n = 0;
+        fleet.assign(
+            &[
+                Step::Start {
+                    revision: 2,
+                    slot: 1,
+                },
+                Step::Stop {
+                    ids: vec!["x".to_owned()],
+                    reason: StopReason::Replaced,
+                },
+            ],
+            2,
+            "n1",
+            |_| {
+                n += 1;
+                format!("new{n}")
+            },
+        );
+        assert!(fleet.generation() > g1);
+        assert_eq!(
+            fleet.seen(),
+            seen(fleet.assigned(), fleet.observations(), &clock)
+        );
+        assert!(fleet.seen().iter().any(|s| s.id == "x" && s.stopping));
+        let g2 = fleet.generation();
+        fleet.assign(
+            &[Step::Adopt {
+                id: "new1".to_owned(),
+                from: 2,
+                slot: 4,
+            }],
+            3,
+            "n1",
+            |_| unreachable!(),
+        );
+        assert!(fleet.generation() > g2);
+        assert_eq!(
+            fleet.seen(),
+            seen(fleet.assigned(), fleet.observations(), &clock)
+        );
+        assert!(
+            fleet
+                .seen()
+                .iter()
+                .any(|s| s.id == "new1" && s.revision == 3 && s.slot == 4 && s.adopted)
+        );
     }
 }

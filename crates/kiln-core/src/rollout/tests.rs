@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
-use super::assign::{self, Assignment, Observation};
+use super::assign::{self, Assignment, Fleet, Observation};
 use super::pass::*;
 use super::saved::Clock;
 use crate::counters::Snapshot;
@@ -61,10 +61,9 @@ struct Sim {
     /// Every step carried out, in order.
     log: Vec<Step<u32>>,
     starts: u32,
-    /// The leader's assignments (all on one node, `n1`).
-    assignments: Vec<Assignment<u32>>,
-    /// Instances the leader counted as failed while still there.
-    counted: BTreeSet<u32>,
+    /// The leader's assignments (all on one node, `n1`), what it last
+    /// took in and its view.
+    fleet: Fleet<u32>,
     /// The node's reports of instances gone since the leader's last pass.
     gone: Vec<Observation<u32>>,
     /// Instances the node ran that are gone (never started again).
@@ -120,8 +119,7 @@ impl Sim {
             next_id: 0,
             log: Vec::new(),
             starts: 0,
-            assignments: Vec::new(),
-            counted: BTreeSet::new(),
+            fleet: Fleet::default(),
             gone: Vec::new(),
             ended: BTreeSet::new(),
             epoch: Instant::now() - Duration::from_secs(7200),
@@ -135,7 +133,8 @@ impl Sim {
 
     /// An instance assigned and running (the steady fleet).
     fn add(&mut self, revision: u64, slot: u32, ready_since: Option<Instant>) {
-        self.assignments.push(Assignment {
+        let mut assigned = self.fleet.assigned().to_vec();
+        assigned.push(Assignment {
             id: self.next_id,
             node: NODE.to_owned(),
             revision,
@@ -143,6 +142,7 @@ impl Sim {
             adopted: false,
             stop: None,
         });
+        self.fleet.reset(assigned, &self.clock());
         self.run(self.next_id, revision, slot, ready_since);
         self.next_id += 1;
     }
@@ -187,7 +187,7 @@ impl Sim {
     fn take_in(&mut self) {
         let clock = self.clock();
         let observations = self.observations();
-        for f in assign::settle(&mut self.assignments, &observations, &mut self.counted) {
+        for f in self.fleet.observe(observations, &clock) {
             self.slots.entry((f.revision, f.slot)).or_default().failed(
                 self.now,
                 f.ready_since_ms.map(|ms| clock.to_instant(ms)),
@@ -202,7 +202,7 @@ impl Sim {
     fn assert_assigned(&self) {
         for i in &self.insts {
             assert!(
-                self.assignments.iter().any(|a| a.id == i.id),
+                self.fleet.assigned().iter().any(|a| a.id == i.id),
                 "instance {} runs without an assignment",
                 i.id
             );
@@ -238,7 +238,19 @@ impl Sim {
 
     fn with_view<T>(&self, f: impl FnOnce(&View<'_, u32>) -> T) -> T {
         let (same_content, previous) = self.view();
-        let seen = assign::seen(&self.assignments, &self.observations(), &self.clock());
+        // The leader's view as it keeps it; or, when the node changed
+        // since the leader took it in (a test's own edits, the worker's
+        // starts), as the leader would take it in now.
+        let observations = self.observations();
+        let fresh;
+        let seen = if self.fleet.observations() == observations {
+            self.fleet.seen()
+        } else {
+            let mut fleet = self.fleet.clone();
+            fleet.observe(observations, &self.clock());
+            fresh = fleet;
+            fresh.seen()
+        };
         f(&View {
             service: &self.name,
             now: self.now,
@@ -247,7 +259,7 @@ impl Sim {
             previous,
             settings: &self.settings,
             backoff: Backoff::default(),
-            instances: &seen,
+            instances: seen,
             slots: &self.slots,
             same_content: &same_content,
             counters: &self.counters,
@@ -269,11 +281,21 @@ impl Sim {
         self.routing = d.routing;
         let target = self.target;
         let mut next_id = self.next_id;
-        assign::assign(&mut self.assignments, &d.steps, target, NODE, |_| {
+        self.fleet.assign(&d.steps, target, NODE, |_| {
             next_id += 1;
             next_id - 1
         });
         self.next_id = next_id;
+        // The view the leader keeps is the one it would build again.
+        assert_eq!(
+            self.fleet.seen(),
+            assign::seen(
+                self.fleet.assigned(),
+                self.fleet.observations(),
+                &self.clock()
+            ),
+            "the leader's view drifted from its assignments and observations"
+        );
         for step in &d.steps {
             match step {
                 Step::SlotStable { revision, slot } => {
@@ -320,7 +342,7 @@ impl Sim {
                 stopping: i.stopping,
             })
             .collect();
-        let w = assign::work(NODE, &self.assignments, &running, &self.ended);
+        let w = assign::work(NODE, self.fleet.assigned(), &running, &self.ended);
         drop(running);
         for a in &w.relabel {
             let i = self.insts.iter_mut().find(|i| i.id == a.id).unwrap();
@@ -347,7 +369,14 @@ impl Sim {
             .map(|i| i.id)
             .collect();
         self.insts.retain(|i| !gone.contains(&i.id));
-        self.assignments.retain(|a| !gone.contains(&a.id));
+        let kept = self
+            .fleet
+            .assigned()
+            .iter()
+            .filter(|a| !gone.contains(&a.id))
+            .cloned()
+            .collect();
+        self.fleet.reset(kept, &self.clock());
     }
 
     /// The node reports instance `i` gone (`failed`: it ended unasked).
