@@ -6,7 +6,8 @@
 #  (2) warm rollback (blue-green): from `kiln rollback` to the first response
 #      served by the old release, p50/p99 over ROLLBACKS, and the same from a
 #      rollback sent on the API socket (no process started: the agent's
-#      share), alternated; failed requests under load meanwhile
+#      share), alternated, on an idle machine and under load; failed
+#      requests under load meanwhile
 #
 #   bench/traffic.sh        # RUNS=3 DURATION=10 CONNS=50 ROLLBACKS=20
 set -euo pipefail

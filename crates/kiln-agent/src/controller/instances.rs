@@ -281,6 +281,22 @@ impl Controller {
                 service: self.name.clone(),
                 revision,
             })?;
+        // A release of an image already prepared (a rollback makes a new
+        // release of an old one) runs on the same tree as that user: no
+        // trip to the blocking pool on a rollback's path.
+        if let Some(q) = self.prepared.values().find(|q| {
+            let (a, b) = (&q.release.config, &release.config);
+            (&a.image, &a.user, a.runtime, &a.volumes) == (&b.image, &b.user, b.runtime, &b.volumes)
+        }) {
+            let p = Arc::new(Prepared {
+                release,
+                rootfs: q.rootfs.clone(),
+                runtime: q.runtime.clone(),
+                user: q.user,
+            });
+            self.prepared.insert(revision, p.clone());
+            return Ok(p);
+        }
         let store = self.shared.store.clone();
         let image = release.config.image.clone();
         let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
