@@ -28,7 +28,7 @@ use crate::instance::StopKind;
 use crate::router::RouteKey;
 use crate::runtime::{command_exists, find_bwrap, start_ticks};
 use crate::shared::Shared;
-use crate::state::{ClusterState, Guard, NewEvent, NodeState, ServiceRecord, StateError};
+use crate::state::{Guard, NewEvent, ServiceRecord, StateError};
 use kiln_core::secret::Sealed;
 
 /// Why a command was refused, with what it was about. Each variant is one
@@ -193,6 +193,8 @@ pub struct Policy {
     /// Where the agent's ledger verifications report (made before the
     /// agent, which verifies its ledger before anything else).
     pub ledger: Arc<crate::ledger::Health>,
+    /// This node's name (`kiln serve --node`); `None`: its host name.
+    pub node: Option<String>,
 }
 
 /// Record the trust policy in the ledger when it differs from the last one
@@ -255,10 +257,10 @@ fn random_key() -> Result<[u8; 32], AgentError> {
 impl Agent {
     /// Start the agent on `home`: end what a previous agent left running,
     /// then start a controller for every known service.
-    pub async fn start<S: ClusterState + NodeState + 'static>(
+    pub async fn start(
         home: PathBuf,
         store: Store,
-        state: Arc<S>,
+        state: Arc<dyn crate::state::StateStore>,
         backoff: Backoff,
         seed: u64,
         keeper: Arc<crate::keeper::Keeper>,
@@ -276,6 +278,9 @@ impl Agent {
         shared.allow_process = policy.allow_process;
         shared.trust = policy.trust;
         shared.ledger = policy.ledger;
+        if let Some(node) = policy.node {
+            shared.node_name = node;
+        }
         record_trust_policy(&shared).await?;
         Self::start_on(Arc::new(shared)).await
     }

@@ -153,7 +153,7 @@ fn sweep(
 }
 
 /// `kiln gc`: collect the store of `home`, keeping what the releases in
-/// its state database need (none recorded yet: only tagged and young
+/// its state store (its database, or its cluster's) need (none recorded yet: only tagged and young
 /// images stay). The agent may be running: SQLite's WAL lets both read.
 pub async fn collect_home(
     home: &std::path::Path,
@@ -162,12 +162,13 @@ pub async fn collect_home(
     dry_run: bool,
 ) -> Result<GcReport, GcError> {
     let store = Store::open(home)?;
-    let db = home.join("state.db");
-    if !db.exists() {
+    let cluster = crate::cluster_of(home)?;
+    if cluster.is_none() && !home.join("state.db").exists() {
         return sweep(&store, BTreeSet::new(), grace, dry_run);
     }
-    let state = crate::state::SqliteState::open(&db)?;
-    let keep = keep(&state, &state, keep_releases).await?;
+    // In a cluster, the releases are the cluster's (in etcd).
+    let state = crate::open_state(home, cluster.as_ref()).await?;
+    let keep = keep(&*state, &*state, keep_releases).await?;
     collect(&store, keep, grace, dry_run)
 }
 

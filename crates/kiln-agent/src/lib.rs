@@ -127,7 +127,7 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 }
 
 pub use runtime::find_bwrap;
-pub use state::StateError;
+pub use state::{ETCD_PREFIX, StateError};
 
 /// Record a change made outside the agent (a bake, a pull) in the ledger
 /// of `home`, by `actor`, when no agent runs there (one that runs takes
@@ -138,9 +138,76 @@ pub async fn record(
     change: kiln_core::event::Change,
     actor: kiln_core::event::Actor,
 ) -> Result<(), StateError> {
-    let state = SqliteState::open(&home.join("state.db"))?;
-    state::ClusterState::append_event(&state, &state::NewEvent::node(change, actor)).await?;
+    let state = open_state(home, cluster_of(home)?.as_ref()).await?;
+    state
+        .append_event(&state::NewEvent::node(change, actor))
+        .await?;
     Ok(())
+}
+
+/// `kiln serve --etcd URL --node NAME`: the cluster's state in etcd.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterOptions {
+    /// etcd's client URLs (`http://HOST:PORT`).
+    pub etcd: Vec<String>,
+    /// The key prefix of this cluster's state in etcd.
+    pub prefix: String,
+    /// This node's name (default: its host name).
+    pub node: Option<String>,
+}
+
+/// Where a home remembers the cluster it was last served in, so that the
+/// CLI's own records (a bake, a pull, `kiln gc`) go to the same state.
+const CLUSTER_FILE: &str = "cluster.json";
+
+/// The cluster the home was last served in (`None`: on its own).
+pub fn cluster_of(home: &Path) -> Result<Option<ClusterOptions>, StateError> {
+    let path = home.join(CLUSTER_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| StateError::Decode {
+                    what: "cluster.json",
+                    source,
+                })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StateError::Open {
+            path: path.display().to_string(),
+            source: Box::new(e),
+        }),
+    }
+}
+
+/// Remember (or forget) the cluster the home is served in; written whole
+/// or not at all (a temporary file renamed).
+fn remember_cluster(home: &Path, cluster: Option<&ClusterOptions>) -> std::io::Result<()> {
+    let path = home.join(CLUSTER_FILE);
+    match cluster {
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        },
+        Some(c) => {
+            let tmp = home.join(format!(".{CLUSTER_FILE}.tmp"));
+            std::fs::write(&tmp, serde_json::to_vec_pretty(c).unwrap_or_default())?;
+            std::fs::rename(&tmp, &path)
+        }
+    }
+}
+
+/// The home's state store: SQLite (`state.db`) on its own; in a cluster,
+/// the cluster's state in etcd with this node's instances in `state.db`.
+pub async fn open_state(
+    home: &Path,
+    cluster: Option<&ClusterOptions>,
+) -> Result<Arc<dyn state::StateStore>, StateError> {
+    let local = SqliteState::open(&home.join("state.db"))?;
+    Ok(match cluster {
+        None => Arc::new(local),
+        Some(c) => Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local).await?),
+    })
 }
 
 /// How an agent process was started.
@@ -163,6 +230,8 @@ pub struct AgentMode {
     pub allow_process: bool,
     /// The trust policy file (`--trust FILE`).
     pub trust: Option<std::path::PathBuf>,
+    /// The cluster's state in etcd (`--etcd`); `None`: SQLite, on its own.
+    pub cluster: Option<ClusterOptions>,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -240,7 +309,8 @@ pub async fn serve(
         .map(trust::TrustPolicy::load)
         .transpose()?;
     let store = Store::open(home)?;
-    let state = Arc::new(SqliteState::open(&home.join("state.db"))?);
+    let state = open_state(home, mode.cluster.as_ref()).await?;
+    remember_cluster(home, mode.cluster.as_ref()).map_err(io(home))?;
     // The ledger's checkpoints are signed by the node's key.
     let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
     // The ledger is verified whole before anything is appended or signed
@@ -249,6 +319,7 @@ pub async fn serve(
     ledger::verify_own(&node_key, &*state, &ledger_health).await?;
     let verifier = (node_key.clone(), state.clone());
     let ledger_state: Arc<dyn state::ClusterState> = state.clone();
+    let node_name = mode.cluster.as_ref().and_then(|c| c.node.clone());
     let checkpoints = tokio::spawn(ledger::run(
         node_key.clone(),
         ledger_state.clone(),
@@ -278,6 +349,7 @@ pub async fn serve(
             allow_process: mode.allow_process,
             trust,
             ledger: ledger_health.clone(),
+            node: node_name,
         },
     )
     .await?;

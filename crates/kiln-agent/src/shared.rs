@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 use kiln_core::service::RuntimeKind;
 
 use crate::runtime::{Runtime, RuntimeError};
-use crate::state::{ClusterState, Fence, Guard, NodeState};
+use crate::state::{ClusterState, Fence, Guard, NodeState, StateStore};
 
 /// What controllers share with the agent.
 pub struct Shared {
@@ -60,10 +60,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new<S: ClusterState + NodeState + 'static>(
+    pub fn new(
         home: PathBuf,
         store: Store,
-        state: Arc<S>,
+        state: Arc<dyn StateStore>,
         backoff: Backoff,
         router: Arc<crate::router::Router>,
         seed: u64,
@@ -72,7 +72,7 @@ impl Shared {
             home,
             store,
             node: state.clone(),
-            state,
+            state: state as Arc<dyn ClusterState>,
             fence: std::sync::OnceLock::new(),
             node_name: node_name(),
             backoff,

@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod counters;
 pub mod digest;
 pub mod drift;

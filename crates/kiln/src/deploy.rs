@@ -44,6 +44,7 @@ pub fn serve(
         drift,
         allow_process,
         trust,
+        cluster,
         ..
     } = mode;
     // A policy that does not load stops the start here, in one line,
@@ -105,6 +106,18 @@ pub fn serve(
             args.push(c.cert.into());
             args.push("--tls-key".into());
             args.push(c.key.into());
+        }
+    }
+    if let Some(c) = cluster {
+        for url in c.etcd {
+            args.push("--etcd".into());
+            args.push(url.into());
+        }
+        args.push("--etcd-prefix".into());
+        args.push(c.prefix.into());
+        if let Some(node) = c.node {
+            args.push("--node".into());
+            args.push(node.into());
         }
     }
     let code =

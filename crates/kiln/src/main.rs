@@ -415,6 +415,18 @@ pub enum Command {
         /// agent from its own store
         #[arg(long, value_name = "FILE")]
         trust: Option<PathBuf>,
+        /// Keep the cluster's state (services, releases, rollouts, the
+        /// ledger, tokens, secrets) in etcd at this client URL (e.g.
+        /// http://127.0.0.1:2379; repeat for each member) instead of
+        /// $KILN_HOME/state.db, which keeps only this node's instances
+        #[arg(long, value_name = "URL", value_parser = parse_etcd_url)]
+        etcd: Vec<String>,
+        /// With --etcd: the key prefix of this cluster's state
+        #[arg(long, value_name = "PREFIX", requires = "etcd", default_value = kiln_agent::ETCD_PREFIX, value_parser = parse_etcd_prefix)]
+        etcd_prefix: String,
+        /// With --etcd: this node's name in the cluster (default: the host name)
+        #[arg(long, value_name = "NAME", requires = "etcd", value_parser = parse_node_name)]
+        node: Option<String>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -857,6 +869,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verify_rate,
             allow_runtime,
             trust,
+            etcd,
+            etcd_prefix,
+            node,
             run_agent,
             successor,
         } => {
@@ -884,6 +899,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 drift,
                 allow_process,
                 trust,
+                cluster: (!etcd.is_empty()).then_some(kiln_agent::ClusterOptions {
+                    etcd,
+                    prefix: etcd_prefix,
+                    node,
+                }),
             };
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
@@ -1023,6 +1043,18 @@ fn closed_stdout(e: &anyhow::Error) -> bool {
 const GC_GRACE: &str = "1h";
 
 /// `30s`, `5m`, `1h30m` (humantime).
+fn parse_etcd_url(s: &str) -> Result<String, String> {
+    kiln_core::cluster::check_etcd_url(s).map(|()| s.trim_end_matches('/').to_owned())
+}
+
+fn parse_etcd_prefix(s: &str) -> Result<String, String> {
+    kiln_core::cluster::check_prefix(s).map(|()| s.to_owned())
+}
+
+fn parse_node_name(s: &str) -> Result<String, String> {
+    kiln_core::cluster::check_node_name(s).map(|()| s.to_owned())
+}
+
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
 }

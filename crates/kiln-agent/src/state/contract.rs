@@ -1,6 +1,5 @@
 //! The contract of [`ClusterState`] and [`NodeState`]: every implementation runs these same
-//! tests (`contract_tests!` below, instantiated for SQLite and memory; etcd
-//! will be the next). A behaviour the agent relies on belongs here, not in
+//! tests (`contract_tests!` below, instantiated for SQLite, memory and etcd). A behaviour the agent relies on belongs here, not in
 //! one backend's tests.
 
 use kiln_core::Digest;
@@ -1057,39 +1056,39 @@ macro_rules! contract_tests {
     ($fresh:expr) => {
         #[tokio::test]
         async fn apply_records_release_service_and_events_together() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::apply_records_release_service_and_events_together(&state)
                 .await;
         }
         #[tokio::test]
         async fn a_failed_rollout_and_its_rollback_are_one_change() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_failed_rollout_and_its_rollback_are_one_change(&state).await;
         }
         #[tokio::test]
         async fn a_rollback_abandons_the_rollout_in_the_same_change() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_rollback_abandons_the_rollout_in_the_same_change(&state)
                 .await;
         }
         #[tokio::test]
         async fn lists_come_in_order() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::lists_come_in_order(&state).await;
         }
         #[tokio::test]
         async fn instances_are_put_replaced_and_removed() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::instances_are_put_replaced_and_removed(&state).await;
         }
         #[tokio::test]
         async fn a_removed_service_keeps_its_releases_and_events() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_removed_service_keeps_its_releases_and_events(&state).await;
         }
         #[tokio::test]
         async fn tokens_are_kept_once_by_name_and_revoked_with_their_events() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::tokens_are_kept_once_by_name_and_revoked_with_their_events(
                 &state,
             )
@@ -1097,42 +1096,42 @@ macro_rules! contract_tests {
         }
         #[tokio::test]
         async fn every_event_is_chained_in_the_ledger() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::every_event_is_chained_in_the_ledger(&state).await;
         }
         #[tokio::test]
         async fn secrets_are_kept_by_digest_and_the_key_once() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::secrets_are_kept_by_digest_and_the_key_once(&state).await;
         }
         #[tokio::test]
         async fn current_releases_leave_the_history_out() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::current_releases_leave_the_history_out(&state).await;
         }
         #[tokio::test]
         async fn a_rollout_is_kept_with_its_service() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_rollout_is_kept_with_its_service(&state).await;
         }
         #[tokio::test]
         async fn two_writers_racing_one_wins() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::two_writers_racing_one_wins(&state).await;
         }
         #[tokio::test]
         async fn a_stale_fence_is_refused() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_stale_fence_is_refused(&state).await;
         }
         #[tokio::test]
         async fn a_watch_resumes_after_a_gap() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::a_watch_resumes_after_a_gap(&state).await;
         }
         #[tokio::test]
         async fn assignments_and_observations_are_kept_with_their_service() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::assignments_and_observations_are_kept_with_their_service(
                 &state,
             )
@@ -1140,7 +1139,7 @@ macro_rules! contract_tests {
         }
         #[tokio::test]
         async fn events_come_in_order_from_a_sequence_number() {
-            let (_keep, state) = $fresh();
+            let (_keep, state) = $fresh().await;
             $crate::state::contract::events_come_in_order_from_a_sequence_number(&state).await;
         }
     };
@@ -1149,7 +1148,7 @@ macro_rules! contract_tests {
 pub(super) use contract_tests;
 
 mod memory {
-    fn fresh() -> ((), crate::state::MemoryState) {
+    async fn fresh() -> ((), crate::state::MemoryState) {
         ((), crate::state::MemoryState::new())
     }
     super::contract_tests!(fresh);

@@ -3,10 +3,11 @@
 //! event log and its ledger, tokens, secrets. [`NodeState`]: what only
 //! this node knows — the instances it runs, with their pids.
 //! [`SqliteState`] implements both on one node (embedded, WAL, one file);
-//! [`MemoryState`] keeps the same contract in memory, for tests and
-//! benchmarks of what sits above the traits; a cluster implementation
-//! (etcd) of `ClusterState` will sit behind it too, so nothing above may
-//! assume SQL, and errors name no backend's types.
+//! [`EtcdState`] implements `ClusterState` on etcd (one etcd transaction a
+//! change, an etcd watch), with a `NodeState` beside it (`kiln serve
+//! --etcd`); [`MemoryState`] keeps the same contract in memory, for tests
+//! and benchmarks of what sits above the traits. Nothing above may assume
+//! SQL, and errors name no backend's types.
 //!
 //! Every change that must be atomic is one trait method (one transaction):
 //! recording an apply writes the release, the service's new target and the
@@ -17,12 +18,14 @@
 
 #[cfg(test)]
 mod contract;
+mod etcd;
 // A fake for tests (and, exported behind a feature, the scale benchmark
 // issue 11 asks for): the agent itself never uses it.
 #[cfg(any(test, feature = "bench"))]
 mod memory;
 mod sqlite;
 
+pub use etcd::{DEFAULT_PREFIX as ETCD_PREFIX, EtcdState};
 #[cfg(any(test, feature = "bench"))]
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
@@ -398,6 +401,13 @@ pub trait NodeState: Send + Sync {
     fn remove_instance(&self, id: &str) -> Result<()>;
     fn instances(&self) -> Result<Vec<InstanceRecord>>;
 }
+
+/// A whole state store: the cluster's state and this node's, as the
+/// agent opens it (SQLite for both on one node; etcd with this node's
+/// SQLite beside it in a cluster).
+pub trait StateStore: ClusterState + NodeState {}
+
+impl<T: ClusterState + NodeState + ?Sized> StateStore for T {}
 
 /// The last event's sequence number as a backend's own writes move it:
 /// what its watchers wait on. One piece for every backend, so that they

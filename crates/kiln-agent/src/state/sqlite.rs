@@ -1084,7 +1084,10 @@ mod tests {
     }
 
     mod contract {
-        crate::state::contract::contract_tests!(super::fresh);
+        async fn fresh() -> (tempfile::TempDir, super::SqliteState) {
+            super::fresh()
+        }
+        crate::state::contract::contract_tests!(fresh);
     }
 
     #[tokio::test]

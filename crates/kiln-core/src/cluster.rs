@@ -1,0 +1,111 @@
+//! What names a cluster's parts on the command line (`kiln serve --etcd
+//! URL --etcd-prefix PREFIX --node NAME`), checked before anything
+//! connects: each a clear one-line refusal naming what is wrong.
+
+/// An etcd client URL: `http://HOST:PORT` or `https://HOST:PORT`, nothing
+/// after the port (etcd's API has no path of its own).
+pub fn check_etcd_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{url}`: an etcd URL starts with http:// or https://"))?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
+        format!("`{url}`: an etcd URL names its port (e.g. http://127.0.0.1:2379)")
+    })?;
+    if host.is_empty() || host.contains(['/', '@', '?', '#', ' ']) {
+        return Err(format!("`{url}`: no host, or a path after it"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{url}`: `{port}` is not a port")),
+    }
+}
+
+/// A key prefix for a cluster's state: starts and ends with `/` (so that
+/// `/kiln/` and `/kiln2/` never overlap), printable, at most 128 bytes.
+pub fn check_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() < 2 || !prefix.starts_with('/') || !prefix.ends_with('/') {
+        return Err(format!(
+            "`{prefix}`: a prefix starts and ends with / (e.g. /kiln/)"
+        ));
+    }
+    if prefix.len() > 128 || prefix.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(format!(
+            "`{prefix}`: at most 128 printable characters, no spaces"
+        ));
+    }
+    Ok(())
+}
+
+/// A node's name: what assignments and observations call it, and a part
+/// of etcd keys — 1 to 63 of `a-z`, `0-9`, `-` and `.`, starting with a
+/// letter or digit (a host name's label rules, dots allowed).
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}`: a node name is 1 to 63 of a-z, 0-9, - and ., starting with a letter or digit"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn etcd_urls_name_a_scheme_a_host_and_a_port() {
+        for good in [
+            "http://127.0.0.1:2379",
+            "https://etcd-1.example.com:2379",
+            "http://[::1]:2379",
+            "http://127.0.0.1:2379/",
+        ] {
+            assert_eq!(check_etcd_url(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "127.0.0.1:2379",
+            "ftp://h:1",
+            "http://h",
+            "http://:2379",
+            "http://h:0",
+            "http://h:99999",
+            "http://h:2379/v3",
+            "http://u@h:2379",
+        ] {
+            let e = check_etcd_url(bad).unwrap_err();
+            assert!(e.contains(bad), "{e} names {bad}");
+        }
+    }
+
+    #[test]
+    fn prefixes_are_delimited_by_slashes() {
+        assert_eq!(check_prefix("/kiln/"), Ok(()));
+        assert_eq!(check_prefix("/a/b/"), Ok(()));
+        for bad in ["", "/", "kiln/", "/kiln", "/ki ln/", "/a\n/"] {
+            assert!(check_prefix(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_prefix(&format!("/{}/", "a".repeat(127))).is_err());
+        assert_eq!(check_prefix(&format!("/{}/", "a".repeat(126))), Ok(()));
+    }
+
+    #[test]
+    fn node_names_are_host_name_labels() {
+        for good in ["n1", "node-2", "a", "web.eu-1", "0node"] {
+            assert_eq!(check_node_name(good), Ok(()), "{good}");
+        }
+        for bad in ["", "-n", ".n", "N1", "n/1", "n 1", "n_1"] {
+            assert!(check_node_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(check_node_name(&"a".repeat(63)), Ok(()));
+        assert!(check_node_name(&"a".repeat(64)).is_err());
+    }
+}
