@@ -1261,13 +1261,23 @@ impl Agent {
             .map_err(AgentError::Collect)
     }
 
-    /// The ledger after entry `after`, its checkpoints and the node's key.
+    /// The ledger after entry `after`, its checkpoints, the node's key and
+    /// every key the store lists (a cluster's nodes each sign).
     pub async fn audit(&self, after: u64) -> Result<kiln_core::api::AuditResponse, AgentError> {
         let key = std::fs::read_to_string(self.shared.home.join("node.pub"))
             .map(|k| k.trim().to_owned())
             .unwrap_or_default();
+        let keys = self
+            .shared
+            .state
+            .node_keys()
+            .await?
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
         Ok(kiln_core::api::AuditResponse {
             key,
+            keys,
             entries: self.shared.state.ledger(after).await?,
             checkpoints: self.shared.state.checkpoints().await?,
         })

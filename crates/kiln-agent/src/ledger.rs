@@ -45,8 +45,8 @@ impl Health {
     }
 }
 
-/// Verify the whole ledger against this node's key (the chain and every
-/// checkpoint; an unsigned end is not a break here: an agent that was
+/// Verify the whole ledger against this node's key and the keys the store
+/// lists (the chain and every checkpoint; an unsigned end is not a break here: an agent that was
 /// killed left one, which it signs now). A break is logged, counted and
 /// recorded as a `ledger-broken` entry — once per distinct break — and the
 /// agent goes on serving: traffic must not depend on the audit trail.
@@ -59,10 +59,18 @@ pub async fn verify_own(
     let entries = state.ledger(0).await?;
     let checkpoints = state.checkpoints().await?;
     health.verifications.fetch_add(1, Ordering::Relaxed);
+    // The keys whose checkpoints count: this node's, and every node's the
+    // store lists (each node of a cluster signs what it checkpoints).
+    let mut keys = vec![key.pair.public_key().as_ref().to_vec()];
+    for (text, _) in state.node_keys().await? {
+        if let Ok(k) = kiln_core::ledger::parse_public_key(&text) {
+            keys.push(k.to_vec());
+        }
+    }
     // Hashing every entry is work for a blocking thread.
-    let public = key.pair.public_key().as_ref().to_vec();
     let (verdict, entries) = tokio::task::spawn_blocking(move || {
-        let verdict = kiln_core::ledger::verify(&entries, &checkpoints, &public);
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let verdict = kiln_core::ledger::verify_by(&entries, &checkpoints, &keys);
         (verdict, entries)
     })
     .await

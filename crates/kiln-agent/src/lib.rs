@@ -313,13 +313,20 @@ pub async fn serve(
     remember_cluster(home, mode.cluster.as_ref()).map_err(io(home))?;
     // The ledger's checkpoints are signed by the node's key.
     let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
+    // Listed in the store: the checkpoints this node signs count for every
+    // node that verifies the ledger.
+    let node_name = mode
+        .cluster
+        .as_ref()
+        .and_then(|c| c.node.clone())
+        .unwrap_or_else(shared::node_name);
+    state.put_node_key(&node_name, &node_key.public()).await?;
     // The ledger is verified whole before anything is appended or signed
     // (a break is recorded, and the agent serves all the same).
     let ledger_health = Arc::new(ledger::Health::default());
     ledger::verify_own(&node_key, &*state, &ledger_health).await?;
     let verifier = (node_key.clone(), state.clone());
     let ledger_state: Arc<dyn state::ClusterState> = state.clone();
-    let node_name = mode.cluster.as_ref().and_then(|c| c.node.clone());
     let checkpoints = tokio::spawn(ledger::run(
         node_key.clone(),
         ledger_state.clone(),
@@ -349,7 +356,7 @@ pub async fn serve(
             allow_process: mode.allow_process,
             trust,
             ledger: ledger_health.clone(),
-            node: node_name,
+            node: Some(node_name),
         },
     )
     .await?;

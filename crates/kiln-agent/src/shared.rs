@@ -132,7 +132,7 @@ impl Shared {
 }
 
 /// The host's name, or `local` when it has none.
-fn node_name() -> String {
+pub(crate) fn node_name() -> String {
     let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     match name.trim() {
         "" => "local".to_owned(),

@@ -341,6 +341,10 @@ pub struct GcRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditResponse {
     pub key: String,
+    /// Every node key the state store lists (`ed25519 HEX`): in a cluster,
+    /// each node signs the checkpoints it writes.
+    #[serde(default)]
+    pub keys: Vec<String>,
     pub entries: Vec<crate::ledger::Entry>,
     pub checkpoints: Vec<crate::ledger::Checkpoint>,
 }

@@ -129,6 +129,17 @@ fn bad(seq: Option<u64>, reason: impl Into<String>) -> Bad {
 /// checkpoint's signature (with `key`, the node's 32-byte ed25519 public
 /// key) and the head it signed.
 pub fn verify(entries: &[Entry], checkpoints: &[Checkpoint], key: &[u8]) -> Result<Verified, Bad> {
+    verify_by(entries, checkpoints, &[key])
+}
+
+/// [`verify`] a ledger that several nodes sign (a cluster's: each node
+/// signs the checkpoints it writes): every checkpoint's signature must be
+/// made by one of `keys`.
+pub fn verify_by(
+    entries: &[Entry],
+    checkpoints: &[Checkpoint],
+    keys: &[&[u8]],
+) -> Result<Verified, Bad> {
     let mut prev = GENESIS.to_owned();
     for (i, e) in entries.iter().enumerate() {
         let want = i as u64 + 1;
@@ -171,7 +182,10 @@ pub fn verify(entries: &[Entry], checkpoints: &[Checkpoint], key: &[u8]) -> Resu
         prev = e.hash.clone();
     }
     let last = entries.len() as u64;
-    let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, key);
+    let publics: Vec<_> = keys
+        .iter()
+        .map(|k| ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, *k))
+        .collect();
     let mut signed_through = 0;
     for cp in checkpoints {
         let sig = unhex(&cp.signature).ok_or_else(|| {
@@ -183,15 +197,18 @@ pub fn verify(entries: &[Entry], checkpoints: &[Checkpoint], key: &[u8]) -> Resu
                 ),
             )
         })?;
-        if public
-            .verify(&checkpoint_message(cp.seq, &cp.head, &cp.time), &sig)
-            .is_err()
-        {
+        let message = checkpoint_message(cp.seq, &cp.head, &cp.time);
+        if !publics.iter().any(|p| p.verify(&message, &sig).is_ok()) {
             return Err(bad(
                 None,
                 format!(
-                    "the checkpoint at entry {} is not signed by this key (another node's key, or edited)",
-                    cp.seq
+                    "the checkpoint at entry {} is not signed by {} (another node's key, or edited)",
+                    cp.seq,
+                    if keys.len() == 1 {
+                        "this key"
+                    } else {
+                        "any of the cluster's keys"
+                    }
                 ),
             ));
         }
@@ -464,6 +481,11 @@ mod tests {
         let l = chain(3);
         let cp = sign(&k, &l[2]);
         assert!(verify(&l, std::slice::from_ref(&cp), other.public_key().as_ref()).is_err());
+        // A cluster's ledger: any of its nodes' keys signs.
+        let both = [other.public_key().as_ref(), k.public_key().as_ref()];
+        assert!(verify_by(&l, std::slice::from_ref(&cp), &both).is_ok());
+        assert!(verify_by(&l, std::slice::from_ref(&cp), &both[..1]).is_err());
+        assert!(verify_by(&l, std::slice::from_ref(&cp), &[]).is_err());
         let mut moved = cp.clone();
         moved.seq = 2;
         assert!(verify(&l, &[moved], k.public_key().as_ref()).is_err());

@@ -113,20 +113,40 @@ pub fn show(home: &Path, filter: &Filter, json: bool, follow: bool) -> Result<Ex
     }
 }
 
+/// The keys whose checkpoints count in the agent's ledger: its own and
+/// every node key its state store lists (a cluster's nodes each sign).
+pub(crate) fn agent_keys(r: &AuditResponse) -> Result<Vec<[u8; 32]>, String> {
+    let mut keys =
+        vec![ledger::parse_public_key(&r.key).map_err(|e| format!("the agent's key: {e}"))?];
+    for k in &r.keys {
+        let k =
+            ledger::parse_public_key(k).map_err(|e| format!("a node key the agent lists: {e}"))?;
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    Ok(keys)
+}
+
+/// [`ledger::verify_by`] with owned keys.
+pub(crate) fn verify_with(
+    entries: &[Entry],
+    checkpoints: &[Checkpoint],
+    keys: &[[u8; 32]],
+) -> Result<ledger::Verified, ledger::Bad> {
+    let keys: Vec<&[u8]> = keys.iter().map(|k| k.as_slice()).collect();
+    ledger::verify_by(entries, checkpoints, &keys)
+}
+
 /// What is wrong with the agent's whole ledger, if anything: the chain,
 /// the checkpoints (by the key the agent gives), the unsigned end and any
 /// break the agent recorded.
 fn break_in(r: &AuditResponse) -> Option<ledger::Bad> {
-    let key = match ledger::parse_public_key(&r.key) {
+    let keys = match agent_keys(r) {
         Ok(k) => k,
-        Err(e) => {
-            return Some(ledger::Bad {
-                seq: None,
-                reason: format!("the agent's key: {e}"),
-            });
-        }
+        Err(reason) => return Some(ledger::Bad { seq: None, reason }),
     };
-    ledger::verify(&r.entries, &r.checkpoints, &key)
+    verify_with(&r.entries, &r.checkpoints, &keys)
         .and_then(|v| {
             ledger::check_tail(
                 &r.entries,
@@ -144,6 +164,10 @@ fn break_in(r: &AuditResponse) -> Option<ledger::Bad> {
 struct Header {
     kiln_ledger: u32,
     key: String,
+    /// The other nodes' keys the cluster listed (each signs what it
+    /// checkpoints): as the header's `key`, proof of nothing on its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    keys: Vec<String>,
     /// When it was exported (RFC 3339): the end of the ledger is judged
     /// against it, not against when it is verified.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -166,10 +190,10 @@ pub fn export(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
     // An export is judged strictly (every entry under a checkpoint), so
     // it waits for the agent to sign its head: within its
     // --checkpoint-every (10 s by default).
-    let key = |r: &AuditResponse| ledger::parse_public_key(&r.key).ok();
     let signed = |r: &AuditResponse| {
-        key(r)
-            .and_then(|k| ledger::verify(&r.entries, &r.checkpoints, &k).ok())
+        agent_keys(r)
+            .ok()
+            .and_then(|k| verify_with(&r.entries, &r.checkpoints, &k).ok())
             .is_some_and(|v| v.signed_through >= v.entries)
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
@@ -196,6 +220,7 @@ pub fn export(home: &Path, file: &Path, json: bool) -> Result<ExitCode> {
             &Header {
                 kiln_ledger: 1,
                 key: r.key.clone(),
+                keys: r.keys.iter().filter(|k| **k != r.key).cloned().collect(),
                 exported: Some(
                     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
                 ),
@@ -267,63 +292,64 @@ fn read_key(path: &Path) -> Result<[u8; 32]> {
     ledger::parse_public_key(&text).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
-/// `kiln audit verify [FILE] [--key PUB] [--since-checkpoint OLD]`.
+/// `kiln audit verify [FILE] [--key PUB]... [--since-checkpoint OLD]`.
 pub fn verify(
     home: &Path,
     file: Option<&Path>,
-    key: Option<&Path>,
+    key: &[std::path::PathBuf],
     since_checkpoint: Option<&Path>,
     allow_unsigned_tail: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    // The key: the one named, else this home's; for the agent's own
-    // ledger, the one the agent gives over the (pinned) connection.
-    let named = key.map(read_key).transpose()?;
+    // The keys: those named (a cluster's ledger: one per node), else this
+    // home's; for the agent's own ledger, those the agent gives over the
+    // (pinned) connection.
+    let named: Vec<[u8; 32]> = key.iter().map(|k| read_key(k)).collect::<Result<_>>()?;
+    let named = (!named.is_empty()).then_some(named);
     let home_key = || -> Option<[u8; 32]> {
         std::fs::read_to_string(home.join("node.pub"))
             .ok()
             .and_then(|t| ledger::parse_public_key(&t).ok())
     };
     let now = std::time::SystemTime::now();
-    let (source, key, entries, checkpoints, strict) = match file {
+    let (source, keys, entries, checkpoints, strict) = match file {
         Some(f) => {
             let (header, entries, checkpoints) = read_export(f)?;
-            let key = named.or_else(home_key).ok_or_else(|| {
-                anyhow!("give the node's public key: --key NODE.PUB (an export's own header proves nothing)")
-            })?;
+            let keys = named
+                .or_else(|| home_key().map(|k| vec![k]))
+                .ok_or_else(|| {
+                    anyhow!("give the node's public key: --key NODE.PUB (an export's own header proves nothing)")
+                })?;
             // The header proves nothing, but one that names another key
-            // than the one given says the file is not what it claims.
-            if ledger::parse_public_key(&header.key).ok() != Some(key) {
+            // than those given says the file is not what it claims.
+            if !ledger::parse_public_key(&header.key).is_ok_and(|k| keys.contains(&k)) {
                 bail!(
-                    "{}: its header names the key `{}`, not the one given: the export was made by another node or rewritten",
+                    "{}: its header names the key `{}`, not one given: the export was made by another node or rewritten",
                     f.display(),
                     header.key
                 );
             }
             // An export waited for its head to be signed: every entry must
             // be under a checkpoint (stripping them is what a rewrite does).
-            (f.display().to_string(), key, entries, checkpoints, true)
+            (f.display().to_string(), keys, entries, checkpoints, true)
         }
         None => {
             let rt = runtime()?;
             let r: AuditResponse = rt.block_on(Client::new(home).get("/v1/audit?after=0"))?;
-            let key = match named {
+            let keys = match named {
                 Some(k) => k,
-                None => {
-                    ledger::parse_public_key(&r.key).map_err(|e| anyhow!("the agent's key: {e}"))?
-                }
+                None => agent_keys(&r).map_err(|e| anyhow!(e))?,
             };
             (
                 "the agent's ledger".to_owned(),
-                key,
+                keys,
                 r.entries,
                 r.checkpoints,
                 false,
             )
         }
     };
-    let v =
-        ledger::verify(&entries, &checkpoints, &key).map_err(|bad| anyhow!("{source}: {bad}"))?;
+    let v = verify_with(&entries, &checkpoints, &keys).map_err(|bad| anyhow!("{source}: {bad}"))?;
     let limit = if allow_unsigned_tail {
         ledger::TailLimit {
             entries: u64::MAX,
@@ -340,7 +366,7 @@ pub fn verify(
     ledger::check_tail(&entries, &v, limit, now).map_err(|bad| anyhow!("{source}: {bad}"))?;
     if let Some(old) = since_checkpoint {
         let (_, old_entries, old_checkpoints) = read_export(old)?;
-        ledger::verify(&old_entries, &old_checkpoints, &key)
+        verify_with(&old_entries, &old_checkpoints, &keys)
             .map_err(|bad| anyhow!("{}: {bad}", old.display()))?;
         ledger::is_prefix(&old_entries, &entries)
             .map_err(|bad| anyhow!("{} is not a prefix of {source}: {bad}", old.display()))?;

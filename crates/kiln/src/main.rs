@@ -81,10 +81,11 @@ pub enum AuditCommand {
     Verify {
         /// An export (kiln audit export); default: the agent's ledger
         file: Option<PathBuf>,
-        /// The node's public key (its $KILN_HOME/node.pub) [default: this
-        /// home's, or the agent's for its own ledger]
+        /// The node's public key (its $KILN_HOME/node.pub); a cluster's
+        /// ledger: once per node [default: this home's, or for the agent's
+        /// own ledger the keys its state store lists]
         #[arg(long, value_name = "PUB")]
-        key: Option<PathBuf>,
+        key: Vec<PathBuf>,
         /// Also prove that this older export is a prefix of the ledger
         #[arg(long, value_name = "OLD")]
         since_checkpoint: Option<PathBuf>,
@@ -780,7 +781,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }) => audit::verify(
                 &home()?,
                 file.as_deref(),
-                key.as_deref(),
+                &key,
                 since_checkpoint.as_deref(),
                 allow_unsigned_tail,
                 json,

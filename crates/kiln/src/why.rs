@@ -103,9 +103,9 @@ pub fn why(home: &Path, target: &str, json: bool) -> Result<ExitCode> {
         .find(|r| r.revision == revision)
         .ok_or_else(|| anyhow!("release {revision} of {name} is not recorded"))?;
     let audit: AuditResponse = rt.block_on(client.get("/v1/audit?after=0"))?;
-    let ledger_verified = kiln_core::ledger::parse_public_key(&audit.key)
+    let ledger_verified = crate::audit::agent_keys(&audit)
         .and_then(|k| {
-            kiln_core::ledger::verify(&audit.entries, &audit.checkpoints, &k)
+            crate::audit::verify_with(&audit.entries, &audit.checkpoints, &k)
                 .map_err(|e| e.to_string())
         })
         .map(|v| {

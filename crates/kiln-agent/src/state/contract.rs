@@ -949,6 +949,21 @@ pub(super) async fn a_watch_resumes_after_a_gap<S: ClusterState + NodeState>(sta
 
 /// The leader's assignments (with its rollout, in one change) and what
 /// each node observed are kept with their service, and go with it.
+pub(super) async fn node_keys_are_listed_once<S: ClusterState + NodeState>(state: &S) {
+    assert!(state.node_keys().await.unwrap().is_empty());
+    state.put_node_key("n2", "ed25519 bb").await.unwrap();
+    state.put_node_key("n1", "ed25519 aa").await.unwrap();
+    // Listed already: stays under its first node's name.
+    state.put_node_key("n3", "ed25519 aa").await.unwrap();
+    assert_eq!(
+        state.node_keys().await.unwrap(),
+        [
+            ("ed25519 aa".to_owned(), "n1".to_owned()),
+            ("ed25519 bb".to_owned(), "n2".to_owned())
+        ]
+    );
+}
+
 pub(super) async fn assignments_and_observations_are_kept_with_their_service<
     S: ClusterState + NodeState,
 >(
@@ -1136,6 +1151,11 @@ macro_rules! contract_tests {
                 &state,
             )
             .await;
+        }
+        #[tokio::test]
+        async fn node_keys_are_listed_once() {
+            let (_keep, state) = $fresh().await;
+            $crate::state::contract::node_keys_are_listed_once(&state).await;
         }
         #[tokio::test]
         async fn events_come_in_order_from_a_sequence_number() {

@@ -26,6 +26,7 @@
 //! | `fence` | the newest leadership handed out |
 //! | `key`, `secret/SEALED` | the key that seals secrets, secret values |
 //! | `token/NAME`, `cp/SEQ` | API tokens' records, signed checkpoints |
+//! | `nodekey/DIGEST` | a node's public key (and its name): its checkpoints count |
 
 use std::collections::BTreeMap;
 
@@ -831,6 +832,28 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             Ok(())
         })
         .await
+    }
+
+    async fn put_node_key(&self, node: &str, key: &str) -> Result<()> {
+        // Keyed by a digest of the key: etcd keys stay short and plain.
+        let at = self.key(&format!(
+            "nodekey/{}",
+            kiln_core::Digest::of(key.as_bytes()).hex()
+        ));
+        self.change(vec![at.clone()], |snap, w| {
+            if !snap.has(&at) {
+                w.put(&at, &(key, node));
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn node_keys(&self) -> Result<Vec<(String, String)>> {
+        let mut keys: Vec<(String, String)> =
+            self.range("node key", &self.key("nodekey/"), None).await?;
+        keys.sort();
+        Ok(keys)
     }
 
     async fn last_checkpoint(&self) -> Result<Option<u64>> {

@@ -47,6 +47,7 @@ struct Inner {
     tokens: BTreeMap<TokenName, TokenRecord>,
     ledger: Vec<kiln_core::ledger::Entry>,
     checkpoints: BTreeMap<u64, kiln_core::ledger::Checkpoint>,
+    node_keys: BTreeMap<String, String>,
     /// The newest fence handed out.
     fence: u64,
 }
@@ -452,6 +453,23 @@ impl ClusterState for MemoryState {
             .entry(cp.seq)
             .or_insert_with(|| cp.clone());
         Ok(())
+    }
+
+    async fn put_node_key(&self, node: &str, key: &str) -> Result<()> {
+        self.inner()
+            .node_keys
+            .entry(key.to_owned())
+            .or_insert_with(|| node.to_owned());
+        Ok(())
+    }
+
+    async fn node_keys(&self) -> Result<Vec<(String, String)>> {
+        Ok(self
+            .inner()
+            .node_keys
+            .iter()
+            .map(|(k, n)| (k.clone(), n.clone()))
+            .collect())
     }
 
     async fn last_checkpoint(&self) -> Result<Option<u64>> {

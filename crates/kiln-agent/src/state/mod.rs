@@ -371,6 +371,12 @@ pub trait ClusterState: Send + Sync {
     /// Every signed checkpoint, in order.
     async fn checkpoints(&self) -> Result<Vec<kiln_core::ledger::Checkpoint>>;
     async fn put_checkpoint(&self, checkpoint: &kiln_core::ledger::Checkpoint) -> Result<()>;
+    /// List a node's public key (`ed25519 HEX`, as `node.pub` says it)
+    /// among those whose checkpoints the ledger accepts; a key listed
+    /// already stays listed under its first node's name.
+    async fn put_node_key(&self, node: &str, key: &str) -> Result<()>;
+    /// Every node key listed, as (key, node), by key.
+    async fn node_keys(&self) -> Result<Vec<(String, String)>>;
     /// The entry the last checkpoint signed (read every second by the
     /// agent: one row, not every checkpoint).
     async fn last_checkpoint(&self) -> Result<Option<u64>>;

@@ -119,6 +119,12 @@ CREATE TABLE IF NOT EXISTS ledger (
     prev TEXT NOT NULL,
     hash TEXT NOT NULL
 );
+-- The public keys whose checkpoints the ledger accepts (one per node that
+-- ever signed; on one node, its own).
+CREATE TABLE IF NOT EXISTS node_keys (
+    key  TEXT PRIMARY KEY,
+    node TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq       INTEGER PRIMARY KEY,
     head      TEXT NOT NULL,
@@ -884,6 +890,21 @@ impl ClusterState for SqliteState {
             params![cp.seq as i64, cp.head, cp.time, cp.signature],
         )?;
         Ok(())
+    }
+
+    async fn put_node_key(&self, node: &str, key: &str) -> Result<()> {
+        self.conn().execute(
+            "INSERT OR IGNORE INTO node_keys (key, node) VALUES (?1, ?2)",
+            params![key, node],
+        )?;
+        Ok(())
+    }
+
+    async fn node_keys(&self) -> Result<Vec<(String, String)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT key, node FROM node_keys ORDER BY key")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     async fn last_checkpoint(&self) -> Result<Option<u64>> {

@@ -726,3 +726,87 @@ pub fn sandbox_app(outer: u64) -> u64 {
     };
     kids(kids(outer)[0])[0]
 }
+
+/// A real etcd (Debian's `etcd-server`) in a temporary directory, on free
+/// loopback ports, stopped by its pid when dropped (or by
+/// [`stop`](Self::stop)).
+pub struct Etcd {
+    child: Option<std::process::Child>,
+    pub endpoint: String,
+    peer: String,
+    dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    pub fn start() -> Self {
+        require("etcd");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoint = format!("http://127.0.0.1:{}", free_port());
+        let peer = format!("http://127.0.0.1:{}", free_port());
+        let mut etcd = Self {
+            child: None,
+            endpoint,
+            peer,
+            dir,
+        };
+        etcd.run();
+        etcd
+    }
+
+    /// Start it (again, on the same data and ports) and wait until it
+    /// answers.
+    pub fn run(&mut self) {
+        let child = Command::new("etcd")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &self.endpoint])
+            .args(["--advertise-client-urls", &self.endpoint])
+            .args(["--listen-peer-urls", &self.peer])
+            .args(["--initial-advertise-peer-urls", &self.peer])
+            .args(["--initial-cluster", &format!("default={}", self.peer)])
+            .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
+            .args(["--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start etcd");
+        self.child = Some(child);
+        wait_for("etcd", Duration::from_secs(30), || {
+            self.ctl(&["endpoint", "health"]).status.success()
+        });
+    }
+
+    /// `etcdctl` (API v3) against it.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args(["--endpoints", &self.endpoint, "--command-timeout", "3s"])
+            .args(args)
+            .output()
+            .expect("run etcdctl")
+    }
+
+    /// Every key under `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self.ctl(&["get", "--prefix", "--keys-only", prefix]);
+        assert!(out.status.success(), "etcdctl get");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,177 @@
+//! Black-box tests of `kiln serve --etcd`: the cluster's state (services,
+//! releases, rollouts, assignments, the ledger) kept in a real etcd, this
+//! node's instances in its own database.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::time::Duration;
+
+use util::*;
+
+const WEB: &str = r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+replicas = 2
+env = { HELLO_VERSION = "v1" }
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#;
+
+fn on_etcd(etcd: &Etcd, node: &str) -> impl FnOnce(&mut std::process::Command) {
+    let (url, node) = (etcd.endpoint.clone(), node.to_owned());
+    move |c| {
+        c.args(["--etcd", &url, "--node", &node]);
+    }
+}
+
+fn ready_and_serving(env: &Env, version: &str) -> bool {
+    let s = service_status(env, "web");
+    s["ready"] == 2
+        && s["instances"].as_array().is_some_and(|list| {
+            list.iter().all(|i| {
+                i["port"]
+                    .as_u64()
+                    .and_then(|p| http_get(p, "/"))
+                    .is_some_and(|b| {
+                        b.starts_with(&format!(
+                            "hello from {version} (instance {}",
+                            i["id"].as_str().unwrap_or("?")
+                        ))
+                    })
+            })
+        })
+}
+
+#[test]
+fn the_cluster_state_lives_in_etcd_and_a_new_disk_resumes_from_it() {
+    let etcd = Etcd::start();
+    let env = Env::new();
+    let spec = hello_app(&env.path("app"), WEB);
+    let spec = spec.to_str().unwrap();
+    let mut agent = Agent::start_with(&env, on_etcd(&etcd, "n1"));
+    env.ok(&["apply", "-f", spec]);
+    assert!(ready_and_serving(&env, "v1"));
+    let id = |s: &serde_json::Value| s["instances"][0]["id"].as_str().unwrap().to_owned();
+    assert!(id(&service_status(&env, "web")).starts_with("web-"));
+
+    // What the cluster shares is in etcd, under kiln's prefix.
+    let keys = etcd.keys("/kiln/");
+    for want in [
+        "/kiln/svc/web",
+        "/kiln/rel/web/00000000000000000001",
+        "/kiln/assign/web",
+        "/kiln/obs/web/n1",
+        "/kiln/head",
+        "/kiln/fence",
+        "/kiln/key",
+    ] {
+        assert!(keys.iter().any(|k| k == want), "{want} in {keys:?}");
+    }
+    // The bake the apply made is in the cluster's ledger (the CLI's records
+    // go through the agent), chained with the rest.
+    let events = keys.iter().filter(|k| k.starts_with("/kiln/log/")).count();
+    assert!(events >= 4, "{keys:?}");
+    let audit = env.ok(&["audit", "--json"]);
+    assert!(audit.contains("image-baked"), "{audit}");
+    assert!(
+        env.path("home/cluster.json").is_file(),
+        "the home remembers its cluster"
+    );
+
+    // The node's disk is lost: another home, the same node name, on the
+    // same etcd. The service comes back from etcd's records (release 1, two
+    // replicas) with new instances; the ledger goes on from where it was.
+    agent.stop();
+    let head_before: u64 = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap();
+    let env2 = Env::new();
+    // The new disk has the image (as a pull from a registry would give it).
+    hello_app(&env2.path("app"), WEB);
+    env2.ok(&["bake", "-f", env2.path("app/kiln.toml").to_str().unwrap()]);
+    let _agent2 = Agent::start_with(&env2, on_etcd(&etcd, "n1"));
+    wait_for(
+        "the service back from etcd",
+        Duration::from_secs(60),
+        || ready_and_serving(&env2, "v1"),
+    );
+    let history = releases(&env2, "web");
+    assert_eq!(history.len(), 1, "{history:?}");
+    assert_eq!(history[0]["revision"], 1);
+    let audit2 = env2.ok(&["audit", "--json"]);
+    let seqs: Vec<u64> = audit2
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|e| e["seq"].as_u64())
+        .collect();
+    assert!(seqs.contains(&head_before), "the same ledger: {audit2}");
+    assert!(*seqs.iter().max().unwrap() > head_before, "and it goes on");
+    // Signed by two nodes' keys (the first home's checkpoints, the new
+    // one's), both listed in the cluster: one ledger that verifies whole,
+    // and no break recorded.
+    assert!(!audit2.contains("ledger-broken"), "{audit2}");
+    assert_eq!(
+        etcd.keys("/kiln/nodekey/").len(),
+        2,
+        "each home's key listed"
+    );
+    let verified = env2.ok(&["audit", "verify", "--allow-unsigned-tail"]);
+    assert!(verified.contains("verified"), "{verified}");
+    // With only the new node's key, the first node's checkpoints fail.
+    let only_new = env2.run(&[
+        "audit",
+        "verify",
+        "--key",
+        env2.home.join("node.pub").to_str().unwrap(),
+    ]);
+    assert!(!only_new.status.success());
+    assert!(
+        String::from_utf8_lossy(&only_new.stderr).contains("not signed by this key"),
+        "{}",
+        String::from_utf8_lossy(&only_new.stderr)
+    );
+}
+
+#[test]
+fn bad_cluster_flags_and_an_unreachable_etcd_are_refused_in_one_line() {
+    let env = Env::new();
+    for (args, says) in [
+        (vec!["--etcd", "127.0.0.1:2379"], "starts with http://"),
+        (
+            vec!["--etcd", "http://h:1", "--node", "Bad/Name"],
+            "node name",
+        ),
+        (
+            vec!["--etcd", "http://h:1", "--etcd-prefix", "kiln"],
+            "starts and ends with /",
+        ),
+        (vec!["--node", "n1"], "--etcd"),
+    ] {
+        let mut full = vec!["serve"];
+        full.extend(args.iter().copied());
+        let out = env.run(&full);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{full:?}: {err}");
+        assert!(err.contains(says), "{full:?}: {err}");
+    }
+    // Nothing listens there: the agent does not start, and says why.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let out = env
+        .cmd()
+        .args(["serve", "--run-agent", "--etcd", &url])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains(&url), "{err}");
+}
