@@ -82,6 +82,13 @@ impl IntoResponse for AgentError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
             AgentError::NoToken(_) => StatusCode::NOT_FOUND,
+            // The cluster's state store is away: try again later.
+            AgentError::State(crate::state::StateError::Cluster { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            AgentError::State(
+                crate::state::StateError::Conflict { .. } | crate::state::StateError::Fenced { .. },
+            ) => StatusCode::CONFLICT,
             AgentError::Unpacker { .. } | AgentError::State(_) | AgentError::Random(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -31,21 +31,29 @@ fn on_etcd(etcd: &Etcd, node: &str) -> impl FnOnce(&mut std::process::Command) {
     }
 }
 
+/// The service's release is whole: two ready instances of it, each
+/// answering as `version` (a release's predecessor may stay warm beside
+/// them, for its watch).
 fn ready_and_serving(env: &Env, version: &str) -> bool {
     let s = service_status(env, "web");
     s["ready"] == 2
         && s["instances"].as_array().is_some_and(|list| {
-            list.iter().all(|i| {
-                i["port"]
-                    .as_u64()
-                    .and_then(|p| http_get(p, "/"))
-                    .is_some_and(|b| {
-                        b.starts_with(&format!(
-                            "hello from {version} (instance {}",
-                            i["id"].as_str().unwrap_or("?")
-                        ))
-                    })
-            })
+            let current: Vec<_> = list
+                .iter()
+                .filter(|i| i["revision"] == s["revision"])
+                .collect();
+            current.len() == 2
+                && current.iter().all(|i| {
+                    i["port"]
+                        .as_u64()
+                        .and_then(|p| http_get(p, "/"))
+                        .is_some_and(|b| {
+                            b.starts_with(&format!(
+                                "hello from {version} (instance {}",
+                                i["id"].as_str().unwrap_or("?")
+                            ))
+                        })
+                })
         })
 }
 
@@ -174,4 +182,53 @@ fn bad_cluster_flags_and_an_unreachable_etcd_are_refused_in_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains(&url), "{err}");
+}
+
+/// etcd stops under load: the instances and the router keep serving (no
+/// request fails), an apply is refused in one line naming etcd, and once
+/// etcd is back the same apply goes through.
+#[test]
+fn losing_etcd_stops_changes_not_traffic() {
+    let mut etcd = Etcd::start();
+    let env = Env::new();
+    let port = free_port();
+    let spec = hello_app(
+        &env.path("app"),
+        &WEB.replace(
+            "replicas = 2",
+            &format!("replicas = 2\nlisten = \"127.0.0.1:{port}\""),
+        ),
+    );
+    let spec = spec.to_str().unwrap();
+    let _agent = Agent::start_with(&env, on_etcd(&etcd, "n1"));
+    env.ok(&["apply", "-f", spec]);
+    let load = Load::start(port, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    etcd.stop();
+    // Changed spec: a new release would be needed, which etcd must record.
+    let v2 = std::fs::read_to_string(spec)
+        .unwrap()
+        .replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v2\"");
+    std::fs::write(spec, v2).unwrap();
+    let out = env.run(&["apply", "-f", spec]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "applied without etcd");
+    assert!(
+        err.contains(&format!("etcd at {}", etcd.endpoint)) && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    etcd.run();
+    // Back: the same apply goes through, the new release rolls out.
+    wait_for(
+        "an apply once etcd is back",
+        Duration::from_secs(30),
+        || env.run(&["apply", "-f", spec]).status.success(),
+    );
+    wait_for("v2 serving", Duration::from_secs(30), || {
+        ready_and_serving(&env, "v2")
+    });
+    let count = load.finish();
+    count.assert_none_failed();
+    assert!(count.ok > 100, "{count:?}");
 }

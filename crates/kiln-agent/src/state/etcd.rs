@@ -54,6 +54,8 @@ pub const DEFAULT_PREFIX: &str = "/kiln/";
 /// The cluster's state on etcd, with this node's own state `N` beside it.
 pub struct EtcdState<N> {
     client: Client,
+    /// The endpoints, as errors name them.
+    endpoints: String,
     prefix: String,
     node: N,
 }
@@ -70,10 +72,6 @@ struct Logged {
 struct Head {
     seq: u64,
     hash: String,
-}
-
-fn backend(e: etcd_client::Error) -> StateError {
-    StateError::Backend(Box::new(e))
 }
 
 fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T> {
@@ -208,6 +206,7 @@ impl<N> EtcdState<N> {
             })?;
         let state = Self {
             client,
+            endpoints: endpoints.join(","),
             prefix: prefix.to_owned(),
             node,
         };
@@ -220,6 +219,17 @@ impl<N> EtcdState<N> {
                 source: Box::new(e),
             })?;
         Ok(state)
+    }
+
+    /// An etcd error, as the cluster's state's failure (one line naming
+    /// the endpoints).
+    fn fail(&self, e: etcd_client::Error) -> StateError {
+        // tonic's messages may span lines: one line, as every error here.
+        let line = e.to_string().replace('\n', " ");
+        StateError::Cluster {
+            endpoints: self.endpoints.clone(),
+            source: line.into(),
+        }
     }
 
     fn key(&self, rest: &str) -> String {
@@ -244,7 +254,7 @@ impl<N> EtcdState<N> {
     }
 
     async fn get<T: DeserializeOwned>(&self, what: &'static str, key: &str) -> Result<Option<T>> {
-        match self.raw_get(key).await.map_err(backend)? {
+        match self.raw_get(key).await.map_err(|e| self.fail(e))? {
             Some(kv) => decode(what, kv.value()).map(Some),
             None => Ok(None),
         }
@@ -265,7 +275,7 @@ impl<N> EtcdState<N> {
                 Some(GetOptions::new().with_range(prefix_end(prefix))),
             )
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.fail(e))?;
         resp.kvs()
             .iter()
             .map(|kv| decode(what, kv.value()))
@@ -276,7 +286,10 @@ impl<N> EtcdState<N> {
     async fn read(&self, keys: Vec<String>) -> Result<Snapshot> {
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
         let mut kv = self.client.kv_client();
-        let resp = kv.txn(Txn::new().and_then(ops)).await.map_err(backend)?;
+        let resp = kv
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.fail(e))?;
         let mut found = BTreeMap::new();
         for r in resp.op_responses() {
             if let TxnOpResponse::Get(mut g) = r {
@@ -328,7 +341,7 @@ impl<N> EtcdState<N> {
             let resp = kv
                 .txn(Txn::new().when(compares).and_then(ops))
                 .await
-                .map_err(backend)?;
+                .map_err(|e| self.fail(e))?;
             if resp.succeeded() {
                 return Ok(out);
             }
@@ -446,7 +459,7 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
                 ),
             ]))
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.fail(e))?;
         let mut target = None;
         let mut all: Vec<Release> = Vec::new();
         for (i, r) in resp.op_responses().into_iter().enumerate() {
@@ -706,7 +719,10 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             // The head at one revision: the watch starts after it, so a
             // write between this read and the watch is not missed.
             let mut kv = self.client.kv_client();
-            let mut resp = kv.get(head_key.as_str(), None).await.map_err(backend)?;
+            let mut resp = kv
+                .get(head_key.as_str(), None)
+                .await
+                .map_err(|e| self.fail(e))?;
             let revision = resp.header().map_or(0, |h| h.revision());
             let head = match resp.take_kvs().into_iter().next() {
                 Some(kv) => decode::<Head>("ledger head", kv.value())?.seq,
@@ -730,10 +746,10 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
                     Some(WatchOptions::new().with_start_revision(revision + 1)),
                 )
                 .await
-                .map_err(backend)?;
+                .map_err(|e| self.fail(e))?;
             // Any change of the head (or the stream's end: read again).
             loop {
-                match stream.message().await.map_err(backend)? {
+                match stream.message().await.map_err(|e| self.fail(e))? {
                     Some(m) if m.events().is_empty() && !m.canceled() => continue,
                     _ => break,
                 }
@@ -870,7 +886,7 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
                 ),
             )
             .await
-            .map_err(backend)?;
+            .map_err(|e| self.fail(e))?;
         resp.kvs()
             .first()
             .map(|kv| decode::<Checkpoint>("checkpoint", kv.value()).map(|c| c.seq))

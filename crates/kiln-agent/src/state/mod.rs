@@ -58,6 +58,16 @@ pub enum StateError {
     ReleaseExists { service: ServiceName, revision: u64 },
     #[error("state database: {0}")]
     Backend(BackendError),
+    /// The cluster's state store failed or cannot be reached: what needs it
+    /// waits (applies, rollbacks, token changes); instances and routers
+    /// keep serving what they had.
+    #[error(
+        "the cluster's state (etcd at {endpoints}) failed: {source}; changes wait until it answers (instances keep serving)"
+    )]
+    Cluster {
+        endpoints: String,
+        source: BackendError,
+    },
     /// A conditional change whose service moved on since it was read.
     #[error(
         "service {service} changed while this change was prepared (version {expected}, now {found}): another apply, rollback or removal came first; read it again"
