@@ -5,8 +5,8 @@
 pub use crate::runtime::fake::Fake;
 pub use crate::runtime::{Launch, Running, Runtime};
 pub use crate::state::{
-    ClusterState, Guard, InstanceRecord, MemoryState, NewEvent, NodeState, ServiceRecord,
-    SqliteState,
+    ClusterState, EtcdState, Guard, InstanceRecord, MemoryState, NewEvent, NodeState,
+    ServiceRecord, SqliteState,
 };
 
 /// The answer of a state store call that never waits (the memory store's;
