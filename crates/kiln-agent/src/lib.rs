@@ -14,8 +14,9 @@
 //!   bubblewrap with its seccomp filter, or a plain process.
 //! - [`router`]: the listeners, routes and metrics.
 //! - [`state`]: `ClusterState` (what a cluster shares: async, conditional,
-//!   watched) and `NodeState` (this node's instances), their SQLite and
-//!   in-memory stores and their contract tests; [`ledger`]: the chain's checkpoints and
+//!   watched) and `NodeState` (this node's instances), their SQLite, etcd
+//!   (`kiln serve --etcd`, [`open_state`]) and in-memory stores and their
+//!   contract tests; [`ledger`]: the chain's checkpoints (each node's key listed) and
 //!   verification; [`trust`]: the agent's signature policy.
 //! - [`drift`]: watching and verifying image trees; [`gc`]: collecting the
 //!   store and the logs.

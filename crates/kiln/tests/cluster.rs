@@ -155,6 +155,7 @@ fn bad_cluster_flags_and_an_unreachable_etcd_are_refused_in_one_line() {
     let env = Env::new();
     for (args, says) in [
         (vec!["--etcd", "127.0.0.1:2379"], "starts with http://"),
+        (vec!["--etcd", "https://h:2379"], "TLS to etcd"),
         (
             vec!["--etcd", "http://h:1", "--node", "Bad/Name"],
             "node name",
