@@ -281,10 +281,11 @@ impl Node {
         svc.rollout = d.next;
         let name = svc.name.clone();
         let ids = &mut svc.ids;
-        svc.fleet.assign(&d.steps, target, NODE, |rev| {
-            *ids += 1;
-            format!("{name}-r{rev}-{ids}")
-        });
+        svc.fleet
+            .assign(&d.steps, target, &[NODE.to_owned()], |rev| {
+                *ids += 1;
+                format!("{name}-r{rev}-{ids}")
+            });
         if svc.hashed.0 != svc.fleet.generation() {
             svc.hashed = (svc.fleet.generation(), digest(&svc.fleet.assigned()));
         }

@@ -195,6 +195,8 @@ pub struct Policy {
     pub ledger: Arc<crate::ledger::Health>,
     /// This node's name (`kiln serve --node`); `None`: its host name.
     pub node: Option<String>,
+    /// Its cluster (`kiln serve --etcd`); `None`: on its own.
+    pub membership: Option<crate::cluster::Membership>,
 }
 
 /// Record the trust policy in the ledger when it differs from the last one
@@ -279,7 +281,12 @@ impl Agent {
         shared.trust = policy.trust;
         shared.ledger = policy.ledger;
         if let Some(node) = policy.node {
+            shared.membership = crate::cluster::Membership::solo(&node);
             shared.node_name = node;
+        }
+        if let Some(m) = policy.membership {
+            shared.node_name = m.node.clone();
+            shared.membership = m;
         }
         record_trust_policy(&shared).await?;
         Self::start_on(Arc::new(shared)).await
@@ -287,10 +294,13 @@ impl Agent {
 
     /// Start the agent on what its controllers will share.
     pub(crate) async fn start_on(shared: Arc<Shared>) -> Result<Arc<Self>, AgentError> {
-        // This agent leads from now on: a predecessor's late writes of
-        // fleet decisions are refused.
-        let fence = shared.state.lead().await?;
-        let _ = shared.fence.set(fence);
+        // On its own, this agent leads from now on: a predecessor's late
+        // writes of fleet decisions are refused. (A cluster's member takes
+        // its fence when it wins the leadership.)
+        if shared.membership.is_solo() {
+            let fence = shared.state.lead().await?;
+            shared.membership.set_fence(fence);
+        }
         let secret_key = shared.state.secret_key(random_key()?).await?;
         let agent = Arc::new(Self {
             secret_key,
@@ -303,6 +313,9 @@ impl Agent {
         // controllers that the loop below starts.
         let head = agent.shared.state.head().await?.map_or(0, |(seq, _)| seq);
         tokio::spawn(Self::follow(Arc::downgrade(&agent), head));
+        if !agent.shared.membership.is_solo() {
+            tokio::spawn(Self::follow_membership(Arc::downgrade(&agent)));
+        }
         let mut adopted = agent.adopt_or_end().await?;
         let services = agent.shared.state.services().await?;
         let mut waiting = Vec::new();
@@ -403,6 +416,28 @@ impl Agent {
             tx
         });
         let _ = tx.send(Msg::Wake);
+    }
+
+    /// Every controller looks again when this node starts or stops
+    /// leading, or a member comes or goes (the leader re-places what a
+    /// lost node ran). Ends with the agent.
+    async fn follow_membership(agent: std::sync::Weak<Self>) {
+        let Some(m) = agent.upgrade().map(|a| a.shared.membership.clone()) else {
+            return;
+        };
+        let (mut leading, mut members) = (m.leading.clone(), m.members.clone());
+        loop {
+            tokio::select! {
+                r = leading.changed() => if r.is_err() { return },
+                r = members.changed() => if r.is_err() { return },
+            }
+            let Some(agent) = agent.upgrade() else {
+                return;
+            };
+            for tx in agent.controllers.lock().await.values() {
+                let _ = tx.send(Msg::Wake);
+            }
+        }
     }
 
     /// Controllers hear of what moves their service (an apply, a

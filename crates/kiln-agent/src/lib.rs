@@ -25,6 +25,7 @@ pub(crate) mod agent;
 pub(crate) mod api;
 #[cfg(feature = "bench")]
 pub mod bench;
+pub mod cluster;
 pub(crate) mod controller;
 pub mod drift;
 pub(crate) mod gate;
@@ -310,17 +311,33 @@ pub async fn serve(
         .map(trust::TrustPolicy::load)
         .transpose()?;
     let store = Store::open(home)?;
-    let state = open_state(home, mode.cluster.as_ref()).await?;
-    remember_cluster(home, mode.cluster.as_ref()).map_err(io(home))?;
-    // The ledger's checkpoints are signed by the node's key.
-    let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
-    // Listed in the store: the checkpoints this node signs count for every
-    // node that verifies the ledger.
     let node_name = mode
         .cluster
         .as_ref()
         .and_then(|c| c.node.clone())
         .unwrap_or_else(shared::node_name);
+    // The ledger's checkpoints are signed by the node's key.
+    let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
+    // On its own: SQLite. In a cluster: etcd (this node's instances in
+    // SQLite beside it), and the node a member under its lease.
+    let (state, membership): (Arc<dyn state::StateStore>, _) = match &mode.cluster {
+        None => (open_state(home, None).await?, None),
+        Some(c) => {
+            let local = SqliteState::open(&home.join("state.db"))?;
+            let etcd = Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local).await?);
+            let m = cluster::join(
+                etcd.clone(),
+                &node_name,
+                &node_key.public(),
+                cluster::DEFAULT_TTL,
+            )
+            .await?;
+            (etcd, Some(m))
+        }
+    };
+    remember_cluster(home, mode.cluster.as_ref()).map_err(io(home))?;
+    // Listed in the store: the checkpoints this node signs count for every
+    // node that verifies the ledger.
     state.put_node_key(&node_name, &node_key.public()).await?;
     // The ledger is verified whole before anything is appended or signed
     // (a break is recorded, and the agent serves all the same).
@@ -358,6 +375,7 @@ pub async fn serve(
             trust,
             ledger: ledger_health.clone(),
             node: Some(node_name),
+            membership: membership.clone(),
         },
     )
     .await?;
@@ -480,6 +498,9 @@ pub async fn serve(
             _ = int.recv() => {}
         }
         final_checkpoint().await;
+        if let Some(m) = &membership {
+            m.leave().await;
+        }
         tracing::info!("handed over");
         return Ok(Exit::HandedOver);
     }
@@ -498,6 +519,9 @@ pub async fn serve(
         agent.shutdown(StopKind::Kill, Duration::from_secs(5)).await;
     }
     final_checkpoint().await;
+    if let Some(m) = &membership {
+        m.leave().await;
+    }
     let _ = std::fs::remove_file(&lock_path);
     drop(lock);
     tracing::info!("agent stopped ({exit:?})");

@@ -17,7 +17,7 @@ use sha2::{Digest as _, Sha256};
 use kiln_core::service::RuntimeKind;
 
 use crate::runtime::{Runtime, RuntimeError};
-use crate::state::{ClusterState, Fence, Guard, NodeState, StateStore};
+use crate::state::{ClusterState, Guard, NodeState, StateStore};
 
 /// What controllers share with the agent.
 pub struct Shared {
@@ -30,9 +30,11 @@ pub struct Shared {
     /// This node's name in assignments and observations: its host name
     /// (`kiln serve --node NAME` will set it in a cluster).
     pub node_name: String,
-    /// This agent's leadership, taken when it starts: every write of a
-    /// fleet decision carries it, so a deposed agent's late writes fail.
-    pub fence: std::sync::OnceLock<Fence>,
+    /// The cluster as this node sees it: the members, whether this node
+    /// leads, and its leadership's fence (every write of a fleet decision
+    /// carries it, so a deposed leader's late writes fail). On its own, a
+    /// node is the only member and always leads.
+    pub membership: crate::cluster::Membership,
     pub backoff: Backoff,
     /// What each controller saw at its last pass.
     pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
@@ -73,7 +75,7 @@ impl Shared {
             store,
             node: state.clone(),
             state: state as Arc<dyn ClusterState>,
-            fence: std::sync::OnceLock::new(),
+            membership: crate::cluster::Membership::solo(&node_name()),
             node_name: node_name(),
             backoff,
             status: std::sync::Mutex::default(),
@@ -94,7 +96,7 @@ impl Shared {
     pub fn fenced(&self) -> Guard {
         Guard {
             version: None,
-            fence: self.fence.get().copied(),
+            fence: self.membership.fence(),
         }
     }
 

@@ -233,3 +233,127 @@ fn losing_etcd_stops_changes_not_traffic() {
     count.assert_none_failed();
     assert!(count.ok > 100, "{count:?}");
 }
+
+/// `kill -9` of a node: its `kiln serve` (supervisor and agent) and its
+/// instances.
+fn kill_node(env: &Env, agent: &mut Agent) {
+    let status = env.json(&["status", "--json"]);
+    let mut pids: Vec<u64> = status["services"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
+        .filter_map(|i| i["pid"].as_u64())
+        .collect();
+    pids.extend(status["agent"]["pid"].as_u64());
+    pids.push(u64::from(agent.pid()));
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    if let Some(mut child) = agent.child.take() {
+        let _ = child.wait();
+    }
+}
+
+/// How many ready instances of `web` this node runs.
+fn ready_here(env: &Env) -> usize {
+    service_status(env, "web")["instances"]
+        .as_array()
+        .map_or(0, |list| {
+            list.iter()
+                .filter(|i| i["state"] == "running" && i["ready"] == true)
+                .count()
+        })
+}
+
+/// Three agents on one etcd: one leads; three replicas spread one per
+/// node; a node killed with its instances has its slot started on the
+/// others within its lease's TTL plus the app's start; the leader killed,
+/// another takes over and does the same.
+#[test]
+fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
+    let etcd = Etcd::start();
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(
+        &envs[0].path("app"),
+        &WEB.replace("replicas = 2", "replicas = 3"),
+    );
+    let spec = spec.to_str().unwrap();
+    let mut agents: Vec<Option<Agent>> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| {
+            Some(Agent::start_with(
+                env,
+                on_etcd(&etcd, &format!("n{}", i + 1)),
+            ))
+        })
+        .collect();
+    // Each node has the image (the same inputs bake the same digest).
+    for env in &envs {
+        env.ok(&["bake", "-f", spec]);
+    }
+    wait_for(
+        "three members and a leader",
+        Duration::from_secs(20),
+        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
+    );
+    envs[0].ok(&["apply", "--detach", "-f", spec]);
+    wait_for(
+        "one ready replica on each node",
+        Duration::from_secs(60),
+        || envs.iter().all(|e| ready_here(e) == 1),
+    );
+
+    // Which node leads, from etcd.
+    let leader = || {
+        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let first = leader();
+    let lead = first.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let other = (lead + 1) % 3;
+    let third = (lead + 2) % 3;
+
+    // A node that is not the leader dies, instances and all.
+    kill_node(&envs[other], agents[other].as_mut().unwrap());
+    agents[other] = None;
+    let t = std::time::Instant::now();
+    wait_for(
+        "its slot started on the others",
+        Duration::from_secs(30),
+        || ready_here(&envs[lead]) + ready_here(&envs[third]) == 3,
+    );
+    eprintln!("node loss healed in {:?}", t.elapsed());
+    assert_eq!(leader(), first, "the leader did not change");
+
+    // Now the leader dies: the last node takes over and runs all three.
+    kill_node(&envs[lead], agents[lead].as_mut().unwrap());
+    agents[lead] = None;
+    let t = std::time::Instant::now();
+    wait_for(
+        "the last node leads and runs every slot",
+        Duration::from_secs(40),
+        || ready_here(&envs[third]) == 3,
+    );
+    eprintln!("leader loss healed in {:?}", t.elapsed());
+    assert_eq!(leader(), format!("n{}", third + 1));
+    // Its instances serve.
+    assert!(ready_and_serving_all(&envs[third], "v1"));
+}
+
+/// Every ready instance of `web` this node runs answers as `version`.
+fn ready_and_serving_all(env: &Env, version: &str) -> bool {
+    service_status(env, "web")["instances"]
+        .as_array()
+        .is_some_and(|list| {
+            list.iter().all(|i| {
+                i["port"]
+                    .as_u64()
+                    .and_then(|p| http_get(p, "/"))
+                    .is_some_and(|b| b.starts_with(&format!("hello from {version}")))
+            })
+        })
+}

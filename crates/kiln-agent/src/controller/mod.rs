@@ -164,6 +164,9 @@ pub struct Controller {
     detaching: Option<oneshot::Sender<()>>,
     /// The service was removed: its instances stop for that reason.
     removing: bool,
+    /// Whether this node led at the last pass (a node that starts leading
+    /// reads the fleet and the rollout again from the store).
+    leading: bool,
     /// Changes when the drift detector found something: look again.
     drift: tokio::sync::watch::Receiver<u64>,
     /// The leader's: the assignments as the last pass left them, the
@@ -213,6 +216,9 @@ struct Observed {
     stored: Option<u64>,
 }
 
+/// How often a member that does not lead reads its assignments again.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// A digest of a value, to tell whether it changed without keeping it.
 fn digest(v: &impl std::hash::Hash) -> u64 {
     use std::hash::BuildHasher;
@@ -261,6 +267,7 @@ impl Controller {
             due: None,
             adopting: Vec::new(),
             removing: false,
+            leading: false,
             detaching: None,
             fleet: Fleet::default(),
             stored: None,
@@ -543,6 +550,21 @@ impl Controller {
         }
         // The worker says what it runs; the leader decides from it.
         self.publish_observations().await;
+        let leading = self.shared.membership.is_leading();
+        if leading != self.leading {
+            self.leading = leading;
+            if leading {
+                // Taken over (or first pass): the store holds the fleet
+                // and the rollout as the last leader left them.
+                self.stored = None;
+                self.observed = false;
+                self.resume_rollout().await;
+            }
+        }
+        if !leading {
+            self.follow_leader().await;
+            return;
+        }
         let Some(o) = self.observe().await else {
             return;
         };
@@ -558,6 +580,30 @@ impl Controller {
             let soon = now() + std::time::Duration::from_millis(50);
             self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
         }
+    }
+
+    /// A member that does not lead: its worker carries out what the leader
+    /// assigned to this node, as the store has it, and its router sends
+    /// traffic to this node's ready instances of the service's active
+    /// release (a canary's or a blue-green's new release gets traffic
+    /// through the leader's router only, until it is active). Assignments
+    /// are read again every [`FOLLOW_EVERY`].
+    async fn follow_leader(&mut self) {
+        match self.shared.state.service(&self.name).await {
+            Ok(rec) => self.service = rec,
+            Err(e) => self.log_state_error(e),
+        }
+        if let Ok(releases) = self.shared.state.current_releases(&self.name).await {
+            self.routing = releases
+                .iter()
+                .filter(|r| r.outcome == Outcome::Active)
+                .map(|r| r.revision)
+                .max()
+                .map_or(Routing::Any, Routing::Release);
+        }
+        self.stored = None;
+        self.work().await;
+        self.due = Some(now() + FOLLOW_EVERY);
     }
 
     /// Read the service, its releases and its instances for a pass. `None`
@@ -639,6 +685,16 @@ impl Controller {
                 }
             },
         };
+        // Members gone (their leases expired): their assignments go, and
+        // the decision below starts their slots on the others.
+        let members = self.shared.membership.member_names();
+        let lost = self.fleet.lose_nodes(&members, &clock);
+        if lost > 0 {
+            tracing::warn!(
+                service = %self.name,
+                "{lost} instance(s) on nodes no longer in the cluster: placed again"
+            );
+        }
         if !self.observed {
             match self.shared.state.observations(&self.name).await {
                 Ok(o) => {
@@ -704,10 +760,10 @@ impl Controller {
         self.routing = d.routing;
         let shared = self.shared.clone();
         let name = &self.name;
-        self.fleet
-            .assign(&d.steps, target, &shared.node_name, |rev| {
-                shared.new_instance_id(name, rev)
-            });
+        let members = shared.membership.member_names();
+        self.fleet.assign(&d.steps, target, &members, |rev| {
+            shared.new_instance_id(name, rev)
+        });
         // The rollout goes with the assignments, unless the decision also
         // changes an outcome (a release active, or failed): then it is
         // kept after that record, so that a crash between the two never

@@ -27,6 +27,7 @@
 //! | `key`, `secret/SEALED` | the key that seals secrets, secret values |
 //! | `token/NAME`, `cp/SEQ` | API tokens' records, signed checkpoints |
 //! | `nodekey/DIGEST` | a node's public key (and its name): its checkpoints count |
+//! | `nodes/NAME`, `leader` | a live member, the leader's name (each under its node's lease: [`crate::cluster`]) |
 
 use std::collections::BTreeMap;
 
@@ -428,6 +429,21 @@ impl<N> EtcdState<N> {
         let prefix = self.key("log/");
         let from = format!("{prefix}{:020}", after.saturating_add(1));
         self.range("event", &prefix, Some(&from)).await
+    }
+}
+
+/// What the cluster's membership ([`crate::cluster`]) needs of it.
+impl<N: Send + Sync> crate::cluster::Etcd for EtcdState<N> {
+    fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    fn prefixed(&self, rest: &str) -> String {
+        self.key(rest)
+    }
+
+    fn fail(&self, e: etcd_client::Error) -> StateError {
+        EtcdState::fail(self, e)
     }
 }
 

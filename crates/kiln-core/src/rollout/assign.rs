@@ -186,26 +186,48 @@ pub fn seen<Id: Clone + Eq + Hash>(
         .collect()
 }
 
-/// The assignments after a decision's steps, the new instances on `node`
-/// (`new_id` names them). `target`: the release an adopted instance moves
-/// to.
+/// Where a new instance of a service goes: the node of `nodes` that runs
+/// the fewest of its instances not being stopped (replicas spread: no two
+/// on one node while another has none), the first in `nodes`' order on a
+/// tie. `None` when there is no node.
+pub fn place<'a, Id>(nodes: &'a [String], assigned: &[Assignment<Id>]) -> Option<&'a str> {
+    nodes
+        .iter()
+        .min_by_key(|n| {
+            assigned
+                .iter()
+                .filter(|a| a.node == **n && a.stop.is_none())
+                .count()
+        })
+        .map(String::as_str)
+}
+
+/// The assignments after a decision's steps, each new instance on the node
+/// [`place`] picks among `nodes` (`new_id` names them; with no node at all,
+/// nothing starts). `target`: the release an adopted instance moves to.
 pub fn assign<Id: Clone + PartialEq>(
     assignments: &mut Vec<Assignment<Id>>,
     steps: &[Step<Id>],
     target: u64,
-    node: &str,
+    nodes: &[String],
     mut new_id: impl FnMut(u64) -> Id,
 ) {
     for step in steps {
         match step {
-            Step::Start { revision, slot } => assignments.push(Assignment {
-                id: new_id(*revision),
-                node: node.to_owned(),
-                revision: *revision,
-                slot: *slot,
-                adopted: false,
-                stop: None,
-            }),
+            Step::Start { revision, slot } => {
+                let Some(node) = place(nodes, assignments) else {
+                    continue;
+                };
+                let node = node.to_owned();
+                assignments.push(Assignment {
+                    id: new_id(*revision),
+                    node,
+                    revision: *revision,
+                    slot: *slot,
+                    adopted: false,
+                    stop: None,
+                });
+            }
             Step::Stop { ids, reason } => {
                 for a in assignments.iter_mut().filter(|a| ids.contains(&a.id)) {
                     a.stop.get_or_insert(*reason);
@@ -356,11 +378,11 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         &mut self,
         steps: &[Step<Id>],
         target: u64,
-        node: &str,
+        nodes: &[String],
         new_id: impl FnMut(u64) -> Id,
     ) {
         let before = self.assigned.len();
-        assign(&mut self.assigned, steps, target, node, new_id);
+        assign(&mut self.assigned, steps, target, nodes, new_id);
         let mut changed = self.assigned.len() != before;
         for a in &self.assigned[before..] {
             self.seen.push(Seen {
@@ -401,6 +423,20 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         }
     }
 
+    /// Nodes gone from the cluster (their leases expired): their
+    /// assignments are dropped, so that their slots start elsewhere — no
+    /// failure of the app's. How many were dropped.
+    pub fn lose_nodes(&mut self, live: &[String], clock: &Clock) -> usize {
+        let before = self.assigned.len();
+        self.assigned.retain(|a| live.contains(&a.node));
+        let lost = before - self.assigned.len();
+        if lost > 0 {
+            self.generation += 1;
+            self.seen = seen(&self.assigned, &self.observations, clock);
+        }
+        lost
+    }
+
     pub fn assigned(&self) -> &[Assignment<Id>] {
         &self.assigned
     }
@@ -439,6 +475,52 @@ impl<K: Eq + Hash, V, I: Iterator<Item = (K, V)>> CollectFast<K, V> for I {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    fn n1() -> Vec<String> {
+        vec!["n1".to_owned()]
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_and_leave_lost_ones() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].map(str::to_owned).to_vec();
+        let mut list = Vec::new();
+        let starts: Vec<Step<String>> = (0..5)
+            .map(|slot| Step::Start { revision: 1, slot })
+            .collect();
+        let mut n = 0;
+        assign(&mut list, &starts, 1, &nodes, |_| {
+            n += 1;
+            format!("i{n}")
+        });
+        let on = |list: &[Assignment], node: &str| list.iter().filter(|a| a.node == node).count();
+        assert_eq!(
+            (on(&list, "n1"), on(&list, "n2"), on(&list, "n3")),
+            (2, 2, 1),
+            "no two on one node while another has fewer"
+        );
+        // A stopping instance makes room on its node.
+        list[0].stop = Some(StopReason::Replaced);
+        assert_eq!(place(&nodes, &list), Some(list[0].node.as_str()));
+        assert_eq!(place::<String>(&[], &list), None);
+        // With no node, nothing starts.
+        let mut none = Vec::new();
+        assign(&mut none, &starts, 1, &[], |_| unreachable!());
+        assert!(none.is_empty());
+
+        let clock = Clock {
+            now: Instant::now(),
+            wall_ms: 1_000,
+        };
+        let mut fleet = Fleet::default();
+        fleet.reset(list.clone(), &clock);
+        let g = fleet.generation();
+        assert_eq!(fleet.lose_nodes(&nodes, &clock), 0);
+        assert_eq!(fleet.generation(), g, "nothing lost, nothing changed");
+        assert_eq!(fleet.lose_nodes(&nodes[..2], &clock), 1);
+        assert!(fleet.generation() > g);
+        assert!(fleet.assigned().iter().all(|a| a.node != "n3"));
+        assert_eq!(fleet.seen().len(), 4);
+    }
 
     fn a(id: &str, revision: u64, slot: u32) -> Assignment {
         Assignment {
@@ -530,7 +612,7 @@ mod tests {
                 Step::Route,
             ],
             3,
-            "n2",
+            &["n2".to_owned()],
             |rev| {
                 n += 1;
                 format!("new-{rev}-{n}")
@@ -551,7 +633,7 @@ mod tests {
                 reason: StopReason::Shutdown,
             }],
             3,
-            "n1",
+            &n1(),
             |_| unreachable!("nothing starts"),
         );
         assert_eq!(list[0].stop, Some(StopReason::Replaced));
@@ -699,7 +781,7 @@ mod tests {
         assert!(fleet.observe(observations, &clock).is_empty());
         assert_eq!(fleet.generation(), g1);
         // Steps that change nothing keep the generation.
-        fleet.assign(&[Step::Route, Step::Activate], 2, "n1", |_| unreachable!());
+        fleet.assign(&[Step::Route, Step::Activate], 2, &n1(), |_| unreachable!());
         assert_eq!(fleet.generation(), g1);
         // A start, a stop and an adoption: the view follows, as built anew.
         let mut n = 0;
@@ -715,7 +797,7 @@ mod tests {
                 },
             ],
             2,
-            "n1",
+            &n1(),
             |_| {
                 n += 1;
                 format!("new{n}")
@@ -735,7 +817,7 @@ mod tests {
                 slot: 4,
             }],
             3,
-            "n1",
+            &n1(),
             |_| unreachable!(),
         );
         assert!(fleet.generation() > g2);

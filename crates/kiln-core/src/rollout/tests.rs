@@ -281,10 +281,11 @@ impl Sim {
         self.routing = d.routing;
         let target = self.target;
         let mut next_id = self.next_id;
-        self.fleet.assign(&d.steps, target, NODE, |_| {
-            next_id += 1;
-            next_id - 1
-        });
+        self.fleet
+            .assign(&d.steps, target, &[NODE.to_owned()], |_| {
+                next_id += 1;
+                next_id - 1
+            });
         self.next_id = next_id;
         // The view the leader keeps is the one it would build again.
         assert_eq!(
