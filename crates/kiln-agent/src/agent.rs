@@ -1318,6 +1318,45 @@ impl Agent {
         })
     }
 
+    /// The cluster's members as this node sees them, with the instances
+    /// assigned to each.
+    pub async fn nodes(&self) -> Result<kiln_core::api::NodesResponse, AgentError> {
+        let m = &self.shared.membership;
+        let mut assigned: BTreeMap<String, u64> = BTreeMap::new();
+        for svc in self.shared.state.services().await? {
+            for a in self
+                .shared
+                .state
+                .assignments(&svc.name)
+                .await?
+                .unwrap_or_default()
+            {
+                if a.stop.is_none() {
+                    *assigned.entry(a.node).or_default() += 1;
+                }
+            }
+        }
+        let leader = m.leader.borrow().clone();
+        let nodes = m
+            .members
+            .borrow()
+            .values()
+            .map(|n| kiln_core::api::NodeStatus {
+                name: n.name.clone(),
+                version: n.version.clone(),
+                joined: n.joined.clone(),
+                leader: leader.as_deref() == Some(n.name.as_str()),
+                instances: assigned.get(&n.name).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(kiln_core::api::NodesResponse {
+            cluster: !m.is_solo(),
+            this: m.node.clone(),
+            leader,
+            nodes,
+        })
+    }
+
     /// The events after sequence number `after` (the dashboard's feed).
     pub async fn events(&self, after: u64) -> Result<Vec<crate::state::Event>, AgentError> {
         Ok(self.shared.state.events(after).await?)

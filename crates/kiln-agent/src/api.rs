@@ -121,6 +121,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/apply", post(apply))
         .route("/v1/records", post(record))
         .route("/v1/status", get(status))
+        .route("/v1/nodes", get(nodes))
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
@@ -326,6 +327,13 @@ async fn record(
     let Json(req) = body.map_err(bad_json)?;
     let seq = agent.record(req.change, caller.actor).await?;
     Ok(Json(kiln_core::api::RecordResponse { seq }))
+}
+
+/// `GET /v1/nodes`: the cluster's members.
+async fn nodes(
+    State(agent): State<Arc<Agent>>,
+) -> Result<Json<kiln_core::api::NodesResponse>, AgentError> {
+    Ok(Json(agent.nodes().await?))
 }
 
 /// `GET /v1/status`: always allowed.

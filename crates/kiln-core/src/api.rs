@@ -620,3 +620,30 @@ mod tests {
         );
     }
 }
+
+/// `GET /v1/nodes`: the cluster's members as this node sees them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodesResponse {
+    /// A member of an etcd cluster (`kiln serve --etcd`); `false`: on its
+    /// own, the only node.
+    pub cluster: bool,
+    /// The node that answered.
+    pub this: String,
+    /// The member that runs the fleet decisions, when one does.
+    pub leader: Option<String>,
+    /// The live members, by name.
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub name: String,
+    /// kiln's version on it.
+    pub version: String,
+    /// When its agent joined (RFC 3339).
+    pub joined: String,
+    pub leader: bool,
+    /// Instances assigned to it (of every service, stopping ones aside).
+    pub instances: u64,
+}

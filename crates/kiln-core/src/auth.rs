@@ -220,9 +220,10 @@ pub fn route(method: &str, path: &str) -> Route {
         // The sign-in page's own stylesheet (public, fixed content).
         ["ui", "style.css"] if read => Route::Open,
         [""] | ["ui", ..] if read => Route::Needs(Role::Viewer),
-        ["v1", "status" | "logs" | "metrics" | "audit" | "drift"] if read => {
-            Route::Needs(Role::Viewer)
-        }
+        [
+            "v1",
+            "status" | "logs" | "metrics" | "audit" | "drift" | "nodes",
+        ] if read => Route::Needs(Role::Viewer),
         ["v1", "whoami"] if read => Route::Needs(Role::Viewer),
         ["v1", "services", _, "history"] if read => Route::Needs(Role::Viewer),
         ["v1", "apply" | "records"] if method == "POST" => Route::Needs(Role::Deployer),

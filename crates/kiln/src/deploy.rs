@@ -1107,6 +1107,41 @@ pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
 }
 
 /// `kiln drift [SERVICE]`.
+/// `kiln nodes [--json]`.
+pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let n: kiln_core::api::NodesResponse = runtime()?.block_on(client.get("/v1/nodes"))?;
+    if json {
+        crate::commands::print_json(&n)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<7} {:>9}  {:<10} JOINED",
+        "NODE", "LEADER", "INSTANCES", "VERSION"
+    );
+    for node in &n.nodes {
+        println!(
+            "{:<20} {:<7} {:>9}  {:<10} {}{}",
+            node.name,
+            if node.leader { "yes" } else { "" },
+            node.instances,
+            node.version,
+            node.joined,
+            if node.name == n.this {
+                "  (this node)"
+            } else {
+                ""
+            }
+        );
+    }
+    if !n.cluster {
+        println!("(on its own: `kiln serve --etcd URL` makes a cluster)");
+    } else if n.leader.is_none() {
+        println!("no leader now: one is elected within the lease's TTL (5 s)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode> {
     let path = match service {
         Some(s) => {

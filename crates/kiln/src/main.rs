@@ -531,6 +531,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster's nodes: name, leader, instances assigned, version, when
+    /// it joined (on its own, this node alone)
+    Nodes {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// A service's releases: revision, image, created, cause, outcome
     History {
         /// The service, as named in kiln.toml
@@ -689,6 +696,7 @@ impl Command {
             | Command::Remove { .. }
             | Command::Status { .. }
             | Command::Drift { .. }
+            | Command::Nodes { .. }
             | Command::History { .. }
             | Command::Rollback { .. }
             | Command::Promote { .. }
@@ -951,6 +959,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status { service, json } => deploy::status(&home()?, service.as_deref(), json),
         Command::History { service, json } => deploy::history(&home()?, &service, json),
         Command::Drift { service, json } => deploy::drift(&home()?, service.as_deref(), json),
+        Command::Nodes { json } => deploy::nodes(&home()?, json),
         Command::Logs {
             service,
             release,

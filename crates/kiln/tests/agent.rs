@@ -1175,3 +1175,19 @@ fn a_worker_that_exits_at_once_is_not_ready() {
     assert!(err.contains("worker: release 2 failed"), "{err}");
     assert_eq!(service_status(&env, "worker")["revision"], 1);
 }
+
+/// On its own, an agent is a one-node cluster that leads itself.
+#[test]
+fn kiln_nodes_on_its_own_lists_this_node_leading() {
+    let env = Env::new();
+    let _agent = Agent::start(&env);
+    let n = env.json(&["nodes", "--json"]);
+    assert_eq!(n["cluster"], false);
+    let this = n["this"].as_str().unwrap().to_owned();
+    assert!(!this.is_empty());
+    assert_eq!(n["leader"], this.as_str());
+    assert_eq!(n["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(n["nodes"][0]["leader"], true);
+    let table = env.ok(&["nodes"]);
+    assert!(table.contains("on its own"), "{table}");
+}

@@ -66,6 +66,19 @@ fn the_cluster_state_lives_in_etcd_and_a_new_disk_resumes_from_it() {
     let mut agent = Agent::start_with(&env, on_etcd(&etcd, "n1"));
     env.ok(&["apply", "-f", spec]);
     assert!(ready_and_serving(&env, "v1"));
+    let nodes = env.json(&["nodes", "--json"]);
+    assert_eq!(
+        (
+            &nodes["cluster"],
+            &nodes["leader"],
+            &nodes["nodes"][0]["instances"]
+        ),
+        (
+            &serde_json::json!(true),
+            &serde_json::json!("n1"),
+            &serde_json::json!(2)
+        )
+    );
     let id = |s: &serde_json::Value| s["instances"][0]["id"].as_str().unwrap().to_owned();
     assert!(id(&service_status(&env, "web")).starts_with("web-"));
 
@@ -316,6 +329,34 @@ fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
     let lead = first.trim_start_matches('n').parse::<usize>().unwrap() - 1;
     let other = (lead + 1) % 3;
     let third = (lead + 2) % 3;
+    // `kiln nodes` on any member: the three, the leader, one instance each.
+    let nodes = envs[other].json(&["nodes", "--json"]);
+    assert_eq!(nodes["cluster"], true);
+    assert_eq!(nodes["this"], format!("n{}", other + 1));
+    assert_eq!(nodes["leader"], first.as_str());
+    let listed: Vec<(String, bool, u64)> = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().to_owned(),
+                n["leader"] == true,
+                n["instances"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        (1..=3)
+            .map(|i| (format!("n{i}"), format!("n{i}") == first, 1))
+            .collect::<Vec<_>>()
+    );
+    let table = envs[lead].ok(&["nodes"]);
+    assert!(
+        table.contains("(this node)") && table.contains("yes"),
+        "{table}"
+    );
 
     // A node that is not the leader dies, instances and all.
     kill_node(&envs[other], agents[other].as_mut().unwrap());
@@ -328,6 +369,13 @@ fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
     );
     eprintln!("node loss healed in {:?}", t.elapsed());
     assert_eq!(leader(), first, "the leader did not change");
+    let names: Vec<String> = envs[lead].json(&["nodes", "--json"])["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(!names.contains(&format!("n{}", other + 1)), "{names:?}");
 
     // Now the leader dies: the last node takes over and runs all three.
     kill_node(&envs[lead], agents[lead].as_mut().unwrap());
