@@ -59,6 +59,7 @@ impl IntoResponse for AgentError {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
                 ControllerError::NotWaitingForPromotion(_)
+                | ControllerError::NotLeader { .. }
                 | ControllerError::NothingToAbort { .. }
                 | ControllerError::FirstRelease { .. } => StatusCode::CONFLICT,
             },

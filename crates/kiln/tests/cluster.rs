@@ -405,3 +405,226 @@ fn ready_and_serving_all(env: &Env, version: &str) -> bool {
             })
         })
 }
+
+fn signal(pid: u64, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status();
+}
+
+fn instance_ids(env: &Env) -> Vec<String> {
+    let mut ids: Vec<String> = service_status(env, "web")["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// A member cut off (its agent stopped with SIGSTOP) for less than its
+/// lease's TTL loses nothing; past it, its slot starts on the others, and
+/// when it comes back it stops only the instance whose slot moved (and
+/// joins again). The leader cut off past its TTL: another leads, and the
+/// old one, back, no longer does.
+#[test]
+fn a_member_cut_off_keeps_what_it_runs_until_its_lease_ends() {
+    let etcd = Etcd::start();
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(
+        &envs[0].path("app"),
+        &WEB.replace("replicas = 2", "replicas = 3"),
+    );
+    let spec = spec.to_str().unwrap();
+    let _agents: Vec<Agent> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| Agent::start_with(env, on_etcd(&etcd, &format!("n{}", i + 1))))
+        .collect();
+    for env in &envs {
+        env.ok(&["bake", "-f", spec]);
+    }
+    wait_for(
+        "three members and a leader",
+        Duration::from_secs(20),
+        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
+    );
+    envs[0].ok(&["apply", "--detach", "-f", spec]);
+    wait_for(
+        "one ready replica on each node",
+        Duration::from_secs(60),
+        || envs.iter().all(|e| ready_here(e) == 1),
+    );
+    let leader = || {
+        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let first = leader();
+    let lead = first.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let other = (lead + 1) % 3;
+    let agent_pid = |env: &Env| {
+        env.json(&["status", "--json"])["agent"]["pid"]
+            .as_u64()
+            .unwrap()
+    };
+    let before: Vec<Vec<String>> = envs.iter().map(instance_ids).collect();
+
+    // Cut off for 2 s (under the 5 s TTL): nothing moves.
+    let pid = agent_pid(&envs[other]);
+    signal(pid, "-STOP");
+    std::thread::sleep(Duration::from_secs(2));
+    signal(pid, "-CONT");
+    std::thread::sleep(Duration::from_secs(2));
+    let after: Vec<Vec<String>> = envs.iter().map(instance_ids).collect();
+    assert_eq!(before, after, "a short cut changed nothing");
+
+    // Cut off for 9 s: its slot starts on the others meanwhile; back, it
+    // stops its own (its slot moved) and is a member again.
+    signal(pid, "-STOP");
+    let healed = std::time::Instant::now();
+    wait_for(
+        "its slot started on the others",
+        Duration::from_secs(30),
+        || ready_here(&envs[lead]) + ready_here(&envs[(lead + 2) % 3]) == 3,
+    );
+    eprintln!("cut-off member's slot healed in {:?}", healed.elapsed());
+    std::thread::sleep(Duration::from_secs(9).saturating_sub(healed.elapsed()));
+    signal(pid, "-CONT");
+    wait_for(
+        "the returning member stops its moved instance",
+        Duration::from_secs(30),
+        || instance_ids(&envs[other]).is_empty(),
+    );
+    wait_for("it is a member again", Duration::from_secs(20), || {
+        etcd.keys("/kiln/nodes/").len() == 3
+    });
+    let total: usize = envs.iter().map(ready_here).sum();
+    assert_eq!(total, 3, "no slot twice");
+    assert_eq!(leader(), first);
+
+    // The leader cut off past its TTL: another member leads; back, the old
+    // one does not.
+    let pid = agent_pid(&envs[lead]);
+    signal(pid, "-STOP");
+    wait_for("another leader", Duration::from_secs(30), || {
+        let l = leader();
+        !l.is_empty() && l != first
+    });
+    let second = leader();
+    signal(pid, "-CONT");
+    wait_for(
+        "the old leader sees the new one",
+        Duration::from_secs(30),
+        || envs[lead].json(&["nodes", "--json"])["leader"] == second.as_str(),
+    );
+    assert_eq!(leader(), second);
+    wait_for("every slot ready once", Duration::from_secs(30), || {
+        envs.iter().map(ready_here).sum::<usize>() == 3
+    });
+}
+
+const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+
+/// Release 2's canary waits at step 2's manual pause (50%), as `env`'s
+/// agent (the leader) reports it.
+fn canary_at_step_2(env: &Env) -> bool {
+    let s = service_status(env, "web");
+    s["revision"] == 2
+        && s["outcome"] == "pending"
+        && s["canary"]["step"] == 2
+        && s["canary"]["weight"] == 50
+}
+
+/// The leader dies mid-canary (waiting at step 2 of 3): the new leader
+/// goes on from that step — it waits there, a promote on it finishes the
+/// rollout on the remaining nodes — and a promote sent to a member that
+/// does not lead is refused naming the leader.
+#[test]
+fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
+    let etcd = Etcd::start();
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let web = format!(
+        "{}{TWO_MANUAL_STEPS}",
+        WEB.replace("replicas = 2", "replicas = 3")
+    );
+    let spec = hello_app(&envs[0].path("app"), &web);
+    let spec = spec.to_str().unwrap();
+    let mut agents: Vec<Option<Agent>> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| {
+            Some(Agent::start_with(
+                env,
+                on_etcd(&etcd, &format!("n{}", i + 1)),
+            ))
+        })
+        .collect();
+    let leader = || {
+        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    wait_for(
+        "three members and a leader",
+        Duration::from_secs(20),
+        || etcd.keys("/kiln/nodes/").len() == 3 && !leader().is_empty(),
+    );
+    let lead = leader().trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let (second, third) = ((lead + 1) % 3, (lead + 2) % 3);
+    // Release 1, then 2 (the same image: only its env differs).
+    for env in &envs {
+        env.ok(&["bake", "-f", spec]);
+    }
+    envs[lead].ok(&["apply", "--detach", "-f", spec]);
+    wait_for(
+        "release 1 on every node, active",
+        Duration::from_secs(60),
+        || {
+            envs.iter().all(|e| ready_here(e) == 1)
+                && service_status(&envs[lead], "web")["outcome"] == "active"
+        },
+    );
+    let v2 = std::fs::read_to_string(spec)
+        .unwrap()
+        .replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v2\"");
+    std::fs::write(spec, v2).unwrap();
+    envs[lead].ok(&["apply", "-f", spec]);
+    envs[lead].ok(&["promote", "web"]);
+    wait_for("the canary at step 2", Duration::from_secs(30), || {
+        canary_at_step_2(&envs[lead])
+    });
+    // A member that does not lead refuses the request, naming the leader.
+    let refused = envs[second].run(&["promote", "web"]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("does not lead the cluster") && err.contains(&format!("n{}", lead + 1)),
+        "{err}"
+    );
+
+    kill_node(&envs[lead], agents[lead].as_mut().unwrap());
+    agents[lead] = None;
+    wait_for("a new leader", Duration::from_secs(30), || {
+        let l = leader();
+        !l.is_empty() && l != format!("n{}", lead + 1)
+    });
+    let now = leader().trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    assert!(now == second || now == third);
+    // It goes on from step 2 (not step 1, not a new rollout).
+    wait_for("the new leader at step 2", Duration::from_secs(30), || {
+        canary_at_step_2(&envs[now])
+    });
+    envs[now].ok(&["promote", "web"]);
+    wait_for(
+        "release 2 whole on the two nodes left",
+        Duration::from_secs(60),
+        || {
+            let s = service_status(&envs[now], "web");
+            s["revision"] == 2
+                && s["outcome"] == "active"
+                && ready_here(&envs[second]) + ready_here(&envs[third]) >= 3
+        },
+    );
+    let history = releases(&envs[now], "web");
+    assert_eq!(history.len(), 2, "no release made meanwhile: {history:?}");
+}

@@ -119,6 +119,15 @@ pub enum ControllerError {
     },
     #[error("no rollout of {0} is waiting for promotion")]
     NotWaitingForPromotion(ServiceName),
+    /// A rollout request sent to a member that does not lead.
+    #[error(
+        "node {node} does not lead the cluster: promote and abort go to the leader ({})",
+        leader.as_deref().unwrap_or("none now: one is elected within the lease's TTL")
+    )]
+    NotLeader {
+        node: String,
+        leader: Option<String>,
+    },
     #[error(
         "no rollout of {service} is in progress (it is on release {revision}): nothing to abort"
     )]
@@ -216,7 +225,8 @@ struct Observed {
     stored: Option<u64>,
 }
 
-/// How often a member that does not lead reads its assignments again.
+/// How often, in a cluster, a member that does not lead reads its
+/// assignments again, and the leader the members' observations.
 const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// A digest of a value, to tell whether it changed without keeping it.
@@ -565,7 +575,15 @@ impl Controller {
             self.follow_leader().await;
             return;
         }
+        let solo = self.shared.membership.is_solo();
+        if !solo {
+            // The other members publish through etcd: read them every pass.
+            self.observed = false;
+        }
         let Some(o) = self.observe().await else {
+            if !solo {
+                self.due = Some(now() + FOLLOW_EVERY);
+            }
             return;
         };
         let decision = rollout::decide(&self.rollout, &self.view(&o));
@@ -574,6 +592,11 @@ impl Controller {
         // The timer: from what the fleet looks like after the steps (the
         // leader's view follows them).
         self.due = rollout::due(&self.rollout, &self.view(&o));
+        if !solo {
+            // And a pass at least that often, to hear of them.
+            let soon = now() + FOLLOW_EVERY;
+            self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
+        }
         // What the worker found gone while it worked (an instance that
         // could not start) is the leader's to take in soon.
         if !self.gone.is_empty() {
@@ -998,6 +1021,7 @@ impl Controller {
         &mut self,
         actor: Actor,
     ) -> Result<(u64, Option<u32>), ControllerError> {
+        self.leads()?;
         let (rec, pending) = self.target_pending().await?;
         let step = self
             .rollout
@@ -1014,10 +1038,26 @@ impl Controller {
         Ok((rec.target, step))
     }
 
+    /// A rollout request is the leader's: its controller holds the
+    /// rollout (the others' do not follow it).
+    fn leads(&self) -> Result<(), ControllerError> {
+        let m = &self.shared.membership;
+        // On its own it always leads; in a cluster, once its controller
+        // took the rollout over (its first pass as the leader).
+        if m.is_solo() || (m.is_leading() && self.leading) {
+            return Ok(());
+        }
+        Err(ControllerError::NotLeader {
+            node: m.node.clone(),
+            leader: m.leader.borrow().clone(),
+        })
+    }
+
     /// `kiln abort`: only a rollout in progress with a release before it
     /// can be aborted. Decided on what is stored now (a request answers
     /// for what `kiln` just recorded).
     async fn request_abort(&mut self, actor: Actor) -> Result<(u64, u64), ControllerError> {
+        self.leads()?;
         let (rec, _) = self.target_pending().await?;
         let target = rec.target;
         self.publish_observations().await;
