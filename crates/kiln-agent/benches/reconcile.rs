@@ -599,6 +599,7 @@ fn observation(s: &Seen<String>, clock: &Clock, gone: Option<bool>) -> Observati
         adopted: s.adopted,
         stale: s.stale,
         gone,
+        refused: false,
     }
 }
 

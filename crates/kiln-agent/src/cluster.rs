@@ -18,7 +18,7 @@ use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOp
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::state::{ClusterState, Fence, StateError};
+use crate::state::{Etcd, Fence, StateError};
 
 /// The lease's time to live when none is given: a node gone this long is
 /// gone (and its slots start elsewhere).
@@ -121,14 +121,6 @@ impl Membership {
 
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
-/// What an etcd membership needs of the state store: its client and
-/// prefix, and the fence it takes when it wins.
-pub(crate) trait Etcd: ClusterState {
-    fn client(&self) -> etcd_client::Client;
-    fn prefixed(&self, rest: &str) -> String;
-    fn fail(&self, e: etcd_client::Error) -> StateError;
 }
 
 /// Join the cluster of `state` as `node` (whose node key is `key`):

@@ -628,3 +628,36 @@ fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
     let history = releases(&envs[now], "web");
     assert_eq!(history.len(), 2, "no release made meanwhile: {history:?}");
 }
+
+/// A member that cannot start a release (its store lacks the image)
+/// reports it, and the slot starts on another node.
+#[test]
+fn a_slot_a_node_cannot_start_goes_to_another() {
+    let etcd = Etcd::start();
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(
+        &envs[0].path("app"),
+        &WEB.replace("replicas = 2", "replicas = 3"),
+    );
+    let spec = spec.to_str().unwrap();
+    let _agents: Vec<Agent> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| Agent::start_with(env, on_etcd(&etcd, &format!("n{}", i + 1))))
+        .collect();
+    wait_for(
+        "three members and a leader",
+        Duration::from_secs(20),
+        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
+    );
+    // n3 never gets the image.
+    envs[1].ok(&["bake", "-f", spec]);
+    envs[0].ok(&["apply", "--detach", "-f", spec]);
+    wait_for("three ready on n1 and n2", Duration::from_secs(60), || {
+        ready_here(&envs[0]) + ready_here(&envs[1]) == 3
+    });
+    assert_eq!(ready_here(&envs[2]), 0);
+    wait_for("release 1 active", Duration::from_secs(30), || {
+        releases(&envs[0], "web")[0]["outcome"] == "active"
+    });
+}

@@ -613,10 +613,11 @@ impl Controller {
             match self.prepare(a.revision).await {
                 Ok(p) => self.start(&p, a.id, a.slot).await,
                 Err(e) => {
-                    // It cannot start here: reported failed (its slot backs
-                    // off), and never tried again under this id.
+                    // It cannot start here: reported refused (its slot goes
+                    // to another node when there is one, and backs off),
+                    // and never tried again under this id.
                     self.message = Some(e.to_string());
-                    self.report(a.gone(true));
+                    self.report(a.refused());
                 }
             }
         }

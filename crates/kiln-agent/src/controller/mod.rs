@@ -467,6 +467,7 @@ impl Controller {
             adopted: i.adopted,
             stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
             gone: None,
+            refused: false,
         }
     }
 

@@ -990,6 +990,7 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
         adopted: false,
         stale: false,
         gone: None,
+        refused: false,
     };
     // Nothing for a service that does not exist.
     state

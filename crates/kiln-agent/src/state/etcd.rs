@@ -27,7 +27,7 @@
 //! | `key`, `secret/SEALED` | the key that seals secrets, secret values |
 //! | `token/NAME`, `cp/SEQ` | API tokens' records, signed checkpoints |
 //! | `nodekey/DIGEST` | a node's public key (and its name): its checkpoints count |
-//! | `nodes/NAME`, `leader` | a live member, the leader's name (each under its node's lease: [`crate::cluster`]) |
+//! | `nodes/NAME`, `leader` | a live member, the leader's name (each under its node's lease: `crate::cluster`) |
 
 use std::collections::BTreeMap;
 
@@ -432,8 +432,16 @@ impl<N> EtcdState<N> {
     }
 }
 
-/// What the cluster's membership ([`crate::cluster`]) needs of it.
-impl<N: Send + Sync> crate::cluster::Etcd for EtcdState<N> {
+/// What a cluster's membership (`crate::cluster`) needs of the state
+/// store on etcd: its client and prefix, its errors, and the fence it
+/// takes when it wins ([`ClusterState::lead`]).
+pub(crate) trait Etcd: ClusterState {
+    fn client(&self) -> Client;
+    fn prefixed(&self, rest: &str) -> String;
+    fn fail(&self, e: etcd_client::Error) -> StateError;
+}
+
+impl<N: Send + Sync> Etcd for EtcdState<N> {
     fn client(&self) -> Client {
         self.client.clone()
     }

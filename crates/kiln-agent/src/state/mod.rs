@@ -25,6 +25,7 @@ mod etcd;
 mod memory;
 mod sqlite;
 
+pub(crate) use etcd::Etcd;
 pub use etcd::{DEFAULT_PREFIX as ETCD_PREFIX, EtcdState};
 #[cfg(any(test, feature = "bench"))]
 pub use memory::MemoryState;

@@ -56,6 +56,16 @@ impl<Id: Clone> Assignment<Id> {
             adopted: self.adopted,
             stale: false,
             gone: Some(failed),
+            refused: false,
+        }
+    }
+
+    /// Its node could not start it at all: gone, failed, and refused (the
+    /// leader starts its slot on another node).
+    pub fn refused(&self) -> Observation<Id> {
+        Observation {
+            refused: true,
+            ..self.gone(true)
         }
     }
 }
@@ -78,6 +88,10 @@ pub struct Observation<Id = String> {
     /// It ended (or could not start): `Some(failed)`, failed when it
     /// exited unasked or never started.
     pub gone: Option<bool>,
+    /// Its node could not start it at all (no image, no runtime, a volume
+    /// it cannot make): the leader places the slot on another node.
+    #[serde(default)]
+    pub refused: bool,
 }
 
 impl<Id> Observation<Id> {
@@ -94,6 +108,7 @@ impl<Id> Observation<Id> {
             adopted: self.adopted,
             stale: self.stale,
             gone: self.gone,
+            refused: self.refused,
         }
     }
 }
@@ -203,19 +218,28 @@ pub fn place<'a, Id>(nodes: &'a [String], assigned: &[Assignment<Id>]) -> Option
 }
 
 /// The assignments after a decision's steps, each new instance on the node
-/// [`place`] picks among `nodes` (`new_id` names them; with no node at all,
-/// nothing starts). `target`: the release an adopted instance moves to.
+/// [`place`] picks among `nodes` — among those `refused` does not name for
+/// its release, unless every one does (`new_id` names them; with no node
+/// at all, nothing starts). `target`: the release an adopted instance
+/// moves to.
 pub fn assign<Id: Clone + PartialEq>(
     assignments: &mut Vec<Assignment<Id>>,
     steps: &[Step<Id>],
     target: u64,
     nodes: &[String],
+    refused: impl Fn(&str, u64) -> bool,
     mut new_id: impl FnMut(u64) -> Id,
 ) {
     for step in steps {
         match step {
             Step::Start { revision, slot } => {
-                let Some(node) = place(nodes, assignments) else {
+                let willing: Vec<String> = nodes
+                    .iter()
+                    .filter(|n| !refused(n, *revision))
+                    .cloned()
+                    .collect();
+                let candidates = if willing.is_empty() { nodes } else { &willing };
+                let Some(node) = place(candidates, assignments) else {
                     continue;
                 };
                 let node = node.to_owned();
@@ -326,6 +350,9 @@ pub struct Fleet<Id = String> {
     /// Bumped on every change of the assignments (a worker that already
     /// carried out this generation has nothing new to do).
     generation: u64,
+    /// The nodes that could not start a release (its image missing, …):
+    /// new instances of it go elsewhere while another node can take them.
+    refused: BTreeSet<(String, u64)>,
 }
 
 impl<Id> Default for Fleet<Id> {
@@ -336,6 +363,7 @@ impl<Id> Default for Fleet<Id> {
             counted: BTreeSet::new(),
             seen: Vec::new(),
             generation: 0,
+            refused: BTreeSet::new(),
         }
     }
 }
@@ -362,6 +390,14 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
     /// Take in what the nodes published ([`settle`]): the failures to
     /// count against their slots.
     pub fn observe(&mut self, observations: Vec<Observation<Id>>, clock: &Clock) -> Vec<Failure> {
+        for o in observations
+            .iter()
+            .filter(|o| o.refused && o.gone.is_some())
+        {
+            if let Some(a) = self.assigned.iter().find(|a| a.id == o.id) {
+                self.refused.insert((a.node.clone(), a.revision));
+            }
+        }
         let before = self.assigned.len();
         let failures = settle(&mut self.assigned, &observations, &mut self.counted);
         if self.assigned.len() != before {
@@ -382,7 +418,15 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         new_id: impl FnMut(u64) -> Id,
     ) {
         let before = self.assigned.len();
-        assign(&mut self.assigned, steps, target, nodes, new_id);
+        let refused = &self.refused;
+        assign(
+            &mut self.assigned,
+            steps,
+            target,
+            nodes,
+            |node, revision| refused.contains(&(node.to_owned(), revision)),
+            new_id,
+        );
         let mut changed = self.assigned.len() != before;
         for a in &self.assigned[before..] {
             self.seen.push(Seen {
@@ -488,10 +532,17 @@ mod tests {
             .map(|slot| Step::Start { revision: 1, slot })
             .collect();
         let mut n = 0;
-        assign(&mut list, &starts, 1, &nodes, |_| {
-            n += 1;
-            format!("i{n}")
-        });
+        assign(
+            &mut list,
+            &starts,
+            1,
+            &nodes,
+            |_, _| false,
+            |_| {
+                n += 1;
+                format!("i{n}")
+            },
+        );
         let on = |list: &[Assignment], node: &str| list.iter().filter(|a| a.node == node).count();
         assert_eq!(
             (on(&list, "n1"), on(&list, "n2"), on(&list, "n3")),
@@ -504,7 +555,7 @@ mod tests {
         assert_eq!(place::<String>(&[], &list), None);
         // With no node, nothing starts.
         let mut none = Vec::new();
-        assign(&mut none, &starts, 1, &[], |_| unreachable!());
+        assign(&mut none, &starts, 1, &[], |_, _| false, |_| unreachable!());
         assert!(none.is_empty());
 
         let clock = Clock {
@@ -520,6 +571,48 @@ mod tests {
         assert!(fleet.generation() > g);
         assert!(fleet.assigned().iter().all(|a| a.node != "n3"));
         assert_eq!(fleet.seen().len(), 4);
+    }
+
+    #[test]
+    fn a_slot_its_node_refused_starts_on_another() {
+        let clock = Clock {
+            now: Instant::now(),
+            wall_ms: 1_000,
+        };
+        let nodes: Vec<String> = ["n1", "n2"].map(str::to_owned).to_vec();
+        let mut fleet = Fleet::default();
+        // n1 runs nothing and would be chosen; it could not start release 1.
+        let mut on_n1 = a("x", 1, 0);
+        on_n1.node = "n1".to_owned();
+        let mut on_n2 = a("y", 1, 1);
+        on_n2.node = "n2".to_owned();
+        fleet.reset(vec![on_n1.clone(), on_n2], &clock);
+        fleet.observe(vec![on_n1.refused()], &clock);
+        let start = |revision| [Step::Start { revision, slot: 0 }];
+        let mut n = 0;
+        let mut id = |_| {
+            n += 1;
+            format!("new{n}")
+        };
+        fleet.assign(&start(1), 1, &nodes, &mut id);
+        assert_eq!(
+            fleet.assigned().last().unwrap().node,
+            "n2",
+            "not where it was refused"
+        );
+        // Another release may still go there.
+        fleet.assign(&start(2), 2, &nodes, &mut id);
+        assert_eq!(fleet.assigned().last().unwrap().node, "n1");
+        // Every node refused it: it goes where placement says (and fails
+        // there as the app's own failure would, with its back-off).
+        let mut on_n2 = a("z", 3, 0);
+        on_n2.node = "n2".to_owned();
+        let mut on_n1 = a("w", 3, 1);
+        on_n1.node = "n1".to_owned();
+        fleet.reset(vec![on_n2.clone(), on_n1.clone()], &clock);
+        fleet.observe(vec![on_n2.refused(), on_n1.refused()], &clock);
+        fleet.assign(&start(3), 3, &nodes, &mut id);
+        assert_eq!(fleet.assigned().len(), 1, "{:?}", fleet.assigned());
     }
 
     fn a(id: &str, revision: u64, slot: u32) -> Assignment {
@@ -544,6 +637,7 @@ mod tests {
             adopted: false,
             stale: false,
             gone: None,
+            refused: false,
         }
     }
 
@@ -579,9 +673,12 @@ mod tests {
                 adopted: true,
                 stale: false,
                 gone: Some(true),
+                refused: false,
             }
         );
         assert_eq!(a("y", 1, 0).gone(false).gone, Some(false));
+        let refused = a("y", 1, 0).refused();
+        assert!(refused.refused && refused.gone == Some(true));
         assert!(!a("y", 1, 0).gone(false).stopping);
         // Another form of its id, nothing else changed.
         let borrowed = gone.clone().map_id(|id| id.len());
@@ -613,6 +710,7 @@ mod tests {
             ],
             3,
             &["n2".to_owned()],
+            |_, _| false,
             |rev| {
                 n += 1;
                 format!("new-{rev}-{n}")
@@ -634,6 +732,7 @@ mod tests {
             }],
             3,
             &n1(),
+            |_, _| false,
             |_| unreachable!("nothing starts"),
         );
         assert_eq!(list[0].stop, Some(StopReason::Replaced));

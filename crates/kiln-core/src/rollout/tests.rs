@@ -545,6 +545,7 @@ fn observed(i: &Seen<u32>, clock: &Clock, gone: Option<bool>) -> Observation<u32
         adopted: i.adopted,
         stale: i.stale,
         gone,
+        refused: false,
     }
 }
 
