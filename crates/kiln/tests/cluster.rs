@@ -247,6 +247,46 @@ fn losing_etcd_stops_changes_not_traffic() {
     assert!(count.ok > 100, "{count:?}");
 }
 
+/// Three agents, `n1`..`n3`, on `etcd`, with `web` as the spec (in the
+/// first home's app directory), its image baked on the nodes of `baked`
+/// (the same inputs bake the same digest); returned once all three are
+/// members and one leads.
+fn three_nodes(etcd: &Etcd, web: &str, baked: &[usize]) -> (Vec<Env>, Vec<Option<Agent>>, String) {
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(&envs[0].path("app"), web);
+    let spec = spec.to_str().unwrap().to_owned();
+    let agents = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| {
+            Some(Agent::start_with(
+                env,
+                on_etcd(etcd, &format!("n{}", i + 1)),
+            ))
+        })
+        .collect();
+    for &i in baked {
+        envs[i].ok(&["bake", "-f", &spec]);
+    }
+    wait_for(
+        "three members and a leader",
+        Duration::from_secs(20),
+        || etcd.keys("/kiln/nodes/").len() == 3 && !leader_of(etcd).is_empty(),
+    );
+    (envs, agents, spec)
+}
+
+/// The leader's name, from etcd ("" when none).
+fn leader_of(etcd: &Etcd) -> String {
+    let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The index (0..3) of node `name` ("n1".."n3").
+fn index_of(name: &str) -> usize {
+    name.trim_start_matches('n').parse::<usize>().unwrap() - 1
+}
+
 /// `kill -9` of a node: its `kiln serve` (supervisor and agent) and its
 /// instances.
 fn kill_node(env: &Env, agent: &mut Agent) {
@@ -288,45 +328,26 @@ fn ready_here(env: &Env) -> usize {
 #[test]
 fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
     let etcd = Etcd::start();
-    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
-    let spec = hello_app(
-        &envs[0].path("app"),
+    let (envs, mut agents, spec) = three_nodes(
+        &etcd,
         &WEB.replace("replicas = 2", "replicas = 3"),
+        &[0, 1, 2],
     );
-    let spec = spec.to_str().unwrap();
-    let mut agents: Vec<Option<Agent>> = envs
-        .iter()
-        .enumerate()
-        .map(|(i, env)| {
-            Some(Agent::start_with(
-                env,
-                on_etcd(&etcd, &format!("n{}", i + 1)),
-            ))
-        })
-        .collect();
-    // Each node has the image (the same inputs bake the same digest).
-    for env in &envs {
-        env.ok(&["bake", "-f", spec]);
-    }
-    wait_for(
-        "three members and a leader",
-        Duration::from_secs(20),
-        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
-    );
+    let spec = spec.as_str();
     envs[0].ok(&["apply", "--detach", "-f", spec]);
     wait_for(
         "one ready replica on each node",
         Duration::from_secs(60),
         || envs.iter().all(|e| ready_here(e) == 1),
     );
+    // The leader saw them all ready (through the others' observations).
+    wait_for("release 1 active", Duration::from_secs(30), || {
+        releases(&envs[0], "web")[0]["outcome"] == "active"
+    });
 
-    // Which node leads, from etcd.
-    let leader = || {
-        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let leader = || leader_of(&etcd);
     let first = leader();
-    let lead = first.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let lead = index_of(&first);
     let other = (lead + 1) % 3;
     let third = (lead + 2) % 3;
     // `kiln nodes` on any member: the three, the leader, one instance each.
@@ -431,37 +452,20 @@ fn instance_ids(env: &Env) -> Vec<String> {
 #[test]
 fn a_member_cut_off_keeps_what_it_runs_until_its_lease_ends() {
     let etcd = Etcd::start();
-    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
-    let spec = hello_app(
-        &envs[0].path("app"),
+    let (envs, _agents, spec) = three_nodes(
+        &etcd,
         &WEB.replace("replicas = 2", "replicas = 3"),
+        &[0, 1, 2],
     );
-    let spec = spec.to_str().unwrap();
-    let _agents: Vec<Agent> = envs
-        .iter()
-        .enumerate()
-        .map(|(i, env)| Agent::start_with(env, on_etcd(&etcd, &format!("n{}", i + 1))))
-        .collect();
-    for env in &envs {
-        env.ok(&["bake", "-f", spec]);
-    }
-    wait_for(
-        "three members and a leader",
-        Duration::from_secs(20),
-        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
-    );
-    envs[0].ok(&["apply", "--detach", "-f", spec]);
+    envs[0].ok(&["apply", "--detach", "-f", &spec]);
     wait_for(
         "one ready replica on each node",
         Duration::from_secs(60),
         || envs.iter().all(|e| ready_here(e) == 1),
     );
-    let leader = || {
-        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
+    let leader = || leader_of(&etcd);
     let first = leader();
-    let lead = first.trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let lead = index_of(&first);
     let other = (lead + 1) % 3;
     let agent_pid = |env: &Env| {
         env.json(&["status", "--json"])["agent"]["pid"]
@@ -524,8 +528,6 @@ fn a_member_cut_off_keeps_what_it_runs_until_its_lease_ends() {
     });
 }
 
-const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
-
 /// Release 2's canary waits at step 2's manual pause (50%), as `env`'s
 /// agent (the leader) reports it.
 fn canary_at_step_2(env: &Env) -> bool {
@@ -543,38 +545,16 @@ fn canary_at_step_2(env: &Env) -> bool {
 #[test]
 fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
     let etcd = Etcd::start();
-    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
     let web = format!(
         "{}{TWO_MANUAL_STEPS}",
         WEB.replace("replicas = 2", "replicas = 3")
     );
-    let spec = hello_app(&envs[0].path("app"), &web);
-    let spec = spec.to_str().unwrap();
-    let mut agents: Vec<Option<Agent>> = envs
-        .iter()
-        .enumerate()
-        .map(|(i, env)| {
-            Some(Agent::start_with(
-                env,
-                on_etcd(&etcd, &format!("n{}", i + 1)),
-            ))
-        })
-        .collect();
-    let leader = || {
-        let out = etcd.ctl(&["get", "--print-value-only", "/kiln/leader"]);
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    wait_for(
-        "three members and a leader",
-        Duration::from_secs(20),
-        || etcd.keys("/kiln/nodes/").len() == 3 && !leader().is_empty(),
-    );
-    let lead = leader().trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let (envs, mut agents, spec) = three_nodes(&etcd, &web, &[0, 1, 2]);
+    let spec = spec.as_str();
+    let leader = || leader_of(&etcd);
+    let lead = index_of(&leader());
     let (second, third) = ((lead + 1) % 3, (lead + 2) % 3);
     // Release 1, then 2 (the same image: only its env differs).
-    for env in &envs {
-        env.ok(&["bake", "-f", spec]);
-    }
     envs[lead].ok(&["apply", "--detach", "-f", spec]);
     wait_for(
         "release 1 on every node, active",
@@ -608,7 +588,7 @@ fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
         let l = leader();
         !l.is_empty() && l != format!("n{}", lead + 1)
     });
-    let now = leader().trim_start_matches('n').parse::<usize>().unwrap() - 1;
+    let now = index_of(&leader());
     assert!(now == second || now == third);
     // It goes on from step 2 (not step 1, not a new rollout).
     wait_for("the new leader at step 2", Duration::from_secs(30), || {
@@ -634,24 +614,10 @@ fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
 #[test]
 fn a_slot_a_node_cannot_start_goes_to_another() {
     let etcd = Etcd::start();
-    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
-    let spec = hello_app(
-        &envs[0].path("app"),
-        &WEB.replace("replicas = 2", "replicas = 3"),
-    );
-    let spec = spec.to_str().unwrap();
-    let _agents: Vec<Agent> = envs
-        .iter()
-        .enumerate()
-        .map(|(i, env)| Agent::start_with(env, on_etcd(&etcd, &format!("n{}", i + 1))))
-        .collect();
-    wait_for(
-        "three members and a leader",
-        Duration::from_secs(20),
-        || etcd.keys("/kiln/nodes/").len() == 3 && etcd.keys("/kiln/leader").len() == 1,
-    );
     // n3 never gets the image.
-    envs[1].ok(&["bake", "-f", spec]);
+    let (envs, _agents, spec) =
+        three_nodes(&etcd, &WEB.replace("replicas = 2", "replicas = 3"), &[0, 1]);
+    let spec = spec.as_str();
     envs[0].ok(&["apply", "--detach", "-f", spec]);
     wait_for("three ready on n1 and n2", Duration::from_secs(60), || {
         ready_here(&envs[0]) + ready_here(&envs[1]) == 3

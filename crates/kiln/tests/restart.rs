@@ -165,10 +165,6 @@ fn v1_applied_v2_written(env: &Env, port: u16, rollout: &str, extra_env: &str) -
     path
 }
 
-/// A canary whose first two steps wait for `kiln promote`: one that
-/// started again would wait at step 1 (20%), not at step 2.
-const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
-
 /// Release 2's canary waits at step 2's manual pause (50%).
 fn canary_at_step_2(env: &Env) -> bool {
     let s = service_status(env, "web");

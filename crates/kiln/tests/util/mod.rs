@@ -810,3 +810,7 @@ impl Drop for Etcd {
         self.stop();
     }
 }
+
+/// A canary whose first two steps wait for `kiln promote`: one that
+/// started again would wait at step 1 (20%), not at step 2.
+pub const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
