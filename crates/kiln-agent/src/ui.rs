@@ -405,7 +405,7 @@ release {rev} is the preview, waiting for promotion</p></div>"
     let _ = write!(
         out,
         "<table class=\"instances\"><caption>Instances</caption><thead><tr>\
-<th scope=\"col\">instance</th><th scope=\"col\">release</th><th scope=\"col\">state</th>\
+<th scope=\"col\">instance</th><th scope=\"col\">node</th><th scope=\"col\">release</th><th scope=\"col\">state</th>\
 <th scope=\"col\">health</th><th scope=\"col\">uptime</th><th scope=\"col\">root</th></tr></thead><tbody>"
     );
     for i in &s.instances {
@@ -416,8 +416,9 @@ release {rev} is the preview, waiting for promotion</p></div>"
         };
         let _ = write!(
             out,
-            "<tr><td><code>{}</code></td><td>{}</td><td>{:?}</td><td>{}</td><td>{}s</td><td>{}</td></tr>",
+            "<tr><td><code>{}</code></td><td>{}</td><td>{}</td><td>{:?}</td><td>{}</td><td>{}s</td><td>{}</td></tr>",
             esc(&i.id),
+            esc(&i.node),
             i.revision,
             i.state,
             health,

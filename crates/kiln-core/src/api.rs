@@ -236,6 +236,10 @@ pub use crate::counters::Window;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InstanceStatus {
     pub id: String,
+    /// The node it runs on (in a cluster, the agent's own: each node shows
+    /// its instances).
+    #[serde(default)]
+    pub node: String,
     pub revision: u64,
     pub slot: u32,
     pub pid: Option<u32>,
@@ -481,6 +485,7 @@ mod tests {
 
     fn inst(revision: u64, ready: bool, state: InstanceState) -> InstanceStatus {
         InstanceStatus {
+            node: String::new(),
             id: format!("web-r{revision}"),
             revision,
             slot: 0,

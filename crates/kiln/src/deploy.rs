@@ -1028,7 +1028,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
             );
         }
         println!(
-            "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} ROOT",
+            "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} {:<12} ROOT",
             "INSTANCE",
             "REL",
             "SLOT",
@@ -1038,7 +1038,8 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
             "HEALTH",
             "REPL",
             "UPTIME",
-            "RUNTIME"
+            "RUNTIME",
+            "NODE"
         );
         for i in &s.instances {
             let state = match i.state {
@@ -1052,7 +1053,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 (false, true) => "unready",
             };
             println!(
-                "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} {}",
+                "  {:<22} {:>3} {:>4} {:>8} {:>6} {:<9} {:<7} {:>5} {:>9} {:<8} {:<12} {}",
                 i.id,
                 i.revision,
                 i.slot,
@@ -1063,6 +1064,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 i.replacements,
                 uptime(i.uptime_secs),
                 i.runtime.to_string(),
+                i.node,
                 if i.read_only_root {
                     "read-only (enforced)"
                 } else {

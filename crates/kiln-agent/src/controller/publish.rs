@@ -150,6 +150,7 @@ impl Controller {
             .values()
             .map(|i| InstanceStatus {
                 id: i.id.clone(),
+                node: self.shared.node_name.clone(),
                 revision: i.revision,
                 slot: i.slot,
                 pid: i.pid,
