@@ -920,7 +920,13 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         } else {
             StopReason::Replaced
         };
-        self.stop(&step.stop, why);
+        // Paused: old and new stay as they are. (Nothing starts in a
+        // stopped one's place, and an old instance that is unready for a
+        // moment — probed again after an agent restart — is no instance to
+        // replace.)
+        if !paused {
+            self.stop(&step.stop, why);
+        }
 
         let ready = self.settled_of(t);
         let adopted = self.insts.iter().any(|i| i.revision == t && i.adopted);

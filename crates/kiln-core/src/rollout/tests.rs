@@ -2153,6 +2153,32 @@ fn a_paused_rollout_starts_nothing_new() {
     assert!(starts(&steps).is_empty(), "{steps:?}");
 }
 
+/// Issue 23's paused row, found by its restart test: after an agent
+/// restart its adopted instances are unready until their probes answer
+/// again; a paused rollout must not take them for old instances to
+/// replace (nothing would start in their place).
+#[test]
+fn a_paused_rollout_stops_nothing_while_old_instances_are_unready() {
+    let mut s = settings(Strategy::Rolling, 3);
+    s.rollout.auto_rollback = false;
+    let mut sim = Sim::steady(s);
+    sim.apply(2, 2, Behaviour::NeverReady);
+    sim.pass();
+    sim.now += Duration::from_secs(10);
+    sim.pass();
+    assert!(sim.state.stalled());
+    // The agent restarted: every instance is unready until probed again.
+    for i in &mut sim.insts {
+        i.ready_since = None;
+    }
+    let steps = sim.pass();
+    assert!(
+        !steps.iter().any(|s| matches!(s, Step::Stop { .. })),
+        "{steps:?}"
+    );
+    assert!(sim.state.stalled());
+}
+
 #[test]
 fn a_blue_green_rollback_that_adopts_the_warm_fleet_switches_without_promote() {
     let mut s = settings(Strategy::BlueGreen, 2);
