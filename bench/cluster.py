@@ -102,12 +102,26 @@ try:
         victim = next(n for n in (1, 2, 3) if n != lead and ready(n) > 0)
         st = status(victim)
         pids = [i["pid"] for s in st["services"] for i in s["instances"] if i.get("pid")]
-        pids += [st["agent"]["pid"], agents[victim].pid]
         t0 = time.perf_counter()
-        for pid in pids:
+        # The supervisor frozen first (it would start another agent), then
+        # the agent, each instance's process group, the supervisor.
+        os.kill(agents[victim].pid, signal.SIGSTOP)
+        for kill in [lambda: os.kill(st["agent"]["pid"], signal.SIGKILL)] + \
+                [lambda p=p: os.killpg(p, signal.SIGKILL) for p in pids] + \
+                [lambda p=p: os.kill(p, signal.SIGKILL) for p in pids] + \
+                [lambda: os.kill(agents[victim].pid, signal.SIGKILL)]:
             try:
-                os.kill(pid, signal.SIGKILL)
+                kill()
             except ProcessLookupError:
+                pass
+        # A sandbox's pid-1 reaper is in a session of its own: whatever
+        # names the home goes too (its pid namespace with it).
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if home(victim).encode() in f.read():
+                        os.kill(pid, signal.SIGKILL)
+            except OSError:
                 pass
         agents[victim].wait()
         others = [n for n in (1, 2, 3) if n != victim]

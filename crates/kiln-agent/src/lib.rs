@@ -79,6 +79,9 @@ pub enum ServeError {
     Key(#[from] ledger::KeyError),
     #[error(transparent)]
     Trust(#[from] trust::TrustError),
+    /// Started by a supervisor that is gone already.
+    #[error("the supervisor that started this agent is gone: not serving unsupervised")]
+    Orphaned,
 }
 
 /// How the agent ended.
@@ -258,6 +261,12 @@ pub async fn serve(
         // The supervisor's end is ours too: if it dies, stop as if asked.
         let _ =
             rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::TERM));
+        // A supervisor that died before that call sends nothing: this
+        // process was handed to init meanwhile. Stop now rather than run
+        // unsupervised (nobody would stop it).
+        if rustix::process::getppid().is_none_or(|p| p.as_raw_nonzero().get() == 1) {
+            return Err(ServeError::Orphaned);
+        }
     }
     // Traffic must not take the descriptors the API, probes and instances
     // need: the limit is raised before the router sizes its budget.

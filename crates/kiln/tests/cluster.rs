@@ -296,25 +296,36 @@ fn index_of(name: &str) -> usize {
 }
 
 /// `kill -9` of a node: its `kiln serve` (supervisor and agent) and its
-/// instances.
+/// instances (each one's process group: a sandbox's inner processes too),
+/// the supervisor frozen first so that it cannot start another agent in
+/// between.
 fn kill_node(env: &Env, agent: &mut Agent) {
     let status = env.json(&["status", "--json"]);
-    let mut pids: Vec<u64> = status["services"]
+    let supervisor = u64::from(agent.pid());
+    signal(supervisor, "-STOP");
+    if let Some(pid) = status["agent"]["pid"].as_u64() {
+        signal(pid, "-KILL");
+    }
+    for pid in status["services"]
         .as_array()
         .into_iter()
         .flatten()
         .flat_map(|s| s["instances"].as_array().cloned().unwrap_or_default())
         .filter_map(|i| i["pid"].as_u64())
-        .collect();
-    pids.extend(status["agent"]["pid"].as_u64());
-    pids.push(u64::from(agent.pid()));
-    for pid in pids {
+    {
         let _ = std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
+            .args(["-KILL", "--", &format!("-{pid}"), &pid.to_string()])
             .status();
     }
+    signal(supervisor, "-KILL");
     if let Some(mut child) = agent.child.take() {
         let _ = child.wait();
+    }
+    // A sandbox's pid-1 reaper is in a session of its own: every process
+    // that names this home goes too (its namespace with it), as with a
+    // machine that dies.
+    for pid in processes_mentioning(env.home.to_str().unwrap()) {
+        signal(u64::from(pid), "-KILL");
     }
 }
 
