@@ -103,12 +103,27 @@ pub struct ServiceStatus {
     pub watched_until: Option<String>,
 }
 
+/// A cluster's instances of a service, counted over every node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FleetCounts {
+    /// Of the target, not stopping, and ready.
+    pub ready: u32,
+    /// Of the target, not stopping.
+    pub running: u32,
+    /// Every instance, of any release.
+    pub instances: u32,
+}
+
 /// What a service's controller saw at its last pass: what only it knows.
 /// [`ServiceStatus::of`] joins it with what the state store says now.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Reconciled {
     /// The target release that pass reconciled towards.
     pub target: u64,
+    /// In a cluster, the whole fleet's counts (every node's instances, as
+    /// the store has them): what `ready` and `converged` say; `instances`
+    /// stay this node's. `None`: on its own, this node's are the fleet.
+    pub fleet: Option<FleetCounts>,
     pub instances: Vec<InstanceStatus>,
     pub backoff: Vec<SlotBackoff>,
     pub message: Option<String>,
@@ -156,19 +171,25 @@ impl ServiceStatus {
         }
         let on_target =
             |i: &&InstanceStatus| i.revision == target && i.state != InstanceState::Stopping;
-        let ready = instances
-            .iter()
-            .filter(on_target)
-            .filter(|i| i.ready)
-            .count() as u32;
-        let running = instances.iter().filter(on_target).count() as u32;
+        let (ready, running, all) = match seen.fleet {
+            Some(f) => (f.ready, f.running, f.instances as usize),
+            None => (
+                instances
+                    .iter()
+                    .filter(on_target)
+                    .filter(|i| i.ready)
+                    .count() as u32,
+                instances.iter().filter(on_target).count() as u32,
+                instances.len(),
+            ),
+        };
         // A settings change (a timeout) is converged once a pass acted on it.
         let settings_seen = seen.settings.as_ref().is_none_or(|s| s == settings);
         let converged = current
             && settings_seen
             && ready == replicas
             && running == replicas
-            && (seen.warm || running as usize == instances.len());
+            && (seen.warm || running as usize == all);
         Self {
             name: name.clone(),
             replicas,
@@ -551,6 +572,32 @@ mod tests {
         assert!(!status(2, &releases, &seen).converged);
         seen.warm = true;
         assert!(status(2, &releases, &seen).converged);
+        // In a cluster the fleet's counts decide, whatever this node runs.
+        seen.warm = false;
+        seen.fleet = Some(FleetCounts {
+            ready: 1,
+            running: 1,
+            instances: 1,
+        });
+        assert!(status(2, &releases, &seen).converged);
+        seen.instances.clear();
+        seen.fleet = Some(FleetCounts {
+            ready: 0,
+            running: 1,
+            instances: 1,
+        });
+        let s = status(2, &releases, &seen);
+        assert!(!s.converged);
+        assert_eq!(s.ready, 0);
+        seen.fleet = Some(FleetCounts {
+            ready: 1,
+            running: 1,
+            instances: 2,
+        });
+        assert!(
+            !status(2, &releases, &seen).converged,
+            "another release still runs"
+        );
     }
 
     #[test]

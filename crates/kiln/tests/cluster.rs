@@ -354,7 +354,16 @@ fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
         &[0, 1, 2],
     );
     let spec = spec.as_str();
-    envs[0].ok(&["apply", "--detach", "-f", spec]);
+    // A plain apply returns once the whole fleet is ready (each node's
+    // status counts every node's instances).
+    envs[0].ok(&["apply", "-f", spec]);
+    // Every node's status says so (the others' within a pass or two).
+    wait_for("every node's status whole", Duration::from_secs(10), || {
+        envs.iter().all(|env| {
+            let s = service_status(env, "web");
+            s["ready"] == 3 && s["converged"] == true
+        })
+    });
     wait_for(
         "one ready replica on each node",
         Duration::from_secs(60),

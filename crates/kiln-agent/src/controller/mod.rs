@@ -38,8 +38,8 @@ use kiln_core::counters::Snapshot;
 use kiln_core::event::{Actor, Change};
 use kiln_core::health::SlotHistory;
 use kiln_core::release::Outcome;
-use kiln_core::rollout::assign::{Assignment, Fleet, Observation};
-use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Step, View};
+use kiln_core::rollout::assign::{self, Assignment, Fleet, Observation};
+use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Seen, Step, View};
 use kiln_core::spec::ServiceName;
 use tokio::sync::{mpsc, oneshot};
 
@@ -176,6 +176,9 @@ pub struct Controller {
     /// Whether this node led at the last pass (a node that starts leading
     /// reads the fleet and the rollout again from the store).
     leading: bool,
+    /// In a cluster, the whole fleet's counts at the last pass (`status`
+    /// says ready and converged from them).
+    counts: Option<kiln_core::api::FleetCounts>,
     /// Changes when the drift detector found something: look again.
     drift: tokio::sync::watch::Receiver<u64>,
     /// The leader's: the assignments as the last pass left them, the
@@ -223,6 +226,20 @@ struct Observed {
     /// A digest of the assignments as the store has them (`None`: never
     /// written).
     stored: Option<u64>,
+}
+
+/// A cluster's instances of a service as the leader's view has them.
+fn counts(seen: &[Seen<String>], target: u64) -> kiln_core::api::FleetCounts {
+    let on_target = |s: &&Seen<String>| s.revision == target && !s.stopping;
+    kiln_core::api::FleetCounts {
+        ready: seen
+            .iter()
+            .filter(on_target)
+            .filter(|s| s.ready_since.is_some() && s.live)
+            .count() as u32,
+        running: seen.iter().filter(on_target).count() as u32,
+        instances: seen.len() as u32,
+    }
 }
 
 /// How often, in a cluster, a member that does not lead reads its
@@ -278,6 +295,7 @@ impl Controller {
             adopting: Vec::new(),
             removing: false,
             leading: false,
+            counts: None,
             detaching: None,
             fleet: Fleet::default(),
             stored: None,
@@ -594,6 +612,7 @@ impl Controller {
         // leader's view follows them).
         self.due = rollout::due(&self.rollout, &self.view(&o));
         if !solo {
+            self.counts = Some(counts(self.fleet.seen(), o.rec.target));
             // And a pass at least that often, to hear of them.
             let soon = now() + FOLLOW_EVERY;
             self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
@@ -627,6 +646,17 @@ impl Controller {
         }
         self.stored = None;
         self.work().await;
+        // The fleet as the leader sees it, for `status` here.
+        let (assigned, observations) = (
+            self.shared.state.assignments(&self.name).await,
+            self.shared.state.observations(&self.name).await,
+        );
+        if let (Ok(a), Ok(o)) = (assigned, observations)
+            && let Some(rec) = &self.service
+        {
+            let seen = assign::seen(&a.unwrap_or_default(), &o, &clock());
+            self.counts = Some(counts(&seen, rec.target));
+        }
         self.due = Some(now() + FOLLOW_EVERY);
     }
 

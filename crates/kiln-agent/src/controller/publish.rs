@@ -192,6 +192,7 @@ impl Controller {
         let seen = Reconciled {
             settings: self.service.as_ref().map(|s| s.settings.clone()),
             target,
+            fleet: self.counts.filter(|_| !self.shared.membership.is_solo()),
             instances,
             backoff,
             message: self.message.clone(),
