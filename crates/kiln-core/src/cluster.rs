@@ -29,9 +29,10 @@ pub fn check_etcd_url(url: &str) -> Result<(), String> {
 }
 
 /// A key prefix for a cluster's state: starts and ends with `/` (so that
-/// `/kiln/` and `/kiln2/` never overlap), printable, at most 128 bytes.
+/// `/kiln/` and `/kiln2/` never overlap) with a name between, printable,
+/// at most 128 bytes.
 pub fn check_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.len() < 2 || !prefix.starts_with('/') || !prefix.ends_with('/') {
+    if prefix.len() < 3 || !prefix.starts_with('/') || !prefix.ends_with('/') {
         return Err(format!(
             "`{prefix}`: a prefix starts and ends with / (e.g. /kiln/)"
         ));
@@ -97,7 +98,8 @@ mod tests {
     fn prefixes_are_delimited_by_slashes() {
         assert_eq!(check_prefix("/kiln/"), Ok(()));
         assert_eq!(check_prefix("/a/b/"), Ok(()));
-        for bad in ["", "/", "kiln/", "/kiln", "/ki ln/", "/a\n/"] {
+        assert_eq!(check_prefix("/a/"), Ok(()));
+        for bad in ["", "/", "//", "kiln/", "/kiln", "/ki ln/", "/a\n/"] {
             assert!(check_prefix(bad).is_err(), "{bad:?}");
         }
         assert!(check_prefix(&format!("/{}/", "a".repeat(127))).is_err());

@@ -574,6 +574,28 @@ mod tests {
     }
 
     #[test]
+    fn a_fleets_generation_moves_with_its_assignments_only() {
+        let clock = Clock {
+            now: Instant::now(),
+            wall_ms: 1_000,
+        };
+        let mut fleet = Fleet::default();
+        let g0 = fleet.generation();
+        fleet.reset(vec![a("x", 1, 0), a("y", 1, 1)], &clock);
+        assert!(fleet.generation() > g0, "a reset is a change");
+        let stop = |id: &str| Step::Stop {
+            ids: vec![id.to_owned()],
+            reason: StopReason::Replaced,
+        };
+        let g1 = fleet.generation();
+        fleet.assign(&[stop("x")], 1, &n1(), |_| unreachable!());
+        assert!(fleet.generation() > g1, "a stop alone is a change");
+        let g2 = fleet.generation();
+        fleet.assign(&[stop("x")], 1, &n1(), |_| unreachable!());
+        assert_eq!(fleet.generation(), g2, "stopping already: no change");
+    }
+
+    #[test]
     fn a_slot_its_node_refused_starts_on_another() {
         let clock = Clock {
             now: Instant::now(),
@@ -586,8 +608,28 @@ mod tests {
         on_n1.node = "n1".to_owned();
         let mut on_n2 = a("y", 1, 1);
         on_n2.node = "n2".to_owned();
-        fleet.reset(vec![on_n1.clone(), on_n2], &clock);
-        fleet.observe(vec![on_n1.refused()], &clock);
+        fleet.reset(vec![on_n1.clone(), on_n2.clone()], &clock);
+        // An instance that crashed there is no refusal: n1 stays a place.
+        fleet.observe(vec![on_n1.gone(true)], &clock);
+        let mut n0 = 0;
+        fleet.assign(
+            &[Step::Start {
+                revision: 1,
+                slot: 0,
+            }],
+            1,
+            &nodes,
+            |_| {
+                n0 += 1;
+                format!("crashed{n0}")
+            },
+        );
+        assert_eq!(fleet.assigned().last().unwrap().node, "n1");
+        // Another instance there could not start at all: refused.
+        let mut refused_on_n1 = a("x2", 1, 0);
+        refused_on_n1.node = "n1".to_owned();
+        fleet.reset(vec![refused_on_n1.clone(), on_n2], &clock);
+        fleet.observe(vec![refused_on_n1.refused()], &clock);
         let start = |revision| [Step::Start { revision, slot: 0 }];
         let mut n = 0;
         let mut id = |_| {
