@@ -83,6 +83,15 @@ def wait(what, cond, limit=120):
     deadline = time.time() + limit
     while not cond():
         if time.time() > deadline:
+            # What each node says, and the end of its log, for the report.
+            for n in (1, 2, 3):
+                print(f"== n{n}:", file=sys.stderr)
+                try:
+                    print(kiln(n, "status"), file=sys.stderr)
+                except subprocess.CalledProcessError as e:
+                    print(e.stderr, file=sys.stderr)
+                with open(f"{work}/agent{n}.log") as f:
+                    print("".join(f.readlines()[-15:]), file=sys.stderr)
             sys.exit(f"timed out waiting for {what}")
         time.sleep(0.02)
 
