@@ -556,10 +556,13 @@ impl Controller {
     /// stored — start what is assigned (with the leader's ids), relabel
     /// a warm instance taken over, stop what is to stop and what runs with
     /// no assignment. Returns when a stop swapped the routes, if one did.
-    pub(super) async fn work(&mut self) -> Option<Instant> {
+    /// `read`: the assignments as the caller just read them from the store
+    /// (a member that does not lead), so that they are not read twice.
+    pub(super) async fn work(&mut self, read: Option<Vec<Assignment>>) -> Option<Instant> {
         // What the leader just wrote is what the store holds (on one node
         // the worker takes it from the leader's hands); after a failed
         // write, what the store holds is read.
+        let given = read;
         let read;
         let assignments: &[Assignment] = match self.stored {
             Some(Some(_)) => {
@@ -574,18 +577,21 @@ impl Controller {
                 self.fleet.assigned()
             }
             Some(None) => return None,
-            None => match self.shared.state.assignments(&self.name).await {
-                Ok(Some(a)) => {
-                    read = a;
-                    &read
-                }
-                // Nothing was ever assigned: nothing to do.
-                Ok(None) => return None,
-                Err(e) => {
-                    self.log_state_error(e);
-                    return None;
-                }
-            },
+            None => {
+                read = match given {
+                    Some(list) => list,
+                    None => match self.shared.state.assignments(&self.name).await {
+                        Ok(Some(a)) => a,
+                        // Nothing was ever assigned: nothing to do.
+                        Ok(None) => return None,
+                        Err(e) => {
+                            self.log_state_error(e);
+                            return None;
+                        }
+                    },
+                };
+                &read
+            }
         };
         let running: Vec<Running<'_>> = self
             .instances

@@ -645,19 +645,22 @@ impl Controller {
                 .map_or(Routing::Any, Routing::Release);
         }
         self.stored = None;
-        self.work().await;
-        // The fleet as the leader sees it, for `status` here.
-        let (assigned, observations) = (
-            self.shared.state.assignments(&self.name).await,
-            self.shared.state.observations(&self.name).await,
-        );
-        if let (Ok(a), Ok(o)) = (assigned, observations)
+        self.due = Some(now() + FOLLOW_EVERY);
+        // The assignments, read once: the fleet as the leader sees it (for
+        // `status` here), and what this node's worker carries out.
+        let assigned = match self.shared.state.assignments(&self.name).await {
+            Ok(Some(a)) => a,
+            // Nothing was ever assigned: nothing to do.
+            Ok(None) => return,
+            Err(e) => return self.log_state_error(e),
+        };
+        if let Ok(o) = self.shared.state.observations(&self.name).await
             && let Some(rec) = &self.service
         {
-            let seen = assign::seen(&a.unwrap_or_default(), &o, &clock());
+            let seen = assign::seen(&assigned, &o, &clock());
             self.counts = Some(counts(&seen, rec.target));
         }
-        self.due = Some(now() + FOLLOW_EVERY);
+        self.work(Some(assigned)).await;
     }
 
     /// Read the service, its releases and its instances for a pass. `None`
@@ -870,7 +873,7 @@ impl Controller {
                 other => after.push(other),
             }
         }
-        let worked = self.work().await;
+        let worked = self.work(None).await;
         swapped = swapped.or(worked);
         // Then the rest, in the decision's order, onto what the worker
         // made: a switch routes to warm instances it just relabelled, and
