@@ -243,7 +243,9 @@ impl Node {
         let stored = match svc.stored {
             Some(known) => known,
             None => {
-                let a = ready(self.state.assignments(&svc.name)).expect("read");
+                let a = ready(self.state.assignments(&svc.name))
+                    .expect("read")
+                    .map(|a| a.list);
                 let d = a.as_ref().map(digest);
                 svc.fleet.reset(a.unwrap_or_default(), &clock);
                 d
@@ -293,7 +295,7 @@ impl Node {
         if stored != Some(now_digest) {
             ready(
                 self.state
-                    .assign(&svc.name, svc.fleet.assigned(), None, Guard::NONE),
+                    .assign(&svc.name, svc.fleet.assigned(), None, None, Guard::NONE),
             )
             .expect("assigned");
         }
@@ -600,6 +602,7 @@ fn observation(s: &Seen<String>, clock: &Clock, gone: Option<bool>) -> Observati
         stale: s.stale,
         gone,
         refused: false,
+        port: 0,
     }
 }
 

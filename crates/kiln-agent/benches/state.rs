@@ -157,7 +157,7 @@ async fn measure(state: Arc<dyn ClusterState>, n: u64) -> serde_json::Value {
     timed(&mut out, "assign", n, async {
         for _ in 0..n {
             state
-                .assign(&web, &list, None, Guard::fence(fence))
+                .assign(&web, &list, None, None, Guard::fence(fence))
                 .await
                 .expect("assign");
         }

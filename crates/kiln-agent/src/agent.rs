@@ -164,6 +164,15 @@ pub enum AgentError {
     TokenExists(TokenName),
     #[error("no token named {0}")]
     NoToken(TokenName),
+    /// `kiln drain` on an agent that is not in a cluster.
+    #[error(
+        "node {0} is on its own (no --etcd): drain moves instances to other nodes of a cluster"
+    )]
+    NotInCluster(String),
+    #[error("no node {node} in the cluster (members: {members})")]
+    NoNode { node: String, members: String },
+    #[error("node {0} is the only node not drained: its instances would have nowhere to go")]
+    LastNode(String),
     #[error("request body over the 2 MiB limit")]
     TooLarge,
     #[error("store collection: {0}")]
@@ -312,6 +321,11 @@ impl Agent {
         // Followed from here: what is recorded from now on wakes the
         // controllers that the loop below starts.
         let head = agent.shared.state.head().await?.map_or(0, |(seq, _)| seq);
+        *agent
+            .shared
+            .drained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = agent.shared.state.drained().await?;
         tokio::spawn(Self::follow(Arc::downgrade(&agent), head));
         if !agent.shared.membership.is_solo() {
             tokio::spawn(Self::follow_membership(Arc::downgrade(&agent)));
@@ -458,9 +472,11 @@ impl Agent {
                 }
             };
             let mut moved = std::collections::BTreeSet::new();
+            let mut drains = false;
             for e in &events {
                 after = after.max(e.seq);
-                if e.change.moves_target()
+                drains |= matches!(e.change, Change::NodeDrain { .. });
+                if (e.change.moves_target() || matches!(e.change, Change::ServiceRemoved { .. }))
                     && let Some(service) = &e.service
                     && let Ok(name) = ServiceName::try_from(service.as_str())
                 {
@@ -470,14 +486,40 @@ impl Agent {
             let Some(agent) = agent.upgrade() else {
                 return;
             };
+            // A drain made through any member: the leader moves instances.
+            if drains {
+                agent.refresh_drained().await;
+            }
             for name in moved {
                 // A service removed since is not brought back, and nothing
                 // starts once shutdown began.
                 if agent.shutting_down.load(Ordering::SeqCst) {
                     return;
                 }
-                if let Ok(Some(_)) = agent.shared.state.service(&name).await {
-                    agent.start_controller(&name, Vec::new()).await;
+                match agent.shared.state.service(&name).await {
+                    Ok(Some(rec)) => {
+                        agent.start_controller(&name, Vec::new()).await;
+                        // Applied through another member of a cluster: this
+                        // node serves it on its own address too.
+                        if let Err(e) = agent.open_listeners(&name, &rec.settings).await {
+                            tracing::error!("{e}");
+                        }
+                    }
+                    // Removed through another member: its listeners close
+                    // here too (its instances stop with their assignments).
+                    // On its own, a removal is this agent's, which closes
+                    // them once the instances drained.
+                    Ok(None) if !agent.shared.membership.is_solo() => {
+                        for key in [
+                            RouteKey::Service(name.clone()),
+                            RouteKey::Preview(name.clone()),
+                        ] {
+                            agent.shared.router.unlisten(&key).await;
+                            agent.shared.router.remove_routes(&key);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!("state: {e}"),
                 }
             }
         }
@@ -510,25 +552,27 @@ impl Agent {
         name: &ServiceName,
         settings: &kiln_core::release::ServiceSettings,
     ) -> Result<(), AgentError> {
+        let m = &self.shared.membership;
         if let Some(listen) = settings.listen {
-            if let Some(other) = self.shared.router.listening_on(listen.0).await
+            let addr = m.listen_addr(listen.0);
+            if let Some(other) = self.shared.router.listening_on(addr).await
                 && other != RouteKey::Service(name.clone())
             {
                 return Err(AgentError::AddressTaken {
                     service: name.clone(),
-                    addr: listen.0,
+                    addr,
                     other,
                 });
             }
             self.shared
                 .router
-                .listen(&RouteKey::Service(name.clone()), listen.0)
+                .listen(&RouteKey::Service(name.clone()), addr)
                 .await?;
         }
         if let Some(preview) = settings.rollout.preview_listen {
             self.shared
                 .router
-                .listen(&RouteKey::Preview(name.clone()), preview.0)
+                .listen(&RouteKey::Preview(name.clone()), m.listen_addr(preview.0))
                 .await?;
         }
         Ok(())
@@ -1329,6 +1373,7 @@ impl Agent {
                 .state
                 .assignments(&svc.name)
                 .await?
+                .map(|a| a.list)
                 .unwrap_or_default()
             {
                 if a.stop.is_none() {
@@ -1337,6 +1382,7 @@ impl Agent {
             }
         }
         let leader = m.leader.borrow().clone();
+        let drained = self.shared.state.drained().await?;
         let nodes = m
             .members
             .borrow()
@@ -1347,6 +1393,8 @@ impl Agent {
                 joined: n.joined.clone(),
                 leader: leader.as_deref() == Some(n.name.as_str()),
                 instances: assigned.get(&n.name).copied().unwrap_or(0),
+                address: n.address.to_string(),
+                drained: drained.contains(&n.name),
             })
             .collect();
         Ok(kiln_core::api::NodesResponse {
@@ -1355,6 +1403,75 @@ impl Agent {
             leader,
             nodes,
         })
+    }
+
+    /// `kiln drain NODE` (`drained`) or `kiln undrain NODE`: recorded in
+    /// the cluster's state, where the leader reads it: a drained node
+    /// takes no new instance, and each of its instances is replaced on
+    /// another node before it stops (zero failed requests, as a drifted
+    /// one is replaced).
+    pub async fn drain(
+        &self,
+        node: &str,
+        drained: bool,
+        actor: Actor,
+    ) -> Result<kiln_core::api::DrainResponse, AgentError> {
+        let m = &self.shared.membership;
+        if m.is_solo() {
+            return Err(AgentError::NotInCluster(m.node.clone()));
+        }
+        let members = m.member_names();
+        let known = self.shared.state.drained().await?;
+        if drained {
+            if !members.iter().any(|n| n == node) {
+                return Err(AgentError::NoNode {
+                    node: node.to_owned(),
+                    members: members.join(", "),
+                });
+            }
+            if members.iter().all(|n| n == node || known.contains(n)) {
+                return Err(AgentError::LastNode(node.to_owned()));
+            }
+        }
+        let event = NewEvent::node(
+            Change::NodeDrain {
+                node: node.to_owned(),
+                drained,
+            },
+            actor,
+        );
+        self.shared.state.set_drained(node, drained, &event).await?;
+        self.refresh_drained().await;
+        let instances = self
+            .nodes()
+            .await?
+            .nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map_or(0, |n| n.instances);
+        Ok(kiln_core::api::DrainResponse {
+            node: node.to_owned(),
+            drained,
+            instances,
+        })
+    }
+
+    /// Read the drained nodes again and wake every controller (the leader
+    /// moves what runs there).
+    async fn refresh_drained(&self) {
+        match self.shared.state.drained().await {
+            Ok(d) => {
+                *self
+                    .shared
+                    .drained
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = d
+            }
+            Err(e) => tracing::error!("state: {e}"),
+        }
+        for tx in self.controllers.lock().await.values() {
+            let _ = tx.send(Msg::Wake);
+        }
     }
 
     /// The events after sequence number `after` (the dashboard's feed).

@@ -82,7 +82,10 @@ impl IntoResponse for AgentError {
             AgentError::Collect(_) | AgentError::Task(_) | AgentError::Signatures(..) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            AgentError::NoToken(_) => StatusCode::NOT_FOUND,
+            AgentError::NoToken(_) | AgentError::NoNode { .. } => StatusCode::NOT_FOUND,
+            AgentError::NotInCluster(_) | AgentError::LastNode(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
             // The cluster's state store is away: try again later.
             AgentError::State(crate::state::StateError::Cluster { .. }) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -123,6 +126,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/records", post(record))
         .route("/v1/status", get(status))
         .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/drain", post(drain))
+        .route("/v1/nodes/{name}/undrain", post(undrain))
         .route("/v1/services/{name}/history", get(history))
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
@@ -328,6 +333,27 @@ async fn record(
     let Json(req) = body.map_err(bad_json)?;
     let seq = agent.record(req.change, caller.actor).await?;
     Ok(Json(kiln_core::api::RecordResponse { seq }))
+}
+
+/// `POST /v1/nodes/{name}/drain`: the node takes no new instance and the
+/// leader moves its instances to the others.
+async fn drain(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<kiln_core::api::DrainResponse>, AgentError> {
+    kiln_core::cluster::check_node_name(&name).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.drain(&name, true, caller.actor).await?))
+}
+
+/// `POST /v1/nodes/{name}/undrain`: the node takes new instances again.
+async fn undrain(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<kiln_core::api::DrainResponse>, AgentError> {
+    kiln_core::cluster::check_node_name(&name).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.drain(&name, false, caller.actor).await?))
 }
 
 /// `GET /v1/nodes`: the cluster's members.

@@ -10,6 +10,7 @@
 //! stops leading (it may have lost it) and joins again when etcd answers.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -36,6 +37,13 @@ pub struct NodeInfo {
     /// upgrade) takes the name over; another home's is refused it.
     #[serde(default)]
     pub key: String,
+    /// Its advertised address: where its instances and listeners are.
+    #[serde(default = "loopback")]
+    pub address: IpAddr,
+}
+
+fn loopback() -> IpAddr {
+    IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }
 
 /// What the agent reads of its cluster.
@@ -43,6 +51,9 @@ pub struct NodeInfo {
 pub struct Membership {
     /// This node's name.
     pub node: String,
+    /// This node's address (loopback on its own): its instances listen
+    /// there, and so do its listeners that name no IP.
+    pub address: IpAddr,
     /// Whether this node runs the fleet decisions now.
     pub leading: watch::Receiver<bool>,
     /// The live members, by name (this node among them while it is).
@@ -67,10 +78,12 @@ impl Membership {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             joined: now(),
             key: String::new(),
+            address: loopback(),
         };
         // The senders are dropped: the values never change.
         Self {
             node: node.to_owned(),
+            address: loopback(),
             leading: watch::channel(true).1,
             members: watch::channel(BTreeMap::from([(node.to_owned(), info)])).1,
             leader: watch::channel(Some(node.to_owned())).1,
@@ -113,6 +126,22 @@ impl Membership {
         *self.leading.borrow()
     }
 
+    /// A live member's advertised address.
+    pub fn address_of(&self, node: &str) -> Option<IpAddr> {
+        self.members.borrow().get(node).map(|n| n.address)
+    }
+
+    /// Where a listener of `addr` binds on this node: in a cluster, one
+    /// that names no IP (`:8080`) takes the node's advertised address, so
+    /// that each node serves the port on its own.
+    pub fn listen_addr(&self, addr: std::net::SocketAddr) -> std::net::SocketAddr {
+        if self.solo || !addr.ip().is_unspecified() {
+            addr
+        } else {
+            (self.address, addr.port()).into()
+        }
+    }
+
     /// The live members' names, in order.
     pub fn member_names(&self) -> Vec<String> {
         self.members.borrow().keys().cloned().collect()
@@ -131,6 +160,7 @@ pub(crate) async fn join<S: Etcd + 'static>(
     state: Arc<S>,
     node: &str,
     key: &str,
+    address: IpAddr,
     ttl: Duration,
 ) -> Result<Membership, StateError> {
     let info = NodeInfo {
@@ -138,12 +168,14 @@ pub(crate) async fn join<S: Etcd + 'static>(
         version: env!("CARGO_PKG_VERSION").to_owned(),
         joined: now(),
         key: key.to_owned(),
+        address,
     };
     let (leading_tx, leading) = watch::channel(false);
     let (members_tx, members) = watch::channel(BTreeMap::new());
     let (leader_tx, leader) = watch::channel(None);
     let membership = Membership {
         node: node.to_owned(),
+        address,
         leading,
         members,
         leader,

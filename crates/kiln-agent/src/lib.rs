@@ -159,6 +159,14 @@ pub struct ClusterOptions {
     pub prefix: String,
     /// This node's name (default: its host name).
     pub node: Option<String>,
+    /// This node's address for the others (`--advertise`): its instances
+    /// and its listeners without an IP are there.
+    #[serde(default = "loopback")]
+    pub advertise: std::net::IpAddr,
+}
+
+fn loopback() -> std::net::IpAddr {
+    std::net::Ipv4Addr::LOCALHOST.into()
 }
 
 /// Where a home remembers the cluster it was last served in, so that the
@@ -338,6 +346,7 @@ pub async fn serve(
                 etcd.clone(),
                 &node_name,
                 &node_key.public(),
+                c.advertise,
                 cluster::DEFAULT_TTL,
             )
             .await?;

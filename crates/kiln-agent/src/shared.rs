@@ -35,6 +35,9 @@ pub struct Shared {
     /// carries it, so a deposed leader's late writes fail). On its own, a
     /// node is the only member and always leads.
     pub membership: crate::cluster::Membership,
+    /// The drained nodes (`kiln drain`), as the state store last said
+    /// (read at start and again on each drain event of the ledger).
+    pub drained: std::sync::Mutex<std::collections::BTreeSet<String>>,
     pub backoff: Backoff,
     /// What each controller saw at its last pass.
     pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
@@ -77,6 +80,7 @@ impl Shared {
             state: state as Arc<dyn ClusterState>,
             membership: crate::cluster::Membership::solo(&node_name()),
             node_name: node_name(),
+            drained: std::sync::Mutex::default(),
             backoff,
             status: std::sync::Mutex::default(),
             router,

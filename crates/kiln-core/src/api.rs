@@ -698,4 +698,19 @@ pub struct NodeStatus {
     pub leader: bool,
     /// Instances assigned to it (of every service, stopping ones aside).
     pub instances: u64,
+    /// Its advertised address.
+    #[serde(default)]
+    pub address: String,
+    /// Drained (`kiln drain`): it takes no new instance.
+    #[serde(default)]
+    pub drained: bool,
+}
+
+/// `kiln drain NODE` / `kiln undrain NODE`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainResponse {
+    pub node: String,
+    pub drained: bool,
+    /// Instances assigned to it when the change was made.
+    pub instances: u64,
 }

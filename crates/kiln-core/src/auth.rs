@@ -236,6 +236,8 @@ pub fn route(method: &str, path: &str) -> Route {
         ["v1", "tokens"] if read || method == "POST" => Route::Needs(Role::Admin),
         ["v1", "tokens", _, "revoke"] if method == "POST" => Route::Needs(Role::Admin),
         ["v1", "gc"] if method == "POST" => Route::Needs(Role::Admin),
+        // Moving every instance off a node is the operator's.
+        ["v1", "nodes", _, "drain" | "undrain"] if method == "POST" => Route::Needs(Role::Admin),
         // The OCI distribution endpoint: reads for viewers, uploads for
         // deployers; nothing is ever deleted through it.
         ["v2", ..] if read => Route::Needs(Role::Viewer),
@@ -369,6 +371,10 @@ mod tests {
             ("POST", "/v1/tokens", Needs(Role::Admin)),
             ("POST", "/v1/tokens/ci/revoke", Needs(Role::Admin)),
             ("POST", "/v1/gc", Needs(Role::Admin)),
+            ("POST", "/v1/nodes/n2/drain", Needs(Role::Admin)),
+            ("POST", "/v1/nodes/n2/undrain", Needs(Role::Admin)),
+            ("GET", "/v1/nodes/n2/drain", Unknown),
+            ("POST", "/v1/nodes/n2/delete", Unknown),
             ("GET", "/v2/", Needs(Role::Viewer)),
             ("HEAD", "/v2/web/blobs/sha256:00", Needs(Role::Viewer)),
             ("POST", "/v2/web/blobs/uploads/", Needs(Role::Deployer)),

@@ -64,9 +64,33 @@ pub fn check_node_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A node's advertised address: where the other nodes reach its instances
+/// and where its listeners without an IP (`listen = ":8080"`) bind. One
+/// address of a host, so neither unspecified (`0.0.0.0`) nor multicast.
+pub fn check_advertise(ip: std::net::IpAddr) -> Result<(), String> {
+    if ip.is_unspecified() || ip.is_multicast() {
+        Err(format!(
+            "`{ip}`: advertise one address of this host that the other nodes reach (not unspecified, not multicast)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_advertised_address_is_one_address_of_a_host() {
+        for good in ["127.0.0.2", "10.0.0.7", "::1", "fd00::1"] {
+            assert_eq!(check_advertise(good.parse().unwrap()), Ok(()), "{good}");
+        }
+        for bad in ["0.0.0.0", "::", "224.0.0.1", "ff02::1"] {
+            let e = check_advertise(bad.parse().unwrap()).unwrap_err();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
 
     #[test]
     fn etcd_urls_name_a_scheme_a_host_and_a_port() {

@@ -203,6 +203,13 @@ pub enum Change {
     TokenRevoked {
         name: crate::auth::TokenName,
     },
+    /// `kiln drain NODE` (`drained`) or `kiln undrain NODE`: the node takes
+    /// no new instance and the leader moves its instances to the others,
+    /// or it takes them again.
+    NodeDrain {
+        node: String,
+        drained: bool,
+    },
     /// A bake (`kiln bake`, or the bake of an apply) wrote an image:
     /// its name, digest and tags, and its provenance annotations (commit,
     /// dirty flag, source).
@@ -302,6 +309,7 @@ impl Change {
             Self::ServiceRemoved { .. } => "service-removed",
             Self::TokenCreated { .. } => "token-created",
             Self::TokenRevoked { .. } => "token-revoked",
+            Self::NodeDrain { .. } => "node-drain",
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
             Self::TreeDrift { .. } => "tree-drift",
@@ -461,6 +469,10 @@ mod tests {
             },
             Change::TokenRevoked {
                 name: crate::auth::TokenName::try_from("ci").unwrap(),
+            },
+            Change::NodeDrain {
+                node: "n2".into(),
+                drained: true,
             },
             Change::ImageBaked {
                 image: "app".into(),

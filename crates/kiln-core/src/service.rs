@@ -255,20 +255,29 @@ impl fmt::Display for ImageSource {
     }
 }
 
-/// A `listen` address: `IP:PORT` (e.g. `127.0.0.1:8080`).
+/// A `listen` address: `IP:PORT` (e.g. `127.0.0.1:8080`), or `:PORT` for
+/// every address of the host (`0.0.0.0:PORT`) — in a cluster, that port
+/// on each node's advertised address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ListenAddr(pub SocketAddr);
 
 impl<'de> Deserialize<'de> for ListenAddr {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
-        match s.parse::<SocketAddr>() {
+        let parsed = match s.strip_prefix(':') {
+            Some(port) => port
+                .parse::<u16>()
+                .map(|p| SocketAddr::from(([0, 0, 0, 0], p)))
+                .map_err(|_| ()),
+            None => s.parse::<SocketAddr>().map_err(|_| ()),
+        };
+        match parsed {
             Ok(a) if a.port() != 0 => Ok(Self(a)),
             Ok(_) => Err(serde::de::Error::custom(format!(
                 "listen address `{s}` needs a port other than 0"
             ))),
             Err(_) => Err(serde::de::Error::custom(format!(
-                "invalid listen address `{s}`: expected IP:PORT, e.g. 127.0.0.1:8080"
+                "invalid listen address `{s}`: expected IP:PORT or :PORT, e.g. 127.0.0.1:8080"
             ))),
         }
     }
@@ -854,6 +863,20 @@ mod tests {
         assert!(err.contains("cannot both be 0"), "{err}");
         let err = service("listen = \"127.0.0.1:0\"").unwrap_err();
         assert!(err.contains("needs a port other than 0"), "{err}");
+        let err = service("listen = \":0\"").unwrap_err();
+        assert!(err.contains("needs a port other than 0"), "{err}");
+        for bad in [":", ":x", ":65536", "8080"] {
+            let err = service(&format!("listen = \"{bad}\"")).unwrap_err();
+            assert!(err.contains("expected IP:PORT or :PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_listen_address_without_an_ip_is_every_address_of_the_host() {
+        let l: super::ListenAddr = serde_json::from_str("\":8080\"").unwrap();
+        assert_eq!(l.0, std::net::SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let l: super::ListenAddr = serde_json::from_str("\"[::1]:8081\"").unwrap();
+        assert_eq!(l.0, "[::1]:8081".parse::<std::net::SocketAddr>().unwrap());
     }
 
     #[test]

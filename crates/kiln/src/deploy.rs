@@ -119,6 +119,8 @@ pub fn serve(
             args.push("--node".into());
             args.push(node.into());
         }
+        args.push("--advertise".into());
+        args.push(c.advertise.to_string().into());
     }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;
@@ -1118,14 +1120,16 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<7} {:>9}  {:<10} JOINED",
-        "NODE", "LEADER", "INSTANCES", "VERSION"
+        "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} JOINED",
+        "NODE", "ADDRESS", "LEADER", "DRAINED", "INSTANCES", "VERSION"
     );
     for node in &n.nodes {
         println!(
-            "{:<20} {:<7} {:>9}  {:<10} {}{}",
+            "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} {}{}",
             node.name,
+            node.address,
             if node.leader { "yes" } else { "" },
+            if node.drained { "yes" } else { "" },
             node.instances,
             node.version,
             node.joined,
@@ -1140,6 +1144,71 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
         println!("(on its own: `kiln serve --etcd URL` makes a cluster)");
     } else if n.leader.is_none() {
         println!("no leader now: one is elected within the lease's TTL (5 s)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln drain NODE`: recorded by the agent; then, unless `wait` is
+/// `None`, the node's instances counted until none is left (each is
+/// replaced on another node before it stops).
+pub fn drain(home: &Path, node: &str, wait: Option<Duration>, json: bool) -> Result<ExitCode> {
+    kiln_core::cluster::check_node_name(node).map_err(|e| anyhow::anyhow!("node {e}"))?;
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let mut resp: kiln_core::api::DrainResponse =
+        rt.block_on(client.post(&format!("/v1/nodes/{node}/drain"), &serde_json::json!({})))?;
+    if let Some(limit) = wait {
+        let deadline = std::time::Instant::now() + limit;
+        let mut said = None;
+        while resp.instances > 0 {
+            if !json && said != Some(resp.instances) {
+                eprintln!(
+                    "node {node}: {} instance(s) to move to the other nodes…",
+                    resp.instances
+                );
+                said = Some(resp.instances);
+            }
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!(
+                    "node {node} still runs {} instance(s) after {} (it stays drained; `kiln status` says why they have not moved)",
+                    resp.instances,
+                    humantime::format_duration(limit)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            let n: kiln_core::api::NodesResponse = rt.block_on(client.get("/v1/nodes"))?;
+            resp.instances = n
+                .nodes
+                .iter()
+                .find(|n| n.name == node)
+                .map_or(0, |n| n.instances);
+        }
+    }
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else if wait.is_some() {
+        println!(
+            "node {node} drained: it runs no instance and takes no new one (`kiln undrain {node}` ends that)"
+        );
+    } else {
+        println!(
+            "node {node} drained: its {} instance(s) move to the other nodes",
+            resp.instances
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kiln undrain NODE`.
+pub fn undrain(home: &Path, node: &str, json: bool) -> Result<ExitCode> {
+    kiln_core::cluster::check_node_name(node).map_err(|e| anyhow::anyhow!("node {e}"))?;
+    let client = Client::new(home);
+    let resp: kiln_core::api::DrainResponse = runtime()?
+        .block_on(client.post(&format!("/v1/nodes/{node}/undrain"), &serde_json::json!({})))?;
+    if json {
+        crate::commands::print_json(&resp)?;
+    } else {
+        println!("node {node} takes new instances again");
     }
     Ok(ExitCode::SUCCESS)
 }

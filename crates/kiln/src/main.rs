@@ -428,6 +428,11 @@ pub enum Command {
         /// With --etcd: this node's name in the cluster (default: the host name)
         #[arg(long, value_name = "NAME", requires = "etcd", value_parser = parse_node_name)]
         node: Option<String>,
+        /// With --etcd: this node's address, where the other nodes' routers
+        /// reach its instances and where a `listen = ":PORT"` binds
+        /// (default: 127.0.0.1, a cluster on one machine)
+        #[arg(long, value_name = "IP", requires = "etcd", value_parser = parse_advertise)]
+        advertise: Option<std::net::IpAddr>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -534,6 +539,31 @@ pub enum Command {
     /// The cluster's nodes: name, leader, instances assigned, version, when
     /// it joined (on its own, this node alone)
     Nodes {
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move every instance off a node of the cluster (each replaced on
+    /// another node before it stops: no failed request) and place nothing
+    /// new there until `kiln undrain`; waits until the node runs none
+    Drain {
+        /// The node's name (`kiln nodes`)
+        node: String,
+        /// Return once the drain is recorded, without waiting
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the node to be empty
+        #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a drained node take new instances again (nothing moves back by
+    /// itself: new instances, replacements and rollouts go there)
+    Undrain {
+        /// The node's name
+        node: String,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -697,6 +727,8 @@ impl Command {
             | Command::Status { .. }
             | Command::Drift { .. }
             | Command::Nodes { .. }
+            | Command::Drain { .. }
+            | Command::Undrain { .. }
             | Command::History { .. }
             | Command::Rollback { .. }
             | Command::Promote { .. }
@@ -881,6 +913,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             etcd,
             etcd_prefix,
             node,
+            advertise,
             run_agent,
             successor,
         } => {
@@ -912,6 +945,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     etcd,
                     prefix: etcd_prefix,
                     node,
+                    advertise: advertise.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
                 }),
             };
             match (upgrade, run_agent) {
@@ -960,6 +994,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::History { service, json } => deploy::history(&home()?, &service, json),
         Command::Drift { service, json } => deploy::drift(&home()?, service.as_deref(), json),
         Command::Nodes { json } => deploy::nodes(&home()?, json),
+        Command::Drain {
+            node,
+            no_wait,
+            timeout,
+            json,
+        } => deploy::drain(&home()?, &node, (!no_wait).then_some(timeout), json),
+        Command::Undrain { node, json } => deploy::undrain(&home()?, &node, json),
         Command::Logs {
             service,
             release,
@@ -1055,6 +1096,13 @@ const GC_GRACE: &str = "1h";
 /// `30s`, `5m`, `1h30m` (humantime).
 fn parse_etcd_url(s: &str) -> Result<String, String> {
     kiln_core::cluster::check_etcd_url(s).map(|()| s.trim_end_matches('/').to_owned())
+}
+
+fn parse_advertise(s: &str) -> Result<std::net::IpAddr, String> {
+    let ip: std::net::IpAddr = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not an IP address"))?;
+    kiln_core::cluster::check_advertise(ip).map(|()| ip)
 }
 
 fn parse_etcd_prefix(s: &str) -> Result<String, String> {

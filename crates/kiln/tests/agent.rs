@@ -1190,4 +1190,11 @@ fn kiln_nodes_on_its_own_lists_this_node_leading() {
     assert_eq!(n["nodes"][0]["leader"], true);
     let table = env.ok(&["nodes"]);
     assert!(table.contains("on its own"), "{table}");
+    assert_eq!(n["nodes"][0]["address"], "127.0.0.1");
+    // Nowhere to move instances to: drain is refused, in one line.
+    let err = env.fails(&["drain", &this]);
+    assert!(err.contains("is on its own (no --etcd)"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let err = env.fails(&["drain", "Bad/Name"]);
+    assert!(err.contains("node name"), "{err}");
 }

@@ -39,6 +39,12 @@ fn on_etcd(etcd: &Etcd, node: &str) -> impl FnOnce(&mut std::process::Command) {
     }
 }
 
+/// The address node `i` (0..3) advertises when the test gives each its
+/// own: 127.0.0.2 to 127.0.0.4.
+fn advertised(i: usize) -> std::net::IpAddr {
+    std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8).into()
+}
+
 /// The service's release is whole: two ready instances of it, each
 /// answering as `version` (a release's predecessor may stay warm beside
 /// them, for its watch).
@@ -186,6 +192,15 @@ fn bad_cluster_flags_and_an_unreachable_etcd_are_refused_in_one_line() {
             "starts and ends with /",
         ),
         (vec!["--node", "n1"], "--etcd"),
+        (vec!["--advertise", "127.0.0.2"], "--etcd"),
+        (
+            vec!["--etcd", "http://h:1", "--advertise", "0.0.0.0"],
+            "not unspecified",
+        ),
+        (
+            vec!["--etcd", "http://h:1", "--advertise", "node-1"],
+            "not an IP address",
+        ),
     ] {
         let mut full = vec!["serve"];
         full.extend(args.iter().copied());
@@ -260,6 +275,17 @@ fn losing_etcd_stops_changes_not_traffic() {
 /// (the same inputs bake the same digest); returned once all three are
 /// members and one leads.
 fn three_nodes(etcd: &Etcd, web: &str, baked: &[usize]) -> (Vec<Env>, Vec<Option<Agent>>, String) {
+    three_nodes_at(etcd, web, baked, false)
+}
+
+/// [`three_nodes`], each advertising its own address ([`advertised`]) when
+/// `apart`.
+fn three_nodes_at(
+    etcd: &Etcd,
+    web: &str,
+    baked: &[usize],
+    apart: bool,
+) -> (Vec<Env>, Vec<Option<Agent>>, String) {
     let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
     let spec = hello_app(&envs[0].path("app"), web);
     let spec = spec.to_str().unwrap().to_owned();
@@ -267,10 +293,14 @@ fn three_nodes(etcd: &Etcd, web: &str, baked: &[usize]) -> (Vec<Env>, Vec<Option
         .iter()
         .enumerate()
         .map(|(i, env)| {
-            Some(Agent::start_with(
-                env,
-                on_etcd(etcd, &format!("n{}", i + 1)),
-            ))
+            let name = format!("n{}", i + 1);
+            let member = on_etcd(etcd, &name);
+            Some(Agent::start_with(env, |c| {
+                member(c);
+                if apart {
+                    c.args(["--advertise", &advertised(i).to_string()]);
+                }
+            }))
         })
         .collect();
     for &i in baked {
@@ -664,4 +694,195 @@ fn a_slot_a_node_cannot_start_goes_to_another() {
     wait_for("release 1 active", Duration::from_secs(60), || {
         releases(&envs[0], "web")[0]["outcome"] == "active"
     });
+}
+
+/// `count` requests on one keep-alive connection to `addr`: the bodies'
+/// "hello from VERSION (instance ID" parts, as (version, instance).
+fn answers(addr: std::net::SocketAddr, count: usize) -> Vec<(String, String)> {
+    let Ok(s) = std::net::TcpStream::connect(addr) else {
+        return Vec::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+    let mut conn = std::io::BufReader::new(s);
+    let mut out = Vec::new();
+    for _ in 0..count {
+        let Ok((200, body)) = request(&mut conn, "/") else {
+            break;
+        };
+        let Some(rest) = body.strip_prefix("hello from ") else {
+            break;
+        };
+        let (version, rest) = rest.split_once(" (instance ").unwrap_or((rest, ""));
+        let id: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        out.push((version.to_owned(), id));
+    }
+    out
+}
+
+/// Traffic across nodes: each node listens on `listen = ":PORT"` at its
+/// advertised address (127.0.0.2..4) and sends to the ready instances of
+/// every node (which listen there too); a rolling update under load
+/// through all three routers at once loses no request.
+#[test]
+fn every_router_sends_to_every_node_and_a_rolling_update_loses_no_request() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let port = free_port();
+    let web = WEB.replace(
+        "replicas = 2",
+        &format!("replicas = 3\nlisten = \":{port}\""),
+    );
+    let (envs, mut agents, spec) = three_nodes_at(&etcd, &web, &[0, 1, 2], true);
+    envs[0].ok(&["apply", "-f", &spec]);
+    let routers: Vec<std::net::SocketAddr> = (0..3).map(|i| (advertised(i), port).into()).collect();
+    let behind = |router| {
+        answers(router, 12)
+            .into_iter()
+            .map(|(_, id)| id)
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    wait_for(
+        "each router reaches the instances of all three nodes",
+        Duration::from_secs(30),
+        || routers.iter().all(|r| behind(*r).len() == 3),
+    );
+    // Each node's instance listens on its node's address, not loopback.
+    for (i, env) in envs.iter().enumerate() {
+        let s = service_status(env, "web");
+        let p = s["instances"][0]["port"].as_u64().unwrap() as u16;
+        assert!(std::net::TcpStream::connect((advertised(i), p)).is_ok());
+        assert!(std::net::TcpStream::connect(("127.0.0.1", p)).is_err());
+    }
+    // Nothing listens on loopback's port: `:PORT` is the advertised one.
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+
+    // A rolling update, applied on a member that may not lead, under load
+    // through every router.
+    let loads: Vec<Load> = routers.iter().map(|r| Load::start_at(*r, 2)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replace("HELLO_VERSION = \"v1\"", "HELLO_VERSION = \"v2\""),
+    )
+    .unwrap();
+    // (It returns once the whole fleet is on v2, as every node counts it.)
+    envs[1].ok(&["apply", "-f", &spec]);
+    wait_for(
+        "every router sends to three instances of v2",
+        Duration::from_secs(30),
+        || {
+            routers.iter().all(|r| {
+                let seen = answers(*r, 12);
+                seen.iter().all(|(v, _)| v == "v2")
+                    && seen
+                        .iter()
+                        .map(|(_, id)| id)
+                        .collect::<std::collections::BTreeSet<_>>()
+                        .len()
+                        == 3
+            })
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, load) in loads.into_iter().enumerate() {
+        let count = load.finish();
+        eprintln!("through n{}: {count:?}", i + 1);
+        count.assert_none_failed();
+        assert!(
+            count.bodies.get("hello from v1").is_some_and(|n| *n > 0),
+            "{count:?}"
+        );
+        assert!(
+            count.bodies.get("hello from v2").is_some_and(|n| *n > 0),
+            "{count:?}"
+        );
+    }
+    for agent in agents.iter_mut().flatten() {
+        agent.stop();
+    }
+}
+
+/// `kiln drain`: under load through every node's router, a drained node's
+/// instance is replaced on the others before it stops (no request fails),
+/// the node takes nothing new, the last node not drained cannot be, and
+/// `kiln undrain` ends it.
+#[test]
+fn a_drained_node_hands_its_instances_over_without_a_failed_request() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let port = free_port();
+    let web = WEB.replace(
+        "replicas = 2",
+        &format!("replicas = 3\nlisten = \":{port}\""),
+    );
+    let (envs, mut agents, spec) = three_nodes_at(&etcd, &web, &[0, 1, 2], true);
+    envs[0].ok(&["apply", "-f", &spec]);
+    let routers: Vec<std::net::SocketAddr> = (0..3).map(|i| (advertised(i), port).into()).collect();
+    wait_for(
+        "each router reaches the instances of all three nodes",
+        Duration::from_secs(30),
+        || {
+            routers.iter().all(|r| {
+                let ids: std::collections::BTreeSet<String> =
+                    answers(*r, 12).into_iter().map(|(_, id)| id).collect();
+                ids.len() == 3
+            })
+        },
+    );
+    let loads: Vec<Load> = routers.iter().map(|r| Load::start_at(*r, 2)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // It returns once n2 runs nothing.
+    let out = envs[0].ok(&["drain", "n2"]);
+    assert!(out.contains("node n2 drained"), "{out}");
+    wait_for("n2's instance gone", Duration::from_secs(10), || {
+        service_status(&envs[1], "web")["instances"]
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    });
+    wait_for("three ready on n1 and n3", Duration::from_secs(10), || {
+        ready_here(&envs[0]) + ready_here(&envs[2]) == 3
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, load) in loads.into_iter().enumerate() {
+        let count = load.finish();
+        eprintln!("through n{}: {count:?}", i + 1);
+        count.assert_none_failed();
+        assert!(count.ok > 100, "{count:?}");
+    }
+    let nodes = envs[2].json(&["nodes", "--json"]);
+    let n2 = &nodes["nodes"][1];
+    assert_eq!(
+        (n2["name"].as_str(), n2["drained"].as_bool()),
+        (Some("n2"), Some(true))
+    );
+    assert_eq!(n2["instances"], 0);
+    assert_eq!(n2["address"], "127.0.0.3");
+    assert!(envs[1].ok(&["nodes"]).contains("DRAINED"));
+
+    // What cannot be drained is refused, naming why.
+    let err = envs[0].fails(&["drain", "nope"]);
+    assert!(err.contains("no node nope in the cluster"), "{err}");
+    envs[1].ok(&["drain", "n1", "--no-wait"]);
+    let err = envs[1].fails(&["drain", "n3"]);
+    assert!(err.contains("only node not drained"), "{err}");
+    // Undrained: n2 takes instances again (n1's, which it moves away).
+    envs[2].ok(&["undrain", "n2"]);
+    let undrained = envs[0].json(&["undrain", "n1", "--json"]);
+    assert_eq!(undrained["drained"], false);
+    let nodes = envs[0].json(&["nodes", "--json"]);
+    assert!(
+        nodes["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["drained"] == false),
+        "{nodes}"
+    );
+    for agent in agents.iter_mut().flatten() {
+        agent.stop();
+    }
 }

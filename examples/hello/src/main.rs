@@ -10,7 +10,9 @@
 //! - `GET /sleep/MS` → `slept` after MS milliseconds (an in-flight request)
 //!
 //! Knobs (environment), to misbehave on purpose:
-//! - `PORT` — where to listen on 127.0.0.1 (default 8080)
+//! - `PORT` — the port to listen on (default 8080)
+//! - `HOST` — the address to listen on (default 127.0.0.1; kiln sets its
+//!   node's address, which in a cluster the other nodes reach)
 //! - `HELLO_VERSION` — the version it reports (default `v1`)
 //! - `KILN_INSTANCE` — the instance id it reports (default `pid-<pid>`)
 //! - `HELLO_FAIL_HEALTH=1` — `/healthz` answers 503
@@ -86,10 +88,16 @@ fn run() -> Result<(), String> {
             std::process::exit(1);
         });
     }
-    let listener = TcpListener::bind(("127.0.0.1", port))
-        .map_err(|e| format!("listen on 127.0.0.1:{port}: {e}"))?;
+    let host: std::net::IpAddr = match env::var("HOST") {
+        Ok(h) => h
+            .parse()
+            .map_err(|_| format!("HOST={h} is not an IP address"))?,
+        Err(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+    };
+    let addr = std::net::SocketAddr::from((host, port));
+    let listener = TcpListener::bind(addr).map_err(|e| format!("listen on {addr}: {e}"))?;
     eprintln!(
-        "hello {} (instance {}) listening on 127.0.0.1:{port}",
+        "hello {} (instance {}) listening on {addr}",
         config.version, config.instance
     );
     for stream in listener.incoming() {

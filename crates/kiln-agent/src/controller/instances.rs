@@ -30,11 +30,15 @@ pub(super) struct Prepared {
     pub user: Option<kiln_core::user::Identity>,
 }
 
-/// Where an instance on this node listens: the node's loopback, on its
-/// port. The router and the probes reach it by this address (a cluster's
-/// instances on other nodes will have theirs).
-pub(super) fn instance_addr(port: u16) -> std::net::SocketAddr {
-    (std::net::Ipv4Addr::LOCALHOST, port).into()
+/// How long a stopping instance waits, out of this router's table, for a
+/// request that read the table just before to be counted in flight.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// Where an instance on this node listens: the node's address (loopback
+/// on its own, the advertised one in a cluster), on its port. The routers
+/// and the probes reach it by this address.
+pub(super) fn instance_addr(ip: std::net::IpAddr, port: u16) -> std::net::SocketAddr {
+    (ip, port).into()
 }
 
 pub(super) struct Inst {
@@ -350,7 +354,7 @@ impl Controller {
 
     /// Start the instance the leader assigned as `id`.
     pub(super) async fn start(&mut self, p: &Prepared, id: String, slot: u32) {
-        let port = match free_port() {
+        let port = match free_port(self.shared.membership.address) {
             Ok(port) => port,
             Err(e) => {
                 self.message = Some(format!("no free port: {e}"));
@@ -427,6 +431,12 @@ impl Controller {
         env.entry("PATH".to_owned())
             .or_insert_with(|| DEFAULT_PATH.to_owned());
         env.insert("PORT".to_owned(), port.to_string());
+        // Where to listen: the node's advertised address (in a cluster the
+        // other nodes' routers reach the instance there), else loopback.
+        env.insert(
+            "HOST".to_owned(),
+            self.shared.membership.address.to_string(),
+        );
         env.insert("KILN_INSTANCE".to_owned(), id.clone());
         env.insert("KILN_SERVICE".to_owned(), self.name.to_string());
         env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
@@ -478,10 +488,15 @@ impl Controller {
             runtime: p.runtime.clone(),
             health: cfg.health.clone(),
             stop: cfg.stop.clone(),
-            addr: instance_addr(port),
+            addr: instance_addr(self.shared.membership.address, port),
             serves: self.serves().await,
             log,
             keeper: self.shared.keeper.clone(),
+            settle: if self.shared.membership.is_solo() {
+                SETTLE
+            } else {
+                super::FOLLOW_EVERY * 2 + SETTLE * 10
+            },
             adopt,
         };
         tokio::spawn(task.run(self.reports_tx.clone(), stop_rx));
@@ -581,7 +596,7 @@ impl Controller {
                 read = match given {
                     Some(list) => list,
                     None => match self.shared.state.assignments(&self.name).await {
-                        Ok(Some(a)) => a,
+                        Ok(Some(a)) => a.list,
                         // Nothing was ever assigned: nothing to do.
                         Ok(None) => return None,
                         Err(e) => {
@@ -733,10 +748,8 @@ impl Controller {
     }
 }
 
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 /// Resolve a release's `user` against the image's `/etc/passwd` and

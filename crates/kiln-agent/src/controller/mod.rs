@@ -210,6 +210,22 @@ pub struct Controller {
     worked: Option<(u64, u64)>,
     /// The assignments' generation and a digest of them, as last hashed.
     hashed: (u64, u64),
+    /// The routing as the store has it beside the assignments (the
+    /// leader writes it again when its decision changes it).
+    stored_routing: Option<Routing>,
+    /// In a cluster, the other nodes' instances that take traffic, as the
+    /// assignments and observations last read say.
+    peers: Vec<Remote>,
+}
+
+/// An instance of another node that this node's router sends to.
+#[derive(Clone, Debug)]
+pub(super) struct Remote {
+    id: String,
+    revision: u64,
+    addr: std::net::SocketAddr,
+    /// This router's requests in flight to it (kept across publications).
+    inflight: Arc<crate::router::metrics::InFlight>,
 }
 
 /// An instance an earlier agent process left running: its record and its
@@ -298,6 +314,8 @@ impl Controller {
             counts: None,
             detaching: None,
             fleet: Fleet::default(),
+            stored_routing: None,
+            peers: Vec::new(),
             stored: None,
             observed: false,
             gone: Vec::new(),
@@ -455,7 +473,7 @@ impl Controller {
     /// ran) is reported gone, so that the leader replaces it.
     async fn report_lost(&mut self) {
         let assigned = match self.shared.state.assignments(&self.name).await {
-            Ok(a) => a.unwrap_or_default(),
+            Ok(a) => a.map(|a| a.list).unwrap_or_default(),
             Err(e) => return self.log_state_error(e),
         };
         for a in assigned {
@@ -486,6 +504,7 @@ impl Controller {
             stale: self.shared.drift.stale(&i.image, i.started_wall, &i.id),
             gone: None,
             refused: false,
+            port: i.port,
         }
     }
 
@@ -613,6 +632,10 @@ impl Controller {
         self.due = rollout::due(&self.rollout, &self.view(&o));
         if !solo {
             self.counts = Some(counts(self.fleet.seen(), o.rec.target));
+            // The other nodes' instances, as the assignments now say (one
+            // this pass stops leaves this router with it).
+            self.peers = self.remotes(self.fleet.assigned(), self.fleet.observations());
+            self.publish_routes();
             // And a pass at least that often, to hear of them.
             let soon = now() + FOLLOW_EVERY;
             self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
@@ -636,31 +659,69 @@ impl Controller {
             Ok(rec) => self.service = rec,
             Err(e) => self.log_state_error(e),
         }
-        if let Ok(releases) = self.shared.state.current_releases(&self.name).await {
-            self.routing = releases
-                .iter()
-                .filter(|r| r.outcome == Outcome::Active)
-                .map(|r| r.revision)
-                .max()
-                .map_or(Routing::Any, Routing::Release);
-        }
         self.stored = None;
         self.due = Some(now() + FOLLOW_EVERY);
         // The assignments, read once: the fleet as the leader sees it (for
-        // `status` here), and what this node's worker carries out.
+        // `status` here), what this node's worker carries out, and where
+        // its router sends (the leader's routing, with them).
         let assigned = match self.shared.state.assignments(&self.name).await {
             Ok(Some(a)) => a,
             // Nothing was ever assigned: nothing to do.
             Ok(None) => return,
             Err(e) => return self.log_state_error(e),
         };
-        if let Ok(o) = self.shared.state.observations(&self.name).await
-            && let Some(rec) = &self.service
-        {
-            let seen = assign::seen(&assigned, &o, &clock());
-            self.counts = Some(counts(&seen, rec.target));
+        match assigned.routing {
+            Some(r) => self.routing = r,
+            // A leader that did not say: the active release.
+            None => {
+                if let Ok(releases) = self.shared.state.current_releases(&self.name).await {
+                    self.routing = releases
+                        .iter()
+                        .filter(|r| r.outcome == Outcome::Active)
+                        .map(|r| r.revision)
+                        .max()
+                        .map_or(Routing::Any, Routing::Release);
+                }
+            }
         }
-        self.work(Some(assigned)).await;
+        // The leader's rollout, for this node's status (a canary's step, a
+        // release kept warm beside the new one).
+        if let Ok(Some(saved)) = self.shared.state.rollout(&self.name).await {
+            self.rollout = Rollout::restore(&saved, &clock(), |rev| self.counters(rev));
+        }
+        if let Ok(o) = self.shared.state.observations(&self.name).await {
+            if let Some(rec) = &self.service {
+                let seen = assign::seen(&assigned.list, &o, &clock());
+                self.counts = Some(counts(&seen, rec.target));
+            }
+            self.peers = self.remotes(&assigned.list, &o);
+        }
+        self.work(Some(assigned.list)).await;
+        self.publish_routes();
+    }
+
+    /// The other nodes' instances that take traffic, at their nodes'
+    /// advertised addresses (a node that left has none).
+    fn remotes(&self, assigned: &[Assignment], observed: &[Observation]) -> Vec<Remote> {
+        let m = &self.shared.membership;
+        assign::peers(&m.node, assigned, observed)
+            .into_iter()
+            .filter_map(|p| {
+                let ip = m.address_of(p.node)?;
+                let inflight = self
+                    .peers
+                    .iter()
+                    .find(|r| r.id == p.id)
+                    .map(|r| r.inflight.clone())
+                    .unwrap_or_default();
+                Some(Remote {
+                    id: p.id.to_owned(),
+                    revision: p.revision,
+                    addr: (ip, p.port).into(),
+                    inflight,
+                })
+            })
+            .collect()
     }
 
     /// Read the service, its releases and its instances for a pass. `None`
@@ -717,6 +778,8 @@ impl Controller {
             Some(known) => known,
             None => match self.shared.state.assignments(&self.name).await {
                 Ok(a) => {
+                    self.stored_routing = a.as_ref().and_then(|a| a.routing);
+                    let a = a.map(|a| a.list);
                     let d = a.as_ref().map(digest);
                     // A service recorded before assignments: what this
                     // node runs is what was assigned.
@@ -742,6 +805,14 @@ impl Controller {
                 }
             },
         };
+        // Drained members: their instances are replaced on the others.
+        let drained = self
+            .shared
+            .drained
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.fleet.drain(&drained);
         // Members gone (their leases expired): their assignments go, and
         // the decision below starts their slots on the others.
         let members = self.shared.membership.member_names();
@@ -817,7 +888,7 @@ impl Controller {
         self.routing = d.routing;
         let shared = self.shared.clone();
         let name = &self.name;
-        let members = shared.membership.member_names();
+        let members = self.fleet.nodes_for(&shared.membership.member_names());
         self.fleet.assign(&d.steps, target, &members, |rev| {
             shared.new_instance_id(name, rev)
         });
@@ -833,13 +904,17 @@ impl Controller {
         let saved = (self.rollout != self.saved && !outcome).then(|| self.rollout.save(&clock()));
         let digest_now = self.assigned_digest();
         self.stored = None;
-        if o.stored != Some(digest_now) || saved.is_some() {
+        if o.stored != Some(digest_now)
+            || saved.is_some()
+            || self.stored_routing != Some(self.routing)
+        {
             match self
                 .shared
                 .state
                 .assign(
                     &self.name,
                     self.fleet.assigned(),
+                    Some(self.routing),
                     saved.as_ref(),
                     self.shared.fenced(),
                 )
@@ -850,6 +925,7 @@ impl Controller {
                         self.saved = self.rollout.clone();
                     }
                     self.stored = Some(Some(digest_now));
+                    self.stored_routing = Some(self.routing);
                 }
                 // Read again next time: the store has what it has.
                 Err(e) => self.log_state_error(e),

@@ -7,7 +7,6 @@ use kiln_core::api::{CanaryStatus, InstanceState, InstanceStatus, Reconciled, Sl
 use kiln_core::rollout::{CanaryPhase, Rollout, Routing};
 use kiln_core::service::Strategy;
 
-use super::instances::Inst;
 use super::{Controller, now};
 use crate::router::{Backend, RouteKey, ServiceRoutes};
 
@@ -23,20 +22,33 @@ pub(super) struct Routed {
 
 impl Controller {
     /// The router backends of the ready, live instances that `pick` selects.
-    pub(super) fn backends(&self, pick: impl Fn(&Inst) -> bool) -> Vec<Arc<Backend>> {
-        self.instances
+    /// In a cluster, the other nodes' ready instances that `pick` selects
+    /// too (by their release).
+    pub(super) fn backends(&self, pick: impl Fn(u64) -> bool) -> Vec<Arc<Backend>> {
+        let ip = self.shared.membership.address;
+        let here = self
+            .instances
             .values()
-            .filter(|i| i.ready && i.live && !i.stopping && pick(i))
+            .filter(|i| i.ready && i.live && !i.stopping && pick(i.revision))
             .map(|i| {
                 Arc::new(Backend::new(
                     i.id.clone(),
                     i.revision,
-                    super::instances::instance_addr(i.port),
+                    super::instances::instance_addr(ip, i.port),
                     i.inflight.clone(),
                     self.shared.router.metrics.release(&self.name, i.revision),
                 ))
-            })
-            .collect()
+            });
+        let there = self.peers.iter().filter(|r| pick(r.revision)).map(|r| {
+            Arc::new(Backend::new(
+                r.id.clone(),
+                r.revision,
+                r.addr,
+                r.inflight.clone(),
+                self.shared.router.metrics.release(&self.name, r.revision),
+            ))
+        });
+        here.chain(there).collect()
     }
 
     /// Publish the ready instances to the router, when they changed: of any
@@ -59,14 +71,14 @@ impl Controller {
         );
         let (stable, canary) = match self.routing {
             Routing::Any => (self.backends(|_| true), None),
-            Routing::Release(r) => (self.backends(|i| i.revision == r), None),
+            Routing::Release(r) => (self.backends(|rev| rev == r), None),
             Routing::Split {
                 stable,
                 canary,
                 weight,
             } => (
-                self.backends(|i| i.revision == stable),
-                Some((self.backends(|i| i.revision == canary), canary, weight)),
+                self.backends(|rev| rev == stable),
+                Some((self.backends(|rev| rev == canary), canary, weight)),
             ),
         };
         let ids = |b: &[Arc<Backend>]| b.iter().map(|b| b.instance.clone()).collect::<Vec<_>>();
@@ -100,7 +112,7 @@ impl Controller {
         timeout: std::time::Duration,
         limits: kiln_core::service::RouterSpec,
     ) {
-        let backends = self.backends(|i| i.revision == target);
+        let backends = self.backends(|rev| rev == target);
         let ids: Vec<String> = backends.iter().map(|b| b.instance.clone()).collect();
         if ids != self.previewed || ids.is_empty() {
             self.shared.router.set_routes(

@@ -64,6 +64,10 @@ pub struct InstanceTask {
     pub log: LogFile,
     /// Requests the router has in flight to this instance.
     pub inflight: Arc<crate::router::metrics::InFlight>,
+    /// How long a graceful stop waits, once the instance left this node's
+    /// routes, before it counts what is in flight: a moment on one node;
+    /// in a cluster, until the other nodes' routers read that it stops.
+    pub settle: Duration,
     /// Holds its output pipes across agent processes.
     pub keeper: Arc<crate::keeper::Keeper>,
     /// `Some`: an earlier agent process started it (pid, output pipes);
@@ -205,7 +209,7 @@ impl InstanceTask {
                     kind,
                     &mut stop,
                     &self.stop,
-                    &self.inflight,
+                    (&self.inflight, self.settle),
                     &log,
                 )
                 .await;
@@ -243,12 +247,12 @@ async fn end(
     kind: StopKind,
     stop: &mut mpsc::UnboundedReceiver<StopKind>,
     spec: &StopSpec,
-    inflight: &crate::router::metrics::InFlight,
+    (inflight, settle): (&crate::router::metrics::InFlight, Duration),
     log: &LogFile,
 ) -> String {
     if kind == StopKind::Graceful {
         let graceful = async {
-            drain(inflight, spec.drain_timeout.0).await;
+            drain(inflight, settle, spec.drain_timeout.0).await;
             // No app to signal yet (a sandbox still being set up): kill.
             if !running.signal(signal(spec.signal)).await {
                 return false;
@@ -283,10 +287,11 @@ async fn killed(stop: &mut mpsc::UnboundedReceiver<StopKind>) {
 
 /// Wait until the router has no request in flight to the instance (it is
 /// already out of the routing table), at most `limit`.
-async fn drain(inflight: &crate::router::metrics::InFlight, limit: Duration) {
+async fn drain(inflight: &crate::router::metrics::InFlight, settle: Duration, limit: Duration) {
     // A request may have loaded the previous routing snapshot just before
-    // the swap; give it a moment to be counted.
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    // the swap; give it a moment to be counted (in a cluster, the other
+    // routers a moment to read the stop).
+    tokio::time::sleep(settle).await;
     let deadline = tokio::time::Instant::now() + limit;
     while inflight.get() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;

@@ -63,8 +63,10 @@ impl Runtime for Fake {
             let listen = env("FAKE_NO_LISTEN") != Some("1");
             let port: u16 = env("PORT").and_then(|p| p.parse().ok()).unwrap_or(0);
             let listener = if listen {
-                let l = std::net::TcpListener::bind(("127.0.0.1", port))
-                    .map_err(RuntimeError::Spawn)?;
+                let host: std::net::IpAddr = env("HOST")
+                    .and_then(|h| h.parse().ok())
+                    .unwrap_or(std::net::Ipv4Addr::LOCALHOST.into());
+                let l = std::net::TcpListener::bind((host, port)).map_err(RuntimeError::Spawn)?;
                 l.set_nonblocking(true).map_err(RuntimeError::Spawn)?;
                 Some(tokio::net::TcpListener::from_std(l).map_err(RuntimeError::Spawn)?)
             } else {

@@ -483,6 +483,90 @@ pub(super) async fn secrets_are_kept_by_digest_and_the_key_once<S: ClusterState 
     assert_eq!(state.secret(&sb).await.unwrap(), Some(b));
 }
 
+pub(super) async fn a_drained_node_is_kept_until_undrained_with_its_events<
+    S: ClusterState + NodeState,
+>(
+    state: &S,
+) {
+    let drain = |node: &str, drained: bool| {
+        NewEvent::node(
+            Change::NodeDrain {
+                node: node.to_owned(),
+                drained,
+            },
+            Actor::Agent,
+        )
+    };
+    assert!(state.drained().await.unwrap().is_empty());
+    assert!(
+        state
+            .set_drained("n2", true, &drain("n2", true))
+            .await
+            .unwrap()
+    );
+    assert!(
+        state
+            .set_drained("n3", true, &drain("n3", true))
+            .await
+            .unwrap()
+    );
+    // Drained already: nothing changes, nothing is recorded.
+    assert!(
+        !state
+            .set_drained("n2", true, &drain("n2", true))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state
+            .drained()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["n2", "n3"]
+    );
+    assert!(
+        state
+            .set_drained("n2", false, &drain("n2", false))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !state
+            .set_drained("n2", false, &drain("n2", false))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state
+            .drained()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["n3"]
+    );
+    let kinds: Vec<(bool, String)> = state
+        .events_of(&["node-drain"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| match e.change {
+            Change::NodeDrain { node, drained } => (drained, node),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (true, "n2".to_owned()),
+            (true, "n3".to_owned()),
+            (false, "n2".to_owned())
+        ]
+    );
+}
+
 pub(super) async fn tokens_are_kept_once_by_name_and_revoked_with_their_events<
     S: ClusterState + NodeState,
 >(
@@ -969,8 +1053,9 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
 >(
     state: &S,
 ) {
-    use kiln_core::rollout::SavedRollout;
+    use super::Assigned;
     use kiln_core::rollout::assign::{Assignment, Observation};
+    use kiln_core::rollout::{Routing, SavedRollout};
     let name = web();
     let assigned = |id: &str, node: &str| Assignment {
         id: id.to_owned(),
@@ -991,10 +1076,11 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
         stale: false,
         gone: None,
         refused: false,
+        port: 4242,
     };
     // Nothing for a service that does not exist.
     state
-        .assign(&name, &[assigned("a", "n1")], None, Guard::NONE)
+        .assign(&name, &[assigned("a", "n1")], None, None, Guard::NONE)
         .await
         .unwrap();
     state.publish(&name, "n1", &[seen("a")]).await.unwrap();
@@ -1012,20 +1098,54 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
     let fence = state.lead().await.unwrap();
     let list = [assigned("a", "n1"), assigned("b", "n2")];
     state
-        .assign(&name, &list, Some(&SavedRollout::Idle), Guard::fence(fence))
+        .assign(
+            &name,
+            &list,
+            None,
+            Some(&SavedRollout::Idle),
+            Guard::fence(fence),
+        )
         .await
         .unwrap();
     assert_eq!(
-        state.assignments(&name).await.unwrap().as_deref(),
-        Some(&list[..])
+        state.assignments(&name).await.unwrap(),
+        Some(Assigned {
+            list: list.to_vec(),
+            routing: None
+        })
     );
     assert_eq!(
         state.rollout(&name).await.unwrap(),
         Some(SavedRollout::Idle)
     );
-    // Without a rollout, the saved one stays; a deposed leader writes nothing.
+    // The routing goes with the assignments, read together.
+    let split = Routing::Split {
+        stable: 1,
+        canary: 2,
+        weight: 25,
+    };
     state
-        .assign(&name, &list[..1], None, Guard::fence(fence))
+        .assign(&name, &list, Some(split), None, Guard::fence(fence))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.assignments(&name).await.unwrap().unwrap().routing,
+        Some(split)
+    );
+    for routing in [Routing::Release(2), Routing::Any, split] {
+        state
+            .assign(&name, &list, Some(routing), None, Guard::fence(fence))
+            .await
+            .unwrap();
+        assert_eq!(
+            state.assignments(&name).await.unwrap().unwrap().routing,
+            Some(routing)
+        );
+    }
+    // Without a rollout (or a routing), the saved one stays; a deposed
+    // leader writes nothing.
+    state
+        .assign(&name, &list[..1], None, None, Guard::fence(fence))
         .await
         .unwrap();
     assert_eq!(
@@ -1034,13 +1154,16 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
     );
     state.lead().await.unwrap();
     let err = state
-        .assign(&name, &[], None, Guard::fence(fence))
+        .assign(&name, &[], Some(Routing::Any), None, Guard::fence(fence))
         .await
         .unwrap_err();
     assert!(matches!(err, StateError::Fenced { .. }), "{err}");
     assert_eq!(
-        state.assignments(&name).await.unwrap().as_deref(),
-        Some(&list[..1])
+        state.assignments(&name).await.unwrap(),
+        Some(Assigned {
+            list: list[..1].to_vec(),
+            routing: Some(split)
+        })
     );
     // Each node's observations replace its own.
     state.publish(&name, "n2", &[seen("b")]).await.unwrap();
@@ -1050,7 +1173,9 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
         .unwrap();
     state.publish(&name, "n1", &[seen("a")]).await.unwrap();
     let ids = |o: Vec<Observation>| o.into_iter().map(|o| o.id).collect::<Vec<_>>();
-    assert_eq!(ids(state.observations(&name).await.unwrap()), ["a", "b"]);
+    let now = state.observations(&name).await.unwrap();
+    assert_eq!(now[0], seen("a"), "kept whole, its port with it");
+    assert_eq!(ids(now), ["a", "b"]);
     assert!(
         state
             .observations(&ServiceName::try_from("other").unwrap())
@@ -1101,6 +1226,12 @@ macro_rules! contract_tests {
         async fn a_removed_service_keeps_its_releases_and_events() {
             let (_keep, state) = $fresh().await;
             $crate::state::contract::a_removed_service_keeps_its_releases_and_events(&state).await;
+        }
+        #[tokio::test]
+        async fn a_drained_node_is_kept_until_undrained_with_its_events() {
+            let (_keep, state) = $fresh().await;
+            $crate::state::contract::a_drained_node_is_kept_until_undrained_with_its_events(&state)
+                .await;
         }
         #[tokio::test]
         async fn tokens_are_kept_once_by_name_and_revoked_with_their_events() {

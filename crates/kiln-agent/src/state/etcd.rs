@@ -19,7 +19,8 @@
 //! |---|---|
 //! | `svc/NAME` | the service's record ([`ServiceRecord`]) |
 //! | `rel/NAME/REVISION` | a release (revision zero-padded: keys sort as revisions) |
-//! | `rollout/NAME`, `assign/NAME` | its saved rollout, its assignments |
+//! | `drain/NODE` | a drained node (`kiln drain`) |
+//! | `rollout/NAME`, `assign/NAME`, `route/NAME` | its saved rollout, its assignments, the leader's routing |
 //! | `obs/NAME/NODE` | what a node last published of the service's instances |
 //! | `log/SEQ` | an event with its ledger entry |
 //! | `head` | the last event's sequence number and hash |
@@ -38,15 +39,15 @@ use etcd_client::{
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::ledger::{Checkpoint, Entry};
 use kiln_core::release::{Outcome, Release};
-use kiln_core::rollout::SavedRollout;
 use kiln_core::rollout::assign::{Assignment, Observation};
+use kiln_core::rollout::{Routing, SavedRollout};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result, ServiceRecord,
-    StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
+    ServiceRecord, StateError, now,
 };
 
 /// The prefix when none is given.
@@ -645,6 +646,7 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             }
             w.delete(&self.key(&format!("rollout/{name}")));
             w.delete(&self.key(&format!("assign/{name}")));
+            w.delete(&self.key(&format!("route/{name}")));
             w.delete_prefix(&self.key(&format!("obs/{name}/")));
             w.append(event);
             Ok(())
@@ -674,15 +676,27 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
         .await
     }
 
-    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>> {
-        self.get("assignments", &self.key(&format!("assign/{service}")))
-            .await
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Assigned>> {
+        let (list, route) = (
+            self.key(&format!("assign/{service}")),
+            self.key(&format!("route/{service}")),
+        );
+        // One read: the routing the leader wrote with these assignments.
+        let snap = self.read(vec![list.clone(), route.clone()]).await?;
+        let Some(list) = snap.get("assignments", &list)? else {
+            return Ok(None);
+        };
+        Ok(Some(Assigned {
+            list,
+            routing: snap.get("routing", &route)?,
+        }))
     }
 
     async fn assign(
         &self,
         service: &ServiceName,
         assignments: &[Assignment],
+        routing: Option<Routing>,
         rollout: Option<&SavedRollout>,
         guard: Guard,
     ) -> Result<()> {
@@ -691,6 +705,9 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             self.check(snap, service, guard)?;
             if snap.has(&self.svc_key(service)) {
                 w.put(&self.key(&format!("assign/{service}")), &assignments);
+                if let Some(r) = &routing {
+                    w.put(&self.key(&format!("route/{service}")), r);
+                }
                 if let Some(r) = rollout {
                     w.put(&self.key(&format!("rollout/{service}")), r);
                 }
@@ -848,6 +865,30 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             Ok(true)
         })
         .await
+    }
+
+    async fn set_drained(&self, node: &str, drained: bool, event: &NewEvent) -> Result<bool> {
+        let key = self.key(&format!("drain/{node}"));
+        self.change(vec![key.clone()], |snap, w| {
+            if snap.has(&key) == drained {
+                return Ok(false);
+            }
+            if drained {
+                w.put(&key, &node);
+            } else {
+                w.delete(&key);
+            }
+            w.append(event);
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn drained(&self) -> Result<std::collections::BTreeSet<String>> {
+        let nodes: Vec<String> = self
+            .range("drained node", &self.key("drain/"), None)
+            .await?;
+        Ok(nodes.into_iter().collect())
     }
 
     async fn ledger(&self, after: u64) -> Result<Vec<Entry>> {

@@ -12,14 +12,14 @@ use std::sync::{Mutex, MutexGuard};
 
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::release::{Outcome, Release};
-use kiln_core::rollout::SavedRollout;
 use kiln_core::rollout::assign::{Assignment, Observation};
+use kiln_core::rollout::{Routing, SavedRollout};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
 use super::{
-    ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result, ServiceRecord,
-    StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
+    ServiceRecord, StateError, now,
 };
 
 #[derive(Default)]
@@ -36,7 +36,9 @@ struct Inner {
     rollouts: BTreeMap<ServiceName, SavedRollout>,
     /// Each service's assignments, and what each node observed (gone with
     /// the service).
-    assignments: BTreeMap<ServiceName, Vec<Assignment>>,
+    assignments: BTreeMap<ServiceName, Assigned>,
+    /// The drained nodes.
+    drained: std::collections::BTreeSet<String>,
     observations: BTreeMap<(ServiceName, String), Vec<Observation>>,
     releases: BTreeMap<(ServiceName, u64), Release>,
     /// By id (the order `instances()` lists them in).
@@ -323,7 +325,7 @@ impl ClusterState for MemoryState {
         })
     }
 
-    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>> {
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Assigned>> {
         Ok(self.inner().assignments.get(service).cloned())
     }
 
@@ -331,15 +333,21 @@ impl ClusterState for MemoryState {
         &self,
         service: &ServiceName,
         assignments: &[Assignment],
+        routing: Option<Routing>,
         rollout: Option<&SavedRollout>,
         guard: Guard,
     ) -> Result<()> {
         self.write(|inner| {
             inner.check(service, guard)?;
             if inner.services.contains_key(service) {
-                inner
-                    .assignments
-                    .insert(service.clone(), assignments.to_vec());
+                let kept = inner.assignments.get(service).and_then(|a| a.routing);
+                inner.assignments.insert(
+                    service.clone(),
+                    Assigned {
+                        list: assignments.to_vec(),
+                        routing: routing.or(kept),
+                    },
+                );
                 if let Some(r) = rollout {
                     inner.rollouts.insert(service.clone(), r.clone());
                 }
@@ -433,6 +441,24 @@ impl ClusterState for MemoryState {
             inner.append(event);
             Ok(true)
         })
+    }
+
+    async fn set_drained(&self, node: &str, drained: bool, event: &NewEvent) -> Result<bool> {
+        self.write(|inner| {
+            let changed = if drained {
+                inner.drained.insert(node.to_owned())
+            } else {
+                inner.drained.remove(node)
+            };
+            if changed {
+                inner.append(event);
+            }
+            Ok(changed)
+        })
+    }
+
+    async fn drained(&self) -> Result<std::collections::BTreeSet<String>> {
+        Ok(self.inner().drained.clone())
     }
 
     async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>> {

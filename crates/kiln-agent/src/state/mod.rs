@@ -34,8 +34,8 @@ pub use sqlite::SqliteState;
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
-use kiln_core::rollout::SavedRollout;
 use kiln_core::rollout::assign::{Assignment, Observation};
+use kiln_core::rollout::{Routing, SavedRollout};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize};
@@ -239,6 +239,15 @@ impl Guard {
     }
 }
 
+/// A service's assignments as the leader wrote them, and the routing it
+/// decided with them: every node's router sends where the leader's does.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Assigned {
+    pub list: Vec<Assignment>,
+    /// `None` until a leader that keeps it wrote the assignments.
+    pub routing: Option<Routing>,
+}
+
 /// The state every node of a cluster shares: services, releases, their
 /// rollouts, the ledger, tokens, secrets and the trust policy's record.
 /// Async (a cluster backend answers over the network); every compound
@@ -327,16 +336,18 @@ pub trait ClusterState: Send + Sync {
         rollout: &SavedRollout,
         guard: Guard,
     ) -> Result<()>;
-    /// The service's assignments as the leader last wrote them (`None`:
-    /// never written, a service recorded before assignments were).
-    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>>;
+    /// The service's assignments as the leader last wrote them, with its
+    /// routing, read together (`None`: never written, a service recorded
+    /// before assignments were).
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Assigned>>;
     /// The leader's decisions for the service, as one change: its
-    /// assignments and (when given) its rollout. Nothing for a service
-    /// that does not exist.
+    /// assignments and (when given) its routing and its rollout. Nothing
+    /// for a service that does not exist.
     async fn assign(
         &self,
         service: &ServiceName,
         assignments: &[Assignment],
+        routing: Option<Routing>,
         rollout: Option<&SavedRollout>,
         guard: Guard,
     ) -> Result<()>;
@@ -376,6 +387,11 @@ pub trait ClusterState: Send + Sync {
     async fn tokens(&self) -> Result<Vec<TokenRecord>>;
     /// Forget a token with the event saying so; `false` when there was none.
     async fn revoke_token(&self, name: &TokenName, event: &NewEvent) -> Result<bool>;
+    /// Drain `node` (`kiln drain`) or undrain it, with its event; `false`
+    /// when it already was (nothing recorded).
+    async fn set_drained(&self, node: &str, drained: bool, event: &NewEvent) -> Result<bool>;
+    /// The drained nodes.
+    async fn drained(&self) -> Result<std::collections::BTreeSet<String>>;
     /// The ledger's entries after sequence number `after` (each event
     /// with its place in the hash chain).
     async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>>;

@@ -9,16 +9,16 @@ use kiln_core::ledger;
 
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release};
-use kiln_core::rollout::SavedRollout;
 use kiln_core::rollout::assign::{Assignment, Observation};
+use kiln_core::rollout::{Routing, SavedRollout};
 use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{
-    ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result, ServiceRecord,
-    StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
+    ServiceRecord, StateError, now,
 };
 
 impl From<rusqlite::Error> for StateError {
@@ -121,6 +121,9 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 -- The public keys whose checkpoints the ledger accepts (one per node that
 -- ever signed; on one node, its own).
+CREATE TABLE IF NOT EXISTS drained (
+    node TEXT PRIMARY KEY
+);
 CREATE TABLE IF NOT EXISTS node_keys (
     key  TEXT PRIMARY KEY,
     node TEXT NOT NULL
@@ -288,6 +291,7 @@ impl SqliteState {
             ("events", "actor", "TEXT"),
             ("services", "rollout", "TEXT"),
             ("services", "version", "INTEGER NOT NULL DEFAULT 0"),
+            ("assignments", "routing", "TEXT"),
         ] {
             let has = conn
                 .prepare(&format!(
@@ -686,25 +690,33 @@ impl ClusterState for SqliteState {
         })
     }
 
-    async fn assignments(&self, service: &ServiceName) -> Result<Option<Vec<Assignment>>> {
-        let list: Option<String> = self
+    async fn assignments(&self, service: &ServiceName) -> Result<Option<Assigned>> {
+        let row: Option<(String, Option<String>)> = self
             .conn()
             .query_row(
-                "SELECT list FROM assignments WHERE service = ?1",
+                "SELECT list, routing FROM assignments WHERE service = ?1",
                 [service.as_str()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        list.map(|l| decode("assignments", &l)).transpose()
+        row.map(|(list, routing)| {
+            Ok(Assigned {
+                list: decode("assignments", &list)?,
+                routing: routing.map(|r| decode("routing", &r)).transpose()?,
+            })
+        })
+        .transpose()
     }
 
     async fn assign(
         &self,
         service: &ServiceName,
         assignments: &[Assignment],
+        routing: Option<Routing>,
         rollout: Option<&SavedRollout>,
         guard: Guard,
     ) -> Result<()> {
+        let routing = routing.as_ref().map(json);
         let rollout = rollout
             .map(serde_json::to_string)
             .transpose()
@@ -716,10 +728,11 @@ impl ClusterState for SqliteState {
             check_in(tx, service, guard)?;
             // Only for a service that exists (a removed one keeps none).
             tx.execute(
-                "INSERT INTO assignments (service, list)
-                 SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)
-                 ON CONFLICT(service) DO UPDATE SET list = excluded.list",
-                params![service.as_str(), json(&assignments)],
+                "INSERT INTO assignments (service, list, routing)
+                 SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)
+                 ON CONFLICT(service) DO UPDATE SET list = excluded.list,
+                    routing = coalesce(excluded.routing, routing)",
+                params![service.as_str(), json(&assignments), routing],
             )?;
             if let Some(r) = &rollout {
                 tx.execute(
@@ -863,6 +876,27 @@ impl ClusterState for SqliteState {
             insert_event(tx, event)?;
             Ok(true)
         })
+    }
+
+    async fn set_drained(&self, node: &str, drained: bool, event: &NewEvent) -> Result<bool> {
+        self.write(|tx| {
+            let changed = if drained {
+                tx.execute("INSERT OR IGNORE INTO drained (node) VALUES (?1)", [node])?
+            } else {
+                tx.execute("DELETE FROM drained WHERE node = ?1", [node])?
+            } > 0;
+            if changed {
+                insert_event(tx, event)?;
+            }
+            Ok(changed)
+        })
+    }
+
+    async fn drained(&self) -> Result<std::collections::BTreeSet<String>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node FROM drained")?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     async fn ledger(&self, after: u64) -> Result<Vec<ledger::Entry>> {

@@ -57,6 +57,7 @@ impl<Id: Clone> Assignment<Id> {
             stale: false,
             gone: Some(failed),
             refused: false,
+            port: 0,
         }
     }
 
@@ -92,6 +93,10 @@ pub struct Observation<Id = String> {
     /// it cannot make): the leader places the slot on another node.
     #[serde(default)]
     pub refused: bool,
+    /// Where it listens on its node's advertised address (0: not known):
+    /// the other nodes' routers send to it there.
+    #[serde(default)]
+    pub port: u16,
 }
 
 impl<Id> Observation<Id> {
@@ -109,6 +114,7 @@ impl<Id> Observation<Id> {
             stale: self.stale,
             gone: self.gone,
             refused: self.refused,
+            port: self.port,
         }
     }
 }
@@ -196,6 +202,7 @@ pub fn seen<Id: Clone + Eq + Hash>(
                 live: o.is_none_or(|o| o.live),
                 adopted: a.adopted || o.is_some_and(|o| o.adopted),
                 stale: o.is_some_and(|o| o.stale),
+                drained: false,
             }
         })
         .collect()
@@ -334,6 +341,47 @@ pub fn work<Id: Clone + Ord + Hash>(
     w
 }
 
+/// An instance of another node that this node's router may send to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer<'a> {
+    pub id: &'a str,
+    pub node: &'a str,
+    pub revision: u64,
+    pub port: u16,
+}
+
+/// The instances of nodes other than `node` that take traffic: assigned
+/// and not told to stop, observed ready, live, not stopping nor gone, on a
+/// known port. An instance the leader stops leaves every router as soon as
+/// its assignment says so, before its own node has acted on it.
+pub fn peers<'a>(
+    node: &str,
+    assigned: &'a [Assignment],
+    observed: &'a [Observation],
+) -> Vec<Peer<'a>> {
+    let serving: HashMap<&str, &Observation> = observed
+        .iter()
+        .filter(|o| {
+            o.ready_since_ms.is_some() && o.live && !o.stopping && o.gone.is_none() && o.port != 0
+        })
+        .map(|o| (o.id.as_str(), o))
+        .collect();
+    assigned
+        .iter()
+        .filter(|a| a.node != node && a.stop.is_none())
+        .filter_map(|a| {
+            let o = serving.get(a.id.as_str())?;
+            // (A relabelled instance serves its assignment's release.)
+            Some(Peer {
+                id: &a.id,
+                node: &a.node,
+                revision: a.revision,
+                port: o.port,
+            })
+        })
+        .collect()
+}
+
 /// The leader's bookkeeping of one service between passes: the
 /// assignments as it last wrote them, what the nodes last published, the
 /// instances it counted as failed while they were still there, and the
@@ -353,6 +401,8 @@ pub struct Fleet<Id = String> {
     /// The nodes that could not start a release (its image missing, …):
     /// new instances of it go elsewhere while another node can take them.
     refused: BTreeSet<(String, u64)>,
+    /// The drained nodes: their instances are replaced elsewhere.
+    drained: BTreeSet<String>,
 }
 
 impl<Id> Default for Fleet<Id> {
@@ -364,6 +414,7 @@ impl<Id> Default for Fleet<Id> {
             seen: Vec::new(),
             generation: 0,
             refused: BTreeSet::new(),
+            drained: BTreeSet::new(),
         }
     }
 }
@@ -385,6 +436,7 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         self.assigned = assigned;
         self.generation += 1;
         self.seen = seen(&self.assigned, &self.observations, clock);
+        self.mark_drained();
     }
 
     /// Take in what the nodes published ([`settle`]): the failures to
@@ -405,6 +457,7 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         }
         self.observations = observations;
         self.seen = seen(&self.assigned, &self.observations, clock);
+        self.mark_drained();
         failures
     }
 
@@ -438,6 +491,7 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
                 live: true,
                 adopted: a.adopted,
                 stale: false,
+                drained: self.drained.contains(&a.node),
             });
         }
         for step in steps {
@@ -477,8 +531,42 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         if lost > 0 {
             self.generation += 1;
             self.seen = seen(&self.assigned, &self.observations, clock);
+            self.mark_drained();
         }
         lost
+    }
+
+    /// The drained nodes, as the cluster has them now: their instances
+    /// are marked in the view (the decision replaces them on the others),
+    /// and no new instance goes there ([`Self::nodes_for`]).
+    pub fn drain(&mut self, drained: &BTreeSet<String>) {
+        if *drained != self.drained {
+            self.drained.clone_from(drained);
+            self.mark_drained();
+        }
+    }
+
+    /// The members a new instance may go to: those not drained (all of
+    /// them when every one is).
+    pub fn nodes_for(&self, members: &[String]) -> Vec<String> {
+        let open: Vec<String> = members
+            .iter()
+            .filter(|m| !self.drained.contains(*m))
+            .cloned()
+            .collect();
+        if open.is_empty() {
+            members.to_vec()
+        } else {
+            open
+        }
+    }
+
+    /// The view's instances on drained nodes, marked (the view is in the
+    /// assignments' order).
+    fn mark_drained(&mut self) {
+        for (s, a) in self.seen.iter_mut().zip(&self.assigned) {
+            s.drained = self.drained.contains(&a.node);
+        }
     }
 
     pub fn assigned(&self) -> &[Assignment<Id>] {
@@ -680,6 +768,7 @@ mod tests {
             stale: false,
             gone: None,
             refused: false,
+            port: 0,
         }
     }
 
@@ -695,6 +784,69 @@ mod tests {
     /// An id that lives as long as the test (`Running` borrows it).
     fn id(s: &str) -> &'static String {
         Box::leak(Box::new(s.to_owned()))
+    }
+
+    #[test]
+    fn peers_are_the_other_nodes_instances_that_serve() {
+        let on = |id: &str, node: &str, revision: u64| Assignment {
+            node: node.to_owned(),
+            ..a(id, revision, 0)
+        };
+        let serving = |id: &str, port: u16| Observation {
+            port,
+            ..obs(id, 1, 0)
+        };
+        let mut told = on("told", "n2", 1);
+        told.stop = Some(StopReason::Replaced);
+        let assigned = vec![
+            on("mine", "n1", 1),
+            on("far", "n2", 2),
+            told,
+            on("unready", "n2", 1),
+            on("dying", "n3", 1),
+            on("sick", "n3", 1),
+            on("ended", "n3", 1),
+            on("portless", "n3", 1),
+            on("unseen", "n3", 1),
+        ];
+        let observed = vec![
+            serving("mine", 1),
+            // (A relabelled instance serves its assignment's release.)
+            serving("far", 2),
+            serving("told", 3),
+            Observation {
+                ready_since_ms: None,
+                ..serving("unready", 4)
+            },
+            Observation {
+                stopping: true,
+                ..serving("dying", 5)
+            },
+            Observation {
+                live: false,
+                ..serving("sick", 6)
+            },
+            Observation {
+                gone: Some(false),
+                ..serving("ended", 7)
+            },
+            serving("portless", 0),
+        ];
+        assert_eq!(
+            peers("n1", &assigned, &observed),
+            vec![Peer {
+                id: "far",
+                node: "n2",
+                revision: 2,
+                port: 2
+            }]
+        );
+        // From another node, this one's instance is a peer.
+        let from_n2: Vec<&str> = peers("n2", &assigned, &observed)
+            .iter()
+            .map(|p| p.id)
+            .collect();
+        assert_eq!(from_n2, vec!["mine"]);
     }
 
     #[test]
@@ -716,6 +868,7 @@ mod tests {
                 stale: false,
                 gone: Some(true),
                 refused: false,
+                port: 0,
             }
         );
         assert_eq!(a("y", 1, 0).gone(false).gone, Some(false));

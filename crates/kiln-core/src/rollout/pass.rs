@@ -239,6 +239,9 @@ pub struct Seen<Id> {
     /// changed after it started, or its live command line or environment
     /// differs): it is replaced.
     pub stale: bool,
+    /// Its node is drained (`kiln drain`): it is replaced by one on
+    /// another node, as a stale one is.
+    pub drained: bool,
 }
 
 /// What one pass observed of one service.
@@ -288,6 +291,9 @@ pub enum StopReason {
     /// What it runs drifted from its release (its tree or its command
     /// line and environment): a fresh instance took its place.
     Drifted,
+    /// Its node is drained: a fresh instance on another node took its
+    /// place.
+    Drained,
 }
 
 impl fmt::Display for StopReason {
@@ -304,6 +310,7 @@ impl fmt::Display for StopReason {
             Self::LivenessFailed => "liveness failed",
             Self::Removed => "service removed",
             Self::Drifted => "drifted from its release: replaced",
+            Self::Drained => "its node is drained: replaced on another",
         })
     }
 }
@@ -341,8 +348,11 @@ pub enum Step<Id> {
     },
 }
 
-/// Which ready instances get the service's traffic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Which ready instances get the service's traffic. In a cluster the
+/// leader keeps it beside the assignments, so that every node's router
+/// sends where the leader's does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// Every ready instance, of any release (a rolling update: both serve).
     Any,
@@ -473,7 +483,9 @@ struct Inst {
     ready_since: Option<Instant>,
     live: bool,
     adopted: bool,
+    /// Drifted, or on a drained node: replaced.
     stale: bool,
+    drained: bool,
 }
 
 struct Pass<'v, 'a, Id> {
@@ -500,7 +512,8 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                     ready_since: i.ready_since,
                     live: i.live,
                     adopted: i.adopted,
-                    stale: i.stale,
+                    stale: i.stale || i.drained,
+                    drained: i.drained,
                 })
                 .collect(),
             next: state.clone(),
@@ -644,8 +657,8 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         self.v.last_error.unwrap_or_default()
     }
 
-    /// Instances that drifted from their release are replaced as a rolling
-    /// update of that release, while no rollout moves the fleet (a rollout
+    /// Instances that drifted from their release (or run on a drained
+    /// node) are replaced as a rolling update of that release, while no rollout moves the fleet (a rollout
     /// replaces them anyway): a fresh instance starts in a stale one's slot
     /// within `max_surge` (stopping instances count: they still run), and
     /// the stale one stops once its replacement has been ready for
@@ -666,7 +679,7 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         let rollout = self.rollout();
         let replicas = v.settings.replicas;
         let idle = self.running(|i| i.stale && (i.revision != t || i.ready_since.is_none()));
-        self.stop(&idle, StopReason::Drifted);
+        self.stop_replaced(&idle);
         // Empty slots fill later in this pass: they take room too.
         let alive = self.insts.iter().filter(|i| i.revision == t).count()
             + self.free_slots(t, replicas).len();
@@ -697,7 +710,16 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
                 }
             }
         }
-        self.stop(&stops, StopReason::Drifted);
+        self.stop_replaced(&stops);
+    }
+
+    /// Stop replaced instances, each for its reason: its node drained, or
+    /// it drifted.
+    fn stop_replaced(&mut self, which: &[usize]) {
+        let (drained, drifted): (Vec<usize>, Vec<usize>) =
+            which.iter().partition(|&&i| self.insts[i].drained);
+        self.stop(&drifted, StopReason::Drifted);
+        self.stop(&drained, StopReason::Drained);
     }
 
     fn forget_stable_slots(&mut self) {

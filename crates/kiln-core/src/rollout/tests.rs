@@ -158,6 +158,7 @@ impl Sim {
             live: true,
             adopted: false,
             stale: false,
+            drained: false,
         });
         self.born.insert(id, self.now);
     }
@@ -546,6 +547,7 @@ fn observed(i: &Seen<u32>, clock: &Clock, gone: Option<bool>) -> Observation<u32
         stale: i.stale,
         gone,
         refused: false,
+        port: 0,
     }
 }
 
@@ -1607,6 +1609,10 @@ fn every_stop_reason_says_why() {
         (StopReason::LivenessFailed, "liveness failed"),
         (StopReason::Removed, "service removed"),
         (StopReason::Drifted, "drifted from its release: replaced"),
+        (
+            StopReason::Drained,
+            "its node is drained: replaced on another",
+        ),
     ] {
         assert_eq!(reason.to_string(), says);
     }
@@ -2384,4 +2390,127 @@ fn a_fleet_is_expected_beside_the_target_in_a_warm_window_or_a_watch() {
         "another target"
     );
     assert!(!Rollout::Idle.warm_beside(2, now, Strategy::Rolling));
+}
+
+/// The leader keeps its routing in the state store for the other nodes:
+/// every variant reads back as written.
+#[test]
+fn every_routing_reads_back_as_written() {
+    for routing in [
+        Routing::Any,
+        Routing::Release(7),
+        Routing::Split {
+            stable: 1,
+            canary: 2,
+            weight: 30,
+        },
+    ] {
+        let text = serde_json::to_string(&routing).unwrap();
+        assert_eq!(
+            serde_json::from_str::<Routing>(&text).unwrap(),
+            routing,
+            "{text}"
+        );
+    }
+}
+
+/// `kiln drain`: the instances of a drained node are replaced as drifted
+/// ones are — a fresh one in the same slot on another node first, the
+/// drained one stopped (for that reason) only once its replacement has
+/// been ready for `min_ready`; the fleet never has fewer ready than its
+/// replicas.
+#[test]
+fn a_drained_nodes_instances_are_replaced_on_the_others_before_they_stop() {
+    let nodes: Vec<String> = ["n1", "n2", "n3"].map(str::to_owned).to_vec();
+    let start = Instant::now();
+    let clock = |after: Duration| Clock {
+        now: start + after,
+        wall_ms: 1_000_000 + after.as_millis() as u64,
+    };
+    let ready = |id: u32, revision: u64, slot: u32| Observation {
+        id,
+        revision,
+        slot,
+        stopping: false,
+        ready_since_ms: Some(1_000_000),
+        live: true,
+        adopted: false,
+        stale: false,
+        gone: None,
+        refused: false,
+        port: 1,
+    };
+    let mut fleet: Fleet<u32> = Fleet::default();
+    fleet.reset(
+        (0..3)
+            .map(|slot| Assignment {
+                id: slot,
+                node: nodes[slot as usize].clone(),
+                revision: 1,
+                slot,
+                adopted: false,
+                stop: None,
+            })
+            .collect(),
+        &clock(Duration::ZERO),
+    );
+    let mut seen: Vec<Observation<u32>> = (0..3).map(|i| ready(i, 1, i)).collect();
+    fleet.observe(seen.clone(), &clock(Duration::ZERO));
+    let settings = settings(Strategy::Rolling, 3);
+    let (slots, same, counters) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
+    let name = ServiceName::try_from("web").unwrap();
+    let decide_at = |fleet: &Fleet<u32>, after: Duration| {
+        decide(
+            &Rollout::Idle,
+            &View {
+                service: &name,
+                now: start + after,
+                target: 1,
+                outcome: Outcome::Active,
+                previous: None,
+                settings: &settings,
+                backoff: Backoff::default(),
+                instances: fleet.seen(),
+                slots: &slots,
+                same_content: &same,
+                counters: &counters,
+                last_error: None,
+            },
+        )
+    };
+    // Nothing drained: nothing to do.
+    let d = decide_at(&fleet, Duration::from_secs(60));
+    assert!(starts(&d.steps).is_empty() && stops(&d.steps).is_empty());
+
+    fleet.drain(&BTreeSet::from(["n2".to_owned()]));
+    assert_eq!(
+        fleet.seen().iter().map(|s| s.drained).collect::<Vec<_>>(),
+        [false, true, false]
+    );
+    assert_eq!(fleet.nodes_for(&nodes), ["n1", "n3"]);
+    // A replacement in n2's slot, and no stop yet.
+    let d = decide_at(&fleet, Duration::from_secs(60));
+    assert_eq!(starts(&d.steps), [(1, 1)]);
+    assert!(stops(&d.steps).is_empty());
+    let open = fleet.nodes_for(&nodes);
+    fleet.assign(&d.steps, 1, &open, |_| 3);
+    let new = fleet.assigned().iter().find(|a| a.id == 3).unwrap();
+    assert_ne!(new.node, "n2", "never placed on the drained node");
+    // Not ready yet: the drained one still serves.
+    let d = decide_at(&fleet, Duration::from_secs(61));
+    assert!(stops(&d.steps).is_empty());
+    // Ready (and for min_ready): the drained one stops, as drained.
+    seen.push(Observation {
+        ready_since_ms: Some(1_061_000),
+        ..ready(3, 1, 1)
+    });
+    fleet.observe(seen, &clock(Duration::from_secs(61)));
+    let d = decide_at(&fleet, Duration::from_secs(120));
+    assert_eq!(stops(&d.steps), [(vec![1], StopReason::Drained)]);
+    assert!(starts(&d.steps).is_empty());
+    // Every node drained: new instances go anywhere rather than nowhere.
+    fleet.drain(&nodes.iter().cloned().collect());
+    assert_eq!(fleet.nodes_for(&nodes), nodes);
+    fleet.drain(&BTreeSet::new());
+    assert!(fleet.seen().iter().all(|s| !s.drained), "undrained");
 }

@@ -506,6 +506,11 @@ impl LoadCount {
 
 impl Load {
     pub fn start(port: u16, threads: usize) -> Self {
+        Self::start_at(([127, 0, 0, 1], port).into(), threads)
+    }
+
+    /// The same load on `addr`.
+    pub fn start_at(addr: std::net::SocketAddr, threads: usize) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handles = (0..threads)
             .map(|_| {
@@ -518,7 +523,7 @@ impl Load {
                         && std::time::Instant::now() < deadline
                     {
                         if conn.is_none() {
-                            match std::net::TcpStream::connect(("127.0.0.1", port)) {
+                            match std::net::TcpStream::connect(addr) {
                                 Ok(s) => conn = Some(std::io::BufReader::new(s)),
                                 Err(e) => {
                                     c.failed += 1;
