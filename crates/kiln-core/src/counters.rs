@@ -21,8 +21,11 @@ pub struct Window {
     pub p99_ms: Option<f64>,
 }
 
-/// Counters at one moment.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Counters at one moment. In a cluster each node's router counts its
+/// own, publishes them, and the leader judges their sum ([`Self::plus`]).
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub struct Snapshot {
     pub responses: [u64; 5],
     pub connect_errors: u64,
@@ -88,6 +91,21 @@ impl Snapshot {
     }
 
     /// `self - earlier`: what happened in between.
+    /// Two routers' counters as one.
+    pub fn plus(&self, other: &Snapshot) -> Snapshot {
+        Snapshot {
+            responses: std::array::from_fn(|i| {
+                self.responses[i].saturating_add(other.responses[i])
+            }),
+            connect_errors: self.connect_errors.saturating_add(other.connect_errors),
+            retried: self.retried.saturating_add(other.retried),
+            timeouts: self.timeouts.saturating_add(other.timeouts),
+            client_errors: self.client_errors.saturating_add(other.client_errors),
+            buckets: std::array::from_fn(|i| self.buckets[i].saturating_add(other.buckets[i])),
+            sum_micros: self.sum_micros.saturating_add(other.sum_micros),
+        }
+    }
+
     pub fn since(&self, earlier: &Snapshot) -> Snapshot {
         Snapshot {
             responses: std::array::from_fn(|i| {
@@ -106,6 +124,30 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_routers_counters_add_up_field_by_field() {
+        let one = |k: u64| Snapshot {
+            responses: [k, 2 * k, 3 * k, 4 * k, 5 * k],
+            connect_errors: 6 * k,
+            retried: 7 * k,
+            timeouts: 8 * k,
+            client_errors: 9 * k,
+            buckets: std::array::from_fn(|i| k * (i as u64 + 10)),
+            sum_micros: 100 * k,
+        };
+        assert_eq!(one(1).plus(&one(2)), one(3));
+        assert_eq!(one(3).since(&one(1)), one(2));
+        assert_eq!(Snapshot::default().plus(&one(1)), one(1));
+        let full = Snapshot {
+            sum_micros: u64::MAX,
+            ..one(1)
+        };
+        assert_eq!(full.plus(&one(1)).sum_micros, u64::MAX, "saturates");
+        // It is kept as JSON in the state store.
+        let text = serde_json::to_string(&one(4)).unwrap();
+        assert_eq!(serde_json::from_str::<Snapshot>(&text).unwrap(), one(4));
+    }
 
     #[test]
     fn past_the_last_bucket_is_an_hour_more_than_measured() {

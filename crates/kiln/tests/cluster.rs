@@ -886,3 +886,58 @@ fn a_drained_node_hands_its_instances_over_without_a_failed_request() {
         agent.stop();
     }
 }
+
+/// A canary is judged on every router's requests: with traffic only
+/// through a member that does not lead, the leader sums that member's
+/// counters with its own, sees the canary's 5xx and rolls it back.
+#[test]
+fn a_canary_is_judged_on_the_requests_of_every_nodes_router() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let port = free_port();
+    let web = format!(
+        "{}[services.web.rollout]\nstrategy = \"canary\"\n\
+         steps = [{{ weight = 50, pause = \"60s\" }}, {{ weight = 100 }}]\n\
+         [services.web.rollout.analysis]\nmax_error_rate = \"5%\"\nmin_requests = 50\n",
+        WEB.replace(
+            "replicas = 2",
+            &format!("replicas = 3\nlisten = \":{port}\""),
+        )
+    );
+    let (envs, mut agents, spec) = three_nodes_at(&etcd, &web, &[0, 1, 2], true);
+    envs[0].ok(&["apply", "-f", &spec]);
+    let lead = index_of(&leader_of(&etcd));
+    let other = (lead + 1) % 3;
+    let through: std::net::SocketAddr = (advertised(other), port).into();
+    wait_for(
+        "a follower's router serves",
+        Duration::from_secs(30),
+        || answers(through, 6).len() == 6,
+    );
+    let load = Load::start_at(through, 2);
+    let v2 = std::fs::read_to_string(&spec).unwrap().replace(
+        "HELLO_VERSION = \"v1\"",
+        "HELLO_VERSION = \"v2\", HELLO_ERROR_RATE = \"1\"",
+    );
+    std::fs::write(&spec, v2).unwrap();
+    let out = envs[other].run(&["apply", "-f", &spec]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let count = load.finish();
+    assert!(!out.status.success(), "the canary went live: {err}");
+    assert!(
+        err.contains("canary analysis failed at step 1/2")
+            && err.contains("above max_error_rate 5%"),
+        "{err}"
+    );
+    let r = releases(&envs[lead], "web");
+    assert_eq!(r[1]["outcome"], "failed");
+    assert_eq!(r[0]["outcome"], "active");
+    // Stable answered the rest: the only failures are the canary's 500s.
+    assert!(
+        count.ok > 0 && count.errors.iter().all(|e| e.starts_with("500")),
+        "{count:?}"
+    );
+    for agent in agents.iter_mut().flatten() {
+        agent.stop();
+    }
+}

@@ -216,6 +216,11 @@ pub struct Controller {
     /// In a cluster, the other nodes' instances that take traffic, as the
     /// assignments and observations last read say.
     peers: Vec<Remote>,
+    /// In a cluster, the other nodes' routers' counters of the service's
+    /// releases, summed (a canary is judged on every router's requests).
+    peer_counts: BTreeMap<u64, Snapshot>,
+    /// A digest of this router's counters as last published, and when.
+    counted: Option<(u64, Instant)>,
 }
 
 /// An instance of another node that this node's router sends to.
@@ -316,6 +321,8 @@ impl Controller {
             fleet: Fleet::default(),
             stored_routing: None,
             peers: Vec::new(),
+            peer_counts: BTreeMap::new(),
+            counted: None,
             stored: None,
             observed: false,
             gone: Vec::new(),
@@ -598,6 +605,9 @@ impl Controller {
         }
         // The worker says what it runs; the leader decides from it.
         self.publish_observations().await;
+        if !self.shared.membership.is_solo() {
+            self.share_counters().await;
+        }
         let leading = self.shared.membership.is_leading();
         if leading != self.leading {
             self.leading = leading;
@@ -998,8 +1008,67 @@ impl Controller {
 
     fn counters(&self, revision: u64) -> Snapshot {
         // Read without keeping: a release nothing routes to loses its
-        // series (`Metrics::prune`).
-        self.shared.router.metrics.peek(&self.name, revision)
+        // series (`Metrics::prune`). In a cluster, with every other
+        // router's.
+        let here = self.shared.router.metrics.peek(&self.name, revision);
+        match self.peer_counts.get(&revision) {
+            Some(there) => here.plus(there),
+            None => here,
+        }
+    }
+
+    /// In a cluster: this router's counters of the releases it serves,
+    /// published when they changed (at most every [`FOLLOW_EVERY`]), and
+    /// the other routers' read back and summed.
+    async fn share_counters(&mut self) {
+        let mut revisions: BTreeSet<u64> = self.instances.values().map(|i| i.revision).collect();
+        revisions.extend(self.peers.iter().map(|r| r.revision));
+        match self.routing {
+            Routing::Any => {}
+            Routing::Release(r) => {
+                revisions.insert(r);
+            }
+            Routing::Split { stable, canary, .. } => {
+                revisions.extend([stable, canary]);
+            }
+        }
+        let mine: BTreeMap<u64, Snapshot> = revisions
+            .into_iter()
+            .map(|r| (r, self.shared.router.metrics.peek(&self.name, r)))
+            .filter(|(_, s)| *s != Snapshot::default())
+            .collect();
+        let d = digest(&mine);
+        let due = self
+            .counted
+            .is_none_or(|(seen, at)| seen != d && now().duration_since(at) >= FOLLOW_EVERY);
+        if due {
+            let node = self.shared.node_name.clone();
+            match self
+                .shared
+                .state
+                .publish_counters(&self.name, &node, &mine)
+                .await
+            {
+                Ok(()) => self.counted = Some((d, now())),
+                Err(e) => self.log_state_error(e),
+            }
+        }
+        match self.shared.state.counters(&self.name).await {
+            Ok(all) => {
+                let mut sum: BTreeMap<u64, Snapshot> = BTreeMap::new();
+                for (node, counts) in all {
+                    if node == self.shared.node_name {
+                        continue;
+                    }
+                    for (rev, s) in counts {
+                        let total = sum.entry(rev).or_default();
+                        *total = total.plus(&s);
+                    }
+                }
+                self.peer_counts = sum;
+            }
+            Err(e) => self.log_state_error(e),
+        }
     }
 
     async fn complete_rollout(&mut self, target: u64) {

@@ -1175,6 +1175,32 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
     let ids = |o: Vec<Observation>| o.into_iter().map(|o| o.id).collect::<Vec<_>>();
     let now = state.observations(&name).await.unwrap();
     assert_eq!(now[0], seen("a"), "kept whole, its port with it");
+    // Each node's counters replace its own, by release.
+    let counted = |n: u64| {
+        let mut s = kiln_core::counters::Snapshot::default();
+        s.responses[1] = n;
+        s.buckets[3] = n;
+        std::collections::BTreeMap::from([(1, s), (2, s)])
+    };
+    state
+        .publish_counters(&name, "n1", &counted(5))
+        .await
+        .unwrap();
+    state
+        .publish_counters(&name, "n2", &counted(7))
+        .await
+        .unwrap();
+    state
+        .publish_counters(&name, "n1", &counted(9))
+        .await
+        .unwrap();
+    assert_eq!(
+        state.counters(&name).await.unwrap(),
+        std::collections::BTreeMap::from([
+            ("n1".to_owned(), counted(9)),
+            ("n2".to_owned(), counted(7))
+        ])
+    );
     assert_eq!(ids(now), ["a", "b"]);
     assert!(
         state
@@ -1189,6 +1215,13 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
         .unwrap();
     assert_eq!(state.assignments(&name).await.unwrap(), None);
     assert!(state.observations(&name).await.unwrap().is_empty());
+    assert!(state.counters(&name).await.unwrap().is_empty());
+    // Nothing for a service that does not exist.
+    state
+        .publish_counters(&name, "n1", &counted(1))
+        .await
+        .unwrap();
+    assert!(state.counters(&name).await.unwrap().is_empty());
 }
 
 /// The contract's tests for one implementation: `fresh` makes an empty

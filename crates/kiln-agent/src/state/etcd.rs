@@ -22,6 +22,7 @@
 //! | `drain/NODE` | a drained node (`kiln drain`) |
 //! | `rollout/NAME`, `assign/NAME`, `route/NAME` | its saved rollout, its assignments, the leader's routing |
 //! | `obs/NAME/NODE` | what a node last published of the service's instances |
+//! | `count/NAME/NODE` | a node's router's counters of the service's releases |
 //! | `log/SEQ` | an event with its ledger entry |
 //! | `head` | the last event's sequence number and hash |
 //! | `fence` | the newest leadership handed out |
@@ -46,8 +47,8 @@ use kiln_core::spec::ServiceName;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
-    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
-    ServiceRecord, StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeCounters, NodeState,
+    Result, ServiceRecord, StateError, now,
 };
 
 /// The prefix when none is given.
@@ -648,6 +649,7 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             w.delete(&self.key(&format!("assign/{name}")));
             w.delete(&self.key(&format!("route/{name}")));
             w.delete_prefix(&self.key(&format!("obs/{name}/")));
+            w.delete_prefix(&self.key(&format!("count/{name}/")));
             w.append(event);
             Ok(())
         })
@@ -738,6 +740,43 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             Ok(())
         })
         .await
+    }
+
+    async fn publish_counters(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        counters: &NodeCounters,
+    ) -> Result<()> {
+        let keys = vec![self.svc_key(service)];
+        self.change(keys, |snap, w| {
+            if snap.has(&self.svc_key(service)) {
+                w.put(&self.key(&format!("count/{service}/{node}")), counters);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn counters(&self, service: &ServiceName) -> Result<BTreeMap<String, NodeCounters>> {
+        let prefix = self.key(&format!("count/{service}/"));
+        let mut kv = self.client.kv_client();
+        let resp = kv
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_range(prefix_end(&prefix))),
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let node = String::from_utf8_lossy(kv.key())
+                    .trim_start_matches(prefix.as_str())
+                    .to_owned();
+                Ok((node, decode("counters", kv.value())?))
+            })
+            .collect()
     }
 
     async fn lead(&self) -> Result<Fence> {

@@ -18,8 +18,8 @@ use kiln_core::secret::{Sealed, SecretValue};
 use kiln_core::spec::ServiceName;
 
 use super::{
-    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
-    ServiceRecord, StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeCounters, NodeState,
+    Result, ServiceRecord, StateError, now,
 };
 
 #[derive(Default)]
@@ -40,6 +40,8 @@ struct Inner {
     /// The drained nodes.
     drained: std::collections::BTreeSet<String>,
     observations: BTreeMap<(ServiceName, String), Vec<Observation>>,
+    /// Each node's counters of each service.
+    counters: BTreeMap<(ServiceName, String), NodeCounters>,
     releases: BTreeMap<(ServiceName, u64), Release>,
     /// By id (the order `instances()` lists them in).
     instances: BTreeMap<String, InstanceRecord>,
@@ -301,6 +303,7 @@ impl ClusterState for MemoryState {
             inner.rollouts.remove(name);
             inner.assignments.remove(name);
             inner.observations.retain(|(s, _), _| s != name);
+            inner.counters.retain(|(s, _), _| s != name);
             inner.append(event);
             Ok(())
         })
@@ -379,6 +382,31 @@ impl ClusterState for MemoryState {
                 .insert((service.clone(), node.to_owned()), observations.to_vec());
         }
         Ok(())
+    }
+
+    async fn publish_counters(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        counters: &NodeCounters,
+    ) -> Result<()> {
+        let mut inner = self.inner();
+        if inner.services.contains_key(service) {
+            inner
+                .counters
+                .insert((service.clone(), node.to_owned()), counters.clone());
+        }
+        Ok(())
+    }
+
+    async fn counters(&self, service: &ServiceName) -> Result<BTreeMap<String, NodeCounters>> {
+        Ok(self
+            .inner()
+            .counters
+            .iter()
+            .filter(|((s, _), _)| s == service)
+            .map(|((_, node), c)| (node.clone(), c.clone()))
+            .collect())
     }
 
     async fn lead(&self) -> Result<Fence> {

@@ -31,6 +31,8 @@ pub use etcd::{DEFAULT_PREFIX as ETCD_PREFIX, EtcdState};
 pub use memory::MemoryState;
 pub use sqlite::SqliteState;
 
+use std::collections::BTreeMap;
+
 use kiln_core::auth::{TokenName, TokenRecord};
 use kiln_core::event::{Actor, Change};
 use kiln_core::release::{Outcome, Release, ServiceSettings};
@@ -239,6 +241,9 @@ impl Guard {
     }
 }
 
+/// A node's router's counters of a service, by release.
+pub type NodeCounters = BTreeMap<u64, kiln_core::counters::Snapshot>;
+
 /// A service's assignments as the leader wrote them, and the routing it
 /// decided with them: every node's router sends where the leader's does.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -351,6 +356,17 @@ pub trait ClusterState: Send + Sync {
         rollout: Option<&SavedRollout>,
         guard: Guard,
     ) -> Result<()>;
+    /// A node's router's counters of the service's releases (in a cluster
+    /// the leader judges a canary on their sum), replacing what it
+    /// published before. Nothing for a service that does not exist.
+    async fn publish_counters(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        counters: &BTreeMap<u64, kiln_core::counters::Snapshot>,
+    ) -> Result<()>;
+    /// What every node last published of its counters, by node.
+    async fn counters(&self, service: &ServiceName) -> Result<BTreeMap<String, NodeCounters>>;
     /// What every node last published of the service's instances.
     async fn observations(&self, service: &ServiceName) -> Result<Vec<Observation>>;
     /// What `node` sees of the service's instances, replacing what it

@@ -17,8 +17,8 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
 use super::{
-    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeState, Result,
-    ServiceRecord, StateError, now,
+    Assigned, ClusterState, Event, Fence, Guard, InstanceRecord, NewEvent, NodeCounters, NodeState,
+    Result, ServiceRecord, StateError, now,
 };
 
 impl From<rusqlite::Error> for StateError {
@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS assignments (
     service TEXT PRIMARY KEY,
     list    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counters (
+    service TEXT NOT NULL,
+    node    TEXT NOT NULL,
+    list    TEXT NOT NULL,
+    PRIMARY KEY (service, node)
 );
 CREATE TABLE IF NOT EXISTS observations (
     service TEXT NOT NULL,
@@ -685,6 +691,7 @@ impl ClusterState for SqliteState {
                 "DELETE FROM observations WHERE service = ?1",
                 [name.as_str()],
             )?;
+            tx.execute("DELETE FROM counters WHERE service = ?1", [name.as_str()])?;
             insert_event(tx, event)?;
             Ok(())
         })
@@ -769,6 +776,38 @@ impl ClusterState for SqliteState {
             params![service.as_str(), node, json(&observations)],
         )?;
         Ok(())
+    }
+
+    async fn publish_counters(
+        &self,
+        service: &ServiceName,
+        node: &str,
+        counters: &NodeCounters,
+    ) -> Result<()> {
+        self.conn().execute(
+            "INSERT INTO counters (service, node, list)
+             SELECT ?1, ?2, ?3 WHERE EXISTS (SELECT 1 FROM services WHERE name = ?1)
+             ON CONFLICT(service, node) DO UPDATE SET list = excluded.list",
+            params![service.as_str(), node, json(counters)],
+        )?;
+        Ok(())
+    }
+
+    async fn counters(
+        &self,
+        service: &ServiceName,
+    ) -> Result<std::collections::BTreeMap<String, NodeCounters>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT node, list FROM counters WHERE service = ?1")?;
+        let rows = stmt.query_map([service.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (node, list) = row?;
+            out.insert(node, decode("counters", &list)?);
+        }
+        Ok(out)
     }
 
     async fn lead(&self) -> Result<Fence> {
