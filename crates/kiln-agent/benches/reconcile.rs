@@ -110,6 +110,7 @@ fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
         },
         timeout: service::Duration::from_secs(30),
         router: service::RouterSpec::default(),
+        node_labels: Default::default(),
     }
 }
 
@@ -527,6 +528,7 @@ fn start(
         live: true,
         adopted: false,
         stale: false,
+        drained: false,
     });
 }
 

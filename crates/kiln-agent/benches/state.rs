@@ -61,6 +61,7 @@ fn record(name: &ServiceName, target: u64) -> ServiceRecord {
             rollout: RolloutSpec::default(),
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),
+            node_labels: Default::default(),
         },
         target,
         version: 0,

@@ -311,6 +311,7 @@ impl Agent {
             shared.membership.set_fence(fence);
         }
         let secret_key = shared.state.secret_key(random_key()?).await?;
+        let _ = shared.pull_token.set(crate::peers::pull_token(&secret_key));
         let agent = Arc::new(Self {
             secret_key,
             shared,
@@ -1395,6 +1396,7 @@ impl Agent {
                 instances: assigned.get(&n.name).copied().unwrap_or(0),
                 address: n.address.to_string(),
                 drained: drained.contains(&n.name),
+                labels: n.labels.clone(),
             })
             .collect();
         Ok(kiln_core::api::NodesResponse {
@@ -1454,6 +1456,11 @@ impl Agent {
             drained,
             instances,
         })
+    }
+
+    /// The cluster's node-to-node pull password.
+    pub fn pull_token(&self) -> String {
+        self.shared.pull_token.get().cloned().unwrap_or_default()
     }
 
     /// Read the drained nodes again and wake every controller (the leader

@@ -55,9 +55,10 @@ impl IntoResponse for AgentError {
                 | ControllerError::Unpacker(..)
                 | ControllerError::Runtime(_)
                 | ControllerError::Volume { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-                ControllerError::User { .. } | ControllerError::Unreachable { .. } => {
-                    StatusCode::UNPROCESSABLE_ENTITY
-                }
+                ControllerError::Peers(_) => StatusCode::BAD_GATEWAY,
+                ControllerError::User { .. }
+                | ControllerError::Unreachable { .. }
+                | ControllerError::ProcessNotAllowed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 ControllerError::NotWaitingForPromotion(_)
                 | ControllerError::NotLeader { .. }
                 | ControllerError::NothingToAbort { .. }

@@ -40,6 +40,14 @@ pub struct NodeInfo {
     /// Its advertised address: where its instances and listeners are.
     #[serde(default = "loopback")]
     pub address: IpAddr,
+    /// The port of its image endpoint for the other members
+    /// ([`crate::peers`]) on that address (0: none).
+    #[serde(default)]
+    pub images: u16,
+    /// Its labels (`kiln serve --label KEY=VALUE`): a service's
+    /// `node_labels` picks the nodes its instances may run on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
 }
 
 fn loopback() -> IpAddr {
@@ -79,6 +87,8 @@ impl Membership {
             joined: now(),
             key: String::new(),
             address: loopback(),
+            images: 0,
+            labels: BTreeMap::new(),
         };
         // The senders are dropped: the values never change.
         Self {
@@ -131,6 +141,27 @@ impl Membership {
         self.members.borrow().get(node).map(|n| n.address)
     }
 
+    /// The live members whose labels hold every one of `wanted` (all of
+    /// them when nothing is wanted), in order.
+    pub fn members_with(&self, wanted: &BTreeMap<String, String>) -> Vec<String> {
+        self.members
+            .borrow()
+            .values()
+            .filter(|n| kiln_core::cluster::labels_match(&n.labels, wanted))
+            .map(|n| n.name.clone())
+            .collect()
+    }
+
+    /// The other live members' image endpoints ([`crate::peers`]).
+    pub fn image_endpoints(&self) -> Vec<(String, std::net::SocketAddr)> {
+        self.members
+            .borrow()
+            .values()
+            .filter(|n| n.name != self.node && n.images != 0)
+            .map(|n| (n.name.clone(), (n.address, n.images).into()))
+            .collect()
+    }
+
     /// Where a listener of `addr` binds on this node: in a cluster, one
     /// that names no IP (`:8080`) takes the node's advertised address, so
     /// that each node serves the port on its own.
@@ -160,7 +191,8 @@ pub(crate) async fn join<S: Etcd + 'static>(
     state: Arc<S>,
     node: &str,
     key: &str,
-    address: IpAddr,
+    (address, images): (IpAddr, u16),
+    labels: BTreeMap<String, String>,
     ttl: Duration,
 ) -> Result<Membership, StateError> {
     let info = NodeInfo {
@@ -169,6 +201,8 @@ pub(crate) async fn join<S: Etcd + 'static>(
         joined: now(),
         key: key.to_owned(),
         address,
+        images,
+        labels,
     };
     let (leading_tx, leading) = watch::channel(false);
     let (members_tx, members) = watch::channel(BTreeMap::new());

@@ -34,6 +34,7 @@ pub(crate) mod instance;
 pub mod keeper;
 pub mod ledger;
 pub(crate) mod oci;
+pub mod peers;
 pub mod remote;
 pub mod router;
 pub(crate) mod runtime;
@@ -62,6 +63,13 @@ use crate::state::SqliteState;
 pub enum ServeError {
     #[error("another agent (pid {pid}) is already serving {home}")]
     AlreadyRunning { pid: String, home: PathBuf },
+    #[error(
+        "cannot serve images to the other nodes on {addr} (is it this host's address? --advertise): {source}"
+    )]
+    Images {
+        addr: std::net::IpAddr,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -163,6 +171,9 @@ pub struct ClusterOptions {
     /// and its listeners without an IP are there.
     #[serde(default = "loopback")]
     pub advertise: std::net::IpAddr,
+    /// This node's labels (`--label KEY=VALUE`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 fn loopback() -> std::net::IpAddr {
@@ -337,16 +348,28 @@ pub async fn serve(
     let node_key = Arc::new(ledger::NodeKey::load_or_create(home)?);
     // On its own: SQLite. In a cluster: etcd (this node's instances in
     // SQLite beside it), and the node a member under its lease.
+    // In a cluster, the endpoint the other members pull images from, on
+    // this node's address (its port registered with the membership).
+    let mut images = None;
     let (state, membership): (Arc<dyn state::StateStore>, _) = match &mode.cluster {
         None => (open_state(home, None).await?, None),
         Some(c) => {
             let local = SqliteState::open(&home.join("state.db"))?;
             let etcd = Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local).await?);
+            let listener = tokio::net::TcpListener::bind((c.advertise, 0))
+                .await
+                .map_err(|source| ServeError::Images {
+                    addr: c.advertise,
+                    source,
+                })?;
+            let port = listener.local_addr().map_or(0, |a| a.port());
+            images = Some(listener);
             let m = cluster::join(
                 etcd.clone(),
                 &node_name,
                 &node_key.public(),
-                c.advertise,
+                (c.advertise, port),
+                c.labels.clone(),
                 cluster::DEFAULT_TTL,
             )
             .await?;
@@ -397,6 +420,10 @@ pub async fn serve(
         },
     )
     .await?;
+    if let Some(listener) = images {
+        let app = peers::router(agent.clone(), agent.pull_token());
+        tokio::spawn(peers::serve(listener, app));
+    }
     // And again whole at every full verification of the trees.
     {
         let (key, state) = verifier;

@@ -81,6 +81,21 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(oci)
 }
 
+/// The read side only (ping, tags, manifests, blobs): what the other
+/// members of a cluster pull from ([`crate::peers`]).
+pub fn read_router(agent: Arc<Agent>) -> Router {
+    let oci = Arc::new(Oci {
+        store: agent.store().clone(),
+        uploads: Mutex::new(HashMap::new()),
+    });
+    Router::new()
+        .route("/v2/", get(ping))
+        .route("/v2/{name}/tags/list", get(tags))
+        .route("/v2/{name}/blobs/{digest}", get(blob))
+        .route("/v2/{name}/manifests/{reference}", get(manifest))
+        .with_state(oci)
+}
+
 /// A refusal, as the distribution spec words it:
 /// `{"errors":[{"code","message"}]}`.
 #[derive(Debug)]

@@ -38,6 +38,9 @@ pub struct Shared {
     /// The drained nodes (`kiln drain`), as the state store last said
     /// (read at start and again on each drain event of the ledger).
     pub drained: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// The cluster's node-to-node pull password ([`crate::peers`]), set
+    /// once the cluster's secret key is read.
+    pub pull_token: std::sync::OnceLock<String>,
     pub backoff: Backoff,
     /// What each controller saw at its last pass.
     pub status: std::sync::Mutex<BTreeMap<ServiceName, Reconciled>>,
@@ -81,6 +84,7 @@ impl Shared {
             membership: crate::cluster::Membership::solo(&node_name()),
             node_name: node_name(),
             drained: std::sync::Mutex::default(),
+            pull_token: std::sync::OnceLock::new(),
             backoff,
             status: std::sync::Mutex::default(),
             router,

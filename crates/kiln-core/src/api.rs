@@ -551,6 +551,7 @@ mod tests {
             rollout: crate::service::RolloutSpec::default(),
             timeout: crate::service::Duration::from_secs(30),
             router: crate::service::RouterSpec::default(),
+            node_labels: Default::default(),
         };
         ServiceStatus::of(&name, &settings, target, releases, Some(seen), now)
     }
@@ -704,6 +705,9 @@ pub struct NodeStatus {
     /// Drained (`kiln drain`): it takes no new instance.
     #[serde(default)]
     pub drained: bool,
+    /// Its labels (`kiln serve --label`).
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 /// `kiln drain NODE` / `kiln undrain NODE`.

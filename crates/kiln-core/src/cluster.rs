@@ -77,9 +77,82 @@ pub fn check_advertise(ip: std::net::IpAddr) -> Result<(), String> {
     }
 }
 
+/// A node label (`kiln serve --label zone=eu-1`) and a service's
+/// `node_labels`: a key of 1 to 63 of `a-z 0-9 - _ . /`, a value of at
+/// most 63 of those and `A-Z`.
+pub fn check_label(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = !key.is_empty()
+        && key.len() <= 63
+        && key
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_./".contains(c));
+    let value_ok = value.len() <= 63
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+    if key_ok && value_ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "label `{key}={value}`: a key is 1 to 63 of a-z, 0-9, - _ . /; a value at most 63 of those and A-Z"
+        ))
+    }
+}
+
+/// `KEY=VALUE`, checked.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label `{s}`: expected KEY=VALUE"))?;
+    check_label(k, v)?;
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+/// Whether a node with `labels` may run a service that asks for `wanted`
+/// (every wanted label, with its value).
+pub fn labels_match(
+    labels: &std::collections::BTreeMap<String, String>,
+    wanted: &std::collections::BTreeMap<String, String>,
+) -> bool {
+    wanted.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_checked_and_matched_whole() {
+        assert_eq!(parse_label("zone=eu-1"), Ok(("zone".into(), "eu-1".into())));
+        assert_eq!(parse_label("disk=SSD"), Ok(("disk".into(), "SSD".into())));
+        assert_eq!(
+            parse_label("k8s.io/role="),
+            Ok(("k8s.io/role".into(), String::new()))
+        );
+        for bad in [
+            "zone",
+            "=eu",
+            "Zone=eu",
+            "zone=e u",
+            "zone=é",
+            &format!("{}=x", "k".repeat(64)),
+        ] {
+            assert!(parse_label(bad).is_err(), "{bad}");
+        }
+        let m = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        let node = m(&[("zone", "a"), ("disk", "ssd")]);
+        assert!(labels_match(&node, &m(&[])));
+        assert!(labels_match(&node, &m(&[("zone", "a")])));
+        assert!(labels_match(&node, &m(&[("zone", "a"), ("disk", "ssd")])));
+        assert!(!labels_match(&node, &m(&[("zone", "b")])));
+        assert!(!labels_match(&node, &m(&[("zone", "a"), ("gpu", "yes")])));
+        assert!(!labels_match(&m(&[]), &m(&[("zone", "a")])));
+    }
 
     #[test]
     fn an_advertised_address_is_one_address_of_a_host() {

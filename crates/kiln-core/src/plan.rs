@@ -275,6 +275,23 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     if old.router != new.router {
         out.push("router settings changed".to_owned());
     }
+    if old.node_labels != new.node_labels {
+        let show = |l: &std::collections::BTreeMap<String, String>| {
+            if l.is_empty() {
+                "any node".to_owned()
+            } else {
+                l.iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        out.push(format!(
+            "node_labels {} -> {}",
+            show(&old.node_labels),
+            show(&new.node_labels)
+        ));
+    }
     out
 }
 
@@ -293,6 +310,7 @@ mod tests {
                 rollout: RolloutSpec::default(),
                 timeout: crate::service::Duration::from_secs(30),
                 router: Default::default(),
+                node_labels: Default::default(),
             },
             config: ReleaseConfig {
                 image: Digest::of(image),

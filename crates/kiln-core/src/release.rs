@@ -85,6 +85,9 @@ pub struct ServiceSettings {
     /// the defaults).
     #[serde(default)]
     pub router: crate::service::RouterSpec,
+    /// In a cluster, the labels a node needs to run its instances.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_labels: BTreeMap<String, String>,
 }
 
 /// What `kiln apply` asks for one service: its settings and the release

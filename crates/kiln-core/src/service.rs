@@ -67,6 +67,18 @@ pub struct ServiceSpec {
     /// The router's limits for this service's listener.
     #[serde(default)]
     pub router: RouterSpec,
+    /// In a cluster, only nodes with every one of these labels (`kiln serve
+    /// --label KEY=VALUE`) run this service's instances.
+    #[serde(default, deserialize_with = "node_labels")]
+    pub node_labels: BTreeMap<String, String>,
+}
+
+fn node_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let labels = BTreeMap::<String, String>::deserialize(d)?;
+    for (k, v) in &labels {
+        crate::cluster::check_label(k, v).map_err(serde::de::Error::custom)?;
+    }
+    Ok(labels)
 }
 
 /// `[services.NAME.router]`: what the router allows a peer before it gives
@@ -869,6 +881,16 @@ mod tests {
             let err = service(&format!("listen = \"{bad}\"")).unwrap_err();
             assert!(err.contains("expected IP:PORT or :PORT"), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn node_labels_are_checked_as_labels() {
+        let s = service("node_labels = { zone = \"eu-1\", disk = \"ssd\" }").unwrap();
+        assert_eq!(s.node_labels.len(), 2);
+        assert_eq!(s.node_labels["zone"], "eu-1");
+        assert!(service("").unwrap().node_labels.is_empty());
+        let err = service("node_labels = { Zone = \"a\" }").unwrap_err();
+        assert!(err.contains("label `Zone=a`"), "{err}");
     }
 
     #[test]

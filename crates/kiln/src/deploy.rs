@@ -121,6 +121,10 @@ pub fn serve(
         }
         args.push("--advertise".into());
         args.push(c.advertise.to_string().into());
+        for (k, v) in c.labels {
+            args.push("--label".into());
+            args.push(format!("{k}={v}").into());
+        }
     }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;
@@ -391,6 +395,7 @@ fn resolve_service(
             rollout: svc.rollout.clone(),
             timeout: svc.timeout,
             router: svc.router,
+            node_labels: svc.node_labels.clone(),
         },
         secret_values: BTreeMap::new(),
         signed_by: Vec::new(),
@@ -1120,18 +1125,28 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} JOINED",
-        "NODE", "ADDRESS", "LEADER", "DRAINED", "INSTANCES", "VERSION"
+        "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} {:<24} JOINED",
+        "NODE", "ADDRESS", "LEADER", "DRAINED", "INSTANCES", "VERSION", "LABELS"
     );
     for node in &n.nodes {
+        let labels: Vec<String> = node
+            .labels
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!(
-            "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} {}{}",
+            "{:<20} {:<16} {:<7} {:<8} {:>9}  {:<10} {:<24} {}{}",
             node.name,
             node.address,
             if node.leader { "yes" } else { "" },
             if node.drained { "yes" } else { "" },
             node.instances,
             node.version,
+            if labels.is_empty() {
+                "-".to_owned()
+            } else {
+                labels.join(",")
+            },
             node.joined,
             if node.name == n.this {
                 "  (this node)"

@@ -433,6 +433,10 @@ pub enum Command {
         /// (default: 127.0.0.1, a cluster on one machine)
         #[arg(long, value_name = "IP", requires = "etcd", value_parser = parse_advertise)]
         advertise: Option<std::net::IpAddr>,
+        /// With --etcd: a label of this node (repeat for each); a service's
+        /// `node_labels` runs only on nodes that have them all
+        #[arg(long = "label", value_name = "KEY=VALUE", requires = "etcd", value_parser = kiln_core::cluster::parse_label)]
+        labels: Vec<(String, String)>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -914,6 +918,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             etcd_prefix,
             node,
             advertise,
+            labels,
             run_agent,
             successor,
         } => {
@@ -946,6 +951,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     prefix: etcd_prefix,
                     node,
                     advertise: advertise.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
+                    labels: labels.into_iter().collect(),
                 }),
             };
             match (upgrade, run_agent) {

@@ -201,6 +201,15 @@ fn bad_cluster_flags_and_an_unreachable_etcd_are_refused_in_one_line() {
             vec!["--etcd", "http://h:1", "--advertise", "node-1"],
             "not an IP address",
         ),
+        (
+            vec!["--etcd", "http://h:1", "--label", "Zone=a"],
+            "label `Zone=a`",
+        ),
+        (
+            vec!["--etcd", "http://h:1", "--label", "zone"],
+            "expected KEY=VALUE",
+        ),
+        (vec!["--label", "zone=a"], "--etcd"),
     ] {
         let mut full = vec!["serve"];
         full.extend(args.iter().copied());
@@ -676,24 +685,95 @@ fn a_new_leader_goes_on_with_the_canary_where_the_old_one_left_it() {
     assert_eq!(history.len(), 2, "no release made meanwhile: {history:?}");
 }
 
-/// A member that cannot start a release (its store lacks the image)
-/// reports it, and the slot starts on another node.
+/// A member that cannot start a release reports it, and the slot starts on
+/// another node: here each agent enforces its own runtime policy — a
+/// release of the process runtime, applied through the one member that
+/// allows it, runs only there.
 #[test]
 fn a_slot_a_node_cannot_start_goes_to_another() {
     let _serial = one_at_a_time();
     let etcd = Etcd::start();
-    // n3 never gets the image.
-    let (envs, _agents, spec) =
-        three_nodes(&etcd, &WEB.replace("replicas = 2", "replicas = 3"), &[0, 1]);
-    let spec = spec.as_str();
-    envs[0].ok(&["apply", "--detach", "-f", spec]);
-    wait_for("three ready on n1 and n2", Duration::from_secs(60), || {
-        ready_here(&envs[0]) + ready_here(&envs[1]) == 3
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(
+        &envs[0].path("app"),
+        &WEB.replace("replicas = 2", "replicas = 3\nruntime = \"process\""),
+    );
+    let spec = spec.to_str().unwrap().to_owned();
+    let _agents: Vec<Agent> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| {
+            let name = format!("n{}", i + 1);
+            let member = on_etcd(&etcd, &name);
+            Agent::start_with(env, |c| {
+                member(c);
+                if i == 0 {
+                    c.args(["--allow-runtime", "process"]);
+                }
+            })
+        })
+        .collect();
+    wait_for("three members", Duration::from_secs(20), || {
+        etcd.keys("/kiln/nodes/").len() == 3 && !leader_of(&etcd).is_empty()
     });
-    assert_eq!(ready_here(&envs[2]), 0);
+    envs[0].ok(&["apply", "--detach", "-f", &spec]);
+    wait_for("three ready on n1", Duration::from_secs(60), || {
+        ready_here(&envs[0]) == 3
+    });
+    assert_eq!(ready_here(&envs[1]) + ready_here(&envs[2]), 0);
     wait_for("release 1 active", Duration::from_secs(60), || {
         releases(&envs[0], "web")[0]["outcome"] == "active"
     });
+}
+
+/// Images across nodes: only n1 baked the image; n2 and n3 pull it by
+/// digest from n1's image endpoint (with the cluster's credentials, which
+/// a stranger lacks), record the pull, and run it.
+#[test]
+fn a_node_without_the_image_pulls_it_by_digest_from_another() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let (envs, _agents, spec) =
+        three_nodes(&etcd, &WEB.replace("replicas = 2", "replicas = 3"), &[0]);
+    envs[0].ok(&["apply", "--detach", "-f", &spec]);
+    wait_for("one ready on each node", Duration::from_secs(60), || {
+        envs.iter().all(|e| ready_here(e) == 1)
+    });
+    let digest = releases(&envs[0], "web")[0]["config"]["image"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for env in &envs[1..] {
+        let images = env.ok(&["images", "--json"]);
+        assert!(images.contains(&digest), "{images}");
+    }
+    let pulls = envs[1].ok(&["audit", "--kind", "image-pulled", "--json"]);
+    assert!(pulls.contains("node n1"), "{pulls}");
+    // n1's endpoint, as registered: nothing without the credentials.
+    let n1: serde_json::Value = serde_json::from_slice(
+        &etcd
+            .ctl(&["get", "--print-value-only", "/kiln/nodes/n1"])
+            .stdout,
+    )
+    .unwrap();
+    let port = n1["images"].as_u64().unwrap() as u16;
+    assert_ne!(port, 0);
+    let status = |auth: Option<&str>| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let auth = auth.map_or(String::new(), |a| format!("authorization: Basic {a}\r\n"));
+        write!(
+            s,
+            "GET /v2/app/manifests/{digest} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.get(9..12).unwrap_or("").to_owned()
+    };
+    assert_eq!(status(None), "401");
+    // `kiln-node:guess`
+    assert_eq!(status(Some("a2lsbi1ub2RlOmd1ZXNz")), "401");
 }
 
 /// `count` requests on one keep-alive connection to `addr`: the bodies'
@@ -940,4 +1020,52 @@ fn a_canary_is_judged_on_the_requests_of_every_nodes_router() {
     for agent in agents.iter_mut().flatten() {
         agent.stop();
     }
+}
+
+/// Placement within labels: a service with `node_labels = { zone = "a" }`
+/// runs only on the members started with `--label zone=a`, spread over
+/// them; `kiln nodes` lists each member's labels.
+#[test]
+fn a_service_runs_only_on_nodes_with_its_labels() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
+    let spec = hello_app(
+        &envs[0].path("app"),
+        &WEB.replace(
+            "replicas = 2",
+            "replicas = 3\nnode_labels = { zone = \"a\" }",
+        ),
+    );
+    let spec = spec.to_str().unwrap().to_owned();
+    let zones = ["a", "b", "a"];
+    let _agents: Vec<Agent> = envs
+        .iter()
+        .enumerate()
+        .map(|(i, env)| {
+            let name = format!("n{}", i + 1);
+            let member = on_etcd(&etcd, &name);
+            let label = format!("zone={}", zones[i]);
+            Agent::start_with(env, |c| {
+                member(c);
+                c.args(["--label", &label, "--label", "disk=ssd"]);
+            })
+        })
+        .collect();
+    wait_for("three members", Duration::from_secs(20), || {
+        etcd.keys("/kiln/nodes/").len() == 3 && !leader_of(&etcd).is_empty()
+    });
+    envs[0].ok(&["apply", "-f", &spec]);
+    let (on_a1, on_b, on_a3) = (
+        ready_here(&envs[0]),
+        ready_here(&envs[1]),
+        ready_here(&envs[2]),
+    );
+    assert_eq!(on_b, 0, "nothing on the node of zone b");
+    assert_eq!(on_a1 + on_a3, 3);
+    assert!(on_a1.abs_diff(on_a3) <= 1, "spread: {on_a1} and {on_a3}");
+    let nodes = envs[1].json(&["nodes", "--json"]);
+    assert_eq!(nodes["nodes"][1]["labels"]["zone"], "b");
+    assert_eq!(nodes["nodes"][0]["labels"]["disk"], "ssd");
+    assert!(envs[1].ok(&["nodes"]).contains("disk=ssd,zone=b"));
 }

@@ -269,6 +269,45 @@ impl Controller {
             .failed(now(), ready_since, &backoff);
     }
 
+    /// Pull image `digest` from another member ([`crate::peers::fetch`]),
+    /// recorded as a pull in the ledger.
+    async fn fetch_image(
+        &mut self,
+        name: String,
+        digest: kiln_core::Digest,
+    ) -> Result<(), ControllerError> {
+        let members = self.shared.membership.image_endpoints();
+        let token = self.shared.pull_token.get().cloned().unwrap_or_default();
+        tracing::info!(service = %self.name, "fetching image {digest} from another node");
+        let (store, home) = (self.shared.store.clone(), self.shared.home.clone());
+        let (n, d) = (name.clone(), digest.clone());
+        // The registry client's pull is not a `Send` future for every
+        // lifetime it borrows: it runs on a runtime of its own, on a
+        // blocking thread (as `kiln pull` runs it).
+        let from = tokio::task::spawn_blocking(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| crate::peers::PeerError::Runtime(e.to_string()))?
+                .block_on(crate::peers::fetch(
+                    &store,
+                    &home,
+                    &members,
+                    &token,
+                    (&n, &d),
+                ))
+        })
+        .await
+        .map_err(|e| ControllerError::Unpacker(e, digest.clone()))??;
+        let ev = kiln_core::event::Change::ImagePulled {
+            image: name,
+            digest,
+            from: format!("node {from}"),
+        };
+        self.record_event(ev, None, None).await;
+        Ok(())
+    }
+
     pub(super) async fn prepare(
         &mut self,
         revision: u64,
@@ -285,6 +324,24 @@ impl Controller {
                 service: self.name.clone(),
                 revision,
             })?;
+        // This agent's own policy, whichever member recorded the release:
+        // an unconfined process runs only where its agent allows it.
+        if release.config.runtime == kiln_core::service::RuntimeKind::Process
+            && !self.shared.allow_process
+        {
+            return Err(ControllerError::ProcessNotAllowed {
+                node: self.shared.node_name.clone(),
+            });
+        }
+        // In a cluster, an image this node lacks comes from a member that
+        // has it, by digest.
+        if !self.shared.membership.is_solo() && !self.shared.store.has_blob(&release.config.image) {
+            let (name, digest) = (
+                release.config.image_name.clone(),
+                release.config.image.clone(),
+            );
+            self.fetch_image(name, digest).await?;
+        }
         // A release of an image already prepared (a rollback makes a new
         // release of an old one) runs on the same tree as that user: no
         // trip to the blocking pool on a rollback's path.

@@ -112,6 +112,14 @@ pub enum ControllerError {
     Unpacker(tokio::task::JoinError, kiln_core::Digest),
     #[error(transparent)]
     Runtime(#[from] crate::runtime::RuntimeError),
+    #[error(transparent)]
+    Peers(#[from] crate::peers::PeerError),
+    /// A release of the `process` runtime on a node whose agent does not
+    /// allow it (each agent enforces its own policy, whoever applied).
+    #[error(
+        "node {node} does not run the process runtime (its agent was started without --allow-runtime process)"
+    )]
+    ProcessNotAllowed { node: String },
     #[error("volume {path}: {source}", path = .path.display())]
     Volume {
         path: PathBuf,
@@ -815,13 +823,19 @@ impl Controller {
                 }
             },
         };
-        // Drained members: their instances are replaced on the others.
-        let drained = self
+        // Drained members, and those without the labels the service asks
+        // for: their instances are replaced on the others.
+        let mut drained = self
             .shared
             .drained
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let m = &self.shared.membership;
+        if !rec.settings.node_labels.is_empty() {
+            let with = m.members_with(&rec.settings.node_labels);
+            drained.extend(m.member_names().into_iter().filter(|n| !with.contains(n)));
+        }
         self.fleet.drain(&drained);
         // Members gone (their leases expired): their assignments go, and
         // the decision below starts their slots on the others.
@@ -898,7 +912,23 @@ impl Controller {
         self.routing = d.routing;
         let shared = self.shared.clone();
         let name = &self.name;
-        let members = self.fleet.nodes_for(&shared.membership.member_names());
+        // New instances go to members with the service's labels, not
+        // drained (drained ones if nothing else has the labels).
+        let members = self
+            .fleet
+            .nodes_for(&shared.membership.members_with(&o.rec.settings.node_labels));
+        if members.is_empty() && d.steps.iter().any(|s| matches!(s, Step::Start { .. })) {
+            self.message = Some(format!(
+                "no member has the labels {} (kiln serve --label): nothing can start",
+                o.rec
+                    .settings
+                    .node_labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+        }
         self.fleet.assign(&d.steps, target, &members, |rev| {
             shared.new_instance_id(name, rev)
         });

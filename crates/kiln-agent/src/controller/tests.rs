@@ -87,6 +87,7 @@ impl Harness {
                 rollout,
                 timeout: service::Duration::from_secs(30),
                 router: service::RouterSpec::default(),
+                node_labels: Default::default(),
             },
             config: ReleaseConfig {
                 image: self.image.clone(),

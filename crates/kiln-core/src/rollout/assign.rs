@@ -237,22 +237,48 @@ pub fn assign<Id: Clone + PartialEq>(
     refused: impl Fn(&str, u64) -> bool,
     mut new_id: impl FnMut(u64) -> Id,
 ) {
+    // What `place` counts, kept as the steps go (a decision that starts a
+    // thousand instances over a hundred nodes must not count the fleet
+    // again for each): each node's running instances, by its index in
+    // `nodes`, and the nodes willing to run each release.
+    let index: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.as_str(), i))
+        .collect();
+    let mut load: Option<Vec<usize>> = None;
+    let mut willing: HashMap<u64, Vec<usize>> = HashMap::new();
     for step in steps {
         match step {
             Step::Start { revision, slot } => {
-                let willing: Vec<String> = nodes
-                    .iter()
-                    .filter(|n| !refused(n, *revision))
-                    .cloned()
-                    .collect();
-                let candidates = if willing.is_empty() { nodes } else { &willing };
-                let Some(node) = place(candidates, assignments) else {
+                let load = load.get_or_insert_with(|| {
+                    let mut l = vec![0; nodes.len()];
+                    for a in assignments.iter().filter(|a| a.stop.is_none()) {
+                        if let Some(&i) = index.get(a.node.as_str()) {
+                            l[i] += 1;
+                        }
+                    }
+                    l
+                });
+                let ok = willing.entry(*revision).or_insert_with(|| {
+                    (0..nodes.len())
+                        .filter(|&i| !refused(&nodes[i], *revision))
+                        .collect()
+                });
+                // The first of the fewest, among the willing (all of them
+                // when none is).
+                let best = if ok.is_empty() {
+                    (0..nodes.len()).min_by_key(|&i| load[i])
+                } else {
+                    ok.iter().copied().min_by_key(|&i| load[i])
+                };
+                let Some(i) = best else {
                     continue;
                 };
-                let node = node.to_owned();
+                load[i] += 1;
                 assignments.push(Assignment {
                     id: new_id(*revision),
-                    node,
+                    node: nodes[i].clone(),
                     revision: *revision,
                     slot: *slot,
                     adopted: false,
@@ -261,6 +287,11 @@ pub fn assign<Id: Clone + PartialEq>(
             }
             Step::Stop { ids, reason } => {
                 for a in assignments.iter_mut().filter(|a| ids.contains(&a.id)) {
+                    if a.stop.is_none()
+                        && let (Some(load), Some(&i)) = (load.as_mut(), index.get(a.node.as_str()))
+                    {
+                        load[i] = load[i].saturating_sub(1);
+                    }
                     a.stop.get_or_insert(*reason);
                 }
             }
@@ -607,6 +638,98 @@ impl<K: Eq + Hash, V, I: Iterator<Item = (K, V)>> CollectFast<K, V> for I {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// What [`assign`] does, one [`place`] per start (counting the fleet
+    /// anew each time): the incremental counts must pick the same nodes.
+    fn assign_by_place(
+        assignments: &mut Vec<Assignment>,
+        steps: &[Step<String>],
+        nodes: &[String],
+        refused: &BTreeSet<(String, u64)>,
+    ) {
+        let mut n = 0;
+        for step in steps {
+            match step {
+                Step::Start { revision, slot } => {
+                    let willing: Vec<String> = nodes
+                        .iter()
+                        .filter(|x| !refused.contains(&((*x).clone(), *revision)))
+                        .cloned()
+                        .collect();
+                    let candidates = if willing.is_empty() { nodes } else { &willing };
+                    if let Some(node) = place(candidates, assignments) {
+                        n += 1;
+                        assignments.push(Assignment {
+                            id: format!("new{n}"),
+                            node: node.to_owned(),
+                            revision: *revision,
+                            slot: *slot,
+                            adopted: false,
+                            stop: None,
+                        });
+                    }
+                }
+                Step::Stop { ids, reason } => {
+                    for a in assignments.iter_mut().filter(|a| ids.contains(&a.id)) {
+                        a.stop.get_or_insert(*reason);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn counting_as_it_goes_places_as_counting_anew(
+            existing in proptest::collection::vec((0usize..5, proptest::bool::ANY), 0..30),
+            steps in proptest::collection::vec((0u8..3, 0usize..40, 1u64..3), 0..40),
+            node_count in 0usize..5,
+            refused in proptest::collection::btree_set((0usize..5, 1u64..3), 0..4),
+        ) {
+            let nodes: Vec<String> = (0..node_count).map(|i| format!("n{i}")).collect();
+            let list: Vec<Assignment> = existing
+                .iter()
+                .enumerate()
+                .map(|(i, (node, stopped))| Assignment {
+                    id: format!("old{i}"),
+                    node: format!("n{node}"),
+                    revision: 1,
+                    slot: i as u32,
+                    adopted: false,
+                    stop: stopped.then_some(StopReason::Replaced),
+                })
+                .collect();
+            let steps: Vec<Step<String>> = steps
+                .iter()
+                .map(|(kind, n, rev)| match kind {
+                    0 | 1 => Step::Start { revision: *rev, slot: *n as u32 },
+                    _ => Step::Stop {
+                        ids: vec![format!("old{n}"), format!("new{n}")],
+                        reason: StopReason::ScaledDown,
+                    },
+                })
+                .collect();
+            let refused: BTreeSet<(String, u64)> =
+                refused.into_iter().map(|(n, r)| (format!("n{n}"), r)).collect();
+            let mut fast = list.clone();
+            let mut made = 0;
+            assign(
+                &mut fast,
+                &steps,
+                1,
+                &nodes,
+                |n, r| refused.contains(&(n.to_owned(), r)),
+                |_| {
+                    made += 1;
+                    format!("new{made}")
+                },
+            );
+            let mut slow = list;
+            assign_by_place(&mut slow, &steps, &nodes, &refused);
+            proptest::prop_assert_eq!(fast, slow);
+        }
+    }
 
     fn n1() -> Vec<String> {
         vec!["n1".to_owned()]

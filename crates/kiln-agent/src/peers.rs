@@ -1,0 +1,190 @@
+//! Images between the nodes of a cluster. Each agent of a cluster serves
+//! its store's **read** side of the OCI distribution API (`/v2/`: ping,
+//! manifests and blobs, by digest or tag; no upload, no listing of other
+//! names) on its advertised address, at a port it registers with its
+//! membership. A node that must start a release whose image it lacks pulls
+//! it **by digest** from a member that has it ([`fetch`]), through the same
+//! pull as `kiln pull` (every manifest and blob verified against its digest
+//! as it streams; nothing kept of a pull that does not finish).
+//!
+//! Node to node, a request carries the cluster's pull credentials: HTTP
+//! Basic with a password derived from the key that seals the cluster's
+//! secrets ([`pull_token`]), which only a member (a reader of the cluster's
+//! state) has. The endpoint is plain HTTP: keep the nodes' network private
+//! until TLS between nodes is built (README, "Cluster").
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::IntoResponse;
+use base64::Engine as _;
+use kiln_core::Digest;
+use kiln_core::registry::{RegistryRef, Target};
+use kiln_store::Store;
+use kiln_store::registry::{Credentials, Login, Registry, RegistryError};
+
+/// The user name a node sends (any is accepted: the password is the proof).
+pub const USER: &str = "kiln-node";
+
+/// How long a node may take to fetch an image from another.
+pub const FETCH_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// The cluster's node-to-node pull password: an HMAC of a fixed label under
+/// the cluster's secret key (shared through the state store by its
+/// members, never sent anywhere else).
+pub fn pull_token(secret_key: &[u8; 32]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret_key);
+    let tag = ring::hmac::sign(&key, b"kiln node pull v1");
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("cannot fetch images from the other nodes: {0}")]
+    Runtime(String),
+    #[error("no other member has image {digest} ({tried})")]
+    Nowhere { digest: Digest, tried: String },
+}
+
+/// Whether `authorization` (a request's header) carries `token` as its
+/// Basic password. Compared as digests: no early exit on the secret.
+fn authorized(authorization: Option<&HeaderValue>, token: &str) -> bool {
+    let Some(given) = authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Basic "))
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .and_then(|raw| String::from_utf8(raw).ok())
+    else {
+        return false;
+    };
+    let password = given.split_once(':').map_or("", |(_, p)| p);
+    Digest::of(password.as_bytes()) == Digest::of(token.as_bytes())
+}
+
+/// The read side of `/v2/` behind the cluster's pull credentials.
+pub fn router(agent: Arc<crate::agent::Agent>, token: String) -> Router {
+    let token = Arc::new(token);
+    crate::oci::read_router(agent).layer(axum::middleware::from_fn(
+        move |req: Request, next: Next| {
+            let token = token.clone();
+            async move {
+                if authorized(req.headers().get(header::AUTHORIZATION), &token) {
+                    next.run(req).await
+                } else {
+                    let mut resp = (
+                        StatusCode::UNAUTHORIZED,
+                        "a member's pull credentials are required\n",
+                    )
+                        .into_response();
+                    resp.headers_mut().insert(
+                        header::WWW_AUTHENTICATE,
+                        HeaderValue::from_static("Basic realm=\"kiln-node\""),
+                    );
+                    resp
+                }
+            }
+        },
+    ))
+}
+
+/// Serve `app` on `listener` until the agent ends.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!("node-to-node image endpoint: {e}");
+    }
+}
+
+/// Pull image `digest` (named `name` in stores) into `store` from the
+/// first of `members` (name, endpoint) that has it, verified by digest.
+/// The member it came from.
+pub async fn fetch(
+    store: &Store,
+    home: &std::path::Path,
+    members: &[(String, SocketAddr)],
+    token: &str,
+    (name, digest): (&str, &Digest),
+) -> Result<String, PeerError> {
+    let mut tried = Vec::new();
+    for (node, addr) in members {
+        match fetch_from(store, home, *addr, token, (name, digest)).await {
+            Ok(()) => return Ok(node.clone()),
+            Err(e) => tried.push(format!("{node}: {e}")),
+        }
+    }
+    Err(PeerError::Nowhere {
+        digest: digest.clone(),
+        tried: if tried.is_empty() {
+            "no other member serves images".to_owned()
+        } else {
+            tried.join("; ")
+        },
+    })
+}
+
+async fn fetch_from(
+    store: &Store,
+    home: &std::path::Path,
+    addr: SocketAddr,
+    token: &str,
+    (name, digest): (&str, &Digest),
+) -> Result<(), RegistryError> {
+    let host = addr.to_string();
+    let credentials = Credentials::open(home)?.with(
+        &host,
+        Login {
+            username: Some(USER.to_owned()),
+            password: Some(token.to_owned()),
+            insecure: true,
+        },
+    );
+    let registry = Registry::new(&host, &credentials, true)?;
+    let src = RegistryRef {
+        host,
+        repository: name.to_owned(),
+        target: Some(Target::Digest(digest.clone())),
+    };
+    let report =
+        kiln_store::registry::pull_within(store, &registry, &src, &|_| {}, FETCH_DEADLINE).await?;
+    // A hostile member could answer another image under this digest's
+    // name: the pull verified every byte against the digests it read, and
+    // the manifest it kept must be the one asked for.
+    if report.digest != *digest {
+        return Err(RegistryError::BadManifest {
+            reference: src.to_string(),
+            detail: format!("answered {} for {digest}", report.digest),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_clusters_token_passes() {
+        let token = pull_token(&[7; 32]);
+        assert_eq!(token.len(), 64);
+        assert_ne!(token, pull_token(&[8; 32]), "another cluster's key");
+        let basic = |user: &str, pass: &str| {
+            HeaderValue::from_str(&format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+            ))
+            .unwrap()
+        };
+        assert!(authorized(Some(&basic(USER, &token)), &token));
+        assert!(authorized(Some(&basic("anyone", &token)), &token));
+        assert!(!authorized(Some(&basic(USER, "guess")), &token));
+        assert!(!authorized(Some(&basic(USER, "")), &token));
+        assert!(!authorized(None, &token));
+        let bearer = HeaderValue::from_str(&format!("Bearer {token}")).unwrap();
+        assert!(!authorized(Some(&bearer), &token));
+        let junk = HeaderValue::from_static("Basic !!!");
+        assert!(!authorized(Some(&junk), &token));
+    }
+}
