@@ -188,7 +188,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = Arc::new(SqliteState::open(&dir.path().join("state.db")).expect("open"));
     let etcd_state = Arc::new(
-        EtcdState::connect(&[etcd], "/bench-placement/", MemoryState::new())
+        EtcdState::connect(&[etcd], "/bench-placement/", MemoryState::new(), None)
             .await
             .expect("etcd"),
     );

@@ -183,7 +183,7 @@ async fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sqlite = Arc::new(SqliteState::open(&dir.path().join("state.db")).expect("open"));
     let etcd_state = Arc::new(
-        EtcdState::connect(&[etcd], "/bench/", MemoryState::new())
+        EtcdState::connect(&[etcd], "/bench/", MemoryState::new(), None)
             .await
             .expect("etcd"),
     );

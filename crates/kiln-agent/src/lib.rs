@@ -174,6 +174,17 @@ pub struct ClusterOptions {
     /// This node's labels (`--label KEY=VALUE`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// TLS to etcd (`https://` URLs): its CA, and this node's client
+    /// certificate and key when etcd asks for one.
+    #[serde(default)]
+    pub tls: Option<EtcdTls>,
+}
+
+/// `--etcd-ca FILE [--etcd-cert FILE --etcd-key FILE]`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<(PathBuf, PathBuf)>,
 }
 
 fn loopback() -> std::net::IpAddr {
@@ -230,7 +241,9 @@ pub async fn open_state(
     let local = SqliteState::open(&home.join("state.db"))?;
     Ok(match cluster {
         None => Arc::new(local),
-        Some(c) => Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local).await?),
+        Some(c) => {
+            Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local, c.tls.as_ref()).await?)
+        }
     })
 }
 
@@ -355,7 +368,9 @@ pub async fn serve(
         None => (open_state(home, None).await?, None),
         Some(c) => {
             let local = SqliteState::open(&home.join("state.db"))?;
-            let etcd = Arc::new(state::EtcdState::connect(&c.etcd, &c.prefix, local).await?);
+            let etcd = Arc::new(
+                state::EtcdState::connect(&c.etcd, &c.prefix, local, c.tls.as_ref()).await?,
+            );
             let listener = tokio::net::TcpListener::bind((c.advertise, 0))
                 .await
                 .map_err(|source| ServeError::Images {

@@ -2,19 +2,14 @@
 //! URL --etcd-prefix PREFIX --node NAME`), checked before anything
 //! connects: each a clear one-line refusal naming what is wrong.
 
-/// An etcd client URL: `http://HOST:PORT`, nothing after the port (etcd's
-/// API has no path of its own). TLS to etcd (`https://`, client
-/// certificates) is not built yet: refused, rather than a connection that
-/// fails later.
+/// An etcd client URL: `http://HOST:PORT` or `https://HOST:PORT` (TLS,
+/// with `--etcd-ca`), nothing after the port (etcd's API has no path of
+/// its own).
 pub fn check_etcd_url(url: &str) -> Result<(), String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "`{url}`: TLS to etcd is not supported yet: use http:// on a trusted network (or a local etcd proxy)"
-        ));
-    }
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("`{url}`: an etcd URL starts with http://"))?;
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| format!("`{url}`: an etcd URL starts with http:// or https://"))?;
     let rest = rest.strip_suffix('/').unwrap_or(rest);
     let (host, port) = rest.rsplit_once(':').ok_or_else(|| {
         format!("`{url}`: an etcd URL names its port (e.g. http://127.0.0.1:2379)")
@@ -26,6 +21,29 @@ pub fn check_etcd_url(url: &str) -> Result<(), String> {
         Ok(p) if p > 0 => Ok(()),
         _ => Err(format!("`{url}`: `{port}` is not a port")),
     }
+}
+
+/// TLS to etcd is all or nothing: `https://` URLs need the CA that signed
+/// etcd's certificate (`--etcd-ca`), and a CA or a client certificate
+/// means nothing over `http://`.
+pub fn check_etcd_tls(urls: &[String], ca: bool, client_cert: bool) -> Result<(), String> {
+    let https = urls.iter().filter(|u| u.starts_with("https://")).count();
+    if https > 0 && https < urls.len() {
+        return Err("the etcd URLs mix http:// and https://: use one for all".to_owned());
+    }
+    if https > 0 && !ca {
+        return Err(format!(
+            "`{}`: TLS to etcd needs --etcd-ca FILE (the CA that signed etcd's certificate, PEM)",
+            urls[0]
+        ));
+    }
+    if https == 0 && (ca || client_cert) {
+        return Err(
+            "--etcd-ca, --etcd-cert and --etcd-key are for TLS: give the etcd URLs as https://"
+                .to_owned(),
+        );
+    }
+    Ok(())
 }
 
 /// A key prefix for a cluster's state: starts and ends with `/` (so that
@@ -172,6 +190,7 @@ mod tests {
             "http://etcd-1.example.com:2379",
             "http://[::1]:2379",
             "http://127.0.0.1:2379/",
+            "https://etcd-1.example.com:2379",
         ] {
             assert_eq!(check_etcd_url(good), Ok(()), "{good}");
         }
@@ -184,11 +203,32 @@ mod tests {
             "http://h:99999",
             "http://h:2379/v3",
             "http://u@h:2379",
-            "https://h:2379",
+            "https://h",
+            "httpss://h:2379",
         ] {
             let e = check_etcd_url(bad).unwrap_err();
             assert!(e.contains(bad), "{e} names {bad}");
         }
+    }
+
+    #[test]
+    fn tls_to_etcd_is_all_or_nothing() {
+        let urls = |u: &[&str]| u.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(check_etcd_tls(&urls(&["http://h:1"]), false, false), Ok(()));
+        assert_eq!(check_etcd_tls(&urls(&["https://h:1"]), true, false), Ok(()));
+        assert_eq!(
+            check_etcd_tls(&urls(&["https://h:1", "https://g:1"]), true, true),
+            Ok(())
+        );
+        let e = check_etcd_tls(&urls(&["https://h:1"]), false, false).unwrap_err();
+        assert!(e.contains("needs --etcd-ca"), "{e}");
+        let e = check_etcd_tls(&urls(&["http://h:1"]), true, false).unwrap_err();
+        assert!(e.contains("https://"), "{e}");
+        let e = check_etcd_tls(&urls(&["http://h:1"]), false, true).unwrap_err();
+        assert!(e.contains("https://"), "{e}");
+        let e = check_etcd_tls(&urls(&["http://h:1", "https://g:1"]), true, false).unwrap_err();
+        assert!(e.contains("mix"), "{e}");
+        assert_eq!(check_etcd_tls(&[], false, false), Ok(()));
     }
 
     #[test]

@@ -125,6 +125,16 @@ pub fn serve(
             args.push("--label".into());
             args.push(format!("{k}={v}").into());
         }
+        if let Some(tls) = c.tls {
+            args.push("--etcd-ca".into());
+            args.push(tls.ca.into());
+            if let Some((cert, key)) = tls.cert {
+                args.push("--etcd-cert".into());
+                args.push(cert.into());
+                args.push("--etcd-key".into());
+                args.push(key.into());
+            }
+        }
     }
     let code =
         kiln_agent::supervisor::supervise(home, exe, args).context("the supervisor cannot run")?;

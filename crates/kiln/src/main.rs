@@ -152,6 +152,9 @@ pub enum TokenCommand {
     },
 }
 
+// Parsed once per run: `serve`'s many flags make it the largest variant,
+// and boxing them would only make clap's derive harder to read.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Bake images from the spec into the store and print their digests
@@ -433,6 +436,16 @@ pub enum Command {
         /// (default: 127.0.0.1, a cluster on one machine)
         #[arg(long, value_name = "IP", requires = "etcd", value_parser = parse_advertise)]
         advertise: Option<std::net::IpAddr>,
+        /// With https:// etcd URLs: the CA that signed etcd's certificate (PEM)
+        #[arg(long, value_name = "FILE", requires = "etcd")]
+        etcd_ca: Option<PathBuf>,
+        /// With --etcd-ca: this node's client certificate for etcd's
+        /// `--client-cert-auth` (PEM), with --etcd-key
+        #[arg(long, value_name = "FILE", requires_all = ["etcd_ca", "etcd_key"])]
+        etcd_cert: Option<PathBuf>,
+        /// The client certificate's private key (PEM)
+        #[arg(long, value_name = "FILE", requires = "etcd_cert")]
+        etcd_key: Option<PathBuf>,
         /// With --etcd: a label of this node (repeat for each); a service's
         /// `node_labels` runs only on nodes that have them all
         #[arg(long = "label", value_name = "KEY=VALUE", requires = "etcd", value_parser = kiln_core::cluster::parse_label)]
@@ -919,6 +932,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node,
             advertise,
             labels,
+            etcd_ca,
+            etcd_cert,
+            etcd_key,
             run_agent,
             successor,
         } => {
@@ -952,6 +968,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     node,
                     advertise: advertise.unwrap_or(std::net::Ipv4Addr::LOCALHOST.into()),
                     labels: labels.into_iter().collect(),
+                    tls: etcd_ca.map(|ca| kiln_agent::EtcdTls {
+                        ca,
+                        cert: etcd_cert.zip(etcd_key),
+                    }),
                 }),
             };
             match (upgrade, run_agent) {
@@ -1048,6 +1068,21 @@ fn main() -> ExitCode {
         default(info);
     }));
     let cli = Cli::parse_from(compatible_args(std::env::args_os().collect()));
+    // What clap cannot say of flags together: a usage error, exit 2.
+    if let Command::Serve {
+        etcd,
+        etcd_ca,
+        etcd_cert,
+        ..
+    } = &cli.command
+        && let Err(e) =
+            kiln_core::cluster::check_etcd_tls(etcd, etcd_ca.is_some(), etcd_cert.is_some())
+    {
+        use clap::CommandFactory;
+        Cli::command()
+            .error(clap::error::ErrorKind::ArgumentConflict, e)
+            .exit();
+    }
     match run(cli) {
         Ok(code) => code,
         // Written output that nobody reads any more: done, quietly.

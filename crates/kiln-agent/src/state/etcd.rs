@@ -193,14 +193,37 @@ impl Writes {
 impl<N> EtcdState<N> {
     /// Connect to etcd at `endpoints` (`http://HOST:PORT`), keeping the
     /// cluster's state under `prefix`, with this node's state `node`.
-    pub async fn connect(endpoints: &[String], prefix: &str, node: N) -> Result<Self> {
-        let options = etcd_client::ConnectOptions::new()
+    ///
+    /// Over TLS when `tls` is given (`https://` endpoints): etcd's
+    /// certificate checked against the CA, and this node's client
+    /// certificate shown when there is one.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        node: N,
+        tls: Option<&crate::EtcdTls>,
+    ) -> Result<Self> {
+        let read = |path: &std::path::Path| {
+            std::fs::read(path).map_err(|source| StateError::Open {
+                path: path.display().to_string(),
+                source: Box::new(source),
+            })
+        };
+        let mut options = etcd_client::ConnectOptions::new()
             .with_connect_timeout(std::time::Duration::from_secs(5))
             .with_timeout(std::time::Duration::from_secs(10))
             .with_keep_alive(
                 std::time::Duration::from_secs(2),
                 std::time::Duration::from_secs(5),
             );
+        if let Some(t) = tls {
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&t.ca)?));
+            if let Some((cert, key)) = &t.cert {
+                config = config.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(config);
+        }
         let client = Client::connect(endpoints, Some(options))
             .await
             .map_err(|e| StateError::Open {
@@ -1102,6 +1125,7 @@ mod tests {
             std::slice::from_ref(&etcd.endpoint),
             super::DEFAULT_PREFIX,
             crate::state::MemoryState::new(),
+            None,
         )
         .await
         .unwrap();
@@ -1114,6 +1138,7 @@ mod tests {
             std::slice::from_ref(&etcd.endpoint),
             prefix,
             crate::state::MemoryState::new(),
+            None,
         )
         .await
         .unwrap()
@@ -1219,6 +1244,7 @@ mod tests {
             std::slice::from_ref(&url),
             super::DEFAULT_PREFIX,
             crate::state::MemoryState::new(),
+            None,
         )
         .await
         .err()

@@ -740,19 +740,44 @@ pub struct Etcd {
     pub endpoint: String,
     peer: String,
     dir: tempfile::TempDir,
+    /// With TLS: its CA, and a client certificate and key it accepts
+    /// (etcd runs with `--client-cert-auth`).
+    pub tls: Option<EtcdTls>,
+}
+
+/// PEM files of an etcd with TLS, in its directory.
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
 }
 
 impl Etcd {
     pub fn start() -> Self {
+        Self::start_with(false)
+    }
+
+    /// An etcd serving clients over TLS only to those with a certificate
+    /// from its CA (made here with rcgen).
+    pub fn start_tls() -> Self {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Self {
         require("etcd");
         let dir = tempfile::tempdir().expect("tempdir");
-        let endpoint = format!("http://127.0.0.1:{}", free_port());
+        let scheme = if tls { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{}", free_port());
         let peer = format!("http://127.0.0.1:{}", free_port());
+        let tls = tls.then(|| make_tls(dir.path()));
         let mut etcd = Self {
             child: None,
             endpoint,
             peer,
             dir,
+            tls,
         };
         etcd.run();
         etcd
@@ -771,6 +796,17 @@ impl Etcd {
             .args(["--initial-cluster", &format!("default={}", self.peer)])
             .args(["--heartbeat-interval", "10", "--election-timeout", "100"])
             .args(["--log-level", "error"])
+            .args(self.tls.as_ref().map_or(Vec::new(), |t| {
+                vec![
+                    "--cert-file".into(),
+                    t.server_cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    t.server_key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    t.ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -786,6 +822,16 @@ impl Etcd {
         Command::new("etcdctl")
             .env("ETCDCTL_API", "3")
             .args(["--endpoints", &self.endpoint, "--command-timeout", "3s"])
+            .args(self.tls.as_ref().map_or(Vec::new(), |t| {
+                vec![
+                    "--cacert".into(),
+                    t.ca.clone().into_os_string(),
+                    "--cert".into(),
+                    t.cert.clone().into_os_string(),
+                    "--key".into(),
+                    t.key.clone().into_os_string(),
+                ]
+            }))
             .args(args)
             .output()
             .expect("run etcdctl")
@@ -819,3 +865,49 @@ impl Drop for Etcd {
 /// A canary whose first two steps wait for `kiln promote`: one that
 /// started again would wait at step 1 (20%), not at step 2.
 pub const TWO_MANUAL_STEPS: &str = "[services.web.rollout]\nstrategy = \"canary\"\nsteps = [{ weight = 20, pause = \"manual\" }, { weight = 50, pause = \"manual\" }, { weight = 100 }]\n";
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as
+/// PEM files in `dir`.
+fn make_tls(dir: &Path) -> EtcdTls {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_key = KeyPair::generate().unwrap();
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |names: Vec<String>, usage: ExtendedKeyUsagePurpose| {
+        let mut p = CertificateParams::new(names).unwrap();
+        p.extended_key_usages = vec![usage];
+        let key = KeyPair::generate().unwrap();
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    let (client_cert, client_key) = leaf(
+        vec!["kiln-node".into()],
+        ExtendedKeyUsagePurpose::ClientAuth,
+    );
+    let put = |name: &str, pem: &str| {
+        let path = dir.join(name);
+        write(&path, pem.as_bytes());
+        path
+    };
+    EtcdTls {
+        ca: put("ca.pem", &ca_cert.pem()),
+        server_cert: put("server.pem", &server_cert),
+        server_key: put("server-key.pem", &server_key),
+        cert: put("client.pem", &client_cert),
+        key: put("client-key.pem", &client_key),
+    }
+}
