@@ -436,7 +436,8 @@ pub async fn serve(
     )
     .await?;
     if let Some(listener) = images {
-        let app = peers::router(agent.clone(), agent.pull_token());
+        let read = oci::read_router(agent.store().clone());
+        let app = peers::router(read, agent.pull_token());
         tokio::spawn(peers::serve(listener, app));
     }
     // And again whole at every full verification of the trees.

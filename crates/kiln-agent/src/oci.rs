@@ -83,9 +83,9 @@ pub fn router(agent: Arc<Agent>) -> Router {
 
 /// The read side only (ping, tags, manifests, blobs): what the other
 /// members of a cluster pull from ([`crate::peers`]).
-pub fn read_router(agent: Arc<Agent>) -> Router {
+pub fn read_router(store: Store) -> Router {
     let oci = Arc::new(Oci {
-        store: agent.store().clone(),
+        store,
         uploads: Mutex::new(HashMap::new()),
     });
     Router::new()

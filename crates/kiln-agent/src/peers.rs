@@ -65,10 +65,12 @@ fn authorized(authorization: Option<&HeaderValue>, token: &str) -> bool {
     Digest::of(password.as_bytes()) == Digest::of(token.as_bytes())
 }
 
-/// The read side of `/v2/` behind the cluster's pull credentials.
-pub fn router(agent: Arc<crate::agent::Agent>, token: String) -> Router {
+/// `read` (the read side of `/v2/`, `oci::read_router`) behind the
+/// cluster's pull credentials. (Given, not built here: the controller
+/// fetches through this module, and the OCI endpoint knows the agent.)
+pub fn router(read: Router, token: String) -> Router {
     let token = Arc::new(token);
-    crate::oci::read_router(agent).layer(axum::middleware::from_fn(
+    read.layer(axum::middleware::from_fn(
         move |req: Request, next: Next| {
             let token = token.clone();
             async move {
