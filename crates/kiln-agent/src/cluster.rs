@@ -44,6 +44,10 @@ pub struct NodeInfo {
     /// ([`crate::peers`]) on that address (0: none).
     #[serde(default)]
     pub images: u16,
+    /// That endpoint's certificate fingerprint (`sha256:HEX`): the only
+    /// one the others accept there.
+    #[serde(default)]
+    pub images_cert: String,
     /// Its labels (`kiln serve --label KEY=VALUE`): a service's
     /// `node_labels` picks the nodes its instances may run on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -88,6 +92,7 @@ impl Membership {
             key: String::new(),
             address: loopback(),
             images: 0,
+            images_cert: String::new(),
             labels: BTreeMap::new(),
         };
         // The senders are dropped: the values never change.
@@ -153,12 +158,18 @@ impl Membership {
     }
 
     /// The other live members' image endpoints ([`crate::peers`]).
-    pub fn image_endpoints(&self) -> Vec<(String, std::net::SocketAddr)> {
+    pub fn image_endpoints(&self) -> Vec<crate::peers::Endpoint> {
         self.members
             .borrow()
             .values()
             .filter(|n| n.name != self.node && n.images != 0)
-            .map(|n| (n.name.clone(), (n.address, n.images).into()))
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    (n.address, n.images).into(),
+                    n.images_cert.clone(),
+                )
+            })
             .collect()
     }
 
@@ -191,7 +202,7 @@ pub(crate) async fn join<S: Etcd + 'static>(
     state: Arc<S>,
     node: &str,
     key: &str,
-    (address, images): (IpAddr, u16),
+    (address, images, images_cert): (IpAddr, u16, String),
     labels: BTreeMap<String, String>,
     ttl: Duration,
 ) -> Result<Membership, StateError> {
@@ -202,6 +213,7 @@ pub(crate) async fn join<S: Etcd + 'static>(
         key: key.to_owned(),
         address,
         images,
+        images_cert,
         labels,
     };
     let (leading_tx, leading) = watch::channel(false);

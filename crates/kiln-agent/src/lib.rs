@@ -63,6 +63,8 @@ use crate::state::SqliteState;
 pub enum ServeError {
     #[error("another agent (pid {pid}) is already serving {home}")]
     AlreadyRunning { pid: String, home: PathBuf },
+    #[error(transparent)]
+    Peers(#[from] peers::PeerError),
     #[error(
         "cannot serve images to the other nodes on {addr} (is it this host's address? --advertise): {source}"
     )]
@@ -378,12 +380,13 @@ pub async fn serve(
                     source,
                 })?;
             let port = listener.local_addr().map_or(0, |a| a.port());
-            images = Some(listener);
+            let (tls, fingerprint) = peers::certificate(c.advertise)?;
+            images = Some((listener, tls));
             let m = cluster::join(
                 etcd.clone(),
                 &node_name,
                 &node_key.public(),
-                (c.advertise, port),
+                (c.advertise, port, fingerprint),
                 c.labels.clone(),
                 cluster::DEFAULT_TTL,
             )
@@ -435,10 +438,10 @@ pub async fn serve(
         },
     )
     .await?;
-    if let Some(listener) = images {
+    if let Some((listener, tls)) = images {
         let read = oci::read_router(agent.store().clone());
         let app = peers::router(read, agent.pull_token());
-        tokio::spawn(peers::serve(listener, app));
+        tokio::spawn(remote::serve(listener, tls, app));
     }
     // And again whole at every full verification of the trees.
     {

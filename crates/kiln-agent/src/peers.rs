@@ -7,11 +7,14 @@
 //! pull as `kiln pull` (every manifest and blob verified against its digest
 //! as it streams; nothing kept of a pull that does not finish).
 //!
-//! Node to node, a request carries the cluster's pull credentials: HTTP
-//! Basic with a password derived from the key that seals the cluster's
-//! secrets ([`pull_token`]), which only a member (a reader of the cluster's
-//! state) has. The endpoint is plain HTTP: keep the nodes' network private
-//! until TLS between nodes is built (README, "Cluster").
+//! Node to node, the endpoint speaks TLS with a certificate each agent
+//! makes for its address when it starts ([`certificate`]); its fingerprint
+//! is registered with the membership, and a fetching node accepts that
+//! certificate only (the cluster's state is the trust anchor, as it is for
+//! everything else). A request carries the cluster's pull credentials:
+//! HTTP Basic with a password derived from the key that seals the
+//! cluster's secrets ([`pull_token`]), which only a member (a reader of the
+//! cluster's state) has.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,6 +47,8 @@ pub fn pull_token(secret_key: &[u8; 32]) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
+    #[error("cannot make the image endpoint's certificate: {0}")]
+    Certificate(String),
     #[error("cannot fetch images from the other nodes: {0}")]
     Runtime(String),
     #[error("no other member has image {digest} ({tried})")]
@@ -93,26 +98,45 @@ pub fn router(read: Router, token: String) -> Router {
     ))
 }
 
-/// Serve `app` on `listener` until the agent ends.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) {
-    if let Err(e) = axum::serve(listener, app).await {
-        tracing::error!("node-to-node image endpoint: {e}");
-    }
+/// A self-signed certificate for this node's image endpoint at `ip` (made
+/// at each start, never written), its TLS configuration and fingerprint.
+pub fn certificate(ip: std::net::IpAddr) -> Result<(Arc<rustls::ServerConfig>, String), PeerError> {
+    let fail = |e: &dyn std::fmt::Display| PeerError::Certificate(e.to_string());
+    let key = rcgen::KeyPair::generate().map_err(|e| fail(&e))?;
+    let params = rcgen::CertificateParams::new(vec![ip.to_string()]).map_err(|e| fail(&e))?;
+    let cert = params.self_signed(&key).map_err(|e| fail(&e))?;
+    let der = cert.der().clone();
+    let fingerprint = kiln_core::auth::fingerprint(&der);
+    let private = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail(&e))?
+    .with_no_client_auth()
+    .with_single_cert(vec![der], private)
+    .map_err(|e| fail(&e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((Arc::new(config), fingerprint))
 }
 
+/// A member's image endpoint: its name, where, and its certificate's
+/// fingerprint.
+pub type Endpoint = (String, SocketAddr, String);
+
 /// Pull image `digest` (named `name` in stores) into `store` from the
-/// first of `members` (name, endpoint) that has it, verified by digest.
-/// The member it came from.
+/// first of `members` that has it, verified by digest. The member it came
+/// from.
 pub async fn fetch(
     store: &Store,
     home: &std::path::Path,
-    members: &[(String, SocketAddr)],
+    members: &[Endpoint],
     token: &str,
     (name, digest): (&str, &Digest),
 ) -> Result<String, PeerError> {
     let mut tried = Vec::new();
-    for (node, addr) in members {
-        match fetch_from(store, home, *addr, token, (name, digest)).await {
+    for (node, addr, pin) in members {
+        match fetch_from(store, home, (*addr, pin), token, (name, digest)).await {
             Ok(()) => return Ok(node.clone()),
             Err(e) => tried.push(format!("{node}: {e}")),
         }
@@ -130,7 +154,7 @@ pub async fn fetch(
 async fn fetch_from(
     store: &Store,
     home: &std::path::Path,
-    addr: SocketAddr,
+    (addr, pin): (SocketAddr, &str),
     token: &str,
     (name, digest): (&str, &Digest),
 ) -> Result<(), RegistryError> {
@@ -140,10 +164,10 @@ async fn fetch_from(
         Login {
             username: Some(USER.to_owned()),
             password: Some(token.to_owned()),
-            insecure: true,
+            insecure: false,
         },
     );
-    let registry = Registry::new(&host, &credentials, true)?;
+    let registry = Registry::pinned(&host, &credentials, pin)?;
     let src = RegistryRef {
         host,
         repository: name.to_owned(),
@@ -166,6 +190,38 @@ async fn fetch_from(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node accepts another's endpoint only with the certificate the
+    /// cluster lists for it.
+    #[tokio::test]
+    async fn only_the_listed_certificate_is_accepted() {
+        let ip: std::net::IpAddr = std::net::Ipv4Addr::LOCALHOST.into();
+        let (tls, pin) = certificate(ip).unwrap();
+        let (_, other) = certificate(ip).unwrap();
+        assert_ne!(pin, other, "a fresh certificate at each start");
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                // The handshake, then nothing: the pin is what is tested.
+                let _ = acceptor.accept(s).await;
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = Digest::of(b"image");
+        let wrong = fetch_from(&store, dir.path(), (addr, &other), "t", ("app", &digest))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(wrong.contains("not the one the cluster lists"), "{wrong}");
+        let right = fetch_from(&store, dir.path(), (addr, &pin), "t", ("app", &digest))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(!right.contains("not the one the cluster lists"), "{right}");
+    }
 
     #[test]
     fn only_the_clusters_token_passes() {

@@ -773,22 +773,31 @@ fn a_node_without_the_image_pulls_it_by_digest_from_another() {
     .unwrap();
     let port = n1["images"].as_u64().unwrap() as u16;
     assert_ne!(port, 0);
-    let status = |auth: Option<&str>| {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-        let auth = auth.map_or(String::new(), |a| format!("authorization: Basic {a}\r\n"));
-        write!(
-            s,
-            "GET /v2/app/manifests/{digest} HTTP/1.1\r\nhost: x\r\n{auth}connection: close\r\n\r\n"
-        )
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).unwrap();
-        out.get(9..12).unwrap_or("").to_owned()
+    assert!(!n1["images_cert"].as_str().unwrap_or("").is_empty());
+    // Over TLS only (its certificate is the one registered; curl -k here),
+    // and nothing without the cluster's credentials.
+    let url = format!("https://127.0.0.1:{port}/v2/app/manifests/{digest}");
+    let status = |auth: &[&str]| {
+        let out = std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(auth)
+            .arg(&url)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
-    assert_eq!(status(None), "401");
-    // `kiln-node:guess`
-    assert_eq!(status(Some("a2lsbi1ub2RlOmd1ZXNz")), "401");
+    assert_eq!(status(&[]), "401");
+    assert_eq!(status(&["-u", "kiln-node:guess"]), "401");
+    let plain = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .arg(url.replace("https://", "http://"))
+        .output()
+        .unwrap();
+    assert_ne!(
+        String::from_utf8_lossy(&plain.stdout),
+        "401",
+        "no plain HTTP"
+    );
 }
 
 /// `count` requests on one keep-alive connection to `addr`: the bodies'

@@ -11,10 +11,12 @@
 //! - [`push`], [`pull`], [`read`].
 
 pub mod credentials;
+mod pin;
 mod pull;
 mod push;
 pub mod read;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use kiln_core::Digest;
@@ -166,6 +168,37 @@ impl Registry {
             from,
             host: host.to_owned(),
         })
+    }
+
+    /// A client that pulls over TLS from a server whose certificate is
+    /// the one of `fingerprint` (`sha256:HEX` of its DER), whatever its
+    /// issuer: another node of a kiln cluster, whose fingerprint the
+    /// cluster's state lists. Basic credentials as `credentials` has them.
+    pub fn pinned(
+        host: &str,
+        credentials: &Credentials,
+        fingerprint: &str,
+    ) -> Result<Self, RegistryError> {
+        let mut s = Self::new(host, credentials, false)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| RegistryError::Registry {
+                host: host.to_owned(),
+                detail: e.to_string(),
+            })?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(pin::Pin {
+                want: fingerprint.to_owned(),
+                provider,
+            }))
+            .with_no_client_auth();
+        let basic = match &s.auth {
+            RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
+            _ => None,
+        };
+        s.reader = read::Reader::with_tls(host, "https", basic, s.from, Some(tls))?;
+        Ok(s)
     }
 
     /// Whether the registry accepts these credentials, as `docker login`

@@ -128,15 +128,29 @@ impl Reader {
         basic: Option<(String, String)>,
         from: &'static str,
     ) -> Result<Self, RegistryError> {
-        let http = reqwest::Client::builder()
+        Self::with_tls(host, scheme, basic, from, None)
+    }
+
+    /// [`Self::new`], with the TLS configuration given (a pinned
+    /// certificate) rather than the system's roots.
+    pub fn with_tls(
+        host: &str,
+        scheme: &str,
+        basic: Option<(String, String)>,
+        from: &'static str,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, RegistryError> {
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
-            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| RegistryError::Registry {
-                host: host.to_owned(),
-                detail: describe(&e),
-            })?;
+            .user_agent(concat!("kiln/", env!("CARGO_PKG_VERSION")));
+        if let Some(tls) = tls {
+            builder = builder.tls_backend_preconfigured(tls);
+        }
+        let http = builder.build().map_err(|e| RegistryError::Registry {
+            host: host.to_owned(),
+            detail: describe(&e),
+        })?;
         Ok(Self {
             http,
             base: format!("{scheme}://{host}"),
