@@ -1092,6 +1092,28 @@ fn a_service_runs_only_on_nodes_with_its_labels() {
     assert_eq!(nodes["nodes"][1]["labels"]["zone"], "b");
     assert_eq!(nodes["nodes"][0]["labels"]["disk"], "ssd");
     assert!(envs[1].ok(&["nodes"]).contains("disk=ssd,zone=b"));
+    // The labels changed (a settings change, no new release): the
+    // instances move to the node that has the new ones.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, text.replace("zone = \"a\"", "zone = \"b\"")).unwrap();
+    envs[2].ok(&["apply", "-f", &spec]);
+    wait_for(
+        "three on n2, none elsewhere",
+        Duration::from_secs(60),
+        || {
+            ready_here(&envs[1]) == 3
+                && envs
+                    .iter()
+                    .map(|e| {
+                        service_status(e, "web")["instances"]
+                            .as_array()
+                            .map_or(0, Vec::len)
+                    })
+                    .sum::<usize>()
+                    == 3
+        },
+    );
+    assert_eq!(releases(&envs[0], "web").len(), 1, "no new release");
 }
 
 /// TLS to etcd with client certificates (etcd's `--client-cert-auth`): an
