@@ -1397,6 +1397,8 @@ impl Agent {
                 address: n.address.to_string(),
                 drained: drained.contains(&n.name),
                 labels: n.labels.clone(),
+                cpus: n.cpus,
+                memory_mib: n.memory_mib,
             })
             .collect();
         Ok(kiln_core::api::NodesResponse {

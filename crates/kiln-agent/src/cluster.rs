@@ -48,6 +48,11 @@ pub struct NodeInfo {
     /// one the others accept there.
     #[serde(default)]
     pub images_cert: String,
+    /// Its capacity: CPUs and memory (MiB) as the host has them.
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
     /// Its labels (`kiln serve --label KEY=VALUE`): a service's
     /// `node_labels` picks the nodes its instances may run on.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -93,6 +98,8 @@ impl Membership {
             address: loopback(),
             images: 0,
             images_cert: String::new(),
+            cpus: cpus(),
+            memory_mib: memory_mib(),
             labels: BTreeMap::new(),
         };
         // The senders are dropped: the values never change.
@@ -190,6 +197,23 @@ impl Membership {
     }
 }
 
+/// The CPUs this process may use.
+fn cpus() -> u32 {
+    std::thread::available_parallelism().map_or(0, |n| n.get() as u32)
+}
+
+/// The host's memory (`MemTotal` of `/proc/meminfo`), in MiB; 0 unknown.
+fn memory_mib() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
 fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
 }
@@ -214,6 +238,8 @@ pub(crate) async fn join<S: Etcd + 'static>(
         address,
         images,
         images_cert,
+        cpus: cpus(),
+        memory_mib: memory_mib(),
         labels,
     };
     let (leading_tx, leading) = watch::channel(false);

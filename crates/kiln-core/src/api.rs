@@ -708,6 +708,11 @@ pub struct NodeStatus {
     /// Its labels (`kiln serve --label`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Its capacity: CPUs and memory (MiB); 0 when unknown.
+    #[serde(default)]
+    pub cpus: u32,
+    #[serde(default)]
+    pub memory_mib: u64,
 }
 
 /// `kiln drain NODE` / `kiln undrain NODE`.

@@ -1091,6 +1091,7 @@ fn a_service_runs_only_on_nodes_with_its_labels() {
     let nodes = envs[1].json(&["nodes", "--json"]);
     assert_eq!(nodes["nodes"][1]["labels"]["zone"], "b");
     assert_eq!(nodes["nodes"][0]["labels"]["disk"], "ssd");
+    assert!(nodes["nodes"][2]["cpus"].as_u64().unwrap() >= 1, "{nodes}");
     assert!(envs[1].ok(&["nodes"]).contains("disk=ssd,zone=b"));
     // The labels changed (a settings change, no new release): the
     // instances move to the node that has the new ones.
