@@ -1384,6 +1384,7 @@ impl Agent {
         }
         let leader = m.leader.borrow().clone();
         let drained = self.shared.state.drained().await?;
+        let leases = self.shared.state.member_leases().await?;
         let nodes = m
             .members
             .borrow()
@@ -1399,6 +1400,7 @@ impl Agent {
                 labels: n.labels.clone(),
                 cpus: n.cpus,
                 memory_mib: n.memory_mib,
+                lease: leases.get(&n.name).copied(),
             })
             .collect();
         Ok(kiln_core::api::NodesResponse {

@@ -708,6 +708,9 @@ pub struct NodeStatus {
     /// Its labels (`kiln serve --label`).
     #[serde(default)]
     pub labels: std::collections::BTreeMap<String, String>,
+    /// Seconds left of its lease, and the lease's TTL (in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<(i64, i64)>,
     /// Its capacity: CPUs and memory (MiB); 0 when unknown.
     #[serde(default)]
     pub cpus: u32,

@@ -1135,8 +1135,17 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<16} {:<7} {:<8} {:>9} {:>5} {:>8}  {:<10} {:<24} JOINED",
-        "NODE", "ADDRESS", "LEADER", "DRAINED", "INSTANCES", "CPUS", "MEMORY", "VERSION", "LABELS"
+        "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>5} {:>8}  {:<10} {:<24} JOINED",
+        "NODE",
+        "ADDRESS",
+        "LEADER",
+        "DRAINED",
+        "LEASE",
+        "INSTANCES",
+        "CPUS",
+        "MEMORY",
+        "VERSION",
+        "LABELS"
     );
     for node in &n.nodes {
         let labels: Vec<String> = node
@@ -1145,11 +1154,13 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         println!(
-            "{:<20} {:<16} {:<7} {:<8} {:>9} {:>5} {:>8}  {:<10} {:<24} {}{}",
+            "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>5} {:>8}  {:<10} {:<24} {}{}",
             node.name,
             node.address,
             if node.leader { "yes" } else { "" },
             if node.drained { "yes" } else { "" },
+            node.lease
+                .map_or("-".to_owned(), |(left, ttl)| format!("{left}/{ttl}s")),
             node.instances,
             node.cpus,
             format!("{} MiB", node.memory_mib),

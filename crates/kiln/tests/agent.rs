@@ -1193,6 +1193,10 @@ fn kiln_nodes_on_its_own_lists_this_node_leading() {
     assert_eq!(n["nodes"][0]["address"], "127.0.0.1");
     // Its capacity, as the host has it.
     assert!(n["nodes"][0]["cpus"].as_u64().unwrap() >= 1, "{n}");
+    assert!(
+        n["nodes"][0].get("lease").is_none(),
+        "no lease on its own: {n}"
+    );
     assert!(n["nodes"][0]["memory_mib"].as_u64().unwrap() > 0, "{n}");
     assert!(table.contains(" MiB"), "{table}");
     // Nowhere to move instances to: drain is refused, in one line.

@@ -438,6 +438,11 @@ fn three_nodes_spread_replicas_and_heal_a_lost_node_and_a_lost_leader() {
     assert_eq!(nodes["cluster"], true);
     assert_eq!(nodes["this"], format!("n{}", other + 1));
     assert_eq!(nodes["leader"], first.as_str());
+    // Each member's lease: seconds left of its 5 s TTL.
+    for n in nodes["nodes"].as_array().unwrap() {
+        assert_eq!(n["lease"][1], 5, "{n}");
+        assert!((0..=5).contains(&n["lease"][0].as_i64().unwrap()), "{n}");
+    }
     let listed: Vec<(String, bool, u64)> = nodes["nodes"]
         .as_array()
         .unwrap()

@@ -802,6 +802,30 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
             .collect()
     }
 
+    async fn member_leases(&self) -> Result<BTreeMap<String, (i64, i64)>> {
+        let prefix = self.key("nodes/");
+        let mut client = self.client.clone();
+        let resp = client
+            .get(
+                prefix.as_str(),
+                Some(GetOptions::new().with_range(prefix_end(&prefix))),
+            )
+            .await
+            .map_err(|e| self.fail(e))?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs().iter().filter(|kv| kv.lease() != 0) {
+            let name = String::from_utf8_lossy(kv.key())
+                .trim_start_matches(prefix.as_str())
+                .to_owned();
+            let ttl = client
+                .lease_time_to_live(kv.lease(), None)
+                .await
+                .map_err(|e| self.fail(e))?;
+            out.insert(name, (ttl.ttl(), ttl.granted_ttl()));
+        }
+        Ok(out)
+    }
+
     async fn lead(&self) -> Result<Fence> {
         let key = self.key("fence");
         self.change(vec![key.clone()], |snap, w| {

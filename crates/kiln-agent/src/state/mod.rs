@@ -428,6 +428,12 @@ pub trait ClusterState: Send + Sync {
     /// The events after sequence number `after`, in order (the read side
     /// of the log: the ledger and `kiln audit` read it).
     async fn events(&self, after: u64) -> Result<Vec<Event>>;
+    /// In a cluster, each live member's lease: seconds left of its TTL, and
+    /// the TTL (what `kiln nodes` shows). None on its own.
+    async fn member_leases(&self) -> Result<BTreeMap<String, (i64, i64)>> {
+        Ok(BTreeMap::new())
+    }
+
     /// The events of these kinds, in order (the drift detector's earlier
     /// findings, read at start without decoding the whole ledger).
     async fn events_of(&self, kinds: &[&str]) -> Result<Vec<Event>> {
