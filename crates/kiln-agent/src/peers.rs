@@ -215,12 +215,12 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(wrong.contains("not the one the cluster lists"), "{wrong}");
+        assert!(wrong.contains("is not the pinned certificate"), "{wrong}");
         let right = fetch_from(&store, dir.path(), (addr, &pin), "t", ("app", &digest))
             .await
             .unwrap_err()
             .to_string();
-        assert!(!right.contains("not the one the cluster lists"), "{right}");
+        assert!(!right.contains("is not the pinned certificate"), "{right}");
     }
 
     #[test]

@@ -6,17 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
-use kiln_core::auth;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use kiln_store::registry::pin::Pin;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,70 +103,6 @@ impl Agents {
     }
 }
 
-/// Accepts the pinned certificate only (any, when there is no pin yet:
-/// `kiln login`), after checking that the server holds its key.
-#[derive(Debug)]
-struct Pin {
-    want: Option<String>,
-    seen: Mutex<Option<String>>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for Pin {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let fp = auth::fingerprint(end_entity);
-        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(fp.clone());
-        match &self.want {
-            None => Ok(ServerCertVerified::assertion()),
-            Some(w) if auth::constant_time_eq(w.as_bytes(), fp.as_bytes()) => {
-                Ok(ServerCertVerified::assertion())
-            }
-            Some(_) => Err(rustls::Error::General("not the pinned certificate".into())),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// A remote agent: where, which certificate, which token.
 pub struct Remote {
     pub(crate) url: AgentUrl,
@@ -183,18 +117,9 @@ pub struct Remote {
 impl Remote {
     pub(crate) fn new(url: AgentUrl, fingerprint: Option<String>, token: String) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let pin = Arc::new(Pin {
-            want: fingerprint,
-            seen: Mutex::new(None),
-            provider: provider.clone(),
-        });
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .map(|b| {
-                b.dangerous()
-                    .with_custom_certificate_verifier(pin.clone())
-                    .with_no_client_auth()
-            })
+        let pin = Arc::new(Pin::new(fingerprint, provider));
+        let mut config = pin
+            .client_config()
             // ring's default versions are always valid: unreachable.
             .unwrap_or_else(|_| unreachable!("ring supports the default TLS versions"));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -209,11 +134,7 @@ impl Remote {
 
     /// The fingerprint the agent presented on the last connection.
     pub(crate) fn seen(&self) -> Option<String> {
-        self.pin
-            .seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.pin.seen()
     }
 
     /// Connect and shake hands only (nothing sent over TLS, no token): the
@@ -232,8 +153,8 @@ impl Remote {
             Ok(Ok(_)) => {
                 seen.ok_or_else(|| anyhow!("the agent at {} presented no certificate", self.url))
             }
-            Ok(Err(e)) => match (&self.pin.want, seen) {
-                (Some(want), Some(seen)) if *want != seen => bail!(
+            Ok(Err(e)) => match (self.pin.want(), seen) {
+                (Some(want), Some(seen)) if want != seen => bail!(
                     "the agent at {} presents certificate {seen}, not the expected {want}: refused, no token sent",
                     self.url
                 ),
@@ -262,8 +183,8 @@ impl Remote {
         let tls = match tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                if let (Some(want), Some(seen)) = (&self.pin.want, self.seen())
-                    && *want != seen
+                if let (Some(want), Some(seen)) = (self.pin.want(), self.seen())
+                    && want != seen
                 {
                     if self.pin_from_env {
                         bail!(

@@ -11,7 +11,7 @@
 //! - [`push`], [`pull`], [`read`].
 
 pub mod credentials;
-mod pin;
+pub mod pin;
 mod pull;
 mod push;
 pub mod read;
@@ -181,18 +181,12 @@ impl Registry {
     ) -> Result<Self, RegistryError> {
         let mut s = Self::new(host, credentials, false)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let tls = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
+        let tls = Arc::new(pin::Pin::new(Some(fingerprint.to_owned()), provider))
+            .client_config()
             .map_err(|e| RegistryError::Registry {
                 host: host.to_owned(),
                 detail: e.to_string(),
-            })?
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(pin::Pin {
-                want: fingerprint.to_owned(),
-                provider,
-            }))
-            .with_no_client_auth();
+            })?;
         let basic = match &s.auth {
             RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
             _ => None,

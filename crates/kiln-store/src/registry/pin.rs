@@ -1,19 +1,53 @@
-//! A TLS server accepted by its certificate's fingerprint only (after a
-//! check that it holds the certificate's key): how a kiln node trusts
-//! another node's image endpoint, whose self-signed certificate the
-//! cluster's state lists.
+//! A TLS server accepted by its certificate's fingerprint (`sha256:HEX` of
+//! its DER) rather than by an issuer, after the handshake proved it holds
+//! the certificate's key: how `kiln login` and `--agent` trust an agent's
+//! self-signed API certificate, and how a kiln node trusts another node's
+//! image endpoint, whose certificate the cluster's state lists.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+/// Accepts the pinned certificate only — any, when there is no pin yet
+/// (`kiln login`'s first look) — and remembers the one it was shown.
 #[derive(Debug)]
-pub(super) struct Pin {
-    /// `sha256:HEX` of the certificate's DER.
-    pub want: String,
-    pub provider: Arc<rustls::crypto::CryptoProvider>,
+pub struct Pin {
+    want: Option<String>,
+    seen: Mutex<Option<String>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl Pin {
+    pub fn new(want: Option<String>, provider: Arc<rustls::crypto::CryptoProvider>) -> Self {
+        Self {
+            want,
+            seen: Mutex::new(None),
+            provider,
+        }
+    }
+
+    /// The fingerprint it accepts, if any.
+    pub fn want(&self) -> Option<&str> {
+        self.want.as_deref()
+    }
+
+    /// The fingerprint the server presented on the last handshake.
+    pub fn seen(&self) -> Option<String> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A client configuration that trusts this pin only.
+    pub fn client_config(self: &Arc<Self>) -> Result<rustls::ClientConfig, rustls::Error> {
+        Ok(
+            rustls::ClientConfig::builder_with_provider(self.provider.clone())
+                .with_safe_default_protocol_versions()?
+                .dangerous()
+                .with_custom_certificate_verifier(self.clone())
+                .with_no_client_auth(),
+        )
+    }
 }
 
 impl ServerCertVerifier for Pin {
@@ -26,13 +60,15 @@ impl ServerCertVerifier for Pin {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let seen = kiln_core::auth::fingerprint(end_entity);
-        if kiln_core::auth::constant_time_eq(seen.as_bytes(), self.want.as_bytes()) {
-            Ok(ServerCertVerified::assertion())
-        } else {
-            Err(rustls::Error::General(format!(
-                "certificate {seen} is not the one the cluster lists ({})",
-                self.want
-            )))
+        *self.seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(seen.clone());
+        match &self.want {
+            None => Ok(ServerCertVerified::assertion()),
+            Some(w) if kiln_core::auth::constant_time_eq(w.as_bytes(), seen.as_bytes()) => {
+                Ok(ServerCertVerified::assertion())
+            }
+            Some(w) => Err(rustls::Error::General(format!(
+                "certificate {seen} is not the pinned certificate {w}"
+            ))),
         }
     }
 
