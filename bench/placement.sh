@@ -10,26 +10,10 @@
 #   SERVICES=100 REPLICAS=100 NODES=100 bench/placement.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v etcd >/dev/null || apt-get install -y -qq etcd-server >/dev/null
 echo "building the benchmark (release)..." >&2
 cargo bench -q -p kiln-agent --features bench --bench placement --no-run 2>/dev/null
-dir=$(mktemp -d)
-ports=$(python3 -c 'import socket
-s=[socket.socket() for _ in range(2)]
-[x.bind(("127.0.0.1",0)) for x in s]
-print(*[x.getsockname()[1] for x in s])')
-read -r client peer <<<"$ports"
-etcd --data-dir "$dir/data" \
-    --listen-client-urls "http://127.0.0.1:$client" --advertise-client-urls "http://127.0.0.1:$client" \
-    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
-    --initial-cluster "default=http://127.0.0.1:$peer" --log-level error >/dev/null 2>&1 &
-pid=$!
-trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do
-    ETCDCTL_API=3 etcdctl --endpoints "127.0.0.1:$client" endpoint health >/dev/null 2>&1 && break
-    sleep 0.1
-done
-ETCD="http://127.0.0.1:$client" cargo bench -q -p kiln-agent --features bench --bench placement 2>/dev/null |
+. bench/etcd.sh
+ETCD="$ETCD_URL" cargo bench -q -p kiln-agent --features bench --bench placement 2>/dev/null |
     python3 -c '
 import json, sys
 r = json.load(sys.stdin)
