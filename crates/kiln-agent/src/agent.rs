@@ -511,13 +511,7 @@ impl Agent {
                     // On its own, a removal is this agent's, which closes
                     // them once the instances drained.
                     Ok(None) if !agent.shared.membership.is_solo() => {
-                        for key in [
-                            RouteKey::Service(name.clone()),
-                            RouteKey::Preview(name.clone()),
-                        ] {
-                            agent.shared.router.unlisten(&key).await;
-                            agent.shared.router.remove_routes(&key);
-                        }
+                        agent.close_listeners(&name).await;
                     }
                     Ok(None) => {}
                     Err(e) => tracing::error!("state: {e}"),
@@ -842,13 +836,7 @@ impl Agent {
                 stopped = wait.await.unwrap_or(0);
             }
         }
-        for key in [
-            RouteKey::Service(name.clone()),
-            RouteKey::Preview(name.clone()),
-        ] {
-            self.shared.router.unlisten(&key).await;
-            self.shared.router.remove_routes(&key);
-        }
+        self.close_listeners(name).await;
         self.shared
             .status
             .lock()
@@ -859,6 +847,18 @@ impl Agent {
             revision: rec.target,
             stopped,
         })
+    }
+
+    /// A removed service's listeners close and its routes go (its own and
+    /// its blue-green preview's).
+    async fn close_listeners(&self, name: &ServiceName) {
+        for key in [
+            RouteKey::Service(name.clone()),
+            RouteKey::Preview(name.clone()),
+        ] {
+            self.shared.router.unlisten(&key).await;
+            self.shared.router.remove_routes(&key);
+        }
     }
 
     /// The image's tree exists and has the command and every exec probe's command.

@@ -59,7 +59,8 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
 }
 
-fn loopback() -> IpAddr {
+/// An address on its own: loopback.
+pub(crate) fn loopback() -> IpAddr {
     IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
 }
 

@@ -171,7 +171,7 @@ pub struct ClusterOptions {
     pub node: Option<String>,
     /// This node's address for the others (`--advertise`): its instances
     /// and its listeners without an IP are there.
-    #[serde(default = "loopback")]
+    #[serde(default = "cluster::loopback")]
     pub advertise: std::net::IpAddr,
     /// This node's labels (`--label KEY=VALUE`).
     #[serde(default)]
@@ -187,10 +187,6 @@ pub struct ClusterOptions {
 pub struct EtcdTls {
     pub ca: PathBuf,
     pub cert: Option<(PathBuf, PathBuf)>,
-}
-
-fn loopback() -> std::net::IpAddr {
-    std::net::Ipv4Addr::LOCALHOST.into()
 }
 
 /// Where a home remembers the cluster it was last served in, so that the

@@ -34,6 +34,11 @@ pub(super) struct Prepared {
 /// request that read the table just before to be counted in flight.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(10);
 
+/// The same in a cluster: the other nodes' routers read the leader's stop
+/// at their next pass (every [`super::FOLLOW_EVERY`]); two of those and a
+/// margin.
+const CLUSTER_SETTLE: std::time::Duration = std::time::Duration::from_millis(600);
+
 /// Where an instance on this node listens: the node's address (loopback
 /// on its own, the advertised one in a cluster), on its port. The routers
 /// and the probes reach it by this address.
@@ -552,7 +557,7 @@ impl Controller {
             settle: if self.shared.membership.is_solo() {
                 SETTLE
             } else {
-                super::FOLLOW_EVERY * 2 + SETTLE * 10
+                CLUSTER_SETTLE
             },
             adopt,
         };

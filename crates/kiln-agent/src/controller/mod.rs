@@ -722,16 +722,18 @@ impl Controller {
     /// advertised addresses (a node that left has none).
     fn remotes(&self, assigned: &[Assignment], observed: &[Observation]) -> Vec<Remote> {
         let m = &self.shared.membership;
+        // Each peer's in-flight count carries over (by id, not a scan per
+        // peer: a pass of a large fleet stays linear).
+        let known: std::collections::HashMap<&str, &Arc<crate::router::metrics::InFlight>> = self
+            .peers
+            .iter()
+            .map(|r| (r.id.as_str(), &r.inflight))
+            .collect();
         assign::peers(&m.node, assigned, observed)
             .into_iter()
             .filter_map(|p| {
                 let ip = m.address_of(p.node)?;
-                let inflight = self
-                    .peers
-                    .iter()
-                    .find(|r| r.id == p.id)
-                    .map(|r| r.inflight.clone())
-                    .unwrap_or_default();
+                let inflight = known.get(p.id).map(|i| (*i).clone()).unwrap_or_default();
                 Some(Remote {
                     id: p.id.to_owned(),
                     revision: p.revision,

@@ -308,6 +308,24 @@ impl<N> EtcdState<N> {
             .collect()
     }
 
+    /// Put `value` at `key` (under the prefix) while `service` exists: what
+    /// a node publishes of a service that was removed meanwhile is dropped.
+    async fn put_if_service(
+        &self,
+        service: &ServiceName,
+        key: &str,
+        value: &impl Serialize,
+    ) -> Result<()> {
+        let svc = self.svc_key(service);
+        self.change(vec![svc.clone()], |snap, w| {
+            if snap.has(&svc) {
+                w.put(&self.key(key), value);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     /// Read `keys` at one revision.
     async fn read(&self, keys: Vec<String>) -> Result<Snapshot> {
         let ops: Vec<TxnOp> = keys.iter().map(|k| TxnOp::get(k.as_str(), None)).collect();
@@ -755,14 +773,8 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
         node: &str,
         observations: &[Observation],
     ) -> Result<()> {
-        let keys = vec![self.svc_key(service)];
-        self.change(keys, |snap, w| {
-            if snap.has(&self.svc_key(service)) {
-                w.put(&self.key(&format!("obs/{service}/{node}")), &observations);
-            }
-            Ok(())
-        })
-        .await
+        self.put_if_service(service, &format!("obs/{service}/{node}"), &observations)
+            .await
     }
 
     async fn publish_counters(
@@ -771,14 +783,8 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
         node: &str,
         counters: &NodeCounters,
     ) -> Result<()> {
-        let keys = vec![self.svc_key(service)];
-        self.change(keys, |snap, w| {
-            if snap.has(&self.svc_key(service)) {
-                w.put(&self.key(&format!("count/{service}/{node}")), counters);
-            }
-            Ok(())
-        })
-        .await
+        self.put_if_service(service, &format!("count/{service}/{node}"), counters)
+            .await
     }
 
     async fn counters(&self, service: &ServiceName) -> Result<BTreeMap<String, NodeCounters>> {

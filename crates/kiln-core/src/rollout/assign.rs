@@ -208,25 +208,11 @@ pub fn seen<Id: Clone + Eq + Hash>(
         .collect()
 }
 
-/// Where a new instance of a service goes: the node of `nodes` that runs
-/// the fewest of its instances not being stopped (replicas spread: no two
-/// on one node while another has none), the first in `nodes`' order on a
-/// tie. `None` when there is no node.
-pub fn place<'a, Id>(nodes: &'a [String], assigned: &[Assignment<Id>]) -> Option<&'a str> {
-    nodes
-        .iter()
-        .min_by_key(|n| {
-            assigned
-                .iter()
-                .filter(|a| a.node == **n && a.stop.is_none())
-                .count()
-        })
-        .map(String::as_str)
-}
-
 /// The assignments after a decision's steps, each new instance on the node
-/// [`place`] picks among `nodes` — among those `refused` does not name for
-/// its release, unless every one does (`new_id` names them; with no node
+/// of `nodes` that runs the fewest of the service's instances not being
+/// stopped (replicas spread: no two on one node while another has none),
+/// the first in `nodes`' order on a tie — among those `refused` does not
+/// name for its release, unless every one does (`new_id` names them; with no node
 /// at all, nothing starts). `target`: the release an adopted instance
 /// moves to.
 pub fn assign<Id: Clone + PartialEq>(
@@ -638,6 +624,22 @@ impl<K: Eq + Hash, V, I: Iterator<Item = (K, V)>> CollectFast<K, V> for I {
 mod tests {
     use super::*;
     use std::time::{Duration, Instant};
+
+    /// The placement rule, counted anew for each instance (what [`assign`]
+    /// does incrementally): the node of `nodes` that runs the fewest of
+    /// the service's instances not being stopped, the first on a tie.
+    /// `None` when there is no node.
+    fn place<'a, Id>(nodes: &'a [String], assigned: &[Assignment<Id>]) -> Option<&'a str> {
+        nodes
+            .iter()
+            .min_by_key(|n| {
+                assigned
+                    .iter()
+                    .filter(|a| a.node == **n && a.stop.is_none())
+                    .count()
+            })
+            .map(String::as_str)
+    }
 
     /// What [`assign`] does, one [`place`] per start (counting the fleet
     /// anew each time): the incremental counts must pick the same nodes.
