@@ -2,8 +2,10 @@
 //! places SERVICES × REPLICAS instances (default 10 × 1,000 = 10,000) over
 //! NODES simulated nodes (default 100), each service's first release at
 //! once, through the leader's own code: the rollout decision (kiln-core's
-//! `decide`), the spread (`Fleet::assign`, the node running the fewest of
-//! the service's instances), and the fenced write of the assignments with
+//! `decide`), the spread within each node's room (`Fleet::assign`, the
+//! node running the fewest of the service's instances among those with
+//! room left for `cpu = "100m"`, `memory = "64M"`; each node offers 16
+//! CPUs and 64 GiB, every service's reservations counted), and the fenced write of the assignments with
 //! the routing (`ClusterState::assign`, one transaction per service and
 //! pass). Then every node reads its assignments back (what each node's
 //! worker does) and the spread is checked: no node runs two more of a
@@ -27,6 +29,7 @@ use kiln_core::Digest;
 use kiln_core::event::Change;
 use kiln_core::health::Backoff;
 use kiln_core::release::{Outcome, Release, ReleaseConfig, ServiceSettings};
+use kiln_core::resources::{Amount, Resources, Room};
 use kiln_core::rollout::assign::Fleet;
 use kiln_core::rollout::{Rollout, View, decide};
 use kiln_core::service::{RolloutSpec, RuntimeKind};
@@ -50,6 +53,12 @@ fn settings(replicas: u32) -> ServiceSettings {
     }
 }
 
+/// What each instance declares (`cpu = "100m"`, `memory = "64M"`).
+const DEMAND: Resources = Resources {
+    cpu_millis: 100,
+    memory_bytes: 64 << 20,
+};
+
 fn release(name: &ServiceName) -> Release {
     let config = ReleaseConfig {
         image: Digest::of(b"bench"),
@@ -61,6 +70,7 @@ fn release(name: &ServiceName) -> Release {
         volumes: Default::default(),
         runtime: RuntimeKind::Process,
         user: None,
+        resources: DEMAND,
         health: Default::default(),
         stop: Default::default(),
     };
@@ -105,6 +115,12 @@ async fn measure(
     let (slots, same, counters) = (BTreeMap::new(), BTreeSet::new(), BTreeMap::new());
     let mut id = 0u64;
     let mut decide_s = 0.0;
+    // What each node offers, and what every service placed so far reserves.
+    let capacity: Vec<(String, Amount)> = nodes
+        .iter()
+        .map(|n| (n.clone(), Amount::capacity(16, 64 << 10)))
+        .collect();
+    let mut reserved: Vec<(String, Resources)> = Vec::new();
     let started = Instant::now();
     for name in &names {
         let settings = settings(replicas);
@@ -128,10 +144,27 @@ async fn measure(
                 last_error: None,
             },
         );
-        fleet.assign(&d.steps, 1, nodes, |_| {
-            id += 1;
-            format!("{name}-{id}")
-        });
+        let room = Room::new(
+            capacity.iter().cloned(),
+            reserved.iter().map(|(n, r)| (n.as_str(), r)),
+        );
+        let unplaced = fleet.assign(
+            &d.steps,
+            1,
+            (nodes, &room),
+            |_| DEMAND,
+            |_| {
+                id += 1;
+                format!("{name}-{id}")
+            },
+        );
+        assert_eq!(unplaced, 0, "every node has room");
+        reserved.extend(
+            fleet
+                .assigned()
+                .iter()
+                .map(|a| (a.node.clone(), a.resources)),
+        );
         decide_s += t.elapsed().as_secs_f64();
         state
             .assign(

@@ -91,6 +91,7 @@ fn config(version: &str) -> ReleaseConfig {
         volumes: BTreeMap::new(),
         runtime: RuntimeKind::Process,
         user: None,
+        resources: Default::default(),
         health: Default::default(),
         stop: Default::default(),
     }
@@ -127,6 +128,8 @@ impl Node {
                 workdir: "/".to_owned(),
                 volumes: Vec::new(),
                 user: None,
+                limits: Default::default(),
+                cgroup: String::new(),
             },
             now: Instant::now(),
             started: 0,
@@ -284,11 +287,16 @@ impl Node {
         svc.rollout = d.next;
         let name = svc.name.clone();
         let ids = &mut svc.ids;
-        svc.fleet
-            .assign(&d.steps, target, &[NODE.to_owned()], |rev| {
+        svc.fleet.assign(
+            &d.steps,
+            target,
+            (&[NODE.to_owned()], &Default::default()),
+            |_| Default::default(),
+            |rev| {
                 *ids += 1;
                 format!("{name}-r{rev}-{ids}")
-            });
+            },
+        );
         if svc.hashed.0 != svc.fleet.generation() {
             svc.hashed = (svc.fleet.generation(), digest(&svc.fleet.assigned()));
         }

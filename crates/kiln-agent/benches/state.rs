@@ -40,6 +40,7 @@ fn release(name: &ServiceName, revision: u64) -> Release {
         volumes: Default::default(),
         runtime: RuntimeKind::Process,
         user: None,
+        resources: Default::default(),
         health: Default::default(),
         stop: Default::default(),
     };
@@ -153,6 +154,7 @@ async fn measure(state: Arc<dyn ClusterState>, n: u64) -> serde_json::Value {
             slot,
             adopted: false,
             stop: None,
+            resources: Default::default(),
         })
         .collect();
     timed(&mut out, "assign", n, async {

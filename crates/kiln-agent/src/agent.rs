@@ -206,6 +206,9 @@ pub struct Policy {
     pub node: Option<String>,
     /// Its cluster (`kiln serve --etcd`); `None`: on its own.
     pub membership: Option<crate::cluster::Membership>,
+    /// What it offers its instances on its own (`kiln serve --cpus
+    /// --memory`; a cluster's member registers it when it joins).
+    pub offer: crate::cluster::Offer,
 }
 
 /// Record the trust policy in the ledger when it differs from the last one
@@ -290,7 +293,7 @@ impl Agent {
         shared.trust = policy.trust;
         shared.ledger = policy.ledger;
         if let Some(node) = policy.node {
-            shared.membership = crate::cluster::Membership::solo(&node);
+            shared.membership = crate::cluster::Membership::solo(&node, policy.offer);
             shared.node_name = node;
         }
         if let Some(m) = policy.membership {

@@ -59,6 +59,28 @@ pub struct NodeInfo {
     pub labels: BTreeMap<String, String>,
 }
 
+/// What a node offers its instances (`kiln serve --cpus N --memory SIZE`):
+/// by default, the host's CPUs and memory. The leader places an instance
+/// on a node only while what its release declares (`cpu`, `memory`) fits
+/// in what the node offers less what its other instances declared.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    pub cpus: Option<u32>,
+    pub memory_mib: Option<u64>,
+}
+
+impl Offer {
+    /// The CPUs offered: the given number, else the host's.
+    pub fn cpus(&self) -> u32 {
+        self.cpus.unwrap_or_else(cpus)
+    }
+
+    /// The memory offered (MiB): the given amount, else the host's.
+    pub fn memory_mib(&self) -> u64 {
+        self.memory_mib.unwrap_or_else(memory_mib)
+    }
+}
+
 /// An address on its own: loopback.
 pub(crate) fn loopback() -> IpAddr {
     IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
@@ -90,7 +112,7 @@ pub struct Membership {
 impl Membership {
     /// A node on its own: the only member, always leading (its fence is
     /// set when the agent starts).
-    pub fn solo(node: &str) -> Self {
+    pub fn solo(node: &str, offer: Offer) -> Self {
         let info = NodeInfo {
             name: node.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -99,8 +121,8 @@ impl Membership {
             address: loopback(),
             images: 0,
             images_cert: String::new(),
-            cpus: cpus(),
-            memory_mib: memory_mib(),
+            cpus: offer.cpus(),
+            memory_mib: offer.memory_mib(),
             labels: BTreeMap::new(),
         };
         // The senders are dropped: the values never change.
@@ -192,6 +214,21 @@ impl Membership {
         }
     }
 
+    /// What each live member offers its instances (a dimension it did not
+    /// register is not limited).
+    pub fn capacity(&self) -> Vec<(String, kiln_core::resources::Amount)> {
+        self.members
+            .borrow()
+            .values()
+            .map(|n| {
+                (
+                    n.name.clone(),
+                    kiln_core::resources::Amount::capacity(n.cpus, n.memory_mib),
+                )
+            })
+            .collect()
+    }
+
     /// The live members' names, in order.
     pub fn member_names(&self) -> Vec<String> {
         self.members.borrow().keys().cloned().collect()
@@ -228,7 +265,7 @@ pub(crate) async fn join<S: Etcd + 'static>(
     node: &str,
     key: &str,
     (address, images, images_cert): (IpAddr, u16, String),
-    labels: BTreeMap<String, String>,
+    (labels, offer): (BTreeMap<String, String>, Offer),
     ttl: Duration,
 ) -> Result<Membership, StateError> {
     let info = NodeInfo {
@@ -239,8 +276,8 @@ pub(crate) async fn join<S: Etcd + 'static>(
         address,
         images,
         images_cert,
-        cpus: cpus(),
-        memory_mib: memory_mib(),
+        cpus: offer.cpus(),
+        memory_mib: offer.memory_mib(),
         labels,
     };
     let (leading_tx, leading) = watch::channel(false);

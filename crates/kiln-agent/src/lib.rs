@@ -267,6 +267,8 @@ pub struct AgentMode {
     pub trust: Option<std::path::PathBuf>,
     /// The cluster's state in etcd (`--etcd`); `None`: SQLite, on its own.
     pub cluster: Option<ClusterOptions>,
+    /// What this node offers its instances (`--cpus`, `--memory`).
+    pub offer: cluster::Offer,
 }
 
 /// `kiln serve --api ADDR [--tls-cert F --tls-key F]`.
@@ -383,7 +385,7 @@ pub async fn serve(
                 &node_name,
                 &node_key.public(),
                 (c.advertise, port, fingerprint),
-                c.labels.clone(),
+                (c.labels.clone(), mode.offer),
                 cluster::DEFAULT_TTL,
             )
             .await?;
@@ -431,6 +433,7 @@ pub async fn serve(
             ledger: ledger_health.clone(),
             node: Some(node_name),
             membership: membership.clone(),
+            offer: mode.offer,
         },
     )
     .await?;

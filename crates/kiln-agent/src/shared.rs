@@ -63,6 +63,12 @@ pub struct Shared {
     /// ([`kiln_core::service::WORKER_MIN_READY`]; none for the fake
     /// runtime, whose instances never exit on their own).
     pub worker_min_ready: std::time::Duration,
+    /// What each service's instances declared they use, by node (`cpu`,
+    /// `memory`), as its controller last read or wrote its assignments:
+    /// the leader places one service's instances within what the others
+    /// left ([`kiln_core::resources::Room`]).
+    pub reserved:
+        std::sync::Mutex<BTreeMap<ServiceName, Vec<(String, kiln_core::resources::Resources)>>>,
     ids: AtomicU64,
     seed: u64,
 }
@@ -81,7 +87,7 @@ impl Shared {
             store,
             node: state.clone(),
             state: state as Arc<dyn ClusterState>,
-            membership: crate::cluster::Membership::solo(&node_name()),
+            membership: crate::cluster::Membership::solo(&node_name(), Default::default()),
             node_name: node_name(),
             drained: std::sync::Mutex::default(),
             pull_token: std::sync::OnceLock::new(),
@@ -95,6 +101,7 @@ impl Shared {
             trust: None,
             ledger: Arc::default(),
             worker_min_ready: kiln_core::service::WORKER_MIN_READY,
+            reserved: Default::default(),
             ids: AtomicU64::new(0),
             seed,
         }
@@ -131,6 +138,14 @@ impl Shared {
     /// the 24 bits it had, two nodes starting a thousand instances each
     /// would share an id in about one cluster in eight), and names its
     /// release.
+    /// The part of its instances' cgroup names that is this agent's
+    /// (`kiln/SCOPE/ID`): a digest of its home, the same for every agent
+    /// process of it (one that adopts an instance finds its cgroup).
+    pub fn cgroup_scope(&self) -> String {
+        let d = Sha256::digest(self.home.as_os_str().as_encoded_bytes());
+        kiln_core::digest::hex(&d[..6])
+    }
+
     pub fn new_instance_id(&self, service: &ServiceName, revision: u64) -> String {
         let n = self.ids.fetch_add(1, Ordering::Relaxed);
         let mut h = Sha256::new();

@@ -23,6 +23,7 @@ pub mod plan;
 pub mod reference;
 pub mod registry;
 pub mod release;
+pub mod resources;
 pub mod retention;
 pub mod rollout;
 pub mod secret;

@@ -233,6 +233,9 @@ fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
     if old.runtime != new.runtime {
         out.push(format!("runtime {} -> {}", old.runtime, new.runtime));
     }
+    if old.resources != new.resources {
+        out.push(format!("resources {} -> {}", old.resources, new.resources));
+    }
     for (name, a, b) in [
         ("startup", &old.health.startup, &new.health.startup),
         ("readiness", &old.health.readiness, &new.health.readiness),
@@ -325,6 +328,7 @@ mod tests {
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
                 user: None,
+                resources: Default::default(),
                 health: HealthSpec::default(),
                 stop: StopSpec::default(),
             },

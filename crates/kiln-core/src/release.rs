@@ -45,6 +45,11 @@ pub struct ReleaseConfig {
     pub user: Option<String>,
     pub health: HealthSpec,
     pub stop: StopSpec,
+    /// What each instance reserves on its node and is held to (`cpu`,
+    /// `memory`). Omitted when nothing is declared, so releases made before
+    /// it existed keep their hash.
+    #[serde(default, skip_serializing_if = "crate::resources::Resources::is_none")]
+    pub resources: crate::resources::Resources,
 }
 
 /// How an image is named for people: `NAME@SHORT` (`hello@1a2b3c4d5e6f`),
@@ -188,6 +193,34 @@ mod label_tests {
             assert_eq!(o.to_string(), text);
             assert_eq!(serde_json::to_value(o).unwrap_or_default(), text);
         }
+    }
+
+    #[test]
+    fn a_release_without_resources_keeps_its_hash() {
+        // A config as recorded before resources existed.
+        let old = serde_json::json!({
+            "image": Digest::of(b"x"),
+            "image_name": "hello",
+            "command": ["/bin/hello"],
+            "workdir": "/",
+            "env": {},
+            "volumes": {},
+            "runtime": "process",
+            "health": crate::service::HealthSpec::default(),
+            "stop": crate::service::StopSpec::default(),
+        });
+        let config: ReleaseConfig = serde_json::from_value(old.clone()).unwrap();
+        assert!(config.resources.is_none());
+        // Written back exactly as it was read: the same bytes, the same hash.
+        assert_eq!(serde_json::to_value(&config).unwrap(), old);
+        assert!(
+            !serde_json::to_string(&config)
+                .unwrap()
+                .contains("resources")
+        );
+        let mut more = config.clone();
+        more.resources.cpu_millis = 500;
+        assert_ne!(more.hash(), config.hash(), "resources are content");
     }
 
     #[test]

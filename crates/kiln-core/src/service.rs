@@ -71,6 +71,16 @@ pub struct ServiceSpec {
     /// --label KEY=VALUE`) run this service's instances.
     #[serde(default, deserialize_with = "node_labels")]
     pub node_labels: BTreeMap<String, String>,
+    /// CPUs each instance may use (`0.5`, `2`, `"500m"`): a node places it
+    /// only with that much unreserved, and the runtime holds it to that
+    /// quota (cgroups). Default: none reserved, unlimited.
+    #[serde(default, deserialize_with = "crate::resources::cpu_field")]
+    pub cpu: Option<u32>,
+    /// Memory each instance may use (`"256M"`, `"1G"`): reserved on its
+    /// node, and its limit (past it, the kernel ends the instance, which is
+    /// replaced). Default: none reserved, unlimited.
+    #[serde(default, deserialize_with = "crate::resources::memory_field")]
+    pub memory: Option<u64>,
 }
 
 fn node_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
@@ -891,6 +901,35 @@ mod tests {
         assert!(service("").unwrap().node_labels.is_empty());
         let err = service("node_labels = { Zone = \"a\" }").unwrap_err();
         assert!(err.contains("label `Zone=a`"), "{err}");
+    }
+
+    #[test]
+    fn cpu_and_memory_are_read_as_a_spec_writes_them() {
+        for (text, millis) in [
+            ("cpu = 0.5", 500),
+            ("cpu = 2", 2000),
+            ("cpu = \"250m\"", 250),
+            ("cpu = \"1.5\"", 1500),
+        ] {
+            assert_eq!(service(text).unwrap().cpu, Some(millis), "{text}");
+        }
+        let s = service("memory = \"256M\"").unwrap();
+        assert_eq!(s.memory, Some(256 << 20));
+        assert_eq!(service("memory = 8388608").unwrap().memory, Some(8 << 20));
+        let none = service("").unwrap();
+        assert_eq!((none.cpu, none.memory), (None, None));
+        for (bad, says) in [
+            ("cpu = 0", "more than 0"),
+            ("cpu = -1", "write CPUs"),
+            ("cpu = \"lots\"", "cpu `lots`"),
+            ("memory = \"1K\"", "at least 4 MiB"),
+            ("memory = \"much\"", "memory: unknown size unit"),
+            ("cpu = true", "cpu: write CPUs"),
+            ("memory = 1.5", "memory: write a size"),
+        ] {
+            let err = service(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 
     #[test]

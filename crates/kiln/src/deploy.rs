@@ -45,6 +45,7 @@ pub fn serve(
         allow_process,
         trust,
         cluster,
+        offer,
         ..
     } = mode;
     // A policy that does not load stops the start here, in one line,
@@ -107,6 +108,14 @@ pub fn serve(
             args.push("--tls-key".into());
             args.push(c.key.into());
         }
+    }
+    if let Some(cpus) = offer.cpus {
+        args.push("--cpus".into());
+        args.push(cpus.to_string().into());
+    }
+    if let Some(mib) = offer.memory_mib {
+        args.push("--memory".into());
+        args.push(format!("{mib}M").into());
     }
     if let Some(c) = cluster {
         for url in c.etcd {
@@ -437,6 +446,10 @@ fn resolve_service(
             },
             health: svc.health.clone(),
             stop: svc.stop.clone(),
+            resources: kiln_core::resources::Resources {
+                cpu_millis: svc.cpu.unwrap_or(0),
+                memory_bytes: svc.memory.unwrap_or(0),
+            },
         },
     })
 }

@@ -450,6 +450,15 @@ pub enum Command {
         /// `node_labels` runs only on nodes that have them all
         #[arg(long = "label", value_name = "KEY=VALUE", requires = "etcd", value_parser = kiln_core::cluster::parse_label)]
         labels: Vec<(String, String)>,
+        /// The CPUs this node offers its instances (default: the host's);
+        /// instances of services that declare `cpu` are placed within it
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+        cpus: Option<u32>,
+        /// The memory this node offers its instances, e.g. 8G (default: the
+        /// host's); instances of services that declare `memory` are placed
+        /// within it
+        #[arg(long, value_name = "SIZE", value_parser = parse_offered_memory)]
+        memory: Option<u64>,
         /// (internal) run as the agent process under a supervisor
         #[arg(long, hide = true)]
         run_agent: bool,
@@ -935,6 +944,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             etcd_ca,
             etcd_cert,
             etcd_key,
+            cpus,
+            memory,
             run_agent,
             successor,
         } => {
@@ -973,6 +984,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         cert: etcd_cert.zip(etcd_key),
                     }),
                 }),
+                offer: kiln_agent::cluster::Offer {
+                    cpus,
+                    memory_mib: memory,
+                },
             };
             match (upgrade, run_agent) {
                 (true, _) => deploy::upgrade(&home()?),
@@ -1137,6 +1152,14 @@ const GC_GRACE: &str = "1h";
 /// `30s`, `5m`, `1h30m` (humantime).
 fn parse_etcd_url(s: &str) -> Result<String, String> {
     kiln_core::cluster::check_etcd_url(s).map(|()| s.trim_end_matches('/').to_owned())
+}
+
+/// `--memory SIZE`: what a node offers, in MiB (at least 1).
+fn parse_offered_memory(s: &str) -> Result<u64, String> {
+    match kiln_core::spec::parse_size(s)? >> 20 {
+        0 => Err(format!("`{s}`: offer at least 1M")),
+        mib => Ok(mib),
+    }
 }
 
 fn parse_advertise(s: &str) -> Result<std::net::IpAddr, String> {

@@ -310,6 +310,21 @@ fn three_nodes_at(
     baked: &[usize],
     apart: bool,
 ) -> (Vec<Env>, Vec<Option<Agent>>, String) {
+    three_nodes_with(etcd, web, baked, |i, c| {
+        if apart {
+            c.args(["--advertise", &advertised(i).to_string()]);
+        }
+    })
+}
+
+/// [`three_nodes`], `configure` adding node `i`'s own flags to its
+/// `kiln serve`.
+fn three_nodes_with(
+    etcd: &Etcd,
+    web: &str,
+    baked: &[usize],
+    configure: impl Fn(usize, &mut std::process::Command),
+) -> (Vec<Env>, Vec<Option<Agent>>, String) {
     let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
     let spec = hello_app(&envs[0].path("app"), web);
     let spec = spec.to_str().unwrap().to_owned();
@@ -321,9 +336,7 @@ fn three_nodes_at(
             let member = on_etcd(etcd, &name);
             Some(Agent::start_with(env, |c| {
                 member(c);
-                if apart {
-                    c.args(["--advertise", &advertised(i).to_string()]);
-                }
+                configure(i, c);
             }))
         })
         .collect();
@@ -1058,31 +1071,14 @@ fn a_canary_is_judged_on_the_requests_of_every_nodes_router() {
 fn a_service_runs_only_on_nodes_with_its_labels() {
     let _serial = one_at_a_time();
     let etcd = Etcd::start();
-    let envs: Vec<Env> = (0..3).map(|_| Env::new()).collect();
-    let spec = hello_app(
-        &envs[0].path("app"),
-        &WEB.replace(
-            "replicas = 2",
-            "replicas = 3\nnode_labels = { zone = \"a\" }",
-        ),
-    );
-    let spec = spec.to_str().unwrap().to_owned();
     let zones = ["a", "b", "a"];
-    let _agents: Vec<Agent> = envs
-        .iter()
-        .enumerate()
-        .map(|(i, env)| {
-            let name = format!("n{}", i + 1);
-            let member = on_etcd(&etcd, &name);
-            let label = format!("zone={}", zones[i]);
-            Agent::start_with(env, |c| {
-                member(c);
-                c.args(["--label", &label, "--label", "disk=ssd"]);
-            })
-        })
-        .collect();
-    wait_for("three members", Duration::from_secs(20), || {
-        etcd.keys("/kiln/nodes/").len() == 3 && !leader_of(&etcd).is_empty()
+    let web = WEB.replace(
+        "replicas = 2",
+        "replicas = 3\nnode_labels = { zone = \"a\" }",
+    );
+    let (envs, _agents, spec) = three_nodes_with(&etcd, &web, &[], |i, c| {
+        let label = format!("zone={}", zones[i]);
+        c.args(["--label", &label, "--label", "disk=ssd"]);
     });
     envs[0].ok(&["apply", "-f", &spec]);
     let (on_a1, on_b, on_a3) = (
@@ -1160,4 +1156,88 @@ fn etcd_over_tls_takes_only_a_member_with_a_client_certificate() {
     agent.stop();
     env.ok(&["bake", "-f", spec.to_str().unwrap()]);
     assert!(etcd.keys("/kiln/log/").len() > 3);
+}
+
+/// How many running instances of `service` node `env` runs.
+fn running_here(env: &Env, service: &str) -> usize {
+    service_status(env, service)["instances"]
+        .as_array()
+        .map_or(0, |list| {
+            list.iter().filter(|i| i["state"] == "running").count()
+        })
+}
+
+/// Three nodes that offer one CPU each (`kiln serve --cpus 1`) and two
+/// services whose instances declare one CPU each: only three of the four
+/// instances asked for run, one per node (the spread keeps to each node's
+/// room, whatever service holds it), the fourth waits and its service
+/// says so; once one of the other service's instances goes (scaled down),
+/// it is placed.
+#[test]
+fn instances_are_placed_within_what_each_node_offers() {
+    let _serial = one_at_a_time();
+    let etcd = Etcd::start();
+    let web = WEB.replace("replicas = 2", "replicas = 2\ncpu = 1\nmemory = \"64M\"")
+        + r#"
+[services.api]
+image = "app"
+replicas = 2
+cpu = 1
+[services.api.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#;
+    let (envs, _agents, spec) = three_nodes_with(&etcd, &web, &[], |_, c| {
+        c.args(["--cpus", "1", "--memory", "1G"]);
+    });
+    let nodes = envs[0].json(&["nodes", "--json"]);
+    for n in nodes["nodes"].as_array().unwrap() {
+        assert_eq!(n["cpus"], 1, "{nodes}");
+        assert_eq!(n["memory_mib"], 1024, "{nodes}");
+    }
+    envs[0].ok(&["apply", "-f", &spec, "--detach"]);
+    let per_node = || -> Vec<usize> {
+        envs.iter()
+            .map(|e| running_here(e, "web") + running_here(e, "api"))
+            .collect()
+    };
+    let waiting = || {
+        envs.iter().any(|e| {
+            ["web", "api"].iter().any(|s| {
+                service_status(e, s)["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("1 instance(s) of release 1 wait for room"))
+            })
+        })
+    };
+    wait_for(
+        "one instance on each node, one waiting for room",
+        Duration::from_secs(60),
+        || per_node() == [1, 1, 1] && waiting(),
+    );
+    // It stays so: no node takes a second.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(per_node(), [1, 1, 1]);
+    // web scaled down to one: its other instance goes, and api's second
+    // takes the room it leaves.
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(
+        &spec,
+        text.replacen(
+            "replicas = 2\ncpu = 1\nmemory",
+            "replicas = 1\ncpu = 1\nmemory",
+            1,
+        ),
+    )
+    .unwrap();
+    envs[1].ok(&["apply", "-f", &spec, "--detach"]);
+    wait_for(
+        "web 1, api 2, one per node",
+        Duration::from_secs(60),
+        || {
+            let web: usize = envs.iter().map(|e| running_here(e, "web")).sum();
+            let api: usize = envs.iter().map(|e| running_here(e, "api")).sum();
+            web == 1 && api == 2 && per_node() == [1, 1, 1]
+        },
+    );
 }

@@ -516,6 +516,8 @@ impl Controller {
                 })
                 .collect(),
             user: p.user,
+            limits: cfg.resources,
+            cgroup: format!("kiln/{}/{id}", self.shared.cgroup_scope()),
         };
         let log_path = self
             .shared

@@ -38,6 +38,7 @@ use kiln_core::counters::Snapshot;
 use kiln_core::event::{Actor, Change};
 use kiln_core::health::SlotHistory;
 use kiln_core::release::Outcome;
+use kiln_core::resources::{Resources, Room};
 use kiln_core::rollout::assign::{self, Assignment, Fleet, Observation};
 use kiln_core::rollout::{self, Decision, Message, Rollout, Routing, Seen, Step, View};
 use kiln_core::spec::ServiceName;
@@ -147,6 +148,8 @@ pub enum ControllerError {
 }
 
 pub struct Controller {
+    /// Starts of the last decision that no node had room for.
+    unplaced: usize,
     shared: Arc<Shared>,
     name: ServiceName,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -255,7 +258,25 @@ struct Observed {
     /// A digest of the assignments as the store has them (`None`: never
     /// written).
     stored: Option<u64>,
+    /// What each recorded release's instances declare they use.
+    demands: BTreeMap<u64, Resources>,
 }
+
+impl Observed {
+    /// What an instance of release `revision` reserves (a release not read
+    /// counts as the target).
+    fn demand(&self, revision: u64) -> Resources {
+        self.demands
+            .get(&revision)
+            .or_else(|| self.demands.get(&self.rec.target))
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// How soon a leader looks again when a start found no node with room
+/// (another service's instances may have ended meanwhile).
+const ROOM_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A cluster's instances of a service as the leader's view has them.
 fn counts(seen: &[Seen<String>], target: u64) -> kiln_core::api::FleetCounts {
@@ -339,6 +360,7 @@ impl Controller {
             sees: 0,
             worked: None,
             hashed: (u64::MAX, 0),
+            unplaced: 0,
         }
     }
 
@@ -658,6 +680,10 @@ impl Controller {
             let soon = now() + FOLLOW_EVERY;
             self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
         }
+        if self.unplaced > 0 {
+            let soon = now() + ROOM_RETRY;
+            self.due = Some(self.due.map_or(soon, |d| d.min(soon)));
+        }
         // What the worker found gone while it worked (an instance that
         // could not start) is the leader's to take in soon.
         if !self.gone.is_empty() {
@@ -714,6 +740,7 @@ impl Controller {
             }
             self.peers = self.remotes(&assigned.list, &o);
         }
+        self.reserve(&assigned.list);
         self.work(Some(assigned.list)).await;
         self.publish_routes();
     }
@@ -772,6 +799,11 @@ impl Controller {
             }
         };
         let outcome = releases.iter().find(|r| r.revision == target)?.outcome;
+        let mut demands: BTreeMap<u64, Resources> = releases
+            .iter()
+            .map(|r| (r.revision, r.config.resources))
+            .collect();
+        demands.insert(target, p.release.config.resources);
         let previous = releases
             .iter()
             .filter(|r| r.revision != target && r.outcome == Outcome::Active)
@@ -813,6 +845,7 @@ impl Controller {
                                 slot: i.slot,
                                 adopted: i.adopted,
                                 stop: None,
+                                resources: Default::default(),
                             })
                             .collect()
                     });
@@ -873,6 +906,7 @@ impl Controller {
             &p.release.config.health,
             self.shared.worker_min_ready,
         );
+        self.reserve(self.fleet.assigned());
         Some(Observed {
             rec,
             outcome,
@@ -880,6 +914,7 @@ impl Controller {
             same_content,
             counters,
             stored,
+            demands,
         })
     }
 
@@ -931,9 +966,32 @@ impl Controller {
                     .join(",")
             ));
         }
-        self.fleet.assign(&d.steps, target, &members, |rev| {
-            shared.new_instance_id(name, rev)
-        });
+        // Placed within what every node has left once every service's
+        // instances took their share (one service at a time: the lock is
+        // held from reading what the others reserved to writing what this
+        // one now does).
+        let unplaced = {
+            let mut reserved = shared.reserved.lock().unwrap_or_else(|p| p.into_inner());
+            let others = reserved
+                .iter()
+                .filter(|(s, _)| *s != name)
+                .flat_map(|(_, v)| v.iter().map(|(n, r)| (n.as_str(), r)));
+            let mine = self
+                .fleet
+                .assigned()
+                .iter()
+                .map(|a| (a.node.as_str(), &a.resources));
+            let room = Room::new(shared.membership.capacity(), others.chain(mine));
+            let unplaced = self.fleet.assign(
+                &d.steps,
+                target,
+                (&members, &room),
+                |rev| o.demand(rev),
+                |rev| shared.new_instance_id(name, rev),
+            );
+            reserved.insert(name.clone(), reservations(self.fleet.assigned()));
+            unplaced
+        };
         // The rollout goes with the assignments, unless the decision also
         // changes an outcome (a release active, or failed): then it is
         // kept after that record, so that a crash between the two never
@@ -1035,6 +1093,29 @@ impl Controller {
             Message::Keep => {}
             Message::Clear => self.message = None,
             Message::Set(m) => self.message = Some(m),
+        }
+        self.unplaced = unplaced;
+        if unplaced > 0 {
+            self.message = Some(format!(
+                "{unplaced} instance(s) of release {target} wait for room: no node has {} left (kiln nodes shows what each offers)",
+                o.demand(target)
+            ));
+        }
+    }
+
+    /// Keep this service's share of each node where the other services'
+    /// placements see it.
+    fn reserve(&self, assigned: &[Assignment]) {
+        let mine = reservations(assigned);
+        let mut reserved = self
+            .shared
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if mine.is_empty() {
+            reserved.remove(&self.name);
+        } else {
+            reserved.insert(self.name.clone(), mine);
         }
     }
 
@@ -1289,6 +1370,27 @@ impl Controller {
         self.execute(&o, d).await;
         self.save_rollout().await;
         Ok((target, previous))
+    }
+}
+
+/// What a list of assignments reserves, by node (those that declare
+/// something).
+fn reservations(assigned: &[Assignment]) -> Vec<(String, Resources)> {
+    assigned
+        .iter()
+        .filter(|a| !a.resources.is_none())
+        .map(|a| (a.node.clone(), a.resources))
+        .collect()
+}
+
+impl Drop for Controller {
+    /// A service gone (or its agent handing over) reserves nothing more.
+    fn drop(&mut self) {
+        self.shared
+            .reserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.name);
     }
 }
 

@@ -102,6 +102,7 @@ impl Harness {
                 volumes: BTreeMap::new(),
                 runtime: RuntimeKind::Process,
                 user: None,
+                resources: Default::default(),
                 health: Default::default(),
                 stop: StopSpec {
                     drain_timeout: service::Duration::from_millis(0),

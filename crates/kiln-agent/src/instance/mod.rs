@@ -133,7 +133,7 @@ impl InstanceTask {
             Ok(r) => r,
             Err(e) => {
                 self.log.note(&format!("failed to start: {e}")).await;
-                self.runtime.clean_up(&id);
+                self.runtime.clean_up(&id, &self.launch);
                 let _ = to.send(Report::StartFailed {
                     id,
                     error: e.to_string(),
@@ -141,6 +141,9 @@ impl InstanceTask {
                 return;
             }
         };
+        if let Some(note) = running.note() {
+            self.log.note(&note).await;
+        }
         if !adopted {
             let _ = to.send(Report::Started {
                 id: id.clone(),
@@ -224,7 +227,7 @@ impl InstanceTask {
             let _ = tokio::time::timeout(Duration::from_millis(200), p).await;
         }
         drop(running);
-        self.runtime.clean_up(&id);
+        self.runtime.clean_up(&id, &self.launch);
         self.keeper.forget(&format!("log:{id}"));
         log.note(&format!(
             "exited ({status}){}",

@@ -120,7 +120,7 @@ impl Runtime for Fake {
         Ok(Command::new("true"))
     }
 
-    fn clean_up(&self, _id: &str) {
+    fn clean_up(&self, _id: &str, _launch: &Launch) {
         self.cleaned_up.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -232,6 +232,8 @@ mod tests {
             workdir: "/".to_owned(),
             volumes: Vec::new(),
             user: None,
+            limits: Default::default(),
+            cgroup: String::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! comes later and fits the same trait. [`fake`] (tests and the scale
 //! benchmark) runs no process at all.
 
+pub mod cgroup;
 #[cfg(any(test, feature = "bench"))]
 pub mod fake;
 mod process;
@@ -54,6 +55,10 @@ pub struct Launch {
     /// Who it runs as, when the agent can choose (it runs as root);
     /// `None`: as the agent's own user, inside the runtime's confinement.
     pub user: Option<kiln_core::user::Identity>,
+    /// What its release declares it uses (`cpu`, `memory`): its limits.
+    pub limits: kiln_core::resources::Resources,
+    /// Its cgroup when it has limits (`kiln/SCOPE/ID`, [`cgroup`]).
+    pub cgroup: String,
 }
 
 /// A future the runtime's instances hand out (the trait stays usable as
@@ -99,9 +104,9 @@ pub trait Runtime: Send + Sync {
     fn launched(&self, _launch: &Launch) -> Option<kiln_core::drift::Launched> {
         None
     }
-    /// Remove what [`prepare`](Self::prepare) made, once the instance is
-    /// gone.
-    fn clean_up(&self, _id: &str) {}
+    /// Remove what [`prepare`](Self::prepare) and [`spawn`](Self::spawn)
+    /// made, once the instance is gone.
+    fn clean_up(&self, _id: &str, _launch: &Launch) {}
     /// The app's own process when the started one is a launcher (the
     /// sandbox's bubblewrap: the app is below it); `None` when it is the
     /// app itself or has none yet.
@@ -127,6 +132,10 @@ pub trait Running: Send {
     fn wait(&mut self) -> BoxFuture<'_, String>;
     /// Let it run on, unwatched (an agent handing over to a successor).
     fn detach(self: Box<Self>);
+    /// What its log says of how it was started (its limits).
+    fn note(&self) -> Option<String> {
+        None
+    }
 }
 
 /// A runtime whose instances are host processes started by a command
@@ -168,7 +177,26 @@ impl<T: HostRuntime> Runtime for T {
     fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
         let mut cmd = HostRuntime::command(self, launch, &launch.argv);
         self.before_spawn(launch, &mut cmd)?;
-        Ok(Box::new(HostProcess::spawn(cmd, T::app)?))
+        // Held to its limits from its first instruction, where the host
+        // can; unlimited (and its log says why) where it cannot.
+        let mut note = None;
+        if !launch.limits.is_none() {
+            let made = cgroup::host().make(&launch.cgroup, &launch.limits);
+            note = Some(cgroup::describe(&launch.limits, &made));
+            match made {
+                Ok(procs) => cgroup::enter(&mut cmd, procs),
+                Err(e) => tracing::warn!("{}: limits not enforced: {e}", launch.cgroup),
+            }
+        }
+        let mut p = HostProcess::spawn(cmd, T::app)?;
+        p.note = note;
+        Ok(Box::new(p))
+    }
+
+    fn clean_up(&self, _id: &str, launch: &Launch) {
+        if !launch.limits.is_none() {
+            cgroup::host().remove(&launch.cgroup);
+        }
     }
 
     fn adopt(
@@ -229,6 +257,8 @@ pub(crate) struct HostProcess {
     /// nothing else would (no `--die-with-parent`: instances outlive the
     /// agent process).
     tree: Arc<Mutex<Vec<(u32, u64)>>>,
+    /// What its log says of its start (its limits).
+    note: Option<String>,
 }
 
 /// Remember `pid`'s children (with their start times) once it has them,
@@ -290,6 +320,7 @@ impl HostProcess {
             detached: false,
             app,
             tree: watch_tree(pid),
+            note: None,
         })
     }
 
@@ -312,6 +343,7 @@ impl HostProcess {
             detached: false,
             app,
             tree: watch_tree(pid),
+            note: None,
         })
     }
 }
@@ -388,6 +420,10 @@ impl Running for HostProcess {
 
     fn detach(mut self: Box<Self>) {
         self.detached = true;
+    }
+
+    fn note(&self) -> Option<String> {
+        self.note.clone()
     }
 }
 

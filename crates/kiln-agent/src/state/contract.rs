@@ -25,6 +25,7 @@ pub(super) fn release(rev: u64) -> Release {
         volumes: Default::default(),
         runtime: RuntimeKind::Process,
         user: None,
+        resources: Default::default(),
         health: HealthSpec::default(),
         stop: StopSpec::default(),
     };
@@ -1065,6 +1066,7 @@ pub(super) async fn assignments_and_observations_are_kept_with_their_service<
         slot: 0,
         adopted: false,
         stop: None,
+        resources: Default::default(),
     };
     let seen = |id: &str| Observation {
         id: id.to_owned(),

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use super::pass::{Seen, Step, StopReason};
 use super::saved::Clock;
+use crate::resources::{Amount, Resources, Room};
 
 /// The leader's word to a node: run this instance (or stop it).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -40,6 +41,10 @@ pub struct Assignment<Id = String> {
     /// The leader decided it stops, and why.
     #[serde(default)]
     pub stop: Option<StopReason>,
+    /// What its release declares it uses: reserved on its node until the
+    /// instance is gone.
+    #[serde(default, skip_serializing_if = "Resources::is_none")]
+    pub resources: Resources,
 }
 
 impl<Id: Clone> Assignment<Id> {
@@ -208,60 +213,75 @@ pub fn seen<Id: Clone + Eq + Hash>(
         .collect()
 }
 
-/// The assignments after a decision's steps, each new instance on the node
-/// of `nodes` that runs the fewest of the service's instances not being
-/// stopped (replicas spread: no two on one node while another has none),
+/// The assignments after a decision's steps, each new instance on a node
+/// of `nodes` with `room` left for what its release declares (`demand`),
+/// the one that runs the fewest of the service's instances not being
+/// stopped (replicas spread: no two on one node while another has room),
 /// the first in `nodes`' order on a tie — among those `refused` does not
-/// name for its release, unless every one does (`new_id` names them; with no node
-/// at all, nothing starts). `target`: the release an adopted instance
-/// moves to.
+/// name for its release, unless every one with room does (`new_id` names
+/// them). A start that no node has room for (or with no node at all) is
+/// left out: the next decision asks for it again. `target`: the release an
+/// adopted instance moves to. How many starts were left out.
+#[allow(clippy::too_many_arguments)]
 pub fn assign<Id: Clone + PartialEq>(
     assignments: &mut Vec<Assignment<Id>>,
     steps: &[Step<Id>],
     target: u64,
     nodes: &[String],
+    room: &Room,
+    demand: impl Fn(u64) -> Resources,
     refused: impl Fn(&str, u64) -> bool,
     mut new_id: impl FnMut(u64) -> Id,
-) {
-    // What `place` counts, kept as the steps go (a decision that starts a
-    // thousand instances over a hundred nodes must not count the fleet
-    // again for each): each node's running instances, by its index in
-    // `nodes`, and the nodes willing to run each release.
+) -> usize {
+    // What placement counts, kept as the steps go (a decision that starts
+    // a thousand instances over a hundred nodes must not count the fleet
+    // again for each): each node's running instances and what it has
+    // left, by its index in `nodes`, and the nodes willing to run each
+    // release.
     let index: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    let mut load: Option<Vec<usize>> = None;
+    let mut load: Option<(Vec<usize>, Vec<Amount>)> = None;
     let mut willing: HashMap<u64, Vec<usize>> = HashMap::new();
+    let mut unplaced = 0;
     for step in steps {
         match step {
             Step::Start { revision, slot } => {
-                let load = load.get_or_insert_with(|| {
+                let (load, free) = load.get_or_insert_with(|| {
                     let mut l = vec![0; nodes.len()];
                     for a in assignments.iter().filter(|a| a.stop.is_none()) {
                         if let Some(&i) = index.get(a.node.as_str()) {
                             l[i] += 1;
                         }
                     }
-                    l
+                    (l, nodes.iter().map(|n| room.free(n)).collect())
                 });
                 let ok = willing.entry(*revision).or_insert_with(|| {
                     (0..nodes.len())
                         .filter(|&i| !refused(&nodes[i], *revision))
                         .collect()
                 });
-                // The first of the fewest, among the willing (all of them
-                // when none is).
-                let best = if ok.is_empty() {
-                    (0..nodes.len()).min_by_key(|&i| load[i])
-                } else {
-                    ok.iter().copied().min_by_key(|&i| load[i])
-                };
+                let need = demand(*revision);
+                // The first of the fewest with room, among the willing (all
+                // of those with room when none of them is willing).
+                let best = ok
+                    .iter()
+                    .copied()
+                    .filter(|&i| free[i].fits(&need))
+                    .min_by_key(|&i| load[i])
+                    .or_else(|| {
+                        (0..nodes.len())
+                            .filter(|&i| free[i].fits(&need))
+                            .min_by_key(|&i| load[i])
+                    });
                 let Some(i) = best else {
+                    unplaced += 1;
                     continue;
                 };
                 load[i] += 1;
+                free[i] = free[i].minus(Amount::default().plus(&need));
                 assignments.push(Assignment {
                     id: new_id(*revision),
                     node: nodes[i].clone(),
@@ -269,12 +289,15 @@ pub fn assign<Id: Clone + PartialEq>(
                     slot: *slot,
                     adopted: false,
                     stop: None,
+                    resources: need,
                 });
             }
             Step::Stop { ids, reason } => {
+                // (What it reserved stays reserved until it is gone.)
                 for a in assignments.iter_mut().filter(|a| ids.contains(&a.id)) {
                     if a.stop.is_none()
-                        && let (Some(load), Some(&i)) = (load.as_mut(), index.get(a.node.as_str()))
+                        && let (Some((load, _)), Some(&i)) =
+                            (load.as_mut(), index.get(a.node.as_str()))
                     {
                         load[i] = load[i].saturating_sub(1);
                     }
@@ -293,6 +316,7 @@ pub fn assign<Id: Clone + PartialEq>(
             | Step::Fail { .. } => {}
         }
     }
+    unplaced
 }
 
 /// What a node's worker does to make what it runs match its assignments.
@@ -479,21 +503,25 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
     }
 
     /// A decision's steps carried into the assignments ([`assign`]) and
-    /// into the view, as [`seen`] would make it of them.
+    /// into the view, as [`seen`] would make it of them. How many starts
+    /// no node had room for.
     pub fn assign(
         &mut self,
         steps: &[Step<Id>],
         target: u64,
-        nodes: &[String],
+        (nodes, room): (&[String], &Room),
+        demand: impl Fn(u64) -> Resources,
         new_id: impl FnMut(u64) -> Id,
-    ) {
+    ) -> usize {
         let before = self.assigned.len();
         let refused = &self.refused;
-        assign(
+        let unplaced = assign(
             &mut self.assigned,
             steps,
             target,
             nodes,
+            room,
+            demand,
             |node, revision| refused.contains(&(node.to_owned(), revision)),
             new_id,
         );
@@ -536,6 +564,7 @@ impl<Id: Clone + Ord + Hash> Fleet<Id> {
         if changed {
             self.generation += 1;
         }
+        unplaced
     }
 
     /// Nodes gone from the cluster (their leases expired): their
@@ -626,12 +655,17 @@ mod tests {
     use std::time::{Duration, Instant};
 
     /// The placement rule, counted anew for each instance (what [`assign`]
-    /// does incrementally): the node of `nodes` that runs the fewest of
-    /// the service's instances not being stopped, the first on a tie.
-    /// `None` when there is no node.
-    fn place<'a, Id>(nodes: &'a [String], assigned: &[Assignment<Id>]) -> Option<&'a str> {
+    /// does incrementally): of the nodes of `nodes` that `fit`, the one that
+    /// runs the fewest of the service's instances not being stopped, the
+    /// first on a tie. `None` when there is none.
+    fn place<'a, Id>(
+        nodes: &'a [String],
+        assigned: &[Assignment<Id>],
+        fit: impl Fn(&str) -> bool,
+    ) -> Option<&'a str> {
         nodes
             .iter()
+            .filter(|n| fit(n))
             .min_by_key(|n| {
                 assigned
                     .iter()
@@ -642,32 +676,48 @@ mod tests {
     }
 
     /// What [`assign`] does, one [`place`] per start (counting the fleet
-    /// anew each time): the incremental counts must pick the same nodes.
+    /// and what each node has left anew each time): the incremental counts
+    /// must pick the same nodes.
     fn assign_by_place(
         assignments: &mut Vec<Assignment>,
         steps: &[Step<String>],
         nodes: &[String],
         refused: &BTreeSet<(String, u64)>,
+        (capacity, demand): (&HashMap<String, Amount>, &dyn Fn(u64) -> Resources),
     ) {
         let mut n = 0;
         for step in steps {
             match step {
                 Step::Start { revision, slot } => {
+                    let need = demand(*revision);
+                    let fit = |node: &str| {
+                        let Some(c) = capacity.get(node) else {
+                            return true;
+                        };
+                        let used = assignments
+                            .iter()
+                            .filter(|a| a.node == node)
+                            .fold(Amount::default(), |u, a| u.plus(&a.resources));
+                        c.minus(used).fits(&need)
+                    };
                     let willing: Vec<String> = nodes
                         .iter()
                         .filter(|x| !refused.contains(&((*x).clone(), *revision)))
                         .cloned()
                         .collect();
-                    let candidates = if willing.is_empty() { nodes } else { &willing };
-                    if let Some(node) = place(candidates, assignments) {
+                    let node = place(&willing, assignments, fit)
+                        .or_else(|| place(nodes, assignments, fit))
+                        .map(str::to_owned);
+                    if let Some(node) = node {
                         n += 1;
                         assignments.push(Assignment {
                             id: format!("new{n}"),
-                            node: node.to_owned(),
+                            node,
                             revision: *revision,
                             slot: *slot,
                             adopted: false,
                             stop: None,
+                            resources: need,
                         });
                     }
                 }
@@ -688,8 +738,25 @@ mod tests {
             steps in proptest::collection::vec((0u8..3, 0usize..40, 1u64..3), 0..40),
             node_count in 0usize..5,
             refused in proptest::collection::btree_set((0usize..5, 1u64..3), 0..4),
+            capacity in proptest::collection::vec(proptest::option::of((0u64..9, 0u64..9)), 5),
+            demands in proptest::collection::vec((0u32..3, 0u64..3), 2),
         ) {
             let nodes: Vec<String> = (0..node_count).map(|i| format!("n{i}")).collect();
+            // Half CPUs and 100 MiB steps; a node without a capacity has
+            // no limit.
+            let capacity: HashMap<String, Amount> = capacity
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| {
+                    c.map(|(cpu, mem)| {
+                        (format!("n{i}"), Amount { cpu_millis: cpu * 500, memory_bytes: (mem * 100) << 20 })
+                    })
+                })
+                .collect();
+            let demand = |rev: u64| {
+                let (cpu, mem) = demands[usize::from(rev == 2)];
+                Resources { cpu_millis: cpu * 500, memory_bytes: (mem * 100) << 20 }
+            };
             let list: Vec<Assignment> = existing
                 .iter()
                 .enumerate()
@@ -700,6 +767,7 @@ mod tests {
                     slot: i as u32,
                     adopted: false,
                     stop: stopped.then_some(StopReason::Replaced),
+                    resources: demand(1),
                 })
                 .collect();
             let steps: Vec<Step<String>> = steps
@@ -714,22 +782,44 @@ mod tests {
                 .collect();
             let refused: BTreeSet<(String, u64)> =
                 refused.into_iter().map(|(n, r)| (format!("n{n}"), r)).collect();
+            let room = Room::new(
+                capacity.iter().map(|(n, c)| (n.clone(), *c)),
+                list.iter().map(|a| (a.node.as_str(), &a.resources)),
+            );
             let mut fast = list.clone();
             let mut made = 0;
-            assign(
+            let unplaced = assign(
                 &mut fast,
                 &steps,
                 1,
                 &nodes,
+                &room,
+                demand,
                 |n, r| refused.contains(&(n.to_owned(), r)),
                 |_| {
                     made += 1;
                     format!("new{made}")
                 },
             );
-            let mut slow = list;
-            assign_by_place(&mut slow, &steps, &nodes, &refused);
-            proptest::prop_assert_eq!(fast, slow);
+            let mut slow = list.clone();
+            assign_by_place(&mut slow, &steps, &nodes, &refused, (&capacity, &demand));
+            let starts = steps.iter().filter(|s| matches!(s, Step::Start { .. })).count();
+            proptest::prop_assert_eq!(unplaced, starts - (slow.len() - list.len()));
+            proptest::prop_assert_eq!(&fast, &slow);
+            // No node holds more than it has, unless it did already.
+            for (node, c) in &capacity {
+                let used = |l: &[Assignment]| {
+                    l.iter()
+                        .filter(|a| a.node == *node)
+                        .fold(Amount::default(), |u, a| u.plus(&a.resources))
+                };
+                let (before, after) = (used(&list), used(&fast));
+                proptest::prop_assert!(
+                    after == before
+                        || (after.cpu_millis <= c.cpu_millis.max(before.cpu_millis)
+                            && after.memory_bytes <= c.memory_bytes.max(before.memory_bytes))
+                );
+            }
         }
     }
 
@@ -750,6 +840,8 @@ mod tests {
             &starts,
             1,
             &nodes,
+            &Room::default(),
+            |_| Resources::default(),
             |_, _| false,
             |_| {
                 n += 1;
@@ -764,11 +856,20 @@ mod tests {
         );
         // A stopping instance makes room on its node.
         list[0].stop = Some(StopReason::Replaced);
-        assert_eq!(place(&nodes, &list), Some(list[0].node.as_str()));
-        assert_eq!(place::<String>(&[], &list), None);
+        assert_eq!(place(&nodes, &list, |_| true), Some(list[0].node.as_str()));
+        assert_eq!(place::<String>(&[], &list, |_| true), None);
         // With no node, nothing starts.
         let mut none = Vec::new();
-        assign(&mut none, &starts, 1, &[], |_, _| false, |_| unreachable!());
+        assign(
+            &mut none,
+            &starts,
+            1,
+            &[],
+            &Room::default(),
+            |_| Resources::default(),
+            |_, _| false,
+            |_| unreachable!(),
+        );
         assert!(none.is_empty());
 
         let clock = Clock {
@@ -787,6 +888,96 @@ mod tests {
     }
 
     #[test]
+    fn placement_stays_within_each_nodes_room() {
+        let nodes: Vec<String> = ["n1", "n2", "n3"].map(str::to_owned).to_vec();
+        let one_cpu = Resources {
+            cpu_millis: 1000,
+            memory_bytes: 64 << 20,
+        };
+        // n1 has two CPUs, n2 one, n3 one of which another service holds.
+        let other = Assignment {
+            node: "n3".to_owned(),
+            resources: one_cpu,
+            ..a("other", 1, 0)
+        };
+        let room = Room::new(
+            [
+                ("n1".to_owned(), Amount::capacity(2, 1024)),
+                ("n2".to_owned(), Amount::capacity(1, 1024)),
+                ("n3".to_owned(), Amount::capacity(1, 1024)),
+            ],
+            [("n3", &other.resources)],
+        );
+        let starts: Vec<Step<String>> = (0..4)
+            .map(|slot| Step::Start { revision: 1, slot })
+            .collect();
+        let mut list = Vec::new();
+        let mut n = 0;
+        let unplaced = assign(
+            &mut list,
+            &starts,
+            1,
+            &nodes,
+            &room,
+            |_| one_cpu,
+            |_, _| false,
+            |_| {
+                n += 1;
+                format!("i{n}")
+            },
+        );
+        let on = |node: &str| list.iter().filter(|a| a.node == node).count();
+        assert_eq!((on("n1"), on("n2"), on("n3")), (2, 1, 0));
+        assert_eq!(unplaced, 1, "no room left for the fourth");
+        assert!(list.iter().all(|a| a.resources == one_cpu));
+        // What declares nothing fits anywhere, spread as before.
+        let mut free = Vec::new();
+        let unplaced = assign(
+            &mut free,
+            &starts[..3],
+            1,
+            &nodes,
+            &Room::new([("n1".to_owned(), Amount::default())], []),
+            |_| Resources::default(),
+            |_, _| false,
+            |_| "x".to_owned(),
+        );
+        assert_eq!(unplaced, 0);
+        assert_eq!(
+            free.iter().map(|a| a.node.as_str()).collect::<Vec<_>>(),
+            ["n1", "n2", "n3"]
+        );
+        // A stop does not free its share (it holds it until gone): the
+        // same room after stopping one still has none.
+        let mut again = list.clone();
+        let stop = Step::Stop {
+            ids: vec![list[0].id.clone()],
+            reason: StopReason::Replaced,
+        };
+        let room = Room::new(
+            [
+                ("n1".to_owned(), Amount::capacity(2, 1024)),
+                ("n2".to_owned(), Amount::capacity(1, 1024)),
+                ("n3".to_owned(), Amount::capacity(1, 1024)),
+            ],
+            list.iter()
+                .chain([&other])
+                .map(|a| (a.node.as_str(), &a.resources)),
+        );
+        let unplaced = assign(
+            &mut again,
+            &[stop, starts[0].clone()],
+            1,
+            &nodes,
+            &room,
+            |_| one_cpu,
+            |_, _| false,
+            |_| unreachable!("no room"),
+        );
+        assert_eq!(unplaced, 1);
+    }
+
+    #[test]
     fn a_fleets_generation_moves_with_its_assignments_only() {
         let clock = Clock {
             now: Instant::now(),
@@ -801,10 +992,22 @@ mod tests {
             reason: StopReason::Replaced,
         };
         let g1 = fleet.generation();
-        fleet.assign(&[stop("x")], 1, &n1(), |_| unreachable!());
+        fleet.assign(
+            &[stop("x")],
+            1,
+            (&n1(), &Room::default()),
+            |_| Resources::default(),
+            |_| unreachable!(),
+        );
         assert!(fleet.generation() > g1, "a stop alone is a change");
         let g2 = fleet.generation();
-        fleet.assign(&[stop("x")], 1, &n1(), |_| unreachable!());
+        fleet.assign(
+            &[stop("x")],
+            1,
+            (&n1(), &Room::default()),
+            |_| Resources::default(),
+            |_| unreachable!(),
+        );
         assert_eq!(fleet.generation(), g2, "stopping already: no change");
     }
 
@@ -831,7 +1034,8 @@ mod tests {
                 slot: 0,
             }],
             1,
-            &nodes,
+            (&nodes, &Room::default()),
+            |_| Resources::default(),
             |_| {
                 n0 += 1;
                 format!("crashed{n0}")
@@ -849,14 +1053,26 @@ mod tests {
             n += 1;
             format!("new{n}")
         };
-        fleet.assign(&start(1), 1, &nodes, &mut id);
+        fleet.assign(
+            &start(1),
+            1,
+            (&nodes, &Room::default()),
+            |_| Resources::default(),
+            &mut id,
+        );
         assert_eq!(
             fleet.assigned().last().unwrap().node,
             "n2",
             "not where it was refused"
         );
         // Another release may still go there.
-        fleet.assign(&start(2), 2, &nodes, &mut id);
+        fleet.assign(
+            &start(2),
+            2,
+            (&nodes, &Room::default()),
+            |_| Resources::default(),
+            &mut id,
+        );
         assert_eq!(fleet.assigned().last().unwrap().node, "n1");
         // Every node refused it: it goes where placement says (and fails
         // there as the app's own failure would, with its back-off).
@@ -866,7 +1082,13 @@ mod tests {
         on_n1.node = "n1".to_owned();
         fleet.reset(vec![on_n2.clone(), on_n1.clone()], &clock);
         fleet.observe(vec![on_n2.refused(), on_n1.refused()], &clock);
-        fleet.assign(&start(3), 3, &nodes, &mut id);
+        fleet.assign(
+            &start(3),
+            3,
+            (&nodes, &Room::default()),
+            |_| Resources::default(),
+            &mut id,
+        );
         assert_eq!(fleet.assigned().len(), 1, "{:?}", fleet.assigned());
     }
 
@@ -878,6 +1100,7 @@ mod tests {
             slot,
             adopted: false,
             stop: None,
+            resources: Default::default(),
         }
     }
 
@@ -1030,6 +1253,8 @@ mod tests {
             ],
             3,
             &["n2".to_owned()],
+            &Room::default(),
+            |_| Resources::default(),
             |_, _| false,
             |rev| {
                 n += 1;
@@ -1052,6 +1277,8 @@ mod tests {
             }],
             3,
             &n1(),
+            &Room::default(),
+            |_| Resources::default(),
             |_, _| false,
             |_| unreachable!("nothing starts"),
         );
@@ -1200,7 +1427,13 @@ mod tests {
         assert!(fleet.observe(observations, &clock).is_empty());
         assert_eq!(fleet.generation(), g1);
         // Steps that change nothing keep the generation.
-        fleet.assign(&[Step::Route, Step::Activate], 2, &n1(), |_| unreachable!());
+        fleet.assign(
+            &[Step::Route, Step::Activate],
+            2,
+            (&n1(), &Room::default()),
+            |_| Resources::default(),
+            |_| unreachable!(),
+        );
         assert_eq!(fleet.generation(), g1);
         // A start, a stop and an adoption: the view follows, as built anew.
         let mut n = 0;
@@ -1216,7 +1449,8 @@ mod tests {
                 },
             ],
             2,
-            &n1(),
+            (&n1(), &Room::default()),
+            |_| Resources::default(),
             |_| {
                 n += 1;
                 format!("new{n}")
@@ -1236,7 +1470,8 @@ mod tests {
                 slot: 4,
             }],
             3,
-            &n1(),
+            (&n1(), &Room::default()),
+            |_| Resources::default(),
             |_| unreachable!(),
         );
         assert!(fleet.generation() > g2);

@@ -21,6 +21,7 @@ use crate::counters::Snapshot;
 use crate::event::{Actor, Change};
 use crate::health::{Backoff, SlotHistory};
 use crate::release::{Outcome, ServiceSettings};
+use crate::resources::{Resources, Room};
 use crate::rollout::canary::fleet;
 use crate::service::{self, AnalysisSpec, CanaryStep, Pause, Ratio, RolloutSpec, Strategy};
 use crate::spec::ServiceName;
@@ -142,6 +143,7 @@ impl Sim {
             slot,
             adopted: false,
             stop: None,
+            resources: Default::default(),
         });
         self.fleet.reset(assigned, &self.clock());
         self.run(self.next_id, revision, slot, ready_since);
@@ -283,11 +285,16 @@ impl Sim {
         self.routing = d.routing;
         let target = self.target;
         let mut next_id = self.next_id;
-        self.fleet
-            .assign(&d.steps, target, &[NODE.to_owned()], |_| {
+        self.fleet.assign(
+            &d.steps,
+            target,
+            (&[NODE.to_owned()], &Room::default()),
+            |_| Resources::default(),
+            |_| {
                 next_id += 1;
                 next_id - 1
-            });
+            },
+        );
         self.next_id = next_id;
         // The view the leader keeps is the one it would build again.
         assert_eq!(
@@ -2451,6 +2458,7 @@ fn a_drained_nodes_instances_are_replaced_on_the_others_before_they_stop() {
                 slot,
                 adopted: false,
                 stop: None,
+                resources: Default::default(),
             })
             .collect(),
         &clock(Duration::ZERO),
@@ -2494,7 +2502,13 @@ fn a_drained_nodes_instances_are_replaced_on_the_others_before_they_stop() {
     assert_eq!(starts(&d.steps), [(1, 1)]);
     assert!(stops(&d.steps).is_empty());
     let open = fleet.nodes_for(&nodes);
-    fleet.assign(&d.steps, 1, &open, |_| 3);
+    fleet.assign(
+        &d.steps,
+        1,
+        (&open, &Room::default()),
+        |_| Resources::default(),
+        |_| 3,
+    );
     let new = fleet.assigned().iter().find(|a| a.id == 3).unwrap();
     assert_ne!(new.node, "n2", "never placed on the drained node");
     // Not ready yet: the drained one still serves.
