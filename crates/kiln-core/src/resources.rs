@@ -76,6 +76,32 @@ pub fn show_bytes(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// `64M`, `1G`, `512KiB`, `100` → bytes (units are powers of 1024).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
+            };
+            (&t[..i], mult)
+        }
+        None => (t, 1),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 20G, 500M or bytes)"))?;
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
 /// The most CPUs one instance may ask for.
 pub const MAX_CPUS: u64 = 1024;
 /// The least memory an instance may be given (below it nothing starts).
@@ -129,7 +155,7 @@ pub fn parse_cpu(s: &str) -> Result<u32, String> {
 /// `memory = "512M"` (units are powers of 1024, as everywhere in the spec):
 /// bytes, at least [`MIN_MEMORY`].
 pub fn parse_memory(s: &str) -> Result<u64, String> {
-    let bytes = crate::spec::parse_size(s).map_err(|e| format!("memory: {e}"))?;
+    let bytes = parse_size(s).map_err(|e| format!("memory: {e}"))?;
     if bytes < MIN_MEMORY {
         return Err(format!(
             "memory `{s}`: at least {} (or leave memory out)",

@@ -179,31 +179,8 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-/// `64M`, `1G`, `512KiB`, `100` → bytes (units are powers of 1024).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let mult: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => return Err(format!("unknown size unit in `{s}` (use K, M, G or T)")),
-            };
-            (&t[..i], mult)
-        }
-        None => (t, 1),
-    };
-    let n: u64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 20G, 500M or bytes)"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("`{s}` is too large"))
-}
+/// A size's bytes ([`crate::resources::parse_size`]).
+pub use crate::resources::parse_size;
 
 /// `[[images.NAME.layers]]`: one group of paths baked as its own layer.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
