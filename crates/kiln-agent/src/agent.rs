@@ -1371,6 +1371,7 @@ impl Agent {
     pub async fn nodes(&self) -> Result<kiln_core::api::NodesResponse, AgentError> {
         let m = &self.shared.membership;
         let mut assigned: BTreeMap<String, u64> = BTreeMap::new();
+        let mut reserved: BTreeMap<String, kiln_core::resources::Amount> = BTreeMap::new();
         for svc in self.shared.state.services().await? {
             for a in self
                 .shared
@@ -1380,6 +1381,8 @@ impl Agent {
                 .map(|a| a.list)
                 .unwrap_or_default()
             {
+                let r = reserved.entry(a.node.clone()).or_default();
+                *r = r.plus(&a.resources);
                 if a.stop.is_none() {
                     *assigned.entry(a.node).or_default() += 1;
                 }
@@ -1404,6 +1407,12 @@ impl Agent {
                 cpus: n.cpus,
                 memory_mib: n.memory_mib,
                 lease: leases.get(&n.name).copied(),
+                reserved: reserved.get(&n.name).map_or_else(Default::default, |r| {
+                    kiln_core::resources::Resources {
+                        cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(u32::MAX),
+                        memory_bytes: r.memory_bytes,
+                    }
+                }),
             })
             .collect();
         Ok(kiln_core::api::NodesResponse {

@@ -716,6 +716,10 @@ pub struct NodeStatus {
     pub cpus: u32,
     #[serde(default)]
     pub memory_mib: u64,
+    /// What the instances assigned to it declared (`cpu` in thousandths,
+    /// `memory` in bytes), stopping ones included: reserved.
+    #[serde(default)]
+    pub reserved: crate::resources::Resources,
 }
 
 /// `kiln drain NODE` / `kiln undrain NODE`.

@@ -488,6 +488,14 @@ mod tests {
             serde_json::to_string(&half).unwrap_or_default(),
             r#"{"cpu_millis":500}"#
         );
+        let mib = Resources {
+            cpu_millis: 0,
+            memory_bytes: 1 << 20,
+        };
+        assert_eq!(
+            serde_json::to_string(&mib).unwrap_or_default(),
+            r#"{"memory_bytes":1048576}"#
+        );
     }
 
     #[test]

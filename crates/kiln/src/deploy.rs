@@ -1148,7 +1148,7 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>5} {:>8}  {:<10} {:<24} JOINED",
+        "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>9} {:>15}  {:<10} {:<24} JOINED",
         "NODE",
         "ADDRESS",
         "LEADER",
@@ -1167,7 +1167,7 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         println!(
-            "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>5} {:>8}  {:<10} {:<24} {}{}",
+            "{:<20} {:<16} {:<7} {:<8} {:>6} {:>9} {:>9} {:>15}  {:<10} {:<24} {}{}",
             node.name,
             node.address,
             if node.leader { "yes" } else { "" },
@@ -1175,8 +1175,17 @@ pub fn nodes(home: &Path, json: bool) -> Result<ExitCode> {
             node.lease
                 .map_or("-".to_owned(), |(left, ttl)| format!("{left}/{ttl}s")),
             node.instances,
-            node.cpus,
-            format!("{} MiB", node.memory_mib),
+            // Reserved of what it offers.
+            format!(
+                "{}/{}",
+                kiln_core::resources::show_cpu(u64::from(node.reserved.cpu_millis)),
+                node.cpus
+            ),
+            format!(
+                "{}/{} MiB",
+                node.reserved.memory_bytes.div_ceil(1 << 20),
+                node.memory_mib
+            ),
             node.version,
             if labels.is_empty() {
                 "-".to_owned()

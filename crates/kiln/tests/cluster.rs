@@ -1218,6 +1218,13 @@ interval = "200ms"
     // It stays so: no node takes a second.
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(per_node(), [1, 1, 1]);
+    // Each node's offer is wholly reserved, as `kiln nodes` shows.
+    let nodes = envs[2].json(&["nodes", "--json"]);
+    for n in nodes["nodes"].as_array().unwrap() {
+        assert_eq!(n["reserved"]["cpu_millis"], 1000, "{nodes}");
+    }
+    let table = envs[2].ok(&["nodes"]);
+    assert_eq!(table.matches(" 1/1 ").count(), 3, "{table}");
     // web scaled down to one: its other instance goes, and api's second
     // takes the room it leaves.
     let text = std::fs::read_to_string(&spec).unwrap();
