@@ -441,6 +441,7 @@ mod tests {
         assert_eq!(show_bytes(1536), "1536 B");
         assert_eq!(show_bytes(1024), "1 KiB");
         assert_eq!(show_bytes(1000), "1000 B");
+        assert_eq!(show_bytes(0), "0 B");
         let r = Resources {
             cpu_millis: 500,
             memory_bytes: 256 << 20,
