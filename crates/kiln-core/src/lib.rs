@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod base;
 pub mod cluster;
 pub mod counters;
 pub mod digest;

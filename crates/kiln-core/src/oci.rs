@@ -29,6 +29,9 @@ pub const ANNOTATION_CREATED: &str = "org.opencontainers.image.created";
 pub const ANNOTATION_REVISION: &str = "org.opencontainers.image.revision";
 pub const ANNOTATION_SOURCE: &str = "org.opencontainers.image.source";
 pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
+/// The image an image was baked on (OCI's pre-defined annotations).
+pub const ANNOTATION_BASE_DIGEST: &str = "org.opencontainers.image.base.digest";
+pub const ANNOTATION_BASE_NAME: &str = "org.opencontainers.image.base.name";
 /// kiln's own name for a layer (from `[[images.NAME.layers]]`).
 pub const ANNOTATION_LAYER_NAME: &str = "dev.kiln.layer.name";
 /// On a referrer's entry in the store's own `index.json` (never in a

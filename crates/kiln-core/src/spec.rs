@@ -121,6 +121,14 @@ pub fn trusted_signers(
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ImageSpec {
+    /// The image this one is baked on (its layers first, its config under
+    /// the spec's): `NAME:TAG`, `HOST/REPO:TAG`, `oci:DIR[:TAG]`,
+    /// `docker-archive:FILE`.
+    #[serde(default)]
+    pub base: Option<crate::base::BaseRef>,
+    /// The image's `USER` (default: the base's, else none).
+    #[serde(default)]
+    pub user: Option<String>,
     /// The directory whose files make the image, relative to the spec file.
     #[serde(default = "default_context")]
     pub context: RelativePath,
@@ -229,6 +237,33 @@ impl Spec {
                 message,
             }
         };
+        for (name, image) in &self.images {
+            let table = format!("images.{name}");
+            if let Some(user) = &image.user {
+                crate::user::check(user).map_err(|e| at(&table, format!("image {name}: {e}")))?;
+            }
+            // A base of this spec: there, and no image on itself.
+            let mut next = image.base.as_ref();
+            let mut steps = 0;
+            while let Some(crate::base::BaseRef::Spec(b)) = next {
+                let Some(found) = self.images.get(b) else {
+                    return Err(at(
+                        &table,
+                        format!(
+                            "image {name}: base `{b}` is not an [images] table of this spec (use NAME:TAG or NAME@sha256:... for an image already in the store)"
+                        ),
+                    ));
+                };
+                steps += 1;
+                if steps > self.images.len() {
+                    return Err(at(
+                        &table,
+                        format!("image {name}: its bases make a loop through `{b}`"),
+                    ));
+                }
+                next = found.base.as_ref();
+            }
+        }
         let mut listens = BTreeMap::new();
         for (name, svc) in &self.services {
             let table = format!("services.{name}");

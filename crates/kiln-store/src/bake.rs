@@ -96,6 +96,9 @@ impl BakeObserver for Quiet {}
 #[derive(Clone, Debug, Serialize)]
 pub struct BakeReport {
     pub image: ImageName,
+    /// The base it was baked on, `REF@DIGEST` (none: on nothing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     pub digest: Digest,
     pub tags: Vec<Tag>,
     pub layers: Vec<LayerReport>,
@@ -133,6 +136,23 @@ pub fn bake_image(
     spec_dir: &Path,
     name: &ImageName,
     spec: &ImageSpec,
+    options: &BakeOptions,
+    observer: &dyn BakeObserver,
+) -> Result<BakeReport> {
+    bake_image_on(store, spec_dir, name, spec, None, options, observer)
+}
+
+/// [`bake_image`] on `base` (read by the caller, who resolves the spec's
+/// `base`): its layers first, then the image's own; its config with the
+/// spec's over it ([`kiln_core::base::merge`]); pinned by its digest in
+/// the manifest's annotations (so that the same spec on the same base is
+/// the same digest, and another base another) and in the provenance.
+pub fn bake_image_on(
+    store: &Store,
+    spec_dir: &Path,
+    name: &ImageName,
+    spec: &ImageSpec,
+    base: Option<crate::base::Base>,
     options: &BakeOptions,
     observer: &dyn BakeObserver,
 ) -> Result<BakeReport> {
@@ -255,6 +275,22 @@ pub fn bake_image(
     let mut descriptors = Vec::new();
     let mut diff_ids = Vec::new();
     let mut bytes_written = 0;
+    // The base's layers come first, held like the image's own until it is
+    // published (the store's copies; what it lacked is pending).
+    let mut base = base;
+    if let Some(b) = &mut base {
+        for (layer, diff_id) in b.manifest.layers.iter().zip(&b.config.rootfs.diff_ids) {
+            let ours = b.pending.iter().any(|p| p.digest == layer.digest);
+            if !ours && !lease.hold(&layer.digest)? {
+                return Err(BakeError::Store(StoreError::MissingBlob(
+                    layer.digest.clone(),
+                )));
+            }
+            descriptors.push(layer.clone());
+            diff_ids.push(diff_id.clone());
+        }
+        pending.append(&mut b.pending);
+    }
     for (index, entries) in layers.iter().enumerate() {
         if entries.is_empty() {
             continue;
@@ -344,22 +380,26 @@ pub fn bake_image(
     // Config and manifest: canonical JSON, so equal inputs give equal bytes.
     let created =
         humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(mtime)).to_string();
+    let own = ExecConfig {
+        user: spec.user.clone(),
+        exposed_ports: spec
+            .port
+            .map(|p| (format!("{}/tcp", p.0), EmptyObject {}))
+            .into_iter()
+            .collect(),
+        env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        entrypoint: spec.entrypoint.clone(),
+        cmd: spec.cmd.clone(),
+        working_dir: spec.workdir.as_ref().map(|w| w.as_str().to_owned()),
+        labels: spec.labels.clone(),
+    };
     let config = ImageConfig {
         created: Some(created.clone()),
         architecture: oci::oci_architecture(std::env::consts::ARCH).to_owned(),
         os: "linux".to_owned(),
-        config: ExecConfig {
-            user: None,
-            exposed_ports: spec
-                .port
-                .map(|p| (format!("{}/tcp", p.0), EmptyObject {}))
-                .into_iter()
-                .collect(),
-            env: spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            entrypoint: spec.entrypoint.clone(),
-            cmd: spec.cmd.clone(),
-            working_dir: spec.workdir.as_ref().map(|w| w.as_str().to_owned()),
-            labels: spec.labels.clone(),
+        config: match &base {
+            Some(b) => kiln_core::base::merge(&b.config.config, &own),
+            None => own,
         },
         rootfs: RootFs {
             kind: "layers".to_owned(),
@@ -372,6 +412,10 @@ pub fn bake_image(
     let mut annotations = BTreeMap::new();
     annotations.insert(oci::ANNOTATION_CREATED.to_owned(), created);
     annotations.insert(oci::ANNOTATION_TITLE.to_owned(), name.to_string());
+    if let Some(b) = &base {
+        annotations.insert(oci::ANNOTATION_BASE_DIGEST.to_owned(), b.digest.to_string());
+        annotations.insert(oci::ANNOTATION_BASE_NAME.to_owned(), b.name.clone());
+    }
     let manifest = Manifest {
         schema_version: 2,
         media_type: Some(oci::MEDIA_TYPE_MANIFEST.to_owned()),
@@ -397,6 +441,7 @@ pub fn bake_image(
         name.as_str(),
         &manifest_desc.digest,
         &crate::provenance::source(&context),
+        base.as_ref().map(|b| (b.name.as_str(), &b.digest)),
         &options.kiln_version,
     );
     crate::provenance::attach(store, &manifest_desc, &statement)?;
@@ -425,6 +470,7 @@ pub fn bake_image(
     tags.extend(options.tags.iter().cloned());
     Ok(BakeReport {
         image: name.clone(),
+        base: base.map(|b| format!("{}@{}", b.name, b.digest)),
         digest: manifest_desc.digest,
         tags,
         files: file_count,

@@ -14,6 +14,7 @@
 //!   [`fsutil`], [`gzip`]: atomic writes, deterministic gzip.
 
 pub mod bake;
+pub mod base;
 pub mod export;
 pub mod fsutil;
 pub mod gc;

@@ -60,6 +60,7 @@ pub fn statement(
     image: &str,
     digest: &Digest,
     source: &Source,
+    base: Option<(&str, &Digest)>,
     kiln_version: &str,
 ) -> serde_json::Value {
     let mut deps = Vec::new();
@@ -72,6 +73,13 @@ pub fn statement(
             "uri": source.origin.as_deref().map(|o| format!("git+{o}")).unwrap_or_else(|| "git".into()),
             "digest": { "gitCommit": commit },
             "annotations": annotations,
+        }));
+    }
+    if let Some((name, digest)) = base {
+        deps.push(serde_json::json!({
+            "uri": name,
+            "digest": { "sha256": digest.hex() },
+            "annotations": { "role": "base" },
         }));
     }
     serde_json::json!({
@@ -112,6 +120,9 @@ pub struct Provenance {
     pub dirty: Option<bool>,
     pub source: Option<String>,
     pub builder: Option<String>,
+    /// The base it was baked on, `REF@sha256:…`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// The statement's subject is this image (it is about what it says).
     pub subject_matches: bool,
     /// A bake of this store made it (and it is about this image): what
@@ -137,7 +148,16 @@ pub fn statements(store: &Store, digest: &Digest) -> Result<Vec<Provenance>, Sto
         else {
             continue;
         };
-        let dep = s.pointer("/predicate/buildDefinition/resolvedDependencies/0");
+        let deps = s
+            .pointer("/predicate/buildDefinition/resolvedDependencies")
+            .and_then(|d| d.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let is_base = |d: &&serde_json::Value| {
+            d.pointer("/annotations/role").and_then(|r| r.as_str()) == Some("base")
+        };
+        let dep = deps.iter().find(|d| !is_base(d));
+        let base = deps.iter().find(is_base);
         let text = |v: Option<&serde_json::Value>| v.and_then(|v| v.as_str()).map(str::to_owned);
         out.push(Provenance {
             commit: text(dep.and_then(|d| d.pointer("/digest/gitCommit"))),
@@ -146,6 +166,13 @@ pub fn statements(store: &Store, digest: &Digest) -> Result<Vec<Provenance>, Sto
                 .map(|u| u.trim_start_matches("git+").to_owned())
                 .filter(|u| u != "git"),
             builder: text(s.pointer("/predicate/runDetails/builder/id")),
+            base: base.and_then(|b| {
+                Some(format!(
+                    "{}@sha256:{}",
+                    b.get("uri")?.as_str()?,
+                    b.pointer("/digest/sha256")?.as_str()?
+                ))
+            }),
             subject_matches: s
                 .pointer("/subject/0/digest/sha256")
                 .and_then(|v| v.as_str())

@@ -730,6 +730,11 @@ pub struct PendingBlob {
 }
 
 impl PendingBlob {
+    /// Its bytes, read from the start (it is not published yet).
+    pub fn reopen(&self) -> io::Result<File> {
+        self.tmp.reopen()
+    }
+
     /// Publish under `blobs/sha256/<hex>` (a no-op if it is already there).
     pub fn commit(self, store: &Store) -> Result<()> {
         let dest = store.blob_path(&self.digest);

@@ -178,3 +178,32 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()
         .context("cannot start the async runtime")
 }
+
+/// The user running this command, as the ledger names them.
+pub fn local_actor() -> kiln_core::event::Actor {
+    kiln_core::event::Actor::Local {
+        uid: rustix::process::getuid().as_raw(),
+    }
+}
+
+/// Record a change this command made in the home's ledger: through the
+/// home's agent when one runs (it owns the state), else through the state
+/// store's API. A failure is said, not fatal (what was made is made).
+pub fn record(home: &Path, change: kiln_core::event::Change) {
+    let recorded = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let agent = Client::local(home);
+            if agent.reachable().await {
+                let _: kiln_core::api::RecordResponse = agent
+                    .post("/v1/records", &kiln_core::api::RecordRequest { change })
+                    .await?;
+                return Ok(());
+            }
+            kiln_agent::record(home, change, local_actor()).await?;
+            Ok(())
+        })
+    });
+    if let Err(e) = recorded {
+        eprintln!("warning: not recorded in the ledger: {e}");
+    }
+}

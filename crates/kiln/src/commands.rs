@@ -12,7 +12,7 @@ use anyhow::{Context, Result, bail};
 use kiln_core::oci::{self, LayerCompression};
 use kiln_core::reference::{ImageName, ImageRef, Tag};
 use kiln_core::spec::Spec;
-use kiln_store::bake::{BakeOptions, BakeReport, bake_image};
+use kiln_store::bake::{BakeOptions, BakeReport};
 use kiln_store::export::{export_docker_archive, export_oci};
 use kiln_store::unpack::{UnpackOptions, unpack_image};
 use kiln_store::verify::{verify_image, verify_store};
@@ -110,6 +110,71 @@ pub fn print_json<T: Serialize>(value: &T) -> Result<()> {
     Ok(())
 }
 
+/// The base `base` of an image of the spec in `spec_dir`, read and
+/// verified: from the store; from a registry, pulled into the store the
+/// first time (a tag is then the store's: `kiln pull` moves it); from an
+/// OCI layout or a docker archive, read at each bake.
+fn resolve_base(
+    home: &Path,
+    store: &kiln_store::store::Store,
+    spec_dir: &Path,
+    base: &kiln_core::base::BaseRef,
+    baked: &std::collections::BTreeMap<ImageName, kiln_core::Digest>,
+    quiet: bool,
+) -> Result<Option<kiln_store::base::Base>> {
+    use kiln_core::base::BaseRef;
+    use kiln_core::registry::Target;
+    let name = base.to_string();
+    let local = |p: &str| spec_dir.join(p);
+    let base = match base {
+        BaseRef::Spec(image) => {
+            let digest = baked.get(image).with_context(|| {
+                format!("base {image}: bake it too (kiln bake {image}), or name it NAME:TAG")
+            })?;
+            kiln_store::base::Base::from_store(store, &name, digest)?
+        }
+        BaseRef::Store(r) => {
+            let record = store.resolve(r)?;
+            kiln_store::base::Base::from_store(store, &name, &record.digest)?
+        }
+        BaseRef::Registry(r) => {
+            let have = match &r.target {
+                Some(Target::Digest(d)) => store.has_blob(d).then(|| d.clone()),
+                Some(Target::Tag(t)) => {
+                    kiln_core::ImageRef::parse(&format!("{}:{t}", r.image_name()))
+                        .ok()
+                        .and_then(|local| store.resolve(&local).ok())
+                        .map(|rec| rec.digest)
+                }
+                None => None,
+            };
+            let digest = match have {
+                Some(d) => d,
+                None => {
+                    crate::pull::pull_into(
+                        home,
+                        store,
+                        r,
+                        false,
+                        quiet,
+                        kiln_store::registry::PULL_DEADLINE,
+                    )
+                    .with_context(|| format!("base {r}"))?
+                    .digest
+                }
+            };
+            kiln_store::base::Base::from_store(store, &name, &digest)?
+        }
+        BaseRef::OciLayout { dir, tag } => {
+            kiln_store::base::Base::from_oci_layout(store, &name, &local(dir), tag.as_deref())?
+        }
+        BaseRef::DockerArchive(file) => {
+            kiln_store::base::Base::from_docker_archive(store, &name, &local(file))?
+        }
+    };
+    Ok(Some(base))
+}
+
 /// Bake the images of a spec. The spec is read and validated before the
 /// store is opened, so a bad spec never creates or touches a store.
 pub fn bake_reports(
@@ -144,6 +209,30 @@ pub fn bake_reports(
     if wanted.is_empty() {
         bail!("{} has no [images.NAME] table to bake", file.display());
     }
+    // An image whose base is another of the spec's is baked after it (its
+    // base too when only it was asked for); the spec has no loop of bases.
+    let mut wanted = wanted;
+    let mut i = 0;
+    while i < wanted.len() {
+        if let Some(kiln_core::base::BaseRef::Spec(b)) = &spec.images[&wanted[i]].base
+            && !wanted.contains(b)
+        {
+            wanted.push(b.clone());
+        }
+        i += 1;
+    }
+    let depth = |n: &ImageName| {
+        let mut n = n.clone();
+        let mut d = 0;
+        while let Some(kiln_core::base::BaseRef::Spec(b)) = &spec.images[&n].base {
+            n = b.clone();
+            d += 1;
+        }
+        d
+    };
+    wanted.sort_by_key(depth);
+    let mut baked: std::collections::BTreeMap<ImageName, kiln_core::Digest> =
+        std::collections::BTreeMap::new();
     let options = BakeOptions {
         source_date_epoch: source_date_epoch()?,
         tags,
@@ -160,14 +249,16 @@ pub fn bake_reports(
         } else {
             &progress
         };
-        let report = bake_image(
-            store,
-            &spec_dir,
-            &name,
-            &spec.images[&name],
-            &options,
-            observer,
-        )
+        let image = &spec.images[&name];
+        let report = match &image.base {
+            Some(base) => resolve_base(home, store, &spec_dir, base, &baked, quiet),
+            None => Ok(None),
+        }
+        .and_then(|base| {
+            Ok(kiln_store::bake::bake_image_on(
+                store, &spec_dir, &name, image, base, &options, observer,
+            )?)
+        })
         .with_context(|| format!("cannot bake image {name}"));
         progress.finish();
         let report = report?;
@@ -195,6 +286,7 @@ pub fn bake_reports(
                 },
             );
         }
+        baked.insert(name.clone(), report.digest.clone());
         out.push((report, started.elapsed().as_secs_f64()));
     }
     Ok(out)
@@ -265,34 +357,7 @@ fn sign_with_agent(public: &Path, digest: &kiln_core::Digest) -> Result<String> 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// The user running this command, as the ledger names them.
-pub fn local_actor() -> kiln_core::event::Actor {
-    kiln_core::event::Actor::Local {
-        uid: rustix::process::getuid().as_raw(),
-    }
-}
-
-/// Record a change this command made in the home's ledger: through the
-/// home's agent when one runs (it owns the state), else through the state
-/// store's API. A failure is said, not fatal (what was made is made).
-pub fn record(home: &Path, change: kiln_core::event::Change) {
-    let recorded = crate::client::runtime().and_then(|rt| {
-        rt.block_on(async {
-            let agent = crate::client::Client::local(home);
-            if agent.reachable().await {
-                let _: kiln_core::api::RecordResponse = agent
-                    .post("/v1/records", &kiln_core::api::RecordRequest { change })
-                    .await?;
-                return Ok(());
-            }
-            kiln_agent::record(home, change, local_actor()).await?;
-            Ok(())
-        })
-    });
-    if let Err(e) = recorded {
-        eprintln!("warning: not recorded in the ledger: {e}");
-    }
-}
+pub use crate::client::record;
 
 pub fn bake(
     home: &Path,

@@ -257,7 +257,7 @@ pub fn desired(
                     Some(kiln_core::registry::Target::Digest(d)) if store.has_blob(d) => d.clone(),
                     // A tag is resolved at every apply: where it points now.
                     _ => {
-                        let report = crate::registry::pull_into(
+                        let report = crate::pull::pull_into(
                             home,
                             &store,
                             r,

@@ -12,6 +12,7 @@ mod commands;
 mod demo;
 mod deploy;
 mod progress;
+mod pull;
 mod registry;
 mod remote;
 mod trust;

@@ -1,37 +1,18 @@
 //! `kiln push`, `kiln pull`, `kiln login`, `kiln logout`: images to and
 //! from OCI registries (see `kiln_store::registry`).
 
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use kiln_core::reference::{ImageRef, Tag};
 use kiln_core::registry::{RegistryRef, Target};
-use kiln_store::Store;
 use kiln_store::registry::{Credentials, Login, Registry};
 
 use crate::commands::{open_store, plural, print_json, resolve};
 
-/// The runtime of a push or pull: several threads, so that reading the
-/// store, hashing and the network overlap on every core.
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
-}
-
-/// Progress lines on stderr while a terminal watches (or always with
-/// `--verbose`-like callers); silent for scripts reading `--json`.
-fn progress(json: bool) -> impl Fn(&str) + Sync {
-    let show = !json && std::io::stderr().is_terminal();
-    move |line: &str| {
-        if show {
-            eprintln!("  {line}");
-        }
-    }
-}
+use crate::pull::{progress, runtime};
 
 pub fn push(
     home: &Path,
@@ -101,7 +82,7 @@ pub fn pull(
 ) -> Result<ExitCode> {
     let src = RegistryRef::parse(src)?;
     let store = open_store(home)?;
-    let report = pull_into(home, &store, &src, insecure, json, timeout)?;
+    let report = crate::pull::pull_into(home, &store, &src, insecure, json, timeout)?;
     if json {
         print_json(&report)?;
     } else {
@@ -126,36 +107,6 @@ pub fn pull(
         );
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Pull `src` into `store` (also what `apply` does for an image it lacks).
-pub fn pull_into(
-    home: &Path,
-    store: &Store,
-    src: &RegistryRef,
-    insecure: bool,
-    json: bool,
-    deadline: std::time::Duration,
-) -> Result<kiln_store::registry::PullReport> {
-    let credentials = Credentials::open(home)?;
-    let registry = Registry::new(&src.host, &credentials, insecure)?;
-    let show = progress(json);
-    let report = runtime()?
-        .block_on(kiln_store::registry::pull_within(
-            store, &registry, src, &show, deadline,
-        ))
-        .with_context(|| format!("cannot pull {src}"))?;
-    if report.downloaded > 0 {
-        crate::commands::record(
-            home,
-            kiln_core::event::Change::ImagePulled {
-                image: report.name.clone(),
-                digest: report.digest.clone(),
-                from: report.source.clone(),
-            },
-        );
-    }
-    Ok(report)
 }
 
 pub fn login(

@@ -1141,3 +1141,45 @@ fn endless_registry_answers_end_at_their_cap_not_in_memory() {
         assert_eq!(env.store_state(), before, "nothing kept");
     }
 }
+
+/// `base = "HOST/REPO:TAG"`: the bake pulls the base into the store the
+/// first time, verified; from then on the store's copy is the base (the
+/// registry gone, the bake gives the same digest).
+#[test]
+fn a_base_from_a_registry_is_pulled_once_into_the_store() {
+    let reg = Registry::start(None);
+    let a = Env::new();
+    bake(&a, "#!/bin/sh\necho base\n");
+    let base = format!("{}/lib/base:1", reg.host);
+    kiln(&a, &["push", "app:v1", &base, "--insecure"]);
+    let b = Env::new();
+    b.ok(&["login", &reg.host, "--insecure"]);
+    let app = b.path("app");
+    write(&app.join("etc/app.conf"), b"x = 1\n");
+    write(
+        &app.join("kiln.toml"),
+        format!("[images.web]\nbase = \"{base}\"\ninclude = [\"etc\"]\ncmd = [\"--serve\"]\n")
+            .as_bytes(),
+    );
+    let first = b.bake(&app.join("kiln.toml"), &[]);
+    assert!(
+        first["base"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{base}@sha256:")),
+        "{first}"
+    );
+    // The base's entrypoint, the spec's cmd, both layers.
+    let inspect = b.json(&["inspect", "web", "--json"]);
+    let text = inspect.to_string();
+    assert!(
+        text.contains("/bin/app") && text.contains("--serve"),
+        "{inspect}"
+    );
+    drop(reg);
+    let again = b.bake(&app.join("kiln.toml"), &[]);
+    assert_eq!(
+        again["digest"], first["digest"],
+        "the store's base, no registry"
+    );
+}

@@ -27,7 +27,9 @@ use oci_client::{
 };
 
 pub use credentials::{Auth, Credentials, Login};
-pub use pull::{MEDIA_TYPE_DOCKER_MANIFEST, PULL_DEADLINE, PullReport, pull, pull_within};
+pub use pull::{
+    MEDIA_TYPE_DOCKER_MANIFEST, PULL_DEADLINE, PullReport, host_platform, pull, pull_within,
+};
 pub use push::{PushReport, push};
 
 use crate::store::StoreError;
