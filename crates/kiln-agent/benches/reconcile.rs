@@ -130,6 +130,7 @@ impl Node {
                 user: None,
                 limits: Default::default(),
                 cgroup: String::new(),
+                self_contained: false,
             },
             now: Instant::now(),
             started: 0,

@@ -78,6 +78,8 @@ pub enum AgentError {
     },
     #[error("the signatures of {0} cannot be read: {1}")]
     Signatures(kiln_core::Digest, String),
+    #[error("the layers of {0} cannot be read: {1}")]
+    Layers(kiln_core::Digest, String),
     #[error(
         "service {service}: image {image_name}@{image} is not in the store (collected by kiln gc, or never pulled: kiln pull, or apply its spec)"
     )]
@@ -257,6 +259,10 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     }
     Ok(())
 }
+
+/// Why an image that borrows the host's userland is refused where the
+/// policy asks for self-contained ones.
+pub(crate) const NOT_SELF_CONTAINED: &str = "it has no userland of its own and would borrow the host's /usr (require_self_contained): bake it on a base ([images.NAME] base = …)";
 
 /// 32 bytes from the kernel's random source.
 fn random_key() -> Result<[u8; 32], AgentError> {
@@ -1041,6 +1047,18 @@ impl Agent {
         claimed: &[String],
     ) -> Result<Vec<String>, AgentError> {
         let policy = self.shared.trust.as_ref();
+        if let Some(p) = policy.filter(|p| p.require_self_contained)
+            && !kiln_store::base::is_self_contained(&self.shared.store, image)
+                .map_err(|e| AgentError::Layers(image.clone(), e.to_string()))?
+        {
+            return Err(AgentError::Untrusted {
+                service: service.clone(),
+                image_name: image_name.to_owned(),
+                image: image.clone(),
+                policy: p.file.clone(),
+                why: NOT_SELF_CONTAINED.to_owned(),
+            });
+        }
         match crate::trust::decide(&self.shared.store, policy, image, claimed)
             .map_err(|e| AgentError::Signatures(image.clone(), e.to_string()))?
         {

@@ -58,7 +58,8 @@ impl IntoResponse for AgentError {
                 ControllerError::Peers(_) => StatusCode::BAD_GATEWAY,
                 ControllerError::User { .. }
                 | ControllerError::Unreachable { .. }
-                | ControllerError::ProcessNotAllowed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                | ControllerError::ProcessNotAllowed { .. }
+                | ControllerError::NotSelfContained { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 ControllerError::NotWaitingForPromotion(_)
                 | ControllerError::NotLeader { .. }
                 | ControllerError::NothingToAbort { .. }
@@ -80,9 +81,10 @@ impl IntoResponse for AgentError {
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
             AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            AgentError::Collect(_) | AgentError::Task(_) | AgentError::Signatures(..) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            AgentError::Collect(_)
+            | AgentError::Task(_)
+            | AgentError::Signatures(..)
+            | AgentError::Layers(..) => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::NoToken(_) | AgentError::NoNode { .. } => StatusCode::NOT_FOUND,
             AgentError::NotInCluster(_) | AgentError::LastNode(_) => {
                 StatusCode::UNPROCESSABLE_ENTITY

@@ -30,6 +30,8 @@ pub struct TrustPolicy {
     pub require_signed: bool,
     /// `SHA256:…` fingerprints of the allowed keys.
     pub allowed: Vec<String>,
+    /// Only images with a userland of their own run here.
+    pub require_self_contained: bool,
 }
 
 impl TrustPolicy {
@@ -43,6 +45,7 @@ impl TrustPolicy {
             file: path.to_owned(),
             require_signed: spec.require_signed,
             allowed,
+            require_self_contained: spec.require_self_contained,
         })
     }
 }

@@ -423,10 +423,10 @@ release {rev} is the preview, waiting for promotion</p></div>"
             i.state,
             health,
             i.uptime_secs.round(),
-            if i.read_only_root {
-                "read-only"
-            } else {
-                "writable"
+            match (i.read_only_root, i.borrows_host) {
+                (true, false) => "read-only, self-contained",
+                (true, true) => "read-only, host /usr",
+                (false, _) => "writable, host /usr",
             },
         );
     }

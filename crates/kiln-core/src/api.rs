@@ -275,6 +275,11 @@ pub struct InstanceStatus {
     pub runtime: RuntimeKind,
     /// Whether the kernel enforces the read-only root (sandbox) or not (process).
     pub read_only_root: bool,
+    /// It runs with the host's `/usr` and loader paths (its image has no
+    /// userland of its own, or it is a plain process): the host's packages
+    /// change what it runs.
+    #[serde(default)]
+    pub borrows_host: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -520,6 +525,7 @@ mod tests {
             uptime_secs: 0.0,
             runtime: RuntimeKind::Process,
             read_only_root: false,
+            borrows_host: false,
         }
     }
 

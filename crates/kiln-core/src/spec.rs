@@ -48,6 +48,11 @@ pub struct TrustSpec {
     pub allowed_signers: Vec<String>,
     #[serde(default)]
     pub require_signed: bool,
+    /// Only images with a userland of their own run (baked on a base, or
+    /// carrying their own `/usr`): none borrows the host's. The agent's
+    /// policy (`kiln serve --trust FILE`) only.
+    #[serde(default)]
+    pub require_self_contained: bool,
 }
 
 /// The file `kiln serve --trust FILE` reads: one `[trust]` table, as in
@@ -237,6 +242,12 @@ impl Spec {
                 message,
             }
         };
+        if self.trust.require_self_contained {
+            return Err(at(
+                "trust",
+                "[trust] require_self_contained is the agent's policy: put it in the file of kiln serve --trust FILE".to_owned(),
+            ));
+        }
         for (name, image) in &self.images {
             let table = format!("images.{name}");
             if let Some(user) = &image.user {
@@ -411,6 +422,7 @@ mod trust_tests {
         let spec = |r: bool| TrustSpec {
             allowed_signers: vec![],
             require_signed: r,
+            require_self_contained: false,
         };
         let svc = |r: Option<bool>| -> crate::service::ServiceSpec {
             let mut v = serde_json::json!({"image": "a"});
@@ -435,7 +447,8 @@ mod trust_tests {
             ok,
             Ok(TrustSpec {
                 allowed_signers: vec!["ssh-ed25519 AAAA".into()],
-                require_signed: true
+                require_signed: true,
+                require_self_contained: false,
             })
         );
         let lax = TrustSpec::parse_file("[trust]\nrequire_signed = false\n", "t.toml");

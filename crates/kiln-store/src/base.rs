@@ -340,6 +340,44 @@ impl Base {
     }
 }
 
+/// Whether image `digest` has a userland of its own: it was baked on a
+/// base, or it carries its own `/usr`. Such an image gets nothing of the
+/// host's bound in (`sandbox`); another borrows the host's `/usr` and
+/// loader paths, and what it runs changes when the host's packages do.
+/// The layers are read only when the manifest does not say (their tar
+/// headers, up to the first entry under `usr/`).
+pub fn is_self_contained(store: &Store, digest: &Digest) -> Result<bool, StoreError> {
+    let manifest = store.manifest(digest)?;
+    if manifest
+        .annotations
+        .contains_key(oci::ANNOTATION_BASE_DIGEST)
+    {
+        return Ok(true);
+    }
+    for layer in &manifest.layers {
+        let Some(compression) = LayerCompression::from_media_type(&layer.media_type) else {
+            continue;
+        };
+        let blob = io::BufReader::new(store.open_blob(&layer.digest)?);
+        let at = |source| StoreError::Io {
+            path: store.blob_path(&layer.digest),
+            source,
+        };
+        let reader = crate::unpack::decompress(compression, blob).map_err(at)?;
+        let mut archive = tar::Archive::new(reader);
+        for entry in archive.entries().map_err(at)? {
+            let entry = entry.map_err(at)?;
+            let path = entry.path().map_err(at)?;
+            let path = path.to_string_lossy();
+            let path = path.trim_start_matches("./").trim_start_matches('/');
+            if path == "usr" || path.starts_with("usr/") {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// A layer's media type and compression, from its first bytes.
 fn sniff(r: &File) -> Result<(&'static str, LayerCompression), BaseError> {
     let mut head = [0u8; 4];

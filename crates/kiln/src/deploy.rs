@@ -1095,10 +1095,10 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
                 uptime(i.uptime_secs),
                 i.runtime.to_string(),
                 i.node,
-                if i.read_only_root {
-                    "read-only (enforced)"
-                } else {
-                    "not enforced"
+                match (i.read_only_root, i.borrows_host) {
+                    (true, false) => "read-only (enforced), self-contained",
+                    (true, true) => "read-only (enforced), host /usr",
+                    (false, _) => "not enforced, host /usr",
                 }
             );
         }

@@ -57,7 +57,7 @@ fn project(env: &Env, base: &str, release: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(root.join("app/srv")).unwrap();
     write(
         &root.join("app/srv/run.sh"),
-        b"echo \"$GREETING in $LANG from $(cat /etc/base-release) at $(pwd)\"\nexec sleep 600\n",
+        b"if [ -e /usr ]; then usr=host-usr; else usr=no-usr; fi\necho \"$GREETING in $LANG from $(cat /etc/base-release) at $(pwd), $usr\"\nexec sleep 600\n",
     );
     let spec = root.join("kiln.toml");
     write(&spec, SPEC.replace("BASE", base).as_bytes());
@@ -117,13 +117,17 @@ fn an_app_baked_on_a_base_runs_its_userland_and_is_pinned_by_its_digest() {
     );
 
     // It runs the base's shell and tools, with the base's environment under
-    // the app's and the app's working directory.
+    // the app's and the app's working directory — and nothing of the
+    // host's: no /usr inside, and status says it borrows nothing.
     let _agent = Agent::start(&one);
     one.ok(&["apply", "-f", spec.to_str().unwrap()]);
     wait_for("the worker's line", Duration::from_secs(30), || {
         one.ok(&["logs", "worker"])
-            .contains("hi in C.base from debian-ish 1 at /srv")
+            .contains("hi in C.base from debian-ish 1 at /srv, no-usr")
     });
+    let worker = service_status(&one, "worker");
+    assert_eq!(worker["instances"][0]["borrows_host"], false, "{worker}");
+    assert!(one.ok(&["status"]).contains("self-contained"));
 }
 
 #[test]
@@ -226,4 +230,49 @@ fn a_base_comes_from_the_store_an_oci_layout_or_a_docker_archive() {
         let err = env.fails(&["check", "-f", spec.to_str().unwrap()]);
         assert!(err.contains(says), "{base}: {err}");
     }
+}
+
+/// The agent's policy `require_self_contained`: an image without a
+/// userland of its own (it would borrow the host's /usr) is refused at
+/// apply in one line naming the policy; one baked on a base runs; status
+/// says which instances borrow the host's.
+#[test]
+fn an_agent_that_requires_self_contained_images_refuses_the_others() {
+    let env = Env::new();
+    let spec = project(&env, "base", "strict 1");
+    let policy = env.path("policy.toml");
+    write(&policy, b"[trust]\nrequire_self_contained = true\n");
+    let _agent = Agent::start_with(&env, |c| {
+        c.args(["--trust", policy.to_str().unwrap()]);
+    });
+    // The base itself has no /usr and was baked on nothing.
+    let lone = env.path("project/lone.toml");
+    write(
+        &lone,
+        b"[images.base]\ncontext = \"base\"\n[services.lone]\nimage = \"base\"\ncommand = [\"/bin/sleep\", \"600\"]\n",
+    );
+    let err = env.fails(&["apply", "-f", lone.to_str().unwrap()]);
+    assert!(
+        err.contains("require_self_contained") && err.contains("policy.toml"),
+        "{err}"
+    );
+    // (After the bake's own lines, one line of error.)
+    assert!(
+        err.trim()
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("kiln: error: service lone: image base@")
+                && l.contains("require_self_contained")),
+        "{err}"
+    );
+    env.ok(&["apply", "-f", spec.to_str().unwrap()]);
+    let worker = service_status(&env, "worker");
+    assert_eq!(worker["instances"][0]["borrows_host"], false, "{worker}");
+    // In a spec it is refused: it is the agent's to require.
+    write(
+        &spec,
+        (SPEC.replace("BASE", "base") + "[trust]\nrequire_self_contained = true\n").as_bytes(),
+    );
+    let err = env.fails(&["check", "-f", spec.to_str().unwrap()]);
+    assert!(err.contains("the agent's policy"), "{err}");
 }

@@ -28,6 +28,9 @@ pub(super) struct Prepared {
     /// Who its instances run as (`None`: the agent is not root and cannot
     /// choose).
     pub user: Option<kiln_core::user::Identity>,
+    /// Its image has a userland of its own (baked on a base, or with its
+    /// own `/usr`): nothing of the host's is bound in.
+    pub self_contained: bool,
 }
 
 /// How long a stopping instance waits, out of this router's table, for a
@@ -62,6 +65,8 @@ pub(super) struct Inst {
     /// Tells its task to stop (graceful, or a kill that escalates one).
     pub stop: mpsc::UnboundedSender<StopKind>,
     pub read_only: bool,
+    /// It runs with the host's `/usr` (and loader paths) in it.
+    pub borrows_host: bool,
     pub runtime: kiln_core::service::RuntimeKind,
     /// Requests the router has in flight to it.
     pub inflight: Arc<crate::router::metrics::InFlight>,
@@ -359,6 +364,7 @@ impl Controller {
                 rootfs: q.rootfs.clone(),
                 runtime: q.runtime.clone(),
                 user: q.user,
+                self_contained: q.self_contained,
             });
             self.prepared.insert(revision, p.clone());
             return Ok(p);
@@ -396,11 +402,35 @@ impl Controller {
         } else {
             None
         };
+        // A userland of its own: baked on a base, or its own /usr (read
+        // from the tree, not from the layers again).
+        let self_contained = tree.rootfs.join("usr").is_dir()
+            || self
+                .shared
+                .store
+                .manifest(&release.config.image)
+                .is_ok_and(|m| {
+                    m.annotations
+                        .contains_key(kiln_core::oci::ANNOTATION_BASE_DIGEST)
+                });
+        // This agent's policy, whoever recorded the release.
+        if !self_contained
+            && self
+                .shared
+                .trust
+                .as_ref()
+                .is_some_and(|t| t.require_self_contained)
+        {
+            return Err(ControllerError::NotSelfContained {
+                image: release.config.image_label(),
+            });
+        }
         let p = Arc::new(Prepared {
             release,
             rootfs: tree.rootfs,
             runtime: rt,
             user,
+            self_contained,
         });
         self.prepared.insert(revision, p.clone());
         Ok(p)
@@ -517,6 +547,7 @@ impl Controller {
                 .collect(),
             user: p.user,
             limits: cfg.resources,
+            self_contained: p.self_contained,
             cgroup: format!("kiln/{}/{id}", self.shared.cgroup_scope()),
         };
         let log_path = self
@@ -583,6 +614,8 @@ impl Controller {
                 ready_ms: None,
                 stop: stop_tx,
                 read_only: p.runtime.read_only_enforced(),
+                borrows_host: p.runtime.kind() == kiln_core::service::RuntimeKind::Process
+                    || !p.self_contained,
                 runtime: p.runtime.kind(),
                 inflight,
                 adopted: false,

@@ -121,6 +121,10 @@ pub enum ControllerError {
         "node {node} does not run the process runtime (its agent was started without --allow-runtime process)"
     )]
     ProcessNotAllowed { node: String },
+    /// An image without a userland of its own, where this agent's policy
+    /// (`require_self_contained`) refuses those.
+    #[error("image {image}: {}", crate::agent::NOT_SELF_CONTAINED)]
+    NotSelfContained { image: String },
     #[error("volume {path}: {source}", path = .path.display())]
     Volume {
         path: PathBuf,

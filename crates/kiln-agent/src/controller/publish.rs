@@ -187,6 +187,7 @@ impl Controller {
                     .map_or(0.0, |d| d.as_secs_f64()),
                 runtime: i.runtime,
                 read_only_root: i.read_only,
+                borrows_host: i.borrows_host,
             })
             .collect();
         let backoff = self

@@ -234,6 +234,7 @@ mod tests {
             user: None,
             limits: Default::default(),
             cgroup: String::new(),
+            self_contained: false,
         }
     }
 

@@ -59,6 +59,9 @@ pub struct Launch {
     pub limits: kiln_core::resources::Resources,
     /// Its cgroup when it has limits (`kiln/SCOPE/ID`, [`cgroup`]).
     pub cgroup: String,
+    /// Its image has a userland of its own: the sandbox binds nothing of
+    /// the host's into it (no `/usr`, loader paths or `/etc` files).
+    pub self_contained: bool,
 }
 
 /// A future the runtime's instances hand out (the trait stays usable as

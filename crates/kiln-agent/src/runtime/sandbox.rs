@@ -135,7 +135,9 @@ impl Sandbox {
                 image_top.push(name_s);
             }
         }
-        for dir in HOST_DIRS {
+        // An image with a userland of its own gets nothing of the host's.
+        let borrowed: &[&str] = if l.self_contained { &[] } else { &HOST_DIRS };
+        for &dir in borrowed {
             if image_top.iter().any(|t| t == dir) {
                 continue;
             }
@@ -146,7 +148,7 @@ impl Sandbox {
                 Err(_) => {}
             }
         }
-        if !image_top.iter().any(|t| t == "etc") {
+        if !l.self_contained && !image_top.iter().any(|t| t == "etc") {
             for f in HOST_ETC {
                 let host = Path::new("/etc").join(f);
                 if host.exists() {
