@@ -1073,6 +1073,128 @@ impl Agent {
         }
     }
 
+    /// `kiln run`: `argv` in a one-off instance of a release of `name`
+    /// (its sandbox, environment and secrets, volumes, user and limits, as
+    /// its own instances have them), its output and then how it ended as
+    /// [`RunFrame`](kiln_core::api::RunFrame)s. It takes no traffic and no
+    /// slot. A caller that goes away ends it. Recorded in the ledger
+    /// (`command-run`: argv, status, duration, the digest of its output).
+    pub async fn run_command(
+        &self,
+        name: &ServiceName,
+        revision: Option<u64>,
+        argv: Vec<String>,
+        actor: Actor,
+    ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
+        use kiln_core::api::RunFrame;
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(AgentError::BadRequest(
+                "kiln run needs a command: kiln run SERVICE -- CMD [ARG...]".to_owned(),
+            ));
+        }
+        let one = self
+            .ask(
+                name,
+                |done| crate::controller::Msg::OneOff { revision, done },
+                "runs no controller here",
+            )
+            .await?;
+        let mut launch = one.launch;
+        launch.argv = argv.clone();
+        let rt = one.runtime;
+        rt.prepare(&one.id, &launch)
+            .map_err(|e| AgentError::Refused(e.into()))?;
+        let mut running = match rt.spawn(&one.id, &launch) {
+            Ok(r) => r,
+            Err(e) => {
+                rt.clean_up(&one.id, &launch);
+                return Err(AgentError::Refused(e.into()));
+            }
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let state = self.shared.state.clone();
+        let (service, id, rev) = (name.clone(), one.id, one.revision);
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let _ = tx
+                .send(RunFrame::Started {
+                    id: id.clone(),
+                    revision: rev,
+                })
+                .await;
+            let digest =
+                std::sync::Arc::new(std::sync::Mutex::new(<sha2::Sha256 as sha2::Digest>::new()));
+            let pumps: Vec<_> = running
+                .output()
+                .into_iter()
+                .zip([1u8, 2])
+                .filter_map(|(fd, stream)| {
+                    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok()?;
+                    let (tx, digest) = (tx.clone(), digest.clone());
+                    Some(tokio::spawn(async move {
+                        use base64::Engine;
+                        use tokio::io::AsyncReadExt;
+                        let mut buf = vec![0u8; 16 << 10];
+                        while let Ok(n) = pipe.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            sha2::Digest::update(
+                                &mut *digest.lock().unwrap_or_else(|p| p.into_inner()),
+                                &buf[..n],
+                            );
+                            let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                            if tx.send(RunFrame::Output { stream, data }).await.is_err() {
+                                break;
+                            }
+                        }
+                    }))
+                })
+                .collect();
+            // The caller gone: the command goes too.
+            let status = tokio::select! {
+                status = running.wait() => status,
+                () = tx.closed() => {
+                    running.kill();
+                    running.wait().await
+                }
+            };
+            running.kill();
+            for p in pumps {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), p).await;
+            }
+            drop(running);
+            rt.clean_up(&id, &launch);
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let output = kiln_core::Digest::from_hasher(
+                digest.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+            );
+            let event = NewEvent {
+                change: Change::CommandRun {
+                    argv,
+                    status: status.clone(),
+                    duration_ms,
+                    output,
+                },
+                actor,
+                service: Some(service),
+                revision: Some(rev),
+                instance: Some(id),
+            };
+            if let Err(e) = state.append_event(&event).await {
+                tracing::error!("kiln run: not recorded in the ledger: {e}");
+            }
+            let _ = tx
+                .send(RunFrame::Exited {
+                    code: kiln_core::api::exit_code(&status),
+                    status,
+                    duration_ms,
+                })
+                .await;
+        });
+        Ok(rx)
+    }
+
     /// `kiln promote`: switch a blue-green rollout that waits for it.
     pub async fn promote(
         &self,

@@ -59,7 +59,8 @@ impl IntoResponse for AgentError {
                 ControllerError::User { .. }
                 | ControllerError::Unreachable { .. }
                 | ControllerError::ProcessNotAllowed { .. }
-                | ControllerError::NotSelfContained { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+                | ControllerError::NotSelfContained { .. }
+                | ControllerError::MissingSecret { .. } => StatusCode::UNPROCESSABLE_ENTITY,
                 ControllerError::NotWaitingForPromotion(_)
                 | ControllerError::NotLeader { .. }
                 | ControllerError::NothingToAbort { .. }
@@ -136,6 +137,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/services/{name}/remove", post(remove))
+        .route("/v1/services/{name}/run", post(run_command))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NoEndpoint })
         .with_state(agent)
@@ -336,6 +338,32 @@ async fn record(
     let Json(req) = body.map_err(bad_json)?;
     let seq = agent.record(req.change, caller.actor).await?;
     Ok(Json(kiln_core::api::RecordResponse { seq }))
+}
+
+/// `POST /v1/services/{name}/run` (`kiln run`): the command's output and
+/// how it ended, one JSON object a line, as they come.
+async fn run_command(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<kiln_core::api::RunRequest>, JsonRejection>,
+) -> Result<Response, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    let Json(req) = body.map_err(bad_json)?;
+    let frames = agent
+        .run_command(&name, req.release, req.argv, caller.actor)
+        .await?;
+    let lines = futures_util::stream::unfold(frames, |mut rx| async move {
+        let frame = rx.recv().await?;
+        let mut line = serde_json::to_vec(&frame).unwrap_or_default();
+        line.push(b'\n');
+        Some((Ok::<_, std::io::Error>(line), rx))
+    });
+    Ok((
+        [("content-type", "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 /// `POST /v1/nodes/{name}/drain`: the node takes no new instance and the

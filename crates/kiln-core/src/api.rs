@@ -350,6 +350,54 @@ pub struct RecordRequest {
     pub change: crate::event::Change,
 }
 
+/// `POST /v1/services/NAME/run` (`kiln run`): a command in a one-off
+/// instance of a release (`None`: the active one).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    #[serde(default)]
+    pub release: Option<u64>,
+    pub argv: Vec<String>,
+}
+
+/// One line of the answer to a [`RunRequest`] (JSON, one per line).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunFrame {
+    /// The instance started.
+    Started { id: String, revision: u64 },
+    /// Output: `stream` 1 (stdout) or 2 (stderr), the bytes in base64.
+    Output { stream: u8, data: String },
+    /// It ended: how (`exit status: 3`), its exit code (128 + the signal
+    /// for one ended by a signal), how long it ran.
+    Exited {
+        status: String,
+        code: i32,
+        duration_ms: u64,
+    },
+}
+
+/// An exit code from a status as the runtime words it (`exit status: 3`,
+/// `signal: 9 (SIGKILL)`): the code, or 128 + the signal (a shell's way);
+/// 1 when it says neither.
+pub fn exit_code(status: &str) -> i32 {
+    let number = |after: &str| -> Option<i32> {
+        let rest = &status[status.find(after)? + after.len()..];
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    if let Some(code) = number("exit status:") {
+        code
+    } else if let Some(signal) = number("signal:") {
+        128 + signal
+    } else {
+        1
+    }
+}
+
 /// The ledger entry the record became.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordResponse {
@@ -735,4 +783,30 @@ pub struct DrainResponse {
     pub drained: bool,
     /// Instances assigned to it when the change was made.
     pub instances: u64,
+}
+
+#[cfg(test)]
+mod run_tests {
+    use super::*;
+
+    #[test]
+    fn an_exit_code_is_read_from_the_runtimes_words() {
+        assert_eq!(exit_code("exit status: 0"), 0);
+        assert_eq!(exit_code("exit status: 3"), 3);
+        assert_eq!(exit_code("signal: 9 (SIGKILL)"), 137);
+        assert_eq!(exit_code("signal: 15 (SIGTERM) (core dumped)"), 143);
+        assert_eq!(exit_code("something else"), 1);
+        assert_eq!(exit_code("exit status: "), 1);
+    }
+
+    #[test]
+    fn run_frames_are_one_json_object_each() {
+        let f = RunFrame::Output {
+            stream: 1,
+            data: "aGk=".into(),
+        };
+        let text = serde_json::to_string(&f).unwrap_or_default();
+        assert_eq!(text, r#"{"output":{"stream":1,"data":"aGk="}}"#);
+        assert_eq!(serde_json::from_str::<RunFrame>(&text).ok(), Some(f));
+    }
 }

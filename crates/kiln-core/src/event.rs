@@ -220,6 +220,15 @@ pub enum Change {
         #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
         provenance: std::collections::BTreeMap<String, String>,
     },
+    /// `kiln run`: a one-off instance of a release ran a command (its
+    /// argv, how it ended, how long it took, and the digest of its output,
+    /// stdout and stderr as they came).
+    CommandRun {
+        argv: Vec<String>,
+        status: String,
+        duration_ms: u64,
+        output: Digest,
+    },
     /// `kiln pull` (or an apply) brought an image from a registry.
     ImagePulled {
         image: String,
@@ -312,6 +321,7 @@ impl Change {
             Self::NodeDrain { .. } => "node-drain",
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
+            Self::CommandRun { .. } => "command-run",
             Self::TreeDrift { .. } => "tree-drift",
             Self::ConfigDrift { .. } => "config-drift",
             Self::TrustPolicy { .. } => "trust-policy",
@@ -488,6 +498,12 @@ mod tests {
                 image: "app".into(),
                 digest: Digest::of(b"m"),
                 from: "registry.example/app:v1".into(),
+            },
+            Change::CommandRun {
+                argv: vec!["migrate".into(), "--up".into()],
+                status: "exit status: 0".into(),
+                duration_ms: 12,
+                output: Digest::of(b"o"),
             },
             Change::TreeDrift {
                 image: Digest::of(b"m"),

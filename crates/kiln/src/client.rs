@@ -143,6 +143,39 @@ impl Client {
         .await
     }
 
+    /// POST `body` and take the answer's lines as they come, each through
+    /// `line` (without its newline).
+    pub async fn post_lines<B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+        mut line: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<()> {
+        let resp = self
+            .send(hyper::Method::POST, path, Some(serde_json::to_vec(body)?))
+            .await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        let mut rest: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                rest.extend_from_slice(&data);
+                while let Some(end) = rest.iter().position(|b| *b == b'\n') {
+                    let l: Vec<u8> = rest.drain(..=end).collect();
+                    line(&l[..l.len() - 1])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     async fn stream_with(
         &self,
         path: &str,

@@ -1106,6 +1106,51 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
+/// `kiln run SERVICE [--release N] -- CMD…`: the command's output as it
+/// comes (stdout to stdout, stderr to stderr), then its exit code as
+/// kiln's (128 + the signal for one a signal ended).
+pub fn run_command(
+    home: &Path,
+    service: &str,
+    release: Option<u64>,
+    argv: Vec<String>,
+) -> Result<ExitCode> {
+    use base64::Engine;
+    use kiln_core::api::{RunFrame, RunRequest};
+    use std::io::Write;
+    let client = Client::new(home);
+    let mut code = None;
+    runtime()?.block_on(client.post_lines(
+        &format!("/v1/services/{service}/run"),
+        &RunRequest { release, argv },
+        |line| {
+            match serde_json::from_slice::<RunFrame>(line)
+                .context("unexpected answer from the agent to kiln run")?
+            {
+                RunFrame::Started { .. } => {}
+                RunFrame::Output { stream, data } => {
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(data)
+                        .context("unexpected output from the agent")?;
+                    if stream == 2 {
+                        let mut e = std::io::stderr().lock();
+                        e.write_all(&bytes)?;
+                        e.flush()?;
+                    } else {
+                        let mut o = std::io::stdout().lock();
+                        o.write_all(&bytes)?;
+                        o.flush()?;
+                    }
+                }
+                RunFrame::Exited { code: c, .. } => code = Some(c),
+            }
+            Ok(())
+        },
+    ))?;
+    let code = code.context("the agent ended the command's stream before it said how it ended")?;
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
+}
+
 pub fn history(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let h: HistoryResponse =

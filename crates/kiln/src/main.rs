@@ -604,6 +604,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a command in a one-off instance of a service's release (its
+    /// sandbox, env, secrets, volumes, user, limits): output streamed, its
+    /// exit status returned, recorded in the ledger
+    Run {
+        /// The service, as named in kiln.toml
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// The release to run [default: the active one]
+        #[arg(long, value_name = "REVISION")]
+        release: Option<u64>,
+        /// The command and its arguments, after `--`
+        #[arg(value_name = "CMD", last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Return a service to an earlier release's content (a new release, rolled out)
     Rollback {
         /// The service, as named in kiln.toml
@@ -758,6 +772,7 @@ impl Command {
             | Command::Undrain { .. }
             | Command::History { .. }
             | Command::Rollback { .. }
+            | Command::Run { .. }
             | Command::Promote { .. }
             | Command::Abort { .. }
             | Command::Rollout { .. }
@@ -1008,6 +1023,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             detach,
             json,
         } => deploy::rollback(&home()?, &service, to, detach, json),
+        Command::Run {
+            service,
+            release,
+            argv,
+        } => deploy::run_command(&home()?, &service, release, argv),
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {

@@ -33,6 +33,14 @@ pub(super) struct Prepared {
     pub self_contained: bool,
 }
 
+/// Why an instance's launch could not be made.
+#[derive(Debug)]
+pub(super) enum LaunchError {
+    /// A secret of its release is not in the state store.
+    Secret(String),
+    State(crate::state::StateError),
+}
+
 /// How long a stopping instance waits, out of this router's table, for a
 /// request that read the table just before to be counted in flight.
 const SETTLE: std::time::Duration = std::time::Duration::from_millis(10);
@@ -486,16 +494,15 @@ impl Controller {
             .await;
     }
 
-    /// The instance's task and bookkeeping: started fresh, or adopted
-    /// (`adopt`: its pid and output pipes).
-    async fn launch_task(
-        &mut self,
+    /// How instance `id` of release `p` starts, listening on `port`: its
+    /// release's command, environment (its secrets unsealed, `PORT`,
+    /// `HOST`, `KILN_*`), volumes, user, limits and cgroup.
+    pub(super) async fn launch_of(
+        &self,
         p: &Prepared,
-        id: String,
-        slot: u32,
+        id: &str,
         port: u16,
-        adopt: Option<(u32, Vec<std::os::fd::OwnedFd>)>,
-    ) {
+    ) -> Result<Launch, LaunchError> {
         let cfg = &p.release.config;
         let mut env: std::collections::BTreeMap<String, String> = cfg
             .env
@@ -507,17 +514,8 @@ impl Controller {
                 Ok(Some(value)) => {
                     env.insert(name.to_string(), value.expose().to_owned());
                 }
-                Ok(None) => {
-                    self.message = Some(format!(
-                        "cannot start {id}: secret {name} of release {} is not in the state store",
-                        p.release.revision
-                    ));
-                    return;
-                }
-                Err(e) => {
-                    self.log_state_error(e);
-                    return;
-                }
+                Ok(None) => return Err(LaunchError::Secret(name.to_string())),
+                Err(e) => return Err(LaunchError::State(e)),
             }
         }
         env.entry("PATH".to_owned())
@@ -529,10 +527,10 @@ impl Controller {
             "HOST".to_owned(),
             self.shared.membership.address.to_string(),
         );
-        env.insert("KILN_INSTANCE".to_owned(), id.clone());
+        env.insert("KILN_INSTANCE".to_owned(), id.to_owned());
         env.insert("KILN_SERVICE".to_owned(), self.name.to_string());
         env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
-        let launch = Launch {
+        Ok(Launch {
             rootfs: p.rootfs.clone(),
             argv: cfg.command.clone(),
             env,
@@ -549,6 +547,33 @@ impl Controller {
             limits: cfg.resources,
             self_contained: p.self_contained,
             cgroup: format!("kiln/{}/{id}", self.shared.cgroup_scope()),
+        })
+    }
+
+    /// The instance's task and bookkeeping: started fresh, or adopted
+    /// (`adopt`: its pid and output pipes).
+    async fn launch_task(
+        &mut self,
+        p: &Prepared,
+        id: String,
+        slot: u32,
+        port: u16,
+        adopt: Option<(u32, Vec<std::os::fd::OwnedFd>)>,
+    ) {
+        let cfg = &p.release.config;
+        let launch = match self.launch_of(p, &id, port).await {
+            Ok(l) => l,
+            Err(LaunchError::Secret(name)) => {
+                self.message = Some(format!(
+                    "cannot start {id}: secret {name} of release {} is not in the state store",
+                    p.release.revision
+                ));
+                return;
+            }
+            Err(LaunchError::State(e)) => {
+                self.log_state_error(e);
+                return;
+            }
         };
         let log_path = self
             .shared
@@ -845,7 +870,7 @@ impl Controller {
     }
 }
 
-fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+pub(super) fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 

@@ -51,6 +51,14 @@ use crate::state::{NewEvent, ServiceRecord, StateError};
 use instances::{Inst, Prepared};
 use publish::Routed;
 
+/// A one-off instance, ready to start (`kiln run`).
+pub struct OneOff {
+    pub id: String,
+    pub revision: u64,
+    pub launch: crate::runtime::Launch,
+    pub runtime: Arc<dyn crate::runtime::Runtime>,
+}
+
 /// What a controller is told.
 pub enum Msg {
     /// Something changed (an apply): reconcile.
@@ -71,6 +79,13 @@ pub enum Msg {
     Promote {
         actor: Actor,
         done: oneshot::Sender<Result<(u64, Option<u32>), ControllerError>>,
+    },
+    /// `kiln run`: how a one-off instance of a release starts (its release
+    /// `Some`, else the active one, else the target), with the runtime to
+    /// start it with.
+    OneOff {
+        revision: Option<u64>,
+        done: oneshot::Sender<Result<OneOff, ControllerError>>,
     },
     /// `kiln abort`: fail the rollout in progress and return to the release
     /// before it; answers (aborted release, release returned to).
@@ -121,6 +136,8 @@ pub enum ControllerError {
         "node {node} does not run the process runtime (its agent was started without --allow-runtime process)"
     )]
     ProcessNotAllowed { node: String },
+    #[error("secret {name} of release {revision} is not in the state store")]
+    MissingSecret { name: String, revision: u64 },
     /// An image without a userland of its own, where this agent's policy
     /// (`require_self_contained`) refuses those.
     #[error("image {image}: {}", crate::agent::NOT_SELF_CONTAINED)]
@@ -391,6 +408,9 @@ impl Controller {
                     Some(Msg::Abort { actor, done }) => {
                         let answer = self.request_abort(actor).await;
                         let _ = done.send(answer);
+                    }
+                    Some(Msg::OneOff { revision, done }) => {
+                        let _ = done.send(self.one_off(revision).await);
                     }
                     Some(Msg::Detach { done }) => {
                         for inst in self.instances.values() {
@@ -1105,6 +1125,48 @@ impl Controller {
                 o.demand(target)
             ));
         }
+    }
+
+    /// How a one-off instance of `revision` (else the active release, else
+    /// the target) starts: prepared as the service's own instances are
+    /// (this agent's policies included), with their environment, volumes,
+    /// user and limits.
+    async fn one_off(&mut self, revision: Option<u64>) -> Result<OneOff, ControllerError> {
+        let revision = match revision {
+            Some(r) => r,
+            None => {
+                let releases = self.shared.state.current_releases(&self.name).await?;
+                let target = self
+                    .shared
+                    .state
+                    .service(&self.name)
+                    .await?
+                    .ok_or_else(|| ControllerError::NoService(self.name.clone()))?
+                    .target;
+                releases
+                    .iter()
+                    .filter(|r| r.outcome == Outcome::Active)
+                    .map(|r| r.revision)
+                    .max()
+                    .unwrap_or(target)
+            }
+        };
+        let p = self.prepare(revision).await?;
+        let id = format!("{}-run", self.shared.new_instance_id(&self.name, revision));
+        let port = instances::free_port(self.shared.membership.address)
+            .map_err(|e| ControllerError::Runtime(crate::runtime::RuntimeError::Spawn(e)))?;
+        let launch = self.launch_of(&p, &id, port).await.map_err(|e| match e {
+            instances::LaunchError::State(e) => ControllerError::State(e),
+            instances::LaunchError::Secret(name) => {
+                ControllerError::MissingSecret { name, revision }
+            }
+        })?;
+        Ok(OneOff {
+            id,
+            revision,
+            launch,
+            runtime: p.runtime.clone(),
+        })
     }
 
     /// Keep this service's share of each node where the other services'

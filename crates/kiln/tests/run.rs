@@ -1,0 +1,123 @@
+//! `kiln run SERVICE [--release N] -- CMD…`, black-box: a one-off instance
+//! of a release runs a command in the service's sandbox, with its env,
+//! secrets and volumes; its stdout and stderr come back apart and its exit
+//! status is kiln's; its root is as read-only as the service's; it takes
+//! no slot; each run is in the ledger with who ran what and how it ended.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use util::*;
+
+fn spec(port: u16, version: &str) -> String {
+    format!(
+        r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+secrets = {{ API_KEY = "s3cret" }}
+volumes = {{ data = "/data" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+"#
+    )
+}
+
+#[test]
+fn a_one_off_instance_runs_a_command_of_a_release_in_its_sandbox() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &spec(port, "v1"));
+    let spec_path = path.to_str().unwrap();
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec_path]);
+    let out = env.run(&[
+        "run",
+        "web",
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo out-$HELLO_VERSION-$API_KEY; echo err-line >&2; echo kept > /data/ran; exit 3",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert_eq!(out.status.code(), Some(3), "{stdout}{stderr}");
+    assert_eq!(stdout, "out-v1-s3cret\n");
+    assert_eq!(stderr, "err-line\n");
+    // Its volume is the service's.
+    let kept = env.home.join("volumes/web/data/ran");
+    assert_eq!(std::fs::read_to_string(kept).unwrap(), "kept\n");
+    // Its root is read-only, as the service's instances' is.
+    let out = env.run(&[
+        "run",
+        "web",
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo x > ./bin/start.sh",
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Read-only file system"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // A release by number: release 1 while release 2 is active.
+    std::fs::write(&path, spec(port, "v2")).unwrap();
+    env.ok(&["apply", "-f", spec_path]);
+    let old = env.ok(&[
+        "run",
+        "web",
+        "--release",
+        "1",
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo $HELLO_VERSION",
+    ]);
+    assert_eq!(old, "v1\n");
+    let now = env.ok(&[
+        "run",
+        "web",
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo $HELLO_VERSION",
+    ]);
+    assert_eq!(now, "v2\n");
+    // It took no slot: the service's instances are its own (release 2's,
+    // and release 1's kept warm for its watch).
+    let status = service_status(&env, "web");
+    let instances = status["instances"].as_array().unwrap();
+    assert!(
+        instances
+            .iter()
+            .all(|i| !i["id"].as_str().unwrap().ends_with("-run")),
+        "{status}"
+    );
+    assert_eq!(
+        instances.iter().filter(|i| i["revision"] == 2).count(),
+        1,
+        "{status}"
+    );
+    // Every run is in the ledger, by who ran it.
+    let runs = actors_of(&env, &["command-run"]);
+    assert_eq!(runs.len(), 4, "{runs:?}");
+    assert!(runs.iter().all(|a| a.starts_with("uid:")), "{runs:?}");
+    // Refusals: one line each.
+    let err = env.fails(&["run", "nope", "--", "true"]);
+    assert!(err.contains("nope"), "{err}");
+    let err = env.fails(&["run", "web", "--release", "9", "--", "true"]);
+    assert!(err.contains("release 9"), "{err}");
+    let out = env.run(&["run", "web"]);
+    assert_eq!(out.status.code(), Some(2), "a command is required");
+}
