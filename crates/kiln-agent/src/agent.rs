@@ -80,6 +80,9 @@ pub enum AgentError {
     Signatures(kiln_core::Digest, String),
     #[error("the layers of {0} cannot be read: {1}")]
     Layers(kiln_core::Digest, String),
+    /// The caller's role does not allow this part of a request.
+    #[error("{0}")]
+    Forbidden(String),
     #[error(
         "service {service}: image {image_name}@{image} is not in the store (collected by kiln gc, or never pulled: kiln pull, or apply its spec)"
     )]
@@ -258,6 +261,57 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
             .await?;
     }
     Ok(())
+}
+
+/// The digest of a command's output, stdout and stderr as they came.
+#[derive(Clone, Default)]
+struct OutputDigest(Arc<std::sync::Mutex<sha2::Sha256>>);
+
+impl OutputDigest {
+    fn update(&self, bytes: &[u8]) {
+        sha2::Digest::update(
+            &mut *self.0.lock().unwrap_or_else(|p| p.into_inner()),
+            bytes,
+        );
+    }
+
+    fn finish(&self) -> kiln_core::Digest {
+        kiln_core::Digest::from_hasher(self.0.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// Read a command's stdout and stderr (`output`, in that order) as they
+/// come: each chunk into `digest` and to `tx` as an `Output` frame, until
+/// the pipe ends or the caller is gone.
+fn pump_output(
+    output: Vec<std::os::fd::OwnedFd>,
+    tx: &tokio::sync::mpsc::Sender<kiln_core::api::RunFrame>,
+    digest: &OutputDigest,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    output
+        .into_iter()
+        .zip([1u8, 2])
+        .filter_map(|(fd, stream)| {
+            let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok()?;
+            let (tx, digest) = (tx.clone(), digest.clone());
+            Some(tokio::spawn(async move {
+                use base64::Engine;
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 16 << 10];
+                while let Ok(n) = pipe.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    digest.update(&buf[..n]);
+                    let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
+                    let frame = kiln_core::api::RunFrame::Output { stream, data };
+                    if tx.send(frame).await.is_err() {
+                        break;
+                    }
+                }
+            }))
+        })
+        .collect()
 }
 
 /// Why an image that borrows the host's userland is refused where the
@@ -1122,35 +1176,8 @@ impl Agent {
                     revision: rev,
                 })
                 .await;
-            let digest =
-                std::sync::Arc::new(std::sync::Mutex::new(<sha2::Sha256 as sha2::Digest>::new()));
-            let pumps: Vec<_> = running
-                .output()
-                .into_iter()
-                .zip([1u8, 2])
-                .filter_map(|(fd, stream)| {
-                    let mut pipe = tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok()?;
-                    let (tx, digest) = (tx.clone(), digest.clone());
-                    Some(tokio::spawn(async move {
-                        use base64::Engine;
-                        use tokio::io::AsyncReadExt;
-                        let mut buf = vec![0u8; 16 << 10];
-                        while let Ok(n) = pipe.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                            sha2::Digest::update(
-                                &mut *digest.lock().unwrap_or_else(|p| p.into_inner()),
-                                &buf[..n],
-                            );
-                            let data = base64::engine::general_purpose::STANDARD.encode(&buf[..n]);
-                            if tx.send(RunFrame::Output { stream, data }).await.is_err() {
-                                break;
-                            }
-                        }
-                    }))
-                })
-                .collect();
+            let digest = OutputDigest::default();
+            let pumps = pump_output(running.output(), &tx, &digest);
             // The caller gone: the command goes too.
             let status = tokio::select! {
                 status = running.wait() => status,
@@ -1166,9 +1193,7 @@ impl Agent {
             drop(running);
             rt.clean_up(&id, &launch);
             let duration_ms = started.elapsed().as_millis() as u64;
-            let output = kiln_core::Digest::from_hasher(
-                digest.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-            );
+            let output = digest.finish();
             let event = NewEvent {
                 change: Change::CommandRun {
                     argv,
@@ -1183,6 +1208,118 @@ impl Agent {
             };
             if let Err(e) = state.append_event(&event).await {
                 tracing::error!("kiln run: not recorded in the ledger: {e}");
+            }
+            let _ = tx
+                .send(RunFrame::Exited {
+                    code: kiln_core::api::exit_code(&status),
+                    status,
+                    duration_ms,
+                })
+                .await;
+        });
+        Ok(rx)
+    }
+
+    /// `kiln exec`: `argv` inside this node's running instance `id` (its
+    /// namespaces, user and environment, as an exec probe), streamed as
+    /// `kiln run`'s. The instance is then **tainted**: replaced from its
+    /// image as a drifted one is, unless `keep` (an admin's). Recorded in
+    /// the ledger (`instance-exec`), whatever the command did.
+    pub async fn exec_command(
+        &self,
+        id: &str,
+        argv: Vec<String>,
+        keep: bool,
+        actor: Actor,
+    ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
+        use kiln_core::api::RunFrame;
+        if argv.is_empty() || argv[0].is_empty() {
+            return Err(AgentError::BadRequest(
+                "kiln exec needs a command: kiln exec INSTANCE -- CMD [ARG...]".to_owned(),
+            ));
+        }
+        let service = self
+            .shared
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(_, r)| r.instances.iter().any(|i| i.id == id))
+            .map(|(name, _)| name.clone())
+            .ok_or_else(|| {
+                AgentError::BadRequest(format!(
+                    "no instance {id} runs on this node (kiln status lists them)"
+                ))
+            })?;
+        let (mut cmd, revision) = self
+            .ask(
+                &service,
+                |done| crate::controller::Msg::Exec {
+                    id: id.to_owned(),
+                    argv: argv.clone(),
+                    done,
+                },
+                "runs no controller here",
+            )
+            .await?;
+        cmd.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?;
+        let output: Vec<std::os::fd::OwnedFd> = [
+            child.stdout.take().and_then(|o| o.into_owned_fd().ok()),
+            child.stderr.take().and_then(|e| e.into_owned_fd().ok()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let (state, drift) = (self.shared.state.clone(), self.shared.drift.clone());
+        let id = id.to_owned();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let _ = tx
+                .send(RunFrame::Started {
+                    id: id.clone(),
+                    revision,
+                })
+                .await;
+            let digest = OutputDigest::default();
+            let pumps = pump_output(output, &tx, &digest);
+            let status = tokio::select! {
+                s = child.wait() => s,
+                () = tx.closed() => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let status = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            for p in pumps {
+                let _ = tokio::time::timeout(std::time::Duration::from_millis(500), p).await;
+            }
+            let duration_ms = started.elapsed().as_millis() as u64;
+            let by = actor.to_string();
+            let event = NewEvent {
+                change: Change::InstanceExec {
+                    argv,
+                    status: status.clone(),
+                    kept: keep,
+                },
+                actor,
+                service: Some(service),
+                revision: Some(revision),
+                instance: Some(id.clone()),
+            };
+            if let Err(e) = state.append_event(&event).await {
+                tracing::error!("kiln exec: not recorded in the ledger: {e}");
+            }
+            // What ran inside may have changed it: it is replaced from its
+            // image, as drift is.
+            if !keep {
+                drift.config_drifted(&id, vec![format!("tainted: kiln exec by {by}")]);
             }
             let _ = tx
                 .send(RunFrame::Exited {

@@ -48,9 +48,9 @@ impl IntoResponse for AgentError {
             }
             AgentError::Refused(e) => match e {
                 ControllerError::State(_) => StatusCode::INTERNAL_SERVER_ERROR,
-                ControllerError::NoService(_) | ControllerError::NoRelease { .. } => {
-                    StatusCode::NOT_FOUND
-                }
+                ControllerError::NoService(_)
+                | ControllerError::NoRelease { .. }
+                | ControllerError::NoInstance { .. } => StatusCode::NOT_FOUND,
                 ControllerError::Materialize { .. }
                 | ControllerError::Unpacker(..)
                 | ControllerError::Runtime(_)
@@ -80,6 +80,7 @@ impl IntoResponse for AgentError {
             | AgentError::NothingToRollBackTo(_)
             | AgentError::AlreadyOn { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
             AgentError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::Collect(_)
@@ -138,6 +139,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/abort", post(abort))
         .route("/v1/services/{name}/remove", post(remove))
         .route("/v1/services/{name}/run", post(run_command))
+        .route("/v1/instances/{id}/exec", post(exec_command))
         .route("/v1/logs", get(logs))
         .fallback(|| async { AgentError::NoEndpoint })
         .with_state(agent)
@@ -353,17 +355,42 @@ async fn run_command(
     let frames = agent
         .run_command(&name, req.release, req.argv, caller.actor)
         .await?;
+    Ok(ndjson(frames))
+}
+
+/// `POST /v1/instances/{id}/exec` (`kiln exec`): as `run`, inside a running
+/// instance; `keep` is an admin's.
+async fn exec_command(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(id): UrlPath<String>,
+    body: Result<Json<kiln_core::api::ExecRequest>, JsonRejection>,
+) -> Result<Response, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    if req.keep && caller.role < Role::Admin {
+        return Err(AgentError::Forbidden(
+            "kiln exec --keep needs admin (it leaves a changed instance running)".to_owned(),
+        ));
+    }
+    let frames = agent
+        .exec_command(&id, req.argv, req.keep, caller.actor)
+        .await?;
+    Ok(ndjson(frames))
+}
+
+/// Frames as JSON lines, streamed as they come.
+fn ndjson(frames: tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>) -> Response {
     let lines = futures_util::stream::unfold(frames, |mut rx| async move {
         let frame = rx.recv().await?;
         let mut line = serde_json::to_vec(&frame).unwrap_or_default();
         line.push(b'\n');
         Some((Ok::<_, std::io::Error>(line), rx))
     });
-    Ok((
+    (
         [("content-type", "application/x-ndjson")],
         Body::from_stream(lines),
     )
-        .into_response())
+        .into_response()
 }
 
 /// `POST /v1/nodes/{name}/drain`: the node takes no new instance and the

@@ -360,7 +360,18 @@ pub struct RunRequest {
     pub argv: Vec<String>,
 }
 
-/// One line of the answer to a [`RunRequest`] (JSON, one per line).
+/// `POST /v1/instances/ID/exec` (`kiln exec`): a command inside a running
+/// instance; `keep` (an admin's): it is not replaced afterwards.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    #[serde(default)]
+    pub keep: bool,
+}
+
+/// One line of the answer to a [`RunRequest`] or an [`ExecRequest`]
+/// (JSON, one per line).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunFrame {

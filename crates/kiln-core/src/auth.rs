@@ -233,6 +233,9 @@ pub fn route(method: &str, path: &str) -> Route {
             _,
             "rollback" | "promote" | "abort" | "remove" | "run",
         ] if method == "POST" => Route::Needs(Role::Deployer),
+        // Inside a running instance: a deployer's (keeping it afterwards,
+        // an admin's: checked by the handler).
+        ["v1", "instances", _, "exec"] if method == "POST" => Route::Needs(Role::Deployer),
         ["v1", "tokens"] if read || method == "POST" => Route::Needs(Role::Admin),
         ["v1", "tokens", _, "revoke"] if method == "POST" => Route::Needs(Role::Admin),
         ["v1", "gc"] if method == "POST" => Route::Needs(Role::Admin),
@@ -367,6 +370,11 @@ mod tests {
             ("POST", "/v1/services/web/promote", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/abort", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/run", Needs(Role::Deployer)),
+            (
+                "POST",
+                "/v1/instances/web-r1-ab/exec",
+                Needs(Role::Deployer),
+            ),
             ("POST", "/ui/events", Unknown),
             ("GET", "/v1/tokens", Needs(Role::Admin)),
             ("POST", "/v1/tokens", Needs(Role::Admin)),

@@ -229,6 +229,14 @@ pub enum Change {
         duration_ms: u64,
         output: Digest,
     },
+    /// `kiln exec`: a command ran inside a running instance (break-glass);
+    /// unless `kept` (an admin's `--keep`), the instance is then tainted
+    /// and replaced from its image.
+    InstanceExec {
+        argv: Vec<String>,
+        status: String,
+        kept: bool,
+    },
     /// `kiln pull` (or an apply) brought an image from a registry.
     ImagePulled {
         image: String,
@@ -322,6 +330,7 @@ impl Change {
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
             Self::CommandRun { .. } => "command-run",
+            Self::InstanceExec { .. } => "instance-exec",
             Self::TreeDrift { .. } => "tree-drift",
             Self::ConfigDrift { .. } => "config-drift",
             Self::TrustPolicy { .. } => "trust-policy",
@@ -498,6 +507,11 @@ mod tests {
                 image: "app".into(),
                 digest: Digest::of(b"m"),
                 from: "registry.example/app:v1".into(),
+            },
+            Change::InstanceExec {
+                argv: vec!["sh".into()],
+                status: "exit status: 0".into(),
+                kept: false,
             },
             Change::CommandRun {
                 argv: vec!["migrate".into(), "--up".into()],

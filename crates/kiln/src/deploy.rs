@@ -1115,38 +1115,59 @@ pub fn run_command(
     release: Option<u64>,
     argv: Vec<String>,
 ) -> Result<ExitCode> {
+    run_frames(
+        home,
+        &format!("/v1/services/{service}/run"),
+        &kiln_core::api::RunRequest { release, argv },
+    )
+}
+
+/// `kiln exec INSTANCE [--keep] -- CMD…`: as `kiln run`, inside a running
+/// instance (which is replaced afterwards unless `--keep`).
+pub fn exec_command(
+    home: &Path,
+    instance: &str,
+    keep: bool,
+    argv: Vec<String>,
+) -> Result<ExitCode> {
+    run_frames(
+        home,
+        &format!("/v1/instances/{instance}/exec"),
+        &kiln_core::api::ExecRequest { argv, keep },
+    )
+}
+
+/// A command's frames from the agent: its output to ours, its exit code
+/// as kiln's.
+fn run_frames<B: serde::Serialize>(home: &Path, path: &str, body: &B) -> Result<ExitCode> {
     use base64::Engine;
-    use kiln_core::api::{RunFrame, RunRequest};
+    use kiln_core::api::RunFrame;
     use std::io::Write;
     let client = Client::new(home);
     let mut code = None;
-    runtime()?.block_on(client.post_lines(
-        &format!("/v1/services/{service}/run"),
-        &RunRequest { release, argv },
-        |line| {
-            match serde_json::from_slice::<RunFrame>(line)
-                .context("unexpected answer from the agent to kiln run")?
-            {
-                RunFrame::Started { .. } => {}
-                RunFrame::Output { stream, data } => {
-                    let bytes = base64::engine::general_purpose::STANDARD
-                        .decode(data)
-                        .context("unexpected output from the agent")?;
-                    if stream == 2 {
-                        let mut e = std::io::stderr().lock();
-                        e.write_all(&bytes)?;
-                        e.flush()?;
-                    } else {
-                        let mut o = std::io::stdout().lock();
-                        o.write_all(&bytes)?;
-                        o.flush()?;
-                    }
+    runtime()?.block_on(client.post_lines(path, body, |line| {
+        match serde_json::from_slice::<RunFrame>(line)
+            .context("unexpected answer from the agent")?
+        {
+            RunFrame::Started { .. } => {}
+            RunFrame::Output { stream, data } => {
+                let bytes = base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .context("unexpected output from the agent")?;
+                if stream == 2 {
+                    let mut e = std::io::stderr().lock();
+                    e.write_all(&bytes)?;
+                    e.flush()?;
+                } else {
+                    let mut o = std::io::stdout().lock();
+                    o.write_all(&bytes)?;
+                    o.flush()?;
                 }
-                RunFrame::Exited { code: c, .. } => code = Some(c),
             }
-            Ok(())
-        },
-    ))?;
+            RunFrame::Exited { code: c, .. } => code = Some(c),
+        }
+        Ok(())
+    }))?;
     let code = code.context("the agent ended the command's stream before it said how it ended")?;
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)))
 }

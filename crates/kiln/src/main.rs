@@ -618,6 +618,20 @@ pub enum Command {
         #[arg(value_name = "CMD", last = true, required = true)]
         argv: Vec<String>,
     },
+    /// Break glass: run a command inside a running instance (its namespaces,
+    /// user and env), recorded in the ledger; the instance is then replaced
+    /// from its image unless an admin says --keep
+    Exec {
+        /// The instance, as `kiln status` names it
+        #[arg(value_name = "INSTANCE")]
+        instance: String,
+        /// Leave the instance running afterwards (an admin's)
+        #[arg(long)]
+        keep: bool,
+        /// The command and its arguments, after `--`
+        #[arg(value_name = "CMD", last = true, required = true)]
+        argv: Vec<String>,
+    },
     /// Return a service to an earlier release's content (a new release, rolled out)
     Rollback {
         /// The service, as named in kiln.toml
@@ -773,6 +787,7 @@ impl Command {
             | Command::History { .. }
             | Command::Rollback { .. }
             | Command::Run { .. }
+            | Command::Exec { .. }
             | Command::Promote { .. }
             | Command::Abort { .. }
             | Command::Rollout { .. }
@@ -1028,6 +1043,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             release,
             argv,
         } => deploy::run_command(&home()?, &service, release, argv),
+        Command::Exec {
+            instance,
+            keep,
+            argv,
+        } => deploy::exec_command(&home()?, &instance, keep, argv),
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {

@@ -142,6 +142,24 @@ fn each_role_against_each_endpoint() {
         ("POST", "/v1/services/web/promote", None, 1),
         ("POST", "/v1/services/web/abort", None, 1),
         ("POST", "/v1/services/web/remove", None, 1),
+        (
+            "POST",
+            "/v1/services/web/run",
+            Some(r#"{"argv":["true"]}"#),
+            1,
+        ),
+        (
+            "POST",
+            "/v1/instances/nosuch/exec",
+            Some(r#"{"argv":["true"]}"#),
+            1,
+        ),
+        (
+            "POST",
+            "/v1/instances/nosuch/exec",
+            Some(r#"{"argv":["true"],"keep":true}"#),
+            2,
+        ),
         ("POST", "/v2/junk/blobs/uploads/", None, 1),
         ("GET", "/v1/tokens", None, 2),
         (

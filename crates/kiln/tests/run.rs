@@ -8,6 +8,8 @@
 
 mod util;
 
+use std::time::Duration;
+
 use util::*;
 
 fn spec(port: u16, version: &str) -> String {
@@ -120,4 +122,73 @@ fn a_one_off_instance_runs_a_command_of_a_release_in_its_sandbox() {
     assert!(err.contains("release 9"), "{err}");
     let out = env.run(&["run", "web"]);
     assert_eq!(out.status.code(), Some(2), "a command is required");
+}
+
+/// `kiln exec INSTANCE -- CMD`: break glass. The command runs inside the
+/// running instance (it sees the instance's own `/tmp` and environment),
+/// its output and exit code come back, the ledger records who ran what,
+/// and the instance is then **tainted**: replaced from its image as a
+/// drifted one is, with no failed request. `--keep` leaves it running.
+#[test]
+fn a_command_inside_an_instance_taints_it_unless_kept() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &spec(port, "v1"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let first = service_status(&env, "web")["instances"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Kept (the local socket's caller has every role): it stays.
+    let out = env.run(&[
+        "exec",
+        &first,
+        "--keep",
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo inside-$KILN_INSTANCE > /tmp/mark; cat /tmp/mark; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("inside-{first}\n")
+    );
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        service_status(&env, "web")["instances"][0]["id"],
+        first.as_str()
+    );
+    // Its own /tmp: what the first exec wrote is there for the next.
+    let seen = env.ok(&["exec", &first, "--keep", "--", "/usr/bin/cat", "/tmp/mark"]);
+    assert_eq!(seen, format!("inside-{first}\n"));
+    // Not kept: replaced from its image, without a failed request.
+    let load = Load::start(port, 2);
+    let out = env.ok(&[
+        "exec",
+        &first,
+        "--",
+        "/usr/bin/sh",
+        "-c",
+        "echo changed > /tmp/mark",
+    ]);
+    assert_eq!(out, "");
+    wait_for(
+        "the tainted instance replaced",
+        Duration::from_secs(30),
+        || {
+            let s = service_status(&env, "web");
+            let list = s["instances"].as_array().unwrap();
+            list.len() == 1 && list[0]["id"] != first.as_str() && list[0]["ready"] == true
+        },
+    );
+    let count = load.finish();
+    count.assert_none_failed();
+    // In the ledger, each with its keeping.
+    let execs = actors_of(&env, &["instance-exec"]);
+    assert_eq!(execs.len(), 3, "{execs:?}");
+    // An instance that is not there, in one line.
+    let err = env.fails(&["exec", &first, "--", "true"]);
+    assert!(err.contains(&first) && err.contains("kiln status"), "{err}");
 }

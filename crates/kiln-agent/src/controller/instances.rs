@@ -489,6 +489,23 @@ impl Controller {
             Some(&rec.id),
         )
         .await;
+        // Tainted by a `kiln exec` before this agent process (the taint
+        // is in the ledger, not only in the last process's memory): still
+        // replaced.
+        if let Ok(execs) = self.shared.state.events_of(&["instance-exec"]).await
+            && let Some(by) = execs.iter().rev().find_map(|e| match &e.change {
+                Change::InstanceExec { kept: false, .. }
+                    if e.instance.as_deref() == Some(rec.id.as_str()) =>
+                {
+                    Some(e.actor.as_ref().map_or("?".to_owned(), ToString::to_string))
+                }
+                _ => None,
+            })
+        {
+            self.shared
+                .drift
+                .config_drifted(&rec.id, vec![format!("tainted: kiln exec by {by}")]);
+        }
         let (id, slot, port, pid) = (rec.id, rec.slot, rec.port, rec.pid);
         self.launch_task(&p, id, slot, port, Some((pid, output)))
             .await;

@@ -87,6 +87,13 @@ pub enum Msg {
         revision: Option<u64>,
         done: oneshot::Sender<Result<OneOff, ControllerError>>,
     },
+    /// `kiln exec`: the command that runs `argv` inside running instance
+    /// `id` (as an exec probe does), and its release.
+    Exec {
+        id: String,
+        argv: Vec<String>,
+        done: oneshot::Sender<Result<(tokio::process::Command, u64), ControllerError>>,
+    },
     /// `kiln abort`: fail the rollout in progress and return to the release
     /// before it; answers (aborted release, release returned to).
     Abort {
@@ -136,6 +143,8 @@ pub enum ControllerError {
         "node {node} does not run the process runtime (its agent was started without --allow-runtime process)"
     )]
     ProcessNotAllowed { node: String },
+    #[error("service {service} runs no instance {id} on this node (kiln status lists them)")]
+    NoInstance { service: ServiceName, id: String },
     #[error("secret {name} of release {revision} is not in the state store")]
     MissingSecret { name: String, revision: u64 },
     /// An image without a userland of its own, where this agent's policy
@@ -411,6 +420,9 @@ impl Controller {
                     }
                     Some(Msg::OneOff { revision, done }) => {
                         let _ = done.send(self.one_off(revision).await);
+                    }
+                    Some(Msg::Exec { id, argv, done }) => {
+                        let _ = done.send(self.exec_in(&id, &argv).await);
                     }
                     Some(Msg::Detach { done }) => {
                         for inst in self.instances.values() {
@@ -1167,6 +1179,37 @@ impl Controller {
             launch,
             runtime: p.runtime.clone(),
         })
+    }
+
+    /// The command that runs `argv` inside this node's running instance
+    /// `id`: in its namespaces, as its user, with its environment (an exec
+    /// probe's way).
+    async fn exec_in(
+        &mut self,
+        id: &str,
+        argv: &[String],
+    ) -> Result<(tokio::process::Command, u64), ControllerError> {
+        let (revision, port, pid) = match self.instances.get(id) {
+            Some(i) if !i.stopping => (i.revision, i.port, i.pid),
+            _ => {
+                return Err(ControllerError::NoInstance {
+                    service: self.name.clone(),
+                    id: id.to_owned(),
+                });
+            }
+        };
+        let pid = pid.ok_or_else(|| ControllerError::NoInstance {
+            service: self.name.clone(),
+            id: id.to_owned(),
+        })?;
+        let p = self.prepare(revision).await?;
+        let launch = self.launch_of(&p, id, port).await.map_err(|e| match e {
+            instances::LaunchError::State(e) => ControllerError::State(e),
+            instances::LaunchError::Secret(name) => {
+                ControllerError::MissingSecret { name, revision }
+            }
+        })?;
+        Ok((p.runtime.exec(&launch, pid, argv)?, revision))
     }
 
     /// Keep this service's share of each node where the other services'
