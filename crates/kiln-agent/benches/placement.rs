@@ -71,6 +71,7 @@ fn release(name: &ServiceName) -> Release {
         runtime: RuntimeKind::Process,
         user: None,
         resources: DEMAND,
+        hooks: Default::default(),
         health: Default::default(),
         stop: Default::default(),
     };

@@ -92,6 +92,7 @@ fn config(version: &str) -> ReleaseConfig {
         runtime: RuntimeKind::Process,
         user: None,
         resources: Default::default(),
+        hooks: Default::default(),
         health: Default::default(),
         stop: Default::default(),
     }

@@ -41,6 +41,7 @@ fn release(name: &ServiceName, revision: u64) -> Release {
         runtime: RuntimeKind::Process,
         user: None,
         resources: Default::default(),
+        hooks: Default::default(),
         health: Default::default(),
         stop: Default::default(),
     };

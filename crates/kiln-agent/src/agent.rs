@@ -80,6 +80,17 @@ pub enum AgentError {
     Signatures(kiln_core::Digest, String),
     #[error("the layers of {0} cannot be read: {1}")]
     Layers(kiln_core::Digest, String),
+    /// A release task failed: what it was refused for has not happened.
+    #[error(
+        "service {service}: the {hook} hook of release {revision} failed ({status}): {what}; its output: kiln logs {service} --hook"
+    )]
+    HookFailed {
+        service: ServiceName,
+        hook: &'static str,
+        revision: u64,
+        status: String,
+        what: &'static str,
+    },
     /// The caller's role does not allow this part of a request.
     #[error("{0}")]
     Forbidden(String),
@@ -263,6 +274,9 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// The longest a release task may run.
+const HOOK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
 /// The digest of a command's output, stdout and stderr as they came.
 #[derive(Clone, Default)]
 struct OutputDigest(Arc<std::sync::Mutex<sha2::Sha256>>);
@@ -313,10 +327,6 @@ fn pump_output(
         })
         .collect()
 }
-
-/// Why an image that borrows the host's userland is refused where the
-/// policy asks for self-contained ones.
-pub(crate) const NOT_SELF_CONTAINED: &str = "it has no userland of its own and would borrow the host's /usr (require_self_contained): bake it on a base ([images.NAME] base = …)";
 
 /// 32 bytes from the kernel's random source.
 fn random_key() -> Result<[u8; 32], AgentError> {
@@ -779,6 +789,30 @@ impl Agent {
                 self.check_runnable(d).await?;
             }
         }
+        // Each new release's pre_deploy (a migration), before anything is
+        // recorded or started: failing, nothing changed.
+        for (d, sp) in req.services.iter().zip(&the_plan.services) {
+            if matches!(sp.action, Action::Create | Action::Release)
+                && !d.config.hooks.pre_deploy.is_empty()
+            {
+                let release = Release::pending(
+                    d.name.clone(),
+                    sp.revision.unwrap_or(1),
+                    d.config.clone(),
+                    "apply".into(),
+                    now(),
+                );
+                self.run_hook(
+                    &d.name,
+                    release,
+                    "pre_deploy",
+                    d.config.hooks.pre_deploy.clone(),
+                    "the apply is refused and nothing changed",
+                    actor,
+                )
+                .await?;
+            }
+        }
         // What `--prune` removes goes first: its address may be one a
         // service of this spec takes over.
         for sp in &the_plan.services {
@@ -1051,6 +1085,21 @@ impl Agent {
         // made under: an unsigned old release cannot come back once
         // signatures are required.
         self.trusted(name, &source.config.image_name, &source.config.image, &[])?;
+        // The release being left undoes what it did (a down-migration),
+        // before anything is recorded: failing, the rollback is refused.
+        if let Some(leaving) = releases.iter().find(|r| r.revision == current)
+            && !leaving.config.hooks.pre_rollback.is_empty()
+        {
+            self.run_hook(
+                name,
+                leaving.clone(),
+                "pre_rollback",
+                leaving.config.hooks.pre_rollback.clone(),
+                "the rollback is refused and nothing changed",
+                actor,
+            )
+            .await?;
+        }
         let revision = latest + 1;
         let release = Release::pending(
             name.clone(),
@@ -1110,7 +1159,7 @@ impl Agent {
                 image_name: image_name.to_owned(),
                 image: image.clone(),
                 policy: p.file.clone(),
-                why: NOT_SELF_CONTAINED.to_owned(),
+                why: crate::trust::NOT_SELF_CONTAINED.to_owned(),
             });
         }
         match crate::trust::decide(&self.shared.store, policy, image, claimed)
@@ -1218,6 +1267,118 @@ impl Agent {
                 .await;
         });
         Ok(rx)
+    }
+
+    /// Run release task `hook` (`argv`) of `release` of `name` as a
+    /// one-off instance of it, to its end (at most [`HOOK_LIMIT`]): its
+    /// output into its log (`NAME-rREV-hook-HOOK.log`, what `kiln logs
+    /// --hook` shows), the run in the ledger. `Err` when it did not exit
+    /// 0 (`what`: what that stops).
+    async fn run_hook(
+        &self,
+        name: &ServiceName,
+        release: Release,
+        hook: &'static str,
+        argv: Vec<String>,
+        what: &'static str,
+        actor: Actor,
+    ) -> Result<(), AgentError> {
+        let revision = release.revision;
+        let p = crate::controller::instances::prepare_release(&self.shared, name, release)
+            .await
+            .map_err(AgentError::Refused)?;
+        let id = format!("{name}-r{revision}-hook-{hook}");
+        let port = crate::controller::instances::free_port(self.shared.membership.address)
+            .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?;
+        let mut launch =
+            crate::controller::instances::launch_for(&self.shared, name, &p, &id, port)
+                .await
+                .map_err(|e| match e {
+                    crate::controller::instances::LaunchError::State(e) => AgentError::State(e),
+                    crate::controller::instances::LaunchError::Secret(secret) => {
+                        AgentError::Refused(crate::controller::ControllerError::MissingSecret {
+                            name: secret,
+                            revision,
+                        })
+                    }
+                })?;
+        launch.argv = argv.clone();
+        let rt = p.runtime.clone();
+        rt.prepare(&id, &launch)
+            .map_err(|e| AgentError::Refused(e.into()))?;
+        let mut running = match rt.spawn(&id, &launch) {
+            Ok(r) => r,
+            Err(e) => {
+                rt.clean_up(&id, &launch);
+                return Err(AgentError::Refused(e.into()));
+            }
+        };
+        let started = std::time::Instant::now();
+        // Its output into its log, stamped as an instance's is.
+        let log_path = self
+            .home()
+            .join("logs")
+            .join(name.as_str())
+            .join(format!("{id}.log"));
+        let log = Arc::new(
+            crate::instance::logs::LogFile::create(log_path.clone())
+                .await
+                .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?,
+        );
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        let pumps: Vec<_> = running
+            .output()
+            .into_iter()
+            .filter_map(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
+            .map(|out| {
+                let (log, stopped) = (log.clone(), stopped.clone());
+                tokio::spawn(async move { log.pump(out, stopped).await })
+            })
+            .collect();
+        let status = match tokio::time::timeout(HOOK_LIMIT, running.wait()).await {
+            Ok(s) => s,
+            Err(_) => {
+                running.kill();
+                format!(
+                    "{} (killed after {}s)",
+                    running.wait().await,
+                    HOOK_LIMIT.as_secs()
+                )
+            }
+        };
+        running.kill();
+        for p in pumps {
+            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), p).await;
+        }
+        log.note(&format!("{hook} exited ({status})")).await;
+        drop(running);
+        rt.clean_up(&id, &launch);
+        let output = kiln_core::Digest::of(&tokio::fs::read(&log_path).await.unwrap_or_default());
+        let event = NewEvent {
+            change: Change::HookRun {
+                hook: hook.to_owned(),
+                argv,
+                status: status.clone(),
+                duration_ms: started.elapsed().as_millis() as u64,
+                output,
+            },
+            actor,
+            service: Some(name.clone()),
+            revision: Some(revision),
+            instance: Some(id),
+        };
+        self.shared.state.append_event(&event).await?;
+        if kiln_core::api::exit_code(&status) == 0 && status.starts_with("exit status") {
+            Ok(())
+        } else {
+            Err(AgentError::HookFailed {
+                service: name.clone(),
+                hook,
+                revision,
+                status,
+                what,
+            })
+        }
     }
 
     /// `kiln exec`: `argv` inside this node's running instance `id` (its

@@ -78,7 +78,8 @@ impl IntoResponse for AgentError {
             | AgentError::AddressTaken { .. }
             | AgentError::Listen(_)
             | AgentError::NothingToRollBackTo(_)
-            | AgentError::AlreadyOn { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            | AgentError::AlreadyOn { .. }
+            | AgentError::HookFailed { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             AgentError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::TokenExists(_) => StatusCode::CONFLICT,
@@ -496,6 +497,9 @@ struct LogsQuery {
     since: Option<String>,
     /// Only the last lines of each instance's log, this many.
     tail: Option<usize>,
+    /// Only the release tasks' logs (`NAME-rREV-hook-HOOK`).
+    #[serde(default)]
+    hook: bool,
 }
 
 /// `GET /v1/logs`: the matching instances' logs, oldest instance first,
@@ -538,7 +542,8 @@ async fn logs(
         }
     }
     let filter = move |id: &str| {
-        q.instance.as_deref().is_none_or(|want| want == id)
+        (!q.hook || id.contains("-hook-"))
+            && q.instance.as_deref().is_none_or(|want| want == id)
             && q.release
                 .is_none_or(|r| id.starts_with(&format!("{service}-r{r}-")))
     };

@@ -23,6 +23,10 @@ pub enum TrustError {
     Signers(PathBuf, String),
 }
 
+/// Why an image that borrows the host's userland is refused where the
+/// policy asks for self-contained ones.
+pub(crate) const NOT_SELF_CONTAINED: &str = "it has no userland of its own and would borrow the host's /usr (require_self_contained): bake it on a base ([images.NAME] base = …)";
+
 /// What `--trust FILE` says, with the allowed signers as fingerprints.
 #[derive(Clone, Debug)]
 pub struct TrustPolicy {

@@ -229,6 +229,16 @@ pub enum Change {
         duration_ms: u64,
         output: Digest,
     },
+    /// A release task ran (`pre_deploy`, `pre_rollback`) as a one-off
+    /// instance of the release it belongs to: its argv, how it ended, how
+    /// long it took, the digest of its output (kept in its log).
+    HookRun {
+        hook: String,
+        argv: Vec<String>,
+        status: String,
+        duration_ms: u64,
+        output: Digest,
+    },
     /// `kiln exec`: a command ran inside a running instance (break-glass);
     /// unless `kept` (an admin's `--keep`), the instance is then tainted
     /// and replaced from its image.
@@ -330,6 +340,7 @@ impl Change {
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
             Self::CommandRun { .. } => "command-run",
+            Self::HookRun { .. } => "hook-run",
             Self::InstanceExec { .. } => "instance-exec",
             Self::TreeDrift { .. } => "tree-drift",
             Self::ConfigDrift { .. } => "config-drift",
@@ -507,6 +518,13 @@ mod tests {
                 image: "app".into(),
                 digest: Digest::of(b"m"),
                 from: "registry.example/app:v1".into(),
+            },
+            Change::HookRun {
+                hook: "pre_deploy".into(),
+                argv: vec!["migrate".into()],
+                status: "exit status: 0".into(),
+                duration_ms: 40,
+                output: Digest::of(b"o"),
             },
             Change::InstanceExec {
                 argv: vec!["sh".into()],

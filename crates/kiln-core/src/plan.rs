@@ -233,6 +233,9 @@ fn config_changes(old: &ReleaseConfig, new: &ReleaseConfig) -> Vec<String> {
     if old.runtime != new.runtime {
         out.push(format!("runtime {} -> {}", old.runtime, new.runtime));
     }
+    if old.hooks != new.hooks {
+        out.push("hooks changed".to_owned());
+    }
     if old.resources != new.resources {
         out.push(format!("resources {} -> {}", old.resources, new.resources));
     }
@@ -329,6 +332,7 @@ mod tests {
                 runtime: RuntimeKind::Process,
                 user: None,
                 resources: Default::default(),
+                hooks: Default::default(),
                 health: HealthSpec::default(),
                 stop: StopSpec::default(),
             },

@@ -50,6 +50,9 @@ pub struct ReleaseConfig {
     /// it existed keep their hash.
     #[serde(default, skip_serializing_if = "crate::resources::Resources::is_none")]
     pub resources: crate::resources::Resources,
+    /// Its release tasks (`pre_deploy`, `pre_rollback`).
+    #[serde(default, skip_serializing_if = "crate::service::HooksSpec::is_empty")]
+    pub hooks: crate::service::HooksSpec,
 }
 
 /// How an image is named for people: `NAME@SHORT` (`hello@1a2b3c4d5e6f`),

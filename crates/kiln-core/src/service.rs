@@ -60,6 +60,10 @@ pub struct ServiceSpec {
     pub rollout: RolloutSpec,
     #[serde(default)]
     pub stop: StopSpec,
+    /// Commands run once per release, each as a one-off instance of a
+    /// release (`[services.NAME.hooks]`).
+    #[serde(default)]
+    pub hooks: HooksSpec,
     /// How long the router waits for an instance's response headers before
     /// answering 504.
     #[serde(default = "default_timeout")]
@@ -140,6 +144,16 @@ fn one() -> u32 {
 impl ServiceSpec {
     /// Rules between fields of one service.
     pub fn check(&self) -> Result<(), String> {
+        for (hook, argv) in [
+            ("pre_deploy", &self.hooks.pre_deploy),
+            ("pre_rollback", &self.hooks.pre_rollback),
+        ] {
+            if argv.first().is_some_and(String::is_empty) {
+                return Err(format!(
+                    "hooks.{hook}: the command is empty (an argv: [\"/bin/migrate\", \"--up\"])"
+                ));
+            }
+        }
         let r = &self.router;
         for (key, d) in [
             ("body_timeout", r.body_timeout),
@@ -771,6 +785,30 @@ pub enum Strategy {
     Canary,
 }
 
+/// `[services.NAME.hooks]`: release tasks that know about rollback. Each
+/// is an argv run as a one-off instance (the service's sandbox, env,
+/// secrets, volumes, user, limits); part of the release (omitted when
+/// empty, so releases without hooks keep their hashes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HooksSpec {
+    /// Run once when a release is applied, before it is recorded and
+    /// before any of its instances starts (a migration): failing, the
+    /// apply is refused with nothing changed. Never on a rollback.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pre_deploy: Vec<String>,
+    /// Run, from the release being left, before `kiln rollback` goes to an
+    /// older one (a down-migration): failing, the rollback is refused.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pre_rollback: Vec<String>,
+}
+
+impl HooksSpec {
+    pub fn is_empty(&self) -> bool {
+        self.pre_deploy.is_empty() && self.pre_rollback.is_empty()
+    }
+}
+
 /// `[services.NAME.stop]`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -901,6 +939,26 @@ mod tests {
         assert!(service("").unwrap().node_labels.is_empty());
         let err = service("node_labels = { Zone = \"a\" }").unwrap_err();
         assert!(err.contains("label `Zone=a`"), "{err}");
+    }
+
+    #[test]
+    fn hooks_are_argvs_and_part_of_the_release() {
+        let s = service("[services.web.hooks]\npre_deploy = [\"/bin/migrate\", \"up\"]\n").unwrap();
+        assert_eq!(s.hooks.pre_deploy, ["/bin/migrate", "up"]);
+        assert!(s.hooks.pre_rollback.is_empty() && !s.hooks.is_empty());
+        assert!(service("").unwrap().hooks.is_empty());
+        let err = service("[services.web.hooks]\npre_rollback = [\"\"]\n").unwrap_err();
+        assert!(
+            err.contains("hooks.pre_rollback: the command is empty"),
+            "{err}"
+        );
+        let err = service("[services.web.hooks]\npost_deploy = [\"x\"]\n").unwrap_err();
+        assert!(err.contains("post_deploy"), "{err}");
+        assert_eq!(
+            serde_json::to_string(&super::HooksSpec::default()).unwrap(),
+            "{}",
+            "no hooks: nothing in the release"
+        );
     }
 
     #[test]

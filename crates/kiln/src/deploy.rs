@@ -450,6 +450,7 @@ fn resolve_service(
                 cpu_millis: svc.cpu.unwrap_or(0),
                 memory_bytes: svc.memory.unwrap_or(0),
             },
+            hooks: svc.hooks.clone(),
         },
     })
 }
@@ -1449,8 +1450,7 @@ pub fn drift(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode>
 pub fn logs(
     home: &Path,
     service: &str,
-    release: Option<u64>,
-    instance: Option<&str>,
+    (release, instance, hook): (Option<u64>, Option<&str>, bool),
     follow: bool,
     since: Option<&str>,
     tail: Option<usize>,
@@ -1462,6 +1462,9 @@ pub fn logs(
     }
     if let Some(i) = instance {
         path.push_str(&format!("&instance={i}"));
+    }
+    if hook {
+        path.push_str("&hook=true");
     }
     if follow {
         path.push_str("&follow=true");

@@ -683,6 +683,9 @@ pub enum Command {
         /// Only this instance
         #[arg(long, value_name = "ID")]
         instance: Option<String>,
+        /// Only the release tasks' output (pre_deploy, pre_rollback hooks)
+        #[arg(long)]
+        hook: bool,
         /// Keep following new output (first the last 100 lines of each
         /// instance, unless --tail or --since says otherwise)
         #[arg(short, long)]
@@ -1087,6 +1090,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             service,
             release,
             instance,
+            hook,
             follow,
             since,
             tail,
@@ -1094,8 +1098,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => deploy::logs(
             &home()?,
             &service,
-            release,
-            instance.as_deref(),
+            (release, instance.as_deref(), hook),
             follow,
             since.as_deref(),
             tail,

@@ -21,7 +21,7 @@ use crate::state::{InstanceRecord, NewEvent};
 use kiln_core::rollout::assign::{self, Assignment, Running};
 
 /// A release made ready to run: its tree and runtime.
-pub(super) struct Prepared {
+pub(crate) struct Prepared {
     pub release: Release,
     pub rootfs: PathBuf,
     pub runtime: Arc<dyn Runtime>,
@@ -35,7 +35,7 @@ pub(super) struct Prepared {
 
 /// Why an instance's launch could not be made.
 #[derive(Debug)]
-pub(super) enum LaunchError {
+pub(crate) enum LaunchError {
     /// A secret of its release is not in the state store.
     Secret(String),
     State(crate::state::StateError),
@@ -377,79 +377,9 @@ impl Controller {
             self.prepared.insert(revision, p.clone());
             return Ok(p);
         }
-        let store = self.shared.store.clone();
-        let image = release.config.image.clone();
-        let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
-            .await
-            .map_err(|e| ControllerError::Unpacker(e, release.config.image.clone()))?
-            .map_err(|source| ControllerError::Materialize {
-                image: release.config.image.clone(),
-                source: Box::new(source),
-            })?;
-        let rt = self.shared.runtimes.get(release.config.runtime)?;
-        for name in release.config.volumes.keys() {
-            let path = self.volume_dir(name.as_str());
-            std::fs::create_dir_all(&path)
-                .map_err(|source| ControllerError::Volume { path, source })?;
-        }
-        let user = if rustix::process::geteuid().is_root() {
-            let id = identity(release.config.user.as_deref(), &tree.rootfs).map_err(|source| {
-                ControllerError::User {
-                    service: self.name.clone(),
-                    source,
-                }
-            })?;
-            if let Some(dir) = unsearchable_above(&tree.rootfs, id) {
-                return Err(ControllerError::Unreachable {
-                    service: self.name.clone(),
-                    user: id,
-                    dir,
-                });
-            }
-            Some(id)
-        } else {
-            None
-        };
-        // A userland of its own: baked on a base, or its own /usr (read
-        // from the tree, not from the layers again).
-        let self_contained = tree.rootfs.join("usr").is_dir()
-            || self
-                .shared
-                .store
-                .manifest(&release.config.image)
-                .is_ok_and(|m| {
-                    m.annotations
-                        .contains_key(kiln_core::oci::ANNOTATION_BASE_DIGEST)
-                });
-        // This agent's policy, whoever recorded the release.
-        if !self_contained
-            && self
-                .shared
-                .trust
-                .as_ref()
-                .is_some_and(|t| t.require_self_contained)
-        {
-            return Err(ControllerError::NotSelfContained {
-                image: release.config.image_label(),
-            });
-        }
-        let p = Arc::new(Prepared {
-            release,
-            rootfs: tree.rootfs,
-            runtime: rt,
-            user,
-            self_contained,
-        });
+        let p = Arc::new(prepare_release(&self.shared, &self.name, release).await?);
         self.prepared.insert(revision, p.clone());
         Ok(p)
-    }
-
-    pub(super) fn volume_dir(&self, volume: &str) -> PathBuf {
-        self.shared
-            .home
-            .join("volumes")
-            .join(self.name.as_str())
-            .join(volume)
     }
 
     /// Start the instance the leader assigned as `id`.
@@ -520,51 +450,7 @@ impl Controller {
         id: &str,
         port: u16,
     ) -> Result<Launch, LaunchError> {
-        let cfg = &p.release.config;
-        let mut env: std::collections::BTreeMap<String, String> = cfg
-            .env
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
-        for (name, sealed) in &cfg.secrets {
-            match self.shared.state.secret(sealed).await {
-                Ok(Some(value)) => {
-                    env.insert(name.to_string(), value.expose().to_owned());
-                }
-                Ok(None) => return Err(LaunchError::Secret(name.to_string())),
-                Err(e) => return Err(LaunchError::State(e)),
-            }
-        }
-        env.entry("PATH".to_owned())
-            .or_insert_with(|| DEFAULT_PATH.to_owned());
-        env.insert("PORT".to_owned(), port.to_string());
-        // Where to listen: the node's advertised address (in a cluster the
-        // other nodes' routers reach the instance there), else loopback.
-        env.insert(
-            "HOST".to_owned(),
-            self.shared.membership.address.to_string(),
-        );
-        env.insert("KILN_INSTANCE".to_owned(), id.to_owned());
-        env.insert("KILN_SERVICE".to_owned(), self.name.to_string());
-        env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
-        Ok(Launch {
-            rootfs: p.rootfs.clone(),
-            argv: cfg.command.clone(),
-            env,
-            workdir: cfg.workdir.to_string(),
-            volumes: cfg
-                .volumes
-                .iter()
-                .map(|(name, v)| {
-                    let dir = self.volume_dir(name.as_str());
-                    (name.to_string(), dir, v.path.to_string())
-                })
-                .collect(),
-            user: p.user,
-            limits: cfg.resources,
-            self_contained: p.self_contained,
-            cgroup: format!("kiln/{}/{id}", self.shared.cgroup_scope()),
-        })
+        launch_for(&self.shared, &self.name, p, id, port).await
     }
 
     /// The instance's task and bookkeeping: started fresh, or adopted
@@ -887,7 +773,7 @@ impl Controller {
     }
 }
 
-pub(super) fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
+pub(crate) fn free_port(ip: std::net::IpAddr) -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
@@ -924,5 +810,136 @@ fn unsearchable_above(path: &std::path::Path, id: kiln_core::user::Identity) -> 
             0o001
         };
         (m.mode() & bit == 0).then(|| dir.to_path_buf())
+    })
+}
+
+/// Everything instances of `release` of service `name` need on this node:
+/// its image's tree materialized, its runtime, its volumes made, who its
+/// instances run as — under this agent's policies (the trust policy's
+/// `require_self_contained`). The image must be in the store.
+pub(crate) async fn prepare_release(
+    shared: &crate::shared::Shared,
+    name: &kiln_core::spec::ServiceName,
+    release: Release,
+) -> Result<Prepared, ControllerError> {
+    let store = shared.store.clone();
+    let image = release.config.image.clone();
+    let tree = tokio::task::spawn_blocking(move || store.materialize(&image))
+        .await
+        .map_err(|e| ControllerError::Unpacker(e, release.config.image.clone()))?
+        .map_err(|source| ControllerError::Materialize {
+            image: release.config.image.clone(),
+            source: Box::new(source),
+        })?;
+    let rt = shared.runtimes.get(release.config.runtime)?;
+    for vol in release.config.volumes.keys() {
+        let path = volume_dir(shared, name, vol.as_str());
+        std::fs::create_dir_all(&path)
+            .map_err(|source| ControllerError::Volume { path, source })?;
+    }
+    let user = if rustix::process::geteuid().is_root() {
+        let id = identity(release.config.user.as_deref(), &tree.rootfs).map_err(|source| {
+            ControllerError::User {
+                service: name.clone(),
+                source,
+            }
+        })?;
+        if let Some(dir) = unsearchable_above(&tree.rootfs, id) {
+            return Err(ControllerError::Unreachable {
+                service: name.clone(),
+                user: id,
+                dir,
+            });
+        }
+        Some(id)
+    } else {
+        None
+    };
+    // A userland of its own: baked on a base, or its own /usr (read
+    // from the tree, not from the layers again).
+    let self_contained = tree.rootfs.join("usr").is_dir()
+        || shared.store.manifest(&release.config.image).is_ok_and(|m| {
+            m.annotations
+                .contains_key(kiln_core::oci::ANNOTATION_BASE_DIGEST)
+        });
+    // This agent's policy, whoever recorded the release.
+    if !self_contained
+        && shared
+            .trust
+            .as_ref()
+            .is_some_and(|t| t.require_self_contained)
+    {
+        return Err(ControllerError::NotSelfContained {
+            image: release.config.image_label(),
+        });
+    }
+    Ok(Prepared {
+        release,
+        rootfs: tree.rootfs,
+        runtime: rt,
+        user,
+        self_contained,
+    })
+}
+
+/// Where volume `volume` of service `name` lives on this node.
+pub(crate) fn volume_dir(
+    shared: &crate::shared::Shared,
+    name: &kiln_core::spec::ServiceName,
+    volume: &str,
+) -> PathBuf {
+    shared.home.join("volumes").join(name.as_str()).join(volume)
+}
+
+/// How instance `id` of release `p` of service `name` starts, listening
+/// on `port` (see [`Controller::launch_of`]).
+pub(crate) async fn launch_for(
+    shared: &crate::shared::Shared,
+    service: &kiln_core::spec::ServiceName,
+    p: &Prepared,
+    id: &str,
+    port: u16,
+) -> Result<Launch, LaunchError> {
+    let cfg = &p.release.config;
+    let mut env: std::collections::BTreeMap<String, String> = cfg
+        .env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect();
+    for (name, sealed) in &cfg.secrets {
+        match shared.state.secret(sealed).await {
+            Ok(Some(value)) => {
+                env.insert(name.to_string(), value.expose().to_owned());
+            }
+            Ok(None) => return Err(LaunchError::Secret(name.to_string())),
+            Err(e) => return Err(LaunchError::State(e)),
+        }
+    }
+    env.entry("PATH".to_owned())
+        .or_insert_with(|| DEFAULT_PATH.to_owned());
+    env.insert("PORT".to_owned(), port.to_string());
+    // Where to listen: the node's advertised address (in a cluster the
+    // other nodes' routers reach the instance there), else loopback.
+    env.insert("HOST".to_owned(), shared.membership.address.to_string());
+    env.insert("KILN_INSTANCE".to_owned(), id.to_owned());
+    env.insert("KILN_SERVICE".to_owned(), service.to_string());
+    env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
+    Ok(Launch {
+        rootfs: p.rootfs.clone(),
+        argv: cfg.command.clone(),
+        env,
+        workdir: cfg.workdir.to_string(),
+        volumes: cfg
+            .volumes
+            .iter()
+            .map(|(name, v)| {
+                let dir = volume_dir(shared, service, name.as_str());
+                (name.to_string(), dir, v.path.to_string())
+            })
+            .collect(),
+        user: p.user,
+        limits: cfg.resources,
+        self_contained: p.self_contained,
+        cgroup: format!("kiln/{}/{id}", shared.cgroup_scope()),
     })
 }

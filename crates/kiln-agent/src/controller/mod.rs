@@ -24,7 +24,7 @@
 //! - [`instances`]: the instances' bookkeeping (start, stop, their reports).
 //! - [`publish`]: what the pass shows others (the router's table, status).
 
-mod instances;
+pub(crate) mod instances;
 mod publish;
 #[cfg(test)]
 mod tests;
@@ -149,7 +149,7 @@ pub enum ControllerError {
     MissingSecret { name: String, revision: u64 },
     /// An image without a userland of its own, where this agent's policy
     /// (`require_self_contained`) refuses those.
-    #[error("image {image}: {}", crate::agent::NOT_SELF_CONTAINED)]
+    #[error("image {image}: {}", crate::trust::NOT_SELF_CONTAINED)]
     NotSelfContained { image: String },
     #[error("volume {path}: {source}", path = .path.display())]
     Volume {

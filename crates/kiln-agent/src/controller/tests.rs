@@ -103,6 +103,7 @@ impl Harness {
                 runtime: RuntimeKind::Process,
                 user: None,
                 resources: Default::default(),
+                hooks: Default::default(),
                 health: Default::default(),
                 stop: StopSpec {
                     drain_timeout: service::Duration::from_millis(0),

@@ -26,6 +26,7 @@ pub(super) fn release(rev: u64) -> Release {
         runtime: RuntimeKind::Process,
         user: None,
         resources: Default::default(),
+        hooks: Default::default(),
         health: HealthSpec::default(),
         stop: StopSpec::default(),
     };

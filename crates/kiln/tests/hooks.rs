@@ -1,0 +1,94 @@
+//! Release tasks, black-box: `pre_deploy` runs once per applied release as
+//! a one-off instance of it (its env and volumes) before anything is
+//! recorded or started — failing, the apply is refused with nothing
+//! changed and the old release serving; a rollback never re-runs it, and
+//! runs the left release's `pre_rollback` first — failing, the rollback is
+//! refused. Every run is in the ledger and in `kiln logs --hook`.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use util::*;
+
+fn spec(port: u16, version: &str, pre_deploy: &str, pre_rollback: &str) -> String {
+    format!(
+        r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+
+[services.web]
+image = "app"
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "{version}" }}
+volumes = {{ data = "/data" }}
+[services.web.health.readiness]
+http = "/healthz"
+interval = "200ms"
+[services.web.hooks]
+pre_deploy = ["/usr/bin/sh", "-c", "{pre_deploy}"]
+pre_rollback = ["/usr/bin/sh", "-c", "{pre_rollback}"]
+"#
+    )
+}
+
+fn migrations(env: &Env) -> String {
+    std::fs::read_to_string(env.home.join("volumes/web/data/migrations")).unwrap_or_default()
+}
+
+#[test]
+fn pre_deploy_and_pre_rollback_run_once_and_a_failure_changes_nothing() {
+    let env = Env::new();
+    let port = free_port();
+    let up = "echo up-$HELLO_VERSION >> /data/migrations; echo migrated $HELLO_VERSION";
+    let down = "echo down-$HELLO_VERSION >> /data/migrations";
+    let path = hello_app(&env.path("app"), &spec(port, "v1", up, down));
+    let spec_path = path.to_str().unwrap();
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec_path]);
+    assert_eq!(migrations(&env), "up-v1\n");
+    // Re-applying the same spec is no new release: no second run.
+    env.ok(&["apply", "-f", spec_path]);
+    assert_eq!(migrations(&env), "up-v1\n");
+    // v2: its own pre_deploy, once.
+    std::fs::write(&path, spec(port, "v2", up, down)).unwrap();
+    env.ok(&["apply", "-f", spec_path]);
+    assert_eq!(migrations(&env), "up-v1\nup-v2\n");
+    assert!(http_get(u64::from(port), "/").unwrap().contains("v2"));
+    // A failing pre_deploy: refused in one line, nothing recorded, v2 serves.
+    let failing = "echo cannot migrate >&2; exit 7";
+    std::fs::write(&path, spec(port, "v3", failing, down)).unwrap();
+    let err = env.fails(&["apply", "-f", spec_path]);
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.contains("the pre_deploy hook of release 3 failed (exit status: 7)")
+            && last.contains("nothing changed"),
+        "{err}"
+    );
+    assert_eq!(releases(&env, "web").len(), 2, "nothing recorded");
+    assert!(http_get(u64::from(port), "/").unwrap().contains("v2"));
+    let hooks = env.ok(&["logs", "web", "--hook"]);
+    assert!(
+        hooks.contains("migrated v2") && hooks.contains("cannot migrate"),
+        "{hooks}"
+    );
+    assert!(
+        !env.ok(&["logs", "web", "--hook", "--release", "1"])
+            .contains("v2")
+    );
+    // A rollback runs the left release's pre_rollback, never pre_deploy.
+    env.ok(&["rollback", "web"]);
+    assert_eq!(migrations(&env), "up-v1\nup-v2\ndown-v2\n");
+    // A failing pre_rollback refuses the rollback.
+    std::fs::write(&path, spec(port, "v4", up, "exit 5")).unwrap();
+    env.ok(&["apply", "-f", spec_path]);
+    let before = releases(&env, "web").len();
+    let err = env.fails(&["rollback", "web"]);
+    assert!(err.contains("the pre_rollback hook of release"), "{err}");
+    assert!(err.contains("(exit status: 5)"), "{err}");
+    assert_eq!(releases(&env, "web").len(), before, "nothing recorded");
+    assert!(http_get(u64::from(port), "/").unwrap().contains("v4"));
+    // Each run, in the ledger.
+    assert_eq!(actors_of(&env, &["hook-run"]).len(), 6);
+}
