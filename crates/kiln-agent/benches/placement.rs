@@ -143,6 +143,7 @@ async fn measure(
                 same_content: &same,
                 counters: &counters,
                 last_error: None,
+                hook_failed: None,
             },
         );
         let room = Room::new(

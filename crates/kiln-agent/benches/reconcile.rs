@@ -283,6 +283,7 @@ impl Node {
             same_content: &same_content,
             counters: &counters,
             last_error: None,
+            hook_failed: None,
         };
         let d = decide(&svc.rollout, &view);
         let quiet = d.steps.is_empty() && d.next.target().is_none();
@@ -408,6 +409,7 @@ impl Node {
             same_content: &same_content,
             counters: &counters,
             last_error: None,
+            hook_failed: None,
         };
         let d = decide(&svc.rollout, &view);
         // Nothing to do and no rollout in progress. (Waiting out a watch

@@ -274,9 +274,6 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// The longest a release task may run.
-const HOOK_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
-
 /// The digest of a command's output, stdout and stderr as they came.
 #[derive(Clone, Default)]
 struct OutputDigest(Arc<std::sync::Mutex<sha2::Sha256>>);
@@ -1269,11 +1266,9 @@ impl Agent {
         Ok(rx)
     }
 
-    /// Run release task `hook` (`argv`) of `release` of `name` as a
-    /// one-off instance of it, to its end (at most [`HOOK_LIMIT`]): its
-    /// output into its log (`NAME-rREV-hook-HOOK.log`, what `kiln logs
-    /// --hook` shows), the run in the ledger. `Err` when it did not exit
-    /// 0 (`what`: what that stops).
+    /// Run release task `hook` (`argv`) of `release` of `name`
+    /// ([`crate::controller::hooks::run`]). `Err` when it did not exit 0
+    /// (`what`: what that stops).
     async fn run_hook(
         &self,
         name: &ServiceName,
@@ -1283,102 +1278,21 @@ impl Agent {
         what: &'static str,
         actor: Actor,
     ) -> Result<(), AgentError> {
+        use crate::controller::hooks::HookError;
         let revision = release.revision;
-        let p = crate::controller::instances::prepare_release(&self.shared, name, release)
+        crate::controller::hooks::run(&self.shared, name, release, hook, argv, actor)
             .await
-            .map_err(AgentError::Refused)?;
-        let id = format!("{name}-r{revision}-hook-{hook}");
-        let port = crate::controller::instances::free_port(self.shared.membership.address)
-            .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?;
-        let mut launch =
-            crate::controller::instances::launch_for(&self.shared, name, &p, &id, port)
-                .await
-                .map_err(|e| match e {
-                    crate::controller::instances::LaunchError::State(e) => AgentError::State(e),
-                    crate::controller::instances::LaunchError::Secret(secret) => {
-                        AgentError::Refused(crate::controller::ControllerError::MissingSecret {
-                            name: secret,
-                            revision,
-                        })
-                    }
-                })?;
-        launch.argv = argv.clone();
-        let rt = p.runtime.clone();
-        rt.prepare(&id, &launch)
-            .map_err(|e| AgentError::Refused(e.into()))?;
-        let mut running = match rt.spawn(&id, &launch) {
-            Ok(r) => r,
-            Err(e) => {
-                rt.clean_up(&id, &launch);
-                return Err(AgentError::Refused(e.into()));
-            }
-        };
-        let started = std::time::Instant::now();
-        // Its output into its log, stamped as an instance's is.
-        let log_path = self
-            .home()
-            .join("logs")
-            .join(name.as_str())
-            .join(format!("{id}.log"));
-        let log = Arc::new(
-            crate::instance::logs::LogFile::create(log_path.clone())
-                .await
-                .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?,
-        );
-        let (_stop, stopped) = tokio::sync::watch::channel(false);
-        let pumps: Vec<_> = running
-            .output()
-            .into_iter()
-            .filter_map(|fd| tokio::net::unix::pipe::Receiver::from_owned_fd(fd).ok())
-            .map(|out| {
-                let (log, stopped) = (log.clone(), stopped.clone());
-                tokio::spawn(async move { log.pump(out, stopped).await })
+            .map_err(|e| match e {
+                HookError::Failed(status) => AgentError::HookFailed {
+                    service: name.clone(),
+                    hook,
+                    revision,
+                    status,
+                    what,
+                },
+                HookError::Refused(e) => AgentError::Refused(e),
+                HookError::State(e) => AgentError::State(e),
             })
-            .collect();
-        let status = match tokio::time::timeout(HOOK_LIMIT, running.wait()).await {
-            Ok(s) => s,
-            Err(_) => {
-                running.kill();
-                format!(
-                    "{} (killed after {}s)",
-                    running.wait().await,
-                    HOOK_LIMIT.as_secs()
-                )
-            }
-        };
-        running.kill();
-        for p in pumps {
-            let _ = tokio::time::timeout(std::time::Duration::from_millis(500), p).await;
-        }
-        log.note(&format!("{hook} exited ({status})")).await;
-        drop(running);
-        rt.clean_up(&id, &launch);
-        let output = kiln_core::Digest::of(&tokio::fs::read(&log_path).await.unwrap_or_default());
-        let event = NewEvent {
-            change: Change::HookRun {
-                hook: hook.to_owned(),
-                argv,
-                status: status.clone(),
-                duration_ms: started.elapsed().as_millis() as u64,
-                output,
-            },
-            actor,
-            service: Some(name.clone()),
-            revision: Some(revision),
-            instance: Some(id),
-        };
-        self.shared.state.append_event(&event).await?;
-        if kiln_core::api::exit_code(&status) == 0 && status.starts_with("exit status") {
-            Ok(())
-        } else {
-            Err(AgentError::HookFailed {
-                service: name.clone(),
-                hook,
-                revision,
-                status,
-                what,
-            })
-        }
     }
 
     /// `kiln exec`: `argv` inside this node's running instance `id` (its

@@ -147,6 +147,7 @@ impl ServiceSpec {
         for (hook, argv) in [
             ("pre_deploy", &self.hooks.pre_deploy),
             ("pre_rollback", &self.hooks.pre_rollback),
+            ("post_deploy", &self.hooks.post_deploy),
         ] {
             if argv.first().is_some_and(String::is_empty) {
                 return Err(format!(
@@ -801,11 +802,16 @@ pub struct HooksSpec {
     /// older one (a down-migration): failing, the rollback is refused.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub pre_rollback: Vec<String>,
+    /// Run once the release is active (a smoke test, a cache warm-up):
+    /// failing, the service returns to the release before it as a failed
+    /// watch does.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub post_deploy: Vec<String>,
 }
 
 impl HooksSpec {
     pub fn is_empty(&self) -> bool {
-        self.pre_deploy.is_empty() && self.pre_rollback.is_empty()
+        self.pre_deploy.is_empty() && self.pre_rollback.is_empty() && self.post_deploy.is_empty()
     }
 }
 
@@ -952,8 +958,10 @@ mod tests {
             err.contains("hooks.pre_rollback: the command is empty"),
             "{err}"
         );
-        let err = service("[services.web.hooks]\npost_deploy = [\"x\"]\n").unwrap_err();
-        assert!(err.contains("post_deploy"), "{err}");
+        let err = service("[services.web.hooks]\npost_deploy = [\"\"]\n").unwrap_err();
+        assert!(err.contains("hooks.post_deploy"), "{err}");
+        let err = service("[services.web.hooks]\npre_deplyo = [\"x\"]\n").unwrap_err();
+        assert!(err.contains("pre_deplyo"), "{err}");
         assert_eq!(
             serde_json::to_string(&super::HooksSpec::default()).unwrap(),
             "{}",

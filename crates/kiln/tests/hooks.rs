@@ -12,6 +12,16 @@ mod util;
 use util::*;
 
 fn spec(port: u16, version: &str, pre_deploy: &str, pre_rollback: &str) -> String {
+    spec_with(port, version, pre_deploy, pre_rollback, "true")
+}
+
+fn spec_with(
+    port: u16,
+    version: &str,
+    pre_deploy: &str,
+    pre_rollback: &str,
+    post_deploy: &str,
+) -> String {
     format!(
         r#"
 [images.app]
@@ -29,6 +39,7 @@ interval = "200ms"
 [services.web.hooks]
 pre_deploy = ["/usr/bin/sh", "-c", "{pre_deploy}"]
 pre_rollback = ["/usr/bin/sh", "-c", "{pre_rollback}"]
+post_deploy = ["/usr/bin/sh", "-c", "{post_deploy}"]
 "#
     )
 }
@@ -89,6 +100,55 @@ fn pre_deploy_and_pre_rollback_run_once_and_a_failure_changes_nothing() {
     assert!(err.contains("(exit status: 5)"), "{err}");
     assert_eq!(releases(&env, "web").len(), before, "nothing recorded");
     assert!(http_get(u64::from(port), "/").unwrap().contains("v4"));
-    // Each run, in the ledger.
-    assert_eq!(actors_of(&env, &["hook-run"]).len(), 6);
+    // Each run, in the ledger: six pre_deploy and pre_rollback runs, and
+    // each applied release's post_deploy (v1, v2, v4: `true`).
+    wait_for("nine hook runs", std::time::Duration::from_secs(10), || {
+        actors_of(&env, &["hook-run"]).len() == 9
+    });
+}
+
+/// `post_deploy` runs once the release is live; failing, the release fails
+/// as a crash loop inside its watch does and the service is back on the
+/// release before it, whose warm instances take the traffic again.
+#[test]
+fn a_failing_post_deploy_returns_to_the_release_before() {
+    let env = Env::new();
+    let port = free_port();
+    let smoke = "echo smoke-$HELLO_VERSION >> /data/smoke";
+    let path = hello_app(
+        &env.path("app"),
+        &spec_with(port, "v1", "true", "true", smoke),
+    );
+    let spec_path = path.to_str().unwrap();
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", spec_path]);
+    let smoked =
+        || std::fs::read_to_string(env.home.join("volumes/web/data/smoke")).unwrap_or_default();
+    wait_for(
+        "v1's post_deploy",
+        std::time::Duration::from_secs(30),
+        || smoked() == "smoke-v1\n",
+    );
+    let bad = "echo smoke-$HELLO_VERSION >> /data/smoke; exit 9";
+    std::fs::write(&path, spec_with(port, "v2", "true", "true", bad)).unwrap();
+    env.ok(&["apply", "-f", spec_path]);
+    wait_for(
+        "release 2 failed and v1 serving",
+        std::time::Duration::from_secs(30),
+        || {
+            let r = releases(&env, "web");
+            r.len() == 2
+                && r[1]["outcome"] == "failed"
+                && http_get(u64::from(port), "/").is_some_and(|b| b.contains("v1"))
+        },
+    );
+    let r = releases(&env, "web");
+    assert!(
+        r[1]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("the post_deploy hook of release 2 failed (exit status: 9)"),
+        "{r:?}"
+    );
+    assert_eq!(smoked(), "smoke-v1\nsmoke-v2\n");
 }

@@ -92,6 +92,12 @@ pub(super) struct Inst {
 impl Controller {
     pub(super) async fn on_report(&mut self, report: Report) {
         match report {
+            Report::Hook { revision, failed } => {
+                if let Some(why) = failed {
+                    tracing::warn!(service = %self.name, "post_deploy of release {revision} failed: {why}");
+                    self.post_deploy_failed = Some((revision, why));
+                }
+            }
             Report::Started { id, pid } => {
                 let Some(inst) = self.instances.get_mut(&id) else {
                     return;

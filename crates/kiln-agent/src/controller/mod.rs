@@ -24,6 +24,7 @@
 //! - [`instances`]: the instances' bookkeeping (start, stop, their reports).
 //! - [`publish`]: what the pass shows others (the router's table, status).
 
+pub(crate) mod hooks;
 pub(crate) mod instances;
 mod publish;
 #[cfg(test)]
@@ -180,6 +181,8 @@ pub enum ControllerError {
 pub struct Controller {
     /// Starts of the last decision that no node had room for.
     unplaced: usize,
+    /// A release whose `post_deploy` hook failed, and how (its watch fails).
+    post_deploy_failed: Option<(u64, String)>,
     shared: Arc<Shared>,
     name: ServiceName,
     rx: mpsc::UnboundedReceiver<Msg>,
@@ -391,6 +394,7 @@ impl Controller {
             worked: None,
             hashed: (u64::MAX, 0),
             unplaced: 0,
+            post_deploy_failed: None,
         }
     }
 
@@ -968,6 +972,11 @@ impl Controller {
             same_content: &o.same_content,
             counters: &o.counters,
             last_error: self.message.as_deref(),
+            hook_failed: self
+                .post_deploy_failed
+                .as_ref()
+                .filter(|(rev, _)| *rev == o.rec.target)
+                .map(|(_, why)| why.as_str()),
         }
     }
 
@@ -1212,6 +1221,45 @@ impl Controller {
         Ok((p.runtime.exec(&launch, pid, argv)?, revision))
     }
 
+    /// Release `target` goes live: its `post_deploy` hook, if it has one,
+    /// runs now as a one-off of it, on a task of its own (the service goes
+    /// on being reconciled meanwhile); how it ended comes back as a report,
+    /// and a failure fails the release's watch.
+    async fn post_deploy(&mut self, target: u64) {
+        let Some(p) = self.prepared.get(&target).cloned() else {
+            return;
+        };
+        let argv = p.release.config.hooks.post_deploy.clone();
+        // A release an apply made (not a rollback's return to content that
+        // went live before).
+        if argv.is_empty() || p.release.cause != "apply" {
+            return;
+        }
+        let (shared, name, release) = (self.shared.clone(), self.name.clone(), p.release.clone());
+        let to = self.reports_tx.clone();
+        tokio::spawn(async move {
+            let failed = match hooks::run(
+                &shared,
+                &name,
+                release,
+                "post_deploy",
+                argv,
+                Actor::Agent,
+            )
+            .await
+            {
+                Ok(()) => None,
+                Err(hooks::HookError::Failed(status)) => Some(status),
+                Err(hooks::HookError::Refused(e)) => Some(format!("it could not start: {e}")),
+                Err(hooks::HookError::State(e)) => Some(format!("it could not be recorded: {e}")),
+            };
+            let _ = to.send(Report::Hook {
+                revision: target,
+                failed,
+            });
+        });
+    }
+
     /// Keep this service's share of each node where the other services'
     /// placements see it.
     fn reserve(&self, assigned: &[Assignment]) {
@@ -1294,6 +1342,7 @@ impl Controller {
     }
 
     async fn complete_rollout(&mut self, target: u64) {
+        self.post_deploy(target).await;
         let ev = self.event(Change::ReleaseActive {}, Some(target), None);
         if let Err(e) = self
             .shared

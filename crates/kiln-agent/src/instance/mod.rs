@@ -48,6 +48,12 @@ pub enum Report {
     Detached {
         id: String,
     },
+    /// A release task of release `revision` ended (`failed`: how, when it
+    /// did not pass).
+    Hook {
+        revision: u64,
+        failed: Option<String>,
+    },
 }
 
 pub struct InstanceTask {

@@ -268,6 +268,9 @@ pub struct View<'a, Id> {
     /// The last failure the controller saw (named when a crash loop fails
     /// the rollout).
     pub last_error: Option<&'a str>,
+    /// The target's `post_deploy` hook failed, and how: it fails inside
+    /// its watch as a crash loop does.
+    pub hook_failed: Option<&'a str>,
 }
 
 /// Why an instance is stopped (recorded in its `instance-stopping` event;
@@ -405,6 +408,7 @@ pub fn decide<Id: Clone>(state: &Rollout, v: &View<'_, Id>) -> Decision<Id> {
     } else {
         p.fleet();
     }
+    p.say_unwatched_hook_failure();
     p.finish()
 }
 
@@ -1101,21 +1105,31 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
     fn watch_failed(&mut self) -> bool {
         let v = self.v;
         let t = v.target;
+        let hook = v
+            .hook_failed
+            .filter(|_| v.outcome == Outcome::Active)
+            .map(|why| format!("the post_deploy hook of release {t} failed ({why})"));
         let Some((target, watch)) = self.next.watched(v.now) else {
             return false;
         };
-        if target != t || v.outcome != Outcome::Active || !self.crash_looping(t) {
+        if target != t || v.outcome != Outcome::Active {
             return false;
         }
-        let watched = self.rollout().watch;
-        let live_for = watched
-            .0
-            .saturating_sub(watch.until.saturating_duration_since(v.now));
-        let reason = format!(
-            "instances of release {t} keep crashing ({CRASH_LOOP_FAILURES}) {} after it went live, inside rollout.watch ({watched}); last: {}",
-            crate::service::Duration(Duration::from_secs(live_for.as_secs())),
-            self.last_error()
-        );
+        let reason = match hook {
+            Some(reason) => reason,
+            None if self.crash_looping(t) => {
+                let watched = self.rollout().watch;
+                let live_for = watched
+                    .0
+                    .saturating_sub(watch.until.saturating_duration_since(v.now));
+                format!(
+                    "instances of release {t} keep crashing ({CRASH_LOOP_FAILURES}) {} after it went live, inside rollout.watch ({watched}); last: {}",
+                    crate::service::Duration(Duration::from_secs(live_for.as_secs())),
+                    self.last_error()
+                )
+            }
+            None => return false,
+        };
         if !self.rollout().auto_rollback {
             self.message = Message::Set(format!(
                 "{reason} (auto_rollback = false: kiln rollback {} to return)",
@@ -1125,6 +1139,21 @@ impl<'v, 'a, Id: Clone> Pass<'v, 'a, Id> {
         }
         self.fail(reason, Some(watch.back_to), true, Actor::Agent, false);
         true
+    }
+
+    /// A live release's post_deploy failed with no watch (nothing kept
+    /// warm to return to): said in status, not undone.
+    fn say_unwatched_hook_failure(&mut self) {
+        let v = self.v;
+        if let Some(why) = v.hook_failed
+            && v.outcome == Outcome::Active
+            && self.next.watched(v.now).is_none()
+        {
+            self.message = Message::Set(format!(
+                "the post_deploy hook of release {} failed ({why}); rollout.watch is 0s, so nothing was kept to return to: kiln rollback {} to return",
+                v.target, v.service
+            ));
+        }
     }
 
     fn fail(&mut self, reason: String, to: Option<u64>, automatic: bool, by: Actor, timed: bool) {

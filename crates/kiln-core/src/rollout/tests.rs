@@ -71,6 +71,8 @@ struct Sim {
     ended: BTreeSet<u32>,
     /// Wall-clock time at `born` of the first instance.
     epoch: Instant,
+    /// The target's post_deploy hook failed, and how.
+    hook_failed: Option<String>,
 }
 
 /// The one node of the simulation.
@@ -118,6 +120,7 @@ impl Sim {
             state: Rollout::Idle,
             routing: Routing::Any,
             counters: BTreeMap::new(),
+            hook_failed: None,
             next_id: 0,
             log: Vec::new(),
             starts: 0,
@@ -268,6 +271,7 @@ impl Sim {
             same_content: &same_content,
             counters: &self.counters,
             last_error: None,
+            hook_failed: self.hook_failed.as_deref(),
         })
     }
 
@@ -1243,6 +1247,57 @@ fn a_release_that_crash_loops_after_it_went_live_is_rolled_back_inside_its_watch
 }
 
 #[test]
+fn a_failed_post_deploy_fails_the_watch_and_returns_to_the_release_before() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.until_active(2);
+    // Live, passing: nothing to do.
+    for _ in 0..5 {
+        sim.pass();
+        sim.tick();
+    }
+    assert_eq!(sim.outcomes[&2], Outcome::Active);
+    sim.hook_failed = Some("exit status: 9".into());
+    let d = until_failed(&mut sim, 5).expect("the hook's failure fails the watch");
+    let (reason, to, _) = failed(&d.steps).unwrap();
+    assert_eq!(to, Some(1));
+    assert_eq!(
+        reason,
+        "the post_deploy hook of release 2 failed (exit status: 9)"
+    );
+    sim.hook_failed = None;
+    sim.settle(50);
+    assert_eq!(sim.outcomes[&1], Outcome::Active);
+    assert_eq!(sim.outcomes[&2], Outcome::Failed);
+    assert_eq!((sim.running(1), sim.running(2)), (2, 0));
+}
+
+#[test]
+fn a_failed_post_deploy_without_a_watch_is_said_not_undone() {
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 0));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.until_active(2);
+    sim.hook_failed = Some("exit status: 9".into());
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert!(failed(&d.steps).is_none());
+    let Message::Set(m) = &d.message else {
+        panic!("status says so: {:?}", d.message);
+    };
+    assert!(
+        m.starts_with("the post_deploy hook of release 2 failed (exit status: 9)")
+            && m.contains("rollout.watch is 0s")
+            && m.contains("kiln rollback web"),
+        "{m}"
+    );
+    // While its release is still rolling out, a hook failure is nobody's.
+    let mut sim = Sim::steady(watched(Strategy::Rolling, 60));
+    sim.apply(2, 2, Behaviour::Good);
+    sim.hook_failed = Some("exit status: 9".into());
+    let d = sim.with_view(|v| decide(&sim.state, v));
+    assert!(failed(&d.steps).is_none());
+}
+
+#[test]
 fn after_the_watch_a_crashing_release_is_only_healed() {
     let mut sim = Sim::steady(watched(Strategy::Rolling, 5));
     sim.apply(2, 2, Behaviour::Good);
@@ -1752,6 +1807,7 @@ fn a_crash_loop_failure_names_the_last_error() {
                 &sim.state,
                 &View {
                     last_error: Some("exit status: 3"),
+                    hook_failed: None,
                     ..v.clone()
                 },
             )
@@ -2484,6 +2540,7 @@ fn a_drained_nodes_instances_are_replaced_on_the_others_before_they_stop() {
                 same_content: &same,
                 counters: &counters,
                 last_error: None,
+                hook_failed: None,
             },
         )
     };
