@@ -787,10 +787,19 @@ impl Agent {
             }
         }
         // Each new release's pre_deploy (a migration), before anything is
-        // recorded or started: failing, nothing changed.
+        // recorded or started: failing, nothing changed. Content that was
+        // released before (a return to it, which may adopt its warm
+        // instances) ran it then: not again.
         for (d, sp) in req.services.iter().zip(&the_plan.services) {
             if matches!(sp.action, Action::Create | Action::Release)
                 && !d.config.hooks.pre_deploy.is_empty()
+                && !self
+                    .shared
+                    .state
+                    .releases(&d.name)
+                    .await?
+                    .iter()
+                    .any(|r| r.hash == d.config.hash())
             {
                 let release = Release::pending(
                     d.name.clone(),

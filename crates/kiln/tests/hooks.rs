@@ -1,7 +1,8 @@
 //! Release tasks, black-box: `pre_deploy` runs once per applied release as
 //! a one-off instance of it (its env and volumes) before anything is
 //! recorded or started — failing, the apply is refused with nothing
-//! changed and the old release serving; a rollback never re-runs it, and
+//! changed and the old release serving; a rollback, or an apply of
+//! content released before, never re-runs it; a rollback
 //! runs the left release's `pre_rollback` first — failing, the rollback is
 //! refused. Every run is in the ledger and in `kiln logs --hook`.
 // Test helpers panic on purpose: a failed setup step is a failed test.
@@ -100,10 +101,16 @@ fn pre_deploy_and_pre_rollback_run_once_and_a_failure_changes_nothing() {
     assert!(err.contains("(exit status: 5)"), "{err}");
     assert_eq!(releases(&env, "web").len(), before, "nothing recorded");
     assert!(http_get(u64::from(port), "/").unwrap().contains("v4"));
+    // Back to v2's content by an apply: it ran its pre_deploy when it was
+    // first released, not again.
+    let before = migrations(&env);
+    std::fs::write(&path, spec(port, "v2", up, down)).unwrap();
+    env.ok(&["apply", "-f", spec_path]);
+    assert_eq!(migrations(&env), before);
     // Each run, in the ledger: six pre_deploy and pre_rollback runs, and
-    // each applied release's post_deploy (v1, v2, v4: `true`).
-    wait_for("nine hook runs", std::time::Duration::from_secs(10), || {
-        actors_of(&env, &["hook-run"]).len() == 9
+    // each applied release's post_deploy (v1, v2, v4, v2 again: `true`).
+    wait_for("ten hook runs", std::time::Duration::from_secs(10), || {
+        actors_of(&env, &["hook-run"]).len() == 10
     });
 }
 
