@@ -274,6 +274,16 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// A one-off's argv names a program (`usage`: how to give one).
+fn needs_command(argv: &[String], usage: &str) -> Result<(), AgentError> {
+    match argv.first() {
+        Some(program) if !program.is_empty() => Ok(()),
+        _ => Err(AgentError::BadRequest(format!(
+            "a command is needed: {usage}"
+        ))),
+    }
+}
+
 /// The digest of a command's output, stdout and stderr as they came.
 #[derive(Clone, Default)]
 struct OutputDigest(Arc<std::sync::Mutex<sha2::Sha256>>);
@@ -1196,11 +1206,7 @@ impl Agent {
         actor: Actor,
     ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
         use kiln_core::api::RunFrame;
-        if argv.is_empty() || argv[0].is_empty() {
-            return Err(AgentError::BadRequest(
-                "kiln run needs a command: kiln run SERVICE -- CMD [ARG...]".to_owned(),
-            ));
-        }
+        needs_command(&argv, "kiln run SERVICE -- CMD [ARG...]")?;
         let one = self
             .ask(
                 name,
@@ -1317,11 +1323,7 @@ impl Agent {
         actor: Actor,
     ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
         use kiln_core::api::RunFrame;
-        if argv.is_empty() || argv[0].is_empty() {
-            return Err(AgentError::BadRequest(
-                "kiln exec needs a command: kiln exec INSTANCE -- CMD [ARG...]".to_owned(),
-            ));
-        }
+        needs_command(&argv, "kiln exec INSTANCE -- CMD [ARG...]")?;
         let service = self
             .shared
             .status

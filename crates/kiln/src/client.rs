@@ -90,21 +90,39 @@ impl Client {
         }
     }
 
+    /// The body of a successful answer; an error answer as the agent's
+    /// one line.
+    async fn answer(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::body::Incoming> {
+        let resp = self.send(method, path, body).await?;
+        let status = resp.status();
+        let body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("{msg}");
+        }
+        Ok(body)
+    }
+
     async fn json<T: DeserializeOwned>(
         &self,
         method: hyper::Method,
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<T> {
-        let resp = self.send(method, path, body).await?;
-        let status = resp.status();
-        let bytes = resp.into_body().collect().await?.to_bytes();
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{msg}");
-        }
+        let bytes = self
+            .answer(method, path, body)
+            .await?
+            .collect()
+            .await?
+            .to_bytes();
         serde_json::from_slice(&bytes)
             .with_context(|| format!("unexpected answer from the agent to {path}"))
     }
@@ -131,16 +149,9 @@ impl Client {
         path: &str,
         mut line: impl FnMut(&mut dyn std::io::Write, &[u8]) -> std::io::Result<()>,
     ) -> Result<()> {
-        let mut rest: Vec<u8> = Vec::new();
-        self.stream_with(path, |out, data| {
-            rest.extend_from_slice(data);
-            while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-                let l: Vec<u8> = rest.drain(..=end).collect();
-                line(out, &l[..l.len() - 1])?;
-            }
-            Ok(())
-        })
-        .await
+        let mut lines = Lines::default();
+        self.stream_with(path, |out, data| lines.feed(data, |l| line(out, l)))
+            .await
     }
 
     /// POST `body` and take the answer's lines as they come, each through
@@ -151,26 +162,13 @@ impl Client {
         body: &B,
         mut line: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
-        let resp = self
-            .send(hyper::Method::POST, path, Some(serde_json::to_vec(body)?))
+        let mut body = self
+            .answer(hyper::Method::POST, path, Some(serde_json::to_vec(body)?))
             .await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await?.to_bytes();
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{msg}");
-        }
-        let mut rest: Vec<u8> = Vec::new();
+        let mut lines = Lines::default();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
-                rest.extend_from_slice(&data);
-                while let Some(end) = rest.iter().position(|b| *b == b'\n') {
-                    let l: Vec<u8> = rest.drain(..=end).collect();
-                    line(&l[..l.len() - 1])?;
-                }
+                lines.feed(&data, |l| line(l))?;
             }
         }
         Ok(())
@@ -182,22 +180,37 @@ impl Client {
         mut write: impl FnMut(&mut dyn std::io::Write, &[u8]) -> std::io::Result<()>,
     ) -> Result<()> {
         use std::io::Write;
-        let resp = self.send(hyper::Method::GET, path, None).await?;
-        let status = resp.status();
-        let mut body = resp.into_body();
-        if !status.is_success() {
-            let bytes = body.collect().await?.to_bytes();
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{msg}");
-        }
+        let mut body = self.answer(hyper::Method::GET, path, None).await?;
         let mut out = std::io::stdout().lock();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
                 write(&mut out, &data)?;
                 out.flush()?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// Whole lines out of chunks: a chunk's unfinished last line waits for
+/// the next.
+#[derive(Default)]
+struct Lines {
+    rest: Vec<u8>,
+}
+
+impl Lines {
+    /// Take in `data`; each line it completes (without its newline)
+    /// through `line`.
+    fn feed<E>(
+        &mut self,
+        data: &[u8],
+        mut line: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        self.rest.extend_from_slice(data);
+        while let Some(end) = self.rest.iter().position(|b| *b == b'\n') {
+            let l: Vec<u8> = self.rest.drain(..=end).collect();
+            line(&l[..l.len() - 1])?;
         }
         Ok(())
     }
