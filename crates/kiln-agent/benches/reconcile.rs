@@ -132,6 +132,7 @@ impl Node {
                 limits: Default::default(),
                 cgroup: String::new(),
                 self_contained: false,
+                stdin: false,
             },
             now: Instant::now(),
             started: 0,

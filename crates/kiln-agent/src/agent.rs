@@ -274,6 +274,22 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// Write what the caller sends (`kiln run -i`) into a command's standard
+/// input, as it comes; closed (end of input) when the caller's input ends.
+fn feed_input(mut input: tokio::sync::mpsc::Receiver<Vec<u8>>, fd: std::os::fd::OwnedFd) {
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let Ok(mut pipe) = tokio::net::unix::pipe::Sender::from_owned_fd(fd) else {
+            return;
+        };
+        while let Some(chunk) = input.recv().await {
+            if pipe.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
 /// A one-off's argv names a program (`usage`: how to give one).
 fn needs_command(argv: &[String], usage: &str) -> Result<(), AgentError> {
     match argv.first() {
@@ -1203,6 +1219,7 @@ impl Agent {
         name: &ServiceName,
         revision: Option<u64>,
         argv: Vec<String>,
+        input: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
         actor: Actor,
     ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
         use kiln_core::api::RunFrame;
@@ -1216,6 +1233,7 @@ impl Agent {
             .await?;
         let mut launch = one.launch;
         launch.argv = argv.clone();
+        launch.stdin = input.is_some();
         let rt = one.runtime;
         rt.prepare(&one.id, &launch)
             .map_err(|e| AgentError::Refused(e.into()))?;
@@ -1226,6 +1244,9 @@ impl Agent {
                 return Err(AgentError::Refused(e.into()));
             }
         };
+        if let (Some(input), Some(fd)) = (input, running.stdin()) {
+            feed_input(input, fd);
+        }
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         let state = self.shared.state.clone();
         let (service, id, rev) = (name.clone(), one.id, one.revision);
@@ -1320,6 +1341,7 @@ impl Agent {
         id: &str,
         argv: Vec<String>,
         keep: bool,
+        input: Option<tokio::sync::mpsc::Receiver<Vec<u8>>>,
         actor: Actor,
     ) -> Result<tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>, AgentError> {
         use kiln_core::api::RunFrame;
@@ -1348,13 +1370,23 @@ impl Agent {
                 "runs no controller here",
             )
             .await?;
-        cmd.stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true);
+        cmd.stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        })
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
         let mut child = cmd
             .spawn()
             .map_err(|e| AgentError::Refused(crate::runtime::RuntimeError::Spawn(e).into()))?;
+        if let (Some(input), Some(fd)) = (
+            input,
+            child.stdin.take().and_then(|i| i.into_owned_fd().ok()),
+        ) {
+            feed_input(input, fd);
+        }
         let output: Vec<std::os::fd::OwnedFd> = [
             child.stdout.take().and_then(|o| o.into_owned_fd().ok()),
             child.stderr.take().and_then(|e| e.into_owned_fd().ok()),

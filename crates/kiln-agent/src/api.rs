@@ -344,17 +344,19 @@ async fn record(
 }
 
 /// `POST /v1/services/{name}/run` (`kiln run`): the command's output and
-/// how it ended, one JSON object a line, as they come.
+/// how it ended, one JSON object a line, as they come. The body is the
+/// request (one JSON line), then, with `stdin`, the command's input.
 async fn run_command(
     State(agent): State<Arc<Agent>>,
     Extension(caller): Extension<Caller>,
     UrlPath(name): UrlPath<String>,
-    body: Result<Json<kiln_core::api::RunRequest>, JsonRejection>,
+    body: Body,
 ) -> Result<Response, AgentError> {
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    let Json(req) = body.map_err(bad_json)?;
+    let (req, input) = first_line::<kiln_core::api::RunRequest>(body).await?;
+    let input = req.stdin.then_some(input);
     let frames = agent
-        .run_command(&name, req.release, req.argv, caller.actor)
+        .run_command(&name, req.release, req.argv, input, caller.actor)
         .await?;
     Ok(ndjson(frames))
 }
@@ -365,18 +367,60 @@ async fn exec_command(
     State(agent): State<Arc<Agent>>,
     Extension(caller): Extension<Caller>,
     UrlPath(id): UrlPath<String>,
-    body: Result<Json<kiln_core::api::ExecRequest>, JsonRejection>,
+    body: Body,
 ) -> Result<Response, AgentError> {
-    let Json(req) = body.map_err(bad_json)?;
+    let (req, input) = first_line::<kiln_core::api::ExecRequest>(body).await?;
     if req.keep && caller.role < Role::Admin {
         return Err(AgentError::Forbidden(
             "kiln exec --keep needs admin (it leaves a changed instance running)".to_owned(),
         ));
     }
+    let input = req.stdin.then_some(input);
     let frames = agent
-        .exec_command(&id, req.argv, req.keep, caller.actor)
+        .exec_command(&id, req.argv, req.keep, input, caller.actor)
         .await?;
     Ok(ndjson(frames))
+}
+
+/// The longest request line of a `run` or `exec`.
+const MAX_REQUEST_LINE: usize = 1 << 20;
+
+/// A request whose body is one JSON line, then a stream (a command's
+/// input): the request, and the rest as chunks, forwarded as they come
+/// (the channel ends with the body).
+async fn first_line<T: serde::de::DeserializeOwned>(
+    body: Body,
+) -> Result<(T, tokio::sync::mpsc::Receiver<Vec<u8>>), AgentError> {
+    use futures_util::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut head: Vec<u8> = Vec::new();
+    let rest = loop {
+        if let Some(end) = head.iter().position(|b| *b == b'\n') {
+            break head.split_off(end + 1);
+        }
+        if head.len() > MAX_REQUEST_LINE {
+            return Err(AgentError::TooLarge);
+        }
+        match stream.next().await {
+            Some(Ok(chunk)) => head.extend_from_slice(&chunk),
+            Some(Err(e)) => return Err(AgentError::BadRequest(format!("request body: {e}"))),
+            None => break Vec::new(),
+        }
+    };
+    let req: T = serde_json::from_slice(head.trim_ascii_end())
+        .map_err(|e| AgentError::BadRequest(format!("invalid request: {e}")))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+    tokio::spawn(async move {
+        if !rest.is_empty() && tx.send(rest).await.is_err() {
+            return;
+        }
+        while let Some(Ok(chunk)) = stream.next().await {
+            if tx.send(chunk.to_vec()).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok((req, rx))
 }
 
 /// Frames as JSON lines, streamed as they come.

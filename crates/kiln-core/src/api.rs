@@ -358,6 +358,10 @@ pub struct RunRequest {
     #[serde(default)]
     pub release: Option<u64>,
     pub argv: Vec<String>,
+    /// The rest of the request's body (after this JSON and its newline)
+    /// is the command's standard input (`kiln run -i`).
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// `POST /v1/instances/ID/exec` (`kiln exec`): a command inside a running
@@ -368,6 +372,9 @@ pub struct ExecRequest {
     pub argv: Vec<String>,
     #[serde(default)]
     pub keep: bool,
+    /// As [`RunRequest::stdin`] (`kiln exec -i`).
+    #[serde(default)]
+    pub stdin: bool,
 }
 
 /// One line of the answer to a [`RunRequest`] or an [`ExecRequest`]

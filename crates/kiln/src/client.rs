@@ -65,11 +65,30 @@ impl Client {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<hyper::body::Incoming>> {
+        self.send_body(
+            method,
+            path,
+            Full::new(Bytes::from(body.unwrap_or_default())),
+        )
+        .await
+    }
+
+    /// [`send`](Self::send) with any body (a stream: `kiln run -i`'s
+    /// stdin follows its request).
+    async fn send_body<B>(
+        &self,
+        method: hyper::Method,
+        path: &str,
+        body: B,
+    ) -> Result<hyper::Response<hyper::body::Incoming>>
+    where
+        B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let req = hyper::Request::builder()
             .method(method)
             .uri(path)
             .header("content-type", "application/json");
-        let body = Full::new(Bytes::from(body.unwrap_or_default()));
         match &self.target {
             Target::Local(sock) => {
                 let stream = UnixStream::connect(sock).await.map_err(|e| {
@@ -103,10 +122,7 @@ impl Client {
         let body = resp.into_body();
         if !status.is_success() {
             let bytes = body.collect().await?.to_bytes();
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("{msg}");
+            bail!("{}", error_text(&bytes));
         }
         Ok(body)
     }
@@ -155,16 +171,56 @@ impl Client {
     }
 
     /// POST `body` and take the answer's lines as they come, each through
-    /// `line` (without its newline).
+    /// `line` (without its newline). With `stdin`, this process's standard
+    /// input follows the request's JSON line, as it comes, until it ends.
     pub async fn post_lines<B: Serialize>(
         &self,
         path: &str,
         body: &B,
+        stdin: bool,
         mut line: impl FnMut(&[u8]) -> Result<()>,
     ) -> Result<()> {
-        let mut body = self
-            .answer(hyper::Method::POST, path, Some(serde_json::to_vec(body)?))
-            .await?;
+        use hyper::body::Frame;
+        type Chunk = Result<Frame<Bytes>, std::io::Error>;
+        let mut first = serde_json::to_vec(body)?;
+        first.push(b'\n');
+        let (tx, rx) = tokio::sync::mpsc::channel::<Chunk>(8);
+        tx.send(Ok(Frame::data(Bytes::from(first))))
+            .await
+            .map_err(|_| anyhow!("cannot send the request"))?;
+        if stdin {
+            // Read on a thread of its own: stdin blocks.
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut input = std::io::stdin().lock();
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    match input.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            let chunk = Frame::data(Bytes::copy_from_slice(&buf[..n]));
+                            if tx.blocking_send(Ok(chunk)).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        } else {
+            drop(tx);
+        }
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((chunk, rx))
+        });
+        let body = http_body_util::StreamBody::new(Box::pin(chunks));
+        let resp = self.send_body(hyper::Method::POST, path, body).await?;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            bail!("{}", error_text(&bytes));
+        }
         let mut lines = Lines::default();
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
@@ -190,6 +246,13 @@ impl Client {
         }
         Ok(())
     }
+}
+
+/// An error answer's one line: the agent's `error`, else the body as text.
+fn error_text(bytes: &[u8]) -> String {
+    serde_json::from_slice::<ErrorBody>(bytes)
+        .map(|e| e.error)
+        .unwrap_or_else(|_| String::from_utf8_lossy(bytes).into_owned())
 }
 
 /// Whole lines out of chunks: a chunk's unfinished last line waits for

@@ -1115,11 +1115,17 @@ pub fn run_command(
     service: &str,
     release: Option<u64>,
     argv: Vec<String>,
+    stdin: bool,
 ) -> Result<ExitCode> {
     run_frames(
         home,
         &format!("/v1/services/{service}/run"),
-        &kiln_core::api::RunRequest { release, argv },
+        &kiln_core::api::RunRequest {
+            release,
+            argv,
+            stdin,
+        },
+        stdin,
     )
 }
 
@@ -1130,23 +1136,30 @@ pub fn exec_command(
     instance: &str,
     keep: bool,
     argv: Vec<String>,
+    stdin: bool,
 ) -> Result<ExitCode> {
     run_frames(
         home,
         &format!("/v1/instances/{instance}/exec"),
-        &kiln_core::api::ExecRequest { argv, keep },
+        &kiln_core::api::ExecRequest { argv, keep, stdin },
+        stdin,
     )
 }
 
 /// A command's frames from the agent: its output to ours, its exit code
 /// as kiln's.
-fn run_frames<B: serde::Serialize>(home: &Path, path: &str, body: &B) -> Result<ExitCode> {
+fn run_frames<B: serde::Serialize>(
+    home: &Path,
+    path: &str,
+    body: &B,
+    stdin: bool,
+) -> Result<ExitCode> {
     use base64::Engine;
     use kiln_core::api::RunFrame;
     use std::io::Write;
     let client = Client::new(home);
     let mut code = None;
-    runtime()?.block_on(client.post_lines(path, body, |line| {
+    runtime()?.block_on(client.post_lines(path, body, stdin, |line| {
         match serde_json::from_slice::<RunFrame>(line)
             .context("unexpected answer from the agent")?
         {

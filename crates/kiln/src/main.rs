@@ -614,6 +614,10 @@ pub enum Command {
         /// The release to run [default: the active one]
         #[arg(long, value_name = "REVISION")]
         release: Option<u64>,
+        /// Pass this command's standard input to it (no terminal: a shell
+        /// reads its commands from it)
+        #[arg(short, long)]
+        interactive: bool,
         /// The command and its arguments, after `--`
         #[arg(value_name = "CMD", last = true, required = true)]
         argv: Vec<String>,
@@ -628,6 +632,9 @@ pub enum Command {
         /// Leave the instance running afterwards (an admin's)
         #[arg(long)]
         keep: bool,
+        /// Pass this command's standard input to it
+        #[arg(short, long)]
+        interactive: bool,
         /// The command and its arguments, after `--`
         #[arg(value_name = "CMD", last = true, required = true)]
         argv: Vec<String>,
@@ -1044,13 +1051,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             service,
             release,
+            interactive,
             argv,
-        } => deploy::run_command(&home()?, &service, release, argv),
+        } => deploy::run_command(&home()?, &service, release, argv, interactive),
         Command::Exec {
             instance,
             keep,
+            interactive,
             argv,
-        } => deploy::exec_command(&home()?, &instance, keep, argv),
+        } => deploy::exec_command(&home()?, &instance, keep, argv, interactive),
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {

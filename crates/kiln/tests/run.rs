@@ -96,6 +96,42 @@ fn a_one_off_instance_runs_a_command_of_a_release_in_its_sandbox() {
         "echo $HELLO_VERSION",
     ]);
     assert_eq!(now, "v2\n");
+    // -i: our standard input is its own, to its end.
+    let piped = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut child = env
+            .cmd()
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = piped(
+        &[
+            "run",
+            "web",
+            "-i",
+            "--",
+            "/usr/bin/sh",
+            "-c",
+            "read a; read b; echo got-$a-$b; cat",
+        ],
+        b"one\ntwo\nrest\n",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got-one-two\nrest\n");
+    // Without -i, none: the command reads the end of its input at once.
+    let out = piped(&["run", "web", "--", "/usr/bin/cat"], b"not passed\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "");
     // It took no slot: the service's instances are its own (release 2's,
     // and release 1's kept warm for its watch).
     let status = service_status(&env, "web");
@@ -113,7 +149,7 @@ fn a_one_off_instance_runs_a_command_of_a_release_in_its_sandbox() {
     );
     // Every run is in the ledger, by who ran it.
     let runs = actors_of(&env, &["command-run"]);
-    assert_eq!(runs.len(), 4, "{runs:?}");
+    assert_eq!(runs.len(), 6, "{runs:?}");
     assert!(runs.iter().all(|a| a.starts_with("uid:")), "{runs:?}");
     // Refusals: one line each.
     let err = env.fails(&["run", "nope", "--", "true"]);
@@ -160,9 +196,25 @@ fn a_command_inside_an_instance_taints_it_unless_kept() {
         service_status(&env, "web")["instances"][0]["id"],
         first.as_str()
     );
-    // Its own /tmp: what the first exec wrote is there for the next.
-    let seen = env.ok(&["exec", &first, "--keep", "--", "/usr/bin/cat", "/tmp/mark"]);
-    assert_eq!(seen, format!("inside-{first}\n"));
+    // Its own /tmp: what the first exec wrote is there for the next (given
+    // on our standard input, -i).
+    let mut child = env
+        .cmd()
+        .args(["exec", &first, "--keep", "-i", "--", "/usr/bin/sh"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(b"cat /tmp/mark\nexit 0\n").unwrap();
+    }
+    let seen = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&seen.stdout),
+        format!("inside-{first}\n")
+    );
     // Not kept: replaced from its image, without a failed request.
     let load = Load::start(port, 2);
     let out = env.ok(&[

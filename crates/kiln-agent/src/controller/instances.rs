@@ -946,6 +946,7 @@ pub(crate) async fn launch_for(
         user: p.user,
         limits: cfg.resources,
         self_contained: p.self_contained,
+        stdin: false,
         cgroup: format!("kiln/{}/{id}", shared.cgroup_scope()),
     })
 }

@@ -235,6 +235,7 @@ mod tests {
             limits: Default::default(),
             cgroup: String::new(),
             self_contained: false,
+            stdin: false,
         }
     }
 

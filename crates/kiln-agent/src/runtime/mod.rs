@@ -62,6 +62,9 @@ pub struct Launch {
     /// Its image has a userland of its own: the sandbox binds nothing of
     /// the host's into it (no `/usr`, loader paths or `/etc` files).
     pub self_contained: bool,
+    /// Its standard input is a pipe the caller writes (`kiln run -i`);
+    /// else `/dev/null`.
+    pub stdin: bool,
 }
 
 /// A future the runtime's instances hand out (the trait stays usable as
@@ -139,6 +142,11 @@ pub trait Running: Send {
     fn note(&self) -> Option<String> {
         None
     }
+    /// The write end of its standard input, once (started with
+    /// `Launch::stdin`).
+    fn stdin(&mut self) -> Option<OwnedFd> {
+        None
+    }
 }
 
 /// A runtime whose instances are host processes started by a command
@@ -191,7 +199,7 @@ impl<T: HostRuntime> Runtime for T {
                 Err(e) => tracing::warn!("{}: limits not enforced: {e}", launch.cgroup),
             }
         }
-        let mut p = HostProcess::spawn(cmd, T::app)?;
+        let mut p = HostProcess::spawn(cmd, T::app, launch.stdin)?;
         p.note = note;
         Ok(Box::new(p))
     }
@@ -262,6 +270,8 @@ pub(crate) struct HostProcess {
     tree: Arc<Mutex<Vec<(u32, u64)>>>,
     /// What its log says of its start (its limits).
     note: Option<String>,
+    /// Its standard input's write end, until taken.
+    input: Option<OwnedFd>,
 }
 
 /// Remember `pid`'s children (with their start times) once it has them,
@@ -297,11 +307,16 @@ impl HostProcess {
     pub(crate) fn spawn(
         mut cmd: Command,
         app: fn(u32) -> Option<u32>,
+        stdin: bool,
     ) -> Result<Self, RuntimeError> {
-        cmd.stdin(Stdio::null())
+        cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(RuntimeError::Spawn)?;
+        let input = match child.stdin.take() {
+            Some(i) => Some(i.into_owned_fd().map_err(RuntimeError::Spawn)?),
+            None => None,
+        };
         let pid = child.id().unwrap_or(0);
         let mut output = Vec::new();
         if let Some(o) = child.stdout.take() {
@@ -324,6 +339,7 @@ impl HostProcess {
             app,
             tree: watch_tree(pid),
             note: None,
+            input,
         })
     }
 
@@ -347,6 +363,7 @@ impl HostProcess {
             app,
             tree: watch_tree(pid),
             note: None,
+            input: None,
         })
     }
 }
@@ -427,6 +444,10 @@ impl Running for HostProcess {
 
     fn note(&self) -> Option<String> {
         self.note.clone()
+    }
+
+    fn stdin(&mut self) -> Option<OwnedFd> {
+        self.input.take()
     }
 }
 
