@@ -429,6 +429,22 @@ impl Agent {
         }
         let mut adopted = agent.adopt_or_end().await?;
         let services = agent.shared.state.services().await?;
+        // Every service's share of each node, as the store has it, before
+        // any controller places anything: the first placement of one
+        // service already counts what the others hold.
+        for svc in &services {
+            if let Some(a) = agent.shared.state.assignments(&svc.name).await? {
+                let mine = crate::controller::reservations(&a.list);
+                if !mine.is_empty() {
+                    agent
+                        .shared
+                        .reserved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(svc.name.clone(), mine);
+                }
+            }
+        }
         let mut waiting = Vec::new();
         for svc in &services {
             let mine = adopted.remove(&svc.name).unwrap_or_default();

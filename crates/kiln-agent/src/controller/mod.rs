@@ -1533,7 +1533,7 @@ impl Controller {
 
 /// What a list of assignments reserves, by node (those that declare
 /// something).
-fn reservations(assigned: &[Assignment]) -> Vec<(String, Resources)> {
+pub(crate) fn reservations(assigned: &[Assignment]) -> Vec<(String, Resources)> {
     assigned
         .iter()
         .filter(|a| !a.resources.is_none())
