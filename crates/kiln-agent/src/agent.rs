@@ -274,6 +274,29 @@ async fn record_trust_policy(shared: &Shared) -> Result<(), AgentError> {
     Ok(())
 }
 
+/// A one-off's end: `event` (its run) in the ledger, `then`, and how it
+/// ended to its caller (`status` as the runtime words it).
+async fn recorded_end(
+    state: &dyn crate::state::ClusterState,
+    event: &NewEvent,
+    then: impl FnOnce(),
+    tx: &tokio::sync::mpsc::Sender<kiln_core::api::RunFrame>,
+    status: String,
+    duration_ms: u64,
+) {
+    if let Err(e) = state.append_event(event).await {
+        tracing::error!("{}: not recorded in the ledger: {e}", event.change.kind());
+    }
+    then();
+    let _ = tx
+        .send(kiln_core::api::RunFrame::Exited {
+            code: kiln_core::api::exit_code(&status),
+            status,
+            duration_ms,
+        })
+        .await;
+}
+
 /// Write what the caller sends (`kiln run -i`) into a command's standard
 /// input, as it comes; closed (end of input) when the caller's input ends.
 fn feed_input(mut input: tokio::sync::mpsc::Receiver<Vec<u8>>, fd: std::os::fd::OwnedFd) {
@@ -1304,16 +1327,7 @@ impl Agent {
                 revision: Some(rev),
                 instance: Some(id),
             };
-            if let Err(e) = state.append_event(&event).await {
-                tracing::error!("kiln run: not recorded in the ledger: {e}");
-            }
-            let _ = tx
-                .send(RunFrame::Exited {
-                    code: kiln_core::api::exit_code(&status),
-                    status,
-                    duration_ms,
-                })
-                .await;
+            recorded_end(&*state, &event, || {}, &tx, status, duration_ms).await;
         });
         Ok(rx)
     }
@@ -1447,21 +1461,14 @@ impl Agent {
                 revision: Some(revision),
                 instance: Some(id.clone()),
             };
-            if let Err(e) = state.append_event(&event).await {
-                tracing::error!("kiln exec: not recorded in the ledger: {e}");
-            }
-            // What ran inside may have changed it: it is replaced from its
-            // image, as drift is.
-            if !keep {
-                drift.config_drifted(&id, vec![format!("tainted: kiln exec by {by}")]);
-            }
-            let _ = tx
-                .send(RunFrame::Exited {
-                    code: kiln_core::api::exit_code(&status),
-                    status,
-                    duration_ms,
-                })
-                .await;
+            // Once recorded: what ran inside may have changed it, so it is
+            // replaced from its image, as drift is.
+            let taint = || {
+                if !keep {
+                    drift.config_drifted(&id, vec![format!("tainted: kiln exec by {by}")]);
+                }
+            };
+            recorded_end(&*state, &event, taint, &tx, status, duration_ms).await;
         });
         Ok(rx)
     }

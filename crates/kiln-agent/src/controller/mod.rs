@@ -1014,19 +1014,28 @@ impl Controller {
         // Placed within what every node has left once every service's
         // instances took their share (one service at a time: the lock is
         // held from reading what the others reserved to writing what this
-        // one now does).
+        // one now does). Only a decision that starts something takes room
+        // (a stop keeps its share until the instance is gone): the others
+        // neither read the other services' shares nor write this one's.
+        let starts = d.steps.iter().any(|s| matches!(s, Step::Start { .. }));
         let unplaced = {
-            let mut reserved = shared.reserved.lock().unwrap_or_else(|p| p.into_inner());
-            let others = reserved
-                .iter()
-                .filter(|(s, _)| *s != name)
-                .flat_map(|(_, v)| v.iter().map(|(n, r)| (n.as_str(), r)));
-            let mine = self
-                .fleet
-                .assigned()
-                .iter()
-                .map(|a| (a.node.as_str(), &a.resources));
-            let room = Room::new(shared.membership.capacity(), others.chain(mine));
+            let mut reserved =
+                starts.then(|| shared.reserved.lock().unwrap_or_else(|p| p.into_inner()));
+            let room = match &reserved {
+                Some(reserved) => {
+                    let others = reserved
+                        .iter()
+                        .filter(|(s, _)| *s != name)
+                        .flat_map(|(_, v)| v.iter().map(|(n, r)| (n.as_str(), r)));
+                    let mine = self
+                        .fleet
+                        .assigned()
+                        .iter()
+                        .map(|a| (a.node.as_str(), &a.resources));
+                    Room::new(shared.membership.capacity(), others.chain(mine))
+                }
+                None => Room::default(),
+            };
             let unplaced = self.fleet.assign(
                 &d.steps,
                 target,
@@ -1034,7 +1043,9 @@ impl Controller {
                 |rev| o.demand(rev),
                 |rev| shared.new_instance_id(name, rev),
             );
-            reserved.insert(name.clone(), reservations(self.fleet.assigned()));
+            if let Some(reserved) = &mut reserved {
+                reserved.insert(name.clone(), reservations(self.fleet.assigned()));
+            }
             unplaced
         };
         // The rollout goes with the assignments, unless the decision also
