@@ -44,10 +44,12 @@ pub enum AgentError {
     #[error("service {0} appears twice")]
     DuplicateService(ServiceName),
     #[error(
-        "service {0}: runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap, or runtime = \"process\")"
+        "service {0}: runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap, or runtime = \"oci\")"
     )]
     NoBubblewrap(ServiceName),
-    #[error("service {0}: runtime oci (runc) is not available yet")]
+    #[error(
+        "service {0}: runtime oci needs the agent to run as root (it makes the container's namespaces and cgroups)"
+    )]
     OciUnavailable(ServiceName),
     #[error(
         "service {0}: runtime process runs the app unconfined, which this agent does not allow (start it with `kiln serve --allow-runtime process`{hint})",
@@ -205,6 +207,8 @@ pub struct Agent {
     controllers: Mutex<BTreeMap<ServiceName, mpsc::UnboundedSender<Msg>>>,
     shutting_down: std::sync::atomic::AtomicBool,
     bwrap: bool,
+    /// This node can run the embedded OCI runtime (the agent is root).
+    oci: bool,
     /// Seals secrets (`kiln_core::secret`): kept in the state store.
     secret_key: [u8; 32],
 }
@@ -437,6 +441,7 @@ impl Agent {
             controllers: Mutex::new(BTreeMap::new()),
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             bwrap: find_bwrap().is_some(),
+            oci: crate::runtime::oci_available(),
         });
         // Followed from here: what is recorded from now on wakes the
         // controllers that the loop below starts.
@@ -661,6 +666,7 @@ impl Agent {
             version: version(),
             home: self.shared.home.display().to_string(),
             sandbox_available: self.bwrap,
+            oci_available: self.oci,
         }
     }
 
@@ -745,7 +751,7 @@ impl Agent {
                 (RuntimeKind::Sandbox, true) if !self.bwrap => {
                     return Err(AgentError::NoBubblewrap(d.name.clone()));
                 }
-                (RuntimeKind::Oci, _) => {
+                (RuntimeKind::Oci, _) if !self.oci => {
                     return Err(AgentError::OciUnavailable(d.name.clone()));
                 }
                 (RuntimeKind::Process, true) if !self.shared.allow_process => {
@@ -753,6 +759,9 @@ impl Agent {
                 }
                 (kind, true) => kind,
                 (_, false) if self.bwrap => RuntimeKind::Sandbox,
+                // No bubblewrap: the embedded OCI runtime, never plain
+                // processes unless this agent allows them.
+                (_, false) if self.oci => RuntimeKind::Oci,
                 (_, false) if self.shared.allow_process => RuntimeKind::Process,
                 (_, false) => {
                     return Err(AgentError::ProcessNotAllowed(d.name.clone(), false));

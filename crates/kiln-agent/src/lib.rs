@@ -11,7 +11,8 @@
 //!   `kiln_core::rollout` decisions; its rollout saved in the state store.
 //! - [`instance`]: one instance's life — its output into its log
 //!   (`instance::logs`), its probes (`instance::probe`); [`runtime`]:
-//!   bubblewrap with its seccomp filter, or a plain process.
+//!   bubblewrap with its seccomp filter, the embedded OCI runtime (youki's
+//!   libcontainer in kiln's own single-threaded shim), or a plain process.
 //! - [`router`]: the listeners, routes and metrics.
 //! - [`state`]: `ClusterState` (what a cluster shares: async, conditional,
 //!   watched) and `NodeState` (this node's instances), their SQLite, etcd
@@ -141,7 +142,9 @@ fn bind_private(sock: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     bound.map_err(io(sock))
 }
 
-pub use runtime::find_bwrap;
+pub use runtime::oci::SHIM_ARG as OCI_SHIM_ARG;
+pub use runtime::shim::main as oci_shim;
+pub use runtime::{find_bwrap, oci_available};
 pub use state::{ETCD_PREFIX, StateError};
 
 /// Record a change made outside the agent (a bake, a pull) in the ledger

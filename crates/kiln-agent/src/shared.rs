@@ -82,6 +82,7 @@ impl Shared {
         router: Arc<crate::router::Router>,
         seed: u64,
     ) -> Self {
+        let runtimes_home = home.clone();
         Self {
             home,
             store,
@@ -94,7 +95,7 @@ impl Shared {
             backoff,
             status: std::sync::Mutex::default(),
             router,
-            runtimes: Runtimes::Node,
+            runtimes: Runtimes::Node(runtimes_home),
             keeper: Arc::new(crate::keeper::Keeper::none()),
             drift: Arc::default(),
             allow_process: false,
@@ -167,8 +168,9 @@ pub(crate) fn node_name() -> String {
 
 /// Where controllers get the runtime a release names.
 pub enum Runtimes {
-    /// This node's, by kind (bubblewrap found on `PATH`, or plain processes).
-    Node,
+    /// This node's, by kind (bubblewrap found on `PATH`, the embedded OCI
+    /// runtime keeping its bundles under the home, or plain processes).
+    Node(std::path::PathBuf),
     /// One for every kind.
     #[cfg(test)]
     Only(Arc<dyn Runtime>),
@@ -177,7 +179,7 @@ pub enum Runtimes {
 impl Runtimes {
     pub fn get(&self, kind: RuntimeKind) -> Result<Arc<dyn Runtime>, RuntimeError> {
         match self {
-            Self::Node => crate::runtime::runtime(kind).map(Arc::from),
+            Self::Node(home) => crate::runtime::runtime(kind, home).map(Arc::from),
             #[cfg(test)]
             Self::Only(rt) => Ok(rt.clone()),
         }

@@ -57,6 +57,10 @@ pub struct AgentInfo {
     pub home: String,
     /// Whether bubblewrap is available (the `sandbox` runtime).
     pub sandbox_available: bool,
+    /// Whether the embedded OCI runtime is (`oci`: the agent is root); the
+    /// default where bubblewrap is missing.
+    #[serde(default)]
+    pub oci_available: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -46,8 +46,10 @@ pub struct ServiceSpec {
     /// Volume name → mount path (or `{ path = "/data", shared = true }`).
     #[serde(default)]
     pub volumes: BTreeMap<VolumeName, VolumeSpec>,
-    /// `sandbox` (bubblewrap), `process`, or `oci` (runc). Default: `sandbox`
-    /// when bubblewrap is installed, else `process`.
+    /// `sandbox` (bubblewrap), `oci` (the embedded OCI runtime: a full
+    /// container), or `process`. Default: `sandbox` when bubblewrap is
+    /// installed, else `oci` (an agent running as root), else `process`
+    /// (when the agent allows it).
     pub runtime: Option<RuntimeKind>,
     /// Who the instances run as (`NAME|UID[:GROUP|GID]`, `root`); default:
     /// the image's `USER`, else `nobody` (65534). Checked by
@@ -1144,11 +1146,6 @@ kill_timeout = "3s"
                 "[images.a]\n[services.web]\nimage = \"a\"\nruntime = \"sandbx\"\n",
                 "did you mean `sandbox`",
                 4,
-            ),
-            (
-                "[images.a]\n[services.web]\nimage = \"a\"\nreplicas = 2\nruntime = \"oci\"\n",
-                "runtime oci (runc) is not available yet",
-                5,
             ),
             (
                 "[images.a]\n[services.web]\nimage = \"a\"\nuser = \"a b\"\n",

@@ -314,14 +314,6 @@ impl Spec {
                     ));
                 }
             }
-            if svc.runtime == Some(crate::service::RuntimeKind::Oci) {
-                return Err(at_key(
-                    "runtime",
-                    format!(
-                        "service {name}: runtime oci (runc) is not available yet; use sandbox or process"
-                    ),
-                ));
-            }
             if let Some(user) = &svc.user {
                 crate::user::check(user)
                     .map_err(|e| at_key("user", format!("service {name}: {e}")))?;

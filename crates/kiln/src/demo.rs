@@ -225,12 +225,12 @@ pub fn run(home: Option<PathBuf>, keep: bool, no_wait: bool) -> Result<ExitCode>
             .arg("--home")
             .arg(&home)
             .arg("serve")
-            // Without bubblewrap the demo's instances can only be plain
-            // processes, which an agent runs only when told (the note at
-            // apply says what is not enforced then).
+            // Without bubblewrap the agent runs the demo's instances in
+            // its embedded OCI runtime (as root); else they can only be
+            // plain processes, which an agent runs only when told (the note
+            // at apply says what is not enforced then).
             .args(
-                kiln_agent::find_bwrap()
-                    .is_none()
+                (kiln_agent::find_bwrap().is_none() && !kiln_agent::oci_available())
                     .then_some(["--allow-runtime", "process"])
                     .into_iter()
                     .flatten(),

@@ -991,7 +991,7 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         crate::commands::print_json(&status)?;
         return Ok(ExitCode::SUCCESS);
     }
-    if !status.agent.sandbox_available {
+    if !status.agent.sandbox_available && !status.agent.oci_available {
         println!(
             "note: bubblewrap is not installed: instances run as plain processes, their root is not enforced read-only"
         );

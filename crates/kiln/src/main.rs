@@ -1117,6 +1117,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    // kiln as its own OCI runtime: the shim between the agent and a
+    // container, before anything else runs (it must stay single-threaded).
+    {
+        let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+        if args.get(1).is_some_and(|a| a == kiln_agent::OCI_SHIM_ARG) {
+            let code = kiln_agent::oci_shim(&args[2..]);
+            return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+        }
+    }
     // A closed stdout (`kiln status | head -1`) ends the command quietly, as
     // SIGPIPE would end a C tool: `println!` panics on it (Rust ignores
     // SIGPIPE), and that one panic is not a bug to report.

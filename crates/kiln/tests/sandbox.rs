@@ -4,7 +4,8 @@
 //! or another service's volume), under an agent running as this test does
 //! (root in CI, as `dist/kiln.service` runs it). Every attempt fails and
 //! the app still serves. The same for an exec probe, which runs as the
-//! instance's user.
+//! instance's user. Each also under the embedded OCI runtime
+//! (`runtime = "oci"`).
 // Test helpers panic on purpose: a failed setup step is a failed test.
 #![allow(clippy::unwrap_used)]
 
@@ -113,10 +114,26 @@ fn assert_confined(r: &BTreeMap<String, String>, uid: &str) {
 #[test]
 fn a_sandboxed_instance_cannot_remount_write_trace_or_reach_the_agent() {
     require("bwrap");
+    cannot_remount_write_trace_or_reach_the_agent("");
+}
+
+/// The same attempts from an instance of the embedded OCI runtime: a full
+/// container (its user, no capability, `no_new_privs`, kiln's seccomp
+/// filter installed by kiln's executor, a read-only root of mount points).
+#[test]
+fn an_oci_instance_cannot_remount_write_trace_or_reach_the_agent() {
+    if my_uid() != 0 {
+        eprintln!("skipped: the oci runtime needs an agent running as root (CI runs as root)");
+        return;
+    }
+    cannot_remount_write_trace_or_reach_the_agent("runtime = \"oci\"");
+}
+
+fn cannot_remount_write_trace_or_reach_the_agent(runtime: &str) {
     require("perl");
     let env = Env::new();
     let port = free_port();
-    let spec = spec(&env, port, "");
+    let spec = spec(&env, port, runtime);
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", spec.to_str().unwrap()]);
     let r = report(&env);
@@ -143,13 +160,22 @@ fn a_sandboxed_instance_cannot_remount_write_trace_or_reach_the_agent() {
 #[test]
 fn root_asked_for_is_root_without_capabilities() {
     require("bwrap");
+    root_without_capabilities("");
+}
+
+#[test]
+fn root_asked_for_is_root_without_capabilities_in_an_oci_container() {
+    root_without_capabilities("runtime = \"oci\"");
+}
+
+fn root_without_capabilities(runtime: &str) {
     require("perl");
     if my_uid() != 0 {
         panic!("run as root: only an agent running as root can be asked for root");
     }
     let env = Env::new();
     let port = free_port();
-    let spec = spec(&env, port, "user = \"root\"");
+    let spec = spec(&env, port, &format!("user = \"root\"\n{runtime}"));
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", spec.to_str().unwrap()]);
     let r = report(&env);
@@ -185,6 +211,16 @@ fn a_named_user_of_the_image_or_host_is_used_and_an_unknown_one_refused() {
 #[test]
 fn an_exec_probe_runs_as_the_instances_user_without_capabilities() {
     require("bwrap");
+    exec_probe_as_the_instances_user("");
+}
+
+/// Inside the container: its namespaces, user and filter.
+#[test]
+fn an_exec_probe_of_an_oci_instance_runs_inside_its_container() {
+    exec_probe_as_the_instances_user("runtime = \"oci\"");
+}
+
+fn exec_probe_as_the_instances_user(runtime: &str) {
     require("nsenter");
     assert!(
         my_uid() == 0,
@@ -203,6 +239,7 @@ entrypoint = ["/bin/start.sh"]
 [services.web]
 image = "app"
 listen = "127.0.0.1:{port}"
+{runtime}
 [services.web.health.readiness]
 exec = ["/usr/bin/sh", "-c", "id -u > /tmp/probe-uid; grep CapEff /proc/self/status > /tmp/probe-caps; grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status > /tmp/probe-seccomp; perl -e 'syscall({keyctl}, 0, -3, 0) == -1 and print $!' > /tmp/probe-keyctl; perl -e 'syscall({ptrace}, 16, 1, 0, 0) == -1 and print $!' > /tmp/probe-ptrace; (echo x >> /bin/start.sh) 2> /dev/null && echo ok > /tmp/probe-write; mount -o remount,rw,bind /bin/start.sh && echo ok > /tmp/probe-remount; cat /tmp/probe-uid"]
 interval = "200ms"

@@ -931,6 +931,7 @@ pub(crate) async fn launch_for(
     env.insert("KILN_SERVICE".to_owned(), service.to_string());
     env.insert("KILN_RELEASE".to_owned(), p.release.revision.to_string());
     Ok(Launch {
+        id: id.to_owned(),
         rootfs: p.rootfs.clone(),
         argv: cfg.command.clone(),
         env,

@@ -156,18 +156,29 @@ impl Cgroups {
 
     /// Remove cgroup `name` once its instance is gone, and the levels
     /// above it that no other instance uses.
+    /// Every v1 hierarchy, not only `cpu` and `memory`: the OCI runtime
+    /// makes the cgroup in each (`pids`, `devices`, `freezer` …).
     pub fn remove(&self, name: &str) {
-        let hierarchies: Vec<&str> = match self.version {
-            CgroupVersion::V1 => self.controllers.clone(),
-            CgroupVersion::V2 => vec![""],
+        let hierarchies: Vec<String> = match self.version {
+            CgroupVersion::V1 => std::fs::read_dir(&self.root)
+                .map(|rd| {
+                    rd.flatten()
+                        // `cpu,cpuacct` is often also reachable by symlinks.
+                        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            CgroupVersion::V2 => vec![String::new()],
         };
-        for c in hierarchies {
+        for c in &hierarchies {
             let leaf = self.dir(c, name);
-            if !leaf.exists() {
-                continue;
-            }
-            // The instance's last processes may still be leaving.
+            // The instance's last processes may still be leaving. (Already
+            // gone when its runtime removed it: the levels above remain.)
             for _ in 0..10 {
+                if !leaf.exists() {
+                    break;
+                }
                 match std::fs::remove_dir(&leaf) {
                     Ok(()) => break,
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
@@ -230,6 +241,18 @@ pub fn describe(limits: &Resources, made: &Result<Vec<File>, CgroupError>) -> St
         ),
         Err(e) => format!("{limits} not enforced: {e}"),
     }
+}
+
+/// What an instance's log says of limits its runtime applies itself (the
+/// OCI runtime, from the bundle's `config.json`).
+pub fn describe_own(limits: &Resources) -> String {
+    format!(
+        "held to {limits} (cgroup {}, set by the oci runtime)",
+        match host().version() {
+            CgroupVersion::V1 => "v1",
+            CgroupVersion::V2 => "v2",
+        }
+    )
 }
 
 /// A file's text (empty when there is none), for tests.

@@ -223,6 +223,7 @@ mod tests {
 
     fn launch(env: &[(&str, &str)]) -> Launch {
         Launch {
+            id: "i-1".to_owned(),
             rootfs: "/nonexistent".into(),
             argv: vec!["/bin/server".to_owned()],
             env: env

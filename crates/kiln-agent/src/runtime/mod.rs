@@ -1,15 +1,17 @@
 //! How an instance is run: behind [`Runtime`] (a lifecycle: prepare,
 //! spawn, signal / kill / wait through [`Running`], clean up), `sandbox`
-//! (bubblewrap, [`sandbox`]) and `process` ([`process`]); `oci` (runc)
-//! comes later and fits the same trait. [`fake`] (tests and the scale
-//! benchmark) runs no process at all.
+//! (bubblewrap, [`sandbox`]), `oci` (the embedded OCI runtime, [`oci`],
+//! through kiln's own [`shim`]) and `process` ([`process`]). [`fake`]
+//! (tests and the scale benchmark) runs no process at all.
 
 pub mod cgroup;
 #[cfg(any(test, feature = "bench"))]
 pub mod fake;
+pub mod oci;
 mod process;
 mod sandbox;
 pub mod seccomp;
+pub mod shim;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -35,8 +37,10 @@ pub enum RuntimeError {
         "runtime sandbox needs bubblewrap (`bwrap`), which is not installed on this node (apt-get install bubblewrap)"
     )]
     NoBubblewrap,
-    #[error("runtime oci (runc) is not available yet; use sandbox or process")]
-    OciUnavailable,
+    #[error(
+        "runtime oci needs the agent to run as root (it makes the container's namespaces and cgroups)"
+    )]
+    OciNeedsRoot,
     #[error("cannot start the instance: {0}")]
     Spawn(std::io::Error),
     #[error("instance process {0} has no app running (yet)")]
@@ -46,6 +50,8 @@ pub enum RuntimeError {
 /// Everything needed to start one instance.
 #[derive(Clone, Debug)]
 pub struct Launch {
+    /// The instance's id (names its OCI bundle and container).
+    pub id: String,
     pub rootfs: PathBuf,
     pub argv: Vec<String>,
     pub env: BTreeMap<String, String>,
@@ -174,6 +180,34 @@ pub(crate) trait HostRuntime: Send + Sync {
     /// The pid that gets the stop signal, given the started child's; `None`
     /// while the instance's process tree is still being set up.
     fn app(child: u32) -> Option<u32>;
+    /// Whether the runtime puts the instance in its cgroup itself (the OCI
+    /// runtime does, from its `config.json`): the launcher stays outside.
+    const OWN_CGROUP: bool = false;
+    /// Make what the instance needs before it starts (an OCI bundle).
+    fn prepare(&self, _launch: &Launch) -> Result<(), RuntimeError> {
+        Ok(())
+    }
+    /// Remove what `prepare` and the instance left, once it is gone.
+    fn clean_up(&self, _launch: &Launch) {}
+    /// How the launcher looks in `/proc` (see [`Runtime::launched`]): by
+    /// default its command exactly.
+    fn launched(&self, launch: &Launch) -> kiln_core::drift::Launched {
+        use std::os::unix::ffi::OsStrExt;
+        let cmd = self.command(launch, &launch.argv);
+        let std = cmd.as_std();
+        // The command's environment is exactly what it sets: every
+        // runtime clears the agent's own first.
+        kiln_core::drift::Launched {
+            argv: std::iter::once(std.get_program())
+                .chain(std.get_args())
+                .map(|a| a.as_bytes().to_vec())
+                .collect(),
+            env: std
+                .get_envs()
+                .filter_map(|(k, v)| Some((k.as_bytes().to_vec(), v?.as_bytes().to_vec())))
+                .collect(),
+        }
+    }
 }
 
 impl<T: HostRuntime> Runtime for T {
@@ -185,13 +219,19 @@ impl<T: HostRuntime> Runtime for T {
         T::READ_ONLY
     }
 
+    fn prepare(&self, _id: &str, launch: &Launch) -> Result<(), RuntimeError> {
+        HostRuntime::prepare(self, launch)
+    }
+
     fn spawn(&self, _id: &str, launch: &Launch) -> Result<Box<dyn Running>, RuntimeError> {
         let mut cmd = HostRuntime::command(self, launch, &launch.argv);
         self.before_spawn(launch, &mut cmd)?;
         // Held to its limits from its first instruction, where the host
         // can; unlimited (and its log says why) where it cannot.
         let mut note = None;
-        if !launch.limits.is_none() {
+        if T::OWN_CGROUP && !launch.limits.is_none() {
+            note = Some(cgroup::describe_own(&launch.limits));
+        } else if !launch.limits.is_none() {
             let made = cgroup::host().make(&launch.cgroup, &launch.limits);
             note = Some(cgroup::describe(&launch.limits, &made));
             match made {
@@ -205,7 +245,8 @@ impl<T: HostRuntime> Runtime for T {
     }
 
     fn clean_up(&self, _id: &str, launch: &Launch) {
-        if !launch.limits.is_none() {
+        HostRuntime::clean_up(self, launch);
+        if !launch.limits.is_none() || T::OWN_CGROUP {
             cgroup::host().remove(&launch.cgroup);
         }
     }
@@ -228,24 +269,7 @@ impl<T: HostRuntime> Runtime for T {
     }
 
     fn launched(&self, launch: &Launch) -> Option<kiln_core::drift::Launched> {
-        use std::os::unix::ffi::OsStrExt;
-        if !T::LAUNCHER {
-            return None;
-        }
-        let cmd = HostRuntime::command(self, launch, &launch.argv);
-        let std = cmd.as_std();
-        // The command's environment is exactly what it sets: every
-        // runtime clears the agent's own first.
-        Some(kiln_core::drift::Launched {
-            argv: std::iter::once(std.get_program())
-                .chain(std.get_args())
-                .map(|a| a.as_bytes().to_vec())
-                .collect(),
-            env: std
-                .get_envs()
-                .filter_map(|(k, v)| Some((k.as_bytes().to_vec(), v?.as_bytes().to_vec())))
-                .collect(),
-        })
+        T::LAUNCHER.then(|| HostRuntime::launched(self, launch))
     }
 }
 
@@ -515,15 +539,22 @@ pub fn find_bwrap() -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// The runtime for `kind` on this node.
-pub fn runtime(kind: RuntimeKind) -> Result<Box<dyn Runtime>, RuntimeError> {
+/// The runtime for `kind` on this node, whose home is `home`.
+pub fn runtime(kind: RuntimeKind, home: &Path) -> Result<Box<dyn Runtime>, RuntimeError> {
     match kind {
         RuntimeKind::Sandbox => Ok(Box::new(Sandbox::new(
             find_bwrap().ok_or(RuntimeError::NoBubblewrap)?,
         ))),
         RuntimeKind::Process => Ok(Box::new(Process)),
-        RuntimeKind::Oci => Err(RuntimeError::OciUnavailable),
+        RuntimeKind::Oci if !oci_available() => Err(RuntimeError::OciNeedsRoot),
+        RuntimeKind::Oci => Ok(Box::new(oci::Oci::new(home.join("run").join("oci")))),
     }
+}
+
+/// Whether this node can run the embedded OCI runtime: it makes the
+/// container's namespaces and cgroups, which needs root.
+pub fn oci_available() -> bool {
+    rustix::process::geteuid().is_root()
 }
 
 /// An absolute program path as the image sees it: inside the tree when the

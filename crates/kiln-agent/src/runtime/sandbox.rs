@@ -21,7 +21,7 @@ use tokio::process::Command;
 use super::{HostRuntime, Launch, RuntimeError, children};
 
 pub(super) const HOST_DIRS: [&str; 6] = ["usr", "lib", "lib64", "lib32", "bin", "sbin"];
-const HOST_ETC: [&str; 9] = [
+pub(super) const HOST_ETC: [&str; 9] = [
     "resolv.conf",
     "hosts",
     "nsswitch.conf",

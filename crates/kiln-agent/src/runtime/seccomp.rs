@@ -76,6 +76,12 @@ pub fn program() -> Result<Vec<u8>, SeccompError> {
     Ok(out)
 }
 
+/// The instance's filter, compiled (the OCI runtime's executor installs it
+/// itself).
+pub fn filter() -> Result<BpfProgram, SeccompError> {
+    compile(DENIED.iter().map(|(_, nr)| *nr))
+}
+
 /// The filter an exec probe runs under: the instance's, but `setns`,
 /// which `nsenter` calls after the filter is installed to join the
 /// instance (the probe itself cannot use it: joining a namespace takes
