@@ -499,7 +499,8 @@ fn bad_specs_and_missing_things_are_refused_and_change_nothing() {
 }
 
 #[test]
-fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback_only_if_allowed() {
+fn without_bubblewrap_an_explicit_sandbox_is_refused_oci_is_the_default_and_process_only_if_allowed()
+ {
     let env = Env::new();
     // A PATH without bwrap.
     let bin = env.path("bin-without-bwrap");
@@ -533,19 +534,30 @@ fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback
     let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
     assert!(err.contains("runtime sandbox needs bubblewrap"), "{err}");
 
-    // No sandbox and no permission for plain processes: refused by the
-    // agent, whether the spec asks for `process` or says nothing.
+    // No sandbox: an agent running as root runs the embedded OCI runtime,
+    // whose roots are read-only as the sandbox's; never plain processes
+    // unless allowed, whether the spec asks for `process` or (not root)
+    // says nothing.
     write(
         &spec,
         text.replace("runtime = \"sandbox\"\n", "").as_bytes(),
     );
-    let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
-    assert!(
-        err.contains("runtime process runs the app unconfined")
-            && err.contains("--allow-runtime process")
-            && err.contains("install bubblewrap"),
-        "{err}"
-    );
+    if my_uid() == 0 {
+        apply(&env, &spec);
+        let s = service_status(&env, "web");
+        let i = &instances(&s)[0];
+        assert_eq!(i["runtime"], "oci", "{i}");
+        assert_eq!(i["read_only_root"], true, "{i}");
+        env.ok(&["remove", "web"]);
+    } else {
+        let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
+        assert!(
+            err.contains("runtime process runs the app unconfined")
+                && err.contains("--allow-runtime process")
+                && err.contains("install bubblewrap"),
+            "{err}"
+        );
+    }
     let process = text.replace("runtime = \"sandbox\"", "runtime = \"process\"");
     write(&spec, process.as_bytes());
     let err = env.fails(&["apply", "-f", spec.to_str().unwrap()]);
@@ -553,15 +565,16 @@ fn an_explicit_sandbox_without_bubblewrap_is_refused_and_process_is_the_fallback
     assert!(service_status_all(&env).is_empty(), "nothing was applied");
     agent.stop();
 
-    // Allowed: the fallback.
+    // Allowed: asked for (and the fallback of an agent that is not root).
     let _agent = start(true);
-    write(
-        &spec,
-        text.replace("runtime = \"sandbox\"\n", "").as_bytes(),
-    );
+    write(&spec, process.as_bytes());
     apply(&env, &spec);
     let s = service_status(&env, "web");
-    let i = &instances(&s)[0];
+    // (Release 1, which ran under oci, is kept warm beside it.)
+    let i = &instances(&s)
+        .into_iter()
+        .find(|i| i["revision"] == s["revision"])
+        .unwrap();
     assert_eq!(i["runtime"], "process");
     assert_eq!(i["read_only_root"], false);
     // Never as the agent's user: as root, the agent runs it as nobody.

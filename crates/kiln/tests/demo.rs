@@ -53,3 +53,44 @@ fn demo_deploys_rolls_out_under_load_and_rolls_back_with_no_failed_request() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// On a machine without bubblewrap (a `PATH` without it), the demo's
+/// instances are containers of the embedded OCI runtime, their roots
+/// read-only: never plain processes.
+#[test]
+fn without_bubblewrap_the_demo_runs_read_only_containers() {
+    if util::my_uid() != 0 {
+        eprintln!("skipped: the oci runtime needs an agent running as root (CI runs as root)");
+        return;
+    }
+    let env = util::Env::new();
+    let bin = env.path("empty-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let out = env
+        .cmd()
+        .env("PATH", &bin)
+        .args(["demo", "--no-wait"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!stdout.contains("plain processes"), "{stdout}");
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with("hello-r"))
+        .collect();
+    assert!(rows.len() >= 3, "{stdout}");
+    for row in rows {
+        assert!(row.contains(" oci "), "{row}");
+        assert!(row.contains("read-only (enforced)"), "{row}");
+    }
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("requests through the router"))
+        .unwrap();
+    assert!(line.ends_with(": 0 failed"), "{line}");
+}

@@ -84,8 +84,9 @@ pub type Output = OwnedFd;
 /// (Self::prepare) what an instance needs, [`spawn`](Self::spawn) it,
 /// then signal, kill and wait through the [`Running`] handle, and
 /// [`clean_up`](Self::clean_up) once it is gone. The sandbox and plain
-/// processes need no preparation (their tree is the store's); runc will
-/// write a bundle in `prepare` and delete its container in `clean_up`.
+/// processes need no preparation (their tree is the store's); the OCI
+/// runtime writes a bundle in `prepare` and removes what is left of its
+/// container in `clean_up`.
 pub trait Runtime: Send + Sync {
     fn kind(&self) -> RuntimeKind;
     /// Whether the kernel keeps the instance's root read-only.

@@ -1,0 +1,255 @@
+"""Driver for bench/runtime.sh (stdlib only; run as root: the oci runtime needs it).
+
+Per runtime (process, sandbox = bubblewrap, oci = kiln's embedded runtime):
+
+(1) the runtime by itself: the exact launcher kiln runs for an instance,
+    replayed by hand (its command line and environment read from /proc of a
+    running instance; for oci a copy of its bundle, with its own port),
+    spawn until the app accepts on its port: what the runtime costs with no
+    kiln around it;
+(2) kiln: `kill -9` of one instance's app until a replacement in its slot
+    is ready (kiln notices the death, prepares, spawns, probes, routes);
+(3) kiln's overhead = (2) - (1), p50, against the issue's bound of
+    max(5 ms, 10 % of the runtime's own start).
+
+Medians and percentiles over RUNS starts / KILLS kills, all in one run on
+one machine (these machines are noisy: compare within a run).
+"""
+import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+from benchlib import free_port, pct
+
+KILN, HELLO = sys.argv[1], sys.argv[2]
+RUNS = int(os.environ.get("RUNS", "30"))
+KILLS = int(os.environ.get("KILLS", "30"))
+REPLICAS = 3
+
+
+def answers(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.05):
+            return True
+    except OSError:
+        return False
+
+
+def until_accepting(port, limit=10.0):
+    t0 = time.perf_counter()
+    while not answers(port):
+        if time.perf_counter() - t0 > limit:
+            raise SystemExit(f"nothing listens on {port}")
+    return time.perf_counter() - t0
+
+
+def api(home, path):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(home, "kiln.sock"))
+    s.sendall(f"GET {path} HTTP/1.1\r\nhost: kiln\r\nconnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return json.loads(body)
+
+
+def children(pid):
+    out = []
+    for t in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{t}/children") as f:
+            out += [int(p) for p in f.read().split()]
+    return sorted(out)
+
+
+def app_of(runtime, pid):
+    """The app below an instance's launcher (sandbox and oci: launcher ->
+    pid 1 -> app)."""
+    if runtime == "process":
+        return pid
+    return children(children(pid)[0])[0]
+
+
+def make_app(root, runtime):
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy(HELLO, os.path.join(root, "bin", "hello"))
+    with open(os.path.join(root, "kiln.toml"), "w") as f:
+        f.write(f"""
+[images.hello]
+include = ["bin"]
+entrypoint = ["/bin/hello"]
+[services.web]
+image = "hello"
+replicas = {REPLICAS}
+runtime = "{runtime}"
+listen = "127.0.0.1:{free_port()}"
+""")
+
+
+class Agent:
+    def __init__(self, home):
+        self.home = home
+        self.proc = subprocess.Popen([KILN, "--home", home, "serve", "--allow-runtime", "process"],
+                                     stderr=subprocess.DEVNULL)
+        while not os.path.exists(os.path.join(home, "kiln.sock")):
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def kiln(home, *args, cwd=None):
+    subprocess.run([KILN, "--home", home, *args], cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def proc_launch(pid):
+    """The command line and environment of process `pid`."""
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = [a.decode() for a in f.read().split(b"\0") if a]
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        env = dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+    with open(f"/proc/{pid}/status") as f:
+        ids = {l.split(":")[0]: int(l.split()[1]) for l in f if l.startswith(("Uid:", "Gid:"))}
+    return argv, env, ids
+
+
+def raw_starts(runtime, launcher_pid, work):
+    """Spawn-to-accepting times of the runtime's own launcher, replayed."""
+    argv, env, ids = proc_launch(launcher_pid)
+    times = []
+    if runtime == "oci":
+        # argv: kiln __oci-shim BUNDLE STATE ID; a copy of the bundle, its
+        # port changed per start.
+        _, _, bundle, state, _ = argv
+        copy = os.path.join(work, "bundle")
+        shutil.copytree(bundle, copy, symlinks=True)
+        with open(os.path.join(copy, "config.json")) as f:
+            config = json.load(f)
+        for i in range(RUNS):
+            port = free_port()
+            config["process"]["env"] = [e for e in config["process"]["env"] if not e.startswith("PORT=")] + [f"PORT={port}"]
+            config["linux"]["cgroupsPath"] = f"/kiln-bench/raw-{i}"
+            with open(os.path.join(copy, "config.json"), "w") as f:
+                json.dump(config, f)
+            t0 = time.perf_counter()
+            p = subprocess.Popen([KILN, "__oci-shim", copy, state, f"bench-raw-{i}"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            until_accepting(port)
+            times.append(time.perf_counter() - t0)
+            init = children(p.pid)[0]
+            os.kill(init, signal.SIGKILL)
+            p.wait()
+        return times
+    for i in range(RUNS):
+        port = free_port()
+        e = dict(env, PORT=str(port))
+
+        def drop():
+            if ids["Gid"] != os.getgid():
+                os.setgid(ids["Gid"])
+            if ids["Uid"] != os.getuid():
+                os.setuid(ids["Uid"])
+        t0 = time.perf_counter()
+        # bubblewrap reads its seccomp program from fd 3: replay without it
+        # (one read of a few hundred bytes less: the runtime's start is
+        # measured a hair faster than kiln's own use of it).
+        a = [x for x in argv]
+        if runtime == "sandbox" and "--seccomp" in a:
+            k = a.index("--seccomp")
+            del a[k:k + 2]
+        p = subprocess.Popen(a, env=e, preexec_fn=drop, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        until_accepting(port)
+        times.append(time.perf_counter() - t0)
+        os.killpg(p.pid, signal.SIGKILL)
+        for c in children(p.pid) if os.path.exists(f"/proc/{p.pid}") else []:
+            try:
+                os.kill(c, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+    return times
+
+
+def heals(runtime, home):
+    out = []
+    for k in range(KILLS):
+        slot = k % REPLICAS
+        st = api(home, "/v1/status")["services"][0]
+        victim = next(i for i in st["instances"] if i["slot"] == slot and i["ready"])
+        t0 = time.perf_counter()
+        os.kill(app_of(runtime, victim["pid"]), signal.SIGKILL)
+        while True:
+            st = api(home, "/v1/status")["services"][0]
+            new = [i for i in st["instances"] if i["slot"] == slot and i["id"] != victim["id"] and i["ready"]]
+            if new:
+                out.append(time.perf_counter() - t0)
+                break
+            time.sleep(0.0005)
+        # Each slot is killed again only once it has been stable (10 s), so
+        # every kill is a first failure, replaced without back-off.
+        time.sleep(max(0.0, 10.5 / REPLICAS - (time.perf_counter() - t0)))
+    return out
+
+
+if os.geteuid() != 0:
+    raise SystemExit("run as root: the oci runtime needs it")
+work = tempfile.mkdtemp(prefix="kiln-bench-runtime-")
+os.chmod(work, 0o711)
+rows = []
+try:
+    for runtime in ["process", "sandbox", "oci"]:
+        if runtime == "sandbox" and not shutil.which("bwrap"):
+            print("bubblewrap is not installed: sandbox skipped", file=sys.stderr)
+            continue
+        home, app = f"{work}/{runtime}/home", f"{work}/{runtime}/app"
+        make_app(app, runtime)
+        kiln(home, "bake", cwd=app)
+        agent = Agent(home)
+        try:
+            kiln(home, "apply", cwd=app)
+            st = api(home, "/v1/status")["services"][0]
+            raw = raw_starts(runtime, st["instances"][0]["pid"], f"{work}/{runtime}")
+            healed = heals(runtime, home)
+        finally:
+            agent.stop()
+        r50, h50 = pct(raw, 50) * 1000, pct(healed, 50) * 1000
+        rows.append((f"{runtime}: the runtime by itself, spawn to accepting, p50", r50, None))
+        rows.append((f"{runtime}: kiln self-heal, kill -9 to replacement ready, p50", h50, None))
+        rows.append((f"{runtime}: kiln self-heal, p99", pct(healed, 99) * 1000, None))
+        bound = max(5.0, 0.1 * r50)
+        rows.append((f"{runtime}: kiln's overhead over the runtime (p50 - p50)", h50 - r50,
+                     f"bound max(5 ms, 10%) = {bound:.1f} ms"))
+finally:
+    shutil.rmtree(work, ignore_errors=True)
+    for d in os.listdir("/sys/fs/cgroup") if os.path.isdir("/sys/fs/cgroup") else []:
+        base = os.path.join("/sys/fs/cgroup", d, "kiln-bench")
+        if os.path.isdir(base):
+            for sub in os.listdir(base):
+                if os.path.isdir(os.path.join(base, sub)):
+                    try:
+                        os.rmdir(os.path.join(base, sub))
+                    except OSError:
+                        pass
+            try:
+                os.rmdir(base)
+            except OSError:
+                pass
+
+print(f"\nmachine: {os.cpu_count()} cores; {RUNS} raw starts, {KILLS} kills per runtime\n")
+print(f"{'case':<72} {'ms':>9}")
+for name, ms, note in rows:
+    print(f"{name:<72} {ms:>9.2f}" + (f"   ({note})" if note else ""))
