@@ -57,6 +57,7 @@ fn settings(replicas: u32) -> ServiceSettings {
 const DEMAND: Resources = Resources {
     cpu_millis: 100,
     memory_bytes: 64 << 20,
+    pids: 0,
 };
 
 fn release(name: &ServiceName) -> Release {

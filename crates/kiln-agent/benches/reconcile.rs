@@ -123,6 +123,7 @@ impl Node {
             fake: Fake::silent(),
             services: Vec::new(),
             launch: Launch {
+                id: String::new(),
                 rootfs: "/nonexistent".into(),
                 argv: vec!["/bin/server".to_owned()],
                 env: BTreeMap::new(),

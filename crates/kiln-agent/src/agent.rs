@@ -1838,6 +1838,8 @@ impl Agent {
                     kiln_core::resources::Resources {
                         cpu_millis: u32::try_from(r.cpu_millis).unwrap_or(u32::MAX),
                         memory_bytes: r.memory_bytes,
+                        // Not reserved: a limit only.
+                        pids: 0,
                     }
                 }),
             })

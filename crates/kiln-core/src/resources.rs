@@ -13,7 +13,8 @@ use std::fmt;
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// One instance's share: thousandths of a CPU and bytes of memory (0: not
-/// declared, neither reserved nor limited).
+/// declared, neither reserved nor limited), and the most processes and
+/// threads it may have at once (a limit only: nodes do not offer pids).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Resources {
@@ -21,6 +22,8 @@ pub struct Resources {
     pub cpu_millis: u32,
     #[serde(default, skip_serializing_if = "is_zero64")]
     pub memory_bytes: u64,
+    #[serde(default, skip_serializing_if = "is_zero32")]
+    pub pids: u32,
 }
 
 fn is_zero32(n: &u32) -> bool {
@@ -34,7 +37,7 @@ fn is_zero64(n: &u64) -> bool {
 impl Resources {
     /// Nothing declared.
     pub fn is_none(&self) -> bool {
-        self.cpu_millis == 0 && self.memory_bytes == 0
+        self.cpu_millis == 0 && self.memory_bytes == 0 && self.pids == 0
     }
 }
 
@@ -46,6 +49,9 @@ impl fmt::Display for Resources {
         }
         if self.memory_bytes != 0 {
             parts.push(format!("memory {}", show_bytes(self.memory_bytes)));
+        }
+        if self.pids != 0 {
+            parts.push(format!("pids {}", self.pids));
         }
         if parts.is_empty() {
             f.write_str("no resources")
@@ -106,6 +112,43 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 pub const MAX_CPUS: u64 = 1024;
 /// The least memory an instance may be given (below it nothing starts).
 pub const MIN_MEMORY: u64 = 4 << 20;
+
+/// The fewest processes an instance may be limited to: the runtime's own
+/// (bubblewrap and its reaper, or the container's pid 1) count.
+pub const MIN_PIDS: u64 = 8;
+/// The most the kernel's `pids.max` takes (its `PID_MAX_LIMIT`).
+pub const MAX_PIDS: u64 = 4 << 20;
+
+/// `pids = 256`: how many processes and threads an instance may have at
+/// once, at least [`MIN_PIDS`] and at most [`MAX_PIDS`].
+pub fn parse_pids(n: u64) -> Result<u32, String> {
+    if n < MIN_PIDS {
+        return Err(format!(
+            "pids `{n}`: at least {MIN_PIDS}, the runtime's own processes count (or leave pids out)"
+        ));
+    }
+    if n > MAX_PIDS {
+        return Err(format!("pids `{n}`: at most {MAX_PIDS}"));
+    }
+    u32::try_from(n).map_err(|_| format!("pids `{n}`: at most {MAX_PIDS}"))
+}
+
+/// `pids` as the spec writes it: a whole number.
+pub(crate) fn pids_field<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Number(u64),
+        Other(serde::de::IgnoredAny),
+    }
+    match Option::<Raw>::deserialize(d)? {
+        None => Ok(None),
+        Some(Raw::Number(n)) => parse_pids(n).map(Some).map_err(serde::de::Error::custom),
+        Some(Raw::Other(_)) => Err(serde::de::Error::custom(
+            "pids: write a whole number of processes, e.g. 256",
+        )),
+    }
+}
 
 /// `cpu = 0.5`, `cpu = 2` or `cpu = "500m"`: thousandths of a CPU, more
 /// than 0 and at most [`MAX_CPUS`].
@@ -318,7 +361,8 @@ pub struct CgroupSetting {
 
 /// The cgroup files that hold an instance to `limits`, in the order they
 /// are written: a CPU quota of `cpu_millis` per [`CPU_PERIOD_US`], a memory
-/// limit with no swap beyond it. Nothing for what is not declared.
+/// limit with no swap beyond it, a `pids.max`. Nothing for what is not
+/// declared.
 pub fn cgroup_settings(version: CgroupVersion, limits: &Resources) -> Vec<CgroupSetting> {
     let set = |controller, file, value: String, optional| CgroupSetting {
         controller,
@@ -356,6 +400,9 @@ pub fn cgroup_settings(version: CgroupVersion, limits: &Resources) -> Vec<Cgroup
                     true,
                 ));
             }
+            if limits.pids != 0 {
+                out.push(set("pids", "pids.max", limits.pids.to_string(), false));
+            }
         }
         CgroupVersion::V2 => {
             if limits.cpu_millis != 0 {
@@ -369,6 +416,9 @@ pub fn cgroup_settings(version: CgroupVersion, limits: &Resources) -> Vec<Cgroup
             if mem != 0 {
                 out.push(set("memory", "memory.max", mem.to_string(), false));
                 out.push(set("memory", "memory.swap.max", "0".to_owned(), true));
+            }
+            if limits.pids != 0 {
+                out.push(set("pids", "pids.max", limits.pids.to_string(), false));
             }
         }
     }
@@ -433,6 +483,26 @@ mod tests {
     }
 
     #[test]
+    fn pids_are_a_whole_number_within_what_the_kernel_takes() {
+        assert_eq!(parse_pids(MIN_PIDS), Ok(8));
+        assert_eq!(parse_pids(256), Ok(256));
+        assert_eq!(parse_pids(MAX_PIDS), Ok(4 << 20));
+        assert!(parse_pids(MIN_PIDS - 1).is_err_and(|e| e.contains("pids `7`: at least 8")));
+        assert!(parse_pids(0).is_err_and(|e| e.contains("at least")));
+        assert!(parse_pids(MAX_PIDS + 1).is_err_and(|e| e.contains("at most")));
+        let p = Resources {
+            pids: 64,
+            ..Resources::default()
+        };
+        assert!(!p.is_none());
+        assert_eq!(p.to_string(), "pids 64");
+        assert_eq!(
+            serde_json::to_string(&p).unwrap_or_default(),
+            r#"{"pids":64}"#
+        );
+    }
+
+    #[test]
     fn amounts_read_for_people() {
         assert_eq!(show_cpu(500), "0.5");
         assert_eq!(show_cpu(2000), "2");
@@ -448,12 +518,14 @@ mod tests {
         let r = Resources {
             cpu_millis: 500,
             memory_bytes: 256 << 20,
+            pids: 0,
         };
         assert_eq!(r.to_string(), "cpu 0.5, memory 256 MiB");
         assert_eq!(
             Resources {
                 cpu_millis: 2000,
-                memory_bytes: 0
+                memory_bytes: 0,
+                pids: 0
             }
             .to_string(),
             "cpu 2"
@@ -461,7 +533,8 @@ mod tests {
         assert_eq!(
             Resources {
                 cpu_millis: 0,
-                memory_bytes: 1 << 30
+                memory_bytes: 1 << 30,
+                pids: 0
             }
             .to_string(),
             "memory 1 GiB"
@@ -479,12 +552,14 @@ mod tests {
         let half = Resources {
             cpu_millis: 500,
             memory_bytes: 0,
+            pids: 0,
         };
         assert!(!half.is_none());
         assert!(
             !Resources {
                 cpu_millis: 0,
-                memory_bytes: 1
+                memory_bytes: 1,
+                pids: 0
             }
             .is_none()
         );
@@ -495,6 +570,7 @@ mod tests {
         let mib = Resources {
             cpu_millis: 0,
             memory_bytes: 1 << 20,
+            pids: 0,
         };
         assert_eq!(
             serde_json::to_string(&mib).unwrap_or_default(),
@@ -517,6 +593,7 @@ mod tests {
         let one = Resources {
             cpu_millis: 1000,
             memory_bytes: 256 << 20,
+            pids: 0,
         };
         let room = Room::new(
             [
@@ -539,15 +616,18 @@ mod tests {
         assert!(room.free("a").fits(&one));
         assert!(!room.free("a").fits(&Resources {
             cpu_millis: 1001,
-            memory_bytes: 0
+            memory_bytes: 0,
+            pids: 0
         }));
         assert!(!room.free("a").fits(&Resources {
             cpu_millis: 0,
-            memory_bytes: (768 << 20) + 1
+            memory_bytes: (768 << 20) + 1,
+            pids: 0
         }));
         assert!(room.free("unknown").fits(&Resources {
             cpu_millis: u32::MAX,
-            memory_bytes: u64::MAX
+            memory_bytes: u64::MAX,
+            pids: 0
         }));
     }
 
@@ -556,6 +636,7 @@ mod tests {
         let both = Resources {
             cpu_millis: 500,
             memory_bytes: 64 << 20,
+            pids: 0,
         };
         let files = |v, r: &Resources| -> Vec<(&str, &str, String, bool)> {
             cgroup_settings(v, r)
@@ -593,12 +674,23 @@ mod tests {
         let two_cpus = Resources {
             cpu_millis: 2000,
             memory_bytes: 0,
+            pids: 0,
         };
         assert_eq!(
             files(CgroupVersion::V2, &two_cpus),
             vec![("cpu", "cpu.max", "200000 100000".to_owned(), false)]
         );
         assert_eq!(files(CgroupVersion::V1, &two_cpus).len(), 2);
+        let pids = Resources {
+            pids: 64,
+            ..Resources::default()
+        };
+        for v in [CgroupVersion::V1, CgroupVersion::V2] {
+            assert_eq!(
+                files(v, &pids),
+                vec![("pids", "pids.max", "64".to_owned(), false)]
+            );
+        }
         assert!(cgroup_settings(CgroupVersion::V1, &Resources::default()).is_empty());
         assert!(cgroup_settings(CgroupVersion::V2, &Resources::default()).is_empty());
     }

@@ -87,6 +87,11 @@ pub struct ServiceSpec {
     /// replaced). Default: none reserved, unlimited.
     #[serde(default, deserialize_with = "crate::resources::memory_field")]
     pub memory: Option<u64>,
+    /// The most processes and threads each instance may have at once
+    /// (`256`): a fork past it fails (EAGAIN). A limit, not reserved.
+    /// Default: unlimited.
+    #[serde(default, deserialize_with = "crate::resources::pids_field")]
+    pub pids: Option<u32>,
 }
 
 fn node_labels<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
@@ -984,6 +989,7 @@ mod tests {
         let s = service("memory = \"256M\"").unwrap();
         assert_eq!(s.memory, Some(256 << 20));
         assert_eq!(service("memory = 8388608").unwrap().memory, Some(8 << 20));
+        assert_eq!(service("pids = 256").unwrap().pids, Some(256));
         let none = service("").unwrap();
         assert_eq!((none.cpu, none.memory), (None, None));
         for (bad, says) in [
@@ -994,6 +1000,8 @@ mod tests {
             ("memory = \"much\"", "memory: unknown size unit"),
             ("cpu = true", "cpu: write CPUs"),
             ("memory = 1.5", "memory: write a size"),
+            ("pids = 2", "pids `2`: at least 8"),
+            ("pids = \"many\"", "pids: write a whole number"),
         ] {
             let err = service(bad).unwrap_err();
             assert!(err.contains(says), "{bad}: {err}");

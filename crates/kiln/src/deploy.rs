@@ -449,6 +449,7 @@ fn resolve_service(
             resources: kiln_core::resources::Resources {
                 cpu_millis: svc.cpu.unwrap_or(0),
                 memory_bytes: svc.memory.unwrap_or(0),
+                pids: svc.pids.unwrap_or(0),
             },
             hooks: svc.hooks.clone(),
         },

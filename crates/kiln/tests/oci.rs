@@ -2,7 +2,7 @@
 //! a busybox userland, with its own `USER`, `WORKDIR` and environment) runs
 //! as a full container of kiln's embedded runtime — as that user, in that
 //! directory, with a read-only root holding nothing of the host's, held to
-//! its `cpu` and `memory` by cgroups (read back), and on through `kiln
+//! its `cpu`, `memory` and `pids` by cgroups (read back), and on through `kiln
 //! serve --upgrade` with the same pid; nothing of it is left once it is
 //! gone. (Its confinement against a hostile app, exec probes and root
 //! without capabilities: tests/sandbox.rs, under both runtimes.)
@@ -92,6 +92,7 @@ image = "app"
 runtime = "oci"
 cpu = 0.5
 memory = "48M"
+pids = 64
 command = ["/bin/sh", "-c", "{SAYS}"]
 "#
         )
@@ -151,7 +152,10 @@ fn an_image_built_by_another_tool_runs_as_a_full_container() {
     assert!(logs.contains("usr=absent"), "{logs}");
     assert!(logs.contains("root=read-only"), "{logs}");
     assert!(logs.contains("tmp=writable"), "{logs}");
-    assert!(logs.contains("held to cpu 0.5, memory 48 MiB"), "{logs}");
+    assert!(
+        logs.contains("held to cpu 0.5, memory 48 MiB, pids 64"),
+        "{logs}"
+    );
     let status = service_status(&env, "worker");
     let instance = &status["instances"][0];
     assert_eq!(instance["runtime"], "oci", "{instance}");
@@ -176,6 +180,7 @@ fn an_image_built_by_another_tool_runs_as_a_full_container() {
         );
         assert_eq!(read(&cpu.join("cpu.cfs_quota_us")), "50000");
     }
+    assert_eq!(read(&cgroup_of(app, "pids").join("pids.max")), "64");
 
     // kiln upgrades itself: the container runs on, the same processes,
     // adopted by the new agent.

@@ -27,6 +27,7 @@ image = "app"
 listen = "127.0.0.1:{port}"
 cpu = 0.5
 memory = "48M"
+pids = 64
 [services.web.health.readiness]
 http = "/healthz"
 interval = "200ms"
@@ -109,8 +110,14 @@ fn an_instance_is_held_to_its_cpu_and_memory_by_a_cgroup_of_its_own() {
         assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "50000");
         assert_eq!(read(cpu.join("cpu.cfs_period_us")), "100000");
     }
+    let pids = cgroup_of(app, "pids");
+    assert!(pids.ends_with(&id), "{}", pids.display());
+    assert_eq!(read(pids.join("pids.max")), "64");
     let logs = env.ok(&["logs", "web"]);
-    assert!(logs.contains("held to cpu 0.5, memory 48 MiB"), "{logs}");
+    assert!(
+        logs.contains("held to cpu 0.5, memory 48 MiB, pids 64"),
+        "{logs}"
+    );
     assert!(http_get(u64::from(port), "/").is_some(), "it serves");
 
     // Past its memory, the kernel ends it: it never says it allocated,
@@ -142,7 +149,9 @@ fn an_instance_is_held_to_its_cpu_and_memory_by_a_cgroup_of_its_own() {
     .unwrap();
     let plan = env.ok(&["plan", "-f", spec_path]);
     assert!(
-        plan.contains("resources cpu 0.5, memory 48 MiB -> cpu 0.5, memory 64 MiB"),
+        plan.contains(
+            "resources cpu 0.5, memory 48 MiB, pids 64 -> cpu 0.5, memory 64 MiB, pids 64"
+        ),
         "{plan}"
     );
 
@@ -150,6 +159,7 @@ fn an_instance_is_held_to_its_cpu_and_memory_by_a_cgroup_of_its_own() {
     agent.stop();
     assert!(!memory.exists(), "{} left behind", memory.display());
     assert!(!cpu.exists(), "{} left behind", cpu.display());
+    assert!(!pids.exists(), "{} left behind", pids.display());
 }
 
 #[test]
@@ -159,12 +169,14 @@ fn bad_resources_are_refused_in_one_line_naming_them() {
         ("cpu = 0", "cpu `0`: more than 0"),
         ("cpu = \"fast\"", "cpu `fast`"),
         ("memory = \"1K\"", "memory `1K`: at least 4 MiB"),
+        ("pids = 1", "pids `1`: at least 8"),
     ] {
         let path = hello_app(
             &env.path("app"),
             &spec(8080)
                 .replace("cpu = 0.5", line)
-                .replace("memory = \"48M\"", ""),
+                .replace("memory = \"48M\"", "")
+                .replace("pids = 64\n", ""),
         );
         let err = env.fails(&["check", "-f", path.to_str().unwrap()]);
         assert!(err.contains(says), "{line}: {err}");

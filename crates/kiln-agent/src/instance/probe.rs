@@ -143,9 +143,23 @@ pub fn default_readiness() -> Probe {
     }
 }
 
-/// First retry while an instance has not yet passed a probe: instances
-/// should get traffic as soon as they can serve, not a probe period later.
-const FAST_START: Duration = Duration::from_millis(2);
+/// Polling while an instance has not yet passed a probe: instances should
+/// get traffic as soon as they can serve, not a probe period later. Every
+/// millisecond through its first [`FAST_WINDOW`] (a probe of a port that
+/// refuses costs microseconds; coarser steps would add up to a step's
+/// length to every start and self-heal), then doubling up to the interval.
+const FAST_POLL: Duration = Duration::from_millis(1);
+const FAST_WINDOW: Duration = Duration::from_millis(250);
+
+/// The wait before the next check of a probe not yet passed, `since` its
+/// first check, after waiting `wait`.
+fn next_wait(since: Duration, wait: Duration, interval: Duration) -> Duration {
+    if since < FAST_WINDOW {
+        FAST_POLL.min(interval)
+    } else {
+        (wait * 2).min(interval)
+    }
+}
 
 /// Run `probe` until it first flips to `target`, polling fast (from 2 ms,
 /// doubling up to the interval). Returns false if it flipped the other way.
@@ -155,7 +169,8 @@ async fn until_first(
     exec: Exec<'_>,
     state: &mut ProbeState,
 ) -> bool {
-    let mut wait = FAST_START;
+    let first = tokio::time::Instant::now();
+    let mut wait = FAST_POLL;
     loop {
         let ok = check(&probe.check, addr, probe.timeout.0, exec).await;
         if let Some(h) = state.record(ok, probe.success_threshold, probe.failure_threshold) {
@@ -164,8 +179,8 @@ async fn until_first(
         if state.healthy {
             return true;
         }
+        wait = next_wait(first.elapsed(), wait, probe.interval.0);
         tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(probe.interval.0);
     }
 }
 
@@ -201,8 +216,9 @@ pub async fn run(
         // interval to start, however fast the polling.
         let mut state = ProbeState::new(false);
         let mut failures = 0;
-        let mut wait = FAST_START;
-        let mut next_count = tokio::time::Instant::now() + startup.interval.0;
+        let first = tokio::time::Instant::now();
+        let mut wait = FAST_POLL;
+        let mut next_count = first + startup.interval.0;
         let mut last = None;
         loop {
             let result = examine(&startup.check, addr, startup.timeout.0, &*exec).await;
@@ -224,8 +240,8 @@ pub async fn run(
                     return;
                 }
             }
+            wait = next_wait(first.elapsed(), wait, startup.interval.0);
             tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(startup.interval.0);
         }
     }
     let exec = std::sync::Arc::new(exec);
@@ -281,6 +297,22 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_probe_not_yet_passed_is_polled_every_millisecond_then_backs_off() {
+        let ms = Duration::from_millis;
+        let interval = ms(1000);
+        assert_eq!(next_wait(ms(0), ms(1), interval), ms(1));
+        assert_eq!(next_wait(ms(249), ms(1), interval), ms(1));
+        assert_eq!(next_wait(FAST_WINDOW, ms(1), interval), ms(2));
+        assert_eq!(next_wait(ms(400), ms(256), interval), ms(512));
+        assert_eq!(next_wait(ms(900), ms(512), interval), interval);
+        // Never past the interval, even a shorter one than a fast poll.
+        assert_eq!(
+            next_wait(ms(0), ms(1), Duration::from_micros(500)),
+            Duration::from_micros(500)
+        );
+    }
 
     fn loopback(port: u16) -> SocketAddr {
         (std::net::Ipv4Addr::LOCALHOST, port).into()

@@ -1,10 +1,10 @@
-//! An instance's `cpu` and `memory`, enforced: an instance whose release
+//! An instance's `cpu`, `memory` and `pids`, enforced: an instance whose release
 //! declares them runs in a cgroup of its own, `kiln/SCOPE/ID` (SCOPE names
 //! the agent's home, so that two agents on one host never share one),
 //! with a CPU quota and a memory limit (no swap past it). The values are
 //! kiln-core's ([`kiln_core::resources::cgroup_settings`]); this module
-//! writes them, on the unified hierarchy (v2) or on the `cpu` and
-//! `memory` hierarchies of a v1 or hybrid host.
+//! writes them, on the unified hierarchy (v2) or on the `cpu`, `memory`
+//! and `pids` hierarchies of a v1 or hybrid host.
 //!
 //! The instance enters its cgroup before it runs anything: the child
 //! writes `0` (itself) to the cgroup's `cgroup.procs`, opened by the agent
@@ -58,7 +58,7 @@ impl Cgroups {
     /// one (its `cgroup.controllers` lists what it offers), else the v1
     /// hierarchies of `cpu` and `memory` that exist there.
     fn find(root: &Path) -> Self {
-        let wanted = ["cpu", "memory"];
+        let wanted = ["cpu", "memory", "pids"];
         match std::fs::read_to_string(root.join("cgroup.controllers")) {
             Ok(list) => Self {
                 version: CgroupVersion::V2,
@@ -277,6 +277,7 @@ mod tests {
         let cpu = Resources {
             cpu_millis: 500,
             memory_bytes: 0,
+            pids: 0,
         };
         assert!(matches!(
             v1.make("kiln/s/i", &cpu),
@@ -290,7 +291,7 @@ mod tests {
         .unwrap();
         let v2 = Cgroups::find(dir.path());
         assert_eq!(v2.version, CgroupVersion::V2);
-        assert_eq!(v2.controllers, ["cpu", "memory"]);
+        assert_eq!(v2.controllers, ["cpu", "memory", "pids"]);
         assert_eq!(v2.dir("cpu", "kiln/s/i"), dir.path().join("kiln/s/i"));
         assert_eq!(v1.dir("cpu", "kiln/s/i"), dir.path().join("cpu/kiln/s/i"));
     }
@@ -305,6 +306,7 @@ mod tests {
         let limits = Resources {
             cpu_millis: 250,
             memory_bytes: 32 << 20,
+            pids: 0,
         };
         // Files the kernel would make in each new cgroup.
         let leaf = dir.path().join("kiln/scope/id1");

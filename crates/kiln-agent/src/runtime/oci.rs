@@ -16,8 +16,8 @@
 //! port as under the other runtimes); the image's user, no capability,
 //! `no_new_privs`, kiln's [`seccomp`](super::seccomp) filter (installed by
 //! the shim's executor right before the app's `exec`: enforced without
-//! libseccomp); the `cpu` and `memory` limits in cgroup `kiln/SCOPE/ID`
-//! of every hierarchy.
+//! libseccomp); the `cpu`, `memory` and `pids` limits in cgroup
+//! `kiln/SCOPE/ID` of every hierarchy.
 
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -257,6 +257,9 @@ pub fn config(launch: &Launch, entries: &[Entry], host: Host) -> Result<Value, R
         }
         resources["memory"] = memory;
     }
+    if limits.pids != 0 {
+        resources["pids"] = json!({ "limit": limits.pids });
+    }
     if limits.cpu_millis != 0 {
         let period = kiln_core::resources::CPU_PERIOD_US;
         resources["cpu"] = json!({
@@ -486,6 +489,7 @@ mod tests {
             limits: kiln_core::resources::Resources {
                 cpu_millis: 500,
                 memory_bytes: 64 << 20,
+                pids: 64,
             },
             cgroup: "kiln/s/web-1".to_owned(),
             self_contained: true,
@@ -540,6 +544,7 @@ mod tests {
         assert_eq!((m.limit(), m.swap()), (Some(64 << 20), Some(64 << 20)));
         let cpu = r.cpu().as_ref().unwrap();
         assert_eq!((cpu.quota(), cpu.period()), (Some(50_000), Some(100_000)));
+        assert_eq!(r.pids().as_ref().map(|p| p.limit()), Some(64));
         let mounts = spec.mounts().as_ref().unwrap();
         let find = |d: &str| {
             mounts
@@ -570,6 +575,7 @@ mod tests {
         let c = config(&l, &[], HOST).unwrap();
         assert!(c["linux"]["resources"].get("memory").is_none());
         assert!(c["linux"]["resources"].get("cpu").is_none());
+        assert!(c["linux"]["resources"].get("pids").is_none());
         let mut l = launch();
         l.limits.cpu_millis = 0;
         let c = config(

@@ -3,7 +3,7 @@
 //! anything else runs (no async runtime, no thread: libcontainer forks
 //! inside its caller). It creates container `ID` from `BUNDLE` with its
 //! state under `STATE`, starts it, waits for its init (a child of the
-//! shim), deletes it and exits as the container did. Its stdio is the
+//! shim), removes what is left of it and exits as the container did. Its stdio is the
 //! container's: the agent's pipes.
 //!
 //! The container's workload is started by [`Exec`], kiln's executor: it
@@ -13,7 +13,7 @@
 //! pid 1's child, pid 1 a small reaper that passes signals on.
 
 use std::ffi::{CString, OsString};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::syscall::syscall::SyscallType;
@@ -184,11 +184,27 @@ fn run(args: &[OsString]) -> Result<i32, ShimError> {
         return Err(err(e));
     }
     let init = container.pid().map_or(0, |p| p.as_raw());
+    let cgroup = spec_cgroup(Path::new(bundle));
     let code = wait_for(init);
-    if let Err(e) = container.delete(true) {
-        eprintln!("kiln: oci runtime: deleting container {id}: {e}");
+    // Its init reaped, the container is gone (its pid namespace ended with
+    // it): what libcontainer's delete would remove goes at once — the
+    // cgroup in every hierarchy, the state, the bundle — so the agent
+    // learns of the end without delete's re-reading of the mount table and
+    // its retries with sleeps (measured: 3-10 ms of every self-heal). The
+    // agent's clean-up removes the same again if this did not.
+    if let Some(cgroup) = cgroup {
+        super::cgroup::host().remove(&cgroup);
     }
+    let _ = std::fs::remove_dir_all(Path::new(state).join(&id));
+    let _ = std::fs::remove_dir_all(bundle);
     Ok(code)
+}
+
+/// The cgroup the bundle's `config.json` names (`kiln/SCOPE/ID`).
+fn spec_cgroup(bundle: &Path) -> Option<String> {
+    let spec = Spec::load(bundle.join("config.json")).ok()?;
+    let path = spec.linux().as_ref()?.cgroups_path().clone()?;
+    Some(path.to_string_lossy().trim_start_matches('/').to_owned())
 }
 
 /// Reap children until `init` ends; its exit code (128 + the signal that

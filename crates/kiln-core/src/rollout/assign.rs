@@ -755,7 +755,7 @@ mod tests {
                 .collect();
             let demand = |rev: u64| {
                 let (cpu, mem) = demands[usize::from(rev == 2)];
-                Resources { cpu_millis: cpu * 500, memory_bytes: (mem * 100) << 20 }
+                Resources { cpu_millis: cpu * 500, memory_bytes: (mem * 100) << 20, pids: 0 }
             };
             let list: Vec<Assignment> = existing
                 .iter()
@@ -893,6 +893,7 @@ mod tests {
         let one_cpu = Resources {
             cpu_millis: 1000,
             memory_bytes: 64 << 20,
+            pids: 0,
         };
         // n1 has two CPUs, n2 one, n3 one of which another service holds.
         let other = Assignment {
