@@ -10,7 +10,7 @@
 """
 import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
-from benchlib import free_port, pct
+from benchlib import api, free_port, pct
 
 KILN, HELLO = sys.argv[1], sys.argv[2]
 RUNS = int(os.environ.get("RUNS", "5"))
@@ -39,30 +39,6 @@ def bare_start(n):
         p.kill()
         p.wait()
     return dt
-
-
-def api(home, path):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(os.path.join(home, "kiln.sock"))
-    s.sendall(f"GET {path} HTTP/1.1\r\nhost: kiln\r\nconnection: close\r\n\r\n".encode())
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size, _, rest = rest.partition(b"\r\n")
-            n = int(size, 16)
-            if n == 0:
-                break
-            out, rest = out + rest[:n], rest[n + 2:]
-        body = out
-    return json.loads(body)
 
 
 def make_app(root, runtime):

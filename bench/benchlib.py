@@ -50,3 +50,30 @@ def wrk(port, conns, duration, path="/"):
     non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     sock = sum(map(int, m.groups())) if (m := re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)) else 0
     return rps, p50, p99, total, non2xx, sock
+
+
+def api(home, path):
+    """GET `path` from the agent of `home` on its Unix socket: the JSON body."""
+    import json
+    import os
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.path.join(home, "kiln.sock"))
+    s.sendall(f"GET {path} HTTP/1.1\r\nhost: kiln\r\nconnection: close\r\n\r\n".encode())
+    data = b""
+    while True:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    s.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    if b"transfer-encoding: chunked" in head.lower():
+        out, rest = b"", body
+        while rest:
+            size, _, rest = rest.partition(b"\r\n")
+            n = int(size, 16)
+            if n == 0:
+                break
+            out, rest = out + rest[:n], rest[n + 2:]
+        body = out
+    return json.loads(body)

@@ -21,7 +21,7 @@ one machine (these machines are noisy: compare within a run).
 """
 import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
 
-from benchlib import free_port, pct
+from benchlib import api, free_port, pct
 
 KILN, HELLO = sys.argv[1], sys.argv[2]
 KILLS = int(os.environ.get("KILLS", "30"))
@@ -42,30 +42,6 @@ def until_accepting(port, limit=10.0):
         if time.perf_counter() - t0 > limit:
             raise SystemExit(f"nothing listens on {port}")
     return time.perf_counter() - t0
-
-
-def api(home, path):
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(os.path.join(home, "kiln.sock"))
-    s.sendall(f"GET {path} HTTP/1.1\r\nhost: kiln\r\nconnection: close\r\n\r\n".encode())
-    data = b""
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        data += chunk
-    s.close()
-    head, _, body = data.partition(b"\r\n\r\n")
-    if b"transfer-encoding: chunked" in head.lower():
-        out, rest = b"", body
-        while rest:
-            size, _, rest = rest.partition(b"\r\n")
-            n = int(size, 16)
-            if n == 0:
-                break
-            out, rest = out + rest[:n], rest[n + 2:]
-        body = out
-    return json.loads(body)
 
 
 def children(pid):

@@ -89,15 +89,8 @@ impl Sandbox {
         c.env_clear().envs(&launch.env).process_group(0);
         // The instance's seccomp filter (but setns, which nsenter needs),
         // with no_new_privs, from before nsenter runs: the probe inherits it.
-        let filter = super::seccomp::probe_filter()
+        super::seccomp::confine_probe(&mut c)
             .map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
-        #[allow(unsafe_code)]
-        // SAFETY: the closure runs in the forked child before exec and
-        // makes only the two system calls of `install`, allocating nothing;
-        // `filter` is moved into it and lives as long as the command.
-        unsafe {
-            c.pre_exec(move || super::seccomp::install(&filter));
-        }
         Ok(c)
     }
 

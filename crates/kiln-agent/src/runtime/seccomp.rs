@@ -128,6 +128,21 @@ pub unsafe fn install(filter: &BpfProgram) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Have `cmd` (an exec probe's `nsenter`) run under [`probe_filter`], with
+/// `no_new_privs`, from before it runs: the command it enters with
+/// inherits it.
+pub fn confine_probe(cmd: &mut tokio::process::Command) -> Result<(), SeccompError> {
+    let filter = probe_filter()?;
+    #[allow(unsafe_code)]
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only the two system calls of `install`, allocating nothing; `filter`
+    // is moved into it and lives as long as the command.
+    unsafe {
+        cmd.pre_exec(move || install(&filter));
+    }
+    Ok(())
+}
+
 /// The calls `denied` fail with `EPERM`, the rest are allowed.
 fn compile(denied: impl Iterator<Item = i64>) -> Result<BpfProgram, SeccompError> {
     let arch = std::env::consts::ARCH;
