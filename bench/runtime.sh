@@ -4,7 +4,7 @@
 # the runtime by itself (its launcher replayed by hand), in one run. Run as
 # root (the oci runtime needs it). Not a test.
 #
-#   bench/runtime.sh          # KILLS=30 kills per runtime, each way
+#   bench/runtime.sh          # KILLS=30 kills per runtime, each way; RUNTIMES="oci" for one
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "building kiln and hello (release)..." >&2
