@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod counters;
 pub mod digest;
 pub mod drift;
+pub mod edge;
 pub mod event;
 pub mod health;
 pub mod layer;
