@@ -38,7 +38,7 @@ fn foreign_image(dir: &Path) -> PathBuf {
         .find(|p| Path::new(p).is_file())
         .expect("busybox-static (scripts/test installs it)");
     std::fs::copy(busybox, root.join("bin/busybox")).unwrap();
-    for applet in ["sh", "id", "pwd", "touch", "echo", "sleep", "cat"] {
+    for applet in ["sh", "id", "pwd", "touch", "echo", "sleep", "cat", "grep"] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
     }
     std::fs::create_dir_all(root.join("etc")).unwrap();
@@ -72,6 +72,7 @@ const SAYS: &str = "echo who=$(id -u):$(id -g) in=$(pwd) from-image=$FROM_IMAGE;
     if [ -e /usr ]; then echo usr=present; else echo usr=absent; fi; \
     if touch /written 2>/dev/null; then echo root=WRITABLE; else echo root=read-only; fi; \
     if touch /tmp/t; then echo tmp=writable; fi; \
+    grep -E '^Sig(Ign|Blk)' /proc/self/status; \
     echo said=all; exec sleep 600";
 
 fn spec(dir: &Path) -> PathBuf {
@@ -152,6 +153,20 @@ fn an_image_built_by_another_tool_runs_as_a_full_container() {
     assert!(logs.contains("usr=absent"), "{logs}");
     assert!(logs.contains("root=read-only"), "{logs}");
     assert!(logs.contains("tmp=writable"), "{logs}");
+    // Every signal at its default action, none blocked: as if it were
+    // started by hand (not inheriting the agent's or the shim's ignored
+    // SIGPIPE, which would keep it alive on a broken pipe).
+    let mask = |name: &str| {
+        let hex = logs
+            .lines()
+            .find_map(|l| l.split_once(&format!("{name}:\t")).map(|(_, v)| v.trim()))
+            .unwrap_or_else(|| panic!("no {name} in {logs}"));
+        u64::from_str_radix(hex, 16).unwrap()
+    };
+    assert_eq!(mask("SigBlk"), 0, "{logs}");
+    // (Signals 32 and 33 are the C library's own, which it refuses to
+    // have changed.)
+    assert_eq!(mask("SigIgn") & 0x7fff_ffff, 0, "{logs}");
     assert!(
         logs.contains("held to cpu 0.5, memory 48 MiB, pids 64"),
         "{logs}"

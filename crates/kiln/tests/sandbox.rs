@@ -92,6 +92,11 @@ fn assert_confined(r: &BTreeMap<String, String>, uid: &str) {
     }
     assert_eq!(r["NoNewPrivs"], "1", "{r:?}");
     assert_eq!(r["Seccomp"], "2", "filter mode: {r:?}");
+    // Signals as if started by hand: none blocked, none ignored (32 and 33
+    // are the C library's own).
+    assert_eq!(r["SigBlk"], "0000000000000000", "{r:?}");
+    let ignored = u64::from_str_radix(&r["SigIgn"], 16).unwrap();
+    assert_eq!(ignored & 0x7fff_ffff, 0, "ignored signals: {r:?}");
     for attempt in [
         "remount",
         "write",

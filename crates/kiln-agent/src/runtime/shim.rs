@@ -59,6 +59,15 @@ impl Executor for Exec {
             super::seccomp::install(&self.filter).map_err(|e| {
                 ExecutorError::Other(format!("cannot install the seccomp filter: {e}"))
             })?;
+            // Every signal's action back to its default: this process is a
+            // Rust program's (which ignores SIGPIPE) started by the agent
+            // (which ignores others), and an ignored signal stays ignored
+            // across exec — the app would never die of a broken pipe.
+            for sig in 1..libc::SIGRTMAX() {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
             // Every signal waits for the reaper, which passes it on; the
             // app gets its own mask back before it runs.
             let mut all: libc::sigset_t = std::mem::zeroed();

@@ -322,7 +322,7 @@ try() { name=$1; shift; if "$@" >/dev/null 2>&1; then r "$name=ok"; else r "$nam
 r "uid=$(id -u)"
 r "gid=$(id -g)"
 r "groups=$(id -G)"
-while read -r k v; do case "$k" in CapEff:|CapPrm:|CapInh:|CapAmb:|NoNewPrivs:|Seccomp:) r "${k%:}=$v";; esac; done < /proc/self/status
+while read -r k v; do case "$k" in CapEff:|CapPrm:|CapInh:|CapAmb:|NoNewPrivs:|Seccomp:|SigIgn:|SigBlk:) r "${k%:}=$v";; esac; done < /proc/self/status
 try remount mount -o remount,rw,bind /bin/start.sh
 try write sh -c 'echo x >> ./bin/start.sh'
 try userns unshare -U true
