@@ -232,13 +232,7 @@ pub fn enter(cmd: &mut Command, procs: Vec<File>) {
 /// What an instance's log says of its limits at its start.
 pub fn describe(limits: &Resources, made: &Result<Vec<File>, CgroupError>) -> String {
     match made {
-        Ok(_) => format!(
-            "held to {limits} (cgroup {})",
-            match host().version() {
-                CgroupVersion::V1 => "v1",
-                CgroupVersion::V2 => "v2",
-            }
-        ),
+        Ok(_) => format!("held to {limits} (cgroup {})", version_name()),
         Err(e) => format!("{limits} not enforced: {e}"),
     }
 }
@@ -248,11 +242,16 @@ pub fn describe(limits: &Resources, made: &Result<Vec<File>, CgroupError>) -> St
 pub fn describe_own(limits: &Resources) -> String {
     format!(
         "held to {limits} (cgroup {}, set by the oci runtime)",
-        match host().version() {
-            CgroupVersion::V1 => "v1",
-            CgroupVersion::V2 => "v2",
-        }
+        version_name()
     )
+}
+
+/// The host's cgroup version, as the logs say it.
+fn version_name() -> &'static str {
+    match host().version() {
+        CgroupVersion::V1 => "v1",
+        CgroupVersion::V2 => "v2",
+    }
 }
 
 /// A file's text (empty when there is none), for tests.

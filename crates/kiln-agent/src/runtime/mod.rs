@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod fake;
 pub mod oci;
 mod process;
+mod root;
 mod sandbox;
 pub mod seccomp;
 pub mod shim;
@@ -28,7 +29,7 @@ use rustix::process::{Pid, Signal, kill_process, kill_process_group};
 use tokio::process::{Child, Command};
 
 pub use process::Process;
-use sandbox::HOST_DIRS;
+use root::HOST_DIRS;
 pub use sandbox::Sandbox;
 
 #[derive(Debug, thiserror::Error)]
@@ -504,6 +505,46 @@ pub(crate) fn kill_group(pid: u32) {
         let _ = kill_process_group(p, Signal::KILL);
         let _ = kill_process(p, Signal::KILL);
     }
+}
+
+/// Hand the instance's volumes to its user, which must write them (their
+/// top directory is chowned).
+pub(crate) fn give_volumes(launch: &Launch) -> Result<(), RuntimeError> {
+    if let Some(id) = launch.user {
+        for (_, host, _) in &launch.volumes {
+            std::os::unix::fs::chown(host, Some(id.uid), Some(id.gid))
+                .map_err(RuntimeError::Spawn)?;
+        }
+    }
+    Ok(())
+}
+
+/// `argv` inside process `target`'s namespaces (`join`: `--mount`,
+/// `--pid` …) through nsenter: its root and the instance's workdir, the
+/// instance's environment, as the instance's user when `as_user` (setuid
+/// from root drops every capability a joined namespace gave), and under
+/// the instance's seccomp filter but `setns` (which nsenter needs), with
+/// no_new_privs, from before nsenter runs: the command inherits it.
+pub(crate) fn nsenter(
+    launch: &Launch,
+    target: u32,
+    join: &[&str],
+    as_user: bool,
+    argv: &[String],
+) -> Result<Command, RuntimeError> {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--target={target}"))
+        .args(join)
+        .arg("--root")
+        .arg(format!("--wdns={}", launch.workdir));
+    if as_user && let Some(id) = launch.user.filter(|id| !id.is_root()) {
+        c.arg(format!("--setgid={}", id.gid))
+            .arg(format!("--setuid={}", id.uid));
+    }
+    c.arg("--").args(argv);
+    c.env_clear().envs(&launch.env).process_group(0);
+    seccomp::confine_probe(&mut c).map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
+    Ok(c)
 }
 
 /// Hand `fd` to the child as descriptor `target` (not close-on-exec

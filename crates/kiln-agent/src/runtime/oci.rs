@@ -26,7 +26,7 @@ use kiln_core::service::RuntimeKind;
 use serde_json::{Value, json};
 use tokio::process::Command;
 
-use super::sandbox::{HOST_DIRS, HOST_ETC};
+use super::root::{Entry, entries};
 use super::{HostRuntime, Launch, RuntimeError, children};
 
 /// The first argument that makes the kiln binary the shim.
@@ -76,79 +76,6 @@ fn mount(destination: &str, kind: &str, source: &Path, options: &[&str]) -> Valu
         "source": source,
         "options": options,
     })
-}
-
-/// What the container's root holds besides its own directories: the
-/// image's top-level entries, and — for an image without a userland of its
-/// own — the host's `/usr` and loader paths and a few `/etc` files, as
-/// under the sandbox. `(path inside, host path, is a symlink to)`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Entry {
-    /// Bound read-only from the host path (a directory or a file).
-    Bind {
-        inside: String,
-        host: PathBuf,
-        dir: bool,
-    },
-    /// A symbolic link made in the root.
-    Link { inside: String, target: PathBuf },
-}
-
-/// The entries of `launch`'s root, read from its tree and the host.
-pub fn entries(launch: &Launch) -> Vec<Entry> {
-    let mut out = Vec::new();
-    let mut image_top = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(&launch.rootfs) {
-        let mut items: Vec<_> = rd.flatten().collect();
-        items.sort_by_key(|e| e.file_name());
-        for e in items {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if OWN_DIRS.contains(&name.as_str()) {
-                continue;
-            }
-            let inside = format!("/{name}");
-            match std::fs::read_link(e.path()) {
-                Ok(target) => out.push(Entry::Link { inside, target }),
-                Err(_) => out.push(Entry::Bind {
-                    inside,
-                    dir: e.path().is_dir(),
-                    host: e.path(),
-                }),
-            }
-            image_top.push(name);
-        }
-    }
-    if !launch.self_contained {
-        for dir in HOST_DIRS {
-            if image_top.iter().any(|t| t == dir) {
-                continue;
-            }
-            let host = Path::new("/").join(dir);
-            let inside = format!("/{dir}");
-            match std::fs::read_link(&host) {
-                Ok(target) => out.push(Entry::Link { inside, target }),
-                Err(_) if host.is_dir() => out.push(Entry::Bind {
-                    inside,
-                    host,
-                    dir: true,
-                }),
-                Err(_) => {}
-            }
-        }
-        if !image_top.iter().any(|t| t == "etc") {
-            for f in HOST_ETC {
-                let host = Path::new("/etc").join(f);
-                if host.exists() {
-                    out.push(Entry::Bind {
-                        inside: format!("/etc/{f}"),
-                        dir: host.is_dir(),
-                        host,
-                    });
-                }
-            }
-        }
-    }
-    out
 }
 
 /// The facts of the host the container's config depends on.
@@ -325,7 +252,7 @@ impl Oci {
         let root = bundle.join("rootfs");
         std::fs::create_dir_all(&root).map_err(io(&root))?;
         std::fs::create_dir_all(self.state()).map_err(io(&self.state()))?;
-        let entries = entries(launch);
+        let entries = entries(launch, &OWN_DIRS);
         for e in &entries {
             match e {
                 Entry::Link { inside, target } => {
@@ -351,13 +278,7 @@ impl Oci {
         for d in OWN_DIRS {
             std::fs::create_dir_all(root.join(d)).map_err(io(&root.join(d)))?;
         }
-        // Volumes belong to the instance's user, which must write them.
-        if let Some(id) = launch.user {
-            for (_, host, _) in &launch.volumes {
-                std::os::unix::fs::chown(host, Some(id.uid), Some(id.gid))
-                    .map_err(RuntimeError::Spawn)?;
-            }
-        }
+        super::give_volumes(launch)?;
         let host = Host {
             swap_accounting: swap_accounting(),
         };
@@ -423,21 +344,13 @@ impl HostRuntime for Oci {
     /// seccomp filter (but `setns`, which nsenter needs).
     fn enter(&self, launch: &Launch, pid: u32, argv: &[String]) -> Result<Command, RuntimeError> {
         let target = app(pid).ok_or(RuntimeError::NoApp(pid))?;
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--target={target}"))
-            .args(["--mount", "--pid", "--ipc", "--uts", "--root"])
-            .arg(format!("--wdns={}", launch.workdir));
-        if let Some(id) = launch.user.filter(|id| !id.is_root()) {
-            c.arg(format!("--setgid={}", id.gid))
-                .arg(format!("--setuid={}", id.uid));
-        }
-        c.arg("--").args(argv);
-        c.env_clear().envs(&launch.env).process_group(0);
-        // The instance's seccomp filter (but setns, which nsenter needs),
-        // with no_new_privs, from before nsenter runs: the probe inherits it.
-        super::seccomp::confine_probe(&mut c)
-            .map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
-        Ok(c)
+        super::nsenter(
+            launch,
+            target,
+            &["--mount", "--pid", "--ipc", "--uts"],
+            true,
+            argv,
+        )
     }
 
     fn app(child: u32) -> Option<u32> {
@@ -608,7 +521,7 @@ mod tests {
         symlink("app", tree.join("srv")).unwrap();
         let mut l = launch();
         l.rootfs = tree.to_owned();
-        let own = entries(&l);
+        let own = entries(&l, &OWN_DIRS);
         assert_eq!(
             own,
             vec![
@@ -630,7 +543,7 @@ mod tests {
             "the image's /proc is never bound over the container's"
         );
         l.self_contained = false;
-        let borrowed = entries(&l);
+        let borrowed = entries(&l, &OWN_DIRS);
         assert!(borrowed.len() > own.len());
         assert!(borrowed.iter().any(|e| matches!(e,
             Entry::Bind { inside, .. } | Entry::Link { inside, .. } if inside == "/usr")));

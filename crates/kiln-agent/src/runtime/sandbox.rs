@@ -13,25 +13,14 @@
 
 use std::ffi::OsString;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use kiln_core::service::RuntimeKind;
 use tokio::process::Command;
 
+use super::root::Entry;
 use super::{HostRuntime, Launch, RuntimeError, children};
 
-pub(super) const HOST_DIRS: [&str; 6] = ["usr", "lib", "lib64", "lib32", "bin", "sbin"];
-pub(super) const HOST_ETC: [&str; 9] = [
-    "resolv.conf",
-    "hosts",
-    "nsswitch.conf",
-    "passwd",
-    "group",
-    "ld.so.cache",
-    "localtime",
-    "ssl",
-    "ca-certificates",
-];
 /// Provided by the sandbox itself, never taken from the image.
 const SANDBOX_DIRS: [&str; 3] = ["proc", "dev", "tmp"];
 
@@ -71,27 +60,22 @@ impl Sandbox {
         let target = app_pid(pid)
             .or_else(|| children(pid).first().copied())
             .ok_or(RuntimeError::NoApp(pid))?;
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--target={target}"))
-            .args(["--mount", "--pid", "--ipc", "--root"])
-            .arg(format!("--wdns={}", launch.workdir));
+        // Its user namespace when it has its own (as bwrap makes for a
+        // non-root agent); the probe then runs as the instance's user.
         let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
-        if ns(&target.to_string()) != ns("self") {
-            c.args(["--user", "--preserve-credentials"]);
-            // The probe runs as the instance's user: setuid from root drops
-            // every capability the joined namespace gave.
-            if let Some(id) = launch.user.filter(|id| !id.is_root()) {
-                c.arg(format!("--setgid={}", id.gid))
-                    .arg(format!("--setuid={}", id.uid));
-            }
-        }
-        c.arg("--").args(argv);
-        c.env_clear().envs(&launch.env).process_group(0);
-        // The instance's seccomp filter (but setns, which nsenter needs),
-        // with no_new_privs, from before nsenter runs: the probe inherits it.
-        super::seccomp::confine_probe(&mut c)
-            .map_err(|e| RuntimeError::Spawn(std::io::Error::other(e)))?;
-        Ok(c)
+        let own_userns = ns(&target.to_string()) != ns("self");
+        let join: &[&str] = if own_userns {
+            &[
+                "--mount",
+                "--pid",
+                "--ipc",
+                "--user",
+                "--preserve-credentials",
+            ]
+        } else {
+            &["--mount", "--pid", "--ipc"]
+        };
+        super::nsenter(launch, target, join, own_userns, argv)
     }
 
     fn args(&self, l: &Launch) -> Vec<OsString> {
@@ -110,43 +94,12 @@ impl Sandbox {
         }
         push(&[&"--unshare-pid", &"--unshare-ipc", &"--new-session"]);
         push(&[&"--seccomp", &SECCOMP_FD.to_string()]);
-        let mut image_top = Vec::new();
-        if let Ok(rd) = std::fs::read_dir(&l.rootfs) {
-            let mut entries: Vec<_> = rd.flatten().collect();
-            entries.sort_by_key(|e| e.file_name());
-            for e in entries {
-                let name = e.file_name();
-                let name_s = name.to_string_lossy().into_owned();
-                if SANDBOX_DIRS.contains(&name_s.as_str()) {
-                    continue;
-                }
-                let dest = format!("/{name_s}");
-                match std::fs::read_link(e.path()) {
-                    Ok(target) => push(&[&"--symlink", &target, &dest]),
-                    Err(_) => push(&[&"--ro-bind", &e.path(), &dest]),
-                }
-                image_top.push(name_s);
-            }
-        }
-        // An image with a userland of its own gets nothing of the host's.
-        let borrowed: &[&str] = if l.self_contained { &[] } else { &HOST_DIRS };
-        for &dir in borrowed {
-            if image_top.iter().any(|t| t == dir) {
-                continue;
-            }
-            let host = Path::new("/").join(dir);
-            match std::fs::read_link(&host) {
-                Ok(target) => push(&[&"--symlink", &target, &format!("/{dir}")]),
-                Err(_) if host.is_dir() => push(&[&"--ro-bind", &host, &host]),
-                Err(_) => {}
-            }
-        }
-        if !l.self_contained && !image_top.iter().any(|t| t == "etc") {
-            for f in HOST_ETC {
-                let host = Path::new("/etc").join(f);
-                if host.exists() {
-                    push(&[&"--ro-bind", &host, &host]);
-                }
+        // The image's entries, and the host's it borrows (none for an image
+        // with a userland of its own).
+        for e in super::root::entries(l, &SANDBOX_DIRS) {
+            match e {
+                Entry::Link { inside, target } => push(&[&"--symlink", &target, &inside]),
+                Entry::Bind { inside, host, .. } => push(&[&"--ro-bind", &host, &inside]),
             }
         }
         push(&[&"--proc", &"/proc", &"--dev", &"/dev", &"--tmpfs", &"/tmp"]);
@@ -172,13 +125,7 @@ impl HostRuntime for Sandbox {
     }
 
     fn before_spawn(&self, launch: &Launch, cmd: &mut Command) -> Result<(), RuntimeError> {
-        // Volumes belong to the instance's user, which must write them.
-        if let Some(id) = launch.user {
-            for (_, host, _) in &launch.volumes {
-                std::os::unix::fs::chown(host, Some(id.uid), Some(id.gid))
-                    .map_err(RuntimeError::Spawn)?;
-            }
-        }
+        super::give_volumes(launch)?;
         // The filter goes through a pipe of its own for each start (bwrap
         // reads it to the end).
         let (read, write) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
