@@ -51,21 +51,7 @@ pub fn normalize_host(authority: &str) -> Option<String> {
         _ => authority,
     };
     let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-    valid_name(&host).then_some(host)
-}
-
-/// Letters, digits and `-` in dot-separated labels of 1 to 63 bytes, at
-/// most 253 in all.
-fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+    crate::names::is_host_name(&host).then_some(host)
 }
 
 impl HostPattern {

@@ -65,6 +65,23 @@ macro_rules! validated_string_pub {
 
 pub(crate) use validated_string_pub;
 
+/// A DNS host name (RFC 1123): dot-separated labels of 1 to 63 letters,
+/// digits and `-`, none starting or ending with `-`, at most 253 bytes in
+/// all. (A registry's host, a route's host.)
+pub fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 validated_string_pub!(
     /// A service name: the same grammar as an image name.
     ServiceName,

@@ -121,18 +121,11 @@ fn check_host(host: &str) -> Result<(), RegistryRefError> {
     {
         return Err(bad());
     }
-    let valid = !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        });
-    if valid { Ok(()) } else { Err(bad()) }
+    if crate::names::is_host_name(name) {
+        Ok(())
+    } else {
+        Err(bad())
+    }
 }
 
 impl fmt::Display for RegistryRef {
