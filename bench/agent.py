@@ -8,22 +8,14 @@
     each kill is a slot's first failure and is replaced without back-off),
     against the bare app's own start-up p50/p99.
 """
-import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import os, shutil, signal, statistics, subprocess, sys, tempfile, time
 
-from benchlib import api, free_port, pct
+from benchlib import Agent, answers, api, free_port, kiln_quiet, make_hello_app, pct
 
 KILN, HELLO = sys.argv[1], sys.argv[2]
 RUNS = int(os.environ.get("RUNS", "5"))
 KILLS = int(os.environ.get("KILLS", "50"))
 REPLICAS = 10
-
-
-def answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.05):
-            return True
-    except OSError:
-        return False
 
 
 def bare_start(n):
@@ -41,43 +33,6 @@ def bare_start(n):
     return dt
 
 
-def make_app(root, runtime):
-    os.makedirs(os.path.join(root, "bin"))
-    shutil.copy(HELLO, os.path.join(root, "bin", "hello"))
-    # With a `listen`, an instance is ready once its port accepts (as the
-    # bare apps are timed): without one it would count as ready as soon as
-    # it runs, and the overhead would subtract a start-up kiln never waited for.
-    with open(os.path.join(root, "kiln.toml"), "w") as f:
-        f.write(f"""
-[images.hello]
-include = ["bin"]
-entrypoint = ["/bin/hello"]
-[services.web]
-image = "hello"
-replicas = {REPLICAS}
-runtime = "{runtime}"
-listen = "127.0.0.1:{free_port()}"
-""")
-
-
-class Agent:
-    def __init__(self, home):
-        self.home = home
-        # `process` is off by default (it runs the app unconfined).
-        self.proc = subprocess.Popen([KILN, "--home", home, "serve", "--allow-runtime", "process"],
-                                     stderr=subprocess.DEVNULL)
-        while not os.path.exists(os.path.join(home, "kiln.sock")):
-            time.sleep(0.01)
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait()
-
-
-def kiln(home, *args, cwd=None):
-    subprocess.run([KILN, "--home", home, *args], cwd=cwd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
 work = tempfile.mkdtemp(prefix="kiln-bench-agent-")
 # Searchable by everyone: an agent running as root runs instances as nobody.
 os.chmod(work, 0o711)
@@ -90,15 +45,15 @@ try:
         applies, materialize = [], []
         for i in range(RUNS):
             home, app = f"{work}/{runtime}{i}/home", f"{work}/{runtime}{i}/app"
-            make_app(app, runtime)
-            kiln(home, "bake", cwd=app)
+            make_hello_app(app, HELLO, runtime, REPLICAS)
+            kiln_quiet(KILN, home, "bake", cwd=app)
             t0 = time.perf_counter()
-            kiln(home, "unpack", "hello")
+            kiln_quiet(KILN, home, "unpack", "hello")
             materialize.append(time.perf_counter() - t0)
-            agent = Agent(home)
+            agent = Agent(KILN, home)
             try:
                 t0 = time.perf_counter()
-                kiln(home, "apply", cwd=app)
+                kiln_quiet(KILN, home, "apply", cwd=app)
                 applies.append(time.perf_counter() - t0)
             finally:
                 agent.stop()
@@ -110,12 +65,12 @@ try:
     # Self-healing.
     one = [bare_start(1) for _ in range(KILLS)]
     home, app = f"{work}/heal/home", f"{work}/heal/app"
-    make_app(app, "sandbox")
-    kiln(home, "bake", cwd=app)
-    agent = Agent(home)
+    make_hello_app(app, HELLO, "sandbox", REPLICAS)
+    kiln_quiet(KILN, home, "bake", cwd=app)
+    agent = Agent(KILN, home)
     heals = []
     try:
-        kiln(home, "apply", cwd=app)
+        kiln_quiet(KILN, home, "apply", cwd=app)
         for k in range(KILLS):
             slot = k % REPLICAS
             st = api(home, "/v1/status")["services"][0]

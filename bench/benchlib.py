@@ -1,5 +1,8 @@
 """Helpers the bench drivers share (stdlib only)."""
+import os
 import re
+import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -77,3 +80,54 @@ def api(home, path):
             out, rest = out + rest[:n], rest[n + 2:]
         body = out
     return json.loads(body)
+
+
+def answers(port):
+    """Whether something accepts on 127.0.0.1:port now."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.05):
+            return True
+    except OSError:
+        return False
+
+
+def make_hello_app(root, hello, runtime, replicas):
+    """A context with `hello` at /bin/hello and a spec of `replicas`
+    instances under `runtime`. With a `listen`, an instance is ready once its
+    port accepts (as bare apps are timed): without one it would count as
+    ready as soon as it runs."""
+    os.makedirs(os.path.join(root, "bin"))
+    shutil.copy(hello, os.path.join(root, "bin", "hello"))
+    with open(os.path.join(root, "kiln.toml"), "w") as f:
+        f.write(f"""
+[images.hello]
+include = ["bin"]
+entrypoint = ["/bin/hello"]
+[services.web]
+image = "hello"
+replicas = {replicas}
+runtime = "{runtime}"
+listen = "127.0.0.1:{free_port()}"
+""")
+
+
+class Agent:
+    """`kiln serve` of `home` (with `process` allowed: it is off by default,
+    as it runs the app unconfined), until its socket exists."""
+
+    def __init__(self, kiln, home):
+        self.home = home
+        self.proc = subprocess.Popen([kiln, "--home", home, "serve", "--allow-runtime", "process"],
+                                     stderr=subprocess.DEVNULL)
+        while not os.path.exists(os.path.join(home, "kiln.sock")):
+            time.sleep(0.01)
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def kiln_quiet(kiln, home, *args, cwd=None):
+    """A kiln command on `home`, its output dropped; fails the bench if it fails."""
+    subprocess.run([kiln, "--home", home, *args], cwd=cwd, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,22 +19,14 @@ Per runtime (process, sandbox = bubblewrap, oci = kiln's embedded runtime):
 Medians and percentiles over KILLS kills each way, all in one run on
 one machine (these machines are noisy: compare within a run).
 """
-import json, os, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import json, os, shutil, signal, subprocess, sys, tempfile, time
 
-from benchlib import api, free_port, pct
+from benchlib import Agent, answers, api, free_port, kiln_quiet, make_hello_app, pct
 
 KILN, HELLO = sys.argv[1], sys.argv[2]
 KILLS = int(os.environ.get("KILLS", "30"))
 # RUNTIMES="oci" measures one only.
 REPLICAS = 3
-
-
-def answers(port):
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.05):
-            return True
-    except OSError:
-        return False
 
 
 def until_accepting(port, limit=10.0):
@@ -65,40 +57,6 @@ def app_of(runtime, pid):
     if runtime == "process":
         return pid
     return children(children(pid)[0])[0]
-
-
-def make_app(root, runtime):
-    os.makedirs(os.path.join(root, "bin"))
-    shutil.copy(HELLO, os.path.join(root, "bin", "hello"))
-    with open(os.path.join(root, "kiln.toml"), "w") as f:
-        f.write(f"""
-[images.hello]
-include = ["bin"]
-entrypoint = ["/bin/hello"]
-[services.web]
-image = "hello"
-replicas = {REPLICAS}
-runtime = "{runtime}"
-listen = "127.0.0.1:{free_port()}"
-""")
-
-
-class Agent:
-    def __init__(self, home):
-        self.home = home
-        self.proc = subprocess.Popen([KILN, "--home", home, "serve", "--allow-runtime", "process"],
-                                     stderr=subprocess.DEVNULL)
-        while not os.path.exists(os.path.join(home, "kiln.sock")):
-            time.sleep(0.01)
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait()
-
-
-def kiln(home, *args, cwd=None):
-    subprocess.run([KILN, "--home", home, *args], cwd=cwd, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def proc_launch(pid):
@@ -219,12 +177,12 @@ try:
             print("bubblewrap is not installed: sandbox skipped", file=sys.stderr)
             continue
         home, app = f"{work}/{runtime}/home", f"{work}/{runtime}/app"
-        make_app(app, runtime)
-        kiln(home, "bake", cwd=app)
-        agent = Agent(home)
+        make_hello_app(app, HELLO, runtime, REPLICAS)
+        kiln_quiet(KILN, home, "bake", cwd=app)
+        agent = Agent(KILN, home)
         raw = None
         try:
-            kiln(home, "apply", cwd=app)
+            kiln_quiet(KILN, home, "apply", cwd=app)
             st = api(home, "/v1/status")["services"][0]
             raw = Raw(runtime, st["instances"][0]["pid"], f"{work}/{runtime}")
             raw.start()
