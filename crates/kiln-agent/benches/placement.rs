@@ -46,6 +46,7 @@ fn settings(replicas: u32) -> ServiceSettings {
     ServiceSettings {
         replicas,
         listen: None,
+        route: Default::default(),
         rollout: RolloutSpec::default(),
         timeout: kiln_core::service::Duration::from_secs(30),
         router: Default::default(),

@@ -102,6 +102,7 @@ fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
     ServiceSettings {
         replicas,
         listen: None,
+        route: Default::default(),
         rollout: RolloutSpec {
             max_surge,
             // Unwatched: a watched release keeps the one before it warm for

@@ -60,6 +60,7 @@ fn record(name: &ServiceName, target: u64) -> ServiceRecord {
         settings: ServiceSettings {
             replicas: 100,
             listen: None,
+            route: Default::default(),
             rollout: RolloutSpec::default(),
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),

@@ -137,12 +137,9 @@ pub enum AgentError {
         revision: u64,
         started: String,
     },
-    #[error("service {service}: listen {addr} is already the address of {other}")]
-    AddressTaken {
-        service: ServiceName,
-        addr: std::net::SocketAddr,
-        other: RouteKey,
-    },
+    /// Two services would answer the same host and path on one address.
+    #[error(transparent)]
+    Route(#[from] Box<kiln_core::edge::RouteError>),
     #[error(transparent)]
     Listen(#[from] crate::router::ListenError),
     #[error("no service named {0}")]
@@ -680,37 +677,86 @@ impl Agent {
         Ok(())
     }
 
-    /// The one place a service's listeners open (at start, and on apply):
-    /// its address, and its blue-green preview's. An address another
-    /// service holds is refused.
+    /// Where a service's routes go: its own on its `listen` address (with
+    /// its hosts and path prefix), its blue-green preview's on
+    /// `preview_listen` (every host and path).
+    fn routes_of(
+        &self,
+        name: &ServiceName,
+        settings: &kiln_core::release::ServiceSettings,
+    ) -> Vec<(RouteKey, std::net::SocketAddr, kiln_core::edge::RouteSpec)> {
+        let m = &self.shared.membership;
+        let own = settings.listen.map(|l| {
+            (
+                RouteKey::Service(name.clone()),
+                m.listen_addr(l.0),
+                settings.route.clone(),
+            )
+        });
+        let preview = settings.rollout.preview_listen.map(|l| {
+            (
+                RouteKey::Preview(name.clone()),
+                m.listen_addr(l.0),
+                kiln_core::edge::RouteSpec::default(),
+            )
+        });
+        own.into_iter().chain(preview).collect()
+    }
+
+    /// The one place a service's routes are attached (at start, and on
+    /// apply): a listener opens on an address that has none. A route
+    /// another service has is refused.
     async fn open_listeners(
         &self,
         name: &ServiceName,
         settings: &kiln_core::release::ServiceSettings,
     ) -> Result<(), AgentError> {
-        let m = &self.shared.membership;
-        if let Some(listen) = settings.listen {
-            let addr = m.listen_addr(listen.0);
-            if let Some(other) = self.shared.router.listening_on(addr).await
-                && other != RouteKey::Service(name.clone())
-            {
-                return Err(AgentError::AddressTaken {
-                    service: name.clone(),
-                    addr,
-                    other,
-                });
+        let routes = self.routes_of(name, settings);
+        for (key, addr, route) in &routes {
+            self.shared.router.attach(key, *addr, route).await?;
+        }
+        // A `listen` (or `preview_listen`) the settings no longer have.
+        for key in [
+            RouteKey::Service(name.clone()),
+            RouteKey::Preview(name.clone()),
+        ] {
+            if !routes.iter().any(|(k, _, _)| *k == key) {
+                self.shared.router.detach(&key).await;
             }
-            self.shared
-                .router
-                .listen(&RouteKey::Service(name.clone()), addr)
-                .await?;
         }
-        if let Some(preview) = settings.rollout.preview_listen {
-            self.shared
-                .router
-                .listen(&RouteKey::Preview(name.clone()), m.listen_addr(preview.0))
-                .await?;
-        }
+        Ok(())
+    }
+
+    /// Refuse, before anything changes, an apply after which two services
+    /// would answer the same host and path on one address (those of this
+    /// apply, and those the agent keeps running), naming both.
+    fn check_routes(
+        &self,
+        desired: &[kiln_core::release::DesiredService],
+        current: &BTreeMap<ServiceName, CurrentService>,
+        the_plan: &kiln_core::plan::Plan,
+    ) -> Result<(), AgentError> {
+        let removed: std::collections::BTreeSet<&ServiceName> = the_plan
+            .services
+            .iter()
+            .filter(|s| s.action == Action::Remove)
+            .map(|s| &s.service)
+            .collect();
+        let kept = current
+            .iter()
+            .filter(|(name, c)| {
+                !c.removed && !removed.contains(name) && !desired.iter().any(|d| &d.name == *name)
+            })
+            .map(|(name, c)| (name, &c.settings));
+        let all = kept.chain(desired.iter().map(|d| (&d.name, &d.settings)));
+        let routes = all.flat_map(|(name, settings)| {
+            self.routes_of(name, settings)
+                .into_iter()
+                .flat_map(|(key, addr, route)| {
+                    route.routes(key).into_iter().map(move |r| (addr, r))
+                })
+        });
+        kiln_core::edge::check(routes).map_err(Box::new)?;
         Ok(())
     }
 
@@ -832,6 +878,7 @@ impl Agent {
             }
         }
         let the_plan = plan(&req.services, &current, req.prune);
+        self.check_routes(&req.services, &current, &the_plan)?;
         if req.dry_run {
             return Ok(ApplyResponse { plan: the_plan });
         }
@@ -1033,7 +1080,7 @@ impl Agent {
             RouteKey::Service(name.clone()),
             RouteKey::Preview(name.clone()),
         ] {
-            self.shared.router.unlisten(&key).await;
+            self.shared.router.detach(&key).await;
             self.shared.router.remove_routes(&key);
         }
     }

@@ -75,7 +75,7 @@ impl IntoResponse for AgentError {
             | AgentError::Unpack { .. }
             | AgentError::NoCommand(_)
             | AgentError::NoSuchCommand { .. }
-            | AgentError::AddressTaken { .. }
+            | AgentError::Route(_)
             | AgentError::Listen(_)
             | AgentError::NothingToRollBackTo(_)
             | AgentError::AlreadyOn { .. }

@@ -367,8 +367,12 @@ fn kiln(rt: &tokio::runtime::Runtime) -> Proxy {
     let port = free_port();
     let router = Router::new(std::sync::Arc::new(kiln_agent::keeper::Keeper::none()));
     let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-    rt.block_on(router.listen(&svc, ([127, 0, 0, 1], port).into()))
-        .unwrap();
+    rt.block_on(router.attach(
+        &svc,
+        ([127, 0, 0, 1], port).into(),
+        &kiln_core::edge::RouteSpec::default(),
+    ))
+    .unwrap();
     let b = Backend::new(
         "i1".into(),
         1,

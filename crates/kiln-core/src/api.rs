@@ -624,6 +624,7 @@ mod tests {
         let settings = crate::release::ServiceSettings {
             replicas: 1,
             listen: None,
+            route: Default::default(),
             rollout: crate::service::RolloutSpec::default(),
             timeout: crate::service::Duration::from_secs(30),
             router: crate::service::RouterSpec::default(),

@@ -7,13 +7,19 @@
 //! never `/apix`). Two routes with the same host and prefix conflict, and
 //! are refused naming both.
 //!
-//! Pure: the router builds [`Routes`] once per table and looks a request
-//! up after its head is parsed. Not wired into the router or the spec yet.
+//! Pure: the spec names a service's place with a [`RouteSpec`]; the spec
+//! check and the agent refuse conflicts with [`check`]; the router builds
+//! [`Routes`] once per table and looks a request up after its head is
+//! parsed.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
 
 /// Which hosts a route answers.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub enum HostPattern {
     /// `app.example.com`.
     Exact(String),
@@ -33,12 +39,14 @@ pub enum RouteError {
     BadHost(String),
     #[error("path prefix `{0}` must start with `/` and hold no `?`, `#`, `//` or `..`")]
     BadPrefix(String),
-    #[error("{first} and {second} both route {host} {prefix}")]
+    #[error("{first} and {second} both route {host} {prefix}{on}")]
     Conflict {
         first: String,
         second: String,
         host: String,
         prefix: String,
+        /// ` on ADDRESS`, when known.
+        on: String,
     },
 }
 
@@ -84,6 +92,24 @@ impl HostPattern {
     }
 }
 
+impl TryFrom<String> for HostPattern {
+    type Error = RouteError;
+    fn try_from(s: String) -> Result<Self, RouteError> {
+        Self::parse(&s)
+    }
+}
+
+impl From<HostPattern> for String {
+    /// As a spec writes it.
+    fn from(h: HostPattern) -> String {
+        match h {
+            HostPattern::Exact(h) => h,
+            HostPattern::Wildcard(s) => format!("*{s}"),
+            HostPattern::Any => "*".to_owned(),
+        }
+    }
+}
+
 impl std::fmt::Display for HostPattern {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -108,6 +134,170 @@ pub fn parse_prefix(s: &str) -> Result<String, RouteError> {
         "/".to_owned()
     } else {
         trimmed.to_owned()
+    })
+}
+
+/// A `path_prefix` as the spec gives it, checked by [`parse_prefix`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPrefix(String);
+
+impl PathPrefix {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for PathPrefix {
+    type Error = RouteError;
+    fn try_from(s: String) -> Result<Self, RouteError> {
+        parse_prefix(&s).map(Self)
+    }
+}
+
+impl From<PathPrefix> for String {
+    fn from(p: PathPrefix) -> String {
+        p.0
+    }
+}
+
+/// Where a service attaches on its `listen` address: a service's settings
+/// (`hosts`, `path_prefix`, `strip_prefix`), changed without a release.
+/// The default (no key) is every host and every path: `listen` alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostPattern>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<PathPrefix>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strip_prefix: bool,
+}
+
+impl RouteSpec {
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// A service's own mistakes: a host twice, `strip_prefix` with nothing
+    /// to strip.
+    pub fn check(&self) -> Result<(), String> {
+        for (i, h) in self.hosts.iter().enumerate() {
+            if self.hosts[..i].contains(h) {
+                return Err(format!("hosts lists {h} twice"));
+            }
+        }
+        if self.strip_prefix && self.prefix() == "/" {
+            return Err("strip_prefix needs a path_prefix other than /".to_owned());
+        }
+        Ok(())
+    }
+
+    fn prefix(&self) -> &str {
+        self.path_prefix.as_ref().map_or("/", PathPrefix::as_str)
+    }
+
+    /// Its routes, one per host, each answered by `target`.
+    pub fn routes<T: Clone>(&self, target: T) -> Vec<Route<T>> {
+        let any = [HostPattern::Any];
+        let hosts = if self.hosts.is_empty() {
+            &any[..]
+        } else {
+            &self.hosts[..]
+        };
+        hosts
+            .iter()
+            .map(|h| Route {
+                host: h.clone(),
+                prefix: self.prefix().to_owned(),
+                strip: self.strip_prefix,
+                target: target.clone(),
+            })
+            .collect()
+    }
+}
+
+impl std::fmt::Display for RouteSpec {
+    /// `app.example.com,*.app.example.com/api (stripped)`; `*/` for all.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.hosts.is_empty() {
+            f.write_str("*")?;
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(&String::from(h.clone()))?;
+        }
+        f.write_str(self.prefix())?;
+        if self.strip_prefix {
+            f.write_str(" (stripped)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The first two routes with the same host and prefix.
+fn first_conflict<'r, T: std::fmt::Display + 'r>(
+    routes: impl IntoIterator<Item = &'r Route<T>>,
+    on: String,
+) -> Result<(), RouteError> {
+    let mut seen: HashMap<(&HostPattern, &str), &T> = HashMap::new();
+    for r in routes {
+        if let Some(first) = seen.insert((&r.host, r.prefix.as_str()), &r.target) {
+            return Err(RouteError::Conflict {
+                first: first.to_string(),
+                second: r.target.to_string(),
+                host: r.host.to_string(),
+                prefix: r.prefix.clone(),
+                on,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuse two routes with the same host and prefix on one address (the
+/// spec's check, and the agent's across every service it runs), naming
+/// both and the address.
+pub fn check<A: Ord + std::fmt::Display, T: std::fmt::Display>(
+    routes: impl IntoIterator<Item = (A, Route<T>)>,
+) -> Result<(), RouteError> {
+    let mut by_addr: BTreeMap<A, Vec<Route<T>>> = BTreeMap::new();
+    for (a, r) in routes {
+        by_addr.entry(a).or_default().push(r);
+    }
+    for (a, list) in &by_addr {
+        first_conflict(list, format!(" on {a}"))?;
+    }
+    Ok(())
+}
+
+/// Whether a request path holds a `.` or `..` segment (also written
+/// `%2e`): on a listener with path routes such a path is refused, so that
+/// `/public/../api` can never reach the service of `/public` and be read as
+/// `/api` by it (routing is on the path as sent, as HAProxy's `path_beg`).
+pub fn has_dot_segment(path: &str) -> bool {
+    let path = path.split(['?', '#']).next().unwrap_or(path);
+    path.split('/').any(|seg| {
+        let mut rest = seg;
+        let mut dots = 0;
+        loop {
+            if let Some(r) = rest.strip_prefix('.') {
+                rest = r;
+            } else if let Some(r) = rest
+                .get(..3)
+                .filter(|p| p.eq_ignore_ascii_case("%2e"))
+                .map(|_| &rest[3..])
+            {
+                rest = r;
+            } else {
+                break;
+            }
+            dots += 1;
+        }
+        rest.is_empty() && (dots == 1 || dots == 2)
     })
 }
 
@@ -136,10 +326,12 @@ pub struct Route<T> {
 
 /// What a request was routed to.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Found<'a, T> {
+pub struct Found<'a, 'p, T> {
     pub target: &'a T,
-    /// The path the instance gets.
-    pub path: String,
+    /// The path the instance gets (borrowed when it is the request's).
+    pub path: Cow<'p, str>,
+    /// The prefix taken off the path, when the route strips it.
+    pub stripped: Option<&'a str>,
 }
 
 /// A listener's routes, ready for lookups.
@@ -155,19 +347,7 @@ impl<T: std::fmt::Display> Routes<T> {
     /// The routes of one listener; two with the same host and prefix are
     /// refused, naming both.
     pub fn build(routes: Vec<Route<T>>) -> Result<Self, RouteError> {
-        let mut seen: HashMap<(HostPattern, String), String> = HashMap::new();
-        for r in &routes {
-            if let Some(first) =
-                seen.insert((r.host.clone(), r.prefix.clone()), r.target.to_string())
-            {
-                return Err(RouteError::Conflict {
-                    first,
-                    second: r.target.to_string(),
-                    host: r.host.to_string(),
-                    prefix: r.prefix.clone(),
-                });
-            }
-        }
+        first_conflict(&routes, String::new())?;
         let mut exact: HashMap<String, Vec<Route<T>>> = HashMap::new();
         let mut wild: HashMap<String, Vec<Route<T>>> = HashMap::new();
         let mut any = Vec::new();
@@ -196,10 +376,33 @@ impl<T: std::fmt::Display> Routes<T> {
 }
 
 impl<T> Routes<T> {
+    /// Whether any route names a host: if not, a request's host need not
+    /// even be read.
+    pub fn by_host(&self) -> bool {
+        !self.exact.is_empty() || !self.wildcards.is_empty()
+    }
+
+    /// Whether any route has a prefix other than `/`.
+    pub fn by_path(&self) -> bool {
+        let prefixed = |l: &Vec<Route<T>>| l.iter().any(|r| r.prefix != "/");
+        self.exact.values().any(prefixed)
+            || self.wildcards.iter().any(|(_, l)| prefixed(l))
+            || prefixed(&self.any)
+    }
+
+    /// Every route, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &Route<T>> {
+        self.exact
+            .values()
+            .chain(self.wildcards.iter().map(|(_, l)| l))
+            .chain(std::iter::once(&self.any))
+            .flatten()
+    }
+
     /// The route of a request for `host` (normalized) and `path` (from its
     /// target, starting with `/`): the most specific host that has a
     /// prefix covering the path, then its longest such prefix.
-    pub fn lookup(&self, host: &str, path: &str) -> Option<Found<'_, T>> {
+    pub fn lookup<'p>(&self, host: &str, path: &'p str) -> Option<Found<'_, 'p, T>> {
         fn first<'r, T>(list: &'r [Route<T>], path: &str) -> Option<&'r Route<T>> {
             list.iter().find(|r| under(&r.prefix, path))
         }
@@ -214,19 +417,22 @@ impl<T> Routes<T> {
                     .find_map(|(_, l)| first(l, path))
             })
             .or_else(|| first(&self.any, path))?;
-        let path = if route.strip && route.prefix != "/" {
-            let rest = &path[route.prefix.len()..];
-            if rest.starts_with('/') {
-                rest.to_owned()
-            } else {
-                format!("/{rest}")
+        let stripped = (route.strip && route.prefix != "/").then_some(route.prefix.as_str());
+        let path = match stripped {
+            Some(prefix) => {
+                let rest = &path[prefix.len()..];
+                if rest.starts_with('/') {
+                    Cow::Borrowed(rest)
+                } else {
+                    Cow::Owned(format!("/{rest}"))
+                }
             }
-        } else {
-            path.to_owned()
+            None => Cow::Borrowed(path),
         };
         Some(Found {
             target: &route.target,
             path,
+            stripped,
         })
     }
 }
@@ -336,7 +542,7 @@ mod tests {
         let at = |h: &str, p: &str| {
             routes
                 .lookup(h, p)
-                .map(|f| (f.target.clone(), f.path))
+                .map(|f| (f.target.clone(), f.path.into_owned()))
                 .unwrap()
         };
         assert_eq!(at("app.example.com", "/"), ("app".into(), "/".into()));
@@ -348,6 +554,17 @@ mod tests {
         assert_eq!(
             at("app.example.com", "/api?x=1"),
             ("api".into(), "/?x=1".into())
+        );
+        assert_eq!(
+            routes
+                .lookup("app.example.com", "/api/v1")
+                .unwrap()
+                .stripped,
+            Some("/api")
+        );
+        assert_eq!(
+            routes.lookup("app.example.com", "/v1").unwrap().stripped,
+            None
         );
         assert_eq!(
             at("app.example.com", "/apix"),
@@ -405,6 +622,176 @@ mod tests {
             ])
             .is_ok()
         );
+    }
+
+    #[derive(Deserialize)]
+    struct Svc {
+        #[serde(flatten)]
+        route: RouteSpec,
+    }
+
+    fn spec(toml_text: &str) -> Result<RouteSpec, String> {
+        toml::from_str::<Svc>(toml_text)
+            .map(|s| s.route)
+            .map_err(|e| e.message().to_owned())
+    }
+
+    #[test]
+    fn a_route_spec_is_read_checked_and_shown_as_written() {
+        let r = spec("hosts = [\"App.example.com\", \"*.app.example.com\"]\npath_prefix = \"/api/\"\nstrip_prefix = true\n").unwrap();
+        assert_eq!(
+            r.to_string(),
+            "app.example.com,*.app.example.com/api (stripped)"
+        );
+        assert_eq!(r.check(), Ok(()));
+        assert!(!r.is_default());
+        let routes = r.routes("web");
+        assert_eq!(routes.len(), 2);
+        assert!(
+            routes
+                .iter()
+                .all(|x| x.prefix == "/api" && x.strip && x.target == "web")
+        );
+        assert_eq!(
+            routes[1].host,
+            HostPattern::Wildcard(".app.example.com".into())
+        );
+        // Written back as the spec had it (normalized), and read again.
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(
+            json,
+            r#"{"hosts":["app.example.com","*.app.example.com"],"path_prefix":"/api","strip_prefix":true}"#
+        );
+        assert_eq!(serde_json::from_str::<RouteSpec>(&json).unwrap(), r);
+        // None of the keys: every host and path, as `listen` alone.
+        let all = spec("").unwrap();
+        assert!(all.is_default());
+        assert_eq!(all.to_string(), "*/");
+        assert_eq!(serde_json::to_string(&all).unwrap(), "{}");
+        let one = all.routes(1u8);
+        assert_eq!(
+            (
+                one.len(),
+                &one[0].host,
+                one[0].prefix.as_str(),
+                one[0].strip
+            ),
+            (1, &HostPattern::Any, "/", false)
+        );
+        // Bad values name themselves.
+        assert!(
+            spec("hosts = [\"a b\"]")
+                .unwrap_err()
+                .contains("host `a b` is not a host name")
+        );
+        assert!(
+            spec("path_prefix = \"api\"")
+                .unwrap_err()
+                .contains("path prefix `api`")
+        );
+        assert!(spec("hosts = [\"*\"]").is_err());
+        // A service's own mistakes.
+        let twice = spec("hosts = [\"a.com\", \"A.com\"]").unwrap();
+        assert_eq!(
+            twice.check(),
+            Err("hosts lists host a.com twice".to_owned())
+        );
+        for bad in [
+            "strip_prefix = true",
+            "strip_prefix = true\npath_prefix = \"/\"",
+        ] {
+            assert_eq!(
+                spec(bad).unwrap().check(),
+                Err("strip_prefix needs a path_prefix other than /".to_owned()),
+                "{bad}"
+            );
+        }
+        assert_eq!(spec("path_prefix = \"/\"").unwrap().check(), Ok(()));
+    }
+
+    #[test]
+    fn a_conflict_is_refused_per_address_naming_both_services_and_the_address() {
+        let web = spec("hosts = [\"a.com\"]").unwrap();
+        let api = spec("hosts = [\"b.com\", \"a.com\"]").unwrap();
+        let other = spec("").unwrap();
+        let on = |addr: &'static str, r: &RouteSpec, name: &'static str| {
+            r.routes(format!("service {name}"))
+                .into_iter()
+                .map(move |x| (addr, x))
+        };
+        let err = check(on(":80", &web, "web").chain(on(":80", &api, "api"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service web and service api both route host a.com / on :80"
+        );
+        // Apart on two addresses, or on different hosts: no conflict.
+        assert_eq!(
+            check(on(":80", &web, "web").chain(on(":81", &api, "api"))),
+            Ok(())
+        );
+        assert_eq!(
+            check(on(":80", &web, "web").chain(on(":80", &other, "rest"))),
+            Ok(())
+        );
+        let err = check(on(":80", &other, "a").chain(on(":80", &other, "b"))).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "service a and service b both route any host / on :80"
+        );
+    }
+
+    #[test]
+    fn dot_segments_are_found_however_written() {
+        for dotted in [
+            "/a/../b",
+            "/..",
+            "/.",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/%2e",
+            "/a/..?x",
+            "/a/.%2e/",
+        ] {
+            assert!(has_dot_segment(dotted), "{dotted}");
+        }
+        for clean in [
+            "/",
+            "/a/b",
+            "/a/.../b",
+            "/.well-known/x",
+            "/a..b",
+            "/a?x=/../",
+            "/%2ex",
+            "*",
+        ] {
+            assert!(!has_dot_segment(clean), "{clean}");
+        }
+    }
+
+    #[test]
+    fn a_listener_knows_whether_it_routes_by_host_or_by_path() {
+        let all = Routes::build(vec![route("", "/", false, "a")]).unwrap();
+        assert!(!all.by_host() && !all.by_path());
+        let hosts = Routes::build(vec![route("*.x.com", "/", false, "a")]).unwrap();
+        assert!(hosts.by_host() && !hosts.by_path());
+        let exact = Routes::build(vec![route("x.com", "/", false, "a")]).unwrap();
+        assert!(exact.by_host() && !exact.by_path());
+        for r in [
+            route("", "/api", false, "a"),
+            route("x.com", "/api", false, "a"),
+            route("*.x.com", "/api", false, "a"),
+        ] {
+            assert!(Routes::build(vec![r.clone()]).unwrap().by_path(), "{r:?}");
+        }
+        let mixed = Routes::build(vec![
+            route("x.com", "/", false, "a"),
+            route("*.x.com", "/b", false, "b"),
+            route("", "/", false, "c"),
+        ])
+        .unwrap();
+        let mut targets: Vec<&String> = mixed.iter().map(|r| &r.target).collect();
+        targets.sort();
+        assert_eq!(targets, ["a", "b", "c"]);
     }
 
     fn host_strategy() -> impl Strategy<Value = String> {

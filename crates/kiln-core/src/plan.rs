@@ -272,6 +272,9 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
             show(&new.listen)
         ));
     }
+    if old.route != new.route {
+        out.push(format!("route {} -> {}", old.route, new.route));
+    }
     if old.rollout != new.rollout {
         out.push("rollout settings changed".to_owned());
     }
@@ -313,6 +316,7 @@ mod tests {
             settings: ServiceSettings {
                 replicas,
                 listen: None,
+                route: Default::default(),
                 rollout: RolloutSpec::default(),
                 timeout: crate::service::Duration::from_secs(30),
                 router: Default::default(),

@@ -86,6 +86,10 @@ impl ReleaseConfig {
 pub struct ServiceSettings {
     pub replicas: u32,
     pub listen: Option<ListenAddr>,
+    /// Its hosts and path prefix on `listen` (recorded before they existed:
+    /// every host and path).
+    #[serde(default, skip_serializing_if = "crate::edge::RouteSpec::is_default")]
+    pub route: crate::edge::RouteSpec,
     pub rollout: RolloutSpec,
     /// The router's request timeout.
     pub timeout: crate::service::Duration,

@@ -29,8 +29,20 @@ pub struct ServiceSpec {
     pub require_signed: Option<bool>,
     #[serde(default = "one")]
     pub replicas: u32,
-    /// The router's address for this service (used once the router exists).
+    /// The router's address for this service. Several services may share
+    /// one, told apart by `hosts` and `path_prefix`.
     pub listen: Option<ListenAddr>,
+    /// The hosts this service answers on its `listen` address
+    /// (`app.example.com`, `*.app.example.com`); default: any.
+    #[serde(default)]
+    pub hosts: Vec<crate::edge::HostPattern>,
+    /// The path prefix it answers (`/api`: `/api` and `/api/...`, never
+    /// `/apix`); default: every path.
+    #[serde(default)]
+    pub path_prefix: Option<crate::edge::PathPrefix>,
+    /// The instance sees the path without the prefix (`/api/x` → `/x`).
+    #[serde(default)]
+    pub strip_prefix: bool,
     #[serde(default)]
     pub env: BTreeMap<EnvName, String>,
     /// Env vars whose values are secret: never in a command line, a log,
@@ -150,6 +162,15 @@ fn one() -> u32 {
 
 impl ServiceSpec {
     /// Rules between fields of one service.
+    /// Its place on its listener.
+    pub fn route(&self) -> crate::edge::RouteSpec {
+        crate::edge::RouteSpec {
+            hosts: self.hosts.clone(),
+            path_prefix: self.path_prefix.clone(),
+            strip_prefix: self.strip_prefix,
+        }
+    }
+
     pub fn check(&self) -> Result<(), String> {
         for (hook, argv) in [
             ("pre_deploy", &self.hooks.pre_deploy),
@@ -161,6 +182,11 @@ impl ServiceSpec {
                     "hooks.{hook}: the command is empty (an argv: [\"/bin/migrate\", \"--up\"])"
                 ));
             }
+        }
+        let route = self.route();
+        route.check()?;
+        if self.listen.is_none() && !route.is_default() {
+            return Err("hosts, path_prefix and strip_prefix need a listen address".to_owned());
         }
         let r = &self.router;
         for (key, d) in [
@@ -1172,7 +1198,7 @@ kill_timeout = "3s"
             ),
             (
                 "[images.a]\n[services.a]\nimage = \"a\"\nlisten = \"127.0.0.1:1\"\n[services.b]\nimage = \"a\"\nlisten = \"127.0.0.1:1\"\n",
-                "both listen",
+                "service a and service b both route any host / on 127.0.0.1:1",
                 5,
             ),
             (
@@ -1208,7 +1234,7 @@ mod blue_green_tests {
         for (extra, needle) in [
             (
                 "[services.web.rollout]\nstrategy = \"blue-green\"\npreview_listen = \"127.0.0.1:9000\"\n",
-                "both listen",
+                "service web and the preview of service web both route any host / on 127.0.0.1:9000",
             ),
             (
                 "volumes = { d = \"/data\" }\n[services.web.rollout]\nstrategy = \"blue-green\"\n",

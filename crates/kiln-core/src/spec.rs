@@ -275,7 +275,7 @@ impl Spec {
                 next = found.base.as_ref();
             }
         }
-        let mut listens = BTreeMap::new();
+        let mut listens = Vec::new();
         for (name, svc) in &self.services {
             let table = format!("services.{name}");
             // At the key's own line in the service's table when it has one,
@@ -306,14 +306,29 @@ impl Spec {
                     ),
                 ));
             }
-            for listen in svc.listen.iter().chain(&svc.rollout.preview_listen) {
-                if let Some(other) = listens.insert(listen.0, name) {
-                    return Err(at(
-                        &table,
-                        format!("services {other} and {name} both listen on {}", listen.0),
-                    ));
-                }
+            // Services share an address when their hosts or path prefixes
+            // tell them apart; a blue-green preview takes all of its own.
+            if let Some(listen) = svc.listen {
+                let route = svc.route();
+                route
+                    .check()
+                    .map_err(|m| at(&table, format!("service {name}: {m}")))?;
+                listens.extend(
+                    route
+                        .routes(format!("service {name}"))
+                        .into_iter()
+                        .map(|r| (listen.0, r)),
+                );
             }
+            if let Some(preview) = svc.rollout.preview_listen {
+                let all = crate::edge::RouteSpec::default();
+                listens.extend(
+                    all.routes(format!("the preview of service {name}"))
+                        .into_iter()
+                        .map(|r| (preview.0, r)),
+                );
+            }
+            crate::edge::check(listens.iter().cloned()).map_err(|e| at(&table, e.to_string()))?;
             if let Some(user) = &svc.user {
                 crate::user::check(user)
                     .map_err(|e| at_key("user", format!("service {name}: {e}")))?;

@@ -411,6 +411,7 @@ fn resolve_service(
         settings: ServiceSettings {
             replicas: svc.replicas,
             listen: svc.listen,
+            route: svc.route(),
             rollout: svc.rollout.clone(),
             timeout: svc.timeout,
             router: svc.router,

@@ -230,7 +230,9 @@ fn the_router_measures_each_release_on_the_metrics_endpoint() {
         "{text}"
     );
     assert!(
-        text.contains("kiln_router_active_connections{listener=\"web\"} 1\n"),
+        text.contains(&format!(
+            "kiln_router_active_connections{{listener=\"127.0.0.1:{port}\"}} 1\n"
+        )),
         "{text}"
     );
     assert!(

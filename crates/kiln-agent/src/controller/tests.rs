@@ -84,6 +84,7 @@ impl Harness {
             settings: ServiceSettings {
                 replicas,
                 listen: None,
+                route: Default::default(),
                 rollout,
                 timeout: service::Duration::from_secs(30),
                 router: service::RouterSpec::default(),

@@ -27,7 +27,7 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use crate::router::routes::{Inflight, RouteKey, RouteSource, ServiceRoutes, Side};
+use crate::router::routes::{Inflight, RouteSource, RouteTable, ServiceRoutes, Side};
 use crate::router::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
 use crate::router::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 use kiln_core::service::RouterSpec;
@@ -45,7 +45,8 @@ pub(crate) const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub(crate) struct Client {
     /// The router's table, read once per request.
     routes: RouteSource,
-    service: RouteKey,
+    /// The listener's address: its routes in the table.
+    listener: std::net::SocketAddr,
     pool: Arc<Pool>,
     /// The client's address, as `X-Forwarded-For` gets it.
     peer_ip: String,
@@ -86,12 +87,15 @@ struct Prepared {
     has_host: bool,
     side: Side,
     set_cookie: Option<String>,
+    /// The service its host and path route to, or the router's answer
+    /// when none can take it (no route, nothing ready).
+    routes: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
 }
 
 impl Client {
     pub(crate) fn new(
         routes: RouteSource,
-        service: RouteKey,
+        listener: std::net::SocketAddr,
         pool: Arc<Pool>,
         io: TcpStream,
         peer_ip: String,
@@ -100,7 +104,7 @@ impl Client {
         Self {
             answers,
             routes,
-            service,
+            listener,
             pool,
             peer_ip,
             io,
@@ -121,13 +125,18 @@ impl Client {
     /// goes on.
     async fn exchange(&mut self) -> bool {
         let mut waiting = None;
-        let (parsed, routes) = loop {
+        let parsed = loop {
             if !self.buf.is_empty() {
                 // The snapshot current when the request has come whole (not
                 // when an idle connection began to wait for it).
-                let routes = self.routes.routes(&self.service);
-                match prepare(&self.buf, &mut self.up, routes.as_deref(), &self.peer_ip) {
-                    Ok(Some(p)) => break (p, routes),
+                let table = self.routes.0.load();
+                match prepare(
+                    &self.buf,
+                    &mut self.up,
+                    (&table, &self.listener),
+                    &self.peer_ip,
+                ) {
+                    Ok(Some(p)) => break p,
                     Ok(None) => {}
                     Err(Reject(status, msg)) => {
                         return self.local(status, &msg, false, false).await;
@@ -178,25 +187,14 @@ impl Client {
         parsed.keep_alive &= !self.routes.draining();
         // A body left unread in the connection ends it after the answer.
         let keep = parsed.keep_alive && parsed.body == Framing::Empty;
-        let (backends, timeout, limits) = match routes.as_deref() {
-            Some(r) if !r.side(parsed.side).is_empty() => {
-                (r.side(parsed.side), r.timeout, r.limits)
-            }
-            r => {
-                let msg = match r {
-                    None => format!("no routes for {}\n", self.service),
-                    Some(_) => format!("no ready instance of {}\n", self.service),
-                };
-                return self
-                    .local(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &msg,
-                        keep,
-                        parsed.version10,
-                    )
-                    .await;
-            }
-        };
+        let routes =
+            match std::mem::replace(&mut parsed.routes, Err((StatusCode::OK, String::new()))) {
+                Ok(r) => r,
+                Err((status, msg)) => {
+                    return self.local(status, &msg, keep, parsed.version10).await;
+                }
+            };
+        let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
         self.send_timeout = limits.send_timeout.0;
         if parsed.expect_continue
             && parsed.body != Framing::Empty
@@ -556,7 +554,7 @@ fn connection(out: &mut Vec<u8>, keep: bool, version10: bool) {
 fn prepare(
     buf: &[u8],
     up: &mut Vec<u8>,
-    routes: Option<&ServiceRoutes>,
+    (table, listener): (&RouteTable, &std::net::SocketAddr),
     peer_ip: &str,
 ) -> Result<Option<Prepared>, Reject> {
     let bad = |msg: &str| Reject(StatusCode::BAD_REQUEST, format!("{msg}\n"));
@@ -643,20 +641,23 @@ fn prepare(
     let expects_continue = req.headers.iter().any(|h| {
         h.name.eq_ignore_ascii_case("expect") && h.value.eq_ignore_ascii_case(b"100-continue")
     });
-    let (side, set_cookie) = match routes {
-        Some(r) => r.choose(
+    // httparse hands the target over as text: its slices are too.
+    let path = std::str::from_utf8(target.origin).map_err(|_| bad("invalid request target"))?;
+    let (routes, path, stripped) = route(table, listener, host, path)?;
+    let (side, set_cookie) = match &routes {
+        Ok(r) => r.choose(
             req.headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
                 .map(|h| h.value),
         ),
-        None => (Side::Stable, None),
+        Err(_) => (Side::Stable, None),
     };
 
     up.clear();
     up.extend_from_slice(method.as_bytes());
     up.push(b' ');
-    up.extend_from_slice(target.origin);
+    up.extend_from_slice(path.as_bytes());
     up.extend_from_slice(b" HTTP/1.1\r\n");
     let named = wire::connection_named(req.headers.iter().map(|h| (h.name, h.value)));
     let mut forwarded_for = None;
@@ -700,6 +701,9 @@ fn prepare(
     if let Some(h) = host {
         push_header(up, b"x-forwarded-host", h);
     }
+    if let Some(prefix) = stripped {
+        push_header(up, b"x-forwarded-prefix", prefix.as_bytes());
+    }
     match body {
         Framing::Chunked(_) => up.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(n) => {
@@ -730,7 +734,74 @@ fn prepare(
         has_host: host.is_some(),
         side,
         set_cookie,
+        routes,
     }))
+}
+
+/// What answers a request for `host` and `path` on `listener`: the service's
+/// routes (or the router's own answer: no route 404, nothing ready 503),
+/// the path the instance gets, and the prefix stripped from it.
+#[allow(clippy::type_complexity)]
+fn route<'t, 'p>(
+    table: &'t RouteTable,
+    listener: &std::net::SocketAddr,
+    host: Option<&[u8]>,
+    path: &'p str,
+) -> Result<
+    (
+        Result<Arc<ServiceRoutes>, (StatusCode, String)>,
+        std::borrow::Cow<'p, str>,
+        Option<&'t str>,
+    ),
+    Reject,
+> {
+    let Some(routes) = table.listeners.get(listener) else {
+        let msg = format!("no service routes on {listener} yet\n");
+        return Ok((
+            Err((StatusCode::SERVICE_UNAVAILABLE, msg)),
+            path.into(),
+            None,
+        ));
+    };
+    if routes.by_path() && kiln_core::edge::has_dot_segment(path) {
+        return Err(Reject(
+            StatusCode::BAD_REQUEST,
+            "a path with a . or .. segment\n".to_owned(),
+        ));
+    }
+    // Only a listener that routes by host reads it (and a host that is
+    // not a name, an IP address say, is answered by the any-host routes).
+    let name = routes
+        .by_host()
+        .then(|| host.and_then(|h| std::str::from_utf8(h).ok()))
+        .flatten()
+        .and_then(kiln_core::edge::normalize_host);
+    let Some(found) = routes.lookup(name.as_deref().unwrap_or(""), path) else {
+        let msg = match name {
+            Some(h) => format!("no service answers host {h} with this path here\n"),
+            None => "no service answers this request here\n".to_owned(),
+        };
+        return Ok((Err((StatusCode::NOT_FOUND, msg)), path.into(), None));
+    };
+    let key = found.target;
+    let service = match table.services.get(key) {
+        // Neither side has a ready instance (`choose` only picks an empty
+        // side when both are).
+        Some(r)
+            if r.backends.is_empty() && r.canary.as_ref().is_none_or(|c| c.backends.is_empty()) =>
+        {
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("no ready instance of {key}\n"),
+            ))
+        }
+        Some(r) => Ok(r.clone()),
+        None => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("no routes for {key}\n"),
+        )),
+    };
+    Ok((service, found.path, found.stripped))
 }
 
 fn head_too_large() -> Reject {
@@ -745,9 +816,10 @@ fn head_too_large() -> Reject {
 /// maps names CGI-style reads `X_Forwarded_For` as `X-Forwarded-For`).
 /// `X-Forwarded-For` itself is kept as the earlier hops and appended to.
 fn is_set_by_router(name: &str) -> bool {
-    const SET: [&str; 5] = [
+    const SET: [&str; 6] = [
         "x-forwarded-proto",
         "x-forwarded-host",
+        "x-forwarded-prefix",
         "forwarded",
         "x-real-ip",
         "x-forwarded-port",
@@ -1074,7 +1146,11 @@ mod tests {
             ServiceRoutes::new(vec![backend.clone()], Duration::from_secs(5)).with_limits(limits),
         );
         router
-            .listen(&svc, ([127, 0, 0, 1], port).into())
+            .attach(
+                &svc,
+                ([127, 0, 0, 1], port).into(),
+                &kiln_core::edge::RouteSpec::default(),
+            )
             .await
             .unwrap();
         (router, port, backend)
@@ -1301,11 +1377,10 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let router = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
-        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let serve = |io| {
             let mut c = Client::new(
                 router.source(),
-                svc.clone(),
+                addr,
                 Arc::default(),
                 io,
                 "127.0.0.1".into(),
@@ -1795,6 +1870,13 @@ mod props {
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
 
+    /// A listener the table has no routes for: `prepare` writes the head
+    /// as it would for any service, and the answer is the router's 503.
+    const UNROUTED: std::net::SocketAddr = std::net::SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::LOCALHOST,
+        9,
+    ));
+
     /// A generated request: what it means, and its bytes.
     #[derive(Debug, Clone)]
     struct Gen {
@@ -1992,7 +2074,7 @@ mod props {
             step in 1usize..64,
         ) {
             let mut up = Vec::new();
-            let prepared = prepare(&g.bytes, &mut up, None, "192.0.2.1");
+            let prepared = prepare(&g.bytes, &mut up, (&RouteTable::default(), &UNROUTED), "192.0.2.1");
             let p = match prepared {
                 Ok(Some(p)) => p,
                 Ok(None) => {
@@ -2043,7 +2125,7 @@ mod props {
         #[test]
         fn arbitrary_bytes_never_yield_an_ambiguous_head(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let mut up = Vec::new();
-            if let Ok(Some(p)) = prepare(&bytes, &mut up, None, "192.0.2.1") {
+            if let Ok(Some(p)) = prepare(&bytes, &mut up, (&RouteTable::default(), &UNROUTED), "192.0.2.1") {
                 prop_assert!(p.len <= bytes.len());
                 up.extend_from_slice(b"\r\n");
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];

@@ -1,5 +1,6 @@
-//! The router: one HTTP/1.1 reverse-proxy listener per service `listen`,
-//! inside the agent, sending each request to a ready instance.
+//! The router: HTTP/1.1 reverse-proxy listeners inside the agent, one per
+//! address, sending each request to a ready instance of the service whose
+//! route (host, path prefix: [`kiln_core::edge`]) it matches.
 //!
 //! The whole routing table is one immutable [`RouteTable`] behind an
 //! `ArcSwap`: a request loads it once and uses that snapshot to the end, and
@@ -38,11 +39,12 @@ use self::downstream::Client;
 use self::routes::RouteSource;
 pub use self::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split};
 use self::upstream::Pool;
+use kiln_core::edge::{RouteError, RouteSpec, Routes};
 
 pub struct Router {
     table: RouteSource,
     pub metrics: Arc<self::metrics::Metrics>,
-    listeners: Mutex<HashMap<RouteKey, (SocketAddr, Workers)>>,
+    listeners: Mutex<Listeners>,
     /// Client connections open on all listeners together, and how many
     /// they may be: traffic never takes the descriptors the API, probes
     /// and instances need.
@@ -79,12 +81,57 @@ fn nofile_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// The listeners, by address, and where each route key is attached.
+#[derive(Default)]
+struct Listeners {
+    workers: HashMap<SocketAddr, Workers>,
+    attached: HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+}
+
+impl Listeners {
+    /// The routes on `addr` as `attached` has them.
+    fn routes_on(
+        attached: &HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+        addr: SocketAddr,
+    ) -> Result<Routes<RouteKey>, RouteError> {
+        let mut list: Vec<_> = attached
+            .iter()
+            .filter(|(_, (a, _))| *a == addr)
+            .flat_map(|(k, (_, r))| r.routes(k.clone()))
+            .collect();
+        // A stable order, so that a conflict names the services the same
+        // way each time.
+        list.sort_by_key(|r| r.target.to_string());
+        Routes::build(list).map_err(|e| match e {
+            RouteError::Conflict {
+                first,
+                second,
+                host,
+                prefix,
+                ..
+            } => RouteError::Conflict {
+                first,
+                second,
+                host,
+                prefix,
+                on: format!(" on {addr}"),
+            },
+            e => e,
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
-#[error("cannot listen on {addr} for {service}: {source}")]
-pub struct ListenError {
-    pub service: RouteKey,
-    pub addr: SocketAddr,
-    pub source: std::io::Error,
+pub enum ListenError {
+    #[error("cannot listen on {addr} for {service}: {source}")]
+    Bind {
+        service: RouteKey,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    /// Another service already answers the same host and path there.
+    #[error(transparent)]
+    Conflict(#[from] Box<RouteError>),
 }
 
 impl Router {
@@ -104,20 +151,30 @@ impl Router {
             keeper,
             table: RouteSource::default(),
             metrics: Arc::default(),
-            listeners: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Listeners::default()),
             open: Arc::default(),
             budget,
         })
     }
 
-    /// Whether a listener holding `open` connections (of `service`) must
-    /// wait before it accepts another: at its own cap, or at the budget.
-    fn at_capacity(&self, service: &RouteKey, open: i64) -> bool {
-        let cap = self
-            .routes(service)
-            .and_then(|r| r.limits.max_connections)
+    /// Whether the listener on `addr`, holding `open` connections, must
+    /// wait before it accepts another: at its cap (the smallest
+    /// `max_connections` of the services on it), or at the budget.
+    fn at_capacity(&self, addr: &SocketAddr, open: i64) -> bool {
+        if self.open.load(Ordering::Relaxed) >= self.budget {
+            return true;
+        }
+        let table = self.table.0.load();
+        let Some(routes) = table.listeners.get(addr) else {
+            return false;
+        };
+        let cap = routes
+            .iter()
+            .filter_map(|r| table.services.get(&r.target))
+            .filter_map(|r| r.limits.max_connections)
+            .min()
             .map_or(i64::MAX, i64::from);
-        open >= cap || self.open.load(Ordering::Relaxed) >= self.budget
+        open >= cap
     }
 
     /// Where connections read the routes (a test serves one by hand).
@@ -131,18 +188,16 @@ impl Router {
         self.table.0.load_full()
     }
 
-    /// A service's current routes.
-    pub(crate) fn routes(&self, key: &RouteKey) -> Option<Arc<ServiceRoutes>> {
-        self.table.routes(key)
-    }
-
     /// Publish a service's routes: one atomic swap of the whole table.
     pub fn set_routes(&self, service: &RouteKey, routes: ServiceRoutes) {
         let routes = Arc::new(routes);
         self.table.0.rcu(|old| {
             let mut services = old.services.clone();
             services.insert(service.clone(), routes.clone());
-            RouteTable { services }
+            RouteTable {
+                services,
+                listeners: old.listeners.clone(),
+            }
         });
     }
 
@@ -151,67 +206,108 @@ impl Router {
         self.table.0.rcu(|old| {
             let mut services = old.services.clone();
             services.remove(service);
-            RouteTable { services }
+            RouteTable {
+                services,
+                listeners: old.listeners.clone(),
+            }
         });
     }
 
-    /// Make sure `service` has a listener on `addr` (moving it if it had
-    /// another). Binding is the check that the address is free.
-    pub async fn listen(
-        self: &Arc<Self>,
-        service: &RouteKey,
-        addr: SocketAddr,
-    ) -> Result<(), ListenError> {
-        let mut listeners = self.listeners.lock().await;
-        if listeners.get(service).is_some_and(|(a, _)| *a == addr) {
-            return Ok(());
+    /// Publish the routes of the listeners on `addrs` as `attached` has
+    /// them (a listener left with none is dropped from the table).
+    fn publish_listeners(
+        &self,
+        attached: &HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+        addrs: &[SocketAddr],
+    ) -> Result<(), RouteError> {
+        let mut built = Vec::new();
+        for &addr in addrs {
+            let routes = Listeners::routes_on(attached, addr)?;
+            let used = routes.iter().next().is_some();
+            built.push((addr, used.then(|| Arc::new(routes))));
         }
-        // SO_REUSEPORT would let this process bind the address twice: refuse
-        // an address another listener of ours holds.
-        if listeners
-            .iter()
-            .any(|(k, (a, _))| *a == addr && k != service)
-        {
-            return Err(ListenError {
-                service: service.clone(),
-                addr,
-                source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
-            });
-        }
-        let name = format!("listen:{}", key_name(service));
-        let sockets = self
-            .inherited(&name, addr)
-            .map_or_else(|| bind_group(addr), Ok)
-            .map_err(|source| ListenError {
-                service: service.clone(),
-                addr,
-                source,
-            })?;
-        // The supervisor holds them too: if this process dies, clients wait
-        // in the accept queues for the next one instead of being refused.
-        self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
-        let workers = Workers::start(self.clone(), service.clone(), sockets).map_err(|source| {
-            ListenError {
-                service: service.clone(),
-                addr,
-                source,
+        self.table.0.rcu(|old| {
+            let mut listeners = old.listeners.clone();
+            for (addr, routes) in &built {
+                match routes {
+                    Some(r) => listeners.insert(*addr, r.clone()),
+                    None => listeners.remove(addr),
+                };
             }
-        })?;
-        if let Some((_, old)) = listeners.remove(service) {
-            old.stop();
-        }
-        listeners.insert(service.clone(), (addr, workers));
+            RouteTable {
+                services: old.services.clone(),
+                listeners,
+            }
+        });
         Ok(())
     }
 
-    /// Whether `service` (or nobody) holds `addr` already.
-    pub async fn listening_on(&self, addr: SocketAddr) -> Option<RouteKey> {
-        self.listeners
+    /// Route `key`'s requests for `route` (its hosts and path prefix) on
+    /// `addr`, opening a listener there if there is none, and moving it
+    /// from where it was. A route that another key already has there is
+    /// refused, naming both, with nothing changed; so is an address this
+    /// process cannot bind.
+    pub async fn attach(
+        self: &Arc<Self>,
+        key: &RouteKey,
+        addr: SocketAddr,
+        route: &RouteSpec,
+    ) -> Result<(), ListenError> {
+        let mut listeners = self.listeners.lock().await;
+        let before = listeners.attached.get(key).cloned();
+        if before
+            .as_ref()
+            .is_some_and(|(a, r)| *a == addr && r == route)
+        {
+            return Ok(());
+        }
+        let mut attached = listeners.attached.clone();
+        attached.insert(key.clone(), (addr, route.clone()));
+        Listeners::routes_on(&attached, addr).map_err(Box::new)?;
+        if let std::collections::hash_map::Entry::Vacant(free) = listeners.workers.entry(addr) {
+            let name = format!("listen:{addr}");
+            let bind_error = |source| ListenError::Bind {
+                service: key.clone(),
+                addr,
+                source,
+            };
+            // Sockets an agent of the previous version kept under the
+            // service's name serve as well as those kept under the address.
+            let sockets = self
+                .inherited(&name, addr)
+                .or_else(|| self.inherited(&format!("listen:{}", key_name(key)), addr))
+                .map_or_else(|| bind_group(addr), Ok)
+                .map_err(bind_error)?;
+            // The supervisor holds them too: if this process dies, clients
+            // wait in the accept queues for the next one instead of being
+            // refused.
+            self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
+            free.insert(Workers::start(self.clone(), addr, sockets).map_err(bind_error)?);
+        }
+        let mut touched = vec![addr];
+        touched.extend(before.map(|(a, _)| a).filter(|a| *a != addr));
+        self.publish_listeners(&attached, &touched)
+            .map_err(Box::new)?;
+        listeners.attached = attached;
+        for a in &touched[1..] {
+            listeners.close_if_unused(*a, &self.keeper);
+        }
+        Ok(())
+    }
+
+    /// The route keys attached to `addr`.
+    pub async fn attached_to(&self, addr: SocketAddr) -> Vec<RouteKey> {
+        let mut keys: Vec<RouteKey> = self
+            .listeners
             .lock()
             .await
+            .attached
             .iter()
-            .find(|(_, (a, _))| *a == addr)
-            .map(|(s, _)| s.clone())
+            .filter(|(_, (a, _))| *a == addr)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.sort_by_key(ToString::to_string);
+        keys
     }
 
     /// The sockets a previous agent left for `name`, if they are still
@@ -230,19 +326,23 @@ impl Router {
         same.then_some(sockets)
     }
 
-    /// Stop the listener of `key`, if it has one, for good.
-    pub async fn unlisten(&self, key: &RouteKey) {
-        if let Some((_, workers)) = self.listeners.lock().await.remove(key) {
-            workers.close();
-            self.keeper.forget(&format!("listen:{}", key_name(key)));
-        }
+    /// `key` routes nothing any more; its listener closes for good when
+    /// no other key is attached to it.
+    pub async fn detach(&self, key: &RouteKey) {
+        let mut listeners = self.listeners.lock().await;
+        let Some((addr, _)) = listeners.attached.remove(key) else {
+            return;
+        };
+        // Removing routes cannot make a conflict.
+        let _ = self.publish_listeners(&listeners.attached, &[addr]);
+        listeners.close_if_unused(addr, &self.keeper);
     }
 
     /// Stop every listener (agent shutdown).
     pub async fn close(&self) {
-        for (key, (_, workers)) in self.listeners.lock().await.drain() {
+        for (addr, workers) in self.listeners.lock().await.workers.drain() {
             workers.stop();
-            self.keeper.forget(&format!("listen:{}", key_name(&key)));
+            self.keeper.forget(&format!("listen:{addr}"));
         }
     }
 
@@ -251,7 +351,7 @@ impl Router {
     /// connection after its current exchange ([`Self::drain`] waits).
     pub async fn stop_accepting(&self) {
         self.table.1.send_replace(true);
-        for (_, (_, workers)) in self.listeners.lock().await.iter() {
+        for workers in self.listeners.lock().await.workers.values() {
             workers.stop_accepting();
         }
     }
@@ -269,7 +369,7 @@ impl Router {
     async fn accept_loop(
         self: Arc<Self>,
         listener: TcpListener,
-        service: RouteKey,
+        addr: SocketAddr,
         pool: Upstream,
         spread: Arc<Spread>,
         me: usize,
@@ -278,10 +378,7 @@ impl Router {
         // Handing over: no new connection, the ones this thread has (and
         // any handed to it meanwhile) finish, then the loop ends.
         let mut draining: Option<tokio::time::Instant> = None;
-        let label = match &service {
-            RouteKey::Service(s) => s.to_string(),
-            RouteKey::Preview(s) => format!("{s}/preview"),
-        };
+        let label = addr.to_string();
         let open = self.metrics.connections(&label);
         let answers = self.metrics.answers(&label);
         loop {
@@ -292,7 +389,7 @@ impl Router {
                 return;
             }
             let accepting = draining.is_none();
-            let full = self.at_capacity(&service, open.load(Ordering::Relaxed));
+            let full = self.at_capacity(&addr, open.load(Ordering::Relaxed));
             let (stream, peer, was_handed) = tokio::select! {
                 stop = until(&mut stopped, |s| s != Stop::No), if accepting => {
                     if stop == Stop::All {
@@ -310,7 +407,7 @@ impl Router {
                             // spin both cores; the client waits in the
                             // accept queue instead.
                             if is_out_of_resources(&e) {
-                                tracing::warn!("{service}: cannot accept: {e}; pausing");
+                                tracing::warn!("listener {addr}: cannot accept: {e}; pausing");
                                 tokio::time::sleep(OUT_OF_FDS_PAUSE).await;
                             }
                             continue;
@@ -321,7 +418,7 @@ impl Router {
                     // the connection waits, unread, until there is room, as
                     // it would have in the accept queue. The budget is
                     // thus passed by at most one connection per thread.
-                    while self.at_capacity(&service, open.load(Ordering::Relaxed)) {
+                    while self.at_capacity(&addr, open.load(Ordering::Relaxed)) {
                         tokio::time::sleep(ACCEPT_PAUSE).await;
                     }
                     match spread.fewer_than(me).filter(|_| draining.is_none()) {
@@ -348,7 +445,7 @@ impl Router {
             let _ = stream.set_nodelay(true);
             let client = Client::new(
                 self.table.clone(),
-                service.clone(),
+                addr,
                 pool.clone(),
                 stream,
                 peer.ip().to_string(),
@@ -368,7 +465,21 @@ impl Router {
     }
 }
 
-/// A listener's name among the kept descriptors.
+impl Listeners {
+    /// Close the listener on `addr` for good if nothing is attached to it.
+    fn close_if_unused(&mut self, addr: SocketAddr, keeper: &crate::keeper::Keeper) {
+        if self.attached.values().any(|(a, _)| *a == addr) {
+            return;
+        }
+        if let Some(workers) = self.workers.remove(&addr) {
+            workers.close();
+            keeper.forget(&format!("listen:{addr}"));
+        }
+    }
+}
+
+/// A listener's name among the descriptors earlier agents kept (one
+/// listener per service then).
 fn key_name(key: &RouteKey) -> String {
     match key {
         RouteKey::Service(s) => format!("service:{s}"),
@@ -479,7 +590,7 @@ impl Workers {
     /// Serve `sockets` (one per router thread).
     fn start(
         router: Arc<Router>,
-        key: RouteKey,
+        addr: SocketAddr,
         sockets: Vec<std::net::TcpListener>,
     ) -> std::io::Result<Self> {
         let (stop, stopped) = tokio::sync::watch::channel(Stop::No);
@@ -499,7 +610,6 @@ impl Workers {
             socket.set_nonblocking(true)?;
             let spread = spread.clone();
             let router = router.clone();
-            let key = key.clone();
             let mut stopped = stopped.clone();
             std::thread::Builder::new()
                 .name(format!("kiln-router-{i}"))
@@ -509,21 +619,21 @@ impl Workers {
                         .enable_all()
                         .build()
                     else {
-                        tracing::error!("{key}: router thread {i} has no runtime");
+                        tracing::error!("listener {addr}: router thread {i} has no runtime");
                         return;
                     };
                     rt.block_on(async move {
                         let socket = match TcpListener::from_std(socket) {
                             Ok(l) => l,
                             Err(e) => {
-                                tracing::error!("{key}: router thread {i}: {e}");
+                                tracing::error!("listener {addr}: router thread {i}: {e}");
                                 return;
                             }
                         };
                         let pool = Upstream::default();
                         let stop = stopped.clone();
                         tokio::select! {
-                            _ = router.accept_loop(socket, key, pool.clone(), spread, i, (handed, stop)) => {}
+                            _ = router.accept_loop(socket, addr, pool.clone(), spread, i, (handed, stop)) => {}
                             _ = housekeeping(&pool) => {}
                             _ = until(&mut stopped, |s| s == Stop::All) => {}
                         }
@@ -650,7 +760,9 @@ mod tests {
         let r = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let port = free_port();
-        r.listen(&svc, ([127, 0, 0, 1], port).into()).await.unwrap();
+        r.attach(&svc, ([127, 0, 0, 1], port).into(), &RouteSpec::default())
+            .await
+            .unwrap();
         let (status, body) = get(port).await;
         assert_eq!(status, 503, "{body}");
         r.set_routes(&svc, ServiceRoutes::new(Vec::new(), Duration::from_secs(1)));
@@ -678,21 +790,78 @@ mod tests {
         assert_eq!(status, 502);
         assert!(body.contains("could not be reached"), "{body}");
         // Every answer the router gave itself is counted.
-        let answers = r.metrics.answers("web");
+        let answers = r.metrics.answers(&format!("127.0.0.1:{port}"));
         assert_eq!((answers.get(503), answers.get(502)), (2, 1));
         let mut text = String::new();
         r.metrics.render(&mut text);
         assert!(
-            text.contains("kiln_router_local_responses_total{listener=\"web\",status=\"503\"} 2\n"),
+            text.contains(&format!(
+                "kiln_router_local_responses_total{{listener=\"127.0.0.1:{port}\",status=\"503\"}} 2\n"
+            )),
             "{text}"
         );
-        // A listening address cannot be taken twice.
+        // The same route on the same address cannot be taken twice.
         let other = RouteKey::Service(ServiceName::try_from("other").unwrap());
-        assert!(
-            r.listen(&other, ([127, 0, 0, 1], port).into())
-                .await
-                .is_err()
+        let err = r
+            .attach(&other, ([127, 0, 0, 1], port).into(), &RouteSpec::default())
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("service other and service web both route any host / on 127.0.0.1:{port}")
         );
+        r.close().await;
+    }
+
+    /// `GET /` with `host` on a new connection: the status, or `None` when
+    /// nothing accepts the connection.
+    async fn status_for(port: u16, host: &str) -> Option<u16> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let req = format!("GET / HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.ok()?;
+        out.get(9..12)?.parse().ok()
+    }
+
+    #[tokio::test]
+    async fn services_attach_to_one_listener_which_closes_with_the_last() {
+        let r = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
+        let key = |n: &str| RouteKey::Service(ServiceName::try_from(n).unwrap());
+        let (a, b) = (key("a"), key("b"));
+        let route = |h: &str| RouteSpec {
+            hosts: vec![kiln_core::edge::HostPattern::parse(h).unwrap()],
+            ..RouteSpec::default()
+        };
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        r.attach(&a, addr, &route("a.test")).await.unwrap();
+        r.attach(&b, addr, &route("b.test")).await.unwrap();
+        // Neither has an instance yet: each host is its own service's 503;
+        // another host is no one's (404).
+        assert_eq!(status_for(port, "a.test").await, Some(503));
+        assert_eq!(status_for(port, "b.test").await, Some(503));
+        assert_eq!(status_for(port, "c.test").await, Some(404));
+        // A conflict changes nothing: b keeps its route.
+        let err = r.attach(&a, addr, &route("b.test")).await.unwrap_err();
+        assert!(matches!(err, ListenError::Conflict(_)), "{err}");
+        assert_eq!(r.attached_to(addr).await, [a.clone(), b.clone()]);
+        assert_eq!(r.table().listeners[&addr].iter().count(), 2);
+        // One goes: the other still answers on the same listener.
+        r.detach(&a).await;
+        assert_eq!(status_for(port, "a.test").await, Some(404));
+        assert_eq!(status_for(port, "b.test").await, Some(503));
+        // b moves to another address: the first closes with its last route.
+        let port2 = free_port();
+        r.attach(&b, ([127, 0, 0, 1], port2).into(), &route("b.test"))
+            .await
+            .unwrap();
+        assert_eq!(status_for(port2, "b.test").await, Some(503));
+        assert_eq!(status_for(port, "b.test").await, None, "closed");
+        assert!(!r.table().listeners.contains_key(&addr));
         r.close().await;
     }
 

@@ -203,6 +203,10 @@ impl std::fmt::Display for RouteKey {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     pub services: HashMap<RouteKey, Arc<ServiceRoutes>>,
+    /// Each listener's routes (which key answers which host and path), by
+    /// its address. A rollout swaps `services` only: the listeners' routes
+    /// are the same `Arc`s in the new table.
+    pub listeners: HashMap<std::net::SocketAddr, Arc<kiln_core::edge::Routes<RouteKey>>>,
 }
 
 /// Where a connection reads the current routing table: the router's own
@@ -231,11 +235,6 @@ impl Default for RouteSource {
 pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(5);
 
 impl RouteSource {
-    /// A service's current routes.
-    pub(crate) fn routes(&self, key: &RouteKey) -> Option<Arc<ServiceRoutes>> {
-        self.0.load().services.get(key).cloned()
-    }
-
     /// Whether this process is handing its listeners over.
     pub(crate) fn draining(&self) -> bool {
         *self.1.borrow()

@@ -43,6 +43,7 @@ pub(super) fn service(name: &ServiceName, replicas: u32, target: u64) -> Service
         settings: ServiceSettings {
             replicas,
             listen: None,
+            route: Default::default(),
             rollout: RolloutSpec::default(),
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),

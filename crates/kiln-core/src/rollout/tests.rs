@@ -82,6 +82,7 @@ fn settings(strategy: Strategy, replicas: u32) -> ServiceSettings {
     ServiceSettings {
         replicas,
         listen: None,
+        route: Default::default(),
         rollout: RolloutSpec {
             strategy,
             progress_deadline: service::Duration::from_secs(10),

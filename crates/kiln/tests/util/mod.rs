@@ -443,11 +443,20 @@ pub fn request_on(
     conn: &mut std::io::BufReader<std::net::TcpStream>,
     path: &str,
 ) -> std::io::Result<(u16, String, bool)> {
+    request_to(conn, "kiln-test", path)
+}
+
+/// [`request_on`] with `host` as its `Host`.
+pub fn request_to(
+    conn: &mut std::io::BufReader<std::net::TcpStream>,
+    host: &str,
+    path: &str,
+) -> std::io::Result<(u16, String, bool)> {
     use std::io::{BufRead, Read, Write};
     // One write: split across several, Nagle's algorithm and delayed ACKs
     // would hold each request back ~40 ms.
     conn.get_mut()
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: kiln-test\r\n\r\n").as_bytes())?;
+        .write_all(format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n").as_bytes())?;
     let mut line = String::new();
     conn.read_line(&mut line)?;
     let status: u16 = line
@@ -511,6 +520,16 @@ impl Load {
 
     /// The same load on `addr`.
     pub fn start_at(addr: std::net::SocketAddr, threads: usize) -> Self {
+        Self::start_to(addr, threads, "kiln-test", "/")
+    }
+
+    /// The same load on `addr`, for `host` and `path`.
+    pub fn start_to(
+        addr: std::net::SocketAddr,
+        threads: usize,
+        host: &'static str,
+        path: &'static str,
+    ) -> Self {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handles = (0..threads)
             .map(|_| {
@@ -538,7 +557,7 @@ impl Load {
                         std::thread::sleep(Duration::from_millis(2));
                         // A client honours `connection: close` (RFC 9112
                         // §9.6): the next request goes on a new connection.
-                        match request_on(cn, "/") {
+                        match request_to(cn, host, path) {
                             Ok((200, body, close)) => {
                                 c.ok += 1;
                                 let key = body.split(" (").next().unwrap_or("").to_owned();

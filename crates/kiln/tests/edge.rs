@@ -1,0 +1,252 @@
+//! Black-box tests of the edge: many services on one address, told apart
+//! by host and path prefix, through the real router.
+// Test helpers panic on purpose: a failed setup step is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod util;
+
+use std::io::{BufReader, Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use util::{Agent, Env, Load, free_port, hello_app, request_to, service_status, write};
+
+/// A service of the hello app on `port`, answering as `version`, with the
+/// route keys in `route`.
+fn service(name: &str, port: u16, version: &str, route: &str) -> String {
+    format!(
+        r#"
+[services.{name}]
+image = "app"
+listen = "127.0.0.1:{port}"
+{route}
+env = {{ HELLO_VERSION = "{version}" }}
+[services.{name}.health.readiness]
+http = "/healthz"
+interval = "200ms"
+[services.{name}.rollout]
+watch = "0s"
+[services.{name}.stop]
+drain_timeout = "2s"
+kill_timeout = "2s"
+"#
+    )
+}
+
+const IMAGE: &str = r#"
+[images.app]
+include = ["bin"]
+entrypoint = ["/bin/start.sh"]
+"#;
+
+/// Four services on one port: a site, its API under `/api` (stripped),
+/// every tenant below it, and whatever else comes.
+fn shared(port: u16, api_version: &str) -> String {
+    [
+        IMAGE.to_owned(),
+        service("site", port, "site", r#"hosts = ["example.test"]"#),
+        service(
+            "api",
+            port,
+            api_version,
+            "hosts = [\"example.test\"]\npath_prefix = \"/api\"\nstrip_prefix = true",
+        ),
+        service("tenants", port, "tenants", r#"hosts = ["*.example.test"]"#),
+        service("rest", port, "rest", ""),
+    ]
+    .concat()
+}
+
+/// One request for `path` with `host`, on a new connection.
+fn get(port: u16, host: &str, path: &str) -> (u16, String) {
+    let mut c = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    c.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (status, body, _) = request_to(&mut c, host, path).unwrap();
+    (status, body)
+}
+
+/// Who answered: `hello from NAME (instance …)` → `NAME`.
+fn who(port: u16, host: &str, path: &str) -> String {
+    let (status, body) = get(port, host, path);
+    assert_eq!(status, 200, "{host}{path}: {body}");
+    body.trim_start_matches("hello from ")
+        .split(" (")
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+#[test]
+fn services_share_an_address_by_host_and_path_and_the_most_specific_route_wins() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &shared(port, "api"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    assert_eq!(who(port, "example.test", "/"), "site");
+    // Any case, a trailing dot and a port are the same host.
+    assert_eq!(who(port, &format!("Example.TEST.:{port}"), "/"), "site");
+    // The prefix is stripped: the instance gets `/` for `/api`.
+    assert_eq!(who(port, "example.test", "/api"), "api");
+    assert_eq!(who(port, "example.test", "/api?x=1"), "api");
+    // ... and `/headers` for `/api/headers`, told the prefix it lost.
+    let (status, headers) = get(port, "example.test", "/api/headers");
+    assert_eq!(status, 200, "{headers}");
+    assert!(headers.contains("x-forwarded-prefix: /api"), "{headers}");
+    // On a segment boundary only: `/apix` is the site's (its own 404).
+    assert_eq!(
+        get(port, "example.test", "/apix"),
+        (404, "not found\n".to_owned())
+    );
+    // A wildcard covers the names below it, not the name itself.
+    assert_eq!(who(port, "a.example.test", "/"), "tenants");
+    assert_eq!(who(port, "b.a.example.test", "/"), "tenants");
+    // The API's prefix is the API's on its own host only: the tenants' app
+    // gets `/api` as it is (and has no such page).
+    assert_eq!(
+        get(port, "a.example.test", "/api"),
+        (404, "not found\n".to_owned())
+    );
+    assert_eq!(who(port, "other.test", "/"), "rest");
+    assert_eq!(who(port, "127.0.0.1", "/"), "rest");
+    // A path that could be read as another service's is refused.
+    let (status, body) = get(port, "example.test", "/x/../api");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains(". or .. segment"), "{body}");
+    // The client cannot claim a prefix was stripped.
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(
+        b"GET /headers HTTP/1.1\r\nhost: example.test\r\nx-forwarded-prefix: /evil\r\nconnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(!out.contains("/evil"), "{out}");
+
+    // Without the catch-all, a request no route answers is the router's 404.
+    let without_rest = shared(port, "api");
+    let cut = without_rest.find("\n[services.rest]").unwrap();
+    write(&path, &without_rest.as_bytes()[..cut]);
+    let out = env.ok(&["apply", "--prune", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("rest"), "{out}");
+    let (status, body) = get(port, "other.test", "/");
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("no service answers host other.test"),
+        "{body}"
+    );
+    assert_eq!(who(port, "example.test", "/"), "site", "the others stay");
+
+    // A route is a setting: moved at once, with no new release.
+    let moved = without_rest[..cut].replace("path_prefix = \"/api\"", "path_prefix = \"/v2\"");
+    write(&path, moved.as_bytes());
+    let plan = env.ok(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        plan.contains("route example.test/api (stripped) -> example.test/v2 (stripped)"),
+        "{plan}"
+    );
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert_eq!(who(port, "example.test", "/v2"), "api");
+    assert_eq!(get(port, "example.test", "/api").0, 404, "the site's now");
+    assert_eq!(service_status(&env, "api")["revision"], 1);
+}
+
+#[test]
+fn a_route_two_services_claim_is_refused_naming_both_with_nothing_changed() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &shared(port, "api"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // In one spec: refused before anything is sent.
+    let twice = shared(port, "api")
+        + &service(
+            "dup",
+            port,
+            "dup",
+            "hosts = [\"EXAMPLE.test\"]\npath_prefix = \"/api/\"",
+        );
+    write(&path, twice.as_bytes());
+    let err = env.fails(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "service api and service dup both route host example.test /api on 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+
+    // Across specs: the agent checks every service it runs.
+    let other = hello_app(
+        &env.path("other"),
+        &(IMAGE.to_owned() + &service("intruder", port, "intruder", "")),
+    );
+    let err = env.fails(&["apply", "-f", other.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "service intruder and service rest both route any host / on 127.0.0.1:{port}"
+        )) || err.contains(&format!(
+            "service rest and service intruder both route any host / on 127.0.0.1:{port}"
+        )),
+        "{err}"
+    );
+    let err = env.fails(&["history", "intruder"]);
+    assert!(err.contains("no service named intruder"), "{err}");
+    assert_eq!(who(port, "other.test", "/"), "rest");
+
+    // A route without an address to attach it to.
+    write(
+        &other,
+        (IMAGE.to_owned() + "[services.lost]\nimage = \"app\"\nhosts = [\"a.test\"]\n").as_bytes(),
+    );
+    let err = env.fails(&["plan", "-f", other.to_str().unwrap()]);
+    assert!(
+        err.contains("hosts, path_prefix and strip_prefix need a listen address"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_rollout_of_one_host_loses_no_request_and_leaves_the_others_connections_alone() {
+    let env = Env::new();
+    let port = free_port();
+    let path = hello_app(&env.path("app"), &shared(port, "v1"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // A keep-alive client of the site, and load on the API and the rest.
+    let mut site = BufReader::new(TcpStream::connect(("127.0.0.1", port)).unwrap());
+    site.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (status, body, close) = request_to(&mut site, "example.test", "/").unwrap();
+    assert_eq!((status, close), (200, false), "{body}");
+    let addr = ([127, 0, 0, 1], port).into();
+    let api = Load::start_to(addr, 2, "example.test", "/api");
+    let rest = Load::start_to(addr, 2, "kiln-test", "/");
+    std::thread::sleep(Duration::from_millis(300));
+    write(&path, shared(port, "v2").as_bytes());
+    let out = env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("api: new release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let (api, rest) = (api.finish(), rest.finish());
+    api.assert_none_failed();
+    rest.assert_none_failed();
+    assert!(
+        api.bodies.contains_key("hello from v1") && api.bodies.contains_key("hello from v2"),
+        "{api:?}"
+    );
+    assert_eq!(rest.bodies.keys().collect::<Vec<_>>(), ["hello from rest"]);
+    // The site's connection is the one it was: still open, still the site.
+    let (status, body, _) = request_to(&mut site, "example.test", "/").unwrap();
+    assert_eq!(status, 200);
+    assert!(body.starts_with("hello from site"), "{body}");
+    for other in ["site", "tenants", "rest"] {
+        assert_eq!(service_status(&env, other)["revision"], 1, "{other}");
+    }
+}
