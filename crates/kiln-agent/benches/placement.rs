@@ -47,6 +47,7 @@ fn settings(replicas: u32) -> ServiceSettings {
         replicas,
         listen: None,
         route: Default::default(),
+        tls: None,
         rollout: RolloutSpec::default(),
         timeout: kiln_core::service::Duration::from_secs(30),
         router: Default::default(),

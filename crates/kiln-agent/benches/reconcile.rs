@@ -103,6 +103,7 @@ fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
         replicas,
         listen: None,
         route: Default::default(),
+        tls: None,
         rollout: RolloutSpec {
             max_surge,
             // Unwatched: a watched release keeps the one before it warm for

@@ -61,6 +61,7 @@ fn record(name: &ServiceName, target: u64) -> ServiceRecord {
             replicas: 100,
             listen: None,
             route: Default::default(),
+            tls: None,
             rollout: RolloutSpec::default(),
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),

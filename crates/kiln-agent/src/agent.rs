@@ -449,6 +449,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner()) = agent.shared.state.drained().await?;
         tokio::spawn(Self::follow(Arc::downgrade(&agent), head));
+        tokio::spawn(Self::reload_certificates(Arc::downgrade(&agent)));
         if !agent.shared.membership.is_solo() {
             tokio::spawn(Self::follow_membership(Arc::downgrade(&agent)));
         }
@@ -592,6 +593,18 @@ impl Agent {
         }
     }
 
+    /// The HTTPS listeners read their certificate files again when they
+    /// change (a renewal by certbot, say). Ends with the agent.
+    async fn reload_certificates(agent: std::sync::Weak<Self>) {
+        loop {
+            tokio::time::sleep(crate::router::CERT_CHECK).await;
+            let Some(router) = agent.upgrade().map(|a| a.shared.router.clone()) else {
+                return;
+            };
+            router.reload_certificates().await;
+        }
+    }
+
     /// Controllers hear of what moves their service (an apply, a
     /// rollback) through the state store's watch, from the events after
     /// `after`: a change made through another agent of a cluster wakes
@@ -678,29 +691,47 @@ impl Agent {
     }
 
     /// Where a service's routes go: its own on its `listen` address (with
-    /// its hosts and path prefix), its blue-green preview's on
-    /// `preview_listen` (every host and path).
+    /// its hosts and path prefix, and its certificate), its redirect to
+    /// HTTPS on `tls.redirect_from` (the same hosts and prefix), its
+    /// blue-green preview's on `preview_listen` (every host and path).
     fn routes_of(
         &self,
         name: &ServiceName,
         settings: &kiln_core::release::ServiceSettings,
-    ) -> Vec<(RouteKey, std::net::SocketAddr, kiln_core::edge::RouteSpec)> {
+    ) -> Vec<(RouteKey, crate::router::Attachment)> {
+        use crate::router::Attachment;
         let m = &self.shared.membership;
-        let own = settings.listen.map(|l| {
-            (
+        let mut out = Vec::new();
+        if let Some(l) = settings.listen {
+            let addr = m.listen_addr(l.0);
+            out.push((
                 RouteKey::Service(name.clone()),
-                m.listen_addr(l.0),
-                settings.route.clone(),
-            )
-        });
-        let preview = settings.rollout.preview_listen.map(|l| {
-            (
+                Attachment {
+                    addr,
+                    route: settings.route.clone(),
+                    tls: settings.tls.clone(),
+                    redirect_to: None,
+                },
+            ));
+            if let Some(from) = settings.tls.as_ref().and_then(|t| t.redirect_from) {
+                out.push((
+                    RouteKey::Redirect(name.clone()),
+                    Attachment {
+                        addr: m.listen_addr(from.0),
+                        route: settings.route.clone(),
+                        tls: None,
+                        redirect_to: Some(addr.port()),
+                    },
+                ));
+            }
+        }
+        if let Some(l) = settings.rollout.preview_listen {
+            out.push((
                 RouteKey::Preview(name.clone()),
-                m.listen_addr(l.0),
-                kiln_core::edge::RouteSpec::default(),
-            )
-        });
-        own.into_iter().chain(preview).collect()
+                Attachment::plain(m.listen_addr(l.0)),
+            ));
+        }
+        out
     }
 
     /// The one place a service's routes are attached (at start, and on
@@ -712,15 +743,17 @@ impl Agent {
         settings: &kiln_core::release::ServiceSettings,
     ) -> Result<(), AgentError> {
         let routes = self.routes_of(name, settings);
-        for (key, addr, route) in &routes {
-            self.shared.router.attach(key, *addr, route).await?;
+        for (key, to) in &routes {
+            self.shared.router.attach(key, to.clone()).await?;
         }
-        // A `listen` (or `preview_listen`) the settings no longer have.
+        // A `listen` (or `preview_listen`, `tls.redirect_from`) the
+        // settings no longer have.
         for key in [
             RouteKey::Service(name.clone()),
             RouteKey::Preview(name.clone()),
+            RouteKey::Redirect(name.clone()),
         ] {
-            if !routes.iter().any(|(k, _, _)| *k == key) {
+            if !routes.iter().any(|(k, _)| *k == key) {
                 self.shared.router.detach(&key).await;
             }
         }
@@ -749,14 +782,21 @@ impl Agent {
             })
             .map(|(name, c)| (name, &c.settings));
         let all = kept.chain(desired.iter().map(|d| (&d.name, &d.settings)));
-        let routes = all.flat_map(|(name, settings)| {
-            self.routes_of(name, settings)
-                .into_iter()
-                .flat_map(|(key, addr, route)| {
-                    route.routes(key).into_iter().map(move |r| (addr, r))
-                })
-        });
-        kiln_core::edge::check(routes).map_err(Box::new)?;
+        let attached: Vec<_> = all
+            .flat_map(|(name, settings)| self.routes_of(name, settings))
+            .collect();
+        kiln_core::edge::check(
+            attached
+                .iter()
+                .flat_map(|(key, to)| to.route.routes(key).into_iter().map(|r| (to.addr, r))),
+        )
+        .map_err(Box::new)?;
+        kiln_core::edge::check_tls(
+            attached
+                .iter()
+                .map(|(key, to)| (to.addr, key, to.tls.is_some())),
+        )
+        .map_err(Box::new)?;
         Ok(())
     }
 
@@ -1079,6 +1119,7 @@ impl Agent {
         for key in [
             RouteKey::Service(name.clone()),
             RouteKey::Preview(name.clone()),
+            RouteKey::Redirect(name.clone()),
         ] {
             self.shared.router.detach(&key).await;
             self.shared.router.remove_routes(&key);

@@ -369,8 +369,7 @@ fn kiln(rt: &tokio::runtime::Runtime) -> Proxy {
     let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
     rt.block_on(router.attach(
         &svc,
-        ([127, 0, 0, 1], port).into(),
-        &kiln_core::edge::RouteSpec::default(),
+        kiln_agent::router::Attachment::plain(([127, 0, 0, 1], port).into()),
     ))
     .unwrap();
     let b = Backend::new(

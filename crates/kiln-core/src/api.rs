@@ -625,6 +625,7 @@ mod tests {
             replicas: 1,
             listen: None,
             route: Default::default(),
+            tls: None,
             rollout: crate::service::RolloutSpec::default(),
             timeout: crate::service::Duration::from_secs(30),
             router: crate::service::RouterSpec::default(),

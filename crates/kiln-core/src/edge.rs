@@ -39,6 +39,12 @@ pub enum RouteError {
     BadHost(String),
     #[error("path prefix `{0}` must start with `/` and hold no `?`, `#`, `//` or `..`")]
     BadPrefix(String),
+    #[error("{https} serves HTTPS on {on} and {plain} plain HTTP: an address is one or the other")]
+    MixedTls {
+        https: String,
+        plain: String,
+        on: String,
+    },
     #[error("{first} and {second} both route {host} {prefix}{on}")]
     Conflict {
         first: String,
@@ -270,6 +276,35 @@ pub fn check<A: Ord + std::fmt::Display, T: std::fmt::Display>(
     }
     for (a, list) in &by_addr {
         first_conflict(list, format!(" on {a}"))?;
+    }
+    Ok(())
+}
+
+/// Refuse an address where one service serves HTTPS and another plain
+/// HTTP (a listener is one or the other), naming both.
+pub fn check_tls<A: Ord + std::fmt::Display, T: std::fmt::Display>(
+    items: impl IntoIterator<Item = (A, T, bool)>,
+) -> Result<(), RouteError> {
+    let mut first: BTreeMap<A, (T, bool)> = BTreeMap::new();
+    for (a, t, tls) in items {
+        match first.get(&a) {
+            Some((other, was)) if *was != tls => {
+                let (https, plain) = if tls {
+                    (t.to_string(), other.to_string())
+                } else {
+                    (other.to_string(), t.to_string())
+                };
+                return Err(RouteError::MixedTls {
+                    https,
+                    plain,
+                    on: a.to_string(),
+                });
+            }
+            Some(_) => {}
+            None => {
+                first.insert(a, (t, tls));
+            }
+        }
     }
     Ok(())
 }
@@ -737,6 +772,33 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "service a and service b both route any host / on :80"
+        );
+    }
+
+    #[test]
+    fn an_address_serves_https_or_plain_http_never_both() {
+        assert_eq!(
+            check_tls([
+                (":443", "a", true),
+                (":443", "b", true),
+                (":80", "c", false)
+            ]),
+            Ok(())
+        );
+        let err = check_tls([
+            (":443", "a", true),
+            (":80", "c", false),
+            (":443", "b", false),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a serves HTTPS on :443 and b plain HTTP: an address is one or the other"
+        );
+        let err = check_tls([(":443", "b", false), (":443", "a", true)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "a serves HTTPS on :443 and b plain HTTP: an address is one or the other"
         );
     }
 

@@ -275,6 +275,12 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     if old.route != new.route {
         out.push(format!("route {} -> {}", old.route, new.route));
     }
+    if old.tls != new.tls {
+        let show = |t: &Option<crate::service::TlsSpec>| {
+            t.as_ref().map_or("off".to_owned(), |t| t.cert.clone())
+        };
+        out.push(format!("tls {} -> {}", show(&old.tls), show(&new.tls)));
+    }
     if old.rollout != new.rollout {
         out.push("rollout settings changed".to_owned());
     }
@@ -317,6 +323,7 @@ mod tests {
                 replicas,
                 listen: None,
                 route: Default::default(),
+                tls: None,
                 rollout: RolloutSpec::default(),
                 timeout: crate::service::Duration::from_secs(30),
                 router: Default::default(),

@@ -90,6 +90,9 @@ pub struct ServiceSettings {
     /// every host and path).
     #[serde(default, skip_serializing_if = "crate::edge::RouteSpec::is_default")]
     pub route: crate::edge::RouteSpec,
+    /// HTTPS on `listen`, from certificate files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<crate::service::TlsSpec>,
     pub rollout: RolloutSpec,
     /// The router's request timeout.
     pub timeout: crate::service::Duration,

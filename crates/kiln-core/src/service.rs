@@ -43,6 +43,9 @@ pub struct ServiceSpec {
     /// The instance sees the path without the prefix (`/api/x` → `/x`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// HTTPS on `listen` (`[services.NAME.tls]`).
+    #[serde(default)]
+    pub tls: Option<TlsSpec>,
     #[serde(default)]
     pub env: BTreeMap<EnvName, String>,
     /// Env vars whose values are secret: never in a command line, a log,
@@ -188,6 +191,20 @@ impl ServiceSpec {
         if self.listen.is_none() && !route.is_default() {
             return Err("hosts, path_prefix and strip_prefix need a listen address".to_owned());
         }
+        if let Some(tls) = &self.tls {
+            if self.listen.is_none() {
+                return Err("tls needs a listen address".to_owned());
+            }
+            if tls.redirect_from.is_some() && tls.redirect_from == self.listen {
+                return Err(format!(
+                    "tls.redirect_from {} is the same as listen",
+                    tls.redirect_from.map_or(String::new(), |a| a.0.to_string())
+                ));
+            }
+            if tls.cert.is_empty() || tls.key.is_empty() {
+                return Err("tls.cert and tls.key name the PEM files".to_owned());
+            }
+        }
         let r = &self.router;
         for (key, d) in [
             ("body_timeout", r.body_timeout),
@@ -321,6 +338,38 @@ impl fmt::Display for ImageSource {
             Self::Spec(n) => write!(f, "{n}"),
             Self::Store(r) => write!(f, "{r}"),
             Self::Registry(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// `[services.NAME.tls]`: HTTPS on the service's `listen` address, with a
+/// certificate from PEM files the agent reads (and reads again when they
+/// change), chosen by SNI among the services on that address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSpec {
+    /// The certificate chain, leaf first (relative to the spec; `kiln
+    /// apply` sends it made absolute).
+    pub cert: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Also answer plain HTTP on this address, for the same hosts and
+    /// prefix, with a redirect (308) to HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect_from: Option<ListenAddr>,
+    /// Send `Strict-Transport-Security: max-age=…` with its responses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<Duration>,
+}
+
+impl TlsSpec {
+    /// With its file names made absolute against `dir` (the spec's).
+    pub fn under(&self, dir: &std::path::Path) -> Self {
+        let abs = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        Self {
+            cert: abs(&self.cert),
+            key: abs(&self.key),
+            ..self.clone()
         }
     }
 }

@@ -276,6 +276,7 @@ impl Spec {
             }
         }
         let mut listens = Vec::new();
+        let mut modes = Vec::new();
         for (name, svc) in &self.services {
             let table = format!("services.{name}");
             // At the key's own line in the service's table when it has one,
@@ -319,6 +320,22 @@ impl Spec {
                         .into_iter()
                         .map(|r| (listen.0, r)),
                 );
+                modes.push((listen.0, format!("service {name}"), svc.tls.is_some()));
+                // HTTPS's plain-HTTP redirect answers the same hosts and
+                // prefix on its own address.
+                if let Some(from) = svc.tls.as_ref().and_then(|t| t.redirect_from) {
+                    listens.extend(
+                        route
+                            .routes(format!("the HTTPS redirect of service {name}"))
+                            .into_iter()
+                            .map(|r| (from.0, r)),
+                    );
+                    modes.push((
+                        from.0,
+                        format!("the HTTPS redirect of service {name}"),
+                        false,
+                    ));
+                }
             }
             if let Some(preview) = svc.rollout.preview_listen {
                 let all = crate::edge::RouteSpec::default();
@@ -327,8 +344,10 @@ impl Spec {
                         .into_iter()
                         .map(|r| (preview.0, r)),
                 );
+                modes.push((preview.0, format!("the preview of service {name}"), false));
             }
             crate::edge::check(listens.iter().cloned()).map_err(|e| at(&table, e.to_string()))?;
+            crate::edge::check_tls(modes.iter().cloned()).map_err(|e| at(&table, e.to_string()))?;
             if let Some(user) = &svc.user {
                 crate::user::check(user)
                     .map_err(|e| at_key("user", format!("service {name}: {e}")))?;

@@ -296,6 +296,14 @@ pub fn desired(
             &digest,
         )?;
         let mut d = resolve_service(&store, &spec, name, svc, image_name, digest)?;
+        // The agent reads the certificate files: named absolutely.
+        let base = if dir.as_os_str().is_empty() {
+            std::env::current_dir()
+        } else {
+            std::path::absolute(dir)
+        }
+        .with_context(|| format!("service {name}: tls: where is {}", dir.display()))?;
+        d.settings.tls = svc.tls.as_ref().map(|t| t.under(&base));
         d.secret_values = secrets.remove(name).unwrap_or_default();
         d.signed_by = signed_by;
         out.push(d);
@@ -412,6 +420,7 @@ fn resolve_service(
             replicas: svc.replicas,
             listen: svc.listen,
             route: svc.route(),
+            tls: None,
             rollout: svc.rollout.clone(),
             timeout: svc.timeout,
             router: svc.router,

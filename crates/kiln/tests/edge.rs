@@ -250,3 +250,141 @@ fn a_rollout_of_one_host_loses_no_request_and_leaves_the_others_connections_alon
         assert_eq!(service_status(&env, other)["revision"], 1, "{other}");
     }
 }
+
+/// A self-signed certificate for `host` (its own trust anchor) and its
+/// key, written to `DIR/NAME.pem` and `DIR/NAME.key`.
+fn certificate(dir: &std::path::Path, name: &str, host: &str) {
+    let made = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+    // The key first: a reload that sees the new certificate sees its key.
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.pem"));
+    let tmp = dir.join(format!("{name}.tmp"));
+    std::fs::write(&tmp, made.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(&tmp, &key).unwrap();
+    std::fs::write(&tmp, made.cert.pem()).unwrap();
+    std::fs::rename(&tmp, &cert).unwrap();
+}
+
+/// `curl` for `https://HOST:PORT/PATH`, resolved to loopback and trusting
+/// only `ca`: (exit status, headers and body).
+fn curl_https(port: u16, host: &str, path: &str, ca: &std::path::Path) -> (i32, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn https_service(name: &str, port: u16, host: &str, tls: &str) -> String {
+    service(name, port, name, &format!("hosts = [\"{host}\"]"))
+        + &format!(
+            "[services.{name}.tls]\ncert = \"certs/{name}.pem\"\nkey = \"certs/{name}.key\"\n{tls}\n"
+        )
+}
+
+#[test]
+fn https_picks_each_hosts_certificate_by_sni_reloads_it_and_redirects_plain_http() {
+    let env = Env::new();
+    let (port, plain) = (free_port(), free_port());
+    let certs = env.path("app/certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    certificate(&certs, "a", "a.example.test");
+    certificate(&certs, "b", "b.example.test");
+    let spec = [
+        IMAGE.to_owned(),
+        https_service(
+            "a",
+            port,
+            "a.example.test",
+            &format!("hsts = \"1d\"\nredirect_from = \"127.0.0.1:{plain}\""),
+        ),
+        https_service("b", port, "b.example.test", ""),
+    ]
+    .concat();
+    let path = hello_app(&env.path("app"), &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // Each host gets its own certificate (curl trusts only that one).
+    let (code, out) = curl_https(port, "a.example.test", "/", &certs.join("a.pem"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("hello from a "), "{out}");
+    assert!(
+        out.contains("strict-transport-security: max-age=86400"),
+        "{out}"
+    );
+    let (code, out) = curl_https(port, "b.example.test", "/headers", &certs.join("b.pem"));
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("x-forwarded-proto: https"), "{out}");
+    assert!(
+        !out.contains("strict-transport-security"),
+        "b asked for none: {out}"
+    );
+    // a's certificate is not b's: the client refuses it.
+    let (code, out) = curl_https(port, "b.example.test", "/", &certs.join("a.pem"));
+    assert_ne!(code, 0, "{out}");
+    // No certificate for a host no service names: no handshake.
+    let (code, out) = curl_https(port, "c.example.test", "/", &certs.join("a.pem"));
+    assert_ne!(code, 0, "{out}");
+
+    // Plain HTTP on redirect_from: a 308 to the same place over HTTPS.
+    let mut c = TcpStream::connect(("127.0.0.1", plain)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    c.write_all(b"GET /x?y=1 HTTP/1.1\r\nhost: a.example.test:80\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    c.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 308"), "{out}");
+    assert!(
+        out.contains(&format!(
+            "location: https://a.example.test:{port}/x?y=1\r\n"
+        )),
+        "{out}"
+    );
+
+    // A renewed certificate is served without an apply.
+    let old = std::fs::read(certs.join("a.pem")).unwrap();
+    certificate(&certs, "a", "a.example.test");
+    assert_ne!(old, std::fs::read(certs.join("a.pem")).unwrap());
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out) = curl_https(port, "a.example.test", "/", &certs.join("a.pem"));
+        if code == 0 {
+            assert!(out.contains("hello from a "), "{out}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never reloaded: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // A key that is not the certificate's: refused, naming both files,
+    // with nothing changed.
+    let wrong = spec.replace("certs/b.key", "certs/a.key");
+    write(&path, wrong.as_bytes());
+    let err = env.fails(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(err.contains("is not the key of the certificate"), "{err}");
+    assert!(err.contains("b.pem"), "{err}");
+    let (code, out) = curl_https(port, "b.example.test", "/", &certs.join("b.pem"));
+    assert_eq!(code, 0, "b still served: {out}");
+
+    // HTTPS and plain HTTP on one address: refused before anything is sent.
+    let mixed = spec.clone() + &service("plainly", port, "plainly", "hosts = [\"p.example.test\"]");
+    write(&path, mixed.as_bytes());
+    let err = env.fails(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains(&format!(
+            "serves HTTPS on 127.0.0.1:{port} and service plainly plain HTTP"
+        )),
+        "{err}"
+    );
+}

@@ -85,6 +85,7 @@ impl Harness {
                 replicas,
                 listen: None,
                 route: Default::default(),
+                tls: None,
                 rollout,
                 timeout: service::Duration::from_secs(30),
                 router: service::RouterSpec::default(),

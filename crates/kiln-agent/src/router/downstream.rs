@@ -25,7 +25,6 @@ use bytes::{Bytes, BytesMut};
 use hyper::StatusCode;
 use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use crate::router::routes::{Inflight, RouteSource, RouteTable, ServiceRoutes, Side};
 use crate::router::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
@@ -41,8 +40,17 @@ const COALESCE: usize = 16 * 1024;
 /// HAProxy's `timeout http-request` are of this kind).
 pub(crate) const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// What a client connection runs over: TCP, or TLS over TCP. Generic, not
+/// boxed: the plain path compiles to what it was before TLS existed.
+pub(crate) trait Stream:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send
+{
+}
+
+impl<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for S {}
+
 /// One client connection.
-pub(crate) struct Client {
+pub(crate) struct Client<S> {
     /// The router's table, read once per request.
     routes: RouteSource,
     /// The listener's address: its routes in the table.
@@ -50,7 +58,9 @@ pub(crate) struct Client {
     pool: Arc<Pool>,
     /// The client's address, as `X-Forwarded-For` gets it.
     peer_ip: String,
-    io: TcpStream,
+    /// Whether the client came over TLS (`X-Forwarded-Proto`, HSTS).
+    tls: bool,
+    io: S,
     /// Read from the client and not used yet (pipelined requests wait here).
     buf: BytesMut,
     /// The request head for the instance, and what goes to the client:
@@ -88,20 +98,24 @@ struct Prepared {
     side: Side,
     set_cookie: Option<String>,
     /// The service its host and path route to, or the router's answer
-    /// when none can take it (no route, nothing ready).
+    /// when none can take it (no route, nothing ready; a redirect to HTTPS,
+    /// whose message is the location).
     routes: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
+    /// `Strict-Transport-Security` for the response (over TLS only).
+    hsts: Option<hyper::header::HeaderValue>,
 }
 
-impl Client {
+impl<S: Stream> Client<S> {
     pub(crate) fn new(
         routes: RouteSource,
         listener: std::net::SocketAddr,
         pool: Arc<Pool>,
-        io: TcpStream,
+        (io, tls): (S, bool),
         peer_ip: String,
         answers: Arc<crate::router::metrics::Answers>,
     ) -> Self {
         Self {
+            tls,
             answers,
             routes,
             listener,
@@ -133,7 +147,7 @@ impl Client {
                 match prepare(
                     &self.buf,
                     &mut self.up,
-                    (&table, &self.listener),
+                    (&table, &self.listener, self.tls),
                     &self.peer_ip,
                 ) {
                     Ok(Some(p)) => break p,
@@ -160,8 +174,8 @@ impl Client {
             let got = tokio::select! {
                 biased;
                 got = tokio::time::timeout_at(deadline.into(), read) => got,
-                () = drained, if idle => match self.io.try_read_buf(&mut self.buf) {
-                    Ok(n) if n > 0 => Ok(Ok(n)),
+                () = drained, if idle => match read_now(&mut self.io, &mut self.buf) {
+                    Some(Ok(n)) if n > 0 => Ok(Ok(n)),
                     _ => return false,
                 },
             };
@@ -190,6 +204,9 @@ impl Client {
         let routes =
             match std::mem::replace(&mut parsed.routes, Err((StatusCode::OK, String::new()))) {
                 Ok(r) => r,
+                Err((StatusCode::PERMANENT_REDIRECT, location)) => {
+                    return self.redirect(&location, keep, parsed.version10).await;
+                }
                 Err((status, msg)) => {
                     return self.local(status, &msg, keep, parsed.version10).await;
                 }
@@ -370,7 +387,7 @@ impl Client {
             &head,
             req.version10,
             keep,
-            req.set_cookie.as_deref(),
+            (req.set_cookie.as_deref(), req.hsts.as_ref()),
         );
         let io = &mut self.io;
         let client = |ok: bool| if ok { Ok(()) } else { Err(Cut::Client) };
@@ -445,6 +462,20 @@ impl Client {
         false
     }
 
+    /// A redirect to HTTPS (308: the method and body stay as they were);
+    /// whether the connection goes on.
+    async fn redirect(&mut self, location: &str, keep: bool, version10: bool) -> bool {
+        self.answers.count(308);
+        self.out.clear();
+        let _ = write!(
+            self.out,
+            "HTTP/1.1 308 Permanent Redirect\r\nlocation: {location}\r\nx-kiln-router: 1\r\ncontent-length: 0\r\n"
+        );
+        connection(&mut self.out, keep, version10);
+        self.out.extend_from_slice(b"\r\n");
+        send_to(&mut self.io, &self.out, self.send_timeout).await && keep
+    }
+
     /// The router's own answer; whether the connection goes on.
     async fn local(&mut self, status: StatusCode, msg: &str, keep: bool, version10: bool) -> bool {
         // Every answer the router gives is counted, its own too.
@@ -476,7 +507,7 @@ fn response_head(
     head: &UpHead,
     version10: bool,
     keep: bool,
-    set_cookie: Option<&str>,
+    (set_cookie, hsts): (Option<&str>, Option<&hyper::header::HeaderValue>),
 ) -> (bool, bool) {
     let unknown = matches!(head.framing, Framing::Chunked(_) | Framing::Eof);
     let chunked = unknown && !version10;
@@ -502,6 +533,12 @@ fn response_head(
         out.extend_from_slice(cookie.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // Asked of the router by the service (`tls.hsts`).
+    if let Some(v) = hsts {
+        out.extend_from_slice(b"strict-transport-security: ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"\r\n");
     (chunked, keep)
 }
@@ -510,11 +547,21 @@ fn response_head(
 /// nothing for `within` (nginx's `send_timeout`). The timer is armed only
 /// when the socket's buffer is full: a write that goes at once costs one
 /// clock read, no timer.
-async fn send_to(io: &mut TcpStream, bytes: &[u8], within: std::time::Duration) -> bool {
+async fn send_to<S: Stream>(io: &mut S, bytes: &[u8], within: std::time::Duration) -> bool {
     matches!(
         tokio::time::timeout(within, io.write_all(bytes)).await,
         Ok(Ok(()))
     )
+}
+
+/// What the client has sent already, read without waiting: `None` when
+/// nothing is there yet.
+fn read_now<S: Stream>(io: &mut S, buf: &mut BytesMut) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match wire::poll_read_buf(io, &mut cx, buf) {
+        Poll::Ready(r) => Some(r),
+        Poll::Pending => None,
+    }
 }
 
 /// Who cut a response short.
@@ -554,7 +601,7 @@ fn connection(out: &mut Vec<u8>, keep: bool, version10: bool) {
 fn prepare(
     buf: &[u8],
     up: &mut Vec<u8>,
-    (table, listener): (&RouteTable, &std::net::SocketAddr),
+    (table, listener, tls): (&RouteTable, &std::net::SocketAddr, bool),
     peer_ip: &str,
 ) -> Result<Option<Prepared>, Reject> {
     let bad = |msg: &str| Reject(StatusCode::BAD_REQUEST, format!("{msg}\n"));
@@ -643,7 +690,8 @@ fn prepare(
     });
     // httparse hands the target over as text: its slices are too.
     let path = std::str::from_utf8(target.origin).map_err(|_| bad("invalid request target"))?;
-    let (routes, path, stripped) = route(table, listener, host, path)?;
+    let (routes, path, stripped, hsts) = route(table, listener, host, path)?;
+    let hsts = hsts.filter(|_| tls);
     let (side, set_cookie) = match &routes {
         Ok(r) => r.choose(
             req.headers
@@ -697,7 +745,11 @@ fn prepare(
         up.extend_from_slice(b", ");
     }
     up.extend_from_slice(peer_ip.as_bytes());
-    up.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    up.extend_from_slice(if tls {
+        b"\r\nx-forwarded-proto: https\r\n"
+    } else {
+        b"\r\nx-forwarded-proto: http\r\n"
+    });
     if let Some(h) = host {
         push_header(up, b"x-forwarded-host", h);
     }
@@ -735,6 +787,7 @@ fn prepare(
         side,
         set_cookie,
         routes,
+        hsts,
     }))
 }
 
@@ -752,6 +805,7 @@ fn route<'t, 'p>(
         Result<Arc<ServiceRoutes>, (StatusCode, String)>,
         std::borrow::Cow<'p, str>,
         Option<&'t str>,
+        Option<hyper::header::HeaderValue>,
     ),
     Reject,
 > {
@@ -760,6 +814,7 @@ fn route<'t, 'p>(
         return Ok((
             Err((StatusCode::SERVICE_UNAVAILABLE, msg)),
             path.into(),
+            None,
             None,
         ));
     };
@@ -781,9 +836,32 @@ fn route<'t, 'p>(
             Some(h) => format!("no service answers host {h} with this path here\n"),
             None => "no service answers this request here\n".to_owned(),
         };
-        return Ok((Err((StatusCode::NOT_FOUND, msg)), path.into(), None));
+        return Ok((Err((StatusCode::NOT_FOUND, msg)), path.into(), None, None));
     };
-    let key = found.target;
+    if let Some(port) = found.target.redirect_to {
+        let Some(authority) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
+            return Err(Reject(
+                StatusCode::BAD_REQUEST,
+                "a redirect to HTTPS needs a host header\n".to_owned(),
+            ));
+        };
+        // The host without its port (an IPv6 literal keeps its brackets).
+        let host = match authority.rsplit_once(':') {
+            Some((h, p)) if !p.contains(']') => h,
+            _ => authority,
+        };
+        let location = match port {
+            443 => format!("https://{host}{path}"),
+            p => format!("https://{host}:{p}{path}"),
+        };
+        return Ok((
+            Err((StatusCode::PERMANENT_REDIRECT, location)),
+            path.into(),
+            None,
+            None,
+        ));
+    }
+    let key = &found.target.key;
     let service = match table.services.get(key) {
         // Neither side has a ready instance (`choose` only picks an empty
         // side when both are).
@@ -801,7 +879,12 @@ fn route<'t, 'p>(
             format!("no routes for {key}\n"),
         )),
     };
-    Ok((service, found.path, found.stripped))
+    Ok((
+        service,
+        found.path,
+        found.stripped,
+        found.target.hsts.clone(),
+    ))
 }
 
 fn head_too_large() -> Reject {
@@ -1046,8 +1129,8 @@ impl ClientWait {
 /// A request body, read from the client as the instance's side sends it.
 /// A client that sends nothing of it for `stall` is cut off (nginx's
 /// `client_body_timeout`).
-struct ClientBody<'a> {
-    io: &'a mut TcpStream,
+struct ClientBody<'a, S> {
+    io: &'a mut S,
     buf: &'a mut BytesMut,
     decoder: &'a mut Decoder,
     stall: std::time::Duration,
@@ -1056,7 +1139,7 @@ struct ClientBody<'a> {
     waited: &'a ClientWait,
 }
 
-impl Body for ClientBody<'_> {
+impl<S: Stream> Body for ClientBody<'_, S> {
     type Data = Bytes;
     type Error = ClientError;
 
@@ -1110,6 +1193,7 @@ mod tests {
     use kiln_core::spec::ServiceName;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
     const OK: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
     const TOO_LARGE: &[u8] = b"HTTP/1.1 413 Content Too Large\r\ncontent-length: 8\r\n\r\ntoo big!";
@@ -1148,8 +1232,7 @@ mod tests {
         router
             .attach(
                 &svc,
-                ([127, 0, 0, 1], port).into(),
-                &kiln_core::edge::RouteSpec::default(),
+                crate::router::Attachment::plain(([127, 0, 0, 1], port).into()),
             )
             .await
             .unwrap();
@@ -1382,7 +1465,7 @@ mod tests {
                 router.source(),
                 addr,
                 Arc::default(),
-                io,
+                (io, false),
                 "127.0.0.1".into(),
                 Arc::default(),
             );
@@ -1869,6 +1952,7 @@ mod props {
     use proptest::prelude::*;
     use std::time::Duration;
     use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
     /// A listener the table has no routes for: `prepare` writes the head
     /// as it would for any service, and the answer is the router's 503.
@@ -2074,7 +2158,7 @@ mod props {
             step in 1usize..64,
         ) {
             let mut up = Vec::new();
-            let prepared = prepare(&g.bytes, &mut up, (&RouteTable::default(), &UNROUTED), "192.0.2.1");
+            let prepared = prepare(&g.bytes, &mut up, (&RouteTable::default(), &UNROUTED, false), "192.0.2.1");
             let p = match prepared {
                 Ok(Some(p)) => p,
                 Ok(None) => {
@@ -2125,7 +2209,7 @@ mod props {
         #[test]
         fn arbitrary_bytes_never_yield_an_ambiguous_head(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
             let mut up = Vec::new();
-            if let Ok(Some(p)) = prepare(&bytes, &mut up, (&RouteTable::default(), &UNROUTED), "192.0.2.1") {
+            if let Ok(Some(p)) = prepare(&bytes, &mut up, (&RouteTable::default(), &UNROUTED, false), "192.0.2.1") {
                 prop_assert!(p.len <= bytes.len());
                 up.extend_from_slice(b"\r\n");
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
@@ -2344,7 +2428,7 @@ mod props {
                 }
             };
             let mut out = Vec::new();
-            let (chunked, keep) = response_head(&mut out, &head, version10, true, None);
+            let (chunked, keep) = response_head(&mut out, &head, version10, true, (None, None));
             let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
             let mut resp = httparse::Response::new(&mut headers);
             prop_assert!(matches!(resp.parse(&out), Ok(httparse::Status::Complete(n)) if n == out.len()));

@@ -29,6 +29,7 @@ pub(crate) mod metrics;
 pub(crate) mod routes;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod tls;
 pub(crate) mod upstream;
 pub(crate) mod wire;
 
@@ -37,7 +38,7 @@ use tokio::sync::Mutex;
 
 use self::downstream::Client;
 use self::routes::RouteSource;
-pub use self::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split};
+pub use self::routes::{Backend, RouteKey, RouteTable, ServiceRoutes, Split, Target};
 use self::upstream::Pool;
 use kiln_core::edge::{RouteError, RouteSpec, Routes};
 
@@ -58,6 +59,13 @@ pub struct Router {
 /// pipes and logs, the state database), whatever the traffic: at least
 /// this many, or a tenth of the limit.
 pub const RESERVED_FDS: u64 = 256;
+
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often the HTTPS listeners look whether their certificate files
+/// changed.
+pub const CERT_CHECK: Duration = Duration::from_secs(2);
 
 /// How long a listener stops accepting when it is at its cap, or when the
 /// process or system is out of descriptors (nginx waits 500 ms on
@@ -81,23 +89,59 @@ fn nofile_limit() -> u64 {
         .unwrap_or(u64::MAX)
 }
 
+/// Where a route key is attached, and how.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub addr: SocketAddr,
+    pub route: RouteSpec,
+    /// HTTPS, with the service's certificate files.
+    pub tls: Option<kiln_core::service::TlsSpec>,
+    /// A redirect to HTTPS on this port, for every request.
+    pub redirect_to: Option<u16>,
+}
+
+impl Attachment {
+    /// Plain HTTP, every host and path (a `listen` alone, a preview).
+    pub fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            route: RouteSpec::default(),
+            tls: None,
+            redirect_to: None,
+        }
+    }
+
+    fn target(&self, key: &RouteKey) -> Target {
+        let hsts = self.tls.as_ref().and_then(|t| t.hsts).and_then(|d| {
+            hyper::header::HeaderValue::from_str(&format!("max-age={}", d.0.as_secs())).ok()
+        });
+        Target {
+            key: key.clone(),
+            redirect_to: self.redirect_to,
+            hsts,
+        }
+    }
+}
+
 /// The listeners, by address, and where each route key is attached.
 #[derive(Default)]
 struct Listeners {
     workers: HashMap<SocketAddr, Workers>,
-    attached: HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+    attached: HashMap<RouteKey, Attachment>,
+    /// The HTTPS listeners' certificates.
+    tls: HashMap<SocketAddr, self::tls::TlsListener>,
 }
 
 impl Listeners {
     /// The routes on `addr` as `attached` has them.
     fn routes_on(
-        attached: &HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+        attached: &HashMap<RouteKey, Attachment>,
         addr: SocketAddr,
-    ) -> Result<Routes<RouteKey>, RouteError> {
+    ) -> Result<Routes<Target>, RouteError> {
         let mut list: Vec<_> = attached
             .iter()
-            .filter(|(_, (a, _))| *a == addr)
-            .flat_map(|(k, (_, r))| r.routes(k.clone()))
+            .filter(|(_, a)| a.addr == addr)
+            .flat_map(|(k, a)| a.route.routes(a.target(k)))
             .collect();
         // A stable order, so that a conflict names the services the same
         // way each time.
@@ -132,6 +176,8 @@ pub enum ListenError {
     /// Another service already answers the same host and path there.
     #[error(transparent)]
     Conflict(#[from] Box<RouteError>),
+    #[error(transparent)]
+    Tls(#[from] self::tls::TlsError),
 }
 
 impl Router {
@@ -170,7 +216,7 @@ impl Router {
         };
         let cap = routes
             .iter()
-            .filter_map(|r| table.services.get(&r.target))
+            .filter_map(|r| table.services.get(&r.target.key))
             .filter_map(|r| r.limits.max_connections)
             .min()
             .map_or(i64::MAX, i64::from);
@@ -197,6 +243,7 @@ impl Router {
             RouteTable {
                 services,
                 listeners: old.listeners.clone(),
+                tls: old.tls.clone(),
             }
         });
     }
@@ -209,6 +256,7 @@ impl Router {
             RouteTable {
                 services,
                 listeners: old.listeners.clone(),
+                tls: old.tls.clone(),
             }
         });
     }
@@ -217,7 +265,8 @@ impl Router {
     /// them (a listener left with none is dropped from the table).
     fn publish_listeners(
         &self,
-        attached: &HashMap<RouteKey, (SocketAddr, RouteSpec)>,
+        attached: &HashMap<RouteKey, Attachment>,
+        tls: &HashMap<SocketAddr, self::tls::TlsListener>,
         addrs: &[SocketAddr],
     ) -> Result<(), RouteError> {
         let mut built = Vec::new();
@@ -228,18 +277,58 @@ impl Router {
         }
         self.table.0.rcu(|old| {
             let mut listeners = old.listeners.clone();
+            let mut configs = old.tls.clone();
             for (addr, routes) in &built {
                 match routes {
                     Some(r) => listeners.insert(*addr, r.clone()),
                     None => listeners.remove(addr),
                 };
+                match tls.get(addr) {
+                    Some(t) => configs.insert(*addr, t.config.clone()),
+                    None => configs.remove(addr),
+                };
             }
             RouteTable {
                 services: old.services.clone(),
                 listeners,
+                tls: configs,
             }
         });
         Ok(())
+    }
+
+    /// The certificates of the HTTPS services attached on `addr`.
+    fn tls_sources(
+        attached: &HashMap<RouteKey, Attachment>,
+        addr: SocketAddr,
+    ) -> Vec<self::tls::Source> {
+        let mut on: Vec<(&RouteKey, &Attachment)> =
+            attached.iter().filter(|(_, a)| a.addr == addr).collect();
+        on.sort_by_key(|(k, _)| k.to_string());
+        on.into_iter()
+            .filter_map(|(k, a)| {
+                let t = a.tls.as_ref()?;
+                Some(self::tls::Source {
+                    owner: k.to_string(),
+                    hosts: a.route.hosts.clone(),
+                    cert: t.cert.clone().into(),
+                    key: t.key.clone().into(),
+                })
+            })
+            .collect()
+    }
+
+    /// Read again the certificate files that changed, on every HTTPS
+    /// listener (every [`CERT_CHECK`]; see `Agent`).
+    pub async fn reload_certificates(&self) {
+        let mut listeners = self.listeners.lock().await;
+        for (addr, t) in listeners.tls.iter_mut() {
+            match t.reload_if_changed() {
+                Ok(true) => tracing::info!("listener {addr}: certificates read again"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!("listener {addr}: {e}; the certificates served stay"),
+            }
+        }
     }
 
     /// Route `key`'s requests for `route` (its hosts and path prefix) on
@@ -250,20 +339,32 @@ impl Router {
     pub async fn attach(
         self: &Arc<Self>,
         key: &RouteKey,
-        addr: SocketAddr,
-        route: &RouteSpec,
+        to: Attachment,
     ) -> Result<(), ListenError> {
+        let addr = to.addr;
         let mut listeners = self.listeners.lock().await;
         let before = listeners.attached.get(key).cloned();
-        if before
-            .as_ref()
-            .is_some_and(|(a, r)| *a == addr && r == route)
-        {
+        if before.as_ref() == Some(&to) {
             return Ok(());
         }
         let mut attached = listeners.attached.clone();
-        attached.insert(key.clone(), (addr, route.clone()));
+        attached.insert(key.clone(), to);
         Listeners::routes_on(&attached, addr).map_err(Box::new)?;
+        kiln_core::edge::check_tls(
+            attached
+                .iter()
+                .map(|(k, a)| (a.addr, k.to_string(), a.tls.is_some())),
+        )
+        .map_err(Box::new)?;
+        // The certificates are read before anything changes: a file
+        // missing or wrong refuses the attachment.
+        let sources = Self::tls_sources(&attached, addr);
+        let mut fresh_tls = None;
+        match listeners.tls.get_mut(&addr) {
+            _ if sources.is_empty() => {}
+            Some(t) => t.set(sources)?,
+            None => fresh_tls = Some(self::tls::TlsListener::new(sources)?),
+        }
         if let std::collections::hash_map::Entry::Vacant(free) = listeners.workers.entry(addr) {
             let name = format!("listen:{addr}");
             let bind_error = |source| ListenError::Bind {
@@ -284,9 +385,17 @@ impl Router {
             self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
             free.insert(Workers::start(self.clone(), addr, sockets).map_err(bind_error)?);
         }
+        if let Some(t) = fresh_tls {
+            listeners.tls.insert(addr, t);
+        }
         let mut touched = vec![addr];
-        touched.extend(before.map(|(a, _)| a).filter(|a| *a != addr));
-        self.publish_listeners(&attached, &touched)
+        touched.extend(before.map(|a| a.addr).filter(|a| *a != addr));
+        for a in &touched {
+            if Self::tls_sources(&attached, *a).is_empty() {
+                listeners.tls.remove(a);
+            }
+        }
+        self.publish_listeners(&attached, &listeners.tls, &touched)
             .map_err(Box::new)?;
         listeners.attached = attached;
         for a in &touched[1..] {
@@ -303,7 +412,7 @@ impl Router {
             .await
             .attached
             .iter()
-            .filter(|(_, (a, _))| *a == addr)
+            .filter(|(_, a)| a.addr == addr)
             .map(|(k, _)| k.clone())
             .collect();
         keys.sort_by_key(ToString::to_string);
@@ -330,11 +439,20 @@ impl Router {
     /// no other key is attached to it.
     pub async fn detach(&self, key: &RouteKey) {
         let mut listeners = self.listeners.lock().await;
-        let Some((addr, _)) = listeners.attached.remove(key) else {
+        let Some(Attachment { addr, .. }) = listeners.attached.remove(key) else {
             return;
         };
+        let sources = Self::tls_sources(&listeners.attached, addr);
+        if sources.is_empty() {
+            listeners.tls.remove(&addr);
+        } else if let Some(t) = listeners.tls.get_mut(&addr) {
+            // Fewer certificates: each was read before.
+            if let Err(e) = t.set(sources) {
+                tracing::warn!("listener {addr}: {e}");
+            }
+        }
         // Removing routes cannot make a conflict.
-        let _ = self.publish_listeners(&listeners.attached, &[addr]);
+        let _ = self.publish_listeners(&listeners.attached, &listeners.tls, &[addr]);
         listeners.close_if_unused(addr, &self.keeper);
     }
 
@@ -443,14 +561,8 @@ impl Router {
                 () = tokio::time::sleep(ACCEPT_PAUSE), if full => continue,
             };
             let _ = stream.set_nodelay(true);
-            let client = Client::new(
-                self.table.clone(),
-                addr,
-                pool.clone(),
-                stream,
-                peer.ip().to_string(),
-                answers.clone(),
-            );
+            let tls = self.table.0.load().tls.get(&addr).cloned();
+            let (table, pool, answers) = (self.table.clone(), pool.clone(), answers.clone());
             // Counted before the task runs, so a burst sees its own count.
             open.fetch_add(1, Ordering::Relaxed);
             self.open.fetch_add(1, Ordering::Relaxed);
@@ -459,7 +571,22 @@ impl Router {
             tokio::spawn(async move {
                 let _counted = counted;
                 let _served = served;
-                client.serve().await;
+                let peer_ip = peer.ip().to_string();
+                let Some(config) = tls else {
+                    let client = Client::new(table, addr, pool, (stream, false), peer_ip, answers);
+                    return client.serve().await;
+                };
+                // A client that does not finish its handshake in time is
+                // closed, as one that sends no head is.
+                let acceptor = tokio_rustls::TlsAcceptor::from(config);
+                let Ok(Ok(stream)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                Client::new(table, addr, pool, (stream, true), peer_ip, answers)
+                    .serve()
+                    .await;
             });
         }
     }
@@ -468,7 +595,7 @@ impl Router {
 impl Listeners {
     /// Close the listener on `addr` for good if nothing is attached to it.
     fn close_if_unused(&mut self, addr: SocketAddr, keeper: &crate::keeper::Keeper) {
-        if self.attached.values().any(|(a, _)| *a == addr) {
+        if self.attached.values().any(|a| a.addr == addr) {
             return;
         }
         if let Some(workers) = self.workers.remove(&addr) {
@@ -484,6 +611,7 @@ fn key_name(key: &RouteKey) -> String {
     match key {
         RouteKey::Service(s) => format!("service:{s}"),
         RouteKey::Preview(s) => format!("preview:{s}"),
+        RouteKey::Redirect(s) => format!("redirect:{s}"),
     }
 }
 
@@ -760,7 +888,7 @@ mod tests {
         let r = Router::new(std::sync::Arc::new(crate::keeper::Keeper::none()));
         let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
         let port = free_port();
-        r.attach(&svc, ([127, 0, 0, 1], port).into(), &RouteSpec::default())
+        r.attach(&svc, Attachment::plain(([127, 0, 0, 1], port).into()))
             .await
             .unwrap();
         let (status, body) = get(port).await;
@@ -803,7 +931,7 @@ mod tests {
         // The same route on the same address cannot be taken twice.
         let other = RouteKey::Service(ServiceName::try_from("other").unwrap());
         let err = r
-            .attach(&other, ([127, 0, 0, 1], port).into(), &RouteSpec::default())
+            .attach(&other, Attachment::plain(([127, 0, 0, 1], port).into()))
             .await
             .unwrap_err();
         assert_eq!(
@@ -836,17 +964,21 @@ mod tests {
             hosts: vec![kiln_core::edge::HostPattern::parse(h).unwrap()],
             ..RouteSpec::default()
         };
+        let on = |addr, h: &str| Attachment {
+            route: route(h),
+            ..Attachment::plain(addr)
+        };
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        r.attach(&a, addr, &route("a.test")).await.unwrap();
-        r.attach(&b, addr, &route("b.test")).await.unwrap();
+        r.attach(&a, on(addr, "a.test")).await.unwrap();
+        r.attach(&b, on(addr, "b.test")).await.unwrap();
         // Neither has an instance yet: each host is its own service's 503;
         // another host is no one's (404).
         assert_eq!(status_for(port, "a.test").await, Some(503));
         assert_eq!(status_for(port, "b.test").await, Some(503));
         assert_eq!(status_for(port, "c.test").await, Some(404));
         // A conflict changes nothing: b keeps its route.
-        let err = r.attach(&a, addr, &route("b.test")).await.unwrap_err();
+        let err = r.attach(&a, on(addr, "b.test")).await.unwrap_err();
         assert!(matches!(err, ListenError::Conflict(_)), "{err}");
         assert_eq!(r.attached_to(addr).await, [a.clone(), b.clone()]);
         assert_eq!(r.table().listeners[&addr].iter().count(), 2);
@@ -856,7 +988,7 @@ mod tests {
         assert_eq!(status_for(port, "b.test").await, Some(503));
         // b moves to another address: the first closes with its last route.
         let port2 = free_port();
-        r.attach(&b, ([127, 0, 0, 1], port2).into(), &route("b.test"))
+        r.attach(&b, on(([127, 0, 0, 1], port2).into(), "b.test"))
             .await
             .unwrap();
         assert_eq!(status_for(port2, "b.test").await, Some(503));

@@ -188,6 +188,9 @@ fn sticky_bucket<'h>(
 pub enum RouteKey {
     Service(ServiceName),
     Preview(ServiceName),
+    /// The plain-HTTP address of an HTTPS service (`tls.redirect_from`):
+    /// every request is redirected.
+    Redirect(ServiceName),
 }
 
 impl std::fmt::Display for RouteKey {
@@ -195,7 +198,37 @@ impl std::fmt::Display for RouteKey {
         match self {
             Self::Service(s) => write!(f, "service {s}"),
             Self::Preview(s) => write!(f, "the preview of service {s}"),
+            Self::Redirect(s) => write!(f, "the HTTPS redirect of service {s}"),
         }
+    }
+}
+
+/// Where a listener's route leads: a key's service, and what the route
+/// itself adds to its answers (fixed when the route is attached, so a
+/// rollout never touches it).
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub key: RouteKey,
+    /// Answer every request with a 308 to `https://HOST:PORT` (the
+    /// service's HTTPS port; omitted when 443).
+    pub redirect_to: Option<u16>,
+    /// `Strict-Transport-Security` for its responses over TLS.
+    pub hsts: Option<HeaderValue>,
+}
+
+impl Target {
+    pub fn plain(key: RouteKey) -> Self {
+        Self {
+            key,
+            redirect_to: None,
+            hsts: None,
+        }
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.key.fmt(f)
     }
 }
 
@@ -206,7 +239,10 @@ pub struct RouteTable {
     /// Each listener's routes (which key answers which host and path), by
     /// its address. A rollout swaps `services` only: the listeners' routes
     /// are the same `Arc`s in the new table.
-    pub listeners: HashMap<std::net::SocketAddr, Arc<kiln_core::edge::Routes<RouteKey>>>,
+    pub listeners: HashMap<std::net::SocketAddr, Arc<kiln_core::edge::Routes<Target>>>,
+    /// The TLS set-up of each HTTPS listener (its certificates are swapped
+    /// inside it when their files change).
+    pub tls: HashMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
 }
 
 /// Where a connection reads the current routing table: the router's own

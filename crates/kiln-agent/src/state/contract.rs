@@ -44,6 +44,7 @@ pub(super) fn service(name: &ServiceName, replicas: u32, target: u64) -> Service
             replicas,
             listen: None,
             route: Default::default(),
+            tls: None,
             rollout: RolloutSpec::default(),
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),

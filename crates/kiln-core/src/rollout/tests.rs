@@ -83,6 +83,7 @@ fn settings(strategy: Strategy, replicas: u32) -> ServiceSettings {
         replicas,
         listen: None,
         route: Default::default(),
+        tls: None,
         rollout: RolloutSpec {
             strategy,
             progress_deadline: service::Duration::from_secs(10),

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Edge benchmark (issue 26), side by side in one run (not a test):
+#  (1) plain HTTP/1.1 through a listener of one service (`listen` alone)
+#      against the same through a listener shared by four services, routed
+#      by host and path prefix (stripped), and, with BASELINE=/path/to/kiln,
+#      against another build of kiln (an A/B: did routing make the plain
+#      path slower?). Runs interleaved; medians and run-by-run ratios.
+#
+#   bench/edge.sh                       # RUNS=5 DURATION=10 CONNS=50
+#   BASELINE=/tmp/kiln-old bench/edge.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v wrk >/dev/null || { echo "installing wrk" >&2; apt-get install -y -qq wrk >/dev/null; }
+echo "building kiln and hello (release)..." >&2
+cargo build --release -q -p kiln -p hello
+exec python3 bench/edge.py "$PWD/target/release/kiln" "$PWD/target/release/hello"
