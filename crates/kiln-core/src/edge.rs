@@ -376,6 +376,8 @@ pub struct Routes<T> {
     /// Longest suffix first, each list longest prefix first.
     wildcards: Vec<(String, Vec<Route<T>>)>,
     any: Vec<Route<T>>,
+    /// Whether any route has a prefix other than `/` (asked per request).
+    by_path: bool,
 }
 
 impl<T: std::fmt::Display> Routes<T> {
@@ -402,10 +404,15 @@ impl<T: std::fmt::Display> Routes<T> {
             longest_first(v);
         }
         wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
+        let prefixed = |l: &Vec<Route<T>>| l.iter().any(|r| r.prefix != "/");
+        let by_path = exact.values().any(prefixed)
+            || wildcards.iter().any(|(_, l)| prefixed(l))
+            || prefixed(&any);
         Ok(Self {
             exact,
             wildcards,
             any,
+            by_path,
         })
     }
 }
@@ -419,10 +426,7 @@ impl<T> Routes<T> {
 
     /// Whether any route has a prefix other than `/`.
     pub fn by_path(&self) -> bool {
-        let prefixed = |l: &Vec<Route<T>>| l.iter().any(|r| r.prefix != "/");
-        self.exact.values().any(prefixed)
-            || self.wildcards.iter().any(|(_, l)| prefixed(l))
-            || prefixed(&self.any)
+        self.by_path
     }
 
     /// Every route, in no particular order.

@@ -232,17 +232,21 @@ impl std::fmt::Display for Target {
     }
 }
 
+/// The table's maps are read on every request, with keys from the spec,
+/// never from a client: a fast hash (foldhash) over SipHash.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The whole routing table: swapped as one value.
 #[derive(Debug, Default)]
 pub struct RouteTable {
-    pub services: HashMap<RouteKey, Arc<ServiceRoutes>>,
+    pub services: FastMap<RouteKey, Arc<ServiceRoutes>>,
     /// Each listener's routes (which key answers which host and path), by
     /// its address. A rollout swaps `services` only: the listeners' routes
     /// are the same `Arc`s in the new table.
-    pub listeners: HashMap<std::net::SocketAddr, Arc<kiln_core::edge::Routes<Target>>>,
+    pub listeners: FastMap<std::net::SocketAddr, Arc<kiln_core::edge::Routes<Target>>>,
     /// The TLS set-up of each HTTPS listener (its certificates are swapped
     /// inside it when their files change).
-    pub tls: HashMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
+    pub tls: FastMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
 }
 
 /// Where a connection reads the current routing table: the router's own
