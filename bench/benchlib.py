@@ -41,10 +41,12 @@ def to_ms(v):
     return n / 1000 if u == "us" else n if u == "ms" else n * 1000
 
 
-def wrk(port, conns, duration, path="/", host=None, scheme="http"):
-    """One wrk run on 127.0.0.1:port (with `host` as its Host): (requests/s,
-    p50 ms, p99 ms, requests, non-2xx, socket errors)."""
+def wrk(port, conns, duration, path="/", host=None, scheme="http", close=False):
+    """One wrk run on 127.0.0.1:port (with `host` as its Host; a new
+    connection per request when `close`): (requests/s, p50 ms, p99 ms,
+    requests, non-2xx, socket errors)."""
     extra = ["-H", f"Host: {host}"] if host else []
+    extra += ["-H", "Connection: close"] if close else []
     out = subprocess.run(["wrk", "-t2", f"-c{conns}", f"-d{duration}s", "--latency", *extra,
                           f"{scheme}://127.0.0.1:{port}{path}"],
                          capture_output=True, text=True, check=True).stdout

@@ -1,10 +1,10 @@
 """Driver for bench/edge.sh (stdlib only)."""
-import os, shutil, statistics, sys, tempfile
+import json, os, shutil, statistics, subprocess, sys, tempfile
 
 import benchlib
 from benchlib import Agent, free_port, kiln_quiet, wait_port
 
-KILN, HELLO = sys.argv[1:3]
+KILN, HELLO, BENCH = sys.argv[1:4]
 BASELINE = os.environ.get("BASELINE")
 RUNS = int(os.environ.get("RUNS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
@@ -46,14 +46,34 @@ work = tempfile.mkdtemp(prefix="kiln-bench-edge-")
 os.chmod(work, 0o711)
 agents = []
 try:
-    plain, shared = free_port(), free_port()
+    plain, shared, https = free_port(), free_port(), free_port()
     agents.append(Agent(KILN, f"{work}/home"))
-    deploy(KILN, f"{work}/home", f"{work}/app", service("plain", plain) + "".join([
+    # One ECDSA P-256 certificate for kiln, nginx and HAProxy alike.
+    cert, key, pem = f"{work}/cert.pem", f"{work}/key.pem", f"{work}/both.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=bench.test",
+                    "-addext", "subjectAltName=DNS:bench.test,IP:127.0.0.1"], check=True, capture_output=True)
+    with open(pem, "w") as f:
+        f.write(open(cert).read() + open(key).read())
+    deploy(KILN, f"{work}/home", f"{work}/app", service("plain", plain) + service("secure", https)
+           + f'[services.secure.tls]\ncert = "{cert}"\nkey = "{key}"\n' + "".join([
         service("site", shared, 'hosts = ["example.test"]'),
         service("api", shared, 'hosts = ["example.test"]\npath_prefix = "/api"\nstrip_prefix = true'),
         service("tenants", shared, 'hosts = ["*.example.test"]'),
         service("rest", shared),
     ]))
+    status = json.loads(subprocess.run([KILN, "--home", f"{work}/home", "status", "--json"],
+                                       check=True, capture_output=True, text=True).stdout)
+    backend = next(s["instances"][0]["port"] for s in status["services"] if s["name"] == "secure")
+    ng, ha = free_port(), free_port()
+    for name, port_, tmpl in [("nginx", ng, "nginx-tls.conf.in"), ("haproxy", ha, "haproxy-tls.cfg.in")]:
+        conf = open(f"{BENCH}/{tmpl}").read()
+        for k, v in {"@PORT@": port_, "@BACKEND@": f"127.0.0.1:{backend}", "@DIR@": work,
+                     "@CERT@": cert, "@KEY@": key, "@PEM@": pem}.items():
+            conf = conf.replace(k, str(v))
+        open(f"{work}/{tmpl[:-3]}", "w").write(conf)
+    peers = [subprocess.Popen(["nginx", "-c", f"{work}/nginx-tls.conf", "-g", "daemon off;"], stderr=subprocess.DEVNULL),
+             subprocess.Popen(["haproxy", "-f", f"{work}/haproxy-tls.cfg"], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL)]
     # name -> (port, host, path)
     targets = {
         "kiln, listen alone": (plain, None, "/"),
@@ -78,7 +98,29 @@ try:
             if non2xx or sock:
                 sys.exit(f"{name}: {non2xx} non-2xx, {sock} socket errors")
             runs[name].append((rps, p50, p99))
+    # (2) HTTPS: keep-alive requests, and new connections (each a full
+    # handshake: `Connection: close` on every request), the same backend
+    # behind each proxy, the order turning each round.
+    tls_targets = [("kiln", https), ("nginx", ng), ("HAProxy", ha)]
+    for _, port in tls_targets:
+        wait_port(port)
+        benchlib.wrk(port, CONNS, 2, "/", None, "https")
+    keep = {n: [] for n, _ in tls_targets}
+    fresh = {n: [] for n, _ in tls_targets}
+    for k in range(RUNS):
+        for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
+            r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https")
+            if r[4] or r[5]:
+                sys.exit(f"{name} (https): {r[4]} non-2xx, {r[5]} socket errors")
+            keep[name].append(r[:3])
+            r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https", close=True)
+            if r[4]:
+                sys.exit(f"{name} (handshakes): {r[4]} non-2xx")
+            fresh[name].append(r[:3])
 finally:
+    for p in locals().get("peers", []):
+        p.terminate()
+        p.wait()
     for a in agents:
         a.stop()
     shutil.rmtree(work, ignore_errors=True)
@@ -95,3 +137,14 @@ for other in runs:
     rps = [a[0] / b[0] for a, b in zip(runs[other], runs[ref])]
     p99 = [a[2] / b[2] for a, b in zip(runs[other], runs[ref])]
     print(f"{other} vs {ref}, run by run: requests/s x{statistics.median(rps):.3f}, p99 x{statistics.median(p99):.3f}")
+
+print(f"\n(2) HTTPS, one ECDSA P-256 certificate, TLS 1.3 (wrk's OpenSSL), same backend")
+for title, table in [("keep-alive requests", keep), ("new connections, a handshake each", fresh)]:
+    print(f"{title:<34} {'per second':>12} {'p50 ms':>8} {'p99 ms':>8}")
+    for name, rs in table.items():
+        med = [statistics.median(r[i] for r in rs) for i in range(3)]
+        print(f"  {name:<32} {med[0]:>12.0f} {med[1]:>8.2f} {med[2]:>8.2f}")
+    for peer in ("nginx", "HAProxy"):
+        rps = [a[0] / b[0] for a, b in zip(table["kiln"], table[peer])]
+        p99 = [a[2] / b[2] for a, b in zip(table["kiln"], table[peer])]
+        print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} per second, p99 x{statistics.median(p99):.2f}")

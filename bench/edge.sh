@@ -5,12 +5,20 @@
 #      by host and path prefix (stripped), and, with BASELINE=/path/to/kiln,
 #      against another build of kiln (an A/B: did routing make the plain
 #      path slower?). Runs interleaved; medians and run-by-run ratios.
+#  (2) HTTPS with one ECDSA P-256 certificate, kiln vs nginx vs HAProxy in
+#      front of the same backend: keep-alive requests/s and p99, and new
+#      connections/s (a full handshake each).
 #
 #   bench/edge.sh                       # RUNS=5 DURATION=10 CONNS=50
 #   BASELINE=/tmp/kiln-old bench/edge.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v wrk >/dev/null || { echo "installing wrk" >&2; apt-get install -y -qq wrk >/dev/null; }
+missing=()
+for t in wrk nginx haproxy openssl; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((${#missing[@]})); then
+    echo "installing ${missing[*]}" >&2
+    apt-get install -y -qq wrk nginx-light haproxy openssl >/dev/null
+fi
 echo "building kiln and hello (release)..." >&2
 cargo build --release -q -p kiln -p hello
-exec python3 bench/edge.py "$PWD/target/release/kiln" "$PWD/target/release/hello"
+exec python3 bench/edge.py "$PWD/target/release/kiln" "$PWD/target/release/hello" "$PWD/bench"
