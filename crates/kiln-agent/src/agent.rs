@@ -450,6 +450,7 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner()) = agent.shared.state.drained().await?;
         tokio::spawn(Self::follow(Arc::downgrade(&agent), head));
         tokio::spawn(Self::reload_certificates(Arc::downgrade(&agent)));
+        tokio::spawn(Self::order_certificates(Arc::downgrade(&agent)));
         if !agent.shared.membership.is_solo() {
             tokio::spawn(Self::follow_membership(Arc::downgrade(&agent)));
         }
@@ -605,6 +606,34 @@ impl Agent {
         }
     }
 
+    /// Certificates from ACME directories: ordered when missing or due,
+    /// looked at every second (an order in progress holds the loop).
+    /// Ends with the agent.
+    async fn order_certificates(agent: std::sync::Weak<Self>) {
+        let standings = crate::acme::Standings::default();
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let Some((home, router)) = agent
+                .upgrade()
+                .map(|a| (a.shared.home.clone(), a.shared.router.clone()))
+            else {
+                return;
+            };
+            let services = router.acme_services().await;
+            if services.is_empty() {
+                continue;
+            }
+            crate::acme::pass(
+                &home,
+                &router,
+                services,
+                &standings,
+                std::time::SystemTime::now(),
+            )
+            .await;
+        }
+    }
+
     /// Controllers hear of what moves their service (an apply, a
     /// rollback) through the state store's watch, from the events after
     /// `after`: a change made through another agent of a cluster wakes
@@ -704,12 +733,21 @@ impl Agent {
         let mut out = Vec::new();
         if let Some(l) = settings.listen {
             let addr = m.listen_addr(l.0);
+            // An ACME certificate is read from where the agent keeps it.
+            let tls = settings.tls.clone().map(|mut t| {
+                if t.acme.is_some() {
+                    let (cert, key) = crate::acme::cert_paths(&self.shared.home, name);
+                    t.cert = Some(cert.to_string_lossy().into_owned());
+                    t.key = Some(key.to_string_lossy().into_owned());
+                }
+                t
+            });
             out.push((
                 RouteKey::Service(name.clone()),
                 Attachment {
                     addr,
                     route: settings.route.clone(),
-                    tls: settings.tls.clone(),
+                    tls,
                     redirect_to: None,
                 },
             ));

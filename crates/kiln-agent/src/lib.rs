@@ -22,6 +22,7 @@
 //! - [`drift`]: watching and verifying image trees; [`gc`]: collecting the
 //!   store and the logs.
 
+pub mod acme;
 pub(crate) mod agent;
 pub(crate) mod api;
 #[cfg(feature = "bench")]

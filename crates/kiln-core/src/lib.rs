@@ -6,6 +6,7 @@
 //! (how images are named), then [`oci`] (the documents an image is made of) and
 //! [`tree`] (the per-file manifest of an unpacked image).
 
+pub mod acme;
 pub mod api;
 pub mod auth;
 pub mod base;

@@ -277,7 +277,12 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     }
     if old.tls != new.tls {
         let show = |t: &Option<crate::service::TlsSpec>| {
-            t.as_ref().map_or("off".to_owned(), |t| t.cert.clone())
+            t.as_ref().map_or("off".to_owned(), |t| {
+                t.cert
+                    .clone()
+                    .or_else(|| t.acme.clone())
+                    .unwrap_or_default()
+            })
         };
         out.push(format!("tls {} -> {}", show(&old.tls), show(&new.tls)));
     }

@@ -201,9 +201,7 @@ impl ServiceSpec {
                     tls.redirect_from.map_or(String::new(), |a| a.0.to_string())
                 ));
             }
-            if tls.cert.is_empty() || tls.key.is_empty() {
-                return Err("tls.cert and tls.key name the PEM files".to_owned());
-            }
+            tls.check(&self.hosts)?;
         }
         let r = &self.router;
         for (key, d) in [
@@ -350,9 +348,23 @@ impl fmt::Display for ImageSource {
 pub struct TlsSpec {
     /// The certificate chain, leaf first (relative to the spec; `kiln
     /// apply` sends it made absolute).
-    pub cert: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
     /// Its private key (PKCS#8, PKCS#1 or SEC1).
-    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// Instead of files: certificates issued and renewed by this ACME
+    /// directory (`https://acme-v02.api.letsencrypt.org/directory`), over
+    /// HTTP-01 on `redirect_from`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<String>,
+    /// The root certificate the ACME directory's own HTTPS is signed by,
+    /// when it is a private CA's (a PEM file); default: the public roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_root: Option<String>,
+    /// A contact address for the CA's account (`mailto:` added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme_email: Option<String>,
     /// Also answer plain HTTP on this address, for the same hosts and
     /// prefix, with a redirect (308) to HTTPS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -365,11 +377,46 @@ pub struct TlsSpec {
 impl TlsSpec {
     /// With its file names made absolute against `dir` (the spec's).
     pub fn under(&self, dir: &std::path::Path) -> Self {
-        let abs = |p: &str| dir.join(p).to_string_lossy().into_owned();
+        let abs = |p: &Option<String>| {
+            p.as_ref()
+                .map(|p| dir.join(p).to_string_lossy().into_owned())
+        };
         Self {
             cert: abs(&self.cert),
             key: abs(&self.key),
+            acme_root: abs(&self.acme_root),
             ..self.clone()
+        }
+    }
+
+    /// Its own mistakes, and what ACME needs of the service's hosts.
+    pub fn check(&self, hosts: &[crate::edge::HostPattern]) -> Result<(), String> {
+        match (&self.cert, &self.key, &self.acme) {
+            (Some(c), Some(k), None) if !c.is_empty() && !k.is_empty() => Ok(()),
+            (None, None, Some(url)) => {
+                if !url.starts_with("https://") {
+                    return Err(format!(
+                        "tls.acme `{url}` must be an https:// directory URL"
+                    ));
+                }
+                if hosts.is_empty() {
+                    return Err("tls.acme needs hosts: the names to certify".to_owned());
+                }
+                if let Some(w) = hosts
+                    .iter()
+                    .find(|h| matches!(h, crate::edge::HostPattern::Wildcard(_)))
+                {
+                    return Err(format!(
+                        "tls.acme cannot certify {w}: HTTP-01 proves one name at a time (a wildcard needs DNS-01)"
+                    ));
+                }
+                if self.redirect_from.is_none() {
+                    return Err("tls.acme needs redirect_from: the plain-HTTP address (port 80 as the CA sees it) where the router answers the CA's HTTP-01 challenge".to_owned());
+                }
+                Ok(())
+            }
+            (_, _, Some(_)) => Err("tls.acme or tls.cert and tls.key, not both".to_owned()),
+            _ => Err("tls needs cert and key (PEM files), or acme (a directory URL)".to_owned()),
         }
     }
 }
@@ -1421,5 +1468,78 @@ mod canary_tests {
         );
         let err = Spec::parse(&shared, "k.toml").unwrap_err();
         assert!(err.message.contains("must be marked shared-safe"), "{err}");
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use crate::spec::Spec;
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let base = "[images.a]\n[services.web]\nimage = \"a\"\nlisten = \"127.0.0.1:9443\"\nhosts = [\"a.test\"]\n[services.web.tls]\n";
+        let ok = |extra: &str| {
+            Spec::parse(&format!("{base}{extra}"), "kiln.toml")
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(ok("cert = \"c.pem\"\nkey = \"k.pem\"\n"), Ok(()));
+        assert_eq!(
+            ok("acme = \"https://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n"),
+            Ok(())
+        );
+        for (extra, needle) in [
+            ("cert = \"c.pem\"\n", "tls needs cert and key"),
+            ("", "tls needs cert and key"),
+            (
+                "cert = \"c.pem\"\nkey = \"k.pem\"\nacme = \"https://ca.test/dir\"\n",
+                "not both",
+            ),
+            (
+                "acme = \"http://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n",
+                "must be an https://",
+            ),
+            (
+                "acme = \"https://ca.test/dir\"\n",
+                "tls.acme needs redirect_from",
+            ),
+            (
+                "cert = \"c.pem\"\nkey = \"k.pem\"\nredirect_from = \"127.0.0.1:9443\"\n",
+                "the HTTPS redirect of service web both route host a.test / on 127.0.0.1:9443",
+            ),
+            (
+                "cert = \"c.pem\"\nkey = \"k.pem\"\nbogus = 1\n",
+                "unknown key `bogus`",
+            ),
+        ] {
+            let err = ok(extra).unwrap_err();
+            assert!(err.contains(needle), "{extra}: {err}");
+        }
+        let wild = base.replace("hosts = [\"a.test\"]", "hosts = [\"*.a.test\"]");
+        let err = Spec::parse(
+            &format!("{wild}acme = \"https://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n"),
+            "kiln.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot certify host *.a.test"), "{err}");
+        let anyhost = base.replace("hosts = [\"a.test\"]\n", "");
+        let err = Spec::parse(
+            &format!(
+                "{anyhost}acme = \"https://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n"
+            ),
+            "kiln.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tls.acme needs hosts"), "{err}");
+        let nolisten = base.replace("listen = \"127.0.0.1:9443\"\nhosts = [\"a.test\"]\n", "");
+        let err = Spec::parse(
+            &format!("{nolisten}cert = \"c.pem\"\nkey = \"k.pem\"\n"),
+            "kiln.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tls needs a listen address"), "{err}");
     }
 }

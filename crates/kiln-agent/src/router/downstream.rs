@@ -818,6 +818,20 @@ fn route<'t, 'p>(
             None,
         ));
     };
+    // A CA checking a name this agent asked it to certify (before any
+    // route: the redirect to HTTPS would hide it).
+    if !table.challenges.is_empty()
+        && let Some(answer) = path
+            .strip_prefix("/.well-known/acme-challenge/")
+            .and_then(|token| table.challenges.get(token))
+    {
+        return Ok((
+            Err((StatusCode::OK, answer.clone())),
+            path.into(),
+            None,
+            None,
+        ));
+    }
     if routes.by_path() && kiln_core::edge::has_dot_segment(path) {
         return Err(Reject(
             StatusCode::BAD_REQUEST,

@@ -244,6 +244,25 @@ impl Router {
                 services,
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
+                challenges: old.challenges.clone(),
+            }
+        });
+    }
+
+    /// Answer the ACME HTTP-01 challenge `token` with `value` (or stop
+    /// answering it: `None`).
+    pub fn set_challenge(&self, token: &str, value: Option<&str>) {
+        self.table.0.rcu(|old| {
+            let mut challenges = (*old.challenges).clone();
+            match value {
+                Some(v) => challenges.insert(token.to_owned(), v.to_owned()),
+                None => challenges.remove(token),
+            };
+            RouteTable {
+                services: old.services.clone(),
+                listeners: old.listeners.clone(),
+                tls: old.tls.clone(),
+                challenges: Arc::new(challenges),
             }
         });
     }
@@ -257,6 +276,7 @@ impl Router {
                 services,
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
+                challenges: old.challenges.clone(),
             }
         });
     }
@@ -292,6 +312,7 @@ impl Router {
                 services: old.services.clone(),
                 listeners,
                 tls: configs,
+                challenges: old.challenges.clone(),
             }
         });
         Ok(())
@@ -311,8 +332,9 @@ impl Router {
                 Some(self::tls::Source {
                     owner: k.to_string(),
                     hosts: a.route.hosts.clone(),
-                    cert: t.cert.clone().into(),
-                    key: t.key.clone().into(),
+                    cert: t.cert.clone()?.into(),
+                    key: t.key.clone()?.into(),
+                    optional: t.acme.is_some(),
                 })
             })
             .collect()
@@ -402,6 +424,30 @@ impl Router {
             listeners.close_if_unused(*a, &self.keeper);
         }
         Ok(())
+    }
+
+    /// The services whose certificates come from an ACME directory: their
+    /// names, hosts and TLS settings.
+    pub async fn acme_services(
+        &self,
+    ) -> Vec<(
+        kiln_core::spec::ServiceName,
+        Vec<kiln_core::edge::HostPattern>,
+        kiln_core::service::TlsSpec,
+    )> {
+        let listeners = self.listeners.lock().await;
+        let mut out: Vec<_> = listeners
+            .attached
+            .iter()
+            .filter_map(|(k, a)| match (k, &a.tls) {
+                (RouteKey::Service(name), Some(t)) if t.acme.is_some() => {
+                    Some((name.clone(), a.route.hosts.clone(), t.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// The route keys attached to `addr`.

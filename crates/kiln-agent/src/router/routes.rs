@@ -247,6 +247,9 @@ pub struct RouteTable {
     /// The TLS set-up of each HTTPS listener (its certificates are swapped
     /// inside it when their files change).
     pub tls: FastMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
+    /// ACME HTTP-01 answers being asked for: token → key authorization,
+    /// served on any plain listener at `/.well-known/acme-challenge/TOKEN`.
+    pub challenges: Arc<FastMap<String, String>>,
 }
 
 /// Where a connection reads the current routing table: the router's own

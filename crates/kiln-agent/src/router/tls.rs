@@ -47,6 +47,9 @@ pub struct Source {
     pub hosts: Vec<HostPattern>,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Files that may not exist yet (a certificate ACME has still to
+    /// issue): skipped until they do.
+    pub optional: bool,
 }
 
 /// The certificates of one listener, by the host a client names.
@@ -78,6 +81,9 @@ impl Certs {
     fn build(sources: &[Source]) -> Result<Self, TlsError> {
         let mut certs = Self::default();
         for s in sources {
+            if s.optional && !(s.cert.exists() && s.key.exists()) {
+                continue;
+            }
             let key = Arc::new(load(s)?);
             if s.hosts.is_empty() {
                 certs.default.get_or_insert(key.clone());
@@ -244,6 +250,7 @@ mod tests {
                 .collect(),
             cert,
             key,
+            optional: false,
         }
     }
 
