@@ -53,10 +53,7 @@ pub fn backoff(failures: u32, jitter: f64, retry_after: Option<Duration>) -> Dur
         .saturating_mul(1u32 << doublings)
         .min(BACKOFF_MAX);
     let wait = base.mul_f64(1.0 - jitter / 4.0).max(BACKOFF_MIN);
-    match retry_after {
-        Some(r) if r > wait => r.min(BACKOFF_MAX),
-        _ => wait,
-    }
+    retry_after.map_or(wait, |r| r.min(BACKOFF_MAX).max(wait))
 }
 
 #[cfg(test)]

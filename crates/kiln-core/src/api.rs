@@ -105,6 +105,30 @@ pub struct ServiceStatus {
     /// (`rollout.watch`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watched_until: Option<String>,
+    /// Where the router serves it (`https://0.0.0.0:443 example.com/api`,
+    /// with `(acme)` or `(files)` for its certificate and its redirect);
+    /// none for a worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serves: Option<String>,
+}
+
+/// Where the router serves a service, as status shows it.
+pub fn serves(settings: &crate::release::ServiceSettings) -> Option<String> {
+    let listen = settings.listen?;
+    let mut out = match &settings.tls {
+        None => format!("http://{} {}", listen.0, settings.route),
+        Some(t) => {
+            let source = if t.acme.is_some() { "acme" } else { "files" };
+            format!(
+                "https://{} {} ({source} certificate)",
+                listen.0, settings.route
+            )
+        }
+    };
+    if let Some(from) = settings.tls.as_ref().and_then(|t| t.redirect_from) {
+        out.push_str(&format!(", redirected from http://{}", from.0));
+    }
+    Some(out)
 }
 
 /// A cluster's instances of a service, counted over every node.
@@ -219,6 +243,7 @@ impl ServiceStatus {
             routed: seen.routed.filter(|_| current),
             warm: current && seen.warm,
             watched_until: seen.watched_until.clone().filter(|_| current),
+            serves: serves(settings),
             failed_release: releases
                 .iter()
                 .max_by_key(|r| r.revision)

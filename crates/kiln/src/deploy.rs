@@ -1023,6 +1023,9 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
             s.replicas,
             if s.converged { "" } else { "  (converging)" }
         );
+        if let Some(serves) = &s.serves {
+            println!("  serves {serves}");
+        }
         if let Some(m) = &s.message {
             println!("  ! {m}");
         }

@@ -87,6 +87,14 @@ fn services_share_an_address_by_host_and_path_and_the_most_specific_route_wins()
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
 
     assert_eq!(who(port, "example.test", "/"), "site");
+    assert_eq!(
+        service_status(&env, "api")["serves"],
+        format!("http://127.0.0.1:{port} example.test/api (stripped)")
+    );
+    assert_eq!(
+        service_status(&env, "rest")["serves"],
+        format!("http://127.0.0.1:{port} */")
+    );
     // Any case, a trailing dot and a port are the same host.
     assert_eq!(who(port, &format!("Example.TEST.:{port}"), "/"), "site");
     // The prefix is stripped: the instance gets `/` for `/api`.
@@ -312,6 +320,13 @@ fn https_picks_each_hosts_certificate_by_sni_reloads_it_and_redirects_plain_http
     let _agent = Agent::start(&env);
     env.ok(&["apply", "-f", path.to_str().unwrap()]);
 
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "serves https://127.0.0.1:{port} a.example.test/ (files certificate), redirected from http://127.0.0.1:{plain}"
+        )),
+        "{status}"
+    );
     // Each host gets its own certificate (curl trusts only that one).
     let (code, out) = curl_https(port, "a.example.test", "/", &certs.join("a.pem"));
     assert_eq!(code, 0, "{out}");
