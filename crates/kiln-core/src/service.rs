@@ -138,6 +138,30 @@ pub struct RouterSpec {
     /// agent's descriptor limit that traffic may take.
     #[serde(default)]
     pub max_connections: Option<u32>,
+    /// The largest request body an instance gets (`"10M"`, or bytes);
+    /// past it the router answers 413. Default: no limit.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "body_size"
+    )]
+    pub max_body: Option<u64>,
+}
+
+/// `"10M"` as a spec writes it, or the bytes a recorded setting holds.
+fn body_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Size::deserialize(d)? {
+        Size::Bytes(n) => Ok(Some(n)),
+        Size::Text(t) => crate::resources::parse_size(&t)
+            .map(Some)
+            .map_err(|e| serde::de::Error::custom(format!("router.max_body: {e}"))),
+    }
 }
 
 fn sixty_seconds() -> Duration {
@@ -151,6 +175,7 @@ impl Default for RouterSpec {
             read_timeout: sixty_seconds(),
             send_timeout: sixty_seconds(),
             max_connections: None,
+            max_body: None,
         }
     }
 }
@@ -217,6 +242,9 @@ impl ServiceSpec {
         }
         if r.max_connections == Some(0) {
             return Err("router.max_connections must be at least 1".to_owned());
+        }
+        if r.max_body == Some(0) {
+            return Err("router.max_body must be at least 1 byte".to_owned());
         }
         if self.replicas > 1000 {
             return Err(format!("replicas = {} is more than 1000", self.replicas));

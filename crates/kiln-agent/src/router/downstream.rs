@@ -213,6 +213,18 @@ impl<S: Stream> Client<S> {
             };
         let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
         self.send_timeout = limits.send_timeout.0;
+        if let (Framing::Length(n), Some(max)) = (parsed.body, limits.max_body)
+            && n > max
+        {
+            let msg = format!(
+                "a request body of {n} bytes is larger than the service's limit of {}\n",
+                kiln_core::resources::show_bytes(max)
+            );
+            // The body stays unread: the connection ends after the answer.
+            return self
+                .local(StatusCode::PAYLOAD_TOO_LARGE, &msg, false, parsed.version10)
+                .await;
+        }
         if parsed.expect_continue
             && parsed.body != Framing::Empty
             && !self.send(b"HTTP/1.1 100 Continue\r\n\r\n").await
@@ -260,6 +272,8 @@ impl<S: Stream> Client<S> {
                 stall: limits.body_timeout.0,
                 timer: None,
                 waited: &waited,
+                max: limits.max_body.unwrap_or(u64::MAX),
+                taken: 0,
             });
             // The deadline counts from arrival (and costs no clock read),
             // plus what the client made the request wait.
@@ -312,6 +326,9 @@ impl<S: Stream> Client<S> {
                     let (status, msg) = match e.downcast_ref::<ClientError>() {
                         Some(e @ ClientError::Stalled(_)) => {
                             (StatusCode::REQUEST_TIMEOUT, e.to_string())
+                        }
+                        Some(e @ ClientError::TooLarge(_)) => {
+                            (StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
                         }
                         Some(e) => (StatusCode::BAD_REQUEST, e.to_string()),
                         None => (StatusCode::BAD_REQUEST, format!("request body: {e}")),
@@ -1083,6 +1100,8 @@ enum ClientError {
     Stalled(std::time::Duration),
     #[error("reading the request body: {0}")]
     Io(#[from] io::Error),
+    #[error("the request body is larger than the service's limit of {}", kiln_core::resources::show_bytes(*.0))]
+    TooLarge(u64),
 }
 
 /// The time a request spent waiting for its client's body, shared between
@@ -1148,6 +1167,10 @@ struct ClientBody<'a, S> {
     buf: &'a mut BytesMut,
     decoder: &'a mut Decoder,
     stall: std::time::Duration,
+    /// The most bytes the body may bring (`router.max_body`), and how
+    /// many it brought so far.
+    max: u64,
+    taken: u64,
     /// Armed while the body waits for the client.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
     waited: &'a ClientWait,
@@ -1165,7 +1188,13 @@ impl<S: Stream> Body for ClientBody<'_, S> {
         loop {
             match this.decoder.step(this.buf) {
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
-                Ok(Step::Data(d)) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+                Ok(Step::Data(d)) => {
+                    this.taken = this.taken.saturating_add(d.len() as u64);
+                    if this.taken > this.max {
+                        return Poll::Ready(Some(Err(ClientError::TooLarge(this.max))));
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
                 Ok(Step::End) => return Poll::Ready(None),
                 Ok(Step::More) => {}
             }
