@@ -134,6 +134,22 @@ pub struct Standing {
     pub renew_at: Option<SystemTime>,
 }
 
+impl Standing {
+    /// As `kiln status` shows it.
+    pub fn describe(&self) -> String {
+        let at = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+        match (&self.last_error, self.renew_at) {
+            (Some(e), _) => format!(
+                "ordering failed ({} in a row): {e}; next try at {}",
+                self.failures,
+                self.not_before.map_or_else(|| "once due".to_owned(), at)
+            ),
+            (None, Some(r)) => format!("issued; renewal due at {}", at(r)),
+            (None, None) => "not issued yet".to_owned(),
+        }
+    }
+}
+
 /// The services' standings, for `kiln status` and the next pass.
 pub type Standings = std::sync::Mutex<HashMap<ServiceName, Standing>>;
 
@@ -180,10 +196,13 @@ pub async fn pass(
         match order(home, router, &directory, &tls, &want, (&cert, &key)).await {
             Ok(()) => {
                 tracing::info!("service {name}: certificate issued for {}", want.join(", "));
+                let renew = on_disk(&cert)
+                    .map(|(nb, na, _)| kiln_core::acme::renew_at(nb, na, None, jitter));
                 set(standings, &name, |s| {
                     s.failures = 0;
                     s.not_before = None;
                     s.last_error = None;
+                    s.renew_at = renew;
                 });
                 router.reload_certificates().await;
             }

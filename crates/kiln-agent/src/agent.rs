@@ -208,6 +208,8 @@ pub struct Agent {
     oci: bool,
     /// Seals secrets (`kiln_core::secret`): kept in the state store.
     secret_key: [u8; 32],
+    /// Each ACME service's standing with its CA (for status).
+    acme: Arc<crate::acme::Standings>,
 }
 
 /// What this agent allows, from its command line: plain processes
@@ -439,6 +441,7 @@ impl Agent {
             shutting_down: std::sync::atomic::AtomicBool::new(false),
             bwrap: find_bwrap().is_some(),
             oci: crate::runtime::oci_available(),
+            acme: Arc::default(),
         });
         // Followed from here: what is recorded from now on wakes the
         // controllers that the loop below starts.
@@ -610,13 +613,15 @@ impl Agent {
     /// looked at every second (an order in progress holds the loop).
     /// Ends with the agent.
     async fn order_certificates(agent: std::sync::Weak<Self>) {
-        let standings = crate::acme::Standings::default();
         loop {
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let Some((home, router)) = agent
-                .upgrade()
-                .map(|a| (a.shared.home.clone(), a.shared.router.clone()))
-            else {
+            let Some((home, router, standings)) = agent.upgrade().map(|a| {
+                (
+                    a.shared.home.clone(),
+                    a.shared.router.clone(),
+                    a.acme.clone(),
+                )
+            }) else {
                 return;
             };
             let services = router.acme_services().await;
@@ -1766,14 +1771,25 @@ impl Agent {
         let mut services = Vec::new();
         for rec in self.shared.state.services().await? {
             let releases = self.shared.state.current_releases(&rec.name).await?;
-            services.push(ServiceStatus::of(
+            let mut status = ServiceStatus::of(
                 &rec.name,
                 &rec.settings,
                 rec.target,
                 &releases,
                 seen.get(&rec.name),
                 now,
-            ));
+            );
+            if rec.settings.tls.as_ref().is_some_and(|t| t.acme.is_some()) {
+                let standing = self
+                    .acme
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&rec.name)
+                    .cloned()
+                    .unwrap_or_default();
+                status.certificate = Some(standing.describe());
+            }
+            services.push(status);
         }
         Ok(StatusResponse {
             agent: self.info(),

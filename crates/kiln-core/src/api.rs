@@ -110,6 +110,10 @@ pub struct ServiceStatus {
     /// none for a worker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serves: Option<String>,
+    /// An ACME certificate's standing: issued and when it renews, or why
+    /// its last order failed and when the next one goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<String>,
 }
 
 /// Where the router serves a service, as status shows it.
@@ -244,6 +248,7 @@ impl ServiceStatus {
             warm: current && seen.warm,
             watched_until: seen.watched_until.clone().filter(|_| current),
             serves: serves(settings),
+            certificate: None,
             failed_release: releases
                 .iter()
                 .max_by_key(|r| r.revision)

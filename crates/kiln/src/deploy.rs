@@ -1026,6 +1026,9 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         if let Some(serves) = &s.serves {
             println!("  serves {serves}");
         }
+        if let Some(c) = &s.certificate {
+            println!("  certificate: {c}");
+        }
         if let Some(m) = &s.message {
             println!("  ! {m}");
         }

@@ -250,4 +250,24 @@ fn a_certificate_is_issued_by_http01_renewed_before_it_ends_and_a_failed_challen
         "{log}"
     );
     assert!(served_serial(bad_port, "bad.example.test", &issuer).is_none());
+    // Status says both: when web renews, why bad has none and when it
+    // tries again.
+    let web = util::service_status(&env, "web")["certificate"].clone();
+    assert!(
+        web.as_str().unwrap().starts_with("issued; renewal due at "),
+        "{web}"
+    );
+    let bad = util::service_status(&env, "bad")["certificate"].clone();
+    let bad = bad.as_str().unwrap();
+    assert!(
+        bad.starts_with("ordering failed (1 in a row): the CA"),
+        "{bad}"
+    );
+    assert!(
+        bad.contains("urn:ietf:params:acme:error:connection"),
+        "{bad}"
+    );
+    assert!(bad.contains("; next try at 20"), "{bad}");
+    let text = env.ok(&["status", "bad"]);
+    assert!(text.contains("  certificate: ordering failed"), "{text}");
 }
