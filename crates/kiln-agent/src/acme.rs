@@ -39,8 +39,14 @@ pub enum AcmeError {
         status: OrderStatus,
         detail: String,
     },
-    #[error("the CA offers no HTTP-01 challenge for {0}")]
-    NoHttp01(String),
+    #[error("the CA offers no {0} challenge for {1}")]
+    NoChallenge(&'static str, String),
+    #[error("the DNS hook {hook} for {name}: {reason}")]
+    Hook {
+        hook: String,
+        name: String,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -59,13 +65,15 @@ pub fn cert_paths(home: &Path, service: &ServiceName) -> (PathBuf, PathBuf) {
     )
 }
 
-/// The names a service's certificate is for: its exact hosts, sorted.
+/// The names a service's certificate is for: its hosts (`*.example.com`
+/// for a wildcard), sorted.
 fn names(hosts: &[HostPattern]) -> Vec<String> {
     let mut names: Vec<String> = hosts
         .iter()
         .filter_map(|h| match h {
             HostPattern::Exact(n) => Some(n.clone()),
-            _ => None,
+            HostPattern::Wildcard(suffix) => Some(format!("*{suffix}")),
+            HostPattern::Any => None,
         })
         .collect();
     names.sort();
@@ -256,6 +264,9 @@ async fn order(
     let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(ca)?;
     let mut tokens = Vec::new();
+    // DNS-01's records set: (name, value), cleaned up whatever happens.
+    let mut records = Vec::new();
+    let dns = !tls.dns_hook.is_empty();
     let answered = async {
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -263,13 +274,28 @@ async fn order(
             if authz.status == AuthorizationStatus::Valid {
                 continue;
             }
-            let name = format!("{:?}", authz.identifier());
-            let mut challenge = authz
-                .challenge(ChallengeType::Http01)
-                .ok_or(AcmeError::NoHttp01(name))?;
+            let Identifier::Dns(domain) = authz.identifier().identifier.clone() else {
+                continue;
+            };
+            let kind = if dns {
+                ChallengeType::Dns01
+            } else {
+                ChallengeType::Http01
+            };
+            let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+                AcmeError::NoChallenge(if dns { "DNS-01" } else { "HTTP-01" }, domain.clone())
+            })?;
             let answer = challenge.key_authorization();
-            router.set_challenge(&challenge.token, Some(answer.as_str()));
-            tokens.push(challenge.token.clone());
+            if dns {
+                // A wildcard's record is its base name's.
+                let name = format!("_acme-challenge.{}", domain.trim_start_matches("*."));
+                let value = answer.dns_value();
+                hook(&tls.dns_hook, "present", &name, &value).await?;
+                records.push((name, value));
+            } else {
+                router.set_challenge(&challenge.token, Some(answer.as_str()));
+                tokens.push(challenge.token.clone());
+            }
             challenge.set_ready().await.map_err(ca)?;
         }
         Ok::<_, AcmeError>(())
@@ -281,6 +307,11 @@ async fn order(
     };
     for t in &tokens {
         router.set_challenge(t, None);
+    }
+    for (name, value) in &records {
+        if let Err(e) = hook(&tls.dns_hook, "cleanup", name, value).await {
+            tracing::warn!("{e}");
+        }
     }
     let status = ready?;
     if status != OrderStatus::Ready {
@@ -303,6 +334,39 @@ async fn order(
     // The key first: a reload that sees the new certificate sees its key.
     write_private(key_path, key.serialize_pem().as_bytes())?;
     write_private(cert_path, chain.as_bytes())
+}
+
+/// Run the DNS hook: `HOOK... ACTION NAME VALUE`, at most a minute.
+async fn hook(argv: &[String], action: &str, name: &str, value: &str) -> Result<(), AcmeError> {
+    let fail = |reason: String| AcmeError::Hook {
+        hook: argv.join(" "),
+        name: name.to_owned(),
+        reason,
+    };
+    let Some((program, args)) = argv.split_first() else {
+        return Err(fail("no command".to_owned()));
+    };
+    let run = tokio::process::Command::new(program)
+        .args(args)
+        .args([action, name, value])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .map_err(|_| fail(format!("{action} did not end within 60s")))?
+        .map_err(|e| fail(format!("cannot run it: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(fail(format!(
+            "{action} failed ({}): {}",
+            out.status,
+            err.trim()
+        )));
+    }
+    Ok(())
 }
 
 /// How long an order may take once its challenges are answered.

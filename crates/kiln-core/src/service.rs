@@ -393,6 +393,12 @@ pub struct TlsSpec {
     /// A contact address for the CA's account (`mailto:` added).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme_email: Option<String>,
+    /// Prove the names by DNS-01 instead of HTTP-01 (what a wildcard
+    /// needs): this command is run as `HOOK... present NAME VALUE` to set
+    /// the TXT record `NAME` (`_acme-challenge.example.com`) to `VALUE`,
+    /// and `HOOK... cleanup NAME VALUE` after; exit 0 means done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dns_hook: Vec<String>,
     /// Also answer plain HTTP on this address, for the same hosts and
     /// prefix, with a redirect (308) to HTTPS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -430,12 +436,18 @@ impl TlsSpec {
                 if hosts.is_empty() {
                     return Err("tls.acme needs hosts: the names to certify".to_owned());
                 }
+                if self.dns_hook.first().is_some_and(String::is_empty) {
+                    return Err("tls.dns_hook: the command is empty (an argv: [\"/usr/local/bin/dns-hook\"])".to_owned());
+                }
+                if !self.dns_hook.is_empty() {
+                    return Ok(());
+                }
                 if let Some(w) = hosts
                     .iter()
                     .find(|h| matches!(h, crate::edge::HostPattern::Wildcard(_)))
                 {
                     return Err(format!(
-                        "tls.acme cannot certify {w}: HTTP-01 proves one name at a time (a wildcard needs DNS-01)"
+                        "tls.acme cannot certify {w} by HTTP-01, which proves one name at a time: give a dns_hook (DNS-01)"
                     ));
                 }
                 if self.redirect_from.is_none() {
@@ -1551,6 +1563,21 @@ mod tls_tests {
         .unwrap_err()
         .to_string();
         assert!(err.contains("cannot certify host *.a.test"), "{err}");
+        // By DNS-01 a wildcard is fine, and no plain address is needed.
+        assert!(
+            Spec::parse(
+                &format!("{wild}acme = \"https://ca.test/dir\"\ndns_hook = [\"/bin/hook\"]\n"),
+                "kiln.toml"
+            )
+            .is_ok()
+        );
+        let err = Spec::parse(
+            &format!("{wild}acme = \"https://ca.test/dir\"\ndns_hook = [\"\"]\n"),
+            "kiln.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tls.dns_hook: the command is empty"), "{err}");
         let anyhost = base.replace("hosts = [\"a.test\"]\n", "");
         let err = Spec::parse(
             &format!(

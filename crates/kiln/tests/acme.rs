@@ -271,3 +271,66 @@ fn a_certificate_is_issued_by_http01_renewed_before_it_ends_and_a_failed_challen
     let text = env.ok(&["status", "bad"]);
     assert!(text.contains("  certificate: ordering failed"), "{text}");
 }
+
+#[test]
+fn a_wildcard_certificate_is_issued_by_dns01_through_the_hook() {
+    let env = Env::new();
+    let dir = env.path("ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::start(&dir, 3600);
+    // The hook sets and clears the TXT record in the CA's DNS, and says
+    // what it was asked.
+    let hook = dir.join("dns-hook.sh");
+    let asked = dir.join("asked");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nset -e\necho \"$1 $2\" >> {asked}\nif [ \"$1\" = present ]; then\n  curl -sSf -X POST -d \"{{\\\"host\\\":\\\"$2.\\\",\\\"value\\\":\\\"$3\\\"}}\" http://127.0.0.1:{m}/set-txt\nelse\n  curl -sSf -X POST -d \"{{\\\"host\\\":\\\"$2.\\\"}}\" http://127.0.0.1:{m}/clear-txt\nfi\n",
+            asked = asked.display(),
+            m = ca.dns_management
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let port = free_port();
+    let text = format!(
+        r#"{IMAGE}
+[services.tenants]
+image = "app"
+listen = "127.0.0.1:{port}"
+hosts = ["*.t.example.test"]
+env = {{ HELLO_VERSION = "v1" }}
+[services.tenants.health.readiness]
+http = "/healthz"
+[services.tenants.tls]
+acme = "{directory}"
+acme_root = "{root}"
+dns_hook = ["{hook}"]
+"#,
+        directory = ca.directory,
+        root = ca.root.display(),
+        hook = hook.display()
+    );
+    let path = hello_app(&env.path("app"), &text);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let issuer = dir.join("issuer.pem");
+    ca.issuer(&issuer);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while served_serial(port, "a.t.example.test", &issuer).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "never issued: {}",
+            std::fs::read_to_string(env.path("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Any name below it, by the same certificate.
+    assert!(served_serial(port, "b.t.example.test", &issuer).is_some());
+    let asked = std::fs::read_to_string(&asked).unwrap();
+    assert_eq!(
+        asked,
+        "present _acme-challenge.t.example.test\ncleanup _acme-challenge.t.example.test\n"
+    );
+}
