@@ -4,7 +4,8 @@
 //! - `GET /` → `hello from VERSION (instance ID)`
 //! - `GET /healthz` → 200 `ok` (or 503 when told to fail)
 //! - `GET /static/NAME` → a file from `$HELLO_STATIC_DIR` (default `static`)
-//! - `POST /upload` → the number of body bytes received (streamed, not kept)
+//! - `POST /upload` → the number of body bytes received (streamed, not
+//!   kept; with a length or chunked)
 //! - `GET /ws` → a WebSocket that echoes text messages
 //! - `GET /headers` → the request's headers, one per line
 //! - `GET /sleep/MS` → `slept` after MS milliseconds (an in-flight request)
@@ -135,6 +136,7 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
         let (method, target) = (method.to_owned(), target.to_owned());
         let mut keep_alive = proto == "HTTP/1.1";
         let mut content_length = 0u64;
+        let mut chunked = false;
         let mut ws_key = None;
         let mut headers = String::new();
         loop {
@@ -154,6 +156,8 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
                     ws_key = Some(v.to_owned());
                 } else if k == "content-length" {
                     content_length = v.parse().unwrap_or(0);
+                } else if k == "transfer-encoding" {
+                    chunked = v.eq_ignore_ascii_case("chunked");
                 } else if k == "connection" {
                     keep_alive = !v.eq_ignore_ascii_case("close")
                         && (keep_alive || v.eq_ignore_ascii_case("keep-alive"));
@@ -164,7 +168,11 @@ fn serve(stream: TcpStream, config: &Config) -> io::Result<()> {
         if path == "/ws" {
             return websocket(reader, out, ws_key.as_deref());
         }
-        let received = io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?;
+        let received = if chunked {
+            read_chunked(&mut reader)?
+        } else {
+            io::copy(&mut (&mut reader).take(content_length), &mut io::sink())?
+        };
         if let Some(ms) = path
             .strip_prefix("/sleep/")
             .and_then(|m| m.parse::<u64>().ok())
@@ -326,6 +334,32 @@ fn static_file(dir: &Path, name: &str) -> Option<Vec<u8>> {
         return None;
     }
     std::fs::read(dir.join(rel)).ok()
+}
+
+/// Read a chunked body to its end (trailers included); its length.
+fn read_chunked(reader: &mut impl BufRead) -> io::Result<u64> {
+    let mut total = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let size = line.trim().split(';').next().unwrap_or("");
+        let size = u64::from_str_radix(size, 16)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+        if size == 0 {
+            // Trailers, to the empty line.
+            loop {
+                let mut t = String::new();
+                if reader.read_line(&mut t)? == 0 || t.trim_end().is_empty() {
+                    return Ok(total);
+                }
+            }
+        }
+        total += io::copy(&mut reader.take(size), &mut io::sink())?;
+        let mut crlf = String::new();
+        reader.read_line(&mut crlf)?;
+    }
 }
 
 fn content_type(path: &str) -> &'static str {
