@@ -387,26 +387,26 @@ impl Router {
             Some(t) => t.set(sources)?,
             None => fresh_tls = Some(self::tls::TlsListener::new(sources)?),
         }
-        if let std::collections::hash_map::Entry::Vacant(free) = listeners.workers.entry(addr) {
-            let name = format!("listen:{addr}");
-            let bind_error = |source| ListenError::Bind {
-                service: key.clone(),
-                addr,
-                source,
-            };
-            // Sockets an agent of the previous version kept under the
-            // service's name serve as well as those kept under the address.
-            let sockets = self
-                .inherited(&name, addr)
-                .or_else(|| self.inherited(&format!("listen:{}", key_name(key)), addr))
-                .map_or_else(|| bind_group(addr), Ok)
-                .map_err(bind_error)?;
-            // The supervisor holds them too: if this process dies, clients
-            // wait in the accept queues for the next one instead of being
-            // refused.
-            self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
-            free.insert(Workers::start(self.clone(), addr, sockets).map_err(bind_error)?);
-        }
+        let name = format!("listen:{addr}");
+        let bind_error = |source| ListenError::Bind {
+            service: key.clone(),
+            addr,
+            source,
+        };
+        // The address first: one this process cannot have refuses the
+        // attachment with nothing published. Sockets an agent of the
+        // previous version kept under the service's name serve as well as
+        // those kept under the address.
+        let sockets = if listeners.workers.contains_key(&addr) {
+            None
+        } else {
+            Some(
+                self.inherited(&name, addr)
+                    .or_else(|| self.inherited(&format!("listen:{}", key_name(key)), addr))
+                    .map_or_else(|| bind_group(addr), Ok)
+                    .map_err(bind_error)?,
+            )
+        };
         if let Some(t) = fresh_tls {
             listeners.tls.insert(addr, t);
         }
@@ -417,8 +417,31 @@ impl Router {
                 listeners.tls.remove(a);
             }
         }
+        // The routes before the first accept: a client waiting in the
+        // queue of sockets taken over from a previous agent is routed at
+        // once, never answered "no routes yet".
         self.publish_listeners(&attached, &listeners.tls, &touched)
             .map_err(Box::new)?;
+        if let Some(sockets) = sockets {
+            // The supervisor holds them too: if this process dies, clients
+            // wait in the accept queues for the next one instead of being
+            // refused.
+            self.keeper.keep(&name, &crate::keeper::borrowed(&sockets));
+            match Workers::start(self.clone(), addr, sockets) {
+                Ok(w) => {
+                    listeners.workers.insert(addr, w);
+                }
+                Err(e) => {
+                    // As it was: the routes published a moment ago go.
+                    if !listeners.attached.values().any(|a| a.addr == addr) {
+                        listeners.tls.remove(&addr);
+                    }
+                    let _ = self.publish_listeners(&listeners.attached, &listeners.tls, &touched);
+                    self.keeper.forget(&name);
+                    return Err(bind_error(e));
+                }
+            }
+        }
         listeners.attached = attached;
         for a in &touched[1..] {
             listeners.close_if_unused(*a, &self.keeper);
