@@ -138,7 +138,16 @@ fn a_failing_post_deploy_returns_to_the_release_before() {
     );
     let bad = "echo smoke-$HELLO_VERSION >> /data/smoke; exit 9";
     std::fs::write(&path, spec_with(port, "v2", "true", "true", bad)).unwrap();
-    env.ok(&["apply", "-f", spec_path]);
+    // The apply ends once release 2 is live; the hook may fail before the
+    // command's last look (then it says so and exits 1) or after.
+    let out = env.run(&["apply", "-f", spec_path]);
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("the post_deploy hook of release 2 failed (exit status: 9); the service is back on release 1"),
+            "{err}"
+        );
+    }
     wait_for(
         "release 2 failed and v1 serving",
         std::time::Duration::from_secs(30),
