@@ -875,6 +875,26 @@ impl Agent {
             if !seen.insert(d.name.clone()) {
                 return Err(AgentError::DuplicateService(d.name.clone()));
             }
+            // What names the host itself (a file the agent reads, a command
+            // it runs unsandboxed) is for who is on the host: a token's
+            // holder may deploy, never read the agent's files or run code
+            // outside an instance.
+            if let Actor::Token { name } = actor
+                && let Some(t) = &d.settings.tls
+                && let Some(key) = [
+                    ("tls.cert", t.cert.is_some()),
+                    ("tls.key", t.key.is_some()),
+                    ("tls.acme_root", t.acme_root.is_some()),
+                    ("tls.dns_hook", !t.dns_hook.is_empty()),
+                ]
+                .into_iter()
+                .find_map(|(k, set)| set.then_some(k))
+            {
+                return Err(AgentError::Forbidden(format!(
+                    "service {}: {key} names a file or command on the agent's host: only a caller on the agent's socket may set it, not token {name}",
+                    d.name
+                )));
+            }
             let explicit = req.explicit_runtime.contains(&d.name);
             d.config.runtime = match (d.config.runtime, explicit) {
                 (RuntimeKind::Sandbox, true) if !self.bwrap => {

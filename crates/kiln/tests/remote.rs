@@ -815,3 +815,54 @@ fn a_revoked_tokens_log_stream_ends() {
     let _ = drain.join();
     assert!(ended, "the revoked token's stream still runs");
 }
+
+/// A token may deploy, but never make the agent read its host's files or
+/// run a command outside an instance: `tls` keys that name them are the
+/// local caller's only, refused by the agent whatever the client sends.
+#[test]
+fn a_token_cannot_name_the_agents_files_or_commands_in_tls() {
+    let r = Remote::start();
+    let deployer = r.token("ci", "deployer");
+    let laptop = Env::new();
+    let mut login = laptop.cmd();
+    login.args(["login", &r.url()]).env("KILN_TOKEN", &deployer);
+    succeed(&mut login);
+    let port = free_port();
+    hello_app(&laptop.path("app"), "");
+    let spec = laptop.path("kiln.toml");
+    for (tls, key) in [
+        (
+            "cert = \"/etc/kiln/api/cert.pem\"\nkey = \"/etc/kiln/api/key.pem\"\n",
+            "tls.cert",
+        ),
+        (
+            "acme = \"https://ca.test/dir\"\nacme_root = \"/etc/ssl/x.pem\"\nredirect_from = \"127.0.0.1:1\"\n",
+            "tls.acme_root",
+        ),
+        (
+            "acme = \"https://ca.test/dir\"\ndns_hook = [\"/bin/sh\", \"-c\", \"id > /tmp/owned\"]\n",
+            "tls.dns_hook",
+        ),
+    ] {
+        let text = remote_spec(port, "v1").replace(
+            "[services.web.health.readiness]",
+            "hosts = [\"a.test\"]\n[services.web.tls]\nTLS[services.web.health.readiness]",
+        );
+        write(&spec, text.replace("TLS", tls).as_bytes());
+        let out = laptop.run(&["--agent", &r.url(), "apply", "-f", spec.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{tls}: {err}");
+        assert!(
+            err.contains(&format!(
+                "service web: {key} names a file or command on the agent's host: only a caller on the agent's socket may set it, not token ci"
+            )),
+            "{err}"
+        );
+    }
+    // Nothing was recorded.
+    assert!(
+        r.env
+            .fails(&["history", "web"])
+            .contains("no service named web")
+    );
+}
