@@ -474,7 +474,8 @@ impl Router {
     }
 
     /// The route keys attached to `addr`.
-    pub async fn attached_to(&self, addr: SocketAddr) -> Vec<RouteKey> {
+    #[cfg(test)]
+    pub(crate) async fn attached_to(&self, addr: SocketAddr) -> Vec<RouteKey> {
         let mut keys: Vec<RouteKey> = self
             .listeners
             .lock()
