@@ -754,6 +754,7 @@ impl Agent {
                     route: settings.route.clone(),
                     tls,
                     redirect_to: None,
+                    h2c: settings.router.h2c,
                 },
             ));
             if let Some(from) = settings.tls.as_ref().and_then(|t| t.redirect_from) {
@@ -764,6 +765,7 @@ impl Agent {
                         route: settings.route.clone(),
                         tls: None,
                         redirect_to: Some(addr.port()),
+                        h2c: false,
                     },
                 ));
             }

@@ -146,6 +146,12 @@ pub struct RouterSpec {
         deserialize_with = "body_size"
     )]
     pub max_body: Option<u64>,
+    /// The service's plain `listen` address also takes HTTP/2 with prior
+    /// knowledge (h2c: a client that opens with the HTTP/2 preface, as
+    /// gRPC clients and load balancers do without TLS). Over TLS, HTTP/2 is
+    /// always offered (ALPN `h2`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub h2c: bool,
 }
 
 /// `"10M"` as a spec writes it, or the bytes a recorded setting holds.
@@ -176,6 +182,7 @@ impl Default for RouterSpec {
             send_timeout: sixty_seconds(),
             max_connections: None,
             max_body: None,
+            h2c: false,
         }
     }
 }

@@ -26,8 +26,9 @@ use hyper::StatusCode;
 use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 
+use crate::router::forward::{self, ClientError, ClientWait};
 use crate::router::routes::{Inflight, RouteSource, RouteTable, ServiceRoutes, Side};
-use crate::router::upstream::{Outgoing, Pool, ProtocolError, UpBody, UpHead, UpstreamError};
+use crate::router::upstream::{Pool, UpBody, UpHead};
 use crate::router::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 use kiln_core::service::RouterSpec;
 
@@ -76,33 +77,33 @@ pub(crate) struct Client<S> {
 }
 
 /// A request turned away before any instance saw it.
-struct Reject(StatusCode, String);
+pub(crate) struct Reject(pub(crate) StatusCode, pub(crate) String);
 
 /// What the router needs to know of a request once its head is parsed and
 /// the instance's head is written.
-struct Prepared {
+pub(crate) struct Prepared {
     /// The length of the client's head.
-    len: usize,
-    head_method: bool,
-    idempotent: bool,
+    pub(crate) len: usize,
+    pub(crate) head_method: bool,
+    pub(crate) idempotent: bool,
     /// The client keeps the connection open after the response.
-    keep_alive: bool,
+    pub(crate) keep_alive: bool,
     version10: bool,
-    body: Framing,
-    expect_continue: bool,
-    upgrade: bool,
+    pub(crate) body: Framing,
+    pub(crate) expect_continue: bool,
+    pub(crate) upgrade: bool,
     /// `up` holds the head up to here; without `Host`, each attempt adds
     /// its instance's.
-    head_len: usize,
-    has_host: bool,
-    side: Side,
-    set_cookie: Option<String>,
+    pub(crate) head_len: usize,
+    pub(crate) has_host: bool,
+    pub(crate) side: Side,
+    pub(crate) set_cookie: Option<String>,
     /// The service its host and path route to, or the router's answer
     /// when none can take it (no route, nothing ready; a redirect to HTTPS,
     /// whose message is the location).
-    routes: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
+    pub(crate) routes: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
     /// `Strict-Transport-Security` for the response (over TLS only).
-    hsts: Option<hyper::header::HeaderValue>,
+    pub(crate) hsts: Option<hyper::header::HeaderValue>,
 }
 
 impl<S: Stream> Client<S> {
@@ -232,154 +233,74 @@ impl<S: Stream> Client<S> {
             return false;
         }
         let mut decoder = Decoder::new(parsed.body);
-        // A request without a body can be sent again to another instance
-        // if the first could not be connected to: nothing reached it.
-        let bodyless = parsed.body == Framing::Empty;
-        let n = backends.len();
-        // Round-robin per router thread: no counter shared between cores.
-        let start = ROUND_ROBIN.with(|n| {
-            let v = n.get();
-            n.set(v.wrapping_add(1));
-            v
-        });
-        let attempts = if bodyless { n.min(3) } else { 1 };
-        let mut last = None;
         // The time the request spent waiting for its client's body: it does
         // not count against the instance's timeout.
         let waited = ClientWait::new(arrived);
-        for attempt in 0..attempts {
-            let backend = &backends[(start + attempt) % n];
-            // An HTTP/1.0 request without Host gets the instance's.
-            self.up.truncate(parsed.head_len);
-            if !parsed.has_host {
-                self.up.extend_from_slice(b"host: ");
-                self.up.extend_from_slice(backend.host.as_bytes());
-                self.up.extend_from_slice(b"\r\n");
+        let body = (parsed.body != Framing::Empty).then(|| ClientBody {
+            io: &mut self.io,
+            buf: &mut self.buf,
+            decoder: &mut decoder,
+            stall: limits.body_timeout.0,
+            timer: None,
+            waited: &waited,
+            max: limits.max_body.unwrap_or(u64::MAX),
+            taken: 0,
+        });
+        let req = forward::Request {
+            up: &mut self.up,
+            head_len: parsed.head_len,
+            has_host: parsed.has_host,
+            head_method: parsed.head_method,
+            idempotent: parsed.idempotent,
+            upgrade: parsed.upgrade,
+            chunked: matches!(parsed.body, Framing::Chunked(_)),
+        };
+        let outcome =
+            forward::forward(&self.pool, backends, (timeout, arrived, &waited), req, body).await;
+        let (resp, backend, guard) = match outcome {
+            forward::Outcome::Answered {
+                resp,
+                backend,
+                guard,
+            } => (resp, backend, guard),
+            forward::Outcome::Local {
+                status,
+                msg,
+                broken,
+            } => {
+                // A body left unread (or broken) ends the connection.
+                let keep = !broken && parsed.keep_alive && decoder.is_done();
+                return self.local(status, &msg, keep, parsed.version10).await;
             }
-            self.up.extend_from_slice(b"\r\n");
-            let guard = Inflight::new(backend.inflight.clone());
-            let out = Outgoing {
-                head: &self.up,
-                head_method: parsed.head_method,
-                idempotent: parsed.idempotent,
-                upgrade: parsed.upgrade,
-                chunked: matches!(parsed.body, Framing::Chunked(_)),
-            };
-            let body = (!bodyless).then(|| ClientBody {
-                io: &mut self.io,
-                buf: &mut self.buf,
-                decoder: &mut decoder,
-                stall: limits.body_timeout.0,
-                timer: None,
-                waited: &waited,
-                max: limits.max_body.unwrap_or(u64::MAX),
-                taken: 0,
-            });
-            // The deadline counts from arrival (and costs no clock read),
-            // plus what the client made the request wait.
-            let resp = {
-                let mut sent = std::pin::pin!(self.pool.send(backend.addr, &out, body));
-                let mut deadline = arrived + timeout;
-                loop {
-                    match tokio::time::timeout_at(deadline.into(), &mut sent).await {
-                        Ok(r) => break Ok(r),
-                        Err(_) => {
-                            let later = arrived + timeout + waited.total(Instant::now());
-                            if later <= deadline {
-                                break Err(());
-                            }
-                            deadline = later;
-                        }
-                    }
-                }
-            };
-            let resp = match resp {
-                Err(()) => {
-                    backend.metrics.timeout();
-                    backend.metrics.observe(504, arrived.elapsed());
-                    let msg = format!(
-                        "instance {} did not answer within {}\n",
-                        backend.instance,
-                        humantime::format_duration(timeout)
-                    );
-                    let keep = parsed.keep_alive && decoder.is_done();
-                    return self
-                        .local(StatusCode::GATEWAY_TIMEOUT, &msg, keep, parsed.version10)
-                        .await;
-                }
-                Ok(Err(UpstreamError::Connect(e))) => {
-                    let retried = attempt + 1 < attempts;
-                    backend.metrics.connect_error(retried);
-                    if !retried {
-                        backend.metrics.observe(502, arrived.elapsed());
-                    }
-                    last = Some(format!(
-                        "instance {} could not be reached: {e}\n",
-                        backend.instance
-                    ));
-                    continue;
-                }
-                Ok(Err(UpstreamError::Request(ProtocolError::RequestBody(e)))) => {
-                    // The client broke its own request: its error, not the
-                    // instance's, and never in the release's numbers.
-                    backend.metrics.client_error();
-                    let (status, msg) = match e.downcast_ref::<ClientError>() {
-                        Some(e @ ClientError::Stalled(_)) => {
-                            (StatusCode::REQUEST_TIMEOUT, e.to_string())
-                        }
-                        Some(e @ ClientError::TooLarge(_)) => {
-                            (StatusCode::PAYLOAD_TOO_LARGE, e.to_string())
-                        }
-                        Some(e) => (StatusCode::BAD_REQUEST, e.to_string()),
-                        None => (StatusCode::BAD_REQUEST, format!("request body: {e}")),
-                    };
-                    return self
-                        .local(status, &format!("{msg}\n"), false, parsed.version10)
-                        .await;
-                }
-                Ok(Err(UpstreamError::Request(e))) => {
-                    backend.metrics.observe(502, arrived.elapsed());
-                    let msg = format!("instance {} failed the request: {e}\n", backend.instance);
-                    let keep = parsed.keep_alive && decoder.is_done();
-                    return self
-                        .local(StatusCode::BAD_GATEWAY, &msg, keep, parsed.version10)
-                        .await;
-                }
-                Ok(Ok(resp)) => resp,
-            };
-            backend.metrics.observe(resp.head.status, arrived.elapsed());
-            if resp.head.status == 101 {
-                return self.splice(&resp.head, resp.body, guard).await;
-            }
-            // Let the rest of this pass of the thread's tasks run first: the
-            // responses ready in one pass then go out back to back, and a
-            // client's event loop reads several per wakeup instead of one
-            // (wrk's epoll_waits per request fell from ~1.0 to ~0.7; HAProxy
-            // batches its sends too).
-            tokio::task::yield_now().await;
-            let keep = parsed.keep_alive && decoder.is_done();
-            let keep = match self
-                .respond(&parsed, resp.head, resp.body, keep, limits)
-                .await
-            {
-                Ok(keep) => keep,
-                Err(Cut::Client) => {
-                    backend.metrics.client_error();
-                    false
-                }
-                Err(Cut::Instance(stalled)) => {
-                    if stalled {
-                        backend.metrics.timeout();
-                    }
-                    false
-                }
-            };
-            drop(guard);
-            return keep;
+        };
+        if resp.head.status == 101 {
+            return self.splice(&resp.head, resp.body, guard).await;
         }
-        let msg = last.unwrap_or_else(|| "no instance could be reached\n".to_owned());
-        self.local(StatusCode::BAD_GATEWAY, &msg, keep, parsed.version10)
+        // Let the rest of this pass of the thread's tasks run first: the
+        // responses ready in one pass then go out back to back, and a
+        // client's event loop reads several per wakeup instead of one
+        // (wrk's epoll_waits per request fell from ~1.0 to ~0.7; HAProxy
+        // batches its sends too).
+        tokio::task::yield_now().await;
+        let keep = parsed.keep_alive && decoder.is_done();
+        let keep = match self
+            .respond(&parsed, resp.head, resp.body, keep, limits)
             .await
+        {
+            Ok(keep) => keep,
+            Err(Cut::Client) => {
+                backend.metrics.client_error();
+                false
+            }
+            Err(Cut::Instance(stalled)) => {
+                if stalled {
+                    backend.metrics.timeout();
+                }
+                false
+            }
+        };
+        drop(guard);
+        keep
     }
 
     /// Write `bytes` to the client (see [`send_to`]).
@@ -590,10 +511,6 @@ enum Cut {
     Instance(bool),
 }
 
-thread_local! {
-    static ROUND_ROBIN: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
 /// `Connection` for the client when the default does not say it: `close`
 /// when this response ends the connection, `keep-alive` to an HTTP/1.0
 /// client that asked to keep it.
@@ -615,7 +532,7 @@ fn connection(out: &mut Vec<u8>, keep: bool, version10: bool) {
 /// the router's own, from the framing it will decode; the client's framing
 /// fields, the headers the router sets about the client, and anything the
 /// client's `Connection` names are left out.
-fn prepare(
+pub(crate) fn prepare(
     buf: &[u8],
     up: &mut Vec<u8>,
     (table, listener, tls): (&RouteTable, &std::net::SocketAddr, bool),
@@ -1086,76 +1003,6 @@ fn encode_response(out: &mut Vec<u8>, head: &UpHead, switching: bool) {
             continue;
         }
         push_header(out, n.as_bytes(), v);
-    }
-}
-
-/// How a client broke its request's body.
-#[derive(Debug, thiserror::Error)]
-enum ClientError {
-    #[error("invalid request body: {0}")]
-    Framing(#[from] wire::FramingError),
-    #[error("the client closed before the end of its request body")]
-    Closed,
-    #[error("the request body sent nothing for {}", humantime::format_duration(*.0))]
-    Stalled(std::time::Duration),
-    #[error("reading the request body: {0}")]
-    Io(#[from] io::Error),
-    #[error("the request body is larger than the service's limit of {}", kiln_core::resources::show_bytes(*.0))]
-    TooLarge(u64),
-}
-
-/// The time a request spent waiting for its client's body, shared between
-/// the body (which measures it) and the exchange (which extends the
-/// instance's deadline by it). Nanoseconds from the request's arrival.
-struct ClientWait {
-    arrived: Instant,
-    /// Waits that ended.
-    total: std::sync::atomic::AtomicU64,
-    /// When the current wait began, plus one; 0 when not waiting.
-    since: std::sync::atomic::AtomicU64,
-}
-
-impl ClientWait {
-    fn new(arrived: Instant) -> Self {
-        Self {
-            arrived,
-            total: 0.into(),
-            since: 0.into(),
-        }
-    }
-
-    fn nanos(&self, now: Instant) -> u64 {
-        now.saturating_duration_since(self.arrived).as_nanos() as u64
-    }
-
-    fn begin(&self, now: Instant) {
-        use std::sync::atomic::Ordering::Relaxed;
-        if self.since.load(Relaxed) == 0 {
-            self.since.store(self.nanos(now) + 1, Relaxed);
-        }
-    }
-
-    /// How long the wait that began at `since` (as stored) has lasted at
-    /// `now`; 0 when none was under way.
-    fn ongoing(&self, since: u64, now: Instant) -> u64 {
-        if since == 0 {
-            0
-        } else {
-            self.nanos(now).saturating_sub(since - 1)
-        }
-    }
-
-    fn end(&self, now: Instant) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let since = self.since.swap(0, Relaxed);
-        self.total.fetch_add(self.ongoing(since, now), Relaxed);
-    }
-
-    /// All the waiting up to `now`, the current wait included.
-    fn total(&self, now: Instant) -> std::time::Duration {
-        use std::sync::atomic::Ordering::Relaxed;
-        let current = self.ongoing(self.since.load(Relaxed), now);
-        std::time::Duration::from_nanos(self.total.load(Relaxed) + current)
     }
 }
 

@@ -25,6 +25,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub(crate) mod downstream;
+pub(crate) mod forward;
+pub(crate) mod h2;
 pub(crate) mod metrics;
 pub(crate) mod routes;
 #[cfg(test)]
@@ -98,6 +100,8 @@ pub struct Attachment {
     pub tls: Option<kiln_core::service::TlsSpec>,
     /// A redirect to HTTPS on this port, for every request.
     pub redirect_to: Option<u16>,
+    /// The listener also takes HTTP/2 with prior knowledge (plain only).
+    pub h2c: bool,
 }
 
 impl Attachment {
@@ -108,6 +112,7 @@ impl Attachment {
             route: RouteSpec::default(),
             tls: None,
             redirect_to: None,
+            h2c: false,
         }
     }
 
@@ -244,6 +249,7 @@ impl Router {
                 services,
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
+                h2c: old.h2c.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -262,6 +268,7 @@ impl Router {
                 services: old.services.clone(),
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
+                h2c: old.h2c.clone(),
                 challenges: Arc::new(challenges),
             }
         });
@@ -276,6 +283,7 @@ impl Router {
                 services,
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
+                h2c: old.h2c.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -295,9 +303,17 @@ impl Router {
             let used = routes.iter().next().is_some();
             built.push((addr, used.then(|| Arc::new(routes))));
         }
+        let h2c_on = |addr: &SocketAddr| attached.values().any(|a| a.addr == *addr && a.h2c);
         self.table.0.rcu(|old| {
             let mut listeners = old.listeners.clone();
             let mut configs = old.tls.clone();
+            let mut h2c: Vec<SocketAddr> = old
+                .h2c
+                .iter()
+                .filter(|a| !addrs.contains(a))
+                .copied()
+                .collect();
+            h2c.extend(addrs.iter().filter(|a| h2c_on(a)));
             for (addr, routes) in &built {
                 match routes {
                     Some(r) => listeners.insert(*addr, r.clone()),
@@ -312,6 +328,7 @@ impl Router {
                 services: old.services.clone(),
                 listeners,
                 tls: configs,
+                h2c: Arc::new(h2c),
                 challenges: old.challenges.clone(),
             }
         });
@@ -631,7 +648,10 @@ impl Router {
                 () = tokio::time::sleep(ACCEPT_PAUSE), if full => continue,
             };
             let _ = stream.set_nodelay(true);
-            let tls = self.table.0.load().tls.get(&addr).cloned();
+            let (tls, h2c) = {
+                let table = self.table.0.load();
+                (table.tls.get(&addr).cloned(), table.h2c.contains(&addr))
+            };
             let (table, pool, answers) = (self.table.clone(), pool.clone(), answers.clone());
             // Counted before the task runs, so a burst sees its own count.
             open.fetch_add(1, Ordering::Relaxed);
@@ -643,6 +663,17 @@ impl Router {
                 let _served = served;
                 let peer_ip = peer.ip().to_string();
                 let Some(config) = tls else {
+                    if h2c {
+                        match self::h2::prior_knowledge(&stream).await {
+                            None => return,
+                            Some(true) => {
+                                let conn =
+                                    self::h2::Conn::new(table, addr, pool, peer_ip, answers, false);
+                                return self::h2::serve(stream, conn).await;
+                            }
+                            Some(false) => {}
+                        }
+                    }
                     let client = Client::new(table, addr, pool, (stream, false), peer_ip, answers);
                     return client.serve().await;
                 };
@@ -654,6 +685,12 @@ impl Router {
                 else {
                     return;
                 };
+                // The client's choice in the handshake (ALPN) decides the
+                // front.
+                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                    let conn = self::h2::Conn::new(table, addr, pool, peer_ip, answers, true);
+                    return self::h2::serve(stream, conn).await;
+                }
                 Client::new(table, addr, pool, (stream, true), peer_ip, answers)
                     .serve()
                     .await;

@@ -247,6 +247,8 @@ pub struct RouteTable {
     /// The TLS set-up of each HTTPS listener (its certificates are swapped
     /// inside it when their files change).
     pub tls: FastMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
+    /// The plain listeners that also take HTTP/2 with prior knowledge.
+    pub h2c: Arc<Vec<std::net::SocketAddr>>,
     /// ACME HTTP-01 answers being asked for: token → key authorization,
     /// served on any plain listener at `/.well-known/acme-challenge/TOKEN`.
     pub challenges: Arc<FastMap<String, String>>,
