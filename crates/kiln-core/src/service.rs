@@ -152,6 +152,26 @@ pub struct RouterSpec {
     /// always offered (ALPN `h2`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub h2c: bool,
+    /// How the router speaks to the instances: `http1` (HTTP/1.1, the
+    /// default) or `h2c` (HTTP/2 without TLS, with prior knowledge: what a
+    /// gRPC server speaks; trailers pass through to HTTP/2 clients).
+    #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
+    pub backend_protocol: BackendProtocol,
+}
+
+/// `router.backend_protocol`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+impl BackendProtocol {
+    fn is_default(&self) -> bool {
+        *self == Self::Http1
+    }
 }
 
 /// `"10M"` as a spec writes it, or the bytes a recorded setting holds.
@@ -183,6 +203,7 @@ impl Default for RouterSpec {
             max_connections: None,
             max_body: None,
             h2c: false,
+            backend_protocol: BackendProtocol::Http1,
         }
     }
 }

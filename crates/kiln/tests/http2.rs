@@ -330,3 +330,105 @@ fn a_rollout_under_h2_load_fails_no_stream_and_drains_the_old_instances() {
         "{m}"
     );
 }
+
+/// A gRPC server in Python (Debian's `python3-grpcio`), bytes in and out
+/// (no generated code): `Echo` answers `echo:REQUEST` with a trailer
+/// naming its version, `Fail` ends with PERMISSION_DENIED, `Count` counts
+/// the bytes of a client stream.
+const GRPC_SERVER: &str = r#"
+import os
+from concurrent import futures
+import grpc
+
+def echo(request, context):
+    context.set_trailing_metadata((("x-served-by", os.environ.get("HELLO_VERSION", "v1")),))
+    return b"echo:" + request
+
+def fail(request, context):
+    context.abort(grpc.StatusCode.PERMISSION_DENIED, "not for you")
+
+def count(requests, context):
+    return str(sum(len(r) for r in requests)).encode()
+
+handlers = {
+    "Echo": grpc.unary_unary_rpc_method_handler(echo),
+    "Fail": grpc.unary_unary_rpc_method_handler(fail),
+    "Count": grpc.stream_unary_rpc_method_handler(count),
+}
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("kiln.Test", handlers),))
+server.add_insecure_port("%s:%s" % (os.environ.get("HOST", "127.0.0.1"), os.environ["PORT"]))
+server.start()
+server.wait_for_termination()
+"#;
+
+/// Its client, through the router on the port it is given (an insecure
+/// channel: h2c with prior knowledge).
+const GRPC_CLIENT: &str = r#"
+import sys
+import grpc
+
+channel = grpc.insecure_channel("127.0.0.1:" + sys.argv[1])
+response, call = channel.unary_unary("/kiln.Test/Echo").with_call(b"hi", timeout=10)
+print("echo", response.decode(), dict(call.trailing_metadata()).get("x-served-by"))
+try:
+    channel.unary_unary("/kiln.Test/Fail")(b"x", timeout=10)
+    print("fail none")
+except grpc.RpcError as e:
+    print("fail", e.code().name, e.details())
+stream = iter([b"a" * 1000] * 50)
+print("count", channel.stream_unary("/kiln.Test/Count")(stream, timeout=10).decode())
+"#;
+
+#[test]
+fn grpc_goes_through_with_its_status_and_trailers_to_an_h2c_instance() {
+    let env = Env::new();
+    let port = free_port();
+    let app = env.path("app");
+    write(&app.join("bin/grpc_server.py"), GRPC_SERVER.as_bytes());
+    let spec = format!(
+        r#"
+[images.grpc]
+include = ["bin/grpc_server.py"]
+entrypoint = ["/usr/bin/python3", "./bin/grpc_server.py"]
+
+[services.rpc]
+image = "grpc"
+listen = "127.0.0.1:{port}"
+env = {{ HELLO_VERSION = "v7" }}
+[services.rpc.router]
+h2c = true
+backend_protocol = "h2c"
+[services.rpc.health.readiness]
+tcp = true
+interval = "200ms"
+"#
+    );
+    let path = app.join("kiln.toml");
+    write(&path, spec.as_bytes());
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    let client = env.path("grpc_client.py");
+    write(&client, GRPC_CLIENT.as_bytes());
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg(&client)
+        .arg(port.to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The answer, and the trailer the server set after it.
+    assert!(stdout.contains("echo echo:hi v7\n"), "{stdout}");
+    // The status travels in trailers (here a trailers-only answer).
+    assert!(
+        stdout.contains("fail PERMISSION_DENIED not for you\n"),
+        "{stdout}"
+    );
+    // A client stream: 50 messages of 1000 bytes.
+    assert!(stdout.contains("count 50000\n"), "{stdout}");
+}

@@ -30,7 +30,7 @@ use crate::router::forward::{self, ClientError, ClientWait};
 use crate::router::routes::{Inflight, RouteSource, RouteTable, ServiceRoutes, Side};
 use crate::router::upstream::{Pool, UpBody, UpHead};
 use crate::router::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
-use kiln_core::service::RouterSpec;
+use kiln_core::service::{BackendProtocol, RouterSpec};
 
 /// A body at most this large is copied behind its head into one write.
 const COALESCE: usize = 16 * 1024;
@@ -40,6 +40,18 @@ const COALESCE: usize = 16 * 1024;
 /// and a head still arriving gets 408 (nginx's `client_header_timeout` and
 /// HAProxy's `timeout http-request` are of this kind).
 pub(crate) const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The most an HTTP/1.1 request body to an h2c instance may be: it is
+/// read whole before it is sent (beyond, 413).
+const H2C_BUFFERED: u64 = 16 * 1024 * 1024;
+
+/// A whole body as an h2c instance takes it.
+fn boxed(b: Bytes) -> crate::router::upstream::H2Out {
+    use http_body_util::BodyExt;
+    http_body_util::Full::new(b)
+        .map_err(|never| match never {})
+        .boxed()
+}
 
 /// What a client connection runs over: TCP, or TLS over TCP. Generic, not
 /// boxed: the plain path compiles to what it was before TLS existed.
@@ -243,9 +255,29 @@ impl<S: Stream> Client<S> {
             stall: limits.body_timeout.0,
             timer: None,
             waited: &waited,
-            max: limits.max_body.unwrap_or(u64::MAX),
+            max: match limits.backend_protocol {
+                BackendProtocol::Http1 => limits.max_body.unwrap_or(u64::MAX),
+                BackendProtocol::H2c => limits.max_body.unwrap_or(u64::MAX).min(H2C_BUFFERED),
+            },
             taken: 0,
         });
+        let body = match limits.backend_protocol {
+            BackendProtocol::Http1 => forward::Outbound::H1(body),
+            // An h2c instance's body is sent from hyper's connection task,
+            // which cannot borrow this connection: it is read whole first.
+            BackendProtocol::H2c => match body {
+                None => forward::Outbound::H2c(None),
+                Some(b) => match http_body_util::BodyExt::collect(b).await {
+                    Ok(all) => forward::Outbound::H2c(Some(boxed(all.to_bytes()))),
+                    Err(e) => {
+                        let (status, msg) = e.answer();
+                        return self
+                            .local(status, &format!("{msg}\n"), false, parsed.version10)
+                            .await;
+                    }
+                },
+            },
+        };
         let req = forward::Request {
             up: &mut self.up,
             head_len: parsed.head_len,

@@ -20,7 +20,7 @@ use hyper::StatusCode;
 use hyper::body::Body;
 
 use crate::router::routes::{Backend, Inflight};
-use crate::router::upstream::{Outgoing, Pool, ProtocolError, UpResponse, UpstreamError};
+use crate::router::upstream::{H2Out, Outgoing, Pool, ProtocolError, UpResponse, UpstreamError};
 use crate::router::wire;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -38,6 +38,23 @@ pub(crate) struct Request<'a> {
     pub upgrade: bool,
     /// The body goes out chunk-encoded (the head says so).
     pub chunked: bool,
+}
+
+/// The request's body, as the instance's protocol takes it.
+pub(crate) enum Outbound<B> {
+    /// HTTP/1.1, streamed from the client as it is sent.
+    H1(Option<B>),
+    /// h2c: owned, sent by hyper's connection task.
+    H2c(Option<H2Out>),
+}
+
+impl<B> Outbound<B> {
+    fn is_none(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_none(),
+            Self::H2c(b) => b.is_none(),
+        }
+    }
 }
 
 /// What became of a request.
@@ -67,7 +84,7 @@ pub(crate) async fn forward<'r, B>(
     backends: &'r [Arc<Backend>],
     (timeout, arrived, waited): (Duration, Instant, &ClientWait),
     req: Request<'_>,
-    mut body: Option<B>,
+    mut body: Outbound<B>,
 ) -> Outcome<'r>
 where
     B: Body<Data = Bytes> + Unpin,
@@ -110,7 +127,12 @@ where
         // The deadline counts from arrival (and costs no clock read), plus
         // what the client made the request wait.
         let resp = {
-            let mut sent = std::pin::pin!(pool.send(backend.addr, &out, body.take()));
+            let mut sent = std::pin::pin!(async {
+                match &mut body {
+                    Outbound::H1(b) => pool.send(backend.addr, &out, b.take()).await,
+                    Outbound::H2c(b) => pool.send_h2c(backend.addr, &out, b.take()).await,
+                }
+            });
             let mut deadline = arrived + timeout;
             loop {
                 match tokio::time::timeout_at(deadline.into(), &mut sent).await {
@@ -216,6 +238,18 @@ pub(crate) enum ClientError {
     Stream(hyper::Error),
     #[error("the request body is larger than the service's limit of {}", kiln_core::resources::show_bytes(*.0))]
     TooLarge(u64),
+}
+
+impl ClientError {
+    /// The router's answer to it.
+    pub(crate) fn answer(&self) -> (StatusCode, String) {
+        let status = match self {
+            Self::Stalled(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        (status, self.to_string())
+    }
 }
 
 /// The time a request spent waiting for its client's body, shared between

@@ -38,7 +38,7 @@ use crate::router::metrics::Answers;
 use crate::router::routes::{Backend, Inflight, RouteSource};
 use crate::router::upstream::{Pool, ProtocolError, UpBody, UpResponse};
 use crate::router::wire::{self, Framing, MAX_HEAD};
-use kiln_core::service::RouterSpec;
+use kiln_core::service::{BackendProtocol, RouterSpec};
 
 /// Streams a client may have open at once on one connection (nginx's
 /// `http2_max_concurrent_streams` is 128 too).
@@ -240,15 +240,23 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
         );
         return answer(StatusCode::PAYLOAD_TOO_LARGE, &msg);
     }
-    let waited = ClientWait::new(arrived);
+    let waited = Arc::new(ClientWait::new(arrived));
     let body = (parsed.body != Framing::Empty).then(|| Upload {
         inner: body,
         stall: limits.body_timeout.0,
         timer: None,
-        waited: &waited,
+        waited: waited.clone(),
         max: limits.max_body.unwrap_or(u64::MAX),
         taken: 0,
     });
+    let body = match limits.backend_protocol {
+        BackendProtocol::Http1 => forward::Outbound::H1(body),
+        BackendProtocol::H2c => forward::Outbound::H2c(body.map(|b| {
+            use http_body_util::BodyExt;
+            b.map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                .boxed()
+        })),
+    };
     let req = forward::Request {
         up: &mut up,
         head_len: parsed.head_len,
@@ -258,7 +266,15 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
         upgrade: false,
         chunked: matches!(parsed.body, Framing::Chunked(_)),
     };
-    match forward::forward(&conn.pool, backends, (timeout, arrived, &waited), req, body).await {
+    match forward::forward(
+        &conn.pool,
+        backends,
+        (timeout, arrived, &*waited),
+        req,
+        body,
+    )
+    .await
+    {
         forward::Outcome::Local { status, msg, .. } => answer(status, &msg),
         forward::Outcome::Answered {
             resp,
@@ -515,16 +531,16 @@ impl Drop for Proxied {
 /// An HTTP/2 request body as the instance's side sends it: held to the
 /// service's `max_body`, and a client that sends nothing of it for `stall`
 /// is cut off.
-struct Upload<'a> {
+struct Upload {
     inner: Incoming,
     stall: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
-    waited: &'a ClientWait,
+    waited: Arc<ClientWait>,
     max: u64,
     taken: u64,
 }
 
-impl Body for Upload<'_> {
+impl Body for Upload {
     type Data = Bytes;
     type Error = ClientError;
 
@@ -578,6 +594,7 @@ mod tests {
     use crate::router::testing::{Act, free_port, scripted};
     use crate::router::{Attachment, RouteKey, Router, ServiceRoutes};
     use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
     use kiln_core::spec::ServiceName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
@@ -722,6 +739,87 @@ mod tests {
         // connections: nothing stays in flight once the bodies are sent.
         assert!(accepted.load(std::sync::atomic::Ordering::SeqCst) >= 1);
         assert_eq!(backend.inflight.get(), 0);
+    }
+
+    /// An h2c instance (hyper's server): answers each request with the
+    /// method, path and body length it got, and a trailer.
+    async fn h2c_instance() -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = listener.accept().await.unwrap();
+                let service =
+                    hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
+                        let what = format!("{} {}", req.method(), req.uri().path());
+                        let te = req.headers().get("te").cloned();
+                        let body = req.into_body().collect().await.unwrap().to_bytes();
+                        let text = format!("{what} {} te={te:?}", body.len());
+                        let mut trailers = hyper::HeaderMap::new();
+                        trailers.insert("x-trailer", HeaderValue::from_static("end"));
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(Bytes::from(text))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        Ok::<_, Infallible>(Response::new(http_body_util::StreamBody::new(
+                            futures_util::stream::iter(frames),
+                        )))
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), service),
+                );
+            }
+        });
+        port
+    }
+
+    #[tokio::test]
+    async fn an_h2c_instance_gets_h2_from_either_front_and_its_trailers_reach_h2_clients() {
+        let to = h2c_instance().await;
+        let (router, port, _) = h2c_router(to).await;
+        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
+        let backend = Arc::new(Backend::new(
+            "i1".into(),
+            1,
+            (std::net::Ipv4Addr::LOCALHOST, to).into(),
+            Arc::default(),
+            Arc::default(),
+        ));
+        let limits = RouterSpec {
+            backend_protocol: BackendProtocol::H2c,
+            ..RouterSpec::default()
+        };
+        router.set_routes(
+            &svc,
+            ServiceRoutes::new(vec![backend], Duration::from_secs(5)).with_limits(limits),
+        );
+        // HTTP/2 in, HTTP/2 out: the trailer comes through.
+        let mut send = client(port).await;
+        let req = hyper::Request::post(format!("http://app.test:{port}/rpc"))
+            .body(Full::new(Bytes::from_static(b"12345")))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let all = resp.into_body().collect().await.unwrap();
+        let trailers = all.trailers().cloned().expect("trailers");
+        assert_eq!(trailers["x-trailer"], "end");
+        let text = String::from_utf8_lossy(&all.to_bytes()).into_owned();
+        assert!(
+            text.starts_with("POST /rpc 5 te=Some(\"trailers\")"),
+            "{text}"
+        );
+        // HTTP/1.1 in (a chunked body, read whole first): HTTP/2 out.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        s.write_all(
+            b"POST /up HTTP/1.1\r\nhost: app.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.contains("POST /up 7 "), "{out}");
     }
 
     /// An HPACK integer with an `n`-bit prefix (RFC 7541 §5.1).

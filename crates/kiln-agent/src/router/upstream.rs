@@ -71,6 +71,9 @@ pub enum ProtocolError {
     RequestBody(BoxError),
     #[error("101 Switching Protocols to a request that asked for no upgrade")]
     UnexpectedUpgrade,
+    /// The instance's HTTP/2 stream or connection failed.
+    #[error("HTTP/2: {0}")]
+    Stream(hyper::Error),
 }
 
 /// A request as it goes out: its head, encoded by the caller, and what the
@@ -127,7 +130,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Default)]
 pub struct Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<UpConn>>>,
+    /// One multiplexed HTTP/2 connection per h2c instance (hyper's client:
+    /// its connection task runs on this thread).
+    h2c: Mutex<HashMap<SocketAddr, H2Sender>>,
 }
+
+/// A request body as it goes to an h2c instance (hyper's client sends it
+/// from the connection's task: owned, not borrowed).
+pub type H2Out = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+type H2Sender = hyper::client::conn::http2::SendRequest<H2Out>;
 
 impl Pool {
     /// An idle connection to `addr` that is still open. One the instance
@@ -154,6 +166,8 @@ impl Pool {
             });
             !list.is_empty()
         });
+        let mut h2c = self.h2c.lock().unwrap_or_else(|p| p.into_inner());
+        h2c.retain(|_, s| !s.is_closed());
     }
 
     /// How many idle connections it holds.
@@ -306,6 +320,155 @@ impl Pool {
         };
         Ok(UpResponse { head, body })
     }
+}
+
+impl Pool {
+    /// Send a request to the h2c instance at `addr` over its multiplexed
+    /// connection (made when there is none, or it has closed) and read its
+    /// response head. The head arrives as the HTTP/1.1 front wrote it for
+    /// an HTTP/1.1 instance; it goes out as HTTP/2 with `te: trailers`
+    /// (gRPC servers ask for it: the router passes trailers on to HTTP/2
+    /// clients).
+    pub async fn send_h2c(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        req: &Outgoing<'_>,
+        body: Option<H2Out>,
+    ) -> Result<UpResponse, UpstreamError> {
+        let request = h2_request(req.head, body)?;
+        let cached = {
+            let mut h2c = self.h2c.lock().unwrap_or_else(|p| p.into_inner());
+            match h2c.get(&addr) {
+                Some(s) if !s.is_closed() => Some(s.clone()),
+                Some(_) => {
+                    h2c.remove(&addr);
+                    None
+                }
+                None => None,
+            }
+        };
+        let mut sender = match cached {
+            Some(s) => s,
+            None => {
+                let s = connect_h2c(addr).await.map_err(UpstreamError::Connect)?;
+                let mut h2c = self.h2c.lock().unwrap_or_else(|p| p.into_inner());
+                h2c.insert(addr, s.clone());
+                s
+            }
+        };
+        if sender.ready().await.is_err() {
+            // It closed before this request went out: nothing was sent.
+            self.h2c
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&addr);
+            return Err(UpstreamError::Connect(io::Error::other(
+                "the HTTP/2 connection closed",
+            )));
+        }
+        let resp = sender.send_request(request).await.map_err(|e| {
+            if broke_its_body(&e) {
+                ProtocolError::RequestBody(Box::new(e))
+            } else {
+                ProtocolError::Stream(e)
+            }
+        })?;
+        let (parts, body) = resp.into_parts();
+        // The response head as HTTP/1.1 would have brought it: the rest of
+        // the router reads one kind of head.
+        let mut head = BytesMut::with_capacity(256);
+        head.extend_from_slice(
+            format!(
+                "HTTP/1.1 {} {}\r\n",
+                parts.status.as_u16(),
+                parts.status.canonical_reason().unwrap_or("Unknown")
+            )
+            .as_bytes(),
+        );
+        for (name, value) in &parts.headers {
+            if wire::is_hop_by_hop(name.as_str()) {
+                continue;
+            }
+            head.extend_from_slice(name.as_str().as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value.as_bytes());
+            head.extend_from_slice(b"\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let head = parse_head(&mut head, req.head_method)?.ok_or(ProtocolError::Closed)?;
+        Ok(UpResponse {
+            head,
+            body: UpBody::H2(body),
+        })
+    }
+}
+
+/// Whether hyper's error is the request body's (the client's) failure.
+fn broke_its_body(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if s.is::<crate::router::forward::ClientError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+/// An HTTP/2 request from the instance's HTTP/1.1 head (which the front
+/// wrote, checked, from the client's request).
+fn h2_request(head: &[u8], body: Option<H2Out>) -> Result<hyper::Request<H2Out>, ProtocolError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS + 8];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(head).map_err(ProtocolError::Parse)?;
+    let (Some(method), Some(path)) = (req.method, req.path) else {
+        return Err(ProtocolError::Parse(httparse::Error::Token));
+    };
+    let host = req
+        .headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("host"))
+        .map(|h| String::from_utf8_lossy(h.value).into_owned())
+        .unwrap_or_default();
+    let mut out = hyper::Request::builder()
+        .method(method)
+        .version(hyper::Version::HTTP_2)
+        .uri(format!("http://{host}{path}"));
+    for h in req.headers.iter() {
+        // HTTP/2 has its own framing and no connection-specific fields.
+        if h.name.eq_ignore_ascii_case("host") || wire::is_hop_by_hop(h.name) {
+            continue;
+        }
+        out = out.header(h.name, h.value);
+    }
+    out = out.header(hyper::header::TE, "trailers");
+    let body = body.unwrap_or_else(|| {
+        use http_body_util::BodyExt;
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed()
+    });
+    out.body(body)
+        .map_err(|_| ProtocolError::Parse(httparse::Error::Token))
+}
+
+/// A new HTTP/2 connection (prior knowledge) to an h2c instance.
+async fn connect_h2c(addr: SocketAddr) -> io::Result<H2Sender> {
+    let io = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
+        .await
+        .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+    io.set_nodelay(true)?;
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(send)
 }
 
 /// Stream a request body, chunk-encoded when its length is not known.
@@ -499,6 +662,8 @@ pub enum UpBody {
     Stream(Box<Streaming>),
     /// A 101: the connection belongs to the upgraded protocol.
     Upgrade(Box<UpConn>),
+    /// An h2c instance's stream: its DATA, then its trailers.
+    H2(hyper::body::Incoming),
 }
 
 impl UpBody {
@@ -530,6 +695,9 @@ impl Body for UpBody {
         let s = match self.get_mut() {
             Self::Full(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Upgrade(_) => return Poll::Ready(None),
+            Self::H2(b) => {
+                return Pin::new(b).poll_frame(cx).map_err(ProtocolError::Stream);
+            }
             Self::Stream(s) => s,
         };
         let Some(mut conn) = s.conn.take() else {
@@ -566,6 +734,7 @@ impl Body for UpBody {
         match self {
             Self::Full(b) => b.is_none(),
             Self::Upgrade(_) => true,
+            Self::H2(b) => b.is_end_stream(),
             Self::Stream(s) => s.conn.is_none(),
         }
     }
@@ -574,6 +743,7 @@ impl Body for UpBody {
         match self {
             Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Self::Upgrade(_) => SizeHint::with_exact(0),
+            Self::H2(b) => b.size_hint(),
             Self::Stream(s) => match s.decoder.framing() {
                 Framing::Length(n) => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
