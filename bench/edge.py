@@ -9,6 +9,7 @@ BASELINE = os.environ.get("BASELINE")
 RUNS = int(os.environ.get("RUNS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNS = int(os.environ.get("CONNS", "50"))
+STREAMS = int(os.environ.get("STREAMS", "10"))
 
 
 def service(name, port, route=""):
@@ -29,6 +30,22 @@ def deploy(kiln, home, app, spec):
     with open(f"{app}/kiln.toml", "w") as f:
         f.write('[images.hello]\ninclude = ["bin"]\nentrypoint = ["/bin/hello"]\n' + spec)
     kiln_quiet(kiln, home, "apply", "-f", f"{app}/kiln.toml")
+
+
+def h2load(port, duration):
+    """h2load over TLS (ALPN h2): requests/s and mean ms; exits on errors."""
+    out = subprocess.run(["h2load", "-t", "2", "-c", str(CONNS), "-m", str(STREAMS), "-D", str(duration),
+                          f"https://127.0.0.1:{port}/"], check=True, capture_output=True, text=True).stdout
+    if "Application protocol: h2" not in out:
+        sys.exit(f"h2load on {port}: not HTTP/2:\n{out}")
+    rps = float(out.split(" req/s")[0].rsplit(", ", 1)[1])
+    req = out.split("requests: ")[1].split("\n")[0]
+    failed = int(req.split(" failed")[0].rsplit(", ", 1)[1]) + int(req.split(" errored")[0].rsplit(", ", 1)[1])
+    if failed:
+        sys.exit(f"h2load on {port}: {req}")
+    mean = out.split("time for request:")[1].split()[2]
+    ms = float(mean[:-2]) if mean.endswith("ms") else float(mean[:-2]) / 1000 if mean.endswith("us") else float(mean[:-1]) * 1000
+    return rps, ms
 
 
 def body(port, host, path):
@@ -117,6 +134,14 @@ try:
             if r[4]:
                 sys.exit(f"{name} (handshakes): {r[4]} non-2xx")
             fresh[name].append(r[:3])
+    # (3) HTTP/2 over TLS: h2load, CONNS connections, STREAMS streams at
+    # once on each.
+    for _, port in tls_targets:
+        h2load(port, 2)
+    h2 = {n: [] for n, _ in tls_targets}
+    for k in range(RUNS):
+        for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
+            h2[name].append(h2load(port, DURATION))
 finally:
     for p in locals().get("peers", []):
         p.terminate()
@@ -148,3 +173,12 @@ for title, table in [("keep-alive requests", keep), ("new connections, a handsha
         rps = [a[0] / b[0] for a, b in zip(table["kiln"], table[peer])]
         p99 = [a[2] / b[2] for a, b in zip(table["kiln"], table[peer])]
         print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} per second, p99 x{statistics.median(p99):.2f}")
+
+print(f"\n(3) HTTP/2 over TLS (h2load -t2 -c{CONNS} -m{STREAMS} -D{DURATION}), same backend over HTTP/1.1")
+print(f"{'':<34} {'requests/s':>12} {'mean ms':>8}")
+for name, rs in h2.items():
+    print(f"  {name:<32} {statistics.median(r[0] for r in rs):>12.0f} {statistics.median(r[1] for r in rs):>8.2f}")
+for peer in ("nginx", "HAProxy"):
+    rps = [a[0] / b[0] for a, b in zip(h2["kiln"], h2[peer])]
+    lat = [a[1] / b[1] for a, b in zip(h2["kiln"], h2[peer])]
+    print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} requests/s, mean latency x{statistics.median(lat):.2f}")

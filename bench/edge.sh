@@ -8,16 +8,18 @@
 #  (2) HTTPS with one ECDSA P-256 certificate, kiln vs nginx vs HAProxy in
 #      front of the same backend: keep-alive requests/s and p99, and new
 #      connections/s (a full handshake each).
+#  (3) HTTP/2 over TLS with h2load (Debian's nghttp2-client), the same
+#      three in front of the same HTTP/1.1 backend.
 #
-#   bench/edge.sh                       # RUNS=5 DURATION=10 CONNS=50
+#   bench/edge.sh                       # RUNS=5 DURATION=10 CONNS=50 STREAMS=10
 #   BASELINE=/tmp/kiln-old bench/edge.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
-for t in wrk nginx haproxy openssl; do command -v "$t" >/dev/null || missing+=("$t"); done
+for t in wrk nginx haproxy openssl h2load; do command -v "$t" >/dev/null || missing+=("$t"); done
 if ((${#missing[@]})); then
     echo "installing ${missing[*]}" >&2
-    apt-get install -y -qq wrk nginx-light haproxy openssl >/dev/null
+    apt-get install -y -qq wrk nginx-light haproxy openssl nghttp2-client >/dev/null
 fi
 echo "building kiln and hello (release)..." >&2
 cargo build --release -q -p kiln -p hello

@@ -54,6 +54,8 @@ pub enum AcmeError {
     },
     #[error("a key or request for the certificate: {0}")]
     Key(#[from] rcgen::Error),
+    #[error("the TLS-ALPN-01 challenge certificate: {0}")]
+    Certificate(String),
 }
 
 /// Where a service's ACME certificate and key are kept.
@@ -264,6 +266,7 @@ async fn order(
     let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
     let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(ca)?;
     let mut tokens = Vec::new();
+    let mut alpn_names = Vec::new();
     // DNS-01's records set: (name, value), cleaned up whatever happens.
     let mut records = Vec::new();
     let dns = !tls.dns_hook.is_empty();
@@ -277,16 +280,26 @@ async fn order(
             let Identifier::Dns(domain) = authz.identifier().identifier.clone() else {
                 continue;
             };
-            let kind = if dns {
-                ChallengeType::Dns01
+            // DNS-01 through the hook; HTTP-01 where the router has a
+            // plain address for the names; else TLS-ALPN-01 on the HTTPS
+            // one itself.
+            let (kind, what) = if dns {
+                (ChallengeType::Dns01, "DNS-01")
+            } else if tls.redirect_from.is_some() {
+                (ChallengeType::Http01, "HTTP-01")
             } else {
-                ChallengeType::Http01
+                (ChallengeType::TlsAlpn01, "TLS-ALPN-01")
             };
-            let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
-                AcmeError::NoChallenge(if dns { "DNS-01" } else { "HTTP-01" }, domain.clone())
-            })?;
+            let mut challenge = authz
+                .challenge(kind.clone())
+                .ok_or_else(|| AcmeError::NoChallenge(what, domain.clone()))?;
             let answer = challenge.key_authorization();
-            if dns {
+            tracing::info!("proving {domain} to {directory} by {what}");
+            if kind == ChallengeType::TlsAlpn01 {
+                router
+                    .set_alpn_challenge(&domain, Some(alpn_certificate(&domain, answer.digest())?));
+                alpn_names.push(domain.clone());
+            } else if dns {
                 // A wildcard's record is its base name's.
                 let name = format!("_acme-challenge.{}", domain.trim_start_matches("*."));
                 let value = answer.dns_value();
@@ -307,6 +320,9 @@ async fn order(
     };
     for t in &tokens {
         router.set_challenge(t, None);
+    }
+    for name in &alpn_names {
+        router.set_alpn_challenge(name, None);
     }
     for (name, value) in &records {
         if let Err(e) = hook(&tls.dns_hook, "cleanup", name, value).await {
@@ -334,6 +350,30 @@ async fn order(
     // The key first: a reload that sees the new certificate sees its key.
     write_private(key_path, key.serialize_pem().as_bytes())?;
     write_private(cert_path, chain.as_bytes())
+}
+
+/// The self-signed certificate that answers TLS-ALPN-01 for `name`
+/// (RFC 8737 §3): the name, and the SHA-256 of the key authorization in
+/// the critical `acmeIdentifier` extension.
+fn alpn_certificate(
+    name: &str,
+    digest: impl AsRef<[u8]>,
+) -> Result<Arc<rustls::sign::CertifiedKey>, AcmeError> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()])?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest.as_ref())];
+    let cert = params.self_signed(&key)?;
+    let der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+        .map_err(|e| AcmeError::Certificate(e.to_string()))?;
+    // Not `CertifiedKey::from_der`: its check that the key is the
+    // certificate's parses the certificate, and refuses the critical
+    // extension only ACME understands.
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| AcmeError::Certificate(e.to_string()))?;
+    Ok(Arc::new(rustls::sign::CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// Run the DNS hook: `HOOK... ACTION NAME VALUE`, at most a minute.

@@ -411,7 +411,8 @@ pub struct TlsSpec {
     pub key: Option<String>,
     /// Instead of files: certificates issued and renewed by this ACME
     /// directory (`https://acme-v02.api.letsencrypt.org/directory`), over
-    /// HTTP-01 on `redirect_from`.
+    /// HTTP-01 on `redirect_from` when there is one, else TLS-ALPN-01 on
+    /// `listen` itself.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<String>,
     /// The root certificate the ACME directory's own HTTPS is signed by,
@@ -475,12 +476,11 @@ impl TlsSpec {
                     .find(|h| matches!(h, crate::edge::HostPattern::Wildcard(_)))
                 {
                     return Err(format!(
-                        "tls.acme cannot certify {w} by HTTP-01, which proves one name at a time: give a dns_hook (DNS-01)"
+                        "tls.acme cannot certify {w} by HTTP-01 or TLS-ALPN-01, which prove one name at a time: give a dns_hook (DNS-01)"
                     ));
                 }
-                if self.redirect_from.is_none() {
-                    return Err("tls.acme needs redirect_from: the plain-HTTP address (port 80 as the CA sees it) where the router answers the CA's HTTP-01 challenge".to_owned());
-                }
+                // With redirect_from: HTTP-01 there; without: TLS-ALPN-01
+                // on the HTTPS address itself.
                 Ok(())
             }
             (_, _, Some(_)) => Err("tls.acme or tls.cert and tls.key, not both".to_owned()),
@@ -1556,6 +1556,8 @@ mod tls_tests {
             ok("acme = \"https://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n"),
             Ok(())
         );
+        // Without a plain address: TLS-ALPN-01 on the HTTPS one.
+        assert_eq!(ok("acme = \"https://ca.test/dir\"\n"), Ok(()));
         for (extra, needle) in [
             ("cert = \"c.pem\"\n", "tls needs cert and key"),
             ("", "tls needs cert and key"),
@@ -1566,10 +1568,6 @@ mod tls_tests {
             (
                 "acme = \"http://ca.test/dir\"\nredirect_from = \"127.0.0.1:9080\"\n",
                 "must be an https://",
-            ),
-            (
-                "acme = \"https://ca.test/dir\"\n",
-                "tls.acme needs redirect_from",
             ),
             (
                 "cert = \"c.pem\"\nkey = \"k.pem\"\nredirect_from = \"127.0.0.1:9443\"\n",

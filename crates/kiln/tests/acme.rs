@@ -25,6 +25,8 @@ struct Ca {
     dns_management: u16,
     /// Where pebble's validator sends HTTP-01 requests.
     http_port: u16,
+    /// Where it makes its TLS-ALPN-01 handshakes.
+    tls_port: u16,
 }
 
 impl Drop for Ca {
@@ -95,6 +97,7 @@ impl Ca {
             management,
             dns_management,
             http_port,
+            tls_port,
         };
         util::wait_for("pebble", Duration::from_secs(20), || {
             std::net::TcpStream::connect(("127.0.0.1", acme)).is_ok()
@@ -325,4 +328,30 @@ dns_hook = ["{hook}"]
         asked,
         "present _acme-challenge.t.example.test\ncleanup _acme-challenge.t.example.test\n"
     );
+}
+
+#[test]
+fn without_a_plain_address_the_certificate_is_issued_by_tls_alpn01_on_the_https_one() {
+    let env = Env::new();
+    let dir = env.path("ca");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = Ca::start(&dir, 3600);
+    ca.resolve("alpn.example.test", "127.0.0.1");
+    // The service listens where pebble makes its TLS-ALPN-01 handshakes,
+    // and has no plain address: no HTTP-01 is possible.
+    let port = ca.tls_port;
+    let text = spec(port, "alpn", "alpn.example.test", &ca, 0)
+        .replace("redirect_from = \"127.0.0.1:0\"\n", "");
+    assert!(!text.contains("redirect_from"), "{text}");
+    let path = hello_app(&env.path("app"), &format!("{IMAGE}{text}"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let issuer = dir.join("issuer.pem");
+    ca.issuer(&issuer);
+    wait_served(&env, port, "alpn.example.test", &issuer);
+    // Proved over TLS-ALPN-01 (no other way was open: no plain address,
+    // no DNS hook).
+    let log = std::fs::read_to_string(env.path("agent.log")).unwrap();
+    assert!(log.contains("proving alpn.example.test to"), "{log}");
+    assert!(log.contains("by TLS-ALPN-01"), "{log}");
 }

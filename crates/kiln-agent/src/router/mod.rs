@@ -55,6 +55,8 @@ pub struct Router {
     budget: i64,
     /// Holds the listening sockets across agent processes.
     keeper: Arc<crate::keeper::Keeper>,
+    /// ACME TLS-ALPN-01 answers, read by every HTTPS listener's resolver.
+    alpn_challenges: self::tls::AlpnChallenges,
 }
 
 /// Descriptors left to the rest of the agent (the API, probes, instances'
@@ -205,6 +207,7 @@ impl Router {
             listeners: Mutex::new(Listeners::default()),
             open: Arc::default(),
             budget,
+            alpn_challenges: Default::default(),
         })
     }
 
@@ -252,6 +255,19 @@ impl Router {
                 h2c: old.h2c.clone(),
                 challenges: old.challenges.clone(),
             }
+        });
+    }
+
+    /// Answer ACME's TLS-ALPN-01 validation of `name` with `cert` (or stop
+    /// answering it: `None`) on every HTTPS listener.
+    pub fn set_alpn_challenge(&self, name: &str, cert: Option<Arc<rustls::sign::CertifiedKey>>) {
+        self.alpn_challenges.rcu(|old| {
+            let mut all = (**old).clone();
+            match &cert {
+                Some(c) => all.insert(name.to_owned(), c.clone()),
+                None => all.remove(name),
+            };
+            all
         });
     }
 
@@ -402,7 +418,12 @@ impl Router {
         match listeners.tls.get_mut(&addr) {
             _ if sources.is_empty() => {}
             Some(t) => t.set(sources)?,
-            None => fresh_tls = Some(self::tls::TlsListener::new(sources)?),
+            None => {
+                fresh_tls = Some(self::tls::TlsListener::new(
+                    sources,
+                    self.alpn_challenges.clone(),
+                )?)
+            }
         }
         let name = format!("listen:{addr}");
         let bind_error = |source| ListenError::Bind {
@@ -686,8 +707,12 @@ impl Router {
                     return;
                 };
                 // The client's choice in the handshake (ALPN) decides the
-                // front.
-                if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                // front; a CA's TLS-ALPN-01 validation ends at the handshake.
+                let alpn = stream.get_ref().1.alpn_protocol();
+                if alpn == Some(self::tls::ACME_TLS_ALPN) {
+                    return;
+                }
+                if alpn == Some(b"h2") {
                     let conn = self::h2::Conn::new(table, addr, pool, peer_ip, answers, true);
                     return self::h2::serve(stream, conn).await;
                 }

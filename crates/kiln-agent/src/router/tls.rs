@@ -140,12 +140,36 @@ fn load(s: &Source) -> Result<CertifiedKey, TlsError> {
     Ok(certified)
 }
 
-/// Picks a listener's certificate by SNI from the current [`Certs`].
+/// The ALPN protocol of ACME's TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// TLS-ALPN-01 answers being asked for, shared by every HTTPS listener:
+/// the name being validated → its challenge certificate.
+pub type AlpnChallenges = Arc<ArcSwap<HashMap<String, Arc<CertifiedKey>>>>;
+
+/// Picks a listener's certificate by SNI from the current [`Certs`]; a
+/// CA validating a name by TLS-ALPN-01 (it offers only `acme-tls/1`) gets
+/// that name's challenge certificate, and the connection ends after the
+/// handshake.
 #[derive(Debug)]
-struct Resolver(ArcSwap<Certs>);
+struct Resolver(ArcSwap<Certs>, AlpnChallenges);
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // Only a client that offers nothing else (RFC 8737 §3): one that
+        // also offers HTTP gets the name's real certificate.
+        let mut offered = false;
+        if let Some(mut alpn) = hello.alpn()
+            && alpn.all(|p| {
+                offered = true;
+                p == ACME_TLS_ALPN
+            })
+            && offered
+        {
+            return hello
+                .server_name()
+                .and_then(|name| self.1.load().get(name).cloned());
+        }
         self.0.load().find(hello.server_name())
     }
 }
@@ -169,15 +193,18 @@ pub struct TlsListener {
 impl TlsListener {
     /// Read every certificate first: a file that is missing or wrong
     /// refuses the listener, naming it.
-    pub fn new(sources: Vec<Source>) -> Result<Self, TlsError> {
-        let resolver = Arc::new(Resolver(ArcSwap::from_pointee(Certs::build(&sources)?)));
+    pub fn new(sources: Vec<Source>, challenges: AlpnChallenges) -> Result<Self, TlsError> {
+        let resolver = Arc::new(Resolver(
+            ArcSwap::from_pointee(Certs::build(&sources)?),
+            challenges,
+        ));
         let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
         Ok(Self {
             config: Arc::new(config),
             resolver,
@@ -285,7 +312,8 @@ mod tests {
     fn files_are_read_again_only_when_they_change_and_a_bad_pair_keeps_the_old() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = source(dir.path(), "a", &["a.test"]);
-        let mut listener = TlsListener::new(vec![a.clone()]).expect("listener");
+        let mut listener =
+            TlsListener::new(vec![a.clone()], AlpnChallenges::default()).expect("listener");
         let before = leaf(listener.resolver.0.load().find(Some("a.test")));
         assert!(!listener.reload_if_changed().expect("reload"));
         // A certificate whose key is not written yet: refused, old one kept.
@@ -309,7 +337,9 @@ mod tests {
             cert: dir.path().join("nope.pem"),
             ..a
         };
-        let err = TlsListener::new(vec![missing]).err().expect("refused");
+        let err = TlsListener::new(vec![missing], AlpnChallenges::default())
+            .err()
+            .expect("refused");
         assert!(err.to_string().contains("nope.pem"), "{err}");
     }
 }
