@@ -32,17 +32,17 @@ def deploy(kiln, home, app, spec):
     kiln_quiet(kiln, home, "apply", "-f", f"{app}/kiln.toml")
 
 
-def h2load(port, duration):
+def h2load(name, port, duration):
     """h2load over TLS (ALPN h2): requests/s and mean ms; exits on errors."""
     out = subprocess.run(["h2load", "-t", "2", "-c", str(CONNS), "-m", str(STREAMS), "-D", str(duration),
                           f"https://127.0.0.1:{port}/"], check=True, capture_output=True, text=True).stdout
     if "Application protocol: h2" not in out:
-        sys.exit(f"h2load on {port}: not HTTP/2:\n{out}")
+        sys.exit(f"h2load on {name}: not HTTP/2:\n{out}")
     rps = float(out.split(" req/s")[0].rsplit(", ", 1)[1])
     req = out.split("requests: ")[1].split("\n")[0]
     failed = int(req.split(" failed")[0].rsplit(", ", 1)[1]) + int(req.split(" errored")[0].rsplit(", ", 1)[1])
     if failed:
-        sys.exit(f"h2load on {port}: {req}")
+        sys.exit(f"h2load on {name}: {req}")
     mean = out.split("time for request:")[1].split()[2]
     ms = float(mean[:-2]) if mean.endswith("ms") else float(mean[:-2]) / 1000 if mean.endswith("us") else float(mean[:-1]) * 1000
     return rps, ms
@@ -136,12 +136,12 @@ try:
             fresh[name].append(r[:3])
     # (3) HTTP/2 over TLS: h2load, CONNS connections, STREAMS streams at
     # once on each.
-    for _, port in tls_targets:
-        h2load(port, 2)
+    for name, port in tls_targets:
+        h2load(name, port, 2)
     h2 = {n: [] for n, _ in tls_targets}
     for k in range(RUNS):
         for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
-            h2[name].append(h2load(port, DURATION))
+            h2[name].append(h2load(name, port, DURATION))
 finally:
     for p in locals().get("peers", []):
         p.terminate()
