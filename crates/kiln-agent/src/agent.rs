@@ -498,6 +498,8 @@ impl Agent {
             waiting.retain(|id| !ready.contains(id));
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        // Paused before the first request: a pause survives a restart.
+        agent.refresh_paused().await;
         for svc in &services {
             if let Err(e) = agent.open_listeners(&svc.name, &svc.settings).await {
                 tracing::error!("{e}");
@@ -657,10 +659,14 @@ impl Agent {
                 }
             };
             let mut moved = std::collections::BTreeSet::new();
-            let mut drains = false;
+            let (mut drains, mut pauses) = (false, false);
             for e in &events {
                 after = after.max(e.seq);
                 drains |= matches!(e.change, Change::NodeDrain { .. });
+                pauses |= matches!(
+                    e.change,
+                    Change::ServicePaused { .. } | Change::ServiceResumed {}
+                );
                 if (e.change.moves_target() || matches!(e.change, Change::ServiceRemoved { .. }))
                     && let Some(service) = &e.service
                     && let Ok(name) = ServiceName::try_from(service.as_str())
@@ -674,6 +680,11 @@ impl Agent {
             // A drain made through any member: the leader moves instances.
             if drains {
                 agent.refresh_drained().await;
+            }
+            // A pause or resume made through any member holds on every
+            // node's router.
+            if pauses {
+                agent.refresh_paused().await;
             }
             for name in moved {
                 // A service removed since is not brought back, and nothing
@@ -1188,6 +1199,7 @@ impl Agent {
         ] {
             self.shared.router.detach(&key).await;
             self.shared.router.remove_routes(&key);
+            self.shared.router.hold(&key, None);
         }
     }
 
@@ -1791,6 +1803,7 @@ impl Agent {
             .clone();
         let now = SystemTime::now();
         let mut services = Vec::new();
+        let paused = self.shared.state.paused().await?;
         for rec in self.shared.state.services().await? {
             let releases = self.shared.state.current_releases(&rec.name).await?;
             let mut status = ServiceStatus::of(
@@ -1811,6 +1824,7 @@ impl Agent {
                     .unwrap_or_default();
                 status.certificate = Some(standing.describe());
             }
+            status.paused_ms = paused.get(&rec.name).copied();
             services.push(status);
         }
         Ok(StatusResponse {
@@ -2070,6 +2084,48 @@ impl Agent {
     /// The cluster's node-to-node pull password.
     pub fn pull_token(&self) -> String {
         self.shared.pull_token.get().cloned().unwrap_or_default()
+    }
+
+    /// `kiln pause SERVICE` (`Some(timeout_ms)`) or `kiln resume SERVICE`
+    /// (`None`): recorded in the state store (a restart and every node
+    /// keep it), then held by this node's router.
+    pub async fn pause(
+        &self,
+        name: &ServiceName,
+        timeout_ms: Option<u64>,
+        actor: Actor,
+    ) -> Result<kiln_core::api::PauseResponse, AgentError> {
+        if self.shared.state.service(name).await?.is_none() {
+            return Err(AgentError::NoService(name.clone()));
+        }
+        let change = match timeout_ms {
+            Some(timeout_ms) => Change::ServicePaused { timeout_ms },
+            None => Change::ServiceResumed {},
+        };
+        let event = NewEvent {
+            actor,
+            ..NewEvent::service(change, name, None)
+        };
+        let changed = self
+            .shared
+            .state
+            .set_paused(name, timeout_ms, &event)
+            .await?;
+        self.refresh_paused().await;
+        Ok(kiln_core::api::PauseResponse {
+            service: name.to_string(),
+            paused: timeout_ms.is_some(),
+            timeout_ms,
+            changed,
+        })
+    }
+
+    /// Read the paused services again and hold exactly those at the router.
+    async fn refresh_paused(&self) {
+        match self.shared.state.paused().await {
+            Ok(p) => self.shared.router.set_paused(&p),
+            Err(e) => tracing::error!("state: {e}"),
+        }
     }
 
     /// Read the drained nodes again and wake every controller (the leader

@@ -138,6 +138,8 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/v1/services/{name}/rollback", post(rollback))
         .route("/v1/services/{name}/promote", post(promote))
         .route("/v1/services/{name}/abort", post(abort))
+        .route("/v1/services/{name}/pause", post(pause))
+        .route("/v1/services/{name}/resume", post(resume))
         .route("/v1/services/{name}/remove", post(remove))
         .route("/v1/services/{name}/run", post(run_command))
         .route("/v1/instances/{id}/exec", post(exec_command))
@@ -436,6 +438,42 @@ fn ndjson(frames: tokio::sync::mpsc::Receiver<kiln_core::api::RunFrame>) -> Resp
         Body::from_stream(lines),
     )
         .into_response()
+}
+
+/// `POST /v1/services/{name}/pause`: its new requests wait at the router
+/// (at most the request's `timeout_ms`) until it is resumed.
+async fn pause(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<kiln_core::api::PauseRequest>, JsonRejection>,
+) -> Result<Json<kiln_core::api::PauseResponse>, AgentError> {
+    let Json(req) = body.map_err(bad_json)?;
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    if req.timeout_ms == 0 || req.timeout_ms > MAX_PAUSE_MS {
+        return Err(AgentError::BadRequest(format!(
+            "a pause's timeout must be more than 0 and at most {}",
+            humantime::format_duration(Duration::from_millis(MAX_PAUSE_MS))
+        )));
+    }
+    Ok(Json(
+        agent
+            .pause(&name, Some(req.timeout_ms), caller.actor)
+            .await?,
+    ))
+}
+
+/// The longest a paused request may wait: a day.
+const MAX_PAUSE_MS: u64 = 24 * 3600 * 1000;
+
+/// `POST /v1/services/{name}/resume`: the requests waiting go on.
+async fn resume(
+    State(agent): State<Arc<Agent>>,
+    Extension(caller): Extension<Caller>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<kiln_core::api::PauseResponse>, AgentError> {
+    let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
+    Ok(Json(agent.pause(&name, None, caller.actor).await?))
 }
 
 /// `POST /v1/nodes/{name}/drain`: the node takes no new instance and the

@@ -114,6 +114,10 @@ pub struct ServiceStatus {
     /// its last order failed and when the next one goes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<String>,
+    /// `kiln pause`: its requests wait at the router, at most this many
+    /// milliseconds, until `kiln resume`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
 }
 
 /// Where the router serves a service, as status shows it.
@@ -248,6 +252,7 @@ impl ServiceStatus {
             warm: current && seen.warm,
             watched_until: seen.watched_until.clone().filter(|_| current),
             serves: serves(settings),
+            paused_ms: None,
             certificate: None,
             failed_release: releases
                 .iter()
@@ -837,6 +842,27 @@ pub struct DrainResponse {
     pub drained: bool,
     /// Instances assigned to it when the change was made.
     pub instances: u64,
+}
+
+/// `kiln pause SERVICE [--timeout D]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    /// How long a request waits before it is answered 503.
+    pub timeout_ms: u64,
+}
+
+/// `kiln pause` / `kiln resume`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseResponse {
+    pub service: String,
+    pub paused: bool,
+    /// While paused: how long a request waits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Whether this call changed anything (pausing a paused service with
+    /// a new timeout does).
+    pub changed: bool,
 }
 
 #[cfg(test)]

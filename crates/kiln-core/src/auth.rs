@@ -231,7 +231,7 @@ pub fn route(method: &str, path: &str) -> Route {
             "v1",
             "services",
             _,
-            "rollback" | "promote" | "abort" | "remove" | "run",
+            "rollback" | "promote" | "abort" | "remove" | "run" | "pause" | "resume",
         ] if method == "POST" => Route::Needs(Role::Deployer),
         // Inside a running instance: a deployer's (keeping it afterwards,
         // an admin's: checked by the handler).
@@ -368,6 +368,8 @@ mod tests {
             ("GET", "/v1/records", Unknown),
             ("POST", "/v1/services/web/rollback", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/promote", Needs(Role::Deployer)),
+            ("POST", "/v1/services/web/pause", Needs(Role::Deployer)),
+            ("POST", "/v1/services/web/resume", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/abort", Needs(Role::Deployer)),
             ("POST", "/v1/services/web/run", Needs(Role::Deployer)),
             (

@@ -210,6 +210,13 @@ pub enum Change {
         node: String,
         drained: bool,
     },
+    /// `kiln pause SERVICE`: its new requests wait at the router (at most
+    /// `timeout_ms`, then 503) until `kiln resume`.
+    ServicePaused {
+        timeout_ms: u64,
+    },
+    /// `kiln resume SERVICE`: the requests waiting go on.
+    ServiceResumed {},
     /// A bake (`kiln bake`, or the bake of an apply) wrote an image:
     /// its name, digest and tags, and its provenance annotations (commit,
     /// dirty flag, source).
@@ -337,6 +344,8 @@ impl Change {
             Self::TokenCreated { .. } => "token-created",
             Self::TokenRevoked { .. } => "token-revoked",
             Self::NodeDrain { .. } => "node-drain",
+            Self::ServicePaused { .. } => "service-paused",
+            Self::ServiceResumed {} => "service-resumed",
             Self::ImageBaked { .. } => "image-baked",
             Self::ImagePulled { .. } => "image-pulled",
             Self::CommandRun { .. } => "command-run",
@@ -504,6 +513,8 @@ mod tests {
                 node: "n2".into(),
                 drained: true,
             },
+            Change::ServicePaused { timeout_ms: 30_000 },
+            Change::ServiceResumed {},
             Change::ImageBaked {
                 image: "app".into(),
                 digest: Digest::of(b"m"),

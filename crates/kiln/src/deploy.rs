@@ -809,6 +809,42 @@ fn canary_step(c: &kiln_core::api::CanaryStatus) -> String {
 
 /// `kiln promote`: switch a blue-green rollout that waits for it, or pass
 /// a canary's current step.
+/// `kiln pause SERVICE` (`timeout`) or `kiln resume SERVICE` (`None`).
+pub fn pause(
+    home: &Path,
+    service: &str,
+    timeout: Option<Duration>,
+    json: bool,
+) -> Result<ExitCode> {
+    let client = Client::new(home);
+    let rt = runtime()?;
+    let resp: kiln_core::api::PauseResponse = match timeout {
+        Some(t) => rt.block_on(client.post(
+            &format!("/v1/services/{service}/pause"),
+            &kiln_core::api::PauseRequest {
+                timeout_ms: u64::try_from(t.as_millis()).unwrap_or(u64::MAX),
+            },
+        ))?,
+        None => rt.block_on(client.post(
+            &format!("/v1/services/{service}/resume"),
+            &serde_json::json!({}),
+        ))?,
+    };
+    if json {
+        crate::commands::print_json(&resp)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    match (resp.timeout_ms, resp.changed) {
+        (Some(ms), _) => println!(
+            "{service}: paused: new requests wait at the router, at most {} (kiln resume {service})",
+            humantime::format_duration(Duration::from_millis(ms))
+        ),
+        (None, true) => println!("{service}: resumed"),
+        (None, false) => println!("{service}: was not paused"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn promote(home: &Path, service: &str, json: bool) -> Result<ExitCode> {
     let client = Client::new(home);
     let rt = runtime()?;
@@ -1025,6 +1061,13 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         );
         if let Some(serves) = &s.serves {
             println!("  serves {serves}");
+        }
+        if let Some(ms) = s.paused_ms {
+            println!(
+                "  paused: new requests wait at most {} (kiln resume {})",
+                humantime::format_duration(Duration::from_millis(ms)),
+                s.name
+            );
         }
         if let Some(c) = &s.certificate {
             println!("  certificate: {c}");

@@ -664,6 +664,28 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Hold a service's new requests at the router (they wait, up to
+    /// --timeout, then 503) until `kiln resume`; kept across restarts
+    Pause {
+        /// The service, as named in kiln.toml
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// How long a request waits before it is answered 503
+        #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Let a paused service's requests go on
+    Resume {
+        /// The service, as named in kiln.toml
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Stop the rollout in progress: the service returns to the release
     /// before it (a canary: all traffic to stable in one swap, canary stopped)
     Abort {
@@ -799,6 +821,8 @@ impl Command {
             | Command::Run { .. }
             | Command::Exec { .. }
             | Command::Promote { .. }
+            | Command::Pause { .. }
+            | Command::Resume { .. }
             | Command::Abort { .. }
             | Command::Rollout { .. }
             | Command::Logs { .. } => Reach::Agent,
@@ -1061,6 +1085,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             argv,
         } => deploy::exec_command(&home()?, &instance, keep, argv, interactive),
         Command::Promote { service, json } => deploy::promote(&home()?, &service, json),
+        Command::Pause {
+            service,
+            timeout,
+            json,
+        } => deploy::pause(&home()?, &service, Some(timeout), json),
+        Command::Resume { service, json } => deploy::pause(&home()?, &service, None, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {
             command:

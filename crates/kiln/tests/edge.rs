@@ -477,3 +477,112 @@ fn a_request_body_over_the_services_limit_is_answered_413() {
         "{err}"
     );
 }
+
+/// A request for `/` on a new connection, in a thread: its answer comes
+/// on the channel.
+fn waiting_get(port: u16) -> std::sync::mpsc::Receiver<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        let _ = tx.send(out);
+    });
+    rx
+}
+
+#[test]
+fn a_paused_service_holds_its_requests_until_resumed_even_across_a_restart() {
+    let env = Env::new();
+    let port = free_port();
+    let spec = IMAGE.to_owned() + &service("web", port, "v1", "");
+    let path = hello_app(&env.path("app"), &spec);
+    let mut agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    let out = env.ok(&["pause", "web", "--timeout", "30s"]);
+    assert!(out.contains("web: paused"), "{out}");
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains("paused: new requests wait at most 30s (kiln resume web)"),
+        "{status}"
+    );
+    assert_eq!(service_status(&env, "web")["paused_ms"], 30_000);
+    // A request waits (it is not refused), and goes on when resumed.
+    let held = waiting_get(port);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(held.try_recv().is_err(), "answered while paused");
+    let out = env.ok(&["resume", "web"]);
+    assert!(out.contains("web: resumed"), "{out}");
+    let answer = held.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("hello from v1"), "{answer}");
+    assert!(service_status(&env, "web").get("paused_ms").is_none());
+
+    // Past the pause's timeout: 503, saying why.
+    env.ok(&["pause", "web", "--timeout", "1s"]);
+    let answer = waiting_get(port)
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(
+        answer.contains("service web is paused (kiln resume): not resumed within 1s"),
+        "{answer}"
+    );
+
+    // The pause is in the state store: a restarted agent holds requests too.
+    env.ok(&["pause", "web", "--timeout", "30s"]);
+    agent.stop();
+    let _agent = Agent::start(&env);
+    let held = waiting_get(port);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        held.try_recv().is_err(),
+        "answered while paused after a restart"
+    );
+    env.ok(&["resume", "web"]);
+    let answer = held.recv_timeout(Duration::from_secs(10)).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Each is in the ledger; an unknown service is refused by name.
+    let audit = env.ok(&["audit"]);
+    assert!(
+        audit.contains("service-paused") && audit.contains("service-resumed"),
+        "{audit}"
+    );
+    let err = env.fails(&["pause", "nosuch"]);
+    assert!(err.contains("nosuch"), "{err}");
+    let err = env.fails(&["pause", "web", "--timeout", "0s"]);
+    assert!(err.contains("timeout must be more than 0"), "{err}");
+}
+
+#[test]
+fn a_recreate_rollout_holds_requests_while_no_instance_is_ready_and_fails_none() {
+    let env = Env::new();
+    let port = free_port();
+    let spec = |version: &str| {
+        IMAGE.to_owned()
+            + &service("web", port, version, "")
+                .replace("watch = \"0s\"", "watch = \"0s\"\nstrategy = \"recreate\"")
+    };
+    let path = hello_app(&env.path("app"), &spec("v1"));
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let load = Load::start(port, 2);
+    std::thread::sleep(Duration::from_millis(300));
+    write(&path, spec("v2").as_bytes());
+    let out = env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(out.contains("web: new release 2"), "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let count = load.finish();
+    // Every old instance stopped before a new one started, yet no request
+    // failed: they waited at the router for the new fleet.
+    count.assert_none_failed();
+    assert!(
+        count.bodies.contains_key("hello from v1") && count.bodies.contains_key("hello from v2"),
+        "{count:?}"
+    );
+}

@@ -99,9 +99,22 @@ impl Controller {
             let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
             routes = routes.with_canary(backends, revision, weight, cookie);
         }
-        self.shared
-            .router
-            .set_routes(&RouteKey::Service(self.name.clone()), routes);
+        let key = RouteKey::Service(self.name.clone());
+        // `recreate` has no instance ready between the old fleet's stop
+        // and the new one's readiness: its requests wait at the router for
+        // the new fleet (at most the service's timeout) instead of 503.
+        let recreating = self.service.as_ref().is_some_and(|s| {
+            s.settings.rollout.strategy == Strategy::Recreate && s.settings.replicas > 0
+        }) && routed.stable.is_empty()
+            && routed.canary.is_empty();
+        let held = recreating.then(|| u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
+        if held.is_some() {
+            self.shared.router.hold(&key, held);
+        }
+        self.shared.router.set_routes(&key, routes);
+        if held.is_none() {
+            self.shared.router.hold(&key, None);
+        }
         self.routed = routed;
     }
 

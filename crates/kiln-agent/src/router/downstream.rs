@@ -27,7 +27,9 @@ use hyper::body::{Body, Frame};
 use tokio::io::AsyncWriteExt;
 
 use crate::router::forward::{self, ClientError, ClientWait};
-use crate::router::routes::{Inflight, RouteSource, RouteTable, ServiceRoutes, Side};
+use crate::router::routes::{
+    Gate, GateError, Inflight, MAX_WAITING, RouteKey, RouteSource, RouteTable, ServiceRoutes, Side,
+};
 use crate::router::upstream::{Pool, UpBody, UpHead};
 use crate::router::wire::{self, Coding, Decoder, Framing, MAX_HEAD, MAX_HEADERS, Step};
 use kiln_core::service::{BackendProtocol, RouterSpec};
@@ -116,6 +118,8 @@ pub(crate) struct Prepared {
     pub(crate) routes: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
     /// `Strict-Transport-Security` for the response (over TLS only).
     pub(crate) hsts: Option<hyper::header::HeaderValue>,
+    /// The service is paused: wait at its gate first.
+    pub(crate) paused: Option<(Arc<Gate>, RouteKey)>,
 }
 
 impl<S: Stream> Client<S> {
@@ -214,6 +218,9 @@ impl<S: Stream> Client<S> {
         parsed.keep_alive &= !self.routes.draining();
         // A body left unread in the connection ends it after the answer.
         let keep = parsed.keep_alive && parsed.body == Framing::Empty;
+        if let Some((gate, key)) = parsed.paused.take() {
+            parsed.routes = wait_at(&self.routes, &gate, &key).await;
+        }
         let routes =
             match std::mem::replace(&mut parsed.routes, Err((StatusCode::OK, String::new()))) {
                 Ok(r) => r,
@@ -656,7 +663,13 @@ pub(crate) fn prepare(
     });
     // httparse hands the target over as text: its slices are too.
     let path = std::str::from_utf8(target.origin).map_err(|_| bad("invalid request target"))?;
-    let (routes, path, stripped, hsts) = route(table, listener, host, path)?;
+    let Routed {
+        service: routes,
+        path,
+        stripped,
+        hsts,
+        paused,
+    } = route(table, listener, host, path)?;
     let hsts = hsts.filter(|_| tls);
     let (side, set_cookie) = match &routes {
         Ok(r) => r.choose(
@@ -754,35 +767,47 @@ pub(crate) fn prepare(
         set_cookie,
         routes,
         hsts,
+        paused,
     }))
 }
 
-/// What answers a request for `host` and `path` on `listener`: the service's
-/// routes (or the router's own answer: no route 404, nothing ready 503),
-/// the path the instance gets, and the prefix stripped from it.
-#[allow(clippy::type_complexity)]
+/// What answers a request, once its host and path are looked up.
+pub(crate) struct Routed<'t, 'p> {
+    /// The service's routes, or the router's own answer (no route 404,
+    /// nothing ready 503; a redirect to HTTPS 308, whose message is the
+    /// location; an ACME challenge's answer 200).
+    pub(crate) service: Result<Arc<ServiceRoutes>, (StatusCode, String)>,
+    /// The path the instance gets, and the prefix stripped from it.
+    pub(crate) path: std::borrow::Cow<'p, str>,
+    pub(crate) stripped: Option<&'t str>,
+    pub(crate) hsts: Option<hyper::header::HeaderValue>,
+    /// The service is paused: its gate, and its key to look its routes up
+    /// again once the gate opens.
+    pub(crate) paused: Option<(Arc<Gate>, RouteKey)>,
+}
+
+impl<'p> Routed<'_, 'p> {
+    fn answer(status: StatusCode, msg: String, path: &'p str) -> Self {
+        Self {
+            service: Err((status, msg)),
+            path: path.into(),
+            stripped: None,
+            hsts: None,
+            paused: None,
+        }
+    }
+}
+
+/// What answers a request for `host` and `path` on `listener`.
 fn route<'t, 'p>(
     table: &'t RouteTable,
     listener: &std::net::SocketAddr,
     host: Option<&[u8]>,
     path: &'p str,
-) -> Result<
-    (
-        Result<Arc<ServiceRoutes>, (StatusCode, String)>,
-        std::borrow::Cow<'p, str>,
-        Option<&'t str>,
-        Option<hyper::header::HeaderValue>,
-    ),
-    Reject,
-> {
+) -> Result<Routed<'t, 'p>, Reject> {
     let Some(routes) = table.listeners.get(listener) else {
         let msg = format!("no service routes on {listener} yet\n");
-        return Ok((
-            Err((StatusCode::SERVICE_UNAVAILABLE, msg)),
-            path.into(),
-            None,
-            None,
-        ));
+        return Ok(Routed::answer(StatusCode::SERVICE_UNAVAILABLE, msg, path));
     };
     // A CA checking a name this agent asked it to certify (before any
     // route: the redirect to HTTPS would hide it).
@@ -791,12 +816,7 @@ fn route<'t, 'p>(
             .strip_prefix("/.well-known/acme-challenge/")
             .and_then(|token| table.challenges.get(token))
     {
-        return Ok((
-            Err((StatusCode::OK, answer.clone())),
-            path.into(),
-            None,
-            None,
-        ));
+        return Ok(Routed::answer(StatusCode::OK, answer.clone(), path));
     }
     if routes.by_path() && kiln_core::edge::has_dot_segment(path) {
         return Err(Reject(
@@ -816,7 +836,7 @@ fn route<'t, 'p>(
             Some(h) => format!("no service answers host {h} with this path here\n"),
             None => "no service answers this request here\n".to_owned(),
         };
-        return Ok((Err((StatusCode::NOT_FOUND, msg)), path.into(), None, None));
+        return Ok(Routed::answer(StatusCode::NOT_FOUND, msg, path));
     };
     if let Some(port) = found.target.redirect_to {
         let Some(authority) = host.and_then(|h| std::str::from_utf8(h).ok()) else {
@@ -834,15 +854,33 @@ fn route<'t, 'p>(
             443 => format!("https://{host}{path}"),
             p => format!("https://{host}:{p}{path}"),
         };
-        return Ok((
-            Err((StatusCode::PERMANENT_REDIRECT, location)),
-            path.into(),
-            None,
-            None,
+        return Ok(Routed::answer(
+            StatusCode::PERMANENT_REDIRECT,
+            location,
+            path,
         ));
     }
     let key = &found.target.key;
-    let service = match table.services.get(key) {
+    let paused = if table.paused.is_empty() {
+        None
+    } else {
+        table.paused.get(key).map(|g| (g.clone(), key.clone()))
+    };
+    Ok(Routed {
+        service: service_routes(table, key),
+        path: found.path,
+        stripped: found.stripped,
+        hsts: found.target.hsts.clone(),
+        paused,
+    })
+}
+
+/// The routes of `key` in `table`, or 503 when it has no ready instance.
+pub(crate) fn service_routes(
+    table: &RouteTable,
+    key: &RouteKey,
+) -> Result<Arc<ServiceRoutes>, (StatusCode, String)> {
+    match table.services.get(key) {
         // Neither side has a ready instance (`choose` only picks an empty
         // side when both are).
         Some(r)
@@ -858,13 +896,30 @@ fn route<'t, 'p>(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("no routes for {key}\n"),
         )),
-    };
-    Ok((
-        service,
-        found.path,
-        found.stripped,
-        found.target.hsts.clone(),
-    ))
+    }
+}
+
+/// A request's wait at its paused service's gate: the service's routes of
+/// the moment it opens, or the router's 503.
+pub(crate) async fn wait_at(
+    source: &RouteSource,
+    gate: &Gate,
+    key: &RouteKey,
+) -> Result<Arc<ServiceRoutes>, (StatusCode, String)> {
+    match gate.wait().await {
+        Ok(()) => service_routes(&source.0.load(), key),
+        Err(GateError::TimedOut(t)) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "{key} is paused (kiln resume): not resumed within {}\n",
+                humantime::format_duration(t)
+            ),
+        )),
+        Err(GateError::Full) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{key} is paused and {MAX_WAITING} requests wait already\n"),
+        )),
+    }
 }
 
 fn head_too_large() -> Reject {

@@ -218,6 +218,10 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
         Err(Reject(status, msg)) => return answer(status, &msg),
     };
     drop(table);
+    let mut parsed = parsed;
+    if let Some((gate, key)) = parsed.paused.take() {
+        parsed.routes = downstream::wait_at(&conn.routes, &gate, &key).await;
+    }
     let routes = match &parsed.routes {
         Ok(r) => r.clone(),
         Err((StatusCode::PERMANENT_REDIRECT, location)) => {

@@ -57,7 +57,16 @@ pub struct Router {
     keeper: Arc<crate::keeper::Keeper>,
     /// ACME TLS-ALPN-01 answers, read by every HTTPS listener's resolver.
     alpn_challenges: self::tls::AlpnChallenges,
+    /// What holds requests: services paused (`kiln pause`) and keys held
+    /// by their rollouts; the table's gates are made from both.
+    gates: std::sync::Mutex<Gates>,
 }
+
+/// Paused services and held keys, each with how long a request waits (ms).
+type Gates = (
+    std::collections::BTreeMap<RouteKey, u64>,
+    std::collections::BTreeMap<RouteKey, u64>,
+);
 
 /// Descriptors left to the rest of the agent (the API, probes, instances'
 /// pipes and logs, the state database), whatever the traffic: at least
@@ -208,6 +217,7 @@ impl Router {
             open: Arc::default(),
             budget,
             alpn_challenges: Default::default(),
+            gates: Default::default(),
         })
     }
 
@@ -253,9 +263,81 @@ impl Router {
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
+                paused: old.paused.clone(),
                 challenges: old.challenges.clone(),
             }
         });
+    }
+
+    /// Pause exactly the services in `wanted` (`kiln pause`, from the
+    /// state store: name → how long a request waits, in milliseconds).
+    pub fn set_paused(
+        &self,
+        wanted: &std::collections::BTreeMap<kiln_core::spec::ServiceName, u64>,
+    ) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        gates.0 = wanted
+            .iter()
+            .map(|(n, ms)| (RouteKey::Service(n.clone()), *ms))
+            .collect();
+        self.publish_gates(&gates);
+    }
+
+    /// Hold `key`'s requests for at most `ms` (`Some`) or stop holding them
+    /// (`None`), beside any `kiln pause`: a `recreate` rollout holds its
+    /// service while no instance is ready, so that its swap answers no 503.
+    pub fn hold(&self, key: &RouteKey, ms: Option<u64>) {
+        let mut gates = self.gates.lock().unwrap_or_else(|p| p.into_inner());
+        let changed = match ms {
+            Some(ms) => gates.1.insert(key.clone(), ms) != Some(ms),
+            None => gates.1.remove(key).is_some(),
+        };
+        if changed {
+            self.publish_gates(&gates);
+        }
+    }
+
+    /// Publish a gate for each key paused or held (the longer wait when
+    /// both): a key newly held gets a closed gate; one no longer held has
+    /// its gate opened, after the table without it is published, so the
+    /// requests it lets go find the routes of now.
+    fn publish_gates(&self, (paused, held): &Gates) {
+        let mut wanted = paused.clone();
+        for (k, ms) in held {
+            let w = wanted.entry(k.clone()).or_insert(*ms);
+            *w = (*w).max(*ms);
+        }
+        let mut opened = Vec::new();
+        self.table.0.rcu(|old| {
+            opened.clear();
+            let mut gates = routes::FastMap::default();
+            for (key, ms) in &wanted {
+                let gate = match old.paused.get(key) {
+                    Some(g) => {
+                        g.set_timeout_ms(*ms);
+                        g.clone()
+                    }
+                    None => Arc::new(routes::Gate::new(*ms)),
+                };
+                gates.insert(key.clone(), gate);
+            }
+            for (key, gate) in old.paused.iter() {
+                if !gates.contains_key(key) {
+                    opened.push(gate.clone());
+                }
+            }
+            RouteTable {
+                services: old.services.clone(),
+                listeners: old.listeners.clone(),
+                tls: old.tls.clone(),
+                h2c: old.h2c.clone(),
+                paused: Arc::new(gates),
+                challenges: old.challenges.clone(),
+            }
+        });
+        for gate in opened {
+            gate.open();
+        }
     }
 
     /// Answer ACME's TLS-ALPN-01 validation of `name` with `cert` (or stop
@@ -285,6 +367,7 @@ impl Router {
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
+                paused: old.paused.clone(),
                 challenges: Arc::new(challenges),
             }
         });
@@ -300,6 +383,7 @@ impl Router {
                 listeners: old.listeners.clone(),
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
+                paused: old.paused.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -345,6 +429,7 @@ impl Router {
                 listeners,
                 tls: configs,
                 h2c: Arc::new(h2c),
+                paused: old.paused.clone(),
                 challenges: old.challenges.clone(),
             }
         });

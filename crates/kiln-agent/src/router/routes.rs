@@ -184,7 +184,7 @@ fn sticky_bucket<'h>(
 
 /// What a listener routes for: a service's traffic, or the preview of the
 /// release it is rolling out (blue-green's `preview_listen`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RouteKey {
     Service(ServiceName),
     Preview(ServiceName),
@@ -249,9 +249,77 @@ pub struct RouteTable {
     pub tls: FastMap<std::net::SocketAddr, Arc<rustls::ServerConfig>>,
     /// The plain listeners that also take HTTP/2 with prior knowledge.
     pub h2c: Arc<Vec<std::net::SocketAddr>>,
+    /// Paused services (`kiln pause`): their requests wait at the gate.
+    pub paused: Arc<FastMap<RouteKey, Arc<Gate>>>,
     /// ACME HTTP-01 answers being asked for: token → key authorization,
     /// served on any plain listener at `/.well-known/acme-challenge/TOKEN`.
     pub challenges: Arc<FastMap<String, String>>,
+}
+
+/// The most requests that wait at one paused service's gate; more are
+/// answered 503 at once.
+pub const MAX_WAITING: usize = 10_000;
+
+/// A paused service's gate: its requests wait until it opens (`kiln
+/// resume`), at most its timeout.
+#[derive(Debug)]
+pub struct Gate {
+    open: tokio::sync::watch::Sender<bool>,
+    timeout_ms: std::sync::atomic::AtomicU64,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Why a request stopped waiting at a gate without it opening.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GateError {
+    TimedOut(Duration),
+    Full,
+}
+
+impl Gate {
+    pub fn new(timeout_ms: u64) -> Self {
+        Self {
+            open: tokio::sync::watch::Sender::new(false),
+            timeout_ms: timeout_ms.into(),
+            waiting: 0.into(),
+        }
+    }
+
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_timeout_ms(&self, ms: u64) {
+        self.timeout_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Let every waiting request go on.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// How many requests wait now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Wait until the gate opens.
+    pub async fn wait(&self) -> Result<(), GateError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if self.waiting.fetch_add(1, Relaxed) >= MAX_WAITING {
+            self.waiting.fetch_sub(1, Relaxed);
+            return Err(GateError::Full);
+        }
+        let timeout = Duration::from_millis(self.timeout_ms());
+        let mut open = self.open.subscribe();
+        let waited = tokio::time::timeout(timeout, open.wait_for(|o| *o)).await;
+        self.waiting.fetch_sub(1, Relaxed);
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(GateError::TimedOut(timeout)),
+        }
+    }
 }
 
 /// Where a connection reads the current routing table: the router's own

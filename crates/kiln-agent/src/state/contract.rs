@@ -572,6 +572,98 @@ pub(super) async fn a_drained_node_is_kept_until_undrained_with_its_events<
     );
 }
 
+pub(super) async fn a_paused_service_is_kept_until_resumed_with_its_events<
+    S: ClusterState + NodeState,
+>(
+    state: &S,
+) {
+    let web = ServiceName::try_from("web").unwrap();
+    let api = ServiceName::try_from("api").unwrap();
+    let event = |name: &ServiceName, t: Option<u64>| {
+        let change = match t {
+            Some(timeout_ms) => Change::ServicePaused { timeout_ms },
+            None => Change::ServiceResumed {},
+        };
+        NewEvent {
+            actor: Actor::Agent,
+            ..NewEvent::service(change, name, None)
+        }
+    };
+    assert!(state.paused().await.unwrap().is_empty());
+    assert!(
+        state
+            .set_paused(&web, Some(30_000), &event(&web, Some(30_000)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        state
+            .set_paused(&api, Some(5_000), &event(&api, Some(5_000)))
+            .await
+            .unwrap()
+    );
+    // The same again: nothing changes, nothing recorded; a new timeout does.
+    assert!(
+        !state
+            .set_paused(&web, Some(30_000), &event(&web, Some(30_000)))
+            .await
+            .unwrap()
+    );
+    assert!(
+        state
+            .set_paused(&web, Some(1_000), &event(&web, Some(1_000)))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state
+            .paused()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(api.clone(), 5_000), (web.clone(), 1_000)]
+    );
+    assert!(
+        state
+            .set_paused(&web, None, &event(&web, None))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !state
+            .set_paused(&web, None, &event(&web, None))
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        state
+            .paused()
+            .await
+            .unwrap()
+            .into_iter()
+            .collect::<Vec<_>>(),
+        [(api, 5_000)]
+    );
+    let seen: Vec<(Option<String>, String)> = state
+        .events_of(&["service-paused", "service-resumed"])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.service, e.change.kind().to_owned()))
+        .collect();
+    let w = Some("web".to_owned());
+    assert_eq!(
+        seen,
+        [
+            (w.clone(), "service-paused".to_owned()),
+            (Some("api".to_owned()), "service-paused".to_owned()),
+            (w.clone(), "service-paused".to_owned()),
+            (w, "service-resumed".to_owned()),
+        ]
+    );
+}
+
 pub(super) async fn tokens_are_kept_once_by_name_and_revoked_with_their_events<
     S: ClusterState + NodeState,
 >(
@@ -1270,6 +1362,12 @@ macro_rules! contract_tests {
         async fn a_drained_node_is_kept_until_undrained_with_its_events() {
             let (_keep, state) = $fresh().await;
             $crate::state::contract::a_drained_node_is_kept_until_undrained_with_its_events(&state)
+                .await;
+        }
+        #[tokio::test]
+        async fn a_paused_service_is_kept_until_resumed_with_its_events() {
+            let (_keep, state) = $fresh().await;
+            $crate::state::contract::a_paused_service_is_kept_until_resumed_with_its_events(&state)
                 .await;
         }
         #[tokio::test]

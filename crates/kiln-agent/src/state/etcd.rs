@@ -983,6 +983,35 @@ impl<N: Send + Sync> ClusterState for EtcdState<N> {
         Ok(nodes.into_iter().collect())
     }
 
+    async fn set_paused(
+        &self,
+        service: &ServiceName,
+        timeout_ms: Option<u64>,
+        event: &NewEvent,
+    ) -> Result<bool> {
+        let key = self.key(&format!("pause/{service}"));
+        self.change(vec![key.clone()], |snap, w| {
+            let was: Option<(ServiceName, u64)> = snap.get("paused service", &key)?;
+            if was.map(|(_, t)| t) == timeout_ms {
+                return Ok(false);
+            }
+            match timeout_ms {
+                Some(t) => w.put(&key, &(service, t)),
+                None => w.delete(&key),
+            }
+            w.append(event);
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn paused(&self) -> Result<BTreeMap<ServiceName, u64>> {
+        let all: Vec<(ServiceName, u64)> = self
+            .range("paused service", &self.key("pause/"), None)
+            .await?;
+        Ok(all.into_iter().collect())
+    }
+
     async fn ledger(&self, after: u64) -> Result<Vec<Entry>> {
         Ok(self
             .logged(after)

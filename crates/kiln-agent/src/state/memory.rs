@@ -39,6 +39,8 @@ struct Inner {
     assignments: BTreeMap<ServiceName, Assigned>,
     /// The drained nodes.
     drained: std::collections::BTreeSet<String>,
+    /// The paused services.
+    paused: BTreeMap<ServiceName, u64>,
     observations: BTreeMap<(ServiceName, String), Vec<Observation>>,
     /// Each node's counters of each service.
     counters: BTreeMap<(ServiceName, String), NodeCounters>,
@@ -487,6 +489,28 @@ impl ClusterState for MemoryState {
 
     async fn drained(&self) -> Result<std::collections::BTreeSet<String>> {
         Ok(self.inner().drained.clone())
+    }
+
+    async fn set_paused(
+        &self,
+        service: &ServiceName,
+        timeout_ms: Option<u64>,
+        event: &NewEvent,
+    ) -> Result<bool> {
+        self.write(|inner| {
+            let changed = match timeout_ms {
+                Some(t) => inner.paused.insert(service.clone(), t) != Some(t),
+                None => inner.paused.remove(service).is_some(),
+            };
+            if changed {
+                inner.append(event);
+            }
+            Ok(changed)
+        })
+    }
+
+    async fn paused(&self) -> Result<BTreeMap<ServiceName, u64>> {
+        Ok(self.inner().paused.clone())
     }
 
     async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>> {

@@ -408,6 +408,17 @@ pub trait ClusterState: Send + Sync {
     async fn set_drained(&self, node: &str, drained: bool, event: &NewEvent) -> Result<bool>;
     /// The drained nodes.
     async fn drained(&self) -> Result<std::collections::BTreeSet<String>>;
+    /// Pause `service` (`kiln pause`: its requests wait at the router at
+    /// most `timeout_ms`) or resume it (`None`), with its event; `false`
+    /// when it already was so (nothing recorded).
+    async fn set_paused(
+        &self,
+        service: &ServiceName,
+        timeout_ms: Option<u64>,
+        event: &NewEvent,
+    ) -> Result<bool>;
+    /// The paused services, and how long their requests wait.
+    async fn paused(&self) -> Result<BTreeMap<ServiceName, u64>>;
     /// The ledger's entries after sequence number `after` (each event
     /// with its place in the hash chain).
     async fn ledger(&self, after: u64) -> Result<Vec<kiln_core::ledger::Entry>>;

@@ -130,6 +130,11 @@ CREATE TABLE IF NOT EXISTS ledger (
 CREATE TABLE IF NOT EXISTS drained (
     node TEXT PRIMARY KEY
 );
+-- Paused services (`kiln pause`) and how long their requests wait.
+CREATE TABLE IF NOT EXISTS paused (
+    service    TEXT PRIMARY KEY,
+    timeout_ms INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS node_keys (
     key  TEXT PRIMARY KEY,
     node TEXT NOT NULL
@@ -936,6 +941,42 @@ impl ClusterState for SqliteState {
         let mut stmt = conn.prepare("SELECT node FROM drained")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    async fn set_paused(
+        &self,
+        service: &ServiceName,
+        timeout_ms: Option<u64>,
+        event: &NewEvent,
+    ) -> Result<bool> {
+        self.write(|tx| {
+            let changed = match timeout_ms {
+                Some(t) => tx.execute(
+                    "INSERT INTO paused (service, timeout_ms) VALUES (?1, ?2)
+                     ON CONFLICT (service) DO UPDATE SET timeout_ms = ?2 WHERE timeout_ms != ?2",
+                    params![service.as_str(), t as i64],
+                )?,
+                None => tx.execute("DELETE FROM paused WHERE service = ?1", [service.as_str()])?,
+            } > 0;
+            if changed {
+                insert_event(tx, event)?;
+            }
+            Ok(changed)
+        })
+    }
+
+    async fn paused(&self) -> Result<std::collections::BTreeMap<ServiceName, u64>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT service, timeout_ms FROM paused")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+        let mut out = std::collections::BTreeMap::new();
+        for row in rows {
+            let (name, t) = row?;
+            if let Ok(name) = ServiceName::try_from(name.as_str()) {
+                out.insert(name, t.max(0) as u64);
+            }
+        }
+        Ok(out)
     }
 
     async fn ledger(&self, after: u64) -> Result<Vec<ledger::Entry>> {
