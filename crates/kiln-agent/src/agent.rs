@@ -408,6 +408,9 @@ impl Agent {
             seed,
         )
         .with_keeper(keeper);
+        shared
+            .router
+            .set_access_dir(shared.home.join("logs").join("access"));
         shared.allow_process = policy.allow_process;
         shared.trust = policy.trust;
         shared.ledger = policy.ledger;

@@ -157,6 +157,9 @@ pub struct RouterSpec {
     /// gRPC server speaks; trailers pass through to HTTP/2 clients).
     #[serde(default, skip_serializing_if = "BackendProtocol::is_default")]
     pub backend_protocol: BackendProtocol,
+    /// One JSON line per request in `$KILN_HOME/logs/access/SERVICE.log`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub access_log: bool,
 }
 
 /// `router.backend_protocol`.
@@ -204,6 +207,7 @@ impl Default for RouterSpec {
             max_body: None,
             h2c: false,
             backend_protocol: BackendProtocol::Http1,
+            access_log: false,
         }
     }
 }

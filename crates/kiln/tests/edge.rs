@@ -586,3 +586,64 @@ fn a_recreate_rollout_holds_requests_while_no_instance_is_ready_and_fails_none()
         "{count:?}"
     );
 }
+
+#[test]
+fn each_request_gets_its_own_id_and_a_json_access_log_line_when_asked() {
+    let env = Env::new();
+    let (port, quiet) = (free_port(), free_port());
+    let spec = IMAGE.to_owned()
+        + &service("web", port, "v1", "")
+        + "[services.web.router]\naccess_log = true\n"
+        + &service("quiet", quiet, "v1", "");
+    let path = hello_app(&env.path("app"), &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // The client's own id is not the router's to pass on.
+    let out = exchange(
+        port,
+        b"GET /headers?x=1 HTTP/1.1\r\nhost: example.test\r\nx-request-id: forged\r\nuser-agent: probe/1\r\nconnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(!out.contains("forged"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("x-request-id: "))
+        .unwrap_or_else(|| panic!("no x-request-id: {out}"))
+        .trim()
+        .to_owned();
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    let (_, again) = get(port, "example.test", "/headers");
+    assert!(!again.contains(&id), "two requests, one id: {again}");
+
+    let log = env.home.join("logs/access/web.log");
+    util::wait_for("the access log line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 2)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["request_id"], id.as_str(), "{line}");
+    assert_eq!(line["service"], "web");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["method"], "GET");
+    assert_eq!(line["host"], "example.test");
+    assert_eq!(line["path"], "/headers?x=1");
+    assert_eq!(line["protocol"], "HTTP/1.1");
+    assert_eq!(line["client"], "127.0.0.1");
+    assert_eq!(line["release"], 1);
+    assert_eq!(line["user_agent"], "probe/1");
+    assert!(
+        line["instance"].as_str().is_some_and(|i| !i.is_empty()),
+        "{line}"
+    );
+    assert!(line["duration_ms"].as_f64().is_some(), "{line}");
+    assert!(
+        line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{line}"
+    );
+    // A service that did not ask keeps none.
+    let (status, _) = get(quiet, "x", "/");
+    assert_eq!(status, 200);
+    assert!(!env.home.join("logs/access/quiet.log").exists());
+}

@@ -94,7 +94,13 @@ impl Controller {
         if routed == self.routed && !(routed.stable.is_empty() && routed.canary.is_empty()) {
             return;
         }
-        let mut routes = ServiceRoutes::new(stable, timeout).with_limits(limits);
+        let access = limits
+            .access_log
+            .then(|| self.shared.router.access_log(self.name.as_str()))
+            .flatten();
+        let mut routes = ServiceRoutes::new(stable, timeout)
+            .with_limits(limits)
+            .with_access(access);
         if let Some((backends, revision, weight)) = canary {
             let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
             routes = routes.with_canary(backends, revision, weight, cookie);

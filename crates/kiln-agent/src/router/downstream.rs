@@ -120,6 +120,10 @@ pub(crate) struct Prepared {
     pub(crate) hsts: Option<hyper::header::HeaderValue>,
     /// The service is paused: wait at its gate first.
     pub(crate) paused: Option<(Arc<Gate>, RouteKey)>,
+    /// `X-Request-Id` as the instance got it.
+    pub(crate) request_id: [u8; 32],
+    /// For the access log, when the service keeps one.
+    pub(crate) log: Option<Box<LogHead>>,
 }
 
 impl<S: Stream> Client<S> {
@@ -241,6 +245,14 @@ impl<S: Stream> Client<S> {
                 kiln_core::resources::show_bytes(max)
             );
             // The body stays unread: the connection ends after the answer.
+            log_access(
+                &routes,
+                &parsed,
+                (&self.peer_ip, "HTTP/1.1"),
+                413,
+                None,
+                arrived,
+            );
             return self
                 .local(StatusCode::PAYLOAD_TOO_LARGE, &msg, false, parsed.version10)
                 .await;
@@ -307,11 +319,27 @@ impl<S: Stream> Client<S> {
                 msg,
                 broken,
             } => {
+                log_access(
+                    &routes,
+                    &parsed,
+                    (&self.peer_ip, "HTTP/1.1"),
+                    status.as_u16(),
+                    None,
+                    arrived,
+                );
                 // A body left unread (or broken) ends the connection.
                 let keep = !broken && parsed.keep_alive && decoder.is_done();
                 return self.local(status, &msg, keep, parsed.version10).await;
             }
         };
+        log_access(
+            &routes,
+            &parsed,
+            (&self.peer_ip, "HTTP/1.1"),
+            resp.head.status,
+            Some(backend),
+            arrived,
+        );
         if resp.head.status == 101 {
             return self.splice(&resp.head, resp.body, guard).await;
         }
@@ -735,6 +763,25 @@ pub(crate) fn prepare(
     if let Some(prefix) = stripped {
         push_header(up, b"x-forwarded-prefix", prefix.as_bytes());
     }
+    // Each request's own id, for the instance's logs and the access log.
+    let request_id = new_request_id();
+    push_header(up, b"x-request-id", &request_id);
+    let log = match &routes {
+        Ok(r) if r.access.is_some() => Some(Box::new(LogHead {
+            method: method.to_owned(),
+            host: host
+                .map(|h| String::from_utf8_lossy(h).into_owned())
+                .unwrap_or_default(),
+            path: path.clone().into_owned(),
+            user_agent: req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("user-agent"))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                .unwrap_or_default(),
+        })),
+        _ => None,
+    };
     match body {
         Framing::Chunked(_) => up.extend_from_slice(b"transfer-encoding: chunked\r\n"),
         Framing::Length(n) => {
@@ -768,7 +815,59 @@ pub(crate) fn prepare(
         routes,
         hsts,
         paused,
+        request_id,
+        log,
     }))
+}
+
+/// 128 random bits in hex: a request's id.
+fn new_request_id() -> [u8; 32] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let mut out = [0u8; 32];
+    for i in 0..16 {
+        out[i] = HEX[((a >> (60 - 4 * i)) & 0xf) as usize];
+        out[16 + i] = HEX[((b >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    out
+}
+
+/// What an access log line says of a request, kept only for a service
+/// that logs.
+pub(crate) struct LogHead {
+    pub(crate) method: String,
+    pub(crate) host: String,
+    pub(crate) path: String,
+    pub(crate) user_agent: String,
+}
+
+/// Log a request's answer when its service keeps an access log.
+pub(crate) fn log_access(
+    routes: &ServiceRoutes,
+    req: &Prepared,
+    (client, protocol): (&str, &'static str),
+    status: u16,
+    backend: Option<&crate::router::Backend>,
+    arrived: Instant,
+) {
+    let (Some(log), Some(head)) = (&routes.access, &req.log) else {
+        return;
+    };
+    log.record(&crate::router::access::Entry {
+        time: crate::router::access::now(),
+        service: &log.service,
+        request_id: std::str::from_utf8(&req.request_id).unwrap_or_default(),
+        client,
+        protocol,
+        method: &head.method,
+        host: &head.host,
+        path: &head.path,
+        status,
+        duration_ms: arrived.elapsed().as_secs_f64() * 1000.0,
+        instance: backend.map(|b| b.instance.as_str()),
+        release: backend.map(|b| b.revision),
+        user_agent: &head.user_agent,
+    });
 }
 
 /// What answers a request, once its host and path are looked up.
@@ -934,13 +1033,14 @@ fn head_too_large() -> Reject {
 /// maps names CGI-style reads `X_Forwarded_For` as `X-Forwarded-For`).
 /// `X-Forwarded-For` itself is kept as the earlier hops and appended to.
 fn is_set_by_router(name: &str) -> bool {
-    const SET: [&str; 6] = [
+    const SET: [&str; 7] = [
         "x-forwarded-proto",
         "x-forwarded-host",
         "x-forwarded-prefix",
         "forwarded",
         "x-real-ip",
         "x-forwarded-port",
+        "x-request-id",
     ];
     if SET.iter().any(|s| s.eq_ignore_ascii_case(name)) {
         return true;
@@ -1239,8 +1339,31 @@ mod tests {
     fn seen(requests: &std::sync::Mutex<Vec<Vec<u8>>>) -> Vec<String> {
         let r = requests.lock().unwrap();
         r.iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .map(|b| without_request_id(&String::from_utf8_lossy(b)))
             .collect()
+    }
+
+    /// A request head as the instance got it, but for the router's one
+    /// `x-request-id` (checked here: 32 hex digits, right after the
+    /// forwarding fields), which differs each time.
+    fn without_request_id(req: &str) -> String {
+        let Some((head, body)) = req.split_once("\r\n\r\n") else {
+            return req.to_owned();
+        };
+        let ids: Vec<&str> = head
+            .split("\r\n")
+            .filter_map(|l| l.strip_prefix("x-request-id: "))
+            .collect();
+        assert_eq!(ids.len(), 1, "one x-request-id in {head}");
+        assert!(
+            ids[0].len() == 32 && ids[0].bytes().all(|b| b.is_ascii_hexdigit()),
+            "{head}"
+        );
+        let kept: Vec<&str> = head
+            .split("\r\n")
+            .filter(|l| !l.starts_with("x-request-id: "))
+            .collect();
+        format!("{}\r\n\r\n{body}", kept.join("\r\n"))
     }
 
     #[tokio::test]
@@ -1726,7 +1849,8 @@ mod tests {
             port,
             b"GET / HTTP/1.1\r\nHost: h\r\nForwarded: for=1.2.3.4;proto=https\r\n\
               X-Real-IP: 1.2.3.4\r\nX_Forwarded_For: 1.2.3.4\r\nX-Forwarded_Host: evil\r\n\
-              X_Real_IP: 1.2.3.4\r\nX-Forwarded-Port: 443\r\nx-app_id: kept\r\nConnection: close\r\n\r\n",
+              X_Real_IP: 1.2.3.4\r\nX-Forwarded-Port: 443\r\nX-Request-Id: forged\r\nX_Request_Id: x\r\n\
+              x-app_id: kept\r\nConnection: close\r\n\r\n",
         )
         .await;
         assert_eq!(

@@ -242,6 +242,14 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
             "a request body of {n} bytes is larger than the service's limit of {}\n",
             kiln_core::resources::show_bytes(max)
         );
+        downstream::log_access(
+            &routes,
+            &parsed,
+            (&conn.peer_ip, "HTTP/2"),
+            413,
+            None,
+            arrived,
+        );
         return answer(StatusCode::PAYLOAD_TOO_LARGE, &msg);
     }
     let waited = Arc::new(ClientWait::new(arrived));
@@ -279,12 +287,21 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
     )
     .await
     {
-        forward::Outcome::Local { status, msg, .. } => answer(status, &msg),
+        forward::Outcome::Local { status, msg, .. } => {
+            let proto = (conn.peer_ip.as_str(), "HTTP/2");
+            downstream::log_access(&routes, &parsed, proto, status.as_u16(), None, arrived);
+            answer(status, &msg)
+        }
         forward::Outcome::Answered {
             resp,
             backend,
             guard,
-        } => response(resp, &parsed, (backend.clone(), guard, active), limits),
+        } => {
+            let proto = (conn.peer_ip.as_str(), "HTTP/2");
+            let status = resp.head.status;
+            downstream::log_access(&routes, &parsed, proto, status, Some(backend), arrived);
+            response(resp, &parsed, (backend.clone(), guard, active), limits)
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+pub mod access;
 pub(crate) mod downstream;
 pub(crate) mod forward;
 pub(crate) mod h2;
@@ -60,6 +61,9 @@ pub struct Router {
     /// What holds requests: services paused (`kiln pause`) and keys held
     /// by their rollouts; the table's gates are made from both.
     gates: std::sync::Mutex<Gates>,
+    /// Where access logs go (`$KILN_HOME/logs/access`), and those open.
+    access_dir: std::sync::Mutex<Option<std::path::PathBuf>>,
+    access_logs: std::sync::Mutex<HashMap<String, Arc<self::access::AccessLog>>>,
 }
 
 /// Paused services and held keys, each with how long a request waits (ms).
@@ -218,6 +222,8 @@ impl Router {
             budget,
             alpn_challenges: Default::default(),
             gates: Default::default(),
+            access_dir: Default::default(),
+            access_logs: Default::default(),
         })
     }
 
@@ -267,6 +273,35 @@ impl Router {
                 challenges: old.challenges.clone(),
             }
         });
+    }
+
+    /// Keep access logs in `dir`.
+    pub fn set_access_dir(&self, dir: std::path::PathBuf) {
+        *self.access_dir.lock().unwrap_or_else(|p| p.into_inner()) = Some(dir);
+    }
+
+    /// `service`'s access log, opened the first time it is asked for (none
+    /// without a directory, or when it cannot be opened: logged).
+    pub fn access_log(&self, service: &str) -> Option<Arc<self::access::AccessLog>> {
+        let mut logs = self.access_logs.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(log) = logs.get(service) {
+            return Some(log.clone());
+        }
+        let dir = self
+            .access_dir
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        match self::access::AccessLog::open(&dir, service) {
+            Ok(log) => {
+                logs.insert(service.to_owned(), log.clone());
+                Some(log)
+            }
+            Err(e) => {
+                tracing::warn!("access log of {service} in {}: {e}", dir.display());
+                None
+            }
+        }
     }
 
     /// Pause exactly the services in `wanted` (`kiln pause`, from the

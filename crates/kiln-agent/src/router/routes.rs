@@ -60,6 +60,8 @@ pub struct ServiceRoutes {
     pub timeout: Duration,
     /// What the listener allows its peers (timeouts, connections).
     pub limits: RouterSpec,
+    /// Its access log, when `router.access_log` asks for one.
+    pub access: Option<Arc<crate::router::access::AccessLog>>,
 }
 
 /// A canary's share of a service's requests.
@@ -82,7 +84,14 @@ impl ServiceRoutes {
             canary: None,
             timeout,
             limits: RouterSpec::default(),
+            access: None,
         }
+    }
+
+    /// With an access log.
+    pub fn with_access(mut self, log: Option<Arc<crate::router::access::AccessLog>>) -> Self {
+        self.access = log;
+        self
     }
 
     /// With the service's `[router]` settings.
