@@ -179,6 +179,14 @@ pub struct RouteSpec {
     pub path_prefix: Option<PathPrefix>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub strip_prefix: bool,
+    /// The peers whose word on the client's address is taken (the load
+    /// balancers in front): `10.0.0.0/8`, `192.0.2.7`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
+    /// A connection from a trusted proxy begins with a PROXY protocol
+    /// header (v1 or v2) naming the client.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 impl RouteSpec {
@@ -196,6 +204,9 @@ impl RouteSpec {
         }
         if self.strip_prefix && self.prefix() == "/" {
             return Err("strip_prefix needs a path_prefix other than /".to_owned());
+        }
+        if self.proxy_protocol && self.trusted_proxies.is_empty() {
+            return Err("proxy_protocol needs trusted_proxies: the load balancers whose PROXY header is believed".to_owned());
         }
         Ok(())
     }
@@ -239,6 +250,15 @@ impl std::fmt::Display for RouteSpec {
         f.write_str(self.prefix())?;
         if self.strip_prefix {
             f.write_str(" (stripped)")?;
+        }
+        if !self.trusted_proxies.is_empty() {
+            let from: Vec<String> = self.trusted_proxies.iter().map(|c| c.to_string()).collect();
+            let how = if self.proxy_protocol {
+                "PROXY protocol from"
+            } else {
+                "trusting"
+            };
+            write!(f, " ({how} {})", from.join(", "))?;
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod logs;
 pub mod names;
 pub mod oci;
 pub mod plan;
+pub mod proxy;
 pub mod reference;
 pub mod registry;
 pub mod release;

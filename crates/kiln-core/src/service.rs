@@ -43,6 +43,14 @@ pub struct ServiceSpec {
     /// The instance sees the path without the prefix (`/api/x` → `/x`).
     #[serde(default)]
     pub strip_prefix: bool,
+    /// The load balancers in front (CIDRs) whose word on the client's
+    /// address is taken.
+    #[serde(default)]
+    pub trusted_proxies: Vec<crate::proxy::Cidr>,
+    /// Connections from `trusted_proxies` begin with a PROXY protocol
+    /// header (v1 or v2).
+    #[serde(default)]
+    pub proxy_protocol: bool,
     /// HTTPS on `listen` (`[services.NAME.tls]`).
     #[serde(default)]
     pub tls: Option<TlsSpec>,
@@ -228,6 +236,8 @@ impl ServiceSpec {
             hosts: self.hosts.clone(),
             path_prefix: self.path_prefix.clone(),
             strip_prefix: self.strip_prefix,
+            trusted_proxies: self.trusted_proxies.clone(),
+            proxy_protocol: self.proxy_protocol,
         }
     }
 
@@ -246,7 +256,7 @@ impl ServiceSpec {
         let route = self.route();
         route.check()?;
         if self.listen.is_none() && !route.is_default() {
-            return Err("hosts, path_prefix and strip_prefix need a listen address".to_owned());
+            return Err("hosts, path_prefix, strip_prefix, trusted_proxies and proxy_protocol need a listen address".to_owned());
         }
         if let Some(tls) = &self.tls {
             if self.listen.is_none() {

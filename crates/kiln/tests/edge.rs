@@ -214,7 +214,7 @@ fn a_route_two_services_claim_is_refused_naming_both_with_nothing_changed() {
     );
     let err = env.fails(&["plan", "-f", other.to_str().unwrap()]);
     assert!(
-        err.contains("hosts, path_prefix and strip_prefix need a listen address"),
+        err.contains("hosts, path_prefix, strip_prefix, trusted_proxies and proxy_protocol need a listen address"),
         "{err}"
     );
 }
@@ -646,4 +646,69 @@ fn each_request_gets_its_own_id_and_a_json_access_log_line_when_asked() {
     let (status, _) = get(quiet, "x", "/");
     assert_eq!(status, 200);
     assert!(!env.home.join("logs/access/quiet.log").exists());
+}
+
+#[test]
+fn a_trusted_load_balancers_proxy_header_names_the_client_and_no_one_else_can() {
+    let env = Env::new();
+    let (behind, open) = (free_port(), free_port());
+    let spec = IMAGE.to_owned()
+        + &service(
+            "behind",
+            behind,
+            "v1",
+            "trusted_proxies = [\"127.0.0.0/8\"]\nproxy_protocol = true",
+        )
+        + &service(
+            "open",
+            open,
+            "v1",
+            "trusted_proxies = [\"10.0.0.0/8\"]\nproxy_protocol = true",
+        );
+    let path = hello_app(&env.path("app"), &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+    let status = env.ok(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "serves http://127.0.0.1:{behind} */ (PROXY protocol from 127.0.0.0/8)"
+        )),
+        "{status}"
+    );
+    let headers = b"GET /headers HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+    // Version 1, from a trusted peer: the header's source is the client.
+    let mut v1 = format!("PROXY TCP4 203.0.113.7 127.0.0.1 51234 {behind}\r\n").into_bytes();
+    v1.extend_from_slice(headers);
+    let out = exchange(behind, &v1);
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\nx-forwarded-for: 203.0.113.7\n"), "{out}");
+    // Version 2 (binary), IPv6.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x21\0\x24".to_vec();
+    let src: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+    v2.extend_from_slice(&src.octets());
+    v2.extend_from_slice(&std::net::Ipv6Addr::LOCALHOST.octets());
+    v2.extend_from_slice(&51234u16.to_be_bytes());
+    v2.extend_from_slice(&behind.to_be_bytes());
+    v2.extend_from_slice(headers);
+    let out = exchange(behind, &v2);
+    assert!(out.contains("\nx-forwarded-for: 2001:db8::7\n"), "{out}");
+    // A trusted peer that sends no header: closed, nothing answered.
+    assert_eq!(exchange(behind, headers), "");
+    // An untrusted peer's header is not believed: it is not HTTP either.
+    let mut forged = format!("PROXY TCP4 203.0.113.7 127.0.0.1 51234 {open}\r\n").into_bytes();
+    forged.extend_from_slice(headers);
+    let out = exchange(open, &forged);
+    assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    assert!(!out.contains("203.0.113.7"), "{out}");
+    // …and it is served as the client it is.
+    let out = exchange(open, headers);
+    assert!(out.contains("\nx-forwarded-for: 127.0.0.1\n"), "{out}");
+    // proxy_protocol without anyone to trust: refused at plan.
+    let bad = IMAGE.to_owned() + &service("x", free_port(), "v1", "proxy_protocol = true");
+    write(&path, bad.as_bytes());
+    let err = env.fails(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        err.contains("proxy_protocol needs trusted_proxies"),
+        "{err}"
+    );
 }

@@ -270,6 +270,7 @@ impl Router {
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
                 paused: old.paused.clone(),
+                peers: old.peers.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -367,6 +368,7 @@ impl Router {
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
                 paused: Arc::new(gates),
+                peers: old.peers.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -403,6 +405,7 @@ impl Router {
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
                 paused: old.paused.clone(),
+                peers: old.peers.clone(),
                 challenges: Arc::new(challenges),
             }
         });
@@ -419,6 +422,7 @@ impl Router {
                 tls: old.tls.clone(),
                 h2c: old.h2c.clone(),
                 paused: old.paused.clone(),
+                peers: old.peers.clone(),
                 challenges: old.challenges.clone(),
             }
         });
@@ -439,7 +443,26 @@ impl Router {
             built.push((addr, used.then(|| Arc::new(routes))));
         }
         let h2c_on = |addr: &SocketAddr| attached.values().any(|a| a.addr == *addr && a.h2c);
+        let peers_of = |addr: &SocketAddr| {
+            let mut p = routes::Peers::default();
+            for a in attached.values().filter(|a| a.addr == *addr) {
+                p.proxy_protocol |= a.route.proxy_protocol;
+                for c in &a.route.trusted_proxies {
+                    if !p.trusted.contains(c) {
+                        p.trusted.push(*c);
+                    }
+                }
+            }
+            (!p.trusted.is_empty()).then(|| Arc::new(p))
+        };
         self.table.0.rcu(|old| {
+            let mut peers = (*old.peers).clone();
+            for addr in addrs {
+                match peers_of(addr) {
+                    Some(p) => peers.insert(*addr, p),
+                    None => peers.remove(addr),
+                };
+            }
             let mut listeners = old.listeners.clone();
             let mut configs = old.tls.clone();
             let mut h2c: Vec<SocketAddr> = old
@@ -465,6 +488,7 @@ impl Router {
                 tls: configs,
                 h2c: Arc::new(h2c),
                 paused: old.paused.clone(),
+                peers: Arc::new(peers),
                 challenges: old.challenges.clone(),
             }
         });
@@ -789,9 +813,13 @@ impl Router {
                 () = tokio::time::sleep(ACCEPT_PAUSE), if full => continue,
             };
             let _ = stream.set_nodelay(true);
-            let (tls, h2c) = {
+            let (tls, h2c, peers) = {
                 let table = self.table.0.load();
-                (table.tls.get(&addr).cloned(), table.h2c.contains(&addr))
+                (
+                    table.tls.get(&addr).cloned(),
+                    table.h2c.contains(&addr),
+                    table.peers.get(&addr).cloned(),
+                )
             };
             let (table, pool, answers) = (self.table.clone(), pool.clone(), answers.clone());
             // Counted before the task runs, so a burst sees its own count.
@@ -802,7 +830,20 @@ impl Router {
             tokio::spawn(async move {
                 let _counted = counted;
                 let _served = served;
-                let peer_ip = peer.ip().to_string();
+                let mut stream = stream;
+                let mut client = peer.ip();
+                // A trusted load balancer's PROXY header names the client;
+                // a connection from one that sends none is closed.
+                if peers.is_some_and(|p| p.proxy_protocol && p.trusts(peer.ip())) {
+                    match proxy_header(&mut stream).await {
+                        Some(kiln_core::proxy::Header::Proxied { source, .. }) => {
+                            client = source.ip()
+                        }
+                        Some(kiln_core::proxy::Header::Local) => {}
+                        None => return,
+                    }
+                }
+                let peer_ip = client.to_canonical().to_string();
                 let Some(config) = tls else {
                     if h2c {
                         match self::h2::prior_knowledge(&stream).await {
@@ -875,6 +916,41 @@ fn bind_group(addr: SocketAddr) -> std::io::Result<Vec<std::net::TcpListener>> {
 
 fn router_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Read the PROXY protocol header at the start of `stream` (and nothing
+/// after it): `None` when there is none, it is invalid, or it has not come
+/// whole within the head timeout.
+async fn proxy_header(stream: &mut tokio::net::TcpStream) -> Option<kiln_core::proxy::Header> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; kiln_core::proxy::MAX_HEADER];
+    let deadline = std::time::Instant::now() + downstream::HEAD_TIMEOUT;
+    let mut seen = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        match kiln_core::proxy::parse(&buf[..n]) {
+            Ok(Some((header, len))) => {
+                stream.read_exact(&mut buf[..len]).await.ok()?;
+                return Some(header);
+            }
+            Ok(None) if n == buf.len() => return None,
+            Ok(None) => {
+                // A peek returns at once while any byte is unread: wait a
+                // little for the rest.
+                if n == seen {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                seen = n;
+            }
+            Err(e) => {
+                tracing::debug!("a trusted proxy's connection: {e}");
+                return None;
+            }
+        }
+    }
 }
 
 /// Whether an accept failed for want of descriptors or memory (the

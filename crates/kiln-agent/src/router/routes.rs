@@ -260,9 +260,25 @@ pub struct RouteTable {
     pub h2c: Arc<Vec<std::net::SocketAddr>>,
     /// Paused services (`kiln pause`): their requests wait at the gate.
     pub paused: Arc<FastMap<RouteKey, Arc<Gate>>>,
+    /// The listeners with trusted proxies in front, and whether those
+    /// send a PROXY protocol header.
+    pub peers: Arc<FastMap<std::net::SocketAddr, Arc<Peers>>>,
     /// ACME HTTP-01 answers being asked for: token → key authorization,
     /// served on any plain listener at `/.well-known/acme-challenge/TOKEN`.
     pub challenges: Arc<FastMap<String, String>>,
+}
+
+/// A listener's trusted proxies (the union of its services').
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Peers {
+    pub trusted: Vec<kiln_core::proxy::Cidr>,
+    pub proxy_protocol: bool,
+}
+
+impl Peers {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted.iter().any(|c| c.contains(ip))
+    }
 }
 
 /// The most requests that wait at one paused service's gate; more are
