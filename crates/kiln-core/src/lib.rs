@@ -11,6 +11,7 @@ pub mod api;
 pub mod auth;
 pub mod base;
 pub mod cluster;
+pub mod compress;
 pub mod counters;
 pub mod digest;
 pub mod drift;

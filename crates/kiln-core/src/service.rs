@@ -168,6 +168,9 @@ pub struct RouterSpec {
     /// One JSON line per request in `$KILN_HOME/logs/access/SERVICE.log`.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub access_log: bool,
+    /// Compress text responses (zstd, br or gzip, as the client accepts).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compress: bool,
 }
 
 /// `router.backend_protocol`.
@@ -216,6 +219,7 @@ impl Default for RouterSpec {
             h2c: false,
             backend_protocol: BackendProtocol::Http1,
             access_log: false,
+            compress: false,
         }
     }
 }

@@ -712,3 +712,93 @@ fn a_trusted_load_balancers_proxy_header_names_the_client_and_no_one_else_can() 
         "{err}"
     );
 }
+
+/// `curl` for `path` on `port`, decoding what it gets: (headers, body).
+fn curl_decoded(port: u16, path: &str, extra: &[&str]) -> (String, Vec<u8>) {
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "--compressed",
+            "-D",
+            "/dev/stderr",
+        ])
+        .args(extra)
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        String::from_utf8_lossy(&out.stderr).to_lowercase(),
+        out.stdout,
+    )
+}
+
+#[test]
+fn text_responses_are_compressed_as_the_client_accepts_when_the_service_asks() {
+    let env = Env::new();
+    let (port, plain) = (free_port(), free_port());
+    let app = env.path("app");
+    let page: String = (0..400)
+        .map(|i| format!("<p>line {i} of a page that says much the same thing</p>\n"))
+        .collect();
+    write(&app.join("static/page.html"), page.as_bytes());
+    let image = IMAGE.replace("include = [\"bin\"]", "include = [\"bin\", \"static\"]");
+    let spec = image
+        + &service("web", port, "v1", "")
+        + "[services.web.router]\ncompress = true\nh2c = true\n"
+        + &service("plain", plain, "v1", "");
+    let path = hello_app(&app, &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    for coding in ["gzip", "br", "zstd"] {
+        let accept = format!("accept-encoding: {coding}");
+        let (headers, body) = curl_decoded(port, "/static/page.html", &["-H", &accept]);
+        assert!(
+            headers.contains(&format!("content-encoding: {coding}\r\n")),
+            "{coding}: {headers}"
+        );
+        assert!(headers.contains("vary: accept-encoding"), "{headers}");
+        assert!(!headers.contains("content-length"), "{headers}");
+        assert_eq!(String::from_utf8_lossy(&body), page, "{coding}");
+    }
+    // Over HTTP/2 too.
+    let (headers, body) = curl_decoded(
+        port,
+        "/static/page.html",
+        &["--http2-prior-knowledge", "-H", "accept-encoding: gzip"],
+    );
+    assert!(headers.starts_with("http/2 200"), "{headers}");
+    assert!(headers.contains("content-encoding: gzip"), "{headers}");
+    assert_eq!(String::from_utf8_lossy(&body), page);
+    // What it saves, seen raw.
+    let raw = exchange(
+        port,
+        b"GET /static/page.html HTTP/1.1\r\nhost: x\r\naccept-encoding: gzip\r\nconnection: close\r\n\r\n",
+    );
+    assert!(
+        raw.len() < page.len() / 4,
+        "{} of {}",
+        raw.len(),
+        page.len()
+    );
+    // Not asked for, too small, or a service that does not compress: as is.
+    let (headers, _) = curl_decoded(
+        port,
+        "/static/page.html",
+        &["-H", "accept-encoding: identity"],
+    );
+    assert!(!headers.contains("content-encoding"), "{headers}");
+    let (headers, _) = curl_decoded(port, "/healthz", &["-H", "accept-encoding: gzip"]);
+    assert!(!headers.contains("content-encoding"), "{headers}");
+    let (headers, body) =
+        curl_decoded(plain, "/static/page.html", &["-H", "accept-encoding: gzip"]);
+    assert!(!headers.contains("content-encoding"), "{headers}");
+    assert_eq!(String::from_utf8_lossy(&body), page);
+}

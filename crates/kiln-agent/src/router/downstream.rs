@@ -124,6 +124,8 @@ pub(crate) struct Prepared {
     pub(crate) request_id: [u8; 32],
     /// For the access log, when the service keeps one.
     pub(crate) log: Option<Box<LogHead>>,
+    /// The coding the client takes, when the service compresses.
+    pub(crate) accept: Option<kiln_core::compress::Coding>,
 }
 
 impl<S: Stream> Client<S> {
@@ -385,6 +387,11 @@ impl<S: Stream> Client<S> {
         keep: bool,
         limits: RouterSpec,
     ) -> Result<bool, Cut> {
+        if let Some(coding) = crate::router::compress::coding_for(req.accept, &head) {
+            return self
+                .respond_compressed(req, head, body, (keep, coding), limits)
+                .await;
+        }
         let within = limits.send_timeout.0;
         self.out.clear();
         let (chunked, keep) = response_head(
@@ -442,6 +449,77 @@ impl<S: Stream> Client<S> {
         }
         if chunked {
             client(send_to(io, b"0\r\n\r\n", within).await)?;
+        }
+        Ok(keep)
+    }
+
+    /// Write an instance's response compressed with `coding`: its length
+    /// is then unknown (chunked to HTTP/1.1, to the connection's end to
+    /// HTTP/1.0).
+    async fn respond_compressed(
+        &mut self,
+        req: &Prepared,
+        head: UpHead,
+        mut body: UpBody,
+        (keep, coding): (bool, kiln_core::compress::Coding),
+        limits: RouterSpec,
+    ) -> Result<bool, Cut> {
+        let within = limits.send_timeout.0;
+        let version10 = req.version10;
+        let keep = keep && !version10;
+        self.out.clear();
+        encode_response(&mut self.out, &head, false);
+        if !version10 {
+            self.out
+                .extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        connection(&mut self.out, keep, version10);
+        push_header(&mut self.out, b"content-encoding", coding.name().as_bytes());
+        self.out.extend_from_slice(b"vary: accept-encoding\r\n");
+        if let Some(cookie) = req.set_cookie.as_deref() {
+            push_header(&mut self.out, b"set-cookie", cookie.as_bytes());
+        }
+        if let Some(v) = &req.hsts {
+            push_header(&mut self.out, b"strict-transport-security", v.as_bytes());
+        }
+        self.out.extend_from_slice(b"\r\n");
+        let client = |ok: bool| if ok { Ok(()) } else { Err(Cut::Client) };
+        client(send_to(&mut self.io, &self.out, within).await)?;
+        let mut encoder =
+            Some(crate::router::compress::Encoder::new(coding).map_err(|_| Cut::Instance(false))?);
+        while let Some(enc) = encoder.as_mut() {
+            let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx));
+            let data = match tokio::time::timeout(limits.read_timeout.0, frame).await {
+                Err(_) => return Err(Cut::Instance(true)),
+                Ok(Some(Err(_))) => return Err(Cut::Instance(false)),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(d) if !d.is_empty() => enc.push(&d),
+                    _ => continue,
+                },
+                // The end: what the encoder still holds.
+                Ok(None) => match encoder.take() {
+                    Some(enc) => enc.finish(),
+                    None => break,
+                },
+            };
+            let Ok(data) = data else {
+                return Err(Cut::Instance(false));
+            };
+            if data.is_empty() {
+                continue;
+            }
+            self.out.clear();
+            if version10 {
+                self.out.extend_from_slice(&data);
+            } else {
+                wire::chunk_size_line(&mut self.out, data.len());
+                self.out.extend_from_slice(&data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+            client(send_to(&mut self.io, &self.out, within).await)?;
+        }
+        if !version10 {
+            client(send_to(&mut self.io, b"0\r\n\r\n", within).await)?;
         }
         Ok(keep)
     }
@@ -763,6 +841,16 @@ pub(crate) fn prepare(
     if let Some(prefix) = stripped {
         push_header(up, b"x-forwarded-prefix", prefix.as_bytes());
     }
+    // The coding the client takes, for a service that compresses.
+    let accept = match &routes {
+        Ok(r) if r.limits.compress => kiln_core::compress::choose(
+            req.headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("accept-encoding"))
+                .map(|h| h.value),
+        ),
+        _ => None,
+    };
     // Each request's own id, for the instance's logs and the access log.
     let request_id = new_request_id();
     push_header(up, b"x-request-id", &request_id);
@@ -817,6 +905,7 @@ pub(crate) fn prepare(
         paused,
         request_id,
         log,
+        accept,
     }))
 }
 

@@ -438,7 +438,9 @@ fn response(
             h.append(name, value);
         }
     }
+    let coding = crate::router::compress::coding_for(req.accept, head);
     let length = match head.framing {
+        _ if coding.is_some() => None,
         Framing::Length(n) => Some(n),
         // What a response to HEAD (or a 304) says of the body it has not.
         Framing::Empty if head.status >= 200 && head.status != 204 => head.length,
@@ -457,12 +459,24 @@ fn response(
     if let Some(v) = &req.hsts {
         h.insert(hyper::header::STRICT_TRANSPORT_SECURITY, v.clone());
     }
+    let encoder = coding.and_then(|c| {
+        h.insert(
+            hyper::header::CONTENT_ENCODING,
+            HeaderValue::from_static(c.name()),
+        );
+        h.append(
+            hyper::header::VARY,
+            HeaderValue::from_static("accept-encoding"),
+        );
+        crate::router::compress::Encoder::new(c).ok()
+    });
     *r.body_mut() = Answer::Instance(Box::new(Proxied {
         body: resp.body,
         guard: Some((guard, active)),
         backend,
         stall: limits.read_timeout.0,
         timer: None,
+        encoder,
     }));
     r
 }
@@ -482,6 +496,9 @@ pub(crate) struct Proxied {
     backend: Arc<Backend>,
     stall: Duration,
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Compressing its body (`router.compress`); trailers are then not
+    /// passed on.
+    encoder: Option<crate::router::compress::Encoder>,
 }
 
 impl Body for Answer {
@@ -496,30 +513,52 @@ impl Body for Answer {
             Self::Local(b) => return Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Instance(p) => p,
         };
-        match Pin::new(&mut p.body).poll_frame(cx) {
-            Poll::Ready(None) => {
-                p.guard = None;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(Err(e))) => {
-                p.guard = None;
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                p.timer = None;
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Pending => {
-                let stall = p.stall;
-                let timer = p
-                    .timer
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
-                ready!(timer.as_mut().poll(cx));
-                p.backend.metrics.timeout();
-                p.guard = None;
-                Poll::Ready(Some(Err(ProtocolError::Io(
-                    std::io::ErrorKind::TimedOut.into(),
-                ))))
+        loop {
+            match Pin::new(&mut p.body).poll_frame(cx) {
+                Poll::Ready(None) => {
+                    // What the encoder still holds goes last.
+                    if let Some(enc) = p.encoder.take() {
+                        match enc.finish() {
+                            Ok(rest) if !rest.is_empty() => {
+                                return Poll::Ready(Some(Ok(Frame::data(Bytes::from(rest)))));
+                            }
+                            Ok(_) => {}
+                            Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                        }
+                    }
+                    p.guard = None;
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    p.guard = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    p.timer = None;
+                    let Some(enc) = p.encoder.as_mut() else {
+                        return Poll::Ready(Some(Ok(frame)));
+                    };
+                    let Ok(data) = frame.into_data() else {
+                        continue;
+                    };
+                    match enc.push(&data) {
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Poll::Ready(Some(Ok(Frame::data(Bytes::from(out))))),
+                        Err(e) => return Poll::Ready(Some(Err(e.into()))),
+                    }
+                }
+                Poll::Pending => {
+                    let stall = p.stall;
+                    let timer = p
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                    ready!(timer.as_mut().poll(cx));
+                    p.backend.metrics.timeout();
+                    p.guard = None;
+                    return Poll::Ready(Some(Err(ProtocolError::Io(
+                        std::io::ErrorKind::TimedOut.into(),
+                    ))));
+                }
             }
         }
     }
@@ -534,6 +573,8 @@ impl Body for Answer {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            // Compressed, its length is not the instance's.
+            Self::Instance(p) if p.encoder.is_some() => SizeHint::default(),
             Self::Instance(p) => p.body.size_hint(),
         }
     }

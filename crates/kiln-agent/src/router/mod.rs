@@ -25,6 +25,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 pub mod access;
+pub(crate) mod compress;
 pub(crate) mod downstream;
 pub(crate) mod forward;
 pub(crate) mod h2;
