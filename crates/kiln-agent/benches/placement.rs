@@ -52,6 +52,7 @@ fn settings(replicas: u32) -> ServiceSettings {
         timeout: kiln_core::service::Duration::from_secs(30),
         router: Default::default(),
         node_labels: Default::default(),
+        error_pages: Default::default(),
     }
 }
 

@@ -115,6 +115,7 @@ fn settings(replicas: u32, max_surge: u32) -> ServiceSettings {
         timeout: service::Duration::from_secs(30),
         router: service::RouterSpec::default(),
         node_labels: Default::default(),
+        error_pages: Default::default(),
     }
 }
 

@@ -66,6 +66,7 @@ fn record(name: &ServiceName, target: u64) -> ServiceRecord {
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),
             node_labels: Default::default(),
+            error_pages: Default::default(),
         },
         target,
         version: 0,

@@ -996,6 +996,11 @@ impl Agent {
                 }
             }
         }
+        // The pages come from the client: held to their limits here too.
+        for d in &req.services {
+            kiln_core::release::check_error_pages(&d.settings.error_pages)
+                .map_err(|e| AgentError::BadRequest(format!("service {}: {e}", d.name)))?;
+        }
         let the_plan = plan(&req.services, &current, req.prune);
         self.check_routes(&req.services, &current, &the_plan)?;
         if req.dry_run {

@@ -450,9 +450,10 @@ async fn pause(
 ) -> Result<Json<kiln_core::api::PauseResponse>, AgentError> {
     let Json(req) = body.map_err(bad_json)?;
     let name = ServiceName::try_from(name.as_str()).map_err(AgentError::BadRequest)?;
-    if req.timeout_ms == 0 || req.timeout_ms > MAX_PAUSE_MS {
+    // 0: maintenance (every request answered 503 at once).
+    if req.timeout_ms > MAX_PAUSE_MS {
         return Err(AgentError::BadRequest(format!(
-            "a pause's timeout must be more than 0 and at most {}",
+            "a pause's timeout must be at most {}",
             humantime::format_duration(Duration::from_millis(MAX_PAUSE_MS))
         )));
     }

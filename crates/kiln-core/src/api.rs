@@ -665,6 +665,7 @@ mod tests {
             timeout: crate::service::Duration::from_secs(30),
             router: crate::service::RouterSpec::default(),
             node_labels: Default::default(),
+            error_pages: Default::default(),
         };
         ServiceStatus::of(&name, &settings, target, releases, Some(seen), now)
     }

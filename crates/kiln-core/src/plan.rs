@@ -289,6 +289,21 @@ fn settings_changes(old: &ServiceSettings, new: &ServiceSettings) -> Vec<String>
     if old.rollout != new.rollout {
         out.push("rollout settings changed".to_owned());
     }
+    if old.error_pages != new.error_pages {
+        let show = |p: &std::collections::BTreeMap<u16, String>| {
+            let codes: Vec<String> = p.keys().map(u16::to_string).collect();
+            if codes.is_empty() {
+                "none".to_owned()
+            } else {
+                codes.join(",")
+            }
+        };
+        out.push(format!(
+            "error pages {} -> {}",
+            show(&old.error_pages),
+            show(&new.error_pages)
+        ));
+    }
     if old.timeout != new.timeout {
         out.push(format!("timeout {} -> {}", old.timeout, new.timeout));
     }
@@ -333,6 +348,7 @@ mod tests {
                 timeout: crate::service::Duration::from_secs(30),
                 router: Default::default(),
                 node_labels: Default::default(),
+                error_pages: Default::default(),
             },
             config: ReleaseConfig {
                 image: Digest::of(image),

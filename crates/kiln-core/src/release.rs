@@ -103,6 +103,10 @@ pub struct ServiceSettings {
     /// In a cluster, the labels a node needs to run its instances.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_labels: BTreeMap<String, String>,
+    /// The router's own answers for the service, by status (`error_pages`:
+    /// the HTML of `503.html`, …), read from the spec's directory at apply.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub error_pages: BTreeMap<u16, String>,
 }
 
 /// What `kiln apply` asks for one service: its settings and the release
@@ -242,5 +246,62 @@ mod label_tests {
         let pinned = format!("127.0.0.1:5000/team/hello@{d}");
         assert_eq!(image_label(&pinned, &d, true), pinned);
         assert_eq!(image_label(&pinned, &d, false), pinned);
+    }
+}
+
+/// The most pages a service may bring, and the largest one.
+pub const MAX_ERROR_PAGES: usize = 20;
+pub const MAX_ERROR_PAGE: usize = 64 * 1024;
+
+/// A service's error pages are error statuses, few and small (they live in
+/// the state store, and every node holds them).
+pub fn check_error_pages(pages: &BTreeMap<u16, String>) -> Result<(), String> {
+    if pages.len() > MAX_ERROR_PAGES {
+        return Err(format!(
+            "error_pages: {} pages, at most {MAX_ERROR_PAGES}",
+            pages.len()
+        ));
+    }
+    for (status, page) in pages {
+        if !(400..=599).contains(status) {
+            return Err(format!(
+                "error_pages: {status} is not an error status (400 to 599)"
+            ));
+        }
+        if page.len() > MAX_ERROR_PAGE {
+            return Err(format!(
+                "error_pages: the page for {status} is {} bytes, at most {MAX_ERROR_PAGE}",
+                page.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod error_page_tests {
+    use super::*;
+
+    #[test]
+    fn error_pages_are_error_statuses_few_and_small() {
+        let page = |n: usize| "x".repeat(n);
+        let ok: BTreeMap<u16, String> = [(400, page(10)), (599, page(MAX_ERROR_PAGE))].into();
+        assert_eq!(check_error_pages(&ok), Ok(()));
+        for (status, len, why) in [
+            (399, 1, "not an error status"),
+            (600, 1, "not an error status"),
+            (503, MAX_ERROR_PAGE + 1, "at most 65536"),
+        ] {
+            let err = check_error_pages(&[(status, page(len))].into()).unwrap_err();
+            assert!(err.contains(why), "{status}: {err}");
+        }
+        let many: BTreeMap<u16, String> = (400..400 + MAX_ERROR_PAGES as u16 + 1)
+            .map(|s| (s, page(1)))
+            .collect();
+        assert!(check_error_pages(&many).unwrap_err().contains("at most 20"));
+        let just: BTreeMap<u16, String> = (400..400 + MAX_ERROR_PAGES as u16)
+            .map(|s| (s, page(1)))
+            .collect();
+        assert_eq!(check_error_pages(&just), Ok(()));
     }
 }

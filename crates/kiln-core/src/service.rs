@@ -54,6 +54,10 @@ pub struct ServiceSpec {
     /// HTTPS on `listen` (`[services.NAME.tls]`).
     #[serde(default)]
     pub tls: Option<TlsSpec>,
+    /// A directory (relative to the spec) of pages for the router's own
+    /// answers: `503.html`, `502.html`, … (`NNN.html`, 400 to 599).
+    #[serde(default)]
+    pub error_pages: Option<String>,
     #[serde(default)]
     pub env: BTreeMap<EnvName, String>,
     /// Env vars whose values are secret: never in a command line, a log,
@@ -261,6 +265,9 @@ impl ServiceSpec {
         route.check()?;
         if self.listen.is_none() && !route.is_default() {
             return Err("hosts, path_prefix, strip_prefix, trusted_proxies and proxy_protocol need a listen address".to_owned());
+        }
+        if self.error_pages.is_some() && self.listen.is_none() {
+            return Err("error_pages needs a listen address".to_owned());
         }
         if let Some(tls) = &self.tls {
             if self.listen.is_none() {

@@ -304,6 +304,10 @@ pub fn desired(
         }
         .with_context(|| format!("service {name}: tls: where is {}", dir.display()))?;
         d.settings.tls = svc.tls.as_ref().map(|t| t.under(&base));
+        if let Some(pages) = &svc.error_pages {
+            d.settings.error_pages = read_error_pages(&base.join(pages))
+                .with_context(|| format!("service {name}: error_pages {pages}"))?;
+        }
         d.secret_values = secrets.remove(name).unwrap_or_default();
         d.signed_by = signed_by;
         out.push(d);
@@ -425,6 +429,7 @@ fn resolve_service(
             timeout: svc.timeout,
             router: svc.router,
             node_labels: svc.node_labels.clone(),
+            error_pages: BTreeMap::new(),
         },
         secret_values: BTreeMap::new(),
         signed_by: Vec::new(),
@@ -835,6 +840,9 @@ pub fn pause(
         return Ok(ExitCode::SUCCESS);
     }
     match (resp.timeout_ms, resp.changed) {
+        (Some(0), _) => println!(
+            "{service}: in maintenance: every request is answered 503 (kiln resume {service})"
+        ),
         (Some(ms), _) => println!(
             "{service}: paused: new requests wait at the router, at most {} (kiln resume {service})",
             humantime::format_duration(Duration::from_millis(ms))
@@ -1062,7 +1070,12 @@ pub fn status(home: &Path, service: Option<&str>, json: bool) -> Result<ExitCode
         if let Some(serves) = &s.serves {
             println!("  serves {serves}");
         }
-        if let Some(ms) = s.paused_ms {
+        if s.paused_ms == Some(0) {
+            println!(
+                "  paused: in maintenance, requests answered 503 (kiln resume {})",
+                s.name
+            );
+        } else if let Some(ms) = s.paused_ms {
             println!(
                 "  paused: new requests wait at most {} (kiln resume {})",
                 humantime::format_duration(Duration::from_millis(ms)),
@@ -1571,6 +1584,37 @@ pub fn logs(
         runtime()?.block_on(client.stream(&path))?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pages of an `error_pages` directory: `NNN.html` files, by status.
+fn read_error_pages(dir: &Path) -> Result<BTreeMap<u16, String>> {
+    let mut pages = BTreeMap::new();
+    let entries =
+        std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let status = name
+            .strip_suffix(".html")
+            .and_then(|s| s.parse::<u16>().ok())
+            .filter(|s| (400..=599).contains(s))
+            .ok_or_else(|| {
+                anyhow::anyhow!("{name} is not NNN.html for an error status (400 to 599)")
+            })?;
+        let path = entry.path();
+        let len = std::fs::metadata(&path)?.len();
+        if len > kiln_core::release::MAX_ERROR_PAGE as u64 {
+            anyhow::bail!(
+                "{name} is {len} bytes, at most {}",
+                kiln_core::release::MAX_ERROR_PAGE
+            );
+        }
+        let page =
+            std::fs::read_to_string(&path).with_context(|| format!("{name} is not UTF-8 text"))?;
+        pages.insert(status, page);
+    }
+    kiln_core::release::check_error_pages(&pages).map_err(|e| anyhow::anyhow!(e))?;
+    Ok(pages)
 }
 
 #[cfg(test)]

@@ -673,6 +673,10 @@ pub enum Command {
         /// How long a request waits before it is answered 503
         #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
         timeout: std::time::Duration,
+        /// Maintenance: answer every request 503 at once (with the
+        /// service's 503 page, if it has one) instead of holding it
+        #[arg(long, conflicts_with = "timeout")]
+        maintenance: bool,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -1088,8 +1092,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause {
             service,
             timeout,
+            maintenance,
             json,
-        } => deploy::pause(&home()?, &service, Some(timeout), json),
+        } => {
+            let timeout = if maintenance {
+                std::time::Duration::ZERO
+            } else {
+                timeout
+            };
+            deploy::pause(&home()?, &service, Some(timeout), json)
+        }
         Command::Resume { service, json } => deploy::pause(&home()?, &service, None, json),
         Command::Abort { service, json } => deploy::abort(&home()?, &service, json),
         Command::Rollout {

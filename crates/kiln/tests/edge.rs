@@ -555,8 +555,8 @@ fn a_paused_service_holds_its_requests_until_resumed_even_across_a_restart() {
     );
     let err = env.fails(&["pause", "nosuch"]);
     assert!(err.contains("nosuch"), "{err}");
-    let err = env.fails(&["pause", "web", "--timeout", "0s"]);
-    assert!(err.contains("timeout must be more than 0"), "{err}");
+    let err = env.fails(&["pause", "web", "--timeout", "2days"]);
+    assert!(err.contains("timeout must be at most 1day"), "{err}");
 }
 
 #[test]
@@ -801,4 +801,59 @@ fn text_responses_are_compressed_as_the_client_accepts_when_the_service_asks() {
         curl_decoded(plain, "/static/page.html", &["-H", "accept-encoding: gzip"]);
     assert!(!headers.contains("content-encoding"), "{headers}");
     assert_eq!(String::from_utf8_lossy(&body), page);
+}
+
+#[test]
+fn error_pages_answer_for_the_router_and_maintenance_answers_at_once() {
+    let env = Env::new();
+    let port = free_port();
+    let app = env.path("app");
+    let maintenance = "<!doctype html><h1>Back soon</h1>\n";
+    write(&app.join("errors/503.html"), maintenance.as_bytes());
+    write(&app.join("errors/413.html"), b"<p>Too big for us</p>\n");
+    let spec = IMAGE.to_owned()
+        + &service("web", port, "v1", "error_pages = \"errors\"")
+        + "[services.web.router]\nmax_body = \"1K\"\n";
+    let path = hello_app(&app, &spec);
+    let _agent = Agent::start(&env);
+    env.ok(&["apply", "-f", path.to_str().unwrap()]);
+
+    // Maintenance: 503 at once, with the service's page.
+    let out = env.ok(&["pause", "web", "--maintenance"]);
+    assert!(out.contains("web: in maintenance"), "{out}");
+    let started = std::time::Instant::now();
+    let out = exchange(
+        port,
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    );
+    assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+    assert!(
+        out.contains("content-type: text/html; charset=utf-8\r\n"),
+        "{out}"
+    );
+    assert!(out.ends_with(maintenance), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(5), "it waited");
+    assert!(env.ok(&["status"]).contains("paused: in maintenance"));
+    env.ok(&["resume", "web"]);
+    let (status, body) = get(port, "x", "/");
+    assert_eq!(status, 200, "{body}");
+    // The router's 413 uses the page too; a status with none is text.
+    let mut big =
+        b"POST /upload HTTP/1.1\r\nhost: x\r\ncontent-length: 2000\r\nconnection: close\r\n\r\n"
+            .to_vec();
+    big.extend(std::iter::repeat_n(b'a', 2000));
+    let out = exchange(port, &big);
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(out.ends_with("<p>Too big for us</p>\n"), "{out}");
+    // A page is part of the service's settings: plan shows a change.
+    write(&app.join("errors/502.html"), b"<p>bad gateway</p>");
+    let plan = env.ok(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(
+        plan.contains("error pages 413,503 -> 413,502,503"),
+        "{plan}"
+    );
+    // Anything but NNN.html is refused, naming it.
+    write(&app.join("errors/notes.txt"), b"x");
+    let err = env.fails(&["plan", "-f", path.to_str().unwrap()]);
+    assert!(err.contains("notes.txt is not NNN.html"), "{err}");
 }

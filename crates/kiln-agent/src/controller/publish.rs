@@ -101,6 +101,9 @@ impl Controller {
         let mut routes = ServiceRoutes::new(stable, timeout)
             .with_limits(limits)
             .with_access(access);
+        if let Some(s) = &self.service {
+            routes = routes.with_pages(&s.settings.error_pages);
+        }
         if let Some((backends, revision, weight)) = canary {
             let cookie = sticky.then(|| format!("kiln-canary-{}", self.name));
             routes = routes.with_canary(backends, revision, weight, cookie);

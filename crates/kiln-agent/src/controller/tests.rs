@@ -90,6 +90,7 @@ impl Harness {
                 timeout: service::Duration::from_secs(30),
                 router: service::RouterSpec::default(),
                 node_labels: Default::default(),
+                error_pages: Default::default(),
             },
             config: ReleaseConfig {
                 image: self.image.clone(),

@@ -126,6 +126,8 @@ pub(crate) struct Prepared {
     pub(crate) log: Option<Box<LogHead>>,
     /// The coding the client takes, when the service compresses.
     pub(crate) accept: Option<kiln_core::compress::Coding>,
+    /// The service's pages for the router's own answers.
+    pub(crate) pages: Option<Arc<std::collections::BTreeMap<u16, String>>>,
 }
 
 impl<S: Stream> Client<S> {
@@ -234,7 +236,10 @@ impl<S: Stream> Client<S> {
                     return self.redirect(&location, keep, parsed.version10).await;
                 }
                 Err((status, msg)) => {
-                    return self.local(status, &msg, keep, parsed.version10).await;
+                    let page = page_for(&parsed.pages, status);
+                    return self
+                        .local(status, page.unwrap_or(&msg), keep, parsed.version10)
+                        .await;
                 }
             };
         let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
@@ -255,8 +260,9 @@ impl<S: Stream> Client<S> {
                 None,
                 arrived,
             );
+            let msg = page_for(&parsed.pages, StatusCode::PAYLOAD_TOO_LARGE).unwrap_or(&msg);
             return self
-                .local(StatusCode::PAYLOAD_TOO_LARGE, &msg, false, parsed.version10)
+                .local(StatusCode::PAYLOAD_TOO_LARGE, msg, false, parsed.version10)
                 .await;
         }
         if parsed.expect_continue
@@ -331,7 +337,8 @@ impl<S: Stream> Client<S> {
                 );
                 // A body left unread (or broken) ends the connection.
                 let keep = !broken && parsed.keep_alive && decoder.is_done();
-                return self.local(status, &msg, keep, parsed.version10).await;
+                let msg = page_for(&parsed.pages, status).unwrap_or(&msg);
+                return self.local(status, msg, keep, parsed.version10).await;
             }
         };
         log_access(
@@ -566,9 +573,10 @@ impl<S: Stream> Client<S> {
         self.out.clear();
         let _ = write!(
             self.out,
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\nx-kiln-router: 1\r\ncontent-length: {}\r\n",
+            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\nx-kiln-router: 1\r\ncontent-length: {}\r\n",
             status.as_u16(),
             status.canonical_reason().unwrap_or_default(),
+            content_type(msg),
             msg.len()
         );
         connection(&mut self.out, keep, version10);
@@ -775,6 +783,7 @@ pub(crate) fn prepare(
         stripped,
         hsts,
         paused,
+        pages,
     } = route(table, listener, host, path)?;
     let hsts = hsts.filter(|_| tls);
     let (side, set_cookie) = match &routes {
@@ -906,7 +915,25 @@ pub(crate) fn prepare(
         request_id,
         log,
         accept,
+        pages,
     }))
+}
+
+/// The service's page for the router's own `status` answer, if it has one.
+pub(crate) fn page_for(
+    pages: &Option<Arc<std::collections::BTreeMap<u16, String>>>,
+    status: StatusCode,
+) -> Option<&str> {
+    pages.as_ref()?.get(&status.as_u16()).map(String::as_str)
+}
+
+/// A page is HTML; the router's own messages are one line of text.
+pub(crate) fn content_type(body: &str) -> &'static str {
+    if body.trim_start().starts_with('<') {
+        "text/html; charset=utf-8"
+    } else {
+        "text/plain"
+    }
 }
 
 /// 128 random bits in hex: a request's id.
@@ -972,6 +999,8 @@ pub(crate) struct Routed<'t, 'p> {
     /// The service is paused: its gate, and its key to look its routes up
     /// again once the gate opens.
     pub(crate) paused: Option<(Arc<Gate>, RouteKey)>,
+    /// The service's pages for the router's own answers.
+    pub(crate) pages: Option<Arc<std::collections::BTreeMap<u16, String>>>,
 }
 
 impl<'p> Routed<'_, 'p> {
@@ -982,6 +1011,7 @@ impl<'p> Routed<'_, 'p> {
             stripped: None,
             hsts: None,
             paused: None,
+            pages: None,
         }
     }
 }
@@ -1060,6 +1090,8 @@ fn route<'t, 'p>(
         stripped: found.stripped,
         hsts: found.target.hsts.clone(),
         paused,
+        // Even with no instance ready: a 503 is what a page is for.
+        pages: table.services.get(key).and_then(|r| r.pages.clone()),
     })
 }
 
@@ -1096,6 +1128,10 @@ pub(crate) async fn wait_at(
 ) -> Result<Arc<ServiceRoutes>, (StatusCode, String)> {
     match gate.wait().await {
         Ok(()) => service_routes(&source.0.load(), key),
+        Err(GateError::TimedOut(t)) if t.is_zero() => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{key} is in maintenance (kiln resume)\n"),
+        )),
         Err(GateError::TimedOut(t)) => Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!(

@@ -232,7 +232,12 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
             }
             return r;
         }
-        Err((status, msg)) => return answer(*status, msg),
+        Err((status, msg)) => {
+            return answer(
+                *status,
+                downstream::page_for(&parsed.pages, *status).unwrap_or(msg),
+            );
+        }
     };
     let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
     if let (Framing::Length(n), Some(max)) = (parsed.body, limits.max_body)
@@ -250,7 +255,11 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
             None,
             arrived,
         );
-        return answer(StatusCode::PAYLOAD_TOO_LARGE, &msg);
+        let status = StatusCode::PAYLOAD_TOO_LARGE;
+        return answer(
+            status,
+            downstream::page_for(&parsed.pages, status).unwrap_or(&msg),
+        );
     }
     let waited = Arc::new(ClientWait::new(arrived));
     let body = (parsed.body != Framing::Empty).then(|| Upload {
@@ -290,7 +299,10 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
         forward::Outcome::Local { status, msg, .. } => {
             let proto = (conn.peer_ip.as_str(), "HTTP/2");
             downstream::log_access(&routes, &parsed, proto, status.as_u16(), None, arrived);
-            answer(status, &msg)
+            answer(
+                status,
+                downstream::page_for(&parsed.pages, status).unwrap_or(&msg),
+            )
         }
         forward::Outcome::Answered {
             resp,
@@ -402,7 +414,7 @@ fn local(status: StatusCode, msg: &str) -> Response<Answer> {
     if !msg.is_empty() {
         h.insert(
             hyper::header::CONTENT_TYPE,
-            HeaderValue::from_static("text/plain"),
+            HeaderValue::from_static(downstream::content_type(msg)),
         );
     }
     h.insert("x-kiln-router", HeaderValue::from_static("1"));

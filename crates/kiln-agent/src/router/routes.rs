@@ -62,6 +62,8 @@ pub struct ServiceRoutes {
     pub limits: RouterSpec,
     /// Its access log, when `router.access_log` asks for one.
     pub access: Option<Arc<crate::router::access::AccessLog>>,
+    /// Its pages for the router's own answers, by status (`error_pages`).
+    pub pages: Option<Arc<std::collections::BTreeMap<u16, String>>>,
 }
 
 /// A canary's share of a service's requests.
@@ -85,7 +87,14 @@ impl ServiceRoutes {
             timeout,
             limits: RouterSpec::default(),
             access: None,
+            pages: None,
         }
+    }
+
+    /// With pages for the router's own answers.
+    pub fn with_pages(mut self, pages: &std::collections::BTreeMap<u16, String>) -> Self {
+        self.pages = (!pages.is_empty()).then(|| Arc::new(pages.clone()));
+        self
     }
 
     /// With an access log.

@@ -49,6 +49,7 @@ pub(super) fn service(name: &ServiceName, replicas: u32, target: u64) -> Service
             timeout: kiln_core::service::Duration::from_secs(30),
             router: Default::default(),
             node_labels: Default::default(),
+            error_pages: Default::default(),
         },
         target,
         version: 0,

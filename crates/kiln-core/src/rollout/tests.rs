@@ -102,6 +102,7 @@ fn settings(strategy: Strategy, replicas: u32) -> ServiceSettings {
         timeout: service::Duration::from_secs(30),
         router: service::RouterSpec::default(),
         node_labels: Default::default(),
+        error_pages: Default::default(),
     }
 }
 
