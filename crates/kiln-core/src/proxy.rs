@@ -116,8 +116,9 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyError> {
     if buf.starts_with(V2_SIGNATURE) {
         return parse_v2(buf);
     }
-    // Too short to tell yet, unless it already cannot be either.
-    let could_be = |sig: &[u8]| buf.len() < sig.len() && sig.starts_with(buf);
+    // Too short to tell yet, unless it already cannot be either (a buffer
+    // as long as a signature, or longer, was matched above or is neither).
+    let could_be = |sig: &[u8]| sig.starts_with(buf);
     if could_be(v1) || could_be(V2_SIGNATURE) {
         Ok(None)
     } else {
@@ -273,6 +274,11 @@ mod tests {
             )))
         );
         assert_eq!(parse(b"PROXY UNKNOWN\r\n"), Ok(Some((Header::Local, 15))));
+        // Port 0 is a port (a leading zero before others is not).
+        assert_eq!(
+            parse(b"PROXY TCP4 1.2.3.4 5.6.7.8 0 10\r\n"),
+            Ok(Some((proxied("1.2.3.4:0", "5.6.7.8:10"), 33)))
+        );
         assert_eq!(
             parse(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nx"),
             Ok(Some((Header::Local, 35)))
@@ -302,6 +308,16 @@ mod tests {
             );
         }
         assert_eq!(parse(b"PROXY TCP4 0 0 0 0 aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"), Err(ProxyError::TooLong));
+        // A v1 line is at most 107 bytes, its CRLF included.
+        let line = |len: usize| {
+            let mut l = b"PROXY UNKNOWN ".to_vec();
+            l.resize(len - 2, b'x');
+            l.extend_from_slice(b"\r\n");
+            l
+        };
+        assert_eq!(parse(&line(107)), Ok(Some((Header::Local, 107))));
+        assert_eq!(parse(&line(108)), Err(ProxyError::TooLong));
+        assert_eq!(parse(&line(108)[..106]), Ok(None));
         assert_eq!(parse(b"GET / HTTP/1.1\r\n"), Err(ProxyError::Missing));
         assert_eq!(parse(b"GET"), Err(ProxyError::Missing));
         assert_eq!(parse(b"PRO"), Ok(None));
