@@ -10,6 +10,8 @@ RUNS = int(os.environ.get("RUNS", "5"))
 DURATION = int(os.environ.get("DURATION", "10"))
 CONNS = int(os.environ.get("CONNS", "50"))
 STREAMS = int(os.environ.get("STREAMS", "10"))
+# ONLY=plain: section (1) alone (an A/B of the plain path with BASELINE).
+ONLY = os.environ.get("ONLY")
 
 
 def service(name, port, route=""):
@@ -115,33 +117,35 @@ try:
             if non2xx or sock:
                 sys.exit(f"{name}: {non2xx} non-2xx, {sock} socket errors")
             runs[name].append((rps, p50, p99))
-    # (2) HTTPS: keep-alive requests, and new connections (each a full
-    # handshake: `Connection: close` on every request), the same backend
-    # behind each proxy, the order turning each round.
-    tls_targets = [("kiln", https), ("nginx", ng), ("HAProxy", ha)]
-    for _, port in tls_targets:
-        wait_port(port)
-        benchlib.wrk(port, CONNS, 2, "/", None, "https")
-    keep = {n: [] for n, _ in tls_targets}
-    fresh = {n: [] for n, _ in tls_targets}
-    for k in range(RUNS):
-        for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
-            r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https")
-            if r[4] or r[5]:
-                sys.exit(f"{name} (https): {r[4]} non-2xx, {r[5]} socket errors")
-            keep[name].append(r[:3])
-            r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https", close=True)
-            if r[4]:
-                sys.exit(f"{name} (handshakes): {r[4]} non-2xx")
-            fresh[name].append(r[:3])
-    # (3) HTTP/2 over TLS: h2load, CONNS connections, STREAMS streams at
-    # once on each.
-    for name, port in tls_targets:
-        h2load(name, port, 2)
-    h2 = {n: [] for n, _ in tls_targets}
-    for k in range(RUNS):
-        for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
-            h2[name].append(h2load(name, port, DURATION))
+    keep, fresh, h2 = {}, {}, {}
+    if ONLY != "plain":
+        # (2) HTTPS: keep-alive requests, and new connections (each a full
+        # handshake: `Connection: close` on every request), the same backend
+        # behind each proxy, the order turning each round.
+        tls_targets = [("kiln", https), ("nginx", ng), ("HAProxy", ha)]
+        for _, port in tls_targets:
+            wait_port(port)
+            benchlib.wrk(port, CONNS, 2, "/", None, "https")
+        keep = {n: [] for n, _ in tls_targets}
+        fresh = {n: [] for n, _ in tls_targets}
+        for k in range(RUNS):
+            for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
+                r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https")
+                if r[4] or r[5]:
+                    sys.exit(f"{name} (https): {r[4]} non-2xx, {r[5]} socket errors")
+                keep[name].append(r[:3])
+                r = benchlib.wrk(port, CONNS, DURATION, "/", None, "https", close=True)
+                if r[4]:
+                    sys.exit(f"{name} (handshakes): {r[4]} non-2xx")
+                fresh[name].append(r[:3])
+        # (3) HTTP/2 over TLS: h2load, CONNS connections, STREAMS streams at
+        # once on each.
+        for name, port in tls_targets:
+            h2load(name, port, 2)
+        h2 = {n: [] for n, _ in tls_targets}
+        for k in range(RUNS):
+            for name, port in tls_targets[k % 3:] + tls_targets[:k % 3]:
+                h2[name].append(h2load(name, port, DURATION))
 finally:
     for p in locals().get("peers", []):
         p.terminate()
@@ -163,22 +167,23 @@ for other in runs:
     p99 = [a[2] / b[2] for a, b in zip(runs[other], runs[ref])]
     print(f"{other} vs {ref}, run by run: requests/s x{statistics.median(rps):.3f}, p99 x{statistics.median(p99):.3f}")
 
-print(f"\n(2) HTTPS, one ECDSA P-256 certificate, TLS 1.3 (wrk's OpenSSL), same backend")
-for title, table in [("keep-alive requests", keep), ("new connections, a handshake each", fresh)]:
-    print(f"{title:<34} {'per second':>12} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, rs in table.items():
-        med = [statistics.median(r[i] for r in rs) for i in range(3)]
-        print(f"  {name:<32} {med[0]:>12.0f} {med[1]:>8.2f} {med[2]:>8.2f}")
-    for peer in ("nginx", "HAProxy"):
-        rps = [a[0] / b[0] for a, b in zip(table["kiln"], table[peer])]
-        p99 = [a[2] / b[2] for a, b in zip(table["kiln"], table[peer])]
-        print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} per second, p99 x{statistics.median(p99):.2f}")
+if ONLY != "plain":
+    print(f"\n(2) HTTPS, one ECDSA P-256 certificate, TLS 1.3 (wrk's OpenSSL), same backend")
+    for title, table in [("keep-alive requests", keep), ("new connections, a handshake each", fresh)]:
+        print(f"{title:<34} {'per second':>12} {'p50 ms':>8} {'p99 ms':>8}")
+        for name, rs in table.items():
+            med = [statistics.median(r[i] for r in rs) for i in range(3)]
+            print(f"  {name:<32} {med[0]:>12.0f} {med[1]:>8.2f} {med[2]:>8.2f}")
+        for peer in ("nginx", "HAProxy"):
+            rps = [a[0] / b[0] for a, b in zip(table["kiln"], table[peer])]
+            p99 = [a[2] / b[2] for a, b in zip(table["kiln"], table[peer])]
+            print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} per second, p99 x{statistics.median(p99):.2f}")
 
-print(f"\n(3) HTTP/2 over TLS (h2load -t2 -c{CONNS} -m{STREAMS} -D{DURATION}), same backend over HTTP/1.1")
-print(f"{'':<34} {'requests/s':>12} {'mean ms':>8}")
-for name, rs in h2.items():
-    print(f"  {name:<32} {statistics.median(r[0] for r in rs):>12.0f} {statistics.median(r[1] for r in rs):>8.2f}")
-for peer in ("nginx", "HAProxy"):
-    rps = [a[0] / b[0] for a, b in zip(h2["kiln"], h2[peer])]
-    lat = [a[1] / b[1] for a, b in zip(h2["kiln"], h2[peer])]
-    print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} requests/s, mean latency x{statistics.median(lat):.2f}")
+    print(f"\n(3) HTTP/2 over TLS (h2load -t2 -c{CONNS} -m{STREAMS} -D{DURATION}), same backend over HTTP/1.1")
+    print(f"{'':<34} {'requests/s':>12} {'mean ms':>8}")
+    for name, rs in h2.items():
+        print(f"  {name:<32} {statistics.median(r[0] for r in rs):>12.0f} {statistics.median(r[1] for r in rs):>8.2f}")
+    for peer in ("nginx", "HAProxy"):
+        rps = [a[0] / b[0] for a, b in zip(h2["kiln"], h2[peer])]
+        lat = [a[1] / b[1] for a, b in zip(h2["kiln"], h2[peer])]
+        print(f"  kiln vs {peer}, run by run: x{statistics.median(rps):.2f} requests/s, mean latency x{statistics.median(lat):.2f}")

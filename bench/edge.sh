@@ -13,6 +13,7 @@
 #
 #   bench/edge.sh                       # RUNS=5 DURATION=10 CONNS=50 STREAMS=10
 #   BASELINE=/tmp/kiln-old bench/edge.sh
+#   ONLY=plain BASELINE=/tmp/kiln-old bench/edge.sh   # section (1) alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 missing=()
