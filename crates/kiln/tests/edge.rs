@@ -642,6 +642,21 @@ fn each_request_gets_its_own_id_and_a_json_access_log_line_when_asked() {
         line["time"].as_str().is_some_and(|t| t.ends_with('Z')),
         "{line}"
     );
+    // The router's own answer is logged too, without an instance.
+    env.ok(&["pause", "web", "--maintenance"]);
+    let (status, _) = get(port, "example.test", "/");
+    assert_eq!(status, 503);
+    util::wait_for("the 503's line", Duration::from_secs(10), || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() >= 3)
+    });
+    let text = std::fs::read_to_string(&log).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().nth(2).unwrap()).unwrap();
+    assert_eq!(line["status"], 503, "{line}");
+    assert!(
+        line.get("instance").is_none() && line.get("release").is_none(),
+        "{line}"
+    );
+    env.ok(&["resume", "web"]);
     // A service that did not ask keeps none.
     let (status, _) = get(quiet, "x", "/");
     assert_eq!(status, 200);

@@ -277,13 +277,7 @@ impl H2Load {
                 }
                 let mut total = LoadCount::default();
                 for t in tasks {
-                    let c = t.await.unwrap();
-                    total.ok += c.ok;
-                    total.failed += c.failed;
-                    total.errors.extend(c.errors);
-                    for (k, v) in c.bodies {
-                        *total.bodies.entry(k).or_default() += v;
-                    }
+                    total.add(t.await.unwrap());
                 }
                 total
             })

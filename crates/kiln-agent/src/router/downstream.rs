@@ -55,6 +55,33 @@ fn boxed(b: Bytes) -> crate::router::upstream::H2Out {
         .boxed()
 }
 
+/// Look at a new connection's first bytes without reading them, until
+/// `decide` can tell (`None` while it needs more): at most `N` bytes,
+/// within the head timeout. `None` when the peer closed, sent nothing in
+/// time, or `N` bytes did not decide.
+pub(crate) async fn peek_first<T, const N: usize>(
+    stream: &tokio::net::TcpStream,
+    decide: impl Fn(&[u8]) -> Option<T>,
+) -> Option<T> {
+    let mut buf = [0u8; N];
+    let deadline = Instant::now() + HEAD_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return None,
+        };
+        if let Some(decided) = decide(&buf[..n]) {
+            return Some(decided);
+        }
+        if n == N {
+            return None;
+        }
+        // It came in pieces: a peek returns at once while any byte is
+        // unread, so wait a little for the rest.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 /// What a client connection runs over: TCP, or TLS over TCP. Generic, not
 /// boxed: the plain path compiles to what it was before TLS existed.
 pub(crate) trait Stream:
@@ -126,8 +153,9 @@ pub(crate) struct Prepared {
     pub(crate) log: Option<Box<LogHead>>,
     /// The coding the client takes, when the service compresses.
     pub(crate) accept: Option<kiln_core::compress::Coding>,
-    /// The service's pages for the router's own answers.
-    pub(crate) pages: Option<Arc<std::collections::BTreeMap<u16, String>>>,
+    /// The service the request routes to, ready or not: its access log
+    /// and its pages serve the router's own answers too.
+    pub(crate) known: Option<Arc<ServiceRoutes>>,
 }
 
 impl<S: Stream> Client<S> {
@@ -236,34 +264,19 @@ impl<S: Stream> Client<S> {
                     return self.redirect(&location, keep, parsed.version10).await;
                 }
                 Err((status, msg)) => {
-                    let page = page_for(&parsed.pages, status);
-                    return self
-                        .local(status, page.unwrap_or(&msg), keep, parsed.version10)
-                        .await;
+                    let me = (self.peer_ip.as_str(), "HTTP/1.1");
+                    let body = own_answer(&parsed, me, status, &msg, arrived);
+                    return self.local(status, body, keep, parsed.version10).await;
                 }
             };
         let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
         self.send_timeout = limits.send_timeout.0;
-        if let (Framing::Length(n), Some(max)) = (parsed.body, limits.max_body)
-            && n > max
-        {
-            let msg = format!(
-                "a request body of {n} bytes is larger than the service's limit of {}\n",
-                kiln_core::resources::show_bytes(max)
-            );
+        if let Some(msg) = forward::too_large(parsed.body, &limits) {
             // The body stays unread: the connection ends after the answer.
-            log_access(
-                &routes,
-                &parsed,
-                (&self.peer_ip, "HTTP/1.1"),
-                413,
-                None,
-                arrived,
-            );
-            let msg = page_for(&parsed.pages, StatusCode::PAYLOAD_TOO_LARGE).unwrap_or(&msg);
-            return self
-                .local(StatusCode::PAYLOAD_TOO_LARGE, msg, false, parsed.version10)
-                .await;
+            let me = (self.peer_ip.as_str(), "HTTP/1.1");
+            let status = StatusCode::PAYLOAD_TOO_LARGE;
+            let body = own_answer(&parsed, me, status, &msg, arrived);
+            return self.local(status, body, false, parsed.version10).await;
         }
         if parsed.expect_continue
             && parsed.body != Framing::Empty
@@ -327,22 +340,14 @@ impl<S: Stream> Client<S> {
                 msg,
                 broken,
             } => {
-                log_access(
-                    &routes,
-                    &parsed,
-                    (&self.peer_ip, "HTTP/1.1"),
-                    status.as_u16(),
-                    None,
-                    arrived,
-                );
                 // A body left unread (or broken) ends the connection.
                 let keep = !broken && parsed.keep_alive && decoder.is_done();
-                let msg = page_for(&parsed.pages, status).unwrap_or(&msg);
-                return self.local(status, msg, keep, parsed.version10).await;
+                let me = (self.peer_ip.as_str(), "HTTP/1.1");
+                let body = own_answer(&parsed, me, status, &msg, arrived);
+                return self.local(status, body, keep, parsed.version10).await;
             }
         };
         log_access(
-            &routes,
             &parsed,
             (&self.peer_ip, "HTTP/1.1"),
             resp.head.status,
@@ -483,12 +488,10 @@ impl<S: Stream> Client<S> {
         connection(&mut self.out, keep, version10);
         push_header(&mut self.out, b"content-encoding", coding.name().as_bytes());
         self.out.extend_from_slice(b"vary: accept-encoding\r\n");
-        if let Some(cookie) = req.set_cookie.as_deref() {
-            push_header(&mut self.out, b"set-cookie", cookie.as_bytes());
-        }
-        if let Some(v) = &req.hsts {
-            push_header(&mut self.out, b"strict-transport-security", v.as_bytes());
-        }
+        router_fields(
+            &mut self.out,
+            (req.set_cookie.as_deref(), req.hsts.as_ref()),
+        );
         self.out.extend_from_slice(b"\r\n");
         let client = |ok: bool| if ok { Ok(()) } else { Err(Cut::Client) };
         client(send_to(&mut self.io, &self.out, within).await)?;
@@ -619,19 +622,24 @@ fn response_head(
         _ => {}
     }
     connection(out, keep, version10);
-    if let Some(cookie) = set_cookie {
-        out.extend_from_slice(b"set-cookie: ");
-        out.extend_from_slice(cookie.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    // Asked of the router by the service (`tls.hsts`).
-    if let Some(v) = hsts {
-        out.extend_from_slice(b"strict-transport-security: ");
-        out.extend_from_slice(v.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    router_fields(out, (set_cookie, hsts));
     out.extend_from_slice(b"\r\n");
     (chunked, keep)
+}
+
+/// The fields the router adds to an instance's response: the sticky
+/// cookie, and `Strict-Transport-Security` when the service asks
+/// (`tls.hsts`).
+fn router_fields(
+    out: &mut Vec<u8>,
+    (set_cookie, hsts): (Option<&str>, Option<&hyper::header::HeaderValue>),
+) {
+    if let Some(cookie) = set_cookie {
+        push_header(out, b"set-cookie", cookie.as_bytes());
+    }
+    if let Some(v) = hsts {
+        push_header(out, b"strict-transport-security", v.as_bytes());
+    }
 }
 
 /// Write `bytes` to the client; false when that failed or the client read
@@ -783,7 +791,7 @@ pub(crate) fn prepare(
         stripped,
         hsts,
         paused,
-        pages,
+        known,
     } = route(table, listener, host, path)?;
     let hsts = hsts.filter(|_| tls);
     let (side, set_cookie) = match &routes {
@@ -851,8 +859,8 @@ pub(crate) fn prepare(
         push_header(up, b"x-forwarded-prefix", prefix.as_bytes());
     }
     // The coding the client takes, for a service that compresses.
-    let accept = match &routes {
-        Ok(r) if r.limits.compress => kiln_core::compress::choose(
+    let accept = match &known {
+        Some(r) if r.limits.compress => kiln_core::compress::choose(
             req.headers
                 .iter()
                 .filter(|h| h.name.eq_ignore_ascii_case("accept-encoding"))
@@ -863,8 +871,8 @@ pub(crate) fn prepare(
     // Each request's own id, for the instance's logs and the access log.
     let request_id = new_request_id();
     push_header(up, b"x-request-id", &request_id);
-    let log = match &routes {
-        Ok(r) if r.access.is_some() => Some(Box::new(LogHead {
+    let log = match &known {
+        Some(r) if r.access.is_some() => Some(Box::new(LogHead {
             method: method.to_owned(),
             host: host
                 .map(|h| String::from_utf8_lossy(h).into_owned())
@@ -915,16 +923,26 @@ pub(crate) fn prepare(
         request_id,
         log,
         accept,
-        pages,
+        known,
     }))
 }
 
-/// The service's page for the router's own `status` answer, if it has one.
-pub(crate) fn page_for(
-    pages: &Option<Arc<std::collections::BTreeMap<u16, String>>>,
+/// The router's own answer to a request routed to a service: logged when
+/// the service keeps an access log; the body to send is the service's page
+/// for `status` when it has one, else `msg`.
+pub(crate) fn own_answer<'a>(
+    req: &'a Prepared,
+    client: (&str, &'static str),
     status: StatusCode,
-) -> Option<&str> {
-    pages.as_ref()?.get(&status.as_u16()).map(String::as_str)
+    msg: &'a str,
+    arrived: Instant,
+) -> &'a str {
+    log_access(req, client, status.as_u16(), None, arrived);
+    req.known
+        .as_ref()
+        .and_then(|r| r.pages.as_ref())
+        .and_then(|p| p.get(&status.as_u16()))
+        .map_or(msg, String::as_str)
 }
 
 /// A page is HTML; the router's own messages are one line of text.
@@ -959,14 +977,14 @@ pub(crate) struct LogHead {
 
 /// Log a request's answer when its service keeps an access log.
 pub(crate) fn log_access(
-    routes: &ServiceRoutes,
     req: &Prepared,
     (client, protocol): (&str, &'static str),
     status: u16,
     backend: Option<&crate::router::Backend>,
     arrived: Instant,
 ) {
-    let (Some(log), Some(head)) = (&routes.access, &req.log) else {
+    let (Some(log), Some(head)) = (req.known.as_ref().and_then(|r| r.access.as_ref()), &req.log)
+    else {
         return;
     };
     log.record(&crate::router::access::Entry {
@@ -999,8 +1017,9 @@ pub(crate) struct Routed<'t, 'p> {
     /// The service is paused: its gate, and its key to look its routes up
     /// again once the gate opens.
     pub(crate) paused: Option<(Arc<Gate>, RouteKey)>,
-    /// The service's pages for the router's own answers.
-    pub(crate) pages: Option<Arc<std::collections::BTreeMap<u16, String>>>,
+    /// The service it routes to, whether an instance is ready or not
+    /// (when its access log, pages or compression may be needed).
+    pub(crate) known: Option<Arc<ServiceRoutes>>,
 }
 
 impl<'p> Routed<'_, 'p> {
@@ -1011,7 +1030,7 @@ impl<'p> Routed<'_, 'p> {
             stripped: None,
             hsts: None,
             paused: None,
-            pages: None,
+            known: None,
         }
     }
 }
@@ -1084,23 +1103,32 @@ fn route<'t, 'p>(
     } else {
         table.paused.get(key).map(|g| (g.clone(), key.clone()))
     };
+    let known = table.services.get(key);
+    let service = ready(known, key);
+    // Kept even with no instance ready (a 503 is what a page is for), but
+    // only when the router may answer itself or the service asks more of
+    // it: the common request takes one reference to its routes, not two.
+    let known = known
+        .filter(|r| {
+            service.is_err() || r.access.is_some() || r.pages.is_some() || r.limits.compress
+        })
+        .cloned();
     Ok(Routed {
-        service: service_routes(table, key),
+        service,
         path: found.path,
         stripped: found.stripped,
         hsts: found.target.hsts.clone(),
         paused,
-        // Even with no instance ready: a 503 is what a page is for.
-        pages: table.services.get(key).and_then(|r| r.pages.clone()),
+        known,
     })
 }
 
-/// The routes of `key` in `table`, or 503 when it has no ready instance.
-pub(crate) fn service_routes(
-    table: &RouteTable,
+/// The routes of `key`, or 503 when it has none or no ready instance.
+fn ready(
+    routes: Option<&Arc<ServiceRoutes>>,
     key: &RouteKey,
 ) -> Result<Arc<ServiceRoutes>, (StatusCode, String)> {
-    match table.services.get(key) {
+    match routes {
         // Neither side has a ready instance (`choose` only picks an empty
         // side when both are).
         Some(r)
@@ -1127,7 +1155,7 @@ pub(crate) async fn wait_at(
     key: &RouteKey,
 ) -> Result<Arc<ServiceRoutes>, (StatusCode, String)> {
     match gate.wait().await {
-        Ok(()) => service_routes(&source.0.load(), key),
+        Ok(()) => ready(source.0.load().services.get(key), key),
         Err(GateError::TimedOut(t)) if t.is_zero() => Err((
             StatusCode::SERVICE_UNAVAILABLE,
             format!("{key} is in maintenance (kiln resume)\n"),
@@ -1412,33 +1440,13 @@ mod tests {
     }
 
     /// `router` listening on a free port with `limits`, routing to the
-    /// instance on `to`; its backend, whose counts tests read.
+    /// instance on `to` (HTTP/1.1 only); its backend, whose counts tests read.
     pub(super) async fn router_with(
         to: u16,
         limits: RouterSpec,
         router: Arc<Router>,
     ) -> (Arc<Router>, u16, Arc<Backend>) {
-        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let port = crate::router::testing::free_port();
-        let backend = Arc::new(Backend::new(
-            "i1".into(),
-            1,
-            (std::net::Ipv4Addr::LOCALHOST, to).into(),
-            Arc::default(),
-            Arc::default(),
-        ));
-        router.set_routes(
-            &svc,
-            ServiceRoutes::new(vec![backend.clone()], Duration::from_secs(5)).with_limits(limits),
-        );
-        router
-            .attach(
-                &svc,
-                crate::router::Attachment::plain(([127, 0, 0, 1], port).into()),
-            )
-            .await
-            .unwrap();
-        (router, port, backend)
+        crate::router::testing::router_to_instance(to, limits, router, false).await
     }
 
     fn ms(n: u64) -> kiln_core::service::Duration {

@@ -21,7 +21,8 @@ use hyper::body::Body;
 
 use crate::router::routes::{Backend, Inflight};
 use crate::router::upstream::{H2Out, Outgoing, Pool, ProtocolError, UpResponse, UpstreamError};
-use crate::router::wire;
+use crate::router::wire::{self, Framing};
+use kiln_core::service::RouterSpec;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -214,6 +215,18 @@ where
         status: StatusCode::BAD_GATEWAY,
         msg: last.unwrap_or_else(|| "no instance could be reached\n".to_owned()),
         broken: false,
+    }
+}
+
+/// The router's 413 for a body whose declared length is over the
+/// service's `router.max_body` (answered before anything is sent on).
+pub(crate) fn too_large(body: Framing, limits: &RouterSpec) -> Option<String> {
+    match (body, limits.max_body) {
+        (Framing::Length(n), Some(max)) if n > max => Some(format!(
+            "a request body of {n} bytes is larger than the service's limit of {}\n",
+            kiln_core::resources::show_bytes(max)
+        )),
+        _ => None,
     }
 }
 

@@ -135,23 +135,14 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// of an HTTP/1.1 request is the HTTP/1.1 front's. `None` when the client
 /// sent nothing within the head timeout, or closed: the connection ends.
 pub(crate) async fn prior_knowledge(stream: &tokio::net::TcpStream) -> Option<bool> {
-    let mut seen = [0u8; PREFACE.len()];
-    let deadline = Instant::now() + HEAD_TIMEOUT;
-    loop {
-        let n = match tokio::time::timeout_at(deadline.into(), stream.peek(&mut seen)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        if seen[..n] != PREFACE[..n] {
-            return Some(false);
+    downstream::peek_first::<_, { PREFACE.len() }>(stream, |seen| {
+        if seen != &PREFACE[..seen.len()] {
+            Some(false)
+        } else {
+            (seen.len() == PREFACE.len()).then_some(true)
         }
-        if n == PREFACE.len() {
-            return Some(true);
-        }
-        // The preface came in pieces: a peek returns at once while any
-        // byte is unread, so wait a little for the rest.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    })
+    .await
 }
 
 /// Resolves once the connection has had no stream open, and begun none,
@@ -233,32 +224,20 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
             return r;
         }
         Err((status, msg)) => {
+            let me = (conn.peer_ip.as_str(), "HTTP/2");
             return answer(
                 *status,
-                downstream::page_for(&parsed.pages, *status).unwrap_or(msg),
+                downstream::own_answer(&parsed, me, *status, msg, arrived),
             );
         }
     };
     let (backends, timeout, limits) = (routes.side(parsed.side), routes.timeout, routes.limits);
-    if let (Framing::Length(n), Some(max)) = (parsed.body, limits.max_body)
-        && n > max
-    {
-        let msg = format!(
-            "a request body of {n} bytes is larger than the service's limit of {}\n",
-            kiln_core::resources::show_bytes(max)
-        );
-        downstream::log_access(
-            &routes,
-            &parsed,
-            (&conn.peer_ip, "HTTP/2"),
-            413,
-            None,
-            arrived,
-        );
+    let me = (conn.peer_ip.as_str(), "HTTP/2");
+    if let Some(msg) = forward::too_large(parsed.body, &limits) {
         let status = StatusCode::PAYLOAD_TOO_LARGE;
         return answer(
             status,
-            downstream::page_for(&parsed.pages, status).unwrap_or(&msg),
+            downstream::own_answer(&parsed, me, status, &msg, arrived),
         );
     }
     let waited = Arc::new(ClientWait::new(arrived));
@@ -296,22 +275,17 @@ async fn handle(conn: Arc<Conn>, req: hyper::Request<Incoming>) -> Response<Answ
     )
     .await
     {
-        forward::Outcome::Local { status, msg, .. } => {
-            let proto = (conn.peer_ip.as_str(), "HTTP/2");
-            downstream::log_access(&routes, &parsed, proto, status.as_u16(), None, arrived);
-            answer(
-                status,
-                downstream::page_for(&parsed.pages, status).unwrap_or(&msg),
-            )
-        }
+        forward::Outcome::Local { status, msg, .. } => answer(
+            status,
+            downstream::own_answer(&parsed, me, status, &msg, arrived),
+        ),
         forward::Outcome::Answered {
             resp,
             backend,
             guard,
         } => {
-            let proto = (conn.peer_ip.as_str(), "HTTP/2");
             let status = resp.head.status;
-            downstream::log_access(&routes, &parsed, proto, status, Some(backend), arrived);
+            downstream::log_access(&parsed, me, status, Some(backend), arrived);
             response(resp, &parsed, (backend.clone(), guard, active), limits)
         }
     }
@@ -665,11 +639,10 @@ impl Body for Upload {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::testing::{Act, free_port, scripted};
-    use crate::router::{Attachment, RouteKey, Router, ServiceRoutes};
+    use crate::router::Router;
+    use crate::router::testing::{Act, router_to_instance, scripted};
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
-    use kiln_core::spec::ServiceName;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
@@ -679,25 +652,7 @@ mod tests {
     /// on `to`; its port and the backend.
     async fn h2c_router(to: u16) -> (Arc<Router>, u16, Arc<Backend>) {
         let router = Router::new(Arc::new(crate::keeper::Keeper::none()));
-        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let port = free_port();
-        let backend = Arc::new(Backend::new(
-            "i1".into(),
-            1,
-            (std::net::Ipv4Addr::LOCALHOST, to).into(),
-            Arc::default(),
-            Arc::default(),
-        ));
-        router.set_routes(
-            &svc,
-            ServiceRoutes::new(vec![backend.clone()], Duration::from_secs(5)),
-        );
-        let on = Attachment {
-            h2c: true,
-            ..Attachment::plain(([127, 0, 0, 1], port).into())
-        };
-        router.attach(&svc, on).await.unwrap();
-        (router, port, backend)
+        router_to_instance(to, RouterSpec::default(), router, true).await
     }
 
     /// hyper's HTTP/2 client on a new connection (prior knowledge).
@@ -851,23 +806,12 @@ mod tests {
     #[tokio::test]
     async fn an_h2c_instance_gets_h2_from_either_front_and_its_trailers_reach_h2_clients() {
         let to = h2c_instance().await;
-        let (router, port, _) = h2c_router(to).await;
-        let svc = RouteKey::Service(ServiceName::try_from("web").unwrap());
-        let backend = Arc::new(Backend::new(
-            "i1".into(),
-            1,
-            (std::net::Ipv4Addr::LOCALHOST, to).into(),
-            Arc::default(),
-            Arc::default(),
-        ));
         let limits = RouterSpec {
             backend_protocol: BackendProtocol::H2c,
             ..RouterSpec::default()
         };
-        router.set_routes(
-            &svc,
-            ServiceRoutes::new(vec![backend], Duration::from_secs(5)).with_limits(limits),
-        );
+        let router = Router::new(Arc::new(crate::keeper::Keeper::none()));
+        let (_router, port, _) = router_to_instance(to, limits, router, true).await;
         // HTTP/2 in, HTTP/2 out: the trailer comes through.
         let mut send = client(port).await;
         let req = hyper::Request::post(format!("http://app.test:{port}/rpc"))

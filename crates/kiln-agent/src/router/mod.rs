@@ -924,32 +924,23 @@ fn router_threads() -> usize {
 /// whole within the head timeout.
 async fn proxy_header(stream: &mut tokio::net::TcpStream) -> Option<kiln_core::proxy::Header> {
     use tokio::io::AsyncReadExt;
-    let mut buf = [0u8; kiln_core::proxy::MAX_HEADER];
-    let deadline = std::time::Instant::now() + downstream::HEAD_TIMEOUT;
-    let mut seen = 0;
-    loop {
-        let n = match tokio::time::timeout_at(deadline.into(), stream.peek(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => n,
-            _ => return None,
-        };
-        match kiln_core::proxy::parse(&buf[..n]) {
-            Ok(Some((header, len))) => {
-                stream.read_exact(&mut buf[..len]).await.ok()?;
-                return Some(header);
-            }
-            Ok(None) if n == buf.len() => return None,
-            Ok(None) => {
-                // A peek returns at once while any byte is unread: wait a
-                // little for the rest.
-                if n == seen {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                seen = n;
-            }
-            Err(e) => {
-                tracing::debug!("a trusted proxy's connection: {e}");
-                return None;
-            }
+    let parsed = downstream::peek_first::<_, { kiln_core::proxy::MAX_HEADER }>(stream, |b| {
+        match kiln_core::proxy::parse(b) {
+            Ok(None) => None,
+            decided => Some(decided),
+        }
+    })
+    .await?;
+    match parsed {
+        Ok(Some((header, len))) => {
+            let mut consumed = [0u8; kiln_core::proxy::MAX_HEADER];
+            stream.read_exact(&mut consumed[..len]).await.ok()?;
+            Some(header)
+        }
+        Ok(None) => None,
+        Err(e) => {
+            tracing::debug!("a trusted proxy's connection: {e}");
+            None
         }
     }
 }

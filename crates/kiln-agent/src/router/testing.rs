@@ -15,6 +15,38 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `router` listening on a free port (taking HTTP/2 with prior knowledge
+/// too when `h2c`) with `limits`, routing service `web` to the instance on
+/// `to`: its port, and the backend whose counts tests read.
+pub async fn router_to_instance(
+    to: u16,
+    limits: kiln_core::service::RouterSpec,
+    router: Arc<crate::router::Router>,
+    h2c: bool,
+) -> (Arc<crate::router::Router>, u16, Arc<crate::router::Backend>) {
+    use crate::router::{Attachment, Backend, RouteKey, ServiceRoutes};
+    let svc = RouteKey::Service(kiln_core::spec::ServiceName::try_from("web").unwrap());
+    let port = free_port();
+    let backend = Arc::new(Backend::new(
+        "i1".into(),
+        1,
+        (std::net::Ipv4Addr::LOCALHOST, to).into(),
+        Arc::default(),
+        Arc::default(),
+    ));
+    router.set_routes(
+        &svc,
+        ServiceRoutes::new(vec![backend.clone()], std::time::Duration::from_secs(5))
+            .with_limits(limits),
+    );
+    let on = Attachment {
+        h2c,
+        ..Attachment::plain(([127, 0, 0, 1], port).into())
+    };
+    router.attach(&svc, on).await.unwrap();
+    (router, port, backend)
+}
+
 /// What the scripted instance does with the next request it reads.
 #[derive(Clone, Copy)]
 pub enum Act {

@@ -502,6 +502,16 @@ pub struct LoadCount {
 }
 
 impl LoadCount {
+    /// Count `other`'s requests in this one.
+    pub fn add(&mut self, other: LoadCount) {
+        self.ok += other.ok;
+        self.failed += other.failed;
+        self.errors.extend(other.errors);
+        for (k, v) in other.bodies {
+            *self.bodies.entry(k).or_default() += v;
+        }
+    }
+
     /// No request failed; otherwise the first few failures are the message.
     pub fn assert_none_failed(&self) {
         assert_eq!(
@@ -595,12 +605,7 @@ impl Load {
         let mut total = LoadCount::default();
         for t in self.threads {
             let c = t.join().unwrap();
-            total.ok += c.ok;
-            total.failed += c.failed;
-            total.errors.extend(c.errors);
-            for (k, v) in c.bodies {
-                *total.bodies.entry(k).or_default() += v;
-            }
+            total.add(c);
         }
         total
     }
